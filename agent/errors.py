@@ -1,0 +1,143 @@
+"""The error tree, and the one table that maps it to gRPC status codes.
+
+Every error a caller can see is a BlockferryError with a stable `code` from
+the catalogue below and an English message that names the field or resource.
+`grpc_status()` is the only place that decides which gRPC status code an
+error gets; the REST envelope of the controller maps the same codes.
+"""
+from __future__ import annotations
+
+import grpc
+
+
+class BlockferryError(Exception):
+    """Base of every error shown to a caller."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class InvalidArgument(BlockferryError):
+    code = "INVALID_ARGUMENT"
+
+
+class OutOfRange(BlockferryError):
+    code = "OUT_OF_RANGE"
+
+
+class PathNotAllowed(BlockferryError):
+    """A path outside the configured roots, or one that tries to escape them."""
+
+    code = "PATH_NOT_ALLOWED"
+
+
+class NotFound(BlockferryError):
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(BlockferryError):
+    code = "ALREADY_EXISTS"
+
+
+class JobConflict(BlockferryError):
+    """A job id reused with a different kind or spec."""
+
+    code = "JOB_ID_CONFLICT"
+
+
+class Busy(BlockferryError):
+    """The resource is locked by another job."""
+
+    code = "RESOURCE_BUSY"
+
+
+class FailedPrecondition(BlockferryError):
+    code = "FAILED_PRECONDITION"
+
+
+class Draining(BlockferryError):
+    """The agent is shutting down and takes no new jobs."""
+
+    code = "AGENT_DRAINING"
+
+
+class TooManyJobs(BlockferryError):
+    code = "TOO_MANY_JOBS"
+
+
+class Cancelled(BlockferryError):
+    code = "CANCELLED"
+
+
+class Interrupted(BlockferryError):
+    """The agent stopped while the job was running."""
+
+    code = "INTERRUPTED"
+
+
+class StorageIOError(BlockferryError):
+    code = "IO_ERROR"
+
+
+class ConfigError(BlockferryError):
+    code = "CONFIG_INVALID"
+
+
+class BindingMissing(BlockferryError):
+    code = "BINDING_MISSING"
+
+
+# The single error -> gRPC status table.
+_GRPC_STATUS: dict[str, grpc.StatusCode] = {
+    InvalidArgument.code: grpc.StatusCode.INVALID_ARGUMENT,
+    OutOfRange.code: grpc.StatusCode.OUT_OF_RANGE,
+    PathNotAllowed.code: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound.code: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists.code: grpc.StatusCode.ALREADY_EXISTS,
+    JobConflict.code: grpc.StatusCode.ALREADY_EXISTS,
+    Busy.code: grpc.StatusCode.FAILED_PRECONDITION,
+    FailedPrecondition.code: grpc.StatusCode.FAILED_PRECONDITION,
+    Draining.code: grpc.StatusCode.UNAVAILABLE,
+    TooManyJobs.code: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Cancelled.code: grpc.StatusCode.CANCELLED,
+    Interrupted.code: grpc.StatusCode.ABORTED,
+    StorageIOError.code: grpc.StatusCode.UNAVAILABLE,
+    ConfigError.code: grpc.StatusCode.FAILED_PRECONDITION,
+    BindingMissing.code: grpc.StatusCode.FAILED_PRECONDITION,
+    BlockferryError.code: grpc.StatusCode.INTERNAL,
+}
+
+
+def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """gRPC status code and message for any exception.
+
+    Unknown exceptions become INTERNAL with a generic message: their text may
+    hold paths or secrets and is logged, not sent.
+    """
+    if isinstance(error, BlockferryError):
+        return _GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL), f"{error.code}: {error.message}"
+    return grpc.StatusCode.INTERNAL, "INTERNAL: unexpected agent error (see the agent log)"
+
+
+def catalogue() -> list[tuple[str, str, str]]:
+    """(code, gRPC status, meaning) for every error, for docs and tests."""
+    rows = []
+    for cls in _all_subclasses(BlockferryError):
+        status = _GRPC_STATUS[cls.code]
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        rows.append((cls.code, status.name, doc))
+    return sorted(set(rows))
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# blockferry setup: installs every Debian package and every Python package the
+# project needs on a fresh Debian 12 machine, into ./.venv.
+#
+# Both README commands call this script. It is idempotent: a second run only
+# re-checks and re-installs the project itself.
+#
+#   ./setup.sh            install everything (needs root for apt)
+#   PYTHON=python3.11 ./setup.sh   pick the interpreter (must be CPython 3.11)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+venv="${BLOCKFERRY_VENV:-$here/.venv}"
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# Debian packages. Grouped by what needs them; keep this list the only one.
+apt_packages=(
+    # build: the C extension agent._native
+    gcc libc6-dev pkg-config libssl-dev libxxhash-dev libzstd-dev
+    # Python bindings that exist only in Debian (linked into the venv below)
+    python3-rados python3-rbd python3-libnbd
+    # systemd-analyze verify for the unit tests
+    systemd
+)
+
+need_apt=()
+for p in "${apt_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_apt+=("$p")
+done
+
+# Interpreter: CPython 3.11 only (the Debian bindings are built for its ABI).
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+    for cand in python3.11 python3 /usr/bin/python3.11; do
+        if command -v "$cand" >/dev/null 2>&1 &&
+           "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+            py=$(command -v "$cand"); break
+        fi
+    done
+fi
+if [ -z "$py" ]; then
+    need_apt+=(python3.11 python3.11-venv python3.11-dev)
+    py=/usr/bin/python3.11
+elif ! "$py" -c 'import venv, ensurepip' 2>/dev/null; then
+    need_apt+=(python3.11-venv)
+fi
+if [ "$py" = /usr/bin/python3.11 ] && [ ! -e /usr/include/python3.11/Python.h ]; then
+    need_apt+=(python3.11-dev)
+fi
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        log "missing Debian packages: ${need_apt[*]}; run this script as root"; exit 1
+    fi
+    log "apt-get install ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+"$py" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' || {
+    log "$py is not CPython 3.11"; exit 1; }
+
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating venv $venv with $py"
+    "$py" -m venv "$venv"
+fi
+vpy="$venv/bin/python"
+
+# Link just the Debian-only binding files into a folder inside the venv and
+# name that folder in a .pth file. All of dist-packages would shadow ~90 pip
+# packages, so it is never put on the path.
+suffix=$("$vpy" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+site=$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+linkdir="$venv/debian-bindings"
+mkdir -p "$linkdir"
+for f in "rados$suffix" "rbd$suffix" nbd.py "libnbdmod$suffix"; do
+    src="/usr/lib/python3/dist-packages/$f"
+    [ -e "$src" ] || { log "missing $src (Debian binding)"; exit 1; }
+    ln -sfn "$src" "$linkdir/$f"
+done
+echo "$linkdir" > "$site/blockferry-debian-bindings.pth"
+
+log "installing blockferry and its Python dependencies"
+"$vpy" -m pip install -q --upgrade pip setuptools wheel >/dev/null
+"$vpy" -m pip install -q -e "$here[test,bench]"
+"$venv/bin/blockferry-agent" --check-bindings >/dev/null
+log "ready: $venv"
