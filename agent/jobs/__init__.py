@@ -1,0 +1,1 @@
+"""The job engine: every long operation of the agent runs as a job."""

@@ -1,0 +1,37 @@
+"""What a job kind provides to the engine."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from agent.jobs.locks import LockMode
+
+if TYPE_CHECKING:
+    from agent.jobs.engine import JobContext
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The resource a job locks while it runs, and how."""
+
+    resource: str
+    mode: LockMode
+
+
+class JobKind(ABC):
+    name: ClassVar[str]
+    spec_type: ClassVar[type]
+    result_type: ClassVar[type]
+    # True if a job interrupted by a shutdown or crash may simply run again.
+    resumable: ClassVar[bool] = False
+
+    @abstractmethod
+    def prepare(self, spec: Any) -> Claim:
+        """Validate a spec before the job is accepted (raise a
+        BlockferryError naming the bad field) and say what it locks."""
+
+    @abstractmethod
+    def run(self, spec: Any, ctx: "JobContext") -> Any:
+        """Do the work; report progress and call ctx.checkpoint() at safe
+        points. Returns the kind's result dataclass."""
