@@ -86,15 +86,15 @@ class Agent:
             [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server)
 
-        if cfg.grpc.unix_socket:
-            self._bind_unix(server)
-        if cfg.grpc.tcp_listen:
-            self._bind_tcp(server)
-        old_umask = os.umask(0o117)  # the socket is created 0660
+        old_umask = os.umask(0o117)  # gRPC binds here: the socket is created 0660
         try:
-            server.start()
+            if cfg.grpc.unix_socket:
+                self._bind_unix(server)
         finally:
             os.umask(old_umask)
+        if cfg.grpc.tcp_listen:
+            self._bind_tcp(server)
+        server.start()
         for name in ["", *services]:
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 

@@ -1,0 +1,130 @@
+"""Fixtures that start real blockferry-agent processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.client import AgentClient, Target
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class AgentProcess:
+    workdir: Path
+    config: Path
+    socket: Path
+    roots: list[Path]
+    log: Path
+    proc: subprocess.Popen | None = None
+    env: dict = field(default_factory=dict)
+
+    def start(self, wait: bool = True, extra_env: dict | None = None) -> "AgentProcess":
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.server", "-c", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            if self.socket.exists():
+                with self.client() as c:
+                    try:
+                        c.wait_ready(timeout=1)
+                        return
+                    except Exception:
+                        pass
+            time.sleep(0.05)
+        raise TimeoutError(f"agent not ready:\n{self.log.read_text()}")
+
+    def client(self) -> AgentClient:
+        return AgentClient(Target(socket=str(self.socket)))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+def write_config(workdir: Path, extra: str = "", roots: list[Path] | None = None) -> AgentProcess:
+    roots = roots or [workdir / "root"]
+    for r in roots:
+        r.mkdir(parents=True, exist_ok=True)
+    sock = workdir / "agent.sock"
+    cfg = workdir / "agent.toml"
+    # A short path keeps the unix socket under the 108-byte limit.
+    cfg.write_text(textwrap.dedent(f"""\
+        [agent]
+        state_dir = "{workdir}/state"
+        roots = [{", ".join(f'"{r}"' for r in roots)}]
+        log_format = "text"
+        log_level = "debug"
+        [grpc]
+        unix_socket = "{sock}"
+        """) + textwrap.dedent(extra))
+    return AgentProcess(workdir=workdir, config=cfg, socket=sock, roots=roots, log=workdir / "agent.log")
+
+
+@pytest.fixture
+def short_tmp(tmp_path_factory):
+    # unix socket paths must stay short
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="bf-", dir="/tmp"))
+    yield d
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_agent(short_tmp):
+    """make_agent(extra_toml) -> a configured, not yet started AgentProcess."""
+    started: list[AgentProcess] = []
+
+    def make(extra: str = "", name: str = "a") -> AgentProcess:
+        wd = short_tmp / name
+        wd.mkdir(exist_ok=True)
+        a = write_config(wd, extra)
+        started.append(a)
+        return a
+
+    yield make
+    for a in started:
+        if a.proc and a.proc.poll() is None:
+            a.proc.kill()
+            a.proc.wait()
+
+
+@pytest.fixture
+def agent(make_agent):
+    a = make_agent().start()
+    yield a
+    assert a.stop() == 0, a.log_text()
+
+
+def sparse_image(path: Path, size: int, data: dict[int, bytes]) -> bytes:
+    """A sparse file with data at given offsets; returns its full content."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, chunk in data.items():
+            f.seek(off)
+            f.write(chunk)
+    return path.read_bytes()

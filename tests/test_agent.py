@@ -1,0 +1,383 @@
+"""A real blockferry-agent process, over gRPC on a unix socket."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from agent import native
+from agent.api.v1 import jobs_pb2
+from conftest import sparse_image
+
+MiB = 1 << 20
+
+
+def ref_digest(content: bytes) -> str:
+    r = native.RefImageHash()
+    r.update(content)
+    return r.digest().hex()
+
+
+def wait_state(client, job_id, states, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(job_id)
+        if job.state in states:
+            return job
+        time.sleep(0.02)
+    raise TimeoutError(f"{job_id} stayed {job.state}")
+
+
+def test_health_and_reflection(agent):
+    with agent.client() as c:
+        health = health_pb2_grpc.HealthStub(c.channel)
+        for service in ("", "blockferry.agent.v1.JobService", "blockferry.agent.v1.HostService"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(c.channel)
+        responses = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert {"blockferry.agent.v1.JobService", "blockferry.agent.v1.HostService",
+                "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        info = c.host_info()
+        assert info.version and {b.module for b in info.bindings if b.ok} >= {"agent._native", "rados", "rbd", "nbd"}
+    # the socket is not world-accessible
+    assert oct(agent.socket.stat().st_mode & 0o777) == "0o660"
+
+
+def test_checksum_job_matches_reference_and_skips_holes(agent):
+    img = agent.roots[0] / "disk.raw"
+    content = sparse_image(img, 64 * MiB + 12345, {0: os.urandom(MiB), 10 * MiB + 7: b"x" * 100000,
+                                                   64 * MiB: os.urandom(12345)})
+    with agent.client() as c:
+        job = c.submit_checksum("sum-1", str(img))
+        assert job.kind == "checksum" and job.state in (jobs_pb2.JOB_STATE_WAITING, jobs_pb2.JOB_STATE_RUNNING,
+                                                        jobs_pb2.JOB_STATE_SUCCEEDED)
+        events = list(c.watch("sum-1"))
+        final = events[-1]
+        assert final.state == jobs_pb2.JOB_STATE_SUCCEEDED, final.error
+        r = final.checksum_result
+        assert r.image_digest == ref_digest(content)
+        assert r.format == "bf-image-sha256-v1" and r.length == len(content)
+        assert r.hole_bytes > 50 * MiB  # the holes were not read
+        assert r.data_bytes + r.hole_bytes == len(content)
+        assert final.progress.percent == 100 and final.progress.bytes_done == len(content)
+        assert final.started_at.seconds and final.ended_at.seconds
+
+        # a range of the file
+        job = c.submit_checksum("sum-range", str(img), offset=10 * MiB, length=MiB)
+        final = list(c.watch(job.id))[-1]
+        assert final.checksum_result.image_digest == ref_digest(content[10 * MiB:11 * MiB])
+
+
+def test_idempotent_submit_and_conflict(agent):
+    img = agent.roots[0] / "a.raw"
+    sparse_image(img, MiB, {0: b"hello"})
+    with agent.client() as c:
+        first = c.submit_checksum("same-id", str(img))
+        wait_state(c, "same-id", [jobs_pb2.JOB_STATE_SUCCEEDED])
+        again = c.submit_checksum("same-id", str(img))
+        assert again.id == first.id and again.created_at == first.created_at
+        assert again.state == jobs_pb2.JOB_STATE_SUCCEEDED
+        with pytest.raises(grpc.RpcError) as e:
+            c.submit_checksum("same-id", str(img), offset=5)
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "job_id" in e.value.details()
+        assert len([j for j in c.list() if j.id == "same-id"]) == 1
+
+
+@pytest.mark.parametrize("submit,code,field", [
+    (dict(job_id="bad/id", path="{root}/f"), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+    (dict(job_id="", path="{root}/f"), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+    (dict(job_id="j", path="/etc/passwd"), grpc.StatusCode.PERMISSION_DENIED, "path"),
+    (dict(job_id="j", path="{root}/../../etc/passwd"), grpc.StatusCode.PERMISSION_DENIED, "path"),
+    (dict(job_id="j", path="{root}/link-out"), grpc.StatusCode.PERMISSION_DENIED, "path"),
+    (dict(job_id="j", path="relative/f"), grpc.StatusCode.INVALID_ARGUMENT, "path"),
+    (dict(job_id="j", path="{root}/missing"), grpc.StatusCode.NOT_FOUND, "path"),
+    (dict(job_id="j", path="{root}"), grpc.StatusCode.INVALID_ARGUMENT, "path"),
+    (dict(job_id="j", path="{root}/f", offset=-1), grpc.StatusCode.INVALID_ARGUMENT, "offset"),
+    (dict(job_id="j", path="{root}/f", length=-5), grpc.StatusCode.INVALID_ARGUMENT, "length"),
+    (dict(job_id="j", path="{root}/f", offset=2**63 - 10, length=100), grpc.StatusCode.OUT_OF_RANGE, "length"),
+    (dict(job_id="j", path="{root}/f", offset=4097), grpc.StatusCode.OUT_OF_RANGE, "offset"),
+    (dict(job_id="j", path="{root}/f", offset=1, length=4096), grpc.StatusCode.OUT_OF_RANGE, "length"),
+])
+def test_bad_input_gets_the_right_status_and_names_the_field(agent, submit, code, field):
+    root = agent.roots[0]
+    (root / "f").write_bytes(b"a" * 4096)
+    if not (root / "link-out").exists():
+        os.symlink("/etc/passwd", root / "link-out")
+    args = {k: (v.format(root=root) if isinstance(v, str) else v) for k, v in submit.items()}
+    with agent.client() as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.submit_checksum(args.pop("job_id"), args.pop("path"), **args)
+        assert e.value.code() == code
+        assert field in e.value.details()
+        assert c.list() == []  # nothing was recorded
+        assert c.host_info().version  # and the daemon is still up
+
+
+def test_unknown_job_and_missing_spec(agent):
+    with agent.client() as c:
+        for call in (c.get, c.cancel, lambda j: list(c.watch(j))):
+            with pytest.raises(grpc.RpcError) as e:
+                call("nope")
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and "job_id" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            c.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(job_id="x"))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "spec" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            c.list(limit=-1)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit" in e.value.details()
+
+
+def slow_agent(make_agent, name="a", extra=""):
+    # 8 MiB/s shared limit: a 64 MiB checksum takes ~8 s, long enough to act on.
+    return make_agent(f"[jobs]\nbandwidth_limit = {8 * MiB}\n{extra}", name=name)
+
+
+def test_cancel_running_job(make_agent):
+    a = slow_agent(make_agent).start()
+    img = a.roots[0] / "big.raw"
+    sparse_image(img, 64 * MiB, {0: os.urandom(64 * MiB)})
+    with a.client() as c:
+        c.submit_checksum("slow", str(img))
+        job = wait_state(c, "slow", [jobs_pb2.JOB_STATE_RUNNING])
+        while c.get("slow").progress.bytes_done == 0:
+            time.sleep(0.05)
+        c.cancel("slow")
+        job = wait_state(c, "slow", [jobs_pb2.JOB_STATE_CANCELLED], timeout=5)
+        assert job.error.code == "CANCELLED"
+        assert 0 < job.progress.bytes_done < 64 * MiB
+        # cancelling again is harmless
+        assert c.cancel("slow").state == jobs_pb2.JOB_STATE_CANCELLED
+    assert a.stop() == 0
+
+
+def test_bandwidth_limit_and_progress_rate(make_agent):
+    a = slow_agent(make_agent).start()
+    img = a.roots[0] / "r.raw"
+    sparse_image(img, 24 * MiB, {0: os.urandom(24 * MiB)})
+    with a.client() as c:
+        t0 = time.monotonic()
+        c.submit_checksum("rate", str(img))
+        rates, etas = [], []
+        for job in c.watch("rate"):
+            if job.state == jobs_pb2.JOB_STATE_RUNNING and job.progress.rate_bytes_per_second:
+                rates.append(job.progress.rate_bytes_per_second)
+                etas.append(job.progress.eta_seconds)
+        elapsed = time.monotonic() - t0
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+        assert elapsed >= 2.0  # 24 MiB at 8 MiB/s with a 2 MiB burst
+        assert rates and max(rates) < 16 * MiB and all(e >= 0 for e in etas)
+    assert a.stop() == 0
+
+
+def test_concurrency_limit_makes_jobs_wait(make_agent):
+    a = slow_agent(make_agent, extra="max_concurrent = 1\n").start()
+    img = a.roots[0] / "c.raw"
+    sparse_image(img, 16 * MiB, {0: os.urandom(16 * MiB)})
+    with a.client() as c:
+        c.submit_checksum("first", str(img))
+        c.submit_checksum("second", str(img))
+        wait_state(c, "first", [jobs_pb2.JOB_STATE_RUNNING])
+        assert c.get("second").state == jobs_pb2.JOB_STATE_WAITING
+        waiting = c.list(states=[jobs_pb2.JOB_STATE_WAITING])
+        assert [j.id for j in waiting] == ["second"]
+        wait_state(c, "second", [jobs_pb2.JOB_STATE_SUCCEEDED], timeout=30)
+        first = c.get("first")
+        assert first.state == jobs_pb2.JOB_STATE_SUCCEEDED
+        second = c.get("second")
+        assert second.started_at.ToNanoseconds() >= first.ended_at.ToNanoseconds()
+    assert a.stop() == 0
+
+
+def test_journal_survives_restart(agent):
+    img = agent.roots[0] / "j.raw"
+    content = sparse_image(img, MiB, {100: b"data"})
+    with agent.client() as c:
+        c.submit_checksum("kept", str(img))
+        wait_state(c, "kept", [jobs_pb2.JOB_STATE_SUCCEEDED])
+    assert agent.stop() == 0
+    agent.start()
+    with agent.client() as c:
+        job = c.get("kept")
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+        assert job.checksum_result.image_digest == ref_digest(content)
+
+
+def test_kill_9_while_running_marks_job_failed(make_agent):
+    a = slow_agent(make_agent).start()
+    img = a.roots[0] / "k.raw"
+    sparse_image(img, 64 * MiB, {0: os.urandom(64 * MiB)})
+    with a.client() as c:
+        c.submit_checksum("victim", str(img))
+        wait_state(c, "victim", [jobs_pb2.JOB_STATE_RUNNING])
+        while c.get("victim").progress.bytes_done < 8 * MiB:
+            time.sleep(0.05)
+        time.sleep(1.5)  # progress reaches the journal at least once a second
+    a.proc.kill()
+    a.proc.wait()
+    a.start()
+    with a.client() as c:
+        job = c.get("victim")
+        assert job.state == jobs_pb2.JOB_STATE_FAILED
+        assert job.error.code == "INTERRUPTED" and "while the job was running" in job.error.message
+        assert job.progress.bytes_done > 0  # the last progress was journaled
+        # the agent takes new work
+        c.submit_checksum("after", str(img), length=MiB)
+        assert wait_state(c, "after", [jobs_pb2.JOB_STATE_SUCCEEDED]).state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert a.stop() == 0
+
+
+def test_sigterm_drains_refuses_new_jobs_and_requeues_waiting(make_agent):
+    a = slow_agent(make_agent, extra="max_concurrent = 1\ndrain_timeout = 1.0\n").start()
+    img = a.roots[0] / "d.raw"
+    content = sparse_image(img, 32 * MiB, {0: os.urandom(32 * MiB)})
+    with a.client() as c:
+        c.submit_checksum("running", str(img))
+        c.submit_checksum("queued", str(img))
+        wait_state(c, "running", [jobs_pb2.JOB_STATE_RUNNING])
+        a.proc.send_signal(signal.SIGTERM)
+        # while draining: health says NOT_SERVING and new jobs are refused
+        health = health_pb2_grpc.HealthStub(c.channel)
+        deadline = time.monotonic() + 5
+        while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as e:
+            c.submit_checksum("late", str(img))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+    assert a.proc.wait(timeout=30) == 0
+    a.start()
+    with a.client() as c:
+        running = c.get("running")
+        assert running.state == jobs_pb2.JOB_STATE_FAILED and running.error.code == "INTERRUPTED"
+        # the job that never started runs after the restart
+        queued = wait_state(c, "queued", [jobs_pb2.JOB_STATE_SUCCEEDED], timeout=30)
+        assert queued.checksum_result.image_digest == ref_digest(content)
+        with pytest.raises(grpc.RpcError):
+            c.get("late")
+    assert a.stop() == 0
+
+
+def test_journal_is_private_and_sqlite(agent):
+    db = agent.workdir / "state" / "jobs.sqlite3"
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+def test_sd_notify_ready_after_bind_and_watchdog(make_agent, short_tmp):
+    a = make_agent()
+    notify_path = short_tmp / "notify.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(notify_path))
+    s.settimeout(20)
+    a.start(wait=False, extra_env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "200000"})
+    msg = s.recv(4096).decode()
+    assert "READY=1" in msg
+    # READY came only once the socket accepts calls
+    with a.client() as c:
+        c.wait_ready(timeout=1)
+    pings = 0
+    deadline = time.monotonic() + 3
+    while pings < 3 and time.monotonic() < deadline:
+        if s.recv(4096).decode() == "WATCHDOG=1":
+            pings += 1
+    assert pings >= 3
+    a.proc.send_signal(signal.SIGTERM)
+    stopping = ""
+    while "STOPPING=1" not in stopping:
+        stopping = s.recv(4096).decode()
+    assert a.proc.wait(timeout=30) == 0
+    s.close()
+
+
+def test_corrupt_config_is_refused_with_the_field(make_agent):
+    a = make_agent()
+    base = a.config.read_text()
+    cases = [
+        ("[jobs]\nmax_concurrent = 'many'\n", "max_concurrent"),
+        ("[jobs]\nmax_concurrent = 0\n", "max_concurrent"),
+        ("[jobs]\nspeed = 1\n", "speed"),
+        ("[nonsense]\nx = 1\n", "nonsense"),
+        ("[jobs\n", "not valid TOML"),
+        ("tcp_listen = '127.0.0.1:1'\n", "tls_cert"),  # appended to [grpc]
+    ]
+    for extra, needle in cases:
+        a.config.write_text(base + extra)
+        r = subprocess.run([sys.executable, "-m", "agent.server", "-c", str(a.config)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 78, (extra, r.stderr)
+        assert needle in r.stderr and str(a.config) in r.stderr
+
+
+def test_conf_d_merges_in_name_order_and_show_config_masks_secrets(make_agent):
+    a = make_agent()
+    confd = a.config.with_name("agent.conf.d")
+    confd.mkdir()
+    (confd / "10-jobs.toml").write_text("[jobs]\nmax_concurrent = 7\nbandwidth_limit = 100\n")
+    (confd / "20-more.toml").write_text("[jobs]\nmax_concurrent = 9\n[grpc]\nauth_token = 's3cret-token'\n")
+    (confd / "ignored.txt").write_text("[jobs]\nmax_concurrent = 1\n")
+    r = subprocess.run([sys.executable, "-m", "agent.server", "-c", str(a.config), "--show-config"],
+                       capture_output=True, text=True, check=True)
+    assert "max_concurrent = 9" in r.stdout and "bandwidth_limit = 100" in r.stdout
+    assert "s3cret-token" not in r.stdout and 'auth_token = "********"' in r.stdout
+    assert "10-jobs.toml" in r.stdout and "20-more.toml" in r.stdout
+    # the running agent uses the merged config, and never logs the secret
+    a.start()
+    with a.client() as c:
+        assert c.host_info().max_concurrent_jobs == 9
+    assert a.stop() == 0
+    assert "s3cret-token" not in a.log_text()
+
+
+def test_shipped_default_config_is_complete_and_commented():
+    from agent import config
+
+    shipped = (Path(__file__).resolve().parents[1] / "etc" / "blockferry" / "agent.toml").read_text()
+    assert shipped == config.render(config.Config(), commented=True, mask_secrets=False)
+    assert all(line.startswith("#") or line.startswith("[") or not line for line in shipped.splitlines())
+
+
+def test_missing_or_wrong_abi_binding_names_the_package(make_agent, short_tmp):
+    a = make_agent()
+    bad = short_tmp / "badbindings"
+    bad.mkdir()
+    # A file that is not a loadable extension for this interpreter, as a
+    # binding built for another Python ABI would be.
+    (bad / "rbd.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF garbage")
+    env = {**os.environ, "PYTHONPATH": f"{bad}:{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "agent.server", "-c", str(a.config)],
+                       capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode == 69
+    assert "python3-rbd" in r.stderr and "rbd" in r.stderr
+
+
+def test_many_concurrent_watchers(agent):
+    img = agent.roots[0] / "w.raw"
+    sparse_image(img, 8 * MiB, {0: os.urandom(8 * MiB)})
+    with agent.client() as c:
+        c.submit_checksum("watched", str(img))
+        results = []
+
+        def watch():
+            results.append(list(c.watch("watched"))[-1].state)
+
+        threads = [threading.Thread(target=watch) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == [jobs_pb2.JOB_STATE_SUCCEEDED] * 10
