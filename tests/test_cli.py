@@ -1,0 +1,52 @@
+"""The blockferry client against a real agent."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from agent import native
+from conftest import sparse_image
+
+MiB = 1 << 20
+
+
+def cli(agent, *args, check=True):
+    return subprocess.run([sys.executable, "-m", "agent.cli", "--socket", str(agent.socket), *args],
+                          capture_output=True, text=True, check=check, timeout=120)
+
+
+def test_checksum_jobs_and_json(agent):
+    img = agent.roots[0] / "cli.raw"
+    content = sparse_image(img, 8 * MiB, {0: os.urandom(MiB), 5 * MiB: b"tail"})
+    ref = native.RefImageHash()
+    ref.update(content)
+    r = cli(agent, "checksum", str(img), "--job-id", "cli-1")
+    assert r.stdout.split()[0] == ref.digest().hex()
+    assert "succeeded" in r.stderr  # plain progress lines when not on a terminal
+    shown = json.loads(cli(agent, "--json", "jobs", "show", "cli-1").stdout)
+    assert shown["state"] == "JOB_STATE_SUCCEEDED"
+    assert shown["checksum_result"]["image_digest"] == ref.digest().hex()
+    listed = cli(agent, "jobs", "list", "--state", "succeeded").stdout
+    assert "cli-1" in listed
+    assert cli(agent, "jobs", "list", "--state", "failed").stdout == ""
+    lines = cli(agent, "--json", "jobs", "watch", "cli-1").stdout.splitlines()
+    assert json.loads(lines[-1])["state"] == "JOB_STATE_SUCCEEDED"
+    info = cli(agent, "info").stdout
+    assert "blockferry-agent" in info and "rados: ok" in info
+
+
+def test_errors_are_clear(agent):
+    r = cli(agent, "checksum", "/etc/passwd", check=False)
+    assert r.returncode == 2
+    assert "PERMISSION_DENIED" in r.stderr and "path" in r.stderr
+    r = cli(agent, "jobs", "show", "missing", check=False)
+    assert r.returncode == 2 and "NOT_FOUND" in r.stderr
+
+
+def test_demo_runs_the_main_job(short_tmp):
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(short_tmp / "demo")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "MATCH" in r.stdout and "exited with 0" in r.stdout
