@@ -91,33 +91,53 @@ class ChecksumKind(JobKind):
         try:
             start, end = _range(spec, os.lseek(fd, 0, os.SEEK_END))
             ctx.progress(0, end - start, "reading")
-            h = native.ImageHash()
-            buf = bytearray(READ_SIZE)
-            view = memoryview(buf)
-            data_bytes = hole_bytes = 0
-            for off, length, is_data in file_extents(fd, start, end):
-                if not is_data:
-                    h.zero(length)
-                    hole_bytes += length
-                    ctx.progress(off + length - start)
-                    continue
-                pos = off
-                while pos < off + length:
-                    ctx.checkpoint()
-                    n = min(READ_SIZE, off + length - pos)
-                    got = os.preadv(fd, [view[:n]], pos)
-                    if got != n:
-                        raise StorageIOError(f"path: short read at offset {pos} of {spec.path!r} "
-                                             "(file shrank while reading?)", field="path")
-                    ctx.throttle(n)
-                    h.update(view[:n])
-                    pos += n
-                    data_bytes += n
-                    ctx.progress(pos - start)
-        except OSError as e:
-            raise StorageIOError(f"path: read error on {spec.path!r}: {os.strerror(e.errno or errno.EIO)}",
-                                 field="path") from None
+            return digest_range(fd, start, end, ctx, name=spec.path)
         finally:
             os.close(fd)
-        return ChecksumResult(image_digest=h.digest().hex(), format=native.IMAGE_DIGEST_FORMAT,
-                              length=end - start, data_bytes=data_bytes, hole_bytes=hole_bytes)
+
+
+class _NoContext:
+    """For callers outside the job engine (benchmarks, the CLI's local mode)."""
+
+    def checkpoint(self) -> None:
+        pass
+
+    def throttle(self, nbytes: int) -> None:
+        pass
+
+    def progress(self, bytes_done=None, bytes_total=None, phase=None) -> None:
+        pass
+
+
+def digest_range(fd: int, start: int, end: int, ctx=None, name: str = "file") -> ChecksumResult:
+    """Image digest of [start, end) of an open file or block device."""
+    ctx = ctx or _NoContext()
+    h = native.ImageHash()
+    buf = bytearray(READ_SIZE)
+    view = memoryview(buf)
+    data_bytes = hole_bytes = 0
+    try:
+        for off, length, is_data in file_extents(fd, start, end):
+            if not is_data:
+                h.zero(length)
+                hole_bytes += length
+                ctx.progress(off + length - start)
+                continue
+            pos = off
+            while pos < off + length:
+                ctx.checkpoint()
+                n = min(READ_SIZE, off + length - pos)
+                got = os.preadv(fd, [view[:n]], pos)
+                if got != n:
+                    raise StorageIOError(f"path: short read at offset {pos} of {name!r} "
+                                         "(file shrank while reading?)", field="path")
+                ctx.throttle(n)
+                h.update(view[:n])
+                pos += n
+                data_bytes += n
+                ctx.progress(pos - start)
+    except OSError as e:
+        raise StorageIOError(f"path: read error on {name!r}: {os.strerror(e.errno or errno.EIO)}",
+                             field="path") from None
+    return ChecksumResult(image_digest=h.digest().hex(), format=native.IMAGE_DIGEST_FORMAT,
+                          length=end - start, data_bytes=data_bytes, hole_bytes=hole_bytes)

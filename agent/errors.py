@@ -11,7 +11,7 @@ import grpc
 
 
 class BlockferryError(Exception):
-    """Base of every error shown to a caller."""
+    """An unexpected agent error (details only in the agent log)."""
 
     code = "INTERNAL"
 
@@ -25,10 +25,14 @@ class BlockferryError(Exception):
 
 
 class InvalidArgument(BlockferryError):
+    """A request field is malformed; the message names it."""
+
     code = "INVALID_ARGUMENT"
 
 
 class OutOfRange(BlockferryError):
+    """A size or offset lies beyond what the resource holds, or overflows."""
+
     code = "OUT_OF_RANGE"
 
 
@@ -39,10 +43,14 @@ class PathNotAllowed(BlockferryError):
 
 
 class NotFound(BlockferryError):
+    """The named job, file, volume or snapshot does not exist."""
+
     code = "NOT_FOUND"
 
 
 class AlreadyExists(BlockferryError):
+    """An object with that name or id exists already."""
+
     code = "ALREADY_EXISTS"
 
 
@@ -59,6 +67,8 @@ class Busy(BlockferryError):
 
 
 class FailedPrecondition(BlockferryError):
+    """The request is valid but the resource is not in a state that allows it."""
+
     code = "FAILED_PRECONDITION"
 
 
@@ -68,11 +78,9 @@ class Draining(BlockferryError):
     code = "AGENT_DRAINING"
 
 
-class TooManyJobs(BlockferryError):
-    code = "TOO_MANY_JOBS"
-
-
 class Cancelled(BlockferryError):
+    """The job was cancelled by request."""
+
     code = "CANCELLED"
 
 
@@ -83,14 +91,20 @@ class Interrupted(BlockferryError):
 
 
 class StorageIOError(BlockferryError):
+    """Reading or writing storage failed."""
+
     code = "IO_ERROR"
 
 
 class ConfigError(BlockferryError):
+    """The configuration file is invalid; the message names file, section and key."""
+
     code = "CONFIG_INVALID"
 
 
 class BindingMissing(BlockferryError):
+    """A Python binding the agent needs is missing or built for another ABI."""
+
     code = "BINDING_MISSING"
 
 
@@ -105,7 +119,6 @@ _GRPC_STATUS: dict[str, grpc.StatusCode] = {
     Busy.code: grpc.StatusCode.FAILED_PRECONDITION,
     FailedPrecondition.code: grpc.StatusCode.FAILED_PRECONDITION,
     Draining.code: grpc.StatusCode.UNAVAILABLE,
-    TooManyJobs.code: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Cancelled.code: grpc.StatusCode.CANCELLED,
     Interrupted.code: grpc.StatusCode.ABORTED,
     StorageIOError.code: grpc.StatusCode.UNAVAILABLE,

@@ -6,7 +6,10 @@
 #include <string.h>
 #include <xxhash.h>
 
+#include <stdlib.h>
+
 #include "parallel.h"
+#include "xxh3_isa.h"
 #include "zero.h"
 
 static EVP_MD *sha256_md;
@@ -39,11 +42,40 @@ static int sha256_with(EVP_MD_CTX *ctx, const void *buf, size_t len, uint8_t *ou
     return 0;
 }
 
+/* The widest XXH3 build this CPU runs; BF_XXH3_ISA=sse2|avx2|avx512 forces
+ * one (tests check every build against the reference). */
+static void (*xxh3_fn)(const void *, size_t, uint8_t *);
+static const char *xxh3_name;
+static pthread_once_t xxh3_once = PTHREAD_ONCE_INIT;
+
+static void pick_xxh3(void)
+{
+    const char *force = getenv("BF_XXH3_ISA");
+    __builtin_cpu_init();
+    bool avx512 = __builtin_cpu_supports("avx512f"), avx2 = __builtin_cpu_supports("avx2");
+    if (force && strcmp(force, "sse2") == 0)
+        avx512 = avx2 = false;
+    else if (force && strcmp(force, "avx2") == 0)
+        avx512 = false;
+    if (avx512) {
+        xxh3_fn = bf_xxh3_128_avx512, xxh3_name = "avx512";
+    } else if (avx2) {
+        xxh3_fn = bf_xxh3_128_avx2, xxh3_name = "avx2";
+    } else {
+        xxh3_fn = bf_xxh3_128_sse2, xxh3_name = "sse2";
+    }
+}
+
+const char *bf_xxh3_isa(void)
+{
+    pthread_once(&xxh3_once, pick_xxh3);
+    return xxh3_name;
+}
+
 static void xxh3_128(const void *buf, size_t len, uint8_t *out)
 {
-    XXH128_canonical_t c;
-    XXH128_canonicalFromHash(&c, XXH3_128bits(buf, len));
-    memcpy(out, c.digest, 16);
+    pthread_once(&xxh3_once, pick_xxh3);
+    xxh3_fn(buf, len, out);
 }
 
 int bf_digest(int algo, const void *buf, size_t len, uint8_t *out)

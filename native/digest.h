@@ -32,4 +32,7 @@ int bf_zero_digest(int algo, size_t len, uint8_t *out);
 int bf_block_digests(int algo, const uint8_t *buf, size_t len, size_t block_size,
                      unsigned threads, uint8_t *digests, uint8_t *zero_flags);
 
+/* Which XXH3 build runs on this CPU: "avx512", "avx2" or "sse2". */
+const char *bf_xxh3_isa(void);
+
 #endif

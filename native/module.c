@@ -332,7 +332,8 @@ PyMODINIT_FUNC PyInit__native(void)
     Py_INCREF(&ImageHashType);
     if (PyModule_AddObject(m, "ImageHash", (PyObject *)&ImageHashType) < 0 ||
         PyModule_AddIntConstant(m, "IMAGE_BLOCK_SIZE", BF_IMAGE_BLOCK_SIZE) < 0 ||
-        PyModule_AddStringConstant(m, "IMAGE_DIGEST_FORMAT", "bf-image-sha256-v1") < 0) {
+        PyModule_AddStringConstant(m, "IMAGE_DIGEST_FORMAT", "bf-image-sha256-v1") < 0 ||
+        PyModule_AddStringConstant(m, "XXH3_ISA", bf_xxh3_isa()) < 0) {
         Py_DECREF(m);
         return NULL;
     }

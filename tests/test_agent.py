@@ -381,3 +381,11 @@ def test_many_concurrent_watchers(agent):
         for t in threads:
             t.join(30)
         assert results == [jobs_pb2.JOB_STATE_SUCCEEDED] * 10
+
+
+def test_readme_error_catalogue_is_current():
+    from agent import errors
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for code, status, meaning in errors.catalogue():
+        assert f"| `{code}` | {status} | {meaning} |" in readme, code

@@ -220,3 +220,27 @@ def test_kernels_under_address_and_undefined_sanitizers(tmp_path):
         diff = native.ref_diff_digests(native.ref_block_digests("sha256", bytes(old), block),
                                        native.ref_block_digests("sha256", new, block), len(new))
         assert lines["diff"] == ",".join(f"{e.start}:{e.length}" for e in diff)
+
+
+@pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
+def test_every_xxh3_build_matches_reference(isa):
+    """Each per-ISA XXH3 build (forced with BF_XXH3_ISA) against xxhash."""
+    import sys
+
+    code = (
+        "import os, random\n"
+        "from agent import native, _native\n"
+        "print(_native.XXH3_ISA)\n"
+        "for size in (0, 1, 15, 16, 17, 128, 129, 240, 241, 1000, 65537, 1 << 20):\n"
+        "    d = random.Random(size).randbytes(size)\n"
+        "    assert native.block_digests('xxh3-128', d, 4096, 2) == native.ref_block_digests('xxh3-128', d, 4096)\n"
+        "    assert native.block_digests('xxh3-128', d, 1 << 20) == native.ref_block_digests('xxh3-128', d, 1 << 20)\n"
+    )
+    import agent._native as n
+
+    if isa == "avx512" and n.XXH3_ISA != "avx512":
+        pytest.skip("this CPU has no AVX-512F")  # the build is still compiled and linked
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "BF_XXH3_ISA": isa})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == isa
