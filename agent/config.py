@@ -37,6 +37,7 @@ class AgentSection:
     roots: list[str] = option(["/var/lib/blockferry/pools"],
                               "Absolute paths that jobs may read or write; anything else is refused.",
                               factory=True)
+    run_dir: str = option("/run/blockferry", "Runtime directory for qemu-nbd sockets (keep the path short).")
     log_level: str = option("info", "One of debug, info, warning, error.")
     log_format: str = option("auto", "auto (journal when started by systemd, else text), journal, text or json.")
 
@@ -75,11 +76,23 @@ class SystemdSection:
 
 
 @dataclass
+class PoolSection:
+    """A storage pool: [pools.<pool uuid>] with its type and where it lives."""
+
+    type: str = option("dir", "dir: qcow2 volumes in a directory (a local disk or a mounted NFS/SMB/cluster fs).")
+    path: str = option("", "dir: the pool root; volumes live in <path>/pool-<uuid>/volume/<volume uuid>.")
+
+
+POOL_TYPES = ("dir",)
+
+
+@dataclass
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     grpc: GrpcSection = field(default_factory=GrpcSection)
     jobs: JobsSection = field(default_factory=JobsSection)
     systemd: SystemdSection = field(default_factory=SystemdSection)
+    pools: dict[str, PoolSection] = field(default_factory=dict)  # pool uuid -> pool
     sources: list[str] = field(default_factory=list)  # files merged, in order
 
     # --- validation of values (types are checked while loading) ---
@@ -87,6 +100,13 @@ class Config:
         def bad(section: str, key: str, why: str) -> ConfigError:
             return ConfigError(f"[{section}] {key}: {why}", field=f"{section}.{key}")
 
+        for uuid, pool in self.pools.items():
+            if pool.type not in POOL_TYPES:
+                raise bad(f"pools.{uuid}", "type", f"must be one of {', '.join(POOL_TYPES)}, not {pool.type!r}")
+            if not os.path.isabs(pool.path):
+                raise bad(f"pools.{uuid}", "path", "must be an absolute path")
+        if not os.path.isabs(self.agent.run_dir):
+            raise bad("agent", "run_dir", "must be an absolute path")
         if self.agent.log_level not in ("debug", "info", "warning", "error"):
             raise bad("agent", "log_level", f"must be debug, info, warning or error, not {self.agent.log_level!r}")
         if self.agent.log_format not in ("auto", "journal", "text", "json"):
@@ -120,7 +140,9 @@ class Config:
             raise bad("jobs", "keep_finished", "must not be negative")
 
     def sections(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sources"}
+        """The fixed sections (pools are a table of sections, handled apart)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("sources", "pools")}
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -137,6 +159,20 @@ def _type_ok(value: Any, annotation: str) -> bool:
     raise AssertionError(annotation)
 
 
+def _merge_section(path: Path, label: str, section: Any, values: dict) -> None:
+    known = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{path}: [{label}] {key}: unknown option", field=f"{label}.{key}")
+        annotation = known[key].type
+        if not _type_ok(value, annotation):
+            raise ConfigError(f"{path}: [{label}] {key}: expected {annotation}, got {value!r}",
+                              field=f"{label}.{key}")
+        if annotation == "float":
+            value = float(value)
+        setattr(section, key, value)
+
+
 def _merge_file(cfg: Config, path: Path) -> None:
     try:
         with open(path, "rb") as f:
@@ -147,24 +183,32 @@ def _merge_file(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path}: cannot read: {e.strerror}", field=str(path)) from None
     sections = cfg.sections()
     for name, values in data.items():
-        if name not in sections:
-            raise ConfigError(f"{path}: unknown section [{name}] (known: {', '.join(sections)})",
-                              field=name)
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: {name} must be a [section]", field=name)
-        section = sections[name]
-        known = {f.name: f for f in dataclasses.fields(section)}
-        for key, value in values.items():
-            if key not in known:
-                raise ConfigError(f"{path}: [{name}] {key}: unknown option", field=f"{name}.{key}")
-            annotation = known[key].type
-            if not _type_ok(value, annotation):
-                raise ConfigError(f"{path}: [{name}] {key}: expected {annotation}, got {value!r}",
-                                  field=f"{name}.{key}")
-            if annotation == "float":
-                value = float(value)
-            setattr(section, key, value)
+        if name == "pools":
+            for pool_uuid, pool_values in values.items():
+                label = f"pools.{pool_uuid}"
+                if not isinstance(pool_values, dict):
+                    raise ConfigError(f"{path}: {label} must be a [section]", field=label)
+                _check_pool_uuid(path, pool_uuid)
+                _merge_section(path, label, cfg.pools.setdefault(pool_uuid, PoolSection()), pool_values)
+            continue
+        if name not in sections:
+            raise ConfigError(f"{path}: unknown section [{name}] (known: {', '.join(sections)}, pools)",
+                              field=name)
+        _merge_section(path, name, sections[name], values)
     cfg.sources.append(str(path))
+
+
+def _check_pool_uuid(path: Path, value: str) -> None:
+    import uuid
+
+    try:
+        ok = str(uuid.UUID(value)) == value
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{path}: [pools.{value}]: the pool name must be its canonical UUID", field="pools")
 
 
 def default_conf_dir(config_path: str) -> str:
@@ -221,18 +265,29 @@ def render(cfg: Config, *, commented: bool, mask_secrets: bool) -> str:
         doc = (type(section).__doc__ or "").strip()
         if commented and doc:
             lines.append(f"# {doc}")
-        lines.append(f"[{name}]")
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if mask_secrets and f.metadata["secret"] and value:
-                value = MASK
-            if commented:
-                lines.append(f"# {f.metadata['help']}")
-                lines.append(f"#{f.name} = {_toml_value(value)}")
-            else:
-                lines.append(f"{f.name} = {_toml_value(value)}")
-        lines.append("")
+        lines += _render_section(f"[{name}]", section, commented, mask_secrets)
+    if commented:
+        lines.append(f"# {(PoolSection.__doc__ or '').strip()} For example:")
+        example = PoolSection(path="/var/lib/blockferry/pools/local")
+        lines += _render_section("[pools.0eca2be3-056f-4634-a25b-5cf717e067fb]", example, True, mask_secrets)
+    for pool_uuid, pool in cfg.pools.items():
+        lines += _render_section(f"[pools.{pool_uuid}]", pool, commented, mask_secrets)
     return "\n".join(lines)
+
+
+def _render_section(header: str, section: Any, commented: bool, mask_secrets: bool) -> list[str]:
+    lines = [f"#{header}" if commented and header.startswith("[pools.") else header]
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if mask_secrets and f.metadata["secret"] and value:
+            value = MASK
+        if commented:
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"#{f.name} = {_toml_value(value)}")
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    lines.append("")
+    return lines
 
 
 def secrets(cfg: Config) -> list[str]:

@@ -72,6 +72,24 @@ class FailedPrecondition(BlockferryError):
     code = "FAILED_PRECONDITION"
 
 
+class HasDependents(BlockferryError):
+    """Other objects depend on it (clones, snapshots); the message names them."""
+
+    code = "HAS_DEPENDENTS"
+
+
+class InUse(BlockferryError):
+    """Another process (a VM's qemu, a qemu-nbd) holds the image open."""
+
+    code = "IN_USE"
+
+
+class TrackingLost(BlockferryError):
+    """Change tracking is missing or inconsistent; a full read is needed."""
+
+    code = "CHANGE_TRACKING_LOST"
+
+
 class Draining(BlockferryError):
     """The agent is shutting down and takes no new jobs."""
 
@@ -118,6 +136,9 @@ _GRPC_STATUS: dict[str, grpc.StatusCode] = {
     JobConflict.code: grpc.StatusCode.ALREADY_EXISTS,
     Busy.code: grpc.StatusCode.FAILED_PRECONDITION,
     FailedPrecondition.code: grpc.StatusCode.FAILED_PRECONDITION,
+    HasDependents.code: grpc.StatusCode.FAILED_PRECONDITION,
+    InUse.code: grpc.StatusCode.FAILED_PRECONDITION,
+    TrackingLost.code: grpc.StatusCode.FAILED_PRECONDITION,
     Draining.code: grpc.StatusCode.UNAVAILABLE,
     Cancelled.code: grpc.StatusCode.CANCELLED,
     Interrupted.code: grpc.StatusCode.ABORTED,
@@ -141,12 +162,15 @@ def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def catalogue() -> list[tuple[str, str, str]]:
     """(code, gRPC status, meaning) for every error, for docs and tests."""
-    rows = []
+    rows, seen = [], set()
     for cls in _all_subclasses(BlockferryError):
+        if cls.code in seen:  # a subclass that refines a message, not a code
+            continue
+        seen.add(cls.code)
         status = _GRPC_STATUS[cls.code]
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         rows.append((cls.code, status.name, doc))
-    return sorted(set(rows))
+    return sorted(rows)
 
 
 def _all_subclasses(cls: type) -> list[type]:

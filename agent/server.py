@@ -11,7 +11,7 @@ import sys
 import threading
 from concurrent import futures
 
-from agent import __version__, bindings, config, logs, systemd
+from agent import __version__, bindings, config, logs, procs, systemd
 from agent.errors import BindingMissing, ConfigError
 
 log = logging.getLogger("agent.server")
@@ -58,14 +58,21 @@ class Agent:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        from agent.api.v1 import host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+        from agent.api.v1 import host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc, volumes_pb2, volumes_pb2_grpc
         from agent.checksum import ChecksumKind
         from agent.jobs.engine import JobEngine
-        from agent.service import Auth, HostService, JobService
+        from agent.pools import PoolRegistry
+        from agent.services.common import Auth
+        from agent.services.host import HostService
+        from agent.services.jobs import JobService
+        from agent.services.volumes import VolumeService
+        from agent.volumes.jobs import CloneKind, FlattenKind
 
         cfg = self.cfg
+        pools = PoolRegistry(cfg)
+        kinds = [ChecksumKind(pools.allowed_roots), CloneKind(pools), FlattenKind(pools)]
         engine = JobEngine(
-            os.path.join(cfg.agent.state_dir, "jobs.sqlite3"), [ChecksumKind(cfg.agent.roots)],
+            os.path.join(cfg.agent.state_dir, "jobs.sqlite3"), kinds,
             max_concurrent=cfg.jobs.max_concurrent, bandwidth_limit=cfg.jobs.bandwidth_limit,
             on_busy=cfg.jobs.on_busy, keep_finished=cfg.jobs.keep_finished)
         engine.start()
@@ -76,11 +83,13 @@ class Agent:
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(engine, auth), server)
         host_pb2_grpc.add_HostServiceServicer_to_server(
             HostService(engine, auth, self.binding_status, cfg.agent.roots), server)
+        volumes_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeService(pools, engine, auth), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = [
             jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
             host_pb2.DESCRIPTOR.services_by_name["HostService"].full_name,
+            volumes_pb2.DESCRIPTOR.services_by_name["VolumeService"].full_name,
         ]
         reflection.enable_server_reflection(
             [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
@@ -124,6 +133,7 @@ class Agent:
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         engine.drain(cfg.jobs.drain_timeout)
         server.stop(grace=2.0).wait()
+        procs.Child.stop_all()  # no qemu-nbd outlives the agent
         if watchdog:
             watchdog.stop()
         if cfg.grpc.unix_socket:

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from agent.api.v1 import volumes_pb2, volumes_pb2_grpc
+from agent.jobs.engine import JobEngine
+from agent.pools import PoolRegistry
+from agent.services.common import Auth, exclusive, rpc
+from agent.volumes.base import SnapshotInfo, VolumeInfo, check_uuid
+from agent.volumes.jobs import volume_resource
+
+
+def volume_to_pb(v: VolumeInfo) -> volumes_pb2.Volume:
+    return volumes_pb2.Volume(
+        uuid=v.uuid, name=v.name, pool_uuid=v.pool_uuid, capacity=v.capacity, used=v.used,
+        snapshot_bytes=v.snapshot_bytes, access_path=v.access_path, created_at=v.created_at,
+        parent_volume=v.parent_volume or "", parent_snapshot=v.parent_snapshot or "",
+        children=list(v.children), format=v.format, tracking=v.tracking)
+
+
+def snapshot_to_pb(s: SnapshotInfo) -> volumes_pb2.Snapshot:
+    return volumes_pb2.Snapshot(
+        uuid=s.uuid, name=s.name, volume_uuid=s.volume_uuid, description=s.description,
+        created_at=s.created_at, size=s.size, parent=s.parent or "", children=list(s.children),
+        clones=list(s.clones), tracking=s.tracking)
+
+
+class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
+    def __init__(self, pools: PoolRegistry, engine: JobEngine, auth: Auth):
+        self.pools = pools
+        self.engine = engine
+        self.auth = auth
+
+    def _exclusive(self, request):
+        """Synchronous changes take the volume's lock, so they never race a job."""
+        check_uuid(request.volume_uuid, "volume_uuid")
+        return exclusive(self.engine.locks, volume_resource(request.pool_uuid, request.volume_uuid))
+
+    @rpc
+    def CreateVolume(self, request, context):
+        pool = self.pools.get(request.pool_uuid)
+        with self._exclusive(request):
+            return volume_to_pb(pool.create_volume(request.volume_uuid, request.name, request.capacity or None,
+                                                   request.backing_file or None))
+
+    @rpc
+    def DeleteVolume(self, request, context):
+        pool = self.pools.get(request.pool_uuid)
+        with self._exclusive(request):
+            pool.delete_volume(request.volume_uuid, force=request.force)
+        return volumes_pb2.DeleteVolumeResponse()
+
+    @rpc
+    def GetVolume(self, request, context):
+        return volume_to_pb(self.pools.get(request.pool_uuid).volume_info(request.volume_uuid))
+
+    @rpc
+    def ListVolumes(self, request, context):
+        return volumes_pb2.ListVolumesResponse(
+            volumes=[volume_to_pb(v) for v in self.pools.get(request.pool_uuid).list_volumes()])
+
+    @rpc
+    def ResizeVolume(self, request, context):
+        pool = self.pools.get(request.pool_uuid)
+        with self._exclusive(request):
+            return volume_to_pb(pool.resize_volume(request.volume_uuid, request.capacity))
+
+    @rpc
+    def CreateSnapshot(self, request, context):
+        pool = self.pools.get(request.pool_uuid)
+        with self._exclusive(request):
+            return snapshot_to_pb(pool.create_snapshot(request.volume_uuid, request.snapshot_uuid, request.name,
+                                                       request.description))
+
+    @rpc
+    def DeleteSnapshot(self, request, context):
+        pool = self.pools.get(request.pool_uuid)
+        with self._exclusive(request):
+            pool.delete_snapshot(request.volume_uuid, request.snapshot_uuid)
+        return volumes_pb2.DeleteSnapshotResponse()
+
+    @rpc
+    def RollbackSnapshot(self, request, context):
+        pool = self.pools.get(request.pool_uuid)
+        with self._exclusive(request):
+            return volume_to_pb(pool.rollback_snapshot(request.volume_uuid, request.snapshot_uuid))
+
+    @rpc
+    def ListSnapshots(self, request, context):
+        snaps = self.pools.get(request.pool_uuid).list_snapshots(request.volume_uuid)
+        return volumes_pb2.ListSnapshotsResponse(snapshots=[snapshot_to_pb(s) for s in snaps])
+
+    @rpc
+    def GetSnapshotTree(self, request, context):
+        tree = self.pools.get(request.pool_uuid).snapshot_tree(request.volume_uuid)
+        return volumes_pb2.SnapshotTree(
+            parents=tree.parents, root=tree.root,
+            children={k: volumes_pb2.NameList(names=v) for k, v in tree.children.items()})
+
+    @rpc
+    def GetExtents(self, request, context):
+        extents = self.pools.get(request.pool_uuid).data_extents(request.volume_uuid,
+                                                                 request.snapshot_uuid or None)
+        return volumes_pb2.ExtentList(
+            extents=[volumes_pb2.Extent(start=e.start, length=e.length, zero=e.zero) for e in extents],
+            exact=True, granularity=512)
+
+    @rpc
+    def GetChangedExtents(self, request, context):
+        changed = self.pools.get(request.pool_uuid).changed_extents(
+            request.volume_uuid, request.snapshot_uuid, request.since_snapshot_uuid or None)
+        return volumes_pb2.ExtentList(
+            extents=[volumes_pb2.Extent(start=e.start, length=e.length) for e in changed.extents],
+            exact=changed.exact, granularity=changed.granularity)

@@ -1,0 +1,1 @@
+"""Volume drivers: qcow2 on directory pools, RBD on Ceph pools."""

@@ -1,0 +1,140 @@
+"""The volume-driver interface, shared by the qcow2 and RBD drivers, and the
+typed objects it returns."""
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+from agent.errors import InvalidArgument
+from agent.extents import Extent
+
+HEAD = "head"  # the live state in a snapshot tree
+MAX_NAME = 255
+_NAME_BAD = re.compile(r"[\x00-\x1f/\\]")
+
+
+def check_uuid(value: str, field_name: str) -> str:
+    """A canonical UUID, so it is safe as a path component."""
+    try:
+        parsed = uuidlib.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        raise InvalidArgument(f"{field_name}: {value!r} is not a UUID", field=field_name) from None
+    if str(parsed) != value.lower():
+        raise InvalidArgument(f"{field_name}: {value!r} is not a canonical UUID", field=field_name)
+    return str(parsed)
+
+
+def check_name(value: str, field_name: str) -> str:
+    """A display name: never used as a path, but still refused when it looks like one."""
+    if not value or len(value) > MAX_NAME:
+        raise InvalidArgument(f"{field_name}: must be 1-{MAX_NAME} characters", field=field_name)
+    if _NAME_BAD.search(value) or value in (".", "..") or ".." in value.split("/"):
+        raise InvalidArgument(f"{field_name}: {value!r} holds a path separator, '..' or a control character",
+                              field=field_name)
+    if value == HEAD:
+        raise InvalidArgument(f"{field_name}: {HEAD!r} is reserved for the live state", field=field_name)
+    return value
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    uuid: str
+    name: str
+    volume_uuid: str
+    description: str
+    created_at: float
+    size: int  # bytes held by this snapshot alone
+    parent: str | None  # parent snapshot uuid
+    children: tuple[str, ...]  # child snapshot uuids, and "head" where the live state grows from it
+    clones: tuple[str, ...]  # volume uuids of linked clones based on it
+    tracking: str = "ok"  # "lost" when changes across this snapshot cannot be known exactly
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    uuid: str
+    name: str
+    pool_uuid: str
+    capacity: int
+    used: int  # allocated guest bytes of the live state (the seed's Used)
+    snapshot_bytes: int  # bytes held by its snapshots (the seed's SnapLength)
+    access_path: str
+    created_at: float
+    parent_volume: str | None = None  # linked clone: the volume and snapshot it is based on
+    parent_snapshot: str | None = None
+    children: tuple[str, ...] = ()  # linked clones of its snapshots
+    format: str = "qcow2"
+    tracking: str = "ok"  # change tracking of the live state
+
+
+@dataclass(frozen=True)
+class SnapshotTree:
+    """The seed's shape, keyed by snapshot name: Parents maps each node
+    (snapshots and "head") to its parent ("" for a root); Children maps each
+    parent ("" for the roots) to its children; Root is the first root."""
+
+    parents: dict[str, str] = field(default_factory=dict)
+    children: dict[str, list[str]] = field(default_factory=dict)
+    root: str = ""
+
+
+@dataclass(frozen=True)
+class ChangedExtents:
+    extents: list[Extent]
+    exact: bool  # False when the driver reports a superset (e.g. whole objects)
+    granularity: int
+
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+class VolumeDriver(ABC):
+    """One pool. Long operations take a progress callback and a checkpoint
+    (which raises to cancel); the job engine supplies both."""
+
+    pool_uuid: str
+
+    @abstractmethod
+    def create_volume(self, volume_uuid: str, name: str, capacity: int | None,
+                      backing_file: str | None = None) -> VolumeInfo: ...
+
+    @abstractmethod
+    def delete_volume(self, volume_uuid: str, force: bool = False) -> None: ...
+
+    @abstractmethod
+    def volume_info(self, volume_uuid: str) -> VolumeInfo: ...
+
+    @abstractmethod
+    def list_volumes(self) -> list[VolumeInfo]: ...
+
+    @abstractmethod
+    def resize_volume(self, volume_uuid: str, capacity: int) -> VolumeInfo: ...
+
+    @abstractmethod
+    def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str,
+                        description: str = "") -> SnapshotInfo: ...
+
+    @abstractmethod
+    def delete_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> None: ...
+
+    @abstractmethod
+    def rollback_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> VolumeInfo: ...
+
+    @abstractmethod
+    def list_snapshots(self, volume_uuid: str) -> list[SnapshotInfo]: ...
+
+    @abstractmethod
+    def snapshot_tree(self, volume_uuid: str) -> SnapshotTree: ...
+
+    @abstractmethod
+    def data_extents(self, volume_uuid: str, snapshot_uuid: str | None) -> list:
+        """Data and zero extents of a snapshot (or the live state)."""
+
+    @abstractmethod
+    def changed_extents(self, volume_uuid: str, snapshot_uuid: str,
+                        since_snapshot_uuid: str | None) -> ChangedExtents:
+        """What changed from since_snapshot to snapshot; raises
+        TrackingLost when that cannot be known exactly."""

@@ -1,0 +1,122 @@
+"""Job kinds for volumes: clone (linked or full) and flatten."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from agent.errors import AlreadyExists, FailedPrecondition
+from agent.jobs.kinds import Claim, JobKind
+from agent.jobs.locks import LockMode
+from agent.pools import PoolRegistry
+from agent.volumes.base import check_name, check_uuid
+from agent.volumes.copy import copy_image
+
+
+def volume_resource(pool_uuid: str, volume_uuid: str) -> str:
+    return f"volume:{pool_uuid}/{volume_uuid}"
+
+
+@dataclass(frozen=True)
+class CloneSpec:
+    pool_uuid: str
+    volume_uuid: str
+    snapshot_uuid: str
+    target_pool_uuid: str
+    target_volume_uuid: str
+    target_name: str
+    linked: bool
+
+
+@dataclass(frozen=True)
+class CloneResult:
+    pool_uuid: str
+    volume_uuid: str
+    access_path: str
+    capacity: int
+    linked: bool
+    copied_bytes: int
+
+
+@dataclass(frozen=True)
+class FlattenSpec:
+    pool_uuid: str
+    volume_uuid: str
+
+
+@dataclass(frozen=True)
+class FlattenResult:
+    pool_uuid: str
+    volume_uuid: str
+
+
+class CloneKind(JobKind):
+    name = "clone"
+    spec_type = CloneSpec
+    result_type = CloneResult
+
+    def __init__(self, pools: PoolRegistry):
+        self.pools = pools
+
+    def prepare(self, spec: CloneSpec) -> Claim:
+        source = self.pools.get(spec.pool_uuid)
+        target = self.pools.get(spec.target_pool_uuid, "target_pool_uuid")
+        check_uuid(spec.target_volume_uuid, "target_volume_uuid")
+        check_name(spec.target_name, "target_name")
+        source.snapshot_info(spec.volume_uuid, spec.snapshot_uuid)  # both exist
+        if os.path.exists(target.meta_path(spec.target_volume_uuid)):
+            raise AlreadyExists(f"target_volume_uuid: volume {spec.target_volume_uuid} exists in pool "
+                                f"{spec.target_pool_uuid}", field="target_volume_uuid")
+        if (spec.pool_uuid, spec.volume_uuid) == (spec.target_pool_uuid, spec.target_volume_uuid):
+            raise FailedPrecondition("target_volume_uuid: a volume cannot be cloned onto itself",
+                                     field="target_volume_uuid")
+        # Reading a snapshot: others may read too, but nothing may rewrite its layers.
+        return Claim(volume_resource(spec.pool_uuid, spec.volume_uuid), LockMode.SHARED)
+
+    def run(self, spec: CloneSpec, ctx) -> CloneResult:
+        source = self.pools.get(spec.pool_uuid)
+        target = self.pools.get(spec.target_pool_uuid, "target_pool_uuid")
+        if spec.linked:
+            ctx.progress(0, 1, "linking")
+            info = target.linked_clone(source, spec.volume_uuid, spec.snapshot_uuid, spec.target_volume_uuid,
+                                       spec.target_name)
+            ctx.progress(1, 1, "done")
+            return CloneResult(target.pool_uuid, info.uuid, info.access_path, info.capacity, True, 0)
+        snap = source.snapshot_info(spec.volume_uuid, spec.snapshot_uuid)
+        meta = source._meta(spec.volume_uuid)
+        layer = source.layer_path(meta, snap.uuid)
+        from agent.volumes import qemu_img
+
+        capacity = qemu_img.info(layer).virtual_size
+        tmp, commit, abort = target.new_volume_for_copy(spec.target_volume_uuid, spec.target_name, capacity,
+                                                        job_id=ctx.job_id)
+        try:
+            stats = copy_image(layer, tmp, run_dir=target.run_dir, ctx=ctx)
+            ctx.checkpoint()
+            ctx.progress(phase="committing")
+            info = commit()
+        except BaseException:
+            abort()  # a cancelled or failed copy leaves no volume behind
+            raise
+        return CloneResult(target.pool_uuid, info.uuid, info.access_path, info.capacity, False, stats.data_bytes)
+
+
+class FlattenKind(JobKind):
+    name = "flatten"
+    spec_type = FlattenSpec
+    result_type = FlattenResult
+
+    def __init__(self, pools: PoolRegistry):
+        self.pools = pools
+
+    def prepare(self, spec: FlattenSpec) -> Claim:
+        info = self.pools.get(spec.pool_uuid).volume_info(spec.volume_uuid)
+        if not info.parent_volume:
+            raise FailedPrecondition(f"volume_uuid: volume {info.uuid} is not a linked clone", field="volume_uuid")
+        return Claim(volume_resource(spec.pool_uuid, info.uuid), LockMode.EXCLUSIVE)
+
+    def run(self, spec: FlattenSpec, ctx) -> FlattenResult:
+        pool = self.pools.get(spec.pool_uuid)
+        ctx.progress(0, 100, "flattening")
+        pool.flatten(spec.volume_uuid, on_percent=lambda p: ctx.progress(int(p), 100),
+                     checkpoint=ctx.checkpoint)
+        return FlattenResult(spec.pool_uuid, spec.volume_uuid)

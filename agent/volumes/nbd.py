@@ -1,0 +1,296 @@
+"""qemu-nbd servers started and stopped by the agent, and a libnbd client.
+
+Reads and writes of volume data go through NBD: qemu-nbd serves the image
+(read-only for snapshots, writable for clones and restores) on a unix socket
+in the agent's runtime directory, and libnbd moves the data with several
+requests in flight and a pool of reused buffers.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import nbd
+
+from agent import procs
+from agent.errors import StorageIOError
+from agent.extents import Extent
+
+log = logging.getLogger("agent.nbd")
+
+# NBD_STATE_* flags of base:allocation
+STATE_HOLE = 1
+STATE_ZERO = 2
+# A block-status request may cover at most 4 GiB - 1; ask in 2 GiB steps.
+STATUS_STEP = 2 << 30
+REQUEST_SIZE = 4 << 20
+IN_FLIGHT = 8
+
+
+@dataclass(frozen=True, slots=True)
+class AllocExtent:
+    """An extent of an exported image: data, or zero (hole or zero cluster)."""
+
+    start: int
+    length: int
+    zero: bool
+    hole: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+class QemuNbd:
+    """A qemu-nbd server for one image, alive for the `with` block only."""
+
+    def __init__(self, image: str, *, fmt: str = "qcow2", readonly: bool = True,
+                 bitmap: str | None = None, run_dir: str | None = None, image_opts: str | None = None):
+        self.image = image
+        self.fmt = fmt
+        self.readonly = readonly
+        self.bitmap = bitmap
+        self.image_opts = image_opts
+        self.run_dir = run_dir or tempfile.gettempdir()
+        self.socket = os.path.join(self.run_dir, f"nbd-{uuid.uuid4().hex[:12]}.sock")
+        self.child: procs.Child | None = None
+
+    def start(self) -> "QemuNbd":
+        os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
+        argv = ["qemu-nbd", "--persistent", "--shared=16", f"--socket={self.socket}"]
+        if self.readonly:
+            argv.append("--read-only")
+        else:
+            argv += ["--discard=unmap", "--detect-zeroes=unmap"]
+        if self.bitmap:
+            argv += ["--bitmap", self.bitmap]
+        if self.image_opts:
+            argv += ["--image-opts", self.image_opts]
+        else:
+            argv += ["--format", self.fmt, self.image]
+        self.child = procs.Child(argv, name="qemu-nbd")
+
+        def ready() -> bool:
+            if not self.child.alive():
+                return True
+            if not os.path.exists(self.socket):
+                return False
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(self.socket)
+                    return True
+                except OSError:
+                    return False
+
+        procs.wait_for(ready, timeout=30)
+        if not self.child.alive():
+            err = self.child.stderr_tail()
+            self.child.stop()
+            raise StorageIOError(f"qemu-nbd could not serve {self.image}: {err.splitlines()[-1] if err else 'exited'}")
+        return self
+
+    def stop(self) -> None:
+        if self.child:
+            self.child.stop()
+            self.child = None
+        try:
+            os.unlink(self.socket)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "QemuNbd":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def connect(self, *, bitmap_context: bool = False) -> "NbdClient":
+        contexts = ["base:allocation"]
+        if bitmap_context and self.bitmap:
+            contexts.append(f"qemu:dirty-bitmap:{self.bitmap}")
+        return NbdClient(self.socket, contexts)
+
+
+class NbdClient:
+    def __init__(self, socket_path: str, contexts: Iterable[str] = ("base:allocation",)):
+        self.h = nbd.NBD()
+        for c in contexts:
+            self.h.add_meta_context(c)
+        try:
+            self.h.connect_unix(socket_path)
+        except nbd.Error as e:
+            raise StorageIOError(f"cannot connect to NBD server {socket_path}: {e}") from None
+        self.size = self.h.get_size()
+        self._pool: list[bytearray] = []
+
+    def close(self) -> None:
+        try:
+            self.h.shutdown()
+        except nbd.Error:
+            pass
+        self.h.close()
+
+    def __enter__(self) -> "NbdClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- extents ----
+
+    def _status(self, context: str) -> Iterator[tuple[int, int, int]]:
+        offset = 0
+        while offset < self.size:
+            got: list[tuple[int, int, int]] = []
+
+            def cb(meta, start, entries, err):
+                if meta != context:
+                    return 0
+                pos = start
+                for i in range(0, len(entries), 2):
+                    got.append((pos, entries[i], entries[i + 1]))
+                    pos += entries[i]
+                return 0
+
+            self.h.block_status(min(STATUS_STEP, self.size - offset), offset, cb)
+            if not got:
+                raise StorageIOError(f"NBD server sent no {context} extents at offset {offset}")
+            for start, length, flags in got:
+                length = min(length, self.size - start)
+                if length > 0:
+                    yield start, length, flags
+            offset = got[-1][0] + got[-1][1]
+
+    def allocation(self) -> list[AllocExtent]:
+        """Data and zero extents of the whole export (merged)."""
+        out: list[AllocExtent] = []
+        for start, length, flags in self._status("base:allocation"):
+            zero, hole = bool(flags & STATE_ZERO), bool(flags & STATE_HOLE)
+            if out and out[-1].end == start and out[-1].zero == zero and out[-1].hole == hole:
+                out[-1] = AllocExtent(out[-1].start, out[-1].length + length, zero, hole)
+            else:
+                out.append(AllocExtent(start, length, zero, hole))
+        return out
+
+    def dirty(self, bitmap: str) -> list[Extent]:
+        """Extents marked in a dirty bitmap exported with qemu-nbd --bitmap."""
+        out: list[Extent] = []
+        for start, length, flags in self._status(f"qemu:dirty-bitmap:{bitmap}"):
+            if not flags & 1:
+                continue
+            if out and out[-1].end == start:
+                out[-1] = Extent(out[-1].start, out[-1].length + length)
+            else:
+                out.append(Extent(start, length))
+        return out
+
+    # ---- data ----
+
+    def _buffer(self, size: int) -> bytearray:
+        for i, b in enumerate(self._pool):
+            if len(b) >= size:
+                return self._pool.pop(i)
+        return bytearray(size)
+
+    def read_extents(self, extents: Iterable[Extent], on_data: Callable[[int, memoryview], None],
+                     *, request_size: int = REQUEST_SIZE, in_flight: int = IN_FLIGHT,
+                     checkpoint: Callable[[], None] | None = None) -> None:
+        """Read the extents with up to `in_flight` requests outstanding and
+        call on_data(offset, view) in offset order. The view is valid only
+        during the call (its buffer is reused)."""
+        requests = ((off, min(request_size, e.end - off))
+                    for e in extents for off in range(e.start, e.end, request_size))
+        pending: collections.deque = collections.deque()
+        h = self.h
+        try:
+            for offset, length in requests:
+                buf = self._buffer(length)
+                cookie = h.aio_pread(nbd.Buffer.from_buffer(memoryview(buf)[:length]), offset)
+                pending.append((cookie, offset, length, buf))
+                while len(pending) >= in_flight:
+                    self._deliver(pending, on_data, checkpoint)
+            while pending:
+                self._deliver(pending, on_data, checkpoint)
+        except nbd.Error as e:
+            raise StorageIOError(f"NBD read failed: {e}") from None
+        finally:
+            # after an error, wait out what is in flight: the buffers are ours
+            for cookie, *_ in pending:
+                try:
+                    while not h.aio_command_completed(cookie):
+                        h.poll(-1)
+                except nbd.Error:
+                    pass
+            pending.clear()
+
+    def _deliver(self, pending, on_data, checkpoint) -> None:
+        cookie, offset, length, buf = pending[0]
+        while not self.h.aio_command_completed(cookie):
+            self.h.poll(-1)
+        pending.popleft()
+        if checkpoint:
+            checkpoint()
+        on_data(offset, memoryview(buf)[:length])
+        self._pool.append(buf)
+
+    def pwrite(self, data, offset: int) -> None:
+        self.h.pwrite(data, offset)
+
+    def zero(self, length: int, offset: int, *, punch_hole: bool = True) -> None:
+        pos = offset
+        while pos < offset + length:
+            n = min(1 << 30, offset + length - pos)
+            self.h.zero(n, pos, 0 if punch_hole else nbd.CMD_FLAG_NO_HOLE)
+            pos += n
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return bytes(self.h.pread(length, offset))
+
+    def flush(self) -> None:
+        self.h.flush()
+
+
+class AsyncWriter:
+    """Writes with several requests in flight from a pool of reused buffers."""
+
+    def __init__(self, client: NbdClient, *, in_flight: int = IN_FLIGHT):
+        self.client = client
+        self.in_flight = in_flight
+        self._pending: collections.deque = collections.deque()
+        self._free: list[bytearray] = []
+
+    def write(self, data, offset: int) -> None:
+        n = len(data)
+        buf = next((b for b in self._free if len(b) >= n), None)
+        if buf is not None:
+            self._free.remove(buf)
+        else:
+            buf = bytearray(n)
+        view = memoryview(buf)[:n]
+        view[:] = data
+        cookie = self.client.h.aio_pwrite(nbd.Buffer.from_buffer(view), offset)
+        self._pending.append((cookie, buf))
+        while len(self._pending) >= self.in_flight:
+            self._retire()
+
+    def _retire(self) -> None:
+        cookie, buf = self._pending[0]
+        h = self.client.h
+        try:
+            while not h.aio_command_completed(cookie):
+                h.poll(-1)
+        except nbd.Error as e:
+            raise StorageIOError(f"NBD write failed: {e}") from None
+        self._pending.popleft()
+        self._free.append(buf)
+
+    def finish(self) -> None:
+        while self._pending:
+            self._retire()
+        self.client.flush()

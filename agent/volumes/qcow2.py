@@ -1,0 +1,562 @@
+"""qcow2 volumes in a directory pool, with real qemu-img and qemu-nbd.
+
+Snapshots are an external overlay chain, not internal qcow2 snapshots:
+a linked clone must be an overlay on a snapshot, and an overlay can only
+name a file as its backing, never an internal snapshot; and qemu-img refuses
+to apply internal snapshots while persistent dirty bitmaps are enabled. So:
+
+    <root>/pool-<pool>/volume/<vol>             the live state ("head"), an overlay
+    <root>/pool-<pool>/snapshot/<vol>/<snap>    each snapshot's frozen layer
+    <root>/pool-<pool>/meta/<vol>.json          the snapshot tree, clones, tracking
+
+- Snapshot: the head file is renamed to the snapshot's layer (its content is
+  then frozen) and a new empty head is created on top of it.
+- Rollback: a new empty head on the snapshot's layer replaces the head.
+  Snapshots taken after it stay, as another branch of the tree.
+- Deleting a snapshot: each child layer (child snapshots, the head) is rebased
+  in safe mode onto the deleted layer's parent, which copies in exactly the
+  data the child still needs, so every other snapshot keeps its content.
+- Linked clone: a new volume whose head is an overlay on the snapshot's layer
+  (constant time). Flatten rebases the clone onto nothing.
+
+Backing files are named by absolute path: files are renamed between
+directories, and a pool is mounted at the same path on every host.
+
+Change tracking: every layer gets a persistent dirty bitmap `bf-dirty` when
+it is created; it is disabled when the layer is frozen by a snapshot. The
+changes between snapshot A and a later snapshot B are the union of the
+bitmaps of the layers on the tree path (A, B]. A bitmap left inconsistent
+(qemu-nbd killed) is removed at the next snapshot and that layer is marked
+"tracking lost"; asking for changes across it raises TrackingLost.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable
+
+from agent.errors import (AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound,
+                          OutOfRange, TrackingLost)
+from agent.extents import Extent
+from agent.paths import resolve_under_roots
+from agent.volumes import qemu_img
+from agent.volumes.base import (HEAD, ChangedExtents, SnapshotInfo, SnapshotTree, VolumeDriver, VolumeInfo,
+                                check_name, check_uuid)
+from agent.volumes.nbd import AllocExtent, QemuNbd
+from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
+
+log = logging.getLogger("agent.qcow2")
+
+BITMAP = "bf-dirty"
+GRANULARITY = 65536
+MAX_CAPACITY = 1 << 50  # 1 PiB
+
+
+def check_capacity(capacity: int, field_name: str = "capacity") -> int:
+    if capacity <= 0:
+        raise InvalidArgument(f"{field_name}: must be positive, got {capacity}", field=field_name)
+    if capacity > MAX_CAPACITY:
+        raise OutOfRange(f"{field_name}: {capacity} exceeds the limit of {MAX_CAPACITY} bytes", field=field_name)
+    if capacity % 512:
+        raise InvalidArgument(f"{field_name}: must be a multiple of 512, got {capacity}", field=field_name)
+    return capacity
+
+
+def _disk_usage(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+class Qcow2Pool(VolumeDriver):
+    def __init__(self, pool_uuid: str, root: str, *, run_dir: str, allowed_roots: list[str],
+                 lookup: Callable[[str], "Qcow2Pool"] | None = None):
+        self.pool_uuid = check_uuid(pool_uuid, "pool_uuid")
+        self.lookup = lookup or (lambda pool: self)  # other pools, for clones across pools
+        self.root = os.path.realpath(root)
+        self.base = os.path.join(self.root, f"pool-{self.pool_uuid}")
+        self.run_dir = run_dir
+        self.allowed_roots = allowed_roots
+        self._locks: dict[str, threading.RLock] = defaultdict(threading.RLock)
+        self._locks_guard = threading.Lock()
+        for sub in ("volume", "snapshot", "meta"):
+            os.makedirs(os.path.join(self.base, sub), mode=0o750, exist_ok=True)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of operations a crash interrupted (a half-made
+        copy or layer) never became visible; remove them."""
+        for sub in ("volume", "snapshot"):
+            for dirpath, _, files in os.walk(os.path.join(self.base, sub)):
+                for f in files:
+                    if f.startswith(".") and (f.endswith(".copy") or f.endswith(".new")):
+                        log.warning("removing leftover of an interrupted operation",
+                                    extra={"path": os.path.join(dirpath, f)})
+                        os.unlink(os.path.join(dirpath, f))
+
+    # ---- paths ----
+
+    def head_path(self, vol: str) -> str:
+        return os.path.join(self.base, "volume", vol)
+
+    def snap_dir(self, vol: str) -> str:
+        return os.path.join(self.base, "snapshot", vol)
+
+    def snap_path(self, vol: str, snap: str) -> str:
+        return os.path.join(self.snap_dir(vol), snap)
+
+    def meta_path(self, vol: str) -> str:
+        return os.path.join(self.base, "meta", f"{vol}.json")
+
+    @contextmanager
+    def _locked(self, vol: str):
+        with self._locks_guard:
+            lock = self._locks[vol]
+        with lock:
+            yield
+
+    def _meta(self, vol: str) -> VolMeta:
+        vol = check_uuid(vol, "volume_uuid")
+        try:
+            return load(self.meta_path(vol))
+        except FileNotFoundError:
+            raise NotFound(f"volume_uuid: no volume {vol} in pool {self.pool_uuid}", field="volume_uuid") from None
+
+    def _save(self, meta: VolMeta) -> None:
+        save(self.meta_path(meta.uuid), meta)
+
+    def _snap(self, meta: VolMeta, snap: str) -> SnapMeta:
+        snap = check_uuid(snap, "snapshot_uuid")
+        s = meta.snapshot(snap)
+        if s is None:
+            raise NotFound(f"snapshot_uuid: no snapshot {snap} on volume {meta.uuid}", field="snapshot_uuid")
+        return s
+
+    def layer_path(self, meta: VolMeta, snap: str | None) -> str:
+        """The file whose chain shows a snapshot (or the live state for None)."""
+        return self.head_path(meta.uuid) if snap is None else self.snap_path(meta.uuid, snap)
+
+    def _backing_of(self, meta: VolMeta, snap: str | None) -> tuple[str | None, str]:
+        """(file, format) a layer sitting on snapshot `snap` (None: the bottom) has as backing."""
+        if snap is not None:
+            return self.snap_path(meta.uuid, snap), "qcow2"
+        if meta.parent_file:
+            return meta.parent_file, "qcow2"
+        if meta.base_file:
+            return meta.base_file, meta.base_format or "raw"
+        return None, "qcow2"
+
+    # ---- layers and bitmaps ----
+
+    def _new_layer(self, path: str, capacity: int, backing: str | None, backing_format: str) -> None:
+        """Create a qcow2 layer with an enabled dirty bitmap, atomically at path."""
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.new")
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        qemu_img.create(tmp, capacity, backing=backing, backing_format=backing_format)
+        qemu_img.bitmap(tmp, "add", BITMAP)
+        os.rename(tmp, path)
+
+    def _freeze_tracking(self, path: str) -> str:
+        """Disable a layer's bitmap as it becomes a snapshot; an inconsistent
+        or missing bitmap is removed and the layer is marked lost."""
+        bm = qemu_img.info(path).bitmap(BITMAP)
+        if bm is None:
+            return TRACKING_LOST
+        if not bm.consistent:
+            log.warning("dirty bitmap inconsistent (qemu-nbd or qemu was killed?); change tracking lost "
+                        "for this layer", extra={"path": path})
+            qemu_img.bitmap(path, "remove", BITMAP)
+            return TRACKING_LOST
+        qemu_img.bitmap(path, "disable", BITMAP)
+        return TRACKING_OK
+
+    def _head_tracking(self, meta: VolMeta) -> str:
+        if meta.head_tracking != TRACKING_OK:
+            return TRACKING_LOST
+        bm = qemu_img.info(self.head_path(meta.uuid)).bitmap(BITMAP)
+        return TRACKING_OK if bm is not None and bm.consistent else TRACKING_LOST
+
+    # ---- volumes ----
+
+    def create_volume(self, volume_uuid: str, name: str, capacity: int | None,
+                      backing_file: str | None = None) -> VolumeInfo:
+        vol = check_uuid(volume_uuid, "volume_uuid")
+        check_name(name, "name")
+        with self._locked(vol):
+            if os.path.exists(self.meta_path(vol)):
+                raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
+                                    field="volume_uuid")
+            meta = VolMeta(uuid=vol, name=name, created_at=time.time())
+            if backing_file:
+                real = resolve_under_roots(backing_file, self.allowed_roots, "backing_file")
+                if not os.path.isfile(real):
+                    raise NotFound(f"backing_file: {backing_file!r} is not an existing file", field="backing_file")
+                info = qemu_img.info(real)
+                if info.format not in ("qcow2", "raw"):
+                    raise InvalidArgument(f"backing_file: format {info.format!r} is not qcow2 or raw",
+                                          field="backing_file")
+                if capacity is None or capacity == 0:
+                    capacity = info.virtual_size
+                elif capacity < info.virtual_size:
+                    raise InvalidArgument(f"capacity: {capacity} is smaller than backing_file "
+                                          f"({info.virtual_size} bytes)", field="capacity")
+                meta.base_file, meta.base_format = real, info.format
+            elif capacity is None:
+                raise InvalidArgument("capacity: required when no backing_file is given", field="capacity")
+            check_capacity(capacity)
+            backing, fmt = self._backing_of(meta, None)
+            self._new_layer(self.head_path(vol), capacity, backing, fmt)
+            self._save(meta)
+            log.info("volume created", extra={"pool": self.pool_uuid, "volume": vol, "capacity": capacity})
+            return self._info(meta)
+
+    def _dependents(self, meta: VolMeta) -> list[str]:
+        """Linked clones of the volume's snapshots, as "pool/volume"."""
+        return [c for s in meta.snapshots for c in s.clones]
+
+    def delete_volume(self, volume_uuid: str, force: bool = False) -> None:
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            clones = self._dependents(meta)
+            if clones and not force:
+                raise HasDependents(f"volume_uuid: volume {meta.uuid} has linked clones "
+                                    f"{', '.join(c.split('/')[1] for c in clones)}; "
+                                    "flatten or delete them first, or delete with force (which flattens them)",
+                                    field="volume_uuid")
+            if meta.snapshots and not force:
+                names = ", ".join(f"{s.name} ({s.uuid})" for s in meta.snapshots)
+                raise HasDependents(f"volume_uuid: volume {meta.uuid} has snapshots {names}; delete them "
+                                    "first, or delete with force", field="volume_uuid")
+            qemu_img.ensure_not_in_use(self.head_path(meta.uuid))
+        for clone in clones:  # force: keep the clones alive on their own
+            pool, vol = clone.split("/")
+            self.lookup(pool).flatten(vol)
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            if meta.parent_volume:
+                self._forget_clone(meta)
+            for path in [self.head_path(meta.uuid)] + [self.snap_path(meta.uuid, s.uuid) for s in meta.snapshots]:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            try:
+                os.rmdir(self.snap_dir(meta.uuid))
+            except FileNotFoundError:
+                pass
+            os.unlink(self.meta_path(meta.uuid))
+            log.info("volume deleted", extra={"pool": self.pool_uuid, "volume": meta.uuid, "force": force})
+
+    def _forget_clone(self, meta: VolMeta) -> None:
+        """Remove a linked clone from its origin snapshot's clone list."""
+        origin_pool = self.lookup(meta.parent_pool or self.pool_uuid)
+        key = f"{self.pool_uuid}/{meta.uuid}"
+        with origin_pool._locked(meta.parent_volume):
+            try:
+                origin = origin_pool._meta(meta.parent_volume)
+            except NotFound:
+                return
+            snap = origin.snapshot(meta.parent_snapshot)
+            if snap and key in snap.clones:
+                snap.clones.remove(key)
+                origin_pool._save(origin)
+
+    def volume_info(self, volume_uuid: str) -> VolumeInfo:
+        return self._info(self._meta(volume_uuid))
+
+    def _info(self, meta: VolMeta) -> VolumeInfo:
+        head = self.head_path(meta.uuid)
+        info = qemu_img.info(head)
+        used = sum(e.length for e in qemu_img.map_image(head) if e.present and e.data)
+        snap_bytes = sum(_disk_usage(self.snap_path(meta.uuid, s.uuid)) for s in meta.snapshots)
+        return VolumeInfo(
+            uuid=meta.uuid, name=meta.name, pool_uuid=self.pool_uuid, capacity=info.virtual_size, used=used,
+            snapshot_bytes=snap_bytes, access_path=head, created_at=meta.created_at,
+            parent_volume=meta.parent_volume, parent_snapshot=meta.parent_snapshot,
+            children=tuple(c.split("/")[1] for c in self._dependents(meta)), format="qcow2",
+            tracking=self._head_tracking(meta))
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        out = []
+        for f in sorted(os.listdir(os.path.join(self.base, "meta"))):
+            if f.endswith(".json"):
+                try:
+                    out.append(self.volume_info(f[:-5]))
+                except (NotFound, InvalidArgument):
+                    continue
+        return out
+
+    def resize_volume(self, volume_uuid: str, capacity: int) -> VolumeInfo:
+        check_capacity(capacity)
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            current = qemu_img.info(self.head_path(meta.uuid)).virtual_size
+            if capacity < current:
+                raise InvalidArgument(f"capacity: shrinking from {current} to {capacity} bytes would lose "
+                                      "data; only growing is supported", field="capacity")
+            if capacity > current:
+                qemu_img.resize(self.head_path(meta.uuid), capacity)
+            return self._info(meta)
+
+    # ---- snapshots ----
+
+    def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str,
+                        description: str = "") -> SnapshotInfo:
+        snap = check_uuid(snapshot_uuid, "snapshot_uuid")
+        check_name(name, "snapshot_name")
+        if len(description) > 1024:
+            raise InvalidArgument("desc: at most 1024 characters", field="desc")
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            if meta.snapshot(snap):
+                raise AlreadyExists(f"snapshot_uuid: snapshot {snap} exists", field="snapshot_uuid")
+            if any(s.name == name for s in meta.snapshots):
+                raise AlreadyExists(f"snapshot_name: volume {meta.uuid} has a snapshot named {name!r}",
+                                    field="snapshot_name")
+            head = self.head_path(meta.uuid)
+            qemu_img.ensure_not_in_use(head)
+            capacity = qemu_img.info(head).virtual_size
+            tracking = self._freeze_tracking(head)
+            if meta.head_tracking != TRACKING_OK:
+                tracking = TRACKING_LOST
+            os.makedirs(self.snap_dir(meta.uuid), mode=0o750, exist_ok=True)
+            layer = self.snap_path(meta.uuid, snap)
+            os.rename(head, layer)
+            try:
+                self._new_layer(head, capacity, layer, "qcow2")
+            except Exception:
+                os.rename(layer, head)  # put the live state back as it was
+                raise
+            s = SnapMeta(uuid=snap, name=name, description=description, created_at=time.time(),
+                         parent=meta.head_parent, tracking=tracking)
+            meta.snapshots.append(s)
+            meta.head_parent = snap
+            meta.head_tracking = TRACKING_OK
+            self._save(meta)
+            log.info("snapshot created", extra={"volume": meta.uuid, "snapshot": snap, "tracking": tracking})
+            return self._snap_info(meta, s)
+
+    def _snap_info(self, meta: VolMeta, s: SnapMeta) -> SnapshotInfo:
+        children = [c.uuid for c in meta.children_of(s.uuid)]
+        if meta.head_parent == s.uuid:
+            children.append(HEAD)
+        return SnapshotInfo(uuid=s.uuid, name=s.name, volume_uuid=meta.uuid, description=s.description,
+                            created_at=s.created_at, size=_disk_usage(self.snap_path(meta.uuid, s.uuid)),
+                            parent=s.parent, children=tuple(children),
+                            clones=tuple(c.split("/")[1] for c in s.clones), tracking=s.tracking)
+
+    def delete_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> None:
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            s = self._snap(meta, snapshot_uuid)
+            if s.clones:
+                raise HasDependents(f"snapshot_uuid: snapshot {s.name} ({s.uuid}) has linked clones "
+                                    f"{', '.join(c.split('/')[1] for c in s.clones)}; flatten or delete them "
+                                    "first", field="snapshot_uuid")
+            layer = self.snap_path(meta.uuid, s.uuid)
+            new_backing, new_fmt = self._backing_of(meta, s.parent)
+            children = [(c, self.snap_path(meta.uuid, c.uuid)) for c in meta.children_of(s.uuid)]
+            if meta.head_parent == s.uuid:
+                children.append((None, self.head_path(meta.uuid)))
+            for _, path in children:
+                qemu_img.ensure_not_in_use(path)
+            for child, path in children:
+                # Copy in what the child still needs from the layer going away.
+                qemu_img.rebase(path, new_backing, backing_format=new_fmt)
+                child_ok = (child.tracking if child else meta.head_tracking) == TRACKING_OK
+                if child_ok and s.tracking == TRACKING_OK:
+                    # changes since the new parent = the deleted layer's + the child's
+                    qemu_img.bitmap(path, "merge", BITMAP, source_file=layer, source=BITMAP)
+                elif child:
+                    child.tracking = TRACKING_LOST
+                else:
+                    meta.head_tracking = TRACKING_LOST
+                if child:
+                    child.parent = s.parent
+            if meta.head_parent == s.uuid:
+                meta.head_parent = s.parent
+            meta.snapshots.remove(s)
+            self._save(meta)
+            os.unlink(layer)
+            log.info("snapshot deleted", extra={"volume": meta.uuid, "snapshot": s.uuid,
+                                                "rebased": len(children)})
+
+    def rollback_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> VolumeInfo:
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            s = self._snap(meta, snapshot_uuid)
+            head = self.head_path(meta.uuid)
+            qemu_img.ensure_not_in_use(head)
+            capacity = qemu_img.info(head).virtual_size
+            self._new_layer(head, capacity, self.snap_path(meta.uuid, s.uuid), "qcow2")
+            meta.head_parent = s.uuid
+            meta.head_tracking = TRACKING_OK
+            self._save(meta)
+            log.info("rolled back", extra={"volume": meta.uuid, "snapshot": s.uuid})
+            return self._info(meta)
+
+    def list_snapshots(self, volume_uuid: str) -> list[SnapshotInfo]:
+        meta = self._meta(volume_uuid)
+        return [self._snap_info(meta, s) for s in sorted(meta.snapshots, key=lambda s: s.created_at)]
+
+    def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo:
+        meta = self._meta(volume_uuid)
+        return self._snap_info(meta, self._snap(meta, snapshot_uuid))
+
+    def snapshot_tree(self, volume_uuid: str) -> SnapshotTree:
+        meta = self._meta(volume_uuid)
+        names = {s.uuid: s.name for s in meta.snapshots}
+        ordered = sorted(meta.snapshots, key=lambda s: s.created_at)
+        parents = {s.name: names.get(s.parent, "") for s in ordered}
+        parents[HEAD] = names.get(meta.head_parent, "")
+        children: dict[str, list[str]] = {}
+        for node, parent in parents.items():
+            children.setdefault(parent, []).append(node)
+        roots = [s.name for s in ordered if s.parent is None]
+        return SnapshotTree(parents=parents, children=children, root=roots[0] if roots else "")
+
+    # ---- extents ----
+
+    def data_extents(self, volume_uuid: str, snapshot_uuid: str | None) -> list[AllocExtent]:
+        meta = self._meta(volume_uuid)
+        if snapshot_uuid:
+            self._snap(meta, snapshot_uuid)
+        with QemuNbd(self.layer_path(meta, snapshot_uuid), readonly=True, run_dir=self.run_dir) as srv:
+            with srv.connect() as c:
+                return c.allocation()
+
+    def _path_to(self, meta: VolMeta, snap: str, since: str | None) -> list[SnapMeta]:
+        """Snapshot layers on the tree path (since, snap], newest first."""
+        path, cur = [], self._snap(meta, snap)
+        while True:
+            path.append(cur)
+            if cur.parent == since:
+                return path
+            if cur.parent is None:
+                raise FailedPrecondition(f"since_snapshot_uuid: snapshot {since} is not an ancestor of "
+                                         f"snapshot {snap}", field="since_snapshot_uuid")
+            cur = meta.snapshot(cur.parent)
+
+    def changed_extents(self, volume_uuid: str, snapshot_uuid: str,
+                        since_snapshot_uuid: str | None) -> ChangedExtents:
+        meta = self._meta(volume_uuid)
+        self._snap(meta, snapshot_uuid)
+        if since_snapshot_uuid is None:
+            data = [Extent(e.start, e.length) for e in self.data_extents(volume_uuid, snapshot_uuid)
+                    if not e.zero]
+            return ChangedExtents(data, exact=True, granularity=GRANULARITY)
+        since = self._snap(meta, since_snapshot_uuid).uuid
+        layers = self._path_to(meta, snapshot_uuid, since)
+        lost = [s for s in layers if s.tracking != TRACKING_OK]
+        if lost:
+            raise TrackingLost(f"snapshot_uuid: change tracking was lost for snapshot "
+                               f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)}; take a full backup",
+                               field="snapshot_uuid")
+        dirty: list[Extent] = []
+        for s in layers:
+            path = self.snap_path(meta.uuid, s.uuid)
+            bm = qemu_img.info(path).bitmap(BITMAP)
+            if bm is None or not bm.consistent:
+                raise TrackingLost(f"snapshot_uuid: the dirty bitmap of snapshot {s.name} ({s.uuid}) is "
+                                   "missing or inconsistent; take a full backup", field="snapshot_uuid")
+            with QemuNbd(path, readonly=True, bitmap=BITMAP, run_dir=self.run_dir) as srv:
+                with srv.connect(bitmap_context=True) as c:
+                    dirty.extend(c.dirty(BITMAP))
+        return ChangedExtents(merge_extents(dirty), exact=True, granularity=GRANULARITY)
+
+    # ---- clones ----
+
+    def linked_clone(self, source: "Qcow2Pool", source_volume: str, snapshot_uuid: str, volume_uuid: str,
+                     name: str) -> VolumeInfo:
+        """A new volume in this pool on top of a snapshot of source (constant time)."""
+        vol = check_uuid(volume_uuid, "clone_volume_uuid")
+        check_name(name, "clone_dst_vol_name")
+        with source._locked(source_volume):
+            origin = source._meta(source_volume)
+            s = source._snap(origin, snapshot_uuid)
+            layer = source.snap_path(origin.uuid, s.uuid)
+            with self._locked(vol):
+                if os.path.exists(self.meta_path(vol)):
+                    raise AlreadyExists(f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
+                                        field="clone_volume_uuid")
+                capacity = qemu_img.info(layer).virtual_size
+                meta = VolMeta(uuid=vol, name=name, created_at=time.time(), parent_volume=origin.uuid,
+                               parent_pool=source.pool_uuid, parent_snapshot=s.uuid, parent_file=layer)
+                self._new_layer(self.head_path(vol), capacity, layer, "qcow2")
+                self._save(meta)
+            s.clones.append(f"{self.pool_uuid}/{vol}")
+            source._save(origin)
+            log.info("linked clone created", extra={"volume": vol, "origin": origin.uuid, "snapshot": s.uuid})
+            return self._info(meta)
+
+    def flatten(self, volume_uuid: str, *, on_percent=None, checkpoint=None) -> VolumeInfo:
+        """Make a linked clone independent of its origin snapshot."""
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            if not meta.parent_file:
+                raise FailedPrecondition(f"volume_uuid: volume {meta.uuid} is not a linked clone",
+                                         field="volume_uuid")
+            # The bottom layer of the clone is the one backed by the origin.
+            roots = meta.children_of(None)
+            bottom = self.snap_path(meta.uuid, roots[0].uuid) if roots else self.head_path(meta.uuid)
+            qemu_img.ensure_not_in_use(bottom)
+            qemu_img.rebase(bottom, None, on_percent=on_percent, checkpoint=checkpoint)
+            self._forget_clone(meta)
+            meta.parent_volume = meta.parent_pool = meta.parent_snapshot = meta.parent_file = None
+            self._save(meta)
+            log.info("clone flattened", extra={"volume": meta.uuid})
+            return self._info(meta)
+
+    def new_volume_for_copy(self, volume_uuid: str, name: str, capacity: int,
+                            job_id: str = "copy") -> tuple[str, Callable, Callable]:
+        """Reserve a volume for a full copy: returns (temporary head path,
+        commit(), abort()). Until commit the volume does not exist."""
+        vol = check_uuid(volume_uuid, "volume_uuid")
+        check_name(name, "name")
+        check_capacity(capacity)
+        with self._locked(vol):
+            if os.path.exists(self.meta_path(vol)) or os.path.exists(self.head_path(vol)):
+                raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
+                                    field="volume_uuid")
+        tag = hashlib.sha256(job_id.encode()).hexdigest()[:12]
+        tmp = os.path.join(self.base, "volume", f".{vol}.{tag}.copy")
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        qemu_img.create(tmp, capacity)
+
+        def commit() -> VolumeInfo:
+            with self._locked(vol):
+                if os.path.exists(self.meta_path(vol)):
+                    raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
+                                        field="volume_uuid")
+                qemu_img.bitmap(tmp, "add", BITMAP)
+                os.rename(tmp, self.head_path(vol))
+                meta = VolMeta(uuid=vol, name=name, created_at=time.time())
+                self._save(meta)
+                return self._info(meta)
+
+        def abort() -> None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+        return tmp, commit, abort
+
+
+def merge_extents(extents: list[Extent]) -> list[Extent]:
+    out: list[Extent] = []
+    for e in sorted(extents, key=lambda e: e.start):
+        if out and e.start <= out[-1].end:
+            end = max(out[-1].end, e.end)
+            out[-1] = Extent(out[-1].start, end - out[-1].start)
+        else:
+            out.append(e)
+    return out

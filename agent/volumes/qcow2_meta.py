@@ -1,0 +1,83 @@
+"""Metadata of a qcow2 volume: its snapshot tree, clones and tracking state.
+
+Kept as one JSON file per volume, replaced atomically (write to a temporary
+file, fsync, rename, fsync the directory), so a crash leaves either the old or
+the new version.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from agent.errors import StorageIOError
+
+META_VERSION = 1
+TRACKING_OK = "ok"
+TRACKING_LOST = "lost"
+
+
+@dataclass
+class SnapMeta:
+    uuid: str
+    name: str
+    description: str
+    created_at: float
+    parent: str | None
+    tracking: str = TRACKING_OK  # whether this layer's dirty bitmap is complete
+    clones: list[str] = field(default_factory=list)  # linked clone volume uuids
+
+
+@dataclass
+class VolMeta:
+    uuid: str
+    name: str
+    created_at: float
+    head_parent: str | None = None  # the snapshot the live state grows from
+    head_tracking: str = TRACKING_OK
+    snapshots: list[SnapMeta] = field(default_factory=list)
+    base_file: str | None = None  # adopted external image the volume is an overlay on
+    base_format: str | None = None
+    parent_volume: str | None = None  # linked clone: origin volume, pool and snapshot
+    parent_pool: str | None = None
+    parent_snapshot: str | None = None
+    parent_file: str | None = None  # the origin snapshot's file
+    version: int = META_VERSION
+
+    def snapshot(self, uuid: str) -> SnapMeta | None:
+        return next((s for s in self.snapshots if s.uuid == uuid), None)
+
+    def children_of(self, uuid: str | None) -> list[SnapMeta]:
+        return [s for s in self.snapshots if s.parent == uuid]
+
+
+def load(path: str) -> VolMeta:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise StorageIOError(f"volume metadata {path} is unreadable: {e}") from None
+    if d.get("version", 0) > META_VERSION:
+        raise StorageIOError(f"volume metadata {path} has version {d['version']}, newer than this agent")
+    snaps = [SnapMeta(**s) for s in d.pop("snapshots", [])]
+    return VolMeta(snapshots=snaps, **d)
+
+
+def save(path: str, meta: VolMeta) -> None:
+    tmp = f"{path}.tmp"
+    data = json.dumps(dataclasses.asdict(meta), indent=1, sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
