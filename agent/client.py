@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from agent.api.v1 import host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from agent.api.v1 import host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc, volumes_pb2, volumes_pb2_grpc
 
 DEFAULT_SOCKET = "/run/blockferry/agent.sock"
 
@@ -42,6 +42,7 @@ class AgentClient:
         self.metadata = [("authorization", f"Bearer {target.token}")] if target.token else None
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.host = host_pb2_grpc.HostServiceStub(self.channel)
+        self.volumes = volumes_pb2_grpc.VolumeServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -59,6 +60,21 @@ class AgentClient:
         req = jobs_pb2.SubmitJobRequest(job_id=job_id,
                                         checksum=jobs_pb2.ChecksumSpec(path=path, offset=offset, length=length))
         return self.jobs.SubmitJob(req, metadata=self.metadata)
+
+    def submit(self, job_id: str, **spec) -> jobs_pb2.Job:
+        """submit("id", clone=jobs_pb2.CloneSpec(...)) and the like."""
+        return self.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(job_id=job_id, **spec), metadata=self.metadata)
+
+    def run(self, job_id: str, **spec) -> jobs_pb2.Job:
+        """Submit and wait for a final state."""
+        self.submit(job_id, **spec)
+        job = None
+        for job in self.watch(job_id):
+            pass
+        return job
+
+    def volume_call(self, method: str, request):
+        return getattr(self.volumes, method)(request, metadata=self.metadata)
 
     def get(self, job_id: str) -> jobs_pb2.Job:
         return self.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata)

@@ -1,12 +1,14 @@
 """The one helper that starts external processes (qemu-img, qemu-nbd, ...).
 
-Every command gets a timeout, is logged with secrets masked, and its
-children are tracked by PID so none outlives the agent: each is started with
-PR_SET_PDEATHSIG=SIGTERM, and `stop_all()` stops the rest at shutdown.
+Every command gets a timeout and is logged with secrets masked. Long-running
+children are tracked by PID so none outlives the agent: each is started
+through `setpriv --pdeathsig TERM` (util-linux), so the kernel stops it if the
+agent dies, and `stop_all()` stops the rest at shutdown. (A preexec_fn calling
+prctl would do the same, but code between fork and exec in a threaded process
+is unsafe; it crashed children here.)
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -18,16 +20,12 @@ from agent.errors import StorageIOError
 
 log = logging.getLogger("agent.procs")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM", "--"]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _mask(argv: list[str], secrets: tuple[str, ...]) -> str:
-    text = " ".join(argv)
+def _mask(text: str | list[str], secrets: tuple[str, ...]) -> str:
+    if not isinstance(text, str):
+        text = " ".join(text)
     for s in secrets:
         if s:
             text = text.replace(s, "********")
@@ -52,8 +50,7 @@ def run(argv: list[str], *, timeout: float, secrets: tuple[str, ...] = (), check
     shown = _mask(argv, secrets)
     log.debug("run", extra={"cmd": shown})
     try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                            preexec_fn=_die_with_parent)
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise CommandFailed(f"{what or argv[0]}: timed out after {timeout:.0f}s") from None
     except FileNotFoundError:
@@ -113,9 +110,9 @@ class Child:
                  stdout: bool = False):
         self.name = name or os.path.basename(argv[0])
         self.shown = _mask(argv, secrets)
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(DIE_WITH_PARENT + argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+                                     stderr=subprocess.PIPE)
         with Child._lock:
             Child._live[self.proc.pid] = self
         log.debug("started", extra={"cmd": self.shown, "pid": self.proc.pid})

@@ -70,7 +70,7 @@ class Agent:
 
         cfg = self.cfg
         pools = PoolRegistry(cfg)
-        kinds = [ChecksumKind(pools.allowed_roots), CloneKind(pools), FlattenKind(pools)]
+        kinds = [ChecksumKind(pools.allowed_roots, pools), CloneKind(pools), FlattenKind(pools)]
         engine = JobEngine(
             os.path.join(cfg.agent.state_dir, "jobs.sqlite3"), kinds,
             max_concurrent=cfg.jobs.max_concurrent, bandwidth_limit=cfg.jobs.bandwidth_limit,

@@ -24,6 +24,8 @@ class AgentProcess:
     socket: Path
     roots: list[Path]
     log: Path
+    pool_uuid: str = ""
+    pool_root: Path | None = None
     proc: subprocess.Popen | None = None
     env: dict = field(default_factory=dict)
 
@@ -63,23 +65,34 @@ class AgentProcess:
         return self.log.read_text()
 
 
+POOL_UUID = "0eca2be3-056f-4634-a25b-5cf717e067fb"
+POOL2_UUID = "f0dc0363-5e70-419a-95ad-2c49c14d70c1"
+
+
 def write_config(workdir: Path, extra: str = "", roots: list[Path] | None = None) -> AgentProcess:
     roots = roots or [workdir / "root"]
     for r in roots:
         r.mkdir(parents=True, exist_ok=True)
     sock = workdir / "agent.sock"
     cfg = workdir / "agent.toml"
-    # A short path keeps the unix socket under the 108-byte limit.
+    # Short paths keep unix sockets under the 108-byte limit. The pool
+    # sections come last so `extra` can still add to [grpc] or [jobs].
     cfg.write_text(textwrap.dedent(f"""\
+        [pools.{POOL_UUID}]
+        path = "{workdir}/pool"
+        [pools.{POOL2_UUID}]
+        path = "{workdir}/pool2"
         [agent]
         state_dir = "{workdir}/state"
+        run_dir = "{workdir}/run"
         roots = [{", ".join(f'"{r}"' for r in roots)}]
         log_format = "text"
         log_level = "debug"
         [grpc]
         unix_socket = "{sock}"
         """) + textwrap.dedent(extra))
-    return AgentProcess(workdir=workdir, config=cfg, socket=sock, roots=roots, log=workdir / "agent.log")
+    return AgentProcess(workdir=workdir, config=cfg, socket=sock, roots=roots, log=workdir / "agent.log",
+                        pool_uuid=POOL_UUID, pool_root=workdir / "pool")
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ class NbdClient:
             self.h.shutdown()
         except nbd.Error:
             pass
-        self.h.close()
+        # libnbd 1.14 has no close(): the handle is freed with its last reference.
 
     def __enter__(self) -> "NbdClient":
         return self
@@ -240,7 +240,9 @@ class NbdClient:
         self._pool.append(buf)
 
     def pwrite(self, data, offset: int) -> None:
-        self.h.pwrite(data, offset)
+        view = memoryview(data)
+        for pos in range(0, len(view), REQUEST_SIZE):  # servers take at most 32 MiB a request
+            self.h.pwrite(view[pos:pos + REQUEST_SIZE], offset + pos)
 
     def zero(self, length: int, offset: int, *, punch_hole: bool = True) -> None:
         pos = offset

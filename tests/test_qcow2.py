@@ -1,0 +1,426 @@
+"""qcow2 volumes through a real agent, with real qemu-img, qemu-nbd and libnbd."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent import native
+from agent.api.v1 import jobs_pb2, volumes_pb2 as v
+from agent.volumes.nbd import NbdClient, QemuNbd
+from conftest import POOL2_UUID, POOL_UUID
+
+MiB = 1 << 20
+CAP = 64 * MiB
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def ref_digest_of(path: str, tmp: Path) -> str:
+    """Independent check: qemu-img converts to raw, the pure-Python reference hashes it."""
+    raw = tmp / f"ref-{uuid.uuid4().hex}.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", path, str(raw)], check=True)
+    r = native.RefImageHash()
+    r.update(raw.read_bytes())
+    raw.unlink()
+    return r.digest().hex()
+
+
+def write(path: str, writes: dict[int, bytes], run_dir: Path, zeros: dict[int, int] | None = None) -> None:
+    """Write through a real writable qemu-nbd, as a VM's writes would land."""
+    with QemuNbd(path, readonly=False, run_dir=str(run_dir)) as srv:
+        with NbdClient(srv.socket) as c:
+            for off, data in writes.items():
+                c.pwrite(data, off)
+            for off, length in (zeros or {}).items():
+                c.zero(length, off)
+            c.flush()
+
+
+class Vol:
+    """Small helper around the VolumeService for one agent."""
+
+    def __init__(self, agent, client):
+        self.agent = agent
+        self.c = client
+        self.run_dir = agent.workdir / "testrun"
+        self.run_dir.mkdir(exist_ok=True)
+
+    def call(self, method, **kw):
+        req_type = {"CreateVolume": v.CreateVolumeRequest, "DeleteVolume": v.DeleteVolumeRequest,
+                    "GetVolume": v.VolumeRef, "ListVolumes": v.ListVolumesRequest,
+                    "ResizeVolume": v.ResizeVolumeRequest, "CreateSnapshot": v.CreateSnapshotRequest,
+                    "DeleteSnapshot": v.SnapshotRef, "RollbackSnapshot": v.SnapshotRef,
+                    "ListSnapshots": v.VolumeRef, "GetSnapshotTree": v.VolumeRef,
+                    "GetExtents": v.GetExtentsRequest, "GetChangedExtents": v.GetChangedExtentsRequest}[method]
+        kw.setdefault("pool_uuid", POOL_UUID)
+        return self.c.volume_call(method, req_type(**kw))
+
+    def create(self, capacity=CAP, name="vol", **kw):
+        vid = kw.pop("volume_uuid", new_id())
+        return self.call("CreateVolume", volume_uuid=vid, name=name, capacity=capacity, **kw)
+
+    def snap(self, vol, name):
+        return self.call("CreateSnapshot", volume_uuid=vol, snapshot_uuid=new_id(), name=name)
+
+    def head(self, vol, pool=POOL_UUID) -> str:
+        return self.call("GetVolume", volume_uuid=vol, pool_uuid=pool).access_path
+
+    def layer(self, vol, snap) -> str:
+        return str(self.agent.pool_root / f"pool-{POOL_UUID}" / "snapshot" / vol / snap)
+
+    def write(self, vol, writes, zeros=None, pool=POOL_UUID):
+        write(self.head(vol, pool), writes, self.run_dir, zeros)
+
+    def digest(self, vol, snap="", pool=POOL_UUID) -> str:
+        job = self.c.run(f"sum-{new_id()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool, volume_uuid=vol,
+                                                                             snapshot_uuid=snap))
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+        return job.checksum_result.image_digest
+
+    def changed(self, vol, snap, since=""):
+        r = self.call("GetChangedExtents", volume_uuid=vol, snapshot_uuid=snap, since_snapshot_uuid=since)
+        return [(e.start, e.length) for e in r.extents]
+
+
+@pytest.fixture
+def vol(agent):
+    with agent.client() as c:
+        yield Vol(agent, c)
+
+
+def rpc_error(fn, *a, **kw) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        fn(*a, **kw)
+    return e.value
+
+
+def no_qemu_nbd_left(workdir: Path) -> bool:
+    out = subprocess.run(["pgrep", "-af", "qemu-nbd"], capture_output=True, text=True).stdout
+    return str(workdir) not in out
+
+
+def test_create_info_delete(vol, agent):
+    info = vol.create(name="disk-1")
+    assert info.capacity == CAP and info.format == "qcow2" and info.tracking == "ok"
+    assert info.access_path == str(agent.pool_root / f"pool-{POOL_UUID}" / "volume" / info.uuid)
+    out = subprocess.run(["qemu-img", "info", "-U", info.access_path], capture_output=True, text=True).stdout
+    assert "qcow2" in out and "bf-dirty" in out
+    vol.write(info.uuid, {0: b"a" * MiB})
+    assert vol.call("GetVolume", volume_uuid=info.uuid).used == MiB
+    assert [x.uuid for x in vol.call("ListVolumes").volumes] == [info.uuid]
+    e = rpc_error(vol.create, volume_uuid=info.uuid)
+    assert e.code() == grpc.StatusCode.ALREADY_EXISTS and "volume_uuid" in e.details()
+    vol.call("DeleteVolume", volume_uuid=info.uuid)
+    assert not Path(info.access_path).exists()
+    e = rpc_error(vol.call, "GetVolume", volume_uuid=info.uuid)
+    assert e.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_adopt_backing_file(vol, agent):
+    raw = agent.roots[0] / "base.raw"
+    data = os.urandom(MiB)
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(3 * MiB)
+        f.write(data)
+    info = vol.create(capacity=0, backing_file=str(raw))
+    assert info.capacity == 8 * MiB  # detected
+    r = native.RefImageHash()
+    r.update(raw.read_bytes())
+    assert vol.digest(info.uuid) == r.digest().hex()
+    bigger = vol.create(capacity=16 * MiB, backing_file=str(raw))
+    assert bigger.capacity == 16 * MiB
+    e = rpc_error(vol.create, capacity=MiB, backing_file=str(raw))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "capacity" in e.details()
+    e = rpc_error(vol.create, capacity=0, backing_file="/etc/hostname")
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "backing_file" in e.details()
+    e = rpc_error(vol.create, capacity=0)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "capacity" in e.details()
+
+
+def test_snapshots_rollback_and_tree(vol, tmp_path):
+    vid = vol.create().uuid
+    vol.write(vid, {0: os.urandom(MiB), 10 * MiB: b"A" * 4096})
+    s1 = vol.snap(vid, "s1")
+    assert s1.children == ["head"] and s1.parent == "" and s1.tracking == "ok"
+    vol.write(vid, {MiB: os.urandom(2 * MiB)}, zeros={10 * MiB: 65536})
+    s2 = vol.snap(vid, "s2")
+    vol.write(vid, {40 * MiB: os.urandom(MiB)})
+    d1, d2, dh = vol.digest(vid, s1.uuid), vol.digest(vid, s2.uuid), vol.digest(vid)
+    assert len({d1, d2, dh}) == 3
+    assert d1 == ref_digest_of(vol.layer(vid, s1.uuid), tmp_path)
+    assert d2 == ref_digest_of(vol.layer(vid, s2.uuid), tmp_path)
+    assert dh == ref_digest_of(vol.head(vid), tmp_path)
+
+    vol.call("RollbackSnapshot", volume_uuid=vid, snapshot_uuid=s1.uuid)
+    assert vol.digest(vid) == d1  # exactly the snapshot's content
+    assert vol.digest(vid, s2.uuid) == d2  # the later snapshot survives, on another branch
+    tree = vol.call("GetSnapshotTree", volume_uuid=vid)
+    assert dict(tree.parents) == {"s1": "", "s2": "s1", "head": "s1"}
+    assert {k: list(x.names) for k, x in tree.children.items()} == {"": ["s1"], "s1": ["s2", "head"]}
+    assert tree.root == "s1"
+    s3 = vol.snap(vid, "s3")
+    tree = vol.call("GetSnapshotTree", volume_uuid=vid)
+    assert dict(tree.parents) == {"s1": "", "s2": "s1", "s3": "s1", "head": "s3"}
+    snaps = {s.name: s for s in vol.call("ListSnapshots", volume_uuid=vid).snapshots}
+    assert set(snaps) == {"s1", "s2", "s3"}
+    assert set(snaps["s1"].children) == {s2.uuid, s3.uuid}
+    assert snaps["s1"].size > MiB  # the layer holds the first MiB of data
+    e = rpc_error(vol.snap, vid, "s1")
+    assert e.code() == grpc.StatusCode.ALREADY_EXISTS and "snapshot_name" in e.details()
+    info = vol.call("GetVolume", volume_uuid=vid)
+    assert info.snapshot_bytes >= sum(s.size for s in snaps.values())
+
+
+def test_delete_middle_snapshot_keeps_every_other_exact(vol, tmp_path):
+    vid = vol.create().uuid
+    vol.write(vid, {0: os.urandom(2 * MiB)})
+    s1 = vol.snap(vid, "s1")
+    vol.write(vid, {MiB: os.urandom(2 * MiB), 20 * MiB: os.urandom(MiB)})
+    s2 = vol.snap(vid, "s2")
+    vol.write(vid, {20 * MiB + 4096: b"x" * 100})
+    s3 = vol.snap(vid, "s3")
+    vol.write(vid, {60 * MiB: b"head" * 1024})
+    before = {s: vol.digest(vid, s) for s in (s1.uuid, s3.uuid)} | {"head": vol.digest(vid)}
+    vol.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s2.uuid)
+    after = {s: vol.digest(vid, s) for s in (s1.uuid, s3.uuid)} | {"head": vol.digest(vid)}
+    assert after == before
+    assert not Path(vol.layer(vid, s2.uuid)).exists()
+    tree = vol.call("GetSnapshotTree", volume_uuid=vid)
+    assert dict(tree.parents) == {"s1": "", "s3": "s1", "head": "s3"}
+    for layer in (vol.layer(vid, s1.uuid), vol.layer(vid, s3.uuid), vol.head(vid)):
+        assert subprocess.run(["qemu-img", "check", "-U", layer], capture_output=True).returncode == 0
+    # deleting the root snapshot keeps the rest exact too
+    vol.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s1.uuid)
+    assert vol.digest(vid, s3.uuid) == before[s3.uuid] and vol.digest(vid) == before["head"]
+    assert vol.digest(vid, s3.uuid) == ref_digest_of(vol.layer(vid, s3.uuid), tmp_path)
+
+
+G = 65536  # bitmap granularity
+
+
+def test_changed_extents_are_exactly_what_was_written(vol):
+    vid = vol.create().uuid
+    vol.write(vid, {0: os.urandom(4 * MiB)})
+    s1 = vol.snap(vid, "s1")
+    # data, a zero write and a write spanning a granule boundary
+    vol.write(vid, {8 * MiB: b"1" * G, 20 * MiB + G - 10: b"2" * 20}, zeros={30 * MiB: 2 * G})
+    s2 = vol.snap(vid, "s2")
+    assert vol.changed(vid, s2.uuid, s1.uuid) == [(8 * MiB, G), (20 * MiB, 2 * G), (30 * MiB, 2 * G)]
+    vol.write(vid, {50 * MiB: b"3" * 3 * G})
+    s3 = vol.snap(vid, "s3")
+    assert vol.changed(vid, s3.uuid, s2.uuid) == [(50 * MiB, 3 * G)]
+    # across two layers: the union
+    assert vol.changed(vid, s3.uuid, s1.uuid) == [(8 * MiB, G), (20 * MiB, 2 * G), (30 * MiB, 2 * G),
+                                                  (50 * MiB, 3 * G)]
+    # after deleting the middle snapshot, its changes move into its child
+    vol.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s2.uuid)
+    assert vol.changed(vid, s3.uuid, s1.uuid) == [(8 * MiB, G), (20 * MiB, 2 * G), (30 * MiB, 2 * G),
+                                                  (50 * MiB, 3 * G)]
+    # from nothing: every data extent
+    assert vol.changed(vid, s1.uuid) == [(0, 4 * MiB)]
+    # applying the changed extents of s3 onto s1's content reproduces s3
+    e = rpc_error(vol.changed, vid, s1.uuid, s3.uuid)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "not an ancestor" in e.details()
+    extents = vol.call("GetExtents", volume_uuid=vid, snapshot_uuid=s3.uuid).extents
+    data = [(x.start, x.length) for x in extents if not x.zero]
+    assert (0, 4 * MiB) in data and any(s <= 50 * MiB < s + n for s, n in data)
+
+
+def test_killed_qemu_nbd_means_tracking_lost_never_silently_wrong(vol, agent):
+    vid = vol.create().uuid
+    vol.write(vid, {0: os.urandom(MiB)})
+    s1 = vol.snap(vid, "s1")
+    srv = QemuNbd(vol.head(vid), readonly=False, run_dir=str(vol.run_dir)).start()
+    with NbdClient(srv.socket) as c:
+        c.pwrite(b"k" * G, 5 * MiB)
+        c.flush()
+    os.kill(srv.child.pid, signal.SIGKILL)
+    srv.child.proc.wait()
+    srv.stop()
+    s2 = vol.snap(vid, "s2")
+    assert s2.tracking == "lost"
+    e = rpc_error(vol.changed, vid, s2.uuid, s1.uuid)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "CHANGE_TRACKING_LOST" in e.details() and "s2" in e.details()
+    # the data itself is intact, and tracking resumes with the next layer
+    vol.write(vid, {9 * MiB: b"n" * G})
+    s3 = vol.snap(vid, "s3")
+    assert s3.tracking == "ok"
+    assert vol.changed(vid, s3.uuid, s2.uuid) == [(9 * MiB, G)]
+    e = rpc_error(vol.changed, vid, s3.uuid, s1.uuid)  # spans the lost layer
+    assert "CHANGE_TRACKING_LOST" in e.details()
+
+
+def test_linked_clone_dependents_and_flatten(vol, agent):
+    vid = vol.create().uuid
+    vol.write(vid, {0: os.urandom(8 * MiB)})
+    s1 = vol.snap(vid, "base")
+    d1 = vol.digest(vid, s1.uuid)
+    clone_id = new_id()
+    t0 = time.monotonic()
+    job = vol.c.run(f"clone-{clone_id}", clone=jobs_pb2.CloneSpec(
+        pool_uuid=POOL_UUID, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=POOL_UUID,
+        target_volume_uuid=clone_id, target_name="linked", linked=True))
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert time.monotonic() - t0 < 5 and job.clone_result.copied_bytes == 0
+    info = vol.call("GetVolume", volume_uuid=clone_id)
+    assert info.parent_volume == vid and info.parent_snapshot == s1.uuid
+    assert vol.digest(clone_id) == d1
+    origin = vol.call("GetVolume", volume_uuid=vid)
+    assert list(origin.children) == [clone_id]
+    snap = {s.uuid: s for s in vol.call("ListSnapshots", volume_uuid=vid).snapshots}[s1.uuid]
+    assert list(snap.clones) == [clone_id]
+
+    e = rpc_error(vol.call, "DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s1.uuid)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and clone_id in e.details()
+    assert "HAS_DEPENDENTS" in e.details()
+    e = rpc_error(vol.call, "DeleteVolume", volume_uuid=vid)
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and clone_id in e.details()
+
+    vol.write(clone_id, {0: b"clone" * 1000})  # the clone diverges; the origin does not
+    assert vol.digest(vid, s1.uuid) == d1
+    dc = vol.digest(clone_id)
+    job = vol.c.run(f"flatten-{clone_id}", flatten=jobs_pb2.FlattenSpec(pool_uuid=POOL_UUID, volume_uuid=clone_id))
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert job.progress.percent == 100
+    assert vol.digest(clone_id) == dc
+    out = subprocess.run(["qemu-img", "info", "-U", vol.head(clone_id)], capture_output=True, text=True).stdout
+    assert "backing file" not in out
+    assert vol.call("GetVolume", volume_uuid=clone_id).parent_volume == ""
+    vol.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s1.uuid)  # no longer a dependent
+    assert vol.digest(clone_id) == dc
+    e = rpc_error(vol.c.run, "flatten-again", flatten=jobs_pb2.FlattenSpec(pool_uuid=POOL_UUID, volume_uuid=clone_id))
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "not a linked clone" in e.details()
+
+
+def test_force_delete_flattens_clones_in_another_pool(vol):
+    vid = vol.create().uuid
+    vol.write(vid, {0: os.urandom(MiB)})
+    s1 = vol.snap(vid, "base")
+    clone_id = new_id()
+    job = vol.c.run("x-pool-clone", clone=jobs_pb2.CloneSpec(
+        pool_uuid=POOL_UUID, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=POOL2_UUID,
+        target_volume_uuid=clone_id, target_name="other-pool", linked=True))
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    d = vol.digest(clone_id, pool=POOL2_UUID)
+    vol.call("DeleteVolume", volume_uuid=vid, force=True)
+    assert vol.digest(clone_id, pool=POOL2_UUID) == d
+    assert vol.call("GetVolume", volume_uuid=clone_id, pool_uuid=POOL2_UUID).parent_volume == ""
+
+
+def test_full_clone_with_progress(vol, tmp_path):
+    vid = vol.create().uuid
+    vol.write(vid, {0: os.urandom(8 * MiB), 32 * MiB: os.urandom(4 * MiB), 50 * MiB: bytes(MiB)})
+    s1 = vol.snap(vid, "s1")
+    clone_id = new_id()
+    vol.c.submit("full-1", clone=jobs_pb2.CloneSpec(
+        pool_uuid=POOL_UUID, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=POOL2_UUID,
+        target_volume_uuid=clone_id, target_name="full", linked=False))
+    events = list(vol.c.watch("full-1"))
+    job = events[-1]
+    assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert job.progress.percent == 100 and job.progress.bytes_total >= 12 * MiB
+    dones = [e.progress.bytes_done for e in events]
+    assert dones == sorted(dones)
+    info = vol.call("GetVolume", volume_uuid=clone_id, pool_uuid=POOL2_UUID)
+    assert info.parent_volume == "" and info.capacity == CAP
+    assert vol.digest(clone_id, pool=POOL2_UUID) == vol.digest(vid, s1.uuid)
+    cmp = subprocess.run(["qemu-img", "compare", "-U", vol.layer(vid, s1.uuid), info.access_path],
+                         capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stdout
+    out = subprocess.run(["qemu-img", "info", "-U", info.access_path], capture_output=True, text=True).stdout
+    assert "backing file" not in out
+    # zero blocks were not written: the copy holds only the 12 MiB of data
+    assert info.used == 12 * MiB
+    assert no_qemu_nbd_left(vol.agent.workdir)
+
+
+def test_full_clone_cancelled_leaves_nothing(make_agent):
+    a = make_agent(f"[jobs]\nbandwidth_limit = {8 * MiB}\n").start()
+    with a.client() as c:
+        vol = Vol(a, c)
+        vid = vol.create().uuid
+        vol.write(vid, {0: os.urandom(48 * MiB)})
+        s1 = vol.snap(vid, "s1")
+        clone_id = new_id()
+        vol.c.submit("full-cancel", clone=jobs_pb2.CloneSpec(
+            pool_uuid=POOL_UUID, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=POOL_UUID,
+            target_volume_uuid=clone_id, target_name="doomed", linked=False))
+        while c.get("full-cancel").progress.bytes_done < 8 * MiB:
+            time.sleep(0.05)
+        # while it runs, the source is busy for changes
+        e = rpc_error(vol.call, "DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s1.uuid)
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "RESOURCE_BUSY" in e.details()
+        c.cancel("full-cancel")
+        job = list(c.watch("full-cancel"))[-1]
+        assert job.state == jobs_pb2.JOB_STATE_CANCELLED
+        e = rpc_error(vol.call, "GetVolume", volume_uuid=clone_id)
+        assert e.code() == grpc.StatusCode.NOT_FOUND
+        leftovers = [p for p in (a.pool_root / f"pool-{POOL_UUID}" / "volume").iterdir()
+                     if clone_id in p.name]
+        assert leftovers == []
+        assert no_qemu_nbd_left(a.workdir)
+        vol.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s1.uuid)  # free again
+    assert a.stop() == 0
+
+
+@pytest.mark.parametrize("field,kw,code", [
+    ("volume_uuid", dict(volume_uuid="../../etc"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("volume_uuid", dict(volume_uuid="a/b"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("name", dict(name="x/y"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("name", dict(name=".."), grpc.StatusCode.INVALID_ARGUMENT),
+    ("name", dict(name=""), grpc.StatusCode.INVALID_ARGUMENT),
+    ("capacity", dict(capacity=-512), grpc.StatusCode.INVALID_ARGUMENT),
+    ("capacity", dict(capacity=1000), grpc.StatusCode.INVALID_ARGUMENT),
+    ("capacity", dict(capacity=1 << 60), grpc.StatusCode.OUT_OF_RANGE),
+    ("pool_uuid", dict(pool_uuid=str(uuid.UUID(int=1))), grpc.StatusCode.NOT_FOUND),
+    ("pool_uuid", dict(pool_uuid="../pool"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("backing_file", dict(capacity=0, backing_file="/work/../etc/passwd"), grpc.StatusCode.PERMISSION_DENIED),
+])
+def test_bad_volume_input(vol, agent, field, kw, code):
+    e = rpc_error(vol.create, **kw)
+    assert e.code() == code and field in e.details(), e.details()
+    # nothing was created anywhere
+    assert vol.call("ListVolumes").volumes == []
+    assert not list((agent.pool_root / f"pool-{POOL_UUID}" / "volume").iterdir())
+
+
+def test_bad_snapshot_input(vol):
+    vid = vol.create().uuid
+    for name in ("a/b", "..", "head", ""):
+        e = rpc_error(vol.call, "CreateSnapshot", volume_uuid=vid, snapshot_uuid=new_id(), name=name)
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "snapshot_name" in e.details()
+    e = rpc_error(vol.call, "CreateSnapshot", volume_uuid=vid, snapshot_uuid="../x", name="ok")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "snapshot_uuid" in e.details()
+    e = rpc_error(vol.call, "RollbackSnapshot", volume_uuid=vid, snapshot_uuid=new_id())
+    assert e.code() == grpc.StatusCode.NOT_FOUND and "snapshot_uuid" in e.details()
+    assert vol.call("ListSnapshots", volume_uuid=vid).snapshots == []
+
+
+def test_resize_grows_only(vol):
+    vid = vol.create().uuid
+    vol.write(vid, {0: b"keep" * 1024})
+    d = vol.digest(vid)
+    assert vol.call("ResizeVolume", volume_uuid=vid, capacity=2 * CAP).capacity == 2 * CAP
+    e = rpc_error(vol.call, "ResizeVolume", volume_uuid=vid, capacity=CAP)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "capacity" in e.details()
+    assert vol.digest(vid) != d  # longer now, same leading bytes
+    vol.write(vid, {2 * CAP - MiB: b"end" * 100})
+
+
+def test_volume_in_use_by_another_process_is_refused(vol):
+    vid = vol.create().uuid
+    with QemuNbd(vol.head(vid), readonly=False, run_dir=str(vol.run_dir)):
+        e = rpc_error(vol.snap, vid, "while-served")
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "IN_USE" in e.details()
+    assert vol.snap(vid, "after").tracking == "ok"
