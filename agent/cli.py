@@ -122,6 +122,89 @@ def cmd_jobs(client: AgentClient, args) -> int:
     raise AssertionError(args.jobs_cmd)
 
 
+def _vreq(client: AgentClient, method: str, msg):
+    return client.volume_call(method, msg)
+
+
+def _print_msg(msg, args) -> None:
+    print(as_json(msg) if args.json else json_format.MessageToJson(msg, preserving_proto_field_name=True,
+                                                                  indent=2))
+
+
+def cmd_volume(client: AgentClient, args) -> int:
+    from agent.api.v1 import volumes_pb2 as v
+
+    ref = dict(pool_uuid=args.pool)
+    if args.volume_cmd == "create":
+        msg = _vreq(client, "CreateVolume", v.CreateVolumeRequest(
+            **ref, volume_uuid=args.uuid or str(uuid.uuid4()), name=args.name, capacity=args.capacity,
+            backing_file=args.backing_file or ""))
+    elif args.volume_cmd == "list":
+        msg = _vreq(client, "ListVolumes", v.ListVolumesRequest(**ref))
+    elif args.volume_cmd == "show":
+        msg = _vreq(client, "GetVolume", v.VolumeRef(**ref, volume_uuid=args.volume))
+    elif args.volume_cmd == "delete":
+        msg = _vreq(client, "DeleteVolume", v.DeleteVolumeRequest(**ref, volume_uuid=args.volume, force=args.force))
+    elif args.volume_cmd == "resize":
+        msg = _vreq(client, "ResizeVolume", v.ResizeVolumeRequest(**ref, volume_uuid=args.volume,
+                                                                  capacity=args.capacity))
+    elif args.volume_cmd == "extents":
+        if args.since is not None or args.changed:
+            msg = _vreq(client, "GetChangedExtents", v.GetChangedExtentsRequest(
+                **ref, volume_uuid=args.volume, snapshot_uuid=args.snapshot or "", since_snapshot_uuid=args.since or ""))
+        else:
+            msg = _vreq(client, "GetExtents", v.GetExtentsRequest(**ref, volume_uuid=args.volume,
+                                                                  snapshot_uuid=args.snapshot or ""))
+    else:
+        raise AssertionError(args.volume_cmd)
+    _print_msg(msg, args)
+    return 0
+
+
+def cmd_snapshot(client: AgentClient, args) -> int:
+    from agent.api.v1 import volumes_pb2 as v
+
+    ref = dict(pool_uuid=args.pool, volume_uuid=args.volume)
+    if args.snapshot_cmd == "create":
+        msg = _vreq(client, "CreateSnapshot", v.CreateSnapshotRequest(
+            **ref, snapshot_uuid=args.uuid or str(uuid.uuid4()), name=args.name, description=args.desc))
+    elif args.snapshot_cmd == "list":
+        msg = _vreq(client, "ListSnapshots", v.VolumeRef(**ref))
+    elif args.snapshot_cmd == "tree":
+        msg = _vreq(client, "GetSnapshotTree", v.VolumeRef(**ref))
+    elif args.snapshot_cmd == "delete":
+        msg = _vreq(client, "DeleteSnapshot", v.SnapshotRef(**ref, snapshot_uuid=args.snapshot))
+    elif args.snapshot_cmd == "rollback":
+        msg = _vreq(client, "RollbackSnapshot", v.SnapshotRef(**ref, snapshot_uuid=args.snapshot))
+    else:
+        raise AssertionError(args.snapshot_cmd)
+    _print_msg(msg, args)
+    return 0
+
+
+def cmd_clone(client: AgentClient, args) -> int:
+    job_id = args.job_id or f"clone-{uuid.uuid4()}"
+    spec = jobs_pb2.CloneSpec(pool_uuid=args.pool, volume_uuid=args.volume, snapshot_uuid=args.snapshot,
+                              target_pool_uuid=args.target_pool or args.pool,
+                              target_volume_uuid=args.target_uuid or str(uuid.uuid4()),
+                              target_name=args.name, linked=args.linked)
+    client.submit(job_id, clone=spec)
+    job = follow(client, job_id, args.json)
+    if not args.json:
+        print(job_line(job) if job.state != jobs_pb2.JOB_STATE_SUCCEEDED else
+              f"{job.clone_result.volume_uuid}  {job.clone_result.access_path}")
+    return exit_code(job)
+
+
+def cmd_flatten(client: AgentClient, args) -> int:
+    job_id = args.job_id or f"flatten-{uuid.uuid4()}"
+    client.submit(job_id, flatten=jobs_pb2.FlattenSpec(pool_uuid=args.pool, volume_uuid=args.volume))
+    job = follow(client, job_id, args.json)
+    if not args.json:
+        print(job_line(job))
+    return exit_code(job)
+
+
 def cmd_info(client: AgentClient, args) -> int:
     info = client.host_info()
     if args.json:
@@ -163,6 +246,56 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="agent version, limits and bindings")
 
+    vol = sub.add_parser("volume", help="volumes of a pool")
+    vsub = vol.add_subparsers(dest="volume_cmd", required=True)
+    vc = vsub.add_parser("create")
+    vc.add_argument("pool")
+    vc.add_argument("name")
+    vc.add_argument("capacity", type=int, help="bytes (0 with --backing-file: its size)")
+    vc.add_argument("--uuid")
+    vc.add_argument("--backing-file")
+    vsub.add_parser("list").add_argument("pool")
+    for name in ("show", "delete", "resize", "extents"):
+        x = vsub.add_parser(name)
+        x.add_argument("pool")
+        x.add_argument("volume")
+        if name == "delete":
+            x.add_argument("--force", action="store_true", help="also its snapshots; flatten its clones")
+        if name == "resize":
+            x.add_argument("capacity", type=int)
+        if name == "extents":
+            x.add_argument("--snapshot")
+            x.add_argument("--changed", action="store_true", help="changed extents (with --since)")
+            x.add_argument("--since", help="changed since this snapshot")
+
+    sn = sub.add_parser("snapshot", help="snapshots of a volume")
+    ssub = sn.add_subparsers(dest="snapshot_cmd", required=True)
+    for name in ("create", "list", "tree", "delete", "rollback"):
+        x = ssub.add_parser(name)
+        x.add_argument("pool")
+        x.add_argument("volume")
+        if name == "create":
+            x.add_argument("name")
+            x.add_argument("--desc", default="")
+            x.add_argument("--uuid")
+        if name in ("delete", "rollback"):
+            x.add_argument("snapshot")
+
+    cl = sub.add_parser("clone", help="clone a snapshot into a new volume (a job)")
+    cl.add_argument("pool")
+    cl.add_argument("volume")
+    cl.add_argument("snapshot")
+    cl.add_argument("name")
+    cl.add_argument("--linked", action="store_true", help="a qcow2 overlay: instant, depends on the snapshot")
+    cl.add_argument("--target-pool")
+    cl.add_argument("--target-uuid")
+    cl.add_argument("--job-id")
+
+    fl = sub.add_parser("flatten", help="make a linked clone independent (a job)")
+    fl.add_argument("pool")
+    fl.add_argument("volume")
+    fl.add_argument("--job-id")
+
     d = sub.add_parser("demo", help="run the main job on the embedded default (starts its own agent)")
     d.add_argument("--workdir", help="where the demo keeps its pool, state and socket")
     return p
@@ -180,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                     tls_key=args.tls_key, token=os.environ.get("BLOCKFERRY_TOKEN"))
     try:
         with AgentClient(target) as client:
-            return {"checksum": cmd_checksum, "jobs": cmd_jobs, "info": cmd_info}[args.cmd](client, args)
+            return {"checksum": cmd_checksum, "jobs": cmd_jobs, "info": cmd_info, "volume": cmd_volume,
+                    "snapshot": cmd_snapshot, "clone": cmd_clone, "flatten": cmd_flatten}[args.cmd](client, args)
     except grpc.RpcError as e:
         print(f"blockferry: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2

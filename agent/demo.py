@@ -1,9 +1,11 @@
 """The README's main job, on the embedded default.
 
-It starts a private blockferry-agent (unix socket, SQLite journal, a local
-directory as its only root), makes a sparse sample disk image in that
-directory, runs a checksum job on it with live progress, checks the digest
-against the pure-Python reference, and stops the agent with SIGTERM.
+It starts a private blockferry-agent (unix socket, SQLite job journal, a
+local directory pool), then on a qcow2 volume: writes data as a guest would
+(through qemu-nbd), snapshots it, changes 1 %, snapshots again, shows the
+changed extents from the dirty bitmaps, makes a full clone with progress and
+checks every digest against an independent reading, and stops the agent with
+SIGTERM.
 """
 from __future__ import annotations
 
@@ -16,79 +18,136 @@ import uuid
 
 from agent import native
 from agent.api.v1 import jobs_pb2
+from agent.api.v1 import volumes_pb2 as v
 from agent.client import AgentClient, Target
 
-IMAGE_SIZE = 1 << 30
-DATA_EVERY = 10  # one 1 MiB run of data in every 10 MiB: 10 % data
+POOL_UUID = "6f1c2b0e-0d7a-4c55-9a38-000000000001"
+CAPACITY = 1 << 30
+MiB = 1 << 20
 
 
-def make_sample_image(path: str) -> None:
-    rnd = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        f.truncate(IMAGE_SIZE)
-        for i, off in enumerate(range(0, IMAGE_SIZE, DATA_EVERY << 20)):
-            f.seek(off)
-            f.write(rnd[i % 7:] + rnd[:i % 7])
-
-
-def reference_digest(path: str) -> str:
-    """Pure-Python image digest, streamed (hashlib only)."""
+def reference_digest(path: str, workdir: str) -> str:
+    """Independent check: qemu-img converts to raw, hashlib hashes it (streamed)."""
     import hashlib
 
+    raw = os.path.join(workdir, "reference.raw")
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", path, raw], check=True)
     outer = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
-        while block := f.read(native.IMAGE_BLOCK_SIZE):
-            outer.update(hashlib.sha256(block).digest())
-            size += len(block)
+    try:
+        with open(raw, "rb") as f:
+            while block := f.read(native.IMAGE_BLOCK_SIZE):
+                outer.update(hashlib.sha256(block).digest())
+                size += len(block)
+    finally:
+        os.unlink(raw)
     outer.update(size.to_bytes(8, "little"))
     return outer.hexdigest()
 
 
+def guest_write(path: str, writes: dict[int, bytes], run_dir: str) -> None:
+    """Write as a VM would: through a writable qemu-nbd (dirty bitmap on)."""
+    from agent.volumes.nbd import NbdClient, QemuNbd
+
+    with QemuNbd(path, readonly=False, run_dir=run_dir) as srv, NbdClient(srv.socket) as c:
+        for off, data in writes.items():
+            c.pwrite(data, off)
+        c.flush()
+
+
+def step(text: str) -> None:
+    print(f"== {text}", flush=True)
+
+
 def run_demo(workdir: str | None) -> int:
-    from agent.cli import follow
+    from agent.cli import follow, human
 
     workdir = os.path.abspath(workdir or os.path.join(os.path.expanduser("~"), ".local/share/blockferry-demo"))
-    pool = os.path.join(workdir, "pool")
-    os.makedirs(pool, exist_ok=True)
+    pool_root = os.path.join(workdir, "pool")
+    run_dir = os.path.join(workdir, "run")
+    os.makedirs(pool_root, exist_ok=True)
     sock = os.path.join(workdir, "agent.sock")
     conf = os.path.join(workdir, "agent.toml")
     with open(conf, "w") as f:
-        f.write(f'[agent]\nstate_dir = "{workdir}/state"\nroots = ["{pool}"]\nlog_format = "text"\n'
-                f'[grpc]\nunix_socket = "{sock}"\n')
-    print(f"== blockferry demo in {workdir}")
+        f.write(f'[agent]\nstate_dir = "{workdir}/state"\nrun_dir = "{run_dir}"\nroots = ["{workdir}"]\n'
+                f'log_format = "text"\n[grpc]\nunix_socket = "{sock}"\n'
+                f'[pools.{POOL_UUID}]\ntype = "dir"\npath = "{pool_root}"\n')
+    step(f"blockferry demo in {workdir}")
     agent = subprocess.Popen([sys.executable, "-m", "agent.server", "-c", conf],
                              stderr=open(os.path.join(workdir, "agent.log"), "ab"))
+    ok = True
     try:
         with AgentClient(Target(socket=sock)) as client:
             client.wait_ready(timeout=30)
             info = client.host_info()
-            print(f"== agent {info.version} is up on {sock} (log: {workdir}/agent.log)")
+            step(f"agent {info.version} is up on {sock}; dir pool {POOL_UUID} at {pool_root}")
 
-            image = os.path.join(pool, "sample.raw")
-            print(f"== making a 1 GiB sparse sample image with 10 % data: {image}")
-            make_sample_image(image)
+            def call(method, msg):
+                return client.volume_call(method, msg)
 
-            job_id = f"demo-checksum-{uuid.uuid4()}"
-            print(f"== checksum job {job_id}")
-            client.submit_checksum(job_id, image)
-            job = follow(client, job_id, json_out=False)
-            if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-                print(f"!! job ended {job.state}: {job.error.code} {job.error.message}")
-                return 1
-            r = job.checksum_result
-            print(f"   image digest {r.image_digest} ({r.format})")
-            print(f"   read {r.data_bytes >> 20} MiB of data, skipped {r.hole_bytes >> 20} MiB of holes")
-            ref = reference_digest(image)
-            ok = ref == r.image_digest
-            print(f"== pure-Python reference digest {ref}: {'MATCH' if ok else 'MISMATCH'}")
-            listed = client.list()
-            print(f"== the agent's journal holds {len(listed)} job(s)")
-            if not ok:
-                return 1
+            vol = str(uuid.uuid4())
+            created = call("CreateVolume", v.CreateVolumeRequest(pool_uuid=POOL_UUID, volume_uuid=vol,
+                                                                 name="demo-disk", capacity=CAPACITY))
+            step(f"created qcow2 volume {vol} ({human(created.capacity)}) at {created.access_path}")
+
+            rnd = os.urandom(MiB)
+            first = {off: rnd for off in range(0, CAPACITY, 16 * MiB)}  # 64 MiB scattered
+            guest_write(created.access_path, first, run_dir)
+            s1 = call("CreateSnapshot", v.CreateSnapshotRequest(pool_uuid=POOL_UUID, volume_uuid=vol,
+                                                                snapshot_uuid=str(uuid.uuid4()), name="s1"))
+            step(f"wrote {len(first)} MiB as a guest would, took snapshot s1 {s1.uuid}")
+
+            change = {off: os.urandom(64 << 10) for off in range(8 * MiB, CAPACITY, 64 * MiB)}
+            guest_write(created.access_path, change, run_dir)
+            s2 = call("CreateSnapshot", v.CreateSnapshotRequest(pool_uuid=POOL_UUID, volume_uuid=vol,
+                                                                snapshot_uuid=str(uuid.uuid4()), name="s2"))
+            step(f"changed {len(change)} x 64 KiB, took snapshot s2 {s2.uuid}")
+
+            t0 = time.monotonic()
+            changed = call("GetChangedExtents", v.GetChangedExtentsRequest(
+                pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=s2.uuid, since_snapshot_uuid=s1.uuid))
+            got = [(e.start, e.length) for e in changed.extents]
+            want = sorted((off, 64 << 10) for off in change)
+            step(f"changed extents s1 -> s2 from the dirty bitmaps ({(time.monotonic() - t0) * 1000:.0f} ms): "
+                 f"{len(got)} extents, {human(sum(n for _, n in got))}")
+            for start, length in got[:4]:
+                print(f"   {start:>12}  +{length}")
+            print(f"   ... {'exactly what was written' if got == want else 'MISMATCH with what was written'}")
+            ok &= got == want
+
+            tree = call("GetSnapshotTree", v.VolumeRef(pool_uuid=POOL_UUID, volume_uuid=vol))
+            step(f"snapshot tree: {dict(tree.parents)}")
+
+            clone = str(uuid.uuid4())
+            step("full clone of s2 (a job, with progress)")
+            client.submit(f"demo-clone-{clone}", clone=jobs_pb2.CloneSpec(
+                pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=s2.uuid, target_pool_uuid=POOL_UUID,
+                target_volume_uuid=clone, target_name="demo-clone", linked=False))
+            job = follow(client, f"demo-clone-{clone}", json_out=False)
+            ok &= job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+
+            def digest(volume, snapshot=""):
+                j = client.run(f"demo-sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(
+                    pool_uuid=POOL_UUID, volume_uuid=volume, snapshot_uuid=snapshot))
+                return j.checksum_result.image_digest
+
+            d_s2, d_clone = digest(vol, s2.uuid), digest(clone)
+            layer = os.path.join(pool_root, f"pool-{POOL_UUID}", "snapshot", vol, s2.uuid)
+            d_ref = reference_digest(layer, workdir)
+            match = d_s2 == d_clone == d_ref
+            step(f"image digest of s2 {d_s2}\n   clone {d_clone}\n   reference (qemu-img convert + hashlib) "
+                 f"{d_ref}: {'MATCH' if match else 'MISMATCH'}")
+            ok &= match
+
+            call("RollbackSnapshot", v.SnapshotRef(pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=s1.uuid))
+            rolled = digest(vol) == digest(vol, s1.uuid)
+            step(f"rolled back to s1: live state equals s1: {'MATCH' if rolled else 'MISMATCH'}")
+            ok &= rolled
     finally:
         agent.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         rc = agent.wait(timeout=60)
-        print(f"== agent drained and exited with {rc} in {time.monotonic() - t0:.1f}s")
-    return 0 if rc == 0 else 1
+        step(f"agent drained and exited with {rc} in {time.monotonic() - t0:.1f}s")
+    if not ok:
+        print("!! the demo found a mismatch")
+    return 0 if ok and rc == 0 else 1

@@ -424,3 +424,25 @@ def test_volume_in_use_by_another_process_is_refused(vol):
         e = rpc_error(vol.snap, vid, "while-served")
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "IN_USE" in e.details()
     assert vol.snap(vid, "after").tracking == "ok"
+
+
+def test_snapshot_interrupted_by_a_crash_is_repaired_at_start(make_agent):
+    a = make_agent().start()
+    with a.client() as c:
+        vol = Vol(a, c)
+        vid = vol.create().uuid
+        vol.write(vid, {0: os.urandom(MiB)})
+        d = vol.digest(vid)
+        head = vol.head(vid)
+    assert a.stop() == 0
+    # what a crash right after the first rename of a snapshot leaves behind
+    layer_dir = a.pool_root / f"pool-{POOL_UUID}" / "snapshot" / vid
+    layer_dir.mkdir(parents=True)
+    subprocess.run(["qemu-img", "bitmap", "--disable", head, "bf-dirty"], check=True)
+    os.rename(head, layer_dir / new_id())
+    a.start()
+    with a.client() as c:
+        vol = Vol(a, c)
+        assert vol.digest(vid) == d
+        assert vol.snap(vid, "after-repair").tracking == "ok"
+    assert a.stop() == 0

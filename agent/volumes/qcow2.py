@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 from agent.errors import (AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound,
-                          OutOfRange, TrackingLost)
+                          OutOfRange, StorageIOError, TrackingLost)
 from agent.extents import Extent
 from agent.paths import resolve_under_roots
 from agent.volumes import qemu_img
@@ -99,6 +99,33 @@ class Qcow2Pool(VolumeDriver):
                         log.warning("removing leftover of an interrupted operation",
                                     extra={"path": os.path.join(dirpath, f)})
                         os.unlink(os.path.join(dirpath, f))
+        for f in os.listdir(os.path.join(self.base, "meta")):
+            if f.endswith(".json"):
+                self._repair_interrupted_snapshot(f[:-5])
+
+    def _repair_interrupted_snapshot(self, vol: str) -> None:
+        """A crash between renaming the head to a snapshot layer and writing
+        the metadata leaves no head and one layer the metadata does not know:
+        that layer is the live state; put it back."""
+        try:
+            meta = load(self.meta_path(vol))
+        except (OSError, ValueError, StorageIOError):
+            return
+        head = self.head_path(vol)
+        if os.path.exists(head) or not os.path.isdir(self.snap_dir(vol)):
+            return
+        known = {s.uuid for s in meta.snapshots}
+        orphans = [f for f in os.listdir(self.snap_dir(vol)) if not f.startswith(".") and f not in known]
+        if len(orphans) != 1:
+            log.error("volume has no live state and cannot be repaired automatically",
+                      extra={"volume": vol, "unknown_layers": len(orphans)})
+            return
+        os.rename(self.snap_path(vol, orphans[0]), head)
+        bm = qemu_img.info(head).bitmap(BITMAP)
+        if bm is not None and bm.consistent and not bm.enabled:
+            qemu_img.bitmap(head, "enable", BITMAP)
+        log.warning("repaired a snapshot interrupted by a crash: the live state is back",
+                    extra={"volume": vol})
 
     # ---- paths ----
 
