@@ -127,6 +127,9 @@ class ChecksumKind(JobKind):
 class _NoContext:
     """For callers outside the job engine (benchmarks, the CLI's local mode)."""
 
+    job_id = "local"
+    bandwidth_limit = 0
+
     def checkpoint(self) -> None:
         pass
 

@@ -446,3 +446,14 @@ def test_snapshot_interrupted_by_a_crash_is_repaired_at_start(make_agent):
         assert vol.digest(vid) == d
         assert vol.snap(vid, "after-repair").tracking == "ok"
     assert a.stop() == 0
+
+
+def test_bitmap_missing_in_a_layer_is_never_taken_from_its_backing(vol):
+    """qemu-nbd --bitmap would export a same-named bitmap of a backing layer."""
+    vid = vol.create().uuid
+    s1 = vol.snap(vid, "s1")
+    vol.write(vid, {3 * MiB: b"z" * G})
+    s2 = vol.snap(vid, "s2")
+    subprocess.run(["qemu-img", "bitmap", "--remove", vol.layer(vid, s2.uuid), "bf-dirty"], check=True)
+    e = rpc_error(vol.changed, vid, s2.uuid, s1.uuid)
+    assert "CHANGE_TRACKING_LOST" in e.details() and s2.uuid in e.details()

@@ -41,6 +41,12 @@ class JobContext:
     def job_id(self) -> str:
         return self._job.id
 
+    @property
+    def bandwidth_limit(self) -> int:
+        """The host limit in bytes per second (0: none), for tools that take a
+        rate of their own (qemu-img convert -r)."""
+        return self._engine.limiter.rate
+
     def checkpoint(self) -> None:
         """A safe point: stop here if the job was cancelled or the agent drains."""
         if self._cancel.is_set():

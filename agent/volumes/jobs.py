@@ -9,7 +9,7 @@ from agent.jobs.kinds import Claim, JobKind
 from agent.jobs.locks import LockMode
 from agent.pools import PoolRegistry
 from agent.volumes.base import check_name, check_uuid
-from agent.volumes.copy import copy_image
+from agent.volumes import qemu_img
 
 
 def volume_resource(pool_uuid: str, volume_uuid: str) -> str:
@@ -84,20 +84,23 @@ class CloneKind(JobKind):
         snap = source.snapshot_info(spec.volume_uuid, spec.snapshot_uuid)
         meta = source._meta(spec.volume_uuid)
         layer = source.layer_path(meta, snap.uuid)
-        from agent.volumes import qemu_img
-
         capacity = qemu_img.info(layer).virtual_size
+        data = qemu_img.allocated_data(layer)
         tmp, commit, abort = target.new_volume_for_copy(spec.target_volume_uuid, spec.target_name, capacity,
                                                         job_id=ctx.job_id)
         try:
-            stats = copy_image(layer, tmp, run_dir=target.run_dir, ctx=ctx)
+            # qcow2 -> qcow2 on this host: qemu-img convert measured 2.3x faster
+            # than copying through two qemu-nbd servers (README, bench/qcow2_bench.py).
+            ctx.progress(0, data, "copying")
+            qemu_img.convert_into(layer, tmp, on_percent=lambda pct: ctx.progress(int(data * pct / 100)),
+                                  checkpoint=ctx.checkpoint, rate_limit=ctx.bandwidth_limit)
             ctx.checkpoint()
-            ctx.progress(phase="committing")
+            ctx.progress(data, data, "committing")
             info = commit()
         except BaseException:
             abort()  # a cancelled or failed copy leaves no volume behind
             raise
-        return CloneResult(target.pool_uuid, info.uuid, info.access_path, info.capacity, False, stats.data_bytes)
+        return CloneResult(target.pool_uuid, info.uuid, info.access_path, info.capacity, False, data)
 
 
 class FlattenKind(JobKind):

@@ -88,7 +88,7 @@ class QemuNbd:
                 except OSError:
                     return False
 
-        procs.wait_for(ready, timeout=30)
+        procs.wait_for(ready, timeout=30, interval=0.001)
         if not self.child.alive():
             err = self.child.stderr_tail()
             self.child.stop()

@@ -301,7 +301,7 @@ class Qcow2Pool(VolumeDriver):
     def _info(self, meta: VolMeta) -> VolumeInfo:
         head = self.head_path(meta.uuid)
         info = qemu_img.info(head)
-        used = sum(e.length for e in qemu_img.map_image(head) if e.present and e.data)
+        used = qemu_img.allocated_data(head)
         snap_bytes = sum(_disk_usage(self.snap_path(meta.uuid, s.uuid)) for s in meta.snapshots)
         return VolumeInfo(
             uuid=meta.uuid, name=meta.name, pool_uuid=self.pool_uuid, capacity=info.virtual_size, used=used,
@@ -486,10 +486,14 @@ class Qcow2Pool(VolumeDriver):
             raise TrackingLost(f"snapshot_uuid: change tracking was lost for snapshot "
                                f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)}; take a full backup",
                                field="snapshot_uuid")
+        # Each layer must hold its own consistent bitmap: qemu-nbd would
+        # otherwise quietly export a bitmap of the same name from a backing layer.
+        chain = {os.path.realpath(i.path): i for i in qemu_img.chain_info(self.snap_path(meta.uuid, snapshot_uuid))}
         dirty: list[Extent] = []
         for s in layers:
             path = self.snap_path(meta.uuid, s.uuid)
-            bm = qemu_img.info(path).bitmap(BITMAP)
+            layer = chain.get(os.path.realpath(path))
+            bm = layer.bitmap(BITMAP) if layer else None
             if bm is None or not bm.consistent:
                 raise TrackingLost(f"snapshot_uuid: the dirty bitmap of snapshot {s.name} ({s.uuid}) is "
                                    "missing or inconsistent; take a full backup", field="snapshot_uuid")
@@ -564,6 +568,11 @@ class Qcow2Pool(VolumeDriver):
                     raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
                                         field="volume_uuid")
                 qemu_img.bitmap(tmp, "add", BITMAP)
+                fd = os.open(tmp, os.O_RDONLY)  # the copy is durable before the volume exists
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.rename(tmp, self.head_path(vol))
                 meta = VolMeta(uuid=vol, name=name, created_at=time.time())
                 self._save(meta)

@@ -66,7 +66,17 @@ def info(path: str, *, force_share: bool = True, fmt: str | None = None) -> Imag
         argv.append("-U")
     if fmt:
         argv += ["-f", fmt]
-    d = json.loads(_run(argv + [path], timeout=60, what="qemu-img info").stdout)
+    return _image_info(json.loads(_run(argv + [path], timeout=60, what="qemu-img info").stdout), path)
+
+
+def chain_info(path: str) -> list[ImageInfo]:
+    """Info of every layer of an image's backing chain, top first (one process)."""
+    out = _run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", path], timeout=60,
+               what="qemu-img info").stdout
+    return [_image_info(d, d.get("filename", "")) for d in json.loads(out)]
+
+
+def _image_info(d: dict, path: str) -> ImageInfo:
     bitmaps = ()
     spec = d.get("format-specific") or {}
     if spec.get("type") == "qcow2":
@@ -135,6 +145,11 @@ def map_image(path: str) -> list[MapEntry]:
             for e in json.loads(out)]
 
 
+def allocated_data(path: str) -> int:
+    """Guest bytes holding data anywhere in the chain."""
+    return sum(e.length for e in map_image(path) if e.present and e.data)
+
+
 def allocated_in_top(path: str) -> int:
     """Guest bytes whose data lives in this file itself (depth 0)."""
     return sum(e.length for e in map_image(path) if e.depth == 0 and e.present)
@@ -150,3 +165,16 @@ def ensure_not_in_use(path: str) -> None:
     """Raise InUse if a VM's qemu or a qemu-nbd holds the image: a plain
     `qemu-img info` needs the locks they hold."""
     info(path, force_share=False)
+
+
+def convert_into(src: str, dst: str, *, on_percent, checkpoint, rate_limit: int = 0,
+                 src_format: str = "qcow2", timeout: float = 7 * 24 * 3600) -> None:
+    """Copy src's guest content into the existing, empty qcow2 dst. Zero
+    blocks stay holes (-S 4k, the default); stopping it half-way leaves dst
+    partial, so callers delete dst then."""
+    argv = ["qemu-img", "convert", "-p", "-U", "-n", "--target-is-zero", "-W", "-m", "8",
+            "-f", src_format, "-O", "qcow2"]
+    if rate_limit:
+        argv += ["-r", str(rate_limit)]
+    procs.run_with_progress(argv + [src, dst], on_percent=on_percent, checkpoint=checkpoint, timeout=timeout,
+                            what="qemu-img convert")
