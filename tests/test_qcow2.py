@@ -457,3 +457,29 @@ def test_bitmap_missing_in_a_layer_is_never_taken_from_its_backing(vol):
     subprocess.run(["qemu-img", "bitmap", "--remove", vol.layer(vid, s2.uuid), "bf-dirty"], check=True)
     e = rpc_error(vol.changed, vid, s2.uuid, s1.uuid)
     assert "CHANGE_TRACKING_LOST" in e.details() and s2.uuid in e.details()
+
+
+def test_nbd_copy_path_keeps_content_and_holes(tmp_path):
+    """The NBD data path (two real qemu-nbd servers, libnbd, buffers in flight)
+    that copies across formats and that restores write through."""
+    from agent.checksum import _NoContext
+    from agent.volumes import qemu_img
+    from agent.volumes.copy import copy_image
+
+    src, dst = str(tmp_path / "src.raw"), str(tmp_path / "dst.qcow2")
+    with open(src, "wb") as f:  # raw, with 2 MiB of zeros written as data
+        f.truncate(CAP)
+        f.write(os.urandom(5 * MiB + 7))
+        f.seek(40 * MiB)
+        f.write(bytes(2 * MiB) + b"q" * 10)
+    qemu_img.create(dst, CAP)
+    stats = copy_image(src, dst, run_dir=str(tmp_path), ctx=_NoContext(), src_format="raw")
+    assert subprocess.run(["qemu-img", "compare", src, dst], capture_output=True).returncode == 0
+    assert ref_digest_of(src, tmp_path) == ref_digest_of(dst, tmp_path)
+    # the written zeros did not become data in the copy
+    assert stats.written_bytes < stats.data_bytes
+    assert qemu_img.allocated_data(dst) <= 6 * MiB + 2 * 65536
+    with QemuNbd(dst, run_dir=str(tmp_path)) as srv, srv.connect() as c:
+        ext = c.allocation()
+    assert any(e.zero and e.start <= 20 * MiB < e.end for e in ext)
+    assert any(e.zero and e.start <= 40 * MiB < e.end for e in ext)

@@ -100,7 +100,8 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
         extents = self.pools.get(request.pool_uuid).data_extents(request.volume_uuid,
                                                                  request.snapshot_uuid or None)
         return volumes_pb2.ExtentList(
-            extents=[volumes_pb2.Extent(start=e.start, length=e.length, zero=e.zero) for e in extents],
+            extents=[volumes_pb2.Extent(start=e.start, length=e.length, zero=e.zero, hole=e.hole)
+                     for e in extents],
             exact=True, granularity=512)
 
     @rpc
