@@ -84,19 +84,20 @@ class ChecksumKind(JobKind):
         self.roots = roots
         self.pools = pools
 
-    def _volume_layer(self, spec: ChecksumSpec) -> str:
+    def _check_volume(self, spec: ChecksumSpec):
         if spec.path or spec.offset or spec.length:
             raise InvalidArgument("path: give either a path (with offset/length) or a volume, not both",
                                   field="path")
         pool = self.pools.get(spec.pool_uuid)
-        meta = pool._meta(spec.volume_uuid)
         if spec.snapshot_uuid:
             pool.snapshot_info(spec.volume_uuid, spec.snapshot_uuid)
-        return pool.layer_path(meta, spec.snapshot_uuid or None)
+        else:
+            pool.volume_info(spec.volume_uuid)
+        return pool
 
     def prepare(self, spec: ChecksumSpec) -> Claim:
         if spec.pool_uuid or spec.volume_uuid:
-            self._volume_layer(spec)
+            self._check_volume(spec)
             from agent.volumes.jobs import volume_resource
 
             return Claim(volume_resource(spec.pool_uuid, spec.volume_uuid), LockMode.SHARED)
@@ -109,10 +110,7 @@ class ChecksumKind(JobKind):
 
     def run(self, spec: ChecksumSpec, ctx) -> ChecksumResult:
         if spec.pool_uuid or spec.volume_uuid:
-            from agent.volumes.digest import image_digest
-
-            layer = self._volume_layer(spec)
-            d = image_digest(layer, run_dir=self.pools.get(spec.pool_uuid).run_dir, ctx=ctx)
+            d = self._check_volume(spec).image_digest(spec.volume_uuid, spec.snapshot_uuid or None, ctx)
             return ChecksumResult(image_digest=d.image_digest, format=native.IMAGE_DIGEST_FORMAT,
                                   length=d.length, data_bytes=d.data_bytes, hole_bytes=d.zero_bytes)
         real, fd = _open_checked(spec.path, self.roots)

@@ -79,11 +79,21 @@ class SystemdSection:
 class PoolSection:
     """A storage pool: [pools.<pool uuid>] with its type and where it lives."""
 
-    type: str = option("dir", "dir: qcow2 volumes in a directory (a local disk or a mounted NFS/SMB/cluster fs).")
+    type: str = option("dir", "dir: qcow2 volumes in a directory (a local disk or a mounted NFS/SMB/cluster fs); "
+                       "rbd: RBD images in a Ceph pool.")
     path: str = option("", "dir: the pool root; volumes live in <path>/pool-<uuid>/volume/<volume uuid>.")
+    ceph_conf: str = option("/etc/ceph/ceph.conf", "rbd: ceph.conf of the cluster.")
+    client_name: str = option("client.admin", "rbd: the Ceph client (cephx user) to connect as.")
+    keyring: str = option("", "rbd: keyring file of client_name (empty: what ceph.conf says).")
+    rbd_pool: str = option("rbd", "rbd: the RADOS pool holding the images.")
+    namespace: str = option("", "rbd: optional RADOS namespace inside rbd_pool.")
+    features: list[str] = option(["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
+                                 "rbd: image features of new volumes.", factory=True)
+    timeout: float = option(30.0, "rbd: seconds any librados/librbd call may block (connect, monitor and OSD ops).")
 
 
-POOL_TYPES = ("dir",)
+POOL_TYPES = ("dir", "rbd")
+RBD_FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling")
 
 
 @dataclass
@@ -103,8 +113,18 @@ class Config:
         for uuid, pool in self.pools.items():
             if pool.type not in POOL_TYPES:
                 raise bad(f"pools.{uuid}", "type", f"must be one of {', '.join(POOL_TYPES)}, not {pool.type!r}")
-            if not os.path.isabs(pool.path):
+            if pool.type == "dir" and not os.path.isabs(pool.path):
                 raise bad(f"pools.{uuid}", "path", "must be an absolute path")
+            if pool.type == "rbd":
+                if not pool.rbd_pool:
+                    raise bad(f"pools.{uuid}", "rbd_pool", "must not be empty")
+                if not os.path.isabs(pool.ceph_conf):
+                    raise bad(f"pools.{uuid}", "ceph_conf", "must be an absolute path")
+                unknown = [f for f in pool.features if f not in RBD_FEATURES]
+                if unknown:
+                    raise bad(f"pools.{uuid}", "features", f"unknown RBD features {unknown}")
+                if pool.timeout <= 0:
+                    raise bad(f"pools.{uuid}", "timeout", "must be positive")
         if not os.path.isabs(self.agent.run_dir):
             raise bad("agent", "run_dir", "must be an absolute path")
         if self.agent.log_level not in ("debug", "info", "warning", "error"):

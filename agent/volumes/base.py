@@ -96,6 +96,7 @@ class VolumeDriver(ABC):
     (which raises to cancel); the job engine supplies both."""
 
     pool_uuid: str
+    kind: str  # the pool type of the config: "dir" or "rbd"
 
     @abstractmethod
     def create_volume(self, volume_uuid: str, name: str, capacity: int | None,
@@ -138,3 +139,28 @@ class VolumeDriver(ABC):
                         since_snapshot_uuid: str | None) -> ChangedExtents:
         """What changed from since_snapshot to snapshot; raises
         TrackingLost when that cannot be known exactly."""
+
+    @abstractmethod
+    def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo: ...
+
+    @abstractmethod
+    def volume_exists(self, volume_uuid: str) -> bool: ...
+
+    @abstractmethod
+    def image_digest(self, volume_uuid: str, snapshot_uuid: str | None, ctx=None):
+        """bf-image-sha256-v1 of the live state or a snapshot (agent.volumes.digest.Digest)."""
+
+    @abstractmethod
+    def linked_clone(self, source: "VolumeDriver", source_volume: str, snapshot_uuid: str, volume_uuid: str,
+                     name: str) -> VolumeInfo:
+        """A new volume in this pool that shares the snapshot's data (constant time)."""
+
+    @abstractmethod
+    def full_clone(self, source: "VolumeDriver", source_volume: str, snapshot_uuid: str, volume_uuid: str,
+                   name: str, ctx) -> tuple[VolumeInfo, int]:
+        """An independent copy of a snapshot; returns it and the bytes copied.
+        A cancelled or failed copy leaves no volume behind."""
+
+    @abstractmethod
+    def flatten(self, volume_uuid: str, *, on_percent=None, checkpoint=None) -> VolumeInfo:
+        """Make a linked clone independent of its origin."""

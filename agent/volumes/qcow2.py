@@ -75,6 +75,8 @@ def _disk_usage(path: str) -> int:
 
 
 class Qcow2Pool(VolumeDriver):
+    kind = "dir"
+
     def __init__(self, pool_uuid: str, root: str, *, run_dir: str, allowed_roots: list[str],
                  lookup: Callable[[str], "Qcow2Pool"] | None = None):
         self.pool_uuid = check_uuid(pool_uuid, "pool_uuid")
@@ -585,6 +587,41 @@ class Qcow2Pool(VolumeDriver):
                 pass
 
         return tmp, commit, abort
+
+
+    def volume_exists(self, volume_uuid: str) -> bool:
+        return os.path.exists(self.meta_path(check_uuid(volume_uuid, "volume_uuid")))
+
+    def image_digest(self, volume_uuid: str, snapshot_uuid: str | None, ctx=None):
+        from agent.volumes.digest import image_digest
+
+        meta = self._meta(volume_uuid)
+        if snapshot_uuid:
+            self._snap(meta, snapshot_uuid)
+        return image_digest(self.layer_path(meta, snapshot_uuid or None), run_dir=self.run_dir, ctx=ctx)
+
+    def full_clone(self, source: "Qcow2Pool", source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str,
+                   ctx) -> tuple[VolumeInfo, int]:
+        """An independent copy of a snapshot. qcow2 -> qcow2 on this host goes
+        through qemu-img convert, which measured 2.3x faster than copying
+        through two qemu-nbd servers (README, bench/qcow2_bench.py). The copy
+        becomes a volume only when complete and fsynced."""
+        meta = source._meta(source_volume)
+        source._snap(meta, snapshot_uuid)
+        layer = source.layer_path(meta, snapshot_uuid)
+        capacity = qemu_img.info(layer).virtual_size
+        data = qemu_img.allocated_data(layer)
+        tmp, commit, abort = self.new_volume_for_copy(volume_uuid, name, capacity, job_id=ctx.job_id)
+        try:
+            ctx.progress(0, data, "copying")
+            qemu_img.convert_into(layer, tmp, on_percent=lambda pct: ctx.progress(int(data * pct / 100)),
+                                  checkpoint=ctx.checkpoint, rate_limit=ctx.bandwidth_limit)
+            ctx.checkpoint()
+            ctx.progress(data, data, "committing")
+            return commit(), data
+        except BaseException:
+            abort()  # a cancelled or failed copy leaves no volume behind
+            raise
 
 
 def merge_extents(extents: list[Extent]) -> list[Extent]:
