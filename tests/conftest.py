@@ -67,6 +67,8 @@ class AgentProcess:
 
 POOL_UUID = "0eca2be3-056f-4634-a25b-5cf717e067fb"
 POOL2_UUID = "f0dc0363-5e70-419a-95ad-2c49c14d70c1"
+RBD_POOL_UUID = "ca12d616-73c4-4629-a5c0-a37a8e163c33"
+RBD2_POOL_UUID = "5d0c7f0e-6a0b-4c59-8d6e-2f0b8e6c1a11"
 
 
 def write_config(workdir: Path, extra: str = "", roots: list[Path] | None = None) -> AgentProcess:
@@ -124,6 +126,8 @@ def make_agent(short_tmp):
         if a.proc and a.proc.poll() is None:
             a.proc.kill()
             a.proc.wait()
+        if a.log.exists():  # shown by pytest only when the test failed
+            print(f"---- agent log {a.log} (tail) ----\n{a.log_text()[-8000:]}")
 
 
 @pytest.fixture
@@ -141,3 +145,25 @@ def sparse_image(path: Path, size: int, data: dict[int, bytes]) -> bytes:
             f.seek(off)
             f.write(chunk)
     return path.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def ceph():
+    """A real single-node Ceph cluster for the whole test session, with two
+    RBD pools ("rbd" and "rbd2")."""
+    from cephcluster import CephCluster
+
+    # bluestore on a sparse file: its data survives an OSD restart (memstore's
+    # does not), which the cluster-stopped test needs.
+    cluster = CephCluster(objectstore="bluestore", store_bytes=12 << 30).start()
+    cluster.add_pool("rbd2")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def rbd_agent(make_agent, ceph):
+    extra = ceph.pool_section(RBD_POOL_UUID) + ceph.pool_section(RBD2_POOL_UUID, "rbd2")
+    a = make_agent(extra).start()
+    yield a
+    assert a.stop() == 0, a.log_text()

@@ -48,9 +48,10 @@ def write(path: str, writes: dict[int, bytes], run_dir: Path, zeros: dict[int, i
 class Vol:
     """Small helper around the VolumeService for one agent."""
 
-    def __init__(self, agent, client):
+    def __init__(self, agent, client, pool: str = POOL_UUID):
         self.agent = agent
         self.c = client
+        self.pool = pool
         self.run_dir = agent.workdir / "testrun"
         self.run_dir.mkdir(exist_ok=True)
 
@@ -61,7 +62,7 @@ class Vol:
                     "DeleteSnapshot": v.SnapshotRef, "RollbackSnapshot": v.SnapshotRef,
                     "ListSnapshots": v.VolumeRef, "GetSnapshotTree": v.VolumeRef,
                     "GetExtents": v.GetExtentsRequest, "GetChangedExtents": v.GetChangedExtentsRequest}[method]
-        kw.setdefault("pool_uuid", POOL_UUID)
+        kw.setdefault("pool_uuid", self.pool)
         return self.c.volume_call(method, req_type(**kw))
 
     def create(self, capacity=CAP, name="vol", **kw):
@@ -71,17 +72,17 @@ class Vol:
     def snap(self, vol, name):
         return self.call("CreateSnapshot", volume_uuid=vol, snapshot_uuid=new_id(), name=name)
 
-    def head(self, vol, pool=POOL_UUID) -> str:
-        return self.call("GetVolume", volume_uuid=vol, pool_uuid=pool).access_path
+    def head(self, vol, pool=None) -> str:
+        return self.call("GetVolume", volume_uuid=vol, pool_uuid=pool or self.pool).access_path
 
     def layer(self, vol, snap) -> str:
         return str(self.agent.pool_root / f"pool-{POOL_UUID}" / "snapshot" / vol / snap)
 
-    def write(self, vol, writes, zeros=None, pool=POOL_UUID):
+    def write(self, vol, writes, zeros=None, pool=None):
         write(self.head(vol, pool), writes, self.run_dir, zeros)
 
-    def digest(self, vol, snap="", pool=POOL_UUID) -> str:
-        job = self.c.run(f"sum-{new_id()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool, volume_uuid=vol,
+    def digest(self, vol, snap="", pool=None) -> str:
+        job = self.c.run(f"sum-{new_id()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool or self.pool, volume_uuid=vol,
                                                                              snapshot_uuid=snap))
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
         return job.checksum_result.image_digest
@@ -89,6 +90,11 @@ class Vol:
     def changed(self, vol, snap, since=""):
         r = self.call("GetChangedExtents", volume_uuid=vol, snapshot_uuid=snap, since_snapshot_uuid=since)
         return [(e.start, e.length) for e in r.extents]
+
+    def clone(self, vol, snap, target, name="clone", linked=True, target_pool=None, job_id=None):
+        return self.c.run(job_id or f"clone-{target}", clone=jobs_pb2.CloneSpec(
+            pool_uuid=self.pool, volume_uuid=vol, snapshot_uuid=snap, target_pool_uuid=target_pool or self.pool,
+            target_volume_uuid=target, target_name=name, linked=linked))
 
 
 @pytest.fixture

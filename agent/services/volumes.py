@@ -35,6 +35,13 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
         return exclusive(self.engine.locks, volume_resource(request.pool_uuid, request.volume_uuid))
 
     @rpc
+    def GetPoolStatus(self, request, context):
+        st = self.pools.get(request.pool_uuid).pool_status()
+        return volumes_pb2.PoolStatus(pool_uuid=st.pool_uuid, type=st.kind, status=st.status,
+                                      total_bytes=st.total_bytes, used_bytes=st.used_bytes,
+                                      available_bytes=st.available_bytes, error=st.error)
+
+    @rpc
     def CreateVolume(self, request, context):
         pool = self.pools.get(request.pool_uuid)
         with self._exclusive(request):

@@ -71,6 +71,17 @@ class VolumeInfo:
 
 
 @dataclass(frozen=True)
+class PoolStatus:
+    pool_uuid: str
+    kind: str
+    status: str  # "healthy" or "unreachable"
+    total_bytes: int = 0
+    used_bytes: int = 0
+    available_bytes: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class SnapshotTree:
     """The seed's shape, keyed by snapshot name: Parents maps each node
     (snapshots and "head") to its parent ("" for a root); Children maps each
@@ -142,6 +153,9 @@ class VolumeDriver(ABC):
 
     @abstractmethod
     def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo: ...
+
+    @abstractmethod
+    def pool_status(self) -> PoolStatus: ...
 
     @abstractmethod
     def volume_exists(self, volume_uuid: str) -> bool: ...

@@ -45,7 +45,7 @@ from agent.errors import (AlreadyExists, FailedPrecondition, HasDependents, Inva
 from agent.extents import Extent
 from agent.paths import resolve_under_roots
 from agent.volumes import qemu_img
-from agent.volumes.base import (HEAD, ChangedExtents, SnapshotInfo, SnapshotTree, VolumeDriver, VolumeInfo,
+from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, SnapshotInfo, SnapshotTree, VolumeDriver, VolumeInfo,
                                 check_name, check_uuid)
 from agent.volumes.nbd import AllocExtent, QemuNbd
 from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
@@ -588,6 +588,14 @@ class Qcow2Pool(VolumeDriver):
 
         return tmp, commit, abort
 
+
+    def pool_status(self) -> PoolStatus:
+        try:
+            st = os.statvfs(self.base)
+        except OSError as e:
+            return PoolStatus(self.pool_uuid, self.kind, "unreachable", error=f"{self.base}: {e.strerror}")
+        total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        return PoolStatus(self.pool_uuid, self.kind, "healthy", total, total - st.f_bfree * st.f_frsize, avail)
 
     def volume_exists(self, volume_uuid: str) -> bool:
         return os.path.exists(self.meta_path(check_uuid(volume_uuid, "volume_uuid")))

@@ -34,7 +34,7 @@ from agent import native
 from agent.errors import (AlreadyExists, Cancelled, FailedPrecondition, HasDependents, InUse, InvalidArgument,
                           NotFound, StorageIOError)
 from agent.extents import Extent
-from agent.volumes.base import (HEAD, ChangedExtents, SnapshotInfo, SnapshotTree, VolumeDriver, VolumeInfo,
+from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, SnapshotInfo, SnapshotTree, VolumeDriver, VolumeInfo,
                                 check_name, check_uuid)
 from agent.volumes.qcow2 import check_capacity, merge_extents
 from agent.volumes.nbd import AllocExtent
@@ -151,13 +151,15 @@ class RbdPool(VolumeDriver):
         finally:
             io.close()
 
-    def status(self) -> str:
+    def pool_status(self) -> PoolStatus:
         try:
             with self.ioctx() as io:
                 rbd.RBD().list2(io)
-            return "healthy"
-        except StorageIOError:
-            return "unreachable"
+                stats = self.conn.cluster().get_cluster_stats()
+        except StorageIOError as e:
+            return PoolStatus(self.pool_uuid, self.kind, "unreachable", error=e.message)
+        kb, used, avail = stats["kb"], stats["kb_used"], stats["kb_avail"]
+        return PoolStatus(self.pool_uuid, self.kind, "healthy", kb << 10, used << 10, avail << 10)
 
     @contextmanager
     def _image(self, io, vol: str, *, snapshot: str | None = None, read_only: bool = False):
@@ -174,6 +176,12 @@ class RbdPool(VolumeDriver):
             raise InUse(f"volume_uuid: volume {vol} is busy: {e}", field="volume_uuid") from None
         finally:
             img.close()
+
+    def _refuse_if_open(self, io, vol: str) -> None:
+        """A read-only handle registers no watch: any watcher is another client."""
+        with self._image(io, vol, read_only=True) as img:
+            if list(img.watchers_list()):
+                raise InUse(f"volume_uuid: volume {vol} is open by a client (a running VM?)", field="volume_uuid")
 
     @contextmanager
     def _locked(self, vol: str):
@@ -230,7 +238,7 @@ class RbdPool(VolumeDriver):
         try:
             with rbd.Image(io, image_name, read_only=True) as img:
                 size = img.size()
-                if list(img.watchers_list()):
+                if list(img.watchers_list()):  # read-only: our handle is not a watcher
                     raise InUse(f"backing_file: image {image_name!r} is open by a client", field="backing_file")
         except rbd.ImageNotFound:
             raise NotFound(f"backing_file: no image {image_name!r} in RADOS pool {self.rbd_pool}",
@@ -253,7 +261,7 @@ class RbdPool(VolumeDriver):
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self._locked(vol), self.ioctx() as io:
             with self._image(io, vol) as img:
-                snaps = [s["name"] for s in img.list_snaps()]
+                snaps = [s["name"] for s in list(img.list_snaps())]
                 clones = self._children(img, snaps)
                 snap_names = self._snaps_meta(self._meta(img))
                 if clones and not force:
@@ -264,12 +272,11 @@ class RbdPool(VolumeDriver):
                     names = ", ".join(f"{snap_names.get(s, {}).get('name', s)} ({s})" for s in snaps)
                     raise HasDependents(f"volume_uuid: volume {vol} has snapshots {names}; delete them first, "
                                         "or delete with force", field="volume_uuid")
-                if list(img.watchers_list()):
-                    raise InUse(f"volume_uuid: volume {vol} is open by a client", field="volume_uuid")
+            self._refuse_if_open(io, vol)
             for pool, clone in clones:  # force: keep the clones alive on their own
                 self._flatten_image(pool, clone)
             with self._image(io, vol) as img:
-                for s in img.list_snaps():
+                for s in list(img.list_snaps()):
                     if img.is_protected_snap(s["name"]):
                         img.unprotect_snap(s["name"])
                     img.remove_snap(s["name"])
@@ -304,7 +311,7 @@ class RbdPool(VolumeDriver):
         meta = self._meta(img)
         size = img.size()
         used = sum(e.length for e in self._extents(img, size, None, whole_object=False, include_parent=True))
-        snaps = img.list_snaps()
+        snaps = list(img.list_snaps())
         snap_bytes = sum(self._snap_size(img, snaps, i) for i in range(len(snaps)))
         parent_vol = parent_snap = None
         try:
@@ -436,14 +443,14 @@ class RbdPool(VolumeDriver):
 
     def rollback_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> VolumeInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
-        with self._locked(vol), self.ioctx() as io, self._image(io, vol) as img:
-            self._snap_meta(img, vol, snapshot_uuid)
-            if list(img.watchers_list()):
-                raise InUse(f"volume_uuid: volume {vol} is open by a client", field="volume_uuid")
-            img.rollback_to_snap(snapshot_uuid)
-            img.metadata_set(KEY_HEAD_PARENT, snapshot_uuid)
-            log.info("rolled back", extra={"volume": vol, "snapshot": snapshot_uuid})
-            return self._info(io, img, vol)
+        with self._locked(vol), self.ioctx() as io:
+            self._refuse_if_open(io, vol)
+            with self._image(io, vol) as img:
+                self._snap_meta(img, vol, snapshot_uuid)
+                img.rollback_to_snap(snapshot_uuid)
+                img.metadata_set(KEY_HEAD_PARENT, snapshot_uuid)
+                log.info("rolled back", extra={"volume": vol, "snapshot": snapshot_uuid})
+                return self._info(io, img, vol)
 
     def list_snapshots(self, volume_uuid: str) -> list[SnapshotInfo]:
         vol = check_uuid(volume_uuid, "volume_uuid")
