@@ -19,6 +19,10 @@ apt_packages=(
     gcc libc6-dev pkg-config libssl-dev libxxhash-dev libzstd-dev
     # Python bindings that exist only in Debian (linked into the venv below)
     python3-rados python3-rbd python3-libnbd
+    # qcow2 volumes: qemu-img, qemu-nbd; nbdcopy; setpriv (util-linux)
+    qemu-utils libnbd-bin util-linux
+    # Ceph RBD: the test cluster (mon, osd, mgr) and the ceph/rbd CLIs
+    ceph-mon ceph-osd ceph-mgr ceph-common
     # systemd-analyze verify for the unit tests
     systemd
 )
