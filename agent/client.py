@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from agent.api.v1 import host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc, volumes_pb2, volumes_pb2_grpc
+from agent.api.v1 import host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc, volumes_pb2_grpc
 
 DEFAULT_SOCKET = "/run/blockferry/agent.sock"
 

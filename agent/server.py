@@ -5,7 +5,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import stat
 import sys
 import threading

@@ -3,8 +3,10 @@ typed objects it returns."""
 from __future__ import annotations
 
 import re
+import threading
 import uuid as uuidlib
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -102,12 +104,36 @@ class ChangedExtents:
 Progress = Callable[[int, int], None]  # (done, total)
 
 
+def build_tree(snapshots: list[tuple[str, str, str | None, float]], head_parent: str | None) -> SnapshotTree:
+    """The seed's tree from (uuid, name, parent uuid, created_at) records."""
+    names = {u: n for u, n, _, _ in snapshots}
+    ordered = sorted(snapshots, key=lambda r: r[3])
+    parents = {n: names.get(p, "") for _, n, p, _ in ordered}
+    parents[HEAD] = names.get(head_parent, "")
+    children: dict[str, list[str]] = {}
+    for node, parent in parents.items():
+        children.setdefault(parent, []).append(node)
+    roots = [n for _, n, p, _ in ordered if not p]
+    return SnapshotTree(parents=parents, children=children, root=roots[0] if roots else "")
+
+
 class VolumeDriver(ABC):
     """One pool. Long operations take a progress callback and a checkpoint
     (which raises to cancel); the job engine supplies both."""
 
     pool_uuid: str
     kind: str  # the pool type of the config: "dir" or "rbd"
+    _locks_guard = threading.Lock()
+
+    @contextmanager
+    def _locked(self, vol: str):
+        """Serialise changes of one volume's metadata inside this agent (the
+        job engine's resource locks keep jobs apart; this keeps RPC threads apart)."""
+        with VolumeDriver._locks_guard:
+            locks = self.__dict__.setdefault("_volume_locks", {})
+            lock = locks.setdefault(vol, threading.RLock())
+        with lock:
+            yield
 
     @abstractmethod
     def create_volume(self, volume_uuid: str, name: str, capacity: int | None,

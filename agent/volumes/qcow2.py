@@ -34,10 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 import time
-from collections import defaultdict
-from contextlib import contextmanager
 from typing import Callable
 
 from agent.errors import (AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound,
@@ -45,7 +42,8 @@ from agent.errors import (AlreadyExists, FailedPrecondition, HasDependents, Inva
 from agent.extents import Extent
 from agent.paths import resolve_under_roots
 from agent.volumes import qemu_img
-from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, SnapshotInfo, SnapshotTree, VolumeDriver, VolumeInfo,
+from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, SnapshotInfo, SnapshotTree, VolumeDriver,
+                                VolumeInfo, build_tree,
                                 check_name, check_uuid)
 from agent.volumes.nbd import AllocExtent, QemuNbd
 from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
@@ -85,8 +83,6 @@ class Qcow2Pool(VolumeDriver):
         self.base = os.path.join(self.root, f"pool-{self.pool_uuid}")
         self.run_dir = run_dir
         self.allowed_roots = allowed_roots
-        self._locks: dict[str, threading.RLock] = defaultdict(threading.RLock)
-        self._locks_guard = threading.Lock()
         for sub in ("volume", "snapshot", "meta"):
             os.makedirs(os.path.join(self.base, sub), mode=0o750, exist_ok=True)
         self._remove_leftovers()
@@ -142,13 +138,6 @@ class Qcow2Pool(VolumeDriver):
 
     def meta_path(self, vol: str) -> str:
         return os.path.join(self.base, "meta", f"{vol}.json")
-
-    @contextmanager
-    def _locked(self, vol: str):
-        with self._locks_guard:
-            lock = self._locks[vol]
-        with lock:
-            yield
 
     def _meta(self, vol: str) -> VolMeta:
         vol = check_uuid(vol, "volume_uuid")
@@ -441,15 +430,7 @@ class Qcow2Pool(VolumeDriver):
 
     def snapshot_tree(self, volume_uuid: str) -> SnapshotTree:
         meta = self._meta(volume_uuid)
-        names = {s.uuid: s.name for s in meta.snapshots}
-        ordered = sorted(meta.snapshots, key=lambda s: s.created_at)
-        parents = {s.name: names.get(s.parent, "") for s in ordered}
-        parents[HEAD] = names.get(meta.head_parent, "")
-        children: dict[str, list[str]] = {}
-        for node, parent in parents.items():
-            children.setdefault(parent, []).append(node)
-        roots = [s.name for s in ordered if s.parent is None]
-        return SnapshotTree(parents=parents, children=children, root=roots[0] if roots else "")
+        return build_tree([(s.uuid, s.name, s.parent, s.created_at) for s in meta.snapshots], meta.head_parent)
 
     # ---- extents ----
 

@@ -34,7 +34,8 @@ from agent import native
 from agent.errors import (AlreadyExists, Cancelled, FailedPrecondition, HasDependents, InUse, InvalidArgument,
                           NotFound, StorageIOError)
 from agent.extents import Extent
-from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, SnapshotInfo, SnapshotTree, VolumeDriver, VolumeInfo,
+from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, SnapshotInfo, SnapshotTree, VolumeDriver,
+                                VolumeInfo, build_tree,
                                 check_name, check_uuid)
 from agent.volumes.qcow2 import check_capacity, merge_extents
 from agent.volumes.nbd import AllocExtent
@@ -123,8 +124,6 @@ class RbdPool(VolumeDriver):
             self.features |= FEATURE_BITS[f]
         self.timeout = timeout
         self.conn = CephConnection.get(CephTarget(ceph_conf, client_name, keyring, timeout))
-        self._locks: dict[str, threading.RLock] = collections.defaultdict(threading.RLock)
-        self._locks_guard = threading.Lock()
 
     # ---- cluster access ----
 
@@ -183,14 +182,13 @@ class RbdPool(VolumeDriver):
             if list(img.watchers_list()):
                 raise InUse(f"volume_uuid: volume {vol} is open by a client (a running VM?)", field="volume_uuid")
 
-    @contextmanager
-    def _locked(self, vol: str):
-        with self._locks_guard:
-            lock = self._locks[vol]
-        with lock:
-            yield
-
     # ---- metadata ----
+
+    @staticmethod
+    def _stamp(img, name: str) -> None:
+        """Mark an image as a blockferry volume with its display name."""
+        img.metadata_set(KEY_NAME, name)
+        img.metadata_set(KEY_CREATED, repr(time.time()))
 
     @staticmethod
     def _meta(img) -> dict[str, str]:
@@ -225,8 +223,7 @@ class RbdPool(VolumeDriver):
                 raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
                                     field="volume_uuid") from None
             with self._image(io, vol) as img:
-                img.metadata_set(KEY_NAME, name)
-                img.metadata_set(KEY_CREATED, repr(time.time()))
+                self._stamp(img, name)
                 log.info("volume created", extra={"pool": self.pool_uuid, "volume": vol, "capacity": capacity})
                 return self._info(io, img, vol)
 
@@ -253,8 +250,7 @@ class RbdPool(VolumeDriver):
         with self._image(io, vol) as img:
             if capacity and capacity > size:
                 img.resize(capacity)
-            img.metadata_set(KEY_NAME, name)
-            img.metadata_set(KEY_CREATED, repr(time.time()))
+            self._stamp(img, name)
             return self._info(io, img, vol)
 
     def delete_volume(self, volume_uuid: str, force: bool = False) -> None:
@@ -465,15 +461,8 @@ class RbdPool(VolumeDriver):
         with self.ioctx() as io, self._image(io, vol, read_only=True) as img:
             meta = self._meta(img)
             snaps = self._snaps_meta(meta)
-        names = {u: r["name"] for u, r in snaps.items()}
-        ordered = sorted(snaps.items(), key=lambda kv: kv[1].get("created_at", 0))
-        parents = {r["name"]: names.get(r.get("parent"), "") for _, r in ordered}
-        parents[HEAD] = names.get(meta.get(KEY_HEAD_PARENT), "")
-        children: dict[str, list[str]] = {}
-        for node, parent in parents.items():
-            children.setdefault(parent, []).append(node)
-        roots = [r["name"] for _, r in ordered if not r.get("parent")]
-        return SnapshotTree(parents=parents, children=children, root=roots[0] if roots else "")
+        return build_tree([(u, r["name"], r.get("parent"), r.get("created_at", 0)) for u, r in snaps.items()],
+                          meta.get(KEY_HEAD_PARENT))
 
     # ---- extents ----
 
@@ -559,8 +548,7 @@ class RbdPool(VolumeDriver):
                 raise AlreadyExists(f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
                                     field="clone_volume_uuid") from None
             with self._image(dio, vol) as img:
-                img.metadata_set(KEY_NAME, name)
-                img.metadata_set(KEY_CREATED, repr(time.time()))
+                self._stamp(img, name)
                 log.info("linked clone created", extra={"volume": vol, "origin": source_volume,
                                                         "snapshot": snapshot_uuid})
                 return self._info(dio, img, vol)
@@ -646,8 +634,7 @@ class RbdPool(VolumeDriver):
 
                         RbdReader(src).read_extents(data, on_data, checkpoint=ctx.checkpoint)
                         writer.finish()
-                        dst.metadata_set(KEY_NAME, name)
-                        dst.metadata_set(KEY_CREATED, repr(time.time()))
+                        self._stamp(dst, name)
                     ctx.checkpoint()
                     rbd.RBD().rename(dio, tmp, vol)
                 except BaseException:
@@ -667,7 +654,7 @@ class RbdPool(VolumeDriver):
 
     def image_digest(self, volume_uuid: str, snapshot_uuid: str | None, ctx=None):
         """bf-image-sha256-v1 of the live state or a snapshot, read with aio."""
-        from agent.volumes.digest import Digest, digest_stream
+        from agent.volumes.digest import digest_stream
 
         vol = check_uuid(volume_uuid, "volume_uuid")
         if snapshot_uuid:
