@@ -589,6 +589,15 @@ class Qcow2Pool(VolumeDriver):
             self._snap(meta, snapshot_uuid)
         return image_digest(self.layer_path(meta, snapshot_uuid or None), run_dir=self.run_dir, ctx=ctx)
 
+    def read_chunks(self, volume_uuid: str, snapshot_uuid: str, extents, on_data, request_size: int,
+                    checkpoint=None) -> None:
+        """Read extents of a snapshot in order through a read-only qemu-nbd."""
+        meta = self._meta(volume_uuid)
+        self._snap(meta, snapshot_uuid)
+        with QemuNbd(self.layer_path(meta, snapshot_uuid), readonly=True, run_dir=self.run_dir) as srv:
+            with srv.connect() as c:
+                c.read_extents(extents, on_data, request_size=request_size, checkpoint=checkpoint)
+
     def full_clone(self, source: "Qcow2Pool", source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str,
                    ctx) -> tuple[VolumeInfo, int]:
         """An independent copy of a snapshot. qcow2 -> qcow2 on this host goes

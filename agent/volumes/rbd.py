@@ -666,6 +666,14 @@ class RbdPool(VolumeDriver):
                 ext, on_data, checkpoint=checkpoint), ctx)
 
 
+    def read_chunks(self, volume_uuid: str, snapshot_uuid: str, extents, on_data, request_size: int,
+                    checkpoint=None) -> None:
+        vol = check_uuid(volume_uuid, "volume_uuid")
+        with self.ioctx() as io, self._image(io, vol, snapshot=check_uuid(snapshot_uuid, "snapshot_uuid"),
+                                             read_only=True) as img:
+            RbdReader(img, request_size=request_size).read_extents(extents, on_data, checkpoint=checkpoint)
+
+
 class RbdReader:
     """aio_read with a bounded number of requests in flight, delivered in order."""
 

@@ -1,0 +1,1 @@
+"""The backup repository: content-addressed chunks in packs, one manifest per backup."""
