@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from agent import native
 from agent.errors import InvalidArgument, NotFound, OutOfRange, StorageIOError
 from agent.extents import file_extents
-from agent.jobs.kinds import Claim, JobKind
+from agent.jobs.kinds import Claim, JobKind, NullContext
 from agent.jobs.locks import LockMode
 from agent.paths import resolve_under_roots
 
@@ -122,25 +122,9 @@ class ChecksumKind(JobKind):
             os.close(fd)
 
 
-class _NoContext:
-    """For callers outside the job engine (benchmarks, the CLI's local mode)."""
-
-    job_id = "local"
-    bandwidth_limit = 0
-
-    def checkpoint(self) -> None:
-        pass
-
-    def throttle(self, nbytes: int) -> None:
-        pass
-
-    def progress(self, bytes_done=None, bytes_total=None, phase=None) -> None:
-        pass
-
-
 def digest_range(fd: int, start: int, end: int, ctx=None, name: str = "file") -> ChecksumResult:
     """Image digest of [start, end) of an open file or block device."""
-    ctx = ctx or _NoContext()
+    ctx = ctx or NullContext()
     h = native.ImageHash()
     buf = bytearray(READ_SIZE)
     view = memoryview(buf)

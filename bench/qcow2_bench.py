@@ -20,7 +20,7 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from agent.checksum import _NoContext  # noqa: E402
+from agent.jobs.kinds import NullContext  # noqa: E402
 from agent.volumes.copy import copy_image  # noqa: E402
 from agent.volumes.nbd import NbdClient, QemuNbd  # noqa: E402
 from agent.volumes.qcow2 import Qcow2Pool  # noqa: E402
@@ -29,7 +29,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
-class Ctx(_NoContext):
+class Ctx(NullContext):
     job_id = "bench"
 
 

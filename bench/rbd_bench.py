@@ -22,14 +22,14 @@ sys.path[:0] = [os.path.join(here, ".."), os.path.join(here, "..", "tests")]
 
 from cephcluster import CephCluster  # noqa: E402
 
-from agent.checksum import _NoContext  # noqa: E402
+from agent.jobs.kinds import NullContext  # noqa: E402
 from agent.volumes.rbd import RbdPool, RbdReader  # noqa: E402
 
 MiB = 1 << 20
 OBJ = 4 * MiB
 
 
-class Ctx(_NoContext):
+class Ctx(NullContext):
     job_id = "bench"
 
 

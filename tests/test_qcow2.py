@@ -468,7 +468,7 @@ def test_bitmap_missing_in_a_layer_is_never_taken_from_its_backing(vol):
 def test_nbd_copy_path_keeps_content_and_holes(tmp_path):
     """The NBD data path (two real qemu-nbd servers, libnbd, buffers in flight)
     that copies across formats and that restores write through."""
-    from agent.checksum import _NoContext
+    from agent.jobs.kinds import NullContext
     from agent.volumes import qemu_img
     from agent.volumes.copy import copy_image
 
@@ -479,7 +479,7 @@ def test_nbd_copy_path_keeps_content_and_holes(tmp_path):
         f.seek(40 * MiB)
         f.write(bytes(2 * MiB) + b"q" * 10)
     qemu_img.create(dst, CAP)
-    stats = copy_image(src, dst, run_dir=str(tmp_path), ctx=_NoContext(), src_format="raw")
+    stats = copy_image(src, dst, run_dir=str(tmp_path), ctx=NullContext(), src_format="raw")
     assert subprocess.run(["qemu-img", "compare", src, dst], capture_output=True).returncode == 0
     assert ref_digest_of(src, tmp_path) == ref_digest_of(dst, tmp_path)
     # the written zeros did not become data in the copy

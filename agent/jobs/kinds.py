@@ -35,3 +35,20 @@ class JobKind(ABC):
     def run(self, spec: Any, ctx: "JobContext") -> Any:
         """Do the work; report progress and call ctx.checkpoint() at safe
         points. Returns the kind's result dataclass."""
+
+
+class NullContext:
+    """A job context for callers outside the job engine (benchmarks, tools):
+    no progress, no cancellation, no bandwidth limit."""
+
+    job_id = "local"
+    bandwidth_limit = 0
+
+    def checkpoint(self) -> None:
+        pass
+
+    def throttle(self, nbytes: int) -> None:
+        pass
+
+    def progress(self, bytes_done=None, bytes_total=None, phase=None) -> None:
+        pass

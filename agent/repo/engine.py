@@ -33,9 +33,9 @@ def _chunk_extents(extents: list[Extent], chunk: int, size: int) -> list[int]:
 
 def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Manifest | None = None,
            name: str = "", description: str = "", tenant: str = "", ctx=None) -> Manifest:
-    from agent.checksum import _NoContext
+    from agent.jobs.kinds import NullContext
 
-    ctx = ctx or _NoContext()
+    ctx = ctx or NullContext()
     cs = repo.chunk_size
     info = driver.snapshot_info(volume, snapshot)
     fell_back = False
@@ -110,9 +110,9 @@ def verify(repo: Repository, manifest: Manifest, *, deep: bool) -> None:
 def restore(repo: Repository, manifest: Manifest, write, *, ctx=None) -> str:
     """Feed the backup to write(offset, data) for non-zero chunks and return
     the image digest of what was written."""
-    from agent.checksum import _NoContext
+    from agent.jobs.kinds import NullContext
 
-    ctx = ctx or _NoContext()
+    ctx = ctx or NullContext()
     h = native.ImageHash()
     total = manifest.size
     ctx.progress(0, total, "restoring")
