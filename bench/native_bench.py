@@ -59,9 +59,9 @@ def main() -> int:
     buf = bytearray(os.urandom(1 << 20)) * 1024  # 1 GiB of data, touched
     for algo, peer, peer_name in (("sha256", hashlib.sha256, "hashlib.sha256"),
                                   ("xxh3-128", xxhash.xxh3_128, "xxhash.xxh3_128")):
-        peer_t = median_time(lambda: per_block(peer)(buf), runs)
+        peer_t = median_time(lambda b=buf, f=peer: per_block(f)(b), runs)
         for threads in (1, 2):
-            ours = median_time(lambda: native.block_digests(algo, buf, BLOCK, threads), runs)
+            ours = median_time(lambda b=buf, a=algo, t=threads: native.block_digests(a, b, BLOCK, t), runs)
             rows.append((f"{algo} digests, {threads} thread{'s' if threads > 1 else ''}", peer_name,
                          GiB / ours / 1e9, GiB / peer_t / 1e9, peer_t / ours))
     del buf
@@ -69,7 +69,7 @@ def main() -> int:
     zero = bytearray(GiB)
     zero[:] = bytes(GiB)  # written, so not the shared zero page
     for threads in (1, 2):
-        t = median_time(lambda: native.zero_flags(zero, BLOCK, threads), runs)
+        t = median_time(lambda z=zero, n=threads: native.zero_flags(z, BLOCK, n), runs)
         rows.append((f"zero detection, {threads} thread{'s' if threads > 1 else ''}", "-", GiB / t / 1e9, None, None))
     del zero
 
