@@ -72,6 +72,21 @@ def zero_flags(data, block_size: int, threads: int = 0) -> bytes:
     return _native.zero_flags(data, block_size, threads)
 
 
+def nonzero_runs(data, block_size: int) -> list[tuple[int, int]]:
+    """(start, end) byte ranges of data made of blocks that are not all zero,
+    adjacent blocks merged; what a writer must write to keep holes holes."""
+    runs: list[tuple[int, int]] = []
+    for i, zero in enumerate(zero_flags(data, block_size)):
+        if zero:
+            continue
+        start, end = i * block_size, min((i + 1) * block_size, len(data))
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    return runs
+
+
 def diff_digests(old: BlockDigests, new: BlockDigests, length: int) -> list[Extent]:
     """Extents of the new image (length bytes) whose blocks differ from old."""
     if old.algo != new.algo or old.block_size != new.block_size:

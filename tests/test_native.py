@@ -244,3 +244,11 @@ def test_every_xxh3_build_matches_reference(isa):
                        env={**os.environ, "BF_XXH3_ISA": isa})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == isa
+
+
+def test_nonzero_runs_cover_exactly_the_nonzero_blocks():
+    data = bytearray(10 * 4096 + 100)
+    for i in (1, 2, 5, 10):
+        data[i * 4096 + 7] = 1
+    assert native.nonzero_runs(data, 4096) == [(4096, 3 * 4096), (5 * 4096, 6 * 4096), (40960, 41060)]
+    assert native.nonzero_runs(bytes(8192), 4096) == []

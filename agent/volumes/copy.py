@@ -35,17 +35,9 @@ def copy_image(src: str, dst: str, *, run_dir: str, ctx, src_format: str = "qcow
             def on_data(offset: int, view: memoryview) -> None:
                 nonlocal done, written
                 ctx.throttle(len(view))
-                flags = native.zero_flags(view, ZERO_BLOCK)
-                run_start = None
-                for i in range(len(flags) + 1):
-                    if i < len(flags) and not flags[i]:
-                        if run_start is None:
-                            run_start = i
-                    elif run_start is not None:
-                        a, b = run_start * ZERO_BLOCK, min(i * ZERO_BLOCK, len(view))
-                        writer.write(view[a:b], offset + a)
-                        written += b - a
-                        run_start = None
+                for a, b in native.nonzero_runs(view, ZERO_BLOCK):
+                    writer.write(view[a:b], offset + a)
+                    written += b - a
                 done += len(view)
                 ctx.progress(done)
 

@@ -686,36 +686,30 @@ class RbdReader:
         requests = ((off, min(self.request_size, e.end - off))
                     for e in extents for off in range(e.start, e.end, self.request_size))
         pending: collections.deque = collections.deque()
-        done = threading.Condition()
         results: dict[int, bytes | Exception] = {}
 
         def make_cb(offset):
             def cb(completion, data):
-                with done:
-                    rv = completion.get_return_value()
-                    results[offset] = data if rv >= 0 else StorageIOError(f"RBD read at {offset} failed: {rv}")
-                    done.notify_all()
+                rv = completion.get_return_value()
+                results[offset] = data if rv >= 0 else StorageIOError(f"RBD read at {offset} failed: {rv}")
             return cb
 
         try:
             for offset, length in requests:
                 pending.append((offset, self.img.aio_read(offset, length, make_cb(offset))))
                 while len(pending) >= self.in_flight:
-                    self._deliver(pending, results, done, on_data, checkpoint)
+                    self._deliver(pending, results, on_data, checkpoint)
             while pending:
-                self._deliver(pending, results, done, on_data, checkpoint)
+                self._deliver(pending, results, on_data, checkpoint)
         finally:
             for _, comp in pending:  # wait out what is in flight after an error
                 comp.wait_for_complete_and_cb()
 
     @staticmethod
-    def _deliver(pending, results, done, on_data, checkpoint) -> None:
+    def _deliver(pending, results, on_data, checkpoint) -> None:
         offset, comp = pending[0]
-        comp.wait_for_complete_and_cb()
-        with done:
-            while offset not in results:
-                done.wait(1.0)
-            data = results.pop(offset)
+        comp.wait_for_complete_and_cb()  # returns after the callback has stored the result
+        data = results.pop(offset)
         pending.popleft()
         if isinstance(data, Exception):
             raise data
@@ -747,19 +741,14 @@ class RbdWriter:
             self.img.write_zeroes(offset, length)
 
     def write_nonzero(self, view, offset: int) -> None:
-        flags = native.zero_flags(view, ZERO_BLOCK)
-        run = None
-        for i in range(len(flags) + 1):
-            if i < len(flags) and not flags[i]:
-                run = i if run is None else run
-                continue
-            if run is not None:
-                a, b = run * ZERO_BLOCK, min(i * ZERO_BLOCK, len(view))
-                self.write(view[a:b], offset + a)
-                run = None
-            if i < len(flags):
-                a = i * ZERO_BLOCK
-                self.zero(min(ZERO_BLOCK, len(view) - a), offset + a)
+        pos = 0
+        for a, b in native.nonzero_runs(view, ZERO_BLOCK):
+            if a > pos:
+                self.zero(a - pos, offset + pos)
+            self.write(view[a:b], offset + a)
+            pos = b
+        if pos < len(view):
+            self.zero(len(view) - pos, offset + pos)
 
     def _retire(self) -> None:
         comp = self._pending.popleft()
