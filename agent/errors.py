@@ -120,6 +120,24 @@ class ConfigError(BlockferryError):
     code = "CONFIG_INVALID"
 
 
+class WrongPassword(BlockferryError):
+    """The backup point password does not open its repository (or is missing)."""
+
+    code = "WRONG_PASSWORD"
+
+
+class DataCorrupt(BlockferryError):
+    """Stored backup data fails its checksum or authentication; the message names the chunk or backup."""
+
+    code = "DATA_CORRUPT"
+
+
+class RepositoryLocked(BlockferryError):
+    """The repository is locked by another operation (a GC, or backups while GC waits)."""
+
+    code = "REPOSITORY_LOCKED"
+
+
 class BindingMissing(BlockferryError):
     """A Python binding the agent needs is missing or built for another ABI."""
 
@@ -145,6 +163,9 @@ _GRPC_STATUS: dict[str, grpc.StatusCode] = {
     StorageIOError.code: grpc.StatusCode.UNAVAILABLE,
     ConfigError.code: grpc.StatusCode.FAILED_PRECONDITION,
     BindingMissing.code: grpc.StatusCode.FAILED_PRECONDITION,
+    WrongPassword.code: grpc.StatusCode.PERMISSION_DENIED,
+    DataCorrupt.code: grpc.StatusCode.DATA_LOSS,
+    RepositoryLocked.code: grpc.StatusCode.ABORTED,
     BlockferryError.code: grpc.StatusCode.INTERNAL,
 }
 

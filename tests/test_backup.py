@@ -8,10 +8,12 @@ import uuid
 
 import pytest
 
-from agent.errors import Cancelled, StorageIOError
-from agent.repo import engine
+from agent.errors import Cancelled, DataCorrupt
+from agent.repo.backup import backup
 from agent.repo.repository import Repository
-from agent.repo.store import LocalStore
+from agent.repo.restore import restore
+from agent.repo.verify import verify
+from agent.targets.local import LocalStore
 from agent.volumes.nbd import NbdClient, QemuNbd
 from agent.volumes.qcow2 import Qcow2Pool
 from test_qcow2 import write
@@ -35,7 +37,7 @@ def restore_to_qcow2(pool: Qcow2Pool, repo: Repository, m, run_dir) -> tuple[str
     vol = nid()
     info = pool.create_volume(vol, "restored", m.size)
     with QemuNbd(info.access_path, readonly=False, run_dir=str(run_dir)) as srv, NbdClient(srv.socket) as c:
-        written = engine.restore(repo, m, lambda off, data: c.pwrite(data, off))
+        written = restore(repo, m, lambda off, data: c.pwrite(data, off))
         c.flush()
     return vol, written
 
@@ -47,18 +49,18 @@ def test_full_incremental_restore_bit_exact(env):
     write(head, {0: os.urandom(3 * MiB), 10 * MiB: os.urandom(MiB), 20 * MiB: bytes(MiB)}, tmp)
     s1 = nid()
     pool.create_snapshot(vol, s1, "s1")
-    m1 = engine.backup(pool, vol, s1, repo, name="full")
+    m1 = backup(pool, vol, s1, repo, name="full")
     assert m1.parent is None and m1.stats["chunks_read"] == 4
     assert m1.chunks.count("") == 28  # zero chunks are never stored
     write(head, {MiB + 5: b"changed" * 100, 25 * MiB: os.urandom(4096)}, tmp)
     s2 = nid()
     pool.create_snapshot(vol, s2, "s2")
-    m2 = engine.backup(pool, vol, s2, repo, parent=m1)
+    m2 = backup(pool, vol, s2, repo, parent=m1)
     assert m2.stats["chunks_read"] == 2 and not m2.fell_back  # only what the bitmaps report
     write(head, {10 * MiB: os.urandom(MiB)}, tmp)
     s3 = nid()
     pool.create_snapshot(vol, s3, "s3")
-    m3 = engine.backup(pool, vol, s3, repo, parent=m2)
+    m3 = backup(pool, vol, s3, repo, parent=m2)
     assert m3.stats["chunks_read"] == 1
     assert [m.backup_id for m in repo.manifests()] == [m1.backup_id, m2.backup_id, m3.backup_id]
     for m, snap in ((m1, s1), (m2, s2), (m3, s3)):
@@ -68,10 +70,10 @@ def test_full_incremental_restore_bit_exact(env):
         cmp = subprocess.run(["qemu-img", "compare", "-U", pool.snap_path(vol, snap), pool.head_path(new_vol)],
                              capture_output=True)
         assert cmp.returncode == 0
-        engine.verify(repo, m, deep=True)
+        verify(repo, m, deep=True)
     # a fresh open of the repository finds everything again
     again = Repository.open(LocalStore(str(tmp / "bp")))
-    engine.verify(again, m3, deep=True)
+    verify(again, m3, deep=True)
 
 
 def test_tracking_lost_falls_back_to_digests(env):
@@ -81,12 +83,12 @@ def test_tracking_lost_falls_back_to_digests(env):
     write(head, {0: os.urandom(8 * MiB)}, tmp)
     s1 = nid()
     pool.create_snapshot(vol, s1, "s1")
-    m1 = engine.backup(pool, vol, s1, repo)
+    m1 = backup(pool, vol, s1, repo)
     write(head, {3 * MiB: b"x" * 10}, tmp)
     s2 = nid()
     pool.create_snapshot(vol, s2, "s2")
     subprocess.run(["qemu-img", "bitmap", "--remove", pool.snap_path(vol, s2), "bf-dirty"], check=True)
-    m2 = engine.backup(pool, vol, s2, repo, parent=m1)
+    m2 = backup(pool, vol, s2, repo, parent=m1)
     assert m2.fell_back and m2.stats["chunks_read"] == 8
     assert m2.stats["new_chunks"] == 1  # only the changed chunk was written
     assert restore_to_qcow2(pool, repo, m2, tmp)[1] == pool.image_digest(vol, s2).image_digest
@@ -98,7 +100,7 @@ def test_verify_finds_injected_corruption(env):
     write(pool.head_path(vol), {0: os.urandom(3 * MiB)}, tmp)
     s1 = nid()
     pool.create_snapshot(vol, s1, "s1")
-    m = engine.backup(pool, vol, s1, repo)
+    m = backup(pool, vol, s1, repo)
     packs = [p for p in (tmp / "bp" / "packs").iterdir() if not p.name.endswith(".idx")]
     assert len(packs) == 1
     good = packs[0].read_bytes()
@@ -106,17 +108,17 @@ def test_verify_finds_injected_corruption(env):
     bad[len(bad) // 2] ^= 0xFF  # a flipped byte in chunk data
     packs[0].write_bytes(bytes(bad))
     fresh = Repository.open(LocalStore(str(tmp / "bp")))
-    with pytest.raises(StorageIOError, match="chunk [0-9a-f]{64}"):
-        engine.verify(fresh, m, deep=False)
+    with pytest.raises(DataCorrupt, match="chunk [0-9a-f]{64}"):
+        verify(fresh, m, deep=False)
     packs[0].write_bytes(good[: len(good) - 100])  # a truncated pack
-    with pytest.raises(StorageIOError, match="chunk"):
-        engine.verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)
+    with pytest.raises(DataCorrupt, match="chunk"):
+        verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)
     packs[0].unlink()  # a missing pack
-    with pytest.raises(StorageIOError, match="missing"):
-        engine.verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)
+    with pytest.raises(DataCorrupt, match="missing"):
+        verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)
     manifest = tmp / "bp" / "manifests" / m.backup_id
     manifest.write_bytes(manifest.read_bytes()[:-10])  # a tampered manifest
-    with pytest.raises(StorageIOError, match=m.backup_id):
+    with pytest.raises(DataCorrupt, match=m.backup_id):
         Repository.open(LocalStore(str(tmp / "bp"))).manifest(m.backup_id)
 
 
@@ -142,10 +144,10 @@ def test_interrupted_backup_is_never_listed(env):
             pass
 
     with pytest.raises(Cancelled):
-        engine.backup(pool, vol, s1, repo, ctx=Stop())
+        backup(pool, vol, s1, repo, ctx=Stop())
     assert repo.manifests() == []
-    m = engine.backup(pool, vol, s1, repo)  # and the next one succeeds
-    engine.verify(repo, m, deep=True)
+    m = backup(pool, vol, s1, repo)  # and the next one succeeds
+    verify(repo, m, deep=True)
 
 
 def test_rbd_backup_restores_into_qcow2(env, ceph):
@@ -161,12 +163,12 @@ def test_rbd_backup_restores_into_qcow2(env, ceph):
             img.write(os.urandom(5 * MiB), 0)
         s1 = nid()
         rp.create_snapshot(vol, s1, "s1")
-        m1 = engine.backup(rp, vol, s1, repo)
+        m1 = backup(rp, vol, s1, repo)
         with rp.ioctx() as io, rbd.Image(io, vol) as img:
             img.write(b"y" * 100, 12 * MiB)
         s2 = nid()
         rp.create_snapshot(vol, s2, "s2")
-        m2 = engine.backup(rp, vol, s2, repo, parent=m1)
+        m2 = backup(rp, vol, s2, repo, parent=m1)
         assert m2.stats["chunks_read"] <= 4  # the touched 4 MiB object, in 1 MiB chunks
         for m, snap in ((m1, s1), (m2, s2)):
             _, written = restore_to_qcow2(pool, repo, m, tmp)

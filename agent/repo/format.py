@@ -1,55 +1,87 @@
 """Repository format v1 (pinned by tests; change only with a new version).
 
-    config                  JSON: format_version, repository id, chunk_size
-    packs/<pack id>         concatenated chunk records
-    packs/<pack id>.idx     JSON index: digest -> [offset, length] of its records
-    manifests/<backup id>   JSON manifest, published durably and atomically last
+    config                    JSON, never encrypted: format_version, id,
+                              chunk_size, block_size, encryption (absent, or
+                              cipher + kdf parameters + verifier)
+    packs/<pack id>           concatenated chunk records
+    packs/<pack id>.idx       index of the pack: chunk id -> offset, record
+                              length, plaintext length (sealed)
+    blocks/<backup id>        the backup's block digests: one fixed-size
+                              record per chunk (sealed per record)
+    manifests/<backup id>     the manifest, JSON (sealed), committed last
+    locks/<lock id>           repository locks (JSON, plain)
 
-A chunk record is: magic b"BFC1", flags (1 byte: 1 = zstd), 3 reserved bytes,
-plaintext length (8 bytes LE), stored length (8 bytes LE), SHA-256 of the
-plaintext (32 bytes), then the stored bytes. The chunk is addressed by that
-SHA-256, so every chunk carries its own checksum. Zero chunks are never
-stored: the manifest marks them.
+A chunk record is a header: magic b"BFC1", flags (1 byte: 1 = zstd,
+2 = AES-256-GCM), 3 reserved bytes, plaintext length (u64 LE), stored length
+(u64 LE), chunk id (32 bytes); then the stored bytes: the plaintext, or its
+zstd frame when that is at least 10 % smaller, sealed when encrypted
+(12-byte nonce, ciphertext, 16-byte tag; the chunk id is the associated
+data). The chunk id is SHA-256 of the plaintext, or HMAC-SHA256 under the
+repository's MAC key when encrypted, so every chunk carries its own checksum.
+Zero chunks are never stored: a manifest marks them with "".
+
+Block digests are SHA-256 of each 64 KiB block of a chunk, the inputs of the
+image digest bf-image-sha256-v1. Keeping them per backup lets an incremental
+backup compute the image digest of the new snapshot from the parent's
+records and the chunks it reads, without reading the unchanged data.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
 
-from agent.errors import FailedPrecondition, StorageIOError
+from agent.errors import DataCorrupt, FailedPrecondition
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_SIZE = 4 << 20
+BLOCK_SIZE = 64 << 10  # of the image digest (native imagehash.h)
 MAGIC = b"BFC1"
 FLAG_ZSTD = 1
+FLAG_SEALED = 2
 HEADER = struct.Struct("<4sB3xQQ32s")
-ZERO = ""  # the digest of a zero chunk in a manifest
+ZERO = ""  # the id of a zero chunk in a manifest
+COMPRESS_GAIN = 0.9  # keep the zstd frame only when it is at most 90 % of the plaintext
 
 
-def encode_chunk(data, digest: bytes, compressor) -> bytes:
+def encode_chunk(data, chunk_id: bytes, compressor, sealer) -> bytes:
     flags = 0
-    stored = bytes(data)
+    stored = data
     if compressor is not None:
-        packed = compressor.compress(stored)
-        if len(packed) < len(stored) * 0.9:  # only when it pays
+        packed = compressor.compress(data)
+        if len(packed) <= len(data) * COMPRESS_GAIN:
             stored, flags = packed, FLAG_ZSTD
-    return HEADER.pack(MAGIC, flags, len(data), len(stored), digest) + stored
+    if sealer.encrypted:
+        stored, flags = sealer.seal(stored, chunk_id), flags | FLAG_SEALED
+    return HEADER.pack(MAGIC, flags, len(data), len(stored), chunk_id) + bytes(stored)
 
 
-def decode_chunk(record: bytes, digest: bytes, decompressor, where: str) -> bytes:
+def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: str) -> bytes:
+    what = f"chunk {chunk_id.hex()} in {where}"
     if len(record) < HEADER.size:
-        raise StorageIOError(f"chunk {digest.hex()}: record in {where} is truncated")
+        raise DataCorrupt(f"{what}: record is truncated")
     magic, flags, plain_len, stored_len, recorded = HEADER.unpack_from(record)
     body = record[HEADER.size:]
-    if magic != MAGIC or recorded != digest or len(body) != stored_len:
-        raise StorageIOError(f"chunk {digest.hex()}: record in {where} is damaged")
-    data = decompressor.decompress(body, max_output_size=plain_len) if flags & FLAG_ZSTD else body
-    if len(data) != plain_len or hashlib.sha256(data).digest() != digest:
-        raise StorageIOError(f"chunk {digest.hex()}: checksum mismatch in {where}")
+    if magic != MAGIC or recorded != chunk_id:
+        raise DataCorrupt(f"{what}: record header is damaged")
+    if len(body) != stored_len:
+        raise DataCorrupt(f"{what}: record is truncated")
+    if bool(flags & FLAG_SEALED) != sealer.encrypted:
+        raise DataCorrupt(f"{what}: record encryption flag does not match the repository")
+    if flags & FLAG_SEALED:
+        body = sealer.open(body, chunk_id, what)
+    try:
+        data = decompressor.decompress(body, max_output_size=plain_len) if flags & FLAG_ZSTD else body
+    except Exception:  # zstd raises its own error type for a damaged frame
+        raise DataCorrupt(f"{what}: compressed data is damaged") from None
+    if len(data) != plain_len or sealer.chunk_id(data) != chunk_id:
+        raise DataCorrupt(f"{what}: checksum mismatch")
     return data
+
+
+def block_record_size(chunk_size: int, sealer) -> int:
+    return chunk_size // BLOCK_SIZE * 32 + sealer.overhead
 
 
 @dataclass
@@ -59,7 +91,7 @@ class Manifest:
     snapshot_uuid: str
     size: int
     chunk_size: int
-    chunks: list[str]  # hex SHA-256 per chunk, ZERO for a zero chunk
+    chunks: list[str]  # hex chunk id per chunk, ZERO for a zero chunk
     image_digest: str  # bf-image-sha256-v1 of the source snapshot
     created_at: float
     parent: str | None = None  # for information only: restores never read it
@@ -67,10 +99,21 @@ class Manifest:
     description: str = ""
     tenant: str = ""
     pool_uuid: str = ""
+    snapshot_name: str = ""
     agent_version: str = ""
-    fell_back: bool = False  # change tracking was lost; changed chunks found by digest
+    mode: str = "full"  # full, incremental, or fallback (tracking lost: every chunk re-read, digests compared)
     format_version: int = FORMAT_VERSION
     stats: dict = field(default_factory=dict)
+
+    @property
+    def fell_back(self) -> bool:
+        return self.mode == "fallback"
+
+    @property
+    def data_bytes(self) -> int:
+        """Logical bytes of the non-zero chunks."""
+        return sum(min(self.chunk_size, self.size - i * self.chunk_size)
+                   for i, c in enumerate(self.chunks) if c != ZERO)
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -80,11 +123,16 @@ class Manifest:
         try:
             d = json.loads(data)
         except ValueError:
-            raise StorageIOError(f"manifest {where} is not valid JSON (tampered or damaged)") from None
+            raise DataCorrupt(f"backup {where}: manifest is not valid JSON (damaged or tampered)") from None
+        if not isinstance(d, dict):
+            raise DataCorrupt(f"backup {where}: manifest is malformed")
         if d.get("format_version", 0) > FORMAT_VERSION:
-            raise FailedPrecondition(f"manifest {where} has format {d['format_version']}, newer than this "
-                                     f"agent ({FORMAT_VERSION}); upgrade the agent")
+            raise FailedPrecondition(f"backup {where}: manifest format {d['format_version']} is newer than this "
+                                     f"agent's ({FORMAT_VERSION}); upgrade the agent", field="backup_uuid")
         try:
-            return cls(**d)
+            m = cls(**d)
         except TypeError as e:
-            raise StorageIOError(f"manifest {where} is malformed: {e}") from None
+            raise DataCorrupt(f"backup {where}: manifest is malformed: {e}") from None
+        if len(m.chunks) != (m.size + m.chunk_size - 1) // m.chunk_size:
+            raise DataCorrupt(f"backup {where}: manifest lists {len(m.chunks)} chunks for {m.size} bytes")
+        return m

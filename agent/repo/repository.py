@@ -1,120 +1,334 @@
 """A repository on an object store: chunks deduplicated in packs, manifests.
 
-Writes go to a pack buffer; a full pack (or the end of a backup) is written
-with its index. A manifest is published only after every pack it needs is
-durable, so a crash never leaves a backup listed that cannot be restored.
+New chunk records are appended to an open pack, streamed to the store; a
+pack is committed with its index when it reaches PACK_TARGET or when a
+backup publishes its manifest. A manifest is committed only after every pack
+and the block-digest object it needs, so a crash never lists a backup that
+cannot be restored.
+
+The in-memory index (chunk id -> pack, offset, length) is rebuilt from the
+pack indexes; refresh() picks up packs committed by other agents and drops
+packs that a garbage collection removed. Every operation refreshes after it
+takes its repository lock, so a backup never deduplicates against a chunk a
+finished GC removed.
 """
 from __future__ import annotations
 
 import json
 import threading
 import uuid
+from dataclasses import dataclass
 
 import zstandard
 
-from agent.errors import FailedPrecondition, NotFound, StorageIOError
-from agent.repo.format import (DEFAULT_CHUNK_SIZE, FORMAT_VERSION, Manifest, decode_chunk, encode_chunk)
+from agent.errors import DataCorrupt, FailedPrecondition, NotFound
+from agent.repo import crypto
+from agent.repo.format import (BLOCK_SIZE, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, Manifest, block_record_size,
+                               decode_chunk, encode_chunk)
+from agent.repo.locks import EXCLUSIVE, SHARED, RepoLock
 from agent.repo.store import ObjectStore
 
 PACK_TARGET = 64 << 20
+MIN_CHUNK, MAX_CHUNK = 64 << 10, 64 << 20
+
+
+@dataclass(frozen=True)
+class Location:
+    pack: str
+    offset: int
+    length: int  # of the record
+    plain: int  # plaintext bytes of the chunk
+
+
+@dataclass(frozen=True)
+class RepoStats:
+    backups: int
+    chunks: int
+    logical_bytes: int  # non-zero data of all backups, as the volumes hold it
+    unique_bytes: int  # after deduplication
+    stored_bytes: int  # after compression (and encryption): what the packs hold
+    packs: int
+
+
+class _OpenPack:
+    def __init__(self, store: ObjectStore):
+        self.name = f"packs/{uuid.uuid4().hex}"
+        self.writer = store.open_writer(self.name)
+        self.entries: dict[bytes, Location] = {}
 
 
 class Repository:
-    def __init__(self, store: ObjectStore, config: dict):
+    def __init__(self, store: ObjectStore, config: dict, sealer: crypto.Sealer):
         self.store = store
         self.config = config
+        self.id: str = config["id"]
         self.chunk_size: int = config["chunk_size"]
-        self._lock = threading.Lock()
-        self._index: dict[bytes, tuple[str, int, int]] = {}  # digest -> (pack, offset, length)
-        self._pack = bytearray()
-        self._pack_index: dict[str, list[int]] = {}
-        self._compressor = zstandard.ZstdCompressor(level=3)
-        self._decompressor = zstandard.ZstdDecompressor()
-        self._load_index()
+        self.sealer = sealer
+        self.compression: str = config.get("compression", "zstd")
+        self._lock = threading.RLock()
+        self._index: dict[bytes, Location] = {}
+        self._packs: dict[str, list[bytes]] = {}  # committed pack -> chunk ids its index lists
+        self._open: _OpenPack | None = None
+        self._local = threading.local()
+        self.refresh()
+
+    # ---- creation ----
 
     @classmethod
-    def init(cls, store: ObjectStore, chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Repository":
-        if chunk_size <= 0 or chunk_size % 65536:
-            raise FailedPrecondition("chunk_size: must be a positive multiple of 64 KiB", field="chunk_size")
+    def init(cls, store: ObjectStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, password: str = "",
+             compression: str = "zstd") -> "Repository":
+        if not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_size % BLOCK_SIZE:
+            raise FailedPrecondition("chunk_size: must be a multiple of 64 KiB between 64 KiB and 64 MiB",
+                                     field="chunk_size")
+        if compression not in ("zstd", "none"):
+            raise FailedPrecondition("compression: must be zstd or none", field="compression")
         try:
             store.get("config")
-            raise FailedPrecondition("backup point: already holds a repository", field="backup_point")
+            raise FailedPrecondition("backup point: already holds a repository", field="backup_point_uuid")
         except NotFound:
             pass
-        config = {"format_version": FORMAT_VERSION, "id": str(uuid.uuid4()), "chunk_size": chunk_size}
-        store.publish("config", json.dumps(config).encode())
-        return cls(store, config)
+        config = {"format_version": FORMAT_VERSION, "id": str(uuid.uuid4()), "chunk_size": chunk_size,
+                  "block_size": BLOCK_SIZE, "compression": compression}
+        sealer: crypto.Sealer = crypto.Sealer()
+        if password:
+            config["encryption"], sealer = crypto.new_encryption(password, config["id"])
+        store.publish("config", json.dumps(config, sort_keys=True).encode())
+        return cls(store, config, sealer)
 
     @classmethod
-    def open(cls, store: ObjectStore) -> "Repository":
-        config = json.loads(store.get("config"))
-        if config.get("format_version", 0) > FORMAT_VERSION:
+    def open(cls, store: ObjectStore, *, password: str = "") -> "Repository":
+        try:
+            config = json.loads(store.get("config"))
+        except ValueError:
+            raise DataCorrupt("backup point: the repository config is damaged") from None
+        if not isinstance(config, dict) or "format_version" not in config:
+            raise DataCorrupt("backup point: the repository config is damaged")
+        if config["format_version"] > FORMAT_VERSION:
             raise FailedPrecondition(f"backup point: repository format {config['format_version']} is newer than "
-                                     f"this agent ({FORMAT_VERSION}); upgrade the agent", field="backup_point")
-        return cls(store, config)
+                                     f"this agent's ({FORMAT_VERSION}); upgrade the agent",
+                                     field="backup_point_uuid")
+        return cls(store, config, crypto.open_encryption(config, password))
 
-    def _load_index(self) -> None:
-        for name in self.store.list("packs"):
-            if name.endswith(".idx"):
-                pack = name[:-4]
-                for digest_hex, (offset, length) in json.loads(self.store.get(name)).items():
-                    self._index[bytes.fromhex(digest_hex)] = (pack, offset, length)
+    # ---- locks ----
 
-    def has(self, digest: bytes) -> bool:
+    def shared(self, purpose: str, timeout: float = 60.0) -> RepoLock:
+        return RepoLock(self.store, SHARED, purpose, timeout=timeout)
+
+    def exclusive(self, purpose: str, timeout: float = 0.0) -> RepoLock:
+        return RepoLock(self.store, EXCLUSIVE, purpose, timeout=timeout)
+
+    # ---- index ----
+
+    def _read_index(self, pack: str) -> dict[bytes, Location]:
+        raw = self.sealer.open(self.store.get(f"{pack}.idx"), f"index:{pack}".encode(), f"index of {pack}")
+        try:
+            return {bytes.fromhex(k): Location(pack, *v) for k, v in json.loads(raw).items()}
+        except (ValueError, TypeError):
+            raise DataCorrupt(f"index of {pack} is damaged") from None
+
+    def refresh(self) -> None:
+        """Load packs committed since the last look; forget removed ones."""
+        present = {n[:-4] for n in self.store.list("packs") if n.endswith(".idx")}
         with self._lock:
-            return digest in self._index or digest.hex() in self._pack_index
+            for pack in set(self._packs) - present:
+                for cid in self._packs.pop(pack):
+                    loc = self._index.get(cid)
+                    if loc is not None and loc.pack == pack:
+                        del self._index[cid]
+            new = present - set(self._packs)
+        for pack in sorted(new):
+            try:
+                entries = self._read_index(pack)
+            except NotFound:
+                continue  # removed meanwhile
+            with self._lock:
+                self._packs[pack] = list(entries)
+                for cid, loc in entries.items():
+                    self._index.setdefault(cid, loc)
 
-    def put(self, digest: bytes, data) -> int:
-        """Store a chunk unless present; returns the bytes stored (0 if deduplicated)."""
-        if self.has(digest):
-            return 0
-        record = encode_chunk(data, digest, self._compressor)
+    def has(self, cid: bytes) -> bool:
         with self._lock:
-            if digest.hex() in self._pack_index:
+            return cid in self._index or (self._open is not None and cid in self._open.entries)
+
+    def location(self, cid: bytes) -> Location | None:
+        with self._lock:
+            return self._index.get(cid)
+
+    # ---- chunks ----
+
+    def _compressor(self):
+        if self.compression != "zstd":
+            return None
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=1)
+        return c
+
+    def _decompressor(self):
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    def encode(self, cid: bytes, data) -> bytes:
+        """The stored record of a chunk (thread-safe; call from workers)."""
+        return encode_chunk(data, cid, self._compressor(), self.sealer)
+
+    def add(self, cid: bytes, record: bytes, plain: int) -> int:
+        """Append an encoded chunk unless present; returns the bytes stored."""
+        with self._lock:
+            if cid in self._index or (self._open is not None and cid in self._open.entries):
                 return 0
-            self._pack_index[digest.hex()] = [len(self._pack), len(record)]
-            self._pack += record
-            full = len(self._pack) >= PACK_TARGET
-        if full:
-            self.flush()
+            if self._open is None:
+                self._open = _OpenPack(self.store)
+            p = self._open
+            p.entries[cid] = Location(p.name, p.writer.size, len(record), plain)
+            p.writer.write(record)
+            if p.writer.size >= PACK_TARGET:
+                self._commit_pack()
         return len(record)
 
-    def flush(self) -> None:
-        """Write the open pack and its index (durably)."""
-        with self._lock:
-            if not self._pack_index:
-                return
-            pack, index = bytes(self._pack), dict(self._pack_index)
-            self._pack, self._pack_index = bytearray(), {}
-        name = f"packs/{uuid.uuid4().hex}"
-        self.store.put(name, pack)
-        self.store.publish(f"{name}.idx", json.dumps(index).encode())
-        with self._lock:
-            for digest_hex, (offset, length) in index.items():
-                self._index[bytes.fromhex(digest_hex)] = (name, offset, length)
-
-    def get(self, digest: bytes) -> bytes:
-        with self._lock:
-            loc = self._index.get(digest)
-        if loc is None:
-            raise StorageIOError(f"chunk {digest.hex()} is missing from the repository")
-        pack, offset, length = loc
+    def _commit_pack(self) -> None:
+        p, self._open = self._open, None
+        if p is None:
+            return
+        if not p.entries:
+            p.writer.abort()
+            return
         try:
-            data = self.store.get(pack)
+            p.writer.commit()
+            index = {cid.hex(): [loc.offset, loc.length, loc.plain] for cid, loc in p.entries.items()}
+            self.store.publish(f"{p.name}.idx", self.sealer.seal(json.dumps(index).encode(),
+                                                                 f"index:{p.name}".encode()))
+        except BaseException:
+            self.store.delete(p.name)
+            raise
+        self._packs[p.name] = list(p.entries)
+        for cid, loc in p.entries.items():
+            self._index.setdefault(cid, loc)
+
+    def flush(self) -> None:
+        """Commit the open pack and its index (durably)."""
+        with self._lock:
+            self._commit_pack()
+
+    def discard_open_pack(self) -> None:
+        """Drop the open pack of a failed backup (nothing references it yet)."""
+        with self._lock:
+            p, self._open = self._open, None
+        if p is not None:
+            p.writer.abort()
+
+    def read_record(self, cid: bytes) -> tuple[Location, bytes]:
+        loc = self.location(cid)
+        if loc is None:
+            raise DataCorrupt(f"chunk {cid.hex()} is missing from the repository")
+        try:
+            return loc, self.store.get(loc.pack, loc.offset, loc.length)
         except NotFound:
-            raise StorageIOError(f"chunk {digest.hex()}: pack {pack} is missing") from None
-        return decode_chunk(data[offset:offset + length], digest, self._decompressor, pack)
+            raise DataCorrupt(f"chunk {cid.hex()}: pack {loc.pack} is missing") from None
+
+    def get(self, cid: bytes) -> bytes:
+        loc, record = self.read_record(cid)
+        return decode_chunk(record, cid, self._decompressor(), self.sealer, loc.pack)
+
+    # ---- block digests ----
+
+    def block_writer(self, backup_id: str) -> "BlockWriter":
+        return BlockWriter(self, backup_id)
+
+    def block_reader(self, backup_id: str) -> "BlockReader":
+        return BlockReader(self, backup_id)
+
+    # ---- manifests ----
 
     def publish_manifest(self, manifest: Manifest) -> None:
         self.flush()  # every chunk the manifest names is durable first
-        self.store.publish(f"manifests/{manifest.backup_id}", manifest.to_bytes())
+        self.store.publish(f"manifests/{manifest.backup_id}",
+                           self.sealer.seal(manifest.to_bytes(), f"manifest:{manifest.backup_id}".encode()))
 
     def manifest(self, backup_id: str) -> Manifest:
         try:
-            return Manifest.from_bytes(self.store.get(f"manifests/{backup_id}"), backup_id)
+            raw = self.store.get(f"manifests/{backup_id}")
         except NotFound:
-            raise NotFound(f"backup_uuid: no backup {backup_id} in this repository", field="backup_uuid") from None
+            raise NotFound(f"backup_uuid: no backup {backup_id} on this backup point", field="backup_uuid") from None
+        return Manifest.from_bytes(self.sealer.open(raw, f"manifest:{backup_id}".encode(), f"backup {backup_id}"),
+                                   backup_id)
+
+    def backup_ids(self) -> list[str]:
+        return [n.split("/", 1)[1] for n in self.store.list("manifests")]
 
     def manifests(self) -> list[Manifest]:
-        return sorted((self.manifest(n.split("/", 1)[1]) for n in self.store.list("manifests")),
-                      key=lambda m: m.created_at)
+        out = []
+        for bid in self.backup_ids():
+            try:
+                out.append(self.manifest(bid))
+            except NotFound:
+                continue  # deleted meanwhile
+        return sorted(out, key=lambda m: m.created_at)
+
+    def delete_backup(self, backup_id: str) -> None:
+        """Unlist a backup (its chunks go at the next GC). Other backups never
+        depend on it."""
+        self.manifest(backup_id)  # exists and is readable
+        self.store.delete(f"manifests/{backup_id}")
+        self.store.delete(f"blocks/{backup_id}")
+
+    def stats(self) -> RepoStats:
+        manifests = self.manifests()
+        with self._lock:
+            unique = sum(loc.plain for loc in self._index.values())
+            chunks = len(self._index)
+            packs = list(self._packs)
+        stored = sum(self.store.size(p) for p in packs)
+        return RepoStats(len(manifests), chunks, sum(m.data_bytes for m in manifests), unique, stored, len(packs))
+
+
+class BlockWriter:
+    """Writes blocks/<backup id>: one fixed-size record per chunk, in order."""
+
+    def __init__(self, repo: Repository, backup_id: str):
+        self.repo = repo
+        self.backup_id = backup_id
+        self.record = repo.chunk_size // BLOCK_SIZE * 32
+        self.writer = repo.store.open_writer(f"blocks/{backup_id}")
+        self.n = 0
+
+    def add(self, digests: bytes) -> None:
+        plain = digests.ljust(self.record, b"\0")
+        self.writer.write(self.repo.sealer.seal(plain, f"blocks:{self.backup_id}:{self.n}".encode()))
+        self.n += 1
+
+    def commit(self) -> None:
+        self.writer.commit()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+class BlockReader:
+    """Reads the block-digest records of a backup in order, a window at a time."""
+
+    WINDOW = 256
+
+    def __init__(self, repo: Repository, backup_id: str):
+        self.repo = repo
+        self.backup_id = backup_id
+        self.size = block_record_size(repo.chunk_size, repo.sealer)
+        self._start = 0
+        self._buf = b""
+
+    def get(self, i: int, nblocks: int) -> bytes:
+        if not self._start <= i < self._start + len(self._buf) // self.size:
+            self._start = i
+            try:
+                self._buf = self.repo.store.get(f"blocks/{self.backup_id}", i * self.size, self.WINDOW * self.size)
+            except NotFound:
+                raise DataCorrupt(f"backup {self.backup_id}: its block digests are missing") from None
+            if len(self._buf) < self.size:
+                raise DataCorrupt(f"backup {self.backup_id}: its block digests end before chunk {i}")
+        off = (i - self._start) * self.size
+        raw = self._buf[off:off + self.size]
+        plain = self.repo.sealer.open(raw, f"blocks:{self.backup_id}:{i}".encode(),
+                                      f"block digests of backup {self.backup_id}")
+        return plain[:nblocks * 32]

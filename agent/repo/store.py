@@ -1,15 +1,19 @@
-"""The object-store interface a repository lives on, and the local directory store.
+"""The object-store interface a repository lives on.
 
-Names are relative, '/'-separated, and never escape the store's root. Remote
-stores (NFS, SMB, raw LUNs) implement the same small interface.
+Names are relative, '/'-separated, and never escape the store's root. A store
+offers only what every backup point type can do cheaply, including a raw LUN
+later (fixed-size slots): write a whole object, stream one in through a
+writer, read a byte range, list, delete. An object becomes visible only when
+its writer commits, durably, under its final name; a crash before that leaves
+at most a hidden partial object that `sweep_partial()` removes.
 """
 from __future__ import annotations
 
-import os
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
-from agent.errors import InvalidArgument, NotFound, StorageIOError
+from agent.errors import InvalidArgument
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
@@ -20,84 +24,68 @@ def check_object_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class StoreStats:
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+
+
+class ObjectWriter(ABC):
+    """Appends to a new object; commit() makes it durable and visible."""
+
+    @abstractmethod
+    def write(self, data) -> None: ...
+
+    @abstractmethod
+    def commit(self) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    def __enter__(self) -> "ObjectWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
 class ObjectStore(ABC):
     @abstractmethod
-    def put(self, name: str, data: bytes) -> None:
-        """Write an object (not yet durable or visible as complete)."""
+    def open_writer(self, name: str) -> ObjectWriter:
+        """Start writing an object; it stays invisible until commit()."""
 
-    @abstractmethod
     def publish(self, name: str, data: bytes) -> None:
         """Write an object durably and make it visible atomically."""
+        with self.open_writer(name) as w:
+            w.write(data)
+            w.commit()
 
     @abstractmethod
-    def get(self, name: str) -> bytes: ...
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Bytes of an object (a range of it); NotFound if it does not exist."""
 
     @abstractmethod
-    def list(self, prefix: str) -> list[str]: ...
+    def size(self, name: str) -> int: ...
 
     @abstractmethod
-    def delete(self, name: str) -> None: ...
-
-
-class LocalStore(ObjectStore):
-    def __init__(self, root: str):
-        self.root = os.path.realpath(root)
-        os.makedirs(self.root, mode=0o750, exist_ok=True)
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.root, check_object_name(name))
-
-    def _write(self, path: str, data: bytes, durable: bool) -> None:
-        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-            if durable:
-                dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-        except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise StorageIOError(f"backup point: cannot write {path}: {e.strerror}") from None
-
-    def put(self, name: str, data: bytes) -> None:
-        self._write(self._path(name), data, durable=True)
-
-    def publish(self, name: str, data: bytes) -> None:
-        self._write(self._path(name), data, durable=True)
-
-    def get(self, name: str) -> bytes:
-        try:
-            with open(self._path(name), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise NotFound(f"backup point: object {name} is missing", field="name") from None
-        except OSError as e:
-            raise StorageIOError(f"backup point: cannot read {name}: {e.strerror}") from None
-
     def list(self, prefix: str) -> list[str]:
-        d = self._path(prefix.rstrip("/"))
-        try:
-            return sorted(f"{prefix.rstrip('/')}/{f}" for f in os.listdir(d) if ".tmp-" not in f)
-        except FileNotFoundError:
-            return []
+        """Committed objects directly under a prefix ("packs" -> "packs/x")."""
 
+    @abstractmethod
     def delete(self, name: str) -> None:
-        try:
-            os.unlink(self._path(name))
-        except FileNotFoundError:
-            pass
+        """Remove an object; a missing one is not an error."""
+
+    @abstractmethod
+    def sweep_partial(self, prefix: str) -> int:
+        """Remove partial objects under a prefix left by writers that never
+        committed (call only while no writer can be active there); returns
+        how many."""
+
+    @abstractmethod
+    def stats(self) -> StoreStats: ...

@@ -1,0 +1,52 @@
+"""Restore a backup into a writer (a new volume, usually).
+
+Chunks are fetched and decoded (decrypt, decompress, checksum) by a small
+pool of workers, several in flight, and written in order; zero chunks are not
+written (a new volume reads as zeros). The image digest of everything written
+is computed on the way and compared with the manifest's by the caller.
+"""
+from __future__ import annotations
+
+from agent import native
+from agent.repo.format import ZERO, Manifest
+from agent.repo.pipeline import OrderedPipeline
+from agent.repo.repository import Repository
+
+
+def restore(repo: Repository, manifest: Manifest, write, *, ctx=None) -> str:
+    """Feed the backup to write(offset, data) for non-zero chunks; returns
+    the image digest (hex) of the content written."""
+    from agent.jobs.kinds import NullContext
+
+    ctx = ctx or NullContext()
+    with repo.shared("restore"):
+        repo.refresh()
+        return _restore(repo, manifest, write, ctx)
+
+
+def _restore(repo: Repository, m: Manifest, write, ctx) -> str:
+    h = native.ImageHash()
+    cs = m.chunk_size
+    ctx.progress(0, m.size, "restoring")
+
+    def work(i: int, cid: str):
+        return i, (repo.get(bytes.fromhex(cid)) if cid != ZERO else None)
+
+    def retire(result) -> None:
+        i, data = result
+        offset = i * cs
+        length = min(cs, m.size - offset)
+        if data is None:
+            h.zero(length)
+        else:
+            ctx.throttle(len(data))
+            write(offset, data)
+            h.update(data)
+        ctx.progress(offset + length)
+
+    with OrderedPipeline(work, retire) as pipe:
+        for i, cid in enumerate(m.chunks):
+            ctx.checkpoint()
+            pipe.submit(i, cid)
+        pipe.drain()
+    return h.digest().hex()

@@ -1,0 +1,1 @@
+"""Backup point types: each one an object store (agent.repo.store)."""

@@ -1,0 +1,150 @@
+"""A directory backup point: objects are files under a root directory.
+
+Writers fill a hidden temporary file beside the final name, fsync it, rename
+it into place and fsync the directory, so a committed object is durable and a
+crashed writer leaves only a `.part-*` file that sweep_partial() removes.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+from agent.errors import NotFound, StorageIOError
+from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name
+
+PART = ".part-"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _FileWriter(ObjectWriter):
+    def __init__(self, path: str):
+        self.path = path
+        self.tmp = os.path.join(os.path.dirname(path), f"{PART}{uuid.uuid4().hex}")
+        self._size = 0
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            raise StorageIOError(f"backup point: cannot create {path}: {e.strerror}") from None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self._size += n
+        except OSError as e:
+            self.abort()
+            raise StorageIOError(f"backup point: cannot write {self.path}: {e.strerror}") from None
+
+    def commit(self) -> None:
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.rename(self.tmp, self.path)
+            _fsync_dir(os.path.dirname(self.path))
+        except OSError as e:
+            self.abort()
+            raise StorageIOError(f"backup point: cannot commit {self.path}: {e.strerror}") from None
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+class LocalStore(ObjectStore):
+    def __init__(self, root: str):
+        self.root = os.path.realpath(root)
+        try:
+            os.makedirs(self.root, mode=0o750, exist_ok=True)
+        except OSError as e:
+            raise StorageIOError(f"backup point: cannot create {self.root}: {e.strerror}") from None
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, check_object_name(name))
+
+    def open_writer(self, name: str) -> ObjectWriter:
+        return _FileWriter(self._path(name))
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        try:
+            with open(self._path(name), "rb", buffering=0) as f:
+                if offset:
+                    f.seek(offset)
+                if length is None:
+                    return f.read()
+                out = bytearray(length)
+                view, got = memoryview(out), 0
+                while got < length:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                return bytes(out[:got]) if got < length else bytes(out)
+        except FileNotFoundError:
+            raise NotFound(f"backup point: object {name} is missing", field="name") from None
+        except OSError as e:
+            raise StorageIOError(f"backup point: cannot read {name}: {e.strerror}") from None
+
+    def size(self, name: str) -> int:
+        try:
+            return os.stat(self._path(name)).st_size
+        except FileNotFoundError:
+            raise NotFound(f"backup point: object {name} is missing", field="name") from None
+
+    def list(self, prefix: str) -> list[str]:
+        prefix = prefix.rstrip("/")
+        d = self._path(prefix) if prefix else self.root
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        return sorted(f"{prefix}/{f}" if prefix else f for f in names
+                      if not f.startswith(PART) and os.path.isfile(os.path.join(d, f)))
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageIOError(f"backup point: cannot delete {name}: {e.strerror}") from None
+
+    def sweep_partial(self, prefix: str) -> int:
+        d = self._path(prefix.rstrip("/"))
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return 0
+        n = 0
+        for f in names:
+            if f.startswith(PART):
+                os.unlink(os.path.join(d, f))
+                n += 1
+        return n
+
+    def stats(self) -> StoreStats:
+        st = os.statvfs(self.root)
+        total = st.f_blocks * st.f_frsize
+        return StoreStats(total, total - st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize)
+
+    def is_empty(self) -> bool:
+        return not os.listdir(self.root)
