@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from agent.api.v1 import host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc, volumes_pb2_grpc
+from agent.api.v1 import (backups_pb2_grpc, host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc,
+                          volumes_pb2_grpc)
 
 DEFAULT_SOCKET = "/run/blockferry/agent.sock"
 
@@ -43,6 +44,7 @@ class AgentClient:
         self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
         self.host = host_pb2_grpc.HostServiceStub(self.channel)
         self.volumes = volumes_pb2_grpc.VolumeServiceStub(self.channel)
+        self.backups = backups_pb2_grpc.BackupServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -75,6 +77,9 @@ class AgentClient:
 
     def volume_call(self, method: str, request):
         return getattr(self.volumes, method)(request, metadata=self.metadata)
+
+    def backup_call(self, method: str, request):
+        return getattr(self.backups, method)(request, metadata=self.metadata)
 
     def get(self, job_id: str) -> jobs_pb2.Job:
         return self.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata)

@@ -92,7 +92,25 @@ class PoolSection:
     timeout: float = option(30.0, "rbd: seconds any librados/librbd call may block (connect, monitor and OSD ops).")
 
 
+@dataclass
+class BackupPointSection:
+    """A backup point: [backup_points.<uuid>] with its type and where its repository lives."""
+
+    type: str = option("local", "local: a directory (a local disk or any mounted file system).")
+    path: str = option("", "local: the directory holding the repository.")
+    password: str = option("", "Turns on encryption (AES-256-GCM, scrypt-derived key) when the repository is "
+                           "created; then required to open it. A file that sets it must be mode 0600.",
+                           secret=True)
+    chunk_size: int = option(4 << 20, "Bytes per chunk of a new repository (a multiple of 64 KiB; 4 MiB matches "
+                             "RBD objects).")
+    compression: str = option("zstd", "zstd or none, for a new repository.")
+    initialize: bool = option(True, "Create a repository on first use when the directory is empty (a directory "
+                              "holding anything else is never touched).")
+
+
 POOL_TYPES = ("dir", "rbd")
+BACKUP_POINT_TYPES = ("local",)
+TABLES = {"pools": "PoolSection", "backup_points": "BackupPointSection"}
 RBD_FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling")
 
 
@@ -103,6 +121,7 @@ class Config:
     jobs: JobsSection = field(default_factory=JobsSection)
     systemd: SystemdSection = field(default_factory=SystemdSection)
     pools: dict[str, PoolSection] = field(default_factory=dict)  # pool uuid -> pool
+    backup_points: dict[str, BackupPointSection] = field(default_factory=dict)  # uuid -> backup point
     sources: list[str] = field(default_factory=list)  # files merged, in order
 
     # --- validation of values (types are checked while loading) ---
@@ -125,6 +144,16 @@ class Config:
                     raise bad(f"pools.{uuid}", "features", f"unknown RBD features {unknown}")
                 if pool.timeout <= 0:
                     raise bad(f"pools.{uuid}", "timeout", "must be positive")
+        for uuid, bp in self.backup_points.items():
+            label = f"backup_points.{uuid}"
+            if bp.type not in BACKUP_POINT_TYPES:
+                raise bad(label, "type", f"must be one of {', '.join(BACKUP_POINT_TYPES)}, not {bp.type!r}")
+            if not os.path.isabs(bp.path):
+                raise bad(label, "path", "must be an absolute path")
+            if bp.chunk_size < 64 << 10 or bp.chunk_size > 64 << 20 or bp.chunk_size % (64 << 10):
+                raise bad(label, "chunk_size", "must be a multiple of 64 KiB between 64 KiB and 64 MiB")
+            if bp.compression not in ("zstd", "none"):
+                raise bad(label, "compression", f"must be zstd or none, not {bp.compression!r}")
         if not os.path.isabs(self.agent.run_dir):
             raise bad("agent", "run_dir", "must be an absolute path")
         if self.agent.log_level not in ("debug", "info", "warning", "error"):
@@ -162,7 +191,7 @@ class Config:
     def sections(self) -> dict[str, Any]:
         """The fixed sections (pools are a table of sections, handled apart)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("sources", "pools")}
+                if f.name not in ("sources", *TABLES)}
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -205,22 +234,25 @@ def _merge_file(cfg: Config, path: Path) -> None:
     for name, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: {name} must be a [section]", field=name)
-        if name == "pools":
-            for pool_uuid, pool_values in values.items():
-                label = f"pools.{pool_uuid}"
-                if not isinstance(pool_values, dict):
+        if name in TABLES:
+            section_type = globals()[TABLES[name]]
+            for item_uuid, item_values in values.items():
+                label = f"{name}.{item_uuid}"
+                if not isinstance(item_values, dict):
                     raise ConfigError(f"{path}: {label} must be a [section]", field=label)
-                _check_pool_uuid(path, pool_uuid)
-                _merge_section(path, label, cfg.pools.setdefault(pool_uuid, PoolSection()), pool_values)
+                _check_uuid_key(path, name, item_uuid)
+                if any(f.metadata["secret"] and item_values.get(f.name) for f in dataclasses.fields(section_type)):
+                    _check_private(path, label)
+                _merge_section(path, label, getattr(cfg, name).setdefault(item_uuid, section_type()), item_values)
             continue
         if name not in sections:
-            raise ConfigError(f"{path}: unknown section [{name}] (known: {', '.join(sections)}, pools)",
+            raise ConfigError(f"{path}: unknown section [{name}] (known: {', '.join([*sections, *TABLES])})",
                               field=name)
         _merge_section(path, name, sections[name], values)
     cfg.sources.append(str(path))
 
 
-def _check_pool_uuid(path: Path, value: str) -> None:
+def _check_uuid_key(path: Path, table: str, value: str) -> None:
     import uuid
 
     try:
@@ -228,7 +260,15 @@ def _check_pool_uuid(path: Path, value: str) -> None:
     except ValueError:
         ok = False
     if not ok:
-        raise ConfigError(f"{path}: [pools.{value}]: the pool name must be its canonical UUID", field="pools")
+        raise ConfigError(f"{path}: [{table}.{value}]: the section name must be a canonical UUID", field=table)
+
+
+def _check_private(path: Path, label: str) -> None:
+    """A file that holds a secret must not be readable by group or others."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise ConfigError(f"{path}: [{label}] holds a secret, so the file must be mode 0600 "
+                          f"(it is {mode & 0o777:04o})", field=label)
 
 
 def default_conf_dir(config_path: str) -> str:
@@ -292,11 +332,18 @@ def render(cfg: Config, *, commented: bool, mask_secrets: bool) -> str:
         lines += _render_section("[pools.0eca2be3-056f-4634-a25b-5cf717e067fb]", example, True, mask_secrets)
     for pool_uuid, pool in cfg.pools.items():
         lines += _render_section(f"[pools.{pool_uuid}]", pool, commented, mask_secrets)
+    if commented:
+        lines.append(f"# {(BackupPointSection.__doc__ or '').strip()} For example:")
+        example_bp = BackupPointSection(path="/var/lib/blockferry/backups")
+        lines += _render_section("[backup_points.5b0c3f55-54d5-4b8e-9c2f-0a4f3c1e9d11]", example_bp, True,
+                                 mask_secrets)
+    for bp_uuid, bp in cfg.backup_points.items():
+        lines += _render_section(f"[backup_points.{bp_uuid}]", bp, commented, mask_secrets)
     return "\n".join(lines)
 
 
 def _render_section(header: str, section: Any, commented: bool, mask_secrets: bool) -> list[str]:
-    lines = [f"#{header}" if commented and header.startswith("[pools.") else header]
+    lines = [f"#{header}" if commented and header.startswith(("[pools.", "[backup_points.")) else header]
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if mask_secrets and f.metadata["secret"] and value:
@@ -313,7 +360,7 @@ def _render_section(header: str, section: Any, commented: bool, mask_secrets: bo
 def secrets(cfg: Config) -> list[str]:
     """Secret values currently set (to keep them out of logs)."""
     out = []
-    for section in cfg.sections().values():
+    for section in [*cfg.sections().values(), *cfg.pools.values(), *cfg.backup_points.values()]:
         for f in dataclasses.fields(section):
             if f.metadata["secret"] and getattr(section, f.name):
                 out.append(getattr(section, f.name))

@@ -57,7 +57,8 @@ class Agent:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        from agent.api.v1 import host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc, volumes_pb2, volumes_pb2_grpc
+        from agent.api.v1 import (backups_pb2, backups_pb2_grpc, host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc,
+                                  volumes_pb2, volumes_pb2_grpc)
         from agent.checksum import ChecksumKind
         from agent.jobs.engine import JobEngine
         from agent.pools import PoolRegistry
@@ -65,11 +66,16 @@ class Agent:
         from agent.services.host import HostService
         from agent.services.jobs import JobService
         from agent.services.volumes import VolumeService
+        from agent.repo.jobs import BackupKind, GcKind, RestoreKind, VerifyKind
+        from agent.services.backups import BackupService
+        from agent.targets.registry import BackupPoints
         from agent.volumes.jobs import CloneKind, FlattenKind
 
         cfg = self.cfg
         pools = PoolRegistry(cfg)
-        kinds = [ChecksumKind(pools.allowed_roots, pools), CloneKind(pools), FlattenKind(pools)]
+        points = BackupPoints(cfg)
+        kinds = [ChecksumKind(pools.allowed_roots, pools), CloneKind(pools), FlattenKind(pools),
+                 BackupKind(pools, points), RestoreKind(pools, points), VerifyKind(points), GcKind(points)]
         engine = JobEngine(
             os.path.join(cfg.agent.state_dir, "jobs.sqlite3"), kinds,
             max_concurrent=cfg.jobs.max_concurrent, bandwidth_limit=cfg.jobs.bandwidth_limit,
@@ -83,12 +89,14 @@ class Agent:
         host_pb2_grpc.add_HostServiceServicer_to_server(
             HostService(engine, auth, self.binding_status, cfg.agent.roots), server)
         volumes_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeService(pools, engine, auth), server)
+        backups_pb2_grpc.add_BackupServiceServicer_to_server(BackupService(points, engine, auth), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = [
             jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
             host_pb2.DESCRIPTOR.services_by_name["HostService"].full_name,
             volumes_pb2.DESCRIPTOR.services_by_name["VolumeService"].full_name,
+            backups_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name,
         ]
         reflection.enable_server_reflection(
             [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],

@@ -69,6 +69,7 @@ POOL_UUID = "0eca2be3-056f-4634-a25b-5cf717e067fb"
 POOL2_UUID = "f0dc0363-5e70-419a-95ad-2c49c14d70c1"
 RBD_POOL_UUID = "ca12d616-73c4-4629-a5c0-a37a8e163c33"
 RBD2_POOL_UUID = "5d0c7f0e-6a0b-4c59-8d6e-2f0b8e6c1a11"
+BP_UUID = "7a4f2d8e-3b1c-4e5f-9a6b-1c2d3e4f5a6b"
 
 
 def write_config(workdir: Path, extra: str = "", roots: list[Path] | None = None) -> AgentProcess:
@@ -84,6 +85,9 @@ def write_config(workdir: Path, extra: str = "", roots: list[Path] | None = None
         path = "{workdir}/pool"
         [pools.{POOL2_UUID}]
         path = "{workdir}/pool2"
+        [backup_points.{BP_UUID}]
+        path = "{workdir}/bp"
+        chunk_size = 1048576
         [agent]
         state_dir = "{workdir}/state"
         run_dir = "{workdir}/run"

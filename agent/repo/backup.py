@@ -57,7 +57,7 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
-    with repo.shared("backup"):
+    with repo.shared("backup", checkpoint=ctx.checkpoint):
         repo.refresh()
         return _backup(driver, volume, snapshot, repo, parent, full, backup_id or str(uuid.uuid4()), name,
                        description, tenant, ctx)

@@ -43,7 +43,7 @@ def gc(repo: Repository, *, ctx=None, lock_timeout: float = 0.0) -> GcResult:
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
-    with repo.exclusive("gc", timeout=lock_timeout):
+    with repo.exclusive("gc", timeout=lock_timeout, checkpoint=ctx.checkpoint):
         repo.refresh()
         return _gc(repo, ctx)
 

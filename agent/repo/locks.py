@@ -66,7 +66,9 @@ class LockRecord:
 
 
 class RepoLock:
-    def __init__(self, store, mode: str, purpose: str, *, timeout: float = 0.0, stale_after: float = STALE_AFTER):
+    def __init__(self, store, mode: str, purpose: str, *, timeout: float = 0.0, stale_after: float = STALE_AFTER,
+                 checkpoint=None):
+        self.checkpoint = checkpoint
         self.store = store
         self.mode = mode
         self.record = LockRecord(uuid.uuid4().hex, mode, purpose, socket.gethostname(), _boot_id(), os.getpid(),
@@ -116,6 +118,8 @@ class RepoLock:
             if time.monotonic() >= deadline:
                 raise RepositoryLocked(f"backup point: the repository is locked by {conflicts[0].describe()}; "
                                        "try again when it ends", field="backup_point_uuid")
+            if self.checkpoint:
+                self.checkpoint()  # a waiting job can still be cancelled
             time.sleep(random.uniform(0.05, 0.5))
         self._thread = threading.Thread(target=self._refresh, name="repo-lock", daemon=True)
         self._thread.start()

@@ -29,6 +29,7 @@ from agent.repo.locks import EXCLUSIVE, SHARED, RepoLock
 from agent.repo.store import ObjectStore
 
 PACK_TARGET = 64 << 20
+SHARED_WAIT = 3600.0
 MIN_CHUNK, MAX_CHUNK = 64 << 10, 64 << 20
 
 
@@ -111,11 +112,13 @@ class Repository:
 
     # ---- locks ----
 
-    def shared(self, purpose: str, timeout: float = 60.0) -> RepoLock:
-        return RepoLock(self.store, SHARED, purpose, timeout=timeout)
+    def shared(self, purpose: str, timeout: float = SHARED_WAIT, checkpoint=None) -> RepoLock:
+        """Backups, restores, verifies, deletes: wait (cancellably) while a GC runs."""
+        return RepoLock(self.store, SHARED, purpose, timeout=timeout, checkpoint=checkpoint)
 
-    def exclusive(self, purpose: str, timeout: float = 0.0) -> RepoLock:
-        return RepoLock(self.store, EXCLUSIVE, purpose, timeout=timeout)
+    def exclusive(self, purpose: str, timeout: float = 0.0, checkpoint=None) -> RepoLock:
+        """GC: refused at once while anything else holds the repository."""
+        return RepoLock(self.store, EXCLUSIVE, purpose, timeout=timeout, checkpoint=checkpoint)
 
     # ---- index ----
 

@@ -19,7 +19,7 @@ def restore(repo: Repository, manifest: Manifest, write, *, ctx=None) -> str:
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
-    with repo.shared("restore"):
+    with repo.shared("restore", checkpoint=ctx.checkpoint):
         repo.refresh()
         return _restore(repo, manifest, write, ctx)
 

@@ -31,7 +31,7 @@ def verify(repo: Repository, manifest: Manifest, *, deep: bool, ctx=None) -> Ver
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
-    with repo.shared("verify"):
+    with repo.shared("verify", checkpoint=ctx.checkpoint):
         repo.refresh()
         return _verify(repo, manifest, deep, ctx)
 

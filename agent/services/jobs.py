@@ -6,6 +6,8 @@ from agent.checksum import ChecksumResult, ChecksumSpec
 from agent.jobs.engine import JobEngine
 from agent.jobs.model import Job, JobState
 from agent.services.common import Auth, rpc
+from agent.repo.jobs import (BackupResult, BackupSpec, GcResult, GcSpec, RestoreResult, RestoreSpec, VerifyResult,
+                             VerifySpec)
 from agent.volumes.jobs import CloneResult, CloneSpec, FlattenResult, FlattenSpec
 
 STATE_TO_PB = {
@@ -19,10 +21,16 @@ STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
 
 # spec/result dataclass <-> (oneof field, proto message class); the fields match by name.
 SPECS = {ChecksumSpec: ("checksum", jobs_pb2.ChecksumSpec), CloneSpec: ("clone", jobs_pb2.CloneSpec),
-         FlattenSpec: ("flatten", jobs_pb2.FlattenSpec)}
+         FlattenSpec: ("flatten", jobs_pb2.FlattenSpec), BackupSpec: ("backup", jobs_pb2.BackupSpec),
+         RestoreSpec: ("restore", jobs_pb2.RestoreSpec), VerifySpec: ("verify", jobs_pb2.VerifySpec),
+         GcSpec: ("gc", jobs_pb2.GcSpec)}
 RESULTS = {ChecksumResult: ("checksum_result", jobs_pb2.ChecksumResult),
            CloneResult: ("clone_result", jobs_pb2.CloneResult),
-           FlattenResult: ("flatten_result", jobs_pb2.FlattenResult)}
+           FlattenResult: ("flatten_result", jobs_pb2.FlattenResult),
+           BackupResult: ("backup_result", jobs_pb2.BackupResult),
+           RestoreResult: ("restore_result", jobs_pb2.RestoreResult),
+           VerifyResult: ("verify_result", jobs_pb2.VerifyResult),
+           GcResult: ("gc_result", jobs_pb2.GcResult)}
 SPEC_BY_FIELD = {name: cls for cls, (name, _) in SPECS.items()}
 
 
@@ -60,7 +68,7 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
 def spec_from_pb(request: jobs_pb2.SubmitJobRequest) -> tuple[str, object]:
     which = request.WhichOneof("spec")
     if which is None:
-        raise errors.InvalidArgument("spec: missing; set one job spec (checksum, clone, flatten)", field="spec")
+        raise errors.InvalidArgument("spec: missing; set one job spec (" + ", ".join(SPEC_BY_FIELD) + ")", field="spec")
     cls = SPEC_BY_FIELD[which]
     pb = getattr(request, which)
     import dataclasses

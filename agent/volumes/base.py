@@ -204,3 +204,26 @@ class VolumeDriver(ABC):
     @abstractmethod
     def flatten(self, volume_uuid: str, *, on_percent=None, checkpoint=None) -> VolumeInfo:
         """Make a linked clone independent of its origin."""
+
+    @abstractmethod
+    def open_restore_target(self, volume_uuid: str, name: str, capacity: int,
+                            job_id: str) -> "RestoreTarget":
+        """A new volume to write a restore into. It does not exist as a
+        volume until commit(); abort() (or a crash) leaves nothing that looks
+        like one."""
+
+
+class RestoreTarget(ABC):
+    """Where a restore writes: write() takes data at an offset (zero blocks
+    inside it are skipped, the new volume reads as zeros there)."""
+
+    @abstractmethod
+    def write(self, offset: int, data) -> None: ...
+
+    @abstractmethod
+    def commit(self) -> VolumeInfo:
+        """Flush, make the volume durable and visible; returns it."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Remove everything written; safe to call more than once."""

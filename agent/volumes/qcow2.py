@@ -37,18 +37,19 @@ import os
 import time
 from typing import Callable
 
+from agent import native
 from agent.errors import (AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound,
                           OutOfRange, StorageIOError, TrackingLost)
 from agent.extents import Extent
 from agent.paths import resolve_under_roots
 from agent.volumes import qemu_img
-from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, SnapshotInfo, SnapshotTree, VolumeDriver,
-                                VolumeInfo, build_tree,
-                                check_name, check_uuid)
-from agent.volumes.nbd import AllocExtent, QemuNbd
+from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget, SnapshotInfo, SnapshotTree,
+                                VolumeDriver, VolumeInfo, build_tree, check_name, check_uuid)
+from agent.volumes.nbd import AllocExtent, AsyncWriter, QemuNbd
 from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
 
 log = logging.getLogger("agent.qcow2")
+ZERO_RUN = 64 << 10  # zero runs of this size are not written into a new image
 
 BITMAP = "bf-dirty"
 GRANULARITY = 65536
@@ -620,6 +621,57 @@ class Qcow2Pool(VolumeDriver):
         except BaseException:
             abort()  # a cancelled or failed copy leaves no volume behind
             raise
+
+    def open_restore_target(self, volume_uuid: str, name: str, capacity: int, job_id: str) -> "Qcow2RestoreTarget":
+        tmp, commit, abort = self.new_volume_for_copy(volume_uuid, name, capacity, job_id=job_id)
+        try:
+            return Qcow2RestoreTarget(tmp, commit, abort, self.run_dir)
+        except BaseException:
+            abort()
+            raise
+
+
+class Qcow2RestoreTarget(RestoreTarget):
+    """Writes through a writable qemu-nbd on the hidden temporary image that
+    new_volume_for_copy reserved; commit() renames it into the pool."""
+
+    def __init__(self, tmp: str, commit: Callable, abort: Callable, run_dir: str):
+        self._commit, self._abort = commit, abort
+        self.server = QemuNbd(tmp, readonly=False, run_dir=run_dir).start()
+        try:
+            self.client = self.server.connect()
+            self.writer = AsyncWriter(self.client)
+        except BaseException:
+            self.server.stop()
+            raise
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data)
+        for a, b in native.nonzero_runs(view, ZERO_RUN):
+            self.writer.write(view[a:b], offset + a)
+
+    def _close(self) -> None:
+        if self.server is not None:
+            try:
+                self.client.close()
+            finally:
+                self.server.stop()
+                self.server = None
+
+    def commit(self) -> VolumeInfo:
+        try:
+            self.writer.finish()
+            self._close()
+            return self._commit()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        try:
+            self._close()
+        finally:
+            self._abort()
 
 
 def merge_extents(extents: list[Extent]) -> list[Extent]:

@@ -34,9 +34,8 @@ from agent import native
 from agent.errors import (AlreadyExists, Cancelled, FailedPrecondition, HasDependents, InUse, InvalidArgument,
                           NotFound, StorageIOError)
 from agent.extents import Extent
-from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, SnapshotInfo, SnapshotTree, VolumeDriver,
-                                VolumeInfo, build_tree,
-                                check_name, check_uuid)
+from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget, SnapshotInfo, SnapshotTree,
+                                VolumeDriver, VolumeInfo, build_tree, check_name, check_uuid)
 from agent.volumes.qcow2 import check_capacity, merge_extents
 from agent.volumes.nbd import AllocExtent
 
@@ -672,6 +671,76 @@ class RbdPool(VolumeDriver):
         with self.ioctx() as io, self._image(io, vol, snapshot=check_uuid(snapshot_uuid, "snapshot_uuid"),
                                              read_only=True) as img:
             RbdReader(img, request_size=request_size).read_extents(extents, on_data, checkpoint=checkpoint)
+
+    def open_restore_target(self, volume_uuid: str, name: str, capacity: int, job_id: str) -> "RbdRestoreTarget":
+        vol = check_uuid(volume_uuid, "volume_uuid")
+        check_name(name, "name")
+        if self.volume_exists(vol):
+            raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
+        return RbdRestoreTarget(self, vol, name, capacity)
+
+
+class RbdRestoreTarget(RestoreTarget):
+    """Writes into a hidden temporary image (.<uuid>.restore) with aio;
+    commit() stamps the name and renames it to the volume uuid."""
+
+    def __init__(self, pool: RbdPool, vol: str, name: str, capacity: int):
+        self.pool, self.vol, self.name = pool, vol, name
+        self.tmp = f".{vol}.restore"
+        self._io_cm = pool.ioctx()
+        self.io = self._io_cm.__enter__()
+        self.img = None
+        try:
+            try:
+                rbd.RBD().remove(self.io, self.tmp)  # a leftover of an interrupted restore of this very id
+            except rbd.ImageNotFound:
+                pass
+            rbd.RBD().create(self.io, self.tmp, capacity, old_format=False, features=pool.features)
+            self.img = rbd.Image(self.io, self.tmp)
+            self.writer = RbdWriter(self.img)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, offset: int, data) -> None:
+        self.writer.write_nonzero(memoryview(data), offset)
+
+    def _close_image(self) -> None:
+        if self.img is not None:
+            self.img.close()
+            self.img = None
+
+    def commit(self) -> VolumeInfo:
+        try:
+            self.writer.finish()
+            RbdPool._stamp(self.img, self.name)
+            self._close_image()
+            rbd.RBD().rename(self.io, self.tmp, self.vol)
+            with self.pool._image(self.io, self.vol) as img:
+                info = self.pool._info(self.io, img, self.vol)
+        except BaseException:
+            self.abort()
+            raise
+        self._io_cm.__exit__(None, None, None)
+        return info
+
+    def abort(self) -> None:
+        if self.io is None:
+            return
+        try:
+            try:
+                self.writer.finish()  # wait out writes in flight before removing the image
+            except Exception:
+                pass
+            self._close_image()
+            rbd.RBD().remove(self.io, self.tmp)
+        except rbd.ImageNotFound:
+            pass
+        except (rbd.Error, rados.Error) as e:
+            log.error("could not remove a partial restore", extra={"image": self.tmp, "error": str(e)})
+        finally:
+            self._io_cm.__exit__(None, None, None)
+            self.io = None
 
 
 class RbdReader:

@@ -1,0 +1,224 @@
+"""Job kinds for backups: backup, restore, verify, gc."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.errors import AlreadyExists, DataCorrupt, InvalidArgument
+from agent.jobs.kinds import Claim, JobKind
+from agent.jobs.locks import LockMode
+from agent.pools import PoolRegistry
+from agent.repo import backup as backup_mod
+from agent.repo import gc as gc_mod
+from agent.repo import restore as restore_mod
+from agent.repo import verify as verify_mod
+from agent.repo.catalog import latest_for_volume
+from agent.targets.registry import BackupPoints
+from agent.volumes.base import check_name, check_uuid
+from agent.volumes.jobs import volume_resource
+
+
+def backup_point_resource(uuid: str) -> str:
+    return f"backup_point:{uuid}"
+
+
+@dataclass(frozen=True)
+class BackupSpec:
+    backup_point_uuid: str
+    pool_uuid: str
+    volume_uuid: str
+    snapshot_uuid: str
+    backup_uuid: str  # the new backup's id, chosen by the caller
+    name: str = ""
+    description: str = ""
+    tenant: str = ""
+    parent_backup_uuid: str = ""  # "": the volume's latest backup on this point, if any
+    full: bool = False  # read everything even when a parent exists (full_backup_interval)
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    backup_uuid: str
+    mode: str  # full, incremental or fallback
+    parent_backup_uuid: str
+    size: int
+    image_digest: str
+    chunks_read: int
+    read_bytes: int
+    new_chunks: int
+    stored_bytes: int
+    changed_chunks: int
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    backup_point_uuid: str
+    backup_uuid: str
+    pool_uuid: str  # the pool of the new volume (seed: new_pool_uuid)
+    volume_uuid: str  # the new volume's uuid
+    name: str  # the new volume's name (seed: new_volume_name)
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    pool_uuid: str
+    volume_uuid: str
+    access_path: str
+    capacity: int
+    image_digest: str
+    written_bytes: int
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    backup_point_uuid: str
+    backup_uuid: str
+    deep: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    backup_uuid: str
+    deep: bool
+    chunks_checked: int
+    bytes_checked: int
+
+
+@dataclass(frozen=True)
+class GcSpec:
+    backup_point_uuid: str
+
+
+@dataclass(frozen=True)
+class GcResult:
+    packs_deleted: int
+    packs_rewritten: int
+    chunks_removed: int
+    bytes_freed: int
+    partial_removed: int
+
+
+def _manifest(points: BackupPoints, bp_uuid: str, backup_uuid: str):
+    repo = points.get(bp_uuid).repository()
+    return repo, repo.manifest(check_uuid(backup_uuid, "backup_uuid"))
+
+
+class BackupKind(JobKind):
+    name = "backup"
+    spec_type = BackupSpec
+    result_type = BackupResult
+
+    def __init__(self, pools: PoolRegistry, points: BackupPoints):
+        self.pools, self.points = pools, points
+
+    def prepare(self, spec: BackupSpec) -> Claim:
+        pool = self.pools.get(spec.pool_uuid)
+        pool.snapshot_info(spec.volume_uuid, spec.snapshot_uuid)
+        repo = self.points.get(spec.backup_point_uuid).repository()
+        check_uuid(spec.backup_uuid, "backup_uuid")
+        if spec.backup_uuid in repo.backup_ids():
+            raise AlreadyExists(f"backup_uuid: backup {spec.backup_uuid} exists on backup point "
+                                f"{spec.backup_point_uuid}", field="backup_uuid")
+        if spec.name:
+            check_name(spec.name, "name")
+        if spec.parent_backup_uuid:
+            parent = repo.manifest(check_uuid(spec.parent_backup_uuid, "parent_backup_uuid"))
+            if parent.volume_uuid != spec.volume_uuid:
+                raise InvalidArgument(f"parent_backup_uuid: backup {parent.backup_id} is of volume "
+                                      f"{parent.volume_uuid}, not {spec.volume_uuid}", field="parent_backup_uuid")
+        # Reading a snapshot: others may read too, but nothing may rewrite its layers.
+        return Claim(volume_resource(spec.pool_uuid, spec.volume_uuid), LockMode.SHARED)
+
+    def run(self, spec: BackupSpec, ctx) -> BackupResult:
+        pool = self.pools.get(spec.pool_uuid)
+        repo = self.points.get(spec.backup_point_uuid).repository()
+        parent = None
+        if spec.parent_backup_uuid:
+            parent = repo.manifest(spec.parent_backup_uuid)
+        elif not spec.full:
+            parent = latest_for_volume(repo, spec.volume_uuid)
+        m = backup_mod.backup(pool, spec.volume_uuid, spec.snapshot_uuid, repo, parent=parent, full=spec.full,
+                              backup_id=spec.backup_uuid, name=spec.name, description=spec.description,
+                              tenant=spec.tenant, ctx=ctx)
+        s = m.stats
+        return BackupResult(m.backup_id, m.mode, m.parent or "", m.size, m.image_digest, s["chunks_read"],
+                            s["read_bytes"], s["new_chunks"], s["stored_bytes"], s["changed_chunks"])
+
+
+class RestoreKind(JobKind):
+    name = "restore"
+    spec_type = RestoreSpec
+    result_type = RestoreResult
+
+    def __init__(self, pools: PoolRegistry, points: BackupPoints):
+        self.pools, self.points = pools, points
+
+    def prepare(self, spec: RestoreSpec) -> Claim:
+        _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
+        pool = self.pools.get(spec.pool_uuid)
+        vol = check_uuid(spec.volume_uuid, "volume_uuid")
+        check_name(spec.name, "name")
+        if pool.volume_exists(vol):
+            raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {spec.pool_uuid}", field="volume_uuid")
+        if any(v.name == spec.name for v in pool.list_volumes()):
+            raise AlreadyExists(f"name: a volume named {spec.name!r} exists in pool {spec.pool_uuid}", field="name")
+        return Claim(volume_resource(spec.pool_uuid, vol), LockMode.EXCLUSIVE)
+
+    def run(self, spec: RestoreSpec, ctx) -> RestoreResult:
+        repo, m = _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
+        pool = self.pools.get(spec.pool_uuid)
+        target = pool.open_restore_target(spec.volume_uuid, spec.name, m.size, ctx.job_id)
+        written = 0
+        try:
+            def write(offset: int, data) -> None:
+                nonlocal written
+                target.write(offset, data)
+                written += len(data)
+
+            digest = restore_mod.restore(repo, m, write, ctx=ctx)
+            if digest != m.image_digest:
+                raise DataCorrupt(f"backup {m.backup_id}: the restored content's image digest {digest} does not "
+                                  f"match the manifest's {m.image_digest}")
+            ctx.checkpoint()
+            ctx.progress(phase="committing")
+        except BaseException:
+            target.abort()  # never a half-written volume that looks complete
+            raise
+        info = target.commit()
+        return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, written)
+
+
+class VerifyKind(JobKind):
+    name = "verify"
+    spec_type = VerifySpec
+    result_type = VerifyResult
+
+    def __init__(self, points: BackupPoints):
+        self.points = points
+
+    def prepare(self, spec: VerifySpec) -> Claim:
+        _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
+        return Claim(f"{backup_point_resource(spec.backup_point_uuid)}/{spec.backup_uuid}", LockMode.SHARED)
+
+    def run(self, spec: VerifySpec, ctx) -> VerifyResult:
+        repo, m = _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
+        r = verify_mod.verify(repo, m, deep=spec.deep, ctx=ctx)
+        return VerifyResult(r.backup_id, r.deep, r.chunks_checked, r.bytes_checked)
+
+
+class GcKind(JobKind):
+    name = "gc"
+    spec_type = GcSpec
+    result_type = GcResult
+
+    def __init__(self, points: BackupPoints):
+        self.points = points
+
+    def prepare(self, spec: GcSpec) -> Claim:
+        self.points.get(spec.backup_point_uuid).repository()
+        return Claim(backup_point_resource(spec.backup_point_uuid), LockMode.EXCLUSIVE)
+
+    def run(self, spec: GcSpec, ctx) -> GcResult:
+        repo = self.points.get(spec.backup_point_uuid).repository()
+        r = gc_mod.gc(repo, ctx=ctx)
+        return GcResult(r.packs_deleted, r.packs_rewritten, r.chunks_removed, r.bytes_freed, r.partial_removed)
+

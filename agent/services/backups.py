@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from agent.api.v1 import backups_pb2, backups_pb2_grpc
+from agent.jobs.engine import JobEngine
+from agent.repo.catalog import BackupFilter, list_backups
+from agent.repo.format import Manifest
+from agent.repo.jobs import backup_point_resource
+from agent.services.common import Auth, exclusive, rpc
+from agent.targets.registry import BackupPoints
+from agent.volumes.base import check_uuid
+
+
+def backup_to_pb(bp_uuid: str, m: Manifest) -> backups_pb2.Backup:
+    return backups_pb2.Backup(
+        uuid=m.backup_id, backup_point_uuid=bp_uuid, volume_uuid=m.volume_uuid, snapshot_uuid=m.snapshot_uuid,
+        snapshot_name=m.snapshot_name, pool_uuid=m.pool_uuid, size=m.size, data_bytes=m.data_bytes,
+        image_digest=m.image_digest, created_at=m.created_at, parent_backup_uuid=m.parent or "", name=m.name,
+        description=m.description, tenant=m.tenant, mode=m.mode, format_version=m.format_version,
+        agent_version=m.agent_version, chunk_size=m.chunk_size)
+
+
+class BackupService(backups_pb2_grpc.BackupServiceServicer):
+    def __init__(self, points: BackupPoints, engine: JobEngine, auth: Auth):
+        self.points = points
+        self.engine = engine
+        self.auth = auth
+
+    @rpc
+    def ListBackups(self, request, context):
+        repo = self.points.get(request.backup_point_uuid).repository()
+        flt = BackupFilter(volume_uuid=request.volume_uuid, snapshot_uuid=request.snapshot_uuid, name=request.name,
+                           description=request.description, tenant=request.tenant,
+                           created_after=request.created_after, created_before=request.created_before)
+        return backups_pb2.ListBackupsResponse(
+            backups=[backup_to_pb(request.backup_point_uuid, m) for m in list_backups(repo, flt)])
+
+    @rpc
+    def GetBackup(self, request, context):
+        repo = self.points.get(request.backup_point_uuid).repository()
+        return backup_to_pb(request.backup_point_uuid, repo.manifest(check_uuid(request.backup_uuid, "backup_uuid")))
+
+    @rpc
+    def DeleteBackup(self, request, context):
+        repo = self.points.get(request.backup_point_uuid).repository()
+        bid = check_uuid(request.backup_uuid, "backup_uuid")
+        # not while a verify of this backup runs, nor while a gc job runs here
+        with exclusive(self.engine.locks, f"{backup_point_resource(request.backup_point_uuid)}/{bid}"):
+            with repo.shared("delete", timeout=0):
+                repo.delete_backup(bid)
+        return backups_pb2.DeleteBackupResponse()
+
+    @rpc
+    def GetRepositoryStats(self, request, context):
+        bp = self.points.get(request.backup_point_uuid)
+        repo = bp.repository()
+        repo.refresh()
+        s = repo.stats()
+        st = repo.store.stats()
+        return backups_pb2.RepositoryStats(
+            backup_point_uuid=bp.uuid, repository_id=repo.id, format_version=repo.config["format_version"],
+            encrypted=repo.sealer.encrypted, chunk_size=repo.chunk_size, backups=s.backups, chunks=s.chunks,
+            logical_bytes=s.logical_bytes, unique_bytes=s.unique_bytes, stored_bytes=s.stored_bytes, packs=s.packs,
+            total_bytes=st.total_bytes, available_bytes=st.available_bytes)

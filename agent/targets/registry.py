@@ -1,0 +1,62 @@
+"""The backup points this agent serves, from [backup_points.<uuid>] in its
+config; each opens (or, when allowed, creates) its repository once and keeps
+it for the life of the agent."""
+from __future__ import annotations
+
+import threading
+
+from agent.config import BackupPointSection, Config
+from agent.errors import FailedPrecondition, NotFound
+from agent.repo.repository import Repository
+from agent.repo.store import ObjectStore
+from agent.targets.local import LocalStore
+from agent.volumes.base import check_uuid
+
+
+class BackupPoint:
+    def __init__(self, uuid: str, section: BackupPointSection):
+        self.uuid = uuid
+        self.section = section
+        self._repo: Repository | None = None
+        self._lock = threading.Lock()
+
+    def store(self) -> ObjectStore:
+        return LocalStore(self.section.path)
+
+    def repository(self) -> Repository:
+        """The repository, opened with the configured password (a wrong one
+        is refused); an empty directory gets a new one if `initialize`."""
+        with self._lock:
+            if self._repo is None:
+                store = self.store()
+                try:
+                    store.get("config")
+                except NotFound:
+                    if not self.section.initialize:
+                        raise FailedPrecondition(f"backup_point_uuid: {self.section.path} holds no repository and "
+                                                 "initialize is off", field="backup_point_uuid") from None
+                    if not store.is_empty():
+                        raise FailedPrecondition(f"backup_point_uuid: {self.section.path} holds other data and no "
+                                                 "blockferry repository; it is never touched",
+                                                 field="backup_point_uuid") from None
+                    self._repo = Repository.init(store, chunk_size=self.section.chunk_size,
+                                                 password=self.section.password,
+                                                 compression=self.section.compression)
+                else:
+                    self._repo = Repository.open(store, password=self.section.password)
+            return self._repo
+
+
+class BackupPoints:
+    def __init__(self, cfg: Config):
+        self._points = {u: BackupPoint(u, s) for u, s in cfg.backup_points.items()}
+
+    def get(self, uuid: str, field: str = "backup_point_uuid") -> BackupPoint:
+        check_uuid(uuid, field)
+        bp = self._points.get(uuid)
+        if bp is None:
+            raise NotFound(f"{field}: backup point {uuid} is not configured on this agent", field=field)
+        return bp
+
+    def all(self) -> list[BackupPoint]:
+        return list(self._points.values())

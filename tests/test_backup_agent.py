@@ -1,0 +1,337 @@
+"""Backups through a real agent process: backup, restore (to qcow2 and to
+RBD), verify, list, delete, gc, encryption, crash safety and bad input. Every
+restore is checked against the source snapshot's content."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.api.v1 import backups_pb2 as b
+from agent.api.v1 import jobs_pb2
+from conftest import BP_UUID, POOL2_UUID, POOL_UUID, RBD_POOL_UUID
+from test_qcow2 import MiB, Vol, new_id, ref_digest_of, rpc_error
+
+OK = jobs_pb2.JOB_STATE_SUCCEEDED
+
+
+class Bk(Vol):
+    """Backups on the agent's backup point, next to the volume helpers."""
+
+    def __init__(self, agent, client, bp=BP_UUID):
+        super().__init__(agent, client)
+        self.bp = bp
+
+    def backup(self, vol, snap, *, pool=None, full=False, parent="", name="", description="", job_id=None):
+        bid = new_id()
+        job = self.c.run(job_id or f"backup-{bid}", backup=jobs_pb2.BackupSpec(
+            backup_point_uuid=self.bp, pool_uuid=pool or self.pool, volume_uuid=vol, snapshot_uuid=snap,
+            backup_uuid=bid, name=name, description=description, parent_backup_uuid=parent, full=full))
+        assert job.state == OK, job.error
+        return job.backup_result
+
+    def restore(self, backup_uuid, *, pool=None, name=None):
+        vol = new_id()
+        job = self.c.run(f"restore-{vol}", restore=jobs_pb2.RestoreSpec(
+            backup_point_uuid=self.bp, backup_uuid=backup_uuid, pool_uuid=pool or self.pool, volume_uuid=vol,
+            name=name or f"restored-{vol[:8]}"))
+        assert job.state == OK, job.error
+        return job.restore_result
+
+    def verify(self, backup_uuid, deep=True):
+        return self.c.run(f"verify-{new_id()}", verify=jobs_pb2.VerifySpec(
+            backup_point_uuid=self.bp, backup_uuid=backup_uuid, deep=deep))
+
+    def gc(self):
+        job = self.c.run(f"gc-{new_id()}", gc=jobs_pb2.GcSpec(backup_point_uuid=self.bp))
+        assert job.state == OK, job.error
+        return job.gc_result
+
+    def list(self, **filters):
+        return list(self.c.backup_call("ListBackups", b.ListBackupsRequest(backup_point_uuid=self.bp,
+                                                                            **filters)).backups)
+
+    def delete(self, backup_uuid):
+        self.c.backup_call("DeleteBackup", b.DeleteBackupRequest(backup_point_uuid=self.bp, backup_uuid=backup_uuid))
+
+    def stats(self):
+        return self.c.backup_call("GetRepositoryStats", b.RepositoryStatsRequest(backup_point_uuid=self.bp))
+
+
+@pytest.fixture
+def bk(agent):
+    with agent.client() as c:
+        yield Bk(agent, c)
+
+
+def bp_files(agent) -> list[Path]:
+    return [p for p in (agent.workdir / "bp").rglob("*") if p.is_file()]
+
+
+def three_generations(bk: Bk):
+    """A volume with a full and two incremental backups: [(snapshot, backup, digest)]."""
+    vol = bk.create(capacity=24 * MiB, name="src").uuid
+    bk.write(vol, {0: os.urandom(3 * MiB), 9 * MiB: os.urandom(MiB), 20 * MiB + 7: b"tail" * 1000})
+    out = []
+    for gen in range(3):
+        if gen:
+            bk.write(vol, {MiB + 100: os.urandom(5000), 15 * MiB: os.urandom(4096 * gen)})
+        s = bk.snap(vol, f"s{gen}").uuid
+        r = bk.backup(vol, s, description=f"generation {gen}")
+        assert r.mode == ("full" if gen == 0 else "incremental")
+        assert r.image_digest == bk.digest(vol, s)
+        out.append((s, r, r.image_digest))
+    return vol, out
+
+
+def test_full_incremental_restore_verify_list_stats(bk):
+    vol, gens = three_generations(bk)
+    assert gens[1][1].chunks_read == 2 and gens[2][1].chunks_read == 2  # only what the bitmaps report
+    assert gens[1][1].parent_backup_uuid == gens[0][1].backup_uuid
+    for snap, r, digest in gens:
+        restored = bk.restore(r.backup_uuid)
+        assert restored.image_digest == digest
+        assert bk.digest(restored.volume_uuid) == digest  # read back by an independent job
+        assert ref_digest_of(restored.access_path, bk.agent.workdir) == digest
+        cmp = subprocess.run(["qemu-img", "compare", "-U", bk.layer(vol, snap), restored.access_path])
+        assert cmp.returncode == 0
+        assert bk.verify(r.backup_uuid, deep=True).state == OK
+    listed = bk.list(volume_uuid=vol)
+    assert [x.uuid for x in listed] == [g[1].backup_uuid for g in gens]
+    assert [x.uuid for x in bk.list(description="GENERATION 1")] == [gens[1][1].backup_uuid]
+    t1 = listed[1].created_at
+    assert [x.uuid for x in bk.list(created_after=t1)] == [g[1].backup_uuid for g in gens[1:]]
+    assert [x.uuid for x in bk.list(created_before=t1)] == [gens[0][1].backup_uuid]
+    assert bk.list(volume_uuid=new_id()) == []
+    st = bk.stats()
+    assert st.backups == 3 and not st.encrypted
+    assert st.logical_bytes == sum(x.data_bytes for x in listed)
+    assert st.unique_bytes < st.logical_bytes  # shared chunks stored once
+    assert 0 < st.stored_bytes
+
+
+def test_restore_across_formats_qcow2_and_rbd(rbd_agent):
+    with rbd_agent.client() as c:
+        bk = Bk(rbd_agent, c)
+        vol, gens = three_generations(bk)
+        for snap, r, digest in gens[::2]:
+            restored = bk.restore(r.backup_uuid, pool=RBD_POOL_UUID)
+            assert restored.image_digest == digest
+            assert bk.digest(restored.volume_uuid, pool=RBD_POOL_UUID) == digest
+        # and an RBD volume's backups restore into qcow2
+        rv = bk.create(capacity=16 * MiB, name="rbd-src", pool_uuid=RBD_POOL_UUID).uuid
+        s1 = bk.call("CreateSnapshot", pool_uuid=RBD_POOL_UUID, volume_uuid=rv, snapshot_uuid=new_id(),
+                     name="empty").uuid
+        r1 = bk.backup(rv, s1, pool=RBD_POOL_UUID)
+        assert r1.mode == "full" and r1.chunks_read == 0
+        restored = bk.restore(r1.backup_uuid, pool=POOL2_UUID)
+        assert bk.digest(restored.volume_uuid, pool=POOL2_UUID) == r1.image_digest
+
+
+def test_delete_middle_backup_then_gc_keeps_others_exact(bk):
+    vol, gens = three_generations(bk)
+    before = bk.stats()
+    bk.delete(gens[1][1].backup_uuid)
+    assert [x.uuid for x in bk.list()] == [gens[0][1].backup_uuid, gens[2][1].backup_uuid]
+    r = bk.gc()
+    assert r.chunks_removed >= 1 and r.bytes_freed > 0
+    after = bk.stats()
+    assert after.backups == 2 and after.stored_bytes < before.stored_bytes
+    for _, rr, digest in (gens[0], gens[2]):
+        assert bk.verify(rr.backup_uuid, deep=True).state == OK
+        assert bk.digest(bk.restore(rr.backup_uuid).volume_uuid) == digest
+    e = rpc_error(bk.delete, gens[1][1].backup_uuid)
+    assert e.code() == grpc.StatusCode.NOT_FOUND and "backup_uuid" in e.details()
+    # a backup after GC deduplicates only against what is still there
+    s = bk.snap(vol, "after-gc").uuid
+    r4 = bk.backup(vol, s)
+    assert bk.digest(bk.restore(r4.backup_uuid).volume_uuid) == bk.digest(vol, s)
+
+
+def test_tracking_lost_falls_back_and_full_forced(bk):
+    vol = bk.create(capacity=8 * MiB).uuid
+    bk.write(vol, {0: os.urandom(4 * MiB)})
+    r1 = bk.backup(vol, bk.snap(vol, "s1").uuid)
+    bk.write(vol, {2 * MiB: b"x" * 10})
+    s2 = bk.snap(vol, "s2").uuid
+    subprocess.run(["qemu-img", "bitmap", "--remove", bk.layer(vol, s2), "bf-dirty"], check=True)
+    r2 = bk.backup(vol, s2)
+    assert r2.mode == "fallback" and r2.chunks_read == 4
+    assert r2.new_chunks == 1 and r2.changed_chunks == 1  # only the changed chunk was written
+    assert bk.digest(bk.restore(r2.backup_uuid).volume_uuid) == bk.digest(vol, s2)
+    r3 = bk.backup(vol, bk.snap(vol, "s3").uuid, full=True)
+    assert r3.mode == "full" and r3.chunks_read == 4 and r3.new_chunks == 0
+    assert r1.backup_uuid != r3.backup_uuid
+
+
+PATTERN = b"BLOCKFERRY-PLAINTEXT-PATTERN-7d1f"
+
+
+def encrypted_agent(make_agent, password: str, name: str = "a"):
+    a = make_agent(name=name)
+    d = a.workdir / "agent.conf.d"
+    d.mkdir(exist_ok=True)
+    f = d / "bp.toml"
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, f'[backup_points.{BP_UUID}]\npassword = "{password}"\n'.encode())
+    os.close(fd)
+    return a
+
+
+def test_encrypted_repository(make_agent):
+    secret = "correct horse battery staple"
+    a = encrypted_agent(make_agent, secret).start()
+    with a.client() as c:
+        bk = Bk(a, c)
+        vol = bk.create(capacity=8 * MiB).uuid
+        bk.write(vol, {0: PATTERN * (MiB // len(PATTERN)), 3 * MiB: os.urandom(MiB)})
+        snap = bk.snap(vol, "s1").uuid
+        r = bk.backup(vol, snap, name="secret-name", description="PATTERN-in-description")
+        assert bk.stats().encrypted
+        assert bk.digest(bk.restore(r.backup_uuid).volume_uuid) == bk.digest(vol, snap)
+    assert a.stop() == 0
+    files = bp_files(a)
+    assert any("packs" in str(p) for p in files)
+    for p in files:
+        data = p.read_bytes()
+        assert PATTERN not in data and b"PATTERN-in-description" not in data and b"secret-name" not in data, p
+        assert secret.encode() not in data, p
+    assert secret not in a.log_text()
+    # the wrong password: a clear error, never garbage, and nothing changes
+    (a.workdir / "agent.conf.d" / "bp.toml").write_text(f'[backup_points.{BP_UUID}]\npassword = "Not-The-Password-42"\n')
+    os.chmod(a.workdir / "agent.conf.d" / "bp.toml", 0o600)
+    before = {p: p.stat().st_mtime_ns for p in bp_files(a)}
+    a.start()
+    with a.client() as c:
+        e = rpc_error(Bk(a, c).list)
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "pass_word" in e.details()
+        assert "Not-The-Password-42" not in e.details()
+    assert a.stop() == 0
+    assert "Not-The-Password-42" not in a.log_text()
+    assert {p: p.stat().st_mtime_ns for p in bp_files(a)} == before
+
+
+def test_password_in_a_world_readable_file_is_refused(make_agent):
+    a = encrypted_agent(make_agent, "pw")
+    os.chmod(a.workdir / "agent.conf.d" / "bp.toml", 0o644)
+    proc = subprocess.run([*a_cmd(a), "--show-config"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "0600" in proc.stderr and "pw\"" not in proc.stderr
+
+
+def a_cmd(a):
+    import sys
+
+    return [sys.executable, "-m", "agent.server", "-c", str(a.config)]
+
+
+def test_bad_input(bk, agent):
+    vol = bk.create(capacity=4 * MiB).uuid
+    bk.write(vol, {0: os.urandom(MiB)})
+    snap = bk.snap(vol, "s1").uuid
+    r = bk.backup(vol, snap)
+    files = {p: p.stat().st_mtime_ns for p in bp_files(agent)}
+
+    def refused(code, field, **spec):
+        kind, body = next(iter(spec.items()))
+        e = rpc_error(bk.c.submit, new_id(), **{kind: body})
+        assert e.code() == code, e.details()
+        assert field in e.details(), e.details()
+
+    refused(grpc.StatusCode.NOT_FOUND, "snapshot_uuid", backup=jobs_pb2.BackupSpec(
+        backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=new_id(), backup_uuid=new_id()))
+    refused(grpc.StatusCode.NOT_FOUND, "backup_point_uuid", backup=jobs_pb2.BackupSpec(
+        backup_point_uuid=new_id(), pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap, backup_uuid=new_id()))
+    refused(grpc.StatusCode.ALREADY_EXISTS, "backup_uuid", backup=jobs_pb2.BackupSpec(
+        backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap,
+        backup_uuid=r.backup_uuid))
+    refused(grpc.StatusCode.INVALID_ARGUMENT, "backup_uuid", backup=jobs_pb2.BackupSpec(
+        backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap, backup_uuid="x/../y"))
+    refused(grpc.StatusCode.NOT_FOUND, "backup_uuid", restore=jobs_pb2.RestoreSpec(
+        backup_point_uuid=BP_UUID, backup_uuid=new_id(), pool_uuid=POOL_UUID, volume_uuid=new_id(), name="n"))
+    refused(grpc.StatusCode.ALREADY_EXISTS, "volume_uuid", restore=jobs_pb2.RestoreSpec(
+        backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, pool_uuid=POOL_UUID, volume_uuid=vol, name="n"))
+    refused(grpc.StatusCode.ALREADY_EXISTS, "name", restore=jobs_pb2.RestoreSpec(
+        backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, pool_uuid=POOL_UUID, volume_uuid=new_id(),
+        name="vol"))
+    refused(grpc.StatusCode.NOT_FOUND, "backup_uuid", verify=jobs_pb2.VerifySpec(
+        backup_point_uuid=BP_UUID, backup_uuid=new_id()))
+    e = rpc_error(bk.list, created_after=10, created_before=5)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "created_before" in e.details()
+    assert {p: p.stat().st_mtime_ns for p in bp_files(agent)} == files  # nothing changed
+    assert len(bk.call("ListVolumes").volumes) == 1
+
+
+def test_newer_repository_format_is_refused(make_agent):
+    a = make_agent()
+    bp = a.workdir / "bp"
+    bp.mkdir()
+    (bp / "config").write_text('{"format_version": 99, "id": "x", "chunk_size": 4194304}')
+    a.start()
+    with a.client() as c:
+        e = rpc_error(Bk(a, c).list)
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "upgrade the agent" in e.details()
+    assert a.stop() == 0
+    assert sorted(p.name for p in bp.iterdir()) == ["config"]
+
+
+def test_foreign_directory_is_never_touched(make_agent):
+    a = make_agent()
+    bp = a.workdir / "bp"
+    bp.mkdir()
+    (bp / "someone-elses.txt").write_text("keep me")
+    a.start()
+    with a.client() as c:
+        e = rpc_error(Bk(a, c).list)
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "never touched" in e.details()
+    assert a.stop() == 0
+    assert [p.name for p in bp.iterdir()] == ["someone-elses.txt"]
+
+
+def test_kill_9_during_backups_never_lists_an_incomplete_backup(make_agent):
+    """kill -9 the agent at random points of a backup, ten times; after each
+    restart no incomplete backup is listed and every listed one verifies."""
+    a = make_agent().start()
+    rng = random.Random(5)
+    with a.client() as c:
+        bk = Bk(a, c)
+        vol = bk.create(capacity=256 * MiB).uuid
+        bk.write(vol, {i * 8 * MiB: os.urandom(4 * MiB) for i in range(32)})
+        snaps = [bk.snap(vol, f"s{i}").uuid for i in range(2)]
+    completed: list[str] = []
+    for round_ in range(10):
+        with a.client() as c:
+            bk = Bk(a, c)
+            bid = new_id()
+            bk.c.submit(f"crash-{round_}", backup=jobs_pb2.BackupSpec(
+                backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snaps[round_ % 2],
+                backup_uuid=bid, full=True))
+            time.sleep(rng.uniform(0.05, 1.2))
+            state = bk.c.get(f"crash-{round_}").state
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        if state == OK:
+            completed.append(bid)
+        a.start()
+        with a.client() as c:
+            bk = Bk(a, c)
+            listed = {x.uuid for x in bk.list()}
+            assert set(completed) <= listed
+            for x in listed:  # whatever is listed is complete
+                assert bk.verify(x, deep=False).state == OK
+                completed.append(x) if x not in completed else None
+    with a.client() as c:
+        bk = Bk(a, c)
+        r = bk.backup(vol, snaps[0])  # a new backup succeeds
+        assert bk.verify(r.backup_uuid, deep=True).state == OK
+        bk.gc()  # and GC clears what the crashes left (partial packs, stale locks)
+        assert not [p for p in bp_files(a) if p.name.startswith(".part-")]
+        assert not list((a.workdir / "bp" / "locks").iterdir())
+        for x in bk.list():
+            assert bk.verify(x.uuid, deep=True).state == OK
+    assert a.stop() == 0
