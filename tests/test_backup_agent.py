@@ -19,6 +19,7 @@ from conftest import BP_UUID, POOL2_UUID, POOL_UUID, RBD_POOL_UUID
 from test_qcow2 import MiB, Vol, new_id, ref_digest_of, rpc_error
 
 OK = jobs_pb2.JOB_STATE_SUCCEEDED
+FINAL = (OK, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
 
 
 class Bk(Vol):
@@ -296,7 +297,7 @@ def test_foreign_directory_is_never_touched(make_agent):
 def test_kill_9_during_backups_never_lists_an_incomplete_backup(make_agent):
     """kill -9 the agent at random points of a backup, ten times; after each
     restart no incomplete backup is listed and every listed one verifies."""
-    a = make_agent().start()
+    a = make_agent("[jobs]\nbandwidth_limit = 100000000\n").start()  # ~1.3 s a backup: room to land kills
     rng = random.Random(5)
     with a.client() as c:
         bk = Bk(a, c)
@@ -311,8 +312,13 @@ def test_kill_9_during_backups_never_lists_an_incomplete_backup(make_agent):
             bk.c.submit(f"crash-{round_}", backup=jobs_pb2.BackupSpec(
                 backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snaps[round_ % 2],
                 backup_uuid=bid, full=True))
-            time.sleep(rng.uniform(0.05, 1.2))
-            state = bk.c.get(f"crash-{round_}").state
+            target = rng.uniform(0, 100)  # kill when the job's progress passes a random point
+            while True:
+                job = bk.c.get(f"crash-{round_}")
+                if job.state in FINAL or job.progress.percent >= target:
+                    break
+                time.sleep(0.005)
+            state = job.state
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait()
         if state == OK:
@@ -325,6 +331,9 @@ def test_kill_9_during_backups_never_lists_an_incomplete_backup(make_agent):
             for x in listed:  # whatever is listed is complete
                 assert bk.verify(x, deep=False).state == OK
                 completed.append(x) if x not in completed else None
+    interrupted = 10 - len([x for x in completed])
+    print(f"{interrupted} of 10 backups were killed before they completed")
+    assert interrupted >= 3  # the kills did land mid-backup
     with a.client() as c:
         bk = Bk(a, c)
         r = bk.backup(vol, snaps[0])  # a new backup succeeds
