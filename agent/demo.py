@@ -1,11 +1,12 @@
 """The README's main job, on the embedded default.
 
 It starts a private blockferry-agent (unix socket, SQLite job journal, a
-local directory pool), then on a qcow2 volume: writes data as a guest would
-(through qemu-nbd), snapshots it, changes 1 %, snapshots again, shows the
-changed extents from the dirty bitmaps, makes a full clone with progress and
-checks every digest against an independent reading, and stops the agent with
-SIGTERM.
+local directory pool and a local directory backup point), then on a qcow2
+volume: writes data as a guest would (through qemu-nbd), snapshots it, takes
+a full backup, changes a little, snapshots again, shows the changed extents
+from the dirty bitmaps, takes an incremental backup that reads only those,
+restores both backups into new volumes, deep-verifies them, checks every
+digest against an independent reading, and stops the agent with SIGTERM.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ import time
 import uuid
 
 from agent import native
+from agent.api.v1 import backups_pb2 as b
 from agent.api.v1 import jobs_pb2
 from agent.api.v1 import volumes_pb2 as v
 from agent.client import AgentClient, Target
 
 POOL_UUID = "6f1c2b0e-0d7a-4c55-9a38-000000000001"
+BP_UUID = "6f1c2b0e-0d7a-4c55-9a38-000000000002"
 CAPACITY = 1 << 30
 MiB = 1 << 20
 
@@ -64,6 +67,7 @@ def run_demo(workdir: str | None) -> int:
 
     workdir = os.path.abspath(workdir or os.path.join(os.path.expanduser("~"), ".local/share/blockferry-demo"))
     pool_root = os.path.join(workdir, "pool")
+    bp_root = os.path.join(workdir, "backups")
     run_dir = os.path.join(workdir, "run")
     os.makedirs(pool_root, exist_ok=True)
     sock = os.path.join(workdir, "agent.sock")
@@ -71,7 +75,8 @@ def run_demo(workdir: str | None) -> int:
     with open(conf, "w") as f:
         f.write(f'[agent]\nstate_dir = "{workdir}/state"\nrun_dir = "{run_dir}"\nroots = ["{workdir}"]\n'
                 f'log_format = "text"\n[grpc]\nunix_socket = "{sock}"\n'
-                f'[pools.{POOL_UUID}]\ntype = "dir"\npath = "{pool_root}"\n')
+                f'[pools.{POOL_UUID}]\ntype = "dir"\npath = "{pool_root}"\n'
+                f'[backup_points.{BP_UUID}]\ntype = "local"\npath = "{bp_root}"\n')
     step(f"blockferry demo in {workdir}")
     agent = subprocess.Popen([sys.executable, "-m", "agent.server", "-c", conf],
                              stderr=open(os.path.join(workdir, "agent.log"), "ab"))
@@ -80,7 +85,8 @@ def run_demo(workdir: str | None) -> int:
         with AgentClient(Target(socket=sock)) as client:
             client.wait_ready(timeout=30)
             info = client.host_info()
-            step(f"agent {info.version} is up on {sock}; dir pool {POOL_UUID} at {pool_root}")
+            step(f"agent {info.version} is up on {sock}; dir pool {POOL_UUID} at {pool_root}, "
+                 f"backup point {BP_UUID} at {bp_root}")
 
             def call(method, msg):
                 return client.volume_call(method, msg)
@@ -90,8 +96,7 @@ def run_demo(workdir: str | None) -> int:
                                                                  name="demo-disk", capacity=CAPACITY))
             step(f"created qcow2 volume {vol} ({human(created.capacity)}) at {created.access_path}")
 
-            rnd = os.urandom(MiB)
-            first = {off: rnd for off in range(0, CAPACITY, 16 * MiB)}  # 64 MiB scattered
+            first = {off: os.urandom(MiB) for off in range(0, CAPACITY, 16 * MiB)}  # 64 MiB scattered
             guest_write(created.access_path, first, run_dir)
             s1 = call("CreateSnapshot", v.CreateSnapshotRequest(pool_uuid=POOL_UUID, volume_uuid=vol,
                                                                 snapshot_uuid=str(uuid.uuid4()), name="s1"))
@@ -115,34 +120,65 @@ def run_demo(workdir: str | None) -> int:
             print(f"   ... {'exactly what was written' if got == want else 'MISMATCH with what was written'}")
             ok &= got == want
 
-            tree = call("GetSnapshotTree", v.VolumeRef(pool_uuid=POOL_UUID, volume_uuid=vol))
-            step(f"snapshot tree: {dict(tree.parents)}")
-
-            clone = str(uuid.uuid4())
-            step("full clone of s2 (a job, with progress)")
-            client.submit(f"demo-clone-{clone}", clone=jobs_pb2.CloneSpec(
-                pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=s2.uuid, target_pool_uuid=POOL_UUID,
-                target_volume_uuid=clone, target_name="demo-clone", linked=False))
-            job = follow(client, f"demo-clone-{clone}", json_out=False)
-            ok &= job.state == jobs_pb2.JOB_STATE_SUCCEEDED
-
             def digest(volume, snapshot=""):
                 j = client.run(f"demo-sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(
                     pool_uuid=POOL_UUID, volume_uuid=volume, snapshot_uuid=snapshot))
                 return j.checksum_result.image_digest
 
-            d_s2, d_clone = digest(vol, s2.uuid), digest(clone)
-            layer = os.path.join(pool_root, f"pool-{POOL_UUID}", "snapshot", vol, s2.uuid)
-            d_ref = reference_digest(layer, workdir)
-            match = d_s2 == d_clone == d_ref
-            step(f"image digest of s2 {d_s2}\n   clone {d_clone}\n   reference (qemu-img convert + hashlib) "
-                 f"{d_ref}: {'MATCH' if match else 'MISMATCH'}")
-            ok &= match
+            def run_job(kind: str, job_id: str, spec):
+                nonlocal ok
+                client.submit(job_id, **{kind: spec})
+                job = follow(client, job_id, json_out=False)
+                ok &= job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+                return job
 
-            call("RollbackSnapshot", v.SnapshotRef(pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=s1.uuid))
-            rolled = digest(vol) == digest(vol, s1.uuid)
-            step(f"rolled back to s1: live state equals s1: {'MATCH' if rolled else 'MISMATCH'}")
-            ok &= rolled
+            def backup(snap, label):
+                bid = str(uuid.uuid4())
+                step(f"{label} backup of {snap.name} to backup point {BP_UUID} (a job, with progress)")
+                job = run_job("backup", f"demo-backup-{bid}", jobs_pb2.BackupSpec(
+                    backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap.uuid,
+                    backup_uuid=bid, name=f"demo-{snap.name}", description=f"demo backup of {snap.name}"))
+                r = job.backup_result
+                print(f"   mode {r.mode}: read {r.chunks_read} chunks ({human(r.read_bytes)}), stored "
+                      f"{r.new_chunks} new ({human(r.stored_bytes)} after zstd), {r.changed_chunks} changed")
+                return r
+
+            full = backup(s1, "full")
+            incr = backup(s2, "incremental")
+            ok &= full.mode == "full" and incr.mode == "incremental"
+            st = client.backup_call("GetRepositoryStats", b.RepositoryStatsRequest(backup_point_uuid=BP_UUID))
+            listed = client.backup_call("ListBackups", b.ListBackupsRequest(backup_point_uuid=BP_UUID,
+                                                                            volume_uuid=vol)).backups
+            step(f"backup point holds {st.backups} backups: {human(st.logical_bytes)} logical, "
+                 f"{human(st.unique_bytes)} after dedup, {human(st.stored_bytes)} stored")
+            for x in listed:
+                print(f"   {x.uuid}  {x.mode:<11}  {x.name}  parent={x.parent_backup_uuid or '-'}")
+
+            restored = {}
+            for r, snap in ((full, s1), (incr, s2)):
+                new_vol = str(uuid.uuid4())
+                step(f"restore backup {r.backup_uuid} ({snap.name}) into a new volume {new_vol}")
+                job = run_job("restore", f"demo-restore-{new_vol}", jobs_pb2.RestoreSpec(
+                    backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, pool_uuid=POOL_UUID,
+                    volume_uuid=new_vol, name=f"restored-{snap.name}"))
+                restored[snap.uuid] = job.restore_result
+
+            for r in (full, incr):
+                step(f"deep verify of backup {r.backup_uuid}")
+                job = run_job("verify", f"demo-verify-{r.backup_uuid}", jobs_pb2.VerifySpec(
+                    backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, deep=True))
+                print(f"   {job.verify_result.chunks_checked} chunks, {human(job.verify_result.bytes_checked)} "
+                      "checked; image digest recomputed from the chunks matches the manifest")
+
+            for r, snap in ((full, s1), (incr, s2)):
+                d_snap = digest(vol, snap.uuid)
+                d_restored = digest(restored[snap.uuid].volume_uuid)
+                d_ref = reference_digest(restored[snap.uuid].access_path, workdir)
+                match = d_snap == r.image_digest == d_restored == d_ref
+                step(f"{snap.name}: snapshot {d_snap}\n   backup manifest  {r.image_digest}\n"
+                     f"   restored volume  {d_restored}\n   reference (qemu-img convert + hashlib of the restored "
+                     f"volume) {d_ref}: {'MATCH' if match else 'MISMATCH'}")
+                ok &= match
     finally:
         agent.send_signal(signal.SIGTERM)
         t0 = time.monotonic()

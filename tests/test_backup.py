@@ -175,3 +175,79 @@ def test_rbd_backup_restores_into_qcow2(env, ceph):
             assert written == rp.image_digest(vol, snap).image_digest
     finally:
         rp.delete_volume(vol, force=True)
+
+
+def test_gc_is_refused_while_a_backup_runs_and_never_breaks_it(env):
+    """The locking scheme: a backup holds the shared lock; gc needs the
+    exclusive one and is refused while the backup runs; the backup completes
+    and restores bit for bit; then gc runs and keeps it intact."""
+    import threading
+
+    from agent.errors import RepositoryLocked
+    from agent.repo.gc import gc
+
+    pool, repo, tmp = env
+    vol = pool.create_volume(nid(), "src", 16 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(8 * MiB)}, tmp)
+    s1 = nid()
+    pool.create_snapshot(vol, s1, "s1")
+    old = backup(pool, vol, s1, repo)
+    repo.delete_backup(old.backup_id)  # its chunks are garbage now, and the next backup deduplicates to them
+    halfway, go_on = threading.Event(), threading.Event()
+
+    class Pause:
+        job_id, bandwidth_limit, n = "x", 0, 0
+
+        def checkpoint(self):
+            self.n += 1
+            if self.n == 4:
+                halfway.set()
+                go_on.wait(30)
+
+        def throttle(self, n):
+            pass
+
+        def progress(self, *a, **k):
+            pass
+
+    result = {}
+    t = threading.Thread(target=lambda: result.update(m=backup(pool, vol, s1, repo, ctx=Pause())))
+    t.start()
+    assert halfway.wait(30)
+    other = Repository.open(LocalStore(str(tmp / "bp")))  # as another agent on the same backup point would
+    with pytest.raises(RepositoryLocked, match="backup"):
+        gc(other)
+    go_on.set()
+    t.join(30)
+    m = result["m"]
+    assert gc(other).chunks_removed == 0  # the new backup references the old chunks again
+    again = Repository.open(LocalStore(str(tmp / "bp")))
+    verify(again, m, deep=True)
+    assert restore_to_qcow2(pool, again, m, tmp)[1] == m.image_digest
+
+
+def test_stale_lock_of_a_dead_process_is_removed(env):
+    import json
+    import subprocess as sp
+
+    from agent.repo.gc import gc
+    from agent.repo.locks import EXCLUSIVE, RepoLock
+
+    _, repo, tmp = env
+    dead = sp.Popen(["true"])
+    dead.wait()
+    lock = RepoLock(repo.store, EXCLUSIVE, "gc")
+    lock.record.pid = dead.pid  # a gc of an agent that was killed -9
+    lock._write()
+    gc(repo)  # not refused: the holder is gone
+    assert repo.store.list("locks") == []
+    live = RepoLock(repo.store, EXCLUSIVE, "gc").acquire()
+    try:
+        from agent.errors import RepositoryLocked
+
+        with pytest.raises(RepositoryLocked, match="gc"):
+            gc(repo)
+        rec = json.loads(repo.store.get(live.name))
+        assert rec["pid"] == os.getpid() and rec["mode"] == "exclusive"
+    finally:
+        live.release()
