@@ -110,6 +110,8 @@ def qcow2_part(args, rows: list) -> None:
             def job(kind, spec):
                 j = c.run(f"{kind}-{uuid.uuid4()}", **{kind: spec})
                 assert j.state == jobs_pb2.JOB_STATE_SUCCEEDED, j.error
+                if os.environ.get("BENCH_VERBOSE"):
+                    print(f"{kind}: agent peak RSS so far {vm_hwm(agent.pid) / MiB:.0f} MiB", file=sys.stderr)
                 return j
 
             def backup(bp, s, parent=""):
@@ -152,6 +154,8 @@ def qcow2_part(args, rows: list) -> None:
                 shutil.rmtree(os.path.join(work, f"bp-none-{k}"))
             rss = vm_hwm(agent.pid)
         med = {k: statistics.median(x) for k, x in t.items()}
+        if os.environ.get("BENCH_VERBOSE"):
+            print(t, file=sys.stderr)
         peer = med["peer"]
         gib = args.gib
         rows += [
@@ -163,7 +167,7 @@ def qcow2_part(args, rows: list) -> None:
              f"{100 * med['incr'] / med['zstd']:.1f} %", "<= 5 %"),
             ("restore (zstd repository) to a new qcow2 volume", f"{med['restore']:.2f} s",
              f"`qemu-img convert -O qcow2` + fsync {peer:.2f} s", f"{med['restore'] / peer:.2f}x", "<= 1.1x"),
-            (f"peak RSS of the agent (VmHWM) over all of the above", f"{rss / MiB:.0f} MiB", "-", "-",
+            ("peak RSS of the agent (VmHWM) over all of the above", f"{rss / MiB:.0f} MiB", "-", "-",
              "<= 200 MiB"),
         ]
     finally:

@@ -1,7 +1,8 @@
-"""Backup repository and engine (first slice) on a local directory backup
+"""Backup repository and engine as a library, on a local directory backup
 point, with real qcow2 volumes (qemu-img, qemu-nbd) and a real Ceph cluster."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -113,6 +114,16 @@ def test_verify_finds_injected_corruption(env):
     packs[0].write_bytes(good[: len(good) - 100])  # a truncated pack
     with pytest.raises(DataCorrupt, match="chunk"):
         verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)
+    idx = packs[0].with_name(packs[0].name + ".idx")
+    saved_idx = idx.read_bytes()
+    packs[0].write_bytes(good)
+    entries = json.loads(saved_idx)
+    gone = next(iter(entries))
+    idx.write_text(json.dumps({k: v for k, v in entries.items() if k != gone}))  # a chunk missing from the index
+    with pytest.raises(DataCorrupt, match=f"{gone} is missing"):
+        verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)
+    idx.write_bytes(saved_idx)
+    verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=True)  # repaired: all good again
     packs[0].unlink()  # a missing pack
     with pytest.raises(DataCorrupt, match="missing"):
         verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)

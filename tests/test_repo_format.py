@@ -11,8 +11,8 @@ import zstandard
 
 from agent.errors import DataCorrupt, FailedPrecondition, WrongPassword
 from agent.repo import crypto
-from agent.repo.format import (BLOCK_SIZE, FORMAT_VERSION, HEADER, Manifest, block_record_size, decode_chunk,
-                               encode_chunk)
+from agent.repo.format import (BLOCK_SIZE, FORMAT_VERSION, HEADER, ImageDigest, Manifest, block_digests,
+                               block_record_size, decode_chunk, encode_chunk)
 
 DATA = b"blockferry" * 1000
 
@@ -22,25 +22,56 @@ def test_header_layout_is_pinned():
     assert HEADER.format == "<4sB3xQQ32s" and HEADER.size == 56
 
 
+def enc(*a) -> bytes:
+    return b"".join(bytes(p) for p in encode_chunk(*a))
+
+
+def test_chunk_id_is_sha256_of_the_block_digests():
+    data = DATA * 10  # 100000 bytes: one full 64 KiB block and a short one
+    blocks = hashlib.sha256(data[:BLOCK_SIZE]).digest() + hashlib.sha256(data[BLOCK_SIZE:]).digest()
+    assert block_digests(data) == blocks
+    assert crypto.Sealer().chunk_id(blocks) == hashlib.sha256(blocks).digest()
+    assert crypto.Sealer().chunk_id(blocks).hex() == "ae3f9c49bbc9d2d8aba6636206196ac6424f85fec8e6a251173848bf5ae966bc"  # golden
+
+
+def test_image_digest_from_blocks_equals_the_native_image_hash():
+    from agent import native
+
+    data = DATA * 30 + bytes(200000) + b"end"
+    h = native.ImageHash()
+    h.update(data[:300000])
+    h.zero(200000)
+    h.update(b"end")
+    img = ImageDigest()
+    img.add(block_digests(data[:4 * BLOCK_SIZE]), 4 * BLOCK_SIZE)
+    img.add(block_digests(data[4 * BLOCK_SIZE:]), len(data) - 4 * BLOCK_SIZE)
+    assert img.hexdigest() == h.digest().hex()
+    z = ImageDigest()
+    z.add_zero(3 * BLOCK_SIZE + 5)
+    hz = native.ImageHash()
+    hz.zero(3 * BLOCK_SIZE + 5)
+    assert z.hexdigest() == hz.digest().hex()
+
+
 def test_plain_record_golden_bytes():
-    cid = hashlib.sha256(DATA).digest()
-    rec = encode_chunk(DATA, cid, None, crypto.Sealer())
+    cid = crypto.Sealer().chunk_id(block_digests(DATA))
+    rec = enc(DATA, cid, None, crypto.Sealer())
     assert rec[:4] == b"BFC1" and rec[4] == 0
     assert int.from_bytes(rec[8:16], "little") == len(DATA) == int.from_bytes(rec[16:24], "little")
     assert rec[24:56] == cid and rec[56:] == DATA
-    assert hashlib.sha256(rec).hexdigest() == "c3474f462f31e98f0c1424dcd8db7d3db5ca2ebc9dee934491d391e743b962e6"  # golden
-    assert decode_chunk(rec, cid, zstandard.ZstdDecompressor(), crypto.Sealer(), "p") == DATA
+    assert hashlib.sha256(rec).hexdigest() == "80a505c3b58bba89d4920ef269f49c963b1d6c0e269959b0e0fc3fa1c9ad90c5"  # golden
+    assert decode_chunk(rec, cid, zstandard.ZstdDecompressor(), crypto.Sealer(), "p") == (DATA, block_digests(DATA))
 
 
 def test_zstd_only_when_it_pays():
-    cid = hashlib.sha256(DATA).digest()
-    rec = encode_chunk(DATA, cid, zstandard.ZstdCompressor(level=1), crypto.Sealer())
+    cid = crypto.Sealer().chunk_id(block_digests(DATA))
+    rec = enc(DATA, cid, zstandard.ZstdCompressor(level=1), crypto.Sealer())
     assert rec[4] == 1 and len(rec) < len(DATA) // 10
-    assert decode_chunk(rec, cid, zstandard.ZstdDecompressor(), crypto.Sealer(), "p") == DATA
+    assert decode_chunk(rec, cid, zstandard.ZstdDecompressor(), crypto.Sealer(), "p")[0] == DATA
     import os
 
     rnd = os.urandom(65536)
-    rec = encode_chunk(rnd, hashlib.sha256(rnd).digest(), zstandard.ZstdCompressor(level=1), crypto.Sealer())
+    rec = enc(rnd, crypto.Sealer().chunk_id(block_digests(rnd)), zstandard.ZstdCompressor(level=1), crypto.Sealer())
     assert rec[4] == 0 and rec[56:] == rnd
 
 
@@ -55,7 +86,7 @@ def test_key_derivation_and_chunk_ids_are_pinned():
     s = crypto.AeadSealer(key, mac)
     import hmac
 
-    assert s.chunk_id(DATA) == hmac.new(mac, DATA, hashlib.sha256).digest()
+    assert s.chunk_id(block_digests(DATA)) == hmac.new(mac, block_digests(DATA), hashlib.sha256).digest()
     sealed = s.seal(b"x", b"aad")
     assert len(sealed) == 1 + crypto.OVERHEAD and s.open(sealed, b"aad", "t") == b"x"
     with pytest.raises(DataCorrupt, match="authentication failed"):
@@ -67,16 +98,16 @@ def test_sealed_record_roundtrip_and_tamper():
     cfg, sealer = crypto.new_encryption("secret", "repo-id")
     assert set(cfg) == {"cipher", "kdf", "verifier"} and cfg["cipher"] == "aes-256-gcm"
     assert "secret" not in json.dumps(cfg)
-    cid = sealer.chunk_id(DATA)
-    rec = encode_chunk(DATA, cid, zstandard.ZstdCompressor(level=1), sealer)
+    cid = sealer.chunk_id(block_digests(DATA))
+    rec = enc(DATA, cid, zstandard.ZstdCompressor(level=1), sealer)
     assert rec[4] == 3 and b"blockferry" not in rec
-    assert decode_chunk(rec, cid, zstandard.ZstdDecompressor(), sealer, "p") == DATA
+    assert decode_chunk(rec, cid, zstandard.ZstdDecompressor(), sealer, "p")[0] == DATA
     bad = bytearray(rec)
     bad[-1] ^= 1
     with pytest.raises(DataCorrupt, match=cid.hex()):
         decode_chunk(bytes(bad), cid, zstandard.ZstdDecompressor(), sealer, "p")
     config = {"id": "repo-id", "encryption": cfg}
-    assert crypto.open_encryption(config, "secret").chunk_id(DATA) == cid
+    assert crypto.open_encryption(config, "secret").chunk_id(block_digests(DATA)) == cid
     with pytest.raises(WrongPassword, match="pass_word"):
         crypto.open_encryption(config, "nope")
     with pytest.raises(WrongPassword, match="required"):

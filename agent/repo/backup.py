@@ -12,13 +12,17 @@
   new; only changed chunks are stored, and the manifest says "fallback".
 - full=True forces the full re-read (a policy's full_backup_interval).
 
+Three stages overlap (agent.repo.pipeline): the driver's reader (several
+requests in flight) fills recycled chunk buffers; workers hash, compress and
+seal; the retire thread appends records to the open pack and writes the
+block digests, in chunk order.
+
 No chains: a manifest lists every chunk, so any backup restores from its own
 manifest alone. The manifest is committed last, after its packs and block
 digests are durable.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -26,19 +30,12 @@ import uuid
 from agent import __version__, native
 from agent.errors import FailedPrecondition, NotFound, TrackingLost
 from agent.extents import Extent
-from agent.repo.format import BLOCK_SIZE, ZERO, Manifest
-from agent.repo.pipeline import OrderedPipeline
+from agent.repo.format import BLOCK_SIZE, ZERO, ImageDigest, Manifest, block_digests, zero_block_digests
+from agent.repo.pipeline import BufferPool, OrderedPipeline
 from agent.repo.repository import Repository
 
 log = logging.getLogger("agent.backup")
 READ_REQUEST = 4 << 20
-_ZERO_BLOCK = hashlib.sha256(bytes(BLOCK_SIZE)).digest()
-
-
-def zero_block_digests(length: int) -> bytes:
-    """Block digests of `length` zero bytes."""
-    full, rest = divmod(length, BLOCK_SIZE)
-    return _ZERO_BLOCK * full + (hashlib.sha256(bytes(rest)).digest() if rest else b"")
 
 
 def chunk_indexes(extents: list[Extent], chunk: int, size: int) -> list[int]:
@@ -92,14 +89,15 @@ def _backup(driver, volume, snapshot, repo, parent, full, backup_id, name, descr
 
     parent_blocks = repo.block_reader(parent.backup_id) if mode == "incremental" else None
     blocks = repo.block_writer(backup_id)
-    outer = hashlib.sha256()  # bf-image-sha256-v1: SHA-256 over the block digests, then the length
+    image = ImageDigest()
     stats = {"chunks_read": len(wanted), "read_bytes": 0, "new_chunks": 0, "stored_bytes": 0,
              "changed_chunks": 0}
-    state = {"next": 0}
+    state = {"next": 0, "retired": 0}
+    buffers = BufferPool(cs)
 
     def emit(i: int, digests: bytes) -> None:
         blocks.add(digests)
-        outer.update(digests)
+        image.add(digests, length(i))
         state["next"] = i + 1
 
     def emit_until(j: int) -> None:  # chunks not read: from the parent, or zeros
@@ -109,29 +107,32 @@ def _backup(driver, volume, snapshot, repo, parent, full, backup_id, name, descr
             else:
                 emit(i, parent_blocks.get(i, (length(i) + BLOCK_SIZE - 1) // BLOCK_SIZE))
 
-    def work(i: int, data: bytearray):
-        if native.is_zero(data):
-            return i, None, None, None, len(data)
-        digests = native.block_digests("sha256", data, BLOCK_SIZE).digests
-        cid = repo.sealer.chunk_id(data)
-        record = None if repo.has(cid) else repo.encode(cid, data)
-        return i, cid, digests, record, len(data)
+    def work(i: int, buf: bytearray):
+        if native.is_zero(buf):
+            return i, buf, None, None, None
+        digests = block_digests(buf)
+        cid = repo.sealer.chunk_id(digests)
+        record = None if repo.has(cid) else repo.encode(cid, buf)
+        return i, buf, cid, digests, record
 
     def retire(result) -> None:
-        i, cid, digests, record, plain = result
+        i, buf, cid, digests, record = result
         emit_until(i)
         old = chunks[i]
         if cid is None:
             chunks[i] = ZERO
-            emit(i, zero_block_digests(plain))
+            emit(i, zero_block_digests(len(buf)))
         else:
-            stored = repo.add(cid, record, plain) if record is not None else 0
+            stored = repo.add(cid, record, len(buf)) if record is not None else 0
             stats["stored_bytes"] += stored
             stats["new_chunks"] += 1 if stored else 0
             chunks[i] = cid.hex()
             emit(i, digests)
+        buffers.put(buf)  # the record is written: the buffer may be reused
         if mode != "full" and chunks[i] != (old if mode == "incremental" else parent.chunks[i]):
             stats["changed_chunks"] += 1
+        state["retired"] += len(buf)
+        ctx.progress(state["retired"])
 
     total = sum(length(i) for i in wanted)
     ctx.progress(0, total, "reading")
@@ -143,7 +144,7 @@ def _backup(driver, volume, snapshot, repo, parent, full, backup_id, name, descr
                 ctx.throttle(len(view))
                 i = offset // cs
                 if current["i"] != i:
-                    current.update(i=i, buf=bytearray(length(i)), fill=0)
+                    current.update(i=i, buf=buffers.get(length(i)), fill=0)
                 pos = offset - i * cs
                 current["buf"][pos:pos + len(view)] = view
                 current["fill"] += len(view)
@@ -151,17 +152,15 @@ def _backup(driver, volume, snapshot, repo, parent, full, backup_id, name, descr
                     pipe.submit(i, current["buf"])
                     current["buf"] = None
                 stats["read_bytes"] += len(view)
-                ctx.progress(stats["read_bytes"])
 
             extents = [Extent(i * cs, length(i)) for i in wanted]
             driver.read_chunks(volume, snapshot, extents, on_data, min(cs, READ_REQUEST), ctx.checkpoint)
             pipe.drain()
         emit_until(n)
-        outer.update(size.to_bytes(8, "little"))
         ctx.checkpoint()
         ctx.progress(phase="publishing")
         m = Manifest(backup_id=backup_id, volume_uuid=volume, snapshot_uuid=info.uuid, size=size, chunk_size=cs,
-                     chunks=chunks, image_digest=outer.hexdigest(), created_at=time.time(),
+                     chunks=chunks, image_digest=image.hexdigest(), created_at=time.time(),
                      parent=parent.backup_id if parent else None, name=name, description=description,
                      tenant=tenant, pool_uuid=driver.pool_uuid, snapshot_name=info.name, agent_version=__version__,
                      mode=mode, stats=stats)

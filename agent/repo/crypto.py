@@ -7,8 +7,8 @@ password):
 - derives 64 bytes from the password with scrypt (salt and cost in the
   repository config): the first 32 are the AES-256-GCM key, the last 32 the
   HMAC-SHA256 key;
-- addresses chunks by HMAC-SHA256(mac key, plaintext), so ids reveal nothing
-  about the content;
+- addresses chunks by HMAC-SHA256(mac key, block digests of the plaintext),
+  so ids reveal nothing about the content;
 - seals every chunk, manifest, index and block-digest record with
   AES-256-GCM under a fresh 96-bit random nonce, with the object's identity
   as associated data (a record cannot be moved to another place unnoticed);
@@ -25,7 +25,6 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from agent import native
 from agent.errors import DataCorrupt, WrongPassword
 
 NONCE = 12
@@ -36,13 +35,14 @@ DEFAULT_KDF = {"name": "scrypt", "n": 1 << 15, "r": 8, "p": 1}
 
 
 class Sealer:
-    """No encryption: chunk ids are SHA-256, objects are stored as they are."""
+    """No encryption: chunk ids are SHA-256 of the chunk's block digests,
+    objects are stored as they are."""
 
     encrypted = False
     overhead = 0
 
-    def chunk_id(self, data) -> bytes:
-        return native.block_digests("sha256", data, len(data)).digests
+    def chunk_id(self, block_digests: bytes) -> bytes:
+        return hashlib.sha256(block_digests).digest()
 
     def seal(self, data: bytes, aad: bytes) -> bytes:
         return bytes(data)
@@ -59,8 +59,8 @@ class AeadSealer(Sealer):
         self._aead = AESGCM(key)
         self._mac_key = mac_key
 
-    def chunk_id(self, data) -> bytes:
-        return hmac.new(self._mac_key, data, hashlib.sha256).digest()
+    def chunk_id(self, block_digests: bytes) -> bytes:
+        return hmac.new(self._mac_key, block_digests, hashlib.sha256).digest()
 
     def seal(self, data, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE)

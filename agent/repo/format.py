@@ -16,22 +16,27 @@ A chunk record is a header: magic b"BFC1", flags (1 byte: 1 = zstd,
 (u64 LE), chunk id (32 bytes); then the stored bytes: the plaintext, or its
 zstd frame when that is at least 10 % smaller, sealed when encrypted
 (12-byte nonce, ciphertext, 16-byte tag; the chunk id is the associated
-data). The chunk id is SHA-256 of the plaintext, or HMAC-SHA256 under the
-repository's MAC key when encrypted, so every chunk carries its own checksum.
-Zero chunks are never stored: a manifest marks them with "".
+data). Zero chunks are never stored: a manifest marks them with "".
 
-Block digests are SHA-256 of each 64 KiB block of a chunk, the inputs of the
-image digest bf-image-sha256-v1. Keeping them per backup lets an incremental
-backup compute the image digest of the new snapshot from the parent's
-records and the chunks it reads, without reading the unchanged data.
+Block digests are SHA-256 of each 64 KiB block of a chunk (the last one may
+be short), computed by the native core: the inputs of the image digest
+bf-image-sha256-v1. A chunk's id is SHA-256 of its block digests
+concatenated (a two-level hash tree), or HMAC-SHA256 of them under the
+repository's MAC key when encrypted, so every chunk carries its own checksum
+and one pass over the data yields both the id and the image digest's inputs.
+Keeping block digests per backup lets an incremental backup compute the image
+digest of the new snapshot from the parent's records and the chunks it reads,
+without reading the unchanged data.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
 
+from agent import native
 from agent.errors import DataCorrupt, FailedPrecondition
 
 FORMAT_VERSION = 1
@@ -45,24 +50,80 @@ ZERO = ""  # the id of a zero chunk in a manifest
 COMPRESS_GAIN = 0.9  # keep the zstd frame only when it is at most 90 % of the plaintext
 
 
-def encode_chunk(data, chunk_id: bytes, compressor, sealer) -> bytes:
+_ZERO_BLOCK = hashlib.sha256(bytes(BLOCK_SIZE)).digest()
+
+
+def block_digests(data) -> bytes:
+    """SHA-256 of each 64 KiB block (one thread: callers run in parallel)."""
+    return native.block_digests("sha256", data, BLOCK_SIZE, 1).digests
+
+
+def zero_block_digests(length: int) -> bytes:
+    """Block digests of `length` zero bytes."""
+    full, rest = divmod(length, BLOCK_SIZE)
+    return _ZERO_BLOCK * full + (hashlib.sha256(bytes(rest)).digest() if rest else b"")
+
+
+class ImageDigest:
+    """bf-image-sha256-v1 assembled from block digests, in order: SHA-256
+    over every block digest, then the length as 8 bytes little-endian (the
+    same value native.ImageHash computes from the bytes)."""
+
+    def __init__(self) -> None:
+        self._outer = hashlib.sha256()
+        self.length = 0
+
+    def add(self, digests: bytes, length: int) -> None:
+        self._outer.update(digests)
+        self.length += length
+
+    def add_zero(self, length: int) -> None:
+        self.add(zero_block_digests(length), length)
+
+    def hexdigest(self) -> str:
+        h = self._outer.copy()
+        h.update(self.length.to_bytes(8, "little"))
+        return h.hexdigest()
+
+
+SAMPLE = 64 << 10
+
+
+def _worth_compressing(data, compressor) -> bool:
+    """Three 64 KiB samples (start, middle, end) of a large chunk: when none
+    shrinks by 3 %, the chunk is taken as incompressible (encrypted or
+    already compressed guest data) and zstd is not run over all of it."""
+    n = len(data)
+    if n < 8 * SAMPLE:
+        return True
+    view = memoryview(data)
+    for off in (0, n // 2 - SAMPLE // 2, n - SAMPLE):
+        if len(compressor.compress(view[off:off + SAMPLE])) < SAMPLE * 0.97:
+            return True
+    return False
+
+
+def encode_chunk(data, chunk_id: bytes, compressor, sealer) -> list:
+    """The record of a chunk as pieces to write one after the other (the
+    plaintext itself is one of them when stored as it is: no copy)."""
     flags = 0
     stored = data
-    if compressor is not None:
+    if compressor is not None and _worth_compressing(data, compressor):
         packed = compressor.compress(data)
         if len(packed) <= len(data) * COMPRESS_GAIN:
             stored, flags = packed, FLAG_ZSTD
     if sealer.encrypted:
         stored, flags = sealer.seal(stored, chunk_id), flags | FLAG_SEALED
-    return HEADER.pack(MAGIC, flags, len(data), len(stored), chunk_id) + bytes(stored)
+    return [HEADER.pack(MAGIC, flags, len(data), len(stored), chunk_id), stored]
 
 
-def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: str) -> bytes:
+def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: str) -> tuple[bytes, bytes]:
+    """The chunk's data and its block digests, after every check."""
     what = f"chunk {chunk_id.hex()} in {where}"
     if len(record) < HEADER.size:
         raise DataCorrupt(f"{what}: record is truncated")
     magic, flags, plain_len, stored_len, recorded = HEADER.unpack_from(record)
-    body = record[HEADER.size:]
+    body = memoryview(record)[HEADER.size:]
     if magic != MAGIC or recorded != chunk_id:
         raise DataCorrupt(f"{what}: record header is damaged")
     if len(body) != stored_len:
@@ -70,14 +131,17 @@ def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: st
     if bool(flags & FLAG_SEALED) != sealer.encrypted:
         raise DataCorrupt(f"{what}: record encryption flag does not match the repository")
     if flags & FLAG_SEALED:
-        body = sealer.open(body, chunk_id, what)
+        body = sealer.open(bytes(body), chunk_id, what)
     try:
         data = decompressor.decompress(body, max_output_size=plain_len) if flags & FLAG_ZSTD else body
     except Exception:  # zstd raises its own error type for a damaged frame
         raise DataCorrupt(f"{what}: compressed data is damaged") from None
-    if len(data) != plain_len or sealer.chunk_id(data) != chunk_id:
+    if len(data) != plain_len:
+        raise DataCorrupt(f"{what}: length mismatch")
+    digests = block_digests(data)
+    if sealer.chunk_id(digests) != chunk_id:
         raise DataCorrupt(f"{what}: checksum mismatch")
-    return data
+    return data, digests
 
 
 def block_record_size(chunk_size: int, sealer) -> int:

@@ -173,23 +173,25 @@ class Repository:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def encode(self, cid: bytes, data) -> bytes:
-        """The stored record of a chunk (thread-safe; call from workers)."""
+    def encode(self, cid: bytes, data) -> list:
+        """The stored record of a chunk, in pieces (thread-safe; call from workers)."""
         return encode_chunk(data, cid, self._compressor(), self.sealer)
 
-    def add(self, cid: bytes, record: bytes, plain: int) -> int:
+    def add(self, cid: bytes, record: list, plain: int) -> int:
         """Append an encoded chunk unless present; returns the bytes stored."""
+        length = sum(len(piece) for piece in record)
         with self._lock:
             if cid in self._index or (self._open is not None and cid in self._open.entries):
                 return 0
             if self._open is None:
                 self._open = _OpenPack(self.store)
             p = self._open
-            p.entries[cid] = Location(p.name, p.writer.size, len(record), plain)
-            p.writer.write(record)
+            p.entries[cid] = Location(p.name, p.writer.size, length, plain)
+            for piece in record:
+                p.writer.write(piece)
             if p.writer.size >= PACK_TARGET:
                 self._commit_pack()
-        return len(record)
+        return length
 
     def _commit_pack(self) -> None:
         p, self._open = self._open, None
@@ -215,13 +217,6 @@ class Repository:
         with self._lock:
             self._commit_pack()
 
-    def discard_open_pack(self) -> None:
-        """Drop the open pack of a failed backup (nothing references it yet)."""
-        with self._lock:
-            p, self._open = self._open, None
-        if p is not None:
-            p.writer.abort()
-
     def read_record(self, cid: bytes) -> tuple[Location, bytes]:
         loc = self.location(cid)
         if loc is None:
@@ -231,7 +226,8 @@ class Repository:
         except NotFound:
             raise DataCorrupt(f"chunk {cid.hex()}: pack {loc.pack} is missing") from None
 
-    def get(self, cid: bytes) -> bytes:
+    def get(self, cid: bytes) -> tuple[bytes, bytes]:
+        """A chunk's data and block digests, checked (thread-safe)."""
         loc, record = self.read_record(cid)
         return decode_chunk(record, cid, self._decompressor(), self.sealer, loc.pack)
 

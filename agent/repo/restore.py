@@ -3,12 +3,12 @@
 Chunks are fetched and decoded (decrypt, decompress, checksum) by a small
 pool of workers, several in flight, and written in order; zero chunks are not
 written (a new volume reads as zeros). The image digest of everything written
-is computed on the way and compared with the manifest's by the caller.
+is computed on the way, from the block digests that checking each chunk
+yields anyway, and compared with the manifest's by the caller.
 """
 from __future__ import annotations
 
-from agent import native
-from agent.repo.format import ZERO, Manifest
+from agent.repo.format import ZERO, ImageDigest, Manifest
 from agent.repo.pipeline import OrderedPipeline
 from agent.repo.repository import Repository
 
@@ -25,23 +25,23 @@ def restore(repo: Repository, manifest: Manifest, write, *, ctx=None) -> str:
 
 
 def _restore(repo: Repository, m: Manifest, write, ctx) -> str:
-    h = native.ImageHash()
+    image = ImageDigest()
     cs = m.chunk_size
     ctx.progress(0, m.size, "restoring")
 
     def work(i: int, cid: str):
-        return i, (repo.get(bytes.fromhex(cid)) if cid != ZERO else None)
+        return i, *(repo.get(bytes.fromhex(cid)) if cid != ZERO else (None, None))
 
     def retire(result) -> None:
-        i, data = result
+        i, data, digests = result
         offset = i * cs
         length = min(cs, m.size - offset)
         if data is None:
-            h.zero(length)
+            image.add_zero(length)
         else:
             ctx.throttle(len(data))
             write(offset, data)
-            h.update(data)
+            image.add(digests, length)
         ctx.progress(offset + length)
 
     with OrderedPipeline(work, retire) as pipe:
@@ -49,4 +49,4 @@ def _restore(repo: Repository, m: Manifest, write, ctx) -> str:
             ctx.checkpoint()
             pipe.submit(i, cid)
         pipe.drain()
-    return h.digest().hex()
+    return image.hexdigest()

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent import native
 from agent.errors import DataCorrupt, StorageIOError
-from agent.repo.format import ZERO, Manifest
+from agent.repo.format import ZERO, ImageDigest, Manifest
 from agent.repo.pipeline import OrderedPipeline
 from agent.repo.repository import Repository
 
@@ -37,7 +36,7 @@ def verify(repo: Repository, manifest: Manifest, *, deep: bool, ctx=None) -> Ver
 
 
 def _verify(repo: Repository, m: Manifest, deep: bool, ctx) -> VerifyResult:
-    h = native.ImageHash() if deep else None
+    h = ImageDigest() if deep else None
     cs = m.chunk_size
     seen: set[str] = set()
     counts = {"chunks": 0, "bytes": 0}
@@ -48,21 +47,21 @@ def _verify(repo: Repository, m: Manifest, deep: bool, ctx) -> VerifyResult:
         if cid == ZERO:
             return i, length, None
         try:
-            data = repo.get(bytes.fromhex(cid))
+            data, digests = repo.get(bytes.fromhex(cid))
         except (DataCorrupt, StorageIOError) as e:
             raise DataCorrupt(f"backup {m.backup_id}: chunk {i}: {e.message}") from None
         if len(data) != length:
             raise DataCorrupt(f"backup {m.backup_id}: chunk {i} ({cid}) holds {len(data)} bytes, not {length}")
-        return i, length, data if deep else b""
+        return i, length, digests
 
     def retire(result) -> None:
-        i, length, data = result
+        i, length, digests = result
         if h is not None:
-            if data is None:
-                h.zero(length)
+            if digests is None:
+                h.add_zero(length)
             else:
-                h.update(data)
-        if data is not None:
+                h.add(digests, length)
+        if digests is not None:
             counts["chunks"] += 1
             counts["bytes"] += length
         ctx.progress(i * cs + length)
@@ -75,6 +74,6 @@ def _verify(repo: Repository, m: Manifest, deep: bool, ctx) -> VerifyResult:
             seen.add(cid)
             pipe.submit(i, cid)
         pipe.drain()
-    if h is not None and h.digest().hex() != m.image_digest:
+    if h is not None and h.hexdigest() != m.image_digest:
         raise DataCorrupt(f"backup {m.backup_id}: the image digest of its chunks does not match the manifest")
     return VerifyResult(m.backup_id, deep, counts["chunks"], counts["bytes"])

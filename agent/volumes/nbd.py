@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -117,6 +118,36 @@ class QemuNbd:
         return NbdClient(self.socket, contexts)
 
 
+class _BufferPool:
+    """Process-wide I/O buffers for libnbd aio calls. The python binding of
+    libnbd 1.14 (Debian 12) keeps a reference to the buffer of every
+    aio_pread/aio_pwrite forever, so a buffer handed to it is never freed;
+    measured: 32 MiB more RSS per client. Reusing the same buffers across
+    clients keeps memory flat: the pool only grows to the most buffers in
+    flight at once."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> bytearray:
+        with self._lock:
+            best = None
+            for i, b in enumerate(self._free):
+                if len(b) >= size and (best is None or len(b) < len(self._free[best])):
+                    best = i
+            if best is not None:
+                return self._free.pop(best)
+        return bytearray(max(size, REQUEST_SIZE))
+
+    def put(self, buf: bytearray) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+BUFFERS = _BufferPool()
+
+
 class NbdClient:
     def __init__(self, socket_path: str, contexts: Iterable[str] = ("base:allocation",)):
         self.h = nbd.NBD()
@@ -127,7 +158,6 @@ class NbdClient:
         except nbd.Error as e:
             raise StorageIOError(f"cannot connect to NBD server {socket_path}: {e}") from None
         self.size = self.h.get_size()
-        self._pool: list[bytearray] = []
 
     def close(self) -> None:
         try:
@@ -192,12 +222,6 @@ class NbdClient:
 
     # ---- data ----
 
-    def _buffer(self, size: int) -> bytearray:
-        for i, b in enumerate(self._pool):
-            if len(b) >= size:
-                return self._pool.pop(i)
-        return bytearray(size)
-
     def read_extents(self, extents: Iterable[Extent], on_data: Callable[[int, memoryview], None],
                      *, request_size: int = REQUEST_SIZE, in_flight: int = IN_FLIGHT,
                      checkpoint: Callable[[], None] | None = None) -> None:
@@ -210,7 +234,7 @@ class NbdClient:
         h = self.h
         try:
             for offset, length in requests:
-                buf = self._buffer(length)
+                buf = BUFFERS.get(length)
                 cookie = h.aio_pread(nbd.Buffer.from_buffer(memoryview(buf)[:length]), offset)
                 pending.append((cookie, offset, length, buf))
                 while len(pending) >= in_flight:
@@ -221,12 +245,13 @@ class NbdClient:
             raise StorageIOError(f"NBD read failed: {e}") from None
         finally:
             # after an error, wait out what is in flight: the buffers are ours
-            for cookie, *_ in pending:
+            for cookie, _, _, buf in pending:
                 try:
                     while not h.aio_command_completed(cookie):
                         h.poll(-1)
                 except nbd.Error:
-                    pass
+                    continue  # never completed: the buffer may still be written to; leave it out of the pool
+                BUFFERS.put(buf)
             pending.clear()
 
     def _deliver(self, pending, on_data, checkpoint) -> None:
@@ -234,10 +259,12 @@ class NbdClient:
         while not self.h.aio_command_completed(cookie):
             self.h.poll(-1)
         pending.popleft()
-        if checkpoint:
-            checkpoint()
-        on_data(offset, memoryview(buf)[:length])
-        self._pool.append(buf)
+        try:
+            if checkpoint:
+                checkpoint()
+            on_data(offset, memoryview(buf)[:length])
+        finally:
+            BUFFERS.put(buf)
 
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data)
@@ -265,15 +292,10 @@ class AsyncWriter:
         self.client = client
         self.in_flight = in_flight
         self._pending: collections.deque = collections.deque()
-        self._free: list[bytearray] = []
 
     def write(self, data, offset: int) -> None:
         n = len(data)
-        buf = next((b for b in self._free if len(b) >= n), None)
-        if buf is not None:
-            self._free.remove(buf)
-        else:
-            buf = bytearray(n)
+        buf = BUFFERS.get(n)
         view = memoryview(buf)[:n]
         view[:] = data
         cookie = self.client.h.aio_pwrite(nbd.Buffer.from_buffer(view), offset)
@@ -290,7 +312,7 @@ class AsyncWriter:
         except nbd.Error as e:
             raise StorageIOError(f"NBD write failed: {e}") from None
         self._pending.popleft()
-        self._free.append(buf)
+        BUFFERS.put(buf)
 
     def finish(self) -> None:
         while self._pending:
