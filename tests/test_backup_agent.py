@@ -367,3 +367,38 @@ def test_kill_9_during_backups_never_lists_an_incomplete_backup(make_agent):
         for x in bk.list():
             assert bk.verify(x.uuid, deep=True).state == OK
     assert a.stop() == 0
+
+
+def test_cancelled_backup_and_restore_leave_nothing_that_looks_complete(make_agent):
+    a = make_agent("[jobs]\nbandwidth_limit = 20000000\n").start()  # slow enough to cancel mid-way
+    with a.client() as c:
+        bk = Bk(a, c)
+        vol = bk.create(capacity=64 * MiB).uuid
+        bk.write(vol, {0: os.urandom(32 * MiB)})
+        snap = bk.snap(vol, "s1").uuid
+        full = bk.backup(vol, snap)  # slow but complete, for the restore below
+
+        def cancel_midway(job_id):
+            while bk.c.get(job_id).progress.percent < 20:
+                time.sleep(0.01)
+            bk.c.cancel(job_id)
+            while (job := bk.c.get(job_id)).state not in FINAL:
+                time.sleep(0.01)
+            return job
+
+        bid = new_id()
+        bk.c.submit("b-cancel", backup=jobs_pb2.BackupSpec(backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID,
+                                                          volume_uuid=vol, snapshot_uuid=snap, backup_uuid=bid,
+                                                          full=True))
+        assert cancel_midway("b-cancel").state == jobs_pb2.JOB_STATE_CANCELLED
+        assert [x.uuid for x in bk.list()] == [full.backup_uuid]
+        new_vol = new_id()
+        bk.c.submit("r-cancel", restore=jobs_pb2.RestoreSpec(backup_point_uuid=BP_UUID, backup_uuid=full.backup_uuid,
+                                                            pool_uuid=POOL_UUID, volume_uuid=new_vol, name="r"))
+        job = cancel_midway("r-cancel")
+        assert job.state == jobs_pb2.JOB_STATE_CANCELLED and job.error.code == "CANCELLED"
+        assert [v.uuid for v in bk.call("ListVolumes").volumes] == [vol]
+        vol_dir = a.workdir / "pool" / f"pool-{POOL_UUID}" / "volume"
+        assert not [p for p in vol_dir.iterdir() if new_vol in p.name]  # no temporary copy left either
+        assert bk.verify(full.backup_uuid).state == OK
+    assert a.stop() == 0
