@@ -56,14 +56,16 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
     ctx = ctx or NullContext()
     with repo.shared("backup", checkpoint=ctx.checkpoint):
         repo.refresh()
-        return _backup(driver, volume, snapshot, repo, parent, full, backup_id or str(uuid.uuid4()), name,
-                       description, tenant, ctx)
+        info = driver.snapshot_info(volume, snapshot)
+        with driver.open_reader(volume, snapshot) as reader:
+            return _backup(driver, reader, info, volume, snapshot, repo, parent, full,
+                           backup_id or str(uuid.uuid4()), name, description, tenant, ctx)
 
 
-def _backup(driver, volume, snapshot, repo, parent, full, backup_id, name, description, tenant, ctx) -> Manifest:
+def _backup(driver, reader, info, volume, snapshot, repo, parent, full, backup_id, name, description, tenant,
+            ctx) -> Manifest:
     cs = repo.chunk_size
-    info = driver.snapshot_info(volume, snapshot)
-    alloc = driver.data_extents(volume, snapshot)
+    alloc = reader.extents()
     size = alloc[-1].end if alloc else 0
     n = (size + cs - 1) // cs
     data_chunks = chunk_indexes([e for e in alloc if not e.zero], cs, size)
@@ -154,7 +156,7 @@ def _backup(driver, volume, snapshot, repo, parent, full, backup_id, name, descr
                 stats["read_bytes"] += len(view)
 
             extents = [Extent(i * cs, length(i)) for i in wanted]
-            driver.read_chunks(volume, snapshot, extents, on_data, min(cs, READ_REQUEST), ctx.checkpoint)
+            reader.read(extents, on_data, min(cs, READ_REQUEST), ctx.checkpoint)
             pipe.drain()
         emit_until(n)
         ctx.checkpoint()

@@ -81,7 +81,8 @@ class RepoLock:
 
     def _write(self) -> None:
         self.record.refreshed = time.time()
-        self.store.publish(self.name, json.dumps(asdict(self.record)).encode())
+        # not synced: a crash that loses a lock record also ended its holder
+        self.store.publish(self.name, json.dumps(asdict(self.record)).encode(), durable=False)
 
     def _others(self) -> list[LockRecord]:
         out = []

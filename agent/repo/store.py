@@ -57,12 +57,14 @@ class ObjectWriter(ABC):
 
 class ObjectStore(ABC):
     @abstractmethod
-    def open_writer(self, name: str) -> ObjectWriter:
-        """Start writing an object; it stays invisible until commit()."""
+    def open_writer(self, name: str, *, durable: bool = True) -> ObjectWriter:
+        """Start writing an object; it stays invisible until commit().
+        durable=False: atomic but not synced (lock records, which a crash
+        may lose without harm)."""
 
-    def publish(self, name: str, data: bytes) -> None:
-        """Write an object durably and make it visible atomically."""
-        with self.open_writer(name) as w:
+    def publish(self, name: str, data: bytes, *, durable: bool = True) -> None:
+        """Write an object and make it visible atomically (durably, unless told)."""
+        with self.open_writer(name, durable=durable) as w:
             w.write(data)
             w.commit()
 

@@ -24,8 +24,9 @@ def _fsync_dir(path: str) -> None:
 
 
 class _FileWriter(ObjectWriter):
-    def __init__(self, path: str):
+    def __init__(self, path: str, durable: bool = True):
         self.path = path
+        self.durable = durable
         self.tmp = os.path.join(os.path.dirname(path), f"{PART}{uuid.uuid4().hex}")
         self._size = 0
         try:
@@ -51,11 +52,13 @@ class _FileWriter(ObjectWriter):
 
     def commit(self) -> None:
         try:
-            os.fsync(self.fd)
+            if self.durable:
+                os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
             os.rename(self.tmp, self.path)
-            _fsync_dir(os.path.dirname(self.path))
+            if self.durable:
+                _fsync_dir(os.path.dirname(self.path))
         except OSError as e:
             self.abort()
             raise StorageIOError(f"backup point: cannot commit {self.path}: {e.strerror}") from None
@@ -81,8 +84,8 @@ class LocalStore(ObjectStore):
     def _path(self, name: str) -> str:
         return os.path.join(self.root, check_object_name(name))
 
-    def open_writer(self, name: str) -> ObjectWriter:
-        return _FileWriter(self._path(name))
+    def open_writer(self, name: str, *, durable: bool = True) -> ObjectWriter:
+        return _FileWriter(self._path(name), durable)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """The object's bytes (a bytearray for a range read, to spare a copy)."""

@@ -206,11 +206,28 @@ class VolumeDriver(ABC):
         """Make a linked clone independent of its origin."""
 
     @abstractmethod
+    def open_reader(self, volume_uuid: str, snapshot_uuid: str):
+        """A context manager yielding a SnapshotReader of a snapshot."""
+
+    @abstractmethod
     def open_restore_target(self, volume_uuid: str, name: str, capacity: int,
                             job_id: str) -> "RestoreTarget":
         """A new volume to write a restore into. It does not exist as a
         volume until commit(); abort() (or a crash) leaves nothing that looks
         like one."""
+
+
+class SnapshotReader(ABC):
+    """A snapshot opened for reading (one qemu-nbd, or one RBD image handle)."""
+
+    @abstractmethod
+    def extents(self) -> list:
+        """Data and zero extents covering the whole snapshot (AllocExtent)."""
+
+    @abstractmethod
+    def read(self, extents, on_data, request_size: int, checkpoint=None) -> None:
+        """Read extents in order, several requests in flight; on_data(offset,
+        view) gets each piece (the view is valid during the call only)."""
 
 
 class RestoreTarget(ABC):

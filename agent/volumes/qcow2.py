@@ -35,6 +35,7 @@ import hashlib
 import logging
 import os
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 from agent import native
@@ -43,7 +44,8 @@ from agent.errors import (AlreadyExists, FailedPrecondition, HasDependents, Inva
 from agent.extents import Extent
 from agent.paths import resolve_under_roots
 from agent.volumes import qemu_img
-from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget, SnapshotInfo, SnapshotTree,
+from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget, SnapshotInfo, SnapshotReader,
+                                SnapshotTree,
                                 VolumeDriver, VolumeInfo, build_tree, check_name, check_uuid)
 from agent.volumes.nbd import AllocExtent, AsyncWriter, QemuNbd
 from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
@@ -590,14 +592,14 @@ class Qcow2Pool(VolumeDriver):
             self._snap(meta, snapshot_uuid)
         return image_digest(self.layer_path(meta, snapshot_uuid or None), run_dir=self.run_dir, ctx=ctx)
 
-    def read_chunks(self, volume_uuid: str, snapshot_uuid: str, extents, on_data, request_size: int,
-                    checkpoint=None) -> None:
-        """Read extents of a snapshot in order through a read-only qemu-nbd."""
+    @contextmanager
+    def open_reader(self, volume_uuid: str, snapshot_uuid: str):
+        """A snapshot through one read-only qemu-nbd: its extents, then its data."""
         meta = self._meta(volume_uuid)
         self._snap(meta, snapshot_uuid)
         with QemuNbd(self.layer_path(meta, snapshot_uuid), readonly=True, run_dir=self.run_dir) as srv:
             with srv.connect() as c:
-                c.read_extents(extents, on_data, request_size=request_size, checkpoint=checkpoint)
+                yield NbdSnapshotReader(c)
 
     def full_clone(self, source: "Qcow2Pool", source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str,
                    ctx) -> tuple[VolumeInfo, int]:
@@ -629,6 +631,17 @@ class Qcow2Pool(VolumeDriver):
         except BaseException:
             abort()
             raise
+
+
+class NbdSnapshotReader(SnapshotReader):
+    def __init__(self, client):
+        self.client = client
+
+    def extents(self) -> list[AllocExtent]:
+        return self.client.allocation()
+
+    def read(self, extents, on_data, request_size: int, checkpoint=None) -> None:
+        self.client.read_extents(extents, on_data, request_size=request_size, checkpoint=checkpoint)
 
 
 class Qcow2RestoreTarget(RestoreTarget):

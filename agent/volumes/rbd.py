@@ -34,7 +34,8 @@ from agent import native
 from agent.errors import (AlreadyExists, Cancelled, FailedPrecondition, HasDependents, InUse, InvalidArgument,
                           NotFound, StorageIOError)
 from agent.extents import Extent
-from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget, SnapshotInfo, SnapshotTree,
+from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget, SnapshotInfo, SnapshotReader,
+                                SnapshotTree,
                                 VolumeDriver, VolumeInfo, build_tree, check_name, check_uuid)
 from agent.volumes.qcow2 import check_capacity, merge_extents
 from agent.volumes.nbd import AllocExtent
@@ -487,8 +488,11 @@ class RbdPool(VolumeDriver):
         if snapshot_uuid:
             check_uuid(snapshot_uuid, "snapshot_uuid")
         with self.ioctx() as io, self._image(io, vol, snapshot=snapshot_uuid, read_only=True) as img:
-            size = img.size()
-            data = self._extents(img, size, None, whole_object=False, include_parent=True)
+            return self._alloc_extents(img)
+
+    def _alloc_extents(self, img) -> list[AllocExtent]:
+        size = img.size()
+        data = self._extents(img, size, None, whole_object=False, include_parent=True)
         out: list[AllocExtent] = []
         pos = 0
         for e in data:
@@ -665,12 +669,13 @@ class RbdPool(VolumeDriver):
                 ext, on_data, checkpoint=checkpoint), ctx)
 
 
-    def read_chunks(self, volume_uuid: str, snapshot_uuid: str, extents, on_data, request_size: int,
-                    checkpoint=None) -> None:
+    @contextmanager
+    def open_reader(self, volume_uuid: str, snapshot_uuid: str):
+        """A snapshot through one read-only image handle."""
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self.ioctx() as io, self._image(io, vol, snapshot=check_uuid(snapshot_uuid, "snapshot_uuid"),
                                              read_only=True) as img:
-            RbdReader(img, request_size=request_size).read_extents(extents, on_data, checkpoint=checkpoint)
+            yield RbdSnapshotReader(self, img)
 
     def open_restore_target(self, volume_uuid: str, name: str, capacity: int, job_id: str) -> "RbdRestoreTarget":
         vol = check_uuid(volume_uuid, "volume_uuid")
@@ -678,6 +683,17 @@ class RbdPool(VolumeDriver):
         if self.volume_exists(vol):
             raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
         return RbdRestoreTarget(self, vol, name, capacity)
+
+
+class RbdSnapshotReader(SnapshotReader):
+    def __init__(self, pool: RbdPool, img):
+        self.pool, self.img = pool, img
+
+    def extents(self) -> list[AllocExtent]:
+        return self.pool._alloc_extents(self.img)
+
+    def read(self, extents, on_data, request_size: int, checkpoint=None) -> None:
+        RbdReader(self.img, request_size=request_size).read_extents(extents, on_data, checkpoint=checkpoint)
 
 
 class RbdRestoreTarget(RestoreTarget):
