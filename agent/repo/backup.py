@@ -65,13 +65,11 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
 def _backup(driver, reader, info, volume, snapshot, repo, parent, full, backup_id, name, description, tenant,
             ctx) -> Manifest:
     cs = repo.chunk_size
-    alloc = reader.extents()
-    size = alloc[-1].end if alloc else 0
+    size = reader.size()
     n = (size + cs - 1) // cs
-    data_chunks = chunk_indexes([e for e in alloc if not e.zero], cs, size)
     mode, why = "full", "no parent" if parent is None else "full re-read requested"
     chunks = [ZERO] * n
-    wanted = data_chunks
+    wanted = None
     if parent is not None and not full:
         if parent.chunk_size != cs or parent.size != size:
             why = "the volume size changed since the parent backup"
@@ -83,6 +81,8 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, full, backup_i
                 chunks = list(parent.chunks)
             except (TrackingLost, NotFound, FailedPrecondition) as e:
                 mode, why = "fallback", e.message
+    if wanted is None:  # every data chunk (the allocation map is only needed here)
+        wanted = chunk_indexes([e for e in reader.extents() if not e.zero], cs, size)
     if why:
         log.info("backup reads every data chunk", extra={"volume": volume, "mode": mode, "reason": why})
 

@@ -221,6 +221,10 @@ class SnapshotReader(ABC):
     """A snapshot opened for reading (one qemu-nbd, or one RBD image handle)."""
 
     @abstractmethod
+    def size(self) -> int:
+        """Virtual size of the snapshot in bytes."""
+
+    @abstractmethod
     def extents(self) -> list:
         """Data and zero extents covering the whole snapshot (AllocExtent)."""
 

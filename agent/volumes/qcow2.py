@@ -637,6 +637,9 @@ class NbdSnapshotReader(SnapshotReader):
     def __init__(self, client):
         self.client = client
 
+    def size(self) -> int:
+        return self.client.size
+
     def extents(self) -> list[AllocExtent]:
         return self.client.allocation()
 

@@ -689,6 +689,9 @@ class RbdSnapshotReader(SnapshotReader):
     def __init__(self, pool: RbdPool, img):
         self.pool, self.img = pool, img
 
+    def size(self) -> int:
+        return self.img.size()
+
     def extents(self) -> list[AllocExtent]:
         return self.pool._alloc_extents(self.img)
 
