@@ -262,3 +262,20 @@ def test_stale_lock_of_a_dead_process_is_removed(env):
         assert rec["pid"] == os.getpid() and rec["mode"] == "exclusive"
     finally:
         live.release()
+
+
+def test_large_chunks_restore_through_the_pool_target(short_tmp):
+    """64 MiB chunks (the largest; more than one 32 MiB NBD request) back up
+    and restore through the driver's restore target into a new qcow2 volume."""
+    pool = Qcow2Pool(nid(), str(short_tmp / "pool"), run_dir=str(short_tmp / "run"),
+                     allowed_roots=[str(short_tmp)])
+    repo = Repository.init(LocalStore(str(short_tmp / "bp")), chunk_size=64 * MiB)
+    vol = pool.create_volume(nid(), "src", 80 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(40 * MiB), 70 * MiB: os.urandom(MiB)}, short_tmp)
+    s1 = nid()
+    pool.create_snapshot(vol, s1, "s1")
+    m = backup(pool, vol, s1, repo)
+    target = pool.open_restore_target(nid(), "restored", m.size, "job")
+    digest = restore(repo, m, target.write)
+    info = target.commit()
+    assert digest == m.image_digest == pool.image_digest(info.uuid, None).image_digest

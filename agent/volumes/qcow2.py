@@ -47,6 +47,7 @@ from agent.volumes import qemu_img
 from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget, SnapshotInfo, SnapshotReader,
                                 SnapshotTree,
                                 VolumeDriver, VolumeInfo, build_tree, check_name, check_uuid)
+from agent.volumes.nbd import REQUEST_SIZE as NBD_REQUEST
 from agent.volumes.nbd import AllocExtent, AsyncWriter, QemuNbd
 from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
 
@@ -664,7 +665,8 @@ class Qcow2RestoreTarget(RestoreTarget):
     def write(self, offset: int, data) -> None:
         view = memoryview(data)
         for a, b in native.nonzero_runs(view, ZERO_RUN):
-            self.writer.write(view[a:b], offset + a)
+            for pos in range(a, b, NBD_REQUEST):  # servers take at most 32 MiB a request
+                self.writer.write(view[pos:min(b, pos + NBD_REQUEST)], offset + pos)
 
     def _close(self) -> None:
         if self.server is not None:
