@@ -25,6 +25,11 @@ apt_packages=(
     ceph-mon ceph-osd ceph-mgr ceph-common
     # systemd-analyze verify for the unit tests
     systemd
+    # remote backup points in user space: libnfs (NFSv3) and libiscsi for the
+    # C extension, plus their CLIs the tests read back with
+    libnfs-dev libnfs-utils libiscsi-dev libiscsi-bin
+    # test servers: nfs-ganesha + rpcbind, smbd (+ smbclient), tgtd
+    nfs-ganesha nfs-ganesha-vfs rpcbind samba smbclient tgt
 )
 
 need_apt=()

@@ -96,11 +96,30 @@ class PoolSection:
 class BackupPointSection:
     """A backup point: [backup_points.<uuid>] with its type and where its repository lives."""
 
-    type: str = option("local", "local: a directory (a local disk or any mounted file system).")
+    type: str = option("local", "local (a directory), nfs (NFSv3 via libnfs), samba (SMB3), iscsi (a LUN via "
+                       "libiscsi), disk or fc (a local block device).")
     path: str = option("", "local: the directory holding the repository.")
+    ip: str = option("", "nfs, samba, iscsi: the server address (seed 000 `ip`).")
+    port: int = option(0, "nfs: NFS port (0 asks the portmapper); samba: SMB port (0 = 445); iscsi: portal port "
+                       "(0 = 3260).")
+    mount_port: int = option(0, "nfs: MOUNT port (0 asks the portmapper).")
+    root_dir: str = option("", "nfs: the export path; samba: the share name (seed 000 `root_dir`).")
+    sub_dir: str = option("", "nfs, samba: the repository's directory below root_dir (seed 000 `sub_dir`; no "
+                          "'..').")
+    username: str = option("", "samba: the SMB user; iscsi: the CHAP user (empty: no CHAP).")
+    secret: str = option("", "samba: the SMB password; iscsi: the CHAP secret. A file that sets it must be "
+                         "mode 0600.", secret=True)
+    smb_encrypt: bool = option(False, "samba: require SMB3 encryption of the session (signing is always on).")
+    target: str = option("", "iscsi: the target IQN.")
+    lun: int = option(0, "iscsi: the LUN number.")
+    device: str = option("", "disk, fc: the block device (FC LUNs: /dev/disk/by-id/wwn-...).")
+    format_lun: bool = option(False, "iscsi, disk, fc: format a blank LUN (all zero where a superblock, "
+                              "partition table or file system would be) on first use; a LUN with other data is "
+                              "never touched.")
+    timeout: float = option(30.0, "nfs, samba, iscsi: seconds any call may block before the job fails.")
     password: str = option("", "Turns on encryption (AES-256-GCM, scrypt-derived key) when the repository is "
-                           "created; then required to open it. A file that sets it must be mode 0600.",
-                           secret=True)
+                           "created; then required to open it (seed 000 `pass_word`). A file that sets it must be "
+                           "mode 0600.", secret=True)
     chunk_size: int = option(4 << 20, "Bytes per chunk of a new repository (a multiple of 64 KiB; 4 MiB matches "
                              "RBD objects).")
     compression: str = option("zstd", "zstd or none, for a new repository.")
@@ -109,7 +128,7 @@ class BackupPointSection:
 
 
 POOL_TYPES = ("dir", "rbd")
-BACKUP_POINT_TYPES = ("local",)
+BACKUP_POINT_TYPES = ("local", "nfs", "samba", "iscsi", "disk", "fc")
 TABLES = {"pools": "PoolSection", "backup_points": "BackupPointSection"}
 RBD_FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling")
 
@@ -148,8 +167,26 @@ class Config:
             label = f"backup_points.{uuid}"
             if bp.type not in BACKUP_POINT_TYPES:
                 raise bad(label, "type", f"must be one of {', '.join(BACKUP_POINT_TYPES)}, not {bp.type!r}")
-            if not os.path.isabs(bp.path):
+            if bp.type == "local" and not os.path.isabs(bp.path):
                 raise bad(label, "path", "must be an absolute path")
+            if bp.type in ("nfs", "samba", "iscsi") and not bp.ip:
+                raise bad(label, "ip", f"must be set for a {bp.type} backup point")
+            if bp.type == "nfs" and not bp.root_dir.startswith("/"):
+                raise bad(label, "root_dir", "must be the absolute export path")
+            if bp.type == "samba" and not bp.root_dir.strip("/"):
+                raise bad(label, "root_dir", "must name the share")
+            if bp.type == "samba" and not (bp.username and bp.secret):
+                raise bad(label, "username", "samba needs username and secret (the SMB password)")
+            if bp.type == "iscsi" and not bp.target:
+                raise bad(label, "target", "must be the target IQN")
+            if bp.type in ("disk", "fc") and not os.path.isabs(bp.device):
+                raise bad(label, "device", "must be an absolute block device path")
+            if bp.sub_dir and (bp.sub_dir.startswith("/") or ".." in bp.sub_dir.split("/")):
+                raise bad(label, "sub_dir", "must be a relative path without '..'")
+            if not 0 <= bp.port <= 65535 or not 0 <= bp.mount_port <= 65535:
+                raise bad(label, "port", "must be between 0 and 65535")
+            if bp.timeout <= 0:
+                raise bad(label, "timeout", "must be positive")
             if bp.chunk_size < 64 << 10 or bp.chunk_size > 64 << 20 or bp.chunk_size % (64 << 10):
                 raise bad(label, "chunk_size", "must be a multiple of 64 KiB between 64 KiB and 64 MiB")
             if bp.compression not in ("zstd", "none"):

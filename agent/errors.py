@@ -138,6 +138,24 @@ class RepositoryLocked(BlockferryError):
     code = "REPOSITORY_LOCKED"
 
 
+class TargetUnreachable(BlockferryError):
+    """A backup point or pool server does not answer (connection refused, timed out or dropped)."""
+
+    code = "TARGET_UNREACHABLE"
+
+
+class AuthFailed(BlockferryError):
+    """A backup point refused our credentials (SMB user/password, iSCSI CHAP)."""
+
+    code = "AUTH_FAILED"
+
+
+class NoSpace(BlockferryError):
+    """The backup point or LUN is full; nothing partial was published."""
+
+    code = "NO_SPACE"
+
+
 class BindingMissing(BlockferryError):
     """A Python binding the agent needs is missing or built for another ABI."""
 
@@ -163,6 +181,9 @@ _GRPC_STATUS: dict[str, grpc.StatusCode] = {
     StorageIOError.code: grpc.StatusCode.UNAVAILABLE,
     ConfigError.code: grpc.StatusCode.FAILED_PRECONDITION,
     BindingMissing.code: grpc.StatusCode.FAILED_PRECONDITION,
+    TargetUnreachable.code: grpc.StatusCode.UNAVAILABLE,
+    AuthFailed.code: grpc.StatusCode.UNAUTHENTICATED,
+    NoSpace.code: grpc.StatusCode.RESOURCE_EXHAUSTED,
     WrongPassword.code: grpc.StatusCode.PERMISSION_DENIED,
     DataCorrupt.code: grpc.StatusCode.DATA_LOSS,
     RepositoryLocked.code: grpc.StatusCode.ABORTED,

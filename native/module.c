@@ -4,11 +4,17 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/stat.h>
+
+#include <nfsc/libnfs.h>
 
 #include "diff.h"
 #include "digest.h"
 #include "imagehash.h"
+#include "nfsio.h"
 #include "zero.h"
 
 static int parse_algo(const char *name)
@@ -306,6 +312,445 @@ static PyTypeObject ImageHashType = {
     .tp_getset = ImageHash_getset,
 };
 
+
+/* ---- NFS (libnfs): NfsContext and NfsFile ----
+ * One NfsContext is one mounted connection. libnfs 4 contexts are not
+ * thread-safe, so every call takes the context's lock, with the GIL
+ * released while it waits and while the call runs. */
+typedef struct {
+    PyObject_HEAD
+    struct nfs_context *nfs;
+    PyThread_type_lock lock;
+} NfsContextObject;
+
+typedef struct {
+    PyObject_HEAD
+    NfsContextObject *ctx;
+    struct nfsfh *fh;
+} NfsFileObject;
+
+static PyTypeObject NfsFileType;
+
+static void nfs_lock(NfsContextObject *c)
+{
+    if (!PyThread_acquire_lock(c->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(c->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+/* Raise OSError(-rc, "<what> <path>: <libnfs message>"); call with the lock held. */
+static PyObject *nfs_raise(NfsContextObject *c, int rc, const char *what, const char *path)
+{
+    const char *msg = c->nfs ? nfs_get_error(c->nfs) : NULL;
+    int err = rc < 0 ? -rc : EIO;
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, "");
+    if (!exc)
+        return NULL;
+    /* OSError(errno, ...) picks the subclass (FileNotFoundError...); the
+     * message names the operation, the path and what the server said. */
+    PyObject *text = PyUnicode_FromFormat("%s %s: %s", what, path ? path : "",
+                                          msg && *msg ? msg : strerror(err));
+    if (text) {
+        PyObject_SetAttrString(exc, "strerror", text);
+        Py_DECREF(text);
+    }
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+static int check_open(NfsContextObject *c)
+{
+    if (!c->nfs) {
+        PyErr_SetString(PyExc_ValueError, "NFS context is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static int NfsContext_init(NfsContextObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"server", "export", "nfs_port", "mount_port", "timeout_ms", "uid", "gid", NULL};
+    const char *server, *export;
+    int nfs_port = 0, mount_port = 0, timeout_ms = 30000, uid = -1, gid = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|iiiii:NfsContext", kwlist, &server, &export, &nfs_port,
+                                     &mount_port, &timeout_ms, &uid, &gid))
+        return -1;
+    if (self->nfs) {
+        PyErr_SetString(PyExc_ValueError, "NfsContext is already connected");
+        return -1;
+    }
+    if (!self->lock && !(self->lock = PyThread_allocate_lock())) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    char err[512] = "";
+    struct nfs_context *nfs;
+    Py_BEGIN_ALLOW_THREADS
+    nfs = bf_nfs_connect(server, export, nfs_port, mount_port, timeout_ms, uid, gid, err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    if (!nfs) {
+        PyErr_Format(PyExc_ConnectionError, "nfs://%s%s: %s", server, export, err);
+        return -1;
+    }
+    self->nfs = nfs;
+    return 0;
+}
+
+static void nfs_context_close(NfsContextObject *self)
+{
+    if (self->nfs) {
+        struct nfs_context *nfs = self->nfs;
+        self->nfs = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        nfs_destroy_context(nfs);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void NfsContext_dealloc(NfsContextObject *self)
+{
+    nfs_context_close(self);
+    if (self->lock)
+        PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *NfsContext_close(NfsContextObject *self, PyObject *unused)
+{
+    nfs_lock(self);
+    nfs_context_close(self);
+    PyThread_release_lock(self->lock);
+    Py_RETURN_NONE;
+}
+
+/* open(path, flags, mode=0o640) -> NfsFile; flags are os.O_* values. */
+static PyObject *NfsContext_open(NfsContextObject *self, PyObject *args)
+{
+    const char *path;
+    int flags, mode = 0640;
+    if (!PyArg_ParseTuple(args, "si|i:open", &path, &flags, &mode))
+        return NULL;
+    struct nfsfh *fh = NULL;
+    int rc;
+    nfs_lock(self);
+    if (check_open(self) < 0) {
+        PyThread_release_lock(self->lock);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (flags & O_CREAT)
+        rc = nfs_create(self->nfs, path, flags & ~O_CREAT, mode, &fh);
+    else
+        rc = nfs_open(self->nfs, path, flags, &fh);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        nfs_raise(self, rc, "open", path);
+        PyThread_release_lock(self->lock);
+        return NULL;
+    }
+    PyThread_release_lock(self->lock);
+    NfsFileObject *f = PyObject_New(NfsFileObject, &NfsFileType);
+    if (!f) {
+        nfs_lock(self);
+        if (self->nfs)
+            nfs_close(self->nfs, fh);
+        PyThread_release_lock(self->lock);
+        return NULL;
+    }
+    Py_INCREF(self);
+    f->ctx = self;
+    f->fh = fh;
+    return (PyObject *)f;
+}
+
+/* The path operations share one shape: call, then raise on a negative rc. */
+enum path_op { OP_UNLINK, OP_MKDIR, OP_RMDIR, OP_RENAME };
+
+static PyObject *nfs_path_op(NfsContextObject *self, enum path_op op, const char *a, const char *b, int mode)
+{
+    static const char *names[] = {"unlink", "mkdir", "rmdir", "rename"};
+    int rc;
+    nfs_lock(self);
+    if (check_open(self) < 0) {
+        PyThread_release_lock(self->lock);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    switch (op) {
+    case OP_UNLINK: rc = nfs_unlink(self->nfs, a); break;
+    case OP_MKDIR: rc = nfs_mkdir2(self->nfs, a, mode); break;
+    case OP_RMDIR: rc = nfs_rmdir(self->nfs, a); break;
+    default: rc = nfs_rename(self->nfs, a, b); break;
+    }
+    Py_END_ALLOW_THREADS
+    PyObject *res = rc < 0 ? nfs_raise(self, rc, names[op], a) : (Py_INCREF(Py_None), Py_None);
+    PyThread_release_lock(self->lock);
+    return res;
+}
+
+static PyObject *NfsContext_unlink(NfsContextObject *self, PyObject *args)
+{
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s:unlink", &path))
+        return NULL;
+    return nfs_path_op(self, OP_UNLINK, path, NULL, 0);
+}
+
+static PyObject *NfsContext_mkdir(NfsContextObject *self, PyObject *args)
+{
+    const char *path;
+    int mode = 0750;
+    if (!PyArg_ParseTuple(args, "s|i:mkdir", &path, &mode))
+        return NULL;
+    return nfs_path_op(self, OP_MKDIR, path, NULL, mode);
+}
+
+static PyObject *NfsContext_rmdir(NfsContextObject *self, PyObject *args)
+{
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s:rmdir", &path))
+        return NULL;
+    return nfs_path_op(self, OP_RMDIR, path, NULL, 0);
+}
+
+static PyObject *NfsContext_rename(NfsContextObject *self, PyObject *args)
+{
+    const char *a, *b;
+    if (!PyArg_ParseTuple(args, "ss:rename", &a, &b))
+        return NULL;
+    return nfs_path_op(self, OP_RENAME, a, b, 0);
+}
+
+/* stat(path) -> (size, mode, is_dir) */
+static PyObject *NfsContext_stat(NfsContextObject *self, PyObject *args)
+{
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s:stat", &path))
+        return NULL;
+    struct nfs_stat_64 st;
+    int rc;
+    nfs_lock(self);
+    if (check_open(self) < 0) {
+        PyThread_release_lock(self->lock);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = nfs_stat64(self->nfs, path, &st);
+    Py_END_ALLOW_THREADS
+    PyObject *res = rc < 0 ? nfs_raise(self, rc, "stat", path)
+                           : Py_BuildValue("(KKO)", (unsigned long long)st.nfs_size,
+                                           (unsigned long long)st.nfs_mode,
+                                           (st.nfs_mode & S_IFMT) == S_IFDIR ? Py_True : Py_False);
+    PyThread_release_lock(self->lock);
+    return res;
+}
+
+/* statvfs(path) -> (frsize, blocks, bfree, bavail) */
+static PyObject *NfsContext_statvfs(NfsContextObject *self, PyObject *args)
+{
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s:statvfs", &path))
+        return NULL;
+    struct nfs_statvfs_64 st;
+    int rc;
+    nfs_lock(self);
+    if (check_open(self) < 0) {
+        PyThread_release_lock(self->lock);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = nfs_statvfs64(self->nfs, path, &st);
+    Py_END_ALLOW_THREADS
+    PyObject *res = rc < 0 ? nfs_raise(self, rc, "statvfs", path)
+                           : Py_BuildValue("(KKKK)", (unsigned long long)st.f_frsize,
+                                           (unsigned long long)st.f_blocks, (unsigned long long)st.f_bfree,
+                                           (unsigned long long)st.f_bavail);
+    PyThread_release_lock(self->lock);
+    return res;
+}
+
+/* listdir(path) -> [(name, is_dir, size)], without "." and "..". */
+static PyObject *NfsContext_listdir(NfsContextObject *self, PyObject *args)
+{
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s:listdir", &path))
+        return NULL;
+    struct nfsdir *dir = NULL;
+    int rc;
+    nfs_lock(self);
+    if (check_open(self) < 0) {
+        PyThread_release_lock(self->lock);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = nfs_opendir(self->nfs, path, &dir);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        nfs_raise(self, rc, "listdir", path);
+        PyThread_release_lock(self->lock);
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    struct nfsdirent *e;
+    while (out && (e = nfs_readdir(self->nfs, dir)) != NULL) {
+        if (strcmp(e->name, ".") == 0 || strcmp(e->name, "..") == 0)
+            continue;
+        PyObject *item = Py_BuildValue("(sOK)", e->name, (e->mode & S_IFMT) == S_IFDIR ? Py_True : Py_False,
+                                       (unsigned long long)e->size);
+        if (!item || PyList_Append(out, item) < 0)
+            Py_CLEAR(out);
+        Py_XDECREF(item);
+    }
+    nfs_closedir(self->nfs, dir);
+    PyThread_release_lock(self->lock);
+    return out;
+}
+
+static PyMethodDef NfsContext_methods[] = {
+    {"open", (PyCFunction)NfsContext_open, METH_VARARGS,
+     "open(path, flags, mode=0o640) -> NfsFile (flags: os.O_*; O_CREAT creates)."},
+    {"unlink", (PyCFunction)NfsContext_unlink, METH_VARARGS, "Remove a file."},
+    {"mkdir", (PyCFunction)NfsContext_mkdir, METH_VARARGS, "mkdir(path, mode=0o750)."},
+    {"rmdir", (PyCFunction)NfsContext_rmdir, METH_VARARGS, "Remove an empty directory."},
+    {"rename", (PyCFunction)NfsContext_rename, METH_VARARGS, "rename(old, new), atomic on the server."},
+    {"stat", (PyCFunction)NfsContext_stat, METH_VARARGS, "stat(path) -> (size, mode, is_dir)."},
+    {"statvfs", (PyCFunction)NfsContext_statvfs, METH_VARARGS,
+     "statvfs(path) -> (frsize, blocks, bfree, bavail)."},
+    {"listdir", (PyCFunction)NfsContext_listdir, METH_VARARGS, "listdir(path) -> [(name, is_dir, size)]."},
+    {"close", (PyCFunction)NfsContext_close, METH_NOARGS, "Unmount and disconnect (idempotent)."},
+    {NULL},
+};
+
+static PyTypeObject NfsContextType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent._native.NfsContext",
+    .tp_basicsize = sizeof(NfsContextObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "NfsContext(server, export, nfs_port=0, mount_port=0, timeout_ms=30000, uid=-1, gid=-1): "
+              "an NFSv3 mount through libnfs (ports 0: ask the portmapper).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)NfsContext_init,
+    .tp_dealloc = (destructor)NfsContext_dealloc,
+    .tp_methods = NfsContext_methods,
+};
+
+static void nfs_file_close(NfsFileObject *self)
+{
+    if (self->fh && self->ctx) {
+        nfs_lock(self->ctx);
+        if (self->ctx->nfs) {
+            struct nfs_context *nfs = self->ctx->nfs;
+            struct nfsfh *fh = self->fh;
+            Py_BEGIN_ALLOW_THREADS
+            nfs_close(nfs, fh);
+            Py_END_ALLOW_THREADS
+        }
+        PyThread_release_lock(self->ctx->lock);
+    }
+    self->fh = NULL;
+}
+
+static void NfsFile_dealloc(NfsFileObject *self)
+{
+    nfs_file_close(self);
+    Py_XDECREF(self->ctx);
+    PyObject_Free(self);
+}
+
+static int file_ready(NfsFileObject *self)
+{
+    if (!self->fh) {
+        PyErr_SetString(PyExc_ValueError, "NFS file is closed");
+        return -1;
+    }
+    return check_open(self->ctx);
+}
+
+/* pwrite(data, offset): writes all of data (any buffer, not copied). */
+static PyObject *NfsFile_pwrite(NfsFileObject *self, PyObject *args)
+{
+    Py_buffer data;
+    unsigned long long offset;
+    if (!PyArg_ParseTuple(args, "y*K:pwrite", &data, &offset))
+        return NULL;
+    nfs_lock(self->ctx);
+    PyObject *res = NULL;
+    if (file_ready(self) == 0) {
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = bf_nfs_pwrite_all(self->ctx->nfs, self->fh, offset, data.buf, (size_t)data.len);
+        Py_END_ALLOW_THREADS
+        res = rc < 0 ? nfs_raise(self->ctx, rc, "pwrite", "") : (Py_INCREF(Py_None), Py_None);
+    }
+    PyThread_release_lock(self->ctx->lock);
+    PyBuffer_Release(&data);
+    return res;
+}
+
+/* preadinto(buffer, offset) -> bytes read (short only at end of file). */
+static PyObject *NfsFile_preadinto(NfsFileObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    unsigned long long offset;
+    if (!PyArg_ParseTuple(args, "w*K:preadinto", &buf, &offset))
+        return NULL;
+    nfs_lock(self->ctx);
+    PyObject *res = NULL;
+    if (file_ready(self) == 0) {
+        ssize_t n;
+        Py_BEGIN_ALLOW_THREADS
+        n = bf_nfs_pread_full(self->ctx->nfs, self->fh, offset, buf.buf, (size_t)buf.len);
+        Py_END_ALLOW_THREADS
+        res = n < 0 ? nfs_raise(self->ctx, (int)n, "pread", "") : PyLong_FromSsize_t(n);
+    }
+    PyThread_release_lock(self->ctx->lock);
+    PyBuffer_Release(&buf);
+    return res;
+}
+
+static PyObject *NfsFile_fsync(NfsFileObject *self, PyObject *unused)
+{
+    nfs_lock(self->ctx);
+    PyObject *res = NULL;
+    if (file_ready(self) == 0) {
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = nfs_fsync(self->ctx->nfs, self->fh);
+        Py_END_ALLOW_THREADS
+        res = rc < 0 ? nfs_raise(self->ctx, rc, "fsync", "") : (Py_INCREF(Py_None), Py_None);
+    }
+    PyThread_release_lock(self->ctx->lock);
+    return res;
+}
+
+static PyObject *NfsFile_close(NfsFileObject *self, PyObject *unused)
+{
+    nfs_file_close(self);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef NfsFile_methods[] = {
+    {"pwrite", (PyCFunction)NfsFile_pwrite, METH_VARARGS, "pwrite(data, offset): write all of data."},
+    {"preadinto", (PyCFunction)NfsFile_preadinto, METH_VARARGS,
+     "preadinto(buffer, offset) -> count (short only at end of file)."},
+    {"fsync", (PyCFunction)NfsFile_fsync, METH_NOARGS, "Commit written data to stable storage."},
+    {"close", (PyCFunction)NfsFile_close, METH_NOARGS, "Close the file (idempotent)."},
+    {NULL},
+};
+
+static PyTypeObject NfsFileType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent._native.NfsFile",
+    .tp_basicsize = sizeof(NfsFileObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An open file on an NfsContext.",
+    .tp_dealloc = (destructor)NfsFile_dealloc,
+    .tp_methods = NfsFile_methods,
+};
+
 static PyMethodDef module_methods[] = {
     {"digest_size", py_digest_size, METH_VARARGS, "Digest size in bytes of an algorithm."},
     {"block_digests", (PyCFunction)(void (*)(void))py_block_digests, METH_VARARGS | METH_KEYWORDS,
@@ -324,13 +769,18 @@ static struct PyModuleDef native_module = {
 
 PyMODINIT_FUNC PyInit__native(void)
 {
-    if (PyType_Ready(&ImageHashType) < 0)
+    if (PyType_Ready(&ImageHashType) < 0 || PyType_Ready(&NfsContextType) < 0 ||
+        PyType_Ready(&NfsFileType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m)
         return NULL;
     Py_INCREF(&ImageHashType);
+    Py_INCREF(&NfsContextType);
+    Py_INCREF(&NfsFileType);
     if (PyModule_AddObject(m, "ImageHash", (PyObject *)&ImageHashType) < 0 ||
+        PyModule_AddObject(m, "NfsContext", (PyObject *)&NfsContextType) < 0 ||
+        PyModule_AddObject(m, "NfsFile", (PyObject *)&NfsFileType) < 0 ||
         PyModule_AddIntConstant(m, "IMAGE_BLOCK_SIZE", BF_IMAGE_BLOCK_SIZE) < 0 ||
         PyModule_AddStringConstant(m, "IMAGE_DIGEST_FORMAT", "bf-image-sha256-v1") < 0 ||
         PyModule_AddStringConstant(m, "XXH3_ISA", bf_xxh3_isa()) < 0) {

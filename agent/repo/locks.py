@@ -142,5 +142,11 @@ class RepoLock:
     def __enter__(self) -> "RepoLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.release()
+            return
+        try:  # keep the error that ended the operation, not a failed cleanup
+            self.release()
+        except Exception as e:  # a lock record left behind goes stale (dead pid, or 15 minutes)
+            log.warning("could not remove a repository lock", extra={"error": str(e), "lock": self.name})

@@ -9,11 +9,12 @@ at most a hidden partial object that `sweep_partial()` removes.
 """
 from __future__ import annotations
 
+import errno
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from agent.errors import InvalidArgument
+from agent.errors import BlockferryError, InvalidArgument, NoSpace, NotFound, StorageIOError, TargetUnreachable
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
@@ -22,6 +23,26 @@ def check_object_name(name: str) -> str:
     if not _NAME.match(name) or any(part in (".", "..") for part in name.split("/")):
         raise InvalidArgument(f"object name {name!r} is not a plain relative name", field="name")
     return name
+
+
+_UNREACHABLE = {errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
+                errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ESHUTDOWN}
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def storage_error(label: str, what: str, e: OSError) -> BlockferryError:
+    """The error for an OSError of a store: names the backup point (label)
+    and what was being done, and keeps the reason (never a secret: labels
+    and object names hold none)."""
+    reason = e.strerror or str(e)
+    message = f"backup point {label}: {what}: {reason}"
+    if e.errno == errno.ENOENT:
+        return NotFound(message, field="backup_point_uuid")
+    if e.errno in _NO_SPACE:
+        return NoSpace(message, field="backup_point_uuid")
+    if e.errno in _UNREACHABLE or isinstance(e, ConnectionError):
+        return TargetUnreachable(message, field="backup_point_uuid")
+    return StorageIOError(message, field="backup_point_uuid")
 
 
 @dataclass(frozen=True)

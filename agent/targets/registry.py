@@ -20,8 +20,25 @@ class BackupPoint:
         self._repo: Repository | None = None
         self._lock = threading.Lock()
 
+    @property
+    def label(self) -> str:
+        """How errors name this backup point: its uuid and where it is (never a secret)."""
+        s = self.section
+        where = {
+            "local": s.path,
+            "nfs": f"nfs://{s.ip}{s.root_dir.rstrip('/')}/{s.sub_dir}".rstrip("/"),
+            "samba": f"smb://{s.ip}/{s.root_dir.strip('/')}/{s.sub_dir}".rstrip("/"),
+            "iscsi": f"iscsi://{s.ip}/{s.target}/{s.lun}",
+        }.get(s.type, s.device)
+        return f"{self.uuid} ({where})"
+
     def store(self) -> ObjectStore:
-        return LocalStore(self.section.path)
+        s = self.section
+        if s.type == "nfs":
+            from agent.targets.nfs import NfsStore
+            return NfsStore(s.ip, s.root_dir, s.sub_dir, nfs_port=s.port, mount_port=s.mount_port,
+                            timeout=s.timeout, label=self.label)
+        return LocalStore(s.path)
 
     def repository(self) -> Repository:
         """The repository, opened with the configured password (a wrong one
@@ -33,10 +50,10 @@ class BackupPoint:
                     store.get("config")
                 except NotFound:
                     if not self.section.initialize:
-                        raise FailedPrecondition(f"backup_point_uuid: {self.section.path} holds no repository and "
+                        raise FailedPrecondition(f"backup_point_uuid: {self.label} holds no repository and "
                                                  "initialize is off", field="backup_point_uuid") from None
                     if not store.is_empty():
-                        raise FailedPrecondition(f"backup_point_uuid: {self.section.path} holds other data and no "
+                        raise FailedPrecondition(f"backup_point_uuid: {self.label} holds other data and no "
                                                  "blockferry repository; it is never touched",
                                                  field="backup_point_uuid") from None
                     self._repo = Repository.init(store, chunk_size=self.section.chunk_size,
