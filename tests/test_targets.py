@@ -71,10 +71,45 @@ class NfsTarget(Target):
                               capture_output=True).stdout
 
 
-@pytest.fixture(params=["local", "nfs"])
+@pytest.fixture(scope="session")
+def smb_server():
+    from smbserver import SmbServer
+
+    srv = SmbServer().start()
+    yield srv
+    srv.destroy()
+
+
+class SmbTarget(Target):
+    kind = "smb"
+
+    def __init__(self, srv, tmp):
+        self.srv = srv
+        self.tmp = tmp
+
+    def make(self, sub: str, *, share: str = "backups", password: str | None = None, encrypt: bool = False,
+             timeout: float = 5.0):
+        from agent.targets.smb import SmbStore
+
+        return SmbStore("127.0.0.1", share, sub, username=self.srv.user,
+                        password=self.srv.password if password is None else password, port=self.srv.port,
+                        encrypt=encrypt, timeout=timeout)
+
+    def read_back(self, sub: str, name: str) -> bytes:
+        """samba's own smbclient: another client, the same server."""
+        out = self.tmp / f"readback-{uuid.uuid4().hex}"
+        d, _, base = f"{sub}/{name}".rpartition("/")
+        r = self.srv.smbclient("backups", f'cd "{d}"; get "{base}" "{out}"')
+        assert r.returncode == 0, r.stdout + r.stderr
+        return out.read_bytes()
+
+
+@pytest.fixture(params=["local", "nfs", "smb"])
 def target(request, short_tmp):
     if request.param == "local":
         return LocalTarget(short_tmp / "bp")
+    if request.param == "smb":
+        return SmbTarget(request.getfixturevalue("smb_server"), short_tmp)
     return NfsTarget(request.getfixturevalue("nfs_server"))
 
 
@@ -211,3 +246,61 @@ def test_nfs_through_the_portmapper(nfs_server):
     out = subprocess.run(["nfs-ls", nfs_server.url(nfs_server.export, "pmap")], capture_output=True, text=True,
                          check=True).stdout
     assert "hello" in out
+
+
+def test_smb_server_stopped_mid_backup_fails_cleanly_then_retry_succeeds(smb_server, pool, short_tmp):
+    t = SmbTarget(smb_server, short_tmp)
+    sub = f"outage-{uuid.uuid4().hex[:8]}"
+    repo = Repository.init(t.make(sub, timeout=2.0), chunk_size=CS)
+    vol = pool.create_volume(nid(), "src", 48 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(40 * MiB)}, short_tmp)
+    s1 = snapshot(pool, vol)
+
+    class StopServer:
+        job_id, bandwidth_limit, n = "x", 0, 0
+
+        def checkpoint(self):
+            self.n += 1
+            if self.n == 6:
+                smb_server.stop()
+
+        def throttle(self, n):
+            pass
+
+        def progress(self, *a, **k):
+            pass
+
+    try:
+        with pytest.raises(TargetUnreachable, match=r"backup point smb://127\.0\.0\.1/backups"):
+            backup(pool, vol, s1, repo, ctx=StopServer())
+    finally:
+        smb_server.start()
+    again = Repository.open(t.make(sub))
+    assert again.manifests() == []
+    m = backup(pool, vol, s1, again)  # the same store instance logs in again by itself
+    verify(Repository.open(t.make(sub)), m, deep=True)
+
+
+def test_smb_full_share_fails_cleanly(smb_server, pool, short_tmp):
+    t = SmbTarget(smb_server, short_tmp)
+    sub = f"full-{uuid.uuid4().hex[:8]}"
+    repo = Repository.init(t.make(sub, share="small"), chunk_size=CS, compression="none")
+    vol = pool.create_volume(nid(), "src", 96 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(80 * MiB)}, short_tmp)
+    s1 = snapshot(pool, vol)
+    with pytest.raises(NoSpace, match="backup point smb://.*space"):
+        backup(pool, vol, s1, repo)
+    assert Repository.open(t.make(sub, share="small")).manifests() == []
+    assert [n for n in os.listdir(smb_server.root / "small" / sub / "packs") if n.startswith(".part-")] == []
+
+
+def test_smb_wrong_password_is_a_clear_error_without_the_secret(smb_server, short_tmp):
+    from agent.errors import AuthFailed
+
+    t = SmbTarget(smb_server, short_tmp)
+    with pytest.raises(AuthFailed, match="refused user") as e:
+        t.make("x", password="not-the-password-4711")
+    assert "4711" not in str(e.value)
+    store = t.make("enc", encrypt=True)  # SMB3 encryption on
+    store.publish("hello", b"encrypted transport")
+    assert t.read_back("enc", "hello") == b"encrypted transport"

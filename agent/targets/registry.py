@@ -38,6 +38,10 @@ class BackupPoint:
             from agent.targets.nfs import NfsStore
             return NfsStore(s.ip, s.root_dir, s.sub_dir, nfs_port=s.port, mount_port=s.mount_port,
                             timeout=s.timeout, label=self.label)
+        if s.type == "samba":
+            from agent.targets.smb import SmbStore
+            return SmbStore(s.ip, s.root_dir, s.sub_dir, username=s.username, password=s.secret, port=s.port,
+                            encrypt=s.smb_encrypt, timeout=s.timeout, label=self.label)
         return LocalStore(s.path)
 
     def repository(self) -> Repository:

@@ -1,0 +1,266 @@
+"""A Samba (SMB2/3) backup point: objects are files under share/sub_dir,
+reached in user space through smbprotocol, so the host needs no CIFS module.
+
+Sessions are always signed (the client refuses unsigned ones) and can be
+encrypted (smb_encrypt). The password lives only in memory: never in argv,
+logs or error messages. A writer fills a hidden `.part-*` file, asks the
+server to flush it (SMB2 FLUSH) and renames it into place, replacing an
+older object of the same name atomically (lock records, `config` on init).
+Each store has its own connection cache; a connection that failed is
+dropped and the next call logs in again.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import uuid
+
+import smbclient
+from smbprotocol.exceptions import DiskFull, LogonFailure, SMBAuthenticationError, SMBConnectionClosed, \
+    SMBException, SMBOSError, SMBResponseException
+
+from agent.errors import AuthFailed, InvalidArgument, NotFound, TargetUnreachable
+from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
+from agent.targets.nfs import check_sub_dir
+
+PART = ".part-"
+_SMALL = 256 << 10
+_GATHER = 1 << 20
+# smbprotocol logs packet details at DEBUG; they are not for the agent's log
+for _name in ("smbprotocol", "smbclient", "spnego"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+class _SmbWriter(ObjectWriter):
+    def __init__(self, store: "SmbStore", name: str, durable: bool):
+        self.store = store
+        self.name = name
+        self.durable = durable
+        self.final = store._path(name)
+        parent = self.final.rsplit("\\", 1)[0]
+        self.tmp = f"{parent}\\{PART}{uuid.uuid4().hex}"
+        self._size = 0
+        self._pending = bytearray()
+        self._file = None
+        with store._call(f"cannot create {name}"):
+            store._makedirs(parent)
+            self._file = smbclient.open_file(self.tmp, mode="xb", buffering=0, share_access="rwd", **store._kw)
+
+    @property
+    def size(self) -> int:
+        return self._size + len(self._pending)
+
+    def _put(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._file.write(view)
+            view = view[n:]
+            self._size += n
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            with self.store._call(f"cannot write {self.name}"):
+                if len(view) < _SMALL:
+                    self._pending += view
+                    if len(self._pending) >= _GATHER:
+                        self._put(self._pending)
+                        self._pending = bytearray()
+                else:
+                    if self._pending:
+                        self._put(self._pending)
+                        self._pending = bytearray()
+                    self._put(view)
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self) -> None:
+        try:
+            with self.store._call(f"cannot commit {self.name}"):
+                if self._pending:
+                    self._put(self._pending)
+                    self._pending = bytearray()
+                if self.durable:
+                    self._file.flush()  # SMB2 FLUSH: the server writes its cache to disk
+                self._file.close()
+                self._file = None
+                smbclient.replace(self.tmp, self.final, **self.store._kw)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        try:
+            if self._file is not None:
+                self._file.close()
+        except Exception:
+            pass
+        self._file = None
+        try:
+            smbclient.remove(self.tmp, **self.store._kw)
+        except Exception:
+            pass  # gone already, or the server is away: sweep_partial() removes it later
+
+
+class SmbStore(ObjectStore):
+    """Objects under \\\\server\\share\\sub_dir (SMB2/3, signed)."""
+
+    def __init__(self, server: str, share: str, sub_dir: str = "", *, username: str, password: str,
+                 port: int = 0, encrypt: bool = False, timeout: float = 30.0, label: str = ""):
+        share = share.strip("/\\")
+        if not share or "/" in share or "\\" in share:
+            raise InvalidArgument(f"root_dir: {share!r} must name one share", field="root_dir")
+        self.server = server
+        self.port = port or 445
+        self.share = share
+        sub = check_sub_dir(sub_dir)
+        self.base = f"\\\\{server}\\{share}" + ("\\" + sub.replace("/", "\\") if sub else "")
+        self.label = label or f"smb://{server}/{share}/{sub}".rstrip("/")
+        self._username = username
+        self._password = password
+        self._encrypt = encrypt
+        self._timeout = timeout
+        self._cache: dict = {}
+        self._kw = {"port": self.port, "connection_cache": self._cache}
+        self._lock = threading.Lock()
+        self._session = False
+        self._dirs: set[str] = set()
+        with self._call("cannot create the repository directory"):
+            self._makedirs(self.base)
+
+    # --- session ---
+    def _login(self) -> None:
+        with self._lock:
+            if self._session:
+                return
+            try:
+                smbclient.register_session(self.server, username=self._username, password=self._password,
+                                           port=self.port, encrypt=self._encrypt or None,
+                                           connection_timeout=max(1, int(self._timeout)),
+                                           connection_cache=self._cache, require_signing=True)
+            except (LogonFailure, SMBAuthenticationError):
+                raise AuthFailed(f"backup point {self.label}: the server refused user {self._username!r} "
+                                 "(wrong username or secret)", field="secret") from None
+            except (ValueError, OSError, SMBConnectionClosed) as e:
+                reason = str(e).replace(self._password, "***") if self._password else str(e)
+                raise TargetUnreachable(f"backup point {self.label}: cannot connect: {reason}",
+                                        field="backup_point_uuid") from None
+            self._session = True
+
+    def _drop(self) -> None:
+        with self._lock:
+            self._session = False
+            try:
+                smbclient.reset_connection_cache(fail_on_error=False, connection_cache=self._cache)
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        self._drop()
+
+    def _call(self, what: str):
+        return _Call(self, what)
+
+    def _error(self, what: str, e: BaseException):
+        if isinstance(e, SMBOSError):
+            if e.errno == errno.ENOENT:
+                return NotFound(f"backup point {self.label}: {what}: not found", field="name")
+            return storage_error(self.label, what, OSError(e.errno or errno.EIO, e.strerror or str(e)))
+        if isinstance(e, DiskFull):
+            return storage_error(self.label, what, OSError(errno.ENOSPC, "No space left on the share"))
+        if isinstance(e, SMBResponseException):
+            return storage_error(self.label, what, OSError(errno.EIO, e.message))
+        self._drop()
+        return TargetUnreachable(f"backup point {self.label}: {what}: the server does not answer ({e})",
+                                 field="backup_point_uuid")
+
+    # --- paths ---
+    def _path(self, name: str) -> str:
+        return self.base + "\\" + check_object_name(name).replace("/", "\\")
+
+    def _makedirs(self, path: str) -> None:
+        if path.count("\\") <= 3:  # \\server\share itself
+            return
+        if path not in self._dirs:
+            smbclient.makedirs(path, exist_ok=True, **self._kw)
+            self._dirs.add(path)
+
+    # --- the ObjectStore interface ---
+    def open_writer(self, name: str, *, durable: bool = True) -> ObjectWriter:
+        return _SmbWriter(self, name, durable)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None):
+        with self._call(f"cannot read {name}"):
+            with smbclient.open_file(self._path(name), mode="rb", buffering=0, share_access="rwd", **self._kw) as f:
+                if offset:
+                    f.seek(offset)
+                if length is None:
+                    return bytearray(f.readall())
+                out = bytearray(length)
+                view, got = memoryview(out), 0
+                while got < length:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                return out if got == length else out[:got]
+
+    def size(self, name: str) -> int:
+        with self._call(f"cannot stat {name}"):
+            return smbclient.stat(self._path(name), **self._kw).st_size
+
+    def _scan(self, prefix: str) -> list[tuple[str, bool]]:
+        d = self._path(prefix) if prefix else self.base
+        try:
+            with self._call(f"cannot list {prefix or '/'}"):
+                return [(e.name, e.is_dir()) for e in smbclient.scandir(d, **self._kw)]
+        except NotFound:
+            return []
+
+    def list(self, prefix: str) -> list[str]:
+        prefix = prefix.rstrip("/")
+        return sorted(f"{prefix}/{n}" if prefix else n for n, is_dir in self._scan(prefix)
+                      if not is_dir and not n.startswith(PART))
+
+    def delete(self, name: str) -> None:
+        try:
+            with self._call(f"cannot delete {name}"):
+                smbclient.remove(self._path(name), **self._kw)
+        except NotFound:
+            pass
+
+    def sweep_partial(self, prefix: str) -> int:
+        prefix = prefix.rstrip("/")
+        n = 0
+        for name, is_dir in self._scan(prefix):
+            if name.startswith(PART) and not is_dir:
+                self.delete(f"{prefix}/{name}" if prefix else name)
+                n += 1
+        return n
+
+    def stats(self) -> StoreStats:
+        with self._call("cannot read capacity"):
+            v = smbclient.stat_volume(self.base, **self._kw)
+        return StoreStats(v.total_size, v.total_size - v.actual_available_size, v.caller_available_size)
+
+    def is_empty(self) -> bool:
+        return not self._scan("")
+
+
+class _Call:
+    """Log in when needed; turn smbprotocol's errors into ours."""
+
+    def __init__(self, store: SmbStore, what: str):
+        self.store = store
+        self.what = what
+
+    def __enter__(self):
+        self.store._login()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not isinstance(exc, (SMBException, OSError, ValueError)):
+            return False
+        raise self.store._error(self.what, exc) from None
