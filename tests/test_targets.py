@@ -104,10 +104,68 @@ class SmbTarget(Target):
         return out.read_bytes()
 
 
-@pytest.fixture(params=["local", "nfs", "smb"])
+class Loop:
+    """A loop device over a sparse file: a LUN the tests may format."""
+
+    def __init__(self, path, size: int):
+        with open(path, "wb") as f:
+            f.truncate(size)
+        self.file = path
+        self.dev = subprocess.run(["losetup", "-f", "--show", str(path)], check=True, capture_output=True,
+                                  text=True).stdout.strip()
+
+    def detach(self) -> None:
+        from agent.targets.lun import forget_lun
+
+        forget_lun(self.dev)
+        subprocess.run(["losetup", "-d", self.dev], check=False)
+
+
+@pytest.fixture
+def loop(short_tmp):
+    made = []
+
+    def make(size: int = 512 * MiB, name: str = "lun.img") -> Loop:
+        lo = Loop(short_tmp / name, size)
+        made.append(lo)
+        return lo
+
+    yield make
+    for lo in made:
+        lo.detach()
+
+
+class DiskTarget(Target):
+    kind = "disk"
+
+    def __init__(self, lo: Loop):
+        self.lo = lo
+
+    def make(self, sub: str, *, format_lun: bool = True):
+        from agent.targets.blockdev import LocalBlockDevice
+        from agent.targets.lun import open_lun
+
+        return open_lun(self.lo.dev, lambda: LocalBlockDevice(self.lo.dev), format_lun=format_lun)
+
+    def read_back(self, sub: str, name: str) -> bytes:
+        """dd with O_DIRECT over the extents the catalog names."""
+        size, where = self.make(sub).objects[name]
+        if not isinstance(where, list):
+            return where  # kept inline in the catalog
+        out = b""
+        for off, ln in where:
+            out += subprocess.run(["dd", f"if={self.lo.dev}", "iflag=direct,skip_bytes,count_bytes",
+                                   f"skip={off}", f"count={ln}", "bs=1M", "status=none"], check=True,
+                                  capture_output=True).stdout
+        return out[:size]
+
+
+@pytest.fixture(params=["local", "nfs", "smb", "disk"])
 def target(request, short_tmp):
     if request.param == "local":
         return LocalTarget(short_tmp / "bp")
+    if request.param == "disk":
+        return DiskTarget(request.getfixturevalue("loop")())
     if request.param == "smb":
         return SmbTarget(request.getfixturevalue("smb_server"), short_tmp)
     return NfsTarget(request.getfixturevalue("nfs_server"))
@@ -304,3 +362,104 @@ def test_smb_wrong_password_is_a_clear_error_without_the_secret(smb_server, shor
     store = t.make("enc", encrypt=True)  # SMB3 encryption on
     store.publish("hello", b"encrypted transport")
     assert t.read_back("enc", "hello") == b"encrypted transport"
+
+
+# ---- raw LUN repositories (disk/fc here; iSCSI uses the same layout) ----
+
+def test_lun_blank_needs_format_and_foreign_data_is_never_touched(loop):
+    from agent.errors import FailedPrecondition
+    from agent.targets.blockdev import LocalBlockDevice
+    from agent.targets.lun import LunStore
+
+    blank = loop(64 * MiB, "blank.img")
+    dev = LocalBlockDevice(blank.dev)
+    with pytest.raises(FailedPrecondition, match="blank; set format_lun"):
+        LunStore(dev)
+    assert not any(blank.file.read_bytes())  # nothing written
+    dev.close()
+    foreign = loop(64 * MiB, "foreign.img")
+    subprocess.run(["mkfs.ext4", "-q", "-F", foreign.dev], check=True)
+    before = foreign.file.read_bytes()
+    dev = LocalBlockDevice(foreign.dev)
+    with pytest.raises(FailedPrecondition, match="holds other data .* never touched"):
+        LunStore(dev, format_lun=True)
+    dev.close()
+    assert foreign.file.read_bytes() == before
+
+
+def _lun_store(lo, **kw):
+    from agent.targets.blockdev import LocalBlockDevice
+    from agent.targets.lun import LunStore
+
+    return LunStore(LocalBlockDevice(lo.dev), **kw)
+
+
+def test_lun_torn_superblock_or_catalog_falls_back_a_generation(loop):
+    from agent.targets.lun import CATALOG_OFFSET, SB_OFFSETS
+
+    lo = loop(64 * MiB)
+    st = _lun_store(lo, format_lun=True)
+    st.publish("a", os.urandom(100_000))
+    first = bytes(st.get("a"))
+    st.publish("b", b"second")
+    gen, slot, cat_size = st.sb.gen, st.sb.slot, st.sb.cat_size
+    st.close()
+    # a torn write of the newest superblock: its checksum fails
+    img = bytearray(lo.file.read_bytes())
+    saved = bytes(img)
+    img[SB_OFFSETS[gen % 2] + 40] ^= 0xFF
+    lo.file.write_bytes(img)
+    st = _lun_store(lo)
+    assert st.sb.gen == gen - 1 and st.list("") == ["a"] and bytes(st.get("a")) == first
+    st.close()
+    # a torn write of the newest catalog: its superblock is fine, the catalog is not
+    img = bytearray(saved)
+    img[CATALOG_OFFSET + slot * cat_size + 10] ^= 0xFF
+    lo.file.write_bytes(img)
+    st = _lun_store(lo)
+    assert st.sb.gen == gen - 1 and st.list("") == ["a"]
+    st.close()
+    lo.file.write_bytes(saved)
+    st = _lun_store(lo)
+    assert st.sb.gen == gen and st.list("") == ["a", "b"]
+    st.close()
+
+
+def test_lun_written_by_another_host_is_refused(loop, short_tmp):
+    from agent.errors import FailedPrecondition
+
+    lo = loop(64 * MiB)
+    a = _lun_store(lo, format_lun=True)
+    a.publish("x", b"1")
+    # another "host": a second loop device over the same file
+    other = subprocess.run(["losetup", "-f", "--show", str(lo.file)], check=True, capture_output=True,
+                           text=True).stdout.strip()
+    try:
+        from agent.targets.blockdev import LocalBlockDevice
+        from agent.targets.lun import LunStore
+
+        b = LunStore(LocalBlockDevice(other))
+        b.publish("y", b"2")
+        b.close()
+        with pytest.raises(FailedPrecondition, match="another host wrote this LUN"):
+            a.publish("z", b"3")
+        a.close()
+        c = _lun_store(lo)
+        assert c.list("") == ["x", "y"]
+        c.close()
+    finally:
+        subprocess.run(["losetup", "-d", other], check=False)
+
+
+def test_lun_full_fails_cleanly_and_space_comes_back(loop, pool, short_tmp):
+    lo = loop(40 * MiB)
+    t = DiskTarget(lo)
+    repo = Repository.init(t.make(""), chunk_size=CS, compression="none")
+    vol = pool.create_volume(nid(), "src", 96 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(80 * MiB)}, short_tmp)
+    s1 = snapshot(pool, vol)
+    free_before = repo.store.stats().available_bytes
+    with pytest.raises(NoSpace, match="the LUN is full"):
+        backup(pool, vol, s1, repo)
+    assert repo.store.stats().available_bytes == free_before  # the aborted writers gave their space back
+    assert Repository.open(t.make("")).manifests() == []

@@ -42,6 +42,14 @@ class BackupPoint:
             from agent.targets.smb import SmbStore
             return SmbStore(s.ip, s.root_dir, s.sub_dir, username=s.username, password=s.secret, port=s.port,
                             encrypt=s.smb_encrypt, timeout=s.timeout, label=self.label)
+        if s.type in ("disk", "fc"):
+            import os
+
+            from agent.targets.blockdev import LocalBlockDevice
+            from agent.targets.lun import open_lun
+            path = os.path.realpath(s.device)
+            return open_lun(path, lambda: LocalBlockDevice(path, label=s.device), format_lun=s.format_lun,
+                            label=self.label)
         return LocalStore(s.path)
 
     def repository(self) -> Repository:

@@ -1,0 +1,485 @@
+"""A repository directly on a raw LUN (iSCSI, FC, any block device): no file
+system, crash-safe, single-host.
+
+Layout (offsets in bytes; everything 4 KiB aligned):
+
+    0        superblock copy 0  (4 KiB)
+    64 KiB   superblock copy 1  (4 KiB)
+    1 MiB    catalog slot A     (C bytes)
+    1 MiB+C  catalog slot B     (C bytes)
+    D        data area, allocated in 64 KiB units, to the end of the device
+
+The catalog maps object names to their size and extents on the device
+(objects under 4 KiB are kept inline). It is rewritten whole on every commit,
+into the slot the newest superblock does not point at; after a flush, a
+superblock with generation+1, the slot, the catalog's length and SHA-256 is
+written over the older of the two copies and flushed again. Opening picks the
+newest superblock whose own checksum and whose catalog's checksum hold, so a
+crash at any point leaves the previous generation intact. Object data is
+written (and flushed) before the catalog that names it, and space freed by a
+delete is reused only after the catalog without it is durable. Writers that
+never commit leave nothing behind: their space was never in a catalog.
+
+Safety: a LUN that holds no blockferry superblock is formatted only when
+asked (format_lun), and only if it is blank where a partition table, file
+system or volume header would be (its first and last MiB are zero). Every
+commit first re-reads both superblocks; if another host advanced the
+generation, the commit is refused instead of overwriting its work.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import socket
+import struct
+import threading
+import uuid
+import zlib
+
+from agent.errors import DataCorrupt, FailedPrecondition, NoSpace, NotFound
+from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
+from agent.targets.blockdev import BLOCK, BlockDevice
+
+MAGIC = b"BFLUNREP"
+VERSION = 1
+SB_OFFSETS = (0, 64 << 10)
+CATALOG_OFFSET = 1 << 20
+UNIT = 64 << 10
+INLINE = 4096
+SEGMENT = 4 << 20  # a writer reserves space (and stages data) this much at a time
+_SB = struct.Struct("<8sII16sQQQQQIIQ32s")  # magic version flags uuid gen devsize cat_off cat_size data_off unit slot len sha
+BLANK_CHECK = 1 << 20
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def catalog_size_for(device_size: int) -> int:
+    """Bytes per catalog slot: 1/512 of the device, 1 to 64 MiB (about
+    10,000 objects per MiB)."""
+    return min(64 << 20, max(1 << 20, _round_up(device_size // 512, UNIT)))
+
+
+class Superblock:
+    def __init__(self, fsid: bytes, gen: int, device_size: int, cat_size: int, slot: int, cat_len: int,
+                 cat_sha: bytes):
+        self.fsid, self.gen, self.device_size = fsid, gen, device_size
+        self.cat_size, self.slot, self.cat_len, self.cat_sha = cat_size, slot, cat_len, cat_sha
+
+    @property
+    def data_offset(self) -> int:
+        return _round_up(CATALOG_OFFSET + 2 * self.cat_size, UNIT)
+
+    def slot_offset(self, slot: int) -> int:
+        return CATALOG_OFFSET + slot * self.cat_size
+
+    def pack(self) -> bytes:
+        body = _SB.pack(MAGIC, VERSION, 0, self.fsid, self.gen, self.device_size, CATALOG_OFFSET, self.cat_size,
+                        self.data_offset, UNIT, self.slot, self.cat_len, self.cat_sha)
+        return (body + hashlib.sha256(body).digest()).ljust(BLOCK, b"\0")
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "Superblock | None | bool":
+        """A Superblock; None when this is not ours; False when it is ours but torn."""
+        if raw[:8] != MAGIC:
+            return None
+        body, sha = raw[:_SB.size], raw[_SB.size:_SB.size + 32]
+        if hashlib.sha256(body).digest() != sha:
+            return False
+        (_, version, _, fsid, gen, devsize, cat_off, cat_size, data_off, unit, slot, cat_len,
+         cat_sha) = _SB.unpack(body)
+        if version > VERSION:
+            raise FailedPrecondition(f"device: the LUN repository has format version {version}; this agent "
+                                     f"reads up to {VERSION}", field="device")
+        if cat_off != CATALOG_OFFSET or unit != UNIT or slot not in (0, 1):
+            return False
+        return cls(fsid, gen, devsize, cat_size, slot, cat_len, cat_sha)
+
+
+class _Extents:
+    """Free space of the data area: sorted, non-overlapping [start, end)."""
+
+    def __init__(self, start: int, end: int, used: list[tuple[int, int]]):
+        free, pos = [], start
+        for off, length in sorted(used):
+            if off > pos:
+                free.append([pos, off])
+            pos = max(pos, off + length)
+        if pos < end:
+            free.append([pos, end])
+        self.free = free
+
+    def take(self, want: int, after: int | None = None) -> tuple[int, int] | None:
+        """Up to want bytes; from `after` when that is the start of a free
+        run (so a writer's extents stay contiguous), else first fit."""
+        for run in self.free:
+            if after is not None and run[0] == after or after is None:
+                got = min(want, run[1] - run[0])
+                start = run[0]
+                run[0] += got
+                if run[0] == run[1]:
+                    self.free.remove(run)
+                return start, got
+        if after is not None:
+            return self.take(want)
+        return None
+
+    def give(self, off: int, length: int) -> None:
+        if length <= 0:
+            return
+        self.free.append([off, off + length])
+        self.free.sort()
+        merged = [self.free[0]]
+        for run in self.free[1:]:
+            if run[0] <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], run[1])
+            else:
+                merged.append(run)
+        self.free = merged
+
+    def total(self) -> int:
+        return sum(e - s for s, e in self.free)
+
+
+class _LunWriter(ObjectWriter):
+    def __init__(self, store: "LunStore", name: str, durable: bool):
+        self.store = store
+        self.name = check_object_name(name)
+        self.durable = durable
+        self.extents: list[list[int]] = []  # [offset, length] reserved on the device
+        self._stage = store.dev.buffer(SEGMENT)
+        self._fill = 0  # bytes in the stage
+        self._written = 0  # bytes of the object on the device
+        self._reserved_used = 0  # bytes of the reserved extents written so far
+        self._open = True
+
+    @property
+    def size(self) -> int:
+        return self._written + self._fill
+
+    def _device_offset(self, length: int) -> list[tuple[int, int]]:
+        """Device ranges for the next `length` bytes of the object, reserving
+        space as needed."""
+        out = []
+        while length > 0:
+            reserved = sum(e[1] for e in self.extents)
+            if self._reserved_used >= reserved:
+                last_end = self.extents[-1][0] + self.extents[-1][1] if self.extents else None
+                off, got = self.store._reserve(max(length, SEGMENT), last_end)
+                if self.extents and off == last_end:
+                    self.extents[-1][1] += got
+                else:
+                    self.extents.append([off, got])
+                continue
+            # find the extent holding position _reserved_used
+            pos = self._reserved_used
+            for off, ln in self.extents:
+                if pos < ln:
+                    k = min(length, ln - pos)
+                    out.append((off + pos, k))
+                    self._reserved_used += k
+                    length -= k
+                    break
+                pos -= ln
+        return out
+
+    def _spill(self, final: bool = False) -> None:
+        n = self._fill if final else self._fill // BLOCK * BLOCK
+        if n == 0:
+            return
+        padded = _round_up(n, BLOCK)
+        if padded > n:
+            self._stage[n:padded] = bytes(padded - n)
+        pos = 0
+        try:
+            for off, k in self._device_offset(padded):
+                self.store.dev.write(off, self._stage[pos:pos + k])
+                pos += k
+        except OSError as e:
+            self.abort()
+            raise storage_error(self.store.label, f"cannot write {self.name}", e) from None
+        except BaseException:  # the LUN is full: give back what this writer holds
+            self.abort()
+            raise
+        self._written += n
+        rest = self._fill - n
+        if rest:
+            self._stage[:rest] = self._stage[n:self._fill]
+        self._fill = rest
+
+    def write(self, data) -> None:
+        if not self._open:
+            raise storage_error(self.store.label, f"cannot write {self.name}", OSError(9, "writer is closed"))
+        view = memoryview(data).cast("B")
+        while view:
+            k = min(len(view), SEGMENT - self._fill)
+            self._stage[self._fill:self._fill + k] = view[:k]
+            self._fill += k
+            view = view[k:]
+            if self._fill == SEGMENT:
+                self._spill()
+
+    def commit(self) -> None:
+        size = self.size
+        try:
+            if size < INLINE and self._written == 0:
+                self.store._commit(self.name, size, inline=bytes(self._stage[:self._fill]))
+                self.store._release(self.extents)
+            else:
+                self._spill(final=True)
+                self._trim()
+                if self.durable:
+                    self.store._flush()
+                self.store._commit(self.name, size, extents=self.extents)
+        except BaseException:
+            self.abort()
+            raise
+        self._open = False
+
+    def _trim(self) -> None:
+        """Give back reserved space past the object's end."""
+        keep = _round_up(self._written, UNIT)
+        kept, pos = [], 0
+        for off, ln in self.extents:
+            if pos >= keep:
+                self.store._release([[off, ln]])
+            elif pos + ln > keep:
+                kept.append([off, keep - pos])
+                self.store._release([[off + keep - pos, pos + ln - keep]])
+            else:
+                kept.append([off, ln])
+            pos += ln
+        self.extents = kept
+
+    def abort(self) -> None:
+        if self._open:
+            self._open = False
+            self.store._release(self.extents)
+            self.extents = []
+
+
+class LunStore(ObjectStore):
+    def __init__(self, dev: BlockDevice, *, format_lun: bool = False, label: str = ""):
+        self.dev = dev
+        self.label = label or dev.label
+        self._lock = threading.RLock()
+        self.host = socket.gethostname()
+        try:
+            sb = self._newest()
+            if sb is None:
+                sb = self._format(format_lun)
+            self.sb = sb
+            self.objects = self._load_catalog(sb)
+        except OSError as e:
+            raise storage_error(self.label, "cannot read the LUN", e) from None
+        used = [tuple(x) for meta in self.objects.values() if isinstance(meta[1], list) for x in meta[1]]
+        self.space = _Extents(sb.data_offset, self._data_end(sb), used)
+
+    # --- superblocks and catalog ---
+    def _data_end(self, sb: Superblock) -> int:
+        return min(sb.device_size, self.dev.size) // UNIT * UNIT
+
+    def _read_sbs(self) -> list:
+        return [Superblock.parse(bytes(self.dev.read(off, BLOCK))) for off in SB_OFFSETS]
+
+    def _newest(self) -> Superblock | None:
+        sbs = self._read_sbs()
+        valid = sorted((s for s in sbs if s), key=lambda s: s.gen, reverse=True)
+        for sb in valid:
+            try:
+                self._load_catalog(sb)
+                return sb
+            except DataCorrupt:
+                continue  # a torn catalog write: the previous generation holds
+        if any(s is False for s in sbs) or valid:
+            raise DataCorrupt(f"backup point {self.label}: both LUN superblocks or their catalogs are damaged",
+                              field="device")
+        return None
+
+    def _load_catalog(self, sb: Superblock) -> dict:
+        raw = bytes(self.dev.read(sb.slot_offset(sb.slot), _round_up(sb.cat_len, BLOCK)))[:sb.cat_len]
+        if hashlib.sha256(raw).digest() != sb.cat_sha:
+            raise DataCorrupt(f"backup point {self.label}: LUN catalog generation {sb.gen} fails its checksum",
+                              field="device")
+        doc = json.loads(zlib.decompress(raw))
+        return {name: (meta[0], meta[1] if isinstance(meta[1], list) else base64.b64decode(meta[1]))
+                for name, meta in doc["objects"].items()}
+
+    def _blank(self) -> bool:
+        size = self.dev.size
+        for off in (0, max(0, size - BLANK_CHECK) // BLOCK * BLOCK):
+            if any(self.dev.read(off, min(BLANK_CHECK, size - off))):
+                return False
+        return True
+
+    def _format(self, allowed: bool) -> Superblock:
+        if not self._blank():
+            raise FailedPrecondition(f"backup point {self.label}: the LUN holds other data and no blockferry "
+                                     "repository; it is never touched", field="device")
+        if not allowed:
+            raise FailedPrecondition(f"backup point {self.label}: the LUN is blank; set format_lun = true to "
+                                     "format it as a repository", field="device")
+        size = self.dev.size // UNIT * UNIT
+        cat_size = catalog_size_for(size)
+        if size < CATALOG_OFFSET + 2 * cat_size + 16 * UNIT:
+            raise FailedPrecondition(f"backup point {self.label}: the LUN is too small ({size} bytes)",
+                                     field="device")
+        sb = Superblock(uuid.uuid4().bytes, 0, size, cat_size, 1, 0, b"")
+        self.sb = sb
+        self._write_catalog(sb, {}, check=False)
+        return self.sb
+
+    def _write_catalog(self, sb: Superblock, objects: dict, *, check: bool = True) -> None:
+        doc = {"v": VERSION, "host": self.host,
+               "objects": {n: [m[0], m[1] if isinstance(m[1], list) else base64.b64encode(m[1]).decode()]
+                           for n, m in objects.items()}}
+        blob = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
+        if len(blob) > sb.cat_size:
+            raise NoSpace(f"backup point {self.label}: the LUN catalog is full ({len(objects)} objects); "
+                          "collect garbage or use a larger LUN", field="device")
+        if check:
+            newest = max((s.gen for s in self._read_sbs() if s), default=-1)
+            if newest != sb.gen:
+                raise FailedPrecondition(f"backup point {self.label}: another host wrote this LUN (generation "
+                                         f"{newest}, ours {sb.gen}); a LUN repository serves one agent at a time",
+                                         field="device")
+        slot = 1 - sb.slot
+        new = Superblock(sb.fsid, sb.gen + 1, sb.device_size, sb.cat_size, slot, len(blob),
+                         hashlib.sha256(blob).digest())
+        buf = self.dev.buffer(_round_up(len(blob), BLOCK))
+        buf[:len(blob)] = blob
+        buf[len(blob):] = bytes(len(buf) - len(blob))
+        self.dev.write(new.slot_offset(slot), buf)
+        self.dev.flush()
+        sbuf = self.dev.buffer(BLOCK)
+        sbuf[:] = new.pack()
+        self.dev.write(SB_OFFSETS[new.gen % 2], sbuf)
+        self.dev.flush()
+        self.sb = new
+
+    def _commit(self, name: str, size: int, *, extents=None, inline: bytes | None = None) -> None:
+        with self._lock:
+            objects = dict(self.objects)
+            old = objects.get(name)
+            objects[name] = (size, [list(e) for e in extents] if inline is None else inline)
+            try:
+                self._write_catalog(self.sb, objects)
+            except OSError as e:
+                raise storage_error(self.label, f"cannot commit {name}", e) from None
+            self.objects = objects
+            if old is not None and isinstance(old[1], list):
+                self._release(old[1])
+
+    def _reserve(self, want: int, after: int | None) -> tuple[int, int]:
+        with self._lock:
+            got = self.space.take(_round_up(want, UNIT), after)
+        if got is None:
+            raise NoSpace(f"backup point {self.label}: the LUN is full", field="device")
+        return got
+
+    def _release(self, extents) -> None:
+        with self._lock:
+            for off, ln in extents:
+                self.space.give(off, ln)
+
+    def _flush(self) -> None:
+        try:
+            self.dev.flush()
+        except OSError as e:
+            raise storage_error(self.label, "cannot flush the LUN", e) from None
+
+    # --- the ObjectStore interface ---
+    def open_writer(self, name: str, *, durable: bool = True) -> ObjectWriter:
+        return _LunWriter(self, name, durable)
+
+    def _meta(self, name: str):
+        meta = self.objects.get(check_object_name(name))
+        if meta is None:
+            raise NotFound(f"backup point {self.label}: object {name} is missing", field="name")
+        return meta
+
+    def get(self, name: str, offset: int = 0, length: int | None = None):
+        size, where = self._meta(name)
+        end = size if length is None else min(size, offset + length)
+        if offset >= end:
+            return bytearray()
+        if not isinstance(where, list):
+            return bytearray(where[offset:end])
+        out = bytearray(end - offset)
+        pos = 0  # object position of the current extent
+        try:
+            for off, ln in where:
+                lo, hi = max(offset, pos), min(end, pos + ln)
+                while lo < hi:  # pieces of at most SEGMENT keep the read buffers small
+                    piece_hi = min(hi, lo + SEGMENT)
+                    a = (lo - pos) // BLOCK * BLOCK
+                    b = _round_up(piece_hi - pos, BLOCK)
+                    view = self.dev.read(off + a, b - a)
+                    out[lo - offset:piece_hi - offset] = view[lo - pos - a:piece_hi - pos - a]
+                    lo = piece_hi
+                pos += ln
+                if pos >= end:
+                    break
+        except OSError as e:
+            raise storage_error(self.label, f"cannot read {name}", e) from None
+        return out
+
+    def size(self, name: str) -> int:
+        return self._meta(name)[0]
+
+    def list(self, prefix: str) -> list[str]:
+        prefix = prefix.rstrip("/")
+        head = prefix + "/" if prefix else ""
+        return sorted(n for n in self.objects if n.startswith(head) and "/" not in n[len(head):])
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            if check_object_name(name) not in self.objects:
+                return
+            objects = dict(self.objects)
+            old = objects.pop(name)
+            try:
+                self._write_catalog(self.sb, objects)
+            except OSError as e:
+                raise storage_error(self.label, f"cannot delete {name}", e) from None
+            self.objects = objects
+            if isinstance(old[1], list):
+                self._release(old[1])
+
+    def sweep_partial(self, prefix: str) -> int:
+        return 0  # an uncommitted writer's space was never in a catalog
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            total = self._data_end(self.sb) - self.sb.data_offset
+            free = self.space.total()
+        return StoreStats(total, total - free, free)
+
+    def is_empty(self) -> bool:
+        return not self.objects
+
+    def close(self) -> None:
+        self.dev.close()
+
+
+_OPEN: dict[str, LunStore] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_lun(key: str, opener, *, format_lun: bool = False, label: str = "") -> LunStore:
+    """One LunStore per device in this process (its allocator and catalog
+    generation must not be shared between two instances)."""
+    with _OPEN_LOCK:
+        store = _OPEN.get(key)
+        if store is None:
+            store = _OPEN[key] = LunStore(opener(), format_lun=format_lun, label=label)
+        return store
+
+
+def forget_lun(key: str) -> None:
+    with _OPEN_LOCK:
+        store = _OPEN.pop(key, None)
+    if store is not None:
+        store.close()
