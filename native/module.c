@@ -14,6 +14,7 @@
 #include "diff.h"
 #include "digest.h"
 #include "imagehash.h"
+#include "iscsiio.h"
 #include "nfsio.h"
 #include "zero.h"
 
@@ -751,6 +752,291 @@ static PyTypeObject NfsFileType = {
     .tp_methods = NfsFile_methods,
 };
 
+/* ---- iSCSI (libiscsi): IscsiLun and iscsi_discover ----
+ * One IscsiLun is one logged-in session to one LUN. Calls take the
+ * object's lock with the GIL released (libiscsi contexts are not
+ * thread-safe). Errors: ConnectionError (cannot reach or log in),
+ * PermissionError (CHAP refused), OSError(EIO) for a failed SCSI command. */
+typedef struct {
+    PyObject_HEAD
+    struct iscsi_context *iscsi;
+    PyThread_type_lock lock;
+    int lun;
+    uint32_t block_size;
+    uint64_t num_blocks;
+} IscsiLunObject;
+
+static void iscsi_lock(IscsiLunObject *o)
+{
+    if (!PyThread_acquire_lock(o->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(o->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static PyObject *iscsi_fail(enum bf_iscsi_fail fail, const char *err)
+{
+    if (fail == BF_ISCSI_AUTH)
+        PyErr_SetString(PyExc_PermissionError, err);
+    else if (fail == BF_ISCSI_CONNECT)
+        PyErr_SetString(PyExc_ConnectionError, err);
+    else
+        PyErr_SetObject(PyExc_OSError, Py_BuildValue("(is)", EIO, err));
+    return NULL;
+}
+
+static int IscsiLun_init(IscsiLunObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"initiator", "portal", "target", "lun", "user", "secret", "timeout", "probe", NULL};
+    const char *initiator, *portal, *target, *user = "", *secret = "";
+    int lun = 0, timeout = 30, probe = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sss|issip:IscsiLun", kwlist, &initiator, &portal, &target, &lun,
+                                     &user, &secret, &timeout, &probe))
+        return -1;
+    if (self->iscsi) {
+        PyErr_SetString(PyExc_ValueError, "IscsiLun is already connected");
+        return -1;
+    }
+    if (!self->lock && !(self->lock = PyThread_allocate_lock())) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    char err[512] = "";
+    enum bf_iscsi_fail fail;
+    uint32_t bs = 0;
+    uint64_t nb = 0;
+    struct iscsi_context *iscsi;
+    Py_BEGIN_ALLOW_THREADS
+    iscsi = bf_iscsi_login(initiator, portal, target, lun, probe, user, secret, timeout, &bs, &nb, &fail, err,
+                           sizeof(err));
+    Py_END_ALLOW_THREADS
+    if (!iscsi) {
+        iscsi_fail(fail, err);
+        return -1;
+    }
+    self->iscsi = iscsi;
+    self->lun = lun;
+    self->block_size = bs;
+    self->num_blocks = nb;
+    return 0;
+}
+
+static void iscsi_close(IscsiLunObject *self)
+{
+    if (self->iscsi) {
+        struct iscsi_context *iscsi = self->iscsi;
+        self->iscsi = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        bf_iscsi_close(iscsi);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void IscsiLun_dealloc(IscsiLunObject *self)
+{
+    iscsi_close(self);
+    if (self->lock)
+        PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int iscsi_ready(IscsiLunObject *self)
+{
+    if (!self->iscsi) {
+        PyErr_SetString(PyExc_ValueError, "iSCSI session is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static int check_aligned(IscsiLunObject *self, unsigned long long offset, Py_ssize_t len)
+{
+    if (self->block_size == 0) {
+        PyErr_SetString(PyExc_ValueError, "a probe session has no LUN to read or write");
+        return -1;
+    }
+    if (offset % self->block_size || (size_t)len % self->block_size) {
+        PyErr_Format(PyExc_ValueError, "offset and length must be multiples of the %u-byte block size",
+                     self->block_size);
+        return -1;
+    }
+    if (offset + (unsigned long long)len > self->num_blocks * (unsigned long long)self->block_size) {
+        PyErr_SetString(PyExc_ValueError, "range is past the end of the LUN");
+        return -1;
+    }
+    return 0;
+}
+
+/* readinto(buffer, offset): fill buffer from the LUN, no copy. */
+static PyObject *IscsiLun_readinto(IscsiLunObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    unsigned long long offset;
+    if (!PyArg_ParseTuple(args, "w*K:readinto", &buf, &offset))
+        return NULL;
+    PyObject *res = NULL;
+    iscsi_lock(self);
+    if (iscsi_ready(self) == 0 && check_aligned(self, offset, buf.len) == 0) {
+        char err[512] = "";
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = bf_iscsi_read(self->iscsi, self->lun, self->block_size, offset, buf.buf, (size_t)buf.len, err,
+                           sizeof(err));
+        Py_END_ALLOW_THREADS
+        res = rc ? iscsi_fail(BF_ISCSI_SCSI, err) : (Py_INCREF(Py_None), Py_None);
+    }
+    PyThread_release_lock(self->lock);
+    PyBuffer_Release(&buf);
+    return res;
+}
+
+/* write(data, offset): write data to the LUN, no copy. */
+static PyObject *IscsiLun_write(IscsiLunObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    unsigned long long offset;
+    if (!PyArg_ParseTuple(args, "y*K:write", &buf, &offset))
+        return NULL;
+    PyObject *res = NULL;
+    iscsi_lock(self);
+    if (iscsi_ready(self) == 0 && check_aligned(self, offset, buf.len) == 0) {
+        char err[512] = "";
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = bf_iscsi_write(self->iscsi, self->lun, self->block_size, offset, buf.buf, (size_t)buf.len, err,
+                            sizeof(err));
+        Py_END_ALLOW_THREADS
+        res = rc ? iscsi_fail(BF_ISCSI_SCSI, err) : (Py_INCREF(Py_None), Py_None);
+    }
+    PyThread_release_lock(self->lock);
+    PyBuffer_Release(&buf);
+    return res;
+}
+
+static PyObject *IscsiLun_flush(IscsiLunObject *self, PyObject *unused)
+{
+    PyObject *res = NULL;
+    iscsi_lock(self);
+    if (iscsi_ready(self) == 0) {
+        char err[512] = "";
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = bf_iscsi_flush(self->iscsi, self->lun, err, sizeof(err));
+        Py_END_ALLOW_THREADS
+        res = rc ? iscsi_fail(BF_ISCSI_SCSI, err) : (Py_INCREF(Py_None), Py_None);
+    }
+    PyThread_release_lock(self->lock);
+    return res;
+}
+
+/* report_luns() -> [(lun, size_bytes)] of this session's target. */
+static PyObject *IscsiLun_report_luns(IscsiLunObject *self, PyObject *unused)
+{
+    PyObject *res = NULL;
+    iscsi_lock(self);
+    if (iscsi_ready(self) == 0) {
+        char err[512] = "";
+        int luns[256];
+        uint32_t bs[256];
+        uint64_t nb[256];
+        int n, bad = 0;
+        Py_BEGIN_ALLOW_THREADS
+        n = bf_iscsi_report_luns(self->iscsi, luns, 256, err, sizeof(err));
+        for (int i = 0; i < n; i++) /* a LUN without capacity (the controller LUN 0) reports size 0 */
+            if (bf_iscsi_capacity(self->iscsi, luns[i], &bs[i], &nb[i], err, sizeof(err)) != 0)
+                bs[i] = 0, nb[i] = 0;
+        Py_END_ALLOW_THREADS
+        if (n < 0 || bad) {
+            iscsi_fail(BF_ISCSI_SCSI, err);
+        } else {
+            res = PyList_New(n);
+            for (int i = 0; res && i < n; i++)
+                PyList_SET_ITEM(res, i, Py_BuildValue("(iK)", luns[i], (unsigned long long)(bs[i] * nb[i])));
+        }
+    }
+    PyThread_release_lock(self->lock);
+    return res;
+}
+
+static PyObject *IscsiLun_close(IscsiLunObject *self, PyObject *unused)
+{
+    iscsi_lock(self);
+    iscsi_close(self);
+    PyThread_release_lock(self->lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *IscsiLun_get_size(IscsiLunObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(self->num_blocks * (unsigned long long)self->block_size);
+}
+
+static PyObject *IscsiLun_get_block_size(IscsiLunObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLong(self->block_size);
+}
+
+static PyMethodDef IscsiLun_methods[] = {
+    {"readinto", (PyCFunction)IscsiLun_readinto, METH_VARARGS, "readinto(buffer, offset): aligned read."},
+    {"write", (PyCFunction)IscsiLun_write, METH_VARARGS, "write(data, offset): aligned write."},
+    {"flush", (PyCFunction)IscsiLun_flush, METH_NOARGS, "SYNCHRONIZE CACHE(16)."},
+    {"report_luns", (PyCFunction)IscsiLun_report_luns, METH_NOARGS,
+     "report_luns() -> [(lun, size_bytes)] of the target."},
+    {"close", (PyCFunction)IscsiLun_close, METH_NOARGS, "Log out (idempotent)."},
+    {NULL},
+};
+
+static PyGetSetDef IscsiLun_getset[] = {
+    {"size", (getter)IscsiLun_get_size, NULL, "LUN size in bytes.", NULL},
+    {"block_size", (getter)IscsiLun_get_block_size, NULL, "Logical block size.", NULL},
+    {NULL},
+};
+
+static PyTypeObject IscsiLunType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent._native.IscsiLun",
+    .tp_basicsize = sizeof(IscsiLunObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "IscsiLun(initiator, portal, target, lun=0, user='', secret='', timeout=30, probe=False): a "
+              "logged-in session to one LUN through libiscsi (probe: log in only, for report_luns).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)IscsiLun_init,
+    .tp_dealloc = (destructor)IscsiLun_dealloc,
+    .tp_methods = IscsiLun_methods,
+    .tp_getset = IscsiLun_getset,
+};
+
+/* iscsi_discover(initiator, portal, user='', secret='', timeout=30) -> [target names] */
+static PyObject *py_iscsi_discover(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"initiator", "portal", "user", "secret", "timeout", NULL};
+    const char *initiator, *portal, *user = "", *secret = "";
+    int timeout = 30;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|ssi:iscsi_discover", kwlist, &initiator, &portal, &user,
+                                     &secret, &timeout))
+        return NULL;
+    char err[512] = "";
+    char *out = PyMem_RawMalloc(65536);
+    if (!out)
+        return PyErr_NoMemory();
+    enum bf_iscsi_fail fail;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = bf_iscsi_discover(initiator, portal, user, secret, timeout, out, 65536, &fail, err, sizeof(err));
+    Py_END_ALLOW_THREADS
+    PyObject *res = NULL;
+    if (rc != 0) {
+        iscsi_fail(fail, err);
+    } else {
+        PyObject *text = PyUnicode_FromString(out);
+        res = text ? PyUnicode_Splitlines(text, 0) : NULL;
+        Py_XDECREF(text);
+    }
+    PyMem_RawFree(out);
+    return res;
+}
+
 static PyMethodDef module_methods[] = {
     {"digest_size", py_digest_size, METH_VARARGS, "Digest size in bytes of an algorithm."},
     {"block_digests", (PyCFunction)(void (*)(void))py_block_digests, METH_VARARGS | METH_KEYWORDS,
@@ -758,6 +1044,8 @@ static PyMethodDef module_methods[] = {
     {"is_zero", py_is_zero, METH_VARARGS, "True if every byte of data is zero."},
     {"zero_flags", (PyCFunction)(void (*)(void))py_zero_flags, METH_VARARGS | METH_KEYWORDS,
      "zero_flags(data, block_size, threads=0) -> bytes of 0/1 per block"},
+    {"iscsi_discover", (PyCFunction)(void (*)(void))py_iscsi_discover, METH_VARARGS | METH_KEYWORDS,
+     "iscsi_discover(initiator, portal, user='', secret='', timeout=30) -> [target IQNs] (SendTargets)"},
     {"diff_digests", (PyCFunction)(void (*)(void))py_diff_digests, METH_VARARGS | METH_KEYWORDS,
      "diff_digests(old, new, digest_size, block_size, length) -> [(start, length)]"},
     {NULL},
@@ -770,7 +1058,7 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC PyInit__native(void)
 {
     if (PyType_Ready(&ImageHashType) < 0 || PyType_Ready(&NfsContextType) < 0 ||
-        PyType_Ready(&NfsFileType) < 0)
+        PyType_Ready(&NfsFileType) < 0 || PyType_Ready(&IscsiLunType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (!m)
@@ -778,9 +1066,11 @@ PyMODINIT_FUNC PyInit__native(void)
     Py_INCREF(&ImageHashType);
     Py_INCREF(&NfsContextType);
     Py_INCREF(&NfsFileType);
+    Py_INCREF(&IscsiLunType);
     if (PyModule_AddObject(m, "ImageHash", (PyObject *)&ImageHashType) < 0 ||
         PyModule_AddObject(m, "NfsContext", (PyObject *)&NfsContextType) < 0 ||
         PyModule_AddObject(m, "NfsFile", (PyObject *)&NfsFileType) < 0 ||
+        PyModule_AddObject(m, "IscsiLun", (PyObject *)&IscsiLunType) < 0 ||
         PyModule_AddIntConstant(m, "IMAGE_BLOCK_SIZE", BF_IMAGE_BLOCK_SIZE) < 0 ||
         PyModule_AddStringConstant(m, "IMAGE_DIGEST_FORMAT", "bf-image-sha256-v1") < 0 ||
         PyModule_AddStringConstant(m, "XXH3_ISA", bf_xxh3_isa()) < 0) {

@@ -7,7 +7,6 @@ targets bench.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -113,7 +112,12 @@ class NfsServer:
             self.rpcbind.wait()
             self.rpcbind = None
         if self.loop:
-            subprocess.run(["umount", str(self.small)], check=False)
+            for _ in range(50):
+                if subprocess.run(["umount", str(self.small)], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                subprocess.run(["umount", "-l", str(self.small)], check=False)
             subprocess.run(["losetup", "-d", self.loop], check=False)
             self.loop = None
         shutil.rmtree(self.root, ignore_errors=True)

@@ -5,12 +5,14 @@ back on it. Shares: `backups` (a directory) and `small` (a 48 MiB ext4 loop
 mount, for a full share)."""
 from __future__ import annotations
 
+import os
 import pwd
 import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from cephcluster import free_port
@@ -104,12 +106,22 @@ class SmbServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None:
+            try:  # smbd's helper children outlive the parent for a moment
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc = None
 
     def destroy(self) -> None:
         self.stop()
         if self.loop:
-            subprocess.run(["umount", str(self.root / "small")], check=False)
+            for _ in range(50):
+                if subprocess.run(["umount", str(self.root / "small")], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                subprocess.run(["umount", "-l", str(self.root / "small")], check=False)
             subprocess.run(["losetup", "-d", self.loop], check=False)
             self.loop = None
         subprocess.run(["userdel", self.user], check=False, capture_output=True)

@@ -160,10 +160,72 @@ class DiskTarget(Target):
         return out[:size]
 
 
-@pytest.fixture(params=["local", "nfs", "smb", "disk"])
+@pytest.fixture(scope="session")
+def tgt_server():
+    from iscsiserver import TgtServer
+
+    srv = TgtServer().start()
+    yield srv
+    srv.destroy()
+
+
+class IscsiTarget(Target):
+    kind = "iscsi"
+
+    def __init__(self, srv, lun):
+        self.srv = srv
+        self.lun = lun
+        self.key = f"test-iscsi-{lun.iqn}"
+
+    def device(self, *, secret: str | None = None, timeout: float = 5.0):
+        from agent.targets.iscsi import IscsiBlockDevice
+
+        return IscsiBlockDevice("127.0.0.1", self.lun.iqn, 1, port=self.srv.port, user=self.lun.user,
+                                secret=self.lun.secret if secret is None else secret, timeout=timeout)
+
+    def make(self, sub: str, *, timeout: float = 5.0):
+        from agent.targets.lun import open_lun
+
+        return open_lun(self.key, lambda: self.device(timeout=timeout), format_lun=True)
+
+    def read_back(self, sub: str, name: str) -> bytes:
+        """What the target stored: its backing file, at the catalog's extents."""
+        size, where = self.make(sub).objects[name]
+        if not isinstance(where, list):
+            return where
+        with open(self.lun.file, "rb") as f:
+            out = b""
+            for off, ln in where:
+                f.seek(off)
+                out += f.read(ln)
+        return out[:size]
+
+    def forget(self) -> None:
+        from agent.targets.lun import forget_lun
+
+        forget_lun(self.key)
+
+
+@pytest.fixture
+def iscsi_lun(tgt_server):
+    made = []
+
+    def make(size: int = 512 * MiB, chap: bool = False) -> IscsiTarget:
+        t = IscsiTarget(tgt_server, tgt_server.add_lun(size, chap=chap))
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.forget()
+
+
+@pytest.fixture(params=["local", "nfs", "smb", "disk", "iscsi"])
 def target(request, short_tmp):
     if request.param == "local":
         return LocalTarget(short_tmp / "bp")
+    if request.param == "iscsi":
+        return request.getfixturevalue("iscsi_lun")(chap=True)
     if request.param == "disk":
         return DiskTarget(request.getfixturevalue("loop")())
     if request.param == "smb":
@@ -462,4 +524,87 @@ def test_lun_full_fails_cleanly_and_space_comes_back(loop, pool, short_tmp):
     with pytest.raises(NoSpace, match="the LUN is full"):
         backup(pool, vol, s1, repo)
     assert repo.store.stats().available_bytes == free_before  # the aborted writers gave their space back
+    assert Repository.open(t.make("")).manifests() == []
+
+
+# ---- iSCSI ----
+
+def test_iscsi_discovery_lists_targets_and_lun_sizes(tgt_server, iscsi_lun):
+    from agent.targets.iscsi import discover
+
+    t = iscsi_lun(96 * MiB)
+    found = {d.iqn: d for d in discover("127.0.0.1", tgt_server.port)}
+    assert t.lun.iqn in found
+    assert [(x.lun, x.size) for x in found[t.lun.iqn].luns] == [(1, 96 * MiB)]
+    locked = iscsi_lun(32 * MiB, chap=True)
+    found = {d.iqn: d for d in discover("127.0.0.1", tgt_server.port)}
+    assert found[locked.lun.iqn].state == "auth_failed" and found[locked.lun.iqn].luns == []
+    found = {d.iqn: d for d in discover("127.0.0.1", tgt_server.port, user=locked.lun.user,
+                                        secret=locked.lun.secret)}
+    assert [(x.lun, x.size) for x in found[locked.lun.iqn].luns] == [(1, 32 * MiB)]
+    # the same, seen by libiscsi's own tools
+    url = f"iscsi://127.0.0.1:{tgt_server.port}/{t.lun.iqn}/1"
+    cap = subprocess.run(["iscsi-readcapacity16", url], capture_output=True, text=True, check=True).stdout
+    assert f"Totalsize:{96 * MiB}" in cap.replace(" ", "")
+    inq = subprocess.run(["iscsi-inq", url], capture_output=True, text=True, check=True).stdout
+    assert "Peripheral Device Type" in inq or "Direct Access" in inq
+
+
+def test_iscsi_chap_wrong_or_missing_secret_is_a_clear_error(iscsi_lun):
+    from agent.errors import AuthFailed
+    from agent.targets.iscsi import IscsiBlockDevice
+
+    t = iscsi_lun(64 * MiB, chap=True)
+    with pytest.raises(AuthFailed, match="refused the CHAP credentials") as e:
+        t.device(secret="wrong-secret-0815")
+    assert "0815" not in str(e.value) and t.lun.secret not in str(e.value)
+    with pytest.raises(AuthFailed):
+        IscsiBlockDevice("127.0.0.1", t.lun.iqn, 1, port=t.srv.port, timeout=5)  # no CHAP at all
+    dev = t.device()
+    assert dev.size == 64 * MiB
+    dev.close()
+
+
+def test_iscsi_target_stopped_mid_backup_fails_cleanly_then_retry_succeeds(tgt_server, iscsi_lun, pool, short_tmp):
+    t = iscsi_lun(256 * MiB)
+    repo = Repository.init(t.make("", timeout=2.0), chunk_size=CS)
+    vol = pool.create_volume(nid(), "src", 48 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(40 * MiB)}, short_tmp)
+    s1 = snapshot(pool, vol)
+
+    class StopServer:
+        job_id, bandwidth_limit, n = "x", 0, 0
+
+        def checkpoint(self):
+            self.n += 1
+            if self.n == 6:
+                tgt_server.stop()
+
+        def throttle(self, n):
+            pass
+
+        def progress(self, *a, **k):
+            pass
+
+    try:
+        with pytest.raises(TargetUnreachable, match="iscsi://127.0.0.1"):
+            backup(pool, vol, s1, repo, ctx=StopServer())
+    finally:
+        tgt_server.start()
+    again = Repository.open(t.make(""))  # the same store: its session logs in again
+    assert again.manifests() == []
+    m = backup(pool, vol, s1, again)
+    t.forget()
+    verify(Repository.open(t.make("")), m, deep=True)
+
+
+def test_iscsi_lun_full_fails_cleanly(iscsi_lun, pool, short_tmp):
+    t = iscsi_lun(40 * MiB)
+    repo = Repository.init(t.make(""), chunk_size=CS, compression="none")
+    vol = pool.create_volume(nid(), "src", 96 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(80 * MiB)}, short_tmp)
+    s1 = snapshot(pool, vol)
+    with pytest.raises(NoSpace, match="the LUN is full"):
+        backup(pool, vol, s1, repo)
+    t.forget()
     assert Repository.open(t.make("")).manifests() == []

@@ -50,6 +50,13 @@ class BackupPoint:
             path = os.path.realpath(s.device)
             return open_lun(path, lambda: LocalBlockDevice(path, label=s.device), format_lun=s.format_lun,
                             label=self.label)
+        if s.type == "iscsi":
+            from agent.targets.iscsi import IscsiBlockDevice
+            from agent.targets.lun import open_lun
+            key = f"iscsi://{s.ip}:{s.port}/{s.target}/{s.lun}"
+            return open_lun(key, lambda: IscsiBlockDevice(s.ip, s.target, s.lun, port=s.port, user=s.username,
+                                                          secret=s.secret, timeout=s.timeout, label=self.label),
+                            format_lun=s.format_lun, label=self.label)
         return LocalStore(s.path)
 
     def repository(self) -> Repository:
