@@ -28,8 +28,9 @@ apt_packages=(
     # remote backup points in user space: libnfs (NFSv3) and libiscsi for the
     # C extension, plus their CLIs the tests read back with
     libnfs-dev libnfs-utils libiscsi-dev libiscsi-bin
-    # test servers: nfs-ganesha + rpcbind, smbd (+ smbclient), tgtd
-    nfs-ganesha nfs-ganesha-vfs rpcbind samba smbclient tgt
+    # test servers: nfs-ganesha + rpcbind, smbd (+ smbclient), tgtd; qemu's
+    # iscsi:// driver for the targets bench peer
+    nfs-ganesha nfs-ganesha-vfs rpcbind samba smbclient tgt qemu-block-extra
 )
 
 need_apt=()

@@ -40,6 +40,9 @@ class AgentSection:
     run_dir: str = option("/run/blockferry", "Runtime directory for qemu-nbd sockets (keep the path short).")
     log_level: str = option("info", "One of debug, info, warning, error.")
     log_format: str = option("auto", "auto (journal when started by systemd, else text), journal, text or json.")
+    sys_root: str = option("/sys", "Where sysfs is, for FC HBA and device discovery (change only for tests or "
+                           "containers).")
+    dev_root: str = option("/dev", "Where /dev is, for /dev/disk/by-id (change only for tests or containers).")
 
 
 @dataclass

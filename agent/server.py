@@ -87,7 +87,7 @@ class Agent:
         auth = Auth(cfg.grpc.auth_token)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(engine, auth), server)
         host_pb2_grpc.add_HostServiceServicer_to_server(
-            HostService(engine, auth, self.binding_status, cfg.agent.roots), server)
+            HostService(engine, auth, self.binding_status, cfg), server)
         volumes_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeService(pools, engine, auth), server)
         backups_pb2_grpc.add_BackupServiceServicer_to_server(BackupService(points, engine, auth), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -171,3 +171,35 @@ def rbd_agent(make_agent, ceph):
     a = make_agent(extra).start()
     yield a
     assert a.stop() == 0, a.log_text()
+
+
+# ---- real storage servers on 127.0.0.1, one of each per test session ----
+
+@pytest.fixture(scope="session")
+def nfs_server():
+    """nfs-ganesha (NFSv3) with rpcbind."""
+    from nfsserver import NfsServer
+
+    srv = NfsServer().start()
+    yield srv
+    srv.destroy()
+
+
+@pytest.fixture(scope="session")
+def smb_server():
+    """smbd with a real Unix user."""
+    from smbserver import SmbServer
+
+    srv = SmbServer().start()
+    yield srv
+    srv.destroy()
+
+
+@pytest.fixture(scope="session")
+def tgt_server():
+    """tgtd with sparse-file LUNs, with and without CHAP."""
+    from iscsiserver import TgtServer
+
+    srv = TgtServer().start()
+    yield srv
+    srv.destroy()

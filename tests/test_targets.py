@@ -21,15 +21,6 @@ from test_backup import CS, MiB, nid, restore_to_qcow2
 from test_qcow2 import write
 
 
-@pytest.fixture(scope="session")
-def nfs_server():
-    from nfsserver import NfsServer
-
-    srv = NfsServer().start()
-    yield srv
-    srv.destroy()
-
-
 class Target:
     """How a test makes stores of one type and reads them back independently."""
 
@@ -69,15 +60,6 @@ class NfsTarget(Target):
         """nfs-cat from libnfs-utils: another client, the same server."""
         return subprocess.run(["nfs-cat", self.srv.url(self.srv.export, f"{sub}/{name}")], check=True,
                               capture_output=True).stdout
-
-
-@pytest.fixture(scope="session")
-def smb_server():
-    from smbserver import SmbServer
-
-    srv = SmbServer().start()
-    yield srv
-    srv.destroy()
 
 
 class SmbTarget(Target):
@@ -158,15 +140,6 @@ class DiskTarget(Target):
                                    f"skip={off}", f"count={ln}", "bs=1M", "status=none"], check=True,
                                   capture_output=True).stdout
         return out[:size]
-
-
-@pytest.fixture(scope="session")
-def tgt_server():
-    from iscsiserver import TgtServer
-
-    srv = TgtServer().start()
-    yield srv
-    srv.destroy()
 
 
 class IscsiTarget(Target):

@@ -112,3 +112,6 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def stats(self) -> StoreStats: ...
+
+    def close(self) -> None:
+        """Drop connections or sessions (the store may connect again later)."""

@@ -61,3 +61,32 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
             encrypted=repo.sealer.encrypted, chunk_size=repo.chunk_size, backups=s.backups, chunks=s.chunks,
             logical_bytes=s.logical_bytes, unique_bytes=s.unique_bytes, stored_bytes=s.stored_bytes, packs=s.packs,
             total_bytes=st.total_bytes, available_bytes=st.available_bytes)
+
+    @rpc
+    def ListBackupPoints(self, request, context):
+        return backups_pb2.ListBackupPointsResponse(backup_points=[_health_pb(bp.check()) for bp in self.points.all()])
+
+    @rpc
+    def CheckBackupPoint(self, request, context):
+        return _health_pb(self.points.get(request.backup_point_uuid).check())
+
+    @rpc
+    def ReconnectBackupPoint(self, request, context):
+        from agent.errors import Busy
+        from agent.jobs.model import JobState
+
+        bp = self.points.get(request.backup_point_uuid)
+        # not under a running job of this backup point: its sessions are in use
+        busy = [j.id for j in self.engine.list({JobState.RUNNING})
+                if getattr(j.spec, "backup_point_uuid", "") == bp.uuid]
+        if busy:
+            raise Busy(f"backup_point_uuid: jobs {', '.join(busy)} are using {bp.label}; reconnect when they end",
+                       field="backup_point_uuid")
+        return _health_pb(bp.reconnect())
+
+
+def _health_pb(h) -> backups_pb2.BackupPointStatus:
+    return backups_pb2.BackupPointStatus(
+        backup_point_uuid=h.uuid, type=h.type, location=h.location, status=h.status, total_bytes=h.total_bytes,
+        used_bytes=h.used_bytes, available_bytes=h.available_bytes, latency_ms=h.latency_ms,
+        repository=h.repository, error_code=h.error_code, error=h.error)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 from agent.api.v1 import volumes_pb2, volumes_pb2_grpc
 from agent.jobs.engine import JobEngine
 from agent.pools import PoolRegistry
@@ -36,10 +38,17 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
 
     @rpc
     def GetPoolStatus(self, request, context):
-        st = self.pools.get(request.pool_uuid).pool_status()
-        return volumes_pb2.PoolStatus(pool_uuid=st.pool_uuid, type=st.kind, status=st.status,
+        pool = self.pools.get(request.pool_uuid)
+        t0 = time.monotonic()
+        st = pool.pool_status()
+        latency = (time.monotonic() - t0) * 1000
+        status, error = st.status, st.error
+        if status == "healthy" and st.total_bytes and st.available_bytes < 0.05 * st.total_bytes:
+            status = "degraded"
+            error = f"only {st.available_bytes * 100 / st.total_bytes:.1f} % free ({st.available_bytes} bytes)"
+        return volumes_pb2.PoolStatus(pool_uuid=st.pool_uuid, type=st.kind, status=status,
                                       total_bytes=st.total_bytes, used_bytes=st.used_bytes,
-                                      available_bytes=st.available_bytes, error=st.error)
+                                      available_bytes=st.available_bytes, error=error, latency_ms=latency)
 
     @rpc
     def CreateVolume(self, request, context):

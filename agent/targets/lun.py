@@ -461,6 +461,9 @@ class LunStore(ObjectStore):
         return not self.objects
 
     def close(self) -> None:
+        with _OPEN_LOCK:
+            for key in [k for k, v in _OPEN.items() if v is self]:
+                del _OPEN[key]
         self.dev.close()
 
 
@@ -480,6 +483,6 @@ def open_lun(key: str, opener, *, format_lun: bool = False, label: str = "") -> 
 
 def forget_lun(key: str) -> None:
     with _OPEN_LOCK:
-        store = _OPEN.pop(key, None)
+        store = _OPEN.get(key)
     if store is not None:
         store.close()

@@ -4,13 +4,18 @@ it for the life of the agent."""
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import dataclass
 
 from agent.config import BackupPointSection, Config
-from agent.errors import FailedPrecondition, NotFound
+from agent.errors import AuthFailed, BlockferryError, FailedPrecondition, NotFound
 from agent.repo.repository import Repository
 from agent.repo.store import ObjectStore
 from agent.targets.local import LocalStore
 from agent.volumes.base import check_uuid
+
+LOW_SPACE = 0.05  # under 5 % free: degraded
+SLOW_MS = 1000.0  # a metadata round trip slower than this: degraded
 
 
 class BackupPoint:
@@ -18,6 +23,7 @@ class BackupPoint:
         self.uuid = uuid
         self.section = section
         self._repo: Repository | None = None
+        self._store: ObjectStore | None = None
         self._lock = threading.Lock()
 
     @property
@@ -59,12 +65,17 @@ class BackupPoint:
                             format_lun=s.format_lun, label=self.label)
         return LocalStore(s.path)
 
+    def _open_store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = self.store()
+        return self._store
+
     def repository(self) -> Repository:
         """The repository, opened with the configured password (a wrong one
         is refused); an empty directory gets a new one if `initialize`."""
         with self._lock:
             if self._repo is None:
-                store = self.store()
+                store = self._open_store()
                 try:
                     store.get("config")
                 except NotFound:
@@ -81,6 +92,61 @@ class BackupPoint:
                 else:
                     self._repo = Repository.open(store, password=self.section.password)
             return self._repo
+
+    def check(self) -> "BackupPointHealth":
+        """Health, capacity and latency, without creating a repository."""
+        s = self.section
+        t0 = time.monotonic()
+        try:
+            with self._lock:
+                store = self._open_store()
+            st = store.stats()
+            present = "config" in store.list("")
+            latency = (time.monotonic() - t0) * 1000
+        except AuthFailed as e:
+            return BackupPointHealth(self.uuid, s.type, self.label, "auth_failed", error_code=e.code, error=e.message)
+        except BlockferryError as e:
+            self.reset()  # the next call connects again
+            return BackupPointHealth(self.uuid, s.type, self.label, "unreachable", error_code=e.code,
+                                     error=e.message)
+        status, why = "healthy", ""
+        if st.total_bytes and st.available_bytes < LOW_SPACE * st.total_bytes:
+            status, why = "degraded", (f"only {st.available_bytes * 100 / st.total_bytes:.1f} % free "
+                                       f"({st.available_bytes} bytes)")
+        elif latency > SLOW_MS:
+            status, why = "degraded", f"a metadata round trip took {latency:.0f} ms"
+        return BackupPointHealth(self.uuid, s.type, self.label, status, st.total_bytes, st.used_bytes,
+                                 st.available_bytes, latency, present, "", why)
+
+    def reset(self) -> None:
+        """Close sessions and forget the open repository; the next use
+        connects (and logs in) again."""
+        with self._lock:
+            store, self._store, self._repo = self._store, None, None
+        if store is not None:
+            try:
+                store.close()
+            except Exception:
+                pass
+
+    def reconnect(self) -> "BackupPointHealth":
+        self.reset()
+        return self.check()
+
+
+@dataclass(frozen=True)
+class BackupPointHealth:
+    uuid: str
+    type: str
+    location: str
+    status: str  # healthy, degraded, unreachable or auth_failed
+    total_bytes: int = 0
+    used_bytes: int = 0
+    available_bytes: int = 0
+    latency_ms: float = 0.0
+    repository: bool = False
+    error_code: str = ""
+    error: str = ""
 
 
 class BackupPoints:

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Backup points: the same full backup to each type vs the raw peer tool, in
+one run, on the same machine; medians of N runs, printed as throughput and
+the ratio ours/peer (target >= 0.9).
+
+  .venv/bin/python bench/targets_bench.py [--runs 3] [--gib 2] [--dir /var/tmp]
+
+Setup: a --gib GiB qcow2 volume full of random data (incompressible, so
+ours and the peer move the same bytes) and its snapshot, exported once to a
+raw file for the peers. Servers on 127.0.0.1, as in the tests: nfs-ganesha
+(NFSv3), smbd, tgtd (a sparse-file LUN), and a loop device. Each run, per
+type, back to back:
+  - ours: a full backup of the snapshot into a new repository there;
+  - peer: nfs `nfs-cp`, smb `smbclient put`, iscsi `qemu-img convert -n` to
+    the LUN, block `dd oflag=direct bs=4M` to the loop device.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(here, ".."), os.path.join(here, "..", "tests")]
+
+from agent.repo.backup import backup  # noqa: E402
+from agent.repo.repository import Repository  # noqa: E402
+from agent.volumes.nbd import NbdClient, QemuNbd  # noqa: E402
+from agent.volumes.qcow2 import Qcow2Pool  # noqa: E402
+
+MiB = 1 << 20
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, **kw)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--gib", type=float, default=2.0)
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--only", default="", help="comma list of nfs,smb,iscsi,block")
+    args = ap.parse_args()
+    size = int(args.gib * 1024) * MiB
+    kinds = [k for k in ("nfs", "smb", "iscsi", "block") if not args.only or k in args.only.split(",")]
+    work = tempfile.mkdtemp(prefix="bf-tbench-", dir=args.dir)
+    servers = []
+    try:
+        from iscsiserver import TgtServer
+        from nfsserver import NfsServer
+        from smbserver import SmbServer
+        from test_targets import Loop
+
+        pool = Qcow2Pool(str(uuid.uuid4()), f"{work}/pool", run_dir=f"{work}/run", allowed_roots=[work])
+        vol = pool.create_volume(str(uuid.uuid4()), "src", size).uuid
+        with QemuNbd(pool.head_path(vol), readonly=False, run_dir=f"{work}/run") as srv, NbdClient(srv.socket) as c:
+            for off in range(0, size, 64 * MiB):
+                c.pwrite(os.urandom(64 * MiB), off)
+            c.flush()
+        snap = str(uuid.uuid4())
+        pool.create_snapshot(vol, snap, "s1")
+        raw = f"{work}/src.raw"
+        run(["qemu-img", "convert", "-O", "raw", pool.snap_path(vol, snap), raw])
+        nfs = NfsServer(root=None).start() if "nfs" in kinds else None
+        smb = SmbServer().start() if "smb" in kinds else None
+        tgt = TgtServer().start() if "iscsi" in kinds else None
+        servers = [s for s in (nfs, smb, tgt) if s]
+        lun = tgt.add_lun(size + 512 * MiB) if tgt else None
+        loop = Loop(f"{work}/lun.img", size + 512 * MiB) if "block" in kinds else None
+        results: dict[str, dict[str, list[float]]] = {k: {"ours": [], "peer": []} for k in kinds}
+
+        def blank(path: str, dev_size: int) -> None:
+            """Zero where a LUN repository's superblocks and catalogs live (and
+            the last MiB), so the next run formats a fresh repository."""
+            with open(path, "r+b") as f:
+                f.write(bytes(70 * MiB))
+                f.seek(dev_size - MiB)
+                f.write(bytes(MiB))
+                f.flush()
+                os.fsync(f.fileno())
+
+        for r in range(args.runs):
+            for kind in kinds:
+                sub = f"run{r}-{uuid.uuid4().hex[:6]}"
+                if kind == "nfs":
+                    from agent.targets.nfs import NfsStore
+                    store = NfsStore("127.0.0.1", str(nfs.export), sub, nfs_port=nfs.nfs_port,
+                                     mount_port=nfs.mount_port)
+                    peer = ["nfs-cp", raw, nfs.url(nfs.export, f"{sub}-peer.raw")]
+                elif kind == "smb":
+                    from agent.targets.smb import SmbStore
+                    store = SmbStore("127.0.0.1", "backups", sub, username=smb.user, password=smb.password,
+                                     port=smb.port)
+                    auth = f"{smb.root}/private/bench.auth"
+                    with open(auth, "w") as f:
+                        f.write(f"username = {smb.user}\npassword = {smb.password}\n")
+                    os.chmod(auth, 0o600)
+                    peer = ["smbclient", "//127.0.0.1/backups", "-p", str(smb.port), "-A", auth, "-m", "SMB3",
+                            "-c", f"put {raw} {sub}-peer.raw"]
+                elif kind == "iscsi":
+                    from agent.targets.iscsi import IscsiBlockDevice
+                    from agent.targets.lun import LunStore
+                    blank(str(lun.file), size + 512 * MiB)
+                    store = LunStore(IscsiBlockDevice("127.0.0.1", lun.iqn, 1, port=tgt.port), format_lun=True)
+                    peer = ["qemu-img", "convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw", raw,
+                            f"iscsi://127.0.0.1:{tgt.port}/{lun.iqn}/1"]
+                else:
+                    from agent.targets.blockdev import LocalBlockDevice
+                    from agent.targets.lun import LunStore
+                    blank(loop.dev, size + 512 * MiB)
+                    store = LunStore(LocalBlockDevice(loop.dev), format_lun=True)
+                    peer = ["dd", f"if={raw}", f"of={loop.dev}", "oflag=direct", "bs=4M", "status=none"]
+                repo = Repository.init(store)
+                order = [("ours", lambda: backup(pool, vol, snap, repo)), ("peer", lambda: run(peer))]
+                if r % 2:
+                    order.reverse()
+                for who, fn in order:
+                    os.sync()
+                    results[kind][who].append(timed(fn))
+                store.close()
+                if kind == "nfs":
+                    shutil.rmtree(nfs.export / sub, ignore_errors=True)
+                    os.unlink(nfs.export / f"{sub}-peer.raw")
+                elif kind == "smb":
+                    shutil.rmtree(smb.root / "backups" / sub, ignore_errors=True)
+                    os.unlink(smb.root / "backups" / f"{sub}-peer.raw")
+                if os.environ.get("BENCH_VERBOSE"):
+                    print(kind, r, {w: round(v[-1], 2) for w, v in results[kind].items()}, flush=True)
+
+        gib = size / (1 << 30)
+        print(f"\nfull backup of {gib:g} GiB of random data, median of {args.runs} runs (throughput = data / time)\n")
+        print("| target | ours | peer | ours/peer throughput | target |")
+        print("|---|---|---|---|---|")
+        peers = {"nfs": "`nfs-cp`", "smb": "`smbclient put`", "iscsi": "`qemu-img convert` to the LUN",
+                 "block": "`dd oflag=direct bs=4M`"}
+        for kind in kinds:
+            o, p = statistics.median(results[kind]["ours"]), statistics.median(results[kind]["peer"])
+            print(f"| {kind} | {o:.2f} s ({size / o / 1e6:.0f} MB/s) | {peers[kind]} {p:.2f} s "
+                  f"({size / p / 1e6:.0f} MB/s) | {p / o:.2f}x | >= 0.9x |")
+    finally:
+        for s in servers:
+            s.destroy()
+        try:
+            loop.detach()
+        except Exception:
+            pass
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
