@@ -1,5 +1,7 @@
 #include "iscsiio.h"
 
+#include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,7 +122,7 @@ struct iscsi_context *bf_iscsi_login(const char *initiator, const char *portal, 
     return iscsi;
 }
 
-int bf_iscsi_read(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, void *buf,
+static int bf_iscsi_read_sync(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, void *buf,
                   size_t len, char *err, size_t errlen)
 {
     char *p = buf;
@@ -142,7 +144,7 @@ int bf_iscsi_read(struct iscsi_context *iscsi, int lun, uint32_t block_size, uin
     return 0;
 }
 
-int bf_iscsi_write(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, const void *buf,
+static int bf_iscsi_write_sync(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, const void *buf,
                    size_t len, char *err, size_t errlen)
 {
     const char *p = buf;
@@ -161,6 +163,136 @@ int bf_iscsi_write(struct iscsi_context *iscsi, int lun, uint32_t block_size, ui
         len -= n;
     }
     return 0;
+}
+
+/* Pipelined I/O: up to DEPTH commands of at most MAX_XFER bytes in flight on
+ * the one connection, served by poll() + iscsi_service(). A piece that
+ * comes back with UNIT ATTENTION is redone synchronously afterwards (with
+ * the retry above); any other failure ends the call. */
+#define DEPTH 8
+
+struct piece {
+    uint64_t offset;
+    char *buf;
+    uint32_t len;
+};
+
+struct pipeline {
+    int inflight;
+    int failed;
+    int n_retry;
+    struct piece retry[DEPTH * 2];
+    char *err;
+    size_t errlen;
+    const char *what;
+};
+
+struct pending {
+    struct pipeline *pl;
+    struct piece pc;
+    struct scsi_iovec iov;
+};
+
+static void piece_done(struct iscsi_context *iscsi, int status, void *command_data, void *private_data)
+{
+    struct pending *pd = private_data;
+    struct pipeline *pl = pd->pl;
+    struct scsi_task *task = command_data;
+    pl->inflight--;
+    if (status == SCSI_STATUS_GOOD) {
+        /* done */
+    } else if (unit_attention(task) && pl->n_retry < (int)(sizeof(pl->retry) / sizeof(pl->retry[0]))) {
+        pl->retry[pl->n_retry++] = pd->pc;
+    } else if (!pl->failed) {
+        pl->failed = 1;
+        if (task && status == SCSI_STATUS_CHECK_CONDITION)
+            snprintf(pl->err, pl->errlen, "%s: %s (%s)", pl->what, scsi_sense_key_str(task->sense.key),
+                     scsi_sense_ascq_str(task->sense.ascq));
+        else
+            snprintf(pl->err, pl->errlen, "%s: %s", pl->what, iscsi_get_error(iscsi));
+    }
+    if (task)
+        scsi_free_scsi_task(task);
+    free(pd);
+}
+
+static int pump(struct iscsi_context *iscsi, struct pipeline *pl)
+{
+    struct pollfd pfd = {.fd = iscsi_get_fd(iscsi), .events = (short)iscsi_which_events(iscsi)};
+    int rc = poll(&pfd, 1, 1000);
+    if (rc < 0 && errno != EINTR) {
+        snprintf(pl->err, pl->errlen, "%s: poll: %s", pl->what, strerror(errno));
+        return -1;
+    }
+    /* revents 0 on a timeout lets libiscsi expire overdue commands */
+    if (iscsi_service(iscsi, rc > 0 ? pfd.revents : 0) < 0) {
+        snprintf(pl->err, pl->errlen, "%s: %s", pl->what, iscsi_get_error(iscsi));
+        return -1;
+    }
+    return 0;
+}
+
+static int pipelined(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, char *buf,
+                     size_t len, int write, char *err, size_t errlen)
+{
+    struct pipeline pl = {.err = err, .errlen = errlen, .what = write ? "WRITE(16)" : "READ(16)"};
+    int broken = 0;
+    while ((len > 0 && !pl.failed && !broken) || pl.inflight > 0) {
+        while (len > 0 && !pl.failed && !broken && pl.inflight < DEPTH) {
+            uint32_t n = len > MAX_XFER ? MAX_XFER : (uint32_t)len;
+            struct pending *pd = malloc(sizeof(*pd));
+            if (!pd) {
+                snprintf(err, errlen, "%s: out of memory", pl.what);
+                broken = 1;
+                break;
+            }
+            pd->pl = &pl;
+            pd->pc = (struct piece){offset, buf, n};
+            pd->iov = (struct scsi_iovec){buf, n};
+            struct scsi_task *task =
+                write ? iscsi_write16_task(iscsi, lun, offset / block_size, (unsigned char *)buf, n, (int)block_size,
+                                           0, 0, 0, 0, 0, piece_done, pd)
+                      : iscsi_read16_iov_task(iscsi, lun, offset / block_size, n, (int)block_size, 0, 0, 0, 0, 0,
+                                              piece_done, pd, &pd->iov, 1);
+            if (!task) {
+                snprintf(err, errlen, "%s: %s", pl.what, iscsi_get_error(iscsi));
+                free(pd);
+                broken = 1;
+                break;
+            }
+            pl.inflight++;
+            buf += n;
+            offset += n;
+            len -= n;
+        }
+        if (pl.inflight > 0 && pump(iscsi, &pl) != 0) {
+            /* the connection is gone: cancel what is left (their callbacks run now) */
+            iscsi_scsi_cancel_all_tasks(iscsi);
+            return -1;
+        }
+    }
+    if (pl.failed || broken)
+        return -1;
+    for (int i = 0; i < pl.n_retry; i++) {
+        struct piece *pc = &pl.retry[i];
+        int rc = write ? bf_iscsi_write_sync(iscsi, lun, block_size, pc->offset, pc->buf, pc->len, err, errlen)
+                       : bf_iscsi_read_sync(iscsi, lun, block_size, pc->offset, pc->buf, pc->len, err, errlen);
+        if (rc)
+            return -1;
+    }
+    return 0;
+}
+
+int bf_iscsi_read(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, void *buf,
+                  size_t len, char *err, size_t errlen)
+{
+    return pipelined(iscsi, lun, block_size, offset, buf, len, 0, err, errlen);
+}
+
+int bf_iscsi_write(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, const void *buf,
+                   size_t len, char *err, size_t errlen)
+{
+    return pipelined(iscsi, lun, block_size, offset, (char *)buf, len, 1, err, errlen);
 }
 
 void bf_iscsi_close(struct iscsi_context *iscsi)

@@ -22,8 +22,8 @@ struct iscsi_context *bf_iscsi_login(const char *initiator, const char *portal, 
                                      uint64_t *num_blocks, enum bf_iscsi_fail *fail, char *err, size_t errlen);
 
 /* Read or write len bytes at a byte offset (both multiples of block_size),
- * in commands of at most max_xfer bytes, straight from/to buf. 0 or -1 with
- * err set. */
+ * straight from/to buf, as 1 MiB commands with up to 8 in flight. 0 or -1
+ * with err set. */
 int bf_iscsi_read(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, void *buf,
                   size_t len, char *err, size_t errlen);
 int bf_iscsi_write(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, const void *buf,

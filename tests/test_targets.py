@@ -89,12 +89,14 @@ class SmbTarget(Target):
 class Loop:
     """A loop device over a sparse file: a LUN the tests may format."""
 
-    def __init__(self, path, size: int):
+    def __init__(self, path, size: int, *, direct_io: bool = False):
         with open(path, "wb") as f:
             f.truncate(size)
         self.file = path
-        self.dev = subprocess.run(["losetup", "-f", "--show", str(path)], check=True, capture_output=True,
-                                  text=True).stdout.strip()
+        # direct_io: the loop device writes through to its file like a disk
+        # would, instead of into the file's page cache
+        self.dev = subprocess.run(["losetup", "-f", "--show", *(["--direct-io=on"] if direct_io else []),
+                                   str(path)], check=True, capture_output=True, text=True).stdout.strip()
 
     def detach(self) -> None:
         from agent.targets.lun import forget_lun

@@ -189,7 +189,7 @@ class Repository:
             p.entries[cid] = Location(p.name, p.writer.size, length, plain)
             for piece in record:
                 p.writer.write(piece)
-            if p.writer.size >= PACK_TARGET:
+            if p.writer.size >= getattr(self.store, "pack_target", PACK_TARGET):
                 self._commit_pack()
         return length
 

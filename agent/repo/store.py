@@ -77,6 +77,10 @@ class ObjectWriter(ABC):
 
 
 class ObjectStore(ABC):
+    # Bytes a repository puts in one pack before committing it. Stores whose
+    # commits cost a fixed device flush (raw LUNs) ask for larger packs.
+    pack_target: int = 64 << 20
+
     @abstractmethod
     def open_writer(self, name: str, *, durable: bool = True) -> ObjectWriter:
         """Start writing an object; it stays invisible until commit().

@@ -13,10 +13,11 @@ The catalog maps object names to their size and extents on the device
 (objects under 4 KiB are kept inline). It is rewritten whole on every commit,
 into the slot the newest superblock does not point at; after a flush, a
 superblock with generation+1, the slot, the catalog's length and SHA-256 is
-written over the older of the two copies and flushed again. Opening picks the
+written over the older of the two copies, and both are flushed. (The flush
+before the catalog write makes the objects' data durable first.) Opening picks the
 newest superblock whose own checksum and whose catalog's checksum hold, so a
 crash at any point leaves the previous generation intact. Object data is
-written (and flushed) before the catalog that names it, and space freed by a
+written and flushed before the catalog that names it, and space freed by a
 delete is reused only after the catalog without it is durable. Writers that
 never commit leave nothing behind: their space was never in a catalog.
 
@@ -230,8 +231,7 @@ class _LunWriter(ObjectWriter):
             else:
                 self._spill(final=True)
                 self._trim()
-                if self.durable:
-                    self.store._flush()
+                # the commit's first flush makes this data durable before the catalog names it
                 self.store._commit(self.name, size, extents=self.extents)
         except BaseException:
             self.abort()
@@ -261,6 +261,9 @@ class _LunWriter(ObjectWriter):
 
 
 class LunStore(ObjectStore):
+    # every commit costs two device flushes: fewer, larger packs
+    pack_target = 256 << 20
+
     def __init__(self, dev: BlockDevice, *, format_lun: bool = False, label: str = ""):
         self.dev = dev
         self.label = label or dev.label
@@ -348,15 +351,21 @@ class LunStore(ObjectStore):
         slot = 1 - sb.slot
         new = Superblock(sb.fsid, sb.gen + 1, sb.device_size, sb.cat_size, slot, len(blob),
                          hashlib.sha256(blob).digest())
+        # 1. make the data the new catalog names durable (a flush covers the
+        #    whole device: every object written before this commit)
+        self.dev.flush()
+        # 2. the catalog into the free slot, the superblock over the older
+        #    copy, then one flush. Torn in between, the new superblock's
+        #    catalog checksum fails and the previous generation (whose slot
+        #    was not touched) is used.
         buf = self.dev.buffer(_round_up(len(blob), BLOCK))
         buf[:len(blob)] = blob
         buf[len(blob):] = bytes(len(buf) - len(blob))
         self.dev.write(new.slot_offset(slot), buf)
-        self.dev.flush()
         sbuf = self.dev.buffer(BLOCK)
         sbuf[:] = new.pack()
         self.dev.write(SB_OFFSETS[new.gen % 2], sbuf)
-        self.dev.flush()
+        self.dev.flush()  # durable before the next commit may write the other slot
         self.sb = new
 
     def _commit(self, name: str, size: int, *, extents=None, inline: bytes | None = None) -> None:
@@ -383,12 +392,6 @@ class LunStore(ObjectStore):
         with self._lock:
             for off, ln in extents:
                 self.space.give(off, ln)
-
-    def _flush(self) -> None:
-        try:
-            self.dev.flush()
-        except OSError as e:
-            raise storage_error(self.label, "cannot flush the LUN", e) from None
 
     # --- the ObjectStore interface ---
     def open_writer(self, name: str, *, durable: bool = True) -> ObjectWriter:

@@ -11,6 +11,7 @@ dropped and the next call logs in again.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import threading
@@ -25,6 +26,7 @@ from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object
 from agent.targets.nfs import check_sub_dir
 
 PART = ".part-"
+_DEPTH = 4  # WRITE requests in flight per writer
 _SMALL = 256 << 10
 _GATHER = 1 << 20
 # smbprotocol logs packet details at DEBUG; they are not for the agent's log
@@ -42,6 +44,7 @@ class _SmbWriter(ObjectWriter):
         self.tmp = f"{parent}\\{PART}{uuid.uuid4().hex}"
         self._size = 0
         self._pending = bytearray()
+        self._inflight: collections.deque = collections.deque()
         self._file = None
         with store._call(f"cannot create {name}"):
             store._makedirs(parent)
@@ -52,11 +55,35 @@ class _SmbWriter(ObjectWriter):
         return self._size + len(self._pending)
 
     def _put(self, data) -> None:
+        """Send WRITE requests without waiting for each answer: up to _DEPTH
+        in flight on the session (as many as the server's credits allow)."""
+        from smbclient._io import _chunk_size
+
+        fd = self._file.fd
+        conn = fd.connection
         view = memoryview(data)
         while view:
-            n = self._file.write(view)
-            view = view[n:]
-            self._size += n
+            chunk, credits = _chunk_size(conn, len(view), "write")
+            if chunk <= 0:  # out of credits: an answer brings more
+                self._wait_one()
+                continue
+            msg, recv = fd.write(bytes(view[:chunk]), offset=self._size, send=False)
+            req = conn.send(msg, sid=fd.tree_connect.session.session_id, tid=fd.tree_connect.tree_connect_id,
+                            credit_request=credits)
+            self._inflight.append((req, recv, chunk))
+            self._size += chunk
+            view = view[chunk:]
+            if len(self._inflight) >= _DEPTH:
+                self._wait_one()
+
+    def _wait_one(self) -> None:
+        req, recv, n = self._inflight.popleft()
+        if recv(req) != n:
+            raise OSError(errno.EIO, "short write")
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._wait_one()
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -82,8 +109,9 @@ class _SmbWriter(ObjectWriter):
                 if self._pending:
                     self._put(self._pending)
                     self._pending = bytearray()
+                self._drain()
                 if self.durable:
-                    self._file.flush()  # SMB2 FLUSH: the server writes its cache to disk
+                    self._file.fd.flush()  # SMB2 FLUSH: the server writes its cache to disk
                 self._file.close()
                 self._file = None
                 smbclient.replace(self.tmp, self.final, **self.store._kw)
@@ -92,6 +120,10 @@ class _SmbWriter(ObjectWriter):
             raise
 
     def abort(self) -> None:
+        try:
+            self._drain()
+        except Exception:
+            self._inflight.clear()
         try:
             if self._file is not None:
                 self._file.close()
