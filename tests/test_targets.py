@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from agent.errors import NoSpace, NotFound, TargetUnreachable
+from agent.errors import NoSpace, NotFound, TargetUnreachable, WrongPassword
 from agent.repo.backup import backup
 from agent.repo.gc import gc
 from agent.repo.repository import Repository
@@ -221,7 +221,7 @@ def snapshot(pool, vol) -> str:
 
 def test_engine_suite(target, pool, short_tmp):
     sub = f"repo-{uuid.uuid4().hex[:8]}"
-    repo = Repository.init(target.make(sub), chunk_size=CS)
+    repo = Repository.init(target.make(sub), chunk_size=CS, password="engine-suite-pw")
     vol = pool.create_volume(nid(), "src", 32 * MiB).uuid
     head = pool.head_path(vol)
     write(head, {0: os.urandom(3 * MiB), 10 * MiB: os.urandom(MiB), 20 * MiB: bytes(MiB)}, short_tmp)
@@ -251,7 +251,9 @@ def test_engine_suite(target, pool, short_tmp):
     repo.delete_backup(m2.backup_id)
     result = gc(repo)
     assert result.packs_deleted == 1 and result.chunks_removed == 2 and result.bytes_freed > 0
-    fresh = Repository.open(target.make(sub))
+    with pytest.raises(WrongPassword):
+        Repository.open(target.make(sub), password="not-it")
+    fresh = Repository.open(target.make(sub), password="engine-suite-pw")
     assert [m.backup_id for m in fresh.manifests()] == [m1.backup_id, m3.backup_id]
     for m in (m1, m3):
         assert verify(fresh, m, deep=True).chunks_checked == len(m.chunks) - m.chunks.count("")  # deep: and the image digest
