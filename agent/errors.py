@@ -1,9 +1,10 @@
-"""The error tree, and the one table that maps it to gRPC status codes.
+"""The error tree, and the one table that maps it to gRPC status codes and
+to the controller's REST envelope.
 
 Every error a caller can see is a BlockferryError with a stable `code` from
 the catalogue below and an English message that names the field or resource.
-`grpc_status()` is the only place that decides which gRPC status code an
-error gets; the REST envelope of the controller maps the same codes.
+`grpc_status()` and `rest_status()` are the only places that decide which
+gRPC status, HTTP status, numeric `scode` and Chinese message an error gets.
 """
 from __future__ import annotations
 
@@ -156,39 +157,48 @@ class NoSpace(BlockferryError):
     code = "NO_SPACE"
 
 
+class Unauthenticated(BlockferryError):
+    """The REST caller sent no bearer token, or one the controller does not know."""
+
+    code = "UNAUTHENTICATED"
+
+
 class BindingMissing(BlockferryError):
     """A Python binding the agent needs is missing or built for another ABI."""
 
     code = "BINDING_MISSING"
 
 
-# The single error -> gRPC status table.
-_GRPC_STATUS: dict[str, grpc.StatusCode] = {
-    InvalidArgument.code: grpc.StatusCode.INVALID_ARGUMENT,
-    OutOfRange.code: grpc.StatusCode.OUT_OF_RANGE,
-    PathNotAllowed.code: grpc.StatusCode.PERMISSION_DENIED,
-    NotFound.code: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists.code: grpc.StatusCode.ALREADY_EXISTS,
-    JobConflict.code: grpc.StatusCode.ALREADY_EXISTS,
-    Busy.code: grpc.StatusCode.FAILED_PRECONDITION,
-    FailedPrecondition.code: grpc.StatusCode.FAILED_PRECONDITION,
-    HasDependents.code: grpc.StatusCode.FAILED_PRECONDITION,
-    InUse.code: grpc.StatusCode.FAILED_PRECONDITION,
-    TrackingLost.code: grpc.StatusCode.FAILED_PRECONDITION,
-    Draining.code: grpc.StatusCode.UNAVAILABLE,
-    Cancelled.code: grpc.StatusCode.CANCELLED,
-    Interrupted.code: grpc.StatusCode.ABORTED,
-    StorageIOError.code: grpc.StatusCode.UNAVAILABLE,
-    ConfigError.code: grpc.StatusCode.FAILED_PRECONDITION,
-    BindingMissing.code: grpc.StatusCode.FAILED_PRECONDITION,
-    TargetUnreachable.code: grpc.StatusCode.UNAVAILABLE,
-    AuthFailed.code: grpc.StatusCode.UNAUTHENTICATED,
-    NoSpace.code: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    WrongPassword.code: grpc.StatusCode.PERMISSION_DENIED,
-    DataCorrupt.code: grpc.StatusCode.DATA_LOSS,
-    RepositoryLocked.code: grpc.StatusCode.ABORTED,
-    BlockferryError.code: grpc.StatusCode.INTERNAL,
+# The single table: code -> (gRPC status, HTTP status, scode, message_cn).
+# scode is the seeds' numeric envelope code (0 is success).
+_TABLE: dict[str, tuple[grpc.StatusCode, int, int, str]] = {
+    InvalidArgument.code: (grpc.StatusCode.INVALID_ARGUMENT, 400, 1001, "参数错误"),
+    OutOfRange.code: (grpc.StatusCode.OUT_OF_RANGE, 400, 1002, "参数超出范围"),
+    PathNotAllowed.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1003, "路径不允许"),
+    NotFound.code: (grpc.StatusCode.NOT_FOUND, 404, 1004, "对象不存在"),
+    AlreadyExists.code: (grpc.StatusCode.ALREADY_EXISTS, 409, 1005, "对象已存在"),
+    JobConflict.code: (grpc.StatusCode.ALREADY_EXISTS, 409, 1006, "任务标识冲突"),
+    Busy.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1007, "资源正忙"),
+    FailedPrecondition.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1008, "前置条件不满足"),
+    HasDependents.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1009, "存在依赖对象"),
+    InUse.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1010, "对象正在使用"),
+    TrackingLost.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1011, "变更跟踪已丢失"),
+    Draining.code: (grpc.StatusCode.UNAVAILABLE, 503, 1012, "服务正在停止"),
+    Cancelled.code: (grpc.StatusCode.CANCELLED, 409, 1013, "任务已取消"),
+    Interrupted.code: (grpc.StatusCode.ABORTED, 409, 1014, "任务被中断"),
+    StorageIOError.code: (grpc.StatusCode.UNAVAILABLE, 502, 1015, "存储读写失败"),
+    ConfigError.code: (grpc.StatusCode.FAILED_PRECONDITION, 500, 1016, "配置错误"),
+    BindingMissing.code: (grpc.StatusCode.FAILED_PRECONDITION, 500, 1017, "缺少依赖组件"),
+    TargetUnreachable.code: (grpc.StatusCode.UNAVAILABLE, 502, 1018, "存储目标不可达"),
+    AuthFailed.code: (grpc.StatusCode.UNAUTHENTICATED, 502, 1019, "存储目标认证失败"),
+    NoSpace.code: (grpc.StatusCode.RESOURCE_EXHAUSTED, 507, 1020, "存储空间不足"),
+    WrongPassword.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1021, "备份点密码错误"),
+    DataCorrupt.code: (grpc.StatusCode.DATA_LOSS, 500, 1022, "备份数据损坏"),
+    RepositoryLocked.code: (grpc.StatusCode.ABORTED, 409, 1023, "备份仓库已被锁定"),
+    Unauthenticated.code: (grpc.StatusCode.UNAUTHENTICATED, 401, 1024, "未认证"),
+    BlockferryError.code: (grpc.StatusCode.INTERNAL, 500, 1999, "内部错误"),
 }
+_GRPC_STATUS: dict[str, grpc.StatusCode] = {code: row[0] for code, row in _TABLE.items()}
 
 
 def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -202,16 +212,28 @@ def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "INTERNAL: unexpected agent error (see the agent log)"
 
 
-def catalogue() -> list[tuple[str, str, str]]:
-    """(code, gRPC status, meaning) for every error, for docs and tests."""
+def rest_status(error: BaseException) -> tuple[int, int, str, str]:
+    """(HTTP status, scode, message, message_cn) for the REST envelope.
+    Unknown exceptions: 500 with a generic message, never a stack trace."""
+    if isinstance(error, BlockferryError):
+        _, http, scode, cn = _TABLE.get(error.code, _TABLE[BlockferryError.code])
+        field = f" ({error.field})" if error.field else ""
+        return http, scode, f"{error.code}: {error.message}", f"{cn}{field}: {error.message}"
+    _, http, scode, cn = _TABLE[BlockferryError.code]
+    return http, scode, "INTERNAL: unexpected controller error (see its log)", f"{cn}：请查看控制器日志"
+
+
+def catalogue() -> list[tuple[str, str, int, int, str, str]]:
+    """(code, gRPC status, HTTP status, scode, message_cn, meaning) for every
+    error, for docs and tests."""
     rows, seen = [], set()
     for cls in _all_subclasses(BlockferryError):
         if cls.code in seen:  # a subclass that refines a message, not a code
             continue
         seen.add(cls.code)
-        status = _GRPC_STATUS[cls.code]
+        status, http, scode, cn = _TABLE[cls.code]
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        rows.append((cls.code, status.name, doc))
+        rows.append((cls.code, status.name, http, scode, cn, doc))
     return sorted(rows)
 
 

@@ -1,0 +1,44 @@
+"""Bearer tokens and tenant scope. A token maps to one tenant (it sees and
+changes only that tenant's objects) or to every tenant ("*", an operator).
+Another tenant's objects look exactly like missing ones."""
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from agent.controller.config import ALL_TENANTS, Token
+from agent.errors import NotFound, Unauthenticated
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str  # ALL_TENANTS for an operator
+
+    @property
+    def operator(self) -> bool:
+        return self.tenant == ALL_TENANTS
+
+    def sees(self, tenant: str) -> bool:
+        return self.operator or self.tenant == tenant
+
+    def check_tenant(self, tenant: str, field: str = "tenant") -> None:
+        """A request that names a tenant must name the caller's own."""
+        if tenant and not self.sees(tenant):
+            raise NotFound(f"{field}: tenant {tenant} does not exist", field=field)
+
+
+class TokenAuth:
+    def __init__(self, tokens: list[Token]):
+        self.tokens = tokens
+
+    def __call__(self, request: Request) -> Caller:
+        header = request.headers.get("authorization", "")
+        scheme, _, sent = header.partition(" ")
+        if scheme.lower() == "bearer" and sent:
+            for t in self.tokens:
+                if hmac.compare_digest(sent.encode(), t.token.encode()):
+                    return Caller(t.tenant)
+        raise Unauthenticated("authorization: send 'Authorization: Bearer <token>' with a configured token",
+                              field="authorization")

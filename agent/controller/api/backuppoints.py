@@ -1,0 +1,167 @@
+"""Seed 000: /v1/volume/internal/backuppoint/{add,delete,update,list}."""
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, StrictStr
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from agent.controller.api import validate as v
+from agent.controller.api.auth import Caller
+from agent.controller.api.envelope import ok
+from agent.controller.models import BackupPoint
+from agent.errors import AlreadyExists, HasDependents, InvalidArgument, NotFound
+
+BTYPES = ("nfs", "samba", "iscsi", "disk", "fc", "local")
+MASK = "******"
+
+
+class AddRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the seed sends "env": {}
+    cluster_uuid: StrictStr
+    tenant: StrictStr
+    zone_uuid: StrictStr = ""  # required by the seed's table, absent from its example
+    name: StrictStr
+    btype: StrictStr
+    ip: StrictStr
+    root_dir: StrictStr
+    sub_dir: StrictStr = ""
+    pass_word: StrictStr = ""
+
+
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cluster_uuid: StrictStr
+    uuid: StrictStr
+    tenant: StrictStr = ""
+    backup_point_name: StrictStr = ""
+
+
+class UpdateRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the seed sends "environment": {}
+    cluster_uuid: StrictStr
+    tenant_uuid: StrictStr
+    backup_point_uuid: StrictStr
+    backup_point_name: StrictStr
+    ip: StrictStr
+    root_directory: StrictStr
+    sub_dir: StrictStr
+
+
+def _location(btype: str, root_dir: str, field: str) -> str:
+    """nfs: the export path; samba: the share (optionally with a path below
+    it); iscsi: the target IQN; disk, fc, local: an absolute path."""
+    if btype == "samba":
+        if not root_dir.strip("/"):
+            raise InvalidArgument(f"{field}: must name the share", field=field)
+        v.rel_path(root_dir.strip("/"), field)
+        return root_dir
+    if btype == "iscsi":
+        if not root_dir.startswith("iqn.") and not root_dir.startswith("eui.") or len(root_dir) > 223 or \
+                any(c in root_dir for c in "/\\ \0"):
+            raise InvalidArgument(f"{field}: {root_dir!r} must be the target IQN (iqn.... or eui....)", field=field)
+        return root_dir
+    return v.abs_path(root_dir, field)
+
+
+def to_seed(bp: BackupPoint) -> dict:
+    return {
+        "tenant": bp.tenant, "tenant_name": bp.tenant_name, "Name": bp.name, "UUID": bp.uuid, "BType": bp.btype,
+        "NsUUID": bp.tenant, "Ref": bp.ref,
+        "indentify": {"IP": bp.ip, "PORT": bp.port, "RootDir": bp.root_dir, "SubDir": bp.sub_dir, "Dest": "",
+                      "Env": None, "Pwd": MASK if bp.password_sealed else ""},
+        "Ctime": bp.ctime, "Mtime": bp.mtime, "Bpstate": bp.state,
+    }
+
+
+def router(auth) -> APIRouter:
+    r = APIRouter(prefix="/v1/volume/internal/backuppoint", tags=["backup points (seed 000)"])
+
+    @r.post("/add")
+    def add(req: AddRequest, request: Request, caller: Caller = Depends(auth)):
+        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+        tenant = v.uuid(req.tenant, "tenant")
+        caller.check_tenant(tenant)
+        zone = v.uuid(req.zone_uuid, "zone_uuid", required=False)
+        name = v.name(req.name, "name")
+        if req.btype not in BTYPES:
+            raise InvalidArgument(f"btype: must be one of {', '.join(BTYPES)}, not {req.btype!r}", field="btype")
+        ip = v.host(req.ip, "ip")
+        root = _location(req.btype, req.root_dir, "root_dir")
+        sub = v.rel_path(req.sub_dir, "sub_dir")
+        now = int(time.time())
+        bp = BackupPoint(uuid=str(uuidlib.uuid4()), tenant=tenant, cluster_uuid=cluster, zone_uuid=zone, name=name,
+                         btype=req.btype, ip=ip, root_dir=root, sub_dir=sub,
+                         password_sealed=request.app.state.secrets.seal(req.pass_word), ctime=now, mtime=now)
+        try:
+            with request.app.state.db.session() as s:
+                s.add(bp)
+        except IntegrityError:
+            raise AlreadyExists(f"name: tenant {tenant} has a backup point named {name!r} already",
+                                field="name") from None
+        return ok({"uuid": bp.uuid, "name": bp.name})
+
+    @r.post("/delete")
+    def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(auth)):
+        v.uuid(req.cluster_uuid, "cluster_uuid")
+        bid = v.uuid(req.uuid, "uuid")
+        if req.tenant:
+            caller.check_tenant(v.uuid(req.tenant, "tenant"))
+        with request.app.state.db.session() as s:
+            bp = s.get(BackupPoint, bid)
+            if bp is None or not caller.sees(bp.tenant) or bp.cluster_uuid != req.cluster_uuid.lower():
+                raise NotFound(f"uuid: backup point {bid} does not exist", field="uuid")
+            if bp.ref:
+                raise HasDependents(f"uuid: backup point {bp.name!r} still holds {bp.ref} backup(s); delete them "
+                                    "first", field="uuid")
+            s.delete(bp)
+        return ok({})
+
+    @r.post("/update")
+    def update(req: UpdateRequest, request: Request, caller: Caller = Depends(auth)):
+        v.uuid(req.cluster_uuid, "cluster_uuid")
+        tenant = v.uuid(req.tenant_uuid, "tenant_uuid")
+        caller.check_tenant(tenant, "tenant_uuid")
+        bid = v.uuid(req.backup_point_uuid, "backup_point_uuid")
+        name = v.name(req.backup_point_name, "backup_point_name")
+        ip = v.host(req.ip, "ip")
+        sub = v.rel_path(req.sub_dir, "sub_dir")
+        try:
+            with request.app.state.db.session() as s:
+                bp = s.get(BackupPoint, bid)
+                if bp is None or bp.tenant != tenant or bp.cluster_uuid != req.cluster_uuid.lower():
+                    raise NotFound(f"backup_point_uuid: backup point {bid} does not exist",
+                                   field="backup_point_uuid")
+                root = _location(bp.btype, req.root_directory, "root_directory")
+                bp.name, bp.ip, bp.root_dir, bp.sub_dir, bp.mtime = name, ip, root, sub, int(time.time())
+        except IntegrityError:
+            raise AlreadyExists(f"backup_point_name: tenant {tenant} has a backup point named {name!r} already",
+                                field="backup_point_name") from None
+        return ok({})
+
+    @r.get("/list")
+    def list_(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(""), page_num: int = Query(0),
+              page_size: int = Query(0), filter_name: str = Query(""), caller: Caller = Depends(auth)):
+        cluster = v.uuid(cluster_uuid, "cluster_uuid")
+        q = select(BackupPoint).where(BackupPoint.cluster_uuid == cluster)
+        if tenant:
+            tenant = v.uuid(tenant, "tenant")
+            caller.check_tenant(tenant)
+            q = q.where(BackupPoint.tenant == tenant)
+        elif not caller.operator:
+            q = q.where(BackupPoint.tenant == caller.tenant)
+        if filter_name:
+            q = q.where(BackupPoint.name.contains(filter_name, autoescape=True))
+        offset, limit = v.page(page_num, page_size)
+        with request.app.state.db.session() as s:
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            q = q.order_by(BackupPoint.ctime, BackupPoint.name).offset(offset)
+            if limit:
+                q = q.limit(limit)
+            rows = s.scalars(q).all()
+        return ok({"total_count": total, "list": [to_seed(bp) for bp in rows]})
+
+    return r

@@ -1,0 +1,70 @@
+"""Field rules shared by the routers; every refusal names the field."""
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid as uuidlib
+
+from agent.errors import InvalidArgument
+
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def uuid(value: str, field: str, *, required: bool = True) -> str:
+    if not value and not required:
+        return ""
+    try:
+        if str(uuidlib.UUID(value)) == value.lower():
+            return value.lower()
+    except (ValueError, AttributeError, TypeError):
+        pass
+    raise InvalidArgument(f"{field}: {value!r} is not a uuid", field=field)
+
+
+def name(value: str, field: str) -> str:
+    if not value or len(value) > 128:
+        raise InvalidArgument(f"{field}: must be 1 to 128 characters", field=field)
+    if any(c in value for c in "/\\") or value in (".", "..") or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidArgument(f"{field}: {value!r} may not contain '/', '\\\\', control characters, or be '.' "
+                              "or '..'", field=field)
+    return value
+
+
+def host(value: str, field: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if _HOST.match(value or ""):
+        return value
+    raise InvalidArgument(f"{field}: {value!r} is not an IP address or host name", field=field)
+
+
+def abs_path(value: str, field: str) -> str:
+    if not value.startswith("/") or any(p in (".", "..") for p in value.split("/")) or "\0" in value:
+        raise InvalidArgument(f"{field}: {value!r} must be an absolute path without '.' or '..'", field=field)
+    if len(value) > 1024:
+        raise InvalidArgument(f"{field}: longer than 1024 characters", field=field)
+    return value
+
+
+def rel_path(value: str, field: str) -> str:
+    if not value:
+        return ""
+    if value.startswith("/") or any(p in ("", ".", "..") for p in value.rstrip("/").split("/")) or "\0" in value:
+        raise InvalidArgument(f"{field}: {value!r} must be a relative path without '..'", field=field)
+    if len(value) > 1024:
+        raise InvalidArgument(f"{field}: longer than 1024 characters", field=field)
+    return value.rstrip("/")
+
+
+def page(page_num: int, page_size: int) -> tuple[int, int]:
+    """Seed paging: page_num counts from 1 (0 is the first page too);
+    page_size 0 means everything."""
+    if page_num < 0:
+        raise InvalidArgument("page_num: must not be negative", field="page_num")
+    if page_size < 0 or page_size > 1000:
+        raise InvalidArgument("page_size: must be 0 (all) to 1000", field="page_size")
+    if page_size == 0:
+        return 0, 0
+    return (max(page_num, 1) - 1) * page_size, page_size

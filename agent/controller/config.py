@@ -1,0 +1,84 @@
+"""The controller's typed config: [controller] and [[tokens]] in a TOML file.
+
+    [controller]
+    listen = "127.0.0.1:8080"
+    database_url = "sqlite:////var/lib/blockferry/controller.sqlite3"
+    secret_key_file = "/var/lib/blockferry/controller.key"
+
+    [[tokens]]               # bearer tokens; the file must then be 0600
+    token = "..."
+    tenant = "*"             # "*": every tenant (an operator); else one tenant uuid
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG = "/etc/blockferry/controller.toml"
+ALL_TENANTS = "*"
+
+
+@dataclass(frozen=True)
+class Token:
+    token: str
+    tenant: str  # ALL_TENANTS or a tenant uuid
+
+
+@dataclass
+class ControllerConfig:
+    listen: str = "127.0.0.1:8080"
+    database_url: str = "sqlite:////var/lib/blockferry/controller.sqlite3"
+    secret_key_file: str = "/var/lib/blockferry/controller.key"
+    log_level: str = "info"
+    tokens: list[Token] = field(default_factory=list)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def load(path: str) -> ControllerConfig:
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file", field=path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}", field=path) from None
+    unknown = set(doc) - {"controller", "tokens"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: controller, tokens)",
+                          field=path)
+    cfg = ControllerConfig()
+    section = doc.get("controller", {})
+    for key, value in section.items():
+        if key not in ("listen", "database_url", "secret_key_file", "log_level"):
+            raise ConfigError(f"{path}: [controller] {key}: unknown key", field=f"controller.{key}")
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: [controller] {key}: must be a string", field=f"controller.{key}")
+        setattr(cfg, key, value)
+    for i, t in enumerate(doc.get("tokens", [])):
+        token, tenant = t.get("token", ""), t.get("tenant", "")
+        if len(token) < 16:
+            raise ConfigError(f"{path}: [[tokens]] #{i + 1}: token must have at least 16 characters",
+                              field="tokens.token")
+        if tenant != ALL_TENANTS:
+            try:
+                uuid.UUID(tenant)
+            except ValueError:
+                raise ConfigError(f"{path}: [[tokens]] #{i + 1}: tenant must be '*' or a tenant uuid",
+                                  field="tokens.tenant") from None
+        cfg.tokens.append(Token(token, tenant))
+    if cfg.tokens and os.stat(p).st_mode & 0o077:
+        raise ConfigError(f"{path}: holds bearer tokens, so the file must be mode 0600", field=path)
+    host, _, port = cfg.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{path}: [controller] listen: must be host:port, not {cfg.listen!r}",
+                          field="controller.listen")
+    return cfg

@@ -1,0 +1,34 @@
+"""The controller's inventory (SQLAlchemy 2). Schema changes go through the
+Alembic migrations in agent/controller/migrations/."""
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BackupPoint(Base):
+    """Seed 000: where backups go (btype nfs, samba, iscsi, disk, fc, local)."""
+
+    __tablename__ = "backup_points"
+    __table_args__ = (UniqueConstraint("tenant", "name", name="uq_backup_points_tenant_name"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(36), index=True)
+    tenant_name: Mapped[str] = mapped_column(String(255), default="")
+    cluster_uuid: Mapped[str] = mapped_column(String(36))
+    zone_uuid: Mapped[str] = mapped_column(String(36), default="")
+    name: Mapped[str] = mapped_column(String(128))
+    btype: Mapped[str] = mapped_column(String(16))
+    ip: Mapped[str] = mapped_column(String(255), default="")
+    port: Mapped[str] = mapped_column(String(8), default="")
+    root_dir: Mapped[str] = mapped_column(String(1024), default="")
+    sub_dir: Mapped[str] = mapped_column(String(1024), default="")
+    password_sealed: Mapped[str] = mapped_column(String(512), default="")  # SecretBox, never plaintext
+    ref: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="unknown")  # healthy, degraded, unreachable...
+    ctime: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,38 @@
+"""blockferry-controller: load the config, migrate the database, serve."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from agent import __version__
+from agent.controller import config
+from agent.errors import BlockferryError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="blockferry-controller", description=__doc__)
+    p.add_argument("-c", "--config", default=config.DEFAULT_CONFIG, help="config file (TOML)")
+    p.add_argument("--version", action="version", version=f"blockferry-controller {__version__}")
+    args = p.parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+        logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        from agent.controller.api.app import create_app
+        from agent.controller.db import Database, migrate
+        from agent.controller.secrets import SecretBox
+
+        migrate(cfg.database_url)
+        app = create_app(cfg, Database(cfg.database_url), SecretBox.from_file(cfg.secret_key_file))
+    except BlockferryError as e:
+        print(f"blockferry-controller: {e.code}: {e.message}", file=sys.stderr)
+        return 78  # EX_CONFIG
+    import uvicorn
+
+    host, port = cfg.host_port
+    uvicorn.run(app, host=host, port=port, log_level=cfg.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The controller's REST API: the seeds' request examples as written, the
+envelope, tenants, secrets at rest, and bad input (hypothesis). The
+controller runs as a real process on SQLite; the fuzzing drives the same
+application in process."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = REPO.parent / "shared" / "seeds"
+TENANT_A = "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"  # the seed's tenant
+TENANT_B = "fa81a25f-7dfa-41aa-8273-eb9e455d4d36"
+CLUSTER = "b088822c-1176-4c79-9df7-5fad80c7fd1d"
+TOKENS = {"op": "operator-token-0123456789", TENANT_A: "tenant-a-token-0123456789",
+          TENANT_B: "tenant-b-token-0123456789"}
+
+
+def seed_example(seed: str, endpoint: str, which: str = "Body") -> dict | str:
+    """The request example of an endpoint, straight from the seed file."""
+    text = next(SEEDS.glob(f"{seed}_*.txt")).read_text()
+    section = text[text.index(endpoint):]
+    if which == "url":
+        start = section.index("#### 请求示例")
+        block = section[start:].split("```")[1]
+        return block.strip()
+    start = section.index("Body:")
+    return json.loads(section[start:].split("```")[1])
+
+
+def write_config(d: Path, port: int, db_url: str | None = None) -> Path:
+    cfg = d / "controller.toml"
+    tokens = "".join(f'[[tokens]]\ntoken = "{tok}"\ntenant = "{"*" if who == "op" else who}"\n'
+                     for who, tok in TOKENS.items())
+    cfg.write_text(f'[controller]\nlisten = "127.0.0.1:{port}"\n'
+                   f'database_url = "{db_url or f"sqlite:///{d}/controller.sqlite3"}"\n'
+                   f'secret_key_file = "{d}/controller.key"\n{tokens}')
+    cfg.chmod(0o600)
+    return cfg
+
+
+class Controller:
+    def __init__(self, workdir: Path, db_url: str | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.workdir = workdir
+        self.config = write_config(workdir, self.port, db_url)
+        self.log = workdir / "controller.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                httpx.get(f"{self.url}/openapi.json", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError(self.log.read_text())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, who: str = "op") -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKENS[who]}"}, timeout=30)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def controller(short_tmp):
+    c = Controller(short_tmp)
+    yield c
+    c.stop()
+
+
+def check_ok(r: httpx.Response) -> dict:
+    body = r.json()
+    assert r.status_code == 200 and body["scode"] == 0, body
+    assert set(body) >= {"scode", "desc", "message", "message_cn", "stack", "data"} and body["stack"] is None
+    return body["data"]
+
+
+def check_error(r: httpx.Response, status: int, field: str | None = None) -> dict:
+    body = r.json()
+    assert r.status_code == status, (r.status_code, body)
+    assert body["scode"] != 0 and body["stack"] is None and body["message"] and body["message_cn"], body
+    if field:
+        assert field in body["message"] and body["desc"] == field, body
+    assert "Traceback" not in r.text
+    return body
+
+
+def test_seed_000_backup_points_as_written(controller):
+    add = seed_example("000", "/v1/volume/internal/backuppoint/add")
+    add["pass_word"] = "s3cret-backup-password"
+    with controller.client(TENANT_A) as c:
+        data = check_ok(c.post("/v1/volume/internal/backuppoint/add", json=add))
+        bp = data["uuid"]
+        assert data["name"] == add["name"]
+        # the list example, as written (its query string)
+        url = seed_example("000", "/v1/volume/internal/backuppoint/list", "url")
+        listed = check_ok(c.get("/v1/volume/internal/backuppoint/list?" + url.split("?", 1)[1]))
+        assert listed["total_count"] == 1
+        item = listed["list"][0]
+        assert (item["UUID"], item["Name"], item["BType"], item["tenant"]) == (bp, "nfs_type", "nfs", TENANT_A)
+        assert item["indentify"] == {"IP": "10.30.12.165", "PORT": "", "RootDir": add["root_dir"],
+                                     "SubDir": "zhanghailiang", "Dest": "", "Env": None, "Pwd": "******"}
+        assert set(item) == {"tenant", "tenant_name", "Name", "UUID", "BType", "NsUUID", "Ref", "indentify",
+                             "Ctime", "Mtime", "Bpstate"}
+        upd = seed_example("000", "v1/volume/internal/backuppoint/update")
+        upd["backup_point_uuid"] = bp  # the seed's uuid names its own backup point
+        check_ok(c.post("/v1/volume/internal/backuppoint/update", json=upd))
+        item = check_ok(c.get("/v1/volume/internal/backuppoint/list",
+                              params={"cluster_uuid": CLUSTER}))["list"][0]
+        assert item["Name"] == "nfs_type_1" and item["Mtime"] >= item["Ctime"]
+        dele = seed_example("000", "v1/volume/internal/backuppoint/delete")
+        dele.update(uuid=bp, tenant=TENANT_A)
+        check_ok(c.post("/v1/volume/internal/backuppoint/delete", json=dele))
+        assert check_ok(c.get("/v1/volume/internal/backuppoint/list",
+                              params={"cluster_uuid": CLUSTER}))["total_count"] == 0
+    # the password is sealed at rest
+    raw = (controller.workdir / "controller.sqlite3").read_bytes()
+    wal = controller.workdir / "controller.sqlite3-wal"
+    raw += wal.read_bytes() if wal.exists() else b""
+    assert b"s3cret-backup-password" not in raw
+    assert b"s3cret-backup-password" not in controller.log.read_bytes()
+
+
+def test_tenants_and_tokens(controller):
+    add = seed_example("000", "/v1/volume/internal/backuppoint/add")
+    with controller.client(TENANT_A) as a, controller.client(TENANT_B) as b, controller.client("op") as op:
+        bp = check_ok(a.post("/v1/volume/internal/backuppoint/add", json=add))["uuid"]
+        # B never sees A's backup point, cannot add in A's name, update or delete it
+        assert check_ok(b.get("/v1/volume/internal/backuppoint/list",
+                              params={"cluster_uuid": CLUSTER}))["total_count"] == 0
+        check_error(b.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER,
+                                                                          "tenant": TENANT_A}), 404, "tenant")
+        check_error(b.post("/v1/volume/internal/backuppoint/add", json=add), 404, "tenant")
+        upd = dict(seed_example("000", "v1/volume/internal/backuppoint/update"), backup_point_uuid=bp,
+                   tenant_uuid=TENANT_B)
+        check_error(b.post("/v1/volume/internal/backuppoint/update", json=upd), 404, "backup_point_uuid")
+        check_error(b.post("/v1/volume/internal/backuppoint/delete",
+                           json={"cluster_uuid": CLUSTER, "uuid": bp}), 404, "uuid")
+        # the operator sees every tenant
+        assert check_ok(op.get("/v1/volume/internal/backuppoint/list",
+                               params={"cluster_uuid": CLUSTER}))["total_count"] == 1
+        # a second add with the same name is a conflict
+        check_error(a.post("/v1/volume/internal/backuppoint/add", json=add), 409, "name")
+    for headers in ({}, {"Authorization": "Bearer wrong-token-xxxxxxxxxxxx"}, {"Authorization": "Basic x"}):
+        r = httpx.post(f"{controller.url}/v1/volume/internal/backuppoint/add", json=add, headers=headers)
+        check_error(r, 401, "authorization")
+    assert httpx.get(f"{controller.url}/openapi.json").json()["info"]["title"] == "blockferry-controller"
+
+
+def test_bad_input_is_refused_by_field(controller):
+    good = seed_example("000", "/v1/volume/internal/backuppoint/add")
+    cases = [
+        ({k: val for k, val in good.items() if k != "name"}, 400, "name"),
+        (dict(good, name=123), 400, "name"),
+        (dict(good, name="../../etc"), 400, "name"),
+        (dict(good, sub_dir="../escape"), 400, "sub_dir"),
+        (dict(good, sub_dir="/abs"), 400, "sub_dir"),
+        (dict(good, root_dir="relative/dir"), 400, "root_dir"),
+        (dict(good, root_dir="/exports/../etc"), 400, "root_dir"),
+        (dict(good, btype="ftp"), 400, "btype"),
+        (dict(good, ip="not an ip"), 400, "ip"),
+        (dict(good, cluster_uuid="nope"), 400, "cluster_uuid"),
+        (dict(good, tenant=str(uuid.uuid4())), 404, "tenant"),
+    ]
+    with controller.client(TENANT_A) as c:
+        for body, status, field in cases:
+            check_error(c.post("/v1/volume/internal/backuppoint/add", json=body), status, field)
+        check_error(c.post("/v1/volume/internal/backuppoint/add", content=b"{not json",
+                           headers={"content-type": "application/json"}), 400)
+        check_error(c.post("/v1/volume/internal/backuppoint/delete",
+                           json={"cluster_uuid": CLUSTER, "uuid": str(uuid.uuid4())}), 404, "uuid")
+        check_error(c.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER,
+                                                                          "page_size": "ten"}), 400, "page_size")
+        check_error(c.get("/v1/volume/internal/backuppoint/list"), 400, "cluster_uuid")
+        check_error(c.get("/v1/nope"), 404)
+        assert check_ok(c.get("/v1/volume/internal/backuppoint/list",
+                              params={"cluster_uuid": CLUSTER}))["total_count"] == 0  # nothing changed
+
+
+def test_paging_and_filter(controller):
+    add = seed_example("000", "/v1/volume/internal/backuppoint/add")
+    with controller.client(TENANT_A) as c:
+        for i in range(7):
+            check_ok(c.post("/v1/volume/internal/backuppoint/add", json=dict(add, name=f"bp-{i}")))
+        page = lambda n, size, f="": check_ok(c.get("/v1/volume/internal/backuppoint/list", params={
+            "cluster_uuid": CLUSTER, "page_num": n, "page_size": size, "filter_name": f}))
+        assert [x["Name"] for x in page(1, 3)["list"]] == ["bp-0", "bp-1", "bp-2"]
+        assert [x["Name"] for x in page(0, 3)["list"]] == ["bp-0", "bp-1", "bp-2"]
+        assert [x["Name"] for x in page(3, 3)["list"]] == ["bp-6"] and page(3, 3)["total_count"] == 7
+        assert page(0, 0)["total_count"] == 7 and len(page(0, 0)["list"]) == 7
+        assert [x["Name"] for x in page(0, 0, "-5")["list"]] == ["bp-5"]
+        assert page(0, 0, "%")["total_count"] == 0  # LIKE wildcards are matched literally
+
+
+# ---- bad input at scale: hypothesis against the same application, in process ----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+                  st.sampled_from(["../../etc/passwd", "/", "..", "", " ", "\x00", "a/b", "%", "💥" * 3,
+                                   str(uuid.UUID(int=0)), TENANT_B, CLUSTER, TENANT_A]),
+                  st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=5), st.integers(),
+                                                                       max_size=2))
+ENDPOINTS = {
+    "/v1/volume/internal/backuppoint/add": ["cluster_uuid", "tenant", "zone_uuid", "name", "btype", "ip",
+                                            "root_dir", "sub_dir", "pass_word", "env"],
+    "/v1/volume/internal/backuppoint/delete": ["cluster_uuid", "uuid", "tenant", "backup_point_name"],
+    "/v1/volume/internal/backuppoint/update": ["cluster_uuid", "tenant_uuid", "backup_point_uuid",
+                                               "backup_point_name", "ip", "root_directory", "sub_dir",
+                                               "environment"],
+}
+
+
+@pytest.fixture(scope="module")
+def app_client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from agent.controller.api.app import create_app
+    from agent.controller.config import load
+    from agent.controller.db import Database, migrate
+    from agent.controller.secrets import SecretBox
+
+    d = tmp_path_factory.mktemp("ctl")
+    cfg = load(str(write_config(d, 1)))
+    migrate(cfg.database_url)
+    db = Database(cfg.database_url)
+    client = TestClient(create_app(cfg, db, SecretBox.from_file(cfg.secret_key_file)), raise_server_exceptions=False)
+    client.headers["Authorization"] = f"Bearer {TOKENS[TENANT_A]}"
+    # one real backup point of tenant A that the fuzzing may hit (and must never change)
+    base = seed_example("000", "/v1/volume/internal/backuppoint/add")
+    bp = client.post("/v1/volume/internal/backuppoint/add", json=base).json()["data"]["uuid"]
+    return client, db, bp
+
+
+def _snapshot(db):
+    from sqlalchemy import select
+
+    from agent.controller.models import BackupPoint
+
+    with db.session() as s:
+        return sorted((b.uuid, b.name, b.ip, b.root_dir, b.sub_dir, b.mtime) for b in s.scalars(select(BackupPoint)))
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(endpoint=st.sampled_from(sorted(ENDPOINTS)), data=st.data())
+def test_fuzzed_bodies_never_500_and_change_nothing(app_client, endpoint, data):
+    client, db, bp = app_client
+    base = seed_example("000", endpoint.lstrip("/"))
+    if "backup_point_uuid" in base:
+        base["backup_point_uuid"] = bp
+    if endpoint.endswith("/delete"):
+        base["uuid"] = bp
+    keys = ENDPOINTS[endpoint]
+    body = dict(base)
+    for k in data.draw(st.lists(st.sampled_from(keys), max_size=4, unique=True)):
+        if data.draw(st.booleans()):
+            body.pop(k, None)
+        else:
+            body[k] = data.draw(_junk)
+    if data.draw(st.booleans()):
+        body[data.draw(st.text(min_size=1, max_size=8))] = data.draw(_junk)
+    # every mutation above must break a rule, or be a harmless extra: keep the unmodified seed body out
+    if body == base:
+        return
+    before = _snapshot(db)
+    r = client.post(endpoint, json=body)
+    assert r.status_code != 500, r.text
+    payload = r.json()
+    assert set(payload) >= {"scode", "message", "message_cn", "stack", "data"} and payload["stack"] is None
+    if r.status_code != 200:
+        assert payload["scode"] != 0 and _snapshot(db) == before, (body, payload)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(params=st.dictionaries(st.sampled_from(["cluster_uuid", "tenant", "page_num", "page_size", "filter_name",
+                                               "x"]), st.text(max_size=20), max_size=5))
+def test_fuzzed_list_queries_never_500(app_client, params):
+    client, db, _ = app_client
+    r = client.get("/v1/volume/internal/backuppoint/list", params=params)
+    assert r.status_code in (200, 400, 404), r.text
+    assert r.json()["stack"] is None
