@@ -31,6 +31,8 @@ apt_packages=(
     # test servers: nfs-ganesha + rpcbind, smbd (+ smbclient), tgtd; qemu's
     # iscsi:// driver for the targets bench peer
     nfs-ganesha nfs-ganesha-vfs rpcbind samba smbclient tgt qemu-block-extra
+    # the controller's optional PostgreSQL backend (the tests start a server)
+    postgresql
 )
 
 need_apt=()

@@ -203,3 +203,13 @@ def tgt_server():
     srv = TgtServer().start()
     yield srv
     srv.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """PostgreSQL 15, for the controller's optional backend."""
+    from pgserver import PgServer
+
+    srv = PgServer().start()
+    yield srv
+    srv.stop()

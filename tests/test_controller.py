@@ -55,6 +55,7 @@ class Controller:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.workdir = workdir
+        self.db_url = db_url or f"sqlite:///{workdir}/controller.sqlite3"
         self.config = write_config(workdir, self.port, db_url)
         self.log = workdir / "controller.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
@@ -81,9 +82,14 @@ class Controller:
         self.proc.wait(10)
 
 
-@pytest.fixture
-def controller(short_tmp):
-    c = Controller(short_tmp)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def controller(request, short_tmp):
+    """A controller process on SQLite (the embedded default) and on a real
+    PostgreSQL server."""
+    url = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_server").create_database(f"bf_{uuid.uuid4().hex[:10]}")
+    c = Controller(short_tmp, url)
     yield c
     c.stop()
 
@@ -122,6 +128,13 @@ def test_seed_000_backup_points_as_written(controller):
                                      "SubDir": "zhanghailiang", "Dest": "", "Env": None, "Pwd": "******"}
         assert set(item) == {"tenant", "tenant_name", "Name", "UUID", "BType", "NsUUID", "Ref", "indentify",
                              "Ctime", "Mtime", "Bpstate"}
+        # at rest the password is sealed (AES-256-GCM with the controller's key)
+        from sqlalchemy import create_engine, text
+        engine = create_engine(controller.db_url)
+        with engine.connect() as conn:
+            sealed = conn.execute(text("SELECT password_sealed FROM backup_points")).scalar_one()
+        engine.dispose()
+        assert sealed.startswith("v1:") and "s3cret" not in sealed
         upd = seed_example("000", "v1/volume/internal/backuppoint/update")
         upd["backup_point_uuid"] = bp  # the seed's uuid names its own backup point
         check_ok(c.post("/v1/volume/internal/backuppoint/update", json=upd))
@@ -134,10 +147,12 @@ def test_seed_000_backup_points_as_written(controller):
         assert check_ok(c.get("/v1/volume/internal/backuppoint/list",
                               params={"cluster_uuid": CLUSTER}))["total_count"] == 0
     # the password is sealed at rest
-    raw = (controller.workdir / "controller.sqlite3").read_bytes()
-    wal = controller.workdir / "controller.sqlite3-wal"
-    raw += wal.read_bytes() if wal.exists() else b""
-    assert b"s3cret-backup-password" not in raw
+    db = controller.workdir / "controller.sqlite3"
+    if db.exists():
+        raw = db.read_bytes()
+        wal = controller.workdir / "controller.sqlite3-wal"
+        raw += wal.read_bytes() if wal.exists() else b""
+        assert b"s3cret-backup-password" not in raw
     assert b"s3cret-backup-password" not in controller.log.read_bytes()
 
 
