@@ -79,6 +79,25 @@ class SystemdSection:
 
 
 @dataclass
+class ControllerLinkSection:
+    """Registration with a blockferry-controller (off when address is empty)."""
+
+    address: str = option("", "The controller's agent registry: host:port (TLS when tls_ca is set) or "
+                          "unix:/path. Empty: this agent does not register.")
+    token: str = option("", "Bearer token the controller expects from agents ([controller] agent_token there).",
+                        secret=True)
+    tls_ca: str = option("", "PEM CA that signed the controller's certificate (TLS); tls_cert/tls_key add a "
+                         "client certificate (mutual TLS).")
+    tls_cert: str = option("", "PEM client certificate for mutual TLS with the controller.")
+    tls_key: str = option("", "PEM key of tls_cert (keep it 0600).")
+    host_uuid: str = option("", "This host's uuid in the inventory; empty: derived from /etc/machine-id.")
+    advertise: str = option("", "Where the controller reaches this agent's gRPC (host:port or unix:/path); "
+                            "empty: [grpc] tcp_listen, else the unix socket.")
+    heartbeat_interval: float = option(10.0, "Seconds between heartbeats (the controller may ask for another "
+                                       "interval when the agent registers).")
+
+
+@dataclass
 class PoolSection:
     """A storage pool: [pools.<pool uuid>] with its type and where it lives."""
 
@@ -142,6 +161,7 @@ class Config:
     grpc: GrpcSection = field(default_factory=GrpcSection)
     jobs: JobsSection = field(default_factory=JobsSection)
     systemd: SystemdSection = field(default_factory=SystemdSection)
+    controller: ControllerLinkSection = field(default_factory=ControllerLinkSection)
     pools: dict[str, PoolSection] = field(default_factory=dict)  # pool uuid -> pool
     backup_points: dict[str, BackupPointSection] = field(default_factory=dict)  # uuid -> backup point
     sources: list[str] = field(default_factory=list)  # files merged, in order
@@ -217,6 +237,19 @@ class Config:
                 raise bad("grpc", "tls_cert", "tcp_listen needs tls_cert and tls_key (plain TCP is not served)")
         if self.grpc.max_workers < 4:
             raise bad("grpc", "max_workers", "must be at least 4")
+        c = self.controller
+        if c.address and not c.address.startswith("unix:"):
+            host, sep, port = c.address.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise bad("controller", "address", f"must be host:port or unix:/path, not {c.address!r}")
+        if c.heartbeat_interval <= 0:
+            raise bad("controller", "heartbeat_interval", "must be positive")
+        if c.host_uuid:
+            import uuid as _uuid
+            try:
+                _uuid.UUID(c.host_uuid)
+            except ValueError:
+                raise bad("controller", "host_uuid", f"{c.host_uuid!r} is not a uuid") from None
         if self.jobs.max_concurrent < 1:
             raise bad("jobs", "max_concurrent", "must be at least 1")
         if self.jobs.bandwidth_limit < 0:

@@ -163,6 +163,12 @@ class Unauthenticated(BlockferryError):
     code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(BlockferryError):
+    """The caller's token may not do this (an operator-only endpoint, say)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class BindingMissing(BlockferryError):
     """A Python binding the agent needs is missing or built for another ABI."""
 
@@ -196,6 +202,7 @@ _TABLE: dict[str, tuple[grpc.StatusCode, int, int, str]] = {
     DataCorrupt.code: (grpc.StatusCode.DATA_LOSS, 500, 1022, "备份数据损坏"),
     RepositoryLocked.code: (grpc.StatusCode.ABORTED, 409, 1023, "备份仓库已被锁定"),
     Unauthenticated.code: (grpc.StatusCode.UNAUTHENTICATED, 401, 1024, "未认证"),
+    PermissionDenied.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1025, "无权操作"),
     BlockferryError.code: (grpc.StatusCode.INTERNAL, 500, 1999, "内部错误"),
 }
 _GRPC_STATUS: dict[str, grpc.StatusCode] = {code: row[0] for code, row in _TABLE.items()}

@@ -122,6 +122,14 @@ class Agent:
                                                   "mtls": bool(cfg.grpc.tls_client_ca)})
         systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(listening)}\nMAINPID={os.getpid()}")
 
+        link = None
+        if cfg.controller.address:
+            from agent.controller_link import ControllerLink
+
+            link = ControllerLink(cfg, pools=pools, points=points, engine=engine,
+                                  bindings_ok={b.module for b in self.binding_status if b.ok},
+                                  tcp_port=self.tcp_port).start()
+
         watchdog = None
         interval = systemd.watchdog_interval() if cfg.systemd.watchdog else None
         if interval:
@@ -139,6 +147,8 @@ class Agent:
         for name in ["", *services]:
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         engine.drain(cfg.jobs.drain_timeout)
+        if link:
+            link.stop()
         server.stop(grace=2.0).wait()
         procs.Child.stop_all()  # no qemu-nbd outlives the agent
         if watchdog:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -38,25 +37,30 @@ def seed_example(seed: str, endpoint: str, which: str = "Body") -> dict | str:
     return json.loads(section[start:].split("```")[1])
 
 
-def write_config(d: Path, port: int, db_url: str | None = None) -> Path:
+AGENT_TOKEN = "agent-token-0123456789abcdef"
+
+
+def write_config(d: Path, port: int, db_url: str | None = None, grpc_port: int = 0) -> Path:
     cfg = d / "controller.toml"
     tokens = "".join(f'[[tokens]]\ntoken = "{tok}"\ntenant = "{"*" if who == "op" else who}"\n'
                      for who, tok in TOKENS.items())
     cfg.write_text(f'[controller]\nlisten = "127.0.0.1:{port}"\n'
                    f'database_url = "{db_url or f"sqlite:///{d}/controller.sqlite3"}"\n'
-                   f'secret_key_file = "{d}/controller.key"\n{tokens}')
+                   f'secret_key_file = "{d}/controller.key"\ngrpc_listen = "127.0.0.1:{grpc_port}"\n'
+                   f'agent_token = "{AGENT_TOKEN}"\nheartbeat_interval = 1\nhost_dead_after = 4\n{tokens}')
     cfg.chmod(0o600)
     return cfg
 
 
 class Controller:
     def __init__(self, workdir: Path, db_url: str | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        from cephcluster import free_port
+
+        self.port, self.grpc_port = free_port(), free_port()
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url or f"sqlite:///{workdir}/controller.sqlite3"
-        self.config = write_config(workdir, self.port, db_url)
+        self.config = write_config(workdir, self.port, db_url, self.grpc_port)
         self.log = workdir / "controller.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
@@ -315,3 +319,54 @@ def test_fuzzed_list_queries_never_500(app_client, params):
     r = client.get("/v1/volume/internal/backuppoint/list", params=params)
     assert r.status_code in (200, 400, 404), r.text
     assert r.json()["stack"] is None
+
+
+def test_agents_register_and_heartbeat(short_tmp, make_agent):
+    c = Controller(short_tmp / "ctl")
+    try:
+        host = str(uuid.uuid4())
+        a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+                       f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n')
+        a.config.chmod(0o600)
+        a.start()
+        with c.client("op") as op, c.client(TENANT_A) as tenant:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                hosts = check_ok(op.get("/v1/hosts"))["list"]
+                if hosts and hosts[0]["State"] == "online":
+                    break
+                time.sleep(0.2)
+            h = hosts[0]
+            assert (h["UUID"], h["State"], h["Address"]) == (host, "online", f"unix:{a.socket}")
+            assert {p["pool_uuid"] for p in h["Pools"]} >= {a.pool_uuid}
+            assert h["BackupPoints"] and h["BackupPoints"][0]["status"] in ("healthy", "degraded")
+            assert h["Facts"]["hostname"] and "dir" in h["Facts"]["pool_types"]
+            first_seen = h["LastSeen"]
+            time.sleep(2.5)
+            assert check_ok(op.get(f"/v1/hosts/{host}"))["LastSeen"] > first_seen  # heartbeats arrive
+            check_error(tenant.get("/v1/hosts"), 403, "authorization")  # operators only
+            check_error(op.get(f"/v1/hosts/{uuid.uuid4()}"), 404, "host_uuid")
+            assert a.stop() == 0
+            deadline = time.monotonic() + 20
+            while check_ok(op.get(f"/v1/hosts/{host}"))["State"] != "offline":
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert AGENT_TOKEN not in a.log_text()
+    finally:
+        c.stop()
+
+
+def test_an_agent_with_the_wrong_token_is_refused(short_tmp, make_agent):
+    c = Controller(short_tmp / "ctl")
+    try:
+        a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "wrong-token-000000000000"\n'
+                       f'heartbeat_interval = 1.0\n')
+        a.config.chmod(0o600)
+        a.start()
+        time.sleep(3)
+        with c.client("op") as op:
+            assert check_ok(op.get("/v1/hosts"))["total_count"] == 0
+        assert "controller unreachable or refused us" in a.log_text() and "UNAUTHENTICATED" in a.log_text()
+        assert a.stop() == 0
+    finally:
+        c.stop()

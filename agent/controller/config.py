@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 import uuid
@@ -35,6 +36,13 @@ class ControllerConfig:
     database_url: str = "sqlite:////var/lib/blockferry/controller.sqlite3"
     secret_key_file: str = "/var/lib/blockferry/controller.key"
     log_level: str = "info"
+    grpc_listen: str = "127.0.0.1:9444"     # the agent registry (host:port or unix:/path)
+    agent_token: str = ""                   # bearer token agents must send (a secret)
+    grpc_tls_cert: str = ""                 # TLS for grpc_listen; with grpc_client_ca: mutual TLS
+    grpc_tls_key: str = ""
+    grpc_client_ca: str = ""
+    heartbeat_interval: int = 10            # seconds, told to agents when they register
+    host_dead_after: int = 30               # seconds without a heartbeat: the host is offline
     tokens: list[Token] = field(default_factory=list)
 
     @property
@@ -57,12 +65,19 @@ def load(path: str) -> ControllerConfig:
                           field=path)
     cfg = ControllerConfig()
     section = doc.get("controller", {})
+    types = {f.name: f.type for f in dataclasses.fields(ControllerConfig) if f.name != "tokens"}
     for key, value in section.items():
-        if key not in ("listen", "database_url", "secret_key_file", "log_level"):
-            raise ConfigError(f"{path}: [controller] {key}: unknown key", field=f"controller.{key}")
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: [controller] {key}: must be a string", field=f"controller.{key}")
+        if key not in types:
+            raise ConfigError(f"{path}: [controller] {key}: unknown key (known: {', '.join(types)})",
+                              field=f"controller.{key}")
+        want = int if types[key] in (int, "int") else str
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise ConfigError(f"{path}: [controller] {key}: must be {'an integer' if want is int else 'a string'}",
+                              field=f"controller.{key}")
         setattr(cfg, key, value)
+    if cfg.heartbeat_interval < 1 or cfg.host_dead_after <= cfg.heartbeat_interval:
+        raise ConfigError(f"{path}: [controller] host_dead_after must exceed heartbeat_interval (>= 1)",
+                          field="controller.host_dead_after")
     for i, t in enumerate(doc.get("tokens", [])):
         token, tenant = t.get("token", ""), t.get("tenant", "")
         if len(token) < 16:
@@ -75,7 +90,7 @@ def load(path: str) -> ControllerConfig:
                 raise ConfigError(f"{path}: [[tokens]] #{i + 1}: tenant must be '*' or a tenant uuid",
                                   field="tokens.tenant") from None
         cfg.tokens.append(Token(token, tenant))
-    if cfg.tokens and os.stat(p).st_mode & 0o077:
+    if (cfg.tokens or cfg.agent_token) and os.stat(p).st_mode & 0o077:
         raise ConfigError(f"{path}: holds bearer tokens, so the file must be mode 0600", field=path)
     host, _, port = cfg.listen.rpartition(":")
     if not host or not port.isdigit():

@@ -2,7 +2,7 @@
 Alembic migrations in agent/controller/migrations/."""
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Float, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -32,3 +32,22 @@ class BackupPoint(Base):
     state: Mapped[str] = mapped_column(String(16), default="unknown")  # healthy, degraded, unreachable...
     ctime: Mapped[int] = mapped_column(BigInteger)
     mtime: Mapped[int] = mapped_column(BigInteger)
+
+
+class Host(Base):
+    """An agent host: registered over gRPC, alive while it sends heartbeats."""
+
+    __tablename__ = "hosts"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    address: Mapped[str] = mapped_column(String(512), default="")   # where the controller calls the agent
+    version: Mapped[str] = mapped_column(String(64), default="")
+    facts_json: Mapped[str] = mapped_column(Text, default="{}")      # HostFacts as JSON
+    pools_json: Mapped[str] = mapped_column(Text, default="[]")      # [PoolReport]
+    backup_points_json: Mapped[str] = mapped_column(Text, default="[]")
+    max_jobs: Mapped[int] = mapped_column(Integer, default=4)
+    running_jobs: Mapped[int] = mapped_column(Integer, default=0)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)

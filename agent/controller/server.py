@@ -22,15 +22,22 @@ def main(argv: list[str] | None = None) -> int:
         from agent.controller.db import Database, migrate
         from agent.controller.secrets import SecretBox
 
+        from agent.controller.registry import serve
+
         migrate(cfg.database_url)
-        app = create_app(cfg, Database(cfg.database_url), SecretBox.from_file(cfg.secret_key_file))
+        db = Database(cfg.database_url)
+        app = create_app(cfg, db, SecretBox.from_file(cfg.secret_key_file))
+        registry = serve(cfg, db)  # agents register and heartbeat here
     except BlockferryError as e:
         print(f"blockferry-controller: {e.code}: {e.message}", file=sys.stderr)
         return 78  # EX_CONFIG
     import uvicorn
 
     host, port = cfg.host_port
-    uvicorn.run(app, host=host, port=port, log_level=cfg.log_level, access_log=False)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=cfg.log_level, access_log=False)
+    finally:
+        registry.stop(grace=2)
     return 0
 
 

@@ -34,19 +34,8 @@ class HostService(host_pb2_grpc.HostServiceServicer):
     def GetHostFacts(self, request, context):
         from agent.hostfacts import host_facts
 
-        f = host_facts(self.cfg, {b.module for b in self.bindings if b.ok}, sys_root=self.cfg.agent.sys_root)
-        return host_pb2.HostFacts(
-            hostname=f.hostname, version=f.version, cpus=f.cpus, load1=f.load1, memory_total_bytes=f.memory_total,
-            memory_available_bytes=f.memory_available, boot_time=f.boot_time,
-            nics=[host_pb2.Nic(name=n.name, mac=n.mac, mtu=n.mtu, up=n.up,
-                               addresses=[host_pb2.NetAddress(family=a, address=b, prefixlen=c)
-                                          for a, b, c in n.addresses]) for n in f.nics],
-            disks=[host_pb2.DiskUsage(path=p, total_bytes=t, used_bytes=u, available_bytes=a)
-                   for p, t, u, a in f.disks],
-            pool_types=f.pool_types, backup_point_types=f.backup_point_types,
-            shared_pool_types=f.shared_pool_types, pool_uuids=f.pool_uuids,
-            backup_point_uuids=f.backup_point_uuids, iscsi_initiator=f.iscsi_initiator,
-            fc_hbas=[_hba_pb(h) for h in f.fc_hbas])
+        return facts_to_pb(host_facts(self.cfg, {b.module for b in self.bindings if b.ok},
+                                      sys_root=self.cfg.agent.sys_root))
 
     @rpc
     def ListFcDevices(self, request, context):
@@ -71,6 +60,21 @@ class HostService(host_pb2_grpc.HostServiceServicer):
             host_pb2.DiscoveredIscsiTarget(iqn=t.iqn, portal=t.portal, state=t.state,
                                            luns=[host_pb2.DiscoveredIscsiLun(lun=x.lun, size_bytes=x.size)
                                                  for x in t.luns]) for t in targets])
+
+
+def facts_to_pb(f) -> host_pb2.HostFacts:
+    return host_pb2.HostFacts(
+            hostname=f.hostname, version=f.version, cpus=f.cpus, load1=f.load1, memory_total_bytes=f.memory_total,
+            memory_available_bytes=f.memory_available, boot_time=f.boot_time,
+            nics=[host_pb2.Nic(name=n.name, mac=n.mac, mtu=n.mtu, up=n.up,
+                               addresses=[host_pb2.NetAddress(family=a, address=b, prefixlen=c)
+                                          for a, b, c in n.addresses]) for n in f.nics],
+            disks=[host_pb2.DiskUsage(path=p, total_bytes=t, used_bytes=u, available_bytes=a)
+                   for p, t, u, a in f.disks],
+            pool_types=f.pool_types, backup_point_types=f.backup_point_types,
+            shared_pool_types=f.shared_pool_types, pool_uuids=f.pool_uuids,
+            backup_point_uuids=f.backup_point_uuids, iscsi_initiator=f.iscsi_initiator,
+            fc_hbas=[_hba_pb(h) for h in f.fc_hbas])
 
 
 def _hba_pb(h):

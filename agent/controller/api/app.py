@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from agent import __version__
-from agent.controller.api import backuppoints, envelope
+from agent.controller.api import backuppoints, envelope, hosts
 from agent.controller.api.auth import TokenAuth
 from agent.controller.config import ControllerConfig
 from agent.controller.db import Database
@@ -22,4 +22,5 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     envelope.install(app)
     auth = TokenAuth(cfg.tokens)
     app.include_router(backuppoints.router(auth))
+    app.include_router(hosts.router(auth))
     return app

@@ -1,0 +1,58 @@
+"""GET /v1/hosts and /v1/hosts/{uuid}: the registered agent hosts (operators
+only), with their state (online/offline from the heartbeat age), facts,
+pools and backup points."""
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, Depends, Request
+from sqlalchemy import select
+
+from agent.controller.api import validate as v
+from agent.controller.api.auth import Caller
+from agent.controller.api.envelope import ok
+from agent.controller.models import Host
+from agent.errors import NotFound, PermissionDenied
+
+
+def host_state(h: Host, dead_after: int) -> str:
+    if time.time() - h.last_seen > dead_after:
+        return "offline"
+    return "draining" if h.draining else "online"
+
+
+def to_json(h: Host, dead_after: int) -> dict:
+    return {"UUID": h.uuid, "Hostname": h.hostname, "Address": h.address, "Version": h.version,
+            "State": host_state(h, dead_after), "LastSeen": h.last_seen, "RegisteredAt": h.registered_at,
+            "RunningJobs": h.running_jobs, "MaxJobs": h.max_jobs, "Facts": json.loads(h.facts_json),
+            "Pools": json.loads(h.pools_json), "BackupPoints": json.loads(h.backup_points_json)}
+
+
+def router(auth) -> APIRouter:
+    r = APIRouter(prefix="/v1/hosts", tags=["hosts"])
+
+    def operator(caller: Caller) -> None:
+        if not caller.operator:
+            raise PermissionDenied("authorization: hosts are visible to operator tokens only",
+                                   field="authorization")
+
+    @r.get("")
+    def list_hosts(request: Request, caller: Caller = Depends(auth)):
+        operator(caller)
+        dead = request.app.state.cfg.host_dead_after
+        with request.app.state.db.session() as s:
+            hosts = s.scalars(select(Host).order_by(Host.hostname, Host.uuid)).all()
+        return ok({"total_count": len(hosts), "list": [to_json(h, dead) for h in hosts]})
+
+    @r.get("/{host_uuid}")
+    def get_host(host_uuid: str, request: Request, caller: Caller = Depends(auth)):
+        operator(caller)
+        host_uuid = v.uuid(host_uuid, "host_uuid")
+        with request.app.state.db.session() as s:
+            h = s.get(Host, host_uuid)
+        if h is None:
+            raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
+        return ok(to_json(h, request.app.state.cfg.host_dead_after))
+
+    return r

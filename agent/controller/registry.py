@@ -1,0 +1,98 @@
+"""The agent registry (gRPC, served by the controller): agents register with
+their facts, pools and backup points, then send heartbeats. A host is
+online while its last heartbeat is younger than host_dead_after."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from concurrent import futures
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from agent.api.v1 import registry_pb2, registry_pb2_grpc
+from agent.controller.config import ControllerConfig
+from agent.controller.db import Database
+from agent.controller.models import Host
+
+log = logging.getLogger("controller.registry")
+
+
+def _reports(items) -> str:
+    return json.dumps([MessageToDict(x, preserving_proto_field_name=True) for x in items])
+
+
+class Registry(registry_pb2_grpc.AgentRegistryServicer):
+    def __init__(self, cfg: ControllerConfig, db: Database):
+        self.cfg = cfg
+        self.db = db
+
+    def _auth(self, context) -> None:
+        if not self.cfg.agent_token:
+            return
+        sent = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {self.cfg.agent_token}".encode()):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED: missing or wrong agent token")
+
+    def Register(self, request, context):
+        self._auth(context)
+        import uuid as uuidlib
+
+        try:
+            host_uuid = str(uuidlib.UUID(request.host_uuid))
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT: host_uuid: not a uuid")
+        now = time.time()
+        facts = MessageToDict(request.facts, preserving_proto_field_name=True)
+        with self.db.session() as s:
+            h = s.get(Host, host_uuid) or Host(uuid=host_uuid, registered_at=now)
+            h.hostname = request.facts.hostname
+            h.address = request.address
+            h.version = request.facts.version
+            h.facts_json = json.dumps(facts)
+            h.pools_json = _reports(request.pools)
+            h.backup_points_json = _reports(request.backup_points)
+            h.max_jobs = request.max_concurrent_jobs or 4
+            h.running_jobs = 0
+            h.draining = False
+            h.last_seen = now
+            s.merge(h)
+        log.info("agent registered", extra={"host_uuid": host_uuid, "hostname": request.facts.hostname,
+                                            "address": request.address})
+        return registry_pb2.RegisterResponse(heartbeat_interval_seconds=self.cfg.heartbeat_interval)
+
+    def Heartbeat(self, request, context):
+        self._auth(context)
+        with self.db.session() as s:
+            h = s.get(Host, request.host_uuid)
+            if h is None:
+                return registry_pb2.HeartbeatResponse(reregister=True)
+            h.last_seen = time.time()
+            h.running_jobs = request.running_jobs
+            h.draining = request.draining
+            h.pools_json = _reports(request.pools)
+            h.backup_points_json = _reports(request.backup_points)
+        return registry_pb2.HeartbeatResponse(reregister=False)
+
+
+def serve(cfg: ControllerConfig, db: Database) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    registry_pb2_grpc.add_AgentRegistryServicer_to_server(Registry(cfg, db), server)
+    addr = cfg.grpc_listen
+    if addr.startswith("unix:") or not cfg.grpc_tls_cert:
+        server.add_insecure_port(addr)
+    else:
+        with open(cfg.grpc_tls_cert, "rb") as f:
+            cert = f.read()
+        with open(cfg.grpc_tls_key, "rb") as f:
+            key = f.read()
+        ca = None
+        if cfg.grpc_client_ca:
+            with open(cfg.grpc_client_ca, "rb") as f:
+                ca = f.read()
+        server.add_secure_port(addr, grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                                                 require_client_auth=ca is not None))
+    server.start()
+    return server

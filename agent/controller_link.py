@@ -1,0 +1,147 @@
+"""The agent's side of the controller: register once, then heartbeat, from
+a background thread. The controller learns this host's facts, pools and
+backup points (with their health) and where to call the agent. A controller
+that is down is retried with backoff; the agent works on without it."""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import grpc
+
+from agent.config import Config
+
+log = logging.getLogger("agent.controller_link")
+NAMESPACE = uuid.UUID("6f1d0c52-3b7e-4f0a-9d2b-7c4e8a1f5b90")
+
+
+def host_uuid(cfg: Config) -> str:
+    if cfg.controller.host_uuid:
+        return cfg.controller.host_uuid
+    try:
+        with open("/etc/machine-id") as f:
+            return str(uuid.uuid5(NAMESPACE, f.read().strip()))
+    except OSError:
+        import socket
+
+        return str(uuid.uuid5(NAMESPACE, socket.gethostname()))
+
+
+def advertised_address(cfg: Config, tcp_port: int | None) -> str:
+    if cfg.controller.advertise:
+        return cfg.controller.advertise
+    if cfg.grpc.tcp_listen and tcp_port:
+        return f"{cfg.grpc.tcp_listen.rpartition(':')[0]}:{tcp_port}"
+    return f"unix:{cfg.grpc.unix_socket}"
+
+
+def channel(cfg: Config) -> grpc.Channel:
+    c = cfg.controller
+    if c.address.startswith("unix:") or not c.tls_ca:
+        return grpc.insecure_channel(c.address)
+    with open(c.tls_ca, "rb") as f:
+        ca = f.read()
+    cert = key = None
+    if c.tls_cert:
+        with open(c.tls_cert, "rb") as f:
+            cert = f.read()
+        with open(c.tls_key, "rb") as f:
+            key = f.read()
+    return grpc.secure_channel(c.address, grpc.ssl_channel_credentials(ca, key, cert))
+
+
+class ControllerLink:
+    def __init__(self, cfg: Config, *, pools, points, engine, bindings_ok: set[str], tcp_port: int | None):
+        self.cfg = cfg
+        self.pools = pools
+        self.points = points
+        self.engine = engine
+        self.bindings_ok = bindings_ok
+        self.tcp_port = tcp_port
+        self.host_uuid = host_uuid(cfg)
+        self.interval = cfg.controller.heartbeat_interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="controller-link", daemon=True)
+        self.registered = threading.Event()
+
+    def start(self) -> "ControllerLink":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def _metadata(self):
+        return [("authorization", f"Bearer {self.cfg.controller.token}")] if self.cfg.controller.token else []
+
+    def _reports(self):
+        from agent.api.v1 import registry_pb2 as r
+
+        pools = []
+        for pool in self.pools.all():
+            st = pool.pool_status()
+            pools.append(r.PoolReport(pool_uuid=st.pool_uuid, type=st.kind, status=st.status,
+                                      total_bytes=st.total_bytes, available_bytes=st.available_bytes))
+        points = []
+        for bp in self.points.all():
+            h = bp.check()
+            points.append(r.BackupPointReport(backup_point_uuid=h.uuid, type=h.type, status=h.status,
+                                              total_bytes=h.total_bytes, available_bytes=h.available_bytes))
+        return pools, points
+
+    def _register(self, stub) -> None:
+        from agent.api.v1 import registry_pb2 as r
+        from agent.hostfacts import host_facts
+        from agent.services.host import facts_to_pb
+
+        pools, points = self._reports()
+        facts = facts_to_pb(host_facts(self.cfg, self.bindings_ok, sys_root=self.cfg.agent.sys_root))
+        resp = stub.Register(r.RegisterRequest(
+            host_uuid=self.host_uuid, address=advertised_address(self.cfg, self.tcp_port), facts=facts,
+            pools=pools, backup_points=points, max_concurrent_jobs=self.engine.max_concurrent),
+            metadata=self._metadata, timeout=30)
+        if resp.heartbeat_interval_seconds > 0:
+            self.interval = resp.heartbeat_interval_seconds
+        self.registered.set()
+        log.info("registered with the controller", extra={"controller": self.cfg.controller.address,
+                                                          "host_uuid": self.host_uuid})
+
+    def _heartbeat(self, stub) -> bool:
+        from agent.api.v1 import registry_pb2 as r
+
+        pools, points = self._reports()
+        resp = stub.Heartbeat(r.HeartbeatRequest(host_uuid=self.host_uuid, running_jobs=self.engine.running_count(),
+                                                 pools=pools, backup_points=points,
+                                                 draining=self.engine.draining),
+                              metadata=self._metadata, timeout=30)
+        return not resp.reregister
+
+    def _run(self) -> None:
+        from agent.api.v1 import registry_pb2_grpc
+
+        backoff = 1.0
+        registered = False
+        with channel(self.cfg) as ch:
+            stub = registry_pb2_grpc.AgentRegistryStub(ch)
+            while not self._stop.is_set():
+                try:
+                    if not registered:
+                        self._register(stub)
+                        registered = True
+                    elif not self._heartbeat(stub):
+                        registered = False
+                        continue
+                    backoff = 1.0
+                    wait = self.interval
+                except grpc.RpcError as e:
+                    log.warning("controller unreachable or refused us", extra={
+                        "controller": self.cfg.controller.address, "code": e.code().name, "retry_in": backoff})
+                    wait, backoff = backoff, min(backoff * 2, 60.0)
+                    registered = registered and e.code() != grpc.StatusCode.UNAUTHENTICATED
+                except Exception:
+                    log.exception("controller link failed")
+                    wait, backoff = backoff, min(backoff * 2, 60.0)
+                self._stop.wait(wait)
