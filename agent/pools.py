@@ -1,27 +1,54 @@
-"""The pools this agent serves, from [pools.<uuid>] in its config."""
+"""The pools this agent serves: [pools.<uuid>] in its config, and pools the
+controller attached at run time (kept in <state_dir>/pools.d/<uuid>.json,
+0600, and loaded again at start)."""
 from __future__ import annotations
 
-from agent.config import Config
-from agent.errors import NotFound
+import dataclasses
+import json
+import os
+import threading
+
+from agent.config import Config, PoolSection
+from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound, \
+    TargetUnreachable
+from agent.paths import resolve_under_roots
 from agent.volumes.base import VolumeDriver, check_uuid
 from agent.volumes.qcow2 import Qcow2Pool
 
 
 class PoolRegistry:
     def __init__(self, cfg: Config):
-        roots = list(cfg.agent.roots) + [p.path for p in cfg.pools.values()]
+        self.cfg = cfg
+        roots = list(cfg.agent.roots) + [p.path for p in cfg.pools.values() if p.path]
         self.allowed_roots = roots
+        self._lock = threading.Lock()
         self._pools: dict[str, VolumeDriver] = {}
+        self._sections: dict[str, PoolSection] = {}
+        self._attached: set[str] = set()
+        self.attached_dir = os.path.join(cfg.agent.state_dir, "pools.d")
         for pool_uuid, pc in cfg.pools.items():
-            if pc.type == "dir":
-                self._pools[pool_uuid] = Qcow2Pool(pool_uuid, pc.path, run_dir=cfg.agent.run_dir,
-                                                   allowed_roots=roots, lookup=self.get)
-            elif pc.type == "rbd":
-                from agent.volumes.rbd import RbdPool  # the rados/rbd bindings load only when used
+            self._add(pool_uuid, pc)
+        for pool_uuid, pc in self._load_attached().items():
+            if pool_uuid not in self._pools:
+                self._add(pool_uuid, pc)
+                self._attached.add(pool_uuid)
 
-                self._pools[pool_uuid] = RbdPool(pool_uuid, ceph_conf=pc.ceph_conf, client_name=pc.client_name,
-                                                 keyring=pc.keyring, rbd_pool=pc.rbd_pool, namespace=pc.namespace,
-                                                 features=pc.features, timeout=pc.timeout)
+    def _make(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
+        if pc.type == "dir":
+            return Qcow2Pool(pool_uuid, pc.path, run_dir=self.cfg.agent.run_dir, allowed_roots=self.allowed_roots,
+                             lookup=self.get)
+        if pc.type == "rbd":
+            from agent.volumes.rbd import RbdPool  # the rados/rbd bindings load only when used
+
+            return RbdPool(pool_uuid, ceph_conf=pc.ceph_conf, client_name=pc.client_name, keyring=pc.keyring,
+                           rbd_pool=pc.rbd_pool, namespace=pc.namespace, features=pc.features, timeout=pc.timeout)
+        raise InvalidArgument(f"type: pool type must be dir or rbd, not {pc.type!r}", field="type")
+
+    def _add(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
+        driver = self._make(pool_uuid, pc)
+        self._pools[pool_uuid] = driver
+        self._sections[pool_uuid] = pc
+        return driver
 
     def get(self, pool_uuid: str, field: str = "pool_uuid") -> VolumeDriver:
         check_uuid(pool_uuid, field)
@@ -32,3 +59,72 @@ class PoolRegistry:
 
     def all(self) -> list[VolumeDriver]:
         return list(self._pools.values())
+
+    # --- pools attached at run time ---
+    def _load_attached(self) -> dict[str, PoolSection]:
+        out = {}
+        try:
+            names = sorted(os.listdir(self.attached_dir))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if name.endswith(".json"):
+                with open(os.path.join(self.attached_dir, name)) as f:
+                    out[name[:-5]] = PoolSection(**json.load(f))
+        return out
+
+    def attach(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
+        check_uuid(pool_uuid, "pool_uuid")
+        if pc.type == "dir":
+            if not os.path.isabs(pc.path):
+                raise InvalidArgument("path: must be an absolute path", field="path")
+            pc = dataclasses.replace(pc, path=resolve_under_roots(pc.path, self.cfg.agent.roots, "path"))
+        elif pc.type == "rbd":
+            if not os.path.isabs(pc.ceph_conf) or not os.path.isfile(pc.ceph_conf):
+                raise InvalidArgument(f"ceph_conf: {pc.ceph_conf!r} is not a file on this host", field="ceph_conf")
+            if not pc.rbd_pool:
+                raise InvalidArgument("rbd_pool: must not be empty", field="rbd_pool")
+        else:
+            raise InvalidArgument(f"type: pool type must be dir or rbd, not {pc.type!r}", field="type")
+        with self._lock:
+            if pool_uuid in self._pools:
+                if self._sections[pool_uuid] == pc:
+                    return self._pools[pool_uuid]  # the same pool again: nothing to do
+                raise AlreadyExists(f"pool_uuid: pool {pool_uuid} is served here with another definition",
+                                    field="pool_uuid")
+            if pc.type == "dir":
+                os.makedirs(pc.path, mode=0o750, exist_ok=True)
+            driver = self._make(pool_uuid, pc)
+            status = driver.pool_status()
+            if status.status == "unreachable":
+                raise TargetUnreachable(f"pool_uuid: pool {pool_uuid} does not answer: {status.error}",
+                                        field="pool_uuid")
+            os.makedirs(self.attached_dir, mode=0o700, exist_ok=True)
+            path = os.path.join(self.attached_dir, f"{pool_uuid}.json")
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(dataclasses.asdict(pc), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+            self._pools[pool_uuid] = driver
+            self._sections[pool_uuid] = pc
+            self._attached.add(pool_uuid)
+            return driver
+
+    def detach(self, pool_uuid: str, *, force: bool = False) -> None:
+        driver = self.get(pool_uuid)
+        with self._lock:
+            if pool_uuid not in self._attached:
+                raise FailedPrecondition(f"pool_uuid: pool {pool_uuid} comes from the agent's config file; remove "
+                                         "it there", field="pool_uuid")
+            if not force and driver.list_volumes():
+                raise HasDependents(f"pool_uuid: pool {pool_uuid} still holds volumes", field="pool_uuid")
+            try:
+                os.unlink(os.path.join(self.attached_dir, f"{pool_uuid}.json"))
+            except FileNotFoundError:
+                pass
+            del self._pools[pool_uuid]
+            del self._sections[pool_uuid]
+            self._attached.discard(pool_uuid)

@@ -51,6 +51,23 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
                                       available_bytes=st.available_bytes, error=error, latency_ms=latency)
 
     @rpc
+    def AttachPool(self, request, context):
+        from agent.config import PoolSection
+
+        pc = PoolSection(type=request.type, path=request.path)
+        if request.type == "rbd":
+            pc = PoolSection(type="rbd", ceph_conf=request.ceph_conf, client_name=request.client_name or "client.admin",
+                             rbd_pool=request.rbd_pool, namespace=request.namespace)
+        self.pools.attach(request.pool_uuid, pc)
+        return self.GetPoolStatus(volumes_pb2.PoolRef(pool_uuid=request.pool_uuid), context)
+
+    @rpc
+    def DetachPool(self, request, context):
+        with exclusive(self.engine.locks, f"pool/{request.pool_uuid}"):
+            self.pools.detach(request.pool_uuid, force=request.force)
+        return volumes_pb2.DetachPoolResponse()
+
+    @rpc
     def CreateVolume(self, request, context):
         pool = self.pools.get(request.pool_uuid)
         with self._exclusive(request):

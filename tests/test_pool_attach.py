@@ -1,0 +1,64 @@
+"""Pools attached at run time (what the controller does on seed 002
+pool/share/create): a directory pool under the agent's roots and an RBD
+pool on the real Ceph cluster; they survive a restart; detach rules."""
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+
+from agent.api.v1 import volumes_pb2 as v
+from test_qcow2 import MiB, rpc_error
+
+
+def attach(c, **kw):
+    return c.volume_call("AttachPool", v.AttachPoolRequest(**kw))
+
+
+def test_attach_dir_pool_survives_restart_and_detach_rules(make_agent):
+    a = make_agent().start()
+    pool = str(uuid.uuid4())
+    path = str(a.roots[0] / "attached")
+    with a.client() as c:
+        st = attach(c, pool_uuid=pool, type="dir", path=path)
+        assert st.status == "healthy" and st.total_bytes > 0
+        assert attach(c, pool_uuid=pool, type="dir", path=path).status == "healthy"  # idempotent
+        err = rpc_error(lambda: attach(c, pool_uuid=pool, type="dir", path=path + "2"))
+        assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+        err = rpc_error(lambda: attach(c, pool_uuid=str(uuid.uuid4()), type="dir", path="/etc"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "PATH_NOT_ALLOWED" in err.details()
+        err = rpc_error(lambda: attach(c, pool_uuid=str(uuid.uuid4()), type="ftp", path=path))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "type" in err.details()
+        vol = str(uuid.uuid4())
+        c.volume_call("CreateVolume", v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="x",
+                                                            capacity=4 * MiB))
+    assert a.stop() == 0
+    a.start()  # the attached pool comes back from <state_dir>/pools.d
+    with a.client() as c:
+        assert c.volume_call("GetVolume", v.VolumeRef(pool_uuid=pool, volume_uuid=vol)).capacity == 4 * MiB
+        err = rpc_error(lambda: c.volume_call("DetachPool", v.DetachPoolRequest(pool_uuid=pool)))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "HAS_DEPENDENTS" in err.details()
+        err = rpc_error(lambda: c.volume_call("DetachPool", v.DetachPoolRequest(pool_uuid=a.pool_uuid)))
+        assert "config file" in err.details()
+        c.volume_call("DetachPool", v.DetachPoolRequest(pool_uuid=pool, force=True))
+        err = rpc_error(lambda: c.volume_call("GetPoolStatus", v.PoolRef(pool_uuid=pool)))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert a.stop() == 0
+
+
+def test_attach_rbd_pool(make_agent, ceph):
+    a = make_agent().start()
+    pool = str(uuid.uuid4())
+    with a.client() as c:
+        st = attach(c, pool_uuid=pool, type="rbd", ceph_conf=str(ceph.conf), rbd_pool="rbd")
+        assert st.status == "healthy" and st.type == "rbd"
+        vol = str(uuid.uuid4())
+        info = c.volume_call("CreateVolume", v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="r",
+                                                                   capacity=8 * MiB))
+        assert info.capacity == 8 * MiB
+        c.volume_call("DeleteVolume", v.DeleteVolumeRequest(pool_uuid=pool, volume_uuid=vol))
+        err = rpc_error(lambda: attach(c, pool_uuid=str(uuid.uuid4()), type="rbd", ceph_conf="/nope.conf",
+                                       rbd_pool="rbd"))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "ceph_conf" in err.details()
+    assert a.stop() == 0
