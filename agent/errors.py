@@ -219,6 +219,15 @@ def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "INTERNAL: unexpected agent error (see the agent log)"
 
 
+def from_code(code: str, message: str, field: str | None = None) -> BlockferryError:
+    """Rebuild an error an agent sent as "CODE: message" (the controller
+    passes agents' errors on with their own code)."""
+    for cls in _all_subclasses(BlockferryError):
+        if cls.code == code:
+            return cls(message, field=field)
+    return BlockferryError(message, field=field)
+
+
 def rest_status(error: BaseException) -> tuple[int, int, str, str]:
     """(HTTP status, scode, message, message_cn) for the REST envelope.
     Unknown exceptions: 500 with a generic message, never a stack trace."""

@@ -13,8 +13,10 @@ from agent import __version__
 from agent.config import BACKUP_POINT_TYPES, POOL_TYPES, Config
 from agent.targets.fc import FcHba, list_hbas
 
-# seed 002 pool_type/support: the shared pool types a host can back
-SHARED_POOL_TYPES = ("iscsi", "nfs", "samba", "disk", "fc", "rbd")
+# seed 002 pool_type/support: the shared pool types this host can hold
+# volumes on (disk: a directory, a local disk or any mounted file system;
+# rbd: a Ceph pool). iscsi, nfs, samba and fc are backup point types here.
+SHARED_POOL_TYPES = ("disk", "rbd")
 
 
 @dataclass

@@ -41,6 +41,10 @@ class ControllerConfig:
     grpc_tls_cert: str = ""                 # TLS for grpc_listen; with grpc_client_ca: mutual TLS
     grpc_tls_key: str = ""
     grpc_client_ca: str = ""
+    agent_tls_ca: str = ""                  # CA of the agents' TLS certificates (calls to host:port agents)
+    agent_tls_cert: str = ""                # client certificate for agents that require mutual TLS
+    agent_tls_key: str = ""
+    agent_auth_token: str = ""              # the agents' [grpc] auth_token, sent on every call
     heartbeat_interval: int = 10            # seconds, told to agents when they register
     host_dead_after: int = 30               # seconds without a heartbeat: the host is offline
     tokens: list[Token] = field(default_factory=list)
@@ -90,7 +94,7 @@ def load(path: str) -> ControllerConfig:
                 raise ConfigError(f"{path}: [[tokens]] #{i + 1}: tenant must be '*' or a tenant uuid",
                                   field="tokens.tenant") from None
         cfg.tokens.append(Token(token, tenant))
-    if (cfg.tokens or cfg.agent_token) and os.stat(p).st_mode & 0o077:
+    if (cfg.tokens or cfg.agent_token or cfg.agent_auth_token) and os.stat(p).st_mode & 0o077:
         raise ConfigError(f"{path}: holds bearer tokens, so the file must be mode 0600", field=path)
     host, _, port = cfg.listen.rpartition(":")
     if not host or not port.isdigit():

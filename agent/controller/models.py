@@ -51,3 +51,33 @@ class Host(Base):
     draining: Mapped[bool] = mapped_column(Boolean, default=False)
     registered_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
+
+
+class Pool(Base):
+    """Seed 002: a shared storage pool, served by the agents of AvailHosts
+    (or by every host that supports its type, when LimitHost is false)."""
+
+    __tablename__ = "pools"
+    __table_args__ = (UniqueConstraint("cluster_uuid", "name", name="uq_pools_cluster_name"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    cluster_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    zone_uuid: Mapped[str] = mapped_column(String(36), default="")
+    name: Mapped[str] = mapped_column(String(128))
+    pool_type: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(8))          # what the agents serve: dir or rbd
+    ip: Mapped[str] = mapped_column(String(255), default="")
+    port: Mapped[str] = mapped_column(String(8), default="")
+    source: Mapped[str] = mapped_column(String(1024), default="")
+    username: Mapped[str] = mapped_column(String(255), default="")
+    password_sealed: Mapped[str] = mapped_column(String(512), default="")
+    limit_host: Mapped[bool] = mapped_column(Boolean, default=False)
+    avail_hosts_json: Mapped[str] = mapped_column(Text, default="[]")    # the hosts that serve it
+    avail_tenants_json: Mapped[str] = mapped_column(Text, default="[]")  # empty: every tenant
+    attr_json: Mapped[str] = mapped_column(Text, default="{}")
+    status: Mapped[str] = mapped_column(String(16), default="unknown")
+    capacity: Mapped[int] = mapped_column(BigInteger, default=0)
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+    machine_uuid: Mapped[str] = mapped_column(String(36), default="")
+    ctime: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from agent import __version__
-from agent.controller.api import backuppoints, envelope, hosts
+from agent.controller.agents import AgentClients
+from agent.controller.api import backuppoints, envelope, hosts, pools
 from agent.controller.api.auth import TokenAuth
 from agent.controller.config import ControllerConfig
 from agent.controller.db import Database
@@ -19,8 +20,10 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     app.state.cfg = cfg
     app.state.db = db
     app.state.secrets = secrets
+    app.state.agents = AgentClients(cfg)
     envelope.install(app)
     auth = TokenAuth(cfg.tokens)
     app.include_router(backuppoints.router(auth))
     app.include_router(hosts.router(auth))
+    app.include_router(pools.router(auth))
     return app

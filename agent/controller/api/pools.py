@@ -1,0 +1,363 @@
+"""Seed 002: shared storage pools, /v1/pool/share/*.
+
+A pool is served by agents: create attaches it on every eligible host
+(AvailHosts when LimitHost, else every online host that supports its type)
+and rolls back if any host refuses. Volume pools of pool_type 4 (disk: a
+directory on each host, a local disk or any mounted file system) and 6
+(rbd: a RADOS pool; attr.ceph_conf names the cluster's ceph.conf on the
+hosts) are served; the other seed types (1 iscsi, 2 nfs, 3 samba, 5 fc) are
+refused with a clear message until agents can serve volumes on them.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid as uuidlib
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from agent.api.v1 import host_pb2, volumes_pb2
+from agent.controller.api import validate as v
+from agent.controller.api.auth import Caller
+from agent.controller.api.envelope import ok
+from agent.controller.api.hosts import host_state
+from agent.controller.models import Host, Pool
+from agent.errors import AlreadyExists, BlockferryError, HasDependents, InvalidArgument, NotFound, \
+    PermissionDenied, TargetUnreachable
+
+POOL_TYPES = {1: "iscsi", 2: "nfs", 3: "samba", 4: "disk", 5: "fc", 6: "rbd"}
+SERVED = {4: "dir", 6: "rbd"}  # seed pool_type -> what the agents serve
+MASK = "******"
+
+
+class ListRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cluster_uuid: StrictStr
+    tenant: StrictStr = ""
+    filter_name: StrictStr = ""
+    page_num: StrictInt = 0
+    page_size: StrictInt = 0
+
+
+class GetRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cluster_uuid: StrictStr
+    tenant: StrictStr
+    pool_uuid: StrictStr
+
+
+class CreateRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cluster_uuid: StrictStr
+    pool_name: StrictStr
+    pool_type: StrictInt
+    zone_uuid: StrictStr
+    ip: StrictStr
+    port: StrictStr = ""
+    source: StrictStr = ""
+    username: StrictStr = ""
+    password: StrictStr = ""
+    limit_host: StrictBool = False
+    avail_host: list[StrictStr] = []
+    avail_tenant: list[StrictStr] = []
+    attr: dict[StrictStr, StrictStr]
+
+
+class DeleteRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cluster_uuid: StrictStr
+    tenant: StrictStr
+    pool_uuid: StrictStr
+    pool_name: StrictStr
+
+
+class SetRequest(DeleteRequest):
+    attr: dict[StrictStr, StrictStr]
+
+
+class StatusRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cluster_uuid: StrictStr
+    tenant: StrictStr
+    pool_uuid: StrictStr
+
+
+class FcRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cluster_uuid: StrictStr
+    zone_uuid: StrictStr
+
+
+def _attr(attr: dict[str, str]) -> dict[str, str]:
+    t = attr.get("overAllocationThreshold")
+    if t is not None:
+        try:
+            ok_ = 0 < float(t) <= 100
+        except ValueError:
+            ok_ = False
+        if not ok_:
+            raise InvalidArgument(f"attr.overAllocationThreshold: {t!r} must be a number in (0, 100]",
+                                  field="attr.overAllocationThreshold")
+    for k, val in attr.items():
+        if len(k) > 64 or len(val) > 1024:
+            raise InvalidArgument(f"attr.{k[:64]}: key or value too long", field="attr")
+    return dict(attr)
+
+
+def to_seed(p: Pool, caller: Caller) -> dict:
+    return {
+        "UUID": p.uuid, "Name": p.name, "Type": p.pool_type, "NamespaceUUID": "", "ZoneUUID": p.zone_uuid,
+        "ZoneName": "default", "MachineUUID": p.machine_uuid, "IP": p.ip, "Port": p.port, "Source": p.source,
+        "Username": p.username, "Password": MASK if p.password_sealed else "", "Ctime": p.ctime, "Mtime": p.mtime,
+        "VolumeTotalCount": 0, "AvailHosts": json.loads(p.avail_hosts_json) or None, "Volumes": None,
+        "Capacity": p.capacity, "ShareNsUUIDs": None, "Used": p.used, "Attr": json.loads(p.attr_json),
+        "ShareNsNames": None, "Status": p.status, "AllocatedCapacity": 0, "LimitHost": p.limit_host,
+    }
+
+
+def _wrap(pool: dict | None, cluster: str, tenant: str = "") -> dict:
+    return {"pool": pool, "cluster_uuid": cluster, "cluster_name": "", "cluster_mode": "", "tenant": tenant,
+            "tenant_name": "", "PoolTypes": None}
+
+
+def _visible(p: Pool, caller: Caller) -> bool:
+    tenants = json.loads(p.avail_tenants_json)
+    return caller.operator or not tenants or caller.tenant in tenants
+
+
+def _operator(caller: Caller) -> None:
+    if not caller.operator:
+        raise PermissionDenied("authorization: shared pools are managed with operator tokens only",
+                               field="authorization")
+
+
+def online_hosts(s, dead_after: int) -> list[Host]:
+    return [h for h in s.scalars(select(Host).order_by(Host.hostname, Host.uuid)).all()
+            if host_state(h, dead_after) == "online"]
+
+
+def router(auth) -> APIRouter:
+    r = APIRouter(prefix="/v1/pool/share", tags=["shared pools (seed 002)"])
+
+    def get_pool(s, pool_uuid: str, cluster: str, caller: Caller) -> Pool:
+        p = s.get(Pool, pool_uuid)
+        if p is None or p.cluster_uuid != cluster or not _visible(p, caller):
+            raise NotFound(f"pool_uuid: pool {pool_uuid} does not exist", field="pool_uuid")
+        return p
+
+    @r.post("/list")
+    def list_(req: ListRequest, request: Request, caller: Caller = Depends(auth)):
+        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+        if req.tenant:
+            caller.check_tenant(v.uuid(req.tenant, "tenant"))
+        offset, limit = v.page(req.page_num, req.page_size)
+        q = select(Pool).where(Pool.cluster_uuid == cluster)
+        if req.filter_name:
+            q = q.where(Pool.name.contains(req.filter_name, autoescape=True))
+        with request.app.state.db.session() as s:
+            pools = [p for p in s.scalars(q.order_by(Pool.ctime, Pool.name)).all() if _visible(p, caller)]
+        total = len(pools)
+        pools = pools[offset:offset + limit] if limit else pools[offset:]
+        infos = [{"tenant": req.tenant, "tenant_name": "", "pool": to_seed(p, caller), "cluster_uuid": cluster,
+                  "cluster_name": "", "cluster_mode": ""} for p in pools]
+        state = {"cluster_uuid": cluster, "cluster_name": "", "cluster_mode": "", "namespace_uuid": req.tenant,
+                 "result": {"scode": 0, "desc": "", "message": "success", "message_cn": "成功", "stack": None,
+                            "data": ""}, "total_count": total}
+        return ok({"infos": infos, "each_range_list_state": [state], "TotalCount": total})
+
+    @r.post("/get")
+    def get(req: GetRequest, request: Request, caller: Caller = Depends(auth)):
+        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+        tenant = v.uuid(req.tenant, "tenant")
+        caller.check_tenant(tenant)
+        pid = v.uuid(req.pool_uuid, "pool_uuid")
+        with request.app.state.db.session() as s:
+            p = get_pool(s, pid, cluster, caller)
+        return ok(_wrap(to_seed(p, caller), cluster, tenant))
+
+    @r.post("/create")
+    def create(req: CreateRequest, request: Request, caller: Caller = Depends(auth)):
+        _operator(caller)
+        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+        zone = v.uuid(req.zone_uuid, "zone_uuid")
+        name = v.name(req.pool_name, "pool_name")
+        if req.pool_type not in POOL_TYPES:
+            raise InvalidArgument(f"pool_type: must be one of {sorted(POOL_TYPES)} "
+                                  f"({', '.join(f'{k} {n}' for k, n in POOL_TYPES.items())}), not {req.pool_type}",
+                                  field="pool_type")
+        if req.pool_type not in SERVED:
+            raise InvalidArgument(f"pool_type: {req.pool_type} ({POOL_TYPES[req.pool_type]}) cannot hold volumes "
+                                  "yet; use 4 (disk: a directory on the hosts) or 6 (rbd)", field="pool_type")
+        ip = v.host(req.ip, "ip")
+        if req.port and (not req.port.isdigit() or not 0 < int(req.port) < 65536):
+            raise InvalidArgument(f"port: {req.port!r} is not a port number", field="port")
+        attr = _attr(req.attr)
+        hosts_wanted = [v.uuid(h, "avail_host") for h in req.avail_host]
+        tenants = [v.uuid(t, "avail_tenant") for t in req.avail_tenant]
+        kind = SERVED[req.pool_type]
+        if kind == "dir":
+            source = v.abs_path(req.source, "source")
+            attach = dict(type="dir", path=source)
+        else:
+            source = req.source
+            if not source or len(source) > 128 or any(c in source for c in "/\\ \0"):
+                raise InvalidArgument("source: must be the RADOS pool name", field="source")
+            conf = v.abs_path(attr.get("ceph_conf", ""), "attr.ceph_conf") if attr.get("ceph_conf") else ""
+            if not conf:
+                raise InvalidArgument("attr.ceph_conf: an rbd pool needs the path of ceph.conf on the hosts",
+                                      field="attr.ceph_conf")
+            attach = dict(type="rbd", ceph_conf=conf, rbd_pool=source, client_name=req.username or "client.admin")
+        if req.limit_host and not hosts_wanted:
+            raise InvalidArgument("avail_host: limit_host needs at least one host", field="avail_host")
+        state = request.app.state
+        pool_uuid = str(uuidlib.uuid4())
+        with state.db.session() as s:
+            if s.scalar(select(Pool).where(Pool.cluster_uuid == cluster, Pool.name == name)):
+                raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name")
+            online = online_hosts(s, state.cfg.host_dead_after)
+        by_uuid = {h.uuid: h for h in online}
+        if req.limit_host:
+            missing = [h for h in hosts_wanted if h not in by_uuid]
+            if missing:
+                raise NotFound(f"avail_host: host(s) {', '.join(missing)} are not registered or not online",
+                               field="avail_host")
+            hosts = [by_uuid[h] for h in hosts_wanted]
+        else:
+            hosts = [h for h in online if kind in json.loads(h.facts_json).get("pool_types", [])]
+        if not hosts:
+            raise TargetUnreachable(f"avail_host: no online host can serve a {kind} pool", field="avail_host")
+        attached, status = [], None
+        try:
+            for h in hosts:
+                st = state.agents.call(h, "volumes", "AttachPool",
+                                       volumes_pb2.AttachPoolRequest(pool_uuid=pool_uuid, **attach))
+                attached.append(h)
+                status = status or st
+        except BlockferryError:
+            for h in attached:  # all or nothing
+                try:
+                    state.agents.call(h, "volumes", "DetachPool",
+                                      volumes_pb2.DetachPoolRequest(pool_uuid=pool_uuid, force=True))
+                except BlockferryError:
+                    pass
+            raise
+        now = int(time.time())
+        p = Pool(uuid=pool_uuid, cluster_uuid=cluster, zone_uuid=zone, name=name, pool_type=req.pool_type, kind=kind,
+                 ip=ip, port=req.port, source=source, username=req.username,
+                 password_sealed=state.secrets.seal(req.password), limit_host=req.limit_host,
+                 avail_hosts_json=json.dumps([h.uuid for h in hosts]), avail_tenants_json=json.dumps(tenants),
+                 attr_json=json.dumps(attr), status=status.status, capacity=status.total_bytes,
+                 used=status.used_bytes, machine_uuid=hosts[0].uuid, ctime=now, mtime=0)
+        try:
+            with state.db.session() as s:
+                s.add(p)
+        except IntegrityError:
+            raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
+        return ok(_wrap(to_seed(p, caller), cluster))
+
+    @r.post("/delete")
+    def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(auth)):
+        _operator(caller)
+        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+        v.uuid(req.tenant, "tenant")
+        pid = v.uuid(req.pool_uuid, "pool_uuid")
+        state = request.app.state
+        with state.db.session() as s:
+            p = get_pool(s, pid, cluster, caller)
+            hosts = [s.get(Host, h) for h in json.loads(p.avail_hosts_json)]
+        for h in hosts:
+            if h is None:
+                continue
+            try:
+                state.agents.call(h, "volumes", "DetachPool", volumes_pb2.DetachPoolRequest(pool_uuid=pid))
+            except NotFound:
+                pass  # that host does not serve it (any more)
+            except HasDependents:
+                raise HasDependents(f"pool_uuid: pool {p.name!r} still holds volumes; delete them first",
+                                    field="pool_uuid") from None
+        with state.db.session() as s:
+            s.delete(s.get(Pool, pid))
+        return ok({"pool": {}})
+
+    @r.post("/set")
+    def set_(req: SetRequest, request: Request, caller: Caller = Depends(auth)):
+        _operator(caller)
+        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+        v.uuid(req.tenant, "tenant")
+        pid = v.uuid(req.pool_uuid, "pool_uuid")
+        name = v.name(req.pool_name, "pool_name")
+        attr = _attr(req.attr)
+        try:
+            with request.app.state.db.session() as s:
+                p = get_pool(s, pid, cluster, caller)
+                merged = dict(json.loads(p.attr_json), **attr)
+                p.name, p.attr_json, p.mtime = name, json.dumps(merged), int(time.time())
+        except IntegrityError:
+            raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
+        return ok(_wrap(to_seed(p, caller), cluster))
+
+    @r.post("/status/check")
+    def status_check(req: StatusRequest, request: Request, caller: Caller = Depends(auth)):
+        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+        tenant = v.uuid(req.tenant, "tenant")
+        caller.check_tenant(tenant)
+        pid = v.uuid(req.pool_uuid, "pool_uuid")
+        state = request.app.state
+        with state.db.session() as s:
+            p = get_pool(s, pid, cluster, caller)
+            hosts = [s.get(Host, h) for h in json.loads(p.avail_hosts_json)]
+        statuses, capacity, used = [], None, None
+        for h in hosts:
+            if h is None or host_state(h, state.cfg.host_dead_after) != "online":
+                statuses.append("unreachable")
+                continue
+            try:
+                st = state.agents.call(h, "volumes", "GetPoolStatus", volumes_pb2.PoolRef(pool_uuid=pid), timeout=30)
+                statuses.append(st.status)
+                capacity, used = st.total_bytes, st.used_bytes
+            except BlockferryError:
+                statuses.append("unreachable")
+        worst = next((x for x in ("unreachable", "degraded") if x in statuses), "healthy") if statuses else "unknown"
+        if worst == "unreachable" and "healthy" in statuses:
+            worst = "degraded"  # some hosts still reach it
+        with state.db.session() as s:
+            p = s.get(Pool, pid)
+            p.status = worst
+            if capacity is not None:
+                p.capacity, p.used = capacity, used
+        return ok(_wrap(to_seed(p, caller), cluster, tenant))
+
+    @r.get("/pool_type/support")
+    def pool_type_support(request: Request, cluster_uuid: str = Query(...), caller: Caller = Depends(auth)):
+        cluster = v.uuid(cluster_uuid, "cluster_uuid")
+        with request.app.state.db.session() as s:
+            hosts = online_hosts(s, request.app.state.cfg.host_dead_after)
+        kinds = set()
+        for h in hosts:
+            kinds.update(json.loads(h.facts_json).get("pool_types", []))
+        types = [POOL_TYPES[t] for t, kind in sorted(SERVED.items()) if kind in kinds]
+        return ok(dict(_wrap(None, cluster), PoolTypes=types))
+
+    @r.post("/fc_device/list")
+    def fc_device_list(req: FcRequest, request: Request, caller: Caller = Depends(auth)):
+        _operator(caller)
+        v.uuid(req.cluster_uuid, "cluster_uuid")
+        v.uuid(req.zone_uuid, "zone_uuid")
+        state = request.app.state
+        with state.db.session() as s:
+            hosts = online_hosts(s, state.cfg.host_dead_after)
+        out: dict[str, list] = {}
+        for h in hosts:
+            try:
+                devices = state.agents.call(h, "host", "ListFcDevices", host_pb2.ListFcDevicesRequest(), timeout=30)
+            except BlockferryError:
+                continue  # a host that does not answer lists nothing
+            for d in devices.devices:
+                out.setdefault(d.id, []).append({"host_uuid": h.uuid, "host_name": h.hostname,
+                                                 "disk_path": d.disk_path})
+        return ok({"list": out})
+
+    return r
