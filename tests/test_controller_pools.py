@@ -3,6 +3,8 @@ storage: a directory pool and an RBD pool on the Ceph fixture."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 import uuid
 
@@ -96,3 +98,66 @@ def test_seed_002_pools(cluster, ceph):
         check_ok(op.post("/v1/pool/share/delete", json=dict(dele, pool_uuid=rbd_pool["UUID"])))
         assert check_ok(op.post("/v1/pool/share/list", json={"cluster_uuid": create["cluster_uuid"]}))[
             "TotalCount"] == 0
+
+
+def test_seed_001_volumes_and_snapshots(cluster, short_tmp):
+    """Volume create, snapshots, tree, rollback, used, delete: the seed
+    examples with the uuids of what we created, checked against the data."""
+    import hashlib
+
+    from test_qcow2 import write
+
+    c, a, host = cluster
+    run = short_tmp / "run-test"
+    run.mkdir()
+    pool_body = dict(seed_example("002", "/v1/pool/share/create"), pool_type=4,
+                     source=str(a.roots[0] / "vols"), avail_host=[host])
+    with c.client("op") as op:
+        pool = check_ok(op.post("/v1/pool/share/create", json=pool_body))["pool"]
+        create = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=pool["UUID"],
+                      cluster_uuid=pool_body["cluster_uuid"], capacity=16 << 20)
+        create.pop("backing_file")  # the example adopts /xgp/my.qcow2, a file of that host
+        vol = check_ok(op.post("/v1/volume/share/create", json=create))["volume"]
+        assert (vol["Name"], vol["Type"], vol["Capacity"], vol["SnapCap"], vol["PoolUUID"]) == (
+            "test", "block", 16 << 20, create["snap_capacity"], pool["UUID"])
+        assert vol["NamespaceUUID"] == create["tenant"] and list(vol["AccessPath"]) == [host]
+        head = vol["AccessPath"][host]
+        check_error(op.post("/v1/volume/share/create", json=create), 409, "volume_name")
+        ref = {"tenant": create["tenant"], "cluster_uuid": create["cluster_uuid"], "volume_uuid": vol["UUID"]}
+        first = os.urandom(1 << 20)
+        write(head, {0: first}, run)
+        snap = dict(seed_example("001", "/v1/volume/share/snapshot/create"), **ref, snapshot_name="aaa")
+        aaa = check_ok(op.post("/v1/volume/share/snapshot/create", json=snap))["snapshot"]
+        assert (aaa["Name"], aaa["Volume"], aaa["Parent"], aaa["Children"]) == ("aaa", vol["UUID"], "", ["head"])
+        write(head, {0: os.urandom(1 << 20)}, run)
+        second = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(snap, snapshot_name="snap")))[
+            "snapshot"]
+        assert second["Parent"] == "aaa"
+        check_error(op.post("/v1/volume/share/snapshot/create", json=snap), 409, "snapshot_name")
+        listed = check_ok(op.post("/v1/volume/share/snapshot/list", json=ref))["list"]
+        assert [(x["Name"], x["Children"]) for x in listed] == [("aaa", ["snap"]), ("snap", ["head"])]
+        tree = check_ok(op.post("/v1/volume/share/snapshot/tree/get", json=ref))["tree"]
+        assert tree["Parents"] == {"aaa": "", "snap": "aaa", "head": "snap"} and tree["Root"] == "aaa"
+        assert tree["Children"][""]["Children"] == ["aaa"]
+        # rollback to aaa: the live state holds the first data again
+        rb = dict(seed_example("001", "/v1/volume/share/snapshot/rollback"), **ref, snapshot_uuid=aaa["UUID"])
+        check_ok(op.post("/v1/volume/share/snapshot/rollback", json=rb))
+        subprocess.run(["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"if={head}", f"of={run}/out.raw",
+                        "bs=1M", "count=1"], capture_output=True, check=True)
+        got = (run / "out.raw").read_bytes()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(first).digest()
+        check_ok(op.post("/v1/volume/share/used/update", json=dict(ref, volume_name="test")))
+        check_ok(op.post("/v1/volume/share/snap_length/update", json=dict(ref, volume_name="test")))
+        got_vol = check_ok(op.post("/v1/volume/share/get", json=ref))["volume"]
+        assert got_vol["Used"] >= 1 << 20 and got_vol["SnapLength"] > 0
+        sd = dict(seed_example("001", "/v1/volume/share/snapshot/delete"), **ref, snapshot_uuid=second["UUID"])
+        check_ok(op.post("/v1/volume/share/snapshot/delete", json=sd))
+        assert [x["Name"] for x in check_ok(op.post("/v1/volume/share/snapshot/list", json=ref))["list"]] == ["aaa"]
+        # another tenant sees nothing of it
+        with c.client(TENANT_A) as t:
+            check_error(t.post("/v1/volume/share/get", json=dict(ref, tenant=TENANT_A)), 404, "volume_uuid")
+            check_error(t.post("/v1/volume/share/get", json=ref), 404, "tenant")
+        dele = dict(seed_example("001", "/v1/volume/share/delete"), **ref)
+        check_ok(op.post("/v1/volume/share/delete", json=dele))
+        assert not os.path.exists(head)
+        check_error(op.post("/v1/volume/share/get", json=ref), 404, "volume_uuid")

@@ -81,3 +81,31 @@ class Pool(Base):
     machine_uuid: Mapped[str] = mapped_column(String(36), default="")
     ctime: Mapped[int] = mapped_column(BigInteger)
     mtime: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Volume(Base):
+    """Seed 001: a shared volume, in a pool, owned by a tenant. Its data and
+    snapshots live on the pool's storage; the agents are the truth about
+    them, this row about ownership and placement."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("tenant", "pool_uuid", "name", name="uq_volumes_tenant_pool_name"),)
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(36), index=True)
+    cluster_uuid: Mapped[str] = mapped_column(String(36))
+    pool_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    vtype: Mapped[str] = mapped_column(String(8))                 # block, share, fs
+    capacity: Mapped[int] = mapped_column(BigInteger)
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+    snap_cap: Mapped[int] = mapped_column(BigInteger, default=0)
+    snap_length: Mapped[int] = mapped_column(BigInteger, default=0)
+    host_uuid: Mapped[str] = mapped_column(String(36), default="")  # the host that made it (preferred for calls)
+    access_path: Mapped[str] = mapped_column(String(1024), default="")
+    parent: Mapped[str] = mapped_column(String(36), default="")
+    parent_snapshot: Mapped[str] = mapped_column(String(36), default="")
+    attr_json: Mapped[str] = mapped_column(Text, default="null")
+    state: Mapped[str] = mapped_column(String(16), default="ready")  # creating, ready, deleting, error
+    ctime: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[int] = mapped_column(BigInteger)

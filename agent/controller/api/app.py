@@ -7,7 +7,7 @@ from fastapi import FastAPI
 
 from agent import __version__
 from agent.controller.agents import AgentClients
-from agent.controller.api import backuppoints, envelope, hosts, pools
+from agent.controller.api import backuppoints, envelope, hosts, pools, volumes
 from agent.controller.api.auth import TokenAuth
 from agent.controller.config import ControllerConfig
 from agent.controller.db import Database
@@ -26,4 +26,5 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     app.include_router(backuppoints.router(auth))
     app.include_router(hosts.router(auth))
     app.include_router(pools.router(auth))
+    app.include_router(volumes.router(auth))
     return app
