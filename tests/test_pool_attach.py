@@ -62,3 +62,45 @@ def test_attach_rbd_pool(make_agent, ceph):
                                        rbd_pool="rbd"))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "ceph_conf" in err.details()
     assert a.stop() == 0
+
+
+def test_attach_backup_points_local_and_nfs(make_agent, nfs_server):
+    from agent.api.v1 import backups_pb2 as b
+    from test_backup_agent import Bk
+
+    a = make_agent().start()
+    local, nfs = str(uuid.uuid4()), str(uuid.uuid4())
+    with a.client() as c:
+        st = c.backup_call("AttachBackupPoint", b.AttachBackupPointRequest(
+            backup_point_uuid=local, type="local", path=str(a.roots[0] / "bp-attached"), password="pw-attach-1"))
+        assert st.status in ("healthy", "degraded") and st.repository
+        st = c.backup_call("AttachBackupPoint", b.AttachBackupPointRequest(
+            backup_point_uuid=nfs, type="nfs", ip="127.0.0.1", port=nfs_server.nfs_port,
+            mount_port=nfs_server.mount_port, root_dir=str(nfs_server.export), sub_dir=f"att-{nfs[:8]}",
+            chunk_size=1 << 20))
+        assert st.status in ("healthy", "degraded") and st.type == "nfs"
+        err = rpc_error(lambda: c.backup_call("AttachBackupPoint", b.AttachBackupPointRequest(
+            backup_point_uuid=str(uuid.uuid4()), type="local", path="/etc")))
+        assert "PATH_NOT_ALLOWED" in err.details()
+        err = rpc_error(lambda: c.backup_call("AttachBackupPoint", b.AttachBackupPointRequest(
+            backup_point_uuid=str(uuid.uuid4()), type="nfs", ip="", root_dir="/x")))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "ip" in err.details()
+        k = Bk(a, c, bp=nfs)
+        vol = k.create(capacity=8 * MiB, name="src").uuid
+        import os
+        k.write(vol, {0: os.urandom(2 * MiB)})
+        s1 = k.snap(vol, "s1").uuid
+        full = k.backup(vol, s1)
+    assert a.stop() == 0
+    a.start()  # attached backup points come back from <state_dir>/backup_points.d
+    with a.client() as c:
+        k = Bk(a, c, bp=nfs)
+        restored = k.restore(full.backup_uuid)
+        assert restored.image_digest == k.digest(vol, s1)
+        c.backup_call("DetachBackupPoint", b.BackupPointRef(backup_point_uuid=nfs))
+        err = rpc_error(lambda: c.backup_call("CheckBackupPoint", b.BackupPointRef(backup_point_uuid=nfs)))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+    stored = (a.workdir / "state" / "backup_points.d" / f"{local}.json")
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert "pw-attach-1" not in a.log_text()
+    assert a.stop() == 0

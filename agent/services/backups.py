@@ -71,6 +71,22 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
         return _health_pb(self.points.get(request.backup_point_uuid).check())
 
     @rpc
+    def AttachBackupPoint(self, request, context):
+        bp = self.points.attach(request.backup_point_uuid, _section_from(request))
+        return _health_pb(bp.check())
+
+    @rpc
+    def DetachBackupPoint(self, request, context):
+        from agent.errors import Busy
+        from agent.jobs.model import JobState
+
+        bp = self.points.get(request.backup_point_uuid)
+        if any(getattr(j.spec, "backup_point_uuid", "") == bp.uuid for j in self.engine.list({JobState.RUNNING})):
+            raise Busy(f"backup_point_uuid: jobs are using {bp.label}", field="backup_point_uuid")
+        self.points.detach(bp.uuid)
+        return backups_pb2.DetachBackupPointResponse()
+
+    @rpc
     def ReconnectBackupPoint(self, request, context):
         from agent.errors import Busy
         from agent.jobs.model import JobState
@@ -90,3 +106,15 @@ def _health_pb(h) -> backups_pb2.BackupPointStatus:
         backup_point_uuid=h.uuid, type=h.type, location=h.location, status=h.status, total_bytes=h.total_bytes,
         used_bytes=h.used_bytes, available_bytes=h.available_bytes, latency_ms=h.latency_ms,
         repository=h.repository, error_code=h.error_code, error=h.error)
+
+
+def _section_from(request):
+    from agent.config import BackupPointSection
+
+    base = BackupPointSection()
+    return BackupPointSection(
+        type=request.type, path=request.path, ip=request.ip, port=request.port, mount_port=request.mount_port,
+        root_dir=request.root_dir, sub_dir=request.sub_dir, username=request.username, secret=request.secret,
+        smb_encrypt=request.smb_encrypt, target=request.target, lun=request.lun, device=request.device,
+        format_lun=request.format_lun, password=request.password, chunk_size=request.chunk_size or base.chunk_size,
+        compression=request.compression or base.compression, timeout=base.timeout, initialize=True)

@@ -150,8 +150,37 @@ class BackupPointHealth:
 
 
 class BackupPoints:
+    """Backup points of the config file, and those the controller attached
+    at run time (kept in <state_dir>/backup_points.d/<uuid>.json, 0600: they
+    may hold a password or secret)."""
+
     def __init__(self, cfg: Config):
+        import os
+
+        self.cfg = cfg
+        self._lock = threading.Lock()
         self._points = {u: BackupPoint(u, s) for u, s in cfg.backup_points.items()}
+        self._attached: set[str] = set()
+        self.attached_dir = os.path.join(cfg.agent.state_dir, "backup_points.d")
+        for u, section in self._load_attached().items():
+            if u not in self._points:
+                self._points[u] = BackupPoint(u, section)
+                self._attached.add(u)
+
+    def _load_attached(self) -> dict[str, BackupPointSection]:
+        import json
+        import os
+
+        out = {}
+        try:
+            names = sorted(os.listdir(self.attached_dir))
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if name.endswith(".json"):
+                with open(os.path.join(self.attached_dir, name)) as f:
+                    out[name[:-5]] = BackupPointSection(**json.load(f))
+        return out
 
     def get(self, uuid: str, field: str = "backup_point_uuid") -> BackupPoint:
         check_uuid(uuid, field)
@@ -162,3 +191,57 @@ class BackupPoints:
 
     def all(self) -> list[BackupPoint]:
         return list(self._points.values())
+
+    def attach(self, uuid: str, section: BackupPointSection) -> BackupPoint:
+        """Serve a backup point from now on (idempotent for the same
+        definition). Its storage must answer and hold a repository, or be
+        empty (and then get one, if `initialize`)."""
+        import dataclasses
+        import json
+        import os
+
+        from agent.errors import AlreadyExists
+
+        check_uuid(uuid, "backup_point_uuid")
+        probe = dataclasses.replace(self.cfg, pools={}, backup_points={uuid: section})
+        probe.validate()  # the same rules as the config file
+        if section.type == "local":
+            from agent.paths import resolve_under_roots
+            section = dataclasses.replace(section, path=resolve_under_roots(section.path, self.cfg.agent.roots,
+                                                                            "path"))
+        with self._lock:
+            current = self._points.get(uuid)
+            if current is not None:
+                if current.section == section:
+                    return current
+                raise AlreadyExists(f"backup_point_uuid: backup point {uuid} is served here with another "
+                                    "definition", field="backup_point_uuid")
+            bp = BackupPoint(uuid, section)
+            bp.repository()  # reachable, credentials right, a repository (or an empty place for one)
+            os.makedirs(self.attached_dir, mode=0o700, exist_ok=True)
+            path = os.path.join(self.attached_dir, f"{uuid}.json")
+            fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(dataclasses.asdict(section), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(path + ".tmp", path)
+            self._points[uuid] = bp
+            self._attached.add(uuid)
+            return bp
+
+    def detach(self, uuid: str) -> None:
+        import os
+
+        bp = self.get(uuid)
+        with self._lock:
+            if uuid not in self._attached:
+                raise FailedPrecondition(f"backup_point_uuid: backup point {uuid} comes from the agent's config "
+                                         "file; remove it there", field="backup_point_uuid")
+            try:
+                os.unlink(os.path.join(self.attached_dir, f"{uuid}.json"))
+            except FileNotFoundError:
+                pass
+            del self._points[uuid]
+            self._attached.discard(uuid)
+        bp.reset()
