@@ -161,3 +161,116 @@ def test_seed_001_volumes_and_snapshots(cluster, short_tmp):
         check_ok(op.post("/v1/volume/share/delete", json=dele))
         assert not os.path.exists(head)
         check_error(op.post("/v1/volume/share/get", json=ref), 404, "volume_uuid")
+
+
+def wait_task(op, task_id: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        t = check_ok(op.get(f"/v1/tasks/{task_id}"))
+        if t["status"] not in ("waiting", "running"):
+            return t
+        assert time.monotonic() < deadline, t
+        time.sleep(0.2)
+
+
+def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
+    """Clone (linked and full), backup, change, incremental backup, restore
+    each, delete: long operations return a task at once; the restored and
+    cloned data equals the source snapshots."""
+    from agent.api.v1 import jobs_pb2
+    from test_qcow2 import write
+
+    c, a, host = cluster
+    run = short_tmp / "run-test"
+    run.mkdir()
+    cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
+    tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
+
+    def digest(pool_uuid, volume_uuid, snapshot_uuid=""):
+        with a.client() as ac:
+            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(
+                pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid))
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+            return job.checksum_result.image_digest
+
+    with c.client("op") as op:
+        pool = check_ok(op.post("/v1/pool/share/create", json=dict(
+            seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p1"),
+            avail_host=[host])))["pool"]
+        pid = pool["UUID"]
+        vol = check_ok(op.post("/v1/volume/share/create", json=dict(
+            seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid,
+            capacity=24 << 20, backing_file="")))["volume"]
+        ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
+        head = vol["AccessPath"][host]
+        write(head, {0: os.urandom(3 << 20), 12 << 20: os.urandom(1 << 20)}, run)
+        s1 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
+        want1 = digest(pid, vol["UUID"], s1["UUID"])
+        # a backup point of the tenant (seed 000), a directory under the agent's roots
+        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
+            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
+            cluster_uuid=cluster_uuid, root_dir=str(a.roots[0] / "backups"), sub_dir="t1",
+            env={"chunk_size": 1 << 20})))["uuid"]
+        add = dict(seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
+                   volume_uuid=vol["UUID"], snapshot_uuid=s1["UUID"], backup_point_uuid=bp)
+        started = check_ok(op.post("/v1/volume/share/backup/add", json=add))
+        assert started["backup"]["Status"] == "BackupStarted" and started["backup"]["BpUUID"] == bp
+        t = wait_task(op, started["task_id"])
+        assert t["status"] == "success" and t["operation_type"] == "backup" and t["progress"] == 100.0, t
+        assert t["result"]["mode"] == "full" and t["host_uuid"] == host
+        b1 = started["backup"]["UUID"]
+        # change, snapshot, incremental backup
+        write(head, {1 << 20: os.urandom(4096)}, run)
+        s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))["snapshot"]
+        want2 = digest(pid, vol["UUID"], s2["UUID"])
+        second = check_ok(op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=s2["UUID"],
+                                                                           backup_name="backup2")))
+        t2 = wait_task(op, second["task_id"])
+        assert t2["status"] == "success" and t2["result"]["mode"] == "incremental", t2
+        url = seed_example("001", "/v1/volume/share/backup/list", "url").split("?", 1)[1]
+        listed = check_ok(op.get("/v1/volume/share/backup/list?" + url.replace(
+            "filter_volume_uuid=3e0925e0-648d-4217-bc1a-079cdbcf2e41", f"filter_volume_uuid={vol['UUID']}").replace(
+            "cluster_uuid=a97eb422-f42b-4b85-8556-725f152661f0", f"cluster_uuid={cluster_uuid}").replace(
+            "filter_end_time=1615797008", f"filter_end_time={int(time.time()) + 60}")))
+        assert [x["Status"] for x in listed["list"]] == ["BackupSucceeded", "BackupSucceeded"]
+        # restore both into new volumes: bit for bit
+        for bid, want in ((b1, want1), (second["backup"]["UUID"], want2)):
+            rs = check_ok(op.post("/v1/volume/share/backup/restore", json=dict(
+                seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=bid,
+                new_volume_name=f"restored-{bid[:6]}", new_pool_uuid=pid, new_volume_tenant=tenant,
+                cluster_uuid=cluster_uuid)))
+            tr = wait_task(op, rs["task_id"])
+            assert tr["status"] == "success", tr
+            assert digest(pid, rs["volume"]["UUID"]) == want
+            got = check_ok(op.post("/v1/volume/share/get", json=dict(ref, volume_uuid=rs["volume"]["UUID"])))
+            assert got["volume"]["Name"] == f"restored-{bid[:6]}"
+        # clones: linked and full, with progress
+        for linked in (True, False):
+            cl = check_ok(op.post("/v1/volume/share/clone", json=dict(
+                seed_example("001", "/v1/volume/share/clone"), cluster_uuid=cluster_uuid, volume_uuid=vol["UUID"],
+                clone_dst_pool_uuid=pid, clone_dst_vol_name=f"clone-{linked}", clone_dst_vol_tenant=tenant,
+                snapshot_uuid=s1["UUID"], is_link=linked)))
+            new = cl["volume"]["UUID"]
+            tc = wait_task(op, cl["task_id"])
+            assert tc["status"] == "success", tc
+            prog = check_ok(op.get("/v1/volume/share/clone/progress", params={
+                "cluster_uuid": cluster_uuid, "tenant": tenant, "volume_uuid": new}))
+            assert prog["clone_progress"] == 100.0
+            assert digest(pid, new) == want1
+        tasks = check_ok(op.get("/v1/tasks", params={"status": "success"}))
+        assert tasks["total_count"] == 6 and {x["operation_type"] for x in tasks["tasks"]} == {
+            "backup", "restore", "clone"}
+        # delete the first backup: the second still restores
+        check_ok(op.post("/v1/volume/share/backup/delete", json=dict(
+            seed_example("001", "/v1/volume/share/backup/delete"), backup_uuid=b1, tenant=tenant,
+            cluster_uuid=cluster_uuid)))
+        assert [x["UUID"] for x in check_ok(op.get("/v1/volume/share/backup/list", params={
+            "cluster_uuid": cluster_uuid}))["list"]] == [second["backup"]["UUID"]]
+        check_error(op.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": cluster_uuid,
+                                                                           "uuid": bp}), 409, "uuid")
+        # bad input: another tenant's volume, unknown snapshot
+        with c.client(TENANT_A) as t:
+            check_error(t.post("/v1/volume/share/backup/add", json=add), 404, "volume_uuid")
+        bad = check_ok(op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=str(uuid.uuid4()))))
+        tb = wait_task(op, bad["task_id"])
+        assert tb["status"] == "failed" and tb["error_info"]["code"] == "NOT_FOUND", tb

@@ -9,11 +9,11 @@ import threading
 import grpc
 
 from agent import errors
-from agent.api.v1 import host_pb2_grpc, jobs_pb2_grpc, volumes_pb2_grpc
+from agent.api.v1 import backups_pb2_grpc, host_pb2_grpc, jobs_pb2_grpc, volumes_pb2_grpc
 from agent.controller.config import ControllerConfig
 
 STUBS = {"volumes": volumes_pb2_grpc.VolumeServiceStub, "jobs": jobs_pb2_grpc.JobServiceStub,
-         "host": host_pb2_grpc.HostServiceStub}
+         "host": host_pb2_grpc.HostServiceStub, "backups": backups_pb2_grpc.BackupServiceStub}
 
 
 class AgentClients:

@@ -28,6 +28,7 @@ class BackupPoint(Base):
     root_dir: Mapped[str] = mapped_column(String(1024), default="")
     sub_dir: Mapped[str] = mapped_column(String(1024), default="")
     password_sealed: Mapped[str] = mapped_column(String(512), default="")  # SecretBox, never plaintext
+    env_sealed: Mapped[str] = mapped_column(Text, default="")  # the request's "env" (may hold credentials), sealed
     ref: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), default="unknown")  # healthy, degraded, unreachable...
     ctime: Mapped[int] = mapped_column(BigInteger)
@@ -107,5 +108,62 @@ class Volume(Base):
     parent_snapshot: Mapped[str] = mapped_column(String(36), default="")
     attr_json: Mapped[str] = mapped_column(Text, default="null")
     state: Mapped[str] = mapped_column(String(16), default="ready")  # creating, ready, deleting, error
+    ctime: Mapped[int] = mapped_column(BigInteger)
+    mtime: Mapped[int] = mapped_column(BigInteger)
+
+
+class Task(Base):
+    """An operation log entry (shaped after seed 003's tasks): every long
+    operation runs as a task, dispatched to an agent as a job."""
+
+    __tablename__ = "tasks"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    operation_type: Mapped[str] = mapped_column(String(32), index=True)   # clone, backup, restore, ...
+    status: Mapped[str] = mapped_column(String(16), index=True)           # waiting, running, success, failed, skipped, timeout
+    progress: Mapped[float] = mapped_column(Float, default=0.0)           # 0..100
+    tenant: Mapped[str] = mapped_column(String(36), index=True)
+    resource_type: Mapped[str] = mapped_column(String(16))                # volume, backup
+    resource_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    pool_uuid: Mapped[str] = mapped_column(String(36), default="")        # placement: a host serving it
+    target_pool_uuid: Mapped[str] = mapped_column(String(36), default="")  # ... and this one too
+    backup_point_uuid: Mapped[str] = mapped_column(String(36), default="")
+    job_kind: Mapped[str] = mapped_column(String(16))                     # the agent job: clone, backup, restore
+    spec_json: Mapped[str] = mapped_column(Text)                          # the agent job spec (proto JSON)
+    idempotent: Mapped[bool] = mapped_column(Boolean, default=True)       # may run again elsewhere after a host loss
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    host_uuid: Mapped[str] = mapped_column(String(36), default="")
+    agent_job_id: Mapped[str] = mapped_column(String(80), default="")
+    error_code: Mapped[str] = mapped_column(String(32), default="")
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    result_json: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float] = mapped_column(Float, default=0.0)
+    ended_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Backup(Base):
+    """Seed 001: a backup of a volume's snapshot on a backup point."""
+
+    __tablename__ = "backups"
+
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(36), index=True)
+    cluster_uuid: Mapped[str] = mapped_column(String(36))
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(String(1024), default="")
+    backup_point_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    volume_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    volume_capacity: Mapped[int] = mapped_column(BigInteger, default=0)
+    volume_type: Mapped[str] = mapped_column(String(8), default="block")
+    pool_uuid: Mapped[str] = mapped_column(String(36), default="")
+    snapshot_uuid: Mapped[str] = mapped_column(String(36))
+    snapshot_name: Mapped[str] = mapped_column(String(128), default="")
+    status: Mapped[str] = mapped_column(String(24))   # BackupStarted, BackupSucceeded, BackupFailed
+    mode: Mapped[str] = mapped_column(String(16), default="")
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    image_digest: Mapped[str] = mapped_column(String(80), default="")
+    task_id: Mapped[str] = mapped_column(String(36), default="")
     ctime: Mapped[int] = mapped_column(BigInteger)
     mtime: Mapped[int] = mapped_column(BigInteger)

@@ -3,11 +3,14 @@ envelope for every answer, bearer tokens, OpenAPI at /openapi.json and
 /docs."""
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from agent import __version__
 from agent.controller.agents import AgentClients
-from agent.controller.api import backuppoints, envelope, hosts, pools, volumes
+from agent.controller.api import backuppoints, envelope, hosts, jobs, pools, volumes
+from agent.controller.dispatch import Dispatcher
 from agent.controller.api.auth import TokenAuth
 from agent.controller.config import ControllerConfig
 from agent.controller.db import Database
@@ -15,16 +18,26 @@ from agent.controller.secrets import SecretBox
 
 
 def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastAPI:
-    app = FastAPI(title="blockferry-controller", version=__version__,
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.dispatcher.start()  # places and follows tasks while the API serves
+        yield
+        app.state.dispatcher.stop()
+        app.state.agents.close()
+
+    app = FastAPI(title="blockferry-controller", version=__version__, lifespan=lifespan,
                   description="Shared storage pools, volumes, backup points and backups (seeds 000-002).")
     app.state.cfg = cfg
     app.state.db = db
     app.state.secrets = secrets
     app.state.agents = AgentClients(cfg)
+    app.state.dispatcher = Dispatcher(cfg, db, app.state.agents, secrets)
     envelope.install(app)
     auth = TokenAuth(cfg.tokens)
     app.include_router(backuppoints.router(auth))
     app.include_router(hosts.router(auth))
     app.include_router(pools.router(auth))
     app.include_router(volumes.router(auth))
+    app.include_router(jobs.router(auth))
+
     return app

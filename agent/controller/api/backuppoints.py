@@ -1,6 +1,7 @@
 """Seed 000: /v1/volume/internal/backuppoint/{add,delete,update,list}."""
 from __future__ import annotations
 
+import json
 import time
 import uuid as uuidlib
 
@@ -16,6 +17,11 @@ from agent.controller.models import BackupPoint
 from agent.errors import AlreadyExists, HasDependents, InvalidArgument, NotFound
 
 BTYPES = ("nfs", "samba", "iscsi", "disk", "fc", "local")
+# what a backup point may need beyond seed 000's fields, passed in its "env"
+# object (sealed at rest, like pass_word): ports, SMB user/password, CHAP,
+# the iSCSI LUN, formatting a blank LUN, chunk size and compression
+ENV_KEYS = {"port", "mount_port", "username", "secret", "smb_encrypt", "lun", "format_lun", "chunk_size",
+            "compression"}
 MASK = "******"
 
 
@@ -93,9 +99,19 @@ def router(auth) -> APIRouter:
         root = _location(req.btype, req.root_dir, "root_dir")
         sub = v.rel_path(req.sub_dir, "sub_dir")
         now = int(time.time())
+        env = getattr(req, "env", None) or {}
+        if not isinstance(env, dict) or any(not isinstance(k, str) or not isinstance(x, (str, int, bool))
+                                            for k, x in env.items()):
+            raise InvalidArgument("env: must be an object of strings, numbers or booleans", field="env")
+        unknown = set(env) - ENV_KEYS
+        if unknown:
+            raise InvalidArgument(f"env: unknown keys {sorted(unknown)} (known: {', '.join(sorted(ENV_KEYS))})",
+                                  field="env")
+        secrets = request.app.state.secrets
         bp = BackupPoint(uuid=str(uuidlib.uuid4()), tenant=tenant, cluster_uuid=cluster, zone_uuid=zone, name=name,
                          btype=req.btype, ip=ip, root_dir=root, sub_dir=sub,
-                         password_sealed=request.app.state.secrets.seal(req.pass_word), ctime=now, mtime=now)
+                         password_sealed=secrets.seal(req.pass_word),
+                         env_sealed=secrets.seal(json.dumps(env)) if env else "", ctime=now, mtime=now)
         try:
             with request.app.state.db.session() as s:
                 s.add(bp)

@@ -1,0 +1,234 @@
+"""The dispatcher: places waiting tasks on agents and follows them.
+
+- Placement: an online, not draining host that serves the task's pool (and
+  its target pool), honouring the pool's AvailHosts/LimitHost (the hosts a
+  pool is attached on) and each host's max_jobs; the least loaded first.
+  A backup point is attached on the chosen host first (idempotent).
+- Running tasks are polled (GetJob); progress, then the result or the
+  error, land in the task and in the object it creates.
+- A host that stops sending heartbeats: its running tasks fail with a
+  reason naming it, and run again on another eligible host when the
+  operation is idempotent (up to MAX_ATTEMPTS); waiting tasks simply go to
+  another host.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+
+from google.protobuf.json_format import MessageToDict, ParseDict
+from sqlalchemy import select
+
+from agent.api.v1 import backups_pb2, jobs_pb2
+from agent.controller.api.hosts import host_state
+from agent.controller.models import Backup, BackupPoint, Host, Pool, Task, Volume
+from agent.errors import BlockferryError, Busy, TargetUnreachable
+
+log = logging.getLogger("controller.dispatch")
+MAX_ATTEMPTS = 3
+WAIT_LIMIT = 3600.0  # a task nobody could run for this long: timeout
+SPECS = {"clone": jobs_pb2.CloneSpec, "backup": jobs_pb2.BackupSpec, "restore": jobs_pb2.RestoreSpec}
+FINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
+
+
+def new_task(s, *, task_id: str, operation: str, tenant: str, resource_type: str, resource_uuid: str,
+             job_kind: str, spec, pool_uuid: str, target_pool_uuid: str = "", backup_point_uuid: str = "",
+             idempotent: bool = True) -> Task:
+    t = Task(id=task_id, operation_type=operation, status="waiting", progress=0.0, tenant=tenant,
+             resource_type=resource_type, resource_uuid=resource_uuid, pool_uuid=pool_uuid,
+             target_pool_uuid=target_pool_uuid, backup_point_uuid=backup_point_uuid, job_kind=job_kind,
+             spec_json=json.dumps(MessageToDict(spec, preserving_proto_field_name=True)), idempotent=idempotent,
+             created_at=time.time())
+    s.add(t)
+    return t
+
+
+def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPointRequest:
+    """The agent-side definition of a seed 000 backup point."""
+    env = json.loads(secrets.open(bp.env_sealed)) if bp.env_sealed else {}
+    req = backups_pb2.AttachBackupPointRequest(
+        backup_point_uuid=bp.uuid, type=bp.btype, password=secrets.open(bp.password_sealed),
+        port=int(env.get("port") or (bp.port or 0)), mount_port=int(env.get("mount_port", 0)),
+        username=str(env.get("username", "")), secret=str(env.get("secret", "")),
+        smb_encrypt=bool(env.get("smb_encrypt", False)), lun=int(env.get("lun", 0)),
+        format_lun=bool(env.get("format_lun", False)), chunk_size=int(env.get("chunk_size", 0)),
+        compression=str(env.get("compression", "")))
+    sub = bp.sub_dir
+    if bp.btype == "local":
+        req.path = bp.root_dir.rstrip("/") + (f"/{sub}" if sub else "")
+    elif bp.btype in ("disk", "fc"):
+        req.device = bp.root_dir
+    elif bp.btype == "iscsi":
+        req.ip, req.target = bp.ip, bp.root_dir
+    else:
+        req.ip, req.root_dir, req.sub_dir = bp.ip, bp.root_dir, sub
+    return req
+
+
+class Dispatcher:
+    def __init__(self, cfg, db, agents, secrets, *, interval: float = 0.2):
+        self.cfg = cfg
+        self.db = db
+        self.agents = agents
+        self.secrets = secrets
+        self.interval = interval
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+
+    def start(self) -> "Dispatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(10)
+
+    def wake(self) -> None:
+        """A new task: look now instead of at the next tick."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("dispatch tick failed")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    # --- one round ---
+    def tick(self) -> None:
+        with self.db.session() as s:
+            hosts = {h.uuid: h for h in s.scalars(select(Host)).all()}
+            running = s.scalars(select(Task).where(Task.status == "running")).all()
+            waiting = s.scalars(select(Task).where(Task.status == "waiting").order_by(Task.created_at)).all()
+        for t in running:
+            self._follow(t, hosts)
+        with self.db.session() as s:
+            load = Counter(t.host_uuid for t in s.scalars(select(Task).where(Task.status == "running")).all())
+        for t in waiting:
+            self._place(t, hosts, load)
+
+    def _online(self, h: Host | None) -> bool:
+        return h is not None and host_state(h, self.cfg.host_dead_after) == "online"
+
+    def _candidates(self, t: Task, hosts: dict[str, Host], load: Counter) -> list[Host]:
+        with self.db.session() as s:
+            serving = None
+            for pid in filter(None, (t.pool_uuid, t.target_pool_uuid)):
+                pool = s.get(Pool, pid)
+                ids = set(json.loads(pool.avail_hosts_json)) if pool else set()
+                serving = ids if serving is None else serving & ids
+        ok = [h for hid, h in hosts.items() if (serving is None or hid in serving) and self._online(h)
+              and load[hid] < max(1, h.max_jobs)]
+        return sorted(ok, key=lambda h: (load[h.uuid] / max(1, h.max_jobs), h.uuid))
+
+    def _place(self, t: Task, hosts: dict[str, Host], load: Counter) -> None:
+        candidates = self._candidates(t, hosts, load)
+        if not candidates:
+            if time.time() - t.created_at > WAIT_LIMIT:
+                self._finish(t, "timeout", "NO_HOST", "no eligible host could run it within "
+                             f"{int(WAIT_LIMIT)} s")
+            return
+        for host in candidates:
+            try:
+                if t.backup_point_uuid:
+                    with self.db.session() as s:
+                        bp = s.get(BackupPoint, t.backup_point_uuid)
+                    if bp is None:
+                        raise BlockferryError(f"backup point {t.backup_point_uuid} was deleted")
+                    self.agents.call(host, "backups", "AttachBackupPoint", backup_point_request(bp, self.secrets))
+                job_id = f"{t.id}.{t.attempts}"
+                spec = ParseDict(json.loads(t.spec_json), SPECS[t.job_kind]())
+                self.agents.call(host, "jobs", "SubmitJob", jobs_pb2.SubmitJobRequest(job_id=job_id,
+                                                                                      **{t.job_kind: spec}))
+            except (TargetUnreachable, Busy) as e:
+                log.info("host cannot take the task now", extra={"task": t.id, "host": host.uuid, "why": e.message})
+                continue
+            except BlockferryError as e:  # the request itself is refused: no other host will do better
+                self._finish(t, "failed", e.code, e.message)
+                return
+            with self.db.session() as s:
+                row = s.get(Task, t.id)
+                row.status, row.host_uuid, row.agent_job_id = "running", host.uuid, job_id
+                row.started_at = row.started_at or time.time()
+            load[host.uuid] += 1
+            log.info("task dispatched", extra={"task": t.id, "host": host.uuid, "kind": t.job_kind})
+            return
+
+    def _follow(self, t: Task, hosts: dict[str, Host]) -> None:
+        host = hosts.get(t.host_uuid)
+        if not self._online(host):
+            name = host.hostname if host else t.host_uuid
+            if t.idempotent and t.attempts + 1 < MAX_ATTEMPTS:
+                with self.db.session() as s:
+                    row = s.get(Task, t.id)
+                    row.status, row.attempts, row.host_uuid, row.progress = "waiting", row.attempts + 1, "", 0.0
+                    row.error_message = f"host {name} stopped answering; running it again on another host"
+                log.warning("host lost: task re-queued", extra={"task": t.id, "host": t.host_uuid})
+            else:
+                self._finish(t, "failed", "HOST_LOST", f"host {name} stopped answering while the task ran")
+            return
+        try:
+            job = self.agents.call(host, "jobs", "GetJob", jobs_pb2.GetJobRequest(job_id=t.agent_job_id), timeout=10)
+        except TargetUnreachable:
+            return  # the heartbeat decides whether the host is gone
+        except BlockferryError as e:
+            self._finish(t, "failed", e.code, e.message)
+            return
+        if job.state not in FINAL:
+            with self.db.session() as s:
+                s.get(Task, t.id).progress = round(job.progress.percent, 1)
+            return
+        if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
+            result = getattr(job, f"{t.job_kind}_result")
+            self._finish(t, "success", result=MessageToDict(result, preserving_proto_field_name=True))
+        else:
+            self._finish(t, "failed", job.error.code or "FAILED", job.error.message or "the job failed")
+
+    def _finish(self, t: Task, status: str, code: str = "", message: str = "", result: dict | None = None) -> None:
+        now = time.time()
+        with self.db.session() as s:
+            row = s.get(Task, t.id)
+            row.status, row.ended_at = status, now
+            row.error_code, row.error_message = code, message
+            if status == "success":
+                row.progress = 100.0
+                row.result_json = json.dumps(result or {})
+            self._apply(s, row, result or {})
+        log.info("task ended", extra={"task": t.id, "status": status, "code": code})
+
+    @staticmethod
+    def _apply(s, t: Task, result: dict) -> None:
+        """What a task's end means for the object it made."""
+        now = int(time.time())
+        if t.resource_type == "volume":
+            vol = s.get(Volume, t.resource_uuid)
+            if vol is None:
+                return
+            if t.status == "success":
+                vol.state, vol.mtime = "ready", now
+                vol.capacity = int(result.get("capacity", vol.capacity))
+                vol.access_path = result.get("access_path", vol.access_path)
+                vol.host_uuid = t.host_uuid
+            else:
+                s.delete(vol)  # a failed clone or restore leaves no volume behind
+        elif t.resource_type == "backup":
+            b = s.get(Backup, t.resource_uuid)
+            if b is None:
+                return
+            b.mtime = now
+            if t.status == "success":
+                b.status, b.mode = "BackupSucceeded", result.get("mode", "")
+                b.size, b.stored_bytes = int(result.get("size", 0)), int(result.get("stored_bytes", 0))
+                b.image_digest = result.get("image_digest", "")
+                bp = s.get(BackupPoint, b.backup_point_uuid)
+                if bp is not None:
+                    bp.ref += 1
+            else:
+                b.status = "BackupFailed"
