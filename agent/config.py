@@ -95,6 +95,9 @@ class ControllerLinkSection:
                             "empty: [grpc] tcp_listen, else the unix socket.")
     heartbeat_interval: float = option(10.0, "Seconds between heartbeats (the controller may ask for another "
                                        "interval when the agent registers).")
+    fence_after: float = option(20.0, "Seconds without a successful heartbeat after which this agent cancels its "
+                                "running jobs (self-fencing), so the controller can run them on another host. "
+                                "Keep it below the controller's host_dead_after. 0: never.")
 
 
 @dataclass
@@ -244,6 +247,8 @@ class Config:
                 raise bad("controller", "address", f"must be host:port or unix:/path, not {c.address!r}")
         if c.heartbeat_interval <= 0:
             raise bad("controller", "heartbeat_interval", "must be positive")
+        if c.fence_after < 0 or (c.fence_after and c.fence_after <= c.heartbeat_interval):
+            raise bad("controller", "fence_after", "must be 0 (never) or longer than heartbeat_interval")
         if c.host_uuid:
             import uuid as _uuid
             try:

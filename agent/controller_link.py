@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 import grpc
@@ -61,6 +62,8 @@ class ControllerLink:
         self.tcp_port = tcp_port
         self.host_uuid = host_uuid(cfg)
         self.interval = cfg.controller.heartbeat_interval
+        self.last_ok = 0.0  # monotonic time of the last successful register/heartbeat
+        self.fenced = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="controller-link", daemon=True)
         self.registered = threading.Event()
@@ -72,6 +75,12 @@ class ControllerLink:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    @property
+    def _rpc_timeout(self) -> float:
+        """Short enough that a cut link is noticed before fence_after."""
+        fence = self.cfg.controller.fence_after or 60.0
+        return max(1.0, min(10.0, self.interval * 2, fence / 2))
 
     @property
     def _metadata(self):
@@ -102,7 +111,7 @@ class ControllerLink:
         resp = stub.Register(r.RegisterRequest(
             host_uuid=self.host_uuid, address=advertised_address(self.cfg, self.tcp_port), facts=facts,
             pools=pools, backup_points=points, max_concurrent_jobs=self.engine.max_concurrent),
-            metadata=self._metadata, timeout=30)
+            metadata=self._metadata, timeout=self._rpc_timeout)
         if resp.heartbeat_interval_seconds > 0:
             self.interval = resp.heartbeat_interval_seconds
         self.registered.set()
@@ -116,7 +125,7 @@ class ControllerLink:
         resp = stub.Heartbeat(r.HeartbeatRequest(host_uuid=self.host_uuid, running_jobs=self.engine.running_count(),
                                                  pools=pools, backup_points=points,
                                                  draining=self.engine.draining),
-                              metadata=self._metadata, timeout=30)
+                              metadata=self._metadata, timeout=self._rpc_timeout)
         return not resp.reregister
 
     def _run(self) -> None:
@@ -136,6 +145,8 @@ class ControllerLink:
                         continue
                     backoff = 1.0
                     wait = self.interval
+                    self.last_ok = time.monotonic()
+                    self.fenced = False
                 except grpc.RpcError as e:
                     log.warning("controller unreachable or refused us", extra={
                         "controller": self.cfg.controller.address, "code": e.code().name, "retry_in": backoff})
@@ -144,4 +155,26 @@ class ControllerLink:
                 except Exception:
                     log.exception("controller link failed")
                     wait, backoff = backoff, min(backoff * 2, 60.0)
-                self._stop.wait(wait)
+                self._fence_if_cut_off()
+                self._stop.wait(min(wait, self.interval))
+
+    def _fence_if_cut_off(self) -> None:
+        """Cut off from the controller for fence_after seconds: it will run
+        our jobs elsewhere, so stop them here (each cleans up after itself)."""
+        fence_after = self.cfg.controller.fence_after
+        if not fence_after or not self.last_ok or self.fenced:
+            return
+        lost = time.monotonic() - self.last_ok
+        if lost < fence_after:
+            return
+        from agent.jobs.model import JobState
+
+        running = self.engine.list({JobState.RUNNING, JobState.WAITING})
+        for job in running:
+            try:
+                self.engine.cancel(job.id)
+            except Exception:
+                log.exception("could not cancel a job while fencing", extra={"job": job.id})
+        self.fenced = True
+        log.warning("cut off from the controller: running jobs cancelled (self-fencing)",
+                    extra={"seconds": round(lost, 1), "jobs": len(running)})

@@ -28,10 +28,11 @@ class AgentProcess:
     pool_root: Path | None = None
     proc: subprocess.Popen | None = None
     env: dict = field(default_factory=dict)
+    prefix: list = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NAME]: run it in a namespace
 
     def start(self, wait: bool = True, extra_env: dict | None = None) -> "AgentProcess":
         env = {**os.environ, **self.env, **(extra_env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.server", "-c", str(self.config)],
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "agent.server", "-c", str(self.config)],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env)
         if wait:
             self.wait_ready()

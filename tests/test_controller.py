@@ -40,27 +40,28 @@ def seed_example(seed: str, endpoint: str, which: str = "Body") -> dict | str:
 AGENT_TOKEN = "agent-token-0123456789abcdef"
 
 
-def write_config(d: Path, port: int, db_url: str | None = None, grpc_port: int = 0) -> Path:
+def write_config(d: Path, port: int, db_url: str | None = None, grpc_port: int = 0, grpc_listen: str = "",
+                 extra: str = "") -> Path:
     cfg = d / "controller.toml"
     tokens = "".join(f'[[tokens]]\ntoken = "{tok}"\ntenant = "{"*" if who == "op" else who}"\n'
                      for who, tok in TOKENS.items())
     cfg.write_text(f'[controller]\nlisten = "127.0.0.1:{port}"\n'
                    f'database_url = "{db_url or f"sqlite:///{d}/controller.sqlite3"}"\n'
-                   f'secret_key_file = "{d}/controller.key"\ngrpc_listen = "127.0.0.1:{grpc_port}"\n'
-                   f'agent_token = "{AGENT_TOKEN}"\nheartbeat_interval = 1\nhost_dead_after = 4\n{tokens}')
+                   f'secret_key_file = "{d}/controller.key"\ngrpc_listen = "{grpc_listen or f"127.0.0.1:{grpc_port}"}"\n'
+                   f'agent_token = "{AGENT_TOKEN}"\nheartbeat_interval = 1\nhost_dead_after = 4\n{extra}{tokens}')
     cfg.chmod(0o600)
     return cfg
 
 
 class Controller:
-    def __init__(self, workdir: Path, db_url: str | None = None):
+    def __init__(self, workdir: Path, db_url: str | None = None, *, grpc_listen: str = "", extra: str = ""):
         from cephcluster import free_port
 
         self.port, self.grpc_port = free_port(), free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url or f"sqlite:///{workdir}/controller.sqlite3"
-        self.config = write_config(workdir, self.port, db_url, self.grpc_port)
+        self.config = write_config(workdir, self.port, db_url, self.grpc_port, grpc_listen, extra)
         self.log = workdir / "controller.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO)

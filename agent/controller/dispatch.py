@@ -9,7 +9,9 @@
 - A host that stops sending heartbeats: its running tasks fail with a
   reason naming it, and run again on another eligible host when the
   operation is idempotent (up to MAX_ATTEMPTS); waiting tasks simply go to
-  another host.
+  another host. This is safe on shared storage because an agent cut off
+  from the controller cancels its own jobs after [controller] fence_after
+  (below host_dead_after), and a cancelled job leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -151,6 +153,12 @@ class Dispatcher:
                 log.info("host cannot take the task now", extra={"task": t.id, "host": host.uuid, "why": e.message})
                 continue
             except BlockferryError as e:  # the request itself is refused: no other host will do better
+                if t.attempts and e.code == "ALREADY_EXISTS" and (adopted := self._adopt(t, host)) is not None:
+                    with self.db.session() as s:
+                        s.get(Task, t.id).host_uuid = host.uuid
+                    t.host_uuid = host.uuid
+                    self._finish(t, "success", result=adopted)  # the lost attempt completed after all
+                    return
                 self._finish(t, "failed", e.code, e.message)
                 return
             with self.db.session() as s:
@@ -188,8 +196,33 @@ class Dispatcher:
         if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
             result = getattr(job, f"{t.job_kind}_result")
             self._finish(t, "success", result=MessageToDict(result, preserving_proto_field_name=True))
+        elif t.attempts and job.error.code == "ALREADY_EXISTS" and (adopted := self._adopt(t, host)) is not None:
+            # a re-run whose first attempt finished on the lost host after all: its
+            # result is complete (targets appear atomically), so it is this task's
+            self._finish(t, "success", result=adopted)
         else:
             self._finish(t, "failed", job.error.code or "FAILED", job.error.message or "the job failed")
+
+    def _adopt(self, t: Task, host: Host) -> dict | None:
+        """The object a lost attempt made, if it is there and complete."""
+        from agent.api.v1 import volumes_pb2
+
+        spec = json.loads(t.spec_json)
+        try:
+            if t.resource_type == "volume":
+                pool = spec.get("target_pool_uuid") or spec.get("pool_uuid")
+                info = self.agents.call(host, "volumes", "GetVolume", volumes_pb2.VolumeRef(
+                    pool_uuid=pool, volume_uuid=t.resource_uuid), timeout=30)
+                return {"pool_uuid": pool, "volume_uuid": info.uuid, "access_path": info.access_path,
+                        "capacity": info.capacity, "adopted": True}
+            if t.resource_type == "backup":
+                b = self.agents.call(host, "backups", "GetBackup", backups_pb2.GetBackupRequest(
+                    backup_point_uuid=t.backup_point_uuid, backup_uuid=t.resource_uuid), timeout=30)
+                return {"backup_uuid": b.uuid, "mode": b.mode, "size": b.size, "image_digest": b.image_digest,
+                        "adopted": True}
+        except BlockferryError:
+            return None
+        return None
 
     def _finish(self, t: Task, status: str, code: str = "", message: str = "", result: dict | None = None) -> None:
         now = time.time()

@@ -1,0 +1,185 @@
+"""Three agents in their own network namespaces (veth + bridge, pyroute2),
+one controller, shared storage: the seed flow end to end through the REST
+API, then a host's link cut while clones are queued and running."""
+from __future__ import annotations
+
+import datetime
+import json
+import ipaddress
+import os
+import time
+import uuid
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.api.v1 import jobs_pb2
+from cephcluster import free_port
+from conftest import write_config
+from netns import BRIDGE_IP, TestNet
+from test_controller import AGENT_TOKEN, Controller, check_ok, seed_example
+from test_controller_pools import wait_task
+from test_qcow2 import write
+
+AGENT_AUTH = "agents-grpc-token-0123456789"
+NAMES = ["a", "b", "c"]
+
+
+def _pki(d, ips: list[str]) -> None:
+    """A CA and one server certificate whose SANs are the agents' addresses."""
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("bf test CA")).issuer_name(name("bf test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("agents")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]),
+                           critical=False).sign(ca_key, hashes.SHA256()))
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "agent.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "agent.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+    (d / "agent.key").chmod(0o600)
+
+
+@pytest.fixture
+def fleet(short_tmp):
+    net = TestNet(NAMES)
+    agents, ctl = {}, None
+    try:
+        pki = short_tmp / "pki"
+        pki.mkdir()
+        _pki(pki, [net.ip(n) for n in NAMES])
+        shared = short_tmp / "shared"  # the "shared storage": the same file system for every host
+        shared.mkdir()
+        gport = free_port()
+        ctl = Controller(short_tmp / "ctl", grpc_listen=f"{BRIDGE_IP}:{gport}",
+                         extra=f'agent_tls_ca = "{pki}/ca.pem"\nagent_auth_token = "{AGENT_AUTH}"\n')
+        for n in NAMES:
+            wd = short_tmp / f"agent-{n}"
+            wd.mkdir()
+            ip = net.ip(n)
+            extra = (f'tcp_listen = "{ip}:9443"\ntls_cert = "{pki}/agent.pem"\ntls_key = "{pki}/agent.key"\n'
+                     f'auth_token = "{AGENT_AUTH}"\n'
+                     f'[controller]\naddress = "{BRIDGE_IP}:{gport}"\ntoken = "{AGENT_TOKEN}"\n'
+                     f'host_uuid = "{uuid.uuid5(uuid.NAMESPACE_DNS, n)}"\nadvertise = "{ip}:9443"\n'
+                     f'heartbeat_interval = 1.0\nfence_after = 2.5\n'
+                     f'[jobs]\nmax_concurrent = 1\nbandwidth_limit = 24000000\n')
+            a = write_config(wd, extra, roots=[shared])
+            a.config.chmod(0o600)
+            a.prefix = net.prefix(n)
+            agents[n] = a.start()
+        with ctl.client("op") as op:
+            deadline = time.monotonic() + 30
+            while len([h for h in check_ok(op.get("/v1/hosts"))["list"] if h["State"] == "online"]) < 3:
+                assert time.monotonic() < deadline, check_ok(op.get("/v1/hosts"))
+                time.sleep(0.2)
+        yield net, ctl, agents, shared
+    finally:
+        for a in agents.values():
+            if a.proc and a.proc.poll() is None:
+                a.proc.terminate()
+                try:
+                    a.proc.wait(30)
+                except Exception:
+                    a.proc.kill()
+        if ctl:
+            ctl.stop()
+        net.destroy()
+
+
+def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
+    net, ctl, agents, shared = fleet
+    run = short_tmp / "run-test"
+    run.mkdir()
+    cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
+    tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
+
+    def digest(pool_uuid, volume_uuid, snapshot_uuid=""):
+        with agents["a"].client() as ac:  # over its unix socket: the test's own view, not the controller's
+            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(
+                pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid))
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+            return job.checksum_result.image_digest
+
+    with ctl.client("op") as op:
+        pool = check_ok(op.post("/v1/pool/share/create", json=dict(
+            seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(shared / "pool"),
+            limit_host=False, avail_host=[])))["pool"]
+        assert len(pool["AvailHosts"]) == 3  # attached on every host
+        pid = pool["UUID"]
+        vol = check_ok(op.post("/v1/volume/share/create", json=dict(
+            seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid,
+            capacity=128 << 20, backing_file="")))["volume"]
+        head = next(iter(vol["AccessPath"].values()))
+        write(head, {0: os.urandom(48 << 20), 100 << 20: os.urandom(8 << 20)}, run)
+        ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
+        s1 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
+        want = digest(pid, vol["UUID"], s1["UUID"])
+        # backup, change, incremental, restore: through whichever hosts the dispatcher picks
+        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
+            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
+            cluster_uuid=cluster_uuid, root_dir=str(shared / "backups"), sub_dir="fleet")))["uuid"]
+        add = dict(seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
+                   volume_uuid=vol["UUID"], snapshot_uuid=s1["UUID"], backup_point_uuid=bp)
+        b1 = check_ok(op.post("/v1/volume/share/backup/add", json=add))
+        assert wait_task(op, b1["task_id"], 120)["status"] == "success"
+        write(head, {4096: os.urandom(4096)}, run)
+        s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))["snapshot"]
+        want2 = digest(pid, vol["UUID"], s2["UUID"])
+        b2 = check_ok(op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=s2["UUID"],
+                                                                       backup_name="b2")))
+        t2 = wait_task(op, b2["task_id"], 120)
+        assert t2["status"] == "success" and t2["result"]["mode"] == "incremental", t2
+        rs = check_ok(op.post("/v1/volume/share/backup/restore", json=dict(
+            seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=b2["backup"]["UUID"],
+            new_volume_name="restored", new_pool_uuid=pid, new_volume_tenant=tenant, cluster_uuid=cluster_uuid)))
+        assert wait_task(op, rs["task_id"], 120)["status"] == "success"
+        assert digest(pid, rs["volume"]["UUID"]) == want2
+        linked = check_ok(op.post("/v1/volume/share/clone", json=dict(
+            seed_example("001", "/v1/volume/share/clone"), cluster_uuid=cluster_uuid, volume_uuid=vol["UUID"],
+            clone_dst_pool_uuid=pid, clone_dst_vol_name="linked", clone_dst_vol_tenant=tenant,
+            snapshot_uuid=s1["UUID"], is_link=True)))
+        assert wait_task(op, linked["task_id"])["status"] == "success"
+        assert digest(pid, linked["volume"]["UUID"]) == want
+
+        # four full clones (each ~2.5 s at the agents' bandwidth limit, one at a time per host)
+        clones = [check_ok(op.post("/v1/volume/share/clone", json=dict(
+            seed_example("001", "/v1/volume/share/clone"), cluster_uuid=cluster_uuid, volume_uuid=vol["UUID"],
+            clone_dst_pool_uuid=pid, clone_dst_vol_name=f"full-{i}", clone_dst_vol_tenant=tenant,
+            snapshot_uuid=s1["UUID"], is_link=False))) for i in range(4)]
+        deadline = time.monotonic() + 30
+        while True:  # one of them running on a host: cut that host's link
+            running = [t for t in (check_ok(op.get(f"/v1/tasks/{c['task_id']}")) for c in clones)
+                       if t["status"] == "running"]
+            if running:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        victim_task = running[0]
+        victim = next(n for n in NAMES if str(uuid.uuid5(uuid.NAMESPACE_DNS, n)) == victim_task["host_uuid"])
+        net.cut(victim)
+        final = [wait_task(op, c["task_id"], 180) for c in clones]
+        for c, t in zip(clones, final):
+            assert t["status"] == "success", json.dumps(t)
+            assert digest(pid, c["volume"]["UUID"]) == want
+        moved = next(t for t in final if t["id"] == victim_task["id"])
+        assert moved["attempts"] == 2 and moved["host_uuid"] != victim_task["host_uuid"], moved
+        hosts = {h["UUID"]: h["State"] for h in check_ok(op.get("/v1/hosts"))["list"]}
+        assert hosts[victim_task["host_uuid"]] == "offline"
+    deadline = time.monotonic() + 20  # the cut-off agent fenced itself (it may have had nothing left to stop)
+    while "self-fencing" not in agents[victim].log_text():
+        assert time.monotonic() < deadline, agents[victim].log_text()[-3000:]
+        time.sleep(0.2)
+    net.cut(victim, up=True)
