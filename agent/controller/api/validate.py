@@ -61,8 +61,8 @@ def rel_path(value: str, field: str) -> str:
 def page(page_num: int, page_size: int) -> tuple[int, int]:
     """Seed paging: page_num counts from 1 (0 is the first page too);
     page_size 0 means everything."""
-    if page_num < 0:
-        raise InvalidArgument("page_num: must not be negative", field="page_num")
+    if page_num < 0 or page_num > 10_000_000:
+        raise InvalidArgument("page_num: must be 0 to 10000000", field="page_num")
     if page_size < 0 or page_size > 1000:
         raise InvalidArgument("page_size: must be 0 (all) to 1000", field="page_size")
     if page_size == 0:

@@ -31,6 +31,15 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="allow")  # the seeds send extra fields ("pool_name")
 
 
+class ListRequest(_Base):
+    cluster_uuid: StrictStr
+    tenant: StrictStr
+    filter_pool_uuid: StrictStr = ""
+    filter_name: StrictStr = ""
+    page_num: StrictInt = 0
+    page_size: StrictInt = 0
+
+
 class CreateRequest(_Base):
     cluster_uuid: StrictStr
     tenant: StrictStr
@@ -119,6 +128,32 @@ def router(auth) -> APIRouter:
 
     def agent(request: Request, host: Host, method: str, msg):
         return request.app.state.agents.call(host, "volumes", method, msg)
+
+    @r.post("/list")
+    def list_(req: ListRequest, request: Request, caller: Caller = Depends(auth)):
+        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+        tenant = v.uuid(req.tenant, "tenant")
+        caller.check_tenant(tenant)
+        q = select(Volume).where(Volume.cluster_uuid == cluster, Volume.tenant == tenant)
+        if req.filter_pool_uuid:
+            q = q.where(Volume.pool_uuid == v.uuid(req.filter_pool_uuid, "filter_pool_uuid"))
+        if req.filter_name:
+            q = q.where(Volume.name.contains(req.filter_name, autoescape=True))
+        offset, limit = v.page(req.page_num, req.page_size)
+        state = request.app.state
+        with state.db.session() as s:
+            total = s.scalar(select(func.count()).select_from(q.subquery()))
+            q = q.order_by(Volume.ctime, Volume.name).offset(offset)
+            rows = s.scalars(q.limit(limit) if limit else q).all()
+            pools = {p.uuid: p for p in s.scalars(select(Pool).where(Pool.uuid.in_({x.pool_uuid for x in rows})))}
+            hosts = {pid: [h.uuid for h in serving_hosts(s, p, state.cfg.host_dead_after)] for pid, p in pools.items()}
+        items = [{"tenant": x.tenant, "tenant_name": "", "volume": volume_to_seed(x, pools.get(x.pool_uuid),
+                                                                                 hosts.get(x.pool_uuid, [])),
+                  "cluster_uuid": cluster, "cluster_name": "", "cluster_mode": ""} for x in rows]
+        state_row = {"cluster_uuid": cluster, "cluster_name": "", "cluster_mode": "", "namespace_uuid": tenant,
+                     "result": {"scode": 0, "desc": "", "message": "success", "message_cn": "成功", "stack": None,
+                                "data": ""}, "total_count": total}
+        return ok({"list": items, "each_range_list_state": [state_row], "TotalCount": total})
 
     @r.post("/create")
     def create(req: CreateRequest, request: Request, caller: Caller = Depends(auth)):
