@@ -49,4 +49,12 @@ def test_demo_runs_the_main_job(short_tmp):
     r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(short_tmp / "demo")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "MATCH" in r.stdout and "exited with 0" in r.stdout
+    out = r.stdout
+    assert out.count(": MATCH") == 2 and "MISMATCH" not in out
+    assert "agent drained and exited with 0" in out and "controller exited with 0" in out
+    # it went through the controller's REST API and its tasks
+    for step in ("POST /v1/pool/share/create", "POST /v1/volume/internal/backuppoint/add",
+                 "POST /v1/volume/share/create", "POST /v1/volume/share/backup/add",
+                 "GET /v1/volume/share/backup/list", "POST /v1/volume/share/backup/restore"):
+        assert step in out, step
+    assert "mode full" in out and "mode incremental" in out and "exactly what was written" in out

@@ -31,11 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     except BlockferryError as e:
         print(f"blockferry-controller: {e.code}: {e.message}", file=sys.stderr)
         return 78  # EX_CONFIG
+    import contextlib
+    import signal
+
     import uvicorn
 
     host, port = cfg.host_port
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=cfg.log_level, access_log=False))
+    # SIGTERM/SIGINT: a graceful stop and exit status 0 (uvicorn would re-raise the signal)
+    server.capture_signals = contextlib.nullcontext
+
+    def stop(signum, frame):
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=cfg.log_level, access_log=False)
+        server.run()
     finally:
         registry.stop(grace=2)
     return 0
