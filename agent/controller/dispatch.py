@@ -32,6 +32,7 @@ from agent.errors import BlockferryError, Busy, TargetUnreachable
 log = logging.getLogger("controller.dispatch")
 MAX_ATTEMPTS = 3
 WAIT_LIMIT = 3600.0  # a task nobody could run for this long: timeout
+FOLLOW_EVERY = 0.25  # seconds between two polls of one running task
 SPECS = {"clone": jobs_pb2.CloneSpec, "backup": jobs_pb2.BackupSpec, "restore": jobs_pb2.RestoreSpec}
 FINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 
@@ -80,6 +81,11 @@ class Dispatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        self._followed: dict[str, float] = {}
+        self._submitting: dict[str, str] = {}  # task id -> host, while its SubmitJob is on the way
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="follow")
+        self._submit_pool = ThreadPoolExecutor(8, thread_name_prefix="submit")
 
     def start(self) -> "Dispatcher":
         self._thread.start()
@@ -89,6 +95,8 @@ class Dispatcher:
         self._stop.set()
         self._wake.set()
         self._thread.join(10)
+        self._pool.shutdown(wait=False)
+        self._submit_pool.shutdown(wait=False)
 
     def wake(self) -> None:
         """A new task: look now instead of at the next tick."""
@@ -105,16 +113,28 @@ class Dispatcher:
 
     # --- one round ---
     def tick(self) -> None:
+        """Place waiting tasks first (dispatch latency is what callers feel),
+        then follow the running ones, a few at a time in parallel, at most
+        every FOLLOW_EVERY seconds each."""
         with self.db.session() as s:
             hosts = {h.uuid: h for h in s.scalars(select(Host)).all()}
             running = s.scalars(select(Task).where(Task.status == "running")).all()
             waiting = s.scalars(select(Task).where(Task.status == "waiting").order_by(Task.created_at)).all()
-        for t in running:
-            self._follow(t, hosts)
-        with self.db.session() as s:
-            load = Counter(t.host_uuid for t in s.scalars(select(Task).where(Task.status == "running")).all())
+        load = Counter(t.host_uuid for t in running)
+        for host_uuid in self._submitting.values():
+            load[host_uuid] += 1
         for t in waiting:
-            self._place(t, hosts, load)
+            if t.id not in self._submitting:
+                self._place(t, hosts, load)
+        now = time.monotonic()
+        due = [t for t in running if now - self._followed.get(t.id, 0.0) >= FOLLOW_EVERY]
+        for t in due:
+            self._followed[t.id] = now
+        if due:
+            list(self._pool.map(lambda t: self._follow(t, hosts), due))
+        live = {t.id for t in running}
+        for tid in [k for k in self._followed if k not in live]:
+            del self._followed[tid]
 
     def _online(self, h: Host | None) -> bool:
         return h is not None and host_state(h, self.cfg.host_dead_after) == "online"
@@ -131,43 +151,55 @@ class Dispatcher:
         return sorted(ok, key=lambda h: (load[h.uuid] / max(1, h.max_jobs), h.uuid))
 
     def _place(self, t: Task, hosts: dict[str, Host], load: Counter) -> None:
+        """Pick a host now; submit in the background (an RPC takes tens of
+        milliseconds, and tasks queued behind it should not wait for it)."""
         candidates = self._candidates(t, hosts, load)
         if not candidates:
             if time.time() - t.created_at > WAIT_LIMIT:
                 self._finish(t, "timeout", "NO_HOST", "no eligible host could run it within "
                              f"{int(WAIT_LIMIT)} s")
             return
-        for host in candidates:
-            try:
-                if t.backup_point_uuid:
-                    with self.db.session() as s:
-                        bp = s.get(BackupPoint, t.backup_point_uuid)
-                    if bp is None:
-                        raise BlockferryError(f"backup point {t.backup_point_uuid} was deleted")
-                    self.agents.call(host, "backups", "AttachBackupPoint", backup_point_request(bp, self.secrets))
-                job_id = f"{t.id}.{t.attempts}"
-                spec = ParseDict(json.loads(t.spec_json), SPECS[t.job_kind]())
-                self.agents.call(host, "jobs", "SubmitJob", jobs_pb2.SubmitJobRequest(job_id=job_id,
-                                                                                      **{t.job_kind: spec}))
-            except (TargetUnreachable, Busy) as e:
-                log.info("host cannot take the task now", extra={"task": t.id, "host": host.uuid, "why": e.message})
-                continue
-            except BlockferryError as e:  # the request itself is refused: no other host will do better
-                if t.attempts and e.code == "ALREADY_EXISTS" and (adopted := self._adopt(t, host)) is not None:
-                    with self.db.session() as s:
-                        s.get(Task, t.id).host_uuid = host.uuid
-                    t.host_uuid = host.uuid
-                    self._finish(t, "success", result=adopted)  # the lost attempt completed after all
+        load[candidates[0].uuid] += 1
+        self._submitting[t.id] = candidates[0].uuid
+        self._submit_pool.submit(self._submit, t, candidates)
+
+    def _submit(self, t: Task, candidates: list[Host]) -> None:
+        try:
+            for host in candidates:
+                try:
+                    if t.backup_point_uuid:
+                        with self.db.session() as s:
+                            bp = s.get(BackupPoint, t.backup_point_uuid)
+                        if bp is None:
+                            raise BlockferryError(f"backup point {t.backup_point_uuid} was deleted")
+                        self.agents.call(host, "backups", "AttachBackupPoint", backup_point_request(bp, self.secrets))
+                    job_id = f"{t.id}.{t.attempts}"
+                    spec = ParseDict(json.loads(t.spec_json), SPECS[t.job_kind]())
+                    self.agents.call(host, "jobs", "SubmitJob", jobs_pb2.SubmitJobRequest(job_id=job_id,
+                                                                                          **{t.job_kind: spec}))
+                except (TargetUnreachable, Busy) as e:
+                    log.info("host cannot take the task now", extra={"task": t.id, "host": host.uuid,
+                                                                     "why": e.message})
+                    continue
+                except BlockferryError as e:  # the request itself is refused: no other host will do better
+                    if t.attempts and e.code == "ALREADY_EXISTS" and (adopted := self._adopt(t, host)) is not None:
+                        with self.db.session() as s:
+                            s.get(Task, t.id).host_uuid = host.uuid
+                        t.host_uuid = host.uuid
+                        self._finish(t, "success", result=adopted)  # the lost attempt completed after all
+                        return
+                    self._finish(t, "failed", e.code, e.message)
                     return
-                self._finish(t, "failed", e.code, e.message)
+                with self.db.session() as s:
+                    row = s.get(Task, t.id)
+                    row.status, row.host_uuid, row.agent_job_id = "running", host.uuid, job_id
+                    row.started_at = row.started_at or time.time()
+                log.info("task dispatched", extra={"task": t.id, "host": host.uuid, "kind": t.job_kind})
                 return
-            with self.db.session() as s:
-                row = s.get(Task, t.id)
-                row.status, row.host_uuid, row.agent_job_id = "running", host.uuid, job_id
-                row.started_at = row.started_at or time.time()
-            load[host.uuid] += 1
-            log.info("task dispatched", extra={"task": t.id, "host": host.uuid, "kind": t.job_kind})
-            return
+        except Exception:
+            log.exception("dispatching a task failed", extra={"task": t.id})
+        finally:
+            self._submitting.pop(t.id, None)
 
     def _follow(self, t: Task, hosts: dict[str, Host]) -> None:
         host = hosts.get(t.host_uuid)
@@ -235,6 +267,7 @@ class Dispatcher:
                 row.result_json = json.dumps(result or {})
             self._apply(s, row, result or {})
         log.info("task ended", extra={"task": t.id, "status": status, "code": code})
+        self._wake.set()  # its slot on the host is free: place what waits for it now
 
     @staticmethod
     def _apply(s, t: Task, result: dict) -> None:

@@ -8,6 +8,8 @@ to apply internal snapshots while persistent dirty bitmaps are enabled. So:
     <root>/pool-<pool>/volume/<vol>             the live state ("head"), an overlay
     <root>/pool-<pool>/snapshot/<vol>/<snap>    each snapshot's frozen layer
     <root>/pool-<pool>/meta/<vol>.json          the snapshot tree, clones, tracking
+    <root>/pool-<pool>/locks/<vol>.lock         a POSIX record lock around metadata changes, so
+                                                agents sharing the pool's storage take turns
 
 - Snapshot: the head file is renamed to the snapshot's layer (its content is
   then frozen) and a new empty head is created on top of it.
@@ -31,6 +33,7 @@ bitmaps of the layers on the tree path (A, B]. A bitmap left inconsistent
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -90,6 +93,36 @@ class Qcow2Pool(VolumeDriver):
         for sub in ("volume", "snapshot", "meta"):
             os.makedirs(os.path.join(self.base, sub), mode=0o750, exist_ok=True)
         self._remove_leftovers()
+
+    @contextmanager
+    def _locked(self, vol: str):
+        """Serialise changes of one volume's metadata: between this agent's
+        threads (the base class), and between agents that share the pool's
+        storage (a POSIX record lock on <pool>/locks/<vol>.lock, taken by the
+        outermost holder only: closing any descriptor of a file drops all of
+        a process's POSIX locks on it)."""
+        with super()._locked(vol):
+            held = self.__dict__.setdefault("_flocks", {})
+            if vol in held:  # nested: this thread holds it already
+                held[vol][1] += 1
+                try:
+                    yield
+                finally:
+                    held[vol][1] -= 1
+                return
+            os.makedirs(os.path.join(self.base, "locks"), mode=0o750, exist_ok=True)
+            fd = os.open(os.path.join(self.base, "locks", f"{vol}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o640)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                held[vol] = [fd, 1]
+                try:
+                    yield
+                finally:
+                    del held[vol]
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
     def _remove_leftovers(self) -> None:
         """Temporary files of operations a crash interrupted (a half-made

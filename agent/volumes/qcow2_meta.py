@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 
 from agent.errors import StorageIOError
@@ -67,7 +68,7 @@ def load(path: str) -> VolMeta:
 
 
 def save(path: str, meta: VolMeta) -> None:
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # never shared by two writers
     data = json.dumps(dataclasses.asdict(meta), indent=1, sort_keys=True).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
