@@ -12,7 +12,7 @@ SUBNET = "169.254.77"
 BRIDGE_IP = f"{SUBNET}.1"
 
 
-class TestNet:
+class HostNet:
     def __init__(self, names: list[str]):
         tag = secrets.token_hex(2)
         self.bridge = f"bfbr{tag}"

@@ -74,7 +74,9 @@ def test_seed_002_pools(cluster, ceph):
         assert fc["list"][f"wwn-0x{WWID_B}"] == [{"host_uuid": host, "host_name": fc["list"][f"wwn-0x{WWID_B}"][0][
             "host_name"], "disk_path": fc["list"][f"wwn-0x{WWID_B}"][0]["disk_path"]}]
         # an RBD pool on the real cluster
-        rbd_body = dict(create, pool_name="ceph", pool_type=6, source="rbd", limit_host=False, avail_host=[],
+        rados_pool = f"ctl{uuid.uuid4().hex[:8]}"  # its own RADOS pool: other tests leave images in "rbd"
+        ceph.add_pool(rados_pool)
+        rbd_body = dict(create, pool_name="ceph", pool_type=6, source=rados_pool, limit_host=False, avail_host=[],
                         attr={"ceph_conf": str(ceph.conf)})
         rbd_pool = check_ok(op.post("/v1/pool/share/create", json=rbd_body))["pool"]
         assert rbd_pool["Status"] == "healthy" and rbd_pool["AvailHosts"] == [host]

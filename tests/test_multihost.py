@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from agent.api.v1 import jobs_pb2
 from cephcluster import free_port
 from conftest import write_config
-from netns import BRIDGE_IP, TestNet
+from netns import BRIDGE_IP, HostNet
 from test_controller import AGENT_TOKEN, Controller, check_ok, seed_example
 from test_controller_pools import wait_task
 from test_qcow2 import write
@@ -55,7 +55,7 @@ def _pki(d, ips: list[str]) -> None:
 
 @pytest.fixture
 def fleet(short_tmp):
-    net = TestNet(NAMES)
+    net = HostNet(NAMES)
     agents, ctl = {}, None
     try:
         pki = short_tmp / "pki"
