@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = REPO.parent / "shared" / "seeds"
+SEEDS = REPO / "docs" / "seeds"  # a copy of ../shared/seeds: the API contract, kept with the code
 TENANT_A = "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"  # the seed's tenant
 TENANT_B = "fa81a25f-7dfa-41aa-8273-eb9e455d4d36"
 CLUSTER = "b088822c-1176-4c79-9df7-5fad80c7fd1d"
