@@ -489,3 +489,20 @@ def test_nbd_copy_path_keeps_content_and_holes(tmp_path):
         ext = c.allocation()
     assert any(e.zero and e.start <= 20 * MiB < e.end for e in ext)
     assert any(e.zero and e.start <= 40 * MiB < e.end for e in ext)
+
+
+def test_leftover_sweep_spares_files_another_agent_may_be_writing(short_tmp):
+    """On shared storage another agent may be writing a temporary file when
+    this one opens the pool: only files nobody wrote for LEFTOVER_AGE go."""
+    from agent.volumes.qcow2 import LEFTOVER_AGE, Qcow2Pool
+
+    pool_uuid = new_id()
+    Qcow2Pool(pool_uuid, str(short_tmp / "p"), run_dir=str(short_tmp), allowed_roots=[str(short_tmp)])
+    vols = short_tmp / "p" / f"pool-{pool_uuid}" / "volume"
+    old, fresh = vols / f".{new_id()}.x.copy", vols / f".{new_id()}.new"
+    old.write_bytes(b"abandoned")
+    fresh.write_bytes(b"being written")
+    past = time.time() - LEFTOVER_AGE - 60
+    os.utime(old, (past, past))
+    Qcow2Pool(pool_uuid, str(short_tmp / "p"), run_dir=str(short_tmp), allowed_roots=[str(short_tmp)])
+    assert not old.exists() and fresh.exists()

@@ -79,6 +79,9 @@ def _disk_usage(path: str) -> int:
         return 0
 
 
+LEFTOVER_AGE = 600.0  # seconds without a write before a temporary file counts as abandoned
+
+
 class Qcow2Pool(VolumeDriver):
     kind = "dir"
 
@@ -126,17 +129,28 @@ class Qcow2Pool(VolumeDriver):
 
     def _remove_leftovers(self) -> None:
         """Temporary files of operations a crash interrupted (a half-made
-        copy or layer) never became visible; remove them."""
+        copy or layer) never became visible; remove them. Only those nobody
+        wrote for LEFTOVER_AGE seconds: on shared storage another agent may
+        be writing a fresh one right now (a younger leftover goes at a later
+        start). A half-done snapshot is repaired under the volume's lock,
+        which an agent making a snapshot holds."""
+        now = time.time()
         for sub in ("volume", "snapshot"):
             for dirpath, _, files in os.walk(os.path.join(self.base, sub)):
                 for f in files:
                     if f.startswith(".") and (f.endswith(".copy") or f.endswith(".new")):
+                        try:
+                            if now - os.stat(os.path.join(dirpath, f)).st_mtime < LEFTOVER_AGE:
+                                continue
+                        except FileNotFoundError:
+                            continue
                         log.warning("removing leftover of an interrupted operation",
                                     extra={"path": os.path.join(dirpath, f)})
                         os.unlink(os.path.join(dirpath, f))
         for f in os.listdir(os.path.join(self.base, "meta")):
             if f.endswith(".json"):
-                self._repair_interrupted_snapshot(f[:-5])
+                with self._locked(f[:-5]):
+                    self._repair_interrupted_snapshot(f[:-5])
 
     def _repair_interrupted_snapshot(self, vol: str) -> None:
         """A crash between renaming the head to a snapshot layer and writing
