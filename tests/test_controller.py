@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from test_tls import pki  # noqa: F401  (a fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "docs" / "seeds"  # a copy of ../shared/seeds: the API contract, kept with the code
 TENANT_A = "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"  # the seed's tenant
@@ -451,3 +453,32 @@ def test_fuzzed_every_endpoint_never_500_and_changes_nothing(app_client, which, 
     if r.status_code != 200:
         assert payload["scode"] != 0 and payload["message"] and payload["message_cn"]
         assert _db_state(db) == before, (path, body, payload)
+
+
+def test_agent_registry_over_mutual_tls(short_tmp, make_agent, pki):
+    """The registry with TLS and client certificates, as in production: an
+    agent with a certificate from the CA registers; one without is refused."""
+    from cephcluster import free_port
+
+    gport = free_port()
+    c = Controller(short_tmp / "ctl", grpc_listen=f"127.0.0.1:{gport}",
+                   extra=f'grpc_tls_cert = "{pki}/server.pem"\ngrpc_tls_key = "{pki}/server.key"\n'
+                         f'grpc_client_ca = "{pki}/ca.pem"\n')
+    try:
+        good, bad = str(uuid.uuid4()), str(uuid.uuid4())
+        for name, host, cert in (("good", good, True), ("bad", bad, False)):
+            tls = f'tls_ca = "{pki}/ca.pem"\n' + (f'tls_cert = "{pki}/client.pem"\ntls_key = "{pki}/client.key"\n'
+                                                 if cert else "")
+            a = make_agent(f'[controller]\naddress = "localhost:{gport}"\ntoken = "{AGENT_TOKEN}"\n'
+                           f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n{tls}', name=name)
+            a.config.chmod(0o600)
+            a.start()
+        with c.client("op") as op:
+            deadline = time.monotonic() + 20
+            while not check_ok(op.get("/v1/hosts"))["total_count"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            time.sleep(2)
+            assert [h["UUID"] for h in check_ok(op.get("/v1/hosts"))["list"]] == [good]
+    finally:
+        c.stop()
