@@ -276,3 +276,82 @@ def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
         bad = check_ok(op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=str(uuid.uuid4()))))
         tb = wait_task(op, bad["task_id"])
         assert tb["status"] == "failed" and tb["error_info"]["code"] == "NOT_FOUND", tb
+
+
+@pytest.mark.parametrize("kind", ["nfs", "samba"])
+def test_seed_000_backup_points_on_real_servers(cluster, short_tmp, kind, request):
+    """A backup point on a real NFS or SMB server, added through the seed 000
+    API; a backup to it and a restore from it through seed 001; a rename; a
+    move refused while it holds backups and allowed once empty (agents take
+    the new definition); delete once its backups are gone."""
+    from agent.api.v1 import jobs_pb2
+    from test_qcow2 import write
+
+    c, a, host = cluster
+    run = short_tmp / "run-test"
+    run.mkdir()
+    cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
+    tenant = seed_example("000", "/v1/volume/internal/backuppoint/add")["tenant"]
+    if kind == "nfs":
+        srv = request.getfixturevalue("nfs_server")
+        point = dict(btype="nfs", ip="127.0.0.1", root_dir=str(srv.export), sub_dir=f"ctl-{uuid.uuid4().hex[:6]}",
+                     env={"port": srv.nfs_port, "mount_port": srv.mount_port, "chunk_size": 1 << 20})
+    else:
+        srv = request.getfixturevalue("smb_server")
+        point = dict(btype="samba", ip="127.0.0.1", root_dir="backups", sub_dir=f"ctl-{uuid.uuid4().hex[:6]}",
+                     env={"port": srv.port, "username": srv.user, "secret": srv.password, "chunk_size": 1 << 20})
+    with c.client("op") as op:
+        pid = check_ok(op.post("/v1/pool/share/create", json=dict(
+            seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p"),
+            avail_host=[host])))["pool"]["UUID"]
+        vol = check_ok(op.post("/v1/volume/share/create", json=dict(
+            seed_example("001", "/v1/volume/share/create"), tenant=tenant, pool_uuid=pid, cluster_uuid=cluster_uuid,
+            capacity=16 << 20, backing_file="")))["volume"]
+        write(vol["AccessPath"][host], {0: os.urandom(3 << 20)}, run)
+        ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
+        s1 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
+        add = dict(seed_example("000", "/v1/volume/internal/backuppoint/add"), cluster_uuid=cluster_uuid,
+                   pass_word="bp-secret-pw", **point)
+        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=add))["uuid"]
+
+        def backup(name):
+            started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
+                seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
+                volume_uuid=vol["UUID"], snapshot_uuid=s1["UUID"], backup_point_uuid=bp, backup_name=name)))
+            t = wait_task(op, started["task_id"], 120)
+            assert t["status"] == "success", t
+            return started["backup"]["UUID"]
+
+        def delete_backup(bid):
+            check_ok(op.post("/v1/volume/share/backup/delete", json={"cluster_uuid": cluster_uuid, "tenant": tenant,
+                                                                     "backup_uuid": bid}))
+
+        first = backup("first")
+        rs = check_ok(op.post("/v1/volume/share/backup/restore", json=dict(
+            seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=first,
+            new_volume_name="back", new_pool_uuid=pid, new_volume_tenant=tenant, cluster_uuid=cluster_uuid)))
+        assert wait_task(op, rs["task_id"], 120)["status"] == "success"
+        with a.client() as ac:
+            def digest(v, snap=""):
+                j = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=v,
+                                                                                  snapshot_uuid=snap))
+                return j.checksum_result.image_digest
+            assert digest(rs["volume"]["UUID"]) == digest(vol["UUID"], s1["UUID"])
+        listed = check_ok(op.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": cluster_uuid,
+                                                                                 "tenant": tenant}))
+        item = next(x for x in listed["list"] if x["UUID"] == bp)
+        assert item["BType"] == kind and item["Ref"] == 1 and item["indentify"]["Pwd"] == "******"
+        upd = dict(seed_example("000", "v1/volume/internal/backuppoint/update"), cluster_uuid=cluster_uuid,
+                   tenant_uuid=tenant, backup_point_uuid=bp, ip="127.0.0.1", root_directory=point["root_dir"],
+                   sub_dir=point["sub_dir"], backup_point_name=f"{kind}-renamed")
+        check_ok(op.post("/v1/volume/internal/backuppoint/update", json=upd))  # a rename: fine
+        moved = dict(upd, sub_dir=point["sub_dir"] + "-moved")
+        check_error(op.post("/v1/volume/internal/backuppoint/update", json=moved), 409, "backup_point_uuid")
+        check_error(op.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": cluster_uuid,
+                                                                           "uuid": bp}), 409, "uuid")
+        delete_backup(first)
+        check_ok(op.post("/v1/volume/internal/backuppoint/update", json=moved))  # empty now: it may move
+        delete_backup(backup("after-move"))  # the agent took the new definition
+        check_ok(op.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": cluster_uuid, "uuid": bp}))
+    for secret in ("bp-secret-pw", getattr(srv, "password", "bp-secret-pw")):
+        assert secret not in a.log_text() and secret not in c.log.read_text()

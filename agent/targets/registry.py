@@ -194,8 +194,9 @@ class BackupPoints:
 
     def attach(self, uuid: str, section: BackupPointSection) -> BackupPoint:
         """Serve a backup point from now on (idempotent for the same
-        definition). Its storage must answer and hold a repository, or be
-        empty (and then get one, if `initialize`)."""
+        definition; a new definition of an attached one replaces it). Its
+        storage must answer and hold a repository, or be empty (and then get
+        one, if `initialize`)."""
         import dataclasses
         import json
         import os
@@ -214,8 +215,11 @@ class BackupPoints:
             if current is not None:
                 if current.section == section:
                     return current
-                raise AlreadyExists(f"backup_point_uuid: backup point {uuid} is served here with another "
-                                    "definition", field="backup_point_uuid")
+                if uuid not in self._attached:
+                    raise AlreadyExists(f"backup_point_uuid: backup point {uuid} is defined in the agent's config "
+                                        "file with another definition", field="backup_point_uuid")
+                # the controller updated it (seed 000 update): the new definition replaces the old
+                # one; jobs already running keep the repository they opened
             bp = BackupPoint(uuid, section)
             bp.repository()  # reachable, credentials right, a repository (or an empty place for one)
             os.makedirs(self.attached_dir, mode=0o700, exist_ok=True)
@@ -228,6 +232,8 @@ class BackupPoints:
             os.rename(path + ".tmp", path)
             self._points[uuid] = bp
             self._attached.add(uuid)
+            if current is not None:
+                current.reset()
             return bp
 
     def detach(self, uuid: str) -> None:

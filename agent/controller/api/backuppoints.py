@@ -152,6 +152,9 @@ def router(auth) -> APIRouter:
                     raise NotFound(f"backup_point_uuid: backup point {bid} does not exist",
                                    field="backup_point_uuid")
                 root = _location(bp.btype, req.root_directory, "root_directory")
+                if bp.ref and (ip, root, sub) != (bp.ip, bp.root_dir, bp.sub_dir):
+                    raise HasDependents(f"backup_point_uuid: backup point {bp.name!r} holds {bp.ref} backup(s); "
+                                        "it can be renamed, but moved only when empty", field="backup_point_uuid")
                 bp.name, bp.ip, bp.root_dir, bp.sub_dir, bp.mtime = name, ip, root, sub, int(time.time())
         except IntegrityError:
             raise AlreadyExists(f"backup_point_name: tenant {tenant} has a backup point named {name!r} already",
