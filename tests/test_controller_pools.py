@@ -16,10 +16,14 @@ from test_controller import AGENT_TOKEN, TENANT_A, Controller, check_error, chec
 from test_qcow2 import rpc_error
 
 
-@pytest.fixture
-def cluster(short_tmp, make_agent):
-    """A controller and one agent registered with it (FC tree in its sysfs)."""
-    c = Controller(short_tmp / "ctl")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cluster(request, short_tmp, make_agent):
+    """A controller (on SQLite, and on a real PostgreSQL) and one agent
+    registered with it (FC tree in its sysfs)."""
+    url = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_server").create_database(f"bf_{uuid.uuid4().hex[:10]}")
+    c = Controller(short_tmp / "ctl", url)
     host = str(uuid.uuid4())
     sys_root, dev_root = build(short_tmp / "fc")
     a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
