@@ -82,6 +82,10 @@ def serve(cfg: ControllerConfig, db: Database) -> grpc.Server:
     registry_pb2_grpc.add_AgentRegistryServicer_to_server(Registry(cfg, db), server)
     addr = cfg.grpc_listen
     if addr.startswith("unix:") or not cfg.grpc_tls_cert:
+        host = addr.rpartition(":")[0].strip("[]")
+        if not addr.startswith("unix:") and host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("the agent registry listens without TLS on a network address; set grpc_tls_cert and "
+                        "grpc_tls_key (and grpc_client_ca for mutual TLS) in production", extra={"listen": addr})
         server.add_insecure_port(addr)
     else:
         with open(cfg.grpc_tls_cert, "rb") as f:

@@ -6,6 +6,7 @@ pool (the host that created it first). Clones and backups are tasks
 from __future__ import annotations
 
 import json
+import random
 import time
 import uuid as uuidlib
 
@@ -189,7 +190,6 @@ def router(auth) -> APIRouter:
         if not hosts:
             raise TargetUnreachable(f"pool_uuid: no online host serves pool {pid}", field="pool_uuid")
         vid = str(uuidlib.uuid4())
-        import random
         hosts.insert(0, hosts.pop(random.randrange(len(hosts))))  # spread new volumes over the serving hosts
         info = agent(request, hosts[0], "CreateVolume", volumes_pb2.CreateVolumeRequest(
             pool_uuid=pid, volume_uuid=vid, name=name, capacity=req.capacity, backing_file=backing))
