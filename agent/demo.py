@@ -21,7 +21,6 @@ import time
 import uuid
 
 from agent import native
-from agent.api.v1 import backups_pb2 as b
 from agent.api.v1 import jobs_pb2
 from agent.api.v1 import volumes_pb2 as v
 from agent.client import AgentClient, Target

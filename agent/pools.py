@@ -4,10 +4,10 @@ controller attached at run time (kept in <state_dir>/pools.d/<uuid>.json,
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import threading
 
+from agent.attached import AttachedDefinitions
 from agent.config import Config, PoolSection
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound, \
     TargetUnreachable
@@ -25,10 +25,10 @@ class PoolRegistry:
         self._pools: dict[str, VolumeDriver] = {}
         self._sections: dict[str, PoolSection] = {}
         self._attached: set[str] = set()
-        self.attached_dir = os.path.join(cfg.agent.state_dir, "pools.d")
+        self.attached = AttachedDefinitions(os.path.join(cfg.agent.state_dir, "pools.d"), PoolSection)
         for pool_uuid, pc in cfg.pools.items():
             self._add(pool_uuid, pc)
-        for pool_uuid, pc in self._load_attached().items():
+        for pool_uuid, pc in self.attached.load().items():
             if pool_uuid not in self._pools:
                 self._add(pool_uuid, pc)
                 self._attached.add(pool_uuid)
@@ -61,18 +61,6 @@ class PoolRegistry:
         return list(self._pools.values())
 
     # --- pools attached at run time ---
-    def _load_attached(self) -> dict[str, PoolSection]:
-        out = {}
-        try:
-            names = sorted(os.listdir(self.attached_dir))
-        except FileNotFoundError:
-            return out
-        for name in names:
-            if name.endswith(".json"):
-                with open(os.path.join(self.attached_dir, name)) as f:
-                    out[name[:-5]] = PoolSection(**json.load(f))
-        return out
-
     def attach(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
         check_uuid(pool_uuid, "pool_uuid")
         if pc.type == "dir":
@@ -99,15 +87,7 @@ class PoolRegistry:
             if status.status == "unreachable":
                 raise TargetUnreachable(f"pool_uuid: pool {pool_uuid} does not answer: {status.error}",
                                         field="pool_uuid")
-            os.makedirs(self.attached_dir, mode=0o700, exist_ok=True)
-            path = os.path.join(self.attached_dir, f"{pool_uuid}.json")
-            tmp = path + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(dataclasses.asdict(pc), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
+            self.attached.save(pool_uuid, pc)
             self._pools[pool_uuid] = driver
             self._sections[pool_uuid] = pc
             self._attached.add(pool_uuid)
@@ -121,10 +101,7 @@ class PoolRegistry:
                                          "it there", field="pool_uuid")
             if not force and driver.list_volumes():
                 raise HasDependents(f"pool_uuid: pool {pool_uuid} still holds volumes", field="pool_uuid")
-            try:
-                os.unlink(os.path.join(self.attached_dir, f"{pool_uuid}.json"))
-            except FileNotFoundError:
-                pass
+            self.attached.remove(pool_uuid)
             del self._pools[pool_uuid]
             del self._sections[pool_uuid]
             self._attached.discard(pool_uuid)

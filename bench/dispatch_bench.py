@@ -22,7 +22,6 @@ import argparse
 import os
 import secrets
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -371,6 +371,18 @@ static int check_open(NfsContextObject *c)
     return 0;
 }
 
+/* Take the context's lock for a call; on a closed context release it and
+ * fail (ValueError set). */
+static int nfs_enter(NfsContextObject *c)
+{
+    nfs_lock(c);
+    if (check_open(c) < 0) {
+        PyThread_release_lock(c->lock);
+        return -1;
+    }
+    return 0;
+}
+
 static int NfsContext_init(NfsContextObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"server", "export", "nfs_port", "mount_port", "timeout_ms", "uid", "gid", NULL};
@@ -436,11 +448,8 @@ static PyObject *NfsContext_open(NfsContextObject *self, PyObject *args)
         return NULL;
     struct nfsfh *fh = NULL;
     int rc;
-    nfs_lock(self);
-    if (check_open(self) < 0) {
-        PyThread_release_lock(self->lock);
+    if (nfs_enter(self) < 0)
         return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     if (flags & O_CREAT)
         rc = nfs_create(self->nfs, path, flags & ~O_CREAT, mode, &fh);
@@ -474,11 +483,8 @@ static PyObject *nfs_path_op(NfsContextObject *self, enum path_op op, const char
 {
     static const char *names[] = {"unlink", "mkdir", "rmdir", "rename"};
     int rc;
-    nfs_lock(self);
-    if (check_open(self) < 0) {
-        PyThread_release_lock(self->lock);
+    if (nfs_enter(self) < 0)
         return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     switch (op) {
     case OP_UNLINK: rc = nfs_unlink(self->nfs, a); break;
@@ -533,11 +539,8 @@ static PyObject *NfsContext_stat(NfsContextObject *self, PyObject *args)
         return NULL;
     struct nfs_stat_64 st;
     int rc;
-    nfs_lock(self);
-    if (check_open(self) < 0) {
-        PyThread_release_lock(self->lock);
+    if (nfs_enter(self) < 0)
         return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     rc = nfs_stat64(self->nfs, path, &st);
     Py_END_ALLOW_THREADS
@@ -557,11 +560,8 @@ static PyObject *NfsContext_statvfs(NfsContextObject *self, PyObject *args)
         return NULL;
     struct nfs_statvfs_64 st;
     int rc;
-    nfs_lock(self);
-    if (check_open(self) < 0) {
-        PyThread_release_lock(self->lock);
+    if (nfs_enter(self) < 0)
         return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     rc = nfs_statvfs64(self->nfs, path, &st);
     Py_END_ALLOW_THREADS
@@ -581,11 +581,8 @@ static PyObject *NfsContext_listdir(NfsContextObject *self, PyObject *args)
         return NULL;
     struct nfsdir *dir = NULL;
     int rc;
-    nfs_lock(self);
-    if (check_open(self) < 0) {
-        PyThread_release_lock(self->lock);
+    if (nfs_enter(self) < 0)
         return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     rc = nfs_opendir(self->nfs, path, &dir);
     Py_END_ALLOW_THREADS

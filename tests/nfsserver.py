@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from cephcluster import _alive, free_port
+from smallfs import mount_small_fs, unmount_small_fs
 
 CONF = """\
 NFS_CORE_PARAM {{
@@ -74,13 +75,7 @@ class NfsServer:
         self.export.mkdir(parents=True, exist_ok=True)
         self.small.mkdir(exist_ok=True)
         if self.loop is None:
-            img = self.root / "small.img"
-            with open(img, "wb") as f:
-                f.truncate(self.small_bytes)
-            subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], check=True)
-            self.loop = subprocess.run(["losetup", "-f", "--show", str(img)], check=True,
-                                       capture_output=True, text=True).stdout.strip()
-            subprocess.run(["mount", self.loop, str(self.small)], check=True)
+            self.loop = mount_small_fs(self.root / "small.img", self.small, self.small_bytes)
         if subprocess.run(["pgrep", "-x", "rpcbind"], capture_output=True).returncode != 0:
             self.rpcbind = subprocess.Popen(["rpcbind", "-f"], stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL)
@@ -112,13 +107,7 @@ class NfsServer:
             self.rpcbind.wait()
             self.rpcbind = None
         if self.loop:
-            for _ in range(50):
-                if subprocess.run(["umount", str(self.small)], capture_output=True).returncode == 0:
-                    break
-                time.sleep(0.1)
-            else:
-                subprocess.run(["umount", "-l", str(self.small)], check=False)
-            subprocess.run(["losetup", "-d", self.loop], check=False)
+            unmount_small_fs(self.small, self.loop)
             self.loop = None
         shutil.rmtree(self.root, ignore_errors=True)
 

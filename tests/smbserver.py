@@ -12,11 +12,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from cephcluster import free_port
 from nfsserver import _wait_port
+from smallfs import mount_small_fs, unmount_small_fs
 
 CONF = """\
 [global]
@@ -79,13 +79,7 @@ class SmbServer:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(CONF.format(port=self.port, root=self.root, user=self.user))
         if self.loop is None:
-            img = self.root / "small.img"
-            with open(img, "wb") as f:
-                f.truncate(self.small_bytes)
-            subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], check=True)
-            self.loop = subprocess.run(["losetup", "-f", "--show", str(img)], check=True,
-                                       capture_output=True, text=True).stdout.strip()
-            subprocess.run(["mount", self.loop, str(self.root / "small")], check=True)
+            self.loop = mount_small_fs(self.root / "small.img", self.root / "small", self.small_bytes)
             self._smbpasswd()
             uid = pwd.getpwnam(self.user).pw_uid
             self.root.chmod(0o711)  # the share user must reach its directories
@@ -116,13 +110,7 @@ class SmbServer:
     def destroy(self) -> None:
         self.stop()
         if self.loop:
-            for _ in range(50):
-                if subprocess.run(["umount", str(self.root / "small")], capture_output=True).returncode == 0:
-                    break
-                time.sleep(0.1)
-            else:
-                subprocess.run(["umount", "-l", str(self.root / "small")], check=False)
-            subprocess.run(["losetup", "-d", self.loop], check=False)
+            unmount_small_fs(self.root / "small", self.loop)
             self.loop = None
         subprocess.run(["userdel", self.user], check=False, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)

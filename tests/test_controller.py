@@ -5,8 +5,6 @@ application in process."""
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import subprocess
 import sys
 import time

@@ -2,7 +2,6 @@
 storage: a directory pool and an RBD pool on the Ceph fixture."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time

@@ -6,7 +6,6 @@ from __future__ import annotations
 import uuid
 
 import grpc
-import pytest
 
 from agent.api.v1 import volumes_pb2 as v
 from test_qcow2 import MiB, rpc_error

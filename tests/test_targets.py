@@ -32,6 +32,9 @@ class Target:
     def read_back(self, sub: str, name: str) -> bytes:
         raise NotImplementedError
 
+    def forget(self) -> None:
+        """Drop a store this process keeps open (raw LUNs), so the next make() opens it afresh."""
+
 
 class LocalTarget(Target):
     def __init__(self, root):
@@ -262,9 +265,11 @@ def test_engine_suite(target, pool, short_tmp):
     assert stats.total_bytes > 0 and stats.available_bytes > 0
 
 
-def test_nfs_server_stopped_mid_backup_fails_cleanly_then_retry_succeeds(nfs_server, pool, short_tmp):
-    t = NfsTarget(nfs_server)
-    sub = f"outage-{uuid.uuid4().hex[:8]}"
+def outage_then_retry(server, t: Target, sub: str, pool, short_tmp, match: str) -> None:
+    """The server stops in the middle of a backup: the job fails with
+    TARGET_UNREACHABLE naming the backup point; once the server is back,
+    nothing half-done is listed, and a new backup (through the same store,
+    which connects again by itself) verifies deeply."""
     repo = Repository.init(t.make(sub, timeout=2.0), chunk_size=CS)
     vol = pool.create_volume(nid(), "src", 48 * MiB).uuid
     write(pool.head_path(vol), {0: os.urandom(40 * MiB)}, short_tmp)
@@ -276,7 +281,7 @@ def test_nfs_server_stopped_mid_backup_fails_cleanly_then_retry_succeeds(nfs_ser
         def checkpoint(self):
             self.n += 1
             if self.n == 6:
-                nfs_server.stop()
+                server.stop()
 
         def throttle(self, n):
             pass
@@ -285,14 +290,20 @@ def test_nfs_server_stopped_mid_backup_fails_cleanly_then_retry_succeeds(nfs_ser
             pass
 
     try:
-        with pytest.raises(TargetUnreachable, match=r"backup point nfs://127\.0\.0\.1"):
+        with pytest.raises(TargetUnreachable, match=match):
             backup(pool, vol, s1, repo, ctx=StopServer())
     finally:
-        nfs_server.start()
+        server.start()
     again = Repository.open(t.make(sub))
     assert again.manifests() == []  # nothing half-visible
     m = backup(pool, vol, s1, again)
+    t.forget()
     verify(Repository.open(t.make(sub)), m, deep=True)  # deep: raises unless the image digest matches
+
+
+def test_nfs_server_stopped_mid_backup_fails_cleanly_then_retry_succeeds(nfs_server, pool, short_tmp):
+    outage_then_retry(nfs_server, NfsTarget(nfs_server), f"outage-{uuid.uuid4().hex[:8]}", pool, short_tmp,
+                      r"backup point nfs://127\.0\.0\.1")
 
 
 def test_nfs_full_export_fails_cleanly(nfs_server, pool, short_tmp):
@@ -346,36 +357,8 @@ def test_nfs_through_the_portmapper(nfs_server):
 
 
 def test_smb_server_stopped_mid_backup_fails_cleanly_then_retry_succeeds(smb_server, pool, short_tmp):
-    t = SmbTarget(smb_server, short_tmp)
-    sub = f"outage-{uuid.uuid4().hex[:8]}"
-    repo = Repository.init(t.make(sub, timeout=2.0), chunk_size=CS)
-    vol = pool.create_volume(nid(), "src", 48 * MiB).uuid
-    write(pool.head_path(vol), {0: os.urandom(40 * MiB)}, short_tmp)
-    s1 = snapshot(pool, vol)
-
-    class StopServer:
-        job_id, bandwidth_limit, n = "x", 0, 0
-
-        def checkpoint(self):
-            self.n += 1
-            if self.n == 6:
-                smb_server.stop()
-
-        def throttle(self, n):
-            pass
-
-        def progress(self, *a, **k):
-            pass
-
-    try:
-        with pytest.raises(TargetUnreachable, match=r"backup point smb://127\.0\.0\.1/backups"):
-            backup(pool, vol, s1, repo, ctx=StopServer())
-    finally:
-        smb_server.start()
-    again = Repository.open(t.make(sub))
-    assert again.manifests() == []
-    m = backup(pool, vol, s1, again)  # the same store instance logs in again by itself
-    verify(Repository.open(t.make(sub)), m, deep=True)
+    outage_then_retry(smb_server, SmbTarget(smb_server, short_tmp), f"outage-{uuid.uuid4().hex[:8]}", pool,
+                      short_tmp, r"backup point smb://127\.0\.0\.1/backups")
 
 
 def test_smb_full_share_fails_cleanly(smb_server, pool, short_tmp):
@@ -543,36 +526,7 @@ def test_iscsi_chap_wrong_or_missing_secret_is_a_clear_error(iscsi_lun):
 
 
 def test_iscsi_target_stopped_mid_backup_fails_cleanly_then_retry_succeeds(tgt_server, iscsi_lun, pool, short_tmp):
-    t = iscsi_lun(256 * MiB)
-    repo = Repository.init(t.make("", timeout=2.0), chunk_size=CS)
-    vol = pool.create_volume(nid(), "src", 48 * MiB).uuid
-    write(pool.head_path(vol), {0: os.urandom(40 * MiB)}, short_tmp)
-    s1 = snapshot(pool, vol)
-
-    class StopServer:
-        job_id, bandwidth_limit, n = "x", 0, 0
-
-        def checkpoint(self):
-            self.n += 1
-            if self.n == 6:
-                tgt_server.stop()
-
-        def throttle(self, n):
-            pass
-
-        def progress(self, *a, **k):
-            pass
-
-    try:
-        with pytest.raises(TargetUnreachable, match="iscsi://127.0.0.1"):
-            backup(pool, vol, s1, repo, ctx=StopServer())
-    finally:
-        tgt_server.start()
-    again = Repository.open(t.make(""))  # the same store: its session logs in again
-    assert again.manifests() == []
-    m = backup(pool, vol, s1, again)
-    t.forget()
-    verify(Repository.open(t.make("")), m, deep=True)
+    outage_then_retry(tgt_server, iscsi_lun(256 * MiB), "", pool, short_tmp, "iscsi://127.0.0.1")
 
 
 def test_iscsi_lun_full_fails_cleanly(iscsi_lun, pool, short_tmp):

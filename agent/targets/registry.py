@@ -3,10 +3,13 @@ config; each opens (or, when allowed, creates) its repository once and keeps
 it for the life of the agent."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 import time
 from dataclasses import dataclass
 
+from agent.attached import AttachedDefinitions
 from agent.config import BackupPointSection, Config
 from agent.errors import AuthFailed, BlockferryError, FailedPrecondition, NotFound
 from agent.repo.repository import Repository
@@ -49,8 +52,6 @@ class BackupPoint:
             return SmbStore(s.ip, s.root_dir, s.sub_dir, username=s.username, password=s.secret, port=s.port,
                             encrypt=s.smb_encrypt, timeout=s.timeout, label=self.label)
         if s.type in ("disk", "fc"):
-            import os
-
             from agent.targets.blockdev import LocalBlockDevice
             from agent.targets.lun import open_lun
             path = os.path.realpath(s.device)
@@ -155,32 +156,16 @@ class BackupPoints:
     may hold a password or secret)."""
 
     def __init__(self, cfg: Config):
-        import os
-
         self.cfg = cfg
         self._lock = threading.Lock()
         self._points = {u: BackupPoint(u, s) for u, s in cfg.backup_points.items()}
         self._attached: set[str] = set()
-        self.attached_dir = os.path.join(cfg.agent.state_dir, "backup_points.d")
-        for u, section in self._load_attached().items():
+        self.attached = AttachedDefinitions(os.path.join(cfg.agent.state_dir, "backup_points.d"),
+                                            BackupPointSection)
+        for u, section in self.attached.load().items():
             if u not in self._points:
                 self._points[u] = BackupPoint(u, section)
                 self._attached.add(u)
-
-    def _load_attached(self) -> dict[str, BackupPointSection]:
-        import json
-        import os
-
-        out = {}
-        try:
-            names = sorted(os.listdir(self.attached_dir))
-        except FileNotFoundError:
-            return out
-        for name in names:
-            if name.endswith(".json"):
-                with open(os.path.join(self.attached_dir, name)) as f:
-                    out[name[:-5]] = BackupPointSection(**json.load(f))
-        return out
 
     def get(self, uuid: str, field: str = "backup_point_uuid") -> BackupPoint:
         check_uuid(uuid, field)
@@ -197,10 +182,6 @@ class BackupPoints:
         definition; a new definition of an attached one replaces it). Its
         storage must answer and hold a repository, or be empty (and then get
         one, if `initialize`)."""
-        import dataclasses
-        import json
-        import os
-
         from agent.errors import AlreadyExists
 
         check_uuid(uuid, "backup_point_uuid")
@@ -222,14 +203,7 @@ class BackupPoints:
                 # one; jobs already running keep the repository they opened
             bp = BackupPoint(uuid, section)
             bp.repository()  # reachable, credentials right, a repository (or an empty place for one)
-            os.makedirs(self.attached_dir, mode=0o700, exist_ok=True)
-            path = os.path.join(self.attached_dir, f"{uuid}.json")
-            fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(dataclasses.asdict(section), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(path + ".tmp", path)
+            self.attached.save(uuid, section)
             self._points[uuid] = bp
             self._attached.add(uuid)
             if current is not None:
@@ -237,17 +211,12 @@ class BackupPoints:
             return bp
 
     def detach(self, uuid: str) -> None:
-        import os
-
         bp = self.get(uuid)
         with self._lock:
             if uuid not in self._attached:
                 raise FailedPrecondition(f"backup_point_uuid: backup point {uuid} comes from the agent's config "
                                          "file; remove it there", field="backup_point_uuid")
-            try:
-                os.unlink(os.path.join(self.attached_dir, f"{uuid}.json"))
-            except FileNotFoundError:
-                pass
+            self.attached.remove(uuid)
             del self._points[uuid]
             self._attached.discard(uuid)
         bp.reset()

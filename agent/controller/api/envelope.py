@@ -21,6 +21,14 @@ def ok(data: Any) -> dict:
     return {"scode": 0, "desc": "", "message": "success", "message_cn": "成功", "stack": None, "data": data}
 
 
+def range_list(key: str, items: list, cluster: str, namespace: str, total: int) -> dict:
+    """The seeds' paged list answer (pool/share/list, volume/share/list):
+    the items, one range state per cluster (one here), TotalCount."""
+    state = {"cluster_uuid": cluster, "cluster_name": "", "cluster_mode": "", "namespace_uuid": namespace,
+             "result": ok(""), "total_count": total}
+    return ok({key: items, "each_range_list_state": [state], "TotalCount": total})
+
+
 def _error_response(e: BaseException) -> JSONResponse:
     http, scode, message, message_cn = errors.rest_status(e)
     desc = getattr(e, "field", None) or ""

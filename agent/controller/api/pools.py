@@ -16,13 +16,13 @@ import uuid as uuidlib
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from agent.api.v1 import host_pb2, volumes_pb2
 from agent.controller.api import validate as v
 from agent.controller.api.auth import Caller
-from agent.controller.api.envelope import ok
+from agent.controller.api.envelope import ok, range_list
 from agent.controller.api.hosts import host_state
 from agent.controller.models import Host, Pool
 from agent.errors import AlreadyExists, BlockferryError, HasDependents, InvalidArgument, NotFound, \
@@ -163,10 +163,7 @@ def router(auth) -> APIRouter:
         pools = pools[offset:offset + limit] if limit else pools[offset:]
         infos = [{"tenant": req.tenant, "tenant_name": "", "pool": to_seed(p, caller), "cluster_uuid": cluster,
                   "cluster_name": "", "cluster_mode": ""} for p in pools]
-        state = {"cluster_uuid": cluster, "cluster_name": "", "cluster_mode": "", "namespace_uuid": req.tenant,
-                 "result": {"scode": 0, "desc": "", "message": "success", "message_cn": "成功", "stack": None,
-                            "data": ""}, "total_count": total}
-        return ok({"infos": infos, "each_range_list_state": [state], "TotalCount": total})
+        return range_list("infos", infos, cluster, req.tenant, total)
 
     @r.post("/get")
     def get(req: GetRequest, request: Request, caller: Caller = Depends(auth)):

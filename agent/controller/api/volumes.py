@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from agent.api.v1 import volumes_pb2
 from agent.controller.api import validate as v
 from agent.controller.api.auth import Caller
-from agent.controller.api.envelope import ok
+from agent.controller.api.envelope import ok, range_list
 from agent.controller.api.hosts import host_state
 from agent.controller.api.pools import _visible
 from agent.controller.models import Host, Pool, Volume
@@ -151,10 +151,7 @@ def router(auth) -> APIRouter:
         items = [{"tenant": x.tenant, "tenant_name": "", "volume": volume_to_seed(x, pools.get(x.pool_uuid),
                                                                                  hosts.get(x.pool_uuid, [])),
                   "cluster_uuid": cluster, "cluster_name": "", "cluster_mode": ""} for x in rows]
-        state_row = {"cluster_uuid": cluster, "cluster_name": "", "cluster_mode": "", "namespace_uuid": tenant,
-                     "result": {"scode": 0, "desc": "", "message": "success", "message_cn": "成功", "stack": None,
-                                "data": ""}, "total_count": total}
-        return ok({"list": items, "each_range_list_state": [state_row], "TotalCount": total})
+        return range_list("list", items, cluster, tenant, total)
 
     @r.post("/create")
     def create(req: CreateRequest, request: Request, caller: Caller = Depends(auth)):
