@@ -279,3 +279,46 @@ def test_large_chunks_restore_through_the_pool_target(short_tmp):
     digest = restore(repo, m, target.write)
     info = target.commit()
     assert digest == m.image_digest == pool.image_digest(info.uuid, None).image_digest
+
+
+def test_packs_commit_in_the_background_and_all_are_durable(env):
+    pool, repo, tmp = env
+    repo.store.pack_target = 2 * MiB  # a dozen full packs, committed while the next fills
+    vol = pool.create_volume(nid(), "src", 32 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(24 * MiB)}, tmp)
+    s1 = nid()
+    pool.create_snapshot(vol, s1, "s1")
+    m = backup(pool, vol, s1, repo)
+    assert repo._committer is None and not repo._committing  # nothing left pending
+    again = Repository.open(LocalStore(str(tmp / "bp")))  # what is on disk, not in memory
+    assert len(again.stats().__dict__) and again.stats().packs >= 10
+    new_vol, written = restore_to_qcow2(pool, again, m, tmp)
+    assert written == m.image_digest == pool.image_digest(vol, s1).image_digest
+    verify(again, m, deep=True)
+
+
+def test_a_full_backup_point_fails_the_backup_and_lists_nothing(short_tmp):
+    from smallfs import mount_small_fs, unmount_small_fs
+
+    from agent.errors import BlockferryError
+
+    mnt = short_tmp / "small"
+    mnt.mkdir()
+    loop = mount_small_fs(short_tmp / "small.img", mnt, 16 * MiB)
+    try:
+        pool = Qcow2Pool(nid(), str(short_tmp / "pool"), run_dir=str(short_tmp / "run"),
+                         allowed_roots=[str(short_tmp)])
+        store = LocalStore(str(mnt / "bp"))
+        store.pack_target = 2 * MiB
+        repo = Repository.init(store, chunk_size=CS, compression="none")
+        vol = pool.create_volume(nid(), "src", 32 * MiB).uuid
+        write(pool.head_path(vol), {0: os.urandom(32 * MiB)}, short_tmp)
+        s1 = nid()
+        pool.create_snapshot(vol, s1, "s1")
+        with pytest.raises(BlockferryError) as e:
+            backup(pool, vol, s1, repo)
+        assert e.value.code == "NO_SPACE", e.value
+        assert repo.manifests() == [] and Repository.open(LocalStore(str(mnt / "bp"))).manifests() == []
+        assert repo._committer is None or repo.flush() is None  # the committer ends; a later flush is clean
+    finally:
+        unmount_small_fs(mnt, loop)

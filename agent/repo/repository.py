@@ -1,10 +1,16 @@
 """A repository on an object store: chunks deduplicated in packs, manifests.
 
 New chunk records are appended to an open pack, streamed to the store; a
-pack is committed with its index when it reaches PACK_TARGET or when a
+pack is committed with its index when it reaches the store's pack_target or when a
 backup publishes its manifest. A manifest is committed only after every pack
 and the block-digest object it needs, so a crash never lists a backup that
 cannot be restored.
+
+On a store whose writers are independent (a directory), a full pack is
+committed by a background thread while the next one fills, so the disk
+writes continuously instead of stalling the backup at every pack; at most
+COMMIT_QUEUE packs wait, which bounds the dirty data in flight. flush()
+waits for every pending commit and raises its error.
 
 The in-memory index (chunk id -> pack, offset, length) is rebuilt from the
 pack indexes; refresh() picks up packs committed by other agents and drops
@@ -15,20 +21,21 @@ finished GC removed.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import uuid
 from dataclasses import dataclass
 
 import zstandard
 
-from agent.errors import DataCorrupt, FailedPrecondition, NotFound
+from agent.errors import DataCorrupt, FailedPrecondition, NotFound, StorageIOError
 from agent.repo import crypto
-from agent.repo.format import (BLOCK_SIZE, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, Manifest, block_record_size,
+from agent.repo.format import (BLOCK_SIZE, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ZERO, Manifest, block_record_size,
                                decode_chunk, encode_chunk)
 from agent.repo.locks import EXCLUSIVE, SHARED, RepoLock
 from agent.repo.store import ObjectStore
 
-PACK_TARGET = 64 << 20
+COMMIT_QUEUE = 2
 SHARED_WAIT = 3600.0
 MIN_CHUNK, MAX_CHUNK = 64 << 10, 64 << 20
 
@@ -70,6 +77,11 @@ class Repository:
         self._index: dict[bytes, Location] = {}
         self._packs: dict[str, list[bytes]] = {}  # committed pack -> chunk ids its index lists
         self._open: _OpenPack | None = None
+        self._committing: dict[str, _OpenPack] = {}  # full packs handed to the committer thread
+        self._commits: queue.Queue | None = None
+        self._committer: threading.Thread | None = None
+        self._commit_error: BaseException | None = None
+        self._commit_state = threading.Lock()  # starts and stops the committer thread
         self._local = threading.local()
         self.refresh()
 
@@ -149,9 +161,13 @@ class Repository:
                 for cid, loc in entries.items():
                     self._index.setdefault(cid, loc)
 
+    def _known(self, cid: bytes) -> bool:  # under self._lock
+        return (cid in self._index or (self._open is not None and cid in self._open.entries)
+                or any(cid in p.entries for p in self._committing.values()))
+
     def has(self, cid: bytes) -> bool:
         with self._lock:
-            return cid in self._index or (self._open is not None and cid in self._open.entries)
+            return self._known(cid)
 
     def location(self, cid: bytes) -> Location | None:
         with self._lock:
@@ -180,23 +196,38 @@ class Repository:
     def add(self, cid: bytes, record: list, plain: int) -> int:
         """Append an encoded chunk unless present; returns the bytes stored."""
         length = sum(len(piece) for piece in record)
+        self._raise_commit_error()
         with self._lock:
-            if cid in self._index or (self._open is not None and cid in self._open.entries):
+            if self._known(cid):
                 return 0
             if self._open is None:
                 self._open = _OpenPack(self.store)
             p = self._open
             p.entries[cid] = Location(p.name, p.writer.size, length, plain)
-            for piece in record:
-                p.writer.write(piece)
-            if p.writer.size >= getattr(self.store, "pack_target", PACK_TARGET):
+            try:
+                for piece in record:
+                    p.writer.write(piece)
+            except BaseException:  # the writer aborted itself: this pack is gone, with what it held
+                self._open = None
+                p.writer.abort()
+                raise
+            if p.writer.size < self.store.pack_target:
+                return length
+            if not self.store.concurrent_writers:
                 self._commit_pack()
+                return length
+            self._open = None
+            self._committing[p.name] = p
+        self._background_commit(p)  # outside the lock: it may wait for a queue slot
         return length
 
-    def _commit_pack(self) -> None:
+    def _commit_pack(self) -> None:  # under self._lock
         p, self._open = self._open, None
-        if p is None:
-            return
+        if p is not None:
+            self._write_pack(p)
+
+    def _write_pack(self, p: _OpenPack) -> None:
+        """Make a pack and its index durable, then index its chunks."""
         if not p.entries:
             p.writer.abort()
             return
@@ -208,14 +239,61 @@ class Repository:
         except BaseException:
             self.store.delete(p.name)
             raise
-        self._packs[p.name] = list(p.entries)
-        for cid, loc in p.entries.items():
-            self._index.setdefault(cid, loc)
+        with self._lock:
+            self._packs[p.name] = list(p.entries)
+            for cid, loc in p.entries.items():
+                self._index.setdefault(cid, loc)
+
+    # ---- background commits ----
+
+    def _background_commit(self, p: _OpenPack) -> None:
+        with self._commit_state:
+            if self._committer is None:
+                self._commits = queue.Queue(maxsize=COMMIT_QUEUE)
+                self._committer = threading.Thread(target=self._commit_loop, args=(self._commits,),
+                                                   name="bf-pack-commit", daemon=True)
+                self._committer.start()
+            self._commits.put(p)  # waits while COMMIT_QUEUE packs are pending
+
+    def _commit_loop(self, q: queue.Queue) -> None:
+        while True:
+            p = q.get()
+            try:
+                if p is None:
+                    return
+                if self._commit_error is not None:
+                    p.writer.abort()  # the backup fails anyway: keep no orphan pack
+                else:
+                    self._write_pack(p)
+            except BaseException as e:  # raised by the next add() or flush()
+                self._commit_error = e
+            finally:
+                if p is not None:
+                    with self._lock:
+                        self._committing.pop(p.name, None)
+
+    def _raise_commit_error(self) -> None:
+        if self._commit_error is not None:
+            e, self._commit_error = self._commit_error, None
+            raise e
+
+    def _wait_commits(self) -> None:
+        with self._commit_state:
+            q, t = self._commits, self._committer
+            if q is not None and t is not None:
+                q.put(None)  # after the pending packs; the next full pack starts another thread
+                t.join()
+                self._commits = self._committer = None
+        self._raise_commit_error()
 
     def flush(self) -> None:
-        """Commit the open pack and its index (durably)."""
-        with self._lock:
-            self._commit_pack()
+        """Commit the open pack and its index, and every pack committing in
+        the background (durably)."""
+        try:
+            self._wait_commits()
+        finally:
+            with self._lock:
+                self._commit_pack()
 
     def read_record(self, cid: bytes) -> tuple[Location, bytes]:
         loc = self.location(cid)
@@ -243,6 +321,11 @@ class Repository:
 
     def publish_manifest(self, manifest: Manifest) -> None:
         self.flush()  # every chunk the manifest names is durable first
+        with self._lock:  # a pack another backup shared failed to commit: never list this one
+            lost = [cid for cid in manifest.chunks if cid != ZERO and bytes.fromhex(cid) not in self._index]
+        if lost:
+            raise StorageIOError(f"backup point: {len(lost)} chunk(s) of backup {manifest.backup_id} were lost "
+                                 f"when a pack failed to commit (first {lost[0]}); run the backup again")
         self.store.publish(f"manifests/{manifest.backup_id}",
                            self.sealer.seal(manifest.to_bytes(), f"manifest:{manifest.backup_id}".encode()))
 

@@ -80,6 +80,9 @@ class ObjectStore(ABC):
     # Bytes a repository puts in one pack before committing it. Stores whose
     # commits cost a fixed device flush (raw LUNs) ask for larger packs.
     pack_target: int = 64 << 20
+    # True when one writer may commit (in another thread) while the next one
+    # is written: the repository then commits full packs in the background.
+    concurrent_writers: bool = False
 
     @abstractmethod
     def open_writer(self, name: str, *, durable: bool = True) -> ObjectWriter:

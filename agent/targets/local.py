@@ -10,7 +10,7 @@ import os
 import uuid
 
 from agent.errors import NotFound, StorageIOError
-from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name
+from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
 
 PART = ".part-"
 
@@ -33,7 +33,7 @@ class _FileWriter(ObjectWriter):
             os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         except OSError as e:
-            raise StorageIOError(f"backup point: cannot create {path}: {e.strerror}") from None
+            raise storage_error(os.path.dirname(path), f"cannot create {os.path.basename(path)}", e) from None
 
     @property
     def size(self) -> int:
@@ -48,7 +48,8 @@ class _FileWriter(ObjectWriter):
                 self._size += n
         except OSError as e:
             self.abort()
-            raise StorageIOError(f"backup point: cannot write {self.path}: {e.strerror}") from None
+            raise storage_error(os.path.dirname(self.path), f"cannot write {os.path.basename(self.path)}",
+                                e) from None
 
     def commit(self) -> None:
         try:
@@ -61,7 +62,8 @@ class _FileWriter(ObjectWriter):
                 _fsync_dir(os.path.dirname(self.path))
         except OSError as e:
             self.abort()
-            raise StorageIOError(f"backup point: cannot commit {self.path}: {e.strerror}") from None
+            raise storage_error(os.path.dirname(self.path), f"cannot commit {os.path.basename(self.path)}",
+                                e) from None
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -74,6 +76,7 @@ class _FileWriter(ObjectWriter):
 
 
 class LocalStore(ObjectStore):
+    concurrent_writers = True  # independent files: one fsyncs while the next fills
     def __init__(self, root: str):
         self.root = os.path.realpath(root)
         try:
