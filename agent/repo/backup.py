@@ -109,16 +109,16 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, full, backup_i
             else:
                 emit(i, parent_blocks.get(i, (length(i) + BLOCK_SIZE - 1) // BLOCK_SIZE))
 
-    def work(i: int, buf: bytearray):
+    def work(i: int, buf, release):
         if native.is_zero(buf):
-            return i, buf, None, None, None
+            return i, buf, release, None, None, None
         digests = block_digests(buf)
         cid = repo.sealer.chunk_id(digests)
         record = None if repo.has(cid) else repo.encode(cid, buf)
-        return i, buf, cid, digests, record
+        return i, buf, release, cid, digests, record
 
     def retire(result) -> None:
-        i, buf, cid, digests, record = result
+        i, buf, release, cid, digests, record = result
         emit_until(i)
         old = chunks[i]
         if cid is None:
@@ -130,7 +130,7 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, full, backup_i
             stats["new_chunks"] += 1 if stored else 0
             chunks[i] = cid.hex()
             emit(i, digests)
-        buffers.put(buf)  # the record is written: the buffer may be reused
+        release()  # the record is written: the buffer may be reused
         if mode != "full" and chunks[i] != (old if mode == "incremental" else parent.chunks[i]):
             stats["changed_chunks"] += 1
         state["retired"] += len(buf)
@@ -144,16 +144,23 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, full, backup_i
 
             def on_data(offset: int, view: memoryview) -> None:
                 ctx.throttle(len(view))
+                stats["read_bytes"] += len(view)
                 i = offset // cs
+                if current["i"] != i and offset == i * cs and len(view) == length(i):
+                    release = reader.hold(view)  # a whole chunk in the reader's buffer: no copy
+                    if release is not None:
+                        current.update(i=i, buf=None, fill=0)
+                        pipe.submit(i, view, release)
+                        return
                 if current["i"] != i:
                     current.update(i=i, buf=buffers.get(length(i)), fill=0)
                 pos = offset - i * cs
                 current["buf"][pos:pos + len(view)] = view
                 current["fill"] += len(view)
                 if current["fill"] == length(i):
-                    pipe.submit(i, current["buf"])
+                    buf = current["buf"]
+                    pipe.submit(i, buf, lambda: buffers.put(buf))
                     current["buf"] = None
-                stats["read_bytes"] += len(view)
 
             extents = [Extent(i * cs, length(i)) for i in wanted]
             reader.read(extents, on_data, min(cs, READ_REQUEST), ctx.checkpoint)
@@ -171,6 +178,7 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, full, backup_i
         repo.publish_manifest(m)
     except BaseException:
         blocks.abort()  # the chunks stay for the next backup, or for GC
+        repo.settle()
         raise
     log.info("backup published", extra={"backup": backup_id, "volume": volume, "mode": mode, **stats})
     return m

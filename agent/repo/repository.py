@@ -61,7 +61,7 @@ class RepoStats:
 class _OpenPack:
     def __init__(self, store: ObjectStore):
         self.name = f"packs/{uuid.uuid4().hex}"
-        self.writer = store.open_writer(self.name)
+        self.writer = store.open_bulk_writer(self.name)
         self.entries: dict[bytes, Location] = {}
 
 
@@ -285,6 +285,14 @@ class Repository:
                 t.join()
                 self._commits = self._committer = None
         self._raise_commit_error()
+
+    def settle(self) -> None:
+        """After a failed backup: wait for the background commits and stop
+        the committer thread; their errors are the failed backup's."""
+        try:
+            self._wait_commits()
+        except Exception:  # noqa: BLE001 - the backup reports its own error
+            pass
 
     def flush(self) -> None:
         """Commit the open pack and its index, and every pack committing in

@@ -90,6 +90,11 @@ class ObjectStore(ABC):
         durable=False: atomic but not synced (lock records, which a crash
         may lose without harm)."""
 
+    def open_bulk_writer(self, name: str) -> ObjectWriter:
+        """A durable writer for a large object written once (a pack): stores
+        may bypass their cache for it."""
+        return self.open_writer(name)
+
     def publish(self, name: str, data: bytes, *, durable: bool = True) -> None:
         """Write an object and make it visible atomically (durably, unless told)."""
         with self.open_writer(name, durable=durable) as w:

@@ -231,7 +231,14 @@ class SnapshotReader(ABC):
     @abstractmethod
     def read(self, extents, on_data, request_size: int, checkpoint=None) -> None:
         """Read extents in order, several requests in flight; on_data(offset,
-        view) gets each piece (the view is valid during the call only)."""
+        view) gets each piece (the view is valid during the call only,
+        unless on_data holds it)."""
+
+    def hold(self, view) -> "Callable[[], None] | None":
+        """Called inside on_data: keep the view valid after the call, without
+        a copy. Returns the function that gives it back once used, or None
+        when this reader cannot lend its buffers (then copy)."""
+        return None
 
 
 class RestoreTarget(ABC):

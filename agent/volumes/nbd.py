@@ -151,6 +151,7 @@ BUFFERS = _BufferPool()
 class NbdClient:
     def __init__(self, socket_path: str, contexts: Iterable[str] = ("base:allocation",)):
         self.h = nbd.NBD()
+        self._held: bytearray | None = None  # the buffer on_data keeps (see hold())
         for c in contexts:
             self.h.add_meta_context(c)
         try:
@@ -259,12 +260,22 @@ class NbdClient:
         while not self.h.aio_command_completed(cookie):
             self.h.poll(-1)
         pending.popleft()
+        self._held = None
         try:
             if checkpoint:
                 checkpoint()
             on_data(offset, memoryview(buf)[:length])
         finally:
-            BUFFERS.put(buf)
+            if self._held is not buf:
+                BUFFERS.put(buf)
+            self._held = None
+
+    def hold(self, view: memoryview) -> Callable[[], None]:
+        """Inside read_extents' on_data: keep this buffer past the call (no
+        copy); the returned function gives it back to the pool."""
+        buf = view.obj
+        self._held = buf
+        return lambda: BUFFERS.put(buf)
 
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data)

@@ -58,6 +58,8 @@ class MapEntry:
     present: bool
     zero: bool
     data: bool
+    offset: int | None = None  # host offset in the layer at `depth`, when stored as it is
+    compressed: bool = False
 
 
 def info(path: str, *, force_share: bool = True, fmt: str | None = None) -> ImageInfo:
@@ -141,7 +143,8 @@ def resize(path: str, size: int) -> None:
 
 def map_image(path: str) -> list[MapEntry]:
     out = _run(["qemu-img", "map", "-U", "--output=json", path], timeout=TIMEOUT, what="qemu-img map").stdout
-    return [MapEntry(e["start"], e["length"], e["depth"], e["present"], e["zero"], e["data"])
+    return [MapEntry(e["start"], e["length"], e["depth"], e["present"], e["zero"], e["data"], e.get("offset"),
+                     bool(e.get("compressed", False)))
             for e in json.loads(out)]
 
 

@@ -698,6 +698,13 @@ class RbdSnapshotReader(SnapshotReader):
     def read(self, extents, on_data, request_size: int, checkpoint=None) -> None:
         RbdReader(self.img, request_size=request_size).read_extents(extents, on_data, checkpoint=checkpoint)
 
+    def hold(self, view):
+        return _nothing  # each read returns a new bytes object: holding the view keeps it
+
+
+def _nothing() -> None:
+    pass
+
 
 class RbdRestoreTarget(RestoreTarget):
     """Writes into a hidden temporary image (.<uuid>.restore) with aio;
