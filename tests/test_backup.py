@@ -397,3 +397,44 @@ def test_compressed_clusters_are_read_through_qemu_nbd(env):
     m = backup(pool, vol, s1, repo)
     _, written = restore_to_qcow2(pool, repo, m, tmp)
     assert written == m.image_digest == pool.image_digest(vol, s1).image_digest
+
+
+def test_restore_writes_straight_into_preallocated_clusters(env):
+    """pool.open_restore_target: a clean qcow2 (qemu-img check), the same
+    content as the snapshot (qemu-img compare), and a later backup of it
+    reads only the chunks that hold data."""
+    from agent.volumes.qcow2_direct import DirectRestoreTarget
+
+    pool, repo, tmp = env
+    vol = pool.create_volume(nid(), "src", 40 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(2 * MiB + 4096), 17 * MiB: os.urandom(MiB),
+                                30 * MiB: bytes(200 << 10) + os.urandom(100 << 10)}, tmp)
+    s1 = nid()
+    pool.create_snapshot(vol, s1, "s1")
+    m = backup(pool, vol, s1, repo)
+    new = nid()
+    target = pool.open_restore_target(new, "restored", m.size, "job-1")
+    assert isinstance(target, DirectRestoreTarget)
+    assert restore(repo, m, target.write) == m.image_digest
+    info = target.commit()
+    assert info.uuid == new and pool.image_digest(new, None).image_digest == m.image_digest
+    head = pool.head_path(new)
+    assert subprocess.run(["qemu-img", "compare", "-U", pool.snap_path(vol, s1), head]).returncode == 0
+    check = json.loads(subprocess.run(["qemu-img", "check", "-U", "--output=json", head], check=True,
+                                      capture_output=True, text=True).stdout)
+    assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0
+    s2 = nid()
+    pool.create_snapshot(new, s2, "again")
+    again = backup(pool, new, s2, repo)
+    assert again.stats["chunks_read"] == m.stats["chunks_read"] == 5
+    assert again.chunks == m.chunks  # same content, same chunks: all deduplicated
+
+
+def test_an_aborted_restore_leaves_no_volume(env):
+    pool, repo, tmp = env
+    new = nid()
+    target = pool.open_restore_target(new, "restored", 8 * MiB, "job-2")
+    target.write(0, os.urandom(MiB))
+    target.abort()
+    assert not pool.volume_exists(new)
+    assert [n for n in os.listdir(os.path.join(pool.base, "volume")) if new in n] == []

@@ -90,8 +90,8 @@ def _image_info(d: dict, path: str) -> ImageInfo:
 
 
 def create(path: str, size: int | None = None, *, backing: str | None = None,
-           backing_format: str | None = None) -> None:
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"]
+           backing_format: str | None = None, preallocation: str = "off") -> None:
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size=65536,preallocation={preallocation}"]
     if backing:
         argv += ["-b", backing, "-F", backing_format or "qcow2"]
     argv.append(path)
