@@ -1,6 +1,7 @@
 """Job kinds for backups: backup, restore, verify, gc."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from agent.errors import AlreadyExists, DataCorrupt, InvalidArgument
@@ -169,12 +170,15 @@ class RestoreKind(JobKind):
         target = pool.open_restore_target(spec.volume_uuid, spec.name, m.size, ctx.job_id)
         written = 0
         try:
+            counting = threading.Lock()  # workers write concurrently into some targets
+
             def write(offset: int, data) -> None:
                 nonlocal written
                 target.write(offset, data)
-                written += len(data)
+                with counting:
+                    written += len(data)
 
-            digest = restore_mod.restore(repo, m, write, ctx=ctx)
+            digest = restore_mod.restore(repo, m, write, ctx=ctx, concurrent=target.concurrent)
             if digest != m.image_digest:
                 raise DataCorrupt(f"backup {m.backup_id}: the restored content's image digest {digest} does not "
                                   f"match the manifest's {m.image_digest}")

@@ -13,24 +13,32 @@ from agent.repo.pipeline import OrderedPipeline
 from agent.repo.repository import Repository
 
 
-def restore(repo: Repository, manifest: Manifest, write, *, ctx=None) -> str:
+def restore(repo: Repository, manifest: Manifest, write, *, ctx=None, concurrent: bool = False) -> str:
     """Feed the backup to write(offset, data) for non-zero chunks; returns
-    the image digest (hex) of the content written."""
+    the image digest (hex) of the content written. concurrent=True: write
+    is thread-safe and order-free (positional writes into a file), so the
+    workers call it as soon as a chunk is decoded, in parallel."""
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
     with repo.shared("restore", checkpoint=ctx.checkpoint):
         repo.refresh()
-        return _restore(repo, manifest, write, ctx)
+        return _restore(repo, manifest, write, ctx, concurrent)
 
 
-def _restore(repo: Repository, m: Manifest, write, ctx) -> str:
+def _restore(repo: Repository, m: Manifest, write, ctx, concurrent: bool) -> str:
     image = ImageDigest()
     cs = m.chunk_size
     ctx.progress(0, m.size, "restoring")
 
     def work(i: int, cid: str):
-        return i, *(repo.get(bytes.fromhex(cid)) if cid != ZERO else (None, None))
+        if cid == ZERO:
+            return i, None, None
+        data, digests = repo.get(bytes.fromhex(cid))
+        if concurrent:
+            ctx.throttle(len(data))
+            write(i * cs, data)
+        return i, data, digests
 
     def retire(result) -> None:
         i, data, digests = result
@@ -39,8 +47,9 @@ def _restore(repo: Repository, m: Manifest, write, ctx) -> str:
         if data is None:
             image.add_zero(length)
         else:
-            ctx.throttle(len(data))
-            write(offset, data)
+            if not concurrent:
+                ctx.throttle(len(data))
+                write(offset, data)
             image.add(digests, length)
         ctx.progress(offset + length)
 

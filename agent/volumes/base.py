@@ -245,6 +245,8 @@ class RestoreTarget(ABC):
     """Where a restore writes: write() takes data at an offset (zero blocks
     inside it are skipped, the new volume reads as zeros there)."""
 
+    concurrent = False  # True: write() may be called from several threads, in any order
+
     @abstractmethod
     def write(self, offset: int, data) -> None: ...
 

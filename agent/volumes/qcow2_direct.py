@@ -199,7 +199,10 @@ class MappedSnapshotReader(SnapshotReader):
 class DirectRestoreTarget(RestoreTarget):
     """A restore into a new image with preallocated metadata (see above).
     A background fdatasync every SYNC_EVERY bytes keeps the disk writing
-    during the restore instead of only at the end."""
+    during the restore instead of only at the end. Writes are positional:
+    several threads may write at once, in any order."""
+
+    concurrent = True
 
     def __init__(self, tmp: str, commit: Callable[[], VolumeInfo], abort: Callable[[], None], *,
                  zero_run: int = 64 << 10):
@@ -214,6 +217,7 @@ class DirectRestoreTarget(RestoreTarget):
         self._io = ThreadPoolExecutor(1, thread_name_prefix="bf-sync")
         self._sync: Future | None = None
         self._unsynced = 0
+        self._lock = threading.Lock()
 
     def write(self, offset: int, data) -> None:
         view = memoryview(data)
@@ -222,12 +226,13 @@ class DirectRestoreTarget(RestoreTarget):
                 self._pwrite(view[a:b], offset + a)
         except OSError as e:
             raise StorageIOError(f"cannot write the restored volume: {e.strerror}") from None
-        self._unsynced += len(view)
-        if self._unsynced >= SYNC_EVERY and (self._sync is None or self._sync.done()):
-            self._unsynced = 0
-            if self._sync is not None:
-                self._sync.result()
-            self._sync = self._io.submit(os.fdatasync, self.fd)
+        with self._lock:
+            self._unsynced += len(view)
+            if self._unsynced >= SYNC_EVERY and (self._sync is None or self._sync.done()):
+                self._unsynced = 0
+                if self._sync is not None:
+                    self._sync.result()
+                self._sync = self._io.submit(os.fdatasync, self.fd)
 
     def _pwrite(self, view: memoryview, pos: int) -> None:
         k = bisect.bisect_right(self._starts, pos) - 1
