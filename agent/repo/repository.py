@@ -312,6 +312,11 @@ class Repository:
         except NotFound:
             raise DataCorrupt(f"chunk {cid.hex()}: pack {loc.pack} is missing") from None
 
+    def prefetch(self, cid: bytes) -> None:
+        loc = self.location(cid)
+        if loc is not None:
+            self.store.prefetch(loc.pack, loc.offset, loc.length)
+
     def get(self, cid: bytes) -> tuple[bytes, bytes]:
         """A chunk's data and block digests, checked (thread-safe)."""
         loc, record = self.read_record(cid)

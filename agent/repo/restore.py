@@ -12,6 +12,8 @@ from agent.repo.format import ZERO, ImageDigest, Manifest
 from agent.repo.pipeline import OrderedPipeline
 from agent.repo.repository import Repository
 
+PREFETCH = 8  # chunks whose reading starts ahead of the workers
+
 
 def restore(repo: Repository, manifest: Manifest, write, *, ctx=None, concurrent: bool = False) -> str:
     """Feed the backup to write(offset, data) for non-zero chunks; returns
@@ -53,9 +55,16 @@ def _restore(repo: Repository, m: Manifest, write, ctx, concurrent: bool) -> str
             image.add(digests, length)
         ctx.progress(offset + length)
 
+    data = [bytes.fromhex(c) for c in m.chunks if c != ZERO]
+    for cid in data[:PREFETCH]:
+        repo.prefetch(cid)
+    ahead = PREFETCH
     with OrderedPipeline(work, retire) as pipe:
         for i, cid in enumerate(m.chunks):
             ctx.checkpoint()
+            if cid != ZERO and ahead < len(data):
+                repo.prefetch(data[ahead])  # keeps PREFETCH chunks ahead of the workers
+                ahead += 1
             pipe.submit(i, cid)
         pipe.drain()
     return image.hexdigest()

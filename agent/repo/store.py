@@ -95,6 +95,9 @@ class ObjectStore(ABC):
         may bypass their cache for it."""
         return self.open_writer(name)
 
+    def prefetch(self, name: str, offset: int, length: int) -> None:
+        """A hint: this range will be read soon (stores may start reading it)."""
+
     def publish(self, name: str, data: bytes, *, durable: bool = True) -> None:
         """Write an object and make it visible atomically (durably, unless told)."""
         with self.open_writer(name, durable=durable) as w:
