@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from agent import __version__, native
 from agent.errors import FailedPrecondition, NotFound, TrackingLost
@@ -57,12 +58,21 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
     with repo.shared("backup", checkpoint=ctx.checkpoint):
         repo.refresh()
         info = driver.snapshot_info(volume, snapshot)
-        with driver.open_reader(volume, snapshot) as reader:
-            return _backup(driver, reader, info, volume, snapshot, repo, parent, full,
-                           backup_id or str(uuid.uuid4()), name, description, tenant, ctx)
+        # The change query (a qemu-nbd, or an RBD diff) runs while the reader opens.
+        with ThreadPoolExecutor(1, thread_name_prefix="bf-changes") as pool:
+            changes = None
+            if parent is not None and not full:
+                changes = pool.submit(driver.changed_extents, volume, snapshot, parent.snapshot_uuid)
+            try:
+                with driver.open_reader(volume, snapshot) as reader:
+                    return _backup(driver, reader, info, volume, snapshot, repo, parent, changes,
+                                   backup_id or str(uuid.uuid4()), name, description, tenant, ctx)
+            finally:
+                if changes is not None:
+                    changes.cancel()
 
 
-def _backup(driver, reader, info, volume, snapshot, repo, parent, full, backup_id, name, description, tenant,
+def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backup_id, name, description, tenant,
             ctx) -> Manifest:
     cs = repo.chunk_size
     size = reader.size()
@@ -70,12 +80,12 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, full, backup_i
     mode, why = "full", "no parent" if parent is None else "full re-read requested"
     chunks = [ZERO] * n
     wanted = None
-    if parent is not None and not full:
+    if changes is not None:
         if parent.chunk_size != cs or parent.size != size:
             why = "the volume size changed since the parent backup"
         else:
             try:
-                changed = driver.changed_extents(volume, snapshot, parent.snapshot_uuid).extents
+                changed = changes.result().extents
                 mode, why = "incremental", ""
                 wanted = chunk_indexes(changed, cs, size)
                 chunks = list(parent.chunks)

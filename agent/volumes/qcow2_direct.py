@@ -59,8 +59,10 @@ class _Piece:
 def open_mapped(path: str) -> "MappedSnapshotReader | None":
     """A reader of the image at path (its whole backing chain), or None when
     some data cannot be read raw. Call under the volume's lock."""
-    chain = qemu_img.chain_info(path)
-    entries = qemu_img.map_image(path)
+    with ThreadPoolExecutor(1, thread_name_prefix="bf-map") as pool:  # two qemu-img runs at once
+        chain_f = pool.submit(qemu_img.chain_info, path)
+        entries = qemu_img.map_image(path)
+        chain = chain_f.result()
     if any(e.data and (e.offset is None or e.compressed) for e in entries):
         return None
     if any(e.data and e.depth >= len(chain) for e in entries):
