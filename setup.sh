@@ -33,6 +33,8 @@ apt_packages=(
     nfs-ganesha nfs-ganesha-vfs rpcbind samba smbclient tgt qemu-block-extra
     # the controller's optional PostgreSQL backend (the tests start a server)
     postgresql
+    # IANA time zones for policy retention (python's zoneinfo reads them)
+    tzdata
 )
 
 need_apt=()
