@@ -169,41 +169,79 @@ class PermissionDenied(BlockferryError):
     code = "PERMISSION_DENIED"
 
 
+class VaultNotEmpty(BlockferryError):
+    """The vault still holds backups (delete it in Enforcing mode, or delete them first)."""
+
+    code = "VAULT_NOT_EMPTY"
+
+
+class ResourceInVault(BlockferryError):
+    """The volume is associated with a vault already (a volume belongs to one vault)."""
+
+    code = "RESOURCE_IN_VAULT"
+
+
+class ResourceNotInVault(BlockferryError):
+    """The volume is not associated with this vault."""
+
+    code = "RESOURCE_NOT_IN_VAULT"
+
+
+class VaultFull(BlockferryError):
+    """The vault's used capacity has reached its size: no new backup until backups are deleted or it grows."""
+
+    code = "VAULT_FULL"
+
+
+class BackupInProgress(BlockferryError):
+    """A backup of the resource is running; try again when it ends."""
+
+    code = "BACKUP_IN_PROGRESS"
+
+
 class BindingMissing(BlockferryError):
     """A Python binding the agent needs is missing or built for another ABI."""
 
     code = "BINDING_MISSING"
 
 
-# The single table: code -> (gRPC status, HTTP status, scode, message_cn).
-# scode is the seeds' numeric envelope code (0 is success).
-_TABLE: dict[str, tuple[grpc.StatusCode, int, int, str]] = {
-    InvalidArgument.code: (grpc.StatusCode.INVALID_ARGUMENT, 400, 1001, "参数错误"),
-    OutOfRange.code: (grpc.StatusCode.OUT_OF_RANGE, 400, 1002, "参数超出范围"),
-    PathNotAllowed.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1003, "路径不允许"),
-    NotFound.code: (grpc.StatusCode.NOT_FOUND, 404, 1004, "对象不存在"),
-    AlreadyExists.code: (grpc.StatusCode.ALREADY_EXISTS, 409, 1005, "对象已存在"),
-    JobConflict.code: (grpc.StatusCode.ALREADY_EXISTS, 409, 1006, "任务标识冲突"),
-    Busy.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1007, "资源正忙"),
-    FailedPrecondition.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1008, "前置条件不满足"),
-    HasDependents.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1009, "存在依赖对象"),
-    InUse.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1010, "对象正在使用"),
-    TrackingLost.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1011, "变更跟踪已丢失"),
-    Draining.code: (grpc.StatusCode.UNAVAILABLE, 503, 1012, "服务正在停止"),
-    Cancelled.code: (grpc.StatusCode.CANCELLED, 409, 1013, "任务已取消"),
-    Interrupted.code: (grpc.StatusCode.ABORTED, 409, 1014, "任务被中断"),
-    StorageIOError.code: (grpc.StatusCode.UNAVAILABLE, 502, 1015, "存储读写失败"),
-    ConfigError.code: (grpc.StatusCode.FAILED_PRECONDITION, 500, 1016, "配置错误"),
-    BindingMissing.code: (grpc.StatusCode.FAILED_PRECONDITION, 500, 1017, "缺少依赖组件"),
-    TargetUnreachable.code: (grpc.StatusCode.UNAVAILABLE, 502, 1018, "存储目标不可达"),
-    AuthFailed.code: (grpc.StatusCode.UNAUTHENTICATED, 502, 1019, "存储目标认证失败"),
-    NoSpace.code: (grpc.StatusCode.RESOURCE_EXHAUSTED, 507, 1020, "存储空间不足"),
-    WrongPassword.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1021, "备份点密码错误"),
-    DataCorrupt.code: (grpc.StatusCode.DATA_LOSS, 500, 1022, "备份数据损坏"),
-    RepositoryLocked.code: (grpc.StatusCode.ABORTED, 409, 1023, "备份仓库已被锁定"),
-    Unauthenticated.code: (grpc.StatusCode.UNAUTHENTICATED, 401, 1024, "未认证"),
-    PermissionDenied.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1025, "无权操作"),
-    BlockferryError.code: (grpc.StatusCode.INTERNAL, 500, 1999, "内部错误"),
+# The single table: code -> (gRPC status, HTTP status, scode, message_cn,
+# error_code). scode is the numeric envelope code of seeds 000-002 (0 is
+# success); error_code is what the /v3 API of seed 003 answers: the seed's
+# own BackupService.xxxx where it has one for the case, otherwise
+# BackupService.9xxx (a range the seed does not use; 9000 + scode - 1000).
+_TABLE: dict[str, tuple[grpc.StatusCode, int, int, str, str]] = {
+    InvalidArgument.code: (grpc.StatusCode.INVALID_ARGUMENT, 400, 1001, "参数错误", "BackupService.9001"),
+    OutOfRange.code: (grpc.StatusCode.OUT_OF_RANGE, 400, 1002, "参数超出范围", "BackupService.9002"),
+    PathNotAllowed.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1003, "路径不允许", "BackupService.9003"),
+    NotFound.code: (grpc.StatusCode.NOT_FOUND, 404, 1004, "对象不存在", "BackupService.9004"),
+    AlreadyExists.code: (grpc.StatusCode.ALREADY_EXISTS, 409, 1005, "对象已存在", "BackupService.9005"),
+    JobConflict.code: (grpc.StatusCode.ALREADY_EXISTS, 409, 1006, "任务标识冲突", "BackupService.9006"),
+    Busy.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1007, "资源正忙", "BackupService.9007"),
+    FailedPrecondition.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1008, "前置条件不满足", "BackupService.9008"),
+    HasDependents.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1009, "存在依赖对象", "BackupService.9009"),
+    InUse.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1010, "对象正在使用", "BackupService.9010"),
+    TrackingLost.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1011, "变更跟踪已丢失", "BackupService.9011"),
+    Draining.code: (grpc.StatusCode.UNAVAILABLE, 503, 1012, "服务正在停止", "BackupService.9012"),
+    Cancelled.code: (grpc.StatusCode.CANCELLED, 409, 1013, "任务已取消", "BackupService.9013"),
+    Interrupted.code: (grpc.StatusCode.ABORTED, 409, 1014, "任务被中断", "BackupService.9014"),
+    StorageIOError.code: (grpc.StatusCode.UNAVAILABLE, 502, 1015, "存储读写失败", "BackupService.9015"),
+    ConfigError.code: (grpc.StatusCode.FAILED_PRECONDITION, 500, 1016, "配置错误", "BackupService.9016"),
+    BindingMissing.code: (grpc.StatusCode.FAILED_PRECONDITION, 500, 1017, "缺少依赖组件", "BackupService.9017"),
+    TargetUnreachable.code: (grpc.StatusCode.UNAVAILABLE, 502, 1018, "存储目标不可达", "BackupService.9018"),
+    AuthFailed.code: (grpc.StatusCode.UNAUTHENTICATED, 502, 1019, "存储目标认证失败", "BackupService.9019"),
+    NoSpace.code: (grpc.StatusCode.RESOURCE_EXHAUSTED, 507, 1020, "存储空间不足", "BackupService.9020"),
+    WrongPassword.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1021, "备份点密码错误", "BackupService.9021"),
+    DataCorrupt.code: (grpc.StatusCode.DATA_LOSS, 500, 1022, "备份数据损坏", "BackupService.9022"),
+    RepositoryLocked.code: (grpc.StatusCode.ABORTED, 409, 1023, "备份仓库已被锁定", "BackupService.9023"),
+    Unauthenticated.code: (grpc.StatusCode.UNAUTHENTICATED, 401, 1024, "未认证", "BackupService.9024"),
+    PermissionDenied.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1025, "无权操作", "BackupService.9025"),
+    VaultNotEmpty.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1026, "存储库不为空", "BackupService.7301"),
+    ResourceInVault.code: (grpc.StatusCode.ALREADY_EXISTS, 409, 1027, "资源已关联存储库", "BackupService.6103"),
+    ResourceNotInVault.code: (grpc.StatusCode.NOT_FOUND, 404, 1028, "资源不在存储库中", "BackupService.6135"),
+    VaultFull.code: (grpc.StatusCode.RESOURCE_EXHAUSTED, 409, 1029, "存储库容量已满", "BackupService.6114"),
+    BackupInProgress.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1030, "备份任务进行中", "BackupService.6125"),
+    BlockferryError.code: (grpc.StatusCode.INTERNAL, 500, 1999, "内部错误", "BackupService.9999"),
 }
 _GRPC_STATUS: dict[str, grpc.StatusCode] = {code: row[0] for code, row in _TABLE.items()}
 
@@ -232,24 +270,33 @@ def rest_status(error: BaseException) -> tuple[int, int, str, str]:
     """(HTTP status, scode, message, message_cn) for the REST envelope.
     Unknown exceptions: 500 with a generic message, never a stack trace."""
     if isinstance(error, BlockferryError):
-        _, http, scode, cn = _TABLE.get(error.code, _TABLE[BlockferryError.code])
+        _, http, scode, cn, _ = _TABLE.get(error.code, _TABLE[BlockferryError.code])
         field = f" ({error.field})" if error.field else ""
         return http, scode, f"{error.code}: {error.message}", f"{cn}{field}: {error.message}"
-    _, http, scode, cn = _TABLE[BlockferryError.code]
+    _, http, scode, cn, _ = _TABLE[BlockferryError.code]
     return http, scode, "INTERNAL: unexpected controller error (see its log)", f"{cn}：请查看控制器日志"
 
 
-def catalogue() -> list[tuple[str, str, int, int, str, str]]:
-    """(code, gRPC status, HTTP status, scode, message_cn, meaning) for every
-    error, for docs and tests."""
+def cbr_status(error: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, error_code, error_msg) for seed 003's /v3 error body."""
+    if isinstance(error, BlockferryError):
+        _, http, _, _, code = _TABLE.get(error.code, _TABLE[BlockferryError.code])
+        return http, code, f"{error.code}: {error.message}"
+    _, http, _, _, code = _TABLE[BlockferryError.code]
+    return http, code, "INTERNAL: unexpected controller error (see its log)"
+
+
+def catalogue() -> list[tuple[str, str, int, int, str, str, str]]:
+    """(code, gRPC status, HTTP status, scode, message_cn, error_code,
+    meaning) for every error, for docs and tests."""
     rows, seen = [], set()
     for cls in _all_subclasses(BlockferryError):
         if cls.code in seen:  # a subclass that refines a message, not a code
             continue
         seen.add(cls.code)
-        status, http, scode, cn = _TABLE[cls.code]
+        status, http, scode, cn, cbr = _TABLE[cls.code]
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        rows.append((cls.code, status.name, http, scode, cn, doc))
+        rows.append((cls.code, status.name, http, scode, cn, cbr, doc))
     return sorted(rows)
 
 

@@ -387,5 +387,5 @@ def test_readme_error_catalogue_is_current():
     from agent import errors
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for code, status, http, scode, cn, meaning in errors.catalogue():
-        assert f"| `{code}` | {status} | {http} | {scode} | {cn} | {meaning} |" in readme, code
+    for code, status, http, scode, cn, cbr, meaning in errors.catalogue():
+        assert f"| `{code}` | {status} | {http} | {scode} | {cn} | {cbr} | {meaning} |" in readme, code

@@ -165,5 +165,78 @@ class Backup(Base):
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     image_digest: Mapped[str] = mapped_column(String(80), default="")
     task_id: Mapped[str] = mapped_column(String(36), default="")
+    vault_id: Mapped[str] = mapped_column(String(36), default="", index=True)  # made by a vault's checkpoint
+    checkpoint_id: Mapped[str] = mapped_column(String(36), default="")
     ctime: Mapped[int] = mapped_column(BigInteger)
     mtime: Mapped[int] = mapped_column(BigInteger)
+
+
+class Policy(Base):
+    """Seed 003: a backup policy (schedule patterns in UTC, retention)."""
+
+    __tablename__ = "policies"
+    __table_args__ = (UniqueConstraint("tenant", "name", name="uq_policies_tenant_name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(36), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    operation_type: Mapped[str] = mapped_column(String(16), default="backup")
+    definition_json: Mapped[str] = mapped_column(Text)        # operation_definition, as checked
+    patterns_json: Mapped[str] = mapped_column(Text)          # trigger.properties.pattern
+    start_time: Mapped[float] = mapped_column(Float)          # INTERVAL counts from here
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Vault(Base):
+    """Seed 003: a named repository on a backup point, with a size, the
+    volumes it protects and at most one policy."""
+
+    __tablename__ = "vaults"
+    __table_args__ = (UniqueConstraint("tenant", "name", name="uq_vaults_tenant_name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(36), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(String(64), default="")
+    backup_point_uuid: Mapped[str] = mapped_column(String(36), index=True)
+    size_gb: Mapped[int] = mapped_column(BigInteger)
+    object_type: Mapped[str] = mapped_column(String(16), default="disk")
+    consistent_level: Mapped[str] = mapped_column(String(32), default="crash_consistent")
+    policy_id: Mapped[str] = mapped_column(String(36), default="", index=True)
+    backup_name_prefix: Mapped[str] = mapped_column(String(32), default="")
+    status: Mapped[str] = mapped_column(String(16), default="available")  # available, deleting, error
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class VaultResource(Base):
+    """A volume protected by a vault (a volume belongs to one vault)."""
+
+    __tablename__ = "vault_resources"
+
+    volume_uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    vault_id: Mapped[str] = mapped_column(String(36), index=True)
+    tenant: Mapped[str] = mapped_column(String(36), index=True)
+    runs: Mapped[int] = mapped_column(Integer, default=0)  # scheduled backups so far (full_backup_interval)
+    added_at: Mapped[float] = mapped_column(Float)
+
+
+class Checkpoint(Base):
+    """Seed 003: one run of a vault's policy (or a manual one) over its
+    resources. (vault_id, due_at) is unique: a due run is never made twice."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("vault_id", "due_at", name="uq_checkpoints_vault_due"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    vault_id: Mapped[str] = mapped_column(String(36), index=True)
+    tenant: Mapped[str] = mapped_column(String(36), index=True)
+    policy_id: Mapped[str] = mapped_column(String(36), default="")
+    due_at: Mapped[float] = mapped_column(Float)               # the schedule's time; manual: creation time
+    status: Mapped[str] = mapped_column(String(16), default="protecting")  # protecting, available, error
+    manual: Mapped[bool] = mapped_column(Boolean, default=False)
+    resources_json: Mapped[str] = mapped_column(Text, default="[]")   # [{id, backup_id, task_id}]
+    skipped_json: Mapped[str] = mapped_column(Text, default="[]")     # [{id, code, reason}]
+    created_at: Mapped[float] = mapped_column(Float)

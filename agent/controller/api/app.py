@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from agent import __version__
 from agent.controller.agents import AgentClients
-from agent.controller.api import backuppoints, envelope, hosts, jobs, pools, volumes
+from agent.controller.api import backuppoints, envelope, hosts, jobs, policies, pools, vaults, volumes
 from agent.controller.dispatch import Dispatcher
 from agent.controller.api.auth import TokenAuth
 from agent.controller.config import ControllerConfig
@@ -39,5 +39,7 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     app.include_router(pools.router(auth))
     app.include_router(volumes.router(auth))
     app.include_router(jobs.router(auth))
+    app.include_router(policies.router(auth))
+    app.include_router(vaults.router(auth))
 
     return app

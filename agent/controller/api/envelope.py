@@ -1,7 +1,8 @@
 """The seeds' response envelope: scode, desc, message, message_cn, stack,
 data. Errors use the same envelope with a non-zero scode; the mapping from
 our errors comes from agent/errors.py (rest_status), and no stack trace is
-ever sent (`stack` stays null)."""
+ever sent (`stack` stays null). Under /v3 (seed 003) an error is that seed's
+{"error_code", "error_msg"} (errors.cbr_status)."""
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,10 @@ def range_list(key: str, items: list, cluster: str, namespace: str, total: int) 
     return ok({key: items, "each_range_list_state": [state], "TotalCount": total})
 
 
-def _error_response(e: BaseException) -> JSONResponse:
+def _error_response(e: BaseException, request: Request | None = None) -> JSONResponse:
+    if request is not None and request.url.path.startswith("/v3/"):
+        http, code, message = errors.cbr_status(e)
+        return JSONResponse(status_code=http, content={"error_code": code, "error_msg": message})
     http, scode, message, message_cn = errors.rest_status(e)
     desc = getattr(e, "field", None) or ""
     return JSONResponse(status_code=http, content={"scode": scode, "desc": desc, "message": message,
@@ -46,7 +50,7 @@ def install(app) -> None:
     async def _ours(request: Request, e: errors.BlockferryError):
         if e.code == errors.BlockferryError.code:
             log.exception("request failed", extra={"path": request.url.path})
-        return _error_response(e)
+        return _error_response(e, request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -57,7 +61,7 @@ def install(app) -> None:
             reason = "is required"
         elif first.get("type") == "json_invalid":
             field, reason = "body", "is not valid JSON"
-        return _error_response(errors.InvalidArgument(f"{field}: {reason}", field=field))
+        return _error_response(errors.InvalidArgument(f"{field}: {reason}", field=field), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
@@ -68,7 +72,7 @@ def install(app) -> None:
                                          field="method")
         else:
             err = errors.InvalidArgument(f"request: {e.detail}", field="request")
-        resp = _error_response(err)
+        resp = _error_response(err, request)
         if e.status_code == 405:
             resp.status_code = 405
         return resp
@@ -76,4 +80,4 @@ def install(app) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
         log.exception("unexpected error", extra={"path": request.url.path})
-        return _error_response(e)
+        return _error_response(e, request)

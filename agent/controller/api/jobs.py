@@ -19,7 +19,7 @@ from agent.controller.api.pools import _visible
 from agent.controller.api.volumes import _Base, _wrap, serving_hosts
 from agent.controller.dispatch import backup_point_request, new_task
 from agent.controller.models import Backup, BackupPoint, Pool, Task, Volume
-from agent.errors import AlreadyExists, InvalidArgument, NotFound, TargetUnreachable
+from agent.errors import AlreadyExists, BackupInProgress, InvalidArgument, NotFound, TargetUnreachable
 
 TASK_STATES = ("waiting", "running", "success", "failed", "skipped", "timeout")
 
@@ -222,27 +222,7 @@ def router(auth) -> APIRouter:
             b = s.get(Backup, bid)
             if b is None or b.tenant != tenant or b.cluster_uuid != cluster:
                 raise NotFound(f"backup_uuid: backup {bid} does not exist", field="backup_uuid")
-            if b.status == "BackupStarted":
-                raise InvalidArgument(f"backup_uuid: backup {bid} is still running", field="backup_uuid")
-            bp = s.get(BackupPoint, b.backup_point_uuid)
-            pool = s.get(Pool, b.pool_uuid)
-            hosts = serving_hosts(s, pool, state.cfg.host_dead_after) if pool else []
-        if b.status == "BackupSucceeded" and bp is not None:
-            if not hosts:
-                raise TargetUnreachable("backup_uuid: no online host can reach its backup point", field="backup_uuid")
-            state.agents.call(hosts[0], "backups", "AttachBackupPoint", backup_point_request(bp, state.secrets))
-            try:
-                state.agents.call(hosts[0], "backups", "DeleteBackup", backups_pb2.DeleteBackupRequest(
-                    backup_point_uuid=bp.uuid, backup_uuid=bid))
-            except NotFound:
-                pass  # gone from the repository already
-        with state.db.session() as s:
-            row = s.get(Backup, bid)
-            if row.status == "BackupSucceeded":
-                bp_row = s.get(BackupPoint, row.backup_point_uuid)
-                if bp_row is not None and bp_row.ref > 0:
-                    bp_row.ref -= 1
-            s.delete(row)
+        remove_backup(state, bid)
         return ok({})
 
     @r.get("/v1/volume/share/backup/list")
@@ -312,3 +292,35 @@ def router(auth) -> APIRouter:
         return ok(task_to_json(t))
 
     return r
+
+
+def remove_backup(state, bid: str, field: str = "backup_uuid") -> None:
+    """Delete a backup from its repository (through an agent that can reach
+    the backup point), then its row. A running backup is refused."""
+    with state.db.session() as s:
+        b = s.get(Backup, bid)
+        if b is None:
+            raise NotFound(f"{field}: backup {bid} does not exist", field=field)
+        if b.status == "BackupStarted":
+            raise BackupInProgress(f"{field}: backup {bid} is still running", field=field)
+        bp = s.get(BackupPoint, b.backup_point_uuid)
+        pool = s.get(Pool, b.pool_uuid)
+        hosts = serving_hosts(s, pool, state.cfg.host_dead_after) if pool else []
+    if b.status == "BackupSucceeded" and bp is not None:
+        if not hosts:
+            raise TargetUnreachable(f"{field}: no online host can reach its backup point", field=field)
+        state.agents.call(hosts[0], "backups", "AttachBackupPoint", backup_point_request(bp, state.secrets))
+        try:
+            state.agents.call(hosts[0], "backups", "DeleteBackup", backups_pb2.DeleteBackupRequest(
+                backup_point_uuid=bp.uuid, backup_uuid=bid))
+        except NotFound:
+            pass  # gone from the repository already
+    with state.db.session() as s:
+        row = s.get(Backup, bid)
+        if row is None:
+            return
+        if row.status == "BackupSucceeded":
+            bp_row = s.get(BackupPoint, row.backup_point_uuid)
+            if bp_row is not None and bp_row.ref > 0:
+                bp_row.ref -= 1
+        s.delete(row)

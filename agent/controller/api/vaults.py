@@ -1,0 +1,359 @@
+"""Seed 003: /v3/{project_id}/vaults: create, get, list (with ZStack-style
+`q=field=value` conditions, seed 004), update, delete (Permissive or
+Enforcing, seed 004), addresources, removeresources, associatepolicy,
+dissociatepolicy.
+
+A vault is a named, sized share of a backup point (`backup_point_id`, our
+addition to the seed's body: the seed's vaults live in a cloud). Resources
+are volumes of the same tenant (type OS::Cinder::Volume); a volume belongs
+to one vault. Used capacity is what the vault's backups added to the
+repository (after deduplication and compression); logical is their size.
+"""
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Query, Request
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from agent.controller.api import validate as v
+from agent.controller.api.auth import Caller
+from agent.controller.api.jobs import remove_backup
+from agent.controller.api.policies import project
+from agent.controller.models import Backup, BackupPoint, Policy, Vault, VaultResource, Volume
+from agent.errors import (AlreadyExists, InvalidArgument, NotFound, ResourceInVault, ResourceNotInVault,
+                          VaultNotEmpty)
+
+GB = 1 << 30
+RESOURCE_TYPE = "OS::Cinder::Volume"
+MIN_SIZE, MAX_SIZE = 10, 10485760  # GB, as the seed's BillingCreate
+MAX_RESOURCES = 255
+DELETE_MODES = ("Permissive", "Enforcing")
+QUERY_KEYS = {"uuid", "id", "name", "status", "state", "policy_id", "backup_point_id"}
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _bad(field: str, why: str) -> InvalidArgument:
+    return InvalidArgument(f"{field}: {why}", field=field)
+
+
+def _state(s, vault: Vault) -> str:
+    """Enabled when an enabled policy schedules it (seed 004's state)."""
+    if not vault.policy_id:
+        return "Disabled"
+    p = s.get(Policy, vault.policy_id)
+    return "Enabled" if p is not None and p.enabled else "Disabled"
+
+
+def usage(s, vault_id: str) -> tuple[int, int, int]:
+    """(backups, logical bytes, stored bytes) of the vault's finished backups."""
+    n, logical, stored = s.execute(
+        select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.size), 0),
+               func.coalesce(func.sum(Backup.stored_bytes), 0))
+        .where(Backup.vault_id == vault_id, Backup.status == "BackupSucceeded")).one()
+    return int(n), int(logical), int(stored)
+
+
+def to_seed(s, vault: Vault) -> dict:
+    resources = []
+    for r in s.scalars(select(VaultResource).where(VaultResource.vault_id == vault.id)
+                       .order_by(VaultResource.added_at, VaultResource.volume_uuid)):
+        vol = s.get(Volume, r.volume_uuid)
+        count, stored = s.execute(
+            select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.stored_bytes), 0))
+            .where(Backup.vault_id == vault.id, Backup.volume_uuid == r.volume_uuid,
+                   Backup.status == "BackupSucceeded")).one()
+        resources.append({"id": r.volume_uuid, "name": vol.name if vol else "", "type": RESOURCE_TYPE,
+                          "size": -(-vol.capacity // GB) if vol else 0, "backup_count": int(count),
+                          "backup_size": int(stored), "protect_status": "available", "extra_info": None})
+    n, logical, stored = usage(s, vault.id)
+    used_gb = round(stored / GB, 3)
+    return {
+        "id": vault.id, "name": vault.name, "description": vault.description, "project_id": vault.tenant,
+        "provider_id": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "blockferry/provider/volume")),
+        "created_at": _iso(vault.created_at), "auto_bind": False, "bind_rules": None, "tags": [],
+        "backup_point_id": vault.backup_point_uuid, "policy_id": vault.policy_id or None,
+        "backup_name_prefix": vault.backup_name_prefix, "status": vault.status, "state": _state(s, vault),
+        "billing": {"status": vault.status, "size": vault.size_gb, "allocated": vault.size_gb, "used": used_gb,
+                    "object_type": vault.object_type, "protect_type": "backup",
+                    "consistent_level": vault.consistent_level, "charging_mode": "post_paid",
+                    "cloud_type": "public", "spec_code": f"vault.backup.{vault.object_type}.normal",
+                    "storage_unit": None, "order_id": None, "product_id": None},
+        "capacity": {"totalCapacity": vault.size_gb * GB, "availableCapacity": max(0, vault.size_gb * GB - stored),
+                     "usedCapacity": stored, "logicalCapacity": logical, "backups": n},
+        "resources": resources,
+    }
+
+
+def load_vault(s, tenant: str, vault_id: str) -> Vault:
+    vault = s.get(Vault, vault_id)
+    if vault is None or vault.tenant != tenant:
+        raise NotFound(f"vault_id: vault {vault_id} does not exist", field="vault_id")
+    return vault
+
+
+def _resources(s, tenant: str, items, field: str) -> list[str]:
+    """Volume ids of a resources list: each an existing volume of the tenant."""
+    if not isinstance(items, list):
+        raise _bad(field, "must be a list of {\"id\": ..., \"type\": \"OS::Cinder::Volume\"}")
+    if len(items) > MAX_RESOURCES:
+        raise _bad(field, f"{len(items)} resources; at most {MAX_RESOURCES}")
+    out: list[str] = []
+    for i, item in enumerate(items):
+        f = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f, "must be an object with id and type")
+        rtype = item.get("type", RESOURCE_TYPE)
+        if rtype != RESOURCE_TYPE:
+            raise _bad(f"{f}.type", f"{rtype!r}: only {RESOURCE_TYPE} (a volume) is supported")
+        vid = v.uuid(str(item.get("id", "")), f"{f}.id")
+        vol = s.get(Volume, vid)
+        if vol is None or vol.tenant != tenant:
+            raise NotFound(f"{f}.id: volume {vid} does not exist", field=f"{f}.id")
+        if vid in out:
+            raise _bad(f"{f}.id", f"volume {vid} is listed twice")
+        out.append(vid)
+    return out
+
+
+def _attach(s, vault: Vault, volume_ids: list[str], field: str) -> None:
+    for i, vid in enumerate(volume_ids):
+        other = s.get(VaultResource, vid)
+        if other is not None:
+            raise ResourceInVault(f"{field}[{i}].id: volume {vid} is in vault {other.vault_id} already",
+                                  field=f"{field}[{i}].id")
+        s.add(VaultResource(volume_uuid=vid, vault_id=vault.id, tenant=vault.tenant, runs=0, added_at=time.time()))
+
+
+def _size(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_SIZE <= value <= MAX_SIZE:
+        raise _bad(field, f"{value!r}: an integer number of GB, {MIN_SIZE} to {MAX_SIZE}")
+    return value
+
+
+def _text(value, field: str, lo: int, hi: int) -> str:
+    if not isinstance(value, str) or not lo <= len(value) <= hi:
+        raise _bad(field, f"must be a string of {lo} to {hi} characters")
+    if any(ord(c) < 32 for c in value):
+        raise _bad(field, "may not contain control characters")
+    return value
+
+
+def _policy(s, tenant: str, policy_id, field: str) -> str:
+    if policy_id in (None, ""):
+        return ""
+    pid = v.uuid(str(policy_id), field)
+    p = s.get(Policy, pid)
+    if p is None or p.tenant != tenant:
+        raise NotFound(f"{field}: policy {pid} does not exist", field=field)
+    return pid
+
+
+def _conditions(q: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for cond in q:
+        key, sep, value = cond.partition("=")
+        if not sep or key not in QUERY_KEYS:
+            raise _bad("q", f"{cond!r}: conditions are field=value with field one of {', '.join(sorted(QUERY_KEYS))}")
+        out["uuid" if key == "id" else key] = value
+    return out
+
+
+def router(auth) -> APIRouter:
+    r = APIRouter(prefix="/v3/{project_id}/vaults", tags=["vaults (seed 003)"])
+
+    @r.post("")
+    def create(project_id: str, request: Request, body: Any = Body(None),
+               caller: Caller = Depends(auth)):
+        tenant = project(caller, project_id)
+        if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
+            raise _bad("vault", "the body must be {\"vault\": {...}}")
+        b = body["vault"]
+        name = _text(b.get("name"), "vault.name", 1, 64)
+        description = _text(b.get("description", ""), "vault.description", 0, 64)
+        prefix = _text(b.get("backup_name_prefix", "") or "", "vault.backup_name_prefix", 0, 32)
+        billing = b.get("billing")
+        if not isinstance(billing, dict):
+            raise _bad("vault.billing", "required: {\"object_type\": \"disk\", \"protect_type\": \"backup\", "
+                                        "\"consistent_level\": \"crash_consistent\", \"size\": GB}")
+        if billing.get("object_type") != "disk":
+            raise _bad("vault.billing.object_type", f"{billing.get('object_type')!r}: only 'disk' (volumes)")
+        if billing.get("protect_type") != "backup":
+            raise _bad("vault.billing.protect_type", f"{billing.get('protect_type')!r}: only 'backup'")
+        if billing.get("consistent_level", "crash_consistent") != "crash_consistent":
+            raise _bad("vault.billing.consistent_level", f"{billing.get('consistent_level')!r}: only "
+                                                         "'crash_consistent'")
+        size = _size(billing.get("size"), "vault.billing.size")
+        if "resources" not in b:
+            raise _bad("vault.resources", "required ([] for none)")
+        bpid = v.uuid(str(b.get("backup_point_id", "")), "vault.backup_point_id")
+        now = time.time()
+        with request.app.state.db.session() as s:
+            bp = s.get(BackupPoint, bpid)
+            if bp is None or not caller.sees(bp.tenant) or bp.tenant != tenant:
+                raise NotFound(f"vault.backup_point_id: backup point {bpid} does not exist",
+                               field="vault.backup_point_id")
+            vols = _resources(s, tenant, b.get("resources"), "vault.resources")
+            vault = Vault(id=str(uuidlib.uuid4()), tenant=tenant, name=name, description=description,
+                          backup_point_uuid=bpid, size_gb=size, object_type="disk",
+                          consistent_level="crash_consistent",
+                          policy_id=_policy(s, tenant, b.get("backup_policy_id"), "vault.backup_policy_id"),
+                          backup_name_prefix=prefix, status="available", created_at=now, updated_at=now)
+            s.add(vault)
+            try:
+                s.flush()
+            except IntegrityError:
+                raise AlreadyExists(f"vault.name: a vault named {name!r} exists", field="vault.name") from None
+            _attach(s, vault, vols, "vault.resources")
+            s.flush()
+            return {"vault": to_seed(s, vault)}
+
+    @r.get("")
+    def list_(project_id: str, request: Request, name: str = "", policy_id: str = "", status: str = "",
+              object_type: str = "", limit: int = Query(1000, ge=1, le=1000), offset: int = Query(0, ge=0),
+              q: list[str] = Query(default=[]), caller: Caller = Depends(auth)):
+        tenant = project(caller, project_id)
+        cond = _conditions(q)
+        with request.app.state.db.session() as s:
+            query = select(Vault).where(Vault.tenant == tenant).order_by(Vault.created_at, Vault.id)
+            for key, value in (("name", name), ("policy_id", policy_id), ("status", status)):
+                if value:
+                    cond.setdefault(key, value)
+            if object_type and object_type != "disk":
+                return {"vaults": [], "count": 0}
+            columns = {"uuid": Vault.id, "name": Vault.name, "status": Vault.status, "policy_id": Vault.policy_id,
+                       "backup_point_id": Vault.backup_point_uuid}
+            for key, value in cond.items():
+                if key in columns:
+                    query = query.where(columns[key] == value)
+            rows = [x for x in s.scalars(query) if "state" not in cond or _state(s, x) == cond["state"]]
+            page = rows[offset:offset + limit]
+            return {"vaults": [to_seed(s, x) for x in page], "count": len(rows)}
+
+    @r.get("/{vault_id}")
+    def get(project_id: str, vault_id: str, request: Request, caller: Caller = Depends(auth)):
+        tenant = project(caller, project_id)
+        with request.app.state.db.session() as s:
+            return {"vault": to_seed(s, load_vault(s, tenant, vault_id))}
+
+    @r.put("/{vault_id}")
+    def update(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+               caller: Caller = Depends(auth)):
+        tenant = project(caller, project_id)
+        if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
+            raise _bad("vault", "the body must be {\"vault\": {...}}")
+        b = body["vault"]
+        with request.app.state.db.session() as s:
+            vault = load_vault(s, tenant, vault_id)
+            if "name" in b:
+                vault.name = _text(b["name"], "vault.name", 1, 64)
+            if "description" in b:
+                vault.description = _text(b["description"], "vault.description", 0, 64)
+            if "backup_name_prefix" in b:
+                vault.backup_name_prefix = _text(b["backup_name_prefix"], "vault.backup_name_prefix", 0, 32)
+            if isinstance(b.get("billing"), dict) and "size" in b["billing"]:
+                size = _size(b["billing"]["size"], "vault.billing.size")
+                _, _, stored = usage(s, vault.id)
+                if size * GB < stored:
+                    raise _bad("vault.billing.size", f"{size} GB is less than the {stored / GB:.1f} GB the vault "
+                                                     "uses")
+                vault.size_gb = size
+            vault.updated_at = time.time()
+            try:
+                s.flush()
+            except IntegrityError:
+                raise AlreadyExists(f"vault.name: a vault named {vault.name!r} exists", field="vault.name") from None
+            return {"vault": to_seed(s, vault)}
+
+    @r.delete("/{vault_id}")
+    def delete(project_id: str, vault_id: str, request: Request, mode: str = "Permissive",
+               caller: Caller = Depends(auth)):
+        """Permissive refuses while the vault holds backups; Enforcing deletes
+        them (from their repository), then the vault."""
+        tenant = project(caller, project_id)
+        if mode not in DELETE_MODES:
+            raise _bad("mode", f"{mode!r}: Permissive or Enforcing")
+        state = request.app.state
+        with state.db.session() as s:
+            vault = load_vault(s, tenant, vault_id)
+            backups = list(s.scalars(select(Backup.uuid).where(Backup.vault_id == vault.id)
+                                     .order_by(Backup.ctime)))
+            if backups and mode == "Permissive":
+                raise VaultNotEmpty(f"vault_id: vault {vault.name} holds {len(backups)} backup(s); delete them or "
+                                    "use mode=Enforcing", field="vault_id")
+            vault.status = "deleting"
+        for bid in backups:
+            remove_backup(state, bid, field="vault_id")
+        with state.db.session() as s:
+            for r_ in s.scalars(select(VaultResource).where(VaultResource.vault_id == vault_id)):
+                s.delete(r_)
+            s.delete(s.get(Vault, vault_id))
+        return {}
+
+    @r.post("/{vault_id}/addresources")
+    def add_resources(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+                      caller: Caller = Depends(auth)):
+        tenant = project(caller, project_id)
+        with request.app.state.db.session() as s:
+            vault = load_vault(s, tenant, vault_id)
+            vols = _resources(s, tenant, body.get("resources") if isinstance(body, dict) else None, "resources")
+            have = s.scalar(select(func.count()).select_from(VaultResource)
+                            .where(VaultResource.vault_id == vault.id))
+            if have + len(vols) > MAX_RESOURCES:
+                raise _bad("resources", f"the vault would hold {have + len(vols)} resources; at most {MAX_RESOURCES}")
+            _attach(s, vault, vols, "resources")
+            vault.updated_at = time.time()
+        return {"add_resource_ids": vols}
+
+    @r.post("/{vault_id}/removeresources")
+    def remove_resources(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+                         caller: Caller = Depends(auth)):
+        """The volumes leave the vault; their backups stay in it until deleted."""
+        tenant = project(caller, project_id)
+        ids = body.get("resource_ids") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not ids:
+            raise _bad("resource_ids", "must be a non-empty list of volume ids")
+        with request.app.state.db.session() as s:
+            vault = load_vault(s, tenant, vault_id)
+            for i, raw in enumerate(ids):
+                vid = v.uuid(str(raw), f"resource_ids[{i}]")
+                row = s.get(VaultResource, vid)
+                if row is None or row.vault_id != vault.id:
+                    raise ResourceNotInVault(f"resource_ids[{i}]: volume {vid} is not in vault {vault.name}",
+                                             field=f"resource_ids[{i}]")
+                s.delete(row)
+            vault.updated_at = time.time()
+        return {"remove_resource_ids": [str(x) for x in ids]}
+
+    @r.post("/{vault_id}/associatepolicy")
+    def associate(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+                  caller: Caller = Depends(auth)):
+        tenant = project(caller, project_id)
+        with request.app.state.db.session() as s:
+            vault = load_vault(s, tenant, vault_id)
+            pid = _policy(s, tenant, body.get("policy_id") if isinstance(body, dict) else None, "policy_id")
+            if not pid:
+                raise _bad("policy_id", "required")
+            vault.policy_id, vault.updated_at = pid, time.time()
+        return {"associate_policy": {"vault_id": vault_id, "policy_id": pid}}
+
+    @r.post("/{vault_id}/dissociatepolicy")
+    def dissociate(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+                   caller: Caller = Depends(auth)):
+        tenant = project(caller, project_id)
+        with request.app.state.db.session() as s:
+            vault = load_vault(s, tenant, vault_id)
+            pid = v.uuid(str(body.get("policy_id", "") if isinstance(body, dict) else ""), "policy_id")
+            if vault.policy_id != pid:
+                raise NotFound(f"policy_id: policy {pid} is not applied to vault {vault.name}", field="policy_id")
+            vault.policy_id, vault.updated_at = "", time.time()
+        return {"dissociate_policy": {"vault_id": vault_id, "policy_id": pid}}
+
+    return r
