@@ -277,6 +277,11 @@ def rest_status(error: BaseException) -> tuple[int, int, str, str]:
     return http, scode, "INTERNAL: unexpected controller error (see its log)", f"{cn}：请查看控制器日志"
 
 
+def cbr_code(code: str) -> str:
+    """Seed 003's error_code for one of our codes (a checkpoint's skipped_resources)."""
+    return _TABLE.get(code, _TABLE[BlockferryError.code])[4]
+
+
 def cbr_status(error: BaseException) -> tuple[int, str, str]:
     """(HTTP status, error_code, error_msg) for seed 003's /v3 error body."""
     if isinstance(error, BlockferryError):

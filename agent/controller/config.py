@@ -47,6 +47,8 @@ class ControllerConfig:
     agent_auth_token: str = ""              # the agents' [grpc] auth_token, sent on every call
     heartbeat_interval: int = 10            # seconds, told to agents when they register
     host_dead_after: int = 30               # seconds without a heartbeat: the host is offline
+    scheduler_interval: int = 5             # seconds between the policy scheduler's looks
+    schedule_grace: int = 3600              # a scheduled run found later than this (seconds) is missed, not run
     tokens: list[Token] = field(default_factory=list)
 
     @property
@@ -79,6 +81,9 @@ def load(path: str) -> ControllerConfig:
             raise ConfigError(f"{path}: [controller] {key}: must be {'an integer' if want is int else 'a string'}",
                               field=f"controller.{key}")
         setattr(cfg, key, value)
+    if cfg.scheduler_interval < 1 or cfg.schedule_grace < 60:
+        raise ConfigError(f"{path}: [controller] scheduler_interval must be >= 1 and schedule_grace >= 60 "
+                          "(seconds)", field="controller.schedule_grace")
     if cfg.heartbeat_interval < 1 or cfg.host_dead_after <= cfg.heartbeat_interval:
         raise ConfigError(f"{path}: [controller] host_dead_after must exceed heartbeat_interval (>= 1)",
                           field="controller.host_dead_after")

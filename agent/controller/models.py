@@ -205,6 +205,7 @@ class Vault(Base):
     object_type: Mapped[str] = mapped_column(String(16), default="disk")
     consistent_level: Mapped[str] = mapped_column(String(32), default="crash_consistent")
     policy_id: Mapped[str] = mapped_column(String(36), default="", index=True)
+    policy_since: Mapped[float] = mapped_column(Float, default=0.0)  # scheduled runs due from then on
     backup_name_prefix: Mapped[str] = mapped_column(String(32), default="")
     status: Mapped[str] = mapped_column(String(16), default="available")  # available, deleting, error
     created_at: Mapped[float] = mapped_column(Float)
@@ -219,7 +220,8 @@ class VaultResource(Base):
     volume_uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     vault_id: Mapped[str] = mapped_column(String(36), index=True)
     tenant: Mapped[str] = mapped_column(String(36), index=True)
-    runs: Mapped[int] = mapped_column(Integer, default=0)  # scheduled backups so far (full_backup_interval)
+    runs: Mapped[int] = mapped_column(Integer, default=0)  # backups so far (full_backup_interval)
+    base_snapshot: Mapped[str] = mapped_column(String(36), default="")  # ours, the next incremental's base
     added_at: Mapped[float] = mapped_column(Float)
 
 

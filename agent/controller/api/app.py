@@ -9,8 +9,9 @@ from fastapi import FastAPI
 
 from agent import __version__
 from agent.controller.agents import AgentClients
-from agent.controller.api import backuppoints, envelope, hosts, jobs, policies, pools, vaults, volumes
+from agent.controller.api import backuppoints, checkpoints, envelope, hosts, jobs, policies, pools, vaults, volumes
 from agent.controller.dispatch import Dispatcher
+from agent.controller.scheduler import Scheduler
 from agent.controller.api.auth import TokenAuth
 from agent.controller.config import ControllerConfig
 from agent.controller.db import Database
@@ -21,17 +22,21 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.dispatcher.start()  # places and follows tasks while the API serves
+        app.state.scheduler.start()   # makes the policies' checkpoints
         yield
+        app.state.scheduler.stop()
         app.state.dispatcher.stop()
         app.state.agents.close()
 
     app = FastAPI(title="blockferry-controller", version=__version__, lifespan=lifespan,
-                  description="Shared storage pools, volumes, backup points and backups (seeds 000-002).")
+                  description="Shared storage pools, volumes, backup points and backups (seeds 000-002); "
+                              "vaults, policies and checkpoints (seed 003).")
     app.state.cfg = cfg
     app.state.db = db
     app.state.secrets = secrets
     app.state.agents = AgentClients(cfg)
     app.state.dispatcher = Dispatcher(cfg, db, app.state.agents, secrets)
+    app.state.scheduler = Scheduler(app.state, interval=cfg.scheduler_interval, grace=cfg.schedule_grace)
     envelope.install(app)
     auth = TokenAuth(cfg.tokens)
     app.include_router(backuppoints.router(auth))
@@ -41,5 +46,6 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     app.include_router(jobs.router(auth))
     app.include_router(policies.router(auth))
     app.include_router(vaults.router(auth))
+    app.include_router(checkpoints.router(auth))
 
     return app

@@ -205,7 +205,8 @@ def router(auth) -> APIRouter:
                           backup_point_uuid=bpid, size_gb=size, object_type="disk",
                           consistent_level="crash_consistent",
                           policy_id=_policy(s, tenant, b.get("backup_policy_id"), "vault.backup_policy_id"),
-                          backup_name_prefix=prefix, status="available", created_at=now, updated_at=now)
+                          policy_since=now, backup_name_prefix=prefix, status="available", created_at=now,
+                          updated_at=now)
             s.add(vault)
             try:
                 s.flush()
@@ -341,7 +342,9 @@ def router(auth) -> APIRouter:
             pid = _policy(s, tenant, body.get("policy_id") if isinstance(body, dict) else None, "policy_id")
             if not pid:
                 raise _bad("policy_id", "required")
-            vault.policy_id, vault.updated_at = pid, time.time()
+            if vault.policy_id != pid:  # runs of the new policy are due from now on
+                vault.policy_id, vault.policy_since = pid, time.time()
+            vault.updated_at = time.time()
         return {"associate_policy": {"vault_id": vault_id, "policy_id": pid}}
 
     @r.post("/{vault_id}/dissociatepolicy")

@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("object_type", sa.String(16), nullable=False, server_default="disk"),
         sa.Column("consistent_level", sa.String(32), nullable=False, server_default="crash_consistent"),
         sa.Column("policy_id", sa.String(36), nullable=False, server_default="", index=True),
+        sa.Column("policy_since", sa.Float, nullable=False, server_default="0"),
         sa.Column("backup_name_prefix", sa.String(32), nullable=False, server_default=""),
         sa.Column("status", sa.String(16), nullable=False, server_default="available"),
         sa.Column("created_at", sa.Float, nullable=False),
@@ -50,6 +51,7 @@ def upgrade() -> None:
         sa.Column("vault_id", sa.String(36), nullable=False, index=True),
         sa.Column("tenant", sa.String(36), nullable=False, index=True),
         sa.Column("runs", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("base_snapshot", sa.String(36), nullable=False, server_default=""),
         sa.Column("added_at", sa.Float, nullable=False),
     )
     op.create_table(
