@@ -4,6 +4,7 @@ volumes and a real backup point behind them (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import copy
+import os
 import uuid
 
 import httpx
@@ -150,3 +151,142 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
         assert other_tenant.get(f"/v3/{TENANT_B}/vaults").json() == {"vaults": [], "count": 0}
     with httpx.Client(base_url=c.url, timeout=30) as anonymous:
         cbr_error(anonymous.get(f"{v3}/policies"), 401, "BackupService.9024", "authorization")
+
+
+def wait_for(fn, timeout: float = 60.0, what: str = ""):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        assert time.monotonic() < deadline, what
+        time.sleep(0.3)
+
+
+def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # noqa: F811
+    """A vault with two qcow2 volumes and a policy (keep 2, a full re-read
+    every other run): manual checkpoints and a scheduled one (the scheduler
+    with its clock moved to the next run, on the controller's database),
+    retention pruning, one base snapshot per volume, restores that equal the
+    volumes as they were, vault deletion in both modes."""
+    from datetime import datetime, timedelta, timezone
+
+    from agent.api.v1 import jobs_pb2
+    from agent.controller import config as ccfg
+    from agent.controller.agents import AgentClients
+    from agent.controller.db import Database
+    from agent.controller.scheduler import Scheduler
+    from agent.controller.secrets import SecretBox
+    from test_controller_pools import wait_task
+    from test_qcow2 import write
+    from types import SimpleNamespace
+
+    c, a, host = cluster
+    env = make_env(c, a, host)
+    t, pid = env["tenant"], env["pool"]
+    v3 = f"/v3/{t}"
+    run = short_tmp / "run-test"
+    run.mkdir()
+    heads = [vol["AccessPath"][host] for vol in env["vols"]]
+    vol_ids = [vol["UUID"] for vol in env["vols"]]
+
+    def digest(volume_uuid: str) -> str:
+        with a.client() as ac:
+            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=volume_uuid))
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+            return job.checksum_result.image_digest
+
+    policy = copy.deepcopy(POLICY)
+    policy["policy"]["operation_definition"] = {"max_backups": 2, "full_backup_interval": 1}
+    policy["policy"]["trigger"]["properties"]["pattern"] = ["FREQ=DAILY;BYHOUR=3;BYMINUTE=0"]
+    with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op, \
+            c.client("op") as op1:
+        pol = op.post(f"{v3}/policies", json=policy).json()["policy"]
+        vault = op.post(f"{v3}/vaults", json=vault_body(env, resources=env["vols"], backup_policy_id=pol["id"],
+                                                        backup_name_prefix="nightly")).json()["vault"]
+        vid = vault["id"]
+        wants, modes = [], []
+
+        def checkpoint_done(cp_id: str) -> dict:
+            return wait_for(lambda: (lambda cp: cp if cp["status"] != "protecting" else None)(
+                op.get(f"{v3}/checkpoints/{cp_id}").json()["checkpoint"]), what=cp_id)
+
+        def change(k: int) -> list[str]:
+            write(heads[0], {0: os.urandom(1 << 20), (k + 1) << 20: os.urandom(4096)}, run)  # chunk 0 rewritten
+            write(heads[1], {(k + 8) << 20: os.urandom(64 << 10)}, run)
+            return [digest(x) for x in vol_ids]
+
+        for k in range(3):
+            wants.append(change(k))
+            r = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vid, "parameters": {
+                "name": f"run{k}", "description": "by hand", "incremental": True}}})
+            assert r.status_code == 200, r.text
+            cp = r.json()["checkpoint"]
+            assert cp["status"] == "protecting" and cp["vault"]["skipped_resources"] == [], cp
+            assert [x["id"] for x in cp["vault"]["resources"]] == vol_ids
+            for x in cp["vault"]["resources"]:
+                assert wait_task(op1, x["task_id"])["status"] == "success"
+            done = checkpoint_done(cp["id"])
+            assert done["status"] == "available", done
+            modes.append([x["backup_mode"] for x in done["vault"]["resources"]])
+        assert modes == [["full", "full"], ["incremental", "incremental"], ["full", "full"]]
+        # a scheduled run: the scheduler on the controller's database, its clock at the next 03:00 UTC
+        cfg = ccfg.load(str(c.config))
+        state = SimpleNamespace(db=Database(cfg.database_url), cfg=cfg, agents=AgentClients(cfg), dispatcher=None,
+                                secrets=SecretBox.from_file(cfg.secret_key_file))
+        now = datetime.now(timezone.utc)
+        nxt = (now + timedelta(days=1)).replace(hour=3, minute=0, second=0, microsecond=0)
+        if nxt - now > timedelta(days=1):
+            nxt -= timedelta(days=1)
+        wants.append(change(3))
+        try:
+            made = Scheduler(state, clock=lambda: nxt.timestamp() + 30).tick()
+            assert len(made) == 1
+            assert Scheduler(state, clock=lambda: nxt.timestamp() + 90).tick() == []  # never twice
+        finally:
+            state.agents.close()
+        scheduled = op.get(f"{v3}/checkpoints/{made[0]}").json()["checkpoint"]
+        assert scheduled["manual"] is False and scheduled["due_at"] == nxt.strftime("%Y-%m-%dT%H:%M:%S")
+        for x in scheduled["vault"]["resources"]:
+            assert wait_task(op1, x["task_id"])["status"] == "success"
+        assert checkpoint_done(made[0])["status"] == "available"
+        # retention kept the newest 2 per volume; the pruning is a task with its counts
+        backups = [b for b in check_ok(op1.get("/v1/volume/share/backup/list", params={
+            "cluster_uuid": env["cluster"]}))["list"]]
+        assert sorted(b["Name"] for b in backups) == sorted(["nightly_run2"] * 2 + [f"nightly_autobk_{made[0][:8]}"] * 2)
+        deletes = wait_for(lambda: check_ok(op1.get("/v1/tasks", params={"operation_type": "delete"}))["tasks"])
+        assert sum(d["result"]["OpExtendInfoDelete"]["deleted"] for d in deletes) == 4
+        assert all(d["status"] == "success" for d in deletes)
+        gcs = wait_for(lambda: (lambda ts: ts if ts and all(x["status"] not in ("waiting", "running") for x in ts)
+                                else None)(check_ok(op1.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]),
+                       what="gc")
+        assert {x["status"] for x in gcs} == {"success"} and sum(int(x["result"].get("chunks_removed", 0)) for x in gcs) > 0, gcs
+        # one snapshot of ours per volume: the base of the next incremental
+        for vol_id in vol_ids:
+            snaps = check_ok(op1.post("/v1/volume/share/snapshot/list", json={
+                "tenant": t, "cluster_uuid": env["cluster"], "volume_uuid": vol_id}))
+            names = [x["Name"] for x in (snaps.get("snapshots") or snaps.get("list") or [])]
+            assert len([n for n in names if n.startswith("cbr-")]) == 1, names
+        # every remaining backup restores bit for bit
+        by_name = {}
+        for b in backups:
+            by_name.setdefault(b["Name"], {})[b["VolumeUUID"]] = b["UUID"]
+        for name, k in (("nightly_run2", 2), (f"nightly_autobk_{made[0][:8]}", 3)):
+            for i, vol_id in enumerate(vol_ids):
+                rs = check_ok(op1.post("/v1/volume/share/backup/restore", json=dict(
+                    seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=by_name[name][vol_id],
+                    new_volume_name=f"r{k}-{i}", new_pool_uuid=pid, new_volume_tenant=t,
+                    cluster_uuid=env["cluster"])))
+                assert wait_task(op1, rs["task_id"])["status"] == "success"
+                assert digest(rs["volume"]["UUID"]) == wants[k][i]
+        got = op.get(f"{v3}/vaults/{vid}").json()["vault"]
+        assert got["capacity"]["backups"] == 4 and got["capacity"]["usedCapacity"] > 0
+        assert {r["id"]: r["backup_count"] for r in got["resources"]} == {x: 2 for x in vol_ids}
+        # deletion: Permissive refuses while backups exist; Enforcing deletes them, then the vault
+        cbr_error(op.delete(f"{v3}/vaults/{vid}"), 409, "BackupService.7301", "vault_id")
+        assert op.delete(f"{v3}/vaults/{vid}", params={"mode": "Enforcing"}).status_code == 200
+        assert check_ok(op1.get("/v1/volume/share/backup/list", params={"cluster_uuid": env["cluster"]}))[
+            "list"] == []
+        cbr_error(op.get(f"{v3}/vaults/{vid}"), 404, "BackupService.9004", "vault_id")

@@ -232,9 +232,14 @@ def _finish(state, cp_id: str, vault_id: str, res: list[dict], statuses: list[st
         by_volume: dict[str, list[Backup]] = {}
         for b in backups:
             by_volume.setdefault(b.volume_uuid, []).append(b)
+        due = {c.id: c.due_at for c in s.scalars(select(Checkpoint).where(Checkpoint.vault_id == vault_id))}
+
+        def when(b: Backup) -> datetime:  # the checkpoint's time (sub-second), else the backup's
+            return datetime.fromtimestamp(due.get(b.checkpoint_id, b.ctime), timezone.utc)
+
         for vol_id, items in by_volume.items():
-            d = retention.decide([retention.Backup(b.uuid, datetime.fromtimestamp(b.ctime, timezone.utc))
-                                  for b in items], rule, datetime.fromtimestamp(now, timezone.utc))
+            d = retention.decide([retention.Backup(b.uuid, when(b)) for b in items], rule,
+                                 datetime.fromtimestamp(now, timezone.utc))
             deleted += list(d.delete)
             kept += len(d.keep)
             for k, n in d.counts().items():

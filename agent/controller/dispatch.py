@@ -33,7 +33,8 @@ log = logging.getLogger("controller.dispatch")
 MAX_ATTEMPTS = 3
 WAIT_LIMIT = 3600.0  # a task nobody could run for this long: timeout
 FOLLOW_EVERY = 0.25  # seconds between two polls of one running task
-SPECS = {"clone": jobs_pb2.CloneSpec, "backup": jobs_pb2.BackupSpec, "restore": jobs_pb2.RestoreSpec}
+SPECS = {"clone": jobs_pb2.CloneSpec, "backup": jobs_pb2.BackupSpec, "restore": jobs_pb2.RestoreSpec,
+         "gc": jobs_pb2.GcSpec}
 FINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 
 
