@@ -143,8 +143,21 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
         assert op.post(f"{v3}/vaults/{vid}/removeresources", json={"resource_ids": [env["vols"][1]["UUID"]]}).json() \
             == {"remove_resource_ids": [env["vols"][1]["UUID"]]}
         cbr_error(op.delete(f"{v3}/vaults/{oid}", params={"mode": "Sometimes"}), 400, "BackupService.9001", "mode")
+        cbr_error(op.delete(f"{v3}/vaults/{oid}", params={"deleteMode": "Later"}), 400, "BackupService.9001",
+                  "deleteMode")
         assert op.delete(f"{v3}/vaults/{oid}").status_code == 200
         cbr_error(op.get(f"{v3}/vaults/{oid}"), 404, "BackupService.9004", "vault_id")
+        # seed 004's reconnect action: the backup point re-checked through the agent
+        rc = op.put(f"{v3}/vaults/{vid}/actions", json={"reconnectBackupStorage": {}, "systemTags": []})
+        assert rc.status_code == 200, rc.text
+        assert rc.json()["vault"]["backup_storage"]["status"] == "healthy"
+        assert rc.json()["vault"]["backup_storage"]["host_uuid"] == host
+        cbr_error(op.put(f"{v3}/vaults/{vid}/actions", json={"explode": {}}), 400, "BackupService.9001",
+                  "reconnectBackupStorage")
+        with c.client("op") as op1:
+            logged = {x["operation_type"]: x for x in check_ok(op1.get("/v1/tasks"))["tasks"]}
+        assert logged["vault_delete"]["result"] == {"mode": "Permissive", "backups_deleted": 0}
+        assert logged["remove_resource"]["resource"] == {"type": "vault", "uuid": vid}
     # tenants: another tenant's token sees none of it, and cannot name this project
     with c.client(TENANT_B) as other_tenant:
         cbr_error(other_tenant.get(f"{v3}/vaults"), 404, "BackupService.9004", "project_id")
@@ -286,7 +299,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # 
         assert {r["id"]: r["backup_count"] for r in got["resources"]} == {x: 2 for x in vol_ids}
         # deletion: Permissive refuses while backups exist; Enforcing deletes them, then the vault
         cbr_error(op.delete(f"{v3}/vaults/{vid}"), 409, "BackupService.7301", "vault_id")
-        assert op.delete(f"{v3}/vaults/{vid}", params={"mode": "Enforcing"}).status_code == 200
+        assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 200
         assert check_ok(op1.get("/v1/volume/share/backup/list", params={"cluster_uuid": env["cluster"]}))[
             "list"] == []
         cbr_error(op.get(f"{v3}/vaults/{vid}"), 404, "BackupService.9004", "vault_id")

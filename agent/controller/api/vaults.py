@@ -1,7 +1,7 @@
 """Seed 003: /v3/{project_id}/vaults: create, get, list (with ZStack-style
 `q=field=value` conditions, seed 004), update, delete (Permissive or
 Enforcing, seed 004), addresources, removeresources, associatepolicy,
-dissociatepolicy.
+dissociatepolicy, and seed 004's reconnect action.
 
 A vault is a named, sized share of a backup point (`backup_point_id`, our
 addition to the seed's body: the seed's vaults live in a cloud). Resources
@@ -11,6 +11,7 @@ repository (after deduplication and compression); logical is their size.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid as uuidlib
 from datetime import datetime, timezone
@@ -24,9 +25,12 @@ from agent.controller.api import validate as v
 from agent.controller.api.auth import Caller
 from agent.controller.api.jobs import remove_backup
 from agent.controller.api.policies import project
-from agent.controller.models import Backup, BackupPoint, Policy, Vault, VaultResource, Volume
+from agent.api.v1 import backups_pb2
+from agent.controller.api.hosts import host_state
+from agent.controller.dispatch import backup_point_request
+from agent.controller.models import Backup, BackupPoint, Host, Policy, Task, Vault, VaultResource, Volume
 from agent.errors import (AlreadyExists, InvalidArgument, NotFound, ResourceInVault, ResourceNotInVault,
-                          VaultNotEmpty)
+                          TargetUnreachable, VaultNotEmpty)
 
 GB = 1 << 30
 RESOURCE_TYPE = "OS::Cinder::Volume"
@@ -274,13 +278,16 @@ def router(auth) -> APIRouter:
             return {"vault": to_seed(s, vault)}
 
     @r.delete("/{vault_id}")
-    def delete(project_id: str, vault_id: str, request: Request, mode: str = "Permissive",
+    def delete(project_id: str, vault_id: str, request: Request, deleteMode: str = "", mode: str = "",
                caller: Caller = Depends(auth)):
-        """Permissive refuses while the vault holds backups; Enforcing deletes
-        them (from their repository), then the vault."""
+        """deleteMode (seed 004; `mode` is taken too): Permissive refuses while
+        the vault holds backups; Enforcing deletes them (from their
+        repository), then the vault. Logged as a vault_delete task."""
         tenant = project(caller, project_id)
+        field = "deleteMode" if deleteMode or not mode else "mode"
+        mode = deleteMode or mode or "Permissive"
         if mode not in DELETE_MODES:
-            raise _bad("mode", f"{mode!r}: Permissive or Enforcing")
+            raise _bad(field, f"{mode!r}: Permissive or Enforcing")
         state = request.app.state
         with state.db.session() as s:
             vault = load_vault(s, tenant, vault_id)
@@ -290,12 +297,14 @@ def router(auth) -> APIRouter:
                 raise VaultNotEmpty(f"vault_id: vault {vault.name} holds {len(backups)} backup(s); delete them or "
                                     "use mode=Enforcing", field="vault_id")
             vault.status = "deleting"
+        started = time.time()
         for bid in backups:
             remove_backup(state, bid, field="vault_id")
         with state.db.session() as s:
             for r_ in s.scalars(select(VaultResource).where(VaultResource.vault_id == vault_id)):
                 s.delete(r_)
             s.delete(s.get(Vault, vault_id))
+            log_task(s, "vault_delete", tenant, vault_id, started, {"mode": mode, "backups_deleted": len(backups)})
         return {}
 
     @r.post("/{vault_id}/addresources")
@@ -331,6 +340,8 @@ def router(auth) -> APIRouter:
                                              field=f"resource_ids[{i}]")
                 s.delete(row)
             vault.updated_at = time.time()
+            log_task(s, "remove_resource", tenant, vault.id, vault.updated_at,
+                     {"remove_resource_ids": [str(x) for x in ids]})
         return {"remove_resource_ids": [str(x) for x in ids]}
 
     @r.post("/{vault_id}/associatepolicy")
@@ -359,4 +370,44 @@ def router(auth) -> APIRouter:
             vault.policy_id, vault.updated_at = "", time.time()
         return {"dissociate_policy": {"vault_id": vault_id, "policy_id": pid}}
 
+    @r.put("/{vault_id}/actions")
+    def actions(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+                caller: Caller = Depends(auth)):
+        """Seed 004's actions: {"reconnectBackupStorage": {}} re-checks the
+        vault's backup point through an agent (a new session) and answers
+        its health with the vault."""
+        tenant = project(caller, project_id)
+        if not isinstance(body, dict) or "reconnectBackupStorage" not in body:
+            raise _bad("reconnectBackupStorage", "the only action is {\"reconnectBackupStorage\": {}}")
+        state = request.app.state
+        with state.db.session() as s:
+            vault = load_vault(s, tenant, vault_id)
+            bp = s.get(BackupPoint, vault.backup_point_uuid)
+            hosts = [h for h in s.scalars(select(Host).order_by(Host.uuid))
+                     if host_state(h, state.cfg.host_dead_after) == "online"]
+        if bp is None:
+            raise NotFound(f"vault_id: the backup point of vault {vault.name} was deleted", field="vault_id")
+        if not hosts:
+            raise TargetUnreachable("vault_id: no online host to reach the backup point from", field="vault_id")
+        state.agents.call(hosts[0], "backups", "AttachBackupPoint", backup_point_request(bp, state.secrets))
+        st = state.agents.call(hosts[0], "backups", "ReconnectBackupPoint",
+                               backups_pb2.BackupPointRef(backup_point_uuid=bp.uuid))
+        with state.db.session() as s:
+            row = s.get(BackupPoint, bp.uuid)
+            row.state = st.status
+            out = to_seed(s, load_vault(s, tenant, vault_id))
+        out["backup_storage"] = {"uuid": bp.uuid, "status": st.status, "host_uuid": hosts[0].uuid,
+                                 "totalCapacity": st.total_bytes, "availableCapacity": st.available_bytes,
+                                 "latency_ms": round(st.latency_ms, 3), "error_code": st.error_code or None,
+                                 "error": st.error or None}
+        return {"vault": out}
+
     return r
+
+
+def log_task(s, operation: str, tenant: str, vault_id: str, started: float, result: dict) -> None:
+    """A synchronous operation of the vault API, in /v1/tasks (seed 003's operation_type)."""
+    s.add(Task(id=str(uuidlib.uuid4()), operation_type=operation, status="success", progress=100.0, tenant=tenant,
+               resource_type="vault", resource_uuid=vault_id, job_kind="", spec_json="{}", idempotent=True,
+               attempts=0, result_json=json.dumps(result), created_at=started, started_at=started,
+               ended_at=time.time()))
