@@ -199,6 +199,12 @@ class BackupInProgress(BlockferryError):
     code = "BACKUP_IN_PROGRESS"
 
 
+class RestoreTooSmall(BlockferryError):
+    """The volume to restore into is smaller than the backup."""
+
+    code = "RESTORE_TOO_SMALL"
+
+
 class BindingMissing(BlockferryError):
     """A Python binding the agent needs is missing or built for another ABI."""
 
@@ -241,6 +247,7 @@ _TABLE: dict[str, tuple[grpc.StatusCode, int, int, str, str]] = {
     ResourceNotInVault.code: (grpc.StatusCode.NOT_FOUND, 404, 1028, "资源不在存储库中", "BackupService.6135"),
     VaultFull.code: (grpc.StatusCode.RESOURCE_EXHAUSTED, 409, 1029, "存储库容量已满", "BackupService.6114"),
     BackupInProgress.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1030, "备份任务进行中", "BackupService.6125"),
+    RestoreTooSmall.code: (grpc.StatusCode.FAILED_PRECONDITION, 400, 1031, "目标卷小于备份", "BackupService.2001"),
     BlockferryError.code: (grpc.StatusCode.INTERNAL, 500, 1999, "内部错误", "BackupService.9999"),
 }
 _GRPC_STATUS: dict[str, grpc.StatusCode] = {code: row[0] for code, row in _TABLE.items()}

@@ -402,3 +402,94 @@ def test_cancelled_backup_and_restore_leave_nothing_that_looks_complete(make_age
         assert not [p for p in vol_dir.iterdir() if new_vol in p.name]  # no temporary copy left either
         assert bk.verify(full.backup_uuid).state == OK
     assert a.stop() == 0
+
+
+def _restore_in_place(bk: Bk, backup_uuid: str, vol: str, pool: str):
+    return bk.c.run(f"restore-in-place-{new_id()}", restore=jobs_pb2.RestoreSpec(
+        backup_point_uuid=bk.bp, backup_uuid=backup_uuid, pool_uuid=pool, volume_uuid=vol, in_place=True))
+
+
+@pytest.mark.parametrize("kind", ["qcow2", "rbd"])
+def test_restore_in_place_overwrites_with_a_safety_snapshot(rbd_agent, ceph, kind):
+    """Seed 003's restore to a disk: the live volume becomes the backup
+    exactly (data, zero chunks and the larger volume's tail, read back with
+    qemu-img / rbd export), after a safety snapshot that a failed restore
+    rolls back to; a volume smaller than the backup, or open by a client, is
+    refused."""
+    import hashlib
+
+    import rados
+    import rbd
+
+    pool = RBD_POOL_UUID if kind == "rbd" else POOL_UUID
+    cluster = rados.Rados(conffile=str(ceph.conf))
+    cluster.connect(timeout=10)
+    io = cluster.open_ioctx("rbd")
+
+    def put(bk, vol, writes):
+        if kind == "qcow2":
+            bk.write(vol, writes)
+            return
+        with rbd.Image(io, vol) as img:
+            for off, data in writes.items():
+                img.write(data, off)
+            img.flush()
+
+    def raw(bk, vol):
+        if kind == "rbd":
+            return raw_sha256(["rbd", "-c", str(ceph.conf), "export", f"rbd/{vol}", "-"])
+        return qcow2_raw_sha256(bk.head(vol), bk.agent.workdir)
+
+    try:
+        with rbd_agent.client() as c:
+            bk = Bk(rbd_agent, c)
+            src = bk.create(capacity=8 * MiB, name="src", pool_uuid=pool).uuid
+            writes = {0: os.urandom(2 * MiB), 5 * MiB: os.urandom(4096)}
+            put(bk, src, writes)
+            s = bk.call("CreateSnapshot", pool_uuid=pool, volume_uuid=src, snapshot_uuid=new_id(), name="s").uuid
+            r = bk.backup(src, s, pool=pool)
+            expected = bytearray(12 * MiB)  # the source, then the larger target's tail as zeros
+            for off, data in writes.items():
+                expected[off:off + len(data)] = data
+            # the target: larger, with data everywhere the backup has zeros
+            dst = bk.create(capacity=12 * MiB, name="dst", pool_uuid=pool).uuid
+            put(bk, dst, {0: os.urandom(12 * MiB)})
+            before = bk.digest(dst, pool=pool)
+            job = _restore_in_place(bk, r.backup_uuid, dst, pool)
+            assert job.state == OK, job.error
+            res = job.restore_result
+            assert res.volume_uuid == dst and res.image_digest == r.image_digest and res.safety_snapshot_uuid
+            assert raw(bk, dst) == hashlib.sha256(expected).hexdigest()
+            assert bk.digest(dst, res.safety_snapshot_uuid, pool=pool) == before  # the way back
+            # a smaller volume is refused, naming the field
+            small = bk.create(capacity=4 * MiB, name="small", pool_uuid=pool).uuid
+            e = rpc_error(_restore_in_place, bk, r.backup_uuid, small, pool)  # refused at submission
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "RESTORE_TOO_SMALL" in e.details()
+            assert "volume_uuid" in e.details()
+            # a volume open by a client is refused
+            if kind == "rbd":
+                with rbd.Image(io, dst):  # a writable open registers a watch, as a VM's librbd does
+                    job = _restore_in_place(bk, r.backup_uuid, dst, pool)
+            else:
+                from agent.volumes.nbd import QemuNbd
+
+                with QemuNbd(bk.head(dst), readonly=False, run_dir=str(bk.run_dir)):
+                    job = _restore_in_place(bk, r.backup_uuid, dst, pool)
+            assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "IN_USE", job
+            snaps = bk.call("ListSnapshots", pool_uuid=pool, volume_uuid=dst).snapshots
+            assert len(snaps) == 1  # refused before its safety snapshot: only the first restore's
+            # a failure half way (a damaged pack) rolls the volume back to what it was
+            put(bk, dst, {3 * MiB: os.urandom(MiB)})
+            target_before = raw(bk, dst)
+            packs = [p for p in (bk.agent.workdir / "bp" / "packs").iterdir()
+                     if not p.name.endswith(".idx") and not p.name.startswith(".")]
+            for p in packs:
+                with open(p, "r+b") as f:
+                    f.seek(p.stat().st_size // 2)
+                    f.write(b"\xff" * 64)
+            job = _restore_in_place(bk, r.backup_uuid, dst, pool)
+            assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "DATA_CORRUPT", job
+            assert raw(bk, dst) == target_before
+    finally:
+        io.close()
+        cluster.shutdown()

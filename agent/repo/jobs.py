@@ -1,10 +1,12 @@
 """Job kinds for backups: backup, restore, verify, gc."""
 from __future__ import annotations
 
+import logging
 import threading
+import uuid
 from dataclasses import dataclass
 
-from agent.errors import AlreadyExists, DataCorrupt, InvalidArgument
+from agent.errors import AlreadyExists, DataCorrupt, InvalidArgument, RestoreTooSmall
 from agent.jobs.kinds import Claim, JobKind
 from agent.jobs.locks import LockMode
 from agent.pools import PoolRegistry
@@ -20,6 +22,9 @@ from agent.volumes.jobs import volume_resource
 
 def backup_point_resource(uuid: str) -> str:
     return f"backup_point:{uuid}"
+
+
+log = logging.getLogger("agent.restore")
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,9 @@ class RestoreSpec:
     backup_point_uuid: str
     backup_uuid: str
     pool_uuid: str  # the pool of the new volume (seed: new_pool_uuid)
-    volume_uuid: str  # the new volume's uuid
+    volume_uuid: str  # the new volume's uuid (in_place: the volume to overwrite)
     name: str  # the new volume's name (seed: new_volume_name)
+    in_place: bool = False  # overwrite volume_uuid, after a safety snapshot
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class RestoreResult:
     capacity: int
     image_digest: str
     written_bytes: int
+    safety_snapshot_uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,9 +161,15 @@ class RestoreKind(JobKind):
         self.pools, self.points = pools, points
 
     def prepare(self, spec: RestoreSpec) -> Claim:
-        _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
+        _, m = _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
         pool = self.pools.get(spec.pool_uuid)
         vol = check_uuid(spec.volume_uuid, "volume_uuid")
+        if spec.in_place:
+            capacity = pool.volume_info(vol).capacity  # NOT_FOUND when it does not exist
+            if capacity < m.size:
+                raise RestoreTooSmall(f"volume_uuid: volume {vol} has {capacity} bytes, the backup {m.size}",
+                                      field="volume_uuid")
+            return Claim(volume_resource(spec.pool_uuid, vol), LockMode.EXCLUSIVE)
         check_name(spec.name, "name")
         if pool.volume_exists(vol):
             raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {spec.pool_uuid}", field="volume_uuid")
@@ -167,6 +180,8 @@ class RestoreKind(JobKind):
     def run(self, spec: RestoreSpec, ctx) -> RestoreResult:
         repo, m = _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
         pool = self.pools.get(spec.pool_uuid)
+        if spec.in_place:
+            return self._in_place(spec, repo, m, pool, ctx)
         target = pool.open_restore_target(spec.volume_uuid, spec.name, m.size, ctx.job_id)
         written = 0
         try:
@@ -189,6 +204,51 @@ class RestoreKind(JobKind):
             raise
         info = target.commit()
         return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, written)
+
+
+    def _in_place(self, spec: RestoreSpec, repo, m, pool, ctx) -> RestoreResult:
+        """Safety snapshot, then overwrite (data, zero chunks, and the tail
+        beyond the backup's size); on any failure, back to the snapshot."""
+        vol = spec.volume_uuid
+        capacity = pool.volume_info(vol).capacity
+        if capacity < m.size:
+            raise RestoreTooSmall(f"volume_uuid: volume {vol} has {capacity} bytes, the backup {m.size}",
+                                  field="volume_uuid")
+        pool.check_not_in_use(vol)  # before anything changes: a VM's disk is never overwritten
+        safety = str(uuid.uuid4())
+        pool.create_snapshot(vol, safety, f"pre-restore-{ctx.job_id[:24]}",
+                             description=f"the volume before backup {m.backup_id} was restored into it")
+        written, counting = 0, threading.Lock()
+
+        def write(offset: int, data) -> None:
+            nonlocal written
+            target.write(offset, data)
+            with counting:
+                written += len(data)
+
+        try:
+            target = pool.open_overwrite_target(vol)
+            try:
+                digest = restore_mod.restore(repo, m, write, ctx=ctx, zero=target.zero)
+                if capacity > m.size:
+                    target.zero(m.size, capacity - m.size)
+                if digest != m.image_digest:
+                    raise DataCorrupt(f"backup {m.backup_id}: the restored content's image digest {digest} does "
+                                      f"not match the manifest's {m.image_digest}")
+                ctx.checkpoint()
+                ctx.progress(phase="committing")
+                info = target.commit()
+            except BaseException:
+                target.abort()
+                raise
+        except BaseException:
+            try:
+                pool.rollback_snapshot(vol, safety)  # the volume as it was: never half restored
+            except Exception:  # noqa: BLE001 - say so loudly; the snapshot stays for the operator
+                log.exception("restore in place failed and the rollback too", extra={
+                    "volume": vol, "safety_snapshot": safety})
+            raise
+        return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, written, safety)
 
 
 class VerifyKind(JobKind):

@@ -15,20 +15,23 @@ from agent.repo.repository import Repository
 PREFETCH = 8  # chunks whose reading starts ahead of the workers
 
 
-def restore(repo: Repository, manifest: Manifest, write, *, ctx=None, concurrent: bool = False) -> str:
+def restore(repo: Repository, manifest: Manifest, write, *, ctx=None, concurrent: bool = False,
+            zero=None) -> str:
     """Feed the backup to write(offset, data) for non-zero chunks; returns
     the image digest (hex) of the content written. concurrent=True: write
     is thread-safe and order-free (positional writes into a file), so the
-    workers call it as soon as a chunk is decoded, in parallel."""
+    workers call it as soon as a chunk is decoded, in parallel. zero(offset,
+    length), when given, is called for zero chunks (a restore in place must
+    clear what was there; a new volume reads as zeros already)."""
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
     with repo.shared("restore", checkpoint=ctx.checkpoint):
         repo.refresh()
-        return _restore(repo, manifest, write, ctx, concurrent)
+        return _restore(repo, manifest, write, ctx, concurrent, zero)
 
 
-def _restore(repo: Repository, m: Manifest, write, ctx, concurrent: bool) -> str:
+def _restore(repo: Repository, m: Manifest, write, ctx, concurrent: bool, zero) -> str:
     image = ImageDigest()
     cs = m.chunk_size
     ctx.progress(0, m.size, "restoring")
@@ -47,6 +50,8 @@ def _restore(repo: Repository, m: Manifest, write, ctx, concurrent: bool) -> str
         offset = i * cs
         length = min(cs, m.size - offset)
         if data is None:
+            if zero is not None:
+                zero(offset, length)
             image.add_zero(length)
         else:
             if not concurrent:

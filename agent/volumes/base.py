@@ -216,6 +216,17 @@ class VolumeDriver(ABC):
         volume until commit(); abort() (or a crash) leaves nothing that looks
         like one."""
 
+    @abstractmethod
+    def check_not_in_use(self, volume_uuid: str) -> None:
+        """IN_USE while a client (a VM) has the volume open."""
+
+    @abstractmethod
+    def open_overwrite_target(self, volume_uuid: str) -> "RestoreTarget":
+        """The live volume, for a restore in place: refused (IN_USE) while a
+        client (a VM) has it open. Its zero() writes zeros; commit() flushes;
+        abort() only closes: the caller took a safety snapshot to roll back
+        to."""
+
 
 class SnapshotReader(ABC):
     """A snapshot opened for reading (one qemu-nbd, or one RBD image handle)."""
@@ -246,6 +257,9 @@ class RestoreTarget(ABC):
     inside it are skipped, the new volume reads as zeros there)."""
 
     concurrent = False  # True: write() may be called from several threads, in any order
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make a range read as zeros (a new volume does already)."""
 
     @abstractmethod
     def write(self, offset: int, data) -> None: ...

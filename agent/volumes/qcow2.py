@@ -686,6 +686,16 @@ class Qcow2Pool(VolumeDriver):
             abort()  # a cancelled or failed copy leaves no volume behind
             raise
 
+    def check_not_in_use(self, volume_uuid: str) -> None:
+        meta = self._meta(check_uuid(volume_uuid, "volume_uuid"))
+        qemu_img.ensure_not_in_use(self.head_path(meta.uuid))
+
+    def open_overwrite_target(self, volume_uuid: str) -> "Qcow2OverwriteTarget":
+        meta = self._meta(check_uuid(volume_uuid, "volume_uuid"))
+        head = self.head_path(meta.uuid)
+        qemu_img.ensure_not_in_use(head)  # a VM's qemu holds the lock: IN_USE
+        return Qcow2OverwriteTarget(head, self.run_dir, lambda: self.volume_info(meta.uuid))
+
     def open_restore_target(self, volume_uuid: str, name: str, capacity: int,
                             job_id: str) -> "RestoreTarget":
         """Up to DIRECT_RESTORE_MAX, into an image with preallocated metadata,
@@ -702,6 +712,56 @@ class Qcow2Pool(VolumeDriver):
         except BaseException:
             abort()
             raise
+
+
+class Qcow2OverwriteTarget(RestoreTarget):
+    """A restore in place: the volume's head through a writable qemu-nbd
+    (which fails while a VM holds the image lock). Zero ranges become zero
+    clusters in the head, so nothing of the backing layers shows through;
+    the head's dirty bitmap records every write for the next incremental."""
+
+    def __init__(self, head: str, run_dir: str, info: Callable[[], VolumeInfo]):
+        self._info = info
+        self.server = QemuNbd(head, readonly=False, run_dir=run_dir).start()
+        try:
+            self.client = self.server.connect()
+            self.writer = AsyncWriter(self.client)
+        except BaseException:
+            self.server.stop()
+            raise
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data)
+        pos = 0
+        for a, b in native.nonzero_runs(view, ZERO_RUN):
+            if a > pos:
+                self.zero(offset + pos, a - pos)
+            for p in range(a, b, NBD_REQUEST):
+                self.writer.write(view[p:min(b, p + NBD_REQUEST)], offset + p)
+            pos = b
+        if pos < len(view):
+            self.zero(offset + pos, len(view) - pos)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.client.zero(length, offset)
+
+    def _close(self) -> None:
+        if self.server is not None:
+            try:
+                self.client.close()
+            finally:
+                self.server.stop()
+                self.server = None
+
+    def commit(self) -> VolumeInfo:
+        try:
+            self.writer.finish()
+        finally:
+            self._close()
+        return self._info()
+
+    def abort(self) -> None:
+        self._close()
 
 
 class NbdSnapshotReader(SnapshotReader):
