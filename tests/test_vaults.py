@@ -297,6 +297,33 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # 
         got = op.get(f"{v3}/vaults/{vid}").json()["vault"]
         assert got["capacity"]["backups"] == 4 and got["capacity"]["usedCapacity"] > 0
         assert {r["id"]: r["backup_count"] for r in got["resources"]} == {x: 2 for x in vol_ids}
+        # seed 003's backups: list, get, restore in place into the volume itself, delete
+        listed = op.get(f"{v3}/backups", params={"vault_id": vid}).json()
+        assert listed["count"] == 4 and {b["status"] for b in listed["backups"]} == {"available"}
+        newest = by_name[f"nightly_autobk_{made[0][:8]}"][vol_ids[0]]
+        one = op.get(f"{v3}/backups/{newest}").json()["backup"]
+        assert one["resource_id"] == vol_ids[0] and one["vault_id"] == vid and one["checkpoint_id"] == made[0]
+        assert one["extend_info"]["auto_trigger"] is True
+        write(heads[0], {0: os.urandom(8 << 20)}, run)  # the volume goes wrong after the backup
+        assert digest(vol_ids[0]) != wants[3][0]
+        rr = op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"mappings": [
+            {"backup_id": newest, "volume_id": vol_ids[0]}]}})
+        assert rr.status_code == 202 and rr.headers["X-Task-Id"], rr.text
+        tr = wait_task(op1, rr.headers["X-Task-Id"])
+        assert tr["status"] == "success" and tr["operation_type"] == "restore", tr
+        assert tr["result"]["safety_snapshot_uuid"]
+        assert digest(vol_ids[0]) == wants[3][0]  # the volume is the backup again
+        small = check_ok(op1.post("/v1/volume/share/create", json=dict(
+            seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=env["cluster"],
+            capacity=4 << 20, backing_file="", volume_name="small")))["volume"]["UUID"]
+        cbr_error(op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"volume_id": small}}), 400,
+                  "BackupService.2001", "restore.volume_id")
+        cbr_error(op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"volume_id": str(uuid.uuid4())}}),
+                  404, "BackupService.9004", "restore.volume_id")
+        older = by_name["nightly_run2"][vol_ids[1]]
+        assert op.delete(f"{v3}/backups/{older}").status_code == 200
+        cbr_error(op.get(f"{v3}/backups/{older}"), 404, "BackupService.9004", "backup_id")
+        assert op.get(f"{v3}/backups", params={"vault_id": vid}).json()["count"] == 3
         # deletion: Permissive refuses while backups exist; Enforcing deletes them, then the vault
         cbr_error(op.delete(f"{v3}/vaults/{vid}"), 409, "BackupService.7301", "vault_id")
         assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 200

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from agent import __version__
 from agent.controller.agents import AgentClients
-from agent.controller.api import backuppoints, checkpoints, envelope, hosts, jobs, policies, pools, vaults, volumes
+from agent.controller.api import backuppoints, backups, checkpoints, envelope, hosts, jobs, policies, pools, vaults, volumes
 from agent.controller.dispatch import Dispatcher
 from agent.controller.scheduler import Scheduler
 from agent.controller.api.auth import TokenAuth
@@ -47,5 +47,6 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     app.include_router(policies.router(auth))
     app.include_router(vaults.router(auth))
     app.include_router(checkpoints.router(auth))
+    app.include_router(backups.router(auth))
 
     return app
