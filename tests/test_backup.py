@@ -438,3 +438,27 @@ def test_an_aborted_restore_leaves_no_volume(env):
     target.abort()
     assert not pool.volume_exists(new)
     assert [n for n in os.listdir(os.path.join(pool.base, "volume")) if new in n] == []
+
+
+def test_a_pack_committed_while_another_backup_refreshes_stays_indexed(env):
+    """refresh() lists the packs, then forgets the ones gone from the list;
+    a pack this process commits in between (another backup's) is not gone."""
+    from agent.repo.format import block_digests
+
+    pool, repo, tmp = env
+    data = os.urandom(CS)
+    digests = block_digests(data)
+    cid = repo.sealer.chunk_id(digests)
+    listing = repo.store.list
+
+    def list_then_commit(prefix):
+        out = listing(prefix)
+        repo.add(cid, repo.encode(cid, data), len(data))  # another backup commits its pack right now
+        repo.flush()
+        return out
+
+    repo.store.list = list_then_commit
+    repo.refresh()
+    repo.store.list = listing
+    assert repo.has(cid) and repo.location(cid) is not None
+    assert repo.get(cid)[0] == data

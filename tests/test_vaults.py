@@ -178,8 +178,8 @@ def wait_for(fn, timeout: float = 60.0, what: str = ""):
         time.sleep(0.3)
 
 
-def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # noqa: F811
-    """A vault with two qcow2 volumes and a policy (keep 2, a full re-read
+def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph):  # noqa: F811
+    """A vault with two qcow2 volumes and an RBD volume and a policy (keep 2, a full re-read
     every other run): manual checkpoints and a scheduled one (the scheduler
     with its clock moved to the next run, on the controller's database),
     retention pruning, one base snapshot per volume, restores that equal the
@@ -196,20 +196,43 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # 
     from test_qcow2 import write
     from types import SimpleNamespace
 
+    import rados
+    import rbd
+
     c, a, host = cluster
     env = make_env(c, a, host)
     t, pid = env["tenant"], env["pool"]
     v3 = f"/v3/{t}"
     run = short_tmp / "run-test"
     run.mkdir()
-    heads = [vol["AccessPath"][host] for vol in env["vols"]]
+    # a third volume, in an RBD pool on the Ceph fixture
+    rados_pool = f"vault{uuid.uuid4().hex[:8]}"
+    ceph.add_pool(rados_pool)
+    with c.client("op") as op1:
+        rbd_pid = check_ok(op1.post("/v1/pool/share/create", json=dict(
+            seed_example("002", "/v1/pool/share/create"), pool_name="ceph", pool_type=6, source=rados_pool,
+            limit_host=False, avail_host=[], attr={"ceph_conf": str(ceph.conf)})))["pool"]["UUID"]
+        env["vols"].append(check_ok(op1.post("/v1/volume/share/create", json=dict(
+            seed_example("001", "/v1/volume/share/create"), pool_uuid=rbd_pid, cluster_uuid=env["cluster"],
+            capacity=16 << 20, backing_file="", volume_name="rbd0")))["volume"])
+    heads = [vol["AccessPath"][host] for vol in env["vols"][:2]]
     vol_ids = [vol["UUID"] for vol in env["vols"]]
+    pool_of = {vol_ids[0]: pid, vol_ids[1]: pid, vol_ids[2]: rbd_pid}
+    cluster_h = rados.Rados(conffile=str(ceph.conf))
+    cluster_h.connect(timeout=10)
+    rbd_io = cluster_h.open_ioctx(rados_pool)
 
     def digest(volume_uuid: str) -> str:
         with a.client() as ac:
-            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=volume_uuid))
+            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(
+                pool_uuid=pool_of.get(volume_uuid, pid), volume_uuid=volume_uuid))
             assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
             return job.checksum_result.image_digest
+
+    def rbd_write(offset: int, data: bytes) -> None:  # as a VM's librbd would
+        with rbd.Image(rbd_io, vol_ids[2]) as img:
+            img.write(data, offset)
+            img.flush()
 
     policy = copy.deepcopy(POLICY)
     policy["policy"]["operation_definition"] = {"max_backups": 2, "full_backup_interval": 1}
@@ -229,6 +252,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # 
         def change(k: int) -> list[str]:
             write(heads[0], {0: os.urandom(1 << 20), (k + 1) << 20: os.urandom(4096)}, run)  # chunk 0 rewritten
             write(heads[1], {(k + 8) << 20: os.urandom(64 << 10)}, run)
+            rbd_write((k * 3) << 20, os.urandom(1 << 20))
             return [digest(x) for x in vol_ids]
 
         for k in range(3):
@@ -240,11 +264,12 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # 
             assert cp["status"] == "protecting" and cp["vault"]["skipped_resources"] == [], cp
             assert [x["id"] for x in cp["vault"]["resources"]] == vol_ids
             for x in cp["vault"]["resources"]:
-                assert wait_task(op1, x["task_id"])["status"] == "success"
+                done_task = wait_task(op1, x["task_id"])
+                assert done_task["status"] == "success", done_task["error_info"]
             done = checkpoint_done(cp["id"])
             assert done["status"] == "available", done
             modes.append([x["backup_mode"] for x in done["vault"]["resources"]])
-        assert modes == [["full", "full"], ["incremental", "incremental"], ["full", "full"]]
+        assert modes == [["full"] * 3, ["incremental"] * 3, ["full"] * 3]
         # a scheduled run: the scheduler on the controller's database, its clock at the next 03:00 UTC
         cfg = ccfg.load(str(c.config))
         state = SimpleNamespace(db=Database(cfg.database_url), cfg=cfg, agents=AgentClients(cfg), dispatcher=None,
@@ -268,9 +293,9 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # 
         # retention kept the newest 2 per volume; the pruning is a task with its counts
         backups = [b for b in check_ok(op1.get("/v1/volume/share/backup/list", params={
             "cluster_uuid": env["cluster"]}))["list"]]
-        assert sorted(b["Name"] for b in backups) == sorted(["nightly_run2"] * 2 + [f"nightly_autobk_{made[0][:8]}"] * 2)
+        assert sorted(b["Name"] for b in backups) == sorted(["nightly_run2"] * 3 + [f"nightly_autobk_{made[0][:8]}"] * 3)
         deletes = wait_for(lambda: check_ok(op1.get("/v1/tasks", params={"operation_type": "delete"}))["tasks"])
-        assert sum(d["result"]["OpExtendInfoDelete"]["deleted"] for d in deletes) == 4
+        assert sum(d["result"]["OpExtendInfoDelete"]["deleted"] for d in deletes) == 6
         assert all(d["status"] == "success" for d in deletes)
         gcs = wait_for(lambda: (lambda ts: ts if ts and all(x["status"] not in ("waiting", "running") for x in ts)
                                 else None)(check_ok(op1.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]),
@@ -295,11 +320,11 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # 
                 assert wait_task(op1, rs["task_id"])["status"] == "success"
                 assert digest(rs["volume"]["UUID"]) == wants[k][i]
         got = op.get(f"{v3}/vaults/{vid}").json()["vault"]
-        assert got["capacity"]["backups"] == 4 and got["capacity"]["usedCapacity"] > 0
+        assert got["capacity"]["backups"] == 6 and got["capacity"]["usedCapacity"] > 0
         assert {r["id"]: r["backup_count"] for r in got["resources"]} == {x: 2 for x in vol_ids}
         # seed 003's backups: list, get, restore in place into the volume itself, delete
         listed = op.get(f"{v3}/backups", params={"vault_id": vid}).json()
-        assert listed["count"] == 4 and {b["status"] for b in listed["backups"]} == {"available"}
+        assert listed["count"] == 6 and {b["status"] for b in listed["backups"]} == {"available"}
         newest = by_name[f"nightly_autobk_{made[0][:8]}"][vol_ids[0]]
         one = op.get(f"{v3}/backups/{newest}").json()["backup"]
         assert one["resource_id"] == vol_ids[0] and one["vault_id"] == vid and one["checkpoint_id"] == made[0]
@@ -323,10 +348,12 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp):  # 
         older = by_name["nightly_run2"][vol_ids[1]]
         assert op.delete(f"{v3}/backups/{older}").status_code == 200
         cbr_error(op.get(f"{v3}/backups/{older}"), 404, "BackupService.9004", "backup_id")
-        assert op.get(f"{v3}/backups", params={"vault_id": vid}).json()["count"] == 3
+        assert op.get(f"{v3}/backups", params={"vault_id": vid}).json()["count"] == 5
         # deletion: Permissive refuses while backups exist; Enforcing deletes them, then the vault
         cbr_error(op.delete(f"{v3}/vaults/{vid}"), 409, "BackupService.7301", "vault_id")
         assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 200
         assert check_ok(op1.get("/v1/volume/share/backup/list", params={"cluster_uuid": env["cluster"]}))[
             "list"] == []
         cbr_error(op.get(f"{v3}/vaults/{vid}"), 404, "BackupService.9004", "vault_id")
+    rbd_io.close()
+    cluster_h.shutdown()

@@ -142,10 +142,15 @@ class Repository:
             raise DataCorrupt(f"index of {pack} is damaged") from None
 
     def refresh(self) -> None:
-        """Load packs committed since the last look; forget removed ones."""
+        """Load packs committed since the last look; forget removed ones.
+        Only packs known before the listing can count as removed: one this
+        process commits meanwhile (another backup's) is simply not listed
+        yet."""
+        with self._lock:
+            known = set(self._packs)
         present = {n[:-4] for n in self.store.list("packs") if n.endswith(".idx")}
         with self._lock:
-            for pack in set(self._packs) - present:
+            for pack in (known - present) & set(self._packs):
                 for cid in self._packs.pop(pack):
                     loc = self._index.get(cid)
                     if loc is not None and loc.pack == pack:
