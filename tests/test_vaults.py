@@ -357,3 +357,65 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         cbr_error(op.get(f"{v3}/vaults/{vid}"), 404, "BackupService.9004", "vault_id")
     rbd_io.close()
     cluster_h.shutdown()
+
+
+def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server):  # noqa: F811
+    """The same cycle on the real nfs-ganesha server (libnfs in the agent),
+    with a password (encrypted repository): two checkpoints under a keep-1
+    policy, the older pruned, the newer restored in place bit for bit."""
+    from agent.api.v1 import jobs_pb2
+    from test_controller_pools import wait_task
+    from test_qcow2 import write
+
+    c, a, host = cluster
+    env = make_env(c, a, host)
+    t, pid = env["tenant"], env["pool"]
+    v3 = f"/v3/{t}"
+    run = short_tmp / "run-nfs"
+    run.mkdir()
+    vol = env["vols"][0]
+    with c.client("op") as op1:
+        bp = check_ok(op1.post("/v1/volume/internal/backuppoint/add", json=dict(
+            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=t, cluster_uuid=env["cluster"],
+            btype="nfs", ip="127.0.0.1", root_dir=str(nfs_server.export), sub_dir=f"vault-{uuid.uuid4().hex[:6]}",
+            pass_word="vault-secret-pw", name="nfs-vault-bp",
+            env={"port": nfs_server.nfs_port, "mount_port": nfs_server.mount_port, "chunk_size": 1 << 20})))["uuid"]
+
+    def digest() -> str:
+        with a.client() as ac:
+            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=vol["UUID"]))
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+            return job.checksum_result.image_digest
+
+    policy = copy.deepcopy(POLICY)
+    policy["policy"]["name"] = "keep-one"
+    policy["policy"]["operation_definition"] = {"max_backups": 1}
+    with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op, \
+            c.client("op") as op1:
+        pol = op.post(f"{v3}/policies", json=policy).json()["policy"]
+        body = vault_body(env, name="nfs", resources=[vol], backup_policy_id=pol["id"])
+        body["vault"]["backup_point_id"] = bp
+        vid = op.post(f"{v3}/vaults", json=body).json()["vault"]["id"]
+        wants, cps = [], []
+        for k in range(2):
+            write(vol["AccessPath"][host], {k << 20: os.urandom(1 << 20)}, run)
+            wants.append(digest())
+            cp = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vid}}).json()["checkpoint"]
+            for x in cp["vault"]["resources"]:
+                done_task = wait_task(op1, x["task_id"], 120)
+                assert done_task["status"] == "success", done_task["error_info"]
+            cps.append(wait_for(lambda: (lambda c_: c_ if c_["status"] != "protecting" else None)(
+                op.get(f"{v3}/checkpoints/{cp['id']}").json()["checkpoint"])))
+        assert [x["status"] for x in cps] == ["available", "available"]
+        left = wait_for(lambda: (lambda b: b if b["count"] == 1 else None)(
+            op.get(f"{v3}/backups", params={"vault_id": vid}).json()))
+        newest = left["backups"][0]
+        assert newest["checkpoint_id"] == cps[1]["id"]
+        write(vol["AccessPath"][host], {0: os.urandom(4 << 20)}, run)
+        rr = op.post(f"{v3}/backups/{newest['id']}/restore", json={"restore": {"volume_id": vol["UUID"]}})
+        assert rr.status_code == 202, rr.text
+        assert wait_task(op1, rr.headers["X-Task-Id"], 120)["status"] == "success"
+        assert digest() == wants[1]
+        assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 200
+    for log in (c.workdir / "controller.log", a.log):  # the password: sealed, never logged
+        assert "vault-secret-pw" not in log.read_text()
