@@ -180,7 +180,7 @@ def wait_for(fn, timeout: float = 60.0, what: str = ""):
 
 def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph):  # noqa: F811
     """A vault with two qcow2 volumes and an RBD volume and a policy (keep 2, a full re-read
-    every other run): manual checkpoints and a scheduled one (the scheduler
+    every other run): manual checkpoints and two scheduled ones (the scheduler
     with its clock moved to the next run, on the controller's database),
     retention pruning, one base snapshot per volume, restores that equal the
     volumes as they were, vault deletion in both modes."""
@@ -278,24 +278,32 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         nxt = (now + timedelta(days=1)).replace(hour=3, minute=0, second=0, microsecond=0)
         if nxt - now > timedelta(days=1):
             nxt -= timedelta(days=1)
-        wants.append(change(3))
+        made = []
         try:
-            made = Scheduler(state, clock=lambda: nxt.timestamp() + 30).tick()
-            assert len(made) == 1
-            assert Scheduler(state, clock=lambda: nxt.timestamp() + 90).tick() == []  # never twice
+            for day in range(2):  # two scheduled runs, a day apart
+                wants.append(change(3 + day))
+                due = nxt + timedelta(days=day)
+                got = Scheduler(state, clock=lambda: due.timestamp() + 30).tick()
+                assert len(got) == 1
+                assert Scheduler(state, clock=lambda: due.timestamp() + 90).tick() == []  # never twice
+                made += got
+                scheduled = op.get(f"{v3}/checkpoints/{got[0]}").json()["checkpoint"]
+                assert scheduled["manual"] is False and scheduled["due_at"] == due.strftime("%Y-%m-%dT%H:%M:%S")
+                for x in scheduled["vault"]["resources"]:
+                    assert wait_task(op1, x["task_id"])["status"] == "success"
+                done = checkpoint_done(got[0])
+                assert done["status"] == "available"
+                modes.append([x["backup_mode"] for x in done["vault"]["resources"]])
         finally:
             state.agents.close()
-        scheduled = op.get(f"{v3}/checkpoints/{made[0]}").json()["checkpoint"]
-        assert scheduled["manual"] is False and scheduled["due_at"] == nxt.strftime("%Y-%m-%dT%H:%M:%S")
-        for x in scheduled["vault"]["resources"]:
-            assert wait_task(op1, x["task_id"])["status"] == "success"
-        assert checkpoint_done(made[0])["status"] == "available"
+        assert modes[3:] == [["incremental"] * 3, ["full"] * 3]  # full_backup_interval 1: every other run
         # retention kept the newest 2 per volume; the pruning is a task with its counts
         backups = [b for b in check_ok(op1.get("/v1/volume/share/backup/list", params={
             "cluster_uuid": env["cluster"]}))["list"]]
-        assert sorted(b["Name"] for b in backups) == sorted(["nightly_run2"] * 3 + [f"nightly_autobk_{made[0][:8]}"] * 3)
+        auto = [f"nightly_autobk_{m[:8]}" for m in made]
+        assert sorted(b["Name"] for b in backups) == sorted(auto * 3)
         deletes = wait_for(lambda: check_ok(op1.get("/v1/tasks", params={"operation_type": "delete"}))["tasks"])
-        assert sum(d["result"]["OpExtendInfoDelete"]["deleted"] for d in deletes) == 6
+        assert sum(d["result"]["OpExtendInfoDelete"]["deleted"] for d in deletes) == 9
         assert all(d["status"] == "success" for d in deletes)
         gcs = wait_for(lambda: (lambda ts: ts if ts and all(x["status"] not in ("waiting", "running") for x in ts)
                                 else None)(check_ok(op1.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]),
@@ -311,7 +319,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         by_name = {}
         for b in backups:
             by_name.setdefault(b["Name"], {})[b["VolumeUUID"]] = b["UUID"]
-        for name, k in (("nightly_run2", 2), (f"nightly_autobk_{made[0][:8]}", 3)):
+        for name, k in ((auto[0], 3), (auto[1], 4)):
             for i, vol_id in enumerate(vol_ids):
                 rs = check_ok(op1.post("/v1/volume/share/backup/restore", json=dict(
                     seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=by_name[name][vol_id],
@@ -325,19 +333,19 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         # seed 003's backups: list, get, restore in place into the volume itself, delete
         listed = op.get(f"{v3}/backups", params={"vault_id": vid}).json()
         assert listed["count"] == 6 and {b["status"] for b in listed["backups"]} == {"available"}
-        newest = by_name[f"nightly_autobk_{made[0][:8]}"][vol_ids[0]]
+        newest = by_name[auto[1]][vol_ids[0]]
         one = op.get(f"{v3}/backups/{newest}").json()["backup"]
-        assert one["resource_id"] == vol_ids[0] and one["vault_id"] == vid and one["checkpoint_id"] == made[0]
+        assert one["resource_id"] == vol_ids[0] and one["vault_id"] == vid and one["checkpoint_id"] == made[1]
         assert one["extend_info"]["auto_trigger"] is True
         write(heads[0], {0: os.urandom(8 << 20)}, run)  # the volume goes wrong after the backup
-        assert digest(vol_ids[0]) != wants[3][0]
+        assert digest(vol_ids[0]) != wants[4][0]
         rr = op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"mappings": [
             {"backup_id": newest, "volume_id": vol_ids[0]}]}})
         assert rr.status_code == 202 and rr.headers["X-Task-Id"], rr.text
         tr = wait_task(op1, rr.headers["X-Task-Id"])
         assert tr["status"] == "success" and tr["operation_type"] == "restore", tr
         assert tr["result"]["safety_snapshot_uuid"]
-        assert digest(vol_ids[0]) == wants[3][0]  # the volume is the backup again
+        assert digest(vol_ids[0]) == wants[4][0]  # the volume is the backup again
         small = check_ok(op1.post("/v1/volume/share/create", json=dict(
             seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=env["cluster"],
             capacity=4 << 20, backing_file="", volume_name="small")))["volume"]["UUID"]
@@ -345,7 +353,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
                   "BackupService.2001", "restore.volume_id")
         cbr_error(op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"volume_id": str(uuid.uuid4())}}),
                   404, "BackupService.9004", "restore.volume_id")
-        older = by_name["nightly_run2"][vol_ids[1]]
+        older = by_name[auto[0]][vol_ids[1]]
         assert op.delete(f"{v3}/backups/{older}").status_code == 200
         cbr_error(op.get(f"{v3}/backups/{older}"), 404, "BackupService.9004", "backup_id")
         assert op.get(f"{v3}/backups", params={"vault_id": vid}).json()["count"] == 5

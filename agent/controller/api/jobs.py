@@ -19,7 +19,7 @@ from agent.controller.api.pools import _visible
 from agent.controller.api.volumes import _Base, _wrap, serving_hosts
 from agent.controller.dispatch import backup_point_request, new_task
 from agent.controller.models import Backup, BackupPoint, Pool, Task, Volume
-from agent.errors import AlreadyExists, BackupInProgress, InvalidArgument, NotFound, TargetUnreachable
+from agent.errors import AlreadyExists, BackupInProgress, InvalidArgument, NotFound, TargetUnreachable, cbr_code
 
 TASK_STATES = ("waiting", "running", "success", "failed", "skipped", "timeout")
 
@@ -62,7 +62,8 @@ class RestoreRequest(_Base):
 def task_to_json(t: Task) -> dict:
     return {"id": t.id, "operation_type": t.operation_type, "status": t.status, "progress": t.progress,
             "created_at": t.created_at, "started_at": t.started_at or None, "ended_at": t.ended_at or None,
-            "error_info": {"code": t.error_code, "message": t.error_message} if t.error_code else None,
+            "error_info": {"code": t.error_code, "error_code": cbr_code(t.error_code), "message": t.error_message}
+            if t.error_code else None,
             "resource": {"type": t.resource_type, "uuid": t.resource_uuid}, "tenant": t.tenant,
             "host_uuid": t.host_uuid, "attempts": t.attempts + 1,
             "result": json.loads(t.result_json) if t.status == "success" else None}
