@@ -105,3 +105,45 @@ def test_a_policy_applied_later_runs_only_from_then(short_tmp):
         s.get(Vault, vault).policy_since = (START + timedelta(days=2, hours=12)).timestamp()
     Scheduler(state, grace=GRACE).tick((START + timedelta(days=4, hours=12)).timestamp())
     assert checkpoints(state, vault) == [("Fri 06 11:30", "available")]
+
+
+def test_resources_that_cannot_be_backed_up_are_skipped_with_a_code(short_tmp):
+    """No online host for its pool, a backup of it still running, a full
+    vault: each volume lands in skipped_resources with seed 003's code."""
+    from agent.controller import checkpoints as cps
+    from agent.controller.models import Backup, Host, Pool, VaultResource, Volume
+
+    state = state_for(short_tmp)
+    vault = add_vault(state, START.timestamp())
+    now = START.timestamp()
+    with state.db.session() as s:  # a pool whose only host stopped sending heartbeats long ago
+        s.add(Host(uuid="h-dead", hostname="dead", address="127.0.0.1:1", registered_at=0, last_seen=0))
+        s.add(Pool(uuid="p1", cluster_uuid="c", name="p", pool_type=4, kind="dir", source="/x", limit_host=True,
+                   avail_hosts_json=json.dumps(["h-dead"]), ctime=0))
+    vols = []
+    with state.db.session() as s:
+        v = s.get(Vault, vault)
+        for i in range(2):
+            vid = str(uuid.uuid4())
+            s.add(Volume(uuid=vid, tenant=v.tenant, cluster_uuid="c", pool_uuid="p1", name=f"v{i}", vtype="block",
+                         capacity=1 << 30, state="ready", ctime=0, mtime=0))
+            s.add(VaultResource(volume_uuid=vid, vault_id=vault, tenant=v.tenant, runs=0, added_at=now + i))
+            vols.append(vid)
+        s.add(Backup(uuid=str(uuid.uuid4()), tenant=v.tenant, cluster_uuid="c", name="running", backup_point_uuid="b",
+                     volume_uuid=vols[1], snapshot_uuid="s", status="BackupStarted", ctime=0, mtime=0))
+    cp = cps.create(state, vault, due_at=now, manual=True)
+    with state.db.session() as s:
+        row = s.get(Checkpoint, cp)
+        skipped = {x["id"]: x for x in json.loads(row.skipped_json)}
+        assert row.status == "error" and json.loads(row.resources_json) == []
+    assert skipped[vols[0]]["code"] == "BackupService.9018" and "no online host" in skipped[vols[0]]["reason"]
+    assert skipped[vols[1]]["code"] == "BackupService.6125" and "in progress" in skipped[vols[1]]["reason"]
+    with state.db.session() as s:  # the vault is full: everything is skipped for that
+        v = s.get(Vault, vault)
+        s.add(Backup(uuid=str(uuid.uuid4()), tenant=v.tenant, cluster_uuid="c", name="big", backup_point_uuid="b",
+                     volume_uuid=vols[0], snapshot_uuid="s", status="BackupSucceeded", stored_bytes=11 << 30,
+                     vault_id=vault, ctime=0, mtime=0))
+    cp = cps.create(state, vault, due_at=now + 1, manual=True)
+    with state.db.session() as s:
+        codes = {x["code"] for x in json.loads(s.get(Checkpoint, cp).skipped_json)}
+    assert codes == {"BackupService.6114"}
