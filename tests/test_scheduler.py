@@ -147,3 +147,26 @@ def test_resources_that_cannot_be_backed_up_are_skipped_with_a_code(short_tmp):
     with state.db.session() as s:
         codes = {x["code"] for x in json.loads(s.get(Checkpoint, cp).skipped_json)}
     assert codes == {"BackupService.6114"}
+
+
+def test_a_checkpoint_is_finished_once_and_a_restart_recovers_the_half_done(short_tmp):
+    from agent.controller import checkpoints as cps
+
+    state = state_for(short_tmp)
+    vault = add_vault(state, START.timestamp())
+    rows = {}
+    with state.db.session() as s:
+        v = s.get(Vault, vault)
+        for status in ("preparing", "finishing", "protecting"):
+            rows[status] = str(uuid.uuid4())
+            s.add(Checkpoint(id=rows[status], vault_id=vault, tenant=v.tenant, due_at=len(rows), status=status,
+                             created_at=0))
+    assert cps.finish_ready(state, START.timestamp()) == [rows["protecting"]]  # no tasks: ready at once
+    assert cps.finish_ready(state, START.timestamp()) == []  # never twice
+    cps.recover(state)  # what a start does
+    with state.db.session() as s:
+        got = {k: s.get(Checkpoint, i).status for k, i in rows.items()}
+        reason = json.loads(s.get(Checkpoint, rows["preparing"]).skipped_json)[-1]["reason"]
+    assert got == {"preparing": "error", "finishing": "protecting", "protecting": "available"}
+    assert "stopped" in reason
+    assert cps.finish_ready(state, START.timestamp()) == [rows["finishing"]]

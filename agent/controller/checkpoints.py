@@ -25,7 +25,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from agent.api.v1 import jobs_pb2, volumes_pb2
@@ -112,8 +112,9 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
                                     f"no online host serves pool {vol.pool_uuid}"))
                 continue
             plan.append((vol, hosts[0], r.runs, r.base_snapshot))
+        # "preparing" until its tasks are queued: finish_ready leaves it alone meanwhile
         s.add(Checkpoint(id=cp_id, vault_id=vault_id, tenant=vault.tenant, policy_id=vault.policy_id,
-                         due_at=due_at, status="protecting", manual=manual, created_at=now,
+                         due_at=due_at, status="preparing", manual=manual, created_at=now,
                          skipped_json=json.dumps([x.to_json() for x in skipped])))
         try:
             s.flush()
@@ -170,6 +171,8 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
         cp.skipped_json = json.dumps([x.to_json() for x in skipped])
         if not resources:
             cp.status = "error" if skipped else "available"
+        else:
+            cp.status = "protecting"
     log.info("checkpoint made", extra={"checkpoint": cp_id, "vault": vault_id, "resources": len(resources),
                                        "skipped": len(skipped), "manual": manual})
     if resources and getattr(state, "dispatcher", None) is not None:
@@ -188,9 +191,28 @@ def finish_ready(state, now: float | None = None) -> list[str]:
             tasks = [s.get(Task, r["task_id"]) for r in res]
             if all(t is not None and t.status in FINAL for t in tasks):
                 done.append((cp.id, cp.vault_id, res, [t.status for t in tasks]))
+    finished = []
     for cp_id, vault_id, res, statuses in done:
-        _finish(state, cp_id, vault_id, res, statuses, now if now is not None else time.time())
-    return [d[0] for d in done]
+        with state.db.session() as s:  # claim it: another thread finishing it too would prune twice
+            claimed = s.execute(update(Checkpoint).where(Checkpoint.id == cp_id, Checkpoint.status == "protecting")
+                                .values(status="finishing")).rowcount
+        if claimed:
+            _finish(state, cp_id, vault_id, res, statuses, now if now is not None else time.time())
+            finished.append(cp_id)
+    return finished
+
+
+def recover(state) -> None:
+    """At start: checkpoints a stopped controller left half made or half
+    finished. Finishing runs again (its steps are idempotent); one never
+    prepared has no tasks: it ends in error, its reason said."""
+    with state.db.session() as s:
+        s.execute(update(Checkpoint).where(Checkpoint.status == "finishing").values(status="protecting"))
+        for cp in s.scalars(select(Checkpoint).where(Checkpoint.status == "preparing")):
+            cp.status = "error"
+            cp.skipped_json = json.dumps(json.loads(cp.skipped_json) + [{
+                "id": "", "type": "", "name": "", "code": cbr_code("INTERRUPTED"),
+                "reason": "the controller stopped while this checkpoint was being made"}])
 
 
 def _delete_snapshot(state, vol: Volume, snap: str) -> None:

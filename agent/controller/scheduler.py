@@ -48,6 +48,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "Scheduler":
+        checkpoints.recover(self.state)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
         return self

@@ -41,7 +41,8 @@ def to_seed(s, cp: Checkpoint) -> dict:
         p = s.get(Policy, vault.policy_id)
         if p is not None:
             retention = OperationDefinition(**json.loads(p.definition_json)).retention_duration_days
-    return {"id": cp.id, "project_id": cp.tenant, "status": cp.status,
+    status = {"preparing": "protecting", "finishing": "protecting"}.get(cp.status, cp.status)  # the seed's values
+    return {"id": cp.id, "project_id": cp.tenant, "status": status,
             "created_at": datetime.fromtimestamp(cp.created_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f"),
             "due_at": datetime.fromtimestamp(cp.due_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
             "manual": cp.manual,
