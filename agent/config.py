@@ -79,6 +79,14 @@ class SystemdSection:
 
 
 @dataclass
+class MetricsSection:
+    """Prometheus metrics (jobs, bytes, durations, backup point health)."""
+
+    listen: str = option("", "Loopback host:port of the metrics endpoint, such as 127.0.0.1:9464 (no "
+                             "authentication: loopback only); empty turns it off.")
+
+
+@dataclass
 class ControllerLinkSection:
     """Registration with a blockferry-controller (off when address is empty)."""
 
@@ -164,6 +172,7 @@ class Config:
     grpc: GrpcSection = field(default_factory=GrpcSection)
     jobs: JobsSection = field(default_factory=JobsSection)
     systemd: SystemdSection = field(default_factory=SystemdSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     controller: ControllerLinkSection = field(default_factory=ControllerLinkSection)
     pools: dict[str, PoolSection] = field(default_factory=dict)  # pool uuid -> pool
     backup_points: dict[str, BackupPointSection] = field(default_factory=dict)  # uuid -> backup point
@@ -174,6 +183,10 @@ class Config:
         def bad(section: str, key: str, why: str) -> ConfigError:
             return ConfigError(f"[{section}] {key}: {why}", field=f"{section}.{key}")
 
+        if self.metrics.listen:
+            from agent.metrics import loopback
+
+            loopback(self.metrics.listen, "metrics.listen")
         for uuid, pool in self.pools.items():
             if pool.type not in POOL_TYPES:
                 raise bad(f"pools.{uuid}", "type", f"must be one of {', '.join(POOL_TYPES)}, not {pool.type!r}")

@@ -122,6 +122,15 @@ class Agent:
                                                   "mtls": bool(cfg.grpc.tls_client_ca)})
         systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(listening)}\nMAINPID={os.getpid()}")
 
+        metrics = None
+        if cfg.metrics.listen:
+            from agent.metrics import AgentMetrics
+
+            metrics = AgentMetrics(points)
+            engine.observer = metrics
+            port = metrics.serve(cfg.metrics.listen)
+            log.info("metrics served", extra={"listen": f"{cfg.metrics.listen.rpartition(':')[0]}:{port}"})
+
         link = None
         if cfg.controller.address:
             from agent.controller_link import ControllerLink
@@ -153,6 +162,8 @@ class Agent:
         procs.Child.stop_all()  # no qemu-nbd outlives the agent
         if watchdog:
             watchdog.stop()
+        if metrics:
+            metrics.stop()
         if cfg.grpc.unix_socket:
             try:
                 os.unlink(cfg.grpc.unix_socket)

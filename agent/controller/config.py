@@ -49,6 +49,7 @@ class ControllerConfig:
     host_dead_after: int = 30               # seconds without a heartbeat: the host is offline
     scheduler_interval: int = 5             # seconds between the policy scheduler's looks
     schedule_grace: int = 3600              # a scheduled run found later than this (seconds) is missed, not run
+    metrics_listen: str = ""                # loopback host:port of the Prometheus endpoint; empty: off
     tokens: list[Token] = field(default_factory=list)
 
     @property
@@ -81,6 +82,10 @@ def load(path: str) -> ControllerConfig:
             raise ConfigError(f"{path}: [controller] {key}: must be {'an integer' if want is int else 'a string'}",
                               field=f"controller.{key}")
         setattr(cfg, key, value)
+    if cfg.metrics_listen:
+        from agent.metrics import loopback
+
+        loopback(cfg.metrics_listen, f"{path}: [controller] metrics_listen")
     if cfg.scheduler_interval < 1 or cfg.schedule_grace < 60:
         raise ConfigError(f"{path}: [controller] scheduler_interval must be >= 1 and schedule_grace >= 60 "
                           "(seconds)", field="controller.schedule_grace")

@@ -81,6 +81,7 @@ class Dispatcher:
         self.interval = interval
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.metrics = None  # agent.controller.metrics.ControllerMetrics, when served
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         self._followed: dict[str, float] = {}
         self._submitting: dict[str, str] = {}  # task id -> host, while its SubmitJob is on the way
@@ -267,6 +268,9 @@ class Dispatcher:
                 row.progress = 100.0
                 row.result_json = json.dumps(result or {})
             self._apply(s, row, result or {})
+            operation, started = row.operation_type, row.started_at or now
+        if self.metrics is not None:
+            self.metrics.task_ended(operation, status, now - started, result or {})
         log.info("task ended", extra={"task": t.id, "status": status, "code": code})
         self._wake.set()  # its slot on the host is free: place what waits for it now
 

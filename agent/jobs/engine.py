@@ -75,6 +75,7 @@ class JobEngine:
     def __init__(self, journal_path: str, kinds: list[JobKind], *, max_concurrent: int = 4,
                  bandwidth_limit: int = 0, on_busy: str = "wait", keep_finished: int = 10000):
         self.kinds = {k.name: k for k in kinds}
+        self.observer = None  # agent.metrics.AgentMetrics: job_started/job_paused/job_ended
         self.max_concurrent = max_concurrent
         self.on_busy = on_busy
         self.keep_finished = keep_finished
@@ -252,6 +253,7 @@ class JobEngine:
 
     def _finish(self, job: Job, state: JobState, error: JobError | None = None, result=None) -> None:
         """Called with the condition held."""
+        was_running = job.state is JobState.RUNNING
         self._set_state(job, state)
         job.error = error
         job.result = result
@@ -261,6 +263,10 @@ class JobEngine:
         job.progress.phase = state.value
         self.journal.save(job)
         self._touch(job)
+        if self.observer is not None:
+            seconds = job.ended_at - job.started_at if job.started_at else 0.0
+            self.observer.job_ended(job.kind, state.value, seconds, int(job.progress.bytes_done or 0),
+                                    was_running=was_running)
 
     def _dispatch_loop(self) -> None:
         with self._cond:
@@ -285,6 +291,8 @@ class JobEngine:
             job.progress = Progress(phase="starting")
             self.journal.save(job)
             self._touch(job)
+            if self.observer is not None:
+                self.observer.job_started(job.kind)
             ctx = JobContext(self, job)
             t = threading.Thread(target=self._run_job, args=(job, ctx), name=f"job-{job_id}", daemon=True)
             self._running[job_id] = (ctx, t)
@@ -313,6 +321,8 @@ class JobEngine:
             self.locks.release(job.resource)
             del self._running[job.id]
             if state is JobState.WAITING:
+                if self.observer is not None:
+                    self.observer.job_paused(job.kind)
                 self._set_state(job, state)
                 job.progress = Progress(phase="waiting to resume")
                 self.journal.save(job)

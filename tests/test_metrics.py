@@ -1,0 +1,87 @@
+"""Prometheus metrics of both daemons, scraped over HTTP from real processes:
+jobs by kind and state, bytes moved, durations, throughput, backup point
+health, tasks, heartbeat age per host; loopback only."""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.api.v1 import jobs_pb2
+from conftest import BP_UUID
+from test_controller import AGENT_TOKEN, Controller
+from test_qcow2 import MiB, Vol, new_id
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_agent_metrics(make_agent):
+    from cephcluster import free_port
+
+    port = free_port()
+    a = make_agent(f'[metrics]\nlisten = "127.0.0.1:{port}"\n').start()
+    with a.client() as c:
+        vol = Vol(a, c)
+        vid = vol.create(capacity=8 * MiB).uuid
+        vol.write(vid, {0: os.urandom(2 * MiB)})
+        job = c.run(f"sum-{new_id()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=vol.pool, volume_uuid=vid))
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+        job = c.run(f"sum-{new_id()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=vol.pool, volume_uuid=vid))
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    m = scrape(port)
+    assert value(m, "blockferry_jobs_total", kind="checksum", state="succeeded") == 2
+    assert value(m, "blockferry_jobs_total", kind="checksum", state="failed") == 0
+    assert value(m, "blockferry_jobs_running", kind="checksum") == 0
+    assert value(m, "blockferry_job_duration_seconds_count", kind="checksum") == 2
+    assert value(m, "blockferry_bytes_moved_total", kind="checksum") >= 4 * MiB
+    assert value(m, "blockferry_job_throughput_bytes_per_second", kind="checksum") > 0
+    assert value(m, "blockferry_backup_point_status", backup_point=BP_UUID, type="local", status="healthy") == 1
+    assert value(m, "blockferry_backup_point_status", backup_point=BP_UUID, type="local", status="unreachable") == 0
+    assert value(m, "blockferry_backup_point_available_bytes", backup_point=BP_UUID) > 0
+    assert a.stop() == 0
+
+
+def test_metrics_listen_only_on_loopback(make_agent):
+    a = make_agent('[metrics]\nlisten = "0.0.0.0:9464"\n')
+    with pytest.raises(RuntimeError) as e:
+        a.start()
+    assert "metrics.listen" in str(e.value) and "loopback" in str(e.value)
+
+
+def test_controller_metrics(short_tmp, make_agent):
+    from cephcluster import free_port
+
+    port = free_port()
+    c = Controller(short_tmp / "ctl", extra=f'metrics_listen = "127.0.0.1:{port}"\n')
+    host = str(uuid.uuid4())
+    a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+                   f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n').start()
+    try:
+        deadline = time.monotonic() + 20
+        while value(m := scrape(port), "blockferry_host_up", host=host, hostname=os.uname().nodename) != 1:
+            assert time.monotonic() < deadline, m
+            time.sleep(0.3)
+        assert value(m, "blockferry_host_heartbeat_age_seconds", host=host, hostname=os.uname().nodename) < 5
+        assert a.stop() == 0
+        deadline = time.monotonic() + 20  # host_dead_after = 4 in the tests' controller config
+        while value(m := scrape(port), "blockferry_host_up", host=host, hostname=os.uname().nodename) != 0:
+            assert time.monotonic() < deadline, m
+            time.sleep(0.5)
+        assert value(m, "blockferry_host_heartbeat_age_seconds", host=host, hostname=os.uname().nodename) >= 4
+    finally:
+        c.stop()
