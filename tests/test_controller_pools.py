@@ -22,7 +22,11 @@ def cluster(request, short_tmp, make_agent):
     url = None
     if request.param == "postgresql":
         url = request.getfixturevalue("pg_server").create_database(f"bf_{uuid.uuid4().hex[:10]}")
-    c = Controller(short_tmp / "ctl", url)
+    from cephcluster import free_port
+
+    metrics_port = free_port()
+    c = Controller(short_tmp / "ctl", url, extra=f'metrics_listen = "127.0.0.1:{metrics_port}"\n')
+    c.metrics_port = metrics_port
     host = str(uuid.uuid4())
     sys_root, dev_root = build(short_tmp / "fc")
     a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'

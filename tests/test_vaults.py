@@ -330,6 +330,14 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         got = op.get(f"{v3}/vaults/{vid}").json()["vault"]
         assert got["capacity"]["backups"] == 6 and got["capacity"]["usedCapacity"] > 0
         assert {r["id"]: r["backup_count"] for r in got["resources"]} == {x: 2 for x in vol_ids}
+        # the controller's metrics saw it all
+        from test_metrics import scrape, value
+
+        m = scrape(c.metrics_port)
+        assert value(m, "blockferry_task_duration_seconds_count", operation_type="backup") == 15
+        assert value(m, "blockferry_tasks", operation_type="backup", status="success") == 15
+        assert value(m, "blockferry_task_bytes_moved_total", operation_type="backup") > 0
+        assert value(m, "blockferry_vault_used_bytes", vault=vid) == got["capacity"]["usedCapacity"]
         # seed 003's backups: list, get, restore in place into the volume itself, delete
         listed = op.get(f"{v3}/backups", params={"vault_id": vid}).json()
         assert listed["count"] == 6 and {b["status"] for b in listed["backups"]} == {"available"}
