@@ -480,3 +480,31 @@ def test_agent_registry_over_mutual_tls(short_tmp, make_agent, pki):
             assert [h["UUID"] for h in check_ok(op.get("/v1/hosts"))["list"]] == [good]
     finally:
         c.stop()
+
+
+def test_controller_tells_systemd_it_is_ready_and_alive(short_tmp, monkeypatch):
+    """Type=notify: READY=1 once REST listens, WATCHDOG=1 pings, STOPPING=1
+    on SIGTERM (exit 0), with a real NOTIFY_SOCKET."""
+    import socket
+
+    path = short_tmp / "notify.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(path))
+    s.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    c = Controller(short_tmp / "ctl")  # returns once REST answers
+    msg = s.recv(4096).decode()
+    assert "READY=1" in msg and f"127.0.0.1:{c.port}" in msg
+    pings = 0
+    deadline = time.monotonic() + 5
+    while pings < 3 and time.monotonic() < deadline:
+        if s.recv(4096).decode() == "WATCHDOG=1":
+            pings += 1
+    assert pings >= 3
+    c.proc.terminate()
+    stopping = ""
+    while "STOPPING=1" not in stopping:
+        stopping = s.recv(4096).decode()
+    assert c.proc.wait(timeout=30) == 0
+    s.close()

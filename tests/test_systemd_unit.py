@@ -38,3 +38,22 @@ def test_agent_unit_settings():
     assert svc["StateDirectory"] == "blockferry" and svc["RuntimeDirectory"] == "blockferry"
     # the stop timeout leaves room for the default drain timeout (30 s)
     assert int(svc["TimeoutStopSec"].rstrip("s")) > 30
+
+
+def test_controller_unit_is_hardened():
+    """Type=notify with a watchdog, a service user, and an exposure score of
+    at most 5.0 from systemd-analyze security (offline: no PID 1 needed)."""
+    unit = REPO / "systemd" / "blockferry-controller.service"
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read(unit)
+    svc = cp["Service"]
+    assert svc["Type"] == "notify" and svc["WatchdogSec"] and svc["Restart"] == "on-failure"
+    assert svc["User"] == "blockferry" and svc["StateDirectory"] == "blockferry-controller"
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+                       capture_output=True, text=True)
+    line = next(x for x in r.stdout.splitlines() if "Overall exposure level" in x)
+    score = float(line.split(":")[1].split()[0])
+    assert score <= 5.0, line
+    sysusers = (REPO / "systemd" / "blockferry.sysusers").read_text()
+    assert "u blockferry " in sysusers

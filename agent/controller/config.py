@@ -2,8 +2,8 @@
 
     [controller]
     listen = "127.0.0.1:8080"
-    database_url = "sqlite:////var/lib/blockferry/controller.sqlite3"
-    secret_key_file = "/var/lib/blockferry/controller.key"
+    database_url = "sqlite:////var/lib/blockferry-controller/controller.sqlite3"
+    secret_key_file = "/var/lib/blockferry-controller/controller.key"
 
     [[tokens]]               # bearer tokens; the file must then be 0600
     token = "..."
@@ -33,8 +33,8 @@ class Token:
 @dataclass
 class ControllerConfig:
     listen: str = "127.0.0.1:8080"
-    database_url: str = "sqlite:////var/lib/blockferry/controller.sqlite3"
-    secret_key_file: str = "/var/lib/blockferry/controller.key"
+    database_url: str = "sqlite:////var/lib/blockferry-controller/controller.sqlite3"
+    secret_key_file: str = "/var/lib/blockferry-controller/controller.key"
     log_level: str = "info"
     grpc_listen: str = "127.0.0.1:9444"     # the agent registry (host:port or unix:/path)
     agent_token: str = ""                   # bearer token agents must send (a secret)

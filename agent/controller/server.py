@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
+import time
 
-from agent import __version__
+from agent import __version__, systemd
 from agent.controller import config
 from agent.errors import BlockferryError
 
@@ -46,11 +49,30 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    threading.Thread(target=_systemd, args=(server, app), name="sd-notify", daemon=True).start()
     try:
         server.run()
     finally:
+        systemd.notify("STOPPING=1")
         registry.stop(grace=2)
     return 0
+
+
+def _systemd(server, app) -> None:
+    """READY=1 once uvicorn listens (systemd Type=notify), then watchdog
+    pings while the dispatcher and the scheduler threads live."""
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    systemd.notify(f"READY=1\nSTATUS=serving REST on {app.state.cfg.listen}\nMAINPID={os.getpid()}")
+    interval = systemd.watchdog_interval()
+    if interval:
+        def healthy() -> bool:
+            threads = (app.state.dispatcher._thread, app.state.scheduler._thread)
+            return all(t is not None and t.is_alive() for t in threads)
+
+        systemd.Watchdog(interval, healthy).start()
 
 
 if __name__ == "__main__":
