@@ -266,6 +266,8 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
             for x in cp["vault"]["resources"]:
                 done_task = wait_task(op1, x["task_id"])
                 assert done_task["status"] == "success", done_task["error_info"]
+                # what the agent did: an incremental from the base snapshot's bitmaps, not a fallback
+                assert done_task["result"]["mode"] == ("incremental" if k == 1 else "full"), done_task["result"]
             done = checkpoint_done(cp["id"])
             assert done["status"] == "available", done
             modes.append([x["backup_mode"] for x in done["vault"]["resources"]])
@@ -290,7 +292,9 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
                 scheduled = op.get(f"{v3}/checkpoints/{got[0]}").json()["checkpoint"]
                 assert scheduled["manual"] is False and scheduled["due_at"] == due.strftime("%Y-%m-%dT%H:%M:%S")
                 for x in scheduled["vault"]["resources"]:
-                    assert wait_task(op1, x["task_id"])["status"] == "success"
+                    done_task = wait_task(op1, x["task_id"])
+                    assert done_task["status"] == "success"
+                    assert done_task["result"]["mode"] == ("incremental" if day == 0 else "full"), done_task
                 done = checkpoint_done(got[0])
                 assert done["status"] == "available"
                 modes.append([x["backup_mode"] for x in done["vault"]["resources"]])

@@ -76,7 +76,7 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
     this due time exists already (a scheduled run is never made twice)."""
     cp_id = str(uuidlib.uuid4())
     now = time.time()
-    plan = []  # (volume, host, resource row) to snapshot and back up
+    plan = []  # (volume, host, runs so far, base snapshot) to snapshot and back up
     skipped: list[Skip] = []
     with state.db.session() as s:
         vault = s.get(Vault, vault_id)
@@ -139,9 +139,11 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
         vault = s.get(Vault, vault_id)
         od = _definition(s, vault)
         for vol, snap, runs, base in made:
-            parent = s.scalar(select(Backup).where(Backup.vault_id == vault_id, Backup.volume_uuid == vol.uuid,
-                                                   Backup.status == "BackupSucceeded")
-                              .order_by(Backup.ctime.desc(), Backup.uuid.desc()))
+            ours = select(Backup).where(Backup.vault_id == vault_id, Backup.volume_uuid == vol.uuid,
+                                        Backup.status == "BackupSucceeded")
+            # the backup of the base snapshot: its bitmaps lead from there to the new one
+            parent = (s.scalar(ours.where(Backup.snapshot_uuid == base)) if base else None) or \
+                s.scalar(ours.order_by(Backup.ctime.desc(), Backup.uuid.desc()))
             every = od.full_backup_interval
             full = parent is None or not incremental or (every >= 0 and runs % (every + 1) == 0 and runs > 0)
             bid, task_id = str(uuidlib.uuid4()), str(uuidlib.uuid4())
