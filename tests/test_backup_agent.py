@@ -455,12 +455,20 @@ def test_restore_in_place_overwrites_with_a_safety_snapshot(rbd_agent, ceph, kin
             dst = bk.create(capacity=12 * MiB, name="dst", pool_uuid=pool).uuid
             put(bk, dst, {0: os.urandom(12 * MiB)})
             before = bk.digest(dst, pool=pool)
+            d0 = bk.call("CreateSnapshot", pool_uuid=pool, volume_uuid=dst, snapshot_uuid=new_id(), name="d0").uuid
+            base = bk.backup(dst, d0, pool=pool)
             job = _restore_in_place(bk, r.backup_uuid, dst, pool)
             assert job.state == OK, job.error
             res = job.restore_result
             assert res.volume_uuid == dst and res.image_digest == r.image_digest and res.safety_snapshot_uuid
             assert raw(bk, dst) == hashlib.sha256(expected).hexdigest()
             assert bk.digest(dst, res.safety_snapshot_uuid, pool=pool) == before  # the way back
+            # change tracking saw the overwrite: an incremental from before it restores to the new content
+            d1 = bk.call("CreateSnapshot", pool_uuid=pool, volume_uuid=dst, snapshot_uuid=new_id(), name="d1").uuid
+            incr = bk.backup(dst, d1, pool=pool, parent=base.backup_uuid)
+            assert incr.mode == "incremental" and incr.image_digest == bk.digest(dst, d1, pool=pool)
+            again = bk.restore(incr.backup_uuid, pool=pool)
+            assert bk.digest(again.volume_uuid, pool=pool) == bk.digest(dst, d1, pool=pool)
             # a smaller volume is refused, naming the field
             small = bk.create(capacity=4 * MiB, name="small", pool_uuid=pool).uuid
             e = rpc_error(_restore_in_place, bk, r.backup_uuid, small, pool)  # refused at submission
@@ -477,7 +485,7 @@ def test_restore_in_place_overwrites_with_a_safety_snapshot(rbd_agent, ceph, kin
                     job = _restore_in_place(bk, r.backup_uuid, dst, pool)
             assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "IN_USE", job
             snaps = bk.call("ListSnapshots", pool_uuid=pool, volume_uuid=dst).snapshots
-            assert len(snaps) == 1  # refused before its safety snapshot: only the first restore's
+            assert len([x for x in snaps if x.name.startswith("pre-restore-")]) == 1  # refused before its own
             # a failure half way (a damaged pack) rolls the volume back to what it was
             put(bk, dst, {3 * MiB: os.urandom(MiB)})
             target_before = raw(bk, dst)

@@ -271,6 +271,25 @@ def test_diff_reports_the_changed_objects_and_reproduces_the_snapshot(rv, ceph_i
     assert rv.changed(vid, s1.uuid) == [(0, 12 * MiB)]
 
 
+def test_a_whole_object_zeroed_since_the_snapshot_is_a_change(rv, ceph_io, ceph, tmp_path):
+    """diff_iterate reports it as not existing; it changed all the same (an
+    incremental that skipped it kept the old data: found by restoring in place)."""
+    io = ceph_io["rbd"]
+    vid = rv.create().uuid
+    rbd_write(io, vid, {0: os.urandom(3 * OBJ)})
+    s1 = rv.snap(vid, "s1")
+    rbd_write(io, vid, {}, discards={OBJ: OBJ})  # a whole object: removed
+    s2 = rv.snap(vid, "s2")
+    extents = rv.changed(vid, s2.uuid, s1.uuid)
+    assert any(start <= OBJ and start + length >= 2 * OBJ for start, length in extents), extents
+    _, old = export_sha(ceph, f"rbd/{vid}@{s1.uuid}", tmp_path)
+    _, new = export_sha(ceph, f"rbd/{vid}@{s2.uuid}", tmp_path)
+    patched = bytearray(old)
+    for start, length in rv.changed(vid, s2.uuid, s1.uuid):
+        patched[start:start + length] = new[start:start + length]
+    assert bytes(patched) == new and new[OBJ:2 * OBJ] == bytes(OBJ)
+
+
 def test_invalid_object_map_takes_the_exact_path(rv, ceph_io, ceph):
     io = ceph_io["rbd"]
     vid = rv.create().uuid

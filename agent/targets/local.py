@@ -85,6 +85,7 @@ class _FileWriter(ObjectWriter):
 
 class LocalStore(ObjectStore):
     concurrent_writers = True  # independent files: one fsyncs while the next fills
+
     def __init__(self, root: str):
         self.root = os.path.realpath(root)
         try:

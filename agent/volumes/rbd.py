@@ -476,7 +476,10 @@ class RbdPool(VolumeDriver):
         out: list[Extent] = []
 
         def cb(offset, length, exists):
-            if exists:
+            # Since a snapshot, a range that no longer exists (discarded,
+            # zeroed) changed too: leaving it out would keep the old data in
+            # an incremental backup. Without one, only allocated data counts.
+            if exists or since is not None:
                 out.append(Extent(offset, length))
             return 0
 
