@@ -57,3 +57,42 @@ def test_controller_unit_is_hardened():
     assert score <= 5.0, line
     sysusers = (REPO / "systemd" / "blockferry.sysusers").read_text()
     assert "u blockferry " in sysusers
+
+
+def _unit(name: str):
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read(REPO / "systemd" / name)
+    return cp["Service"]
+
+
+def test_agent_does_its_work_inside_the_units_sandbox(make_agent):
+    """The agent unit's NoNewPrivileges and capability bounding set, applied
+    with setpriv (no systemd as PID 1 here): a qcow2 volume is written,
+    snapshotted, backed up and restored, and the data checks out."""
+    import os
+
+    from agent.api.v1 import jobs_pb2
+    from test_backup_agent import Bk
+    from test_qcow2 import MiB
+
+    svc = _unit("blockferry-agent.service")
+    assert svc["NoNewPrivileges"] == "yes"
+    caps = svc["CapabilityBoundingSet"].split()
+    assert caps and "CAP_SYS_MODULE" not in caps and "CAP_NET_ADMIN" not in caps
+    bounding = "-all," + ",".join("+" + c.lower().removeprefix("cap_") for c in caps)
+    a = make_agent()
+    a.prefix = ["setpriv", "--no-new-privs", "--bounding-set", bounding]
+    a.start()
+    with a.client() as c:
+        bk = Bk(a, c)
+        vol = bk.create(capacity=8 * MiB, name="sandboxed").uuid
+        bk.write(vol, {0: os.urandom(3 * MiB)})
+        snap = bk.snap(vol, "s").uuid
+        r = bk.backup(vol, snap)
+        restored = bk.restore(r.backup_uuid)
+        assert bk.digest(restored.volume_uuid) == bk.digest(vol, snap) == r.image_digest
+        assert bk.verify(r.backup_uuid).state == jobs_pb2.JOB_STATE_SUCCEEDED
+    status = open(f"/proc/{a.proc.pid}/status").read()
+    assert "NoNewPrivs:\t1" in status
+    assert a.stop() == 0
