@@ -462,3 +462,25 @@ def test_a_pack_committed_while_another_backup_refreshes_stays_indexed(env):
     repo.store.list = listing
     assert repo.has(cid) and repo.location(cid) is not None
     assert repo.get(cid)[0] == data
+
+
+def test_large_volumes_restore_through_qemu_nbd(env, monkeypatch):
+    """Above DIRECT_RESTORE_MAX (1 TiB: preallocated metadata would cost too
+    much) a restore goes through a writable qemu-nbd: the same content."""
+    import agent.volumes.qcow2 as qcow2
+    from agent.volumes.qcow2 import Qcow2RestoreTarget
+
+    pool, repo, tmp = env
+    monkeypatch.setattr(qcow2, "DIRECT_RESTORE_MAX", 0)  # this small volume stands for a large one
+    vol = pool.create_volume(nid(), "src", 16 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(2 * MiB), 9 * MiB: bytes(100) + os.urandom(5000)}, tmp)
+    s1 = nid()
+    pool.create_snapshot(vol, s1, "s1")
+    m = backup(pool, vol, s1, repo)
+    target = pool.open_restore_target(nid(), "restored", m.size, "job-nbd")
+    assert isinstance(target, Qcow2RestoreTarget)
+    assert restore(repo, m, target.write) == m.image_digest
+    info = target.commit()
+    assert pool.image_digest(info.uuid, None).image_digest == m.image_digest == pool.image_digest(vol, s1).image_digest
+    assert subprocess.run(["qemu-img", "compare", "-U", pool.snap_path(vol, s1), pool.head_path(info.uuid)]
+                          ).returncode == 0

@@ -714,56 +714,6 @@ class Qcow2Pool(VolumeDriver):
             raise
 
 
-class Qcow2OverwriteTarget(RestoreTarget):
-    """A restore in place: the volume's head through a writable qemu-nbd
-    (which fails while a VM holds the image lock). Zero ranges become zero
-    clusters in the head, so nothing of the backing layers shows through;
-    the head's dirty bitmap records every write for the next incremental."""
-
-    def __init__(self, head: str, run_dir: str, info: Callable[[], VolumeInfo]):
-        self._info = info
-        self.server = QemuNbd(head, readonly=False, run_dir=run_dir).start()
-        try:
-            self.client = self.server.connect()
-            self.writer = AsyncWriter(self.client)
-        except BaseException:
-            self.server.stop()
-            raise
-
-    def write(self, offset: int, data) -> None:
-        view = memoryview(data)
-        pos = 0
-        for a, b in native.nonzero_runs(view, ZERO_RUN):
-            if a > pos:
-                self.zero(offset + pos, a - pos)
-            for p in range(a, b, NBD_REQUEST):
-                self.writer.write(view[p:min(b, p + NBD_REQUEST)], offset + p)
-            pos = b
-        if pos < len(view):
-            self.zero(offset + pos, len(view) - pos)
-
-    def zero(self, offset: int, length: int) -> None:
-        self.client.zero(length, offset)
-
-    def _close(self) -> None:
-        if self.server is not None:
-            try:
-                self.client.close()
-            finally:
-                self.server.stop()
-                self.server = None
-
-    def commit(self) -> VolumeInfo:
-        try:
-            self.writer.finish()
-        finally:
-            self._close()
-        return self._info()
-
-    def abort(self) -> None:
-        self._close()
-
-
 class NbdSnapshotReader(SnapshotReader):
     def __init__(self, client):
         self.client = client
@@ -781,13 +731,11 @@ class NbdSnapshotReader(SnapshotReader):
         return self.client.hold(view)
 
 
-class Qcow2RestoreTarget(RestoreTarget):
-    """Writes through a writable qemu-nbd on the hidden temporary image that
-    new_volume_for_copy reserved; commit() renames it into the pool."""
+class _NbdTarget(RestoreTarget):
+    """Writes into an image through a writable qemu-nbd, several in flight."""
 
-    def __init__(self, tmp: str, commit: Callable, abort: Callable, run_dir: str):
-        self._commit, self._abort = commit, abort
-        self.server = QemuNbd(tmp, readonly=False, run_dir=run_dir).start()
+    def __init__(self, image: str, run_dir: str):
+        self.server = QemuNbd(image, readonly=False, run_dir=run_dir).start()
         try:
             self.client = self.server.connect()
             self.writer = AsyncWriter(self.client)
@@ -795,11 +743,9 @@ class Qcow2RestoreTarget(RestoreTarget):
             self.server.stop()
             raise
 
-    def write(self, offset: int, data) -> None:
-        view = memoryview(data)
-        for a, b in native.nonzero_runs(view, ZERO_RUN):
-            for pos in range(a, b, NBD_REQUEST):  # servers take at most 32 MiB a request
-                self.writer.write(view[pos:min(b, pos + NBD_REQUEST)], offset + pos)
+    def _write_run(self, view: memoryview, offset: int) -> None:
+        for pos in range(0, len(view), NBD_REQUEST):  # servers take at most 32 MiB a request
+            self.writer.write(view[pos:pos + NBD_REQUEST], offset + pos)
 
     def _close(self) -> None:
         if self.server is not None:
@@ -808,6 +754,20 @@ class Qcow2RestoreTarget(RestoreTarget):
             finally:
                 self.server.stop()
                 self.server = None
+
+
+class Qcow2RestoreTarget(_NbdTarget):
+    """Writes through a writable qemu-nbd on the hidden temporary image that
+    new_volume_for_copy reserved; commit() renames it into the pool."""
+
+    def __init__(self, tmp: str, commit: Callable, abort: Callable, run_dir: str):
+        self._commit, self._abort = commit, abort
+        super().__init__(tmp, run_dir)
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data)
+        for a, b in native.nonzero_runs(view, ZERO_RUN):  # a new image reads as zeros already
+            self._write_run(view[a:b], offset + a)
 
     def commit(self) -> VolumeInfo:
         try:
@@ -823,6 +783,41 @@ class Qcow2RestoreTarget(RestoreTarget):
             self._close()
         finally:
             self._abort()
+
+
+class Qcow2OverwriteTarget(_NbdTarget):
+    """A restore in place: the volume's head through a writable qemu-nbd
+    (which fails while a VM holds the image lock). Zero ranges become zero
+    clusters in the head, so nothing of the backing layers shows through;
+    the head's dirty bitmap records every write for the next incremental."""
+
+    def __init__(self, head: str, run_dir: str, info: Callable[[], VolumeInfo]):
+        self._info = info
+        super().__init__(head, run_dir)
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data)
+        pos = 0
+        for a, b in native.nonzero_runs(view, ZERO_RUN):
+            if a > pos:
+                self.zero(offset + pos, a - pos)
+            self._write_run(view[a:b], offset + a)
+            pos = b
+        if pos < len(view):
+            self.zero(offset + pos, len(view) - pos)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.client.zero(length, offset)
+
+    def commit(self) -> VolumeInfo:
+        try:
+            self.writer.finish()
+        finally:
+            self._close()
+        return self._info()
+
+    def abort(self) -> None:
+        self._close()
 
 
 def merge_extents(extents: list[Extent]) -> list[Extent]:
