@@ -30,7 +30,8 @@ from sqlalchemy.exc import IntegrityError
 
 from agent.api.v1 import jobs_pb2, volumes_pb2
 from agent.controller import retention
-from agent.controller.api.hosts import host_state
+from agent.controller.api.vaults import log_task, usage
+from agent.controller.api.volumes import serving_hosts
 from agent.controller.dispatch import new_task
 from agent.controller.models import Backup, Checkpoint, Host, Policy, Pool, Task, Vault, VaultResource, Volume
 from agent.controller.policy import OperationDefinition
@@ -58,16 +59,9 @@ def _definition(s, vault: Vault) -> OperationDefinition:
     return OperationDefinition(**json.loads(p.definition_json)) if p else OperationDefinition()
 
 
-def _hosts(s, pool: Pool | None, dead_after: int) -> list[Host]:
-    if pool is None:
-        return []
-    hosts = [s.get(Host, h) for h in json.loads(pool.avail_hosts_json)]
-    return [h for h in hosts if h is not None and host_state(h, dead_after) == "online"]
-
-
-def _used(s, vault_id: str) -> int:
-    return sum(b.stored_bytes for b in s.scalars(select(Backup).where(
-        Backup.vault_id == vault_id, Backup.status == "BackupSucceeded")))
+def _hosts(s, pool_uuid: str, dead_after: int) -> list[Host]:
+    pool = s.get(Pool, pool_uuid)
+    return serving_hosts(s, pool, dead_after) if pool is not None else []
 
 
 def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str] | None = None, name: str = "",
@@ -88,7 +82,7 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
                               .order_by(VaultResource.added_at, VaultResource.volume_uuid)))
         if only is not None:
             rows = [r for r in rows if r.volume_uuid in only]
-        full_vault = _used(s, vault_id) >= vault.size_gb * GB
+        full_vault = usage(s, vault_id)[2] >= vault.size_gb * GB
         for r in rows:
             vol = s.get(Volume, r.volume_uuid)
             label = vol.name if vol else ""
@@ -106,7 +100,7 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
                 skipped.append(Skip(vol.uuid, label, cbr_code("BACKUP_IN_PROGRESS"),
                                     f"backup {busy} of the volume is in progress"))
                 continue
-            hosts = _hosts(s, s.get(Pool, vol.pool_uuid), state.cfg.host_dead_after)
+            hosts = _hosts(s, vol.pool_uuid, state.cfg.host_dead_after)
             if not hosts:
                 skipped.append(Skip(vol.uuid, label, cbr_code("TARGET_UNREACHABLE"),
                                     f"no online host serves pool {vol.pool_uuid}"))
@@ -219,7 +213,7 @@ def recover(state) -> None:
 
 def _delete_snapshot(state, vol: Volume, snap: str) -> None:
     with state.db.session() as s:
-        hosts = _hosts(s, s.get(Pool, vol.pool_uuid), state.cfg.host_dead_after)
+        hosts = _hosts(s, vol.pool_uuid, state.cfg.host_dead_after)
     if not hosts:
         log.warning("snapshot left: no host", extra={"volume": vol.uuid, "snapshot": snap})
         return
@@ -280,15 +274,12 @@ def _finish(state, cp_id: str, vault_id: str, res: list[dict], statuses: list[st
         cp = s.get(Checkpoint, cp_id)
         cp.status = "available" if all(x == "success" for x in statuses) else "error"
         if deleted or errors:
-            t = Task(id=str(uuidlib.uuid4()), operation_type="delete", status="failed" if errors else "success",
-                     progress=100.0, tenant=tenant, resource_type="vault", resource_uuid=vault_id, pool_uuid="",
-                     backup_point_uuid=bp, job_kind="retention", spec_json=json.dumps({"checkpoint_id": cp_id}),
-                     idempotent=True, attempts=1, error_code="RETENTION" if errors else "",
-                     error_message="; ".join(errors), created_at=now, started_at=now, ended_at=time.time(),
-                     result_json=json.dumps({"OpExtendInfoDelete": {"deleted": len(deleted) - len(errors),
-                                                                   "kept": kept, "failed": len(errors), **counts},
-                                             "deleted_backups": deleted}))
-            s.add(t)
+            log_task(s, "delete", tenant, vault_id, now,
+                     {"OpExtendInfoDelete": {"deleted": len(deleted) - len(errors), "kept": kept,
+                                             "failed": len(errors), **counts}, "deleted_backups": deleted},
+                     status="failed" if errors else "success", pool_uuid="", backup_point_uuid=bp,
+                     job_kind="retention", spec_json=json.dumps({"checkpoint_id": cp_id}), attempts=1,
+                     error_code="RETENTION" if errors else "", error_message="; ".join(errors))
         if deleted and pool_of:
             gc_id = str(uuidlib.uuid4())
             new_task(s, task_id=gc_id, operation="gc", tenant=tenant, resource_type="backup_point",

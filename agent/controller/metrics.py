@@ -18,7 +18,8 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
 from agent.controller.api.hosts import host_state
-from agent.controller.models import Backup, BackupPoint, Host, Task, Vault
+from agent.controller.api.vaults import usage
+from agent.controller.models import BackupPoint, Host, Task, Vault
 from agent.metrics import DURATION_BUCKETS, STATUSES, loopback
 
 
@@ -49,9 +50,7 @@ class _Inventory:
                 for st in (*STATUSES, "unknown"):
                     bps.add_metric([bp.uuid, st], 1.0 if bp.state == st else 0.0)
             for v in s.scalars(select(Vault)):
-                stored = s.scalar(select(func.coalesce(func.sum(Backup.stored_bytes), 0)).where(
-                    Backup.vault_id == v.id, Backup.status == "BackupSucceeded"))
-                used.add_metric([v.id], int(stored))
+                used.add_metric([v.id], usage(s, v.id)[2])
                 size.add_metric([v.id], v.size_gb << 30)
         yield from (tasks, age, up, bps, used, size)
 

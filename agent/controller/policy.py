@@ -15,8 +15,8 @@ from typing import Any
 
 from dateutil.rrule import rrule, rrulestr, rruleset
 
+from agent.controller.api.validate import bad
 from agent.controller.retention import Rule, parse_timezone
-from agent.errors import InvalidArgument
 
 MAX_PATTERNS = 24
 MAX_PER_DAY = 24
@@ -28,42 +28,38 @@ _DAYS = {"MO", "TU", "WE", "TH", "FR", "SA", "SU"}
 _EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
 
-def _bad(field_name: str, why: str) -> InvalidArgument:
-    return InvalidArgument(f"{field_name}: {why}", field=field_name)
-
-
 def _ints(value: str, lo: int, hi: int, field_name: str, key: str) -> list[int]:
     try:
         out = [int(v) for v in value.split(",")]
     except ValueError:
-        raise _bad(field_name, f"{key}={value!r}: not a list of integers") from None
+        raise bad(field_name, f"{key}={value!r}: not a list of integers") from None
     if not out or any(not lo <= v <= hi for v in out):
-        raise _bad(field_name, f"{key}={value!r}: values must be {lo} to {hi}")
+        raise bad(field_name, f"{key}={value!r}: values must be {lo} to {hi}")
     return out
 
 
 def parse_pattern(text: str, field_name: str) -> rrule:
     """One pattern, checked against the subset before dateutil sees it."""
     if not isinstance(text, str) or not text.strip():
-        raise _bad(field_name, "must be a non-empty string such as FREQ=DAILY;BYHOUR=14;BYMINUTE=00")
+        raise bad(field_name, "must be a non-empty string such as FREQ=DAILY;BYHOUR=14;BYMINUTE=00")
     parts: dict[str, str] = {}
     for item in text.strip().rstrip(";").split(";"):
         key, sep, value = item.partition("=")
         key = key.strip().upper()
         if not sep or not value.strip():
-            raise _bad(field_name, f"{item!r} is not KEY=VALUE")
+            raise bad(field_name, f"{item!r} is not KEY=VALUE")
         if key not in _KEYS:
-            raise _bad(field_name, f"{key} is not supported (only FREQ, BYDAY, BYHOUR, BYMINUTE and INTERVAL)")
+            raise bad(field_name, f"{key} is not supported (only FREQ, BYDAY, BYHOUR, BYMINUTE and INTERVAL)")
         if key in parts:
-            raise _bad(field_name, f"{key} is given twice")
+            raise bad(field_name, f"{key} is given twice")
         parts[key] = value.strip().upper()
     freq = parts.get("FREQ")
     if freq not in ("DAILY", "WEEKLY"):
-        raise _bad(field_name, f"FREQ must be DAILY or WEEKLY, not {freq!r}" if freq else "FREQ is required")
+        raise bad(field_name, f"FREQ must be DAILY or WEEKLY, not {freq!r}" if freq else "FREQ is required")
     if "BYDAY" in parts and any(d not in _DAYS for d in parts["BYDAY"].split(",")):
-        raise _bad(field_name, f"BYDAY={parts['BYDAY']!r}: days are MO, TU, WE, TH, FR, SA and SU")
+        raise bad(field_name, f"BYDAY={parts['BYDAY']!r}: days are MO, TU, WE, TH, FR, SA and SU")
     if "BYHOUR" not in parts or "BYMINUTE" not in parts:
-        raise _bad(field_name, "BYHOUR and BYMINUTE are required (the time of day, UTC)")
+        raise bad(field_name, "BYHOUR and BYMINUTE are required (the time of day, UTC)")
     _ints(parts["BYHOUR"], 0, 23, field_name, "BYHOUR")
     _ints(parts["BYMINUTE"], 0, 59, field_name, "BYMINUTE")
     if "INTERVAL" in parts:
@@ -85,9 +81,9 @@ def schedule(patterns: list[str], start: datetime) -> rruleset:
 
 def check_patterns(patterns: Any, field_name: str = "trigger.properties.pattern") -> list[str]:
     if not isinstance(patterns, list) or not patterns:
-        raise _bad(field_name, "must be a non-empty list of patterns")
+        raise bad(field_name, "must be a non-empty list of patterns")
     if len(patterns) > MAX_PATTERNS:
-        raise _bad(field_name, f"{len(patterns)} patterns; at most {MAX_PATTERNS}")
+        raise bad(field_name, f"{len(patterns)} patterns; at most {MAX_PATTERNS}")
     for i, p in enumerate(patterns):
         parse_pattern(p, f"{field_name}[{i}]")
     # the shape: over four weeks, never closer than an hour, at most 24 a day
@@ -97,12 +93,12 @@ def check_patterns(patterns: Any, field_name: str = "trigger.properties.pattern"
     for t in times:
         per_day[t.date()] = per_day.get(t.date(), 0) + 1
     if max(per_day.values(), default=0) > MAX_PER_DAY:
-        raise _bad(field_name, f"fires {max(per_day.values())} times a day; at most {MAX_PER_DAY}")
+        raise bad(field_name, f"fires {max(per_day.values())} times a day; at most {MAX_PER_DAY}")
     for a, b in zip(times, times[1:]):
         if b - a < MIN_GAP:
-            raise _bad(field_name, f"runs at {a:%a %H:%M} and {b:%a %H:%M} UTC are less than an hour apart")
+            raise bad(field_name, f"runs at {a:%a %H:%M} and {b:%a %H:%M} UTC are less than an hour apart")
     if not times:
-        raise _bad(field_name, "never fires")
+        raise bad(field_name, "never fires")
     return [str(p).strip() for p in patterns]
 
 
@@ -135,20 +131,20 @@ def _int(d: dict, key: str, default: int, lo: int, hi: int, *, allow_minus_one: 
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(f, f"{v!r} is not an integer")
+        raise bad(f, f"{v!r} is not an integer")
     if allow_minus_one and v == -1:
         return v
     if not lo <= v <= hi:
-        raise _bad(f, f"{v} is out of range ({'-1 or ' if allow_minus_one else ''}{lo} to {hi})")
+        raise bad(f, f"{v} is out of range ({'-1 or ' if allow_minus_one else ''}{lo} to {hi})")
     return v
 
 
 def check_operation_definition(d: Any) -> OperationDefinition:
     if not isinstance(d, dict):
-        raise _bad("operation_definition", "must be an object")
+        raise bad("operation_definition", "must be an object")
     unknown = set(d) - {f.name for f in OperationDefinition.__dataclass_fields__.values()}
     if unknown:
-        raise _bad("operation_definition", f"unknown field(s) {', '.join(sorted(unknown))}")
+        raise bad("operation_definition", f"unknown field(s) {', '.join(sorted(unknown))}")
     od = OperationDefinition(
         max_backups=_int(d, "max_backups", -1, 1, 99999, allow_minus_one=True),
         retention_duration_days=_int(d, "retention_duration_days", -1, 1, 99999, allow_minus_one=True),
@@ -158,11 +154,11 @@ def check_operation_definition(d: Any) -> OperationDefinition:
     tz = d.get("timezone")
     if tz not in (None, ""):
         if not isinstance(tz, str):
-            raise _bad("operation_definition.timezone", f"{tz!r} is not a string")
+            raise bad("operation_definition.timezone", f"{tz!r} is not a string")
         parse_timezone(tz, "operation_definition.timezone")
         od.timezone = tz
     if any((od.day_backups, od.week_backups, od.month_backups, od.year_backups)) and not od.timezone:
-        raise _bad("operation_definition.timezone", "required when day_backups, week_backups, month_backups or "
+        raise bad("operation_definition.timezone", "required when day_backups, week_backups, month_backups or "
                    "year_backups is set")
     return od
 
@@ -171,21 +167,21 @@ def check_policy(body: Any, *, partial: bool = False) -> dict:
     """The fields of a PolicyCreate (or, partial=True, a PolicyUpdate) body,
     checked; returns only the fields given."""
     if not isinstance(body, dict) or not isinstance(body.get("policy"), dict):
-        raise _bad("policy", "the body must be {\"policy\": {...}}")
+        raise bad("policy", "the body must be {\"policy\": {...}}")
     p = body["policy"]
     out: dict = {}
     if "name" in p or not partial:
         name = p.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise _bad("policy.name", f"{name!r}: 1 to 64 letters, digits, '_' or '-'")
+            raise bad("policy.name", f"{name!r}: 1 to 64 letters, digits, '_' or '-'")
         out["name"] = name
     if "enabled" in p:
         if not isinstance(p["enabled"], bool):
-            raise _bad("policy.enabled", f"{p['enabled']!r} is not true or false")
+            raise bad("policy.enabled", f"{p['enabled']!r} is not true or false")
         out["enabled"] = p["enabled"]
     if "operation_type" in p or not partial:
         if p.get("operation_type") != "backup":
-            raise _bad("policy.operation_type", f"{p.get('operation_type')!r}: only 'backup' is supported")
+            raise bad("policy.operation_type", f"{p.get('operation_type')!r}: only 'backup' is supported")
         out["operation_type"] = "backup"
     if "operation_definition" in p or not partial:
         out["operation_definition"] = check_operation_definition(p.get("operation_definition"))
@@ -193,6 +189,6 @@ def check_policy(body: Any, *, partial: bool = False) -> dict:
         trig = p.get("trigger")
         props = trig.get("properties") if isinstance(trig, dict) else None
         if not isinstance(props, dict):
-            raise _bad("policy.trigger.properties", "required: {\"properties\": {\"pattern\": [...]}}")
+            raise bad("policy.trigger.properties", "required: {\"properties\": {\"pattern\": [...]}}")
         out["patterns"] = check_patterns(props.get("pattern"), "policy.trigger.properties.pattern")
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
@@ -22,17 +21,13 @@ from agent.controller.api import validate as v
 from agent.controller.api.auth import Caller
 from agent.controller.api.jobs import remove_backup
 from agent.controller.api.policies import project
-from agent.controller.api.vaults import log_task
+from agent.controller.api.vaults import PROVIDER_ID, iso, log_task
 from agent.controller.dispatch import new_task
 from agent.controller.models import Backup, Checkpoint, Task, Volume
 from agent.errors import BackupInProgress, Busy, InvalidArgument, NotFound, RestoreTooSmall
 
 GB = 1 << 30
 STATUS = {"BackupStarted": "protecting", "BackupSucceeded": "available", "BackupFailed": "error"}
-
-
-def _iso(t: float | None) -> str | None:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") if t else None
 
 
 def to_seed(s, b: Backup) -> dict:
@@ -44,8 +39,8 @@ def to_seed(s, b: Backup) -> dict:
         "children": [], "image_type": "backup", "status": STATUS.get(b.status, "error"),
         "resource_id": b.volume_uuid, "resource_name": vol.name if vol else "", "resource_type": "OS::Cinder::Volume",
         "resource_size": -(-b.volume_capacity // GB), "resource_az": None,
-        "created_at": _iso(b.ctime), "updated_at": _iso(b.mtime), "expired_at": None, "protected_at": None,
-        "provider_id": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "blockferry/provider/volume")),
+        "created_at": iso(b.ctime), "updated_at": iso(b.mtime), "expired_at": None, "protected_at": None,
+        "provider_id": PROVIDER_ID,
         "extend_info": {"auto_trigger": bool(cp and not cp.manual), "incremental": b.mode == "incremental",
                         "snapshot_id": b.snapshot_uuid, "supported_restore_mode": "backup",
                         "encrypted": None, "bootable": None, "support_llid": None, "os_images_data": None,

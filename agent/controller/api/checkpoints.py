@@ -14,16 +14,12 @@ from agent.controller import checkpoints
 from agent.controller.api import validate as v
 from agent.controller.api.auth import Caller
 from agent.controller.api.policies import project
-from agent.controller.api.vaults import load_vault
+from agent.controller.api.vaults import iso, load_vault
 from agent.controller.models import Checkpoint, Policy, Task, Vault, VaultResource
 from agent.controller.policy import OperationDefinition
-from agent.errors import InvalidArgument, NotFound, ResourceNotInVault
+from agent.errors import NotFound, ResourceNotInVault
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-
-
-def _bad(field: str, why: str) -> InvalidArgument:
-    return InvalidArgument(f"{field}: {why}", field=field)
 
 
 def to_seed(s, cp: Checkpoint) -> dict:
@@ -43,7 +39,7 @@ def to_seed(s, cp: Checkpoint) -> dict:
             retention = OperationDefinition(**json.loads(p.definition_json)).retention_duration_days
     status = {"preparing": "protecting", "finishing": "protecting"}.get(cp.status, cp.status)  # the seed's values
     return {"id": cp.id, "project_id": cp.tenant, "status": status,
-            "created_at": datetime.fromtimestamp(cp.created_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f"),
+            "created_at": iso(cp.created_at),
             "due_at": datetime.fromtimestamp(cp.due_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
             "manual": cp.manual,
             "vault": {"id": cp.vault_id, "name": vault.name if vault else "", "resources": resources,
@@ -58,27 +54,27 @@ def router(auth) -> APIRouter:
     def create(project_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(auth)):
         tenant = project(caller, project_id)
         if not isinstance(body, dict) or not isinstance(body.get("checkpoint"), dict):
-            raise _bad("checkpoint", "the body must be {\"checkpoint\": {\"vault_id\": ...}}")
+            raise v.bad("checkpoint", "the body must be {\"checkpoint\": {\"vault_id\": ...}}")
         cp = body["checkpoint"]
         vault_id = v.uuid(str(cp.get("vault_id", "")), "checkpoint.vault_id")
         params = cp.get("parameters") or {}
         if not isinstance(params, dict):
-            raise _bad("checkpoint.parameters", "must be an object")
+            raise v.bad("checkpoint.parameters", "must be an object")
         name = params.get("name", "") or ""
         if not isinstance(name, str) or len(name) > 64 or (name and not set(name) <= _NAME_CHARS):
-            raise _bad("checkpoint.parameters.name", "1 to 64 letters, digits, '_' or '-'")
+            raise v.bad("checkpoint.parameters.name", "1 to 64 letters, digits, '_' or '-'")
         description = params.get("description", "") or ""
         if not isinstance(description, str) or len(description) > 255:
-            raise _bad("checkpoint.parameters.description", "at most 255 characters")
+            raise v.bad("checkpoint.parameters.description", "at most 255 characters")
         incremental = params.get("incremental", True)
         if not isinstance(incremental, bool):
-            raise _bad("checkpoint.parameters.incremental", "true or false")
+            raise v.bad("checkpoint.parameters.incremental", "true or false")
         only = params.get("resources")
         with request.app.state.db.session() as s:
             load_vault(s, tenant, vault_id)
         if only is not None:
             if not isinstance(only, list) or not only:
-                raise _bad("checkpoint.parameters.resources", "a non-empty list of volume ids of the vault")
+                raise v.bad("checkpoint.parameters.resources", "a non-empty list of volume ids of the vault")
             only = [v.uuid(str(x), f"checkpoint.parameters.resources[{i}]") for i, x in enumerate(only)]
             with request.app.state.db.session() as s:
                 for i, vid in enumerate(only):

@@ -68,3 +68,8 @@ def page(page_num: int, page_size: int) -> tuple[int, int]:
     if page_size == 0:
         return 0, 0
     return (max(page_num, 1) - 1) * page_size, page_size
+
+
+def bad(field: str, why: str) -> InvalidArgument:
+    """The refusal of a field: "<field>: <why>", naming it."""
+    return InvalidArgument(f"{field}: {why}", field=field)

@@ -29,7 +29,7 @@ from agent.api.v1 import backups_pb2
 from agent.controller.api.hosts import host_state
 from agent.controller.dispatch import backup_point_request
 from agent.controller.models import Backup, BackupPoint, Host, Policy, Task, Vault, VaultResource, Volume
-from agent.errors import (AlreadyExists, InvalidArgument, NotFound, ResourceInVault, ResourceNotInVault,
+from agent.errors import (AlreadyExists, NotFound, ResourceInVault, ResourceNotInVault,
                           TargetUnreachable, VaultNotEmpty)
 
 GB = 1 << 30
@@ -40,12 +40,12 @@ DELETE_MODES = ("Permissive", "Enforcing")
 QUERY_KEYS = {"uuid", "id", "name", "status", "state", "policy_id", "backup_point_id"}
 
 
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")
+PROVIDER_ID = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "blockferry/provider/volume"))  # seed 003's provider_id
 
 
-def _bad(field: str, why: str) -> InvalidArgument:
-    return InvalidArgument(f"{field}: {why}", field=field)
+def iso(t: float | None) -> str | None:
+    """Seed 003's time stamps: 2019-05-23T12:51:10.071232 (UTC); None for none."""
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") if t else None
 
 
 def _state(s, vault: Vault) -> str:
@@ -81,8 +81,7 @@ def to_seed(s, vault: Vault) -> dict:
     used_gb = round(stored / GB, 3)
     return {
         "id": vault.id, "name": vault.name, "description": vault.description, "project_id": vault.tenant,
-        "provider_id": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "blockferry/provider/volume")),
-        "created_at": _iso(vault.created_at), "auto_bind": False, "bind_rules": None, "tags": [],
+        "provider_id": PROVIDER_ID, "created_at": iso(vault.created_at), "auto_bind": False, "bind_rules": None, "tags": [],
         "backup_point_id": vault.backup_point_uuid, "policy_id": vault.policy_id or None,
         "backup_name_prefix": vault.backup_name_prefix, "status": vault.status, "state": _state(s, vault),
         "billing": {"status": vault.status, "size": vault.size_gb, "allocated": vault.size_gb, "used": used_gb,
@@ -106,23 +105,23 @@ def load_vault(s, tenant: str, vault_id: str) -> Vault:
 def _resources(s, tenant: str, items, field: str) -> list[str]:
     """Volume ids of a resources list: each an existing volume of the tenant."""
     if not isinstance(items, list):
-        raise _bad(field, "must be a list of {\"id\": ..., \"type\": \"OS::Cinder::Volume\"}")
+        raise v.bad(field, "must be a list of {\"id\": ..., \"type\": \"OS::Cinder::Volume\"}")
     if len(items) > MAX_RESOURCES:
-        raise _bad(field, f"{len(items)} resources; at most {MAX_RESOURCES}")
+        raise v.bad(field, f"{len(items)} resources; at most {MAX_RESOURCES}")
     out: list[str] = []
     for i, item in enumerate(items):
         f = f"{field}[{i}]"
         if not isinstance(item, dict):
-            raise _bad(f, "must be an object with id and type")
+            raise v.bad(f, "must be an object with id and type")
         rtype = item.get("type", RESOURCE_TYPE)
         if rtype != RESOURCE_TYPE:
-            raise _bad(f"{f}.type", f"{rtype!r}: only {RESOURCE_TYPE} (a volume) is supported")
+            raise v.bad(f"{f}.type", f"{rtype!r}: only {RESOURCE_TYPE} (a volume) is supported")
         vid = v.uuid(str(item.get("id", "")), f"{f}.id")
         vol = s.get(Volume, vid)
         if vol is None or vol.tenant != tenant:
             raise NotFound(f"{f}.id: volume {vid} does not exist", field=f"{f}.id")
         if vid in out:
-            raise _bad(f"{f}.id", f"volume {vid} is listed twice")
+            raise v.bad(f"{f}.id", f"volume {vid} is listed twice")
         out.append(vid)
     return out
 
@@ -138,15 +137,15 @@ def _attach(s, vault: Vault, volume_ids: list[str], field: str) -> None:
 
 def _size(value, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_SIZE <= value <= MAX_SIZE:
-        raise _bad(field, f"{value!r}: an integer number of GB, {MIN_SIZE} to {MAX_SIZE}")
+        raise v.bad(field, f"{value!r}: an integer number of GB, {MIN_SIZE} to {MAX_SIZE}")
     return value
 
 
 def _text(value, field: str, lo: int, hi: int) -> str:
     if not isinstance(value, str) or not lo <= len(value) <= hi:
-        raise _bad(field, f"must be a string of {lo} to {hi} characters")
+        raise v.bad(field, f"must be a string of {lo} to {hi} characters")
     if any(ord(c) < 32 for c in value):
-        raise _bad(field, "may not contain control characters")
+        raise v.bad(field, "may not contain control characters")
     return value
 
 
@@ -165,7 +164,7 @@ def _conditions(q: list[str]) -> dict[str, str]:
     for cond in q:
         key, sep, value = cond.partition("=")
         if not sep or key not in QUERY_KEYS:
-            raise _bad("q", f"{cond!r}: conditions are field=value with field one of {', '.join(sorted(QUERY_KEYS))}")
+            raise v.bad("q", f"{cond!r}: conditions are field=value with field one of {', '.join(sorted(QUERY_KEYS))}")
         out["uuid" if key == "id" else key] = value
     return out
 
@@ -178,25 +177,25 @@ def router(auth) -> APIRouter:
                caller: Caller = Depends(auth)):
         tenant = project(caller, project_id)
         if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
-            raise _bad("vault", "the body must be {\"vault\": {...}}")
+            raise v.bad("vault", "the body must be {\"vault\": {...}}")
         b = body["vault"]
         name = _text(b.get("name"), "vault.name", 1, 64)
         description = _text(b.get("description", ""), "vault.description", 0, 64)
         prefix = _text(b.get("backup_name_prefix", "") or "", "vault.backup_name_prefix", 0, 32)
         billing = b.get("billing")
         if not isinstance(billing, dict):
-            raise _bad("vault.billing", "required: {\"object_type\": \"disk\", \"protect_type\": \"backup\", "
+            raise v.bad("vault.billing", "required: {\"object_type\": \"disk\", \"protect_type\": \"backup\", "
                                         "\"consistent_level\": \"crash_consistent\", \"size\": GB}")
         if billing.get("object_type") != "disk":
-            raise _bad("vault.billing.object_type", f"{billing.get('object_type')!r}: only 'disk' (volumes)")
+            raise v.bad("vault.billing.object_type", f"{billing.get('object_type')!r}: only 'disk' (volumes)")
         if billing.get("protect_type") != "backup":
-            raise _bad("vault.billing.protect_type", f"{billing.get('protect_type')!r}: only 'backup'")
+            raise v.bad("vault.billing.protect_type", f"{billing.get('protect_type')!r}: only 'backup'")
         if billing.get("consistent_level", "crash_consistent") != "crash_consistent":
-            raise _bad("vault.billing.consistent_level", f"{billing.get('consistent_level')!r}: only "
+            raise v.bad("vault.billing.consistent_level", f"{billing.get('consistent_level')!r}: only "
                                                          "'crash_consistent'")
         size = _size(billing.get("size"), "vault.billing.size")
         if "resources" not in b:
-            raise _bad("vault.resources", "required ([] for none)")
+            raise v.bad("vault.resources", "required ([] for none)")
         bpid = v.uuid(str(b.get("backup_point_id", "")), "vault.backup_point_id")
         now = time.time()
         with request.app.state.db.session() as s:
@@ -253,7 +252,7 @@ def router(auth) -> APIRouter:
                caller: Caller = Depends(auth)):
         tenant = project(caller, project_id)
         if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
-            raise _bad("vault", "the body must be {\"vault\": {...}}")
+            raise v.bad("vault", "the body must be {\"vault\": {...}}")
         b = body["vault"]
         with request.app.state.db.session() as s:
             vault = load_vault(s, tenant, vault_id)
@@ -267,7 +266,7 @@ def router(auth) -> APIRouter:
                 size = _size(b["billing"]["size"], "vault.billing.size")
                 _, _, stored = usage(s, vault.id)
                 if size * GB < stored:
-                    raise _bad("vault.billing.size", f"{size} GB is less than the {stored / GB:.1f} GB the vault "
+                    raise v.bad("vault.billing.size", f"{size} GB is less than the {stored / GB:.1f} GB the vault "
                                                      "uses")
                 vault.size_gb = size
             vault.updated_at = time.time()
@@ -287,7 +286,7 @@ def router(auth) -> APIRouter:
         field = "deleteMode" if deleteMode or not mode else "mode"
         mode = deleteMode or mode or "Permissive"
         if mode not in DELETE_MODES:
-            raise _bad(field, f"{mode!r}: Permissive or Enforcing")
+            raise v.bad(field, f"{mode!r}: Permissive or Enforcing")
         state = request.app.state
         with state.db.session() as s:
             vault = load_vault(s, tenant, vault_id)
@@ -317,7 +316,7 @@ def router(auth) -> APIRouter:
             have = s.scalar(select(func.count()).select_from(VaultResource)
                             .where(VaultResource.vault_id == vault.id))
             if have + len(vols) > MAX_RESOURCES:
-                raise _bad("resources", f"the vault would hold {have + len(vols)} resources; at most {MAX_RESOURCES}")
+                raise v.bad("resources", f"the vault would hold {have + len(vols)} resources; at most {MAX_RESOURCES}")
             _attach(s, vault, vols, "resources")
             vault.updated_at = time.time()
         return {"add_resource_ids": vols}
@@ -329,7 +328,7 @@ def router(auth) -> APIRouter:
         tenant = project(caller, project_id)
         ids = body.get("resource_ids") if isinstance(body, dict) else None
         if not isinstance(ids, list) or not ids:
-            raise _bad("resource_ids", "must be a non-empty list of volume ids")
+            raise v.bad("resource_ids", "must be a non-empty list of volume ids")
         with request.app.state.db.session() as s:
             vault = load_vault(s, tenant, vault_id)
             for i, raw in enumerate(ids):
@@ -352,7 +351,7 @@ def router(auth) -> APIRouter:
             vault = load_vault(s, tenant, vault_id)
             pid = _policy(s, tenant, body.get("policy_id") if isinstance(body, dict) else None, "policy_id")
             if not pid:
-                raise _bad("policy_id", "required")
+                raise v.bad("policy_id", "required")
             if vault.policy_id != pid:  # runs of the new policy are due from now on
                 vault.policy_id, vault.policy_since = pid, time.time()
             vault.updated_at = time.time()
@@ -378,7 +377,7 @@ def router(auth) -> APIRouter:
         its health with the vault."""
         tenant = project(caller, project_id)
         if not isinstance(body, dict) or "reconnectBackupStorage" not in body:
-            raise _bad("reconnectBackupStorage", "the only action is {\"reconnectBackupStorage\": {}}")
+            raise v.bad("reconnectBackupStorage", "the only action is {\"reconnectBackupStorage\": {}}")
         state = request.app.state
         with state.db.session() as s:
             vault = load_vault(s, tenant, vault_id)
@@ -405,9 +404,11 @@ def router(auth) -> APIRouter:
     return r
 
 
-def log_task(s, operation: str, tenant: str, vault_id: str, started: float, result: dict) -> None:
-    """A synchronous operation of the vault API, in /v1/tasks (seed 003's operation_type)."""
-    s.add(Task(id=str(uuidlib.uuid4()), operation_type=operation, status="success", progress=100.0, tenant=tenant,
-               resource_type="vault", resource_uuid=vault_id, job_kind="", spec_json="{}", idempotent=True,
-               attempts=0, result_json=json.dumps(result), created_at=started, started_at=started,
-               ended_at=time.time()))
+def log_task(s, operation: str, tenant: str, vault_id: str, started: float, result: dict, *,
+             status: str = "success", **columns) -> None:
+    """An operation done by the controller itself (no agent job), in
+    /v1/tasks with seed 003's operation_type; columns: more Task fields."""
+    fields = {"job_kind": "", "spec_json": "{}", "attempts": 0, **columns}
+    s.add(Task(id=str(uuidlib.uuid4()), operation_type=operation, status=status, progress=100.0, tenant=tenant,
+               resource_type="vault", resource_uuid=vault_id, idempotent=True, result_json=json.dumps(result),
+               created_at=started, started_at=started, ended_at=time.time(), **fields))
