@@ -58,8 +58,31 @@ class ControllerConfig:
         return host.strip("[]"), int(port)
 
 
-def load(path: str) -> ControllerConfig:
-    p = Path(path)
+def default_conf_dir(config_path: str) -> str:
+    """conf.d beside the main file: /etc/blockferry/controller.toml -> /etc/blockferry/controller.conf.d"""
+    p = Path(config_path)
+    return str(p.with_name(p.stem + ".conf.d"))
+
+
+def load(path: str, conf_dir: str | None = None) -> ControllerConfig:
+    """The main file, then conf.d/*.toml beside it in name order: a later
+    [controller] key wins, [[tokens]] add up. Any file holding a bearer
+    token must be mode 0600 (so a deployment keeps them in one conf.d file
+    and the main file stays readable and diffable)."""
+    cfg = ControllerConfig()
+    files = [Path(path)]
+    if not files[0].is_file():
+        raise ConfigError(f"{path}: no such config file", field=path)
+    d = Path(conf_dir if conf_dir is not None else default_conf_dir(path))
+    if d.is_dir():
+        files += sorted(d.glob("*.toml"))
+    for f in files:
+        _merge(cfg, f)
+    return _validate(cfg, path)
+
+
+def _merge(cfg: ControllerConfig, p: Path) -> None:
+    path = str(p)
     try:
         doc = tomllib.loads(p.read_text())
     except FileNotFoundError:
@@ -70,7 +93,6 @@ def load(path: str) -> ControllerConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: controller, tokens)",
                           field=path)
-    cfg = ControllerConfig()
     section = doc.get("controller", {})
     types = {f.name: f.type for f in dataclasses.fields(ControllerConfig) if f.name != "tokens"}
     for key, value in section.items():
@@ -82,16 +104,6 @@ def load(path: str) -> ControllerConfig:
             raise ConfigError(f"{path}: [controller] {key}: must be {'an integer' if want is int else 'a string'}",
                               field=f"controller.{key}")
         setattr(cfg, key, value)
-    if cfg.metrics_listen:
-        from agent.metrics import loopback
-
-        loopback(cfg.metrics_listen, f"{path}: [controller] metrics_listen")
-    if cfg.scheduler_interval < 1 or cfg.schedule_grace < 60:
-        raise ConfigError(f"{path}: [controller] scheduler_interval must be >= 1 and schedule_grace >= 60 "
-                          "(seconds)", field="controller.schedule_grace")
-    if cfg.heartbeat_interval < 1 or cfg.host_dead_after <= cfg.heartbeat_interval:
-        raise ConfigError(f"{path}: [controller] host_dead_after must exceed heartbeat_interval (>= 1)",
-                          field="controller.host_dead_after")
     for i, t in enumerate(doc.get("tokens", [])):
         token, tenant = t.get("token", ""), t.get("tenant", "")
         if len(token) < 16:
@@ -104,8 +116,22 @@ def load(path: str) -> ControllerConfig:
                 raise ConfigError(f"{path}: [[tokens]] #{i + 1}: tenant must be '*' or a tenant uuid",
                                   field="tokens.tenant") from None
         cfg.tokens.append(Token(token, tenant))
-    if (cfg.tokens or cfg.agent_token or cfg.agent_auth_token) and os.stat(p).st_mode & 0o077:
+    secret_keys = {"agent_token", "agent_auth_token"}
+    if (doc.get("tokens") or any(section.get(k) for k in secret_keys)) and os.stat(p).st_mode & 0o077:
         raise ConfigError(f"{path}: holds bearer tokens, so the file must be mode 0600", field=path)
+
+
+def _validate(cfg: ControllerConfig, path: str) -> ControllerConfig:
+    if cfg.metrics_listen:
+        from agent.metrics import loopback
+
+        loopback(cfg.metrics_listen, f"{path}: [controller] metrics_listen")
+    if cfg.scheduler_interval < 1 or cfg.schedule_grace < 60:
+        raise ConfigError(f"{path}: [controller] scheduler_interval must be >= 1 and schedule_grace >= 60 "
+                          "(seconds)", field="controller.schedule_grace")
+    if cfg.heartbeat_interval < 1 or cfg.host_dead_after <= cfg.heartbeat_interval:
+        raise ConfigError(f"{path}: [controller] host_dead_after must exceed heartbeat_interval (>= 1)",
+                          field="controller.host_dead_after")
     host, _, port = cfg.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"{path}: [controller] listen: must be host:port, not {cfg.listen!r}",

@@ -16,10 +16,11 @@ from agent.errors import BlockferryError
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="blockferry-controller", description=__doc__)
     p.add_argument("-c", "--config", default=config.DEFAULT_CONFIG, help="config file (TOML)")
+    p.add_argument("--conf-dir", help="conf.d directory (default: controller.conf.d beside --config)")
     p.add_argument("--version", action="version", version=f"blockferry-controller {__version__}")
     args = p.parse_args(argv)
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(args.config, args.conf_dir)
         logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
         from agent.controller.api.app import create_app
         from agent.controller.db import Database, migrate

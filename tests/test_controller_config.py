@@ -1,0 +1,53 @@
+"""The controller's config: the main file plus controller.conf.d/*.toml
+beside it (what the Ansible role writes: the main file readable and
+diffable, the tokens alone in a 0600 conf.d file)."""
+from __future__ import annotations
+
+import pytest
+
+from agent.controller.config import load
+from agent.errors import ConfigError
+
+TOKEN = "t" * 32
+
+
+def write(path, text, mode=0o640):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_conf_d_merges_in_name_order_and_tokens_add_up(tmp_path):
+    main = write(tmp_path / "controller.toml", '[controller]\nlisten = "127.0.0.1:8080"\nlog_level = "info"\n')
+    d = tmp_path / "controller.conf.d"
+    write(d / "50-secrets.toml", f'[controller]\nagent_token = "{TOKEN}"\n[[tokens]]\ntoken = "{TOKEN}"\n'
+          'tenant = "*"\n', 0o600)
+    write(d / "60-more.toml", f'[controller]\nlog_level = "debug"\n[[tokens]]\ntoken = "{"u" * 20}"\n'
+          'tenant = "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"\n', 0o600)
+    write(d / "README", "not toml, not read")
+    cfg = load(str(main))
+    assert cfg.listen == "127.0.0.1:8080" and cfg.log_level == "debug" and cfg.agent_token == TOKEN
+    assert [t.tenant for t in cfg.tokens] == ["*", "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"]
+    # an explicit conf dir replaces the default one
+    assert load(str(main), str(tmp_path / "elsewhere")).tokens == []
+
+
+def test_a_conf_d_file_with_tokens_must_be_0600_and_is_named(tmp_path):
+    main = write(tmp_path / "controller.toml", "[controller]\n")
+    bad = write(tmp_path / "controller.conf.d" / "50-secrets.toml", f'[controller]\nagent_token = "{TOKEN}"\n', 0o644)
+    with pytest.raises(ConfigError) as e:
+        load(str(main))
+    assert str(bad) in e.value.message and "0600" in e.value.message and TOKEN not in e.value.message
+    # an empty token is no secret: the readable main file may say so
+    bad.write_text('[controller]\nagent_token = ""\n')
+    assert load(str(main)).agent_token == ""
+
+
+def test_a_bad_key_in_conf_d_names_file_and_key(tmp_path):
+    main = write(tmp_path / "controller.toml", "[controller]\n")
+    bad = write(tmp_path / "controller.conf.d" / "10-x.toml", "[controller]\nlisten_port = 1\n")
+    with pytest.raises(ConfigError) as e:
+        load(str(main))
+    assert str(bad) in e.value.message and "listen_port" in e.value.message
+    assert e.value.field == "controller.listen_port"
