@@ -35,6 +35,9 @@ apt_packages=(
     postgresql
     # IANA time zones for policy retention (python's zoneinfo reads them)
     tzdata
+    # the Ansible roles' test deploys to this machine with Debian's python3
+    # (tests/test_ansible.py): its venv module, and apt for the apt module
+    python3 python3-venv python3-apt python3-setuptools openssl
 )
 
 need_apt=()
@@ -97,6 +100,6 @@ echo "$linkdir" > "$site/blockferry-debian-bindings.pth"
 
 log "installing blockferry and its Python dependencies"
 "$vpy" -m pip install -q --upgrade pip setuptools wheel >/dev/null
-"$vpy" -m pip install -q -e "$here[test,bench]"
+"$vpy" -m pip install -q -e "$here[test,bench,deploy]"
 "$venv/bin/blockferry-agent" --check-bindings >/dev/null
 log "ready: $venv"

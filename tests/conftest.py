@@ -153,6 +153,18 @@ def sparse_image(path: Path, size: int, data: dict[int, bytes]) -> bytes:
 
 
 @pytest.fixture(scope="session")
+def dist(tmp_path_factory) -> Path:
+    """`python -m build` of this checkout, once per run: a folder holding the
+    sdist and the wheel (the packaging and Ansible tests install it)."""
+    import sys
+
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--sdist", "-o", str(out), str(REPO)], check=True,
+                   capture_output=True, timeout=900)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ceph():
     """A real single-node Ceph cluster for the whole test session, with two
     RBD pools ("rbd" and "rbd2")."""

@@ -51,3 +51,14 @@ def test_a_bad_key_in_conf_d_names_file_and_key(tmp_path):
         load(str(main))
     assert str(bad) in e.value.message and "listen_port" in e.value.message
     assert e.value.field == "controller.listen_port"
+
+
+def test_rest_tls_needs_both_files_readable(tmp_path):
+    main = write(tmp_path / "controller.toml", f'[controller]\ntls_cert = "{tmp_path}/c.pem"\n')
+    with pytest.raises(ConfigError) as e:
+        load(str(main))
+    assert e.value.field == "controller.tls_key"
+    main.write_text(f'[controller]\ntls_cert = "{tmp_path}/c.pem"\ntls_key = "{tmp_path}/c.key"\n')
+    with pytest.raises(ConfigError) as e:
+        load(str(main))
+    assert e.value.field == "controller.tls_cert" and "cannot read" in e.value.message

@@ -36,6 +36,8 @@ class ControllerConfig:
     database_url: str = "sqlite:////var/lib/blockferry-controller/controller.sqlite3"
     secret_key_file: str = "/var/lib/blockferry-controller/controller.key"
     log_level: str = "info"
+    tls_cert: str = ""                      # PEM certificate: serve REST over HTTPS (with tls_key)
+    tls_key: str = ""
     grpc_listen: str = "127.0.0.1:9444"     # the agent registry (host:port or unix:/path)
     agent_token: str = ""                   # bearer token agents must send (a secret)
     grpc_tls_cert: str = ""                 # TLS for grpc_listen; with grpc_client_ca: mutual TLS
@@ -132,6 +134,13 @@ def _validate(cfg: ControllerConfig, path: str) -> ControllerConfig:
     if cfg.heartbeat_interval < 1 or cfg.host_dead_after <= cfg.heartbeat_interval:
         raise ConfigError(f"{path}: [controller] host_dead_after must exceed heartbeat_interval (>= 1)",
                           field="controller.host_dead_after")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError(f"{path}: [controller] tls_cert and tls_key go together (REST over HTTPS)",
+                          field="controller.tls_key" if cfg.tls_cert else "controller.tls_cert")
+    for key in ("tls_cert", "tls_key"):
+        value = getattr(cfg, key)
+        if value and not os.access(value, os.R_OK):
+            raise ConfigError(f"{path}: [controller] {key}: cannot read {value}", field=f"controller.{key}")
     host, _, port = cfg.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"{path}: [controller] listen: must be host:port, not {cfg.listen!r}",

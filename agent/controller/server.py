@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     host, port = cfg.host_port
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=cfg.log_level, access_log=False))
+    tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key} if cfg.tls_cert else {}
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=cfg.log_level, access_log=False,
+                                           **tls))
     # SIGTERM/SIGINT: a graceful stop and exit status 0 (uvicorn would re-raise the signal)
     server.capture_signals = contextlib.nullcontext
 
