@@ -149,7 +149,8 @@ class ControllerLink:
                     self.fenced = False
                 except grpc.RpcError as e:
                     log.warning("controller unreachable or refused us", extra={
-                        "controller": self.cfg.controller.address, "code": e.code().name, "retry_in": backoff})
+                        "controller": self.cfg.controller.address, "code": e.code().name, "detail": e.details(),
+                        "retry_in": backoff})
                     wait, backoff = backoff, min(backoff * 2, 60.0)
                     registered = registered and e.code() != grpc.StatusCode.UNAUTHENTICATED
                 except Exception:

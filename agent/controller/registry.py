@@ -12,12 +12,18 @@ from concurrent import futures
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from agent import __version__
 from agent.api.v1 import registry_pb2, registry_pb2_grpc
 from agent.controller.config import ControllerConfig
 from agent.controller.db import Database
 from agent.controller.models import Host
 
 log = logging.getLogger("controller.registry")
+
+# The oldest agent API level (agent.API_LEVEL) this controller works with.
+# Raise it only when the dispatcher relies on something older agents lack;
+# the README's upgrade order (controller first, then agents) keeps it safe.
+MIN_AGENT_API_LEVEL = 1
 
 
 def _reports(items) -> str:
@@ -44,6 +50,14 @@ class Registry(registry_pb2_grpc.AgentRegistryServicer):
             host_uuid = str(uuidlib.UUID(request.host_uuid))
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT: host_uuid: not a uuid")
+        level = request.facts.api_level or 1
+        if level < MIN_AGENT_API_LEVEL:
+            log.warning("agent refused: API level too old", extra={
+                "host_uuid": host_uuid, "version": request.facts.version, "api_level": level})
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"FAILED_PRECONDITION: facts.api_level: agent {request.facts.version or '?'} speaks API "
+                          f"level {level}, this controller ({__version__}) needs {MIN_AGENT_API_LEVEL} or newer: "
+                          "upgrade blockferry on this host")
         now = time.time()
         facts = MessageToDict(request.facts, preserving_proto_field_name=True)
         with self.db.session() as s:
