@@ -347,11 +347,17 @@ def test_agents_register_and_heartbeat(short_tmp, make_agent):
             assert check_ok(op.get(f"/v1/hosts/{host}"))["LastSeen"] > first_seen  # heartbeats arrive
             check_error(tenant.get("/v1/hosts"), 403, "authorization")  # operators only
             check_error(op.get(f"/v1/hosts/{uuid.uuid4()}"), 404, "host_uuid")
+            check_error(op.delete(f"/v1/hosts/{host}"), 409, "host_uuid")  # online: not forgotten
+            check_error(tenant.delete(f"/v1/hosts/{host}"), 403, "authorization")
             assert a.stop() == 0
             deadline = time.monotonic() + 20
             while check_ok(op.get(f"/v1/hosts/{host}"))["State"] != "offline":
                 assert time.monotonic() < deadline
                 time.sleep(0.5)
+            # a lost host is forgotten (operator guide); its agent would register again
+            assert check_ok(op.delete(f"/v1/hosts/{host}")) == {"uuid": host}
+            check_error(op.get(f"/v1/hosts/{host}"), 404, "host_uuid")
+            assert check_ok(op.get("/v1/hosts"))["total_count"] == 0
         assert AGENT_TOKEN not in a.log_text()
     finally:
         c.stop()

@@ -1,6 +1,6 @@
 """GET /v1/hosts and /v1/hosts/{uuid}: the registered agent hosts (operators
 only), with their state (online/offline from the heartbeat age), facts,
-pools and backup points."""
+pools and backup points; DELETE /v1/hosts/{uuid} forgets an offline one."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from agent.controller.api import validate as v
 from agent.controller.api.auth import Caller
 from agent.controller.api.envelope import ok
 from agent.controller.models import Host
-from agent.errors import NotFound, PermissionDenied
+from agent.errors import FailedPrecondition, NotFound, PermissionDenied
 
 
 def host_state(h: Host, dead_after: int) -> str:
@@ -54,5 +54,24 @@ def router(auth) -> APIRouter:
         if h is None:
             raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
         return ok(to_json(h, request.app.state.cfg.host_dead_after))
+
+    @r.delete("/{host_uuid}")
+    def forget_host(host_uuid: str, request: Request, caller: Caller = Depends(auth)):
+        """Forget a lost host (operator guide: "Recover from a lost host").
+        Only an offline one: its tasks have gone to other hosts by then. An
+        agent that comes back registers again."""
+        operator(caller)
+        host_uuid = v.uuid(host_uuid, "host_uuid")
+        dead = request.app.state.cfg.host_dead_after
+        with request.app.state.db.session() as s:
+            h = s.get(Host, host_uuid)
+            if h is None:
+                raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
+            if host_state(h, dead) != "offline":
+                raise FailedPrecondition(f"host_uuid: host {host_uuid} ({h.hostname}) is {host_state(h, dead)}: "
+                                         f"stop its agent, then forget it after {dead} s without a heartbeat",
+                                         field="host_uuid")
+            s.delete(h)
+        return ok({"uuid": host_uuid})
 
     return r
