@@ -218,6 +218,60 @@ def cmd_info(client: AgentClient, args) -> int:
     return 0
 
 
+def cmd_fc_devices(client: AgentClient, args) -> int:
+    from agent.api.v1 import host_pb2
+
+    r = client.host.ListFcDevices(host_pb2.ListFcDevicesRequest(fc_only=args.fc_only), metadata=client.metadata)
+    if args.json:
+        print(as_json(r))
+        return 0
+    for hba in r.hbas:
+        print(f"HBA {hba.host} port {hba.port_name} {hba.port_state} {hba.speed}")
+    for d in r.devices:
+        print(f"{d.disk_path}  {human(d.size_bytes)}  {d.transport}  {d.id}{'  IN USE' if d.in_use else ''}")
+    return 0
+
+
+def cmd_iscsi_discover(client: AgentClient, args) -> int:
+    """SendTargets on a portal. The CHAP secret comes from
+    $BLOCKFERRY_CHAP_SECRET, never from argv (which every user can read)."""
+    import os
+
+    from agent.api.v1 import host_pb2
+
+    secret = os.environ.get("BLOCKFERRY_CHAP_SECRET", "")
+    if args.username and not secret:
+        print("blockferry: --username needs the CHAP secret in $BLOCKFERRY_CHAP_SECRET", file=sys.stderr)
+        return 2
+    r = client.host.DiscoverIscsi(host_pb2.DiscoverIscsiRequest(ip=args.ip, port=args.port,
+                                                                username=args.username or "", secret=secret),
+                                  metadata=client.metadata)
+    if args.json:
+        print(as_json(r))
+        return 0
+    for t in r.targets:
+        print(f"{t.iqn}  {t.portal}  {t.state}")
+        for lun in t.luns:
+            print(f"  lun {lun.lun}  {human(lun.size_bytes)}")
+    return 0
+
+
+def cmd_facts(client: AgentClient, args) -> int:
+    from agent.api.v1 import host_pb2
+
+    f = client.host.GetHostFacts(host_pb2.GetHostFactsRequest(), metadata=client.metadata)
+    if args.json:
+        print(as_json(f))
+        return 0
+    print(f"{f.hostname}: blockferry {f.version} (API level {f.api_level}), {f.cpus} CPUs, "
+          f"{human(f.memory_available_bytes)} of {human(f.memory_total_bytes)} memory free")
+    print(f"  pool types: {', '.join(f.pool_types)}; backup point types: {', '.join(f.backup_point_types)}")
+    print(f"  pools: {', '.join(f.pool_uuids) or '-'}; backup points: {', '.join(f.backup_point_uuids) or '-'}")
+    if f.iscsi_initiator:
+        print(f"  iSCSI initiator: {f.iscsi_initiator}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockferry", description="blockferry agent client")
     p.add_argument("--socket", help="agent unix socket (default $BLOCKFERRY_SOCKET or /run/blockferry/agent.sock)")
@@ -245,6 +299,14 @@ def parser() -> argparse.ArgumentParser:
         jsub.add_parser(name).add_argument("job_id")
 
     sub.add_parser("info", help="agent version, limits and bindings")
+    sub.add_parser("facts", help="host facts: version, API level, pool and backup point types")
+    fcd = sub.add_parser("fc-devices", help="block devices by /dev/disk/by-id name, and FC HBAs")
+    fcd.add_argument("--fc-only", action="store_true", help="only FC and multipath LUNs")
+    isd = sub.add_parser("iscsi-discover", help="targets and LUNs on an iSCSI portal (CHAP secret: "
+                         "$BLOCKFERRY_CHAP_SECRET)")
+    isd.add_argument("ip")
+    isd.add_argument("--port", type=int, default=0, help="portal port (0: 3260)")
+    isd.add_argument("--username", help="CHAP user")
 
     vol = sub.add_parser("volume", help="volumes of a pool")
     vsub = vol.add_subparsers(dest="volume_cmd", required=True)
@@ -314,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with AgentClient(target) as client:
             return {"checksum": cmd_checksum, "jobs": cmd_jobs, "info": cmd_info, "volume": cmd_volume,
-                    "snapshot": cmd_snapshot, "clone": cmd_clone, "flatten": cmd_flatten}[args.cmd](client, args)
+                    "snapshot": cmd_snapshot, "clone": cmd_clone, "flatten": cmd_flatten, "facts": cmd_facts,
+                    "fc-devices": cmd_fc_devices, "iscsi-discover": cmd_iscsi_discover}[args.cmd](client, args)
     except grpc.RpcError as e:
         print(f"blockferry: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import signal
 import ssl
 import subprocess
@@ -303,3 +304,57 @@ def test_check_diff_shows_a_change_and_makes_none(deployment):
     assert "x" * 40 not in out and all(s not in out for s in d.secrets)
     after = {p: p.read_bytes() for p in (d.root / "etc").rglob("*") if p.is_file()}
     assert after == before
+
+
+# ---- the README's variable tables, from the comments in defaults/main.yml ----
+
+ROLES = ("blockferry_install", "blockferry_tls", "blockferry_agent", "blockferry_controller")
+
+
+def role_variables(role: str) -> list[tuple[str, str, str]]:
+    """(name, default, description) of every variable in a role's
+    defaults/main.yml; the description is the comment right above it, else
+    the comment that opens its paragraph."""
+    import yaml
+
+    path = ANSIBLE / "roles" / role / "defaults" / "main.yml"
+    values = yaml.safe_load(path.read_text())
+    out, above, paragraph = [], [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            above, paragraph = [], []
+        elif line.startswith("#"):
+            above.append(line.lstrip("# ").rstrip())
+        elif m := re.match(r"^(blockferry_\w+):", line):
+            text = " ".join(above or paragraph)
+            if above and not paragraph:
+                paragraph = above
+            above = []
+            value = values[m.group(1)]
+            shown = " ".join(value.split()) if isinstance(value, str) else json.dumps(value)
+            out.append((m.group(1), shown, text))
+        else:
+            above = []
+    return out
+
+
+def readme_variables() -> str:
+    lines = []
+    for role in ROLES:
+        lines += [f"**{role}**", "", "| variable | default | what |", "|---|---|---|"]
+        for name, default, text in role_variables(role):
+            default = default.replace("|", "\\|")
+            lines.append(f"| `{name}` | `{default}` | {text.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def test_every_role_variable_is_in_the_readme_with_its_default():
+    names = [n for role in ROLES for n, _, _ in role_variables(role)]
+    assert len(names) == len(set(names)) and len(names) > 40
+    assert readme_variables() in (REPO / "README.md").read_text(), (
+        "regenerate the table: .venv/bin/python tests/test_ansible.py --readme")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--readme"]:
+    print(readme_variables())

@@ -139,4 +139,24 @@ def test_discovery_and_host_facts_rpcs(remote_agent, tgt_server):
         assert NFS_BP in facts.backup_point_uuids and facts.iscsi_initiator.startswith("iqn.")
         assert [x.host for x in facts.fc_hbas] == ["host5", "host6"]
         assert facts.disks and all(d.total_bytes > 0 for d in facts.disks)
+        assert facts.api_level >= 1
+    # the same through the CLI (the operator guide's commands); the CHAP
+    # secret goes in the environment, never in argv
+    import os
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "agent.cli", "--socket", str(a.socket)]
+    env = dict(os.environ, BLOCKFERRY_CHAP_SECRET=lun.secret)
+    out = subprocess.run([*cli, "iscsi-discover", "127.0.0.1", "--port", str(tgt_server.port), "--username",
+                          lun.user], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"{lun.iqn}  " in out.stdout and "  lun 1  256.0 MiB" in out.stdout, out.stdout
+    out = subprocess.run([*cli, "iscsi-discover", "127.0.0.1", "--username", lun.user], capture_output=True,
+                         text=True, timeout=60, env={k: v for k, v in env.items() if k != "BLOCKFERRY_CHAP_SECRET"})
+    assert out.returncode == 2 and "BLOCKFERRY_CHAP_SECRET" in out.stderr
+    out = subprocess.run([*cli, "fc-devices", "--fc-only"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.count("/dev/") == 2 and f"wwn-0x{WWID_A}" in out.stdout, out.stdout
+    out = subprocess.run([*cli, "facts"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "API level 1" in out.stdout and NFS_BP in out.stdout, out.stdout
     assert lun.secret not in a.log_text()
