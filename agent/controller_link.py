@@ -1,7 +1,18 @@
 """The agent's side of the controller: register once, then heartbeat, from
 a background thread. The controller learns this host's facts, pools and
 backup points (with their health) and where to call the agent. A controller
-that is down is retried with backoff; the agent works on without it."""
+that is down is retried with backoff; the agent works on without it.
+
+Three threads, so nothing slow delays what must be on time:
+- the link sends heartbeats (each RPC has a deadline below fence_after);
+- the prober refreshes pool and backup point health into a cache that
+  heartbeats send (a check of an unreachable SMB or iSCSI server may block
+  for its full `timeout`);
+- the fence watchdog cancels running jobs once no heartbeat has succeeded
+  for fence_after seconds, whatever the other two are doing.
+A heartbeat answer may name backup points the controller attached here and
+has since deleted: they are detached (their definition and secret leave
+this host)."""
 from __future__ import annotations
 
 import logging
@@ -65,16 +76,25 @@ class ControllerLink:
         self.last_ok = 0.0  # monotonic time of the last successful register/heartbeat
         self.fenced = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="controller-link", daemon=True)
+        self._fence_lock = threading.Lock()
+        self._cache = None  # (pools, points) reports from the prober
+        self._cache_lock = threading.Lock()
+        self._probe_now = threading.Event()
+        self._threads = [threading.Thread(target=self._run, name="controller-link", daemon=True),
+                         threading.Thread(target=self._probe_loop, name="controller-probe", daemon=True),
+                         threading.Thread(target=self._fence_loop, name="controller-fence", daemon=True)]
         self.registered = threading.Event()
 
     def start(self) -> "ControllerLink":
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        self._probe_now.set()
+        for t in self._threads:
+            t.join(5)
 
     @property
     def _rpc_timeout(self) -> float:
@@ -87,6 +107,28 @@ class ControllerLink:
         return [("authorization", f"Bearer {self.cfg.controller.token}")] if self.cfg.controller.token else []
 
     def _reports(self):
+        """The latest health the prober measured (measured now when it has
+        none yet: the first registration waits for it)."""
+        with self._cache_lock:
+            cached = self._cache
+        if cached is None:
+            cached = self._measure()
+            with self._cache_lock:
+                self._cache = self._cache or cached
+        return cached
+
+    def _probe_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                measured = self._measure()
+                with self._cache_lock:
+                    self._cache = measured
+            except Exception:
+                log.exception("health probe failed")
+            self._probe_now.wait(self.interval)
+            self._probe_now.clear()
+
+    def _measure(self):
         from agent.api.v1 import registry_pb2 as r
 
         pools = []
@@ -98,7 +140,8 @@ class ControllerLink:
         for bp in self.points.all():
             h = bp.check()
             points.append(r.BackupPointReport(backup_point_uuid=h.uuid, type=h.type, status=h.status,
-                                              total_bytes=h.total_bytes, available_bytes=h.available_bytes))
+                                              total_bytes=h.total_bytes, available_bytes=h.available_bytes,
+                                              attached=self.points.is_attached(h.uuid)))
         return pools, points
 
     def _register(self, stub) -> None:
@@ -126,7 +169,23 @@ class ControllerLink:
                                                  pools=pools, backup_points=points,
                                                  draining=self.engine.draining),
                               metadata=self._metadata, timeout=self._rpc_timeout)
+        for uuid_ in resp.detach_backup_point_uuids:
+            self._detach_deleted(uuid_)
         return not resp.reregister
+
+    def _detach_deleted(self, uuid_: str) -> None:
+        """The controller deleted a backup point it had attached here."""
+        from agent.errors import BlockferryError
+
+        try:
+            self.points.detach_unused(uuid_, self.engine)
+        except BlockferryError as e:  # in use (retried at the next heartbeat), or gone already
+            log.info("deleted backup point not detached yet", extra={"backup_point": uuid_, "why": e.message})
+            return
+        with self._cache_lock:
+            self._cache = None
+        self._probe_now.set()
+        log.info("backup point deleted by the controller: detached", extra={"backup_point": uuid_})
 
     def _run(self) -> None:
         from agent.api.v1 import registry_pb2_grpc
@@ -145,8 +204,9 @@ class ControllerLink:
                         continue
                     backoff = 1.0
                     wait = self.interval
-                    self.last_ok = time.monotonic()
-                    self.fenced = False
+                    with self._fence_lock:
+                        self.last_ok = time.monotonic()
+                        self.fenced = False
                 except grpc.RpcError as e:
                     log.warning("controller unreachable or refused us", extra={
                         "controller": self.cfg.controller.address, "code": e.code().name, "detail": e.details(),
@@ -156,18 +216,29 @@ class ControllerLink:
                 except Exception:
                     log.exception("controller link failed")
                     wait, backoff = backoff, min(backoff * 2, 60.0)
-                self._fence_if_cut_off()
                 self._stop.wait(min(wait, self.interval))
+
+    def _fence_loop(self) -> None:
+        fence_after = self.cfg.controller.fence_after
+        if not fence_after:
+            return
+        while not self._stop.wait(min(1.0, fence_after / 5)):
+            try:
+                self._fence_if_cut_off()
+            except Exception:
+                log.exception("fence watchdog failed")
 
     def _fence_if_cut_off(self) -> None:
         """Cut off from the controller for fence_after seconds: it will run
         our jobs elsewhere, so stop them here (each cleans up after itself)."""
         fence_after = self.cfg.controller.fence_after
-        if not fence_after or not self.last_ok or self.fenced:
-            return
-        lost = time.monotonic() - self.last_ok
-        if lost < fence_after:
-            return
+        with self._fence_lock:
+            if not fence_after or not self.last_ok or self.fenced:
+                return
+            lost = time.monotonic() - self.last_ok
+            if lost < fence_after:
+                return
+            self.fenced = True
         from agent.jobs.model import JobState
 
         running = self.engine.list({JobState.RUNNING, JobState.WAITING})
@@ -176,6 +247,5 @@ class ControllerLink:
                 self.engine.cancel(job.id)
             except Exception:
                 log.exception("could not cancel a job while fencing", extra={"job": job.id})
-        self.fenced = True
         log.warning("cut off from the controller: running jobs cancelled (self-fencing)",
                     extra={"seconds": round(lost, 1), "jobs": len(running)})

@@ -22,7 +22,7 @@ CONF = """\
 [global]
     server role = standalone server
     workgroup = BFTEST
-    interfaces = 127.0.0.1
+    interfaces = {ip}
     bind interfaces only = yes
     smb ports = {port}
     disable netbios = yes
@@ -55,7 +55,12 @@ CONF = """\
 
 
 class SmbServer:
-    def __init__(self, root: Path | None = None, *, user: str = "bfsmbtest", small_bytes: int = 48 << 20):
+    def __init__(self, root: Path | None = None, *, user: str = "bfsmbtest", small_bytes: int = 48 << 20,
+                 ip: str = "127.0.0.1", prefix: list[str] | None = None):
+        """ip and prefix put it elsewhere: the multi-host test runs it in its
+        own network namespace (prefix `ip netns exec NS`) on that one's address."""
+        self.ip = ip
+        self.prefix = prefix or []
         self.root = Path(root or tempfile.mkdtemp(prefix="bf-smb-", dir="/tmp"))
         self.port = free_port()
         self.user = user
@@ -77,7 +82,7 @@ class SmbServer:
     def start(self) -> "SmbServer":
         for d in ("private", "lock", "state", "cache", "pid", "ncalrpc", "log", "backups", "small"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(CONF.format(port=self.port, root=self.root, user=self.user))
+        self.conf.write_text(CONF.format(port=self.port, root=self.root, user=self.user, ip=self.ip))
         if self.loop is None:
             self.loop = mount_small_fs(self.root / "small.img", self.root / "small", self.small_bytes)
             self._smbpasswd()
@@ -85,11 +90,11 @@ class SmbServer:
             self.root.chmod(0o711)  # the share user must reach its directories
             for share in ("backups", "small"):
                 shutil.chown(self.root / share, uid)
-        self.proc = subprocess.Popen(["smbd", "--foreground", "--no-process-group", "--debug-stdout",
+        self.proc = subprocess.Popen([*self.prefix, "smbd", "--foreground", "--no-process-group", "--debug-stdout",
                                       f"--configfile={self.conf}"],
                                      stdout=open(self.root / "log" / "stdout.log", "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)  # smbd signals its whole process group on exit
-        _wait_port(self.port)
+        _wait_port(self.port, host=self.ip)
         return self
 
     def stop(self) -> None:
@@ -121,10 +126,10 @@ class SmbServer:
         auth = self.root / "private" / "client.auth"
         auth.write_text(f"username = {self.user}\npassword = {self.password}\n")
         auth.chmod(0o600)
-        return subprocess.run(["smbclient", f"//127.0.0.1/{share}", "-p", str(self.port), "-A", str(auth),
+        return subprocess.run(["smbclient", f"//{self.ip}/{share}", "-p", str(self.port), "-A", str(auth),
                                "-m", "SMB3", "-c", command], capture_output=True)
 
     def section(self, uuid: str, share: str = "backups", sub_dir: str = "repo", extra: str = "") -> str:
-        return (f'[backup_points.{uuid}]\ntype = "samba"\nip = "127.0.0.1"\nport = {self.port}\n'
+        return (f'[backup_points.{uuid}]\ntype = "samba"\nip = "{self.ip}"\nport = {self.port}\n'
                 f'root_dir = "{share}"\nsub_dir = "{sub_dir}"\nusername = "{self.user}"\n'
                 f'secret = "{self.password}"\nchunk_size = 1048576\ntimeout = 5.0\n{extra}')

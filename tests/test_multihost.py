@@ -1,6 +1,7 @@
 """Three agents in their own network namespaces (veth + bridge, pyroute2),
-one controller, shared storage: the seed flow end to end through the REST
-API, then a host's link cut while clones are queued and running."""
+one controller, shared storage, and the backup target (a real smbd) in a
+fourth namespace: the seed flow end to end through the REST API, then a
+host's link cut while clones are queued and running."""
 from __future__ import annotations
 
 import datetime
@@ -20,6 +21,7 @@ from agent.api.v1 import jobs_pb2
 from cephcluster import free_port
 from conftest import write_config
 from netns import BRIDGE_IP, HostNet
+from smbserver import SmbServer
 from test_controller import AGENT_TOKEN, Controller, check_ok, seed_example
 from test_controller_pools import wait_task
 from test_qcow2 import write
@@ -55,9 +57,11 @@ def _pki(d, ips: list[str]) -> None:
 
 @pytest.fixture
 def fleet(short_tmp):
-    net = HostNet(NAMES)
-    agents, ctl = {}, None
+    net = HostNet([*NAMES, "backup"])
+    agents, ctl, smb = {}, None, None
     try:
+        # the backup target: smbd in its own namespace, reached over the bridge
+        smb = SmbServer(user="bfsmbnet", ip=net.ip("backup"), prefix=net.prefix("backup")).start()
         pki = short_tmp / "pki"
         pki.mkdir()
         _pki(pki, [net.ip(n) for n in NAMES])
@@ -85,7 +89,7 @@ def fleet(short_tmp):
             while len([h for h in check_ok(op.get("/v1/hosts"))["list"] if h["State"] == "online"]) < 3:
                 assert time.monotonic() < deadline, check_ok(op.get("/v1/hosts"))
                 time.sleep(0.2)
-        yield net, ctl, agents, shared
+        yield net, ctl, agents, shared, smb
     finally:
         for a in agents.values():
             if a.proc and a.proc.poll() is None:
@@ -96,11 +100,13 @@ def fleet(short_tmp):
                     a.proc.kill()
         if ctl:
             ctl.stop()
+        if smb:
+            smb.destroy()
         net.destroy()
 
 
 def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
-    net, ctl, agents, shared = fleet
+    net, ctl, agents, shared, smb = fleet
     run = short_tmp / "run-test"
     run.mkdir()
     cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
@@ -127,10 +133,12 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
         ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
         s1 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
         want = digest(pid, vol["UUID"], s1["UUID"])
-        # backup, change, incremental, restore: through whichever hosts the dispatcher picks
+        # backup, change, incremental, restore: through whichever hosts the dispatcher picks, to the
+        # SMB server in the backup namespace (seed 000: add, list, update, delete), encrypted
         bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
-            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
-            cluster_uuid=cluster_uuid, root_dir=str(shared / "backups"), sub_dir="fleet")))["uuid"]
+            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="samba",
+            cluster_uuid=cluster_uuid, ip=smb.ip, root_dir="backups", sub_dir="fleet", pass_word="fleet-bp-pw",
+            env={"port": smb.port, "username": smb.user, "secret": smb.password, "chunk_size": 1 << 20})))["uuid"]
         add = dict(seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
                    volume_uuid=vol["UUID"], snapshot_uuid=s1["UUID"], backup_point_uuid=bp)
         b1 = check_ok(op.post("/v1/volume/share/backup/add", json=add))
@@ -147,6 +155,33 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
             new_volume_name="restored", new_pool_uuid=pid, new_volume_tenant=tenant, cluster_uuid=cluster_uuid)))
         assert wait_task(op, rs["task_id"], 120)["status"] == "success"
         assert digest(pid, rs["volume"]["UUID"]) == want2
+        # the repository really is on the server in the other namespace (samba's own client reads it)
+        listing = smb.smbclient("backups", "cd fleet; ls").stdout.decode()
+        assert all(name in listing for name in ("config", "manifests", "packs")), listing
+        item = next(x for x in check_ok(op.get("/v1/volume/internal/backuppoint/list", params={
+            "cluster_uuid": cluster_uuid, "tenant": tenant}))["list"] if x["UUID"] == bp)
+        assert (item["BType"], item["indentify"]["IP"], item["indentify"]["Pwd"]) == ("samba", smb.ip, "******")
+        upd = dict(seed_example("000", "v1/volume/internal/backuppoint/update"), cluster_uuid=cluster_uuid,
+                   tenant_uuid=tenant, backup_point_uuid=bp, ip=smb.ip, root_directory="backups", sub_dir="fleet",
+                   backup_point_name="smb-renamed")
+        check_ok(op.post("/v1/volume/internal/backuppoint/update", json=upd))
+        bp_delete = {"cluster_uuid": cluster_uuid, "uuid": bp}
+
+        def leftovers():
+            return [f for n in NAMES for f in (short_tmp / f"agent-{n}" / "state" / "backup_points.d").glob(f"{bp}*")]
+        assert leftovers()  # attached where the backups ran
+        assert op.post("/v1/volume/internal/backuppoint/delete", json=bp_delete).status_code == 409  # holds backups
+        for b in (b1, b2):
+            check_ok(op.post("/v1/volume/share/backup/delete", json={
+                "cluster_uuid": cluster_uuid, "tenant": tenant, "backup_uuid": b["backup"]["UUID"]}))
+        check_ok(op.post("/v1/volume/internal/backuppoint/delete", json=bp_delete))
+        assert bp not in [x["UUID"] for x in check_ok(op.get("/v1/volume/internal/backuppoint/list", params={
+            "cluster_uuid": cluster_uuid, "tenant": tenant}))["list"]]
+        # the agents that had it attached drop its definition (and SMB password) at their next heartbeat
+        deadline = time.monotonic() + 15
+        while leftovers():
+            assert time.monotonic() < deadline, leftovers()
+            time.sleep(0.2)
         linked = check_ok(op.post("/v1/volume/share/clone", json=dict(
             seed_example("001", "/v1/volume/share/clone"), cluster_uuid=cluster_uuid, volume_uuid=vol["UUID"],
             clone_dst_pool_uuid=pid, clone_dst_vol_name="linked", clone_dst_vol_tenant=tenant,

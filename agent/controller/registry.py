@@ -10,13 +10,14 @@ import time
 from concurrent import futures
 
 import grpc
+from sqlalchemy import select
 from google.protobuf.json_format import MessageToDict
 
 from agent import __version__
 from agent.api.v1 import registry_pb2, registry_pb2_grpc
 from agent.controller.config import ControllerConfig
 from agent.controller.db import Database
-from agent.controller.models import Host
+from agent.controller.models import BackupPoint, Host
 
 log = logging.getLogger("controller.registry")
 
@@ -88,7 +89,10 @@ class Registry(registry_pb2_grpc.AgentRegistryServicer):
             h.draining = request.draining
             h.pools_json = _reports(request.pools)
             h.backup_points_json = _reports(request.backup_points)
-        return registry_pb2.HeartbeatResponse(reregister=False)
+            # attached by us, deleted since: the agent drops its definition (and secret)
+            attached = {p.backup_point_uuid for p in request.backup_points if p.attached}
+            gone = sorted(attached - set(s.scalars(select(BackupPoint.uuid).where(BackupPoint.uuid.in_(attached)))))
+        return registry_pb2.HeartbeatResponse(reregister=False, detach_backup_point_uuids=gone)
 
 
 def serve(cfg: ControllerConfig, db: Database) -> grpc.Server:

@@ -77,13 +77,7 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
 
     @rpc
     def DetachBackupPoint(self, request, context):
-        from agent.errors import Busy
-        from agent.jobs.model import JobState
-
-        bp = self.points.get(request.backup_point_uuid)
-        if any(getattr(j.spec, "backup_point_uuid", "") == bp.uuid for j in self.engine.list({JobState.RUNNING})):
-            raise Busy(f"backup_point_uuid: jobs are using {bp.label}", field="backup_point_uuid")
-        self.points.detach(bp.uuid)
+        self.points.detach_unused(request.backup_point_uuid, self.engine)
         return backups_pb2.DetachBackupPointResponse()
 
     @rpc

@@ -210,6 +210,20 @@ class BackupPoints:
                 current.reset()
             return bp
 
+    def is_attached(self, uuid: str) -> bool:
+        """Attached by the controller at run time (not from the config file)."""
+        return uuid in self._attached
+
+    def detach_unused(self, uuid: str, engine) -> None:
+        """Detach, unless a running job uses it (Busy)."""
+        from agent.errors import Busy
+        from agent.jobs.model import JobState
+
+        bp = self.get(uuid)
+        if any(getattr(j.spec, "backup_point_uuid", "") == bp.uuid for j in engine.list({JobState.RUNNING})):
+            raise Busy(f"backup_point_uuid: jobs are using {bp.label}", field="backup_point_uuid")
+        self.detach(uuid)
+
     def detach(self, uuid: str) -> None:
         bp = self.get(uuid)
         with self._lock:
