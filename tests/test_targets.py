@@ -386,6 +386,47 @@ def test_smb_wrong_password_is_a_clear_error_without_the_secret(smb_server, shor
     assert t.read_back("enc", "hello") == b"encrypted transport"
 
 
+def test_smb_zero_copy_writes_match_smbprotocols_and_the_server_checks_their_signatures(
+        smb_server, short_tmp, monkeypatch):
+    """agent/targets/smb_write.py packs and signs WRITEs itself: the server
+    gets the same bytes as through smbprotocol's own path, and refuses a
+    WRITE whose signature is wrong (so it really checks ours)."""
+    from agent.errors import BlockferryError
+    from agent.targets import smb_write
+
+    t = SmbTarget(smb_server, short_tmp)
+    sent = []
+    real = smb_write.send_write
+    monkeypatch.setattr(smb_write, "send_write", lambda fd, data, off, cr: sent.append(len(data)) or
+                        real(fd, data, off, cr))
+    pieces = [os.urandom(n) for n in (1000, 70_000, 4 * MiB, 9 * MiB + 123, 200_000, 5)]
+    want = b"".join(pieces)
+    for zero_copy in (True, False):
+        store = t.make(f"zc-{zero_copy}")
+        store.zero_copy = zero_copy
+        w = store.open_writer("obj")
+        for p in pieces:
+            w.write(p)
+        w.commit()
+        assert t.read_back(f"zc-{zero_copy}", "obj") == want
+        assert store.get("obj") == want
+        store.close()
+        if zero_copy:
+            assert sum(sent) == len(want) and len(sent) >= 3, sent
+            sent.clear()
+    assert sent == []  # smbprotocol's own path did the second one
+
+    store = t.make("zc-bad")
+    monkeypatch.setattr(smb_write, "signature", lambda *a: b"\x01" * 16)
+    w = store.open_writer("obj")
+    with pytest.raises(BlockferryError, match="backup point smb://127.0.0.1/backups/zc-bad") as e:
+        w.write(os.urandom(4 * MiB))
+        w.commit()
+    assert "ACCESS_DENIED" in e.value.message  # smbd: "Bad SMB2 signature"
+    monkeypatch.undo()
+    assert "obj" not in t.make("zc-bad").list("")
+
+
 # ---- raw LUN repositories (disk/fc here; iSCSI uses the same layout) ----
 
 def test_lun_blank_needs_format_and_foreign_data_is_never_touched(loop):

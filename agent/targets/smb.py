@@ -23,10 +23,11 @@ from smbprotocol.exceptions import DiskFull, LogonFailure, SMBAuthenticationErro
 
 from agent.errors import AuthFailed, InvalidArgument, NotFound, TargetUnreachable
 from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
+from agent.targets import smb_write
 from agent.targets.nfs import check_sub_dir
 
 PART = ".part-"
-_DEPTH = 4  # WRITE requests in flight per writer
+_DEPTH = 8  # WRITE requests in flight per writer
 _SMALL = 256 << 10
 _GATHER = 1 << 20
 # smbprotocol logs packet details at DEBUG; they are not for the agent's log
@@ -49,6 +50,7 @@ class _SmbWriter(ObjectWriter):
         with store._call(f"cannot create {name}"):
             store._makedirs(parent)
             self._file = smbclient.open_file(self.tmp, mode="xb", buffering=0, share_access="rwd", **store._kw)
+        self._fast = store.zero_copy and smb_write.usable(self._file.fd)
 
     @property
     def size(self) -> int:
@@ -67,9 +69,12 @@ class _SmbWriter(ObjectWriter):
             if chunk <= 0:  # out of credits: an answer brings more
                 self._wait_one()
                 continue
-            msg, recv = fd.write(bytes(view[:chunk]), offset=self._size, send=False)
-            req = conn.send(msg, sid=fd.tree_connect.session.session_id, tid=fd.tree_connect.tree_connect_id,
-                            credit_request=credits)
+            if self._fast:
+                req, recv = smb_write.send_write(fd, view[:chunk], self._size, credits), fd._write_response
+            else:
+                msg, recv = fd.write(bytes(view[:chunk]), offset=self._size, send=False)
+                req = conn.send(msg, sid=fd.tree_connect.session.session_id, tid=fd.tree_connect.tree_connect_id,
+                                credit_request=credits)
             self._inflight.append((req, recv, chunk))
             self._size += chunk
             view = view[chunk:]
@@ -138,6 +143,8 @@ class _SmbWriter(ObjectWriter):
 
 class SmbStore(ObjectStore):
     """Objects under \\\\server\\share\\sub_dir (SMB2/3, signed)."""
+
+    zero_copy = True  # WRITEs through agent/targets/smb_write.py (False: smbprotocol's own path)
 
     def __init__(self, server: str, share: str, sub_dir: str = "", *, username: str, password: str,
                  port: int = 0, encrypt: bool = False, timeout: float = 30.0, label: str = ""):
