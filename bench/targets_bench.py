@@ -41,10 +41,19 @@ from agent.volumes.qcow2 import Qcow2Pool  # noqa: E402
 MiB = 1 << 20
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (every process and the
+    kernel: ours or the peer, and the server), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, machine CPU seconds)"""
+    c0, t0 = busy_seconds(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, busy_seconds() - c0
 
 
 def run(cmd, **kw):
@@ -85,6 +94,7 @@ def main() -> int:
         lun = tgt.add_lun(2 * size + 512 * MiB) if tgt else None
         loop = Loop(f"{work}/lun.img", 2 * size + 512 * MiB, direct_io=True) if "block" in kinds else None
         results: dict[str, dict[str, list[float]]] = {k: {"ours": [], "peer": [], "store": []} for k in kinds}
+        cpu: dict[str, dict[str, list[float]]] = {k: {"ours": [], "peer": [], "store": []} for k in kinds}
 
         def blank(path: str, dev_size: int) -> None:
             """Zero where a LUN repository's superblocks and catalogs live (and
@@ -153,7 +163,9 @@ def main() -> int:
                     order.append(("peer", lambda: run(peer)))
                 for who, fn in order:
                     os.sync()
-                    results[kind][who].append(timed(fn))
+                    wall, used = timed(fn)
+                    results[kind][who].append(wall)
+                    cpu[kind][who].append(used)
                 store.close()
                 if kind == "nfs":
                     shutil.rmtree(nfs.export / sub, ignore_errors=True)
@@ -175,6 +187,12 @@ def main() -> int:
             st = statistics.median(results[kind]["store"])
             print(f"| {kind} | {o:.2f} s ({size / o / 1e6:.0f} MB/s) | {st:.2f} s ({size / st / 1e6:.0f} MB/s) | "
                   f"{peers[kind]} {p:.2f} s ({size / p / 1e6:.0f} MB/s) | {p / o:.2f}x | {p / st:.2f}x | >= 0.9x |")
+        print(f"\nmachine CPU seconds (all processes and the kernel: client, server, disk), {os.cpu_count()} CPUs\n")
+        print("| target | ours: full backup | ours: store only | peer |")
+        print("|---|---|---|---|")
+        for kind in kinds:
+            m = {w: statistics.median(cpu[kind][w]) for w in ("ours", "store", "peer")}
+            print(f"| {kind} | {m['ours']:.2f} | {m['store']:.2f} | {m['peer']:.2f} |")
     finally:
         for s in servers:
             s.destroy()

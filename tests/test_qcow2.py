@@ -465,6 +465,60 @@ def test_bitmap_missing_in_a_layer_is_never_taken_from_its_backing(vol):
     assert "CHANGE_TRACKING_LOST" in e.details() and s2.uuid in e.details()
 
 
+def test_bitmap_reader_matches_qemu_nbd_and_refuses_untrustworthy_bitmaps(tmp_path):
+    """agent/volumes/qcow2_bitmap.py reads bf-dirty from the file; qemu-nbd's
+    export of the same bitmap is the reference."""
+    import random
+
+    from agent.errors import TrackingLost
+    from agent.volumes.qcow2 import merge_extents
+    from agent.volumes.qcow2_bitmap import dirty_extents
+
+    rnd = random.Random(7)
+    cases = [(CAP, G), (CAP + 3 * 512, 4096), ((5 << 30) + 512, G), (CAP, 512 * 1024)]
+    for k, (size, gran) in enumerate(cases):
+        img = str(tmp_path / f"b{k}.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, str(size)], check=True)
+        for name in ("another", "bf-dirty"):  # the reader skips the other one
+            subprocess.run(["qemu-img", "bitmap", "--add", "-g", str(gran), img, name], check=True)
+        cmds = []
+        for _ in range(40):
+            off = rnd.randrange(0, size - 4096) // 512 * 512
+            cmds += ["-c", f"write {off} {min(rnd.choice([512, 4096, 69632, 3 << 20]), size - off)}"]
+        cmds += ["-c", f"write {size - 512} 512"]  # the last, partial granule
+        if k == 1:
+            cmds += ["-c", f"write 0 {size}"]  # all of it
+        subprocess.run(["qemu-io", "-f", "qcow2", *cmds, img], check=True, capture_output=True)
+        mine = dirty_extents(img, "bf-dirty")
+        with QemuNbd(img, readonly=True, bitmap="bf-dirty", run_dir=str(tmp_path)) as srv, \
+                srv.connect(bitmap_context=True) as c:
+            assert mine == merge_extents(list(c.dirty("bf-dirty"))), (size, gran)
+        assert mine and mine[-1].end == size
+    with pytest.raises(TrackingLost, match="bf-other .* is missing"):
+        dirty_extents(img, "bf-other")
+    # qemu killed while the bitmap was in use: the in_use flag stays set
+    srv = QemuNbd(img, readonly=False, run_dir=str(tmp_path)).start()
+    with NbdClient(srv.socket) as c:
+        c.pwrite(b"k" * G, 0)
+        c.flush()
+    os.kill(srv.child.pid, signal.SIGKILL)
+    srv.child.proc.wait()
+    srv.stop()
+    with pytest.raises(TrackingLost, match="in use"):
+        dirty_extents(img, "bf-dirty", "snapshot s9")
+    # an image written by a program that does not keep bitmaps clears autoclear bit 0
+    img = str(tmp_path / "b0.qcow2")
+    with open(img, "r+b") as f:
+        f.seek(88)
+        autoclear = int.from_bytes(f.read(8), "big")
+        f.seek(88)
+        f.write((autoclear & ~1).to_bytes(8, "big"))
+    with pytest.raises(TrackingLost, match="inconsistent"):
+        dirty_extents(img, "bf-dirty")
+    with pytest.raises(TrackingLost, match="cannot be read"):
+        dirty_extents(str(tmp_path / "nothing.qcow2"), "bf-dirty")
+
+
 def test_nbd_copy_path_keeps_content_and_holes(tmp_path):
     """The NBD data path (two real qemu-nbd servers, libnbd, buffers in flight)
     that copies across formats and that restores write through."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from agent import __version__, native
 from agent.errors import FailedPrecondition, NotFound, TrackingLost
@@ -70,6 +70,24 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
             finally:
                 if changes is not None:
                     changes.cancel()
+
+
+def _commit_data(repo: Repository, blocks) -> None:
+    """Make the packs and the block records durable, both before the
+    manifest: at once where the store takes concurrent writers (a local
+    directory: two fsyncs in parallel save one disk round trip)."""
+    if not repo.store.concurrent_writers:
+        repo.flush()
+        blocks.commit()
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="bf-blocks") as ex:
+        done = ex.submit(blocks.commit)
+        try:
+            repo.flush()
+        except BaseException:
+            wait([done])
+            raise
+        done.result()
 
 
 def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backup_id, name, description, tenant,
@@ -183,8 +201,7 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
                      parent=parent.backup_id if parent else None, name=name, description=description,
                      tenant=tenant, pool_uuid=driver.pool_uuid, snapshot_name=info.name, agent_version=__version__,
                      mode=mode, stats=stats)
-        repo.flush()
-        blocks.commit()
+        _commit_data(repo, blocks)
         repo.publish_manifest(m)
     except BaseException:
         blocks.abort()  # the chunks stay for the next backup, or for GC

@@ -52,6 +52,7 @@ from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget,
                                 VolumeDriver, VolumeInfo, build_tree, check_name, check_uuid)
 from agent.volumes.nbd import REQUEST_SIZE as NBD_REQUEST
 from agent.volumes.nbd import AllocExtent, AsyncWriter, QemuNbd
+from agent.volumes.qcow2_bitmap import dirty_extents
 from agent.volumes.qcow2_direct import DirectRestoreTarget, open_mapped
 from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
 
@@ -524,20 +525,11 @@ class Qcow2Pool(VolumeDriver):
             raise TrackingLost(f"snapshot_uuid: change tracking was lost for snapshot "
                                f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)}; take a full backup",
                                field="snapshot_uuid")
-        # Each layer must hold its own consistent bitmap: qemu-nbd would
-        # otherwise quietly export a bitmap of the same name from a backing layer.
-        chain = {os.path.realpath(i.path): i for i in qemu_img.chain_info(self.snap_path(meta.uuid, snapshot_uuid))}
+        # Each layer's own bitmap, read from its file (frozen layers do not
+        # change): missing, in use or inconsistent is TrackingLost.
         dirty: list[Extent] = []
         for s in layers:
-            path = self.snap_path(meta.uuid, s.uuid)
-            layer = chain.get(os.path.realpath(path))
-            bm = layer.bitmap(BITMAP) if layer else None
-            if bm is None or not bm.consistent:
-                raise TrackingLost(f"snapshot_uuid: the dirty bitmap of snapshot {s.name} ({s.uuid}) is "
-                                   "missing or inconsistent; take a full backup", field="snapshot_uuid")
-            with QemuNbd(path, readonly=True, bitmap=BITMAP, run_dir=self.run_dir) as srv:
-                with srv.connect(bitmap_context=True) as c:
-                    dirty.extend(c.dirty(BITMAP))
+            dirty.extend(dirty_extents(self.snap_path(meta.uuid, s.uuid), BITMAP, f"snapshot {s.name} ({s.uuid})"))
         return ChangedExtents(merge_extents(dirty), exact=True, granularity=GRANULARITY)
 
     # ---- clones ----
