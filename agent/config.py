@@ -99,6 +99,11 @@ class ControllerLinkSection:
     tls_cert: str = option("", "PEM client certificate for mutual TLS with the controller.")
     tls_key: str = option("", "PEM key of tls_cert (keep it 0600).")
     host_uuid: str = option("", "This host's uuid in the inventory; empty: derived from /etc/machine-id.")
+    cluster_uuid: str = option("", "The cluster (seed cluster_uuid) this host belongs to; pools of other clusters "
+                               "are never placed here. Empty: any cluster.")
+    zone_uuid: str = option("", "The zone (seed zone_uuid) this host belongs to; a pool is attached only on "
+                            "hosts of its zone. Empty: any zone.")
+    zone_name: str = option("", "A name for zone_uuid, shown as ZoneName (empty: \"default\").")
     advertise: str = option("", "Where the controller reaches this agent's gRPC (host:port or unix:/path); "
                             "empty: [grpc] tcp_listen, else the unix socket.")
     heartbeat_interval: float = option(10.0, "Seconds between heartbeats (the controller may ask for another "
@@ -262,12 +267,16 @@ class Config:
             raise bad("controller", "heartbeat_interval", "must be positive")
         if c.fence_after < 0 or (c.fence_after and c.fence_after <= c.heartbeat_interval):
             raise bad("controller", "fence_after", "must be 0 (never) or longer than heartbeat_interval")
-        if c.host_uuid:
-            import uuid as _uuid
-            try:
-                _uuid.UUID(c.host_uuid)
-            except ValueError:
-                raise bad("controller", "host_uuid", f"{c.host_uuid!r} is not a uuid") from None
+        import uuid as _uuid
+        for key in ("host_uuid", "cluster_uuid", "zone_uuid"):
+            value = getattr(c, key)
+            if value:
+                try:
+                    _uuid.UUID(value)
+                except ValueError:
+                    raise bad("controller", key, f"{value!r} is not a uuid") from None
+        if len(c.zone_name) > 64 or any(ch < " " for ch in c.zone_name):
+            raise bad("controller", "zone_name", "at most 64 printable characters")
         if self.jobs.max_concurrent < 1:
             raise bad("jobs", "max_concurrent", "must be at least 1")
         if self.jobs.bandwidth_limit < 0:

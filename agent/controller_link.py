@@ -153,7 +153,9 @@ class ControllerLink:
         facts = facts_to_pb(host_facts(self.cfg, self.bindings_ok, sys_root=self.cfg.agent.sys_root))
         resp = stub.Register(r.RegisterRequest(
             host_uuid=self.host_uuid, address=advertised_address(self.cfg, self.tcp_port), facts=facts,
-            pools=pools, backup_points=points, max_concurrent_jobs=self.engine.max_concurrent),
+            pools=pools, backup_points=points, max_concurrent_jobs=self.engine.max_concurrent,
+            cluster_uuid=self.cfg.controller.cluster_uuid.lower(), zone_uuid=self.cfg.controller.zone_uuid.lower(),
+            zone_name=self.cfg.controller.zone_name),
             metadata=self._metadata, timeout=self._rpc_timeout)
         if resp.heartbeat_interval_seconds > 0:
             self.interval = resp.heartbeat_interval_seconds

@@ -14,6 +14,7 @@ against an independent reading, and stops both daemons with SIGTERM.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,12 +111,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MARKER = ".blockferry-demo"
+# what the demo of earlier versions left, before it marked its directory
+_LEGACY = {"agent.toml", "controller.toml", "controller.sqlite3"}
+
+
+def fresh_workdir(workdir: str) -> bool:
+    """Start every run from nothing: the previous run's inventory, pool and
+    backups are removed, but only from a directory the demo made (marked),
+    never from someone else's (then say so and stop)."""
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        names = set(os.listdir(workdir))
+        if MARKER not in names and not _LEGACY <= names:
+            print(f"!! {workdir} is not empty and was not made by the demo; give --workdir an empty or new "
+                  "directory")
+            return False
+        step(f"removing the previous demo run in {workdir}")
+        shutil.rmtree(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, MARKER), "w") as f:
+        f.write("made by `blockferry demo`; removed by its next run\n")
+    return True
+
+
 def run_demo(workdir: str | None) -> int:
     import secrets
 
     from agent.cli import follow, human
 
     workdir = os.path.abspath(workdir or os.path.join(os.path.expanduser("~"), ".local/share/blockferry-demo"))
+    if not fresh_workdir(workdir):
+        return 2
     run_dir = os.path.join(workdir, "run")
     os.makedirs(run_dir, exist_ok=True)
     sock = os.path.join(workdir, "agent.sock")

@@ -54,11 +54,18 @@ class _Formatter(logging.Formatter):
         return self._mask(f"{ts} {record.levelname:<7} {record.name}: {line}")
 
 
+QUIET = ("pyroute2", "asyncio", "urllib3", "hpack", "grpc._cython")
+
+
 def setup(level: str = "info", fmt: str = "auto", secrets: list[str] | None = None) -> None:
     if fmt == "auto":
         fmt = "journal" if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID") else "text"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(fmt, secrets or []))
+    # libraries that log every netlink message or packet at DEBUG (and may
+    # reset their loggers' levels when imported): the agent's debug log is
+    # about the agent
+    handler.addFilter(lambda r: r.levelno >= logging.INFO or not r.name.startswith(QUIET))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -58,3 +58,16 @@ def test_demo_runs_the_main_job(short_tmp):
                  "GET /v1/volume/share/backup/list", "POST /v1/volume/share/backup/restore"):
         assert step in out, step
     assert "mode full" in out and "mode incremental" in out and "exactly what was written" in out
+    # a second run starts from nothing (the first run's inventory would refuse its pool name)
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(short_tmp / "demo")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "removing the previous demo run" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count(": MATCH") == 2
+    # a directory the demo did not make is never emptied
+    mine = short_tmp / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("precious")
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(mine)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not made by the demo" in r.stdout, r.stdout + r.stderr
+    assert (mine / "keep.txt").read_text() == "precious"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import uuid
 
@@ -107,6 +108,57 @@ def test_seed_002_pools(cluster, ceph):
         check_ok(op.post("/v1/pool/share/delete", json=dict(dele, pool_uuid=rbd_pool["UUID"])))
         assert check_ok(op.post("/v1/pool/share/list", json={"cluster_uuid": create["cluster_uuid"]}))[
             "TotalCount"] == 0
+
+
+def test_zones_place_pools_on_the_hosts_of_their_zone(short_tmp, make_agent):
+    """An agent configured into a cluster and zone ([controller] cluster_uuid,
+    zone_uuid, zone_name) serves pools of that zone only; GET /v1/zones
+    lists what the hosts and pools name."""
+    create = seed_example("002", "/v1/pool/share/create")
+    cluster, zone, other = create["cluster_uuid"], create["zone_uuid"], str(uuid.uuid4())
+    c = Controller(short_tmp / "ctl")
+    host = str(uuid.uuid4())
+    a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+                   f'host_uuid = "{host}"\nheartbeat_interval = 1.0\ncluster_uuid = "{cluster}"\n'
+                   f'zone_uuid = "{zone.upper()}"\nzone_name = "rack-1"\n')
+    a.config.chmod(0o600)
+    a.start()
+    try:
+        with c.client("op") as op:
+            deadline = time.monotonic() + 20
+            while not check_ok(op.get("/v1/hosts"))["total_count"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            h = check_ok(op.get(f"/v1/hosts/{host}"))
+            assert (h["ClusterUUID"], h["ZoneUUID"], h["ZoneName"]) == (cluster, zone, "rack-1")
+            body = dict(create, pool_type=4, source=str(a.roots[0] / "zoned"), limit_host=False, avail_host=[])
+            # another zone, or another cluster: this host is not eligible, and nothing is attached
+            check_error(op.post("/v1/pool/share/create", json=dict(body, zone_uuid=other)), 502, "avail_host")
+            check_error(op.post("/v1/pool/share/create", json=dict(body, cluster_uuid=other)), 502, "avail_host")
+            check_error(op.post("/v1/pool/share/create", json=dict(body, zone_uuid=other, limit_host=True,
+                                                                    avail_host=[host])), 400, "avail_host")
+            assert not (a.roots[0] / "zoned").exists()
+            pool = check_ok(op.post("/v1/pool/share/create", json=body))["pool"]
+            assert (pool["AvailHosts"], pool["ZoneUUID"], pool["ZoneName"]) == ([host], zone, "rack-1")
+            # the pool really lives on the agent: a volume made through the seed API has its file there
+            vol = check_ok(op.post("/v1/volume/share/create", json=dict(
+                seed_example("001", "/v1/volume/share/create"), cluster_uuid=cluster, pool_uuid=pool["UUID"],
+                tenant=TENANT_A, volume_name="zoned-vol", capacity=1 << 20, backing_file="")))["volume"]
+            assert vol["ZoneName"] == "rack-1"
+            assert list((a.roots[0] / "zoned").rglob(vol["UUID"]))
+            zones = check_ok(op.get("/v1/zones"))
+            assert zones["list"] == [{"ClusterUUID": cluster, "UUID": zone, "Name": "rack-1", "Hosts": [host],
+                                      "PoolCount": 1}]
+            with c.client(TENANT_A) as t:
+                check_error(t.get("/v1/zones"), 403, "authorization")
+    finally:
+        assert a.stop() == 0
+        c.stop()
+    # a zone_uuid that is not a uuid is refused when the agent starts
+    bad = make_agent('[controller]\naddress = "127.0.0.1:1"\nzone_uuid = "rack-1"\n')
+    r = subprocess.run([sys.executable, "-m", "agent.server", "-c", str(bad.config), "--show-config"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "[controller] zone_uuid" in r.stderr, r.stderr
 
 
 def test_seed_001_volumes_and_snapshots(cluster, short_tmp):

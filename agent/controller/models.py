@@ -52,6 +52,13 @@ class Host(Base):
     draining: Mapped[bool] = mapped_column(Boolean, default=False)
     registered_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
+    cluster_uuid: Mapped[str] = mapped_column(String(36), default="")  # empty: any cluster
+    zone_uuid: Mapped[str] = mapped_column(String(36), default="")     # empty: any zone
+    zone_name: Mapped[str] = mapped_column(String(64), default="")
+
+    def in_scope(self, cluster_uuid: str, zone_uuid: str) -> bool:
+        """May serve pools of this cluster and zone."""
+        return self.cluster_uuid in ("", cluster_uuid) and self.zone_uuid in ("", zone_uuid)
 
 
 class Pool(Base):
@@ -64,6 +71,7 @@ class Pool(Base):
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     cluster_uuid: Mapped[str] = mapped_column(String(36), index=True)
     zone_uuid: Mapped[str] = mapped_column(String(36), default="")
+    zone_name: Mapped[str] = mapped_column(String(64), default="default")  # as its hosts name the zone
     name: Mapped[str] = mapped_column(String(128))
     pool_type: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(8))          # what the agents serve: dir or rbd

@@ -70,6 +70,8 @@ class Registry(registry_pb2_grpc.AgentRegistryServicer):
             h.pools_json = _reports(request.pools)
             h.backup_points_json = _reports(request.backup_points)
             h.max_jobs = request.max_concurrent_jobs or 4
+            h.cluster_uuid, h.zone_uuid = request.cluster_uuid.lower(), request.zone_uuid.lower()
+            h.zone_name = request.zone_name[:64]
             h.running_jobs = 0
             h.draining = False
             h.last_seen = now

@@ -48,6 +48,7 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     auth = TokenAuth(cfg.tokens)
     app.include_router(backuppoints.router(auth))
     app.include_router(hosts.router(auth))
+    app.include_router(hosts.zones_router(auth))
     app.include_router(pools.router(auth))
     app.include_router(volumes.router(auth))
     app.include_router(jobs.router(auth))

@@ -1,6 +1,7 @@
 """GET /v1/hosts and /v1/hosts/{uuid}: the registered agent hosts (operators
 only), with their state (online/offline from the heartbeat age), facts,
-pools and backup points; DELETE /v1/hosts/{uuid} forgets an offline one."""
+pools and backup points; DELETE /v1/hosts/{uuid} forgets an offline one.
+GET /v1/zones: the clusters and zones the hosts and pools name."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from sqlalchemy import select
 from agent.controller.api import validate as v
 from agent.controller.api.auth import Caller
 from agent.controller.api.envelope import ok
-from agent.controller.models import Host
+from agent.controller.models import Host, Pool
 from agent.errors import FailedPrecondition, NotFound, PermissionDenied
 
 
@@ -26,7 +27,9 @@ def to_json(h: Host, dead_after: int) -> dict:
     return {"UUID": h.uuid, "Hostname": h.hostname, "Address": h.address, "Version": h.version,
             "State": host_state(h, dead_after), "LastSeen": h.last_seen, "RegisteredAt": h.registered_at,
             "RunningJobs": h.running_jobs, "MaxJobs": h.max_jobs, "Facts": json.loads(h.facts_json),
-            "Pools": json.loads(h.pools_json), "BackupPoints": json.loads(h.backup_points_json)}
+            "Pools": json.loads(h.pools_json), "BackupPoints": json.loads(h.backup_points_json),
+            "ClusterUUID": h.cluster_uuid, "ZoneUUID": h.zone_uuid, "ZoneName": h.zone_name or ("default" if h.zone_uuid
+                                                                                               else "")}
 
 
 def router(auth) -> APIRouter:
@@ -73,5 +76,37 @@ def router(auth) -> APIRouter:
                                          field="host_uuid")
             s.delete(h)
         return ok({"uuid": host_uuid})
+
+    return r
+
+
+def zones_router(auth) -> APIRouter:
+    r = APIRouter(prefix="/v1/zones", tags=["hosts"])
+
+    @r.get("")
+    def list_zones(request: Request, caller: Caller = Depends(auth)):
+        """Every (cluster, zone) a host belongs to or a pool was created in,
+        with its hosts (online or not) and number of pools. Hosts without a
+        zone serve every zone and are listed under ZoneUUID ""."""
+        if not caller.operator:
+            raise PermissionDenied("authorization: zones are visible to operator tokens only", field="authorization")
+        with request.app.state.db.session() as s:
+            hosts = s.scalars(select(Host)).all()
+            pools = s.scalars(select(Pool)).all()
+        zones: dict[tuple[str, str], dict] = {}
+
+        def zone(cluster: str, uuid: str) -> dict:
+            return zones.setdefault((cluster, uuid), {"ClusterUUID": cluster, "UUID": uuid, "Name": "",
+                                                      "Hosts": [], "PoolCount": 0})
+        for h in sorted(hosts, key=lambda h: h.uuid):
+            z = zone(h.cluster_uuid, h.zone_uuid)
+            z["Hosts"].append(h.uuid)
+            z["Name"] = z["Name"] or h.zone_name
+        for p in pools:
+            z = zone(p.cluster_uuid, p.zone_uuid)
+            z["PoolCount"] += 1
+            z["Name"] = z["Name"] or (p.zone_name if p.zone_name != "default" else "")
+        out = [dict(z, Name=z["Name"] or ("default" if z["UUID"] else "")) for _, z in sorted(zones.items())]
+        return ok({"total_count": len(out), "list": out})
 
     return r

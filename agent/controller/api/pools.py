@@ -110,7 +110,7 @@ def _attr(attr: dict[str, str]) -> dict[str, str]:
 def to_seed(p: Pool, caller: Caller) -> dict:
     return {
         "UUID": p.uuid, "Name": p.name, "Type": p.pool_type, "NamespaceUUID": "", "ZoneUUID": p.zone_uuid,
-        "ZoneName": "default", "MachineUUID": p.machine_uuid, "IP": p.ip, "Port": p.port, "Source": p.source,
+        "ZoneName": p.zone_name, "MachineUUID": p.machine_uuid, "IP": p.ip, "Port": p.port, "Source": p.source,
         "Username": p.username, "Password": MASK if p.password_sealed else "", "Ctime": p.ctime, "Mtime": p.mtime,
         "VolumeTotalCount": 0, "AvailHosts": json.loads(p.avail_hosts_json) or None, "Volumes": None,
         "Capacity": p.capacity, "ShareNsUUIDs": None, "Used": p.used, "Attr": json.loads(p.attr_json),
@@ -222,10 +222,19 @@ def router(auth) -> APIRouter:
                 raise NotFound(f"avail_host: host(s) {', '.join(missing)} are not registered or not online",
                                field="avail_host")
             hosts = [by_uuid[h] for h in hosts_wanted]
+            elsewhere = [h for h in hosts if not h.in_scope(cluster, zone)]
+            if elsewhere:
+                h = elsewhere[0]
+                raise InvalidArgument(f"avail_host: host {h.hostname or h.uuid} belongs to cluster "
+                                      f"{h.cluster_uuid or 'any'}, zone {h.zone_uuid or 'any'}; the pool is for "
+                                      f"cluster {cluster}, zone {zone}", field="avail_host")
         else:
-            hosts = [h for h in online if kind in json.loads(h.facts_json).get("pool_types", [])]
+            hosts = [h for h in online if kind in json.loads(h.facts_json).get("pool_types", [])
+                     and h.in_scope(cluster, zone)]
         if not hosts:
-            raise TargetUnreachable(f"avail_host: no online host can serve a {kind} pool", field="avail_host")
+            raise TargetUnreachable(f"avail_host: no online host of cluster {cluster}, zone {zone} can serve a "
+                                    f"{kind} pool", field="avail_host")
+        zone_name = next((h.zone_name for h in hosts if h.zone_uuid == zone and h.zone_name), "default")
         attached, status = [], None
         try:
             for h in hosts:
@@ -247,7 +256,7 @@ def router(auth) -> APIRouter:
                  password_sealed=state.secrets.seal(req.password), limit_host=req.limit_host,
                  avail_hosts_json=json.dumps([h.uuid for h in hosts]), avail_tenants_json=json.dumps(tenants),
                  attr_json=json.dumps(attr), status=status.status, capacity=status.total_bytes,
-                 used=status.used_bytes, machine_uuid=hosts[0].uuid, ctime=now, mtime=0)
+                 used=status.used_bytes, machine_uuid=hosts[0].uuid, ctime=now, mtime=0, zone_name=zone_name)
         try:
             with state.db.session() as s:
                 s.add(p)

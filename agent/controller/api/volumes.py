@@ -93,7 +93,7 @@ def volume_to_seed(vol: Volume, pool: Pool | None, hosts: list[str]) -> dict:
     return {
         "UUID": vol.uuid, "Name": vol.name, "NamespaceUUID": vol.tenant, "Type": vol.vtype, "PoolUUID": vol.pool_uuid,
         "Capacity": vol.capacity, "Used": vol.used, "Attr": json.loads(vol.attr_json),
-        "PoolName": pool.name if pool else "", "ZoneUUID": pool.zone_uuid if pool else "", "ZoneName": "default",
+        "PoolName": pool.name if pool else "", "ZoneUUID": pool.zone_uuid if pool else "", "ZoneName": pool.zone_name if pool else "default",
         "SnapLength": vol.snap_length, "SnapCap": vol.snap_cap, "Ctime": vol.ctime, "Mtime": vol.mtime,
         "AccessPath": {h: vol.access_path for h in hosts} or None, "EventState": 0, "ShareNsUUIDs": None,
         "Parent": vol.parent, "ParentSnapshot": vol.parent_snapshot, "Children": None,
