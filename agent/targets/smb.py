@@ -15,6 +15,7 @@ import collections
 import errno
 import logging
 import threading
+import time
 import uuid
 
 import smbclient
@@ -67,10 +68,15 @@ class _SmbWriter(ObjectWriter):
         while view:
             chunk, credits = _chunk_size(conn, len(view), "write")
             if chunk <= 0:  # out of credits: an answer brings more
-                self._wait_one()
+                self._wait_credits()
                 continue
             if self._fast:
-                req, recv = smb_write.send_write(fd, view[:chunk], self._size, credits), fd._write_response
+                try:
+                    req = smb_write.send_write(fd, view[:chunk], self._size, credits)
+                except smb_write.NoCredits:  # another writer of this session took them meanwhile
+                    self._wait_credits()
+                    continue
+                recv = fd._write_response
             else:
                 msg, recv = fd.write(bytes(view[:chunk]), offset=self._size, send=False)
                 req = conn.send(msg, sid=fd.tree_connect.session.session_id, tid=fd.tree_connect.tree_connect_id,
@@ -80,6 +86,14 @@ class _SmbWriter(ObjectWriter):
             view = view[chunk:]
             if len(self._inflight) >= _DEPTH:
                 self._wait_one()
+
+    def _wait_credits(self) -> None:
+        """Our own answer brings credits back; with none in flight, another
+        writer's will."""
+        if self._inflight:
+            self._wait_one()
+        else:
+            time.sleep(0.001)
 
     def _wait_one(self) -> None:
         req, recv, n = self._inflight.popleft()
@@ -145,6 +159,14 @@ class SmbStore(ObjectStore):
     """Objects under \\\\server\\share\\sub_dir (SMB2/3, signed)."""
 
     zero_copy = True  # WRITEs through agent/targets/smb_write.py (False: smbprotocol's own path)
+
+    @property
+    def concurrent_writers(self) -> bool:
+        """A full pack commits (its WRITEs answered, FLUSH, close, rename)
+        in the background while the next one is written on the same
+        session: on the zero-copy path, whose writers wait for the credits
+        another writer holds."""
+        return self.zero_copy and not self._encrypt
 
     def __init__(self, server: str, share: str, sub_dir: str = "", *, username: str, password: str,
                  port: int = 0, encrypt: bool = False, timeout: float = 30.0, label: str = ""):

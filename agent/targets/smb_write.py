@@ -42,6 +42,11 @@ _HMAC_SHA256, _AES_CMAC, _AES_GMAC = 0, 1, 2
 _SMB_3_0_0, _SMB_3_1_1 = 0x0300, 0x0311
 
 
+class NoCredits(Exception):
+    """The session has fewer credits than the WRITE needs (another writer
+    took them); nothing was sent."""
+
+
 def usable(fd) -> bool:
     """The fast path applies: a signed or plain session without encryption."""
     conn = fd.connection
@@ -89,7 +94,7 @@ def send_write(fd, data: memoryview, offset: int, credit_request: int) -> Reques
     with conn.sequence_lock:
         low, high = conn.sequence_window["low"], conn.sequence_window["high"]
         if charge > high - low:
-            raise ValueError(f"a WRITE of {n} bytes needs {charge} credits, {high - low} are available")
+            raise NoCredits(f"a WRITE of {n} bytes needs {charge} credits, {high - low} are available")
         message_id = low
         conn.sequence_window["low"] += charge if charge > 0 else 1
     signed = bool(session.signing_required and session.signing_key)
