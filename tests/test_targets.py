@@ -416,6 +416,34 @@ def test_smb_zero_copy_writes_match_smbprotocols_and_the_server_checks_their_sig
             sent.clear()
     assert sent == []  # smbprotocol's own path did the second one
 
+    # two writers on one session at once (the repository commits a full pack while the next
+    # one fills): the credits go round, and each object holds exactly its own bytes
+    import threading
+
+    store = t.make("zc-two")
+    assert store.concurrent_writers
+    data = {name: os.urandom(24 * MiB + 4321) for name in ("a", "b", "c")}
+    errors = []
+
+    def put(name):
+        try:
+            w = store.open_writer(name)
+            view = memoryview(data[name])
+            for off in range(0, len(view), 3 * MiB):
+                w.write(view[off:off + 3 * MiB])
+            w.commit()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=put, args=(n,)) for n in data]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    for name, want in data.items():
+        assert t.read_back("zc-two", name) == want
+    store.close()
+
     store = t.make("zc-bad")
     monkeypatch.setattr(smb_write, "signature", lambda *a: b"\x01" * 16)
     w = store.open_writer("obj")
