@@ -177,15 +177,19 @@ class ControllerLink:
 
     def _detach_deleted(self, uuid_: str) -> None:
         """The controller deleted a backup point it had attached here."""
-        from agent.errors import BlockferryError
+        from agent.errors import BlockferryError, NotFound
 
         try:
             self.points.detach_unused(uuid_, self.engine)
-        except BlockferryError as e:  # in use (retried at the next heartbeat), or gone already
+        except NotFound:  # gone already (a probe that began before the detach still listed it)
+            return
+        except BlockferryError as e:  # in use: the next heartbeat asks again
             log.info("deleted backup point not detached yet", extra={"backup_point": uuid_, "why": e.message})
             return
-        with self._cache_lock:
-            self._cache = None
+        with self._cache_lock:  # no longer reported (the heartbeat never waits for a new probe)
+            if self._cache is not None:
+                pools, points = self._cache
+                self._cache = (pools, [p for p in points if p.backup_point_uuid != uuid_])
         self._probe_now.set()
         log.info("backup point deleted by the controller: detached", extra={"backup_point": uuid_})
 

@@ -519,6 +519,68 @@ def test_bitmap_reader_matches_qemu_nbd_and_refuses_untrustworthy_bitmaps(tmp_pa
         dirty_extents(str(tmp_path / "nothing.qcow2"), "bf-dirty")
 
 
+def test_partial_map_reads_exactly_what_qemu_reads(tmp_path):
+    """agent/volumes/qcow2_map.py maps chosen guest ranges from the layers'
+    L2 tables (an incremental backup's changed chunks): the data read through
+    it equals `qemu-img convert` of the same chain, over qcow2 layers with
+    data, zero and discarded clusters, a raw base shorter than the image, a
+    layer with another cluster size, and ranges that are not cluster-aligned."""
+    import random
+
+    from agent.volumes.qcow2_direct import open_mapped
+    from agent.volumes.qcow2_map import map_ranges
+
+    rnd = random.Random(11)
+    size = 48 * MiB + 3 * 512
+    base = tmp_path / "base.raw"
+    base.write_bytes(os.urandom(20 * MiB + 4096))  # shorter than the image: zeros past it
+    layers = [str(base)]
+    for k, cluster in enumerate((65536, 4096, 65536)):
+        img = str(tmp_path / f"l{k}.qcow2")
+        fmt = "raw" if k == 0 else "qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", "-b", layers[-1],
+                        "-F", fmt, img, str(size)], check=True)
+        cmds = []
+        for _ in range(25):
+            off = rnd.randrange(0, size - 1) // 512 * 512
+            n = min(rnd.choice([512, 4096, 65536, 300 * 1024, 2 * MiB]), size - off)
+            op = rnd.choice(["write", "write", "write -z", "discard"])
+            cmds += ["-c", f"{op} {off} {n}"]
+        subprocess.run(["qemu-io", "-f", "qcow2", *cmds, img], check=True, capture_output=True)
+        layers.append(img)
+    top = layers[-1]
+    ref = tmp_path / "ref.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", top, str(ref)], check=True)
+    want = ref.read_bytes()
+    ranges = sorted({(rnd.randrange(0, size // 4096) * 4096, rnd.choice([4096, 65536, MiB, 3 * MiB + 512]))
+                     for _ in range(40)})
+    merged = []  # the reader takes sorted, non-overlapping ranges
+    for start, n in ranges:
+        n = min(n, size - start)
+        if merged and start < merged[-1][0] + merged[-1][1]:
+            continue
+        merged.append((start, n))
+    merged.append((size - 1000, 1000))  # the image's last, partial cluster
+    r = open_mapped(top, (size, merged))
+    assert r is not None and r._partial
+    with r:
+        for start, n in merged:
+            got = bytes(r._fill(start, n))
+            assert got == want[start:start + n], (start, n)
+        with pytest.raises(Exception, match="only the ranges"):
+            r.extents()
+    entries, paths, fds = map_ranges(top, size, merged)
+    for fd in fds.values():
+        os.close(fd)
+    assert paths == [top, *reversed(layers[1:-1]), str(base)]
+    assert {e.depth for e in entries} >= {0, 3}  # data from the top and from the raw base
+    # not what the caller expects, or compressed clusters: left to qemu-img map
+    assert map_ranges(top, size + 512, merged) is None
+    packed = str(tmp_path / "compressed.qcow2")
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", top, packed], check=True)
+    assert map_ranges(packed, size, [(0, 4 * MiB)]) is None
+
+
 def test_nbd_copy_path_keeps_content_and_holes(tmp_path):
     """The NBD data path (two real qemu-nbd servers, libnbd, buffers in flight)
     that copies across formats and that restores write through."""

@@ -10,8 +10,8 @@ import time
 from concurrent import futures
 
 import grpc
-from sqlalchemy import select
 from google.protobuf.json_format import MessageToDict
+from sqlalchemy import select
 
 from agent import __version__
 from agent.api.v1 import registry_pb2, registry_pb2_grpc

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from agent import __version__, native
 from agent.errors import FailedPrecondition, NotFound, TrackingLost
@@ -58,18 +58,33 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
     with repo.shared("backup", checkpoint=ctx.checkpoint):
         repo.refresh()
         info = driver.snapshot_info(volume, snapshot)
-        # The change query (a qemu-nbd, or an RBD diff) runs while the reader opens.
-        with ThreadPoolExecutor(1, thread_name_prefix="bf-changes") as pool:
-            changes = None
-            if parent is not None and not full:
-                changes = pool.submit(driver.changed_extents, volume, snapshot, parent.snapshot_uuid)
+        # The changes first (qcow2: read from the bitmaps in the layer files;
+        # RBD: a diff), so the reader maps only the chunks an incremental reads.
+        changes, only = None, None
+        if parent is not None and not full:
+            changes = Future()
             try:
-                with driver.open_reader(volume, snapshot) as reader:
-                    return _backup(driver, reader, info, volume, snapshot, repo, parent, changes,
-                                   backup_id or str(uuid.uuid4()), name, description, tenant, ctx)
-            finally:
-                if changes is not None:
-                    changes.cancel()
+                changes.set_result(driver.changed_extents(volume, snapshot, parent.snapshot_uuid))
+                cs, size = repo.chunk_size, parent.size
+                if parent.chunk_size == cs:
+                    only = (size, _ranges(chunk_indexes(changes.result().extents, cs, size), cs, size))
+            except (TrackingLost, NotFound, FailedPrecondition) as e:
+                changes.set_exception(e)
+        with driver.open_reader(volume, snapshot, only=only) as reader:
+            return _backup(driver, reader, info, volume, snapshot, repo, parent, changes,
+                           backup_id or str(uuid.uuid4()), name, description, tenant, ctx)
+
+
+def _ranges(indexes: list[int], cs: int, size: int) -> list[tuple[int, int]]:
+    """The guest ranges of these chunks, neighbours merged."""
+    out: list[tuple[int, int]] = []
+    for i in indexes:
+        start, length = i * cs, min(cs, size - i * cs)
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((start, length))
+    return out
 
 
 def _commit_data(repo: Repository, blocks) -> None:

@@ -206,8 +206,11 @@ class VolumeDriver(ABC):
         """Make a linked clone independent of its origin."""
 
     @abstractmethod
-    def open_reader(self, volume_uuid: str, snapshot_uuid: str):
-        """A context manager yielding a SnapshotReader of a snapshot."""
+    def open_reader(self, volume_uuid: str, snapshot_uuid: str, only=None):
+        """A context manager yielding a SnapshotReader of a snapshot.
+        only=(size, [(start, length)]): the caller will read only these
+        guest ranges of a snapshot it expects to be size bytes, and not ask
+        for extents(); a driver may use it to map less (or ignore it)."""
 
     @abstractmethod
     def open_restore_target(self, volume_uuid: str, name: str, capacity: int,

@@ -518,18 +518,23 @@ class Qcow2Pool(VolumeDriver):
             data = [Extent(e.start, e.length) for e in self.data_extents(volume_uuid, snapshot_uuid)
                     if not e.zero]
             return ChangedExtents(data, exact=True, granularity=GRANULARITY)
-        since = self._snap(meta, since_snapshot_uuid).uuid
-        layers = self._path_to(meta, snapshot_uuid, since)
-        lost = [s for s in layers if s.tracking != TRACKING_OK]
-        if lost:
-            raise TrackingLost(f"snapshot_uuid: change tracking was lost for snapshot "
-                               f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)}; take a full backup",
-                               field="snapshot_uuid")
-        # Each layer's own bitmap, read from its file (frozen layers do not
-        # change): missing, in use or inconsistent is TrackingLost.
+        # Each layer's own bitmap, read from its file: missing, in use or
+        # inconsistent is TrackingLost. Under the volume's lock: deleting a
+        # snapshot merges its bitmap into its children's files.
         dirty: list[Extent] = []
-        for s in layers:
-            dirty.extend(dirty_extents(self.snap_path(meta.uuid, s.uuid), BITMAP, f"snapshot {s.name} ({s.uuid})"))
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            self._snap(meta, snapshot_uuid)
+            since = self._snap(meta, since_snapshot_uuid).uuid
+            layers = self._path_to(meta, snapshot_uuid, since)
+            lost = [s for s in layers if s.tracking != TRACKING_OK]
+            if lost:
+                raise TrackingLost(f"snapshot_uuid: change tracking was lost for snapshot "
+                                   f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)}; take a full backup",
+                                   field="snapshot_uuid")
+            for s in layers:
+                dirty.extend(dirty_extents(self.snap_path(meta.uuid, s.uuid), BITMAP,
+                                           f"snapshot {s.name} ({s.uuid})"))
         return ChangedExtents(merge_extents(dirty), exact=True, granularity=GRANULARITY)
 
     # ---- clones ----
@@ -637,16 +642,16 @@ class Qcow2Pool(VolumeDriver):
         return image_digest(self.layer_path(meta, snapshot_uuid or None), run_dir=self.run_dir, ctx=ctx)
 
     @contextmanager
-    def open_reader(self, volume_uuid: str, snapshot_uuid: str):
+    def open_reader(self, volume_uuid: str, snapshot_uuid: str, only=None):
         """A snapshot's extents, then its data: read straight from the layer
         files at the offsets qemu-img map gives (agent.volumes.qcow2_direct),
         or through one read-only qemu-nbd when some clusters are compressed
-        or encrypted."""
+        or encrypted. only=(size, ranges): just these ranges will be read."""
         with self._locked(volume_uuid):  # the map and the open layers agree
             meta = self._meta(volume_uuid)
             self._snap(meta, snapshot_uuid)
             layer = self.layer_path(meta, snapshot_uuid)
-            mapped = open_mapped(layer)
+            mapped = open_mapped(layer, only)
         if mapped is not None:
             with mapped:
                 yield mapped

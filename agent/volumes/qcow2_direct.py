@@ -56,9 +56,25 @@ class _Piece:
         return self.start + self.length
 
 
-def open_mapped(path: str) -> "MappedSnapshotReader | None":
+def open_mapped(path: str, only: tuple[int, list[tuple[int, int]]] | None = None) -> "MappedSnapshotReader | None":
     """A reader of the image at path (its whole backing chain), or None when
-    some data cannot be read raw. Call under the volume's lock."""
+    some data cannot be read raw. Call under the volume's lock.
+
+    only=(size, ranges): the caller reads just these guest ranges (an
+    incremental backup's changed chunks) of an image it expects to be size
+    bytes: they are mapped from the layers' L2 tables (qcow2_map) instead of
+    a whole `qemu-img map`, and the reader serves only them. When that does
+    not apply (another size, compressed clusters...) the whole image is
+    mapped as usual."""
+    if only is not None:
+        from agent.volumes.qcow2_map import map_ranges
+
+        partial = map_ranges(path, *only)
+        if partial is not None:
+            entries, _paths, fds = partial
+            pieces = [_Piece(e.start, e.length, fds[e.depth], e.offset) if e.data else
+                      _Piece(e.start, e.length, -1, 0) for e in entries]
+            return MappedSnapshotReader(only[0], entries, pieces, list(fds.values()), partial=True)
     with ThreadPoolExecutor(1, thread_name_prefix="bf-map") as pool:  # two qemu-img runs at once
         chain_f = pool.submit(qemu_img.chain_info, path)
         entries = qemu_img.map_image(path)
@@ -86,8 +102,9 @@ def open_mapped(path: str) -> "MappedSnapshotReader | None":
 
 
 class MappedSnapshotReader(SnapshotReader):
-    def __init__(self, size: int, entries: list, pieces: list[_Piece], fds: list[int]):
+    def __init__(self, size: int, entries: list, pieces: list[_Piece], fds: list[int], *, partial: bool = False):
         self._size = size
+        self._partial = partial  # maps only the ranges the caller asked for
         self._entries = entries
         self._pieces = pieces
         self._starts = [p.start for p in pieces]
@@ -110,6 +127,8 @@ class MappedSnapshotReader(SnapshotReader):
         return self._size
 
     def extents(self) -> list[AllocExtent]:
+        if self._partial:
+            raise StorageIOError("this snapshot reader maps only the ranges it was opened for")
         out: list[AllocExtent] = []
         for e in self._entries:
             zero, hole = e.zero or not e.data, not e.present  # preallocated clusters may read as zeros

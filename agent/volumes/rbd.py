@@ -673,8 +673,8 @@ class RbdPool(VolumeDriver):
 
 
     @contextmanager
-    def open_reader(self, volume_uuid: str, snapshot_uuid: str):
-        """A snapshot through one read-only image handle."""
+    def open_reader(self, volume_uuid: str, snapshot_uuid: str, only=None):
+        """A snapshot through one read-only image handle (only: not needed)."""
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self.ioctx() as io, self._image(io, vol, snapshot=check_uuid(snapshot_uuid, "snapshot_uuid"),
                                              read_only=True) as img:
