@@ -51,7 +51,7 @@ setup(
             "agent._native",
             sources=native_sources,
             depends=sorted(str(p.relative_to(HERE)) for p in (HERE / "native").glob("*.h")),
-            libraries=["crypto", "xxhash", "nfs", "iscsi", "pthread"],
+            libraries=["crypto", "xxhash", "zstd", "nfs", "iscsi", "pthread"],
             extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-fvisibility=hidden"],
         )

@@ -95,6 +95,13 @@ def diff_digests(old: BlockDigests, new: BlockDigests, length: int) -> list[Exte
             _native.diff_digests(old.digests, new.digests, new.digest_size, new.block_size, length)]
 
 
+def zstd_decompress_into(src, dst) -> int:
+    """Decompress the zstd frame src into the writable buffer dst (no new
+    allocation: restores recycle their chunk buffers); returns the bytes
+    written. ValueError for a damaged frame or content larger than dst."""
+    return _native.zstd_decompress_into(src, dst)
+
+
 ImageHash = _native.ImageHash
 
 
@@ -119,6 +126,19 @@ def ref_block_digests(algo: str, data, block_size: int) -> BlockDigests:
         digests.append(_ref_digest(algo, block))
         zero.append(1 if block.count(0) == len(block) else 0)
     return BlockDigests(algo, block_size, b"".join(digests), bytes(zero))
+
+
+def ref_zstd_decompress_into(src, dst) -> int:
+    import zstandard
+
+    try:
+        data = zstandard.ZstdDecompressor().decompress(bytes(src), max_output_size=len(dst))
+    except zstandard.ZstdError as e:
+        raise ValueError(f"zstd: {e}") from None
+    if len(data) > len(dst):
+        raise ValueError("zstd: Destination buffer is too small")
+    memoryview(dst)[:len(data)] = data
+    return len(data)
 
 
 def ref_is_zero(data) -> bool:

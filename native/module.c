@@ -17,6 +17,7 @@
 #include "iscsiio.h"
 #include "nfsio.h"
 #include "zero.h"
+#include "zstdio.h"
 
 static int parse_algo(const char *name)
 {
@@ -1034,10 +1035,32 @@ static PyObject *py_iscsi_discover(PyObject *self, PyObject *args, PyObject *kw)
     return res;
 }
 
+static PyObject *py_zstd_decompress_into(PyObject *self, PyObject *args)
+{
+    Py_buffer src, dst;
+    if (!PyArg_ParseTuple(args, "y*w*:zstd_decompress_into", &src, &dst))
+        return NULL;
+    size_t n = 0;
+    const char *err = NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = bf_zstd_decompress(src.buf, (size_t)src.len, dst.buf, (size_t)dst.len, &n, &err);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    if (rc < 0) {
+        PyErr_Format(PyExc_ValueError, "zstd: %s", err);
+        return NULL;
+    }
+    return PyLong_FromSize_t(n);
+}
+
 static PyMethodDef module_methods[] = {
     {"digest_size", py_digest_size, METH_VARARGS, "Digest size in bytes of an algorithm."},
     {"block_digests", (PyCFunction)(void (*)(void))py_block_digests, METH_VARARGS | METH_KEYWORDS,
      "block_digests(algo, data, block_size, threads=0) -> (digests, zero_flags)"},
+    {"zstd_decompress_into", py_zstd_decompress_into, METH_VARARGS,
+     "zstd_decompress_into(src, dst) -> bytes written into dst (ValueError: damaged or too large)"},
     {"is_zero", py_is_zero, METH_VARARGS, "True if every byte of data is zero."},
     {"zero_flags", (PyCFunction)(void (*)(void))py_zero_flags, METH_VARARGS | METH_KEYWORDS,
      "zero_flags(data, block_size, threads=0) -> bytes of 0/1 per block"},

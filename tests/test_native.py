@@ -220,6 +220,7 @@ def test_kernels_under_address_and_undefined_sanitizers(tmp_path):
         diff = native.ref_diff_digests(native.ref_block_digests("sha256", bytes(old), block),
                                        native.ref_block_digests("sha256", new, block), len(new))
         assert lines["diff"] == ",".join(f"{e.start}:{e.length}" for e in diff)
+        assert lines["zstd"] == "ok"
 
 
 @pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
@@ -252,3 +253,28 @@ def test_nonzero_runs_cover_exactly_the_nonzero_blocks():
         data[i * 4096 + 7] = 1
     assert native.nonzero_runs(data, 4096) == [(4096, 3 * 4096), (5 * 4096, 6 * 4096), (40960, 41060)]
     assert native.nonzero_runs(bytes(8192), 4096) == []
+
+
+@pytest.mark.parametrize("kind", ["random", "zero", "mixed"])
+@pytest.mark.parametrize("size", [0, 1, 65537, (1 << 22)])
+def test_zstd_decompress_into_matches_reference(kind, size):
+    """Frames as the repository writes them (python-zstandard, level 1),
+    decompressed into a caller's buffer: same bytes and count as the
+    reference; a short buffer, a truncated frame or garbage are refused."""
+    import zstandard
+
+    data = make(kind, size, size)
+    frame = zstandard.ZstdCompressor(level=1).compress(data)
+    for impl in (native.zstd_decompress_into, native.ref_zstd_decompress_into):
+        out = bytearray(b"\xaa" * (size + 10))  # room to spare: only size bytes are written
+        assert impl(frame, out) == size
+        assert bytes(out[:size]) == data and out[size:] == b"\xaa" * 10
+        if size:  # (python-zstandard answers b"" for any frame that declares 0 bytes)
+            with pytest.raises(ValueError, match="zstd"):
+                impl(frame, bytearray(size - 1))
+            with pytest.raises(ValueError, match="zstd"):
+                impl(frame[:-1], bytearray(size + 10))
+        with pytest.raises(ValueError, match="zstd"):
+            impl(b"not a zstd frame at all", bytearray(size + 10))
+    with pytest.raises(TypeError):
+        native.zstd_decompress_into(frame, bytes(size + 10))  # not writable

@@ -75,6 +75,32 @@ def test_zstd_only_when_it_pays():
     assert rec[4] == 0 and rec[56:] == rnd
 
 
+@pytest.mark.parametrize("sealed", [False, True])
+def test_decoding_into_a_recycled_buffer_checks_the_same(sealed):
+    """A restore decodes compressed chunks into recycled buffers (the native
+    core): the same data and digests as a fresh decode, only the chunk's
+    length of the buffer written, and every damage still refused by name."""
+    sealer = crypto.new_encryption("secret", "repo-id")[1] if sealed else crypto.Sealer()
+    cid = sealer.chunk_id(block_digests(DATA))
+    rec = enc(DATA, cid, zstandard.ZstdCompressor(level=1), sealer)
+    assert rec[4] & 1  # compressed
+    out = bytearray(b"\xee" * (len(DATA) + 100))
+    data, digests = decode_chunk(rec, cid, zstandard.ZstdDecompressor(), sealer, "p", out)
+    assert bytes(data) == DATA and digests == block_digests(DATA)
+    assert out[len(DATA):] == b"\xee" * 100
+    for pos in (HEADER.size + 5, len(rec) // 2, len(rec) - 1):  # flipped bytes in the frame
+        bad = bytearray(rec)
+        bad[pos] ^= 0x40
+        with pytest.raises(DataCorrupt, match=cid.hex()):
+            decode_chunk(bytes(bad), cid, zstandard.ZstdDecompressor(), sealer, "p", bytearray(len(DATA)))
+    if not sealed:  # a frame that decodes to more than the record says
+        big = enc(DATA + b"x", cid, zstandard.ZstdCompressor(level=1), sealer)
+        lie = bytearray(big)
+        lie[8:16] = len(DATA).to_bytes(8, "little")
+        with pytest.raises(DataCorrupt, match=cid.hex()):
+            decode_chunk(bytes(lie), cid, zstandard.ZstdDecompressor(), sealer, "p", bytearray(len(DATA) + 1))
+
+
 def test_key_derivation_and_chunk_ids_are_pinned():
     kdf = {"name": "scrypt", "n": 1 << 10, "r": 8, "p": 1, "salt": "00" * 16}
     key, mac = crypto._derive("pw", kdf)

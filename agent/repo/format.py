@@ -117,8 +117,12 @@ def encode_chunk(data, chunk_id: bytes, compressor, sealer) -> list:
     return [HEADER.pack(MAGIC, flags, len(data), len(stored), chunk_id), stored]
 
 
-def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: str) -> tuple[bytes, bytes]:
-    """The chunk's data and its block digests, after every check."""
+def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: str,
+                 out: bytearray | None = None) -> tuple[bytes, bytes]:
+    """The chunk's data and its block digests, after every check. With out
+    (a recycled buffer of at least the chunk's length), a compressed chunk
+    is decompressed into it by the native core and the data returned is a
+    view of out: no fresh allocation per chunk."""
     what = f"chunk {chunk_id.hex()} in {where}"
     if len(record) < HEADER.size:
         raise DataCorrupt(f"{what}: record is truncated")
@@ -133,8 +137,14 @@ def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: st
     if flags & FLAG_SEALED:
         body = sealer.open(bytes(body), chunk_id, what)
     try:
-        data = decompressor.decompress(body, max_output_size=plain_len) if flags & FLAG_ZSTD else body
-    except Exception:  # zstd raises its own error type for a damaged frame
+        if not flags & FLAG_ZSTD:
+            data = body
+        elif out is not None and len(out) >= plain_len:
+            target = memoryview(out)[:plain_len]
+            data = target[:native.zstd_decompress_into(body, target)]
+        else:
+            data = decompressor.decompress(body, max_output_size=plain_len)
+    except Exception:  # zstd raises its own error type for a damaged frame (native: ValueError)
         raise DataCorrupt(f"{what}: compressed data is damaged") from None
     if len(data) != plain_len:
         raise DataCorrupt(f"{what}: length mismatch")

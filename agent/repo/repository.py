@@ -322,10 +322,12 @@ class Repository:
         if loc is not None:
             self.store.prefetch(loc.pack, loc.offset, loc.length)
 
-    def get(self, cid: bytes) -> tuple[bytes, bytes]:
-        """A chunk's data and block digests, checked (thread-safe)."""
+    def get(self, cid: bytes, out: bytearray | None = None) -> tuple[bytes, bytes]:
+        """A chunk's data and block digests, checked (thread-safe). out: a
+        recycled buffer a compressed chunk is decompressed into (the data
+        returned may then be a view of it)."""
         loc, record = self.read_record(cid)
-        return decode_chunk(record, cid, self._decompressor(), self.sealer, loc.pack)
+        return decode_chunk(record, cid, self._decompressor(), self.sealer, loc.pack, out)
 
     # ---- block digests ----
 

@@ -40,7 +40,10 @@ from agent.volumes.nbd import AllocExtent
 
 READERS = 2  # preads in parallel (they release the GIL); helps when the data is not cached
 IN_FLIGHT = 4
-SYNC_EVERY = 256 << 20  # a restore starts a background fdatasync after this many bytes
+# a restore starts a background fdatasync after this many bytes: 16-64 MiB
+# measured 20-25 % faster restores than 256 MiB or one flush at the end
+# (dirty pages piling up stall the writers; bench/backup_bench.py)
+SYNC_EVERY = 32 << 20
 _ZEROS = bytes(4 << 20)
 
 

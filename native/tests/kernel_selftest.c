@@ -4,7 +4,9 @@
  * usage: kernel_selftest OLD NEW BLOCK_SIZE THREADS
  * prints, for NEW: per-block sha256 and xxh3-128 digests, zero flags, the
  * image digest (fed in pieces of varying size, zero pieces via _zero), and
- * the changed extents between OLD's and NEW's sha256 block digests. */
+ * the changed extents between OLD's and NEW's sha256 block digests; and
+ * "zstd ok" when NEW survives a zstd round trip through bf_zstd_decompress
+ * (and a too-small or truncated input is refused). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +15,9 @@
 #include "../digest.h"
 #include "../imagehash.h"
 #include "../zero.h"
+#include "../zstdio.h"
+
+#include <zstd.h>
 
 static unsigned char *slurp(const char *path, size_t *len)
 {
@@ -120,6 +125,21 @@ int main(int argc, char **argv)
         printf("%s%llu:%llu", i ? "," : "", (unsigned long long)ext[i].start,
                (unsigned long long)ext[i].length);
     putchar('\n');
+
+    size_t bound = ZSTD_compressBound(len), zlen, outlen = 0;
+    unsigned char *z = malloc(bound + 1), *back = malloc(len + 1);
+    const char *err = NULL;
+    zlen = ZSTD_compress(z, bound, buf, len, 1);
+    if (ZSTD_isError(zlen))
+        return 1;
+    int ok = bf_zstd_decompress(z, zlen, back, len, &outlen, &err) == 0 && outlen == len &&
+             memcmp(back, buf, len) == 0;
+    if (len > 0) /* one byte short of room, and a truncated frame: both refused */
+        ok = ok && bf_zstd_decompress(z, zlen, back, len - 1, &outlen, &err) == -1 && err &&
+             bf_zstd_decompress(z, zlen - 1, back, len, &outlen, &err) == -1;
+    printf("zstd %s\n", ok ? "ok" : "FAILED");
+    free(z);
+    free(back);
     free(ext);
     free(flags);
     free(dold);
