@@ -11,8 +11,10 @@ raw file for the peers. Servers on 127.0.0.1, as in the tests: nfs-ganesha
 (NFSv3), smbd, tgtd (a sparse-file LUN), and a loop device. Each run, per
 type, back to back:
   - ours: a full backup of the snapshot into a new repository there;
-  - peer: nfs `nfs-cp`, smb `smbclient put`, iscsi `qemu-img convert -n` to
-    the LUN, block `dd oflag=direct conv=fsync bs=4M` to the loop device (a
+  - peer: nfs `nfs-cp`, smb `smbclient put`, iscsi `qemu-img convert -t
+    writeback -n` to the LUN (writeback: the target's cache flushed once at
+    the end, as our commits flush it; convert's default, unsafe, never
+    flushes), block `dd oflag=direct conv=fsync bs=4M` to the loop device (a
     loop device with direct I/O on, so writes reach its file like a disk's;
     conv=fsync: the device cache flushed once, as our commits flush it);
   - store only: the same bytes written through our object store as 64 MiB
@@ -129,8 +131,10 @@ def main() -> int:
                     from agent.targets.lun import LunStore
                     blank(str(lun.file), 2 * size + 512 * MiB)
                     store = LunStore(IscsiBlockDevice("127.0.0.1", lun.iqn, 1, port=tgt.port), format_lun=True)
-                    peer = ["qemu-img", "convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw", raw,
-                            f"iscsi://127.0.0.1:{tgt.port}/{lun.iqn}/1"]
+                    # -t writeback: the target's cache is flushed at the end (SYNCHRONIZE
+                    # CACHE), as our commits flush it; convert's default (unsafe) never does
+                    peer = ["qemu-img", "convert", "-t", "writeback", "-n", "-W", "-m", "16", "-f", "raw",
+                            "-O", "raw", raw, f"iscsi://127.0.0.1:{tgt.port}/{lun.iqn}/1"]
                 else:
                     from agent.targets.blockdev import LocalBlockDevice
                     from agent.targets.lun import LunStore
@@ -180,7 +184,7 @@ def main() -> int:
         print(f"\nfull backup of {gib:g} GiB of random data, median of {args.runs} runs (throughput = data / time)\n")
         print("| target | ours: full backup | ours: store only | peer | backup/peer | store/peer | target |")
         print("|---|---|---|---|---|---|---|")
-        peers = {"nfs": "`nfs-cp`", "smb": "`smbclient put`", "iscsi": "`qemu-img convert` to the LUN",
+        peers = {"nfs": "`nfs-cp`", "smb": "`smbclient put`", "iscsi": "`qemu-img convert -t writeback` to the LUN",
                  "block": "`dd oflag=direct conv=fsync bs=4M`"}
         for kind in kinds:
             o, p = statistics.median(results[kind]["ours"]), statistics.median(results[kind]["peer"])

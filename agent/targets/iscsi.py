@@ -46,6 +46,13 @@ class _Buffers(threading.local):
 
 
 class IscsiBlockDevice(BlockDevice):
+    # One session serializes the calls, and each call drains its pipeline of
+    # 1 MiB commands (native/iscsiio.c) before returning: 16 MiB per call
+    # measured 1.1 GB/s against 0.5 GB/s with 4 MiB, and one more call
+    # queued behind it gained nothing.
+    io_size = 16 << 20
+    io_depth = 1
+
     def __init__(self, ip: str, target: str, lun: int = 0, *, port: int = 0, user: str = "", secret: str = "",
                  timeout: float = 30.0, label: str = ""):
         if not target:

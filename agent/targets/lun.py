@@ -30,6 +30,7 @@ generation, the commit is refused instead of overwriting its work.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import socket
@@ -37,6 +38,7 @@ import struct
 import threading
 import uuid
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from agent.errors import DataCorrupt, FailedPrecondition, NoSpace, NotFound
 from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
@@ -48,7 +50,7 @@ SB_OFFSETS = (0, 64 << 10)
 CATALOG_OFFSET = 1 << 20
 UNIT = 64 << 10
 INLINE = 4096
-SEGMENT = 4 << 20  # a writer reserves space (and stages data) this much at a time
+SEGMENT = 4 << 20  # reads go in pieces of at most this much
 _SB = struct.Struct("<8sII16sQQQQQIIQ32s")  # magic version flags uuid gen devsize cat_off cat_size data_off unit slot len sha
 BLANK_CHECK = 1 << 20
 
@@ -145,16 +147,27 @@ class _Extents:
 
 
 class _LunWriter(ObjectWriter):
+    """Stages an object in pieces of the device's io_size (space is reserved
+    that much at a time too) and hands each full one to the device in I/O
+    threads of its own while the caller fills the next stage: up to the
+    device's io_depth writes at once, each stage reused only once its write
+    is done."""
+
     def __init__(self, store: "LunStore", name: str, durable: bool):
         self.store = store
         self.name = check_object_name(name)
         self.durable = durable
         self.extents: list[list[int]] = []  # [offset, length] reserved on the device
-        self._stage = store.dev.buffer(SEGMENT)
+        self._seg, self._depth = store.dev.io_size, store.dev.io_depth
+        self._stages = [store.dev.buffer(self._seg) for _ in range(self._depth + 1)]
+        self._next = 0  # index of the stage being filled
+        self._stage = self._stages[0]
         self._fill = 0  # bytes in the stage
-        self._written = 0  # bytes of the object on the device
+        self._written = 0  # bytes of the object handed to the device
         self._reserved_used = 0  # bytes of the reserved extents written so far
         self._open = True
+        self._io: ThreadPoolExecutor | None = None
+        self._pending: collections.deque[Future] = collections.deque()
 
     @property
     def size(self) -> int:
@@ -168,7 +181,7 @@ class _LunWriter(ObjectWriter):
             reserved = sum(e[1] for e in self.extents)
             if self._reserved_used >= reserved:
                 last_end = self.extents[-1][0] + self.extents[-1][1] if self.extents else None
-                off, got = self.store._reserve(max(length, SEGMENT), last_end)
+                off, got = self.store._reserve(max(length, self._seg), last_end)
                 if self.extents and off == last_end:
                     self.extents[-1][1] += got
                 else:
@@ -191,35 +204,67 @@ class _LunWriter(ObjectWriter):
         if n == 0:
             return
         padded = _round_up(n, BLOCK)
+        stage = self._stage
         if padded > n:
-            self._stage[n:padded] = bytes(padded - n)
-        pos = 0
+            stage[n:padded] = bytes(padded - n)
         try:
-            for off, k in self._device_offset(padded):
-                self.store.dev.write(off, self._stage[pos:pos + k])
-                pos += k
-        except OSError as e:
-            self.abort()
-            raise storage_error(self.store.label, f"cannot write {self.name}", e) from None
-        except BaseException:  # the LUN is full: give back what this writer holds
+            ranges = self._device_offset(padded)
+            while len(self._pending) >= self._depth:
+                self._wait_one()  # the oldest write is done: the next stage is free again
+        except BaseException:  # the LUN is full, or a write failed: give back what this writer holds
             self.abort()
             raise
+        if self._io is None:
+            self._io = ThreadPoolExecutor(self._depth, thread_name_prefix="bf-lun-io")
+        self._pending.append(self._io.submit(self._write_ranges, stage, ranges))
         self._written += n
+        # with at most io_depth writes pending over io_depth + 1 stages,
+        # the next stage in turn is not being written
+        self._next = (self._next + 1) % len(self._stages)
+        other = self._stages[self._next]
         rest = self._fill - n
         if rest:
-            self._stage[:rest] = self._stage[n:self._fill]
-        self._fill = rest
+            other[:rest] = stage[n:self._fill]
+        self._stage, self._fill = other, rest
+
+    def _write_ranges(self, stage, ranges) -> None:
+        pos = 0
+        for off, k in ranges:
+            self.store.dev.write(off, stage[pos:pos + k])
+            pos += k
+
+    def _wait_one(self) -> None:
+        """Wait for the oldest write in flight; raise its error."""
+        try:
+            self._pending.popleft().result()
+        except OSError as e:
+            raise storage_error(self.store.label, f"cannot write {self.name}", e) from None
+
+    def _wait(self) -> None:
+        """Wait for every write in flight; raise the first error."""
+        while self._pending:
+            self._wait_one()
+
+    def _stop_io(self) -> None:
+        while self._pending:
+            try:
+                self._wait_one()
+            except Exception:
+                pass  # the writer is being given up anyway
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
 
     def write(self, data) -> None:
         if not self._open:
             raise storage_error(self.store.label, f"cannot write {self.name}", OSError(9, "writer is closed"))
         view = memoryview(data).cast("B")
         while view:
-            k = min(len(view), SEGMENT - self._fill)
+            k = min(len(view), self._seg - self._fill)
             self._stage[self._fill:self._fill + k] = view[:k]
             self._fill += k
             view = view[k:]
-            if self._fill == SEGMENT:
+            if self._fill == self._seg:
                 self._spill()
 
     def commit(self) -> None:
@@ -230,12 +275,15 @@ class _LunWriter(ObjectWriter):
                 self.store._release(self.extents)
             else:
                 self._spill(final=True)
+                self._wait()
                 self._trim()
                 # the commit's first flush makes this data durable before the catalog names it
                 self.store._commit(self.name, size, extents=self.extents)
         except BaseException:
             self.abort()
             raise
+        finally:
+            self._stop_io()
         self._open = False
 
     def _trim(self) -> None:
@@ -256,18 +304,25 @@ class _LunWriter(ObjectWriter):
     def abort(self) -> None:
         if self._open:
             self._open = False
+            self._stop_io()  # no write may still land in space given back
             self.store._release(self.extents)
             self.extents = []
 
 
 class LunStore(ObjectStore):
-    # every commit costs two device flushes: fewer, larger packs
-    pack_target = 256 << 20
+    # every commit costs two device flushes: fewer, larger packs. 1 GiB packs
+    # measured 0.96x of dd against 0.79x with 256 MiB (2 GiB backup, loop
+    # device); a crash mid-pack costs only a resend of that pack's chunks
+    pack_target = 1 << 30
+    # a full pack commits (flush, catalog, flush) while the next is written:
+    # commits take the catalog lock, space reservations their own
+    concurrent_writers = True
 
     def __init__(self, dev: BlockDevice, *, format_lun: bool = False, label: str = ""):
         self.dev = dev
         self.label = label or dev.label
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the catalog and superblocks: commits and deletes
+        self._space_lock = threading.Lock()  # the allocator: never held across device I/O
         self.host = socket.gethostname()
         try:
             sb = self._newest()
@@ -382,14 +437,14 @@ class LunStore(ObjectStore):
                 self._release(old[1])
 
     def _reserve(self, want: int, after: int | None) -> tuple[int, int]:
-        with self._lock:
+        with self._space_lock:
             got = self.space.take(_round_up(want, UNIT), after)
         if got is None:
             raise NoSpace(f"backup point {self.label}: the LUN is full", field="device")
         return got
 
     def _release(self, extents) -> None:
-        with self._lock:
+        with self._space_lock:
             for off, ln in extents:
                 self.space.give(off, ln)
 
@@ -455,7 +510,7 @@ class LunStore(ObjectStore):
         return 0  # an uncommitted writer's space was never in a catalog
 
     def stats(self) -> StoreStats:
-        with self._lock:
+        with self._space_lock:
             total = self._data_end(self.sb) - self.sb.data_offset
             free = self.space.total()
         return StoreStats(total, total - free, free)
