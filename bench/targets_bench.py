@@ -17,8 +17,8 @@ type, back to back:
     flushes), block `dd oflag=direct conv=fsync bs=4M` to the loop device (a
     loop device with direct I/O on, so writes reach its file like a disk's;
     conv=fsync: the device cache flushed once, as our commits flush it);
-  - store only: the same bytes written through our object store as 64 MiB
-    objects in 4 MiB pieces (the transport without hashing or compression).
+  - store only: the same bytes written through our object store as objects
+    of its pack size in 4 MiB pieces (the transport without hashing).
 """
 from __future__ import annotations
 
@@ -145,12 +145,14 @@ def main() -> int:
                 repo = Repository.init(store)
 
                 def store_only():
-                    """The transport alone: the same bytes as 64 MiB objects
-                    written in 4 MiB pieces, as packs are (no hashing)."""
+                    """The transport alone: the same bytes as objects of the
+                    store's pack size (64 MiB; 1 GiB on LUNs) written in 4 MiB
+                    pieces and committed one after the other (no hashing)."""
+                    obj = store.pack_target
                     with open(raw, "rb", buffering=0) as f:
-                        for k in range(0, size, 64 * MiB):
-                            w = store.open_writer(f"bench/{k // (64 * MiB):06d}")
-                            for _ in range(16):
+                        for k in range(0, size, obj):
+                            w = store.open_writer(f"bench/{k // obj:06d}")
+                            for _ in range(obj // (4 * MiB)):
                                 piece = f.read(4 * MiB)
                                 if not piece:
                                     break

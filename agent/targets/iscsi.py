@@ -64,11 +64,13 @@ class IscsiBlockDevice(BlockDevice):
         self._user, self._secret = user, secret
         self._timeout = max(1, int(timeout))
         self._lock = threading.Lock()
-        self._session = self._connect()
-        if BLOCK % self._session.block_size:
-            raise InvalidArgument(f"lun: {self.label} has {self._session.block_size}-byte blocks; 512 or 4096 "
+        self._sessions = {"data": self._connect(), "flush": None}
+        first = self._sessions["data"]
+        if BLOCK % first.block_size:
+            self.close()
+            raise InvalidArgument(f"lun: {self.label} has {first.block_size}-byte blocks; 512 or 4096 "
                                   "are supported", field="lun")
-        self.size = self._session.size
+        self.size = first.size
         self._local = _Buffers()
 
     def _connect(self):
@@ -76,27 +78,27 @@ class IscsiBlockDevice(BlockDevice):
                                                            user=self._user, secret=self._secret,
                                                            timeout=self._timeout))
 
-    def _get(self):
+    def _get(self, which: str):
         with self._lock:
-            if self._session is None:
-                self._session = self._connect()
-            return self._session
+            if self._sessions[which] is None:
+                self._sessions[which] = self._connect()
+            return self._sessions[which]
 
-    def _drop(self, session) -> None:
+    def _drop(self, which: str, session) -> None:
         with self._lock:
-            if self._session is session:
-                self._session = None
+            if self._sessions[which] is session:
+                self._sessions[which] = None
         session.close()
 
-    def _call(self, op):
-        session = self._get()
+    def _call(self, op, which: str = "data"):
+        session = self._get(which)
         try:
             return op(session)
         except OSError:  # ConnectionError included
             pass
         # the session may be gone: log in again once; if that fails, the target is unreachable
-        self._drop(session)
-        return op(self._get())
+        self._drop(which, session)
+        return op(self._get(which))
 
     def read(self, offset: int, length: int) -> memoryview:
         buf = self._local.buf
@@ -110,12 +112,18 @@ class IscsiBlockDevice(BlockDevice):
         self._call(lambda s: s.write(data, offset))
 
     def flush(self) -> None:
-        self._call(lambda s: s.flush())
+        """SYNCHRONIZE CACHE on a session of its own: the LUN has one cache,
+        so the flush covers every write the target has answered on the data
+        session, and the next pack's writes are not queued behind it (a
+        session serves one call at a time; a flush of a large cache takes
+        about a second here)."""
+        self._call(lambda s: s.flush(), "flush")
 
     def close(self) -> None:
         with self._lock:
-            session, self._session = self._session, None
-        if session is not None:
+            sessions = [x for x in self._sessions.values() if x is not None]
+            self._sessions = {"data": None, "flush": None}
+        for session in sessions:
             session.close()
 
 
