@@ -11,7 +11,8 @@ raw file for the peers. Servers on 127.0.0.1, as in the tests: nfs-ganesha
 (NFSv3), smbd, tgtd (a sparse-file LUN), and a loop device. Each run, per
 type, back to back:
   - ours: a full backup of the snapshot into a new repository there;
-  - peer: nfs `nfs-cp`, smb `smbclient put`, iscsi `qemu-img convert -t
+  - peer: nfs `nfs-cp`, smb `smbclient put` then an fsync of its file on the
+    server (smbclient never sends FLUSH; our commits do), iscsi `qemu-img convert -t
     writeback -n` to the LUN (writeback: the target's cache flushed once at
     the end, as our commits flush it; convert's default, unsafe, never
     flushes), block `dd oflag=direct conv=fsync bs=4M` to the loop device (a
@@ -159,14 +160,25 @@ def main() -> int:
                                 w.write(piece)
                             w.commit()
 
+                def the_peer():
+                    run(peer)
+                    if kind == "smb":
+                        # smbclient put never asks for a FLUSH: make its file durable on
+                        # the server (local here) as our commits do, like `+ fsync` elsewhere
+                        fd = os.open(smb.root / "backups" / f"{sub}-peer.raw", os.O_RDONLY)
+                        try:
+                            os.fsync(fd)
+                        finally:
+                            os.close(fd)
+
                 order = [("ours", lambda: backup(pool, vol, snap, repo)), ("store", store_only)]
                 if r % 2:
                     order.reverse()
                 # the peer overwrites a LUN raw: there it always goes last
                 if r % 2 and kind in ("nfs", "smb"):
-                    order.insert(0, ("peer", lambda: run(peer)))
+                    order.insert(0, ("peer", the_peer))
                 else:
-                    order.append(("peer", lambda: run(peer)))
+                    order.append(("peer", the_peer))
                 for who, fn in order:
                     os.sync()
                     wall, used = timed(fn)
@@ -186,7 +198,7 @@ def main() -> int:
         print(f"\nfull backup of {gib:g} GiB of random data, median of {args.runs} runs (throughput = data / time)\n")
         print("| target | ours: full backup | ours: store only | peer | backup/peer | store/peer | target |")
         print("|---|---|---|---|---|---|---|")
-        peers = {"nfs": "`nfs-cp`", "smb": "`smbclient put`", "iscsi": "`qemu-img convert -t writeback` to the LUN",
+        peers = {"nfs": "`nfs-cp`", "smb": "`smbclient put` + fsync on the server", "iscsi": "`qemu-img convert -t writeback` to the LUN",
                  "block": "`dd oflag=direct conv=fsync bs=4M`"}
         for kind in kinds:
             o, p = statistics.median(results[kind]["ours"]), statistics.median(results[kind]["peer"])

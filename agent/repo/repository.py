@@ -77,6 +77,7 @@ class Repository:
         self._index: dict[bytes, Location] = {}
         self._packs: dict[str, list[bytes]] = {}  # committed pack -> chunk ids its index lists
         self._open: _OpenPack | None = None
+        self._write_lock = threading.Lock()  # appends to the open pack and its commit (I/O), apart from _lock
         self._committing: dict[str, _OpenPack] = {}  # full packs handed to the committer thread
         self._commits: queue.Queue | None = None
         self._committer: threading.Thread | None = None
@@ -199,21 +200,27 @@ class Repository:
         return encode_chunk(data, cid, self._compressor(), self.sealer)
 
     def add(self, cid: bytes, record: list, plain: int) -> int:
-        """Append an encoded chunk unless present; returns the bytes stored."""
+        """Append an encoded chunk unless present; returns the bytes stored.
+        The pack write (network or device I/O) holds only the write lock, so
+        workers asking has() meanwhile are not held behind it."""
         length = sum(len(piece) for piece in record)
         self._raise_commit_error()
-        with self._lock:
-            if self._known(cid):
-                return 0
-            if self._open is None:
-                self._open = _OpenPack(self.store)
-            p = self._open
-            p.entries[cid] = Location(p.name, p.writer.size, length, plain)
+        with self._write_lock:  # one thread appends to the open pack at a time
+            p = self._open  # changed only under the write lock
+            if p is None:
+                p = _OpenPack(self.store)
+                with self._lock:
+                    self._open = p
+            with self._lock:
+                if self._known(cid):
+                    return 0
+                p.entries[cid] = Location(p.name, p.writer.size, length, plain)
             try:
                 for piece in record:
                     p.writer.write(piece)
             except BaseException:  # the writer aborted itself: this pack is gone, with what it held
-                self._open = None
+                with self._lock:
+                    self._open = None
                 p.writer.abort()
                 raise
             if p.writer.size < self.store.pack_target:
@@ -221,15 +228,25 @@ class Repository:
             if not self.store.concurrent_writers:
                 self._commit_pack()
                 return length
-            self._open = None
-            self._committing[p.name] = p
-        self._background_commit(p)  # outside the lock: it may wait for a queue slot
+            with self._lock:
+                self._open = None
+                self._committing[p.name] = p
+        self._background_commit(p)  # outside the locks: it may wait for a queue slot
         return length
 
-    def _commit_pack(self) -> None:  # under self._lock
-        p, self._open = self._open, None
-        if p is not None:
+    def _commit_pack(self) -> None:
+        """Commit the open pack in this thread (under the write lock); its
+        chunks stay known (as committing) meanwhile."""
+        with self._lock:
+            p, self._open = self._open, None
+            if p is None:
+                return
+            self._committing[p.name] = p
+        try:
             self._write_pack(p)
+        finally:
+            with self._lock:
+                self._committing.pop(p.name, None)
 
     def _write_pack(self, p: _OpenPack) -> None:
         """Make a pack and its index durable, then index its chunks."""
@@ -305,7 +322,7 @@ class Repository:
         try:
             self._wait_commits()
         finally:
-            with self._lock:
+            with self._write_lock:
                 self._commit_pack()
 
     def read_record(self, cid: bytes) -> tuple[Location, bytes]:
