@@ -8,7 +8,9 @@ the ratio ours/peer (target >= 0.9).
 Setup: a --gib GiB qcow2 volume full of random data (incompressible, so
 ours and the peer move the same bytes) and its snapshot, exported once to a
 raw file for the peers. Servers on 127.0.0.1, as in the tests: nfs-ganesha
-(NFSv3), smbd, tgtd (a sparse-file LUN), and a loop device. Each run, per
+(NFSv3), smbd, tgtd (a file LUN) and a loop device, both LUN files written
+whole once first (a disk's blocks exist; a sparse file would charge block
+allocation to whoever writes first). Each run, per
 type, back to back:
   - ours: a full backup of the snapshot into a new repository there;
   - peer: nfs `nfs-cp`, smb `smbclient put` then an fsync of its file on the
@@ -96,6 +98,11 @@ def main() -> int:
         servers = [s for s in (nfs, smb, tgt) if s]
         lun = tgt.add_lun(2 * size + 512 * MiB) if tgt else None
         loop = Loop(f"{work}/lun.img", 2 * size + 512 * MiB, direct_io=True) if "block" in kinds else None
+        # the LUNs' files written whole once, as a real disk's blocks exist: otherwise the
+        # first writer of each run pays the file system's block allocation, the other not
+        for f in ([lun.file] if lun else []) + ([loop.file] if loop else []):
+            run(["dd", "if=/dev/zero", f"of={f}", "bs=16M", f"count={(2 * size + 512 * MiB) // (16 * MiB)}",
+                 "conv=notrunc,fsync", "status=none"])
         results: dict[str, dict[str, list[float]]] = {k: {"ours": [], "peer": [], "store": []} for k in kinds}
         cpu: dict[str, dict[str, list[float]]] = {k: {"ours": [], "peer": [], "store": []} for k in kinds}
 
