@@ -416,12 +416,11 @@ def test_smb_zero_copy_writes_match_smbprotocols_and_the_server_checks_their_sig
             sent.clear()
     assert sent == []  # smbprotocol's own path did the second one
 
-    # two writers on one session at once (the repository commits a full pack while the next
-    # one fills): the credits go round, and each object holds exactly its own bytes
+    # three writers on one session from three threads (jobs sharing a backup point): the
+    # calls are serialized, the credits go round, and each object holds exactly its own bytes
     import threading
 
     store = t.make("zc-two")
-    assert store.concurrent_writers
     data = {name: os.urandom(24 * MiB + 4321) for name in ("a", "b", "c")}
     errors = []
 

@@ -159,7 +159,7 @@ class _LunWriter(ObjectWriter):
         self.durable = durable
         self.extents: list[list[int]] = []  # [offset, length] reserved on the device
         self._seg, self._depth = store.dev.io_size, store.dev.io_depth
-        self._stages = [store.dev.buffer(self._seg) for _ in range(self._depth + 1)]
+        self._stages = [store.dev.buffer(self._seg)]  # up to io_depth + 1, added as needed
         self._next = 0  # index of the stage being filled
         self._stage = self._stages[0]
         self._fill = 0  # bytes in the stage
@@ -220,7 +220,9 @@ class _LunWriter(ObjectWriter):
         self._written += n
         # with at most io_depth writes pending over io_depth + 1 stages,
         # the next stage in turn is not being written
-        self._next = (self._next + 1) % len(self._stages)
+        self._next = (self._next + 1) % (self._depth + 1)
+        if self._next == len(self._stages):
+            self._stages.append(self.store.dev.buffer(self._seg))
         other = self._stages[self._next]
         rest = self._fill - n
         if rest:
@@ -276,6 +278,7 @@ class _LunWriter(ObjectWriter):
             else:
                 self._spill(final=True)
                 self._wait()
+                self._stages, self._stage = [], None  # not needed while the commit flushes
                 self._trim()
                 # the commit's first flush makes this data durable before the catalog names it
                 self.store._commit(self.name, size, extents=self.extents)

@@ -31,6 +31,7 @@ PART = ".part-"
 _DEPTH = 8  # WRITE requests in flight per writer
 _SMALL = 256 << 10
 _GATHER = 1 << 20
+_NO_CREDITS = "credits are available"  # smbprotocol's refusal: "Request requires N credits but only M ..."
 # smbprotocol logs packet details at DEBUG; they are not for the agent's log
 for _name in ("smbprotocol", "smbclient", "spnego"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -50,7 +51,8 @@ class _SmbWriter(ObjectWriter):
         self._file = None
         with store._call(f"cannot create {name}"):
             store._makedirs(parent)
-            self._file = smbclient.open_file(self.tmp, mode="xb", buffering=0, share_access="rwd", **store._kw)
+            self._file = store._credited(smbclient.open_file, self.tmp, mode="xb", buffering=0,
+                                         share_access="rwd", **store._kw)
         self._fast = store.zero_copy and smb_write.usable(self._file.fd)
 
     @property
@@ -130,10 +132,11 @@ class _SmbWriter(ObjectWriter):
                     self._pending = bytearray()
                 self._drain()
                 if self.durable:
-                    self._file.fd.flush()  # SMB2 FLUSH: the server writes its cache to disk
-                self._file.close()
+                    # SMB2 FLUSH: the server writes its cache to disk
+                    self.store._credited(self._file.fd.flush)
+                self.store._credited(self._file.close)
                 self._file = None
-                smbclient.replace(self.tmp, self.final, **self.store._kw)
+                self.store._credited(smbclient.replace, self.tmp, self.final, **self.store._kw)
         except BaseException:
             self.abort()
             raise
@@ -150,7 +153,7 @@ class _SmbWriter(ObjectWriter):
             pass
         self._file = None
         try:
-            smbclient.remove(self.tmp, **self.store._kw)
+            self.store._credited(smbclient.remove, self.tmp, **self.store._kw)
         except Exception:
             pass  # gone already, or the server is away: sweep_partial() removes it later
 
@@ -160,13 +163,10 @@ class SmbStore(ObjectStore):
 
     zero_copy = True  # WRITEs through agent/targets/smb_write.py (False: smbprotocol's own path)
 
-    @property
-    def concurrent_writers(self) -> bool:
-        """A full pack commits (its WRITEs answered, FLUSH, close, rename)
-        in the background while the next one is written on the same
-        session: on the zero-copy path, whose writers wait for the credits
-        another writer holds."""
-        return self.zero_copy and not self._encrypt
+    # Full packs commit in the caller's thread: calls on the session are
+    # serialized (see _ops below), so a commit in the background would only
+    # hold up the next pack's writes behind its FLUSH.
+    concurrent_writers = False
 
     def __init__(self, server: str, share: str, sub_dir: str = "", *, username: str, password: str,
                  port: int = 0, encrypt: bool = False, timeout: float = 30.0, label: str = ""):
@@ -186,6 +186,12 @@ class SmbStore(ObjectStore):
         self._cache: dict = {}
         self._kw = {"port": self.port, "connection_cache": self._cache}
         self._lock = threading.Lock()
+        # one call at a time on the session (every _Call holds it): three
+        # writers of one session from three threads, with smbclient's calls
+        # and WRITEs interleaved, lost the session now and then (smbclient
+        # then tried to log in without credentials); serialized, 50 rounds
+        # passed. WRITEs already sent stay in flight between calls.
+        self._ops = threading.RLock()
         self._session = False
         self._dirs: set[str] = set()
         with self._call("cannot create the repository directory"):
@@ -213,6 +219,21 @@ class SmbStore(ObjectStore):
     def _drop(self) -> None:
         with self._lock:
             self._session = False
+
+    def _credited(self, fn, *args, **kw):
+        """Run an smbprotocol call, waiting while the session has no credit
+        for it: this session's writers may hold every credit in WRITEs in
+        flight, and their answers bring credits back. smbprotocol refuses
+        such a request before sending anything, so it is simply tried
+        again (for at most the store's timeout)."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                return fn(*args, **kw)
+            except SMBException as e:
+                if _NO_CREDITS not in str(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.002)
             try:
                 smbclient.reset_connection_cache(fail_on_error=False, connection_cache=self._cache)
             except Exception:
@@ -245,7 +266,7 @@ class SmbStore(ObjectStore):
         if path.count("\\") <= 3:  # \\server\share itself
             return
         if path not in self._dirs:
-            smbclient.makedirs(path, exist_ok=True, **self._kw)
+            self._credited(smbclient.makedirs, path, exist_ok=True, **self._kw)
             self._dirs.add(path)
 
     # --- the ObjectStore interface ---
@@ -254,7 +275,8 @@ class SmbStore(ObjectStore):
 
     def get(self, name: str, offset: int = 0, length: int | None = None):
         with self._call(f"cannot read {name}"):
-            with smbclient.open_file(self._path(name), mode="rb", buffering=0, share_access="rwd", **self._kw) as f:
+            with self._credited(smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd",
+                                **self._kw) as f:
                 if offset:
                     f.seek(offset)
                 if length is None:
@@ -270,13 +292,13 @@ class SmbStore(ObjectStore):
 
     def size(self, name: str) -> int:
         with self._call(f"cannot stat {name}"):
-            return smbclient.stat(self._path(name), **self._kw).st_size
+            return self._credited(smbclient.stat, self._path(name), **self._kw).st_size
 
     def _scan(self, prefix: str) -> list[tuple[str, bool]]:
         d = self._path(prefix) if prefix else self.base
         try:
             with self._call(f"cannot list {prefix or '/'}"):
-                return [(e.name, e.is_dir()) for e in smbclient.scandir(d, **self._kw)]
+                return self._credited(lambda: [(e.name, e.is_dir()) for e in smbclient.scandir(d, **self._kw)])
         except NotFound:
             return []
 
@@ -288,7 +310,7 @@ class SmbStore(ObjectStore):
     def delete(self, name: str) -> None:
         try:
             with self._call(f"cannot delete {name}"):
-                smbclient.remove(self._path(name), **self._kw)
+                self._credited(smbclient.remove, self._path(name), **self._kw)
         except NotFound:
             pass
 
@@ -303,7 +325,7 @@ class SmbStore(ObjectStore):
 
     def stats(self) -> StoreStats:
         with self._call("cannot read capacity"):
-            v = smbclient.stat_volume(self.base, **self._kw)
+            v = self._credited(smbclient.stat_volume, self.base, **self._kw)
         return StoreStats(v.total_size, v.total_size - v.actual_available_size, v.caller_available_size)
 
     def is_empty(self) -> bool:
@@ -318,10 +340,18 @@ class _Call:
         self.what = what
 
     def __enter__(self):
-        self.store._login()
+        self.store._ops.acquire()
+        try:
+            self.store._login()
+        except BaseException:
+            self.store._ops.release()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is None or not isinstance(exc, (SMBException, OSError, ValueError)):
-            return False
-        raise self.store._error(self.what, exc) from None
+        try:
+            if exc is None or not isinstance(exc, (SMBException, OSError, ValueError)):
+                return False
+            raise self.store._error(self.what, exc) from None
+        finally:
+            self.store._ops.release()
