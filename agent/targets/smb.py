@@ -163,10 +163,15 @@ class SmbStore(ObjectStore):
 
     zero_copy = True  # WRITEs through agent/targets/smb_write.py (False: smbprotocol's own path)
 
-    # Full packs commit in the caller's thread: calls on the session are
-    # serialized (see _ops below), so a commit in the background would only
-    # hold up the next pack's writes behind its FLUSH.
-    concurrent_writers = False
+    @property
+    def concurrent_writers(self) -> bool:
+        """A full pack commits (its WRITEs answered, FLUSH, close, rename)
+        in the background while the next one is written on the same
+        session: on the zero-copy path, whose writers wait for the credits
+        another writer holds. Calls are serialized (_ops), but the commit
+        still overlaps the hashing of the next pack: measured 5.0 s against
+        6.3 s committing in the caller's thread (2 GiB, bench)."""
+        return self.zero_copy and not self._encrypt
 
     def __init__(self, server: str, share: str, sub_dir: str = "", *, username: str, password: str,
                  port: int = 0, encrypt: bool = False, timeout: float = 30.0, label: str = ""):
