@@ -31,6 +31,8 @@ PART = ".part-"
 _DEPTH = 8  # WRITE requests in flight per writer
 _SMALL = 256 << 10
 _GATHER = 1 << 20
+_RESERVE = 16  # credits WRITEs leave to the session's other requests (creates, flushes, renames, tree connects)
+_PAYLOAD = 65536  # bytes per credit
 _NO_CREDITS = "credits are available"  # smbprotocol's refusal: "Request requires N credits but only M ..."
 # smbprotocol logs packet details at DEBUG; they are not for the agent's log
 for _name in ("smbprotocol", "smbclient", "spnego"):
@@ -67,8 +69,17 @@ class _SmbWriter(ObjectWriter):
         fd = self._file.fd
         conn = fd.connection
         view = memoryview(data)
+        starved = 0.0
         while view:
+            spare = conn.sequence_window["high"] - conn.sequence_window["low"] - _RESERVE
+            if spare <= 0:  # the last credits are left to the session's other requests
+                if self._inflight or starved < 1.0:
+                    starved += 0 if self._inflight else 0.001
+                    self._wait_credits()
+                    continue
+                spare += _RESERVE  # nothing of ours in flight for a second: take what there is
             chunk, credits = _chunk_size(conn, len(view), "write")
+            chunk = min(chunk, spare * _PAYLOAD)
             if chunk <= 0:  # out of credits: an answer brings more
                 self._wait_credits()
                 continue
@@ -133,8 +144,8 @@ class _SmbWriter(ObjectWriter):
                 self._drain()
                 if self.durable:
                     # SMB2 FLUSH: the server writes its cache to disk
-                    self.store._credited(self._file.fd.flush)
-                self.store._credited(self._file.close)
+                    self.store._credited(self._file.fd.flush, serial=False)
+                self.store._credited(self._file.close, serial=False)
                 self._file = None
                 self.store._credited(smbclient.replace, self.tmp, self.final, **self.store._kw)
         except BaseException:
@@ -191,11 +202,12 @@ class SmbStore(ObjectStore):
         self._cache: dict = {}
         self._kw = {"port": self.port, "connection_cache": self._cache}
         self._lock = threading.Lock()
-        # one call at a time on the session (every _Call holds it): three
-        # writers of one session from three threads, with smbclient's calls
-        # and WRITEs interleaved, lost the session now and then (smbclient
-        # then tried to log in without credentials); serialized, 50 rounds
-        # passed. WRITEs already sent stay in flight between calls.
+        # smbclient's path calls (open, rename, remove, stat, list) one at a
+        # time: three writers of one session in three threads, with WRITEs
+        # holding every credit, lost the session now and then (a request of
+        # smbclient's found no credit, then it tried to log in without
+        # credentials). WRITEs now leave _RESERVE credits, and FLUSH and
+        # close of a writer's own file stay concurrent.
         self._ops = threading.RLock()
         self._session = False
         self._dirs: set[str] = set()
@@ -225,16 +237,20 @@ class SmbStore(ObjectStore):
         with self._lock:
             self._session = False
 
-    def _credited(self, fn, *args, **kw):
+    def _credited(self, fn, *args, serial: bool = True, **kw):
         """Run an smbprotocol call, waiting while the session has no credit
         for it: this session's writers may hold every credit in WRITEs in
         flight, and their answers bring credits back. smbprotocol refuses
         such a request before sending anything, so it is simply tried
-        again (for at most the store's timeout)."""
+        again (for at most the store's timeout). serial: an smbclient path
+        call, made under the store's call lock."""
         deadline = time.monotonic() + self._timeout
         while True:
             try:
-                return fn(*args, **kw)
+                if not serial:
+                    return fn(*args, **kw)
+                with self._ops:
+                    return fn(*args, **kw)
             except SMBException as e:
                 if _NO_CREDITS not in str(e) or time.monotonic() > deadline:
                     raise
@@ -345,18 +361,10 @@ class _Call:
         self.what = what
 
     def __enter__(self):
-        self.store._ops.acquire()
-        try:
-            self.store._login()
-        except BaseException:
-            self.store._ops.release()
-            raise
+        self.store._login()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc is None or not isinstance(exc, (SMBException, OSError, ValueError)):
-                return False
-            raise self.store._error(self.what, exc) from None
-        finally:
-            self.store._ops.release()
+        if exc is None or not isinstance(exc, (SMBException, OSError, ValueError)):
+            return False
+        raise self.store._error(self.what, exc) from None
