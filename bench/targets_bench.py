@@ -205,8 +205,8 @@ def main() -> int:
         print(f"\nfull backup of {gib:g} GiB of random data, median of {args.runs} runs (throughput = data / time)\n")
         print("| target | ours: full backup | ours: store only | peer | backup/peer | store/peer | target |")
         print("|---|---|---|---|---|---|---|")
-        peers = {"nfs": "`nfs-cp`", "smb": "`smbclient put` + fsync on the server", "iscsi": "`qemu-img convert -t writeback` to the LUN",
-                 "block": "`dd oflag=direct conv=fsync bs=4M`"}
+        peers = {"nfs": "`nfs-cp`", "smb": "`smbclient put` + fsync on the server",
+                 "iscsi": "`qemu-img convert -t writeback` to the LUN", "block": "`dd oflag=direct conv=fsync bs=4M`"}
         for kind in kinds:
             o, p = statistics.median(results[kind]["ours"]), statistics.median(results[kind]["peer"])
             st = statistics.median(results[kind]["store"])
