@@ -29,11 +29,10 @@ import struct
 
 from agent.errors import TrackingLost
 from agent.extents import Extent
+from agent.volumes.qcow2_header import INCOMPAT_CORRUPT, MAGIC, extensions, pread_exact
 
-MAGIC = b"QFI\xfb"
 EXT_BITMAPS = 0x23852875
 AUTOCLEAR_BITMAPS = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
 IN_USE, AUTO, EXTRA_DATA_COMPATIBLE = 1 << 0, 1 << 1, 1 << 2
 TYPE_DIRTY_TRACKING = 1
 _OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55 of a bitmap table entry
@@ -43,13 +42,6 @@ _NONZERO = re.compile(rb"[^\x00]+")
 def _lost(label: str, name: str, why: str) -> TrackingLost:
     return TrackingLost(f"snapshot_uuid: the dirty bitmap {name} of {label} {why}; take a full backup",
                         field="snapshot_uuid")
-
-
-def _pread(fd: int, n: int, off: int) -> bytes:
-    data = os.pread(fd, n, off)
-    if len(data) != n:
-        raise OSError(f"short read of {n} bytes at {off}")
-    return data
 
 
 def dirty_extents(path: str, name: str, label: str = "") -> list[Extent]:
@@ -70,7 +62,7 @@ def dirty_extents(path: str, name: str, label: str = "") -> list[Extent]:
 
 
 def _read(fd: int, path: str, name: str) -> list[Extent]:
-    hdr = _pread(fd, 104, 0)
+    hdr = pread_exact(fd, 104, 0)
     magic, version = struct.unpack_from(">4sI", hdr, 0)
     if magic != MAGIC or version < 3:
         raise _lost(path, name, "is missing (not a qcow2 v3 image)")
@@ -82,21 +74,17 @@ def _read(fd: int, path: str, name: str) -> list[Extent]:
     if incompatible & INCOMPAT_CORRUPT:
         raise _lost(path, name, "is in an image marked corrupt")
     # header extensions, up to the end of the first cluster
-    area = _pread(fd, cluster - header_length, header_length) if header_length < cluster else b""
-    pos, directory = 0, None
-    while pos + 8 <= len(area):
-        kind, length = struct.unpack_from(">II", area, pos)
-        if kind == 0:
-            break
+    area = pread_exact(fd, cluster - header_length, header_length) if header_length < cluster else b""
+    directory = None
+    for kind, data in extensions(area):
         if kind == EXT_BITMAPS:
-            _nb, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", area, pos + 8)
+            _nb, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", data, 0)
             directory = (dir_offset, dir_size)
-        pos += 8 + (length + 7) // 8 * 8
     if directory is None:
         raise _lost(path, name, "is missing (the image holds no bitmaps)")
     if not autoclear & AUTOCLEAR_BITMAPS:
         raise _lost(path, name, "is inconsistent (the image was written by a program that does not keep bitmaps)")
-    entries = _pread(fd, directory[1], directory[0]) if directory[1] else b""
+    entries = pread_exact(fd, directory[1], directory[0]) if directory[1] else b""
     pos = 0
     while pos + 24 <= len(entries):
         table_offset, table_size, flags, btype, gran_bits, name_size, extra_size = \
@@ -119,7 +107,7 @@ def _extents(fd, path, name, table_offset, table_size, cluster, granularity, dis
     nbytes = (bits + 7) // 8
     if table_size != (nbytes + cluster - 1) // cluster:
         raise _lost(path, name, f"has a table of {table_size} entries for {nbytes} bytes of bitmap")
-    table = struct.unpack(f">{table_size}Q", _pread(fd, 8 * table_size, table_offset)) if table_size else ()
+    table = struct.unpack(f">{table_size}Q", pread_exact(fd, 8 * table_size, table_offset)) if table_size else ()
     out: list[Extent] = []
 
     def add(first_bit: int, nbits: int) -> None:
@@ -138,7 +126,7 @@ def _extents(fd, path, name, table_offset, table_size, cluster, granularity, dis
             if entry & 1:  # a cluster of all ones
                 add(base_bit, min(want * 8, bits - base_bit))
             continue
-        data = _pread(fd, want, offset)
+        data = pread_exact(fd, want, offset)
         for m in _NONZERO.finditer(data):
             run_start, run_end = m.start(), m.end()
             j = run_start

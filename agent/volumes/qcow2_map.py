@@ -25,10 +25,9 @@ from __future__ import annotations
 import os
 import struct
 
+from agent.volumes.qcow2_header import INCOMPAT_CORRUPT, MAGIC, extensions, pread_exact
 from agent.volumes.qemu_img import MapEntry
 
-QCOW_MAGIC = b"QFI\xfb"
-INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_EXTERNAL_DATA = 1 << 2
 INCOMPAT_EXTENDED_L2 = 1 << 4
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -55,10 +54,7 @@ class _Layer:
         os.close(self.fd)
 
     def _pread(self, n: int, off: int) -> bytes:
-        data = os.pread(self.fd, n, off)
-        if len(data) != n:
-            raise Unsupported(f"{self.path}: short read at {off}")
-        return data
+        return pread_exact(self.fd, n, off)
 
 
 class _Raw(_Layer):
@@ -80,7 +76,7 @@ class _Qcow2(_Layer):
         hdr = self._pread(104, 0) if os.fstat(self.fd).st_size >= 104 else self._pread(72, 0)
         magic, version, backing_off, backing_len, cluster_bits, size, crypt, l1_size, l1_off = \
             struct.unpack_from(">4sIQIIQIIQ", hdr, 0)
-        if magic != QCOW_MAGIC or version not in (2, 3) or crypt:
+        if magic != MAGIC or version not in (2, 3) or crypt:
             raise Unsupported(f"{path}: not a plain qcow2 v2/v3 image")
         header_length = 72
         if version == 3:
@@ -96,14 +92,9 @@ class _Qcow2(_Layer):
             self.backing = self._pread(backing_len, backing_off).decode()
             if version == 3:  # the backing format, from the header extensions
                 area = self._pread(max(0, min(self.cluster, backing_off) - header_length), header_length)
-                pos = 0
-                while pos + 8 <= len(area):
-                    kind, length = struct.unpack_from(">II", area, pos)
-                    if kind == 0:
-                        break
+                for kind, data in extensions(area):
                     if kind == EXT_BACKING_FORMAT:
-                        self.backing_format = area[pos + 8:pos + 8 + length].decode()
-                    pos += 8 + (length + 7) // 8 * 8
+                        self.backing_format = data.decode()
 
     def _l2_table(self, offset: int) -> tuple[int, ...]:
         table = self._l2.get(offset)
