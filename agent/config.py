@@ -118,8 +118,12 @@ class PoolSection:
     """A storage pool: [pools.<pool uuid>] with its type and where it lives."""
 
     type: str = option("dir", "dir: qcow2 volumes in a directory (a local disk or a mounted NFS/SMB/cluster fs); "
-                       "rbd: RBD images in a Ceph pool.")
+                       "nfs: qcow2 volumes on an NFSv3 export, reached in user space (libnfs and qemu's nfs "
+                       "driver, no mount); rbd: RBD images in a Ceph pool.")
     path: str = option("", "dir: the pool root; volumes live in <path>/pool-<uuid>/volume/<volume uuid>.")
+    ip: str = option("", "nfs: the NFS server's address (seed 002 `ip`); its ports come from the portmapper.")
+    export: str = option("", "nfs: the export path (seed 002 `source`); volumes live in "
+                         "nfs://<ip><export>/pool-<uuid>/volume/<volume uuid>.")
     ceph_conf: str = option("/etc/ceph/ceph.conf", "rbd: ceph.conf of the cluster.")
     client_name: str = option("client.admin", "rbd: the Ceph client (cephx user) to connect as.")
     keyring: str = option("", "rbd: keyring file of client_name (empty: what ceph.conf says).")
@@ -127,7 +131,8 @@ class PoolSection:
     namespace: str = option("", "rbd: optional RADOS namespace inside rbd_pool.")
     features: list[str] = option(["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
                                  "rbd: image features of new volumes.", factory=True)
-    timeout: float = option(30.0, "rbd: seconds any librados/librbd call may block (connect, monitor and OSD ops).")
+    timeout: float = option(30.0, "rbd: seconds any librados/librbd call may block (connect, monitor and OSD ops); "
+                            "nfs: seconds any NFS call of the agent may block.")
 
 
 @dataclass
@@ -165,7 +170,7 @@ class BackupPointSection:
                               "holding anything else is never touched).")
 
 
-POOL_TYPES = ("dir", "rbd")
+POOL_TYPES = ("dir", "nfs", "rbd")
 BACKUP_POINT_TYPES = ("local", "nfs", "samba", "iscsi", "disk", "fc")
 TABLES = {"pools": "PoolSection", "backup_points": "BackupPointSection"}
 RBD_FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling")
@@ -197,6 +202,13 @@ class Config:
                 raise bad(f"pools.{uuid}", "type", f"must be one of {', '.join(POOL_TYPES)}, not {pool.type!r}")
             if pool.type == "dir" and not os.path.isabs(pool.path):
                 raise bad(f"pools.{uuid}", "path", "must be an absolute path")
+            if pool.type == "nfs":
+                if not pool.ip:
+                    raise bad(f"pools.{uuid}", "ip", "must be set for an nfs pool")
+                if not pool.export.startswith("/") or ".." in pool.export.split("/"):
+                    raise bad(f"pools.{uuid}", "export", "must be the absolute export path (no '..')")
+                if pool.timeout <= 0:
+                    raise bad(f"pools.{uuid}", "timeout", "must be positive")
             if pool.type == "rbd":
                 if not pool.rbd_pool:
                     raise bad(f"pools.{uuid}", "rbd_pool", "must not be empty")

@@ -37,12 +37,18 @@ class PoolRegistry:
         if pc.type == "dir":
             return Qcow2Pool(pool_uuid, pc.path, run_dir=self.cfg.agent.run_dir, allowed_roots=self.allowed_roots,
                              lookup=self.get)
+        if pc.type == "nfs":
+            from agent.volumes.poolfs import NfsFiles  # the libnfs binding loads only when used
+
+            fs = NfsFiles(pc.ip, pc.export, label=f"{pool_uuid} (nfs://{pc.ip}{pc.export})", timeout=pc.timeout)
+            return Qcow2Pool(pool_uuid, fs.url(""), run_dir=self.cfg.agent.run_dir, allowed_roots=self.allowed_roots,
+                             lookup=self.get, fs=fs)
         if pc.type == "rbd":
             from agent.volumes.rbd import RbdPool  # the rados/rbd bindings load only when used
 
             return RbdPool(pool_uuid, ceph_conf=pc.ceph_conf, client_name=pc.client_name, keyring=pc.keyring,
                            rbd_pool=pc.rbd_pool, namespace=pc.namespace, features=pc.features, timeout=pc.timeout)
-        raise InvalidArgument(f"type: pool type must be dir or rbd, not {pc.type!r}", field="type")
+        raise InvalidArgument(f"type: pool type must be dir, nfs or rbd, not {pc.type!r}", field="type")
 
     def _add(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
         driver = self._make(pool_uuid, pc)
@@ -72,8 +78,14 @@ class PoolRegistry:
                 raise InvalidArgument(f"ceph_conf: {pc.ceph_conf!r} is not a file on this host", field="ceph_conf")
             if not pc.rbd_pool:
                 raise InvalidArgument("rbd_pool: must not be empty", field="rbd_pool")
+        elif pc.type == "nfs":
+            if not pc.ip:
+                raise InvalidArgument("ip: an nfs pool needs the server's address", field="ip")
+            if not pc.export.startswith("/") or ".." in pc.export.split("/"):
+                raise InvalidArgument(f"export: {pc.export!r} must be the absolute export path (no '..')",
+                                      field="export")
         else:
-            raise InvalidArgument(f"type: pool type must be dir or rbd, not {pc.type!r}", field="type")
+            raise InvalidArgument(f"type: pool type must be dir, nfs or rbd, not {pc.type!r}", field="type")
         with self._lock:
             if pool_uuid in self._pools:
                 if self._sections[pool_uuid] == pc:

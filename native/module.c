@@ -546,9 +546,11 @@ static PyObject *NfsContext_stat(NfsContextObject *self, PyObject *args)
     rc = nfs_stat64(self->nfs, path, &st);
     Py_END_ALLOW_THREADS
     PyObject *res = rc < 0 ? nfs_raise(self, rc, "stat", path)
-                           : Py_BuildValue("(KKO)", (unsigned long long)st.nfs_size,
+                           : Py_BuildValue("(KKOdK)", (unsigned long long)st.nfs_size,
                                            (unsigned long long)st.nfs_mode,
-                                           (st.nfs_mode & S_IFMT) == S_IFDIR ? Py_True : Py_False);
+                                           (st.nfs_mode & S_IFMT) == S_IFDIR ? Py_True : Py_False,
+                                           (double)st.nfs_mtime + st.nfs_mtime_nsec / 1e9,
+                                           (unsigned long long)st.nfs_used);
     PyThread_release_lock(self->lock);
     return res;
 }
@@ -615,7 +617,7 @@ static PyMethodDef NfsContext_methods[] = {
     {"mkdir", (PyCFunction)NfsContext_mkdir, METH_VARARGS, "mkdir(path, mode=0o750)."},
     {"rmdir", (PyCFunction)NfsContext_rmdir, METH_VARARGS, "Remove an empty directory."},
     {"rename", (PyCFunction)NfsContext_rename, METH_VARARGS, "rename(old, new), atomic on the server."},
-    {"stat", (PyCFunction)NfsContext_stat, METH_VARARGS, "stat(path) -> (size, mode, is_dir)."},
+    {"stat", (PyCFunction)NfsContext_stat, METH_VARARGS, "stat(path) -> (size, mode, is_dir, mtime, used bytes)."},
     {"statvfs", (PyCFunction)NfsContext_statvfs, METH_VARARGS,
      "statvfs(path) -> (frsize, blocks, bfree, bavail)."},
     {"listdir", (PyCFunction)NfsContext_listdir, METH_VARARGS, "listdir(path) -> [(name, is_dir, size)]."},

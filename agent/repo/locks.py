@@ -67,13 +67,18 @@ class LockRecord:
 
 class RepoLock:
     def __init__(self, store, mode: str, purpose: str, *, timeout: float = 0.0, stale_after: float = STALE_AFTER,
-                 checkpoint=None):
+                 checkpoint=None, prefix: str = "locks", busy=None):
+        """prefix: where the lock objects live (another lock family than the
+        repository's, e.g. one per volume of an NFS pool); busy(record):
+        the error when the timeout ends with a conflicting holder."""
         self.checkpoint = checkpoint
+        self.prefix = prefix
+        self.busy = busy
         self.store = store
         self.mode = mode
         self.record = LockRecord(uuid.uuid4().hex, mode, purpose, socket.gethostname(), _boot_id(), os.getpid(),
                                  time.time(), time.time())
-        self.name = f"locks/{self.record.id}"
+        self.name = f"{prefix}/{self.record.id}"
         self.timeout = timeout
         self.stale_after = stale_after
         self._stop = threading.Event()
@@ -86,7 +91,7 @@ class RepoLock:
 
     def _others(self) -> list[LockRecord]:
         out = []
-        for name in self.store.list("locks"):
+        for name in self.store.list(self.prefix):
             if name == self.name:
                 continue
             try:
@@ -103,7 +108,7 @@ class RepoLock:
         for other in self._others():
             if other.stale(now, self.stale_after):
                 log.warning("removing a stale repository lock", extra={"lock": other.id, "held": other.describe()})
-                self.store.delete(f"locks/{other.id}")
+                self.store.delete(f"{self.prefix}/{other.id}")
             elif self.mode == EXCLUSIVE or other.mode == EXCLUSIVE:
                 out.append(other)
         return out
@@ -117,6 +122,8 @@ class RepoLock:
                 break
             self.store.delete(self.name)
             if time.monotonic() >= deadline:
+                if self.busy:
+                    raise self.busy(conflicts[0])
                 raise RepositoryLocked(f"backup point: the repository is locked by {conflicts[0].describe()}; "
                                        "try again when it ends", field="backup_point_uuid")
             if self.checkpoint:

@@ -30,19 +30,21 @@ _UNREACHABLE = {errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECO
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def storage_error(label: str, what: str, e: OSError) -> BlockferryError:
-    """The error for an OSError of a store: names the backup point (label)
-    and what was being done, and keeps the reason (never a secret: labels
-    and object names hold none)."""
+def storage_error(label: str, what: str, e: OSError, *, owner: str = "backup point",
+                  field: str = "backup_point_uuid") -> BlockferryError:
+    """The error for an OSError of a store: names the backup point (label;
+    or the pool of an NFS volume pool: owner and field) and what was being
+    done, and keeps the reason (never a secret: labels and object names hold
+    none)."""
     reason = e.strerror or str(e)
-    message = f"backup point {label}: {what}: {reason}"
+    message = f"{owner} {label}: {what}: {reason}"
     if e.errno == errno.ENOENT:
-        return NotFound(message, field="backup_point_uuid")
+        return NotFound(message, field=field)
     if e.errno in _NO_SPACE:
-        return NoSpace(message, field="backup_point_uuid")
+        return NoSpace(message, field=field)
     if e.errno in _UNREACHABLE or isinstance(e, ConnectionError):
-        return TargetUnreachable(message, field="backup_point_uuid")
-    return StorageIOError(message, field="backup_point_uuid")
+        return TargetUnreachable(message, field=field)
+    return StorageIOError(message, field=field)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,8 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
         if request.type == "rbd":
             pc = PoolSection(type="rbd", ceph_conf=request.ceph_conf, client_name=request.client_name or "client.admin",
                              rbd_pool=request.rbd_pool, namespace=request.namespace)
+        elif request.type == "nfs":
+            pc = PoolSection(type="nfs", ip=request.ip, export=request.export)
         self.pools.attach(request.pool_uuid, pc)
         return self.GetPoolStatus(volumes_pb2.PoolRef(pool_uuid=request.pool_uuid), context)
 

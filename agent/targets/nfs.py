@@ -122,7 +122,10 @@ class NfsStore(ObjectStore):
     """Objects under nfs://server/root_dir/sub_dir (NFSv3)."""
 
     def __init__(self, server: str, root_dir: str, sub_dir: str = "", *, nfs_port: int = 0,
-                 mount_port: int = 0, timeout: float = 30.0, label: str = "", pool_size: int = 4):
+                 mount_port: int = 0, timeout: float = 30.0, label: str = "", pool_size: int = 4,
+                 owner: tuple[str, str] = ("backup point", "backup_point_uuid")):
+        """owner: what the errors name, and their field (an NFS volume pool
+        passes ("pool", "pool_uuid"))."""
         if not root_dir.startswith("/"):
             raise InvalidArgument(f"root_dir: {root_dir!r} must be an absolute export path", field="root_dir")
         self.server = server
@@ -132,6 +135,7 @@ class NfsStore(ObjectStore):
         self.mount_port = mount_port
         self.timeout_ms = max(1, int(timeout * 1000))
         self.label = label or f"nfs://{server}{self.export}{self.base.rstrip('/')}"
+        self.owner, self.field = owner
         self._idle: list = []
         self._lock = threading.Lock()
         self._pool_size = pool_size
@@ -150,7 +154,7 @@ class NfsStore(ObjectStore):
             return _native.NfsContext(self.server, self.export, nfs_port=self.nfs_port,
                                       mount_port=self.mount_port, timeout_ms=self.timeout_ms)
         except ConnectionError as e:
-            raise TargetUnreachable(f"backup point {self.label}: {e}", field="backup_point_uuid") from None
+            raise TargetUnreachable(f"{self.owner} {self.label}: {e}", field=self.field) from None
 
     def _checkout(self):
         with self._lock:
@@ -174,7 +178,7 @@ class NfsStore(ObjectStore):
         if e.errno != errno.EFAULT:
             return e
         try:
-            with self._conn("cannot read capacity") as ctx:
+            with self.connection("cannot read capacity") as ctx:
                 frsize, _, _, bavail = ctx.statvfs(self.base)
         except Exception:
             return e
@@ -188,20 +192,27 @@ class NfsStore(ObjectStore):
         with a fresh connection: if the server does not answer it, the
         backup point is unreachable."""
         if e.errno in _FILE_ERRORS or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM):
-            return storage_error(self.label, what, e)
+            return storage_error(self.label, what, e, owner=self.owner, field=self.field)
         try:
             probe = self._connect()
         except TargetUnreachable as down:
-            return TargetUnreachable(f"backup point {self.label}: {what}: the server does not answer "
-                                     f"({down.message.rsplit(': ', 1)[-1]})", field="backup_point_uuid")
+            return TargetUnreachable(f"{self.owner} {self.label}: {what}: the server does not answer "
+                                     f"({down.message.rsplit(': ', 1)[-1]})", field=self.field)
         self._checkin(probe)
-        return storage_error(self.label, what, e)
+        return storage_error(self.label, what, e, owner=self.owner, field=self.field)
 
     @contextmanager
-    def _conn(self, what: str):
+    def connection(self, what: str, passthrough: tuple[type[OSError], ...] = ()):
+        """A pooled libnfs context for a few calls. An OSError ends the
+        block as the store's error (naming `what`), except the `passthrough`
+        kinds, which are raised as they are (FileNotFoundError, for callers
+        that expect plain file semantics)."""
         ctx = self._checkout()
         try:
             yield ctx
+        except passthrough as e:
+            self._checkin(ctx, e)
+            raise
         except OSError as e:
             self._checkin(ctx, e)
             raise self.error(what, e) from None
@@ -240,7 +251,7 @@ class NfsStore(ObjectStore):
     def get(self, name: str, offset: int = 0, length: int | None = None):
         path = self._path(name)
         try:
-            with self._conn(f"cannot read {name}") as ctx:
+            with self.connection(f"cannot read {name}") as ctx:
                 f = ctx.open(path, os.O_RDONLY)
                 try:
                     if length is None:
@@ -255,7 +266,7 @@ class NfsStore(ObjectStore):
 
     def size(self, name: str) -> int:
         try:
-            with self._conn(f"cannot stat {name}") as ctx:
+            with self.connection(f"cannot stat {name}") as ctx:
                 return ctx.stat(self._path(name))[0]
         except NotFound:
             raise NotFound(f"backup point {self.label}: object {name} is missing", field="name") from None
@@ -263,7 +274,7 @@ class NfsStore(ObjectStore):
     def _listdir(self, prefix: str) -> list[tuple[str, bool, int]]:
         d = self._path(prefix) if prefix else self.base
         try:
-            with self._conn(f"cannot list {prefix or '/'}") as ctx:
+            with self.connection(f"cannot list {prefix or '/'}") as ctx:
                 return ctx.listdir(d)
         except NotFound:
             return []
@@ -275,7 +286,7 @@ class NfsStore(ObjectStore):
 
     def delete(self, name: str) -> None:
         try:
-            with self._conn(f"cannot delete {name}") as ctx:
+            with self.connection(f"cannot delete {name}") as ctx:
                 ctx.unlink(self._path(name))
         except NotFound:
             pass
@@ -290,7 +301,7 @@ class NfsStore(ObjectStore):
         return n
 
     def stats(self) -> StoreStats:
-        with self._conn("cannot read capacity") as ctx:
+        with self.connection("cannot read capacity") as ctx:
             frsize, blocks, bfree, bavail = ctx.statvfs(self.base)
         return StoreStats(blocks * frsize, (blocks - bfree) * frsize, bavail * frsize)
 

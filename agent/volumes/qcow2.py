@@ -10,6 +10,7 @@ to apply internal snapshots while persistent dirty bitmaps are enabled. So:
     <root>/pool-<pool>/meta/<vol>.json          the snapshot tree, clones, tracking
     <root>/pool-<pool>/locks/<vol>.lock         a POSIX record lock around metadata changes, so
                                                 agents sharing the pool's storage take turns
+                                                (NFS pools: lock objects locks/<vol>/<id>)
 
 - Snapshot: the head file is renamed to the snapshot's layer (its content is
   then frozen) and a new empty head is created on top of it.
@@ -24,6 +25,13 @@ to apply internal snapshots while persistent dirty bitmaps are enabled. So:
 Backing files are named by absolute path: files are renamed between
 directories, and a pool is mounted at the same path on every host.
 
+The same driver serves NFS pools (kind "nfs"): every file is named by the
+nfs://server/export/... URL that qemu's nfs block driver opens, backing files
+too, and the driver's own file operations go through libnfs
+(agent.volumes.poolfs), so the host needs no NFS mount. Snapshot reads and
+restores of NFS pools go through qemu-nbd (the direct readers and writers of
+qcow2_direct need host files).
+
 Change tracking: every layer gets a persistent dirty bitmap `bf-dirty` when
 it is created; it is disabled when the layer is frozen by a snapshot. The
 changes between snapshot A and a later snapshot B are the union of the
@@ -33,7 +41,6 @@ bitmaps of the layers on the tree path (A, B]. A bitmap left inconsistent
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -42,8 +49,8 @@ from contextlib import contextmanager
 from typing import Callable
 
 from agent import native
-from agent.errors import (AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound,
-                          OutOfRange, StorageIOError, TrackingLost)
+from agent.errors import (AlreadyExists, BlockferryError, FailedPrecondition, HasDependents, InvalidArgument, NotFound,
+                          OutOfRange, StorageIOError, TargetUnreachable, TrackingLost)
 from agent.extents import Extent
 from agent.paths import resolve_under_roots
 from agent.volumes import qemu_img
@@ -55,6 +62,7 @@ from agent.volumes.nbd import AllocExtent, AsyncWriter, QemuNbd
 from agent.volumes.qcow2_bitmap import dirty_extents
 from agent.volumes.qcow2_direct import DirectRestoreTarget, open_mapped
 from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
+from agent.volumes.poolfs import LocalFiles, PoolFiles
 
 log = logging.getLogger("agent.qcow2")
 ZERO_RUN = 64 << 10  # zero runs of this size are not written into a new image
@@ -77,9 +85,9 @@ def check_capacity(capacity: int, field_name: str = "capacity") -> int:
     return capacity
 
 
-def _disk_usage(path: str) -> int:
+def _disk_usage(fs: PoolFiles, path: str) -> int:
     try:
-        return os.stat(path).st_blocks * 512
+        return fs.disk_usage(path)
     except FileNotFoundError:
         return 0
 
@@ -91,25 +99,45 @@ class Qcow2Pool(VolumeDriver):
     kind = "dir"
 
     def __init__(self, pool_uuid: str, root: str, *, run_dir: str, allowed_roots: list[str],
-                 lookup: Callable[[str], "Qcow2Pool"] | None = None):
+                 lookup: Callable[[str], "Qcow2Pool"] | None = None, fs: PoolFiles | None = None):
+        """root: the pool's directory, or with fs=NfsFiles the export's URL."""
         self.pool_uuid = check_uuid(pool_uuid, "pool_uuid")
         self.lookup = lookup or (lambda pool: self)  # other pools, for clones across pools
-        self.root = os.path.realpath(root)
+        self.fs = fs or LocalFiles()
+        self.kind = "dir" if self.fs.local else "nfs"
+        self.root = os.path.realpath(root) if self.fs.local else root.rstrip("/")
         self.base = os.path.join(self.root, f"pool-{self.pool_uuid}")
         self.run_dir = run_dir
         self.allowed_roots = allowed_roots
-        for sub in ("volume", "snapshot", "meta"):
-            os.makedirs(os.path.join(self.base, sub), mode=0o750, exist_ok=True)
+        self._prepared = False
+        try:
+            self._prepare()
+        except TargetUnreachable as e:
+            if self.fs.local:
+                raise
+            # an NFS server down while the agent starts: the pool is served
+            # (and reported unreachable); it is prepared at its first use
+            log.warning("pool storage does not answer; preparing it at first use",
+                        extra={"pool": self.pool_uuid, "error": e.message})
+
+    def _prepare(self) -> None:
+        """The pool's directories, and the sweep of what a crash left."""
+        if self._prepared:
+            return
+        for sub in ("volume", "snapshot", "meta", "locks"):
+            self.fs.makedirs(os.path.join(self.base, sub))
+        self._prepared = True
         self._remove_leftovers()
 
     @contextmanager
     def _locked(self, vol: str):
         """Serialise changes of one volume's metadata: between this agent's
         threads (the base class), and between agents that share the pool's
-        storage (a POSIX record lock on <pool>/locks/<vol>.lock, taken by the
-        outermost holder only: closing any descriptor of a file drops all of
-        a process's POSIX locks on it)."""
+        storage (PoolFiles.lock: a POSIX record lock on <pool>/locks/<vol>.lock,
+        or a lock object on NFS), taken by the outermost holder only (closing
+        any descriptor of a file drops all of a process's POSIX locks on it)."""
         with super()._locked(vol):
+            self._prepare()
             held = self.__dict__.setdefault("_flocks", {})
             if vol in held:  # nested: this thread holds it already
                 held[vol][1] += 1
@@ -118,19 +146,12 @@ class Qcow2Pool(VolumeDriver):
                 finally:
                     held[vol][1] -= 1
                 return
-            os.makedirs(os.path.join(self.base, "locks"), mode=0o750, exist_ok=True)
-            fd = os.open(os.path.join(self.base, "locks", f"{vol}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                         0o640)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX)
-                held[vol] = [fd, 1]
+            with self.fs.lock(os.path.join(self.base, "locks"), vol, f"volume {vol} metadata"):
+                held[vol] = [None, 1]
                 try:
                     yield
                 finally:
                     del held[vol]
-                    fcntl.lockf(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
 
     def _remove_leftovers(self) -> None:
         """Temporary files of operations a crash interrupted (a half-made
@@ -141,18 +162,17 @@ class Qcow2Pool(VolumeDriver):
         which an agent making a snapshot holds."""
         now = time.time()
         for sub in ("volume", "snapshot"):
-            for dirpath, _, files in os.walk(os.path.join(self.base, sub)):
-                for f in files:
-                    if f.startswith(".") and (f.endswith(".copy") or f.endswith(".new")):
-                        try:
-                            if now - os.stat(os.path.join(dirpath, f)).st_mtime < LEFTOVER_AGE:
-                                continue
-                        except FileNotFoundError:
+            for path in self.fs.walk_files(os.path.join(self.base, sub)):
+                f = os.path.basename(path)
+                if f.startswith(".") and (f.endswith(".copy") or f.endswith(".new")):
+                    try:
+                        if now - self.fs.mtime(path) < LEFTOVER_AGE:
                             continue
-                        log.warning("removing leftover of an interrupted operation",
-                                    extra={"path": os.path.join(dirpath, f)})
-                        os.unlink(os.path.join(dirpath, f))
-        for f in os.listdir(os.path.join(self.base, "meta")):
+                        log.warning("removing leftover of an interrupted operation", extra={"path": path})
+                        self.fs.unlink(path)
+                    except FileNotFoundError:
+                        continue
+        for f in self.fs.listdir(os.path.join(self.base, "meta")):
             if f.endswith(".json"):
                 with self._locked(f[:-5]):
                     self._repair_interrupted_snapshot(f[:-5])
@@ -162,19 +182,19 @@ class Qcow2Pool(VolumeDriver):
         the metadata leaves no head and one layer the metadata does not know:
         that layer is the live state; put it back."""
         try:
-            meta = load(self.meta_path(vol))
+            meta = load(self.fs, self.meta_path(vol))
         except (OSError, ValueError, StorageIOError):
             return
         head = self.head_path(vol)
-        if os.path.exists(head) or not os.path.isdir(self.snap_dir(vol)):
+        if self.fs.exists(head) or not self.fs.isdir(self.snap_dir(vol)):
             return
         known = {s.uuid for s in meta.snapshots}
-        orphans = [f for f in os.listdir(self.snap_dir(vol)) if not f.startswith(".") and f not in known]
+        orphans = [f for f in self.fs.listdir(self.snap_dir(vol)) if not f.startswith(".") and f not in known]
         if len(orphans) != 1:
             log.error("volume has no live state and cannot be repaired automatically",
                       extra={"volume": vol, "unknown_layers": len(orphans)})
             return
-        os.rename(self.snap_path(vol, orphans[0]), head)
+        self.fs.rename(self.snap_path(vol, orphans[0]), head)
         bm = qemu_img.info(head).bitmap(BITMAP)
         if bm is not None and bm.consistent and not bm.enabled:
             qemu_img.bitmap(head, "enable", BITMAP)
@@ -198,12 +218,12 @@ class Qcow2Pool(VolumeDriver):
     def _meta(self, vol: str) -> VolMeta:
         vol = check_uuid(vol, "volume_uuid")
         try:
-            return load(self.meta_path(vol))
+            return load(self.fs, self.meta_path(vol))
         except FileNotFoundError:
             raise NotFound(f"volume_uuid: no volume {vol} in pool {self.pool_uuid}", field="volume_uuid") from None
 
     def _save(self, meta: VolMeta) -> None:
-        save(self.meta_path(meta.uuid), meta)
+        save(self.fs, self.meta_path(meta.uuid), meta)
 
     def _snap(self, meta: VolMeta, snap: str) -> SnapMeta:
         snap = check_uuid(snap, "snapshot_uuid")
@@ -231,11 +251,11 @@ class Qcow2Pool(VolumeDriver):
     def _new_layer(self, path: str, capacity: int, backing: str | None, backing_format: str) -> None:
         """Create a qcow2 layer with an enabled dirty bitmap, atomically at path."""
         tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.new")
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if self.fs.exists(tmp):
+            self.fs.unlink(tmp)
         qemu_img.create(tmp, capacity, backing=backing, backing_format=backing_format)
         qemu_img.bitmap(tmp, "add", BITMAP)
-        os.rename(tmp, path)
+        self.fs.rename(tmp, path)
 
     def _freeze_tracking(self, path: str) -> str:
         """Disable a layer's bitmap as it becomes a snapshot; an inconsistent
@@ -264,10 +284,14 @@ class Qcow2Pool(VolumeDriver):
         vol = check_uuid(volume_uuid, "volume_uuid")
         check_name(name, "name")
         with self._locked(vol):
-            if os.path.exists(self.meta_path(vol)):
+            if self.fs.exists(self.meta_path(vol)):
                 raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
                                     field="volume_uuid")
             meta = VolMeta(uuid=vol, name=name, created_at=time.time())
+            if backing_file and not self.fs.local:
+                raise InvalidArgument(f"backing_file: pool {self.pool_uuid} is on NFS, where a file of one host "
+                                      "cannot be the base of a volume; import it with a full copy instead",
+                                      field="backing_file")
             if backing_file:
                 real = resolve_under_roots(backing_file, self.allowed_roots, "backing_file")
                 if not os.path.isfile(real):
@@ -318,14 +342,14 @@ class Qcow2Pool(VolumeDriver):
                 self._forget_clone(meta)
             for path in [self.head_path(meta.uuid)] + [self.snap_path(meta.uuid, s.uuid) for s in meta.snapshots]:
                 try:
-                    os.unlink(path)
+                    self.fs.unlink(path)
                 except FileNotFoundError:
                     pass
             try:
-                os.rmdir(self.snap_dir(meta.uuid))
+                self.fs.rmdir(self.snap_dir(meta.uuid))
             except FileNotFoundError:
                 pass
-            os.unlink(self.meta_path(meta.uuid))
+            self.fs.unlink(self.meta_path(meta.uuid))
             log.info("volume deleted", extra={"pool": self.pool_uuid, "volume": meta.uuid, "force": force})
 
     def _forget_clone(self, meta: VolMeta) -> None:
@@ -349,7 +373,7 @@ class Qcow2Pool(VolumeDriver):
         head = self.head_path(meta.uuid)
         info = qemu_img.info(head)
         used = qemu_img.allocated_data(head)
-        snap_bytes = sum(_disk_usage(self.snap_path(meta.uuid, s.uuid)) for s in meta.snapshots)
+        snap_bytes = sum(_disk_usage(self.fs, self.snap_path(meta.uuid, s.uuid)) for s in meta.snapshots)
         return VolumeInfo(
             uuid=meta.uuid, name=meta.name, pool_uuid=self.pool_uuid, capacity=info.virtual_size, used=used,
             snapshot_bytes=snap_bytes, access_path=head, created_at=meta.created_at,
@@ -358,8 +382,9 @@ class Qcow2Pool(VolumeDriver):
             tracking=self._head_tracking(meta))
 
     def list_volumes(self) -> list[VolumeInfo]:
+        self._prepare()
         out = []
-        for f in sorted(os.listdir(os.path.join(self.base, "meta"))):
+        for f in sorted(self.fs.listdir(os.path.join(self.base, "meta"))):
             if f.endswith(".json"):
                 try:
                     out.append(self.volume_info(f[:-5]))
@@ -400,13 +425,13 @@ class Qcow2Pool(VolumeDriver):
             tracking = self._freeze_tracking(head)
             if meta.head_tracking != TRACKING_OK:
                 tracking = TRACKING_LOST
-            os.makedirs(self.snap_dir(meta.uuid), mode=0o750, exist_ok=True)
+            self.fs.makedirs(self.snap_dir(meta.uuid))
             layer = self.snap_path(meta.uuid, snap)
-            os.rename(head, layer)
+            self.fs.rename(head, layer)
             try:
                 self._new_layer(head, capacity, layer, "qcow2")
             except Exception:
-                os.rename(layer, head)  # put the live state back as it was
+                self.fs.rename(layer, head)  # put the live state back as it was
                 raise
             s = SnapMeta(uuid=snap, name=name, description=description, created_at=time.time(),
                          parent=meta.head_parent, tracking=tracking)
@@ -422,7 +447,7 @@ class Qcow2Pool(VolumeDriver):
         if meta.head_parent == s.uuid:
             children.append(HEAD)
         return SnapshotInfo(uuid=s.uuid, name=s.name, volume_uuid=meta.uuid, description=s.description,
-                            created_at=s.created_at, size=_disk_usage(self.snap_path(meta.uuid, s.uuid)),
+                            created_at=s.created_at, size=_disk_usage(self.fs, self.snap_path(meta.uuid, s.uuid)),
                             parent=s.parent, children=tuple(children),
                             clones=tuple(c.split("/")[1] for c in s.clones), tracking=s.tracking)
 
@@ -458,7 +483,7 @@ class Qcow2Pool(VolumeDriver):
                 meta.head_parent = s.parent
             meta.snapshots.remove(s)
             self._save(meta)
-            os.unlink(layer)
+            self.fs.unlink(layer)
             log.info("snapshot deleted", extra={"volume": meta.uuid, "snapshot": s.uuid,
                                                 "rebased": len(children)})
 
@@ -534,7 +559,7 @@ class Qcow2Pool(VolumeDriver):
                                    field="snapshot_uuid")
             for s in layers:
                 dirty.extend(dirty_extents(self.snap_path(meta.uuid, s.uuid), BITMAP,
-                                           f"snapshot {s.name} ({s.uuid})"))
+                                           f"snapshot {s.name} ({s.uuid})", fs=self.fs))
         return ChangedExtents(merge_extents(dirty), exact=True, granularity=GRANULARITY)
 
     # ---- clones ----
@@ -544,12 +569,16 @@ class Qcow2Pool(VolumeDriver):
         """A new volume in this pool on top of a snapshot of source (constant time)."""
         vol = check_uuid(volume_uuid, "clone_volume_uuid")
         check_name(name, "clone_dst_vol_name")
+        if source.fs.local != self.fs.local:
+            raise InvalidArgument(f"pool_uuid: a linked clone of a {source.kind} pool's snapshot cannot live in a "
+                                  f"{self.kind} pool (its backing file would be out of reach); make a full clone",
+                                  field="pool_uuid")
         with source._locked(source_volume):
             origin = source._meta(source_volume)
             s = source._snap(origin, snapshot_uuid)
             layer = source.snap_path(origin.uuid, s.uuid)
             with self._locked(vol):
-                if os.path.exists(self.meta_path(vol)):
+                if self.fs.exists(self.meta_path(vol)):
                     raise AlreadyExists(f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
                                         field="clone_volume_uuid")
                 capacity = qemu_img.info(layer).virtual_size
@@ -588,34 +617,30 @@ class Qcow2Pool(VolumeDriver):
         check_name(name, "name")
         check_capacity(capacity)
         with self._locked(vol):
-            if os.path.exists(self.meta_path(vol)) or os.path.exists(self.head_path(vol)):
+            if self.fs.exists(self.meta_path(vol)) or self.fs.exists(self.head_path(vol)):
                 raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
                                     field="volume_uuid")
         tag = hashlib.sha256(job_id.encode()).hexdigest()[:12]
         tmp = os.path.join(self.base, "volume", f".{vol}.{tag}.copy")
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if self.fs.exists(tmp):
+            self.fs.unlink(tmp)
         qemu_img.create(tmp, capacity, preallocation=preallocation)
 
         def commit() -> VolumeInfo:
             with self._locked(vol):
-                if os.path.exists(self.meta_path(vol)):
+                if self.fs.exists(self.meta_path(vol)):
                     raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
                                         field="volume_uuid")
                 qemu_img.bitmap(tmp, "add", BITMAP)
-                fd = os.open(tmp, os.O_RDONLY)  # the copy is durable before the volume exists
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.rename(tmp, self.head_path(vol))
+                self.fs.fsync(tmp)  # the copy is durable before the volume exists
+                self.fs.rename(tmp, self.head_path(vol))
                 meta = VolMeta(uuid=vol, name=name, created_at=time.time())
                 self._save(meta)
                 return self._info(meta)
 
         def abort() -> None:
             try:
-                os.unlink(tmp)
+                self.fs.unlink(tmp)
             except FileNotFoundError:
                 pass
 
@@ -624,14 +649,15 @@ class Qcow2Pool(VolumeDriver):
 
     def pool_status(self) -> PoolStatus:
         try:
-            st = os.statvfs(self.base)
+            total, used, avail = self.fs.statvfs(self.base)
         except OSError as e:
             return PoolStatus(self.pool_uuid, self.kind, "unreachable", error=f"{self.base}: {e.strerror}")
-        total, avail = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
-        return PoolStatus(self.pool_uuid, self.kind, "healthy", total, total - st.f_bfree * st.f_frsize, avail)
+        except BlockferryError as e:
+            return PoolStatus(self.pool_uuid, self.kind, "unreachable", error=e.message)
+        return PoolStatus(self.pool_uuid, self.kind, "healthy", total, used, avail)
 
     def volume_exists(self, volume_uuid: str) -> bool:
-        return os.path.exists(self.meta_path(check_uuid(volume_uuid, "volume_uuid")))
+        return self.fs.exists(self.meta_path(check_uuid(volume_uuid, "volume_uuid")))
 
     def image_digest(self, volume_uuid: str, snapshot_uuid: str | None, ctx=None):
         from agent.volumes.digest import image_digest
@@ -651,7 +677,7 @@ class Qcow2Pool(VolumeDriver):
             meta = self._meta(volume_uuid)
             self._snap(meta, snapshot_uuid)
             layer = self.layer_path(meta, snapshot_uuid)
-            mapped = open_mapped(layer, only)
+            mapped = open_mapped(layer, only) if self.fs.local else None
         if mapped is not None:
             with mapped:
                 yield mapped
@@ -699,7 +725,7 @@ class Qcow2Pool(VolumeDriver):
         written straight at its clusters' offsets (agent.volumes.qcow2_direct:
         measured faster than qemu-nbd, bench/backup_bench.py); larger ones,
         whose metadata would cost too much up front, through qemu-nbd."""
-        direct = capacity <= DIRECT_RESTORE_MAX
+        direct = capacity <= DIRECT_RESTORE_MAX and self.fs.local
         tmp, commit, abort = self.new_volume_for_copy(volume_uuid, name, capacity, job_id=job_id,
                                                       preallocation="metadata" if direct else "off")
         try:

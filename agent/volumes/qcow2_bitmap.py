@@ -29,6 +29,7 @@ import struct
 
 from agent.errors import TrackingLost
 from agent.extents import Extent
+from agent.volumes.poolfs import LocalFiles
 from agent.volumes.qcow2_header import INCOMPAT_CORRUPT, MAGIC, extensions, pread_exact
 
 EXT_BITMAPS = 0x23852875
@@ -44,24 +45,25 @@ def _lost(label: str, name: str, why: str) -> TrackingLost:
                         field="snapshot_uuid")
 
 
-def dirty_extents(path: str, name: str, label: str = "") -> list[Extent]:
+def dirty_extents(path: str, name: str, label: str = "", fs=None) -> list[Extent]:
     """The guest ranges bitmap `name` of the qcow2 file at path marks dirty,
     sorted and merged (granularity-aligned, the last one cut at the disk's
-    size). label names the layer in errors (default: the file's name)."""
+    size). label names the layer in errors (default: the file's name); fs
+    (agent.volumes.poolfs.PoolFiles) reaches the file (default: local)."""
     label = label or os.path.basename(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        f = (fs or LocalFiles()).open_ro(path)
     except OSError as e:
         raise _lost(label, name, f"cannot be read ({e.strerror})") from None
     try:
-        return _read(fd, label, name)
+        return _read(f, label, name)
     except (OSError, struct.error) as e:
         raise _lost(label, name, f"cannot be read ({e})") from None
     finally:
-        os.close(fd)
+        f.close()
 
 
-def _read(fd: int, path: str, name: str) -> list[Extent]:
+def _read(fd, path: str, name: str) -> list[Extent]:
     hdr = pread_exact(fd, 104, 0)
     magic, version = struct.unpack_from(">4sI", hdr, 0)
     if magic != MAGIC or version < 3:

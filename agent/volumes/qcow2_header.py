@@ -11,9 +11,10 @@ MAGIC = b"QFI\xfb"
 INCOMPAT_CORRUPT = 1 << 1
 
 
-def pread_exact(fd: int, n: int, off: int) -> bytes:
-    """n bytes at off, or OSError when the file ends before them."""
-    data = os.pread(fd, n, off)
+def pread_exact(f, n: int, off: int) -> bytes:
+    """n bytes at off of f (a file descriptor, or a PoolFiles ReadFile), or
+    OSError when the file ends before them."""
+    data = os.pread(f, n, off) if isinstance(f, int) else f.pread(n, off)
     if len(data) != n:
         raise OSError(f"short read of {n} bytes at {off}")
     return data

@@ -1,15 +1,13 @@
 """Metadata of a qcow2 volume: its snapshot tree, clones and tracking state.
 
-Kept as one JSON file per volume, replaced atomically (write to a temporary
-file, fsync, rename, fsync the directory), so a crash leaves either the old or
-the new version.
+Kept as one JSON file per volume, replaced atomically (PoolFiles.replace:
+write a temporary file, fsync, rename, fsync the directory), so a crash
+leaves either the old or the new version.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import threading
 from dataclasses import dataclass, field
 
 from agent.errors import StorageIOError
@@ -53,10 +51,10 @@ class VolMeta:
         return [s for s in self.snapshots if s.parent == uuid]
 
 
-def load(path: str) -> VolMeta:
+def load(fs, path: str) -> VolMeta:
+    """The metadata at path, read through the pool's files (PoolFiles)."""
     try:
-        with open(path) as f:
-            d = json.load(f)
+        d = json.loads(fs.read(path))
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
@@ -67,18 +65,5 @@ def load(path: str) -> VolMeta:
     return VolMeta(snapshots=snaps, **d)
 
 
-def save(path: str, meta: VolMeta) -> None:
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # never shared by two writers
-    data = json.dumps(dataclasses.asdict(meta), indent=1, sort_keys=True).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def save(fs, path: str, meta: VolMeta) -> None:
+    fs.replace(path, json.dumps(dataclasses.asdict(meta), indent=1, sort_keys=True).encode())
