@@ -3,6 +3,7 @@
 point types this agent supports."""
 from __future__ import annotations
 
+import glob
 import os
 import socket
 from dataclasses import dataclass, field
@@ -14,9 +15,11 @@ from agent.config import BACKUP_POINT_TYPES, POOL_TYPES, Config
 from agent.targets.fc import FcHba, list_hbas
 
 # seed 002 pool_type/support: the shared pool types this host can hold
-# volumes on (disk: a directory, a local disk or any mounted file system;
-# rbd: a Ceph pool). iscsi, nfs, samba and fc are backup point types here.
-SHARED_POOL_TYPES = ("disk", "rbd")
+# volumes on (nfs: an NFSv3 export in user space; disk: a directory, a local
+# disk or any mounted file system; rbd: a Ceph pool). iscsi, samba and fc are
+# backup point types here.
+SHARED_POOL_TYPES = ("nfs", "disk", "rbd")
+KIND_OF_SHARED = {"nfs": "nfs", "disk": "dir", "rbd": "rbd"}
 
 
 @dataclass
@@ -64,8 +67,21 @@ def nics() -> list[Nic]:
     return sorted(out.values(), key=lambda n: n.name)
 
 
+def qemu_nfs_driver() -> bool:
+    """qemu's nfs block driver (Debian: qemu-block-extra), which NFS pools
+    open their images with."""
+    return bool(glob.glob("/usr/lib/*/qemu/block-nfs.so") or glob.glob("/usr/lib/qemu/block-nfs.so"))
+
+
 def _supported_pool_types(bindings_ok: set[str]) -> list[str]:
-    return [t for t in POOL_TYPES if t != "rbd" or {"rados", "rbd"} <= bindings_ok]
+    def ok(t: str) -> bool:
+        if t == "rbd":
+            return {"rados", "rbd"} <= bindings_ok
+        if t == "nfs":
+            return qemu_nfs_driver()
+        return True
+
+    return [t for t in POOL_TYPES if ok(t)]
 
 
 def host_facts(cfg: Config, bindings_ok: set[str], *, sys_root: str = "/sys") -> HostFacts:
@@ -92,6 +108,6 @@ def host_facts(cfg: Config, bindings_ok: set[str], *, sys_root: str = "/sys") ->
         load1=os.getloadavg()[0], memory_total=mem.total, memory_available=mem.available,
         boot_time=psutil.boot_time(), nics=nics(), disks=disks, pool_types=pool_types,
         backup_point_types=list(BACKUP_POINT_TYPES),
-        shared_pool_types=[t for t in SHARED_POOL_TYPES if t != "rbd" or "rbd" in pool_types],
+        shared_pool_types=[t for t in SHARED_POOL_TYPES if KIND_OF_SHARED[t] in pool_types],
         pool_uuids=sorted(cfg.pools), backup_point_uuids=sorted(cfg.backup_points),
         iscsi_initiator=initiator_name(), fc_hbas=list_hbas(sys_root))

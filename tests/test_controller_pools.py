@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -50,8 +51,8 @@ def test_seed_002_pools(cluster, ceph):
     c, a, host = cluster
     create = seed_example("002", "/v1/pool/share/create")
     with c.client("op") as op:
-        # as written the example asks for an NFS pool (type 2): agents cannot hold volumes there yet
-        check_error(op.post("/v1/pool/share/create", json=create), 400, "pool_type")
+        # the example as written is an NFS pool (type 2): test_seed_002_nfs_pool_as_written
+        check_error(op.post("/v1/pool/share/create", json=dict(create, pool_type=3)), 400, "pool_type")
         body = dict(create, pool_type=4, source=str(a.roots[0] / "shared-disks"), avail_host=[host])
         pool = check_ok(op.post("/v1/pool/share/create", json=body))["pool"]
         assert (pool["Name"], pool["Type"], pool["Status"], pool["AvailHosts"], pool["LimitHost"]) == (
@@ -77,7 +78,7 @@ def test_seed_002_pools(cluster, ceph):
         assert check_ok(op.post("/v1/pool/share/status/check", json=st))["pool"]["Status"] == "healthy"
         url = seed_example("002", "/v1/pool/share/pool_type/support", "url")
         assert check_ok(op.get("/v1/pool/share/pool_type/support?" + url.split("?", 1)[1]))["PoolTypes"] == [
-            "disk", "rbd"]
+            "nfs", "disk", "rbd"]
         fc = check_ok(op.post("/v1/pool/share/fc_device/list", json=seed_example("002", "/v1/pool/share/fc_device/list")))
         assert fc["list"][f"wwn-0x{WWID_B}"] == [{"host_uuid": host, "host_name": fc["list"][f"wwn-0x{WWID_B}"][0][
             "host_name"], "disk_path": fc["list"][f"wwn-0x{WWID_B}"][0]["disk_path"]}]
@@ -108,6 +109,56 @@ def test_seed_002_pools(cluster, ceph):
         check_ok(op.post("/v1/pool/share/delete", json=dict(dele, pool_uuid=rbd_pool["UUID"])))
         assert check_ok(op.post("/v1/pool/share/list", json={"cluster_uuid": create["cluster_uuid"]}))[
             "TotalCount"] == 0
+
+
+def test_seed_002_nfs_pool_as_written(cluster, nfs_server, short_tmp):
+    """The seed's pool create example is an NFS pool: as written, but for the
+    server's address, the export (the seed's path below the test server's
+    export) and this test's host. Volumes and snapshots of seed 001 then
+    live on the export, where the server's side of it shows them."""
+    from test_qcow2 import write
+
+    c, a, host = cluster
+    run = short_tmp / "run-nfs"
+    run.mkdir()
+    create = seed_example("002", "/v1/pool/share/create")
+    assert create["pool_type"] == 2 and create["port"] == ""
+    source = f"{nfs_server.export}{create['source']}"
+    on_server = Path(source)
+    on_server.mkdir(parents=True, exist_ok=True)  # the NFS admin's export directory
+    body = dict(create, ip="127.0.0.1", source=source, avail_host=[host])
+    with c.client("op") as op:
+        check_error(op.post("/v1/pool/share/create", json=dict(body, port="2049")), 400, "port")
+        check_error(op.post("/v1/pool/share/create", json=dict(body, source=source + "/a b")), 400, "source")
+        pool = check_ok(op.post("/v1/pool/share/create", json=body))["pool"]
+        assert (pool["Type"], pool["Status"], pool["IP"], pool["Source"], pool["AvailHosts"]) == (
+            2, "healthy", "127.0.0.1", source, [host])
+        assert pool["Capacity"] > 0
+        with a.client() as ac:
+            assert ac.volume_call("GetPoolStatus", v.PoolRef(pool_uuid=pool["UUID"])).type == "nfs"
+        cluster_uuid = create["cluster_uuid"]
+        vc = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=pool["UUID"], cluster_uuid=cluster_uuid,
+                  capacity=16 << 20)
+        vc.pop("backing_file")  # the example adopts /xgp/my.qcow2, a file of that host
+        vol = check_ok(op.post("/v1/volume/share/create", json=vc))["volume"]
+        head = vol["AccessPath"][host]
+        assert head == f"nfs://127.0.0.1{source}/pool-{pool['UUID']}/volume/{vol['UUID']}"
+        data = os.urandom(1 << 20)
+        write(head, {0: data}, run)
+        ref = {"tenant": vc["tenant"], "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
+        snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(
+            seed_example("001", "/v1/volume/share/snapshot/create"), **ref, snapshot_name="aaa")))["snapshot"]
+        layer = on_server / f"pool-{pool['UUID']}" / "snapshot" / vol["UUID"] / snap["UUID"]
+        subprocess.run(["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"if={layer}", f"of={run}/out.raw",
+                        "bs=1M", "count=1"], capture_output=True, check=True)
+        assert (run / "out.raw").read_bytes() == data  # read from the server's own files
+        check_ok(op.post("/v1/volume/share/snapshot/delete", json=dict(
+            seed_example("001", "/v1/volume/share/snapshot/delete"), **ref, snapshot_uuid=snap["UUID"])))
+        check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"),
+                                                              **ref)))
+        assert not layer.exists() and not list((on_server / f"pool-{pool['UUID']}" / "volume").iterdir())
+        check_ok(op.post("/v1/pool/share/delete", json=dict(seed_example("002", "/v1/pool/share/delete"),
+                                                            pool_uuid=pool["UUID"], cluster_uuid=cluster_uuid)))
 
 
 def test_zones_place_pools_on_the_hosts_of_their_zone(short_tmp, make_agent):

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import os
 import posixpath
+import re
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from typing import Iterator
 
 from agent.errors import Busy, InvalidArgument
 
+_URL_SAFE = re.compile(r"^[A-Za-z0-9._/-]+$")
 LOCK_WAIT = 600.0  # seconds a volume operation waits for another host's lock on an NFS pool
 
 
@@ -232,8 +234,11 @@ class NfsFiles(PoolFiles):
     def __init__(self, server: str, export: str, *, label: str, timeout: float = 30.0):
         from agent.targets.nfs import NfsStore  # the native binding loads only for NFS pools
 
-        if not export.startswith("/"):
-            raise InvalidArgument(f"export: {export!r} must be an absolute export path", field="export")
+        if not _URL_SAFE.match(export) or not export.startswith("/"):
+            raise InvalidArgument(f"export: {export!r} must be an absolute export path of letters, digits and "
+                                  "._-/ (it becomes part of qemu's nfs:// URLs)", field="export")
+        if ":" in server or "/" in server or not server:
+            raise InvalidArgument(f"ip: {server!r}: an nfs pool needs an IPv4 address or a host name", field="ip")
         self.server = server
         self.export = posixpath.normpath(export)
         self.prefix = f"nfs://{server}{self.export}"

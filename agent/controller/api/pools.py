@@ -2,11 +2,13 @@
 
 A pool is served by agents: create attaches it on every eligible host
 (AvailHosts when LimitHost, else every online host that supports its type)
-and rolls back if any host refuses. Volume pools of pool_type 4 (disk: a
-directory on each host, a local disk or any mounted file system) and 6
-(rbd: a RADOS pool; attr.ceph_conf names the cluster's ceph.conf on the
-hosts) are served; the other seed types (1 iscsi, 2 nfs, 3 samba, 5 fc) are
-refused with a clear message until agents can serve volumes on them.
+and rolls back if any host refuses. Volume pools of pool_type 2 (nfs: qcow2
+volumes on an NFSv3 export, `ip` and `source` = the export path, reached by
+the agents in user space), 4 (disk: a directory on each host, a local disk
+or any mounted file system) and 6 (rbd: a RADOS pool; attr.ceph_conf names
+the cluster's ceph.conf on the hosts) are served; the other seed types (1
+iscsi, 3 samba, 5 fc) are refused with a clear message: they are backup
+point types here.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from agent.errors import AlreadyExists, BlockferryError, HasDependents, InvalidA
     PermissionDenied, TargetUnreachable
 
 POOL_TYPES = {1: "iscsi", 2: "nfs", 3: "samba", 4: "disk", 5: "fc", 6: "rbd"}
-SERVED = {4: "dir", 6: "rbd"}  # seed pool_type -> what the agents serve
+SERVED = {2: "nfs", 4: "dir", 6: "rbd"}  # seed pool_type -> what the agents serve
 MASK = "******"
 
 
@@ -187,7 +189,8 @@ def router(auth) -> APIRouter:
                                   field="pool_type")
         if req.pool_type not in SERVED:
             raise InvalidArgument(f"pool_type: {req.pool_type} ({POOL_TYPES[req.pool_type]}) cannot hold volumes "
-                                  "yet; use 4 (disk: a directory on the hosts) or 6 (rbd)", field="pool_type")
+                                  "(it is a backup point type); use 2 (nfs), 4 (disk: a directory on the hosts) "
+                                  "or 6 (rbd)", field="pool_type")
         ip = v.host(req.ip, "ip")
         if req.port and (not req.port.isdigit() or not 0 < int(req.port) < 65536):
             raise InvalidArgument(f"port: {req.port!r} is not a port number", field="port")
@@ -198,6 +201,17 @@ def router(auth) -> APIRouter:
         if kind == "dir":
             source = v.abs_path(req.source, "source")
             attach = dict(type="dir", path=source)
+        elif kind == "nfs":
+            source = v.abs_path(req.source, "source")
+            if not all(c.isalnum() or c in "._/-" for c in source) or not source.isascii():
+                raise InvalidArgument(f"source: {source!r}: an nfs export path of letters, digits and ._-/ only "
+                                      "(it becomes part of nfs:// URLs)", field="source")
+            if ":" in ip:
+                raise InvalidArgument(f"ip: {ip}: an nfs pool needs an IPv4 address or a host name", field="ip")
+            if req.port:
+                raise InvalidArgument(f"port: {req.port!r}: an nfs pool is reached through the server's portmapper "
+                                      "(qemu's nfs driver takes no port); leave port empty", field="port")
+            attach = dict(type="nfs", ip=ip, export=source)
         else:
             source = req.source
             if not source or len(source) > 128 or any(c in source for c in "/\\ \0"):
