@@ -28,9 +28,11 @@ apt_packages=(
     # remote backup points in user space: libnfs (NFSv3) and libiscsi for the
     # C extension, plus their CLIs the tests read back with
     libnfs-dev libnfs-utils libiscsi-dev libiscsi-bin
-    # test servers: nfs-ganesha + rpcbind, smbd (+ smbclient), tgtd; qemu's
-    # iscsi:// driver for the targets bench peer
-    nfs-ganesha nfs-ganesha-vfs rpcbind samba smbclient tgt qemu-block-extra
+    # qemu's nfs:// driver for NFS volume pools (and its iscsi:// driver for
+    # the targets bench peer)
+    qemu-block-extra
+    # test servers: nfs-ganesha + rpcbind, smbd (+ smbclient), tgtd
+    nfs-ganesha nfs-ganesha-vfs rpcbind samba smbclient tgt
     # the controller's optional PostgreSQL backend (the tests start a server)
     postgresql
     # IANA time zones for policy retention (python's zoneinfo reads them)
