@@ -36,7 +36,10 @@ def _alive(pid: int) -> bool:
 
 class CephCluster:
     def __init__(self, root: Path | None = None, *, objectstore: str = "memstore",
-                 store_bytes: int = 6 << 30, pool: str = "rbd", with_mgr: bool = True):
+                 store_bytes: int = 6 << 30, pool: str = "rbd", with_mgr: bool = True, addr: str = "127.0.0.1"):
+        """addr: where the daemons listen (the multi-host test's bridge, for
+        agents in other network namespaces)."""
+        self.addr = addr
         self.root = Path(root or tempfile.mkdtemp(prefix="bf-ceph-", dir="/tmp"))
         self.port = free_port()
         self.fsid = str(uuid.uuid4())
@@ -58,13 +61,13 @@ class CephCluster:
                  f"bluestore block size = {self.store_bytes}\nosd memory target = 939524096\n")
         self.conf.write_text(f"""[global]
 fsid = {self.fsid}
-mon host = v2:127.0.0.1:{self.port}
+mon host = v2:{self.addr}:{self.port}
 ms bind msgr1 = false
 auth cluster required = none
 auth service required = none
 auth client required = none
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
+public addr = {self.addr}
+cluster addr = {self.addr}
 osd pool default size = 1
 osd pool default min size = 1
 mon allow pool size one = true
@@ -102,7 +105,7 @@ mgr data = {r}/mgr-x
         for d in ("run", "log", "mon-a", "osd-0", "mgr-x"):
             (r / d).mkdir(parents=True, exist_ok=True)
         self._write_conf()
-        subprocess.run(["monmaptool", "--create", "--addv", "a", f"[v2:127.0.0.1:{self.port}]",
+        subprocess.run(["monmaptool", "--create", "--addv", "a", f"[v2:{self.addr}:{self.port}]",
                         "--fsid", self.fsid, str(r / "monmap")], check=True, capture_output=True)
         subprocess.run(["ceph-mon", "--mkfs", "-i", "a", "--monmap", str(r / "monmap"), "-c", str(self.conf)],
                        check=True, capture_output=True)

@@ -212,6 +212,10 @@ def test_bad_input_is_refused_by_field(controller):
         check_error(c.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER,
                                                                           "page_size": "ten"}), 400, "page_size")
         check_error(c.get("/v1/volume/internal/backuppoint/list"), 400, "cluster_uuid")
+        # found by the fuzzing: numbers beyond a 64-bit column, and non-ASCII digits
+        for bad in (str(2 ** 63), "\u00b2", "1" * 13):
+            check_error(c.get("/v1/volume/share/backup/list", params={"cluster_uuid": CLUSTER,
+                                                                     "filter_end_time": bad}), 400, "filter_end_time")
         check_error(c.get("/v1/nope"), 404)
         assert check_ok(c.get("/v1/volume/internal/backuppoint/list",
                               params={"cluster_uuid": CLUSTER}))["total_count"] == 0  # nothing changed

@@ -1,7 +1,8 @@
 """Three agents in their own network namespaces (veth + bridge, pyroute2),
 one controller, shared storage, and the backup target (a real smbd) in a
-fourth namespace: the seed flow end to end through the REST API, then a
-host's link cut while clones are queued and running."""
+fourth namespace: the seed flow end to end through the REST API (a
+directory pool, and an RBD pool on a Ceph cluster listening on the bridge),
+then a host's link cut while clones are queued and running."""
 from __future__ import annotations
 
 import datetime
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.api.v1 import jobs_pb2
-from cephcluster import free_port
+from cephcluster import CephCluster, free_port
 from conftest import write_config
 from netns import BRIDGE_IP, HostNet
 from smbserver import SmbServer
@@ -105,6 +106,41 @@ def fleet(short_tmp):
         net.destroy()
 
 
+def rbd_leg(op, cluster_uuid, tenant, volume_uuid, snapshot_uuid, want, digest) -> None:
+    """An RBD pool on a real Ceph cluster listening on the bridge, attached
+    on all three hosts; a full clone of the directory pool's snapshot into
+    it, followed through clone/progress; the clone's data; delete."""
+    ceph = CephCluster(objectstore="memstore", store_bytes=2 << 30, addr=BRIDGE_IP, with_mgr=False).start()
+    try:
+        rbd = check_ok(op.post("/v1/pool/share/create", json=dict(
+            seed_example("002", "/v1/pool/share/create"), pool_name="fleet-ceph", pool_type=6, source=ceph.pool,
+            limit_host=False, avail_host=[], attr={"ceph_conf": str(ceph.conf)})))["pool"]
+        assert len(rbd["AvailHosts"]) == 3 and rbd["Status"] == "healthy"
+        full = check_ok(op.post("/v1/volume/share/clone", json=dict(
+            seed_example("001", "/v1/volume/share/clone"), cluster_uuid=cluster_uuid, volume_uuid=volume_uuid,
+            clone_dst_pool_uuid=rbd["UUID"], clone_dst_vol_name="on-ceph", clone_dst_vol_tenant=tenant,
+            snapshot_uuid=snapshot_uuid, is_link=False)))
+        new = full["volume"]["UUID"]
+        seen = []
+        deadline = time.monotonic() + 120
+        while not seen or seen[-1] < 100:
+            seen.append(check_ok(op.get("/v1/volume/share/clone/progress", params={
+                "cluster_uuid": cluster_uuid, "tenant": tenant, "volume_uuid": new}))["clone_progress"])
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.2)
+        assert seen == sorted(seen) and len(set(seen)) > 2, seen  # it moved, and never back
+        assert wait_task(op, full["task_id"])["status"] == "success"
+        assert digest(rbd["UUID"], new) == want
+        ceph.rbd("info", f"{ceph.pool}/{new}")  # a real image in the cluster
+        ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": new}
+        check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"), **ref)))
+        assert new not in ceph.rbd("ls", ceph.pool)
+        check_ok(op.post("/v1/pool/share/delete", json=dict(seed_example("002", "/v1/pool/share/delete"),
+                                                            pool_uuid=rbd["UUID"], cluster_uuid=cluster_uuid)))
+    finally:
+        ceph.destroy()
+
+
 def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
     net, ctl, agents, shared, smb = fleet
     run = short_tmp / "run-test"
@@ -188,6 +224,7 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
             snapshot_uuid=s1["UUID"], is_link=True)))
         assert wait_task(op, linked["task_id"])["status"] == "success"
         assert digest(pid, linked["volume"]["UUID"]) == want
+        rbd_leg(op, cluster_uuid, tenant, vol["UUID"], s1["UUID"], want, digest)
 
         # four full clones (each ~2.5 s at the agents' bandwidth limit, one at a time per host)
         clones = [check_ok(op.post("/v1/volume/share/clone", json=dict(

@@ -278,7 +278,22 @@ class NfsFiles(PoolFiles):
 
     def listdir(self, path: str) -> list[str]:
         with self._ctx("cannot list", path) as ctx:
-            return [n for n, _, _ in ctx.listdir(self._rel(path)) if n not in (".", "..")]
+            return [n for n, _, _ in ctx.listdir(self._rel(path))]
+
+    def walk_files(self, top: str) -> Iterator[str]:
+        """As PoolFiles.walk_files, with the kinds READDIRPLUS returns
+        (no lookup per entry)."""
+        try:
+            with self._ctx("cannot list", top) as ctx:
+                entries = ctx.listdir(self._rel(top))
+        except FileNotFoundError:
+            return
+        for n, is_dir, _ in entries:  # without "." and ".."
+            p = posixpath.join(top, n)
+            if is_dir:
+                yield from self.walk_files(p)
+            else:
+                yield p
 
     def makedirs(self, path: str) -> None:
         rel = self._rel(path)

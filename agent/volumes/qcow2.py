@@ -140,14 +140,14 @@ class Qcow2Pool(VolumeDriver):
             self._prepare()
             held = self.__dict__.setdefault("_flocks", {})
             if vol in held:  # nested: this thread holds it already
-                held[vol][1] += 1
+                held[vol] += 1
                 try:
                     yield
                 finally:
-                    held[vol][1] -= 1
+                    held[vol] -= 1
                 return
             with self.fs.lock(os.path.join(self.base, "locks"), vol, f"volume {vol} metadata"):
-                held[vol] = [None, 1]
+                held[vol] = 1
                 try:
                     yield
                 finally:

@@ -243,8 +243,8 @@ def router(auth) -> APIRouter:
         for value, field, column, op in ((filter_start_time, "filter_start_time", Backup.ctime, "ge"),
                                          (filter_end_time, "filter_end_time", Backup.ctime, "le")):
             if value:
-                if not value.isdigit():
-                    raise InvalidArgument(f"{field}: must be unix seconds", field=field)
+                if not (value.isascii() and value.isdigit() and len(value) <= 12):
+                    raise InvalidArgument(f"{field}: must be unix seconds (0 to 999999999999)", field=field)
                 q = q.where(column >= int(value) if op == "ge" else column <= int(value))
         if filter_volume_uuid:
             q = q.where(Backup.volume_uuid == v.uuid(filter_volume_uuid, "filter_volume_uuid"))

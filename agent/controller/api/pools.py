@@ -192,7 +192,7 @@ def router(auth) -> APIRouter:
                                   "(it is a backup point type); use 2 (nfs), 4 (disk: a directory on the hosts) "
                                   "or 6 (rbd)", field="pool_type")
         ip = v.host(req.ip, "ip")
-        if req.port and (not req.port.isdigit() or not 0 < int(req.port) < 65536):
+        if req.port and (not (req.port.isascii() and req.port.isdigit()) or not 0 < int(req.port) < 65536):
             raise InvalidArgument(f"port: {req.port!r} is not a port number", field="port")
         attr = _attr(req.attr)
         hosts_wanted = [v.uuid(h, "avail_host") for h in req.avail_host]
