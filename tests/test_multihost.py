@@ -126,7 +126,9 @@ def rbd_leg(op, cluster_uuid, tenant, volume_uuid, snapshot_uuid, want, digest) 
         while not seen or seen[-1] < 100:
             seen.append(check_ok(op.get("/v1/volume/share/clone/progress", params={
                 "cluster_uuid": cluster_uuid, "tenant": tenant, "volume_uuid": new}))["clone_progress"])
-            assert time.monotonic() < deadline, seen
+            task = check_ok(op.get(f"/v1/tasks/{full['task_id']}"))
+            assert task["status"] in ("waiting", "running", "success"), json.dumps(task)
+            assert time.monotonic() < deadline, (seen, task)
             time.sleep(0.2)
         assert seen == sorted(seen) and len(set(seen)) > 2, seen  # it moved, and never back
         assert wait_task(op, full["task_id"])["status"] == "success"

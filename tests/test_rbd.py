@@ -246,6 +246,49 @@ def test_full_clone_progress_and_cancel(make_agent, ceph, ceph_io):
     assert a.stop() == 0
 
 
+def test_full_clones_across_qcow2_and_rbd(rbd_agent, ceph_io, ceph, tmp_path):
+    """Full clones qcow2 -> RBD and back, with progress: the data through the
+    drivers' snapshot readers and restore targets; raw sha256 of each image
+    read by independent tools (qemu-img, rbd export); linked clones cannot
+    cross and say so."""
+    from conftest import POOL_UUID
+
+    with rbd_agent.client() as c:
+        qv, rv = Vol(rbd_agent, c, pool=POOL_UUID), Vol(rbd_agent, c, pool=RBD_POOL_UUID)
+        src = qv.create(capacity=CAP).uuid
+        qv.write(src, {0: os.urandom(5 * MiB), 30 * MiB + 11: os.urandom(70000), 50 * MiB: bytes(MiB)})
+        s1 = qv.snap(src, "s1")
+        want = qv.digest(src, s1.uuid)
+        on_rbd = new_id()
+        c.submit("q2r", clone=jobs_pb2.CloneSpec(pool_uuid=POOL_UUID, volume_uuid=src, snapshot_uuid=s1.uuid,
+                                                 target_pool_uuid=RBD_POOL_UUID, target_volume_uuid=on_rbd,
+                                                 target_name="from-qcow2", linked=False))
+        events = list(c.watch("q2r"))
+        assert events[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED, events[-1].error
+        assert events[-1].progress.percent == 100
+        assert [e.progress.bytes_done for e in events] == sorted(e.progress.bytes_done for e in events)
+        assert rv.digest(on_rbd) == want
+        raw_q, raw_r = tmp_path / "q.raw", tmp_path / "r.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", qv.layer(src, s1.uuid), str(raw_q)], check=True)
+        ceph.rbd("export", f"rbd/{on_rbd}", str(raw_r))
+        assert hashlib.sha256(raw_q.read_bytes()).digest() == hashlib.sha256(raw_r.read_bytes()).digest()
+        # and back, from a snapshot of the RBD copy into a new qcow2 volume
+        rs = rv.snap(on_rbd, "r1")
+        back = new_id()
+        job = c.run("r2q", clone=jobs_pb2.CloneSpec(pool_uuid=RBD_POOL_UUID, volume_uuid=on_rbd,
+                                                    snapshot_uuid=rs.uuid, target_pool_uuid=POOL_UUID,
+                                                    target_volume_uuid=back, target_name="from-rbd", linked=False))
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+        assert qv.digest(back) == want
+        cmp = subprocess.run(["qemu-img", "compare", "-U", qv.layer(src, s1.uuid), qv.head(back)],
+                             capture_output=True, text=True)
+        assert cmp.returncode == 0, cmp.stdout
+        e = rpc_error(c.run, "q2r-linked", clone=jobs_pb2.CloneSpec(
+            pool_uuid=POOL_UUID, volume_uuid=src, snapshot_uuid=s1.uuid, target_pool_uuid=RBD_POOL_UUID,
+            target_volume_uuid=new_id(), target_name="linked", linked=True))
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "target_pool_uuid" in e.details()
+
+
 def test_diff_reports_the_changed_objects_and_reproduces_the_snapshot(rv, ceph_io, ceph, tmp_path):
     io = ceph_io["rbd"]
     vid = rv.create().uuid

@@ -1,9 +1,14 @@
-"""Full copy of an image through NBD: the data path of full clones.
+"""Full copies: the data paths of full clones.
 
-Data extents are read from a read-only qemu-nbd with several requests in
-flight, zero blocks inside them are detected by the native core and skipped,
-and the rest is written to a writable qemu-nbd with several writes in flight,
-so holes stay holes in the copy.
+copy_image: data extents are read from a read-only qemu-nbd with several
+requests in flight, zero blocks inside them are detected by the native core
+and skipped, and the rest is written to a writable qemu-nbd with several
+writes in flight, so holes stay holes in the copy.
+
+copy_snapshot: a snapshot of any volume driver into a new volume of any
+other (qcow2 <-> RBD), through the drivers' snapshot readers and restore
+targets, the pieces backups and restores use; the new volume appears only
+when complete (the restore target's commit).
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 from agent import native
 from agent.extents import Extent
 from agent.volumes.nbd import AsyncWriter, QemuNbd
+
+READ_REQUEST = 4 << 20
 
 ZERO_BLOCK = 65536
 
@@ -44,3 +51,31 @@ def copy_image(src: str, dst: str, *, run_dir: str, ctx, src_format: str = "qcow
             reader.read_extents(data, on_data, checkpoint=ctx.checkpoint)
             writer.finish()
             return CopyStats(data_bytes=total, written_bytes=written)
+
+
+def copy_snapshot(source, volume_uuid: str, snapshot_uuid: str, target, new_uuid: str, name: str, ctx):
+    """A new volume new_uuid in target holding the snapshot's content;
+    returns (its VolumeInfo, data bytes copied). Cancelled or failed, the
+    target's abort() leaves nothing behind."""
+    with source.open_reader(volume_uuid, snapshot_uuid) as reader:
+        data = [Extent(e.start, e.length) for e in reader.extents() if not e.zero]
+        total = sum(e.length for e in data)
+        out = target.open_restore_target(new_uuid, name, reader.size(), job_id=ctx.job_id)
+        try:
+            ctx.progress(0, total, "copying")
+            done = 0
+
+            def on_data(offset: int, view: memoryview) -> None:
+                nonlocal done
+                ctx.throttle(len(view))
+                out.write(offset, view)  # zero blocks inside are skipped
+                done += len(view)
+                ctx.progress(done)
+
+            reader.read(data, on_data, READ_REQUEST, ctx.checkpoint)
+            ctx.checkpoint()
+            ctx.progress(total, total, "committing")
+            return out.commit(), total
+        except BaseException:
+            out.abort()
+            raise

@@ -8,6 +8,7 @@ from agent.jobs.kinds import Claim, JobKind
 from agent.jobs.locks import LockMode
 from agent.pools import PoolRegistry
 from agent.volumes.base import check_name, check_uuid
+from agent.volumes.copy import copy_snapshot
 
 
 def volume_resource(pool_uuid: str, volume_uuid: str) -> str:
@@ -60,10 +61,9 @@ class CloneKind(JobKind):
         target = self.pools.get(spec.target_pool_uuid, "target_pool_uuid")
         check_uuid(spec.target_volume_uuid, "target_volume_uuid")
         check_name(spec.target_name, "target_name")
-        if type(source) is not type(target):
-            raise FailedPrecondition(f"target_pool_uuid: cloning between a {source.kind} pool and a {target.kind} "
-                                     "pool is not supported; back up and restore across pool types",
-                                     field="target_pool_uuid")
+        if spec.linked and source.kind != target.kind:
+            raise FailedPrecondition(f"target_pool_uuid: a linked clone of a {source.kind} pool's snapshot cannot "
+                                     f"live in a {target.kind} pool; make a full clone", field="target_pool_uuid")
         source.snapshot_info(spec.volume_uuid, spec.snapshot_uuid)  # both exist
         if target.volume_exists(spec.target_volume_uuid):
             raise AlreadyExists(f"target_volume_uuid: volume {spec.target_volume_uuid} exists in pool "
@@ -83,8 +83,12 @@ class CloneKind(JobKind):
                                        spec.target_name)
             ctx.progress(1, 1, "done")
             return CloneResult(target.pool_uuid, info.uuid, info.access_path, info.capacity, True, 0)
-        info, copied = target.full_clone(source, spec.volume_uuid, spec.snapshot_uuid, spec.target_volume_uuid,
-                                         spec.target_name, ctx)
+        if type(source) is not type(target):  # qcow2 <-> RBD
+            info, copied = copy_snapshot(source, spec.volume_uuid, spec.snapshot_uuid, target,
+                                         spec.target_volume_uuid, spec.target_name, ctx)
+        else:
+            info, copied = target.full_clone(source, spec.volume_uuid, spec.snapshot_uuid, spec.target_volume_uuid,
+                                             spec.target_name, ctx)
         return CloneResult(target.pool_uuid, info.uuid, info.access_path, info.capacity, False, copied)
 
 

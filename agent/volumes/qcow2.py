@@ -569,10 +569,10 @@ class Qcow2Pool(VolumeDriver):
         """A new volume in this pool on top of a snapshot of source (constant time)."""
         vol = check_uuid(volume_uuid, "clone_volume_uuid")
         check_name(name, "clone_dst_vol_name")
-        if source.fs.local != self.fs.local:
-            raise InvalidArgument(f"pool_uuid: a linked clone of a {source.kind} pool's snapshot cannot live in a "
-                                  f"{self.kind} pool (its backing file would be out of reach); make a full clone",
-                                  field="pool_uuid")
+        if source.kind != self.kind:
+            raise FailedPrecondition(f"target_pool_uuid: a linked clone of a {source.kind} pool's snapshot cannot "
+                                     f"live in a {self.kind} pool (its backing file would be out of reach); make a "
+                                     "full clone", field="target_pool_uuid")
         with source._locked(source_volume):
             origin = source._meta(source_volume)
             s = source._snap(origin, snapshot_uuid)
