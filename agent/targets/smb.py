@@ -173,6 +173,11 @@ class SmbStore(ObjectStore):
     """Objects under \\\\server\\share\\sub_dir (SMB2/3, signed)."""
 
     zero_copy = True  # WRITEs through agent/targets/smb_write.py (False: smbprotocol's own path)
+    # Packs of 256 MiB: a full backup of 2 GiB measured 3.43 s against 4.0 s
+    # with 64 MiB packs (each commit is a FLUSH the server answers after an
+    # fsync, and a close and rename), and 3.7 s with 1 GiB (the last pack's
+    # commit then waits for a large flush alone).
+    pack_target = 256 << 20
 
     @property
     def concurrent_writers(self) -> bool:
