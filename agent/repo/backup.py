@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
 from agent import __version__, native
 from agent.errors import FailedPrecondition, NotFound, TrackingLost
@@ -62,17 +63,30 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
         # RBD: a diff), so the reader maps only the chunks an incremental reads.
         changes, only = None, None
         if parent is not None and not full:
-            changes = Future()
-            try:
-                changes.set_result(driver.changed_extents(volume, snapshot, parent.snapshot_uuid))
-                cs, size = repo.chunk_size, parent.size
-                if parent.chunk_size == cs:
-                    only = (size, _ranges(chunk_indexes(changes.result().extents, cs, size), cs, size))
-            except (TrackingLost, NotFound, FailedPrecondition) as e:
-                changes.set_exception(e)
+            changes = _changes_since(driver, volume, snapshot, parent, repo.chunk_size)
+            if changes.indexes is not None:
+                only = (parent.size, _ranges(changes.indexes, repo.chunk_size, parent.size))
         with driver.open_reader(volume, snapshot, only=only) as reader:
             return _backup(driver, reader, info, volume, snapshot, repo, parent, changes,
                            backup_id or str(uuid.uuid4()), name, description, tenant, ctx)
+
+
+@dataclass(frozen=True)
+class _Changes:
+    """What change tracking says since the parent backup's snapshot: the
+    chunks it touched (in the parent's geometry), or why that is not known."""
+    indexes: list[int] | None
+    lost: str = ""
+
+
+def _changes_since(driver, volume: str, snapshot: str, parent: Manifest, cs: int) -> _Changes:
+    try:
+        changed = driver.changed_extents(volume, snapshot, parent.snapshot_uuid).extents
+    except (TrackingLost, NotFound, FailedPrecondition) as e:
+        return _Changes(None, e.message)
+    if parent.chunk_size != cs:
+        return _Changes(None, "the parent backup has another chunk size")
+    return _Changes(chunk_indexes(changed, cs, parent.size))
 
 
 def _ranges(indexes: list[int], cs: int, size: int) -> list[tuple[int, int]]:
@@ -114,16 +128,14 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
     chunks = [ZERO] * n
     wanted = None
     if changes is not None:
-        if parent.chunk_size != cs or parent.size != size:
+        if parent.size != size:
             why = "the volume size changed since the parent backup"
+        elif changes.indexes is None:
+            mode, why = "fallback", changes.lost
         else:
-            try:
-                changed = changes.result().extents
-                mode, why = "incremental", ""
-                wanted = chunk_indexes(changed, cs, size)
-                chunks = list(parent.chunks)
-            except (TrackingLost, NotFound, FailedPrecondition) as e:
-                mode, why = "fallback", e.message
+            mode, why = "incremental", ""
+            wanted = changes.indexes
+            chunks = list(parent.chunks)
     if wanted is None:  # every data chunk (the allocation map is only needed here)
         wanted = chunk_indexes([e for e in reader.extents() if not e.zero], cs, size)
     if why:
