@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, InvalidArgument
 
 DEFAULT_CONFIG = "/etc/blockferry/agent.toml"
 MASK = "********"
@@ -203,10 +203,13 @@ class Config:
             if pool.type == "dir" and not os.path.isabs(pool.path):
                 raise bad(f"pools.{uuid}", "path", "must be an absolute path")
             if pool.type == "nfs":
-                if not pool.ip:
-                    raise bad(f"pools.{uuid}", "ip", "must be set for an nfs pool")
-                if not pool.export.startswith("/") or ".." in pool.export.split("/"):
-                    raise bad(f"pools.{uuid}", "export", "must be the absolute export path (no '..')")
+                from agent.volumes.poolfs import check_nfs_export, check_nfs_server
+
+                for key, check in (("ip", check_nfs_server), ("export", check_nfs_export)):
+                    try:
+                        check(getattr(pool, key), key)
+                    except InvalidArgument as e:
+                        raise bad(f"pools.{uuid}", key, e.message.split(": ", 1)[1]) from None
                 if pool.timeout <= 0:
                     raise bad(f"pools.{uuid}", "timeout", "must be positive")
             if pool.type == "rbd":

@@ -79,11 +79,10 @@ class PoolRegistry:
             if not pc.rbd_pool:
                 raise InvalidArgument("rbd_pool: must not be empty", field="rbd_pool")
         elif pc.type == "nfs":
-            if not pc.ip:
-                raise InvalidArgument("ip: an nfs pool needs the server's address", field="ip")
-            if not pc.export.startswith("/") or ".." in pc.export.split("/"):
-                raise InvalidArgument(f"export: {pc.export!r} must be the absolute export path (no '..')",
-                                      field="export")
+            from agent.volumes.poolfs import check_nfs_export, check_nfs_server
+
+            check_nfs_server(pc.ip)
+            pc = dataclasses.replace(pc, export=check_nfs_export(pc.export))
         else:
             raise InvalidArgument(f"type: pool type must be dir, nfs or rbd, not {pc.type!r}", field="type")
         with self._lock:

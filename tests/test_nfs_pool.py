@@ -236,8 +236,10 @@ def test_nfs_pool_config_is_checked(short_tmp):
 
     for body, field in (('type = "nfs"\nexport = "/x"\n', "ip"),
                         ('type = "nfs"\nip = "127.0.0.1"\nexport = "x"\n', "export"),
-                        ('type = "nfs"\nip = "127.0.0.1"\nexport = "/a/../b"\n', "export")):
+                        ('type = "nfs"\nip = "127.0.0.1"\nexport = "/a/../b"\n', "export"),
+                        ('type = "nfs"\nip = "127.0.0.1"\nexport = "/a b?c"\n', "export"),
+                        ('type = "nfs"\nip = "::1"\nexport = "/x"\n', "ip")):
         a = write_config(short_tmp / field, f"[pools.{NFS_POOL}]\n{body}")
         with pytest.raises(ConfigError) as e:
             load(str(a.config))
-        assert e.value.field == f"pools.{NFS_POOL}.{field}"
+        assert e.value.field == f"pools.{NFS_POOL}.{field}", e.value.message

@@ -107,7 +107,8 @@ class RepoLock:
         out = []
         for other in self._others():
             if other.stale(now, self.stale_after):
-                log.warning("removing a stale repository lock", extra={"lock": other.id, "held": other.describe()})
+                log.warning("removing a stale lock", extra={"lock": f"{self.prefix}/{other.id}",
+                                                            "held": other.describe()})
                 self.store.delete(f"{self.prefix}/{other.id}")
             elif self.mode == EXCLUSIVE or other.mode == EXCLUSIVE:
                 out.append(other)

@@ -33,6 +33,23 @@ _URL_SAFE = re.compile(r"^[A-Za-z0-9._/-]+$")
 LOCK_WAIT = 600.0  # seconds a volume operation waits for another host's lock on an NFS pool
 
 
+def check_nfs_export(export: str, field: str = "export") -> str:
+    """An NFS pool's export path: absolute, no '..', and only characters
+    that stay themselves inside qemu's nfs:// URLs."""
+    if not export.startswith("/") or not _URL_SAFE.match(export) or ".." in export.split("/"):
+        raise InvalidArgument(f"{field}: {export!r} must be an absolute export path of letters, digits and ._-/ "
+                              "without '..' (it becomes part of nfs:// URLs)", field=field)
+    return posixpath.normpath(export)
+
+
+def check_nfs_server(server: str, field: str = "ip") -> str:
+    """An NFS pool's server: an IPv4 address or a host name (an IPv6 literal
+    would need brackets in the URLs, which libnfs does not take)."""
+    if not server or ":" in server or "/" in server or "?" in server or "@" in server:
+        raise InvalidArgument(f"{field}: {server!r}: an nfs pool needs an IPv4 address or a host name", field=field)
+    return server
+
+
 class ReadFile(ABC):
     """A file open for positioned reads (the qcow2 header/bitmap readers)."""
 
@@ -234,13 +251,8 @@ class NfsFiles(PoolFiles):
     def __init__(self, server: str, export: str, *, label: str, timeout: float = 30.0):
         from agent.targets.nfs import NfsStore  # the native binding loads only for NFS pools
 
-        if not _URL_SAFE.match(export) or not export.startswith("/"):
-            raise InvalidArgument(f"export: {export!r} must be an absolute export path of letters, digits and "
-                                  "._-/ (it becomes part of qemu's nfs:// URLs)", field="export")
-        if ":" in server or "/" in server or not server:
-            raise InvalidArgument(f"ip: {server!r}: an nfs pool needs an IPv4 address or a host name", field="ip")
-        self.server = server
-        self.export = posixpath.normpath(export)
+        self.server = check_nfs_server(server)
+        self.export = check_nfs_export(export)
         self.prefix = f"nfs://{server}{self.export}"
         self.store = NfsStore(server, self.export, timeout=timeout, label=label, owner=("pool", "pool_uuid"))
         self.label = label

@@ -29,6 +29,7 @@ from agent.controller.api.hosts import host_state
 from agent.controller.models import Host, Pool
 from agent.errors import AlreadyExists, BlockferryError, HasDependents, InvalidArgument, NotFound, \
     PermissionDenied, TargetUnreachable
+from agent.volumes.poolfs import check_nfs_export, check_nfs_server
 
 POOL_TYPES = {1: "iscsi", 2: "nfs", 3: "samba", 4: "disk", 5: "fc", 6: "rbd"}
 SERVED = {2: "nfs", 4: "dir", 6: "rbd"}  # seed pool_type -> what the agents serve
@@ -202,12 +203,8 @@ def router(auth) -> APIRouter:
             source = v.abs_path(req.source, "source")
             attach = dict(type="dir", path=source)
         elif kind == "nfs":
-            source = v.abs_path(req.source, "source")
-            if not all(c.isalnum() or c in "._/-" for c in source) or not source.isascii():
-                raise InvalidArgument(f"source: {source!r}: an nfs export path of letters, digits and ._-/ only "
-                                      "(it becomes part of nfs:// URLs)", field="source")
-            if ":" in ip:
-                raise InvalidArgument(f"ip: {ip}: an nfs pool needs an IPv4 address or a host name", field="ip")
+            source = check_nfs_export(v.abs_path(req.source, "source"), "source")
+            check_nfs_server(ip)
             if req.port:
                 raise InvalidArgument(f"port: {req.port!r}: an nfs pool is reached through the server's portmapper "
                                       "(qemu's nfs driver takes no port); leave port empty", field="port")
