@@ -373,15 +373,15 @@ class NfsFiles(PoolFiles):
         with self._ctx("cannot write", path) as ctx:
             f = ctx.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
-                if data:
-                    f.pwrite(data, 0)
-                f.fsync()
-            finally:
-                f.close()
-            try:
+                try:
+                    if data:
+                        f.pwrite(data, 0)
+                    f.fsync()
+                finally:
+                    f.close()
                 ctx.rename(tmp, rel)
             except OSError:
-                try:
+                try:  # no half-written temporary file stays behind
                     ctx.unlink(tmp)
                 except OSError:
                     pass
@@ -397,8 +397,8 @@ class NfsFiles(PoolFiles):
         from agent.repo.locks import EXCLUSIVE, RepoLock
 
         def busy(holder):
-            return Busy(f"volume_uuid: volume {name} is locked by {holder.describe()}; try again when it "
-                              "ends", field="volume_uuid")
+            return Busy(f"volume_uuid: volume {name} is locked by {holder.describe()}; try again when it ends",
+                        field="volume_uuid")
 
         prefix = f"{self._rel(lock_dir).strip('/')}/{name}"
         with RepoLock(self.store, EXCLUSIVE, purpose, timeout=LOCK_WAIT, prefix=prefix, busy=busy):
