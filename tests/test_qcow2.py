@@ -432,6 +432,25 @@ def test_volume_in_use_by_another_process_is_refused(vol):
     assert vol.snap(vid, "after").tracking == "ok"
 
 
+def test_qemu_nbd_stopped_right_after_start_closes_its_bitmap(vol):
+    """qemu-nbd 7.2 loses a SIGTERM that arrives while it starts; stopping
+    sends it again, so a writable server stopped at once still exits
+    cleanly (not killed after the timeout, which leaves its dirty bitmap
+    inconsistent and change tracking lost)."""
+    from agent.volumes import qemu_img
+
+    vid = vol.create().uuid
+    head = vol.head(vid)
+    for _ in range(10):
+        srv = QemuNbd(head, readonly=False, run_dir=str(vol.run_dir)).start()
+        t0 = time.monotonic()
+        assert srv.child.stop(timeout=10) == 0
+        assert time.monotonic() - t0 < 5
+        bm = qemu_img.info(head).bitmap("bf-dirty")
+        assert bm is not None and bm.consistent
+    assert vol.snap(vid, "after").tracking == "ok"
+
+
 def test_snapshot_interrupted_by_a_crash_is_repaired_at_start(make_agent):
     a = make_agent().start()
     with a.client() as c:
