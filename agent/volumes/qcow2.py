@@ -271,10 +271,11 @@ class Qcow2Pool(VolumeDriver):
         qemu_img.bitmap(path, "disable", BITMAP)
         return TRACKING_OK
 
-    def _head_tracking(self, meta: VolMeta) -> str:
+    def _head_tracking(self, meta: VolMeta, info: qemu_img.ImageInfo) -> str:
+        """Whether the live state's changes are tracked, from the head's info."""
         if meta.head_tracking != TRACKING_OK:
             return TRACKING_LOST
-        bm = qemu_img.info(self.head_path(meta.uuid)).bitmap(BITMAP)
+        bm = info.bitmap(BITMAP)
         return TRACKING_OK if bm is not None and bm.consistent else TRACKING_LOST
 
     # ---- volumes ----
@@ -379,7 +380,7 @@ class Qcow2Pool(VolumeDriver):
             snapshot_bytes=snap_bytes, access_path=head, created_at=meta.created_at,
             parent_volume=meta.parent_volume, parent_snapshot=meta.parent_snapshot,
             children=tuple(c.split("/")[1] for c in self._dependents(meta)), format="qcow2",
-            tracking=self._head_tracking(meta))
+            tracking=self._head_tracking(meta, info))
 
     def list_volumes(self) -> list[VolumeInfo]:
         self._prepare()
