@@ -18,7 +18,7 @@ import pytest
 from agent.api.v1 import jobs_pb2, volumes_pb2 as v
 from agent.errors import ConfigError
 from conftest import POOL_UUID, write_config
-from test_backup_agent import OK, Bk
+from test_backup_agent import OK, Bk, three_generations
 from test_qcow2 import MiB, new_id, ref_digest_of, rpc_error
 
 NFS_POOL = "3c5e0f7a-9d1b-4c2e-8f4a-6b7c8d9e0f1a"
@@ -141,19 +141,9 @@ def test_clones_within_and_across_nfs_and_dir_pools(nfs_agent):
 
 def test_backup_incremental_and_restore_into_nfs_pool(nfs_agent):
     n = nfs_agent
-    vid = n.create(capacity=24 * MiB, name="src").uuid
-    n.write(vid, {0: os.urandom(3 * MiB), 9 * MiB: os.urandom(MiB), 20 * MiB + 7: b"tail" * 1000})
-    gens = []
-    for gen in range(3):
-        if gen:
-            n.write(vid, {MiB + 100: os.urandom(5000), 15 * MiB: os.urandom(4096 * gen)})
-        s = n.snap(vid, f"s{gen}").uuid
-        r = n.backup(vid, s)
-        assert r.mode == ("full" if gen == 0 else "incremental")
-        assert r.image_digest == n.digest(vid, s)
-        gens.append((s, r))
+    vid, gens = three_generations(n)  # on the NFS pool: n.pool
     assert gens[1][1].chunks_read == 2 and gens[2][1].chunks_read == 2  # the bitmaps, read over NFS
-    for snap, r in gens:
+    for snap, r, _ in gens:
         for pool in (n.pool, POOL_UUID):  # into the NFS pool and into a directory pool
             restored = n.restore(r.backup_uuid, pool=pool)
             assert restored.image_digest == r.image_digest
