@@ -250,6 +250,13 @@ def test_engine_suite(target, pool, short_tmp):
     assert target.read_back(sub, "config") == bytes(repo.store.get("config"))
     manifest_names = repo.store.list("manifests")
     assert manifest_names and target.read_back(sub, manifest_names[0]) == bytes(repo.store.get(manifest_names[0]))
+    # a read into the caller's buffer (a restore's recycled ones): the same bytes, short at the object's end
+    config = bytes(repo.store.get("config"))
+    buf = bytearray(len(config) + 100)
+    assert repo.store.read_into("config", 3, buf) == len(config) - 3 and buf[:len(config) - 3] == config[3:]
+    assert bytes(repo.store.get("config", 3, 5)) == config[3:8]
+    with pytest.raises(NotFound):
+        repo.store.read_into("manifests/missing", 0, buf)
     # delete the middle backup, collect garbage: the others still restore bit for bit
     repo.delete_backup(m2.backup_id)
     result = gc(repo)

@@ -325,11 +325,17 @@ class Repository:
             with self._write_lock:
                 self._commit_pack()
 
-    def read_record(self, cid: bytes) -> tuple[Location, bytes]:
+    def read_record(self, cid: bytes, into: bytearray | None = None) -> tuple[Location, bytes]:
+        """A chunk's location and stored record (unchecked); into: a
+        recycled buffer the record is read into when it fits (the record
+        returned is then a view of it)."""
         loc = self.location(cid)
         if loc is None:
             raise DataCorrupt(f"chunk {cid.hex()} is missing from the repository")
         try:
+            if into is not None and len(into) >= loc.length:
+                view = memoryview(into)[:loc.length]
+                return loc, view[:self.store.read_into(loc.pack, loc.offset, view)]
             return loc, self.store.get(loc.pack, loc.offset, loc.length)
         except NotFound:
             raise DataCorrupt(f"chunk {cid.hex()}: pack {loc.pack} is missing") from None
@@ -339,11 +345,13 @@ class Repository:
         if loc is not None:
             self.store.prefetch(loc.pack, loc.offset, loc.length)
 
-    def get(self, cid: bytes, out: bytearray | None = None) -> tuple[bytes, bytes]:
+    def get(self, cid: bytes, out: bytearray | None = None,
+            record_buf: bytearray | None = None) -> tuple[bytes, bytes]:
         """A chunk's data and block digests, checked (thread-safe). out: a
-        recycled buffer a compressed chunk is decompressed into (the data
-        returned may then be a view of it)."""
-        loc, record = self.read_record(cid)
+        recycled buffer a compressed chunk is decompressed into; record_buf:
+        one its stored record is read into (the data returned may be a view
+        of either)."""
+        loc, record = self.read_record(cid, record_buf)
         return decode_chunk(record, cid, self._decompressor(), self.sealer, loc.pack, out)
 
     # ---- block digests ----

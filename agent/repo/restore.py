@@ -5,13 +5,13 @@ pool of workers, several in flight, and written in order; zero chunks are not
 written (a new volume reads as zeros). A target that takes concurrent writes
 has the data written when write() returns, so its chunks are decompressed
 into recycled buffers (the native core: no fresh 4 MiB allocation paged in
-per chunk). The image digest of everything written is computed on the way,
+per chunk), and their records are read into recycled buffers too. The image digest of everything written is computed on the way,
 from the block digests that checking each chunk yields anyway, and compared
 with the manifest's by the caller.
 """
 from __future__ import annotations
 
-from agent.repo.format import ZERO, ImageDigest, Manifest
+from agent.repo.format import HEADER, ZERO, ImageDigest, Manifest
 from agent.repo.pipeline import BufferPool, OrderedPipeline
 from agent.repo.repository import Repository
 
@@ -40,6 +40,7 @@ def _restore(repo: Repository, m: Manifest, write, ctx, concurrent: bool, zero) 
     ctx.progress(0, m.size, "restoring")
 
     buffers = BufferPool(cs)
+    records = BufferPool(HEADER.size + cs + repo.sealer.overhead)  # the largest record: stored as it is
 
     def work(i: int, cid: str):
         if cid == ZERO:
@@ -49,13 +50,14 @@ def _restore(repo: Repository, m: Manifest, write, ctx, concurrent: bool, zero) 
             return i, data, digests
         # a concurrent target has written the data when write() returns, so
         # the buffer is recycled at once (no 4 MiB allocation per chunk)
-        buf = buffers.get(cs)
+        buf, rec = buffers.get(cs), records.get(records.size)
         try:
-            data, digests = repo.get(bytes.fromhex(cid), out=buf)
+            data, digests = repo.get(bytes.fromhex(cid), out=buf, record_buf=rec)
             ctx.throttle(len(data))
             write(i * cs, data)
         finally:
             buffers.put(buf)
+            records.put(rec)
         return i, True, digests
 
     def retire(result) -> None:

@@ -110,6 +110,15 @@ class ObjectStore(ABC):
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Bytes of an object (a range of it); NotFound if it does not exist."""
 
+    def read_into(self, name: str, offset: int, buf) -> int:
+        """Read the object's bytes from offset into buf (a writable buffer);
+        returns how many were read (fewer at the object's end). Stores that
+        can read without an intermediate copy override it: a restore reads
+        every chunk record into one of a few recycled buffers."""
+        data = self.get(name, offset, len(buf))
+        memoryview(buf)[:len(data)] = data
+        return len(data)
+
     @abstractmethod
     def size(self, name: str) -> int: ...
 

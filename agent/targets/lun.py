@@ -462,13 +462,20 @@ class LunStore(ObjectStore):
         return meta
 
     def get(self, name: str, offset: int = 0, length: int | None = None):
+        size, _ = self._meta(name)
+        out = bytearray(max(0, (size if length is None else min(size, offset + length)) - offset))
+        self.read_into(name, offset, out)  # fills it: the object's size is known
+        return out
+
+    def read_into(self, name: str, offset: int, buf) -> int:
         size, where = self._meta(name)
-        end = size if length is None else min(size, offset + length)
+        out = memoryview(buf).cast("B")
+        end = min(size, offset + len(out))
         if offset >= end:
-            return bytearray()
+            return 0
         if not isinstance(where, list):
-            return bytearray(where[offset:end])
-        out = bytearray(end - offset)
+            out[:end - offset] = where[offset:end]
+            return end - offset
         pos = 0  # object position of the current extent
         try:
             for off, ln in where:
@@ -485,7 +492,7 @@ class LunStore(ObjectStore):
                     break
         except OSError as e:
             raise storage_error(self.label, f"cannot read {name}", e) from None
-        return out
+        return end - offset
 
     def size(self, name: str) -> int:
         return self._meta(name)[0]

@@ -249,20 +249,23 @@ class NfsStore(ObjectStore):
         return _NfsWriter(self, name, durable)
 
     def get(self, name: str, offset: int = 0, length: int | None = None):
-        path = self._path(name)
+        if length is None:
+            length = max(0, self.size(name) - offset)
+        out = bytearray(length)
+        n = self.read_into(name, offset, out) if length else 0
+        return out if n == length else out[:n]
+
+    def read_into(self, name: str, offset: int, buf) -> int:
+        """nfs_pread straight into buf, GIL released (native binding)."""
         try:
             with self.connection(f"cannot read {name}") as ctx:
-                f = ctx.open(path, os.O_RDONLY)
+                f = ctx.open(self._path(name), os.O_RDONLY)
                 try:
-                    if length is None:
-                        length = max(0, ctx.stat(path)[0] - offset)
-                    out = bytearray(length)
-                    n = f.preadinto(out, offset) if length else 0
+                    return f.preadinto(buf, offset)
                 finally:
                     f.close()
         except NotFound:
             raise NotFound(f"backup point {self.label}: object {name} is missing", field="name") from None
-        return out if n == length else out[:n]
 
     def size(self, name: str) -> int:
         try:

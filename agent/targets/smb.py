@@ -301,21 +301,30 @@ class SmbStore(ObjectStore):
         return _SmbWriter(self, name, durable)
 
     def get(self, name: str, offset: int = 0, length: int | None = None):
+        if length is not None:
+            out = bytearray(length)
+            got = self.read_into(name, offset, out)
+            return out if got == length else out[:got]
         with self._call(f"cannot read {name}"):
             with self._credited(smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd",
                                 **self._kw) as f:
                 if offset:
                     f.seek(offset)
-                if length is None:
-                    return bytearray(f.readall())
-                out = bytearray(length)
-                view, got = memoryview(out), 0
-                while got < length:
+                return bytearray(f.readall())
+
+    def read_into(self, name: str, offset: int, buf) -> int:
+        view, got = memoryview(buf).cast("B"), 0
+        with self._call(f"cannot read {name}"):
+            with self._credited(smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd",
+                                **self._kw) as f:
+                if offset:
+                    f.seek(offset)
+                while got < len(view):
                     n = f.readinto(view[got:])
                     if not n:
                         break
                     got += n
-                return out if got == length else out[:got]
+        return got
 
     def size(self, name: str) -> int:
         with self._call(f"cannot stat {name}"):
