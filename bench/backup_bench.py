@@ -11,8 +11,9 @@ local disk of --dir. Each run, on the newest snapshot:
   - ours: a full backup into a new repository, zstd and uncompressed (its packs are fsynced);
   - a 1 % change (4 MiB-aligned writes), a snapshot, and an incremental backup;
   - a restore of the full backup into a new qcow2 volume (durable) vs the peer
-    convert, both with the page cache dropped first (sync; drop_caches: root),
-    so both read their source from the disk; as diagnostics, the same restore
+    convert, back to back in alternating order, both with the page cache
+    dropped first (sync; drop_caches: root), so both read their source from
+    the disk; as diagnostics, the same restore
     against the peer reading a snapshot in the page cache, and the same
     restore again with the packs cached, to show what is disk and what is us.
 RBD part, in process on a single-node Ceph cluster (bluestore on a sparse
@@ -164,7 +165,6 @@ def qcow2_part(args, rows: list) -> None:
 
                 for step in ((the_peer, ours_none) if k % 2 == 0 else (ours_none, the_peer)):
                     step()
-                the_peer_cold()
                 dt, full = timed(lambda: backup(bp_uuid("zstd", k), base))
                 t["zstd"].append(dt)
                 with QemuNbd(head, readonly=False, run_dir=f"{work}/run") as srv, NbdClient(srv.socket) as nc:
@@ -177,12 +177,18 @@ def qcow2_part(args, rows: list) -> None:
                 assert incr.mode == "incremental", incr
                 t["incr"].append(dt)
                 new = str(uuid.uuid4())
-                drop_caches()
-                dt, _ = timed(lambda: job("restore", jobs_pb2.RestoreSpec(
-                    backup_point_uuid=bp_uuid("zstd", k), backup_uuid=full.backup_uuid, pool_uuid=POOL,
-                    volume_uuid=new, name=f"restored-{k}")))
-                t["restore"].append(dt)
-                call("DeleteVolume", v.DeleteVolumeRequest(pool_uuid=POOL, volume_uuid=new))
+
+                def ours_restore_cold():
+                    drop_caches()
+                    dt, _ = timed(lambda: job("restore", jobs_pb2.RestoreSpec(
+                        backup_point_uuid=bp_uuid("zstd", k), backup_uuid=full.backup_uuid, pool_uuid=POOL,
+                        volume_uuid=new, name=f"restored-{k}")))
+                    t["restore"].append(dt)
+                    call("DeleteVolume", v.DeleteVolumeRequest(pool_uuid=POOL, volume_uuid=new))
+
+                # the cold restore and the cold peer back to back, order alternating
+                for step in ((the_peer_cold, ours_restore_cold) if k % 2 == 0 else (ours_restore_cold, the_peer_cold)):
+                    step()
                 # the same restore again: now its packs are in the page cache, as the peer's source is
                 dt, _ = timed(lambda: job("restore", jobs_pb2.RestoreSpec(
                     backup_point_uuid=bp_uuid("zstd", k), backup_uuid=full.backup_uuid, pool_uuid=POOL,
