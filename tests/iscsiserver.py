@@ -82,6 +82,27 @@ class TgtServer:
             self._configure(lun)
         return lun
 
+    def connections(self, lun: Lun) -> list[tuple[int, int]]:
+        """(session id, connection id) of every initiator connection to the
+        LUN's target, as tgtd sees them."""
+        out = subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", "--op", "show", "--mode", "conn",
+                              "--tid", str(lun.tid)], check=True, capture_output=True, text=True).stdout
+        found, sid = [], None
+        for line in out.splitlines():
+            key, _, value = line.strip().partition(": ")
+            if key == "Session":
+                sid = int(value)
+            elif key == "Connection" and sid is not None:
+                found.append((sid, int(value)))
+        return found
+
+    def drop_connections(self, lun: Lun) -> None:
+        """Close every initiator connection to the target from the server
+        side, as a target restart or a network cut does."""
+        for sid, cid in self.connections(lun):
+            self._adm("--op", "delete", "--mode", "conn", "--tid", str(lun.tid), "--sid", str(sid),
+                      "--cid", str(cid))
+
     def stop(self) -> None:
         if self.proc is None:
             return

@@ -649,6 +649,41 @@ def test_iscsi_chap_wrong_or_missing_secret_is_a_clear_error(iscsi_lun):
     dev.close()
 
 
+def test_iscsi_second_data_session_takes_a_call_while_the_first_is_busy(iscsi_lun):
+    """Two calls at once go out on two sessions (a session serves one call
+    at a time); every byte lands in the target's backing file, and a
+    session that breaks is replaced by a new login."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t = iscsi_lun(160 * MiB, chap=True)
+    dev = t.device()
+    try:
+        busy = dev._checkout()  # the first session is in a call
+        first = os.urandom(4 * MiB)
+        dev.write(0, first)  # so this one logs in a second session
+        assert dev._open == 2
+        dev._checkin(busy)
+        pieces = {(1 + k) * 16 * MiB: os.urandom(16 * MiB) for k in range(8)}
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda kv: dev.write(*kv), pieces.items()))
+        assert dev._open == 2  # never more than io_depth
+        dev.flush()
+        assert len(t.srv.connections(t.lun)) == 3  # as the target sees it: two data sessions and the flush's
+        # broken sessions (closed by the target): the next calls log in anew
+        t.srv.drop_connections(t.lun)
+        last = os.urandom(MiB)
+        dev.write(150 * MiB, last)
+        dev.flush()
+        assert bytes(dev.read(150 * MiB, MiB)) == last
+    finally:
+        dev.close()
+    with open(t.lun.file, "rb") as f:
+        assert f.read(len(first)) == first
+        for off, data in {**pieces, 150 * MiB: last}.items():
+            f.seek(off)
+            assert f.read(len(data)) == data
+
+
 def test_iscsi_target_stopped_mid_backup_fails_cleanly_then_retry_succeeds(tgt_server, iscsi_lun, pool, short_tmp):
     outage_then_retry(tgt_server, iscsi_lun(256 * MiB), "", pool, short_tmp, "iscsi://127.0.0.1")
 
