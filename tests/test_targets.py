@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -595,6 +596,31 @@ def test_lun_writers_commit_while_others_write_and_every_byte_lands(loop):
         st.delete(name)
     assert st.stats().available_bytes == free0
     st.close()
+
+
+def test_lun_paced_flushes_run_while_an_object_is_written(iscsi_lun):
+    """With pace_every set (iSCSI: the target caches writes), the device is
+    flushed in the background while a large object is written, before its
+    commit; the object reads back whole (through the target's backing file)."""
+    import hashlib
+
+    t = iscsi_lun(160 * MiB)
+    st = t.make("")
+    assert st.dev.pace_every == 64 << 20
+    flushes = []
+    real_flush = st.dev.flush
+    st.dev.flush = lambda: (flushes.append(1), real_flush())  # counts, then the real SYNCHRONIZE CACHE
+    blob = os.urandom(100 * MiB)
+    w = st.open_writer("big")
+    for off in range(0, len(blob), 4 * MiB):
+        w.write(blob[off:off + 4 * MiB])
+    deadline = time.monotonic() + 10
+    while not flushes and time.monotonic() < deadline:  # the background flush after the first 64 MiB
+        time.sleep(0.01)
+    assert flushes, "no background flush before the commit"
+    w.commit()
+    assert hashlib.sha256(t.read_back("", "big")).digest() == hashlib.sha256(blob).digest()
+    t.forget()
 
 
 def test_lun_full_fails_cleanly_and_space_comes_back(loop, pool, short_tmp):

@@ -30,6 +30,9 @@ class BlockDevice(ABC):
     # how a LUN repository writes: pieces of io_size bytes, io_depth at once
     io_size: int = 4 << 20
     io_depth: int = 1
+    # a LUN repository flushes the device in the background every pace_every
+    # bytes written (0: only at its commits)
+    pace_every: int = 0
 
     @abstractmethod
     def read(self, offset: int, length: int) -> memoryview:

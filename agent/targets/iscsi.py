@@ -52,6 +52,12 @@ class IscsiBlockDevice(BlockDevice):
     # a second call in flight while one drains (bench/targets_bench.py).
     io_size = 16 << 20
     io_depth = 2
+    # the target caches writes (tgtd: its backing file's page cache); a
+    # SYNCHRONIZE CACHE every 64 MiB in the background keeps it writing back
+    # during the backup: the last commit's flush took 0.2-0.26 s of a 2 GiB
+    # backup without, 0.07-0.13 s with (3.17-3.26 s against 2.95-3.01 s in
+    # all). A loop device measured the same either way.
+    pace_every = 64 << 20
 
     def __init__(self, ip: str, target: str, lun: int = 0, *, port: int = 0, user: str = "", secret: str = "",
                  timeout: float = 30.0, label: str = ""):

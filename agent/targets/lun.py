@@ -234,6 +234,7 @@ class _LunWriter(ObjectWriter):
         for off, k in ranges:
             self.store.dev.write(off, stage[pos:pos + k])
             pos += k
+        self.store._written(pos)
 
     def _wait_one(self) -> None:
         """Wait for the oldest write in flight; raise its error."""
@@ -326,6 +327,10 @@ class LunStore(ObjectStore):
         self.label = label or dev.label
         self._lock = threading.RLock()  # the catalog and superblocks: commits and deletes
         self._space_lock = threading.Lock()  # the allocator: never held across device I/O
+        self._pace_lock = threading.Lock()  # background flushes (BlockDevice.pace_every)
+        self._unflushed = 0
+        self._pacing: Future | None = None
+        self._pacer: ThreadPoolExecutor | None = None
         self.host = socket.gethostname()
         try:
             sb = self._newest()
@@ -337,6 +342,28 @@ class LunStore(ObjectStore):
             raise storage_error(self.label, "cannot read the LUN", e) from None
         used = [tuple(x) for meta in self.objects.values() if isinstance(meta[1], list) for x in meta[1]]
         self.space = _Extents(sb.data_offset, self._data_end(sb), used)
+
+    def _written(self, n: int) -> None:
+        """n bytes of object data reached the device: every pace_every bytes,
+        a flush in the background (one at a time), so the device's cache is
+        written back while the backup runs, not all at its last commit."""
+        every = self.dev.pace_every
+        if not every:
+            return
+        with self._pace_lock:
+            self._unflushed += n
+            if self._unflushed < every or (self._pacing is not None and not self._pacing.done()):
+                return
+            self._unflushed = 0
+            if self._pacer is None:
+                self._pacer = ThreadPoolExecutor(1, thread_name_prefix="bf-lun-pace")
+            self._pacing = self._pacer.submit(self._pace_flush)
+
+    def _pace_flush(self) -> None:
+        try:
+            self.dev.flush()
+        except Exception:  # noqa: BLE001 - pacing only: the commits' own flushes report errors
+            pass
 
     # --- superblocks and catalog ---
     def _data_end(self, sb: Superblock) -> int:
@@ -532,6 +559,10 @@ class LunStore(ObjectStore):
         with _OPEN_LOCK:
             for key in [k for k, v in _OPEN.items() if v is self]:
                 del _OPEN[key]
+        with self._pace_lock:
+            pacer, self._pacer = self._pacer, None
+        if pacer is not None:
+            pacer.shutdown(wait=True)
         self.dev.close()
 
 
