@@ -3,11 +3,11 @@
 Chunks are fetched and decoded (decrypt, decompress, checksum) by a small
 pool of workers, several in flight, and written in order; zero chunks are not
 written (a new volume reads as zeros). A target that takes concurrent writes
-has the data written when write() returns, so its chunks are decompressed
-into recycled buffers (the native core: no fresh 4 MiB allocation paged in
-per chunk), and their records are read into recycled buffers too. The image digest of everything written is computed on the way,
-from the block digests that checking each chunk yields anyway, and compared
-with the manifest's by the caller.
+has the data written when write() returns, so its chunks' records are read,
+and decompressed, into recycled buffers (the native core: no fresh 4 MiB
+allocation zeroed and paged in per chunk). The image digest of everything
+written is computed on the way, from the block digests that checking each
+chunk yields anyway, and compared with the manifest's by the caller.
 """
 from __future__ import annotations
 
