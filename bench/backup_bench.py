@@ -178,23 +178,24 @@ def qcow2_part(args, rows: list) -> None:
                 t["incr"].append(dt)
                 new = str(uuid.uuid4())
 
-                def ours_restore_cold():
-                    drop_caches()
+                def ours_restore(row: str) -> None:
+                    """The full backup restored into a new volume, timed into
+                    t[row]; the volume deleted at once."""
                     dt, _ = timed(lambda: job("restore", jobs_pb2.RestoreSpec(
                         backup_point_uuid=bp_uuid("zstd", k), backup_uuid=full.backup_uuid, pool_uuid=POOL,
                         volume_uuid=new, name=f"restored-{k}")))
-                    t["restore"].append(dt)
+                    t[row].append(dt)
                     call("DeleteVolume", v.DeleteVolumeRequest(pool_uuid=POOL, volume_uuid=new))
+
+                def ours_restore_cold():
+                    drop_caches()
+                    ours_restore("restore")
 
                 # the cold restore and the cold peer back to back, order alternating
                 for step in ((the_peer_cold, ours_restore_cold) if k % 2 == 0 else (ours_restore_cold, the_peer_cold)):
                     step()
                 # the same restore again: now its packs are in the page cache, as the peer's source is
-                dt, _ = timed(lambda: job("restore", jobs_pb2.RestoreSpec(
-                    backup_point_uuid=bp_uuid("zstd", k), backup_uuid=full.backup_uuid, pool_uuid=POOL,
-                    volume_uuid=new, name=f"restored-{k}")))
-                t["restore_warm"].append(dt)
-                call("DeleteVolume", v.DeleteVolumeRequest(pool_uuid=POOL, volume_uuid=new))
+                ours_restore("restore_warm")
                 shutil.rmtree(os.path.join(work, f"bp-zstd-{k}"))
             rss = vm_hwm(agent.pid)
         med = {k: statistics.median(x) for k, x in t.items()}
