@@ -248,24 +248,29 @@ class NfsStore(ObjectStore):
     def open_writer(self, name: str, *, durable: bool = True) -> ObjectWriter:
         return _NfsWriter(self, name, durable)
 
-    def get(self, name: str, offset: int = 0, length: int | None = None):
-        if length is None:
-            length = max(0, self.size(name) - offset)
-        out = bytearray(length)
-        n = self.read_into(name, offset, out) if length else 0
-        return out if n == length else out[:n]
-
-    def read_into(self, name: str, offset: int, buf) -> int:
-        """nfs_pread straight into buf, GIL released (native binding)."""
+    def _read(self, name: str, offset: int, buf=None):
+        """(buffer, bytes read): nfs_pread into buf, GIL released (native
+        binding), or into a new buffer for the rest of the object (its size
+        from a stat on the same connection)."""
+        path = self._path(name)
         try:
             with self.connection(f"cannot read {name}") as ctx:
-                f = ctx.open(self._path(name), os.O_RDONLY)
+                f = ctx.open(path, os.O_RDONLY)
                 try:
-                    return f.preadinto(buf, offset)
+                    if buf is None:
+                        buf = bytearray(max(0, ctx.stat(path)[0] - offset))
+                    return buf, (f.preadinto(buf, offset) if len(buf) else 0)
                 finally:
                     f.close()
         except NotFound:
             raise NotFound(f"backup point {self.label}: object {name} is missing", field="name") from None
+
+    def get(self, name: str, offset: int = 0, length: int | None = None):
+        out, n = self._read(name, offset, None if length is None else bytearray(length))
+        return out if n == len(out) else out[:n]
+
+    def read_into(self, name: str, offset: int, buf) -> int:
+        return self._read(name, offset, buf)[1]
 
     def size(self, name: str) -> int:
         try:
