@@ -9,6 +9,7 @@
 #include <stdlib.h>
 
 #include "parallel.h"
+#include "sha256_x16.h"
 #include "xxh3_isa.h"
 #include "zero.h"
 
@@ -64,6 +65,26 @@ static void pick_xxh3(void)
     } else {
         xxh3_fn = bf_xxh3_128_sse2, xxh3_name = "sse2";
     }
+}
+
+/* Block digests use 16-lane SHA-256 (sha256_x16.c) when the CPU has
+ * AVX-512; BF_SHA256_ISA=openssl forces OpenSSL one block at a time (tests
+ * check both against hashlib). */
+static bool sha256_x16_ok;
+static pthread_once_t sha256_isa_once = PTHREAD_ONCE_INIT;
+
+static void pick_sha256(void)
+{
+    const char *force = getenv("BF_SHA256_ISA");
+    __builtin_cpu_init();
+    sha256_x16_ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    !(force && strcmp(force, "openssl") == 0);
+}
+
+const char *bf_sha256_isa(void)
+{
+    pthread_once(&sha256_isa_once, pick_sha256);
+    return sha256_x16_ok ? "avx512" : "openssl";
 }
 
 const char *bf_xxh3_isa(void)
@@ -189,6 +210,34 @@ struct blocks_ctx {
     int failed; /* set by any worker; read after join */
 };
 
+/* Full-size blocks waiting to be hashed 16 at a time. */
+struct lanes {
+    unsigned n;
+    const uint8_t *in[BF_SHA256_LANES];
+    uint8_t *out[BF_SHA256_LANES];
+};
+
+/* Hash the waiting blocks: 16 lanes cost about as much as 8 blocks through
+ * OpenSSL, so fewer than 8 go through OpenSSL and the rest of the lanes
+ * repeat the first block into a scratch digest. */
+static int lanes_flush(struct lanes *l, size_t len, EVP_MD_CTX *ctx)
+{
+    if (l->n >= BF_SHA256_LANES / 2) {
+        uint8_t spare[BF_SHA256_LANES][32];
+        for (unsigned j = l->n; j < BF_SHA256_LANES; j++) {
+            l->in[j] = l->in[0];
+            l->out[j] = spare[j];
+        }
+        bf_sha256_x16(l->in, len, l->out);
+    } else {
+        for (unsigned j = 0; j < l->n; j++)
+            if (sha256_with(ctx, l->in[j], len, l->out[j]) != 0)
+                return -1;
+    }
+    l->n = 0;
+    return 0;
+}
+
 static void blocks_range(void *arg, size_t first, size_t count)
 {
     struct blocks_ctx *c = arg;
@@ -197,6 +246,8 @@ static void blocks_range(void *arg, size_t first, size_t count)
         __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
         return;
     }
+    struct lanes lanes = {0};
+    bool multi = c->algo == BF_ALGO_SHA256 && sha256_x16_ok;
     for (size_t i = first; i < first + count; i++) {
         size_t off = i * c->block_size;
         size_t n = c->len - off < c->block_size ? c->len - off : c->block_size;
@@ -209,6 +260,11 @@ static void blocks_range(void *arg, size_t first, size_t count)
                 memcpy(out, c->full_zero_digest, c->dsize);
             else if (bf_zero_digest(c->algo, n, out) != 0)
                 __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
+        } else if (multi && n == c->block_size) {
+            lanes.in[lanes.n] = c->buf + off;
+            lanes.out[lanes.n++] = out;
+            if (lanes.n == BF_SHA256_LANES && lanes_flush(&lanes, n, ctx) != 0)
+                __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
         } else if (c->algo == BF_ALGO_SHA256) {
             if (sha256_with(ctx, c->buf + off, n, out) != 0)
                 __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
@@ -216,6 +272,8 @@ static void blocks_range(void *arg, size_t first, size_t count)
             xxh3_128(c->buf + off, n, out);
         }
     }
+    if (lanes.n && lanes_flush(&lanes, c->block_size, ctx) != 0)
+        __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
     EVP_MD_CTX_free(ctx);
 }
 
@@ -229,6 +287,7 @@ int bf_block_digests(int algo, const uint8_t *buf, size_t len, size_t block_size
         return 0;
     if (algo == BF_ALGO_SHA256) {
         pthread_once(&sha256_once, fetch_sha256);
+        pthread_once(&sha256_isa_once, pick_sha256);
         if (!sha256_md)
             return -1;
     }

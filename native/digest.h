@@ -1,4 +1,5 @@
-/* Per-block content digests: SHA-256 (OpenSSL libcrypto) and XXH3-128
+/* Per-block content digests: SHA-256 (OpenSSL libcrypto, or 16 blocks at once
+ * with AVX-512: sha256_x16.h) and XXH3-128
  * (libxxhash). All-zero blocks are detected first and never hashed: the
  * digest of a zero block of that length stands in (cached). */
 #ifndef BF_DIGEST_H
@@ -31,6 +32,9 @@ int bf_zero_digest(int algo, size_t len, uint8_t *out);
  * library failure). */
 int bf_block_digests(int algo, const uint8_t *buf, size_t len, size_t block_size,
                      unsigned threads, uint8_t *digests, uint8_t *zero_flags);
+
+/* How block digests hash SHA-256: "avx512" (16 blocks at once) or "openssl". */
+const char *bf_sha256_isa(void);
 
 /* Which XXH3 build runs on this CPU: "avx512", "avx2" or "sse2". */
 const char *bf_xxh3_isa(void);

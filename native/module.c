@@ -1095,6 +1095,7 @@ PyMODINIT_FUNC PyInit__native(void)
         PyModule_AddObject(m, "IscsiLun", (PyObject *)&IscsiLunType) < 0 ||
         PyModule_AddIntConstant(m, "IMAGE_BLOCK_SIZE", BF_IMAGE_BLOCK_SIZE) < 0 ||
         PyModule_AddStringConstant(m, "IMAGE_DIGEST_FORMAT", "bf-image-sha256-v1") < 0 ||
+        PyModule_AddStringConstant(m, "SHA256_ISA", bf_sha256_isa()) < 0 ||
         PyModule_AddStringConstant(m, "XXH3_ISA", bf_xxh3_isa()) < 0) {
         Py_DECREF(m);
         return NULL;

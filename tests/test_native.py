@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from agent import native
+from agent import _native, native
 from conftest import REPO
 
 SIZES = [0, 1, 15, 16, 17, 4095, 4096, 65535, 65536, 65537, 3 * 65536 + 5, 1 << 20, (1 << 22) + 123]
@@ -197,30 +197,37 @@ def test_kernels_under_address_and_undefined_sanitizers(tmp_path):
     exe = REPO / "native" / "build" / "kernel_selftest"
     for seed, (kind, size, block) in enumerate([("random", 300000, 65536), ("mixed", (3 << 20) + 7, 65536),
                                                ("zero", 200001, 4096), ("mixed", 0, 4096),
-                                               ("random", 5, 4096), ("mixed", 2 << 20, 1 << 20)]):
+                                               ("random", 5, 4096), ("mixed", 2 << 20, 1 << 20),
+                                               ("random", 37 * 4096 + 60, 4096)]):
         new = make(kind, size, seed)
         old = bytearray(new[: size - size // 3])
         if old:
             old[len(old) // 2] ^= 1
         (tmp_path / "old").write_bytes(bytes(old))
         (tmp_path / "new").write_bytes(new)
-        env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1"}
-        out = subprocess.run([str(exe), str(tmp_path / "old"), str(tmp_path / "new"), str(block), "2"],
-                             check=True, capture_output=True, text=True, env=env).stdout
-        lines = dict(line.split(" ", 1) if " " in line else (line, "") for line in out.splitlines())
-        for algo in native.ALGORITHMS:
-            ref = native.ref_block_digests(algo, new, block)
-            assert lines[algo] == ",".join(ref[i].hex() for i in range(len(ref)))
-            assert lines[f"zero-{algo}"] == "".join(str(z) for z in ref.zero)
-        assert lines["zeroflags"] == "".join(str(z) for z in native.ref_zero_flags(new, block))
-        assert lines["iszero"] == str(int(native.ref_is_zero(new)))
-        r = native.RefImageHash()
-        r.update(new)
-        assert lines["image"] == r.digest().hex()
-        diff = native.ref_diff_digests(native.ref_block_digests("sha256", bytes(old), block),
-                                       native.ref_block_digests("sha256", new, block), len(new))
-        assert lines["diff"] == ",".join(f"{e.start}:{e.length}" for e in diff)
-        assert lines["zstd"] == "ok"
+        for isa in ("avx512", "openssl"):  # both SHA-256 builds (avx512 only where the CPU has it)
+            env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1", "BF_SHA256_ISA": isa}
+            out = subprocess.run([str(exe), str(tmp_path / "old"), str(tmp_path / "new"), str(block), "2"],
+                                 check=True, capture_output=True, text=True, env=env).stdout
+            assert f"sha256-isa {isa}\n" in out or _native.SHA256_ISA != "avx512"
+            check_selftest(out, old, new, block)
+
+
+def check_selftest(out: str, old: bytes, new: bytes, block: int) -> None:
+    lines = dict(line.split(" ", 1) if " " in line else (line, "") for line in out.splitlines())
+    for algo in native.ALGORITHMS:
+        ref = native.ref_block_digests(algo, new, block)
+        assert lines[algo] == ",".join(ref[i].hex() for i in range(len(ref)))
+        assert lines[f"zero-{algo}"] == "".join(str(z) for z in ref.zero)
+    assert lines["zeroflags"] == "".join(str(z) for z in native.ref_zero_flags(new, block))
+    assert lines["iszero"] == str(int(native.ref_is_zero(new)))
+    r = native.RefImageHash()
+    r.update(new)
+    assert lines["image"] == r.digest().hex()
+    diff = native.ref_diff_digests(native.ref_block_digests("sha256", bytes(old), block),
+                                   native.ref_block_digests("sha256", new, block), len(new))
+    assert lines["diff"] == ",".join(f"{e.start}:{e.length}" for e in diff)
+    assert lines["zstd"] == "ok"
 
 
 @pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
@@ -243,6 +250,36 @@ def test_every_xxh3_build_matches_reference(isa):
         pytest.skip("this CPU has no AVX-512F")  # the build is still compiled and linked
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "BF_XXH3_ISA": isa})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == isa
+
+
+@pytest.mark.parametrize("isa", ["avx512", "openssl"])
+def test_every_sha256_build_matches_reference(isa):
+    """Block digests through the 16-lane AVX-512 SHA-256 and through OpenSSL
+    (forced with BF_SHA256_ISA) against hashlib: every message length class
+    (padding in one block or two), 0-40 non-zero blocks in a call (a full
+    group, a part-filled group on spare lanes, a few through OpenSSL), zero
+    blocks between them, a short last block, and threads splitting groups."""
+    import sys
+
+    code = (
+        "import random\n"
+        "from agent import native, _native\n"
+        "print(_native.SHA256_ISA)\n"
+        "rnd = random.Random(7)\n"
+        "for block in (64, 100, 119, 120, 128, 4096, 65536):\n"
+        "    for nblocks in (0, 1, 7, 8, 9, 15, 16, 17, 23, 24, 31, 32, 33, 40):\n"
+        "        blocks = [rnd.randbytes(block) if rnd.random() < 0.8 else bytes(block) for _ in range(nblocks)]\n"
+        "        data = b''.join(blocks) + rnd.randbytes(rnd.choice((0, 1, 55, 56, block - 1)))\n"
+        "        ref = native.ref_block_digests('sha256', data, block)\n"
+        "        for threads in (1, 2, 3):\n"
+        "            assert native.block_digests('sha256', data, block, threads) == ref, (block, nblocks, threads)\n"
+    )
+    if isa == "avx512" and _native.SHA256_ISA != "avx512":
+        pytest.skip("this CPU has no AVX-512F/BW")  # the build is still compiled and linked
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "BF_SHA256_ISA": isa})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == isa
 

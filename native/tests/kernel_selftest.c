@@ -80,6 +80,7 @@ int main(int argc, char **argv)
     if (!old || !buf || !bs)
         return 2;
 
+    printf("sha256-isa %s\n", bf_sha256_isa());
     unsigned char *dold = NULL, *dnew = NULL;
     size_t n_old = old_len ? (old_len + bs - 1) / bs : 0, n_new = len ? (len + bs - 1) / bs : 0;
     if (print_digests(BF_ALGO_SHA256, "sha256", buf, len, bs, threads, &dnew) ||
