@@ -13,8 +13,9 @@ whole once first (a disk's blocks exist; a sparse file would charge block
 allocation to whoever writes first). Each run, per
 type, back to back:
   - ours: a full backup of the snapshot into a new repository there;
-  - peer: nfs `nfs-cp`, smb `smbclient put` then an fsync of its file on the
-    server (smbclient never sends FLUSH; our commits do), iscsi `qemu-img convert -t
+  - peer: nfs `nfs-cp` and smb `smbclient put`, each then an fsync of its
+    file on the server (nfs-cp never sends COMMIT and smbclient never FLUSH;
+    our commits do), iscsi `qemu-img convert -t
     writeback -n` to the LUN (writeback: the target's cache flushed once at
     the end, as our commits flush it; convert's default, unsafe, never
     flushes), block `dd oflag=direct conv=fsync bs=4M` to the loop device (a
@@ -167,12 +168,16 @@ def main() -> int:
                                 w.write(piece)
                             w.commit()
 
+                # nfs-cp never sends a COMMIT (its writes are UNSTABLE and it closes
+                # without nfs_fsync) and smbclient put never a FLUSH: their files are
+                # made durable on the server (local here) as our commits make ours,
+                # like `+ fsync` elsewhere
+                served = (nfs.export if kind == "nfs" else smb.root / "backups" if kind == "smb" else None)
+
                 def the_peer():
                     run(peer)
-                    if kind == "smb":
-                        # smbclient put never asks for a FLUSH: make its file durable on
-                        # the server (local here) as our commits do, like `+ fsync` elsewhere
-                        fd = os.open(smb.root / "backups" / f"{sub}-peer.raw", os.O_RDONLY)
+                    if served:
+                        fd = os.open(served / f"{sub}-peer.raw", os.O_RDONLY)
                         try:
                             os.fsync(fd)
                         finally:
@@ -205,7 +210,7 @@ def main() -> int:
         print(f"\nfull backup of {gib:g} GiB of random data, median of {args.runs} runs (throughput = data / time)\n")
         print("| target | ours: full backup | ours: store only | peer | backup/peer | store/peer | target |")
         print("|---|---|---|---|---|---|---|")
-        peers = {"nfs": "`nfs-cp`", "smb": "`smbclient put` + fsync on the server",
+        peers = {"nfs": "`nfs-cp` + fsync on the server", "smb": "`smbclient put` + fsync on the server",
                  "iscsi": "`qemu-img convert -t writeback` to the LUN", "block": "`dd oflag=direct conv=fsync bs=4M`"}
         for kind in kinds:
             o, p = statistics.median(results[kind]["ours"]), statistics.median(results[kind]["peer"])
