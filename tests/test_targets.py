@@ -251,6 +251,13 @@ def test_engine_suite(target, pool, short_tmp):
     assert target.read_back(sub, "config") == bytes(repo.store.get("config"))
     manifest_names = repo.store.list("manifests")
     assert manifest_names and target.read_back(sub, manifest_names[0]) == bytes(repo.store.get(manifest_names[0]))
+    # one write of an odd length larger than a WRITE the server takes (NFS: 1 MiB), read back by another client
+    big = os.urandom(5 * MiB + 123)
+    w = repo.store.open_writer("packs/big-test")
+    w.write(big)
+    w.commit()
+    assert target.read_back(sub, "packs/big-test") == big
+    repo.store.delete("packs/big-test")
     # a read into the caller's buffer (a restore's recycled ones): the same bytes, short at the object's end
     config = bytes(repo.store.get("config"))
     buf = bytearray(len(config) + 100)
