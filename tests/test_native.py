@@ -5,6 +5,7 @@ import hashlib
 import os
 import random
 import subprocess
+import sys
 
 import pytest
 
@@ -233,8 +234,6 @@ def check_selftest(out: str, old: bytes, new: bytes, block: int) -> None:
 @pytest.mark.parametrize("isa", ["sse2", "avx2", "avx512"])
 def test_every_xxh3_build_matches_reference(isa):
     """Each per-ISA XXH3 build (forced with BF_XXH3_ISA) against xxhash."""
-    import sys
-
     code = (
         "import os, random\n"
         "from agent import native, _native\n"
@@ -244,14 +243,9 @@ def test_every_xxh3_build_matches_reference(isa):
         "    assert native.block_digests('xxh3-128', d, 4096, 2) == native.ref_block_digests('xxh3-128', d, 4096)\n"
         "    assert native.block_digests('xxh3-128', d, 1 << 20) == native.ref_block_digests('xxh3-128', d, 1 << 20)\n"
     )
-    import agent._native as n
-
-    if isa == "avx512" and n.XXH3_ISA != "avx512":
+    if isa == "avx512" and _native.XXH3_ISA != "avx512":
         pytest.skip("this CPU has no AVX-512F")  # the build is still compiled and linked
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, "BF_XXH3_ISA": isa})
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == isa
+    run_forced_build("BF_XXH3_ISA", isa, code)
 
 
 @pytest.mark.parametrize("isa", ["avx512", "openssl"])
@@ -261,8 +255,6 @@ def test_every_sha256_build_matches_reference(isa):
     (padding in one block or two), 0-40 non-zero blocks in a call (a full
     group, a part-filled group on spare lanes, a few through OpenSSL), zero
     blocks between them, a short last block, and threads splitting groups."""
-    import sys
-
     code = (
         "import random\n"
         "from agent import native, _native\n"
@@ -278,8 +270,14 @@ def test_every_sha256_build_matches_reference(isa):
     )
     if isa == "avx512" and _native.SHA256_ISA != "avx512":
         pytest.skip("this CPU has no AVX-512F/BW")  # the build is still compiled and linked
+    run_forced_build("BF_SHA256_ISA", isa, code)
+
+
+def run_forced_build(variable: str, isa: str, code: str) -> None:
+    """Run code (which prints the build it got, then checks it) in a new
+    interpreter with the build forced through the environment variable."""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, "BF_SHA256_ISA": isa})
+                       env={**os.environ, variable: isa})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == isa
 
