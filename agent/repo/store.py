@@ -119,6 +119,15 @@ class ObjectStore(ABC):
         memoryview(buf)[:len(data)] = data
         return len(data)
 
+    def _range_by_read_into(self, name: str, offset: int, length: int) -> bytearray:
+        """get() of a range for stores that override read_into: one new
+        bytearray, cut (without a copy) when the object ends first."""
+        out = bytearray(length)
+        got = self.read_into(name, offset, out)
+        if got < length:
+            del out[got:]
+        return out
+
     @abstractmethod
     def size(self, name: str) -> int: ...
 

@@ -105,9 +105,7 @@ class LocalStore(ObjectStore):
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """The object's bytes (a bytearray for a range read, to spare a copy)."""
         if length is not None:
-            out = bytearray(length)
-            got = self.read_into(name, offset, out)
-            return out if got == length else out[:got]  # a bytearray: no copy
+            return self._range_by_read_into(name, offset, length)
         try:
             with open(self._path(name), "rb", buffering=0) as f:
                 if offset:

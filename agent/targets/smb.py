@@ -302,9 +302,7 @@ class SmbStore(ObjectStore):
 
     def get(self, name: str, offset: int = 0, length: int | None = None):
         if length is not None:
-            out = bytearray(length)
-            got = self.read_into(name, offset, out)
-            return out if got == length else out[:got]
+            return self._range_by_read_into(name, offset, length)
         with self._call(f"cannot read {name}"):
             with self._credited(smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd",
                                 **self._kw) as f:
