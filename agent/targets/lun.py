@@ -32,7 +32,9 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
+import hmac
 import json
+import secrets
 import socket
 import struct
 import threading
@@ -556,9 +558,6 @@ class LunStore(ObjectStore):
         return not self.objects
 
     def close(self) -> None:
-        with _OPEN_LOCK:
-            for key in [k for k, v in _OPEN.items() if v is self]:
-                del _OPEN[key]
         with self._pace_lock:
             pacer, self._pacer = self._pacer, None
         if pacer is not None:
@@ -566,22 +565,90 @@ class LunStore(ObjectStore):
         self.dev.close()
 
 
-_OPEN: dict[str, LunStore] = {}
+class _Shared:
+    """A LunStore and who uses it: the users' count, and a keyed digest of
+    the credentials its sessions logged in with (never the secret itself)."""
+
+    def __init__(self, store: LunStore, credential: bytes):
+        self.store = store
+        self.credential = credential
+        self.users = 0
+
+
+class LunRef:
+    """One user's handle on a shared LunStore (a backup point's store):
+    everything is the store's, except close(), which lets go of it; the
+    device is closed when its last user lets go."""
+
+    def __init__(self, key: str, shared: _Shared):
+        self._key = key
+        self._shared = shared
+        self._closed = False
+
+    def __getattr__(self, name):
+        return getattr(self._shared.store, name)
+
+    def close(self) -> None:
+        with _OPEN_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            self._shared.users -= 1
+            last = self._shared.users <= 0 and _OPEN.get(self._key) is self._shared
+            if last:
+                del _OPEN[self._key]
+        if last:
+            self._shared.store.close()
+
+
+_OPEN: dict[str, _Shared] = {}
 _OPEN_LOCK = threading.Lock()
+_CREDENTIAL_KEY = secrets.token_bytes(32)
 
 
-def open_lun(key: str, opener, *, format_lun: bool = False, label: str = "") -> LunStore:
+def credential_digest(user: str, secret: str) -> bytes:
+    """What open_lun compares credentials by: an HMAC under a key of this
+    process, so no copy of the secret is kept."""
+    return hmac.new(_CREDENTIAL_KEY, f"{user}\0{secret}".encode(), hashlib.sha256).digest()
+
+
+def open_lun(key: str, opener, *, credential: bytes = b"", format_lun: bool = False, label: str = "") -> LunRef:
     """One LunStore per device in this process (its allocator and catalog
-    generation must not be shared between two instances)."""
+    generation must not be shared between two instances), shared only
+    between users of identical credentials (credential_digest; b"" for a
+    local device). A user with other credentials logs in with its own
+    first, so wrong ones get AUTH_FAILED as they would alone; right but
+    different ones are refused while the device is open: sessions never
+    serve a user who did not log in with their credentials."""
     with _OPEN_LOCK:
-        store = _OPEN.get(key)
-        if store is None:
-            store = _OPEN[key] = LunStore(opener(), format_lun=format_lun, label=label)
-        return store
+        shared = _OPEN.get(key)
+        if shared is not None and hmac.compare_digest(shared.credential, credential):
+            shared.users += 1
+            return LunRef(key, shared)
+    if shared is not None:
+        opener().close()  # the caller's own login: AuthFailed for credentials the target refuses
+        raise FailedPrecondition(f"backup_point_uuid: {label or key}: this agent serves the LUN's repository "
+                                 "for a backup point with other credentials; one LUN is reached with one set "
+                                 "of credentials at a time", field="backup_point_uuid")
+    dev = opener()
+    try:
+        store = LunStore(dev, format_lun=format_lun, label=label)
+    except BaseException:
+        dev.close()
+        raise
+    with _OPEN_LOCK:
+        raced = _OPEN.get(key)
+        if raced is None:
+            shared = _OPEN[key] = _Shared(store, credential)
+            shared.users += 1
+            return LunRef(key, shared)
+    store.dev.close()  # another thread opened it meanwhile: use theirs, under the same rules
+    return open_lun(key, opener, credential=credential, format_lun=format_lun, label=label)
 
 
 def forget_lun(key: str) -> None:
+    """Close the device whoever uses it (tests; a detached device)."""
     with _OPEN_LOCK:
-        store = _OPEN.get(key)
-    if store is not None:
-        store.close()
+        shared = _OPEN.pop(key, None)
+    if shared is not None:
+        shared.store.close()

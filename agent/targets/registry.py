@@ -59,11 +59,12 @@ class BackupPoint:
                             label=self.label)
         if s.type == "iscsi":
             from agent.targets.iscsi import IscsiBlockDevice
-            from agent.targets.lun import open_lun
+            from agent.targets.lun import credential_digest, open_lun
             key = f"iscsi://{s.ip}:{s.port}/{s.target}/{s.lun}"
             return open_lun(key, lambda: IscsiBlockDevice(s.ip, s.target, s.lun, port=s.port, user=s.username,
                                                           secret=s.secret, timeout=s.timeout, label=self.label),
-                            format_lun=s.format_lun, label=self.label)
+                            credential=credential_digest(s.username, s.secret), format_lun=s.format_lun,
+                            label=self.label)
         return LocalStore(s.path)
 
     def _open_store(self) -> ObjectStore:
