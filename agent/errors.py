@@ -151,6 +151,12 @@ class AuthFailed(BlockferryError):
     code = "AUTH_FAILED"
 
 
+class AccessDenied(BlockferryError):
+    """A backup point or pool server refused an operation to our user (share, export or file permissions)."""
+
+    code = "ACCESS_DENIED"
+
+
 class NoSpace(BlockferryError):
     """The backup point or LUN is full; nothing partial was published."""
 
@@ -237,6 +243,7 @@ _TABLE: dict[str, tuple[grpc.StatusCode, int, int, str, str]] = {
     TargetUnreachable.code: (grpc.StatusCode.UNAVAILABLE, 502, 1018, "存储目标不可达", "BackupService.9018"),
     AuthFailed.code: (grpc.StatusCode.UNAUTHENTICATED, 502, 1019, "存储目标认证失败", "BackupService.9019"),
     NoSpace.code: (grpc.StatusCode.RESOURCE_EXHAUSTED, 507, 1020, "存储空间不足", "BackupService.9020"),
+    AccessDenied.code: (grpc.StatusCode.PERMISSION_DENIED, 502, 1032, "存储目标拒绝访问", "BackupService.9032"),
     WrongPassword.code: (grpc.StatusCode.PERMISSION_DENIED, 403, 1021, "备份点密码错误", "BackupService.9021"),
     DataCorrupt.code: (grpc.StatusCode.DATA_LOSS, 500, 1022, "备份数据损坏", "BackupService.9022"),
     RepositoryLocked.code: (grpc.StatusCode.ABORTED, 409, 1023, "备份仓库已被锁定", "BackupService.9023"),

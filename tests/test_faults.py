@@ -3,6 +3,9 @@ servers (tgtd, smbd, nfs-ganesha), real agents and a real controller.
 
 - credentials: every backup point authenticates with its own, also when
   another backup point already has a session to the same target;
+- transport: a server restarted between two calls is transparent (the
+  dropped connection is made again and the call retried once), and a
+  transport error is never reported as corrupt data;
 """
 from __future__ import annotations
 
@@ -12,13 +15,17 @@ import uuid
 import pytest
 
 from agent.config import BackupPointSection
-from agent.errors import AuthFailed, FailedPrecondition
+from agent.errors import AuthFailed, FailedPrecondition, StorageIOError, TargetUnreachable
 from agent.repo.backup import backup
 from agent.repo.catalog import latest_for_volume
+from agent.repo.repository import Repository
+from agent.repo.verify import verify
 from agent.targets.registry import BackupPoint
 from test_backup import CS, MiB, nid
 from test_qcow2 import write
-from test_targets import iscsi_lun, pool, snapshot  # noqa: F401 - fixtures
+from test_nfs_pool import nfs_agent  # noqa: F401 - fixture
+from test_targets import IscsiTarget, NfsTarget, SmbTarget, iscsi_lun, pool, restore_to_qcow2, \
+    snapshot  # noqa: F401 - fixtures
 
 # ---- credentials ----
 
@@ -62,3 +69,91 @@ def test_iscsi_chap_is_checked_per_backup_point_on_a_shared_target(iscsi_lun, po
     twin.reset()
     assert latest_for_volume(other.repository(), vol).backup_id == m.backup_id
     other.reset()
+
+
+# ---- transport: servers restarted between calls ----
+
+def _restartable(kind: str, request, short_tmp):
+    """(target, server) of a remote backup point type."""
+    if kind == "nfs":
+        srv = request.getfixturevalue("nfs_server")
+        return NfsTarget(srv), srv
+    if kind == "smb":
+        srv = request.getfixturevalue("smb_server")
+        return SmbTarget(srv, short_tmp), srv
+    srv = request.getfixturevalue("tgt_server")
+    return IscsiTarget(srv, srv.add_lun(128 * MiB, chap=True)), srv
+
+
+@pytest.mark.parametrize("kind", ["nfs", "smb", "iscsi"])
+def test_a_server_restart_between_calls_is_transparent(kind, request, pool, short_tmp):
+    """The store's connections are open when the server restarts: the next
+    deep verify, listing, incremental backup and restore all succeed at
+    their first call (each dropped connection is made again, the call
+    retried once), and the data is what the snapshots hold."""
+    t, srv = _restartable(kind, request, short_tmp)
+    try:
+        sub = f"restart-{uuid.uuid4().hex[:8]}"
+        repo = Repository.init(t.make(sub), chunk_size=CS, password="restart-pw")
+        vol = pool.create_volume(nid(), "src", 16 * MiB).uuid
+        write(pool.head_path(vol), {0: os.urandom(3 * MiB), 9 * MiB: os.urandom(MiB)}, short_tmp)
+        s1 = snapshot(pool, vol)
+        m1 = backup(pool, vol, s1, repo)
+        verify(repo, m1, deep=True)  # every connection of the store has been used
+        srv.stop()
+        srv.start()
+        verify(repo, m1, deep=True)
+        srv.stop()
+        try:  # a server that stays away: unreachable, never "corrupt"
+            with pytest.raises((TargetUnreachable, StorageIOError)):
+                verify(Repository.open(t.make(sub, timeout=2.0), password="restart-pw"), m1, deep=True)
+        finally:
+            srv.start()
+        assert [m.backup_id for m in repo.manifests()] == [m1.backup_id]
+        write(pool.head_path(vol), {MiB: os.urandom(MiB)}, short_tmp)
+        s2 = snapshot(pool, vol)
+        srv.stop()
+        srv.start()
+        m2 = backup(pool, vol, s2, repo, parent=m1)
+        assert m2.mode == "incremental" and m2.stats["chunks_read"] == 1
+        for m, snap in ((m1, s1), (m2, s2)):
+            assert restore_to_qcow2(pool, repo, m, short_tmp)[1] == pool.image_digest(vol, snap).image_digest
+    finally:
+        t.forget()
+
+
+def test_an_nfs_volume_pool_survives_a_server_restart(nfs_agent, nfs_server):
+    """The agent's NFS pool keeps pooled connections; after a server
+    restart its next snapshot, listing and checksum succeed at once."""
+    n = nfs_agent
+    vid = n.create(capacity=16 * MiB).uuid
+    n.write(vid, {0: os.urandom(MiB)})
+    s1 = n.snap(vid, "s1")
+    d1 = n.digest(vid, s1.uuid)
+    nfs_server.stop()
+    nfs_server.start()
+    assert [x.uuid for x in n.call("ListVolumes").volumes] == [vid]
+    s2 = n.snap(vid, "s2")
+    assert n.digest(vid, s2.uuid) == d1
+    assert n.changed(vid, s2.uuid, s1.uuid) == []
+
+
+def test_smb_access_denied_names_the_share_and_user(smb_server, short_tmp):
+    """A directory of the share the SMB user may not write: ACCESS_DENIED
+    naming the share and the user (not an I/O error); another backup point
+    with a wrong password on the same server is still refused while a good
+    one has a session."""
+    from agent.errors import AccessDenied
+
+    t = SmbTarget(smb_server, short_tmp)
+    good = t.make("granted")
+    good.publish("hello", b"fine")
+    locked = smb_server.root / "backups" / f"locked-{uuid.uuid4().hex[:8]}"
+    locked.mkdir(mode=0o555)  # owned by root: the share's user may not create in it
+    with pytest.raises(AccessDenied, match=rf"denied user '{smb_server.user}' access on share 'backups' "
+                                           r"\(STATUS_ACCESS_DENIED\)") as e:
+        t.make(f"{locked.name}/repo")
+    assert e.value.code == "ACCESS_DENIED" and smb_server.password not in str(e.value)
+    with pytest.raises(AuthFailed, match="refused user"):
+        t.make("granted", password="not-the-password-4711")
+    assert bytes(good.get("hello")) == b"fine"

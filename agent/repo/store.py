@@ -14,7 +14,8 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from agent.errors import BlockferryError, InvalidArgument, NoSpace, NotFound, StorageIOError, TargetUnreachable
+from agent.errors import AccessDenied, BlockferryError, InvalidArgument, NoSpace, NotFound, StorageIOError, \
+    TargetUnreachable
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
@@ -28,6 +29,7 @@ def check_object_name(name: str) -> str:
 _UNREACHABLE = {errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
                 errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ESHUTDOWN}
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def storage_error(label: str, what: str, e: OSError, *, owner: str = "backup point",
@@ -42,6 +44,8 @@ def storage_error(label: str, what: str, e: OSError, *, owner: str = "backup poi
         return NotFound(message, field=field)
     if e.errno in _NO_SPACE:
         return NoSpace(message, field=field)
+    if e.errno in _DENIED:
+        return AccessDenied(message, field=field)
     if e.errno in _UNREACHABLE or isinstance(e, ConnectionError):
         return TargetUnreachable(message, field=field)
     return StorageIOError(message, field=field)

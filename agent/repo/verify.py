@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.errors import DataCorrupt, StorageIOError
+from agent.errors import DataCorrupt
 from agent.repo.format import ZERO, ImageDigest, Manifest
 from agent.repo.pipeline import OrderedPipeline
 from agent.repo.repository import Repository
@@ -48,7 +48,7 @@ def _verify(repo: Repository, m: Manifest, deep: bool, ctx) -> VerifyResult:
             return i, length, None
         try:
             data, digests = repo.get(bytes.fromhex(cid))
-        except (DataCorrupt, StorageIOError) as e:
+        except DataCorrupt as e:  # a transport error stays what it is: never a verdict on the data
             raise DataCorrupt(f"backup {m.backup_id}: chunk {i}: {e.message}") from None
         if len(data) != length:
             raise DataCorrupt(f"backup {m.backup_id}: chunk {i} ({cid}) holds {len(data)} bytes, not {length}")

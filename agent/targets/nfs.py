@@ -6,8 +6,12 @@ Like the directory store, a writer fills a hidden `.part-*` file, commits it
 (NFS COMMIT) and renames it into place; NFSv3 servers make namespace
 operations stable before they reply, so a renamed object is durable. libnfs
 contexts are not thread-safe: each one is a connection, used by one caller at
-a time, and kept in a small pool; a context that failed with anything but a
-plain file error is dropped, and the next call connects again.
+a time, and kept in a small pool. A call that fails with anything but a
+definite answer of the server (a file error, no space, no permission) may
+have met a connection the server dropped (a restart, a network cut): the
+pool's idle connections are dropped with it and the call runs once more on
+a new connection. Writes of an object in progress are not retried (their
+data was in flight on the old connection): the writer fails, cleanly.
 """
 from __future__ import annotations
 
@@ -16,14 +20,16 @@ import os
 import posixpath
 import threading
 import uuid
-from contextlib import contextmanager
 
 from agent import _native
-from agent.errors import InvalidArgument, NotFound, TargetUnreachable
+from agent.errors import InvalidArgument, NotFound, StorageIOError, TargetUnreachable
 from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
 
 PART = ".part-"
 _FILE_ERRORS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
+# what the server answered for sure: retrying on a new connection changes nothing
+_DEFINITE = _FILE_ERRORS | {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+                            errno.ENAMETOOLONG, errno.EINVAL}
 _SMALL = 256 << 10  # writes below this are gathered into one NFS WRITE
 _GATHER = 1 << 20
 
@@ -47,14 +53,16 @@ class _NfsWriter(ObjectWriter):
         self.tmp = posixpath.join(posixpath.dirname(self.final), f"{PART}{uuid.uuid4().hex}")
         self._size = 0
         self._pending = bytearray()
-        self._ctx = store._checkout()
+        self._ctx = None
         self._file = None
-        try:
-            store._makedirs(self._ctx, posixpath.dirname(self.final))
-            self._file = self._ctx.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        except OSError as e:
-            self._release(e)
-            raise store.error(f"cannot create {name}", e) from None
+
+        def create(ctx):
+            self.tmp = posixpath.join(posixpath.dirname(self.final), f"{PART}{uuid.uuid4().hex}")  # new on a retry
+            store._makedirs(ctx, posixpath.dirname(self.final))
+            return ctx.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+        # the writer keeps the connection its file is open on
+        self._ctx, self._file = store.run(f"cannot create {name}", create, keep=True)
 
     @property
     def size(self) -> int:
@@ -140,13 +148,7 @@ class NfsStore(ObjectStore):
         self._lock = threading.Lock()
         self._pool_size = pool_size
         self._dirs: set[str] = set()
-        ctx = self._checkout()
-        try:
-            self._makedirs(ctx, self.base)
-        except OSError as e:
-            self._checkin(ctx, e)
-            raise self.error("cannot create the repository directory", e) from None
-        self._checkin(ctx)
+        self.run("cannot create the repository directory", lambda ctx: self._makedirs(ctx, self.base))
 
     # --- connections ---
     def _connect(self):
@@ -172,14 +174,21 @@ class NfsStore(ObjectStore):
                 return
         ctx.close()
 
+    def _drop_idle(self) -> None:
+        """Close the idle connections: one failed, and the others went to
+        the same server (a restart drops them all)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for ctx in idle:
+            ctx.close()
+
     def diagnose_write(self, e: OSError, needed: int) -> OSError:
         """libnfs 4 reports every failed WRITE as EFAULT with no message;
         when the export has no room for what we tried to write, say so."""
         if e.errno != errno.EFAULT:
             return e
         try:
-            with self.connection("cannot read capacity") as ctx:
-                frsize, _, _, bavail = ctx.statvfs(self.base)
+            frsize, _, _, bavail = self.run("cannot read capacity", lambda ctx: ctx.statvfs(self.base))
         except Exception:
             return e
         if bavail * frsize <= needed + (1 << 20):
@@ -188,10 +197,11 @@ class NfsStore(ObjectStore):
 
     def error(self, what: str, e: OSError):
         """The error for a failed call. libnfs reports a dropped connection as
-        a generic failure, so anything but a plain file error is checked
+        a generic failure, so anything but a definite answer is checked
         with a fresh connection: if the server does not answer it, the
-        backup point is unreachable."""
-        if e.errno in _FILE_ERRORS or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM):
+        backup point is unreachable; if it does, the failure is an I/O
+        error (never a verdict on the data)."""
+        if e.errno in _DEFINITE:
             return storage_error(self.label, what, e, owner=self.owner, field=self.field)
         try:
             probe = self._connect()
@@ -201,26 +211,39 @@ class NfsStore(ObjectStore):
         self._checkin(probe)
         return storage_error(self.label, what, e, owner=self.owner, field=self.field)
 
-    @contextmanager
-    def connection(self, what: str, passthrough: tuple[type[OSError], ...] = ()):
-        """A pooled libnfs context for a few calls. An OSError ends the
-        block as the store's error (naming `what`), except the `passthrough`
-        kinds, which are raised as they are (FileNotFoundError, for callers
-        that expect plain file semantics)."""
-        ctx = self._checkout()
-        try:
-            yield ctx
-        except passthrough as e:
-            self._checkin(ctx, e)
-            raise
-        except OSError as e:
-            self._checkin(ctx, e)
-            raise self.error(what, e) from None
-        except BaseException:
-            ctx.close()
-            raise
-        else:
+    def run(self, what: str, fn, passthrough: tuple[type[OSError], ...] = (), *, retry: bool = True,
+            keep: bool = False):
+        """fn(ctx) on a pooled libnfs context. An OSError becomes the
+        store's error (naming `what`), except the `passthrough` kinds,
+        raised as they are (FileNotFoundError, for callers that expect
+        plain file semantics). An error that is not a definite answer of
+        the server drops the idle connections and, with retry (calls that
+        may run twice: reads, lookups, a new file's creation), runs fn once
+        more on a new connection. keep: the caller keeps the context
+        (returns (ctx, result) and checks it in itself)."""
+        for attempt in (0, 1):
+            ctx = self._checkout()
+            try:
+                result = fn(ctx)
+            except passthrough as e:
+                self._checkin(ctx, e)
+                raise
+            except OSError as e:
+                self._checkin(ctx, e)
+                if e.errno in _DEFINITE:
+                    raise self.error(what, e) from None
+                self._drop_idle()
+                if not retry or attempt:
+                    raise self.error(what, e) from None
+                continue  # once more, on a new connection
+            except BaseException:
+                ctx.close()
+                raise
+            if keep:
+                return ctx, result
             self._checkin(ctx)
+            return result
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:
@@ -253,15 +276,17 @@ class NfsStore(ObjectStore):
         binding), or into a new buffer for the rest of the object (its size
         from a stat on the same connection)."""
         path = self._path(name)
+
+        def read(ctx):
+            f = ctx.open(path, os.O_RDONLY)
+            try:
+                out = bytearray(max(0, ctx.stat(path)[0] - offset)) if buf is None else buf
+                return out, (f.preadinto(out, offset) if len(out) else 0)
+            finally:
+                f.close()
+
         try:
-            with self.connection(f"cannot read {name}") as ctx:
-                f = ctx.open(path, os.O_RDONLY)
-                try:
-                    if buf is None:
-                        buf = bytearray(max(0, ctx.stat(path)[0] - offset))
-                    return buf, (f.preadinto(buf, offset) if len(buf) else 0)
-                finally:
-                    f.close()
+            return self.run(f"cannot read {name}", read)
         except NotFound:
             raise NotFound(f"backup point {self.label}: object {name} is missing", field="name") from None
 
@@ -274,16 +299,14 @@ class NfsStore(ObjectStore):
 
     def size(self, name: str) -> int:
         try:
-            with self.connection(f"cannot stat {name}") as ctx:
-                return ctx.stat(self._path(name))[0]
+            return self.run(f"cannot stat {name}", lambda ctx: ctx.stat(self._path(name))[0])
         except NotFound:
             raise NotFound(f"backup point {self.label}: object {name} is missing", field="name") from None
 
     def _listdir(self, prefix: str) -> list[tuple[str, bool, int]]:
         d = self._path(prefix) if prefix else self.base
         try:
-            with self.connection(f"cannot list {prefix or '/'}") as ctx:
-                return ctx.listdir(d)
+            return self.run(f"cannot list {prefix or '/'}", lambda ctx: ctx.listdir(d))
         except NotFound:
             return []
 
@@ -293,11 +316,18 @@ class NfsStore(ObjectStore):
                       for n, is_dir, _ in self._listdir(prefix) if not is_dir and not n.startswith(PART))
 
     def delete(self, name: str) -> None:
-        try:
-            with self.connection(f"cannot delete {name}") as ctx:
-                ctx.unlink(self._path(name))
+        try:  # a retried REMOVE that finds nothing: the first one did it
+            self.run(f"cannot delete {name}", lambda ctx: ctx.unlink(self._path(name)))
         except NotFound:
             pass
+
+    def publish(self, name: str, data: bytes, *, durable: bool = True) -> None:
+        """A whole object in hand: once more when the first try met a
+        dropped connection (a new temporary file, renamed over the name)."""
+        try:
+            super().publish(name, data, durable=durable)
+        except (TargetUnreachable, StorageIOError):
+            super().publish(name, data, durable=durable)
 
     def sweep_partial(self, prefix: str) -> int:
         prefix = prefix.rstrip("/")
@@ -309,8 +339,7 @@ class NfsStore(ObjectStore):
         return n
 
     def stats(self) -> StoreStats:
-        with self.connection("cannot read capacity") as ctx:
-            frsize, blocks, bfree, bavail = ctx.statvfs(self.base)
+        frsize, blocks, bfree, bavail = self.run("cannot read capacity", lambda ctx: ctx.statvfs(self.base))
         return StoreStats(blocks * frsize, (blocks - bfree) * frsize, bavail * frsize)
 
     def is_empty(self) -> bool:

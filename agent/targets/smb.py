@@ -6,8 +6,12 @@ encrypted (smb_encrypt). The password lives only in memory: never in argv,
 logs or error messages. A writer fills a hidden `.part-*` file, asks the
 server to flush it (SMB2 FLUSH) and renames it into place, replacing an
 older object of the same name atomically (lock records, `config` on init).
-Each store has its own connection cache; a connection that failed is
-dropped and the next call logs in again.
+Each store has its own connection cache and logs in with its own
+credentials. A call that meets a dropped connection (a server restart, a
+network cut) logs in again and runs once more; an object being written is
+not (its WRITEs were in flight on the old connection): the writer fails,
+cleanly. A share or file the user may not touch is ACCESS_DENIED, naming the
+share and the user.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ import uuid
 import smbclient
 from smbprotocol.exceptions import DiskFull, LogonFailure, SMBAuthenticationError, SMBConnectionClosed, \
     SMBException, SMBOSError, SMBResponseException
+from smbprotocol.header import NtStatus
 
-from agent.errors import AuthFailed, InvalidArgument, NotFound, TargetUnreachable
+from agent.errors import AccessDenied, AuthFailed, InvalidArgument, NotFound, TargetUnreachable
 from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
 from agent.targets import smb_write
 from agent.targets.nfs import check_sub_dir
@@ -34,6 +39,11 @@ _GATHER = 1 << 20
 _RESERVE = 16  # credits WRITEs leave to the session's other requests (creates, flushes, renames, tree connects)
 _PAYLOAD = 65536  # bytes per credit
 _NO_CREDITS = "credits are available"  # smbprotocol's refusal: "Request requires N credits but only M ..."
+_DENIED = {NtStatus.STATUS_ACCESS_DENIED: "STATUS_ACCESS_DENIED",
+           NtStatus.STATUS_PRIVILEGE_NOT_HELD: "STATUS_PRIVILEGE_NOT_HELD"}
+# the server forgot our session (it restarted): log in again
+_SESSION_GONE = {NtStatus.STATUS_USER_SESSION_DELETED, NtStatus.STATUS_NETWORK_NAME_DELETED,
+                 0xC000035C}  # STATUS_NETWORK_SESSION_EXPIRED (not in smbprotocol's table)
 # smbprotocol logs packet details at DEBUG; they are not for the agent's log
 for _name in ("smbprotocol", "smbclient", "spnego"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -46,15 +56,18 @@ class _SmbWriter(ObjectWriter):
         self.durable = durable
         self.final = store._path(name)
         parent = self.final.rsplit("\\", 1)[0]
-        self.tmp = f"{parent}\\{PART}{uuid.uuid4().hex}"
         self._size = 0
         self._pending = bytearray()
         self._inflight: collections.deque = collections.deque()
         self._file = None
-        with store._call(f"cannot create {name}"):
+
+        def create():
+            self.tmp = f"{parent}\\{PART}{uuid.uuid4().hex}"  # a new one on a retry
             store._makedirs(parent)
-            self._file = store._credited(smbclient.open_file, self.tmp, mode="xb", buffering=0,
-                                         share_access="rwd", **store._kw)
+            return store._credited(smbclient.open_file, self.tmp, mode="xb", buffering=0, share_access="rwd",
+                                   **store._kw)
+
+        self._file = store._run(f"cannot create {name}", create)
         self._fast = store.zero_copy and smb_write.usable(self._file.fd)
 
     @property
@@ -217,8 +230,7 @@ class SmbStore(ObjectStore):
         self._ops = threading.RLock()
         self._session = False
         self._dirs: set[str] = set()
-        with self._call("cannot create the repository directory"):
-            self._makedirs(self.base)
+        self._run("cannot create the repository directory", lambda: self._makedirs(self.base))
 
     # --- session ---
     def _login(self) -> None:
@@ -273,17 +285,34 @@ class SmbStore(ObjectStore):
         return _Call(self, what)
 
     def _error(self, what: str, e: BaseException):
-        if isinstance(e, SMBOSError):
+        status = getattr(e, "ntstatus", None) if isinstance(e, SMBOSError) else getattr(e, "status", None)
+        if status in _DENIED:
+            return AccessDenied(f"backup point {self.label}: {what}: the server denied user {self._username!r} "
+                                f"access on share {self.share!r} ({_DENIED[status]})", field="backup_point_uuid")
+        if isinstance(e, SMBOSError) and status not in _SESSION_GONE:
             if e.errno == errno.ENOENT:
                 return NotFound(f"backup point {self.label}: {what}: not found", field="name")
             return storage_error(self.label, what, OSError(e.errno or errno.EIO, e.strerror or str(e)))
         if isinstance(e, DiskFull):
             return storage_error(self.label, what, OSError(errno.ENOSPC, "No space left on the share"))
-        if isinstance(e, SMBResponseException):
+        if isinstance(e, SMBResponseException) and status not in _SESSION_GONE:
             return storage_error(self.label, what, OSError(errno.EIO, e.message))
         self._drop()
         return TargetUnreachable(f"backup point {self.label}: {what}: the server does not answer ({e})",
                                  field="backup_point_uuid")
+
+    def _run(self, what: str, fn):
+        """fn() logged in, its errors ours. A dropped connection (the
+        server restarted, the network was cut) means one more try after a
+        new login: callers pass calls that may run twice (reads, listings,
+        removals, a new file's creation)."""
+        try:
+            with self._call(what):
+                return fn()
+        except TargetUnreachable:
+            pass
+        with self._call(what):
+            return fn()
 
     # --- paths ---
     def _path(self, name: str) -> str:
@@ -303,16 +332,21 @@ class SmbStore(ObjectStore):
     def get(self, name: str, offset: int = 0, length: int | None = None):
         if length is not None:
             return self._range_by_read_into(name, offset, length)
-        with self._call(f"cannot read {name}"):
+
+        def read():
             with self._credited(smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd",
                                 **self._kw) as f:
                 if offset:
                     f.seek(offset)
                 return bytearray(f.readall())
 
+        return self._run(f"cannot read {name}", read)
+
     def read_into(self, name: str, offset: int, buf) -> int:
-        view, got = memoryview(buf).cast("B"), 0
-        with self._call(f"cannot read {name}"):
+        view = memoryview(buf).cast("B")
+
+        def read():
+            got = 0
             with self._credited(smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd",
                                 **self._kw) as f:
                 if offset:
@@ -322,17 +356,19 @@ class SmbStore(ObjectStore):
                     if not n:
                         break
                     got += n
-        return got
+            return got
+
+        return self._run(f"cannot read {name}", read)
 
     def size(self, name: str) -> int:
-        with self._call(f"cannot stat {name}"):
-            return self._credited(smbclient.stat, self._path(name), **self._kw).st_size
+        return self._run(f"cannot stat {name}", lambda: self._credited(smbclient.stat, self._path(name),
+                                                                        **self._kw).st_size)
 
     def _scan(self, prefix: str) -> list[tuple[str, bool]]:
         d = self._path(prefix) if prefix else self.base
         try:
-            with self._call(f"cannot list {prefix or '/'}"):
-                return self._credited(lambda: [(e.name, e.is_dir()) for e in smbclient.scandir(d, **self._kw)])
+            return self._run(f"cannot list {prefix or '/'}", lambda: self._credited(
+                lambda: [(e.name, e.is_dir()) for e in smbclient.scandir(d, **self._kw)]))
         except NotFound:
             return []
 
@@ -342,11 +378,19 @@ class SmbStore(ObjectStore):
                       if not is_dir and not n.startswith(PART))
 
     def delete(self, name: str) -> None:
-        try:
-            with self._call(f"cannot delete {name}"):
-                self._credited(smbclient.remove, self._path(name), **self._kw)
+        try:  # a retried removal that finds nothing: the first one did it
+            self._run(f"cannot delete {name}", lambda: self._credited(smbclient.remove, self._path(name),
+                                                                       **self._kw))
         except NotFound:
             pass
+
+    def publish(self, name: str, data: bytes, *, durable: bool = True) -> None:
+        """A whole object in hand: once more when the first try met a
+        dropped connection (a new temporary file, renamed over the name)."""
+        try:
+            super().publish(name, data, durable=durable)
+        except TargetUnreachable:
+            super().publish(name, data, durable=durable)
 
     def sweep_partial(self, prefix: str) -> int:
         prefix = prefix.rstrip("/")
@@ -358,8 +402,7 @@ class SmbStore(ObjectStore):
         return n
 
     def stats(self) -> StoreStats:
-        with self._call("cannot read capacity"):
-            v = self._credited(smbclient.stat_volume, self.base, **self._kw)
+        v = self._run("cannot read capacity", lambda: self._credited(smbclient.stat_volume, self.base, **self._kw))
         return StoreStats(v.total_size, v.total_size - v.actual_available_size, v.caller_available_size)
 
     def is_empty(self) -> bool:

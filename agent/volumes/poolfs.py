@@ -23,6 +23,7 @@ import os
 import posixpath
 import re
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Iterator
@@ -266,14 +267,14 @@ class NfsFiles(PoolFiles):
             raise InvalidArgument(f"path: {path!r} is not on {self.prefix}", field="path")
         return path[len(self.prefix):] or "/"
 
-    @contextmanager
-    def _ctx(self, what: str, path: str):
-        with self.store.connection(f"{what} {self._rel(path)}", _PASS) as ctx:
-            yield ctx
+    def _run(self, what: str, path: str, fn, *, retry: bool = True):
+        """fn(ctx) on the pool's NFS connections: once more on a new
+        connection when the first met a dropped one (retry: for calls that
+        may run twice; see NfsStore.run)."""
+        return self.store.run(f"{what} {self._rel(path)}", fn, _PASS, retry=retry)
 
     def _stat(self, path: str):
-        with self._ctx("cannot stat", path) as ctx:
-            return ctx.stat(self._rel(path))
+        return self._run("cannot stat", path, lambda ctx: ctx.stat(self._rel(path)))
 
     def exists(self, path: str) -> bool:
         try:
@@ -289,15 +290,13 @@ class NfsFiles(PoolFiles):
             return False
 
     def listdir(self, path: str) -> list[str]:
-        with self._ctx("cannot list", path) as ctx:
-            return [n for n, _, _ in ctx.listdir(self._rel(path))]
+        return [n for n, _, _ in self._run("cannot list", path, lambda ctx: ctx.listdir(self._rel(path)))]
 
     def walk_files(self, top: str) -> Iterator[str]:
         """As PoolFiles.walk_files, with the kinds READDIRPLUS returns
         (no lookup per entry)."""
         try:
-            with self._ctx("cannot list", top) as ctx:
-                entries = ctx.listdir(self._rel(top))
+            entries = self._run("cannot list", top, lambda ctx: ctx.listdir(self._rel(top)))
         except FileNotFoundError:
             return
         for n, is_dir, _ in entries:  # without "." and ".."
@@ -308,9 +307,9 @@ class NfsFiles(PoolFiles):
                 yield p
 
     def makedirs(self, path: str) -> None:
-        rel = self._rel(path)
-        parts = [p for p in rel.split("/") if p]
-        with self._ctx("cannot create directory", path) as ctx:
+        parts = [p for p in self._rel(path).split("/") if p]
+
+        def mkdirs(ctx):
             cur = ""
             for p in parts:
                 cur += "/" + p
@@ -319,17 +318,54 @@ class NfsFiles(PoolFiles):
                 except FileExistsError:
                     pass
 
+        self._run("cannot create directory", path, mkdirs)
+
     def rename(self, src: str, dst: str) -> None:
-        with self._ctx("cannot rename", src) as ctx:
-            ctx.rename(self._rel(src), self._rel(dst))
+        """A RENAME sent again after a dropped connection may find its
+        source gone because the first one was done: then the destination
+        is there, and that is success."""
+        tried = []
+
+        def rename(ctx):
+            try:
+                ctx.rename(self._rel(src), self._rel(dst))
+            except FileNotFoundError:
+                if not tried or not self._exists_on(ctx, dst):
+                    raise
+            finally:
+                tried.append(1)
+
+        self._run("cannot rename", src, rename)
+
+    def _exists_on(self, ctx, path: str) -> bool:
+        try:
+            ctx.stat(self._rel(path))
+            return True
+        except FileNotFoundError:
+            return False
 
     def unlink(self, path: str) -> None:
-        with self._ctx("cannot remove", path) as ctx:
-            ctx.unlink(self._rel(path))
+        self._run("cannot remove", path, self._once(lambda ctx: ctx.unlink(self._rel(path))))
 
     def rmdir(self, path: str) -> None:
-        with self._ctx("cannot remove directory", path) as ctx:
-            ctx.rmdir(self._rel(path))
+        self._run("cannot remove directory", path, self._once(lambda ctx: ctx.rmdir(self._rel(path))))
+
+    @staticmethod
+    def _once(remove):
+        """A REMOVE/RMDIR sent again after a dropped connection that finds
+        nothing: the first one did it."""
+        tried = []
+
+        def call(ctx):
+            try:
+                remove(ctx)
+            except FileNotFoundError:
+                if not tried:
+                    raise
+            finally:
+                tried.append(1)
+
+        return call
 
     def mtime(self, path: str) -> float:
         return self._stat(path)[3]
@@ -338,27 +374,31 @@ class NfsFiles(PoolFiles):
         return self._stat(path)[4]
 
     def fsync(self, path: str) -> None:
-        with self._ctx("cannot commit", path) as ctx:
+        def commit(ctx):
             f = ctx.open(self._rel(path), os.O_RDWR)
             try:
                 f.fsync()
             finally:
                 f.close()
 
+        self._run("cannot commit", path, commit)
+
     def statvfs(self, path: str) -> tuple[int, int, int]:
-        with self._ctx("cannot read capacity of", path) as ctx:
-            frsize, blocks, bfree, bavail = ctx.statvfs(self._rel(path))
+        frsize, blocks, bfree, bavail = self._run("cannot read capacity of", path,
+                                                  lambda ctx: ctx.statvfs(self._rel(path)))
         return blocks * frsize, (blocks - bfree) * frsize, bavail * frsize
 
     def pread(self, path: str, n: int, offset: int) -> bytes:
-        with self._ctx("cannot read", path) as ctx:
+        def read(ctx):
             f = ctx.open(self._rel(path), os.O_RDONLY)
             try:
                 out = bytearray(n)
                 got = f.preadinto(out, offset) if n else 0
             finally:
                 f.close()
-        return bytes(out[:got])
+            return bytes(out[:got])
+
+        return self._run("cannot read", path, read)
 
     def read(self, path: str) -> bytes:
         size = self._stat(path)[0]
@@ -366,11 +406,21 @@ class NfsFiles(PoolFiles):
 
     def replace(self, path: str, data: bytes) -> None:
         """A hidden temporary file, written, committed (NFS COMMIT) and renamed
-        over path: NFSv3 servers make a rename stable before they answer."""
+        over path: NFSv3 servers make a rename stable before they answer.
+        The data is in hand, so a dropped connection means a new temporary
+        file on a new connection."""
         rel = self._rel(path)
-        tmp = posixpath.join(posixpath.dirname(rel), f".{posixpath.basename(rel)}.{os.getpid()}."
-                             f"{threading.get_ident()}.tmp")
-        with self._ctx("cannot write", path) as ctx:
+        tried: list[str] = []
+
+        def write(ctx):
+            for old in tried:  # the first try's, which its dead connection could not remove
+                try:
+                    ctx.unlink(old)
+                except OSError:
+                    pass
+            tmp = posixpath.join(posixpath.dirname(rel), f".{posixpath.basename(rel)}.{os.getpid()}."
+                                 f"{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp")
+            tried.append(tmp)
             f = ctx.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
                 try:
@@ -386,6 +436,8 @@ class NfsFiles(PoolFiles):
                 except OSError:
                     pass
                 raise
+
+        self._run("cannot write", path, write)
 
     def open_ro(self, path: str) -> ReadFile:
         if not self.exists(path):
