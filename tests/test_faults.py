@@ -6,6 +6,8 @@ servers (tgtd, smbd, nfs-ganesha), real agents and a real controller.
 - transport: a server restarted between two calls is transparent (the
   dropped connection is made again and the call retried once), and a
   transport error is never reported as corrupt data;
+- space: a backup point that fills up fails the backup with NO_SPACE, lists
+  nothing, and has its space back at once (no pack left for a GC);
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import uuid
 import pytest
 
 from agent.config import BackupPointSection
-from agent.errors import AuthFailed, FailedPrecondition, StorageIOError, TargetUnreachable
+from agent.errors import AuthFailed, FailedPrecondition, NoSpace, StorageIOError, TargetUnreachable
 from agent.repo.backup import backup
 from agent.repo.catalog import latest_for_volume
 from agent.repo.repository import Repository
@@ -24,8 +26,8 @@ from agent.targets.registry import BackupPoint
 from test_backup import CS, MiB, nid
 from test_qcow2 import write
 from test_nfs_pool import nfs_agent  # noqa: F401 - fixture
-from test_targets import IscsiTarget, NfsTarget, SmbTarget, iscsi_lun, pool, restore_to_qcow2, \
-    snapshot  # noqa: F401 - fixtures
+from test_targets import DiskTarget, IscsiTarget, NfsTarget, SmbTarget, iscsi_lun, loop, pool, \
+    restore_to_qcow2, snapshot  # noqa: F401 - fixtures
 
 # ---- credentials ----
 
@@ -157,3 +159,123 @@ def test_smb_access_denied_names_the_share_and_user(smb_server, short_tmp):
     with pytest.raises(AuthFailed, match="refused user"):
         t.make("granted", password="not-the-password-4711")
     assert bytes(good.get("hello")) == b"fine"
+
+
+# ---- space ----
+
+@pytest.fixture
+def small_store(request, short_tmp):
+    """small_store(kind) -> (a store of about 48 MiB, a function that opens
+    it again): a small ext4 for local, the NFS server's small export, the
+    SMB server's small share, a small iSCSI LUN, a small loop device."""
+    from smallfs import mount_small_fs, unmount_small_fs
+
+    from agent.targets.local import LocalStore
+
+    mounted = []
+
+    def make(kind: str):
+        sub = f"full-{uuid.uuid4().hex[:8]}"
+        if kind == "local":
+            mnt = short_tmp / "small"
+            mnt.mkdir()
+            mounted.append((mnt, mount_small_fs(short_tmp / "small.img", mnt, 48 * MiB)))
+            return lambda: LocalStore(str(mnt / sub))
+        if kind == "nfs":
+            srv = request.getfixturevalue("nfs_server")
+            return lambda: NfsTarget(srv).make(sub, export=srv.small)
+        if kind == "smb":
+            return lambda: SmbTarget(request.getfixturevalue("smb_server"), short_tmp).make(sub, share="small")
+        if kind == "iscsi":
+            return request.getfixturevalue("iscsi_lun")(48 * MiB).make
+        return DiskTarget(request.getfixturevalue("loop")(48 * MiB)).make
+
+    yield make
+    for mnt, dev in mounted:
+        unmount_small_fs(mnt, dev)
+
+
+@pytest.mark.parametrize("kind", ["local", "nfs", "smb", "iscsi", "disk"])
+def test_no_space_fails_cleanly_and_gives_the_space_back_at_once(kind, small_store, pool, short_tmp):
+    """80 MiB of random data to a 48 MiB backup point, in 2 MiB packs so
+    that many commit before the space runs out: NO_SPACE naming the backup
+    point, nothing listed, no pack or index left behind (before any GC),
+    the free space as before, and a smaller backup fits at once."""
+    opener = small_store(kind)
+
+    def open_store():
+        store = opener() if kind in ("local", "nfs", "smb") else opener("")
+        store.pack_target = 2 * MiB
+        return store
+
+    repo = Repository.init(open_store(), chunk_size=CS, compression="none")
+    free0 = repo.store.stats().available_bytes
+    vol = pool.create_volume(nid(), "src", 96 * MiB).uuid
+    write(pool.head_path(vol), {0: os.urandom(80 * MiB)}, short_tmp)
+    with pytest.raises(NoSpace, match="backup point|LUN"):
+        backup(pool, vol, snapshot(pool, vol), repo)
+    assert repo.store.list("packs") == [] and repo.manifests() == []
+    assert Repository.open(open_store()).manifests() == []
+    assert repo.store.stats().available_bytes >= free0 - 2 * MiB
+    small = pool.create_volume(nid(), "small", 16 * MiB).uuid
+    write(pool.head_path(small), {0: os.urandom(12 * MiB)}, short_tmp)
+    m = backup(pool, small, snapshot(pool, small), repo)
+    verify(Repository.open(open_store()), m, deep=True)
+
+
+def test_a_failed_backup_never_reclaims_what_a_running_one_may_use(pool, short_tmp):
+    """Two backups of the same data at once: the second is cancelled after
+    its packs committed while the first still runs (and may have
+    deduplicated against them). Its packs are left for the GC, the first
+    backup restores bit for bit, and the GC then removes only garbage."""
+    import threading
+
+    from agent.errors import Cancelled
+    from agent.jobs.kinds import NullContext
+    from agent.repo.gc import gc
+    from agent.targets.local import LocalStore
+
+    store = LocalStore(str(short_tmp / "bp"))
+    store.pack_target = 2 * MiB
+    repo = Repository.init(store, chunk_size=CS, compression="none")
+    a_vol = pool.create_volume(nid(), "a", 16 * MiB).uuid
+    b_vol = pool.create_volume(nid(), "b", 16 * MiB).uuid
+    shared = os.urandom(8 * MiB)
+    write(pool.head_path(a_vol), {0: shared}, short_tmp)
+    write(pool.head_path(b_vol), {0: shared, 8 * MiB: os.urandom(6 * MiB)}, short_tmp)
+    a_snap, b_snap = snapshot(pool, a_vol), snapshot(pool, b_vol)
+    b_done, results = threading.Event(), {}
+
+    class Slow(NullContext):  # A waits at its third chunk until B has failed
+        n = 0
+
+        def checkpoint(self):
+            self.n += 1
+            if self.n == 3:
+                b_done.wait(60)
+
+    class CancelLate(NullContext):
+        n = 0
+
+        def checkpoint(self):
+            self.n += 1
+            if self.n == 14:  # after most of its chunks were read and packs committed
+                raise Cancelled("cancelled by the test")
+
+    def run_a():
+        results["a"] = backup(pool, a_vol, a_snap, repo, ctx=Slow())
+
+    t = threading.Thread(target=run_a)
+    t.start()
+    try:
+        with pytest.raises(Cancelled):
+            backup(pool, b_vol, b_snap, repo, ctx=CancelLate())
+        left = set(store.list("packs"))
+        assert left, "the busy repository kept the failed backup's packs"
+    finally:
+        b_done.set()
+        t.join(60)
+    m = results["a"]
+    assert restore_to_qcow2(pool, repo, m, short_tmp)[1] == pool.image_digest(a_vol, a_snap).image_digest
+    gc(repo)
+    verify(Repository.open(LocalStore(str(short_tmp / "bp"))), m, deep=True)

@@ -19,7 +19,10 @@ block digests, in chunk order.
 
 No chains: a manifest lists every chunk, so any backup restores from its own
 manifest alone. The manifest is committed last, after its packs and block
-digests are durable.
+digests are durable. A backup that fails (no space, a lost server, a
+cancel) lists nothing, and the packs it committed are deleted at once
+when nothing else holds the repository (agent.repo.gc.reclaim), so a full
+backup point does not stay full until the next GC.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from agent import __version__, native
 from agent.errors import FailedPrecondition, NotFound, TrackingLost
 from agent.extents import Extent
 from agent.repo.format import BLOCK_SIZE, ZERO, ImageDigest, Manifest, block_digests, zero_block_digests
+from agent.repo.gc import reclaim
 from agent.repo.pipeline import BufferPool, OrderedPipeline
 from agent.repo.repository import Repository
 
@@ -56,19 +60,25 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
-    with repo.shared("backup", checkpoint=ctx.checkpoint):
-        repo.refresh()
-        info = driver.snapshot_info(volume, snapshot)
-        # The changes first (qcow2: read from the bitmaps in the layer files;
-        # RBD: a diff), so the reader maps only the chunks an incremental reads.
-        changes, only = None, None
-        if parent is not None and not full:
-            changes = _changes_since(driver, volume, snapshot, parent, repo.chunk_size)
-            if changes.indexes is not None:
-                only = (parent.size, _ranges(changes.indexes, repo.chunk_size, parent.size))
-        with driver.open_reader(volume, snapshot, only=only) as reader:
-            return _backup(driver, reader, info, volume, snapshot, repo, parent, changes,
-                           backup_id or str(uuid.uuid4()), name, description, tenant, ctx)
+    backup_id = backup_id or str(uuid.uuid4())
+    written: set[str] = set()  # the packs this backup stored chunks in
+    try:
+        with repo.shared("backup", checkpoint=ctx.checkpoint):
+            repo.refresh()
+            info = driver.snapshot_info(volume, snapshot)
+            # The changes first (qcow2: read from the bitmaps in the layer files;
+            # RBD: a diff), so the reader maps only the chunks an incremental reads.
+            changes, only = None, None
+            if parent is not None and not full:
+                changes = _changes_since(driver, volume, snapshot, parent, repo.chunk_size)
+                if changes.indexes is not None:
+                    only = (parent.size, _ranges(changes.indexes, repo.chunk_size, parent.size))
+            with driver.open_reader(volume, snapshot, only=only) as reader:
+                return _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backup_id, name,
+                               description, tenant, ctx, written)
+    except BaseException:
+        reclaim(repo, written, owner=backup_id)  # what it committed goes now, not at the next GC
+        raise
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,7 @@ def _commit_data(repo: Repository, blocks) -> None:
 
 
 def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backup_id, name, description, tenant,
-            ctx) -> Manifest:
+            ctx, written: set[str]) -> Manifest:
     cs = repo.chunk_size
     size = reader.size()
     n = (size + cs - 1) // cs
@@ -180,7 +190,7 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
             chunks[i] = ZERO
             emit(i, zero_block_digests(len(buf)))
         else:
-            stored = repo.add(cid, record, len(buf)) if record is not None else 0
+            stored = repo.add(cid, record, len(buf), written) if record is not None else 0
             stats["stored_bytes"] += stored
             stats["new_chunks"] += 1 if stored else 0
             chunks[i] = cid.hex()
@@ -231,8 +241,8 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
         _commit_data(repo, blocks)
         repo.publish_manifest(m)
     except BaseException:
-        blocks.abort()  # the chunks stay for the next backup, or for GC
-        repo.settle()
+        blocks.abort()
+        repo.settle()  # the packs committing in the background end first: backup() reclaims them
         raise
     log.info("backup published", extra={"backup": backup_id, "volume": volume, "mode": mode, **stats})
     return m

@@ -15,6 +15,9 @@ operation refreshes its index after taking its lock. Under the lock GC:
 
 A crash at any step leaves either the old or the new copy of every live
 chunk listed in an index.
+
+reclaim() is the small GC a failed backup runs on its way out: the packs it
+wrote that no backup references, deleted under the exclusive lock.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from agent.errors import BlockferryError, NotFound
 from agent.repo.format import ZERO
 from agent.repo.repository import Repository
 
@@ -98,4 +102,47 @@ def _gc(repo: Repository, ctx) -> GcResult:
     repo.refresh()
     result = GcResult(deleted, rewritten, removed, freed, partial)
     log.info("garbage collected", extra=result.__dict__)
+    return result
+
+
+@dataclass(frozen=True)
+class ReclaimResult:
+    packs_deleted: int
+    bytes_freed: int
+    left: int  # packs left for the next GC (referenced meanwhile, or the repository was busy)
+
+
+def reclaim(repo: Repository, packs: set[str], *, owner: str = "") -> ReclaimResult:
+    """After a failed backup: delete at once the packs it wrote that no
+    backup references (a full backup point gets its space back without
+    waiting for a GC). It takes the exclusive lock without waiting: while
+    other operations hold the repository, or when anything goes wrong, the
+    packs are left for the next GC, which finds them the same way."""
+    if not packs:
+        return ReclaimResult(0, 0, 0)
+    try:
+        with repo.exclusive("reclaim"):
+            repo.discard_open()  # only failed backups' chunks can be in it: nothing else runs
+            repo.refresh()
+            live = {bytes.fromhex(c) for m in repo.manifests() for c in m.chunks if c != ZERO}
+            deleted = freed = 0
+            for pack in sorted(packs):
+                try:
+                    entries = repo._read_index(pack)
+                except NotFound:
+                    continue  # never committed: its writer removed its partial file
+                if any(cid in live for cid in entries):
+                    continue  # another backup references a chunk of it since: GC repacks it
+                size = repo.store.size(pack)
+                repo.store.delete(f"{pack}.idx")
+                repo.store.delete(pack)
+                deleted += 1
+                freed += size
+            repo.refresh()
+    except BlockferryError as e:
+        log.warning("the packs of a failed backup are left for the next GC", extra={
+            "backup": owner, "packs": len(packs), "why": e.message})
+        return ReclaimResult(0, 0, len(packs))
+    result = ReclaimResult(deleted, freed, len(packs) - deleted)
+    log.info("reclaimed the packs of a failed backup", extra={"backup": owner, **result.__dict__})
     return result

@@ -199,10 +199,12 @@ class Repository:
         """The stored record of a chunk, in pieces (thread-safe; call from workers)."""
         return encode_chunk(data, cid, self._compressor(), self.sealer)
 
-    def add(self, cid: bytes, record: list, plain: int) -> int:
+    def add(self, cid: bytes, record: list, plain: int, written: set[str] | None = None) -> int:
         """Append an encoded chunk unless present; returns the bytes stored.
         The pack write (network or device I/O) holds only the write lock, so
-        workers asking has() meanwhile are not held behind it."""
+        workers asking has() meanwhile are not held behind it. written: a
+        set the pack's name goes into when the chunk is stored (what a
+        failed backup wrote, for gc.reclaim)."""
         length = sum(len(piece) for piece in record)
         self._raise_commit_error()
         with self._write_lock:  # one thread appends to the open pack at a time
@@ -215,6 +217,8 @@ class Repository:
                 if self._known(cid):
                     return 0
                 p.entries[cid] = Location(p.name, p.writer.size, length, plain)
+            if written is not None:
+                written.add(p.name)
             try:
                 for piece in record:
                     p.writer.write(piece)
@@ -315,6 +319,15 @@ class Repository:
             self._wait_commits()
         except Exception:  # noqa: BLE001 - the backup reports its own error
             pass
+
+    def discard_open(self) -> None:
+        """Drop the open pack and the chunks it holds (only under the
+        exclusive lock, when no backup can be appending to it)."""
+        with self._write_lock:
+            with self._lock:
+                p, self._open = self._open, None
+            if p is not None:
+                p.writer.abort()
 
     def flush(self) -> None:
         """Commit the open pack and its index, and every pack committing in
