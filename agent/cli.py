@@ -205,6 +205,47 @@ def cmd_flatten(client: AgentClient, args) -> int:
     return exit_code(job)
 
 
+def cmd_verify(client: AgentClient, args) -> int:
+    """Verify one backup, or (without BACKUP) the whole repository of a
+    backup point; every damaged item is listed, and the exit status is 1."""
+    job_id = args.job_id or f"verify-{uuid.uuid4()}"
+    client.submit(job_id, verify=jobs_pb2.VerifySpec(backup_point_uuid=args.backup_point,
+                                                     backup_uuid=args.backup or "", deep=args.deep,
+                                                     repository=not args.backup))
+    job = follow(client, job_id, args.json)
+    if args.json:
+        return exit_code(job)
+    r = job.verify_result
+    what = f"backup {args.backup}" if args.backup else f"{r.backups_checked} backups, {r.packs_checked} packs"
+    if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
+        print(f"ok: {what}: {r.chunks_checked} chunks, {human(r.bytes_checked)} checked"
+              f"{' (deep)' if r.deep else ''}")
+    else:
+        print(job_line(job) if not r.damage else f"DAMAGED: {what}: {len(r.damage)} damaged item(s)",
+              file=sys.stderr)
+    for d in r.damage:
+        item = f"chunk {d.chunk_id} in {d.pack or '(no pack)'}" if d.chunk_id else d.object
+        at = f" at position {d.first_chunk_index}" if d.first_chunk_index >= 0 and d.chunk_id else ""
+        print(f"  {item}{at}: {d.reason}" + (f"; breaks {', '.join(d.backup_uuids)}" if d.backup_uuids else ""))
+    if r.orphan_packs:
+        print(f"  packs without an index (the next gc removes them): {', '.join(r.orphan_packs)}")
+    if r.unreferenced_chunks:
+        print(f"  {r.unreferenced_chunks} chunks ({human(r.unreferenced_bytes)}) no backup references "
+              "(the next gc reclaims them)")
+    return exit_code(job)
+
+
+def cmd_gc(client: AgentClient, args) -> int:
+    job_id = args.job_id or f"gc-{uuid.uuid4()}"
+    client.submit(job_id, gc=jobs_pb2.GcSpec(backup_point_uuid=args.backup_point))
+    job = follow(client, job_id, args.json)
+    if not args.json:
+        r = job.gc_result
+        print(f"freed {human(r.bytes_freed)}: {r.packs_deleted} packs deleted, {r.packs_rewritten} rewritten, "
+              f"{r.chunks_removed} chunks removed" if job.state == jobs_pb2.JOB_STATE_SUCCEEDED else job_line(job))
+    return exit_code(job)
+
+
 def cmd_info(client: AgentClient, args) -> int:
     info = client.host_info()
     if args.json:
@@ -358,6 +399,16 @@ def parser() -> argparse.ArgumentParser:
     fl.add_argument("volume")
     fl.add_argument("--job-id")
 
+    ve = sub.add_parser("verify", help="verify a backup, or every backup and pack of a backup point (a job)")
+    ve.add_argument("backup_point")
+    ve.add_argument("backup", nargs="?", help="one backup (default: the whole repository)")
+    ve.add_argument("--deep", action="store_true", help="also recompute the image digests")
+    ve.add_argument("--job-id")
+
+    g = sub.add_parser("gc", help="reclaim the space of deleted and failed backups (a job)")
+    g.add_argument("backup_point")
+    g.add_argument("--job-id")
+
     d = sub.add_parser("demo", help="run the main job on the embedded default (starts its own agent)")
     d.add_argument("--workdir", help="where the demo keeps its pool, state and socket")
     return p
@@ -377,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         with AgentClient(target) as client:
             return {"checksum": cmd_checksum, "jobs": cmd_jobs, "info": cmd_info, "volume": cmd_volume,
                     "snapshot": cmd_snapshot, "clone": cmd_clone, "flatten": cmd_flatten, "facts": cmd_facts,
-                    "fc-devices": cmd_fc_devices, "iscsi-discover": cmd_iscsi_discover}[args.cmd](client, args)
+                    "fc-devices": cmd_fc_devices, "iscsi-discover": cmd_iscsi_discover, "verify": cmd_verify,
+                    "gc": cmd_gc}[args.cmd](client, args)
     except grpc.RpcError as e:
         print(f"blockferry: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2

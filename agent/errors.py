@@ -16,9 +16,12 @@ class BlockferryError(Exception):
 
     code = "INTERNAL"
 
-    def __init__(self, message: str, *, field: str | None = None):
+    def __init__(self, message: str, *, field: str | None = None, result=None):
+        """result: what the failed operation found, kept with the error
+        (a verify's list of damaged items): a failed job returns it too."""
         super().__init__(message)
         self.field = field
+        self.result = result
 
     @property
     def message(self) -> str:

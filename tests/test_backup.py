@@ -71,10 +71,10 @@ def test_full_incremental_restore_bit_exact(env):
         cmp = subprocess.run(["qemu-img", "compare", "-U", pool.snap_path(vol, snap), pool.head_path(new_vol)],
                              capture_output=True)
         assert cmp.returncode == 0
-        verify(repo, m, deep=True)
+        verify(repo, m, deep=True).check()
     # a fresh open of the repository finds everything again
     again = Repository.open(LocalStore(str(tmp / "bp")))
-    verify(again, m3, deep=True)
+    verify(again, m3, deep=True).check()
 
 
 def test_tracking_lost_falls_back_to_digests(env):
@@ -108,25 +108,32 @@ def test_verify_finds_injected_corruption(env):
     bad = bytearray(good)
     bad[len(bad) // 2] ^= 0xFF  # a flipped byte in chunk data
     packs[0].write_bytes(bytes(bad))
-    fresh = Repository.open(LocalStore(str(tmp / "bp")))
-    with pytest.raises(DataCorrupt, match="chunk [0-9a-f]{64}"):
-        verify(fresh, m, deep=False)
-    packs[0].write_bytes(good[: len(good) - 100])  # a truncated pack
-    with pytest.raises(DataCorrupt, match="chunk"):
-        verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)
+    def damage(deep=False):
+        return verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=deep).damage
+
+    (d,) = damage()
+    assert d.pack == f"packs/{packs[0].name}" and d.backup_uuids == [m.backup_id]
+    assert d.reason in ("checksum mismatch", "compressed data is damaged") and m.chunks[d.first_chunk_index] == d.chunk_id
+    with pytest.raises(DataCorrupt, match=f"chunk {d.chunk_id[:16]} in packs/{packs[0].name} "
+                                          f"\\(position {d.first_chunk_index}\\)") as e:
+        verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False).check()
+    assert e.value.result.damage == [d]
+    packs[0].write_bytes(good[: len(good) - 100])  # a truncated pack: its last chunk
+    (d,) = damage()
+    assert d.reason == "record is truncated" and d.first_chunk_index == 2
     idx = packs[0].with_name(packs[0].name + ".idx")
     saved_idx = idx.read_bytes()
     packs[0].write_bytes(good)
     entries = json.loads(saved_idx)
     gone = next(iter(entries))
     idx.write_text(json.dumps({k: v for k, v in entries.items() if k != gone}))  # a chunk missing from the index
-    with pytest.raises(DataCorrupt, match=f"{gone} is missing"):
-        verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)
+    (d,) = damage()
+    assert d.chunk_id == gone and d.reason == "in no pack index" and d.pack == ""
     idx.write_bytes(saved_idx)
-    verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=True)  # repaired: all good again
-    packs[0].unlink()  # a missing pack
-    with pytest.raises(DataCorrupt, match="missing"):
-        verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False)
+    assert damage(deep=True) == []  # repaired: all good again
+    packs[0].unlink()  # a missing pack: every chunk in it
+    assert sorted(d.first_chunk_index for d in damage()) == [0, 1, 2]
+    assert {d.reason for d in damage()} == {"its pack is missing"}
     manifest = tmp / "bp" / "manifests" / m.backup_id
     manifest.write_bytes(manifest.read_bytes()[:-10])  # a tampered manifest
     with pytest.raises(DataCorrupt, match=m.backup_id):
@@ -158,7 +165,7 @@ def test_interrupted_backup_is_never_listed(env):
         backup(pool, vol, s1, repo, ctx=Stop())
     assert repo.manifests() == []
     m = backup(pool, vol, s1, repo)  # and the next one succeeds
-    verify(repo, m, deep=True)
+    verify(repo, m, deep=True).check()
 
 
 def test_rbd_backup_restores_into_qcow2(env, ceph):
@@ -233,7 +240,7 @@ def test_gc_is_refused_while_a_backup_runs_and_never_breaks_it(env):
     m = result["m"]
     assert gc(other).chunks_removed == 0  # the new backup references the old chunks again
     again = Repository.open(LocalStore(str(tmp / "bp")))
-    verify(again, m, deep=True)
+    verify(again, m, deep=True).check()
     assert restore_to_qcow2(pool, again, m, tmp)[1] == m.image_digest
 
 
@@ -294,7 +301,7 @@ def test_packs_commit_in_the_background_and_all_are_durable(env):
     assert len(again.stats().__dict__) and again.stats().packs >= 10
     new_vol, written = restore_to_qcow2(pool, again, m, tmp)
     assert written == m.image_digest == pool.image_digest(vol, s1).image_digest
-    verify(again, m, deep=True)
+    verify(again, m, deep=True).check()
 
 
 def test_a_full_backup_point_fails_the_backup_and_lists_nothing(short_tmp):

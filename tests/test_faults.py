@@ -8,23 +8,31 @@ servers (tgtd, smbd, nfs-ganesha), real agents and a real controller.
   transport error is never reported as corrupt data;
 - space: a backup point that fills up fails the backup with NO_SPACE, lists
   nothing, and has its space back at once (no pack left for a GC);
+- corruption: verify (of a backup, or of the whole repository) names every
+  damaged chunk, pack and backup, through the agent, the CLI and REST.
+
+docs/reliability.md states the guarantees these tests hold to.
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 import uuid
 
 import pytest
 
 from agent.config import BackupPointSection
-from agent.errors import AuthFailed, FailedPrecondition, NoSpace, StorageIOError, TargetUnreachable
+from agent.errors import AuthFailed, DataCorrupt, FailedPrecondition, NoSpace, StorageIOError, TargetUnreachable
 from agent.repo.backup import backup
 from agent.repo.catalog import latest_for_volume
 from agent.repo.repository import Repository
 from agent.repo.verify import verify
 from agent.targets.registry import BackupPoint
+from conftest import BP_UUID
 from test_backup import CS, MiB, nid
 from test_qcow2 import write
+from test_controller_pools import cluster  # noqa: F401 - fixture
 from test_nfs_pool import nfs_agent  # noqa: F401 - fixture
 from test_targets import DiskTarget, IscsiTarget, NfsTarget, SmbTarget, iscsi_lun, loop, pool, \
     restore_to_qcow2, snapshot  # noqa: F401 - fixtures
@@ -101,10 +109,10 @@ def test_a_server_restart_between_calls_is_transparent(kind, request, pool, shor
         write(pool.head_path(vol), {0: os.urandom(3 * MiB), 9 * MiB: os.urandom(MiB)}, short_tmp)
         s1 = snapshot(pool, vol)
         m1 = backup(pool, vol, s1, repo)
-        verify(repo, m1, deep=True)  # every connection of the store has been used
+        verify(repo, m1, deep=True).check()  # every connection of the store has been used
         srv.stop()
         srv.start()
-        verify(repo, m1, deep=True)
+        verify(repo, m1, deep=True).check()
         srv.stop()
         try:  # a server that stays away: unreachable, never "corrupt"
             with pytest.raises((TargetUnreachable, StorageIOError)):
@@ -220,7 +228,7 @@ def test_no_space_fails_cleanly_and_gives_the_space_back_at_once(kind, small_sto
     small = pool.create_volume(nid(), "small", 16 * MiB).uuid
     write(pool.head_path(small), {0: os.urandom(12 * MiB)}, short_tmp)
     m = backup(pool, small, snapshot(pool, small), repo)
-    verify(Repository.open(open_store()), m, deep=True)
+    verify(Repository.open(open_store()), m, deep=True).check()
 
 
 def test_a_failed_backup_never_reclaims_what_a_running_one_may_use(pool, short_tmp):
@@ -278,4 +286,235 @@ def test_a_failed_backup_never_reclaims_what_a_running_one_may_use(pool, short_t
     m = results["a"]
     assert restore_to_qcow2(pool, repo, m, short_tmp)[1] == pool.image_digest(a_vol, a_snap).image_digest
     gc(repo)
-    verify(Repository.open(LocalStore(str(short_tmp / "bp"))), m, deep=True)
+    verify(Repository.open(LocalStore(str(short_tmp / "bp"))), m, deep=True).check()
+
+
+# ---- corruption: verify names every damaged item ----
+
+class _Raw:
+    """Where a store's objects are as files, to damage them as a disk or a
+    careless admin would (a LUN: its backing file at the catalog's extents)."""
+
+    def __init__(self, kind: str, t, sub: str, store):
+        self.kind, self.t, self.sub, self.store = kind, t, sub, store
+
+    def path(self, name: str):
+        if self.kind == "local":
+            return self.t.root / self.sub / name
+        if self.kind == "nfs":
+            return self.t.srv.export / self.sub / name
+        return self.t.srv.root / "backups" / self.sub / name  # smb
+
+    def flip(self, name: str, offset: int) -> None:
+        if self.kind in ("iscsi", "disk"):
+            size, extents = self.store.objects[name]
+            for off, ln in extents:
+                if offset < ln:
+                    break
+                offset -= ln
+            backing = self.t.lun.file if self.kind == "iscsi" else self.t.lo.file
+            with open(backing, "r+b") as f:
+                f.seek(off + offset)
+                b = f.read(1)
+                f.seek(off + offset)
+                f.write(bytes([b[0] ^ 0xFF]))
+            subprocess.run(["sync"], check=True)
+            if self.kind == "disk":  # the loop device caches what it read: drop it
+                subprocess.run(["blockdev", "--flushbufs", self.t.lo.dev], check=True)
+            return
+        p = self.path(name)
+        data = bytearray(p.read_bytes())
+        data[offset] ^= 0xFF
+        p.write_bytes(bytes(data))
+
+    def truncate(self, name: str, length: int) -> bool:
+        if self.kind in ("iscsi", "disk"):
+            return False  # a LUN has no file lengths
+        os.truncate(self.path(name), length)
+        return True
+
+
+@pytest.mark.parametrize("kind,password", [("local", ""), ("nfs", "enc-pw"), ("smb", ""), ("iscsi", ""),
+                                           ("disk", "enc-pw")])
+def test_verify_names_every_damaged_chunk_pack_and_backup(kind, password, request, pool, short_tmp):
+    """Three backups over several packs; then a flipped byte in one pack, a
+    truncated second pack, a deleted third pack and the index of a fourth
+    deleted. The repository verify names every damaged chunk with its pack
+    and the backups it breaks, the orphan pack, and nothing else; the verify
+    of one backup names each of its damaged chunks (across several packs),
+    not just the first."""
+    from agent.repo.verify import verify_repository
+    from test_targets import LocalTarget
+
+    if kind == "local":
+        t = LocalTarget(short_tmp / "bp")
+    elif kind == "disk":
+        t = DiskTarget(request.getfixturevalue("loop")(256 * MiB))
+    elif kind == "iscsi":
+        t = request.getfixturevalue("iscsi_lun")(256 * MiB)
+    else:
+        t = _restartable(kind, request, short_tmp)[0]
+    sub = f"corrupt-{uuid.uuid4().hex[:8]}" if kind in ("local", "nfs", "smb") else ""
+    store = t.make(sub)
+    store.pack_target = 3 * MiB
+    repo = Repository.init(store, chunk_size=CS, compression="none", password=password)
+    a = pool.create_volume(nid(), "a", 16 * MiB).uuid
+    b = pool.create_volume(nid(), "b", 16 * MiB).uuid
+    write(pool.head_path(a), {0: os.urandom(10 * MiB)}, short_tmp)
+    write(pool.head_path(b), {0: os.urandom(6 * MiB)}, short_tmp)
+    ma = backup(pool, a, snapshot(pool, a), repo)
+    mb = backup(pool, b, snapshot(pool, b), repo)
+    write(pool.head_path(a), {2 * MiB: os.urandom(2 * MiB)}, short_tmp)
+    ma2 = backup(pool, a, snapshot(pool, a), repo, parent=ma)
+    manifests = [ma, mb, ma2]
+    assert verify_repository(repo, deep=True).check().damage == []
+
+    all_packs = [n for n in repo.store.list("packs") if not n.endswith(".idx")]
+    index = {p: repo._read_index(p) for p in all_packs}
+    where = {cid.hex(): p for p, entries in index.items() for cid in entries}
+    packs = list(dict.fromkeys(where[c] for c in ma.chunks if c))  # the first backup's, in its order
+    assert len(packs) == 4 and len(all_packs) > 4, (packs, all_packs)
+    raw = _Raw(kind, t, sub, repo.store)
+    flipped, truncated, deleted, unindexed = packs
+    first = min(index[flipped].items(), key=lambda kv: kv[1].offset)
+    raw.flip(flipped, first[1].offset + first[1].length // 2)
+    expect = {first[0].hex(): flipped}
+    last = max(index[truncated].items(), key=lambda kv: kv[1].offset)
+    if raw.truncate(truncated, last[1].offset + 10):
+        expect[last[0].hex()] = truncated
+    repo.store.delete(deleted)
+    expect.update({c.hex(): deleted for c in index[deleted]})
+    repo.store.delete(f"{unindexed}.idx")
+    expect.update({c.hex(): "" for c in index[unindexed]})  # in no index now
+
+    t.forget()
+    fresh = Repository.open(t.make(sub), password=password)
+    report = verify_repository(fresh, deep=True)
+    got = {d.chunk_id: d for d in report.damage}
+    assert set(got) == set(expect) and all(d.chunk_id for d in report.damage), report.summary()
+    for cid, pack in expect.items():
+        d = got[cid]
+        assert d.pack == pack
+        assert d.backup_uuids == sorted(m.backup_id for m in manifests if cid in m.chunks), d
+    assert report.orphan_packs == [unindexed]
+    assert report.damaged_backups == sorted({b for d in report.damage for b in d.backup_uuids})
+    assert report.backups_checked == 3 and report.unreferenced_chunks == 0
+    with pytest.raises(DataCorrupt, match=f"repository: {len(expect)} damaged item") as e:
+        report.check()
+    for cid in expect:
+        assert cid[:16] in e.value.message
+
+    # one backup: each of its damaged chunks, across every damaged pack it references
+    for m in manifests:
+        mine = {c: p for c, p in expect.items() if c in m.chunks}
+        r = verify(fresh, m, deep=True)
+        assert {d.chunk_id: d.pack for d in r.damage} == mine
+    assert len(verify(fresh, ma, deep=False).damage) == len([c for c in expect if c in ma.chunks]) > 3
+
+
+def test_verify_jobs_and_the_cli_list_every_damaged_item(agent):
+    """Through a real agent: a corrupted pack fails the repository verify
+    job with DATA_CORRUPT, and the failed job (also after an agent restart,
+    from its journal) still carries every damaged item; `blockferry verify`
+    prints them and exits 1; `blockferry gc` reclaims a deleted backup."""
+    import json
+    import signal
+
+    from agent.api.v1 import jobs_pb2
+    from test_backup_agent import Bk
+    from test_cli import cli
+
+    with agent.client() as c:
+        bk = Bk(agent, c)
+        vol = bk.create(capacity=16 * MiB, name="src").uuid
+        bk.write(vol, {0: os.urandom(4 * MiB)})
+        first = bk.backup(vol, bk.snap(vol, "s1").uuid)
+        bk.write(vol, {8 * MiB: os.urandom(2 * MiB)})
+        second = bk.backup(vol, bk.snap(vol, "s2").uuid)
+        ok = json.loads(cli(agent, "--json", "verify", BP_UUID, "--deep").stdout.splitlines()[-1])
+        assert ok["state"] == "JOB_STATE_SUCCEEDED" and ok["verify_result"]["backups_checked"] == "2"  # int64 in proto JSON
+        packs = sorted(p for p in (agent.workdir / "bp" / "packs").iterdir() if not p.name.endswith(".idx"))
+        data = bytearray(packs[0].read_bytes())
+        data[100] ^= 0xFF  # inside the first record's data
+        packs[0].write_bytes(bytes(data))
+        job = c.run("verify-all", verify=jobs_pb2.VerifySpec(backup_point_uuid=BP_UUID, repository=True))
+        assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "DATA_CORRUPT"
+        (d,) = job.verify_result.damage
+        assert d.pack == f"packs/{packs[0].name}" and d.chunk_id[:16] in job.error.message
+        assert list(d.backup_uuids) == sorted(b.backup_uuid for b in (first, second)
+                                              if b.backup_uuid in d.backup_uuids) and d.backup_uuids
+    assert agent.stop(signal.SIGTERM) == 0
+    agent.start()
+    with agent.client() as c:
+        again = c.get("verify-all")
+        assert again.verify_result.damage[0].chunk_id == d.chunk_id  # from the journal
+        r = cli(agent, "verify", BP_UUID, check=False)
+        assert r.returncode == 1 and f"chunk {d.chunk_id} in packs/{packs[0].name}" in r.stdout
+        assert "DAMAGED: 2 backups" in r.stderr
+        data[100] ^= 0xFF
+        packs[0].write_bytes(bytes(data))
+        assert cli(agent, "verify", BP_UUID, second.backup_uuid, "--deep").returncode == 0
+        bk = Bk(agent, c)
+        bk.delete(second.backup_uuid)
+        out = cli(agent, "gc", BP_UUID).stdout
+        assert out.startswith("freed ") and "1 packs deleted" in out, out
+        r = json.loads(cli(agent, "--json", "verify", BP_UUID).stdout.splitlines()[-1])["verify_result"]
+        assert r["backups_checked"] == "1" and "unreferenced_chunks" not in r
+
+
+@pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
+def test_verify_and_gc_through_rest(cluster, short_tmp):
+    """backuppoint/verify (the repository, or one backup) and backuppoint/gc
+    are tasks with progress; a failed verify task's result names every
+    damaged chunk and the backups it breaks."""
+    from test_controller import check_ok, seed_example
+    from test_controller_pools import wait_task
+
+    c, a, host = cluster
+    run = short_tmp / "run-test"
+    run.mkdir()
+    cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
+    tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
+    with c.client("op") as op:
+        pid = check_ok(op.post("/v1/pool/share/create", json=dict(
+            seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p1"),
+            avail_host=[host])))["pool"]["UUID"]
+        vol = check_ok(op.post("/v1/volume/share/create", json=dict(
+            seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid,
+            capacity=16 << 20, backing_file="")))["volume"]
+        write(vol["AccessPath"][host], {0: os.urandom(3 << 20)}, run)
+        ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
+        snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
+        bp_dir = a.roots[0] / "backups"
+        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
+            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
+            cluster_uuid=cluster_uuid, root_dir=str(bp_dir), sub_dir="", env={"chunk_size": 1 << 20})))["uuid"]
+        started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
+            seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
+            volume_uuid=vol["UUID"], snapshot_uuid=snap["UUID"], backup_point_uuid=bp)))
+        assert wait_task(op, started["task_id"])["status"] == "success"
+        backup_uuid = started["backup"]["UUID"]
+        point = {"cluster_uuid": cluster_uuid, "uuid": bp}
+        deadline = time.monotonic() + 30  # the agent reports the backup point it now serves
+        while True:
+            r = op.post("/v1/volume/internal/backuppoint/verify", json=dict(point, deep=True))
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        t = wait_task(op, check_ok(r)["task_id"])
+        assert t["status"] == "success" and t["operation_type"] == "verify" and t["progress"] == 100.0, t
+        assert t["result"]["backups_checked"] == "1" and t["host_uuid"] == host
+        pack = next(p for p in (bp_dir / "packs").iterdir() if not p.name.endswith(".idx"))
+        data = bytearray(pack.read_bytes())
+        data[200] ^= 0xFF
+        pack.write_bytes(bytes(data))
+        for body in (point, dict(point, backup_uuid=backup_uuid)):
+            t = wait_task(op, check_ok(op.post("/v1/volume/internal/backuppoint/verify", json=body))["task_id"])
+            assert t["status"] == "failed" and t["error_info"]["code"] == "DATA_CORRUPT", t
+            (d,) = t["result"]["damage"]
+            assert d["pack"] == f"packs/{pack.name}" and d["backup_uuids"] == [backup_uuid], d
+        check_ok(op.post("/v1/volume/share/backup/delete", json={"cluster_uuid": cluster_uuid, "tenant": tenant,
+                                                                 "backup_uuid": backup_uuid}))
+        t = wait_task(op, check_ok(op.post("/v1/volume/internal/backuppoint/gc", json=point))["task_id"])
+        assert t["status"] == "success" and int(t["result"]["bytes_freed"]) >= 3 << 20, t
+        assert not [p for p in (bp_dir / "packs").iterdir()]

@@ -274,7 +274,7 @@ def test_engine_suite(target, pool, short_tmp):
     fresh = Repository.open(target.make(sub), password="engine-suite-pw")
     assert [m.backup_id for m in fresh.manifests()] == [m1.backup_id, m3.backup_id]
     for m in (m1, m3):
-        assert verify(fresh, m, deep=True).chunks_checked == len(m.chunks) - m.chunks.count("")  # deep: and the image digest
+        assert verify(fresh, m, deep=True).check().chunks_checked == len(m.chunks) - m.chunks.count("")  # deep: and the image digest
         assert restore_to_qcow2(pool, fresh, m, short_tmp)[1] == expected[m.backup_id]
     stats = fresh.store.stats()
     assert stats.total_bytes > 0 and stats.available_bytes > 0
@@ -313,7 +313,7 @@ def outage_then_retry(server, t: Target, sub: str, pool, short_tmp, match: str) 
     assert again.manifests() == []  # nothing half-visible
     m = backup(pool, vol, s1, again)
     t.forget()
-    verify(Repository.open(t.make(sub)), m, deep=True)  # deep: raises unless the image digest matches
+    verify(Repository.open(t.make(sub)), m, deep=True).check()  # deep: raises unless the image digest matches
 
 
 def test_nfs_server_stopped_mid_backup_fails_cleanly_then_retry_succeeds(nfs_server, pool, short_tmp):

@@ -3,7 +3,9 @@
 - Placement: an online, not draining host that serves the task's pool (and
   its target pool), honouring the pool's AvailHosts/LimitHost (the hosts a
   pool is attached on) and each host's max_jobs; the least loaded first.
-  A backup point is attached on the chosen host first (idempotent).
+  A task of a backup point alone (verify, gc) goes to a host whose
+  heartbeat reports that backup point (it reaches its data). A backup
+  point is attached on the chosen host first (idempotent).
 - Running tasks are polled (GetJob); progress, then the result or the
   error, land in the task and in the object it creates.
 - A host that stops sending heartbeats: its running tasks fail with a
@@ -34,7 +36,7 @@ MAX_ATTEMPTS = 3
 WAIT_LIMIT = 3600.0  # a task nobody could run for this long: timeout
 FOLLOW_EVERY = 0.25  # seconds between two polls of one running task
 SPECS = {"clone": jobs_pb2.CloneSpec, "backup": jobs_pb2.BackupSpec, "restore": jobs_pb2.RestoreSpec,
-         "gc": jobs_pb2.GcSpec}
+         "gc": jobs_pb2.GcSpec, "verify": jobs_pb2.VerifySpec}
 FINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 
 
@@ -48,6 +50,30 @@ def new_task(s, *, task_id: str, operation: str, tenant: str, resource_type: str
              created_at=time.time())
     s.add(t)
     return t
+
+
+def reporting_hosts(hosts, bp_uuid: str) -> set[str]:
+    """The hosts whose last heartbeat reported this backup point."""
+    return {h.uuid for h in hosts if any(p.get("backup_point_uuid") == bp_uuid
+                                         for p in json.loads(h.backup_points_json or "[]"))}
+
+
+def queue_backup_point_task(s, *, operation: str, tenant: str, bp_uuid: str, spec, resource_uuid: str = "",
+                            resource_type: str = "backup_point") -> str:
+    """A verify or gc task of a backup point (its id). A gc already waiting
+    for the backup point takes the new request: at most one waits."""
+    import uuid as uuidlib
+
+    if operation == "gc":
+        waiting = s.scalar(select(Task.id).where(Task.backup_point_uuid == bp_uuid, Task.job_kind == "gc",
+                                                 Task.status == "waiting"))
+        if waiting:
+            return waiting
+    task_id = str(uuidlib.uuid4())
+    new_task(s, task_id=task_id, operation=operation, tenant=tenant, resource_type=resource_type,
+             resource_uuid=resource_uuid or bp_uuid, job_kind=operation, spec=spec, pool_uuid="",
+             backup_point_uuid=bp_uuid)
+    return task_id
 
 
 def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPointRequest:
@@ -148,6 +174,8 @@ class Dispatcher:
                 pool = s.get(Pool, pid)
                 ids = set(json.loads(pool.avail_hosts_json)) if pool else set()
                 serving = ids if serving is None else serving & ids
+        if serving is None and t.backup_point_uuid:
+            serving = reporting_hosts(hosts.values(), t.backup_point_uuid)
         ok = [h for hid, h in hosts.items() if (serving is None or hid in serving) and self._online(h)
               and load[hid] < max(1, h.max_jobs)]
         return sorted(ok, key=lambda h: (load[h.uuid] / max(1, h.max_jobs), h.uuid))
@@ -227,15 +255,18 @@ class Dispatcher:
             with self.db.session() as s:
                 s.get(Task, t.id).progress = round(job.progress.percent, 1)
             return
+        field = f"{t.job_kind}_result"
+        result = MessageToDict(getattr(job, field), preserving_proto_field_name=True) \
+            if job.HasField(field) else None  # a failed verify lists what it found damaged
         if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
-            result = getattr(job, f"{t.job_kind}_result")
-            self._finish(t, "success", result=MessageToDict(result, preserving_proto_field_name=True))
+            self._finish(t, "success", result=result)
         elif t.attempts and job.error.code == "ALREADY_EXISTS" and (adopted := self._adopt(t, host)) is not None:
             # a re-run whose first attempt finished on the lost host after all: its
             # result is complete (targets appear atomically), so it is this task's
             self._finish(t, "success", result=adopted)
         else:
-            self._finish(t, "failed", job.error.code or "FAILED", job.error.message or "the job failed")
+            self._finish(t, "failed", job.error.code or "FAILED", job.error.message or "the job failed",
+                         result=result)
 
     def _adopt(self, t: Task, host: Host) -> dict | None:
         """The object a lost attempt made, if it is there and complete."""
@@ -266,6 +297,7 @@ class Dispatcher:
             row.error_code, row.error_message = code, message
             if status == "success":
                 row.progress = 100.0
+            if status == "success" or result:
                 row.result_json = json.dumps(result or {})
             self._apply(s, row, result or {})
             operation, started = row.operation_type, row.started_at or now
@@ -276,9 +308,10 @@ class Dispatcher:
 
     @staticmethod
     def _apply(s, t: Task, result: dict) -> None:
-        """What a task's end means for the object it made."""
+        """What a task's end means for the object it made (a verify of a
+        backup makes nothing: the backup stays as it is)."""
         now = int(time.time())
-        if t.resource_type == "volume":
+        if t.resource_type == "volume" and t.job_kind in ("clone", "restore"):
             vol = s.get(Volume, t.resource_uuid)
             if vol is None:
                 return
@@ -289,7 +322,7 @@ class Dispatcher:
                 vol.host_uuid = t.host_uuid
             else:
                 s.delete(vol)  # a failed clone or restore leaves no volume behind
-        elif t.resource_type == "backup":
+        elif t.resource_type == "backup" and t.job_kind == "backup":
             b = s.get(Backup, t.resource_uuid)
             if b is None:
                 return

@@ -313,7 +313,7 @@ class JobEngine:
                 state, error = JobState.FAILED, JobError(
                     e.code, e.message + "; submit it again with a new job id")
         except BlockferryError as e:
-            state, error = JobState.FAILED, JobError(e.code, e.message)
+            state, error, result = JobState.FAILED, JobError(e.code, e.message), e.result
         except Exception as e:  # a bug, or an unexpected OS error
             log.exception("job failed unexpectedly", extra={"job": job.id})
             state, error = JobState.FAILED, JobError("INTERNAL", f"unexpected error: {type(e).__name__}: {e}")

@@ -61,7 +61,7 @@ class Job:
     state: JobState = JobState.WAITING
     progress: Progress = field(default_factory=Progress)
     error: JobError | None = None
-    result: Any = None  # the kind's result dataclass, once succeeded
+    result: Any = None  # the kind's result dataclass: once succeeded, or what a failed job found
     created_at: float = 0.0
     started_at: float | None = None
     ended_at: float | None = None

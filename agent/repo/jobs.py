@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.errors import AlreadyExists, DataCorrupt, InvalidArgument, RestoreTooSmall
 from agent.jobs.kinds import Claim, JobKind
@@ -15,6 +15,7 @@ from agent.repo import gc as gc_mod
 from agent.repo import restore as restore_mod
 from agent.repo import verify as verify_mod
 from agent.repo.catalog import latest_for_volume
+from agent.repo.verify import Damage
 from agent.targets.registry import BackupPoints
 from agent.volumes.base import check_name, check_uuid
 from agent.volumes.jobs import volume_resource
@@ -79,8 +80,9 @@ class RestoreResult:
 @dataclass(frozen=True)
 class VerifySpec:
     backup_point_uuid: str
-    backup_uuid: str
+    backup_uuid: str  # "" with repository
     deep: bool = False
+    repository: bool = False  # every backup, pack and index of the backup point
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,17 @@ class VerifyResult:
     deep: bool
     chunks_checked: int
     bytes_checked: int
+    damage: list[Damage] = field(default_factory=list)  # every damaged item (empty: all good)
+    repository: bool = False
+    backups_checked: int = 0
+    packs_checked: int = 0
+    damaged_backups: list[str] = field(default_factory=list)
+    orphan_packs: list[str] = field(default_factory=list)
+    unreferenced_chunks: int = 0
+    unreferenced_bytes: int = 0
+
+    def __post_init__(self):  # from the journal: the damage comes back as dicts
+        object.__setattr__(self, "damage", [Damage.of(d) for d in self.damage])
 
 
 @dataclass(frozen=True)
@@ -252,6 +265,10 @@ class RestoreKind(JobKind):
 
 
 class VerifyKind(JobKind):
+    """A backup, or the whole repository. Damage fails the job with
+    DATA_CORRUPT naming every damaged item; the job's result lists them
+    all, with the backups they make unrestorable."""
+
     name = "verify"
     spec_type = VerifySpec
     result_type = VerifyResult
@@ -260,13 +277,31 @@ class VerifyKind(JobKind):
         self.points = points
 
     def prepare(self, spec: VerifySpec) -> Claim:
+        if spec.repository:
+            if spec.backup_uuid:
+                raise InvalidArgument("backup_uuid: must be empty when the whole repository is verified",
+                                      field="backup_uuid")
+            self.points.get(spec.backup_point_uuid).repository()
+            return Claim(backup_point_resource(spec.backup_point_uuid), LockMode.SHARED)
         _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
         return Claim(f"{backup_point_resource(spec.backup_point_uuid)}/{spec.backup_uuid}", LockMode.SHARED)
 
     def run(self, spec: VerifySpec, ctx) -> VerifyResult:
-        repo, m = _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
-        r = verify_mod.verify(repo, m, deep=spec.deep, ctx=ctx)
-        return VerifyResult(r.backup_id, r.deep, r.chunks_checked, r.bytes_checked)
+        if spec.repository:
+            repo = self.points.get(spec.backup_point_uuid).repository()
+            r = verify_mod.verify_repository(repo, deep=spec.deep, ctx=ctx)
+        else:
+            repo, m = _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
+            r = verify_mod.verify(repo, m, deep=spec.deep, ctx=ctx)
+        result = VerifyResult(r.backup_id, r.deep, r.chunks_checked, r.bytes_checked, r.damage, spec.repository,
+                              r.backups_checked, r.packs_checked, r.damaged_backups, r.orphan_packs,
+                              r.unreferenced_chunks, r.unreferenced_bytes)
+        if r.damage:
+            log.error("verify found damage", extra={"backup_point": spec.backup_point_uuid,
+                                                    "damage": [d.describe() for d in r.damage]})
+            raise DataCorrupt(f"backup point {spec.backup_point_uuid}: {r.summary()}", field="backup_uuid",
+                              result=result)
+        return result
 
 
 class GcKind(JobKind):

@@ -344,14 +344,14 @@ class Repository:
         returned is then a view of it)."""
         loc = self.location(cid)
         if loc is None:
-            raise DataCorrupt(f"chunk {cid.hex()} is missing from the repository")
+            raise DataCorrupt(f"chunk {cid.hex()}: in no pack index")
         try:
             if into is not None and len(into) >= loc.length:
                 view = memoryview(into)[:loc.length]
                 return loc, view[:self.store.read_into(loc.pack, loc.offset, view)]
             return loc, self.store.get(loc.pack, loc.offset, loc.length)
         except NotFound:
-            raise DataCorrupt(f"chunk {cid.hex()}: pack {loc.pack} is missing") from None
+            raise DataCorrupt(f"chunk {cid.hex()} in {loc.pack}: its pack is missing") from None
 
     def prefetch(self, cid: bytes) -> None:
         loc = self.location(cid)

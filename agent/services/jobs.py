@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from google.protobuf import json_format
+
 from agent import errors
 from agent.api.v1 import jobs_pb2, jobs_pb2_grpc
 from agent.checksum import ChecksumResult, ChecksumSpec
@@ -60,8 +62,10 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
     name, msg = SPECS[type(job.spec)]
     getattr(out, name).CopyFrom(msg(**_fields(job.spec)))
     if job.result is not None:
+        import dataclasses
+
         name, msg = RESULTS[type(job.result)]
-        getattr(out, name).CopyFrom(msg(**_fields(job.result)))
+        getattr(out, name).CopyFrom(json_format.ParseDict(dataclasses.asdict(job.result), msg()))
     return out
 
 

@@ -1,4 +1,6 @@
-"""Seed 000: /v1/volume/internal/backuppoint/{add,delete,update,list}."""
+"""Seed 000: /v1/volume/internal/backuppoint/{add,delete,update,list}; and
+beyond the seed, in its style: backuppoint/verify (a backup, or the whole
+repository) and backuppoint/gc, both tasks (GET /v1/tasks/{task_id})."""
 from __future__ import annotations
 
 import json
@@ -6,15 +8,17 @@ import time
 import uuid as uuidlib
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from agent.controller.api import validate as v
 from agent.controller.api.auth import Caller
+from agent.api.v1 import jobs_pb2
 from agent.controller.api.envelope import ok
-from agent.controller.models import BackupPoint
-from agent.errors import AlreadyExists, HasDependents, InvalidArgument, NotFound
+from agent.controller.dispatch import queue_backup_point_task, reporting_hosts
+from agent.controller.models import Backup, BackupPoint, Host
+from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound
 
 BTYPES = ("nfs", "samba", "iscsi", "disk", "fc", "local")
 # what a backup point may need beyond seed 000's fields, passed in its "env"
@@ -55,6 +59,20 @@ class UpdateRequest(BaseModel):
     ip: StrictStr
     root_directory: StrictStr
     sub_dir: StrictStr
+
+
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cluster_uuid: StrictStr
+    uuid: StrictStr
+    backup_uuid: StrictStr = ""  # empty: the whole repository
+    deep: StrictBool = False
+
+
+class GcRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cluster_uuid: StrictStr
+    uuid: StrictStr
 
 
 def _location(btype: str, root_dir: str, field: str) -> str:
@@ -160,6 +178,52 @@ def router(auth) -> APIRouter:
             raise AlreadyExists(f"backup_point_name: tenant {tenant} has a backup point named {name!r} already",
                                 field="backup_point_name") from None
         return ok({})
+
+    def served(s, req, caller: Caller) -> BackupPoint:
+        """The caller's backup point, and a host that reaches it (one whose
+        heartbeat reports it: its first backup attached it there)."""
+        v.uuid(req.cluster_uuid, "cluster_uuid")
+        bid = v.uuid(req.uuid, "uuid")
+        bp = s.get(BackupPoint, bid)
+        if bp is None or not caller.sees(bp.tenant) or bp.cluster_uuid != req.cluster_uuid.lower():
+            raise NotFound(f"uuid: backup point {bid} does not exist", field="uuid")
+        if not reporting_hosts(s.scalars(select(Host)).all(), bid):
+            raise FailedPrecondition(f"uuid: no host serves backup point {bp.name!r} yet (a backup attaches it "
+                                     "to its host)", field="uuid")
+        return bp
+
+    @r.post("/verify")
+    def verify(req: VerifyRequest, request: Request, caller: Caller = Depends(auth)):
+        """A task that verifies one backup (backup_uuid) or the whole
+        repository: every pack, index and manifest; deep also recomputes
+        image digests. A failed task's result lists every damaged item."""
+        state = request.app.state
+        with state.db.session() as s:
+            bp = served(s, req, caller)
+            backup = v.uuid(req.backup_uuid, "backup_uuid", required=False)
+            if backup:
+                b = s.get(Backup, backup)
+                if b is None or b.backup_point_uuid != bp.uuid or b.status != "BackupSucceeded":
+                    raise NotFound(f"backup_uuid: no backup {backup} on backup point {bp.name!r}",
+                                   field="backup_uuid")
+            spec = jobs_pb2.VerifySpec(backup_point_uuid=bp.uuid, backup_uuid=backup, deep=req.deep,
+                                       repository=not backup)
+            task_id = queue_backup_point_task(s, operation="verify", tenant=bp.tenant, bp_uuid=bp.uuid, spec=spec,
+                                              resource_uuid=backup, resource_type="backup" if backup else
+                                              "backup_point")
+        state.dispatcher.wake()
+        return ok({"task_id": task_id})
+
+    @r.post("/gc")
+    def gc(req: GcRequest, request: Request, caller: Caller = Depends(auth)):
+        """A task that reclaims the space of deleted and failed backups."""
+        state = request.app.state
+        with state.db.session() as s:
+            bp = served(s, req, caller)
+            task_id = queue_backup_point_task(s, operation="gc", tenant=bp.tenant, bp_uuid=bp.uuid,
+                                              spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid))
+        state.dispatcher.wake()
+        return ok({"task_id": task_id})
 
     @r.get("/list")
     def list_(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(""), page_num: int = Query(0),

@@ -66,7 +66,17 @@ def task_to_json(t: Task) -> dict:
             if t.error_code else None,
             "resource": {"type": t.resource_type, "uuid": t.resource_uuid}, "tenant": t.tenant,
             "host_uuid": t.host_uuid, "attempts": t.attempts + 1,
-            "result": json.loads(t.result_json) if t.status == "success" else None}
+            "result": _result(t)}
+
+
+def _result(t: Task) -> dict | None:
+    """A succeeded task's result; a failed one's when it found something
+    (a verify's damaged items)."""
+    if t.status == "success":
+        return json.loads(t.result_json)
+    if t.status == "failed" and t.result_json:
+        return json.loads(t.result_json) or None
+    return None
 
 
 def backup_to_seed(b: Backup, bp_name: str = "") -> dict:
