@@ -237,7 +237,7 @@ def cmd_verify(client: AgentClient, args) -> int:
 
 def cmd_gc(client: AgentClient, args) -> int:
     job_id = args.job_id or f"gc-{uuid.uuid4()}"
-    client.submit(job_id, gc=jobs_pb2.GcSpec(backup_point_uuid=args.backup_point))
+    client.submit(job_id, gc=jobs_pb2.GcSpec(backup_point_uuid=args.backup_point, wait_seconds=args.wait))
     job = follow(client, job_id, args.json)
     if not args.json:
         r = job.gc_result
@@ -407,6 +407,8 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gc", help="reclaim the space of deleted and failed backups (a job)")
     g.add_argument("backup_point")
+    g.add_argument("--wait", type=int, default=0, metavar="SECONDS",
+                   help="wait this long for running backups to let go of the repository (default: refuse at once)")
     g.add_argument("--job-id")
 
     d = sub.add_parser("demo", help="run the main job on the embedded default (starts its own agent)")

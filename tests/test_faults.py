@@ -32,7 +32,6 @@ from agent.targets.registry import BackupPoint
 from conftest import BP_UUID
 from test_backup import CS, MiB, nid
 from test_qcow2 import write
-from test_controller_pools import cluster  # noqa: F401 - fixture
 from test_nfs_pool import nfs_agent  # noqa: F401 - fixture
 from test_targets import DiskTarget, IscsiTarget, NfsTarget, SmbTarget, iscsi_lun, loop, pool, \
     restore_to_qcow2, snapshot  # noqa: F401 - fixtures
@@ -462,59 +461,122 @@ def test_verify_jobs_and_the_cli_list_every_damaged_item(agent):
         assert r["backups_checked"] == "1" and "unreferenced_chunks" not in r
 
 
-@pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
-def test_verify_and_gc_through_rest(cluster, short_tmp):
-    """backuppoint/verify (the repository, or one backup) and backuppoint/gc
-    are tasks with progress; a failed verify task's result names every
-    damaged chunk and the backups it breaks."""
+def _controller_with_agent(short_tmp, make_agent, extra: str = ""):
+    """A controller (SQLite) with `extra` [controller] settings and one agent
+    registered with it; returns (controller, agent, host uuid)."""
+    from test_controller import AGENT_TOKEN, Controller, check_ok
+
+    c = Controller(short_tmp / "ctl", extra=extra)
+    host = str(uuid.uuid4())
+    a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+                   f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n')
+    a.config.chmod(0o600)
+    a.start()
+    with c.client("op") as op:
+        deadline = time.monotonic() + 20
+        while not check_ok(op.get("/v1/hosts"))["total_count"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    return c, a, host
+
+
+def _rest_backup(op, a, host, run, bp_dir, gen: int = 1):
+    """A pool, a volume with data, a local backup point and a backup of it,
+    through REST: (ids, backup uuid)."""
     from test_controller import check_ok, seed_example
     from test_controller_pools import wait_task
 
-    c, a, host = cluster
-    run = short_tmp / "run-test"
-    run.mkdir()
     cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
     tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
-    with c.client("op") as op:
-        pid = check_ok(op.post("/v1/pool/share/create", json=dict(
-            seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p1"),
-            avail_host=[host])))["pool"]["UUID"]
-        vol = check_ok(op.post("/v1/volume/share/create", json=dict(
-            seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid,
-            capacity=16 << 20, backing_file="")))["volume"]
-        write(vol["AccessPath"][host], {0: os.urandom(3 << 20)}, run)
-        ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
-        snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
-        bp_dir = a.roots[0] / "backups"
-        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
-            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
-            cluster_uuid=cluster_uuid, root_dir=str(bp_dir), sub_dir="", env={"chunk_size": 1 << 20})))["uuid"]
-        started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
-            seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
-            volume_uuid=vol["UUID"], snapshot_uuid=snap["UUID"], backup_point_uuid=bp)))
-        assert wait_task(op, started["task_id"])["status"] == "success"
-        backup_uuid = started["backup"]["UUID"]
-        point = {"cluster_uuid": cluster_uuid, "uuid": bp}
-        deadline = time.monotonic() + 30  # the agent reports the backup point it now serves
-        while True:
-            r = op.post("/v1/volume/internal/backuppoint/verify", json=dict(point, deep=True))
-            if r.status_code == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        t = wait_task(op, check_ok(r)["task_id"])
-        assert t["status"] == "success" and t["operation_type"] == "verify" and t["progress"] == 100.0, t
-        assert t["result"]["backups_checked"] == "1" and t["host_uuid"] == host
-        pack = next(p for p in (bp_dir / "packs").iterdir() if not p.name.endswith(".idx"))
-        data = bytearray(pack.read_bytes())
-        data[200] ^= 0xFF
-        pack.write_bytes(bytes(data))
-        for body in (point, dict(point, backup_uuid=backup_uuid)):
-            t = wait_task(op, check_ok(op.post("/v1/volume/internal/backuppoint/verify", json=body))["task_id"])
-            assert t["status"] == "failed" and t["error_info"]["code"] == "DATA_CORRUPT", t
-            (d,) = t["result"]["damage"]
-            assert d["pack"] == f"packs/{pack.name}" and d["backup_uuids"] == [backup_uuid], d
-        check_ok(op.post("/v1/volume/share/backup/delete", json={"cluster_uuid": cluster_uuid, "tenant": tenant,
-                                                                 "backup_uuid": backup_uuid}))
-        t = wait_task(op, check_ok(op.post("/v1/volume/internal/backuppoint/gc", json=point))["task_id"])
-        assert t["status"] == "success" and int(t["result"]["bytes_freed"]) >= 3 << 20, t
-        assert not [p for p in (bp_dir / "packs").iterdir()]
+    pid = check_ok(op.post("/v1/pool/share/create", json=dict(
+        seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p1"),
+        avail_host=[host])))["pool"]["UUID"]
+    vol = check_ok(op.post("/v1/volume/share/create", json=dict(
+        seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid,
+        capacity=16 << 20, backing_file="")))["volume"]
+    write(vol["AccessPath"][host], {0: os.urandom(3 << 20)}, run)
+    ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
+    snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
+    bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
+        seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
+        cluster_uuid=cluster_uuid, root_dir=str(bp_dir), sub_dir="", env={"chunk_size": 1 << 20})))["uuid"]
+    started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
+        seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
+        volume_uuid=vol["UUID"], snapshot_uuid=snap["UUID"], backup_point_uuid=bp)))
+    assert wait_task(op, started["task_id"])["status"] == "success"
+    return {"cluster_uuid": cluster_uuid, "tenant": tenant, "bp": bp}, started["backup"]["UUID"]
+
+
+def test_verify_and_gc_through_rest(short_tmp, make_agent):
+    """backuppoint/verify (the repository, or one backup) and backuppoint/gc
+    are tasks with progress; a failed verify task's result names every
+    damaged chunk and the backups it breaks; deleting a backup queues the
+    backup point's GC by itself (gc_after_delete), which frees its space."""
+    from test_controller import check_ok
+    from test_controller_pools import wait_task
+
+    c, a, host = _controller_with_agent(short_tmp, make_agent,
+                                        "gc_after_delete = 0\ngc_interval = 0\nscheduler_interval = 1\n")
+    run = short_tmp / "run-test"
+    run.mkdir()
+    bp_dir = a.roots[0] / "backups"
+    try:
+        with c.client("op") as op:
+            ids, backup_uuid = _rest_backup(op, a, host, run, bp_dir)
+            point = {"cluster_uuid": ids["cluster_uuid"], "uuid": ids["bp"]}
+            deadline = time.monotonic() + 30  # until the agent's heartbeat reports the backup point it now serves
+            while True:
+                r = op.post("/v1/volume/internal/backuppoint/verify", json=dict(point, deep=True))
+                if r.status_code == 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            t = wait_task(op, check_ok(r)["task_id"])
+            assert t["status"] == "success" and t["operation_type"] == "verify" and t["progress"] == 100.0, t
+            assert t["result"]["backups_checked"] == "1" and t["host_uuid"] == host
+            pack = next(p for p in (bp_dir / "packs").iterdir() if not p.name.endswith(".idx"))
+            data = bytearray(pack.read_bytes())
+            data[200] ^= 0xFF
+            pack.write_bytes(bytes(data))
+            for body in (point, dict(point, backup_uuid=backup_uuid)):
+                t = wait_task(op, check_ok(op.post("/v1/volume/internal/backuppoint/verify", json=body))["task_id"])
+                assert t["status"] == "failed" and t["error_info"]["code"] == "DATA_CORRUPT", t
+                (d,) = t["result"]["damage"]
+                assert d["pack"] == f"packs/{pack.name}" and d["backup_uuids"] == [backup_uuid], d
+            assert check_ok(op.get("/v1/tasks", params={"operation_type": "gc"}))["total_count"] == 0
+            check_ok(op.post("/v1/volume/share/backup/delete", json={
+                "cluster_uuid": ids["cluster_uuid"], "tenant": ids["tenant"], "backup_uuid": backup_uuid}))
+            deadline = time.monotonic() + 30
+            while not (gcs := check_ok(op.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]):
+                assert time.monotonic() < deadline, "no GC after the deletion"
+                time.sleep(0.2)
+            t = wait_task(op, gcs[0]["id"])
+            assert t["status"] == "success" and int(t["result"]["bytes_freed"]) >= 3 << 20, t
+            assert not list((bp_dir / "packs").iterdir())
+            t = wait_task(op, check_ok(op.post("/v1/volume/internal/backuppoint/gc", json=point))["task_id"])
+            assert t["status"] == "success" and t["id"] != gcs[0]["id"], t
+            time.sleep(2)  # the deletion's GC ran: the scheduler queues no other
+            assert check_ok(op.get("/v1/tasks", params={"operation_type": "gc"}))["total_count"] == 2
+    finally:
+        assert a.stop() == 0
+        c.stop()
+
+
+def test_every_backup_point_is_collected_on_schedule(short_tmp, make_agent):
+    """gc_interval: without any deletion, the controller collects every
+    backup point a host reports, again and again."""
+    from test_controller import check_ok
+
+    c, a, host = _controller_with_agent(short_tmp, make_agent, "gc_interval = 2\nscheduler_interval = 1\n")
+    run = short_tmp / "run-test"
+    run.mkdir()
+    try:
+        with c.client("op") as op:
+            _rest_backup(op, a, host, run, a.roots[0] / "backups")
+            deadline = time.monotonic() + 30
+            while len([t for t in check_ok(op.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]
+                       if t["status"] == "success"]) < 2:
+                assert time.monotonic() < deadline, "no scheduled GC"
+                time.sleep(0.5)
+    finally:
+        assert a.stop() == 0
+        c.stop()

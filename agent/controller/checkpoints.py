@@ -32,7 +32,7 @@ from agent.api.v1 import jobs_pb2, volumes_pb2
 from agent.controller import retention
 from agent.controller.api.vaults import log_task, usage
 from agent.controller.api.volumes import serving_hosts
-from agent.controller.dispatch import new_task
+from agent.controller.dispatch import new_task, queue_backup_point_task
 from agent.controller.models import Backup, Checkpoint, Host, Policy, Pool, Task, Vault, VaultResource, Volume
 from agent.controller.policy import OperationDefinition
 from agent.errors import BlockferryError, NotFound, cbr_code
@@ -280,11 +280,9 @@ def _finish(state, cp_id: str, vault_id: str, res: list[dict], statuses: list[st
                      status="failed" if errors else "success", pool_uuid="", backup_point_uuid=bp,
                      job_kind="retention", spec_json=json.dumps({"checkpoint_id": cp_id}), attempts=1,
                      error_code="RETENTION" if errors else "", error_message="; ".join(errors))
-        if deleted and pool_of:
-            gc_id = str(uuidlib.uuid4())
-            new_task(s, task_id=gc_id, operation="gc", tenant=tenant, resource_type="backup_point",
-                     resource_uuid=bp, job_kind="gc", spec=jobs_pb2.GcSpec(backup_point_uuid=bp),
-                     pool_uuid=next(iter(pool_of.values())), backup_point_uuid=bp)
+        if deleted and pool_of:  # at once: retention ran, nothing else deletes meanwhile
+            queue_backup_point_task(s, operation="gc", tenant=tenant, bp_uuid=bp,
+                                    spec=jobs_pb2.GcSpec(backup_point_uuid=bp, wait_seconds=600))
     log.info("checkpoint finished", extra={"checkpoint": cp_id, "vault": vault_id, "deleted": len(deleted),
                                            "failed_deletes": len(errors)})
     if deleted and getattr(state, "dispatcher", None) is not None:

@@ -51,6 +51,8 @@ class ControllerConfig:
     host_dead_after: int = 30               # seconds without a heartbeat: the host is offline
     scheduler_interval: int = 5             # seconds between the policy scheduler's looks
     schedule_grace: int = 3600              # a scheduled run found later than this (seconds) is missed, not run
+    gc_interval: int = 86400                # seconds between two GCs of every backup point; 0: only after deletions
+    gc_after_delete: int = 60               # seconds after a backup point's last deletion until its GC
     metrics_listen: str = ""                # loopback host:port of the Prometheus endpoint; empty: off
     tokens: list[Token] = field(default_factory=list)
 
@@ -131,6 +133,9 @@ def _validate(cfg: ControllerConfig, path: str) -> ControllerConfig:
     if cfg.scheduler_interval < 1 or cfg.schedule_grace < 60:
         raise ConfigError(f"{path}: [controller] scheduler_interval must be >= 1 and schedule_grace >= 60 "
                           "(seconds)", field="controller.schedule_grace")
+    if cfg.gc_interval < 0 or cfg.gc_after_delete < 0:
+        raise ConfigError(f"{path}: [controller] gc_interval and gc_after_delete must be >= 0 (seconds)",
+                          field="controller.gc_interval" if cfg.gc_interval < 0 else "controller.gc_after_delete")
     if cfg.heartbeat_interval < 1 or cfg.host_dead_after <= cfg.heartbeat_interval:
         raise ConfigError(f"{path}: [controller] host_dead_after must exceed heartbeat_interval (>= 1)",
                           field="controller.host_dead_after")

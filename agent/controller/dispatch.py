@@ -61,14 +61,14 @@ def reporting_hosts(hosts, bp_uuid: str) -> set[str]:
 def queue_backup_point_task(s, *, operation: str, tenant: str, bp_uuid: str, spec, resource_uuid: str = "",
                             resource_type: str = "backup_point") -> str:
     """A verify or gc task of a backup point (its id). A gc already waiting
-    for the backup point takes the new request: at most one waits."""
+    or running for the backup point takes the new request: one at a time."""
     import uuid as uuidlib
 
     if operation == "gc":
-        waiting = s.scalar(select(Task.id).where(Task.backup_point_uuid == bp_uuid, Task.job_kind == "gc",
-                                                 Task.status == "waiting"))
-        if waiting:
-            return waiting
+        pending = s.scalar(select(Task.id).where(Task.backup_point_uuid == bp_uuid, Task.job_kind == "gc",
+                                                 Task.status.in_(("waiting", "running"))))
+        if pending:
+            return pending
     task_id = str(uuidlib.uuid4())
     new_task(s, task_id=task_id, operation=operation, tenant=tenant, resource_type=resource_type,
              resource_uuid=resource_uuid or bp_uuid, job_kind=operation, spec=spec, pool_uuid="",
@@ -322,6 +322,14 @@ class Dispatcher:
                 vol.host_uuid = t.host_uuid
             else:
                 s.delete(vol)  # a failed clone or restore leaves no volume behind
+        elif t.job_kind == "gc":
+            bp = s.get(BackupPoint, t.backup_point_uuid)
+            if bp is not None and t.status == "success":
+                bp.last_gc_at = time.time()
+                if bp.gc_wanted_at <= t.created_at:  # deletions before this GC was asked for: reclaimed
+                    bp.gc_wanted_at = 0.0
+            elif bp is not None and bp.gc_wanted_at:  # busy or away: again gc_after_delete from now
+                bp.gc_wanted_at = max(bp.gc_wanted_at, time.time())
         elif t.resource_type == "backup" and t.job_kind == "backup":
             b = s.get(Backup, t.resource_uuid)
             if b is None:

@@ -33,6 +33,8 @@ class BackupPoint(Base):
     state: Mapped[str] = mapped_column(String(16), default="unknown")  # healthy, degraded, unreachable...
     ctime: Mapped[int] = mapped_column(BigInteger)
     mtime: Mapped[int] = mapped_column(BigInteger)
+    gc_wanted_at: Mapped[float] = mapped_column(Float, default=0.0)  # the deletion that wants a GC (0: none)
+    last_gc_at: Mapped[float] = mapped_column(Float, default=0.0)  # the last GC (done, or queued by gc_interval)
 
 
 class Host(Base):

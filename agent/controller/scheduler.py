@@ -1,6 +1,9 @@
 """The policy scheduler, inside the controller: at each due time of a
 vault's enabled policy it makes a checkpoint (agent.controller.checkpoints),
-and it finishes the checkpoints whose backups ended.
+and it finishes the checkpoints whose backups ended. It also queues the
+garbage collection of every backup point: `gc_after_delete` seconds after
+its last backup deletion, and every `gc_interval` seconds, on a host whose
+heartbeat reports the backup point.
 
 Durable by construction, with no state of its own: the due times come from
 the policy's patterns (dateutil), the runs made are the checkpoints in the
@@ -25,12 +28,16 @@ from typing import Callable
 
 from sqlalchemy import func, select
 
+from agent.api.v1 import jobs_pb2
 from agent.controller import checkpoints
-from agent.controller.models import Checkpoint, Policy, Vault
+from agent.controller.api.hosts import host_state
+from agent.controller.dispatch import queue_backup_point_task, reporting_hosts
+from agent.controller.models import BackupPoint, Checkpoint, Host, Policy, Vault
 from agent.controller.policy import schedule
 from agent.errors import BlockferryError
 
 log = logging.getLogger("controller.scheduler")
+GC_WAIT = 600  # seconds a scheduled GC waits for backups and restores to let go of the repository
 
 
 def _utc(t: float) -> datetime:
@@ -101,7 +108,30 @@ class Scheduler:
             if cp:
                 made.append(cp)
         checkpoints.finish_ready(self.state, now)
+        if self.collect_garbage(now) and getattr(self.state, "dispatcher", None) is not None:
+            self.state.dispatcher.wake()
         return made
+
+    def collect_garbage(self, now: float) -> list[str]:
+        """Queue a GC (one per backup point at a time) where deletions want
+        one or the last is gc_interval old; returns the task ids."""
+        cfg = self.state.cfg
+        queued = []
+        with self.state.db.session() as s:
+            online = [h for h in s.scalars(select(Host)) if host_state(h, cfg.host_dead_after) == "online"]
+            for bp in s.scalars(select(BackupPoint)):
+                wanted = bool(bp.gc_wanted_at) and now >= bp.gc_wanted_at + cfg.gc_after_delete
+                periodic = bool(cfg.gc_interval) and now >= (bp.last_gc_at or bp.ctime) + cfg.gc_interval
+                if not (wanted or periodic) or not reporting_hosts(online, bp.uuid):
+                    continue  # nothing to do, or no host reaches it now (none ever wrote to it, or all are down)
+                queued.append(queue_backup_point_task(s, operation="gc", tenant=bp.tenant, bp_uuid=bp.uuid,
+                                                      spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid,
+                                                                           wait_seconds=GC_WAIT)))
+                if periodic:
+                    bp.last_gc_at = now
+        if queued:
+            log.info("garbage collections queued", extra={"tasks": len(queued)})
+        return queued
 
     def _missed(self, vault_id: str, due_at: float, missed: int) -> None:
         with self.state.db.session() as s:

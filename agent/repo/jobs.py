@@ -107,6 +107,7 @@ class VerifyResult:
 @dataclass(frozen=True)
 class GcSpec:
     backup_point_uuid: str
+    wait_seconds: int = 0  # while the repository is held by others (0: REPOSITORY_LOCKED at once)
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,8 @@ class GcKind(JobKind):
 
     def run(self, spec: GcSpec, ctx) -> GcResult:
         repo = self.points.get(spec.backup_point_uuid).repository()
-        r = gc_mod.gc(repo, ctx=ctx)
+        if spec.wait_seconds:
+            ctx.progress(0, 0, "waiting for the repository")
+        r = gc_mod.gc(repo, ctx=ctx, lock_timeout=max(0, spec.wait_seconds))
         return GcResult(r.packs_deleted, r.packs_rewritten, r.chunks_removed, r.bytes_freed, r.partial_removed)
 

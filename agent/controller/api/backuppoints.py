@@ -129,7 +129,8 @@ def router(auth) -> APIRouter:
         bp = BackupPoint(uuid=str(uuidlib.uuid4()), tenant=tenant, cluster_uuid=cluster, zone_uuid=zone, name=name,
                          btype=req.btype, ip=ip, root_dir=root, sub_dir=sub,
                          password_sealed=secrets.seal(req.pass_word),
-                         env_sealed=secrets.seal(json.dumps(env)) if env else "", ctime=now, mtime=now)
+                         env_sealed=secrets.seal(json.dumps(env)) if env else "", ctime=now, mtime=now,
+                         last_gc_at=now)
         try:
             with request.app.state.db.session() as s:
                 s.add(bp)
@@ -216,12 +217,13 @@ def router(auth) -> APIRouter:
 
     @r.post("/gc")
     def gc(req: GcRequest, request: Request, caller: Caller = Depends(auth)):
-        """A task that reclaims the space of deleted and failed backups."""
+        """A task that reclaims the space of deleted and failed backups
+        (waiting up to 10 minutes for running backups to let go)."""
         state = request.app.state
         with state.db.session() as s:
             bp = served(s, req, caller)
             task_id = queue_backup_point_task(s, operation="gc", tenant=bp.tenant, bp_uuid=bp.uuid,
-                                              spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid))
+                                              spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid, wait_seconds=600))
         state.dispatcher.wake()
         return ok({"task_id": task_id})
 

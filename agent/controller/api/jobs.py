@@ -332,6 +332,8 @@ def remove_backup(state, bid: str, field: str = "backup_uuid") -> None:
             return
         if row.status == "BackupSucceeded":
             bp_row = s.get(BackupPoint, row.backup_point_uuid)
-            if bp_row is not None and bp_row.ref > 0:
-                bp_row.ref -= 1
+            if bp_row is not None:
+                bp_row.ref = max(0, bp_row.ref - 1)
+                # its space comes back at the backup point's GC, gc_after_delete after the last deletion
+                bp_row.gc_wanted_at = time.time()
         s.delete(row)
