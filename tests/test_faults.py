@@ -580,3 +580,62 @@ def test_every_backup_point_is_collected_on_schedule(short_tmp, make_agent):
     finally:
         assert a.stop() == 0
         c.stop()
+
+
+# ---- input: what the API must take, and what it must refuse by name ----
+
+def test_rest_adopts_an_existing_rbd_image_and_backs_it_up(short_tmp, make_agent, ceph):
+    """An image made outside blockferry, named as `image` or
+    `<rados pool>/image` in backing_file, becomes a volume through REST
+    (seed 001 create) and its backup holds exactly the image's bytes; an
+    image of another RADOS pool, or a snapshot name, is refused by field."""
+    from agent import native
+    from test_controller import check_error, check_ok, seed_example
+    from test_controller_pools import wait_task
+
+    c, a, host = _controller_with_agent(short_tmp, make_agent)
+    rados_pool = f"adopt{uuid.uuid4().hex[:8]}"
+    ceph.add_pool(rados_pool)
+    raw = short_tmp / "legacy.raw"
+    with open(raw, "wb") as f:
+        f.truncate(8 * MiB)
+        f.write(os.urandom(MiB))
+        f.seek(5 * MiB)
+        f.write(os.urandom(300_000))
+    for image in ("legacy", "legacy2"):
+        ceph.rbd("import", str(raw), f"{rados_pool}/{image}")
+    want = native.RefImageHash()
+    want.update(raw.read_bytes())
+    try:
+        with c.client("op") as op:
+            create = seed_example("002", "/v1/pool/share/create")
+            pid = check_ok(op.post("/v1/pool/share/create", json=dict(
+                create, pool_name="ceph", pool_type=6, source=rados_pool, limit_host=False, avail_host=[],
+                attr={"ceph_conf": str(ceph.conf)})))["pool"]["UUID"]
+            body = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=pid,
+                        cluster_uuid=create["cluster_uuid"], capacity=0)
+            check_error(op.post("/v1/volume/share/create", json=dict(body, backing_file="otherpool/legacy")),
+                        400, "backing_file")
+            check_error(op.post("/v1/volume/share/create", json=dict(body, backing_file="legacy@snap")),
+                        400, "backing_file")
+            vols = [check_ok(op.post("/v1/volume/share/create", json=dict(
+                body, volume_name=f"adopted-{n}", backing_file=name)))["volume"]
+                for n, name in enumerate((f"{rados_pool}/legacy", "legacy2"))]
+            assert [v["Capacity"] for v in vols] == [8 * MiB] * 2
+            assert sorted(ceph.rbd("ls", rados_pool).split()) == sorted(v["UUID"] for v in vols)
+            tenant = body["tenant"]
+            bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
+                seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
+                cluster_uuid=create["cluster_uuid"], root_dir=str(a.roots[0] / "backups"), sub_dir="",
+                env={"chunk_size": 1 << 20})))["uuid"]
+            ref = {"tenant": tenant, "cluster_uuid": create["cluster_uuid"], "volume_uuid": vols[0]["UUID"]}
+            snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))[
+                "snapshot"]
+            started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
+                seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=create["cluster_uuid"],
+                volume_uuid=vols[0]["UUID"], snapshot_uuid=snap["UUID"], backup_point_uuid=bp)))
+            t = wait_task(op, started["task_id"])
+            assert t["status"] == "success" and t["result"]["image_digest"] == want.digest().hex(), t
+    finally:
+        assert a.stop() == 0
+        c.stop()

@@ -228,10 +228,16 @@ class RbdPool(VolumeDriver):
                 return self._info(io, img, vol)
 
     def _adopt(self, io, vol: str, name: str, image_name: str, capacity: int | None) -> VolumeInfo:
-        """Adopt an existing image of this RADOS pool: it is renamed to the
-        volume UUID (refused while a client has it open)."""
+        """Adopt an existing image of this RADOS pool, named alone or as
+        "<rados pool>/<image>": it is renamed to the volume UUID (refused
+        while a client has it open)."""
+        rados_pool, _, image_name = image_name.rpartition("/")
+        if rados_pool and rados_pool != self.rbd_pool:
+            raise InvalidArgument(f"backing_file: {rados_pool}/{image_name} is in RADOS pool {rados_pool!r}, this "
+                                  f"pool is {self.rbd_pool!r}", field="backing_file")
         if "/" in image_name or "@" in image_name or not image_name:
-            raise InvalidArgument("backing_file: give the name of an image in this RBD pool", field="backing_file")
+            raise InvalidArgument("backing_file: give the name of an image in this RBD pool (or "
+                                  f"{self.rbd_pool}/<image>)", field="backing_file")
         try:
             with rbd.Image(io, image_name, read_only=True) as img:
                 size = img.size()

@@ -48,6 +48,20 @@ def abs_path(value: str, field: str) -> str:
     return value
 
 
+def rbd_image(value: str, rados_pool: str, field: str) -> str:
+    """An existing RBD image to adopt: its name, or "<rados pool>/<name>"
+    naming this pool's RADOS pool."""
+    pool, _, image = value.rpartition("/")
+    if pool and pool != rados_pool:
+        raise InvalidArgument(f"{field}: {value!r} names RADOS pool {pool!r}; this pool is {rados_pool!r}",
+                              field=field)
+    if not image or len(image) > 255 or "@" in image or "/" in image or \
+            any(ord(c) < 32 or ord(c) == 127 for c in image):
+        raise InvalidArgument(f"{field}: {value!r} must be an RBD image name (or {rados_pool}/<name>) without "
+                              "'@' or control characters", field=field)
+    return image
+
+
 def rel_path(value: str, field: str) -> str:
     if not value:
         return ""

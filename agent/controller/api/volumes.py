@@ -169,12 +169,15 @@ def router(auth) -> APIRouter:
             raise InvalidArgument(f"capacity: must be 0 to {MAX_CAPACITY} bytes", field="capacity")
         if req.snap_capacity < 0 or req.snap_capacity > MAX_CAPACITY:
             raise InvalidArgument(f"snap_capacity: must be 0 to {MAX_CAPACITY} bytes", field="snap_capacity")
-        backing = v.abs_path(req.backing_file, "backing_file") if req.backing_file else ""
         state = request.app.state
         with state.db.session() as s:
             pool = s.get(Pool, pid)
             if pool is None or pool.cluster_uuid != cluster or not _visible(pool, Caller(tenant)):
                 raise NotFound(f"pool_uuid: pool {pid} does not exist", field="pool_uuid")
+            backing = ""
+            if req.backing_file:  # adopt: an image of the RADOS pool, or a file under the agents' roots
+                backing = v.rbd_image(req.backing_file, pool.source, "backing_file") if pool.kind == "rbd" else \
+                    v.abs_path(req.backing_file, "backing_file")
             threshold = float(json.loads(pool.attr_json).get("overAllocationThreshold", "0") or 0)
             allocated = s.scalar(select(func.coalesce(func.sum(Volume.capacity), 0)).where(
                 Volume.pool_uuid == pid)) or 0
