@@ -49,6 +49,7 @@ class HostFacts:
     backup_point_uuids: list[str]
     iscsi_initiator: str
     fc_hbas: list[FcHba]
+    roots: list[str] = field(default_factory=list)
 
 
 def nics() -> list[Nic]:
@@ -110,4 +111,4 @@ def host_facts(cfg: Config, bindings_ok: set[str], *, sys_root: str = "/sys") ->
         backup_point_types=list(BACKUP_POINT_TYPES),
         shared_pool_types=[t for t in SHARED_POOL_TYPES if KIND_OF_SHARED[t] in pool_types],
         pool_uuids=sorted(cfg.pools), backup_point_uuids=sorted(cfg.backup_points),
-        iscsi_initiator=initiator_name(), fc_hbas=list_hbas(sys_root))
+        iscsi_initiator=initiator_name(), fc_hbas=list_hbas(sys_root), roots=list(cfg.agent.roots))

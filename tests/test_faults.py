@@ -639,3 +639,53 @@ def test_rest_adopts_an_existing_rbd_image_and_backs_it_up(short_tmp, make_agent
     finally:
         assert a.stop() == 0
         c.stop()
+
+
+def test_paths_outside_the_roots_or_with_control_characters_are_refused_by_field(short_tmp, make_agent):
+    """A local backup point outside every host's roots is refused when it
+    is added or moved (not at its first backup); newlines and other control
+    characters in pool sources and backup point paths are refused naming
+    the field; nothing is stored."""
+    from test_controller import check_error, check_ok, seed_example
+
+    c, a, host = _controller_with_agent(short_tmp, make_agent)
+    try:
+        with c.client("op") as op:
+            add = dict(seed_example("000", "/v1/volume/internal/backuppoint/add"), btype="local",
+                       root_dir=str(a.roots[0] / "backups"), sub_dir="")
+            for body, status, field in (
+                    (dict(add, root_dir="/etc/blockferry-backups"), 403, "root_dir"),
+                    (dict(add, root_dir=str(a.roots[0]) + "-sibling"), 403, "root_dir"),
+                    (dict(add, root_dir=str(a.roots[0] / "back\nups")), 400, "root_dir"),
+                    (dict(add, sub_dir="a\tb"), 400, "sub_dir"),
+                    (dict(add, btype="samba", root_dir="share\r\n"), 400, "root_dir"),
+                    (dict(add, btype="iscsi", root_dir="iqn.2026-01.x:t\n1"), 400, "root_dir"),
+                    (dict(add, btype="nfs", root_dir="/exports/a\nb"), 400, "root_dir")):
+                check_error(op.post("/v1/volume/internal/backuppoint/add", json=body), status, field)
+            listed = check_ok(op.get("/v1/volume/internal/backuppoint/list",
+                                     params={"cluster_uuid": add["cluster_uuid"]}))
+            assert listed["total_count"] == 0
+            bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=add))["uuid"]
+            update = dict(seed_example("000", "/v1/volume/internal/backuppoint/update"), tenant_uuid=add["tenant"],
+                          cluster_uuid=add["cluster_uuid"], backup_point_uuid=bp, ip="127.0.0.1", sub_dir="")
+            check_error(op.post("/v1/volume/internal/backuppoint/update", json=dict(
+                update, root_directory="/var/tmp/elsewhere")), 403, "root_directory")
+            check_error(op.post("/v1/volume/internal/backuppoint/update", json=dict(
+                update, root_directory=str(a.roots[0] / "x\ny"))), 400, "root_directory")
+            listed = check_ok(op.get("/v1/volume/internal/backuppoint/list",
+                                     params={"cluster_uuid": add["cluster_uuid"]}))["list"]
+            assert [x["indentify"]["RootDir"] for x in listed] == [add["root_dir"]]
+            create = dict(seed_example("002", "/v1/pool/share/create"), pool_type=4, avail_host=[host])
+            check_error(op.post("/v1/pool/share/create", json=dict(create, source=str(a.roots[0] / "p\n1"))),
+                        400, "source")
+            check_error(op.post("/v1/pool/share/create", json=dict(create, pool_type=6, source="rb\td",
+                                                                    attr={"ceph_conf": "/etc/ceph/ceph.conf"})),
+                        400, "source")
+            check_error(op.post("/v1/pool/share/create", json=dict(create, pool_type=2, ip="127.0.0.1",
+                                                                    source="/exp\x7f")), 400, "source")
+            assert check_ok(op.post("/v1/pool/share/list", json={"cluster_uuid": create["cluster_uuid"]}))[
+                "TotalCount"] == 0
+    finally:
+        assert a.stop() == 0
+        c.stop()
+

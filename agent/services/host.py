@@ -74,7 +74,7 @@ def facts_to_pb(f) -> host_pb2.HostFacts:
             pool_types=f.pool_types, backup_point_types=f.backup_point_types,
             shared_pool_types=f.shared_pool_types, pool_uuids=f.pool_uuids,
             backup_point_uuids=f.backup_point_uuids, iscsi_initiator=f.iscsi_initiator,
-            fc_hbas=[_hba_pb(h) for h in f.fc_hbas], api_level=API_LEVEL)
+            fc_hbas=[_hba_pb(h) for h in f.fc_hbas], api_level=API_LEVEL, roots=f.roots)
 
 
 def _hba_pb(h):

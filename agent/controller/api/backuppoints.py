@@ -85,10 +85,23 @@ def _location(btype: str, root_dir: str, field: str) -> str:
         return root_dir
     if btype == "iscsi":
         if not root_dir.startswith("iqn.") and not root_dir.startswith("eui.") or len(root_dir) > 223 or \
-                any(c in root_dir for c in "/\\ \0"):
+                any(c in root_dir for c in "/\\ ") or any(ord(c) < 32 or ord(c) == 127 for c in root_dir):
             raise InvalidArgument(f"{field}: {root_dir!r} must be the target IQN (iqn.... or eui....)", field=field)
         return root_dir
     return v.abs_path(root_dir, field)
+
+
+def check_local(s, cluster: str, zone: str, root: str, sub: str, field: str) -> None:
+    """A local backup point must be a directory under the roots of a host
+    of its cluster: refused now, not at its first backup."""
+    hosts = [h for h in s.scalars(select(Host)) if h.cluster_uuid in ("", cluster)
+             and (not zone or h.zone_uuid in ("", zone))]
+    if not hosts:
+        raise FailedPrecondition(f"{field}: no host of cluster {cluster} has registered yet; a local backup point "
+                                 "is a directory of a host, checked against its roots", field=field)
+    roots = {r for h in hosts for r in json.loads(h.facts_json or "{}").get("roots", [])}
+    path = root.rstrip("/") + (f"/{sub}" if sub else "")
+    v.under_roots(path, sorted(roots), field, f"any host of cluster {cluster}")
 
 
 def to_seed(bp: BackupPoint) -> dict:
@@ -116,6 +129,9 @@ def router(auth) -> APIRouter:
         ip = v.host(req.ip, "ip")
         root = _location(req.btype, req.root_dir, "root_dir")
         sub = v.rel_path(req.sub_dir, "sub_dir")
+        if req.btype == "local":
+            with request.app.state.db.session() as s:
+                check_local(s, cluster, zone, root, sub, "root_dir")
         now = int(time.time())
         env = getattr(req, "env", None) or {}
         if not isinstance(env, dict) or any(not isinstance(k, str) or not isinstance(x, (str, int, bool))
@@ -171,6 +187,8 @@ def router(auth) -> APIRouter:
                     raise NotFound(f"backup_point_uuid: backup point {bid} does not exist",
                                    field="backup_point_uuid")
                 root = _location(bp.btype, req.root_directory, "root_directory")
+                if bp.btype == "local":
+                    check_local(s, bp.cluster_uuid, bp.zone_uuid, root, sub, "root_directory")
                 if bp.ref and (ip, root, sub) != (bp.ip, bp.root_dir, bp.sub_dir):
                     raise HasDependents(f"backup_point_uuid: backup point {bp.name!r} holds {bp.ref} backup(s); "
                                         "it can be renamed, but moved only when empty", field="backup_point_uuid")

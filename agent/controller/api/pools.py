@@ -211,8 +211,10 @@ def router(auth) -> APIRouter:
             attach = dict(type="nfs", ip=ip, export=source)
         else:
             source = req.source
-            if not source or len(source) > 128 or any(c in source for c in "/\\ \0"):
-                raise InvalidArgument("source: must be the RADOS pool name", field="source")
+            if not source or len(source) > 128 or any(c in source for c in "/\\ ") or \
+                    any(ord(c) < 32 or ord(c) == 127 for c in source):
+                raise InvalidArgument("source: must be the RADOS pool name (no '/', '\\', spaces or control "
+                                      "characters)", field="source")
             conf = v.abs_path(attr.get("ceph_conf", ""), "attr.ceph_conf") if attr.get("ceph_conf") else ""
             if not conf:
                 raise InvalidArgument("attr.ceph_conf: an rbd pool needs the path of ceph.conf on the hosts",

@@ -40,12 +40,33 @@ def host(value: str, field: str) -> str:
     raise InvalidArgument(f"{field}: {value!r} is not an IP address or host name", field=field)
 
 
+def _control(value: str, field: str) -> None:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidArgument(f"{field}: {value!r} may not contain control characters (newlines, tabs, ...)",
+                              field=field)
+
+
 def abs_path(value: str, field: str) -> str:
-    if not value.startswith("/") or any(p in (".", "..") for p in value.split("/")) or "\0" in value:
+    _control(value, field)
+    if not value.startswith("/") or any(p in (".", "..") for p in value.split("/")):
         raise InvalidArgument(f"{field}: {value!r} must be an absolute path without '.' or '..'", field=field)
     if len(value) > 1024:
         raise InvalidArgument(f"{field}: longer than 1024 characters", field=field)
     return value
+
+
+def under_roots(path: str, roots: list[str], field: str, where: str) -> str:
+    """A local path (already abs_path-checked) that lies under one of the
+    roots an agent reported; PathNotAllowed naming the field otherwise."""
+    import posixpath
+
+    from agent.errors import PathNotAllowed
+
+    norm = posixpath.normpath(path)
+    if any(norm == r or norm.startswith(r.rstrip("/") + "/") for r in map(posixpath.normpath, roots)):
+        return path
+    raise PathNotAllowed(f"{field}: {path!r} is not under the roots of {where} ({', '.join(sorted(roots)) or 'none'}); "
+                         "a local backup point is a directory below an agent's [agent] roots", field=field)
 
 
 def rbd_image(value: str, rados_pool: str, field: str) -> str:
@@ -65,7 +86,8 @@ def rbd_image(value: str, rados_pool: str, field: str) -> str:
 def rel_path(value: str, field: str) -> str:
     if not value:
         return ""
-    if value.startswith("/") or any(p in ("", ".", "..") for p in value.rstrip("/").split("/")) or "\0" in value:
+    _control(value, field)
+    if value.startswith("/") or any(p in ("", ".", "..") for p in value.rstrip("/").split("/")):
         raise InvalidArgument(f"{field}: {value!r} must be a relative path without '..'", field=field)
     if len(value) > 1024:
         raise InvalidArgument(f"{field}: longer than 1024 characters", field=field)
