@@ -689,3 +689,55 @@ def test_paths_outside_the_roots_or_with_control_characters_are_refused_by_field
         assert a.stop() == 0
         c.stop()
 
+
+def test_the_controller_database_is_private_whatever_the_umask(short_tmp, make_agent):
+    """controller.sqlite3 (the inventory and sealed secrets) and its WAL
+    files are 0600 under umask 022, and an older, wider file is narrowed."""
+    import stat
+
+    from test_controller import Controller
+
+    old = os.umask(0o022)
+    try:
+        c = Controller(short_tmp / "ctl")
+        c.stop()
+        db = short_tmp / "ctl" / "controller.sqlite3"
+        db.chmod(0o644)
+        c = Controller(short_tmp / "ctl")  # the same database, opened again
+        try:
+            files = [p for p in (short_tmp / "ctl").iterdir() if p.name.startswith("controller.sqlite3")]
+            assert {p.name for p in files} >= {"controller.sqlite3", "controller.sqlite3-wal"}
+            for p in files:
+                assert stat.S_IMODE(p.stat().st_mode) == 0o600, (p, oct(p.stat().st_mode))
+        finally:
+            c.stop()
+    finally:
+        os.umask(old)
+
+
+def test_a_failed_restore_leaves_no_volume_and_no_lock_file(agent):
+    """A restore that fails (a damaged chunk) leaves neither the new volume
+    nor its lock file in the pool."""
+    from agent.api.v1 import jobs_pb2
+    from test_backup_agent import Bk
+
+    with agent.client() as c:
+        bk = Bk(agent, c)
+        vol = bk.create(capacity=8 * MiB, name="src").uuid
+        bk.write(vol, {0: os.urandom(2 * MiB)})
+        r = bk.backup(vol, bk.snap(vol, "s1").uuid)
+        pack = next(p for p in (agent.workdir / "bp" / "packs").iterdir() if not p.name.endswith(".idx"))
+        data = bytearray(pack.read_bytes())
+        data[300] ^= 0xFF
+        pack.write_bytes(bytes(data))
+        locks = agent.pool_root / f"pool-{agent.pool_uuid}" / "locks"
+        before = sorted(p.name for p in locks.iterdir())
+        new = str(uuid.uuid4())
+        job = c.run(f"restore-{new}", restore=jobs_pb2.RestoreSpec(
+            backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, pool_uuid=agent.pool_uuid, volume_uuid=new,
+            name="restored"))
+        assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "DATA_CORRUPT", job
+        assert [v.uuid for v in bk.call("ListVolumes").volumes] == [vol]
+        assert sorted(p.name for p in locks.iterdir()) == before and f"{new}.lock" not in before
+        bk.call("DeleteVolume", volume_uuid=vol, force=True)
+        assert f"{vol}.lock" not in [p.name for p in locks.iterdir()]  # a deleted volume's goes too

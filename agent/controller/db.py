@@ -11,11 +11,34 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 
 
+def _sqlite_path(url: str) -> str:
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    return "" if path == ":memory:" else path
+
+
+def private_sqlite(url: str) -> None:
+    """The SQLite file holds the inventory and sealed secrets: make it 0600
+    before SQLite opens it, whatever the umask (SQLite gives its -wal and
+    -shm files the database file's mode); an older, wider file is narrowed."""
+    path = _sqlite_path(url)
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o750, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for extra in ("-wal", "-shm", "-journal"):
+        try:
+            os.chmod(path + extra, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def make_engine(url: str):
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
-        if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o750, exist_ok=True)
+        private_sqlite(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -33,6 +56,7 @@ def migrate(url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
+    private_sqlite(url)
     cfg = Config()
     cfg.set_main_option("script_location", MIGRATIONS)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

@@ -116,9 +116,11 @@ class PoolFiles(ABC):
     def open_ro(self, path: str) -> ReadFile: ...
 
     @abstractmethod
-    def lock(self, lock_dir: str, name: str, purpose: str):
+    def lock(self, lock_dir: str, name: str, purpose: str, *, drop=None):
         """A context manager: the exclusive lock `name` in lock_dir, shared
-        with every host that reaches the pool. Not reentrant."""
+        with every host that reaches the pool. Not reentrant. drop(): asked
+        at the end while the lock is still held; true removes the lock's
+        file (the volume it guards does not exist, or no longer)."""
 
     def walk_files(self, top: str) -> Iterator[str]:
         """Paths of the files below top (no order)."""
@@ -212,17 +214,35 @@ class LocalFiles(PoolFiles):
         return _LocalRead(path)
 
     @contextmanager
-    def lock(self, lock_dir: str, name: str, purpose: str):
+    def lock(self, lock_dir: str, name: str, purpose: str, *, drop=None):
         """A POSIX record lock on lock_dir/name.lock: agents sharing the
-        directory over a cluster or NFS mount see it too."""
+        directory over a cluster or NFS mount see it too. The file is
+        removed while locked when drop() says so; a waiter that then gets
+        the lock on the removed file sees its path gone (or another file
+        there) and locks anew, so two holders never hold two files."""
         os.makedirs(lock_dir, mode=0o750, exist_ok=True)
-        fd = os.open(os.path.join(lock_dir, f"{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        path = os.path.join(lock_dir, f"{name}.lock")
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass  # removed by the holder before us: lock the new one
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN)
+                try:
+                    if drop is not None and drop():
+                        os.unlink(path)  # still locked: nobody holds or takes this file meanwhile
+                finally:
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
@@ -445,7 +465,9 @@ class NfsFiles(PoolFiles):
         return _NfsRead(self, path)
 
     @contextmanager
-    def lock(self, lock_dir: str, name: str, purpose: str):
+    def lock(self, lock_dir: str, name: str, purpose: str, *, drop=None):
+        """Lock objects under lock_dir/name/, removed on release (drop:
+        nothing more to remove)."""
         from agent.repo.locks import EXCLUSIVE, RepoLock
 
         def busy(holder):

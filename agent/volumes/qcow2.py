@@ -146,7 +146,8 @@ class Qcow2Pool(VolumeDriver):
                 finally:
                     held[vol] -= 1
                 return
-            with self.fs.lock(os.path.join(self.base, "locks"), vol, f"volume {vol} metadata"):
+            with self.fs.lock(os.path.join(self.base, "locks"), vol, f"volume {vol} metadata",
+                              drop=lambda: not self.fs.exists(self.meta_path(vol))):
                 held[vol] = 1
                 try:
                     yield
