@@ -741,3 +741,97 @@ def test_a_failed_restore_leaves_no_volume_and_no_lock_file(agent):
         assert sorted(p.name for p in locks.iterdir()) == before and f"{new}.lock" not in before
         bk.call("DeleteVolume", volume_uuid=vol, force=True)
         assert f"{vol}.lock" not in [p.name for p in locks.iterdir()]  # a deleted volume's goes too
+
+
+# ---- change tracking: why a backup read everything ----
+
+def test_a_fallback_says_why_in_the_task_the_backup_record_and_the_log(short_tmp, make_agent):
+    """A snapshot layer whose dirty bitmap is gone: the next backup falls
+    back to reading every chunk, and the task's result, the backup's record
+    (REST list, seed 003's extend_info, gRPC) and the agent's log say which
+    snapshot and what was wrong with its bitmap; nothing says "take a full
+    backup" (it just did)."""
+    from agent.api.v1 import backups_pb2
+    from test_controller import check_ok, seed_example
+    from test_controller_pools import wait_task
+
+    c, a, host = _controller_with_agent(short_tmp, make_agent)
+    run = short_tmp / "run-test"
+    run.mkdir()
+    try:
+        with c.client("op") as op:
+            ids, first = _rest_backup(op, a, host, run, a.roots[0] / "backups")
+            vol_uuid = check_ok(op.get("/v1/volume/share/backup/list", params={
+                "cluster_uuid": ids["cluster_uuid"]}))["list"][0]["VolumeUUID"]
+            ref = {"tenant": ids["tenant"], "cluster_uuid": ids["cluster_uuid"], "volume_uuid": vol_uuid}
+            vol = check_ok(op.post("/v1/volume/share/get", json=ref))["volume"]
+            write(vol["AccessPath"][host], {MiB: os.urandom(4096)}, run)
+            s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))[
+                "snapshot"]["UUID"]
+            layer = a.roots[0] / "p1" / f"pool-{vol['PoolUUID']}" / "snapshot" / vol_uuid / s2
+            subprocess.run(["qemu-img", "bitmap", "--remove", str(layer), "bf-dirty"], check=True)
+            started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
+                seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=ids["cluster_uuid"],
+                volume_uuid=vol_uuid, snapshot_uuid=s2, backup_point_uuid=ids["bp"], backup_name="second")))
+            t = wait_task(op, started["task_id"])
+            reason = t["result"]["mode_reason"]
+            assert t["status"] == "success" and t["result"]["mode"] == "fallback", t
+            assert s2 in reason and "bf-dirty" in reason and "missing" in reason, reason
+            listed = {x["UUID"]: x for x in check_ok(op.get("/v1/volume/share/backup/list", params={
+                "cluster_uuid": ids["cluster_uuid"]}))["list"]}
+            assert (listed[started["backup"]["UUID"]]["Mode"], listed[started["backup"]["UUID"]]["ModeReason"]) == \
+                ("fallback", reason)
+            assert listed[first]["Mode"] == "full" and "no earlier backup" in listed[first]["ModeReason"]
+        with a.client() as ac:
+            b = ac.backup_call("GetBackup", backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"],
+                                                                         backup_uuid=started["backup"]["UUID"]))
+            assert (b.mode, b.mode_reason) == ("fallback", reason)
+        log = a.log_text()
+        assert "backup falls back to reading every data chunk" in log and reason in log
+        assert "take a full backup" not in log
+    finally:
+        assert a.stop() == 0
+        c.stop()
+
+
+def test_an_invalid_rbd_object_map_is_degraded_tracking_not_silent(rbd_agent, ceph):
+    """An RBD image whose object map is invalid (object-map enabled on an
+    image that has data): its volume and snapshots report tracking
+    "degraded", the incremental backup says why its changes came the slow
+    way, and restores bit for bit; after a rebuild it is "ok" again."""
+    import rados
+    import rbd
+
+    from conftest import RBD_POOL_UUID
+    from test_backup_agent import Bk
+
+    def rbd_write(image, writes):
+        with rados.Rados(conffile=str(ceph.conf)) as cl, cl.open_ioctx("rbd") as io, rbd.Image(io, image) as img:
+            for off, data in writes.items():
+                img.write(data, off)
+
+    with rbd_agent.client() as c:
+        bk = Bk(rbd_agent, c)
+        bk.pool = RBD_POOL_UUID
+        rv = bk.create(capacity=16 * MiB, name="rbd-src").uuid
+        rbd_write(rv, {0: os.urandom(3 * MiB)})
+        r1 = bk.backup(rv, bk.snap(rv, "s1").uuid)
+        rbd_write(rv, {8 * MiB: os.urandom(MiB)})
+        s2 = bk.snap(rv, "s2").uuid
+        assert bk.call("GetVolume", volume_uuid=rv).tracking == "ok"
+        ceph.rbd("feature", "disable", f"rbd/{rv}", "fast-diff", "object-map")
+        ceph.rbd("feature", "enable", f"rbd/{rv}", "object-map", "fast-diff")  # marks every object map invalid
+        assert bk.call("GetVolume", volume_uuid=rv).tracking == "degraded"
+        tracking = {s.uuid: s.tracking for s in bk.call("ListSnapshots", volume_uuid=rv).snapshots}
+        assert tracking[s2] == "degraded", tracking
+        r2 = bk.backup(rv, s2)
+        assert r2.mode == "incremental" and r2.parent_backup_uuid == r1.backup_uuid
+        assert "object map" in r2.mode_reason and "invalid" in r2.mode_reason and s2 in r2.mode_reason
+        assert r2.changed_chunks == 1
+        assert bk.digest(bk.restore(r2.backup_uuid).volume_uuid) == bk.digest(rv, s2)
+        assert "incremental backup with degraded change tracking" in rbd_agent.log_text()
+        ceph.rbd("object-map", "rebuild", f"rbd/{rv}")
+        ceph.rbd("object-map", "rebuild", f"rbd/{rv}@{s2}")
+        assert bk.call("GetVolume", volume_uuid=rv).tracking == "ok"
+        assert {s.uuid: s.tracking for s in bk.call("ListSnapshots", volume_uuid=rv).snapshots}[s2] == "ok"
+

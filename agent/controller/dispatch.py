@@ -337,6 +337,7 @@ class Dispatcher:
             b.mtime = now
             if t.status == "success":
                 b.status, b.mode = "BackupSucceeded", result.get("mode", "")
+                b.mode_reason = result.get("mode_reason", "")
                 b.size, b.stored_bytes = int(result.get("size", 0)), int(result.get("stored_bytes", 0))
                 b.image_digest = result.get("image_digest", "")
                 bp = s.get(BackupPoint, b.backup_point_uuid)

@@ -84,19 +84,29 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
 @dataclass(frozen=True)
 class _Changes:
     """What change tracking says since the parent backup's snapshot: the
-    chunks it touched (in the parent's geometry), or why that is not known."""
+    chunks it touched (in the parent's geometry), or why that is not known
+    (lost); degraded: why it was known only the slow way."""
     indexes: list[int] | None
     lost: str = ""
+    degraded: str = ""
+
+
+def _reason(e) -> str:
+    """An error's message without its leading field name, as a reason."""
+    field = f"{e.field}: " if e.field else ""
+    return e.message[len(field):] if field and e.message.startswith(field) else e.message
 
 
 def _changes_since(driver, volume: str, snapshot: str, parent: Manifest, cs: int) -> _Changes:
     try:
-        changed = driver.changed_extents(volume, snapshot, parent.snapshot_uuid).extents
+        changed = driver.changed_extents(volume, snapshot, parent.snapshot_uuid)
     except (TrackingLost, NotFound, FailedPrecondition) as e:
-        return _Changes(None, e.message)
+        return _Changes(None, f"change tracking since the parent backup's snapshot {parent.snapshot_uuid}: "
+                              f"{_reason(e)}")
     if parent.chunk_size != cs:
-        return _Changes(None, "the parent backup has another chunk size")
-    return _Changes(chunk_indexes(changed, cs, parent.size))
+        return _Changes(None, f"the parent backup has chunks of {parent.chunk_size} bytes, this backup point "
+                              f"{cs}")
+    return _Changes(chunk_indexes(changed.extents, cs, parent.size), degraded=changed.degraded)
 
 
 def _ranges(indexes: list[int], cs: int, size: int) -> list[tuple[int, int]]:
@@ -134,22 +144,29 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
     cs = repo.chunk_size
     size = reader.size()
     n = (size + cs - 1) // cs
-    mode, why = "full", "no parent" if parent is None else "full re-read requested"
+    mode, why = "full", ("no earlier backup of this volume on this backup point" if parent is None else
+                         "a full re-read was asked for (full, or a policy's full_backup_interval)")
     chunks = [ZERO] * n
     wanted = None
     if changes is not None:
         if parent.size != size:
-            why = "the volume size changed since the parent backup"
+            why = f"the volume's size changed since the parent backup ({parent.size} bytes, now {size})"
         elif changes.indexes is None:
             mode, why = "fallback", changes.lost
         else:
-            mode, why = "incremental", ""
+            mode, why = "incremental", changes.degraded
             wanted = changes.indexes
             chunks = list(parent.chunks)
     if wanted is None:  # every data chunk (the allocation map is only needed here)
         wanted = chunk_indexes([e for e in reader.extents() if not e.zero], cs, size)
-    if why:
-        log.info("backup reads every data chunk", extra={"volume": volume, "mode": mode, "reason": why})
+    if mode == "fallback":
+        log.warning("backup falls back to reading every data chunk", extra={
+            "volume": volume, "snapshot": snapshot, "reason": why})
+    elif mode == "full":
+        log.info("backup reads every data chunk", extra={"volume": volume, "snapshot": snapshot, "reason": why})
+    elif why:
+        log.warning("incremental backup with degraded change tracking", extra={
+            "volume": volume, "snapshot": snapshot, "reason": why})
 
     def length(i: int) -> int:
         return min(cs, size - i * cs)
@@ -158,7 +175,7 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
     blocks = repo.block_writer(backup_id)
     image = ImageDigest()
     stats = {"chunks_read": len(wanted), "read_bytes": 0, "new_chunks": 0, "stored_bytes": 0,
-             "changed_chunks": 0}
+             "changed_chunks": 0, "mode_reason": why}
     state = {"next": 0, "retired": 0}
     buffers = BufferPool(cs)
 

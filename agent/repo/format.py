@@ -184,6 +184,12 @@ class Manifest:
         return self.mode == "fallback"
 
     @property
+    def mode_reason(self) -> str:
+        """Why every data chunk was read, or why tracking was degraded
+        (kept in stats: manifests of format 1 have no field for it)."""
+        return str(self.stats.get("mode_reason", ""))
+
+    @property
     def data_bytes(self) -> int:
         """Logical bytes of the non-zero chunks."""
         return sum(min(self.chunk_size, self.size - i * self.chunk_size)

@@ -54,6 +54,7 @@ class BackupResult:
     new_chunks: int
     stored_bytes: int
     changed_chunks: int
+    mode_reason: str = ""  # why every chunk was read, or why tracking was degraded
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ class BackupKind(JobKind):
                               tenant=spec.tenant, ctx=ctx)
         s = m.stats
         return BackupResult(m.backup_id, m.mode, m.parent or "", m.size, m.image_digest, s["chunks_read"],
-                            s["read_bytes"], s["new_chunks"], s["stored_bytes"], s["changed_chunks"])
+                            s["read_bytes"], s["new_chunks"], s["stored_bytes"], s["changed_chunks"],
+                            m.mode_reason)
 
 
 class RestoreKind(JobKind):

@@ -16,7 +16,7 @@ def backup_to_pb(bp_uuid: str, m: Manifest) -> backups_pb2.Backup:
         snapshot_name=m.snapshot_name, pool_uuid=m.pool_uuid, size=m.size, data_bytes=m.data_bytes,
         image_digest=m.image_digest, created_at=m.created_at, parent_backup_uuid=m.parent or "", name=m.name,
         description=m.description, tenant=m.tenant, mode=m.mode, format_version=m.format_version,
-        agent_version=m.agent_version, chunk_size=m.chunk_size)
+        agent_version=m.agent_version, chunk_size=m.chunk_size, mode_reason=m.mode_reason)
 
 
 class BackupService(backups_pb2_grpc.BackupServiceServicer):

@@ -99,6 +99,7 @@ class ChangedExtents:
     extents: list[Extent]
     exact: bool  # False when the driver reports a superset (e.g. whole objects)
     granularity: int
+    degraded: str = ""  # why they were found the slow way (an invalid RBD object map), for the record
 
 
 Progress = Callable[[int, int], None]  # (done, total)

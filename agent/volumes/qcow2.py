@@ -557,7 +557,9 @@ class Qcow2Pool(VolumeDriver):
             lost = [s for s in layers if s.tracking != TRACKING_OK]
             if lost:
                 raise TrackingLost(f"snapshot_uuid: change tracking was lost for snapshot "
-                                   f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)}; take a full backup",
+                                   f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)} (when it was "
+                                   "taken, its layer's dirty bitmap was missing or inconsistent: written by a program "
+                                   "that keeps no bitmap, or qemu or qemu-nbd was killed)",
                                    field="snapshot_uuid")
             for s in layers:
                 dirty.extend(dirty_extents(self.snap_path(meta.uuid, s.uuid), BITMAP,

@@ -41,8 +41,7 @@ _NONZERO = re.compile(rb"[^\x00]+")
 
 
 def _lost(label: str, name: str, why: str) -> TrackingLost:
-    return TrackingLost(f"snapshot_uuid: the dirty bitmap {name} of {label} {why}; take a full backup",
-                        field="snapshot_uuid")
+    return TrackingLost(f"snapshot_uuid: the dirty bitmap {name} of {label} {why}", field="snapshot_uuid")
 
 
 def dirty_extents(path: str, name: str, label: str = "", fs=None) -> list[Extent]:

@@ -9,7 +9,10 @@
 - Linked clones are COW children of a protected snapshot (protected and
   unprotected automatically), possibly in another pool of the same cluster.
 - Change tracking is `diff_iterate`: `whole_object=True` (fast-diff) when the
-  object map is valid, the exact path when its flags say it is invalid.
+  object map is valid, the exact path when its flags say it is invalid. An
+  invalid object map is reported, not used silently: the volume's or
+  snapshot's tracking is "degraded", and a backup records why its changes
+  came the slow way (`rbd object-map rebuild` repairs it).
 - Every librados/librbd call that can block is bounded by the pool's
   `timeout` (rados_mon_op_timeout, rados_osd_op_timeout,
   client_mount_timeout); an unreachable cluster is a clean StorageIOError and
@@ -309,8 +312,17 @@ class RbdPool(VolumeDriver):
         with self.ioctx() as io, self._image(io, vol, read_only=True) as img:
             return self._info(io, img, vol)
 
+    def _tracking(self, img) -> str:
+        """'degraded' when the image (at its current snapshot) has an object
+        map whose flags say it is invalid; else 'ok'."""
+        if img.features() & rbd.RBD_FEATURE_OBJECT_MAP and \
+                img.flags() & (rbd.RBD_FLAG_OBJECT_MAP_INVALID | rbd.RBD_FLAG_FAST_DIFF_INVALID):
+            return "degraded"
+        return "ok"
+
     def _info(self, io, img, vol: str) -> VolumeInfo:
         meta = self._meta(img)
+        tracking = self._tracking(img)  # the head's, before the snapshot sizes move the image to snapshots
         size = img.size()
         used = sum(e.length for e in self._extents(img, size, None, whole_object=False, include_parent=True))
         snaps = list(img.list_snaps())
@@ -326,7 +338,7 @@ class RbdPool(VolumeDriver):
                           used=used, snapshot_bytes=snap_bytes,
                           access_path=f"rbd:{self.rbd_pool}/{self.namespace + '/' if self.namespace else ''}{vol}",
                           created_at=float(meta.get(KEY_CREATED, "0")), parent_volume=parent_vol,
-                          parent_snapshot=parent_snap, children=tuple(children), format="rbd", tracking="ok")
+                          parent_snapshot=parent_snap, children=tuple(children), format="rbd", tracking=tracking)
 
     def _snap_size(self, img, snaps: list[dict], i: int) -> int:
         """Bytes that changed from the previous snapshot to snapshot i (du-style)."""
@@ -407,10 +419,12 @@ class RbdPool(VolumeDriver):
         listed = img.list_snaps()
         idx = next((i for i, s in enumerate(listed) if s["name"] == snap), None)
         size = self._snap_size(img, list(listed), idx) if idx is not None else 0
+        img.set_snap(snap)
+        tracking = self._tracking(img)
         clones = [c for _, c in self._children(img, [snap])]
         return SnapshotInfo(uuid=snap, name=rec["name"], volume_uuid=vol, description=rec.get("description", ""),
                             created_at=rec.get("created_at", 0.0), size=size, parent=rec.get("parent"),
-                            children=tuple(children), clones=tuple(clones), tracking="ok")
+                            children=tuple(children), clones=tuple(clones), tracking=tracking)
 
     def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
@@ -534,11 +548,22 @@ class RbdPool(VolumeDriver):
                                                      f"snapshot {snapshot_uuid}", field="since_snapshot_uuid")
                         cur = snaps.get(cur, {}).get("parent")
             with self._image(io, vol, snapshot=snapshot_uuid, read_only=True) as img:
-                fast = self._fast_diff_ok(img)
+                degraded = []
+                for snap in filter(None, (since_snapshot_uuid, snapshot_uuid)):
+                    img.set_snap(snap)
+                    if self._tracking(img) == "degraded":
+                        degraded.append(snap)
+                img.set_snap(snapshot_uuid)
+                fast = self._fast_diff_ok(img) and not degraded
                 extents = self._extents(img, img.size(), since_snapshot_uuid, whole_object=fast,
                                         include_parent=since_snapshot_uuid is None)
+                note = ""
+                if degraded:
+                    note = (f"the object map of snapshot {', '.join(degraded)} is invalid: changes found by a slow "
+                            f"exact diff (repair: rbd object-map rebuild {self.rbd_pool}/{vol}@<snapshot>)")
+                    log.warning("change tracking degraded", extra={"volume": vol, "why": note})
                 return ChangedExtents(extents, exact=not fast,
-                                      granularity=(1 << img.stat()["order"]) if fast else 512)
+                                      granularity=(1 << img.stat()["order"]) if fast else 512, degraded=note)
 
     # ---- clones ----
 

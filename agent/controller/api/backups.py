@@ -44,7 +44,8 @@ def to_seed(s, b: Backup) -> dict:
         "extend_info": {"auto_trigger": bool(cp and not cp.manual), "incremental": b.mode == "incremental",
                         "snapshot_id": b.snapshot_uuid, "supported_restore_mode": "backup",
                         "encrypted": None, "bootable": None, "support_llid": None, "os_images_data": None,
-                        "size_bytes": b.size, "stored_bytes": b.stored_bytes, "image_digest": b.image_digest or None},
+                        "size_bytes": b.size, "stored_bytes": b.stored_bytes, "image_digest": b.image_digest or None,
+                        "mode": b.mode or None, "mode_reason": b.mode_reason or None},
     }
 
 

@@ -85,7 +85,9 @@ def backup_to_seed(b: Backup, bp_name: str = "") -> dict:
             "Snapshot": b.snapshot_name, "Ctime": b.ctime, "Desc": b.description, "Attr": None,
             "VolumeType": b.volume_type, "Mtime": b.mtime, "BpName": bp_name, "ExpiredTime": 0,
             "VolumeEventStatus": 0, "SnapshotUUID": b.snapshot_uuid, "Status": b.status,
-            "cluster_uuid": b.cluster_uuid, "cluster_name": "", "cluster_mode": ""}
+            "cluster_uuid": b.cluster_uuid, "cluster_name": "", "cluster_mode": "",
+            # beyond the seed: full, incremental or fallback, and why every chunk was read (or tracking degraded)
+            "Mode": b.mode, "ModeReason": b.mode_reason}
 
 
 def router(auth) -> APIRouter:
