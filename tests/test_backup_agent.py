@@ -4,8 +4,6 @@ restore is checked against the source snapshot's content."""
 from __future__ import annotations
 
 import os
-import random
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -315,58 +313,6 @@ def test_foreign_directory_is_never_touched(make_agent):
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "never touched" in e.details()
     assert a.stop() == 0
     assert [p.name for p in bp.iterdir()] == ["someone-elses.txt"]
-
-
-def test_kill_9_during_backups_never_lists_an_incomplete_backup(make_agent):
-    """kill -9 the agent at random points of a backup, ten times; after each
-    restart no incomplete backup is listed and every listed one verifies."""
-    a = make_agent("[jobs]\nbandwidth_limit = 100000000\n").start()  # ~1.3 s a backup: room to land kills
-    rng = random.Random(5)
-    with a.client() as c:
-        bk = Bk(a, c)
-        vol = bk.create(capacity=256 * MiB).uuid
-        bk.write(vol, {i * 8 * MiB: os.urandom(4 * MiB) for i in range(32)})
-        snaps = [bk.snap(vol, f"s{i}").uuid for i in range(2)]
-    completed: list[str] = []
-    for round_ in range(10):
-        with a.client() as c:
-            bk = Bk(a, c)
-            bid = new_id()
-            bk.c.submit(f"crash-{round_}", backup=jobs_pb2.BackupSpec(
-                backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snaps[round_ % 2],
-                backup_uuid=bid, full=True))
-            target = rng.uniform(0, 100)  # kill when the job's progress passes a random point
-            while True:
-                job = bk.c.get(f"crash-{round_}")
-                if job.state in FINAL or job.progress.percent >= target:
-                    break
-                time.sleep(0.005)
-            state = job.state
-        a.proc.send_signal(signal.SIGKILL)
-        a.proc.wait()
-        if state == OK:
-            completed.append(bid)
-        a.start()
-        with a.client() as c:
-            bk = Bk(a, c)
-            listed = {x.uuid for x in bk.list()}
-            assert set(completed) <= listed
-            for x in listed:  # whatever is listed is complete
-                assert bk.verify(x, deep=False).state == OK
-                completed.append(x) if x not in completed else None
-    interrupted = 10 - len([x for x in completed])
-    print(f"{interrupted} of 10 backups were killed before they completed")
-    assert interrupted >= 3  # the kills did land mid-backup
-    with a.client() as c:
-        bk = Bk(a, c)
-        r = bk.backup(vol, snaps[0])  # a new backup succeeds
-        assert bk.verify(r.backup_uuid, deep=True).state == OK
-        bk.gc()  # and GC clears what the crashes left (partial packs, stale locks)
-        assert not [p for p in bp_files(a) if p.name.startswith(".part-")]
-        assert not list((a.workdir / "bp" / "locks").iterdir())
-        for x in bk.list():
-            assert bk.verify(x.uuid, deep=True).state == OK
-    assert a.stop() == 0
 
 
 def test_cancelled_backup_and_restore_leave_nothing_that_looks_complete(make_agent):

@@ -63,6 +63,10 @@ class Controller:
         self.db_url = db_url or f"sqlite:///{workdir}/controller.sqlite3"
         self.config = write_config(workdir, self.port, db_url, self.grpc_port, grpc_listen, extra)
         self.log = workdir / "controller.log"
+        self.start()
+
+    def start(self) -> None:
+        """Start it (again: the same config, ports and database)."""
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + 30

@@ -9,7 +9,15 @@ servers (tgtd, smbd, nfs-ganesha), real agents and a real controller.
 - space: a backup point that fills up fails the backup with NO_SPACE, lists
   nothing, and has its space back at once (no pack left for a GC);
 - corruption: verify (of a backup, or of the whole repository) names every
-  damaged chunk, pack and backup, through the agent, the CLI and REST.
+  damaged chunk, pack and backup, through the agent, the CLI and REST;
+- input: paths, RBD images to adopt, the controller's database mode;
+- tracking: a fallback and degraded RBD tracking say why;
+- crashes: kill -9 of the agent at random points of backups, restores and
+  GC on every backup point type (seeded, the seed printed), and of the
+  controller mid-task.
+
+Servers stopped in the middle of a backup are in tests/test_targets.py
+(outage_then_retry, for NFS, SMB and iSCSI).
 
 docs/reliability.md states the guarantees these tests hold to.
 """
@@ -461,14 +469,15 @@ def test_verify_jobs_and_the_cli_list_every_damaged_item(agent):
         assert r["backups_checked"] == "1" and "unreferenced_chunks" not in r
 
 
-def _controller_with_agent(short_tmp, make_agent, extra: str = ""):
+def _controller_with_agent(short_tmp, make_agent, extra: str = "", agent_extra: str = ""):
     """A controller (SQLite) with `extra` [controller] settings and one agent
-    registered with it; returns (controller, agent, host uuid)."""
+    (with `agent_extra` config) registered with it; returns (controller,
+    agent, host uuid)."""
     from test_controller import AGENT_TOKEN, Controller, check_ok
 
     c = Controller(short_tmp / "ctl", extra=extra)
     host = str(uuid.uuid4())
-    a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+    a = make_agent(f'{agent_extra}[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
                    f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n')
     a.config.chmod(0o600)
     a.start()
@@ -835,3 +844,210 @@ def test_an_invalid_rbd_object_map_is_degraded_tracking_not_silent(rbd_agent, ce
         assert bk.call("GetVolume", volume_uuid=rv).tracking == "ok"
         assert {s.uuid: s.tracking for s in bk.call("ListSnapshots", volume_uuid=rv).snapshots}[s2] == "ok"
 
+
+# ---- crashes: kill -9 of the agent and of the controller ----
+
+KILL_POINTS = 12
+ALL_TYPES = ("local", "nfs", "smb", "iscsi", "disk")
+
+
+@pytest.fixture
+def every_type_agent(make_agent, nfs_server, smb_server, tgt_server, short_tmp):
+    """One agent with a backup point of every type, two of them encrypted
+    (local and SMB), and a slow bandwidth limit so that kills land mid-job;
+    yields (agent, {type: backup point uuid}, {type: what holds its files})."""
+    from test_targets import Loop
+
+    ids = {kind: str(uuid.uuid4()) for kind in ALL_TYPES}
+    lun = tgt_server.add_lun(256 * MiB, chap=True)
+    loop = Loop(short_tmp / "disk.img", 256 * MiB)
+    sub = f"kill-{uuid.uuid4().hex[:6]}"
+    extra = "\n".join([
+        "[jobs]\nbandwidth_limit = 150000000\n",
+        f'[backup_points.{ids["local"]}]\npath = "{short_tmp}/a/root/bp-local"\nchunk_size = 1048576\n'
+        'password = "kill-local-pw"\n',
+        nfs_server.section(ids["nfs"], sub_dir=sub),
+        smb_server.section(ids["smb"], sub_dir=sub, extra='password = "kill-smb-pw"\n'),
+        tgt_server.section(ids["iscsi"], lun),
+        f'[backup_points.{ids["disk"]}]\ntype = "disk"\ndevice = "{loop.dev}"\nformat_lun = true\n'
+        "chunk_size = 1048576\n",
+    ])
+    a = make_agent(extra)
+    a.config.chmod(0o600)  # it holds secrets
+    a.start()
+    dirs = {"local": short_tmp / "a" / "root" / "bp-local", "nfs": nfs_server.export / sub,
+            "smb": smb_server.root / "backups" / sub}
+    yield a, ids, dirs
+    if a.proc and a.proc.poll() is None:
+        assert a.stop() == 0, a.log_text()
+    loop.detach()
+
+
+def test_kill_9_at_random_points_of_backups_restores_and_gc(every_type_agent):
+    """The agent is killed (-9) at KILL_POINTS random points of backups,
+    restores and garbage collections on every backup point type, encrypted
+    ones included (the seed is printed; BF_FAULT_SEED=<n> runs the same
+    points again). After each restart: every backup that completed is
+    listed, everything listed verifies, the killed job ended as a whole
+    (succeeded, or failed INTERRUPTED), a restore's volume exists only when
+    it completed and then holds the backup's data. At the end a GC on
+    every type succeeds, every backup verifies deeply, and no partial
+    object or lock record is left."""
+    import random
+    import signal
+
+    from agent.api.v1 import jobs_pb2
+    from conftest import POOL_UUID
+    from test_backup_agent import Bk
+
+    a, ids, dirs = every_type_agent
+    seed = int(os.environ.get("BF_FAULT_SEED") or random.SystemRandom().randrange(1 << 32))
+    print(f"kill -9 fault points: seed {seed} (BF_FAULT_SEED={seed} runs the same ones)")
+    rng = random.Random(seed)
+    with a.client() as c:
+        bk = Bk(a, c)
+        vol = bk.create(capacity=64 * MiB, name="src").uuid
+        bk.write(vol, {i * 8 * MiB: os.urandom(4 * MiB) for i in range(8)})
+        snaps = [bk.snap(vol, "s0").uuid]
+        bk.write(vol, {3 * MiB: os.urandom(2 * MiB)})
+        snaps.append(bk.snap(vol, "s1").uuid)
+        want = {s: bk.digest(vol, s) for s in snaps}
+        completed: dict[str, dict[str, str]] = {k: {} for k in ALL_TYPES}  # type -> backup uuid -> its digest
+        for kind in ALL_TYPES:  # something to restore and collect from the start
+            r = Bk(a, c, bp=ids[kind]).backup(vol, snaps[0])
+            completed[kind][r.backup_uuid] = r.image_digest
+    landed = 0
+    for n in range(KILL_POINTS):
+        kind = ALL_TYPES[n % len(ALL_TYPES)]
+        op = rng.choice(("backup", "backup", "restore", "gc"))
+        target = rng.uniform(0, 100)
+        job_id, new = f"kill-{n}", str(uuid.uuid4())
+        with a.client() as c:
+            k = Bk(a, c, bp=ids[kind])
+            if op == "backup":
+                snap = rng.choice(snaps)
+                c.submit(job_id, backup=jobs_pb2.BackupSpec(
+                    backup_point_uuid=ids[kind], pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap,
+                    backup_uuid=new, full=rng.random() < 0.5))
+            elif op == "restore":
+                source = rng.choice(sorted(completed[kind]))
+                c.submit(job_id, restore=jobs_pb2.RestoreSpec(
+                    backup_point_uuid=ids[kind], backup_uuid=source, pool_uuid=POOL_UUID, volume_uuid=new,
+                    name=f"restored-{n}"))
+            else:
+                if len(completed[kind]) > 1:  # garbage to collect: a deleted backup's chunks
+                    gone = rng.choice(sorted(completed[kind]))
+                    k.delete(gone)
+                    del completed[kind][gone]
+                c.submit(job_id, gc=jobs_pb2.GcSpec(backup_point_uuid=ids[kind], wait_seconds=30))
+            while True:
+                job = c.get(job_id)
+                if job.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED) or \
+                        job.progress.percent >= target:
+                    break
+                time.sleep(0.002)
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        a.start()
+        where = f"seed {seed}, point {n}: {op} on {kind} at {target:.0f} %"
+        with a.client() as c:
+            k = Bk(a, c, bp=ids[kind])
+            job = c.get(job_id)
+            assert job.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED), (where, job)
+            if job.state == jobs_pb2.JOB_STATE_FAILED:
+                assert job.error.code == "INTERRUPTED", (where, job.error)
+                landed += 1
+            listed = {x.uuid: x.image_digest for x in k.list()}
+            if op == "backup" and job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
+                completed[kind][new] = job.backup_result.image_digest
+            assert completed[kind].items() <= listed.items(), where
+            assert set(listed) <= set(completed[kind]) | {new}, where
+            for bid in listed:
+                v = k.verify(bid)
+                assert v.state == jobs_pb2.JOB_STATE_SUCCEEDED, (where, bid, v.error)
+            completed[kind].update(listed)
+            volumes = {x.uuid for x in k.call("ListVolumes").volumes}
+            if op == "restore":
+                assert (new in volumes) == (job.state == jobs_pb2.JOB_STATE_SUCCEEDED), where
+                if new in volumes:
+                    assert k.digest(new) == completed[kind][source], where
+    print(f"{landed} of {KILL_POINTS} kills landed before their job completed")
+    assert landed >= KILL_POINTS // 4, f"seed {seed}: the kills did not land mid-job"
+    with a.client() as c:
+        for kind in ALL_TYPES:
+            k = Bk(a, c, bp=ids[kind])
+            job = c.run(f"final-gc-{kind}", gc=jobs_pb2.GcSpec(backup_point_uuid=ids[kind], wait_seconds=30))
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, (seed, kind, job.error)
+            listed = {x.uuid for x in k.list()}
+            assert listed == set(completed[kind]), (seed, kind)
+            for bid in listed:
+                v = k.verify(bid, deep=True)
+                assert v.state == jobs_pb2.JOB_STATE_SUCCEEDED, (seed, kind, bid, v.error)
+            r = k.backup(vol, snaps[1])  # and a new backup still works
+            assert r.image_digest == want[snaps[1]]
+            if kind in dirs:
+                leftovers = [p for p in dirs[kind].rglob("*") if p.name.startswith(".part-")]
+                assert leftovers == [], (seed, kind, leftovers)
+                assert not list((dirs[kind] / "locks").iterdir()), (seed, kind)
+
+
+def test_kill_9_of_the_controller_mid_task(short_tmp, make_agent):
+    """The controller is killed (-9) while a backup and a restore run on
+    the agent; started again on its database, it follows both tasks to
+    their end: the backup is listed and verifies, the restored volume holds
+    the backup's data."""
+    import signal
+
+    from agent.api.v1 import backups_pb2, jobs_pb2
+    from test_controller import check_ok, seed_example
+    from test_controller_pools import wait_task
+
+    c, a, host = _controller_with_agent(short_tmp, make_agent,
+                                        agent_extra="[jobs]\nbandwidth_limit = 8000000\n")  # ~1.7 s a job
+    run = short_tmp / "run-test"
+    run.mkdir()
+    try:
+        with c.client("op") as op:
+            ids, first = _rest_backup(op, a, host, run, a.roots[0] / "backups")
+            listed = check_ok(op.get("/v1/volume/share/backup/list", params={"cluster_uuid": ids["cluster_uuid"]}))
+            vol_uuid = listed["list"][0]["VolumeUUID"]
+            ref = {"tenant": ids["tenant"], "cluster_uuid": ids["cluster_uuid"], "volume_uuid": vol_uuid}
+            vol = check_ok(op.post("/v1/volume/share/get", json=ref))["volume"]
+            write(vol["AccessPath"][host], {4 * MiB: os.urandom(10 * MiB)}, run)
+            s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))[
+                "snapshot"]["UUID"]
+            backup = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
+                seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=ids["cluster_uuid"],
+                volume_uuid=vol_uuid, snapshot_uuid=s2, backup_point_uuid=ids["bp"], backup_name="second")))
+            restore = check_ok(op.post("/v1/volume/share/backup/restore", json=dict(
+                seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=first,
+                new_volume_name="restored", new_pool_uuid=vol["PoolUUID"], new_volume_tenant=ids["tenant"],
+                cluster_uuid=ids["cluster_uuid"])))
+            deadline = time.monotonic() + 30
+            while check_ok(op.get(f"/v1/tasks/{backup['task_id']}"))["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        c.proc.send_signal(signal.SIGKILL)
+        c.proc.wait()
+        time.sleep(0.5)
+        c.start()
+        with c.client("op") as op:
+            t = wait_task(op, backup["task_id"], 60)
+            assert t["status"] == "success" and t["result"]["mode"] == "incremental", t
+            tr = wait_task(op, restore["task_id"], 60)
+            assert tr["status"] == "success", tr
+            statuses = {x["UUID"]: x["Status"] for x in check_ok(op.get("/v1/volume/share/backup/list", params={
+                "cluster_uuid": ids["cluster_uuid"]}))["list"]}
+            assert statuses == {first: "BackupSucceeded", backup["backup"]["UUID"]: "BackupSucceeded"}
+        with a.client() as ac:
+            job = ac.run("after-controller-kill", verify=jobs_pb2.VerifySpec(
+                backup_point_uuid=ids["bp"], backup_uuid=backup["backup"]["UUID"], deep=True))
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+            digest = ac.run("sum-restored", checksum=jobs_pb2.ChecksumSpec(
+                pool_uuid=vol["PoolUUID"], volume_uuid=restore["volume"]["UUID"])).checksum_result.image_digest
+            first_digest = ac.backup_call("GetBackup", backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"],
+                                                                                    backup_uuid=first))
+            assert digest == first_digest.image_digest
+    finally:
+        assert a.stop() == 0
+        c.stop()
