@@ -52,10 +52,18 @@ def new_task(s, *, task_id: str, operation: str, tenant: str, resource_type: str
     return t
 
 
+def reported_backup_points(hosts) -> dict[str, set[str]]:
+    """backup point uuid -> the hosts whose last heartbeat reported it."""
+    out: dict[str, set[str]] = {}
+    for h in hosts:
+        for p in json.loads(h.backup_points_json or "[]"):
+            out.setdefault(p.get("backup_point_uuid", ""), set()).add(h.uuid)
+    return out
+
+
 def reporting_hosts(hosts, bp_uuid: str) -> set[str]:
     """The hosts whose last heartbeat reported this backup point."""
-    return {h.uuid for h in hosts if any(p.get("backup_point_uuid") == bp_uuid
-                                         for p in json.loads(h.backup_points_json or "[]"))}
+    return reported_backup_points(hosts).get(bp_uuid, set())
 
 
 def queue_backup_point_task(s, *, operation: str, tenant: str, bp_uuid: str, spec, resource_uuid: str = "",

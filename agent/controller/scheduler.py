@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 from agent.api.v1 import jobs_pb2
 from agent.controller import checkpoints
 from agent.controller.api.hosts import host_state
-from agent.controller.dispatch import queue_backup_point_task, reporting_hosts
+from agent.controller.dispatch import queue_backup_point_task, reported_backup_points
 from agent.controller.models import BackupPoint, Checkpoint, Host, Policy, Vault
 from agent.controller.policy import schedule
 from agent.errors import BlockferryError
@@ -118,11 +118,12 @@ class Scheduler:
         cfg = self.state.cfg
         queued = []
         with self.state.db.session() as s:
-            online = [h for h in s.scalars(select(Host)) if host_state(h, cfg.host_dead_after) == "online"]
+            reported = reported_backup_points(h for h in s.scalars(select(Host))
+                                              if host_state(h, cfg.host_dead_after) == "online")
             for bp in s.scalars(select(BackupPoint)):
                 wanted = bool(bp.gc_wanted_at) and now >= bp.gc_wanted_at + cfg.gc_after_delete
                 periodic = bool(cfg.gc_interval) and now >= (bp.last_gc_at or bp.ctime) + cfg.gc_interval
-                if not (wanted or periodic) or not reporting_hosts(online, bp.uuid):
+                if not (wanted or periodic) or bp.uuid not in reported:
                     continue  # nothing to do, or no host reaches it now (none ever wrote to it, or all are down)
                 queued.append(queue_backup_point_task(s, operation="gc", tenant=bp.tenant, bp_uuid=bp.uuid,
                                                       spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid,

@@ -620,30 +620,23 @@ def open_lun(key: str, opener, *, credential: bytes = b"", format_lun: bool = Fa
     first, so wrong ones get AUTH_FAILED as they would alone; right but
     different ones are refused while the device is open: sessions never
     serve a user who did not log in with their credentials."""
-    with _OPEN_LOCK:
+    with _OPEN_LOCK:  # one opener at a time: two could both format a blank LUN
         shared = _OPEN.get(key)
-        if shared is not None and hmac.compare_digest(shared.credential, credential):
-            shared.users += 1
-            return LunRef(key, shared)
-    if shared is not None:
-        opener().close()  # the caller's own login: AuthFailed for credentials the target refuses
-        raise FailedPrecondition(f"backup_point_uuid: {label or key}: this agent serves the LUN's repository "
-                                 "for a backup point with other credentials; one LUN is reached with one set "
-                                 "of credentials at a time", field="backup_point_uuid")
-    dev = opener()
-    try:
-        store = LunStore(dev, format_lun=format_lun, label=label)
-    except BaseException:
-        dev.close()
-        raise
-    with _OPEN_LOCK:
-        raced = _OPEN.get(key)
-        if raced is None:
+        if shared is None:
+            dev = opener()
+            try:
+                store = LunStore(dev, format_lun=format_lun, label=label)
+            except BaseException:
+                dev.close()
+                raise
             shared = _OPEN[key] = _Shared(store, credential)
-            shared.users += 1
-            return LunRef(key, shared)
-    store.dev.close()  # another thread opened it meanwhile: use theirs, under the same rules
-    return open_lun(key, opener, credential=credential, format_lun=format_lun, label=label)
+        elif not hmac.compare_digest(shared.credential, credential):
+            opener().close()  # the caller's own login: AuthFailed for credentials the target refuses
+            raise FailedPrecondition(f"backup_point_uuid: {label or key}: this agent serves the LUN's repository "
+                                     "for a backup point with other credentials; one LUN is reached with one set "
+                                     "of credentials at a time", field="backup_point_uuid")
+        shared.users += 1
+        return LunRef(key, shared)
 
 
 def forget_lun(key: str) -> None:
