@@ -203,7 +203,7 @@ class Config:
             if pool.type == "dir" and not os.path.isabs(pool.path):
                 raise bad(f"pools.{uuid}", "path", "must be an absolute path")
             if pool.type == "nfs":
-                from agent.volumes.poolfs import check_nfs_export, check_nfs_server
+                from agent.fields import check_nfs_export, check_nfs_server
 
                 for key, check in (("ip", check_nfs_server), ("export", check_nfs_export)):
                     try:

@@ -25,6 +25,7 @@ from agent import native
 from agent.api.v1 import jobs_pb2
 from agent.api.v1 import volumes_pb2 as v
 from agent.client import AgentClient, Target
+from agent.progress import follow, human
 
 POOL_UUID = "6f1c2b0e-0d7a-4c55-9a38-000000000001"
 BP_UUID = "6f1c2b0e-0d7a-4c55-9a38-000000000002"
@@ -137,7 +138,6 @@ def fresh_workdir(workdir: str) -> bool:
 def run_demo(workdir: str | None) -> int:
     import secrets
 
-    from agent.cli import follow, human
 
     workdir = os.path.abspath(workdir or os.path.join(os.path.expanduser("~"), ".local/share/blockferry-demo"))
     if not fresh_workdir(workdir):

@@ -12,7 +12,7 @@ import psutil
 
 from agent import __version__
 from agent.config import BACKUP_POINT_TYPES, POOL_TYPES, Config
-from agent.targets.fc import FcHba, list_hbas
+from agent.stores.fc import FcHba, list_hbas
 
 # seed 002 pool_type/support: the shared pool types this host can hold
 # volumes on (nfs: an NFSv3 export in user space; disk: a directory, a local
@@ -86,7 +86,7 @@ def _supported_pool_types(bindings_ok: set[str]) -> list[str]:
 
 
 def host_facts(cfg: Config, bindings_ok: set[str], *, sys_root: str = "/sys") -> HostFacts:
-    from agent.targets.iscsi import initiator_name
+    from agent.stores.iscsi import initiator_name
 
     paths = [cfg.agent.state_dir, *(p.path for p in cfg.pools.values() if p.type == "dir"),
              *(b.path for b in cfg.backup_points.values() if b.type == "local")]

@@ -79,7 +79,7 @@ class PoolRegistry:
             if not pc.rbd_pool:
                 raise InvalidArgument("rbd_pool: must not be empty", field="rbd_pool")
         elif pc.type == "nfs":
-            from agent.volumes.poolfs import check_nfs_export, check_nfs_server
+            from agent.fields import check_nfs_export, check_nfs_server
 
             check_nfs_server(pc.ip)
             pc = dataclasses.replace(pc, export=check_nfs_export(pc.export))

@@ -59,17 +59,17 @@ class Agent:
 
         from agent.api.v1 import (backups_pb2, backups_pb2_grpc, host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc,
                                   volumes_pb2, volumes_pb2_grpc)
-        from agent.checksum import ChecksumKind
+        from agent.kinds.checksum import ChecksumKind
         from agent.jobs.engine import JobEngine
         from agent.pools import PoolRegistry
         from agent.services.common import Auth
         from agent.services.host import HostService
         from agent.services.jobs import JobService
         from agent.services.volumes import VolumeService
-        from agent.repo.jobs import BackupKind, GcKind, RestoreKind, VerifyKind
+        from agent.kinds.backups import BackupKind, GcKind, RestoreKind, VerifyKind
         from agent.services.backups import BackupService
-        from agent.targets.registry import BackupPoints
-        from agent.volumes.jobs import CloneKind, FlattenKind
+        from agent.backup_points import BackupPoints
+        from agent.kinds.volumes import CloneKind, FlattenKind
 
         cfg = self.cfg
         pools = PoolRegistry(cfg)

@@ -232,7 +232,7 @@ def rbd_part(args, rows: list) -> None:
 
     from agent.repo.backup import backup
     from agent.repo.repository import Repository
-    from agent.targets.local import LocalStore
+    from agent.stores.local import LocalStore
     from agent.volumes.rbd import RbdPool
 
     size = args.rbd_gib << 30

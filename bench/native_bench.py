@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import xxhash  # noqa: E402
 
 from agent import _native, native  # noqa: E402
-from agent.checksum import digest_range  # noqa: E402
+from agent.kinds.checksum import digest_range  # noqa: E402
 
 GiB = 1 << 30
 BLOCK = 4 << 20

@@ -69,7 +69,7 @@ def main() -> int:
         layer = pool.snap_path(vol, s2)
 
         def ours():  # the full-clone job's own path
-            from agent.volumes.jobs import CloneKind, CloneSpec
+            from agent.kinds.volumes import CloneKind, CloneSpec
 
             class Pools:
                 def get(self, *_):

@@ -121,12 +121,12 @@ def main() -> int:
             for kind in kinds:
                 sub = f"run{r}-{uuid.uuid4().hex[:6]}"
                 if kind == "nfs":
-                    from agent.targets.nfs import NfsStore
+                    from agent.stores.nfs import NfsStore
                     store = NfsStore("127.0.0.1", str(nfs.export), sub, nfs_port=nfs.nfs_port,
                                      mount_port=nfs.mount_port)
                     peer = ["nfs-cp", raw, nfs.url(nfs.export, f"{sub}-peer.raw")]
                 elif kind == "smb":
-                    from agent.targets.smb import SmbStore
+                    from agent.stores.smb import SmbStore
                     store = SmbStore("127.0.0.1", "backups", sub, username=smb.user, password=smb.password,
                                      port=smb.port)
                     auth = f"{smb.root}/private/bench.auth"
@@ -136,8 +136,8 @@ def main() -> int:
                     peer = ["smbclient", "//127.0.0.1/backups", "-p", str(smb.port), "-A", auth, "-m", "SMB3",
                             "-c", f"put {raw} {sub}-peer.raw"]
                 elif kind == "iscsi":
-                    from agent.targets.iscsi import IscsiBlockDevice
-                    from agent.targets.lun import LunStore
+                    from agent.stores.iscsi import IscsiBlockDevice
+                    from agent.stores.lun import LunStore
                     blank(str(lun.file), 2 * size + 512 * MiB)
                     store = LunStore(IscsiBlockDevice("127.0.0.1", lun.iqn, 1, port=tgt.port), format_lun=True)
                     # -t writeback: the target's cache is flushed at the end (SYNCHRONIZE
@@ -145,8 +145,8 @@ def main() -> int:
                     peer = ["qemu-img", "convert", "-t", "writeback", "-n", "-W", "-m", "16", "-f", "raw",
                             "-O", "raw", raw, f"iscsi://127.0.0.1:{tgt.port}/{lun.iqn}/1"]
                 else:
-                    from agent.targets.blockdev import LocalBlockDevice
-                    from agent.targets.lun import LunStore
+                    from agent.stores.blockdev import LocalBlockDevice
+                    from agent.stores.lun import LunStore
                     blank(loop.dev, 2 * size + 512 * MiB)
                     store = LunStore(LocalBlockDevice(loop.dev), format_lun=True)
                     peer = ["dd", f"if={raw}", f"of={loop.dev}", "oflag=direct", "conv=fsync", "bs=4M",

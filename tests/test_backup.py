@@ -14,7 +14,7 @@ from agent.repo.backup import backup
 from agent.repo.repository import Repository
 from agent.repo.restore import restore
 from agent.repo.verify import verify
-from agent.targets.local import LocalStore
+from agent.stores.local import LocalStore
 from agent.volumes.nbd import NbdClient, QemuNbd
 from agent.volumes.qcow2 import Qcow2Pool
 from test_qcow2 import write
@@ -249,7 +249,7 @@ def test_stale_lock_of_a_dead_process_is_removed(env):
     import subprocess as sp
 
     from agent.repo.gc import gc
-    from agent.repo.locks import EXCLUSIVE, RepoLock
+    from agent.stores.locks import EXCLUSIVE, RepoLock
 
     _, repo, tmp = env
     dead = sp.Popen(["true"])

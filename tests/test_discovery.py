@@ -12,7 +12,7 @@ import pytest
 from agent.api.v1 import backups_pb2 as b
 from agent.api.v1 import host_pb2 as h
 from agent.api.v1 import jobs_pb2
-from agent.targets.fc import list_devices, list_hbas
+from agent.stores.fc import list_devices, list_hbas
 from fctree import WWID_A, WWID_B, build
 from test_backup_agent import Bk
 from test_qcow2 import MiB

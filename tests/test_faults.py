@@ -36,7 +36,7 @@ from agent.repo.backup import backup
 from agent.repo.catalog import latest_for_volume
 from agent.repo.repository import Repository
 from agent.repo.verify import verify
-from agent.targets.registry import BackupPoint
+from agent.backup_points import BackupPoint
 from conftest import BP_UUID
 from test_backup import CS, MiB, nid
 from test_qcow2 import write
@@ -185,7 +185,7 @@ def small_store(request, short_tmp):
     SMB server's small share, a small iSCSI LUN, a small loop device."""
     from smallfs import mount_small_fs, unmount_small_fs
 
-    from agent.targets.local import LocalStore
+    from agent.stores.local import LocalStore
 
     mounted = []
 
@@ -248,7 +248,7 @@ def test_a_failed_backup_never_reclaims_what_a_running_one_may_use(pool, short_t
     from agent.errors import Cancelled
     from agent.jobs.kinds import NullContext
     from agent.repo.gc import gc
-    from agent.targets.local import LocalStore
+    from agent.stores.local import LocalStore
 
     store = LocalStore(str(short_tmp / "bp"))
     store.pack_target = 2 * MiB

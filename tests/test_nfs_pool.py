@@ -157,7 +157,7 @@ def test_backup_incremental_and_restore_into_nfs_pool(nfs_agent):
 def test_agents_sharing_an_nfs_pool_take_turns(nfs_server, short_tmp):
     """Two hosts' drivers on one pool: a volume's metadata changes wait for
     the other host's lock; a lock left by a dead process is broken."""
-    from agent.repo.locks import LockRecord, _boot_id
+    from agent.stores.locks import LockRecord, _boot_id
     from agent.volumes.poolfs import NfsFiles
     from agent.volumes.qcow2 import Qcow2Pool
 

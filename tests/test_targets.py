@@ -16,7 +16,7 @@ from agent.repo.backup import backup
 from agent.repo.gc import gc
 from agent.repo.repository import Repository
 from agent.repo.verify import verify
-from agent.targets.local import LocalStore
+from agent.stores.local import LocalStore
 from agent.volumes.qcow2 import Qcow2Pool
 from test_backup import CS, MiB, nid, restore_to_qcow2
 from test_qcow2 import write
@@ -55,7 +55,7 @@ class NfsTarget(Target):
         self.srv = srv
 
     def make(self, sub: str, *, export=None, timeout: float = 5.0):
-        from agent.targets.nfs import NfsStore
+        from agent.stores.nfs import NfsStore
 
         return NfsStore("127.0.0.1", str(export or self.srv.export), sub, nfs_port=self.srv.nfs_port,
                         mount_port=self.srv.mount_port, timeout=timeout)
@@ -75,7 +75,7 @@ class SmbTarget(Target):
 
     def make(self, sub: str, *, share: str = "backups", password: str | None = None, encrypt: bool = False,
              timeout: float = 5.0):
-        from agent.targets.smb import SmbStore
+        from agent.stores.smb import SmbStore
 
         return SmbStore("127.0.0.1", share, sub, username=self.srv.user,
                         password=self.srv.password if password is None else password, port=self.srv.port,
@@ -103,7 +103,7 @@ class Loop:
                                    str(path)], check=True, capture_output=True, text=True).stdout.strip()
 
     def detach(self) -> None:
-        from agent.targets.lun import forget_lun
+        from agent.stores.lun import forget_lun
 
         forget_lun(self.dev)
         subprocess.run(["losetup", "-d", self.dev], check=False)
@@ -130,8 +130,8 @@ class DiskTarget(Target):
         self.lo = lo
 
     def make(self, sub: str, *, format_lun: bool = True):
-        from agent.targets.blockdev import LocalBlockDevice
-        from agent.targets.lun import open_lun
+        from agent.stores.blockdev import LocalBlockDevice
+        from agent.stores.lun import open_lun
 
         return open_lun(self.lo.dev, lambda: LocalBlockDevice(self.lo.dev), format_lun=format_lun)
 
@@ -157,13 +157,13 @@ class IscsiTarget(Target):
         self.key = f"test-iscsi-{lun.iqn}"
 
     def device(self, *, secret: str | None = None, timeout: float = 5.0):
-        from agent.targets.iscsi import IscsiBlockDevice
+        from agent.stores.iscsi import IscsiBlockDevice
 
         return IscsiBlockDevice("127.0.0.1", self.lun.iqn, 1, port=self.srv.port, user=self.lun.user,
                                 secret=self.lun.secret if secret is None else secret, timeout=timeout)
 
     def make(self, sub: str, *, timeout: float = 5.0):
-        from agent.targets.lun import open_lun
+        from agent.stores.lun import open_lun
 
         return open_lun(self.key, lambda: self.device(timeout=timeout), format_lun=True)
 
@@ -180,7 +180,7 @@ class IscsiTarget(Target):
         return out[:size]
 
     def forget(self) -> None:
-        from agent.targets.lun import forget_lun
+        from agent.stores.lun import forget_lun
 
         forget_lun(self.key)
 
@@ -338,7 +338,7 @@ def test_nfs_full_export_fails_cleanly(nfs_server, pool, short_tmp):
 
 def test_nfs_unreachable_server_and_bad_paths(nfs_server):
     from agent.errors import InvalidArgument
-    from agent.targets.nfs import NfsStore
+    from agent.stores.nfs import NfsStore
     from cephcluster import free_port
 
     port = free_port()
@@ -361,7 +361,7 @@ def test_nfs_unreachable_server_and_bad_paths(nfs_server):
 
 def test_nfs_through_the_portmapper(nfs_server):
     """No ports configured: libnfs asks rpcbind, as on a stock NFS server."""
-    from agent.targets.nfs import NfsStore
+    from agent.stores.nfs import NfsStore
 
     store = NfsStore("127.0.0.1", str(nfs_server.export), "pmap", timeout=5.0)
     store.publish("hello", b"world")
@@ -403,11 +403,11 @@ def test_smb_wrong_password_is_a_clear_error_without_the_secret(smb_server, shor
 
 def test_smb_zero_copy_writes_match_smbprotocols_and_the_server_checks_their_signatures(
         smb_server, short_tmp, monkeypatch):
-    """agent/targets/smb_write.py packs and signs WRITEs itself: the server
+    """agent/stores/smb_write.py packs and signs WRITEs itself: the server
     gets the same bytes as through smbprotocol's own path, and refuses a
     WRITE whose signature is wrong (so it really checks ours)."""
     from agent.errors import BlockferryError
-    from agent.targets import smb_write
+    from agent.stores import smb_write
 
     t = SmbTarget(smb_server, short_tmp)
     sent = []
@@ -473,8 +473,8 @@ def test_smb_zero_copy_writes_match_smbprotocols_and_the_server_checks_their_sig
 
 def test_lun_blank_needs_format_and_foreign_data_is_never_touched(loop):
     from agent.errors import FailedPrecondition
-    from agent.targets.blockdev import LocalBlockDevice
-    from agent.targets.lun import LunStore
+    from agent.stores.blockdev import LocalBlockDevice
+    from agent.stores.lun import LunStore
 
     blank = loop(64 * MiB, "blank.img")
     dev = LocalBlockDevice(blank.dev)
@@ -493,14 +493,14 @@ def test_lun_blank_needs_format_and_foreign_data_is_never_touched(loop):
 
 
 def _lun_store(lo, **kw):
-    from agent.targets.blockdev import LocalBlockDevice
-    from agent.targets.lun import LunStore
+    from agent.stores.blockdev import LocalBlockDevice
+    from agent.stores.lun import LunStore
 
     return LunStore(LocalBlockDevice(lo.dev), **kw)
 
 
 def test_lun_torn_superblock_or_catalog_falls_back_a_generation(loop):
-    from agent.targets.lun import CATALOG_OFFSET, SB_OFFSETS
+    from agent.stores.lun import CATALOG_OFFSET, SB_OFFSETS
 
     lo = loop(64 * MiB)
     st = _lun_store(lo, format_lun=True)
@@ -540,8 +540,8 @@ def test_lun_written_by_another_host_is_refused(loop, short_tmp):
     other = subprocess.run(["losetup", "-f", "--show", str(lo.file)], check=True, capture_output=True,
                            text=True).stdout.strip()
     try:
-        from agent.targets.blockdev import LocalBlockDevice
-        from agent.targets.lun import LunStore
+        from agent.stores.blockdev import LocalBlockDevice
+        from agent.stores.lun import LunStore
 
         b = LunStore(LocalBlockDevice(other))
         b.publish("y", b"2")
@@ -647,7 +647,7 @@ def test_lun_full_fails_cleanly_and_space_comes_back(loop, pool, short_tmp):
 # ---- iSCSI ----
 
 def test_iscsi_discovery_lists_targets_and_lun_sizes(tgt_server, iscsi_lun):
-    from agent.targets.iscsi import discover
+    from agent.stores.iscsi import discover
 
     t = iscsi_lun(96 * MiB)
     found = {d.iqn: d for d in discover("127.0.0.1", tgt_server.port)}
@@ -669,7 +669,7 @@ def test_iscsi_discovery_lists_targets_and_lun_sizes(tgt_server, iscsi_lun):
 
 def test_iscsi_chap_wrong_or_missing_secret_is_a_clear_error(iscsi_lun):
     from agent.errors import AuthFailed
-    from agent.targets.iscsi import IscsiBlockDevice
+    from agent.stores.iscsi import IscsiBlockDevice
 
     t = iscsi_lun(64 * MiB, chap=True)
     with pytest.raises(AuthFailed, match="refused the CHAP credentials") as e:

@@ -3,12 +3,27 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from agent.jobs.locks import LockMode
 
-if TYPE_CHECKING:
-    from agent.jobs.engine import JobContext
+
+class Context(Protocol):
+    """What a running job sees of the engine (agent.jobs.engine.JobContext,
+    or NullContext outside it)."""
+
+    job_id: str
+    bandwidth_limit: int
+
+    def checkpoint(self) -> None:
+        """Raise Cancelled or Interrupted here when the job must stop."""
+
+    def throttle(self, nbytes: int) -> None:
+        """Sleep as the bandwidth limit asks for nbytes more."""
+
+    def progress(self, bytes_done: int | None = None, bytes_total: int | None = None,
+                 phase: str | None = None) -> None:
+        """Report progress (None: unchanged)."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +47,7 @@ class JobKind(ABC):
         BlockferryError naming the bad field) and say what it locks."""
 
     @abstractmethod
-    def run(self, spec: Any, ctx: "JobContext") -> Any:
+    def run(self, spec: Any, ctx: Context) -> Any:
         """Do the work; report progress and call ctx.checkpoint() at safe
         points. Returns the kind's result dataclass."""
 
@@ -50,5 +65,6 @@ class NullContext:
     def throttle(self, nbytes: int) -> None:
         pass
 
-    def progress(self, bytes_done=None, bytes_total=None, phase=None) -> None:
+    def progress(self, bytes_done: int | None = None, bytes_total: int | None = None,
+                 phase: str | None = None) -> None:
         pass

@@ -32,8 +32,8 @@ from agent.errors import DataCorrupt, FailedPrecondition, NotFound, StorageIOErr
 from agent.repo import crypto
 from agent.repo.format import (BLOCK_SIZE, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ZERO, Manifest, block_record_size,
                                decode_chunk, encode_chunk)
-from agent.repo.locks import EXCLUSIVE, SHARED, RepoLock
-from agent.repo.store import ObjectStore
+from agent.stores.locks import EXCLUSIVE, SHARED, RepoLock
+from agent.stores.base import ObjectStore
 
 COMMIT_QUEUE = 2
 SHARED_WAIT = 3600.0

@@ -39,7 +39,7 @@ class HostService(host_pb2_grpc.HostServiceServicer):
 
     @rpc
     def ListFcDevices(self, request, context):
-        from agent.targets.fc import list_devices, list_hbas
+        from agent.stores.fc import list_devices, list_hbas
 
         a = self.cfg.agent
         devices = list_devices(a.sys_root, a.dev_root)
@@ -53,7 +53,7 @@ class HostService(host_pb2_grpc.HostServiceServicer):
 
     @rpc
     def DiscoverIscsi(self, request, context):
-        from agent.targets.iscsi import discover
+        from agent.stores.iscsi import discover
 
         targets = discover(request.ip, request.port, user=request.username, secret=request.secret)
         return host_pb2.DiscoverIscsiResponse(targets=[

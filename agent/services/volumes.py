@@ -7,7 +7,7 @@ from agent.jobs.engine import JobEngine
 from agent.pools import PoolRegistry
 from agent.services.common import Auth, exclusive, rpc
 from agent.volumes.base import SnapshotInfo, VolumeInfo, check_uuid
-from agent.volumes.jobs import volume_resource
+from agent.kinds.volumes import volume_resource
 
 
 def volume_to_pb(v: VolumeInfo) -> volumes_pb2.Volume:

@@ -9,7 +9,7 @@ reader) go through one of these classes, so the same driver serves both:
 - LocalFiles: os calls; the volume lock is a POSIX record lock.
 - NfsFiles: the libnfs binding (agent._native, GIL released) through a
   pooled NfsStore; the volume lock is a lock object refreshed by its holder
-  (agent.repo.locks.RepoLock), as NFSv3 without NLM has no locks.
+  (agent.stores.locks.RepoLock), as NFSv3 without NLM has no locks.
 
 Missing files raise FileNotFoundError on both, as the driver expects; any
 other NFS failure is the pool's error (TargetUnreachable, NoSpace,
@@ -21,7 +21,6 @@ import errno
 import fcntl
 import os
 import posixpath
-import re
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -29,26 +28,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from agent.errors import Busy, InvalidArgument
+from agent.fields import check_nfs_export, check_nfs_server
 
-_URL_SAFE = re.compile(r"^[A-Za-z0-9._/-]+$")
 LOCK_WAIT = 600.0  # seconds a volume operation waits for another host's lock on an NFS pool
-
-
-def check_nfs_export(export: str, field: str = "export") -> str:
-    """An NFS pool's export path: absolute, no '..', and only characters
-    that stay themselves inside qemu's nfs:// URLs."""
-    if not export.startswith("/") or not _URL_SAFE.match(export) or ".." in export.split("/"):
-        raise InvalidArgument(f"{field}: {export!r} must be an absolute export path of letters, digits and ._-/ "
-                              "without '..' (it becomes part of nfs:// URLs)", field=field)
-    return posixpath.normpath(export)
-
-
-def check_nfs_server(server: str, field: str = "ip") -> str:
-    """An NFS pool's server: an IPv4 address or a host name (an IPv6 literal
-    would need brackets in the URLs, which libnfs does not take)."""
-    if not server or ":" in server or "/" in server or "?" in server or "@" in server:
-        raise InvalidArgument(f"{field}: {server!r}: an nfs pool needs an IPv4 address or a host name", field=field)
-    return server
 
 
 class ReadFile(ABC):
@@ -270,7 +252,7 @@ class NfsFiles(PoolFiles):
     local = False
 
     def __init__(self, server: str, export: str, *, label: str, timeout: float = 30.0):
-        from agent.targets.nfs import NfsStore  # the native binding loads only for NFS pools
+        from agent.stores.nfs import NfsStore  # the native binding loads only for NFS pools
 
         self.server = check_nfs_server(server)
         self.export = check_nfs_export(export)
@@ -468,7 +450,7 @@ class NfsFiles(PoolFiles):
     def lock(self, lock_dir: str, name: str, purpose: str, *, drop=None):
         """Lock objects under lock_dir/name/, removed on release (drop:
         nothing more to remove)."""
-        from agent.repo.locks import EXCLUSIVE, RepoLock
+        from agent.stores.locks import EXCLUSIVE, RepoLock
 
         def busy(holder):
             return Busy(f"volume_uuid: volume {name} is locked by {holder.describe()}; try again when it ends",

@@ -29,7 +29,7 @@ from agent.controller.api.hosts import host_state
 from agent.controller.models import Host, Pool
 from agent.errors import AlreadyExists, BlockferryError, HasDependents, InvalidArgument, NotFound, \
     PermissionDenied, TargetUnreachable
-from agent.volumes.poolfs import check_nfs_export, check_nfs_server
+from agent.fields import check_nfs_export, check_nfs_server
 
 POOL_TYPES = {1: "iscsi", 2: "nfs", 3: "samba", 4: "disk", 5: "fc", 6: "rbd"}
 SERVED = {2: "nfs", 4: "dir", 6: "rbd"}  # seed pool_type -> what the agents serve

@@ -1,5 +1,5 @@
 """iSCSI backup points: a LUN reached through libiscsi in user space (no
-kernel initiator), holding a raw-LUN repository (agent/targets/lun.py).
+kernel initiator), holding a raw-LUN repository (agent/stores/lun.py).
 
 The CHAP secret is handed to libiscsi in memory only: never argv, never a
 log line or an error message. A session that fails is logged out; the next
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from agent import _native
 from agent.errors import AuthFailed, InvalidArgument, TargetUnreachable
-from agent.targets.blockdev import BLOCK, BlockDevice
+from agent.stores.blockdev import BLOCK, BlockDevice
 
 DEFAULT_PORT = 3260
 

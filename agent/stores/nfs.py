@@ -23,7 +23,8 @@ import uuid
 
 from agent import _native
 from agent.errors import InvalidArgument, NotFound, StorageIOError, TargetUnreachable
-from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
+from agent.fields import check_sub_dir
+from agent.stores.base import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
 
 PART = ".part-"
 _FILE_ERRORS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
@@ -32,16 +33,6 @@ _DEFINITE = _FILE_ERRORS | {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCE
                             errno.ENAMETOOLONG, errno.EINVAL}
 _SMALL = 256 << 10  # writes below this are gathered into one NFS WRITE
 _GATHER = 1 << 20
-
-
-def check_sub_dir(value: str, field: str = "sub_dir") -> str:
-    """A relative path below root_dir: no '..', no absolute path."""
-    value = value.rstrip("/") if value else ""
-    if not value:
-        return ""
-    if value.startswith("/") or any(p in ("", ".", "..") for p in value.split("/")):
-        raise InvalidArgument(f"{field}: {value!r} must be a plain relative path (no '..')", field=field)
-    return value
 
 
 class _NfsWriter(ObjectWriter):

@@ -28,9 +28,9 @@ from smbprotocol.exceptions import DiskFull, LogonFailure, SMBAuthenticationErro
 from smbprotocol.header import NtStatus
 
 from agent.errors import AccessDenied, AuthFailed, InvalidArgument, NotFound, TargetUnreachable
-from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
-from agent.targets import smb_write
-from agent.targets.nfs import check_sub_dir
+from agent.stores.base import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
+from agent.stores import smb_write
+from agent.fields import check_sub_dir
 
 PART = ".part-"
 _DEPTH = 8  # WRITE requests in flight per writer
@@ -185,7 +185,7 @@ class _SmbWriter(ObjectWriter):
 class SmbStore(ObjectStore):
     """Objects under \\\\server\\share\\sub_dir (SMB2/3, signed)."""
 
-    zero_copy = True  # WRITEs through agent/targets/smb_write.py (False: smbprotocol's own path)
+    zero_copy = True  # WRITEs through agent/stores/smb_write.py (False: smbprotocol's own path)
     # Packs of 256 MiB: a full backup of 2 GiB measured 3.43 s against 4.0 s
     # with 64 MiB packs (each commit is a FLUSH the server answers after an
     # fsync, and a close and rename), and 3.7 s with 1 GiB (the last pack's

@@ -98,7 +98,7 @@ class ChecksumKind(JobKind):
     def prepare(self, spec: ChecksumSpec) -> Claim:
         if spec.pool_uuid or spec.volume_uuid:
             self._check_volume(spec)
-            from agent.volumes.jobs import volume_resource
+            from agent.kinds.volumes import volume_resource
 
             return Claim(volume_resource(spec.pool_uuid, spec.volume_uuid), LockMode.SHARED)
         real, fd = _open_checked(spec.path, self.roots)

@@ -16,9 +16,9 @@ from agent.repo import restore as restore_mod
 from agent.repo import verify as verify_mod
 from agent.repo.catalog import latest_for_volume
 from agent.repo.verify import Damage
-from agent.targets.registry import BackupPoints
+from agent.backup_points import BackupPoints
 from agent.volumes.base import check_name, check_uuid
-from agent.volumes.jobs import volume_resource
+from agent.kinds.volumes import volume_resource
 
 
 def backup_point_resource(uuid: str) -> str:

@@ -13,8 +13,8 @@ from agent.attached import AttachedDefinitions
 from agent.config import BackupPointSection, Config
 from agent.errors import AuthFailed, BlockferryError, FailedPrecondition, NotFound
 from agent.repo.repository import Repository
-from agent.repo.store import ObjectStore
-from agent.targets.local import LocalStore
+from agent.stores.base import ObjectStore
+from agent.stores.local import LocalStore
 from agent.volumes.base import check_uuid
 
 LOW_SPACE = 0.05  # under 5 % free: degraded
@@ -44,22 +44,22 @@ class BackupPoint:
     def store(self) -> ObjectStore:
         s = self.section
         if s.type == "nfs":
-            from agent.targets.nfs import NfsStore
+            from agent.stores.nfs import NfsStore
             return NfsStore(s.ip, s.root_dir, s.sub_dir, nfs_port=s.port, mount_port=s.mount_port,
                             timeout=s.timeout, label=self.label)
         if s.type == "samba":
-            from agent.targets.smb import SmbStore
+            from agent.stores.smb import SmbStore
             return SmbStore(s.ip, s.root_dir, s.sub_dir, username=s.username, password=s.secret, port=s.port,
                             encrypt=s.smb_encrypt, timeout=s.timeout, label=self.label)
         if s.type in ("disk", "fc"):
-            from agent.targets.blockdev import LocalBlockDevice
-            from agent.targets.lun import open_lun
+            from agent.stores.blockdev import LocalBlockDevice
+            from agent.stores.lun import open_lun
             path = os.path.realpath(s.device)
             return open_lun(path, lambda: LocalBlockDevice(path, label=s.device), format_lun=s.format_lun,
                             label=self.label)
         if s.type == "iscsi":
-            from agent.targets.iscsi import IscsiBlockDevice
-            from agent.targets.lun import credential_digest, open_lun
+            from agent.stores.iscsi import IscsiBlockDevice
+            from agent.stores.lun import credential_digest, open_lun
             key = f"iscsi://{s.ip}:{s.port}/{s.target}/{s.lun}"
             return open_lun(key, lambda: IscsiBlockDevice(s.ip, s.target, s.lun, port=s.port, user=s.username,
                                                           secret=s.secret, timeout=s.timeout, label=self.label),

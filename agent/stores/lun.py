@@ -43,8 +43,8 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from agent.errors import DataCorrupt, FailedPrecondition, NoSpace, NotFound
-from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
-from agent.targets.blockdev import BLOCK, BlockDevice
+from agent.stores.base import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
+from agent.stores.blockdev import BLOCK, BlockDevice
 
 MAGIC = b"BFLUNREP"
 VERSION = 1

@@ -15,7 +15,7 @@ import os
 import uuid
 
 from agent.errors import NotFound, StorageIOError
-from agent.repo.store import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
+from agent.stores.base import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
 
 PART = ".part-"
 

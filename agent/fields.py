@@ -1,0 +1,38 @@
+"""Rules for fields that name places on storage servers, shared by the
+agent's config, its drivers and stores, and the controller's API: every
+refusal names the field."""
+from __future__ import annotations
+
+import posixpath
+import re
+
+from agent.errors import InvalidArgument
+
+_URL_SAFE = re.compile(r"^[A-Za-z0-9._/-]+$")
+
+
+def check_nfs_export(export: str, field: str = "export") -> str:
+    """An NFS pool's export path: absolute, no '..', and only characters
+    that stay themselves inside qemu's nfs:// URLs."""
+    if not export.startswith("/") or not _URL_SAFE.match(export) or ".." in export.split("/"):
+        raise InvalidArgument(f"{field}: {export!r} must be an absolute export path of letters, digits and ._-/ "
+                              "without '..' (it becomes part of nfs:// URLs)", field=field)
+    return posixpath.normpath(export)
+
+
+def check_nfs_server(server: str, field: str = "ip") -> str:
+    """An NFS pool's server: an IPv4 address or a host name (an IPv6 literal
+    would need brackets in the URLs, which libnfs does not take)."""
+    if not server or ":" in server or "/" in server or "?" in server or "@" in server:
+        raise InvalidArgument(f"{field}: {server!r}: an nfs pool needs an IPv4 address or a host name", field=field)
+    return server
+
+
+def check_sub_dir(value: str, field: str = "sub_dir") -> str:
+    """A relative path below root_dir: no '..', no absolute path."""
+    value = value.rstrip("/") if value else ""
+    if not value:
+        return ""
+    if value.startswith("/") or any(p in ("", ".", "..") for p in value.split("/")):
+        raise InvalidArgument(f"{field}: {value!r} must be a plain relative path (no '..')", field=field)
+    return value

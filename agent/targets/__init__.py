@@ -1,1 +1,0 @@
-"""Backup point types: each one an object store (agent.repo.store)."""
