@@ -4,13 +4,15 @@ agents' bearer token, a deadline on every call. An agent's error keeps its
 code; an agent that does not answer is TARGET_UNREACHABLE naming the host."""
 from __future__ import annotations
 
+import json
 import threading
 
 import grpc
 
 from agent import errors
-from agent.api.v1 import backups_pb2_grpc, host_pb2_grpc, jobs_pb2_grpc, volumes_pb2_grpc
+from agent.api.v1 import backups_pb2, backups_pb2_grpc, host_pb2_grpc, jobs_pb2_grpc, volumes_pb2_grpc
 from agent.controller.config import ControllerConfig
+from agent.controller.models import BackupPoint
 
 STUBS = {"volumes": volumes_pb2_grpc.VolumeServiceStub, "jobs": jobs_pb2_grpc.JobServiceStub,
          "host": host_pb2_grpc.HostServiceStub, "backups": backups_pb2_grpc.BackupServiceStub}
@@ -64,3 +66,25 @@ def agent_error(host, e: grpc.RpcError) -> errors.BlockferryError:
     if sep and code.replace("_", "").isalpha() and code.isupper():
         return errors.from_code(code, f"host {name}: {message}")
     return errors.BlockferryError(f"host {name}: {e.code().name}")
+
+
+def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPointRequest:
+    """The agent-side definition of a seed 000 backup point."""
+    env = json.loads(secrets.open(bp.env_sealed)) if bp.env_sealed else {}
+    req = backups_pb2.AttachBackupPointRequest(
+        backup_point_uuid=bp.uuid, type=bp.btype, password=secrets.open(bp.password_sealed),
+        port=int(env.get("port") or (bp.port or 0)), mount_port=int(env.get("mount_port", 0)),
+        username=str(env.get("username", "")), secret=str(env.get("secret", "")),
+        smb_encrypt=bool(env.get("smb_encrypt", False)), lun=int(env.get("lun", 0)),
+        format_lun=bool(env.get("format_lun", False)), chunk_size=int(env.get("chunk_size", 0)),
+        compression=str(env.get("compression", "")))
+    sub = bp.sub_dir
+    if bp.btype == "local":
+        req.path = bp.root_dir.rstrip("/") + (f"/{sub}" if sub else "")
+    elif bp.btype in ("disk", "fc"):
+        req.device = bp.root_dir
+    elif bp.btype == "iscsi":
+        req.ip, req.target = bp.ip, bp.root_dir
+    else:
+        req.ip, req.root_dir, req.sub_dir = bp.ip, bp.root_dir, sub
+    return req

@@ -30,9 +30,9 @@ from sqlalchemy.exc import IntegrityError
 
 from agent.api.v1 import jobs_pb2, volumes_pb2
 from agent.controller import retention
-from agent.controller.api.vaults import log_task, usage
-from agent.controller.api.volumes import serving_hosts
+from agent.controller.context import ControllerContext
 from agent.controller.dispatch import new_task, queue_backup_point_task
+from agent.controller.inventory import log_task, remove_backup, serving_hosts, usage
 from agent.controller.models import Backup, Checkpoint, Host, Policy, Pool, Task, Vault, VaultResource, Volume
 from agent.controller.policy import OperationDefinition
 from agent.errors import BlockferryError, NotFound, cbr_code
@@ -64,15 +64,15 @@ def _hosts(s, pool_uuid: str, dead_after: int) -> list[Host]:
     return serving_hosts(s, pool, dead_after) if pool is not None else []
 
 
-def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str] | None = None, name: str = "",
-           description: str = "", incremental: bool = True) -> str | None:
+def create(ctx: ControllerContext, vault_id: str, *, due_at: float, manual: bool, only: list[str] | None = None,
+           name: str = "", description: str = "", incremental: bool = True) -> str | None:
     """Make a checkpoint of the vault; returns its id, or None when one for
     this due time exists already (a scheduled run is never made twice)."""
     cp_id = str(uuidlib.uuid4())
     now = time.time()
     plan = []  # (volume, host, runs so far, base snapshot) to snapshot and back up
     skipped: list[Skip] = []
-    with state.db.session() as s:
+    with ctx.db.session() as s:
         vault = s.get(Vault, vault_id)
         if vault is None:
             raise NotFound(f"vault_id: vault {vault_id} does not exist", field="vault_id")
@@ -100,7 +100,7 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
                 skipped.append(Skip(vol.uuid, label, cbr_code("BACKUP_IN_PROGRESS"),
                                     f"backup {busy} of the volume is in progress"))
                 continue
-            hosts = _hosts(s, vol.pool_uuid, state.cfg.host_dead_after)
+            hosts = _hosts(s, vol.pool_uuid, ctx.cfg.host_dead_after)
             if not hosts:
                 skipped.append(Skip(vol.uuid, label, cbr_code("TARGET_UNREACHABLE"),
                                     f"no online host serves pool {vol.pool_uuid}"))
@@ -121,7 +121,7 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
         snap = str(uuidlib.uuid4())
         stamp = datetime.fromtimestamp(due_at, timezone.utc).strftime("%Y%m%d-%H%M%S")
         try:
-            state.agents.call(host, "volumes", "CreateSnapshot", volumes_pb2.CreateSnapshotRequest(
+            ctx.agents.call(host, "volumes", "CreateSnapshot", volumes_pb2.CreateSnapshotRequest(
                 pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=snap, name=f"cbr-{stamp}-{cp_id[:8]}",
                 description=f"blockferry checkpoint {cp_id} of vault {vault_name}"))
         except BlockferryError as e:
@@ -129,7 +129,7 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
             continue
         made.append((vol, snap, runs, base))
     resources = []
-    with state.db.session() as s:
+    with ctx.db.session() as s:
         vault = s.get(Vault, vault_id)
         od = _definition(s, vault)
         for vol, snap, runs, base in made:
@@ -171,16 +171,16 @@ def create(state, vault_id: str, *, due_at: float, manual: bool, only: list[str]
             cp.status = "protecting"
     log.info("checkpoint made", extra={"checkpoint": cp_id, "vault": vault_id, "resources": len(resources),
                                        "skipped": len(skipped), "manual": manual})
-    if resources and getattr(state, "dispatcher", None) is not None:
-        state.dispatcher.wake()
+    if resources and ctx.dispatcher is not None:
+        ctx.dispatcher.wake()
     return cp_id
 
 
-def finish_ready(state, now: float | None = None) -> list[str]:
+def finish_ready(ctx: ControllerContext, now: float | None = None) -> list[str]:
     """Finish the checkpoints whose backups all ended: snapshots, retention,
     GC. Returns their ids."""
     done = []
-    with state.db.session() as s:
+    with ctx.db.session() as s:
         pending = list(s.scalars(select(Checkpoint).where(Checkpoint.status == "protecting")))
         for cp in pending:
             res = json.loads(cp.resources_json)
@@ -189,20 +189,20 @@ def finish_ready(state, now: float | None = None) -> list[str]:
                 done.append((cp.id, cp.vault_id, res, [t.status for t in tasks]))
     finished = []
     for cp_id, vault_id, res, statuses in done:
-        with state.db.session() as s:  # claim it: another thread finishing it too would prune twice
+        with ctx.db.session() as s:  # claim it: another thread finishing it too would prune twice
             claimed = s.execute(update(Checkpoint).where(Checkpoint.id == cp_id, Checkpoint.status == "protecting")
                                 .values(status="finishing")).rowcount
         if claimed:
-            _finish(state, cp_id, vault_id, res, statuses, now if now is not None else time.time())
+            _finish(ctx, cp_id, vault_id, res, statuses, now if now is not None else time.time())
             finished.append(cp_id)
     return finished
 
 
-def recover(state) -> None:
+def recover(ctx: ControllerContext) -> None:
     """At start: checkpoints a stopped controller left half made or half
     finished. Finishing runs again (its steps are idempotent); one never
     prepared has no tasks: it ends in error, its reason said."""
-    with state.db.session() as s:
+    with ctx.db.session() as s:
         s.execute(update(Checkpoint).where(Checkpoint.status == "finishing").values(status="protecting"))
         for cp in s.scalars(select(Checkpoint).where(Checkpoint.status == "preparing")):
             cp.status = "error"
@@ -211,14 +211,14 @@ def recover(state) -> None:
                 "reason": "the controller stopped while this checkpoint was being made"}])
 
 
-def _delete_snapshot(state, vol: Volume, snap: str) -> None:
-    with state.db.session() as s:
-        hosts = _hosts(s, vol.pool_uuid, state.cfg.host_dead_after)
+def _delete_snapshot(ctx: ControllerContext, vol: Volume, snap: str) -> None:
+    with ctx.db.session() as s:
+        hosts = _hosts(s, vol.pool_uuid, ctx.cfg.host_dead_after)
     if not hosts:
         log.warning("snapshot left: no host", extra={"volume": vol.uuid, "snapshot": snap})
         return
     try:
-        state.agents.call(hosts[0], "volumes", "DeleteSnapshot", volumes_pb2.SnapshotRef(
+        ctx.agents.call(hosts[0], "volumes", "DeleteSnapshot", volumes_pb2.SnapshotRef(
             pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=snap))
     except NotFound:
         pass
@@ -226,11 +226,11 @@ def _delete_snapshot(state, vol: Volume, snap: str) -> None:
         log.warning("snapshot not deleted", extra={"volume": vol.uuid, "snapshot": snap, "error": e.message})
 
 
-def _finish(state, cp_id: str, vault_id: str, res: list[dict], statuses: list[str], now: float) -> None:
-    from agent.controller.api.jobs import remove_backup
+def _finish(ctx: ControllerContext, cp_id: str, vault_id: str, res: list[dict], statuses: list[str],
+            now: float) -> None:
 
     for r, status in zip(res, statuses):
-        with state.db.session() as s:
+        with ctx.db.session() as s:
             vol = s.get(Volume, r["id"])
             row = s.get(VaultResource, r["id"])
             old = None
@@ -238,10 +238,10 @@ def _finish(state, cp_id: str, vault_id: str, res: list[dict], statuses: list[st
                 old, row.base_snapshot = row.base_snapshot, r["snapshot_id"]
             drop = old if status == "success" else r["snapshot_id"]
         if vol is not None and drop:
-            _delete_snapshot(state, vol, drop)
+            _delete_snapshot(ctx, vol, drop)
     # retention, per volume, over the vault's finished backups
     deleted, kept, counts = [], 0, {}
-    with state.db.session() as s:
+    with ctx.db.session() as s:
         vault = s.get(Vault, vault_id)
         od = _definition(s, vault) if vault else OperationDefinition()
         rule = od.rule()
@@ -267,10 +267,10 @@ def _finish(state, cp_id: str, vault_id: str, res: list[dict], statuses: list[st
     errors = []
     for bid in deleted:
         try:
-            remove_backup(state, bid)
+            remove_backup(ctx, bid)
         except BlockferryError as e:
             errors.append(f"{bid}: {e.code}: {e.message}")
-    with state.db.session() as s:
+    with ctx.db.session() as s:
         cp = s.get(Checkpoint, cp_id)
         cp.status = "available" if all(x == "success" for x in statuses) else "error"
         if deleted or errors:
@@ -285,5 +285,5 @@ def _finish(state, cp_id: str, vault_id: str, res: list[dict], statuses: list[st
                                     spec=jobs_pb2.GcSpec(backup_point_uuid=bp, wait_seconds=600))
     log.info("checkpoint finished", extra={"checkpoint": cp_id, "vault": vault_id, "deleted": len(deleted),
                                            "failed_deletes": len(errors)})
-    if deleted and getattr(state, "dispatcher", None) is not None:
-        state.dispatcher.wake()
+    if deleted and ctx.dispatcher is not None:
+        ctx.dispatcher.wake()

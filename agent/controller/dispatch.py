@@ -27,7 +27,8 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from sqlalchemy import select
 
 from agent.api.v1 import backups_pb2, jobs_pb2
-from agent.controller.api.hosts import host_state
+from agent.controller.agents import backup_point_request
+from agent.controller.inventory import host_state
 from agent.controller.models import Backup, BackupPoint, Host, Pool, Task, Volume
 from agent.errors import BlockferryError, Busy, TargetUnreachable
 
@@ -82,28 +83,6 @@ def queue_backup_point_task(s, *, operation: str, tenant: str, bp_uuid: str, spe
              resource_uuid=resource_uuid or bp_uuid, job_kind=operation, spec=spec, pool_uuid="",
              backup_point_uuid=bp_uuid)
     return task_id
-
-
-def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPointRequest:
-    """The agent-side definition of a seed 000 backup point."""
-    env = json.loads(secrets.open(bp.env_sealed)) if bp.env_sealed else {}
-    req = backups_pb2.AttachBackupPointRequest(
-        backup_point_uuid=bp.uuid, type=bp.btype, password=secrets.open(bp.password_sealed),
-        port=int(env.get("port") or (bp.port or 0)), mount_port=int(env.get("mount_port", 0)),
-        username=str(env.get("username", "")), secret=str(env.get("secret", "")),
-        smb_encrypt=bool(env.get("smb_encrypt", False)), lun=int(env.get("lun", 0)),
-        format_lun=bool(env.get("format_lun", False)), chunk_size=int(env.get("chunk_size", 0)),
-        compression=str(env.get("compression", "")))
-    sub = bp.sub_dir
-    if bp.btype == "local":
-        req.path = bp.root_dir.rstrip("/") + (f"/{sub}" if sub else "")
-    elif bp.btype in ("disk", "fc"):
-        req.device = bp.root_dir
-    elif bp.btype == "iscsi":
-        req.ip, req.target = bp.ip, bp.root_dir
-    else:
-        req.ip, req.root_dir, req.sub_dir = bp.ip, bp.root_dir, sub
-    return req
 
 
 class Dispatcher:

@@ -17,8 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
-from agent.controller.api.hosts import host_state
-from agent.controller.api.vaults import usage
+from agent.controller.inventory import host_state, usage
 from agent.controller.models import BackupPoint, Host, Task, Vault
 from agent.metrics import DURATION_BUCKETS, STATUSES, loopback
 

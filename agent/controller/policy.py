@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from dateutil.rrule import rrule, rrulestr, rruleset
+from dateutil.rrule import rrule, rruleset, rrulestr
 
-from agent.controller.api.validate import bad
 from agent.controller.retention import Rule, parse_timezone
+from agent.controller.validate import bad
 
 MAX_PATTERNS = 24
 MAX_PER_DAY = 24

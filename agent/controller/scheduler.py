@@ -30,8 +30,9 @@ from sqlalchemy import func, select
 
 from agent.api.v1 import jobs_pb2
 from agent.controller import checkpoints
-from agent.controller.api.hosts import host_state
+from agent.controller.context import ControllerContext
 from agent.controller.dispatch import queue_backup_point_task, reported_backup_points
+from agent.controller.inventory import host_state
 from agent.controller.models import BackupPoint, Checkpoint, Host, Policy, Vault
 from agent.controller.policy import schedule
 from agent.errors import BlockferryError
@@ -45,9 +46,9 @@ def _utc(t: float) -> datetime:
 
 
 class Scheduler:
-    def __init__(self, state, *, clock: Callable[[], float] = time.time, interval: float = 5.0,
+    def __init__(self, ctx: ControllerContext, *, clock: Callable[[], float] = time.time, interval: float = 5.0,
                  grace: float = 3600.0):
-        self.state = state
+        self.ctx = ctx
         self.clock = clock
         self.interval = interval
         self.grace = grace
@@ -55,7 +56,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     def start(self) -> "Scheduler":
-        checkpoints.recover(self.state)
+        checkpoints.recover(self.ctx)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
         return self
@@ -76,7 +77,7 @@ class Scheduler:
         """(vault id, newest due time, runs missed before it, too late) for
         every vault with a run due since its last one."""
         out = []
-        with self.state.db.session() as s:
+        with self.ctx.db.session() as s:
             rows = s.execute(select(Vault, Policy).join(Policy, Policy.id == Vault.policy_id)
                              .where(Policy.enabled.is_(True), Vault.status == "available")).all()
             for vault, policy in rows:
@@ -101,23 +102,23 @@ class Scheduler:
                 if late:  # recorded, not run: the window moves on
                     self._missed(vault_id, due_at, missed + 1)
                     continue
-                cp = checkpoints.create(self.state, vault_id, due_at=due_at, manual=False)
+                cp = checkpoints.create(self.ctx, vault_id, due_at=due_at, manual=False)
             except BlockferryError as e:
                 log.warning("checkpoint not made", extra={"vault": vault_id, "error": e.message})
                 continue
             if cp:
                 made.append(cp)
-        checkpoints.finish_ready(self.state, now)
-        if self.collect_garbage(now) and getattr(self.state, "dispatcher", None) is not None:
-            self.state.dispatcher.wake()
+        checkpoints.finish_ready(self.ctx, now)
+        if self.collect_garbage(now) and self.ctx.dispatcher is not None:
+            self.ctx.dispatcher.wake()
         return made
 
     def collect_garbage(self, now: float) -> list[str]:
         """Queue a GC (one per backup point at a time) where deletions want
         one or the last is gc_interval old; returns the task ids."""
-        cfg = self.state.cfg
+        cfg = self.ctx.cfg
         queued = []
-        with self.state.db.session() as s:
+        with self.ctx.db.session() as s:
             reported = reported_backup_points(h for h in s.scalars(select(Host))
                                               if host_state(h, cfg.host_dead_after) == "online")
             for bp in s.scalars(select(BackupPoint)):
@@ -135,7 +136,7 @@ class Scheduler:
         return queued
 
     def _missed(self, vault_id: str, due_at: float, missed: int) -> None:
-        with self.state.db.session() as s:
+        with self.ctx.db.session() as s:
             if s.scalar(select(Checkpoint.id).where(Checkpoint.vault_id == vault_id, Checkpoint.due_at == due_at)):
                 return
             vault = s.get(Vault, vault_id)

@@ -24,9 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
         from agent.controller.api.app import create_app
         from agent.controller.db import Database, migrate
-        from agent.controller.secrets import SecretBox
-
         from agent.controller.registry import serve
+        from agent.controller.secrets import SecretBox
 
         migrate(cfg.database_url)
         db = Database(cfg.database_url)
@@ -68,11 +67,12 @@ def _systemd(server, app) -> None:
         if server.should_exit:
             return
         time.sleep(0.05)
-    systemd.notify(f"READY=1\nSTATUS=serving REST on {app.state.cfg.listen}\nMAINPID={os.getpid()}")
+    ctx = app.state.ctx
+    systemd.notify(f"READY=1\nSTATUS=serving REST on {ctx.cfg.listen}\nMAINPID={os.getpid()}")
     interval = systemd.watchdog_interval()
     if interval:
         def healthy() -> bool:
-            threads = (app.state.dispatcher._thread, app.state.scheduler._thread)
+            threads = (ctx.dispatcher._thread, ctx.scheduler._thread)
             return all(t is not None and t.is_alive() for t in threads)
 
         systemd.Watchdog(interval, healthy).start()

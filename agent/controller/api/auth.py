@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from agent.controller.config import ALL_TENANTS, Token
+from agent.controller.config import ALL_TENANTS
+from agent.controller.context import ControllerContext
 from agent.errors import NotFound, Unauthenticated
 
 
@@ -29,19 +30,22 @@ class Caller:
             raise NotFound(f"{field}: tenant {tenant} does not exist", field=field)
 
 
-class TokenAuth:
-    def __init__(self, tokens: list[Token]):
-        self.tokens = tokens
+def authenticated(request: Request) -> Caller:
+    """The caller of a request, from its bearer token (a FastAPI
+    dependency of every endpoint)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, sent = header.partition(" ")
+    if scheme.lower() != "bearer":  # seed 003 sends its token as X-Auth-Token
+        scheme, sent = "bearer", request.headers.get("x-auth-token", "")
+    if sent:
+        for t in context(request).cfg.tokens:
+            if hmac.compare_digest(sent.encode(), t.token.encode()):
+                return Caller(t.tenant)
+    raise Unauthenticated("authorization: send 'Authorization: Bearer <token>' (or X-Auth-Token: <token>) "
+                          "with a configured token",
+                          field="authorization")
 
-    def __call__(self, request: Request) -> Caller:
-        header = request.headers.get("authorization", "")
-        scheme, _, sent = header.partition(" ")
-        if scheme.lower() != "bearer":  # seed 003 sends its token as X-Auth-Token
-            scheme, sent = "bearer", request.headers.get("x-auth-token", "")
-        if sent:
-            for t in self.tokens:
-                if hmac.compare_digest(sent.encode(), t.token.encode()):
-                    return Caller(t.tenant)
-        raise Unauthenticated("authorization: send 'Authorization: Bearer <token>' (or X-Auth-Token: <token>) "
-                              "with a configured token",
-                              field="authorization")
+
+def context(request: Request) -> ControllerContext:
+    """The controller's typed context, which the application holds."""
+    return request.app.state.ctx

@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from agent.controller.api import validate as v
-from agent.controller.api.auth import Caller
 from agent.api.v1 import jobs_pb2
+from agent.controller import validate as v
+from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.dispatch import queue_backup_point_task, reporting_hosts
 from agent.controller.models import Backup, BackupPoint, Host
@@ -114,157 +114,155 @@ def to_seed(bp: BackupPoint) -> dict:
     }
 
 
-def router(auth) -> APIRouter:
-    r = APIRouter(prefix="/v1/volume/internal/backuppoint", tags=["backup points (seed 000)"])
+router = APIRouter(prefix="/v1/volume/internal/backuppoint", tags=["backup points (seed 000)"])
 
-    @r.post("/add")
-    def add(req: AddRequest, request: Request, caller: Caller = Depends(auth)):
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        tenant = v.uuid(req.tenant, "tenant")
-        caller.check_tenant(tenant)
-        zone = v.uuid(req.zone_uuid, "zone_uuid", required=False)
-        name = v.name(req.name, "name")
-        if req.btype not in BTYPES:
-            raise InvalidArgument(f"btype: must be one of {', '.join(BTYPES)}, not {req.btype!r}", field="btype")
-        ip = v.host(req.ip, "ip")
-        root = _location(req.btype, req.root_dir, "root_dir")
-        sub = v.rel_path(req.sub_dir, "sub_dir")
-        if req.btype == "local":
-            with request.app.state.db.session() as s:
-                check_local(s, cluster, zone, root, sub, "root_dir")
-        now = int(time.time())
-        env = getattr(req, "env", None) or {}
-        if not isinstance(env, dict) or any(not isinstance(k, str) or not isinstance(x, (str, int, bool))
-                                            for k, x in env.items()):
-            raise InvalidArgument("env: must be an object of strings, numbers or booleans", field="env")
-        unknown = set(env) - ENV_KEYS
-        if unknown:
-            raise InvalidArgument(f"env: unknown keys {sorted(unknown)} (known: {', '.join(sorted(ENV_KEYS))})",
-                                  field="env")
-        secrets = request.app.state.secrets
-        bp = BackupPoint(uuid=str(uuidlib.uuid4()), tenant=tenant, cluster_uuid=cluster, zone_uuid=zone, name=name,
-                         btype=req.btype, ip=ip, root_dir=root, sub_dir=sub,
-                         password_sealed=secrets.seal(req.pass_word),
-                         env_sealed=secrets.seal(json.dumps(env)) if env else "", ctime=now, mtime=now,
-                         last_gc_at=now)
-        try:
-            with request.app.state.db.session() as s:
-                s.add(bp)
-        except IntegrityError:
-            raise AlreadyExists(f"name: tenant {tenant} has a backup point named {name!r} already",
-                                field="name") from None
-        return ok({"uuid": bp.uuid, "name": bp.name})
+@router.post("/add")
+def add(req: AddRequest, request: Request, caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    tenant = v.uuid(req.tenant, "tenant")
+    caller.check_tenant(tenant)
+    zone = v.uuid(req.zone_uuid, "zone_uuid", required=False)
+    name = v.name(req.name, "name")
+    if req.btype not in BTYPES:
+        raise InvalidArgument(f"btype: must be one of {', '.join(BTYPES)}, not {req.btype!r}", field="btype")
+    ip = v.host(req.ip, "ip")
+    root = _location(req.btype, req.root_dir, "root_dir")
+    sub = v.rel_path(req.sub_dir, "sub_dir")
+    if req.btype == "local":
+        with context(request).db.session() as s:
+            check_local(s, cluster, zone, root, sub, "root_dir")
+    now = int(time.time())
+    env = getattr(req, "env", None) or {}
+    if not isinstance(env, dict) or any(not isinstance(k, str) or not isinstance(x, (str, int, bool))
+                                        for k, x in env.items()):
+        raise InvalidArgument("env: must be an object of strings, numbers or booleans", field="env")
+    unknown = set(env) - ENV_KEYS
+    if unknown:
+        raise InvalidArgument(f"env: unknown keys {sorted(unknown)} (known: {', '.join(sorted(ENV_KEYS))})",
+                              field="env")
+    secrets = context(request).secrets
+    bp = BackupPoint(uuid=str(uuidlib.uuid4()), tenant=tenant, cluster_uuid=cluster, zone_uuid=zone, name=name,
+                     btype=req.btype, ip=ip, root_dir=root, sub_dir=sub,
+                     password_sealed=secrets.seal(req.pass_word),
+                     env_sealed=secrets.seal(json.dumps(env)) if env else "", ctime=now, mtime=now,
+                     last_gc_at=now)
+    try:
+        with context(request).db.session() as s:
+            s.add(bp)
+    except IntegrityError:
+        raise AlreadyExists(f"name: tenant {tenant} has a backup point named {name!r} already",
+                            field="name") from None
+    return ok({"uuid": bp.uuid, "name": bp.name})
 
-    @r.post("/delete")
-    def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(auth)):
-        v.uuid(req.cluster_uuid, "cluster_uuid")
-        bid = v.uuid(req.uuid, "uuid")
-        if req.tenant:
-            caller.check_tenant(v.uuid(req.tenant, "tenant"))
-        with request.app.state.db.session() as s:
-            bp = s.get(BackupPoint, bid)
-            if bp is None or not caller.sees(bp.tenant) or bp.cluster_uuid != req.cluster_uuid.lower():
-                raise NotFound(f"uuid: backup point {bid} does not exist", field="uuid")
-            if bp.ref:
-                raise HasDependents(f"uuid: backup point {bp.name!r} still holds {bp.ref} backup(s); delete them "
-                                    "first", field="uuid")
-            s.delete(bp)
-        return ok({})
-
-    @r.post("/update")
-    def update(req: UpdateRequest, request: Request, caller: Caller = Depends(auth)):
-        v.uuid(req.cluster_uuid, "cluster_uuid")
-        tenant = v.uuid(req.tenant_uuid, "tenant_uuid")
-        caller.check_tenant(tenant, "tenant_uuid")
-        bid = v.uuid(req.backup_point_uuid, "backup_point_uuid")
-        name = v.name(req.backup_point_name, "backup_point_name")
-        ip = v.host(req.ip, "ip")
-        sub = v.rel_path(req.sub_dir, "sub_dir")
-        try:
-            with request.app.state.db.session() as s:
-                bp = s.get(BackupPoint, bid)
-                if bp is None or bp.tenant != tenant or bp.cluster_uuid != req.cluster_uuid.lower():
-                    raise NotFound(f"backup_point_uuid: backup point {bid} does not exist",
-                                   field="backup_point_uuid")
-                root = _location(bp.btype, req.root_directory, "root_directory")
-                if bp.btype == "local":
-                    check_local(s, bp.cluster_uuid, bp.zone_uuid, root, sub, "root_directory")
-                if bp.ref and (ip, root, sub) != (bp.ip, bp.root_dir, bp.sub_dir):
-                    raise HasDependents(f"backup_point_uuid: backup point {bp.name!r} holds {bp.ref} backup(s); "
-                                        "it can be renamed, but moved only when empty", field="backup_point_uuid")
-                bp.name, bp.ip, bp.root_dir, bp.sub_dir, bp.mtime = name, ip, root, sub, int(time.time())
-        except IntegrityError:
-            raise AlreadyExists(f"backup_point_name: tenant {tenant} has a backup point named {name!r} already",
-                                field="backup_point_name") from None
-        return ok({})
-
-    def served(s, req, caller: Caller) -> BackupPoint:
-        """The caller's backup point, and a host that reaches it (one whose
-        heartbeat reports it: its first backup attached it there)."""
-        v.uuid(req.cluster_uuid, "cluster_uuid")
-        bid = v.uuid(req.uuid, "uuid")
+@router.post("/delete")
+def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
+    v.uuid(req.cluster_uuid, "cluster_uuid")
+    bid = v.uuid(req.uuid, "uuid")
+    if req.tenant:
+        caller.check_tenant(v.uuid(req.tenant, "tenant"))
+    with context(request).db.session() as s:
         bp = s.get(BackupPoint, bid)
         if bp is None or not caller.sees(bp.tenant) or bp.cluster_uuid != req.cluster_uuid.lower():
             raise NotFound(f"uuid: backup point {bid} does not exist", field="uuid")
-        if not reporting_hosts(s.scalars(select(Host)).all(), bid):
-            raise FailedPrecondition(f"uuid: no host serves backup point {bp.name!r} yet (a backup attaches it "
-                                     "to its host)", field="uuid")
-        return bp
+        if bp.ref:
+            raise HasDependents(f"uuid: backup point {bp.name!r} still holds {bp.ref} backup(s); delete them "
+                                "first", field="uuid")
+        s.delete(bp)
+    return ok({})
 
-    @r.post("/verify")
-    def verify(req: VerifyRequest, request: Request, caller: Caller = Depends(auth)):
-        """A task that verifies one backup (backup_uuid) or the whole
-        repository: every pack, index and manifest; deep also recomputes
-        image digests. A failed task's result lists every damaged item."""
-        state = request.app.state
-        with state.db.session() as s:
-            bp = served(s, req, caller)
-            backup = v.uuid(req.backup_uuid, "backup_uuid", required=False)
-            if backup:
-                b = s.get(Backup, backup)
-                if b is None or b.backup_point_uuid != bp.uuid or b.status != "BackupSucceeded":
-                    raise NotFound(f"backup_uuid: no backup {backup} on backup point {bp.name!r}",
-                                   field="backup_uuid")
-            spec = jobs_pb2.VerifySpec(backup_point_uuid=bp.uuid, backup_uuid=backup, deep=req.deep,
-                                       repository=not backup)
-            task_id = queue_backup_point_task(s, operation="verify", tenant=bp.tenant, bp_uuid=bp.uuid, spec=spec,
-                                              resource_uuid=backup, resource_type="backup" if backup else
-                                              "backup_point")
-        state.dispatcher.wake()
-        return ok({"task_id": task_id})
+@router.post("/update")
+def update(req: UpdateRequest, request: Request, caller: Caller = Depends(authenticated)):
+    v.uuid(req.cluster_uuid, "cluster_uuid")
+    tenant = v.uuid(req.tenant_uuid, "tenant_uuid")
+    caller.check_tenant(tenant, "tenant_uuid")
+    bid = v.uuid(req.backup_point_uuid, "backup_point_uuid")
+    name = v.name(req.backup_point_name, "backup_point_name")
+    ip = v.host(req.ip, "ip")
+    sub = v.rel_path(req.sub_dir, "sub_dir")
+    try:
+        with context(request).db.session() as s:
+            bp = s.get(BackupPoint, bid)
+            if bp is None or bp.tenant != tenant or bp.cluster_uuid != req.cluster_uuid.lower():
+                raise NotFound(f"backup_point_uuid: backup point {bid} does not exist",
+                               field="backup_point_uuid")
+            root = _location(bp.btype, req.root_directory, "root_directory")
+            if bp.btype == "local":
+                check_local(s, bp.cluster_uuid, bp.zone_uuid, root, sub, "root_directory")
+            if bp.ref and (ip, root, sub) != (bp.ip, bp.root_dir, bp.sub_dir):
+                raise HasDependents(f"backup_point_uuid: backup point {bp.name!r} holds {bp.ref} backup(s); "
+                                    "it can be renamed, but moved only when empty", field="backup_point_uuid")
+            bp.name, bp.ip, bp.root_dir, bp.sub_dir, bp.mtime = name, ip, root, sub, int(time.time())
+    except IntegrityError:
+        raise AlreadyExists(f"backup_point_name: tenant {tenant} has a backup point named {name!r} already",
+                            field="backup_point_name") from None
+    return ok({})
 
-    @r.post("/gc")
-    def gc(req: GcRequest, request: Request, caller: Caller = Depends(auth)):
-        """A task that reclaims the space of deleted and failed backups
-        (waiting up to 10 minutes for running backups to let go)."""
-        state = request.app.state
-        with state.db.session() as s:
-            bp = served(s, req, caller)
-            task_id = queue_backup_point_task(s, operation="gc", tenant=bp.tenant, bp_uuid=bp.uuid,
-                                              spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid, wait_seconds=600))
-        state.dispatcher.wake()
-        return ok({"task_id": task_id})
+def served(s, req, caller: Caller) -> BackupPoint:
+    """The caller's backup point, and a host that reaches it (one whose
+    heartbeat reports it: its first backup attached it there)."""
+    v.uuid(req.cluster_uuid, "cluster_uuid")
+    bid = v.uuid(req.uuid, "uuid")
+    bp = s.get(BackupPoint, bid)
+    if bp is None or not caller.sees(bp.tenant) or bp.cluster_uuid != req.cluster_uuid.lower():
+        raise NotFound(f"uuid: backup point {bid} does not exist", field="uuid")
+    if not reporting_hosts(s.scalars(select(Host)).all(), bid):
+        raise FailedPrecondition(f"uuid: no host serves backup point {bp.name!r} yet (a backup attaches it "
+                                 "to its host)", field="uuid")
+    return bp
 
-    @r.get("/list")
-    def list_(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(""), page_num: int = Query(0),
-              page_size: int = Query(0), filter_name: str = Query(""), caller: Caller = Depends(auth)):
-        cluster = v.uuid(cluster_uuid, "cluster_uuid")
-        q = select(BackupPoint).where(BackupPoint.cluster_uuid == cluster)
-        if tenant:
-            tenant = v.uuid(tenant, "tenant")
-            caller.check_tenant(tenant)
-            q = q.where(BackupPoint.tenant == tenant)
-        elif not caller.operator:
-            q = q.where(BackupPoint.tenant == caller.tenant)
-        if filter_name:
-            q = q.where(BackupPoint.name.contains(filter_name, autoescape=True))
-        offset, limit = v.page(page_num, page_size)
-        with request.app.state.db.session() as s:
-            total = s.scalar(select(func.count()).select_from(q.subquery()))
-            q = q.order_by(BackupPoint.ctime, BackupPoint.name).offset(offset)
-            if limit:
-                q = q.limit(limit)
-            rows = s.scalars(q).all()
-        return ok({"total_count": total, "list": [to_seed(bp) for bp in rows]})
+@router.post("/verify")
+def verify(req: VerifyRequest, request: Request, caller: Caller = Depends(authenticated)):
+    """A task that verifies one backup (backup_uuid) or the whole
+    repository: every pack, index and manifest; deep also recomputes
+    image digests. A failed task's result lists every damaged item."""
+    state = context(request)
+    with state.db.session() as s:
+        bp = served(s, req, caller)
+        backup = v.uuid(req.backup_uuid, "backup_uuid", required=False)
+        if backup:
+            b = s.get(Backup, backup)
+            if b is None or b.backup_point_uuid != bp.uuid or b.status != "BackupSucceeded":
+                raise NotFound(f"backup_uuid: no backup {backup} on backup point {bp.name!r}",
+                               field="backup_uuid")
+        spec = jobs_pb2.VerifySpec(backup_point_uuid=bp.uuid, backup_uuid=backup, deep=req.deep,
+                                   repository=not backup)
+        task_id = queue_backup_point_task(s, operation="verify", tenant=bp.tenant, bp_uuid=bp.uuid, spec=spec,
+                                          resource_uuid=backup, resource_type="backup" if backup else
+                                          "backup_point")
+    state.dispatcher.wake()
+    return ok({"task_id": task_id})
 
-    return r
+@router.post("/gc")
+def gc(req: GcRequest, request: Request, caller: Caller = Depends(authenticated)):
+    """A task that reclaims the space of deleted and failed backups
+    (waiting up to 10 minutes for running backups to let go)."""
+    state = context(request)
+    with state.db.session() as s:
+        bp = served(s, req, caller)
+        task_id = queue_backup_point_task(s, operation="gc", tenant=bp.tenant, bp_uuid=bp.uuid,
+                                          spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid, wait_seconds=600))
+    state.dispatcher.wake()
+    return ok({"task_id": task_id})
+
+@router.get("/list")
+def list_(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(""), page_num: int = Query(0),
+          page_size: int = Query(0), filter_name: str = Query(""), caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(cluster_uuid, "cluster_uuid")
+    q = select(BackupPoint).where(BackupPoint.cluster_uuid == cluster)
+    if tenant:
+        tenant = v.uuid(tenant, "tenant")
+        caller.check_tenant(tenant)
+        q = q.where(BackupPoint.tenant == tenant)
+    elif not caller.operator:
+        q = q.where(BackupPoint.tenant == caller.tenant)
+    if filter_name:
+        q = q.where(BackupPoint.name.contains(filter_name, autoescape=True))
+    offset, limit = v.page(page_num, page_size)
+    with context(request).db.session() as s:
+        total = s.scalar(select(func.count()).select_from(q.subquery()))
+        q = q.order_by(BackupPoint.ctime, BackupPoint.name).offset(offset)
+        if limit:
+            q = q.limit(limit)
+        rows = s.scalars(q).all()
+    return ok({"total_count": total, "list": [to_seed(bp) for bp in rows]})
+

@@ -5,22 +5,16 @@ GET /v1/zones: the clusters and zones the hosts and pools name."""
 from __future__ import annotations
 
 import json
-import time
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 
-from agent.controller.api import validate as v
-from agent.controller.api.auth import Caller
+from agent.controller import validate as v
+from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
+from agent.controller.inventory import host_state
 from agent.controller.models import Host, Pool
 from agent.errors import FailedPrecondition, NotFound, PermissionDenied
-
-
-def host_state(h: Host, dead_after: int) -> str:
-    if time.time() - h.last_seen > dead_after:
-        return "offline"
-    return "draining" if h.draining else "online"
 
 
 def to_json(h: Host, dead_after: int) -> dict:
@@ -32,81 +26,77 @@ def to_json(h: Host, dead_after: int) -> dict:
                                                                                                else "")}
 
 
-def router(auth) -> APIRouter:
-    r = APIRouter(prefix="/v1/hosts", tags=["hosts"])
+router = APIRouter(prefix="/v1/hosts", tags=["hosts"])
 
-    def operator(caller: Caller) -> None:
-        if not caller.operator:
-            raise PermissionDenied("authorization: hosts are visible to operator tokens only",
-                                   field="authorization")
+def operator(caller: Caller) -> None:
+    if not caller.operator:
+        raise PermissionDenied("authorization: hosts are visible to operator tokens only",
+                               field="authorization")
 
-    @r.get("")
-    def list_hosts(request: Request, caller: Caller = Depends(auth)):
-        operator(caller)
-        dead = request.app.state.cfg.host_dead_after
-        with request.app.state.db.session() as s:
-            hosts = s.scalars(select(Host).order_by(Host.hostname, Host.uuid)).all()
-        return ok({"total_count": len(hosts), "list": [to_json(h, dead) for h in hosts]})
+@router.get("")
+def list_hosts(request: Request, caller: Caller = Depends(authenticated)):
+    operator(caller)
+    dead = context(request).cfg.host_dead_after
+    with context(request).db.session() as s:
+        hosts = s.scalars(select(Host).order_by(Host.hostname, Host.uuid)).all()
+    return ok({"total_count": len(hosts), "list": [to_json(h, dead) for h in hosts]})
 
-    @r.get("/{host_uuid}")
-    def get_host(host_uuid: str, request: Request, caller: Caller = Depends(auth)):
-        operator(caller)
-        host_uuid = v.uuid(host_uuid, "host_uuid")
-        with request.app.state.db.session() as s:
-            h = s.get(Host, host_uuid)
+@router.get("/{host_uuid}")
+def get_host(host_uuid: str, request: Request, caller: Caller = Depends(authenticated)):
+    operator(caller)
+    host_uuid = v.uuid(host_uuid, "host_uuid")
+    with context(request).db.session() as s:
+        h = s.get(Host, host_uuid)
+    if h is None:
+        raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
+    return ok(to_json(h, context(request).cfg.host_dead_after))
+
+@router.delete("/{host_uuid}")
+def forget_host(host_uuid: str, request: Request, caller: Caller = Depends(authenticated)):
+    """Forget a lost host (operator guide: "Recover from a lost host").
+    Only an offline one: its tasks have gone to other hosts by then. An
+    agent that comes back registers again."""
+    operator(caller)
+    host_uuid = v.uuid(host_uuid, "host_uuid")
+    dead = context(request).cfg.host_dead_after
+    with context(request).db.session() as s:
+        h = s.get(Host, host_uuid)
         if h is None:
             raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
-        return ok(to_json(h, request.app.state.cfg.host_dead_after))
-
-    @r.delete("/{host_uuid}")
-    def forget_host(host_uuid: str, request: Request, caller: Caller = Depends(auth)):
-        """Forget a lost host (operator guide: "Recover from a lost host").
-        Only an offline one: its tasks have gone to other hosts by then. An
-        agent that comes back registers again."""
-        operator(caller)
-        host_uuid = v.uuid(host_uuid, "host_uuid")
-        dead = request.app.state.cfg.host_dead_after
-        with request.app.state.db.session() as s:
-            h = s.get(Host, host_uuid)
-            if h is None:
-                raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
-            if host_state(h, dead) != "offline":
-                raise FailedPrecondition(f"host_uuid: host {host_uuid} ({h.hostname}) is {host_state(h, dead)}: "
-                                         f"stop its agent, then forget it after {dead} s without a heartbeat",
-                                         field="host_uuid")
-            s.delete(h)
-        return ok({"uuid": host_uuid})
-
-    return r
+        if host_state(h, dead) != "offline":
+            raise FailedPrecondition(f"host_uuid: host {host_uuid} ({h.hostname}) is {host_state(h, dead)}: "
+                                     f"stop its agent, then forget it after {dead} s without a heartbeat",
+                                     field="host_uuid")
+        s.delete(h)
+    return ok({"uuid": host_uuid})
 
 
-def zones_router(auth) -> APIRouter:
-    r = APIRouter(prefix="/v1/zones", tags=["hosts"])
 
-    @r.get("")
-    def list_zones(request: Request, caller: Caller = Depends(auth)):
-        """Every (cluster, zone) a host belongs to or a pool was created in,
-        with its hosts (online or not) and number of pools. Hosts without a
-        zone serve every zone and are listed under ZoneUUID ""."""
-        if not caller.operator:
-            raise PermissionDenied("authorization: zones are visible to operator tokens only", field="authorization")
-        with request.app.state.db.session() as s:
-            hosts = s.scalars(select(Host)).all()
-            pools = s.scalars(select(Pool)).all()
-        zones: dict[tuple[str, str], dict] = {}
+zones_router = APIRouter(prefix="/v1/zones", tags=["hosts"])
 
-        def zone(cluster: str, uuid: str) -> dict:
-            return zones.setdefault((cluster, uuid), {"ClusterUUID": cluster, "UUID": uuid, "Name": "",
-                                                      "Hosts": [], "PoolCount": 0})
-        for h in sorted(hosts, key=lambda h: h.uuid):
-            z = zone(h.cluster_uuid, h.zone_uuid)
-            z["Hosts"].append(h.uuid)
-            z["Name"] = z["Name"] or h.zone_name
-        for p in pools:
-            z = zone(p.cluster_uuid, p.zone_uuid)
-            z["PoolCount"] += 1
-            z["Name"] = z["Name"] or (p.zone_name if p.zone_name != "default" else "")
-        out = [dict(z, Name=z["Name"] or ("default" if z["UUID"] else "")) for _, z in sorted(zones.items())]
-        return ok({"total_count": len(out), "list": out})
+@zones_router.get("")
+def list_zones(request: Request, caller: Caller = Depends(authenticated)):
+    """Every (cluster, zone) a host belongs to or a pool was created in,
+    with its hosts (online or not) and number of pools. Hosts without a
+    zone serve every zone and are listed under ZoneUUID ""."""
+    if not caller.operator:
+        raise PermissionDenied("authorization: zones are visible to operator tokens only", field="authorization")
+    with context(request).db.session() as s:
+        hosts = s.scalars(select(Host)).all()
+        pools = s.scalars(select(Pool)).all()
+    zones: dict[tuple[str, str], dict] = {}
 
-    return r
+    def zone(cluster: str, uuid: str) -> dict:
+        return zones.setdefault((cluster, uuid), {"ClusterUUID": cluster, "UUID": uuid, "Name": "",
+                                                  "Hosts": [], "PoolCount": 0})
+    for h in sorted(hosts, key=lambda h: h.uuid):
+        z = zone(h.cluster_uuid, h.zone_uuid)
+        z["Hosts"].append(h.uuid)
+        z["Name"] = z["Name"] or h.zone_name
+    for p in pools:
+        z = zone(p.cluster_uuid, p.zone_uuid)
+        z["PoolCount"] += 1
+        z["Name"] = z["Name"] or (p.zone_name if p.zone_name != "default" else "")
+    out = [dict(z, Name=z["Name"] or ("default" if z["UUID"] else "")) for _, z in sorted(zones.items())]
+    return ok({"total_count": len(out), "list": out})
+

@@ -11,15 +11,16 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import StrictBool, StrictStr
 from sqlalchemy import func, select
 
-from agent.api.v1 import backups_pb2, jobs_pb2
-from agent.controller.api import validate as v
-from agent.controller.api.auth import Caller
+from agent.api.v1 import jobs_pb2
+from agent.controller import validate as v
+from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.api.pools import _visible
-from agent.controller.api.volumes import _Base, _wrap, serving_hosts
-from agent.controller.dispatch import backup_point_request, new_task
+from agent.controller.api.volumes import _Base, _wrap
+from agent.controller.dispatch import new_task
+from agent.controller.inventory import remove_backup
 from agent.controller.models import Backup, BackupPoint, Pool, Task, Volume
-from agent.errors import AlreadyExists, BackupInProgress, InvalidArgument, NotFound, TargetUnreachable, cbr_code
+from agent.errors import AlreadyExists, InvalidArgument, NotFound, cbr_code
 
 TASK_STATES = ("waiting", "running", "success", "failed", "skipped", "timeout")
 
@@ -90,252 +91,218 @@ def backup_to_seed(b: Backup, bp_name: str = "") -> dict:
             "Mode": b.mode, "ModeReason": b.mode_reason}
 
 
-def router(auth) -> APIRouter:
-    r = APIRouter(tags=["long operations and tasks (seed 001)"])
+router = APIRouter(tags=["long operations and tasks (seed 001)"])
 
-    def owned_volume(s, vid: str, cluster: str, caller: Caller, field: str = "volume_uuid") -> Volume:
+def owned_volume(s, vid: str, cluster: str, caller: Caller, field: str = "volume_uuid") -> Volume:
+    vol = s.get(Volume, vid)
+    if vol is None or vol.cluster_uuid != cluster or not caller.sees(vol.tenant):
+        raise NotFound(f"{field}: volume {vid} does not exist", field=field)
+    if vol.state != "ready":
+        raise InvalidArgument(f"{field}: volume {vid} is {vol.state}", field=field)
+    return vol
+
+def target_pool(s, pid: str, cluster: str, tenant: str, field: str) -> Pool:
+    pool = s.get(Pool, pid)
+    if pool is None or pool.cluster_uuid != cluster or not _visible(pool, Caller(tenant)):
+        raise NotFound(f"{field}: pool {pid} does not exist", field=field)
+    return pool
+
+def new_volume(s, *, tenant, cluster, pool: Pool, name, capacity, vtype="block", parent="", parent_snap=""):
+    if s.scalar(select(Volume).where(Volume.tenant == tenant, Volume.pool_uuid == pool.uuid,
+                                     Volume.name == name)):
+        raise AlreadyExists(f"name: a volume named {name!r} exists in pool {pool.uuid}", field="name")
+    now = int(time.time())
+    vol = Volume(uuid=str(uuidlib.uuid4()), tenant=tenant, cluster_uuid=cluster, pool_uuid=pool.uuid, name=name,
+                 vtype=vtype, capacity=capacity, state="creating", parent=parent, parent_snapshot=parent_snap,
+                 ctime=now, mtime=now)
+    s.add(vol)
+    return vol
+
+@router.post("/v1/volume/share/clone")
+def clone(req: CloneRequest, request: Request, caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    vid = v.uuid(req.volume_uuid, "volume_uuid")
+    sid = v.uuid(req.snapshot_uuid, "snapshot_uuid")
+    tenant = v.uuid(req.clone_dst_vol_tenant, "clone_dst_vol_tenant")
+    caller.check_tenant(tenant, "clone_dst_vol_tenant")
+    name = v.name(req.clone_dst_vol_name, "clone_dst_vol_name")
+    pid = v.uuid(req.clone_dst_pool_uuid, "clone_dst_pool_uuid")
+    state = context(request)
+    task_id = str(uuidlib.uuid4())
+    with state.db.session() as s:
+        src = owned_volume(s, vid, cluster, caller)
+        pool = target_pool(s, pid, cluster, tenant, "clone_dst_pool_uuid")
+        vol = new_volume(s, tenant=tenant, cluster=cluster, pool=pool, name=name, capacity=src.capacity,
+                         vtype=src.vtype, parent=src.uuid if req.is_link else "",
+                         parent_snap=sid if req.is_link else "")
+        spec = jobs_pb2.CloneSpec(pool_uuid=src.pool_uuid, volume_uuid=src.uuid, snapshot_uuid=sid,
+                                  target_pool_uuid=pid, target_volume_uuid=vol.uuid, target_name=name,
+                                  linked=req.is_link)
+        new_task(s, task_id=task_id, operation="clone", tenant=tenant, resource_type="volume",
+                 resource_uuid=vol.uuid, job_kind="clone", spec=spec, pool_uuid=src.pool_uuid,
+                 target_pool_uuid=pid)
+        out = {"UUID": vol.uuid, "Name": name, "PoolUUID": pid, "Status": "CloneStarted"}
+    state.dispatcher.wake()
+    return ok(dict(_wrap(out), task_id=task_id))
+
+@router.get("/v1/volume/share/clone/progress")
+def clone_progress(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(...),
+                   volume_uuid: str = Query(...), caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(cluster_uuid, "cluster_uuid")
+    tenant = v.uuid(tenant, "tenant")
+    caller.check_tenant(tenant)
+    vid = v.uuid(volume_uuid, "volume_uuid")
+    with context(request).db.session() as s:
         vol = s.get(Volume, vid)
-        if vol is None or vol.cluster_uuid != cluster or not caller.sees(vol.tenant):
-            raise NotFound(f"{field}: volume {vid} does not exist", field=field)
-        if vol.state != "ready":
-            raise InvalidArgument(f"{field}: volume {vid} is {vol.state}", field=field)
-        return vol
+        if vol is None or vol.tenant != tenant or vol.cluster_uuid != cluster:
+            t = s.scalar(select(Task).where(Task.resource_uuid == vid, Task.operation_type == "clone"))
+            if t is not None and t.tenant == tenant and t.status in ("failed", "timeout"):
+                return ok(dict(_wrap(None, clone_progress=0), error_info={"code": t.error_code,
+                                                                           "message": t.error_message}))
+            raise NotFound(f"volume_uuid: volume {vid} does not exist", field="volume_uuid")
+        t = s.scalar(select(Task).where(Task.resource_uuid == vid).order_by(Task.created_at.desc()))
+    progress = 100.0 if vol.state == "ready" else (t.progress if t else 0.0)
+    return ok(_wrap(None, clone_progress=progress))
 
-    def target_pool(s, pid: str, cluster: str, tenant: str, field: str) -> Pool:
-        pool = s.get(Pool, pid)
-        if pool is None or pool.cluster_uuid != cluster or not _visible(pool, Caller(tenant)):
-            raise NotFound(f"{field}: pool {pid} does not exist", field=field)
-        return pool
-
-    def new_volume(s, *, tenant, cluster, pool: Pool, name, capacity, vtype="block", parent="", parent_snap=""):
-        if s.scalar(select(Volume).where(Volume.tenant == tenant, Volume.pool_uuid == pool.uuid,
-                                         Volume.name == name)):
-            raise AlreadyExists(f"name: a volume named {name!r} exists in pool {pool.uuid}", field="name")
+@router.post("/v1/volume/share/backup/add")
+def backup_add(req: BackupAddRequest, request: Request, caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    vid = v.uuid(req.volume_uuid, "volume_uuid")
+    sid = v.uuid(req.snapshot_uuid, "snapshot_uuid")
+    bpid = v.uuid(req.backup_point_uuid, "backup_point_uuid")
+    name = v.name(req.backup_name, "backup_name")
+    if len(req.desc) > 1024:
+        raise InvalidArgument("desc: longer than 1024 characters", field="desc")
+    state = context(request)
+    task_id = str(uuidlib.uuid4())
+    with state.db.session() as s:
+        vol = owned_volume(s, vid, cluster, caller)
+        bp = s.get(BackupPoint, bpid)
+        if bp is None or bp.tenant != vol.tenant or bp.cluster_uuid != cluster:
+            raise NotFound(f"backup_point_uuid: backup point {bpid} does not exist", field="backup_point_uuid")
         now = int(time.time())
-        vol = Volume(uuid=str(uuidlib.uuid4()), tenant=tenant, cluster_uuid=cluster, pool_uuid=pool.uuid, name=name,
-                     vtype=vtype, capacity=capacity, state="creating", parent=parent, parent_snapshot=parent_snap,
-                     ctime=now, mtime=now)
-        s.add(vol)
-        return vol
+        b = Backup(uuid=str(uuidlib.uuid4()), tenant=vol.tenant, cluster_uuid=cluster, name=name,
+                   description=req.desc, backup_point_uuid=bpid, volume_uuid=vid, volume_capacity=vol.capacity,
+                   volume_type=vol.vtype, pool_uuid=vol.pool_uuid, snapshot_uuid=sid, status="BackupStarted",
+                   task_id=task_id, ctime=now, mtime=now)
+        s.add(b)
+        spec = jobs_pb2.BackupSpec(backup_point_uuid=bpid, pool_uuid=vol.pool_uuid, volume_uuid=vid,
+                                   snapshot_uuid=sid, backup_uuid=b.uuid, name=name, description=req.desc,
+                                   tenant=vol.tenant, full=req.full)
+        new_task(s, task_id=task_id, operation="backup", tenant=vol.tenant, resource_type="backup",
+                 resource_uuid=b.uuid, job_kind="backup", spec=spec, pool_uuid=vol.pool_uuid,
+                 backup_point_uuid=bpid)
+        out = backup_to_seed(b, bp.name)
+    state.dispatcher.wake()
+    return ok({"backup": out, "task_id": task_id})
 
-    @r.post("/v1/volume/share/clone")
-    def clone(req: CloneRequest, request: Request, caller: Caller = Depends(auth)):
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        vid = v.uuid(req.volume_uuid, "volume_uuid")
-        sid = v.uuid(req.snapshot_uuid, "snapshot_uuid")
-        tenant = v.uuid(req.clone_dst_vol_tenant, "clone_dst_vol_tenant")
-        caller.check_tenant(tenant, "clone_dst_vol_tenant")
-        name = v.name(req.clone_dst_vol_name, "clone_dst_vol_name")
-        pid = v.uuid(req.clone_dst_pool_uuid, "clone_dst_pool_uuid")
-        state = request.app.state
-        task_id = str(uuidlib.uuid4())
-        with state.db.session() as s:
-            src = owned_volume(s, vid, cluster, caller)
-            pool = target_pool(s, pid, cluster, tenant, "clone_dst_pool_uuid")
-            vol = new_volume(s, tenant=tenant, cluster=cluster, pool=pool, name=name, capacity=src.capacity,
-                             vtype=src.vtype, parent=src.uuid if req.is_link else "",
-                             parent_snap=sid if req.is_link else "")
-            spec = jobs_pb2.CloneSpec(pool_uuid=src.pool_uuid, volume_uuid=src.uuid, snapshot_uuid=sid,
-                                      target_pool_uuid=pid, target_volume_uuid=vol.uuid, target_name=name,
-                                      linked=req.is_link)
-            new_task(s, task_id=task_id, operation="clone", tenant=tenant, resource_type="volume",
-                     resource_uuid=vol.uuid, job_kind="clone", spec=spec, pool_uuid=src.pool_uuid,
-                     target_pool_uuid=pid)
-            out = {"UUID": vol.uuid, "Name": name, "PoolUUID": pid, "Status": "CloneStarted"}
-        state.dispatcher.wake()
-        return ok(dict(_wrap(out), task_id=task_id))
-
-    @r.get("/v1/volume/share/clone/progress")
-    def clone_progress(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(...),
-                       volume_uuid: str = Query(...), caller: Caller = Depends(auth)):
-        cluster = v.uuid(cluster_uuid, "cluster_uuid")
-        tenant = v.uuid(tenant, "tenant")
-        caller.check_tenant(tenant)
-        vid = v.uuid(volume_uuid, "volume_uuid")
-        with request.app.state.db.session() as s:
-            vol = s.get(Volume, vid)
-            if vol is None or vol.tenant != tenant or vol.cluster_uuid != cluster:
-                t = s.scalar(select(Task).where(Task.resource_uuid == vid, Task.operation_type == "clone"))
-                if t is not None and t.tenant == tenant and t.status in ("failed", "timeout"):
-                    return ok(dict(_wrap(None, clone_progress=0), error_info={"code": t.error_code,
-                                                                               "message": t.error_message}))
-                raise NotFound(f"volume_uuid: volume {vid} does not exist", field="volume_uuid")
-            t = s.scalar(select(Task).where(Task.resource_uuid == vid).order_by(Task.created_at.desc()))
-        progress = 100.0 if vol.state == "ready" else (t.progress if t else 0.0)
-        return ok(_wrap(None, clone_progress=progress))
-
-    @r.post("/v1/volume/share/backup/add")
-    def backup_add(req: BackupAddRequest, request: Request, caller: Caller = Depends(auth)):
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        vid = v.uuid(req.volume_uuid, "volume_uuid")
-        sid = v.uuid(req.snapshot_uuid, "snapshot_uuid")
-        bpid = v.uuid(req.backup_point_uuid, "backup_point_uuid")
-        name = v.name(req.backup_name, "backup_name")
-        if len(req.desc) > 1024:
-            raise InvalidArgument("desc: longer than 1024 characters", field="desc")
-        state = request.app.state
-        task_id = str(uuidlib.uuid4())
-        with state.db.session() as s:
-            vol = owned_volume(s, vid, cluster, caller)
-            bp = s.get(BackupPoint, bpid)
-            if bp is None or bp.tenant != vol.tenant or bp.cluster_uuid != cluster:
-                raise NotFound(f"backup_point_uuid: backup point {bpid} does not exist", field="backup_point_uuid")
-            now = int(time.time())
-            b = Backup(uuid=str(uuidlib.uuid4()), tenant=vol.tenant, cluster_uuid=cluster, name=name,
-                       description=req.desc, backup_point_uuid=bpid, volume_uuid=vid, volume_capacity=vol.capacity,
-                       volume_type=vol.vtype, pool_uuid=vol.pool_uuid, snapshot_uuid=sid, status="BackupStarted",
-                       task_id=task_id, ctime=now, mtime=now)
-            s.add(b)
-            spec = jobs_pb2.BackupSpec(backup_point_uuid=bpid, pool_uuid=vol.pool_uuid, volume_uuid=vid,
-                                       snapshot_uuid=sid, backup_uuid=b.uuid, name=name, description=req.desc,
-                                       tenant=vol.tenant, full=req.full)
-            new_task(s, task_id=task_id, operation="backup", tenant=vol.tenant, resource_type="backup",
-                     resource_uuid=b.uuid, job_kind="backup", spec=spec, pool_uuid=vol.pool_uuid,
-                     backup_point_uuid=bpid)
-            out = backup_to_seed(b, bp.name)
-        state.dispatcher.wake()
-        return ok({"backup": out, "task_id": task_id})
-
-    @r.post("/v1/volume/share/backup/restore")
-    def backup_restore(req: RestoreRequest, request: Request, caller: Caller = Depends(auth)):
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        bid = v.uuid(req.backup_uuid, "backup_uuid")
-        tenant = v.uuid(req.new_volume_tenant, "new_volume_tenant")
-        caller.check_tenant(tenant, "new_volume_tenant")
-        name = v.name(req.new_volume_name, "new_volume_name")
-        pid = v.uuid(req.new_pool_uuid, "new_pool_uuid")
-        state = request.app.state
-        task_id = str(uuidlib.uuid4())
-        with state.db.session() as s:
-            b = s.get(Backup, bid)
-            if b is None or not caller.sees(b.tenant) or b.cluster_uuid != cluster or b.tenant != tenant:
-                raise NotFound(f"backup_uuid: backup {bid} does not exist", field="backup_uuid")
-            if b.status != "BackupSucceeded":
-                raise InvalidArgument(f"backup_uuid: backup {bid} is {b.status}, not restorable", field="backup_uuid")
-            pool = target_pool(s, pid, cluster, tenant, "new_pool_uuid")
-            vol = new_volume(s, tenant=tenant, cluster=cluster, pool=pool, name=name, capacity=b.volume_capacity,
-                             vtype=b.volume_type)
-            spec = jobs_pb2.RestoreSpec(backup_point_uuid=b.backup_point_uuid, backup_uuid=bid, pool_uuid=pid,
-                                        volume_uuid=vol.uuid, name=name)
-            new_task(s, task_id=task_id, operation="restore", tenant=tenant, resource_type="volume",
-                     resource_uuid=vol.uuid, job_kind="restore", spec=spec, pool_uuid=pid,
-                     backup_point_uuid=b.backup_point_uuid)
-            created = {"UUID": vol.uuid, "Name": name, "PoolUUID": pid, "Status": "RestoreStarted"}
-        state.dispatcher.wake()
-        return ok({"backup": None, "volume": created, "task_id": task_id})
-
-    @r.post("/v1/volume/share/backup/delete")
-    def backup_delete(req: BackupDeleteRequest, request: Request, caller: Caller = Depends(auth)):
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        tenant = v.uuid(req.tenant, "tenant")
-        caller.check_tenant(tenant)
-        bid = v.uuid(req.backup_uuid, "backup_uuid")
-        state = request.app.state
-        with state.db.session() as s:
-            b = s.get(Backup, bid)
-            if b is None or b.tenant != tenant or b.cluster_uuid != cluster:
-                raise NotFound(f"backup_uuid: backup {bid} does not exist", field="backup_uuid")
-        remove_backup(state, bid)
-        return ok({})
-
-    @r.get("/v1/volume/share/backup/list")
-    def backup_list(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(""),
-                    page_num: int = Query(0), page_size: int = Query(0), filter_desc: str = Query(""),
-                    filter_start_time: str = Query(""), filter_end_time: str = Query(""),
-                    filter_volume_uuid: str = Query(""), filter_name: str = Query(""),
-                    caller: Caller = Depends(auth)):
-        cluster = v.uuid(cluster_uuid, "cluster_uuid")
-        q = select(Backup).where(Backup.cluster_uuid == cluster)
-        if tenant:
-            tenant = v.uuid(tenant, "tenant")
-            caller.check_tenant(tenant)
-            q = q.where(Backup.tenant == tenant)
-        elif not caller.operator:
-            q = q.where(Backup.tenant == caller.tenant)
-        for value, field, column, op in ((filter_start_time, "filter_start_time", Backup.ctime, "ge"),
-                                         (filter_end_time, "filter_end_time", Backup.ctime, "le")):
-            if value:
-                if not (value.isascii() and value.isdigit() and len(value) <= 12):
-                    raise InvalidArgument(f"{field}: must be unix seconds (0 to 999999999999)", field=field)
-                q = q.where(column >= int(value) if op == "ge" else column <= int(value))
-        if filter_volume_uuid:
-            q = q.where(Backup.volume_uuid == v.uuid(filter_volume_uuid, "filter_volume_uuid"))
-        if filter_desc:
-            q = q.where(Backup.description.contains(filter_desc, autoescape=True))
-        if filter_name:
-            q = q.where(Backup.name.contains(filter_name, autoescape=True))
-        offset, limit = v.page(page_num, page_size)
-        with request.app.state.db.session() as s:
-            total = s.scalar(select(func.count()).select_from(q.subquery()))
-            q = q.order_by(Backup.ctime, Backup.uuid).offset(offset)
-            rows = s.scalars(q.limit(limit) if limit else q).all()
-            names = {bp.uuid: bp.name for bp in s.scalars(select(BackupPoint))}
-        return ok({"backup": None, "total_count": total,
-                   "list": [backup_to_seed(b, names.get(b.backup_point_uuid, "")) for b in rows]})
-
-    @r.get("/v1/tasks")
-    def tasks(request: Request, status: str = Query(""), operation_type: str = Query(""),
-              resource_uuid: str = Query(""), page_num: int = Query(0), page_size: int = Query(0),
-              caller: Caller = Depends(auth)):
-        q = select(Task)
-        if not caller.operator:
-            q = q.where(Task.tenant == caller.tenant)
-        if status:
-            if status not in TASK_STATES:
-                raise InvalidArgument(f"status: must be one of {', '.join(TASK_STATES)}", field="status")
-            q = q.where(Task.status == status)
-        if operation_type:
-            q = q.where(Task.operation_type == operation_type)
-        if resource_uuid:
-            q = q.where(Task.resource_uuid == v.uuid(resource_uuid, "resource_uuid"))
-        offset, limit = v.page(page_num, page_size)
-        with request.app.state.db.session() as s:
-            total = s.scalar(select(func.count()).select_from(q.subquery()))
-            q = q.order_by(Task.created_at.desc()).offset(offset)
-            rows = s.scalars(q.limit(limit) if limit else q).all()
-        return ok({"total_count": total, "tasks": [task_to_json(t) for t in rows]})
-
-    @r.get("/v1/tasks/{task_id}")
-    def task(task_id: str, request: Request, caller: Caller = Depends(auth)):
-        tid = v.uuid(task_id, "task_id")
-        with request.app.state.db.session() as s:
-            t = s.get(Task, tid)
-        if t is None or not caller.sees(t.tenant):
-            raise NotFound(f"task_id: task {tid} does not exist", field="task_id")
-        return ok(task_to_json(t))
-
-    return r
-
-
-def remove_backup(state, bid: str, field: str = "backup_uuid") -> None:
-    """Delete a backup from its repository (through an agent that can reach
-    the backup point), then its row. A running backup is refused."""
+@router.post("/v1/volume/share/backup/restore")
+def backup_restore(req: RestoreRequest, request: Request, caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    bid = v.uuid(req.backup_uuid, "backup_uuid")
+    tenant = v.uuid(req.new_volume_tenant, "new_volume_tenant")
+    caller.check_tenant(tenant, "new_volume_tenant")
+    name = v.name(req.new_volume_name, "new_volume_name")
+    pid = v.uuid(req.new_pool_uuid, "new_pool_uuid")
+    state = context(request)
+    task_id = str(uuidlib.uuid4())
     with state.db.session() as s:
         b = s.get(Backup, bid)
-        if b is None:
-            raise NotFound(f"{field}: backup {bid} does not exist", field=field)
-        if b.status == "BackupStarted":
-            raise BackupInProgress(f"{field}: backup {bid} is still running", field=field)
-        bp = s.get(BackupPoint, b.backup_point_uuid)
-        pool = s.get(Pool, b.pool_uuid)
-        hosts = serving_hosts(s, pool, state.cfg.host_dead_after) if pool else []
-    if b.status == "BackupSucceeded" and bp is not None:
-        if not hosts:
-            raise TargetUnreachable(f"{field}: no online host can reach its backup point", field=field)
-        state.agents.call(hosts[0], "backups", "AttachBackupPoint", backup_point_request(bp, state.secrets))
-        try:
-            state.agents.call(hosts[0], "backups", "DeleteBackup", backups_pb2.DeleteBackupRequest(
-                backup_point_uuid=bp.uuid, backup_uuid=bid))
-        except NotFound:
-            pass  # gone from the repository already
+        if b is None or not caller.sees(b.tenant) or b.cluster_uuid != cluster or b.tenant != tenant:
+            raise NotFound(f"backup_uuid: backup {bid} does not exist", field="backup_uuid")
+        if b.status != "BackupSucceeded":
+            raise InvalidArgument(f"backup_uuid: backup {bid} is {b.status}, not restorable", field="backup_uuid")
+        pool = target_pool(s, pid, cluster, tenant, "new_pool_uuid")
+        vol = new_volume(s, tenant=tenant, cluster=cluster, pool=pool, name=name, capacity=b.volume_capacity,
+                         vtype=b.volume_type)
+        spec = jobs_pb2.RestoreSpec(backup_point_uuid=b.backup_point_uuid, backup_uuid=bid, pool_uuid=pid,
+                                    volume_uuid=vol.uuid, name=name)
+        new_task(s, task_id=task_id, operation="restore", tenant=tenant, resource_type="volume",
+                 resource_uuid=vol.uuid, job_kind="restore", spec=spec, pool_uuid=pid,
+                 backup_point_uuid=b.backup_point_uuid)
+        created = {"UUID": vol.uuid, "Name": name, "PoolUUID": pid, "Status": "RestoreStarted"}
+    state.dispatcher.wake()
+    return ok({"backup": None, "volume": created, "task_id": task_id})
+
+@router.post("/v1/volume/share/backup/delete")
+def backup_delete(req: BackupDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    tenant = v.uuid(req.tenant, "tenant")
+    caller.check_tenant(tenant)
+    bid = v.uuid(req.backup_uuid, "backup_uuid")
+    state = context(request)
     with state.db.session() as s:
-        row = s.get(Backup, bid)
-        if row is None:
-            return
-        if row.status == "BackupSucceeded":
-            bp_row = s.get(BackupPoint, row.backup_point_uuid)
-            if bp_row is not None:
-                bp_row.ref = max(0, bp_row.ref - 1)
-                # its space comes back at the backup point's GC, gc_after_delete after the last deletion
-                bp_row.gc_wanted_at = time.time()
-        s.delete(row)
+        b = s.get(Backup, bid)
+        if b is None or b.tenant != tenant or b.cluster_uuid != cluster:
+            raise NotFound(f"backup_uuid: backup {bid} does not exist", field="backup_uuid")
+    remove_backup(state, bid)
+    return ok({})
+
+@router.get("/v1/volume/share/backup/list")
+def backup_list(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(""),
+                page_num: int = Query(0), page_size: int = Query(0), filter_desc: str = Query(""),
+                filter_start_time: str = Query(""), filter_end_time: str = Query(""),
+                filter_volume_uuid: str = Query(""), filter_name: str = Query(""),
+                caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(cluster_uuid, "cluster_uuid")
+    q = select(Backup).where(Backup.cluster_uuid == cluster)
+    if tenant:
+        tenant = v.uuid(tenant, "tenant")
+        caller.check_tenant(tenant)
+        q = q.where(Backup.tenant == tenant)
+    elif not caller.operator:
+        q = q.where(Backup.tenant == caller.tenant)
+    for value, field, column, op in ((filter_start_time, "filter_start_time", Backup.ctime, "ge"),
+                                     (filter_end_time, "filter_end_time", Backup.ctime, "le")):
+        if value:
+            if not (value.isascii() and value.isdigit() and len(value) <= 12):
+                raise InvalidArgument(f"{field}: must be unix seconds (0 to 999999999999)", field=field)
+            q = q.where(column >= int(value) if op == "ge" else column <= int(value))
+    if filter_volume_uuid:
+        q = q.where(Backup.volume_uuid == v.uuid(filter_volume_uuid, "filter_volume_uuid"))
+    if filter_desc:
+        q = q.where(Backup.description.contains(filter_desc, autoescape=True))
+    if filter_name:
+        q = q.where(Backup.name.contains(filter_name, autoescape=True))
+    offset, limit = v.page(page_num, page_size)
+    with context(request).db.session() as s:
+        total = s.scalar(select(func.count()).select_from(q.subquery()))
+        q = q.order_by(Backup.ctime, Backup.uuid).offset(offset)
+        rows = s.scalars(q.limit(limit) if limit else q).all()
+        names = {bp.uuid: bp.name for bp in s.scalars(select(BackupPoint))}
+    return ok({"backup": None, "total_count": total,
+               "list": [backup_to_seed(b, names.get(b.backup_point_uuid, "")) for b in rows]})
+
+@router.get("/v1/tasks")
+def tasks(request: Request, status: str = Query(""), operation_type: str = Query(""),
+          resource_uuid: str = Query(""), page_num: int = Query(0), page_size: int = Query(0),
+          caller: Caller = Depends(authenticated)):
+    q = select(Task)
+    if not caller.operator:
+        q = q.where(Task.tenant == caller.tenant)
+    if status:
+        if status not in TASK_STATES:
+            raise InvalidArgument(f"status: must be one of {', '.join(TASK_STATES)}", field="status")
+        q = q.where(Task.status == status)
+    if operation_type:
+        q = q.where(Task.operation_type == operation_type)
+    if resource_uuid:
+        q = q.where(Task.resource_uuid == v.uuid(resource_uuid, "resource_uuid"))
+    offset, limit = v.page(page_num, page_size)
+    with context(request).db.session() as s:
+        total = s.scalar(select(func.count()).select_from(q.subquery()))
+        q = q.order_by(Task.created_at.desc()).offset(offset)
+        rows = s.scalars(q.limit(limit) if limit else q).all()
+    return ok({"total_count": total, "tasks": [task_to_json(t) for t in rows]})
+
+@router.get("/v1/tasks/{task_id}")
+def task(task_id: str, request: Request, caller: Caller = Depends(authenticated)):
+    tid = v.uuid(task_id, "task_id")
+    with context(request).db.session() as s:
+        t = s.get(Task, tid)
+    if t is None or not caller.sees(t.tenant):
+        raise NotFound(f"task_id: task {tid} does not exist", field="task_id")
+    return ok(task_to_json(t))
+
+
+

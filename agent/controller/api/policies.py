@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from agent.controller.api.auth import Caller
+from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.models import Policy, Vault
 from agent.controller.policy import OperationDefinition, check_policy
 from agent.errors import AlreadyExists, HasDependents, InvalidArgument, NotFound
@@ -55,84 +55,82 @@ def project(caller: Caller, project_id: str) -> str:
     return project_id
 
 
-def router(auth) -> APIRouter:
-    r = APIRouter(prefix="/v3/{project_id}/policies", tags=["policies (seed 003)"])
+router = APIRouter(prefix="/v3/{project_id}/policies", tags=["policies (seed 003)"])
 
-    def vaults_of(s, policy_id: str) -> list[str]:
-        return list(s.scalars(select(Vault.id).where(Vault.policy_id == policy_id).order_by(Vault.id)))
+def vaults_of(s, policy_id: str) -> list[str]:
+    return list(s.scalars(select(Vault.id).where(Vault.policy_id == policy_id).order_by(Vault.id)))
 
-    @r.post("")
-    def create(project_id: str, request: Request, body: Any = Body(None),
-               caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        fields = check_policy(body)
-        now = time.time()
-        p = Policy(id=str(uuidlib.uuid4()), tenant=tenant, name=fields["name"], enabled=fields.get("enabled", True),
-                   operation_type="backup", definition_json=json.dumps(fields["operation_definition"].to_json()),
-                   patterns_json=json.dumps(fields["patterns"]), start_time=now, created_at=now, updated_at=now)
-        with request.app.state.db.session() as s:
-            s.add(p)
-            try:
-                s.commit()
-            except IntegrityError:
-                raise AlreadyExists(f"policy.name: a policy named {p.name!r} exists", field="policy.name") from None
-            return {"policy": to_seed(p, [])}
-
-    @r.get("")
-    def list_(project_id: str, request: Request, vault_id: str = "", operation_type: str = "",
-              caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        if operation_type and operation_type != "backup":
-            raise InvalidArgument(f"operation_type: {operation_type!r}: only 'backup' is supported",
-                                  field="operation_type")
-        with request.app.state.db.session() as s:
-            q = select(Policy).where(Policy.tenant == tenant).order_by(Policy.created_at, Policy.id)
-            if vault_id:
-                q = q.where(Policy.id.in_(select(Vault.policy_id).where(Vault.id == vault_id)))
-            out = [to_seed(p, vaults_of(s, p.id)) for p in s.scalars(q)]
-        return {"policies": out, "count": len(out)}
-
-    @r.get("/{policy_id}")
-    def get(project_id: str, policy_id: str, request: Request, caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        with request.app.state.db.session() as s:
-            p = load_policy(s, caller, tenant, policy_id)
-            return {"policy": to_seed(p, vaults_of(s, p.id))}
-
-    @r.put("/{policy_id}")
-    def update(project_id: str, policy_id: str, request: Request, body: Any = Body(None),
-               caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        fields = check_policy(body, partial=True)
-        with request.app.state.db.session() as s:
-            p = load_policy(s, caller, tenant, policy_id)
-            if "name" in fields:
-                p.name = fields["name"]
-            if "enabled" in fields:
-                p.enabled = fields["enabled"]
-            if "operation_definition" in fields:
-                p.definition_json = json.dumps(fields["operation_definition"].to_json())
-            if "patterns" in fields:
-                p.patterns_json = json.dumps(fields["patterns"])
-            p.updated_at = time.time()
-            try:
-                s.commit()
-            except IntegrityError:
-                raise AlreadyExists(f"policy.name: a policy named {p.name!r} exists", field="policy.name") from None
-            return {"policy": to_seed(p, vaults_of(s, p.id))}
-
-    @r.delete("/{policy_id}")
-    def delete(project_id: str, policy_id: str, request: Request, caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        with request.app.state.db.session() as s:
-            p = load_policy(s, caller, tenant, policy_id)
-            used = vaults_of(s, p.id)
-            if used:
-                raise HasDependents(f"policy_id: policy {p.name} is applied to vault(s) {', '.join(used)}; "
-                                    "dissociate it first", field="policy_id")
-            s.delete(p)
+@router.post("")
+def create(project_id: str, request: Request, body: Any = Body(None),
+           caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    fields = check_policy(body)
+    now = time.time()
+    p = Policy(id=str(uuidlib.uuid4()), tenant=tenant, name=fields["name"], enabled=fields.get("enabled", True),
+               operation_type="backup", definition_json=json.dumps(fields["operation_definition"].to_json()),
+               patterns_json=json.dumps(fields["patterns"]), start_time=now, created_at=now, updated_at=now)
+    with context(request).db.session() as s:
+        s.add(p)
+        try:
             s.commit()
-        return {}
+        except IntegrityError:
+            raise AlreadyExists(f"policy.name: a policy named {p.name!r} exists", field="policy.name") from None
+        return {"policy": to_seed(p, [])}
 
-    return r
+@router.get("")
+def list_(project_id: str, request: Request, vault_id: str = "", operation_type: str = "",
+          caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    if operation_type and operation_type != "backup":
+        raise InvalidArgument(f"operation_type: {operation_type!r}: only 'backup' is supported",
+                              field="operation_type")
+    with context(request).db.session() as s:
+        q = select(Policy).where(Policy.tenant == tenant).order_by(Policy.created_at, Policy.id)
+        if vault_id:
+            q = q.where(Policy.id.in_(select(Vault.policy_id).where(Vault.id == vault_id)))
+        out = [to_seed(p, vaults_of(s, p.id)) for p in s.scalars(q)]
+    return {"policies": out, "count": len(out)}
+
+@router.get("/{policy_id}")
+def get(project_id: str, policy_id: str, request: Request, caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    with context(request).db.session() as s:
+        p = load_policy(s, caller, tenant, policy_id)
+        return {"policy": to_seed(p, vaults_of(s, p.id))}
+
+@router.put("/{policy_id}")
+def update(project_id: str, policy_id: str, request: Request, body: Any = Body(None),
+           caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    fields = check_policy(body, partial=True)
+    with context(request).db.session() as s:
+        p = load_policy(s, caller, tenant, policy_id)
+        if "name" in fields:
+            p.name = fields["name"]
+        if "enabled" in fields:
+            p.enabled = fields["enabled"]
+        if "operation_definition" in fields:
+            p.definition_json = json.dumps(fields["operation_definition"].to_json())
+        if "patterns" in fields:
+            p.patterns_json = json.dumps(fields["patterns"])
+        p.updated_at = time.time()
+        try:
+            s.commit()
+        except IntegrityError:
+            raise AlreadyExists(f"policy.name: a policy named {p.name!r} exists", field="policy.name") from None
+        return {"policy": to_seed(p, vaults_of(s, p.id))}
+
+@router.delete("/{policy_id}")
+def delete(project_id: str, policy_id: str, request: Request, caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    with context(request).db.session() as s:
+        p = load_policy(s, caller, tenant, policy_id)
+        used = vaults_of(s, p.id)
+        if used:
+            raise HasDependents(f"policy_id: policy {p.name} is applied to vault(s) {', '.join(used)}; "
+                                "dissociate it first", field="policy_id")
+        s.delete(p)
+        s.commit()
+    return {}
+
 

@@ -22,13 +22,20 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from agent.api.v1 import host_pb2, volumes_pb2
-from agent.controller.api import validate as v
-from agent.controller.api.auth import Caller
+from agent.controller import validate as v
+from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok, range_list
-from agent.controller.api.hosts import host_state
+from agent.controller.inventory import host_state
 from agent.controller.models import Host, Pool
-from agent.errors import AlreadyExists, BlockferryError, HasDependents, InvalidArgument, NotFound, \
-    PermissionDenied, TargetUnreachable
+from agent.errors import (
+    AlreadyExists,
+    BlockferryError,
+    HasDependents,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    TargetUnreachable,
+)
 from agent.fields import check_nfs_export, check_nfs_server
 
 POOL_TYPES = {1: "iscsi", 2: "nfs", 3: "samba", 4: "disk", 5: "fc", 6: "rbd"}
@@ -142,241 +149,239 @@ def online_hosts(s, dead_after: int) -> list[Host]:
             if host_state(h, dead_after) == "online"]
 
 
-def router(auth) -> APIRouter:
-    r = APIRouter(prefix="/v1/pool/share", tags=["shared pools (seed 002)"])
+router = APIRouter(prefix="/v1/pool/share", tags=["shared pools (seed 002)"])
 
-    def get_pool(s, pool_uuid: str, cluster: str, caller: Caller) -> Pool:
-        p = s.get(Pool, pool_uuid)
-        if p is None or p.cluster_uuid != cluster or not _visible(p, caller):
-            raise NotFound(f"pool_uuid: pool {pool_uuid} does not exist", field="pool_uuid")
-        return p
+def get_pool(s, pool_uuid: str, cluster: str, caller: Caller) -> Pool:
+    p = s.get(Pool, pool_uuid)
+    if p is None or p.cluster_uuid != cluster or not _visible(p, caller):
+        raise NotFound(f"pool_uuid: pool {pool_uuid} does not exist", field="pool_uuid")
+    return p
 
-    @r.post("/list")
-    def list_(req: ListRequest, request: Request, caller: Caller = Depends(auth)):
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        if req.tenant:
-            caller.check_tenant(v.uuid(req.tenant, "tenant"))
-        offset, limit = v.page(req.page_num, req.page_size)
-        q = select(Pool).where(Pool.cluster_uuid == cluster)
-        if req.filter_name:
-            q = q.where(Pool.name.contains(req.filter_name, autoescape=True))
-        with request.app.state.db.session() as s:
-            pools = [p for p in s.scalars(q.order_by(Pool.ctime, Pool.name)).all() if _visible(p, caller)]
-        total = len(pools)
-        pools = pools[offset:offset + limit] if limit else pools[offset:]
-        infos = [{"tenant": req.tenant, "tenant_name": "", "pool": to_seed(p, caller), "cluster_uuid": cluster,
-                  "cluster_name": "", "cluster_mode": ""} for p in pools]
-        return range_list("infos", infos, cluster, req.tenant, total)
+@router.post("/list")
+def list_(req: ListRequest, request: Request, caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    if req.tenant:
+        caller.check_tenant(v.uuid(req.tenant, "tenant"))
+    offset, limit = v.page(req.page_num, req.page_size)
+    q = select(Pool).where(Pool.cluster_uuid == cluster)
+    if req.filter_name:
+        q = q.where(Pool.name.contains(req.filter_name, autoescape=True))
+    with context(request).db.session() as s:
+        pools = [p for p in s.scalars(q.order_by(Pool.ctime, Pool.name)).all() if _visible(p, caller)]
+    total = len(pools)
+    pools = pools[offset:offset + limit] if limit else pools[offset:]
+    infos = [{"tenant": req.tenant, "tenant_name": "", "pool": to_seed(p, caller), "cluster_uuid": cluster,
+              "cluster_name": "", "cluster_mode": ""} for p in pools]
+    return range_list("infos", infos, cluster, req.tenant, total)
 
-    @r.post("/get")
-    def get(req: GetRequest, request: Request, caller: Caller = Depends(auth)):
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        tenant = v.uuid(req.tenant, "tenant")
-        caller.check_tenant(tenant)
-        pid = v.uuid(req.pool_uuid, "pool_uuid")
-        with request.app.state.db.session() as s:
-            p = get_pool(s, pid, cluster, caller)
-        return ok(_wrap(to_seed(p, caller), cluster, tenant))
+@router.post("/get")
+def get(req: GetRequest, request: Request, caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    tenant = v.uuid(req.tenant, "tenant")
+    caller.check_tenant(tenant)
+    pid = v.uuid(req.pool_uuid, "pool_uuid")
+    with context(request).db.session() as s:
+        p = get_pool(s, pid, cluster, caller)
+    return ok(_wrap(to_seed(p, caller), cluster, tenant))
 
-    @r.post("/create")
-    def create(req: CreateRequest, request: Request, caller: Caller = Depends(auth)):
-        _operator(caller)
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        zone = v.uuid(req.zone_uuid, "zone_uuid")
-        name = v.name(req.pool_name, "pool_name")
-        if req.pool_type not in POOL_TYPES:
-            raise InvalidArgument(f"pool_type: must be one of {sorted(POOL_TYPES)} "
-                                  f"({', '.join(f'{k} {n}' for k, n in POOL_TYPES.items())}), not {req.pool_type}",
-                                  field="pool_type")
-        if req.pool_type not in SERVED:
-            raise InvalidArgument(f"pool_type: {req.pool_type} ({POOL_TYPES[req.pool_type]}) cannot hold volumes "
-                                  "(it is a backup point type); use 2 (nfs), 4 (disk: a directory on the hosts) "
-                                  "or 6 (rbd)", field="pool_type")
-        ip = v.host(req.ip, "ip")
-        if req.port and (not (req.port.isascii() and req.port.isdigit()) or not 0 < int(req.port) < 65536):
-            raise InvalidArgument(f"port: {req.port!r} is not a port number", field="port")
-        attr = _attr(req.attr)
-        hosts_wanted = [v.uuid(h, "avail_host") for h in req.avail_host]
-        tenants = [v.uuid(t, "avail_tenant") for t in req.avail_tenant]
-        kind = SERVED[req.pool_type]
-        if kind == "dir":
-            source = v.abs_path(req.source, "source")
-            attach = dict(type="dir", path=source)
-        elif kind == "nfs":
-            source = check_nfs_export(v.abs_path(req.source, "source"), "source")
-            check_nfs_server(ip)
-            if req.port:
-                raise InvalidArgument(f"port: {req.port!r}: an nfs pool is reached through the server's portmapper "
-                                      "(qemu's nfs driver takes no port); leave port empty", field="port")
-            attach = dict(type="nfs", ip=ip, export=source)
-        else:
-            source = req.source
-            if not source or len(source) > 128 or any(c in source for c in "/\\ ") or \
-                    any(ord(c) < 32 or ord(c) == 127 for c in source):
-                raise InvalidArgument("source: must be the RADOS pool name (no '/', '\\', spaces or control "
-                                      "characters)", field="source")
-            conf = v.abs_path(attr.get("ceph_conf", ""), "attr.ceph_conf") if attr.get("ceph_conf") else ""
-            if not conf:
-                raise InvalidArgument("attr.ceph_conf: an rbd pool needs the path of ceph.conf on the hosts",
-                                      field="attr.ceph_conf")
-            attach = dict(type="rbd", ceph_conf=conf, rbd_pool=source, client_name=req.username or "client.admin")
-        if req.limit_host and not hosts_wanted:
-            raise InvalidArgument("avail_host: limit_host needs at least one host", field="avail_host")
-        state = request.app.state
-        pool_uuid = str(uuidlib.uuid4())
+@router.post("/create")
+def create(req: CreateRequest, request: Request, caller: Caller = Depends(authenticated)):
+    _operator(caller)
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    zone = v.uuid(req.zone_uuid, "zone_uuid")
+    name = v.name(req.pool_name, "pool_name")
+    if req.pool_type not in POOL_TYPES:
+        raise InvalidArgument(f"pool_type: must be one of {sorted(POOL_TYPES)} "
+                              f"({', '.join(f'{k} {n}' for k, n in POOL_TYPES.items())}), not {req.pool_type}",
+                              field="pool_type")
+    if req.pool_type not in SERVED:
+        raise InvalidArgument(f"pool_type: {req.pool_type} ({POOL_TYPES[req.pool_type]}) cannot hold volumes "
+                              "(it is a backup point type); use 2 (nfs), 4 (disk: a directory on the hosts) "
+                              "or 6 (rbd)", field="pool_type")
+    ip = v.host(req.ip, "ip")
+    if req.port and (not (req.port.isascii() and req.port.isdigit()) or not 0 < int(req.port) < 65536):
+        raise InvalidArgument(f"port: {req.port!r} is not a port number", field="port")
+    attr = _attr(req.attr)
+    hosts_wanted = [v.uuid(h, "avail_host") for h in req.avail_host]
+    tenants = [v.uuid(t, "avail_tenant") for t in req.avail_tenant]
+    kind = SERVED[req.pool_type]
+    if kind == "dir":
+        source = v.abs_path(req.source, "source")
+        attach = dict(type="dir", path=source)
+    elif kind == "nfs":
+        source = check_nfs_export(v.abs_path(req.source, "source"), "source")
+        check_nfs_server(ip)
+        if req.port:
+            raise InvalidArgument(f"port: {req.port!r}: an nfs pool is reached through the server's portmapper "
+                                  "(qemu's nfs driver takes no port); leave port empty", field="port")
+        attach = dict(type="nfs", ip=ip, export=source)
+    else:
+        source = req.source
+        if not source or len(source) > 128 or any(c in source for c in "/\\ ") or \
+                any(ord(c) < 32 or ord(c) == 127 for c in source):
+            raise InvalidArgument("source: must be the RADOS pool name (no '/', '\\', spaces or control "
+                                  "characters)", field="source")
+        conf = v.abs_path(attr.get("ceph_conf", ""), "attr.ceph_conf") if attr.get("ceph_conf") else ""
+        if not conf:
+            raise InvalidArgument("attr.ceph_conf: an rbd pool needs the path of ceph.conf on the hosts",
+                                  field="attr.ceph_conf")
+        attach = dict(type="rbd", ceph_conf=conf, rbd_pool=source, client_name=req.username or "client.admin")
+    if req.limit_host and not hosts_wanted:
+        raise InvalidArgument("avail_host: limit_host needs at least one host", field="avail_host")
+    state = context(request)
+    pool_uuid = str(uuidlib.uuid4())
+    with state.db.session() as s:
+        if s.scalar(select(Pool).where(Pool.cluster_uuid == cluster, Pool.name == name)):
+            raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name")
+        online = online_hosts(s, state.cfg.host_dead_after)
+    by_uuid = {h.uuid: h for h in online}
+    if req.limit_host:
+        missing = [h for h in hosts_wanted if h not in by_uuid]
+        if missing:
+            raise NotFound(f"avail_host: host(s) {', '.join(missing)} are not registered or not online",
+                           field="avail_host")
+        hosts = [by_uuid[h] for h in hosts_wanted]
+        elsewhere = [h for h in hosts if not h.in_scope(cluster, zone)]
+        if elsewhere:
+            h = elsewhere[0]
+            raise InvalidArgument(f"avail_host: host {h.hostname or h.uuid} belongs to cluster "
+                                  f"{h.cluster_uuid or 'any'}, zone {h.zone_uuid or 'any'}; the pool is for "
+                                  f"cluster {cluster}, zone {zone}", field="avail_host")
+    else:
+        hosts = [h for h in online if kind in json.loads(h.facts_json).get("pool_types", [])
+                 and h.in_scope(cluster, zone)]
+    if not hosts:
+        raise TargetUnreachable(f"avail_host: no online host of cluster {cluster}, zone {zone} can serve a "
+                                f"{kind} pool", field="avail_host")
+    zone_name = next((h.zone_name for h in hosts if h.zone_uuid == zone and h.zone_name), "default")
+    attached, status = [], None
+    try:
+        for h in hosts:
+            st = state.agents.call(h, "volumes", "AttachPool",
+                                   volumes_pb2.AttachPoolRequest(pool_uuid=pool_uuid, **attach))
+            attached.append(h)
+            status = status or st
+    except BlockferryError:
+        for h in attached:  # all or nothing
+            try:
+                state.agents.call(h, "volumes", "DetachPool",
+                                  volumes_pb2.DetachPoolRequest(pool_uuid=pool_uuid, force=True))
+            except BlockferryError:
+                pass
+        raise
+    now = int(time.time())
+    p = Pool(uuid=pool_uuid, cluster_uuid=cluster, zone_uuid=zone, name=name, pool_type=req.pool_type, kind=kind,
+             ip=ip, port=req.port, source=source, username=req.username,
+             password_sealed=state.secrets.seal(req.password), limit_host=req.limit_host,
+             avail_hosts_json=json.dumps([h.uuid for h in hosts]), avail_tenants_json=json.dumps(tenants),
+             attr_json=json.dumps(attr), status=status.status, capacity=status.total_bytes,
+             used=status.used_bytes, machine_uuid=hosts[0].uuid, ctime=now, mtime=0, zone_name=zone_name)
+    try:
         with state.db.session() as s:
-            if s.scalar(select(Pool).where(Pool.cluster_uuid == cluster, Pool.name == name)):
-                raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name")
-            online = online_hosts(s, state.cfg.host_dead_after)
-        by_uuid = {h.uuid: h for h in online}
-        if req.limit_host:
-            missing = [h for h in hosts_wanted if h not in by_uuid]
-            if missing:
-                raise NotFound(f"avail_host: host(s) {', '.join(missing)} are not registered or not online",
-                               field="avail_host")
-            hosts = [by_uuid[h] for h in hosts_wanted]
-            elsewhere = [h for h in hosts if not h.in_scope(cluster, zone)]
-            if elsewhere:
-                h = elsewhere[0]
-                raise InvalidArgument(f"avail_host: host {h.hostname or h.uuid} belongs to cluster "
-                                      f"{h.cluster_uuid or 'any'}, zone {h.zone_uuid or 'any'}; the pool is for "
-                                      f"cluster {cluster}, zone {zone}", field="avail_host")
-        else:
-            hosts = [h for h in online if kind in json.loads(h.facts_json).get("pool_types", [])
-                     and h.in_scope(cluster, zone)]
-        if not hosts:
-            raise TargetUnreachable(f"avail_host: no online host of cluster {cluster}, zone {zone} can serve a "
-                                    f"{kind} pool", field="avail_host")
-        zone_name = next((h.zone_name for h in hosts if h.zone_uuid == zone and h.zone_name), "default")
-        attached, status = [], None
+            s.add(p)
+    except IntegrityError:
+        raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
+    return ok(_wrap(to_seed(p, caller), cluster))
+
+@router.post("/delete")
+def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
+    _operator(caller)
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    v.uuid(req.tenant, "tenant")
+    pid = v.uuid(req.pool_uuid, "pool_uuid")
+    state = context(request)
+    with state.db.session() as s:
+        p = get_pool(s, pid, cluster, caller)
+        hosts = [s.get(Host, h) for h in json.loads(p.avail_hosts_json)]
+    for h in hosts:
+        if h is None:
+            continue
         try:
-            for h in hosts:
-                st = state.agents.call(h, "volumes", "AttachPool",
-                                       volumes_pb2.AttachPoolRequest(pool_uuid=pool_uuid, **attach))
-                attached.append(h)
-                status = status or st
+            state.agents.call(h, "volumes", "DetachPool", volumes_pb2.DetachPoolRequest(pool_uuid=pid))
+        except NotFound:
+            pass  # that host does not serve it (any more)
+        except HasDependents:
+            raise HasDependents(f"pool_uuid: pool {p.name!r} still holds volumes; delete them first",
+                                field="pool_uuid") from None
+    with state.db.session() as s:
+        s.delete(s.get(Pool, pid))
+    return ok({"pool": {}})
+
+@router.post("/set")
+def set_(req: SetRequest, request: Request, caller: Caller = Depends(authenticated)):
+    _operator(caller)
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    v.uuid(req.tenant, "tenant")
+    pid = v.uuid(req.pool_uuid, "pool_uuid")
+    name = v.name(req.pool_name, "pool_name")
+    attr = _attr(req.attr)
+    try:
+        with context(request).db.session() as s:
+            p = get_pool(s, pid, cluster, caller)
+            merged = dict(json.loads(p.attr_json), **attr)
+            p.name, p.attr_json, p.mtime = name, json.dumps(merged), int(time.time())
+    except IntegrityError:
+        raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
+    return ok(_wrap(to_seed(p, caller), cluster))
+
+@router.post("/status/check")
+def status_check(req: StatusRequest, request: Request, caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
+    tenant = v.uuid(req.tenant, "tenant")
+    caller.check_tenant(tenant)
+    pid = v.uuid(req.pool_uuid, "pool_uuid")
+    state = context(request)
+    with state.db.session() as s:
+        p = get_pool(s, pid, cluster, caller)
+        hosts = [s.get(Host, h) for h in json.loads(p.avail_hosts_json)]
+    statuses, capacity, used = [], None, None
+    for h in hosts:
+        if h is None or host_state(h, state.cfg.host_dead_after) != "online":
+            statuses.append("unreachable")
+            continue
+        try:
+            st = state.agents.call(h, "volumes", "GetPoolStatus", volumes_pb2.PoolRef(pool_uuid=pid), timeout=30)
+            statuses.append(st.status)
+            capacity, used = st.total_bytes, st.used_bytes
         except BlockferryError:
-            for h in attached:  # all or nothing
-                try:
-                    state.agents.call(h, "volumes", "DetachPool",
-                                      volumes_pb2.DetachPoolRequest(pool_uuid=pool_uuid, force=True))
-                except BlockferryError:
-                    pass
-            raise
-        now = int(time.time())
-        p = Pool(uuid=pool_uuid, cluster_uuid=cluster, zone_uuid=zone, name=name, pool_type=req.pool_type, kind=kind,
-                 ip=ip, port=req.port, source=source, username=req.username,
-                 password_sealed=state.secrets.seal(req.password), limit_host=req.limit_host,
-                 avail_hosts_json=json.dumps([h.uuid for h in hosts]), avail_tenants_json=json.dumps(tenants),
-                 attr_json=json.dumps(attr), status=status.status, capacity=status.total_bytes,
-                 used=status.used_bytes, machine_uuid=hosts[0].uuid, ctime=now, mtime=0, zone_name=zone_name)
+            statuses.append("unreachable")
+    worst = next((x for x in ("unreachable", "degraded") if x in statuses), "healthy") if statuses else "unknown"
+    if worst == "unreachable" and "healthy" in statuses:
+        worst = "degraded"  # some hosts still reach it
+    with state.db.session() as s:
+        p = s.get(Pool, pid)
+        p.status = worst
+        if capacity is not None:
+            p.capacity, p.used = capacity, used
+    return ok(_wrap(to_seed(p, caller), cluster, tenant))
+
+@router.get("/pool_type/support")
+def pool_type_support(request: Request, cluster_uuid: str = Query(...), caller: Caller = Depends(authenticated)):
+    cluster = v.uuid(cluster_uuid, "cluster_uuid")
+    with context(request).db.session() as s:
+        hosts = online_hosts(s, context(request).cfg.host_dead_after)
+    kinds = set()
+    for h in hosts:
+        kinds.update(json.loads(h.facts_json).get("pool_types", []))
+    types = [POOL_TYPES[t] for t, kind in sorted(SERVED.items()) if kind in kinds]
+    return ok(dict(_wrap(None, cluster), PoolTypes=types))
+
+@router.post("/fc_device/list")
+def fc_device_list(req: FcRequest, request: Request, caller: Caller = Depends(authenticated)):
+    _operator(caller)
+    v.uuid(req.cluster_uuid, "cluster_uuid")
+    v.uuid(req.zone_uuid, "zone_uuid")
+    state = context(request)
+    with state.db.session() as s:
+        hosts = online_hosts(s, state.cfg.host_dead_after)
+    out: dict[str, list] = {}
+    for h in hosts:
         try:
-            with state.db.session() as s:
-                s.add(p)
-        except IntegrityError:
-            raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
-        return ok(_wrap(to_seed(p, caller), cluster))
+            devices = state.agents.call(h, "host", "ListFcDevices", host_pb2.ListFcDevicesRequest(), timeout=30)
+        except BlockferryError:
+            continue  # a host that does not answer lists nothing
+        for d in devices.devices:
+            out.setdefault(d.id, []).append({"host_uuid": h.uuid, "host_name": h.hostname,
+                                             "disk_path": d.disk_path})
+    return ok({"list": out})
 
-    @r.post("/delete")
-    def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(auth)):
-        _operator(caller)
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        v.uuid(req.tenant, "tenant")
-        pid = v.uuid(req.pool_uuid, "pool_uuid")
-        state = request.app.state
-        with state.db.session() as s:
-            p = get_pool(s, pid, cluster, caller)
-            hosts = [s.get(Host, h) for h in json.loads(p.avail_hosts_json)]
-        for h in hosts:
-            if h is None:
-                continue
-            try:
-                state.agents.call(h, "volumes", "DetachPool", volumes_pb2.DetachPoolRequest(pool_uuid=pid))
-            except NotFound:
-                pass  # that host does not serve it (any more)
-            except HasDependents:
-                raise HasDependents(f"pool_uuid: pool {p.name!r} still holds volumes; delete them first",
-                                    field="pool_uuid") from None
-        with state.db.session() as s:
-            s.delete(s.get(Pool, pid))
-        return ok({"pool": {}})
-
-    @r.post("/set")
-    def set_(req: SetRequest, request: Request, caller: Caller = Depends(auth)):
-        _operator(caller)
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        v.uuid(req.tenant, "tenant")
-        pid = v.uuid(req.pool_uuid, "pool_uuid")
-        name = v.name(req.pool_name, "pool_name")
-        attr = _attr(req.attr)
-        try:
-            with request.app.state.db.session() as s:
-                p = get_pool(s, pid, cluster, caller)
-                merged = dict(json.loads(p.attr_json), **attr)
-                p.name, p.attr_json, p.mtime = name, json.dumps(merged), int(time.time())
-        except IntegrityError:
-            raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
-        return ok(_wrap(to_seed(p, caller), cluster))
-
-    @r.post("/status/check")
-    def status_check(req: StatusRequest, request: Request, caller: Caller = Depends(auth)):
-        cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
-        tenant = v.uuid(req.tenant, "tenant")
-        caller.check_tenant(tenant)
-        pid = v.uuid(req.pool_uuid, "pool_uuid")
-        state = request.app.state
-        with state.db.session() as s:
-            p = get_pool(s, pid, cluster, caller)
-            hosts = [s.get(Host, h) for h in json.loads(p.avail_hosts_json)]
-        statuses, capacity, used = [], None, None
-        for h in hosts:
-            if h is None or host_state(h, state.cfg.host_dead_after) != "online":
-                statuses.append("unreachable")
-                continue
-            try:
-                st = state.agents.call(h, "volumes", "GetPoolStatus", volumes_pb2.PoolRef(pool_uuid=pid), timeout=30)
-                statuses.append(st.status)
-                capacity, used = st.total_bytes, st.used_bytes
-            except BlockferryError:
-                statuses.append("unreachable")
-        worst = next((x for x in ("unreachable", "degraded") if x in statuses), "healthy") if statuses else "unknown"
-        if worst == "unreachable" and "healthy" in statuses:
-            worst = "degraded"  # some hosts still reach it
-        with state.db.session() as s:
-            p = s.get(Pool, pid)
-            p.status = worst
-            if capacity is not None:
-                p.capacity, p.used = capacity, used
-        return ok(_wrap(to_seed(p, caller), cluster, tenant))
-
-    @r.get("/pool_type/support")
-    def pool_type_support(request: Request, cluster_uuid: str = Query(...), caller: Caller = Depends(auth)):
-        cluster = v.uuid(cluster_uuid, "cluster_uuid")
-        with request.app.state.db.session() as s:
-            hosts = online_hosts(s, request.app.state.cfg.host_dead_after)
-        kinds = set()
-        for h in hosts:
-            kinds.update(json.loads(h.facts_json).get("pool_types", []))
-        types = [POOL_TYPES[t] for t, kind in sorted(SERVED.items()) if kind in kinds]
-        return ok(dict(_wrap(None, cluster), PoolTypes=types))
-
-    @r.post("/fc_device/list")
-    def fc_device_list(req: FcRequest, request: Request, caller: Caller = Depends(auth)):
-        _operator(caller)
-        v.uuid(req.cluster_uuid, "cluster_uuid")
-        v.uuid(req.zone_uuid, "zone_uuid")
-        state = request.app.state
-        with state.db.session() as s:
-            hosts = online_hosts(s, state.cfg.host_dead_after)
-        out: dict[str, list] = {}
-        for h in hosts:
-            try:
-                devices = state.agents.call(h, "host", "ListFcDevices", host_pb2.ListFcDevicesRequest(), timeout=30)
-            except BlockferryError:
-                continue  # a host that does not answer lists nothing
-            for d in devices.devices:
-                out.setdefault(d.id, []).append({"host_uuid": h.uuid, "host_name": h.hostname,
-                                                 "disk_path": d.disk_path})
-        return ok({"list": out})
-
-    return r

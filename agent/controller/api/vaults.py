@@ -11,7 +11,6 @@ repository (after deduplication and compression); logical is their size.
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid as uuidlib
 from datetime import datetime, timezone
@@ -21,16 +20,15 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from agent.controller.api import validate as v
-from agent.controller.api.auth import Caller
-from agent.controller.api.jobs import remove_backup
-from agent.controller.api.policies import project
 from agent.api.v1 import backups_pb2
+from agent.controller import validate as v
+from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.hosts import host_state
+from agent.controller.api.policies import project
 from agent.controller.dispatch import backup_point_request
-from agent.controller.models import Backup, BackupPoint, Host, Policy, Task, Vault, VaultResource, Volume
-from agent.errors import (AlreadyExists, NotFound, ResourceInVault, ResourceNotInVault,
-                          TargetUnreachable, VaultNotEmpty)
+from agent.controller.inventory import log_task, remove_backup, usage
+from agent.controller.models import Backup, BackupPoint, Host, Policy, Vault, VaultResource, Volume
+from agent.errors import AlreadyExists, NotFound, ResourceInVault, ResourceNotInVault, TargetUnreachable, VaultNotEmpty
 
 GB = 1 << 30
 RESOURCE_TYPE = "OS::Cinder::Volume"
@@ -54,15 +52,6 @@ def _state(s, vault: Vault) -> str:
         return "Disabled"
     p = s.get(Policy, vault.policy_id)
     return "Enabled" if p is not None and p.enabled else "Disabled"
-
-
-def usage(s, vault_id: str) -> tuple[int, int, int]:
-    """(backups, logical bytes, stored bytes) of the vault's finished backups."""
-    n, logical, stored = s.execute(
-        select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.size), 0),
-               func.coalesce(func.sum(Backup.stored_bytes), 0))
-        .where(Backup.vault_id == vault_id, Backup.status == "BackupSucceeded")).one()
-    return int(n), int(logical), int(stored)
 
 
 def to_seed(s, vault: Vault) -> dict:
@@ -169,246 +158,236 @@ def _conditions(q: list[str]) -> dict[str, str]:
     return out
 
 
-def router(auth) -> APIRouter:
-    r = APIRouter(prefix="/v3/{project_id}/vaults", tags=["vaults (seed 003)"])
+router = APIRouter(prefix="/v3/{project_id}/vaults", tags=["vaults (seed 003)"])
 
-    @r.post("")
-    def create(project_id: str, request: Request, body: Any = Body(None),
-               caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
-            raise v.bad("vault", "the body must be {\"vault\": {...}}")
-        b = body["vault"]
-        name = _text(b.get("name"), "vault.name", 1, 64)
-        description = _text(b.get("description", ""), "vault.description", 0, 64)
-        prefix = _text(b.get("backup_name_prefix", "") or "", "vault.backup_name_prefix", 0, 32)
-        billing = b.get("billing")
-        if not isinstance(billing, dict):
-            raise v.bad("vault.billing", "required: {\"object_type\": \"disk\", \"protect_type\": \"backup\", "
-                                        "\"consistent_level\": \"crash_consistent\", \"size\": GB}")
-        if billing.get("object_type") != "disk":
-            raise v.bad("vault.billing.object_type", f"{billing.get('object_type')!r}: only 'disk' (volumes)")
-        if billing.get("protect_type") != "backup":
-            raise v.bad("vault.billing.protect_type", f"{billing.get('protect_type')!r}: only 'backup'")
-        if billing.get("consistent_level", "crash_consistent") != "crash_consistent":
-            raise v.bad("vault.billing.consistent_level", f"{billing.get('consistent_level')!r}: only "
-                                                         "'crash_consistent'")
-        size = _size(billing.get("size"), "vault.billing.size")
-        if "resources" not in b:
-            raise v.bad("vault.resources", "required ([] for none)")
-        bpid = v.uuid(str(b.get("backup_point_id", "")), "vault.backup_point_id")
-        now = time.time()
-        with request.app.state.db.session() as s:
-            bp = s.get(BackupPoint, bpid)
-            if bp is None or not caller.sees(bp.tenant) or bp.tenant != tenant:
-                raise NotFound(f"vault.backup_point_id: backup point {bpid} does not exist",
-                               field="vault.backup_point_id")
-            vols = _resources(s, tenant, b.get("resources"), "vault.resources")
-            vault = Vault(id=str(uuidlib.uuid4()), tenant=tenant, name=name, description=description,
-                          backup_point_uuid=bpid, size_gb=size, object_type="disk",
-                          consistent_level="crash_consistent",
-                          policy_id=_policy(s, tenant, b.get("backup_policy_id"), "vault.backup_policy_id"),
-                          policy_since=now, backup_name_prefix=prefix, status="available", created_at=now,
-                          updated_at=now)
-            s.add(vault)
-            try:
-                s.flush()
-            except IntegrityError:
-                raise AlreadyExists(f"vault.name: a vault named {name!r} exists", field="vault.name") from None
-            _attach(s, vault, vols, "vault.resources")
+@router.post("")
+def create(project_id: str, request: Request, body: Any = Body(None),
+           caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
+        raise v.bad("vault", "the body must be {\"vault\": {...}}")
+    b = body["vault"]
+    name = _text(b.get("name"), "vault.name", 1, 64)
+    description = _text(b.get("description", ""), "vault.description", 0, 64)
+    prefix = _text(b.get("backup_name_prefix", "") or "", "vault.backup_name_prefix", 0, 32)
+    billing = b.get("billing")
+    if not isinstance(billing, dict):
+        raise v.bad("vault.billing", "required: {\"object_type\": \"disk\", \"protect_type\": \"backup\", "
+                                    "\"consistent_level\": \"crash_consistent\", \"size\": GB}")
+    if billing.get("object_type") != "disk":
+        raise v.bad("vault.billing.object_type", f"{billing.get('object_type')!r}: only 'disk' (volumes)")
+    if billing.get("protect_type") != "backup":
+        raise v.bad("vault.billing.protect_type", f"{billing.get('protect_type')!r}: only 'backup'")
+    if billing.get("consistent_level", "crash_consistent") != "crash_consistent":
+        raise v.bad("vault.billing.consistent_level", f"{billing.get('consistent_level')!r}: only "
+                                                     "'crash_consistent'")
+    size = _size(billing.get("size"), "vault.billing.size")
+    if "resources" not in b:
+        raise v.bad("vault.resources", "required ([] for none)")
+    bpid = v.uuid(str(b.get("backup_point_id", "")), "vault.backup_point_id")
+    now = time.time()
+    with context(request).db.session() as s:
+        bp = s.get(BackupPoint, bpid)
+        if bp is None or not caller.sees(bp.tenant) or bp.tenant != tenant:
+            raise NotFound(f"vault.backup_point_id: backup point {bpid} does not exist",
+                           field="vault.backup_point_id")
+        vols = _resources(s, tenant, b.get("resources"), "vault.resources")
+        vault = Vault(id=str(uuidlib.uuid4()), tenant=tenant, name=name, description=description,
+                      backup_point_uuid=bpid, size_gb=size, object_type="disk",
+                      consistent_level="crash_consistent",
+                      policy_id=_policy(s, tenant, b.get("backup_policy_id"), "vault.backup_policy_id"),
+                      policy_since=now, backup_name_prefix=prefix, status="available", created_at=now,
+                      updated_at=now)
+        s.add(vault)
+        try:
             s.flush()
-            return {"vault": to_seed(s, vault)}
+        except IntegrityError:
+            raise AlreadyExists(f"vault.name: a vault named {name!r} exists", field="vault.name") from None
+        _attach(s, vault, vols, "vault.resources")
+        s.flush()
+        return {"vault": to_seed(s, vault)}
 
-    @r.get("")
-    def list_(project_id: str, request: Request, name: str = "", policy_id: str = "", status: str = "",
-              object_type: str = "", limit: int = Query(1000, ge=1, le=1000), offset: int = Query(0, ge=0),
-              q: list[str] = Query(default=[]), caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        cond = _conditions(q)
-        with request.app.state.db.session() as s:
-            query = select(Vault).where(Vault.tenant == tenant).order_by(Vault.created_at, Vault.id)
-            for key, value in (("name", name), ("policy_id", policy_id), ("status", status)):
-                if value:
-                    cond.setdefault(key, value)
-            if object_type and object_type != "disk":
-                return {"vaults": [], "count": 0}
-            columns = {"uuid": Vault.id, "name": Vault.name, "status": Vault.status, "policy_id": Vault.policy_id,
-                       "backup_point_id": Vault.backup_point_uuid}
-            for key, value in cond.items():
-                if key in columns:
-                    query = query.where(columns[key] == value)
-            rows = [x for x in s.scalars(query) if "state" not in cond or _state(s, x) == cond["state"]]
-            page = rows[offset:offset + limit]
-            return {"vaults": [to_seed(s, x) for x in page], "count": len(rows)}
+@router.get("")
+def list_(project_id: str, request: Request, name: str = "", policy_id: str = "", status: str = "",
+          object_type: str = "", limit: int = Query(1000, ge=1, le=1000), offset: int = Query(0, ge=0),
+          q: list[str] = Query(default=[]), caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    cond = _conditions(q)
+    with context(request).db.session() as s:
+        query = select(Vault).where(Vault.tenant == tenant).order_by(Vault.created_at, Vault.id)
+        for key, value in (("name", name), ("policy_id", policy_id), ("status", status)):
+            if value:
+                cond.setdefault(key, value)
+        if object_type and object_type != "disk":
+            return {"vaults": [], "count": 0}
+        columns = {"uuid": Vault.id, "name": Vault.name, "status": Vault.status, "policy_id": Vault.policy_id,
+                   "backup_point_id": Vault.backup_point_uuid}
+        for key, value in cond.items():
+            if key in columns:
+                query = query.where(columns[key] == value)
+        rows = [x for x in s.scalars(query) if "state" not in cond or _state(s, x) == cond["state"]]
+        page = rows[offset:offset + limit]
+        return {"vaults": [to_seed(s, x) for x in page], "count": len(rows)}
 
-    @r.get("/{vault_id}")
-    def get(project_id: str, vault_id: str, request: Request, caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        with request.app.state.db.session() as s:
-            return {"vault": to_seed(s, load_vault(s, tenant, vault_id))}
+@router.get("/{vault_id}")
+def get(project_id: str, vault_id: str, request: Request, caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    with context(request).db.session() as s:
+        return {"vault": to_seed(s, load_vault(s, tenant, vault_id))}
 
-    @r.put("/{vault_id}")
-    def update(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-               caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
-            raise v.bad("vault", "the body must be {\"vault\": {...}}")
-        b = body["vault"]
-        with request.app.state.db.session() as s:
-            vault = load_vault(s, tenant, vault_id)
-            if "name" in b:
-                vault.name = _text(b["name"], "vault.name", 1, 64)
-            if "description" in b:
-                vault.description = _text(b["description"], "vault.description", 0, 64)
-            if "backup_name_prefix" in b:
-                vault.backup_name_prefix = _text(b["backup_name_prefix"], "vault.backup_name_prefix", 0, 32)
-            if isinstance(b.get("billing"), dict) and "size" in b["billing"]:
-                size = _size(b["billing"]["size"], "vault.billing.size")
-                _, _, stored = usage(s, vault.id)
-                if size * GB < stored:
-                    raise v.bad("vault.billing.size", f"{size} GB is less than the {stored / GB:.1f} GB the vault "
-                                                     "uses")
-                vault.size_gb = size
-            vault.updated_at = time.time()
-            try:
-                s.flush()
-            except IntegrityError:
-                raise AlreadyExists(f"vault.name: a vault named {vault.name!r} exists", field="vault.name") from None
-            return {"vault": to_seed(s, vault)}
+@router.put("/{vault_id}")
+def update(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+           caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
+        raise v.bad("vault", "the body must be {\"vault\": {...}}")
+    b = body["vault"]
+    with context(request).db.session() as s:
+        vault = load_vault(s, tenant, vault_id)
+        if "name" in b:
+            vault.name = _text(b["name"], "vault.name", 1, 64)
+        if "description" in b:
+            vault.description = _text(b["description"], "vault.description", 0, 64)
+        if "backup_name_prefix" in b:
+            vault.backup_name_prefix = _text(b["backup_name_prefix"], "vault.backup_name_prefix", 0, 32)
+        if isinstance(b.get("billing"), dict) and "size" in b["billing"]:
+            size = _size(b["billing"]["size"], "vault.billing.size")
+            _, _, stored = usage(s, vault.id)
+            if size * GB < stored:
+                raise v.bad("vault.billing.size", f"{size} GB is less than the {stored / GB:.1f} GB the vault "
+                                                 "uses")
+            vault.size_gb = size
+        vault.updated_at = time.time()
+        try:
+            s.flush()
+        except IntegrityError:
+            raise AlreadyExists(f"vault.name: a vault named {vault.name!r} exists", field="vault.name") from None
+        return {"vault": to_seed(s, vault)}
 
-    @r.delete("/{vault_id}")
-    def delete(project_id: str, vault_id: str, request: Request, deleteMode: str = "", mode: str = "",
-               caller: Caller = Depends(auth)):
-        """deleteMode (seed 004; `mode` is taken too): Permissive refuses while
-        the vault holds backups; Enforcing deletes them (from their
-        repository), then the vault. Logged as a vault_delete task."""
-        tenant = project(caller, project_id)
-        field = "deleteMode" if deleteMode or not mode else "mode"
-        mode = deleteMode or mode or "Permissive"
-        if mode not in DELETE_MODES:
-            raise v.bad(field, f"{mode!r}: Permissive or Enforcing")
-        state = request.app.state
-        with state.db.session() as s:
-            vault = load_vault(s, tenant, vault_id)
-            backups = list(s.scalars(select(Backup.uuid).where(Backup.vault_id == vault.id)
-                                     .order_by(Backup.ctime)))
-            if backups and mode == "Permissive":
-                raise VaultNotEmpty(f"vault_id: vault {vault.name} holds {len(backups)} backup(s); delete them or "
-                                    "use mode=Enforcing", field="vault_id")
-            vault.status = "deleting"
-        started = time.time()
-        for bid in backups:
-            remove_backup(state, bid, field="vault_id")
-        with state.db.session() as s:
-            for r_ in s.scalars(select(VaultResource).where(VaultResource.vault_id == vault_id)):
-                s.delete(r_)
-            s.delete(s.get(Vault, vault_id))
-            log_task(s, "vault_delete", tenant, vault_id, started, {"mode": mode, "backups_deleted": len(backups)})
-        return {}
+@router.delete("/{vault_id}")
+def delete(project_id: str, vault_id: str, request: Request, deleteMode: str = "", mode: str = "",
+           caller: Caller = Depends(authenticated)):
+    """deleteMode (seed 004; `mode` is taken too): Permissive refuses while
+    the vault holds backups; Enforcing deletes them (from their
+    repository), then the vault. Logged as a vault_delete task."""
+    tenant = project(caller, project_id)
+    field = "deleteMode" if deleteMode or not mode else "mode"
+    mode = deleteMode or mode or "Permissive"
+    if mode not in DELETE_MODES:
+        raise v.bad(field, f"{mode!r}: Permissive or Enforcing")
+    state = context(request)
+    with state.db.session() as s:
+        vault = load_vault(s, tenant, vault_id)
+        backups = list(s.scalars(select(Backup.uuid).where(Backup.vault_id == vault.id)
+                                 .order_by(Backup.ctime)))
+        if backups and mode == "Permissive":
+            raise VaultNotEmpty(f"vault_id: vault {vault.name} holds {len(backups)} backup(s); delete them or "
+                                "use mode=Enforcing", field="vault_id")
+        vault.status = "deleting"
+    started = time.time()
+    for bid in backups:
+        remove_backup(state, bid, field="vault_id")
+    with state.db.session() as s:
+        for r_ in s.scalars(select(VaultResource).where(VaultResource.vault_id == vault_id)):
+            s.delete(r_)
+        s.delete(s.get(Vault, vault_id))
+        log_task(s, "vault_delete", tenant, vault_id, started, {"mode": mode, "backups_deleted": len(backups)})
+    return {}
 
-    @r.post("/{vault_id}/addresources")
-    def add_resources(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-                      caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        with request.app.state.db.session() as s:
-            vault = load_vault(s, tenant, vault_id)
-            vols = _resources(s, tenant, body.get("resources") if isinstance(body, dict) else None, "resources")
-            have = s.scalar(select(func.count()).select_from(VaultResource)
-                            .where(VaultResource.vault_id == vault.id))
-            if have + len(vols) > MAX_RESOURCES:
-                raise v.bad("resources", f"the vault would hold {have + len(vols)} resources; at most {MAX_RESOURCES}")
-            _attach(s, vault, vols, "resources")
-            vault.updated_at = time.time()
-        return {"add_resource_ids": vols}
+@router.post("/{vault_id}/addresources")
+def add_resources(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+                  caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    with context(request).db.session() as s:
+        vault = load_vault(s, tenant, vault_id)
+        vols = _resources(s, tenant, body.get("resources") if isinstance(body, dict) else None, "resources")
+        have = s.scalar(select(func.count()).select_from(VaultResource)
+                        .where(VaultResource.vault_id == vault.id))
+        if have + len(vols) > MAX_RESOURCES:
+            raise v.bad("resources", f"the vault would hold {have + len(vols)} resources; at most {MAX_RESOURCES}")
+        _attach(s, vault, vols, "resources")
+        vault.updated_at = time.time()
+    return {"add_resource_ids": vols}
 
-    @r.post("/{vault_id}/removeresources")
-    def remove_resources(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-                         caller: Caller = Depends(auth)):
-        """The volumes leave the vault; their backups stay in it until deleted."""
-        tenant = project(caller, project_id)
-        ids = body.get("resource_ids") if isinstance(body, dict) else None
-        if not isinstance(ids, list) or not ids:
-            raise v.bad("resource_ids", "must be a non-empty list of volume ids")
-        with request.app.state.db.session() as s:
-            vault = load_vault(s, tenant, vault_id)
-            for i, raw in enumerate(ids):
-                vid = v.uuid(str(raw), f"resource_ids[{i}]")
-                row = s.get(VaultResource, vid)
-                if row is None or row.vault_id != vault.id:
-                    raise ResourceNotInVault(f"resource_ids[{i}]: volume {vid} is not in vault {vault.name}",
-                                             field=f"resource_ids[{i}]")
-                s.delete(row)
-            vault.updated_at = time.time()
-            log_task(s, "remove_resource", tenant, vault.id, vault.updated_at,
-                     {"remove_resource_ids": [str(x) for x in ids]})
-        return {"remove_resource_ids": [str(x) for x in ids]}
+@router.post("/{vault_id}/removeresources")
+def remove_resources(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+                     caller: Caller = Depends(authenticated)):
+    """The volumes leave the vault; their backups stay in it until deleted."""
+    tenant = project(caller, project_id)
+    ids = body.get("resource_ids") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not ids:
+        raise v.bad("resource_ids", "must be a non-empty list of volume ids")
+    with context(request).db.session() as s:
+        vault = load_vault(s, tenant, vault_id)
+        for i, raw in enumerate(ids):
+            vid = v.uuid(str(raw), f"resource_ids[{i}]")
+            row = s.get(VaultResource, vid)
+            if row is None or row.vault_id != vault.id:
+                raise ResourceNotInVault(f"resource_ids[{i}]: volume {vid} is not in vault {vault.name}",
+                                         field=f"resource_ids[{i}]")
+            s.delete(row)
+        vault.updated_at = time.time()
+        log_task(s, "remove_resource", tenant, vault.id, vault.updated_at,
+                 {"remove_resource_ids": [str(x) for x in ids]})
+    return {"remove_resource_ids": [str(x) for x in ids]}
 
-    @r.post("/{vault_id}/associatepolicy")
-    def associate(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-                  caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        with request.app.state.db.session() as s:
-            vault = load_vault(s, tenant, vault_id)
-            pid = _policy(s, tenant, body.get("policy_id") if isinstance(body, dict) else None, "policy_id")
-            if not pid:
-                raise v.bad("policy_id", "required")
-            if vault.policy_id != pid:  # runs of the new policy are due from now on
-                vault.policy_id, vault.policy_since = pid, time.time()
-            vault.updated_at = time.time()
-        return {"associate_policy": {"vault_id": vault_id, "policy_id": pid}}
+@router.post("/{vault_id}/associatepolicy")
+def associate(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+              caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    with context(request).db.session() as s:
+        vault = load_vault(s, tenant, vault_id)
+        pid = _policy(s, tenant, body.get("policy_id") if isinstance(body, dict) else None, "policy_id")
+        if not pid:
+            raise v.bad("policy_id", "required")
+        if vault.policy_id != pid:  # runs of the new policy are due from now on
+            vault.policy_id, vault.policy_since = pid, time.time()
+        vault.updated_at = time.time()
+    return {"associate_policy": {"vault_id": vault_id, "policy_id": pid}}
 
-    @r.post("/{vault_id}/dissociatepolicy")
-    def dissociate(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-                   caller: Caller = Depends(auth)):
-        tenant = project(caller, project_id)
-        with request.app.state.db.session() as s:
-            vault = load_vault(s, tenant, vault_id)
-            pid = v.uuid(str(body.get("policy_id", "") if isinstance(body, dict) else ""), "policy_id")
-            if vault.policy_id != pid:
-                raise NotFound(f"policy_id: policy {pid} is not applied to vault {vault.name}", field="policy_id")
-            vault.policy_id, vault.updated_at = "", time.time()
-        return {"dissociate_policy": {"vault_id": vault_id, "policy_id": pid}}
+@router.post("/{vault_id}/dissociatepolicy")
+def dissociate(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+               caller: Caller = Depends(authenticated)):
+    tenant = project(caller, project_id)
+    with context(request).db.session() as s:
+        vault = load_vault(s, tenant, vault_id)
+        pid = v.uuid(str(body.get("policy_id", "") if isinstance(body, dict) else ""), "policy_id")
+        if vault.policy_id != pid:
+            raise NotFound(f"policy_id: policy {pid} is not applied to vault {vault.name}", field="policy_id")
+        vault.policy_id, vault.updated_at = "", time.time()
+    return {"dissociate_policy": {"vault_id": vault_id, "policy_id": pid}}
 
-    @r.put("/{vault_id}/actions")
-    def actions(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-                caller: Caller = Depends(auth)):
-        """Seed 004's actions: {"reconnectBackupStorage": {}} re-checks the
-        vault's backup point through an agent (a new session) and answers
-        its health with the vault."""
-        tenant = project(caller, project_id)
-        if not isinstance(body, dict) or "reconnectBackupStorage" not in body:
-            raise v.bad("reconnectBackupStorage", "the only action is {\"reconnectBackupStorage\": {}}")
-        state = request.app.state
-        with state.db.session() as s:
-            vault = load_vault(s, tenant, vault_id)
-            bp = s.get(BackupPoint, vault.backup_point_uuid)
-            hosts = [h for h in s.scalars(select(Host).order_by(Host.uuid))
-                     if host_state(h, state.cfg.host_dead_after) == "online"]
-        if bp is None:
-            raise NotFound(f"vault_id: the backup point of vault {vault.name} was deleted", field="vault_id")
-        if not hosts:
-            raise TargetUnreachable("vault_id: no online host to reach the backup point from", field="vault_id")
-        state.agents.call(hosts[0], "backups", "AttachBackupPoint", backup_point_request(bp, state.secrets))
-        st = state.agents.call(hosts[0], "backups", "ReconnectBackupPoint",
-                               backups_pb2.BackupPointRef(backup_point_uuid=bp.uuid))
-        with state.db.session() as s:
-            row = s.get(BackupPoint, bp.uuid)
-            row.state = st.status
-            out = to_seed(s, load_vault(s, tenant, vault_id))
-        out["backup_storage"] = {"uuid": bp.uuid, "status": st.status, "host_uuid": hosts[0].uuid,
-                                 "totalCapacity": st.total_bytes, "availableCapacity": st.available_bytes,
-                                 "latency_ms": round(st.latency_ms, 3), "error_code": st.error_code or None,
-                                 "error": st.error or None}
-        return {"vault": out}
-
-    return r
+@router.put("/{vault_id}/actions")
+def actions(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
+            caller: Caller = Depends(authenticated)):
+    """Seed 004's actions: {"reconnectBackupStorage": {}} re-checks the
+    vault's backup point through an agent (a new session) and answers
+    its health with the vault."""
+    tenant = project(caller, project_id)
+    if not isinstance(body, dict) or "reconnectBackupStorage" not in body:
+        raise v.bad("reconnectBackupStorage", "the only action is {\"reconnectBackupStorage\": {}}")
+    state = context(request)
+    with state.db.session() as s:
+        vault = load_vault(s, tenant, vault_id)
+        bp = s.get(BackupPoint, vault.backup_point_uuid)
+        hosts = [h for h in s.scalars(select(Host).order_by(Host.uuid))
+                 if host_state(h, state.cfg.host_dead_after) == "online"]
+    if bp is None:
+        raise NotFound(f"vault_id: the backup point of vault {vault.name} was deleted", field="vault_id")
+    if not hosts:
+        raise TargetUnreachable("vault_id: no online host to reach the backup point from", field="vault_id")
+    state.agents.call(hosts[0], "backups", "AttachBackupPoint", backup_point_request(bp, state.secrets))
+    st = state.agents.call(hosts[0], "backups", "ReconnectBackupPoint",
+                           backups_pb2.BackupPointRef(backup_point_uuid=bp.uuid))
+    with state.db.session() as s:
+        row = s.get(BackupPoint, bp.uuid)
+        row.state = st.status
+        out = to_seed(s, load_vault(s, tenant, vault_id))
+    out["backup_storage"] = {"uuid": bp.uuid, "status": st.status, "host_uuid": hosts[0].uuid,
+                             "totalCapacity": st.total_bytes, "availableCapacity": st.available_bytes,
+                             "latency_ms": round(st.latency_ms, 3), "error_code": st.error_code or None,
+                             "error": st.error or None}
+    return {"vault": out}
 
 
-def log_task(s, operation: str, tenant: str, vault_id: str, started: float, result: dict, *,
-             status: str = "success", **columns) -> None:
-    """An operation done by the controller itself (no agent job), in
-    /v1/tasks with seed 003's operation_type; columns: more Task fields."""
-    fields = {"job_kind": "", "spec_json": "{}", "attempts": 0, **columns}
-    s.add(Task(id=str(uuidlib.uuid4()), operation_type=operation, status=status, progress=100.0, tenant=tenant,
-               resource_type="vault", resource_uuid=vault_id, idempotent=True, result_json=json.dumps(result),
-               created_at=started, started_at=started, ended_at=time.time(), **fields))
+

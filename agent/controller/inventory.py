@@ -1,0 +1,83 @@
+"""The controller's inventory questions and changes that more than one
+part asks for (the routers, the dispatcher, the scheduler, checkpoints
+and metrics): is a host online, which hosts serve a pool, what a vault
+holds, a task the controller did itself, and deleting a backup."""
+from __future__ import annotations
+
+import json
+import time
+import uuid as uuidlib
+
+from sqlalchemy import func, select
+
+from agent.api.v1 import backups_pb2
+from agent.controller.agents import backup_point_request
+from agent.controller.context import ControllerContext
+from agent.controller.models import Backup, BackupPoint, Host, Pool, Task
+from agent.errors import BackupInProgress, NotFound, TargetUnreachable
+
+
+def host_state(h: Host, dead_after: int) -> str:
+    if time.time() - h.last_seen > dead_after:
+        return "offline"
+    return "draining" if h.draining else "online"
+
+
+def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host]:
+    """Online hosts serving the pool, the preferred one first."""
+    hosts = [s.get(Host, h) for h in json.loads(pool.avail_hosts_json)]
+    hosts = [h for h in hosts if h is not None and host_state(h, dead_after) == "online"]
+    return sorted(hosts, key=lambda h: h.uuid != prefer)
+
+
+def usage(s, vault_id: str) -> tuple[int, int, int]:
+    """(backups, logical bytes, stored bytes) of the vault's finished backups."""
+    n, logical, stored = s.execute(
+        select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.size), 0),
+               func.coalesce(func.sum(Backup.stored_bytes), 0))
+        .where(Backup.vault_id == vault_id, Backup.status == "BackupSucceeded")).one()
+    return int(n), int(logical), int(stored)
+
+
+def log_task(s, operation: str, tenant: str, vault_id: str, started: float, result: dict, *,
+             status: str = "success", **columns) -> None:
+    """An operation done by the controller itself (no agent job), in
+    /v1/tasks with seed 003's operation_type; columns: more Task fields."""
+    fields = {"job_kind": "", "spec_json": "{}", "attempts": 0, **columns}
+    s.add(Task(id=str(uuidlib.uuid4()), operation_type=operation, status=status, progress=100.0, tenant=tenant,
+               resource_type="vault", resource_uuid=vault_id, idempotent=True, result_json=json.dumps(result),
+               created_at=started, started_at=started, ended_at=time.time(), **fields))
+
+
+def remove_backup(ctx: ControllerContext, bid: str, field: str = "backup_uuid") -> None:
+    """Delete a backup from its repository (through an agent that can reach
+    the backup point), then its row. A running backup is refused."""
+    with ctx.db.session() as s:
+        b = s.get(Backup, bid)
+        if b is None:
+            raise NotFound(f"{field}: backup {bid} does not exist", field=field)
+        if b.status == "BackupStarted":
+            raise BackupInProgress(f"{field}: backup {bid} is still running", field=field)
+        bp = s.get(BackupPoint, b.backup_point_uuid)
+        pool = s.get(Pool, b.pool_uuid)
+        hosts = serving_hosts(s, pool, ctx.cfg.host_dead_after) if pool else []
+    if b.status == "BackupSucceeded" and bp is not None:
+        if not hosts:
+            raise TargetUnreachable(f"{field}: no online host can reach its backup point", field=field)
+        ctx.agents.call(hosts[0], "backups", "AttachBackupPoint", backup_point_request(bp, ctx.secrets))
+        try:
+            ctx.agents.call(hosts[0], "backups", "DeleteBackup", backups_pb2.DeleteBackupRequest(
+                backup_point_uuid=bp.uuid, backup_uuid=bid))
+        except NotFound:
+            pass  # gone from the repository already
+    with ctx.db.session() as s:
+        row = s.get(Backup, bid)
+        if row is None:
+            return
+        if row.status == "BackupSucceeded":
+            bp_row = s.get(BackupPoint, row.backup_point_uuid)
+            if bp_row is not None:
+                bp_row.ref = max(0, bp_row.ref - 1)
+                # its space comes back at the backup point's GC, gc_after_delete after the last deletion
+                bp_row.gc_wanted_at = time.time()
+        s.delete(row)
