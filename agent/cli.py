@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import uuid
 
-import grpc
 from google.protobuf import json_format
 
-from agent.api.v1 import jobs_pb2
+from agent.api.v1 import host_pb2, jobs_pb2
+from agent.api.v1 import volumes_pb2 as v
 from agent.client import AgentClient, Target, state_name
+from agent.errors import BlockferryError
 from agent.progress import as_json, exit_code, follow, human, job_line
 
 
@@ -53,39 +55,32 @@ def cmd_jobs(client: AgentClient, args) -> int:
     raise AssertionError(args.jobs_cmd)
 
 
-def _vreq(client: AgentClient, method: str, msg):
-    return client.volume_call(method, msg)
-
-
 def _print_msg(msg, args) -> None:
     print(as_json(msg) if args.json else json_format.MessageToJson(msg, preserving_proto_field_name=True,
                                                                   indent=2))
 
 
 def cmd_volume(client: AgentClient, args) -> int:
-    from agent.api.v1 import volumes_pb2 as v
-
     ref = dict(pool_uuid=args.pool)
     if args.volume_cmd == "create":
-        msg = _vreq(client, "CreateVolume", v.CreateVolumeRequest(
+        msg = client.create_volume(v.CreateVolumeRequest(
             **ref, volume_uuid=args.uuid or str(uuid.uuid4()), name=args.name, capacity=args.capacity,
             backing_file=args.backing_file or ""))
     elif args.volume_cmd == "list":
-        msg = _vreq(client, "ListVolumes", v.ListVolumesRequest(**ref))
+        msg = client.list_volumes(v.ListVolumesRequest(**ref))
     elif args.volume_cmd == "show":
-        msg = _vreq(client, "GetVolume", v.VolumeRef(**ref, volume_uuid=args.volume))
+        msg = client.get_volume(v.VolumeRef(**ref, volume_uuid=args.volume))
     elif args.volume_cmd == "delete":
-        msg = _vreq(client, "DeleteVolume", v.DeleteVolumeRequest(**ref, volume_uuid=args.volume, force=args.force))
+        msg = client.delete_volume(v.DeleteVolumeRequest(**ref, volume_uuid=args.volume, force=args.force))
     elif args.volume_cmd == "resize":
-        msg = _vreq(client, "ResizeVolume", v.ResizeVolumeRequest(**ref, volume_uuid=args.volume,
-                                                                  capacity=args.capacity))
+        msg = client.resize_volume(v.ResizeVolumeRequest(**ref, volume_uuid=args.volume, capacity=args.capacity))
     elif args.volume_cmd == "extents":
         if args.since is not None or args.changed:
-            msg = _vreq(client, "GetChangedExtents", v.GetChangedExtentsRequest(
+            msg = client.get_changed_extents(v.GetChangedExtentsRequest(
                 **ref, volume_uuid=args.volume, snapshot_uuid=args.snapshot or "", since_snapshot_uuid=args.since or ""))
         else:
-            msg = _vreq(client, "GetExtents", v.GetExtentsRequest(**ref, volume_uuid=args.volume,
-                                                                  snapshot_uuid=args.snapshot or ""))
+            msg = client.get_extents(v.GetExtentsRequest(**ref, volume_uuid=args.volume,
+                                                         snapshot_uuid=args.snapshot or ""))
     else:
         raise AssertionError(args.volume_cmd)
     _print_msg(msg, args)
@@ -93,20 +88,18 @@ def cmd_volume(client: AgentClient, args) -> int:
 
 
 def cmd_snapshot(client: AgentClient, args) -> int:
-    from agent.api.v1 import volumes_pb2 as v
-
     ref = dict(pool_uuid=args.pool, volume_uuid=args.volume)
     if args.snapshot_cmd == "create":
-        msg = _vreq(client, "CreateSnapshot", v.CreateSnapshotRequest(
+        msg = client.create_snapshot(v.CreateSnapshotRequest(
             **ref, snapshot_uuid=args.uuid or str(uuid.uuid4()), name=args.name, description=args.desc))
     elif args.snapshot_cmd == "list":
-        msg = _vreq(client, "ListSnapshots", v.VolumeRef(**ref))
+        msg = client.list_snapshots(v.VolumeRef(**ref))
     elif args.snapshot_cmd == "tree":
-        msg = _vreq(client, "GetSnapshotTree", v.VolumeRef(**ref))
+        msg = client.get_snapshot_tree(v.VolumeRef(**ref))
     elif args.snapshot_cmd == "delete":
-        msg = _vreq(client, "DeleteSnapshot", v.SnapshotRef(**ref, snapshot_uuid=args.snapshot))
+        msg = client.delete_snapshot(v.SnapshotRef(**ref, snapshot_uuid=args.snapshot))
     elif args.snapshot_cmd == "rollback":
-        msg = _vreq(client, "RollbackSnapshot", v.SnapshotRef(**ref, snapshot_uuid=args.snapshot))
+        msg = client.rollback_snapshot(v.SnapshotRef(**ref, snapshot_uuid=args.snapshot))
     else:
         raise AssertionError(args.snapshot_cmd)
     _print_msg(msg, args)
@@ -191,9 +184,7 @@ def cmd_info(client: AgentClient, args) -> int:
 
 
 def cmd_fc_devices(client: AgentClient, args) -> int:
-    from agent.api.v1 import host_pb2
-
-    r = client.host.ListFcDevices(host_pb2.ListFcDevicesRequest(fc_only=args.fc_only), metadata=client.metadata)
+    r = client.list_fc_devices(host_pb2.ListFcDevicesRequest(fc_only=args.fc_only))
     if args.json:
         print(as_json(r))
         return 0
@@ -207,17 +198,12 @@ def cmd_fc_devices(client: AgentClient, args) -> int:
 def cmd_iscsi_discover(client: AgentClient, args) -> int:
     """SendTargets on a portal. The CHAP secret comes from
     $BLOCKFERRY_CHAP_SECRET, never from argv (which every user can read)."""
-    import os
-
-    from agent.api.v1 import host_pb2
-
     secret = os.environ.get("BLOCKFERRY_CHAP_SECRET", "")
     if args.username and not secret:
         print("blockferry: --username needs the CHAP secret in $BLOCKFERRY_CHAP_SECRET", file=sys.stderr)
         return 2
-    r = client.host.DiscoverIscsi(host_pb2.DiscoverIscsiRequest(ip=args.ip, port=args.port,
-                                                                username=args.username or "", secret=secret),
-                                  metadata=client.metadata)
+    r = client.discover_iscsi(host_pb2.DiscoverIscsiRequest(ip=args.ip, port=args.port,
+                                                            username=args.username or "", secret=secret))
     if args.json:
         print(as_json(r))
         return 0
@@ -229,9 +215,7 @@ def cmd_iscsi_discover(client: AgentClient, args) -> int:
 
 
 def cmd_facts(client: AgentClient, args) -> int:
-    from agent.api.v1 import host_pb2
-
-    f = client.host.GetHostFacts(host_pb2.GetHostFactsRequest(), metadata=client.metadata)
+    f = client.host_facts()
     if args.json:
         print(as_json(f))
         return 0
@@ -353,8 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         from agent.demo import run_demo
 
         return run_demo(args.workdir)
-    import os
-
     target = Target(socket=args.socket, address=args.address, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                     tls_key=args.tls_key, token=os.environ.get("BLOCKFERRY_TOKEN"))
     try:
@@ -363,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                     "snapshot": cmd_snapshot, "clone": cmd_clone, "flatten": cmd_flatten, "facts": cmd_facts,
                     "fc-devices": cmd_fc_devices, "iscsi-discover": cmd_iscsi_discover, "verify": cmd_verify,
                     "gc": cmd_gc}[args.cmd](client, args)
-    except grpc.RpcError as e:
-        print(f"blockferry: {e.code().name}: {e.details()}", file=sys.stderr)
+    except BlockferryError as e:
+        status = e.status.name if e.status else e.code
+        print(f"blockferry: {status}: {e.code}: {e.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,15 +1,24 @@
-"""A small typed client for blockferry-agent, used by the CLI and tests."""
+"""The one typed client of blockferry-agent's gRPC API, used by the
+`blockferry` CLI, the demo and the controller: one method per RPC, typed
+requests and answers (the generated messages), and a failed call raised as
+the BlockferryError the agent raised (its class from the code the agent
+sends in the call's trailing metadata; agent.errors.from_grpc)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 
-from agent.api.v1 import (backups_pb2_grpc, host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc,
-                          volumes_pb2_grpc)
+from agent import errors
+from agent.api.v1 import (backups_pb2, backups_pb2_grpc, host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc,
+                          volumes_pb2, volumes_pb2_grpc)
 
 DEFAULT_SOCKET = "/run/blockferry/agent.sock"
+FINAL_STATES = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
+R = TypeVar("R")
 
 
 @dataclass
@@ -29,27 +38,41 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
+def open_channel(target: Target) -> grpc.Channel:
+    """A channel to an agent: its unix socket, or host:port over TLS."""
+    if target.address:
+        creds = grpc.ssl_channel_credentials(root_certificates=_read(target.tls_ca),
+                                             private_key=_read(target.tls_key),
+                                             certificate_chain=_read(target.tls_cert))
+        return grpc.secure_channel(target.address, creds)
+    path = target.socket or os.environ.get("BLOCKFERRY_SOCKET") or DEFAULT_SOCKET
+    return grpc.insecure_channel(f"unix:{path}")
+
+
 class AgentClient:
-    def __init__(self, target: Target):
-        self.target = target
-        if target.address:
-            creds = grpc.ssl_channel_credentials(root_certificates=_read(target.tls_ca),
-                                                 private_key=_read(target.tls_key),
-                                                 certificate_chain=_read(target.tls_cert))
-            self.channel = grpc.secure_channel(target.address, creds)
-        else:
-            path = target.socket or os.environ.get("BLOCKFERRY_SOCKET") or DEFAULT_SOCKET
-            self.channel = grpc.insecure_channel(f"unix:{path}")
-        self.metadata = [("authorization", f"Bearer {target.token}")] if target.token else None
-        self.jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
-        self.host = host_pb2_grpc.HostServiceStub(self.channel)
-        self.volumes = volumes_pb2_grpc.VolumeServiceStub(self.channel)
-        self.backups = backups_pb2_grpc.BackupServiceStub(self.channel)
+    """An agent's API. Built from a Target (it opens and owns the channel),
+    or on a channel someone else keeps (the controller's, one per agent);
+    `where` names the agent in the errors ("host h1"); `timeout` bounds
+    every unary call unless a call says otherwise."""
+
+    def __init__(self, target: Target | None = None, *, channel: grpc.Channel | None = None, token: str = "",
+                 where: str = "", timeout: float | None = None):
+        self._owned = channel is None
+        self.channel = channel if channel is not None else open_channel(target or Target())
+        token = token or (target.token if target else "") or ""
+        self.metadata = [("authorization", f"Bearer {token}")] if token else None
+        self.where = where
+        self.timeout = timeout
+        self._jobs = jobs_pb2_grpc.JobServiceStub(self.channel)
+        self._host = host_pb2_grpc.HostServiceStub(self.channel)
+        self._volumes = volumes_pb2_grpc.VolumeServiceStub(self.channel)
+        self._backups = backups_pb2_grpc.BackupServiceStub(self.channel)
 
     def close(self) -> None:
-        self.channel.close()
+        if self._owned:
+            self.channel.close()
 
-    def __enter__(self) -> "AgentClient":
+    def __enter__(self) -> AgentClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -58,47 +81,164 @@ class AgentClient:
     def wait_ready(self, timeout: float) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
-    def submit_checksum(self, job_id: str, path: str, offset: int = 0, length: int = 0) -> jobs_pb2.Job:
-        req = jobs_pb2.SubmitJobRequest(job_id=job_id,
-                                        checksum=jobs_pb2.ChecksumSpec(path=path, offset=offset, length=length))
-        return self.jobs.SubmitJob(req, metadata=self.metadata)
+    def _error(self, e: grpc.RpcError) -> errors.BlockferryError:
+        return errors.from_grpc(e.code(), e.details() or "", e.trailing_metadata(), where=self.where)
 
-    def submit(self, job_id: str, **spec) -> jobs_pb2.Job:
+    def _call(self, method: Callable[..., R], request: Any, timeout: float | None = None) -> R:
+        try:
+            return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    # ---- jobs ----
+
+    def submit(self, job_id: str, *, timeout: float | None = None, **spec: Any) -> jobs_pb2.Job:
         """submit("id", clone=jobs_pb2.CloneSpec(...)) and the like."""
-        return self.jobs.SubmitJob(jobs_pb2.SubmitJobRequest(job_id=job_id, **spec), metadata=self.metadata)
+        return self._call(self._jobs.SubmitJob, jobs_pb2.SubmitJobRequest(job_id=job_id, **spec), timeout)
 
-    def run(self, job_id: str, **spec) -> jobs_pb2.Job:
-        """Submit and wait for a final state."""
-        self.submit(job_id, **spec)
-        job = None
+    def submit_checksum(self, job_id: str, path: str, offset: int = 0, length: int = 0) -> jobs_pb2.Job:
+        return self.submit(job_id, checksum=jobs_pb2.ChecksumSpec(path=path, offset=offset, length=length))
+
+    def run(self, job_id: str, **spec: Any) -> jobs_pb2.Job:
+        """Submit and follow to a final state."""
+        job = self.submit(job_id, **spec)
         for job in self.watch(job_id):
             pass
         return job
 
-    def volume_call(self, method: str, request):
-        return getattr(self.volumes, method)(request, metadata=self.metadata)
-
-    def backup_call(self, method: str, request):
-        return getattr(self.backups, method)(request, metadata=self.metadata)
-
-    def get(self, job_id: str) -> jobs_pb2.Job:
-        return self.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata)
+    def get(self, job_id: str, *, timeout: float | None = None) -> jobs_pb2.Job:
+        return self._call(self._jobs.GetJob, jobs_pb2.GetJobRequest(job_id=job_id), timeout)
 
     def list(self, states=(), kind: str = "", limit: int = 0) -> list[jobs_pb2.Job]:
         req = jobs_pb2.ListJobsRequest(states=list(states), kind=kind, limit=limit)
-        return list(self.jobs.ListJobs(req, metadata=self.metadata).jobs)
+        return list(self._call(self._jobs.ListJobs, req).jobs)
 
-    def watch(self, job_id: str):
-        return self.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata)
+    def watch(self, job_id: str, *, timeout: float | None = None) -> JobStream:
+        """The job on every change of progress or state, from its current
+        one to a final state (the stream ends there); cancel() from
+        another thread ends it early."""
+        call = self._jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata,
+                                   timeout=timeout)
+        return JobStream(call, self._error)
 
     def cancel(self, job_id: str) -> jobs_pb2.Job:
-        return self.jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=job_id), metadata=self.metadata)
+        return self._call(self._jobs.CancelJob, jobs_pb2.CancelJobRequest(job_id=job_id))
+
+    # ---- host ----
 
     def host_info(self) -> host_pb2.HostInfo:
-        return self.host.GetHostInfo(host_pb2.GetHostInfoRequest(), metadata=self.metadata)
+        return self._call(self._host.GetHostInfo, host_pb2.GetHostInfoRequest())
+
+    def host_facts(self) -> host_pb2.HostFacts:
+        return self._call(self._host.GetHostFacts, host_pb2.GetHostFactsRequest())
+
+    def list_fc_devices(self, request: host_pb2.ListFcDevicesRequest, *,
+                        timeout: float | None = None) -> host_pb2.ListFcDevicesResponse:
+        return self._call(self._host.ListFcDevices, request, timeout)
+
+    def discover_iscsi(self, request: host_pb2.DiscoverIscsiRequest) -> host_pb2.DiscoverIscsiResponse:
+        return self._call(self._host.DiscoverIscsi, request)
+
+    # ---- pools and volumes ----
+
+    def get_pool_status(self, request: volumes_pb2.PoolRef, *,
+                        timeout: float | None = None) -> volumes_pb2.PoolStatus:
+        return self._call(self._volumes.GetPoolStatus, request, timeout)
+
+    def attach_pool(self, request: volumes_pb2.AttachPoolRequest) -> volumes_pb2.PoolStatus:
+        return self._call(self._volumes.AttachPool, request)
+
+    def detach_pool(self, request: volumes_pb2.DetachPoolRequest) -> volumes_pb2.DetachPoolResponse:
+        return self._call(self._volumes.DetachPool, request)
+
+    def create_volume(self, request: volumes_pb2.CreateVolumeRequest) -> volumes_pb2.Volume:
+        return self._call(self._volumes.CreateVolume, request)
+
+    def delete_volume(self, request: volumes_pb2.DeleteVolumeRequest) -> volumes_pb2.DeleteVolumeResponse:
+        return self._call(self._volumes.DeleteVolume, request)
+
+    def get_volume(self, request: volumes_pb2.VolumeRef, *, timeout: float | None = None) -> volumes_pb2.Volume:
+        return self._call(self._volumes.GetVolume, request, timeout)
+
+    def list_volumes(self, request: volumes_pb2.ListVolumesRequest) -> volumes_pb2.ListVolumesResponse:
+        return self._call(self._volumes.ListVolumes, request)
+
+    def resize_volume(self, request: volumes_pb2.ResizeVolumeRequest) -> volumes_pb2.Volume:
+        return self._call(self._volumes.ResizeVolume, request)
+
+    def create_snapshot(self, request: volumes_pb2.CreateSnapshotRequest) -> volumes_pb2.Snapshot:
+        return self._call(self._volumes.CreateSnapshot, request)
+
+    def delete_snapshot(self, request: volumes_pb2.SnapshotRef) -> volumes_pb2.DeleteSnapshotResponse:
+        return self._call(self._volumes.DeleteSnapshot, request)
+
+    def rollback_snapshot(self, request: volumes_pb2.SnapshotRef) -> volumes_pb2.Volume:
+        return self._call(self._volumes.RollbackSnapshot, request)
+
+    def list_snapshots(self, request: volumes_pb2.VolumeRef) -> volumes_pb2.ListSnapshotsResponse:
+        return self._call(self._volumes.ListSnapshots, request)
+
+    def get_snapshot_tree(self, request: volumes_pb2.VolumeRef) -> volumes_pb2.SnapshotTree:
+        return self._call(self._volumes.GetSnapshotTree, request)
+
+    def get_extents(self, request: volumes_pb2.GetExtentsRequest) -> volumes_pb2.ExtentList:
+        return self._call(self._volumes.GetExtents, request)
+
+    def get_changed_extents(self, request: volumes_pb2.GetChangedExtentsRequest) -> volumes_pb2.ExtentList:
+        return self._call(self._volumes.GetChangedExtents, request)
+
+    # ---- backup points and backups ----
+
+    def list_backup_points(self, request: backups_pb2.ListBackupPointsRequest
+                           ) -> backups_pb2.ListBackupPointsResponse:
+        return self._call(self._backups.ListBackupPoints, request)
+
+    def check_backup_point(self, request: backups_pb2.BackupPointRef) -> backups_pb2.BackupPointStatus:
+        return self._call(self._backups.CheckBackupPoint, request)
+
+    def reconnect_backup_point(self, request: backups_pb2.BackupPointRef) -> backups_pb2.BackupPointStatus:
+        return self._call(self._backups.ReconnectBackupPoint, request)
+
+    def attach_backup_point(self, request: backups_pb2.AttachBackupPointRequest) -> backups_pb2.BackupPointStatus:
+        return self._call(self._backups.AttachBackupPoint, request)
+
+    def detach_backup_point(self, request: backups_pb2.BackupPointRef) -> backups_pb2.DetachBackupPointResponse:
+        return self._call(self._backups.DetachBackupPoint, request)
+
+    def list_backups(self, request: backups_pb2.ListBackupsRequest) -> backups_pb2.ListBackupsResponse:
+        return self._call(self._backups.ListBackups, request)
+
+    def get_backup(self, request: backups_pb2.GetBackupRequest, *,
+                   timeout: float | None = None) -> backups_pb2.Backup:
+        return self._call(self._backups.GetBackup, request, timeout)
+
+    def delete_backup(self, request: backups_pb2.DeleteBackupRequest) -> backups_pb2.DeleteBackupResponse:
+        return self._call(self._backups.DeleteBackup, request)
+
+    def get_repository_stats(self, request: backups_pb2.RepositoryStatsRequest) -> backups_pb2.RepositoryStats:
+        return self._call(self._backups.GetRepositoryStats, request)
 
 
-FINAL_STATES = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
+class JobStream:
+    """A WatchJob stream: iterate it for the job's states; cancel() it from
+    another thread (its iteration then simply ends)."""
+
+    def __init__(self, call, error: Callable[[grpc.RpcError], errors.BlockferryError]):
+        self._call = call
+        self._error = error
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[jobs_pb2.Job]:
+        try:
+            yield from self._call
+        except grpc.RpcError as e:
+            if self._cancelled:
+                return
+            raise self._error(e) from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
 
 
 def state_name(state: int) -> str:

@@ -232,7 +232,7 @@ def run_demo(workdir: str | None) -> int:
         step(f"changed {len(change)} x 64 KiB; snapshot s2 {s2['UUID']}")
         with AgentClient(Target(socket=sock)) as client:
             t0 = time.monotonic()
-            changed = client.volume_call("GetChangedExtents", v.GetChangedExtentsRequest(
+            changed = client.get_changed_extents(v.GetChangedExtentsRequest(
                 pool_uuid=pid, volume_uuid=vid, snapshot_uuid=s2["UUID"], since_snapshot_uuid=s1["UUID"]))
             got = [(e.start, e.length) for e in changed.extents]
             want = sorted((off, 64 << 10) for off in change)

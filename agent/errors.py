@@ -22,6 +22,7 @@ class BlockferryError(Exception):
         super().__init__(message)
         self.field = field
         self.result = result
+        self.status: grpc.StatusCode | None = None  # the gRPC status it came with, from an agent's call
 
     @property
     def message(self) -> str:
@@ -263,20 +264,51 @@ _TABLE: dict[str, tuple[grpc.StatusCode, int, int, str, str]] = {
 _GRPC_STATUS: dict[str, grpc.StatusCode] = {code: row[0] for code, row in _TABLE.items()}
 
 
-def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """gRPC status code and message for any exception.
+# The trailing metadata an agent's failed call carries: the error's code and
+# field, so callers rebuild the error without parsing its message (the
+# details keep "CODE: message" for people and generic gRPC tools).
+GRPC_CODE_KEY = "bf-error-code"
+GRPC_FIELD_KEY = "bf-error-field"
+
+
+def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """gRPC status code, message and trailing metadata for any exception.
 
     Unknown exceptions become INTERNAL with a generic message: their text may
     hold paths or secrets and is logged, not sent.
     """
     if isinstance(error, BlockferryError):
-        return _GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL), f"{error.code}: {error.message}"
-    return grpc.StatusCode.INTERNAL, "INTERNAL: unexpected agent error (see the agent log)"
+        trailers = ((GRPC_CODE_KEY, error.code),) + (((GRPC_FIELD_KEY, error.field),) if error.field else ())
+        return (_GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL), f"{error.code}: {error.message}",
+                trailers)
+    return (grpc.StatusCode.INTERNAL, "INTERNAL: unexpected agent error (see the agent log)",
+            ((GRPC_CODE_KEY, BlockferryError.code),))
+
+
+def from_grpc(status: grpc.StatusCode, details: str, trailers, *, where: str = "") -> BlockferryError:
+    """The error an agent's failed call stands for: its class from the
+    code in the trailing metadata, its message from the details (without
+    the code), prefixed by `where` (e.g. "host h1"). A call that never
+    reached an agent (no code: the channel failed) is TARGET_UNREACHABLE
+    when the transport says so. The gRPC status stays in `.status`."""
+    meta = dict(trailers or ())
+    code = meta.get(GRPC_CODE_KEY, "")
+    prefix = f"{where}: " if where else ""
+    if code:
+        message = details.removeprefix(f"{code}: ")
+        error = from_code(code, prefix + message, meta.get(GRPC_FIELD_KEY) or None)
+    elif status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        error = TargetUnreachable(f"{prefix}the agent does not answer ({status.name}: {details})",
+                                  field="host_uuid")
+    else:
+        error = BlockferryError(f"{prefix}{status.name}: {details}")
+    error.status = status
+    return error
 
 
 def from_code(code: str, message: str, field: str | None = None) -> BlockferryError:
-    """Rebuild an error an agent sent as "CODE: message" (the controller
-    passes agents' errors on with their own code)."""
+    """The error of a code (the controller passes agents' errors on with
+    their own code)."""
     for cls in _all_subclasses(BlockferryError):
         if cls.code == code:
             return cls(message, field=field)

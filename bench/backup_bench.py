@@ -105,11 +105,8 @@ def qcow2_part(args, rows: list) -> None:
                 time.sleep(0.05)
             c.wait_ready(timeout=30)
 
-            def call(method, msg):
-                return c.volume_call(method, msg)
-
             vol = str(uuid.uuid4())
-            head = call("CreateVolume", v.CreateVolumeRequest(pool_uuid=POOL, volume_uuid=vol, name="bench",
+            head = c.create_volume(v.CreateVolumeRequest(pool_uuid=POOL, volume_uuid=vol, name="bench",
                                                               capacity=size)).access_path
             with QemuNbd(head, readonly=False, run_dir=f"{work}/run") as srv, NbdClient(srv.socket) as nc:
                 for off in range(0, size, 8 * MiB):
@@ -117,7 +114,7 @@ def qcow2_part(args, rows: list) -> None:
                 nc.flush()
 
             def snap(name):
-                return call("CreateSnapshot", v.CreateSnapshotRequest(
+                return c.create_snapshot(v.CreateSnapshotRequest(
                     pool_uuid=POOL, volume_uuid=vol, snapshot_uuid=str(uuid.uuid4()), name=name)).uuid
 
             def job(kind, spec):
@@ -185,7 +182,7 @@ def qcow2_part(args, rows: list) -> None:
                         backup_point_uuid=bp_uuid("zstd", k), backup_uuid=full.backup_uuid, pool_uuid=POOL,
                         volume_uuid=new, name=f"restored-{k}")))
                     t[row].append(dt)
-                    call("DeleteVolume", v.DeleteVolumeRequest(pool_uuid=POOL, volume_uuid=new))
+                    c.delete_volume(v.DeleteVolumeRequest(pool_uuid=POOL, volume_uuid=new))
 
                 def ours_restore_cold():
                     drop_caches()

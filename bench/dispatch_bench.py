@@ -14,7 +14,17 @@ qcow2 volumes spread over the agents. Then:
     run, so this measures dispatch, not a queue): the dispatch latency, from
     the API call to the moment the job was submitted to an agent
     (started_at).
+  - the REST overhead of a task, side by side with the agent's own job:
+    linked clones and incremental backups (1 % of a 1 GiB volume changed,
+    4 MiB chunks) run one at a time; a caller follows each task with
+    GET /v1/tasks/{id}?wait=30 on one kept-alive connection, and the time
+    it sees the task end, minus the agent job's own run time (its
+    started_at to ended_at, from the agent), is the overhead. Targets:
+    median overhead <= 20 ms; an incremental backup through REST <= 1.3x
+    the agent's own job.
 Prints p50, p99 and throughput. Target: p99 dispatch latency < 50 ms.
+
+  --overhead-only   only the REST overhead rows
 """
 from __future__ import annotations
 
@@ -33,7 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(here, "..")]
 
-from agent.demo import Rest, _free_port  # noqa: E402
+from agent.api.v1 import jobs_pb2  # noqa: E402
+from agent.client import AgentClient, Target  # noqa: E402
+from agent.demo import Rest, _free_port, guest_write  # noqa: E402
 
 CLUSTER = "b088822c-1176-4c79-9df7-5fad80c7fd1d"
 TENANT = "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"
@@ -48,6 +60,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=1000)
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--overhead-only", action="store_true")
+    ap.add_argument("--runs", type=int, default=15, help="tasks per REST-overhead row")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bf-dbench-", dir=args.dir)
     procs = []
@@ -95,6 +109,10 @@ def main() -> int:
         vols = [rest.call("POST", "/v1/volume/share/create", {
             "cluster_uuid": CLUSTER, "tenant": TENANT, "pool_uuid": pool["UUID"], "volume_name": f"v{i}",
             "volume_type": "block", "capacity": 64 << 20, "snap_capacity": 0})["volume"]["UUID"] for i in range(24)]
+
+        if args.overhead_only:
+            rest_overhead(rest, work, pool, hosts, args.runs)
+            return 0
 
         def snap_cycle(i):
             ref = {"tenant": TENANT, "cluster_uuid": CLUSTER, "volume_uuid": vols[i % len(vols)]}
@@ -146,6 +164,7 @@ def main() -> int:
         print(f"{len(calls)} linked clones as tasks on {len(spread)} hosts ({ok} succeeded): dispatch latency "
               f"(API call -> job started on an agent) p50 {pct(dispatch, 50):.1f} ms, "
               f"p99 {pct(dispatch, 99):.1f} ms, max {max(dispatch):.1f} ms (target p99 < 50 ms)")
+        rest_overhead(rest, work, pool, hosts, args.runs)
         return 0
     finally:
         for p in procs:
@@ -156,6 +175,87 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def rest_overhead(rest: Rest, work: str, pool: dict, hosts: list[str], runs: int) -> None:
+    """Tasks one at a time: when the REST caller sees each end, against the
+    agent job's own run time."""
+    import http.client
+    import json
+    import statistics
+
+    conn = http.client.HTTPConnection(rest.url.split("//", 1)[1], timeout=60)
+
+    def task(task_id: str) -> dict:
+        while True:  # each answer comes when the task moved (or after 30 s)
+            conn.request("GET", f"/v1/tasks/{task_id}?wait=30", headers={"Authorization": f"Bearer {rest.token}"})
+            t = json.loads(conn.getresponse().read())["data"]
+            if t["status"] not in ("waiting", "running"):
+                return t
+
+    def agent_job(t: dict):
+        sock = f"{work}/agent{hosts.index(t['host_uuid'])}/agent.sock"
+        with AgentClient(Target(socket=sock)) as c:
+            job = c.get(f"{t['id']}.0")
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+        return job
+
+    phases: dict[str, list[float]] = {}
+
+    def timed(method: str, path: str, body: dict) -> tuple[float, float]:
+        t0 = time.time()
+        r = rest.call(method, path, body)
+        t1 = time.time()
+        t = task(r["task_id"])
+        seen = time.time()
+        assert t["status"] == "success", t
+        job = agent_job(t)
+        created, started, ended = (x.ToNanoseconds() / 1e9 for x in (job.created_at, job.started_at, job.ended_at))
+        for name, value in (("REST call", t1 - t0), ("placed and submitted", created - t["created_at"]),
+                            ("agent queue", started - created), ("job end seen by the controller",
+                                                                 t["ended_at"] - ended),
+                            ("task end seen by the caller", seen - t["ended_at"])):
+            phases.setdefault(name, []).append(value)
+        return seen - t0, ended - started
+
+    vol = rest.call("POST", "/v1/volume/share/create", {
+        "cluster_uuid": CLUSTER, "tenant": TENANT, "pool_uuid": pool["UUID"], "volume_name": "overhead",
+        "volume_type": "block", "capacity": 1 << 30, "snap_capacity": 0})["volume"]
+    head = next(iter(vol["AccessPath"].values()))
+    run_dir = f"{work}/run-bench"
+    os.makedirs(run_dir, exist_ok=True)
+    guest_write(head, {i << 20: os.urandom(1 << 20) for i in range(0, 1024, 4)}, run_dir)  # a quarter of the disk
+    ref = {"tenant": TENANT, "cluster_uuid": CLUSTER, "volume_uuid": vol["UUID"]}
+    bp = rest.call("POST", "/v1/volume/internal/backuppoint/add", {
+        "cluster_uuid": CLUSTER, "tenant": TENANT, "zone_uuid": CLUSTER, "name": "overhead", "btype": "local",
+        "ip": "127.0.0.1", "root_dir": f"{work}/bp", "sub_dir": ""})["uuid"]
+    snap = rest.call("POST", "/v1/volume/share/snapshot/create", dict(ref, snapshot_name="base"))["snapshot"]
+    full = rest.call("POST", "/v1/volume/share/backup/add", {
+        "cluster_uuid": CLUSTER, "volume_uuid": vol["UUID"], "backup_name": "full", "backup_point_uuid": bp,
+        "snapshot_uuid": snap["UUID"]})
+    task(full["task_id"])
+    rows = {"linked clone": [], "incremental backup (1 % changed)": []}
+    for i in range(runs):
+        rows["linked clone"].append(timed("POST", "/v1/volume/share/clone", {
+            "cluster_uuid": CLUSTER, "volume_uuid": vol["UUID"], "volume_name": "overhead",
+            "clone_dst_pool_uuid": pool["UUID"], "clone_dst_vol_name": f"oc{i}", "clone_dst_vol_tenant": TENANT,
+            "snapshot_uuid": snap["UUID"], "is_link": True}))
+        guest_write(head, {(i * 97 % 1000) << 20: os.urandom(10 << 20)}, run_dir)  # 10 MiB: 1 % of the disk
+        s = rest.call("POST", "/v1/volume/share/snapshot/create", dict(ref, snapshot_name=f"i{i}"))["snapshot"]
+        rows["incremental backup (1 % changed)"].append(timed("POST", "/v1/volume/share/backup/add", {
+            "cluster_uuid": CLUSTER, "volume_uuid": vol["UUID"], "backup_name": f"i{i}",
+            "backup_point_uuid": bp, "snapshot_uuid": s["UUID"]}))
+    print(f"\nREST overhead of a task, {runs} runs each, one at a time (seen through REST vs the agent's job):")
+    print(f"{'task':34} {'REST ms':>9} {'agent job ms':>13} {'overhead ms':>12} {'ratio':>6}")
+    for name, pairs in rows.items():
+        seen = statistics.median(p[0] for p in pairs) * 1000
+        job = statistics.median(p[1] for p in pairs) * 1000
+        over = statistics.median((p[0] - p[1]) for p in pairs) * 1000
+        ratio = statistics.median(p[0] / p[1] for p in pairs)
+        print(f"{name:34} {seen:9.1f} {job:13.1f} {over:12.1f} {ratio:5.2f}x")
+    print("targets: median overhead <= 20 ms; the incremental backup through REST <= 1.3x the agent's job")
+    print("where the overhead goes (medians, ms): " + ", ".join(
+        f"{name} {statistics.median(v) * 1000:.1f}" for name, v in phases.items()))
 
 
 if __name__ == "__main__":

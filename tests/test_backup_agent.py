@@ -53,14 +53,14 @@ class Bk(Vol):
         return job.gc_result
 
     def list(self, **filters):
-        return list(self.c.backup_call("ListBackups", b.ListBackupsRequest(backup_point_uuid=self.bp,
+        return list(self.c.list_backups(b.ListBackupsRequest(backup_point_uuid=self.bp,
                                                                             **filters)).backups)
 
     def delete(self, backup_uuid):
-        self.c.backup_call("DeleteBackup", b.DeleteBackupRequest(backup_point_uuid=self.bp, backup_uuid=backup_uuid))
+        self.c.delete_backup(b.DeleteBackupRequest(backup_point_uuid=self.bp, backup_uuid=backup_uuid))
 
     def stats(self):
-        return self.c.backup_call("GetRepositoryStats", b.RepositoryStatsRequest(backup_point_uuid=self.bp))
+        return self.c.get_repository_stats(b.RepositoryStatsRequest(backup_point_uuid=self.bp))
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def test_seed_002_pools(cluster, ceph):
                               "Status", "AllocatedCapacity", "LimitHost"}
         pid = pool["UUID"]
         with a.client() as ac:  # the agent serves it now
-            assert ac.volume_call("GetPoolStatus", v.PoolRef(pool_uuid=pid)).status == "healthy"
+            assert ac.get_pool_status(v.PoolRef(pool_uuid=pid)).status == "healthy"
         check_error(op.post("/v1/pool/share/create", json=body), 409, "pool_name")
         listed = check_ok(op.post("/v1/pool/share/list", json=dict(seed_example("002", "/v1/pool/share/list"),
                                                                    cluster_uuid=create["cluster_uuid"])))
@@ -104,7 +104,7 @@ def test_seed_002_pools(cluster, ceph):
                     cluster_uuid=create["cluster_uuid"])
         check_ok(op.post("/v1/pool/share/delete", json=dele))
         with a.client() as ac:
-            assert rpc_error(lambda: ac.volume_call("GetPoolStatus", v.PoolRef(pool_uuid=pid))).code().name == \
+            assert rpc_error(lambda: ac.get_pool_status(v.PoolRef(pool_uuid=pid))).code().name == \
                 "NOT_FOUND"
         check_ok(op.post("/v1/pool/share/delete", json=dict(dele, pool_uuid=rbd_pool["UUID"])))
         assert check_ok(op.post("/v1/pool/share/list", json={"cluster_uuid": create["cluster_uuid"]}))[
@@ -135,7 +135,7 @@ def test_seed_002_nfs_pool_as_written(cluster, nfs_server, short_tmp):
             2, "healthy", "127.0.0.1", source, [host])
         assert pool["Capacity"] > 0
         with a.client() as ac:
-            assert ac.volume_call("GetPoolStatus", v.PoolRef(pool_uuid=pool["UUID"])).type == "nfs"
+            assert ac.get_pool_status(v.PoolRef(pool_uuid=pool["UUID"])).type == "nfs"
         cluster_uuid = create["cluster_uuid"]
         vc = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=pool["UUID"], cluster_uuid=cluster_uuid,
                   capacity=16 << 20)

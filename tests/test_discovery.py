@@ -76,7 +76,7 @@ def test_every_remote_type_through_the_agent(remote_agent):
     a, lun, _ = remote_agent
     with a.client() as c:
         statuses = {s.backup_point_uuid: s for s in
-                    c.backup_call("ListBackupPoints", b.ListBackupPointsRequest()).backup_points}
+                    c.list_backup_points(b.ListBackupPointsRequest()).backup_points}
         for bp in (NFS_BP, SMB_BP, ISCSI_BP, DISK_BP):
             assert statuses[bp].status in ("healthy", "degraded"), statuses[bp]
             assert statuses[bp].total_bytes > 0 and statuses[bp].latency_ms > 0
@@ -94,7 +94,7 @@ def test_every_remote_type_through_the_agent(remote_agent):
             assert restored.image_digest == want == k.digest(restored.volume_uuid)
             assert k.verify(full.backup_uuid).state == jobs_pb2.JOB_STATE_SUCCEEDED
             assert [x.uuid for x in k.list()] == [full.backup_uuid]
-            st = c.backup_call("CheckBackupPoint", b.BackupPointRef(backup_point_uuid=bp))
+            st = c.check_backup_point(b.BackupPointRef(backup_point_uuid=bp))
             assert st.repository and st.status in ("healthy", "degraded")
     log = a.log_text()
     for secret in (lun.secret, "wrong-password-31337"):
@@ -105,32 +105,31 @@ def test_status_unreachable_then_reconnect(remote_agent, nfs_server):
     a, _, _ = remote_agent
     with a.client() as c:
         ref = b.BackupPointRef(backup_point_uuid=NFS_BP)
-        assert c.backup_call("CheckBackupPoint", ref).status in ("healthy", "degraded")
+        assert c.check_backup_point(ref).status in ("healthy", "degraded")
         nfs_server.stop()
         try:
-            st = c.backup_call("CheckBackupPoint", ref)
+            st = c.check_backup_point(ref)
             assert st.status == "unreachable" and st.error_code == "TARGET_UNREACHABLE", st
             assert "nfs://127.0.0.1" in st.error
         finally:
             nfs_server.start()
-        st = c.backup_call("ReconnectBackupPoint", ref)
+        st = c.reconnect_backup_point(ref)
         assert st.status in ("healthy", "degraded"), st
 
 
 def test_discovery_and_host_facts_rpcs(remote_agent, tgt_server):
     a, lun, _ = remote_agent
     with a.client() as c:
-        fc = c.host.ListFcDevices(h.ListFcDevicesRequest(fc_only=True), metadata=c.metadata)
+        fc = c.list_fc_devices(h.ListFcDevicesRequest(fc_only=True))
         assert sorted(d.id for d in fc.devices) == sorted([f"wwn-0x{WWID_A}", f"wwn-0x{WWID_B}"])
         assert [x.host for x in fc.hbas] == ["host5", "host6"]
-        every = c.host.ListFcDevices(h.ListFcDevicesRequest(), metadata=c.metadata)
+        every = c.list_fc_devices(h.ListFcDevicesRequest())
         assert len(every.devices) == 3
-        found = c.host.DiscoverIscsi(h.DiscoverIscsiRequest(ip="127.0.0.1", port=tgt_server.port,
-                                                           username=lun.user, secret=lun.secret),
-                                     metadata=c.metadata)
+        found = c.discover_iscsi(h.DiscoverIscsiRequest(ip="127.0.0.1", port=tgt_server.port,
+                                                        username=lun.user, secret=lun.secret))
         mine = [t for t in found.targets if t.iqn == lun.iqn]
         assert mine and [(x.lun, x.size_bytes) for x in mine[0].luns] == [(1, 256 * MiB)]
-        facts = c.host.GetHostFacts(h.GetHostFactsRequest(), metadata=c.metadata)
+        facts = c.host_facts()
         assert facts.cpus >= 1 and facts.memory_total_bytes > 0
         lo = [n for n in facts.nics if n.name == "lo"]
         assert lo and any(x.address == "127.0.0.1" and x.prefixlen == 8 for x in lo[0].addresses)

@@ -792,7 +792,7 @@ def test_a_fallback_says_why_in_the_task_the_backup_record_and_the_log(short_tmp
                 ("fallback", reason)
             assert listed[first]["Mode"] == "full" and "no earlier backup" in listed[first]["ModeReason"]
         with a.client() as ac:
-            b = ac.backup_call("GetBackup", backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"],
+            b = ac.get_backup(backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"],
                                                                          backup_uuid=started["backup"]["UUID"]))
             assert (b.mode, b.mode_reason) == ("fallback", reason)
         log = a.log_text()
@@ -1045,7 +1045,7 @@ def test_kill_9_of_the_controller_mid_task(short_tmp, make_agent):
             assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
             digest = ac.run("sum-restored", checksum=jobs_pb2.ChecksumSpec(
                 pool_uuid=vol["PoolUUID"], volume_uuid=restore["volume"]["UUID"])).checksum_result.image_digest
-            first_digest = ac.backup_call("GetBackup", backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"],
+            first_digest = ac.get_backup(backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"],
                                                                                     backup_uuid=first))
             assert digest == first_digest.image_digest
     finally:

@@ -58,7 +58,7 @@ def server_info(path: Path) -> dict:
 
 def test_volumes_snapshots_rollback_and_changes_on_nfs(nfs_agent):
     n = nfs_agent
-    st = n.c.volume_call("GetPoolStatus", v.PoolRef(pool_uuid=n.pool))
+    st = n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool))
     assert st.type == "nfs" and st.status == "healthy" and st.total_bytes > 0
     vid = n.create(capacity=32 * MiB, name="on-nfs").uuid
     info = n.call("GetVolume", volume_uuid=vid)
@@ -118,7 +118,7 @@ def test_clones_within_and_across_nfs_and_dir_pools(nfs_agent):
     job = n.clone(vid, s1.uuid, to_dir, name="to-dir", linked=False, target_pool=POOL_UUID)
     assert job.state == OK and job.progress.percent == 100, job.error
     assert n.digest(to_dir, pool=POOL_UUID) == d1
-    sd = n.c.volume_call("CreateSnapshot", v.CreateSnapshotRequest(pool_uuid=POOL_UUID, volume_uuid=to_dir,
+    sd = n.c.create_snapshot(v.CreateSnapshotRequest(pool_uuid=POOL_UUID, volume_uuid=to_dir,
                                                                    snapshot_uuid=new_id(), name="sd"))
     back = new_id()
     job = n.c.run(f"clone-{back}", clone=jobs_pb2.CloneSpec(
@@ -209,13 +209,13 @@ def test_nfs_server_down_then_back(nfs_agent, nfs_server):
     d = n.digest(vid)
     nfs_server.stop()
     try:
-        st = n.c.volume_call("GetPoolStatus", v.PoolRef(pool_uuid=n.pool))
+        st = n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool))
         assert st.status == "unreachable" and st.error
         e = rpc_error(n.snap, vid, "while-down")
         assert e.code() == grpc.StatusCode.UNAVAILABLE and n.pool in e.details(), e.details()
     finally:
         nfs_server.start()
-    assert n.c.volume_call("GetPoolStatus", v.PoolRef(pool_uuid=n.pool)).status == "healthy"
+    assert n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool)).status == "healthy"
     s = n.snap(vid, "after")
     assert n.digest(vid, s.uuid) == d
     assert [x.name for x in n.call("ListSnapshots", volume_uuid=vid).snapshots] == ["after"]

@@ -12,7 +12,7 @@ from test_qcow2 import MiB, rpc_error
 
 
 def attach(c, **kw):
-    return c.volume_call("AttachPool", v.AttachPoolRequest(**kw))
+    return c.attach_pool(v.AttachPoolRequest(**kw))
 
 
 def test_attach_dir_pool_survives_restart_and_detach_rules(make_agent):
@@ -30,18 +30,18 @@ def test_attach_dir_pool_survives_restart_and_detach_rules(make_agent):
         err = rpc_error(lambda: attach(c, pool_uuid=str(uuid.uuid4()), type="ftp", path=path))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "type" in err.details()
         vol = str(uuid.uuid4())
-        c.volume_call("CreateVolume", v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="x",
+        c.create_volume(v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="x",
                                                             capacity=4 * MiB))
     assert a.stop() == 0
     a.start()  # the attached pool comes back from <state_dir>/pools.d
     with a.client() as c:
-        assert c.volume_call("GetVolume", v.VolumeRef(pool_uuid=pool, volume_uuid=vol)).capacity == 4 * MiB
-        err = rpc_error(lambda: c.volume_call("DetachPool", v.DetachPoolRequest(pool_uuid=pool)))
+        assert c.get_volume(v.VolumeRef(pool_uuid=pool, volume_uuid=vol)).capacity == 4 * MiB
+        err = rpc_error(lambda: c.detach_pool(v.DetachPoolRequest(pool_uuid=pool)))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "HAS_DEPENDENTS" in err.details()
-        err = rpc_error(lambda: c.volume_call("DetachPool", v.DetachPoolRequest(pool_uuid=a.pool_uuid)))
+        err = rpc_error(lambda: c.detach_pool(v.DetachPoolRequest(pool_uuid=a.pool_uuid)))
         assert "config file" in err.details()
-        c.volume_call("DetachPool", v.DetachPoolRequest(pool_uuid=pool, force=True))
-        err = rpc_error(lambda: c.volume_call("GetPoolStatus", v.PoolRef(pool_uuid=pool)))
+        c.detach_pool(v.DetachPoolRequest(pool_uuid=pool, force=True))
+        err = rpc_error(lambda: c.get_pool_status(v.PoolRef(pool_uuid=pool)))
         assert err.code() == grpc.StatusCode.NOT_FOUND
     assert a.stop() == 0
 
@@ -53,10 +53,10 @@ def test_attach_rbd_pool(make_agent, ceph):
         st = attach(c, pool_uuid=pool, type="rbd", ceph_conf=str(ceph.conf), rbd_pool="rbd")
         assert st.status == "healthy" and st.type == "rbd"
         vol = str(uuid.uuid4())
-        info = c.volume_call("CreateVolume", v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="r",
+        info = c.create_volume(v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="r",
                                                                    capacity=8 * MiB))
         assert info.capacity == 8 * MiB
-        c.volume_call("DeleteVolume", v.DeleteVolumeRequest(pool_uuid=pool, volume_uuid=vol))
+        c.delete_volume(v.DeleteVolumeRequest(pool_uuid=pool, volume_uuid=vol))
         err = rpc_error(lambda: attach(c, pool_uuid=str(uuid.uuid4()), type="rbd", ceph_conf="/nope.conf",
                                        rbd_pool="rbd"))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "ceph_conf" in err.details()
@@ -70,18 +70,18 @@ def test_attach_backup_points_local_and_nfs(make_agent, nfs_server):
     a = make_agent().start()
     local, nfs = str(uuid.uuid4()), str(uuid.uuid4())
     with a.client() as c:
-        st = c.backup_call("AttachBackupPoint", b.AttachBackupPointRequest(
+        st = c.attach_backup_point(b.AttachBackupPointRequest(
             backup_point_uuid=local, type="local", path=str(a.roots[0] / "bp-attached"), password="pw-attach-1"))
         assert st.status in ("healthy", "degraded") and st.repository
-        st = c.backup_call("AttachBackupPoint", b.AttachBackupPointRequest(
+        st = c.attach_backup_point(b.AttachBackupPointRequest(
             backup_point_uuid=nfs, type="nfs", ip="127.0.0.1", port=nfs_server.nfs_port,
             mount_port=nfs_server.mount_port, root_dir=str(nfs_server.export), sub_dir=f"att-{nfs[:8]}",
             chunk_size=1 << 20))
         assert st.status in ("healthy", "degraded") and st.type == "nfs"
-        err = rpc_error(lambda: c.backup_call("AttachBackupPoint", b.AttachBackupPointRequest(
+        err = rpc_error(lambda: c.attach_backup_point(b.AttachBackupPointRequest(
             backup_point_uuid=str(uuid.uuid4()), type="local", path="/etc")))
         assert "PATH_NOT_ALLOWED" in err.details()
-        err = rpc_error(lambda: c.backup_call("AttachBackupPoint", b.AttachBackupPointRequest(
+        err = rpc_error(lambda: c.attach_backup_point(b.AttachBackupPointRequest(
             backup_point_uuid=str(uuid.uuid4()), type="nfs", ip="", root_dir="/x")))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "ip" in err.details()
         k = Bk(a, c, bp=nfs)
@@ -96,8 +96,8 @@ def test_attach_backup_points_local_and_nfs(make_agent, nfs_server):
         k = Bk(a, c, bp=nfs)
         restored = k.restore(full.backup_uuid)
         assert restored.image_digest == k.digest(vol, s1)
-        c.backup_call("DetachBackupPoint", b.BackupPointRef(backup_point_uuid=nfs))
-        err = rpc_error(lambda: c.backup_call("CheckBackupPoint", b.BackupPointRef(backup_point_uuid=nfs)))
+        c.detach_backup_point(b.BackupPointRef(backup_point_uuid=nfs))
+        err = rpc_error(lambda: c.check_backup_point(b.BackupPointRef(backup_point_uuid=nfs)))
         assert err.code() == grpc.StatusCode.NOT_FOUND
     stored = (a.workdir / "state" / "backup_points.d" / f"{local}.json")
     assert stored.stat().st_mode & 0o777 == 0o600

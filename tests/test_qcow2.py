@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ import grpc
 import pytest
 
 from agent import native
+from agent.errors import BlockferryError
 from agent.api.v1 import jobs_pb2, volumes_pb2 as v
 from agent.volumes.nbd import NbdClient, QemuNbd
 from conftest import POOL2_UUID, POOL_UUID
@@ -63,7 +65,7 @@ class Vol:
                     "ListSnapshots": v.VolumeRef, "GetSnapshotTree": v.VolumeRef,
                     "GetExtents": v.GetExtentsRequest, "GetChangedExtents": v.GetChangedExtentsRequest}[method]
         kw.setdefault("pool_uuid", self.pool)
-        return self.c.volume_call(method, req_type(**kw))
+        return getattr(self.c, re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower())(req_type(**kw))
 
     def create(self, capacity=CAP, name="vol", **kw):
         vid = kw.pop("volume_uuid", new_id())
@@ -103,10 +105,25 @@ def vol(agent):
         yield Vol(agent, c)
 
 
-def rpc_error(fn, *a, **kw) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as e:
+class WireError:
+    """How a failed agent call went over the wire: its gRPC status (code())
+    and details ("CODE: message", as the agent sent them)."""
+
+    def __init__(self, error: BlockferryError):
+        self.error = error
+
+    def code(self) -> grpc.StatusCode:
+        return self.error.status
+
+    def details(self) -> str:
+        return f"{self.error.code}: {self.error.message}"
+
+
+def rpc_error(fn, *a, **kw) -> WireError:
+    with pytest.raises(BlockferryError) as e:
         fn(*a, **kw)
-    return e.value
+    assert e.value.status is not None, "not an agent's answer"
+    return WireError(e.value)
 
 
 def no_qemu_nbd_left(workdir: Path) -> bool:

@@ -96,7 +96,7 @@ def test_create_info_features_delete(rv, ceph_io):
     # diff_iterate reports a new object from its start: a superset within the touched objects
     assert MiB + 4096 <= got.used <= 2 * OBJ and got.name == "rbd-disk"
     assert info.uuid in [v.uuid for v in rv.call("ListVolumes").volumes]
-    st = rv.c.volume_call("GetPoolStatus", __import__("agent.api.v1.volumes_pb2", fromlist=["x"]).PoolRef(
+    st = rv.c.get_pool_status(__import__("agent.api.v1.volumes_pb2", fromlist=["x"]).PoolRef(
         pool_uuid=RBD_POOL_UUID))
     assert st.status == "healthy" and st.total_bytes > 0 and st.type == "rbd"
     e = rpc_error(rv.create, volume_uuid=info.uuid)
@@ -394,7 +394,7 @@ def test_cluster_stopped_mid_operation(make_agent, ceph, ceph_io):
             assert job.error.code == "IO_ERROR" and ("did not answer" in job.error.message or "failed" in
                                                      job.error.message)
             assert time.monotonic() - t0 < 60
-            st = c.volume_call("GetPoolStatus", volumes_pb2.PoolRef(pool_uuid=P))
+            st = c.get_pool_status(volumes_pb2.PoolRef(pool_uuid=P))
             assert st.status == "unreachable" and st.error
             assert c.host_info().version  # the agent is up
     finally:
@@ -403,7 +403,7 @@ def test_cluster_stopped_mid_operation(make_agent, ceph, ceph_io):
         rv = Vol(a, c, pool=P)
         deadline = time.monotonic() + 60
         while True:  # reconnects by itself
-            st = c.volume_call("GetPoolStatus", volumes_pb2.PoolRef(pool_uuid=P))
+            st = c.get_pool_status(volumes_pb2.PoolRef(pool_uuid=P))
             if st.status == "healthy" or time.monotonic() > deadline:
                 break
             time.sleep(0.5)

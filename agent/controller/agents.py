@@ -1,7 +1,8 @@
-"""Calls from the controller to agents, at the address each registered:
-one channel per address, TLS (and mutual TLS) for host:port agents, the
-agents' bearer token, a deadline on every call. An agent's error keeps its
-code; an agent that does not answer is TARGET_UNREACHABLE naming the host."""
+"""The controller's agents: one channel per address (TLS and mutual TLS
+for host:port agents), the agents' bearer token, and the typed client
+(agent.client.AgentClient) on it for each host, whose errors keep the
+agent's code and name the host; a call's deadline is 60 s unless it says
+otherwise."""
 from __future__ import annotations
 
 import json
@@ -9,13 +10,12 @@ import threading
 
 import grpc
 
-from agent import errors
-from agent.api.v1 import backups_pb2, backups_pb2_grpc, host_pb2_grpc, jobs_pb2_grpc, volumes_pb2_grpc
+from agent.api.v1 import backups_pb2
+from agent.client import AgentClient
 from agent.controller.config import ControllerConfig
-from agent.controller.models import BackupPoint
+from agent.controller.models import BackupPoint, Host
 
-STUBS = {"volumes": volumes_pb2_grpc.VolumeServiceStub, "jobs": jobs_pb2_grpc.JobServiceStub,
-         "host": host_pb2_grpc.HostServiceStub, "backups": backups_pb2_grpc.BackupServiceStub}
+CALL_TIMEOUT = 60.0
 
 
 class AgentClients:
@@ -41,31 +41,16 @@ class AgentClients:
                 self._channels[address] = ch
             return ch
 
-    def call(self, host, service: str, method: str, request, *, timeout: float = 60.0):
-        stub = STUBS[service](self._channel(host.address))
-        metadata = [("authorization", f"Bearer {self.cfg.agent_auth_token}")] if self.cfg.agent_auth_token else []
-        try:
-            return getattr(stub, method)(request, metadata=metadata, timeout=timeout)
-        except grpc.RpcError as e:
-            raise agent_error(host, e) from None
+    def client(self, host: Host) -> AgentClient:
+        """The agent of a host (the channel is kept here, not by the client)."""
+        return AgentClient(channel=self._channel(host.address), token=self.cfg.agent_auth_token,
+                           where=f"host {host.hostname or host.uuid}", timeout=CALL_TIMEOUT)
 
     def close(self) -> None:
         with self._lock:
             for ch in self._channels.values():
                 ch.close()
             self._channels.clear()
-
-
-def agent_error(host, e: grpc.RpcError) -> errors.BlockferryError:
-    details = e.details() or ""
-    code, sep, message = details.partition(": ")
-    name = host.hostname or host.uuid
-    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not (sep and code.isupper()):
-        return errors.TargetUnreachable(f"host {name}: the agent does not answer ({e.code().name})",
-                                        field="host_uuid")
-    if sep and code.replace("_", "").isalpha() and code.isupper():
-        return errors.from_code(code, f"host {name}: {message}")
-    return errors.BlockferryError(f"host {name}: {e.code().name}")
 
 
 def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPointRequest:

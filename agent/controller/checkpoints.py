@@ -121,7 +121,7 @@ def create(ctx: ControllerContext, vault_id: str, *, due_at: float, manual: bool
         snap = str(uuidlib.uuid4())
         stamp = datetime.fromtimestamp(due_at, timezone.utc).strftime("%Y%m%d-%H%M%S")
         try:
-            ctx.agents.call(host, "volumes", "CreateSnapshot", volumes_pb2.CreateSnapshotRequest(
+            ctx.agents.client(host).create_snapshot(volumes_pb2.CreateSnapshotRequest(
                 pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=snap, name=f"cbr-{stamp}-{cp_id[:8]}",
                 description=f"blockferry checkpoint {cp_id} of vault {vault_name}"))
         except BlockferryError as e:
@@ -218,7 +218,7 @@ def _delete_snapshot(ctx: ControllerContext, vol: Volume, snap: str) -> None:
         log.warning("snapshot left: no host", extra={"volume": vol.uuid, "snapshot": snap})
         return
     try:
-        ctx.agents.call(hosts[0], "volumes", "DeleteSnapshot", volumes_pb2.SnapshotRef(
+        ctx.agents.client(hosts[0]).delete_snapshot(volumes_pb2.SnapshotRef(
             pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=snap))
     except NotFound:
         pass

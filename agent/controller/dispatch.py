@@ -6,8 +6,10 @@
   A task of a backup point alone (verify, gc) goes to a host whose
   heartbeat reports that backup point (it reaches its data). A backup
   point is attached on the chosen host first (idempotent).
-- Running tasks are polled (GetJob); progress, then the result or the
-  error, land in the task and in the object it creates.
+- Running tasks are followed by a WatchJob stream each (a thread per
+  running task): progress as the agent reports it, then the result or the
+  error, land in the task and in the object it creates the moment the
+  agent's job ends.
 - A host that stops sending heartbeats: its running tasks fail with a
   reason naming it, and run again on another eligible host when the
   operation is idempotent (up to MAX_ATTEMPTS); waiting tasks simply go to
@@ -17,25 +19,29 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 from google.protobuf.json_format import MessageToDict, ParseDict
 from sqlalchemy import select
 
 from agent.api.v1 import backups_pb2, jobs_pb2
+from agent.client import JobStream
 from agent.controller.agents import backup_point_request
 from agent.controller.inventory import host_state
 from agent.controller.models import Backup, BackupPoint, Host, Pool, Task, Volume
-from agent.errors import BlockferryError, Busy, TargetUnreachable
+from agent.errors import BlockferryError, Busy, NotFound, TargetUnreachable
 
 log = logging.getLogger("controller.dispatch")
 MAX_ATTEMPTS = 3
 WAIT_LIMIT = 3600.0  # a task nobody could run for this long: timeout
-FOLLOW_EVERY = 0.25  # seconds between two polls of one running task
+FOLLOW_EVERY = 0.25  # seconds between two progress writes of one running task
+STREAM_RETRY = 1.0  # seconds before a dropped WatchJob stream is opened again
 SPECS = {"clone": jobs_pb2.CloneSpec, "backup": jobs_pb2.BackupSpec, "restore": jobs_pb2.RestoreSpec,
          "gc": jobs_pb2.GcSpec, "verify": jobs_pb2.VerifySpec}
 FINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
@@ -96,11 +102,14 @@ class Dispatcher:
         self._wake = threading.Event()
         self.metrics = None  # agent.controller.metrics.ControllerMetrics, when served
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
-        self._followed: dict[str, float] = {}
         self._submitting: dict[str, str] = {}  # task id -> host, while its SubmitJob is on the way
-        from concurrent.futures import ThreadPoolExecutor
-        self._pool = ThreadPoolExecutor(8, thread_name_prefix="follow")
+        self._watching: dict[str, JobStream | None] = {}  # agent job id -> the WatchJob stream following it
+        self._retry_at: dict[str, float] = {}  # task id -> when its broken stream may be opened again
+        self._lock = threading.Lock()
         self._submit_pool = ThreadPoolExecutor(8, thread_name_prefix="submit")
+        self._attached: dict[tuple[str, str], bytes] = {}  # (host, backup point) -> digest of the definition sent
+        self._changed = threading.Condition()
+        self._version = 0  # bumped when a task's progress or state is written
 
     def start(self) -> "Dispatcher":
         self._thread.start()
@@ -110,12 +119,27 @@ class Dispatcher:
         self._stop.set()
         self._wake.set()
         self._thread.join(10)
-        self._pool.shutdown(wait=False)
         self._submit_pool.shutdown(wait=False)
 
     def wake(self) -> None:
         """A new task: look now instead of at the next tick."""
         self._wake.set()
+
+    @property
+    def version(self) -> int:
+        """Changes so far: pass it to wait_for_change before reading a task."""
+        return self._version
+
+    def wait_for_change(self, seen: int, timeout: float) -> None:
+        """Return when a task's progress or state was written after version
+        `seen` (a REST caller waiting for a task's end), or after timeout."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != seen, timeout)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -128,9 +152,10 @@ class Dispatcher:
 
     # --- one round ---
     def tick(self) -> None:
-        """Place waiting tasks first (dispatch latency is what callers feel),
-        then follow the running ones, a few at a time in parallel, at most
-        every FOLLOW_EVERY seconds each."""
+        """Place waiting tasks first (dispatch latency is what callers feel);
+        then make sure every running task is followed by a WatchJob stream
+        (after a controller restart, or a stream the agent dropped), and
+        move the tasks of hosts that stopped answering."""
         with self.db.session() as s:
             hosts = {h.uuid: h for h in s.scalars(select(Host)).all()}
             running = s.scalars(select(Task).where(Task.status == "running")).all()
@@ -142,14 +167,15 @@ class Dispatcher:
             if t.id not in self._submitting:
                 self._place(t, hosts, load)
         now = time.monotonic()
-        due = [t for t in running if now - self._followed.get(t.id, 0.0) >= FOLLOW_EVERY]
-        for t in due:
-            self._followed[t.id] = now
-        if due:
-            list(self._pool.map(lambda t: self._follow(t, hosts), due))
+        for t in running:
+            host = hosts.get(t.host_uuid)
+            if not self._online(host):
+                self._host_lost(t, host)
+            elif t.agent_job_id not in self._watching and now >= self._retry_at.get(t.id, 0.0):
+                self._follow(t, host)
         live = {t.id for t in running}
-        for tid in [k for k in self._followed if k not in live]:
-            del self._followed[tid]
+        for tid in [k for k in self._retry_at if k not in live]:
+            del self._retry_at[tid]
 
     def _online(self, h: Host | None) -> bool:
         return h is not None and host_state(h, self.cfg.host_dead_after) == "online"
@@ -184,16 +210,16 @@ class Dispatcher:
         try:
             for host in candidates:
                 try:
-                    if t.backup_point_uuid:
-                        with self.db.session() as s:
-                            bp = s.get(BackupPoint, t.backup_point_uuid)
-                        if bp is None:
-                            raise BlockferryError(f"backup point {t.backup_point_uuid} was deleted")
-                        self.agents.call(host, "backups", "AttachBackupPoint", backup_point_request(bp, self.secrets))
+                    attached = self._attach(t, host)
                     job_id = f"{t.id}.{t.attempts}"
                     spec = ParseDict(json.loads(t.spec_json), SPECS[t.job_kind]())
-                    self.agents.call(host, "jobs", "SubmitJob", jobs_pb2.SubmitJobRequest(job_id=job_id,
-                                                                                          **{t.job_kind: spec}))
+                    try:
+                        self.agents.client(host).submit(job_id, **{t.job_kind: spec})
+                    except NotFound as e:  # the agent lost a definition we sent it before: once more, with it
+                        if attached or e.field != "backup_point_uuid":
+                            raise
+                        self._attach(t, host, force=True)
+                        self.agents.client(host).submit(job_id, **{t.job_kind: spec})
                 except (TargetUnreachable, Busy) as e:
                     log.info("host cannot take the task now", extra={"task": t.id, "host": host.uuid,
                                                                      "why": e.message})
@@ -212,36 +238,94 @@ class Dispatcher:
                     row.status, row.host_uuid, row.agent_job_id = "running", host.uuid, job_id
                     row.started_at = row.started_at or time.time()
                 log.info("task dispatched", extra={"task": t.id, "host": host.uuid, "kind": t.job_kind})
+                t.status, t.host_uuid, t.agent_job_id = "running", host.uuid, job_id
+                self._follow(t, host)  # at once: the job may be over in milliseconds
                 return
         except Exception:
             log.exception("dispatching a task failed", extra={"task": t.id})
         finally:
             self._submitting.pop(t.id, None)
 
-    def _follow(self, t: Task, hosts: dict[str, Host]) -> None:
-        host = hosts.get(t.host_uuid)
-        if not self._online(host):
-            name = host.hostname if host else t.host_uuid
-            if t.idempotent and t.attempts + 1 < MAX_ATTEMPTS:
-                with self.db.session() as s:
-                    row = s.get(Task, t.id)
-                    row.status, row.attempts, row.host_uuid, row.progress = "waiting", row.attempts + 1, "", 0.0
-                    row.error_message = f"host {name} stopped answering; running it again on another host"
-                log.warning("host lost: task re-queued", extra={"task": t.id, "host": t.host_uuid})
-            else:
-                self._finish(t, "failed", "HOST_LOST", f"host {name} stopped answering while the task ran")
-            return
-        try:
-            job = self.agents.call(host, "jobs", "GetJob", jobs_pb2.GetJobRequest(job_id=t.agent_job_id), timeout=10)
-        except TargetUnreachable:
-            return  # the heartbeat decides whether the host is gone
-        except BlockferryError as e:
-            self._finish(t, "failed", e.code, e.message)
-            return
-        if job.state not in FINAL:
+    def _attach(self, t: Task, host: Host, *, force: bool = False) -> bool:
+        """Send the task's backup point to the host unless it has this very
+        definition from us already (the agent keeps what it was sent across
+        restarts; a changed definition, a new password, is sent again).
+        Returns whether it was sent now."""
+        if not t.backup_point_uuid:
+            return False
+        with self.db.session() as s:
+            bp = s.get(BackupPoint, t.backup_point_uuid)
+        if bp is None:
+            raise BlockferryError(f"backup point {t.backup_point_uuid} was deleted")
+        req = backup_point_request(bp, self.secrets)
+        digest = hashlib.sha256(req.SerializeToString(deterministic=True)).digest()
+        key = (host.uuid, bp.uuid)
+        if not force and self._attached.get(key) == digest:
+            return False
+        self.agents.client(host).attach_backup_point(req)
+        self._attached[key] = digest
+        return True
+
+    def _host_lost(self, t: Task, host: Host | None) -> None:
+        with self._lock:  # its stream may hang on a cut link: end it
+            stream = self._watching.get(t.agent_job_id)
+        if stream is not None:
+            stream.cancel()
+        name = host.hostname if host else t.host_uuid
+        if t.idempotent and t.attempts + 1 < MAX_ATTEMPTS:
             with self.db.session() as s:
-                s.get(Task, t.id).progress = round(job.progress.percent, 1)
-            return
+                row = s.get(Task, t.id)
+                row.status, row.attempts, row.host_uuid, row.progress = "waiting", row.attempts + 1, "", 0.0
+                row.error_message = f"host {name} stopped answering; running it again on another host"
+            log.warning("host lost: task re-queued", extra={"task": t.id, "host": t.host_uuid})
+        else:
+            self._finish(t, "failed", "HOST_LOST", f"host {name} stopped answering while the task ran")
+
+    def _follow(self, t: Task, host: Host) -> None:
+        """Follow a running task's job through a WatchJob stream of its own
+        thread: progress as the agent reports it (written at most every
+        FOLLOW_EVERY seconds), and the end at once."""
+        with self._lock:
+            if t.agent_job_id in self._watching:
+                return
+            self._watching[t.agent_job_id] = None
+        threading.Thread(target=self._watch, args=(t, host), name=f"watch-{t.id[:8]}", daemon=True).start()
+
+    def _watch(self, t: Task, host: Host) -> None:
+        written, percent = 0.0, t.progress
+        try:
+            stream = self.agents.client(host).watch(t.agent_job_id)
+            with self._lock:
+                self._watching[t.agent_job_id] = stream
+            for job in stream:
+                if self._stop.is_set():
+                    return
+                if job.state in FINAL:
+                    self._ended(t, host, job)
+                    return
+                now = time.monotonic()
+                if round(job.progress.percent, 1) != percent and now - written >= FOLLOW_EVERY:
+                    written, percent = now, round(job.progress.percent, 1)
+                    with self.db.session() as s:
+                        s.get(Task, t.id).progress = percent
+                    self._notify()
+            self._retry_at[t.id] = time.monotonic() + STREAM_RETRY  # ended without a final state
+        except TargetUnreachable:  # the agent restarts, or is away: the heartbeat decides whether it is gone
+            self._retry_at[t.id] = time.monotonic() + STREAM_RETRY
+        except BlockferryError as e:  # the agent no longer knows the job (its journal was lost)
+            self._finish(t, "failed", e.code, e.message)
+        except Exception:
+            log.exception("following a task failed", extra={"task": t.id})
+            self._retry_at[t.id] = time.monotonic() + STREAM_RETRY
+        finally:
+            with self._lock:
+                self._watching.pop(t.agent_job_id, None)
+
+    def _ended(self, t: Task, host: Host, job: jobs_pb2.Job) -> None:
+        with self.db.session() as s:
+            row = s.get(Task, t.id)
+            if row is None or row.status != "running" or row.agent_job_id != t.agent_job_id:
+                return  # moved meanwhile (its host was taken for lost): another attempt owns the task now
         field = f"{t.job_kind}_result"
         result = MessageToDict(getattr(job, field), preserving_proto_field_name=True) \
             if job.HasField(field) else None  # a failed verify lists what it found damaged
@@ -263,12 +347,12 @@ class Dispatcher:
         try:
             if t.resource_type == "volume":
                 pool = spec.get("target_pool_uuid") or spec.get("pool_uuid")
-                info = self.agents.call(host, "volumes", "GetVolume", volumes_pb2.VolumeRef(
+                info = self.agents.client(host).get_volume(volumes_pb2.VolumeRef(
                     pool_uuid=pool, volume_uuid=t.resource_uuid), timeout=30)
                 return {"pool_uuid": pool, "volume_uuid": info.uuid, "access_path": info.access_path,
                         "capacity": info.capacity, "adopted": True}
             if t.resource_type == "backup":
-                b = self.agents.call(host, "backups", "GetBackup", backups_pb2.GetBackupRequest(
+                b = self.agents.client(host).get_backup(backups_pb2.GetBackupRequest(
                     backup_point_uuid=t.backup_point_uuid, backup_uuid=t.resource_uuid), timeout=30)
                 return {"backup_uuid": b.uuid, "mode": b.mode, "size": b.size, "image_digest": b.image_digest,
                         "adopted": True}
@@ -288,6 +372,7 @@ class Dispatcher:
                 row.result_json = json.dumps(result or {})
             self._apply(s, row, result or {})
             operation, started = row.operation_type, row.started_at or now
+        self._notify()
         if self.metrics is not None:
             self.metrics.task_ended(operation, status, now - started, result or {})
         log.info("task ended", extra={"task": t.id, "status": status, "code": code})

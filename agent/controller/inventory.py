@@ -64,9 +64,9 @@ def remove_backup(ctx: ControllerContext, bid: str, field: str = "backup_uuid") 
     if b.status == "BackupSucceeded" and bp is not None:
         if not hosts:
             raise TargetUnreachable(f"{field}: no online host can reach its backup point", field=field)
-        ctx.agents.call(hosts[0], "backups", "AttachBackupPoint", backup_point_request(bp, ctx.secrets))
+        ctx.agents.client(hosts[0]).attach_backup_point(backup_point_request(bp, ctx.secrets))
         try:
-            ctx.agents.call(hosts[0], "backups", "DeleteBackup", backups_pb2.DeleteBackupRequest(
+            ctx.agents.client(hosts[0]).delete_backup(backups_pb2.DeleteBackupRequest(
                 backup_point_uuid=bp.uuid, backup_uuid=bid))
         except NotFound:
             pass  # gone from the repository already

@@ -138,7 +138,7 @@ class BackupKind(JobKind):
         pool.snapshot_info(spec.volume_uuid, spec.snapshot_uuid)
         repo = self.points.get(spec.backup_point_uuid).repository()
         check_uuid(spec.backup_uuid, "backup_uuid")
-        if spec.backup_uuid in repo.backup_ids():
+        if repo.has_backup(spec.backup_uuid):
             raise AlreadyExists(f"backup_uuid: backup {spec.backup_uuid} exists on backup point "
                                 f"{spec.backup_point_uuid}", field="backup_uuid")
         if spec.name:

@@ -395,6 +395,14 @@ class Repository:
         return Manifest.from_bytes(self.sealer.open(raw, f"manifest:{backup_id}".encode(), f"backup {backup_id}"),
                                    backup_id)
 
+    def has_backup(self, backup_id: str) -> bool:
+        """Whether a backup with this id is listed (one lookup, not a listing)."""
+        try:
+            self.store.size(f"manifests/{backup_id}")
+            return True
+        except NotFound:
+            return False
+
     def backup_ids(self) -> list[str]:
         return [n.split("/", 1)[1] for n in self.store.list("manifests")]
 

@@ -27,15 +27,17 @@ class Auth:
             return
         sent = dict(context.invocation_metadata()).get("authorization", "")
         if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
+            context.set_trailing_metadata(((errors.GRPC_CODE_KEY, errors.Unauthenticated.code),))
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED: missing or wrong bearer token")
 
 
 def _abort(context, method, e: BaseException):
-    code, message = errors.grpc_status(e)
+    code, message, trailers = errors.grpc_status(e)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("RPC failed", extra={"rpc": method.__name__})
     else:
         log.info("RPC refused", extra={"rpc": method.__name__, "code": code.name})
+    context.set_trailing_metadata(trailers)  # the error's code and field, for typed clients
     context.abort(code, message)
 
 

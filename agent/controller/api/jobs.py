@@ -296,13 +296,28 @@ def tasks(request: Request, status: str = Query(""), operation_type: str = Query
     return ok({"total_count": total, "tasks": [task_to_json(t) for t in rows]})
 
 @router.get("/v1/tasks/{task_id}")
-def task(task_id: str, request: Request, caller: Caller = Depends(authenticated)):
+def task(task_id: str, request: Request, wait: float = Query(0.0), caller: Caller = Depends(authenticated)):
+    """A task; with wait (seconds, at most 60) the answer comes when the
+    task has ended or its progress moved, or when wait runs out: a caller
+    follows a task without polling."""
     tid = v.uuid(task_id, "task_id")
-    with context(request).db.session() as s:
-        t = s.get(Task, tid)
-    if t is None or not caller.sees(t.tenant):
-        raise NotFound(f"task_id: task {tid} does not exist", field="task_id")
-    return ok(task_to_json(t))
+    if not 0 <= wait <= 60:
+        raise InvalidArgument("wait: must be 0 to 60 seconds", field="wait")
+    ctx = context(request)
+    deadline = time.monotonic() + wait
+    first = None
+    while True:
+        seen = ctx.dispatcher.version if ctx.dispatcher is not None else 0
+        with ctx.db.session() as s:
+            t = s.get(Task, tid)
+        if t is None or not caller.sees(t.tenant):
+            raise NotFound(f"task_id: task {tid} does not exist", field="task_id")
+        state = (t.status, t.progress)
+        first = first or state
+        left = deadline - time.monotonic()
+        if t.status not in ("waiting", "running") or state != first or left <= 0 or ctx.dispatcher is None:
+            return ok(task_to_json(t))
+        ctx.dispatcher.wait_for_change(seen, left)
 
 
 

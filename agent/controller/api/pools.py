@@ -257,15 +257,13 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
     attached, status = [], None
     try:
         for h in hosts:
-            st = state.agents.call(h, "volumes", "AttachPool",
-                                   volumes_pb2.AttachPoolRequest(pool_uuid=pool_uuid, **attach))
+            st = state.agents.client(h).attach_pool(volumes_pb2.AttachPoolRequest(pool_uuid=pool_uuid, **attach))
             attached.append(h)
             status = status or st
     except BlockferryError:
         for h in attached:  # all or nothing
             try:
-                state.agents.call(h, "volumes", "DetachPool",
-                                  volumes_pb2.DetachPoolRequest(pool_uuid=pool_uuid, force=True))
+                state.agents.client(h).detach_pool(volumes_pb2.DetachPoolRequest(pool_uuid=pool_uuid, force=True))
             except BlockferryError:
                 pass
         raise
@@ -297,7 +295,7 @@ def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authen
         if h is None:
             continue
         try:
-            state.agents.call(h, "volumes", "DetachPool", volumes_pb2.DetachPoolRequest(pool_uuid=pid))
+            state.agents.client(h).detach_pool(volumes_pb2.DetachPoolRequest(pool_uuid=pid))
         except NotFound:
             pass  # that host does not serve it (any more)
         except HasDependents:
@@ -340,7 +338,7 @@ def status_check(req: StatusRequest, request: Request, caller: Caller = Depends(
             statuses.append("unreachable")
             continue
         try:
-            st = state.agents.call(h, "volumes", "GetPoolStatus", volumes_pb2.PoolRef(pool_uuid=pid), timeout=30)
+            st = state.agents.client(h).get_pool_status(volumes_pb2.PoolRef(pool_uuid=pid), timeout=30)
             statuses.append(st.status)
             capacity, used = st.total_bytes, st.used_bytes
         except BlockferryError:
@@ -377,7 +375,7 @@ def fc_device_list(req: FcRequest, request: Request, caller: Caller = Depends(au
     out: dict[str, list] = {}
     for h in hosts:
         try:
-            devices = state.agents.call(h, "host", "ListFcDevices", host_pb2.ListFcDevicesRequest(), timeout=30)
+            devices = state.agents.client(h).list_fc_devices(host_pb2.ListFcDevicesRequest(), timeout=30)
         except BlockferryError:
             continue  # a host that does not answer lists nothing
         for d in devices.devices:

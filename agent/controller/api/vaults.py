@@ -376,9 +376,8 @@ def actions(project_id: str, vault_id: str, request: Request, body: Any = Body(N
         raise NotFound(f"vault_id: the backup point of vault {vault.name} was deleted", field="vault_id")
     if not hosts:
         raise TargetUnreachable("vault_id: no online host to reach the backup point from", field="vault_id")
-    state.agents.call(hosts[0], "backups", "AttachBackupPoint", backup_point_request(bp, state.secrets))
-    st = state.agents.call(hosts[0], "backups", "ReconnectBackupPoint",
-                           backups_pb2.BackupPointRef(backup_point_uuid=bp.uuid))
+    state.agents.client(hosts[0]).attach_backup_point(backup_point_request(bp, state.secrets))
+    st = state.agents.client(hosts[0]).reconnect_backup_point(backups_pb2.BackupPointRef(backup_point_uuid=bp.uuid))
     with state.db.session() as s:
         row = s.get(BackupPoint, bp.uuid)
         row.state = st.status

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from agent.api.v1 import volumes_pb2
 from agent.controller import validate as v
+from agent.client import AgentClient
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok, range_list
 from agent.controller.api.pools import _visible
@@ -119,8 +120,8 @@ def load(request: Request, req: VolumeRequest, caller: Caller) -> tuple[Volume, 
                                 field="volume_uuid")
     return vol, pool, hosts
 
-def agent(request: Request, host: Host, method: str, msg):
-    return context(request).agents.call(host, "volumes", method, msg)
+def client(request: Request, host: Host) -> AgentClient:
+    return context(request).agents.client(host)
 
 @router.post("/list")
 def list_(req: ListRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -183,7 +184,7 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
         raise TargetUnreachable(f"pool_uuid: no online host serves pool {pid}", field="pool_uuid")
     vid = str(uuidlib.uuid4())
     hosts.insert(0, hosts.pop(random.randrange(len(hosts))))  # spread new volumes over the serving hosts
-    info = agent(request, hosts[0], "CreateVolume", volumes_pb2.CreateVolumeRequest(
+    info = client(request, hosts[0]).create_volume(volumes_pb2.CreateVolumeRequest(
         pool_uuid=pid, volume_uuid=vid, name=name, capacity=req.capacity, backing_file=backing))
     now = int(time.time())
     vol = Volume(uuid=vid, tenant=tenant, cluster_uuid=cluster, pool_uuid=pid, name=name, vtype=req.volume_type,
@@ -193,7 +194,7 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
         with state.db.session() as s:
             s.add(vol)
     except IntegrityError:  # a concurrent create won: take ours back
-        agent(request, hosts[0], "DeleteVolume", volumes_pb2.DeleteVolumeRequest(pool_uuid=pid, volume_uuid=vid))
+        client(request, hosts[0]).delete_volume(volumes_pb2.DeleteVolumeRequest(pool_uuid=pid, volume_uuid=vid))
         raise AlreadyExists(f"volume_name: a volume named {name!r} exists in this pool",
                             field="volume_name") from None
     return ok(_wrap(volume_to_seed(vol, pool, [h.uuid for h in hosts])))
@@ -201,14 +202,14 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
 @router.post("/delete")
 def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
-    agent(request, hosts[0], "DeleteVolume", volumes_pb2.DeleteVolumeRequest(
+    client(request, hosts[0]).delete_volume(volumes_pb2.DeleteVolumeRequest(
         pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, force=req.force))
     with context(request).db.session() as s:
         s.delete(s.get(Volume, vol.uuid))
     return ok(_wrap(None))
 
 def refresh(request: Request, vol: Volume, host: Host) -> Volume:
-    info = agent(request, host, "GetVolume", volumes_pb2.VolumeRef(pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid))
+    info = client(request, host).get_volume(volumes_pb2.VolumeRef(pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid))
     with context(request).db.session() as s:
         row = s.get(Volume, vol.uuid)
         row.capacity, row.used, row.snap_length = info.capacity, info.used, info.snapshot_bytes
@@ -234,7 +235,7 @@ def snap_length_update(req: NamedVolumeRequest, request: Request, caller: Caller
     return ok(_wrap(None))
 
 def snapshots(request: Request, vol: Volume, host: Host) -> list:
-    return list(agent(request, host, "ListSnapshots", volumes_pb2.VolumeRef(
+    return list(client(request, host).list_snapshots(volumes_pb2.VolumeRef(
         pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid)).snapshots)
 
 def snap_to_seed(snap, names: dict[str, str]) -> dict:
@@ -255,7 +256,7 @@ def snapshot_create(req: SnapCreateRequest, request: Request, caller: Caller = D
     if any(x.name == name for x in snapshots(request, vol, hosts[0])):
         raise AlreadyExists(f"snapshot_name: volume {vol.uuid} has a snapshot named {name!r}",
                             field="snapshot_name")
-    agent(request, hosts[0], "CreateSnapshot", volumes_pb2.CreateSnapshotRequest(
+    client(request, hosts[0]).create_snapshot(volumes_pb2.CreateSnapshotRequest(
         pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=str(uuidlib.uuid4()), name=name,
         description=req.desc))
     snaps = snapshots(request, vol, hosts[0])
@@ -271,19 +272,19 @@ def snap_ref(request, req: SnapRefRequest, caller):
 @router.post("/snapshot/delete")
 def snapshot_delete(req: SnapDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, hosts, ref = snap_ref(request, req, caller)
-    agent(request, hosts[0], "DeleteSnapshot", ref)
+    client(request, hosts[0]).delete_snapshot(ref)
     return ok(_snap_wrap())
 
 @router.post("/snapshot/rollback")
 def snapshot_rollback(req: SnapRefRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, hosts, ref = snap_ref(request, req, caller)
-    agent(request, hosts[0], "RollbackSnapshot", ref)
+    client(request, hosts[0]).rollback_snapshot(ref)
     return ok(_snap_wrap())
 
 @router.post("/snapshot/tree/get")
 def snapshot_tree(req: VolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
-    t = agent(request, hosts[0], "GetSnapshotTree", volumes_pb2.VolumeRef(pool_uuid=vol.pool_uuid,
+    t = client(request, hosts[0]).get_snapshot_tree(volumes_pb2.VolumeRef(pool_uuid=vol.pool_uuid,
                                                                         volume_uuid=vol.uuid))
     tree = {"UUID": "", "Parents": dict(t.parents),
             "Children": {k: {"Children": list(x.names)} for k, x in t.children.items()}, "Root": t.root}
