@@ -354,6 +354,15 @@ def catalogue() -> list[tuple[str, str, int, int, str, str, str]]:
     return sorted(rows)
 
 
+def markdown_table() -> str:
+    """The catalogue as docs/errors.md shows it (a test keeps them equal)."""
+    rows = ["| code | gRPC status | HTTP | scode | message_cn | error_code (/v3) | meaning |",
+            "|---|---|---|---|---|---|---|"]
+    rows += [f"| `{code}` | {status} | {http} | {scode} | {cn} | {cbr} | {meaning} |"
+             for code, status, http, scode, cn, cbr, meaning in catalogue()]
+    return "\n".join(rows) + "\n"
+
+
 def _all_subclasses(cls: type) -> list[type]:
     out = [cls]
     for sub in cls.__subclasses__():

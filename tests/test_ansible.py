@@ -306,7 +306,7 @@ def test_check_diff_shows_a_change_and_makes_none(deployment):
     assert after == before
 
 
-# ---- the README's variable tables, from the comments in defaults/main.yml ----
+# ---- the variable tables of docs/deployment.md, from the comments in defaults/main.yml ----
 
 ROLES = ("blockferry_install", "blockferry_tls", "blockferry_agent", "blockferry_controller")
 
@@ -338,7 +338,7 @@ def role_variables(role: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def readme_variables() -> str:
+def variables_tables() -> str:
     lines = []
     for role in ROLES:
         lines += [f"**{role}**", "", "| variable | default | what |", "|---|---|---|"]
@@ -349,12 +349,12 @@ def readme_variables() -> str:
     return "\n".join(lines)
 
 
-def test_every_role_variable_is_in_the_readme_with_its_default():
+def test_every_role_variable_is_in_the_docs_with_its_default():
     names = [n for role in ROLES for n, _, _ in role_variables(role)]
     assert len(names) == len(set(names)) and len(names) > 40
-    assert readme_variables() in (REPO / "README.md").read_text(), (
-        "regenerate the table: .venv/bin/python tests/test_ansible.py --readme")
+    assert variables_tables() in (REPO / "docs" / "deployment.md").read_text(), (
+        "regenerate the tables: .venv/bin/python tests/test_ansible.py --tables")
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--readme"]:
-    print(readme_variables())
+if __name__ == "__main__" and sys.argv[1:] == ["--tables"]:
+    print(variables_tables())

@@ -23,7 +23,7 @@ log = logging.getLogger("controller.registry")
 
 # The oldest agent API level (agent.API_LEVEL) this controller works with.
 # Raise it only when the dispatcher relies on something older agents lack;
-# the README's upgrade order (controller first, then agents) keeps it safe.
+# the upgrade order in docs/operator-guide.md (controller first, then agents) keeps it safe.
 MIN_AGENT_API_LEVEL = 1
 
 

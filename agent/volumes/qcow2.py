@@ -694,7 +694,7 @@ class Qcow2Pool(VolumeDriver):
                    ctx) -> tuple[VolumeInfo, int]:
         """An independent copy of a snapshot. qcow2 -> qcow2 on this host goes
         through qemu-img convert, which measured 2.3x faster than copying
-        through two qemu-nbd servers (README, bench/qcow2_bench.py). The copy
+        through two qemu-nbd servers (bench/qcow2_bench.py). The copy
         becomes a volume only when complete and fsynced."""
         meta = source._meta(source_volume)
         source._snap(meta, snapshot_uuid)
