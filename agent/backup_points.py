@@ -95,7 +95,7 @@ class BackupPoint:
                     self._repo = Repository.open(store, password=self.section.password)
             return self._repo
 
-    def check(self) -> "BackupPointHealth":
+    def check(self) -> BackupPointHealth:
         """Health, capacity and latency, without creating a repository."""
         s = self.section
         t0 = time.monotonic()
@@ -131,7 +131,7 @@ class BackupPoint:
             except Exception:
                 pass
 
-    def reconnect(self) -> "BackupPointHealth":
+    def reconnect(self) -> BackupPointHealth:
         self.reset()
         return self.check()
 

@@ -77,7 +77,8 @@ def cmd_volume(client: AgentClient, args) -> int:
     elif args.volume_cmd == "extents":
         if args.since is not None or args.changed:
             msg = client.get_changed_extents(v.GetChangedExtentsRequest(
-                **ref, volume_uuid=args.volume, snapshot_uuid=args.snapshot or "", since_snapshot_uuid=args.since or ""))
+                **ref, volume_uuid=args.volume, snapshot_uuid=args.snapshot or "",
+                since_snapshot_uuid=args.since or ""))
         else:
             msg = client.get_extents(v.GetExtentsRequest(**ref, volume_uuid=args.volume,
                                                          snapshot_uuid=args.snapshot or ""))
@@ -175,9 +176,9 @@ def cmd_info(client: AgentClient, args) -> int:
     if args.json:
         print(as_json(info))
     else:
+        limit = info.bandwidth_limit_bytes_per_second
         print(f"blockferry-agent {info.version} on {info.hostname}; max jobs {info.max_concurrent_jobs}; "
-              f"bandwidth limit {human(info.bandwidth_limit_bytes_per_second) + '/s' if info.bandwidth_limit_bytes_per_second else 'none'}"
-              f"{'; DRAINING' if info.draining else ''}")
+              f"bandwidth limit {human(limit) + '/s' if limit else 'none'}{'; DRAINING' if info.draining else ''}")
         for b in info.bindings:
             print(f"  {b.module}: {'ok' if b.ok else 'MISSING: ' + b.error} ({b.debian_package})")
     return 0

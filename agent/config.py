@@ -54,7 +54,8 @@ class GrpcSection:
     tcp_listen: str = option("", "host:port for gRPC over TCP with TLS; empty disables TCP.")
     tls_cert: str = option("", "PEM server certificate (required with tcp_listen).")
     tls_key: str = option("", "PEM private key of tls_cert (keep it 0600).")
-    tls_client_ca: str = option("", "PEM CA bundle; when set, TCP clients must present a certificate it signed (mutual TLS).")
+    tls_client_ca: str = option("", "PEM CA bundle; when set, TCP clients must present a certificate it signed "
+                                "(mutual TLS).")
     auth_token: str = option("", "Optional bearer token TCP callers must send as 'authorization: Bearer <token>'.",
                              secret=True)
     max_workers: int = option(64, "Threads serving RPCs (each WatchJob stream holds one).")
@@ -67,7 +68,8 @@ class JobsSection:
     max_concurrent: int = option(4, "Jobs running at once on this host; more wait their turn.")
     bandwidth_limit: int = option(0, "Bytes per second shared by all jobs; 0 means unlimited.")
     on_busy: str = option("wait", "When a job's resource is locked by another job: wait, or refuse at submit.")
-    drain_timeout: float = option(30.0, "Seconds SIGTERM waits for running jobs before interrupting them at a safe point.")
+    drain_timeout: float = option(30.0, "Seconds SIGTERM waits for running jobs before interrupting them at a safe "
+                                  "point.")
     keep_finished: int = option(10000, "Finished jobs kept in the journal; older ones are pruned at start.")
 
 

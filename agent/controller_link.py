@@ -85,7 +85,7 @@ class ControllerLink:
                          threading.Thread(target=self._fence_loop, name="controller-fence", daemon=True)]
         self.registered = threading.Event()
 
-    def start(self) -> "ControllerLink":
+    def start(self) -> ControllerLink:
         for t in self._threads:
             t.start()
         return self

@@ -8,6 +8,8 @@ gRPC status, HTTP status, numeric `scode` and Chinese message an error gets.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 
@@ -16,7 +18,7 @@ class BlockferryError(Exception):
 
     code = "INTERNAL"
 
-    def __init__(self, message: str, *, field: str | None = None, result=None):
+    def __init__(self, message: str, *, field: str | None = None, result: object = None):
         """result: what the failed operation found, kept with the error
         (a verify's list of damaged items): a failed job returns it too."""
         super().__init__(message)
@@ -285,7 +287,8 @@ def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple
             ((GRPC_CODE_KEY, BlockferryError.code),))
 
 
-def from_grpc(status: grpc.StatusCode, details: str, trailers, *, where: str = "") -> BlockferryError:
+def from_grpc(status: grpc.StatusCode, details: str, trailers: Iterable[tuple[str, str]] | None, *,
+              where: str = "") -> BlockferryError:
     """The error an agent's failed call stands for: its class from the
     code in the trailing metadata, its message from the details (without
     the code), prefixed by `where` (e.g. "host h1"). A call that never
@@ -363,7 +366,7 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def _all_subclasses(cls: type) -> list[type]:
+def _all_subclasses(cls: type[BlockferryError]) -> list[type[BlockferryError]]:
     out = [cls]
     for sub in cls.__subclasses__():
         out.extend(_all_subclasses(sub))

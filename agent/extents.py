@@ -1,6 +1,7 @@
 """Extent types shared by drivers, the native core and the backup engine."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -16,7 +17,7 @@ class Extent:
         return self.start + self.length
 
 
-def file_extents(fd: int, start: int, end: int):
+def file_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """Yield (offset, length, is_data) covering [start, end) of an open file,
     using SEEK_DATA/SEEK_HOLE so holes are never read. Where the file system
     or device cannot tell (block devices), everything is data."""

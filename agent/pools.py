@@ -9,8 +9,7 @@ import threading
 
 from agent.attached import AttachedDefinitions
 from agent.config import Config, PoolSection
-from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound, \
-    TargetUnreachable
+from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound, TargetUnreachable
 from agent.paths import resolve_under_roots
 from agent.volumes.base import VolumeDriver, check_uuid
 from agent.volumes.qcow2 import Qcow2Pool

@@ -104,7 +104,7 @@ def run_with_progress(argv: list[str], *, on_percent, checkpoint, timeout: float
 class Child:
     """A long-running child process (qemu-nbd), tracked until stopped."""
 
-    _live: dict[int, "Child"] = {}
+    _live: dict[int, Child] = {}
     _lock = threading.Lock()
 
     def __init__(self, argv: list[str], *, secrets: tuple[str, ...] = (), name: str | None = None,
@@ -161,7 +161,7 @@ class Child:
         return self.proc.returncode
 
     @classmethod
-    def live(cls) -> list["Child"]:
+    def live(cls) -> list[Child]:
         with cls._lock:
             return list(cls._live.values())
 

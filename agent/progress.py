@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import TextIO
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from agent.api.v1 import jobs_pb2
 from agent.client import FINAL_STATES, AgentClient, state_name
@@ -35,14 +37,14 @@ def job_line(job: jobs_pb2.Job) -> str:
     return "  ".join(parts)
 
 
-def as_json(msg) -> str:
+def as_json(msg: Message) -> str:
     return json.dumps(json_format.MessageToDict(msg, preserving_proto_field_name=True), sort_keys=True)
 
 
 class ProgressView:
     """A live bar on a terminal; plain lines (at most one a second) otherwise."""
 
-    def __init__(self, stream=sys.stderr):
+    def __init__(self, stream: TextIO = sys.stderr):
         self.stream = stream
         self.tty = stream.isatty()
         self.last = 0.0
@@ -67,13 +69,13 @@ class ProgressView:
 
 def follow(client: AgentClient, job_id: str, json_out: bool) -> jobs_pb2.Job:
     view = ProgressView()
-    job = None
-    for job in client.watch(job_id):
+    last = client.get(job_id)
+    for last in client.watch(job_id):
         if json_out:
-            print(as_json(job), flush=True)
+            print(as_json(last), flush=True)
         else:
-            view.show(job)
-    return job
+            view.show(last)
+    return last
 
 
 def exit_code(job: jobs_pb2.Job) -> int:

@@ -57,19 +57,27 @@ class Agent:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
-        from agent.api.v1 import (backups_pb2, backups_pb2_grpc, host_pb2, host_pb2_grpc, jobs_pb2, jobs_pb2_grpc,
-                                  volumes_pb2, volumes_pb2_grpc)
-        from agent.kinds.checksum import ChecksumKind
+        from agent.api.v1 import (
+            backups_pb2,
+            backups_pb2_grpc,
+            host_pb2,
+            host_pb2_grpc,
+            jobs_pb2,
+            jobs_pb2_grpc,
+            volumes_pb2,
+            volumes_pb2_grpc,
+        )
+        from agent.backup_points import BackupPoints
         from agent.jobs.engine import JobEngine
+        from agent.kinds.backups import BackupKind, GcKind, RestoreKind, VerifyKind
+        from agent.kinds.checksum import ChecksumKind
+        from agent.kinds.volumes import CloneKind, FlattenKind
         from agent.pools import PoolRegistry
+        from agent.services.backups import BackupService
         from agent.services.common import Auth
         from agent.services.host import HostService
         from agent.services.jobs import JobService
         from agent.services.volumes import VolumeService
-        from agent.kinds.backups import BackupKind, GcKind, RestoreKind, VerifyKind
-        from agent.services.backups import BackupService
-        from agent.backup_points import BackupPoints
-        from agent.kinds.volumes import CloneKind, FlattenKind
 
         cfg = self.cfg
         pools = PoolRegistry(cfg)

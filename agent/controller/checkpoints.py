@@ -23,7 +23,7 @@ import logging
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -119,7 +119,7 @@ def create(ctx: ControllerContext, vault_id: str, *, due_at: float, manual: bool
     made = []
     for vol, host, runs, base in plan:
         snap = str(uuidlib.uuid4())
-        stamp = datetime.fromtimestamp(due_at, timezone.utc).strftime("%Y%m%d-%H%M%S")
+        stamp = datetime.fromtimestamp(due_at, UTC).strftime("%Y%m%d-%H%M%S")
         try:
             ctx.agents.client(host).create_snapshot(volumes_pb2.CreateSnapshotRequest(
                 pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=snap, name=f"cbr-{stamp}-{cp_id[:8]}",
@@ -229,7 +229,7 @@ def _delete_snapshot(ctx: ControllerContext, vol: Volume, snap: str) -> None:
 def _finish(ctx: ControllerContext, cp_id: str, vault_id: str, res: list[dict], statuses: list[str],
             now: float) -> None:
 
-    for r, status in zip(res, statuses):
+    for r, status in zip(res, statuses, strict=True):
         with ctx.db.session() as s:
             vol = s.get(Volume, r["id"])
             row = s.get(VaultResource, r["id"])
@@ -253,11 +253,11 @@ def _finish(ctx: ControllerContext, cp_id: str, vault_id: str, res: list[dict], 
         due = {c.id: c.due_at for c in s.scalars(select(Checkpoint).where(Checkpoint.vault_id == vault_id))}
 
         def when(b: Backup) -> datetime:  # the checkpoint's time (sub-second), else the backup's
-            return datetime.fromtimestamp(due.get(b.checkpoint_id, b.ctime), timezone.utc)
+            return datetime.fromtimestamp(due.get(b.checkpoint_id, b.ctime), UTC)
 
-        for vol_id, items in by_volume.items():
+        for items in by_volume.values():
             d = retention.decide([retention.Backup(b.uuid, when(b)) for b in items], rule,
-                                 datetime.fromtimestamp(now, timezone.utc))
+                                 datetime.fromtimestamp(now, UTC))
             deleted += list(d.delete)
             kept += len(d.keep)
             for k, n in d.counts().items():

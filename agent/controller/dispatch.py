@@ -111,7 +111,7 @@ class Dispatcher:
         self._changed = threading.Condition()
         self._version = 0  # bumped when a task's progress or state is written
 
-    def start(self) -> "Dispatcher":
+    def start(self) -> Dispatcher:
         self._thread.start()
         return self
 

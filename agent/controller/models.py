@@ -130,7 +130,8 @@ class Task(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     operation_type: Mapped[str] = mapped_column(String(32), index=True)   # clone, backup, restore, ...
-    status: Mapped[str] = mapped_column(String(16), index=True)           # waiting, running, success, failed, skipped, timeout
+    # waiting, running, success, failed, skipped, timeout
+    status: Mapped[str] = mapped_column(String(16), index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)           # 0..100
     tenant: Mapped[str] = mapped_column(String(36), index=True)
     resource_type: Mapped[str] = mapped_column(String(16))                # volume, backup

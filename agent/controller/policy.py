@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dateutil.rrule import rrule, rruleset, rrulestr
@@ -25,7 +25,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _KEYS = {"FREQ", "BYDAY", "BYHOUR", "BYMINUTE", "INTERVAL"}
 _DAYS = {"MO", "TU", "WE", "TH", "FR", "SA", "SU"}
 # A fixed Monday: the schedule's shape is checked over its first weeks.
-_EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def _ints(value: str, lo: int, hi: int, field_name: str, key: str) -> list[int]:
@@ -94,7 +94,7 @@ def check_patterns(patterns: Any, field_name: str = "trigger.properties.pattern"
         per_day[t.date()] = per_day.get(t.date(), 0) + 1
     if max(per_day.values(), default=0) > MAX_PER_DAY:
         raise bad(field_name, f"fires {max(per_day.values())} times a day; at most {MAX_PER_DAY}")
-    for a, b in zip(times, times[1:]):
+    for a, b in zip(times, times[1:], strict=False):
         if b - a < MIN_GAP:
             raise bad(field_name, f"runs at {a:%a %H:%M} and {b:%a %H:%M} UTC are less than an hour apart")
     if not times:
@@ -114,7 +114,7 @@ class OperationDefinition:
     full_backup_interval: int = -1
 
     def rule(self) -> Rule:
-        tz = parse_timezone(self.timezone, "operation_definition.timezone") if self.timezone else timezone.utc
+        tz = parse_timezone(self.timezone, "operation_definition.timezone") if self.timezone else UTC
         return Rule(self.max_backups, self.retention_duration_days, self.day_backups, self.week_backups,
                     self.month_backups, self.year_backups, tz)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.errors import InvalidArgument
@@ -37,7 +37,7 @@ def parse_timezone(value: str, field_name: str = "timezone") -> tzinfo:
     m = _OFFSET.match(text)
     if m:
         if not m.group(1):
-            return timezone.utc
+            return UTC
         hours, minutes = int(m.group(2)), int(m.group(3) or 0)
         if hours > 14 or minutes > 59 or (hours == 14 and minutes):
             raise InvalidArgument(f"{field_name}: {value!r} is out of range (UTC-14:00 to UTC+14:00)",
@@ -61,7 +61,7 @@ class Rule:
     week_backups: int = 0
     month_backups: int = 0
     year_backups: int = 0
-    tz: tzinfo = timezone.utc
+    tz: tzinfo = UTC
 
     @property
     def deletes(self) -> bool:

@@ -23,8 +23,8 @@ import logging
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 
@@ -42,7 +42,7 @@ GC_WAIT = 600  # seconds a scheduled GC waits for backups and restores to let go
 
 
 def _utc(t: float) -> datetime:
-    return datetime.fromtimestamp(t, timezone.utc)
+    return datetime.fromtimestamp(t, UTC)
 
 
 class Scheduler:
@@ -55,7 +55,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         checkpoints.recover(self.ctx)
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()

@@ -21,7 +21,7 @@ class SecretBox:
         self._aead = AESGCM(key)
 
     @classmethod
-    def from_file(cls, path: str) -> "SecretBox":
+    def from_file(cls, path: str) -> SecretBox:
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

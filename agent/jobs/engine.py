@@ -8,10 +8,9 @@ import logging
 import re
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
-from agent.errors import (BlockferryError, Busy, Cancelled, Draining, InvalidArgument, Interrupted,
-                          JobConflict, NotFound)
+from agent.errors import BlockferryError, Busy, Cancelled, Draining, Interrupted, InvalidArgument, JobConflict, NotFound
 from agent.jobs.journal import Journal
 from agent.jobs.kinds import Claim, JobKind
 from agent.jobs.limits import BandwidthLimiter
@@ -29,7 +28,7 @@ DEFAULT_LIST_LIMIT = 1000
 class JobContext:
     """What a running job sees of the engine."""
 
-    def __init__(self, engine: "JobEngine", job: Job):
+    def __init__(self, engine: JobEngine, job: Job):
         self._engine = engine
         self._job = job
         self._cancel = threading.Event()

@@ -11,7 +11,7 @@ import json
 import os
 import sqlite3
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from agent.jobs.locks import LockMode
 from agent.jobs.model import Job, JobError, JobState, Progress

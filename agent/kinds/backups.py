@@ -6,9 +6,11 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 
+from agent.backup_points import BackupPoints
 from agent.errors import AlreadyExists, DataCorrupt, InvalidArgument, RestoreTooSmall
 from agent.jobs.kinds import Claim, JobKind
 from agent.jobs.locks import LockMode
+from agent.kinds.volumes import volume_resource
 from agent.pools import PoolRegistry
 from agent.repo import backup as backup_mod
 from agent.repo import gc as gc_mod
@@ -16,9 +18,7 @@ from agent.repo import restore as restore_mod
 from agent.repo import verify as verify_mod
 from agent.repo.catalog import latest_for_volume
 from agent.repo.verify import Damage
-from agent.backup_points import BackupPoints
 from agent.volumes.base import check_name, check_uuid
-from agent.kinds.volumes import volume_resource
 
 
 def backup_point_resource(uuid: str) -> str:

@@ -18,7 +18,7 @@ class BackupFilter:
     created_after: float = 0.0  # unix seconds, inclusive; 0: no bound
     created_before: float = 0.0  # exclusive; 0: no bound
 
-    def check(self) -> "BackupFilter":
+    def check(self) -> BackupFilter:
         if self.created_after < 0 or self.created_before < 0:
             raise InvalidArgument("created_after/created_before: must not be negative", field="created_after")
         if self.created_before and self.created_after and self.created_before <= self.created_after:

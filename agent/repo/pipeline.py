@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 _DONE = object()
@@ -78,7 +79,7 @@ class OrderedPipeline:
         self._stop = True
         self._finish()
 
-    def __enter__(self) -> "OrderedPipeline":
+    def __enter__(self) -> OrderedPipeline:
         return self
 
     def __exit__(self, *exc) -> None:

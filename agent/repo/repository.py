@@ -30,10 +30,18 @@ import zstandard
 
 from agent.errors import DataCorrupt, FailedPrecondition, NotFound, StorageIOError
 from agent.repo import crypto
-from agent.repo.format import (BLOCK_SIZE, DEFAULT_CHUNK_SIZE, FORMAT_VERSION, ZERO, Manifest, block_record_size,
-                               decode_chunk, encode_chunk)
-from agent.stores.locks import EXCLUSIVE, SHARED, RepoLock
+from agent.repo.format import (
+    BLOCK_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    ZERO,
+    Manifest,
+    block_record_size,
+    decode_chunk,
+    encode_chunk,
+)
 from agent.stores.base import ObjectStore
+from agent.stores.locks import EXCLUSIVE, SHARED, RepoLock
 
 COMMIT_QUEUE = 2
 SHARED_WAIT = 3600.0
@@ -90,7 +98,7 @@ class Repository:
 
     @classmethod
     def init(cls, store: ObjectStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, password: str = "",
-             compression: str = "zstd") -> "Repository":
+             compression: str = "zstd") -> Repository:
         if not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_size % BLOCK_SIZE:
             raise FailedPrecondition("chunk_size: must be a multiple of 64 KiB between 64 KiB and 64 MiB",
                                      field="chunk_size")
@@ -110,7 +118,7 @@ class Repository:
         return cls(store, config, sealer)
 
     @classmethod
-    def open(cls, store: ObjectStore, *, password: str = "") -> "Repository":
+    def open(cls, store: ObjectStore, *, password: str = "") -> Repository:
         try:
             config = json.loads(store.get("config"))
         except ValueError:
@@ -369,10 +377,10 @@ class Repository:
 
     # ---- block digests ----
 
-    def block_writer(self, backup_id: str) -> "BlockWriter":
+    def block_writer(self, backup_id: str) -> BlockWriter:
         return BlockWriter(self, backup_id)
 
-    def block_reader(self, backup_id: str) -> "BlockReader":
+    def block_reader(self, backup_id: str) -> BlockReader:
         return BlockReader(self, backup_id)
 
     # ---- manifests ----

@@ -45,7 +45,7 @@ class Damage:
     first_chunk_index: int = -1  # a single backup's verify: the chunk's first position in it
 
     @classmethod
-    def of(cls, d: "Damage | dict") -> "Damage":
+    def of(cls, d: Damage | dict) -> Damage:
         return d if isinstance(d, Damage) else cls(**d)
 
     def describe(self) -> str:
@@ -72,7 +72,7 @@ class Report:
     def damaged_backups(self) -> list[str]:
         return sorted({b for d in self.damage for b in d.backup_uuids})
 
-    def check(self) -> "Report":
+    def check(self) -> Report:
         """Itself when nothing is damaged; else DataCorrupt naming every
         damaged item (the report rides along as the error's result)."""
         if self.damage:

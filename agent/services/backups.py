@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from agent.api.v1 import backups_pb2, backups_pb2_grpc
+from agent.backup_points import BackupPoints
 from agent.jobs.engine import JobEngine
+from agent.kinds.backups import backup_point_resource
 from agent.repo.catalog import BackupFilter, list_backups
 from agent.repo.format import Manifest
-from agent.kinds.backups import backup_point_resource
 from agent.services.common import Auth, exclusive, rpc
-from agent.backup_points import BackupPoints
 from agent.volumes.base import check_uuid
 
 

@@ -5,8 +5,8 @@ import socket
 from agent import API_LEVEL, __version__
 from agent.api.v1 import host_pb2, host_pb2_grpc
 from agent.bindings import BindingStatus
-from agent.jobs.engine import JobEngine
 from agent.config import Config
+from agent.jobs.engine import JobEngine
 from agent.services.common import Auth, rpc
 
 

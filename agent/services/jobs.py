@@ -4,13 +4,21 @@ from google.protobuf import json_format
 
 from agent import errors
 from agent.api.v1 import jobs_pb2, jobs_pb2_grpc
-from agent.kinds.checksum import ChecksumResult, ChecksumSpec
 from agent.jobs.engine import JobEngine
 from agent.jobs.model import Job, JobState
-from agent.services.common import Auth, rpc
-from agent.kinds.backups import (BackupResult, BackupSpec, GcResult, GcSpec, RestoreResult, RestoreSpec, VerifyResult,
-                             VerifySpec)
+from agent.kinds.backups import (
+    BackupResult,
+    BackupSpec,
+    GcResult,
+    GcSpec,
+    RestoreResult,
+    RestoreSpec,
+    VerifyResult,
+    VerifySpec,
+)
+from agent.kinds.checksum import ChecksumResult, ChecksumSpec
 from agent.kinds.volumes import CloneResult, CloneSpec, FlattenResult, FlattenSpec
+from agent.services.common import Auth, rpc
 
 STATE_TO_PB = {
     JobState.WAITING: jobs_pb2.JOB_STATE_WAITING,

@@ -4,10 +4,10 @@ import time
 
 from agent.api.v1 import volumes_pb2, volumes_pb2_grpc
 from agent.jobs.engine import JobEngine
+from agent.kinds.volumes import volume_resource
 from agent.pools import PoolRegistry
 from agent.services.common import Auth, exclusive, rpc
 from agent.volumes.base import SnapshotInfo, VolumeInfo, check_uuid
-from agent.kinds.volumes import volume_resource
 
 
 def volume_to_pb(v: VolumeInfo) -> volumes_pb2.Volume:

@@ -14,8 +14,17 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from agent.errors import AccessDenied, BlockferryError, InvalidArgument, NoSpace, NotFound, StorageIOError, \
-    TargetUnreachable
+from agent.errors import (
+    AccessDenied,
+    BlockferryError,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    StorageIOError,
+    TargetUnreachable,
+)
+
+Buffer = bytes | bytearray | memoryview  # what writers take and read_into fills
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
@@ -62,7 +71,7 @@ class ObjectWriter(ABC):
     """Appends to a new object; commit() makes it durable and visible."""
 
     @abstractmethod
-    def write(self, data) -> None: ...
+    def write(self, data: Buffer) -> None: ...
 
     @abstractmethod
     def commit(self) -> None: ...
@@ -74,10 +83,10 @@ class ObjectWriter(ABC):
     @abstractmethod
     def size(self) -> int: ...
 
-    def __enter__(self) -> "ObjectWriter":
+    def __enter__(self) -> ObjectWriter:
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         if exc_type is not None:
             self.abort()
 
@@ -114,7 +123,7 @@ class ObjectStore(ABC):
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Bytes of an object (a range of it); NotFound if it does not exist."""
 
-    def read_into(self, name: str, offset: int, buf) -> int:
+    def read_into(self, name: str, offset: int, buf: Buffer) -> int:
         """Read the object's bytes from offset into buf (a writable buffer);
         returns how many were read (fewer at the object's end). Stores that
         can read without an intermediate copy override it: a restore reads

@@ -223,8 +223,8 @@ def discover(ip: str, port: int = 0, *, user: str = "", secret: str = "", timeou
     out = []
     for iqn in names:
         try:
-            session = _login(label, lambda: _native.IscsiLun(initiator_name(), p, iqn, 0, user=user,
-                                                             secret=secret, timeout=t, probe=True))
+            session = _login(label, lambda iqn=iqn: _native.IscsiLun(initiator_name(), p, iqn, 0, user=user,
+                                                                     secret=secret, timeout=t, probe=True))
         except AuthFailed:
             out.append(DiscoveredTarget(iqn, p, [], "auth_failed"))
             continue

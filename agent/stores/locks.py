@@ -114,7 +114,7 @@ class RepoLock:
                 out.append(other)
         return out
 
-    def acquire(self) -> "RepoLock":
+    def acquire(self) -> RepoLock:
         deadline = time.monotonic() + self.timeout
         while True:
             self._write()
@@ -147,7 +147,7 @@ class RepoLock:
             self._thread.join()
         self.store.delete(self.name)
 
-    def __enter__(self) -> "RepoLock":
+    def __enter__(self) -> RepoLock:
         return self.acquire()
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -53,7 +53,8 @@ CATALOG_OFFSET = 1 << 20
 UNIT = 64 << 10
 INLINE = 4096
 SEGMENT = 4 << 20  # reads go in pieces of at most this much
-_SB = struct.Struct("<8sII16sQQQQQIIQ32s")  # magic version flags uuid gen devsize cat_off cat_size data_off unit slot len sha
+# magic version flags uuid gen devsize cat_off cat_size data_off unit slot len sha
+_SB = struct.Struct("<8sII16sQQQQQIIQ32s")
 BLANK_CHECK = 1 << 20
 
 
@@ -86,7 +87,7 @@ class Superblock:
         return (body + hashlib.sha256(body).digest()).ljust(BLOCK, b"\0")
 
     @classmethod
-    def parse(cls, raw: bytes) -> "Superblock | None | bool":
+    def parse(cls, raw: bytes) -> Superblock | None | bool:
         """A Superblock; None when this is not ours; False when it is ours but torn."""
         if raw[:8] != MAGIC:
             return None
@@ -155,7 +156,7 @@ class _LunWriter(ObjectWriter):
     device's io_depth writes at once, each stage reused only once its write
     is done."""
 
-    def __init__(self, store: "LunStore", name: str, durable: bool):
+    def __init__(self, store: LunStore, name: str, durable: bool):
         self.store = store
         self.name = check_object_name(name)
         self.durable = durable

@@ -36,7 +36,7 @@ _GATHER = 1 << 20
 
 
 class _NfsWriter(ObjectWriter):
-    def __init__(self, store: "NfsStore", name: str, durable: bool):
+    def __init__(self, store: NfsStore, name: str, durable: bool):
         self.store = store
         self.name = name
         self.durable = durable

@@ -23,14 +23,21 @@ import time
 import uuid
 
 import smbclient
-from smbprotocol.exceptions import DiskFull, LogonFailure, SMBAuthenticationError, SMBConnectionClosed, \
-    SMBException, SMBOSError, SMBResponseException
+from smbprotocol.exceptions import (
+    DiskFull,
+    LogonFailure,
+    SMBAuthenticationError,
+    SMBConnectionClosed,
+    SMBException,
+    SMBOSError,
+    SMBResponseException,
+)
 from smbprotocol.header import NtStatus
 
 from agent.errors import AccessDenied, AuthFailed, InvalidArgument, NotFound, TargetUnreachable
-from agent.stores.base import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
-from agent.stores import smb_write
 from agent.fields import check_sub_dir
+from agent.stores import smb_write
+from agent.stores.base import ObjectStore, ObjectWriter, StoreStats, check_object_name, storage_error
 
 PART = ".part-"
 _DEPTH = 8  # WRITE requests in flight per writer
@@ -50,7 +57,7 @@ for _name in ("smbprotocol", "smbclient", "spnego"):
 
 
 class _SmbWriter(ObjectWriter):
-    def __init__(self, store: "SmbStore", name: str, durable: bool):
+    def __init__(self, store: SmbStore, name: str, durable: bool):
         self.store = store
         self.name = name
         self.durable = durable

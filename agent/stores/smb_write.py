@@ -28,7 +28,7 @@ import struct
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from smbprotocol.connection import Request
-from smbprotocol.header import Commands, SMB2HeaderRequest, Smb2Flags
+from smbprotocol.header import Commands, Smb2Flags, SMB2HeaderRequest
 from smbprotocol.open import SMB2WriteRequest
 
 _HEADER = struct.Struct("<4sHHHHHHIIQIIQ16s")  # [MS-SMB2] 2.2.1.2, 64 bytes

@@ -6,9 +6,9 @@ import re
 import threading
 import uuid as uuidlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 from agent.errors import InvalidArgument
 from agent.extents import Extent
@@ -192,12 +192,12 @@ class VolumeDriver(ABC):
         """bf-image-sha256-v1 of the live state or a snapshot (agent.volumes.digest.Digest)."""
 
     @abstractmethod
-    def linked_clone(self, source: "VolumeDriver", source_volume: str, snapshot_uuid: str, volume_uuid: str,
+    def linked_clone(self, source: VolumeDriver, source_volume: str, snapshot_uuid: str, volume_uuid: str,
                      name: str) -> VolumeInfo:
         """A new volume in this pool that shares the snapshot's data (constant time)."""
 
     @abstractmethod
-    def full_clone(self, source: "VolumeDriver", source_volume: str, snapshot_uuid: str, volume_uuid: str,
+    def full_clone(self, source: VolumeDriver, source_volume: str, snapshot_uuid: str, volume_uuid: str,
                    name: str, ctx) -> tuple[VolumeInfo, int]:
         """An independent copy of a snapshot; returns it and the bytes copied.
         A cancelled or failed copy leaves no volume behind."""
@@ -215,7 +215,7 @@ class VolumeDriver(ABC):
 
     @abstractmethod
     def open_restore_target(self, volume_uuid: str, name: str, capacity: int,
-                            job_id: str) -> "RestoreTarget":
+                            job_id: str) -> RestoreTarget:
         """A new volume to write a restore into. It does not exist as a
         volume until commit(); abort() (or a crash) leaves nothing that looks
         like one."""
@@ -225,7 +225,7 @@ class VolumeDriver(ABC):
         """IN_USE while a client (a VM) has the volume open."""
 
     @abstractmethod
-    def open_overwrite_target(self, volume_uuid: str) -> "RestoreTarget":
+    def open_overwrite_target(self, volume_uuid: str) -> RestoreTarget:
         """The live volume, for a restore in place: refused (IN_USE) while a
         client (a VM) has it open. Its zero() writes zeros; commit() flushes;
         abort() only closes: the caller took a safety snapshot to roll back
@@ -249,7 +249,7 @@ class SnapshotReader(ABC):
         view) gets each piece (the view is valid during the call only,
         unless on_data holds it)."""
 
-    def hold(self, view) -> "Callable[[], None] | None":
+    def hold(self, view) -> Callable[[], None] | None:
         """Called inside on_data: keep the view valid after the call, without
         a copy. Returns the function that gives it back once used, or None
         when this reader cannot lend its buffers (then copy)."""

@@ -14,8 +14,8 @@ import socket
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import nbd
 
@@ -62,7 +62,7 @@ class QemuNbd:
         self.socket = os.path.join(self.run_dir, f"nbd-{uuid.uuid4().hex[:12]}.sock")
         self.child: procs.Child | None = None
 
-    def start(self) -> "QemuNbd":
+    def start(self) -> QemuNbd:
         os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
         argv = ["qemu-nbd", "--persistent", "--shared=16", f"--socket={self.socket}"]
         if self.readonly:
@@ -105,13 +105,13 @@ class QemuNbd:
         except FileNotFoundError:
             pass
 
-    def __enter__(self) -> "QemuNbd":
+    def __enter__(self) -> QemuNbd:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def connect(self, *, bitmap_context: bool = False) -> "NbdClient":
+    def connect(self, *, bitmap_context: bool = False) -> NbdClient:
         contexts = ["base:allocation"]
         if bitmap_context and self.bitmap:
             contexts.append(f"qemu:dirty-bitmap:{self.bitmap}")
@@ -167,7 +167,7 @@ class NbdClient:
             pass
         # libnbd 1.14 has no close(): the handle is freed with its last reference.
 
-    def __enter__(self) -> "NbdClient":
+    def __enter__(self) -> NbdClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -180,7 +180,7 @@ class NbdClient:
         while offset < self.size:
             got: list[tuple[int, int, int]] = []
 
-            def cb(meta, start, entries, err):
+            def cb(meta, start, entries, err, got=got):
                 if meta != context:
                     return 0
                 pos = start

@@ -24,8 +24,8 @@ import posixpath
 import threading
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from agent.errors import Busy, InvalidArgument
 from agent.fields import check_nfs_export, check_nfs_server
@@ -42,7 +42,7 @@ class ReadFile(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> "ReadFile":
+    def __enter__(self) -> ReadFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -230,7 +230,7 @@ class LocalFiles(PoolFiles):
 
 
 class _NfsRead(ReadFile):
-    def __init__(self, files: "NfsFiles", path: str):
+    def __init__(self, files: NfsFiles, path: str):
         self.files = files
         self.path = path
 

@@ -45,24 +45,45 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 from agent import native
-from agent.errors import (AlreadyExists, BlockferryError, FailedPrecondition, HasDependents, InvalidArgument, NotFound,
-                          OutOfRange, StorageIOError, TargetUnreachable, TrackingLost)
+from agent.errors import (
+    AlreadyExists,
+    BlockferryError,
+    FailedPrecondition,
+    HasDependents,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    StorageIOError,
+    TargetUnreachable,
+    TrackingLost,
+)
 from agent.extents import Extent
 from agent.paths import resolve_under_roots
 from agent.volumes import qemu_img
-from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget, SnapshotInfo, SnapshotReader,
-                                SnapshotTree,
-                                VolumeDriver, VolumeInfo, build_tree, check_name, check_uuid)
+from agent.volumes.base import (
+    HEAD,
+    ChangedExtents,
+    PoolStatus,
+    RestoreTarget,
+    SnapshotInfo,
+    SnapshotReader,
+    SnapshotTree,
+    VolumeDriver,
+    VolumeInfo,
+    build_tree,
+    check_name,
+    check_uuid,
+)
 from agent.volumes.nbd import REQUEST_SIZE as NBD_REQUEST
 from agent.volumes.nbd import AllocExtent, AsyncWriter, QemuNbd
+from agent.volumes.poolfs import LocalFiles, PoolFiles
 from agent.volumes.qcow2_bitmap import dirty_extents
 from agent.volumes.qcow2_direct import DirectRestoreTarget, open_mapped
 from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
-from agent.volumes.poolfs import LocalFiles, PoolFiles
 
 log = logging.getLogger("agent.qcow2")
 ZERO_RUN = 64 << 10  # zero runs of this size are not written into a new image
@@ -99,7 +120,7 @@ class Qcow2Pool(VolumeDriver):
     kind = "dir"
 
     def __init__(self, pool_uuid: str, root: str, *, run_dir: str, allowed_roots: list[str],
-                 lookup: Callable[[str], "Qcow2Pool"] | None = None, fs: PoolFiles | None = None):
+                 lookup: Callable[[str], Qcow2Pool] | None = None, fs: PoolFiles | None = None):
         """root: the pool's directory, or with fs=NfsFiles the export's URL."""
         self.pool_uuid = check_uuid(pool_uuid, "pool_uuid")
         self.lookup = lookup or (lambda pool: self)  # other pools, for clones across pools
@@ -568,7 +589,7 @@ class Qcow2Pool(VolumeDriver):
 
     # ---- clones ----
 
-    def linked_clone(self, source: "Qcow2Pool", source_volume: str, snapshot_uuid: str, volume_uuid: str,
+    def linked_clone(self, source: Qcow2Pool, source_volume: str, snapshot_uuid: str, volume_uuid: str,
                      name: str) -> VolumeInfo:
         """A new volume in this pool on top of a snapshot of source (constant time)."""
         vol = check_uuid(volume_uuid, "clone_volume_uuid")
@@ -690,7 +711,7 @@ class Qcow2Pool(VolumeDriver):
             with srv.connect() as c:
                 yield NbdSnapshotReader(c)
 
-    def full_clone(self, source: "Qcow2Pool", source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str,
+    def full_clone(self, source: Qcow2Pool, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str,
                    ctx) -> tuple[VolumeInfo, int]:
         """An independent copy of a snapshot. qcow2 -> qcow2 on this host goes
         through qemu-img convert, which measured 2.3x faster than copying
@@ -717,14 +738,14 @@ class Qcow2Pool(VolumeDriver):
         meta = self._meta(check_uuid(volume_uuid, "volume_uuid"))
         qemu_img.ensure_not_in_use(self.head_path(meta.uuid))
 
-    def open_overwrite_target(self, volume_uuid: str) -> "Qcow2OverwriteTarget":
+    def open_overwrite_target(self, volume_uuid: str) -> Qcow2OverwriteTarget:
         meta = self._meta(check_uuid(volume_uuid, "volume_uuid"))
         head = self.head_path(meta.uuid)
         qemu_img.ensure_not_in_use(head)  # a VM's qemu holds the lock: IN_USE
         return Qcow2OverwriteTarget(head, self.run_dir, lambda: self.volume_info(meta.uuid))
 
     def open_restore_target(self, volume_uuid: str, name: str, capacity: int,
-                            job_id: str) -> "RestoreTarget":
+                            job_id: str) -> RestoreTarget:
         """Up to DIRECT_RESTORE_MAX, into an image with preallocated metadata,
         written straight at its clusters' offsets (agent.volumes.qcow2_direct:
         measured faster than qemu-nbd, bench/backup_bench.py); larger ones,

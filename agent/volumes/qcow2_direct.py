@@ -28,9 +28,9 @@ import bisect
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 from agent import native
 from agent.errors import StorageIOError
@@ -59,7 +59,7 @@ class _Piece:
         return self.start + self.length
 
 
-def open_mapped(path: str, only: tuple[int, list[tuple[int, int]]] | None = None) -> "MappedSnapshotReader | None":
+def open_mapped(path: str, only: tuple[int, list[tuple[int, int]]] | None = None) -> MappedSnapshotReader | None:
     """A reader of the image at path (its whole backing chain), or None when
     some data cannot be read raw. Call under the volume's lock.
 
@@ -120,7 +120,7 @@ class MappedSnapshotReader(SnapshotReader):
             os.close(fd)
         self._fds = []
 
-    def __enter__(self) -> "MappedSnapshotReader":
+    def __enter__(self) -> MappedSnapshotReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 MAGIC = b"QFI\xfb"
 INCOMPAT_CORRUPT = 1 << 1

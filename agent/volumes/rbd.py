@@ -26,22 +26,41 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
 
 import rados
 import rbd
 
 from agent import native
-from agent.errors import (AlreadyExists, Cancelled, FailedPrecondition, HasDependents, InUse, InvalidArgument,
-                          NotFound, StorageIOError)
+from agent.errors import (
+    AlreadyExists,
+    Cancelled,
+    FailedPrecondition,
+    HasDependents,
+    InUse,
+    InvalidArgument,
+    NotFound,
+    StorageIOError,
+)
 from agent.extents import Extent
-from agent.volumes.base import (HEAD, ChangedExtents, PoolStatus, RestoreTarget, SnapshotInfo, SnapshotReader,
-                                SnapshotTree,
-                                VolumeDriver, VolumeInfo, build_tree, check_name, check_uuid)
-from agent.volumes.qcow2 import check_capacity, merge_extents
+from agent.volumes.base import (
+    HEAD,
+    ChangedExtents,
+    PoolStatus,
+    RestoreTarget,
+    SnapshotInfo,
+    SnapshotReader,
+    SnapshotTree,
+    VolumeDriver,
+    VolumeInfo,
+    build_tree,
+    check_name,
+    check_uuid,
+)
 from agent.volumes.nbd import AllocExtent
+from agent.volumes.qcow2 import check_capacity, merge_extents
 
 log = logging.getLogger("agent.rbd")
 
@@ -67,11 +86,11 @@ class CephTarget:
 class CephConnection:
     """One librados connection per (conf, client, keyring), reconnected when lost."""
 
-    _shared: dict[CephTarget, "CephConnection"] = {}
+    _shared: dict[CephTarget, CephConnection] = {}
     _shared_lock = threading.Lock()
 
     @classmethod
-    def get(cls, target: CephTarget) -> "CephConnection":
+    def get(cls, target: CephTarget) -> CephConnection:
         with cls._shared_lock:
             conn = cls._shared.get(target)
             if conn is None:
@@ -347,7 +366,7 @@ class RbdPool(VolumeDriver):
         img.set_snap(name)
         try:
             n = [0]
-            img.diff_iterate(0, img.size(), since, lambda o, l, e: n.__setitem__(0, n[0] + (l if e else 0)),
+            img.diff_iterate(0, img.size(), since, lambda o, ln, e: n.__setitem__(0, n[0] + (ln if e else 0)),
                              include_parent=False, whole_object=self._fast_diff_ok(img))
             return n[0]
         finally:
@@ -567,7 +586,7 @@ class RbdPool(VolumeDriver):
 
     # ---- clones ----
 
-    def linked_clone(self, source: "RbdPool", source_volume: str, snapshot_uuid: str, volume_uuid: str,
+    def linked_clone(self, source: RbdPool, source_volume: str, snapshot_uuid: str, volume_uuid: str,
                      name: str) -> VolumeInfo:
         vol = check_uuid(volume_uuid, "clone_volume_uuid")
         check_name(name, "clone_dst_vol_name")
@@ -635,7 +654,7 @@ class RbdPool(VolumeDriver):
         except (rbd.Error, rados.Error) as e:
             log.warning("could not unprotect the origin snapshot", extra={"error": str(e)})
 
-    def full_clone(self, source: "RbdPool", source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str,
+    def full_clone(self, source: RbdPool, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str,
                    ctx) -> tuple[VolumeInfo, int]:
         """A deep copy of a snapshot into a new image, through aio reads and
         writes; zero blocks are not written. The copy is made under a
@@ -716,10 +735,10 @@ class RbdPool(VolumeDriver):
         with self.ioctx() as io:
             self._refuse_if_open(io, vol)
 
-    def open_overwrite_target(self, volume_uuid: str) -> "RbdOverwriteTarget":
+    def open_overwrite_target(self, volume_uuid: str) -> RbdOverwriteTarget:
         return RbdOverwriteTarget(self, check_uuid(volume_uuid, "volume_uuid"))
 
-    def open_restore_target(self, volume_uuid: str, name: str, capacity: int, job_id: str) -> "RbdRestoreTarget":
+    def open_restore_target(self, volume_uuid: str, name: str, capacity: int, job_id: str) -> RbdRestoreTarget:
         vol = check_uuid(volume_uuid, "volume_uuid")
         check_name(name, "name")
         if self.volume_exists(vol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -40,7 +40,7 @@ def to_seed(s, cp: Checkpoint) -> dict:
     status = {"preparing": "protecting", "finishing": "protecting"}.get(cp.status, cp.status)  # the seed's values
     return {"id": cp.id, "project_id": cp.tenant, "status": status,
             "created_at": iso(cp.created_at),
-            "due_at": datetime.fromtimestamp(cp.due_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+            "due_at": datetime.fromtimestamp(cp.due_at, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
             "manual": cp.manual,
             "vault": {"id": cp.vault_id, "name": vault.name if vault else "", "resources": resources,
                       "skipped_resources": json.loads(cp.skipped_json)},

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid as uuidlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -23,7 +23,7 @@ from agent.errors import AlreadyExists, HasDependents, InvalidArgument, NotFound
 
 
 def stamp(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def definition(p: Policy) -> OperationDefinition:

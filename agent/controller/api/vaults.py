@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
@@ -43,7 +43,7 @@ PROVIDER_ID = str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "blockferry/provider/volu
 
 def iso(t: float | None) -> str | None:
     """Seed 003's time stamps: 2019-05-23T12:51:10.071232 (UTC); None for none."""
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") if t else None
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") if t else None
 
 
 def _state(s, vault: Vault) -> str:
@@ -70,7 +70,8 @@ def to_seed(s, vault: Vault) -> dict:
     used_gb = round(stored / GB, 3)
     return {
         "id": vault.id, "name": vault.name, "description": vault.description, "project_id": vault.tenant,
-        "provider_id": PROVIDER_ID, "created_at": iso(vault.created_at), "auto_bind": False, "bind_rules": None, "tags": [],
+        "provider_id": PROVIDER_ID, "created_at": iso(vault.created_at), "auto_bind": False, "bind_rules": None,
+        "tags": [],
         "backup_point_id": vault.backup_point_uuid, "policy_id": vault.policy_id or None,
         "backup_name_prefix": vault.backup_name_prefix, "status": vault.status, "state": _state(s, vault),
         "billing": {"status": vault.status, "size": vault.size_gb, "allocated": vault.size_gb, "used": used_gb,

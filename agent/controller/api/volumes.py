@@ -16,8 +16,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from agent.api.v1 import volumes_pb2
-from agent.controller import validate as v
 from agent.client import AgentClient
+from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok, range_list
 from agent.controller.api.pools import _visible
@@ -94,7 +94,8 @@ def volume_to_seed(vol: Volume, pool: Pool | None, hosts: list[str]) -> dict:
     return {
         "UUID": vol.uuid, "Name": vol.name, "NamespaceUUID": vol.tenant, "Type": vol.vtype, "PoolUUID": vol.pool_uuid,
         "Capacity": vol.capacity, "Used": vol.used, "Attr": json.loads(vol.attr_json),
-        "PoolName": pool.name if pool else "", "ZoneUUID": pool.zone_uuid if pool else "", "ZoneName": pool.zone_name if pool else "default",
+        "PoolName": pool.name if pool else "", "ZoneUUID": pool.zone_uuid if pool else "",
+        "ZoneName": pool.zone_name if pool else "default",
         "SnapLength": vol.snap_length, "SnapCap": vol.snap_cap, "Ctime": vol.ctime, "Mtime": vol.mtime,
         "AccessPath": {h: vol.access_path for h in hosts} or None, "EventState": 0, "ShareNsUUIDs": None,
         "Parent": vol.parent, "ParentSnapshot": vol.parent_snapshot, "Children": None,
