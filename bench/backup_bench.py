@@ -225,12 +225,13 @@ def qcow2_part(args, rows: list) -> None:
 
 def rbd_part(args, rows: list) -> None:
     import rbd
-    from cephcluster import CephCluster
 
     from agent.repo.backup import backup
     from agent.repo.repository import Repository
     from agent.stores.local import LocalStore
     from agent.volumes.rbd import RbdPool
+
+    from support.cephcluster import CephCluster
 
     size = args.rbd_gib << 30
     work = tempfile.mkdtemp(prefix="bf-bench-rbd-", dir=args.dir)

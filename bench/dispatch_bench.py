@@ -79,7 +79,8 @@ def main() -> int:
                 f'database_url = "sqlite:///{work}/controller.sqlite3"\nsecret_key_file = "{work}/controller.key"\n'
                 f'grpc_listen = "unix:{registry}"\nagent_token = "{agent_token}"\nheartbeat_interval = 2\n'
                 f'host_dead_after = 10\nlog_level = "warning"\n[[tokens]]\ntoken = "{token}"\ntenant = "*"\n')
-        procs.append(subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", f"{work}/controller.toml"],
+        procs.append(subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c",
+                                       f"{work}/controller.toml"],
                                       stdout=open(f"{work}/controller.log", "ab"), stderr=subprocess.STDOUT))
         hosts = []
         for i in range(3):
@@ -141,7 +142,8 @@ def main() -> int:
             time.sleep(max(0.0, 0.1 - (time.time() - calls[-1][0])) if calls else 0)  # 10/s: under capacity
             t_call = time.time()
             r = rest.call("POST", "/v1/volume/share/clone", {
-                "cluster_uuid": CLUSTER, "volume_uuid": vols[0], "volume_name": "v0", "clone_dst_pool_uuid": pool["UUID"],
+                "cluster_uuid": CLUSTER, "volume_uuid": vols[0], "volume_name": "v0",
+                "clone_dst_pool_uuid": pool["UUID"],
                 "clone_dst_vol_name": f"c{i}", "clone_dst_vol_tenant": TENANT, "snapshot_uuid": s["UUID"],
                 "is_link": True})
             calls.append((t_call, r["task_id"]))

@@ -81,7 +81,7 @@ def main() -> int:
         rnd = os.urandom(1 << 20)
         with open(path, "wb") as f:
             f.truncate(size)
-            for i, off in enumerate(range(0, size, 10 << 20)):  # 1 MiB of data in every 10 MiB
+            for off in range(0, size, 10 << 20):  # 1 MiB of data in every 10 MiB
                 f.seek(off)
                 f.write(rnd)
         def ours():

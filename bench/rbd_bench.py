@@ -20,10 +20,10 @@ import uuid
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(here, ".."), os.path.join(here, "..", "tests")]
 
-from cephcluster import CephCluster  # noqa: E402
-
 from agent.jobs.kinds import NullContext  # noqa: E402
 from agent.volumes.rbd import RbdPool, RbdReader  # noqa: E402
+
+from support.cephcluster import CephCluster  # noqa: E402
 
 MiB = 1 << 20
 OBJ = 4 * MiB
@@ -95,10 +95,10 @@ def main() -> int:
             subprocess.run(["rbd", "-c", conf, "rm", "rbd/peer-copy"], check=True, capture_output=True)
 
         rows = []
-        for name, ours, peer, peer_name in (("full read of a snapshot", ours_read, peer_read, "`rbd export - >/dev/null`"),
-                                            ("changed extents after a 1 % change", ours_diff, peer_diff,
-                                             "`rbd diff --from-snap`"),
-                                            ("full clone", ours_clone, peer_clone, "`rbd cp`")):
+        cases = (("full read of a snapshot", ours_read, peer_read, "`rbd export - >/dev/null`"),
+                 ("changed extents after a 1 % change", ours_diff, peer_diff, "`rbd diff --from-snap`"),
+                 ("full clone", ours_clone, peer_clone, "`rbd cp`"))
+        for name, ours, peer, peer_name in cases:
             ours(), peer()
             t_o, t_p = [], []
             for _ in range(args.runs):

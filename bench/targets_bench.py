@@ -78,10 +78,10 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="bf-tbench-", dir=args.dir)
     servers = []
     try:
-        from iscsiserver import TgtServer
-        from nfsserver import NfsServer
-        from smbserver import SmbServer
-        from test_targets import Loop
+        from support.iscsiserver import TgtServer
+        from support.nfsserver import NfsServer
+        from support.smbserver import SmbServer
+        from support.stores import Loop
 
         pool = Qcow2Pool(str(uuid.uuid4()), f"{work}/pool", run_dir=f"{work}/run", allowed_roots=[work])
         vol = pool.create_volume(str(uuid.uuid4()), "src", size).uuid

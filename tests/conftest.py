@@ -1,105 +1,30 @@
 """Fixtures that start real blockferry-agent processes."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import textwrap
 import time
-from dataclasses import dataclass, field
+import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.client import AgentClient, Target
+from agent.volumes.qcow2 import Qcow2Pool
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class AgentProcess:
-    workdir: Path
-    config: Path
-    socket: Path
-    roots: list[Path]
-    log: Path
-    pool_uuid: str = ""
-    pool_root: Path | None = None
-    proc: subprocess.Popen | None = None
-    env: dict = field(default_factory=dict)
-    prefix: list = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NAME]: run it in a namespace
-
-    def start(self, wait: bool = True, extra_env: dict | None = None) -> "AgentProcess":
-        env = {**os.environ, **self.env, **(extra_env or {})}
-        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "agent.server", "-c", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env)
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            if self.socket.exists():
-                with self.client() as c:
-                    try:
-                        c.wait_ready(timeout=1)
-                        return
-                    except Exception:
-                        pass
-            time.sleep(0.05)
-        raise TimeoutError(f"agent not ready:\n{self.log.read_text()}")
-
-    def client(self) -> AgentClient:
-        return AgentClient(Target(socket=str(self.socket)))
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-    def log_text(self) -> str:
-        return self.log.read_text()
+from support.agents import RBD2_POOL_UUID, RBD_POOL_UUID, REPO, AgentProcess, write_config
+from support.backups import NfsBk, nfs_section, nid
+from support.controller import AGENT_TOKEN, Controller, check_ok
+from support.fctree import build
+from support.stores import IscsiTarget, Loop
+from support.tls import _cert, _name, _write
+from support.volumes import MiB
 
 
-POOL_UUID = "0eca2be3-056f-4634-a25b-5cf717e067fb"
-POOL2_UUID = "f0dc0363-5e70-419a-95ad-2c49c14d70c1"
-RBD_POOL_UUID = "ca12d616-73c4-4629-a5c0-a37a8e163c33"
-RBD2_POOL_UUID = "5d0c7f0e-6a0b-4c59-8d6e-2f0b8e6c1a11"
-BP_UUID = "7a4f2d8e-3b1c-4e5f-9a6b-1c2d3e4f5a6b"
-
-
-def write_config(workdir: Path, extra: str = "", roots: list[Path] | None = None) -> AgentProcess:
-    roots = roots or [workdir / "root"]
-    for r in roots:
-        r.mkdir(parents=True, exist_ok=True)
-    sock = workdir / "agent.sock"
-    cfg = workdir / "agent.toml"
-    # Short paths keep unix sockets under the 108-byte limit. The pool
-    # sections come last so `extra` can still add to [grpc] or [jobs].
-    cfg.write_text(textwrap.dedent(f"""\
-        [pools.{POOL_UUID}]
-        path = "{workdir}/pool"
-        [pools.{POOL2_UUID}]
-        path = "{workdir}/pool2"
-        [backup_points.{BP_UUID}]
-        path = "{workdir}/bp"
-        chunk_size = 1048576
-        [agent]
-        state_dir = "{workdir}/state"
-        run_dir = "{workdir}/run"
-        roots = [{", ".join(f'"{r}"' for r in roots)}]
-        log_format = "text"
-        log_level = "debug"
-        [grpc]
-        unix_socket = "{sock}"
-        """) + textwrap.dedent(extra))
-    return AgentProcess(workdir=workdir, config=cfg, socket=sock, roots=roots, log=workdir / "agent.log",
-                        pool_uuid=POOL_UUID, pool_root=workdir / "pool")
+def pytest_collection_modifyitems(session, config, items):
+    """The house rules (test_house.py) run first: they take seconds and
+    need no server."""
+    items.sort(key=lambda item: 0 if item.module.__name__.endswith("test_house") else 1)
 
 
 @pytest.fixture
@@ -142,21 +67,10 @@ def agent(make_agent):
     assert a.stop() == 0, a.log_text()
 
 
-def sparse_image(path: Path, size: int, data: dict[int, bytes]) -> bytes:
-    """A sparse file with data at given offsets; returns its full content."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off, chunk in data.items():
-            f.seek(off)
-            f.write(chunk)
-    return path.read_bytes()
-
-
 @pytest.fixture(scope="session")
 def dist(tmp_path_factory) -> Path:
     """`python -m build` of this checkout, once per run: a folder holding the
     sdist and the wheel (the packaging and Ansible tests install it)."""
-    import sys
 
     out = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--sdist", "-o", str(out), str(REPO)], check=True,
@@ -168,7 +82,7 @@ def dist(tmp_path_factory) -> Path:
 def ceph():
     """A real single-node Ceph cluster for the whole test session, with two
     RBD pools ("rbd" and "rbd2")."""
-    from cephcluster import CephCluster
+    from support.cephcluster import CephCluster
 
     # bluestore on a sparse file: its data survives an OSD restart (memstore's
     # does not), which the cluster-stopped test needs.
@@ -191,7 +105,7 @@ def rbd_agent(make_agent, ceph):
 @pytest.fixture(scope="session")
 def nfs_server():
     """nfs-ganesha (NFSv3) with rpcbind."""
-    from nfsserver import NfsServer
+    from support.nfsserver import NfsServer
 
     srv = NfsServer().start()
     yield srv
@@ -201,7 +115,7 @@ def nfs_server():
 @pytest.fixture(scope="session")
 def smb_server():
     """smbd with a real Unix user."""
-    from smbserver import SmbServer
+    from support.smbserver import SmbServer
 
     srv = SmbServer().start()
     yield srv
@@ -211,7 +125,7 @@ def smb_server():
 @pytest.fixture(scope="session")
 def tgt_server():
     """tgtd with sparse-file LUNs, with and without CHAP."""
-    from iscsiserver import TgtServer
+    from support.iscsiserver import TgtServer
 
     srv = TgtServer().start()
     yield srv
@@ -221,8 +135,100 @@ def tgt_server():
 @pytest.fixture(scope="session")
 def pg_server():
     """PostgreSQL 15, for the controller's optional backend."""
-    from pgserver import PgServer
+    from support.pgserver import PgServer
 
     srv = PgServer().start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def loop(short_tmp):
+    made = []
+
+    def make(size: int = 512 * MiB, name: str = "lun.img") -> Loop:
+        lo = Loop(short_tmp / name, size)
+        made.append(lo)
+        return lo
+
+    yield make
+    for lo in made:
+        lo.detach()
+
+
+@pytest.fixture
+def iscsi_lun(tgt_server):
+    made = []
+
+    def make(size: int = 512 * MiB, chap: bool = False) -> IscsiTarget:
+        t = IscsiTarget(tgt_server, tgt_server.add_lun(size, chap=chap))
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.forget()
+
+
+@pytest.fixture
+def pool(short_tmp):
+    return Qcow2Pool(nid(), str(short_tmp / "pool"), run_dir=str(short_tmp / "run"), allowed_roots=[str(short_tmp)])
+
+
+@pytest.fixture
+def nfs_agent(make_agent, nfs_server):
+    pool = str(uuid.uuid4())  # a fresh pool directory on the shared export per test
+    a = make_agent(nfs_section(nfs_server, pool)).start()
+    with a.client() as c:
+        yield NfsBk(a, c, nfs_server, pool)
+    assert a.stop() == 0, a.log_text()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cluster(request, short_tmp, make_agent):
+    """A controller (on SQLite, and on a real PostgreSQL) and one agent
+    registered with it (FC tree in its sysfs)."""
+    url = None
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_server").create_database(f"bf_{uuid.uuid4().hex[:10]}")
+    from support.cephcluster import free_port
+
+    metrics_port = free_port()
+    c = Controller(short_tmp / "ctl", url, extra=f'metrics_listen = "127.0.0.1:{metrics_port}"\n')
+    c.metrics_port = metrics_port
+    host = str(uuid.uuid4())
+    sys_root, dev_root = build(short_tmp / "fc")
+    a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+                   f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n')
+    a.config.write_text(a.config.read_text().replace('log_level = "debug"', f'log_level = "debug"\n'
+                                                     f'sys_root = "{sys_root}"\ndev_root = "{dev_root}"'))
+    a.config.chmod(0o600)
+    a.start()
+    with c.client("op") as op:
+        deadline = time.monotonic() + 20
+        while not check_ok(op.get("/v1/hosts"))["total_count"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    yield c, a, host
+    assert a.stop() == 0
+    c.stop()
+
+
+@pytest.fixture
+def pki(short_tmp):
+    d = short_tmp / "pki"
+    d.mkdir()
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("blockferry test CA", ca_key, _name("blockferry test CA"), ca_key, ca=True)
+    _write(d / "ca.pem", cert=ca)
+    for who in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert(who, ca_key, ca.subject, key, ca=False, san="localhost")
+        _write(d / f"{who}.pem", cert=cert)
+        _write(d / f"{who}.key", key=key)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = _cert("other CA", other_key, _name("other CA"), other_key, ca=True)
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    _write(d / "rogue.pem", cert=_cert("rogue", other_key, other.subject, rogue_key, ca=False, san="localhost"))
+    _write(d / "rogue.key", key=rogue_key)
+    return d

@@ -18,8 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent import native
 from agent.api.v1 import jobs_pb2
-from conftest import sparse_image
-from test_qcow2 import rpc_error
+
+from support.agents import sparse_image
+from support.volumes import rpc_error
 
 MiB = 1 << 20
 

@@ -17,10 +17,10 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import signal
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -29,8 +29,9 @@ from pathlib import Path
 import pytest
 
 from agent import native
-from cephcluster import free_port
-from conftest import REPO
+
+from support.agents import REPO
+from support.cephcluster import free_port
 
 ANSIBLE = REPO / "ansible"
 VENV_BIN = Path(os.sys.prefix) / "bin"
@@ -240,7 +241,8 @@ def test_playbook_deploys_both_services_and_they_work(deployment):
     import httpx
 
     tls = d.root / "etc" / "tls"
-    rest = httpx.Client(base_url=f"https://127.0.0.1:{d.ports['rest']}", verify=ssl.create_default_context(cafile=str(tls / "ca.pem")),
+    rest = httpx.Client(base_url=f"https://127.0.0.1:{d.ports['rest']}",
+                        verify=ssl.create_default_context(cafile=str(tls / "ca.pem")),
                         headers={"Authorization": f"Bearer {d.operator_token}"}, timeout=10)
     host = None
     deadline = time.monotonic() + 90

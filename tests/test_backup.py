@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import uuid
 
 import pytest
 
@@ -15,16 +14,12 @@ from agent.repo.repository import Repository
 from agent.repo.restore import restore
 from agent.repo.verify import verify
 from agent.stores.local import LocalStore
-from agent.volumes.nbd import NbdClient, QemuNbd
 from agent.volumes.qcow2 import Qcow2Pool
-from test_qcow2 import write
+
+from support.backups import CS, nid, restore_to_qcow2
+from support.volumes import write
 
 MiB = 1 << 20
-CS = 1 << 20  # small chunks keep the tests quick
-
-
-def nid() -> str:
-    return str(uuid.uuid4())
 
 
 @pytest.fixture
@@ -32,15 +27,6 @@ def env(short_tmp):
     pool = Qcow2Pool(nid(), str(short_tmp / "pool"), run_dir=str(short_tmp / "run"), allowed_roots=[str(short_tmp)])
     repo = Repository.init(LocalStore(str(short_tmp / "bp")), chunk_size=CS)
     return pool, repo, short_tmp
-
-
-def restore_to_qcow2(pool: Qcow2Pool, repo: Repository, m, run_dir) -> tuple[str, str]:
-    vol = nid()
-    info = pool.create_volume(vol, "restored", m.size)
-    with QemuNbd(info.access_path, readonly=False, run_dir=str(run_dir)) as srv, NbdClient(srv.socket) as c:
-        written = restore(repo, m, lambda off, data: c.pwrite(data, off))
-        c.flush()
-    return vol, written
 
 
 def test_full_incremental_restore_bit_exact(env):
@@ -113,7 +99,8 @@ def test_verify_finds_injected_corruption(env):
 
     (d,) = damage()
     assert d.pack == f"packs/{packs[0].name}" and d.backup_uuids == [m.backup_id]
-    assert d.reason in ("checksum mismatch", "compressed data is damaged") and m.chunks[d.first_chunk_index] == d.chunk_id
+    assert d.reason in ("checksum mismatch", "compressed data is damaged")
+    assert m.chunks[d.first_chunk_index] == d.chunk_id
     with pytest.raises(DataCorrupt, match=f"chunk {d.chunk_id[:16]} in packs/{packs[0].name} "
                                           f"\\(position {d.first_chunk_index}\\)") as e:
         verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False).check()
@@ -169,8 +156,9 @@ def test_interrupted_backup_is_never_listed(env):
 
 
 def test_rbd_backup_restores_into_qcow2(env, ceph):
-    from agent.volumes.rbd import RbdPool
     import rbd
+
+    from agent.volumes.rbd import RbdPool
 
     pool, repo, tmp = env
     rp = RbdPool(nid(), ceph_conf=str(ceph.conf), client_name="admin", keyring="", rbd_pool="rbd", namespace="",
@@ -305,9 +293,9 @@ def test_packs_commit_in_the_background_and_all_are_durable(env):
 
 
 def test_a_full_backup_point_fails_the_backup_and_lists_nothing(short_tmp):
-    from smallfs import mount_small_fs, unmount_small_fs
-
     from agent.errors import BlockferryError
+
+    from support.smallfs import mount_small_fs, unmount_small_fs
 
     mnt = short_tmp / "small"
     mnt.mkdir()

@@ -11,82 +11,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.api.v1 import backups_pb2 as b
 from agent.api.v1 import jobs_pb2
-from conftest import BP_UUID, POOL2_UUID, POOL_UUID, RBD_POOL_UUID
-from test_qcow2 import MiB, Vol, new_id, ref_digest_of, rpc_error
 
-OK = jobs_pb2.JOB_STATE_SUCCEEDED
-FINAL = (OK, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
-
-
-class Bk(Vol):
-    """Backups on the agent's backup point, next to the volume helpers."""
-
-    def __init__(self, agent, client, bp=BP_UUID):
-        super().__init__(agent, client)
-        self.bp = bp
-
-    def backup(self, vol, snap, *, pool=None, full=False, parent="", name="", description="", job_id=None):
-        bid = new_id()
-        job = self.c.run(job_id or f"backup-{bid}", backup=jobs_pb2.BackupSpec(
-            backup_point_uuid=self.bp, pool_uuid=pool or self.pool, volume_uuid=vol, snapshot_uuid=snap,
-            backup_uuid=bid, name=name, description=description, parent_backup_uuid=parent, full=full))
-        assert job.state == OK, job.error
-        return job.backup_result
-
-    def restore(self, backup_uuid, *, pool=None, name=None):
-        vol = new_id()
-        job = self.c.run(f"restore-{vol}", restore=jobs_pb2.RestoreSpec(
-            backup_point_uuid=self.bp, backup_uuid=backup_uuid, pool_uuid=pool or self.pool, volume_uuid=vol,
-            name=name or f"restored-{vol[:8]}"))
-        assert job.state == OK, job.error
-        return job.restore_result
-
-    def verify(self, backup_uuid, deep=True):
-        return self.c.run(f"verify-{new_id()}", verify=jobs_pb2.VerifySpec(
-            backup_point_uuid=self.bp, backup_uuid=backup_uuid, deep=deep))
-
-    def gc(self):
-        job = self.c.run(f"gc-{new_id()}", gc=jobs_pb2.GcSpec(backup_point_uuid=self.bp))
-        assert job.state == OK, job.error
-        return job.gc_result
-
-    def list(self, **filters):
-        return list(self.c.list_backups(b.ListBackupsRequest(backup_point_uuid=self.bp,
-                                                                            **filters)).backups)
-
-    def delete(self, backup_uuid):
-        self.c.delete_backup(b.DeleteBackupRequest(backup_point_uuid=self.bp, backup_uuid=backup_uuid))
-
-    def stats(self):
-        return self.c.get_repository_stats(b.RepositoryStatsRequest(backup_point_uuid=self.bp))
+from support.agents import BP_UUID, POOL2_UUID, POOL_UUID, RBD_POOL_UUID
+from support.backups import FINAL, OK, Bk, bp_files, three_generations
+from support.volumes import MiB, new_id, ref_digest_of, rpc_error
 
 
 @pytest.fixture
 def bk(agent):
     with agent.client() as c:
         yield Bk(agent, c)
-
-
-def bp_files(agent) -> list[Path]:
-    return [p for p in (agent.workdir / "bp").rglob("*") if p.is_file()]
-
-
-def three_generations(bk: Bk):
-    """A volume with a full and two incremental backups: [(snapshot, backup, digest)]."""
-    vol = bk.create(capacity=24 * MiB, name="src").uuid
-    bk.write(vol, {0: os.urandom(3 * MiB), 9 * MiB: os.urandom(MiB), 20 * MiB + 7: b"tail" * 1000})
-    out = []
-    for gen in range(3):
-        if gen:
-            bk.write(vol, {MiB + 100: os.urandom(5000), 15 * MiB: os.urandom(4096 * gen)})
-        s = bk.snap(vol, f"s{gen}").uuid
-        r = bk.backup(vol, s, description=f"generation {gen}")
-        assert r.mode == ("full" if gen == 0 else "incremental")
-        assert r.image_digest == bk.digest(vol, s)
-        out.append((s, r, r.image_digest))
-    return vol, out
 
 
 def test_full_incremental_restore_verify_list_stats(bk):
@@ -226,7 +161,8 @@ def test_encrypted_repository(make_agent):
         assert secret.encode() not in data, p
     assert secret not in a.log_text()
     # the wrong password: a clear error, never garbage, and nothing changes
-    (a.workdir / "agent.conf.d" / "bp.toml").write_text(f'[backup_points.{BP_UUID}]\npassword = "Not-The-Password-42"\n')
+    (a.workdir / "agent.conf.d" / "bp.toml").write_text(
+        f'[backup_points.{BP_UUID}]\npassword = "Not-The-Password-42"\n')
     os.chmod(a.workdir / "agent.conf.d" / "bp.toml", 0o600)
     before = {p: p.stat().st_mtime_ns for p in bp_files(a)}
     a.start()

@@ -7,14 +7,11 @@ import subprocess
 import sys
 
 from agent import native
-from conftest import sparse_image
+
+from support.agents import sparse_image
+from support.cli import cli
 
 MiB = 1 << 20
-
-
-def cli(agent, *args, check=True):
-    return subprocess.run([sys.executable, "-m", "agent.cli", "--socket", str(agent.socket), *args],
-                          capture_output=True, text=True, check=check, timeout=120)
 
 
 def test_checksum_jobs_and_json(agent):

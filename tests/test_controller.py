@@ -5,8 +5,6 @@ application in process."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,81 +12,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_tls import pki  # noqa: F401  (a fixture)
+from support.controller import (
+    AGENT_TOKEN,
+    CLUSTER,
+    SEEDS,
+    TENANT_A,
+    TENANT_B,
+    TOKENS,
+    Controller,
+    check_error,
+    check_ok,
+    seed_example,
+    write_controller_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = REPO / "docs" / "seeds"  # a copy of ../shared/seeds: the API contract, kept with the code
-TENANT_A = "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"  # the seed's tenant
-TENANT_B = "fa81a25f-7dfa-41aa-8273-eb9e455d4d36"
-CLUSTER = "b088822c-1176-4c79-9df7-5fad80c7fd1d"
-TOKENS = {"op": "operator-token-0123456789", TENANT_A: "tenant-a-token-0123456789",
-          TENANT_B: "tenant-b-token-0123456789"}
-
-
-def seed_example(seed: str, endpoint: str, which: str = "Body") -> dict | str:
-    """The request example of an endpoint, straight from the seed file."""
-    text = next(SEEDS.glob(f"{seed}_*.txt")).read_text()
-    section = text[text.index(endpoint):]
-    if which == "url":
-        start = section.index("#### 请求示例")
-        block = section[start:].split("```")[1]
-        return block.strip()
-    start = section.index("Body:")
-    return json.loads(section[start:].split("```")[1])
-
-
-AGENT_TOKEN = "agent-token-0123456789abcdef"
-
-
-def write_config(d: Path, port: int, db_url: str | None = None, grpc_port: int = 0, grpc_listen: str = "",
-                 extra: str = "") -> Path:
-    cfg = d / "controller.toml"
-    tokens = "".join(f'[[tokens]]\ntoken = "{tok}"\ntenant = "{"*" if who == "op" else who}"\n'
-                     for who, tok in TOKENS.items())
-    cfg.write_text(f'[controller]\nlisten = "127.0.0.1:{port}"\n'
-                   f'database_url = "{db_url or f"sqlite:///{d}/controller.sqlite3"}"\n'
-                   f'secret_key_file = "{d}/controller.key"\ngrpc_listen = "{grpc_listen or f"127.0.0.1:{grpc_port}"}"\n'
-                   f'agent_token = "{AGENT_TOKEN}"\nheartbeat_interval = 1\nhost_dead_after = 4\n{extra}{tokens}')
-    cfg.chmod(0o600)
-    return cfg
-
-
-class Controller:
-    def __init__(self, workdir: Path, db_url: str | None = None, *, grpc_listen: str = "", extra: str = ""):
-        from cephcluster import free_port
-
-        self.port, self.grpc_port = free_port(), free_port()
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.db_url = db_url or f"sqlite:///{workdir}/controller.sqlite3"
-        self.config = write_config(workdir, self.port, db_url, self.grpc_port, grpc_listen, extra)
-        self.log = workdir / "controller.log"
-        self.start()
-
-    def start(self) -> None:
-        """Start it (again: the same config, ports and database)."""
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                httpx.get(f"{self.url}/openapi.json", timeout=1)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise TimeoutError(self.log.read_text())
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, who: str = "op") -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKENS[who]}"}, timeout=30)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -101,23 +39,6 @@ def controller(request, short_tmp):
     c = Controller(short_tmp, url)
     yield c
     c.stop()
-
-
-def check_ok(r: httpx.Response) -> dict:
-    body = r.json()
-    assert r.status_code == 200 and body["scode"] == 0, body
-    assert set(body) >= {"scode", "desc", "message", "message_cn", "stack", "data"} and body["stack"] is None
-    return body["data"]
-
-
-def check_error(r: httpx.Response, status: int, field: str | None = None) -> dict:
-    body = r.json()
-    assert r.status_code == status, (r.status_code, body)
-    assert body["scode"] != 0 and body["stack"] is None and body["message"] and body["message_cn"], body
-    if field:
-        assert field in body["message"] and body["desc"] == field, body
-    assert "Traceback" not in r.text
-    return body
 
 
 def test_seed_000_backup_points_as_written(controller):
@@ -230,8 +151,9 @@ def test_paging_and_filter(controller):
     with controller.client(TENANT_A) as c:
         for i in range(7):
             check_ok(c.post("/v1/volume/internal/backuppoint/add", json=dict(add, name=f"bp-{i}")))
-        page = lambda n, size, f="": check_ok(c.get("/v1/volume/internal/backuppoint/list", params={
-            "cluster_uuid": CLUSTER, "page_num": n, "page_size": size, "filter_name": f}))
+        def page(n, size, f=""):
+            return check_ok(c.get("/v1/volume/internal/backuppoint/list", params={
+                "cluster_uuid": CLUSTER, "page_num": n, "page_size": size, "filter_name": f}))
         assert [x["Name"] for x in page(1, 3)["list"]] == ["bp-0", "bp-1", "bp-2"]
         assert [x["Name"] for x in page(0, 3)["list"]] == ["bp-0", "bp-1", "bp-2"]
         assert [x["Name"] for x in page(3, 3)["list"]] == ["bp-6"] and page(3, 3)["total_count"] == 7
@@ -245,7 +167,8 @@ def test_paging_and_filter(controller):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
+_junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+                  st.text(max_size=40),
                   st.sampled_from(["../../etc/passwd", "/", "..", "", " ", "\x00", "a/b", "%", "💥" * 3,
                                    str(uuid.UUID(int=0)), TENANT_B, CLUSTER, TENANT_A]),
                   st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=5), st.integers(),
@@ -270,7 +193,7 @@ def app_client(tmp_path_factory):
     from agent.controller.secrets import SecretBox
 
     d = tmp_path_factory.mktemp("ctl")
-    cfg = load(str(write_config(d, 1)))
+    cfg = load(str(write_controller_config(d, 1)))
     migrate(cfg.database_url)
     db = Database(cfg.database_url)
     client = TestClient(create_app(cfg, db, SecretBox.from_file(cfg.secret_key_file)), raise_server_exceptions=False)
@@ -470,7 +393,7 @@ def test_fuzzed_every_endpoint_never_500_and_changes_nothing(app_client, which, 
 def test_agent_registry_over_mutual_tls(short_tmp, make_agent, pki):
     """The registry with TLS and client certificates, as in production: an
     agent with a certificate from the CA registers; one without is refused."""
-    from cephcluster import free_port
+    from support.cephcluster import free_port
 
     gport = free_port()
     c = Controller(short_tmp / "ctl", grpc_listen=f"127.0.0.1:{gport}",

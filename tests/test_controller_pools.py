@@ -12,39 +12,10 @@ from pathlib import Path
 import pytest
 
 from agent.api.v1 import volumes_pb2 as v
-from fctree import WWID_B, build
-from test_controller import AGENT_TOKEN, TENANT_A, Controller, check_error, check_ok, seed_example
-from test_qcow2 import rpc_error
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def cluster(request, short_tmp, make_agent):
-    """A controller (on SQLite, and on a real PostgreSQL) and one agent
-    registered with it (FC tree in its sysfs)."""
-    url = None
-    if request.param == "postgresql":
-        url = request.getfixturevalue("pg_server").create_database(f"bf_{uuid.uuid4().hex[:10]}")
-    from cephcluster import free_port
-
-    metrics_port = free_port()
-    c = Controller(short_tmp / "ctl", url, extra=f'metrics_listen = "127.0.0.1:{metrics_port}"\n')
-    c.metrics_port = metrics_port
-    host = str(uuid.uuid4())
-    sys_root, dev_root = build(short_tmp / "fc")
-    a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-                   f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n')
-    a.config.write_text(a.config.read_text().replace('log_level = "debug"', f'log_level = "debug"\n'
-                                                     f'sys_root = "{sys_root}"\ndev_root = "{dev_root}"'))
-    a.config.chmod(0o600)
-    a.start()
-    with c.client("op") as op:
-        deadline = time.monotonic() + 20
-        while not check_ok(op.get("/v1/hosts"))["total_count"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-    yield c, a, host
-    assert a.stop() == 0
-    c.stop()
+from support.controller import AGENT_TOKEN, TENANT_A, Controller, check_error, check_ok, seed_example, wait_task
+from support.fctree import WWID_B
+from support.volumes import rpc_error
 
 
 def test_seed_002_pools(cluster, ceph):
@@ -79,7 +50,8 @@ def test_seed_002_pools(cluster, ceph):
         url = seed_example("002", "/v1/pool/share/pool_type/support", "url")
         assert check_ok(op.get("/v1/pool/share/pool_type/support?" + url.split("?", 1)[1]))["PoolTypes"] == [
             "nfs", "disk", "rbd"]
-        fc = check_ok(op.post("/v1/pool/share/fc_device/list", json=seed_example("002", "/v1/pool/share/fc_device/list")))
+        fc = check_ok(op.post("/v1/pool/share/fc_device/list",
+                              json=seed_example("002", "/v1/pool/share/fc_device/list")))
         assert fc["list"][f"wwn-0x{WWID_B}"] == [{"host_uuid": host, "host_name": fc["list"][f"wwn-0x{WWID_B}"][0][
             "host_name"], "disk_path": fc["list"][f"wwn-0x{WWID_B}"][0]["disk_path"]}]
         # an RBD pool on the real cluster
@@ -116,7 +88,7 @@ def test_seed_002_nfs_pool_as_written(cluster, nfs_server, short_tmp):
     server's address, the export (the seed's path below the test server's
     export) and this test's host. Volumes and snapshots of seed 001 then
     live on the export, where the server's side of it shows them."""
-    from test_qcow2 import write
+    from support.volumes import write
 
     c, a, host = cluster
     run = short_tmp / "run-nfs"
@@ -217,7 +189,7 @@ def test_seed_001_volumes_and_snapshots(cluster, short_tmp):
     examples with the uuids of what we created, checked against the data."""
     import hashlib
 
-    from test_qcow2 import write
+    from support.volumes import write
 
     c, a, host = cluster
     run = short_tmp / "run-test"
@@ -275,22 +247,13 @@ def test_seed_001_volumes_and_snapshots(cluster, short_tmp):
         check_error(op.post("/v1/volume/share/get", json=ref), 404, "volume_uuid")
 
 
-def wait_task(op, task_id: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        t = check_ok(op.get(f"/v1/tasks/{task_id}"))
-        if t["status"] not in ("waiting", "running"):
-            return t
-        assert time.monotonic() < deadline, t
-        time.sleep(0.2)
-
-
 def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
     """Clone (linked and full), backup, change, incremental backup, restore
     each, delete: long operations return a task at once; the restored and
     cloned data equals the source snapshots."""
     from agent.api.v1 import jobs_pb2
-    from test_qcow2 import write
+
+    from support.volumes import write
 
     c, a, host = cluster
     run = short_tmp / "run-test"
@@ -395,7 +358,8 @@ def test_seed_000_backup_points_on_real_servers(cluster, short_tmp, kind, reques
     move refused while it holds backups and allowed once empty (agents take
     the new definition); delete once its backups are gone."""
     from agent.api.v1 import jobs_pb2
-    from test_qcow2 import write
+
+    from support.volumes import write
 
     c, a, host = cluster
     run = short_tmp / "run-test"

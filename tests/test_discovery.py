@@ -13,9 +13,10 @@ from agent.api.v1 import backups_pb2 as b
 from agent.api.v1 import host_pb2 as h
 from agent.api.v1 import jobs_pb2
 from agent.stores.fc import list_devices, list_hbas
-from fctree import WWID_A, WWID_B, build
-from test_backup_agent import Bk
-from test_qcow2 import MiB
+
+from support.backups import Bk
+from support.fctree import WWID_A, WWID_B, build
+from support.volumes import MiB
 
 NFS_BP = "0b0b0b0b-1111-4111-8111-000000000001"
 SMB_BP = "0b0b0b0b-1111-4111-8111-000000000002"
@@ -48,7 +49,7 @@ def test_fc_discovery_on_this_machine_has_no_hbas():
 
 @pytest.fixture
 def remote_agent(make_agent, nfs_server, smb_server, tgt_server, short_tmp):
-    from test_targets import Loop
+    from support.stores import Loop
 
     lun = tgt_server.add_lun(256 * MiB, chap=True)
     loop = Loop(short_tmp / "disk.img", 256 * MiB)

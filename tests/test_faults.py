@@ -30,19 +30,18 @@ import uuid
 
 import pytest
 
+from agent.backup_points import BackupPoint
 from agent.config import BackupPointSection
 from agent.errors import AuthFailed, DataCorrupt, FailedPrecondition, NoSpace, StorageIOError, TargetUnreachable
 from agent.repo.backup import backup
 from agent.repo.catalog import latest_for_volume
 from agent.repo.repository import Repository
 from agent.repo.verify import verify
-from agent.backup_points import BackupPoint
-from conftest import BP_UUID
-from test_backup import CS, MiB, nid
-from test_qcow2 import write
-from test_nfs_pool import nfs_agent  # noqa: F401 - fixture
-from test_targets import DiskTarget, IscsiTarget, NfsTarget, SmbTarget, iscsi_lun, loop, pool, \
-    restore_to_qcow2, snapshot  # noqa: F401 - fixtures
+
+from support.agents import BP_UUID
+from support.backups import CS, nid, restore_to_qcow2
+from support.stores import DiskTarget, IscsiTarget, NfsTarget, SmbTarget, snapshot
+from support.volumes import MiB, write
 
 # ---- credentials ----
 
@@ -183,9 +182,9 @@ def small_store(request, short_tmp):
     """small_store(kind) -> (a store of about 48 MiB, a function that opens
     it again): a small ext4 for local, the NFS server's small export, the
     SMB server's small share, a small iSCSI LUN, a small loop device."""
-    from smallfs import mount_small_fs, unmount_small_fs
-
     from agent.stores.local import LocalStore
+
+    from support.smallfs import mount_small_fs, unmount_small_fs
 
     mounted = []
 
@@ -315,7 +314,8 @@ class _Raw:
     def flip(self, name: str, offset: int) -> None:
         if self.kind in ("iscsi", "disk"):
             size, extents = self.store.objects[name]
-            for off, ln in extents:
+            off = extents[0][0]
+            for off, ln in extents:  # noqa: B007 - the extent that holds the offset
                 if offset < ln:
                     break
                 offset -= ln
@@ -351,7 +351,8 @@ def test_verify_names_every_damaged_chunk_pack_and_backup(kind, password, reques
     of one backup names each of its damaged chunks (across several packs),
     not just the first."""
     from agent.repo.verify import verify_repository
-    from test_targets import LocalTarget
+
+    from support.stores import LocalTarget
 
     if kind == "local":
         t = LocalTarget(short_tmp / "bp")
@@ -428,8 +429,9 @@ def test_verify_jobs_and_the_cli_list_every_damaged_item(agent):
     import signal
 
     from agent.api.v1 import jobs_pb2
-    from test_backup_agent import Bk
-    from test_cli import cli
+
+    from support.backups import Bk
+    from support.cli import cli
 
     with agent.client() as c:
         bk = Bk(agent, c)
@@ -439,7 +441,8 @@ def test_verify_jobs_and_the_cli_list_every_damaged_item(agent):
         bk.write(vol, {8 * MiB: os.urandom(2 * MiB)})
         second = bk.backup(vol, bk.snap(vol, "s2").uuid)
         ok = json.loads(cli(agent, "--json", "verify", BP_UUID, "--deep").stdout.splitlines()[-1])
-        assert ok["state"] == "JOB_STATE_SUCCEEDED" and ok["verify_result"]["backups_checked"] == "2"  # int64 in proto JSON
+        # int64 is a string in proto JSON
+        assert ok["state"] == "JOB_STATE_SUCCEEDED" and ok["verify_result"]["backups_checked"] == "2"
         packs = sorted(p for p in (agent.workdir / "bp" / "packs").iterdir() if not p.name.endswith(".idx"))
         data = bytearray(packs[0].read_bytes())
         data[100] ^= 0xFF  # inside the first record's data
@@ -473,7 +476,7 @@ def _controller_with_agent(short_tmp, make_agent, extra: str = "", agent_extra: 
     """A controller (SQLite) with `extra` [controller] settings and one agent
     (with `agent_extra` config) registered with it; returns (controller,
     agent, host uuid)."""
-    from test_controller import AGENT_TOKEN, Controller, check_ok
+    from support.controller import AGENT_TOKEN, Controller, check_ok
 
     c = Controller(short_tmp / "ctl", extra=extra)
     host = str(uuid.uuid4())
@@ -492,8 +495,7 @@ def _controller_with_agent(short_tmp, make_agent, extra: str = "", agent_extra: 
 def _rest_backup(op, a, host, run, bp_dir, gen: int = 1):
     """A pool, a volume with data, a local backup point and a backup of it,
     through REST: (ids, backup uuid)."""
-    from test_controller import check_ok, seed_example
-    from test_controller_pools import wait_task
+    from support.controller import check_ok, seed_example, wait_task
 
     cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
     tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
@@ -521,8 +523,7 @@ def test_verify_and_gc_through_rest(short_tmp, make_agent):
     are tasks with progress; a failed verify task's result names every
     damaged chunk and the backups it breaks; deleting a backup queues the
     backup point's GC by itself (gc_after_delete), which frees its space."""
-    from test_controller import check_ok
-    from test_controller_pools import wait_task
+    from support.controller import check_ok, wait_task
 
     c, a, host = _controller_with_agent(short_tmp, make_agent,
                                         "gc_after_delete = 0\ngc_interval = 0\nscheduler_interval = 1\n")
@@ -573,7 +574,7 @@ def test_verify_and_gc_through_rest(short_tmp, make_agent):
 def test_every_backup_point_is_collected_on_schedule(short_tmp, make_agent):
     """gc_interval: without any deletion, the controller collects every
     backup point a host reports, again and again."""
-    from test_controller import check_ok
+    from support.controller import check_ok
 
     c, a, host = _controller_with_agent(short_tmp, make_agent, "gc_interval = 2\nscheduler_interval = 1\n")
     run = short_tmp / "run-test"
@@ -599,8 +600,8 @@ def test_rest_adopts_an_existing_rbd_image_and_backs_it_up(short_tmp, make_agent
     (seed 001 create) and its backup holds exactly the image's bytes; an
     image of another RADOS pool, or a snapshot name, is refused by field."""
     from agent import native
-    from test_controller import check_error, check_ok, seed_example
-    from test_controller_pools import wait_task
+
+    from support.controller import check_error, check_ok, seed_example, wait_task
 
     c, a, host = _controller_with_agent(short_tmp, make_agent)
     rados_pool = f"adopt{uuid.uuid4().hex[:8]}"
@@ -655,7 +656,7 @@ def test_paths_outside_the_roots_or_with_control_characters_are_refused_by_field
     is added or moved (not at its first backup); newlines and other control
     characters in pool sources and backup point paths are refused naming
     the field; nothing is stored."""
-    from test_controller import check_error, check_ok, seed_example
+    from support.controller import check_error, check_ok, seed_example
 
     c, a, host = _controller_with_agent(short_tmp, make_agent)
     try:
@@ -704,7 +705,7 @@ def test_the_controller_database_is_private_whatever_the_umask(short_tmp, make_a
     files are 0600 under umask 022, and an older, wider file is narrowed."""
     import stat
 
-    from test_controller import Controller
+    from support.controller import Controller
 
     old = os.umask(0o022)
     try:
@@ -728,7 +729,8 @@ def test_a_failed_restore_leaves_no_volume_and_no_lock_file(agent):
     """A restore that fails (a damaged chunk) leaves neither the new volume
     nor its lock file in the pool."""
     from agent.api.v1 import jobs_pb2
-    from test_backup_agent import Bk
+
+    from support.backups import Bk
 
     with agent.client() as c:
         bk = Bk(agent, c)
@@ -761,8 +763,8 @@ def test_a_fallback_says_why_in_the_task_the_backup_record_and_the_log(short_tmp
     snapshot and what was wrong with its bitmap; nothing says "take a full
     backup" (it just did)."""
     from agent.api.v1 import backups_pb2
-    from test_controller import check_ok, seed_example
-    from test_controller_pools import wait_task
+
+    from support.controller import check_ok, seed_example, wait_task
 
     c, a, host = _controller_with_agent(short_tmp, make_agent)
     run = short_tmp / "run-test"
@@ -811,8 +813,8 @@ def test_an_invalid_rbd_object_map_is_degraded_tracking_not_silent(rbd_agent, ce
     import rados
     import rbd
 
-    from conftest import RBD_POOL_UUID
-    from test_backup_agent import Bk
+    from support.agents import RBD_POOL_UUID
+    from support.backups import Bk
 
     def rbd_write(image, writes):
         with rados.Rados(conffile=str(ceph.conf)) as cl, cl.open_ioctx("rbd") as io, rbd.Image(io, image) as img:
@@ -856,7 +858,7 @@ def every_type_agent(make_agent, nfs_server, smb_server, tgt_server, short_tmp):
     """One agent with a backup point of every type, two of them encrypted
     (local and SMB), and a slow bandwidth limit so that kills land mid-job;
     yields (agent, {type: backup point uuid}, {type: what holds its files})."""
-    from test_targets import Loop
+    from support.stores import Loop
 
     ids = {kind: str(uuid.uuid4()) for kind in ALL_TYPES}
     lun = tgt_server.add_lun(256 * MiB, chap=True)
@@ -897,8 +899,9 @@ def test_kill_9_at_random_points_of_backups_restores_and_gc(every_type_agent):
     import signal
 
     from agent.api.v1 import jobs_pb2
-    from conftest import POOL_UUID
-    from test_backup_agent import Bk
+
+    from support.agents import POOL_UUID
+    from support.backups import Bk
 
     a, ids, dirs = every_type_agent
     seed = int(os.environ.get("BF_FAULT_SEED") or random.SystemRandom().randrange(1 << 32))
@@ -999,8 +1002,8 @@ def test_kill_9_of_the_controller_mid_task(short_tmp, make_agent):
     import signal
 
     from agent.api.v1 import backups_pb2, jobs_pb2
-    from test_controller import check_ok, seed_example
-    from test_controller_pools import wait_task
+
+    from support.controller import check_ok, seed_example, wait_task
 
     c, a, host = _controller_with_agent(short_tmp, make_agent,
                                         agent_extra="[jobs]\nbandwidth_limit = 8000000\n")  # ~1.7 s a job

@@ -7,31 +7,18 @@ import os
 import time
 import uuid
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.api.v1 import jobs_pb2
-from conftest import BP_UUID
-from test_controller import AGENT_TOKEN, Controller
-from test_qcow2 import MiB, Vol, new_id
 
-
-def scrape(port: int) -> dict[tuple, float]:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
-    return out
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from support.agents import BP_UUID
+from support.controller import AGENT_TOKEN, Controller
+from support.metrics import scrape, value
+from support.volumes import MiB, Vol, new_id
 
 
 def test_agent_metrics(make_agent):
-    from cephcluster import free_port
+    from support.cephcluster import free_port
 
     port = free_port()
     a = make_agent(f'[metrics]\nlisten = "127.0.0.1:{port}"\n').start()
@@ -64,7 +51,7 @@ def test_metrics_listen_only_on_loopback(make_agent):
 
 
 def test_controller_metrics(short_tmp, make_agent):
-    from cephcluster import free_port
+    from support.cephcluster import free_port
 
     port = free_port()
     c = Controller(short_tmp / "ctl", extra=f'metrics_listen = "127.0.0.1:{port}"\n')

@@ -6,8 +6,8 @@ then a host's link cut while clones are queued and running."""
 from __future__ import annotations
 
 import datetime
-import json
 import ipaddress
+import json
 import os
 import time
 import uuid
@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.api.v1 import jobs_pb2
-from cephcluster import CephCluster, free_port
-from conftest import write_config
-from netns import BRIDGE_IP, HostNet
-from smbserver import SmbServer
-from test_controller import AGENT_TOKEN, Controller, check_ok, seed_example
-from test_controller_pools import wait_task
-from test_qcow2 import write
+
+from support.agents import write_config
+from support.cephcluster import CephCluster, free_port
+from support.controller import AGENT_TOKEN, Controller, check_ok, seed_example, wait_task
+from support.netns import BRIDGE_IP, HostNet
+from support.smbserver import SmbServer
+from support.volumes import write
 
 AGENT_AUTH = "agents-grpc-token-0123456789"
 NAMES = ["a", "b", "c"]
@@ -36,7 +36,7 @@ def _pki(d, ips: list[str]) -> None:
     def name(cn):
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(name("bf test CA")).issuer_name(name("bf test CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
@@ -245,7 +245,7 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
         victim = next(n for n in NAMES if str(uuid.uuid5(uuid.NAMESPACE_DNS, n)) == victim_task["host_uuid"])
         net.cut(victim)
         final = [wait_task(op, c["task_id"], 180) for c in clones]
-        for c, t in zip(clones, final):
+        for c, t in zip(clones, final, strict=True):
             assert t["status"] == "success", json.dumps(t)
             assert digest(pid, c["volume"]["UUID"]) == want
         moved = next(t for t in final if t["id"] == victim_task["id"])

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from agent import _native, native
-from conftest import REPO
+
+from support.agents import REPO
 
 SIZES = [0, 1, 15, 16, 17, 4095, 4096, 65535, 65536, 65537, 3 * 65536 + 5, 1 << 20, (1 << 22) + 123]
 

@@ -15,39 +15,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.api.v1 import jobs_pb2, volumes_pb2 as v
+from agent.api.v1 import jobs_pb2
+from agent.api.v1 import volumes_pb2 as v
 from agent.errors import ConfigError
-from conftest import POOL_UUID, write_config
-from test_backup_agent import OK, Bk, three_generations
-from test_qcow2 import MiB, new_id, ref_digest_of, rpc_error
 
-NFS_POOL = "3c5e0f7a-9d1b-4c2e-8f4a-6b7c8d9e0f1a"
-
-
-def nfs_section(nfs_server, pool: str = NFS_POOL) -> str:
-    return f'[pools.{pool}]\ntype = "nfs"\nip = "127.0.0.1"\nexport = "{nfs_server.export}"\ntimeout = 5.0\n'
-
-
-class NfsBk(Bk):
-    """The volume and backup helpers on the NFS pool."""
-
-    def __init__(self, agent, client, nfs_server, pool: str):
-        super().__init__(agent, client)
-        self.pool = pool
-        self.server_dir = Path(nfs_server.export) / f"pool-{pool}"  # the server's own view
-        self.url = f"nfs://127.0.0.1{nfs_server.export}/pool-{pool}"
-
-    def layer(self, vol, snap) -> str:
-        return f"{self.url}/snapshot/{vol}/{snap}"
-
-
-@pytest.fixture
-def nfs_agent(make_agent, nfs_server):
-    pool = str(uuid.uuid4())  # a fresh pool directory on the shared export per test
-    a = make_agent(nfs_section(nfs_server, pool)).start()
-    with a.client() as c:
-        yield NfsBk(a, c, nfs_server, pool)
-    assert a.stop() == 0, a.log_text()
+from support.agents import POOL_UUID, write_config
+from support.backups import NFS_POOL, OK, three_generations
+from support.volumes import MiB, new_id, ref_digest_of, rpc_error
 
 
 def server_info(path: Path) -> dict:

@@ -2,7 +2,7 @@
 that name the field; the schedule as dateutil computes it."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -41,13 +41,13 @@ def test_the_seed_example_is_valid():
 
 def test_the_schedule_follows_the_patterns_in_utc():
     rs = schedule(["FREQ=WEEKLY;BYDAY=MO,WE;BYHOUR=14;BYMINUTE=30", "FREQ=DAILY;INTERVAL=1;BYHOUR=6;BYMINUTE=00"],
-                  datetime(2026, 11, 23, 0, 0, tzinfo=timezone.utc))  # a Monday
-    got = rs.between(datetime(2026, 11, 23, tzinfo=timezone.utc), datetime(2026, 11, 26, tzinfo=timezone.utc))
+                  datetime(2026, 11, 23, 0, 0, tzinfo=UTC))  # a Monday
+    got = rs.between(datetime(2026, 11, 23, tzinfo=UTC), datetime(2026, 11, 26, tzinfo=UTC))
     assert [t.strftime("%a %H:%M") for t in got] == ["Mon 06:00", "Mon 14:30", "Tue 06:00", "Wed 06:00",
                                                     "Wed 14:30"]
-    every_other = schedule(["FREQ=DAILY;INTERVAL=2;BYHOUR=1;BYMINUTE=0"], datetime(2026, 11, 23, tzinfo=timezone.utc))
-    assert [t.day for t in every_other.between(datetime(2026, 11, 23, tzinfo=timezone.utc),
-                                               datetime(2026, 11, 30, tzinfo=timezone.utc))] == [23, 25, 27, 29]
+    every_other = schedule(["FREQ=DAILY;INTERVAL=2;BYHOUR=1;BYMINUTE=0"], datetime(2026, 11, 23, tzinfo=UTC))
+    assert [t.day for t in every_other.between(datetime(2026, 11, 23, tzinfo=UTC),
+                                               datetime(2026, 11, 30, tzinfo=UTC))] == [23, 25, 27, 29]
 
 
 @pytest.mark.parametrize("change, field", [

@@ -8,7 +8,8 @@ import uuid
 import grpc
 
 from agent.api.v1 import volumes_pb2 as v
-from test_qcow2 import MiB, rpc_error
+
+from support.volumes import MiB, rpc_error
 
 
 def attach(c, **kw):
@@ -65,7 +66,8 @@ def test_attach_rbd_pool(make_agent, ceph):
 
 def test_attach_backup_points_local_and_nfs(make_agent, nfs_server):
     from agent.api.v1 import backups_pb2 as b
-    from test_backup_agent import Bk
+
+    from support.backups import Bk
 
     a = make_agent().start()
     local, nfs = str(uuid.uuid4()), str(uuid.uuid4())

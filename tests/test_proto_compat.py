@@ -80,7 +80,8 @@ def test_registry_refuses_an_agent_below_its_api_level_and_the_agent_says_why(ma
     from agent.controller.config import ControllerConfig
     from agent.controller.db import Database, migrate
     from agent.controller.models import Host
-    from cephcluster import free_port
+
+    from support.cephcluster import free_port
 
     url = f"sqlite:///{short_tmp}/ctl.sqlite3"
     migrate(url)

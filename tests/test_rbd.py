@@ -13,8 +13,9 @@ import rbd
 
 from agent import native
 from agent.api.v1 import jobs_pb2
-from conftest import RBD2_POOL_UUID, RBD_POOL_UUID
-from test_qcow2 import Vol, new_id, rpc_error
+
+from support.agents import RBD2_POOL_UUID, RBD_POOL_UUID
+from support.volumes import Vol, new_id, rpc_error
 
 MiB = 1 << 20
 CAP = 64 * MiB
@@ -187,7 +188,7 @@ def test_linked_clone_protect_flatten_and_dependents(rv, ceph_io, ceph, tmp_path
 
 
 def test_flatten_cancelled_leaves_a_working_clone(make_agent, ceph, ceph_io):
-    from conftest import RBD_POOL_UUID as P
+    from support.agents import RBD_POOL_UUID as P
 
     a = make_agent(ceph.pool_section(P)).start()
     with a.client() as c:
@@ -213,7 +214,7 @@ def test_flatten_cancelled_leaves_a_working_clone(make_agent, ceph, ceph_io):
 
 
 def test_full_clone_progress_and_cancel(make_agent, ceph, ceph_io):
-    from conftest import RBD_POOL_UUID as P
+    from support.agents import RBD_POOL_UUID as P
 
     a = make_agent(ceph.pool_section(P) + f"[jobs]\nbandwidth_limit = {16 * MiB}\n").start()
     with a.client() as c:
@@ -251,7 +252,7 @@ def test_full_clones_across_qcow2_and_rbd(rbd_agent, ceph_io, ceph, tmp_path):
     drivers' snapshot readers and restore targets; raw sha256 of each image
     read by independent tools (qemu-img, rbd export); linked clones cannot
     cross and say so."""
-    from conftest import POOL_UUID
+    from support.agents import POOL_UUID
 
     with rbd_agent.client() as c:
         qv, rv = Vol(rbd_agent, c, pool=POOL_UUID), Vol(rbd_agent, c, pool=RBD_POOL_UUID)
@@ -371,8 +372,9 @@ def test_cluster_stopped_mid_operation(make_agent, ceph, ceph_io):
     """The OSD stops during a full clone: the job fails cleanly within the
     pool timeout, the agent stays up, the pool says unreachable, and after the
     OSD is back everything works again."""
-    from conftest import RBD_POOL_UUID as P
     from agent.api.v1 import volumes_pb2
+
+    from support.agents import RBD_POOL_UUID as P
 
     a = make_agent(ceph.pool_section(P, timeout=5) + f"[jobs]\nbandwidth_limit = {8 * MiB}\n").start()
     try:

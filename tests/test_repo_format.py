@@ -11,8 +11,17 @@ import zstandard
 
 from agent.errors import DataCorrupt, FailedPrecondition, WrongPassword
 from agent.repo import crypto
-from agent.repo.format import (BLOCK_SIZE, FORMAT_VERSION, HEADER, ImageDigest, Manifest, block_digests,
-                               block_record_size, decode_chunk, encode_chunk)
+from agent.repo.format import (
+    BLOCK_SIZE,
+    FORMAT_VERSION,
+    HEADER,
+    ImageDigest,
+    Manifest,
+    block_digests,
+    block_record_size,
+    decode_chunk,
+    encode_chunk,
+)
 
 DATA = b"blockferry" * 1000
 
@@ -31,7 +40,8 @@ def test_chunk_id_is_sha256_of_the_block_digests():
     blocks = hashlib.sha256(data[:BLOCK_SIZE]).digest() + hashlib.sha256(data[BLOCK_SIZE:]).digest()
     assert block_digests(data) == blocks
     assert crypto.Sealer().chunk_id(blocks) == hashlib.sha256(blocks).digest()
-    assert crypto.Sealer().chunk_id(blocks).hex() == "ae3f9c49bbc9d2d8aba6636206196ac6424f85fec8e6a251173848bf5ae966bc"  # golden
+    golden = "ae3f9c49bbc9d2d8aba6636206196ac6424f85fec8e6a251173848bf5ae966bc"
+    assert crypto.Sealer().chunk_id(blocks).hex() == golden
 
 
 def test_image_digest_from_blocks_equals_the_native_image_hash():
@@ -59,7 +69,8 @@ def test_plain_record_golden_bytes():
     assert rec[:4] == b"BFC1" and rec[4] == 0
     assert int.from_bytes(rec[8:16], "little") == len(DATA) == int.from_bytes(rec[16:24], "little")
     assert rec[24:56] == cid and rec[56:] == DATA
-    assert hashlib.sha256(rec).hexdigest() == "80a505c3b58bba89d4920ef269f49c963b1d6c0e269959b0e0fc3fa1c9ad90c5"  # golden
+    golden = "80a505c3b58bba89d4920ef269f49c963b1d6c0e269959b0e0fc3fa1c9ad90c5"
+    assert hashlib.sha256(rec).hexdigest() == golden
     assert decode_chunk(rec, cid, zstandard.ZstdDecompressor(), crypto.Sealer(), "p") == (DATA, block_digests(DATA))
 
 

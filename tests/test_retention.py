@@ -2,7 +2,7 @@
 ends, leap years, fixed offsets) and hypothesis invariants."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from agent.controller.retention import Backup, Rule, _period, decide, parse_timezone
 from agent.errors import InvalidArgument
 
-UTC = timezone.utc
+UTC = UTC
 BERLIN = ZoneInfo("Europe/Berlin")
 NOW = datetime(2028, 3, 10, 12, 0, tzinfo=UTC)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 from agent.controller.config import ControllerConfig
@@ -14,7 +14,7 @@ from agent.controller.db import Database, migrate
 from agent.controller.models import Checkpoint, Policy, Vault
 from agent.controller.scheduler import Scheduler
 
-UTC = timezone.utc
+UTC = UTC
 START = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
 PATTERN = "FREQ=WEEKLY;BYDAY=MO,WE,FR;BYHOUR=9,10,11;BYMINUTE=30"
 GRACE = 3600

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from support.agents import REPO
 
 UNITS = sorted((REPO / "systemd").glob("*.service"))
 
@@ -73,8 +73,9 @@ def test_agent_does_its_work_inside_the_units_sandbox(make_agent):
     import os
 
     from agent.api.v1 import jobs_pb2
-    from test_backup_agent import Bk
-    from test_qcow2 import MiB
+
+    from support.backups import Bk
+    from support.volumes import MiB
 
     svc = _unit("blockferry-agent.service")
     assert svc["NoNewPrivileges"] == "yes"

@@ -16,187 +16,10 @@ from agent.repo.backup import backup
 from agent.repo.gc import gc
 from agent.repo.repository import Repository
 from agent.repo.verify import verify
-from agent.stores.local import LocalStore
-from agent.volumes.qcow2 import Qcow2Pool
-from test_backup import CS, MiB, nid, restore_to_qcow2
-from test_qcow2 import write
 
-
-class Target:
-    """How a test makes stores of one type and reads them back independently."""
-
-    kind = "local"
-
-    def make(self, sub: str):
-        raise NotImplementedError
-
-    def read_back(self, sub: str, name: str) -> bytes:
-        raise NotImplementedError
-
-    def forget(self) -> None:
-        """Drop a store this process keeps open (raw LUNs), so the next make() opens it afresh."""
-
-
-class LocalTarget(Target):
-    def __init__(self, root):
-        self.root = root
-
-    def make(self, sub: str):
-        return LocalStore(str(self.root / sub))
-
-    def read_back(self, sub: str, name: str) -> bytes:
-        return (self.root / sub / name).read_bytes()
-
-
-class NfsTarget(Target):
-    kind = "nfs"
-
-    def __init__(self, srv):
-        self.srv = srv
-
-    def make(self, sub: str, *, export=None, timeout: float = 5.0):
-        from agent.stores.nfs import NfsStore
-
-        return NfsStore("127.0.0.1", str(export or self.srv.export), sub, nfs_port=self.srv.nfs_port,
-                        mount_port=self.srv.mount_port, timeout=timeout)
-
-    def read_back(self, sub: str, name: str) -> bytes:
-        """nfs-cat from libnfs-utils: another client, the same server."""
-        return subprocess.run(["nfs-cat", self.srv.url(self.srv.export, f"{sub}/{name}")], check=True,
-                              capture_output=True).stdout
-
-
-class SmbTarget(Target):
-    kind = "smb"
-
-    def __init__(self, srv, tmp):
-        self.srv = srv
-        self.tmp = tmp
-
-    def make(self, sub: str, *, share: str = "backups", password: str | None = None, encrypt: bool = False,
-             timeout: float = 5.0):
-        from agent.stores.smb import SmbStore
-
-        return SmbStore("127.0.0.1", share, sub, username=self.srv.user,
-                        password=self.srv.password if password is None else password, port=self.srv.port,
-                        encrypt=encrypt, timeout=timeout)
-
-    def read_back(self, sub: str, name: str) -> bytes:
-        """samba's own smbclient: another client, the same server."""
-        out = self.tmp / f"readback-{uuid.uuid4().hex}"
-        d, _, base = f"{sub}/{name}".rpartition("/")
-        r = self.srv.smbclient("backups", f'cd "{d}"; get "{base}" "{out}"')
-        assert r.returncode == 0, r.stdout + r.stderr
-        return out.read_bytes()
-
-
-class Loop:
-    """A loop device over a sparse file: a LUN the tests may format."""
-
-    def __init__(self, path, size: int, *, direct_io: bool = False):
-        with open(path, "wb") as f:
-            f.truncate(size)
-        self.file = path
-        # direct_io: the loop device writes through to its file like a disk
-        # would, instead of into the file's page cache
-        self.dev = subprocess.run(["losetup", "-f", "--show", *(["--direct-io=on"] if direct_io else []),
-                                   str(path)], check=True, capture_output=True, text=True).stdout.strip()
-
-    def detach(self) -> None:
-        from agent.stores.lun import forget_lun
-
-        forget_lun(self.dev)
-        subprocess.run(["losetup", "-d", self.dev], check=False)
-
-
-@pytest.fixture
-def loop(short_tmp):
-    made = []
-
-    def make(size: int = 512 * MiB, name: str = "lun.img") -> Loop:
-        lo = Loop(short_tmp / name, size)
-        made.append(lo)
-        return lo
-
-    yield make
-    for lo in made:
-        lo.detach()
-
-
-class DiskTarget(Target):
-    kind = "disk"
-
-    def __init__(self, lo: Loop):
-        self.lo = lo
-
-    def make(self, sub: str, *, format_lun: bool = True):
-        from agent.stores.blockdev import LocalBlockDevice
-        from agent.stores.lun import open_lun
-
-        return open_lun(self.lo.dev, lambda: LocalBlockDevice(self.lo.dev), format_lun=format_lun)
-
-    def read_back(self, sub: str, name: str) -> bytes:
-        """dd with O_DIRECT over the extents the catalog names."""
-        size, where = self.make(sub).objects[name]
-        if not isinstance(where, list):
-            return where  # kept inline in the catalog
-        out = b""
-        for off, ln in where:
-            out += subprocess.run(["dd", f"if={self.lo.dev}", "iflag=direct,skip_bytes,count_bytes",
-                                   f"skip={off}", f"count={ln}", "bs=1M", "status=none"], check=True,
-                                  capture_output=True).stdout
-        return out[:size]
-
-
-class IscsiTarget(Target):
-    kind = "iscsi"
-
-    def __init__(self, srv, lun):
-        self.srv = srv
-        self.lun = lun
-        self.key = f"test-iscsi-{lun.iqn}"
-
-    def device(self, *, secret: str | None = None, timeout: float = 5.0):
-        from agent.stores.iscsi import IscsiBlockDevice
-
-        return IscsiBlockDevice("127.0.0.1", self.lun.iqn, 1, port=self.srv.port, user=self.lun.user,
-                                secret=self.lun.secret if secret is None else secret, timeout=timeout)
-
-    def make(self, sub: str, *, timeout: float = 5.0):
-        from agent.stores.lun import open_lun
-
-        return open_lun(self.key, lambda: self.device(timeout=timeout), format_lun=True)
-
-    def read_back(self, sub: str, name: str) -> bytes:
-        """What the target stored: its backing file, at the catalog's extents."""
-        size, where = self.make(sub).objects[name]
-        if not isinstance(where, list):
-            return where
-        with open(self.lun.file, "rb") as f:
-            out = b""
-            for off, ln in where:
-                f.seek(off)
-                out += f.read(ln)
-        return out[:size]
-
-    def forget(self) -> None:
-        from agent.stores.lun import forget_lun
-
-        forget_lun(self.key)
-
-
-@pytest.fixture
-def iscsi_lun(tgt_server):
-    made = []
-
-    def make(size: int = 512 * MiB, chap: bool = False) -> IscsiTarget:
-        t = IscsiTarget(tgt_server, tgt_server.add_lun(size, chap=chap))
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.forget()
+from support.backups import CS, nid, restore_to_qcow2
+from support.stores import DiskTarget, LocalTarget, NfsTarget, SmbTarget, Target, snapshot
+from support.volumes import MiB, write
 
 
 @pytest.fixture(params=["local", "nfs", "smb", "disk", "iscsi"])
@@ -210,17 +33,6 @@ def target(request, short_tmp):
     if request.param == "smb":
         return SmbTarget(request.getfixturevalue("smb_server"), short_tmp)
     return NfsTarget(request.getfixturevalue("nfs_server"))
-
-
-@pytest.fixture
-def pool(short_tmp):
-    return Qcow2Pool(nid(), str(short_tmp / "pool"), run_dir=str(short_tmp / "run"), allowed_roots=[str(short_tmp)])
-
-
-def snapshot(pool, vol) -> str:
-    s = nid()
-    pool.create_snapshot(vol, s, s[:8])
-    return s
 
 
 def test_engine_suite(target, pool, short_tmp):
@@ -274,7 +86,8 @@ def test_engine_suite(target, pool, short_tmp):
     fresh = Repository.open(target.make(sub), password="engine-suite-pw")
     assert [m.backup_id for m in fresh.manifests()] == [m1.backup_id, m3.backup_id]
     for m in (m1, m3):
-        assert verify(fresh, m, deep=True).check().chunks_checked == len(m.chunks) - m.chunks.count("")  # deep: and the image digest
+        # deep: the image digest too
+        assert verify(fresh, m, deep=True).check().chunks_checked == len(m.chunks) - m.chunks.count("")
         assert restore_to_qcow2(pool, fresh, m, short_tmp)[1] == expected[m.backup_id]
     stats = fresh.store.stats()
     assert stats.total_bytes > 0 and stats.available_bytes > 0
@@ -339,7 +152,8 @@ def test_nfs_full_export_fails_cleanly(nfs_server, pool, short_tmp):
 def test_nfs_unreachable_server_and_bad_paths(nfs_server):
     from agent.errors import InvalidArgument
     from agent.stores.nfs import NfsStore
-    from cephcluster import free_port
+
+    from support.cephcluster import free_port
 
     port = free_port()
     with pytest.raises(TargetUnreachable, match="backup point nfs://127.0.0.1/nope"):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 import os
 import uuid
+from datetime import UTC
 
 import httpx
 
-from test_controller import TENANT_B, TOKENS, check_ok, seed_example
-from test_controller_pools import cluster  # noqa: F401 - the fixture
+from support.controller import TENANT_B, TOKENS, check_ok, seed_example
 
 POLICY = {"policy": {"enabled": True, "name": "policy001",
                      "operation_definition": {"day_backups": 0, "month_backups": 0, "retention_duration_days": 1,
@@ -184,7 +184,11 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
     with its clock moved to the next run, on the controller's database),
     retention pruning, one base snapshot per volume, restores that equal the
     volumes as they were, vault deletion in both modes."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
+    from types import SimpleNamespace
+
+    import rados
+    import rbd
 
     from agent.api.v1 import jobs_pb2
     from agent.controller import config as ccfg
@@ -192,12 +196,9 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
     from agent.controller.db import Database
     from agent.controller.scheduler import Scheduler
     from agent.controller.secrets import SecretBox
-    from test_controller_pools import wait_task
-    from test_qcow2 import write
-    from types import SimpleNamespace
 
-    import rados
-    import rbd
+    from support.controller import wait_task
+    from support.volumes import write
 
     c, a, host = cluster
     env = make_env(c, a, host)
@@ -276,7 +277,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         cfg = ccfg.load(str(c.config))
         state = SimpleNamespace(db=Database(cfg.database_url), cfg=cfg, agents=AgentClients(cfg), dispatcher=None,
                                 secrets=SecretBox.from_file(cfg.secret_key_file))
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         nxt = (now + timedelta(days=1)).replace(hour=3, minute=0, second=0, microsecond=0)
         if nxt - now > timedelta(days=1):
             nxt -= timedelta(days=1)
@@ -312,7 +313,8 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         gcs = wait_for(lambda: (lambda ts: ts if ts and all(x["status"] not in ("waiting", "running") for x in ts)
                                 else None)(check_ok(op1.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]),
                        what="gc")
-        assert {x["status"] for x in gcs} == {"success"} and sum(int(x["result"].get("chunks_removed", 0)) for x in gcs) > 0, gcs
+        assert {x["status"] for x in gcs} == {"success"}, gcs
+        assert sum(int(x["result"].get("chunks_removed", 0)) for x in gcs) > 0, gcs
         # one snapshot of ours per volume: the base of the next incremental
         for vol_id in vol_ids:
             snaps = check_ok(op1.post("/v1/volume/share/snapshot/list", json={
@@ -335,7 +337,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         assert got["capacity"]["backups"] == 6 and got["capacity"]["usedCapacity"] > 0
         assert {r["id"]: r["backup_count"] for r in got["resources"]} == {x: 2 for x in vol_ids}
         # the controller's metrics saw it all
-        from test_metrics import scrape, value
+        from support.metrics import scrape, value
 
         m = scrape(c.metrics_port)
         assert value(m, "blockferry_task_duration_seconds_count", operation_type="backup") == 15
@@ -384,8 +386,9 @@ def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server
     with a password (encrypted repository): two checkpoints under a keep-1
     policy, the older pruned, the newer restored in place bit for bit."""
     from agent.api.v1 import jobs_pb2
-    from test_controller_pools import wait_task
-    from test_qcow2 import write
+
+    from support.controller import wait_task
+    from support.volumes import write
 
     c, a, host = cluster
     env = make_env(c, a, host)

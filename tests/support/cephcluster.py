@@ -100,7 +100,7 @@ mgr data = {r}/mgr-x
         return subprocess.run(["rbd", "-c", str(self.conf), *args], check=True, capture_output=True,
                               text=True, timeout=timeout).stdout
 
-    def start(self) -> "CephCluster":
+    def start(self) -> CephCluster:
         r = self.root
         for d in ("run", "log", "mon-a", "osd-0", "mgr-x"):
             (r / d).mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cephcluster import free_port
-from nfsserver import _wait_port
+from support.cephcluster import free_port
+from support.nfsserver import _wait_port
 
 _CONTROL = [100 + os.getpid() % 800]
 
@@ -45,7 +45,7 @@ class TgtServer:
         subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args], check=True,
                        capture_output=True, text=True, input=input)
 
-    def start(self) -> "TgtServer":
+    def start(self) -> TgtServer:
         os.makedirs("/run/tgtd", exist_ok=True)
         self.proc = subprocess.Popen(["tgtd", "-f", "-C", str(self.control), "--iscsi",
                                       f"portal=127.0.0.1:{self.port}"],

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cephcluster import _alive, free_port
-from smallfs import mount_small_fs, unmount_small_fs
+from support.cephcluster import _alive, free_port
+from support.smallfs import mount_small_fs, unmount_small_fs
 
 CONF = """\
 NFS_CORE_PARAM {{
@@ -71,7 +71,7 @@ class NfsServer:
         self.rpcbind: subprocess.Popen | None = None
         self.loop: str | None = None
 
-    def start(self) -> "NfsServer":
+    def start(self) -> NfsServer:
         self.export.mkdir(parents=True, exist_ok=True)
         self.small.mkdir(exist_ok=True)
         if self.loop is None:

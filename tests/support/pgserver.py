@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from cephcluster import free_port
+from support.cephcluster import free_port
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -28,7 +28,7 @@ class PgServer:
     def _as_postgres(self, *cmd: str) -> None:
         subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True, cwd="/")
 
-    def start(self) -> "PgServer":
+    def start(self) -> PgServer:
         self._as_postgres(str(BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", self.user)
         self._as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "pg.log"), "-o",
                           f"-k {self.root} -h 127.0.0.1 -p {self.port}", "-w", "start")

@@ -14,9 +14,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from cephcluster import free_port
-from nfsserver import _wait_port
-from smallfs import mount_small_fs, unmount_small_fs
+from support.cephcluster import free_port
+from support.nfsserver import _wait_port
+from support.smallfs import mount_small_fs, unmount_small_fs
 
 CONF = """\
 [global]
@@ -79,7 +79,7 @@ class SmbServer:
         subprocess.run(["smbpasswd", "-c", str(self.conf), "-s", "-a", self.user],
                        input=f"{self.password}\n{self.password}\n", text=True, check=True, capture_output=True)
 
-    def start(self) -> "SmbServer":
+    def start(self) -> SmbServer:
         for d in ("private", "lock", "state", "cache", "pid", "ncalrpc", "log", "backups", "small"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(CONF.format(port=self.port, root=self.root, user=self.user, ip=self.ip))

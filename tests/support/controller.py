@@ -1,0 +1,121 @@
+"""A real blockferry-controller for the tests, its tokens, the seeds' examples and REST checks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from support.agents import REPO
+
+SEEDS = REPO / "docs" / "seeds"  # a copy of ../shared/seeds: the API contract, kept with the code
+
+
+TENANT_A = "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"  # the seed's tenant
+
+
+TENANT_B = "fa81a25f-7dfa-41aa-8273-eb9e455d4d36"
+
+
+CLUSTER = "b088822c-1176-4c79-9df7-5fad80c7fd1d"
+
+
+TOKENS = {"op": "operator-token-0123456789", TENANT_A: "tenant-a-token-0123456789",
+          TENANT_B: "tenant-b-token-0123456789"}
+
+
+def seed_example(seed: str, endpoint: str, which: str = "Body") -> dict | str:
+    """The request example of an endpoint, straight from the seed file."""
+    text = next(SEEDS.glob(f"{seed}_*.txt")).read_text()
+    section = text[text.index(endpoint):]
+    if which == "url":
+        start = section.index("#### 请求示例")
+        block = section[start:].split("```")[1]
+        return block.strip()
+    start = section.index("Body:")
+    return json.loads(section[start:].split("```")[1])
+
+
+AGENT_TOKEN = "agent-token-0123456789abcdef"
+
+
+def write_controller_config(d: Path, port: int, db_url: str | None = None, grpc_port: int = 0, grpc_listen: str = "",
+                 extra: str = "") -> Path:
+    cfg = d / "controller.toml"
+    tokens = "".join(f'[[tokens]]\ntoken = "{tok}"\ntenant = "{"*" if who == "op" else who}"\n'
+                     for who, tok in TOKENS.items())
+    cfg.write_text(f'[controller]\nlisten = "127.0.0.1:{port}"\n'
+                   f'database_url = "{db_url or f"sqlite:///{d}/controller.sqlite3"}"\n'
+                   f'secret_key_file = "{d}/controller.key"\n'
+                   f'grpc_listen = "{grpc_listen or f"127.0.0.1:{grpc_port}"}"\n'
+                   f'agent_token = "{AGENT_TOKEN}"\nheartbeat_interval = 1\nhost_dead_after = 4\n{extra}{tokens}')
+    cfg.chmod(0o600)
+    return cfg
+
+
+class Controller:
+    def __init__(self, workdir: Path, db_url: str | None = None, *, grpc_listen: str = "", extra: str = ""):
+        from support.cephcluster import free_port
+
+        self.port, self.grpc_port = free_port(), free_port()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.db_url = db_url or f"sqlite:///{workdir}/controller.sqlite3"
+        self.config = write_controller_config(workdir, self.port, db_url, self.grpc_port, grpc_listen, extra)
+        self.log = workdir / "controller.log"
+        self.start()
+
+    def start(self) -> None:
+        """Start it (again: the same config, ports and database)."""
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                httpx.get(f"{self.url}/openapi.json", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError(self.log.read_text())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, who: str = "op") -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKENS[who]}"}, timeout=30)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def check_ok(r: httpx.Response) -> dict:
+    body = r.json()
+    assert r.status_code == 200 and body["scode"] == 0, body
+    assert set(body) >= {"scode", "desc", "message", "message_cn", "stack", "data"} and body["stack"] is None
+    return body["data"]
+
+
+def check_error(r: httpx.Response, status: int, field: str | None = None) -> dict:
+    body = r.json()
+    assert r.status_code == status, (r.status_code, body)
+    assert body["scode"] != 0 and body["stack"] is None and body["message"] and body["message_cn"], body
+    if field:
+        assert field in body["message"] and body["desc"] == field, body
+    assert "Traceback" not in r.text
+    return body
+
+
+def wait_task(op, task_id: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        t = check_ok(op.get(f"/v1/tasks/{task_id}"))
+        if t["status"] not in ("waiting", "running"):
+            return t
+        assert time.monotonic() < deadline, t
+        time.sleep(0.2)
