@@ -5,6 +5,7 @@
    imports are `from agent.api.v1 import ..._pb2`).
 2. Compile the C extension agent._native from native/.
 """
+
 import glob
 import os
 import pathlib
@@ -52,8 +53,14 @@ setup(
             sources=native_sources,
             depends=sorted(str(p.relative_to(HERE)) for p in (HERE / "native").glob("*.h")),
             libraries=["crypto", "xxhash", "zstd", "nfs", "iscsi", "pthread"],
-            extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                                "-fvisibility=hidden"],
+            extra_compile_args=[
+                "-O3",
+                "-std=gnu11",
+                "-Wall",
+                "-Wextra",
+                "-Wno-unused-parameter",
+                "-fvisibility=hidden",
+            ],
         )
     ],
 )

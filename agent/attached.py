@@ -2,6 +2,7 @@
 one JSON file per uuid in a directory under the state dir (0700), each file
 0600 (a definition may hold a password or secret) and replaced atomically,
 so the agent starts again with what it served."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,6 +1,7 @@
 """The backup points this agent serves, from [backup_points.<uuid>] in its
 config; each opens (or, when allowed, creates) its repository once and keeps
 it for the life of the agent."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,26 +46,59 @@ class BackupPoint:
         s = self.section
         if s.type == "nfs":
             from agent.stores.nfs import NfsStore
-            return NfsStore(s.ip, s.root_dir, s.sub_dir, nfs_port=s.port, mount_port=s.mount_port,
-                            timeout=s.timeout, label=self.label)
+
+            return NfsStore(
+                s.ip,
+                s.root_dir,
+                s.sub_dir,
+                nfs_port=s.port,
+                mount_port=s.mount_port,
+                timeout=s.timeout,
+                label=self.label,
+            )
         if s.type == "samba":
             from agent.stores.smb import SmbStore
-            return SmbStore(s.ip, s.root_dir, s.sub_dir, username=s.username, password=s.secret, port=s.port,
-                            encrypt=s.smb_encrypt, timeout=s.timeout, label=self.label)
+
+            return SmbStore(
+                s.ip,
+                s.root_dir,
+                s.sub_dir,
+                username=s.username,
+                password=s.secret,
+                port=s.port,
+                encrypt=s.smb_encrypt,
+                timeout=s.timeout,
+                label=self.label,
+            )
         if s.type in ("disk", "fc"):
             from agent.stores.blockdev import LocalBlockDevice
             from agent.stores.lun import open_lun
+
             path = os.path.realpath(s.device)
-            return open_lun(path, lambda: LocalBlockDevice(path, label=s.device), format_lun=s.format_lun,
-                            label=self.label)
+            return open_lun(
+                path, lambda: LocalBlockDevice(path, label=s.device), format_lun=s.format_lun, label=self.label
+            )
         if s.type == "iscsi":
             from agent.stores.iscsi import IscsiBlockDevice
             from agent.stores.lun import credential_digest, open_lun
+
             key = f"iscsi://{s.ip}:{s.port}/{s.target}/{s.lun}"
-            return open_lun(key, lambda: IscsiBlockDevice(s.ip, s.target, s.lun, port=s.port, user=s.username,
-                                                          secret=s.secret, timeout=s.timeout, label=self.label),
-                            credential=credential_digest(s.username, s.secret), format_lun=s.format_lun,
-                            label=self.label)
+            return open_lun(
+                key,
+                lambda: IscsiBlockDevice(
+                    s.ip,
+                    s.target,
+                    s.lun,
+                    port=s.port,
+                    user=s.username,
+                    secret=s.secret,
+                    timeout=s.timeout,
+                    label=self.label,
+                ),
+                credential=credential_digest(s.username, s.secret),
+                format_lun=s.format_lun,
+                label=self.label,
+            )
         return LocalStore(s.path)
 
     def _open_store(self) -> ObjectStore:
@@ -82,15 +116,22 @@ class BackupPoint:
                     store.get("config")
                 except NotFound:
                     if not self.section.initialize:
-                        raise FailedPrecondition(f"backup_point_uuid: {self.label} holds no repository and "
-                                                 "initialize is off", field="backup_point_uuid") from None
+                        raise FailedPrecondition(
+                            f"backup_point_uuid: {self.label} holds no repository and initialize is off",
+                            field="backup_point_uuid",
+                        ) from None
                     if not store.is_empty():
-                        raise FailedPrecondition(f"backup_point_uuid: {self.label} holds other data and no "
-                                                 "blockferry repository; it is never touched",
-                                                 field="backup_point_uuid") from None
-                    self._repo = Repository.init(store, chunk_size=self.section.chunk_size,
-                                                 password=self.section.password,
-                                                 compression=self.section.compression)
+                        raise FailedPrecondition(
+                            f"backup_point_uuid: {self.label} holds other data and no "
+                            "blockferry repository; it is never touched",
+                            field="backup_point_uuid",
+                        ) from None
+                    self._repo = Repository.init(
+                        store,
+                        chunk_size=self.section.chunk_size,
+                        password=self.section.password,
+                        compression=self.section.compression,
+                    )
                 else:
                     self._repo = Repository.open(store, password=self.section.password)
             return self._repo
@@ -109,16 +150,28 @@ class BackupPoint:
             return BackupPointHealth(self.uuid, s.type, self.label, "auth_failed", error_code=e.code, error=e.message)
         except BlockferryError as e:
             self.reset()  # the next call connects again
-            return BackupPointHealth(self.uuid, s.type, self.label, "unreachable", error_code=e.code,
-                                     error=e.message)
+            return BackupPointHealth(self.uuid, s.type, self.label, "unreachable", error_code=e.code, error=e.message)
         status, why = "healthy", ""
         if st.total_bytes and st.available_bytes < LOW_SPACE * st.total_bytes:
-            status, why = "degraded", (f"only {st.available_bytes * 100 / st.total_bytes:.1f} % free "
-                                       f"({st.available_bytes} bytes)")
+            status, why = (
+                "degraded",
+                (f"only {st.available_bytes * 100 / st.total_bytes:.1f} % free ({st.available_bytes} bytes)"),
+            )
         elif latency > SLOW_MS:
             status, why = "degraded", f"a metadata round trip took {latency:.0f} ms"
-        return BackupPointHealth(self.uuid, s.type, self.label, status, st.total_bytes, st.used_bytes,
-                                 st.available_bytes, latency, present, "", why)
+        return BackupPointHealth(
+            self.uuid,
+            s.type,
+            self.label,
+            status,
+            st.total_bytes,
+            st.used_bytes,
+            st.available_bytes,
+            latency,
+            present,
+            "",
+            why,
+        )
 
     def reset(self) -> None:
         """Close sessions and forget the open repository; the next use
@@ -161,8 +214,7 @@ class BackupPoints:
         self._lock = threading.Lock()
         self._points = {u: BackupPoint(u, s) for u, s in cfg.backup_points.items()}
         self._attached: set[str] = set()
-        self.attached = AttachedDefinitions(os.path.join(cfg.agent.state_dir, "backup_points.d"),
-                                            BackupPointSection)
+        self.attached = AttachedDefinitions(os.path.join(cfg.agent.state_dir, "backup_points.d"), BackupPointSection)
         for u, section in self.attached.load().items():
             if u not in self._points:
                 self._points[u] = BackupPoint(u, section)
@@ -190,16 +242,19 @@ class BackupPoints:
         probe.validate()  # the same rules as the config file
         if section.type == "local":
             from agent.paths import resolve_under_roots
-            section = dataclasses.replace(section, path=resolve_under_roots(section.path, self.cfg.agent.roots,
-                                                                            "path"))
+
+            section = dataclasses.replace(section, path=resolve_under_roots(section.path, self.cfg.agent.roots, "path"))
         with self._lock:
             current = self._points.get(uuid)
             if current is not None:
                 if current.section == section:
                     return current
                 if uuid not in self._attached:
-                    raise AlreadyExists(f"backup_point_uuid: backup point {uuid} is defined in the agent's config "
-                                        "file with another definition", field="backup_point_uuid")
+                    raise AlreadyExists(
+                        f"backup_point_uuid: backup point {uuid} is defined in the agent's config "
+                        "file with another definition",
+                        field="backup_point_uuid",
+                    )
                 # the controller updated it (seed 000 update): the new definition replaces the old
                 # one; jobs already running keep the repository they opened
             bp = BackupPoint(uuid, section)
@@ -229,8 +284,10 @@ class BackupPoints:
         bp = self.get(uuid)
         with self._lock:
             if uuid not in self._attached:
-                raise FailedPrecondition(f"backup_point_uuid: backup point {uuid} comes from the agent's config "
-                                         "file; remove it there", field="backup_point_uuid")
+                raise FailedPrecondition(
+                    f"backup_point_uuid: backup point {uuid} comes from the agent's config file; remove it there",
+                    field="backup_point_uuid",
+                )
             self.attached.remove(uuid)
             del self._points[uuid]
             self._attached.discard(uuid)

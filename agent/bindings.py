@@ -4,6 +4,7 @@ The Debian-only bindings (rados, rbd, libnbd) are linked into the venv by
 setup.sh; a missing one, or one built for another Python ABI, is reported
 with the Debian package that provides it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -52,5 +53,6 @@ def require(modules: dict[str, tuple[str, str]] = REQUIRED) -> list[BindingStatu
         lines = [f"  {s.module} (needed for {s.needed_for}): {s.error}; install {s.package}" for s in bad]
         raise BindingMissing(
             f"missing or unloadable Python bindings under {py} (they must be built for CPython 3.11):\n"
-            + "\n".join(lines))
+            + "\n".join(lines)
+        )
     return statuses

@@ -1,4 +1,5 @@
 """blockferry: the command-line client of blockferry-agent."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ def cmd_checksum(client: AgentClient, args) -> int:
         if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
             r = job.checksum_result
             print(f"{r.image_digest}  {job.checksum.path}")
-            print(f"format={r.format} length={r.length} data_bytes={r.data_bytes} hole_bytes={r.hole_bytes}",
-                  file=sys.stderr)
+            print(
+                f"format={r.format} length={r.length} data_bytes={r.data_bytes} hole_bytes={r.hole_bytes}",
+                file=sys.stderr,
+            )
         else:
             print(job_line(job), file=sys.stderr)
     return exit_code(job)
@@ -56,16 +59,21 @@ def cmd_jobs(client: AgentClient, args) -> int:
 
 
 def _print_msg(msg, args) -> None:
-    print(as_json(msg) if args.json else json_format.MessageToJson(msg, preserving_proto_field_name=True,
-                                                                  indent=2))
+    print(as_json(msg) if args.json else json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=2))
 
 
 def cmd_volume(client: AgentClient, args) -> int:
     ref = dict(pool_uuid=args.pool)
     if args.volume_cmd == "create":
-        msg = client.create_volume(v.CreateVolumeRequest(
-            **ref, volume_uuid=args.uuid or str(uuid.uuid4()), name=args.name, capacity=args.capacity,
-            backing_file=args.backing_file or ""))
+        msg = client.create_volume(
+            v.CreateVolumeRequest(
+                **ref,
+                volume_uuid=args.uuid or str(uuid.uuid4()),
+                name=args.name,
+                capacity=args.capacity,
+                backing_file=args.backing_file or "",
+            )
+        )
     elif args.volume_cmd == "list":
         msg = client.list_volumes(v.ListVolumesRequest(**ref))
     elif args.volume_cmd == "show":
@@ -76,12 +84,18 @@ def cmd_volume(client: AgentClient, args) -> int:
         msg = client.resize_volume(v.ResizeVolumeRequest(**ref, volume_uuid=args.volume, capacity=args.capacity))
     elif args.volume_cmd == "extents":
         if args.since is not None or args.changed:
-            msg = client.get_changed_extents(v.GetChangedExtentsRequest(
-                **ref, volume_uuid=args.volume, snapshot_uuid=args.snapshot or "",
-                since_snapshot_uuid=args.since or ""))
+            msg = client.get_changed_extents(
+                v.GetChangedExtentsRequest(
+                    **ref,
+                    volume_uuid=args.volume,
+                    snapshot_uuid=args.snapshot or "",
+                    since_snapshot_uuid=args.since or "",
+                )
+            )
         else:
-            msg = client.get_extents(v.GetExtentsRequest(**ref, volume_uuid=args.volume,
-                                                         snapshot_uuid=args.snapshot or ""))
+            msg = client.get_extents(
+                v.GetExtentsRequest(**ref, volume_uuid=args.volume, snapshot_uuid=args.snapshot or "")
+            )
     else:
         raise AssertionError(args.volume_cmd)
     _print_msg(msg, args)
@@ -91,8 +105,11 @@ def cmd_volume(client: AgentClient, args) -> int:
 def cmd_snapshot(client: AgentClient, args) -> int:
     ref = dict(pool_uuid=args.pool, volume_uuid=args.volume)
     if args.snapshot_cmd == "create":
-        msg = client.create_snapshot(v.CreateSnapshotRequest(
-            **ref, snapshot_uuid=args.uuid or str(uuid.uuid4()), name=args.name, description=args.desc))
+        msg = client.create_snapshot(
+            v.CreateSnapshotRequest(
+                **ref, snapshot_uuid=args.uuid or str(uuid.uuid4()), name=args.name, description=args.desc
+            )
+        )
     elif args.snapshot_cmd == "list":
         msg = client.list_snapshots(v.VolumeRef(**ref))
     elif args.snapshot_cmd == "tree":
@@ -109,15 +126,23 @@ def cmd_snapshot(client: AgentClient, args) -> int:
 
 def cmd_clone(client: AgentClient, args) -> int:
     job_id = args.job_id or f"clone-{uuid.uuid4()}"
-    spec = jobs_pb2.CloneSpec(pool_uuid=args.pool, volume_uuid=args.volume, snapshot_uuid=args.snapshot,
-                              target_pool_uuid=args.target_pool or args.pool,
-                              target_volume_uuid=args.target_uuid or str(uuid.uuid4()),
-                              target_name=args.name, linked=args.linked)
+    spec = jobs_pb2.CloneSpec(
+        pool_uuid=args.pool,
+        volume_uuid=args.volume,
+        snapshot_uuid=args.snapshot,
+        target_pool_uuid=args.target_pool or args.pool,
+        target_volume_uuid=args.target_uuid or str(uuid.uuid4()),
+        target_name=args.name,
+        linked=args.linked,
+    )
     client.submit(job_id, clone=spec)
     job = follow(client, job_id, args.json)
     if not args.json:
-        print(job_line(job) if job.state != jobs_pb2.JOB_STATE_SUCCEEDED else
-              f"{job.clone_result.volume_uuid}  {job.clone_result.access_path}")
+        print(
+            job_line(job)
+            if job.state != jobs_pb2.JOB_STATE_SUCCEEDED
+            else f"{job.clone_result.volume_uuid}  {job.clone_result.access_path}"
+        )
     return exit_code(job)
 
 
@@ -134,20 +159,24 @@ def cmd_verify(client: AgentClient, args) -> int:
     """Verify one backup, or (without BACKUP) the whole repository of a
     backup point; every damaged item is listed, and the exit status is 1."""
     job_id = args.job_id or f"verify-{uuid.uuid4()}"
-    client.submit(job_id, verify=jobs_pb2.VerifySpec(backup_point_uuid=args.backup_point,
-                                                     backup_uuid=args.backup or "", deep=args.deep,
-                                                     repository=not args.backup))
+    client.submit(
+        job_id,
+        verify=jobs_pb2.VerifySpec(
+            backup_point_uuid=args.backup_point,
+            backup_uuid=args.backup or "",
+            deep=args.deep,
+            repository=not args.backup,
+        ),
+    )
     job = follow(client, job_id, args.json)
     if args.json:
         return exit_code(job)
     r = job.verify_result
     what = f"backup {args.backup}" if args.backup else f"{r.backups_checked} backups, {r.packs_checked} packs"
     if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
-        print(f"ok: {what}: {r.chunks_checked} chunks, {human(r.bytes_checked)} checked"
-              f"{' (deep)' if r.deep else ''}")
+        print(f"ok: {what}: {r.chunks_checked} chunks, {human(r.bytes_checked)} checked{' (deep)' if r.deep else ''}")
     else:
-        print(job_line(job) if not r.damage else f"DAMAGED: {what}: {len(r.damage)} damaged item(s)",
-              file=sys.stderr)
+        print(job_line(job) if not r.damage else f"DAMAGED: {what}: {len(r.damage)} damaged item(s)", file=sys.stderr)
     for d in r.damage:
         item = f"chunk {d.chunk_id} in {d.pack or '(no pack)'}" if d.chunk_id else d.object
         at = f" at position {d.first_chunk_index}" if d.first_chunk_index >= 0 and d.chunk_id else ""
@@ -155,8 +184,10 @@ def cmd_verify(client: AgentClient, args) -> int:
     if r.orphan_packs:
         print(f"  packs without an index (the next gc removes them): {', '.join(r.orphan_packs)}")
     if r.unreferenced_chunks:
-        print(f"  {r.unreferenced_chunks} chunks ({human(r.unreferenced_bytes)}) no backup references "
-              "(the next gc reclaims them)")
+        print(
+            f"  {r.unreferenced_chunks} chunks ({human(r.unreferenced_bytes)}) no backup references "
+            "(the next gc reclaims them)"
+        )
     return exit_code(job)
 
 
@@ -166,8 +197,12 @@ def cmd_gc(client: AgentClient, args) -> int:
     job = follow(client, job_id, args.json)
     if not args.json:
         r = job.gc_result
-        print(f"freed {human(r.bytes_freed)}: {r.packs_deleted} packs deleted, {r.packs_rewritten} rewritten, "
-              f"{r.chunks_removed} chunks removed" if job.state == jobs_pb2.JOB_STATE_SUCCEEDED else job_line(job))
+        print(
+            f"freed {human(r.bytes_freed)}: {r.packs_deleted} packs deleted, {r.packs_rewritten} rewritten, "
+            f"{r.chunks_removed} chunks removed"
+            if job.state == jobs_pb2.JOB_STATE_SUCCEEDED
+            else job_line(job)
+        )
     return exit_code(job)
 
 
@@ -177,8 +212,10 @@ def cmd_info(client: AgentClient, args) -> int:
         print(as_json(info))
     else:
         limit = info.bandwidth_limit_bytes_per_second
-        print(f"blockferry-agent {info.version} on {info.hostname}; max jobs {info.max_concurrent_jobs}; "
-              f"bandwidth limit {human(limit) + '/s' if limit else 'none'}{'; DRAINING' if info.draining else ''}")
+        print(
+            f"blockferry-agent {info.version} on {info.hostname}; max jobs {info.max_concurrent_jobs}; "
+            f"bandwidth limit {human(limit) + '/s' if limit else 'none'}{'; DRAINING' if info.draining else ''}"
+        )
         for b in info.bindings:
             print(f"  {b.module}: {'ok' if b.ok else 'MISSING: ' + b.error} ({b.debian_package})")
     return 0
@@ -203,8 +240,9 @@ def cmd_iscsi_discover(client: AgentClient, args) -> int:
     if args.username and not secret:
         print("blockferry: --username needs the CHAP secret in $BLOCKFERRY_CHAP_SECRET", file=sys.stderr)
         return 2
-    r = client.discover_iscsi(host_pb2.DiscoverIscsiRequest(ip=args.ip, port=args.port,
-                                                            username=args.username or "", secret=secret))
+    r = client.discover_iscsi(
+        host_pb2.DiscoverIscsiRequest(ip=args.ip, port=args.port, username=args.username or "", secret=secret)
+    )
     if args.json:
         print(as_json(r))
         return 0
@@ -220,8 +258,10 @@ def cmd_facts(client: AgentClient, args) -> int:
     if args.json:
         print(as_json(f))
         return 0
-    print(f"{f.hostname}: blockferry {f.version} (API level {f.api_level}), {f.cpus} CPUs, "
-          f"{human(f.memory_available_bytes)} of {human(f.memory_total_bytes)} memory free")
+    print(
+        f"{f.hostname}: blockferry {f.version} (API level {f.api_level}), {f.cpus} CPUs, "
+        f"{human(f.memory_available_bytes)} of {human(f.memory_total_bytes)} memory free"
+    )
     print(f"  pool types: {', '.join(f.pool_types)}; backup point types: {', '.join(f.backup_point_types)}")
     print(f"  pools: {', '.join(f.pool_uuids) or '-'}; backup points: {', '.join(f.backup_point_uuids) or '-'}")
     if f.iscsi_initiator:
@@ -259,8 +299,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("facts", help="host facts: version, API level, pool and backup point types")
     fcd = sub.add_parser("fc-devices", help="block devices by /dev/disk/by-id name, and FC HBAs")
     fcd.add_argument("--fc-only", action="store_true", help="only FC and multipath LUNs")
-    isd = sub.add_parser("iscsi-discover", help="targets and LUNs on an iSCSI portal (CHAP secret: "
-                         "$BLOCKFERRY_CHAP_SECRET)")
+    isd = sub.add_parser(
+        "iscsi-discover", help="targets and LUNs on an iSCSI portal (CHAP secret: $BLOCKFERRY_CHAP_SECRET)"
+    )
     isd.add_argument("ip")
     isd.add_argument("--port", type=int, default=0, help="portal port (0: 3260)")
     isd.add_argument("--username", help="CHAP user")
@@ -323,8 +364,13 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gc", help="reclaim the space of deleted and failed backups (a job)")
     g.add_argument("backup_point")
-    g.add_argument("--wait", type=int, default=0, metavar="SECONDS",
-                   help="wait this long for running backups to let go of the repository (default: refuse at once)")
+    g.add_argument(
+        "--wait",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="wait this long for running backups to let go of the repository (default: refuse at once)",
+    )
     g.add_argument("--job-id")
 
     d = sub.add_parser("demo", help="run the main job on the embedded default (starts its own agent)")
@@ -338,14 +384,30 @@ def main(argv: list[str] | None = None) -> int:
         from agent.demo import run_demo
 
         return run_demo(args.workdir)
-    target = Target(socket=args.socket, address=args.address, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                    tls_key=args.tls_key, token=os.environ.get("BLOCKFERRY_TOKEN"))
+    target = Target(
+        socket=args.socket,
+        address=args.address,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=os.environ.get("BLOCKFERRY_TOKEN"),
+    )
     try:
         with AgentClient(target) as client:
-            return {"checksum": cmd_checksum, "jobs": cmd_jobs, "info": cmd_info, "volume": cmd_volume,
-                    "snapshot": cmd_snapshot, "clone": cmd_clone, "flatten": cmd_flatten, "facts": cmd_facts,
-                    "fc-devices": cmd_fc_devices, "iscsi-discover": cmd_iscsi_discover, "verify": cmd_verify,
-                    "gc": cmd_gc}[args.cmd](client, args)
+            return {
+                "checksum": cmd_checksum,
+                "jobs": cmd_jobs,
+                "info": cmd_info,
+                "volume": cmd_volume,
+                "snapshot": cmd_snapshot,
+                "clone": cmd_clone,
+                "flatten": cmd_flatten,
+                "facts": cmd_facts,
+                "fc-devices": cmd_fc_devices,
+                "iscsi-discover": cmd_iscsi_discover,
+                "verify": cmd_verify,
+                "gc": cmd_gc,
+            }[args.cmd](client, args)
     except BlockferryError as e:
         status = e.status.name if e.status else e.code
         print(f"blockferry: {status}: {e.code}: {e.message}", file=sys.stderr)

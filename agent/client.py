@@ -3,6 +3,7 @@
 requests and answers (the generated messages), and a failed call raised as
 the BlockferryError the agent raised (its class from the code the agent
 sends in the call's trailing metadata; agent.errors.from_grpc)."""
+
 from __future__ import annotations
 
 import os
@@ -50,9 +51,11 @@ def _read(path: str | None) -> bytes | None:
 def open_channel(target: Target) -> grpc.Channel:
     """A channel to an agent: its unix socket, or host:port over TLS."""
     if target.address:
-        creds = grpc.ssl_channel_credentials(root_certificates=_read(target.tls_ca),
-                                             private_key=_read(target.tls_key),
-                                             certificate_chain=_read(target.tls_cert))
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(target.tls_ca),
+            private_key=_read(target.tls_key),
+            certificate_chain=_read(target.tls_cert),
+        )
         return grpc.secure_channel(target.address, creds)
     path = target.socket or os.environ.get("BLOCKFERRY_SOCKET") or DEFAULT_SOCKET
     return grpc.insecure_channel(f"unix:{path}")
@@ -64,8 +67,15 @@ class AgentClient:
     `where` names the agent in the errors ("host h1"); `timeout` bounds
     every unary call unless a call says otherwise."""
 
-    def __init__(self, target: Target | None = None, *, channel: grpc.Channel | None = None, token: str = "",
-                 where: str = "", timeout: float | None = None):
+    def __init__(
+        self,
+        target: Target | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        token: str = "",
+        where: str = "",
+        timeout: float | None = None,
+    ):
         self._owned = channel is None
         self.channel = channel if channel is not None else open_channel(target or Target())
         token = token or (target.token if target else "") or ""
@@ -94,8 +104,7 @@ class AgentClient:
         """The error a failed call (a grpc.RpcError that is also a Call) stands for."""
         return errors.from_grpc(e.code(), e.details() or "", e.trailing_metadata(), where=self.where)
 
-    def _call(self, method: Callable[..., Any], request: Message, answer: type[R],
-              timeout: float | None = None) -> R:
+    def _call(self, method: Callable[..., Any], request: Message, answer: type[R], timeout: float | None = None) -> R:
         """method(request) as answer (the generated stubs are untyped: the
         answer's type is checked here)."""
         try:
@@ -110,8 +119,7 @@ class AgentClient:
 
     def submit(self, job_id: str, *, timeout: float | None = None, **spec: Any) -> jobs_pb2.Job:
         """submit("id", clone=jobs_pb2.CloneSpec(...)) and the like."""
-        return self._call(self._jobs.SubmitJob, jobs_pb2.SubmitJobRequest(job_id=job_id, **spec), jobs_pb2.Job,
-                          timeout)
+        return self._call(self._jobs.SubmitJob, jobs_pb2.SubmitJobRequest(job_id=job_id, **spec), jobs_pb2.Job, timeout)
 
     def submit_checksum(self, job_id: str, path: str, offset: int = 0, length: int = 0) -> jobs_pb2.Job:
         return self.submit(job_id, checksum=jobs_pb2.ChecksumSpec(path=path, offset=offset, length=length))
@@ -134,8 +142,7 @@ class AgentClient:
         """The job on every change of progress or state, from its current
         one to a final state (the stream ends there); cancel() from
         another thread ends it early."""
-        call = self._jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata,
-                                   timeout=timeout)
+        call = self._jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata, timeout=timeout)
         return JobStream(call, self._error)
 
     def cancel(self, job_id: str) -> jobs_pb2.Job:
@@ -149,8 +156,9 @@ class AgentClient:
     def host_facts(self) -> host_pb2.HostFacts:
         return self._call(self._host.GetHostFacts, host_pb2.GetHostFactsRequest(), host_pb2.HostFacts)
 
-    def list_fc_devices(self, request: host_pb2.ListFcDevicesRequest, *,
-                        timeout: float | None = None) -> host_pb2.ListFcDevicesResponse:
+    def list_fc_devices(
+        self, request: host_pb2.ListFcDevicesRequest, *, timeout: float | None = None
+    ) -> host_pb2.ListFcDevicesResponse:
         return self._call(self._host.ListFcDevices, request, host_pb2.ListFcDevicesResponse, timeout)
 
     def discover_iscsi(self, request: host_pb2.DiscoverIscsiRequest) -> host_pb2.DiscoverIscsiResponse:
@@ -158,8 +166,7 @@ class AgentClient:
 
     # ---- pools and volumes ----
 
-    def get_pool_status(self, request: volumes_pb2.PoolRef, *,
-                        timeout: float | None = None) -> volumes_pb2.PoolStatus:
+    def get_pool_status(self, request: volumes_pb2.PoolRef, *, timeout: float | None = None) -> volumes_pb2.PoolStatus:
         return self._call(self._volumes.GetPoolStatus, request, volumes_pb2.PoolStatus, timeout)
 
     def attach_pool(self, request: volumes_pb2.AttachPoolRequest) -> volumes_pb2.PoolStatus:
@@ -206,8 +213,7 @@ class AgentClient:
 
     # ---- backup points and backups ----
 
-    def list_backup_points(self, request: backups_pb2.ListBackupPointsRequest
-                           ) -> backups_pb2.ListBackupPointsResponse:
+    def list_backup_points(self, request: backups_pb2.ListBackupPointsRequest) -> backups_pb2.ListBackupPointsResponse:
         return self._call(self._backups.ListBackupPoints, request, backups_pb2.ListBackupPointsResponse)
 
     def check_backup_point(self, request: backups_pb2.BackupPointRef) -> backups_pb2.BackupPointStatus:
@@ -225,8 +231,7 @@ class AgentClient:
     def list_backups(self, request: backups_pb2.ListBackupsRequest) -> backups_pb2.ListBackupsResponse:
         return self._call(self._backups.ListBackups, request, backups_pb2.ListBackupsResponse)
 
-    def get_backup(self, request: backups_pb2.GetBackupRequest, *,
-                   timeout: float | None = None) -> backups_pb2.Backup:
+    def get_backup(self, request: backups_pb2.GetBackupRequest, *, timeout: float | None = None) -> backups_pb2.Backup:
         return self._call(self._backups.GetBackup, request, backups_pb2.Backup, timeout)
 
     def delete_backup(self, request: backups_pb2.DeleteBackupRequest) -> backups_pb2.DeleteBackupResponse:

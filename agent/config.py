@@ -7,6 +7,7 @@ type, default and help text; the commented default file
 keeps the two equal. Unknown sections or keys, wrong types and bad values are
 refused with a ConfigError that names the file, the section and the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,14 +35,17 @@ class AgentSection:
     """Where the agent keeps state and which paths jobs may touch."""
 
     state_dir: str = option("/var/lib/blockferry", "Directory of the job journal (jobs.sqlite3).")
-    roots: list[str] = option(["/var/lib/blockferry/pools"],
-                              "Absolute paths that jobs may read or write; anything else is refused.",
-                              factory=True)
+    roots: list[str] = option(
+        ["/var/lib/blockferry/pools"],
+        "Absolute paths that jobs may read or write; anything else is refused.",
+        factory=True,
+    )
     run_dir: str = option("/run/blockferry", "Runtime directory for qemu-nbd sockets (keep the path short).")
     log_level: str = option("info", "One of debug, info, warning, error.")
     log_format: str = option("auto", "auto (journal when started by systemd, else text), journal, text or json.")
-    sys_root: str = option("/sys", "Where sysfs is, for FC HBA and device discovery (change only for tests or "
-                           "containers).")
+    sys_root: str = option(
+        "/sys", "Where sysfs is, for FC HBA and device discovery (change only for tests or containers)."
+    )
     dev_root: str = option("/dev", "Where /dev is, for /dev/disk/by-id (change only for tests or containers).")
 
 
@@ -49,15 +53,18 @@ class AgentSection:
 class GrpcSection:
     """How the agent serves gRPC."""
 
-    unix_socket: str = option("/run/blockferry/agent.sock",
-                              "Unix socket path; its permissions (0660) decide who may call.")
+    unix_socket: str = option(
+        "/run/blockferry/agent.sock", "Unix socket path; its permissions (0660) decide who may call."
+    )
     tcp_listen: str = option("", "host:port for gRPC over TCP with TLS; empty disables TCP.")
     tls_cert: str = option("", "PEM server certificate (required with tcp_listen).")
     tls_key: str = option("", "PEM private key of tls_cert (keep it 0600).")
-    tls_client_ca: str = option("", "PEM CA bundle; when set, TCP clients must present a certificate it signed "
-                                "(mutual TLS).")
-    auth_token: str = option("", "Optional bearer token TCP callers must send as 'authorization: Bearer <token>'.",
-                             secret=True)
+    tls_client_ca: str = option(
+        "", "PEM CA bundle; when set, TCP clients must present a certificate it signed (mutual TLS)."
+    )
+    auth_token: str = option(
+        "", "Optional bearer token TCP callers must send as 'authorization: Bearer <token>'.", secret=True
+    )
     max_workers: int = option(64, "Threads serving RPCs (each WatchJob stream holds one).")
 
 
@@ -68,8 +75,9 @@ class JobsSection:
     max_concurrent: int = option(4, "Jobs running at once on this host; more wait their turn.")
     bandwidth_limit: int = option(0, "Bytes per second shared by all jobs; 0 means unlimited.")
     on_busy: str = option("wait", "When a job's resource is locked by another job: wait, or refuse at submit.")
-    drain_timeout: float = option(30.0, "Seconds SIGTERM waits for running jobs before interrupting them at a safe "
-                                  "point.")
+    drain_timeout: float = option(
+        30.0, "Seconds SIGTERM waits for running jobs before interrupting them at a safe point."
+    )
     keep_finished: int = option(10000, "Finished jobs kept in the journal; older ones are pruned at start.")
 
 
@@ -84,92 +92,142 @@ class SystemdSection:
 class MetricsSection:
     """Prometheus metrics (jobs, bytes, durations, backup point health)."""
 
-    listen: str = option("", "Loopback host:port of the metrics endpoint, such as 127.0.0.1:9464 (no "
-                             "authentication: loopback only); empty turns it off.")
+    listen: str = option(
+        "",
+        "Loopback host:port of the metrics endpoint, such as 127.0.0.1:9464 (no "
+        "authentication: loopback only); empty turns it off.",
+    )
 
 
 @dataclass
 class ControllerLinkSection:
     """Registration with a blockferry-controller (off when address is empty)."""
 
-    address: str = option("", "The controller's agent registry: host:port (TLS when tls_ca is set) or "
-                          "unix:/path. Empty: this agent does not register.")
-    token: str = option("", "Bearer token the controller expects from agents ([controller] agent_token there).",
-                        secret=True)
-    tls_ca: str = option("", "PEM CA that signed the controller's certificate (TLS); tls_cert/tls_key add a "
-                         "client certificate (mutual TLS).")
+    address: str = option(
+        "",
+        "The controller's agent registry: host:port (TLS when tls_ca is set) or "
+        "unix:/path. Empty: this agent does not register.",
+    )
+    token: str = option(
+        "", "Bearer token the controller expects from agents ([controller] agent_token there).", secret=True
+    )
+    tls_ca: str = option(
+        "",
+        "PEM CA that signed the controller's certificate (TLS); tls_cert/tls_key add a "
+        "client certificate (mutual TLS).",
+    )
     tls_cert: str = option("", "PEM client certificate for mutual TLS with the controller.")
     tls_key: str = option("", "PEM key of tls_cert (keep it 0600).")
     host_uuid: str = option("", "This host's uuid in the inventory; empty: derived from /etc/machine-id.")
-    cluster_uuid: str = option("", "The cluster (seed cluster_uuid) this host belongs to; pools of other clusters "
-                               "are never placed here. Empty: any cluster.")
-    zone_uuid: str = option("", "The zone (seed zone_uuid) this host belongs to; a pool is attached only on "
-                            "hosts of its zone. Empty: any zone.")
-    zone_name: str = option("", "A name for zone_uuid, shown as ZoneName (empty: \"default\").")
-    advertise: str = option("", "Where the controller reaches this agent's gRPC (host:port or unix:/path); "
-                            "empty: [grpc] tcp_listen, else the unix socket.")
-    heartbeat_interval: float = option(10.0, "Seconds between heartbeats (the controller may ask for another "
-                                       "interval when the agent registers).")
-    fence_after: float = option(20.0, "Seconds without a successful heartbeat after which this agent cancels its "
-                                "running jobs (self-fencing), so the controller can run them on another host. "
-                                "Keep it below the controller's host_dead_after. 0: never.")
+    cluster_uuid: str = option(
+        "",
+        "The cluster (seed cluster_uuid) this host belongs to; pools of other clusters "
+        "are never placed here. Empty: any cluster.",
+    )
+    zone_uuid: str = option(
+        "",
+        "The zone (seed zone_uuid) this host belongs to; a pool is attached only on "
+        "hosts of its zone. Empty: any zone.",
+    )
+    zone_name: str = option("", 'A name for zone_uuid, shown as ZoneName (empty: "default").')
+    advertise: str = option(
+        "",
+        "Where the controller reaches this agent's gRPC (host:port or unix:/path); "
+        "empty: [grpc] tcp_listen, else the unix socket.",
+    )
+    heartbeat_interval: float = option(
+        10.0, "Seconds between heartbeats (the controller may ask for another interval when the agent registers)."
+    )
+    fence_after: float = option(
+        20.0,
+        "Seconds without a successful heartbeat after which this agent cancels its "
+        "running jobs (self-fencing), so the controller can run them on another host. "
+        "Keep it below the controller's host_dead_after. 0: never.",
+    )
 
 
 @dataclass
 class PoolSection:
     """A storage pool: [pools.<pool uuid>] with its type and where it lives."""
 
-    type: str = option("dir", "dir: qcow2 volumes in a directory (a local disk or a mounted NFS/SMB/cluster fs); "
-                       "nfs: qcow2 volumes on an NFSv3 export, reached in user space (libnfs and qemu's nfs "
-                       "driver, no mount); rbd: RBD images in a Ceph pool.")
+    type: str = option(
+        "dir",
+        "dir: qcow2 volumes in a directory (a local disk or a mounted NFS/SMB/cluster fs); "
+        "nfs: qcow2 volumes on an NFSv3 export, reached in user space (libnfs and qemu's nfs "
+        "driver, no mount); rbd: RBD images in a Ceph pool.",
+    )
     path: str = option("", "dir: the pool root; volumes live in <path>/pool-<uuid>/volume/<volume uuid>.")
     ip: str = option("", "nfs: the NFS server's address (seed 002 `ip`); its ports come from the portmapper.")
-    export: str = option("", "nfs: the export path (seed 002 `source`); volumes live in "
-                         "nfs://<ip><export>/pool-<uuid>/volume/<volume uuid>.")
+    export: str = option(
+        "",
+        "nfs: the export path (seed 002 `source`); volumes live in "
+        "nfs://<ip><export>/pool-<uuid>/volume/<volume uuid>.",
+    )
     ceph_conf: str = option("/etc/ceph/ceph.conf", "rbd: ceph.conf of the cluster.")
     client_name: str = option("client.admin", "rbd: the Ceph client (cephx user) to connect as.")
     keyring: str = option("", "rbd: keyring file of client_name (empty: what ceph.conf says).")
     rbd_pool: str = option("rbd", "rbd: the RADOS pool holding the images.")
     namespace: str = option("", "rbd: optional RADOS namespace inside rbd_pool.")
-    features: list[str] = option(["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
-                                 "rbd: image features of new volumes.", factory=True)
-    timeout: float = option(30.0, "rbd: seconds any librados/librbd call may block (connect, monitor and OSD ops); "
-                            "nfs: seconds any NFS call of the agent may block.")
+    features: list[str] = option(
+        ["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
+        "rbd: image features of new volumes.",
+        factory=True,
+    )
+    timeout: float = option(
+        30.0,
+        "rbd: seconds any librados/librbd call may block (connect, monitor and OSD ops); "
+        "nfs: seconds any NFS call of the agent may block.",
+    )
 
 
 @dataclass
 class BackupPointSection:
     """A backup point: [backup_points.<uuid>] with its type and where its repository lives."""
 
-    type: str = option("local", "local (a directory), nfs (NFSv3 via libnfs), samba (SMB3), iscsi (a LUN via "
-                       "libiscsi), disk or fc (a local block device).")
+    type: str = option(
+        "local",
+        "local (a directory), nfs (NFSv3 via libnfs), samba (SMB3), iscsi (a LUN via "
+        "libiscsi), disk or fc (a local block device).",
+    )
     path: str = option("", "local: the directory holding the repository.")
     ip: str = option("", "nfs, samba, iscsi: the server address (seed 000 `ip`).")
-    port: int = option(0, "nfs: NFS port (0 asks the portmapper); samba: SMB port (0 = 445); iscsi: portal port "
-                       "(0 = 3260).")
+    port: int = option(
+        0, "nfs: NFS port (0 asks the portmapper); samba: SMB port (0 = 445); iscsi: portal port (0 = 3260)."
+    )
     mount_port: int = option(0, "nfs: MOUNT port (0 asks the portmapper).")
     root_dir: str = option("", "nfs: the export path; samba: the share name (seed 000 `root_dir`).")
-    sub_dir: str = option("", "nfs, samba: the repository's directory below root_dir (seed 000 `sub_dir`; no "
-                          "'..').")
+    sub_dir: str = option("", "nfs, samba: the repository's directory below root_dir (seed 000 `sub_dir`; no '..').")
     username: str = option("", "samba: the SMB user; iscsi: the CHAP user (empty: no CHAP).")
-    secret: str = option("", "samba: the SMB password; iscsi: the CHAP secret. A file that sets it must be "
-                         "mode 0600.", secret=True)
+    secret: str = option(
+        "", "samba: the SMB password; iscsi: the CHAP secret. A file that sets it must be mode 0600.", secret=True
+    )
     smb_encrypt: bool = option(False, "samba: require SMB3 encryption of the session (signing is always on).")
     target: str = option("", "iscsi: the target IQN.")
     lun: int = option(0, "iscsi: the LUN number.")
     device: str = option("", "disk, fc: the block device (FC LUNs: /dev/disk/by-id/wwn-...).")
-    format_lun: bool = option(False, "iscsi, disk, fc: format a blank LUN (all zero where a superblock, "
-                              "partition table or file system would be) on first use; a LUN with other data is "
-                              "never touched.")
+    format_lun: bool = option(
+        False,
+        "iscsi, disk, fc: format a blank LUN (all zero where a superblock, "
+        "partition table or file system would be) on first use; a LUN with other data is "
+        "never touched.",
+    )
     timeout: float = option(30.0, "nfs, samba, iscsi: seconds any call may block before the job fails.")
-    password: str = option("", "Turns on encryption (AES-256-GCM, scrypt-derived key) when the repository is "
-                           "created; then required to open it (seed 000 `pass_word`). A file that sets it must be "
-                           "mode 0600.", secret=True)
-    chunk_size: int = option(4 << 20, "Bytes per chunk of a new repository (a multiple of 64 KiB; 4 MiB matches "
-                             "RBD objects).")
+    password: str = option(
+        "",
+        "Turns on encryption (AES-256-GCM, scrypt-derived key) when the repository is "
+        "created; then required to open it (seed 000 `pass_word`). A file that sets it must be "
+        "mode 0600.",
+        secret=True,
+    )
+    chunk_size: int = option(
+        4 << 20, "Bytes per chunk of a new repository (a multiple of 64 KiB; 4 MiB matches RBD objects)."
+    )
     compression: str = option("zstd", "zstd or none, for a new repository.")
-    initialize: bool = option(True, "Create a repository on first use when the directory is empty (a directory "
-                              "holding anything else is never touched).")
+    initialize: bool = option(
+        True,
+        "Create a repository on first use when the directory is empty (a directory "
+        "holding anything else is never touched).",
+    )
 
 
 POOL_TYPES = ("dir", "nfs", "rbd")
@@ -285,6 +343,7 @@ class Config:
         if c.fence_after < 0 or (c.fence_after and c.fence_after <= c.heartbeat_interval):
             raise bad("controller", "fence_after", "must be 0 (never) or longer than heartbeat_interval")
         import uuid as _uuid
+
         for key in ("host_uuid", "cluster_uuid", "zone_uuid"):
             value = getattr(c, key)
             if value:
@@ -307,8 +366,7 @@ class Config:
 
     def sections(self) -> dict[str, Any]:
         """The fixed sections (pools are a table of sections, handled apart)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("sources", *TABLES)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("sources", *TABLES)}
 
 
 def _type_ok(value: Any, annotation: str) -> bool:
@@ -332,8 +390,7 @@ def _merge_section(path: Path, label: str, section: Any, values: dict) -> None:
             raise ConfigError(f"{path}: [{label}] {key}: unknown option", field=f"{label}.{key}")
         annotation = known[key].type
         if not _type_ok(value, annotation):
-            raise ConfigError(f"{path}: [{label}] {key}: expected {annotation}, got {value!r}",
-                              field=f"{label}.{key}")
+            raise ConfigError(f"{path}: [{label}] {key}: expected {annotation}, got {value!r}", field=f"{label}.{key}")
         if annotation == "float":
             value = float(value)
         setattr(section, key, value)
@@ -363,8 +420,9 @@ def _merge_file(cfg: Config, path: Path) -> None:
                 _merge_section(path, label, getattr(cfg, name).setdefault(item_uuid, section_type()), item_values)
             continue
         if name not in sections:
-            raise ConfigError(f"{path}: unknown section [{name}] (known: {', '.join([*sections, *TABLES])})",
-                              field=name)
+            raise ConfigError(
+                f"{path}: unknown section [{name}] (known: {', '.join([*sections, *TABLES])})", field=name
+            )
         _merge_section(path, name, sections[name], values)
     cfg.sources.append(str(path))
 
@@ -384,8 +442,9 @@ def _check_private(path: Path, label: str) -> None:
     """A file that holds a secret must not be readable by group or others."""
     mode = path.stat().st_mode
     if mode & 0o077:
-        raise ConfigError(f"{path}: [{label}] holds a secret, so the file must be mode 0600 "
-                          f"(it is {mode & 0o777:04o})", field=label)
+        raise ConfigError(
+            f"{path}: [{label}] holds a secret, so the file must be mode 0600 (it is {mode & 0o777:04o})", field=label
+        )
 
 
 def default_conf_dir(config_path: str) -> str:
@@ -394,8 +453,7 @@ def default_conf_dir(config_path: str) -> str:
     return str(p.with_name(p.stem + ".conf.d"))
 
 
-def load(config_path: str | None = None, conf_dir: str | None = None, *,
-         missing_ok: bool = True) -> Config:
+def load(config_path: str | None = None, conf_dir: str | None = None, *, missing_ok: bool = True) -> Config:
     """Defaults, then the main file, then conf.d/*.toml in name order."""
     cfg = Config()
     path = Path(config_path or DEFAULT_CONFIG)
@@ -452,8 +510,7 @@ def render(cfg: Config, *, commented: bool, mask_secrets: bool) -> str:
     if commented:
         lines.append(f"# {(BackupPointSection.__doc__ or '').strip()} For example:")
         example_bp = BackupPointSection(path="/var/lib/blockferry/backups")
-        lines += _render_section("[backup_points.5b0c3f55-54d5-4b8e-9c2f-0a4f3c1e9d11]", example_bp, True,
-                                 mask_secrets)
+        lines += _render_section("[backup_points.5b0c3f55-54d5-4b8e-9c2f-0a4f3c1e9d11]", example_bp, True, mask_secrets)
     for bp_uuid, bp in cfg.backup_points.items():
         lines += _render_section(f"[backup_points.{bp_uuid}]", bp, commented, mask_secrets)
     return "\n".join(lines)

@@ -13,6 +13,7 @@ Three threads, so nothing slow delays what must be on time:
 A heartbeat answer may name backup points the controller attached here and
 has since deleted: they are detached (their definition and secret leave
 this host)."""
+
 from __future__ import annotations
 
 import logging
@@ -80,9 +81,11 @@ class ControllerLink:
         self._cache = None  # (pools, points) reports from the prober
         self._cache_lock = threading.Lock()
         self._probe_now = threading.Event()
-        self._threads = [threading.Thread(target=self._run, name="controller-link", daemon=True),
-                         threading.Thread(target=self._probe_loop, name="controller-probe", daemon=True),
-                         threading.Thread(target=self._fence_loop, name="controller-fence", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._run, name="controller-link", daemon=True),
+            threading.Thread(target=self._probe_loop, name="controller-probe", daemon=True),
+            threading.Thread(target=self._fence_loop, name="controller-fence", daemon=True),
+        ]
         self.registered = threading.Event()
 
     def start(self) -> ControllerLink:
@@ -134,14 +137,28 @@ class ControllerLink:
         pools = []
         for pool in self.pools.all():
             st = pool.pool_status()
-            pools.append(r.PoolReport(pool_uuid=st.pool_uuid, type=st.kind, status=st.status,
-                                      total_bytes=st.total_bytes, available_bytes=st.available_bytes))
+            pools.append(
+                r.PoolReport(
+                    pool_uuid=st.pool_uuid,
+                    type=st.kind,
+                    status=st.status,
+                    total_bytes=st.total_bytes,
+                    available_bytes=st.available_bytes,
+                )
+            )
         points = []
         for bp in self.points.all():
             h = bp.check()
-            points.append(r.BackupPointReport(backup_point_uuid=h.uuid, type=h.type, status=h.status,
-                                              total_bytes=h.total_bytes, available_bytes=h.available_bytes,
-                                              attached=self.points.is_attached(h.uuid)))
+            points.append(
+                r.BackupPointReport(
+                    backup_point_uuid=h.uuid,
+                    type=h.type,
+                    status=h.status,
+                    total_bytes=h.total_bytes,
+                    available_bytes=h.available_bytes,
+                    attached=self.points.is_attached(h.uuid),
+                )
+            )
         return pools, points
 
     def _register(self, stub) -> None:
@@ -151,26 +168,44 @@ class ControllerLink:
 
         pools, points = self._reports()
         facts = facts_to_pb(host_facts(self.cfg, self.bindings_ok, sys_root=self.cfg.agent.sys_root))
-        resp = stub.Register(r.RegisterRequest(
-            host_uuid=self.host_uuid, address=advertised_address(self.cfg, self.tcp_port), facts=facts,
-            pools=pools, backup_points=points, max_concurrent_jobs=self.engine.max_concurrent,
-            cluster_uuid=self.cfg.controller.cluster_uuid.lower(), zone_uuid=self.cfg.controller.zone_uuid.lower(),
-            zone_name=self.cfg.controller.zone_name),
-            metadata=self._metadata, timeout=self._rpc_timeout)
+        resp = stub.Register(
+            r.RegisterRequest(
+                host_uuid=self.host_uuid,
+                address=advertised_address(self.cfg, self.tcp_port),
+                facts=facts,
+                pools=pools,
+                backup_points=points,
+                max_concurrent_jobs=self.engine.max_concurrent,
+                cluster_uuid=self.cfg.controller.cluster_uuid.lower(),
+                zone_uuid=self.cfg.controller.zone_uuid.lower(),
+                zone_name=self.cfg.controller.zone_name,
+            ),
+            metadata=self._metadata,
+            timeout=self._rpc_timeout,
+        )
         if resp.heartbeat_interval_seconds > 0:
             self.interval = resp.heartbeat_interval_seconds
         self.registered.set()
-        log.info("registered with the controller", extra={"controller": self.cfg.controller.address,
-                                                          "host_uuid": self.host_uuid})
+        log.info(
+            "registered with the controller",
+            extra={"controller": self.cfg.controller.address, "host_uuid": self.host_uuid},
+        )
 
     def _heartbeat(self, stub) -> bool:
         from agent.api.v1 import registry_pb2 as r
 
         pools, points = self._reports()
-        resp = stub.Heartbeat(r.HeartbeatRequest(host_uuid=self.host_uuid, running_jobs=self.engine.running_count(),
-                                                 pools=pools, backup_points=points,
-                                                 draining=self.engine.draining),
-                              metadata=self._metadata, timeout=self._rpc_timeout)
+        resp = stub.Heartbeat(
+            r.HeartbeatRequest(
+                host_uuid=self.host_uuid,
+                running_jobs=self.engine.running_count(),
+                pools=pools,
+                backup_points=points,
+                draining=self.engine.draining,
+            ),
+            metadata=self._metadata,
+            timeout=self._rpc_timeout,
+        )
         for uuid_ in resp.detach_backup_point_uuids:
             self._detach_deleted(uuid_)
         return not resp.reregister
@@ -214,9 +249,15 @@ class ControllerLink:
                         self.last_ok = time.monotonic()
                         self.fenced = False
                 except grpc.RpcError as e:
-                    log.warning("controller unreachable or refused us", extra={
-                        "controller": self.cfg.controller.address, "code": e.code().name, "detail": e.details(),
-                        "retry_in": backoff})
+                    log.warning(
+                        "controller unreachable or refused us",
+                        extra={
+                            "controller": self.cfg.controller.address,
+                            "code": e.code().name,
+                            "detail": e.details(),
+                            "retry_in": backoff,
+                        },
+                    )
                     wait, backoff = backoff, min(backoff * 2, 60.0)
                     registered = registered and e.code() != grpc.StatusCode.UNAUTHENTICATED
                 except Exception:
@@ -253,5 +294,7 @@ class ControllerLink:
                 self.engine.cancel(job.id)
             except Exception:
                 log.exception("could not cancel a job while fencing", extra={"job": job.id})
-        log.warning("cut off from the controller: running jobs cancelled (self-fencing)",
-                    extra={"seconds": round(lost, 1), "jobs": len(running)})
+        log.warning(
+            "cut off from the controller: running jobs cancelled (self-fencing)",
+            extra={"seconds": round(lost, 1), "jobs": len(running)},
+        )

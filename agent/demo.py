@@ -11,6 +11,7 @@ incremental backup that reads only those, lists the backups, restores both
 into new volumes, deep-verifies them (agent jobs), checks every digest
 against an independent reading, and stops both daemons with SIGTERM.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,8 +82,12 @@ class Rest:
 
         url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
                 envelope = json.loads(resp.read())
@@ -124,8 +129,7 @@ def fresh_workdir(workdir: str) -> bool:
     if os.path.isdir(workdir) and os.listdir(workdir):
         names = set(os.listdir(workdir))
         if MARKER not in names and not _LEGACY <= names:
-            print(f"!! {workdir} is not empty and was not made by the demo; give --workdir an empty or new "
-                  "directory")
+            print(f"!! {workdir} is not empty and was not made by the demo; give --workdir an empty or new directory")
             return False
         step(f"removing the previous demo run in {workdir}")
         shutil.rmtree(workdir)
@@ -137,7 +141,6 @@ def fresh_workdir(workdir: str) -> bool:
 
 def run_demo(workdir: str | None) -> int:
     import secrets
-
 
     workdir = os.path.abspath(workdir or os.path.join(os.path.expanduser("~"), ".local/share/blockferry-demo"))
     if not fresh_workdir(workdir):
@@ -159,21 +162,31 @@ def run_demo(workdir: str | None) -> int:
         os.chmod(path, 0o600)
 
     ctl_conf = os.path.join(workdir, "controller.toml")
-    private(ctl_conf, f'[controller]\nlisten = "127.0.0.1:{port}"\n'
-                      f'database_url = "sqlite:///{workdir}/controller.sqlite3"\n'
-                      f'secret_key_file = "{workdir}/controller.key"\ngrpc_listen = "unix:{registry}"\n'
-                      f'agent_token = "{agent_token}"\nheartbeat_interval = 2\nhost_dead_after = 10\n'
-                      f'[[tokens]]\ntoken = "{token}"\ntenant = "*"\n')
+    private(
+        ctl_conf,
+        f'[controller]\nlisten = "127.0.0.1:{port}"\n'
+        f'database_url = "sqlite:///{workdir}/controller.sqlite3"\n'
+        f'secret_key_file = "{workdir}/controller.key"\ngrpc_listen = "unix:{registry}"\n'
+        f'agent_token = "{agent_token}"\nheartbeat_interval = 2\nhost_dead_after = 10\n'
+        f'[[tokens]]\ntoken = "{token}"\ntenant = "*"\n',
+    )
     conf = os.path.join(workdir, "agent.toml")
-    private(conf, f'[agent]\nstate_dir = "{workdir}/state"\nrun_dir = "{run_dir}"\nroots = ["{workdir}"]\n'
-                  f'log_format = "text"\n[grpc]\nunix_socket = "{sock}"\n'
-                  f'[controller]\naddress = "unix:{registry}"\ntoken = "{agent_token}"\n'
-                  f'host_uuid = "{host_uuid}"\nheartbeat_interval = 2.0\nfence_after = 0\n')
+    private(
+        conf,
+        f'[agent]\nstate_dir = "{workdir}/state"\nrun_dir = "{run_dir}"\nroots = ["{workdir}"]\n'
+        f'log_format = "text"\n[grpc]\nunix_socket = "{sock}"\n'
+        f'[controller]\naddress = "unix:{registry}"\ntoken = "{agent_token}"\n'
+        f'host_uuid = "{host_uuid}"\nheartbeat_interval = 2.0\nfence_after = 0\n',
+    )
     step(f"blockferry demo in {workdir}")
-    controller = subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", ctl_conf],
-                                  stdout=open(os.path.join(workdir, "controller.log"), "ab"), stderr=subprocess.STDOUT)
-    agent = subprocess.Popen([sys.executable, "-m", "agent.server", "-c", conf],
-                             stderr=open(os.path.join(workdir, "agent.log"), "ab"))
+    controller = subprocess.Popen(
+        [sys.executable, "-m", "agent.controller.server", "-c", ctl_conf],
+        stdout=open(os.path.join(workdir, "controller.log"), "ab"),
+        stderr=subprocess.STDOUT,
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent.server", "-c", conf], stderr=open(os.path.join(workdir, "agent.log"), "ab")
+    )
     rest = Rest(f"http://127.0.0.1:{port}", token)
     ok = True
     rc = ctl_rc = 1
@@ -189,21 +202,53 @@ def run_demo(workdir: str | None) -> int:
             if controller.poll() is not None or agent.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the controller or the agent did not come up (logs in {workdir})")
             time.sleep(0.2)
-        step(f"controller on http://127.0.0.1:{port} (SQLite {workdir}/controller.sqlite3); agent {host_uuid} "
-             "registered")
-        pool = rest.call("POST", "/v1/pool/share/create", {
-            "cluster_uuid": cluster, "pool_name": "demo-pool", "pool_type": 4, "zone_uuid": cluster,
-            "ip": "127.0.0.1", "source": os.path.join(workdir, "pool"), "limit_host": True,
-            "avail_host": [host_uuid], "attr": {"overAllocationThreshold": "1.0"}})["pool"]
+        step(
+            f"controller on http://127.0.0.1:{port} (SQLite {workdir}/controller.sqlite3); agent {host_uuid} registered"
+        )
+        pool = rest.call(
+            "POST",
+            "/v1/pool/share/create",
+            {
+                "cluster_uuid": cluster,
+                "pool_name": "demo-pool",
+                "pool_type": 4,
+                "zone_uuid": cluster,
+                "ip": "127.0.0.1",
+                "source": os.path.join(workdir, "pool"),
+                "limit_host": True,
+                "avail_host": [host_uuid],
+                "attr": {"overAllocationThreshold": "1.0"},
+            },
+        )["pool"]
         pid = pool["UUID"]
         step(f"POST /v1/pool/share/create: local directory pool {pid} ({human(pool['Capacity'])}, {pool['Status']})")
-        bp = rest.call("POST", "/v1/volume/internal/backuppoint/add", {
-            "cluster_uuid": cluster, "tenant": tenant, "name": "demo-backups", "btype": "local", "ip": "127.0.0.1",
-            "root_dir": os.path.join(workdir, "backups"), "pass_word": ""})["uuid"]
+        bp = rest.call(
+            "POST",
+            "/v1/volume/internal/backuppoint/add",
+            {
+                "cluster_uuid": cluster,
+                "tenant": tenant,
+                "name": "demo-backups",
+                "btype": "local",
+                "ip": "127.0.0.1",
+                "root_dir": os.path.join(workdir, "backups"),
+                "pass_word": "",
+            },
+        )["uuid"]
         step(f"POST /v1/volume/internal/backuppoint/add: local backup point {bp}")
-        vol = rest.call("POST", "/v1/volume/share/create", {
-            "cluster_uuid": cluster, "tenant": tenant, "pool_uuid": pid, "volume_name": "demo-disk",
-            "volume_type": "block", "capacity": CAPACITY, "snap_capacity": 3 * CAPACITY})["volume"]
+        vol = rest.call(
+            "POST",
+            "/v1/volume/share/create",
+            {
+                "cluster_uuid": cluster,
+                "tenant": tenant,
+                "pool_uuid": pid,
+                "volume_name": "demo-disk",
+                "volume_type": "block",
+                "capacity": CAPACITY,
+                "snap_capacity": 3 * CAPACITY,
+            },
+        )["volume"]
         vid, head = vol["UUID"], vol["AccessPath"][host_uuid]
         step(f"POST /v1/volume/share/create: qcow2 volume {vid} ({human(vol['Capacity'])}) at {head}")
         ref = {"tenant": tenant, "cluster_uuid": cluster, "volume_uuid": vid}
@@ -215,14 +260,25 @@ def run_demo(workdir: str | None) -> int:
 
         def backup(snap, label):
             step(f"POST /v1/volume/share/backup/add: {label} backup of {snap['Name']} (a task, with progress)")
-            started = rest.call("POST", "/v1/volume/share/backup/add", {
-                "cluster_uuid": cluster, "volume_uuid": vid, "snapshot_uuid": snap["UUID"],
-                "backup_name": f"demo-{snap['Name']}", "backup_point_uuid": bp, "desc": f"demo {snap['Name']}"})
+            started = rest.call(
+                "POST",
+                "/v1/volume/share/backup/add",
+                {
+                    "cluster_uuid": cluster,
+                    "volume_uuid": vid,
+                    "snapshot_uuid": snap["UUID"],
+                    "backup_name": f"demo-{snap['Name']}",
+                    "backup_point_uuid": bp,
+                    "desc": f"demo {snap['Name']}",
+                },
+            )
             t = rest.wait_task(started["task_id"], "backup")
             r = t.get("result") or {}
-            print(f"   {t['status']}: mode {r.get('mode')}, read {r.get('chunks_read', 0)} chunks "
-                  f"({human(int(r.get('read_bytes', 0)))}), stored {r.get('new_chunks', 0)} new "
-                  f"({human(int(r.get('stored_bytes', 0)))} after zstd), {r.get('changed_chunks', 0)} changed")
+            print(
+                f"   {t['status']}: mode {r.get('mode')}, read {r.get('chunks_read', 0)} chunks "
+                f"({human(int(r.get('read_bytes', 0)))}), stored {r.get('new_chunks', 0)} new "
+                f"({human(int(r.get('stored_bytes', 0)))} after zstd), {r.get('changed_chunks', 0)} changed"
+            )
             return started["backup"]["UUID"], t
 
         b1, t1 = backup(s1, "full")
@@ -232,22 +288,31 @@ def run_demo(workdir: str | None) -> int:
         step(f"changed {len(change)} x 64 KiB; snapshot s2 {s2['UUID']}")
         with AgentClient(Target(socket=sock)) as client:
             t0 = time.monotonic()
-            changed = client.get_changed_extents(v.GetChangedExtentsRequest(
-                pool_uuid=pid, volume_uuid=vid, snapshot_uuid=s2["UUID"], since_snapshot_uuid=s1["UUID"]))
+            changed = client.get_changed_extents(
+                v.GetChangedExtentsRequest(
+                    pool_uuid=pid, volume_uuid=vid, snapshot_uuid=s2["UUID"], since_snapshot_uuid=s1["UUID"]
+                )
+            )
             got = [(e.start, e.length) for e in changed.extents]
             want = sorted((off, 64 << 10) for off in change)
-            step(f"changed extents s1 -> s2 from the dirty bitmaps (agent gRPC, "
-                 f"{(time.monotonic() - t0) * 1000:.0f} ms): {len(got)} extents, {human(sum(n for _, n in got))}")
+            step(
+                f"changed extents s1 -> s2 from the dirty bitmaps (agent gRPC, "
+                f"{(time.monotonic() - t0) * 1000:.0f} ms): {len(got)} extents, {human(sum(n for _, n in got))}"
+            )
             for start, length in got[:4]:
                 print(f"   {start:>12}  +{length}")
             print(f"   ... {'exactly what was written' if got == want else 'MISMATCH with what was written'}")
             ok &= got == want
             b2, t2 = backup(s2, "incremental")
             ok &= t1["status"] == t2["status"] == "success"
-            ok &= (t1.get("result") or {}).get("mode") == "full" and (t2.get("result") or {}).get("mode") == \
-                "incremental"
-            listed = rest.call("GET", "/v1/volume/share/backup/list", params={
-                "cluster_uuid": cluster, "tenant": tenant, "filter_volume_uuid": vid})
+            ok &= (t1.get("result") or {}).get("mode") == "full" and (t2.get("result") or {}).get(
+                "mode"
+            ) == "incremental"
+            listed = rest.call(
+                "GET",
+                "/v1/volume/share/backup/list",
+                params={"cluster_uuid": cluster, "tenant": tenant, "filter_volume_uuid": vid},
+            )
             step(f"GET /v1/volume/share/backup/list: {listed['total_count']} backups")
             for x in listed["list"]:
                 print(f"   {x['UUID']}  {x['Status']:<16} {x['Name']}  snapshot={x['SnapshotUUID'][:8]}")
@@ -255,13 +320,24 @@ def run_demo(workdir: str | None) -> int:
             restored = {}
             for bid, snap in ((b1, s1), (b2, s2)):
                 step(f"POST /v1/volume/share/backup/restore: backup {bid} ({snap['Name']}) into a new volume")
-                r = rest.call("POST", "/v1/volume/share/backup/restore", {
-                    "backup_uuid": bid, "new_volume_name": f"restored-{snap['Name']}", "new_pool_uuid": pid,
-                    "new_volume_tenant": tenant, "cluster_uuid": cluster})
+                r = rest.call(
+                    "POST",
+                    "/v1/volume/share/backup/restore",
+                    {
+                        "backup_uuid": bid,
+                        "new_volume_name": f"restored-{snap['Name']}",
+                        "new_pool_uuid": pid,
+                        "new_volume_tenant": tenant,
+                        "cluster_uuid": cluster,
+                    },
+                )
                 t = rest.wait_task(r["task_id"], "restore")
                 ok &= t["status"] == "success"
-                restored[snap["UUID"]] = (r["volume"]["UUID"], (t.get("result") or {}).get("access_path", ""),
-                                          (t.get("result") or {}).get("image_digest", ""))
+                restored[snap["UUID"]] = (
+                    r["volume"]["UUID"],
+                    (t.get("result") or {}).get("access_path", ""),
+                    (t.get("result") or {}).get("image_digest", ""),
+                )
 
             for bid in (b1, b2):
                 step(f"deep verify of backup {bid} (agent job)")
@@ -269,12 +345,16 @@ def run_demo(workdir: str | None) -> int:
                 client.submit(job_id, verify=jobs_pb2.VerifySpec(backup_point_uuid=bp, backup_uuid=bid, deep=True))
                 job = follow(client, job_id, json_out=False)
                 ok &= job.state == jobs_pb2.JOB_STATE_SUCCEEDED
-                print(f"   {job.verify_result.chunks_checked} chunks, {human(job.verify_result.bytes_checked)} "
-                      "checked; image digest recomputed from the chunks matches the manifest")
+                print(
+                    f"   {job.verify_result.chunks_checked} chunks, {human(job.verify_result.bytes_checked)} "
+                    "checked; image digest recomputed from the chunks matches the manifest"
+                )
 
             def digest(volume, snapshot=""):
-                j = client.run(f"demo-sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(
-                    pool_uuid=pid, volume_uuid=volume, snapshot_uuid=snapshot))
+                j = client.run(
+                    f"demo-sum-{uuid.uuid4()}",
+                    checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=volume, snapshot_uuid=snapshot),
+                )
                 return j.checksum_result.image_digest
 
             for snap in (s1, s2):
@@ -283,9 +363,11 @@ def run_demo(workdir: str | None) -> int:
                 d_restored = digest(new_vol)
                 d_ref = reference_digest(path, workdir)
                 match = d_snap == manifest_digest == d_restored == d_ref
-                step(f"{snap['Name']}: snapshot {d_snap}\n   backup manifest  {manifest_digest}\n"
-                     f"   restored volume  {d_restored}\n   reference (qemu-img convert + hashlib of the restored "
-                     f"volume) {d_ref}: {'MATCH' if match else 'MISMATCH'}")
+                step(
+                    f"{snap['Name']}: snapshot {d_snap}\n   backup manifest  {manifest_digest}\n"
+                    f"   restored volume  {d_restored}\n   reference (qemu-img convert + hashlib of the restored "
+                    f"volume) {d_ref}: {'MATCH' if match else 'MISMATCH'}"
+                )
                 ok &= match
     except RuntimeError as e:
         print(f"!! {e}")

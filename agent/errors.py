@@ -6,6 +6,7 @@ the catalogue below and an English message that names the field or resource.
 `grpc_status()` and `rest_status()` are the only places that decide which
 gRPC status, HTTP status, numeric `scode` and Chinese message an error gets.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -281,14 +282,17 @@ def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple
     """
     if isinstance(error, BlockferryError):
         trailers = ((GRPC_CODE_KEY, error.code),) + (((GRPC_FIELD_KEY, error.field),) if error.field else ())
-        return (_GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL), f"{error.code}: {error.message}",
-                trailers)
-    return (grpc.StatusCode.INTERNAL, "INTERNAL: unexpected agent error (see the agent log)",
-            ((GRPC_CODE_KEY, BlockferryError.code),))
+        return (_GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL), f"{error.code}: {error.message}", trailers)
+    return (
+        grpc.StatusCode.INTERNAL,
+        "INTERNAL: unexpected agent error (see the agent log)",
+        ((GRPC_CODE_KEY, BlockferryError.code),),
+    )
 
 
-def from_grpc(status: grpc.StatusCode, details: str, trailers: Iterable[tuple[str, str]] | None, *,
-              where: str = "") -> BlockferryError:
+def from_grpc(
+    status: grpc.StatusCode, details: str, trailers: Iterable[tuple[str, str]] | None, *, where: str = ""
+) -> BlockferryError:
     """The error an agent's failed call stands for: its class from the
     code in the trailing metadata, its message from the details (without
     the code), prefixed by `where` (e.g. "host h1"). A call that never
@@ -301,8 +305,7 @@ def from_grpc(status: grpc.StatusCode, details: str, trailers: Iterable[tuple[st
         message = details.removeprefix(f"{code}: ")
         error = from_code(code, prefix + message, meta.get(GRPC_FIELD_KEY) or None)
     elif status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        error = TargetUnreachable(f"{prefix}the agent does not answer ({status.name}: {details})",
-                                  field="host_uuid")
+        error = TargetUnreachable(f"{prefix}the agent does not answer ({status.name}: {details})", field="host_uuid")
     else:
         error = BlockferryError(f"{prefix}{status.name}: {details}")
     error.status = status
@@ -359,10 +362,14 @@ def catalogue() -> list[tuple[str, str, int, int, str, str, str]]:
 
 def markdown_table() -> str:
     """The catalogue as docs/errors.md shows it (a test keeps them equal)."""
-    rows = ["| code | gRPC status | HTTP | scode | message_cn | error_code (/v3) | meaning |",
-            "|---|---|---|---|---|---|---|"]
-    rows += [f"| `{code}` | {status} | {http} | {scode} | {cn} | {cbr} | {meaning} |"
-             for code, status, http, scode, cn, cbr, meaning in catalogue()]
+    rows = [
+        "| code | gRPC status | HTTP | scode | message_cn | error_code (/v3) | meaning |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| `{code}` | {status} | {http} | {scode} | {cn} | {cbr} | {meaning} |"
+        for code, status, http, scode, cn, cbr, meaning in catalogue()
+    ]
     return "\n".join(rows) + "\n"
 
 

@@ -1,4 +1,5 @@
 """Extent types shared by drivers, the native core and the backup engine."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

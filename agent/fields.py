@@ -1,6 +1,7 @@
 """Rules for fields that name places on storage servers, shared by the
 agent's config, its drivers and stores, and the controller's API: every
 refusal names the field."""
+
 from __future__ import annotations
 
 import posixpath
@@ -15,8 +16,11 @@ def check_nfs_export(export: str, field: str = "export") -> str:
     """An NFS pool's export path: absolute, no '..', and only characters
     that stay themselves inside qemu's nfs:// URLs."""
     if not export.startswith("/") or not _URL_SAFE.match(export) or ".." in export.split("/"):
-        raise InvalidArgument(f"{field}: {export!r} must be an absolute export path of letters, digits and ._-/ "
-                              "without '..' (it becomes part of nfs:// URLs)", field=field)
+        raise InvalidArgument(
+            f"{field}: {export!r} must be an absolute export path of letters, digits and ._-/ "
+            "without '..' (it becomes part of nfs:// URLs)",
+            field=field,
+        )
     return posixpath.normpath(export)
 
 

@@ -1,6 +1,7 @@
 """What this host is and can do, for the controller: NICs and addresses
 (pyroute2), CPU, memory and disk capacity (psutil), and the pool and backup
 point types this agent supports."""
+
 from __future__ import annotations
 
 import glob
@@ -58,8 +59,12 @@ def nics() -> list[Nic]:
     out: dict[int, Nic] = {}
     with IPRoute() as ipr:
         for link in ipr.get_links():
-            out[link["index"]] = Nic(link.get_attr("IFLA_IFNAME") or "", link.get_attr("IFLA_ADDRESS") or "",
-                                     link.get_attr("IFLA_MTU") or 0, bool(link["flags"] & 1))
+            out[link["index"]] = Nic(
+                link.get_attr("IFLA_IFNAME") or "",
+                link.get_attr("IFLA_ADDRESS") or "",
+                link.get_attr("IFLA_MTU") or 0,
+                bool(link["flags"] & 1),
+            )
         for addr in ipr.get_addr():
             nic = out.get(addr["index"])
             if nic is not None:
@@ -88,8 +93,11 @@ def _supported_pool_types(bindings_ok: set[str]) -> list[str]:
 def host_facts(cfg: Config, bindings_ok: set[str], *, sys_root: str = "/sys") -> HostFacts:
     from agent.stores.iscsi import initiator_name
 
-    paths = [cfg.agent.state_dir, *(p.path for p in cfg.pools.values() if p.type == "dir"),
-             *(b.path for b in cfg.backup_points.values() if b.type == "local")]
+    paths = [
+        cfg.agent.state_dir,
+        *(p.path for p in cfg.pools.values() if p.type == "dir"),
+        *(b.path for b in cfg.backup_points.values() if b.type == "local"),
+    ]
     disks, seen = [], set()
     for path in paths:
         try:
@@ -105,10 +113,21 @@ def host_facts(cfg: Config, bindings_ok: set[str], *, sys_root: str = "/sys") ->
     mem = psutil.virtual_memory()
     pool_types = _supported_pool_types(bindings_ok)
     return HostFacts(
-        hostname=socket.gethostname(), version=__version__, cpus=psutil.cpu_count() or 1,
-        load1=os.getloadavg()[0], memory_total=mem.total, memory_available=mem.available,
-        boot_time=psutil.boot_time(), nics=nics(), disks=disks, pool_types=pool_types,
+        hostname=socket.gethostname(),
+        version=__version__,
+        cpus=psutil.cpu_count() or 1,
+        load1=os.getloadavg()[0],
+        memory_total=mem.total,
+        memory_available=mem.available,
+        boot_time=psutil.boot_time(),
+        nics=nics(),
+        disks=disks,
+        pool_types=pool_types,
         backup_point_types=list(BACKUP_POINT_TYPES),
         shared_pool_types=[t for t in SHARED_POOL_TYPES if KIND_OF_SHARED[t] in pool_types],
-        pool_uuids=sorted(cfg.pools), backup_point_uuids=sorted(cfg.backup_points),
-        iscsi_initiator=initiator_name(), fc_hbas=list_hbas(sys_root), roots=list(cfg.agent.roots))
+        pool_uuids=sorted(cfg.pools),
+        backup_point_uuids=sorted(cfg.backup_points),
+        iscsi_initiator=initiator_name(),
+        fc_hbas=list_hbas(sys_root),
+        roots=list(cfg.agent.roots),
+    )

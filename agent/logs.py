@@ -7,6 +7,7 @@
 
 Known secret values are replaced by ******** in every record.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,13 @@ class _Formatter(logging.Formatter):
             msg += "\n" + self.formatException(record.exc_info)
         extra = fields_of(record)
         if self.style == "json":
-            obj = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                   "logger": record.name, "msg": msg, **extra}
+            obj = {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": msg,
+                **extra,
+            }
             return self._mask(json.dumps(obj, default=str))
         kv = " ".join(f"{k}={v}" for k, v in extra.items())
         line = f"{msg} {kv}".rstrip()

@@ -13,6 +13,7 @@
 The endpoint has no authentication, so it binds only to loopback; a node
 exporter or a local Prometheus agent scrapes it.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -38,8 +39,10 @@ def loopback(listen: str, field: str) -> tuple[str, int]:
     except ValueError:
         ok = host == "localhost" and port.isdigit()
     if not ok:
-        raise ConfigError(f"{field}: {listen!r} must be a loopback host:port such as 127.0.0.1:9464 (metrics "
-                          "have no authentication)", field=field)
+        raise ConfigError(
+            f"{field}: {listen!r} must be a loopback host:port such as 127.0.0.1:9464 (metrics have no authentication)",
+            field=field,
+        )
     return host, int(port)
 
 
@@ -61,10 +64,14 @@ class _BackupPoints:
         return h
 
     def collect(self):
-        status = GaugeMetricFamily("blockferry_backup_point_status", "1 for the backup point's current status",
-                                   labels=["backup_point", "type", "status"])
-        latency = GaugeMetricFamily("blockferry_backup_point_latency_seconds", "One metadata round trip",
-                                    labels=["backup_point"])
+        status = GaugeMetricFamily(
+            "blockferry_backup_point_status",
+            "1 for the backup point's current status",
+            labels=["backup_point", "type", "status"],
+        )
+        latency = GaugeMetricFamily(
+            "blockferry_backup_point_latency_seconds", "One metadata round trip", labels=["backup_point"]
+        )
         avail = GaugeMetricFamily("blockferry_backup_point_available_bytes", "Free space", labels=["backup_point"])
         for bp in self.points.all():
             h = self._health(bp)
@@ -83,14 +90,20 @@ class AgentMetrics:
     def __init__(self, points=None):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.jobs = Counter("blockferry_jobs_total", "Jobs that ended, by kind and final state",
-                            ["kind", "state"], registry=r)
+        self.jobs = Counter(
+            "blockferry_jobs_total", "Jobs that ended, by kind and final state", ["kind", "state"], registry=r
+        )
         self.running = Gauge("blockferry_jobs_running", "Jobs running now", ["kind"], registry=r)
-        self.duration = Histogram("blockferry_job_duration_seconds", "Duration of ended jobs", ["kind"],
-                                  buckets=DURATION_BUCKETS, registry=r)
+        self.duration = Histogram(
+            "blockferry_job_duration_seconds", "Duration of ended jobs", ["kind"], buckets=DURATION_BUCKETS, registry=r
+        )
         self.bytes = Counter("blockferry_bytes_moved_total", "Bytes jobs read or wrote", ["kind"], registry=r)
-        self.throughput = Gauge("blockferry_job_throughput_bytes_per_second",
-                                "Average throughput of the last ended job of a kind", ["kind"], registry=r)
+        self.throughput = Gauge(
+            "blockferry_job_throughput_bytes_per_second",
+            "Average throughput of the last ended job of a kind",
+            ["kind"],
+            registry=r,
+        )
         if points is not None:
             r.register(_BackupPoints(points))
         self._server = None

@@ -10,6 +10,7 @@ with 64 KiB blocks, the last one possibly shorter and hashed over its exact
 bytes. All-zero blocks are recognised and not hashed (their digest is
 cached), and known-zero ranges (holes) are added without reading them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,7 +52,7 @@ class BlockDigests:
         size = self.digest_size
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return self.digests[i * size:(i + 1) * size]
+        return self.digests[i * size : (i + 1) * size]
 
 
 def digest_size(algo: str) -> int:
@@ -91,8 +92,9 @@ def diff_digests(old: BlockDigests, new: BlockDigests, length: int) -> list[Exte
     """Extents of the new image (length bytes) whose blocks differ from old."""
     if old.algo != new.algo or old.block_size != new.block_size:
         raise ValueError("old/new: digests of different algorithms or block sizes")
-    return [Extent(s, n) for s, n in
-            _native.diff_digests(old.digests, new.digests, new.digest_size, new.block_size, length)]
+    return [
+        Extent(s, n) for s, n in _native.diff_digests(old.digests, new.digests, new.digest_size, new.block_size, length)
+    ]
 
 
 def zstd_decompress_into(src, dst) -> int:
@@ -108,6 +110,7 @@ ImageHash = _native.ImageHash
 # ---------------------------------------------------------------------------
 # Pure-Python reference (hashlib, xxhash). Slow, obvious, and the judge.
 
+
 def _ref_digest(algo: str, data: bytes) -> bytes:
     if algo == "sha256":
         return hashlib.sha256(data).digest()
@@ -122,7 +125,7 @@ def ref_block_digests(algo: str, data, block_size: int) -> BlockDigests:
     data = bytes(data)
     digests, zero = [], bytearray()
     for off in range(0, len(data), block_size):
-        block = data[off:off + block_size]
+        block = data[off : off + block_size]
         digests.append(_ref_digest(algo, block))
         zero.append(1 if block.count(0) == len(block) else 0)
     return BlockDigests(algo, block_size, b"".join(digests), bytes(zero))
@@ -137,7 +140,7 @@ def ref_zstd_decompress_into(src, dst) -> int:
         raise ValueError(f"zstd: {e}") from None
     if len(data) > len(dst):
         raise ValueError("zstd: Destination buffer is too small")
-    memoryview(dst)[:len(data)] = data
+    memoryview(dst)[: len(data)] = data
     return len(data)
 
 
@@ -148,7 +151,7 @@ def ref_is_zero(data) -> bool:
 
 def ref_zero_flags(data, block_size: int) -> bytes:
     data = bytes(data)
-    return bytes(ref_is_zero(data[o:o + block_size]) for o in range(0, len(data), block_size))
+    return bytes(ref_is_zero(data[o : o + block_size]) for o in range(0, len(data), block_size))
 
 
 def ref_diff_digests(old: BlockDigests, new: BlockDigests, length: int) -> list[Extent]:
@@ -184,6 +187,6 @@ class RefImageHash:
     def digest(self) -> bytes:
         outer = hashlib.sha256()
         for off in range(0, len(self._data), IMAGE_BLOCK_SIZE):
-            outer.update(hashlib.sha256(self._data[off:off + IMAGE_BLOCK_SIZE]).digest())
+            outer.update(hashlib.sha256(self._data[off : off + IMAGE_BLOCK_SIZE]).digest())
         outer.update(len(self._data).to_bytes(8, "little"))
         return outer.digest()

@@ -1,4 +1,5 @@
 """Paths a caller names must resolve inside the configured roots."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ def resolve_under_roots(path: str, roots: list[str], field: str = "path") -> str
     if not path:
         raise InvalidArgument(f"{field}: must not be empty", field=field)
     if any(ord(c) < 32 or ord(c) == 127 for c in path):
-        raise InvalidArgument(f"{field}: {path!r} may not contain control characters (NUL, newlines, tabs, ...)",
-                              field=field)
+        raise InvalidArgument(
+            f"{field}: {path!r} may not contain control characters (NUL, newlines, tabs, ...)", field=field
+        )
     if not os.path.isabs(path):
         raise InvalidArgument(f"{field}: must be an absolute path, got {path!r}", field=field)
     real = os.path.realpath(path)

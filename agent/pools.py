@@ -1,6 +1,7 @@
 """The pools this agent serves: [pools.<uuid>] in its config, and pools the
 controller attached at run time (kept in <state_dir>/pools.d/<uuid>.json,
 0600, and loaded again at start)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,19 +35,34 @@ class PoolRegistry:
 
     def _make(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
         if pc.type == "dir":
-            return Qcow2Pool(pool_uuid, pc.path, run_dir=self.cfg.agent.run_dir, allowed_roots=self.allowed_roots,
-                             lookup=self.get)
+            return Qcow2Pool(
+                pool_uuid, pc.path, run_dir=self.cfg.agent.run_dir, allowed_roots=self.allowed_roots, lookup=self.get
+            )
         if pc.type == "nfs":
             from agent.volumes.poolfs import NfsFiles  # the libnfs binding loads only when used
 
             fs = NfsFiles(pc.ip, pc.export, label=f"{pool_uuid} (nfs://{pc.ip}{pc.export})", timeout=pc.timeout)
-            return Qcow2Pool(pool_uuid, fs.url(""), run_dir=self.cfg.agent.run_dir, allowed_roots=self.allowed_roots,
-                             lookup=self.get, fs=fs)
+            return Qcow2Pool(
+                pool_uuid,
+                fs.url(""),
+                run_dir=self.cfg.agent.run_dir,
+                allowed_roots=self.allowed_roots,
+                lookup=self.get,
+                fs=fs,
+            )
         if pc.type == "rbd":
             from agent.volumes.rbd import RbdPool  # the rados/rbd bindings load only when used
 
-            return RbdPool(pool_uuid, ceph_conf=pc.ceph_conf, client_name=pc.client_name, keyring=pc.keyring,
-                           rbd_pool=pc.rbd_pool, namespace=pc.namespace, features=pc.features, timeout=pc.timeout)
+            return RbdPool(
+                pool_uuid,
+                ceph_conf=pc.ceph_conf,
+                client_name=pc.client_name,
+                keyring=pc.keyring,
+                rbd_pool=pc.rbd_pool,
+                namespace=pc.namespace,
+                features=pc.features,
+                timeout=pc.timeout,
+            )
         raise InvalidArgument(f"type: pool type must be dir, nfs or rbd, not {pc.type!r}", field="type")
 
     def _add(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
@@ -88,15 +104,17 @@ class PoolRegistry:
             if pool_uuid in self._pools:
                 if self._sections[pool_uuid] == pc:
                     return self._pools[pool_uuid]  # the same pool again: nothing to do
-                raise AlreadyExists(f"pool_uuid: pool {pool_uuid} is served here with another definition",
-                                    field="pool_uuid")
+                raise AlreadyExists(
+                    f"pool_uuid: pool {pool_uuid} is served here with another definition", field="pool_uuid"
+                )
             if pc.type == "dir":
                 os.makedirs(pc.path, mode=0o750, exist_ok=True)
             driver = self._make(pool_uuid, pc)
             status = driver.pool_status()
             if status.status == "unreachable":
-                raise TargetUnreachable(f"pool_uuid: pool {pool_uuid} does not answer: {status.error}",
-                                        field="pool_uuid")
+                raise TargetUnreachable(
+                    f"pool_uuid: pool {pool_uuid} does not answer: {status.error}", field="pool_uuid"
+                )
             self.attached.save(pool_uuid, pc)
             self._pools[pool_uuid] = driver
             self._sections[pool_uuid] = pc
@@ -107,8 +125,10 @@ class PoolRegistry:
         driver = self.get(pool_uuid)
         with self._lock:
             if pool_uuid not in self._attached:
-                raise FailedPrecondition(f"pool_uuid: pool {pool_uuid} comes from the agent's config file; remove "
-                                         "it there", field="pool_uuid")
+                raise FailedPrecondition(
+                    f"pool_uuid: pool {pool_uuid} comes from the agent's config file; remove it there",
+                    field="pool_uuid",
+                )
             if not force and driver.list_volumes():
                 raise HasDependents(f"pool_uuid: pool {pool_uuid} still holds volumes", field="pool_uuid")
             self.attached.remove(pool_uuid)

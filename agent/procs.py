@@ -7,6 +7,7 @@ agent dies, and `stop_all()` stops the rest at shutdown. (A preexec_fn calling
 prctl would do the same, but code between fork and exec in a threaded process
 is unsafe; it crashed children here.)
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,9 @@ class CommandFailed(StorageIOError):
         self.returncode = returncode
 
 
-def run(argv: list[str], *, timeout: float, secrets: tuple[str, ...] = (), check: bool = True,
-        what: str | None = None) -> subprocess.CompletedProcess:
+def run(
+    argv: list[str], *, timeout: float, secrets: tuple[str, ...] = (), check: bool = True, what: str | None = None
+) -> subprocess.CompletedProcess:
     """Run a command to completion. Raises CommandFailed on a non-zero exit
     (when check) or a timeout, with the command's last stderr line."""
     shown = _mask(argv, secrets)
@@ -63,8 +65,7 @@ def run(argv: list[str], *, timeout: float, secrets: tuple[str, ...] = (), check
     return cp
 
 
-def run_with_progress(argv: list[str], *, on_percent, checkpoint, timeout: float,
-                      what: str | None = None) -> None:
+def run_with_progress(argv: list[str], *, on_percent, checkpoint, timeout: float, what: str | None = None) -> None:
     """Run a command that prints "(NN.NN/100%)" progress (qemu-img -p).
     on_percent(float) is called as it advances; checkpoint() is called
     between updates and may raise to cancel, which stops the command with
@@ -94,8 +95,11 @@ def run_with_progress(argv: list[str], *, on_percent, checkpoint, timeout: float
         child.proc.wait()
         if child.proc.returncode != 0:
             err = child.stderr_tail()
-            raise CommandFailed(f"{what or argv[0]}: {err.splitlines()[-1] if err else 'failed'}",
-                                stderr=err, returncode=child.proc.returncode)
+            raise CommandFailed(
+                f"{what or argv[0]}: {err.splitlines()[-1] if err else 'failed'}",
+                stderr=err,
+                returncode=child.proc.returncode,
+            )
     finally:
         sel.close()
         child.stop()
@@ -107,13 +111,17 @@ class Child:
     _live: dict[int, Child] = {}
     _lock = threading.Lock()
 
-    def __init__(self, argv: list[str], *, secrets: tuple[str, ...] = (), name: str | None = None,
-                 stdout: bool = False):
+    def __init__(
+        self, argv: list[str], *, secrets: tuple[str, ...] = (), name: str | None = None, stdout: bool = False
+    ):
         self.name = name or os.path.basename(argv[0])
         self.shown = _mask(argv, secrets)
-        self.proc = subprocess.Popen(DIE_WITH_PARENT + argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            DIE_WITH_PARENT + argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         with Child._lock:
             Child._live[self.proc.pid] = self
         log.debug("started", extra={"cmd": self.shown, "pid": self.proc.pid})

@@ -1,5 +1,6 @@
 """How a job's progress is shown: a live bar on a terminal, plain lines
 otherwise, or JSON; shared by the blockferry CLI and the demo."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,13 @@ def human(n: float) -> str:
 
 def job_line(job: jobs_pb2.Job) -> str:
     p = job.progress
-    parts = [f"{job.id}", job.kind, state_name(job.state), f"{p.percent:5.1f}%",
-             f"{human(p.bytes_done)}/{human(p.bytes_total)}"]
+    parts = [
+        f"{job.id}",
+        job.kind,
+        state_name(job.state),
+        f"{p.percent:5.1f}%",
+        f"{human(p.bytes_done)}/{human(p.bytes_total)}",
+    ]
     if p.rate_bytes_per_second > 0 and job.state not in FINAL_STATES:
         parts.append(f"{human(p.rate_bytes_per_second)}/s")
     if p.eta_seconds >= 0 and job.state not in FINAL_STATES:
@@ -58,8 +64,10 @@ class ProgressView:
             bar = "#" * filled + "." * (width - filled)
             rate = f"{human(p.rate_bytes_per_second)}/s" if p.rate_bytes_per_second > 0 else ""
             eta = f"ETA {p.eta_seconds:.0f}s" if p.eta_seconds >= 0 and not final else ""
-            line = (f"\r[{bar}] {p.percent:5.1f}%  {human(p.bytes_done)}/{human(p.bytes_total)}  "
-                    f"{rate}  {eta}  {p.phase or state_name(job.state)}")
+            line = (
+                f"\r[{bar}] {p.percent:5.1f}%  {human(p.bytes_done)}/{human(p.bytes_total)}  "
+                f"{rate}  {eta}  {p.phase or state_name(job.state)}"
+            )
             self.stream.write(line.ljust(100)[:120] + ("\n" if final else ""))
             self.stream.flush()
         elif final or time.monotonic() - self.last >= 1.0:

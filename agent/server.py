@@ -1,4 +1,5 @@
 """blockferry-agent: configuration, gRPC server, signals, sd_notify, drain."""
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ class Agent:
         g = self.cfg.grpc
         client_ca = _read(g.tls_client_ca) if g.tls_client_ca else None
         creds = __import__("grpc").ssl_server_credentials(
-            [(_read(g.tls_key), _read(g.tls_cert))], root_certificates=client_ca,
-            require_client_auth=client_ca is not None)
+            [(_read(g.tls_key), _read(g.tls_cert))],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
         port = server.add_secure_port(g.tcp_listen, creds)
         if port == 0:
             raise OSError(f"cannot listen on {g.tcp_listen}")
@@ -82,20 +85,29 @@ class Agent:
         cfg = self.cfg
         pools = PoolRegistry(cfg)
         points = BackupPoints(cfg)
-        kinds = [ChecksumKind(pools.allowed_roots, pools), CloneKind(pools), FlattenKind(pools),
-                 BackupKind(pools, points), RestoreKind(pools, points), VerifyKind(points), GcKind(points)]
+        kinds = [
+            ChecksumKind(pools.allowed_roots, pools),
+            CloneKind(pools),
+            FlattenKind(pools),
+            BackupKind(pools, points),
+            RestoreKind(pools, points),
+            VerifyKind(points),
+            GcKind(points),
+        ]
         engine = JobEngine(
-            os.path.join(cfg.agent.state_dir, "jobs.sqlite3"), kinds,
-            max_concurrent=cfg.jobs.max_concurrent, bandwidth_limit=cfg.jobs.bandwidth_limit,
-            on_busy=cfg.jobs.on_busy, keep_finished=cfg.jobs.keep_finished)
+            os.path.join(cfg.agent.state_dir, "jobs.sqlite3"),
+            kinds,
+            max_concurrent=cfg.jobs.max_concurrent,
+            bandwidth_limit=cfg.jobs.bandwidth_limit,
+            on_busy=cfg.jobs.on_busy,
+            keep_finished=cfg.jobs.keep_finished,
+        )
         engine.start()
 
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc.max_workers,
-                                                        thread_name_prefix="rpc"))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc.max_workers, thread_name_prefix="rpc"))
         auth = Auth(cfg.grpc.auth_token)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(engine, auth), server)
-        host_pb2_grpc.add_HostServiceServicer_to_server(
-            HostService(engine, auth, self.binding_status, cfg), server)
+        host_pb2_grpc.add_HostServiceServicer_to_server(HostService(engine, auth, self.binding_status, cfg), server)
         volumes_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeService(pools, engine, auth), server)
         backups_pb2_grpc.add_BackupServiceServicer_to_server(BackupService(points, engine, auth), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -107,8 +119,8 @@ class Agent:
             backups_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name,
         ]
         reflection.enable_server_reflection(
-            [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server)
+            [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        )
 
         old_umask = os.umask(0o117)  # gRPC binds here: the socket is created 0660
         try:
@@ -126,8 +138,10 @@ class Agent:
         if self.tcp_port is not None:
             host = cfg.grpc.tcp_listen.rpartition(":")[0]
             listening.append(f"{host}:{self.tcp_port}")
-        log.info("blockferry-agent ready", extra={"version": __version__, "listen": ",".join(listening),
-                                                  "mtls": bool(cfg.grpc.tls_client_ca)})
+        log.info(
+            "blockferry-agent ready",
+            extra={"version": __version__, "listen": ",".join(listening), "mtls": bool(cfg.grpc.tls_client_ca)},
+        )
         systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(listening)}\nMAINPID={os.getpid()}")
 
         metrics = None
@@ -143,9 +157,14 @@ class Agent:
         if cfg.controller.address:
             from agent.controller_link import ControllerLink
 
-            link = ControllerLink(cfg, pools=pools, points=points, engine=engine,
-                                  bindings_ok={b.module for b in self.binding_status if b.ok},
-                                  tcp_port=self.tcp_port).start()
+            link = ControllerLink(
+                cfg,
+                pools=pools,
+                points=points,
+                engine=engine,
+                bindings_ok={b.module for b in self.binding_status if b.ok},
+                tcp_port=self.tcp_port,
+            ).start()
 
         watchdog = None
         interval = systemd.watchdog_interval() if cfg.systemd.watchdog else None
@@ -158,8 +177,10 @@ class Agent:
         while not self.stop_requested.wait(1.0):
             pass
 
-        log.info("draining: no new jobs; waiting for running jobs",
-                 extra={"running": engine.running_count(), "timeout": cfg.jobs.drain_timeout})
+        log.info(
+            "draining: no new jobs; waiting for running jobs",
+            extra={"running": engine.running_count(), "timeout": cfg.jobs.drain_timeout},
+        )
         systemd.notify("STOPPING=1\nSTATUS=draining")
         for name in ["", *services]:
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -186,8 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-c", "--config", default=config.DEFAULT_CONFIG, help="main config file (TOML)")
     p.add_argument("--conf-dir", help="conf.d directory (default: agent.conf.d beside --config)")
     p.add_argument("--show-config", action="store_true", help="print the effective config, secrets masked")
-    p.add_argument("--print-default-config", action="store_true",
-                   help="print the commented default config file")
+    p.add_argument("--print-default-config", action="store_true", help="print the commented default config file")
     p.add_argument("--check-bindings", action="store_true", help="check the Python bindings and exit")
     p.add_argument("--version", action="version", version=f"blockferry-agent {__version__}")
     args = p.parse_args(argv)

@@ -1,4 +1,5 @@
 """sd_notify and the watchdog, without libsystemd."""
+
 from __future__ import annotations
 
 import logging

@@ -21,6 +21,7 @@ file): an --rbd-gib GiB image half full, snapshot, full backup, a 1 % change
 (whole objects), snapshot; ours incremental backup vs
 `rbd export-diff --from-snap` to a file on the same disk, then fsync.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,7 +68,7 @@ def timed(fn) -> tuple[float, object]:
 def chunk_content() -> bytes:
     import base64
 
-    return os.urandom(2 * MiB) + base64.b64encode(os.urandom(3 * MiB // 2))[:2 * MiB]
+    return os.urandom(2 * MiB) + base64.b64encode(os.urandom(3 * MiB // 2))[: 2 * MiB]
 
 
 def drop_caches() -> None:
@@ -90,14 +91,20 @@ def qcow2_part(args, rows: list) -> None:
     work = tempfile.mkdtemp(prefix="bf-bench-", dir=args.dir)
     size = args.gib << 30
     conf = os.path.join(work, "agent.toml")
-    sections = "".join(f'[backup_points.{bp_uuid(kind, k)}]\npath = "{work}/bp-{kind}-{k}"\n'
-                       f'compression = "{kind}"\n' for k in range(args.runs) for kind in ("zstd", "none"))
+    sections = "".join(
+        f'[backup_points.{bp_uuid(kind, k)}]\npath = "{work}/bp-{kind}-{k}"\ncompression = "{kind}"\n'
+        for k in range(args.runs)
+        for kind in ("zstd", "none")
+    )
     with open(conf, "w") as f:
-        f.write(f'[agent]\nstate_dir = "{work}/state"\nrun_dir = "{work}/run"\nroots = ["{work}"]\n'
-                f'log_format = "text"\n[grpc]\nunix_socket = "{work}/agent.sock"\n'
-                f'[pools.{POOL}]\npath = "{work}/pool"\n{sections}')
-    agent = subprocess.Popen([sys.executable, "-m", "agent.server", "-c", conf],
-                             stderr=open(os.path.join(work, "agent.log"), "ab"))
+        f.write(
+            f'[agent]\nstate_dir = "{work}/state"\nrun_dir = "{work}/run"\nroots = ["{work}"]\n'
+            f'log_format = "text"\n[grpc]\nunix_socket = "{work}/agent.sock"\n'
+            f'[pools.{POOL}]\npath = "{work}/pool"\n{sections}'
+        )
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent.server", "-c", conf], stderr=open(os.path.join(work, "agent.log"), "ab")
+    )
     try:
         with AgentClient(Target(socket=f"{work}/agent.sock")) as c:
             deadline = time.monotonic() + 30
@@ -106,16 +113,18 @@ def qcow2_part(args, rows: list) -> None:
             c.wait_ready(timeout=30)
 
             vol = str(uuid.uuid4())
-            head = c.create_volume(v.CreateVolumeRequest(pool_uuid=POOL, volume_uuid=vol, name="bench",
-                                                              capacity=size)).access_path
+            head = c.create_volume(
+                v.CreateVolumeRequest(pool_uuid=POOL, volume_uuid=vol, name="bench", capacity=size)
+            ).access_path
             with QemuNbd(head, readonly=False, run_dir=f"{work}/run") as srv, NbdClient(srv.socket) as nc:
                 for off in range(0, size, 8 * MiB):
                     nc.pwrite(chunk_content(), off)
                 nc.flush()
 
             def snap(name):
-                return c.create_snapshot(v.CreateSnapshotRequest(
-                    pool_uuid=POOL, volume_uuid=vol, snapshot_uuid=str(uuid.uuid4()), name=name)).uuid
+                return c.create_snapshot(
+                    v.CreateSnapshotRequest(pool_uuid=POOL, volume_uuid=vol, snapshot_uuid=str(uuid.uuid4()), name=name)
+                ).uuid
 
             def job(kind, spec):
                 j = c.run(f"{kind}-{uuid.uuid4()}", **{kind: spec})
@@ -125,9 +134,17 @@ def qcow2_part(args, rows: list) -> None:
                 return j
 
             def backup(bp, s, parent=""):
-                return job("backup", jobs_pb2.BackupSpec(backup_point_uuid=bp, pool_uuid=POOL, volume_uuid=vol,
-                                                         snapshot_uuid=s, backup_uuid=str(uuid.uuid4()),
-                                                         parent_backup_uuid=parent)).backup_result
+                return job(
+                    "backup",
+                    jobs_pb2.BackupSpec(
+                        backup_point_uuid=bp,
+                        pool_uuid=POOL,
+                        volume_uuid=vol,
+                        snapshot_uuid=s,
+                        backup_uuid=str(uuid.uuid4()),
+                        parent_backup_uuid=parent,
+                    ),
+                ).backup_result
 
             base = snap("s0")
             t = {k: [] for k in ("peer", "peer_cold", "zstd", "none", "incr", "restore", "restore_warm")}
@@ -160,7 +177,7 @@ def qcow2_part(args, rows: list) -> None:
                     t["peer_cold"].append(dt)
                     os.unlink(out)
 
-                for step in ((the_peer, ours_none) if k % 2 == 0 else (ours_none, the_peer)):
+                for step in (the_peer, ours_none) if k % 2 == 0 else (ours_none, the_peer):
                     step()
                 dt, full = timed(lambda: backup(bp_uuid("zstd", k), base))
                 t["zstd"].append(dt)
@@ -178,9 +195,18 @@ def qcow2_part(args, rows: list) -> None:
                 def ours_restore(row: str) -> None:
                     """The full backup restored into a new volume, timed into
                     t[row]; the volume deleted at once."""
-                    dt, _ = timed(lambda: job("restore", jobs_pb2.RestoreSpec(
-                        backup_point_uuid=bp_uuid("zstd", k), backup_uuid=full.backup_uuid, pool_uuid=POOL,
-                        volume_uuid=new, name=f"restored-{k}")))
+                    dt, _ = timed(
+                        lambda: job(
+                            "restore",
+                            jobs_pb2.RestoreSpec(
+                                backup_point_uuid=bp_uuid("zstd", k),
+                                backup_uuid=full.backup_uuid,
+                                pool_uuid=POOL,
+                                volume_uuid=new,
+                                name=f"restored-{k}",
+                            ),
+                        )
+                    )
                     t[row].append(dt)
                     c.delete_volume(v.DeleteVolumeRequest(pool_uuid=POOL, volume_uuid=new))
 
@@ -189,7 +215,7 @@ def qcow2_part(args, rows: list) -> None:
                     ours_restore("restore")
 
                 # the cold restore and the cold peer back to back, order alternating
-                for step in ((the_peer_cold, ours_restore_cold) if k % 2 == 0 else (ours_restore_cold, the_peer_cold)):
+                for step in (the_peer_cold, ours_restore_cold) if k % 2 == 0 else (ours_restore_cold, the_peer_cold):
                     step()
                 # the same restore again: now its packs are in the page cache, as the peer's source is
                 ours_restore("restore_warm")
@@ -201,21 +227,49 @@ def qcow2_part(args, rows: list) -> None:
         peer_s = med["peer"]
         gib = args.gib
         rows += [
-            (f"full backup, uncompressed ({gib} GiB, 50 % data)", f"{med['none']:.2f} s",
-             f"`qemu-img convert -O qcow2` + fsync {peer_s:.2f} s", f"{med['none'] / peer_s:.2f}x", "<= 1.0x"),
-            ("full backup, zstd", f"{med['zstd']:.2f} s", f"same {peer_s:.2f} s", f"{med['zstd'] / peer_s:.2f}x",
-             "<= 1.5x"),
-            ("incremental after a 1 % change", f"{med['incr']:.2f} s", f"our full (zstd) {med['zstd']:.2f} s",
-             f"{100 * med['incr'] / med['zstd']:.1f} %", "<= 5 %"),
-            ("restore (zstd repository) to a new qcow2 volume, page cache dropped first",
-             f"{med['restore']:.2f} s", f"`qemu-img convert -O qcow2` + fsync, page cache dropped first "
-             f"{med['peer_cold']:.2f} s", f"{med['restore'] / med['peer_cold']:.2f}x", "<= 1.1x"),
-            ("the same restore against the peer with its source in the page cache", f"{med['restore']:.2f} s",
-             f"`qemu-img convert -O qcow2` + fsync {peer_s:.2f} s", f"{med['restore'] / peer_s:.2f}x", "(diagnostic)"),
-            ("the same restore again, its packs now in the page cache", f"{med['restore_warm']:.2f} s",
-             f"same {peer_s:.2f} s", f"{med['restore_warm'] / peer_s:.2f}x", "(diagnostic)"),
-            ("peak RSS of the agent (VmHWM) over all of the above", f"{rss / MiB:.0f} MiB", "-", "-",
-             "<= 200 MiB"),
+            (
+                f"full backup, uncompressed ({gib} GiB, 50 % data)",
+                f"{med['none']:.2f} s",
+                f"`qemu-img convert -O qcow2` + fsync {peer_s:.2f} s",
+                f"{med['none'] / peer_s:.2f}x",
+                "<= 1.0x",
+            ),
+            (
+                "full backup, zstd",
+                f"{med['zstd']:.2f} s",
+                f"same {peer_s:.2f} s",
+                f"{med['zstd'] / peer_s:.2f}x",
+                "<= 1.5x",
+            ),
+            (
+                "incremental after a 1 % change",
+                f"{med['incr']:.2f} s",
+                f"our full (zstd) {med['zstd']:.2f} s",
+                f"{100 * med['incr'] / med['zstd']:.1f} %",
+                "<= 5 %",
+            ),
+            (
+                "restore (zstd repository) to a new qcow2 volume, page cache dropped first",
+                f"{med['restore']:.2f} s",
+                f"`qemu-img convert -O qcow2` + fsync, page cache dropped first {med['peer_cold']:.2f} s",
+                f"{med['restore'] / med['peer_cold']:.2f}x",
+                "<= 1.1x",
+            ),
+            (
+                "the same restore against the peer with its source in the page cache",
+                f"{med['restore']:.2f} s",
+                f"`qemu-img convert -O qcow2` + fsync {peer_s:.2f} s",
+                f"{med['restore'] / peer_s:.2f}x",
+                "(diagnostic)",
+            ),
+            (
+                "the same restore again, its packs now in the page cache",
+                f"{med['restore_warm']:.2f} s",
+                f"same {peer_s:.2f} s",
+                f"{med['restore_warm'] / peer_s:.2f}x",
+                "(diagnostic)",
+            ),
+            ("peak RSS of the agent (VmHWM) over all of the above", f"{rss / MiB:.0f} MiB", "-", "-", "<= 200 MiB"),
         ]
     finally:
         agent.terminate()
@@ -237,9 +291,16 @@ def rbd_part(args, rows: list) -> None:
     work = tempfile.mkdtemp(prefix="bf-bench-rbd-", dir=args.dir)
     cluster = CephCluster(objectstore="bluestore", store_bytes=(args.rbd_gib * 4 + 4) << 30, with_mgr=False).start()
     try:
-        pool = RbdPool(str(uuid.uuid4()), ceph_conf=str(cluster.conf), client_name="admin", keyring="",
-                       rbd_pool="rbd", namespace="", features=["layering", "exclusive-lock", "object-map",
-                                                               "fast-diff", "deep-flatten"], timeout=60)
+        pool = RbdPool(
+            str(uuid.uuid4()),
+            ceph_conf=str(cluster.conf),
+            client_name="admin",
+            keyring="",
+            rbd_pool="rbd",
+            namespace="",
+            features=["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
+            timeout=60,
+        )
         vol = str(uuid.uuid4())
         pool.create_volume(vol, "bench", size)
         with pool.ioctx() as io, rbd.Image(io, vol) as img:
@@ -266,8 +327,11 @@ def rbd_part(args, rows: list) -> None:
             out = os.path.join(work, "peer.diff")
 
             def peer():
-                subprocess.run(["rbd", "-c", conf, "export-diff", "--no-progress", "--from-snap", prev,
-                                f"rbd/{vol}@{cur}", out], check=True, capture_output=True)
+                subprocess.run(
+                    ["rbd", "-c", conf, "export-diff", "--no-progress", "--from-snap", prev, f"rbd/{vol}@{cur}", out],
+                    check=True,
+                    capture_output=True,
+                )
                 fsync_path(out)
 
             dt, _ = timed(peer)
@@ -275,8 +339,15 @@ def rbd_part(args, rows: list) -> None:
             os.unlink(out)
             prev = cur
         o, p = statistics.median(t_o), statistics.median(t_p)
-        rows.append((f"RBD incremental after a 1 % change ({args.rbd_gib} GiB, 50 % data)", f"{o:.2f} s",
-                     f"`rbd export-diff --from-snap` + fsync {p:.2f} s", f"{o / p:.2f}x", "<= 1.2x"))
+        rows.append(
+            (
+                f"RBD incremental after a 1 % change ({args.rbd_gib} GiB, 50 % data)",
+                f"{o:.2f} s",
+                f"`rbd export-diff --from-snap` + fsync {p:.2f} s",
+                f"{o / p:.2f}x",
+                "<= 1.2x",
+            )
+        )
     finally:
         cluster.destroy()
         shutil.rmtree(work, ignore_errors=True)

@@ -26,6 +26,7 @@ Prints p50, p99 and throughput. Target: p99 dispatch latency < 50 ms.
 
   --overhead-only   only the REST overhead rows
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,25 +76,38 @@ def main() -> int:
                 f.write(text)
             os.chmod(path, 0o600)
 
-        private(f"{work}/controller.toml", f'[controller]\nlisten = "127.0.0.1:{port}"\n'
-                f'database_url = "sqlite:///{work}/controller.sqlite3"\nsecret_key_file = "{work}/controller.key"\n'
-                f'grpc_listen = "unix:{registry}"\nagent_token = "{agent_token}"\nheartbeat_interval = 2\n'
-                f'host_dead_after = 10\nlog_level = "warning"\n[[tokens]]\ntoken = "{token}"\ntenant = "*"\n')
-        procs.append(subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c",
-                                       f"{work}/controller.toml"],
-                                      stdout=open(f"{work}/controller.log", "ab"), stderr=subprocess.STDOUT))
+        private(
+            f"{work}/controller.toml",
+            f'[controller]\nlisten = "127.0.0.1:{port}"\n'
+            f'database_url = "sqlite:///{work}/controller.sqlite3"\nsecret_key_file = "{work}/controller.key"\n'
+            f'grpc_listen = "unix:{registry}"\nagent_token = "{agent_token}"\nheartbeat_interval = 2\n'
+            f'host_dead_after = 10\nlog_level = "warning"\n[[tokens]]\ntoken = "{token}"\ntenant = "*"\n',
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "agent.controller.server", "-c", f"{work}/controller.toml"],
+                stdout=open(f"{work}/controller.log", "ab"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         hosts = []
         for i in range(3):
             d = f"{work}/agent{i}"
             os.makedirs(d)
             host = str(uuid.uuid4())
             hosts.append(host)
-            private(f"{d}/agent.toml", f'[agent]\nstate_dir = "{d}/state"\nrun_dir = "{d}/run"\nroots = ["{work}"]\n'
-                    f'log_level = "warning"\nlog_format = "text"\n[grpc]\nunix_socket = "{d}/agent.sock"\n'
-                    f'[jobs]\nmax_concurrent = 8\n[controller]\naddress = "unix:{registry}"\n'
-                    f'token = "{agent_token}"\nhost_uuid = "{host}"\nheartbeat_interval = 2.0\nfence_after = 0\n')
-            procs.append(subprocess.Popen([sys.executable, "-m", "agent.server", "-c", f"{d}/agent.toml"],
-                                          stderr=open(f"{d}/agent.log", "ab")))
+            private(
+                f"{d}/agent.toml",
+                f'[agent]\nstate_dir = "{d}/state"\nrun_dir = "{d}/run"\nroots = ["{work}"]\n'
+                f'log_level = "warning"\nlog_format = "text"\n[grpc]\nunix_socket = "{d}/agent.sock"\n'
+                f'[jobs]\nmax_concurrent = 8\n[controller]\naddress = "unix:{registry}"\n'
+                f'token = "{agent_token}"\nhost_uuid = "{host}"\nheartbeat_interval = 2.0\nfence_after = 0\n',
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "agent.server", "-c", f"{d}/agent.toml"], stderr=open(f"{d}/agent.log", "ab")
+                )
+            )
         rest = Rest(f"http://127.0.0.1:{port}", token)
         deadline = time.monotonic() + 60
         while True:
@@ -104,12 +118,36 @@ def main() -> int:
                 pass
             assert time.monotonic() < deadline, "agents did not register"
             time.sleep(0.2)
-        pool = rest.call("POST", "/v1/pool/share/create", {
-            "cluster_uuid": CLUSTER, "pool_name": "bench", "pool_type": 4, "zone_uuid": CLUSTER, "ip": "127.0.0.1",
-            "source": f"{work}/pool", "limit_host": False, "attr": {}})["pool"]
-        vols = [rest.call("POST", "/v1/volume/share/create", {
-            "cluster_uuid": CLUSTER, "tenant": TENANT, "pool_uuid": pool["UUID"], "volume_name": f"v{i}",
-            "volume_type": "block", "capacity": 64 << 20, "snap_capacity": 0})["volume"]["UUID"] for i in range(24)]
+        pool = rest.call(
+            "POST",
+            "/v1/pool/share/create",
+            {
+                "cluster_uuid": CLUSTER,
+                "pool_name": "bench",
+                "pool_type": 4,
+                "zone_uuid": CLUSTER,
+                "ip": "127.0.0.1",
+                "source": f"{work}/pool",
+                "limit_host": False,
+                "attr": {},
+            },
+        )["pool"]
+        vols = [
+            rest.call(
+                "POST",
+                "/v1/volume/share/create",
+                {
+                    "cluster_uuid": CLUSTER,
+                    "tenant": TENANT,
+                    "pool_uuid": pool["UUID"],
+                    "volume_name": f"v{i}",
+                    "volume_type": "block",
+                    "capacity": 64 << 20,
+                    "snap_capacity": 0,
+                },
+            )["volume"]["UUID"]
+            for i in range(24)
+        ]
 
         if args.overhead_only:
             rest_overhead(rest, work, pool, hosts, args.runs)
@@ -120,8 +158,9 @@ def main() -> int:
             t0 = time.perf_counter()
             s = rest.call("POST", "/v1/volume/share/snapshot/create", dict(ref, snapshot_name=f"s{i}"))["snapshot"]
             t1 = time.perf_counter()
-            rest.call("POST", "/v1/volume/share/snapshot/delete", dict(ref, snapshot_uuid=s["UUID"],
-                                                                        snapshot_name=f"s{i}"))
+            rest.call(
+                "POST", "/v1/volume/share/snapshot/delete", dict(ref, snapshot_uuid=s["UUID"], snapshot_name=f"s{i}")
+            )
             t2 = time.perf_counter()
             return t1 - t0, t2 - t1
 
@@ -131,9 +170,11 @@ def main() -> int:
             results = list(ex.map(snap_cycle, range(n)))
         elapsed = time.perf_counter() - t0
         lat = [x * 1000 for pair in results for x in pair]
-        print(f"\n{len(lat)} snapshot creates and deletes over REST, 3 agents, 8 callers: "
-              f"{len(lat) / elapsed:.0f} calls/s; latency p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms "
-              "(the agent's qcow2 work included)")
+        print(
+            f"\n{len(lat)} snapshot creates and deletes over REST, 3 agents, 8 callers: "
+            f"{len(lat) / elapsed:.0f} calls/s; latency p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms "
+            "(the agent's qcow2 work included)"
+        )
         # linked clones as tasks: dispatch latency
         base = {"tenant": TENANT, "cluster_uuid": CLUSTER, "volume_uuid": vols[0]}
         s = rest.call("POST", "/v1/volume/share/snapshot/create", dict(base, snapshot_name="clone-base"))["snapshot"]
@@ -141,11 +182,20 @@ def main() -> int:
         for i in range(max(1, args.jobs // 5)):
             time.sleep(max(0.0, 0.1 - (time.time() - calls[-1][0])) if calls else 0)  # 10/s: under capacity
             t_call = time.time()
-            r = rest.call("POST", "/v1/volume/share/clone", {
-                "cluster_uuid": CLUSTER, "volume_uuid": vols[0], "volume_name": "v0",
-                "clone_dst_pool_uuid": pool["UUID"],
-                "clone_dst_vol_name": f"c{i}", "clone_dst_vol_tenant": TENANT, "snapshot_uuid": s["UUID"],
-                "is_link": True})
+            r = rest.call(
+                "POST",
+                "/v1/volume/share/clone",
+                {
+                    "cluster_uuid": CLUSTER,
+                    "volume_uuid": vols[0],
+                    "volume_name": "v0",
+                    "clone_dst_pool_uuid": pool["UUID"],
+                    "clone_dst_vol_name": f"c{i}",
+                    "clone_dst_vol_tenant": TENANT,
+                    "snapshot_uuid": s["UUID"],
+                    "is_link": True,
+                },
+            )
             calls.append((t_call, r["task_id"]))
         deadline = time.monotonic() + 600
         while True:
@@ -158,14 +208,20 @@ def main() -> int:
         dispatch = [(by_id[tid]["started_at"] - t_call) * 1000 for t_call, tid in calls]
         ok = sum(by_id[tid]["status"] == "success" for _, tid in calls)
         spread = {by_id[tid]["host_uuid"] for _, tid in calls}
-        errors = Counter((by_id[tid]["error_info"] or {}).get("code") for _, tid in calls
-                         if by_id[tid]["status"] != "success")
+        errors = Counter(
+            (by_id[tid]["error_info"] or {}).get("code") for _, tid in calls if by_id[tid]["status"] != "success"
+        )
         if errors:
-            print("failed clones:", dict(errors), next(by_id[tid]["error_info"]["message"] for _, tid in calls
-                                                   if by_id[tid]["status"] != "success"))
-        print(f"{len(calls)} linked clones as tasks on {len(spread)} hosts ({ok} succeeded): dispatch latency "
-              f"(API call -> job started on an agent) p50 {pct(dispatch, 50):.1f} ms, "
-              f"p99 {pct(dispatch, 99):.1f} ms, max {max(dispatch):.1f} ms (target p99 < 50 ms)")
+            print(
+                "failed clones:",
+                dict(errors),
+                next(by_id[tid]["error_info"]["message"] for _, tid in calls if by_id[tid]["status"] != "success"),
+            )
+        print(
+            f"{len(calls)} linked clones as tasks on {len(spread)} hosts ({ok} succeeded): dispatch latency "
+            f"(API call -> job started on an agent) p50 {pct(dispatch, 50):.1f} ms, "
+            f"p99 {pct(dispatch, 99):.1f} ms, max {max(dispatch):.1f} ms (target p99 < 50 ms)"
+        )
         rest_overhead(rest, work, pool, hosts, args.runs)
         return 0
     finally:
@@ -213,40 +269,94 @@ def rest_overhead(rest: Rest, work: str, pool: dict, hosts: list[str], runs: int
         assert t["status"] == "success", t
         job = agent_job(t)
         created, started, ended = (x.ToNanoseconds() / 1e9 for x in (job.created_at, job.started_at, job.ended_at))
-        for name, value in (("REST call", t1 - t0), ("placed and submitted", created - t["created_at"]),
-                            ("agent queue", started - created), ("job end seen by the controller",
-                                                                 t["ended_at"] - ended),
-                            ("task end seen by the caller", seen - t["ended_at"])):
+        for name, value in (
+            ("REST call", t1 - t0),
+            ("placed and submitted", created - t["created_at"]),
+            ("agent queue", started - created),
+            ("job end seen by the controller", t["ended_at"] - ended),
+            ("task end seen by the caller", seen - t["ended_at"]),
+        ):
             phases.setdefault(name, []).append(value)
         return seen - t0, ended - started
 
-    vol = rest.call("POST", "/v1/volume/share/create", {
-        "cluster_uuid": CLUSTER, "tenant": TENANT, "pool_uuid": pool["UUID"], "volume_name": "overhead",
-        "volume_type": "block", "capacity": 1 << 30, "snap_capacity": 0})["volume"]
+    vol = rest.call(
+        "POST",
+        "/v1/volume/share/create",
+        {
+            "cluster_uuid": CLUSTER,
+            "tenant": TENANT,
+            "pool_uuid": pool["UUID"],
+            "volume_name": "overhead",
+            "volume_type": "block",
+            "capacity": 1 << 30,
+            "snap_capacity": 0,
+        },
+    )["volume"]
     head = next(iter(vol["AccessPath"].values()))
     run_dir = f"{work}/run-bench"
     os.makedirs(run_dir, exist_ok=True)
     guest_write(head, {i << 20: os.urandom(1 << 20) for i in range(0, 1024, 4)}, run_dir)  # a quarter of the disk
     ref = {"tenant": TENANT, "cluster_uuid": CLUSTER, "volume_uuid": vol["UUID"]}
-    bp = rest.call("POST", "/v1/volume/internal/backuppoint/add", {
-        "cluster_uuid": CLUSTER, "tenant": TENANT, "zone_uuid": CLUSTER, "name": "overhead", "btype": "local",
-        "ip": "127.0.0.1", "root_dir": f"{work}/bp", "sub_dir": ""})["uuid"]
+    bp = rest.call(
+        "POST",
+        "/v1/volume/internal/backuppoint/add",
+        {
+            "cluster_uuid": CLUSTER,
+            "tenant": TENANT,
+            "zone_uuid": CLUSTER,
+            "name": "overhead",
+            "btype": "local",
+            "ip": "127.0.0.1",
+            "root_dir": f"{work}/bp",
+            "sub_dir": "",
+        },
+    )["uuid"]
     snap = rest.call("POST", "/v1/volume/share/snapshot/create", dict(ref, snapshot_name="base"))["snapshot"]
-    full = rest.call("POST", "/v1/volume/share/backup/add", {
-        "cluster_uuid": CLUSTER, "volume_uuid": vol["UUID"], "backup_name": "full", "backup_point_uuid": bp,
-        "snapshot_uuid": snap["UUID"]})
+    full = rest.call(
+        "POST",
+        "/v1/volume/share/backup/add",
+        {
+            "cluster_uuid": CLUSTER,
+            "volume_uuid": vol["UUID"],
+            "backup_name": "full",
+            "backup_point_uuid": bp,
+            "snapshot_uuid": snap["UUID"],
+        },
+    )
     task(full["task_id"])
     rows = {"linked clone": [], "incremental backup (1 % changed)": []}
     for i in range(runs):
-        rows["linked clone"].append(timed("POST", "/v1/volume/share/clone", {
-            "cluster_uuid": CLUSTER, "volume_uuid": vol["UUID"], "volume_name": "overhead",
-            "clone_dst_pool_uuid": pool["UUID"], "clone_dst_vol_name": f"oc{i}", "clone_dst_vol_tenant": TENANT,
-            "snapshot_uuid": snap["UUID"], "is_link": True}))
+        rows["linked clone"].append(
+            timed(
+                "POST",
+                "/v1/volume/share/clone",
+                {
+                    "cluster_uuid": CLUSTER,
+                    "volume_uuid": vol["UUID"],
+                    "volume_name": "overhead",
+                    "clone_dst_pool_uuid": pool["UUID"],
+                    "clone_dst_vol_name": f"oc{i}",
+                    "clone_dst_vol_tenant": TENANT,
+                    "snapshot_uuid": snap["UUID"],
+                    "is_link": True,
+                },
+            )
+        )
         guest_write(head, {(i * 97 % 1000) << 20: os.urandom(10 << 20)}, run_dir)  # 10 MiB: 1 % of the disk
         s = rest.call("POST", "/v1/volume/share/snapshot/create", dict(ref, snapshot_name=f"i{i}"))["snapshot"]
-        rows["incremental backup (1 % changed)"].append(timed("POST", "/v1/volume/share/backup/add", {
-            "cluster_uuid": CLUSTER, "volume_uuid": vol["UUID"], "backup_name": f"i{i}",
-            "backup_point_uuid": bp, "snapshot_uuid": s["UUID"]}))
+        rows["incremental backup (1 % changed)"].append(
+            timed(
+                "POST",
+                "/v1/volume/share/backup/add",
+                {
+                    "cluster_uuid": CLUSTER,
+                    "volume_uuid": vol["UUID"],
+                    "backup_name": f"i{i}",
+                    "backup_point_uuid": bp,
+                    "snapshot_uuid": s["UUID"],
+                },
+            )
+        )
     print(f"\nREST overhead of a task, {runs} runs each, one at a time (seen through REST vs the agent's job):")
     print(f"{'task':34} {'REST ms':>9} {'agent job ms':>13} {'overhead ms':>12} {'ratio':>6}")
     for name, pairs in rows.items():
@@ -256,8 +366,10 @@ def rest_overhead(rest: Rest, work: str, pool: dict, hosts: list[str], runs: int
         ratio = statistics.median(p[0] / p[1] for p in pairs)
         print(f"{name:34} {seen:9.1f} {job:13.1f} {over:12.1f} {ratio:5.2f}x")
     print("targets: median overhead <= 20 ms; the incremental backup through REST <= 1.3x the agent's job")
-    print("where the overhead goes (medians, ms): " + ", ".join(
-        f"{name} {statistics.median(v) * 1000:.1f}" for name, v in phases.items()))
+    print(
+        "where the overhead goes (medians, ms): "
+        + ", ".join(f"{name} {statistics.median(v) * 1000:.1f}" for name, v in phases.items())
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Rows (ratio = peer time / our time, so > 1 means we are faster):
   zero        zero detection of a 1 GiB written zero buffer, GB/s
   image       image digest of a sparse 4 GiB file with 10 % data vs `sha256sum`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,8 @@ def median_time(fn, runs: int) -> float:
 def per_block(peer, block):
     def run(buf):
         view = memoryview(buf)
-        return [peer(view[o:o + block]).digest() for o in range(0, len(buf), block)]
+        return [peer(view[o : o + block]).digest() for o in range(0, len(buf), block)]
+
     return run
 
 
@@ -58,14 +60,23 @@ def main() -> int:
     rows = []
 
     buf = bytearray(os.urandom(1 << 20)) * 1024  # 1 GiB of data, touched
-    for algo, peer, peer_name, block in (("sha256", hashlib.sha256, "hashlib.sha256", BLOCK),
-                                         ("sha256", hashlib.sha256, "hashlib.sha256", 64 << 10),
-                                         ("xxh3-128", xxhash.xxh3_128, "xxhash.xxh3_128", BLOCK)):
+    for algo, peer, peer_name, block in (
+        ("sha256", hashlib.sha256, "hashlib.sha256", BLOCK),
+        ("sha256", hashlib.sha256, "hashlib.sha256", 64 << 10),
+        ("xxh3-128", xxhash.xxh3_128, "xxhash.xxh3_128", BLOCK),
+    ):
         peer_t = median_time(lambda b=buf, f=peer, n=block: per_block(f, n)(b), runs)
         for threads in (1, 2):
             ours = median_time(lambda b=buf, a=algo, t=threads, n=block: native.block_digests(a, b, n, t), runs)
-            rows.append((f"{algo} digests of {block >> 10} KiB blocks, {threads} thread{'s' if threads > 1 else ''}",
-                         peer_name, GiB / ours / 1e9, GiB / peer_t / 1e9, peer_t / ours))
+            rows.append(
+                (
+                    f"{algo} digests of {block >> 10} KiB blocks, {threads} thread{'s' if threads > 1 else ''}",
+                    peer_name,
+                    GiB / ours / 1e9,
+                    GiB / peer_t / 1e9,
+                    peer_t / ours,
+                )
+            )
     del buf
 
     zero = bytearray(GiB)
@@ -84,26 +95,38 @@ def main() -> int:
             for off in range(0, size, 10 << 20):  # 1 MiB of data in every 10 MiB
                 f.seek(off)
                 f.write(rnd)
+
         def ours():
             fd = os.open(path, os.O_RDONLY)
             try:
                 digest_range(fd, 0, size)
             finally:
                 os.close(fd)
+
         def peer():
             subprocess.run(["sha256sum", path], check=True, capture_output=True)
+
         ours(), peer()  # warm the page cache for both
         t_ours, t_peer = median_time(ours, runs), median_time(peer, runs)
-        rows.append((f"image digest, {args.image_gib} GiB sparse file, 10 % data", "sha256sum",
-                     size / t_ours / 1e9, size / t_peer / 1e9, t_peer / t_ours))
+        rows.append(
+            (
+                f"image digest, {args.image_gib} GiB sparse file, 10 % data",
+                "sha256sum",
+                size / t_ours / 1e9,
+                size / t_peer / 1e9,
+                t_peer / t_ours,
+            )
+        )
 
     print(f"SHA-256 build: {_native.SHA256_ISA}, XXH3 build: {_native.XXH3_ISA}")
     print(f"median of {runs} runs; GB/s = 1e9 bytes/s; ratio = peer time / our time\n")
     print("| bench | peer | ours GB/s | peer GB/s | ratio |")
     print("|---|---|---|---|---|")
     for name, peer_name, ours_gbs, peer_gbs, ratio in rows:
-        print(f"| {name} | {peer_name} | {ours_gbs:.2f} | {'' if peer_gbs is None else f'{peer_gbs:.2f}'} | "
-              f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+        print(
+            f"| {name} | {peer_name} | {ours_gbs:.2f} | {'' if peer_gbs is None else f'{peer_gbs:.2f}'} | "
+            f"{'' if ratio is None else f'{ratio:.2f}x'} |"
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ listing vs a full read, side by side in one run; medians of N runs.
 Setup: a qcow2 volume of --gib GiB with ~50 % scattered data (1 MiB of data
 in every 2 MiB), snapshot s1, a 1 % change (64 KiB writes), snapshot s2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,7 @@ def main() -> int:
         with QemuNbd(head, readonly=False, run_dir=run_dir) as srv, NbdClient(srv.socket) as c:
             step = (size // (change // (64 << 10))) // (64 << 10) * (64 << 10)
             for off in range(0, size, step):
-                c.pwrite(rnd[:64 << 10], off)
+                c.pwrite(rnd[: 64 << 10], off)
             c.flush()
         s2 = str(uuid.uuid4())
         pool.create_snapshot(vol, s2, "s2")
@@ -119,14 +120,22 @@ def main() -> int:
     print(f"{args.gib} GiB qcow2, 50 % data; median of {args.runs} runs\n")
     print("| bench | ours | peer | ratio (ours/peer) | target |")
     print("|---|---|---|---|---|")
-    print(f"| full clone of a snapshot (durable) | {t_ours:.2f} s | `qemu-img convert -O qcow2` + fsync "
-          f"{t_peer:.2f} s | {t_ours / t_peer:.2f}x | <= 1.1x |")
-    print(f"| full clone of a snapshot (durable) | {t_ours:.2f} s | `qemu-img convert -O qcow2` alone "
-          f"(not durable: cache=unsafe) {t_unsafe:.2f} s | {t_ours / t_unsafe:.2f}x | - |")
-    print(f"| full copy through two qemu-nbd servers (libnbd, 8 in flight; not durable) | {t_nbd:.2f} s | "
-          f"`qemu-img convert -O qcow2` alone {t_unsafe:.2f} s | {t_nbd / t_unsafe:.2f}x | - |")
-    print(f"| changed extents after a 1 % change ({len(ext)} extents) | {t_changed * 1000:.0f} ms | "
-          f"full read (image digest) {t_read:.2f} s | {100 * t_changed / t_read:.2f} % | < 1 % |")
+    print(
+        f"| full clone of a snapshot (durable) | {t_ours:.2f} s | `qemu-img convert -O qcow2` + fsync "
+        f"{t_peer:.2f} s | {t_ours / t_peer:.2f}x | <= 1.1x |"
+    )
+    print(
+        f"| full clone of a snapshot (durable) | {t_ours:.2f} s | `qemu-img convert -O qcow2` alone "
+        f"(not durable: cache=unsafe) {t_unsafe:.2f} s | {t_ours / t_unsafe:.2f}x | - |"
+    )
+    print(
+        f"| full copy through two qemu-nbd servers (libnbd, 8 in flight; not durable) | {t_nbd:.2f} s | "
+        f"`qemu-img convert -O qcow2` alone {t_unsafe:.2f} s | {t_nbd / t_unsafe:.2f}x | - |"
+    )
+    print(
+        f"| changed extents after a 1 % change ({len(ext)} extents) | {t_changed * 1000:.0f} ms | "
+        f"full read (image digest) {t_read:.2f} s | {100 * t_changed / t_read:.2f} % | < 1 % |"
+    )
     return 0
 
 

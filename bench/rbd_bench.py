@@ -7,6 +7,7 @@ Starts its own single-node Ceph cluster (bluestore on a sparse file, as the
 tests do), makes an image of --gib GiB with scattered data (one 4 MiB object
 in two), snapshot s1, a 1 % change, snapshot s2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,16 @@ def main() -> int:
     size = args.gib << 30
     cluster = CephCluster(objectstore="bluestore", store_bytes=(args.gib * 4 + 4) << 30, with_mgr=False).start()
     try:
-        pool = RbdPool(str(uuid.uuid4()), ceph_conf=str(cluster.conf), client_name="admin", keyring="",
-                       rbd_pool="rbd", namespace="", features=["layering", "exclusive-lock", "object-map",
-                                                               "fast-diff", "deep-flatten"], timeout=60)
+        pool = RbdPool(
+            str(uuid.uuid4()),
+            ceph_conf=str(cluster.conf),
+            client_name="admin",
+            keyring="",
+            rbd_pool="rbd",
+            namespace="",
+            features=["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
+            timeout=60,
+        )
         vol = str(uuid.uuid4())
         pool.create_volume(vol, "bench", size)
         import rbd
@@ -63,7 +71,7 @@ def main() -> int:
         pool.create_snapshot(vol, s1, "s1")
         with pool.ioctx() as io, rbd.Image(io, vol) as img:
             for off in range(0, size, 100 * 64 << 10):  # 64 KiB in every 6.25 MiB: 1 %
-                img.write(rnd[:64 << 10], off)
+                img.write(rnd[: 64 << 10], off)
             img.flush()
         pool.create_snapshot(vol, s2, "s2")
         conf = str(cluster.conf)
@@ -74,15 +82,17 @@ def main() -> int:
                 RbdReader(img).read_extents(data, lambda off, view: None)
 
         def peer_read():
-            subprocess.run(f"rbd -c {conf} export rbd/{vol}@{s2} - > /dev/null", shell=True, check=True,
-                           stderr=subprocess.DEVNULL)
+            subprocess.run(
+                f"rbd -c {conf} export rbd/{vol}@{s2} - > /dev/null", shell=True, check=True, stderr=subprocess.DEVNULL
+            )
 
         def ours_diff():
             pool.changed_extents(vol, s2, s1)
 
         def peer_diff():
-            subprocess.run(["rbd", "-c", conf, "diff", "--from-snap", s1, f"rbd/{vol}@{s2}"], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["rbd", "-c", conf, "diff", "--from-snap", s1, f"rbd/{vol}@{s2}"], check=True, capture_output=True
+            )
 
         def ours_clone():
             target = str(uuid.uuid4())
@@ -90,14 +100,17 @@ def main() -> int:
             pool.delete_volume(target)
 
         def peer_clone():
-            subprocess.run(["rbd", "-c", conf, "cp", f"rbd/{vol}@{s2}", "rbd/peer-copy"], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["rbd", "-c", conf, "cp", f"rbd/{vol}@{s2}", "rbd/peer-copy"], check=True, capture_output=True
+            )
             subprocess.run(["rbd", "-c", conf, "rm", "rbd/peer-copy"], check=True, capture_output=True)
 
         rows = []
-        cases = (("full read of a snapshot", ours_read, peer_read, "`rbd export - >/dev/null`"),
-                 ("changed extents after a 1 % change", ours_diff, peer_diff, "`rbd diff --from-snap`"),
-                 ("full clone", ours_clone, peer_clone, "`rbd cp`"))
+        cases = (
+            ("full read of a snapshot", ours_read, peer_read, "`rbd export - >/dev/null`"),
+            ("changed extents after a 1 % change", ours_diff, peer_diff, "`rbd diff --from-snap`"),
+            ("full clone", ours_clone, peer_clone, "`rbd cp`"),
+        )
         for name, ours, peer, peer_name in cases:
             ours(), peer()
             t_o, t_p = [], []

@@ -24,6 +24,7 @@ type, back to back:
   - store only: the same bytes written through our object store as objects
     of its pack size in 4 MiB pieces (the transport without hashing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,8 +103,17 @@ def main() -> int:
         # the LUNs' files written whole once, as a real disk's blocks exist: otherwise the
         # first writer of each run pays the file system's block allocation, the other not
         for f in ([lun.file] if lun else []) + ([loop.file] if loop else []):
-            run(["dd", "if=/dev/zero", f"of={f}", "bs=16M", f"count={(2 * size + 512 * MiB) // (16 * MiB)}",
-                 "conv=notrunc,fsync", "status=none"])
+            run(
+                [
+                    "dd",
+                    "if=/dev/zero",
+                    f"of={f}",
+                    "bs=16M",
+                    f"count={(2 * size + 512 * MiB) // (16 * MiB)}",
+                    "conv=notrunc,fsync",
+                    "status=none",
+                ]
+            )
         results: dict[str, dict[str, list[float]]] = {k: {"ours": [], "peer": [], "store": []} for k in kinds}
         cpu: dict[str, dict[str, list[float]]] = {k: {"ours": [], "peer": [], "store": []} for k in kinds}
 
@@ -122,35 +132,64 @@ def main() -> int:
                 sub = f"run{r}-{uuid.uuid4().hex[:6]}"
                 if kind == "nfs":
                     from agent.stores.nfs import NfsStore
-                    store = NfsStore("127.0.0.1", str(nfs.export), sub, nfs_port=nfs.nfs_port,
-                                     mount_port=nfs.mount_port)
+
+                    store = NfsStore(
+                        "127.0.0.1", str(nfs.export), sub, nfs_port=nfs.nfs_port, mount_port=nfs.mount_port
+                    )
                     peer = ["nfs-cp", raw, nfs.url(nfs.export, f"{sub}-peer.raw")]
                 elif kind == "smb":
                     from agent.stores.smb import SmbStore
-                    store = SmbStore("127.0.0.1", "backups", sub, username=smb.user, password=smb.password,
-                                     port=smb.port)
+
+                    store = SmbStore(
+                        "127.0.0.1", "backups", sub, username=smb.user, password=smb.password, port=smb.port
+                    )
                     auth = f"{smb.root}/private/bench.auth"
                     with open(auth, "w") as f:
                         f.write(f"username = {smb.user}\npassword = {smb.password}\n")
                     os.chmod(auth, 0o600)
-                    peer = ["smbclient", "//127.0.0.1/backups", "-p", str(smb.port), "-A", auth, "-m", "SMB3",
-                            "-c", f"put {raw} {sub}-peer.raw"]
+                    peer = [
+                        "smbclient",
+                        "//127.0.0.1/backups",
+                        "-p",
+                        str(smb.port),
+                        "-A",
+                        auth,
+                        "-m",
+                        "SMB3",
+                        "-c",
+                        f"put {raw} {sub}-peer.raw",
+                    ]
                 elif kind == "iscsi":
                     from agent.stores.iscsi import IscsiBlockDevice
                     from agent.stores.lun import LunStore
+
                     blank(str(lun.file), 2 * size + 512 * MiB)
                     store = LunStore(IscsiBlockDevice("127.0.0.1", lun.iqn, 1, port=tgt.port), format_lun=True)
                     # -t writeback: the target's cache is flushed at the end (SYNCHRONIZE
                     # CACHE), as our commits flush it; convert's default (unsafe) never does
-                    peer = ["qemu-img", "convert", "-t", "writeback", "-n", "-W", "-m", "16", "-f", "raw",
-                            "-O", "raw", raw, f"iscsi://127.0.0.1:{tgt.port}/{lun.iqn}/1"]
+                    peer = [
+                        "qemu-img",
+                        "convert",
+                        "-t",
+                        "writeback",
+                        "-n",
+                        "-W",
+                        "-m",
+                        "16",
+                        "-f",
+                        "raw",
+                        "-O",
+                        "raw",
+                        raw,
+                        f"iscsi://127.0.0.1:{tgt.port}/{lun.iqn}/1",
+                    ]
                 else:
                     from agent.stores.blockdev import LocalBlockDevice
                     from agent.stores.lun import LunStore
+
                     blank(loop.dev, 2 * size + 512 * MiB)
                     store = LunStore(LocalBlockDevice(loop.dev), format_lun=True)
-                    peer = ["dd", f"if={raw}", f"of={loop.dev}", "oflag=direct", "conv=fsync", "bs=4M",
-                            "status=none"]
+                    peer = ["dd", f"if={raw}", f"of={loop.dev}", "oflag=direct", "conv=fsync", "bs=4M", "status=none"]
                 repo = Repository.init(store)
 
                 def store_only():
@@ -172,7 +211,7 @@ def main() -> int:
                 # without nfs_fsync) and smbclient put never a FLUSH: their files are
                 # made durable on the server (local here) as our commits make ours,
                 # like `+ fsync` elsewhere
-                served = (nfs.export if kind == "nfs" else smb.root / "backups" if kind == "smb" else None)
+                served = nfs.export if kind == "nfs" else smb.root / "backups" if kind == "smb" else None
 
                 def the_peer():
                     run(peer)
@@ -210,13 +249,19 @@ def main() -> int:
         print(f"\nfull backup of {gib:g} GiB of random data, median of {args.runs} runs (throughput = data / time)\n")
         print("| target | ours: full backup | ours: store only | peer | backup/peer | store/peer | target |")
         print("|---|---|---|---|---|---|---|")
-        peers = {"nfs": "`nfs-cp` + fsync on the server", "smb": "`smbclient put` + fsync on the server",
-                 "iscsi": "`qemu-img convert -t writeback` to the LUN", "block": "`dd oflag=direct conv=fsync bs=4M`"}
+        peers = {
+            "nfs": "`nfs-cp` + fsync on the server",
+            "smb": "`smbclient put` + fsync on the server",
+            "iscsi": "`qemu-img convert -t writeback` to the LUN",
+            "block": "`dd oflag=direct conv=fsync bs=4M`",
+        }
         for kind in kinds:
             o, p = statistics.median(results[kind]["ours"]), statistics.median(results[kind]["peer"])
             st = statistics.median(results[kind]["store"])
-            print(f"| {kind} | {o:.2f} s ({size / o / 1e6:.0f} MB/s) | {st:.2f} s ({size / st / 1e6:.0f} MB/s) | "
-                  f"{peers[kind]} {p:.2f} s ({size / p / 1e6:.0f} MB/s) | {p / o:.2f}x | {p / st:.2f}x | >= 0.9x |")
+            print(
+                f"| {kind} | {o:.2f} s ({size / o / 1e6:.0f} MB/s) | {st:.2f} s ({size / st / 1e6:.0f} MB/s) | "
+                f"{peers[kind]} {p:.2f} s ({size / p / 1e6:.0f} MB/s) | {p / o:.2f}x | {p / st:.2f}x | >= 0.9x |"
+            )
         print(f"\nmachine CPU seconds (all processes and the kernel: client, server, disk), {os.cpu_count()} CPUs\n")
         print("| target | ours: full backup | ours: store only | peer |")
         print("|---|---|---|---|")

@@ -1,4 +1,5 @@
 """Fixtures that start real blockferry-agent processes."""
+
 from __future__ import annotations
 
 import subprocess
@@ -73,8 +74,12 @@ def dist(tmp_path_factory) -> Path:
     sdist and the wheel (the packaging and Ansible tests install it)."""
 
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--sdist", "-o", str(out), str(REPO)], check=True,
-                   capture_output=True, timeout=900)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--sdist", "-o", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
     return out
 
 
@@ -101,6 +106,7 @@ def rbd_agent(make_agent, ceph):
 
 
 # ---- real storage servers on 127.0.0.1, one of each per test session ----
+
 
 @pytest.fixture(scope="session")
 def nfs_server():
@@ -198,10 +204,15 @@ def cluster(request, short_tmp, make_agent):
     c.metrics_port = metrics_port
     host = str(uuid.uuid4())
     sys_root, dev_root = build(short_tmp / "fc")
-    a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-                   f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n')
-    a.config.write_text(a.config.read_text().replace('log_level = "debug"', f'log_level = "debug"\n'
-                                                     f'sys_root = "{sys_root}"\ndev_root = "{dev_root}"'))
+    a = make_agent(
+        f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n'
+    )
+    a.config.write_text(
+        a.config.read_text().replace(
+            'log_level = "debug"', f'log_level = "debug"\nsys_root = "{sys_root}"\ndev_root = "{dev_root}"'
+        )
+    )
     a.config.chmod(0o600)
     a.start()
     with c.client("op") as op:

@@ -1,4 +1,5 @@
 """A real blockferry-agent process, over gRPC on a unix socket."""
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,12 @@ def test_health_and_reflection(agent):
         refl = reflection_pb2_grpc.ServerReflectionStub(c.channel)
         responses = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in responses for s in r.list_services_response.service}
-        assert {"blockferry.agent.v1.JobService", "blockferry.agent.v1.HostService",
-                "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+        assert {
+            "blockferry.agent.v1.JobService",
+            "blockferry.agent.v1.HostService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names
         info = c.host_info()
         assert info.version and {b.module for b in info.bindings if b.ok} >= {"agent._native", "rados", "rbd", "nbd"}
     # the socket is not world-accessible
@@ -60,12 +65,16 @@ def test_health_and_reflection(agent):
 
 def test_checksum_job_matches_reference_and_skips_holes(agent):
     img = agent.roots[0] / "disk.raw"
-    content = sparse_image(img, 64 * MiB + 12345, {0: os.urandom(MiB), 10 * MiB + 7: b"x" * 100000,
-                                                   64 * MiB: os.urandom(12345)})
+    content = sparse_image(
+        img, 64 * MiB + 12345, {0: os.urandom(MiB), 10 * MiB + 7: b"x" * 100000, 64 * MiB: os.urandom(12345)}
+    )
     with agent.client() as c:
         job = c.submit_checksum("sum-1", str(img))
-        assert job.kind == "checksum" and job.state in (jobs_pb2.JOB_STATE_WAITING, jobs_pb2.JOB_STATE_RUNNING,
-                                                        jobs_pb2.JOB_STATE_SUCCEEDED)
+        assert job.kind == "checksum" and job.state in (
+            jobs_pb2.JOB_STATE_WAITING,
+            jobs_pb2.JOB_STATE_RUNNING,
+            jobs_pb2.JOB_STATE_SUCCEEDED,
+        )
         events = list(c.watch("sum-1"))
         final = events[-1]
         assert final.state == jobs_pb2.JOB_STATE_SUCCEEDED, final.error
@@ -80,7 +89,7 @@ def test_checksum_job_matches_reference_and_skips_holes(agent):
         # a range of the file
         job = c.submit_checksum("sum-range", str(img), offset=10 * MiB, length=MiB)
         final = list(c.watch(job.id))[-1]
-        assert final.checksum_result.image_digest == ref_digest(content[10 * MiB:11 * MiB])
+        assert final.checksum_result.image_digest == ref_digest(content[10 * MiB : 11 * MiB])
 
 
 def test_idempotent_submit_and_conflict(agent):
@@ -98,21 +107,24 @@ def test_idempotent_submit_and_conflict(agent):
         assert len([j for j in c.list() if j.id == "same-id"]) == 1
 
 
-@pytest.mark.parametrize("submit,code,field", [
-    (dict(job_id="bad/id", path="{root}/f"), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
-    (dict(job_id="", path="{root}/f"), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
-    (dict(job_id="j", path="/etc/passwd"), grpc.StatusCode.PERMISSION_DENIED, "path"),
-    (dict(job_id="j", path="{root}/../../etc/passwd"), grpc.StatusCode.PERMISSION_DENIED, "path"),
-    (dict(job_id="j", path="{root}/link-out"), grpc.StatusCode.PERMISSION_DENIED, "path"),
-    (dict(job_id="j", path="relative/f"), grpc.StatusCode.INVALID_ARGUMENT, "path"),
-    (dict(job_id="j", path="{root}/missing"), grpc.StatusCode.NOT_FOUND, "path"),
-    (dict(job_id="j", path="{root}"), grpc.StatusCode.INVALID_ARGUMENT, "path"),
-    (dict(job_id="j", path="{root}/f", offset=-1), grpc.StatusCode.INVALID_ARGUMENT, "offset"),
-    (dict(job_id="j", path="{root}/f", length=-5), grpc.StatusCode.INVALID_ARGUMENT, "length"),
-    (dict(job_id="j", path="{root}/f", offset=2**63 - 10, length=100), grpc.StatusCode.OUT_OF_RANGE, "length"),
-    (dict(job_id="j", path="{root}/f", offset=4097), grpc.StatusCode.OUT_OF_RANGE, "offset"),
-    (dict(job_id="j", path="{root}/f", offset=1, length=4096), grpc.StatusCode.OUT_OF_RANGE, "length"),
-])
+@pytest.mark.parametrize(
+    "submit,code,field",
+    [
+        (dict(job_id="bad/id", path="{root}/f"), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+        (dict(job_id="", path="{root}/f"), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
+        (dict(job_id="j", path="/etc/passwd"), grpc.StatusCode.PERMISSION_DENIED, "path"),
+        (dict(job_id="j", path="{root}/../../etc/passwd"), grpc.StatusCode.PERMISSION_DENIED, "path"),
+        (dict(job_id="j", path="{root}/link-out"), grpc.StatusCode.PERMISSION_DENIED, "path"),
+        (dict(job_id="j", path="relative/f"), grpc.StatusCode.INVALID_ARGUMENT, "path"),
+        (dict(job_id="j", path="{root}/missing"), grpc.StatusCode.NOT_FOUND, "path"),
+        (dict(job_id="j", path="{root}"), grpc.StatusCode.INVALID_ARGUMENT, "path"),
+        (dict(job_id="j", path="{root}/f", offset=-1), grpc.StatusCode.INVALID_ARGUMENT, "offset"),
+        (dict(job_id="j", path="{root}/f", length=-5), grpc.StatusCode.INVALID_ARGUMENT, "length"),
+        (dict(job_id="j", path="{root}/f", offset=2**63 - 10, length=100), grpc.StatusCode.OUT_OF_RANGE, "length"),
+        (dict(job_id="j", path="{root}/f", offset=4097), grpc.StatusCode.OUT_OF_RANGE, "offset"),
+        (dict(job_id="j", path="{root}/f", offset=1, length=4096), grpc.StatusCode.OUT_OF_RANGE, "length"),
+    ],
+)
 def test_bad_input_gets_the_right_status_and_names_the_field(agent, submit, code, field):
     root = agent.roots[0]
     (root / "f").write_bytes(b"a" * 4096)
@@ -312,8 +324,9 @@ def test_corrupt_config_is_refused_with_the_field(make_agent):
     ]
     for extra, needle in cases:
         a.config.write_text(base + extra)
-        r = subprocess.run([sys.executable, "-m", "agent.server", "-c", str(a.config)],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [sys.executable, "-m", "agent.server", "-c", str(a.config)], capture_output=True, text=True, timeout=30
+        )
         assert r.returncode == 78, (extra, r.stderr)
         assert needle in r.stderr and str(a.config) in r.stderr
 
@@ -325,8 +338,12 @@ def test_conf_d_merges_in_name_order_and_show_config_masks_secrets(make_agent):
     (confd / "10-jobs.toml").write_text("[jobs]\nmax_concurrent = 7\nbandwidth_limit = 100\n")
     (confd / "20-more.toml").write_text("[jobs]\nmax_concurrent = 9\n[grpc]\nauth_token = 's3cret-token'\n")
     (confd / "ignored.txt").write_text("[jobs]\nmax_concurrent = 1\n")
-    r = subprocess.run([sys.executable, "-m", "agent.server", "-c", str(a.config), "--show-config"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.server", "-c", str(a.config), "--show-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "max_concurrent = 9" in r.stdout and "bandwidth_limit = 100" in r.stdout
     assert "s3cret-token" not in r.stdout and 'auth_token = "********"' in r.stdout
     assert "10-jobs.toml" in r.stdout and "20-more.toml" in r.stdout
@@ -354,8 +371,9 @@ def test_missing_or_wrong_abi_binding_names_the_package(make_agent, short_tmp):
     # binding built for another Python ABI would be.
     (bad / "rbd.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF garbage")
     env = {**os.environ, "PYTHONPATH": f"{bad}:{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run([sys.executable, "-m", "agent.server", "-c", str(a.config)],
-                       capture_output=True, text=True, env=env, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.server", "-c", str(a.config)], capture_output=True, text=True, env=env, timeout=30
+    )
     assert r.returncode == 69
     assert "python3-rbd" in r.stderr and "rbd" in r.stderr
 

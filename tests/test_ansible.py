@@ -10,6 +10,7 @@ systemd-analyze verify. Then the agent must answer gRPC health over mutual
 TLS with the lab certificates, the controller REST over HTTPS, the agent
 must have registered with the controller with its pool, and a checksum
 job through the deployed agent must give the reference digest."""
+
 from __future__ import annotations
 
 import json
@@ -42,26 +43,50 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the playbook creates 
 
 
 def env() -> dict:
-    e = dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-             ANSIBLE_FORCE_COLOR="0", NO_COLOR="1", ANSIBLE_LOCAL_TEMP="/tmp/.ansible-local",
-             ANSIBLE_HOME="/tmp/.ansible-home")
+    e = dict(
+        os.environ,
+        ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        NO_COLOR="1",
+        ANSIBLE_LOCAL_TEMP="/tmp/.ansible-local",
+        ANSIBLE_HOME="/tmp/.ansible-home",
+    )
     e["PATH"] = f"{VENV_BIN}:{e['PATH']}"
     return e
 
 
 def test_ansible_lint_production_profile():
-    r = subprocess.run([str(VENV_BIN / "ansible-lint"), "--offline", "--profile", "production", "--nocolor"],
-                       cwd=ANSIBLE, env=env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [str(VENV_BIN / "ansible-lint"), "--offline", "--profile", "production", "--nocolor"],
+        cwd=ANSIBLE,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Profile 'production' was required, and it passed" in r.stdout + r.stderr
 
 
 def test_example_inventory_and_playbook_parse():
-    r = subprocess.run([str(VENV_BIN / "ansible-playbook"), "--syntax-check", "-i", "inventory/example/hosts.yml",
-                        "site.yml"], cwd=ANSIBLE, env=env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), "--syntax-check", "-i", "inventory/example/hosts.yml", "site.yml"],
+        cwd=ANSIBLE,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run([str(VENV_BIN / "ansible-inventory"), "-i", "inventory/example/hosts.yml", "--list"],
-                       cwd=ANSIBLE, env=env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [str(VENV_BIN / "ansible-inventory"), "-i", "inventory/example/hosts.yml", "--list"],
+        cwd=ANSIBLE,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     groups = json.loads(r.stdout)
     assert groups["blockferry_controller"]["hosts"] == ["ctl1.example.net"]
     assert len(groups["blockferry_agents"]["hosts"]) == 3
@@ -92,11 +117,25 @@ class Deployment:
         self.agent_token = secrets.token_urlsafe(24)
         self.bp_password = secrets.token_urlsafe(16)
         self.inventory = root / "inventory.yml"
-        self.inventory.write_text(json.dumps({"all": {
-            "hosts": {"localhost": {"ansible_connection": "local", "ansible_host": "127.0.0.1",
-                                    "ansible_python_interpreter": "/usr/bin/python3"}},
-            "children": {"blockferry_controller": {"hosts": {"localhost": {}}},
-                         "blockferry_agents": {"hosts": {"localhost": {}}}}}}))
+        self.inventory.write_text(
+            json.dumps(
+                {
+                    "all": {
+                        "hosts": {
+                            "localhost": {
+                                "ansible_connection": "local",
+                                "ansible_host": "127.0.0.1",
+                                "ansible_python_interpreter": "/usr/bin/python3",
+                            }
+                        },
+                        "children": {
+                            "blockferry_controller": {"hosts": {"localhost": {}}},
+                            "blockferry_agents": {"hosts": {"localhost": {}}},
+                        },
+                    }
+                }
+            )
+        )
         r = root
         self.vars = {
             "blockferry_install_wheel": str(wheel),
@@ -114,8 +153,9 @@ class Deployment:
             "blockferry_agent_heartbeat_interval": 1.0,
             "blockferry_agent_fence_after": 0.0,
             "blockferry_agent_pools": {POOL: {"type": "dir", "path": f"{r}/pools/local"}},
-            "blockferry_agent_backup_points": {BACKUP_POINT: {"type": "local", "path": f"{r}/backups/local",
-                                                              "password": self.bp_password}},
+            "blockferry_agent_backup_points": {
+                BACKUP_POINT: {"type": "local", "path": f"{r}/backups/local", "password": self.bp_password}
+            },
             "blockferry_agent_systemd": False,
             "blockferry_agent_unit_dir": f"{r}/units",
             "blockferry_controller_config_dir": f"{r}/etc",
@@ -140,9 +180,14 @@ class Deployment:
         vars_file = self.root / "vars.json"
         vars_file.write_text(json.dumps({**self.vars, **overrides}))
         vars_file.chmod(0o600)
-        return subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory), "-e", f"@{vars_file}",
-                               *args, "site.yml"], cwd=ANSIBLE, env=env(), capture_output=True, text=True,
-                              timeout=1800)
+        return subprocess.run(
+            [str(VENV_BIN / "ansible-playbook"), "-i", str(self.inventory), "-e", f"@{vars_file}", *args, "site.yml"],
+            cwd=ANSIBLE,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
 
     def exec_start(self, service: str) -> list[str]:
         """The effective ExecStart: the unit's, as reset and set by its drop-ins."""
@@ -176,8 +221,9 @@ class Deployment:
         self.procs.clear()
 
     def logs(self) -> str:
-        return "".join(f"---- {f.name} ----\n{f.read_text(errors='replace')[-4000:]}\n"
-                       for f in self.root.glob("*.log"))
+        return "".join(
+            f"---- {f.name} ----\n{f.read_text(errors='replace')[-4000:]}\n" for f in self.root.glob("*.log")
+        )
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +258,14 @@ def test_playbook_deploys_both_services_and_they_work(deployment):
         assert s not in out
 
     etc = d.root / "etc"
-    for path, mode, owner in [(etc / "agent.conf.d" / "50-secrets.toml", 0o600, "root"),
-                              (etc / "controller.conf.d" / "50-secrets.toml", 0o600, "blockferry"),
-                              (etc / "controller.toml", 0o640, "root"), (etc / "agent.toml", 0o644, "root"),
-                              (etc / "tls" / "host.key", 0o640, "root"), (d.root / "pki" / "ca.key", 0o600, "root")]:
+    for path, mode, owner in [
+        (etc / "agent.conf.d" / "50-secrets.toml", 0o600, "root"),
+        (etc / "controller.conf.d" / "50-secrets.toml", 0o600, "blockferry"),
+        (etc / "controller.toml", 0o640, "root"),
+        (etc / "agent.toml", 0o644, "root"),
+        (etc / "tls" / "host.key", 0o640, "root"),
+        (d.root / "pki" / "ca.key", 0o600, "root"),
+    ]:
         st = path.stat()
         import pwd
 
@@ -227,23 +277,37 @@ def test_playbook_deploys_both_services_and_they_work(deployment):
 
     # the installed units, with their drop-ins, verify
     for service in ("blockferry-agent", "blockferry-controller"):
-        v = subprocess.run(["systemd-analyze", "verify", str(d.root / "units" / f"{service}.service")],
-                           capture_output=True, text=True)
+        v = subprocess.run(
+            ["systemd-analyze", "verify", str(d.root / "units" / f"{service}.service")], capture_output=True, text=True
+        )
         assert v.returncode == 0 and v.stderr.strip() == "", v.stderr
         assert d.exec_start(service)[0] == f"{d.root}/opt/venv/bin/{service}"
 
     # no systemd as PID 1 here: start the units' ExecStart lines, the
     # controller as its unit's User= (so its file modes are put to the test)
-    d.start(["setpriv", "--reuid", "blockferry", "--regid", "blockferry", "--init-groups",
-             *d.exec_start("blockferry-controller")], "controller.log")
+    d.start(
+        [
+            "setpriv",
+            "--reuid",
+            "blockferry",
+            "--regid",
+            "blockferry",
+            "--init-groups",
+            *d.exec_start("blockferry-controller"),
+        ],
+        "controller.log",
+    )
     d.start(d.exec_start("blockferry-agent"), "agent.log")
 
     import httpx
 
     tls = d.root / "etc" / "tls"
-    rest = httpx.Client(base_url=f"https://127.0.0.1:{d.ports['rest']}",
-                        verify=ssl.create_default_context(cafile=str(tls / "ca.pem")),
-                        headers={"Authorization": f"Bearer {d.operator_token}"}, timeout=10)
+    rest = httpx.Client(
+        base_url=f"https://127.0.0.1:{d.ports['rest']}",
+        verify=ssl.create_default_context(cafile=str(tls / "ca.pem")),
+        headers={"Authorization": f"Bearer {d.operator_token}"},
+        timeout=10,
+    )
     host = None
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and host is None:
@@ -262,22 +326,38 @@ def test_playbook_deploys_both_services_and_they_work(deployment):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    creds = grpc.ssl_channel_credentials((tls / "ca.pem").read_bytes(), (tls / "host.key").read_bytes(),
-                                         (tls / "host.pem").read_bytes())
+    creds = grpc.ssl_channel_credentials(
+        (tls / "ca.pem").read_bytes(), (tls / "host.key").read_bytes(), (tls / "host.pem").read_bytes()
+    )
     with grpc.secure_channel(f"127.0.0.1:{d.ports['agent']}", creds) as ch:
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    with grpc.secure_channel(f"127.0.0.1:{d.ports['agent']}", grpc.ssl_channel_credentials(
-            (tls / "ca.pem").read_bytes())) as ch:  # no client certificate: refused
+    with grpc.secure_channel(
+        f"127.0.0.1:{d.ports['agent']}", grpc.ssl_channel_credentials((tls / "ca.pem").read_bytes())
+    ) as ch:  # no client certificate: refused
         with pytest.raises(grpc.RpcError):
             health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
     data = os.urandom(3 << 20) + bytes(2 << 20) + os.urandom(1 << 20)
     src = d.root / "pools" / "local" / f"probe-{uuid.uuid4()}.raw"
     src.write_bytes(data)
-    out = subprocess.run([str(d.root / "opt" / "venv" / "bin" / "blockferry"), "--address",
-                          f"127.0.0.1:{d.ports['agent']}", "--tls-ca", str(tls / "ca.pem"), "--tls-cert",
-                          str(tls / "host.pem"), "--tls-key", str(tls / "host.key"), "checksum", str(src)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            str(d.root / "opt" / "venv" / "bin" / "blockferry"),
+            "--address",
+            f"127.0.0.1:{d.ports['agent']}",
+            "--tls-ca",
+            str(tls / "ca.pem"),
+            "--tls-cert",
+            str(tls / "host.pem"),
+            "--tls-key",
+            str(tls / "host.key"),
+            "checksum",
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr + d.logs()
     ref = native.RefImageHash()
     ref.update(data)
@@ -297,8 +377,7 @@ def test_check_diff_shows_a_change_and_makes_none(deployment):
     r = d.playbook("--check", "--diff")
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     assert recap(r.stdout)["changed"] == 0, changed_tasks(r.stdout)
-    r = d.playbook("--check", "--diff", blockferry_agent_log_level="debug",
-                   blockferry_agent_controller_token="x" * 40)
+    r = d.playbook("--check", "--diff", blockferry_agent_log_level="debug", blockferry_agent_controller_token="x" * 40)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
     assert recap(out)["changed"] >= 2  # agent.toml and the secrets file
@@ -355,7 +434,8 @@ def test_every_role_variable_is_in_the_docs_with_its_default():
     names = [n for role in ROLES for n, _, _ in role_variables(role)]
     assert len(names) == len(set(names)) and len(names) > 40
     assert variables_tables() in (REPO / "docs" / "deployment.md").read_text(), (
-        "regenerate the tables: .venv/bin/python tests/test_ansible.py --tables")
+        "regenerate the tables: .venv/bin/python tests/test_ansible.py --tables"
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--tables"]:

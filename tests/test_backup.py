@@ -1,5 +1,6 @@
 """Backup repository and engine as a library, on a local directory backup
 point, with real qcow2 volumes (qemu-img, qemu-nbd) and a real Ceph cluster."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ def test_full_incremental_restore_bit_exact(env):
         new_vol, written = restore_to_qcow2(pool, repo, m, tmp)
         assert written == m.image_digest == pool.image_digest(vol, snap).image_digest
         assert pool.image_digest(new_vol, None).image_digest == m.image_digest
-        cmp = subprocess.run(["qemu-img", "compare", "-U", pool.snap_path(vol, snap), pool.head_path(new_vol)],
-                             capture_output=True)
+        cmp = subprocess.run(
+            ["qemu-img", "compare", "-U", pool.snap_path(vol, snap), pool.head_path(new_vol)], capture_output=True
+        )
         assert cmp.returncode == 0
         verify(repo, m, deep=True).check()
     # a fresh open of the repository finds everything again
@@ -94,6 +96,7 @@ def test_verify_finds_injected_corruption(env):
     bad = bytearray(good)
     bad[len(bad) // 2] ^= 0xFF  # a flipped byte in chunk data
     packs[0].write_bytes(bytes(bad))
+
     def damage(deep=False):
         return verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=deep).damage
 
@@ -101,8 +104,9 @@ def test_verify_finds_injected_corruption(env):
     assert d.pack == f"packs/{packs[0].name}" and d.backup_uuids == [m.backup_id]
     assert d.reason in ("checksum mismatch", "compressed data is damaged")
     assert m.chunks[d.first_chunk_index] == d.chunk_id
-    with pytest.raises(DataCorrupt, match=f"chunk {d.chunk_id[:16]} in packs/{packs[0].name} "
-                                          f"\\(position {d.first_chunk_index}\\)") as e:
+    with pytest.raises(
+        DataCorrupt, match=f"chunk {d.chunk_id[:16]} in packs/{packs[0].name} \\(position {d.first_chunk_index}\\)"
+    ) as e:
         verify(Repository.open(LocalStore(str(tmp / "bp"))), m, deep=False).check()
     assert e.value.result.damage == [d]
     packs[0].write_bytes(good[: len(good) - 100])  # a truncated pack: its last chunk
@@ -161,8 +165,16 @@ def test_rbd_backup_restores_into_qcow2(env, ceph):
     from agent.volumes.rbd import RbdPool
 
     pool, repo, tmp = env
-    rp = RbdPool(nid(), ceph_conf=str(ceph.conf), client_name="admin", keyring="", rbd_pool="rbd", namespace="",
-                 features=["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"], timeout=30)
+    rp = RbdPool(
+        nid(),
+        ceph_conf=str(ceph.conf),
+        client_name="admin",
+        keyring="",
+        rbd_pool="rbd",
+        namespace="",
+        features=["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
+        timeout=30,
+    )
     vol = rp.create_volume(nid(), "rbd-src", 16 * MiB).uuid
     try:
         with rp.ioctx() as io, rbd.Image(io, vol) as img:
@@ -262,8 +274,7 @@ def test_stale_lock_of_a_dead_process_is_removed(env):
 def test_large_chunks_restore_through_the_pool_target(short_tmp):
     """64 MiB chunks (the largest; more than one 32 MiB NBD request) back up
     and restore through the driver's restore target into a new qcow2 volume."""
-    pool = Qcow2Pool(nid(), str(short_tmp / "pool"), run_dir=str(short_tmp / "run"),
-                     allowed_roots=[str(short_tmp)])
+    pool = Qcow2Pool(nid(), str(short_tmp / "pool"), run_dir=str(short_tmp / "run"), allowed_roots=[str(short_tmp)])
     repo = Repository.init(LocalStore(str(short_tmp / "bp")), chunk_size=64 * MiB)
     vol = pool.create_volume(nid(), "src", 80 * MiB).uuid
     write(pool.head_path(vol), {0: os.urandom(40 * MiB), 70 * MiB: os.urandom(MiB)}, short_tmp)
@@ -301,8 +312,7 @@ def test_a_full_backup_point_fails_the_backup_and_lists_nothing(short_tmp):
     mnt.mkdir()
     loop = mount_small_fs(short_tmp / "small.img", mnt, 16 * MiB)
     try:
-        pool = Qcow2Pool(nid(), str(short_tmp / "pool"), run_dir=str(short_tmp / "run"),
-                         allowed_roots=[str(short_tmp)])
+        pool = Qcow2Pool(nid(), str(short_tmp / "pool"), run_dir=str(short_tmp / "run"), allowed_roots=[str(short_tmp)])
         store = LocalStore(str(mnt / "bp"))
         store.pack_target = 2 * MiB
         repo = Repository.init(store, chunk_size=CS, compression="none")
@@ -325,8 +335,9 @@ def _read_digest(reader, extents=None) -> str:
     from agent.repo.format import ImageDigest, block_digests
 
     image = ImageDigest()
-    reader.read(extents or [Extent(0, reader.size())], lambda off, view: image.add(block_digests(view), len(view)),
-                4 * MiB)
+    reader.read(
+        extents or [Extent(0, reader.size())], lambda off, view: image.add(block_digests(view), len(view)), 4 * MiB
+    )
     return image.hexdigest()
 
 
@@ -402,8 +413,11 @@ def test_restore_writes_straight_into_preallocated_clusters(env):
 
     pool, repo, tmp = env
     vol = pool.create_volume(nid(), "src", 40 * MiB).uuid
-    write(pool.head_path(vol), {0: os.urandom(2 * MiB + 4096), 17 * MiB: os.urandom(MiB),
-                                30 * MiB: bytes(200 << 10) + os.urandom(100 << 10)}, tmp)
+    write(
+        pool.head_path(vol),
+        {0: os.urandom(2 * MiB + 4096), 17 * MiB: os.urandom(MiB), 30 * MiB: bytes(200 << 10) + os.urandom(100 << 10)},
+        tmp,
+    )
     s1 = nid()
     pool.create_snapshot(vol, s1, "s1")
     m = backup(pool, vol, s1, repo)
@@ -415,8 +429,11 @@ def test_restore_writes_straight_into_preallocated_clusters(env):
     assert info.uuid == new and pool.image_digest(new, None).image_digest == m.image_digest
     head = pool.head_path(new)
     assert subprocess.run(["qemu-img", "compare", "-U", pool.snap_path(vol, s1), head]).returncode == 0
-    check = json.loads(subprocess.run(["qemu-img", "check", "-U", "--output=json", head], check=True,
-                                      capture_output=True, text=True).stdout)
+    check = json.loads(
+        subprocess.run(
+            ["qemu-img", "check", "-U", "--output=json", head], check=True, capture_output=True, text=True
+        ).stdout
+    )
     assert check.get("corruptions", 0) == 0 and check.get("leaks", 0) == 0
     s2 = nid()
     pool.create_snapshot(new, s2, "again")
@@ -477,5 +494,7 @@ def test_large_volumes_restore_through_qemu_nbd(env, monkeypatch):
     assert restore(repo, m, target.write) == m.image_digest
     info = target.commit()
     assert pool.image_digest(info.uuid, None).image_digest == m.image_digest == pool.image_digest(vol, s1).image_digest
-    assert subprocess.run(["qemu-img", "compare", "-U", pool.snap_path(vol, s1), pool.head_path(info.uuid)]
-                          ).returncode == 0
+    assert (
+        subprocess.run(["qemu-img", "compare", "-U", pool.snap_path(vol, s1), pool.head_path(info.uuid)]).returncode
+        == 0
+    )

@@ -1,6 +1,7 @@
 """Backups through a real agent process: backup, restore (to qcow2 and to
 RBD), verify, list, delete, gc, encryption, crash safety and bad input. Every
 restore is checked against the source snapshot's content."""
+
 from __future__ import annotations
 
 import os
@@ -79,12 +80,14 @@ def test_restore_across_formats_qcow2_and_rbd(rbd_agent, ceph):
             assert restored.image_digest == digest
             assert bk.digest(restored.volume_uuid, pool=RBD_POOL_UUID) == digest
             # and plain sha256 of the raw bytes, read by the rbd and qemu-img tools themselves
-            assert raw_sha256(["rbd", "-c", str(ceph.conf), "export", f"rbd/{restored.volume_uuid}", "-"]) == \
-                qcow2_raw_sha256(bk.layer(vol, snap), bk.agent.workdir)
+            assert raw_sha256(
+                ["rbd", "-c", str(ceph.conf), "export", f"rbd/{restored.volume_uuid}", "-"]
+            ) == qcow2_raw_sha256(bk.layer(vol, snap), bk.agent.workdir)
         # and an RBD volume's backups restore into qcow2
         rv = bk.create(capacity=16 * MiB, name="rbd-src", pool_uuid=RBD_POOL_UUID).uuid
-        s1 = bk.call("CreateSnapshot", pool_uuid=RBD_POOL_UUID, volume_uuid=rv, snapshot_uuid=new_id(),
-                     name="empty").uuid
+        s1 = bk.call(
+            "CreateSnapshot", pool_uuid=RBD_POOL_UUID, volume_uuid=rv, snapshot_uuid=new_id(), name="empty"
+        ).uuid
         r1 = bk.backup(rv, s1, pool=RBD_POOL_UUID)
         assert r1.mode == "full" and r1.chunks_read == 0
         restored = bk.restore(r1.backup_uuid, pool=POOL2_UUID)
@@ -162,7 +165,8 @@ def test_encrypted_repository(make_agent):
     assert secret not in a.log_text()
     # the wrong password: a clear error, never garbage, and nothing changes
     (a.workdir / "agent.conf.d" / "bp.toml").write_text(
-        f'[backup_points.{BP_UUID}]\npassword = "Not-The-Password-42"\n')
+        f'[backup_points.{BP_UUID}]\npassword = "Not-The-Password-42"\n'
+    )
     os.chmod(a.workdir / "agent.conf.d" / "bp.toml", 0o600)
     before = {p: p.stat().st_mtime_ns for p in bp_files(a)}
     a.start()
@@ -179,7 +183,7 @@ def test_password_in_a_world_readable_file_is_refused(make_agent):
     a = encrypted_agent(make_agent, "pw")
     os.chmod(a.workdir / "agent.conf.d" / "bp.toml", 0o644)
     proc = subprocess.run([*a_cmd(a), "--show-config"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "0600" in proc.stderr and "pw\"" not in proc.stderr
+    assert proc.returncode != 0 and "0600" in proc.stderr and 'pw"' not in proc.stderr
 
 
 def a_cmd(a):
@@ -201,24 +205,68 @@ def test_bad_input(bk, agent):
         assert e.code() == code, e.details()
         assert field in e.details(), e.details()
 
-    refused(grpc.StatusCode.NOT_FOUND, "snapshot_uuid", backup=jobs_pb2.BackupSpec(
-        backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=new_id(), backup_uuid=new_id()))
-    refused(grpc.StatusCode.NOT_FOUND, "backup_point_uuid", backup=jobs_pb2.BackupSpec(
-        backup_point_uuid=new_id(), pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap, backup_uuid=new_id()))
-    refused(grpc.StatusCode.ALREADY_EXISTS, "backup_uuid", backup=jobs_pb2.BackupSpec(
-        backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap,
-        backup_uuid=r.backup_uuid))
-    refused(grpc.StatusCode.INVALID_ARGUMENT, "backup_uuid", backup=jobs_pb2.BackupSpec(
-        backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap, backup_uuid="x/../y"))
-    refused(grpc.StatusCode.NOT_FOUND, "backup_uuid", restore=jobs_pb2.RestoreSpec(
-        backup_point_uuid=BP_UUID, backup_uuid=new_id(), pool_uuid=POOL_UUID, volume_uuid=new_id(), name="n"))
-    refused(grpc.StatusCode.ALREADY_EXISTS, "volume_uuid", restore=jobs_pb2.RestoreSpec(
-        backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, pool_uuid=POOL_UUID, volume_uuid=vol, name="n"))
-    refused(grpc.StatusCode.ALREADY_EXISTS, "name", restore=jobs_pb2.RestoreSpec(
-        backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, pool_uuid=POOL_UUID, volume_uuid=new_id(),
-        name="vol"))
-    refused(grpc.StatusCode.NOT_FOUND, "backup_uuid", verify=jobs_pb2.VerifySpec(
-        backup_point_uuid=BP_UUID, backup_uuid=new_id()))
+    refused(
+        grpc.StatusCode.NOT_FOUND,
+        "snapshot_uuid",
+        backup=jobs_pb2.BackupSpec(
+            backup_point_uuid=BP_UUID,
+            pool_uuid=POOL_UUID,
+            volume_uuid=vol,
+            snapshot_uuid=new_id(),
+            backup_uuid=new_id(),
+        ),
+    )
+    refused(
+        grpc.StatusCode.NOT_FOUND,
+        "backup_point_uuid",
+        backup=jobs_pb2.BackupSpec(
+            backup_point_uuid=new_id(), pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap, backup_uuid=new_id()
+        ),
+    )
+    refused(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "backup_uuid",
+        backup=jobs_pb2.BackupSpec(
+            backup_point_uuid=BP_UUID,
+            pool_uuid=POOL_UUID,
+            volume_uuid=vol,
+            snapshot_uuid=snap,
+            backup_uuid=r.backup_uuid,
+        ),
+    )
+    refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "backup_uuid",
+        backup=jobs_pb2.BackupSpec(
+            backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap, backup_uuid="x/../y"
+        ),
+    )
+    refused(
+        grpc.StatusCode.NOT_FOUND,
+        "backup_uuid",
+        restore=jobs_pb2.RestoreSpec(
+            backup_point_uuid=BP_UUID, backup_uuid=new_id(), pool_uuid=POOL_UUID, volume_uuid=new_id(), name="n"
+        ),
+    )
+    refused(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "volume_uuid",
+        restore=jobs_pb2.RestoreSpec(
+            backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, pool_uuid=POOL_UUID, volume_uuid=vol, name="n"
+        ),
+    )
+    refused(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "name",
+        restore=jobs_pb2.RestoreSpec(
+            backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, pool_uuid=POOL_UUID, volume_uuid=new_id(), name="vol"
+        ),
+    )
+    refused(
+        grpc.StatusCode.NOT_FOUND,
+        "backup_uuid",
+        verify=jobs_pb2.VerifySpec(backup_point_uuid=BP_UUID, backup_uuid=new_id()),
+    )
     e = rpc_error(bk.list, created_after=10, created_before=5)
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "created_before" in e.details()
     assert {p: p.stat().st_mtime_ns for p in bp_files(agent)} == files  # nothing changed
@@ -269,14 +317,30 @@ def test_cancelled_backup_and_restore_leave_nothing_that_looks_complete(make_age
             return job
 
         bid = new_id()
-        bk.c.submit("b-cancel", backup=jobs_pb2.BackupSpec(backup_point_uuid=BP_UUID, pool_uuid=POOL_UUID,
-                                                          volume_uuid=vol, snapshot_uuid=snap, backup_uuid=bid,
-                                                          full=True))
+        bk.c.submit(
+            "b-cancel",
+            backup=jobs_pb2.BackupSpec(
+                backup_point_uuid=BP_UUID,
+                pool_uuid=POOL_UUID,
+                volume_uuid=vol,
+                snapshot_uuid=snap,
+                backup_uuid=bid,
+                full=True,
+            ),
+        )
         assert cancel_midway("b-cancel").state == jobs_pb2.JOB_STATE_CANCELLED
         assert [x.uuid for x in bk.list()] == [full.backup_uuid]
         new_vol = new_id()
-        bk.c.submit("r-cancel", restore=jobs_pb2.RestoreSpec(backup_point_uuid=BP_UUID, backup_uuid=full.backup_uuid,
-                                                            pool_uuid=POOL_UUID, volume_uuid=new_vol, name="r"))
+        bk.c.submit(
+            "r-cancel",
+            restore=jobs_pb2.RestoreSpec(
+                backup_point_uuid=BP_UUID,
+                backup_uuid=full.backup_uuid,
+                pool_uuid=POOL_UUID,
+                volume_uuid=new_vol,
+                name="r",
+            ),
+        )
         job = cancel_midway("r-cancel")
         assert job.state == jobs_pb2.JOB_STATE_CANCELLED and job.error.code == "CANCELLED"
         assert [v.uuid for v in bk.call("ListVolumes").volumes] == [vol]
@@ -287,8 +351,12 @@ def test_cancelled_backup_and_restore_leave_nothing_that_looks_complete(make_age
 
 
 def _restore_in_place(bk: Bk, backup_uuid: str, vol: str, pool: str):
-    return bk.c.run(f"restore-in-place-{new_id()}", restore=jobs_pb2.RestoreSpec(
-        backup_point_uuid=bk.bp, backup_uuid=backup_uuid, pool_uuid=pool, volume_uuid=vol, in_place=True))
+    return bk.c.run(
+        f"restore-in-place-{new_id()}",
+        restore=jobs_pb2.RestoreSpec(
+            backup_point_uuid=bk.bp, backup_uuid=backup_uuid, pool_uuid=pool, volume_uuid=vol, in_place=True
+        ),
+    )
 
 
 @pytest.mark.parametrize("kind", ["qcow2", "rbd"])
@@ -332,7 +400,7 @@ def test_restore_in_place_overwrites_with_a_safety_snapshot(rbd_agent, ceph, kin
             r = bk.backup(src, s, pool=pool)
             expected = bytearray(12 * MiB)  # the source, then the larger target's tail as zeros
             for off, data in writes.items():
-                expected[off:off + len(data)] = data
+                expected[off : off + len(data)] = data
             # the target: larger, with data everywhere the backup has zeros
             dst = bk.create(capacity=12 * MiB, name="dst", pool_uuid=pool).uuid
             put(bk, dst, {0: os.urandom(12 * MiB)})
@@ -371,8 +439,11 @@ def test_restore_in_place_overwrites_with_a_safety_snapshot(rbd_agent, ceph, kin
             # a failure half way (a damaged pack) rolls the volume back to what it was
             put(bk, dst, {3 * MiB: os.urandom(MiB)})
             target_before = raw(bk, dst)
-            packs = [p for p in (bk.agent.workdir / "bp" / "packs").iterdir()
-                     if not p.name.endswith(".idx") and not p.name.startswith(".")]
+            packs = [
+                p
+                for p in (bk.agent.workdir / "bp" / "packs").iterdir()
+                if not p.name.endswith(".idx") and not p.name.startswith(".")
+            ]
             for p in packs:
                 with open(p, "r+b") as f:
                     f.seek(p.stat().st_size // 2)

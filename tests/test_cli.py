@@ -1,4 +1,5 @@
 """The blockferry client against a real agent."""
+
 from __future__ import annotations
 
 import json
@@ -43,28 +44,42 @@ def test_errors_are_clear(agent):
 
 
 def test_demo_runs_the_main_job(short_tmp):
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(short_tmp / "demo")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "demo", "--workdir", str(short_tmp / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert out.count(": MATCH") == 2 and "MISMATCH" not in out
     assert "agent drained and exited with 0" in out and "controller exited with 0" in out
     # it went through the controller's REST API and its tasks
-    for step in ("POST /v1/pool/share/create", "POST /v1/volume/internal/backuppoint/add",
-                 "POST /v1/volume/share/create", "POST /v1/volume/share/backup/add",
-                 "GET /v1/volume/share/backup/list", "POST /v1/volume/share/backup/restore"):
+    for step in (
+        "POST /v1/pool/share/create",
+        "POST /v1/volume/internal/backuppoint/add",
+        "POST /v1/volume/share/create",
+        "POST /v1/volume/share/backup/add",
+        "GET /v1/volume/share/backup/list",
+        "POST /v1/volume/share/backup/restore",
+    ):
         assert step in out, step
     assert "mode full" in out and "mode incremental" in out and "exactly what was written" in out
     # a second run starts from nothing (the first run's inventory would refuse its pool name)
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(short_tmp / "demo")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "demo", "--workdir", str(short_tmp / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "removing the previous demo run" in r.stdout, r.stdout + r.stderr
     assert r.stdout.count(": MATCH") == 2
     # a directory the demo did not make is never emptied
     mine = short_tmp / "mine"
     mine.mkdir()
     (mine / "keep.txt").write_text("precious")
-    r = subprocess.run([sys.executable, "-m", "agent.cli", "demo", "--workdir", str(mine)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "demo", "--workdir", str(mine)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and "not made by the demo" in r.stdout, r.stdout + r.stderr
     assert (mine / "keep.txt").read_text() == "precious"

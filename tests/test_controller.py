@@ -2,6 +2,7 @@
 envelope, tenants, secrets at rest, and bad input (hypothesis). The
 controller runs as a real process on SQLite; the fuzzing drives the same
 application in process."""
+
 from __future__ import annotations
 
 import json
@@ -54,12 +55,31 @@ def test_seed_000_backup_points_as_written(controller):
         assert listed["total_count"] == 1
         item = listed["list"][0]
         assert (item["UUID"], item["Name"], item["BType"], item["tenant"]) == (bp, "nfs_type", "nfs", TENANT_A)
-        assert item["indentify"] == {"IP": "10.30.12.165", "PORT": "", "RootDir": add["root_dir"],
-                                     "SubDir": "zhanghailiang", "Dest": "", "Env": None, "Pwd": "******"}
-        assert set(item) == {"tenant", "tenant_name", "Name", "UUID", "BType", "NsUUID", "Ref", "indentify",
-                             "Ctime", "Mtime", "Bpstate"}
+        assert item["indentify"] == {
+            "IP": "10.30.12.165",
+            "PORT": "",
+            "RootDir": add["root_dir"],
+            "SubDir": "zhanghailiang",
+            "Dest": "",
+            "Env": None,
+            "Pwd": "******",
+        }
+        assert set(item) == {
+            "tenant",
+            "tenant_name",
+            "Name",
+            "UUID",
+            "BType",
+            "NsUUID",
+            "Ref",
+            "indentify",
+            "Ctime",
+            "Mtime",
+            "Bpstate",
+        }
         # at rest the password is sealed (AES-256-GCM with the controller's key)
         from sqlalchemy import create_engine, text
+
         engine = create_engine(controller.db_url)
         with engine.connect() as conn:
             sealed = conn.execute(text("SELECT password_sealed FROM backup_points")).scalar_one()
@@ -68,14 +88,15 @@ def test_seed_000_backup_points_as_written(controller):
         upd = seed_example("000", "v1/volume/internal/backuppoint/update")
         upd["backup_point_uuid"] = bp  # the seed's uuid names its own backup point
         check_ok(c.post("/v1/volume/internal/backuppoint/update", json=upd))
-        item = check_ok(c.get("/v1/volume/internal/backuppoint/list",
-                              params={"cluster_uuid": CLUSTER}))["list"][0]
+        item = check_ok(c.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER}))["list"][0]
         assert item["Name"] == "nfs_type_1" and item["Mtime"] >= item["Ctime"]
         dele = seed_example("000", "v1/volume/internal/backuppoint/delete")
         dele.update(uuid=bp, tenant=TENANT_A)
         check_ok(c.post("/v1/volume/internal/backuppoint/delete", json=dele))
-        assert check_ok(c.get("/v1/volume/internal/backuppoint/list",
-                              params={"cluster_uuid": CLUSTER}))["total_count"] == 0
+        assert (
+            check_ok(c.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER}))["total_count"]
+            == 0
+        )
     # the password is sealed at rest
     db = controller.workdir / "controller.sqlite3"
     if db.exists():
@@ -91,19 +112,28 @@ def test_tenants_and_tokens(controller):
     with controller.client(TENANT_A) as a, controller.client(TENANT_B) as b, controller.client("op") as op:
         bp = check_ok(a.post("/v1/volume/internal/backuppoint/add", json=add))["uuid"]
         # B never sees A's backup point, cannot add in A's name, update or delete it
-        assert check_ok(b.get("/v1/volume/internal/backuppoint/list",
-                              params={"cluster_uuid": CLUSTER}))["total_count"] == 0
-        check_error(b.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER,
-                                                                          "tenant": TENANT_A}), 404, "tenant")
+        assert (
+            check_ok(b.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER}))["total_count"]
+            == 0
+        )
+        check_error(
+            b.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER, "tenant": TENANT_A}),
+            404,
+            "tenant",
+        )
         check_error(b.post("/v1/volume/internal/backuppoint/add", json=add), 404, "tenant")
-        upd = dict(seed_example("000", "v1/volume/internal/backuppoint/update"), backup_point_uuid=bp,
-                   tenant_uuid=TENANT_B)
+        upd = dict(
+            seed_example("000", "v1/volume/internal/backuppoint/update"), backup_point_uuid=bp, tenant_uuid=TENANT_B
+        )
         check_error(b.post("/v1/volume/internal/backuppoint/update", json=upd), 404, "backup_point_uuid")
-        check_error(b.post("/v1/volume/internal/backuppoint/delete",
-                           json={"cluster_uuid": CLUSTER, "uuid": bp}), 404, "uuid")
+        check_error(
+            b.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": CLUSTER, "uuid": bp}), 404, "uuid"
+        )
         # the operator sees every tenant
-        assert check_ok(op.get("/v1/volume/internal/backuppoint/list",
-                               params={"cluster_uuid": CLUSTER}))["total_count"] == 1
+        assert (
+            check_ok(op.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER}))["total_count"]
+            == 1
+        )
         # a second add with the same name is a conflict
         check_error(a.post("/v1/volume/internal/backuppoint/add", json=add), 409, "name")
     for headers in ({}, {"Authorization": "Bearer wrong-token-xxxxxxxxxxxx"}, {"Authorization": "Basic x"}):
@@ -130,20 +160,37 @@ def test_bad_input_is_refused_by_field(controller):
     with controller.client(TENANT_A) as c:
         for body, status, field in cases:
             check_error(c.post("/v1/volume/internal/backuppoint/add", json=body), status, field)
-        check_error(c.post("/v1/volume/internal/backuppoint/add", content=b"{not json",
-                           headers={"content-type": "application/json"}), 400)
-        check_error(c.post("/v1/volume/internal/backuppoint/delete",
-                           json={"cluster_uuid": CLUSTER, "uuid": str(uuid.uuid4())}), 404, "uuid")
-        check_error(c.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER,
-                                                                          "page_size": "ten"}), 400, "page_size")
+        check_error(
+            c.post(
+                "/v1/volume/internal/backuppoint/add",
+                content=b"{not json",
+                headers={"content-type": "application/json"},
+            ),
+            400,
+        )
+        check_error(
+            c.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": CLUSTER, "uuid": str(uuid.uuid4())}),
+            404,
+            "uuid",
+        )
+        check_error(
+            c.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER, "page_size": "ten"}),
+            400,
+            "page_size",
+        )
         check_error(c.get("/v1/volume/internal/backuppoint/list"), 400, "cluster_uuid")
         # found by the fuzzing: numbers beyond a 64-bit column, and non-ASCII digits
-        for bad in (str(2 ** 63), "\u00b2", "1" * 13):
-            check_error(c.get("/v1/volume/share/backup/list", params={"cluster_uuid": CLUSTER,
-                                                                     "filter_end_time": bad}), 400, "filter_end_time")
+        for bad in (str(2**63), "\u00b2", "1" * 13):
+            check_error(
+                c.get("/v1/volume/share/backup/list", params={"cluster_uuid": CLUSTER, "filter_end_time": bad}),
+                400,
+                "filter_end_time",
+            )
         check_error(c.get("/v1/nope"), 404)
-        assert check_ok(c.get("/v1/volume/internal/backuppoint/list",
-                              params={"cluster_uuid": CLUSTER}))["total_count"] == 0  # nothing changed
+        assert (
+            check_ok(c.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": CLUSTER}))["total_count"]
+            == 0
+        )  # nothing changed
 
 
 def test_paging_and_filter(controller):
@@ -151,9 +198,15 @@ def test_paging_and_filter(controller):
     with controller.client(TENANT_A) as c:
         for i in range(7):
             check_ok(c.post("/v1/volume/internal/backuppoint/add", json=dict(add, name=f"bp-{i}")))
+
         def page(n, size, f=""):
-            return check_ok(c.get("/v1/volume/internal/backuppoint/list", params={
-                "cluster_uuid": CLUSTER, "page_num": n, "page_size": size, "filter_name": f}))
+            return check_ok(
+                c.get(
+                    "/v1/volume/internal/backuppoint/list",
+                    params={"cluster_uuid": CLUSTER, "page_num": n, "page_size": size, "filter_name": f},
+                )
+            )
+
         assert [x["Name"] for x in page(1, 3)["list"]] == ["bp-0", "bp-1", "bp-2"]
         assert [x["Name"] for x in page(0, 3)["list"]] == ["bp-0", "bp-1", "bp-2"]
         assert [x["Name"] for x in page(3, 3)["list"]] == ["bp-6"] and page(3, 3)["total_count"] == 7
@@ -167,19 +220,56 @@ def test_paging_and_filter(controller):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_junk = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
-                  st.text(max_size=40),
-                  st.sampled_from(["../../etc/passwd", "/", "..", "", " ", "\x00", "a/b", "%", "💥" * 3,
-                                   str(uuid.UUID(int=0)), TENANT_B, CLUSTER, TENANT_A]),
-                  st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=5), st.integers(),
-                                                                       max_size=2))
+_junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),
+    st.sampled_from(
+        [
+            "../../etc/passwd",
+            "/",
+            "..",
+            "",
+            " ",
+            "\x00",
+            "a/b",
+            "%",
+            "💥" * 3,
+            str(uuid.UUID(int=0)),
+            TENANT_B,
+            CLUSTER,
+            TENANT_A,
+        ]
+    ),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 ENDPOINTS = {
-    "/v1/volume/internal/backuppoint/add": ["cluster_uuid", "tenant", "zone_uuid", "name", "btype", "ip",
-                                            "root_dir", "sub_dir", "pass_word", "env"],
+    "/v1/volume/internal/backuppoint/add": [
+        "cluster_uuid",
+        "tenant",
+        "zone_uuid",
+        "name",
+        "btype",
+        "ip",
+        "root_dir",
+        "sub_dir",
+        "pass_word",
+        "env",
+    ],
     "/v1/volume/internal/backuppoint/delete": ["cluster_uuid", "uuid", "tenant", "backup_point_name"],
-    "/v1/volume/internal/backuppoint/update": ["cluster_uuid", "tenant_uuid", "backup_point_uuid",
-                                               "backup_point_name", "ip", "root_directory", "sub_dir",
-                                               "environment"],
+    "/v1/volume/internal/backuppoint/update": [
+        "cluster_uuid",
+        "tenant_uuid",
+        "backup_point_uuid",
+        "backup_point_name",
+        "ip",
+        "root_directory",
+        "sub_dir",
+        "environment",
+    ],
 }
 
 
@@ -244,8 +334,13 @@ def test_fuzzed_bodies_never_500_and_change_nothing(app_client, endpoint, data):
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(params=st.dictionaries(st.sampled_from(["cluster_uuid", "tenant", "page_num", "page_size", "filter_name",
-                                               "x"]), st.text(max_size=20), max_size=5))
+@given(
+    params=st.dictionaries(
+        st.sampled_from(["cluster_uuid", "tenant", "page_num", "page_size", "filter_name", "x"]),
+        st.text(max_size=20),
+        max_size=5,
+    )
+)
 def test_fuzzed_list_queries_never_500(app_client, params):
     client, db, _ = app_client
     r = client.get("/v1/volume/internal/backuppoint/list", params=params)
@@ -257,8 +352,10 @@ def test_agents_register_and_heartbeat(short_tmp, make_agent):
     c = Controller(short_tmp / "ctl")
     try:
         host = str(uuid.uuid4())
-        a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-                       f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n')
+        a = make_agent(
+            f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+            f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n'
+        )
         a.config.chmod(0o600)
         a.start()
         with c.client("op") as op, c.client(TENANT_A) as tenant:
@@ -297,8 +394,10 @@ def test_agents_register_and_heartbeat(short_tmp, make_agent):
 def test_an_agent_with_the_wrong_token_is_refused(short_tmp, make_agent):
     c = Controller(short_tmp / "ctl")
     try:
-        a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "wrong-token-000000000000"\n'
-                       f'heartbeat_interval = 1.0\n')
+        a = make_agent(
+            f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "wrong-token-000000000000"\n'
+            f"heartbeat_interval = 1.0\n"
+        )
         a.config.chmod(0o600)
         a.start()
         time.sleep(3)
@@ -323,9 +422,9 @@ def seed_endpoints() -> list[tuple[str, str, dict]]:
             path = "/" + part.split("\n", 1)[0].strip().lstrip("/")
             method = "GET" if re.search(r"### 请求类型\s*\nGET", part) else "POST"
             if method == "POST" and "Body:" in part:
-                example = json.loads(part[part.index("Body:"):].split("```")[1])
+                example = json.loads(part[part.index("Body:") :].split("```")[1])
             else:
-                url = part[part.index("#### 请求示例"):].split("```")[1].strip()
+                url = part[part.index("#### 请求示例") :].split("```")[1].strip()
                 example = dict(parse_qsl(urlparse(url).query, keep_blank_values=True))
             out.append((method, path, example))
     return out
@@ -340,9 +439,12 @@ def _db_state(db) -> list:
     from agent.controller import models
 
     with db.session() as s:
-        return [sorted(repr(sorted((k, x) for k, x in vars(r).items() if not k.startswith("_")))
-                       for r in s.scalars(select(m)))
-                for m in (models.BackupPoint, models.Pool, models.Volume, models.Backup, models.Task)]
+        return [
+            sorted(
+                repr(sorted((k, x) for k, x in vars(r).items() if not k.startswith("_"))) for r in s.scalars(select(m))
+            )
+            for m in (models.BackupPoint, models.Pool, models.Volume, models.Backup, models.Task)
+        ]
 
 
 def test_every_seed_endpoint_is_served():
@@ -372,10 +474,13 @@ def test_fuzzed_every_endpoint_never_500_and_changes_nothing(app_client, which, 
         elif choice == 1:
             body[k] = data.draw(_junk)
         elif choice == 2:
-            body[k] = data.draw(st.sampled_from([str(uuid.uuid4()), TENANT_B, CLUSTER, "../../etc/passwd",
-                                                 "/etc/shadow", "a/../../b", "..", "\x00"]))
+            body[k] = data.draw(
+                st.sampled_from(
+                    [str(uuid.uuid4()), TENANT_B, CLUSTER, "../../etc/passwd", "/etc/shadow", "a/../../b", "..", "\x00"]
+                )
+            )
         else:
-            body[k] = data.draw(st.sampled_from(["", 0, -1, 2 ** 63, True, [], {}]))
+            body[k] = data.draw(st.sampled_from(["", 0, -1, 2**63, True, [], {}]))
     before = _db_state(db)
     if method == "GET":
         params = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in body.items()}
@@ -396,16 +501,23 @@ def test_agent_registry_over_mutual_tls(short_tmp, make_agent, pki):
     from support.cephcluster import free_port
 
     gport = free_port()
-    c = Controller(short_tmp / "ctl", grpc_listen=f"127.0.0.1:{gport}",
-                   extra=f'grpc_tls_cert = "{pki}/server.pem"\ngrpc_tls_key = "{pki}/server.key"\n'
-                         f'grpc_client_ca = "{pki}/ca.pem"\n')
+    c = Controller(
+        short_tmp / "ctl",
+        grpc_listen=f"127.0.0.1:{gport}",
+        extra=f'grpc_tls_cert = "{pki}/server.pem"\ngrpc_tls_key = "{pki}/server.key"\n'
+        f'grpc_client_ca = "{pki}/ca.pem"\n',
+    )
     try:
         good, bad = str(uuid.uuid4()), str(uuid.uuid4())
         for name, host, cert in (("good", good, True), ("bad", bad, False)):
-            tls = f'tls_ca = "{pki}/ca.pem"\n' + (f'tls_cert = "{pki}/client.pem"\ntls_key = "{pki}/client.key"\n'
-                                                 if cert else "")
-            a = make_agent(f'[controller]\naddress = "localhost:{gport}"\ntoken = "{AGENT_TOKEN}"\n'
-                           f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n{tls}', name=name)
+            tls = f'tls_ca = "{pki}/ca.pem"\n' + (
+                f'tls_cert = "{pki}/client.pem"\ntls_key = "{pki}/client.key"\n' if cert else ""
+            )
+            a = make_agent(
+                f'[controller]\naddress = "localhost:{gport}"\ntoken = "{AGENT_TOKEN}"\n'
+                f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n{tls}',
+                name=name,
+            )
             a.config.chmod(0o600)
             a.start()
         with c.client("op") as op:

@@ -1,6 +1,7 @@
 """The controller's config: the main file plus controller.conf.d/*.toml
 beside it (what the Ansible role writes: the main file readable and
 diffable, the tokens alone in a 0600 conf.d file)."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,10 +22,17 @@ def write(path, text, mode=0o640):
 def test_conf_d_merges_in_name_order_and_tokens_add_up(tmp_path):
     main = write(tmp_path / "controller.toml", '[controller]\nlisten = "127.0.0.1:8080"\nlog_level = "info"\n')
     d = tmp_path / "controller.conf.d"
-    write(d / "50-secrets.toml", f'[controller]\nagent_token = "{TOKEN}"\n[[tokens]]\ntoken = "{TOKEN}"\n'
-          'tenant = "*"\n', 0o600)
-    write(d / "60-more.toml", f'[controller]\nlog_level = "debug"\n[[tokens]]\ntoken = "{"u" * 20}"\n'
-          'tenant = "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"\n', 0o600)
+    write(
+        d / "50-secrets.toml",
+        f'[controller]\nagent_token = "{TOKEN}"\n[[tokens]]\ntoken = "{TOKEN}"\ntenant = "*"\n',
+        0o600,
+    )
+    write(
+        d / "60-more.toml",
+        f'[controller]\nlog_level = "debug"\n[[tokens]]\ntoken = "{"u" * 20}"\n'
+        'tenant = "8b69bb2f-2a6e-4149-9f43-8d2e2b780df1"\n',
+        0o600,
+    )
     write(d / "README", "not toml, not read")
     cfg = load(str(main))
     assert cfg.listen == "127.0.0.1:8080" and cfg.log_level == "debug" and cfg.agent_token == TOKEN

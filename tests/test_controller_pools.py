@@ -1,5 +1,6 @@
 """Seed 002 through the controller, with a real agent registered and real
 storage: a directory pool and an RBD pool on the Ceph fixture."""
+
 from __future__ import annotations
 
 import os
@@ -27,60 +28,113 @@ def test_seed_002_pools(cluster, ceph):
         body = dict(create, pool_type=4, source=str(a.roots[0] / "shared-disks"), avail_host=[host])
         pool = check_ok(op.post("/v1/pool/share/create", json=body))["pool"]
         assert (pool["Name"], pool["Type"], pool["Status"], pool["AvailHosts"], pool["LimitHost"]) == (
-            "test--", 4, "healthy", [host], True)
+            "test--",
+            4,
+            "healthy",
+            [host],
+            True,
+        )
         assert pool["Capacity"] > 0 and pool["Attr"] == {"overAllocationThreshold": "1.0"}
-        assert set(pool) >= {"UUID", "Name", "Type", "NamespaceUUID", "ZoneUUID", "ZoneName", "MachineUUID", "IP",
-                              "Port", "Source", "Username", "Password", "Ctime", "Mtime", "VolumeTotalCount",
-                              "AvailHosts", "Volumes", "Capacity", "ShareNsUUIDs", "Used", "Attr", "ShareNsNames",
-                              "Status", "AllocatedCapacity", "LimitHost"}
+        assert set(pool) >= {
+            "UUID",
+            "Name",
+            "Type",
+            "NamespaceUUID",
+            "ZoneUUID",
+            "ZoneName",
+            "MachineUUID",
+            "IP",
+            "Port",
+            "Source",
+            "Username",
+            "Password",
+            "Ctime",
+            "Mtime",
+            "VolumeTotalCount",
+            "AvailHosts",
+            "Volumes",
+            "Capacity",
+            "ShareNsUUIDs",
+            "Used",
+            "Attr",
+            "ShareNsNames",
+            "Status",
+            "AllocatedCapacity",
+            "LimitHost",
+        }
         pid = pool["UUID"]
         with a.client() as ac:  # the agent serves it now
             assert ac.get_pool_status(v.PoolRef(pool_uuid=pid)).status == "healthy"
         check_error(op.post("/v1/pool/share/create", json=body), 409, "pool_name")
-        listed = check_ok(op.post("/v1/pool/share/list", json=dict(seed_example("002", "/v1/pool/share/list"),
-                                                                   cluster_uuid=create["cluster_uuid"])))
+        listed = check_ok(
+            op.post(
+                "/v1/pool/share/list",
+                json=dict(seed_example("002", "/v1/pool/share/list"), cluster_uuid=create["cluster_uuid"]),
+            )
+        )
         assert listed["TotalCount"] == 1 and listed["infos"][0]["pool"]["UUID"] == pid
         get = dict(seed_example("002", "/v1/pool/share/get"), pool_uuid=pid, cluster_uuid=create["cluster_uuid"])
         assert check_ok(op.post("/v1/pool/share/get", json=get))["pool"]["Name"] == "test--"
         setb = dict(seed_example("002", "/v1/pool/share/set"), pool_uuid=pid, cluster_uuid=create["cluster_uuid"])
         assert check_ok(op.post("/v1/pool/share/set", json=setb))["pool"]["Name"] == "disks"
-        st = dict(seed_example("002", "/v1/pool/share/status/check"), pool_uuid=pid,
-                  cluster_uuid=create["cluster_uuid"])
+        st = dict(
+            seed_example("002", "/v1/pool/share/status/check"), pool_uuid=pid, cluster_uuid=create["cluster_uuid"]
+        )
         assert check_ok(op.post("/v1/pool/share/status/check", json=st))["pool"]["Status"] == "healthy"
         url = seed_example("002", "/v1/pool/share/pool_type/support", "url")
         assert check_ok(op.get("/v1/pool/share/pool_type/support?" + url.split("?", 1)[1]))["PoolTypes"] == [
-            "nfs", "disk", "rbd"]
-        fc = check_ok(op.post("/v1/pool/share/fc_device/list",
-                              json=seed_example("002", "/v1/pool/share/fc_device/list")))
-        assert fc["list"][f"wwn-0x{WWID_B}"] == [{"host_uuid": host, "host_name": fc["list"][f"wwn-0x{WWID_B}"][0][
-            "host_name"], "disk_path": fc["list"][f"wwn-0x{WWID_B}"][0]["disk_path"]}]
+            "nfs",
+            "disk",
+            "rbd",
+        ]
+        fc = check_ok(
+            op.post("/v1/pool/share/fc_device/list", json=seed_example("002", "/v1/pool/share/fc_device/list"))
+        )
+        assert fc["list"][f"wwn-0x{WWID_B}"] == [
+            {
+                "host_uuid": host,
+                "host_name": fc["list"][f"wwn-0x{WWID_B}"][0]["host_name"],
+                "disk_path": fc["list"][f"wwn-0x{WWID_B}"][0]["disk_path"],
+            }
+        ]
         # an RBD pool on the real cluster
         rados_pool = f"ctl{uuid.uuid4().hex[:8]}"  # its own RADOS pool: other tests leave images in "rbd"
         ceph.add_pool(rados_pool)
-        rbd_body = dict(create, pool_name="ceph", pool_type=6, source=rados_pool, limit_host=False, avail_host=[],
-                        attr={"ceph_conf": str(ceph.conf)})
+        rbd_body = dict(
+            create,
+            pool_name="ceph",
+            pool_type=6,
+            source=rados_pool,
+            limit_host=False,
+            avail_host=[],
+            attr={"ceph_conf": str(ceph.conf)},
+        )
         rbd_pool = check_ok(op.post("/v1/pool/share/create", json=rbd_body))["pool"]
         assert rbd_pool["Status"] == "healthy" and rbd_pool["AvailHosts"] == [host]
         # a tenant token may not manage shared pools; bad input names the field
         with c.client(TENANT_A) as t:
             check_error(t.post("/v1/pool/share/create", json=body), 403, "authorization")
-        check_error(op.post("/v1/pool/share/create", json=dict(body, pool_name="x", avail_host=[str(uuid.uuid4())])),
-                    404, "avail_host")
+        check_error(
+            op.post("/v1/pool/share/create", json=dict(body, pool_name="x", avail_host=[str(uuid.uuid4())])),
+            404,
+            "avail_host",
+        )
         check_error(op.post("/v1/pool/share/create", json=dict(body, pool_name="y", source="/etc")), 403)
-        check_error(op.post("/v1/pool/share/create", json=dict(body, pool_name="z", pool_type="4")), 400,
-                    "pool_type")
-        check_error(op.post("/v1/pool/share/create", json=dict(body, pool_name="w", attr={
-            "overAllocationThreshold": "lots"})), 400, "attr.overAllocationThreshold")
+        check_error(op.post("/v1/pool/share/create", json=dict(body, pool_name="z", pool_type="4")), 400, "pool_type")
+        check_error(
+            op.post("/v1/pool/share/create", json=dict(body, pool_name="w", attr={"overAllocationThreshold": "lots"})),
+            400,
+            "attr.overAllocationThreshold",
+        )
         # delete: the agents stop serving it
-        dele = dict(seed_example("002", "/v1/pool/share/delete"), pool_uuid=pid,
-                    cluster_uuid=create["cluster_uuid"])
+        dele = dict(seed_example("002", "/v1/pool/share/delete"), pool_uuid=pid, cluster_uuid=create["cluster_uuid"])
         check_ok(op.post("/v1/pool/share/delete", json=dele))
         with a.client() as ac:
-            assert rpc_error(lambda: ac.get_pool_status(v.PoolRef(pool_uuid=pid))).code().name == \
-                "NOT_FOUND"
+            assert rpc_error(lambda: ac.get_pool_status(v.PoolRef(pool_uuid=pid))).code().name == "NOT_FOUND"
         check_ok(op.post("/v1/pool/share/delete", json=dict(dele, pool_uuid=rbd_pool["UUID"])))
-        assert check_ok(op.post("/v1/pool/share/list", json={"cluster_uuid": create["cluster_uuid"]}))[
-            "TotalCount"] == 0
+        assert (
+            check_ok(op.post("/v1/pool/share/list", json={"cluster_uuid": create["cluster_uuid"]}))["TotalCount"] == 0
+        )
 
 
 def test_seed_002_nfs_pool_as_written(cluster, nfs_server, short_tmp):
@@ -104,13 +158,22 @@ def test_seed_002_nfs_pool_as_written(cluster, nfs_server, short_tmp):
         check_error(op.post("/v1/pool/share/create", json=dict(body, source=source + "/a b")), 400, "source")
         pool = check_ok(op.post("/v1/pool/share/create", json=body))["pool"]
         assert (pool["Type"], pool["Status"], pool["IP"], pool["Source"], pool["AvailHosts"]) == (
-            2, "healthy", "127.0.0.1", source, [host])
+            2,
+            "healthy",
+            "127.0.0.1",
+            source,
+            [host],
+        )
         assert pool["Capacity"] > 0
         with a.client() as ac:
             assert ac.get_pool_status(v.PoolRef(pool_uuid=pool["UUID"])).type == "nfs"
         cluster_uuid = create["cluster_uuid"]
-        vc = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=pool["UUID"], cluster_uuid=cluster_uuid,
-                  capacity=16 << 20)
+        vc = dict(
+            seed_example("001", "/v1/volume/share/create"),
+            pool_uuid=pool["UUID"],
+            cluster_uuid=cluster_uuid,
+            capacity=16 << 20,
+        )
         vc.pop("backing_file")  # the example adopts /xgp/my.qcow2, a file of that host
         vol = check_ok(op.post("/v1/volume/share/create", json=vc))["volume"]
         head = vol["AccessPath"][host]
@@ -118,19 +181,47 @@ def test_seed_002_nfs_pool_as_written(cluster, nfs_server, short_tmp):
         data = os.urandom(1 << 20)
         write(head, {0: data}, run)
         ref = {"tenant": vc["tenant"], "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
-        snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(
-            seed_example("001", "/v1/volume/share/snapshot/create"), **ref, snapshot_name="aaa")))["snapshot"]
+        snap = check_ok(
+            op.post(
+                "/v1/volume/share/snapshot/create",
+                json=dict(seed_example("001", "/v1/volume/share/snapshot/create"), **ref, snapshot_name="aaa"),
+            )
+        )["snapshot"]
         layer = on_server / f"pool-{pool['UUID']}" / "snapshot" / vol["UUID"] / snap["UUID"]
-        subprocess.run(["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"if={layer}", f"of={run}/out.raw",
-                        "bs=1M", "count=1"], capture_output=True, check=True)
+        subprocess.run(
+            [
+                "qemu-img",
+                "dd",
+                "-U",
+                "-f",
+                "qcow2",
+                "-O",
+                "raw",
+                f"if={layer}",
+                f"of={run}/out.raw",
+                "bs=1M",
+                "count=1",
+            ],
+            capture_output=True,
+            check=True,
+        )
         assert (run / "out.raw").read_bytes() == data  # read from the server's own files
-        check_ok(op.post("/v1/volume/share/snapshot/delete", json=dict(
-            seed_example("001", "/v1/volume/share/snapshot/delete"), **ref, snapshot_uuid=snap["UUID"])))
-        check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"),
-                                                              **ref)))
+        check_ok(
+            op.post(
+                "/v1/volume/share/snapshot/delete",
+                json=dict(seed_example("001", "/v1/volume/share/snapshot/delete"), **ref, snapshot_uuid=snap["UUID"]),
+            )
+        )
+        check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"), **ref)))
         assert not layer.exists() and not list((on_server / f"pool-{pool['UUID']}" / "volume").iterdir())
-        check_ok(op.post("/v1/pool/share/delete", json=dict(seed_example("002", "/v1/pool/share/delete"),
-                                                            pool_uuid=pool["UUID"], cluster_uuid=cluster_uuid)))
+        check_ok(
+            op.post(
+                "/v1/pool/share/delete",
+                json=dict(
+                    seed_example("002", "/v1/pool/share/delete"), pool_uuid=pool["UUID"], cluster_uuid=cluster_uuid
+                ),
+            )
+        )
 
 
 def test_zones_place_pools_on_the_hosts_of_their_zone(short_tmp, make_agent):
@@ -141,9 +232,11 @@ def test_zones_place_pools_on_the_hosts_of_their_zone(short_tmp, make_agent):
     cluster, zone, other = create["cluster_uuid"], create["zone_uuid"], str(uuid.uuid4())
     c = Controller(short_tmp / "ctl")
     host = str(uuid.uuid4())
-    a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-                   f'host_uuid = "{host}"\nheartbeat_interval = 1.0\ncluster_uuid = "{cluster}"\n'
-                   f'zone_uuid = "{zone.upper()}"\nzone_name = "rack-1"\n')
+    a = make_agent(
+        f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\ncluster_uuid = "{cluster}"\n'
+        f'zone_uuid = "{zone.upper()}"\nzone_name = "rack-1"\n'
+    )
     a.config.chmod(0o600)
     a.start()
     try:
@@ -158,20 +251,35 @@ def test_zones_place_pools_on_the_hosts_of_their_zone(short_tmp, make_agent):
             # another zone, or another cluster: this host is not eligible, and nothing is attached
             check_error(op.post("/v1/pool/share/create", json=dict(body, zone_uuid=other)), 502, "avail_host")
             check_error(op.post("/v1/pool/share/create", json=dict(body, cluster_uuid=other)), 502, "avail_host")
-            check_error(op.post("/v1/pool/share/create", json=dict(body, zone_uuid=other, limit_host=True,
-                                                                    avail_host=[host])), 400, "avail_host")
+            check_error(
+                op.post("/v1/pool/share/create", json=dict(body, zone_uuid=other, limit_host=True, avail_host=[host])),
+                400,
+                "avail_host",
+            )
             assert not (a.roots[0] / "zoned").exists()
             pool = check_ok(op.post("/v1/pool/share/create", json=body))["pool"]
             assert (pool["AvailHosts"], pool["ZoneUUID"], pool["ZoneName"]) == ([host], zone, "rack-1")
             # the pool really lives on the agent: a volume made through the seed API has its file there
-            vol = check_ok(op.post("/v1/volume/share/create", json=dict(
-                seed_example("001", "/v1/volume/share/create"), cluster_uuid=cluster, pool_uuid=pool["UUID"],
-                tenant=TENANT_A, volume_name="zoned-vol", capacity=1 << 20, backing_file="")))["volume"]
+            vol = check_ok(
+                op.post(
+                    "/v1/volume/share/create",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/create"),
+                        cluster_uuid=cluster,
+                        pool_uuid=pool["UUID"],
+                        tenant=TENANT_A,
+                        volume_name="zoned-vol",
+                        capacity=1 << 20,
+                        backing_file="",
+                    ),
+                )
+            )["volume"]
             assert vol["ZoneName"] == "rack-1"
             assert list((a.roots[0] / "zoned").rglob(vol["UUID"]))
             zones = check_ok(op.get("/v1/zones"))
-            assert zones["list"] == [{"ClusterUUID": cluster, "UUID": zone, "Name": "rack-1", "Hosts": [host],
-                                      "PoolCount": 1}]
+            assert zones["list"] == [
+                {"ClusterUUID": cluster, "UUID": zone, "Name": "rack-1", "Hosts": [host], "PoolCount": 1}
+            ]
             with c.client(TENANT_A) as t:
                 check_error(t.get("/v1/zones"), 403, "authorization")
     finally:
@@ -179,8 +287,9 @@ def test_zones_place_pools_on_the_hosts_of_their_zone(short_tmp, make_agent):
         c.stop()
     # a zone_uuid that is not a uuid is refused when the agent starts
     bad = make_agent('[controller]\naddress = "127.0.0.1:1"\nzone_uuid = "rack-1"\n')
-    r = subprocess.run([sys.executable, "-m", "agent.server", "-c", str(bad.config), "--show-config"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.server", "-c", str(bad.config), "--show-config"], capture_output=True, text=True
+    )
     assert r.returncode != 0 and "[controller] zone_uuid" in r.stderr, r.stderr
 
 
@@ -194,16 +303,26 @@ def test_seed_001_volumes_and_snapshots(cluster, short_tmp):
     c, a, host = cluster
     run = short_tmp / "run-test"
     run.mkdir()
-    pool_body = dict(seed_example("002", "/v1/pool/share/create"), pool_type=4,
-                     source=str(a.roots[0] / "vols"), avail_host=[host])
+    pool_body = dict(
+        seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "vols"), avail_host=[host]
+    )
     with c.client("op") as op:
         pool = check_ok(op.post("/v1/pool/share/create", json=pool_body))["pool"]
-        create = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=pool["UUID"],
-                      cluster_uuid=pool_body["cluster_uuid"], capacity=16 << 20)
+        create = dict(
+            seed_example("001", "/v1/volume/share/create"),
+            pool_uuid=pool["UUID"],
+            cluster_uuid=pool_body["cluster_uuid"],
+            capacity=16 << 20,
+        )
         create.pop("backing_file")  # the example adopts /xgp/my.qcow2, a file of that host
         vol = check_ok(op.post("/v1/volume/share/create", json=create))["volume"]
         assert (vol["Name"], vol["Type"], vol["Capacity"], vol["SnapCap"], vol["PoolUUID"]) == (
-            "test", "block", 16 << 20, create["snap_capacity"], pool["UUID"])
+            "test",
+            "block",
+            16 << 20,
+            create["snap_capacity"],
+            pool["UUID"],
+        )
         assert vol["NamespaceUUID"] == create["tenant"] and list(vol["AccessPath"]) == [host]
         head = vol["AccessPath"][host]
         check_error(op.post("/v1/volume/share/create", json=create), 409, "volume_name")
@@ -215,7 +334,8 @@ def test_seed_001_volumes_and_snapshots(cluster, short_tmp):
         assert (aaa["Name"], aaa["Volume"], aaa["Parent"], aaa["Children"]) == ("aaa", vol["UUID"], "", ["head"])
         write(head, {0: os.urandom(1 << 20)}, run)
         second = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(snap, snapshot_name="snap")))[
-            "snapshot"]
+            "snapshot"
+        ]
         assert second["Parent"] == "aaa"
         check_error(op.post("/v1/volume/share/snapshot/create", json=snap), 409, "snapshot_name")
         listed = check_ok(op.post("/v1/volume/share/snapshot/list", json=ref))["list"]
@@ -226,8 +346,11 @@ def test_seed_001_volumes_and_snapshots(cluster, short_tmp):
         # rollback to aaa: the live state holds the first data again
         rb = dict(seed_example("001", "/v1/volume/share/snapshot/rollback"), **ref, snapshot_uuid=aaa["UUID"])
         check_ok(op.post("/v1/volume/share/snapshot/rollback", json=rb))
-        subprocess.run(["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"if={head}", f"of={run}/out.raw",
-                        "bs=1M", "count=1"], capture_output=True, check=True)
+        subprocess.run(
+            ["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"if={head}", f"of={run}/out.raw", "bs=1M", "count=1"],
+            capture_output=True,
+            check=True,
+        )
         got = (run / "out.raw").read_bytes()
         assert hashlib.sha256(got).digest() == hashlib.sha256(first).digest()
         check_ok(op.post("/v1/volume/share/used/update", json=dict(ref, volume_name="test")))
@@ -263,31 +386,67 @@ def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
 
     def digest(pool_uuid, volume_uuid, snapshot_uuid=""):
         with a.client() as ac:
-            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(
-                pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid))
+            job = ac.run(
+                f"sum-{uuid.uuid4()}",
+                checksum=jobs_pb2.ChecksumSpec(
+                    pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid
+                ),
+            )
             assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
             return job.checksum_result.image_digest
 
     with c.client("op") as op:
-        pool = check_ok(op.post("/v1/pool/share/create", json=dict(
-            seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p1"),
-            avail_host=[host])))["pool"]
+        pool = check_ok(
+            op.post(
+                "/v1/pool/share/create",
+                json=dict(
+                    seed_example("002", "/v1/pool/share/create"),
+                    pool_type=4,
+                    source=str(a.roots[0] / "p1"),
+                    avail_host=[host],
+                ),
+            )
+        )["pool"]
         pid = pool["UUID"]
-        vol = check_ok(op.post("/v1/volume/share/create", json=dict(
-            seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid,
-            capacity=24 << 20, backing_file="")))["volume"]
+        vol = check_ok(
+            op.post(
+                "/v1/volume/share/create",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/create"),
+                    pool_uuid=pid,
+                    cluster_uuid=cluster_uuid,
+                    capacity=24 << 20,
+                    backing_file="",
+                ),
+            )
+        )["volume"]
         ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
         head = vol["AccessPath"][host]
         write(head, {0: os.urandom(3 << 20), 12 << 20: os.urandom(1 << 20)}, run)
         s1 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
         want1 = digest(pid, vol["UUID"], s1["UUID"])
         # a backup point of the tenant (seed 000), a directory under the agent's roots
-        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
-            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
-            cluster_uuid=cluster_uuid, root_dir=str(a.roots[0] / "backups"), sub_dir="t1",
-            env={"chunk_size": 1 << 20})))["uuid"]
-        add = dict(seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
-                   volume_uuid=vol["UUID"], snapshot_uuid=s1["UUID"], backup_point_uuid=bp)
+        bp = check_ok(
+            op.post(
+                "/v1/volume/internal/backuppoint/add",
+                json=dict(
+                    seed_example("000", "/v1/volume/internal/backuppoint/add"),
+                    tenant=tenant,
+                    btype="local",
+                    cluster_uuid=cluster_uuid,
+                    root_dir=str(a.roots[0] / "backups"),
+                    sub_dir="t1",
+                    env={"chunk_size": 1 << 20},
+                ),
+            )
+        )["uuid"]
+        add = dict(
+            seed_example("001", "/v1/volume/share/backup/add"),
+            cluster_uuid=cluster_uuid,
+            volume_uuid=vol["UUID"],
+            snapshot_uuid=s1["UUID"],
+            backup_point_uuid=bp,
+        )
         started = check_ok(op.post("/v1/volume/share/backup/add", json=add))
         assert started["backup"]["Status"] == "BackupStarted" and started["backup"]["BpUUID"] == bp
         t = wait_task(op, started["task_id"])
@@ -298,22 +457,38 @@ def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
         write(head, {1 << 20: os.urandom(4096)}, run)
         s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))["snapshot"]
         want2 = digest(pid, vol["UUID"], s2["UUID"])
-        second = check_ok(op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=s2["UUID"],
-                                                                           backup_name="backup2")))
+        second = check_ok(
+            op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=s2["UUID"], backup_name="backup2"))
+        )
         t2 = wait_task(op, second["task_id"])
         assert t2["status"] == "success" and t2["result"]["mode"] == "incremental", t2
         url = seed_example("001", "/v1/volume/share/backup/list", "url").split("?", 1)[1]
-        listed = check_ok(op.get("/v1/volume/share/backup/list?" + url.replace(
-            "filter_volume_uuid=3e0925e0-648d-4217-bc1a-079cdbcf2e41", f"filter_volume_uuid={vol['UUID']}").replace(
-            "cluster_uuid=a97eb422-f42b-4b85-8556-725f152661f0", f"cluster_uuid={cluster_uuid}").replace(
-            "filter_end_time=1615797008", f"filter_end_time={int(time.time()) + 60}")))
+        listed = check_ok(
+            op.get(
+                "/v1/volume/share/backup/list?"
+                + url.replace(
+                    "filter_volume_uuid=3e0925e0-648d-4217-bc1a-079cdbcf2e41", f"filter_volume_uuid={vol['UUID']}"
+                )
+                .replace("cluster_uuid=a97eb422-f42b-4b85-8556-725f152661f0", f"cluster_uuid={cluster_uuid}")
+                .replace("filter_end_time=1615797008", f"filter_end_time={int(time.time()) + 60}")
+            )
+        )
         assert [x["Status"] for x in listed["list"]] == ["BackupSucceeded", "BackupSucceeded"]
         # restore both into new volumes: bit for bit
         for bid, want in ((b1, want1), (second["backup"]["UUID"], want2)):
-            rs = check_ok(op.post("/v1/volume/share/backup/restore", json=dict(
-                seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=bid,
-                new_volume_name=f"restored-{bid[:6]}", new_pool_uuid=pid, new_volume_tenant=tenant,
-                cluster_uuid=cluster_uuid)))
+            rs = check_ok(
+                op.post(
+                    "/v1/volume/share/backup/restore",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/backup/restore"),
+                        backup_uuid=bid,
+                        new_volume_name=f"restored-{bid[:6]}",
+                        new_pool_uuid=pid,
+                        new_volume_tenant=tenant,
+                        cluster_uuid=cluster_uuid,
+                    ),
+                )
+            )
             tr = wait_task(op, rs["task_id"])
             assert tr["status"] == "success", tr
             assert digest(pid, rs["volume"]["UUID"]) == want
@@ -321,28 +496,59 @@ def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
             assert got["volume"]["Name"] == f"restored-{bid[:6]}"
         # clones: linked and full, with progress
         for linked in (True, False):
-            cl = check_ok(op.post("/v1/volume/share/clone", json=dict(
-                seed_example("001", "/v1/volume/share/clone"), cluster_uuid=cluster_uuid, volume_uuid=vol["UUID"],
-                clone_dst_pool_uuid=pid, clone_dst_vol_name=f"clone-{linked}", clone_dst_vol_tenant=tenant,
-                snapshot_uuid=s1["UUID"], is_link=linked)))
+            cl = check_ok(
+                op.post(
+                    "/v1/volume/share/clone",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/clone"),
+                        cluster_uuid=cluster_uuid,
+                        volume_uuid=vol["UUID"],
+                        clone_dst_pool_uuid=pid,
+                        clone_dst_vol_name=f"clone-{linked}",
+                        clone_dst_vol_tenant=tenant,
+                        snapshot_uuid=s1["UUID"],
+                        is_link=linked,
+                    ),
+                )
+            )
             new = cl["volume"]["UUID"]
             tc = wait_task(op, cl["task_id"])
             assert tc["status"] == "success", tc
-            prog = check_ok(op.get("/v1/volume/share/clone/progress", params={
-                "cluster_uuid": cluster_uuid, "tenant": tenant, "volume_uuid": new}))
+            prog = check_ok(
+                op.get(
+                    "/v1/volume/share/clone/progress",
+                    params={"cluster_uuid": cluster_uuid, "tenant": tenant, "volume_uuid": new},
+                )
+            )
             assert prog["clone_progress"] == 100.0
             assert digest(pid, new) == want1
         tasks = check_ok(op.get("/v1/tasks", params={"status": "success"}))
         assert tasks["total_count"] == 6 and {x["operation_type"] for x in tasks["tasks"]} == {
-            "backup", "restore", "clone"}
+            "backup",
+            "restore",
+            "clone",
+        }
         # delete the first backup: the second still restores
-        check_ok(op.post("/v1/volume/share/backup/delete", json=dict(
-            seed_example("001", "/v1/volume/share/backup/delete"), backup_uuid=b1, tenant=tenant,
-            cluster_uuid=cluster_uuid)))
-        assert [x["UUID"] for x in check_ok(op.get("/v1/volume/share/backup/list", params={
-            "cluster_uuid": cluster_uuid}))["list"]] == [second["backup"]["UUID"]]
-        check_error(op.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": cluster_uuid,
-                                                                           "uuid": bp}), 409, "uuid")
+        check_ok(
+            op.post(
+                "/v1/volume/share/backup/delete",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/backup/delete"),
+                    backup_uuid=b1,
+                    tenant=tenant,
+                    cluster_uuid=cluster_uuid,
+                ),
+            )
+        )
+        assert [
+            x["UUID"]
+            for x in check_ok(op.get("/v1/volume/share/backup/list", params={"cluster_uuid": cluster_uuid}))["list"]
+        ] == [second["backup"]["UUID"]]
+        check_error(
+            op.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": cluster_uuid, "uuid": bp}),
+            409,
+            "uuid",
+        )
         # bad input: another tenant's volume, unknown snapshot
         with c.client(TENANT_A) as t:
             check_error(t.post("/v1/volume/share/backup/add", json=add), 404, "volume_uuid")
@@ -368,61 +574,132 @@ def test_seed_000_backup_points_on_real_servers(cluster, short_tmp, kind, reques
     tenant = seed_example("000", "/v1/volume/internal/backuppoint/add")["tenant"]
     if kind == "nfs":
         srv = request.getfixturevalue("nfs_server")
-        point = dict(btype="nfs", ip="127.0.0.1", root_dir=str(srv.export), sub_dir=f"ctl-{uuid.uuid4().hex[:6]}",
-                     env={"port": srv.nfs_port, "mount_port": srv.mount_port, "chunk_size": 1 << 20})
+        point = dict(
+            btype="nfs",
+            ip="127.0.0.1",
+            root_dir=str(srv.export),
+            sub_dir=f"ctl-{uuid.uuid4().hex[:6]}",
+            env={"port": srv.nfs_port, "mount_port": srv.mount_port, "chunk_size": 1 << 20},
+        )
     else:
         srv = request.getfixturevalue("smb_server")
-        point = dict(btype="samba", ip="127.0.0.1", root_dir="backups", sub_dir=f"ctl-{uuid.uuid4().hex[:6]}",
-                     env={"port": srv.port, "username": srv.user, "secret": srv.password, "chunk_size": 1 << 20})
+        point = dict(
+            btype="samba",
+            ip="127.0.0.1",
+            root_dir="backups",
+            sub_dir=f"ctl-{uuid.uuid4().hex[:6]}",
+            env={"port": srv.port, "username": srv.user, "secret": srv.password, "chunk_size": 1 << 20},
+        )
     with c.client("op") as op:
-        pid = check_ok(op.post("/v1/pool/share/create", json=dict(
-            seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p"),
-            avail_host=[host])))["pool"]["UUID"]
-        vol = check_ok(op.post("/v1/volume/share/create", json=dict(
-            seed_example("001", "/v1/volume/share/create"), tenant=tenant, pool_uuid=pid, cluster_uuid=cluster_uuid,
-            capacity=16 << 20, backing_file="")))["volume"]
+        pid = check_ok(
+            op.post(
+                "/v1/pool/share/create",
+                json=dict(
+                    seed_example("002", "/v1/pool/share/create"),
+                    pool_type=4,
+                    source=str(a.roots[0] / "p"),
+                    avail_host=[host],
+                ),
+            )
+        )["pool"]["UUID"]
+        vol = check_ok(
+            op.post(
+                "/v1/volume/share/create",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/create"),
+                    tenant=tenant,
+                    pool_uuid=pid,
+                    cluster_uuid=cluster_uuid,
+                    capacity=16 << 20,
+                    backing_file="",
+                ),
+            )
+        )["volume"]
         write(vol["AccessPath"][host], {0: os.urandom(3 << 20)}, run)
         ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
         s1 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
-        add = dict(seed_example("000", "/v1/volume/internal/backuppoint/add"), cluster_uuid=cluster_uuid,
-                   pass_word="bp-secret-pw", **point)
+        add = dict(
+            seed_example("000", "/v1/volume/internal/backuppoint/add"),
+            cluster_uuid=cluster_uuid,
+            pass_word="bp-secret-pw",
+            **point,
+        )
         bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=add))["uuid"]
 
         def backup(name):
-            started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
-                seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
-                volume_uuid=vol["UUID"], snapshot_uuid=s1["UUID"], backup_point_uuid=bp, backup_name=name)))
+            started = check_ok(
+                op.post(
+                    "/v1/volume/share/backup/add",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/backup/add"),
+                        cluster_uuid=cluster_uuid,
+                        volume_uuid=vol["UUID"],
+                        snapshot_uuid=s1["UUID"],
+                        backup_point_uuid=bp,
+                        backup_name=name,
+                    ),
+                )
+            )
             t = wait_task(op, started["task_id"], 120)
             assert t["status"] == "success", t
             return started["backup"]["UUID"]
 
         def delete_backup(bid):
-            check_ok(op.post("/v1/volume/share/backup/delete", json={"cluster_uuid": cluster_uuid, "tenant": tenant,
-                                                                     "backup_uuid": bid}))
+            check_ok(
+                op.post(
+                    "/v1/volume/share/backup/delete",
+                    json={"cluster_uuid": cluster_uuid, "tenant": tenant, "backup_uuid": bid},
+                )
+            )
 
         first = backup("first")
-        rs = check_ok(op.post("/v1/volume/share/backup/restore", json=dict(
-            seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=first,
-            new_volume_name="back", new_pool_uuid=pid, new_volume_tenant=tenant, cluster_uuid=cluster_uuid)))
+        rs = check_ok(
+            op.post(
+                "/v1/volume/share/backup/restore",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/backup/restore"),
+                    backup_uuid=first,
+                    new_volume_name="back",
+                    new_pool_uuid=pid,
+                    new_volume_tenant=tenant,
+                    cluster_uuid=cluster_uuid,
+                ),
+            )
+        )
         assert wait_task(op, rs["task_id"], 120)["status"] == "success"
         with a.client() as ac:
+
             def digest(v, snap=""):
-                j = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=v,
-                                                                                  snapshot_uuid=snap))
+                j = ac.run(
+                    f"sum-{uuid.uuid4()}",
+                    checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=v, snapshot_uuid=snap),
+                )
                 return j.checksum_result.image_digest
+
             assert digest(rs["volume"]["UUID"]) == digest(vol["UUID"], s1["UUID"])
-        listed = check_ok(op.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": cluster_uuid,
-                                                                                 "tenant": tenant}))
+        listed = check_ok(
+            op.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": cluster_uuid, "tenant": tenant})
+        )
         item = next(x for x in listed["list"] if x["UUID"] == bp)
         assert item["BType"] == kind and item["Ref"] == 1 and item["indentify"]["Pwd"] == "******"
-        upd = dict(seed_example("000", "v1/volume/internal/backuppoint/update"), cluster_uuid=cluster_uuid,
-                   tenant_uuid=tenant, backup_point_uuid=bp, ip="127.0.0.1", root_directory=point["root_dir"],
-                   sub_dir=point["sub_dir"], backup_point_name=f"{kind}-renamed")
+        upd = dict(
+            seed_example("000", "v1/volume/internal/backuppoint/update"),
+            cluster_uuid=cluster_uuid,
+            tenant_uuid=tenant,
+            backup_point_uuid=bp,
+            ip="127.0.0.1",
+            root_directory=point["root_dir"],
+            sub_dir=point["sub_dir"],
+            backup_point_name=f"{kind}-renamed",
+        )
         check_ok(op.post("/v1/volume/internal/backuppoint/update", json=upd))  # a rename: fine
         moved = dict(upd, sub_dir=point["sub_dir"] + "-moved")
         check_error(op.post("/v1/volume/internal/backuppoint/update", json=moved), 409, "backup_point_uuid")
-        check_error(op.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": cluster_uuid,
-                                                                           "uuid": bp}), 409, "uuid")
+        check_error(
+            op.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": cluster_uuid, "uuid": bp}),
+            409,
+            "uuid",
+        )
         delete_backup(first)
         check_ok(op.post("/v1/volume/internal/backuppoint/update", json=moved))  # empty now: it may move
         delete_backup(backup("after-move"))  # the agent took the new definition

@@ -2,6 +2,7 @@
 store), and the discovery and health RPCs: FC devices from a sysfs tree
 shaped like a real FC host's, iSCSI SendTargets, backup point status and
 reconnect, host facts."""
+
 from __future__ import annotations
 
 import os
@@ -29,15 +30,22 @@ def test_fc_devices_from_a_real_fc_host_layout(tmp_path):
     sys_root, dev_root = build(tmp_path)
     hbas = list_hbas(sys_root)
     assert [(x.host, x.port_name, x.port_state) for x in hbas] == [
-        ("host5", "0x21000024ff3f6c5a", "Online"), ("host6", "0x21000024ff3f6c5b", "Online")]
+        ("host5", "0x21000024ff3f6c5a", "Online"),
+        ("host6", "0x21000024ff3f6c5b", "Online"),
+    ]
     devs = {d.disk_path.replace(dev_root, ""): d for d in list_devices(sys_root, dev_root)}
     assert set(devs) == {"/mapper/mpatha", "/sdd", "/sda"}  # sdb and sdc only as paths of the map
     mp = devs["/mapper/mpatha"]
     assert (mp.id, mp.transport, mp.hba, mp.size_bytes) == (f"wwn-0x{WWID_A}", "multipath", "host5,host6", 100 << 30)
     assert mp.paths == [f"{dev_root}/sdb", f"{dev_root}/sdc"] and mp.wwid == f"naa.{WWID_A}"
     sdd = devs["/sdd"]
-    assert (sdd.id, sdd.transport, sdd.hba, sdd.vendor, sdd.in_use) == (f"wwn-0x{WWID_B}", "fc", "host5", "NETAPP",
-                                                                       False)
+    assert (sdd.id, sdd.transport, sdd.hba, sdd.vendor, sdd.in_use) == (
+        f"wwn-0x{WWID_B}",
+        "fc",
+        "host5",
+        "NETAPP",
+        False,
+    )
     sda = devs["/sda"]
     assert (sda.transport, sda.in_use, sda.id) == ("scsi", True, "scsi-0QEMU_QEMU_HARDDISK_drive-scsi0-0-0-0")
 
@@ -54,17 +62,24 @@ def remote_agent(make_agent, nfs_server, smb_server, tgt_server, short_tmp):
     lun = tgt_server.add_lun(256 * MiB, chap=True)
     loop = Loop(short_tmp / "disk.img", 256 * MiB)
     sys_root, dev_root = build(short_tmp / "fc")
-    extra = "\n".join([
-        nfs_server.section(NFS_BP, sub_dir=f"agent-{uuid.uuid4().hex[:6]}"),
-        smb_server.section(SMB_BP, sub_dir=f"agent-{uuid.uuid4().hex[:6]}"),
-        tgt_server.section(ISCSI_BP, lun),
-        f'[backup_points.{DISK_BP}]\ntype = "disk"\ndevice = "{loop.dev}"\nformat_lun = true\nchunk_size = 1048576\n',
-        smb_server.section(BADSMB_BP, sub_dir="x").replace(f'secret = "{smb_server.password}"',
-                                                            'secret = "wrong-password-31337"'),
-    ])
+    extra = "\n".join(
+        [
+            nfs_server.section(NFS_BP, sub_dir=f"agent-{uuid.uuid4().hex[:6]}"),
+            smb_server.section(SMB_BP, sub_dir=f"agent-{uuid.uuid4().hex[:6]}"),
+            tgt_server.section(ISCSI_BP, lun),
+            (
+                f'[backup_points.{DISK_BP}]\ntype = "disk"\ndevice = "{loop.dev}"\n'
+                "format_lun = true\nchunk_size = 1048576\n"
+            ),
+            smb_server.section(BADSMB_BP, sub_dir="x").replace(
+                f'secret = "{smb_server.password}"', 'secret = "wrong-password-31337"'
+            ),
+        ]
+    )
     a = make_agent(extra)
-    cfg = a.config.read_text().replace('log_level = "debug"', f'log_level = "debug"\nsys_root = "{sys_root}"\n'
-                                                                f'dev_root = "{dev_root}"')
+    cfg = a.config.read_text().replace(
+        'log_level = "debug"', f'log_level = "debug"\nsys_root = "{sys_root}"\ndev_root = "{dev_root}"'
+    )
     a.config.write_text(cfg)
     os.chmod(a.config, 0o600)  # it holds secrets
     a.start()
@@ -76,8 +91,7 @@ def remote_agent(make_agent, nfs_server, smb_server, tgt_server, short_tmp):
 def test_every_remote_type_through_the_agent(remote_agent):
     a, lun, _ = remote_agent
     with a.client() as c:
-        statuses = {s.backup_point_uuid: s for s in
-                    c.list_backup_points(b.ListBackupPointsRequest()).backup_points}
+        statuses = {s.backup_point_uuid: s for s in c.list_backup_points(b.ListBackupPointsRequest()).backup_points}
         for bp in (NFS_BP, SMB_BP, ISCSI_BP, DISK_BP):
             assert statuses[bp].status in ("healthy", "degraded"), statuses[bp]
             assert statuses[bp].total_bytes > 0 and statuses[bp].latency_ms > 0
@@ -126,8 +140,9 @@ def test_discovery_and_host_facts_rpcs(remote_agent, tgt_server):
         assert [x.host for x in fc.hbas] == ["host5", "host6"]
         every = c.list_fc_devices(h.ListFcDevicesRequest())
         assert len(every.devices) == 3
-        found = c.discover_iscsi(h.DiscoverIscsiRequest(ip="127.0.0.1", port=tgt_server.port,
-                                                        username=lun.user, secret=lun.secret))
+        found = c.discover_iscsi(
+            h.DiscoverIscsiRequest(ip="127.0.0.1", port=tgt_server.port, username=lun.user, secret=lun.secret)
+        )
         mine = [t for t in found.targets if t.iqn == lun.iqn]
         assert mine and [(x.lun, x.size_bytes) for x in mine[0].luns] == [(1, 256 * MiB)]
         facts = c.host_facts()
@@ -148,12 +163,22 @@ def test_discovery_and_host_facts_rpcs(remote_agent, tgt_server):
 
     cli = [sys.executable, "-m", "agent.cli", "--socket", str(a.socket)]
     env = dict(os.environ, BLOCKFERRY_CHAP_SECRET=lun.secret)
-    out = subprocess.run([*cli, "iscsi-discover", "127.0.0.1", "--port", str(tgt_server.port), "--username",
-                          lun.user], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [*cli, "iscsi-discover", "127.0.0.1", "--port", str(tgt_server.port), "--username", lun.user],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert f"{lun.iqn}  " in out.stdout and "  lun 1  256.0 MiB" in out.stdout, out.stdout
-    out = subprocess.run([*cli, "iscsi-discover", "127.0.0.1", "--username", lun.user], capture_output=True,
-                         text=True, timeout=60, env={k: v for k, v in env.items() if k != "BLOCKFERRY_CHAP_SECRET"})
+    out = subprocess.run(
+        [*cli, "iscsi-discover", "127.0.0.1", "--username", lun.user],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in env.items() if k != "BLOCKFERRY_CHAP_SECRET"},
+    )
     assert out.returncode == 2 and "BLOCKFERRY_CHAP_SECRET" in out.stderr
     out = subprocess.run([*cli, "fc-devices", "--fc-only"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.count("/dev/") == 2 and f"wwn-0x{WWID_A}" in out.stdout, out.stdout

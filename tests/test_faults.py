@@ -21,6 +21,7 @@ Servers stopped in the middle of a backup are in tests/test_targets.py
 
 docs/reliability.md states the guarantees these tests hold to.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,18 @@ from support.volumes import MiB, write
 
 
 def _iscsi_point(t, user: str, secret: str) -> BackupPoint:
-    section = BackupPointSection(type="iscsi", ip="127.0.0.1", port=t.srv.port, target=t.lun.iqn, lun=1,
-                                 username=user, secret=secret, format_lun=True, chunk_size=CS, timeout=5.0)
+    section = BackupPointSection(
+        type="iscsi",
+        ip="127.0.0.1",
+        port=t.srv.port,
+        target=t.lun.iqn,
+        lun=1,
+        username=user,
+        secret=secret,
+        format_lun=True,
+        chunk_size=CS,
+        timeout=5.0,
+    )
     return BackupPoint(str(uuid.uuid4()), section)
 
 
@@ -59,16 +70,18 @@ def test_iscsi_chap_is_checked_per_backup_point_on_a_shared_target(iscsi_lun, po
     second valid account is refused while the first serves the LUN, and
     served once it let go."""
     t = iscsi_lun(128 * MiB, chap=True)
-    t.srv._adm("--op", "new", "--mode", "account", "--user", "bfother", "--password", "other-secret-42",
-               input=None)
+    t.srv._adm("--op", "new", "--mode", "account", "--user", "bfother", "--password", "other-secret-42", input=None)
     t.srv._adm("--op", "bind", "--mode", "account", "--tid", str(t.lun.tid), "--user", "bfother")
     owner = _iscsi_point(t, t.lun.user, t.lun.secret)
     vol = pool.create_volume(nid(), "src", 8 * MiB).uuid
     write(pool.head_path(vol), {0: os.urandom(2 * MiB)}, short_tmp)
     m = backup(pool, vol, snapshot(pool, vol), owner.repository())
     assert owner.check().status == "healthy"
-    strangers = [_iscsi_point(t, t.lun.user, "wrong-secret-0815"), _iscsi_point(t, t.lun.user, ""),
-                 _iscsi_point(t, "nobody", t.lun.secret)]
+    strangers = [
+        _iscsi_point(t, t.lun.user, "wrong-secret-0815"),
+        _iscsi_point(t, t.lun.user, ""),
+        _iscsi_point(t, "nobody", t.lun.secret),
+    ]
     for bp in strangers:
         with pytest.raises(AuthFailed) as e:
             bp.repository()
@@ -88,6 +101,7 @@ def test_iscsi_chap_is_checked_per_backup_point_on_a_shared_target(iscsi_lun, po
 
 
 # ---- transport: servers restarted between calls ----
+
 
 def _restartable(kind: str, request, short_tmp):
     """(target, server) of a remote backup point type."""
@@ -166,8 +180,11 @@ def test_smb_access_denied_names_the_share_and_user(smb_server, short_tmp):
     good.publish("hello", b"fine")
     locked = smb_server.root / "backups" / f"locked-{uuid.uuid4().hex[:8]}"
     locked.mkdir(mode=0o555)  # owned by root: the share's user may not create in it
-    with pytest.raises(AccessDenied, match=rf"denied user '{smb_server.user}' access on share 'backups' "
-                                           r"\(STATUS_ACCESS_DENIED\)") as e:
+    with pytest.raises(
+        AccessDenied,
+        match=rf"denied user '{smb_server.user}' access on share 'backups' "
+        r"\(STATUS_ACCESS_DENIED\)",
+    ) as e:
         t.make(f"{locked.name}/repo")
     assert e.value.code == "ACCESS_DENIED" and smb_server.password not in str(e.value)
     with pytest.raises(AuthFailed, match="refused user"):
@@ -176,6 +193,7 @@ def test_smb_access_denied_names_the_share_and_user(smb_server, short_tmp):
 
 
 # ---- space ----
+
 
 @pytest.fixture
 def small_store(request, short_tmp):
@@ -297,6 +315,7 @@ def test_a_failed_backup_never_reclaims_what_a_running_one_may_use(pool, short_t
 
 # ---- corruption: verify names every damaged item ----
 
+
 class _Raw:
     """Where a store's objects are as files, to damage them as a disk or a
     careless admin would (a LUN: its backing file at the catalog's extents)."""
@@ -341,8 +360,9 @@ class _Raw:
         return True
 
 
-@pytest.mark.parametrize("kind,password", [("local", ""), ("nfs", "enc-pw"), ("smb", ""), ("iscsi", ""),
-                                           ("disk", "enc-pw")])
+@pytest.mark.parametrize(
+    "kind,password", [("local", ""), ("nfs", "enc-pw"), ("smb", ""), ("iscsi", ""), ("disk", "enc-pw")]
+)
 def test_verify_names_every_damaged_chunk_pack_and_backup(kind, password, request, pool, short_tmp):
     """Three backups over several packs; then a flipped byte in one pack, a
     truncated second pack, a deleted third pack and the index of a fourth
@@ -451,8 +471,10 @@ def test_verify_jobs_and_the_cli_list_every_damaged_item(agent):
         assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "DATA_CORRUPT"
         (d,) = job.verify_result.damage
         assert d.pack == f"packs/{packs[0].name}" and d.chunk_id[:16] in job.error.message
-        assert list(d.backup_uuids) == sorted(b.backup_uuid for b in (first, second)
-                                              if b.backup_uuid in d.backup_uuids) and d.backup_uuids
+        assert (
+            list(d.backup_uuids) == sorted(b.backup_uuid for b in (first, second) if b.backup_uuid in d.backup_uuids)
+            and d.backup_uuids
+        )
     assert agent.stop(signal.SIGTERM) == 0
     agent.start()
     with agent.client() as c:
@@ -480,8 +502,10 @@ def _controller_with_agent(short_tmp, make_agent, extra: str = "", agent_extra: 
 
     c = Controller(short_tmp / "ctl", extra=extra)
     host = str(uuid.uuid4())
-    a = make_agent(f'{agent_extra}[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-                   f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n')
+    a = make_agent(
+        f'{agent_extra}[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n'
+    )
     a.config.chmod(0o600)
     a.start()
     with c.client("op") as op:
@@ -499,21 +523,58 @@ def _rest_backup(op, a, host, run, bp_dir, gen: int = 1):
 
     cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
     tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
-    pid = check_ok(op.post("/v1/pool/share/create", json=dict(
-        seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p1"),
-        avail_host=[host])))["pool"]["UUID"]
-    vol = check_ok(op.post("/v1/volume/share/create", json=dict(
-        seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid,
-        capacity=16 << 20, backing_file="")))["volume"]
+    pid = check_ok(
+        op.post(
+            "/v1/pool/share/create",
+            json=dict(
+                seed_example("002", "/v1/pool/share/create"),
+                pool_type=4,
+                source=str(a.roots[0] / "p1"),
+                avail_host=[host],
+            ),
+        )
+    )["pool"]["UUID"]
+    vol = check_ok(
+        op.post(
+            "/v1/volume/share/create",
+            json=dict(
+                seed_example("001", "/v1/volume/share/create"),
+                pool_uuid=pid,
+                cluster_uuid=cluster_uuid,
+                capacity=16 << 20,
+                backing_file="",
+            ),
+        )
+    )["volume"]
     write(vol["AccessPath"][host], {0: os.urandom(3 << 20)}, run)
     ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
     snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
-    bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
-        seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
-        cluster_uuid=cluster_uuid, root_dir=str(bp_dir), sub_dir="", env={"chunk_size": 1 << 20})))["uuid"]
-    started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
-        seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
-        volume_uuid=vol["UUID"], snapshot_uuid=snap["UUID"], backup_point_uuid=bp)))
+    bp = check_ok(
+        op.post(
+            "/v1/volume/internal/backuppoint/add",
+            json=dict(
+                seed_example("000", "/v1/volume/internal/backuppoint/add"),
+                tenant=tenant,
+                btype="local",
+                cluster_uuid=cluster_uuid,
+                root_dir=str(bp_dir),
+                sub_dir="",
+                env={"chunk_size": 1 << 20},
+            ),
+        )
+    )["uuid"]
+    started = check_ok(
+        op.post(
+            "/v1/volume/share/backup/add",
+            json=dict(
+                seed_example("001", "/v1/volume/share/backup/add"),
+                cluster_uuid=cluster_uuid,
+                volume_uuid=vol["UUID"],
+                snapshot_uuid=snap["UUID"],
+                backup_point_uuid=bp,
+            ),
+        )
+    )
     assert wait_task(op, started["task_id"])["status"] == "success"
     return {"cluster_uuid": cluster_uuid, "tenant": tenant, "bp": bp}, started["backup"]["UUID"]
 
@@ -525,8 +586,9 @@ def test_verify_and_gc_through_rest(short_tmp, make_agent):
     backup point's GC by itself (gc_after_delete), which frees its space."""
     from support.controller import check_ok, wait_task
 
-    c, a, host = _controller_with_agent(short_tmp, make_agent,
-                                        "gc_after_delete = 0\ngc_interval = 0\nscheduler_interval = 1\n")
+    c, a, host = _controller_with_agent(
+        short_tmp, make_agent, "gc_after_delete = 0\ngc_interval = 0\nscheduler_interval = 1\n"
+    )
     run = short_tmp / "run-test"
     run.mkdir()
     bp_dir = a.roots[0] / "backups"
@@ -553,8 +615,12 @@ def test_verify_and_gc_through_rest(short_tmp, make_agent):
                 (d,) = t["result"]["damage"]
                 assert d["pack"] == f"packs/{pack.name}" and d["backup_uuids"] == [backup_uuid], d
             assert check_ok(op.get("/v1/tasks", params={"operation_type": "gc"}))["total_count"] == 0
-            check_ok(op.post("/v1/volume/share/backup/delete", json={
-                "cluster_uuid": ids["cluster_uuid"], "tenant": ids["tenant"], "backup_uuid": backup_uuid}))
+            check_ok(
+                op.post(
+                    "/v1/volume/share/backup/delete",
+                    json={"cluster_uuid": ids["cluster_uuid"], "tenant": ids["tenant"], "backup_uuid": backup_uuid},
+                )
+            )
             deadline = time.monotonic() + 30
             while not (gcs := check_ok(op.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]):
                 assert time.monotonic() < deadline, "no GC after the deletion"
@@ -583,8 +649,16 @@ def test_every_backup_point_is_collected_on_schedule(short_tmp, make_agent):
         with c.client("op") as op:
             _rest_backup(op, a, host, run, a.roots[0] / "backups")
             deadline = time.monotonic() + 30
-            while len([t for t in check_ok(op.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]
-                       if t["status"] == "success"]) < 2:
+            while (
+                len(
+                    [
+                        t
+                        for t in check_ok(op.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]
+                        if t["status"] == "success"
+                    ]
+                )
+                < 2
+            ):
                 assert time.monotonic() < deadline, "no scheduled GC"
                 time.sleep(0.5)
     finally:
@@ -593,6 +667,7 @@ def test_every_backup_point_is_collected_on_schedule(short_tmp, make_agent):
 
 
 # ---- input: what the API must take, and what it must refuse by name ----
+
 
 def test_rest_adopts_an_existing_rbd_image_and_backs_it_up(short_tmp, make_agent, ceph):
     """An image made outside blockferry, named as `image` or
@@ -619,31 +694,71 @@ def test_rest_adopts_an_existing_rbd_image_and_backs_it_up(short_tmp, make_agent
     try:
         with c.client("op") as op:
             create = seed_example("002", "/v1/pool/share/create")
-            pid = check_ok(op.post("/v1/pool/share/create", json=dict(
-                create, pool_name="ceph", pool_type=6, source=rados_pool, limit_host=False, avail_host=[],
-                attr={"ceph_conf": str(ceph.conf)})))["pool"]["UUID"]
-            body = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=pid,
-                        cluster_uuid=create["cluster_uuid"], capacity=0)
-            check_error(op.post("/v1/volume/share/create", json=dict(body, backing_file="otherpool/legacy")),
-                        400, "backing_file")
-            check_error(op.post("/v1/volume/share/create", json=dict(body, backing_file="legacy@snap")),
-                        400, "backing_file")
-            vols = [check_ok(op.post("/v1/volume/share/create", json=dict(
-                body, volume_name=f"adopted-{n}", backing_file=name)))["volume"]
-                for n, name in enumerate((f"{rados_pool}/legacy", "legacy2"))]
+            pid = check_ok(
+                op.post(
+                    "/v1/pool/share/create",
+                    json=dict(
+                        create,
+                        pool_name="ceph",
+                        pool_type=6,
+                        source=rados_pool,
+                        limit_host=False,
+                        avail_host=[],
+                        attr={"ceph_conf": str(ceph.conf)},
+                    ),
+                )
+            )["pool"]["UUID"]
+            body = dict(
+                seed_example("001", "/v1/volume/share/create"),
+                pool_uuid=pid,
+                cluster_uuid=create["cluster_uuid"],
+                capacity=0,
+            )
+            check_error(
+                op.post("/v1/volume/share/create", json=dict(body, backing_file="otherpool/legacy")),
+                400,
+                "backing_file",
+            )
+            check_error(
+                op.post("/v1/volume/share/create", json=dict(body, backing_file="legacy@snap")), 400, "backing_file"
+            )
+            vols = [
+                check_ok(
+                    op.post("/v1/volume/share/create", json=dict(body, volume_name=f"adopted-{n}", backing_file=name))
+                )["volume"]
+                for n, name in enumerate((f"{rados_pool}/legacy", "legacy2"))
+            ]
             assert [v["Capacity"] for v in vols] == [8 * MiB] * 2
             assert sorted(ceph.rbd("ls", rados_pool).split()) == sorted(v["UUID"] for v in vols)
             tenant = body["tenant"]
-            bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
-                seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
-                cluster_uuid=create["cluster_uuid"], root_dir=str(a.roots[0] / "backups"), sub_dir="",
-                env={"chunk_size": 1 << 20})))["uuid"]
+            bp = check_ok(
+                op.post(
+                    "/v1/volume/internal/backuppoint/add",
+                    json=dict(
+                        seed_example("000", "/v1/volume/internal/backuppoint/add"),
+                        tenant=tenant,
+                        btype="local",
+                        cluster_uuid=create["cluster_uuid"],
+                        root_dir=str(a.roots[0] / "backups"),
+                        sub_dir="",
+                        env={"chunk_size": 1 << 20},
+                    ),
+                )
+            )["uuid"]
             ref = {"tenant": tenant, "cluster_uuid": create["cluster_uuid"], "volume_uuid": vols[0]["UUID"]}
-            snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))[
-                "snapshot"]
-            started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
-                seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=create["cluster_uuid"],
-                volume_uuid=vols[0]["UUID"], snapshot_uuid=snap["UUID"], backup_point_uuid=bp)))
+            snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s1")))["snapshot"]
+            started = check_ok(
+                op.post(
+                    "/v1/volume/share/backup/add",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/backup/add"),
+                        cluster_uuid=create["cluster_uuid"],
+                        volume_uuid=vols[0]["UUID"],
+                        snapshot_uuid=snap["UUID"],
+                        backup_point_uuid=bp,
+                    ),
+                )
+            )
             t = wait_task(op, started["task_id"])
             assert t["status"] == "success" and t["result"]["image_digest"] == want.digest().hex(), t
     finally:
@@ -661,40 +776,74 @@ def test_paths_outside_the_roots_or_with_control_characters_are_refused_by_field
     c, a, host = _controller_with_agent(short_tmp, make_agent)
     try:
         with c.client("op") as op:
-            add = dict(seed_example("000", "/v1/volume/internal/backuppoint/add"), btype="local",
-                       root_dir=str(a.roots[0] / "backups"), sub_dir="")
+            add = dict(
+                seed_example("000", "/v1/volume/internal/backuppoint/add"),
+                btype="local",
+                root_dir=str(a.roots[0] / "backups"),
+                sub_dir="",
+            )
             for body, status, field in (
-                    (dict(add, root_dir="/etc/blockferry-backups"), 403, "root_dir"),
-                    (dict(add, root_dir=str(a.roots[0]) + "-sibling"), 403, "root_dir"),
-                    (dict(add, root_dir=str(a.roots[0] / "back\nups")), 400, "root_dir"),
-                    (dict(add, sub_dir="a\tb"), 400, "sub_dir"),
-                    (dict(add, btype="samba", root_dir="share\r\n"), 400, "root_dir"),
-                    (dict(add, btype="iscsi", root_dir="iqn.2026-01.x:t\n1"), 400, "root_dir"),
-                    (dict(add, btype="nfs", root_dir="/exports/a\nb"), 400, "root_dir")):
+                (dict(add, root_dir="/etc/blockferry-backups"), 403, "root_dir"),
+                (dict(add, root_dir=str(a.roots[0]) + "-sibling"), 403, "root_dir"),
+                (dict(add, root_dir=str(a.roots[0] / "back\nups")), 400, "root_dir"),
+                (dict(add, sub_dir="a\tb"), 400, "sub_dir"),
+                (dict(add, btype="samba", root_dir="share\r\n"), 400, "root_dir"),
+                (dict(add, btype="iscsi", root_dir="iqn.2026-01.x:t\n1"), 400, "root_dir"),
+                (dict(add, btype="nfs", root_dir="/exports/a\nb"), 400, "root_dir"),
+            ):
                 check_error(op.post("/v1/volume/internal/backuppoint/add", json=body), status, field)
-            listed = check_ok(op.get("/v1/volume/internal/backuppoint/list",
-                                     params={"cluster_uuid": add["cluster_uuid"]}))
+            listed = check_ok(
+                op.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": add["cluster_uuid"]})
+            )
             assert listed["total_count"] == 0
             bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=add))["uuid"]
-            update = dict(seed_example("000", "/v1/volume/internal/backuppoint/update"), tenant_uuid=add["tenant"],
-                          cluster_uuid=add["cluster_uuid"], backup_point_uuid=bp, ip="127.0.0.1", sub_dir="")
-            check_error(op.post("/v1/volume/internal/backuppoint/update", json=dict(
-                update, root_directory="/var/tmp/elsewhere")), 403, "root_directory")
-            check_error(op.post("/v1/volume/internal/backuppoint/update", json=dict(
-                update, root_directory=str(a.roots[0] / "x\ny"))), 400, "root_directory")
-            listed = check_ok(op.get("/v1/volume/internal/backuppoint/list",
-                                     params={"cluster_uuid": add["cluster_uuid"]}))["list"]
+            update = dict(
+                seed_example("000", "/v1/volume/internal/backuppoint/update"),
+                tenant_uuid=add["tenant"],
+                cluster_uuid=add["cluster_uuid"],
+                backup_point_uuid=bp,
+                ip="127.0.0.1",
+                sub_dir="",
+            )
+            check_error(
+                op.post(
+                    "/v1/volume/internal/backuppoint/update", json=dict(update, root_directory="/var/tmp/elsewhere")
+                ),
+                403,
+                "root_directory",
+            )
+            check_error(
+                op.post(
+                    "/v1/volume/internal/backuppoint/update", json=dict(update, root_directory=str(a.roots[0] / "x\ny"))
+                ),
+                400,
+                "root_directory",
+            )
+            listed = check_ok(
+                op.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": add["cluster_uuid"]})
+            )["list"]
             assert [x["indentify"]["RootDir"] for x in listed] == [add["root_dir"]]
             create = dict(seed_example("002", "/v1/pool/share/create"), pool_type=4, avail_host=[host])
-            check_error(op.post("/v1/pool/share/create", json=dict(create, source=str(a.roots[0] / "p\n1"))),
-                        400, "source")
-            check_error(op.post("/v1/pool/share/create", json=dict(create, pool_type=6, source="rb\td",
-                                                                    attr={"ceph_conf": "/etc/ceph/ceph.conf"})),
-                        400, "source")
-            check_error(op.post("/v1/pool/share/create", json=dict(create, pool_type=2, ip="127.0.0.1",
-                                                                    source="/exp\x7f")), 400, "source")
-            assert check_ok(op.post("/v1/pool/share/list", json={"cluster_uuid": create["cluster_uuid"]}))[
-                "TotalCount"] == 0
+            check_error(
+                op.post("/v1/pool/share/create", json=dict(create, source=str(a.roots[0] / "p\n1"))), 400, "source"
+            )
+            check_error(
+                op.post(
+                    "/v1/pool/share/create",
+                    json=dict(create, pool_type=6, source="rb\td", attr={"ceph_conf": "/etc/ceph/ceph.conf"}),
+                ),
+                400,
+                "source",
+            )
+            check_error(
+                op.post("/v1/pool/share/create", json=dict(create, pool_type=2, ip="127.0.0.1", source="/exp\x7f")),
+                400,
+                "source",
+            )
+            assert (
+                check_ok(op.post("/v1/pool/share/list", json={"cluster_uuid": create["cluster_uuid"]}))["TotalCount"]
+                == 0
+            )
     finally:
         assert a.stop() == 0
         c.stop()
@@ -744,9 +893,16 @@ def test_a_failed_restore_leaves_no_volume_and_no_lock_file(agent):
         locks = agent.pool_root / f"pool-{agent.pool_uuid}" / "locks"
         before = sorted(p.name for p in locks.iterdir())
         new = str(uuid.uuid4())
-        job = c.run(f"restore-{new}", restore=jobs_pb2.RestoreSpec(
-            backup_point_uuid=BP_UUID, backup_uuid=r.backup_uuid, pool_uuid=agent.pool_uuid, volume_uuid=new,
-            name="restored"))
+        job = c.run(
+            f"restore-{new}",
+            restore=jobs_pb2.RestoreSpec(
+                backup_point_uuid=BP_UUID,
+                backup_uuid=r.backup_uuid,
+                pool_uuid=agent.pool_uuid,
+                volume_uuid=new,
+                name="restored",
+            ),
+        )
         assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "DATA_CORRUPT", job
         assert [v.uuid for v in bk.call("ListVolumes").volumes] == [vol]
         assert sorted(p.name for p in locks.iterdir()) == before and f"{new}.lock" not in before
@@ -755,6 +911,7 @@ def test_a_failed_restore_leaves_no_volume_and_no_lock_file(agent):
 
 
 # ---- change tracking: why a backup read everything ----
+
 
 def test_a_fallback_says_why_in_the_task_the_backup_record_and_the_log(short_tmp, make_agent):
     """A snapshot layer whose dirty bitmap is gone: the next backup falls
@@ -772,30 +929,49 @@ def test_a_fallback_says_why_in_the_task_the_backup_record_and_the_log(short_tmp
     try:
         with c.client("op") as op:
             ids, first = _rest_backup(op, a, host, run, a.roots[0] / "backups")
-            vol_uuid = check_ok(op.get("/v1/volume/share/backup/list", params={
-                "cluster_uuid": ids["cluster_uuid"]}))["list"][0]["VolumeUUID"]
+            vol_uuid = check_ok(op.get("/v1/volume/share/backup/list", params={"cluster_uuid": ids["cluster_uuid"]}))[
+                "list"
+            ][0]["VolumeUUID"]
             ref = {"tenant": ids["tenant"], "cluster_uuid": ids["cluster_uuid"], "volume_uuid": vol_uuid}
             vol = check_ok(op.post("/v1/volume/share/get", json=ref))["volume"]
             write(vol["AccessPath"][host], {MiB: os.urandom(4096)}, run)
-            s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))[
-                "snapshot"]["UUID"]
+            s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))["snapshot"][
+                "UUID"
+            ]
             layer = a.roots[0] / "p1" / f"pool-{vol['PoolUUID']}" / "snapshot" / vol_uuid / s2
             subprocess.run(["qemu-img", "bitmap", "--remove", str(layer), "bf-dirty"], check=True)
-            started = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
-                seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=ids["cluster_uuid"],
-                volume_uuid=vol_uuid, snapshot_uuid=s2, backup_point_uuid=ids["bp"], backup_name="second")))
+            started = check_ok(
+                op.post(
+                    "/v1/volume/share/backup/add",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/backup/add"),
+                        cluster_uuid=ids["cluster_uuid"],
+                        volume_uuid=vol_uuid,
+                        snapshot_uuid=s2,
+                        backup_point_uuid=ids["bp"],
+                        backup_name="second",
+                    ),
+                )
+            )
             t = wait_task(op, started["task_id"])
             reason = t["result"]["mode_reason"]
             assert t["status"] == "success" and t["result"]["mode"] == "fallback", t
             assert s2 in reason and "bf-dirty" in reason and "missing" in reason, reason
-            listed = {x["UUID"]: x for x in check_ok(op.get("/v1/volume/share/backup/list", params={
-                "cluster_uuid": ids["cluster_uuid"]}))["list"]}
-            assert (listed[started["backup"]["UUID"]]["Mode"], listed[started["backup"]["UUID"]]["ModeReason"]) == \
-                ("fallback", reason)
+            listed = {
+                x["UUID"]: x
+                for x in check_ok(op.get("/v1/volume/share/backup/list", params={"cluster_uuid": ids["cluster_uuid"]}))[
+                    "list"
+                ]
+            }
+            assert (listed[started["backup"]["UUID"]]["Mode"], listed[started["backup"]["UUID"]]["ModeReason"]) == (
+                "fallback",
+                reason,
+            )
             assert listed[first]["Mode"] == "full" and "no earlier backup" in listed[first]["ModeReason"]
         with a.client() as ac:
-            b = ac.get_backup(backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"],
-                                                                         backup_uuid=started["backup"]["UUID"]))
+            b = ac.get_backup(
+                backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"], backup_uuid=started["backup"]["UUID"])
+            )
             assert (b.mode, b.mode_reason) == ("fallback", reason)
         log = a.log_text()
         assert "backup falls back to reading every data chunk" in log and reason in log
@@ -864,21 +1040,30 @@ def every_type_agent(make_agent, nfs_server, smb_server, tgt_server, short_tmp):
     lun = tgt_server.add_lun(256 * MiB, chap=True)
     loop = Loop(short_tmp / "disk.img", 256 * MiB)
     sub = f"kill-{uuid.uuid4().hex[:6]}"
-    extra = "\n".join([
-        "[jobs]\nbandwidth_limit = 150000000\n",
-        f'[backup_points.{ids["local"]}]\npath = "{short_tmp}/a/root/bp-local"\nchunk_size = 1048576\n'
-        'password = "kill-local-pw"\n',
-        nfs_server.section(ids["nfs"], sub_dir=sub),
-        smb_server.section(ids["smb"], sub_dir=sub, extra='password = "kill-smb-pw"\n'),
-        tgt_server.section(ids["iscsi"], lun),
-        f'[backup_points.{ids["disk"]}]\ntype = "disk"\ndevice = "{loop.dev}"\nformat_lun = true\n'
-        "chunk_size = 1048576\n",
-    ])
+    extra = "\n".join(
+        [
+            "[jobs]\nbandwidth_limit = 150000000\n",
+            (
+                f'[backup_points.{ids["local"]}]\npath = "{short_tmp}/a/root/bp-local"\nchunk_size = 1048576\n'
+                'password = "kill-local-pw"\n'
+            ),
+            nfs_server.section(ids["nfs"], sub_dir=sub),
+            smb_server.section(ids["smb"], sub_dir=sub, extra='password = "kill-smb-pw"\n'),
+            tgt_server.section(ids["iscsi"], lun),
+            (
+                f'[backup_points.{ids["disk"]}]\ntype = "disk"\ndevice = "{loop.dev}"\nformat_lun = true\n'
+                "chunk_size = 1048576\n"
+            ),
+        ]
+    )
     a = make_agent(extra)
     a.config.chmod(0o600)  # it holds secrets
     a.start()
-    dirs = {"local": short_tmp / "a" / "root" / "bp-local", "nfs": nfs_server.export / sub,
-            "smb": smb_server.root / "backups" / sub}
+    dirs = {
+        "local": short_tmp / "a" / "root" / "bp-local",
+        "nfs": nfs_server.export / sub,
+        "smb": smb_server.root / "backups" / sub,
+    }
     yield a, ids, dirs
     if a.proc and a.proc.poll() is None:
         assert a.stop() == 0, a.log_text()
@@ -929,14 +1114,29 @@ def test_kill_9_at_random_points_of_backups_restores_and_gc(every_type_agent):
             k = Bk(a, c, bp=ids[kind])
             if op == "backup":
                 snap = rng.choice(snaps)
-                c.submit(job_id, backup=jobs_pb2.BackupSpec(
-                    backup_point_uuid=ids[kind], pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=snap,
-                    backup_uuid=new, full=rng.random() < 0.5))
+                c.submit(
+                    job_id,
+                    backup=jobs_pb2.BackupSpec(
+                        backup_point_uuid=ids[kind],
+                        pool_uuid=POOL_UUID,
+                        volume_uuid=vol,
+                        snapshot_uuid=snap,
+                        backup_uuid=new,
+                        full=rng.random() < 0.5,
+                    ),
+                )
             elif op == "restore":
                 source = rng.choice(sorted(completed[kind]))
-                c.submit(job_id, restore=jobs_pb2.RestoreSpec(
-                    backup_point_uuid=ids[kind], backup_uuid=source, pool_uuid=POOL_UUID, volume_uuid=new,
-                    name=f"restored-{n}"))
+                c.submit(
+                    job_id,
+                    restore=jobs_pb2.RestoreSpec(
+                        backup_point_uuid=ids[kind],
+                        backup_uuid=source,
+                        pool_uuid=POOL_UUID,
+                        volume_uuid=new,
+                        name=f"restored-{n}",
+                    ),
+                )
             else:
                 if len(completed[kind]) > 1:  # garbage to collect: a deleted backup's chunks
                     gone = rng.choice(sorted(completed[kind]))
@@ -945,8 +1145,10 @@ def test_kill_9_at_random_points_of_backups_restores_and_gc(every_type_agent):
                 c.submit(job_id, gc=jobs_pb2.GcSpec(backup_point_uuid=ids[kind], wait_seconds=30))
             while True:
                 job = c.get(job_id)
-                if job.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED) or \
-                        job.progress.percent >= target:
+                if (
+                    job.state in (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED)
+                    or job.progress.percent >= target
+                ):
                     break
                 time.sleep(0.002)
         a.proc.send_signal(signal.SIGKILL)
@@ -1005,8 +1207,9 @@ def test_kill_9_of_the_controller_mid_task(short_tmp, make_agent):
 
     from support.controller import check_ok, seed_example, wait_task
 
-    c, a, host = _controller_with_agent(short_tmp, make_agent,
-                                        agent_extra="[jobs]\nbandwidth_limit = 8000000\n")  # ~1.7 s a job
+    c, a, host = _controller_with_agent(
+        short_tmp, make_agent, agent_extra="[jobs]\nbandwidth_limit = 8000000\n"
+    )  # ~1.7 s a job
     run = short_tmp / "run-test"
     run.mkdir()
     try:
@@ -1017,15 +1220,35 @@ def test_kill_9_of_the_controller_mid_task(short_tmp, make_agent):
             ref = {"tenant": ids["tenant"], "cluster_uuid": ids["cluster_uuid"], "volume_uuid": vol_uuid}
             vol = check_ok(op.post("/v1/volume/share/get", json=ref))["volume"]
             write(vol["AccessPath"][host], {4 * MiB: os.urandom(10 * MiB)}, run)
-            s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))[
-                "snapshot"]["UUID"]
-            backup = check_ok(op.post("/v1/volume/share/backup/add", json=dict(
-                seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=ids["cluster_uuid"],
-                volume_uuid=vol_uuid, snapshot_uuid=s2, backup_point_uuid=ids["bp"], backup_name="second")))
-            restore = check_ok(op.post("/v1/volume/share/backup/restore", json=dict(
-                seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=first,
-                new_volume_name="restored", new_pool_uuid=vol["PoolUUID"], new_volume_tenant=ids["tenant"],
-                cluster_uuid=ids["cluster_uuid"])))
+            s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))["snapshot"][
+                "UUID"
+            ]
+            backup = check_ok(
+                op.post(
+                    "/v1/volume/share/backup/add",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/backup/add"),
+                        cluster_uuid=ids["cluster_uuid"],
+                        volume_uuid=vol_uuid,
+                        snapshot_uuid=s2,
+                        backup_point_uuid=ids["bp"],
+                        backup_name="second",
+                    ),
+                )
+            )
+            restore = check_ok(
+                op.post(
+                    "/v1/volume/share/backup/restore",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/backup/restore"),
+                        backup_uuid=first,
+                        new_volume_name="restored",
+                        new_pool_uuid=vol["PoolUUID"],
+                        new_volume_tenant=ids["tenant"],
+                        cluster_uuid=ids["cluster_uuid"],
+                    ),
+                )
+            )
             deadline = time.monotonic() + 30
             while check_ok(op.get(f"/v1/tasks/{backup['task_id']}"))["status"] != "running":
                 assert time.monotonic() < deadline
@@ -1039,17 +1262,26 @@ def test_kill_9_of_the_controller_mid_task(short_tmp, make_agent):
             assert t["status"] == "success" and t["result"]["mode"] == "incremental", t
             tr = wait_task(op, restore["task_id"], 60)
             assert tr["status"] == "success", tr
-            statuses = {x["UUID"]: x["Status"] for x in check_ok(op.get("/v1/volume/share/backup/list", params={
-                "cluster_uuid": ids["cluster_uuid"]}))["list"]}
+            statuses = {
+                x["UUID"]: x["Status"]
+                for x in check_ok(op.get("/v1/volume/share/backup/list", params={"cluster_uuid": ids["cluster_uuid"]}))[
+                    "list"
+                ]
+            }
             assert statuses == {first: "BackupSucceeded", backup["backup"]["UUID"]: "BackupSucceeded"}
         with a.client() as ac:
-            job = ac.run("after-controller-kill", verify=jobs_pb2.VerifySpec(
-                backup_point_uuid=ids["bp"], backup_uuid=backup["backup"]["UUID"], deep=True))
+            job = ac.run(
+                "after-controller-kill",
+                verify=jobs_pb2.VerifySpec(
+                    backup_point_uuid=ids["bp"], backup_uuid=backup["backup"]["UUID"], deep=True
+                ),
+            )
             assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-            digest = ac.run("sum-restored", checksum=jobs_pb2.ChecksumSpec(
-                pool_uuid=vol["PoolUUID"], volume_uuid=restore["volume"]["UUID"])).checksum_result.image_digest
-            first_digest = ac.get_backup(backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"],
-                                                                                    backup_uuid=first))
+            digest = ac.run(
+                "sum-restored",
+                checksum=jobs_pb2.ChecksumSpec(pool_uuid=vol["PoolUUID"], volume_uuid=restore["volume"]["UUID"]),
+            ).checksum_result.image_digest
+            first_digest = ac.get_backup(backups_pb2.GetBackupRequest(backup_point_uuid=ids["bp"], backup_uuid=first))
             assert digest == first_digest.image_digest
     finally:
         assert a.stop() == 0

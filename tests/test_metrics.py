@@ -1,6 +1,7 @@
 """Prometheus metrics of both daemons, scraped over HTTP from real processes:
 jobs by kind and state, bytes moved, durations, throughput, backup point
 health, tasks, heartbeat age per host; loopback only."""
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,10 @@ def test_controller_metrics(short_tmp, make_agent):
     port = free_port()
     c = Controller(short_tmp / "ctl", extra=f'metrics_listen = "127.0.0.1:{port}"\n')
     host = str(uuid.uuid4())
-    a = make_agent(f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-                   f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n').start()
+    a = make_agent(
+        f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n'
+    ).start()
     try:
         deadline = time.monotonic() + 20
         while value(m := scrape(port), "blockferry_host_up", host=host, hostname=os.uname().nodename) != 1:

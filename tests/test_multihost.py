@@ -3,6 +3,7 @@ one controller, shared storage, and the backup target (a real smbd) in a
 fourth namespace: the seed flow end to end through the REST API (a
 directory pool, and an RBD pool on a Ceph cluster listening on the bridge),
 then a host's link cut while clones are queued and running."""
+
 from __future__ import annotations
 
 import datetime
@@ -33,26 +34,43 @@ NAMES = ["a", "b", "c"]
 
 def _pki(d, ips: list[str]) -> None:
     """A CA and one server certificate whose SANs are the agents' addresses."""
+
     def name(cn):
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("bf test CA")).issuer_name(name("bf test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("bf test CA"))
+        .issuer_name(name("bf test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(name("agents")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]),
-                           critical=False).sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("agents"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (d / "agent.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "agent.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
+    (d / "agent.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     (d / "agent.key").chmod(0o600)
 
 
@@ -69,18 +87,23 @@ def fleet(short_tmp):
         shared = short_tmp / "shared"  # the "shared storage": the same file system for every host
         shared.mkdir()
         gport = free_port()
-        ctl = Controller(short_tmp / "ctl", grpc_listen=f"{BRIDGE_IP}:{gport}",
-                         extra=f'agent_tls_ca = "{pki}/ca.pem"\nagent_auth_token = "{AGENT_AUTH}"\n')
+        ctl = Controller(
+            short_tmp / "ctl",
+            grpc_listen=f"{BRIDGE_IP}:{gport}",
+            extra=f'agent_tls_ca = "{pki}/ca.pem"\nagent_auth_token = "{AGENT_AUTH}"\n',
+        )
         for n in NAMES:
             wd = short_tmp / f"agent-{n}"
             wd.mkdir()
             ip = net.ip(n)
-            extra = (f'tcp_listen = "{ip}:9443"\ntls_cert = "{pki}/agent.pem"\ntls_key = "{pki}/agent.key"\n'
-                     f'auth_token = "{AGENT_AUTH}"\n'
-                     f'[controller]\naddress = "{BRIDGE_IP}:{gport}"\ntoken = "{AGENT_TOKEN}"\n'
-                     f'host_uuid = "{uuid.uuid5(uuid.NAMESPACE_DNS, n)}"\nadvertise = "{ip}:9443"\n'
-                     f'heartbeat_interval = 1.0\nfence_after = 2.5\n'
-                     f'[jobs]\nmax_concurrent = 1\nbandwidth_limit = 24000000\n')
+            extra = (
+                f'tcp_listen = "{ip}:9443"\ntls_cert = "{pki}/agent.pem"\ntls_key = "{pki}/agent.key"\n'
+                f'auth_token = "{AGENT_AUTH}"\n'
+                f'[controller]\naddress = "{BRIDGE_IP}:{gport}"\ntoken = "{AGENT_TOKEN}"\n'
+                f'host_uuid = "{uuid.uuid5(uuid.NAMESPACE_DNS, n)}"\nadvertise = "{ip}:9443"\n'
+                f"heartbeat_interval = 1.0\nfence_after = 2.5\n"
+                f"[jobs]\nmax_concurrent = 1\nbandwidth_limit = 24000000\n"
+            )
             a = write_config(wd, extra, roots=[shared])
             a.config.chmod(0o600)
             a.prefix = net.prefix(n)
@@ -112,20 +135,48 @@ def rbd_leg(op, cluster_uuid, tenant, volume_uuid, snapshot_uuid, want, digest) 
     it, followed through clone/progress; the clone's data; delete."""
     ceph = CephCluster(objectstore="memstore", store_bytes=2 << 30, addr=BRIDGE_IP, with_mgr=False).start()
     try:
-        rbd = check_ok(op.post("/v1/pool/share/create", json=dict(
-            seed_example("002", "/v1/pool/share/create"), pool_name="fleet-ceph", pool_type=6, source=ceph.pool,
-            limit_host=False, avail_host=[], attr={"ceph_conf": str(ceph.conf)})))["pool"]
+        rbd = check_ok(
+            op.post(
+                "/v1/pool/share/create",
+                json=dict(
+                    seed_example("002", "/v1/pool/share/create"),
+                    pool_name="fleet-ceph",
+                    pool_type=6,
+                    source=ceph.pool,
+                    limit_host=False,
+                    avail_host=[],
+                    attr={"ceph_conf": str(ceph.conf)},
+                ),
+            )
+        )["pool"]
         assert len(rbd["AvailHosts"]) == 3 and rbd["Status"] == "healthy"
-        full = check_ok(op.post("/v1/volume/share/clone", json=dict(
-            seed_example("001", "/v1/volume/share/clone"), cluster_uuid=cluster_uuid, volume_uuid=volume_uuid,
-            clone_dst_pool_uuid=rbd["UUID"], clone_dst_vol_name="on-ceph", clone_dst_vol_tenant=tenant,
-            snapshot_uuid=snapshot_uuid, is_link=False)))
+        full = check_ok(
+            op.post(
+                "/v1/volume/share/clone",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/clone"),
+                    cluster_uuid=cluster_uuid,
+                    volume_uuid=volume_uuid,
+                    clone_dst_pool_uuid=rbd["UUID"],
+                    clone_dst_vol_name="on-ceph",
+                    clone_dst_vol_tenant=tenant,
+                    snapshot_uuid=snapshot_uuid,
+                    is_link=False,
+                ),
+            )
+        )
         new = full["volume"]["UUID"]
         seen = []
         deadline = time.monotonic() + 120
         while not seen or seen[-1] < 100:
-            seen.append(check_ok(op.get("/v1/volume/share/clone/progress", params={
-                "cluster_uuid": cluster_uuid, "tenant": tenant, "volume_uuid": new}))["clone_progress"])
+            seen.append(
+                check_ok(
+                    op.get(
+                        "/v1/volume/share/clone/progress",
+                        params={"cluster_uuid": cluster_uuid, "tenant": tenant, "volume_uuid": new},
+                    )
+                )["clone_progress"]
+            )
             task = check_ok(op.get(f"/v1/tasks/{full['task_id']}"))
             assert task["status"] in ("waiting", "running", "success"), json.dumps(task)
             assert time.monotonic() < deadline, (seen, task)
@@ -137,8 +188,14 @@ def rbd_leg(op, cluster_uuid, tenant, volume_uuid, snapshot_uuid, want, digest) 
         ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": new}
         check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"), **ref)))
         assert new not in ceph.rbd("ls", ceph.pool)
-        check_ok(op.post("/v1/pool/share/delete", json=dict(seed_example("002", "/v1/pool/share/delete"),
-                                                            pool_uuid=rbd["UUID"], cluster_uuid=cluster_uuid)))
+        check_ok(
+            op.post(
+                "/v1/pool/share/delete",
+                json=dict(
+                    seed_example("002", "/v1/pool/share/delete"), pool_uuid=rbd["UUID"], cluster_uuid=cluster_uuid
+                ),
+            )
+        )
     finally:
         ceph.destroy()
 
@@ -152,20 +209,42 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
 
     def digest(pool_uuid, volume_uuid, snapshot_uuid=""):
         with agents["a"].client() as ac:  # over its unix socket: the test's own view, not the controller's
-            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(
-                pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid))
+            job = ac.run(
+                f"sum-{uuid.uuid4()}",
+                checksum=jobs_pb2.ChecksumSpec(
+                    pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid
+                ),
+            )
             assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
             return job.checksum_result.image_digest
 
     with ctl.client("op") as op:
-        pool = check_ok(op.post("/v1/pool/share/create", json=dict(
-            seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(shared / "pool"),
-            limit_host=False, avail_host=[])))["pool"]
+        pool = check_ok(
+            op.post(
+                "/v1/pool/share/create",
+                json=dict(
+                    seed_example("002", "/v1/pool/share/create"),
+                    pool_type=4,
+                    source=str(shared / "pool"),
+                    limit_host=False,
+                    avail_host=[],
+                ),
+            )
+        )["pool"]
         assert len(pool["AvailHosts"]) == 3  # attached on every host
         pid = pool["UUID"]
-        vol = check_ok(op.post("/v1/volume/share/create", json=dict(
-            seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid,
-            capacity=128 << 20, backing_file="")))["volume"]
+        vol = check_ok(
+            op.post(
+                "/v1/volume/share/create",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/create"),
+                    pool_uuid=pid,
+                    cluster_uuid=cluster_uuid,
+                    capacity=128 << 20,
+                    backing_file="",
+                ),
+            )
+        )["volume"]
         head = next(iter(vol["AccessPath"].values()))
         write(head, {0: os.urandom(48 << 20), 100 << 20: os.urandom(8 << 20)}, run)
         ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
@@ -173,70 +252,145 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
         want = digest(pid, vol["UUID"], s1["UUID"])
         # backup, change, incremental, restore: through whichever hosts the dispatcher picks, to the
         # SMB server in the backup namespace (seed 000: add, list, update, delete), encrypted
-        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
-            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="samba",
-            cluster_uuid=cluster_uuid, ip=smb.ip, root_dir="backups", sub_dir="fleet", pass_word="fleet-bp-pw",
-            env={"port": smb.port, "username": smb.user, "secret": smb.password, "chunk_size": 1 << 20})))["uuid"]
-        add = dict(seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid,
-                   volume_uuid=vol["UUID"], snapshot_uuid=s1["UUID"], backup_point_uuid=bp)
+        bp = check_ok(
+            op.post(
+                "/v1/volume/internal/backuppoint/add",
+                json=dict(
+                    seed_example("000", "/v1/volume/internal/backuppoint/add"),
+                    tenant=tenant,
+                    btype="samba",
+                    cluster_uuid=cluster_uuid,
+                    ip=smb.ip,
+                    root_dir="backups",
+                    sub_dir="fleet",
+                    pass_word="fleet-bp-pw",
+                    env={"port": smb.port, "username": smb.user, "secret": smb.password, "chunk_size": 1 << 20},
+                ),
+            )
+        )["uuid"]
+        add = dict(
+            seed_example("001", "/v1/volume/share/backup/add"),
+            cluster_uuid=cluster_uuid,
+            volume_uuid=vol["UUID"],
+            snapshot_uuid=s1["UUID"],
+            backup_point_uuid=bp,
+        )
         b1 = check_ok(op.post("/v1/volume/share/backup/add", json=add))
         assert wait_task(op, b1["task_id"], 120)["status"] == "success"
         write(head, {4096: os.urandom(4096)}, run)
         s2 = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s2")))["snapshot"]
         want2 = digest(pid, vol["UUID"], s2["UUID"])
-        b2 = check_ok(op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=s2["UUID"],
-                                                                       backup_name="b2")))
+        b2 = check_ok(
+            op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=s2["UUID"], backup_name="b2"))
+        )
         t2 = wait_task(op, b2["task_id"], 120)
         assert t2["status"] == "success" and t2["result"]["mode"] == "incremental", t2
-        rs = check_ok(op.post("/v1/volume/share/backup/restore", json=dict(
-            seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=b2["backup"]["UUID"],
-            new_volume_name="restored", new_pool_uuid=pid, new_volume_tenant=tenant, cluster_uuid=cluster_uuid)))
+        rs = check_ok(
+            op.post(
+                "/v1/volume/share/backup/restore",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/backup/restore"),
+                    backup_uuid=b2["backup"]["UUID"],
+                    new_volume_name="restored",
+                    new_pool_uuid=pid,
+                    new_volume_tenant=tenant,
+                    cluster_uuid=cluster_uuid,
+                ),
+            )
+        )
         assert wait_task(op, rs["task_id"], 120)["status"] == "success"
         assert digest(pid, rs["volume"]["UUID"]) == want2
         # the repository really is on the server in the other namespace (samba's own client reads it)
         listing = smb.smbclient("backups", "cd fleet; ls").stdout.decode()
         assert all(name in listing for name in ("config", "manifests", "packs")), listing
-        item = next(x for x in check_ok(op.get("/v1/volume/internal/backuppoint/list", params={
-            "cluster_uuid": cluster_uuid, "tenant": tenant}))["list"] if x["UUID"] == bp)
+        item = next(
+            x
+            for x in check_ok(
+                op.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": cluster_uuid, "tenant": tenant})
+            )["list"]
+            if x["UUID"] == bp
+        )
         assert (item["BType"], item["indentify"]["IP"], item["indentify"]["Pwd"]) == ("samba", smb.ip, "******")
-        upd = dict(seed_example("000", "v1/volume/internal/backuppoint/update"), cluster_uuid=cluster_uuid,
-                   tenant_uuid=tenant, backup_point_uuid=bp, ip=smb.ip, root_directory="backups", sub_dir="fleet",
-                   backup_point_name="smb-renamed")
+        upd = dict(
+            seed_example("000", "v1/volume/internal/backuppoint/update"),
+            cluster_uuid=cluster_uuid,
+            tenant_uuid=tenant,
+            backup_point_uuid=bp,
+            ip=smb.ip,
+            root_directory="backups",
+            sub_dir="fleet",
+            backup_point_name="smb-renamed",
+        )
         check_ok(op.post("/v1/volume/internal/backuppoint/update", json=upd))
         bp_delete = {"cluster_uuid": cluster_uuid, "uuid": bp}
 
         def leftovers():
             return [f for n in NAMES for f in (short_tmp / f"agent-{n}" / "state" / "backup_points.d").glob(f"{bp}*")]
+
         assert leftovers()  # attached where the backups ran
         assert op.post("/v1/volume/internal/backuppoint/delete", json=bp_delete).status_code == 409  # holds backups
         for b in (b1, b2):
-            check_ok(op.post("/v1/volume/share/backup/delete", json={
-                "cluster_uuid": cluster_uuid, "tenant": tenant, "backup_uuid": b["backup"]["UUID"]}))
+            check_ok(
+                op.post(
+                    "/v1/volume/share/backup/delete",
+                    json={"cluster_uuid": cluster_uuid, "tenant": tenant, "backup_uuid": b["backup"]["UUID"]},
+                )
+            )
         check_ok(op.post("/v1/volume/internal/backuppoint/delete", json=bp_delete))
-        assert bp not in [x["UUID"] for x in check_ok(op.get("/v1/volume/internal/backuppoint/list", params={
-            "cluster_uuid": cluster_uuid, "tenant": tenant}))["list"]]
+        assert bp not in [
+            x["UUID"]
+            for x in check_ok(
+                op.get("/v1/volume/internal/backuppoint/list", params={"cluster_uuid": cluster_uuid, "tenant": tenant})
+            )["list"]
+        ]
         # the agents that had it attached drop its definition (and SMB password) at their next heartbeat
         deadline = time.monotonic() + 15
         while leftovers():
             assert time.monotonic() < deadline, leftovers()
             time.sleep(0.2)
-        linked = check_ok(op.post("/v1/volume/share/clone", json=dict(
-            seed_example("001", "/v1/volume/share/clone"), cluster_uuid=cluster_uuid, volume_uuid=vol["UUID"],
-            clone_dst_pool_uuid=pid, clone_dst_vol_name="linked", clone_dst_vol_tenant=tenant,
-            snapshot_uuid=s1["UUID"], is_link=True)))
+        linked = check_ok(
+            op.post(
+                "/v1/volume/share/clone",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/clone"),
+                    cluster_uuid=cluster_uuid,
+                    volume_uuid=vol["UUID"],
+                    clone_dst_pool_uuid=pid,
+                    clone_dst_vol_name="linked",
+                    clone_dst_vol_tenant=tenant,
+                    snapshot_uuid=s1["UUID"],
+                    is_link=True,
+                ),
+            )
+        )
         assert wait_task(op, linked["task_id"])["status"] == "success"
         assert digest(pid, linked["volume"]["UUID"]) == want
         rbd_leg(op, cluster_uuid, tenant, vol["UUID"], s1["UUID"], want, digest)
 
         # four full clones (each ~2.5 s at the agents' bandwidth limit, one at a time per host)
-        clones = [check_ok(op.post("/v1/volume/share/clone", json=dict(
-            seed_example("001", "/v1/volume/share/clone"), cluster_uuid=cluster_uuid, volume_uuid=vol["UUID"],
-            clone_dst_pool_uuid=pid, clone_dst_vol_name=f"full-{i}", clone_dst_vol_tenant=tenant,
-            snapshot_uuid=s1["UUID"], is_link=False))) for i in range(4)]
+        clones = [
+            check_ok(
+                op.post(
+                    "/v1/volume/share/clone",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/clone"),
+                        cluster_uuid=cluster_uuid,
+                        volume_uuid=vol["UUID"],
+                        clone_dst_pool_uuid=pid,
+                        clone_dst_vol_name=f"full-{i}",
+                        clone_dst_vol_tenant=tenant,
+                        snapshot_uuid=s1["UUID"],
+                        is_link=False,
+                    ),
+                )
+            )
+            for i in range(4)
+        ]
         deadline = time.monotonic() + 30
         while True:  # one of them running on a host: cut that host's link
-            running = [t for t in (check_ok(op.get(f"/v1/tasks/{c['task_id']}")) for c in clones)
-                       if t["status"] == "running"]
+            running = [
+                t for t in (check_ok(op.get(f"/v1/tasks/{c['task_id']}")) for c in clones) if t["status"] == "running"
+            ]
             if running:
                 break
             assert time.monotonic() < deadline

@@ -1,4 +1,5 @@
 """The C kernels against the pure-Python reference, and golden digests."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,9 @@ def make(kind: str, size: int, seed: int) -> bytes:
     for _ in range(max(1, size // 40000)):
         if size:
             off = rnd.randrange(size)
-            buf[off:off + rnd.randrange(1, 70000)] = rnd.randbytes(min(70000, size - off))[:len(buf[off:off + 70000])]
+            buf[off : off + rnd.randrange(1, 70000)] = rnd.randbytes(min(70000, size - off))[
+                : len(buf[off : off + 70000])
+            ]
     if size > 100:
         buf[-1] = 7  # a last byte that is not zero
         buf[size // 2] = 1
@@ -74,7 +77,7 @@ def test_image_hash_pieces_match_reference(seed):
     pos = 0
     while pos < size:
         n = min(rnd.choice([1, 3, 4096, 65536, 65537, 1 << 20]), size - pos)
-        piece = data[pos:pos + n]
+        piece = data[pos : pos + n]
         if native.ref_is_zero(piece) and rnd.random() < 0.7:
             h.zero(n)
         else:
@@ -92,8 +95,10 @@ GOLDEN = {
     "one": (b"a", "70cafaf13301f652a800eccb1ce6af2fed1e85e978d2197d7f1a7aeee39b5191"),
     "zero64k": (bytes(65536), "8ab067ab7939a3d4f40cbb118956c07c06aeae2d075d6e0a2ebbb94bd42832af"),
     "pattern1m": (bytes(range(256)) * 4096, "1fe777808341c3145772be5a12d0d2a5acafd7710b7be81f64b18f200f2a89fe"),
-    "odd": ((bytes(range(256)) * 1000)[:3 * 65536 + 5],
-            "fda69e3f62235c6279a63199f35103052c42892197a9c74998e790cba654ec58"),
+    "odd": (
+        (bytes(range(256)) * 1000)[: 3 * 65536 + 5],
+        "fda69e3f62235c6279a63199f35103052c42892197a9c74998e790cba654ec58",
+    ),
 }
 
 
@@ -109,7 +114,7 @@ def test_image_digest_golden(name):
     # the format, spelled out with hashlib alone
     outer = hashlib.sha256()
     for off in range(0, len(content), 65536):
-        outer.update(hashlib.sha256(content[off:off + 65536]).digest())
+        outer.update(hashlib.sha256(content[off : off + 65536]).digest())
     outer.update(len(content).to_bytes(8, "little"))
     assert outer.hexdigest() == expected
 
@@ -148,9 +153,9 @@ def test_diff_matches_reference(seed):
         # the extents cover exactly the changed blocks
         for e in got:
             assert e.end <= len(new)
-        patched = bytearray(old[:len(new)].ljust(len(new), b"\0"))
+        patched = bytearray(old[: len(new)].ljust(len(new), b"\0"))
         for e in got:
-            patched[e.start:e.end] = new[e.start:e.end]
+            patched[e.start : e.end] = new[e.start : e.end]
         assert bytes(patched) == bytes(new)
 
 
@@ -197,10 +202,17 @@ def test_kernels_under_address_and_undefined_sanitizers(tmp_path):
     """Build the C kernels with ASan+UBSan and check them against the reference."""
     subprocess.run(["make", "-s", "-C", str(REPO / "native"), "sanitize"], check=True)
     exe = REPO / "native" / "build" / "kernel_selftest"
-    for seed, (kind, size, block) in enumerate([("random", 300000, 65536), ("mixed", (3 << 20) + 7, 65536),
-                                               ("zero", 200001, 4096), ("mixed", 0, 4096),
-                                               ("random", 5, 4096), ("mixed", 2 << 20, 1 << 20),
-                                               ("random", 37 * 4096 + 60, 4096)]):
+    for seed, (kind, size, block) in enumerate(
+        [
+            ("random", 300000, 65536),
+            ("mixed", (3 << 20) + 7, 65536),
+            ("zero", 200001, 4096),
+            ("mixed", 0, 4096),
+            ("random", 5, 4096),
+            ("mixed", 2 << 20, 1 << 20),
+            ("random", 37 * 4096 + 60, 4096),
+        ]
+    ):
         new = make(kind, size, seed)
         old = bytearray(new[: size - size // 3])
         if old:
@@ -209,8 +221,13 @@ def test_kernels_under_address_and_undefined_sanitizers(tmp_path):
         (tmp_path / "new").write_bytes(new)
         for isa in ("avx512", "openssl"):  # both SHA-256 builds (avx512 only where the CPU has it)
             env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1", "BF_SHA256_ISA": isa}
-            out = subprocess.run([str(exe), str(tmp_path / "old"), str(tmp_path / "new"), str(block), "2"],
-                                 check=True, capture_output=True, text=True, env=env).stdout
+            out = subprocess.run(
+                [str(exe), str(tmp_path / "old"), str(tmp_path / "new"), str(block), "2"],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            ).stdout
             assert f"sha256-isa {isa}\n" in out or _native.SHA256_ISA != "avx512"
             check_selftest(out, old, new, block)
 
@@ -226,8 +243,9 @@ def check_selftest(out: str, old: bytes, new: bytes, block: int) -> None:
     r = native.RefImageHash()
     r.update(new)
     assert lines["image"] == r.digest().hex()
-    diff = native.ref_diff_digests(native.ref_block_digests("sha256", bytes(old), block),
-                                   native.ref_block_digests("sha256", new, block), len(new))
+    diff = native.ref_diff_digests(
+        native.ref_block_digests("sha256", bytes(old), block), native.ref_block_digests("sha256", new, block), len(new)
+    )
     assert lines["diff"] == ",".join(f"{e.start}:{e.length}" for e in diff)
     assert lines["zstd"] == "ok"
 
@@ -277,8 +295,7 @@ def test_every_sha256_build_matches_reference(isa):
 def run_forced_build(variable: str, isa: str, code: str) -> None:
     """Run code (which prints the build it got, then checks it) in a new
     interpreter with the build forced through the environment variable."""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, variable: isa})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, variable: isa})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == isa
 

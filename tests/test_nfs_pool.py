@@ -2,6 +2,7 @@
 real agent and a real nfs-ganesha: qemu's nfs driver and libnfs, no mount.
 The export is also a directory of this machine, so what the agent wrote is
 read back from the server's side (qemu-img on the files ganesha serves)."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,11 @@ from support.volumes import MiB, new_id, ref_digest_of, rpc_error
 
 def server_info(path: Path) -> dict:
     """qemu-img info of a file as the NFS server stores it."""
-    return json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], check=True,
-                                     capture_output=True, text=True).stdout)
+    return json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(path)], check=True, capture_output=True, text=True
+        ).stdout
+    )
 
 
 def test_volumes_snapshots_rollback_and_changes_on_nfs(nfs_agent):
@@ -92,20 +96,40 @@ def test_clones_within_and_across_nfs_and_dir_pools(nfs_agent):
     job = n.clone(vid, s1.uuid, to_dir, name="to-dir", linked=False, target_pool=POOL_UUID)
     assert job.state == OK and job.progress.percent == 100, job.error
     assert n.digest(to_dir, pool=POOL_UUID) == d1
-    sd = n.c.create_snapshot(v.CreateSnapshotRequest(pool_uuid=POOL_UUID, volume_uuid=to_dir,
-                                                                   snapshot_uuid=new_id(), name="sd"))
+    sd = n.c.create_snapshot(
+        v.CreateSnapshotRequest(pool_uuid=POOL_UUID, volume_uuid=to_dir, snapshot_uuid=new_id(), name="sd")
+    )
     back = new_id()
-    job = n.c.run(f"clone-{back}", clone=jobs_pb2.CloneSpec(
-        pool_uuid=POOL_UUID, volume_uuid=to_dir, snapshot_uuid=sd.uuid, target_pool_uuid=n.pool,
-        target_volume_uuid=back, target_name="back", linked=False))
+    job = n.c.run(
+        f"clone-{back}",
+        clone=jobs_pb2.CloneSpec(
+            pool_uuid=POOL_UUID,
+            volume_uuid=to_dir,
+            snapshot_uuid=sd.uuid,
+            target_pool_uuid=n.pool,
+            target_volume_uuid=back,
+            target_name="back",
+            linked=False,
+        ),
+    )
     assert job.state == OK, job.error
     assert n.digest(back) == d1
     assert ref_digest_of(f"{n.url}/volume/{back}", n.agent.workdir) == d1
 
     # a linked clone cannot cross: its backing file would be out of the other pool's reach
-    e = rpc_error(n.c.run, "cross-linked", clone=jobs_pb2.CloneSpec(
-        pool_uuid=n.pool, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=POOL_UUID,
-        target_volume_uuid=new_id(), target_name="x", linked=True))
+    e = rpc_error(
+        n.c.run,
+        "cross-linked",
+        clone=jobs_pb2.CloneSpec(
+            pool_uuid=n.pool,
+            volume_uuid=vid,
+            snapshot_uuid=s1.uuid,
+            target_pool_uuid=POOL_UUID,
+            target_volume_uuid=new_id(),
+            target_name="x",
+            linked=True,
+        ),
+    )
     assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
     assert "target_pool_uuid" in e.details() and "full clone" in e.details()
     # nor can a volume adopt a file of this host as its base
@@ -122,8 +146,9 @@ def test_backup_incremental_and_restore_into_nfs_pool(nfs_agent):
             restored = n.restore(r.backup_uuid, pool=pool)
             assert restored.image_digest == r.image_digest
             assert n.digest(restored.volume_uuid, pool=pool) == r.image_digest
-            cmp = subprocess.run(["qemu-img", "compare", "-U", n.layer(vid, snap), restored.access_path],
-                                 capture_output=True, text=True)
+            cmp = subprocess.run(
+                ["qemu-img", "compare", "-U", n.layer(vid, snap), restored.access_path], capture_output=True, text=True
+            )
             assert cmp.returncode == 0, cmp.stdout
         assert n.verify(r.backup_uuid, deep=True).state == OK
 
@@ -166,8 +191,9 @@ def test_agents_sharing_an_nfs_pool_take_turns(nfs_server, short_tmp):
     # a lock whose holder died (a pid of this host that is gone) is stale
     dead = subprocess.Popen(["true"])
     dead.wait()
-    rec = LockRecord("deadbeef", "exclusive", "test", os.uname().nodename, _boot_id(), dead.pid, time.time(),
-                     time.time())
+    rec = LockRecord(
+        "deadbeef", "exclusive", "test", os.uname().nodename, _boot_id(), dead.pid, time.time(), time.time()
+    )
     lock_dir = Path(nfs_server.export) / f"pool-{pool}" / "locks" / vid
     (lock_dir / "deadbeef").write_text(json.dumps(rec.__dict__))
     t0 = time.monotonic()
@@ -198,11 +224,13 @@ def test_nfs_server_down_then_back(nfs_agent, nfs_server):
 def test_nfs_pool_config_is_checked(short_tmp):
     from agent.config import load
 
-    for body, field in (('type = "nfs"\nexport = "/x"\n', "ip"),
-                        ('type = "nfs"\nip = "127.0.0.1"\nexport = "x"\n', "export"),
-                        ('type = "nfs"\nip = "127.0.0.1"\nexport = "/a/../b"\n', "export"),
-                        ('type = "nfs"\nip = "127.0.0.1"\nexport = "/a b?c"\n', "export"),
-                        ('type = "nfs"\nip = "::1"\nexport = "/x"\n', "ip")):
+    for body, field in (
+        ('type = "nfs"\nexport = "/x"\n', "ip"),
+        ('type = "nfs"\nip = "127.0.0.1"\nexport = "x"\n', "export"),
+        ('type = "nfs"\nip = "127.0.0.1"\nexport = "/a/../b"\n', "export"),
+        ('type = "nfs"\nip = "127.0.0.1"\nexport = "/a b?c"\n', "export"),
+        ('type = "nfs"\nip = "::1"\nexport = "/x"\n', "ip"),
+    ):
         a = write_config(short_tmp / field, f"[pools.{NFS_POOL}]\n{body}")
         with pytest.raises(ConfigError) as e:
             load(str(a.config))

@@ -1,6 +1,7 @@
 """`python -m build` makes an sdist and a wheel; the wheel carries the
 compiled native module and the generated gRPC code, and installs into a
 fresh venv with no compiler at hand (CC=false) and runs."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,16 +28,37 @@ def test_wheel_installs_and_runs_without_build_tools(tmp_path, dist):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     env = dict(os.environ, CC="false", CXX="false", PIP_NO_BUILD_ISOLATION="0")
     env.pop("PYTHONPATH", None)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--only-binary=:all:", str(wheels[0])], check=True,
-                   env=env, capture_output=True, timeout=900)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--only-binary=:all:", str(wheels[0])],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=900,
+    )
     for tool in ("blockferry-agent", "blockferry-controller"):
-        out = subprocess.run([str(venv / "bin" / tool), "--version"], check=True, capture_output=True, text=True,
-                             env=env, cwd=tmp_path, timeout=60).stdout
+        out = subprocess.run(
+            [str(venv / "bin" / tool), "--version"],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+        ).stdout
         assert out.strip() == f"{tool} {__version__}"
-    check = ("import hashlib, agent, agent._native as n; from agent.api.v1 import jobs_pb2; "
-             "assert agent.__file__.startswith(%r); "
-             "d = n.block_digests('sha256', bytes(range(256)) * 4096, 65536, 1)[0]; print(d.hex())")
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", check % str(venv)], check=True, capture_output=True,
-                         text=True, env=env, cwd=tmp_path, timeout=60).stdout.strip()
+    check = (
+        "import hashlib, agent, agent._native as n; from agent.api.v1 import jobs_pb2; "
+        "assert agent.__file__.startswith(%r); "
+        "d = n.block_digests('sha256', bytes(range(256)) * 4096, 65536, 1)[0]; print(d.hex())"
+    )
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", check % str(venv)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    ).stdout.strip()
     block = bytes(range(256)) * 256
     assert out == (hashlib.sha256(block).digest() * 16).hex()

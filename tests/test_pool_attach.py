@@ -1,6 +1,7 @@
 """Pools attached at run time (what the controller does on seed 002
 pool/share/create): a directory pool under the agent's roots and an RBD
 pool on the real Ceph cluster; they survive a restart; detach rules."""
+
 from __future__ import annotations
 
 import uuid
@@ -31,8 +32,7 @@ def test_attach_dir_pool_survives_restart_and_detach_rules(make_agent):
         err = rpc_error(lambda: attach(c, pool_uuid=str(uuid.uuid4()), type="ftp", path=path))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "type" in err.details()
         vol = str(uuid.uuid4())
-        c.create_volume(v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="x",
-                                                            capacity=4 * MiB))
+        c.create_volume(v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="x", capacity=4 * MiB))
     assert a.stop() == 0
     a.start()  # the attached pool comes back from <state_dir>/pools.d
     with a.client() as c:
@@ -54,12 +54,12 @@ def test_attach_rbd_pool(make_agent, ceph):
         st = attach(c, pool_uuid=pool, type="rbd", ceph_conf=str(ceph.conf), rbd_pool="rbd")
         assert st.status == "healthy" and st.type == "rbd"
         vol = str(uuid.uuid4())
-        info = c.create_volume(v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="r",
-                                                                   capacity=8 * MiB))
+        info = c.create_volume(v.CreateVolumeRequest(pool_uuid=pool, volume_uuid=vol, name="r", capacity=8 * MiB))
         assert info.capacity == 8 * MiB
         c.delete_volume(v.DeleteVolumeRequest(pool_uuid=pool, volume_uuid=vol))
-        err = rpc_error(lambda: attach(c, pool_uuid=str(uuid.uuid4()), type="rbd", ceph_conf="/nope.conf",
-                                       rbd_pool="rbd"))
+        err = rpc_error(
+            lambda: attach(c, pool_uuid=str(uuid.uuid4()), type="rbd", ceph_conf="/nope.conf", rbd_pool="rbd")
+        )
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "ceph_conf" in err.details()
     assert a.stop() == 0
 
@@ -72,23 +72,41 @@ def test_attach_backup_points_local_and_nfs(make_agent, nfs_server):
     a = make_agent().start()
     local, nfs = str(uuid.uuid4()), str(uuid.uuid4())
     with a.client() as c:
-        st = c.attach_backup_point(b.AttachBackupPointRequest(
-            backup_point_uuid=local, type="local", path=str(a.roots[0] / "bp-attached"), password="pw-attach-1"))
+        st = c.attach_backup_point(
+            b.AttachBackupPointRequest(
+                backup_point_uuid=local, type="local", path=str(a.roots[0] / "bp-attached"), password="pw-attach-1"
+            )
+        )
         assert st.status in ("healthy", "degraded") and st.repository
-        st = c.attach_backup_point(b.AttachBackupPointRequest(
-            backup_point_uuid=nfs, type="nfs", ip="127.0.0.1", port=nfs_server.nfs_port,
-            mount_port=nfs_server.mount_port, root_dir=str(nfs_server.export), sub_dir=f"att-{nfs[:8]}",
-            chunk_size=1 << 20))
+        st = c.attach_backup_point(
+            b.AttachBackupPointRequest(
+                backup_point_uuid=nfs,
+                type="nfs",
+                ip="127.0.0.1",
+                port=nfs_server.nfs_port,
+                mount_port=nfs_server.mount_port,
+                root_dir=str(nfs_server.export),
+                sub_dir=f"att-{nfs[:8]}",
+                chunk_size=1 << 20,
+            )
+        )
         assert st.status in ("healthy", "degraded") and st.type == "nfs"
-        err = rpc_error(lambda: c.attach_backup_point(b.AttachBackupPointRequest(
-            backup_point_uuid=str(uuid.uuid4()), type="local", path="/etc")))
+        err = rpc_error(
+            lambda: c.attach_backup_point(
+                b.AttachBackupPointRequest(backup_point_uuid=str(uuid.uuid4()), type="local", path="/etc")
+            )
+        )
         assert "PATH_NOT_ALLOWED" in err.details()
-        err = rpc_error(lambda: c.attach_backup_point(b.AttachBackupPointRequest(
-            backup_point_uuid=str(uuid.uuid4()), type="nfs", ip="", root_dir="/x")))
+        err = rpc_error(
+            lambda: c.attach_backup_point(
+                b.AttachBackupPointRequest(backup_point_uuid=str(uuid.uuid4()), type="nfs", ip="", root_dir="/x")
+            )
+        )
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "ip" in err.details()
         k = Bk(a, c, bp=nfs)
         vol = k.create(capacity=8 * MiB, name="src").uuid
         import os
+
         k.write(vol, {0: os.urandom(2 * MiB)})
         s1 = k.snap(vol, "s1").uuid
         full = k.backup(vol, s1)
@@ -101,7 +119,7 @@ def test_attach_backup_points_local_and_nfs(make_agent, nfs_server):
         c.detach_backup_point(b.BackupPointRef(backup_point_uuid=nfs))
         err = rpc_error(lambda: c.check_backup_point(b.BackupPointRef(backup_point_uuid=nfs)))
         assert err.code() == grpc.StatusCode.NOT_FOUND
-    stored = (a.workdir / "state" / "backup_points.d" / f"{local}.json")
+    stored = a.workdir / "state" / "backup_points.d" / f"{local}.json"
     assert stored.stat().st_mode & 0o777 == 0o600
     assert "pw-attach-1" not in a.log_text()
     assert a.stop() == 0

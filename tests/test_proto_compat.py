@@ -7,6 +7,7 @@ an agent below its API level with a clear error, which the agent logs.
 Regenerate the golden file only when adding (never to hide a change):
     .venv/bin/python tests/test_proto_compat.py --update
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,15 @@ def snapshot() -> dict:
     out: dict = {"messages": {}, "enums": {}, "services": {}}
 
     def message(d) -> None:
-        out["messages"][d.full_name] = {f.name: [f.number, f.type, "repeated" if f.is_repeated else "single",
-                                                 (f.message_type or f.enum_type).full_name
-                                                 if (f.message_type or f.enum_type) else ""] for f in d.fields}
+        out["messages"][d.full_name] = {
+            f.name: [
+                f.number,
+                f.type,
+                "repeated" if f.is_repeated else "single",
+                (f.message_type or f.enum_type).full_name if (f.message_type or f.enum_type) else "",
+            ]
+            for f in d.fields
+        }
         for n in d.nested_types:
             message(n)
         for e in d.enum_types:
@@ -39,8 +46,9 @@ def snapshot() -> dict:
         for e in fd.enum_types_by_name.values():
             out["enums"][e.full_name] = {v.name: v.number for v in e.values}
         for s in fd.services_by_name.values():
-            out["services"][s.full_name] = {m.name: [m.input_type.full_name, m.output_type.full_name,
-                                                     m.server_streaming] for m in s.methods}
+            out["services"][s.full_name] = {
+                m.name: [m.input_type.full_name, m.output_type.full_name, m.server_streaming] for m in s.methods
+            }
     return out
 
 

@@ -1,4 +1,5 @@
 """qcow2 volumes through a real agent, with real qemu-img, qemu-nbd and libnbd."""
+
 from __future__ import annotations
 
 import os
@@ -142,12 +143,10 @@ def test_changed_extents_are_exactly_what_was_written(vol):
     s3 = vol.snap(vid, "s3")
     assert vol.changed(vid, s3.uuid, s2.uuid) == [(50 * MiB, 3 * G)]
     # across two layers: the union
-    assert vol.changed(vid, s3.uuid, s1.uuid) == [(8 * MiB, G), (20 * MiB, 2 * G), (30 * MiB, 2 * G),
-                                                  (50 * MiB, 3 * G)]
+    assert vol.changed(vid, s3.uuid, s1.uuid) == [(8 * MiB, G), (20 * MiB, 2 * G), (30 * MiB, 2 * G), (50 * MiB, 3 * G)]
     # after deleting the middle snapshot, its changes move into its child
     vol.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s2.uuid)
-    assert vol.changed(vid, s3.uuid, s1.uuid) == [(8 * MiB, G), (20 * MiB, 2 * G), (30 * MiB, 2 * G),
-                                                  (50 * MiB, 3 * G)]
+    assert vol.changed(vid, s3.uuid, s1.uuid) == [(8 * MiB, G), (20 * MiB, 2 * G), (30 * MiB, 2 * G), (50 * MiB, 3 * G)]
     # from nothing: every data extent
     assert vol.changed(vid, s1.uuid) == [(0, 4 * MiB)]
     # applying the changed extents of s3 onto s1's content reproduces s3
@@ -190,9 +189,18 @@ def test_linked_clone_dependents_and_flatten(vol, agent):
     d1 = vol.digest(vid, s1.uuid)
     clone_id = new_id()
     t0 = time.monotonic()
-    job = vol.c.run(f"clone-{clone_id}", clone=jobs_pb2.CloneSpec(
-        pool_uuid=POOL_UUID, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=POOL_UUID,
-        target_volume_uuid=clone_id, target_name="linked", linked=True))
+    job = vol.c.run(
+        f"clone-{clone_id}",
+        clone=jobs_pb2.CloneSpec(
+            pool_uuid=POOL_UUID,
+            volume_uuid=vid,
+            snapshot_uuid=s1.uuid,
+            target_pool_uuid=POOL_UUID,
+            target_volume_uuid=clone_id,
+            target_name="linked",
+            linked=True,
+        ),
+    )
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
     assert time.monotonic() - t0 < 5 and job.clone_result.copied_bytes == 0
     info = vol.call("GetVolume", volume_uuid=clone_id)
@@ -230,9 +238,18 @@ def test_force_delete_flattens_clones_in_another_pool(vol):
     vol.write(vid, {0: os.urandom(MiB)})
     s1 = vol.snap(vid, "base")
     clone_id = new_id()
-    job = vol.c.run("x-pool-clone", clone=jobs_pb2.CloneSpec(
-        pool_uuid=POOL_UUID, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=POOL2_UUID,
-        target_volume_uuid=clone_id, target_name="other-pool", linked=True))
+    job = vol.c.run(
+        "x-pool-clone",
+        clone=jobs_pb2.CloneSpec(
+            pool_uuid=POOL_UUID,
+            volume_uuid=vid,
+            snapshot_uuid=s1.uuid,
+            target_pool_uuid=POOL2_UUID,
+            target_volume_uuid=clone_id,
+            target_name="other-pool",
+            linked=True,
+        ),
+    )
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
     d = vol.digest(clone_id, pool=POOL2_UUID)
     vol.call("DeleteVolume", volume_uuid=vid, force=True)
@@ -245,9 +262,18 @@ def test_full_clone_with_progress(vol, tmp_path):
     vol.write(vid, {0: os.urandom(8 * MiB), 32 * MiB: os.urandom(4 * MiB), 50 * MiB: bytes(MiB)})
     s1 = vol.snap(vid, "s1")
     clone_id = new_id()
-    vol.c.submit("full-1", clone=jobs_pb2.CloneSpec(
-        pool_uuid=POOL_UUID, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=POOL2_UUID,
-        target_volume_uuid=clone_id, target_name="full", linked=False))
+    vol.c.submit(
+        "full-1",
+        clone=jobs_pb2.CloneSpec(
+            pool_uuid=POOL_UUID,
+            volume_uuid=vid,
+            snapshot_uuid=s1.uuid,
+            target_pool_uuid=POOL2_UUID,
+            target_volume_uuid=clone_id,
+            target_name="full",
+            linked=False,
+        ),
+    )
     events = list(vol.c.watch("full-1"))
     job = events[-1]
     assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
@@ -257,8 +283,9 @@ def test_full_clone_with_progress(vol, tmp_path):
     info = vol.call("GetVolume", volume_uuid=clone_id, pool_uuid=POOL2_UUID)
     assert info.parent_volume == "" and info.capacity == CAP
     assert vol.digest(clone_id, pool=POOL2_UUID) == vol.digest(vid, s1.uuid)
-    cmp = subprocess.run(["qemu-img", "compare", "-U", vol.layer(vid, s1.uuid), info.access_path],
-                         capture_output=True, text=True)
+    cmp = subprocess.run(
+        ["qemu-img", "compare", "-U", vol.layer(vid, s1.uuid), info.access_path], capture_output=True, text=True
+    )
     assert cmp.returncode == 0, cmp.stdout
     out = subprocess.run(["qemu-img", "info", "-U", info.access_path], capture_output=True, text=True).stdout
     assert "backing file" not in out
@@ -275,9 +302,18 @@ def test_full_clone_cancelled_leaves_nothing(make_agent):
         vol.write(vid, {0: os.urandom(48 * MiB)})
         s1 = vol.snap(vid, "s1")
         clone_id = new_id()
-        vol.c.submit("full-cancel", clone=jobs_pb2.CloneSpec(
-            pool_uuid=POOL_UUID, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=POOL_UUID,
-            target_volume_uuid=clone_id, target_name="doomed", linked=False))
+        vol.c.submit(
+            "full-cancel",
+            clone=jobs_pb2.CloneSpec(
+                pool_uuid=POOL_UUID,
+                volume_uuid=vid,
+                snapshot_uuid=s1.uuid,
+                target_pool_uuid=POOL_UUID,
+                target_volume_uuid=clone_id,
+                target_name="doomed",
+                linked=False,
+            ),
+        )
         while c.get("full-cancel").progress.bytes_done < 8 * MiB:
             time.sleep(0.05)
         # while it runs, the source is busy for changes
@@ -288,27 +324,29 @@ def test_full_clone_cancelled_leaves_nothing(make_agent):
         assert job.state == jobs_pb2.JOB_STATE_CANCELLED
         e = rpc_error(vol.call, "GetVolume", volume_uuid=clone_id)
         assert e.code() == grpc.StatusCode.NOT_FOUND
-        leftovers = [p for p in (a.pool_root / f"pool-{POOL_UUID}" / "volume").iterdir()
-                     if clone_id in p.name]
+        leftovers = [p for p in (a.pool_root / f"pool-{POOL_UUID}" / "volume").iterdir() if clone_id in p.name]
         assert leftovers == []
         assert no_qemu_nbd_left(a.workdir)
         vol.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s1.uuid)  # free again
     assert a.stop() == 0
 
 
-@pytest.mark.parametrize("field,kw,code", [
-    ("volume_uuid", dict(volume_uuid="../../etc"), grpc.StatusCode.INVALID_ARGUMENT),
-    ("volume_uuid", dict(volume_uuid="a/b"), grpc.StatusCode.INVALID_ARGUMENT),
-    ("name", dict(name="x/y"), grpc.StatusCode.INVALID_ARGUMENT),
-    ("name", dict(name=".."), grpc.StatusCode.INVALID_ARGUMENT),
-    ("name", dict(name=""), grpc.StatusCode.INVALID_ARGUMENT),
-    ("capacity", dict(capacity=-512), grpc.StatusCode.INVALID_ARGUMENT),
-    ("capacity", dict(capacity=1000), grpc.StatusCode.INVALID_ARGUMENT),
-    ("capacity", dict(capacity=1 << 60), grpc.StatusCode.OUT_OF_RANGE),
-    ("pool_uuid", dict(pool_uuid=str(uuid.UUID(int=1))), grpc.StatusCode.NOT_FOUND),
-    ("pool_uuid", dict(pool_uuid="../pool"), grpc.StatusCode.INVALID_ARGUMENT),
-    ("backing_file", dict(capacity=0, backing_file="/work/../etc/passwd"), grpc.StatusCode.PERMISSION_DENIED),
-])
+@pytest.mark.parametrize(
+    "field,kw,code",
+    [
+        ("volume_uuid", dict(volume_uuid="../../etc"), grpc.StatusCode.INVALID_ARGUMENT),
+        ("volume_uuid", dict(volume_uuid="a/b"), grpc.StatusCode.INVALID_ARGUMENT),
+        ("name", dict(name="x/y"), grpc.StatusCode.INVALID_ARGUMENT),
+        ("name", dict(name=".."), grpc.StatusCode.INVALID_ARGUMENT),
+        ("name", dict(name=""), grpc.StatusCode.INVALID_ARGUMENT),
+        ("capacity", dict(capacity=-512), grpc.StatusCode.INVALID_ARGUMENT),
+        ("capacity", dict(capacity=1000), grpc.StatusCode.INVALID_ARGUMENT),
+        ("capacity", dict(capacity=1 << 60), grpc.StatusCode.OUT_OF_RANGE),
+        ("pool_uuid", dict(pool_uuid=str(uuid.UUID(int=1))), grpc.StatusCode.NOT_FOUND),
+        ("pool_uuid", dict(pool_uuid="../pool"), grpc.StatusCode.INVALID_ARGUMENT),
+        ("backing_file", dict(capacity=0, backing_file="/work/../etc/passwd"), grpc.StatusCode.PERMISSION_DENIED),
+    ],
+)
 def test_bad_volume_input(vol, agent, field, kw, code):
     e = rpc_error(vol.create, **kw)
     assert e.code() == code and field in e.details(), e.details()
@@ -425,8 +463,10 @@ def test_bitmap_reader_matches_qemu_nbd_and_refuses_untrustworthy_bitmaps(tmp_pa
             cmds += ["-c", f"write 0 {size}"]  # all of it
         subprocess.run(["qemu-io", "-f", "qcow2", *cmds, img], check=True, capture_output=True)
         mine = dirty_extents(img, "bf-dirty")
-        with QemuNbd(img, readonly=True, bitmap="bf-dirty", run_dir=str(tmp_path)) as srv, \
-                srv.connect(bitmap_context=True) as c:
+        with (
+            QemuNbd(img, readonly=True, bitmap="bf-dirty", run_dir=str(tmp_path)) as srv,
+            srv.connect(bitmap_context=True) as c,
+        ):
             assert mine == merge_extents(list(c.dirty("bf-dirty"))), (size, gran)
         assert mine and mine[-1].end == size
     with pytest.raises(TrackingLost, match="bf-other .* is missing"):
@@ -473,8 +513,24 @@ def test_partial_map_reads_exactly_what_qemu_reads(tmp_path):
     for k, cluster in enumerate((65536, 4096, 65536)):
         img = str(tmp_path / f"l{k}.qcow2")
         fmt = "raw" if k == 0 else "qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", "-b", layers[-1],
-                        "-F", fmt, img, str(size)], check=True)
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                f"cluster_size={cluster}",
+                "-b",
+                layers[-1],
+                "-F",
+                fmt,
+                img,
+                str(size),
+            ],
+            check=True,
+        )
         cmds = []
         for _ in range(25):
             off = rnd.randrange(0, size - 1) // 512 * 512
@@ -487,8 +543,9 @@ def test_partial_map_reads_exactly_what_qemu_reads(tmp_path):
     ref = tmp_path / "ref.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", top, str(ref)], check=True)
     want = ref.read_bytes()
-    ranges = sorted({(rnd.randrange(0, size // 4096) * 4096, rnd.choice([4096, 65536, MiB, 3 * MiB + 512]))
-                     for _ in range(40)})
+    ranges = sorted(
+        {(rnd.randrange(0, size // 4096) * 4096, rnd.choice([4096, 65536, MiB, 3 * MiB + 512])) for _ in range(40)}
+    )
     merged = []  # the reader takes sorted, non-overlapping ranges
     for start, n in ranges:
         n = min(n, size - start)
@@ -501,7 +558,7 @@ def test_partial_map_reads_exactly_what_qemu_reads(tmp_path):
     with r:
         for start, n in merged:
             got = bytes(r._fill(start, n))
-            assert got == want[start:start + n], (start, n)
+            assert got == want[start : start + n], (start, n)
         with pytest.raises(Exception, match="only the ranges"):
             r.extents()
     entries, paths, fds = map_ranges(top, size, merged)

@@ -1,4 +1,5 @@
 """RBD volumes through a real agent against a real single-node Ceph cluster."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,7 @@ OBJ = 4 * MiB  # RBD object size (order 22)
 
 @pytest.fixture
 def ceph_io(ceph):
-    cluster = rados.Rados(conffile=str(ceph.conf), conf={"rados_osd_op_timeout": "30",
-                                                         "rados_mon_op_timeout": "30"})
+    cluster = rados.Rados(conffile=str(ceph.conf), conf={"rados_osd_op_timeout": "30", "rados_mon_op_timeout": "30"})
     cluster.connect(timeout=10)
     ios = {name: cluster.open_ioctx(name) for name in ("rbd", "rbd2")}
     yield ios
@@ -97,8 +97,7 @@ def test_create_info_features_delete(rv, ceph_io):
     # diff_iterate reports a new object from its start: a superset within the touched objects
     assert MiB + 4096 <= got.used <= 2 * OBJ and got.name == "rbd-disk"
     assert info.uuid in [v.uuid for v in rv.call("ListVolumes").volumes]
-    st = rv.c.get_pool_status(__import__("agent.api.v1.volumes_pb2", fromlist=["x"]).PoolRef(
-        pool_uuid=RBD_POOL_UUID))
+    st = rv.c.get_pool_status(__import__("agent.api.v1.volumes_pb2", fromlist=["x"]).PoolRef(pool_uuid=RBD_POOL_UUID))
     assert st.status == "healthy" and st.total_bytes > 0 and st.type == "rbd"
     e = rpc_error(rv.create, volume_uuid=info.uuid)
     assert e.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -223,9 +222,18 @@ def test_full_clone_progress_and_cancel(make_agent, ceph, ceph_io):
         rbd_write(ceph_io["rbd"], vid, {0: os.urandom(16 * MiB), 40 * MiB: bytes(4 * MiB), 50 * MiB: b"z" * 10})
         s1 = rv.snap(vid, "s1")
         target = new_id()
-        c.submit("rbd-full", clone=jobs_pb2.CloneSpec(
-            pool_uuid=P, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=P, target_volume_uuid=target,
-            target_name="full", linked=False))
+        c.submit(
+            "rbd-full",
+            clone=jobs_pb2.CloneSpec(
+                pool_uuid=P,
+                volume_uuid=vid,
+                snapshot_uuid=s1.uuid,
+                target_pool_uuid=P,
+                target_volume_uuid=target,
+                target_name="full",
+                linked=False,
+            ),
+        )
         events = list(c.watch("rbd-full"))
         job = events[-1]
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
@@ -236,9 +244,18 @@ def test_full_clone_progress_and_cancel(make_agent, ceph, ceph_io):
         assert info.parent_volume == "" and info.used <= 16 * MiB + OBJ  # zero blocks were not written
         # cancelled half-way: nothing is left, not even the temporary image
         big = new_id()
-        c.submit("rbd-full-cancel", clone=jobs_pb2.CloneSpec(
-            pool_uuid=P, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=P, target_volume_uuid=big,
-            target_name="doomed", linked=False))
+        c.submit(
+            "rbd-full-cancel",
+            clone=jobs_pb2.CloneSpec(
+                pool_uuid=P,
+                volume_uuid=vid,
+                snapshot_uuid=s1.uuid,
+                target_pool_uuid=P,
+                target_volume_uuid=big,
+                target_name="doomed",
+                linked=False,
+            ),
+        )
         while c.get("rbd-full-cancel").progress.bytes_done == 0:
             time.sleep(0.02)
         c.cancel("rbd-full-cancel")
@@ -261,9 +278,18 @@ def test_full_clones_across_qcow2_and_rbd(rbd_agent, ceph_io, ceph, tmp_path):
         s1 = qv.snap(src, "s1")
         want = qv.digest(src, s1.uuid)
         on_rbd = new_id()
-        c.submit("q2r", clone=jobs_pb2.CloneSpec(pool_uuid=POOL_UUID, volume_uuid=src, snapshot_uuid=s1.uuid,
-                                                 target_pool_uuid=RBD_POOL_UUID, target_volume_uuid=on_rbd,
-                                                 target_name="from-qcow2", linked=False))
+        c.submit(
+            "q2r",
+            clone=jobs_pb2.CloneSpec(
+                pool_uuid=POOL_UUID,
+                volume_uuid=src,
+                snapshot_uuid=s1.uuid,
+                target_pool_uuid=RBD_POOL_UUID,
+                target_volume_uuid=on_rbd,
+                target_name="from-qcow2",
+                linked=False,
+            ),
+        )
         events = list(c.watch("q2r"))
         assert events[-1].state == jobs_pb2.JOB_STATE_SUCCEEDED, events[-1].error
         assert events[-1].progress.percent == 100
@@ -276,17 +302,37 @@ def test_full_clones_across_qcow2_and_rbd(rbd_agent, ceph_io, ceph, tmp_path):
         # and back, from a snapshot of the RBD copy into a new qcow2 volume
         rs = rv.snap(on_rbd, "r1")
         back = new_id()
-        job = c.run("r2q", clone=jobs_pb2.CloneSpec(pool_uuid=RBD_POOL_UUID, volume_uuid=on_rbd,
-                                                    snapshot_uuid=rs.uuid, target_pool_uuid=POOL_UUID,
-                                                    target_volume_uuid=back, target_name="from-rbd", linked=False))
+        job = c.run(
+            "r2q",
+            clone=jobs_pb2.CloneSpec(
+                pool_uuid=RBD_POOL_UUID,
+                volume_uuid=on_rbd,
+                snapshot_uuid=rs.uuid,
+                target_pool_uuid=POOL_UUID,
+                target_volume_uuid=back,
+                target_name="from-rbd",
+                linked=False,
+            ),
+        )
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
         assert qv.digest(back) == want
-        cmp = subprocess.run(["qemu-img", "compare", "-U", qv.layer(src, s1.uuid), qv.head(back)],
-                             capture_output=True, text=True)
+        cmp = subprocess.run(
+            ["qemu-img", "compare", "-U", qv.layer(src, s1.uuid), qv.head(back)], capture_output=True, text=True
+        )
         assert cmp.returncode == 0, cmp.stdout
-        e = rpc_error(c.run, "q2r-linked", clone=jobs_pb2.CloneSpec(
-            pool_uuid=POOL_UUID, volume_uuid=src, snapshot_uuid=s1.uuid, target_pool_uuid=RBD_POOL_UUID,
-            target_volume_uuid=new_id(), target_name="linked", linked=True))
+        e = rpc_error(
+            c.run,
+            "q2r-linked",
+            clone=jobs_pb2.CloneSpec(
+                pool_uuid=POOL_UUID,
+                volume_uuid=src,
+                snapshot_uuid=s1.uuid,
+                target_pool_uuid=RBD_POOL_UUID,
+                target_volume_uuid=new_id(),
+                target_name="linked",
+                linked=True,
+            ),
+        )
         assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and "target_pool_uuid" in e.details()
 
 
@@ -301,15 +347,14 @@ def test_diff_reports_the_changed_objects_and_reproduces_the_snapshot(rv, ceph_i
     r = rv.call("GetChangedExtents", volume_uuid=vid, snapshot_uuid=s2.uuid, since_snapshot_uuid=s1.uuid)
     assert not r.exact and r.granularity == OBJ  # fast-diff, whole objects
     touched = {1, 5, 6, 12, 13, 2}
-    assert [(e.start, e.length) for e in r.extents] == \
-        [(1 * OBJ, 2 * OBJ), (5 * OBJ, 2 * OBJ), (12 * OBJ, 2 * OBJ)]
+    assert [(e.start, e.length) for e in r.extents] == [(1 * OBJ, 2 * OBJ), (5 * OBJ, 2 * OBJ), (12 * OBJ, 2 * OBJ)]
     assert {e.start // OBJ + i for e in r.extents for i in range(e.length // OBJ)} == touched
     # applying the reported extents read from s2 onto s1 reproduces s2 bit for bit
     _, old = export_sha(ceph, f"rbd/{vid}@{s1.uuid}", tmp_path)
     _, new = export_sha(ceph, f"rbd/{vid}@{s2.uuid}", tmp_path)
     patched = bytearray(old)
     for e in r.extents:
-        patched[e.start:e.start + e.length] = new[e.start:e.start + e.length]
+        patched[e.start : e.start + e.length] = new[e.start : e.start + e.length]
     assert bytes(patched) == new
     # from nothing: the data of s1 only
     assert rv.changed(vid, s1.uuid) == [(0, 12 * MiB)]
@@ -330,8 +375,8 @@ def test_a_whole_object_zeroed_since_the_snapshot_is_a_change(rv, ceph_io, ceph,
     _, new = export_sha(ceph, f"rbd/{vid}@{s2.uuid}", tmp_path)
     patched = bytearray(old)
     for start, length in rv.changed(vid, s2.uuid, s1.uuid):
-        patched[start:start + length] = new[start:start + length]
-    assert bytes(patched) == new and new[OBJ:2 * OBJ] == bytes(OBJ)
+        patched[start : start + length] = new[start : start + length]
+    assert bytes(patched) == new and new[OBJ : 2 * OBJ] == bytes(OBJ)
 
 
 def test_invalid_object_map_takes_the_exact_path(rv, ceph_io, ceph):
@@ -354,11 +399,12 @@ def test_invalid_object_map_takes_the_exact_path(rv, ceph_io, ceph):
 
 
 def test_bad_rbd_input(rv):
-    for kw, code, field in [(dict(volume_uuid="../x"), grpc.StatusCode.INVALID_ARGUMENT, "volume_uuid"),
-                            (dict(name="a/b"), grpc.StatusCode.INVALID_ARGUMENT, "name"),
-                            (dict(capacity=-1), grpc.StatusCode.INVALID_ARGUMENT, "capacity"),
-                            (dict(capacity=0, backing_file="pool/img@snap"), grpc.StatusCode.INVALID_ARGUMENT,
-                             "backing_file")]:
+    for kw, code, field in [
+        (dict(volume_uuid="../x"), grpc.StatusCode.INVALID_ARGUMENT, "volume_uuid"),
+        (dict(name="a/b"), grpc.StatusCode.INVALID_ARGUMENT, "name"),
+        (dict(capacity=-1), grpc.StatusCode.INVALID_ARGUMENT, "capacity"),
+        (dict(capacity=0, backing_file="pool/img@snap"), grpc.StatusCode.INVALID_ARGUMENT, "backing_file"),
+    ]:
         e = rpc_error(rv.create, **kw)
         assert e.code() == code and field in e.details(), e.details()
     vid = rv.create().uuid
@@ -384,17 +430,27 @@ def test_cluster_stopped_mid_operation(make_agent, ceph, ceph_io):
             rbd_write(ceph_io["rbd"], vid, {0: os.urandom(48 * MiB)})
             s1 = rv.snap(vid, "s1")
             target = new_id()
-            c.submit("doomed-copy", clone=jobs_pb2.CloneSpec(
-                pool_uuid=P, volume_uuid=vid, snapshot_uuid=s1.uuid, target_pool_uuid=P,
-                target_volume_uuid=target, target_name="x", linked=False))
+            c.submit(
+                "doomed-copy",
+                clone=jobs_pb2.CloneSpec(
+                    pool_uuid=P,
+                    volume_uuid=vid,
+                    snapshot_uuid=s1.uuid,
+                    target_pool_uuid=P,
+                    target_volume_uuid=target,
+                    target_name="x",
+                    linked=False,
+                ),
+            )
             while c.get("doomed-copy").progress.bytes_done == 0:
                 time.sleep(0.02)
             ceph.stop_osd()
             t0 = time.monotonic()
             job = list(c.watch("doomed-copy"))[-1]
             assert job.state == jobs_pb2.JOB_STATE_FAILED
-            assert job.error.code == "IO_ERROR" and ("did not answer" in job.error.message or "failed" in
-                                                     job.error.message)
+            assert job.error.code == "IO_ERROR" and (
+                "did not answer" in job.error.message or "failed" in job.error.message
+            )
             assert time.monotonic() - t0 < 60
             st = c.get_pool_status(volumes_pb2.PoolRef(pool_uuid=P))
             assert st.status == "unreachable" and st.error
@@ -411,8 +467,7 @@ def test_cluster_stopped_mid_operation(make_agent, ceph, ceph_io):
             time.sleep(0.5)
         assert st.status == "healthy"
         assert rv.call("GetVolume", volume_uuid=vid).capacity == CAP
-        assert rv.clone(vid, s1.uuid, new_id(), linked=False, job_id="retry-copy").state == \
-            jobs_pb2.JOB_STATE_SUCCEEDED
+        assert rv.clone(vid, s1.uuid, new_id(), linked=False, job_id="retry-copy").state == jobs_pb2.JOB_STATE_SUCCEEDED
     assert a.stop() == 0
 
 

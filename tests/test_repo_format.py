@@ -1,6 +1,7 @@
 """Pin repository format v1: golden bytes of chunk records, the manifest's
 keys, the key derivation and chunk ids. A failure here means the on-disk
 format changed: bump FORMAT_VERSION and keep reading v1."""
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,8 @@ def test_image_digest_from_blocks_equals_the_native_image_hash():
     h.zero(200000)
     h.update(b"end")
     img = ImageDigest()
-    img.add(block_digests(data[:4 * BLOCK_SIZE]), 4 * BLOCK_SIZE)
-    img.add(block_digests(data[4 * BLOCK_SIZE:]), len(data) - 4 * BLOCK_SIZE)
+    img.add(block_digests(data[: 4 * BLOCK_SIZE]), 4 * BLOCK_SIZE)
+    img.add(block_digests(data[4 * BLOCK_SIZE :]), len(data) - 4 * BLOCK_SIZE)
     assert img.hexdigest() == h.digest().hex()
     z = ImageDigest()
     z.add_zero(3 * BLOCK_SIZE + 5)
@@ -98,7 +99,7 @@ def test_decoding_into_a_recycled_buffer_checks_the_same(sealed):
     out = bytearray(b"\xee" * (len(DATA) + 100))
     data, digests = decode_chunk(rec, cid, zstandard.ZstdDecompressor(), sealer, "p", out)
     assert bytes(data) == DATA and digests == block_digests(DATA)
-    assert out[len(DATA):] == b"\xee" * 100
+    assert out[len(DATA) :] == b"\xee" * 100
     for pos in (HEADER.size + 5, len(rec) // 2, len(rec) - 1):  # flipped bytes in the frame
         bad = bytearray(rec)
         bad[pos] ^= 0x40
@@ -154,12 +155,39 @@ def test_sealed_record_roundtrip_and_tamper():
 
 
 def test_manifest_keys_are_pinned_and_newer_format_refused():
-    m = Manifest(backup_id="b", volume_uuid="v", snapshot_uuid="s", size=5 << 20, chunk_size=4 << 20,
-                 chunks=["ab", ""], image_digest="d", created_at=1.0)
+    m = Manifest(
+        backup_id="b",
+        volume_uuid="v",
+        snapshot_uuid="s",
+        size=5 << 20,
+        chunk_size=4 << 20,
+        chunks=["ab", ""],
+        image_digest="d",
+        created_at=1.0,
+    )
     d = json.loads(m.to_bytes())
-    assert sorted(d) == sorted(["backup_id", "volume_uuid", "snapshot_uuid", "size", "chunk_size", "chunks",
-                                "image_digest", "created_at", "parent", "name", "description", "tenant",
-                                "pool_uuid", "snapshot_name", "agent_version", "mode", "format_version", "stats"])
+    assert sorted(d) == sorted(
+        [
+            "backup_id",
+            "volume_uuid",
+            "snapshot_uuid",
+            "size",
+            "chunk_size",
+            "chunks",
+            "image_digest",
+            "created_at",
+            "parent",
+            "name",
+            "description",
+            "tenant",
+            "pool_uuid",
+            "snapshot_name",
+            "agent_version",
+            "mode",
+            "format_version",
+            "stats",
+        ]
+    )
     assert Manifest.from_bytes(m.to_bytes(), "b") == m
     assert m.data_bytes == 4 << 20
     with pytest.raises(FailedPrecondition, match="upgrade the agent"):

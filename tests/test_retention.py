@@ -1,5 +1,6 @@
 """Retention as a pure function: table-driven cases (DST changes, month
 ends, leap years, fixed offsets) and hypothesis invariants."""
+
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
@@ -41,8 +42,11 @@ def test_count_keeps_the_newest():
 
 
 def test_duration_counts_whole_days_of_24_hours_back_from_now():
-    bs = [b("young", NOW - timedelta(days=2, hours=23)), b("edge", NOW - timedelta(days=3)),
-          b("old", NOW - timedelta(days=3, seconds=1))]
+    bs = [
+        b("young", NOW - timedelta(days=2, hours=23)),
+        b("edge", NOW - timedelta(days=3)),
+        b("old", NOW - timedelta(days=3, seconds=1)),
+    ]
     assert kept(bs, Rule(retention_duration_days=3)) == {"young"}
 
 
@@ -57,14 +61,17 @@ def test_any_rule_keeps_a_backup_and_reasons_are_listed():
     d = decide(bs, Rule(max_backups=1, retention_duration_days=3), NOW)
     assert d.keep == {"new": ("latest", "count", "duration"), "mid": ("duration",)}
     assert d.delete == ("old",)
-    assert d.counts() == {"kept": 2, "deleted": 1, "kept_by_latest": 1, "kept_by_count": 1,
-                          "kept_by_duration": 2}
+    assert d.counts() == {"kept": 2, "deleted": 1, "kept_by_latest": 1, "kept_by_count": 1, "kept_by_duration": 2}
 
 
 def test_daily_keeps_the_last_backup_of_each_of_the_newest_days_that_have_one():
     day = datetime(2028, 3, 1, tzinfo=UTC)
-    bs = [b("d1-early", day.replace(hour=1)), b("d1-late", day.replace(hour=23)),
-          b("d3", day + timedelta(days=2, hours=5)), b("d6", day + timedelta(days=5, hours=5))]
+    bs = [
+        b("d1-early", day.replace(hour=1)),
+        b("d1-late", day.replace(hour=23)),
+        b("d3", day + timedelta(days=2, hours=5)),
+        b("d6", day + timedelta(days=5, hours=5)),
+    ]
     assert kept(bs, Rule(max_backups=1, day_backups=2, tz=UTC)) == {"d6", "d3"}
     assert kept(bs, Rule(max_backups=1, day_backups=3, tz=UTC)) == {"d6", "d3", "d1-late"}
 
@@ -97,8 +104,12 @@ def test_dst_fall_back_repeated_hour_is_one_day_and_the_later_instant_wins():
 
 
 def test_month_ends_and_leap_day():
-    bs = [b("jan31", datetime(2028, 1, 31, 23, 59, tzinfo=UTC)), b("feb28", datetime(2028, 2, 28, 12, tzinfo=UTC)),
-          b("feb29", datetime(2028, 2, 29, 23, 0, tzinfo=UTC)), b("mar1", datetime(2028, 3, 1, 0, 0, tzinfo=UTC))]
+    bs = [
+        b("jan31", datetime(2028, 1, 31, 23, 59, tzinfo=UTC)),
+        b("feb28", datetime(2028, 2, 28, 12, tzinfo=UTC)),
+        b("feb29", datetime(2028, 2, 29, 23, 0, tzinfo=UTC)),
+        b("mar1", datetime(2028, 3, 1, 0, 0, tzinfo=UTC)),
+    ]
     assert kept(bs, Rule(max_backups=1, month_backups=3, tz=UTC)) == {"mar1", "feb29", "jan31"}
     assert kept(bs, Rule(max_backups=1, day_backups=2, tz=UTC)) == {"mar1", "feb29"}
     # at UTC+08:00 the leap-day backup falls on March 1st, and January's on February 1st
@@ -108,34 +119,44 @@ def test_month_ends_and_leap_day():
 
 def test_weeks_are_iso_weeks_from_monday_across_a_year_end():
     # 2027-12-31 is a Friday of ISO week 2027-W52; 2028-01-03 is the Monday of 2028-W01
-    bs = [b("fri", datetime(2027, 12, 31, 10, tzinfo=UTC)), b("sun", datetime(2028, 1, 2, 10, tzinfo=UTC)),
-          b("mon", datetime(2028, 1, 3, 10, tzinfo=UTC))]
+    bs = [
+        b("fri", datetime(2027, 12, 31, 10, tzinfo=UTC)),
+        b("sun", datetime(2028, 1, 2, 10, tzinfo=UTC)),
+        b("mon", datetime(2028, 1, 3, 10, tzinfo=UTC)),
+    ]
     assert kept(bs, Rule(max_backups=1, week_backups=2, tz=UTC)) == {"mon", "sun"}
     assert kept(bs, Rule(max_backups=1, year_backups=2, tz=UTC)) == {"mon", "fri"}
 
 
-@pytest.mark.parametrize("value, offset", [("UTC+08:00", 8 * 60), ("UTC-05:30", -330), ("UTC", 0),
-                                           ("utc+8", 8 * 60), ("UTC+0800", 8 * 60)])
+@pytest.mark.parametrize(
+    "value, offset", [("UTC+08:00", 8 * 60), ("UTC-05:30", -330), ("UTC", 0), ("utc+8", 8 * 60), ("UTC+0800", 8 * 60)]
+)
 def test_fixed_offsets(value, offset):
     assert parse_timezone(value).utcoffset(None) == timedelta(minutes=offset)
 
 
-@pytest.mark.parametrize("value", ["", "UTC+15:00", "UTC+08:61", "GMT+8", "Mars/Olympus", "../etc/passwd",
-                                   "Europe/Berlin; DROP"])
+@pytest.mark.parametrize(
+    "value", ["", "UTC+15:00", "UTC+08:61", "GMT+8", "Mars/Olympus", "../etc/passwd", "Europe/Berlin; DROP"]
+)
 def test_bad_timezones_name_the_field(value):
     with pytest.raises(InvalidArgument) as e:
         parse_timezone(value, "operation_definition.timezone")
     assert "operation_definition.timezone" in e.value.message
 
 
-TIMES = st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2030, 12, 31),
-                     timezones=st.just(UTC))
-RULES = st.builds(Rule, max_backups=st.one_of(st.just(-1), st.integers(1, 20)),
-                  retention_duration_days=st.one_of(st.just(-1), st.integers(1, 400)),
-                  day_backups=st.integers(0, 10), week_backups=st.integers(0, 6), month_backups=st.integers(0, 4),
-                  year_backups=st.integers(0, 3),
-                  tz=st.sampled_from([UTC, BERLIN, ZoneInfo("America/New_York"), ZoneInfo("Australia/Lord_Howe"),
-                                      parse_timezone("UTC+05:45")]))
+TIMES = st.datetimes(min_value=datetime(2026, 1, 1), max_value=datetime(2030, 12, 31), timezones=st.just(UTC))
+RULES = st.builds(
+    Rule,
+    max_backups=st.one_of(st.just(-1), st.integers(1, 20)),
+    retention_duration_days=st.one_of(st.just(-1), st.integers(1, 400)),
+    day_backups=st.integers(0, 10),
+    week_backups=st.integers(0, 6),
+    month_backups=st.integers(0, 4),
+    year_backups=st.integers(0, 3),
+    tz=st.sampled_from(
+        [UTC, BERLIN, ZoneInfo("America/New_York"), ZoneInfo("Australia/Lord_Howe"), parse_timezone("UTC+05:45")]
+    ),
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -170,8 +191,10 @@ def test_invariants(times, rule):
                 assert x is newest
             else:  # the newest backup of its period
                 p = _period(r, x.created_at.astimezone(rule.tz))
-                assert all(_period(r, y.created_at.astimezone(rule.tz)) != p or (y.created_at, y.id) <= (
-                    x.created_at, x.id) for y in backups)
+                assert all(
+                    _period(r, y.created_at.astimezone(rule.tz)) != p or (y.created_at, y.id) <= (x.created_at, x.id)
+                    for y in backups
+                )
     for i in d.delete:  # a deleted backup is kept by no rule
         x = by_id[i]
         if rule.retention_duration_days >= 1:

@@ -2,6 +2,7 @@
 its clock compressed: two simulated weeks of a policy firing hourly on some
 weekdays, restarts, a second scheduler on the same database, and downtimes
 within and beyond the grace period. The exact checkpoints are asserted."""
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,35 @@ def state_for(tmp):
 def add_vault(state, policy_start: float, enabled: bool = True) -> str:
     pid, vid, tenant = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
     with state.db.session() as s:
-        s.add(Policy(id=pid, tenant=tenant, name="hourly", enabled=enabled, operation_type="backup",
-                     definition_json=json.dumps({"max_backups": 5}), patterns_json=json.dumps([PATTERN]),
-                     start_time=policy_start, created_at=policy_start, updated_at=policy_start))
-        s.add(Vault(id=vid, tenant=tenant, name="v", description="", backup_point_uuid=str(uuid.uuid4()), size_gb=10,
-                    policy_id=pid, policy_since=policy_start, status="available", created_at=policy_start,
-                    updated_at=policy_start))
+        s.add(
+            Policy(
+                id=pid,
+                tenant=tenant,
+                name="hourly",
+                enabled=enabled,
+                operation_type="backup",
+                definition_json=json.dumps({"max_backups": 5}),
+                patterns_json=json.dumps([PATTERN]),
+                start_time=policy_start,
+                created_at=policy_start,
+                updated_at=policy_start,
+            )
+        )
+        s.add(
+            Vault(
+                id=vid,
+                tenant=tenant,
+                name="v",
+                description="",
+                backup_point_uuid=str(uuid.uuid4()),
+                size_gb=10,
+                policy_id=pid,
+                policy_since=policy_start,
+                status="available",
+                created_at=policy_start,
+                updated_at=policy_start,
+            )
+        )
     return vid
 
 
@@ -61,8 +85,10 @@ def test_two_weeks_with_restarts_downtimes_and_a_second_scheduler(short_tmp):
     sched = Scheduler(state, grace=GRACE)
     other = Scheduler(state, grace=GRACE)  # a second controller thread on the same database
     wed2, fri2 = START + timedelta(days=9), START + timedelta(days=11)
-    down = [(wed2.replace(hour=9), wed2.replace(hour=11)),    # within the grace: 10:30 made late, 09:30 missed
-            (fri2.replace(hour=8), fri2.replace(hour=13))]    # beyond it: 11:30 recorded as missed, none run
+    down = [
+        (wed2.replace(hour=9), wed2.replace(hour=11)),  # within the grace: 10:30 made late, 09:30 missed
+        (fri2.replace(hour=8), fri2.replace(hour=13)),
+    ]  # beyond it: 11:30 recorded as missed, none run
     step = 600
     ticks = 0
     while now < (START + timedelta(days=14)).timestamp():
@@ -77,8 +103,7 @@ def test_two_weeks_with_restarts_downtimes_and_a_second_scheduler(short_tmp):
         assert not (set(made) & set(again))
         ticks += 1
     got = checkpoints(state, vault)
-    want = [r for r in expected_runs(14) if r not in ("Wed 11 09:30", "Fri 13 09:30", "Fri 13 10:30",
-                                                      "Fri 13 11:30")]
+    want = [r for r in expected_runs(14) if r not in ("Wed 11 09:30", "Fri 13 09:30", "Fri 13 10:30", "Fri 13 11:30")]
     assert [d for d, status in got if status == "available"] == want
     assert [(d, status) for d, status in got if status != "available"] == [("Fri 13 11:30", "error")]
     assert len({d for d, _ in got}) == len(got)  # never twice
@@ -118,19 +143,54 @@ def test_resources_that_cannot_be_backed_up_are_skipped_with_a_code(short_tmp):
     now = START.timestamp()
     with state.db.session() as s:  # a pool whose only host stopped sending heartbeats long ago
         s.add(Host(uuid="h-dead", hostname="dead", address="127.0.0.1:1", registered_at=0, last_seen=0))
-        s.add(Pool(uuid="p1", cluster_uuid="c", name="p", pool_type=4, kind="dir", source="/x", limit_host=True,
-                   avail_hosts_json=json.dumps(["h-dead"]), ctime=0))
+        s.add(
+            Pool(
+                uuid="p1",
+                cluster_uuid="c",
+                name="p",
+                pool_type=4,
+                kind="dir",
+                source="/x",
+                limit_host=True,
+                avail_hosts_json=json.dumps(["h-dead"]),
+                ctime=0,
+            )
+        )
     vols = []
     with state.db.session() as s:
         v = s.get(Vault, vault)
         for i in range(2):
             vid = str(uuid.uuid4())
-            s.add(Volume(uuid=vid, tenant=v.tenant, cluster_uuid="c", pool_uuid="p1", name=f"v{i}", vtype="block",
-                         capacity=1 << 30, state="ready", ctime=0, mtime=0))
+            s.add(
+                Volume(
+                    uuid=vid,
+                    tenant=v.tenant,
+                    cluster_uuid="c",
+                    pool_uuid="p1",
+                    name=f"v{i}",
+                    vtype="block",
+                    capacity=1 << 30,
+                    state="ready",
+                    ctime=0,
+                    mtime=0,
+                )
+            )
             s.add(VaultResource(volume_uuid=vid, vault_id=vault, tenant=v.tenant, runs=0, added_at=now + i))
             vols.append(vid)
-        s.add(Backup(uuid=str(uuid.uuid4()), tenant=v.tenant, cluster_uuid="c", name="running", backup_point_uuid="b",
-                     volume_uuid=vols[1], snapshot_uuid="s", status="BackupStarted", ctime=0, mtime=0))
+        s.add(
+            Backup(
+                uuid=str(uuid.uuid4()),
+                tenant=v.tenant,
+                cluster_uuid="c",
+                name="running",
+                backup_point_uuid="b",
+                volume_uuid=vols[1],
+                snapshot_uuid="s",
+                status="BackupStarted",
+                ctime=0,
+                mtime=0,
+            )
+        )
     cp = cps.create(state, vault, due_at=now, manual=True)
     with state.db.session() as s:
         row = s.get(Checkpoint, cp)
@@ -140,9 +200,22 @@ def test_resources_that_cannot_be_backed_up_are_skipped_with_a_code(short_tmp):
     assert skipped[vols[1]]["code"] == "BackupService.6125" and "in progress" in skipped[vols[1]]["reason"]
     with state.db.session() as s:  # the vault is full: everything is skipped for that
         v = s.get(Vault, vault)
-        s.add(Backup(uuid=str(uuid.uuid4()), tenant=v.tenant, cluster_uuid="c", name="big", backup_point_uuid="b",
-                     volume_uuid=vols[0], snapshot_uuid="s", status="BackupSucceeded", stored_bytes=11 << 30,
-                     vault_id=vault, ctime=0, mtime=0))
+        s.add(
+            Backup(
+                uuid=str(uuid.uuid4()),
+                tenant=v.tenant,
+                cluster_uuid="c",
+                name="big",
+                backup_point_uuid="b",
+                volume_uuid=vols[0],
+                snapshot_uuid="s",
+                status="BackupSucceeded",
+                stored_bytes=11 << 30,
+                vault_id=vault,
+                ctime=0,
+                mtime=0,
+            )
+        )
     cp = cps.create(state, vault, due_at=now + 1, manual=True)
     with state.db.session() as s:
         codes = {x["code"] for x in json.loads(s.get(Checkpoint, cp).skipped_json)}
@@ -159,8 +232,11 @@ def test_a_checkpoint_is_finished_once_and_a_restart_recovers_the_half_done(shor
         v = s.get(Vault, vault)
         for status in ("preparing", "finishing", "protecting"):
             rows[status] = str(uuid.uuid4())
-            s.add(Checkpoint(id=rows[status], vault_id=vault, tenant=v.tenant, due_at=len(rows), status=status,
-                             created_at=0))
+            s.add(
+                Checkpoint(
+                    id=rows[status], vault_id=vault, tenant=v.tenant, due_at=len(rows), status=status, created_at=0
+                )
+            )
     assert cps.finish_ready(state, START.timestamp()) == [rows["protecting"]]  # no tasks: ready at once
     assert cps.finish_ready(state, START.timestamp()) == []  # never twice
     cps.recover(state)  # what a start does

@@ -1,4 +1,5 @@
 """The shipped unit files pass systemd-analyze verify."""
+
 from __future__ import annotations
 
 import configparser
@@ -50,8 +51,9 @@ def test_controller_unit_is_hardened():
     svc = cp["Service"]
     assert svc["Type"] == "notify" and svc["WatchdogSec"] and svc["Restart"] == "on-failure"
     assert svc["User"] == "blockferry" and svc["StateDirectory"] == "blockferry-controller"
-    r = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)], capture_output=True, text=True
+    )
     line = next(x for x in r.stdout.splitlines() if "Overall exposure level" in x)
     score = float(line.split(":")[1].split()[0])
     assert score <= 5.0, line

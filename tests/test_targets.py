@@ -2,6 +2,7 @@
 server: full, incremental, restore bit for bit, delete and GC, verify; then
 each type's own failures (server stopped mid-backup, a full export, bad
 credentials) and a read-back of what we wrote with an independent tool."""
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,12 @@ def test_engine_suite(target, pool, short_tmp):
     for m, snap in ((m1, s1), (m2, s2), (m3, s3)):
         new_vol, written = restore_to_qcow2(pool, repo, m, short_tmp)
         assert written == m.image_digest == expected[m.backup_id]
-        assert subprocess.run(["qemu-img", "compare", "-U", pool.snap_path(vol, snap), pool.head_path(new_vol)],
-                              capture_output=True).returncode == 0
+        assert (
+            subprocess.run(
+                ["qemu-img", "compare", "-U", pool.snap_path(vol, snap), pool.head_path(new_vol)], capture_output=True
+            ).returncode
+            == 0
+        )
     # what we wrote reads back the same through another client
     assert target.read_back(sub, "config") == bytes(repo.store.get("config"))
     manifest_names = repo.store.list("manifests")
@@ -73,7 +78,7 @@ def test_engine_suite(target, pool, short_tmp):
     # a read into the caller's buffer (a restore's recycled ones): the same bytes, short at the object's end
     config = bytes(repo.store.get("config"))
     buf = bytearray(len(config) + 100)
-    assert repo.store.read_into("config", 3, buf) == len(config) - 3 and buf[:len(config) - 3] == config[3:]
+    assert repo.store.read_into("config", 3, buf) == len(config) - 3 and buf[: len(config) - 3] == config[3:]
     assert bytes(repo.store.get("config", 3, 5)) == config[3:8]
     with pytest.raises(NotFound):
         repo.store.read_into("manifests/missing", 0, buf)
@@ -130,8 +135,14 @@ def outage_then_retry(server, t: Target, sub: str, pool, short_tmp, match: str) 
 
 
 def test_nfs_server_stopped_mid_backup_fails_cleanly_then_retry_succeeds(nfs_server, pool, short_tmp):
-    outage_then_retry(nfs_server, NfsTarget(nfs_server), f"outage-{uuid.uuid4().hex[:8]}", pool, short_tmp,
-                      r"backup point nfs://127\.0\.0\.1")
+    outage_then_retry(
+        nfs_server,
+        NfsTarget(nfs_server),
+        f"outage-{uuid.uuid4().hex[:8]}",
+        pool,
+        short_tmp,
+        r"backup point nfs://127\.0\.0\.1",
+    )
 
 
 def test_nfs_full_export_fails_cleanly(nfs_server, pool, short_tmp):
@@ -159,16 +170,24 @@ def test_nfs_unreachable_server_and_bad_paths(nfs_server):
     with pytest.raises(TargetUnreachable, match="backup point nfs://127.0.0.1/nope"):
         NfsStore("127.0.0.1", "/nope", "x", nfs_port=port, mount_port=port, timeout=2.0)
     with pytest.raises(TargetUnreachable, match="mount failed"):
-        NfsStore("127.0.0.1", "/not/exported", "x", nfs_port=nfs_server.nfs_port,
-                 mount_port=nfs_server.mount_port, timeout=2.0)
+        NfsStore(
+            "127.0.0.1",
+            "/not/exported",
+            "x",
+            nfs_port=nfs_server.nfs_port,
+            mount_port=nfs_server.mount_port,
+            timeout=2.0,
+        )
     for bad in ("../escape", "a/../../b", "/abs"):
         with pytest.raises(InvalidArgument, match="sub_dir"):
-            NfsStore("127.0.0.1", str(nfs_server.export), bad, nfs_port=nfs_server.nfs_port,
-                     mount_port=nfs_server.mount_port)
+            NfsStore(
+                "127.0.0.1", str(nfs_server.export), bad, nfs_port=nfs_server.nfs_port, mount_port=nfs_server.mount_port
+            )
     store = NfsTarget(nfs_server).make("names")
     with pytest.raises(NotFound):
         store.get("missing")
     from agent.errors import InvalidArgument as IA
+
     with pytest.raises(IA):
         store.get("../../etc/passwd")
 
@@ -180,14 +199,21 @@ def test_nfs_through_the_portmapper(nfs_server):
     store = NfsStore("127.0.0.1", str(nfs_server.export), "pmap", timeout=5.0)
     store.publish("hello", b"world")
     assert (nfs_server.export / "pmap" / "hello").read_bytes() == b"world"
-    out = subprocess.run(["nfs-ls", nfs_server.url(nfs_server.export, "pmap")], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["nfs-ls", nfs_server.url(nfs_server.export, "pmap")], capture_output=True, text=True, check=True
+    ).stdout
     assert "hello" in out
 
 
 def test_smb_server_stopped_mid_backup_fails_cleanly_then_retry_succeeds(smb_server, pool, short_tmp):
-    outage_then_retry(smb_server, SmbTarget(smb_server, short_tmp), f"outage-{uuid.uuid4().hex[:8]}", pool,
-                      short_tmp, r"backup point smb://127\.0\.0\.1/backups")
+    outage_then_retry(
+        smb_server,
+        SmbTarget(smb_server, short_tmp),
+        f"outage-{uuid.uuid4().hex[:8]}",
+        pool,
+        short_tmp,
+        r"backup point smb://127\.0\.0\.1/backups",
+    )
 
 
 def test_smb_full_share_fails_cleanly(smb_server, pool, short_tmp):
@@ -216,7 +242,8 @@ def test_smb_wrong_password_is_a_clear_error_without_the_secret(smb_server, shor
 
 
 def test_smb_zero_copy_writes_match_smbprotocols_and_the_server_checks_their_signatures(
-        smb_server, short_tmp, monkeypatch):
+    smb_server, short_tmp, monkeypatch
+):
     """agent/stores/smb_write.py packs and signs WRITEs itself: the server
     gets the same bytes as through smbprotocol's own path, and refuses a
     WRITE whose signature is wrong (so it really checks ours)."""
@@ -226,8 +253,9 @@ def test_smb_zero_copy_writes_match_smbprotocols_and_the_server_checks_their_sig
     t = SmbTarget(smb_server, short_tmp)
     sent = []
     real = smb_write.send_write
-    monkeypatch.setattr(smb_write, "send_write", lambda fd, data, off, cr: sent.append(len(data)) or
-                        real(fd, data, off, cr))
+    monkeypatch.setattr(
+        smb_write, "send_write", lambda fd, data, off, cr: sent.append(len(data)) or real(fd, data, off, cr)
+    )
     pieces = [os.urandom(n) for n in (1000, 70_000, 4 * MiB, 9 * MiB + 123, 200_000, 5)]
     want = b"".join(pieces)
     for zero_copy in (True, False):
@@ -258,10 +286,11 @@ def test_smb_zero_copy_writes_match_smbprotocols_and_the_server_checks_their_sig
             w = store.open_writer(name)
             view = memoryview(data[name])
             for off in range(0, len(view), 3 * MiB):
-                w.write(view[off:off + 3 * MiB])
+                w.write(view[off : off + 3 * MiB])
             w.commit()
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
+
     threads = [threading.Thread(target=put, args=(n,)) for n in data]
     for th in threads:
         th.start()
@@ -284,6 +313,7 @@ def test_smb_zero_copy_writes_match_smbprotocols_and_the_server_checks_their_sig
 
 
 # ---- raw LUN repositories (disk/fc here; iSCSI uses the same layout) ----
+
 
 def test_lun_blank_needs_format_and_foreign_data_is_never_touched(loop):
     from agent.errors import FailedPrecondition
@@ -351,8 +381,9 @@ def test_lun_written_by_another_host_is_refused(loop, short_tmp):
     a = _lun_store(lo, format_lun=True)
     a.publish("x", b"1")
     # another "host": a second loop device over the same file
-    other = subprocess.run(["losetup", "-f", "--show", str(lo.file)], check=True, capture_output=True,
-                           text=True).stdout.strip()
+    other = subprocess.run(
+        ["losetup", "-f", "--show", str(lo.file)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     try:
         from agent.stores.blockdev import LocalBlockDevice
         from agent.stores.lun import LunStore
@@ -391,13 +422,15 @@ def test_lun_writers_commit_while_others_write_and_every_byte_lands(loop):
         try:
             w = st.open_writer(name)
             for off in range(0, len(data[name]), piece):
-                w.write(data[name][off:off + piece])
+                w.write(data[name][off : off + piece])
             w.commit()
         except BaseException as e:  # reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=write_and_commit, args=(n, p))
-               for n, p in (("a", 1 << 20), ("b", 3 << 20), ("c", 4096), ("d", (1 << 20) + 512))]
+    threads = [
+        threading.Thread(target=write_and_commit, args=(n, p))
+        for n, p in (("a", 1 << 20), ("b", 3 << 20), ("c", 4096), ("d", (1 << 20) + 512))
+    ]
     for t in threads:
         t.start()
     dropped = st.open_writer("dropped")  # written meanwhile, then given up
@@ -434,7 +467,7 @@ def test_lun_paced_flushes_run_while_an_object_is_written(iscsi_lun):
     blob = os.urandom(100 * MiB)
     w = st.open_writer("big")
     for off in range(0, len(blob), 4 * MiB):
-        w.write(blob[off:off + 4 * MiB])
+        w.write(blob[off : off + 4 * MiB])
     deadline = time.monotonic() + 10
     while not flushes and time.monotonic() < deadline:  # the background flush after the first 64 MiB
         time.sleep(0.01)
@@ -460,6 +493,7 @@ def test_lun_full_fails_cleanly_and_space_comes_back(loop, pool, short_tmp):
 
 # ---- iSCSI ----
 
+
 def test_iscsi_discovery_lists_targets_and_lun_sizes(tgt_server, iscsi_lun):
     from agent.stores.iscsi import discover
 
@@ -470,8 +504,7 @@ def test_iscsi_discovery_lists_targets_and_lun_sizes(tgt_server, iscsi_lun):
     locked = iscsi_lun(32 * MiB, chap=True)
     found = {d.iqn: d for d in discover("127.0.0.1", tgt_server.port)}
     assert found[locked.lun.iqn].state == "auth_failed" and found[locked.lun.iqn].luns == []
-    found = {d.iqn: d for d in discover("127.0.0.1", tgt_server.port, user=locked.lun.user,
-                                        secret=locked.lun.secret)}
+    found = {d.iqn: d for d in discover("127.0.0.1", tgt_server.port, user=locked.lun.user, secret=locked.lun.secret)}
     assert [(x.lun, x.size) for x in found[locked.lun.iqn].luns] == [(1, 32 * MiB)]
     # the same, seen by libiscsi's own tools
     url = f"iscsi://127.0.0.1:{tgt_server.port}/{t.lun.iqn}/1"

@@ -1,4 +1,5 @@
 """gRPC over TCP with TLS, mutual TLS, and the bearer token."""
+
 from __future__ import annotations
 
 import grpc

@@ -1,6 +1,7 @@
 """Seed 003 through the controller: policies and vaults over REST, errors in
 the seed's {"error_code", "error_msg"} shape, with a real agent, real
 volumes and a real backup point behind them (SQLite and PostgreSQL)."""
+
 from __future__ import annotations
 
 import copy
@@ -12,12 +13,22 @@ import httpx
 
 from support.controller import TENANT_B, TOKENS, check_ok, seed_example
 
-POLICY = {"policy": {"enabled": True, "name": "policy001",
-                     "operation_definition": {"day_backups": 0, "month_backups": 0, "retention_duration_days": 1,
-                                              "timezone": "UTC+08:00", "week_backups": 0, "year_backups": 0},
-                     "operation_type": "backup",
-                     "trigger": {"properties": {"pattern": [
-                         "FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR,SA,SU;BYHOUR=14;BYMINUTE=00"]}}}}
+POLICY = {
+    "policy": {
+        "enabled": True,
+        "name": "policy001",
+        "operation_definition": {
+            "day_backups": 0,
+            "month_backups": 0,
+            "retention_duration_days": 1,
+            "timezone": "UTC+08:00",
+            "week_backups": 0,
+            "year_backups": 0,
+        },
+        "operation_type": "backup",
+        "trigger": {"properties": {"pattern": ["FREQ=WEEKLY;BYDAY=MO,TU,WE,TH,FR,SA,SU;BYHOUR=14;BYMINUTE=00"]}},
+    }
+}
 
 
 def cbr_error(r: httpx.Response, status: int, code: str, field: str = "") -> dict:
@@ -35,25 +46,67 @@ def make_env(c, a, host) -> dict:
     cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
     tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
     with c.client("op") as op:
-        pid = check_ok(op.post("/v1/pool/share/create", json=dict(
-            seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p1"),
-            avail_host=[host])))["pool"]["UUID"]
-        vols = [check_ok(op.post("/v1/volume/share/create", json=dict(
-            seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid,
-            capacity=16 << 20, backing_file="", volume_name=f"vol{i}")))["volume"] for i in range(2)]
-        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=dict(
-            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local",
-            cluster_uuid=cluster_uuid, root_dir=str(a.roots[0] / "backups"), sub_dir="v1",
-            env={"chunk_size": 1 << 20})))["uuid"]
+        pid = check_ok(
+            op.post(
+                "/v1/pool/share/create",
+                json=dict(
+                    seed_example("002", "/v1/pool/share/create"),
+                    pool_type=4,
+                    source=str(a.roots[0] / "p1"),
+                    avail_host=[host],
+                ),
+            )
+        )["pool"]["UUID"]
+        vols = [
+            check_ok(
+                op.post(
+                    "/v1/volume/share/create",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/create"),
+                        pool_uuid=pid,
+                        cluster_uuid=cluster_uuid,
+                        capacity=16 << 20,
+                        backing_file="",
+                        volume_name=f"vol{i}",
+                    ),
+                )
+            )["volume"]
+            for i in range(2)
+        ]
+        bp = check_ok(
+            op.post(
+                "/v1/volume/internal/backuppoint/add",
+                json=dict(
+                    seed_example("000", "/v1/volume/internal/backuppoint/add"),
+                    tenant=tenant,
+                    btype="local",
+                    cluster_uuid=cluster_uuid,
+                    root_dir=str(a.roots[0] / "backups"),
+                    sub_dir="v1",
+                    env={"chunk_size": 1 << 20},
+                ),
+            )
+        )["uuid"]
     return {"cluster": cluster_uuid, "tenant": tenant, "pool": pid, "vols": vols, "bp": bp}
 
 
 def vault_body(env, name="vault_name", resources=None, **extra) -> dict:
-    body = {"vault": {"billing": {"consistent_level": "crash_consistent", "object_type": "disk",
-                                  "protect_type": "backup", "size": 40, "charging_mode": "post_paid",
-                                  "is_auto_renew": False, "is_auto_pay": False},
-                      "name": name, "backup_point_id": env["bp"],
-                      "resources": [{"id": v["UUID"], "type": "OS::Cinder::Volume"} for v in (resources or [])]}}
+    body = {
+        "vault": {
+            "billing": {
+                "consistent_level": "crash_consistent",
+                "object_type": "disk",
+                "protect_type": "backup",
+                "size": 40,
+                "charging_mode": "post_paid",
+                "is_auto_renew": False,
+                "is_auto_pay": False,
+            },
+            "name": name,
+            "backup_point_id": env["bp"],
+            "resources": [{"id": v["UUID"], "type": "OS::Cinder::Volume"} for v in (resources or [])],
+        }
+    }
     body["vault"].update(extra)
     return body
 
@@ -69,15 +122,19 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
         assert p.status_code == 200, p.text
         pol = p.json()["policy"]
         assert pol["name"] == "policy001" and pol["enabled"] is True and pol["operation_type"] == "backup"
-        assert pol["trigger"]["type"] == "time" and pol["trigger"]["properties"]["pattern"] == \
-            POLICY["policy"]["trigger"]["properties"]["pattern"] and pol["associated_vaults"] is None
+        assert (
+            pol["trigger"]["type"] == "time"
+            and pol["trigger"]["properties"]["pattern"] == POLICY["policy"]["trigger"]["properties"]["pattern"]
+            and pol["associated_vaults"] is None
+        )
         assert pol["operation_definition"]["retention_duration_days"] == 1
         assert op.get(f"{v3}/policies/{pol['id']}").json()["policy"] == pol
         cbr_error(op.post(f"{v3}/policies", json=POLICY), 409, "BackupService.9005", "policy.name")
         bad = copy.deepcopy(POLICY)
         bad["policy"]["trigger"]["properties"]["pattern"] = ["FREQ=MINUTELY;BYHOUR=1;BYMINUTE=0"]
-        cbr_error(op.post(f"{v3}/policies", json=bad), 400, "BackupService.9001",
-                  "policy.trigger.properties.pattern[0]")
+        cbr_error(
+            op.post(f"{v3}/policies", json=bad), 400, "BackupService.9001", "policy.trigger.properties.pattern[0]"
+        )
         bad = copy.deepcopy(POLICY)
         bad["policy"]["operation_definition"] = {"week_backups": 2}
         cbr_error(op.post(f"{v3}/policies", json=bad), 400, "BackupService.9001", "operation_definition.timezone")
@@ -85,8 +142,9 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
         assert up.status_code == 200 and up.json()["policy"]["enabled"] is False, up.text
         assert up.json()["policy"]["name"] == "nightly"
         # vaults
-        created = op.post(f"{v3}/vaults", json=vault_body(env, resources=env["vols"][:1],
-                                                             backup_policy_id=pol["id"], description="d"))
+        created = op.post(
+            f"{v3}/vaults", json=vault_body(env, resources=env["vols"][:1], backup_policy_id=pol["id"], description="d")
+        )
         assert created.status_code == 200, created.text
         vault = created.json()["vault"]
         assert vault["name"] == "vault_name" and vault["billing"]["size"] == 40 and vault["billing"]["used"] == 0
@@ -96,23 +154,33 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
         assert vault["state"] == "Disabled"  # its policy is disabled
         vid = vault["id"]
         assert op.get(f"{v3}/policies/{pol['id']}").json()["policy"]["associated_vaults"] == [
-            {"vault_id": vid, "destination_vault_id": None}]
+            {"vault_id": vid, "destination_vault_id": None}
+        ]
         cbr_error(op.post(f"{v3}/vaults", json=vault_body(env)), 409, "BackupService.9005", "vault.name")
-        add = op.post(f"{v3}/vaults/{vid}/addresources",
-                      json={"resources": [{"id": env["vols"][1]["UUID"], "type": "OS::Cinder::Volume"}]})
+        add = op.post(
+            f"{v3}/vaults/{vid}/addresources",
+            json={"resources": [{"id": env["vols"][1]["UUID"], "type": "OS::Cinder::Volume"}]},
+        )
         assert add.json() == {"add_resource_ids": [env["vols"][1]["UUID"]]}, add.text
         other = op.post(f"{v3}/vaults", json=vault_body(env, name="other"))
         assert other.status_code == 200, other.text
         oid = other.json()["vault"]["id"]
         # a volume belongs to one vault: the seed's BackupService.6103
-        cbr_error(op.post(f"{v3}/vaults/{oid}/addresources", json={"resources": [{"id": env["vols"][0]["UUID"]}]}),
-                  409, "BackupService.6103", "resources[0].id")
-        cbr_error(op.post(f"{v3}/vaults/{oid}/removeresources", json={"resource_ids": [env["vols"][0]["UUID"]]}),
-                  404, "BackupService.6135", "resource_ids[0]")
+        cbr_error(
+            op.post(f"{v3}/vaults/{oid}/addresources", json={"resources": [{"id": env["vols"][0]["UUID"]}]}),
+            409,
+            "BackupService.6103",
+            "resources[0].id",
+        )
+        cbr_error(
+            op.post(f"{v3}/vaults/{oid}/removeresources", json={"resource_ids": [env["vols"][0]["UUID"]]}),
+            404,
+            "BackupService.6135",
+            "resource_ids[0]",
+        )
         # queries, ZStack style and by field
         assert [x["id"] for x in op.get(f"{v3}/vaults", params={"q": "name=other"}).json()["vaults"]] == [oid]
-        assert op.get(f"{v3}/vaults", params=[("q", f"uuid={vid}"), ("q", "status=available")]).json()[
-            "count"] == 1
+        assert op.get(f"{v3}/vaults", params=[("q", f"uuid={vid}"), ("q", "status=available")]).json()["count"] == 1
         assert op.get(f"{v3}/vaults", params={"policy_id": pol["id"]}).json()["count"] == 1
         op.put(f"{v3}/policies/{pol['id']}", json={"policy": {"enabled": True}})
         assert [x["id"] for x in op.get(f"{v3}/vaults", params={"q": "state=Enabled"}).json()["vaults"]] == [vid]
@@ -122,29 +190,38 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
         assert op.post(f"{v3}/vaults/{vid}/dissociatepolicy", json={"policy_id": pol["id"]}).status_code == 200
         assert op.get(f"{v3}/vaults/{vid}").json()["vault"]["policy_id"] is None
         assert op.post(f"{v3}/vaults/{vid}/associatepolicy", json={"policy_id": pol["id"]}).json() == {
-            "associate_policy": {"vault_id": vid, "policy_id": pol["id"]}}
+            "associate_policy": {"vault_id": vid, "policy_id": pol["id"]}
+        }
         # updates and bad input name the field
-        assert op.put(f"{v3}/vaults/{vid}", json={"vault": {"billing": {"size": 80}}}).json()["vault"][
-            "billing"]["size"] == 80
-        cbr_error(op.put(f"{v3}/vaults/{vid}", json={"vault": {"billing": {"size": 5}}}), 400,
-                  "BackupService.9001", "vault.billing.size")
-        for change, field in (({"billing": {"object_type": "server", "protect_type": "backup", "size": 40}},
-                               "vault.billing.object_type"),
-                              ({"backup_point_id": str(uuid.uuid4())}, "vault.backup_point_id"),
-                              ({"resources": [{"id": str(uuid.uuid4())}]}, "vault.resources[0].id"),
-                              ({"resources": [{"id": env["vols"][1]["UUID"], "type": "OS::Nova::Server"}]},
-                               "vault.resources[0].type"),
-                              ({"name": ""}, "vault.name")):
+        assert (
+            op.put(f"{v3}/vaults/{vid}", json={"vault": {"billing": {"size": 80}}}).json()["vault"]["billing"]["size"]
+            == 80
+        )
+        cbr_error(
+            op.put(f"{v3}/vaults/{vid}", json={"vault": {"billing": {"size": 5}}}),
+            400,
+            "BackupService.9001",
+            "vault.billing.size",
+        )
+        for change, field in (
+            ({"billing": {"object_type": "server", "protect_type": "backup", "size": 40}}, "vault.billing.object_type"),
+            ({"backup_point_id": str(uuid.uuid4())}, "vault.backup_point_id"),
+            ({"resources": [{"id": str(uuid.uuid4())}]}, "vault.resources[0].id"),
+            ({"resources": [{"id": env["vols"][1]["UUID"], "type": "OS::Nova::Server"}]}, "vault.resources[0].type"),
+            ({"name": ""}, "vault.name"),
+        ):
             body = vault_body(env, name="third")
             body["vault"].update(change)
             r = op.post(f"{v3}/vaults", json=body)
             assert r.status_code in (400, 404) and field in r.json()["error_msg"], r.text
         # removing resources, deleting vaults (empty: Permissive is enough)
-        assert op.post(f"{v3}/vaults/{vid}/removeresources", json={"resource_ids": [env["vols"][1]["UUID"]]}).json() \
-            == {"remove_resource_ids": [env["vols"][1]["UUID"]]}
+        assert op.post(
+            f"{v3}/vaults/{vid}/removeresources", json={"resource_ids": [env["vols"][1]["UUID"]]}
+        ).json() == {"remove_resource_ids": [env["vols"][1]["UUID"]]}
         cbr_error(op.delete(f"{v3}/vaults/{oid}", params={"mode": "Sometimes"}), 400, "BackupService.9001", "mode")
-        cbr_error(op.delete(f"{v3}/vaults/{oid}", params={"deleteMode": "Later"}), 400, "BackupService.9001",
-                  "deleteMode")
+        cbr_error(
+            op.delete(f"{v3}/vaults/{oid}", params={"deleteMode": "Later"}), 400, "BackupService.9001", "deleteMode"
+        )
         assert op.delete(f"{v3}/vaults/{oid}").status_code == 200
         cbr_error(op.get(f"{v3}/vaults/{oid}"), 404, "BackupService.9004", "vault_id")
         # seed 004's reconnect action: the backup point re-checked through the agent
@@ -152,8 +229,12 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
         assert rc.status_code == 200, rc.text
         assert rc.json()["vault"]["backup_storage"]["status"] == "healthy"
         assert rc.json()["vault"]["backup_storage"]["host_uuid"] == host
-        cbr_error(op.put(f"{v3}/vaults/{vid}/actions", json={"explode": {}}), 400, "BackupService.9001",
-                  "reconnectBackupStorage")
+        cbr_error(
+            op.put(f"{v3}/vaults/{vid}/actions", json={"explode": {}}),
+            400,
+            "BackupService.9001",
+            "reconnectBackupStorage",
+        )
         with c.client("op") as op1:
             logged = {x["operation_type"]: x for x in check_ok(op1.get("/v1/tasks"))["tasks"]}
         assert logged["vault_delete"]["result"] == {"mode": "Permissive", "backups_deleted": 0}
@@ -210,12 +291,35 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
     rados_pool = f"vault{uuid.uuid4().hex[:8]}"
     ceph.add_pool(rados_pool)
     with c.client("op") as op1:
-        rbd_pid = check_ok(op1.post("/v1/pool/share/create", json=dict(
-            seed_example("002", "/v1/pool/share/create"), pool_name="ceph", pool_type=6, source=rados_pool,
-            limit_host=False, avail_host=[], attr={"ceph_conf": str(ceph.conf)})))["pool"]["UUID"]
-        env["vols"].append(check_ok(op1.post("/v1/volume/share/create", json=dict(
-            seed_example("001", "/v1/volume/share/create"), pool_uuid=rbd_pid, cluster_uuid=env["cluster"],
-            capacity=16 << 20, backing_file="", volume_name="rbd0")))["volume"])
+        rbd_pid = check_ok(
+            op1.post(
+                "/v1/pool/share/create",
+                json=dict(
+                    seed_example("002", "/v1/pool/share/create"),
+                    pool_name="ceph",
+                    pool_type=6,
+                    source=rados_pool,
+                    limit_host=False,
+                    avail_host=[],
+                    attr={"ceph_conf": str(ceph.conf)},
+                ),
+            )
+        )["pool"]["UUID"]
+        env["vols"].append(
+            check_ok(
+                op1.post(
+                    "/v1/volume/share/create",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/create"),
+                        pool_uuid=rbd_pid,
+                        cluster_uuid=env["cluster"],
+                        capacity=16 << 20,
+                        backing_file="",
+                        volume_name="rbd0",
+                    ),
+                )
+            )["volume"]
+        )
     heads = [vol["AccessPath"][host] for vol in env["vols"][:2]]
     vol_ids = [vol["UUID"] for vol in env["vols"]]
     pool_of = {vol_ids[0]: pid, vol_ids[1]: pid, vol_ids[2]: rbd_pid}
@@ -225,8 +329,10 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
 
     def digest(volume_uuid: str) -> str:
         with a.client() as ac:
-            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(
-                pool_uuid=pool_of.get(volume_uuid, pid), volume_uuid=volume_uuid))
+            job = ac.run(
+                f"sum-{uuid.uuid4()}",
+                checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool_of.get(volume_uuid, pid), volume_uuid=volume_uuid),
+            )
             assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
             return job.checksum_result.image_digest
 
@@ -238,17 +344,22 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
     policy = copy.deepcopy(POLICY)
     policy["policy"]["operation_definition"] = {"max_backups": 2, "full_backup_interval": 1}
     policy["policy"]["trigger"]["properties"]["pattern"] = ["FREQ=DAILY;BYHOUR=3;BYMINUTE=0"]
-    with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op, \
-            c.client("op") as op1:
+    with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op, c.client("op") as op1:
         pol = op.post(f"{v3}/policies", json=policy).json()["policy"]
-        vault = op.post(f"{v3}/vaults", json=vault_body(env, resources=env["vols"], backup_policy_id=pol["id"],
-                                                        backup_name_prefix="nightly")).json()["vault"]
+        vault = op.post(
+            f"{v3}/vaults",
+            json=vault_body(env, resources=env["vols"], backup_policy_id=pol["id"], backup_name_prefix="nightly"),
+        ).json()["vault"]
         vid = vault["id"]
         wants, modes = [], []
 
         def checkpoint_done(cp_id: str) -> dict:
-            return wait_for(lambda: (lambda cp: cp if cp["status"] != "protecting" else None)(
-                op.get(f"{v3}/checkpoints/{cp_id}").json()["checkpoint"]), what=cp_id)
+            return wait_for(
+                lambda: (lambda cp: cp if cp["status"] != "protecting" else None)(
+                    op.get(f"{v3}/checkpoints/{cp_id}").json()["checkpoint"]
+                ),
+                what=cp_id,
+            )
 
         def change(k: int) -> list[str]:
             write(heads[0], {0: os.urandom(1 << 20), (k + 1) << 20: os.urandom(4096)}, run)  # chunk 0 rewritten
@@ -258,8 +369,15 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
 
         for k in range(3):
             wants.append(change(k))
-            r = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vid, "parameters": {
-                "name": f"run{k}", "description": "by hand", "incremental": True}}})
+            r = op.post(
+                f"{v3}/checkpoints",
+                json={
+                    "checkpoint": {
+                        "vault_id": vid,
+                        "parameters": {"name": f"run{k}", "description": "by hand", "incremental": True},
+                    }
+                },
+            )
             assert r.status_code == 200, r.text
             cp = r.json()["checkpoint"]
             assert cp["status"] == "protecting" and cp["vault"]["skipped_resources"] == [], cp
@@ -275,8 +393,13 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         assert modes == [["full"] * 3, ["incremental"] * 3, ["full"] * 3]
         # a scheduled run: the scheduler on the controller's database, its clock at the next 03:00 UTC
         cfg = ccfg.load(str(c.config))
-        state = SimpleNamespace(db=Database(cfg.database_url), cfg=cfg, agents=AgentClients(cfg), dispatcher=None,
-                                secrets=SecretBox.from_file(cfg.secret_key_file))
+        state = SimpleNamespace(
+            db=Database(cfg.database_url),
+            cfg=cfg,
+            agents=AgentClients(cfg),
+            dispatcher=None,
+            secrets=SecretBox.from_file(cfg.secret_key_file),
+        )
         now = datetime.now(UTC)
         nxt = (now + timedelta(days=1)).replace(hour=3, minute=0, second=0, microsecond=0)
         if nxt - now > timedelta(days=1):
@@ -303,22 +426,31 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
             state.agents.close()
         assert modes[3:] == [["incremental"] * 3, ["full"] * 3]  # full_backup_interval 1: every other run
         # retention kept the newest 2 per volume; the pruning is a task with its counts
-        backups = [b for b in check_ok(op1.get("/v1/volume/share/backup/list", params={
-            "cluster_uuid": env["cluster"]}))["list"]]
+        backups = [
+            b
+            for b in check_ok(op1.get("/v1/volume/share/backup/list", params={"cluster_uuid": env["cluster"]}))["list"]
+        ]
         auto = [f"nightly_autobk_{m[:8]}" for m in made]
         assert sorted(b["Name"] for b in backups) == sorted(auto * 3)
         deletes = wait_for(lambda: check_ok(op1.get("/v1/tasks", params={"operation_type": "delete"}))["tasks"])
         assert sum(d["result"]["OpExtendInfoDelete"]["deleted"] for d in deletes) == 9
         assert all(d["status"] == "success" for d in deletes)
-        gcs = wait_for(lambda: (lambda ts: ts if ts and all(x["status"] not in ("waiting", "running") for x in ts)
-                                else None)(check_ok(op1.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]),
-                       what="gc")
+        gcs = wait_for(
+            lambda: (lambda ts: ts if ts and all(x["status"] not in ("waiting", "running") for x in ts) else None)(
+                check_ok(op1.get("/v1/tasks", params={"operation_type": "gc"}))["tasks"]
+            ),
+            what="gc",
+        )
         assert {x["status"] for x in gcs} == {"success"}, gcs
         assert sum(int(x["result"].get("chunks_removed", 0)) for x in gcs) > 0, gcs
         # one snapshot of ours per volume: the base of the next incremental
         for vol_id in vol_ids:
-            snaps = check_ok(op1.post("/v1/volume/share/snapshot/list", json={
-                "tenant": t, "cluster_uuid": env["cluster"], "volume_uuid": vol_id}))
+            snaps = check_ok(
+                op1.post(
+                    "/v1/volume/share/snapshot/list",
+                    json={"tenant": t, "cluster_uuid": env["cluster"], "volume_uuid": vol_id},
+                )
+            )
             names = [x["Name"] for x in (snaps.get("snapshots") or snaps.get("list") or [])]
             assert len([n for n in names if n.startswith("cbr-")]) == 1, names
         # every remaining backup restores bit for bit
@@ -327,10 +459,19 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
             by_name.setdefault(b["Name"], {})[b["VolumeUUID"]] = b["UUID"]
         for name, k in ((auto[0], 3), (auto[1], 4)):
             for i, vol_id in enumerate(vol_ids):
-                rs = check_ok(op1.post("/v1/volume/share/backup/restore", json=dict(
-                    seed_example("001", "/v1/volume/share/backup/restore"), backup_uuid=by_name[name][vol_id],
-                    new_volume_name=f"r{k}-{i}", new_pool_uuid=pid, new_volume_tenant=t,
-                    cluster_uuid=env["cluster"])))
+                rs = check_ok(
+                    op1.post(
+                        "/v1/volume/share/backup/restore",
+                        json=dict(
+                            seed_example("001", "/v1/volume/share/backup/restore"),
+                            backup_uuid=by_name[name][vol_id],
+                            new_volume_name=f"r{k}-{i}",
+                            new_pool_uuid=pid,
+                            new_volume_tenant=t,
+                            cluster_uuid=env["cluster"],
+                        ),
+                    )
+                )
                 assert wait_task(op1, rs["task_id"])["status"] == "success"
                 assert digest(rs["volume"]["UUID"]) == wants[k][i]
         got = op.get(f"{v3}/vaults/{vid}").json()["vault"]
@@ -353,20 +494,40 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         assert one["extend_info"]["auto_trigger"] is True
         write(heads[0], {0: os.urandom(8 << 20)}, run)  # the volume goes wrong after the backup
         assert digest(vol_ids[0]) != wants[4][0]
-        rr = op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"mappings": [
-            {"backup_id": newest, "volume_id": vol_ids[0]}]}})
+        rr = op.post(
+            f"{v3}/backups/{newest}/restore",
+            json={"restore": {"mappings": [{"backup_id": newest, "volume_id": vol_ids[0]}]}},
+        )
         assert rr.status_code == 202 and rr.headers["X-Task-Id"], rr.text
         tr = wait_task(op1, rr.headers["X-Task-Id"])
         assert tr["status"] == "success" and tr["operation_type"] == "restore", tr
         assert tr["result"]["safety_snapshot_uuid"]
         assert digest(vol_ids[0]) == wants[4][0]  # the volume is the backup again
-        small = check_ok(op1.post("/v1/volume/share/create", json=dict(
-            seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=env["cluster"],
-            capacity=4 << 20, backing_file="", volume_name="small")))["volume"]["UUID"]
-        cbr_error(op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"volume_id": small}}), 400,
-                  "BackupService.2001", "restore.volume_id")
-        cbr_error(op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"volume_id": str(uuid.uuid4())}}),
-                  404, "BackupService.9004", "restore.volume_id")
+        small = check_ok(
+            op1.post(
+                "/v1/volume/share/create",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/create"),
+                    pool_uuid=pid,
+                    cluster_uuid=env["cluster"],
+                    capacity=4 << 20,
+                    backing_file="",
+                    volume_name="small",
+                ),
+            )
+        )["volume"]["UUID"]
+        cbr_error(
+            op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"volume_id": small}}),
+            400,
+            "BackupService.2001",
+            "restore.volume_id",
+        )
+        cbr_error(
+            op.post(f"{v3}/backups/{newest}/restore", json={"restore": {"volume_id": str(uuid.uuid4())}}),
+            404,
+            "BackupService.9004",
+            "restore.volume_id",
+        )
         older = by_name[auto[0]][vol_ids[1]]
         assert op.delete(f"{v3}/backups/{older}").status_code == 200
         cbr_error(op.get(f"{v3}/backups/{older}"), 404, "BackupService.9004", "backup_id")
@@ -374,8 +535,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         # deletion: Permissive refuses while backups exist; Enforcing deletes them, then the vault
         cbr_error(op.delete(f"{v3}/vaults/{vid}"), 409, "BackupService.7301", "vault_id")
         assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 200
-        assert check_ok(op1.get("/v1/volume/share/backup/list", params={"cluster_uuid": env["cluster"]}))[
-            "list"] == []
+        assert check_ok(op1.get("/v1/volume/share/backup/list", params={"cluster_uuid": env["cluster"]}))["list"] == []
         cbr_error(op.get(f"{v3}/vaults/{vid}"), 404, "BackupService.9004", "vault_id")
     rbd_io.close()
     cluster_h.shutdown()
@@ -398,11 +558,23 @@ def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server
     run.mkdir()
     vol = env["vols"][0]
     with c.client("op") as op1:
-        bp = check_ok(op1.post("/v1/volume/internal/backuppoint/add", json=dict(
-            seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=t, cluster_uuid=env["cluster"],
-            btype="nfs", ip="127.0.0.1", root_dir=str(nfs_server.export), sub_dir=f"vault-{uuid.uuid4().hex[:6]}",
-            pass_word="vault-secret-pw", name="nfs-vault-bp",
-            env={"port": nfs_server.nfs_port, "mount_port": nfs_server.mount_port, "chunk_size": 1 << 20})))["uuid"]
+        bp = check_ok(
+            op1.post(
+                "/v1/volume/internal/backuppoint/add",
+                json=dict(
+                    seed_example("000", "/v1/volume/internal/backuppoint/add"),
+                    tenant=t,
+                    cluster_uuid=env["cluster"],
+                    btype="nfs",
+                    ip="127.0.0.1",
+                    root_dir=str(nfs_server.export),
+                    sub_dir=f"vault-{uuid.uuid4().hex[:6]}",
+                    pass_word="vault-secret-pw",
+                    name="nfs-vault-bp",
+                    env={"port": nfs_server.nfs_port, "mount_port": nfs_server.mount_port, "chunk_size": 1 << 20},
+                ),
+            )
+        )["uuid"]
 
     def digest() -> str:
         with a.client() as ac:
@@ -413,8 +585,7 @@ def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server
     policy = copy.deepcopy(POLICY)
     policy["policy"]["name"] = "keep-one"
     policy["policy"]["operation_definition"] = {"max_backups": 1}
-    with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op, \
-            c.client("op") as op1:
+    with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op, c.client("op") as op1:
         pol = op.post(f"{v3}/policies", json=policy).json()["policy"]
         body = vault_body(env, name="nfs", resources=[vol], backup_policy_id=pol["id"])
         body["vault"]["backup_point_id"] = bp
@@ -427,11 +598,17 @@ def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server
             for x in cp["vault"]["resources"]:
                 done_task = wait_task(op1, x["task_id"], 120)
                 assert done_task["status"] == "success", done_task["error_info"]
-            cps.append(wait_for(lambda: (lambda c_: c_ if c_["status"] != "protecting" else None)(
-                op.get(f"{v3}/checkpoints/{cp['id']}").json()["checkpoint"])))
+            cps.append(
+                wait_for(
+                    lambda: (lambda c_: c_ if c_["status"] != "protecting" else None)(
+                        op.get(f"{v3}/checkpoints/{cp['id']}").json()["checkpoint"]
+                    )
+                )
+            )
         assert [x["status"] for x in cps] == ["available", "available"]
-        left = wait_for(lambda: (lambda b: b if b["count"] == 1 else None)(
-            op.get(f"{v3}/backups", params={"vault_id": vid}).json()))
+        left = wait_for(
+            lambda: (lambda b: b if b["count"] == 1 else None)(op.get(f"{v3}/backups", params={"vault_id": vid}).json())
+        )
         newest = left["backups"][0]
         assert newest["checkpoint_id"] == cps[1]["id"]
         write(vol["AccessPath"][host], {0: os.urandom(4 << 20)}, run)

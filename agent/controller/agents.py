@@ -3,6 +3,7 @@ for host:port agents), the agents' bearer token, and the typed client
 (agent.client.AgentClient) on it for each host, whose errors keep the
 agent's code and name the host; a call's deadline is 60 s unless it says
 otherwise."""
+
 from __future__ import annotations
 
 import json
@@ -31,20 +32,28 @@ class AgentClients:
                 if address.startswith("unix:") or not self.cfg.agent_tls_ca:
                     ch = grpc.insecure_channel(address)
                 else:
+
                     def read(path):
                         with open(path, "rb") as f:
                             return f.read()
+
                     creds = grpc.ssl_channel_credentials(
-                        read(self.cfg.agent_tls_ca), read(self.cfg.agent_tls_key) if self.cfg.agent_tls_key else None,
-                        read(self.cfg.agent_tls_cert) if self.cfg.agent_tls_cert else None)
+                        read(self.cfg.agent_tls_ca),
+                        read(self.cfg.agent_tls_key) if self.cfg.agent_tls_key else None,
+                        read(self.cfg.agent_tls_cert) if self.cfg.agent_tls_cert else None,
+                    )
                     ch = grpc.secure_channel(address, creds)
                 self._channels[address] = ch
             return ch
 
     def client(self, host: Host) -> AgentClient:
         """The agent of a host (the channel is kept here, not by the client)."""
-        return AgentClient(channel=self._channel(host.address), token=self.cfg.agent_auth_token,
-                           where=f"host {host.hostname or host.uuid}", timeout=CALL_TIMEOUT)
+        return AgentClient(
+            channel=self._channel(host.address),
+            token=self.cfg.agent_auth_token,
+            where=f"host {host.hostname or host.uuid}",
+            timeout=CALL_TIMEOUT,
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -57,12 +66,19 @@ def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPo
     """The agent-side definition of a seed 000 backup point."""
     env = json.loads(secrets.open(bp.env_sealed)) if bp.env_sealed else {}
     req = backups_pb2.AttachBackupPointRequest(
-        backup_point_uuid=bp.uuid, type=bp.btype, password=secrets.open(bp.password_sealed),
-        port=int(env.get("port") or (bp.port or 0)), mount_port=int(env.get("mount_port", 0)),
-        username=str(env.get("username", "")), secret=str(env.get("secret", "")),
-        smb_encrypt=bool(env.get("smb_encrypt", False)), lun=int(env.get("lun", 0)),
-        format_lun=bool(env.get("format_lun", False)), chunk_size=int(env.get("chunk_size", 0)),
-        compression=str(env.get("compression", "")))
+        backup_point_uuid=bp.uuid,
+        type=bp.btype,
+        password=secrets.open(bp.password_sealed),
+        port=int(env.get("port") or (bp.port or 0)),
+        mount_port=int(env.get("mount_port", 0)),
+        username=str(env.get("username", "")),
+        secret=str(env.get("secret", "")),
+        smb_encrypt=bool(env.get("smb_encrypt", False)),
+        lun=int(env.get("lun", 0)),
+        format_lun=bool(env.get("format_lun", False)),
+        chunk_size=int(env.get("chunk_size", 0)),
+        compression=str(env.get("compression", "")),
+    )
     sub = bp.sub_dir
     if bp.btype == "local":
         req.path = bp.root_dir.rstrip("/") + (f"/{sub}" if sub else "")

@@ -16,6 +16,7 @@ Finishing one (when all its tasks ended, from the scheduler's loop):
   volume; what it drops is deleted from the repository, logged as a
   `delete` task with its counts, and a `gc` task reclaims the space.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,13 @@ class Skip:
     reason: str
 
     def to_json(self) -> dict:
-        return {"id": self.id, "type": "OS::Cinder::Volume", "name": self.name, "code": self.code,
-                "reason": self.reason}
+        return {
+            "id": self.id,
+            "type": "OS::Cinder::Volume",
+            "name": self.name,
+            "code": self.code,
+            "reason": self.reason,
+        }
 
 
 def _definition(s, vault: Vault) -> OperationDefinition:
@@ -64,8 +70,17 @@ def _hosts(s, pool_uuid: str, dead_after: int) -> list[Host]:
     return serving_hosts(s, pool, dead_after) if pool is not None else []
 
 
-def create(ctx: ControllerContext, vault_id: str, *, due_at: float, manual: bool, only: list[str] | None = None,
-           name: str = "", description: str = "", incremental: bool = True) -> str | None:
+def create(
+    ctx: ControllerContext,
+    vault_id: str,
+    *,
+    due_at: float,
+    manual: bool,
+    only: list[str] | None = None,
+    name: str = "",
+    description: str = "",
+    incremental: bool = True,
+) -> str | None:
     """Make a checkpoint of the vault; returns its id, or None when one for
     this due time exists already (a scheduled run is never made twice)."""
     cp_id = str(uuidlib.uuid4())
@@ -78,8 +93,13 @@ def create(ctx: ControllerContext, vault_id: str, *, due_at: float, manual: bool
             raise NotFound(f"vault_id: vault {vault_id} does not exist", field="vault_id")
         if s.scalar(select(Checkpoint.id).where(Checkpoint.vault_id == vault_id, Checkpoint.due_at == due_at)):
             return None
-        rows = list(s.scalars(select(VaultResource).where(VaultResource.vault_id == vault_id)
-                              .order_by(VaultResource.added_at, VaultResource.volume_uuid)))
+        rows = list(
+            s.scalars(
+                select(VaultResource)
+                .where(VaultResource.vault_id == vault_id)
+                .order_by(VaultResource.added_at, VaultResource.volume_uuid)
+            )
+        )
         if only is not None:
             rows = [r for r in rows if r.volume_uuid in only]
         full_vault = usage(s, vault_id)[2] >= vault.size_gb * GB
@@ -87,29 +107,42 @@ def create(ctx: ControllerContext, vault_id: str, *, due_at: float, manual: bool
             vol = s.get(Volume, r.volume_uuid)
             label = vol.name if vol else ""
             if vol is None or vol.state != "ready":
-                skipped.append(Skip(r.volume_uuid, label, cbr_code("NOT_FOUND"), "the volume does not exist or is "
-                                                                             "not ready"))
+                skipped.append(
+                    Skip(r.volume_uuid, label, cbr_code("NOT_FOUND"), "the volume does not exist or is not ready")
+                )
                 continue
             if full_vault:
-                skipped.append(Skip(vol.uuid, label, cbr_code("VAULT_FULL"), f"vault {vault.name} is full "
-                                                                        f"({vault.size_gb} GB)"))
+                skipped.append(
+                    Skip(vol.uuid, label, cbr_code("VAULT_FULL"), f"vault {vault.name} is full ({vault.size_gb} GB)")
+                )
                 continue
-            busy = s.scalar(select(Backup.uuid).where(Backup.volume_uuid == vol.uuid,
-                                                      Backup.status == "BackupStarted"))
+            busy = s.scalar(select(Backup.uuid).where(Backup.volume_uuid == vol.uuid, Backup.status == "BackupStarted"))
             if busy:
-                skipped.append(Skip(vol.uuid, label, cbr_code("BACKUP_IN_PROGRESS"),
-                                    f"backup {busy} of the volume is in progress"))
+                skipped.append(
+                    Skip(vol.uuid, label, cbr_code("BACKUP_IN_PROGRESS"), f"backup {busy} of the volume is in progress")
+                )
                 continue
             hosts = _hosts(s, vol.pool_uuid, ctx.cfg.host_dead_after)
             if not hosts:
-                skipped.append(Skip(vol.uuid, label, cbr_code("TARGET_UNREACHABLE"),
-                                    f"no online host serves pool {vol.pool_uuid}"))
+                skipped.append(
+                    Skip(vol.uuid, label, cbr_code("TARGET_UNREACHABLE"), f"no online host serves pool {vol.pool_uuid}")
+                )
                 continue
             plan.append((vol, hosts[0], r.runs, r.base_snapshot))
         # "preparing" until its tasks are queued: finish_ready leaves it alone meanwhile
-        s.add(Checkpoint(id=cp_id, vault_id=vault_id, tenant=vault.tenant, policy_id=vault.policy_id,
-                         due_at=due_at, status="preparing", manual=manual, created_at=now,
-                         skipped_json=json.dumps([x.to_json() for x in skipped])))
+        s.add(
+            Checkpoint(
+                id=cp_id,
+                vault_id=vault_id,
+                tenant=vault.tenant,
+                policy_id=vault.policy_id,
+                due_at=due_at,
+                status="preparing",
+                manual=manual,
+                created_at=now,
+                skipped_json=json.dumps([x.to_json() for x in skipped]),
+            )
+        )
         try:
             s.flush()
         except IntegrityError:  # the unique (vault, due time): made meanwhile
@@ -121,9 +154,15 @@ def create(ctx: ControllerContext, vault_id: str, *, due_at: float, manual: bool
         snap = str(uuidlib.uuid4())
         stamp = datetime.fromtimestamp(due_at, UTC).strftime("%Y%m%d-%H%M%S")
         try:
-            ctx.agents.client(host).create_snapshot(volumes_pb2.CreateSnapshotRequest(
-                pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=snap, name=f"cbr-{stamp}-{cp_id[:8]}",
-                description=f"blockferry checkpoint {cp_id} of vault {vault_name}"))
+            ctx.agents.client(host).create_snapshot(
+                volumes_pb2.CreateSnapshotRequest(
+                    pool_uuid=vol.pool_uuid,
+                    volume_uuid=vol.uuid,
+                    snapshot_uuid=snap,
+                    name=f"cbr-{stamp}-{cp_id[:8]}",
+                    description=f"blockferry checkpoint {cp_id} of vault {vault_name}",
+                )
+            )
         except BlockferryError as e:
             skipped.append(Skip(vol.uuid, vol.name, cbr_code(e.code), f"snapshot failed: {e.message}"))
             continue
@@ -133,35 +172,80 @@ def create(ctx: ControllerContext, vault_id: str, *, due_at: float, manual: bool
         vault = s.get(Vault, vault_id)
         od = _definition(s, vault)
         for vol, snap, runs, base in made:
-            ours = select(Backup).where(Backup.vault_id == vault_id, Backup.volume_uuid == vol.uuid,
-                                        Backup.status == "BackupSucceeded")
+            ours = select(Backup).where(
+                Backup.vault_id == vault_id, Backup.volume_uuid == vol.uuid, Backup.status == "BackupSucceeded"
+            )
             # the backup of the base snapshot: its bitmaps lead from there to the new one
-            parent = (s.scalar(ours.where(Backup.snapshot_uuid == base)) if base else None) or \
-                s.scalar(ours.order_by(Backup.ctime.desc(), Backup.uuid.desc()))
+            parent = (s.scalar(ours.where(Backup.snapshot_uuid == base)) if base else None) or s.scalar(
+                ours.order_by(Backup.ctime.desc(), Backup.uuid.desc())
+            )
             every = od.full_backup_interval
             full = parent is None or not incremental or (every >= 0 and runs % (every + 1) == 0 and runs > 0)
             bid, task_id = str(uuidlib.uuid4()), str(uuidlib.uuid4())
             bname = (f"{prefix}_" if prefix else "") + (name or f"autobk_{cp_id[:8]}")
             ts = int(time.time())
-            s.add(Backup(uuid=bid, tenant=vault.tenant, cluster_uuid=vol.cluster_uuid, name=bname[:128],
-                         description=description,
-                         backup_point_uuid=bp, volume_uuid=vol.uuid, volume_capacity=vol.capacity,
-                         volume_type=vol.vtype, pool_uuid=vol.pool_uuid, snapshot_uuid=snap, snapshot_name="",
-                         status="BackupStarted", task_id=task_id, vault_id=vault_id, checkpoint_id=cp_id,
-                         ctime=ts, mtime=ts))
-            spec = jobs_pb2.BackupSpec(backup_point_uuid=bp, pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid,
-                                       snapshot_uuid=snap, backup_uuid=bid, name=bname[:128],
-                                       description=description, tenant=vault.tenant,
-                                       parent_backup_uuid="" if full or parent is None else parent.uuid,
-                                       full=full)
-            new_task(s, task_id=task_id, operation="backup", tenant=vault.tenant, resource_type="backup",
-                     resource_uuid=bid, job_kind="backup", spec=spec, pool_uuid=vol.pool_uuid, backup_point_uuid=bp)
+            s.add(
+                Backup(
+                    uuid=bid,
+                    tenant=vault.tenant,
+                    cluster_uuid=vol.cluster_uuid,
+                    name=bname[:128],
+                    description=description,
+                    backup_point_uuid=bp,
+                    volume_uuid=vol.uuid,
+                    volume_capacity=vol.capacity,
+                    volume_type=vol.vtype,
+                    pool_uuid=vol.pool_uuid,
+                    snapshot_uuid=snap,
+                    snapshot_name="",
+                    status="BackupStarted",
+                    task_id=task_id,
+                    vault_id=vault_id,
+                    checkpoint_id=cp_id,
+                    ctime=ts,
+                    mtime=ts,
+                )
+            )
+            spec = jobs_pb2.BackupSpec(
+                backup_point_uuid=bp,
+                pool_uuid=vol.pool_uuid,
+                volume_uuid=vol.uuid,
+                snapshot_uuid=snap,
+                backup_uuid=bid,
+                name=bname[:128],
+                description=description,
+                tenant=vault.tenant,
+                parent_backup_uuid="" if full or parent is None else parent.uuid,
+                full=full,
+            )
+            new_task(
+                s,
+                task_id=task_id,
+                operation="backup",
+                tenant=vault.tenant,
+                resource_type="backup",
+                resource_uuid=bid,
+                job_kind="backup",
+                spec=spec,
+                pool_uuid=vol.pool_uuid,
+                backup_point_uuid=bp,
+            )
             row = s.get(VaultResource, vol.uuid)
             if row is not None:
                 row.runs += 1
-            resources.append({"id": vol.uuid, "name": vol.name, "type": "OS::Cinder::Volume", "backup_id": bid,
-                              "task_id": task_id, "snapshot_id": snap, "full": full,
-                              "resource_size": str(-(-vol.capacity // GB)), "extra_info": None})
+            resources.append(
+                {
+                    "id": vol.uuid,
+                    "name": vol.name,
+                    "type": "OS::Cinder::Volume",
+                    "backup_id": bid,
+                    "task_id": task_id,
+                    "snapshot_id": snap,
+                    "full": full,
+                    "resource_size": str(-(-vol.capacity // GB)),
+                    "extra_info": None,
+                }
+            )
         cp = s.get(Checkpoint, cp_id)
         cp.resources_json = json.dumps(resources)
         cp.skipped_json = json.dumps([x.to_json() for x in skipped])
@@ -169,8 +253,16 @@ def create(ctx: ControllerContext, vault_id: str, *, due_at: float, manual: bool
             cp.status = "error" if skipped else "available"
         else:
             cp.status = "protecting"
-    log.info("checkpoint made", extra={"checkpoint": cp_id, "vault": vault_id, "resources": len(resources),
-                                       "skipped": len(skipped), "manual": manual})
+    log.info(
+        "checkpoint made",
+        extra={
+            "checkpoint": cp_id,
+            "vault": vault_id,
+            "resources": len(resources),
+            "skipped": len(skipped),
+            "manual": manual,
+        },
+    )
     if resources and ctx.dispatcher is not None:
         ctx.dispatcher.wake()
     return cp_id
@@ -190,8 +282,11 @@ def finish_ready(ctx: ControllerContext, now: float | None = None) -> list[str]:
     finished = []
     for cp_id, vault_id, res, statuses in done:
         with ctx.db.session() as s:  # claim it: another thread finishing it too would prune twice
-            claimed = s.execute(update(Checkpoint).where(Checkpoint.id == cp_id, Checkpoint.status == "protecting")
-                                .values(status="finishing")).rowcount
+            claimed = s.execute(
+                update(Checkpoint)
+                .where(Checkpoint.id == cp_id, Checkpoint.status == "protecting")
+                .values(status="finishing")
+            ).rowcount
         if claimed:
             _finish(ctx, cp_id, vault_id, res, statuses, now if now is not None else time.time())
             finished.append(cp_id)
@@ -206,9 +301,18 @@ def recover(ctx: ControllerContext) -> None:
         s.execute(update(Checkpoint).where(Checkpoint.status == "finishing").values(status="protecting"))
         for cp in s.scalars(select(Checkpoint).where(Checkpoint.status == "preparing")):
             cp.status = "error"
-            cp.skipped_json = json.dumps(json.loads(cp.skipped_json) + [{
-                "id": "", "type": "", "name": "", "code": cbr_code("INTERRUPTED"),
-                "reason": "the controller stopped while this checkpoint was being made"}])
+            cp.skipped_json = json.dumps(
+                json.loads(cp.skipped_json)
+                + [
+                    {
+                        "id": "",
+                        "type": "",
+                        "name": "",
+                        "code": cbr_code("INTERRUPTED"),
+                        "reason": "the controller stopped while this checkpoint was being made",
+                    }
+                ]
+            )
 
 
 def _delete_snapshot(ctx: ControllerContext, vol: Volume, snap: str) -> None:
@@ -218,16 +322,18 @@ def _delete_snapshot(ctx: ControllerContext, vol: Volume, snap: str) -> None:
         log.warning("snapshot left: no host", extra={"volume": vol.uuid, "snapshot": snap})
         return
     try:
-        ctx.agents.client(hosts[0]).delete_snapshot(volumes_pb2.SnapshotRef(
-            pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=snap))
+        ctx.agents.client(hosts[0]).delete_snapshot(
+            volumes_pb2.SnapshotRef(pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=snap)
+        )
     except NotFound:
         pass
     except BlockferryError as e:  # left for an operator; the next checkpoint works from its own base
         log.warning("snapshot not deleted", extra={"volume": vol.uuid, "snapshot": snap, "error": e.message})
 
 
-def _finish(ctx: ControllerContext, cp_id: str, vault_id: str, res: list[dict], statuses: list[str],
-            now: float) -> None:
+def _finish(
+    ctx: ControllerContext, cp_id: str, vault_id: str, res: list[dict], statuses: list[str], now: float
+) -> None:
 
     for r, status in zip(res, statuses, strict=True):
         with ctx.db.session() as s:
@@ -245,8 +351,7 @@ def _finish(ctx: ControllerContext, cp_id: str, vault_id: str, res: list[dict], 
         vault = s.get(Vault, vault_id)
         od = _definition(s, vault) if vault else OperationDefinition()
         rule = od.rule()
-        backups = list(s.scalars(select(Backup).where(Backup.vault_id == vault_id,
-                                                      Backup.status == "BackupSucceeded")))
+        backups = list(s.scalars(select(Backup).where(Backup.vault_id == vault_id, Backup.status == "BackupSucceeded")))
         by_volume: dict[str, list[Backup]] = {}
         for b in backups:
             by_volume.setdefault(b.volume_uuid, []).append(b)
@@ -256,8 +361,9 @@ def _finish(ctx: ControllerContext, cp_id: str, vault_id: str, res: list[dict], 
             return datetime.fromtimestamp(due.get(b.checkpoint_id, b.ctime), UTC)
 
         for items in by_volume.values():
-            d = retention.decide([retention.Backup(b.uuid, when(b)) for b in items], rule,
-                                 datetime.fromtimestamp(now, UTC))
+            d = retention.decide(
+                [retention.Backup(b.uuid, when(b)) for b in items], rule, datetime.fromtimestamp(now, UTC)
+            )
             deleted += list(d.delete)
             kept += len(d.keep)
             for k, n in d.counts().items():
@@ -274,16 +380,41 @@ def _finish(ctx: ControllerContext, cp_id: str, vault_id: str, res: list[dict], 
         cp = s.get(Checkpoint, cp_id)
         cp.status = "available" if all(x == "success" for x in statuses) else "error"
         if deleted or errors:
-            log_task(s, "delete", tenant, vault_id, now,
-                     {"OpExtendInfoDelete": {"deleted": len(deleted) - len(errors), "kept": kept,
-                                             "failed": len(errors), **counts}, "deleted_backups": deleted},
-                     status="failed" if errors else "success", pool_uuid="", backup_point_uuid=bp,
-                     job_kind="retention", spec_json=json.dumps({"checkpoint_id": cp_id}), attempts=1,
-                     error_code="RETENTION" if errors else "", error_message="; ".join(errors))
+            log_task(
+                s,
+                "delete",
+                tenant,
+                vault_id,
+                now,
+                {
+                    "OpExtendInfoDelete": {
+                        "deleted": len(deleted) - len(errors),
+                        "kept": kept,
+                        "failed": len(errors),
+                        **counts,
+                    },
+                    "deleted_backups": deleted,
+                },
+                status="failed" if errors else "success",
+                pool_uuid="",
+                backup_point_uuid=bp,
+                job_kind="retention",
+                spec_json=json.dumps({"checkpoint_id": cp_id}),
+                attempts=1,
+                error_code="RETENTION" if errors else "",
+                error_message="; ".join(errors),
+            )
         if deleted and pool_of:  # at once: retention ran, nothing else deletes meanwhile
-            queue_backup_point_task(s, operation="gc", tenant=tenant, bp_uuid=bp,
-                                    spec=jobs_pb2.GcSpec(backup_point_uuid=bp, wait_seconds=600))
-    log.info("checkpoint finished", extra={"checkpoint": cp_id, "vault": vault_id, "deleted": len(deleted),
-                                           "failed_deletes": len(errors)})
+            queue_backup_point_task(
+                s,
+                operation="gc",
+                tenant=tenant,
+                bp_uuid=bp,
+                spec=jobs_pb2.GcSpec(backup_point_uuid=bp, wait_seconds=600),
+            )
+    log.info(
+        "checkpoint finished",
+        extra={"checkpoint": cp_id, "vault": vault_id, "deleted": len(deleted), "failed_deletes": len(errors)},
+    )
     if deleted and ctx.dispatcher is not None:
         ctx.dispatcher.wake()

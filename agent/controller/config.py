@@ -1,14 +1,15 @@
 """The controller's typed config: [controller] and [[tokens]] in a TOML file.
 
-    [controller]
-    listen = "127.0.0.1:8080"
-    database_url = "sqlite:////var/lib/blockferry-controller/controller.sqlite3"
-    secret_key_file = "/var/lib/blockferry-controller/controller.key"
+[controller]
+listen = "127.0.0.1:8080"
+database_url = "sqlite:////var/lib/blockferry-controller/controller.sqlite3"
+secret_key_file = "/var/lib/blockferry-controller/controller.key"
 
-    [[tokens]]               # bearer tokens; the file must then be 0600
-    token = "..."
-    tenant = "*"             # "*": every tenant (an operator); else one tenant uuid
+[[tokens]]               # bearer tokens; the file must then be 0600
+token = "..."
+tenant = "*"             # "*": every tenant (an operator); else one tenant uuid
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,24 +37,24 @@ class ControllerConfig:
     database_url: str = "sqlite:////var/lib/blockferry-controller/controller.sqlite3"
     secret_key_file: str = "/var/lib/blockferry-controller/controller.key"
     log_level: str = "info"
-    tls_cert: str = ""                      # PEM certificate: serve REST over HTTPS (with tls_key)
+    tls_cert: str = ""  # PEM certificate: serve REST over HTTPS (with tls_key)
     tls_key: str = ""
-    grpc_listen: str = "127.0.0.1:9444"     # the agent registry (host:port or unix:/path)
-    agent_token: str = ""                   # bearer token agents must send (a secret)
-    grpc_tls_cert: str = ""                 # TLS for grpc_listen; with grpc_client_ca: mutual TLS
+    grpc_listen: str = "127.0.0.1:9444"  # the agent registry (host:port or unix:/path)
+    agent_token: str = ""  # bearer token agents must send (a secret)
+    grpc_tls_cert: str = ""  # TLS for grpc_listen; with grpc_client_ca: mutual TLS
     grpc_tls_key: str = ""
     grpc_client_ca: str = ""
-    agent_tls_ca: str = ""                  # CA of the agents' TLS certificates (calls to host:port agents)
-    agent_tls_cert: str = ""                # client certificate for agents that require mutual TLS
+    agent_tls_ca: str = ""  # CA of the agents' TLS certificates (calls to host:port agents)
+    agent_tls_cert: str = ""  # client certificate for agents that require mutual TLS
     agent_tls_key: str = ""
-    agent_auth_token: str = ""              # the agents' [grpc] auth_token, sent on every call
-    heartbeat_interval: int = 10            # seconds, told to agents when they register
-    host_dead_after: int = 30               # seconds without a heartbeat: the host is offline
-    scheduler_interval: int = 5             # seconds between the policy scheduler's looks
-    schedule_grace: int = 3600              # a scheduled run found later than this (seconds) is missed, not run
-    gc_interval: int = 86400                # seconds between two GCs of every backup point; 0: only after deletions
-    gc_after_delete: int = 60               # seconds after a backup point's last deletion until its GC
-    metrics_listen: str = ""                # loopback host:port of the Prometheus endpoint; empty: off
+    agent_auth_token: str = ""  # the agents' [grpc] auth_token, sent on every call
+    heartbeat_interval: int = 10  # seconds, told to agents when they register
+    host_dead_after: int = 30  # seconds without a heartbeat: the host is offline
+    scheduler_interval: int = 5  # seconds between the policy scheduler's looks
+    schedule_grace: int = 3600  # a scheduled run found later than this (seconds) is missed, not run
+    gc_interval: int = 86400  # seconds between two GCs of every backup point; 0: only after deletions
+    gc_after_delete: int = 60  # seconds after a backup point's last deletion until its GC
+    metrics_listen: str = ""  # loopback host:port of the Prometheus endpoint; empty: off
     tokens: list[Token] = field(default_factory=list)
 
     @property
@@ -95,30 +96,34 @@ def _merge(cfg: ControllerConfig, p: Path) -> None:
         raise ConfigError(f"{path}: not valid TOML: {e}", field=path) from None
     unknown = set(doc) - {"controller", "tokens"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: controller, tokens)",
-                          field=path)
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: controller, tokens)", field=path)
     section = doc.get("controller", {})
     types = {f.name: f.type for f in dataclasses.fields(ControllerConfig) if f.name != "tokens"}
     for key, value in section.items():
         if key not in types:
-            raise ConfigError(f"{path}: [controller] {key}: unknown key (known: {', '.join(types)})",
-                              field=f"controller.{key}")
+            raise ConfigError(
+                f"{path}: [controller] {key}: unknown key (known: {', '.join(types)})", field=f"controller.{key}"
+            )
         want = int if types[key] in (int, "int") else str
         if not isinstance(value, want) or isinstance(value, bool):
-            raise ConfigError(f"{path}: [controller] {key}: must be {'an integer' if want is int else 'a string'}",
-                              field=f"controller.{key}")
+            raise ConfigError(
+                f"{path}: [controller] {key}: must be {'an integer' if want is int else 'a string'}",
+                field=f"controller.{key}",
+            )
         setattr(cfg, key, value)
     for i, t in enumerate(doc.get("tokens", [])):
         token, tenant = t.get("token", ""), t.get("tenant", "")
         if len(token) < 16:
-            raise ConfigError(f"{path}: [[tokens]] #{i + 1}: token must have at least 16 characters",
-                              field="tokens.token")
+            raise ConfigError(
+                f"{path}: [[tokens]] #{i + 1}: token must have at least 16 characters", field="tokens.token"
+            )
         if tenant != ALL_TENANTS:
             try:
                 uuid.UUID(tenant)
             except ValueError:
-                raise ConfigError(f"{path}: [[tokens]] #{i + 1}: tenant must be '*' or a tenant uuid",
-                                  field="tokens.tenant") from None
+                raise ConfigError(
+                    f"{path}: [[tokens]] #{i + 1}: tenant must be '*' or a tenant uuid", field="tokens.tenant"
+                ) from None
         cfg.tokens.append(Token(token, tenant))
     secret_keys = {"agent_token", "agent_auth_token"}
     if (doc.get("tokens") or any(section.get(k) for k in secret_keys)) and os.stat(p).st_mode & 0o077:
@@ -131,23 +136,32 @@ def _validate(cfg: ControllerConfig, path: str) -> ControllerConfig:
 
         loopback(cfg.metrics_listen, f"{path}: [controller] metrics_listen")
     if cfg.scheduler_interval < 1 or cfg.schedule_grace < 60:
-        raise ConfigError(f"{path}: [controller] scheduler_interval must be >= 1 and schedule_grace >= 60 "
-                          "(seconds)", field="controller.schedule_grace")
+        raise ConfigError(
+            f"{path}: [controller] scheduler_interval must be >= 1 and schedule_grace >= 60 (seconds)",
+            field="controller.schedule_grace",
+        )
     if cfg.gc_interval < 0 or cfg.gc_after_delete < 0:
-        raise ConfigError(f"{path}: [controller] gc_interval and gc_after_delete must be >= 0 (seconds)",
-                          field="controller.gc_interval" if cfg.gc_interval < 0 else "controller.gc_after_delete")
+        raise ConfigError(
+            f"{path}: [controller] gc_interval and gc_after_delete must be >= 0 (seconds)",
+            field="controller.gc_interval" if cfg.gc_interval < 0 else "controller.gc_after_delete",
+        )
     if cfg.heartbeat_interval < 1 or cfg.host_dead_after <= cfg.heartbeat_interval:
-        raise ConfigError(f"{path}: [controller] host_dead_after must exceed heartbeat_interval (>= 1)",
-                          field="controller.host_dead_after")
+        raise ConfigError(
+            f"{path}: [controller] host_dead_after must exceed heartbeat_interval (>= 1)",
+            field="controller.host_dead_after",
+        )
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
-        raise ConfigError(f"{path}: [controller] tls_cert and tls_key go together (REST over HTTPS)",
-                          field="controller.tls_key" if cfg.tls_cert else "controller.tls_cert")
+        raise ConfigError(
+            f"{path}: [controller] tls_cert and tls_key go together (REST over HTTPS)",
+            field="controller.tls_key" if cfg.tls_cert else "controller.tls_cert",
+        )
     for key in ("tls_cert", "tls_key"):
         value = getattr(cfg, key)
         if value and not os.access(value, os.R_OK):
             raise ConfigError(f"{path}: [controller] {key}: cannot read {value}", field=f"controller.{key}")
     host, _, port = cfg.listen.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"{path}: [controller] listen: must be host:port, not {cfg.listen!r}",
-                          field="controller.listen")
+        raise ConfigError(
+            f"{path}: [controller] listen: must be host:port, not {cfg.listen!r}", field="controller.listen"
+        )
     return cfg

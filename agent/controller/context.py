@@ -2,6 +2,7 @@
 secret box, the agent clients and the long-running services. Built once by
 the application (agent.controller.api.app) and handed to the domain code
 (dispatch, scheduler, checkpoints, inventory) and to every router."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

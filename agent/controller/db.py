@@ -1,5 +1,6 @@
 """Database: SQLite by default (the embedded default), PostgreSQL as an
 option; the schema is created and upgraded by Alembic on start."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migration
 
 
 def _sqlite_path(url: str) -> str:
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
     return "" if path == ":memory:" else path
 
 
@@ -47,6 +48,7 @@ def make_engine(url: str):
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
         return engine
     return create_engine(url, pool_pre_ping=True)
 

@@ -17,6 +17,7 @@
   from the controller cancels its own jobs after [controller] fence_after
   (below host_dead_after), and a cancelled job leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,19 +43,47 @@ MAX_ATTEMPTS = 3
 WAIT_LIMIT = 3600.0  # a task nobody could run for this long: timeout
 FOLLOW_EVERY = 0.25  # seconds between two progress writes of one running task
 STREAM_RETRY = 1.0  # seconds before a dropped WatchJob stream is opened again
-SPECS = {"clone": jobs_pb2.CloneSpec, "backup": jobs_pb2.BackupSpec, "restore": jobs_pb2.RestoreSpec,
-         "gc": jobs_pb2.GcSpec, "verify": jobs_pb2.VerifySpec}
+SPECS = {
+    "clone": jobs_pb2.CloneSpec,
+    "backup": jobs_pb2.BackupSpec,
+    "restore": jobs_pb2.RestoreSpec,
+    "gc": jobs_pb2.GcSpec,
+    "verify": jobs_pb2.VerifySpec,
+}
 FINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 
 
-def new_task(s, *, task_id: str, operation: str, tenant: str, resource_type: str, resource_uuid: str,
-             job_kind: str, spec, pool_uuid: str, target_pool_uuid: str = "", backup_point_uuid: str = "",
-             idempotent: bool = True) -> Task:
-    t = Task(id=task_id, operation_type=operation, status="waiting", progress=0.0, tenant=tenant,
-             resource_type=resource_type, resource_uuid=resource_uuid, pool_uuid=pool_uuid,
-             target_pool_uuid=target_pool_uuid, backup_point_uuid=backup_point_uuid, job_kind=job_kind,
-             spec_json=json.dumps(MessageToDict(spec, preserving_proto_field_name=True)), idempotent=idempotent,
-             created_at=time.time())
+def new_task(
+    s,
+    *,
+    task_id: str,
+    operation: str,
+    tenant: str,
+    resource_type: str,
+    resource_uuid: str,
+    job_kind: str,
+    spec,
+    pool_uuid: str,
+    target_pool_uuid: str = "",
+    backup_point_uuid: str = "",
+    idempotent: bool = True,
+) -> Task:
+    t = Task(
+        id=task_id,
+        operation_type=operation,
+        status="waiting",
+        progress=0.0,
+        tenant=tenant,
+        resource_type=resource_type,
+        resource_uuid=resource_uuid,
+        pool_uuid=pool_uuid,
+        target_pool_uuid=target_pool_uuid,
+        backup_point_uuid=backup_point_uuid,
+        job_kind=job_kind,
+        spec_json=json.dumps(MessageToDict(spec, preserving_proto_field_name=True)),
+        idempotent=idempotent,
+        created_at=time.time(),
+    )
     s.add(t)
     return t
 
@@ -73,21 +102,34 @@ def reporting_hosts(hosts, bp_uuid: str) -> set[str]:
     return reported_backup_points(hosts).get(bp_uuid, set())
 
 
-def queue_backup_point_task(s, *, operation: str, tenant: str, bp_uuid: str, spec, resource_uuid: str = "",
-                            resource_type: str = "backup_point") -> str:
+def queue_backup_point_task(
+    s, *, operation: str, tenant: str, bp_uuid: str, spec, resource_uuid: str = "", resource_type: str = "backup_point"
+) -> str:
     """A verify or gc task of a backup point (its id). A gc already waiting
     or running for the backup point takes the new request: one at a time."""
     import uuid as uuidlib
 
     if operation == "gc":
-        pending = s.scalar(select(Task.id).where(Task.backup_point_uuid == bp_uuid, Task.job_kind == "gc",
-                                                 Task.status.in_(("waiting", "running"))))
+        pending = s.scalar(
+            select(Task.id).where(
+                Task.backup_point_uuid == bp_uuid, Task.job_kind == "gc", Task.status.in_(("waiting", "running"))
+            )
+        )
         if pending:
             return pending
     task_id = str(uuidlib.uuid4())
-    new_task(s, task_id=task_id, operation=operation, tenant=tenant, resource_type=resource_type,
-             resource_uuid=resource_uuid or bp_uuid, job_kind=operation, spec=spec, pool_uuid="",
-             backup_point_uuid=bp_uuid)
+    new_task(
+        s,
+        task_id=task_id,
+        operation=operation,
+        tenant=tenant,
+        resource_type=resource_type,
+        resource_uuid=resource_uuid or bp_uuid,
+        job_kind=operation,
+        spec=spec,
+        pool_uuid="",
+        backup_point_uuid=bp_uuid,
+    )
     return task_id
 
 
@@ -189,8 +231,11 @@ class Dispatcher:
                 serving = ids if serving is None else serving & ids
         if serving is None and t.backup_point_uuid:
             serving = reporting_hosts(hosts.values(), t.backup_point_uuid)
-        ok = [h for hid, h in hosts.items() if (serving is None or hid in serving) and self._online(h)
-              and load[hid] < max(1, h.max_jobs)]
+        ok = [
+            h
+            for hid, h in hosts.items()
+            if (serving is None or hid in serving) and self._online(h) and load[hid] < max(1, h.max_jobs)
+        ]
         return sorted(ok, key=lambda h: (load[h.uuid] / max(1, h.max_jobs), h.uuid))
 
     def _place(self, t: Task, hosts: dict[str, Host], load: Counter) -> None:
@@ -199,8 +244,7 @@ class Dispatcher:
         candidates = self._candidates(t, hosts, load)
         if not candidates:
             if time.time() - t.created_at > WAIT_LIMIT:
-                self._finish(t, "timeout", "NO_HOST", "no eligible host could run it within "
-                             f"{int(WAIT_LIMIT)} s")
+                self._finish(t, "timeout", "NO_HOST", f"no eligible host could run it within {int(WAIT_LIMIT)} s")
             return
         load[candidates[0].uuid] += 1
         self._submitting[t.id] = candidates[0].uuid
@@ -221,8 +265,7 @@ class Dispatcher:
                         self._attach(t, host, force=True)
                         self.agents.client(host).submit(job_id, **{t.job_kind: spec})
                 except (TargetUnreachable, Busy) as e:
-                    log.info("host cannot take the task now", extra={"task": t.id, "host": host.uuid,
-                                                                     "why": e.message})
+                    log.info("host cannot take the task now", extra={"task": t.id, "host": host.uuid, "why": e.message})
                     continue
                 except BlockferryError as e:  # the request itself is refused: no other host will do better
                     if t.attempts and e.code == "ALREADY_EXISTS" and (adopted := self._adopt(t, host)) is not None:
@@ -327,8 +370,9 @@ class Dispatcher:
             if row is None or row.status != "running" or row.agent_job_id != t.agent_job_id:
                 return  # moved meanwhile (its host was taken for lost): another attempt owns the task now
         field = f"{t.job_kind}_result"
-        result = MessageToDict(getattr(job, field), preserving_proto_field_name=True) \
-            if job.HasField(field) else None  # a failed verify lists what it found damaged
+        result = (
+            MessageToDict(getattr(job, field), preserving_proto_field_name=True) if job.HasField(field) else None
+        )  # a failed verify lists what it found damaged
         if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
             self._finish(t, "success", result=result)
         elif t.attempts and job.error.code == "ALREADY_EXISTS" and (adopted := self._adopt(t, host)) is not None:
@@ -336,8 +380,7 @@ class Dispatcher:
             # result is complete (targets appear atomically), so it is this task's
             self._finish(t, "success", result=adopted)
         else:
-            self._finish(t, "failed", job.error.code or "FAILED", job.error.message or "the job failed",
-                         result=result)
+            self._finish(t, "failed", job.error.code or "FAILED", job.error.message or "the job failed", result=result)
 
     def _adopt(self, t: Task, host: Host) -> dict | None:
         """The object a lost attempt made, if it is there and complete."""
@@ -347,15 +390,28 @@ class Dispatcher:
         try:
             if t.resource_type == "volume":
                 pool = spec.get("target_pool_uuid") or spec.get("pool_uuid")
-                info = self.agents.client(host).get_volume(volumes_pb2.VolumeRef(
-                    pool_uuid=pool, volume_uuid=t.resource_uuid), timeout=30)
-                return {"pool_uuid": pool, "volume_uuid": info.uuid, "access_path": info.access_path,
-                        "capacity": info.capacity, "adopted": True}
+                info = self.agents.client(host).get_volume(
+                    volumes_pb2.VolumeRef(pool_uuid=pool, volume_uuid=t.resource_uuid), timeout=30
+                )
+                return {
+                    "pool_uuid": pool,
+                    "volume_uuid": info.uuid,
+                    "access_path": info.access_path,
+                    "capacity": info.capacity,
+                    "adopted": True,
+                }
             if t.resource_type == "backup":
-                b = self.agents.client(host).get_backup(backups_pb2.GetBackupRequest(
-                    backup_point_uuid=t.backup_point_uuid, backup_uuid=t.resource_uuid), timeout=30)
-                return {"backup_uuid": b.uuid, "mode": b.mode, "size": b.size, "image_digest": b.image_digest,
-                        "adopted": True}
+                b = self.agents.client(host).get_backup(
+                    backups_pb2.GetBackupRequest(backup_point_uuid=t.backup_point_uuid, backup_uuid=t.resource_uuid),
+                    timeout=30,
+                )
+                return {
+                    "backup_uuid": b.uuid,
+                    "mode": b.mode,
+                    "size": b.size,
+                    "image_digest": b.image_digest,
+                    "adopted": True,
+                }
         except BlockferryError:
             return None
         return None

@@ -2,6 +2,7 @@
 part asks for (the routers, the dispatcher, the scheduler, checkpoints
 and metrics): is a host online, which hosts serve a pool, what a vault
 holds, a task the controller did itself, and deleting a backup."""
+
 from __future__ import annotations
 
 import json
@@ -33,20 +34,38 @@ def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host
 def usage(s, vault_id: str) -> tuple[int, int, int]:
     """(backups, logical bytes, stored bytes) of the vault's finished backups."""
     n, logical, stored = s.execute(
-        select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.size), 0),
-               func.coalesce(func.sum(Backup.stored_bytes), 0))
-        .where(Backup.vault_id == vault_id, Backup.status == "BackupSucceeded")).one()
+        select(
+            func.count(Backup.uuid),
+            func.coalesce(func.sum(Backup.size), 0),
+            func.coalesce(func.sum(Backup.stored_bytes), 0),
+        ).where(Backup.vault_id == vault_id, Backup.status == "BackupSucceeded")
+    ).one()
     return int(n), int(logical), int(stored)
 
 
-def log_task(s, operation: str, tenant: str, vault_id: str, started: float, result: dict, *,
-             status: str = "success", **columns) -> None:
+def log_task(
+    s, operation: str, tenant: str, vault_id: str, started: float, result: dict, *, status: str = "success", **columns
+) -> None:
     """An operation done by the controller itself (no agent job), in
     /v1/tasks with seed 003's operation_type; columns: more Task fields."""
     fields = {"job_kind": "", "spec_json": "{}", "attempts": 0, **columns}
-    s.add(Task(id=str(uuidlib.uuid4()), operation_type=operation, status=status, progress=100.0, tenant=tenant,
-               resource_type="vault", resource_uuid=vault_id, idempotent=True, result_json=json.dumps(result),
-               created_at=started, started_at=started, ended_at=time.time(), **fields))
+    s.add(
+        Task(
+            id=str(uuidlib.uuid4()),
+            operation_type=operation,
+            status=status,
+            progress=100.0,
+            tenant=tenant,
+            resource_type="vault",
+            resource_uuid=vault_id,
+            idempotent=True,
+            result_json=json.dumps(result),
+            created_at=started,
+            started_at=started,
+            ended_at=time.time(),
+            **fields,
+        )
+    )
 
 
 def remove_backup(ctx: ControllerContext, bid: str, field: str = "backup_uuid") -> None:
@@ -66,8 +85,9 @@ def remove_backup(ctx: ControllerContext, bid: str, field: str = "backup_uuid") 
             raise TargetUnreachable(f"{field}: no online host can reach its backup point", field=field)
         ctx.agents.client(hosts[0]).attach_backup_point(backup_point_request(bp, ctx.secrets))
         try:
-            ctx.agents.client(hosts[0]).delete_backup(backups_pb2.DeleteBackupRequest(
-                backup_point_uuid=bp.uuid, backup_uuid=bid))
+            ctx.agents.client(hosts[0]).delete_backup(
+                backups_pb2.DeleteBackupRequest(backup_point_uuid=bp.uuid, backup_uuid=bid)
+            )
         except NotFound:
             pass  # gone from the repository already
     with ctx.db.session() as s:

@@ -9,6 +9,7 @@ scrape time, except the task duration histogram, which the dispatcher feeds:
 - blockferry_backup_point_status{backup_point, status}: 1 for the state its agents last reported
 - blockferry_vault_used_bytes{vault}, blockferry_vault_size_bytes{vault}
 """
+
 from __future__ import annotations
 
 import time
@@ -27,20 +28,29 @@ class _Inventory:
         self.db, self.cfg = db, cfg
 
     def collect(self):
-        tasks = GaugeMetricFamily("blockferry_tasks", "Tasks by operation and status",
-                                  labels=["operation_type", "status"])
-        age = GaugeMetricFamily("blockferry_host_heartbeat_age_seconds", "Seconds since the host's last heartbeat",
-                                labels=["host", "hostname"])
+        tasks = GaugeMetricFamily(
+            "blockferry_tasks", "Tasks by operation and status", labels=["operation_type", "status"]
+        )
+        age = GaugeMetricFamily(
+            "blockferry_host_heartbeat_age_seconds",
+            "Seconds since the host's last heartbeat",
+            labels=["host", "hostname"],
+        )
         up = GaugeMetricFamily("blockferry_host_up", "1 while the host is online", labels=["host", "hostname"])
-        bps = GaugeMetricFamily("blockferry_backup_point_status", "1 for the backup point's reported state",
-                                labels=["backup_point", "status"])
-        used = GaugeMetricFamily("blockferry_vault_used_bytes", "What the vault's backups added to the repository",
-                                 labels=["vault"])
+        bps = GaugeMetricFamily(
+            "blockferry_backup_point_status",
+            "1 for the backup point's reported state",
+            labels=["backup_point", "status"],
+        )
+        used = GaugeMetricFamily(
+            "blockferry_vault_used_bytes", "What the vault's backups added to the repository", labels=["vault"]
+        )
         size = GaugeMetricFamily("blockferry_vault_size_bytes", "The vault's size", labels=["vault"])
         now = time.time()
         with self.db.session() as s:
-            for op, status, n in s.execute(select(Task.operation_type, Task.status, func.count())
-                                           .group_by(Task.operation_type, Task.status)):
+            for op, status, n in s.execute(
+                select(Task.operation_type, Task.status, func.count()).group_by(Task.operation_type, Task.status)
+            ):
                 tasks.add_metric([op, status], n)
             for h in s.scalars(select(Host)):
                 age.add_metric([h.uuid, h.hostname], max(0.0, now - h.last_seen))
@@ -57,10 +67,16 @@ class _Inventory:
 class ControllerMetrics:
     def __init__(self, db, cfg):
         self.registry = CollectorRegistry()
-        self.duration = Histogram("blockferry_task_duration_seconds", "Duration of ended tasks", ["operation_type"],
-                                  buckets=DURATION_BUCKETS, registry=self.registry)
-        self.bytes = Counter("blockferry_task_bytes_moved_total", "Bytes of succeeded tasks", ["operation_type"],
-                             registry=self.registry)
+        self.duration = Histogram(
+            "blockferry_task_duration_seconds",
+            "Duration of ended tasks",
+            ["operation_type"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.bytes = Counter(
+            "blockferry_task_bytes_moved_total", "Bytes of succeeded tasks", ["operation_type"], registry=self.registry
+        )
         self.registry.register(_Inventory(db, cfg))
         self._server = None
 

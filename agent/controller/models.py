@@ -1,5 +1,6 @@
 """The controller's inventory (SQLAlchemy 2). Schema changes go through the
 Alembic migrations in agent/controller/migrations/."""
+
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Boolean, Float, Integer, String, Text, UniqueConstraint
@@ -44,10 +45,10 @@ class Host(Base):
 
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     hostname: Mapped[str] = mapped_column(String(255), default="")
-    address: Mapped[str] = mapped_column(String(512), default="")   # where the controller calls the agent
+    address: Mapped[str] = mapped_column(String(512), default="")  # where the controller calls the agent
     version: Mapped[str] = mapped_column(String(64), default="")
-    facts_json: Mapped[str] = mapped_column(Text, default="{}")      # HostFacts as JSON
-    pools_json: Mapped[str] = mapped_column(Text, default="[]")      # [PoolReport]
+    facts_json: Mapped[str] = mapped_column(Text, default="{}")  # HostFacts as JSON
+    pools_json: Mapped[str] = mapped_column(Text, default="[]")  # [PoolReport]
     backup_points_json: Mapped[str] = mapped_column(Text, default="[]")
     max_jobs: Mapped[int] = mapped_column(Integer, default=4)
     running_jobs: Mapped[int] = mapped_column(Integer, default=0)
@@ -55,7 +56,7 @@ class Host(Base):
     registered_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
     cluster_uuid: Mapped[str] = mapped_column(String(36), default="")  # empty: any cluster
-    zone_uuid: Mapped[str] = mapped_column(String(36), default="")     # empty: any zone
+    zone_uuid: Mapped[str] = mapped_column(String(36), default="")  # empty: any zone
     zone_name: Mapped[str] = mapped_column(String(64), default="")
 
     def in_scope(self, cluster_uuid: str, zone_uuid: str) -> bool:
@@ -76,14 +77,14 @@ class Pool(Base):
     zone_name: Mapped[str] = mapped_column(String(64), default="default")  # as its hosts name the zone
     name: Mapped[str] = mapped_column(String(128))
     pool_type: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(8))          # what the agents serve: dir or rbd
+    kind: Mapped[str] = mapped_column(String(8))  # what the agents serve: dir or rbd
     ip: Mapped[str] = mapped_column(String(255), default="")
     port: Mapped[str] = mapped_column(String(8), default="")
     source: Mapped[str] = mapped_column(String(1024), default="")
     username: Mapped[str] = mapped_column(String(255), default="")
     password_sealed: Mapped[str] = mapped_column(String(512), default="")
     limit_host: Mapped[bool] = mapped_column(Boolean, default=False)
-    avail_hosts_json: Mapped[str] = mapped_column(Text, default="[]")    # the hosts that serve it
+    avail_hosts_json: Mapped[str] = mapped_column(Text, default="[]")  # the hosts that serve it
     avail_tenants_json: Mapped[str] = mapped_column(Text, default="[]")  # empty: every tenant
     attr_json: Mapped[str] = mapped_column(Text, default="{}")
     status: Mapped[str] = mapped_column(String(16), default="unknown")
@@ -107,7 +108,7 @@ class Volume(Base):
     cluster_uuid: Mapped[str] = mapped_column(String(36))
     pool_uuid: Mapped[str] = mapped_column(String(36), index=True)
     name: Mapped[str] = mapped_column(String(128))
-    vtype: Mapped[str] = mapped_column(String(8))                 # block, share, fs
+    vtype: Mapped[str] = mapped_column(String(8))  # block, share, fs
     capacity: Mapped[int] = mapped_column(BigInteger)
     used: Mapped[int] = mapped_column(BigInteger, default=0)
     snap_cap: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -129,19 +130,19 @@ class Task(Base):
     __tablename__ = "tasks"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    operation_type: Mapped[str] = mapped_column(String(32), index=True)   # clone, backup, restore, ...
+    operation_type: Mapped[str] = mapped_column(String(32), index=True)  # clone, backup, restore, ...
     # waiting, running, success, failed, skipped, timeout
     status: Mapped[str] = mapped_column(String(16), index=True)
-    progress: Mapped[float] = mapped_column(Float, default=0.0)           # 0..100
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..100
     tenant: Mapped[str] = mapped_column(String(36), index=True)
-    resource_type: Mapped[str] = mapped_column(String(16))                # volume, backup
+    resource_type: Mapped[str] = mapped_column(String(16))  # volume, backup
     resource_uuid: Mapped[str] = mapped_column(String(36), index=True)
-    pool_uuid: Mapped[str] = mapped_column(String(36), default="")        # placement: a host serving it
+    pool_uuid: Mapped[str] = mapped_column(String(36), default="")  # placement: a host serving it
     target_pool_uuid: Mapped[str] = mapped_column(String(36), default="")  # ... and this one too
     backup_point_uuid: Mapped[str] = mapped_column(String(36), default="")
-    job_kind: Mapped[str] = mapped_column(String(16))                     # the agent job: clone, backup, restore
-    spec_json: Mapped[str] = mapped_column(Text)                          # the agent job spec (proto JSON)
-    idempotent: Mapped[bool] = mapped_column(Boolean, default=True)       # may run again elsewhere after a host loss
+    job_kind: Mapped[str] = mapped_column(String(16))  # the agent job: clone, backup, restore
+    spec_json: Mapped[str] = mapped_column(Text)  # the agent job spec (proto JSON)
+    idempotent: Mapped[bool] = mapped_column(Boolean, default=True)  # may run again elsewhere after a host loss
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     host_uuid: Mapped[str] = mapped_column(String(36), default="")
     agent_job_id: Mapped[str] = mapped_column(String(80), default="")
@@ -170,7 +171,7 @@ class Backup(Base):
     pool_uuid: Mapped[str] = mapped_column(String(36), default="")
     snapshot_uuid: Mapped[str] = mapped_column(String(36))
     snapshot_name: Mapped[str] = mapped_column(String(128), default="")
-    status: Mapped[str] = mapped_column(String(24))   # BackupStarted, BackupSucceeded, BackupFailed
+    status: Mapped[str] = mapped_column(String(24))  # BackupStarted, BackupSucceeded, BackupFailed
     mode: Mapped[str] = mapped_column(String(16), default="")
     mode_reason: Mapped[str] = mapped_column(Text, default="")  # why every chunk was read, or tracking degraded
     size: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -194,9 +195,9 @@ class Policy(Base):
     name: Mapped[str] = mapped_column(String(64))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     operation_type: Mapped[str] = mapped_column(String(16), default="backup")
-    definition_json: Mapped[str] = mapped_column(Text)        # operation_definition, as checked
-    patterns_json: Mapped[str] = mapped_column(Text)          # trigger.properties.pattern
-    start_time: Mapped[float] = mapped_column(Float)          # INTERVAL counts from here
+    definition_json: Mapped[str] = mapped_column(Text)  # operation_definition, as checked
+    patterns_json: Mapped[str] = mapped_column(Text)  # trigger.properties.pattern
+    start_time: Mapped[float] = mapped_column(Float)  # INTERVAL counts from here
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 
@@ -248,9 +249,9 @@ class Checkpoint(Base):
     vault_id: Mapped[str] = mapped_column(String(36), index=True)
     tenant: Mapped[str] = mapped_column(String(36), index=True)
     policy_id: Mapped[str] = mapped_column(String(36), default="")
-    due_at: Mapped[float] = mapped_column(Float)               # the schedule's time; manual: creation time
+    due_at: Mapped[float] = mapped_column(Float)  # the schedule's time; manual: creation time
     status: Mapped[str] = mapped_column(String(16), default="protecting")  # protecting, available, error
     manual: Mapped[bool] = mapped_column(Boolean, default=False)
-    resources_json: Mapped[str] = mapped_column(Text, default="[]")   # [{id, backup_id, task_id}]
-    skipped_json: Mapped[str] = mapped_column(Text, default="[]")     # [{id, code, reason}]
+    resources_json: Mapped[str] = mapped_column(Text, default="[]")  # [{id, backup_id, task_id}]
+    skipped_json: Mapped[str] = mapped_column(Text, default="[]")  # [{id, code, reason}]
     created_at: Mapped[float] = mapped_column(Float)

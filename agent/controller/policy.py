@@ -6,6 +6,7 @@ A pattern is the seed's RFC 2445 subset: FREQ (DAILY or WEEKLY), BYDAY
 "14:00 (UTC+8) every day" is BYHOUR=6). At most 24 patterns; together they
 may fire at most 24 times a day and never less than an hour apart.
 """
+
 from __future__ import annotations
 
 import re
@@ -64,8 +65,7 @@ def parse_pattern(text: str, field_name: str) -> rrule:
     _ints(parts["BYMINUTE"], 0, 59, field_name, "BYMINUTE")
     if "INTERVAL" in parts:
         _ints(parts["INTERVAL"], 1, 1000, field_name, "INTERVAL")
-    canonical = ";".join(f"{k}={parts[k]}" for k in ("FREQ", "INTERVAL", "BYDAY", "BYHOUR", "BYMINUTE")
-                         if k in parts)
+    canonical = ";".join(f"{k}={parts[k]}" for k in ("FREQ", "INTERVAL", "BYDAY", "BYHOUR", "BYMINUTE") if k in parts)
     return rrulestr(canonical, dtstart=_EPOCH)
 
 
@@ -74,8 +74,9 @@ def schedule(patterns: list[str], start: datetime) -> rruleset:
     INTERVAL counts days or weeks from there)."""
     rs = rruleset()
     for i, p in enumerate(patterns):
-        rs.rrule(parse_pattern(p, f"trigger.properties.pattern[{i}]").replace(dtstart=start.replace(
-            second=0, microsecond=0)))
+        rs.rrule(
+            parse_pattern(p, f"trigger.properties.pattern[{i}]").replace(dtstart=start.replace(second=0, microsecond=0))
+        )
     return rs
 
 
@@ -115,8 +116,15 @@ class OperationDefinition:
 
     def rule(self) -> Rule:
         tz = parse_timezone(self.timezone, "operation_definition.timezone") if self.timezone else UTC
-        return Rule(self.max_backups, self.retention_duration_days, self.day_backups, self.week_backups,
-                    self.month_backups, self.year_backups, tz)
+        return Rule(
+            self.max_backups,
+            self.retention_duration_days,
+            self.day_backups,
+            self.week_backups,
+            self.month_backups,
+            self.year_backups,
+            tz,
+        )
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -148,9 +156,12 @@ def check_operation_definition(d: Any) -> OperationDefinition:
     od = OperationDefinition(
         max_backups=_int(d, "max_backups", -1, 1, 99999, allow_minus_one=True),
         retention_duration_days=_int(d, "retention_duration_days", -1, 1, 99999, allow_minus_one=True),
-        day_backups=_int(d, "day_backups", 0, 0, 100), week_backups=_int(d, "week_backups", 0, 0, 100),
-        month_backups=_int(d, "month_backups", 0, 0, 100), year_backups=_int(d, "year_backups", 0, 0, 100),
-        full_backup_interval=_int(d, "full_backup_interval", -1, -1, 100))
+        day_backups=_int(d, "day_backups", 0, 0, 100),
+        week_backups=_int(d, "week_backups", 0, 0, 100),
+        month_backups=_int(d, "month_backups", 0, 0, 100),
+        year_backups=_int(d, "year_backups", 0, 0, 100),
+        full_backup_interval=_int(d, "full_backup_interval", -1, -1, 100),
+    )
     tz = d.get("timezone")
     if tz not in (None, ""):
         if not isinstance(tz, str):
@@ -158,8 +169,10 @@ def check_operation_definition(d: Any) -> OperationDefinition:
         parse_timezone(tz, "operation_definition.timezone")
         od.timezone = tz
     if any((od.day_backups, od.week_backups, od.month_backups, od.year_backups)) and not od.timezone:
-        raise bad("operation_definition.timezone", "required when day_backups, week_backups, month_backups or "
-                   "year_backups is set")
+        raise bad(
+            "operation_definition.timezone",
+            "required when day_backups, week_backups, month_backups or year_backups is set",
+        )
     return od
 
 
@@ -167,7 +180,7 @@ def check_policy(body: Any, *, partial: bool = False) -> dict:
     """The fields of a PolicyCreate (or, partial=True, a PolicyUpdate) body,
     checked; returns only the fields given."""
     if not isinstance(body, dict) or not isinstance(body.get("policy"), dict):
-        raise bad("policy", "the body must be {\"policy\": {...}}")
+        raise bad("policy", 'the body must be {"policy": {...}}')
     p = body["policy"]
     out: dict = {}
     if "name" in p or not partial:
@@ -189,6 +202,6 @@ def check_policy(body: Any, *, partial: bool = False) -> dict:
         trig = p.get("trigger")
         props = trig.get("properties") if isinstance(trig, dict) else None
         if not isinstance(props, dict):
-            raise bad("policy.trigger.properties", "required: {\"properties\": {\"pattern\": [...]}}")
+            raise bad("policy.trigger.properties", 'required: {"properties": {"pattern": [...]}}')
         out["patterns"] = check_patterns(props.get("pattern"), "policy.trigger.properties.pattern")
     return out

@@ -1,6 +1,7 @@
 """The agent registry (gRPC, served by the controller): agents register with
 their facts, pools and backup points, then send heartbeats. A host is
 online while its last heartbeat is younger than host_dead_after."""
+
 from __future__ import annotations
 
 import hmac
@@ -53,12 +54,16 @@ class Registry(registry_pb2_grpc.AgentRegistryServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT: host_uuid: not a uuid")
         level = request.facts.api_level or 1
         if level < MIN_AGENT_API_LEVEL:
-            log.warning("agent refused: API level too old", extra={
-                "host_uuid": host_uuid, "version": request.facts.version, "api_level": level})
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"FAILED_PRECONDITION: facts.api_level: agent {request.facts.version or '?'} speaks API "
-                          f"level {level}, this controller ({__version__}) needs {MIN_AGENT_API_LEVEL} or newer: "
-                          "upgrade blockferry on this host")
+            log.warning(
+                "agent refused: API level too old",
+                extra={"host_uuid": host_uuid, "version": request.facts.version, "api_level": level},
+            )
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"FAILED_PRECONDITION: facts.api_level: agent {request.facts.version or '?'} speaks API "
+                f"level {level}, this controller ({__version__}) needs {MIN_AGENT_API_LEVEL} or newer: "
+                "upgrade blockferry on this host",
+            )
         now = time.time()
         facts = MessageToDict(request.facts, preserving_proto_field_name=True)
         with self.db.session() as s:
@@ -76,8 +81,10 @@ class Registry(registry_pb2_grpc.AgentRegistryServicer):
             h.draining = False
             h.last_seen = now
             s.merge(h)
-        log.info("agent registered", extra={"host_uuid": host_uuid, "hostname": request.facts.hostname,
-                                            "address": request.address})
+        log.info(
+            "agent registered",
+            extra={"host_uuid": host_uuid, "hostname": request.facts.hostname, "address": request.address},
+        )
         return registry_pb2.RegisterResponse(heartbeat_interval_seconds=self.cfg.heartbeat_interval)
 
     def Heartbeat(self, request, context):
@@ -104,8 +111,11 @@ def serve(cfg: ControllerConfig, db: Database) -> grpc.Server:
     if addr.startswith("unix:") or not cfg.grpc_tls_cert:
         host = addr.rpartition(":")[0].strip("[]")
         if not addr.startswith("unix:") and host not in ("127.0.0.1", "::1", "localhost"):
-            log.warning("the agent registry listens without TLS on a network address; set grpc_tls_cert and "
-                        "grpc_tls_key (and grpc_client_ca for mutual TLS) in production", extra={"listen": addr})
+            log.warning(
+                "the agent registry listens without TLS on a network address; set grpc_tls_cert and "
+                "grpc_tls_key (and grpc_client_ca for mutual TLS) in production",
+                extra={"listen": addr},
+            )
         server.add_insecure_port(addr)
     else:
         with open(cfg.grpc_tls_cert, "rb") as f:
@@ -116,7 +126,8 @@ def serve(cfg: ControllerConfig, db: Database) -> grpc.Server:
         if cfg.grpc_client_ca:
             with open(cfg.grpc_client_ca, "rb") as f:
                 ca = f.read()
-        server.add_secure_port(addr, grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                                                 require_client_auth=ca is not None))
+        server.add_secure_port(
+            addr, grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+        )
     server.start()
     return server

@@ -17,6 +17,7 @@ long-term counts say (the seed: "the backups will be retained permanently").
 
 Backups are judged per volume: the caller groups them.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,7 +32,7 @@ _OFFSET = re.compile(r"^UTC\s*(?:([+-])(\d{1,2})(?::?(\d{2}))?)?$", re.IGNORECAS
 
 
 def parse_timezone(value: str, field_name: str = "timezone") -> tzinfo:
-    """"UTC+08:00" (the seed's form: a fixed offset) or an IANA zone name
+    """ "UTC+08:00" (the seed's form: a fixed offset) or an IANA zone name
     such as "Europe/Berlin" (which follows daylight saving time)."""
     text = (value or "").strip()
     m = _OFFSET.match(text)
@@ -40,8 +41,7 @@ def parse_timezone(value: str, field_name: str = "timezone") -> tzinfo:
             return UTC
         hours, minutes = int(m.group(2)), int(m.group(3) or 0)
         if hours > 14 or minutes > 59 or (hours == 14 and minutes):
-            raise InvalidArgument(f"{field_name}: {value!r} is out of range (UTC-14:00 to UTC+14:00)",
-                                  field=field_name)
+            raise InvalidArgument(f"{field_name}: {value!r} is out of range (UTC-14:00 to UTC+14:00)", field=field_name)
         delta = timedelta(hours=hours, minutes=minutes)
         return timezone(-delta if m.group(1) == "-" else delta)
     if text and re.fullmatch(r"[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*", text):
@@ -49,8 +49,7 @@ def parse_timezone(value: str, field_name: str = "timezone") -> tzinfo:
             return ZoneInfo(text)
         except (ZoneInfoNotFoundError, ValueError):
             pass
-    raise InvalidArgument(f"{field_name}: {value!r} is neither UTC±HH:MM nor a known IANA zone name",
-                          field=field_name)
+    raise InvalidArgument(f"{field_name}: {value!r} is neither UTC±HH:MM nor a known IANA zone name", field=field_name)
 
 
 @dataclass(frozen=True)
@@ -110,15 +109,19 @@ def decide(backups: Iterable[Backup], rule: Rule, now: datetime) -> Decision:
     if ordered:
         reasons[ordered[0].id].append("latest")
     if rule.max_backups >= 1:
-        for b in ordered[:rule.max_backups]:
+        for b in ordered[: rule.max_backups]:
             reasons[b.id].append("count")
     if rule.retention_duration_days >= 1:
         horizon = now - timedelta(days=rule.retention_duration_days)
         for b in ordered:
             if b.created_at > horizon:
                 reasons[b.id].append("duration")
-    for kind, n in (("day", rule.day_backups), ("week", rule.week_backups), ("month", rule.month_backups),
-                    ("year", rule.year_backups)):
+    for kind, n in (
+        ("day", rule.day_backups),
+        ("week", rule.week_backups),
+        ("month", rule.month_backups),
+        ("year", rule.year_backups),
+    ):
         if n <= 0:
             continue
         seen: set[tuple] = set()

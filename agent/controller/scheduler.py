@@ -16,6 +16,7 @@ checkpoint is never made again. A newest due time older than the grace is
 recorded as a missed checkpoint (status error, with the reason) and not run.
 The clock is injectable so tests can run days in seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,14 @@ def _utc(t: float) -> datetime:
 
 
 class Scheduler:
-    def __init__(self, ctx: ControllerContext, *, clock: Callable[[], float] = time.time, interval: float = 5.0,
-                 grace: float = 3600.0):
+    def __init__(
+        self,
+        ctx: ControllerContext,
+        *,
+        clock: Callable[[], float] = time.time,
+        interval: float = 5.0,
+        grace: float = 3600.0,
+    ):
         self.ctx = ctx
         self.clock = clock
         self.interval = interval
@@ -78,11 +85,20 @@ class Scheduler:
         every vault with a run due since its last one."""
         out = []
         with self.ctx.db.session() as s:
-            rows = s.execute(select(Vault, Policy).join(Policy, Policy.id == Vault.policy_id)
-                             .where(Policy.enabled.is_(True), Vault.status == "available")).all()
+            rows = s.execute(
+                select(Vault, Policy)
+                .join(Policy, Policy.id == Vault.policy_id)
+                .where(Policy.enabled.is_(True), Vault.status == "available")
+            ).all()
             for vault, policy in rows:
-                last = s.scalar(select(func.max(Checkpoint.due_at)).where(
-                    Checkpoint.vault_id == vault.id, Checkpoint.manual.is_(False))) or 0.0
+                last = (
+                    s.scalar(
+                        select(func.max(Checkpoint.due_at)).where(
+                            Checkpoint.vault_id == vault.id, Checkpoint.manual.is_(False)
+                        )
+                    )
+                    or 0.0
+                )
                 since = max(vault.policy_since, last)
                 rs = schedule(json.loads(policy.patterns_json), _utc(policy.start_time))
                 times = [t.timestamp() for t in rs.between(_utc(since), _utc(now), inc=True)]
@@ -119,16 +135,23 @@ class Scheduler:
         cfg = self.ctx.cfg
         queued = []
         with self.ctx.db.session() as s:
-            reported = reported_backup_points(h for h in s.scalars(select(Host))
-                                              if host_state(h, cfg.host_dead_after) == "online")
+            reported = reported_backup_points(
+                h for h in s.scalars(select(Host)) if host_state(h, cfg.host_dead_after) == "online"
+            )
             for bp in s.scalars(select(BackupPoint)):
                 wanted = bool(bp.gc_wanted_at) and now >= bp.gc_wanted_at + cfg.gc_after_delete
                 periodic = bool(cfg.gc_interval) and now >= (bp.last_gc_at or bp.ctime) + cfg.gc_interval
                 if not (wanted or periodic) or bp.uuid not in reported:
                     continue  # nothing to do, or no host reaches it now (none ever wrote to it, or all are down)
-                queued.append(queue_backup_point_task(s, operation="gc", tenant=bp.tenant, bp_uuid=bp.uuid,
-                                                      spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid,
-                                                                           wait_seconds=GC_WAIT)))
+                queued.append(
+                    queue_backup_point_task(
+                        s,
+                        operation="gc",
+                        tenant=bp.tenant,
+                        bp_uuid=bp.uuid,
+                        spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid, wait_seconds=GC_WAIT),
+                    )
+                )
                 if periodic:
                     bp.last_gc_at = now
         if queued:
@@ -140,9 +163,20 @@ class Scheduler:
             if s.scalar(select(Checkpoint.id).where(Checkpoint.vault_id == vault_id, Checkpoint.due_at == due_at)):
                 return
             vault = s.get(Vault, vault_id)
-            reason = (f"{missed} scheduled run(s) missed while the controller was down, the newest more than "
-                      f"{self.grace:.0f} s (schedule_grace) ago")
-            s.add(Checkpoint(id=str(uuid.uuid4()), vault_id=vault_id, tenant=vault.tenant, policy_id=vault.policy_id,
-                             due_at=due_at, status="error", manual=False, created_at=time.time(),
-                             skipped_json=json.dumps([{"id": "", "type": "", "name": "", "code": "",
-                                                       "reason": reason}])))
+            reason = (
+                f"{missed} scheduled run(s) missed while the controller was down, the newest more than "
+                f"{self.grace:.0f} s (schedule_grace) ago"
+            )
+            s.add(
+                Checkpoint(
+                    id=str(uuid.uuid4()),
+                    vault_id=vault_id,
+                    tenant=vault.tenant,
+                    policy_id=vault.policy_id,
+                    due_at=due_at,
+                    status="error",
+                    manual=False,
+                    created_at=time.time(),
+                    skipped_json=json.dumps([{"id": "", "type": "", "name": "", "code": "", "reason": reason}]),
+                )
+            )

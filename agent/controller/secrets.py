@@ -2,6 +2,7 @@
 a key file the controller creates (0600) on first start. Stored as
 "v1:" + base64(nonce || ciphertext); the plaintext never reaches the
 database, a log or a response."""
+
 from __future__ import annotations
 
 import base64
@@ -45,8 +46,9 @@ class SecretBox:
         if not sealed:
             return ""
         try:
-            raw = base64.b64decode(sealed[len(PREFIX):])
+            raw = base64.b64decode(sealed[len(PREFIX) :])
             return self._aead.decrypt(raw[:12], raw[12:], b"bf-secret").decode()
         except Exception:
-            raise DataCorrupt("a stored secret cannot be decrypted with this controller's key",
-                              field="secret_key_file") from None
+            raise DataCorrupt(
+                "a stored secret cannot be decrypted with this controller's key", field="secret_key_file"
+            ) from None

@@ -1,4 +1,5 @@
 """blockferry-controller: load the config, migrate the database, serve."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     host, port = cfg.host_port
     tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key} if cfg.tls_cert else {}
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=cfg.log_level, access_log=False,
-                                           **tls))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=cfg.log_level, access_log=False, **tls))
     # SIGTERM/SIGINT: a graceful stop and exit status 0 (uvicorn would re-raise the signal)
     server.capture_signals = contextlib.nullcontext
 
@@ -71,6 +71,7 @@ def _systemd(server, app) -> None:
     systemd.notify(f"READY=1\nSTATUS=serving REST on {ctx.cfg.listen}\nMAINPID={os.getpid()}")
     interval = systemd.watchdog_interval()
     if interval:
+
         def healthy() -> bool:
             threads = (ctx.dispatcher._thread, ctx.scheduler._thread)
             return all(t is not None and t.is_alive() for t in threads)

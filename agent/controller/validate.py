@@ -1,4 +1,5 @@
 """Field rules shared by the routers; every refusal names the field."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -26,8 +27,9 @@ def name(value: str, field: str) -> str:
     if not value or len(value) > 128:
         raise InvalidArgument(f"{field}: must be 1 to 128 characters", field=field)
     if any(c in value for c in "/\\") or value in (".", "..") or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InvalidArgument(f"{field}: {value!r} may not contain '/', '\\\\', control characters, or be '.' "
-                              "or '..'", field=field)
+        raise InvalidArgument(
+            f"{field}: {value!r} may not contain '/', '\\\\', control characters, or be '.' or '..'", field=field
+        )
     return value
 
 
@@ -43,8 +45,9 @@ def host(value: str, field: str) -> str:
 
 def _control(value: str, field: str) -> None:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InvalidArgument(f"{field}: {value!r} may not contain control characters (newlines, tabs, ...)",
-                              field=field)
+        raise InvalidArgument(
+            f"{field}: {value!r} may not contain control characters (newlines, tabs, ...)", field=field
+        )
 
 
 def abs_path(value: str, field: str) -> str:
@@ -66,8 +69,11 @@ def under_roots(path: str, roots: list[str], field: str, where: str) -> str:
     norm = posixpath.normpath(path)
     if any(norm == r or norm.startswith(r.rstrip("/") + "/") for r in map(posixpath.normpath, roots)):
         return path
-    raise PathNotAllowed(f"{field}: {path!r} is not under the roots of {where} ({', '.join(sorted(roots)) or 'none'}); "
-                         "a local backup point is a directory below an agent's [agent] roots", field=field)
+    raise PathNotAllowed(
+        f"{field}: {path!r} is not under the roots of {where} ({', '.join(sorted(roots)) or 'none'}); "
+        "a local backup point is a directory below an agent's [agent] roots",
+        field=field,
+    )
 
 
 def rbd_image(value: str, rados_pool: str, field: str) -> str:
@@ -75,12 +81,18 @@ def rbd_image(value: str, rados_pool: str, field: str) -> str:
     naming this pool's RADOS pool."""
     pool, _, image = value.rpartition("/")
     if pool and pool != rados_pool:
-        raise InvalidArgument(f"{field}: {value!r} names RADOS pool {pool!r}; this pool is {rados_pool!r}",
-                              field=field)
-    if not image or len(image) > 255 or "@" in image or "/" in image or \
-            any(ord(c) < 32 or ord(c) == 127 for c in image):
-        raise InvalidArgument(f"{field}: {value!r} must be an RBD image name (or {rados_pool}/<name>) without "
-                              "'@' or control characters", field=field)
+        raise InvalidArgument(f"{field}: {value!r} names RADOS pool {pool!r}; this pool is {rados_pool!r}", field=field)
+    if (
+        not image
+        or len(image) > 255
+        or "@" in image
+        or "/" in image
+        or any(ord(c) < 32 or ord(c) == 127 for c in image)
+    ):
+        raise InvalidArgument(
+            f"{field}: {value!r} must be an RBD image name (or {rados_pool}/<name>) without '@' or control characters",
+            field=field,
+        )
     return image
 
 

@@ -1,4 +1,5 @@
 """The job engine: accepts, schedules, runs, journals and reports jobs."""
+
 from __future__ import annotations
 
 import collections
@@ -53,8 +54,7 @@ class JobContext:
         if self._interrupt.is_set():
             raise Interrupted("the agent shut down while the job was running")
 
-    def progress(self, bytes_done: int | None = None, bytes_total: int | None = None,
-                 phase: str | None = None) -> None:
+    def progress(self, bytes_done: int | None = None, bytes_total: int | None = None, phase: str | None = None) -> None:
         self._engine._update_progress(self, bytes_done, bytes_total, phase)
 
     def throttle(self, nbytes: int) -> None:
@@ -71,8 +71,16 @@ class JobContext:
 
 
 class JobEngine:
-    def __init__(self, journal_path: str, kinds: list[JobKind], *, max_concurrent: int = 4,
-                 bandwidth_limit: int = 0, on_busy: str = "wait", keep_finished: int = 10000):
+    def __init__(
+        self,
+        journal_path: str,
+        kinds: list[JobKind],
+        *,
+        max_concurrent: int = 4,
+        bandwidth_limit: int = 0,
+        on_busy: str = "wait",
+        keep_finished: int = 10000,
+    ):
         self.kinds = {k.name: k for k in kinds}
         self.observer = None  # agent.metrics.AgentMetrics: job_started/job_paused/job_ended
         self.max_concurrent = max_concurrent
@@ -108,16 +116,20 @@ class JobEngine:
                 else:
                     job.state = JobState.FAILED
                     job.ended_at = now
-                    job.error = JobError(Interrupted.code, "the agent stopped (crashed or was killed) "
-                                         "while the job was running; submit it again with a new job id")
+                    job.error = JobError(
+                        Interrupted.code,
+                        "the agent stopped (crashed or was killed) "
+                        "while the job was running; submit it again with a new job id",
+                    )
                 self.journal.save(job)
-                log.warning("job interrupted by agent restart",
-                            extra={"job": job.id, "kind": job.kind, "state": job.state.value})
+                log.warning(
+                    "job interrupted by agent restart",
+                    extra={"job": job.id, "kind": job.kind, "state": job.state.value},
+                )
             self._jobs[job.id] = job
             if job.state is JobState.WAITING:
                 self._queue.append(job.id)
-        log.info("job journal loaded", extra={"jobs": len(self._jobs), "waiting": len(self._queue),
-                                              "pruned": pruned})
+        log.info("job journal loaded", extra={"jobs": len(self._jobs), "waiting": len(self._queue), "pruned": pruned})
         self._dispatcher.start()
 
     @property
@@ -139,8 +151,9 @@ class JobEngine:
             while self._running and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
             if self._running:
-                log.warning("drain timeout: interrupting running jobs at a safe point",
-                            extra={"jobs": ",".join(self._running)})
+                log.warning(
+                    "drain timeout: interrupting running jobs at a safe point", extra={"jobs": ",".join(self._running)}
+                )
                 for ctx, _ in self._running.values():
                     ctx._interrupt.set()
             threads = [t for _, t in self._running.values()]
@@ -156,8 +169,11 @@ class JobEngine:
 
     def submit(self, job_id: str, kind: str, spec) -> Job:
         if not JOB_ID.match(job_id or ""):
-            raise InvalidArgument("job_id: must be 1-128 characters of letters, digits, '.', '_', ':' "
-                                  "or '-', starting with a letter or digit", field="job_id")
+            raise InvalidArgument(
+                "job_id: must be 1-128 characters of letters, digits, '.', '_', ':' "
+                "or '-', starting with a letter or digit",
+                field="job_id",
+            )
         if kind not in self.kinds:
             raise InvalidArgument(f"spec: unknown job kind {kind!r}", field="spec")
         job_kind = self.kinds[kind]
@@ -166,8 +182,10 @@ class JobEngine:
             if existing is not None:
                 if existing.kind == kind and existing.spec == spec:
                     return self._snapshot(existing)
-                raise JobConflict(f"job_id: {job_id!r} is already used by a {existing.kind} job "
-                                  "with different parameters", field="job_id")
+                raise JobConflict(
+                    f"job_id: {job_id!r} is already used by a {existing.kind} job with different parameters",
+                    field="job_id",
+                )
             if self._draining:
                 raise Draining("the agent is shutting down and accepts no new jobs")
         claim: Claim = job_kind.prepare(spec)  # may raise; nothing is recorded then
@@ -178,9 +196,15 @@ class JobEngine:
                 raise Draining("the agent is shutting down and accepts no new jobs")
             if self.on_busy == "refuse" and self.locks.would_block(claim.resource, claim.mode):
                 raise Busy(f"resource: {claim.resource} is in use by another job", field="resource")
-            job = Job(id=job_id, kind=kind, resource=claim.resource, lock_mode=claim.mode, spec=spec,
-                      created_at=time.time(),
-                      progress=Progress(phase="waiting"))
+            job = Job(
+                id=job_id,
+                kind=kind,
+                resource=claim.resource,
+                lock_mode=claim.mode,
+                spec=spec,
+                created_at=time.time(),
+                progress=Progress(phase="waiting"),
+            )
             self.journal.save(job)
             self._jobs[job_id] = job
             self._queue.append(job_id)
@@ -196,10 +220,11 @@ class JobEngine:
         if limit < 0:
             raise InvalidArgument("limit: must not be negative", field="limit")
         with self._cond:
-            jobs = [j for j in self._jobs.values()
-                    if (not states or j.state in states) and (not kind or j.kind == kind)]
+            jobs = [
+                j for j in self._jobs.values() if (not states or j.state in states) and (not kind or j.kind == kind)
+            ]
             jobs.sort(key=lambda j: j.created_at, reverse=True)
-            return [self._snapshot(j) for j in jobs[:limit or DEFAULT_LIST_LIMIT]]
+            return [self._snapshot(j) for j in jobs[: limit or DEFAULT_LIST_LIMIT]]
 
     def watch(self, job_id: str, is_active=lambda: True, poll: float = 0.5) -> Iterator[Job]:
         """Yield the job now and after every change, until a final state."""
@@ -264,8 +289,9 @@ class JobEngine:
         self._touch(job)
         if self.observer is not None:
             seconds = job.ended_at - job.started_at if job.started_at else 0.0
-            self.observer.job_ended(job.kind, state.value, seconds, int(job.progress.bytes_done or 0),
-                                    was_running=was_running)
+            self.observer.job_ended(
+                job.kind, state.value, seconds, int(job.progress.bytes_done or 0), was_running=was_running
+            )
 
     def _dispatch_loop(self) -> None:
         with self._cond:
@@ -309,8 +335,7 @@ class JobEngine:
             if kind.resumable:
                 state = JobState.WAITING
             else:
-                state, error = JobState.FAILED, JobError(
-                    e.code, e.message + "; submit it again with a new job id")
+                state, error = JobState.FAILED, JobError(e.code, e.message + "; submit it again with a new job id")
         except BlockferryError as e:
             state, error, result = JobState.FAILED, JobError(e.code, e.message), e.result
         except Exception as e:  # a bug, or an unexpected OS error
@@ -331,8 +356,10 @@ class JobEngine:
                 if state is JobState.SUCCEEDED and job.progress.bytes_total:
                     job.progress.bytes_done = job.progress.bytes_total
                 self._finish(job, state, error, result)
-        log.info("job ended", extra={"job": job.id, "kind": job.kind, "state": state.value,
-                                     **({"code": error.code} if error else {})})
+        log.info(
+            "job ended",
+            extra={"job": job.id, "kind": job.kind, "state": state.value, **({"code": error.code} if error else {})},
+        )
 
     def _update_progress(self, ctx: JobContext, done, total, phase) -> None:
         now = time.monotonic()

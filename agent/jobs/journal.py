@@ -4,6 +4,7 @@ State transitions are written with synchronous=FULL before they are shown to
 callers, so a crash never loses a job a caller was told about. Progress is
 written at most once a second per job.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,28 +65,40 @@ class Journal:
 
     def save(self, job: Job) -> None:
         row = (
-            job.id, job.kind, job.resource, job.lock_mode.value, json.dumps(dataclasses.asdict(job.spec)),
-            job.state.value, json.dumps(dataclasses.asdict(job.progress)),
-            job.error.code if job.error else None, job.error.message if job.error else None,
+            job.id,
+            job.kind,
+            job.resource,
+            job.lock_mode.value,
+            json.dumps(dataclasses.asdict(job.spec)),
+            job.state.value,
+            json.dumps(dataclasses.asdict(job.progress)),
+            job.error.code if job.error else None,
+            job.error.message if job.error else None,
             json.dumps(dataclasses.asdict(job.result)) if job.result is not None else None,
-            job.created_at, job.started_at, job.ended_at,
+            job.created_at,
+            job.started_at,
+            job.ended_at,
         )
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO jobs (id, kind, resource, lock_mode, spec, state, progress, error_code,"
                 " error_message, result, created_at, started_at, ended_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
 
     def save_progress(self, job: Job) -> None:
         with self._lock:
-            self._db.execute("UPDATE jobs SET progress = ? WHERE id = ?",
-                             (json.dumps(dataclasses.asdict(job.progress)), job.id))
+            self._db.execute(
+                "UPDATE jobs SET progress = ? WHERE id = ?", (json.dumps(dataclasses.asdict(job.progress)), job.id)
+            )
 
     def load_all(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, kind, resource, lock_mode, spec, state, progress, error_code, error_message, result,"
-                " created_at, started_at, ended_at FROM jobs ORDER BY created_at").fetchall()
+                " created_at, started_at, ended_at FROM jobs ORDER BY created_at"
+            ).fetchall()
         return [self._job(r) for r in rows]
 
     def prune(self, keep_finished: int) -> int:
@@ -94,16 +107,25 @@ class Journal:
             cur = self._db.execute(
                 f"DELETE FROM jobs WHERE state IN ({','.join('?' * len(final))}) AND id NOT IN ("
                 f" SELECT id FROM jobs WHERE state IN ({','.join('?' * len(final))})"
-                " ORDER BY created_at DESC LIMIT ?)", (*final, *final, keep_finished))
+                " ORDER BY created_at DESC LIMIT ?)",
+                (*final, *final, keep_finished),
+            )
             return cur.rowcount
 
     def _job(self, r) -> Job:
         (id_, kind, resource, lock_mode, spec, state, progress, ecode, emsg, result, created, started, ended) = r
         spec_type, result_type = self._types(kind)
         return Job(
-            id=id_, kind=kind, resource=resource, lock_mode=LockMode(lock_mode), spec=spec_type(**json.loads(spec)),
-            state=JobState(state), progress=Progress(**json.loads(progress)),
+            id=id_,
+            kind=kind,
+            resource=resource,
+            lock_mode=LockMode(lock_mode),
+            spec=spec_type(**json.loads(spec)),
+            state=JobState(state),
+            progress=Progress(**json.loads(progress)),
             error=JobError(ecode, emsg) if ecode else None,
             result=result_type(**json.loads(result)) if result else None,
-            created_at=created, started_at=started, ended_at=ended,
+            created_at=created,
+            started_at=started,
+            ended_at=ended,
         )

@@ -1,4 +1,5 @@
 """What a job kind provides to the engine."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -21,8 +22,7 @@ class Context(Protocol):
     def throttle(self, nbytes: int) -> None:
         """Sleep as the bandwidth limit asks for nbytes more."""
 
-    def progress(self, bytes_done: int | None = None, bytes_total: int | None = None,
-                 phase: str | None = None) -> None:
+    def progress(self, bytes_done: int | None = None, bytes_total: int | None = None, phase: str | None = None) -> None:
         """Report progress (None: unchanged)."""
 
 
@@ -65,6 +65,5 @@ class NullContext:
     def throttle(self, nbytes: int) -> None:
         pass
 
-    def progress(self, bytes_done: int | None = None, bytes_total: int | None = None,
-                 phase: str | None = None) -> None:
+    def progress(self, bytes_done: int | None = None, bytes_total: int | None = None, phase: str | None = None) -> None:
         pass

@@ -1,4 +1,5 @@
 """A bandwidth limit shared by all jobs of the host."""
+
 from __future__ import annotations
 
 import threading
@@ -33,8 +34,7 @@ class BandwidthLimiter:
             if self._rate <= 0:
                 return 0.0
             now = time.monotonic()
-            self._tokens = min(self._tokens + (now - self._stamp) * self._rate,
-                               self._rate * self._burst_seconds)
+            self._tokens = min(self._tokens + (now - self._stamp) * self._rate, self._rate * self._burst_seconds)
             self._stamp = now
             self._tokens -= nbytes
             return -self._tokens / self._rate if self._tokens < 0 else 0.0

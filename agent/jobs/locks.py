@@ -1,4 +1,5 @@
 """Per-resource locks: many readers or one writer per resource."""
+
 from __future__ import annotations
 
 import enum

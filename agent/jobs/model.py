@@ -1,4 +1,5 @@
 """Job records: state machine, progress and error, as typed dataclasses."""
+
 from __future__ import annotations
 
 import enum

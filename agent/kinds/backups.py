@@ -1,4 +1,5 @@
 """Job kinds for backups: backup, restore, verify, gc."""
+
 from __future__ import annotations
 
 import logging
@@ -139,15 +140,20 @@ class BackupKind(JobKind):
         repo = self.points.get(spec.backup_point_uuid).repository()
         check_uuid(spec.backup_uuid, "backup_uuid")
         if repo.has_backup(spec.backup_uuid):
-            raise AlreadyExists(f"backup_uuid: backup {spec.backup_uuid} exists on backup point "
-                                f"{spec.backup_point_uuid}", field="backup_uuid")
+            raise AlreadyExists(
+                f"backup_uuid: backup {spec.backup_uuid} exists on backup point {spec.backup_point_uuid}",
+                field="backup_uuid",
+            )
         if spec.name:
             check_name(spec.name, "name")
         if spec.parent_backup_uuid:
             parent = repo.manifest(check_uuid(spec.parent_backup_uuid, "parent_backup_uuid"))
             if parent.volume_uuid != spec.volume_uuid:
-                raise InvalidArgument(f"parent_backup_uuid: backup {parent.backup_id} is of volume "
-                                      f"{parent.volume_uuid}, not {spec.volume_uuid}", field="parent_backup_uuid")
+                raise InvalidArgument(
+                    f"parent_backup_uuid: backup {parent.backup_id} is of volume "
+                    f"{parent.volume_uuid}, not {spec.volume_uuid}",
+                    field="parent_backup_uuid",
+                )
         # Reading a snapshot: others may read too, but nothing may rewrite its layers.
         return Claim(volume_resource(spec.pool_uuid, spec.volume_uuid), LockMode.SHARED)
 
@@ -159,13 +165,33 @@ class BackupKind(JobKind):
             parent = repo.manifest(spec.parent_backup_uuid)
         elif not spec.full:
             parent = latest_for_volume(repo, spec.volume_uuid)
-        m = backup_mod.backup(pool, spec.volume_uuid, spec.snapshot_uuid, repo, parent=parent, full=spec.full,
-                              backup_id=spec.backup_uuid, name=spec.name, description=spec.description,
-                              tenant=spec.tenant, ctx=ctx)
+        m = backup_mod.backup(
+            pool,
+            spec.volume_uuid,
+            spec.snapshot_uuid,
+            repo,
+            parent=parent,
+            full=spec.full,
+            backup_id=spec.backup_uuid,
+            name=spec.name,
+            description=spec.description,
+            tenant=spec.tenant,
+            ctx=ctx,
+        )
         s = m.stats
-        return BackupResult(m.backup_id, m.mode, m.parent or "", m.size, m.image_digest, s["chunks_read"],
-                            s["read_bytes"], s["new_chunks"], s["stored_bytes"], s["changed_chunks"],
-                            m.mode_reason)
+        return BackupResult(
+            m.backup_id,
+            m.mode,
+            m.parent or "",
+            m.size,
+            m.image_digest,
+            s["chunks_read"],
+            s["read_bytes"],
+            s["new_chunks"],
+            s["stored_bytes"],
+            s["changed_chunks"],
+            m.mode_reason,
+        )
 
 
 class RestoreKind(JobKind):
@@ -183,8 +209,9 @@ class RestoreKind(JobKind):
         if spec.in_place:
             capacity = pool.volume_info(vol).capacity  # NOT_FOUND when it does not exist
             if capacity < m.size:
-                raise RestoreTooSmall(f"volume_uuid: volume {vol} has {capacity} bytes, the backup {m.size}",
-                                      field="volume_uuid")
+                raise RestoreTooSmall(
+                    f"volume_uuid: volume {vol} has {capacity} bytes, the backup {m.size}", field="volume_uuid"
+                )
             return Claim(volume_resource(spec.pool_uuid, vol), LockMode.EXCLUSIVE)
         check_name(spec.name, "name")
         if pool.volume_exists(vol):
@@ -211,8 +238,10 @@ class RestoreKind(JobKind):
 
             digest = restore_mod.restore(repo, m, write, ctx=ctx, concurrent=target.concurrent)
             if digest != m.image_digest:
-                raise DataCorrupt(f"backup {m.backup_id}: the restored content's image digest {digest} does not "
-                                  f"match the manifest's {m.image_digest}")
+                raise DataCorrupt(
+                    f"backup {m.backup_id}: the restored content's image digest {digest} does not "
+                    f"match the manifest's {m.image_digest}"
+                )
             ctx.checkpoint()
             ctx.progress(phase="committing")
         except BaseException:
@@ -221,19 +250,23 @@ class RestoreKind(JobKind):
         info = target.commit()
         return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, written)
 
-
     def _in_place(self, spec: RestoreSpec, repo, m, pool, ctx) -> RestoreResult:
         """Safety snapshot, then overwrite (data, zero chunks, and the tail
         beyond the backup's size); on any failure, back to the snapshot."""
         vol = spec.volume_uuid
         capacity = pool.volume_info(vol).capacity
         if capacity < m.size:
-            raise RestoreTooSmall(f"volume_uuid: volume {vol} has {capacity} bytes, the backup {m.size}",
-                                  field="volume_uuid")
+            raise RestoreTooSmall(
+                f"volume_uuid: volume {vol} has {capacity} bytes, the backup {m.size}", field="volume_uuid"
+            )
         pool.check_not_in_use(vol)  # before anything changes: a VM's disk is never overwritten
         safety = str(uuid.uuid4())
-        pool.create_snapshot(vol, safety, f"pre-restore-{ctx.job_id[:24]}",
-                             description=f"the volume before backup {m.backup_id} was restored into it")
+        pool.create_snapshot(
+            vol,
+            safety,
+            f"pre-restore-{ctx.job_id[:24]}",
+            description=f"the volume before backup {m.backup_id} was restored into it",
+        )
         written, counting = 0, threading.Lock()
 
         def write(offset: int, data) -> None:
@@ -249,8 +282,10 @@ class RestoreKind(JobKind):
                 if capacity > m.size:
                     target.zero(m.size, capacity - m.size)
                 if digest != m.image_digest:
-                    raise DataCorrupt(f"backup {m.backup_id}: the restored content's image digest {digest} does "
-                                      f"not match the manifest's {m.image_digest}")
+                    raise DataCorrupt(
+                        f"backup {m.backup_id}: the restored content's image digest {digest} does "
+                        f"not match the manifest's {m.image_digest}"
+                    )
                 ctx.checkpoint()
                 ctx.progress(phase="committing")
                 info = target.commit()
@@ -261,8 +296,9 @@ class RestoreKind(JobKind):
             try:
                 pool.rollback_snapshot(vol, safety)  # the volume as it was: never half restored
             except Exception:  # noqa: BLE001 - say so loudly; the snapshot stays for the operator
-                log.exception("restore in place failed and the rollback too", extra={
-                    "volume": vol, "safety_snapshot": safety})
+                log.exception(
+                    "restore in place failed and the rollback too", extra={"volume": vol, "safety_snapshot": safety}
+                )
             raise
         return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, written, safety)
 
@@ -282,8 +318,9 @@ class VerifyKind(JobKind):
     def prepare(self, spec: VerifySpec) -> Claim:
         if spec.repository:
             if spec.backup_uuid:
-                raise InvalidArgument("backup_uuid: must be empty when the whole repository is verified",
-                                      field="backup_uuid")
+                raise InvalidArgument(
+                    "backup_uuid: must be empty when the whole repository is verified", field="backup_uuid"
+                )
             self.points.get(spec.backup_point_uuid).repository()
             return Claim(backup_point_resource(spec.backup_point_uuid), LockMode.SHARED)
         _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
@@ -296,14 +333,28 @@ class VerifyKind(JobKind):
         else:
             repo, m = _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
             r = verify_mod.verify(repo, m, deep=spec.deep, ctx=ctx)
-        result = VerifyResult(r.backup_id, r.deep, r.chunks_checked, r.bytes_checked, r.damage, spec.repository,
-                              r.backups_checked, r.packs_checked, r.damaged_backups, r.orphan_packs,
-                              r.unreferenced_chunks, r.unreferenced_bytes)
+        result = VerifyResult(
+            r.backup_id,
+            r.deep,
+            r.chunks_checked,
+            r.bytes_checked,
+            r.damage,
+            spec.repository,
+            r.backups_checked,
+            r.packs_checked,
+            r.damaged_backups,
+            r.orphan_packs,
+            r.unreferenced_chunks,
+            r.unreferenced_bytes,
+        )
         if r.damage:
-            log.error("verify found damage", extra={"backup_point": spec.backup_point_uuid,
-                                                    "damage": [d.describe() for d in r.damage]})
-            raise DataCorrupt(f"backup point {spec.backup_point_uuid}: {r.summary()}", field="backup_uuid",
-                              result=result)
+            log.error(
+                "verify found damage",
+                extra={"backup_point": spec.backup_point_uuid, "damage": [d.describe() for d in r.damage]},
+            )
+            raise DataCorrupt(
+                f"backup point {spec.backup_point_uuid}: {r.summary()}", field="backup_uuid", result=result
+            )
         return result
 
 
@@ -325,4 +376,3 @@ class GcKind(JobKind):
             ctx.progress(0, 0, "waiting for the repository")
         r = gc_mod.gc(repo, ctx=ctx, lock_timeout=max(0, spec.wait_seconds))
         return GcResult(r.packs_deleted, r.packs_rewritten, r.chunks_removed, r.bytes_freed, r.partial_removed)
-

@@ -6,6 +6,7 @@ in 4 MiB pieces into one reused buffer and hashed by the native core with the
 GIL released. Volumes: read through qemu-nbd, zero extents never read.
 Progress counts holes too, so it reaches 100 %.
 """
+
 from __future__ import annotations
 
 import errno
@@ -66,12 +67,10 @@ def _range(spec: ChecksumSpec, size: int) -> tuple[int, int]:
     if spec.offset + spec.length > MAX_SIZE:
         raise OutOfRange("offset+length: overflows a 63-bit size", field="length")
     if spec.offset > size:
-        raise OutOfRange(f"offset: {spec.offset} is beyond the end of the file ({size} bytes)",
-                         field="offset")
+        raise OutOfRange(f"offset: {spec.offset} is beyond the end of the file ({size} bytes)", field="offset")
     end = spec.offset + spec.length if spec.length else size
     if end > size:
-        raise OutOfRange(f"length: offset+length = {end} is beyond the end of the file ({size} bytes)",
-                         field="length")
+        raise OutOfRange(f"length: offset+length = {end} is beyond the end of the file ({size} bytes)", field="length")
     return spec.offset, end
 
 
@@ -86,8 +85,7 @@ class ChecksumKind(JobKind):
 
     def _check_volume(self, spec: ChecksumSpec):
         if spec.path or spec.offset or spec.length:
-            raise InvalidArgument("path: give either a path (with offset/length) or a volume, not both",
-                                  field="path")
+            raise InvalidArgument("path: give either a path (with offset/length) or a volume, not both", field="path")
         pool = self.pools.get(spec.pool_uuid)
         if spec.snapshot_uuid:
             pool.snapshot_info(spec.volume_uuid, spec.snapshot_uuid)
@@ -111,8 +109,13 @@ class ChecksumKind(JobKind):
     def run(self, spec: ChecksumSpec, ctx) -> ChecksumResult:
         if spec.pool_uuid or spec.volume_uuid:
             d = self._check_volume(spec).image_digest(spec.volume_uuid, spec.snapshot_uuid or None, ctx)
-            return ChecksumResult(image_digest=d.image_digest, format=native.IMAGE_DIGEST_FORMAT,
-                                  length=d.length, data_bytes=d.data_bytes, hole_bytes=d.zero_bytes)
+            return ChecksumResult(
+                image_digest=d.image_digest,
+                format=native.IMAGE_DIGEST_FORMAT,
+                length=d.length,
+                data_bytes=d.data_bytes,
+                hole_bytes=d.zero_bytes,
+            )
         real, fd = _open_checked(spec.path, self.roots)
         try:
             start, end = _range(spec, os.lseek(fd, 0, os.SEEK_END))
@@ -142,15 +145,22 @@ def digest_range(fd: int, start: int, end: int, ctx=None, name: str = "file") ->
                 n = min(READ_SIZE, off + length - pos)
                 got = os.preadv(fd, [view[:n]], pos)
                 if got != n:
-                    raise StorageIOError(f"path: short read at offset {pos} of {name!r} "
-                                         "(file shrank while reading?)", field="path")
+                    raise StorageIOError(
+                        f"path: short read at offset {pos} of {name!r} (file shrank while reading?)", field="path"
+                    )
                 ctx.throttle(n)
                 h.update(view[:n])
                 pos += n
                 data_bytes += n
                 ctx.progress(pos - start)
     except OSError as e:
-        raise StorageIOError(f"path: read error on {name!r}: {os.strerror(e.errno or errno.EIO)}",
-                             field="path") from None
-    return ChecksumResult(image_digest=h.digest().hex(), format=native.IMAGE_DIGEST_FORMAT,
-                          length=end - start, data_bytes=data_bytes, hole_bytes=hole_bytes)
+        raise StorageIOError(
+            f"path: read error on {name!r}: {os.strerror(e.errno or errno.EIO)}", field="path"
+        ) from None
+    return ChecksumResult(
+        image_digest=h.digest().hex(),
+        format=native.IMAGE_DIGEST_FORMAT,
+        length=end - start,
+        data_bytes=data_bytes,
+        hole_bytes=hole_bytes,
+    )

@@ -1,4 +1,5 @@
 """Job kinds for volumes: clone (linked or full) and flatten."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,15 +63,21 @@ class CloneKind(JobKind):
         check_uuid(spec.target_volume_uuid, "target_volume_uuid")
         check_name(spec.target_name, "target_name")
         if spec.linked and source.kind != target.kind:
-            raise FailedPrecondition(f"target_pool_uuid: a linked clone of a {source.kind} pool's snapshot cannot "
-                                     f"live in a {target.kind} pool; make a full clone", field="target_pool_uuid")
+            raise FailedPrecondition(
+                f"target_pool_uuid: a linked clone of a {source.kind} pool's snapshot cannot "
+                f"live in a {target.kind} pool; make a full clone",
+                field="target_pool_uuid",
+            )
         source.snapshot_info(spec.volume_uuid, spec.snapshot_uuid)  # both exist
         if target.volume_exists(spec.target_volume_uuid):
-            raise AlreadyExists(f"target_volume_uuid: volume {spec.target_volume_uuid} exists in pool "
-                                f"{spec.target_pool_uuid}", field="target_volume_uuid")
+            raise AlreadyExists(
+                f"target_volume_uuid: volume {spec.target_volume_uuid} exists in pool {spec.target_pool_uuid}",
+                field="target_volume_uuid",
+            )
         if (spec.pool_uuid, spec.volume_uuid) == (spec.target_pool_uuid, spec.target_volume_uuid):
-            raise FailedPrecondition("target_volume_uuid: a volume cannot be cloned onto itself",
-                                     field="target_volume_uuid")
+            raise FailedPrecondition(
+                "target_volume_uuid: a volume cannot be cloned onto itself", field="target_volume_uuid"
+            )
         # Reading a snapshot: others may read too, but nothing may rewrite its layers.
         return Claim(volume_resource(spec.pool_uuid, spec.volume_uuid), LockMode.SHARED)
 
@@ -79,16 +86,19 @@ class CloneKind(JobKind):
         target = self.pools.get(spec.target_pool_uuid, "target_pool_uuid")
         if spec.linked:
             ctx.progress(0, 1, "linking")
-            info = target.linked_clone(source, spec.volume_uuid, spec.snapshot_uuid, spec.target_volume_uuid,
-                                       spec.target_name)
+            info = target.linked_clone(
+                source, spec.volume_uuid, spec.snapshot_uuid, spec.target_volume_uuid, spec.target_name
+            )
             ctx.progress(1, 1, "done")
             return CloneResult(target.pool_uuid, info.uuid, info.access_path, info.capacity, True, 0)
         if type(source) is not type(target):  # qcow2 <-> RBD
-            info, copied = copy_snapshot(source, spec.volume_uuid, spec.snapshot_uuid, target,
-                                         spec.target_volume_uuid, spec.target_name, ctx)
+            info, copied = copy_snapshot(
+                source, spec.volume_uuid, spec.snapshot_uuid, target, spec.target_volume_uuid, spec.target_name, ctx
+            )
         else:
-            info, copied = target.full_clone(source, spec.volume_uuid, spec.snapshot_uuid, spec.target_volume_uuid,
-                                             spec.target_name, ctx)
+            info, copied = target.full_clone(
+                source, spec.volume_uuid, spec.snapshot_uuid, spec.target_volume_uuid, spec.target_name, ctx
+            )
         return CloneResult(target.pool_uuid, info.uuid, info.access_path, info.capacity, False, copied)
 
 
@@ -109,6 +119,5 @@ class FlattenKind(JobKind):
     def run(self, spec: FlattenSpec, ctx) -> FlattenResult:
         pool = self.pools.get(spec.pool_uuid)
         ctx.progress(0, 100, "flattening")
-        pool.flatten(spec.volume_uuid, on_percent=lambda p: ctx.progress(int(p), 100),
-                     checkpoint=ctx.checkpoint)
+        pool.flatten(spec.volume_uuid, on_percent=lambda p: ctx.progress(int(p), 100), checkpoint=ctx.checkpoint)
         return FlattenResult(spec.pool_uuid, spec.volume_uuid)

@@ -24,6 +24,7 @@ cancel) lists nothing, and the packs it committed are deleted at once
 when nothing else holds the repository (agent.repo.gc.reclaim), so a full
 backup point does not stay full until the next GC.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,9 +55,20 @@ def chunk_indexes(extents: list[Extent], chunk: int, size: int) -> list[int]:
     return sorted(out)
 
 
-def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Manifest | None = None,
-           full: bool = False, backup_id: str | None = None, name: str = "", description: str = "",
-           tenant: str = "", ctx=None) -> Manifest:
+def backup(
+    driver,
+    volume: str,
+    snapshot: str,
+    repo: Repository,
+    *,
+    parent: Manifest | None = None,
+    full: bool = False,
+    backup_id: str | None = None,
+    name: str = "",
+    description: str = "",
+    tenant: str = "",
+    ctx=None,
+) -> Manifest:
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
@@ -74,8 +86,22 @@ def backup(driver, volume: str, snapshot: str, repo: Repository, *, parent: Mani
                 if changes.indexes is not None:
                     only = (parent.size, _ranges(changes.indexes, repo.chunk_size, parent.size))
             with driver.open_reader(volume, snapshot, only=only) as reader:
-                return _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backup_id, name,
-                               description, tenant, ctx, written)
+                return _backup(
+                    driver,
+                    reader,
+                    info,
+                    volume,
+                    snapshot,
+                    repo,
+                    parent,
+                    changes,
+                    backup_id,
+                    name,
+                    description,
+                    tenant,
+                    ctx,
+                    written,
+                )
     except BaseException:
         reclaim(repo, written, owner=backup_id)  # what it committed goes now, not at the next GC
         raise
@@ -86,6 +112,7 @@ class _Changes:
     """What change tracking says since the parent backup's snapshot: the
     chunks it touched (in the parent's geometry), or why that is not known
     (lost); degraded: why it was known only the slow way."""
+
     indexes: list[int] | None
     lost: str = ""
     degraded: str = ""
@@ -94,18 +121,18 @@ class _Changes:
 def _reason(e) -> str:
     """An error's message without its leading field name, as a reason."""
     field = f"{e.field}: " if e.field else ""
-    return e.message[len(field):] if field and e.message.startswith(field) else e.message
+    return e.message[len(field) :] if field and e.message.startswith(field) else e.message
 
 
 def _changes_since(driver, volume: str, snapshot: str, parent: Manifest, cs: int) -> _Changes:
     try:
         changed = driver.changed_extents(volume, snapshot, parent.snapshot_uuid)
     except (TrackingLost, NotFound, FailedPrecondition) as e:
-        return _Changes(None, f"change tracking since the parent backup's snapshot {parent.snapshot_uuid}: "
-                              f"{_reason(e)}")
+        return _Changes(
+            None, f"change tracking since the parent backup's snapshot {parent.snapshot_uuid}: {_reason(e)}"
+        )
     if parent.chunk_size != cs:
-        return _Changes(None, f"the parent backup has chunks of {parent.chunk_size} bytes, this backup point "
-                              f"{cs}")
+        return _Changes(None, f"the parent backup has chunks of {parent.chunk_size} bytes, this backup point {cs}")
     return _Changes(chunk_indexes(changed.extents, cs, parent.size), degraded=changed.degraded)
 
 
@@ -139,13 +166,33 @@ def _commit_data(repo: Repository, blocks) -> None:
         done.result()
 
 
-def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backup_id, name, description, tenant,
-            ctx, written: set[str]) -> Manifest:
+def _backup(
+    driver,
+    reader,
+    info,
+    volume,
+    snapshot,
+    repo,
+    parent,
+    changes,
+    backup_id,
+    name,
+    description,
+    tenant,
+    ctx,
+    written: set[str],
+) -> Manifest:
     cs = repo.chunk_size
     size = reader.size()
     n = (size + cs - 1) // cs
-    mode, why = "full", ("no earlier backup of this volume on this backup point" if parent is None else
-                         "a full re-read was asked for (full, or a policy's full_backup_interval)")
+    mode, why = (
+        "full",
+        (
+            "no earlier backup of this volume on this backup point"
+            if parent is None
+            else "a full re-read was asked for (full, or a policy's full_backup_interval)"
+        ),
+    )
     chunks = [ZERO] * n
     wanted = None
     if changes is not None:
@@ -160,13 +207,17 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
     if wanted is None:  # every data chunk (the allocation map is only needed here)
         wanted = chunk_indexes([e for e in reader.extents() if not e.zero], cs, size)
     if mode == "fallback":
-        log.warning("backup falls back to reading every data chunk", extra={
-            "volume": volume, "snapshot": snapshot, "reason": why})
+        log.warning(
+            "backup falls back to reading every data chunk",
+            extra={"volume": volume, "snapshot": snapshot, "reason": why},
+        )
     elif mode == "full":
         log.info("backup reads every data chunk", extra={"volume": volume, "snapshot": snapshot, "reason": why})
     elif why:
-        log.warning("incremental backup with degraded change tracking", extra={
-            "volume": volume, "snapshot": snapshot, "reason": why})
+        log.warning(
+            "incremental backup with degraded change tracking",
+            extra={"volume": volume, "snapshot": snapshot, "reason": why},
+        )
 
     def length(i: int) -> int:
         return min(cs, size - i * cs)
@@ -174,8 +225,14 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
     parent_blocks = repo.block_reader(parent.backup_id) if mode == "incremental" else None
     blocks = repo.block_writer(backup_id)
     image = ImageDigest()
-    stats = {"chunks_read": len(wanted), "read_bytes": 0, "new_chunks": 0, "stored_bytes": 0,
-             "changed_chunks": 0, "mode_reason": why}
+    stats = {
+        "chunks_read": len(wanted),
+        "read_bytes": 0,
+        "new_chunks": 0,
+        "stored_bytes": 0,
+        "changed_chunks": 0,
+        "mode_reason": why,
+    }
     state = {"next": 0, "retired": 0}
     buffers = BufferPool(cs)
 
@@ -237,7 +294,7 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
                 if current["i"] != i:
                     current.update(i=i, buf=buffers.get(length(i)), fill=0)
                 pos = offset - i * cs
-                current["buf"][pos:pos + len(view)] = view
+                current["buf"][pos : pos + len(view)] = view
                 current["fill"] += len(view)
                 if current["fill"] == length(i):
                     buf = current["buf"]
@@ -250,11 +307,25 @@ def _backup(driver, reader, info, volume, snapshot, repo, parent, changes, backu
         emit_until(n)
         ctx.checkpoint()
         ctx.progress(phase="publishing")
-        m = Manifest(backup_id=backup_id, volume_uuid=volume, snapshot_uuid=info.uuid, size=size, chunk_size=cs,
-                     chunks=chunks, image_digest=image.hexdigest(), created_at=time.time(),
-                     parent=parent.backup_id if parent else None, name=name, description=description,
-                     tenant=tenant, pool_uuid=driver.pool_uuid, snapshot_name=info.name, agent_version=__version__,
-                     mode=mode, stats=stats)
+        m = Manifest(
+            backup_id=backup_id,
+            volume_uuid=volume,
+            snapshot_uuid=info.uuid,
+            size=size,
+            chunk_size=cs,
+            chunks=chunks,
+            image_digest=image.hexdigest(),
+            created_at=time.time(),
+            parent=parent.backup_id if parent else None,
+            name=name,
+            description=description,
+            tenant=tenant,
+            pool_uuid=driver.pool_uuid,
+            snapshot_name=info.name,
+            agent_version=__version__,
+            mode=mode,
+            stats=stats,
+        )
         _commit_data(repo, blocks)
         repo.publish_manifest(m)
     except BaseException:

@@ -1,4 +1,5 @@
 """Finding backups on a backup point: filters as in seed 001's backup/list."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,13 +27,15 @@ class BackupFilter:
         return self
 
     def matches(self, m: Manifest) -> bool:
-        return ((not self.volume_uuid or m.volume_uuid == self.volume_uuid)
-                and (not self.snapshot_uuid or m.snapshot_uuid == self.snapshot_uuid)
-                and (not self.name or m.name == self.name)
-                and (not self.description or self.description.lower() in m.description.lower())
-                and (not self.tenant or m.tenant == self.tenant)
-                and (not self.created_after or m.created_at >= self.created_after)
-                and (not self.created_before or m.created_at < self.created_before))
+        return (
+            (not self.volume_uuid or m.volume_uuid == self.volume_uuid)
+            and (not self.snapshot_uuid or m.snapshot_uuid == self.snapshot_uuid)
+            and (not self.name or m.name == self.name)
+            and (not self.description or self.description.lower() in m.description.lower())
+            and (not self.tenant or m.tenant == self.tenant)
+            and (not self.created_after or m.created_at >= self.created_after)
+            and (not self.created_before or m.created_at < self.created_before)
+        )
 
 
 def list_backups(repo: Repository, flt: BackupFilter) -> list[Manifest]:

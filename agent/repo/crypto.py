@@ -15,6 +15,7 @@ password):
 - keeps only a verifier in the config: a GCM seal of a fixed text, which a
   wrong password cannot open. The password itself is never stored.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,8 +77,9 @@ class AeadSealer(Sealer):
 
 
 def _derive(password: str, kdf: dict) -> tuple[bytes, bytes]:
-    material = Scrypt(salt=bytes.fromhex(kdf["salt"]), length=64, n=kdf["n"], r=kdf["r"],
-                      p=kdf["p"]).derive(password.encode())
+    material = Scrypt(salt=bytes.fromhex(kdf["salt"]), length=64, n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(
+        password.encode()
+    )
     return material[:32], material[32:]
 
 
@@ -86,8 +88,7 @@ def new_encryption(password: str, repo_id: str) -> tuple[dict, AeadSealer]:
     kdf = dict(DEFAULT_KDF, salt=os.urandom(16).hex())
     key, mac_key = _derive(password, kdf)
     sealer = AeadSealer(key, mac_key)
-    return {"cipher": "aes-256-gcm", "kdf": kdf,
-            "verifier": sealer.seal(CHECK_TEXT, repo_id.encode()).hex()}, sealer
+    return {"cipher": "aes-256-gcm", "kdf": kdf, "verifier": sealer.seal(CHECK_TEXT, repo_id.encode()).hex()}, sealer
 
 
 def open_encryption(config: dict, password: str) -> Sealer:
@@ -96,12 +97,16 @@ def open_encryption(config: dict, password: str) -> Sealer:
     enc = config.get("encryption")
     if not enc:
         if password:
-            raise WrongPassword("pass_word: this backup point's repository is not encrypted; "
-                                "remove the password or use a new backup point", field="pass_word")
+            raise WrongPassword(
+                "pass_word: this backup point's repository is not encrypted; "
+                "remove the password or use a new backup point",
+                field="pass_word",
+            )
         return Sealer()
     if not password:
-        raise WrongPassword("pass_word: this backup point's repository is encrypted; its password is required",
-                            field="pass_word")
+        raise WrongPassword(
+            "pass_word: this backup point's repository is encrypted; its password is required", field="pass_word"
+        )
     key, mac_key = _derive(password, enc["kdf"])
     sealer = AeadSealer(key, mac_key)
     try:

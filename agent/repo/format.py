@@ -28,6 +28,7 @@ Keeping block digests per backup lets an incremental backup compute the image
 digest of the new snapshot from the parent's records and the chunks it reads,
 without reading the unchanged data.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,7 +99,7 @@ def _worth_compressing(data, compressor) -> bool:
         return True
     view = memoryview(data)
     for off in (0, n // 2 - SAMPLE // 2, n - SAMPLE):
-        if len(compressor.compress(view[off:off + SAMPLE])) < SAMPLE * 0.97:
+        if len(compressor.compress(view[off : off + SAMPLE])) < SAMPLE * 0.97:
             return True
     return False
 
@@ -117,8 +118,9 @@ def encode_chunk(data, chunk_id: bytes, compressor, sealer) -> list:
     return [HEADER.pack(MAGIC, flags, len(data), len(stored), chunk_id), stored]
 
 
-def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: str,
-                 out: bytearray | None = None) -> tuple[bytes, bytes]:
+def decode_chunk(
+    record: bytes, chunk_id: bytes, decompressor, sealer, where: str, out: bytearray | None = None
+) -> tuple[bytes, bytes]:
     """The chunk's data and its block digests, after every check. With out
     (a recycled buffer of at least the chunk's length), a compressed chunk
     is decompressed into it by the native core and the data returned is a
@@ -127,7 +129,7 @@ def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: st
     if len(record) < HEADER.size:
         raise DataCorrupt(f"{what}: record is truncated")
     magic, flags, plain_len, stored_len, recorded = HEADER.unpack_from(record)
-    body = memoryview(record)[HEADER.size:]
+    body = memoryview(record)[HEADER.size :]
     if magic != MAGIC or recorded != chunk_id:
         raise DataCorrupt(f"{what}: record header is damaged")
     if len(body) != stored_len:
@@ -141,7 +143,7 @@ def decode_chunk(record: bytes, chunk_id: bytes, decompressor, sealer, where: st
             data = body
         elif out is not None and len(out) >= plain_len:
             target = memoryview(out)[:plain_len]
-            data = target[:native.zstd_decompress_into(body, target)]
+            data = target[: native.zstd_decompress_into(body, target)]
         else:
             data = decompressor.decompress(body, max_output_size=plain_len)
     except Exception:  # zstd raises its own error type for a damaged frame (native: ValueError)
@@ -192,8 +194,9 @@ class Manifest:
     @property
     def data_bytes(self) -> int:
         """Logical bytes of the non-zero chunks."""
-        return sum(min(self.chunk_size, self.size - i * self.chunk_size)
-                   for i, c in enumerate(self.chunks) if c != ZERO)
+        return sum(
+            min(self.chunk_size, self.size - i * self.chunk_size) for i, c in enumerate(self.chunks) if c != ZERO
+        )
 
     def to_bytes(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -207,8 +210,11 @@ class Manifest:
         if not isinstance(d, dict):
             raise DataCorrupt(f"backup {where}: manifest is malformed")
         if d.get("format_version", 0) > FORMAT_VERSION:
-            raise FailedPrecondition(f"backup {where}: manifest format {d['format_version']} is newer than this "
-                                     f"agent's ({FORMAT_VERSION}); upgrade the agent", field="backup_uuid")
+            raise FailedPrecondition(
+                f"backup {where}: manifest format {d['format_version']} is newer than this "
+                f"agent's ({FORMAT_VERSION}); upgrade the agent",
+                field="backup_uuid",
+            )
         try:
             m = cls(**d)
         except TypeError as e:

@@ -19,6 +19,7 @@ chunk listed in an index.
 reclaim() is the small GC a failed backup runs on its way out: the packs it
 wrote that no backup references, deleted under the exclusive lock.
 """
+
 from __future__ import annotations
 
 import json
@@ -140,8 +141,10 @@ def reclaim(repo: Repository, packs: set[str], *, owner: str = "") -> ReclaimRes
                 freed += size
             repo.refresh()
     except BlockferryError as e:
-        log.warning("the packs of a failed backup are left for the next GC", extra={
-            "backup": owner, "packs": len(packs), "why": e.message})
+        log.warning(
+            "the packs of a failed backup are left for the next GC",
+            extra={"backup": owner, "packs": len(packs), "why": e.message},
+        )
         return ReclaimResult(0, 0, len(packs))
     result = ReclaimResult(deleted, freed, len(packs) - deleted)
     log.info("reclaimed the packs of a failed backup", extra={"backup": owner, **result.__dict__})

@@ -7,6 +7,7 @@ most `depth` items are between submit and retire, so memory stays bounded.
 An error in a worker or in retire stops the pipeline: the next submit() or
 drain() raises it in the caller's thread.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,14 @@ _DONE = object()
 
 
 class OrderedPipeline:
-    def __init__(self, work: Callable[..., Any], retire: Callable[[Any], None], *, workers: int = WORKERS,
-                 depth: int | None = None):
+    def __init__(
+        self,
+        work: Callable[..., Any],
+        retire: Callable[[Any], None],
+        *,
+        workers: int = WORKERS,
+        depth: int | None = None,
+    ):
         self.work = work
         self.retire = retire
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="bf-work")

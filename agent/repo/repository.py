@@ -18,6 +18,7 @@ packs that a garbage collection removed. Every operation refreshes after it
 takes its repository lock, so a backup never deduplicates against a chunk a
 finished GC removed.
 """
+
 from __future__ import annotations
 
 import json
@@ -97,11 +98,13 @@ class Repository:
     # ---- creation ----
 
     @classmethod
-    def init(cls, store: ObjectStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, password: str = "",
-             compression: str = "zstd") -> Repository:
+    def init(
+        cls, store: ObjectStore, *, chunk_size: int = DEFAULT_CHUNK_SIZE, password: str = "", compression: str = "zstd"
+    ) -> Repository:
         if not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_size % BLOCK_SIZE:
-            raise FailedPrecondition("chunk_size: must be a multiple of 64 KiB between 64 KiB and 64 MiB",
-                                     field="chunk_size")
+            raise FailedPrecondition(
+                "chunk_size: must be a multiple of 64 KiB between 64 KiB and 64 MiB", field="chunk_size"
+            )
         if compression not in ("zstd", "none"):
             raise FailedPrecondition("compression: must be zstd or none", field="compression")
         try:
@@ -109,8 +112,13 @@ class Repository:
             raise FailedPrecondition("backup point: already holds a repository", field="backup_point_uuid")
         except NotFound:
             pass
-        config = {"format_version": FORMAT_VERSION, "id": str(uuid.uuid4()), "chunk_size": chunk_size,
-                  "block_size": BLOCK_SIZE, "compression": compression}
+        config = {
+            "format_version": FORMAT_VERSION,
+            "id": str(uuid.uuid4()),
+            "chunk_size": chunk_size,
+            "block_size": BLOCK_SIZE,
+            "compression": compression,
+        }
         sealer: crypto.Sealer = crypto.Sealer()
         if password:
             config["encryption"], sealer = crypto.new_encryption(password, config["id"])
@@ -126,9 +134,11 @@ class Repository:
         if not isinstance(config, dict) or "format_version" not in config:
             raise DataCorrupt("backup point: the repository config is damaged")
         if config["format_version"] > FORMAT_VERSION:
-            raise FailedPrecondition(f"backup point: repository format {config['format_version']} is newer than "
-                                     f"this agent's ({FORMAT_VERSION}); upgrade the agent",
-                                     field="backup_point_uuid")
+            raise FailedPrecondition(
+                f"backup point: repository format {config['format_version']} is newer than "
+                f"this agent's ({FORMAT_VERSION}); upgrade the agent",
+                field="backup_point_uuid",
+            )
         return cls(store, config, crypto.open_encryption(config, password))
 
     # ---- locks ----
@@ -176,8 +186,11 @@ class Repository:
                     self._index.setdefault(cid, loc)
 
     def _known(self, cid: bytes) -> bool:  # under self._lock
-        return (cid in self._index or (self._open is not None and cid in self._open.entries)
-                or any(cid in p.entries for p in self._committing.values()))
+        return (
+            cid in self._index
+            or (self._open is not None and cid in self._open.entries)
+            or any(cid in p.entries for p in self._committing.values())
+        )
 
     def has(self, cid: bytes) -> bool:
         with self._lock:
@@ -268,8 +281,9 @@ class Repository:
         try:
             p.writer.commit()
             index = {cid.hex(): [loc.offset, loc.length, loc.plain] for cid, loc in p.entries.items()}
-            self.store.publish(f"{p.name}.idx", self.sealer.seal(json.dumps(index).encode(),
-                                                                 f"index:{p.name}".encode()))
+            self.store.publish(
+                f"{p.name}.idx", self.sealer.seal(json.dumps(index).encode(), f"index:{p.name}".encode())
+            )
         except BaseException:
             self.store.delete(p.name)
             raise
@@ -284,8 +298,9 @@ class Repository:
         with self._commit_state:
             if self._committer is None:
                 self._commits = queue.Queue(maxsize=COMMIT_QUEUE)
-                self._committer = threading.Thread(target=self._commit_loop, args=(self._commits,),
-                                                   name="bf-pack-commit", daemon=True)
+                self._committer = threading.Thread(
+                    target=self._commit_loop, args=(self._commits,), name="bf-pack-commit", daemon=True
+                )
                 self._committer.start()
             self._commits.put(p)  # waits while COMMIT_QUEUE packs are pending
 
@@ -355,8 +370,8 @@ class Repository:
             raise DataCorrupt(f"chunk {cid.hex()}: in no pack index")
         try:
             if into is not None and len(into) >= loc.length:
-                view = memoryview(into)[:loc.length]
-                return loc, view[:self.store.read_into(loc.pack, loc.offset, view)]
+                view = memoryview(into)[: loc.length]
+                return loc, view[: self.store.read_into(loc.pack, loc.offset, view)]
             return loc, self.store.get(loc.pack, loc.offset, loc.length)
         except NotFound:
             raise DataCorrupt(f"chunk {cid.hex()} in {loc.pack}: its pack is missing") from None
@@ -366,8 +381,7 @@ class Repository:
         if loc is not None:
             self.store.prefetch(loc.pack, loc.offset, loc.length)
 
-    def get(self, cid: bytes, out: bytearray | None = None,
-            record_buf: bytearray | None = None) -> tuple[bytes, bytes]:
+    def get(self, cid: bytes, out: bytearray | None = None, record_buf: bytearray | None = None) -> tuple[bytes, bytes]:
         """A chunk's data and block digests, checked (thread-safe). out: a
         recycled buffer a compressed chunk is decompressed into; record_buf:
         one its stored record is read into (the data returned may be a view
@@ -390,18 +404,23 @@ class Repository:
         with self._lock:  # a pack another backup shared failed to commit: never list this one
             lost = [cid for cid in manifest.chunks if cid != ZERO and bytes.fromhex(cid) not in self._index]
         if lost:
-            raise StorageIOError(f"backup point: {len(lost)} chunk(s) of backup {manifest.backup_id} were lost "
-                                 f"when a pack failed to commit (first {lost[0]}); run the backup again")
-        self.store.publish(f"manifests/{manifest.backup_id}",
-                           self.sealer.seal(manifest.to_bytes(), f"manifest:{manifest.backup_id}".encode()))
+            raise StorageIOError(
+                f"backup point: {len(lost)} chunk(s) of backup {manifest.backup_id} were lost "
+                f"when a pack failed to commit (first {lost[0]}); run the backup again"
+            )
+        self.store.publish(
+            f"manifests/{manifest.backup_id}",
+            self.sealer.seal(manifest.to_bytes(), f"manifest:{manifest.backup_id}".encode()),
+        )
 
     def manifest(self, backup_id: str) -> Manifest:
         try:
             raw = self.store.get(f"manifests/{backup_id}")
         except NotFound:
             raise NotFound(f"backup_uuid: no backup {backup_id} on this backup point", field="backup_uuid") from None
-        return Manifest.from_bytes(self.sealer.open(raw, f"manifest:{backup_id}".encode(), f"backup {backup_id}"),
-                                   backup_id)
+        return Manifest.from_bytes(
+            self.sealer.open(raw, f"manifest:{backup_id}".encode(), f"backup {backup_id}"), backup_id
+        )
 
     def has_backup(self, backup_id: str) -> bool:
         """Whether a backup with this id is listed (one lookup, not a listing)."""
@@ -484,7 +503,8 @@ class BlockReader:
             if len(self._buf) < self.size:
                 raise DataCorrupt(f"backup {self.backup_id}: its block digests end before chunk {i}")
         off = (i - self._start) * self.size
-        raw = self._buf[off:off + self.size]
-        plain = self.repo.sealer.open(raw, f"blocks:{self.backup_id}:{i}".encode(),
-                                      f"block digests of backup {self.backup_id}")
-        return plain[:nblocks * 32]
+        raw = self._buf[off : off + self.size]
+        plain = self.repo.sealer.open(
+            raw, f"blocks:{self.backup_id}:{i}".encode(), f"block digests of backup {self.backup_id}"
+        )
+        return plain[: nblocks * 32]

@@ -9,6 +9,7 @@ allocation zeroed and paged in per chunk). The image digest of everything
 written is computed on the way, from the block digests that checking each
 chunk yields anyway, and compared with the manifest's by the caller.
 """
+
 from __future__ import annotations
 
 from agent.repo.format import HEADER, ZERO, ImageDigest, Manifest
@@ -18,8 +19,7 @@ from agent.repo.repository import Repository
 PREFETCH = 8  # chunks whose reading starts ahead of the workers
 
 
-def restore(repo: Repository, manifest: Manifest, write, *, ctx=None, concurrent: bool = False,
-            zero=None) -> str:
+def restore(repo: Repository, manifest: Manifest, write, *, ctx=None, concurrent: bool = False, zero=None) -> str:
     """Feed the backup to write(offset, data) for non-zero chunks; returns
     the image digest (hex) of the content written. concurrent=True: write
     is thread-safe and order-free (positional writes into a file), so the

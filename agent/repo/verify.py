@@ -20,6 +20,7 @@ Verification never stops at the first damaged item: the report lists every
 one (the pack, the chunk, the backups that reference it, why). Transport
 errors are not damage: they end the verification as what they are.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Damage:
     """One damaged item: a chunk (chunk_id, in pack), or a whole object
     (object: a manifest, a pack index, a pack without an index, a backup's
     block digests)."""
+
     reason: str
     pack: str = ""
     chunk_id: str = ""
@@ -85,8 +87,11 @@ class Report:
         items = [d.describe() for d in self.damage]
         shown = items[:100]
         more = f"; and {len(items) - len(shown)} more (see the job's result)" if len(items) > len(shown) else ""
-        backups = (f"; backups affected: {', '.join(self.damaged_backups)}"
-                   if not self.backup_id and self.damaged_backups else "")
+        backups = (
+            f"; backups affected: {', '.join(self.damaged_backups)}"
+            if not self.backup_id and self.damaged_backups
+            else ""
+        )
         return f"{subject}: {len(items)} damaged item(s): " + "; ".join(shown) + more + backups
 
 
@@ -95,6 +100,7 @@ def _reason(e: DataCorrupt) -> str:
 
 
 # ---- one backup ----
+
 
 def verify(repo: Repository, manifest: Manifest, *, deep: bool, ctx=None) -> Report:
     from agent.jobs.kinds import NullContext
@@ -121,11 +127,27 @@ def _verify(repo: Repository, m: Manifest, deep: bool, ctx) -> Report:
         try:
             data, digests = repo.get(bytes.fromhex(cid))
         except DataCorrupt as e:  # a transport error stays what it is: never a verdict on the data
-            return i, cid, length, None, Damage(_reason(e), loc.pack if loc else "", cid,
-                                                backup_uuids=[m.backup_id], first_chunk_index=i)
+            return (
+                i,
+                cid,
+                length,
+                None,
+                Damage(_reason(e), loc.pack if loc else "", cid, backup_uuids=[m.backup_id], first_chunk_index=i),
+            )
         if len(data) != length:
-            return i, cid, length, None, Damage(f"holds {len(data)} bytes, not {length}", loc.pack, cid,
-                                                backup_uuids=[m.backup_id], first_chunk_index=i)
+            return (
+                i,
+                cid,
+                length,
+                None,
+                Damage(
+                    f"holds {len(data)} bytes, not {length}",
+                    loc.pack,
+                    cid,
+                    backup_uuids=[m.backup_id],
+                    first_chunk_index=i,
+                ),
+            )
         return i, cid, length, digests, None
 
     def retire(result) -> None:
@@ -152,12 +174,18 @@ def _verify(repo: Repository, m: Manifest, deep: bool, ctx) -> Report:
             pipe.submit(i, cid)
         pipe.drain()
     if h is not None and h.hexdigest() != m.image_digest:
-        report.damage.append(Damage("the image digest of its chunks does not match the manifest's",
-                                    object=f"manifests/{m.backup_id}", backup_uuids=[m.backup_id]))
+        report.damage.append(
+            Damage(
+                "the image digest of its chunks does not match the manifest's",
+                object=f"manifests/{m.backup_id}",
+                backup_uuids=[m.backup_id],
+            )
+        )
     return report
 
 
 # ---- the whole repository ----
+
 
 def verify_repository(repo: Repository, *, deep: bool, ctx=None) -> Report:
     from agent.jobs.kinds import NullContext

@@ -12,11 +12,26 @@ from agent.volumes.base import check_uuid
 
 def backup_to_pb(bp_uuid: str, m: Manifest) -> backups_pb2.Backup:
     return backups_pb2.Backup(
-        uuid=m.backup_id, backup_point_uuid=bp_uuid, volume_uuid=m.volume_uuid, snapshot_uuid=m.snapshot_uuid,
-        snapshot_name=m.snapshot_name, pool_uuid=m.pool_uuid, size=m.size, data_bytes=m.data_bytes,
-        image_digest=m.image_digest, created_at=m.created_at, parent_backup_uuid=m.parent or "", name=m.name,
-        description=m.description, tenant=m.tenant, mode=m.mode, format_version=m.format_version,
-        agent_version=m.agent_version, chunk_size=m.chunk_size, mode_reason=m.mode_reason)
+        uuid=m.backup_id,
+        backup_point_uuid=bp_uuid,
+        volume_uuid=m.volume_uuid,
+        snapshot_uuid=m.snapshot_uuid,
+        snapshot_name=m.snapshot_name,
+        pool_uuid=m.pool_uuid,
+        size=m.size,
+        data_bytes=m.data_bytes,
+        image_digest=m.image_digest,
+        created_at=m.created_at,
+        parent_backup_uuid=m.parent or "",
+        name=m.name,
+        description=m.description,
+        tenant=m.tenant,
+        mode=m.mode,
+        format_version=m.format_version,
+        agent_version=m.agent_version,
+        chunk_size=m.chunk_size,
+        mode_reason=m.mode_reason,
+    )
 
 
 class BackupService(backups_pb2_grpc.BackupServiceServicer):
@@ -28,11 +43,18 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
     @rpc
     def ListBackups(self, request, context):
         repo = self.points.get(request.backup_point_uuid).repository()
-        flt = BackupFilter(volume_uuid=request.volume_uuid, snapshot_uuid=request.snapshot_uuid, name=request.name,
-                           description=request.description, tenant=request.tenant,
-                           created_after=request.created_after, created_before=request.created_before)
+        flt = BackupFilter(
+            volume_uuid=request.volume_uuid,
+            snapshot_uuid=request.snapshot_uuid,
+            name=request.name,
+            description=request.description,
+            tenant=request.tenant,
+            created_after=request.created_after,
+            created_before=request.created_before,
+        )
         return backups_pb2.ListBackupsResponse(
-            backups=[backup_to_pb(request.backup_point_uuid, m) for m in list_backups(repo, flt)])
+            backups=[backup_to_pb(request.backup_point_uuid, m) for m in list_backups(repo, flt)]
+        )
 
     @rpc
     def GetBackup(self, request, context):
@@ -57,10 +79,20 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
         s = repo.stats()
         st = repo.store.stats()
         return backups_pb2.RepositoryStats(
-            backup_point_uuid=bp.uuid, repository_id=repo.id, format_version=repo.config["format_version"],
-            encrypted=repo.sealer.encrypted, chunk_size=repo.chunk_size, backups=s.backups, chunks=s.chunks,
-            logical_bytes=s.logical_bytes, unique_bytes=s.unique_bytes, stored_bytes=s.stored_bytes, packs=s.packs,
-            total_bytes=st.total_bytes, available_bytes=st.available_bytes)
+            backup_point_uuid=bp.uuid,
+            repository_id=repo.id,
+            format_version=repo.config["format_version"],
+            encrypted=repo.sealer.encrypted,
+            chunk_size=repo.chunk_size,
+            backups=s.backups,
+            chunks=s.chunks,
+            logical_bytes=s.logical_bytes,
+            unique_bytes=s.unique_bytes,
+            stored_bytes=s.stored_bytes,
+            packs=s.packs,
+            total_bytes=st.total_bytes,
+            available_bytes=st.available_bytes,
+        )
 
     @rpc
     def ListBackupPoints(self, request, context):
@@ -87,19 +119,31 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
 
         bp = self.points.get(request.backup_point_uuid)
         # not under a running job of this backup point: its sessions are in use
-        busy = [j.id for j in self.engine.list({JobState.RUNNING})
-                if getattr(j.spec, "backup_point_uuid", "") == bp.uuid]
+        busy = [
+            j.id for j in self.engine.list({JobState.RUNNING}) if getattr(j.spec, "backup_point_uuid", "") == bp.uuid
+        ]
         if busy:
-            raise Busy(f"backup_point_uuid: jobs {', '.join(busy)} are using {bp.label}; reconnect when they end",
-                       field="backup_point_uuid")
+            raise Busy(
+                f"backup_point_uuid: jobs {', '.join(busy)} are using {bp.label}; reconnect when they end",
+                field="backup_point_uuid",
+            )
         return _health_pb(bp.reconnect())
 
 
 def _health_pb(h) -> backups_pb2.BackupPointStatus:
     return backups_pb2.BackupPointStatus(
-        backup_point_uuid=h.uuid, type=h.type, location=h.location, status=h.status, total_bytes=h.total_bytes,
-        used_bytes=h.used_bytes, available_bytes=h.available_bytes, latency_ms=h.latency_ms,
-        repository=h.repository, error_code=h.error_code, error=h.error)
+        backup_point_uuid=h.uuid,
+        type=h.type,
+        location=h.location,
+        status=h.status,
+        total_bytes=h.total_bytes,
+        used_bytes=h.used_bytes,
+        available_bytes=h.available_bytes,
+        latency_ms=h.latency_ms,
+        repository=h.repository,
+        error_code=h.error_code,
+        error=h.error,
+    )
 
 
 def _section_from(request):
@@ -107,8 +151,23 @@ def _section_from(request):
 
     base = BackupPointSection()
     return BackupPointSection(
-        type=request.type, path=request.path, ip=request.ip, port=request.port, mount_port=request.mount_port,
-        root_dir=request.root_dir, sub_dir=request.sub_dir, username=request.username, secret=request.secret,
-        smb_encrypt=request.smb_encrypt, target=request.target, lun=request.lun, device=request.device,
-        format_lun=request.format_lun, password=request.password, chunk_size=request.chunk_size or base.chunk_size,
-        compression=request.compression or base.compression, timeout=base.timeout, initialize=True)
+        type=request.type,
+        path=request.path,
+        ip=request.ip,
+        port=request.port,
+        mount_port=request.mount_port,
+        root_dir=request.root_dir,
+        sub_dir=request.sub_dir,
+        username=request.username,
+        secret=request.secret,
+        smb_encrypt=request.smb_encrypt,
+        target=request.target,
+        lun=request.lun,
+        device=request.device,
+        format_lun=request.format_lun,
+        password=request.password,
+        chunk_size=request.chunk_size or base.chunk_size,
+        compression=request.compression or base.compression,
+        timeout=base.timeout,
+        initialize=True,
+    )

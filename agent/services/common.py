@@ -1,4 +1,5 @@
 """What every servicer shares: authentication and the error mapping."""
+
 from __future__ import annotations
 
 import functools
@@ -67,8 +68,7 @@ def rpc(method):
 def exclusive(locks: ResourceLocks, resource: str):
     """Hold a resource for a synchronous change, or refuse if a job has it."""
     if not locks.try_acquire(resource, LockMode.EXCLUSIVE):
-        raise errors.Busy(f"resource: {resource} is in use by a running job; try again when it ends",
-                          field="resource")
+        raise errors.Busy(f"resource: {resource} is in use by a running job; try again when it ends", field="resource")
     try:
         yield
     finally:

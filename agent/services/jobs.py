@@ -30,17 +30,24 @@ STATE_TO_PB = {
 STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
 
 # spec/result dataclass <-> (oneof field, proto message class); the fields match by name.
-SPECS = {ChecksumSpec: ("checksum", jobs_pb2.ChecksumSpec), CloneSpec: ("clone", jobs_pb2.CloneSpec),
-         FlattenSpec: ("flatten", jobs_pb2.FlattenSpec), BackupSpec: ("backup", jobs_pb2.BackupSpec),
-         RestoreSpec: ("restore", jobs_pb2.RestoreSpec), VerifySpec: ("verify", jobs_pb2.VerifySpec),
-         GcSpec: ("gc", jobs_pb2.GcSpec)}
-RESULTS = {ChecksumResult: ("checksum_result", jobs_pb2.ChecksumResult),
-           CloneResult: ("clone_result", jobs_pb2.CloneResult),
-           FlattenResult: ("flatten_result", jobs_pb2.FlattenResult),
-           BackupResult: ("backup_result", jobs_pb2.BackupResult),
-           RestoreResult: ("restore_result", jobs_pb2.RestoreResult),
-           VerifyResult: ("verify_result", jobs_pb2.VerifyResult),
-           GcResult: ("gc_result", jobs_pb2.GcResult)}
+SPECS = {
+    ChecksumSpec: ("checksum", jobs_pb2.ChecksumSpec),
+    CloneSpec: ("clone", jobs_pb2.CloneSpec),
+    FlattenSpec: ("flatten", jobs_pb2.FlattenSpec),
+    BackupSpec: ("backup", jobs_pb2.BackupSpec),
+    RestoreSpec: ("restore", jobs_pb2.RestoreSpec),
+    VerifySpec: ("verify", jobs_pb2.VerifySpec),
+    GcSpec: ("gc", jobs_pb2.GcSpec),
+}
+RESULTS = {
+    ChecksumResult: ("checksum_result", jobs_pb2.ChecksumResult),
+    CloneResult: ("clone_result", jobs_pb2.CloneResult),
+    FlattenResult: ("flatten_result", jobs_pb2.FlattenResult),
+    BackupResult: ("backup_result", jobs_pb2.BackupResult),
+    RestoreResult: ("restore_result", jobs_pb2.RestoreResult),
+    VerifyResult: ("verify_result", jobs_pb2.VerifyResult),
+    GcResult: ("gc_result", jobs_pb2.GcResult),
+}
 SPEC_BY_FIELD = {name: cls for cls, (name, _) in SPECS.items()}
 
 
@@ -58,9 +65,18 @@ def _ts(msg, seconds: float | None) -> None:
 def job_to_pb(job: Job) -> jobs_pb2.Job:
     p = job.progress
     out = jobs_pb2.Job(
-        id=job.id, kind=job.kind, resource=job.resource, state=STATE_TO_PB[job.state],
-        progress=jobs_pb2.Progress(phase=p.phase, bytes_done=p.bytes_done, bytes_total=p.bytes_total,
-                                   rate_bytes_per_second=p.rate, eta_seconds=p.eta, percent=p.percent),
+        id=job.id,
+        kind=job.kind,
+        resource=job.resource,
+        state=STATE_TO_PB[job.state],
+        progress=jobs_pb2.Progress(
+            phase=p.phase,
+            bytes_done=p.bytes_done,
+            bytes_total=p.bytes_total,
+            rate_bytes_per_second=p.rate,
+            eta_seconds=p.eta,
+            percent=p.percent,
+        ),
     )
     if job.error:
         out.error.code, out.error.message = job.error.code, job.error.message

@@ -12,17 +12,35 @@ from agent.volumes.base import SnapshotInfo, VolumeInfo, check_uuid
 
 def volume_to_pb(v: VolumeInfo) -> volumes_pb2.Volume:
     return volumes_pb2.Volume(
-        uuid=v.uuid, name=v.name, pool_uuid=v.pool_uuid, capacity=v.capacity, used=v.used,
-        snapshot_bytes=v.snapshot_bytes, access_path=v.access_path, created_at=v.created_at,
-        parent_volume=v.parent_volume or "", parent_snapshot=v.parent_snapshot or "",
-        children=list(v.children), format=v.format, tracking=v.tracking)
+        uuid=v.uuid,
+        name=v.name,
+        pool_uuid=v.pool_uuid,
+        capacity=v.capacity,
+        used=v.used,
+        snapshot_bytes=v.snapshot_bytes,
+        access_path=v.access_path,
+        created_at=v.created_at,
+        parent_volume=v.parent_volume or "",
+        parent_snapshot=v.parent_snapshot or "",
+        children=list(v.children),
+        format=v.format,
+        tracking=v.tracking,
+    )
 
 
 def snapshot_to_pb(s: SnapshotInfo) -> volumes_pb2.Snapshot:
     return volumes_pb2.Snapshot(
-        uuid=s.uuid, name=s.name, volume_uuid=s.volume_uuid, description=s.description,
-        created_at=s.created_at, size=s.size, parent=s.parent or "", children=list(s.children),
-        clones=list(s.clones), tracking=s.tracking)
+        uuid=s.uuid,
+        name=s.name,
+        volume_uuid=s.volume_uuid,
+        description=s.description,
+        created_at=s.created_at,
+        size=s.size,
+        parent=s.parent or "",
+        children=list(s.children),
+        clones=list(s.clones),
+        tracking=s.tracking,
+    )
 
 
 class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
@@ -46,9 +64,16 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
         if status == "healthy" and st.total_bytes and st.available_bytes < 0.05 * st.total_bytes:
             status = "degraded"
             error = f"only {st.available_bytes * 100 / st.total_bytes:.1f} % free ({st.available_bytes} bytes)"
-        return volumes_pb2.PoolStatus(pool_uuid=st.pool_uuid, type=st.kind, status=status,
-                                      total_bytes=st.total_bytes, used_bytes=st.used_bytes,
-                                      available_bytes=st.available_bytes, error=error, latency_ms=latency)
+        return volumes_pb2.PoolStatus(
+            pool_uuid=st.pool_uuid,
+            type=st.kind,
+            status=status,
+            total_bytes=st.total_bytes,
+            used_bytes=st.used_bytes,
+            available_bytes=st.available_bytes,
+            error=error,
+            latency_ms=latency,
+        )
 
     @rpc
     def AttachPool(self, request, context):
@@ -56,8 +81,13 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
 
         pc = PoolSection(type=request.type, path=request.path)
         if request.type == "rbd":
-            pc = PoolSection(type="rbd", ceph_conf=request.ceph_conf, client_name=request.client_name or "client.admin",
-                             rbd_pool=request.rbd_pool, namespace=request.namespace)
+            pc = PoolSection(
+                type="rbd",
+                ceph_conf=request.ceph_conf,
+                client_name=request.client_name or "client.admin",
+                rbd_pool=request.rbd_pool,
+                namespace=request.namespace,
+            )
         elif request.type == "nfs":
             pc = PoolSection(type="nfs", ip=request.ip, export=request.export)
         self.pools.attach(request.pool_uuid, pc)
@@ -73,8 +103,11 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     def CreateVolume(self, request, context):
         pool = self.pools.get(request.pool_uuid)
         with self._exclusive(request):
-            return volume_to_pb(pool.create_volume(request.volume_uuid, request.name, request.capacity or None,
-                                                   request.backing_file or None))
+            return volume_to_pb(
+                pool.create_volume(
+                    request.volume_uuid, request.name, request.capacity or None, request.backing_file or None
+                )
+            )
 
     @rpc
     def DeleteVolume(self, request, context):
@@ -90,7 +123,8 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     @rpc
     def ListVolumes(self, request, context):
         return volumes_pb2.ListVolumesResponse(
-            volumes=[volume_to_pb(v) for v in self.pools.get(request.pool_uuid).list_volumes()])
+            volumes=[volume_to_pb(v) for v in self.pools.get(request.pool_uuid).list_volumes()]
+        )
 
     @rpc
     def ResizeVolume(self, request, context):
@@ -102,8 +136,9 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     def CreateSnapshot(self, request, context):
         pool = self.pools.get(request.pool_uuid)
         with self._exclusive(request):
-            return snapshot_to_pb(pool.create_snapshot(request.volume_uuid, request.snapshot_uuid, request.name,
-                                                       request.description))
+            return snapshot_to_pb(
+                pool.create_snapshot(request.volume_uuid, request.snapshot_uuid, request.name, request.description)
+            )
 
     @rpc
     def DeleteSnapshot(self, request, context):
@@ -127,22 +162,27 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     def GetSnapshotTree(self, request, context):
         tree = self.pools.get(request.pool_uuid).snapshot_tree(request.volume_uuid)
         return volumes_pb2.SnapshotTree(
-            parents=tree.parents, root=tree.root,
-            children={k: volumes_pb2.NameList(names=v) for k, v in tree.children.items()})
+            parents=tree.parents,
+            root=tree.root,
+            children={k: volumes_pb2.NameList(names=v) for k, v in tree.children.items()},
+        )
 
     @rpc
     def GetExtents(self, request, context):
-        extents = self.pools.get(request.pool_uuid).data_extents(request.volume_uuid,
-                                                                 request.snapshot_uuid or None)
+        extents = self.pools.get(request.pool_uuid).data_extents(request.volume_uuid, request.snapshot_uuid or None)
         return volumes_pb2.ExtentList(
-            extents=[volumes_pb2.Extent(start=e.start, length=e.length, zero=e.zero, hole=e.hole)
-                     for e in extents],
-            exact=True, granularity=512)
+            extents=[volumes_pb2.Extent(start=e.start, length=e.length, zero=e.zero, hole=e.hole) for e in extents],
+            exact=True,
+            granularity=512,
+        )
 
     @rpc
     def GetChangedExtents(self, request, context):
         changed = self.pools.get(request.pool_uuid).changed_extents(
-            request.volume_uuid, request.snapshot_uuid, request.since_snapshot_uuid or None)
+            request.volume_uuid, request.snapshot_uuid, request.since_snapshot_uuid or None
+        )
         return volumes_pb2.ExtentList(
             extents=[volumes_pb2.Extent(start=e.start, length=e.length) for e in changed.extents],
-            exact=changed.exact, granularity=changed.granularity)
+            exact=changed.exact,
+            granularity=changed.granularity,
+        )

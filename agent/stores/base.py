@@ -7,6 +7,7 @@ writer, read a byte range, list, delete. An object becomes visible only when
 its writer commits, durably, under its final name; a crash before that leaves
 at most a hidden partial object that `sweep_partial()` removes.
 """
+
 from __future__ import annotations
 
 import errno
@@ -35,14 +36,24 @@ def check_object_name(name: str) -> str:
     return name
 
 
-_UNREACHABLE = {errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
-                errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ESHUTDOWN}
+_UNREACHABLE = {
+    errno.ETIMEDOUT,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EPIPE,
+    errno.ENOTCONN,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ESHUTDOWN,
+}
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-def storage_error(label: str, what: str, e: OSError, *, owner: str = "backup point",
-                  field: str = "backup_point_uuid") -> BlockferryError:
+def storage_error(
+    label: str, what: str, e: OSError, *, owner: str = "backup point", field: str = "backup_point_uuid"
+) -> BlockferryError:
     """The error for an OSError of a store: names the backup point (label;
     or the pool of an NFS volume pool: owner and field) and what was being
     done, and keeps the reason (never a secret: labels and object names hold
@@ -129,7 +140,7 @@ class ObjectStore(ABC):
         can read without an intermediate copy override it: a restore reads
         every chunk record into one of a few recycled buffers."""
         data = self.get(name, offset, len(buf))
-        memoryview(buf)[:len(data)] = data
+        memoryview(buf)[: len(data)] = data
         return len(data)
 
     def _range_by_read_into(self, name: str, offset: int, length: int) -> bytearray:

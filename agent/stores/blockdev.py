@@ -6,6 +6,7 @@ and 4 KiB sectors); O_DIRECT needs page-aligned memory, so data goes
 through mmap-backed buffers. flush() asks the device to make completed
 writes durable (fdatasync: a cache flush on the device).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -78,14 +79,16 @@ class LocalBlockDevice(BlockDevice):
             # O_EXCL on a block device: refused while mounted or opened exclusively elsewhere
             self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | os.O_EXCL)
         except OSError as e:
-            raise FailedPrecondition(f"device: cannot open {path} exclusively: {e.strerror} (mounted or in use?)",
-                                     field="device") from None
+            raise FailedPrecondition(
+                f"device: cannot open {path} exclusively: {e.strerror} (mounted or in use?)", field="device"
+            ) from None
         self.size = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8))[0]
         sector = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
         if BLOCK % sector:
             self.close()
-            raise InvalidArgument(f"device: {path} has {sector}-byte sectors; 512 or 4096 are supported",
-                                  field="device")
+            raise InvalidArgument(
+                f"device: {path} has {sector}-byte sectors; 512 or 4096 are supported", field="device"
+            )
         self._local = _Staging()
 
     def read(self, offset: int, length: int) -> memoryview:

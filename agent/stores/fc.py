@@ -7,6 +7,7 @@ FC when its SCSI host is an FC HBA (/sys/class/fc_host/hostN). Multipath
 devices (dm-* with a dm/uuid of mpath-...) are listed once, under their
 /dev/mapper name, with their paths.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,26 +17,26 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class FcHba:
-    host: str          # host5
-    port_name: str     # WWPN, 0x...
-    node_name: str     # WWNN
-    port_state: str    # Online, Linkdown...
+    host: str  # host5
+    port_name: str  # WWPN, 0x...
+    node_name: str  # WWNN
+    port_state: str  # Online, Linkdown...
     speed: str
 
 
 @dataclass
 class BlockDeviceInfo:
-    id: str                    # the preferred /dev/disk/by-id name (wwn-* first)
-    disk_path: str             # /dev/sdc or /dev/mapper/mpatha
-    wwid: str                  # from device/wwid (naa.6005...)
+    id: str  # the preferred /dev/disk/by-id name (wwn-* first)
+    disk_path: str  # /dev/sdc or /dev/mapper/mpatha
+    wwid: str  # from device/wwid (naa.6005...)
     size_bytes: int
     vendor: str
     model: str
-    transport: str             # fc, multipath or scsi
-    hba: str = ""              # the FC host it is reached through
+    transport: str  # fc, multipath or scsi
+    hba: str = ""  # the FC host it is reached through
     by_id: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)  # multipath: the member devices
-    in_use: bool = False       # has partitions, holders or a mount
+    in_use: bool = False  # has partitions, holders or a mount
 
 
 def _read(path: str, default: str = "") -> str:
@@ -52,8 +53,16 @@ def list_hbas(sys_root: str = "/sys") -> list[FcHba]:
         names = sorted(os.listdir(base))
     except FileNotFoundError:
         return []
-    return [FcHba(n, _read(f"{base}/{n}/port_name"), _read(f"{base}/{n}/node_name"),
-                  _read(f"{base}/{n}/port_state"), _read(f"{base}/{n}/speed")) for n in names]
+    return [
+        FcHba(
+            n,
+            _read(f"{base}/{n}/port_name"),
+            _read(f"{base}/{n}/node_name"),
+            _read(f"{base}/{n}/port_state"),
+            _read(f"{base}/{n}/speed"),
+        )
+        for n in names
+    ]
 
 
 def _by_id(dev_root: str) -> dict[str, list[str]]:
@@ -101,15 +110,23 @@ def list_devices(sys_root: str = "/sys", dev_root: str = "/dev") -> list[BlockDe
             in_multipath.update(slaves)
             first = slaves[0] if slaves else ""
             dm_name = _read(f"{block}/{name}/dm/name", name)
-            out.append(BlockDeviceInfo(
-                id=_preferred(ids.get(name, [])) or f"dm-uuid-{uuid}", disk_path=f"{dev_root}/mapper/{dm_name}",
-                wwid=_read(f"{block}/{first}/device/wwid") if first else uuid[len("mpath-"):],
-                size_bytes=int(_read(f"{block}/{name}/size", "0")) * 512,
-                vendor=_read(f"{block}/{first}/device/vendor"), model=_read(f"{block}/{first}/device/model"),
-                transport="multipath", hba=",".join(sorted({_scsi_host(f"{block}/{s}") for s in slaves} - {""})),
-                by_id=ids.get(name, []), paths=[f"{dev_root}/{s}" for s in slaves],
-                in_use=bool(os.listdir(f"{block}/{name}/holders")) if os.path.isdir(f"{block}/{name}/holders")
-                else False))
+            out.append(
+                BlockDeviceInfo(
+                    id=_preferred(ids.get(name, [])) or f"dm-uuid-{uuid}",
+                    disk_path=f"{dev_root}/mapper/{dm_name}",
+                    wwid=_read(f"{block}/{first}/device/wwid") if first else uuid[len("mpath-") :],
+                    size_bytes=int(_read(f"{block}/{name}/size", "0")) * 512,
+                    vendor=_read(f"{block}/{first}/device/vendor"),
+                    model=_read(f"{block}/{first}/device/model"),
+                    transport="multipath",
+                    hba=",".join(sorted({_scsi_host(f"{block}/{s}") for s in slaves} - {""})),
+                    by_id=ids.get(name, []),
+                    paths=[f"{dev_root}/{s}" for s in slaves],
+                    in_use=bool(os.listdir(f"{block}/{name}/holders"))
+                    if os.path.isdir(f"{block}/{name}/holders")
+                    else False,
+                )
+            )
     for name in names:
         if name in in_multipath or not os.path.isdir(f"{block}/{name}/device"):
             continue
@@ -119,12 +136,20 @@ def list_devices(sys_root: str = "/sys", dev_root: str = "/dev") -> list[BlockDe
         host = _scsi_host(f"{block}/{name}")
         parts = [p for p in os.listdir(f"{block}/{name}") if p.startswith(name)]
         holders = os.listdir(f"{block}/{name}/holders") if os.path.isdir(f"{block}/{name}/holders") else []
-        out.append(BlockDeviceInfo(
-            id=_preferred(ids.get(name, [])) or name, disk_path=f"{dev_root}/{name}", wwid=wwid,
-            size_bytes=int(_read(f"{block}/{name}/size", "0")) * 512, vendor=_read(f"{block}/{name}/device/vendor"),
-            model=_read(f"{block}/{name}/device/model"), transport="fc" if host in hbas else "scsi",
-            hba=host if host in hbas else "", by_id=ids.get(name, []),
-            in_use=bool(parts or holders) or _mounted(dev_root, {name, *parts})))
+        out.append(
+            BlockDeviceInfo(
+                id=_preferred(ids.get(name, [])) or name,
+                disk_path=f"{dev_root}/{name}",
+                wwid=wwid,
+                size_bytes=int(_read(f"{block}/{name}/size", "0")) * 512,
+                vendor=_read(f"{block}/{name}/device/vendor"),
+                model=_read(f"{block}/{name}/device/model"),
+                transport="fc" if host in hbas else "scsi",
+                hba=host if host in hbas else "",
+                by_id=ids.get(name, []),
+                in_use=bool(parts or holders) or _mounted(dev_root, {name, *parts}),
+            )
+        )
     return out
 
 

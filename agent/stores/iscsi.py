@@ -6,6 +6,7 @@ log line or an error message. A session that fails is logged out; the next
 call logs in again once, and a target that then does not answer makes the
 backup point unreachable.
 """
+
 from __future__ import annotations
 
 import socket
@@ -59,8 +60,18 @@ class IscsiBlockDevice(BlockDevice):
     # all). A loop device measured the same either way.
     pace_every = 64 << 20
 
-    def __init__(self, ip: str, target: str, lun: int = 0, *, port: int = 0, user: str = "", secret: str = "",
-                 timeout: float = 30.0, label: str = ""):
+    def __init__(
+        self,
+        ip: str,
+        target: str,
+        lun: int = 0,
+        *,
+        port: int = 0,
+        user: str = "",
+        secret: str = "",
+        timeout: float = 30.0,
+        label: str = "",
+    ):
         if not target:
             raise InvalidArgument("target: the target IQN is empty", field="target")
         self.portal = portal(ip, port)
@@ -77,15 +88,25 @@ class IscsiBlockDevice(BlockDevice):
         self._closed = False
         if BLOCK % first.block_size:
             self.close()
-            raise InvalidArgument(f"lun: {self.label} has {first.block_size}-byte blocks; 512 or 4096 "
-                                  "are supported", field="lun")
+            raise InvalidArgument(
+                f"lun: {self.label} has {first.block_size}-byte blocks; 512 or 4096 are supported", field="lun"
+            )
         self.size = first.size
         self._local = _Buffers()
 
     def _connect(self):
-        return _login(self.label, lambda: _native.IscsiLun(initiator_name(), self.portal, self.target, self.lun,
-                                                           user=self._user, secret=self._secret,
-                                                           timeout=self._timeout))
+        return _login(
+            self.label,
+            lambda: _native.IscsiLun(
+                initiator_name(),
+                self.portal,
+                self.target,
+                self.lun,
+                user=self._user,
+                secret=self._secret,
+                timeout=self._timeout,
+            ),
+        )
 
     def _checkout(self):
         """An idle data session, or a new one while fewer than io_depth are
@@ -210,8 +231,9 @@ class DiscoveredTarget:
     state: str = "ok"  # ok, or auth_failed when the target refuses these credentials
 
 
-def discover(ip: str, port: int = 0, *, user: str = "", secret: str = "", timeout: float = 10.0,
-             label: str = "") -> list[DiscoveredTarget]:
+def discover(
+    ip: str, port: int = 0, *, user: str = "", secret: str = "", timeout: float = 10.0, label: str = ""
+) -> list[DiscoveredTarget]:
     """SendTargets on a portal, then each target's LUNs with their sizes
     (LUNs without a capacity, like a controller LUN 0, are left out). A
     target that refuses the given credentials is listed with state
@@ -223,8 +245,12 @@ def discover(ip: str, port: int = 0, *, user: str = "", secret: str = "", timeou
     out = []
     for iqn in names:
         try:
-            session = _login(label, lambda iqn=iqn: _native.IscsiLun(initiator_name(), p, iqn, 0, user=user,
-                                                                     secret=secret, timeout=t, probe=True))
+            session = _login(
+                label,
+                lambda iqn=iqn: _native.IscsiLun(
+                    initiator_name(), p, iqn, 0, user=user, secret=secret, timeout=t, probe=True
+                ),
+            )
         except AuthFailed:
             out.append(DiscoveredTarget(iqn, p, [], "auth_failed"))
             continue

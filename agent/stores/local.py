@@ -9,6 +9,7 @@ slower on this disk: bench/backup_bench.py), and their pages are dropped
 from it once fsynced, so a backup does not evict the page cache of the VMs
 on the host.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,8 +55,7 @@ class _FileWriter(ObjectWriter):
                 self._size += n
         except OSError as e:
             self.abort()
-            raise storage_error(os.path.dirname(self.path), f"cannot write {os.path.basename(self.path)}",
-                                e) from None
+            raise storage_error(os.path.dirname(self.path), f"cannot write {os.path.basename(self.path)}", e) from None
 
     def commit(self) -> None:
         try:
@@ -70,8 +70,7 @@ class _FileWriter(ObjectWriter):
                 _fsync_dir(os.path.dirname(self.path))
         except OSError as e:
             self.abort()
-            raise storage_error(os.path.dirname(self.path), f"cannot commit {os.path.basename(self.path)}",
-                                e) from None
+            raise storage_error(os.path.dirname(self.path), f"cannot commit {os.path.basename(self.path)}", e) from None
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -164,8 +163,11 @@ class LocalStore(ObjectStore):
             names = os.listdir(d)
         except FileNotFoundError:
             return []
-        return sorted(f"{prefix}/{f}" if prefix else f for f in names
-                      if not f.startswith(PART) and os.path.isfile(os.path.join(d, f)))
+        return sorted(
+            f"{prefix}/{f}" if prefix else f
+            for f in names
+            if not f.startswith(PART) and os.path.isfile(os.path.join(d, f))
+        )
 
     def delete(self, name: str) -> None:
         try:

@@ -11,6 +11,7 @@ when its holder ran on this host in this boot and its process is gone (an
 agent killed with -9), or when it was not refreshed for `stale_after`
 seconds (a host that died).
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,18 @@ class LockRecord:
 
 
 class RepoLock:
-    def __init__(self, store, mode: str, purpose: str, *, timeout: float = 0.0, stale_after: float = STALE_AFTER,
-                 checkpoint=None, prefix: str = "locks", busy=None):
+    def __init__(
+        self,
+        store,
+        mode: str,
+        purpose: str,
+        *,
+        timeout: float = 0.0,
+        stale_after: float = STALE_AFTER,
+        checkpoint=None,
+        prefix: str = "locks",
+        busy=None,
+    ):
         """prefix: where the lock objects live (another lock family than the
         repository's, e.g. one per volume of an NFS pool); busy(record):
         the error when the timeout ends with a conflicting holder."""
@@ -76,8 +87,9 @@ class RepoLock:
         self.busy = busy
         self.store = store
         self.mode = mode
-        self.record = LockRecord(uuid.uuid4().hex, mode, purpose, socket.gethostname(), _boot_id(), os.getpid(),
-                                 time.time(), time.time())
+        self.record = LockRecord(
+            uuid.uuid4().hex, mode, purpose, socket.gethostname(), _boot_id(), os.getpid(), time.time(), time.time()
+        )
         self.name = f"{prefix}/{self.record.id}"
         self.timeout = timeout
         self.stale_after = stale_after
@@ -107,8 +119,9 @@ class RepoLock:
         out = []
         for other in self._others():
             if other.stale(now, self.stale_after):
-                log.warning("removing a stale lock", extra={"lock": f"{self.prefix}/{other.id}",
-                                                            "held": other.describe()})
+                log.warning(
+                    "removing a stale lock", extra={"lock": f"{self.prefix}/{other.id}", "held": other.describe()}
+                )
                 self.store.delete(f"{self.prefix}/{other.id}")
             elif self.mode == EXCLUSIVE or other.mode == EXCLUSIVE:
                 out.append(other)
@@ -125,8 +138,10 @@ class RepoLock:
             if time.monotonic() >= deadline:
                 if self.busy:
                     raise self.busy(conflicts[0])
-                raise RepositoryLocked(f"backup point: the repository is locked by {conflicts[0].describe()}; "
-                                       "try again when it ends", field="backup_point_uuid")
+                raise RepositoryLocked(
+                    f"backup point: the repository is locked by {conflicts[0].describe()}; try again when it ends",
+                    field="backup_point_uuid",
+                )
             if self.checkpoint:
                 self.checkpoint()  # a waiting job can still be cancelled
             time.sleep(random.uniform(0.05, 0.5))

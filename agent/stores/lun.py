@@ -27,6 +27,7 @@ system or volume header would be (its first and last MiB are zero). Every
 commit first re-reads both superblocks; if another host advanced the
 generation, the commit is refused instead of overwriting its work.
 """
+
 from __future__ import annotations
 
 import base64
@@ -69,8 +70,7 @@ def catalog_size_for(device_size: int) -> int:
 
 
 class Superblock:
-    def __init__(self, fsid: bytes, gen: int, device_size: int, cat_size: int, slot: int, cat_len: int,
-                 cat_sha: bytes):
+    def __init__(self, fsid: bytes, gen: int, device_size: int, cat_size: int, slot: int, cat_len: int, cat_sha: bytes):
         self.fsid, self.gen, self.device_size = fsid, gen, device_size
         self.cat_size, self.slot, self.cat_len, self.cat_sha = cat_size, slot, cat_len, cat_sha
 
@@ -82,8 +82,21 @@ class Superblock:
         return CATALOG_OFFSET + slot * self.cat_size
 
     def pack(self) -> bytes:
-        body = _SB.pack(MAGIC, VERSION, 0, self.fsid, self.gen, self.device_size, CATALOG_OFFSET, self.cat_size,
-                        self.data_offset, UNIT, self.slot, self.cat_len, self.cat_sha)
+        body = _SB.pack(
+            MAGIC,
+            VERSION,
+            0,
+            self.fsid,
+            self.gen,
+            self.device_size,
+            CATALOG_OFFSET,
+            self.cat_size,
+            self.data_offset,
+            UNIT,
+            self.slot,
+            self.cat_len,
+            self.cat_sha,
+        )
         return (body + hashlib.sha256(body).digest()).ljust(BLOCK, b"\0")
 
     @classmethod
@@ -91,14 +104,17 @@ class Superblock:
         """A Superblock; None when this is not ours; False when it is ours but torn."""
         if raw[:8] != MAGIC:
             return None
-        body, sha = raw[:_SB.size], raw[_SB.size:_SB.size + 32]
+        body, sha = raw[: _SB.size], raw[_SB.size : _SB.size + 32]
         if hashlib.sha256(body).digest() != sha:
             return False
-        (_, version, _, fsid, gen, devsize, cat_off, cat_size, data_off, unit, slot, cat_len,
-         cat_sha) = _SB.unpack(body)
+        (_, version, _, fsid, gen, devsize, cat_off, cat_size, data_off, unit, slot, cat_len, cat_sha) = _SB.unpack(
+            body
+        )
         if version > VERSION:
-            raise FailedPrecondition(f"device: the LUN repository has format version {version}; this agent "
-                                     f"reads up to {VERSION}", field="device")
+            raise FailedPrecondition(
+                f"device: the LUN repository has format version {version}; this agent reads up to {VERSION}",
+                field="device",
+            )
         if cat_off != CATALOG_OFFSET or unit != UNIT or slot not in (0, 1):
             return False
         return cls(fsid, gen, devsize, cat_size, slot, cat_len, cat_sha)
@@ -229,13 +245,13 @@ class _LunWriter(ObjectWriter):
         other = self._stages[self._next]
         rest = self._fill - n
         if rest:
-            other[:rest] = stage[n:self._fill]
+            other[:rest] = stage[n : self._fill]
         self._stage, self._fill = other, rest
 
     def _write_ranges(self, stage, ranges) -> None:
         pos = 0
         for off, k in ranges:
-            self.store.dev.write(off, stage[pos:pos + k])
+            self.store.dev.write(off, stage[pos : pos + k])
             pos += k
         self.store._written(pos)
 
@@ -267,7 +283,7 @@ class _LunWriter(ObjectWriter):
         view = memoryview(data).cast("B")
         while view:
             k = min(len(view), self._seg - self._fill)
-            self._stage[self._fill:self._fill + k] = view[:k]
+            self._stage[self._fill : self._fill + k] = view[:k]
             self._fill += k
             view = view[k:]
             if self._fill == self._seg:
@@ -277,7 +293,7 @@ class _LunWriter(ObjectWriter):
         size = self.size
         try:
             if size < INLINE and self._written == 0:
-                self.store._commit(self.name, size, inline=bytes(self._stage[:self._fill]))
+                self.store._commit(self.name, size, inline=bytes(self._stage[: self._fill]))
                 self.store._release(self.extents)
             else:
                 self._spill(final=True)
@@ -385,18 +401,22 @@ class LunStore(ObjectStore):
             except DataCorrupt:
                 continue  # a torn catalog write: the previous generation holds
         if any(s is False for s in sbs) or valid:
-            raise DataCorrupt(f"backup point {self.label}: both LUN superblocks or their catalogs are damaged",
-                              field="device")
+            raise DataCorrupt(
+                f"backup point {self.label}: both LUN superblocks or their catalogs are damaged", field="device"
+            )
         return None
 
     def _load_catalog(self, sb: Superblock) -> dict:
-        raw = bytes(self.dev.read(sb.slot_offset(sb.slot), _round_up(sb.cat_len, BLOCK)))[:sb.cat_len]
+        raw = bytes(self.dev.read(sb.slot_offset(sb.slot), _round_up(sb.cat_len, BLOCK)))[: sb.cat_len]
         if hashlib.sha256(raw).digest() != sb.cat_sha:
-            raise DataCorrupt(f"backup point {self.label}: LUN catalog generation {sb.gen} fails its checksum",
-                              field="device")
+            raise DataCorrupt(
+                f"backup point {self.label}: LUN catalog generation {sb.gen} fails its checksum", field="device"
+            )
         doc = json.loads(zlib.decompress(raw))
-        return {name: (meta[0], meta[1] if isinstance(meta[1], list) else base64.b64decode(meta[1]))
-                for name, meta in doc["objects"].items()}
+        return {
+            name: (meta[0], meta[1] if isinstance(meta[1], list) else base64.b64decode(meta[1]))
+            for name, meta in doc["objects"].items()
+        }
 
     def _blank(self) -> bool:
         size = self.dev.size
@@ -407,38 +427,53 @@ class LunStore(ObjectStore):
 
     def _format(self, allowed: bool) -> Superblock:
         if not self._blank():
-            raise FailedPrecondition(f"backup point {self.label}: the LUN holds other data and no blockferry "
-                                     "repository; it is never touched", field="device")
+            raise FailedPrecondition(
+                f"backup point {self.label}: the LUN holds other data and no blockferry "
+                "repository; it is never touched",
+                field="device",
+            )
         if not allowed:
-            raise FailedPrecondition(f"backup point {self.label}: the LUN is blank; set format_lun = true to "
-                                     "format it as a repository", field="device")
+            raise FailedPrecondition(
+                f"backup point {self.label}: the LUN is blank; set format_lun = true to format it as a repository",
+                field="device",
+            )
         size = self.dev.size // UNIT * UNIT
         cat_size = catalog_size_for(size)
         if size < CATALOG_OFFSET + 2 * cat_size + 16 * UNIT:
-            raise FailedPrecondition(f"backup point {self.label}: the LUN is too small ({size} bytes)",
-                                     field="device")
+            raise FailedPrecondition(f"backup point {self.label}: the LUN is too small ({size} bytes)", field="device")
         sb = Superblock(uuid.uuid4().bytes, 0, size, cat_size, 1, 0, b"")
         self.sb = sb
         self._write_catalog(sb, {}, check=False)
         return self.sb
 
     def _write_catalog(self, sb: Superblock, objects: dict, *, check: bool = True) -> None:
-        doc = {"v": VERSION, "host": self.host,
-               "objects": {n: [m[0], m[1] if isinstance(m[1], list) else base64.b64encode(m[1]).decode()]
-                           for n, m in objects.items()}}
+        doc = {
+            "v": VERSION,
+            "host": self.host,
+            "objects": {
+                n: [m[0], m[1] if isinstance(m[1], list) else base64.b64encode(m[1]).decode()]
+                for n, m in objects.items()
+            },
+        }
         blob = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), 1)
         if len(blob) > sb.cat_size:
-            raise NoSpace(f"backup point {self.label}: the LUN catalog is full ({len(objects)} objects); "
-                          "collect garbage or use a larger LUN", field="device")
+            raise NoSpace(
+                f"backup point {self.label}: the LUN catalog is full ({len(objects)} objects); "
+                "collect garbage or use a larger LUN",
+                field="device",
+            )
         if check:
             newest = max((s.gen for s in self._read_sbs() if s), default=-1)
             if newest != sb.gen:
-                raise FailedPrecondition(f"backup point {self.label}: another host wrote this LUN (generation "
-                                         f"{newest}, ours {sb.gen}); a LUN repository serves one agent at a time",
-                                         field="device")
+                raise FailedPrecondition(
+                    f"backup point {self.label}: another host wrote this LUN (generation "
+                    f"{newest}, ours {sb.gen}); a LUN repository serves one agent at a time",
+                    field="device",
+                )
         slot = 1 - sb.slot
-        new = Superblock(sb.fsid, sb.gen + 1, sb.device_size, sb.cat_size, slot, len(blob),
-                         hashlib.sha256(blob).digest())
+        new = Superblock(
+            sb.fsid, sb.gen + 1, sb.device_size, sb.cat_size, slot, len(blob), hashlib.sha256(blob).digest()
+        )
         # 1. make the data the new catalog names durable (a flush covers the
         #    whole device: every object written before this commit)
         self.dev.flush()
@@ -447,8 +482,8 @@ class LunStore(ObjectStore):
         #    catalog checksum fails and the previous generation (whose slot
         #    was not touched) is used.
         buf = self.dev.buffer(_round_up(len(blob), BLOCK))
-        buf[:len(blob)] = blob
-        buf[len(blob):] = bytes(len(buf) - len(blob))
+        buf[: len(blob)] = blob
+        buf[len(blob) :] = bytes(len(buf) - len(blob))
         self.dev.write(new.slot_offset(slot), buf)
         sbuf = self.dev.buffer(BLOCK)
         sbuf[:] = new.pack()
@@ -504,7 +539,7 @@ class LunStore(ObjectStore):
         if offset >= end:
             return 0
         if not isinstance(where, list):
-            out[:end - offset] = where[offset:end]
+            out[: end - offset] = where[offset:end]
             return end - offset
         pos = 0  # object position of the current extent
         try:
@@ -515,7 +550,7 @@ class LunStore(ObjectStore):
                     a = (lo - pos) // BLOCK * BLOCK
                     b = _round_up(piece_hi - pos, BLOCK)
                     view = self.dev.read(off + a, b - a)
-                    out[lo - offset:piece_hi - offset] = view[lo - pos - a:piece_hi - pos - a]
+                    out[lo - offset : piece_hi - offset] = view[lo - pos - a : piece_hi - pos - a]
                     lo = piece_hi
                 pos += ln
                 if pos >= end:
@@ -530,7 +565,7 @@ class LunStore(ObjectStore):
     def list(self, prefix: str) -> list[str]:
         prefix = prefix.rstrip("/")
         head = prefix + "/" if prefix else ""
-        return sorted(n for n in self.objects if n.startswith(head) and "/" not in n[len(head):])
+        return sorted(n for n in self.objects if n.startswith(head) and "/" not in n[len(head) :])
 
     def delete(self, name: str) -> None:
         with self._lock:
@@ -633,9 +668,12 @@ def open_lun(key: str, opener, *, credential: bytes = b"", format_lun: bool = Fa
             shared = _OPEN[key] = _Shared(store, credential)
         elif not hmac.compare_digest(shared.credential, credential):
             opener().close()  # the caller's own login: AuthFailed for credentials the target refuses
-            raise FailedPrecondition(f"backup_point_uuid: {label or key}: this agent serves the LUN's repository "
-                                     "for a backup point with other credentials; one LUN is reached with one set "
-                                     "of credentials at a time", field="backup_point_uuid")
+            raise FailedPrecondition(
+                f"backup_point_uuid: {label or key}: this agent serves the LUN's repository "
+                "for a backup point with other credentials; one LUN is reached with one set "
+                "of credentials at a time",
+                field="backup_point_uuid",
+            )
         shared.users += 1
         return LunRef(key, shared)
 

@@ -13,6 +13,7 @@ pool's idle connections are dropped with it and the call runs once more on
 a new connection. Writes of an object in progress are not retried (their
 data was in flight on the old connection): the writer fails, cleanly.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,8 +30,16 @@ from agent.stores.base import ObjectStore, ObjectWriter, StoreStats, check_objec
 PART = ".part-"
 _FILE_ERRORS = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
 # what the server answered for sure: retrying on a new connection changes nothing
-_DEFINITE = _FILE_ERRORS | {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
-                            errno.ENAMETOOLONG, errno.EINVAL}
+_DEFINITE = _FILE_ERRORS | {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+    errno.EINVAL,
+}
 _SMALL = 256 << 10  # writes below this are gathered into one NFS WRITE
 _GATHER = 1 << 20
 
@@ -120,9 +129,19 @@ class _NfsWriter(ObjectWriter):
 class NfsStore(ObjectStore):
     """Objects under nfs://server/root_dir/sub_dir (NFSv3)."""
 
-    def __init__(self, server: str, root_dir: str, sub_dir: str = "", *, nfs_port: int = 0,
-                 mount_port: int = 0, timeout: float = 30.0, label: str = "", pool_size: int = 4,
-                 owner: tuple[str, str] = ("backup point", "backup_point_uuid")):
+    def __init__(
+        self,
+        server: str,
+        root_dir: str,
+        sub_dir: str = "",
+        *,
+        nfs_port: int = 0,
+        mount_port: int = 0,
+        timeout: float = 30.0,
+        label: str = "",
+        pool_size: int = 4,
+        owner: tuple[str, str] = ("backup point", "backup_point_uuid"),
+    ):
         """owner: what the errors name, and their field (an NFS volume pool
         passes ("pool", "pool_uuid"))."""
         if not root_dir.startswith("/"):
@@ -144,8 +163,9 @@ class NfsStore(ObjectStore):
     # --- connections ---
     def _connect(self):
         try:
-            return _native.NfsContext(self.server, self.export, nfs_port=self.nfs_port,
-                                      mount_port=self.mount_port, timeout_ms=self.timeout_ms)
+            return _native.NfsContext(
+                self.server, self.export, nfs_port=self.nfs_port, mount_port=self.mount_port, timeout_ms=self.timeout_ms
+            )
         except ConnectionError as e:
             raise TargetUnreachable(f"{self.owner} {self.label}: {e}", field=self.field) from None
 
@@ -197,13 +217,16 @@ class NfsStore(ObjectStore):
         try:
             probe = self._connect()
         except TargetUnreachable as down:
-            return TargetUnreachable(f"{self.owner} {self.label}: {what}: the server does not answer "
-                                     f"({down.message.rsplit(': ', 1)[-1]})", field=self.field)
+            return TargetUnreachable(
+                f"{self.owner} {self.label}: {what}: the server does not answer ({down.message.rsplit(': ', 1)[-1]})",
+                field=self.field,
+            )
         self._checkin(probe)
         return storage_error(self.label, what, e, owner=self.owner, field=self.field)
 
-    def run(self, what: str, fn, passthrough: tuple[type[OSError], ...] = (), *, retry: bool = True,
-            keep: bool = False):
+    def run(
+        self, what: str, fn, passthrough: tuple[type[OSError], ...] = (), *, retry: bool = True, keep: bool = False
+    ):
         """fn(ctx) on a pooled libnfs context. An OSError becomes the
         store's error (naming `what`), except the `passthrough` kinds,
         raised as they are (FileNotFoundError, for callers that expect
@@ -303,8 +326,11 @@ class NfsStore(ObjectStore):
 
     def list(self, prefix: str) -> list[str]:
         prefix = prefix.rstrip("/")
-        return sorted(f"{prefix}/{n}" if prefix else n
-                      for n, is_dir, _ in self._listdir(prefix) if not is_dir and not n.startswith(PART))
+        return sorted(
+            f"{prefix}/{n}" if prefix else n
+            for n, is_dir, _ in self._listdir(prefix)
+            if not is_dir and not n.startswith(PART)
+        )
 
     def delete(self, name: str) -> None:
         try:  # a retried REMOVE that finds nothing: the first one did it

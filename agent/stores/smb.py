@@ -13,6 +13,7 @@ not (its WRITEs were in flight on the old connection): the writer fails,
 cleanly. A share or file the user may not touch is ACCESS_DENIED, naming the
 share and the user.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,11 +47,16 @@ _GATHER = 1 << 20
 _RESERVE = 16  # credits WRITEs leave to the session's other requests (creates, flushes, renames, tree connects)
 _PAYLOAD = 65536  # bytes per credit
 _NO_CREDITS = "credits are available"  # smbprotocol's refusal: "Request requires N credits but only M ..."
-_DENIED = {NtStatus.STATUS_ACCESS_DENIED: "STATUS_ACCESS_DENIED",
-           NtStatus.STATUS_PRIVILEGE_NOT_HELD: "STATUS_PRIVILEGE_NOT_HELD"}
+_DENIED = {
+    NtStatus.STATUS_ACCESS_DENIED: "STATUS_ACCESS_DENIED",
+    NtStatus.STATUS_PRIVILEGE_NOT_HELD: "STATUS_PRIVILEGE_NOT_HELD",
+}
 # the server forgot our session (it restarted): log in again
-_SESSION_GONE = {NtStatus.STATUS_USER_SESSION_DELETED, NtStatus.STATUS_NETWORK_NAME_DELETED,
-                 0xC000035C}  # STATUS_NETWORK_SESSION_EXPIRED (not in smbprotocol's table)
+_SESSION_GONE = {
+    NtStatus.STATUS_USER_SESSION_DELETED,
+    NtStatus.STATUS_NETWORK_NAME_DELETED,
+    0xC000035C,
+}  # STATUS_NETWORK_SESSION_EXPIRED (not in smbprotocol's table)
 # smbprotocol logs packet details at DEBUG; they are not for the agent's log
 for _name in ("smbprotocol", "smbclient", "spnego"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -71,8 +77,9 @@ class _SmbWriter(ObjectWriter):
         def create():
             self.tmp = f"{parent}\\{PART}{uuid.uuid4().hex}"  # a new one on a retry
             store._makedirs(parent)
-            return store._credited(smbclient.open_file, self.tmp, mode="xb", buffering=0, share_access="rwd",
-                                   **store._kw)
+            return store._credited(
+                smbclient.open_file, self.tmp, mode="xb", buffering=0, share_access="rwd", **store._kw
+            )
 
         self._file = store._run(f"cannot create {name}", create)
         self._fast = store.zero_copy and smb_write.usable(self._file.fd)
@@ -112,8 +119,12 @@ class _SmbWriter(ObjectWriter):
                 recv = fd._write_response
             else:
                 msg, recv = fd.write(bytes(view[:chunk]), offset=self._size, send=False)
-                req = conn.send(msg, sid=fd.tree_connect.session.session_id, tid=fd.tree_connect.tree_connect_id,
-                                credit_request=credits)
+                req = conn.send(
+                    msg,
+                    sid=fd.tree_connect.session.session_id,
+                    tid=fd.tree_connect.tree_connect_id,
+                    credit_request=credits,
+                )
             self._inflight.append((req, recv, chunk))
             self._size += chunk
             view = view[chunk:]
@@ -210,8 +221,19 @@ class SmbStore(ObjectStore):
         the caller's thread (2 GiB, bench/targets_bench.py)."""
         return self.zero_copy and not self._encrypt
 
-    def __init__(self, server: str, share: str, sub_dir: str = "", *, username: str, password: str,
-                 port: int = 0, encrypt: bool = False, timeout: float = 30.0, label: str = ""):
+    def __init__(
+        self,
+        server: str,
+        share: str,
+        sub_dir: str = "",
+        *,
+        username: str,
+        password: str,
+        port: int = 0,
+        encrypt: bool = False,
+        timeout: float = 30.0,
+        label: str = "",
+    ):
         share = share.strip("/\\")
         if not share or "/" in share or "\\" in share:
             raise InvalidArgument(f"root_dir: {share!r} must name one share", field="root_dir")
@@ -245,17 +267,26 @@ class SmbStore(ObjectStore):
             if self._session:
                 return
             try:
-                smbclient.register_session(self.server, username=self._username, password=self._password,
-                                           port=self.port, encrypt=self._encrypt or None,
-                                           connection_timeout=max(1, int(self._timeout)),
-                                           connection_cache=self._cache, require_signing=True)
+                smbclient.register_session(
+                    self.server,
+                    username=self._username,
+                    password=self._password,
+                    port=self.port,
+                    encrypt=self._encrypt or None,
+                    connection_timeout=max(1, int(self._timeout)),
+                    connection_cache=self._cache,
+                    require_signing=True,
+                )
             except (LogonFailure, SMBAuthenticationError):
-                raise AuthFailed(f"backup point {self.label}: the server refused user {self._username!r} "
-                                 "(wrong username or secret)", field="secret") from None
+                raise AuthFailed(
+                    f"backup point {self.label}: the server refused user {self._username!r} (wrong username or secret)",
+                    field="secret",
+                ) from None
             except (ValueError, OSError, SMBConnectionClosed) as e:
                 reason = str(e).replace(self._password, "***") if self._password else str(e)
-                raise TargetUnreachable(f"backup point {self.label}: cannot connect: {reason}",
-                                        field="backup_point_uuid") from None
+                raise TargetUnreachable(
+                    f"backup point {self.label}: cannot connect: {reason}", field="backup_point_uuid"
+                ) from None
             self._session = True
 
     def _drop(self) -> None:
@@ -294,8 +325,11 @@ class SmbStore(ObjectStore):
     def _error(self, what: str, e: BaseException):
         status = getattr(e, "ntstatus", None) if isinstance(e, SMBOSError) else getattr(e, "status", None)
         if status in _DENIED:
-            return AccessDenied(f"backup point {self.label}: {what}: the server denied user {self._username!r} "
-                                f"access on share {self.share!r} ({_DENIED[status]})", field="backup_point_uuid")
+            return AccessDenied(
+                f"backup point {self.label}: {what}: the server denied user {self._username!r} "
+                f"access on share {self.share!r} ({_DENIED[status]})",
+                field="backup_point_uuid",
+            )
         if isinstance(e, SMBOSError) and status not in _SESSION_GONE:
             if e.errno == errno.ENOENT:
                 return NotFound(f"backup point {self.label}: {what}: not found", field="name")
@@ -305,8 +339,9 @@ class SmbStore(ObjectStore):
         if isinstance(e, SMBResponseException) and status not in _SESSION_GONE:
             return storage_error(self.label, what, OSError(errno.EIO, e.message))
         self._drop()
-        return TargetUnreachable(f"backup point {self.label}: {what}: the server does not answer ({e})",
-                                 field="backup_point_uuid")
+        return TargetUnreachable(
+            f"backup point {self.label}: {what}: the server does not answer ({e})", field="backup_point_uuid"
+        )
 
     def _run(self, what: str, fn):
         """fn() logged in, its errors ours. A dropped connection (the
@@ -341,8 +376,9 @@ class SmbStore(ObjectStore):
             return self._range_by_read_into(name, offset, length)
 
         def read():
-            with self._credited(smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd",
-                                **self._kw) as f:
+            with self._credited(
+                smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd", **self._kw
+            ) as f:
                 if offset:
                     f.seek(offset)
                 return bytearray(f.readall())
@@ -354,8 +390,9 @@ class SmbStore(ObjectStore):
 
         def read():
             got = 0
-            with self._credited(smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd",
-                                **self._kw) as f:
+            with self._credited(
+                smbclient.open_file, self._path(name), mode="rb", buffering=0, share_access="rwd", **self._kw
+            ) as f:
                 if offset:
                     f.seek(offset)
                 while got < len(view):
@@ -368,26 +405,31 @@ class SmbStore(ObjectStore):
         return self._run(f"cannot read {name}", read)
 
     def size(self, name: str) -> int:
-        return self._run(f"cannot stat {name}", lambda: self._credited(smbclient.stat, self._path(name),
-                                                                        **self._kw).st_size)
+        return self._run(
+            f"cannot stat {name}", lambda: self._credited(smbclient.stat, self._path(name), **self._kw).st_size
+        )
 
     def _scan(self, prefix: str) -> list[tuple[str, bool]]:
         d = self._path(prefix) if prefix else self.base
         try:
-            return self._run(f"cannot list {prefix or '/'}", lambda: self._credited(
-                lambda: [(e.name, e.is_dir()) for e in smbclient.scandir(d, **self._kw)]))
+            return self._run(
+                f"cannot list {prefix or '/'}",
+                lambda: self._credited(lambda: [(e.name, e.is_dir()) for e in smbclient.scandir(d, **self._kw)]),
+            )
         except NotFound:
             return []
 
     def list(self, prefix: str) -> list[str]:
         prefix = prefix.rstrip("/")
-        return sorted(f"{prefix}/{n}" if prefix else n for n, is_dir in self._scan(prefix)
-                      if not is_dir and not n.startswith(PART))
+        return sorted(
+            f"{prefix}/{n}" if prefix else n
+            for n, is_dir in self._scan(prefix)
+            if not is_dir and not n.startswith(PART)
+        )
 
     def delete(self, name: str) -> None:
         try:  # a retried removal that finds nothing: the first one did it
-            self._run(f"cannot delete {name}", lambda: self._credited(smbclient.remove, self._path(name),
-                                                                       **self._kw))
+            self._run(f"cannot delete {name}", lambda: self._credited(smbclient.remove, self._path(name), **self._kw))
         except NotFound:
             pass
 

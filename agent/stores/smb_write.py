@@ -19,6 +19,7 @@ Written against smbprotocol 1.17 (pinned in pyproject.toml);
 server and that the server checks our signatures (it drops a session whose
 signature is wrong).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,8 @@ from smbprotocol.header import Commands, Smb2Flags, SMB2HeaderRequest
 from smbprotocol.open import SMB2WriteRequest
 
 _HEADER = struct.Struct("<4sHHHHHHIIQIIQ16s")  # [MS-SMB2] 2.2.1.2, 64 bytes
-_WRITE = struct.Struct("<HHIQ16sIIHHI")         # [MS-SMB2] 2.2.21 without the buffer, 48 bytes
-_FRAME = struct.Struct(">I")                    # Direct TCP transport length
+_WRITE = struct.Struct("<HHIQ16sIIHHI")  # [MS-SMB2] 2.2.21 without the buffer, 48 bytes
+_FRAME = struct.Struct(">I")  # Direct TCP transport length
 _WRITE_CMD = 0x0009
 _SIGNED = 0x00000008
 _MAX_PAYLOAD = 65536
@@ -51,8 +52,13 @@ def usable(fd) -> bool:
     """The fast path applies: a signed or plain session without encryption."""
     conn = fd.connection
     session = conn.session_table.get(fd.tree_connect.session.session_id)
-    return bool(session is not None and not session.encrypt_data and not fd.tree_connect.encrypt_data
-                and hasattr(conn, "sequence_lock") and hasattr(conn.transport, "_sock_lock"))
+    return bool(
+        session is not None
+        and not session.encrypt_data
+        and not fd.tree_connect.encrypt_data
+        and hasattr(conn, "sequence_lock")
+        and hasattr(conn.transport, "_sock_lock")
+    )
 
 
 def _sign_id(conn) -> int:
@@ -103,11 +109,24 @@ def send_write(fd, data: memoryview, offset: int, credit_request: int) -> Reques
     fields = _WRITE.pack(49, 0x70, n, offset, fd.file_id, 0, 0, 0, 0, 0)
 
     def header(sig: bytes) -> bytes:
-        return _HEADER.pack(b"\xfeSMB", 64, charge, 0, 0, _WRITE_CMD, credits, flags, 0, message_id, 0,
-                            tree.tree_connect_id, session.session_id, sig)
+        return _HEADER.pack(
+            b"\xfeSMB",
+            64,
+            charge,
+            0,
+            0,
+            _WRITE_CMD,
+            credits,
+            flags,
+            0,
+            message_id,
+            0,
+            tree.tree_connect_id,
+            session.session_id,
+            sig,
+        )
 
-    sig = signature(conn, session.signing_key, message_id, (header(bytes(16)), fields, data)) if signed \
-        else bytes(16)
+    sig = signature(conn, session.signing_key, message_id, (header(bytes(16)), fields, data)) if signed else bytes(16)
 
     # the pending request, as smbprotocol's own _send registers it
     h = SMB2HeaderRequest()

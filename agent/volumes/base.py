@@ -1,5 +1,6 @@
 """The volume-driver interface, shared by the qcow2 and RBD drivers, and the
 typed objects it returns."""
+
 from __future__ import annotations
 
 import re
@@ -34,8 +35,9 @@ def check_name(value: str, field_name: str) -> str:
     if not value or len(value) > MAX_NAME:
         raise InvalidArgument(f"{field_name}: must be 1-{MAX_NAME} characters", field=field_name)
     if _NAME_BAD.search(value) or value in (".", "..") or ".." in value.split("/"):
-        raise InvalidArgument(f"{field_name}: {value!r} holds a path separator, '..' or a control character",
-                              field=field_name)
+        raise InvalidArgument(
+            f"{field_name}: {value!r} holds a path separator, '..' or a control character", field=field_name
+        )
     if value == HEAD:
         raise InvalidArgument(f"{field_name}: {HEAD!r} is reserved for the live state", field=field_name)
     return value
@@ -137,8 +139,9 @@ class VolumeDriver(ABC):
             yield
 
     @abstractmethod
-    def create_volume(self, volume_uuid: str, name: str, capacity: int | None,
-                      backing_file: str | None = None) -> VolumeInfo: ...
+    def create_volume(
+        self, volume_uuid: str, name: str, capacity: int | None, backing_file: str | None = None
+    ) -> VolumeInfo: ...
 
     @abstractmethod
     def delete_volume(self, volume_uuid: str, force: bool = False) -> None: ...
@@ -153,8 +156,9 @@ class VolumeDriver(ABC):
     def resize_volume(self, volume_uuid: str, capacity: int) -> VolumeInfo: ...
 
     @abstractmethod
-    def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str,
-                        description: str = "") -> SnapshotInfo: ...
+    def create_snapshot(
+        self, volume_uuid: str, snapshot_uuid: str, name: str, description: str = ""
+    ) -> SnapshotInfo: ...
 
     @abstractmethod
     def delete_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> None: ...
@@ -173,8 +177,7 @@ class VolumeDriver(ABC):
         """Data and zero extents of a snapshot (or the live state)."""
 
     @abstractmethod
-    def changed_extents(self, volume_uuid: str, snapshot_uuid: str,
-                        since_snapshot_uuid: str | None) -> ChangedExtents:
+    def changed_extents(self, volume_uuid: str, snapshot_uuid: str, since_snapshot_uuid: str | None) -> ChangedExtents:
         """What changed from since_snapshot to snapshot; raises
         TrackingLost when that cannot be known exactly."""
 
@@ -192,13 +195,15 @@ class VolumeDriver(ABC):
         """bf-image-sha256-v1 of the live state or a snapshot (agent.volumes.digest.Digest)."""
 
     @abstractmethod
-    def linked_clone(self, source: VolumeDriver, source_volume: str, snapshot_uuid: str, volume_uuid: str,
-                     name: str) -> VolumeInfo:
+    def linked_clone(
+        self, source: VolumeDriver, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str
+    ) -> VolumeInfo:
         """A new volume in this pool that shares the snapshot's data (constant time)."""
 
     @abstractmethod
-    def full_clone(self, source: VolumeDriver, source_volume: str, snapshot_uuid: str, volume_uuid: str,
-                   name: str, ctx) -> tuple[VolumeInfo, int]:
+    def full_clone(
+        self, source: VolumeDriver, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str, ctx
+    ) -> tuple[VolumeInfo, int]:
         """An independent copy of a snapshot; returns it and the bytes copied.
         A cancelled or failed copy leaves no volume behind."""
 
@@ -214,8 +219,7 @@ class VolumeDriver(ABC):
         for extents(); a driver may use it to map less (or ignore it)."""
 
     @abstractmethod
-    def open_restore_target(self, volume_uuid: str, name: str, capacity: int,
-                            job_id: str) -> RestoreTarget:
+    def open_restore_target(self, volume_uuid: str, name: str, capacity: int, job_id: str) -> RestoreTarget:
         """A new volume to write a restore into. It does not exist as a
         volume until commit(); abort() (or a crash) leaves nothing that looks
         like one."""

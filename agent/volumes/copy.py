@@ -10,6 +10,7 @@ other (qcow2 <-> RBD), through the drivers' snapshot readers and restore
 targets, the pieces backups and restores use; the new volume appears only
 when complete (the restore target's commit).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ class CopyStats:
 
 
 def copy_image(src: str, dst: str, *, run_dir: str, ctx, src_format: str = "qcow2") -> CopyStats:
-    with QemuNbd(src, fmt=src_format, readonly=True, run_dir=run_dir) as rs, \
-            QemuNbd(dst, readonly=False, run_dir=run_dir) as ws:
+    with (
+        QemuNbd(src, fmt=src_format, readonly=True, run_dir=run_dir) as rs,
+        QemuNbd(dst, readonly=False, run_dir=run_dir) as ws,
+    ):
         with rs.connect() as reader, ws.connect() as writer_client:
             data = [Extent(e.start, e.length) for e in reader.allocation() if not e.zero]
             total = sum(e.length for e in data)

@@ -4,6 +4,7 @@ Zero extents (holes and zero clusters) are added to the digest without being
 read, so a qcow2 image and a raw file or RBD image with the same content give
 the same bf-image-sha256-v1 digest.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,5 +52,9 @@ def digest_stream(total: int, data: list[Extent], read_extents, ctx=None) -> Dig
 def image_digest(path: str, *, run_dir: str, fmt: str = "qcow2", ctx=None) -> Digest:
     with QemuNbd(path, fmt=fmt, readonly=True, run_dir=run_dir) as srv, srv.connect() as client:
         data = [Extent(e.start, e.length) for e in client.allocation() if not e.zero]
-        return digest_stream(client.size, data, lambda ext, on_data, checkpoint: client.read_extents(
-            ext, on_data, checkpoint=checkpoint), ctx)
+        return digest_stream(
+            client.size,
+            data,
+            lambda ext, on_data, checkpoint: client.read_extents(ext, on_data, checkpoint=checkpoint),
+            ctx,
+        )

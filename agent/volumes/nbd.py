@@ -5,6 +5,7 @@ Reads and writes of volume data go through NBD: qemu-nbd serves the image
 in the agent's runtime directory, and libnbd moves the data with several
 requests in flight and a pool of reused buffers.
 """
+
 from __future__ import annotations
 
 import collections
@@ -51,8 +52,16 @@ class AllocExtent:
 class QemuNbd:
     """A qemu-nbd server for one image, alive for the `with` block only."""
 
-    def __init__(self, image: str, *, fmt: str = "qcow2", readonly: bool = True,
-                 bitmap: str | None = None, run_dir: str | None = None, image_opts: str | None = None):
+    def __init__(
+        self,
+        image: str,
+        *,
+        fmt: str = "qcow2",
+        readonly: bool = True,
+        bitmap: str | None = None,
+        run_dir: str | None = None,
+        image_opts: str | None = None,
+    ):
         self.image = image
         self.fmt = fmt
         self.readonly = readonly
@@ -223,14 +232,21 @@ class NbdClient:
 
     # ---- data ----
 
-    def read_extents(self, extents: Iterable[Extent], on_data: Callable[[int, memoryview], None],
-                     *, request_size: int = REQUEST_SIZE, in_flight: int = IN_FLIGHT,
-                     checkpoint: Callable[[], None] | None = None) -> None:
+    def read_extents(
+        self,
+        extents: Iterable[Extent],
+        on_data: Callable[[int, memoryview], None],
+        *,
+        request_size: int = REQUEST_SIZE,
+        in_flight: int = IN_FLIGHT,
+        checkpoint: Callable[[], None] | None = None,
+    ) -> None:
         """Read the extents with up to `in_flight` requests outstanding and
         call on_data(offset, view) in offset order. The view is valid only
         during the call (its buffer is reused)."""
-        requests = ((off, min(request_size, e.end - off))
-                    for e in extents for off in range(e.start, e.end, request_size))
+        requests = (
+            (off, min(request_size, e.end - off)) for e in extents for off in range(e.start, e.end, request_size)
+        )
         pending: collections.deque = collections.deque()
         h = self.h
         try:
@@ -280,7 +296,7 @@ class NbdClient:
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data)
         for pos in range(0, len(view), REQUEST_SIZE):  # servers take at most 32 MiB a request
-            self.h.pwrite(view[pos:pos + REQUEST_SIZE], offset + pos)
+            self.h.pwrite(view[pos : pos + REQUEST_SIZE], offset + pos)
 
     def zero(self, length: int, offset: int, *, punch_hole: bool = True) -> None:
         pos = offset

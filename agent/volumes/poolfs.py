@@ -15,6 +15,7 @@ Missing files raise FileNotFoundError on both, as the driver expects; any
 other NFS failure is the pool's error (TargetUnreachable, NoSpace,
 StorageIOError naming the pool).
 """
+
 from __future__ import annotations
 
 import errno
@@ -267,7 +268,7 @@ class NfsFiles(PoolFiles):
     def _rel(self, path: str) -> str:
         if path != self.prefix and not path.startswith(self.prefix + "/"):
             raise InvalidArgument(f"path: {path!r} is not on {self.prefix}", field="path")
-        return path[len(self.prefix):] or "/"
+        return path[len(self.prefix) :] or "/"
 
     def _run(self, what: str, path: str, fn, *, retry: bool = True):
         """fn(ctx) on the pool's NFS connections: once more on a new
@@ -386,8 +387,9 @@ class NfsFiles(PoolFiles):
         self._run("cannot commit", path, commit)
 
     def statvfs(self, path: str) -> tuple[int, int, int]:
-        frsize, blocks, bfree, bavail = self._run("cannot read capacity of", path,
-                                                  lambda ctx: ctx.statvfs(self._rel(path)))
+        frsize, blocks, bfree, bavail = self._run(
+            "cannot read capacity of", path, lambda ctx: ctx.statvfs(self._rel(path))
+        )
         return blocks * frsize, (blocks - bfree) * frsize, bavail * frsize
 
     def pread(self, path: str, n: int, offset: int) -> bytes:
@@ -420,8 +422,10 @@ class NfsFiles(PoolFiles):
                     ctx.unlink(old)
                 except OSError:
                     pass
-            tmp = posixpath.join(posixpath.dirname(rel), f".{posixpath.basename(rel)}.{os.getpid()}."
-                                 f"{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp = posixpath.join(
+                posixpath.dirname(rel),
+                f".{posixpath.basename(rel)}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}.tmp",
+            )
             tried.append(tmp)
             f = ctx.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
             try:
@@ -453,8 +457,10 @@ class NfsFiles(PoolFiles):
         from agent.stores.locks import EXCLUSIVE, RepoLock
 
         def busy(holder):
-            return Busy(f"volume_uuid: volume {name} is locked by {holder.describe()}; try again when it ends",
-                        field="volume_uuid")
+            return Busy(
+                f"volume_uuid: volume {name} is locked by {holder.describe()}; try again when it ends",
+                field="volume_uuid",
+            )
 
         prefix = f"{self._rel(lock_dir).strip('/')}/{name}"
         with RepoLock(self.store, EXCLUSIVE, purpose, timeout=LOCK_WAIT, prefix=prefix, busy=busy):

@@ -39,6 +39,7 @@ bitmaps of the layers on the tree path (A, B]. A bitmap left inconsistent
 (qemu-nbd killed) is removed at the next snapshot and that layer is marked
 "tracking lost"; asking for changes across it raises TrackingLost.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -119,8 +120,16 @@ LEFTOVER_AGE = 600.0  # seconds without a write before a temporary file counts a
 class Qcow2Pool(VolumeDriver):
     kind = "dir"
 
-    def __init__(self, pool_uuid: str, root: str, *, run_dir: str, allowed_roots: list[str],
-                 lookup: Callable[[str], Qcow2Pool] | None = None, fs: PoolFiles | None = None):
+    def __init__(
+        self,
+        pool_uuid: str,
+        root: str,
+        *,
+        run_dir: str,
+        allowed_roots: list[str],
+        lookup: Callable[[str], Qcow2Pool] | None = None,
+        fs: PoolFiles | None = None,
+    ):
         """root: the pool's directory, or with fs=NfsFiles the export's URL."""
         self.pool_uuid = check_uuid(pool_uuid, "pool_uuid")
         self.lookup = lookup or (lambda pool: self)  # other pools, for clones across pools
@@ -138,8 +147,10 @@ class Qcow2Pool(VolumeDriver):
                 raise
             # an NFS server down while the agent starts: the pool is served
             # (and reported unreachable); it is prepared at its first use
-            log.warning("pool storage does not answer; preparing it at first use",
-                        extra={"pool": self.pool_uuid, "error": e.message})
+            log.warning(
+                "pool storage does not answer; preparing it at first use",
+                extra={"pool": self.pool_uuid, "error": e.message},
+            )
 
     def _prepare(self) -> None:
         """The pool's directories, and the sweep of what a crash left."""
@@ -167,8 +178,12 @@ class Qcow2Pool(VolumeDriver):
                 finally:
                     held[vol] -= 1
                 return
-            with self.fs.lock(os.path.join(self.base, "locks"), vol, f"volume {vol} metadata",
-                              drop=lambda: not self.fs.exists(self.meta_path(vol))):
+            with self.fs.lock(
+                os.path.join(self.base, "locks"),
+                vol,
+                f"volume {vol} metadata",
+                drop=lambda: not self.fs.exists(self.meta_path(vol)),
+            ):
                 held[vol] = 1
                 try:
                     yield
@@ -213,15 +228,16 @@ class Qcow2Pool(VolumeDriver):
         known = {s.uuid for s in meta.snapshots}
         orphans = [f for f in self.fs.listdir(self.snap_dir(vol)) if not f.startswith(".") and f not in known]
         if len(orphans) != 1:
-            log.error("volume has no live state and cannot be repaired automatically",
-                      extra={"volume": vol, "unknown_layers": len(orphans)})
+            log.error(
+                "volume has no live state and cannot be repaired automatically",
+                extra={"volume": vol, "unknown_layers": len(orphans)},
+            )
             return
         self.fs.rename(self.snap_path(vol, orphans[0]), head)
         bm = qemu_img.info(head).bitmap(BITMAP)
         if bm is not None and bm.consistent and not bm.enabled:
             qemu_img.bitmap(head, "enable", BITMAP)
-        log.warning("repaired a snapshot interrupted by a crash: the live state is back",
-                    extra={"volume": vol})
+        log.warning("repaired a snapshot interrupted by a crash: the live state is back", extra={"volume": vol})
 
     # ---- paths ----
 
@@ -286,8 +302,10 @@ class Qcow2Pool(VolumeDriver):
         if bm is None:
             return TRACKING_LOST
         if not bm.consistent:
-            log.warning("dirty bitmap inconsistent (qemu-nbd or qemu was killed?); change tracking lost "
-                        "for this layer", extra={"path": path})
+            log.warning(
+                "dirty bitmap inconsistent (qemu-nbd or qemu was killed?); change tracking lost for this layer",
+                extra={"path": path},
+            )
             qemu_img.bitmap(path, "remove", BITMAP)
             return TRACKING_LOST
         qemu_img.bitmap(path, "disable", BITMAP)
@@ -302,32 +320,37 @@ class Qcow2Pool(VolumeDriver):
 
     # ---- volumes ----
 
-    def create_volume(self, volume_uuid: str, name: str, capacity: int | None,
-                      backing_file: str | None = None) -> VolumeInfo:
+    def create_volume(
+        self, volume_uuid: str, name: str, capacity: int | None, backing_file: str | None = None
+    ) -> VolumeInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
         check_name(name, "name")
         with self._locked(vol):
             if self.fs.exists(self.meta_path(vol)):
-                raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
-                                    field="volume_uuid")
+                raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
             meta = VolMeta(uuid=vol, name=name, created_at=time.time())
             if backing_file and not self.fs.local:
-                raise InvalidArgument(f"backing_file: pool {self.pool_uuid} is on NFS, where a file of one host "
-                                      "cannot be the base of a volume; import it with a full copy instead",
-                                      field="backing_file")
+                raise InvalidArgument(
+                    f"backing_file: pool {self.pool_uuid} is on NFS, where a file of one host "
+                    "cannot be the base of a volume; import it with a full copy instead",
+                    field="backing_file",
+                )
             if backing_file:
                 real = resolve_under_roots(backing_file, self.allowed_roots, "backing_file")
                 if not os.path.isfile(real):
                     raise NotFound(f"backing_file: {backing_file!r} is not an existing file", field="backing_file")
                 info = qemu_img.info(real)
                 if info.format not in ("qcow2", "raw"):
-                    raise InvalidArgument(f"backing_file: format {info.format!r} is not qcow2 or raw",
-                                          field="backing_file")
+                    raise InvalidArgument(
+                        f"backing_file: format {info.format!r} is not qcow2 or raw", field="backing_file"
+                    )
                 if capacity is None or capacity == 0:
                     capacity = info.virtual_size
                 elif capacity < info.virtual_size:
-                    raise InvalidArgument(f"capacity: {capacity} is smaller than backing_file "
-                                          f"({info.virtual_size} bytes)", field="capacity")
+                    raise InvalidArgument(
+                        f"capacity: {capacity} is smaller than backing_file ({info.virtual_size} bytes)",
+                        field="capacity",
+                    )
                 meta.base_file, meta.base_format = real, info.format
             elif capacity is None:
                 raise InvalidArgument("capacity: required when no backing_file is given", field="capacity")
@@ -347,14 +370,18 @@ class Qcow2Pool(VolumeDriver):
             meta = self._meta(volume_uuid)
             clones = self._dependents(meta)
             if clones and not force:
-                raise HasDependents(f"volume_uuid: volume {meta.uuid} has linked clones "
-                                    f"{', '.join(c.split('/')[1] for c in clones)}; "
-                                    "flatten or delete them first, or delete with force (which flattens them)",
-                                    field="volume_uuid")
+                raise HasDependents(
+                    f"volume_uuid: volume {meta.uuid} has linked clones "
+                    f"{', '.join(c.split('/')[1] for c in clones)}; "
+                    "flatten or delete them first, or delete with force (which flattens them)",
+                    field="volume_uuid",
+                )
             if meta.snapshots and not force:
                 names = ", ".join(f"{s.name} ({s.uuid})" for s in meta.snapshots)
-                raise HasDependents(f"volume_uuid: volume {meta.uuid} has snapshots {names}; delete them "
-                                    "first, or delete with force", field="volume_uuid")
+                raise HasDependents(
+                    f"volume_uuid: volume {meta.uuid} has snapshots {names}; delete them first, or delete with force",
+                    field="volume_uuid",
+                )
             qemu_img.ensure_not_in_use(self.head_path(meta.uuid))
         for clone in clones:  # force: keep the clones alive on their own
             pool, vol = clone.split("/")
@@ -398,11 +425,20 @@ class Qcow2Pool(VolumeDriver):
         used = qemu_img.allocated_data(head)
         snap_bytes = sum(_disk_usage(self.fs, self.snap_path(meta.uuid, s.uuid)) for s in meta.snapshots)
         return VolumeInfo(
-            uuid=meta.uuid, name=meta.name, pool_uuid=self.pool_uuid, capacity=info.virtual_size, used=used,
-            snapshot_bytes=snap_bytes, access_path=head, created_at=meta.created_at,
-            parent_volume=meta.parent_volume, parent_snapshot=meta.parent_snapshot,
-            children=tuple(c.split("/")[1] for c in self._dependents(meta)), format="qcow2",
-            tracking=self._head_tracking(meta, info))
+            uuid=meta.uuid,
+            name=meta.name,
+            pool_uuid=self.pool_uuid,
+            capacity=info.virtual_size,
+            used=used,
+            snapshot_bytes=snap_bytes,
+            access_path=head,
+            created_at=meta.created_at,
+            parent_volume=meta.parent_volume,
+            parent_snapshot=meta.parent_snapshot,
+            children=tuple(c.split("/")[1] for c in self._dependents(meta)),
+            format="qcow2",
+            tracking=self._head_tracking(meta, info),
+        )
 
     def list_volumes(self) -> list[VolumeInfo]:
         self._prepare()
@@ -421,16 +457,18 @@ class Qcow2Pool(VolumeDriver):
             meta = self._meta(volume_uuid)
             current = qemu_img.info(self.head_path(meta.uuid)).virtual_size
             if capacity < current:
-                raise InvalidArgument(f"capacity: shrinking from {current} to {capacity} bytes would lose "
-                                      "data; only growing is supported", field="capacity")
+                raise InvalidArgument(
+                    f"capacity: shrinking from {current} to {capacity} bytes would lose "
+                    "data; only growing is supported",
+                    field="capacity",
+                )
             if capacity > current:
                 qemu_img.resize(self.head_path(meta.uuid), capacity)
             return self._info(meta)
 
     # ---- snapshots ----
 
-    def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str,
-                        description: str = "") -> SnapshotInfo:
+    def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str, description: str = "") -> SnapshotInfo:
         snap = check_uuid(snapshot_uuid, "snapshot_uuid")
         check_name(name, "snapshot_name")
         if len(description) > 1024:
@@ -440,8 +478,9 @@ class Qcow2Pool(VolumeDriver):
             if meta.snapshot(snap):
                 raise AlreadyExists(f"snapshot_uuid: snapshot {snap} exists", field="snapshot_uuid")
             if any(s.name == name for s in meta.snapshots):
-                raise AlreadyExists(f"snapshot_name: volume {meta.uuid} has a snapshot named {name!r}",
-                                    field="snapshot_name")
+                raise AlreadyExists(
+                    f"snapshot_name: volume {meta.uuid} has a snapshot named {name!r}", field="snapshot_name"
+                )
             head = self.head_path(meta.uuid)
             qemu_img.ensure_not_in_use(head)
             capacity = qemu_img.info(head).virtual_size
@@ -456,8 +495,14 @@ class Qcow2Pool(VolumeDriver):
             except Exception:
                 self.fs.rename(layer, head)  # put the live state back as it was
                 raise
-            s = SnapMeta(uuid=snap, name=name, description=description, created_at=time.time(),
-                         parent=meta.head_parent, tracking=tracking)
+            s = SnapMeta(
+                uuid=snap,
+                name=name,
+                description=description,
+                created_at=time.time(),
+                parent=meta.head_parent,
+                tracking=tracking,
+            )
             meta.snapshots.append(s)
             meta.head_parent = snap
             meta.head_tracking = TRACKING_OK
@@ -469,19 +514,30 @@ class Qcow2Pool(VolumeDriver):
         children = [c.uuid for c in meta.children_of(s.uuid)]
         if meta.head_parent == s.uuid:
             children.append(HEAD)
-        return SnapshotInfo(uuid=s.uuid, name=s.name, volume_uuid=meta.uuid, description=s.description,
-                            created_at=s.created_at, size=_disk_usage(self.fs, self.snap_path(meta.uuid, s.uuid)),
-                            parent=s.parent, children=tuple(children),
-                            clones=tuple(c.split("/")[1] for c in s.clones), tracking=s.tracking)
+        return SnapshotInfo(
+            uuid=s.uuid,
+            name=s.name,
+            volume_uuid=meta.uuid,
+            description=s.description,
+            created_at=s.created_at,
+            size=_disk_usage(self.fs, self.snap_path(meta.uuid, s.uuid)),
+            parent=s.parent,
+            children=tuple(children),
+            clones=tuple(c.split("/")[1] for c in s.clones),
+            tracking=s.tracking,
+        )
 
     def delete_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> None:
         with self._locked(volume_uuid):
             meta = self._meta(volume_uuid)
             s = self._snap(meta, snapshot_uuid)
             if s.clones:
-                raise HasDependents(f"snapshot_uuid: snapshot {s.name} ({s.uuid}) has linked clones "
-                                    f"{', '.join(c.split('/')[1] for c in s.clones)}; flatten or delete them "
-                                    "first", field="snapshot_uuid")
+                raise HasDependents(
+                    f"snapshot_uuid: snapshot {s.name} ({s.uuid}) has linked clones "
+                    f"{', '.join(c.split('/')[1] for c in s.clones)}; flatten or delete them "
+                    "first",
+                    field="snapshot_uuid",
+                )
             layer = self.snap_path(meta.uuid, s.uuid)
             new_backing, new_fmt = self._backing_of(meta, s.parent)
             children = [(c, self.snap_path(meta.uuid, c.uuid)) for c in meta.children_of(s.uuid)]
@@ -507,8 +563,7 @@ class Qcow2Pool(VolumeDriver):
             meta.snapshots.remove(s)
             self._save(meta)
             self.fs.unlink(layer)
-            log.info("snapshot deleted", extra={"volume": meta.uuid, "snapshot": s.uuid,
-                                                "rebased": len(children)})
+            log.info("snapshot deleted", extra={"volume": meta.uuid, "snapshot": s.uuid, "rebased": len(children)})
 
     def rollback_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> VolumeInfo:
         with self._locked(volume_uuid):
@@ -554,17 +609,17 @@ class Qcow2Pool(VolumeDriver):
             if cur.parent == since:
                 return path
             if cur.parent is None:
-                raise FailedPrecondition(f"since_snapshot_uuid: snapshot {since} is not an ancestor of "
-                                         f"snapshot {snap}", field="since_snapshot_uuid")
+                raise FailedPrecondition(
+                    f"since_snapshot_uuid: snapshot {since} is not an ancestor of snapshot {snap}",
+                    field="since_snapshot_uuid",
+                )
             cur = meta.snapshot(cur.parent)
 
-    def changed_extents(self, volume_uuid: str, snapshot_uuid: str,
-                        since_snapshot_uuid: str | None) -> ChangedExtents:
+    def changed_extents(self, volume_uuid: str, snapshot_uuid: str, since_snapshot_uuid: str | None) -> ChangedExtents:
         meta = self._meta(volume_uuid)
         self._snap(meta, snapshot_uuid)
         if since_snapshot_uuid is None:
-            data = [Extent(e.start, e.length) for e in self.data_extents(volume_uuid, snapshot_uuid)
-                    if not e.zero]
+            data = [Extent(e.start, e.length) for e in self.data_extents(volume_uuid, snapshot_uuid) if not e.zero]
             return ChangedExtents(data, exact=True, granularity=GRANULARITY)
         # Each layer's own bitmap, read from its file: missing, in use or
         # inconsistent is TrackingLost. Under the volume's lock: deleting a
@@ -577,38 +632,55 @@ class Qcow2Pool(VolumeDriver):
             layers = self._path_to(meta, snapshot_uuid, since)
             lost = [s for s in layers if s.tracking != TRACKING_OK]
             if lost:
-                raise TrackingLost(f"snapshot_uuid: change tracking was lost for snapshot "
-                                   f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)} (when it was "
-                                   "taken, its layer's dirty bitmap was missing or inconsistent: written by a program "
-                                   "that keeps no bitmap, or qemu or qemu-nbd was killed)",
-                                   field="snapshot_uuid")
+                raise TrackingLost(
+                    f"snapshot_uuid: change tracking was lost for snapshot "
+                    f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)} (when it was "
+                    "taken, its layer's dirty bitmap was missing or inconsistent: written by a program "
+                    "that keeps no bitmap, or qemu or qemu-nbd was killed)",
+                    field="snapshot_uuid",
+                )
             for s in layers:
-                dirty.extend(dirty_extents(self.snap_path(meta.uuid, s.uuid), BITMAP,
-                                           f"snapshot {s.name} ({s.uuid})", fs=self.fs))
+                dirty.extend(
+                    dirty_extents(
+                        self.snap_path(meta.uuid, s.uuid), BITMAP, f"snapshot {s.name} ({s.uuid})", fs=self.fs
+                    )
+                )
         return ChangedExtents(merge_extents(dirty), exact=True, granularity=GRANULARITY)
 
     # ---- clones ----
 
-    def linked_clone(self, source: Qcow2Pool, source_volume: str, snapshot_uuid: str, volume_uuid: str,
-                     name: str) -> VolumeInfo:
+    def linked_clone(
+        self, source: Qcow2Pool, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str
+    ) -> VolumeInfo:
         """A new volume in this pool on top of a snapshot of source (constant time)."""
         vol = check_uuid(volume_uuid, "clone_volume_uuid")
         check_name(name, "clone_dst_vol_name")
         if source.kind != self.kind:
-            raise FailedPrecondition(f"target_pool_uuid: a linked clone of a {source.kind} pool's snapshot cannot "
-                                     f"live in a {self.kind} pool (its backing file would be out of reach); make a "
-                                     "full clone", field="target_pool_uuid")
+            raise FailedPrecondition(
+                f"target_pool_uuid: a linked clone of a {source.kind} pool's snapshot cannot "
+                f"live in a {self.kind} pool (its backing file would be out of reach); make a "
+                "full clone",
+                field="target_pool_uuid",
+            )
         with source._locked(source_volume):
             origin = source._meta(source_volume)
             s = source._snap(origin, snapshot_uuid)
             layer = source.snap_path(origin.uuid, s.uuid)
             with self._locked(vol):
                 if self.fs.exists(self.meta_path(vol)):
-                    raise AlreadyExists(f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
-                                        field="clone_volume_uuid")
+                    raise AlreadyExists(
+                        f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="clone_volume_uuid"
+                    )
                 capacity = qemu_img.info(layer).virtual_size
-                meta = VolMeta(uuid=vol, name=name, created_at=time.time(), parent_volume=origin.uuid,
-                               parent_pool=source.pool_uuid, parent_snapshot=s.uuid, parent_file=layer)
+                meta = VolMeta(
+                    uuid=vol,
+                    name=name,
+                    created_at=time.time(),
+                    parent_volume=origin.uuid,
+                    parent_pool=source.pool_uuid,
+                    parent_snapshot=s.uuid,
+                    parent_file=layer,
+                )
                 self._new_layer(self.head_path(vol), capacity, layer, "qcow2")
                 self._save(meta)
             s.clones.append(f"{self.pool_uuid}/{vol}")
@@ -621,8 +693,7 @@ class Qcow2Pool(VolumeDriver):
         with self._locked(volume_uuid):
             meta = self._meta(volume_uuid)
             if not meta.parent_file:
-                raise FailedPrecondition(f"volume_uuid: volume {meta.uuid} is not a linked clone",
-                                         field="volume_uuid")
+                raise FailedPrecondition(f"volume_uuid: volume {meta.uuid} is not a linked clone", field="volume_uuid")
             # The bottom layer of the clone is the one backed by the origin.
             roots = meta.children_of(None)
             bottom = self.snap_path(meta.uuid, roots[0].uuid) if roots else self.head_path(meta.uuid)
@@ -634,8 +705,9 @@ class Qcow2Pool(VolumeDriver):
             log.info("clone flattened", extra={"volume": meta.uuid})
             return self._info(meta)
 
-    def new_volume_for_copy(self, volume_uuid: str, name: str, capacity: int, job_id: str = "copy",
-                            preallocation: str = "off") -> tuple[str, Callable, Callable]:
+    def new_volume_for_copy(
+        self, volume_uuid: str, name: str, capacity: int, job_id: str = "copy", preallocation: str = "off"
+    ) -> tuple[str, Callable, Callable]:
         """Reserve a volume for a full copy: returns (temporary head path,
         commit(), abort()). Until commit the volume does not exist."""
         vol = check_uuid(volume_uuid, "volume_uuid")
@@ -643,8 +715,7 @@ class Qcow2Pool(VolumeDriver):
         check_capacity(capacity)
         with self._locked(vol):
             if self.fs.exists(self.meta_path(vol)) or self.fs.exists(self.head_path(vol)):
-                raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
-                                    field="volume_uuid")
+                raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
         tag = hashlib.sha256(job_id.encode()).hexdigest()[:12]
         tmp = os.path.join(self.base, "volume", f".{vol}.{tag}.copy")
         if self.fs.exists(tmp):
@@ -654,8 +725,9 @@ class Qcow2Pool(VolumeDriver):
         def commit() -> VolumeInfo:
             with self._locked(vol):
                 if self.fs.exists(self.meta_path(vol)):
-                    raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
-                                        field="volume_uuid")
+                    raise AlreadyExists(
+                        f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid"
+                    )
                 qemu_img.bitmap(tmp, "add", BITMAP)
                 self.fs.fsync(tmp)  # the copy is durable before the volume exists
                 self.fs.rename(tmp, self.head_path(vol))
@@ -670,7 +742,6 @@ class Qcow2Pool(VolumeDriver):
                 pass
 
         return tmp, commit, abort
-
 
     def pool_status(self) -> PoolStatus:
         try:
@@ -711,8 +782,9 @@ class Qcow2Pool(VolumeDriver):
             with srv.connect() as c:
                 yield NbdSnapshotReader(c)
 
-    def full_clone(self, source: Qcow2Pool, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str,
-                   ctx) -> tuple[VolumeInfo, int]:
+    def full_clone(
+        self, source: Qcow2Pool, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str, ctx
+    ) -> tuple[VolumeInfo, int]:
         """An independent copy of a snapshot. qcow2 -> qcow2 on this host goes
         through qemu-img convert, which measured 2.3x faster than copying
         through two qemu-nbd servers (bench/qcow2_bench.py). The copy
@@ -725,8 +797,13 @@ class Qcow2Pool(VolumeDriver):
         tmp, commit, abort = self.new_volume_for_copy(volume_uuid, name, capacity, job_id=ctx.job_id)
         try:
             ctx.progress(0, data, "copying")
-            qemu_img.convert_into(layer, tmp, on_percent=lambda pct: ctx.progress(int(data * pct / 100)),
-                                  checkpoint=ctx.checkpoint, rate_limit=ctx.bandwidth_limit)
+            qemu_img.convert_into(
+                layer,
+                tmp,
+                on_percent=lambda pct: ctx.progress(int(data * pct / 100)),
+                checkpoint=ctx.checkpoint,
+                rate_limit=ctx.bandwidth_limit,
+            )
             ctx.checkpoint()
             ctx.progress(data, data, "committing")
             return commit(), data
@@ -744,15 +821,15 @@ class Qcow2Pool(VolumeDriver):
         qemu_img.ensure_not_in_use(head)  # a VM's qemu holds the lock: IN_USE
         return Qcow2OverwriteTarget(head, self.run_dir, lambda: self.volume_info(meta.uuid))
 
-    def open_restore_target(self, volume_uuid: str, name: str, capacity: int,
-                            job_id: str) -> RestoreTarget:
+    def open_restore_target(self, volume_uuid: str, name: str, capacity: int, job_id: str) -> RestoreTarget:
         """Up to DIRECT_RESTORE_MAX, into an image with preallocated metadata,
         written straight at its clusters' offsets (agent.volumes.qcow2_direct:
         measured faster than qemu-nbd, bench/backup_bench.py); larger ones,
         whose metadata would cost too much up front, through qemu-nbd."""
         direct = capacity <= DIRECT_RESTORE_MAX and self.fs.local
-        tmp, commit, abort = self.new_volume_for_copy(volume_uuid, name, capacity, job_id=job_id,
-                                                      preallocation="metadata" if direct else "off")
+        tmp, commit, abort = self.new_volume_for_copy(
+            volume_uuid, name, capacity, job_id=job_id, preallocation="metadata" if direct else "off"
+        )
         try:
             if direct:
                 return DirectRestoreTarget(tmp, commit, abort)
@@ -793,7 +870,7 @@ class _NbdTarget(RestoreTarget):
 
     def _write_run(self, view: memoryview, offset: int) -> None:
         for pos in range(0, len(view), NBD_REQUEST):  # servers take at most 32 MiB a request
-            self.writer.write(view[pos:pos + NBD_REQUEST], offset + pos)
+            self.writer.write(view[pos : pos + NBD_REQUEST], offset + pos)
 
     def _close(self) -> None:
         if self.server is not None:

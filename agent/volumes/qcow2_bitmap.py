@@ -21,6 +21,7 @@ cleared (a program that does not know bitmaps wrote the image), a corrupt
 image, a bitmap of another type, or unknown extra data. tests/test_qcow2.py
 compares this reader with qemu-nbd's export of the same bitmaps.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,10 +68,10 @@ def _read(fd, path: str, name: str) -> list[Extent]:
     magic, version = struct.unpack_from(">4sI", hdr, 0)
     if magic != MAGIC or version < 3:
         raise _lost(path, name, "is missing (not a qcow2 v3 image)")
-    cluster_bits, = struct.unpack_from(">I", hdr, 20)
-    disk_size, = struct.unpack_from(">Q", hdr, 24)
+    (cluster_bits,) = struct.unpack_from(">I", hdr, 20)
+    (disk_size,) = struct.unpack_from(">Q", hdr, 24)
     incompatible, _compatible, autoclear = struct.unpack_from(">QQQ", hdr, 72)
-    header_length, = struct.unpack_from(">I", hdr, 100)
+    (header_length,) = struct.unpack_from(">I", hdr, 100)
     cluster = 1 << cluster_bits
     if incompatible & INCOMPAT_CORRUPT:
         raise _lost(path, name, "is in an image marked corrupt")
@@ -88,10 +89,11 @@ def _read(fd, path: str, name: str) -> list[Extent]:
     entries = pread_exact(fd, directory[1], directory[0]) if directory[1] else b""
     pos = 0
     while pos + 24 <= len(entries):
-        table_offset, table_size, flags, btype, gran_bits, name_size, extra_size = \
-            struct.unpack_from(">QIIBBHI", entries, pos)
+        table_offset, table_size, flags, btype, gran_bits, name_size, extra_size = struct.unpack_from(
+            ">QIIBBHI", entries, pos
+        )
         start = pos + 24 + extra_size
-        entry_name = entries[start:start + name_size].decode("utf-8", "replace")
+        entry_name = entries[start : start + name_size].decode("utf-8", "replace")
         pos += (24 + extra_size + name_size + 7) // 8 * 8  # entries are padded to 8 bytes
         if entry_name != name:
             continue

@@ -22,6 +22,7 @@ with pwrite at the offsets qemu-img map gives, without a qemu process in
 between; clusters never written stay holes and read as zeros. Nothing else
 opens the image until the restore commits it into the pool.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -75,8 +76,10 @@ def open_mapped(path: str, only: tuple[int, list[tuple[int, int]]] | None = None
         partial = map_ranges(path, *only)
         if partial is not None:
             entries, _paths, fds = partial
-            pieces = [_Piece(e.start, e.length, fds[e.depth], e.offset) if e.data else
-                      _Piece(e.start, e.length, -1, 0) for e in entries]
+            pieces = [
+                _Piece(e.start, e.length, fds[e.depth], e.offset) if e.data else _Piece(e.start, e.length, -1, 0)
+                for e in entries
+            ]
             return MappedSnapshotReader(only[0], entries, pieces, list(fds.values()), partial=True)
     with ThreadPoolExecutor(1, thread_name_prefix="bf-map") as pool:  # two qemu-img runs at once
         chain_f = pool.submit(qemu_img.chain_info, path)
@@ -166,17 +169,17 @@ class MappedSnapshotReader(SnapshotReader):
                 raise StorageIOError(f"snapshot map has no entry at {pos}")
             p = self._pieces[k]
             n = min(p.end, end) - pos
-            dst = view[pos - start:pos - start + n]
+            dst = view[pos - start : pos - start + n]
             if p.fd < 0:
                 for z in range(0, n, len(_ZEROS)):
                     m = min(len(_ZEROS), n - z)
-                    dst[z:z + m] = _ZEROS[:m]
+                    dst[z : z + m] = _ZEROS[:m]
             else:
                 host, got = p.offset + (pos - p.start), 0
                 while got < n:
                     r = os.preadv(p.fd, [dst[got:]], host + got)
                     if r == 0:  # past the end of a raw base file: zeros
-                        dst[got:] = _ZEROS[:n - got] if n - got <= len(_ZEROS) else bytes(n - got)
+                        dst[got:] = _ZEROS[: n - got] if n - got <= len(_ZEROS) else bytes(n - got)
                         break
                     got += r
             pos += n
@@ -184,8 +187,9 @@ class MappedSnapshotReader(SnapshotReader):
         return buf
 
     def read(self, extents, on_data, request_size: int, checkpoint=None) -> None:
-        requests = ((off, min(request_size, e.end - off))
-                    for e in extents for off in range(e.start, e.end, request_size))
+        requests = (
+            (off, min(request_size, e.end - off)) for e in extents for off in range(e.start, e.end, request_size)
+        )
         pending: deque[tuple[int, Future]] = deque()
         with ThreadPoolExecutor(READERS, thread_name_prefix="bf-pread") as pool:
             try:
@@ -228,8 +232,9 @@ class DirectRestoreTarget(RestoreTarget):
 
     concurrent = True
 
-    def __init__(self, tmp: str, commit: Callable[[], VolumeInfo], abort: Callable[[], None], *,
-                 zero_run: int = 64 << 10):
+    def __init__(
+        self, tmp: str, commit: Callable[[], VolumeInfo], abort: Callable[[], None], *, zero_run: int = 64 << 10
+    ):
         self._commit, self._abort = commit, abort
         self.zero_run = zero_run
         entries = qemu_img.map_image(tmp)

@@ -1,6 +1,7 @@
 """The pieces of the qcow2 on-disk header (docs/interop/qcow2.txt) that the
 agent reads itself, shared by qcow2_map (L1/L2 tables) and qcow2_bitmap
 (dirty bitmaps): exact reads and the walk over the header extensions."""
+
 from __future__ import annotations
 
 import os
@@ -28,5 +29,5 @@ def extensions(area: bytes) -> Iterator[tuple[int, bytes]]:
         kind, length = struct.unpack_from(">II", area, pos)
         if kind == 0:
             return
-        yield kind, area[pos + 8:pos + 8 + length]
+        yield kind, area[pos + 8 : pos + 8 + length]
         pos += 8 + (length + 7) // 8 * 8

@@ -20,6 +20,7 @@ the descriptors stay with the reader (a snapshot's layers are never
 rewritten in place: see qcow2_direct). tests/test_qcow2.py checks the data
 read through this map against `qemu-img convert` of the same chain.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,14 +75,15 @@ class _Qcow2(_Layer):
     def __init__(self, path: str):
         super().__init__(path)
         hdr = self._pread(104, 0) if os.fstat(self.fd).st_size >= 104 else self._pread(72, 0)
-        magic, version, backing_off, backing_len, cluster_bits, size, crypt, l1_size, l1_off = \
-            struct.unpack_from(">4sIQIIQIIQ", hdr, 0)
+        magic, version, backing_off, backing_len, cluster_bits, size, crypt, l1_size, l1_off = struct.unpack_from(
+            ">4sIQIIQIIQ", hdr, 0
+        )
         if magic != MAGIC or version not in (2, 3) or crypt:
             raise Unsupported(f"{path}: not a plain qcow2 v2/v3 image")
         header_length = 72
         if version == 3:
-            incompatible, = struct.unpack_from(">Q", hdr, 72)
-            header_length, = struct.unpack_from(">I", hdr, 100)
+            (incompatible,) = struct.unpack_from(">Q", hdr, 72)
+            (header_length,) = struct.unpack_from(">I", hdr, 100)
             if incompatible & (INCOMPAT_CORRUPT | INCOMPAT_EXTERNAL_DATA | INCOMPAT_EXTENDED_L2):
                 raise Unsupported(f"{path}: incompatible features {incompatible:#x}")
         self.cluster = 1 << cluster_bits
@@ -133,8 +135,11 @@ def _open_chain(path: str) -> list[_Layer]:
         while layer.backing:
             if len(layers) >= MAX_DEPTH:
                 raise Unsupported(f"{path}: a backing chain deeper than {MAX_DEPTH}")
-            backing = layer.backing if os.path.isabs(layer.backing) else \
-                os.path.join(os.path.dirname(layer.path), layer.backing)
+            backing = (
+                layer.backing
+                if os.path.isabs(layer.backing)
+                else os.path.join(os.path.dirname(layer.path), layer.backing)
+            )
             fmt = layer.backing_format
             if fmt == "raw":
                 layer = _Raw(backing)
@@ -169,8 +174,14 @@ def _add(out: list[MapEntry], e: MapEntry) -> None:
     """Append, merging with the previous entry when it continues it."""
     if out:
         p = out[-1]
-        if (p.start + p.length == e.start and p.depth == e.depth and p.data == e.data and p.zero == e.zero
-                and p.present == e.present and (not e.data or p.offset + p.length == e.offset)):
+        if (
+            p.start + p.length == e.start
+            and p.depth == e.depth
+            and p.data == e.data
+            and p.zero == e.zero
+            and p.present == e.present
+            and (not e.data or p.offset + p.length == e.offset)
+        ):
             out[-1] = MapEntry(p.start, p.length + e.length, p.depth, p.present, p.zero, p.data, p.offset, False)
             return
     out.append(e)

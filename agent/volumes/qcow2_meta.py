@@ -4,6 +4,7 @@ Kept as one JSON file per volume, replaced atomically (PoolFiles.replace:
 write a temporary file, fsync, rename, fsync the directory), so a crash
 leaves either the old or the new version.
 """
+
 from __future__ import annotations
 
 import dataclasses

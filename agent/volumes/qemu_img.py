@@ -1,4 +1,5 @@
 """Typed wrappers around qemu-img."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,11 @@ def _run(argv: list[str], *, timeout: float, what: str, check: bool = True):
         return procs.run(argv, timeout=timeout, what=what, check=check)
     except procs.CommandFailed as e:
         if "lock" in e.stderr and "Failed to get" in e.stderr:
-            raise InUse(f"{argv[-1] if argv else 'image'}: in use by another process "
-                        "(a running VM or qemu-nbd holds its lock)") from None
+            raise InUse(
+                f"{argv[-1] if argv else 'image'}: in use by another process (a running VM or qemu-nbd holds its lock)"
+            ) from None
         raise
+
 
 TIMEOUT = 600.0  # metadata operations are quick; rebase/convert get more
 
@@ -73,8 +76,9 @@ def info(path: str, *, force_share: bool = True, fmt: str | None = None) -> Imag
 
 def chain_info(path: str) -> list[ImageInfo]:
     """Info of every layer of an image's backing chain, top first (one process)."""
-    out = _run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", path], timeout=60,
-               what="qemu-img info").stdout
+    out = _run(
+        ["qemu-img", "info", "-U", "--backing-chain", "--output=json", path], timeout=60, what="qemu-img info"
+    ).stdout
     return [_image_info(d, d.get("filename", "")) for d in json.loads(out)]
 
 
@@ -82,15 +86,29 @@ def _image_info(d: dict, path: str) -> ImageInfo:
     bitmaps = ()
     spec = d.get("format-specific") or {}
     if spec.get("type") == "qcow2":
-        bitmaps = tuple(Bitmap(b["name"], tuple(b.get("flags", [])), b.get("granularity", 0))
-                        for b in spec.get("data", {}).get("bitmaps", []) or [])
-    return ImageInfo(path=path, format=d["format"], virtual_size=d["virtual-size"],
-                     actual_size=d.get("actual-size", 0), backing_filename=d.get("backing-filename"),
-                     backing_format=d.get("backing-filename-format"), bitmaps=bitmaps)
+        bitmaps = tuple(
+            Bitmap(b["name"], tuple(b.get("flags", [])), b.get("granularity", 0))
+            for b in spec.get("data", {}).get("bitmaps", []) or []
+        )
+    return ImageInfo(
+        path=path,
+        format=d["format"],
+        virtual_size=d["virtual-size"],
+        actual_size=d.get("actual-size", 0),
+        backing_filename=d.get("backing-filename"),
+        backing_format=d.get("backing-filename-format"),
+        bitmaps=bitmaps,
+    )
 
 
-def create(path: str, size: int | None = None, *, backing: str | None = None,
-           backing_format: str | None = None, preallocation: str = "off") -> None:
+def create(
+    path: str,
+    size: int | None = None,
+    *,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    preallocation: str = "off",
+) -> None:
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size=65536,preallocation={preallocation}"]
     if backing:
         argv += ["-b", backing, "-F", backing_format or "qcow2"]
@@ -117,8 +135,16 @@ def bitmap(path: str, op: str, name: str, *, source_file: str | None = None, sou
     _run(argv + [path, name], timeout=TIMEOUT, what=f"qemu-img bitmap --{op}")
 
 
-def rebase(path: str, backing: str | None, *, backing_format: str = "qcow2", unsafe: bool = False,
-           timeout: float = 24 * 3600, on_percent=None, checkpoint=None) -> None:
+def rebase(
+    path: str,
+    backing: str | None,
+    *,
+    backing_format: str = "qcow2",
+    unsafe: bool = False,
+    timeout: float = 24 * 3600,
+    on_percent=None,
+    checkpoint=None,
+) -> None:
     """Safe mode copies into `path` whatever differs between its old and new
     backing, so its guest-visible content stays the same (also when it is
     stopped half-way). With on_percent, progress is reported and
@@ -131,21 +157,34 @@ def rebase(path: str, backing: str | None, *, backing_format: str = "qcow2", uns
     if on_percent is None:
         _run(argv + ["-q", path], timeout=timeout, what="qemu-img rebase")
     else:
-        procs.run_with_progress(argv + ["-p", path], on_percent=on_percent,
-                                checkpoint=checkpoint or (lambda: None), timeout=timeout,
-                                what="qemu-img rebase")
+        procs.run_with_progress(
+            argv + ["-p", path],
+            on_percent=on_percent,
+            checkpoint=checkpoint or (lambda: None),
+            timeout=timeout,
+            what="qemu-img rebase",
+        )
 
 
 def resize(path: str, size: int) -> None:
-    _run(["qemu-img", "resize", "-q", "-f", "qcow2", path, str(size)], timeout=TIMEOUT,
-              what="qemu-img resize")
+    _run(["qemu-img", "resize", "-q", "-f", "qcow2", path, str(size)], timeout=TIMEOUT, what="qemu-img resize")
 
 
 def map_image(path: str) -> list[MapEntry]:
     out = _run(["qemu-img", "map", "-U", "--output=json", path], timeout=TIMEOUT, what="qemu-img map").stdout
-    return [MapEntry(e["start"], e["length"], e["depth"], e["present"], e["zero"], e["data"], e.get("offset"),
-                     bool(e.get("compressed", False)))
-            for e in json.loads(out)]
+    return [
+        MapEntry(
+            e["start"],
+            e["length"],
+            e["depth"],
+            e["present"],
+            e["zero"],
+            e["data"],
+            e.get("offset"),
+            bool(e.get("compressed", False)),
+        )
+        for e in json.loads(out)
+    ]
 
 
 def allocated_data(path: str) -> int:
@@ -159,8 +198,7 @@ def allocated_in_top(path: str) -> int:
 
 
 def check(path: str) -> dict:
-    cp = _run(["qemu-img", "check", "-U", "--output=json", path], timeout=TIMEOUT, check=False,
-                   what="qemu-img check")
+    cp = _run(["qemu-img", "check", "-U", "--output=json", path], timeout=TIMEOUT, check=False, what="qemu-img check")
     return json.loads(cp.stdout) if cp.stdout.strip() else {"error": cp.stderr.strip()}
 
 
@@ -170,14 +208,36 @@ def ensure_not_in_use(path: str) -> None:
     info(path, force_share=False)
 
 
-def convert_into(src: str, dst: str, *, on_percent, checkpoint, rate_limit: int = 0,
-                 src_format: str = "qcow2", timeout: float = 7 * 24 * 3600) -> None:
+def convert_into(
+    src: str,
+    dst: str,
+    *,
+    on_percent,
+    checkpoint,
+    rate_limit: int = 0,
+    src_format: str = "qcow2",
+    timeout: float = 7 * 24 * 3600,
+) -> None:
     """Copy src's guest content into the existing, empty qcow2 dst. Zero
     blocks stay holes (-S 4k, the default); stopping it half-way leaves dst
     partial, so callers delete dst then."""
-    argv = ["qemu-img", "convert", "-p", "-U", "-n", "--target-is-zero", "-W", "-m", "8",
-            "-f", src_format, "-O", "qcow2"]
+    argv = [
+        "qemu-img",
+        "convert",
+        "-p",
+        "-U",
+        "-n",
+        "--target-is-zero",
+        "-W",
+        "-m",
+        "8",
+        "-f",
+        src_format,
+        "-O",
+        "qcow2",
+    ]
     if rate_limit:
         argv += ["-r", str(rate_limit)]
-    procs.run_with_progress(argv + [src, dst], on_percent=on_percent, checkpoint=checkpoint, timeout=timeout,
-                            what="qemu-img convert")
+    procs.run_with_progress(
+        argv + [src, dst], on_percent=on_percent, checkpoint=checkpoint, timeout=timeout, what="qemu-img convert"
+    )

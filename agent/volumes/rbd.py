@@ -18,6 +18,7 @@
   client_mount_timeout); an unreachable cluster is a clean StorageIOError and
   the pool reports "unreachable" until a later call reconnects.
 """
+
 from __future__ import annotations
 
 import collections
@@ -67,9 +68,14 @@ log = logging.getLogger("agent.rbd")
 REQUEST_SIZE = 4 << 20
 IN_FLIGHT = 8
 ZERO_BLOCK = 65536
-FEATURE_BITS = {"layering": rbd.RBD_FEATURE_LAYERING, "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
-                "object-map": rbd.RBD_FEATURE_OBJECT_MAP, "fast-diff": rbd.RBD_FEATURE_FAST_DIFF,
-                "deep-flatten": rbd.RBD_FEATURE_DEEP_FLATTEN, "journaling": rbd.RBD_FEATURE_JOURNALING}
+FEATURE_BITS = {
+    "layering": rbd.RBD_FEATURE_LAYERING,
+    "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
+    "object-map": rbd.RBD_FEATURE_OBJECT_MAP,
+    "fast-diff": rbd.RBD_FEATURE_FAST_DIFF,
+    "deep-flatten": rbd.RBD_FEATURE_DEEP_FLATTEN,
+    "journaling": rbd.RBD_FEATURE_JOURNALING,
+}
 KEY_NAME, KEY_CREATED, KEY_HEAD_PARENT, KEY_SNAP = "bf.name", "bf.created_at", "bf.head_parent", "bf.snap."
 
 
@@ -109,8 +115,7 @@ class CephConnection:
                 return self._cluster
             t = self.target
             timeout = str(int(max(1, t.timeout)))
-            conf = {"rados_mon_op_timeout": timeout, "rados_osd_op_timeout": timeout,
-                    "client_mount_timeout": timeout}
+            conf = {"rados_mon_op_timeout": timeout, "rados_osd_op_timeout": timeout, "client_mount_timeout": timeout}
             if t.keyring:
                 conf["keyring"] = t.keyring
             name = t.client_name if t.client_name.startswith("client.") else f"client.{t.client_name}"
@@ -136,8 +141,18 @@ class CephConnection:
 class RbdPool(VolumeDriver):
     kind = "rbd"
 
-    def __init__(self, pool_uuid: str, *, ceph_conf: str, client_name: str, keyring: str, rbd_pool: str,
-                 namespace: str, features: list[str], timeout: float):
+    def __init__(
+        self,
+        pool_uuid: str,
+        *,
+        ceph_conf: str,
+        client_name: str,
+        keyring: str,
+        rbd_pool: str,
+        namespace: str,
+        features: list[str],
+        timeout: float,
+    ):
         self.pool_uuid = check_uuid(pool_uuid, "pool_uuid")
         self.rbd_pool = rbd_pool
         self.namespace = namespace
@@ -155,20 +170,22 @@ class RbdPool(VolumeDriver):
         try:
             io = cluster.open_ioctx(self.rbd_pool)
         except rados.ObjectNotFound:
-            raise StorageIOError(f"pool_uuid: RADOS pool {self.rbd_pool!r} does not exist", field="pool_uuid") \
-                from None
+            raise StorageIOError(f"pool_uuid: RADOS pool {self.rbd_pool!r} does not exist", field="pool_uuid") from None
         except (rados.Error, OSError) as e:
             self.conn.reset(str(e))
-            raise StorageIOError(f"pool_uuid: cannot open RADOS pool {self.rbd_pool!r}: {e}",
-                                 field="pool_uuid") from None
+            raise StorageIOError(
+                f"pool_uuid: cannot open RADOS pool {self.rbd_pool!r}: {e}", field="pool_uuid"
+            ) from None
         try:
             if self.namespace:
                 io.set_namespace(self.namespace)
             yield io
         except (rados.TimedOut, rbd.Timeout, rados.ConnectionShutdown, rbd.ConnectionShutdown) as e:
             self.conn.reset(str(e))
-            raise StorageIOError(f"pool_uuid: ceph cluster did not answer within {self.timeout:.0f}s "
-                                 f"(pool {self.rbd_pool}): {e}", field="pool_uuid") from None
+            raise StorageIOError(
+                f"pool_uuid: ceph cluster did not answer within {self.timeout:.0f}s (pool {self.rbd_pool}): {e}",
+                field="pool_uuid",
+            ) from None
         finally:
             io.close()
 
@@ -188,8 +205,9 @@ class RbdPool(VolumeDriver):
             img = rbd.Image(io, vol, snapshot=snapshot, read_only=read_only)
         except rbd.ImageNotFound:
             if snapshot:
-                raise NotFound(f"snapshot_uuid: no snapshot {snapshot} on volume {vol}",
-                               field="snapshot_uuid") from None
+                raise NotFound(
+                    f"snapshot_uuid: no snapshot {snapshot} on volume {vol}", field="snapshot_uuid"
+                ) from None
             raise NotFound(f"volume_uuid: no volume {vol} in pool {self.pool_uuid}", field="volume_uuid") from None
         try:
             yield img
@@ -218,7 +236,7 @@ class RbdPool(VolumeDriver):
 
     @staticmethod
     def _snaps_meta(meta: dict[str, str]) -> dict[str, dict]:
-        return {k[len(KEY_SNAP):]: json.loads(v) for k, v in meta.items() if k.startswith(KEY_SNAP)}
+        return {k[len(KEY_SNAP) :]: json.loads(v) for k, v in meta.items() if k.startswith(KEY_SNAP)}
 
     def _snap_meta(self, img, vol: str, snap: str) -> dict:
         snap = check_uuid(snap, "snapshot_uuid")
@@ -229,8 +247,9 @@ class RbdPool(VolumeDriver):
 
     # ---- volumes ----
 
-    def create_volume(self, volume_uuid: str, name: str, capacity: int | None,
-                      backing_file: str | None = None) -> VolumeInfo:
+    def create_volume(
+        self, volume_uuid: str, name: str, capacity: int | None, backing_file: str | None = None
+    ) -> VolumeInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
         check_name(name, "name")
         with self.ioctx() as io:
@@ -242,8 +261,9 @@ class RbdPool(VolumeDriver):
             try:
                 rbd.RBD().create(io, vol, capacity, old_format=False, features=self.features)
             except rbd.ImageExists:
-                raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
-                                    field="volume_uuid") from None
+                raise AlreadyExists(
+                    f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid"
+                ) from None
             with self._image(io, vol) as img:
                 self._stamp(img, name)
                 log.info("volume created", extra={"pool": self.pool_uuid, "volume": vol, "capacity": capacity})
@@ -255,26 +275,33 @@ class RbdPool(VolumeDriver):
         while a client has it open)."""
         rados_pool, _, image_name = image_name.rpartition("/")
         if rados_pool and rados_pool != self.rbd_pool:
-            raise InvalidArgument(f"backing_file: {rados_pool}/{image_name} is in RADOS pool {rados_pool!r}, this "
-                                  f"pool is {self.rbd_pool!r}", field="backing_file")
+            raise InvalidArgument(
+                f"backing_file: {rados_pool}/{image_name} is in RADOS pool {rados_pool!r}, this "
+                f"pool is {self.rbd_pool!r}",
+                field="backing_file",
+            )
         if "/" in image_name or "@" in image_name or not image_name:
-            raise InvalidArgument("backing_file: give the name of an image in this RBD pool (or "
-                                  f"{self.rbd_pool}/<image>)", field="backing_file")
+            raise InvalidArgument(
+                f"backing_file: give the name of an image in this RBD pool (or {self.rbd_pool}/<image>)",
+                field="backing_file",
+            )
         try:
             with rbd.Image(io, image_name, read_only=True) as img:
                 size = img.size()
                 if list(img.watchers_list()):  # read-only: our handle is not a watcher
                     raise InUse(f"backing_file: image {image_name!r} is open by a client", field="backing_file")
         except rbd.ImageNotFound:
-            raise NotFound(f"backing_file: no image {image_name!r} in RADOS pool {self.rbd_pool}",
-                           field="backing_file") from None
+            raise NotFound(
+                f"backing_file: no image {image_name!r} in RADOS pool {self.rbd_pool}", field="backing_file"
+            ) from None
         if capacity and capacity < size:
             raise InvalidArgument(f"capacity: {capacity} is smaller than the image ({size} bytes)", field="capacity")
         try:
             rbd.RBD().rename(io, image_name, vol)
         except rbd.ImageExists:
-            raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
-                                field="volume_uuid") from None
+            raise AlreadyExists(
+                f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid"
+            ) from None
         with self._image(io, vol) as img:
             if capacity and capacity > size:
                 img.resize(capacity)
@@ -289,13 +316,18 @@ class RbdPool(VolumeDriver):
                 clones = self._children(img, snaps)
                 snap_names = self._snaps_meta(self._meta(img))
                 if clones and not force:
-                    raise HasDependents(f"volume_uuid: volume {vol} has linked clones "
-                                        f"{', '.join(c for _, c in clones)}; flatten or delete them first, or "
-                                        "delete with force (which flattens them)", field="volume_uuid")
+                    raise HasDependents(
+                        f"volume_uuid: volume {vol} has linked clones "
+                        f"{', '.join(c for _, c in clones)}; flatten or delete them first, or "
+                        "delete with force (which flattens them)",
+                        field="volume_uuid",
+                    )
                 if snaps and not force:
                     names = ", ".join(f"{snap_names.get(s, {}).get('name', s)} ({s})" for s in snaps)
-                    raise HasDependents(f"volume_uuid: volume {vol} has snapshots {names}; delete them first, "
-                                        "or delete with force", field="volume_uuid")
+                    raise HasDependents(
+                        f"volume_uuid: volume {vol} has snapshots {names}; delete them first, or delete with force",
+                        field="volume_uuid",
+                    )
             self._refuse_if_open(io, vol)
             for pool, clone in clones:  # force: keep the clones alive on their own
                 self._flatten_image(pool, clone)
@@ -334,8 +366,9 @@ class RbdPool(VolumeDriver):
     def _tracking(self, img) -> str:
         """'degraded' when the image (at its current snapshot) has an object
         map whose flags say it is invalid; else 'ok'."""
-        if img.features() & rbd.RBD_FEATURE_OBJECT_MAP and \
-                img.flags() & (rbd.RBD_FLAG_OBJECT_MAP_INVALID | rbd.RBD_FLAG_FAST_DIFF_INVALID):
+        if img.features() & rbd.RBD_FEATURE_OBJECT_MAP and img.flags() & (
+            rbd.RBD_FLAG_OBJECT_MAP_INVALID | rbd.RBD_FLAG_FAST_DIFF_INVALID
+        ):
             return "degraded"
         return "ok"
 
@@ -353,11 +386,21 @@ class RbdPool(VolumeDriver):
         except rbd.ImageNotFound:
             pass
         children = [c for _, c in self._children(img, [s["name"] for s in snaps])]
-        return VolumeInfo(uuid=vol, name=meta.get(KEY_NAME, vol), pool_uuid=self.pool_uuid, capacity=size,
-                          used=used, snapshot_bytes=snap_bytes,
-                          access_path=f"rbd:{self.rbd_pool}/{self.namespace + '/' if self.namespace else ''}{vol}",
-                          created_at=float(meta.get(KEY_CREATED, "0")), parent_volume=parent_vol,
-                          parent_snapshot=parent_snap, children=tuple(children), format="rbd", tracking=tracking)
+        return VolumeInfo(
+            uuid=vol,
+            name=meta.get(KEY_NAME, vol),
+            pool_uuid=self.pool_uuid,
+            capacity=size,
+            used=used,
+            snapshot_bytes=snap_bytes,
+            access_path=f"rbd:{self.rbd_pool}/{self.namespace + '/' if self.namespace else ''}{vol}",
+            created_at=float(meta.get(KEY_CREATED, "0")),
+            parent_volume=parent_vol,
+            parent_snapshot=parent_snap,
+            children=tuple(children),
+            format="rbd",
+            tracking=tracking,
+        )
 
     def _snap_size(self, img, snaps: list[dict], i: int) -> int:
         """Bytes that changed from the previous snapshot to snapshot i (du-style)."""
@@ -366,8 +409,14 @@ class RbdPool(VolumeDriver):
         img.set_snap(name)
         try:
             n = [0]
-            img.diff_iterate(0, img.size(), since, lambda o, ln, e: n.__setitem__(0, n[0] + (ln if e else 0)),
-                             include_parent=False, whole_object=self._fast_diff_ok(img))
+            img.diff_iterate(
+                0,
+                img.size(),
+                since,
+                lambda o, ln, e: n.__setitem__(0, n[0] + (ln if e else 0)),
+                include_parent=False,
+                whole_object=self._fast_diff_ok(img),
+            )
             return n[0]
         finally:
             img.set_snap(None)
@@ -394,16 +443,18 @@ class RbdPool(VolumeDriver):
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self._locked(vol), self.ioctx() as io, self._image(io, vol) as img:
             if capacity < img.size():
-                raise InvalidArgument(f"capacity: shrinking from {img.size()} to {capacity} bytes would lose "
-                                      "data; only growing is supported", field="capacity")
+                raise InvalidArgument(
+                    f"capacity: shrinking from {img.size()} to {capacity} bytes would lose "
+                    "data; only growing is supported",
+                    field="capacity",
+                )
             if capacity > img.size():
                 img.resize(capacity)
             return self._info(io, img, vol)
 
     # ---- snapshots ----
 
-    def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str,
-                        description: str = "") -> SnapshotInfo:
+    def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str, description: str = "") -> SnapshotInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
         snap = check_uuid(snapshot_uuid, "snapshot_uuid")
         check_name(name, "snapshot_name")
@@ -415,8 +466,7 @@ class RbdPool(VolumeDriver):
             if snap in snaps:
                 raise AlreadyExists(f"snapshot_uuid: snapshot {snap} exists", field="snapshot_uuid")
             if any(s["name"] == name for s in snaps.values()):
-                raise AlreadyExists(f"snapshot_name: volume {vol} has a snapshot named {name!r}",
-                                    field="snapshot_name")
+                raise AlreadyExists(f"snapshot_name: volume {vol} has a snapshot named {name!r}", field="snapshot_name")
             parent = meta.get(KEY_HEAD_PARENT) or None
             record = {"name": name, "description": description, "created_at": time.time(), "parent": parent}
             img.metadata_set(KEY_SNAP + snap, json.dumps(record))  # before the snapshot: never an unknown snap
@@ -441,9 +491,18 @@ class RbdPool(VolumeDriver):
         img.set_snap(snap)
         tracking = self._tracking(img)
         clones = [c for _, c in self._children(img, [snap])]
-        return SnapshotInfo(uuid=snap, name=rec["name"], volume_uuid=vol, description=rec.get("description", ""),
-                            created_at=rec.get("created_at", 0.0), size=size, parent=rec.get("parent"),
-                            children=tuple(children), clones=tuple(clones), tracking=tracking)
+        return SnapshotInfo(
+            uuid=snap,
+            name=rec["name"],
+            volume_uuid=vol,
+            description=rec.get("description", ""),
+            created_at=rec.get("created_at", 0.0),
+            size=size,
+            parent=rec.get("parent"),
+            children=tuple(children),
+            clones=tuple(clones),
+            tracking=tracking,
+        )
 
     def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
@@ -457,9 +516,11 @@ class RbdPool(VolumeDriver):
             rec = self._snap_meta(img, vol, snapshot_uuid)
             clones = self._children(img, [snapshot_uuid])
             if clones:
-                raise HasDependents(f"snapshot_uuid: snapshot {rec['name']} ({snapshot_uuid}) has linked clones "
-                                    f"{', '.join(c for _, c in clones)}; flatten or delete them first",
-                                    field="snapshot_uuid")
+                raise HasDependents(
+                    f"snapshot_uuid: snapshot {rec['name']} ({snapshot_uuid}) has linked clones "
+                    f"{', '.join(c for _, c in clones)}; flatten or delete them first",
+                    field="snapshot_uuid",
+                )
             if img.is_protected_snap(snapshot_uuid):
                 img.unprotect_snap(snapshot_uuid)
             img.remove_snap(snapshot_uuid)
@@ -492,23 +553,27 @@ class RbdPool(VolumeDriver):
         with self.ioctx() as io, self._image(io, vol, read_only=True) as img:
             snaps = self._snaps_meta(self._meta(img))
             existing = {s["name"] for s in img.list_snaps()}
-            return sorted((self._snap_info(img, vol, u, snaps) for u in snaps if u in existing),
-                          key=lambda s: s.created_at)
+            return sorted(
+                (self._snap_info(img, vol, u, snaps) for u in snaps if u in existing), key=lambda s: s.created_at
+            )
 
     def snapshot_tree(self, volume_uuid: str) -> SnapshotTree:
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self.ioctx() as io, self._image(io, vol, read_only=True) as img:
             meta = self._meta(img)
             snaps = self._snaps_meta(meta)
-        return build_tree([(u, r["name"], r.get("parent"), r.get("created_at", 0)) for u, r in snaps.items()],
-                          meta.get(KEY_HEAD_PARENT))
+        return build_tree(
+            [(u, r["name"], r.get("parent"), r.get("created_at", 0)) for u, r in snaps.items()],
+            meta.get(KEY_HEAD_PARENT),
+        )
 
     # ---- extents ----
 
     @staticmethod
     def _fast_diff_ok(img) -> bool:
         return bool(img.features() & rbd.RBD_FEATURE_FAST_DIFF) and not (
-            img.flags() & (rbd.RBD_FLAG_OBJECT_MAP_INVALID | rbd.RBD_FLAG_FAST_DIFF_INVALID))
+            img.flags() & (rbd.RBD_FLAG_OBJECT_MAP_INVALID | rbd.RBD_FLAG_FAST_DIFF_INVALID)
+        )
 
     @staticmethod
     def _extents(img, size: int, since: str | None, *, whole_object: bool, include_parent: bool) -> list[Extent]:
@@ -546,25 +611,26 @@ class RbdPool(VolumeDriver):
             out.append(AllocExtent(pos, size - pos, zero=True, hole=True))
         return out
 
-    def changed_extents(self, volume_uuid: str, snapshot_uuid: str,
-                        since_snapshot_uuid: str | None) -> ChangedExtents:
+    def changed_extents(self, volume_uuid: str, snapshot_uuid: str, since_snapshot_uuid: str | None) -> ChangedExtents:
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self.ioctx() as io:
             with self._image(io, vol, read_only=True) as img:
                 snaps = self._snaps_meta(self._meta(img))
                 if check_uuid(snapshot_uuid, "snapshot_uuid") not in snaps:
-                    raise NotFound(f"snapshot_uuid: no snapshot {snapshot_uuid} on volume {vol}",
-                                   field="snapshot_uuid")
+                    raise NotFound(f"snapshot_uuid: no snapshot {snapshot_uuid} on volume {vol}", field="snapshot_uuid")
                 if since_snapshot_uuid is not None:
                     since = check_uuid(since_snapshot_uuid, "since_snapshot_uuid")
                     if since not in snaps:
-                        raise NotFound(f"since_snapshot_uuid: no snapshot {since} on volume {vol}",
-                                       field="since_snapshot_uuid")
+                        raise NotFound(
+                            f"since_snapshot_uuid: no snapshot {since} on volume {vol}", field="since_snapshot_uuid"
+                        )
                     cur = snaps[snapshot_uuid].get("parent")
                     while cur != since:
                         if cur is None:
-                            raise FailedPrecondition(f"since_snapshot_uuid: snapshot {since} is not an ancestor of "
-                                                     f"snapshot {snapshot_uuid}", field="since_snapshot_uuid")
+                            raise FailedPrecondition(
+                                f"since_snapshot_uuid: snapshot {since} is not an ancestor of snapshot {snapshot_uuid}",
+                                field="since_snapshot_uuid",
+                            )
                         cur = snaps.get(cur, {}).get("parent")
             with self._image(io, vol, snapshot=snapshot_uuid, read_only=True) as img:
                 degraded = []
@@ -574,25 +640,31 @@ class RbdPool(VolumeDriver):
                         degraded.append(snap)
                 img.set_snap(snapshot_uuid)
                 fast = self._fast_diff_ok(img) and not degraded
-                extents = self._extents(img, img.size(), since_snapshot_uuid, whole_object=fast,
-                                        include_parent=since_snapshot_uuid is None)
+                extents = self._extents(
+                    img, img.size(), since_snapshot_uuid, whole_object=fast, include_parent=since_snapshot_uuid is None
+                )
                 note = ""
                 if degraded:
-                    note = (f"the object map of snapshot {', '.join(degraded)} is invalid: changes found by a slow "
-                            f"exact diff (repair: rbd object-map rebuild {self.rbd_pool}/{vol}@<snapshot>)")
+                    note = (
+                        f"the object map of snapshot {', '.join(degraded)} is invalid: changes found by a slow "
+                        f"exact diff (repair: rbd object-map rebuild {self.rbd_pool}/{vol}@<snapshot>)"
+                    )
                     log.warning("change tracking degraded", extra={"volume": vol, "why": note})
-                return ChangedExtents(extents, exact=not fast,
-                                      granularity=(1 << img.stat()["order"]) if fast else 512, degraded=note)
+                return ChangedExtents(
+                    extents, exact=not fast, granularity=(1 << img.stat()["order"]) if fast else 512, degraded=note
+                )
 
     # ---- clones ----
 
-    def linked_clone(self, source: RbdPool, source_volume: str, snapshot_uuid: str, volume_uuid: str,
-                     name: str) -> VolumeInfo:
+    def linked_clone(
+        self, source: RbdPool, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str
+    ) -> VolumeInfo:
         vol = check_uuid(volume_uuid, "clone_volume_uuid")
         check_name(name, "clone_dst_vol_name")
         if source.conn.target.ceph_conf != self.conn.target.ceph_conf:
-            raise FailedPrecondition("target_pool_uuid: a linked clone must be in the same Ceph cluster",
-                                     field="target_pool_uuid")
+            raise FailedPrecondition(
+                "target_pool_uuid: a linked clone must be in the same Ceph cluster", field="target_pool_uuid"
+            )
         with source.ioctx() as sio, self.ioctx() as dio:
             with source._image(sio, source_volume) as img:
                 source._snap_meta(img, source_volume, snapshot_uuid)
@@ -601,12 +673,14 @@ class RbdPool(VolumeDriver):
             try:
                 rbd.RBD().clone(sio, source_volume, snapshot_uuid, dio, vol, features=self.features)
             except rbd.ImageExists:
-                raise AlreadyExists(f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}",
-                                    field="clone_volume_uuid") from None
+                raise AlreadyExists(
+                    f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="clone_volume_uuid"
+                ) from None
             with self._image(dio, vol) as img:
                 self._stamp(img, name)
-                log.info("linked clone created", extra={"volume": vol, "origin": source_volume,
-                                                        "snapshot": snapshot_uuid})
+                log.info(
+                    "linked clone created", extra={"volume": vol, "origin": source_volume, "snapshot": snapshot_uuid}
+                )
                 return self._info(dio, img, vol)
 
     def flatten(self, volume_uuid: str, *, on_percent=None, checkpoint=None) -> VolumeInfo:
@@ -615,8 +689,9 @@ class RbdPool(VolumeDriver):
             try:
                 spec = img.get_parent_image_spec()
             except rbd.ImageNotFound:
-                raise FailedPrecondition(f"volume_uuid: volume {vol} is not a linked clone",
-                                         field="volume_uuid") from None
+                raise FailedPrecondition(
+                    f"volume_uuid: volume {vol} is not a linked clone", field="volume_uuid"
+                ) from None
             cancelled = []
 
             def progress(offset, total):
@@ -654,8 +729,9 @@ class RbdPool(VolumeDriver):
         except (rbd.Error, rados.Error) as e:
             log.warning("could not unprotect the origin snapshot", extra={"error": str(e)})
 
-    def full_clone(self, source: RbdPool, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str,
-                   ctx) -> tuple[VolumeInfo, int]:
+    def full_clone(
+        self, source: RbdPool, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str, ctx
+    ) -> tuple[VolumeInfo, int]:
         """A deep copy of a snapshot into a new image, through aio reads and
         writes; zero blocks are not written. The copy is made under a
         temporary name and renamed when complete; cancelled or failed, it is
@@ -702,7 +778,6 @@ class RbdPool(VolumeDriver):
             with self._image(dio, vol) as img:
                 return self._info(dio, img, vol), total
 
-
     def volume_exists(self, volume_uuid: str) -> bool:
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self.ioctx() as io:
@@ -718,16 +793,21 @@ class RbdPool(VolumeDriver):
         with self.ioctx() as io, self._image(io, vol, snapshot=snapshot_uuid or None, read_only=True) as img:
             size = img.size()
             data = self._extents(img, size, None, whole_object=False, include_parent=True)
-            return digest_stream(size, data, lambda ext, on_data, checkpoint: RbdReader(img).read_extents(
-                ext, on_data, checkpoint=checkpoint), ctx)
-
+            return digest_stream(
+                size,
+                data,
+                lambda ext, on_data, checkpoint: RbdReader(img).read_extents(ext, on_data, checkpoint=checkpoint),
+                ctx,
+            )
 
     @contextmanager
     def open_reader(self, volume_uuid: str, snapshot_uuid: str, only=None):
         """A snapshot through one read-only image handle (only: not needed)."""
         vol = check_uuid(volume_uuid, "volume_uuid")
-        with self.ioctx() as io, self._image(io, vol, snapshot=check_uuid(snapshot_uuid, "snapshot_uuid"),
-                                             read_only=True) as img:
+        with (
+            self.ioctx() as io,
+            self._image(io, vol, snapshot=check_uuid(snapshot_uuid, "snapshot_uuid"), read_only=True) as img,
+        ):
             yield RbdSnapshotReader(self, img)
 
     def check_not_in_use(self, volume_uuid: str) -> None:
@@ -883,8 +963,11 @@ class RbdReader:
         self.in_flight = in_flight
 
     def read_extents(self, extents: Iterable[Extent], on_data, *, checkpoint=None) -> None:
-        requests = ((off, min(self.request_size, e.end - off))
-                    for e in extents for off in range(e.start, e.end, self.request_size))
+        requests = (
+            (off, min(self.request_size, e.end - off))
+            for e in extents
+            for off in range(e.start, e.end, self.request_size)
+        )
         pending: collections.deque = collections.deque()
         results: dict[int, bytes | Exception] = {}
 
@@ -892,6 +975,7 @@ class RbdReader:
             def cb(completion, data):
                 rv = completion.get_return_value()
                 results[offset] = data if rv >= 0 else StorageIOError(f"RBD read at {offset} failed: {rv}")
+
             return cb
 
         try:

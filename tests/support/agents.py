@@ -1,4 +1,5 @@
 """Real blockferry-agent processes for the tests: their configs and ids."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,12 @@ class AgentProcess:
 
     def start(self, wait: bool = True, extra_env: dict | None = None) -> AgentProcess:
         env = {**os.environ, **self.env, **(extra_env or {})}
-        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "agent.server", "-c", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"), env=env)
+        self.proc = subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", "agent.server", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.log, "ab"),
+            env=env,
+        )
         if wait:
             self.wait_ready()
         return self
@@ -87,7 +92,8 @@ def write_config(workdir: Path, extra: str = "", roots: list[Path] | None = None
     cfg = workdir / "agent.toml"
     # Short paths keep unix sockets under the 108-byte limit. The pool
     # sections come last so `extra` can still add to [grpc] or [jobs].
-    cfg.write_text(textwrap.dedent(f"""\
+    cfg.write_text(
+        textwrap.dedent(f"""\
         [pools.{POOL_UUID}]
         path = "{workdir}/pool"
         [pools.{POOL2_UUID}]
@@ -103,9 +109,18 @@ def write_config(workdir: Path, extra: str = "", roots: list[Path] | None = None
         log_level = "debug"
         [grpc]
         unix_socket = "{sock}"
-        """) + textwrap.dedent(extra))
-    return AgentProcess(workdir=workdir, config=cfg, socket=sock, roots=roots, log=workdir / "agent.log",
-                        pool_uuid=POOL_UUID, pool_root=workdir / "pool")
+        """)
+        + textwrap.dedent(extra)
+    )
+    return AgentProcess(
+        workdir=workdir,
+        config=cfg,
+        socket=sock,
+        roots=roots,
+        log=workdir / "agent.log",
+        pool_uuid=POOL_UUID,
+        pool_root=workdir / "pool",
+    )
 
 
 def sparse_image(path: Path, size: int, data: dict[int, bytes]) -> bytes:

@@ -1,4 +1,5 @@
 """Backups: in-process helpers around the repository engine, and a helper over an agent's backup jobs."""
+
 from __future__ import annotations
 
 import os
@@ -46,23 +47,43 @@ class Bk(Vol):
 
     def backup(self, vol, snap, *, pool=None, full=False, parent="", name="", description="", job_id=None):
         bid = new_id()
-        job = self.c.run(job_id or f"backup-{bid}", backup=jobs_pb2.BackupSpec(
-            backup_point_uuid=self.bp, pool_uuid=pool or self.pool, volume_uuid=vol, snapshot_uuid=snap,
-            backup_uuid=bid, name=name, description=description, parent_backup_uuid=parent, full=full))
+        job = self.c.run(
+            job_id or f"backup-{bid}",
+            backup=jobs_pb2.BackupSpec(
+                backup_point_uuid=self.bp,
+                pool_uuid=pool or self.pool,
+                volume_uuid=vol,
+                snapshot_uuid=snap,
+                backup_uuid=bid,
+                name=name,
+                description=description,
+                parent_backup_uuid=parent,
+                full=full,
+            ),
+        )
         assert job.state == OK, job.error
         return job.backup_result
 
     def restore(self, backup_uuid, *, pool=None, name=None):
         vol = new_id()
-        job = self.c.run(f"restore-{vol}", restore=jobs_pb2.RestoreSpec(
-            backup_point_uuid=self.bp, backup_uuid=backup_uuid, pool_uuid=pool or self.pool, volume_uuid=vol,
-            name=name or f"restored-{vol[:8]}"))
+        job = self.c.run(
+            f"restore-{vol}",
+            restore=jobs_pb2.RestoreSpec(
+                backup_point_uuid=self.bp,
+                backup_uuid=backup_uuid,
+                pool_uuid=pool or self.pool,
+                volume_uuid=vol,
+                name=name or f"restored-{vol[:8]}",
+            ),
+        )
         assert job.state == OK, job.error
         return job.restore_result
 
     def verify(self, backup_uuid, deep=True):
-        return self.c.run(f"verify-{new_id()}", verify=jobs_pb2.VerifySpec(
-            backup_point_uuid=self.bp, backup_uuid=backup_uuid, deep=deep))
+        return self.c.run(
+            f"verify-{new_id()}",
+            verify=jobs_pb2.VerifySpec(backup_point_uuid=self.bp, backup_uuid=backup_uuid, deep=deep),
+        )
 
     def gc(self):
         job = self.c.run(f"gc-{new_id()}", gc=jobs_pb2.GcSpec(backup_point_uuid=self.bp))
@@ -70,8 +91,7 @@ class Bk(Vol):
         return job.gc_result
 
     def list(self, **filters):
-        return list(self.c.list_backups(b.ListBackupsRequest(backup_point_uuid=self.bp,
-                                                                            **filters)).backups)
+        return list(self.c.list_backups(b.ListBackupsRequest(backup_point_uuid=self.bp, **filters)).backups)
 
     def delete(self, backup_uuid):
         self.c.delete_backup(b.DeleteBackupRequest(backup_point_uuid=self.bp, backup_uuid=backup_uuid))

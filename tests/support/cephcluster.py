@@ -5,6 +5,7 @@ facts for these machines: auth none, msgr2 only, one replica, short paxos
 intervals (start-up ~1 s instead of 8-10 s), memstore (or bluestore on a
 sparse file for large data).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,16 @@ def _alive(pid: int) -> bool:
 
 
 class CephCluster:
-    def __init__(self, root: Path | None = None, *, objectstore: str = "memstore",
-                 store_bytes: int = 6 << 30, pool: str = "rbd", with_mgr: bool = True, addr: str = "127.0.0.1"):
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        objectstore: str = "memstore",
+        store_bytes: int = 6 << 30,
+        pool: str = "rbd",
+        with_mgr: bool = True,
+        addr: str = "127.0.0.1",
+    ):
         """addr: where the daemons listen (the multi-host test's bridge, for
         agents in other network namespaces)."""
         self.addr = addr
@@ -55,10 +64,12 @@ class CephCluster:
 
     def _write_conf(self) -> None:
         r = self.root
-        store = (f"osd objectstore = memstore\nmemstore device bytes = {self.store_bytes}\n"
-                 if self.objectstore == "memstore" else
-                 f"osd objectstore = bluestore\nbluestore block create = true\n"
-                 f"bluestore block size = {self.store_bytes}\nosd memory target = 939524096\n")
+        store = (
+            f"osd objectstore = memstore\nmemstore device bytes = {self.store_bytes}\n"
+            if self.objectstore == "memstore"
+            else f"osd objectstore = bluestore\nbluestore block create = true\n"
+            f"bluestore block size = {self.store_bytes}\nosd memory target = 939524096\n"
+        )
         self.conf.write_text(f"""[global]
 fsid = {self.fsid}
 mon host = v2:{self.addr}:{self.port}
@@ -93,27 +104,48 @@ mgr data = {r}/mgr-x
 """)
 
     def ceph(self, *args: str, timeout: float = 30) -> str:
-        return subprocess.run(["ceph", "-c", str(self.conf), *args], check=True, capture_output=True,
-                              text=True, timeout=timeout).stdout
+        return subprocess.run(
+            ["ceph", "-c", str(self.conf), *args], check=True, capture_output=True, text=True, timeout=timeout
+        ).stdout
 
     def rbd(self, *args: str, timeout: float = 120) -> str:
-        return subprocess.run(["rbd", "-c", str(self.conf), *args], check=True, capture_output=True,
-                              text=True, timeout=timeout).stdout
+        return subprocess.run(
+            ["rbd", "-c", str(self.conf), *args], check=True, capture_output=True, text=True, timeout=timeout
+        ).stdout
 
     def start(self) -> CephCluster:
         r = self.root
         for d in ("run", "log", "mon-a", "osd-0", "mgr-x"):
             (r / d).mkdir(parents=True, exist_ok=True)
         self._write_conf()
-        subprocess.run(["monmaptool", "--create", "--addv", "a", f"[v2:{self.addr}:{self.port}]",
-                        "--fsid", self.fsid, str(r / "monmap")], check=True, capture_output=True)
-        subprocess.run(["ceph-mon", "--mkfs", "-i", "a", "--monmap", str(r / "monmap"), "-c", str(self.conf)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "monmaptool",
+                "--create",
+                "--addv",
+                "a",
+                f"[v2:{self.addr}:{self.port}]",
+                "--fsid",
+                self.fsid,
+                str(r / "monmap"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            ["ceph-mon", "--mkfs", "-i", "a", "--monmap", str(r / "monmap"), "-c", str(self.conf)],
+            check=True,
+            capture_output=True,
+        )
         self.start_mon()
         osd_id = self.ceph("osd", "new", self.osd_uuid).strip()
         assert osd_id == "0", osd_id
-        subprocess.run(["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", self.osd_uuid, "-c", str(self.conf)],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            ["ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", self.osd_uuid, "-c", str(self.conf)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         self.start_osd()
         self.ceph("osd", "pool", "create", self.pool, "8", "8")
         self.rbd("pool", "init", self.pool)
@@ -123,8 +155,11 @@ mgr data = {r}/mgr-x
 
     def start_mgr(self) -> None:
         """The mgr reports capacity (ceph df, cluster stats); ~2.5 s until it does."""
-        self.mgr = subprocess.Popen(["ceph-mgr", "-f", "-i", "x", "-c", str(self.conf)],
-                                    stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / "mgr.out", "ab"))
+        self.mgr = subprocess.Popen(
+            ["ceph-mgr", "-f", "-i", "x", "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "log" / "mgr.out", "ab"),
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             df = json.loads(self.ceph("df", "-f", "json"))
@@ -138,12 +173,18 @@ mgr data = {r}/mgr-x
         self.rbd("pool", "init", name)
 
     def start_mon(self) -> None:
-        self.mon = subprocess.Popen(["ceph-mon", "-f", "-i", "a", "-c", str(self.conf)],
-                                    stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / "mon.out", "ab"))
+        self.mon = subprocess.Popen(
+            ["ceph-mon", "-f", "-i", "a", "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "log" / "mon.out", "ab"),
+        )
 
     def start_osd(self) -> None:
-        self.osd = subprocess.Popen(["ceph-osd", "-f", "-i", "0", "-c", str(self.conf)],
-                                    stdout=subprocess.DEVNULL, stderr=open(self.root / "log" / "osd.out", "ab"))
+        self.osd = subprocess.Popen(
+            ["ceph-osd", "-f", "-i", "0", "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "log" / "osd.out", "ab"),
+        )
         self._wait_up_osds(1)
 
     def stop_osd(self) -> None:
@@ -186,8 +227,10 @@ mgr data = {r}/mgr-x
         shutil.rmtree(self.root, ignore_errors=True)
 
     def pool_section(self, pool_uuid: str, pool: str | None = None, timeout: float = 10.0) -> str:
-        return (f'[pools.{pool_uuid}]\ntype = "rbd"\nceph_conf = "{self.conf}"\nclient_name = "admin"\n'
-                f'rbd_pool = "{pool or self.pool}"\ntimeout = {timeout}\n')
+        return (
+            f'[pools.{pool_uuid}]\ntype = "rbd"\nceph_conf = "{self.conf}"\nclient_name = "admin"\n'
+            f'rbd_pool = "{pool or self.pool}"\ntimeout = {timeout}\n'
+        )
 
 
 if __name__ == "__main__":

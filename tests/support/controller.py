@@ -1,4 +1,5 @@
 """A real blockferry-controller for the tests, its tokens, the seeds' examples and REST checks."""
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,17 @@ TENANT_B = "fa81a25f-7dfa-41aa-8273-eb9e455d4d36"
 CLUSTER = "b088822c-1176-4c79-9df7-5fad80c7fd1d"
 
 
-TOKENS = {"op": "operator-token-0123456789", TENANT_A: "tenant-a-token-0123456789",
-          TENANT_B: "tenant-b-token-0123456789"}
+TOKENS = {
+    "op": "operator-token-0123456789",
+    TENANT_A: "tenant-a-token-0123456789",
+    TENANT_B: "tenant-b-token-0123456789",
+}
 
 
 def seed_example(seed: str, endpoint: str, which: str = "Body") -> dict | str:
     """The request example of an endpoint, straight from the seed file."""
     text = next(SEEDS.glob(f"{seed}_*.txt")).read_text()
-    section = text[text.index(endpoint):]
+    section = text[text.index(endpoint) :]
     if which == "url":
         start = section.index("#### 请求示例")
         block = section[start:].split("```")[1]
@@ -42,16 +46,20 @@ def seed_example(seed: str, endpoint: str, which: str = "Body") -> dict | str:
 AGENT_TOKEN = "agent-token-0123456789abcdef"
 
 
-def write_controller_config(d: Path, port: int, db_url: str | None = None, grpc_port: int = 0, grpc_listen: str = "",
-                 extra: str = "") -> Path:
+def write_controller_config(
+    d: Path, port: int, db_url: str | None = None, grpc_port: int = 0, grpc_listen: str = "", extra: str = ""
+) -> Path:
     cfg = d / "controller.toml"
-    tokens = "".join(f'[[tokens]]\ntoken = "{tok}"\ntenant = "{"*" if who == "op" else who}"\n'
-                     for who, tok in TOKENS.items())
-    cfg.write_text(f'[controller]\nlisten = "127.0.0.1:{port}"\n'
-                   f'database_url = "{db_url or f"sqlite:///{d}/controller.sqlite3"}"\n'
-                   f'secret_key_file = "{d}/controller.key"\n'
-                   f'grpc_listen = "{grpc_listen or f"127.0.0.1:{grpc_port}"}"\n'
-                   f'agent_token = "{AGENT_TOKEN}"\nheartbeat_interval = 1\nhost_dead_after = 4\n{extra}{tokens}')
+    tokens = "".join(
+        f'[[tokens]]\ntoken = "{tok}"\ntenant = "{"*" if who == "op" else who}"\n' for who, tok in TOKENS.items()
+    )
+    cfg.write_text(
+        f'[controller]\nlisten = "127.0.0.1:{port}"\n'
+        f'database_url = "{db_url or f"sqlite:///{d}/controller.sqlite3"}"\n'
+        f'secret_key_file = "{d}/controller.key"\n'
+        f'grpc_listen = "{grpc_listen or f"127.0.0.1:{grpc_port}"}"\n'
+        f'agent_token = "{AGENT_TOKEN}"\nheartbeat_interval = 1\nhost_dead_after = 4\n{extra}{tokens}'
+    )
     cfg.chmod(0o600)
     return cfg
 
@@ -70,8 +78,12 @@ class Controller:
 
     def start(self) -> None:
         """Start it (again: the same config, ports and database)."""
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text()

@@ -9,6 +9,7 @@ path, and a local virtual disk with a partition:
     /sys/block/dm-0/dm/{name,uuid}, /sys/block/dm-0/slaves/{sdb,sdc}
     /dev/disk/by-id/wwn-0x600a0980... -> ../../dm-0
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,17 @@ def _hba(sys: Path, host: int, func: str, wwpn: str, wwnn: str) -> str:
     return base
 
 
-def _disk(sys: Path, parent: str, hctl: str, name: str, wwid: str, sectors: int, vendor: str, model: str,
-          partitions: tuple[str, ...] = ()) -> None:
+def _disk(
+    sys: Path,
+    parent: str,
+    hctl: str,
+    name: str,
+    wwid: str,
+    sectors: int,
+    vendor: str,
+    model: str,
+    partitions: tuple[str, ...] = (),
+) -> None:
     dev = sys / parent / hctl
     _w(dev / "wwid", f"naa.{wwid}" if wwid else "")
     _w(dev / "vendor", vendor)
@@ -64,8 +74,17 @@ def build(root: Path) -> tuple[str, str]:
     _disk(sys, f"{h5}/rport-5:0-0/target5:0:0", "5:0:0:0", "sdb", WWID_A, 100 * gib, "NETAPP", "LUN C-Mode")
     _disk(sys, f"{h6}/rport-6:0-0/target6:0:0", "6:0:0:0", "sdc", WWID_A, 100 * gib, "NETAPP", "LUN C-Mode")
     _disk(sys, f"{h5}/rport-5:0-0/target5:0:0", "5:0:0:1", "sdd", WWID_B, 20 * gib, "NETAPP", "LUN C-Mode")
-    _disk(sys, f"{PCI}/0000:00:05.0/virtio1/host0/target0:0:0", "0:0:0:0", "sda", "", 40 * gib, "QEMU",
-          "QEMU HARDDISK", partitions=("sda1",))
+    _disk(
+        sys,
+        f"{PCI}/0000:00:05.0/virtio1/host0/target0:0:0",
+        "0:0:0:0",
+        "sda",
+        "",
+        40 * gib,
+        "QEMU",
+        "QEMU HARDDISK",
+        partitions=("sda1",),
+    )
     # the multipath map over sdb and sdc
     mp = sys / "devices" / "virtual" / "block" / "dm-0"
     _w(mp / "dm" / "name", "mpatha")
@@ -76,10 +95,15 @@ def build(root: Path) -> tuple[str, str]:
         _link(mp / "slaves" / s, f"../../../../{PCI}/x/{s}")
     _link(sys / "block" / "dm-0", "../devices/virtual/block/dm-0")
     byid = dev / "disk" / "by-id"
-    for name, target in ((f"wwn-0x{WWID_A}", "dm-0"), (f"dm-uuid-mpath-3{WWID_A}", "dm-0"),
-                         ("dm-name-mpatha", "dm-0"), (f"scsi-3{WWID_A}", "dm-0"),
-                         (f"wwn-0x{WWID_B}", "sdd"), (f"scsi-3{WWID_B}", "sdd"),
-                         ("scsi-0QEMU_QEMU_HARDDISK_drive-scsi0-0-0-0", "sda"),
-                         ("scsi-0QEMU_QEMU_HARDDISK_drive-scsi0-0-0-0-part1", "sda1")):
+    for name, target in (
+        (f"wwn-0x{WWID_A}", "dm-0"),
+        (f"dm-uuid-mpath-3{WWID_A}", "dm-0"),
+        ("dm-name-mpatha", "dm-0"),
+        (f"scsi-3{WWID_A}", "dm-0"),
+        (f"wwn-0x{WWID_B}", "sdd"),
+        (f"scsi-3{WWID_B}", "sdd"),
+        ("scsi-0QEMU_QEMU_HARDDISK_drive-scsi0-0-0-0", "sda"),
+        ("scsi-0QEMU_QEMU_HARDDISK_drive-scsi0-0-0-0-part1", "sda1"),
+    ):
         _link(byid / name, f"../../{target}")
     return str(sys), str(dev)

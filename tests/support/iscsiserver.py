@@ -5,6 +5,7 @@ tgtd ignores SIGTERM: stop() deletes the targets and the system through
 tgtadm. Each instance has its own control number and port; the LUN files
 stay, so start() after stop() brings the same LUNs back.
 """
+
 from __future__ import annotations
 
 import glob
@@ -42,15 +43,22 @@ class TgtServer:
         self.luns: list[Lun] = []
 
     def _adm(self, *args: str, input: str | None = None) -> None:
-        subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args], check=True,
-                       capture_output=True, text=True, input=input)
+        subprocess.run(
+            ["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            input=input,
+        )
 
     def start(self) -> TgtServer:
         os.makedirs("/run/tgtd", exist_ok=True)
-        self.proc = subprocess.Popen(["tgtd", "-f", "-C", str(self.control), "--iscsi",
-                                      f"portal=127.0.0.1:{self.port}"],
-                                     stdout=open(self.root / "tgtd.log", "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["tgtd", "-f", "-C", str(self.control), "--iscsi", f"portal=127.0.0.1:{self.port}"],
+            stdout=open(self.root / "tgtd.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         _wait_port(self.port)
         deadline = time.monotonic() + 10
         while not os.path.exists(f"/run/tgtd/socket.{self.control}") and time.monotonic() < deadline:
@@ -61,8 +69,20 @@ class TgtServer:
 
     def _configure(self, lun: Lun) -> None:
         self._adm("--op", "new", "--mode", "target", "--tid", str(lun.tid), "-T", lun.iqn)
-        self._adm("--op", "new", "--mode", "logicalunit", "--tid", str(lun.tid), "--lun", "1", "-b", str(lun.file),
-                  "--bstype", "rdwr")
+        self._adm(
+            "--op",
+            "new",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            str(lun.tid),
+            "--lun",
+            "1",
+            "-b",
+            str(lun.file),
+            "--bstype",
+            "rdwr",
+        )
         self._adm("--op", "bind", "--mode", "target", "--tid", str(lun.tid), "-I", "127.0.0.1")
         if lun.user:
             # tgtadm takes the password as an argument: a test-only secret on a test-only target
@@ -85,8 +105,24 @@ class TgtServer:
     def connections(self, lun: Lun) -> list[tuple[int, int]]:
         """(session id, connection id) of every initiator connection to the
         LUN's target, as tgtd sees them."""
-        out = subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", "--op", "show", "--mode", "conn",
-                              "--tid", str(lun.tid)], check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                "tgtadm",
+                "-C",
+                str(self.control),
+                "--lld",
+                "iscsi",
+                "--op",
+                "show",
+                "--mode",
+                "conn",
+                "--tid",
+                str(lun.tid),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         found, sid = [], None
         for line in out.splitlines():
             key, _, value = line.strip().partition(": ")
@@ -100,15 +136,13 @@ class TgtServer:
         """Close every initiator connection to the target from the server
         side, as a target restart or a network cut does."""
         for sid, cid in self.connections(lun):
-            self._adm("--op", "delete", "--mode", "conn", "--tid", str(lun.tid), "--sid", str(sid),
-                      "--cid", str(cid))
+            self._adm("--op", "delete", "--mode", "conn", "--tid", str(lun.tid), "--sid", str(sid), "--cid", str(cid))
 
     def stop(self) -> None:
         if self.proc is None:
             return
         subprocess.run(["tgt-admin", "-C", str(self.control), "--delete", "ALL", "-f"], capture_output=True)
-        subprocess.run(["tgtadm", "-C", str(self.control), "--op", "delete", "--mode", "system"],
-                       capture_output=True)
+        subprocess.run(["tgtadm", "-C", str(self.control), "--op", "delete", "--mode", "system"], capture_output=True)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -124,6 +158,8 @@ class TgtServer:
 
     def section(self, uuid: str, lun: Lun, extra: str = "") -> str:
         chap = f'username = "{lun.user}"\nsecret = "{lun.secret}"\n' if lun.user else ""
-        return (f'[backup_points.{uuid}]\ntype = "iscsi"\nip = "127.0.0.1"\nport = {self.port}\n'
-                f'target = "{lun.iqn}"\nlun = 1\nformat_lun = true\n{chap}chunk_size = 1048576\ntimeout = 5.0\n'
-                f"{extra}")
+        return (
+            f'[backup_points.{uuid}]\ntype = "iscsi"\nip = "127.0.0.1"\nport = {self.port}\n'
+            f'target = "{lun.iqn}"\nlun = 1\nformat_lun = true\n{chap}chunk_size = 1048576\ntimeout = 5.0\n'
+            f"{extra}"
+        )

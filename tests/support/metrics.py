@@ -1,4 +1,5 @@
 """Reading Prometheus metrics the daemons serve."""
+
 from __future__ import annotations
 
 import httpx

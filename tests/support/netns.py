@@ -2,6 +2,7 @@
 with 169.254.77.1/24, and per host a namespace whose eth0 (a veth into the
 bridge) has 169.254.77.<10+i>/24. cut() takes a host's link down; the
 namespaces and the bridge are removed in teardown, even after a failure."""
+
 from __future__ import annotations
 
 import secrets

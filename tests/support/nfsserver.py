@@ -5,6 +5,7 @@ system on a loop device, for ENOSPC). Ports are fixed per instance, so a
 stopped server comes back on the same ones. Used by the tests and the
 targets bench.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -77,15 +78,26 @@ class NfsServer:
         if self.loop is None:
             self.loop = mount_small_fs(self.root / "small.img", self.small, self.small_bytes)
         if subprocess.run(["pgrep", "-x", "rpcbind"], capture_output=True).returncode != 0:
-            self.rpcbind = subprocess.Popen(["rpcbind", "-f"], stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
+            self.rpcbind = subprocess.Popen(["rpcbind", "-f"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             _wait_port(111)
         exports = EXPORT.format(id=77, path=self.export) + EXPORT.format(id=78, path=self.small)
-        (self.root / "ganesha.conf").write_text(CONF.format(nfs_port=self.nfs_port, mount_port=self.mount_port,
-                                                           exports=exports))
-        self.proc = subprocess.Popen(["ganesha.nfsd", "-F", "-f", str(self.root / "ganesha.conf"),
-                                      "-L", str(self.root / "ganesha.log"), "-p", str(self.root / "ganesha.pid")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (self.root / "ganesha.conf").write_text(
+            CONF.format(nfs_port=self.nfs_port, mount_port=self.mount_port, exports=exports)
+        )
+        self.proc = subprocess.Popen(
+            [
+                "ganesha.nfsd",
+                "-F",
+                "-f",
+                str(self.root / "ganesha.conf"),
+                "-L",
+                str(self.root / "ganesha.log"),
+                "-p",
+                str(self.root / "ganesha.pid"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_port(self.nfs_port)
         _wait_port(self.mount_port)
         return self
@@ -116,10 +128,13 @@ class NfsServer:
 
     def url(self, export: Path, path: str = "") -> str:
         """An nfs:// URL for libnfs-utils (nfs-ls, nfs-cat), ports given."""
-        return (f"nfs://127.0.0.1{export}/{path.lstrip('/')}"
-                f"?nfsport={self.nfs_port}&mountport={self.mount_port}&version=3")
+        return (
+            f"nfs://127.0.0.1{export}/{path.lstrip('/')}?nfsport={self.nfs_port}&mountport={self.mount_port}&version=3"
+        )
 
     def section(self, uuid: str, export: Path | None = None, sub_dir: str = "repo", extra: str = "") -> str:
-        return (f'[backup_points.{uuid}]\ntype = "nfs"\nip = "127.0.0.1"\nport = {self.nfs_port}\n'
-                f'mount_port = {self.mount_port}\nroot_dir = "{export or self.export}"\nsub_dir = "{sub_dir}"\n'
-                f"chunk_size = 1048576\ntimeout = 5.0\n{extra}")
+        return (
+            f'[backup_points.{uuid}]\ntype = "nfs"\nip = "127.0.0.1"\nport = {self.nfs_port}\n'
+            f'mount_port = {self.mount_port}\nroot_dir = "{export or self.export}"\nsub_dir = "{sub_dir}"\n'
+            f"chunk_size = 1048576\ntimeout = 5.0\n{extra}"
+        )

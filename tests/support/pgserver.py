@@ -1,6 +1,7 @@
 """A real PostgreSQL 15 server on 127.0.0.1 for the controller's optional
 backend. PostgreSQL refuses to run as root: initdb and the server run as the
 `postgres` user, in a directory it owns."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,17 @@ class PgServer:
 
     def start(self) -> PgServer:
         self._as_postgres(str(BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", self.user)
-        self._as_postgres(str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "pg.log"), "-o",
-                          f"-k {self.root} -h 127.0.0.1 -p {self.port}", "-w", "start")
+        self._as_postgres(
+            str(BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "pg.log"),
+            "-o",
+            f"-k {self.root} -h 127.0.0.1 -p {self.port}",
+            "-w",
+            "start",
+        )
         return self
 
     def create_database(self, name: str) -> str:

@@ -1,5 +1,6 @@
 """A small ext4 file system on a loop device, mounted where a test server
 exports or shares it: the way to make a real server run out of space."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,8 +13,9 @@ def mount_small_fs(img: Path, mountpoint: Path, size: int) -> str:
     with open(img, "wb") as f:
         f.truncate(size)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], check=True)
-    loop = subprocess.run(["losetup", "-f", "--show", str(img)], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(img)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     subprocess.run(["mount", loop, str(mountpoint)], check=True)
     return loop
 

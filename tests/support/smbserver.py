@@ -3,6 +3,7 @@ point tests and the targets bench. Every samba directory lives under the
 server's temp root; the port is fixed per instance so a stopped server comes
 back on it. Shares: `backups` (a directory) and `small` (a 48 MiB ext4 loop
 mount, for a full share)."""
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,15 @@ CONF = """\
 
 
 class SmbServer:
-    def __init__(self, root: Path | None = None, *, user: str = "bfsmbtest", small_bytes: int = 48 << 20,
-                 ip: str = "127.0.0.1", prefix: list[str] | None = None):
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        user: str = "bfsmbtest",
+        small_bytes: int = 48 << 20,
+        ip: str = "127.0.0.1",
+        prefix: list[str] | None = None,
+    ):
         """ip and prefix put it elsewhere: the multi-host test runs it in its
         own network namespace (prefix `ip netns exec NS`) on that one's address."""
         self.ip = ip
@@ -76,8 +84,13 @@ class SmbServer:
         except KeyError:
             subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", self.user], check=True)
         # the password goes through stdin, never argv
-        subprocess.run(["smbpasswd", "-c", str(self.conf), "-s", "-a", self.user],
-                       input=f"{self.password}\n{self.password}\n", text=True, check=True, capture_output=True)
+        subprocess.run(
+            ["smbpasswd", "-c", str(self.conf), "-s", "-a", self.user],
+            input=f"{self.password}\n{self.password}\n",
+            text=True,
+            check=True,
+            capture_output=True,
+        )
 
     def start(self) -> SmbServer:
         for d in ("private", "lock", "state", "cache", "pid", "ncalrpc", "log", "backups", "small"):
@@ -90,10 +103,12 @@ class SmbServer:
             self.root.chmod(0o711)  # the share user must reach its directories
             for share in ("backups", "small"):
                 shutil.chown(self.root / share, uid)
-        self.proc = subprocess.Popen([*self.prefix, "smbd", "--foreground", "--no-process-group", "--debug-stdout",
-                                      f"--configfile={self.conf}"],
-                                     stdout=open(self.root / "log" / "stdout.log", "ab"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # smbd signals its whole process group on exit
+        self.proc = subprocess.Popen(
+            [*self.prefix, "smbd", "--foreground", "--no-process-group", "--debug-stdout", f"--configfile={self.conf}"],
+            stdout=open(self.root / "log" / "stdout.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # smbd signals its whole process group on exit
         _wait_port(self.port, host=self.ip)
         return self
 
@@ -126,10 +141,14 @@ class SmbServer:
         auth = self.root / "private" / "client.auth"
         auth.write_text(f"username = {self.user}\npassword = {self.password}\n")
         auth.chmod(0o600)
-        return subprocess.run(["smbclient", f"//{self.ip}/{share}", "-p", str(self.port), "-A", str(auth),
-                               "-m", "SMB3", "-c", command], capture_output=True)
+        return subprocess.run(
+            ["smbclient", f"//{self.ip}/{share}", "-p", str(self.port), "-A", str(auth), "-m", "SMB3", "-c", command],
+            capture_output=True,
+        )
 
     def section(self, uuid: str, share: str = "backups", sub_dir: str = "repo", extra: str = "") -> str:
-        return (f'[backup_points.{uuid}]\ntype = "samba"\nip = "{self.ip}"\nport = {self.port}\n'
-                f'root_dir = "{share}"\nsub_dir = "{sub_dir}"\nusername = "{self.user}"\n'
-                f'secret = "{self.password}"\nchunk_size = 1048576\ntimeout = 5.0\n{extra}')
+        return (
+            f'[backup_points.{uuid}]\ntype = "samba"\nip = "{self.ip}"\nport = {self.port}\n'
+            f'root_dir = "{share}"\nsub_dir = "{sub_dir}"\nusername = "{self.user}"\n'
+            f'secret = "{self.password}"\nchunk_size = 1048576\ntimeout = 5.0\n{extra}'
+        )

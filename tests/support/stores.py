@@ -1,5 +1,6 @@
 """Object stores of every backup point type, made and read back
 independently (another client of the same server, the LUN's backing file)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -45,13 +46,20 @@ class NfsTarget(Target):
     def make(self, sub: str, *, export=None, timeout: float = 5.0):
         from agent.stores.nfs import NfsStore
 
-        return NfsStore("127.0.0.1", str(export or self.srv.export), sub, nfs_port=self.srv.nfs_port,
-                        mount_port=self.srv.mount_port, timeout=timeout)
+        return NfsStore(
+            "127.0.0.1",
+            str(export or self.srv.export),
+            sub,
+            nfs_port=self.srv.nfs_port,
+            mount_port=self.srv.mount_port,
+            timeout=timeout,
+        )
 
     def read_back(self, sub: str, name: str) -> bytes:
         """nfs-cat from libnfs-utils: another client, the same server."""
-        return subprocess.run(["nfs-cat", self.srv.url(self.srv.export, f"{sub}/{name}")], check=True,
-                              capture_output=True).stdout
+        return subprocess.run(
+            ["nfs-cat", self.srv.url(self.srv.export, f"{sub}/{name}")], check=True, capture_output=True
+        ).stdout
 
 
 class SmbTarget(Target):
@@ -61,13 +69,27 @@ class SmbTarget(Target):
         self.srv = srv
         self.tmp = tmp
 
-    def make(self, sub: str, *, share: str = "backups", password: str | None = None, encrypt: bool = False,
-             timeout: float = 5.0):
+    def make(
+        self,
+        sub: str,
+        *,
+        share: str = "backups",
+        password: str | None = None,
+        encrypt: bool = False,
+        timeout: float = 5.0,
+    ):
         from agent.stores.smb import SmbStore
 
-        return SmbStore("127.0.0.1", share, sub, username=self.srv.user,
-                        password=self.srv.password if password is None else password, port=self.srv.port,
-                        encrypt=encrypt, timeout=timeout)
+        return SmbStore(
+            "127.0.0.1",
+            share,
+            sub,
+            username=self.srv.user,
+            password=self.srv.password if password is None else password,
+            port=self.srv.port,
+            encrypt=encrypt,
+            timeout=timeout,
+        )
 
     def read_back(self, sub: str, name: str) -> bytes:
         """samba's own smbclient: another client, the same server."""
@@ -87,8 +109,12 @@ class Loop:
         self.file = path
         # direct_io: the loop device writes through to its file like a disk
         # would, instead of into the file's page cache
-        self.dev = subprocess.run(["losetup", "-f", "--show", *(["--direct-io=on"] if direct_io else []),
-                                   str(path)], check=True, capture_output=True, text=True).stdout.strip()
+        self.dev = subprocess.run(
+            ["losetup", "-f", "--show", *(["--direct-io=on"] if direct_io else []), str(path)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     def detach(self) -> None:
         from agent.stores.lun import forget_lun
@@ -116,9 +142,19 @@ class DiskTarget(Target):
             return where  # kept inline in the catalog
         out = b""
         for off, ln in where:
-            out += subprocess.run(["dd", f"if={self.lo.dev}", "iflag=direct,skip_bytes,count_bytes",
-                                   f"skip={off}", f"count={ln}", "bs=1M", "status=none"], check=True,
-                                  capture_output=True).stdout
+            out += subprocess.run(
+                [
+                    "dd",
+                    f"if={self.lo.dev}",
+                    "iflag=direct,skip_bytes,count_bytes",
+                    f"skip={off}",
+                    f"count={ln}",
+                    "bs=1M",
+                    "status=none",
+                ],
+                check=True,
+                capture_output=True,
+            ).stdout
         return out[:size]
 
 
@@ -133,8 +169,15 @@ class IscsiTarget(Target):
     def device(self, *, secret: str | None = None, timeout: float = 5.0):
         from agent.stores.iscsi import IscsiBlockDevice
 
-        return IscsiBlockDevice("127.0.0.1", self.lun.iqn, 1, port=self.srv.port, user=self.lun.user,
-                                secret=self.lun.secret if secret is None else secret, timeout=timeout)
+        return IscsiBlockDevice(
+            "127.0.0.1",
+            self.lun.iqn,
+            1,
+            port=self.srv.port,
+            user=self.lun.user,
+            secret=self.lun.secret if secret is None else secret,
+            timeout=timeout,
+        )
 
     def make(self, sub: str, *, timeout: float = 5.0):
         from agent.stores.lun import open_lun

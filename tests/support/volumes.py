@@ -1,6 +1,7 @@
 """Volumes through a real agent: a helper over its VolumeService, guest
 writes through qemu-nbd, reference digests, and how a failed call went over
 the wire."""
+
 from __future__ import annotations
 
 import re
@@ -61,12 +62,20 @@ class Vol:
         self.run_dir.mkdir(exist_ok=True)
 
     def call(self, method, **kw):
-        req_type = {"CreateVolume": v.CreateVolumeRequest, "DeleteVolume": v.DeleteVolumeRequest,
-                    "GetVolume": v.VolumeRef, "ListVolumes": v.ListVolumesRequest,
-                    "ResizeVolume": v.ResizeVolumeRequest, "CreateSnapshot": v.CreateSnapshotRequest,
-                    "DeleteSnapshot": v.SnapshotRef, "RollbackSnapshot": v.SnapshotRef,
-                    "ListSnapshots": v.VolumeRef, "GetSnapshotTree": v.VolumeRef,
-                    "GetExtents": v.GetExtentsRequest, "GetChangedExtents": v.GetChangedExtentsRequest}[method]
+        req_type = {
+            "CreateVolume": v.CreateVolumeRequest,
+            "DeleteVolume": v.DeleteVolumeRequest,
+            "GetVolume": v.VolumeRef,
+            "ListVolumes": v.ListVolumesRequest,
+            "ResizeVolume": v.ResizeVolumeRequest,
+            "CreateSnapshot": v.CreateSnapshotRequest,
+            "DeleteSnapshot": v.SnapshotRef,
+            "RollbackSnapshot": v.SnapshotRef,
+            "ListSnapshots": v.VolumeRef,
+            "GetSnapshotTree": v.VolumeRef,
+            "GetExtents": v.GetExtentsRequest,
+            "GetChangedExtents": v.GetChangedExtentsRequest,
+        }[method]
         kw.setdefault("pool_uuid", self.pool)
         return getattr(self.c, re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower())(req_type(**kw))
 
@@ -87,8 +96,10 @@ class Vol:
         write(self.head(vol, pool), writes, self.run_dir, zeros)
 
     def digest(self, vol, snap="", pool=None) -> str:
-        job = self.c.run(f"sum-{new_id()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool or self.pool, volume_uuid=vol,
-                                                                             snapshot_uuid=snap))
+        job = self.c.run(
+            f"sum-{new_id()}",
+            checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool or self.pool, volume_uuid=vol, snapshot_uuid=snap),
+        )
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
         return job.checksum_result.image_digest
 
@@ -97,9 +108,18 @@ class Vol:
         return [(e.start, e.length) for e in r.extents]
 
     def clone(self, vol, snap, target, name="clone", linked=True, target_pool=None, job_id=None):
-        return self.c.run(job_id or f"clone-{target}", clone=jobs_pb2.CloneSpec(
-            pool_uuid=self.pool, volume_uuid=vol, snapshot_uuid=snap, target_pool_uuid=target_pool or self.pool,
-            target_volume_uuid=target, target_name=name, linked=linked))
+        return self.c.run(
+            job_id or f"clone-{target}",
+            clone=jobs_pb2.CloneSpec(
+                pool_uuid=self.pool,
+                volume_uuid=vol,
+                snapshot_uuid=snap,
+                target_pool_uuid=target_pool or self.pool,
+                target_volume_uuid=target,
+                target_name=name,
+                linked=linked,
+            ),
+        )
 
 
 class WireError:

@@ -1,6 +1,7 @@
 """The controller's FastAPI application: one router per seed, the seeds'
 envelope for every answer, bearer tokens, OpenAPI at /openapi.json and
 /docs."""
+
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
@@ -43,19 +44,33 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
         if cfg.metrics_listen:
             ctx.metrics.serve(cfg.metrics_listen)
         ctx.dispatcher.start()  # places and follows tasks while the API serves
-        ctx.scheduler.start()   # makes the policies' checkpoints
+        ctx.scheduler.start()  # makes the policies' checkpoints
         yield
         ctx.scheduler.stop()
         ctx.dispatcher.stop()
         ctx.metrics.stop()
         ctx.agents.close()
 
-    app = FastAPI(title="blockferry-controller", version=__version__, lifespan=lifespan,
-                  description="Shared storage pools, volumes, backup points and backups (seeds 000-002); "
-                              "vaults, policies and checkpoints (seed 003).")
+    app = FastAPI(
+        title="blockferry-controller",
+        version=__version__,
+        lifespan=lifespan,
+        description="Shared storage pools, volumes, backup points and backups (seeds 000-002); "
+        "vaults, policies and checkpoints (seed 003).",
+    )
     app.state.ctx = ctx
     envelope.install(app)
-    for r in (backuppoints.router, hosts.router, hosts.zones_router, pools.router, volumes.router, jobs.router,
-              policies.router, vaults.router, checkpoints.router, backups.router):
+    for r in (
+        backuppoints.router,
+        hosts.router,
+        hosts.zones_router,
+        pools.router,
+        volumes.router,
+        jobs.router,
+        policies.router,
+        vaults.router,
+        checkpoints.router,
+        backups.router,
+    ):
         app.include_router(r)
     return app

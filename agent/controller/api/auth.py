@@ -1,6 +1,7 @@
 """Bearer tokens and tenant scope. A token maps to one tenant (it sees and
 changes only that tenant's objects) or to every tenant ("*", an operator).
 Another tenant's objects look exactly like missing ones."""
+
 from __future__ import annotations
 
 import hmac
@@ -41,9 +42,10 @@ def authenticated(request: Request) -> Caller:
         for t in context(request).cfg.tokens:
             if hmac.compare_digest(sent.encode(), t.token.encode()):
                 return Caller(t.tenant)
-    raise Unauthenticated("authorization: send 'Authorization: Bearer <token>' (or X-Auth-Token: <token>) "
-                          "with a configured token",
-                          field="authorization")
+    raise Unauthenticated(
+        "authorization: send 'Authorization: Bearer <token>' (or X-Auth-Token: <token>) with a configured token",
+        field="authorization",
+    )
 
 
 def context(request: Request) -> ControllerContext:

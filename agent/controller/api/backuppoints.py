@@ -1,6 +1,7 @@
 """Seed 000: /v1/volume/internal/backuppoint/{add,delete,update,list}; and
 beyond the seed, in its style: backuppoint/verify (a backup, or the whole
 repository) and backuppoint/gc, both tasks (GET /v1/tasks/{task_id})."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,7 @@ BTYPES = ("nfs", "samba", "iscsi", "disk", "fc", "local")
 # what a backup point may need beyond seed 000's fields, passed in its "env"
 # object (sealed at rest, like pass_word): ports, SMB user/password, CHAP,
 # the iSCSI LUN, formatting a blank LUN, chunk size and compression
-ENV_KEYS = {"port", "mount_port", "username", "secret", "smb_encrypt", "lun", "format_lun", "chunk_size",
-            "compression"}
+ENV_KEYS = {"port", "mount_port", "username", "secret", "smb_encrypt", "lun", "format_lun", "chunk_size", "compression"}
 MASK = "******"
 
 
@@ -84,8 +84,13 @@ def _location(btype: str, root_dir: str, field: str) -> str:
         v.rel_path(root_dir.strip("/"), field)
         return root_dir
     if btype == "iscsi":
-        if not root_dir.startswith("iqn.") and not root_dir.startswith("eui.") or len(root_dir) > 223 or \
-                any(c in root_dir for c in "/\\ ") or any(ord(c) < 32 or ord(c) == 127 for c in root_dir):
+        if (
+            not root_dir.startswith("iqn.")
+            and not root_dir.startswith("eui.")
+            or len(root_dir) > 223
+            or any(c in root_dir for c in "/\\ ")
+            or any(ord(c) < 32 or ord(c) == 127 for c in root_dir)
+        ):
             raise InvalidArgument(f"{field}: {root_dir!r} must be the target IQN (iqn.... or eui....)", field=field)
         return root_dir
     return v.abs_path(root_dir, field)
@@ -94,11 +99,17 @@ def _location(btype: str, root_dir: str, field: str) -> str:
 def check_local(s, cluster: str, zone: str, root: str, sub: str, field: str) -> None:
     """A local backup point must be a directory under the roots of a host
     of its cluster: refused now, not at its first backup."""
-    hosts = [h for h in s.scalars(select(Host)) if h.cluster_uuid in ("", cluster)
-             and (not zone or h.zone_uuid in ("", zone))]
+    hosts = [
+        h
+        for h in s.scalars(select(Host))
+        if h.cluster_uuid in ("", cluster) and (not zone or h.zone_uuid in ("", zone))
+    ]
     if not hosts:
-        raise FailedPrecondition(f"{field}: no host of cluster {cluster} has registered yet; a local backup point "
-                                 "is a directory of a host, checked against its roots", field=field)
+        raise FailedPrecondition(
+            f"{field}: no host of cluster {cluster} has registered yet; a local backup point "
+            "is a directory of a host, checked against its roots",
+            field=field,
+        )
     roots = {r for h in hosts for r in json.loads(h.facts_json or "{}").get("roots", [])}
     path = root.rstrip("/") + (f"/{sub}" if sub else "")
     v.under_roots(path, sorted(roots), field, f"any host of cluster {cluster}")
@@ -106,15 +117,30 @@ def check_local(s, cluster: str, zone: str, root: str, sub: str, field: str) -> 
 
 def to_seed(bp: BackupPoint) -> dict:
     return {
-        "tenant": bp.tenant, "tenant_name": bp.tenant_name, "Name": bp.name, "UUID": bp.uuid, "BType": bp.btype,
-        "NsUUID": bp.tenant, "Ref": bp.ref,
-        "indentify": {"IP": bp.ip, "PORT": bp.port, "RootDir": bp.root_dir, "SubDir": bp.sub_dir, "Dest": "",
-                      "Env": None, "Pwd": MASK if bp.password_sealed else ""},
-        "Ctime": bp.ctime, "Mtime": bp.mtime, "Bpstate": bp.state,
+        "tenant": bp.tenant,
+        "tenant_name": bp.tenant_name,
+        "Name": bp.name,
+        "UUID": bp.uuid,
+        "BType": bp.btype,
+        "NsUUID": bp.tenant,
+        "Ref": bp.ref,
+        "indentify": {
+            "IP": bp.ip,
+            "PORT": bp.port,
+            "RootDir": bp.root_dir,
+            "SubDir": bp.sub_dir,
+            "Dest": "",
+            "Env": None,
+            "Pwd": MASK if bp.password_sealed else "",
+        },
+        "Ctime": bp.ctime,
+        "Mtime": bp.mtime,
+        "Bpstate": bp.state,
     }
 
 
 router = APIRouter(prefix="/v1/volume/internal/backuppoint", tags=["backup points (seed 000)"])
+
 
 @router.post("/add")
 def add(req: AddRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -133,26 +159,39 @@ def add(req: AddRequest, request: Request, caller: Caller = Depends(authenticate
             check_local(s, cluster, zone, root, sub, "root_dir")
     now = int(time.time())
     env = getattr(req, "env", None) or {}
-    if not isinstance(env, dict) or any(not isinstance(k, str) or not isinstance(x, (str, int, bool))
-                                        for k, x in env.items()):
+    if not isinstance(env, dict) or any(
+        not isinstance(k, str) or not isinstance(x, (str, int, bool)) for k, x in env.items()
+    ):
         raise InvalidArgument("env: must be an object of strings, numbers or booleans", field="env")
     unknown = set(env) - ENV_KEYS
     if unknown:
-        raise InvalidArgument(f"env: unknown keys {sorted(unknown)} (known: {', '.join(sorted(ENV_KEYS))})",
-                              field="env")
+        raise InvalidArgument(
+            f"env: unknown keys {sorted(unknown)} (known: {', '.join(sorted(ENV_KEYS))})", field="env"
+        )
     secrets = context(request).secrets
-    bp = BackupPoint(uuid=str(uuidlib.uuid4()), tenant=tenant, cluster_uuid=cluster, zone_uuid=zone, name=name,
-                     btype=req.btype, ip=ip, root_dir=root, sub_dir=sub,
-                     password_sealed=secrets.seal(req.pass_word),
-                     env_sealed=secrets.seal(json.dumps(env)) if env else "", ctime=now, mtime=now,
-                     last_gc_at=now)
+    bp = BackupPoint(
+        uuid=str(uuidlib.uuid4()),
+        tenant=tenant,
+        cluster_uuid=cluster,
+        zone_uuid=zone,
+        name=name,
+        btype=req.btype,
+        ip=ip,
+        root_dir=root,
+        sub_dir=sub,
+        password_sealed=secrets.seal(req.pass_word),
+        env_sealed=secrets.seal(json.dumps(env)) if env else "",
+        ctime=now,
+        mtime=now,
+        last_gc_at=now,
+    )
     try:
         with context(request).db.session() as s:
             s.add(bp)
     except IntegrityError:
-        raise AlreadyExists(f"name: tenant {tenant} has a backup point named {name!r} already",
-                            field="name") from None
+        raise AlreadyExists(f"name: tenant {tenant} has a backup point named {name!r} already", field="name") from None
     return ok({"uuid": bp.uuid, "name": bp.name})
+
 
 @router.post("/delete")
 def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -165,10 +204,12 @@ def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authen
         if bp is None or not caller.sees(bp.tenant) or bp.cluster_uuid != req.cluster_uuid.lower():
             raise NotFound(f"uuid: backup point {bid} does not exist", field="uuid")
         if bp.ref:
-            raise HasDependents(f"uuid: backup point {bp.name!r} still holds {bp.ref} backup(s); delete them "
-                                "first", field="uuid")
+            raise HasDependents(
+                f"uuid: backup point {bp.name!r} still holds {bp.ref} backup(s); delete them first", field="uuid"
+            )
         s.delete(bp)
     return ok({})
+
 
 @router.post("/update")
 def update(req: UpdateRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -183,19 +224,23 @@ def update(req: UpdateRequest, request: Request, caller: Caller = Depends(authen
         with context(request).db.session() as s:
             bp = s.get(BackupPoint, bid)
             if bp is None or bp.tenant != tenant or bp.cluster_uuid != req.cluster_uuid.lower():
-                raise NotFound(f"backup_point_uuid: backup point {bid} does not exist",
-                               field="backup_point_uuid")
+                raise NotFound(f"backup_point_uuid: backup point {bid} does not exist", field="backup_point_uuid")
             root = _location(bp.btype, req.root_directory, "root_directory")
             if bp.btype == "local":
                 check_local(s, bp.cluster_uuid, bp.zone_uuid, root, sub, "root_directory")
             if bp.ref and (ip, root, sub) != (bp.ip, bp.root_dir, bp.sub_dir):
-                raise HasDependents(f"backup_point_uuid: backup point {bp.name!r} holds {bp.ref} backup(s); "
-                                    "it can be renamed, but moved only when empty", field="backup_point_uuid")
+                raise HasDependents(
+                    f"backup_point_uuid: backup point {bp.name!r} holds {bp.ref} backup(s); "
+                    "it can be renamed, but moved only when empty",
+                    field="backup_point_uuid",
+                )
             bp.name, bp.ip, bp.root_dir, bp.sub_dir, bp.mtime = name, ip, root, sub, int(time.time())
     except IntegrityError:
-        raise AlreadyExists(f"backup_point_name: tenant {tenant} has a backup point named {name!r} already",
-                            field="backup_point_name") from None
+        raise AlreadyExists(
+            f"backup_point_name: tenant {tenant} has a backup point named {name!r} already", field="backup_point_name"
+        ) from None
     return ok({})
+
 
 def served(s, req, caller: Caller) -> BackupPoint:
     """The caller's backup point, and a host that reaches it (one whose
@@ -206,9 +251,11 @@ def served(s, req, caller: Caller) -> BackupPoint:
     if bp is None or not caller.sees(bp.tenant) or bp.cluster_uuid != req.cluster_uuid.lower():
         raise NotFound(f"uuid: backup point {bid} does not exist", field="uuid")
     if not reporting_hosts(s.scalars(select(Host)).all(), bid):
-        raise FailedPrecondition(f"uuid: no host serves backup point {bp.name!r} yet (a backup attaches it "
-                                 "to its host)", field="uuid")
+        raise FailedPrecondition(
+            f"uuid: no host serves backup point {bp.name!r} yet (a backup attaches it to its host)", field="uuid"
+        )
     return bp
+
 
 @router.post("/verify")
 def verify(req: VerifyRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -222,15 +269,20 @@ def verify(req: VerifyRequest, request: Request, caller: Caller = Depends(authen
         if backup:
             b = s.get(Backup, backup)
             if b is None or b.backup_point_uuid != bp.uuid or b.status != "BackupSucceeded":
-                raise NotFound(f"backup_uuid: no backup {backup} on backup point {bp.name!r}",
-                               field="backup_uuid")
-        spec = jobs_pb2.VerifySpec(backup_point_uuid=bp.uuid, backup_uuid=backup, deep=req.deep,
-                                   repository=not backup)
-        task_id = queue_backup_point_task(s, operation="verify", tenant=bp.tenant, bp_uuid=bp.uuid, spec=spec,
-                                          resource_uuid=backup, resource_type="backup" if backup else
-                                          "backup_point")
+                raise NotFound(f"backup_uuid: no backup {backup} on backup point {bp.name!r}", field="backup_uuid")
+        spec = jobs_pb2.VerifySpec(backup_point_uuid=bp.uuid, backup_uuid=backup, deep=req.deep, repository=not backup)
+        task_id = queue_backup_point_task(
+            s,
+            operation="verify",
+            tenant=bp.tenant,
+            bp_uuid=bp.uuid,
+            spec=spec,
+            resource_uuid=backup,
+            resource_type="backup" if backup else "backup_point",
+        )
     state.dispatcher.wake()
     return ok({"task_id": task_id})
+
 
 @router.post("/gc")
 def gc(req: GcRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -239,14 +291,27 @@ def gc(req: GcRequest, request: Request, caller: Caller = Depends(authenticated)
     state = context(request)
     with state.db.session() as s:
         bp = served(s, req, caller)
-        task_id = queue_backup_point_task(s, operation="gc", tenant=bp.tenant, bp_uuid=bp.uuid,
-                                          spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid, wait_seconds=600))
+        task_id = queue_backup_point_task(
+            s,
+            operation="gc",
+            tenant=bp.tenant,
+            bp_uuid=bp.uuid,
+            spec=jobs_pb2.GcSpec(backup_point_uuid=bp.uuid, wait_seconds=600),
+        )
     state.dispatcher.wake()
     return ok({"task_id": task_id})
 
+
 @router.get("/list")
-def list_(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(""), page_num: int = Query(0),
-          page_size: int = Query(0), filter_name: str = Query(""), caller: Caller = Depends(authenticated)):
+def list_(
+    request: Request,
+    cluster_uuid: str = Query(...),
+    tenant: str = Query(""),
+    page_num: int = Query(0),
+    page_size: int = Query(0),
+    filter_name: str = Query(""),
+    caller: Caller = Depends(authenticated),
+):
     cluster = v.uuid(cluster_uuid, "cluster_uuid")
     q = select(BackupPoint).where(BackupPoint.cluster_uuid == cluster)
     if tenant:
@@ -265,4 +330,3 @@ def list_(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(
             q = q.limit(limit)
         rows = s.scalars(q).all()
     return ok({"total_count": total, "list": [to_seed(bp) for bp in rows]})
-

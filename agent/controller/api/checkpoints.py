@@ -1,5 +1,6 @@
 """Seed 003: POST /v3/{project_id}/checkpoints (back up a vault now) and
 GET /v3/{project_id}/checkpoints/{checkpoint_id}."""
+
 from __future__ import annotations
 
 import json
@@ -27,33 +28,53 @@ def to_seed(s, cp: Checkpoint) -> dict:
     resources = []
     for r in json.loads(cp.resources_json):
         t = s.get(Task, r["task_id"])
-        status = {"success": "available", "failed": "error", "timeout": "error"}.get(t.status if t else "",
-                                                                                    "protecting")
-        resources.append({"id": r["id"], "name": r["name"], "type": r["type"], "resource_size": r["resource_size"],
-                          "protect_status": status, "extra_info": None, "backup_id": r["backup_id"],
-                          "task_id": r["task_id"], "backup_mode": "full" if r.get("full") else "incremental"})
+        status = {"success": "available", "failed": "error", "timeout": "error"}.get(
+            t.status if t else "", "protecting"
+        )
+        resources.append(
+            {
+                "id": r["id"],
+                "name": r["name"],
+                "type": r["type"],
+                "resource_size": r["resource_size"],
+                "protect_status": status,
+                "extra_info": None,
+                "backup_id": r["backup_id"],
+                "task_id": r["task_id"],
+                "backup_mode": "full" if r.get("full") else "incremental",
+            }
+        )
     retention = -1
     if vault is not None and vault.policy_id:
         p = s.get(Policy, vault.policy_id)
         if p is not None:
             retention = OperationDefinition(**json.loads(p.definition_json)).retention_duration_days
     status = {"preparing": "protecting", "finishing": "protecting"}.get(cp.status, cp.status)  # the seed's values
-    return {"id": cp.id, "project_id": cp.tenant, "status": status,
-            "created_at": iso(cp.created_at),
-            "due_at": datetime.fromtimestamp(cp.due_at, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
-            "manual": cp.manual,
-            "vault": {"id": cp.vault_id, "name": vault.name if vault else "", "resources": resources,
-                      "skipped_resources": json.loads(cp.skipped_json)},
-            "extra_info": {"retention_duration": retention, "name": "", "description": ""}}
+    return {
+        "id": cp.id,
+        "project_id": cp.tenant,
+        "status": status,
+        "created_at": iso(cp.created_at),
+        "due_at": datetime.fromtimestamp(cp.due_at, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+        "manual": cp.manual,
+        "vault": {
+            "id": cp.vault_id,
+            "name": vault.name if vault else "",
+            "resources": resources,
+            "skipped_resources": json.loads(cp.skipped_json),
+        },
+        "extra_info": {"retention_duration": retention, "name": "", "description": ""},
+    }
 
 
 router = APIRouter(prefix="/v3/{project_id}/checkpoints", tags=["checkpoints (seed 003)"])
+
 
 @router.post("")
 def create(project_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     if not isinstance(body, dict) or not isinstance(body.get("checkpoint"), dict):
-        raise v.bad("checkpoint", "the body must be {\"checkpoint\": {\"vault_id\": ...}}")
+        raise v.bad("checkpoint", 'the body must be {"checkpoint": {"vault_id": ...}}')
     cp = body["checkpoint"]
     vault_id = v.uuid(str(cp.get("vault_id", "")), "checkpoint.vault_id")
     params = cp.get("parameters") or {}
@@ -79,15 +100,26 @@ def create(project_id: str, request: Request, body: Any = Body(None), caller: Ca
             for i, vid in enumerate(only):
                 row = s.get(VaultResource, vid)
                 if row is None or row.vault_id != vault_id:
-                    raise ResourceNotInVault(f"checkpoint.parameters.resources[{i}]: volume {vid} is not in "
-                                             "the vault", field=f"checkpoint.parameters.resources[{i}]")
-    cp_id = checkpoints.create(context(request), vault_id, due_at=time.time(), manual=True, only=only,
-                               name=name, description=description, incremental=incremental)
+                    raise ResourceNotInVault(
+                        f"checkpoint.parameters.resources[{i}]: volume {vid} is not in the vault",
+                        field=f"checkpoint.parameters.resources[{i}]",
+                    )
+    cp_id = checkpoints.create(
+        context(request),
+        vault_id,
+        due_at=time.time(),
+        manual=True,
+        only=only,
+        name=name,
+        description=description,
+        incremental=incremental,
+    )
     with context(request).db.session() as s:
         row = s.get(Checkpoint, cp_id)
         out = to_seed(s, row)
         out["extra_info"].update(name=name, description=description)
         return {"checkpoint": out}
+
 
 @router.get("/{checkpoint_id}")
 def get(project_id: str, checkpoint_id: str, request: Request, caller: Caller = Depends(authenticated)):
@@ -97,6 +129,7 @@ def get(project_id: str, checkpoint_id: str, request: Request, caller: Caller = 
         if cp is None or cp.tenant != tenant:
             raise NotFound(f"checkpoint_id: checkpoint {checkpoint_id} does not exist", field="checkpoint_id")
         return {"checkpoint": to_seed(s, cp)}
+
 
 @router.get("")
 def list_(project_id: str, request: Request, vault_id: str = "", caller: Caller = Depends(authenticated)):
@@ -108,4 +141,3 @@ def list_(project_id: str, request: Request, vault_id: str = "", caller: Caller 
             q = q.where(Checkpoint.vault_id == vault_id)
         out = [to_seed(s, cp) for cp in s.scalars(q)]
     return {"checkpoints": out, "count": len(out)}
-

@@ -3,6 +3,7 @@ data. Errors use the same envelope with a non-zero scode; the mapping from
 our errors comes from agent/errors.py (rest_status), and no stack trace is
 ever sent (`stack` stays null). Under /v3 (seed 003) an error is that seed's
 {"error_code", "error_msg"} (errors.cbr_status)."""
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,14 @@ def ok(data: Any) -> dict:
 def range_list(key: str, items: list, cluster: str, namespace: str, total: int) -> dict:
     """The seeds' paged list answer (pool/share/list, volume/share/list):
     the items, one range state per cluster (one here), TotalCount."""
-    state = {"cluster_uuid": cluster, "cluster_name": "", "cluster_mode": "", "namespace_uuid": namespace,
-             "result": ok(""), "total_count": total}
+    state = {
+        "cluster_uuid": cluster,
+        "cluster_name": "",
+        "cluster_mode": "",
+        "namespace_uuid": namespace,
+        "result": ok(""),
+        "total_count": total,
+    }
     return ok({key: items, "each_range_list_state": [state], "TotalCount": total})
 
 
@@ -36,8 +43,17 @@ def _error_response(e: BaseException, request: Request | None = None) -> JSONRes
         return JSONResponse(status_code=http, content={"error_code": code, "error_msg": message})
     http, scode, message, message_cn = errors.rest_status(e)
     desc = getattr(e, "field", None) or ""
-    return JSONResponse(status_code=http, content={"scode": scode, "desc": desc, "message": message,
-                                                   "message_cn": message_cn, "stack": None, "data": None})
+    return JSONResponse(
+        status_code=http,
+        content={
+            "scode": scode,
+            "desc": desc,
+            "message": message,
+            "message_cn": message_cn,
+            "stack": None,
+            "data": None,
+        },
+    )
 
 
 def _field_of(loc: tuple) -> str:
@@ -68,8 +84,9 @@ def install(app) -> None:
         if e.status_code == 404:
             err = errors.NotFound(f"path: {request.url.path} is not an endpoint of this API", field="path")
         elif e.status_code == 405:
-            err = errors.InvalidArgument(f"method: {request.method} is not allowed on {request.url.path}",
-                                         field="method")
+            err = errors.InvalidArgument(
+                f"method: {request.method} is not allowed on {request.url.path}", field="method"
+            )
         else:
             err = errors.InvalidArgument(f"request: {e.detail}", field="request")
         resp = _error_response(err, request)

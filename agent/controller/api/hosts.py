@@ -2,6 +2,7 @@
 only), with their state (online/offline from the heartbeat age), facts,
 pools and backup points; DELETE /v1/hosts/{uuid} forgets an offline one.
 GET /v1/zones: the clusters and zones the hosts and pools name."""
+
 from __future__ import annotations
 
 import json
@@ -18,20 +19,32 @@ from agent.errors import FailedPrecondition, NotFound, PermissionDenied
 
 
 def to_json(h: Host, dead_after: int) -> dict:
-    return {"UUID": h.uuid, "Hostname": h.hostname, "Address": h.address, "Version": h.version,
-            "State": host_state(h, dead_after), "LastSeen": h.last_seen, "RegisteredAt": h.registered_at,
-            "RunningJobs": h.running_jobs, "MaxJobs": h.max_jobs, "Facts": json.loads(h.facts_json),
-            "Pools": json.loads(h.pools_json), "BackupPoints": json.loads(h.backup_points_json),
-            "ClusterUUID": h.cluster_uuid, "ZoneUUID": h.zone_uuid, "ZoneName": h.zone_name or ("default" if h.zone_uuid
-                                                                                               else "")}
+    return {
+        "UUID": h.uuid,
+        "Hostname": h.hostname,
+        "Address": h.address,
+        "Version": h.version,
+        "State": host_state(h, dead_after),
+        "LastSeen": h.last_seen,
+        "RegisteredAt": h.registered_at,
+        "RunningJobs": h.running_jobs,
+        "MaxJobs": h.max_jobs,
+        "Facts": json.loads(h.facts_json),
+        "Pools": json.loads(h.pools_json),
+        "BackupPoints": json.loads(h.backup_points_json),
+        "ClusterUUID": h.cluster_uuid,
+        "ZoneUUID": h.zone_uuid,
+        "ZoneName": h.zone_name or ("default" if h.zone_uuid else ""),
+    }
 
 
 router = APIRouter(prefix="/v1/hosts", tags=["hosts"])
 
+
 def operator(caller: Caller) -> None:
     if not caller.operator:
-        raise PermissionDenied("authorization: hosts are visible to operator tokens only",
-                               field="authorization")
+        raise PermissionDenied("authorization: hosts are visible to operator tokens only", field="authorization")
+
 
 @router.get("")
 def list_hosts(request: Request, caller: Caller = Depends(authenticated)):
@@ -40,6 +53,7 @@ def list_hosts(request: Request, caller: Caller = Depends(authenticated)):
     with context(request).db.session() as s:
         hosts = s.scalars(select(Host).order_by(Host.hostname, Host.uuid)).all()
     return ok({"total_count": len(hosts), "list": [to_json(h, dead) for h in hosts]})
+
 
 @router.get("/{host_uuid}")
 def get_host(host_uuid: str, request: Request, caller: Caller = Depends(authenticated)):
@@ -50,6 +64,7 @@ def get_host(host_uuid: str, request: Request, caller: Caller = Depends(authenti
     if h is None:
         raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
     return ok(to_json(h, context(request).cfg.host_dead_after))
+
 
 @router.delete("/{host_uuid}")
 def forget_host(host_uuid: str, request: Request, caller: Caller = Depends(authenticated)):
@@ -64,15 +79,17 @@ def forget_host(host_uuid: str, request: Request, caller: Caller = Depends(authe
         if h is None:
             raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
         if host_state(h, dead) != "offline":
-            raise FailedPrecondition(f"host_uuid: host {host_uuid} ({h.hostname}) is {host_state(h, dead)}: "
-                                     f"stop its agent, then forget it after {dead} s without a heartbeat",
-                                     field="host_uuid")
+            raise FailedPrecondition(
+                f"host_uuid: host {host_uuid} ({h.hostname}) is {host_state(h, dead)}: "
+                f"stop its agent, then forget it after {dead} s without a heartbeat",
+                field="host_uuid",
+            )
         s.delete(h)
     return ok({"uuid": host_uuid})
 
 
-
 zones_router = APIRouter(prefix="/v1/zones", tags=["hosts"])
+
 
 @zones_router.get("")
 def list_zones(request: Request, caller: Caller = Depends(authenticated)):
@@ -87,8 +104,10 @@ def list_zones(request: Request, caller: Caller = Depends(authenticated)):
     zones: dict[tuple[str, str], dict] = {}
 
     def zone(cluster: str, uuid: str) -> dict:
-        return zones.setdefault((cluster, uuid), {"ClusterUUID": cluster, "UUID": uuid, "Name": "",
-                                                  "Hosts": [], "PoolCount": 0})
+        return zones.setdefault(
+            (cluster, uuid), {"ClusterUUID": cluster, "UUID": uuid, "Name": "", "Hosts": [], "PoolCount": 0}
+        )
+
     for h in sorted(hosts, key=lambda h: h.uuid):
         z = zone(h.cluster_uuid, h.zone_uuid)
         z["Hosts"].append(h.uuid)
@@ -99,4 +118,3 @@ def list_zones(request: Request, caller: Caller = Depends(authenticated)):
         z["Name"] = z["Name"] or (p.zone_name if p.zone_name != "default" else "")
     out = [dict(z, Name=z["Name"] or ("default" if z["UUID"] else "")) for _, z in sorted(zones.items())]
     return ok({"total_count": len(out), "list": out})
-

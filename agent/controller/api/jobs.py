@@ -1,6 +1,7 @@
 """Seed 001's long operations, which return at once with a task:
 /v1/volume/share/clone, clone/progress, backup/add, backup/restore; and
 backup/delete and backup/list. Plus GET /v1/tasks and /v1/tasks/{id}."""
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ class BackupAddRequest(_Base):
     backup_point_uuid: StrictStr
     snapshot_uuid: StrictStr
     desc: StrictStr = ""
-    full: StrictBool = False   # not in the seed: force a full re-read (a policy's full_backup_interval)
+    full: StrictBool = False  # not in the seed: force a full re-read (a policy's full_backup_interval)
 
 
 class BackupDeleteRequest(_Base):
@@ -61,13 +62,23 @@ class RestoreRequest(_Base):
 
 
 def task_to_json(t: Task) -> dict:
-    return {"id": t.id, "operation_type": t.operation_type, "status": t.status, "progress": t.progress,
-            "created_at": t.created_at, "started_at": t.started_at or None, "ended_at": t.ended_at or None,
-            "error_info": {"code": t.error_code, "error_code": cbr_code(t.error_code), "message": t.error_message}
-            if t.error_code else None,
-            "resource": {"type": t.resource_type, "uuid": t.resource_uuid}, "tenant": t.tenant,
-            "host_uuid": t.host_uuid, "attempts": t.attempts + 1,
-            "result": _result(t)}
+    return {
+        "id": t.id,
+        "operation_type": t.operation_type,
+        "status": t.status,
+        "progress": t.progress,
+        "created_at": t.created_at,
+        "started_at": t.started_at or None,
+        "ended_at": t.ended_at or None,
+        "error_info": {"code": t.error_code, "error_code": cbr_code(t.error_code), "message": t.error_message}
+        if t.error_code
+        else None,
+        "resource": {"type": t.resource_type, "uuid": t.resource_uuid},
+        "tenant": t.tenant,
+        "host_uuid": t.host_uuid,
+        "attempts": t.attempts + 1,
+        "result": _result(t),
+    }
 
 
 def _result(t: Task) -> dict | None:
@@ -81,17 +92,37 @@ def _result(t: Task) -> dict | None:
 
 
 def backup_to_seed(b: Backup, bp_name: str = "") -> dict:
-    return {"tenant": b.tenant, "tenant_name": "", "UUID": b.uuid, "Name": b.name, "BpUUID": b.backup_point_uuid,
-            "NsUUID": b.tenant, "VolumeUUID": b.volume_uuid, "VolumeCapacity": b.volume_capacity,
-            "Snapshot": b.snapshot_name, "Ctime": b.ctime, "Desc": b.description, "Attr": None,
-            "VolumeType": b.volume_type, "Mtime": b.mtime, "BpName": bp_name, "ExpiredTime": 0,
-            "VolumeEventStatus": 0, "SnapshotUUID": b.snapshot_uuid, "Status": b.status,
-            "cluster_uuid": b.cluster_uuid, "cluster_name": "", "cluster_mode": "",
-            # beyond the seed: full, incremental or fallback, and why every chunk was read (or tracking degraded)
-            "Mode": b.mode, "ModeReason": b.mode_reason}
+    return {
+        "tenant": b.tenant,
+        "tenant_name": "",
+        "UUID": b.uuid,
+        "Name": b.name,
+        "BpUUID": b.backup_point_uuid,
+        "NsUUID": b.tenant,
+        "VolumeUUID": b.volume_uuid,
+        "VolumeCapacity": b.volume_capacity,
+        "Snapshot": b.snapshot_name,
+        "Ctime": b.ctime,
+        "Desc": b.description,
+        "Attr": None,
+        "VolumeType": b.volume_type,
+        "Mtime": b.mtime,
+        "BpName": bp_name,
+        "ExpiredTime": 0,
+        "VolumeEventStatus": 0,
+        "SnapshotUUID": b.snapshot_uuid,
+        "Status": b.status,
+        "cluster_uuid": b.cluster_uuid,
+        "cluster_name": "",
+        "cluster_mode": "",
+        # beyond the seed: full, incremental or fallback, and why every chunk was read (or tracking degraded)
+        "Mode": b.mode,
+        "ModeReason": b.mode_reason,
+    }
 
 
 router = APIRouter(tags=["long operations and tasks (seed 001)"])
+
 
 def owned_volume(s, vid: str, cluster: str, caller: Caller, field: str = "volume_uuid") -> Volume:
     vol = s.get(Volume, vid)
@@ -101,22 +132,35 @@ def owned_volume(s, vid: str, cluster: str, caller: Caller, field: str = "volume
         raise InvalidArgument(f"{field}: volume {vid} is {vol.state}", field=field)
     return vol
 
+
 def target_pool(s, pid: str, cluster: str, tenant: str, field: str) -> Pool:
     pool = s.get(Pool, pid)
     if pool is None or pool.cluster_uuid != cluster or not _visible(pool, Caller(tenant)):
         raise NotFound(f"{field}: pool {pid} does not exist", field=field)
     return pool
 
+
 def new_volume(s, *, tenant, cluster, pool: Pool, name, capacity, vtype="block", parent="", parent_snap=""):
-    if s.scalar(select(Volume).where(Volume.tenant == tenant, Volume.pool_uuid == pool.uuid,
-                                     Volume.name == name)):
+    if s.scalar(select(Volume).where(Volume.tenant == tenant, Volume.pool_uuid == pool.uuid, Volume.name == name)):
         raise AlreadyExists(f"name: a volume named {name!r} exists in pool {pool.uuid}", field="name")
     now = int(time.time())
-    vol = Volume(uuid=str(uuidlib.uuid4()), tenant=tenant, cluster_uuid=cluster, pool_uuid=pool.uuid, name=name,
-                 vtype=vtype, capacity=capacity, state="creating", parent=parent, parent_snapshot=parent_snap,
-                 ctime=now, mtime=now)
+    vol = Volume(
+        uuid=str(uuidlib.uuid4()),
+        tenant=tenant,
+        cluster_uuid=cluster,
+        pool_uuid=pool.uuid,
+        name=name,
+        vtype=vtype,
+        capacity=capacity,
+        state="creating",
+        parent=parent,
+        parent_snapshot=parent_snap,
+        ctime=now,
+        mtime=now,
+    )
     s.add(vol)
     return vol
+
 
 @router.post("/v1/volume/share/clone")
 def clone(req: CloneRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -132,22 +176,51 @@ def clone(req: CloneRequest, request: Request, caller: Caller = Depends(authenti
     with state.db.session() as s:
         src = owned_volume(s, vid, cluster, caller)
         pool = target_pool(s, pid, cluster, tenant, "clone_dst_pool_uuid")
-        vol = new_volume(s, tenant=tenant, cluster=cluster, pool=pool, name=name, capacity=src.capacity,
-                         vtype=src.vtype, parent=src.uuid if req.is_link else "",
-                         parent_snap=sid if req.is_link else "")
-        spec = jobs_pb2.CloneSpec(pool_uuid=src.pool_uuid, volume_uuid=src.uuid, snapshot_uuid=sid,
-                                  target_pool_uuid=pid, target_volume_uuid=vol.uuid, target_name=name,
-                                  linked=req.is_link)
-        new_task(s, task_id=task_id, operation="clone", tenant=tenant, resource_type="volume",
-                 resource_uuid=vol.uuid, job_kind="clone", spec=spec, pool_uuid=src.pool_uuid,
-                 target_pool_uuid=pid)
+        vol = new_volume(
+            s,
+            tenant=tenant,
+            cluster=cluster,
+            pool=pool,
+            name=name,
+            capacity=src.capacity,
+            vtype=src.vtype,
+            parent=src.uuid if req.is_link else "",
+            parent_snap=sid if req.is_link else "",
+        )
+        spec = jobs_pb2.CloneSpec(
+            pool_uuid=src.pool_uuid,
+            volume_uuid=src.uuid,
+            snapshot_uuid=sid,
+            target_pool_uuid=pid,
+            target_volume_uuid=vol.uuid,
+            target_name=name,
+            linked=req.is_link,
+        )
+        new_task(
+            s,
+            task_id=task_id,
+            operation="clone",
+            tenant=tenant,
+            resource_type="volume",
+            resource_uuid=vol.uuid,
+            job_kind="clone",
+            spec=spec,
+            pool_uuid=src.pool_uuid,
+            target_pool_uuid=pid,
+        )
         out = {"UUID": vol.uuid, "Name": name, "PoolUUID": pid, "Status": "CloneStarted"}
     state.dispatcher.wake()
     return ok(dict(_wrap(out), task_id=task_id))
 
+
 @router.get("/v1/volume/share/clone/progress")
-def clone_progress(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(...),
-                   volume_uuid: str = Query(...), caller: Caller = Depends(authenticated)):
+def clone_progress(
+    request: Request,
+    cluster_uuid: str = Query(...),
+    tenant: str = Query(...),
+    volume_uuid: str = Query(...),
+    caller: Caller = Depends(authenticated),
+):
     cluster = v.uuid(cluster_uuid, "cluster_uuid")
     tenant = v.uuid(tenant, "tenant")
     caller.check_tenant(tenant)
@@ -157,12 +230,14 @@ def clone_progress(request: Request, cluster_uuid: str = Query(...), tenant: str
         if vol is None or vol.tenant != tenant or vol.cluster_uuid != cluster:
             t = s.scalar(select(Task).where(Task.resource_uuid == vid, Task.operation_type == "clone"))
             if t is not None and t.tenant == tenant and t.status in ("failed", "timeout"):
-                return ok(dict(_wrap(None, clone_progress=0), error_info={"code": t.error_code,
-                                                                           "message": t.error_message}))
+                return ok(
+                    dict(_wrap(None, clone_progress=0), error_info={"code": t.error_code, "message": t.error_message})
+                )
             raise NotFound(f"volume_uuid: volume {vid} does not exist", field="volume_uuid")
         t = s.scalar(select(Task).where(Task.resource_uuid == vid).order_by(Task.created_at.desc()))
     progress = 100.0 if vol.state == "ready" else (t.progress if t else 0.0)
     return ok(_wrap(None, clone_progress=progress))
+
 
 @router.post("/v1/volume/share/backup/add")
 def backup_add(req: BackupAddRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -181,20 +256,51 @@ def backup_add(req: BackupAddRequest, request: Request, caller: Caller = Depends
         if bp is None or bp.tenant != vol.tenant or bp.cluster_uuid != cluster:
             raise NotFound(f"backup_point_uuid: backup point {bpid} does not exist", field="backup_point_uuid")
         now = int(time.time())
-        b = Backup(uuid=str(uuidlib.uuid4()), tenant=vol.tenant, cluster_uuid=cluster, name=name,
-                   description=req.desc, backup_point_uuid=bpid, volume_uuid=vid, volume_capacity=vol.capacity,
-                   volume_type=vol.vtype, pool_uuid=vol.pool_uuid, snapshot_uuid=sid, status="BackupStarted",
-                   task_id=task_id, ctime=now, mtime=now)
+        b = Backup(
+            uuid=str(uuidlib.uuid4()),
+            tenant=vol.tenant,
+            cluster_uuid=cluster,
+            name=name,
+            description=req.desc,
+            backup_point_uuid=bpid,
+            volume_uuid=vid,
+            volume_capacity=vol.capacity,
+            volume_type=vol.vtype,
+            pool_uuid=vol.pool_uuid,
+            snapshot_uuid=sid,
+            status="BackupStarted",
+            task_id=task_id,
+            ctime=now,
+            mtime=now,
+        )
         s.add(b)
-        spec = jobs_pb2.BackupSpec(backup_point_uuid=bpid, pool_uuid=vol.pool_uuid, volume_uuid=vid,
-                                   snapshot_uuid=sid, backup_uuid=b.uuid, name=name, description=req.desc,
-                                   tenant=vol.tenant, full=req.full)
-        new_task(s, task_id=task_id, operation="backup", tenant=vol.tenant, resource_type="backup",
-                 resource_uuid=b.uuid, job_kind="backup", spec=spec, pool_uuid=vol.pool_uuid,
-                 backup_point_uuid=bpid)
+        spec = jobs_pb2.BackupSpec(
+            backup_point_uuid=bpid,
+            pool_uuid=vol.pool_uuid,
+            volume_uuid=vid,
+            snapshot_uuid=sid,
+            backup_uuid=b.uuid,
+            name=name,
+            description=req.desc,
+            tenant=vol.tenant,
+            full=req.full,
+        )
+        new_task(
+            s,
+            task_id=task_id,
+            operation="backup",
+            tenant=vol.tenant,
+            resource_type="backup",
+            resource_uuid=b.uuid,
+            job_kind="backup",
+            spec=spec,
+            pool_uuid=vol.pool_uuid,
+            backup_point_uuid=bpid,
+        )
         out = backup_to_seed(b, bp.name)
     state.dispatcher.wake()
     return ok({"backup": out, "task_id": task_id})
+
 
 @router.post("/v1/volume/share/backup/restore")
 def backup_restore(req: RestoreRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -213,16 +319,28 @@ def backup_restore(req: RestoreRequest, request: Request, caller: Caller = Depen
         if b.status != "BackupSucceeded":
             raise InvalidArgument(f"backup_uuid: backup {bid} is {b.status}, not restorable", field="backup_uuid")
         pool = target_pool(s, pid, cluster, tenant, "new_pool_uuid")
-        vol = new_volume(s, tenant=tenant, cluster=cluster, pool=pool, name=name, capacity=b.volume_capacity,
-                         vtype=b.volume_type)
-        spec = jobs_pb2.RestoreSpec(backup_point_uuid=b.backup_point_uuid, backup_uuid=bid, pool_uuid=pid,
-                                    volume_uuid=vol.uuid, name=name)
-        new_task(s, task_id=task_id, operation="restore", tenant=tenant, resource_type="volume",
-                 resource_uuid=vol.uuid, job_kind="restore", spec=spec, pool_uuid=pid,
-                 backup_point_uuid=b.backup_point_uuid)
+        vol = new_volume(
+            s, tenant=tenant, cluster=cluster, pool=pool, name=name, capacity=b.volume_capacity, vtype=b.volume_type
+        )
+        spec = jobs_pb2.RestoreSpec(
+            backup_point_uuid=b.backup_point_uuid, backup_uuid=bid, pool_uuid=pid, volume_uuid=vol.uuid, name=name
+        )
+        new_task(
+            s,
+            task_id=task_id,
+            operation="restore",
+            tenant=tenant,
+            resource_type="volume",
+            resource_uuid=vol.uuid,
+            job_kind="restore",
+            spec=spec,
+            pool_uuid=pid,
+            backup_point_uuid=b.backup_point_uuid,
+        )
         created = {"UUID": vol.uuid, "Name": name, "PoolUUID": pid, "Status": "RestoreStarted"}
     state.dispatcher.wake()
     return ok({"backup": None, "volume": created, "task_id": task_id})
+
 
 @router.post("/v1/volume/share/backup/delete")
 def backup_delete(req: BackupDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -238,12 +356,21 @@ def backup_delete(req: BackupDeleteRequest, request: Request, caller: Caller = D
     remove_backup(state, bid)
     return ok({})
 
+
 @router.get("/v1/volume/share/backup/list")
-def backup_list(request: Request, cluster_uuid: str = Query(...), tenant: str = Query(""),
-                page_num: int = Query(0), page_size: int = Query(0), filter_desc: str = Query(""),
-                filter_start_time: str = Query(""), filter_end_time: str = Query(""),
-                filter_volume_uuid: str = Query(""), filter_name: str = Query(""),
-                caller: Caller = Depends(authenticated)):
+def backup_list(
+    request: Request,
+    cluster_uuid: str = Query(...),
+    tenant: str = Query(""),
+    page_num: int = Query(0),
+    page_size: int = Query(0),
+    filter_desc: str = Query(""),
+    filter_start_time: str = Query(""),
+    filter_end_time: str = Query(""),
+    filter_volume_uuid: str = Query(""),
+    filter_name: str = Query(""),
+    caller: Caller = Depends(authenticated),
+):
     cluster = v.uuid(cluster_uuid, "cluster_uuid")
     q = select(Backup).where(Backup.cluster_uuid == cluster)
     if tenant:
@@ -252,8 +379,10 @@ def backup_list(request: Request, cluster_uuid: str = Query(...), tenant: str = 
         q = q.where(Backup.tenant == tenant)
     elif not caller.operator:
         q = q.where(Backup.tenant == caller.tenant)
-    for value, field, column, op in ((filter_start_time, "filter_start_time", Backup.ctime, "ge"),
-                                     (filter_end_time, "filter_end_time", Backup.ctime, "le")):
+    for value, field, column, op in (
+        (filter_start_time, "filter_start_time", Backup.ctime, "ge"),
+        (filter_end_time, "filter_end_time", Backup.ctime, "le"),
+    ):
         if value:
             if not (value.isascii() and value.isdigit() and len(value) <= 12):
                 raise InvalidArgument(f"{field}: must be unix seconds (0 to 999999999999)", field=field)
@@ -270,13 +399,25 @@ def backup_list(request: Request, cluster_uuid: str = Query(...), tenant: str = 
         q = q.order_by(Backup.ctime, Backup.uuid).offset(offset)
         rows = s.scalars(q.limit(limit) if limit else q).all()
         names = {bp.uuid: bp.name for bp in s.scalars(select(BackupPoint))}
-    return ok({"backup": None, "total_count": total,
-               "list": [backup_to_seed(b, names.get(b.backup_point_uuid, "")) for b in rows]})
+    return ok(
+        {
+            "backup": None,
+            "total_count": total,
+            "list": [backup_to_seed(b, names.get(b.backup_point_uuid, "")) for b in rows],
+        }
+    )
+
 
 @router.get("/v1/tasks")
-def tasks(request: Request, status: str = Query(""), operation_type: str = Query(""),
-          resource_uuid: str = Query(""), page_num: int = Query(0), page_size: int = Query(0),
-          caller: Caller = Depends(authenticated)):
+def tasks(
+    request: Request,
+    status: str = Query(""),
+    operation_type: str = Query(""),
+    resource_uuid: str = Query(""),
+    page_num: int = Query(0),
+    page_size: int = Query(0),
+    caller: Caller = Depends(authenticated),
+):
     q = select(Task)
     if not caller.operator:
         q = q.where(Task.tenant == caller.tenant)
@@ -294,6 +435,7 @@ def tasks(request: Request, status: str = Query(""), operation_type: str = Query
         q = q.order_by(Task.created_at.desc()).offset(offset)
         rows = s.scalars(q.limit(limit) if limit else q).all()
     return ok({"total_count": total, "tasks": [task_to_json(t) for t in rows]})
+
 
 @router.get("/v1/tasks/{task_id}")
 def task(task_id: str, request: Request, wait: float = Query(0.0), caller: Caller = Depends(authenticated)):
@@ -318,6 +460,3 @@ def task(task_id: str, request: Request, wait: float = Query(0.0), caller: Calle
         if t.status not in ("waiting", "running") or state != first or left <= 0 or ctx.dispatcher is None:
             return ok(task_to_json(t))
         ctx.dispatcher.wait_for_change(seen, left)
-
-
-

@@ -4,6 +4,7 @@ project_id is the tenant: a tenant token sees its own policies only; an
 operator token may name any project. Bodies are checked by
 agent.controller.policy; errors come back as {"error_code", "error_msg"}.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,11 +33,17 @@ def definition(p: Policy) -> OperationDefinition:
 
 def to_seed(p: Policy, vault_ids: list[str]) -> dict:
     return {
-        "id": p.id, "name": p.name, "enabled": p.enabled, "operation_type": p.operation_type,
+        "id": p.id,
+        "name": p.name,
+        "enabled": p.enabled,
+        "operation_type": p.operation_type,
         "operation_definition": definition(p).to_json(),
-        "trigger": {"id": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"blockferry/trigger/{p.id}")), "name": "default",
-                    "type": "time",
-                    "properties": {"pattern": json.loads(p.patterns_json), "start_time": stamp(p.start_time)}},
+        "trigger": {
+            "id": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"blockferry/trigger/{p.id}")),
+            "name": "default",
+            "type": "time",
+            "properties": {"pattern": json.loads(p.patterns_json), "start_time": stamp(p.start_time)},
+        },
         "associated_vaults": [{"vault_id": v, "destination_vault_id": None} for v in vault_ids] or None,
     }
 
@@ -57,18 +64,28 @@ def project(caller: Caller, project_id: str) -> str:
 
 router = APIRouter(prefix="/v3/{project_id}/policies", tags=["policies (seed 003)"])
 
+
 def vaults_of(s, policy_id: str) -> list[str]:
     return list(s.scalars(select(Vault.id).where(Vault.policy_id == policy_id).order_by(Vault.id)))
 
+
 @router.post("")
-def create(project_id: str, request: Request, body: Any = Body(None),
-           caller: Caller = Depends(authenticated)):
+def create(project_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     fields = check_policy(body)
     now = time.time()
-    p = Policy(id=str(uuidlib.uuid4()), tenant=tenant, name=fields["name"], enabled=fields.get("enabled", True),
-               operation_type="backup", definition_json=json.dumps(fields["operation_definition"].to_json()),
-               patterns_json=json.dumps(fields["patterns"]), start_time=now, created_at=now, updated_at=now)
+    p = Policy(
+        id=str(uuidlib.uuid4()),
+        tenant=tenant,
+        name=fields["name"],
+        enabled=fields.get("enabled", True),
+        operation_type="backup",
+        definition_json=json.dumps(fields["operation_definition"].to_json()),
+        patterns_json=json.dumps(fields["patterns"]),
+        start_time=now,
+        created_at=now,
+        updated_at=now,
+    )
     with context(request).db.session() as s:
         s.add(p)
         try:
@@ -77,19 +94,25 @@ def create(project_id: str, request: Request, body: Any = Body(None),
             raise AlreadyExists(f"policy.name: a policy named {p.name!r} exists", field="policy.name") from None
         return {"policy": to_seed(p, [])}
 
+
 @router.get("")
-def list_(project_id: str, request: Request, vault_id: str = "", operation_type: str = "",
-          caller: Caller = Depends(authenticated)):
+def list_(
+    project_id: str,
+    request: Request,
+    vault_id: str = "",
+    operation_type: str = "",
+    caller: Caller = Depends(authenticated),
+):
     tenant = project(caller, project_id)
     if operation_type and operation_type != "backup":
-        raise InvalidArgument(f"operation_type: {operation_type!r}: only 'backup' is supported",
-                              field="operation_type")
+        raise InvalidArgument(f"operation_type: {operation_type!r}: only 'backup' is supported", field="operation_type")
     with context(request).db.session() as s:
         q = select(Policy).where(Policy.tenant == tenant).order_by(Policy.created_at, Policy.id)
         if vault_id:
             q = q.where(Policy.id.in_(select(Vault.policy_id).where(Vault.id == vault_id)))
         out = [to_seed(p, vaults_of(s, p.id)) for p in s.scalars(q)]
     return {"policies": out, "count": len(out)}
+
 
 @router.get("/{policy_id}")
 def get(project_id: str, policy_id: str, request: Request, caller: Caller = Depends(authenticated)):
@@ -98,9 +121,11 @@ def get(project_id: str, policy_id: str, request: Request, caller: Caller = Depe
         p = load_policy(s, caller, tenant, policy_id)
         return {"policy": to_seed(p, vaults_of(s, p.id))}
 
+
 @router.put("/{policy_id}")
-def update(project_id: str, policy_id: str, request: Request, body: Any = Body(None),
-           caller: Caller = Depends(authenticated)):
+def update(
+    project_id: str, policy_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
+):
     tenant = project(caller, project_id)
     fields = check_policy(body, partial=True)
     with context(request).db.session() as s:
@@ -120,6 +145,7 @@ def update(project_id: str, policy_id: str, request: Request, body: Any = Body(N
             raise AlreadyExists(f"policy.name: a policy named {p.name!r} exists", field="policy.name") from None
         return {"policy": to_seed(p, vaults_of(s, p.id))}
 
+
 @router.delete("/{policy_id}")
 def delete(project_id: str, policy_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
@@ -127,10 +153,10 @@ def delete(project_id: str, policy_id: str, request: Request, caller: Caller = D
         p = load_policy(s, caller, tenant, policy_id)
         used = vaults_of(s, p.id)
         if used:
-            raise HasDependents(f"policy_id: policy {p.name} is applied to vault(s) {', '.join(used)}; "
-                                "dissociate it first", field="policy_id")
+            raise HasDependents(
+                f"policy_id: policy {p.name} is applied to vault(s) {', '.join(used)}; dissociate it first",
+                field="policy_id",
+            )
         s.delete(p)
         s.commit()
     return {}
-
-

@@ -10,6 +10,7 @@ the cluster's ceph.conf on the hosts) are served; the other seed types (1
 iscsi, 3 samba, 5 fc) are refused with a clear message: they are backup
 point types here.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,8 +110,10 @@ def _attr(attr: dict[str, str]) -> dict[str, str]:
         except ValueError:
             ok_ = False
         if not ok_:
-            raise InvalidArgument(f"attr.overAllocationThreshold: {t!r} must be a number in (0, 100]",
-                                  field="attr.overAllocationThreshold")
+            raise InvalidArgument(
+                f"attr.overAllocationThreshold: {t!r} must be a number in (0, 100]",
+                field="attr.overAllocationThreshold",
+            )
     for k, val in attr.items():
         if len(k) > 64 or len(val) > 1024:
             raise InvalidArgument(f"attr.{k[:64]}: key or value too long", field="attr")
@@ -119,18 +122,44 @@ def _attr(attr: dict[str, str]) -> dict[str, str]:
 
 def to_seed(p: Pool, caller: Caller) -> dict:
     return {
-        "UUID": p.uuid, "Name": p.name, "Type": p.pool_type, "NamespaceUUID": "", "ZoneUUID": p.zone_uuid,
-        "ZoneName": p.zone_name, "MachineUUID": p.machine_uuid, "IP": p.ip, "Port": p.port, "Source": p.source,
-        "Username": p.username, "Password": MASK if p.password_sealed else "", "Ctime": p.ctime, "Mtime": p.mtime,
-        "VolumeTotalCount": 0, "AvailHosts": json.loads(p.avail_hosts_json) or None, "Volumes": None,
-        "Capacity": p.capacity, "ShareNsUUIDs": None, "Used": p.used, "Attr": json.loads(p.attr_json),
-        "ShareNsNames": None, "Status": p.status, "AllocatedCapacity": 0, "LimitHost": p.limit_host,
+        "UUID": p.uuid,
+        "Name": p.name,
+        "Type": p.pool_type,
+        "NamespaceUUID": "",
+        "ZoneUUID": p.zone_uuid,
+        "ZoneName": p.zone_name,
+        "MachineUUID": p.machine_uuid,
+        "IP": p.ip,
+        "Port": p.port,
+        "Source": p.source,
+        "Username": p.username,
+        "Password": MASK if p.password_sealed else "",
+        "Ctime": p.ctime,
+        "Mtime": p.mtime,
+        "VolumeTotalCount": 0,
+        "AvailHosts": json.loads(p.avail_hosts_json) or None,
+        "Volumes": None,
+        "Capacity": p.capacity,
+        "ShareNsUUIDs": None,
+        "Used": p.used,
+        "Attr": json.loads(p.attr_json),
+        "ShareNsNames": None,
+        "Status": p.status,
+        "AllocatedCapacity": 0,
+        "LimitHost": p.limit_host,
     }
 
 
 def _wrap(pool: dict | None, cluster: str, tenant: str = "") -> dict:
-    return {"pool": pool, "cluster_uuid": cluster, "cluster_name": "", "cluster_mode": "", "tenant": tenant,
-            "tenant_name": "", "PoolTypes": None}
+    return {
+        "pool": pool,
+        "cluster_uuid": cluster,
+        "cluster_name": "",
+        "cluster_mode": "",
+        "tenant": tenant,
+        "tenant_name": "",
+        "PoolTypes": None,
+    }
 
 
 def _visible(p: Pool, caller: Caller) -> bool:
@@ -140,22 +169,28 @@ def _visible(p: Pool, caller: Caller) -> bool:
 
 def _operator(caller: Caller) -> None:
     if not caller.operator:
-        raise PermissionDenied("authorization: shared pools are managed with operator tokens only",
-                               field="authorization")
+        raise PermissionDenied(
+            "authorization: shared pools are managed with operator tokens only", field="authorization"
+        )
 
 
 def online_hosts(s, dead_after: int) -> list[Host]:
-    return [h for h in s.scalars(select(Host).order_by(Host.hostname, Host.uuid)).all()
-            if host_state(h, dead_after) == "online"]
+    return [
+        h
+        for h in s.scalars(select(Host).order_by(Host.hostname, Host.uuid)).all()
+        if host_state(h, dead_after) == "online"
+    ]
 
 
 router = APIRouter(prefix="/v1/pool/share", tags=["shared pools (seed 002)"])
+
 
 def get_pool(s, pool_uuid: str, cluster: str, caller: Caller) -> Pool:
     p = s.get(Pool, pool_uuid)
     if p is None or p.cluster_uuid != cluster or not _visible(p, caller):
         raise NotFound(f"pool_uuid: pool {pool_uuid} does not exist", field="pool_uuid")
     return p
+
 
 @router.post("/list")
 def list_(req: ListRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -169,10 +204,20 @@ def list_(req: ListRequest, request: Request, caller: Caller = Depends(authentic
     with context(request).db.session() as s:
         pools = [p for p in s.scalars(q.order_by(Pool.ctime, Pool.name)).all() if _visible(p, caller)]
     total = len(pools)
-    pools = pools[offset:offset + limit] if limit else pools[offset:]
-    infos = [{"tenant": req.tenant, "tenant_name": "", "pool": to_seed(p, caller), "cluster_uuid": cluster,
-              "cluster_name": "", "cluster_mode": ""} for p in pools]
+    pools = pools[offset : offset + limit] if limit else pools[offset:]
+    infos = [
+        {
+            "tenant": req.tenant,
+            "tenant_name": "",
+            "pool": to_seed(p, caller),
+            "cluster_uuid": cluster,
+            "cluster_name": "",
+            "cluster_mode": "",
+        }
+        for p in pools
+    ]
     return range_list("infos", infos, cluster, req.tenant, total)
+
 
 @router.post("/get")
 def get(req: GetRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -184,6 +229,7 @@ def get(req: GetRequest, request: Request, caller: Caller = Depends(authenticate
         p = get_pool(s, pid, cluster, caller)
     return ok(_wrap(to_seed(p, caller), cluster, tenant))
 
+
 @router.post("/create")
 def create(req: CreateRequest, request: Request, caller: Caller = Depends(authenticated)):
     _operator(caller)
@@ -191,13 +237,18 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
     zone = v.uuid(req.zone_uuid, "zone_uuid")
     name = v.name(req.pool_name, "pool_name")
     if req.pool_type not in POOL_TYPES:
-        raise InvalidArgument(f"pool_type: must be one of {sorted(POOL_TYPES)} "
-                              f"({', '.join(f'{k} {n}' for k, n in POOL_TYPES.items())}), not {req.pool_type}",
-                              field="pool_type")
+        raise InvalidArgument(
+            f"pool_type: must be one of {sorted(POOL_TYPES)} "
+            f"({', '.join(f'{k} {n}' for k, n in POOL_TYPES.items())}), not {req.pool_type}",
+            field="pool_type",
+        )
     if req.pool_type not in SERVED:
-        raise InvalidArgument(f"pool_type: {req.pool_type} ({POOL_TYPES[req.pool_type]}) cannot hold volumes "
-                              "(it is a backup point type); use 2 (nfs), 4 (disk: a directory on the hosts) "
-                              "or 6 (rbd)", field="pool_type")
+        raise InvalidArgument(
+            f"pool_type: {req.pool_type} ({POOL_TYPES[req.pool_type]}) cannot hold volumes "
+            "(it is a backup point type); use 2 (nfs), 4 (disk: a directory on the hosts) "
+            "or 6 (rbd)",
+            field="pool_type",
+        )
     ip = v.host(req.ip, "ip")
     if req.port and (not (req.port.isascii() and req.port.isdigit()) or not 0 < int(req.port) < 65536):
         raise InvalidArgument(f"port: {req.port!r} is not a port number", field="port")
@@ -212,19 +263,28 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
         source = check_nfs_export(v.abs_path(req.source, "source"), "source")
         check_nfs_server(ip)
         if req.port:
-            raise InvalidArgument(f"port: {req.port!r}: an nfs pool is reached through the server's portmapper "
-                                  "(qemu's nfs driver takes no port); leave port empty", field="port")
+            raise InvalidArgument(
+                f"port: {req.port!r}: an nfs pool is reached through the server's portmapper "
+                "(qemu's nfs driver takes no port); leave port empty",
+                field="port",
+            )
         attach = dict(type="nfs", ip=ip, export=source)
     else:
         source = req.source
-        if not source or len(source) > 128 or any(c in source for c in "/\\ ") or \
-                any(ord(c) < 32 or ord(c) == 127 for c in source):
-            raise InvalidArgument("source: must be the RADOS pool name (no '/', '\\', spaces or control "
-                                  "characters)", field="source")
+        if (
+            not source
+            or len(source) > 128
+            or any(c in source for c in "/\\ ")
+            or any(ord(c) < 32 or ord(c) == 127 for c in source)
+        ):
+            raise InvalidArgument(
+                "source: must be the RADOS pool name (no '/', '\\', spaces or control characters)", field="source"
+            )
         conf = v.abs_path(attr.get("ceph_conf", ""), "attr.ceph_conf") if attr.get("ceph_conf") else ""
         if not conf:
-            raise InvalidArgument("attr.ceph_conf: an rbd pool needs the path of ceph.conf on the hosts",
-                                  field="attr.ceph_conf")
+            raise InvalidArgument(
+                "attr.ceph_conf: an rbd pool needs the path of ceph.conf on the hosts", field="attr.ceph_conf"
+            )
         attach = dict(type="rbd", ceph_conf=conf, rbd_pool=source, client_name=req.username or "client.admin")
     if req.limit_host and not hosts_wanted:
         raise InvalidArgument("avail_host: limit_host needs at least one host", field="avail_host")
@@ -238,21 +298,27 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
     if req.limit_host:
         missing = [h for h in hosts_wanted if h not in by_uuid]
         if missing:
-            raise NotFound(f"avail_host: host(s) {', '.join(missing)} are not registered or not online",
-                           field="avail_host")
+            raise NotFound(
+                f"avail_host: host(s) {', '.join(missing)} are not registered or not online", field="avail_host"
+            )
         hosts = [by_uuid[h] for h in hosts_wanted]
         elsewhere = [h for h in hosts if not h.in_scope(cluster, zone)]
         if elsewhere:
             h = elsewhere[0]
-            raise InvalidArgument(f"avail_host: host {h.hostname or h.uuid} belongs to cluster "
-                                  f"{h.cluster_uuid or 'any'}, zone {h.zone_uuid or 'any'}; the pool is for "
-                                  f"cluster {cluster}, zone {zone}", field="avail_host")
+            raise InvalidArgument(
+                f"avail_host: host {h.hostname or h.uuid} belongs to cluster "
+                f"{h.cluster_uuid or 'any'}, zone {h.zone_uuid or 'any'}; the pool is for "
+                f"cluster {cluster}, zone {zone}",
+                field="avail_host",
+            )
     else:
-        hosts = [h for h in online if kind in json.loads(h.facts_json).get("pool_types", [])
-                 and h.in_scope(cluster, zone)]
+        hosts = [
+            h for h in online if kind in json.loads(h.facts_json).get("pool_types", []) and h.in_scope(cluster, zone)
+        ]
     if not hosts:
-        raise TargetUnreachable(f"avail_host: no online host of cluster {cluster}, zone {zone} can serve a "
-                                f"{kind} pool", field="avail_host")
+        raise TargetUnreachable(
+            f"avail_host: no online host of cluster {cluster}, zone {zone} can serve a {kind} pool", field="avail_host"
+        )
     zone_name = next((h.zone_name for h in hosts if h.zone_uuid == zone and h.zone_name), "default")
     attached, status = [], None
     try:
@@ -268,18 +334,37 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
                 pass
         raise
     now = int(time.time())
-    p = Pool(uuid=pool_uuid, cluster_uuid=cluster, zone_uuid=zone, name=name, pool_type=req.pool_type, kind=kind,
-             ip=ip, port=req.port, source=source, username=req.username,
-             password_sealed=state.secrets.seal(req.password), limit_host=req.limit_host,
-             avail_hosts_json=json.dumps([h.uuid for h in hosts]), avail_tenants_json=json.dumps(tenants),
-             attr_json=json.dumps(attr), status=status.status, capacity=status.total_bytes,
-             used=status.used_bytes, machine_uuid=hosts[0].uuid, ctime=now, mtime=0, zone_name=zone_name)
+    p = Pool(
+        uuid=pool_uuid,
+        cluster_uuid=cluster,
+        zone_uuid=zone,
+        name=name,
+        pool_type=req.pool_type,
+        kind=kind,
+        ip=ip,
+        port=req.port,
+        source=source,
+        username=req.username,
+        password_sealed=state.secrets.seal(req.password),
+        limit_host=req.limit_host,
+        avail_hosts_json=json.dumps([h.uuid for h in hosts]),
+        avail_tenants_json=json.dumps(tenants),
+        attr_json=json.dumps(attr),
+        status=status.status,
+        capacity=status.total_bytes,
+        used=status.used_bytes,
+        machine_uuid=hosts[0].uuid,
+        ctime=now,
+        mtime=0,
+        zone_name=zone_name,
+    )
     try:
         with state.db.session() as s:
             s.add(p)
     except IntegrityError:
         raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
     return ok(_wrap(to_seed(p, caller), cluster))
+
 
 @router.post("/delete")
 def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -299,11 +384,13 @@ def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authen
         except NotFound:
             pass  # that host does not serve it (any more)
         except HasDependents:
-            raise HasDependents(f"pool_uuid: pool {p.name!r} still holds volumes; delete them first",
-                                field="pool_uuid") from None
+            raise HasDependents(
+                f"pool_uuid: pool {p.name!r} still holds volumes; delete them first", field="pool_uuid"
+            ) from None
     with state.db.session() as s:
         s.delete(s.get(Pool, pid))
     return ok({"pool": {}})
+
 
 @router.post("/set")
 def set_(req: SetRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -321,6 +408,7 @@ def set_(req: SetRequest, request: Request, caller: Caller = Depends(authenticat
     except IntegrityError:
         raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
     return ok(_wrap(to_seed(p, caller), cluster))
+
 
 @router.post("/status/check")
 def status_check(req: StatusRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -353,6 +441,7 @@ def status_check(req: StatusRequest, request: Request, caller: Caller = Depends(
             p.capacity, p.used = capacity, used
     return ok(_wrap(to_seed(p, caller), cluster, tenant))
 
+
 @router.get("/pool_type/support")
 def pool_type_support(request: Request, cluster_uuid: str = Query(...), caller: Caller = Depends(authenticated)):
     cluster = v.uuid(cluster_uuid, "cluster_uuid")
@@ -363,6 +452,7 @@ def pool_type_support(request: Request, cluster_uuid: str = Query(...), caller: 
         kinds.update(json.loads(h.facts_json).get("pool_types", []))
     types = [POOL_TYPES[t] for t, kind in sorted(SERVED.items()) if kind in kinds]
     return ok(dict(_wrap(None, cluster), PoolTypes=types))
+
 
 @router.post("/fc_device/list")
 def fc_device_list(req: FcRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -379,7 +469,5 @@ def fc_device_list(req: FcRequest, request: Request, caller: Caller = Depends(au
         except BlockferryError:
             continue  # a host that does not answer lists nothing
         for d in devices.devices:
-            out.setdefault(d.id, []).append({"host_uuid": h.uuid, "host_name": h.hostname,
-                                             "disk_path": d.disk_path})
+            out.setdefault(d.id, []).append({"host_uuid": h.uuid, "host_name": h.hostname, "disk_path": d.disk_path})
     return ok({"list": out})
-

@@ -9,6 +9,7 @@ are volumes of the same tenant (type OS::Cinder::Volume); a volume belongs
 to one vault. Used capacity is what the vault's backups added to the
 repository (after deduplication and compression); logical is their size.
 """
+
 from __future__ import annotations
 
 import time
@@ -56,31 +57,68 @@ def _state(s, vault: Vault) -> str:
 
 def to_seed(s, vault: Vault) -> dict:
     resources = []
-    for r in s.scalars(select(VaultResource).where(VaultResource.vault_id == vault.id)
-                       .order_by(VaultResource.added_at, VaultResource.volume_uuid)):
+    for r in s.scalars(
+        select(VaultResource)
+        .where(VaultResource.vault_id == vault.id)
+        .order_by(VaultResource.added_at, VaultResource.volume_uuid)
+    ):
         vol = s.get(Volume, r.volume_uuid)
         count, stored = s.execute(
-            select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.stored_bytes), 0))
-            .where(Backup.vault_id == vault.id, Backup.volume_uuid == r.volume_uuid,
-                   Backup.status == "BackupSucceeded")).one()
-        resources.append({"id": r.volume_uuid, "name": vol.name if vol else "", "type": RESOURCE_TYPE,
-                          "size": -(-vol.capacity // GB) if vol else 0, "backup_count": int(count),
-                          "backup_size": int(stored), "protect_status": "available", "extra_info": None})
+            select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.stored_bytes), 0)).where(
+                Backup.vault_id == vault.id, Backup.volume_uuid == r.volume_uuid, Backup.status == "BackupSucceeded"
+            )
+        ).one()
+        resources.append(
+            {
+                "id": r.volume_uuid,
+                "name": vol.name if vol else "",
+                "type": RESOURCE_TYPE,
+                "size": -(-vol.capacity // GB) if vol else 0,
+                "backup_count": int(count),
+                "backup_size": int(stored),
+                "protect_status": "available",
+                "extra_info": None,
+            }
+        )
     n, logical, stored = usage(s, vault.id)
     used_gb = round(stored / GB, 3)
     return {
-        "id": vault.id, "name": vault.name, "description": vault.description, "project_id": vault.tenant,
-        "provider_id": PROVIDER_ID, "created_at": iso(vault.created_at), "auto_bind": False, "bind_rules": None,
+        "id": vault.id,
+        "name": vault.name,
+        "description": vault.description,
+        "project_id": vault.tenant,
+        "provider_id": PROVIDER_ID,
+        "created_at": iso(vault.created_at),
+        "auto_bind": False,
+        "bind_rules": None,
         "tags": [],
-        "backup_point_id": vault.backup_point_uuid, "policy_id": vault.policy_id or None,
-        "backup_name_prefix": vault.backup_name_prefix, "status": vault.status, "state": _state(s, vault),
-        "billing": {"status": vault.status, "size": vault.size_gb, "allocated": vault.size_gb, "used": used_gb,
-                    "object_type": vault.object_type, "protect_type": "backup",
-                    "consistent_level": vault.consistent_level, "charging_mode": "post_paid",
-                    "cloud_type": "public", "spec_code": f"vault.backup.{vault.object_type}.normal",
-                    "storage_unit": None, "order_id": None, "product_id": None},
-        "capacity": {"totalCapacity": vault.size_gb * GB, "availableCapacity": max(0, vault.size_gb * GB - stored),
-                     "usedCapacity": stored, "logicalCapacity": logical, "backups": n},
+        "backup_point_id": vault.backup_point_uuid,
+        "policy_id": vault.policy_id or None,
+        "backup_name_prefix": vault.backup_name_prefix,
+        "status": vault.status,
+        "state": _state(s, vault),
+        "billing": {
+            "status": vault.status,
+            "size": vault.size_gb,
+            "allocated": vault.size_gb,
+            "used": used_gb,
+            "object_type": vault.object_type,
+            "protect_type": "backup",
+            "consistent_level": vault.consistent_level,
+            "charging_mode": "post_paid",
+            "cloud_type": "public",
+            "spec_code": f"vault.backup.{vault.object_type}.normal",
+            "storage_unit": None,
+            "order_id": None,
+            "product_id": None,
+        },
+        "capacity": {
+            "totalCapacity": vault.size_gb * GB,
+            "availableCapacity": max(0, vault.size_gb * GB - stored),
+            "usedCapacity": stored,
+            "logicalCapacity": logical,
+            "backups": n,
+        },
         "resources": resources,
     }
 
@@ -95,7 +133,7 @@ def load_vault(s, tenant: str, vault_id: str) -> Vault:
 def _resources(s, tenant: str, items, field: str) -> list[str]:
     """Volume ids of a resources list: each an existing volume of the tenant."""
     if not isinstance(items, list):
-        raise v.bad(field, "must be a list of {\"id\": ..., \"type\": \"OS::Cinder::Volume\"}")
+        raise v.bad(field, 'must be a list of {"id": ..., "type": "OS::Cinder::Volume"}')
     if len(items) > MAX_RESOURCES:
         raise v.bad(field, f"{len(items)} resources; at most {MAX_RESOURCES}")
     out: list[str] = []
@@ -120,8 +158,9 @@ def _attach(s, vault: Vault, volume_ids: list[str], field: str) -> None:
     for i, vid in enumerate(volume_ids):
         other = s.get(VaultResource, vid)
         if other is not None:
-            raise ResourceInVault(f"{field}[{i}].id: volume {vid} is in vault {other.vault_id} already",
-                                  field=f"{field}[{i}].id")
+            raise ResourceInVault(
+                f"{field}[{i}].id: volume {vid} is in vault {other.vault_id} already", field=f"{field}[{i}].id"
+            )
         s.add(VaultResource(volume_uuid=vid, vault_id=vault.id, tenant=vault.tenant, runs=0, added_at=time.time()))
 
 
@@ -161,27 +200,29 @@ def _conditions(q: list[str]) -> dict[str, str]:
 
 router = APIRouter(prefix="/v3/{project_id}/vaults", tags=["vaults (seed 003)"])
 
+
 @router.post("")
-def create(project_id: str, request: Request, body: Any = Body(None),
-           caller: Caller = Depends(authenticated)):
+def create(project_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
-        raise v.bad("vault", "the body must be {\"vault\": {...}}")
+        raise v.bad("vault", 'the body must be {"vault": {...}}')
     b = body["vault"]
     name = _text(b.get("name"), "vault.name", 1, 64)
     description = _text(b.get("description", ""), "vault.description", 0, 64)
     prefix = _text(b.get("backup_name_prefix", "") or "", "vault.backup_name_prefix", 0, 32)
     billing = b.get("billing")
     if not isinstance(billing, dict):
-        raise v.bad("vault.billing", "required: {\"object_type\": \"disk\", \"protect_type\": \"backup\", "
-                                    "\"consistent_level\": \"crash_consistent\", \"size\": GB}")
+        raise v.bad(
+            "vault.billing",
+            'required: {"object_type": "disk", "protect_type": "backup", '
+            '"consistent_level": "crash_consistent", "size": GB}',
+        )
     if billing.get("object_type") != "disk":
         raise v.bad("vault.billing.object_type", f"{billing.get('object_type')!r}: only 'disk' (volumes)")
     if billing.get("protect_type") != "backup":
         raise v.bad("vault.billing.protect_type", f"{billing.get('protect_type')!r}: only 'backup'")
     if billing.get("consistent_level", "crash_consistent") != "crash_consistent":
-        raise v.bad("vault.billing.consistent_level", f"{billing.get('consistent_level')!r}: only "
-                                                     "'crash_consistent'")
+        raise v.bad("vault.billing.consistent_level", f"{billing.get('consistent_level')!r}: only 'crash_consistent'")
     size = _size(billing.get("size"), "vault.billing.size")
     if "resources" not in b:
         raise v.bad("vault.resources", "required ([] for none)")
@@ -190,15 +231,24 @@ def create(project_id: str, request: Request, body: Any = Body(None),
     with context(request).db.session() as s:
         bp = s.get(BackupPoint, bpid)
         if bp is None or not caller.sees(bp.tenant) or bp.tenant != tenant:
-            raise NotFound(f"vault.backup_point_id: backup point {bpid} does not exist",
-                           field="vault.backup_point_id")
+            raise NotFound(f"vault.backup_point_id: backup point {bpid} does not exist", field="vault.backup_point_id")
         vols = _resources(s, tenant, b.get("resources"), "vault.resources")
-        vault = Vault(id=str(uuidlib.uuid4()), tenant=tenant, name=name, description=description,
-                      backup_point_uuid=bpid, size_gb=size, object_type="disk",
-                      consistent_level="crash_consistent",
-                      policy_id=_policy(s, tenant, b.get("backup_policy_id"), "vault.backup_policy_id"),
-                      policy_since=now, backup_name_prefix=prefix, status="available", created_at=now,
-                      updated_at=now)
+        vault = Vault(
+            id=str(uuidlib.uuid4()),
+            tenant=tenant,
+            name=name,
+            description=description,
+            backup_point_uuid=bpid,
+            size_gb=size,
+            object_type="disk",
+            consistent_level="crash_consistent",
+            policy_id=_policy(s, tenant, b.get("backup_policy_id"), "vault.backup_policy_id"),
+            policy_since=now,
+            backup_name_prefix=prefix,
+            status="available",
+            created_at=now,
+            updated_at=now,
+        )
         s.add(vault)
         try:
             s.flush()
@@ -208,10 +258,20 @@ def create(project_id: str, request: Request, body: Any = Body(None),
         s.flush()
         return {"vault": to_seed(s, vault)}
 
+
 @router.get("")
-def list_(project_id: str, request: Request, name: str = "", policy_id: str = "", status: str = "",
-          object_type: str = "", limit: int = Query(1000, ge=1, le=1000), offset: int = Query(0, ge=0),
-          q: list[str] = Query(default=[]), caller: Caller = Depends(authenticated)):
+def list_(
+    project_id: str,
+    request: Request,
+    name: str = "",
+    policy_id: str = "",
+    status: str = "",
+    object_type: str = "",
+    limit: int = Query(1000, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+    q: list[str] = Query(default=[]),
+    caller: Caller = Depends(authenticated),
+):
     tenant = project(caller, project_id)
     cond = _conditions(q)
     with context(request).db.session() as s:
@@ -221,14 +281,20 @@ def list_(project_id: str, request: Request, name: str = "", policy_id: str = ""
                 cond.setdefault(key, value)
         if object_type and object_type != "disk":
             return {"vaults": [], "count": 0}
-        columns = {"uuid": Vault.id, "name": Vault.name, "status": Vault.status, "policy_id": Vault.policy_id,
-                   "backup_point_id": Vault.backup_point_uuid}
+        columns = {
+            "uuid": Vault.id,
+            "name": Vault.name,
+            "status": Vault.status,
+            "policy_id": Vault.policy_id,
+            "backup_point_id": Vault.backup_point_uuid,
+        }
         for key, value in cond.items():
             if key in columns:
                 query = query.where(columns[key] == value)
         rows = [x for x in s.scalars(query) if "state" not in cond or _state(s, x) == cond["state"]]
-        page = rows[offset:offset + limit]
+        page = rows[offset : offset + limit]
         return {"vaults": [to_seed(s, x) for x in page], "count": len(rows)}
+
 
 @router.get("/{vault_id}")
 def get(project_id: str, vault_id: str, request: Request, caller: Caller = Depends(authenticated)):
@@ -236,12 +302,14 @@ def get(project_id: str, vault_id: str, request: Request, caller: Caller = Depen
     with context(request).db.session() as s:
         return {"vault": to_seed(s, load_vault(s, tenant, vault_id))}
 
+
 @router.put("/{vault_id}")
-def update(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-           caller: Caller = Depends(authenticated)):
+def update(
+    project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
+):
     tenant = project(caller, project_id)
     if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
-        raise v.bad("vault", "the body must be {\"vault\": {...}}")
+        raise v.bad("vault", 'the body must be {"vault": {...}}')
     b = body["vault"]
     with context(request).db.session() as s:
         vault = load_vault(s, tenant, vault_id)
@@ -255,8 +323,7 @@ def update(project_id: str, vault_id: str, request: Request, body: Any = Body(No
             size = _size(b["billing"]["size"], "vault.billing.size")
             _, _, stored = usage(s, vault.id)
             if size * GB < stored:
-                raise v.bad("vault.billing.size", f"{size} GB is less than the {stored / GB:.1f} GB the vault "
-                                                 "uses")
+                raise v.bad("vault.billing.size", f"{size} GB is less than the {stored / GB:.1f} GB the vault uses")
             vault.size_gb = size
         vault.updated_at = time.time()
         try:
@@ -265,9 +332,16 @@ def update(project_id: str, vault_id: str, request: Request, body: Any = Body(No
             raise AlreadyExists(f"vault.name: a vault named {vault.name!r} exists", field="vault.name") from None
         return {"vault": to_seed(s, vault)}
 
+
 @router.delete("/{vault_id}")
-def delete(project_id: str, vault_id: str, request: Request, deleteMode: str = "", mode: str = "",
-           caller: Caller = Depends(authenticated)):
+def delete(
+    project_id: str,
+    vault_id: str,
+    request: Request,
+    deleteMode: str = "",
+    mode: str = "",
+    caller: Caller = Depends(authenticated),
+):
     """deleteMode (seed 004; `mode` is taken too): Permissive refuses while
     the vault holds backups; Enforcing deletes them (from their
     repository), then the vault. Logged as a vault_delete task."""
@@ -279,11 +353,12 @@ def delete(project_id: str, vault_id: str, request: Request, deleteMode: str = "
     state = context(request)
     with state.db.session() as s:
         vault = load_vault(s, tenant, vault_id)
-        backups = list(s.scalars(select(Backup.uuid).where(Backup.vault_id == vault.id)
-                                 .order_by(Backup.ctime)))
+        backups = list(s.scalars(select(Backup.uuid).where(Backup.vault_id == vault.id).order_by(Backup.ctime)))
         if backups and mode == "Permissive":
-            raise VaultNotEmpty(f"vault_id: vault {vault.name} holds {len(backups)} backup(s); delete them or "
-                                "use mode=Enforcing", field="vault_id")
+            raise VaultNotEmpty(
+                f"vault_id: vault {vault.name} holds {len(backups)} backup(s); delete them or use mode=Enforcing",
+                field="vault_id",
+            )
         vault.status = "deleting"
     started = time.time()
     for bid in backups:
@@ -295,24 +370,27 @@ def delete(project_id: str, vault_id: str, request: Request, deleteMode: str = "
         log_task(s, "vault_delete", tenant, vault_id, started, {"mode": mode, "backups_deleted": len(backups)})
     return {}
 
+
 @router.post("/{vault_id}/addresources")
-def add_resources(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-                  caller: Caller = Depends(authenticated)):
+def add_resources(
+    project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
+):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
         vault = load_vault(s, tenant, vault_id)
         vols = _resources(s, tenant, body.get("resources") if isinstance(body, dict) else None, "resources")
-        have = s.scalar(select(func.count()).select_from(VaultResource)
-                        .where(VaultResource.vault_id == vault.id))
+        have = s.scalar(select(func.count()).select_from(VaultResource).where(VaultResource.vault_id == vault.id))
         if have + len(vols) > MAX_RESOURCES:
             raise v.bad("resources", f"the vault would hold {have + len(vols)} resources; at most {MAX_RESOURCES}")
         _attach(s, vault, vols, "resources")
         vault.updated_at = time.time()
     return {"add_resource_ids": vols}
 
+
 @router.post("/{vault_id}/removeresources")
-def remove_resources(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-                     caller: Caller = Depends(authenticated)):
+def remove_resources(
+    project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
+):
     """The volumes leave the vault; their backups stay in it until deleted."""
     tenant = project(caller, project_id)
     ids = body.get("resource_ids") if isinstance(body, dict) else None
@@ -324,17 +402,21 @@ def remove_resources(project_id: str, vault_id: str, request: Request, body: Any
             vid = v.uuid(str(raw), f"resource_ids[{i}]")
             row = s.get(VaultResource, vid)
             if row is None or row.vault_id != vault.id:
-                raise ResourceNotInVault(f"resource_ids[{i}]: volume {vid} is not in vault {vault.name}",
-                                         field=f"resource_ids[{i}]")
+                raise ResourceNotInVault(
+                    f"resource_ids[{i}]: volume {vid} is not in vault {vault.name}", field=f"resource_ids[{i}]"
+                )
             s.delete(row)
         vault.updated_at = time.time()
-        log_task(s, "remove_resource", tenant, vault.id, vault.updated_at,
-                 {"remove_resource_ids": [str(x) for x in ids]})
+        log_task(
+            s, "remove_resource", tenant, vault.id, vault.updated_at, {"remove_resource_ids": [str(x) for x in ids]}
+        )
     return {"remove_resource_ids": [str(x) for x in ids]}
 
+
 @router.post("/{vault_id}/associatepolicy")
-def associate(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-              caller: Caller = Depends(authenticated)):
+def associate(
+    project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
+):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
         vault = load_vault(s, tenant, vault_id)
@@ -346,9 +428,11 @@ def associate(project_id: str, vault_id: str, request: Request, body: Any = Body
         vault.updated_at = time.time()
     return {"associate_policy": {"vault_id": vault_id, "policy_id": pid}}
 
+
 @router.post("/{vault_id}/dissociatepolicy")
-def dissociate(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-               caller: Caller = Depends(authenticated)):
+def dissociate(
+    project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
+):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
         vault = load_vault(s, tenant, vault_id)
@@ -358,21 +442,26 @@ def dissociate(project_id: str, vault_id: str, request: Request, body: Any = Bod
         vault.policy_id, vault.updated_at = "", time.time()
     return {"dissociate_policy": {"vault_id": vault_id, "policy_id": pid}}
 
+
 @router.put("/{vault_id}/actions")
-def actions(project_id: str, vault_id: str, request: Request, body: Any = Body(None),
-            caller: Caller = Depends(authenticated)):
+def actions(
+    project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
+):
     """Seed 004's actions: {"reconnectBackupStorage": {}} re-checks the
     vault's backup point through an agent (a new session) and answers
     its health with the vault."""
     tenant = project(caller, project_id)
     if not isinstance(body, dict) or "reconnectBackupStorage" not in body:
-        raise v.bad("reconnectBackupStorage", "the only action is {\"reconnectBackupStorage\": {}}")
+        raise v.bad("reconnectBackupStorage", 'the only action is {"reconnectBackupStorage": {}}')
     state = context(request)
     with state.db.session() as s:
         vault = load_vault(s, tenant, vault_id)
         bp = s.get(BackupPoint, vault.backup_point_uuid)
-        hosts = [h for h in s.scalars(select(Host).order_by(Host.uuid))
-                 if host_state(h, state.cfg.host_dead_after) == "online"]
+        hosts = [
+            h
+            for h in s.scalars(select(Host).order_by(Host.uuid))
+            if host_state(h, state.cfg.host_dead_after) == "online"
+        ]
     if bp is None:
         raise NotFound(f"vault_id: the backup point of vault {vault.name} was deleted", field="vault_id")
     if not hosts:
@@ -383,11 +472,14 @@ def actions(project_id: str, vault_id: str, request: Request, body: Any = Body(N
         row = s.get(BackupPoint, bp.uuid)
         row.state = st.status
         out = to_seed(s, load_vault(s, tenant, vault_id))
-    out["backup_storage"] = {"uuid": bp.uuid, "status": st.status, "host_uuid": hosts[0].uuid,
-                             "totalCapacity": st.total_bytes, "availableCapacity": st.available_bytes,
-                             "latency_ms": round(st.latency_ms, 3), "error_code": st.error_code or None,
-                             "error": st.error or None}
+    out["backup_storage"] = {
+        "uuid": bp.uuid,
+        "status": st.status,
+        "host_uuid": hosts[0].uuid,
+        "totalCapacity": st.total_bytes,
+        "availableCapacity": st.available_bytes,
+        "latency_ms": round(st.latency_ms, 3),
+        "error_code": st.error_code or None,
+        "error": st.error or None,
+    }
     return {"vault": out}
-
-
-

@@ -3,6 +3,7 @@ used/update,snap_length/update} and snapshot/{create,delete,rollback,
 tree/get,list}. Each call goes to an online agent that serves the volume's
 pool (the host that created it first). Clones and backups are tasks
 (dispatch), in their own router."""
+
 from __future__ import annotations
 
 import json
@@ -81,28 +82,57 @@ class SnapDeleteRequest(SnapRefRequest):
 
 
 def _wrap(volume, **extra) -> dict:
-    return {"volume": volume, "clone_progress": extra.get("clone_progress", 0), "cluster_uuid": "",
-            "cluster_name": "", "cluster_mode": "", "tenant": "", "tenant_name": ""}
+    return {
+        "volume": volume,
+        "clone_progress": extra.get("clone_progress", 0),
+        "cluster_uuid": "",
+        "cluster_name": "",
+        "cluster_mode": "",
+        "tenant": "",
+        "tenant_name": "",
+    }
 
 
 def _snap_wrap(snapshot=None, tree=None) -> dict:
-    return {"snapshot": snapshot, "tree": tree, "cluster_uuid": "", "cluster_name": "", "cluster_mode": "",
-            "tenant": "", "tenant_name": ""}
+    return {
+        "snapshot": snapshot,
+        "tree": tree,
+        "cluster_uuid": "",
+        "cluster_name": "",
+        "cluster_mode": "",
+        "tenant": "",
+        "tenant_name": "",
+    }
 
 
 def volume_to_seed(vol: Volume, pool: Pool | None, hosts: list[str]) -> dict:
     return {
-        "UUID": vol.uuid, "Name": vol.name, "NamespaceUUID": vol.tenant, "Type": vol.vtype, "PoolUUID": vol.pool_uuid,
-        "Capacity": vol.capacity, "Used": vol.used, "Attr": json.loads(vol.attr_json),
-        "PoolName": pool.name if pool else "", "ZoneUUID": pool.zone_uuid if pool else "",
+        "UUID": vol.uuid,
+        "Name": vol.name,
+        "NamespaceUUID": vol.tenant,
+        "Type": vol.vtype,
+        "PoolUUID": vol.pool_uuid,
+        "Capacity": vol.capacity,
+        "Used": vol.used,
+        "Attr": json.loads(vol.attr_json),
+        "PoolName": pool.name if pool else "",
+        "ZoneUUID": pool.zone_uuid if pool else "",
         "ZoneName": pool.zone_name if pool else "default",
-        "SnapLength": vol.snap_length, "SnapCap": vol.snap_cap, "Ctime": vol.ctime, "Mtime": vol.mtime,
-        "AccessPath": {h: vol.access_path for h in hosts} or None, "EventState": 0, "ShareNsUUIDs": None,
-        "Parent": vol.parent, "ParentSnapshot": vol.parent_snapshot, "Children": None,
+        "SnapLength": vol.snap_length,
+        "SnapCap": vol.snap_cap,
+        "Ctime": vol.ctime,
+        "Mtime": vol.mtime,
+        "AccessPath": {h: vol.access_path for h in hosts} or None,
+        "EventState": 0,
+        "ShareNsUUIDs": None,
+        "Parent": vol.parent,
+        "ParentSnapshot": vol.parent_snapshot,
+        "Children": None,
     }
 
 
 router = APIRouter(prefix="/v1/volume/share", tags=["shared volumes (seed 001)"])
+
 
 def load(request: Request, req: VolumeRequest, caller: Caller) -> tuple[Volume, Pool, list[Host]]:
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
@@ -117,12 +147,15 @@ def load(request: Request, req: VolumeRequest, caller: Caller) -> tuple[Volume, 
         pool = s.get(Pool, vol.pool_uuid)
         hosts = serving_hosts(s, pool, state.cfg.host_dead_after, vol.host_uuid) if pool else []
     if not hosts:
-        raise TargetUnreachable(f"volume_uuid: no online host serves pool {vol.pool_uuid} of volume {vid}",
-                                field="volume_uuid")
+        raise TargetUnreachable(
+            f"volume_uuid: no online host serves pool {vol.pool_uuid} of volume {vid}", field="volume_uuid"
+        )
     return vol, pool, hosts
+
 
 def client(request: Request, host: Host) -> AgentClient:
     return context(request).agents.client(host)
+
 
 @router.post("/list")
 def list_(req: ListRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -142,10 +175,19 @@ def list_(req: ListRequest, request: Request, caller: Caller = Depends(authentic
         rows = s.scalars(q.limit(limit) if limit else q).all()
         pools = {p.uuid: p for p in s.scalars(select(Pool).where(Pool.uuid.in_({x.pool_uuid for x in rows})))}
         hosts = {pid: [h.uuid for h in serving_hosts(s, p, state.cfg.host_dead_after)] for pid, p in pools.items()}
-    items = [{"tenant": x.tenant, "tenant_name": "", "volume": volume_to_seed(x, pools.get(x.pool_uuid),
-                                                                             hosts.get(x.pool_uuid, [])),
-              "cluster_uuid": cluster, "cluster_name": "", "cluster_mode": ""} for x in rows]
+    items = [
+        {
+            "tenant": x.tenant,
+            "tenant_name": "",
+            "volume": volume_to_seed(x, pools.get(x.pool_uuid), hosts.get(x.pool_uuid, [])),
+            "cluster_uuid": cluster,
+            "cluster_name": "",
+            "cluster_mode": "",
+        }
+        for x in rows
+    ]
     return range_list("list", items, cluster, tenant, total)
+
 
 @router.post("/create")
 def create(req: CreateRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -155,8 +197,9 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
     pid = v.uuid(req.pool_uuid, "pool_uuid")
     name = v.name(req.volume_name, "volume_name")
     if req.volume_type not in VTYPES:
-        raise InvalidArgument(f"volume_type: must be one of {', '.join(VTYPES)}, not {req.volume_type!r}",
-                              field="volume_type")
+        raise InvalidArgument(
+            f"volume_type: must be one of {', '.join(VTYPES)}, not {req.volume_type!r}", field="volume_type"
+        )
     if not req.backing_file and req.capacity <= 0:
         raise InvalidArgument("capacity: must be positive (or give backing_file)", field="capacity")
     if req.capacity < 0 or req.capacity > MAX_CAPACITY:
@@ -170,14 +213,19 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
             raise NotFound(f"pool_uuid: pool {pid} does not exist", field="pool_uuid")
         backing = ""
         if req.backing_file:  # adopt: an image of the RADOS pool, or a file under the agents' roots
-            backing = v.rbd_image(req.backing_file, pool.source, "backing_file") if pool.kind == "rbd" else \
-                v.abs_path(req.backing_file, "backing_file")
+            backing = (
+                v.rbd_image(req.backing_file, pool.source, "backing_file")
+                if pool.kind == "rbd"
+                else v.abs_path(req.backing_file, "backing_file")
+            )
         threshold = float(json.loads(pool.attr_json).get("overAllocationThreshold", "0") or 0)
-        allocated = s.scalar(select(func.coalesce(func.sum(Volume.capacity), 0)).where(
-            Volume.pool_uuid == pid)) or 0
+        allocated = s.scalar(select(func.coalesce(func.sum(Volume.capacity), 0)).where(Volume.pool_uuid == pid)) or 0
         if threshold and pool.capacity and allocated + req.capacity > threshold * pool.capacity:
-            raise NoSpace(f"capacity: pool {pool.name!r} would be allocated beyond its overAllocationThreshold "
-                          f"{threshold} ({allocated + req.capacity} of {pool.capacity} bytes)", field="capacity")
+            raise NoSpace(
+                f"capacity: pool {pool.name!r} would be allocated beyond its overAllocationThreshold "
+                f"{threshold} ({allocated + req.capacity} of {pool.capacity} bytes)",
+                field="capacity",
+            )
         if s.scalar(select(Volume).where(Volume.tenant == tenant, Volume.pool_uuid == pid, Volume.name == name)):
             raise AlreadyExists(f"volume_name: a volume named {name!r} exists in this pool", field="volume_name")
         hosts = serving_hosts(s, pool, state.cfg.host_dead_after)
@@ -185,29 +233,46 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
         raise TargetUnreachable(f"pool_uuid: no online host serves pool {pid}", field="pool_uuid")
     vid = str(uuidlib.uuid4())
     hosts.insert(0, hosts.pop(random.randrange(len(hosts))))  # spread new volumes over the serving hosts
-    info = client(request, hosts[0]).create_volume(volumes_pb2.CreateVolumeRequest(
-        pool_uuid=pid, volume_uuid=vid, name=name, capacity=req.capacity, backing_file=backing))
+    info = client(request, hosts[0]).create_volume(
+        volumes_pb2.CreateVolumeRequest(
+            pool_uuid=pid, volume_uuid=vid, name=name, capacity=req.capacity, backing_file=backing
+        )
+    )
     now = int(time.time())
-    vol = Volume(uuid=vid, tenant=tenant, cluster_uuid=cluster, pool_uuid=pid, name=name, vtype=req.volume_type,
-                 capacity=info.capacity, used=info.used, snap_cap=req.snap_capacity, host_uuid=hosts[0].uuid,
-                 access_path=info.access_path, ctime=now, mtime=now)
+    vol = Volume(
+        uuid=vid,
+        tenant=tenant,
+        cluster_uuid=cluster,
+        pool_uuid=pid,
+        name=name,
+        vtype=req.volume_type,
+        capacity=info.capacity,
+        used=info.used,
+        snap_cap=req.snap_capacity,
+        host_uuid=hosts[0].uuid,
+        access_path=info.access_path,
+        ctime=now,
+        mtime=now,
+    )
     try:
         with state.db.session() as s:
             s.add(vol)
     except IntegrityError:  # a concurrent create won: take ours back
         client(request, hosts[0]).delete_volume(volumes_pb2.DeleteVolumeRequest(pool_uuid=pid, volume_uuid=vid))
-        raise AlreadyExists(f"volume_name: a volume named {name!r} exists in this pool",
-                            field="volume_name") from None
+        raise AlreadyExists(f"volume_name: a volume named {name!r} exists in this pool", field="volume_name") from None
     return ok(_wrap(volume_to_seed(vol, pool, [h.uuid for h in hosts])))
+
 
 @router.post("/delete")
 def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
-    client(request, hosts[0]).delete_volume(volumes_pb2.DeleteVolumeRequest(
-        pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, force=req.force))
+    client(request, hosts[0]).delete_volume(
+        volumes_pb2.DeleteVolumeRequest(pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, force=req.force)
+    )
     with context(request).db.session() as s:
         s.delete(s.get(Volume, vol.uuid))
     return ok(_wrap(None))
+
 
 def refresh(request: Request, vol: Volume, host: Host) -> Volume:
     info = client(request, host).get_volume(volumes_pb2.VolumeRef(pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid))
@@ -218,10 +283,12 @@ def refresh(request: Request, vol: Volume, host: Host) -> Volume:
         row.access_path = info.access_path
         return row
 
+
 @router.post("/get")
 def get(req: VolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     return ok(_wrap(volume_to_seed(refresh(request, vol, hosts[0]), pool, [h.uuid for h in hosts])))
+
 
 @router.post("/used/update")
 def used_update(req: NamedVolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -229,22 +296,37 @@ def used_update(req: NamedVolumeRequest, request: Request, caller: Caller = Depe
     refresh(request, vol, hosts[0])
     return ok(_wrap(None))
 
+
 @router.post("/snap_length/update")
 def snap_length_update(req: NamedVolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     refresh(request, vol, hosts[0])
     return ok(_wrap(None))
 
+
 def snapshots(request: Request, vol: Volume, host: Host) -> list:
-    return list(client(request, host).list_snapshots(volumes_pb2.VolumeRef(
-        pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid)).snapshots)
+    return list(
+        client(request, host)
+        .list_snapshots(volumes_pb2.VolumeRef(pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid))
+        .snapshots
+    )
+
 
 def snap_to_seed(snap, names: dict[str, str]) -> dict:
-    return {"Name": snap.name, "UUID": snap.uuid, "Volume": snap.volume_uuid, "Desc": snap.description,
-            "Status": 0, "Ctime": int(snap.created_at),
-            "Attr": {"LinkCloneUsed": "LinkCloneUsed"} if snap.clones else None, "Size": snap.size,
-            "Children": [names.get(c, c) for c in snap.children], "Parent": names.get(snap.parent, snap.parent),
-            "Ref": len(snap.clones)}
+    return {
+        "Name": snap.name,
+        "UUID": snap.uuid,
+        "Volume": snap.volume_uuid,
+        "Desc": snap.description,
+        "Status": 0,
+        "Ctime": int(snap.created_at),
+        "Attr": {"LinkCloneUsed": "LinkCloneUsed"} if snap.clones else None,
+        "Size": snap.size,
+        "Children": [names.get(c, c) for c in snap.children],
+        "Parent": names.get(snap.parent, snap.parent),
+        "Ref": len(snap.clones),
+    }
+
 
 @router.post("/snapshot/create")
 def snapshot_create(req: SnapCreateRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -255,20 +337,27 @@ def snapshot_create(req: SnapCreateRequest, request: Request, caller: Caller = D
     if name == "head":
         raise InvalidArgument("snapshot_name: 'head' names the live state", field="snapshot_name")
     if any(x.name == name for x in snapshots(request, vol, hosts[0])):
-        raise AlreadyExists(f"snapshot_name: volume {vol.uuid} has a snapshot named {name!r}",
-                            field="snapshot_name")
-    client(request, hosts[0]).create_snapshot(volumes_pb2.CreateSnapshotRequest(
-        pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=str(uuidlib.uuid4()), name=name,
-        description=req.desc))
+        raise AlreadyExists(f"snapshot_name: volume {vol.uuid} has a snapshot named {name!r}", field="snapshot_name")
+    client(request, hosts[0]).create_snapshot(
+        volumes_pb2.CreateSnapshotRequest(
+            pool_uuid=vol.pool_uuid,
+            volume_uuid=vol.uuid,
+            snapshot_uuid=str(uuidlib.uuid4()),
+            name=name,
+            description=req.desc,
+        )
+    )
     snaps = snapshots(request, vol, hosts[0])
     names = {x.uuid: x.name for x in snaps}
     mine = next(x for x in snaps if x.name == name)
     return ok(_snap_wrap(snapshot=snap_to_seed(mine, names)))
 
+
 def snap_ref(request, req: SnapRefRequest, caller):
     vol, pool, hosts = load(request, req, caller)
     sid = v.uuid(req.snapshot_uuid, "snapshot_uuid")
     return vol, hosts, volumes_pb2.SnapshotRef(pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=sid)
+
 
 @router.post("/snapshot/delete")
 def snapshot_delete(req: SnapDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -276,20 +365,28 @@ def snapshot_delete(req: SnapDeleteRequest, request: Request, caller: Caller = D
     client(request, hosts[0]).delete_snapshot(ref)
     return ok(_snap_wrap())
 
+
 @router.post("/snapshot/rollback")
 def snapshot_rollback(req: SnapRefRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, hosts, ref = snap_ref(request, req, caller)
     client(request, hosts[0]).rollback_snapshot(ref)
     return ok(_snap_wrap())
 
+
 @router.post("/snapshot/tree/get")
 def snapshot_tree(req: VolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
-    t = client(request, hosts[0]).get_snapshot_tree(volumes_pb2.VolumeRef(pool_uuid=vol.pool_uuid,
-                                                                        volume_uuid=vol.uuid))
-    tree = {"UUID": "", "Parents": dict(t.parents),
-            "Children": {k: {"Children": list(x.names)} for k, x in t.children.items()}, "Root": t.root}
+    t = client(request, hosts[0]).get_snapshot_tree(
+        volumes_pb2.VolumeRef(pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid)
+    )
+    tree = {
+        "UUID": "",
+        "Parents": dict(t.parents),
+        "Children": {k: {"Children": list(x.names)} for k, x in t.children.items()},
+        "Root": t.root,
+    }
     return ok(_snap_wrap(tree=tree))
+
 
 @router.post("/snapshot/list")
 def snapshot_list(req: VolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
@@ -297,4 +394,3 @@ def snapshot_list(req: VolumeRequest, request: Request, caller: Caller = Depends
     snaps = snapshots(request, vol, hosts[0])
     names = {x.uuid: x.name for x in snaps}
     return ok({"list": [snap_to_seed(x, names) for x in snaps]})
-
