@@ -1,7 +1,8 @@
-"""The house rules, checked before anything starts a server: ruff (lint and
-import order), the import contract (import-linter) and strict types on the
+"""The house rules, checked before anything starts a server: ruff (lint,
+import order and format), the import contract (import-linter) and strict types on the
 files named in [tool.mypy]. conftest.py runs this module first, so a
 broken rule fails in seconds, not after the whole suite."""
+
 from __future__ import annotations
 
 import subprocess
@@ -22,6 +23,10 @@ def _run(*argv: str) -> None:
 
 def test_ruff_finds_nothing():
     _run(str(BIN / "ruff"), "check", "--no-cache", "agent", "tests", "bench", "setup.py")
+
+
+def test_ruff_format_changes_nothing():
+    _run(str(BIN / "ruff"), "format", "--check", "--no-cache", "agent", "tests", "bench", "setup.py")
 
 
 def test_layers_import_only_downward():
