@@ -38,18 +38,18 @@ def test_full_incremental_restore_bit_exact(env):
     s1 = nid()
     pool.create_snapshot(vol, s1, "s1")
     m1 = backup(pool, vol, s1, repo, name="full")
-    assert m1.parent is None and m1.stats["chunks_read"] == 4
+    assert m1.parent is None and m1.stats.chunks_read == 4
     assert m1.chunks.count("") == 28  # zero chunks are never stored
     write(head, {MiB + 5: b"changed" * 100, 25 * MiB: os.urandom(4096)}, tmp)
     s2 = nid()
     pool.create_snapshot(vol, s2, "s2")
     m2 = backup(pool, vol, s2, repo, parent=m1)
-    assert m2.stats["chunks_read"] == 2 and not m2.fell_back  # only what the bitmaps report
+    assert m2.stats.chunks_read == 2 and not m2.fell_back  # only what the bitmaps report
     write(head, {10 * MiB: os.urandom(MiB)}, tmp)
     s3 = nid()
     pool.create_snapshot(vol, s3, "s3")
     m3 = backup(pool, vol, s3, repo, parent=m2)
-    assert m3.stats["chunks_read"] == 1
+    assert m3.stats.chunks_read == 1
     assert [m.backup_id for m in repo.manifests()] == [m1.backup_id, m2.backup_id, m3.backup_id]
     for m, snap in ((m1, s1), (m2, s2), (m3, s3)):
         new_vol, written = restore_to_qcow2(pool, repo, m, tmp)
@@ -78,8 +78,8 @@ def test_tracking_lost_falls_back_to_digests(env):
     pool.create_snapshot(vol, s2, "s2")
     subprocess.run(["qemu-img", "bitmap", "--remove", pool.snap_path(vol, s2), "bf-dirty"], check=True)
     m2 = backup(pool, vol, s2, repo, parent=m1)
-    assert m2.fell_back and m2.stats["chunks_read"] == 8
-    assert m2.stats["new_chunks"] == 1  # only the changed chunk was written
+    assert m2.fell_back and m2.stats.chunks_read == 8
+    assert m2.stats.new_chunks == 1  # only the changed chunk was written
     assert restore_to_qcow2(pool, repo, m2, tmp)[1] == pool.image_digest(vol, s2).image_digest
 
 
@@ -187,7 +187,7 @@ def test_rbd_backup_restores_into_qcow2(env, ceph):
         s2 = nid()
         rp.create_snapshot(vol, s2, "s2")
         m2 = backup(rp, vol, s2, repo, parent=m1)
-        assert m2.stats["chunks_read"] <= 4  # the touched 4 MiB object, in 1 MiB chunks
+        assert m2.stats.chunks_read <= 4  # the touched 4 MiB object, in 1 MiB chunks
         for m, snap in ((m1, s1), (m2, s2)):
             _, written = restore_to_qcow2(pool, repo, m, tmp)
             assert written == rp.image_digest(vol, snap).image_digest
@@ -438,7 +438,7 @@ def test_restore_writes_straight_into_preallocated_clusters(env):
     s2 = nid()
     pool.create_snapshot(new, s2, "again")
     again = backup(pool, new, s2, repo)
-    assert again.stats["chunks_read"] == m.stats["chunks_read"] == 5
+    assert again.stats.chunks_read == m.stats.chunks_read == 5
     assert again.chunks == m.chunks  # same content, same chunks: all deduplicated
 
 

@@ -145,7 +145,7 @@ def test_a_server_restart_between_calls_is_transparent(kind, request, pool, shor
         srv.stop()
         srv.start()
         m2 = backup(pool, vol, s2, repo, parent=m1)
-        assert m2.mode == "incremental" and m2.stats["chunks_read"] == 1
+        assert m2.mode == "incremental" and m2.stats.chunks_read == 1
         for m, snap in ((m1, s1), (m2, s2)):
             assert restore_to_qcow2(pool, repo, m, short_tmp)[1] == pool.image_digest(vol, snap).image_digest
     finally:

@@ -47,13 +47,13 @@ def test_engine_suite(target, pool, short_tmp):
     write(head, {MiB + 5: b"changed" * 100, 25 * MiB: os.urandom(4096)}, short_tmp)
     s2 = snapshot(pool, vol)
     m2 = backup(pool, vol, s2, repo, parent=m1)
-    assert m2.stats["chunks_read"] == 2 and not m2.fell_back
+    assert m2.stats.chunks_read == 2 and not m2.fell_back
     # the third backup overwrites everything only the second holds, so
     # deleting the second leaves its pack all garbage
     write(head, {10 * MiB: os.urandom(MiB), MiB + 5: b"third" * 100, 25 * MiB: os.urandom(4096)}, short_tmp)
     s3 = snapshot(pool, vol)
     m3 = backup(pool, vol, s3, repo, parent=m2)
-    assert m3.stats["chunks_read"] == 3
+    assert m3.stats.chunks_read == 3
     expected = {m.backup_id: pool.image_digest(vol, s).image_digest for m, s in ((m1, s1), (m2, s2), (m3, s3))}
     for m, snap in ((m1, s1), (m2, s2), (m3, s3)):
         new_vol, written = restore_to_qcow2(pool, repo, m, short_tmp)

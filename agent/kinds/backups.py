@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from agent.backup_points import BackupPoints
 from agent.errors import AlreadyExists, DataCorrupt, InvalidArgument, RestoreTooSmall
@@ -18,7 +18,8 @@ from agent.repo import gc as gc_mod
 from agent.repo import restore as restore_mod
 from agent.repo import verify as verify_mod
 from agent.repo.catalog import latest_for_volume
-from agent.repo.verify import Damage
+from agent.repo.gc import GcResult
+from agent.repo.verify import VerifyResult
 from agent.volumes.base import check_name, check_uuid
 
 
@@ -88,37 +89,9 @@ class VerifySpec:
 
 
 @dataclass(frozen=True)
-class VerifyResult:
-    backup_uuid: str
-    deep: bool
-    chunks_checked: int
-    bytes_checked: int
-    damage: list[Damage] = field(default_factory=list)  # every damaged item (empty: all good)
-    repository: bool = False
-    backups_checked: int = 0
-    packs_checked: int = 0
-    damaged_backups: list[str] = field(default_factory=list)
-    orphan_packs: list[str] = field(default_factory=list)
-    unreferenced_chunks: int = 0
-    unreferenced_bytes: int = 0
-
-    def __post_init__(self):  # from the journal: the damage comes back as dicts
-        object.__setattr__(self, "damage", [Damage.of(d) for d in self.damage])
-
-
-@dataclass(frozen=True)
 class GcSpec:
     backup_point_uuid: str
     wait_seconds: int = 0  # while the repository is held by others (0: REPOSITORY_LOCKED at once)
-
-
-@dataclass(frozen=True)
-class GcResult:
-    packs_deleted: int
-    packs_rewritten: int
-    chunks_removed: int
-    bytes_freed: int
-    partial_removed: int
 
 
 def _manifest(points: BackupPoints, bp_uuid: str, backup_uuid: str):
@@ -185,12 +158,12 @@ class BackupKind(JobKind):
             m.parent or "",
             m.size,
             m.image_digest,
-            s["chunks_read"],
-            s["read_bytes"],
-            s["new_chunks"],
-            s["stored_bytes"],
-            s["changed_chunks"],
-            m.mode_reason,
+            s.chunks_read,
+            s.read_bytes,
+            s.new_chunks,
+            s.stored_bytes,
+            s.changed_chunks,
+            s.mode_reason,
         )
 
 
@@ -333,29 +306,13 @@ class VerifyKind(JobKind):
         else:
             repo, m = _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
             r = verify_mod.verify(repo, m, deep=spec.deep, ctx=ctx)
-        result = VerifyResult(
-            r.backup_id,
-            r.deep,
-            r.chunks_checked,
-            r.bytes_checked,
-            r.damage,
-            spec.repository,
-            r.backups_checked,
-            r.packs_checked,
-            r.damaged_backups,
-            r.orphan_packs,
-            r.unreferenced_chunks,
-            r.unreferenced_bytes,
-        )
         if r.damage:
             log.error(
                 "verify found damage",
                 extra={"backup_point": spec.backup_point_uuid, "damage": [d.describe() for d in r.damage]},
             )
-            raise DataCorrupt(
-                f"backup point {spec.backup_point_uuid}: {r.summary()}", field="backup_uuid", result=result
-            )
-        return result
+            raise DataCorrupt(f"backup point {spec.backup_point_uuid}: {r.summary()}", field="backup_uuid", result=r)
+        return r
 
 
 class GcKind(JobKind):
@@ -374,5 +331,4 @@ class GcKind(JobKind):
         repo = self.points.get(spec.backup_point_uuid).repository()
         if spec.wait_seconds:
             ctx.progress(0, 0, "waiting for the repository")
-        r = gc_mod.gc(repo, ctx=ctx, lock_timeout=max(0, spec.wait_seconds))
-        return GcResult(r.packs_deleted, r.packs_rewritten, r.chunks_removed, r.bytes_freed, r.partial_removed)
+        return gc_mod.gc(repo, ctx=ctx, lock_timeout=max(0, spec.wait_seconds))

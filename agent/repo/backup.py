@@ -31,12 +31,12 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from agent import __version__, native
 from agent.errors import FailedPrecondition, NotFound, TrackingLost
 from agent.extents import Extent
-from agent.repo.format import BLOCK_SIZE, ZERO, ImageDigest, Manifest, block_digests, zero_block_digests
+from agent.repo.format import BLOCK_SIZE, ZERO, BackupStats, ImageDigest, Manifest, block_digests, zero_block_digests
 from agent.repo.gc import reclaim
 from agent.repo.pipeline import BufferPool, OrderedPipeline
 from agent.repo.repository import Repository
@@ -225,14 +225,7 @@ def _backup(
     parent_blocks = repo.block_reader(parent.backup_id) if mode == "incremental" else None
     blocks = repo.block_writer(backup_id)
     image = ImageDigest()
-    stats = {
-        "chunks_read": len(wanted),
-        "read_bytes": 0,
-        "new_chunks": 0,
-        "stored_bytes": 0,
-        "changed_chunks": 0,
-        "mode_reason": why,
-    }
+    stats = BackupStats(chunks_read=len(wanted), mode_reason=why)
     state = {"next": 0, "retired": 0}
     buffers = BufferPool(cs)
 
@@ -265,13 +258,13 @@ def _backup(
             emit(i, zero_block_digests(len(buf)))
         else:
             stored = repo.add(cid, record, len(buf), written) if record is not None else 0
-            stats["stored_bytes"] += stored
-            stats["new_chunks"] += 1 if stored else 0
+            stats.stored_bytes += stored
+            stats.new_chunks += 1 if stored else 0
             chunks[i] = cid.hex()
             emit(i, digests)
         release()  # the record is written: the buffer may be reused
         if mode != "full" and chunks[i] != (old if mode == "incremental" else parent.chunks[i]):
-            stats["changed_chunks"] += 1
+            stats.changed_chunks += 1
         state["retired"] += len(buf)
         ctx.progress(state["retired"])
 
@@ -283,7 +276,7 @@ def _backup(
 
             def on_data(offset: int, view: memoryview) -> None:
                 ctx.throttle(len(view))
-                stats["read_bytes"] += len(view)
+                stats.read_bytes += len(view)
                 i = offset // cs
                 if current["i"] != i and offset == i * cs and len(view) == length(i):
                     release = reader.hold(view)  # a whole chunk in the reader's buffer: no copy
@@ -332,5 +325,5 @@ def _backup(
         blocks.abort()
         repo.settle()  # the packs committing in the background end first: backup() reclaims them
         raise
-    log.info("backup published", extra={"backup": backup_id, "volume": volume, "mode": mode, **stats})
+    log.info("backup published", extra={"backup": backup_id, "volume": volume, "mode": mode, **asdict(stats)})
     return m

@@ -161,6 +161,30 @@ def block_record_size(chunk_size: int, sealer) -> int:
 
 
 @dataclass
+class BackupStats:
+    """What a backup read and stored: the manifest's "stats", for
+    information (restores never read it). Manifests of older agents may
+    lack a field (it reads as zero) or carry one this agent does not know
+    (ignored)."""
+
+    chunks_read: int = 0  # chunks read from the snapshot
+    read_bytes: int = 0
+    new_chunks: int = 0  # chunks the repository did not hold yet
+    stored_bytes: int = 0  # bytes those added to the packs (compressed, sealed)
+    changed_chunks: int = 0  # chunks whose content differs from the parent backup's
+    mode_reason: str = ""  # why every data chunk was read, or why tracking was degraded
+
+    @classmethod
+    def of(cls, value: BackupStats | dict) -> BackupStats:
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"stats: an object was expected, not {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in known})
+
+
+@dataclass
 class Manifest:
     backup_id: str
     volume_uuid: str
@@ -179,7 +203,10 @@ class Manifest:
     agent_version: str = ""
     mode: str = "full"  # full, incremental, or fallback (tracking lost: every chunk re-read, digests compared)
     format_version: int = FORMAT_VERSION
-    stats: dict = field(default_factory=dict)
+    stats: BackupStats = field(default_factory=BackupStats)
+
+    def __post_init__(self) -> None:  # from JSON: the stats come as an object
+        self.stats = BackupStats.of(self.stats)
 
     @property
     def fell_back(self) -> bool:
@@ -189,7 +216,7 @@ class Manifest:
     def mode_reason(self) -> str:
         """Why every data chunk was read, or why tracking was degraded
         (kept in stats: manifests of format 1 have no field for it)."""
-        return str(self.stats.get("mode_reason", ""))
+        return self.stats.mode_reason
 
     @property
     def data_bytes(self) -> int:

@@ -58,38 +58,47 @@ class Damage:
 
 
 @dataclass
-class Report:
+class VerifyResult:
+    """What a verify checked and what it found, for one backup
+    (backup_uuid) or the whole repository (repository); the verify job's
+    result as it is journaled and sent."""
+
+    backup_uuid: str  # "" for a repository verify
     deep: bool
-    backup_id: str = ""  # "" for a repository verify
     chunks_checked: int = 0
     bytes_checked: int = 0
+    damage: list[Damage] = field(default_factory=list)  # every damaged item (empty: all good)
+    repository: bool = False
     backups_checked: int = 0
     packs_checked: int = 0
-    damage: list[Damage] = field(default_factory=list)
+    damaged_backups: list[str] = field(default_factory=list)  # the backups the damage makes unrestorable
     orphan_packs: list[str] = field(default_factory=list)  # a pack without its index: GC removes it
     unreferenced_chunks: int = 0  # stored, referenced by no backup: GC reclaims them
     unreferenced_bytes: int = 0
 
-    @property
-    def damaged_backups(self) -> list[str]:
-        return sorted({b for d in self.damage for b in d.backup_uuids})
+    def __post_init__(self) -> None:  # from the journal: the damage comes back as dicts
+        self.damage = [Damage.of(d) for d in self.damage]
 
-    def check(self) -> Report:
+    def finish(self) -> VerifyResult:
+        self.damaged_backups = sorted({b for d in self.damage for b in d.backup_uuids})
+        return self
+
+    def check(self) -> VerifyResult:
         """Itself when nothing is damaged; else DataCorrupt naming every
-        damaged item (the report rides along as the error's result)."""
+        damaged item (the result rides along)."""
         if self.damage:
             raise DataCorrupt(self.summary(), result=self)
         return self
 
     def summary(self) -> str:
-        """Every damaged item, for the error message (the report has them all)."""
-        subject = f"backup {self.backup_id}" if self.backup_id else "repository"
+        """Every damaged item, for the error message (the result has them all)."""
+        subject = f"backup {self.backup_uuid}" if self.backup_uuid else "repository"
         items = [d.describe() for d in self.damage]
         shown = items[:100]
         more = f"; and {len(items) - len(shown)} more (see the job's result)" if len(items) > len(shown) else ""
         backups = (
             f"; backups affected: {', '.join(self.damaged_backups)}"
-            if not self.backup_id and self.damaged_backups
+            if not self.backup_uuid and self.damaged_backups
             else ""
         )
         return f"{subject}: {len(items)} damaged item(s): " + "; ".join(shown) + more + backups
@@ -102,7 +111,7 @@ def _reason(e: DataCorrupt) -> str:
 # ---- one backup ----
 
 
-def verify(repo: Repository, manifest: Manifest, *, deep: bool, ctx=None) -> Report:
+def verify(repo: Repository, manifest: Manifest, *, deep: bool, ctx=None) -> VerifyResult:
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
@@ -111,8 +120,8 @@ def verify(repo: Repository, manifest: Manifest, *, deep: bool, ctx=None) -> Rep
         return _verify(repo, manifest, deep, ctx)
 
 
-def _verify(repo: Repository, m: Manifest, deep: bool, ctx) -> Report:
-    report = Report(deep, m.backup_id)
+def _verify(repo: Repository, m: Manifest, deep: bool, ctx) -> VerifyResult:
+    report = VerifyResult(m.backup_id, deep)
     h = ImageDigest() if deep else None
     cs = m.chunk_size
     seen: set[str] = set()
@@ -181,13 +190,13 @@ def _verify(repo: Repository, m: Manifest, deep: bool, ctx) -> Report:
                 backup_uuids=[m.backup_id],
             )
         )
-    return report
+    return report.finish()
 
 
 # ---- the whole repository ----
 
 
-def verify_repository(repo: Repository, *, deep: bool, ctx=None) -> Report:
+def verify_repository(repo: Repository, *, deep: bool, ctx=None) -> VerifyResult:
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
@@ -196,9 +205,9 @@ def verify_repository(repo: Repository, *, deep: bool, ctx=None) -> Report:
         return _verify_repository(repo, deep, ctx)
 
 
-def _verify_repository(repo: Repository, deep: bool, ctx) -> Report:
+def _verify_repository(repo: Repository, deep: bool, ctx) -> VerifyResult:
     store = repo.store
-    report = Report(deep)
+    report = VerifyResult("", deep, repository=True)
     names = set(store.list("packs"))
     packs = sorted(n for n in names if not n.endswith(".idx"))
     indexed = sorted(n[:-4] for n in names if n.endswith(".idx"))
@@ -297,7 +306,7 @@ def _verify_repository(repo: Repository, deep: bool, ctx) -> Report:
     unreferenced = good.keys() - referenced
     report.unreferenced_chunks = len(unreferenced)
     report.unreferenced_bytes = sum(good[c] for c in unreferenced)
-    return report
+    return report.finish()
 
 
 def _check_block_digests(repo: Repository, m: Manifest) -> str:
