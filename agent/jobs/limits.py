@@ -8,8 +8,7 @@ import time
 
 class BandwidthLimiter:
     """Token bucket that may go into debt: a caller takes what it moved, and
-    sleeps off any debt. rate 0 means unlimited. The rate can be changed
-    while jobs run."""
+    sleeps off any debt. rate 0 means unlimited."""
 
     def __init__(self, rate: int, burst_seconds: float = 0.25):
         self._lock = threading.Lock()
@@ -21,12 +20,6 @@ class BandwidthLimiter:
     @property
     def rate(self) -> int:
         return self._rate
-
-    def set_rate(self, rate: int) -> None:
-        with self._lock:
-            self._rate = rate
-            self._tokens = 0.0
-            self._stamp = time.monotonic()
 
     def delay_for(self, nbytes: int) -> float:
         """Take nbytes and return how long the caller must sleep."""

@@ -167,6 +167,29 @@ class BackupKind(JobKind):
         )
 
 
+class _CountingWriter:
+    """Writes restored chunks into a target and counts the bytes; workers
+    call it concurrently for targets that take parallel writes."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+        self.written = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, offset: int, data) -> None:
+        self.target.write(offset, data)
+        with self._lock:
+            self.written += len(data)
+
+
+def _check_digest(m, digest: str) -> None:
+    if digest != m.image_digest:
+        raise DataCorrupt(
+            f"backup {m.backup_id}: the restored content's image digest {digest} does not "
+            f"match the manifest's {m.image_digest}"
+        )
+
+
 class RestoreKind(JobKind):
     name = "restore"
     spec_type = RestoreSpec
@@ -199,29 +222,17 @@ class RestoreKind(JobKind):
         if spec.in_place:
             return self._in_place(spec, repo, m, pool, ctx)
         target = pool.open_restore_target(spec.volume_uuid, spec.name, m.size, ctx.job_id)
-        written = 0
+        write = _CountingWriter(target)
         try:
-            counting = threading.Lock()  # workers write concurrently into some targets
-
-            def write(offset: int, data) -> None:
-                nonlocal written
-                target.write(offset, data)
-                with counting:
-                    written += len(data)
-
             digest = restore_mod.restore(repo, m, write, ctx=ctx, concurrent=target.concurrent)
-            if digest != m.image_digest:
-                raise DataCorrupt(
-                    f"backup {m.backup_id}: the restored content's image digest {digest} does not "
-                    f"match the manifest's {m.image_digest}"
-                )
+            _check_digest(m, digest)
             ctx.checkpoint()
             ctx.progress(phase="committing")
         except BaseException:
             target.abort()  # never a half-written volume that looks complete
             raise
         info = target.commit()
-        return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, written)
+        return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, write.written)
 
     def _in_place(self, spec: RestoreSpec, repo, m, pool, ctx) -> RestoreResult:
         """Safety snapshot, then overwrite (data, zero chunks, and the tail
@@ -240,25 +251,14 @@ class RestoreKind(JobKind):
             f"pre-restore-{ctx.job_id[:24]}",
             description=f"the volume before backup {m.backup_id} was restored into it",
         )
-        written, counting = 0, threading.Lock()
-
-        def write(offset: int, data) -> None:
-            nonlocal written
-            target.write(offset, data)
-            with counting:
-                written += len(data)
-
         try:
             target = pool.open_overwrite_target(vol)
+            write = _CountingWriter(target)
             try:
                 digest = restore_mod.restore(repo, m, write, ctx=ctx, zero=target.zero)
                 if capacity > m.size:
                     target.zero(m.size, capacity - m.size)
-                if digest != m.image_digest:
-                    raise DataCorrupt(
-                        f"backup {m.backup_id}: the restored content's image digest {digest} does "
-                        f"not match the manifest's {m.image_digest}"
-                    )
+                _check_digest(m, digest)
                 ctx.checkpoint()
                 ctx.progress(phase="committing")
                 info = target.commit()
@@ -273,7 +273,7 @@ class RestoreKind(JobKind):
                     "restore in place failed and the rollback too", extra={"volume": vol, "safety_snapshot": safety}
                 )
             raise
-        return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, written, safety)
+        return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, write.written, safety)
 
 
 class VerifyKind(JobKind):

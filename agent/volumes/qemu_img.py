@@ -192,11 +192,6 @@ def allocated_data(path: str) -> int:
     return sum(e.length for e in map_image(path) if e.present and e.data)
 
 
-def allocated_in_top(path: str) -> int:
-    """Guest bytes whose data lives in this file itself (depth 0)."""
-    return sum(e.length for e in map_image(path) if e.depth == 0 and e.present)
-
-
 def check(path: str) -> dict:
     cp = _run(["qemu-img", "check", "-U", "--output=json", path], timeout=TIMEOUT, check=False, what="qemu-img check")
     return json.loads(cp.stdout) if cp.stdout.strip() else {"error": cp.stderr.strip()}
