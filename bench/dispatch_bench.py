@@ -16,8 +16,8 @@ qcow2 volumes spread over the agents. Then:
     (started_at).
   - the REST overhead of a task, side by side with the agent's own job:
     linked clones and incremental backups (1 % of a 1 GiB volume changed,
-    4 MiB chunks) run one at a time; a caller follows each task with
-    GET /v1/tasks/{id}?wait=30 on one kept-alive connection, and the time
+    4 MiB chunks) run one at a time; a caller posts each task and follows
+    it with GET /v1/tasks/{id}?wait=30 on one kept-alive connection, and the time
     it sees the task end, minus the agent job's own run time (its
     started_at to ended_at, from the agent), is the overhead. Targets:
     median overhead <= 20 ms; an incremental backup through REST <= 1.3x
@@ -243,11 +243,17 @@ def rest_overhead(rest: Rest, work: str, pool: dict, hosts: list[str], runs: int
     import statistics
 
     conn = http.client.HTTPConnection(rest.url.split("//", 1)[1], timeout=60)
+    headers = {"Authorization": f"Bearer {rest.token}", "Content-Type": "application/json"}
+
+    def call(method: str, path: str, body: dict | None = None) -> dict:
+        conn.request(method, path, json.dumps(body) if body is not None else None, headers)
+        envelope = json.loads(conn.getresponse().read())
+        assert envelope["scode"] == 0, envelope
+        return envelope["data"]
 
     def task(task_id: str) -> dict:
         while True:  # each answer comes when the task moved (or after 30 s)
-            conn.request("GET", f"/v1/tasks/{task_id}?wait=30", headers={"Authorization": f"Bearer {rest.token}"})
-            t = json.loads(conn.getresponse().read())["data"]
+            t = call("GET", f"/v1/tasks/{task_id}?wait=30")
             if t["status"] not in ("waiting", "running"):
                 return t
 
@@ -262,7 +268,7 @@ def rest_overhead(rest: Rest, work: str, pool: dict, hosts: list[str], runs: int
 
     def timed(method: str, path: str, body: dict) -> tuple[float, float]:
         t0 = time.time()
-        r = rest.call(method, path, body)
+        r = call(method, path, body)
         t1 = time.time()
         t = task(r["task_id"])
         seen = time.time()

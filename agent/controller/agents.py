@@ -23,6 +23,7 @@ class AgentClients:
     def __init__(self, cfg: ControllerConfig):
         self.cfg = cfg
         self._channels: dict[str, grpc.Channel] = {}
+        self._clients: dict[tuple[str, str], AgentClient] = {}
         self._lock = threading.Lock()
 
     def _channel(self, address: str) -> grpc.Channel:
@@ -47,19 +48,24 @@ class AgentClients:
             return ch
 
     def client(self, host: Host) -> AgentClient:
-        """The agent of a host (the channel is kept here, not by the client)."""
-        return AgentClient(
-            channel=self._channel(host.address),
-            token=self.cfg.agent_auth_token,
-            where=f"host {host.hostname or host.uuid}",
-            timeout=CALL_TIMEOUT,
-        )
+        """The agent of a host, kept (its stubs cost more to build than a
+        call; the channel is kept here, not by the client)."""
+        key = (host.address, f"host {host.hostname or host.uuid}")
+        c = self._clients.get(key)
+        if c is None:
+            c = AgentClient(
+                channel=self._channel(host.address), token=self.cfg.agent_auth_token, where=key[1], timeout=CALL_TIMEOUT
+            )
+            with self._lock:
+                self._clients[key] = c
+        return c
 
     def close(self) -> None:
         with self._lock:
             for ch in self._channels.values():
                 ch.close()
             self._channels.clear()
+            self._clients.clear()
 
 
 def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPointRequest:

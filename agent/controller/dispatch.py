@@ -29,7 +29,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from google.protobuf.json_format import MessageToDict, ParseDict
-from sqlalchemy import select
+from sqlalchemy import Integer, Text, bindparam, delete, func, select, update
 
 from agent.api.v1 import backups_pb2, jobs_pb2
 from agent.client import JobStream
@@ -51,6 +51,62 @@ SPECS = {
     "verify": jobs_pb2.VerifySpec,
 }
 FINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
+
+# A task's end is on the path a REST caller waits on: these statements are
+# built once (building and compiling one costs more than SQLite's write).
+_task, _backup, _point, _volume = Task.__table__.c, Backup.__table__.c, BackupPoint.__table__.c, Volume.__table__.c
+_ENDED = {
+    succeeded: update(Task.__table__)
+    .where(_task.id == bindparam("task_id"))
+    .values(
+        status=bindparam("new_status"),
+        ended_at=bindparam("ended"),
+        error_code=bindparam("code"),
+        error_message=bindparam("message"),
+        result_json=bindparam("result"),
+        **({"progress": 100.0} if succeeded else {}),
+    )
+    for succeeded in (True, False)
+}
+_ENDED_OWNED = {  # only while this job owns the task
+    k: q.where(_task.status == "running", _task.agent_job_id == bindparam("job_id")) for k, q in _ENDED.items()
+}
+_BACKUP_FAILED = (
+    update(Backup.__table__)
+    .where(_backup.uuid == bindparam("key"))
+    .values(status="BackupFailed", mtime=bindparam("at"))
+)
+_BACKUP_MADE = (
+    update(Backup.__table__)
+    .where(_backup.uuid == bindparam("key"))
+    .values(
+        status="BackupSucceeded",
+        mtime=bindparam("at"),
+        mode=bindparam("new_mode"),
+        mode_reason=bindparam("new_mode_reason"),
+        size=bindparam("new_size"),
+        stored_bytes=bindparam("new_stored_bytes"),
+        image_digest=bindparam("new_image_digest"),
+    )
+)
+_POINT_REF = (
+    update(BackupPoint.__table__)
+    .where(_point.uuid == select(_backup.backup_point_uuid).where(_backup.uuid == bindparam("key")).scalar_subquery())
+    .values(ref=_point.ref + 1)
+)
+_VOLUME_MADE = (
+    update(Volume.__table__)
+    .where(_volume.uuid == bindparam("key"))
+    .values(
+        state="ready",
+        mtime=bindparam("at"),
+        host_uuid=bindparam("host"),
+        capacity=func.coalesce(bindparam("new_capacity", type_=Integer), _volume.capacity),
+        access_path=func.coalesce(bindparam("new_access_path", type_=Text), _volume.access_path),
+    )
+)
+_LIVE = select(Task).where(Task.status.in_(("waiting", "running"))).order_by(Task.created_at)
+_VOLUME_GONE = delete(Volume.__table__).where(_volume.uuid == bindparam("key"))
 
 
 def new_task(
@@ -152,6 +208,7 @@ class Dispatcher:
         self._attached: dict[tuple[str, str], bytes] = {}  # (host, backup point) -> digest of the definition sent
         self._changed = threading.Condition()
         self._version = 0  # bumped when a task's progress or state is written
+        self._backlog = False  # the last round left a task waiting for a free slot
 
     def start(self) -> Dispatcher:
         self._thread.start()
@@ -200,14 +257,17 @@ class Dispatcher:
         move the tasks of hosts that stopped answering."""
         with self.db.session() as s:
             hosts = {h.uuid: h for h in s.scalars(select(Host)).all()}
-            running = s.scalars(select(Task).where(Task.status == "running")).all()
-            waiting = s.scalars(select(Task).where(Task.status == "waiting").order_by(Task.created_at)).all()
+            rows = s.scalars(_LIVE).all()  # one query: a tick after a new task is on its caller's path
+        running = [t for t in rows if t.status == "running"]
+        waiting = [t for t in rows if t.status == "waiting"]
         load = Counter(t.host_uuid for t in running)
         for host_uuid in self._submitting.values():
             load[host_uuid] += 1
+        backlog = False
         for t in waiting:
             if t.id not in self._submitting:
-                self._place(t, hosts, load)
+                backlog |= not self._place(t, hosts, load)
+        self._backlog = backlog
         now = time.monotonic()
         for t in running:
             host = hosts.get(t.host_uuid)
@@ -238,17 +298,19 @@ class Dispatcher:
         ]
         return sorted(ok, key=lambda h: (load[h.uuid] / max(1, h.max_jobs), h.uuid))
 
-    def _place(self, t: Task, hosts: dict[str, Host], load: Counter) -> None:
+    def _place(self, t: Task, hosts: dict[str, Host], load: Counter) -> bool:
         """Pick a host now; submit in the background (an RPC takes tens of
-        milliseconds, and tasks queued behind it should not wait for it)."""
+        milliseconds, and tasks queued behind it should not wait for it).
+        Returns whether a host was found."""
         candidates = self._candidates(t, hosts, load)
         if not candidates:
             if time.time() - t.created_at > WAIT_LIMIT:
                 self._finish(t, "timeout", "NO_HOST", f"no eligible host could run it within {int(WAIT_LIMIT)} s")
-            return
+            return False
         load[candidates[0].uuid] += 1
         self._submitting[t.id] = candidates[0].uuid
         self._submit_pool.submit(self._submit, t, candidates)
+        return True
 
     def _submit(self, t: Task, candidates: list[Host]) -> None:
         try:
@@ -280,6 +342,7 @@ class Dispatcher:
                     row = s.get(Task, t.id)
                     row.status, row.host_uuid, row.agent_job_id = "running", host.uuid, job_id
                     row.started_at = row.started_at or time.time()
+                    t.started_at = row.started_at
                 log.info("task dispatched", extra={"task": t.id, "host": host.uuid, "kind": t.job_kind})
                 t.status, t.host_uuid, t.agent_job_id = "running", host.uuid, job_id
                 self._follow(t, host)  # at once: the job may be over in milliseconds
@@ -335,7 +398,7 @@ class Dispatcher:
         threading.Thread(target=self._watch, args=(t, host), name=f"watch-{t.id[:8]}", daemon=True).start()
 
     def _watch(self, t: Task, host: Host) -> None:
-        written, percent = 0.0, t.progress
+        written, percent = time.monotonic(), t.progress  # a job over within FOLLOW_EVERY writes only its end
         try:
             stream = self.agents.client(host).watch(t.agent_job_id)
             with self._lock:
@@ -365,22 +428,20 @@ class Dispatcher:
                 self._watching.pop(t.agent_job_id, None)
 
     def _ended(self, t: Task, host: Host, job: jobs_pb2.Job) -> None:
-        with self.db.session() as s:
-            row = s.get(Task, t.id)
-            if row is None or row.status != "running" or row.agent_job_id != t.agent_job_id:
-                return  # moved meanwhile (its host was taken for lost): another attempt owns the task now
         field = f"{t.job_kind}_result"
         result = (
             MessageToDict(getattr(job, field), preserving_proto_field_name=True) if job.HasField(field) else None
         )  # a failed verify lists what it found damaged
+        job_id = t.agent_job_id
         if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
-            self._finish(t, "success", result=result)
+            self._finish(t, "success", result=result, job_id=job_id)
         elif t.attempts and job.error.code == "ALREADY_EXISTS" and (adopted := self._adopt(t, host)) is not None:
             # a re-run whose first attempt finished on the lost host after all: its
             # result is complete (targets appear atomically), so it is this task's
-            self._finish(t, "success", result=adopted)
+            self._finish(t, "success", result=adopted, job_id=job_id)
         else:
-            self._finish(t, "failed", job.error.code or "FAILED", job.error.message or "the job failed", result=result)
+            code, message = job.error.code or "FAILED", job.error.message or "the job failed"
+            self._finish(t, "failed", code, message, result=result, job_id=job_id)
 
     def _adopt(self, t: Task, host: Host) -> dict | None:
         """The object a lost attempt made, if it is there and complete."""
@@ -416,60 +477,80 @@ class Dispatcher:
             return None
         return None
 
-    def _finish(self, t: Task, status: str, code: str = "", message: str = "", result: dict | None = None) -> None:
+    def _finish(
+        self,
+        t: Task,
+        status: str,
+        code: str = "",
+        message: str = "",
+        result: dict | None = None,
+        job_id: str = "",
+    ) -> None:
+        """The task's end. With job_id (the end an agent's job reported): only
+        while that job still owns the task; when its host was taken for lost
+        meanwhile, another attempt owns it now."""
         now = time.time()
+        values = {
+            "task_id": t.id,
+            "new_status": status,
+            "ended": now,
+            "code": code,
+            "message": message,
+            "result": json.dumps(result or {}),
+            "job_id": job_id,
+        }
         with self.db.session() as s:
-            row = s.get(Task, t.id)
-            row.status, row.ended_at = status, now
-            row.error_code, row.error_message = code, message
-            if status == "success":
-                row.progress = 100.0
-            if status == "success" or result:
-                row.result_json = json.dumps(result or {})
-            self._apply(s, row, result or {})
-            operation, started = row.operation_type, row.started_at or now
+            if s.connection().execute((_ENDED_OWNED if job_id else _ENDED)[status == "success"], values).rowcount == 0:
+                return
+            self._apply(s, t, status, result or {})
+        t.status, t.ended_at = status, now
         self._notify()
         if self.metrics is not None:
-            self.metrics.task_ended(operation, status, now - started, result or {})
+            self.metrics.task_ended(t.operation_type, status, now - (t.started_at or now), result or {})
         log.info("task ended", extra={"task": t.id, "status": status, "code": code})
-        self._wake.set()  # its slot on the host is free: place what waits for it now
+        if self._backlog:
+            self._wake.set()  # its slot on the host is free: place what waits for it now
 
     @staticmethod
-    def _apply(s, t: Task, result: dict) -> None:
+    def _apply(s, t: Task, status: str, result: dict) -> None:
         """What a task's end means for the object it made (a verify of a
         backup makes nothing: the backup stays as it is)."""
-        now = int(time.time())
+        now, db = int(time.time()), s.connection()
         if t.resource_type == "volume" and t.job_kind in ("clone", "restore"):
-            vol = s.get(Volume, t.resource_uuid)
-            if vol is None:
+            if status != "success":  # a failed clone or restore leaves no volume behind
+                db.execute(_VOLUME_GONE, {"key": t.resource_uuid})
                 return
-            if t.status == "success":
-                vol.state, vol.mtime = "ready", now
-                vol.capacity = int(result.get("capacity", vol.capacity))
-                vol.access_path = result.get("access_path", vol.access_path)
-                vol.host_uuid = t.host_uuid
-            else:
-                s.delete(vol)  # a failed clone or restore leaves no volume behind
+            capacity = result.get("capacity")
+            db.execute(
+                _VOLUME_MADE,
+                {
+                    "key": t.resource_uuid,
+                    "at": now,
+                    "host": t.host_uuid,
+                    "new_capacity": None if capacity is None else int(capacity),
+                    "new_access_path": result.get("access_path"),
+                },
+            )
         elif t.job_kind == "gc":
             bp = s.get(BackupPoint, t.backup_point_uuid)
-            if bp is not None and t.status == "success":
+            if bp is not None and status == "success":
                 bp.last_gc_at = time.time()
                 if bp.gc_wanted_at <= t.created_at:  # deletions before this GC was asked for: reclaimed
                     bp.gc_wanted_at = 0.0
             elif bp is not None and bp.gc_wanted_at:  # busy or away: again gc_after_delete from now
                 bp.gc_wanted_at = max(bp.gc_wanted_at, time.time())
         elif t.resource_type == "backup" and t.job_kind == "backup":
-            b = s.get(Backup, t.resource_uuid)
-            if b is None:
+            if status != "success":
+                db.execute(_BACKUP_FAILED, {"key": t.resource_uuid, "at": now})
                 return
-            b.mtime = now
-            if t.status == "success":
-                b.status, b.mode = "BackupSucceeded", result.get("mode", "")
-                b.mode_reason = result.get("mode_reason", "")
-                b.size, b.stored_bytes = int(result.get("size", 0)), int(result.get("stored_bytes", 0))
-                b.image_digest = result.get("image_digest", "")
-                bp = s.get(BackupPoint, b.backup_point_uuid)
-                if bp is not None:
-                    bp.ref += 1
-            else:
-                b.status = "BackupFailed"
+            made = {
+                "key": t.resource_uuid,
+                "at": now,
+                "new_mode": result.get("mode", ""),
+                "new_mode_reason": result.get("mode_reason", ""),
+                "new_size": int(result.get("size", 0)),
+                "new_stored_bytes": int(result.get("stored_bytes", 0)),
+                "new_image_digest": result.get("image_digest", ""),
+            }
+            if db.execute(_BACKUP_MADE, made).rowcount:
+                db.execute(_POINT_REF, {"key": t.resource_uuid})
