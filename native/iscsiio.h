@@ -1,6 +1,6 @@
 /* iSCSI through libiscsi, synchronous calls only: log in to one LUN, read
  * and write whole buffers by byte offset, flush the target's cache, discover
- * targets. Plain C; the Python glue lives in module.c. A context is not
+ * targets. Plain C; the Python glue lives in py_iscsi.c. A context is not
  * thread-safe: callers serialize calls on one context. Secrets passed in are
  * handed to libiscsi only and never copied into error messages. */
 #ifndef BF_ISCSIIO_H

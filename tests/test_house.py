@@ -36,3 +36,39 @@ def test_layers_import_only_downward():
 @pytest.mark.timeout(300)
 def test_the_typed_files_pass_strict_mypy():
     _run(sys.executable, "-m", "mypy", "--no-incremental")
+
+
+def test_native_glue_and_library_layers_stay_apart():
+    """Only module.c and the py_*.c glue include Python.h; only nfsio.c and
+    iscsiio.c include their libraries' headers (docs/native.md)."""
+    native = REPO / "native"
+    owners = {"Python.h": None, "nfsc/libnfs.h": {"nfsio.c"}, "iscsi/iscsi.h": {"iscsiio.c"}}
+    for path in sorted(native.glob("*.[ch]")):
+        text = path.read_text()
+        for header, allowed in owners.items():
+            if f"#include <{header}>" not in text:
+                continue
+            if header == "Python.h":
+                assert path.name == "pyglue.h", f"{path.name} includes Python.h: include pyglue.h in a py_*.c file"
+            else:
+                assert path.name in allowed, f"{path.name} includes {header}: only {sorted(allowed)} may"
+    for path in sorted(native.glob("*.c")):
+        glue = path.name == "module.c" or path.name.startswith("py_")
+        assert ('#include "pyglue.h"' in path.read_text()) == glue, f"{path.name}: Python glue outside py_*.c"
+
+
+def test_every_native_export_has_a_docstring():
+    """Each function and method of agent._native says its signature first."""
+    from agent import _native
+
+    for name in dir(_native):
+        obj = getattr(_native, name)
+        if name.startswith("_"):
+            continue
+        if isinstance(obj, type):
+            assert obj.__doc__, name
+            for attr, member in vars(obj).items():
+                if not attr.startswith("_") and callable(member):
+                    assert (member.__doc__ or "").startswith(attr + "("), f"{name}.{attr}"
+        elif callable(obj):
+            assert (obj.__doc__ or "").startswith(name + "("), name
