@@ -18,6 +18,32 @@ class Extent:
         return self.start + self.length
 
 
+@dataclass(frozen=True, slots=True)
+class AllocExtent:
+    """An extent of an image's allocation: data, or zero (hole or zero cluster)."""
+
+    start: int
+    length: int
+    zero: bool
+    hole: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def merge_extents(extents: list[Extent]) -> list[Extent]:
+    """Sort extents and merge the overlapping and adjacent ones."""
+    out: list[Extent] = []
+    for e in sorted(extents, key=lambda e: e.start):
+        if out and e.start <= out[-1].end:
+            end = max(out[-1].end, e.end)
+            out[-1] = Extent(out[-1].start, end - out[-1].start)
+        else:
+            out.append(e)
+    return out
+
+
 def file_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """Yield (offset, length, is_data) covering [start, end) of an open file,
     using SEEK_DATA/SEEK_HOLE so holes are never read. Where the file system

@@ -39,7 +39,7 @@ class PoolRegistry:
                 pool_uuid, pc.path, run_dir=self.cfg.agent.run_dir, allowed_roots=self.allowed_roots, lookup=self.get
             )
         if pc.type == "nfs":
-            from agent.volumes.poolfs import NfsFiles  # the libnfs binding loads only when used
+            from agent.volumes.qcow2.poolfs import NfsFiles  # the libnfs binding loads only when used
 
             fs = NfsFiles(pc.ip, pc.export, label=f"{pool_uuid} (nfs://{pc.ip}{pc.export})", timeout=pc.timeout)
             return Qcow2Pool(

@@ -22,7 +22,8 @@ here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(here, ".."), os.path.join(here, "..", "tests")]
 
 from agent.jobs.kinds import NullContext  # noqa: E402
-from agent.volumes.rbd import RbdPool, RbdReader  # noqa: E402
+from agent.volumes.rbd import RbdPool  # noqa: E402
+from agent.volumes.rbd.reader import RbdReader  # noqa: E402
 
 from support.cephcluster import CephCluster  # noqa: E402
 

@@ -346,7 +346,7 @@ def test_snapshots_are_read_from_their_layer_files_as_qemu_reads_them(env):
     what qemu-nbd does, over a chain with a raw base, zero clusters and
     holes; an ancestor deleted (its layer unlinked, the child rebased) in the
     middle of a read changes nothing."""
-    from agent.volumes.qcow2_direct import MappedSnapshotReader
+    from agent.volumes.qcow2.direct import MappedSnapshotReader
 
     pool, repo, tmp = env
     raw = tmp / "base.raw"
@@ -386,7 +386,7 @@ def test_snapshots_are_read_from_their_layer_files_as_qemu_reads_them(env):
 
 
 def test_compressed_clusters_are_read_through_qemu_nbd(env):
-    from agent.volumes.qcow2 import NbdSnapshotReader
+    from agent.volumes.qcow2.driver import NbdSnapshotReader
 
     pool, repo, tmp = env
     raw = tmp / "src.raw"
@@ -409,7 +409,7 @@ def test_restore_writes_straight_into_preallocated_clusters(env):
     """pool.open_restore_target: a clean qcow2 (qemu-img check), the same
     content as the snapshot (qemu-img compare), and a later backup of it
     reads only the chunks that hold data."""
-    from agent.volumes.qcow2_direct import DirectRestoreTarget
+    from agent.volumes.qcow2.direct import DirectRestoreTarget
 
     pool, repo, tmp = env
     vol = pool.create_volume(nid(), "src", 40 * MiB).uuid
@@ -479,8 +479,8 @@ def test_a_pack_committed_while_another_backup_refreshes_stays_indexed(env):
 def test_large_volumes_restore_through_qemu_nbd(env, monkeypatch):
     """Above DIRECT_RESTORE_MAX (1 TiB: preallocated metadata would cost too
     much) a restore goes through a writable qemu-nbd: the same content."""
-    import agent.volumes.qcow2 as qcow2
-    from agent.volumes.qcow2 import Qcow2RestoreTarget
+    import agent.volumes.qcow2.driver as qcow2
+    from agent.volumes.qcow2.driver import Qcow2RestoreTarget
 
     pool, repo, tmp = env
     monkeypatch.setattr(qcow2, "DIRECT_RESTORE_MAX", 0)  # this small volume stands for a large one

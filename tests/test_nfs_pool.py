@@ -157,8 +157,8 @@ def test_agents_sharing_an_nfs_pool_take_turns(nfs_server, short_tmp):
     """Two hosts' drivers on one pool: a volume's metadata changes wait for
     the other host's lock; a lock left by a dead process is broken."""
     from agent.stores.locks import LockRecord, _boot_id
-    from agent.volumes.poolfs import NfsFiles
     from agent.volumes.qcow2 import Qcow2Pool
+    from agent.volumes.qcow2.poolfs import NfsFiles
 
     pool = str(uuid.uuid4())
 

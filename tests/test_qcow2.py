@@ -391,7 +391,7 @@ def test_qemu_nbd_stopped_right_after_start_closes_its_bitmap(vol):
     sends it again, so a writable server stopped at once still exits
     cleanly (not killed after the timeout, which leaves its dirty bitmap
     inconsistent and change tracking lost)."""
-    from agent.volumes import qemu_img
+    from agent.volumes.qcow2 import qemu_img
 
     vid = vol.create().uuid
     head = vol.head(vid)
@@ -439,13 +439,13 @@ def test_bitmap_missing_in_a_layer_is_never_taken_from_its_backing(vol):
 
 
 def test_bitmap_reader_matches_qemu_nbd_and_refuses_untrustworthy_bitmaps(tmp_path):
-    """agent/volumes/qcow2_bitmap.py reads bf-dirty from the file; qemu-nbd's
+    """agent/volumes/qcow2/bitmap.py reads bf-dirty from the file; qemu-nbd's
     export of the same bitmap is the reference."""
     import random
 
     from agent.errors import TrackingLost
-    from agent.volumes.qcow2 import merge_extents
-    from agent.volumes.qcow2_bitmap import dirty_extents
+    from agent.extents import merge_extents
+    from agent.volumes.qcow2.bitmap import dirty_extents
 
     rnd = random.Random(7)
     cases = [(CAP, G), (CAP + 3 * 512, 4096), ((5 << 30) + 512, G), (CAP, 512 * 1024)]
@@ -495,15 +495,15 @@ def test_bitmap_reader_matches_qemu_nbd_and_refuses_untrustworthy_bitmaps(tmp_pa
 
 
 def test_partial_map_reads_exactly_what_qemu_reads(tmp_path):
-    """agent/volumes/qcow2_map.py maps chosen guest ranges from the layers'
+    """agent/volumes/qcow2/map.py maps chosen guest ranges from the layers'
     L2 tables (an incremental backup's changed chunks): the data read through
     it equals `qemu-img convert` of the same chain, over qcow2 layers with
     data, zero and discarded clusters, a raw base shorter than the image, a
     layer with another cluster size, and ranges that are not cluster-aligned."""
     import random
 
-    from agent.volumes.qcow2_direct import open_mapped
-    from agent.volumes.qcow2_map import map_ranges
+    from agent.volumes.qcow2.direct import open_mapped
+    from agent.volumes.qcow2.map import map_ranges
 
     rnd = random.Random(11)
     size = 48 * MiB + 3 * 512
@@ -577,8 +577,8 @@ def test_nbd_copy_path_keeps_content_and_holes(tmp_path):
     """The NBD data path (two real qemu-nbd servers, libnbd, buffers in flight)
     that copies across formats and that restores write through."""
     from agent.jobs.kinds import NullContext
-    from agent.volumes import qemu_img
     from agent.volumes.copy import copy_image
+    from agent.volumes.qcow2 import qemu_img
 
     src, dst = str(tmp_path / "src.raw"), str(tmp_path / "dst.qcow2")
     with open(src, "wb") as f:  # raw, with 2 MiB of zeros written as data
@@ -602,7 +602,8 @@ def test_nbd_copy_path_keeps_content_and_holes(tmp_path):
 def test_leftover_sweep_spares_files_another_agent_may_be_writing(short_tmp):
     """On shared storage another agent may be writing a temporary file when
     this one opens the pool: only files nobody wrote for LEFTOVER_AGE go."""
-    from agent.volumes.qcow2 import LEFTOVER_AGE, Qcow2Pool
+    from agent.volumes.qcow2 import Qcow2Pool
+    from agent.volumes.qcow2.driver import LEFTOVER_AGE
 
     pool_uuid = new_id()
     Qcow2Pool(pool_uuid, str(short_tmp / "p"), run_dir=str(short_tmp), allowed_roots=[str(short_tmp)])

@@ -11,12 +11,24 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from agent.errors import InvalidArgument
+from agent.errors import InvalidArgument, OutOfRange
 from agent.extents import Extent
 
 HEAD = "head"  # the live state in a snapshot tree
 MAX_NAME = 255
+MAX_CAPACITY = 1 << 50  # 1 PiB
 _NAME_BAD = re.compile(r"[\x00-\x1f/\\]")
+
+
+def check_capacity(capacity: int, field_name: str = "capacity") -> int:
+    """A volume size every driver accepts: positive, 512-byte sectors, at most MAX_CAPACITY."""
+    if capacity <= 0:
+        raise InvalidArgument(f"{field_name}: must be positive, got {capacity}", field=field_name)
+    if capacity > MAX_CAPACITY:
+        raise OutOfRange(f"{field_name}: {capacity} exceeds the limit of {MAX_CAPACITY} bytes", field=field_name)
+    if capacity % 512:
+        raise InvalidArgument(f"{field_name}: must be a multiple of 512, got {capacity}", field=field_name)
+    return capacity
 
 
 def check_uuid(value: str, field_name: str) -> str:

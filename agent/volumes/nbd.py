@@ -16,13 +16,12 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import nbd
 
 from agent import procs
 from agent.errors import StorageIOError
-from agent.extents import Extent
+from agent.extents import AllocExtent, Extent
 
 log = logging.getLogger("agent.nbd")
 
@@ -33,20 +32,6 @@ STATE_ZERO = 2
 STATUS_STEP = 2 << 30
 REQUEST_SIZE = 4 << 20
 IN_FLIGHT = 8
-
-
-@dataclass(frozen=True, slots=True)
-class AllocExtent:
-    """An extent of an exported image: data, or zero (hole or zero cluster)."""
-
-    start: int
-    length: int
-    zero: bool
-    hole: bool
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
 
 
 class QemuNbd:

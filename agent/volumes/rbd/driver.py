@@ -1,4 +1,5 @@
-"""RBD volumes in a Ceph pool, through the Python rados and rbd bindings.
+"""The RBD volume driver: volumes in a Ceph pool, through the Python rados
+and rbd bindings.
 
 - A volume is an image named by its UUID; its display name, creation time,
   snapshot metadata and the snapshot the live state grows from are image
@@ -21,20 +22,16 @@
 
 from __future__ import annotations
 
-import collections
 import errno
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import rados
 import rbd
 
-from agent import native
 from agent.errors import (
     AlreadyExists,
     Cancelled,
@@ -45,29 +42,26 @@ from agent.errors import (
     NotFound,
     StorageIOError,
 )
-from agent.extents import Extent
+from agent.extents import AllocExtent, Extent, merge_extents
 from agent.volumes.base import (
     HEAD,
     ChangedExtents,
     PoolStatus,
-    RestoreTarget,
     SnapshotInfo,
-    SnapshotReader,
     SnapshotTree,
     VolumeDriver,
     VolumeInfo,
     build_tree,
+    check_capacity,
     check_name,
     check_uuid,
 )
-from agent.volumes.nbd import AllocExtent
-from agent.volumes.qcow2 import check_capacity, merge_extents
+from agent.volumes.rbd.connection import CephConnection, CephTarget
+from agent.volumes.rbd.reader import RbdReader, RbdSnapshotReader
+from agent.volumes.rbd.writers import RbdOverwriteTarget, RbdRestoreTarget, RbdWriter
 
 log = logging.getLogger("agent.rbd")
 
-REQUEST_SIZE = 4 << 20
-IN_FLIGHT = 8
-ZERO_BLOCK = 65536
 FEATURE_BITS = {
     "layering": rbd.RBD_FEATURE_LAYERING,
     "exclusive-lock": rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
@@ -77,65 +71,6 @@ FEATURE_BITS = {
     "journaling": rbd.RBD_FEATURE_JOURNALING,
 }
 KEY_NAME, KEY_CREATED, KEY_HEAD_PARENT, KEY_SNAP = "bf.name", "bf.created_at", "bf.head_parent", "bf.snap."
-
-
-@dataclass(frozen=True)
-class CephTarget:
-    """What identifies one cluster connection."""
-
-    ceph_conf: str
-    client_name: str
-    keyring: str
-    timeout: float
-
-
-class CephConnection:
-    """One librados connection per (conf, client, keyring), reconnected when lost."""
-
-    _shared: dict[CephTarget, CephConnection] = {}
-    _shared_lock = threading.Lock()
-
-    @classmethod
-    def get(cls, target: CephTarget) -> CephConnection:
-        with cls._shared_lock:
-            conn = cls._shared.get(target)
-            if conn is None:
-                conn = cls._shared[target] = CephConnection(target)
-            return conn
-
-    def __init__(self, target: CephTarget):
-        self.target = target
-        self._lock = threading.Lock()
-        self._cluster: rados.Rados | None = None
-        self.last_error = ""
-
-    def cluster(self) -> rados.Rados:
-        with self._lock:
-            if self._cluster is not None:
-                return self._cluster
-            t = self.target
-            timeout = str(int(max(1, t.timeout)))
-            conf = {"rados_mon_op_timeout": timeout, "rados_osd_op_timeout": timeout, "client_mount_timeout": timeout}
-            if t.keyring:
-                conf["keyring"] = t.keyring
-            name = t.client_name if t.client_name.startswith("client.") else f"client.{t.client_name}"
-            try:
-                cluster = rados.Rados(conffile=t.ceph_conf, name=name, conf=conf)
-                cluster.connect(timeout=max(1, int(t.timeout)))
-            except (rados.Error, OSError) as e:
-                self.last_error = str(e)
-                raise StorageIOError(f"ceph cluster of {t.ceph_conf} is unreachable as {name}: {e}") from None
-            self._cluster = cluster
-            self.last_error = ""
-            return cluster
-
-    def reset(self, why: str) -> None:
-        """Drop a connection that failed; the next call reconnects."""
-        with self._lock:
-            cluster, self._cluster = self._cluster, None
-            self.last_error = why
-        if cluster is not None:
-            threading.Thread(target=cluster.shutdown, daemon=True).start()  # may block; never wait on it
 
 
 class RbdPool(VolumeDriver):
@@ -200,7 +135,7 @@ class RbdPool(VolumeDriver):
         return PoolStatus(self.pool_uuid, self.kind, "healthy", kb << 10, used << 10, avail << 10)
 
     @contextmanager
-    def _image(self, io, vol: str, *, snapshot: str | None = None, read_only: bool = False):
+    def open_image(self, io, vol: str, *, snapshot: str | None = None, read_only: bool = False):
         try:
             img = rbd.Image(io, vol, snapshot=snapshot, read_only=read_only)
         except rbd.ImageNotFound:
@@ -216,16 +151,16 @@ class RbdPool(VolumeDriver):
         finally:
             img.close()
 
-    def _refuse_if_open(self, io, vol: str) -> None:
+    def refuse_if_open(self, io, vol: str) -> None:
         """A read-only handle registers no watch: any watcher is another client."""
-        with self._image(io, vol, read_only=True) as img:
+        with self.open_image(io, vol, read_only=True) as img:
             if list(img.watchers_list()):
                 raise InUse(f"volume_uuid: volume {vol} is open by a client (a running VM?)", field="volume_uuid")
 
     # ---- metadata ----
 
     @staticmethod
-    def _stamp(img, name: str) -> None:
+    def stamp(img, name: str) -> None:
         """Mark an image as a blockferry volume with its display name."""
         img.metadata_set(KEY_NAME, name)
         img.metadata_set(KEY_CREATED, repr(time.time()))
@@ -264,10 +199,10 @@ class RbdPool(VolumeDriver):
                 raise AlreadyExists(
                     f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid"
                 ) from None
-            with self._image(io, vol) as img:
-                self._stamp(img, name)
+            with self.open_image(io, vol) as img:
+                self.stamp(img, name)
                 log.info("volume created", extra={"pool": self.pool_uuid, "volume": vol, "capacity": capacity})
-                return self._info(io, img, vol)
+                return self.info_of(io, img, vol)
 
     def _adopt(self, io, vol: str, name: str, image_name: str, capacity: int | None) -> VolumeInfo:
         """Adopt an existing image of this RADOS pool, named alone or as
@@ -302,16 +237,16 @@ class RbdPool(VolumeDriver):
             raise AlreadyExists(
                 f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid"
             ) from None
-        with self._image(io, vol) as img:
+        with self.open_image(io, vol) as img:
             if capacity and capacity > size:
                 img.resize(capacity)
-            self._stamp(img, name)
-            return self._info(io, img, vol)
+            self.stamp(img, name)
+            return self.info_of(io, img, vol)
 
     def delete_volume(self, volume_uuid: str, force: bool = False) -> None:
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self._locked(vol), self.ioctx() as io:
-            with self._image(io, vol) as img:
+            with self.open_image(io, vol) as img:
                 snaps = [s["name"] for s in list(img.list_snaps())]
                 clones = self._children(img, snaps)
                 snap_names = self._snaps_meta(self._meta(img))
@@ -328,10 +263,10 @@ class RbdPool(VolumeDriver):
                         f"volume_uuid: volume {vol} has snapshots {names}; delete them first, or delete with force",
                         field="volume_uuid",
                     )
-            self._refuse_if_open(io, vol)
+            self.refuse_if_open(io, vol)
             for pool, clone in clones:  # force: keep the clones alive on their own
                 self._flatten_image(pool, clone)
-            with self._image(io, vol) as img:
+            with self.open_image(io, vol) as img:
                 for s in list(img.list_snaps()):
                     if img.is_protected_snap(s["name"]):
                         img.unprotect_snap(s["name"])
@@ -360,8 +295,8 @@ class RbdPool(VolumeDriver):
 
     def volume_info(self, volume_uuid: str) -> VolumeInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
-        with self.ioctx() as io, self._image(io, vol, read_only=True) as img:
-            return self._info(io, img, vol)
+        with self.ioctx() as io, self.open_image(io, vol, read_only=True) as img:
+            return self.info_of(io, img, vol)
 
     def _tracking(self, img) -> str:
         """'degraded' when the image (at its current snapshot) has an object
@@ -372,7 +307,7 @@ class RbdPool(VolumeDriver):
             return "degraded"
         return "ok"
 
-    def _info(self, io, img, vol: str) -> VolumeInfo:
+    def info_of(self, io, img, vol: str) -> VolumeInfo:
         meta = self._meta(img)
         tracking = self._tracking(img)  # the head's, before the snapshot sizes move the image to snapshots
         size = img.size()
@@ -431,9 +366,9 @@ class RbdPool(VolumeDriver):
                 except InvalidArgument:
                     continue  # not one of ours
                 try:
-                    with self._image(io, name, read_only=True) as img:
+                    with self.open_image(io, name, read_only=True) as img:
                         if KEY_NAME in self._meta(img):
-                            out.append(self._info(io, img, name))
+                            out.append(self.info_of(io, img, name))
                 except NotFound:
                     continue
         return out
@@ -441,7 +376,7 @@ class RbdPool(VolumeDriver):
     def resize_volume(self, volume_uuid: str, capacity: int) -> VolumeInfo:
         check_capacity(capacity)
         vol = check_uuid(volume_uuid, "volume_uuid")
-        with self._locked(vol), self.ioctx() as io, self._image(io, vol) as img:
+        with self._locked(vol), self.ioctx() as io, self.open_image(io, vol) as img:
             if capacity < img.size():
                 raise InvalidArgument(
                     f"capacity: shrinking from {img.size()} to {capacity} bytes would lose "
@@ -450,7 +385,7 @@ class RbdPool(VolumeDriver):
                 )
             if capacity > img.size():
                 img.resize(capacity)
-            return self._info(io, img, vol)
+            return self.info_of(io, img, vol)
 
     # ---- snapshots ----
 
@@ -460,7 +395,7 @@ class RbdPool(VolumeDriver):
         check_name(name, "snapshot_name")
         if len(description) > 1024:
             raise InvalidArgument("desc: at most 1024 characters", field="desc")
-        with self._locked(vol), self.ioctx() as io, self._image(io, vol) as img:
+        with self._locked(vol), self.ioctx() as io, self.open_image(io, vol) as img:
             meta = self._meta(img)
             snaps = self._snaps_meta(meta)
             if snap in snaps:
@@ -506,13 +441,13 @@ class RbdPool(VolumeDriver):
 
     def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
-        with self.ioctx() as io, self._image(io, vol, read_only=True) as img:
+        with self.ioctx() as io, self.open_image(io, vol, read_only=True) as img:
             self._snap_meta(img, vol, snapshot_uuid)
             return self._snap_info(img, vol, snapshot_uuid, self._snaps_meta(self._meta(img)))
 
     def delete_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> None:
         vol = check_uuid(volume_uuid, "volume_uuid")
-        with self._locked(vol), self.ioctx() as io, self._image(io, vol) as img:
+        with self._locked(vol), self.ioctx() as io, self.open_image(io, vol) as img:
             rec = self._snap_meta(img, vol, snapshot_uuid)
             clones = self._children(img, [snapshot_uuid])
             if clones:
@@ -540,17 +475,17 @@ class RbdPool(VolumeDriver):
     def rollback_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> VolumeInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self._locked(vol), self.ioctx() as io:
-            self._refuse_if_open(io, vol)
-            with self._image(io, vol) as img:
+            self.refuse_if_open(io, vol)
+            with self.open_image(io, vol) as img:
                 self._snap_meta(img, vol, snapshot_uuid)
                 img.rollback_to_snap(snapshot_uuid)
                 img.metadata_set(KEY_HEAD_PARENT, snapshot_uuid)
                 log.info("rolled back", extra={"volume": vol, "snapshot": snapshot_uuid})
-                return self._info(io, img, vol)
+                return self.info_of(io, img, vol)
 
     def list_snapshots(self, volume_uuid: str) -> list[SnapshotInfo]:
         vol = check_uuid(volume_uuid, "volume_uuid")
-        with self.ioctx() as io, self._image(io, vol, read_only=True) as img:
+        with self.ioctx() as io, self.open_image(io, vol, read_only=True) as img:
             snaps = self._snaps_meta(self._meta(img))
             existing = {s["name"] for s in img.list_snaps()}
             return sorted(
@@ -559,7 +494,7 @@ class RbdPool(VolumeDriver):
 
     def snapshot_tree(self, volume_uuid: str) -> SnapshotTree:
         vol = check_uuid(volume_uuid, "volume_uuid")
-        with self.ioctx() as io, self._image(io, vol, read_only=True) as img:
+        with self.ioctx() as io, self.open_image(io, vol, read_only=True) as img:
             meta = self._meta(img)
             snaps = self._snaps_meta(meta)
         return build_tree(
@@ -594,10 +529,10 @@ class RbdPool(VolumeDriver):
         vol = check_uuid(volume_uuid, "volume_uuid")
         if snapshot_uuid:
             check_uuid(snapshot_uuid, "snapshot_uuid")
-        with self.ioctx() as io, self._image(io, vol, snapshot=snapshot_uuid, read_only=True) as img:
-            return self._alloc_extents(img)
+        with self.ioctx() as io, self.open_image(io, vol, snapshot=snapshot_uuid, read_only=True) as img:
+            return self.alloc_extents(img)
 
-    def _alloc_extents(self, img) -> list[AllocExtent]:
+    def alloc_extents(self, img) -> list[AllocExtent]:
         size = img.size()
         data = self._extents(img, size, None, whole_object=False, include_parent=True)
         out: list[AllocExtent] = []
@@ -614,7 +549,7 @@ class RbdPool(VolumeDriver):
     def changed_extents(self, volume_uuid: str, snapshot_uuid: str, since_snapshot_uuid: str | None) -> ChangedExtents:
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self.ioctx() as io:
-            with self._image(io, vol, read_only=True) as img:
+            with self.open_image(io, vol, read_only=True) as img:
                 snaps = self._snaps_meta(self._meta(img))
                 if check_uuid(snapshot_uuid, "snapshot_uuid") not in snaps:
                     raise NotFound(f"snapshot_uuid: no snapshot {snapshot_uuid} on volume {vol}", field="snapshot_uuid")
@@ -632,7 +567,7 @@ class RbdPool(VolumeDriver):
                                 field="since_snapshot_uuid",
                             )
                         cur = snaps.get(cur, {}).get("parent")
-            with self._image(io, vol, snapshot=snapshot_uuid, read_only=True) as img:
+            with self.open_image(io, vol, snapshot=snapshot_uuid, read_only=True) as img:
                 degraded = []
                 for snap in filter(None, (since_snapshot_uuid, snapshot_uuid)):
                     img.set_snap(snap)
@@ -666,7 +601,7 @@ class RbdPool(VolumeDriver):
                 "target_pool_uuid: a linked clone must be in the same Ceph cluster", field="target_pool_uuid"
             )
         with source.ioctx() as sio, self.ioctx() as dio:
-            with source._image(sio, source_volume) as img:
+            with source.open_image(sio, source_volume) as img:
                 source._snap_meta(img, source_volume, snapshot_uuid)
                 if not img.is_protected_snap(snapshot_uuid):
                     img.protect_snap(snapshot_uuid)  # clones need it; undone when the last clone goes
@@ -676,16 +611,16 @@ class RbdPool(VolumeDriver):
                 raise AlreadyExists(
                     f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="clone_volume_uuid"
                 ) from None
-            with self._image(dio, vol) as img:
-                self._stamp(img, name)
+            with self.open_image(dio, vol) as img:
+                self.stamp(img, name)
                 log.info(
                     "linked clone created", extra={"volume": vol, "origin": source_volume, "snapshot": snapshot_uuid}
                 )
-                return self._info(dio, img, vol)
+                return self.info_of(dio, img, vol)
 
     def flatten(self, volume_uuid: str, *, on_percent=None, checkpoint=None) -> VolumeInfo:
         vol = check_uuid(volume_uuid, "volume_uuid")
-        with self._locked(vol), self.ioctx() as io, self._image(io, vol) as img:
+        with self._locked(vol), self.ioctx() as io, self.open_image(io, vol) as img:
             try:
                 spec = img.get_parent_image_spec()
             except rbd.ImageNotFound:
@@ -711,7 +646,7 @@ class RbdPool(VolumeDriver):
                 raise cancelled[0] if cancelled else Cancelled("flatten cancelled") from None
             self._unprotect_if_unused(spec)
             log.info("clone flattened", extra={"volume": vol})
-            return self._info(io, img, vol)
+            return self.info_of(io, img, vol)
 
     def _unprotect_if_unused(self, spec: dict) -> None:
         """After the last clone of a snapshot leaves, unprotect it again."""
@@ -742,7 +677,7 @@ class RbdPool(VolumeDriver):
         with source.ioctx() as sio, self.ioctx() as dio:
             if vol in rbd.RBD().list(dio):
                 raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
-            with source._image(sio, source_volume, snapshot=snapshot_uuid, read_only=True) as src:
+            with source.open_image(sio, source_volume, snapshot=snapshot_uuid, read_only=True) as src:
                 size = src.size()
                 data = self._extents(src, size, None, whole_object=False, include_parent=True)
                 total = sum(e.length for e in data)
@@ -752,7 +687,7 @@ class RbdPool(VolumeDriver):
                     pass
                 rbd.RBD().create(dio, tmp, size, old_format=False, features=self.features)
                 try:
-                    with self._image(dio, tmp) as dst:
+                    with self.open_image(dio, tmp) as dst:
                         ctx.progress(0, total, "copying")
                         done = 0
                         writer = RbdWriter(dst)
@@ -766,7 +701,7 @@ class RbdPool(VolumeDriver):
 
                         RbdReader(src).read_extents(data, on_data, checkpoint=ctx.checkpoint)
                         writer.finish()
-                        self._stamp(dst, name)
+                        self.stamp(dst, name)
                     ctx.checkpoint()
                     rbd.RBD().rename(dio, tmp, vol)
                 except BaseException:
@@ -775,8 +710,8 @@ class RbdPool(VolumeDriver):
                     except (rbd.Error, rados.Error) as e:
                         log.error("could not remove a partial copy", extra={"image": tmp, "error": str(e)})
                     raise
-            with self._image(dio, vol) as img:
-                return self._info(dio, img, vol), total
+            with self.open_image(dio, vol) as img:
+                return self.info_of(dio, img, vol), total
 
     def volume_exists(self, volume_uuid: str) -> bool:
         vol = check_uuid(volume_uuid, "volume_uuid")
@@ -790,7 +725,7 @@ class RbdPool(VolumeDriver):
         vol = check_uuid(volume_uuid, "volume_uuid")
         if snapshot_uuid:
             check_uuid(snapshot_uuid, "snapshot_uuid")
-        with self.ioctx() as io, self._image(io, vol, snapshot=snapshot_uuid or None, read_only=True) as img:
+        with self.ioctx() as io, self.open_image(io, vol, snapshot=snapshot_uuid or None, read_only=True) as img:
             size = img.size()
             data = self._extents(img, size, None, whole_object=False, include_parent=True)
             return digest_stream(
@@ -806,14 +741,14 @@ class RbdPool(VolumeDriver):
         vol = check_uuid(volume_uuid, "volume_uuid")
         with (
             self.ioctx() as io,
-            self._image(io, vol, snapshot=check_uuid(snapshot_uuid, "snapshot_uuid"), read_only=True) as img,
+            self.open_image(io, vol, snapshot=check_uuid(snapshot_uuid, "snapshot_uuid"), read_only=True) as img,
         ):
             yield RbdSnapshotReader(self, img)
 
     def check_not_in_use(self, volume_uuid: str) -> None:
         vol = check_uuid(volume_uuid, "volume_uuid")
         with self.ioctx() as io:
-            self._refuse_if_open(io, vol)
+            self.refuse_if_open(io, vol)
 
     def open_overwrite_target(self, volume_uuid: str) -> RbdOverwriteTarget:
         return RbdOverwriteTarget(self, check_uuid(volume_uuid, "volume_uuid"))
@@ -824,224 +759,3 @@ class RbdPool(VolumeDriver):
         if self.volume_exists(vol):
             raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
         return RbdRestoreTarget(self, vol, name, capacity)
-
-
-class RbdSnapshotReader(SnapshotReader):
-    def __init__(self, pool: RbdPool, img):
-        self.pool, self.img = pool, img
-
-    def size(self) -> int:
-        return self.img.size()
-
-    def extents(self) -> list[AllocExtent]:
-        return self.pool._alloc_extents(self.img)
-
-    def read(self, extents, on_data, request_size: int, checkpoint=None) -> None:
-        RbdReader(self.img, request_size=request_size).read_extents(extents, on_data, checkpoint=checkpoint)
-
-    def hold(self, view):
-        return _nothing  # each read returns a new bytes object: holding the view keeps it
-
-
-def _nothing() -> None:
-    pass
-
-
-class RbdOverwriteTarget(RestoreTarget):
-    """A restore in place into the live image: refused while a client has
-    it open (watchers); zero ranges are written as zeros (write_zeroes)."""
-
-    def __init__(self, pool: RbdPool, vol: str):
-        self.pool, self.vol = pool, vol
-        self._io_cm = pool.ioctx()
-        self.io = self._io_cm.__enter__()
-        self.img = None
-        try:
-            pool._refuse_if_open(self.io, vol)
-            self.img = rbd.Image(self.io, vol)
-            self.writer = RbdWriter(self.img, fresh=False)
-        except BaseException:
-            self.abort()
-            raise
-
-    def write(self, offset: int, data) -> None:
-        self.writer.write_nonzero(memoryview(data), offset)
-
-    def zero(self, offset: int, length: int) -> None:
-        self.img.write_zeroes(offset, length)
-
-    def commit(self) -> VolumeInfo:
-        try:
-            self.writer.finish()
-            info = self.pool._info(self.io, self.img, self.vol)
-        finally:
-            self.abort()
-        return info
-
-    def abort(self) -> None:
-        if self.img is not None:
-            try:
-                self.writer.finish()  # wait out writes in flight
-            except Exception:  # noqa: BLE001 - the restore reports its own error
-                pass
-            self.img.close()
-            self.img = None
-        if self.io is not None:
-            self._io_cm.__exit__(None, None, None)
-            self.io = None
-
-
-class RbdRestoreTarget(RestoreTarget):
-    """Writes into a hidden temporary image (.<uuid>.restore) with aio;
-    commit() stamps the name and renames it to the volume uuid."""
-
-    def __init__(self, pool: RbdPool, vol: str, name: str, capacity: int):
-        self.pool, self.vol, self.name = pool, vol, name
-        self.tmp = f".{vol}.restore"
-        self._io_cm = pool.ioctx()
-        self.io = self._io_cm.__enter__()
-        self.img = None
-        try:
-            try:
-                rbd.RBD().remove(self.io, self.tmp)  # a leftover of an interrupted restore of this very id
-            except rbd.ImageNotFound:
-                pass
-            rbd.RBD().create(self.io, self.tmp, capacity, old_format=False, features=pool.features)
-            self.img = rbd.Image(self.io, self.tmp)
-            self.writer = RbdWriter(self.img)
-        except BaseException:
-            self.abort()
-            raise
-
-    def write(self, offset: int, data) -> None:
-        self.writer.write_nonzero(memoryview(data), offset)
-
-    def _close_image(self) -> None:
-        if self.img is not None:
-            self.img.close()
-            self.img = None
-
-    def commit(self) -> VolumeInfo:
-        try:
-            self.writer.finish()
-            RbdPool._stamp(self.img, self.name)
-            self._close_image()
-            rbd.RBD().rename(self.io, self.tmp, self.vol)
-            with self.pool._image(self.io, self.vol) as img:
-                info = self.pool._info(self.io, img, self.vol)
-        except BaseException:
-            self.abort()
-            raise
-        self._io_cm.__exit__(None, None, None)
-        return info
-
-    def abort(self) -> None:
-        if self.io is None:
-            return
-        try:
-            try:
-                self.writer.finish()  # wait out writes in flight before removing the image
-            except Exception:
-                pass
-            self._close_image()
-            rbd.RBD().remove(self.io, self.tmp)
-        except rbd.ImageNotFound:
-            pass
-        except (rbd.Error, rados.Error) as e:
-            log.error("could not remove a partial restore", extra={"image": self.tmp, "error": str(e)})
-        finally:
-            self._io_cm.__exit__(None, None, None)
-            self.io = None
-
-
-class RbdReader:
-    """aio_read with a bounded number of requests in flight, delivered in order."""
-
-    def __init__(self, img, *, request_size: int = REQUEST_SIZE, in_flight: int = IN_FLIGHT):
-        self.img = img
-        self.request_size = request_size
-        self.in_flight = in_flight
-
-    def read_extents(self, extents: Iterable[Extent], on_data, *, checkpoint=None) -> None:
-        requests = (
-            (off, min(self.request_size, e.end - off))
-            for e in extents
-            for off in range(e.start, e.end, self.request_size)
-        )
-        pending: collections.deque = collections.deque()
-        results: dict[int, bytes | Exception] = {}
-
-        def make_cb(offset):
-            def cb(completion, data):
-                rv = completion.get_return_value()
-                results[offset] = data if rv >= 0 else StorageIOError(f"RBD read at {offset} failed: {rv}")
-
-            return cb
-
-        try:
-            for offset, length in requests:
-                pending.append((offset, self.img.aio_read(offset, length, make_cb(offset))))
-                while len(pending) >= self.in_flight:
-                    self._deliver(pending, results, on_data, checkpoint)
-            while pending:
-                self._deliver(pending, results, on_data, checkpoint)
-        finally:
-            for _, comp in pending:  # wait out what is in flight after an error
-                comp.wait_for_complete_and_cb()
-
-    @staticmethod
-    def _deliver(pending, results, on_data, checkpoint) -> None:
-        offset, comp = pending[0]
-        comp.wait_for_complete_and_cb()  # returns after the callback has stored the result
-        data = results.pop(offset)
-        pending.popleft()
-        if isinstance(data, Exception):
-            raise data
-        if checkpoint:
-            checkpoint()
-        on_data(offset, memoryview(data))
-
-
-class RbdWriter:
-    """aio_write with a bounded number in flight; zero blocks are skipped or
-    sent as write_zeroes (exact, unlike an unaligned discard)."""
-
-    def __init__(self, img, *, in_flight: int = IN_FLIGHT, fresh: bool = True):
-        self.img = img
-        self.in_flight = in_flight
-        self.fresh = fresh  # a new image already reads as zeros
-        self._pending: collections.deque = collections.deque()
-        self.written = 0
-
-    def write(self, data, offset: int) -> None:
-        comp = self.img.aio_write(bytes(data), offset, None)
-        self._pending.append(comp)
-        self.written += len(data)
-        while len(self._pending) >= self.in_flight:
-            self._retire()
-
-    def zero(self, length: int, offset: int) -> None:
-        if not self.fresh:
-            self.img.write_zeroes(offset, length)
-
-    def write_nonzero(self, view, offset: int) -> None:
-        pos = 0
-        for a, b in native.nonzero_runs(view, ZERO_BLOCK):
-            if a > pos:
-                self.zero(a - pos, offset + pos)
-            self.write(view[a:b], offset + a)
-            pos = b
-        if pos < len(view):
-            self.zero(len(view) - pos, offset + pos)
-
-    def _retire(self) -> None:
-        comp = self._pending.popleft()
-        comp.wait_for_complete_and_cb()
-        rv = comp.get_return_value()
-        if rv < 0:
-            raise StorageIOError(f"RBD write failed: {rv}")
-
-    def finish(self) -> None:
-        while self._pending:
-            self._retire()
-        self.img.flush()

@@ -1,5 +1,5 @@
 """The pieces of the qcow2 on-disk header (docs/interop/qcow2.txt) that the
-agent reads itself, shared by qcow2_map (L1/L2 tables) and qcow2_bitmap
+agent reads itself, shared by map.py (L1/L2 tables) and bitmap.py
 (dirty bitmaps): exact reads and the walk over the header extensions."""
 
 from __future__ import annotations

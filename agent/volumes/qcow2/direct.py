@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 from agent import native
 from agent.errors import StorageIOError
-from agent.volumes import qemu_img
+from agent.extents import AllocExtent
 from agent.volumes.base import RestoreTarget, SnapshotReader, VolumeInfo
-from agent.volumes.nbd import AllocExtent
+from agent.volumes.qcow2 import qemu_img
 
 READERS = 2  # preads in parallel (they release the GIL); helps when the data is not cached
 IN_FLIGHT = 4
@@ -66,12 +66,12 @@ def open_mapped(path: str, only: tuple[int, list[tuple[int, int]]] | None = None
 
     only=(size, ranges): the caller reads just these guest ranges (an
     incremental backup's changed chunks) of an image it expects to be size
-    bytes: they are mapped from the layers' L2 tables (qcow2_map) instead of
+    bytes: they are mapped from the layers' L2 tables (map.py) instead of
     a whole `qemu-img map`, and the reader serves only them. When that does
     not apply (another size, compressed clusters...) the whole image is
     mapped as usual."""
     if only is not None:
-        from agent.volumes.qcow2_map import map_ranges
+        from agent.volumes.qcow2.map import map_ranges
 
         partial = map_ranges(path, *only)
         if partial is not None:

@@ -1,4 +1,5 @@
-"""qcow2 volumes in a directory pool, with real qemu-img and qemu-nbd.
+"""The qcow2 volume driver: volumes in a directory pool, with real qemu-img
+and qemu-nbd.
 
 Snapshots are an external overlay chain, not internal qcow2 snapshots:
 a linked clone must be an overlay on a snapshot, and an overlay can only
@@ -28,9 +29,9 @@ directories, and a pool is mounted at the same path on every host.
 The same driver serves NFS pools (kind "nfs"): every file is named by the
 nfs://server/export/... URL that qemu's nfs block driver opens, backing files
 too, and the driver's own file operations go through libnfs
-(agent.volumes.poolfs), so the host needs no NFS mount. Snapshot reads and
+(agent.volumes.qcow2.poolfs), so the host needs no NFS mount. Snapshot reads and
 restores of NFS pools go through qemu-nbd (the direct readers and writers of
-qcow2_direct need host files).
+direct.py need host files).
 
 Change tracking: every layer gets a persistent dirty bitmap `bf-dirty` when
 it is created; it is disabled when the layer is frozen by a snapshot. The
@@ -57,14 +58,12 @@ from agent.errors import (
     HasDependents,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     StorageIOError,
     TargetUnreachable,
     TrackingLost,
 )
-from agent.extents import Extent
+from agent.extents import AllocExtent, Extent, merge_extents
 from agent.paths import resolve_under_roots
-from agent.volumes import qemu_img
 from agent.volumes.base import (
     HEAD,
     ChangedExtents,
@@ -76,15 +75,17 @@ from agent.volumes.base import (
     VolumeDriver,
     VolumeInfo,
     build_tree,
+    check_capacity,
     check_name,
     check_uuid,
 )
 from agent.volumes.nbd import REQUEST_SIZE as NBD_REQUEST
-from agent.volumes.nbd import AllocExtent, AsyncWriter, QemuNbd
-from agent.volumes.poolfs import LocalFiles, PoolFiles
-from agent.volumes.qcow2_bitmap import dirty_extents
-from agent.volumes.qcow2_direct import DirectRestoreTarget, open_mapped
-from agent.volumes.qcow2_meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
+from agent.volumes.nbd import AsyncWriter, QemuNbd
+from agent.volumes.qcow2 import qemu_img
+from agent.volumes.qcow2.bitmap import dirty_extents
+from agent.volumes.qcow2.direct import DirectRestoreTarget, open_mapped
+from agent.volumes.qcow2.meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta, load, save
+from agent.volumes.qcow2.poolfs import LocalFiles, PoolFiles
 
 log = logging.getLogger("agent.qcow2")
 ZERO_RUN = 64 << 10  # zero runs of this size are not written into a new image
@@ -94,17 +95,6 @@ DIRECT_RESTORE_MAX = 1 << 40
 
 BITMAP = "bf-dirty"
 GRANULARITY = 65536
-MAX_CAPACITY = 1 << 50  # 1 PiB
-
-
-def check_capacity(capacity: int, field_name: str = "capacity") -> int:
-    if capacity <= 0:
-        raise InvalidArgument(f"{field_name}: must be positive, got {capacity}", field=field_name)
-    if capacity > MAX_CAPACITY:
-        raise OutOfRange(f"{field_name}: {capacity} exceeds the limit of {MAX_CAPACITY} bytes", field=field_name)
-    if capacity % 512:
-        raise InvalidArgument(f"{field_name}: must be a multiple of 512, got {capacity}", field=field_name)
-    return capacity
 
 
 def _disk_usage(fs: PoolFiles, path: str) -> int:
@@ -766,7 +756,7 @@ class Qcow2Pool(VolumeDriver):
     @contextmanager
     def open_reader(self, volume_uuid: str, snapshot_uuid: str, only=None):
         """A snapshot's extents, then its data: read straight from the layer
-        files at the offsets qemu-img map gives (agent.volumes.qcow2_direct),
+        files at the offsets qemu-img map gives (agent.volumes.qcow2.direct),
         or through one read-only qemu-nbd when some clusters are compressed
         or encrypted. only=(size, ranges): just these ranges will be read."""
         with self._locked(volume_uuid):  # the map and the open layers agree
@@ -823,7 +813,7 @@ class Qcow2Pool(VolumeDriver):
 
     def open_restore_target(self, volume_uuid: str, name: str, capacity: int, job_id: str) -> RestoreTarget:
         """Up to DIRECT_RESTORE_MAX, into an image with preallocated metadata,
-        written straight at its clusters' offsets (agent.volumes.qcow2_direct:
+        written straight at its clusters' offsets (agent.volumes.qcow2.direct:
         measured faster than qemu-nbd, bench/backup_bench.py); larger ones,
         whose metadata would cost too much up front, through qemu-nbd."""
         direct = capacity <= DIRECT_RESTORE_MAX and self.fs.local
@@ -943,14 +933,3 @@ class Qcow2OverwriteTarget(_NbdTarget):
 
     def abort(self) -> None:
         self._close()
-
-
-def merge_extents(extents: list[Extent]) -> list[Extent]:
-    out: list[Extent] = []
-    for e in sorted(extents, key=lambda e: e.start):
-        if out and e.start <= out[-1].end:
-            end = max(out[-1].end, e.end)
-            out[-1] = Extent(out[-1].start, end - out[-1].start)
-        else:
-            out.append(e)
-    return out

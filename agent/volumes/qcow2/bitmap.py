@@ -30,8 +30,8 @@ import struct
 
 from agent.errors import TrackingLost
 from agent.extents import Extent
-from agent.volumes.poolfs import LocalFiles
-from agent.volumes.qcow2_header import INCOMPAT_CORRUPT, MAGIC, extensions, pread_exact
+from agent.volumes.qcow2.header import INCOMPAT_CORRUPT, MAGIC, extensions, pread_exact
+from agent.volumes.qcow2.poolfs import LocalFiles
 
 EXT_BITMAPS = 0x23852875
 AUTOCLEAR_BITMAPS = 1 << 0
@@ -49,7 +49,7 @@ def dirty_extents(path: str, name: str, label: str = "", fs=None) -> list[Extent
     """The guest ranges bitmap `name` of the qcow2 file at path marks dirty,
     sorted and merged (granularity-aligned, the last one cut at the disk's
     size). label names the layer in errors (default: the file's name); fs
-    (agent.volumes.poolfs.PoolFiles) reaches the file (default: local)."""
+    (agent.volumes.qcow2.poolfs.PoolFiles) reaches the file (default: local)."""
     label = label or os.path.basename(path)
     try:
         f = (fs or LocalFiles()).open_ro(path)

@@ -11,13 +11,13 @@ ranges are read, layer by layer down the backing chain:
     nothing -> the backing layer; a raw base: the same offset in the file
 
 The result is qemu_img.MapEntry records for exactly the asked ranges, which
-qcow2_direct reads with pread. Anything unusual makes map_ranges() return
+direct.py reads with pread. Anything unusual makes map_ranges() return
 None and the caller uses `qemu-img map`: encryption, an external data file,
 extended L2 entries, a corrupt flag, a compressed cluster in the ranges, a
 backing format other than qcow2 or raw, a chain deeper than 64 layers, or a
 virtual size other than the caller expects. Layers are opened read-only and
 the descriptors stay with the reader (a snapshot's layers are never
-rewritten in place: see qcow2_direct). tests/test_qcow2.py checks the data
+rewritten in place: see direct.py). tests/test_qcow2.py checks the data
 read through this map against `qemu-img convert` of the same chain.
 """
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 import os
 import struct
 
-from agent.volumes.qcow2_header import INCOMPAT_CORRUPT, MAGIC, extensions, pread_exact
-from agent.volumes.qemu_img import MapEntry
+from agent.volumes.qcow2.header import INCOMPAT_CORRUPT, MAGIC, extensions, pread_exact
+from agent.volumes.qcow2.qemu_img import MapEntry
 
 INCOMPAT_EXTERNAL_DATA = 1 << 2
 INCOMPAT_EXTENDED_L2 = 1 << 4
