@@ -1,8 +1,8 @@
 /* SHA-256 of 16 equal-length messages at once, one per 32-bit lane of
  * AVX-512 registers (multi-buffer hashing). A single SHA-256 stream is a
- * chain of dependent rounds, so even with the SHA extensions one core hashes
- * only ~1.8 GB/s here; 16 independent streams keep the vector units busy and
- * measured ~2x faster (bench/native_bench.py). Block digests are independent
+ * chain of dependent rounds that leaves the vector units idle even with the
+ * SHA extensions; 16 independent streams keep them busy (docs/native.md,
+ * bench/native_bench.py). Block digests are independent
  * messages of one length, which is what this needs. */
 #ifndef BF_SHA256_X16_H
 #define BF_SHA256_X16_H

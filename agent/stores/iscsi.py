@@ -48,16 +48,14 @@ class _Buffers(threading.local):
 
 class IscsiBlockDevice(BlockDevice):
     # A session serves one call at a time, and each call drains its pipeline
-    # of 1 MiB commands (native/iscsiio.c) before returning: 16 MiB per call
-    # measured 1.1 GB/s against 0.5 GB/s with 4 MiB. Two data sessions keep
-    # a second call in flight while one drains (bench/targets_bench.py).
+    # of 1 MiB commands (native/iscsiio.c) before returning, so large calls
+    # keep the pipeline full; two data sessions keep a second call in flight
+    # while one drains (bench/targets_bench.py).
     io_size = 16 << 20
     io_depth = 2
     # the target caches writes (tgtd: its backing file's page cache); a
     # SYNCHRONIZE CACHE every 64 MiB in the background keeps it writing back
-    # during the backup: the last commit's flush took 0.2-0.26 s of a 2 GiB
-    # backup without, 0.07-0.13 s with (3.17-3.26 s against 2.95-3.01 s in
-    # all). A loop device measured the same either way.
+    # during the backup, so the last commit's flush is short.
     pace_every = 64 << 20
 
     def __init__(

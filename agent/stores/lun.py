@@ -333,9 +333,9 @@ class _LunWriter(ObjectWriter):
 
 
 class LunStore(ObjectStore):
-    # every commit costs two device flushes: fewer, larger packs. 1 GiB packs
-    # measured 0.96x of dd against 0.79x with 256 MiB (2 GiB backup, loop
-    # device); a crash mid-pack costs only a resend of that pack's chunks
+    # every commit costs two device flushes: fewer, larger packs (measured in
+    # bench/targets_bench.py); a crash mid-pack costs only a resend of that
+    # pack's chunks
     pack_target = 1 << 30
     # a full pack commits (flush, catalog, flush) while the next is written:
     # commits take the catalog lock, space reservations their own

@@ -204,10 +204,9 @@ class SmbStore(ObjectStore):
     """Objects under \\\\server\\share\\sub_dir (SMB2/3, signed)."""
 
     zero_copy = True  # WRITEs through agent/stores/smb_write.py (False: smbprotocol's own path)
-    # Packs of 256 MiB: a full backup of 2 GiB measured 3.43 s against 4.0 s
-    # with 64 MiB packs (each commit is a FLUSH the server answers after an
-    # fsync, and a close and rename), and 3.7 s with 1 GiB (the last pack's
-    # commit then waits for a large flush alone).
+    # Packs of 256 MiB: each commit is a FLUSH the server answers after an
+    # fsync, and a close and rename, so smaller packs pay that more often;
+    # with larger ones the last pack's commit waits for a large flush alone.
     pack_target = 256 << 20
 
     @property
@@ -217,8 +216,7 @@ class SmbStore(ObjectStore):
         session: on the zero-copy path, whose writers wait for the credits
         another writer holds (FLUSH and close of the committing pack's file
         stay concurrent with the next pack's WRITEs; only smbclient's path
-        calls are serialized). Measured 3.7 s against 6.3 s committing in
-        the caller's thread (2 GiB, bench/targets_bench.py)."""
+        calls are serialized; bench/targets_bench.py compares both)."""
         return self.zero_copy and not self._encrypt
 
     def __init__(

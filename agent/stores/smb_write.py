@@ -3,8 +3,8 @@
 smbprotocol builds every request as bytes: a 4 MiB WRITE is copied about
 eight times (the request, the header, the signature's zeroed copy, the
 signed header, the transport frame) before it reaches the socket, all under
-the GIL. That capped SMB backups near 290 MB/s where `smbclient` moves
-900 MB/s. This module sends a WRITE the way the protocol lays it out: the
+the GIL. That capped SMB backups at a third of what `smbclient` moves
+(bench/targets_bench.py). This module sends a WRITE the way the protocol lays it out: the
 64-byte SMB2 header and the 48-byte WRITE fields are packed here, the
 signature (AES-GMAC, AES-CMAC or HMAC-SHA256, as negotiated) is computed
 over the header, the fields and the caller's buffer in place, and the

@@ -3,8 +3,7 @@
 An incremental backup of a qcow2 snapshot needs the dirty bitmaps of the
 frozen layers between two snapshots. Asking qemu for them costs two
 processes per query (`qemu-img info` to check the bitmaps, a qemu-nbd to
-export one); a 1 % incremental of a 4 GiB volume spent a third of its time
-there. The layers are immutable once a snapshot froze them, so the agent
+export one), which dominated small incrementals. The layers are immutable once a snapshot froze them, so the agent
 reads the bitmap itself, as docs/interop/qcow2.txt lays it out:
 
     header (v3) -> autoclear bit 0 (the bitmaps extension is consistent)

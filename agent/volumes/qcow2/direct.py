@@ -41,9 +41,9 @@ from agent.volumes.qcow2 import qemu_img
 
 READERS = 2  # preads in parallel (they release the GIL); helps when the data is not cached
 IN_FLIGHT = 4
-# a restore starts a background fdatasync after this many bytes: 16-64 MiB
-# measured 20-25 % faster restores than 256 MiB or one flush at the end
-# (dirty pages piling up stall the writers; bench/backup_bench.py)
+# a restore starts a background fdatasync after this many bytes: dirty pages
+# piling up stall the writers, so larger steps or one flush at the end are
+# slower (bench/backup_bench.py)
 SYNC_EVERY = 32 << 20
 _ZEROS = bytes(4 << 20)
 

@@ -776,8 +776,8 @@ class Qcow2Pool(VolumeDriver):
         self, source: Qcow2Pool, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str, ctx
     ) -> tuple[VolumeInfo, int]:
         """An independent copy of a snapshot. qcow2 -> qcow2 on this host goes
-        through qemu-img convert, which measured 2.3x faster than copying
-        through two qemu-nbd servers (bench/qcow2_bench.py). The copy
+        through qemu-img convert, faster than copying through two qemu-nbd
+        servers (bench/qcow2_bench.py, docs/benchmarks.md). The copy
         becomes a volume only when complete and fsynced."""
         meta = source._meta(source_volume)
         source._snap(meta, snapshot_uuid)

@@ -2,8 +2,8 @@
 layers' own L1/L2 tables (docs/interop/qcow2.txt), without a qemu process.
 
 An incremental backup reads a handful of changed chunks; `qemu-img map`
-walks the whole image through every layer for them (18 ms over 2 layers,
-40 ms over 4, for 4 GiB). Here only the L2 tables that cover the wanted
+walks the whole image through every layer for them, a cost that grows
+with the image and the chain. Here only the L2 tables that cover the wanted
 ranges are read, layer by layer down the backing chain:
 
     header -> backing file, cluster size, L1 table
