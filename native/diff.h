@@ -19,8 +19,7 @@ struct bf_extent {
  * Writes at most max_out extents to out (out may be NULL when max_out is 0)
  * and returns the total number of extents, so a caller can size its array
  * with a first call. */
-size_t bf_diff_digests(const uint8_t *old, size_t n_old, const uint8_t *new, size_t n_new,
-                       size_t dsize, uint64_t block_size, uint64_t length,
-                       struct bf_extent *out, size_t max_out);
+size_t bf_diff_digests(const uint8_t *old, size_t n_old, const uint8_t *new, size_t n_new, size_t dsize,
+                       uint64_t block_size, uint64_t length, struct bf_extent *out, size_t max_out);
 
 #endif

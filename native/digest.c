@@ -277,8 +277,8 @@ static void blocks_range(void *arg, size_t first, size_t count)
     EVP_MD_CTX_free(ctx);
 }
 
-int bf_block_digests(int algo, const uint8_t *buf, size_t len, size_t block_size,
-                     unsigned threads, uint8_t *digests, uint8_t *zero_flags)
+int bf_block_digests(int algo, const uint8_t *buf, size_t len, size_t block_size, unsigned threads, uint8_t *digests,
+                     uint8_t *zero_flags)
 {
     size_t dsize = bf_digest_size(algo);
     if (!dsize || block_size == 0)

@@ -30,8 +30,8 @@ int bf_zero_digest(int algo, size_t len, uint8_t *out);
  * zero_flags[i] tells whether block i was all zero. Spread over `threads`
  * threads (0 = all CPUs). Returns 0 or -1 (unknown algorithm, bad block size,
  * library failure). */
-int bf_block_digests(int algo, const uint8_t *buf, size_t len, size_t block_size,
-                     unsigned threads, uint8_t *digests, uint8_t *zero_flags);
+int bf_block_digests(int algo, const uint8_t *buf, size_t len, size_t block_size, unsigned threads, uint8_t *digests,
+                     uint8_t *zero_flags);
 
 /* How block digests hash SHA-256: "avx512" (16 blocks at once) or "openssl". */
 const char *bf_sha256_isa(void);

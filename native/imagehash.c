@@ -64,12 +64,10 @@ uint64_t bf_imagehash_length(const struct bf_imagehash *h)
 static int add_blocks(struct bf_imagehash *h, const uint8_t *buf, size_t len)
 {
     while (len) {
-        size_t take = len < (size_t)BATCH_BLOCKS * BF_IMAGE_BLOCK_SIZE
-                          ? len
-                          : (size_t)BATCH_BLOCKS * BF_IMAGE_BLOCK_SIZE;
+        size_t take =
+            len < (size_t)BATCH_BLOCKS * BF_IMAGE_BLOCK_SIZE ? len : (size_t)BATCH_BLOCKS * BF_IMAGE_BLOCK_SIZE;
         size_t n = (take + BF_IMAGE_BLOCK_SIZE - 1) / BF_IMAGE_BLOCK_SIZE;
-        if (bf_block_digests(BF_ALGO_SHA256, buf, take, BF_IMAGE_BLOCK_SIZE, h->threads,
-                             h->digests, NULL) != 0)
+        if (bf_block_digests(BF_ALGO_SHA256, buf, take, BF_IMAGE_BLOCK_SIZE, h->threads, h->digests, NULL) != 0)
             return -1;
         if (EVP_DigestUpdate(h->outer, h->digests, n * 32) != 1)
             return -1;
@@ -152,8 +150,7 @@ int bf_imagehash_final(struct bf_imagehash *h, uint8_t *out)
         for (int i = 0; i < 8; i++)
             le[i] = (uint8_t)(h->length >> (8 * i));
         unsigned int n = 0;
-        if (EVP_DigestUpdate(h->outer, le, 8) != 1 ||
-            EVP_DigestFinal_ex(h->outer, h->result, &n) != 1)
+        if (EVP_DigestUpdate(h->outer, le, 8) != 1 || EVP_DigestFinal_ex(h->outer, h->result, &n) != 1)
             return -1;
         h->finished = true;
     }

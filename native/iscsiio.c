@@ -18,8 +18,8 @@ static enum bf_iscsi_fail classify(const char *msg)
     return BF_ISCSI_CONNECT;
 }
 
-static struct iscsi_context *new_context(const char *initiator, const char *user, const char *secret,
-                                         int timeout_s, char *err, size_t errlen)
+static struct iscsi_context *new_context(const char *initiator, const char *user, const char *secret, int timeout_s,
+                                         char *err, size_t errlen)
 {
     struct iscsi_context *iscsi = iscsi_create_context(initiator);
     if (!iscsi) {
@@ -45,19 +45,18 @@ static int unit_attention(struct scsi_task *task)
     return task && task->status == SCSI_STATUS_CHECK_CONDITION && task->sense.key == SCSI_SENSE_UNIT_ATTENTION;
 }
 
-#define WITH_UA_RETRY(task, call)                                                                              \
-    do {                                                                                                       \
-        for (int attempt_ = 0; attempt_ < 4; attempt_++) {                                                     \
-            task = (call);                                                                                     \
-            if (!unit_attention(task))                                                                         \
-                break;                                                                                         \
-            scsi_free_scsi_task(task);                                                                         \
-            task = NULL;                                                                                       \
-        }                                                                                                      \
+#define WITH_UA_RETRY(task, call)                          \
+    do {                                                   \
+        for (int attempt_ = 0; attempt_ < 4; attempt_++) { \
+            task = (call);                                 \
+            if (!unit_attention(task))                     \
+                break;                                     \
+            scsi_free_scsi_task(task);                     \
+            task = NULL;                                   \
+        }                                                  \
     } while (0)
 
-static int task_failed(struct iscsi_context *iscsi, struct scsi_task *task, const char *what, char *err,
-                       size_t errlen)
+static int task_failed(struct iscsi_context *iscsi, struct scsi_task *task, const char *what, char *err, size_t errlen)
 {
     if (task && task->status == SCSI_STATUS_GOOD)
         return 0;
@@ -69,8 +68,8 @@ static int task_failed(struct iscsi_context *iscsi, struct scsi_task *task, cons
     return -1;
 }
 
-static int read_capacity(struct iscsi_context *iscsi, int lun, uint32_t *block_size, uint64_t *num_blocks,
-                         char *err, size_t errlen)
+static int read_capacity(struct iscsi_context *iscsi, int lun, uint32_t *block_size, uint64_t *num_blocks, char *err,
+                         size_t errlen)
 {
     struct scsi_task *task;
     WITH_UA_RETRY(task, iscsi_readcapacity16_sync(iscsi, lun));
@@ -91,9 +90,8 @@ static int read_capacity(struct iscsi_context *iscsi, int lun, uint32_t *block_s
     return 0;
 }
 
-struct iscsi_context *bf_iscsi_login(const char *initiator, const char *portal, const char *target, int lun,
-                                     int probe, const char *user, const char *secret, int timeout_s,
-                                     uint32_t *block_size,
+struct iscsi_context *bf_iscsi_login(const char *initiator, const char *portal, const char *target, int lun, int probe,
+                                     const char *user, const char *secret, int timeout_s, uint32_t *block_size,
                                      uint64_t *num_blocks, enum bf_iscsi_fail *fail, char *err, size_t errlen)
 {
     *fail = BF_ISCSI_CONNECT;
@@ -123,15 +121,15 @@ struct iscsi_context *bf_iscsi_login(const char *initiator, const char *portal, 
 }
 
 static int bf_iscsi_read_sync(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, void *buf,
-                  size_t len, char *err, size_t errlen)
+                              size_t len, char *err, size_t errlen)
 {
     char *p = buf;
     while (len > 0) {
         uint32_t n = len > MAX_XFER ? MAX_XFER : (uint32_t)len;
         struct scsi_iovec iov = {p, n};
         struct scsi_task *task;
-        WITH_UA_RETRY(task, iscsi_read16_iov_sync(iscsi, lun, offset / block_size, n, (int)block_size, 0, 0, 0,
-                                                  0, 0, &iov, 1));
+        WITH_UA_RETRY(
+            task, iscsi_read16_iov_sync(iscsi, lun, offset / block_size, n, (int)block_size, 0, 0, 0, 0, 0, &iov, 1));
         int bad = task_failed(iscsi, task, "READ(16)", err, errlen);
         if (task)
             scsi_free_scsi_task(task);
@@ -144,15 +142,15 @@ static int bf_iscsi_read_sync(struct iscsi_context *iscsi, int lun, uint32_t blo
     return 0;
 }
 
-static int bf_iscsi_write_sync(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, const void *buf,
-                   size_t len, char *err, size_t errlen)
+static int bf_iscsi_write_sync(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset,
+                               const void *buf, size_t len, char *err, size_t errlen)
 {
     const char *p = buf;
     while (len > 0) {
         uint32_t n = len > MAX_XFER ? MAX_XFER : (uint32_t)len;
         struct scsi_task *task;
-        WITH_UA_RETRY(task, iscsi_write16_sync(iscsi, lun, offset / block_size, (unsigned char *)p, n,
-                                               (int)block_size, 0, 0, 0, 0, 0));
+        WITH_UA_RETRY(task, iscsi_write16_sync(iscsi, lun, offset / block_size, (unsigned char *)p, n, (int)block_size,
+                                               0, 0, 0, 0, 0));
         int bad = task_failed(iscsi, task, "WRITE(16)", err, errlen);
         if (task)
             scsi_free_scsi_task(task);
@@ -232,8 +230,8 @@ static int pump(struct iscsi_context *iscsi, struct pipeline *pl)
     return 0;
 }
 
-static int pipelined(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, char *buf,
-                     size_t len, int write, char *err, size_t errlen)
+static int pipelined(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, char *buf, size_t len,
+                     int write, char *err, size_t errlen)
 {
     struct pipeline pl = {.err = err, .errlen = errlen, .what = write ? "WRITE(16)" : "READ(16)"};
     int broken = 0;
@@ -249,11 +247,10 @@ static int pipelined(struct iscsi_context *iscsi, int lun, uint32_t block_size, 
             pd->pl = &pl;
             pd->pc = (struct piece){offset, buf, n};
             pd->iov = (struct scsi_iovec){buf, n};
-            struct scsi_task *task =
-                write ? iscsi_write16_task(iscsi, lun, offset / block_size, (unsigned char *)buf, n, (int)block_size,
-                                           0, 0, 0, 0, 0, piece_done, pd)
-                      : iscsi_read16_iov_task(iscsi, lun, offset / block_size, n, (int)block_size, 0, 0, 0, 0, 0,
-                                              piece_done, pd, &pd->iov, 1);
+            struct scsi_task *task = write ? iscsi_write16_task(iscsi, lun, offset / block_size, (unsigned char *)buf,
+                                                                n, (int)block_size, 0, 0, 0, 0, 0, piece_done, pd)
+                                           : iscsi_read16_iov_task(iscsi, lun, offset / block_size, n, (int)block_size,
+                                                                   0, 0, 0, 0, 0, piece_done, pd, &pd->iov, 1);
             if (!task) {
                 snprintf(err, errlen, "%s: %s", pl.what, iscsi_get_error(iscsi));
                 free(pd);
@@ -283,8 +280,8 @@ static int pipelined(struct iscsi_context *iscsi, int lun, uint32_t block_size, 
     return 0;
 }
 
-int bf_iscsi_read(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, void *buf,
-                  size_t len, char *err, size_t errlen)
+int bf_iscsi_read(struct iscsi_context *iscsi, int lun, uint32_t block_size, uint64_t offset, void *buf, size_t len,
+                  char *err, size_t errlen)
 {
     return pipelined(iscsi, lun, block_size, offset, buf, len, 0, err, errlen);
 }
@@ -339,9 +336,8 @@ int bf_iscsi_capacity(struct iscsi_context *iscsi, int lun, uint32_t *block_size
     return read_capacity(iscsi, lun, block_size, num_blocks, err, errlen);
 }
 
-int bf_iscsi_discover(const char *initiator, const char *portal, const char *user, const char *secret,
-                      int timeout_s, char *out, size_t outlen, enum bf_iscsi_fail *fail, char *err,
-                      size_t errlen)
+int bf_iscsi_discover(const char *initiator, const char *portal, const char *user, const char *secret, int timeout_s,
+                      char *out, size_t outlen, enum bf_iscsi_fail *fail, char *err, size_t errlen)
 {
     *fail = BF_ISCSI_CONNECT;
     struct iscsi_context *iscsi = new_context(initiator, user, secret, timeout_s, err, errlen);

@@ -24,10 +24,9 @@ void bf_py_lock(PyThread_type_lock lock)
     }
 }
 
-PyDoc_STRVAR(module_doc,
-             "blockferry's hot paths in C: block digests, zero detection, digest diffs, the image digest,\n"
-             "zstd into a caller's buffer, and zero-copy NFS (libnfs) and iSCSI (libiscsi) I/O.\n"
-             "agent/native.py is the only importer and holds the pure-Python reference.");
+PyDoc_STRVAR(module_doc, "blockferry's hot paths in C: block digests, zero detection, digest diffs, the image digest,\n"
+                         "zstd into a caller's buffer, and zero-copy NFS (libnfs) and iSCSI (libiscsi) I/O.\n"
+                         "agent/native.py is the only importer and holds the pure-Python reference.");
 
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,

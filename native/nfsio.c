@@ -8,8 +8,8 @@
 
 #include <nfsc/libnfs.h>
 
-struct nfs_context *bf_nfs_connect(const char *server, const char *export, int nfs_port, int mount_port,
-                                   int timeout_ms, int uid, int gid, char *err, size_t errlen)
+struct nfs_context *bf_nfs_connect(const char *server, const char *export, int nfs_port, int mount_port, int timeout_ms,
+                                   int uid, int gid, char *err, size_t errlen)
 {
     struct nfs_context *nfs = nfs_init_context();
     if (!nfs) {
@@ -50,8 +50,7 @@ struct nfs_context *bf_nfs_connect(const char *server, const char *export, int n
     return nfs;
 }
 
-int bf_nfs_pwrite_all(struct nfs_context *nfs, struct nfsfh *fh, uint64_t offset, const void *buf,
-                      size_t len)
+int bf_nfs_pwrite_all(struct nfs_context *nfs, struct nfsfh *fh, uint64_t offset, const void *buf, size_t len)
 {
     /* At most the server's write size per call: larger calls (libnfs 4.0
      * caps or splits them itself) cost about twice the client CPU (see
@@ -72,8 +71,7 @@ int bf_nfs_pwrite_all(struct nfs_context *nfs, struct nfsfh *fh, uint64_t offset
     return 0;
 }
 
-ssize_t bf_nfs_pread_full(struct nfs_context *nfs, struct nfsfh *fh, uint64_t offset, void *buf,
-                          size_t len)
+ssize_t bf_nfs_pread_full(struct nfs_context *nfs, struct nfsfh *fh, uint64_t offset, void *buf, size_t len)
 {
     char *p = buf;
     size_t got = 0;

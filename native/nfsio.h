@@ -19,8 +19,8 @@ struct nfsdir;
  * Every later call fails after timeout_ms instead of hanging; a broken
  * connection is not re-established (the caller opens a new context).
  * Returns NULL with a message in err on failure. */
-struct nfs_context *bf_nfs_connect(const char *server, const char *export, int nfs_port, int mount_port,
-                                   int timeout_ms, int uid, int gid, char *err, size_t errlen);
+struct nfs_context *bf_nfs_connect(const char *server, const char *export, int nfs_port, int mount_port, int timeout_ms,
+                                   int uid, int gid, char *err, size_t errlen);
 
 /* Unmount and free the context (and every file still open on it). */
 void bf_nfs_disconnect(struct nfs_context *nfs);
@@ -34,13 +34,11 @@ void bf_nfs_close(struct nfs_context *nfs, struct nfsfh *fh);
 int bf_nfs_fsync(struct nfs_context *nfs, struct nfsfh *fh);
 
 /* Write all of buf at offset; 0 or -errno. */
-int bf_nfs_pwrite_all(struct nfs_context *nfs, struct nfsfh *fh, uint64_t offset, const void *buf,
-                      size_t len);
+int bf_nfs_pwrite_all(struct nfs_context *nfs, struct nfsfh *fh, uint64_t offset, const void *buf, size_t len);
 
 /* Read up to len bytes at offset, short only at end of file; the count or
  * -errno. */
-ssize_t bf_nfs_pread_full(struct nfs_context *nfs, struct nfsfh *fh, uint64_t offset, void *buf,
-                          size_t len);
+ssize_t bf_nfs_pread_full(struct nfs_context *nfs, struct nfsfh *fh, uint64_t offset, void *buf, size_t len);
 
 int bf_nfs_unlink(struct nfs_context *nfs, const char *path);
 int bf_nfs_mkdir(struct nfs_context *nfs, const char *path, int mode);

@@ -15,8 +15,7 @@ static int parse_algo(const char *name)
         return BF_ALGO_SHA256;
     if (strcmp(name, "xxh3-128") == 0)
         return BF_ALGO_XXH3_128;
-    PyErr_Format(PyExc_ValueError, "algo: unknown digest algorithm '%s' (use 'sha256' or 'xxh3-128')",
-                 name);
+    PyErr_Format(PyExc_ValueError, "algo: unknown digest algorithm '%s' (use 'sha256' or 'xxh3-128')", name);
     return 0;
 }
 
@@ -29,7 +28,8 @@ static int check_block_size(Py_ssize_t block_size)
     return 0;
 }
 
-PyDoc_STRVAR(digest_size_doc, "digest_size(algo) -> int\n\nDigest size in bytes of algo ('sha256': 32, 'xxh3-128': 16).\nRaises ValueError for an unknown algorithm.");
+PyDoc_STRVAR(digest_size_doc, "digest_size(algo) -> int\n\nDigest size in bytes of algo ('sha256': 32, 'xxh3-128': "
+                              "16).\nRaises ValueError for an unknown algorithm.");
 
 static PyObject *py_digest_size(PyObject *self, PyObject *args)
 {
@@ -42,7 +42,8 @@ static PyObject *py_digest_size(PyObject *self, PyObject *args)
     return PyLong_FromSize_t(bf_digest_size(algo));
 }
 
-PyDoc_STRVAR(block_digests_doc, "block_digests(algo, data, block_size, threads=0) -> (digests, zero_flags)\n\n"
+PyDoc_STRVAR(block_digests_doc,
+             "block_digests(algo, data, block_size, threads=0) -> (digests, zero_flags)\n\n"
              "Digest every block_size block of data (the last may be shorter) with algo, on up to\n"
              "threads threads (0: all CPUs). digests is the concatenation of the block digests,\n"
              "zero_flags one byte per block, 1 for an all-zero block (its digest is the cached one).");
@@ -54,8 +55,7 @@ static PyObject *py_block_digests(PyObject *self, PyObject *args, PyObject *kw)
     Py_buffer data;
     Py_ssize_t block_size;
     unsigned int threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*n|I:block_digests", kwlist, &name, &data,
-                                     &block_size, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sy*n|I:block_digests", kwlist, &name, &data, &block_size, &threads))
         return NULL;
     PyObject *digests = NULL, *flags = NULL, *result = NULL;
     int algo = parse_algo(name);
@@ -99,7 +99,8 @@ static PyObject *py_is_zero(PyObject *self, PyObject *args)
     return PyBool_FromLong(zero);
 }
 
-PyDoc_STRVAR(zero_flags_doc, "zero_flags(data, block_size, threads=0) -> bytes\n\nOne byte per block_size block of data: 1 if the block is all zeros, else 0.");
+PyDoc_STRVAR(zero_flags_doc, "zero_flags(data, block_size, threads=0) -> bytes\n\nOne byte per block_size block of "
+                             "data: 1 if the block is all zeros, else 0.");
 
 static PyObject *py_zero_flags(PyObject *self, PyObject *args, PyObject *kw)
 {
@@ -107,8 +108,7 @@ static PyObject *py_zero_flags(PyObject *self, PyObject *args, PyObject *kw)
     Py_buffer data;
     Py_ssize_t block_size;
     unsigned int threads = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*n|I:zero_flags", kwlist, &data, &block_size,
-                                     &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*n|I:zero_flags", kwlist, &data, &block_size, &threads))
         return NULL;
     PyObject *flags = NULL;
     if (check_block_size(block_size) < 0)
@@ -118,15 +118,15 @@ static PyObject *py_zero_flags(PyObject *self, PyObject *args, PyObject *kw)
     if (!flags)
         goto out;
     Py_BEGIN_ALLOW_THREADS
-    bf_zero_flags(data.buf, (size_t)data.len, (size_t)block_size, threads,
-                  (uint8_t *)PyBytes_AS_STRING(flags));
+    bf_zero_flags(data.buf, (size_t)data.len, (size_t)block_size, threads, (uint8_t *)PyBytes_AS_STRING(flags));
     Py_END_ALLOW_THREADS
 out:
     PyBuffer_Release(&data);
     return flags;
 }
 
-PyDoc_STRVAR(diff_digests_doc, "diff_digests(old, new, digest_size, block_size, length) -> [(start, length)]\n\n"
+PyDoc_STRVAR(diff_digests_doc,
+             "diff_digests(old, new, digest_size, block_size, length) -> [(start, length)]\n\n"
              "Compare two digest lists of one image (new covers length bytes; blocks past the end of\n"
              "old count as changed) and return the changed byte ranges, adjacent ones merged.\n"
              "Raises ValueError if the lists do not match digest_size, block_size and length.");
@@ -137,8 +137,8 @@ static PyObject *py_diff_digests(PyObject *self, PyObject *args, PyObject *kw)
     Py_buffer old, new;
     Py_ssize_t dsize, block_size;
     unsigned long long length;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*nnK:diff_digests", kwlist, &old, &new, &dsize,
-                                     &block_size, &length))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*y*nnK:diff_digests", kwlist, &old, &new, &dsize, &block_size,
+                                     &length))
         return NULL;
     PyObject *result = NULL;
     struct bf_extent *ext = NULL;
@@ -154,14 +154,12 @@ static PyObject *py_diff_digests(PyObject *self, PyObject *args, PyObject *kw)
     }
     size_t n_old = (size_t)(old.len / dsize), n_new = (size_t)(new.len / dsize);
     if (n_new != (length + (unsigned long long)block_size - 1) / (unsigned long long)block_size) {
-        PyErr_Format(PyExc_ValueError, "length: %llu bytes is not %zu blocks of %zd bytes", length,
-                     n_new, block_size);
+        PyErr_Format(PyExc_ValueError, "length: %llu bytes is not %zu blocks of %zd bytes", length, n_new, block_size);
         goto out;
     }
     size_t count, total;
     Py_BEGIN_ALLOW_THREADS
-    count = bf_diff_digests(old.buf, n_old, new.buf, n_new, (size_t)dsize, (uint64_t)block_size,
-                            length, NULL, 0);
+    count = bf_diff_digests(old.buf, n_old, new.buf, n_new, (size_t)dsize, (uint64_t)block_size, length, NULL, 0);
     Py_END_ALLOW_THREADS
     ext = PyMem_RawMalloc((count ? count : 1) * sizeof(*ext));
     if (!ext) {
@@ -169,16 +167,14 @@ static PyObject *py_diff_digests(PyObject *self, PyObject *args, PyObject *kw)
         goto out;
     }
     Py_BEGIN_ALLOW_THREADS
-    total = bf_diff_digests(old.buf, n_old, new.buf, n_new, (size_t)dsize, (uint64_t)block_size,
-                            length, ext, count);
-    Py_END_ALLOW_THREADS
-    (void)total;
+    total = bf_diff_digests(old.buf, n_old, new.buf, n_new, (size_t)dsize, (uint64_t)block_size, length, ext, count);
+    Py_END_ALLOW_THREADS(void)
+    total;
     result = PyList_New((Py_ssize_t)count);
     if (!result)
         goto out;
     for (size_t i = 0; i < count; i++) {
-        PyObject *t = Py_BuildValue("(KK)", (unsigned long long)ext[i].start,
-                                    (unsigned long long)ext[i].length);
+        PyObject *t = Py_BuildValue("(KK)", (unsigned long long)ext[i].start, (unsigned long long)ext[i].length);
         if (!t) {
             Py_CLEAR(result);
             goto out;
@@ -230,7 +226,8 @@ static void ImageHash_dealloc(ImageHashObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-PyDoc_STRVAR(ImageHash_update_doc, "update(data)\n\nAdd content bytes (any buffer, any length).\nRaises RuntimeError after digest() or while another thread is in a call.");
+PyDoc_STRVAR(ImageHash_update_doc, "update(data)\n\nAdd content bytes (any buffer, any length).\nRaises RuntimeError "
+                                   "after digest() or while another thread is in a call.");
 
 static PyObject *ImageHash_update(ImageHashObject *self, PyObject *args)
 {
@@ -279,7 +276,8 @@ static PyObject *ImageHash_zero(ImageHashObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(ImageHash_digest_doc, "digest() -> bytes\n\nFinish and return the 32-byte image digest; calling it again returns the same.");
+PyDoc_STRVAR(ImageHash_digest_doc,
+             "digest() -> bytes\n\nFinish and return the 32-byte image digest; calling it again returns the same.");
 
 static PyObject *ImageHash_digest(ImageHashObject *self, PyObject *unused)
 {
@@ -313,8 +311,8 @@ static PyGetSetDef ImageHash_getset[] = {
 };
 
 PyDoc_STRVAR(ImageHash_doc, "ImageHash(threads=0)\n\n"
-             "The streaming image digest, format bf-image-sha256-v1 (docs/native.md): content is added\n"
-             "in pieces of any size with update() and zero(), and digest() finishes it.");
+                            "The streaming image digest, format bf-image-sha256-v1 (docs/native.md): content is added\n"
+                            "in pieces of any size with update() and zero(), and digest() finishes it.");
 
 static PyTypeObject ImageHashType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -331,12 +329,10 @@ static PyTypeObject ImageHashType = {
 
 static PyMethodDef digest_methods[] = {
     {"digest_size", py_digest_size, METH_VARARGS, digest_size_doc},
-    {"block_digests", (PyCFunction)(void (*)(void))py_block_digests, METH_VARARGS | METH_KEYWORDS,
-     block_digests_doc},
+    {"block_digests", (PyCFunction)(void (*)(void))py_block_digests, METH_VARARGS | METH_KEYWORDS, block_digests_doc},
     {"is_zero", py_is_zero, METH_VARARGS, is_zero_doc},
     {"zero_flags", (PyCFunction)(void (*)(void))py_zero_flags, METH_VARARGS | METH_KEYWORDS, zero_flags_doc},
-    {"diff_digests", (PyCFunction)(void (*)(void))py_diff_digests, METH_VARARGS | METH_KEYWORDS,
-     diff_digests_doc},
+    {"diff_digests", (PyCFunction)(void (*)(void))py_diff_digests, METH_VARARGS | METH_KEYWORDS, diff_digests_doc},
     {NULL},
 };
 

@@ -34,8 +34,8 @@ static int IscsiLun_init(IscsiLunObject *self, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"initiator", "portal", "target", "lun", "user", "secret", "timeout", "probe", NULL};
     const char *initiator, *portal, *target, *user = "", *secret = "";
     int lun = 0, timeout = 30, probe = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sss|issip:IscsiLun", kwlist, &initiator, &portal, &target, &lun,
-                                     &user, &secret, &timeout, &probe))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sss|issip:IscsiLun", kwlist, &initiator, &portal, &target, &lun, &user,
+                                     &secret, &timeout, &probe))
         return -1;
     if (self->iscsi) {
         PyErr_SetString(PyExc_ValueError, "IscsiLun is already connected");
@@ -51,8 +51,8 @@ static int IscsiLun_init(IscsiLunObject *self, PyObject *args, PyObject *kw)
     uint64_t nb = 0;
     struct iscsi_context *iscsi;
     Py_BEGIN_ALLOW_THREADS
-    iscsi = bf_iscsi_login(initiator, portal, target, lun, probe, user, secret, timeout, &bs, &nb, &fail, err,
-                           sizeof(err));
+    iscsi =
+        bf_iscsi_login(initiator, portal, target, lun, probe, user, secret, timeout, &bs, &nb, &fail, err, sizeof(err));
     Py_END_ALLOW_THREADS
     if (!iscsi) {
         iscsi_fail(fail, err);
@@ -272,8 +272,8 @@ static PyObject *py_iscsi_discover(PyObject *self, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"initiator", "portal", "user", "secret", "timeout", NULL};
     const char *initiator, *portal, *user = "", *secret = "";
     int timeout = 30;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|ssi:iscsi_discover", kwlist, &initiator, &portal, &user,
-                                     &secret, &timeout))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|ssi:iscsi_discover", kwlist, &initiator, &portal, &user, &secret,
+                                     &timeout))
         return NULL;
     char err[512] = "";
     char *out = PyMem_RawMalloc(65536);

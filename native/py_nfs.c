@@ -75,8 +75,8 @@ static int NfsContext_init(NfsContextObject *self, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"server", "export", "nfs_port", "mount_port", "timeout_ms", "uid", "gid", NULL};
     const char *server, *export;
     int nfs_port = 0, mount_port = 0, timeout_ms = 30000, uid = -1, gid = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|iiiii:NfsContext", kwlist, &server, &export, &nfs_port,
-                                     &mount_port, &timeout_ms, &uid, &gid))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ss|iiiii:NfsContext", kwlist, &server, &export, &nfs_port, &mount_port,
+                                     &timeout_ms, &uid, &gid))
         return -1;
     if (self->nfs) {
         PyErr_SetString(PyExc_ValueError, "NfsContext is already connected");
@@ -177,10 +177,18 @@ static PyObject *nfs_path_op(NfsContextObject *self, enum path_op op, const char
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     switch (op) {
-    case OP_UNLINK: rc = bf_nfs_unlink(self->nfs, a); break;
-    case OP_MKDIR: rc = bf_nfs_mkdir(self->nfs, a, mode); break;
-    case OP_RMDIR: rc = bf_nfs_rmdir(self->nfs, a); break;
-    default: rc = bf_nfs_rename(self->nfs, a, b); break;
+    case OP_UNLINK:
+        rc = bf_nfs_unlink(self->nfs, a);
+        break;
+    case OP_MKDIR:
+        rc = bf_nfs_mkdir(self->nfs, a, mode);
+        break;
+    case OP_RMDIR:
+        rc = bf_nfs_rmdir(self->nfs, a);
+        break;
+    default:
+        rc = bf_nfs_rename(self->nfs, a, b);
+        break;
     }
     Py_END_ALLOW_THREADS
     PyObject *res = none_or_raise(self, rc, names[op], a);
@@ -319,10 +327,11 @@ static PyMethodDef NfsContext_methods[] = {
     {NULL},
 };
 
-PyDoc_STRVAR(NfsContext_doc, "NfsContext(server, export, nfs_port=0, mount_port=0, timeout_ms=30000, uid=-1, gid=-1)\n\n"
-                             "An NFSv3 mount through libnfs, in user space. Ports of 0 ask the portmapper; every\n"
-                             "call fails after timeout_ms instead of hanging. Raises ConnectionError when the\n"
-                             "server cannot be reached or the export cannot be mounted.");
+PyDoc_STRVAR(NfsContext_doc,
+             "NfsContext(server, export, nfs_port=0, mount_port=0, timeout_ms=30000, uid=-1, gid=-1)\n\n"
+             "An NFSv3 mount through libnfs, in user space. Ports of 0 ask the portmapper; every\n"
+             "call fails after timeout_ms instead of hanging. Raises ConnectionError when the\n"
+             "server cannot be reached or the export cannot be mounted.");
 
 static PyTypeObject NfsContextType = {
     PyVarObject_HEAD_INIT(NULL, 0)

@@ -3,7 +3,8 @@
 
 #include "zstdio.h"
 
-PyDoc_STRVAR(zstd_decompress_into_doc, "zstd_decompress_into(src, dst) -> int\n\n"
+PyDoc_STRVAR(zstd_decompress_into_doc,
+             "zstd_decompress_into(src, dst) -> int\n\n"
              "Decompress the zstd frame(s) in src straight into the writable buffer dst and return the\n"
              "count written. Raises ValueError for a damaged frame or content larger than dst.");
 

@@ -64,8 +64,8 @@ static inline void transpose16(__m512i r[16])
 /* Run the compression function over nblocks 64-byte blocks of each lane. */
 static void compress(__m512i s[8], const uint8_t *const p[BF_SHA256_LANES], size_t nblocks)
 {
-    const __m512i bswap = _mm512_broadcast_i32x4(
-        _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL)); /* big-endian words */
+    const __m512i bswap =
+        _mm512_broadcast_i32x4(_mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL)); /* big-endian words */
     for (size_t blk = 0; blk < nblocks; blk++) {
         __m512i w[16];
         for (int j = 0; j < BF_SHA256_LANES; j++)
@@ -105,8 +105,7 @@ static void compress(__m512i s[8], const uint8_t *const p[BF_SHA256_LANES], size
     }
 }
 
-void bf_sha256_x16(const uint8_t *const in[BF_SHA256_LANES], size_t len,
-                   uint8_t *const out[BF_SHA256_LANES])
+void bf_sha256_x16(const uint8_t *const in[BF_SHA256_LANES], size_t len, uint8_t *const out[BF_SHA256_LANES])
 {
     __m512i s[8];
     for (int i = 0; i < 8; i++)

@@ -14,7 +14,6 @@
 
 /* out[j] = SHA-256(in[j][0..len)) for j < 16. Needs AVX-512F and AVX-512BW
  * (the caller checks the CPU). The same pointer may appear in several lanes. */
-void bf_sha256_x16(const uint8_t *const in[BF_SHA256_LANES], size_t len,
-                   uint8_t *const out[BF_SHA256_LANES]);
+void bf_sha256_x16(const uint8_t *const in[BF_SHA256_LANES], size_t len, uint8_t *const out[BF_SHA256_LANES]);
 
 #endif

@@ -6,8 +6,8 @@
 
 /* OR-reduce 256 bytes at a time; the compiler turns the fixed inner loop into
  * wide vector loads. Stop at the first non-zero 256-byte group. */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static bool is_zero_aligned(const uint64_t *p, size_t words)
+__attribute__((target_clones("avx512f", "avx2", "default"))) static bool is_zero_aligned(const uint64_t *p,
+                                                                                         size_t words)
 {
     size_t i = 0;
     for (; i + 32 <= words; i += 32) {
@@ -64,8 +64,7 @@ static void zero_flags_range(void *arg, size_t first, size_t count)
     }
 }
 
-void bf_zero_flags(const uint8_t *buf, size_t len, size_t block_size, unsigned threads,
-                   uint8_t *flags)
+void bf_zero_flags(const uint8_t *buf, size_t len, size_t block_size, unsigned threads, uint8_t *flags)
 {
     if (len == 0 || block_size == 0)
         return;

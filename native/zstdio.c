@@ -33,8 +33,7 @@ static ZSTD_DCtx *thread_dctx(void)
     return d;
 }
 
-int bf_zstd_decompress(const void *src, size_t src_len, void *dst, size_t cap, size_t *out_len,
-                       const char **err)
+int bf_zstd_decompress(const void *src, size_t src_len, void *dst, size_t cap, size_t *out_len, const char **err)
 {
     ZSTD_DCtx *d = thread_dctx();
     if (!d) {

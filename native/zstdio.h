@@ -9,7 +9,6 @@
 /* Decompress the zstd frame(s) src[0:src_len] into dst[0:cap]. Returns 0 and
  * sets *out_len, or -1 with *err set to a static message (a damaged frame,
  * or content larger than cap). */
-int bf_zstd_decompress(const void *src, size_t src_len, void *dst, size_t cap, size_t *out_len,
-                       const char **err);
+int bf_zstd_decompress(const void *src, size_t src_len, void *dst, size_t cap, size_t *out_len, const char **err);
 
 #endif

@@ -43,8 +43,8 @@ static void hex(const unsigned char *p, size_t n)
         printf("%02x", p[i]);
 }
 
-static int print_digests(int algo, const char *name, const unsigned char *buf, size_t len, size_t bs,
-                         unsigned threads, unsigned char **keep)
+static int print_digests(int algo, const char *name, const unsigned char *buf, size_t len, size_t bs, unsigned threads,
+                         unsigned char **keep)
 {
     size_t n = len ? (len + bs - 1) / bs : 0, ds = bf_digest_size(algo);
     unsigned char *d = malloc(n * ds + 1), *z = malloc(n + 1);
@@ -123,8 +123,7 @@ int main(int argc, char **argv)
     bf_diff_digests(dold, n_old, dnew, n_new, 32, bs, len, ext, count);
     printf("\ndiff ");
     for (size_t i = 0; i < count; i++)
-        printf("%s%llu:%llu", i ? "," : "", (unsigned long long)ext[i].start,
-               (unsigned long long)ext[i].length);
+        printf("%s%llu:%llu", i ? "," : "", (unsigned long long)ext[i].start, (unsigned long long)ext[i].length);
     putchar('\n');
 
     size_t bound = ZSTD_compressBound(len), zlen, outlen = 0;
@@ -133,8 +132,7 @@ int main(int argc, char **argv)
     zlen = ZSTD_compress(z, bound, buf, len, 1);
     if (ZSTD_isError(zlen))
         return 1;
-    int ok = bf_zstd_decompress(z, zlen, back, len, &outlen, &err) == 0 && outlen == len &&
-             memcmp(back, buf, len) == 0;
+    int ok = bf_zstd_decompress(z, zlen, back, len, &outlen, &err) == 0 && outlen == len && memcmp(back, buf, len) == 0;
     if (len > 0) /* one byte short of room, and a truncated frame: both refused */
         ok = ok && bf_zstd_decompress(z, zlen, back, len - 1, &outlen, &err) == -1 && err &&
              bf_zstd_decompress(z, zlen - 1, back, len, &outlen, &err) == -1;
