@@ -1,7 +1,8 @@
 """The house rules, checked before anything starts a server: ruff (lint,
-import order and format), the import contract (import-linter) and strict types on the
-files named in [tool.mypy]. conftest.py runs this module first, so a
-broken rule fails in seconds, not after the whole suite."""
+import order and format), clang-format on native/, the import contract
+(import-linter), the native glue's rules and strict types on the files
+named in [tool.mypy]. conftest.py runs this module first, so a broken rule
+fails in seconds, not after the whole suite."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def test_ruff_finds_nothing():
 
 def test_ruff_format_changes_nothing():
     _run(str(BIN / "ruff"), "format", "--check", "--no-cache", "agent", "tests", "bench", "setup.py")
+
+
+def test_clang_format_changes_nothing():
+    sources = sorted(str(p.relative_to(REPO)) for p in (REPO / "native").rglob("*.[ch]"))
+    _run(str(BIN / "clang-format"), "--dry-run", "--Werror", *sources)
 
 
 def test_layers_import_only_downward():
