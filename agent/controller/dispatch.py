@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -205,7 +204,7 @@ class Dispatcher:
         self._retry_at: dict[str, float] = {}  # task id -> when its broken stream may be opened again
         self._lock = threading.Lock()
         self._submit_pool = ThreadPoolExecutor(8, thread_name_prefix="submit")
-        self._attached: dict[tuple[str, str], bytes] = {}  # (host, backup point) -> digest of the definition sent
+        self._attached: dict[tuple[str, str], tuple] = {}  # (host, backup point) -> the row fields sent
         self._changed = threading.Condition()
         self._version = 0  # bumped when a task's progress or state is written
         self._backlog = False  # the last round left a task waiting for a free slot
@@ -255,18 +254,19 @@ class Dispatcher:
         then make sure every running task is followed by a WatchJob stream
         (after a controller restart, or a stream the agent dropped), and
         move the tasks of hosts that stopped answering."""
+        # one session: a tick after a new task is on its caller's path
         with self.db.session() as s:
             hosts = {h.uuid: h for h in s.scalars(select(Host)).all()}
-            rows = s.scalars(_LIVE).all()  # one query: a tick after a new task is on its caller's path
+            rows = s.scalars(_LIVE).all()
+            waiting = [t for t in rows if t.status == "waiting" and t.id not in self._submitting]
+            serving, points = self._needs(s, waiting)
         running = [t for t in rows if t.status == "running"]
-        waiting = [t for t in rows if t.status == "waiting"]
         load = Counter(t.host_uuid for t in running)
         for host_uuid in self._submitting.values():
             load[host_uuid] += 1
         backlog = False
         for t in waiting:
-            if t.id not in self._submitting:
-                backlog |= not self._place(t, hosts, load)
+            backlog |= not self._place(t, hosts, load, serving, points.get(t.backup_point_uuid))
         self._backlog = backlog
         now = time.monotonic()
         for t in running:
@@ -282,13 +282,27 @@ class Dispatcher:
     def _online(self, h: Host | None) -> bool:
         return h is not None and host_state(h, self.cfg.host_dead_after) == "online"
 
-    def _candidates(self, t: Task, hosts: dict[str, Host], load: Counter) -> list[Host]:
-        with self.db.session() as s:
-            serving = None
-            for pid in filter(None, (t.pool_uuid, t.target_pool_uuid)):
-                pool = s.get(Pool, pid)
-                ids = set(json.loads(pool.avail_hosts_json)) if pool else set()
-                serving = ids if serving is None else serving & ids
+    @staticmethod
+    def _needs(s, waiting: list[Task]) -> tuple[dict[str, set[str]], dict[str, BackupPoint]]:
+        """What placing the waiting tasks reads: the hosts each of their pools
+        is attached on, and their backup points' rows."""
+        pids = {p for t in waiting for p in (t.pool_uuid, t.target_pool_uuid) if p}
+        bpids = {t.backup_point_uuid for t in waiting if t.backup_point_uuid}
+        serving = (
+            {p.uuid: set(json.loads(p.avail_hosts_json)) for p in s.scalars(select(Pool).where(Pool.uuid.in_(pids)))}
+            if pids
+            else {}
+        )
+        points = {b.uuid: b for b in s.scalars(select(BackupPoint).where(BackupPoint.uuid.in_(bpids)))} if bpids else {}
+        return serving, points
+
+    def _candidates(
+        self, t: Task, hosts: dict[str, Host], load: Counter, serving_pools: dict[str, set[str]]
+    ) -> list[Host]:
+        serving = None
+        for pid in filter(None, (t.pool_uuid, t.target_pool_uuid)):
+            ids = serving_pools.get(pid, set())
+            serving = ids if serving is None else serving & ids
         if serving is None and t.backup_point_uuid:
             serving = reporting_hosts(hosts.values(), t.backup_point_uuid)
         ok = [
@@ -298,25 +312,27 @@ class Dispatcher:
         ]
         return sorted(ok, key=lambda h: (load[h.uuid] / max(1, h.max_jobs), h.uuid))
 
-    def _place(self, t: Task, hosts: dict[str, Host], load: Counter) -> bool:
+    def _place(
+        self, t: Task, hosts: dict[str, Host], load: Counter, serving: dict[str, set[str]], point: BackupPoint | None
+    ) -> bool:
         """Pick a host now; submit in the background (an RPC takes tens of
         milliseconds, and tasks queued behind it should not wait for it).
         Returns whether a host was found."""
-        candidates = self._candidates(t, hosts, load)
+        candidates = self._candidates(t, hosts, load, serving)
         if not candidates:
             if time.time() - t.created_at > WAIT_LIMIT:
                 self._finish(t, "timeout", "NO_HOST", f"no eligible host could run it within {int(WAIT_LIMIT)} s")
             return False
         load[candidates[0].uuid] += 1
         self._submitting[t.id] = candidates[0].uuid
-        self._submit_pool.submit(self._submit, t, candidates)
+        self._submit_pool.submit(self._submit, t, candidates, point)
         return True
 
-    def _submit(self, t: Task, candidates: list[Host]) -> None:
+    def _submit(self, t: Task, candidates: list[Host], point: BackupPoint | None) -> None:
         try:
             for host in candidates:
                 try:
-                    attached = self._attach(t, host)
+                    attached = self._attach(t, host, point)
                     job_id = f"{t.id}.{t.attempts}"
                     spec = ParseDict(json.loads(t.spec_json), SPECS[t.job_kind]())
                     try:
@@ -324,7 +340,7 @@ class Dispatcher:
                     except NotFound as e:  # the agent lost a definition we sent it before: once more, with it
                         if attached or e.field != "backup_point_uuid":
                             raise
-                        self._attach(t, host, force=True)
+                        self._attach(t, host, point, force=True)
                         self.agents.client(host).submit(job_id, **{t.job_kind: spec})
                 except (TargetUnreachable, Busy) as e:
                     log.info("host cannot take the task now", extra={"task": t.id, "host": host.uuid, "why": e.message})
@@ -352,24 +368,24 @@ class Dispatcher:
         finally:
             self._submitting.pop(t.id, None)
 
-    def _attach(self, t: Task, host: Host, *, force: bool = False) -> bool:
-        """Send the task's backup point to the host unless it has this very
-        definition from us already (the agent keeps what it was sent across
-        restarts; a changed definition, a new password, is sent again).
-        Returns whether it was sent now."""
+    def _attach(self, t: Task, host: Host, bp: BackupPoint | None, *, force: bool = False) -> bool:
+        """Send the task's backup point (its row, read by the tick that placed
+        the task) to the host unless it has this very definition from us
+        already (the agent keeps what it was sent across restarts; a changed
+        definition, a new password, is sent again). Returns whether it was
+        sent now."""
         if not t.backup_point_uuid:
             return False
-        with self.db.session() as s:
-            bp = s.get(BackupPoint, t.backup_point_uuid)
         if bp is None:
             raise BlockferryError(f"backup point {t.backup_point_uuid} was deleted")
-        req = backup_point_request(bp, self.secrets)
-        digest = hashlib.sha256(req.SerializeToString(deterministic=True)).digest()
+        # the fields the definition is made of, secrets still sealed: comparing
+        # them needs no unsealing and no request built for an agent that has it
+        sent = (bp.btype, bp.ip, bp.port, bp.root_dir, bp.sub_dir, bp.password_sealed, bp.env_sealed)
         key = (host.uuid, bp.uuid)
-        if not force and self._attached.get(key) == digest:
+        if not force and self._attached.get(key) == sent:
             return False
-        self.agents.client(host).attach_backup_point(req)
-        self._attached[key] = digest
+        self.agents.client(host).attach_backup_point(backup_point_request(bp, self.secrets))
+        self._attached[key] = sent
         return True
 
     def _host_lost(self, t: Task, host: Host | None) -> None:
