@@ -28,6 +28,9 @@ apt_packages=(
     # remote backup points in user space: libnfs (NFSv3) and libiscsi for the
     # C extension, plus their CLIs the tests read back with
     libnfs-dev libnfs-utils libiscsi-dev libiscsi-bin
+    # running VMs: qemu-system for live snapshots and backups through QMP
+    # (the tests start VMs without a guest OS, under KVM or TCG)
+    qemu-system-x86
     # qemu's nfs:// driver for NFS volume pools (and its iscsi:// driver for
     # the targets bench peer)
     qemu-block-extra

@@ -100,6 +100,19 @@ class MetricsSection:
 
 
 @dataclass
+class VmsSection:
+    """Running VMs whose volumes the agent snapshots live (docs/live.md)."""
+
+    qmp_sockets: list[str] = option(
+        [],
+        "Globs of QMP sockets to ask too, for qemus whose monitor is not on their command line "
+        "(such as /run/qemu-server/*.qmp).",
+        factory=True,
+    )
+    qmp_timeout: float = option(10.0, "Seconds a qemu may take to answer one QMP command.")
+
+
+@dataclass
 class ControllerLinkSection:
     """Registration with a blockferry-controller (off when address is empty)."""
 
@@ -243,6 +256,7 @@ class Config:
     jobs: JobsSection = field(default_factory=JobsSection)
     systemd: SystemdSection = field(default_factory=SystemdSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    vms: VmsSection = field(default_factory=VmsSection)
     controller: ControllerLinkSection = field(default_factory=ControllerLinkSection)
     pools: dict[str, PoolSection] = field(default_factory=dict)  # pool uuid -> pool
     backup_points: dict[str, BackupPointSection] = field(default_factory=dict)  # uuid -> backup point

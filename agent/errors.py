@@ -218,6 +218,12 @@ class RestoreTooSmall(BlockferryError):
     code = "RESTORE_TOO_SMALL"
 
 
+class HypervisorError(BlockferryError):
+    """A running VM's hypervisor (its qemu's QMP, or libvirt) refused or failed an operation."""
+
+    code = "HYPERVISOR_ERROR"
+
+
 class BindingMissing(BlockferryError):
     """A Python binding the agent needs is missing or built for another ABI."""
 
@@ -262,6 +268,7 @@ _TABLE: dict[str, tuple[grpc.StatusCode, int, int, str, str]] = {
     VaultFull.code: (grpc.StatusCode.RESOURCE_EXHAUSTED, 409, 1029, "存储库容量已满", "BackupService.6114"),
     BackupInProgress.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1030, "备份任务进行中", "BackupService.6125"),
     RestoreTooSmall.code: (grpc.StatusCode.FAILED_PRECONDITION, 400, 1031, "目标卷小于备份", "BackupService.2001"),
+    HypervisorError.code: (grpc.StatusCode.UNAVAILABLE, 502, 1033, "虚拟机管理接口出错", "BackupService.9033"),
     BlockferryError.code: (grpc.StatusCode.INTERNAL, 500, 1999, "内部错误", "BackupService.9999"),
 }
 _GRPC_STATUS: dict[str, grpc.StatusCode] = {code: row[0] for code, row in _TABLE.items()}

@@ -11,6 +11,7 @@ import threading
 from agent.attached import AttachedDefinitions
 from agent.config import Config, PoolSection
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound, TargetUnreachable
+from agent.hypervisor.qemu import QemuHypervisor
 from agent.paths import resolve_under_roots
 from agent.volumes.base import VolumeDriver, check_uuid
 from agent.volumes.qcow2 import Qcow2Pool
@@ -25,6 +26,7 @@ class PoolRegistry:
         self._pools: dict[str, VolumeDriver] = {}
         self._sections: dict[str, PoolSection] = {}
         self._attached: set[str] = set()
+        self.hypervisor = QemuHypervisor(tuple(cfg.vms.qmp_sockets), timeout=cfg.vms.qmp_timeout)
         self.attached = AttachedDefinitions(os.path.join(cfg.agent.state_dir, "pools.d"), PoolSection)
         for pool_uuid, pc in cfg.pools.items():
             self._add(pool_uuid, pc)
@@ -36,7 +38,12 @@ class PoolRegistry:
     def _make(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
         if pc.type == "dir":
             return Qcow2Pool(
-                pool_uuid, pc.path, run_dir=self.cfg.agent.run_dir, allowed_roots=self.allowed_roots, lookup=self.get
+                pool_uuid,
+                pc.path,
+                run_dir=self.cfg.agent.run_dir,
+                allowed_roots=self.allowed_roots,
+                lookup=self.get,
+                hypervisor=self.hypervisor,
             )
         if pc.type == "nfs":
             from agent.volumes.qcow2.poolfs import NfsFiles  # the libnfs binding loads only when used

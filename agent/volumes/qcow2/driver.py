@@ -56,6 +56,7 @@ from agent.errors import (
     BlockferryError,
     FailedPrecondition,
     HasDependents,
+    InUse,
     InvalidArgument,
     NotFound,
     StorageIOError,
@@ -63,6 +64,9 @@ from agent.errors import (
     TrackingLost,
 )
 from agent.extents import AllocExtent, Extent, merge_extents
+from agent.hypervisor.base import Hypervisor, LiveLayer, RunningVm
+from agent.hypervisor.holders import holders
+from agent.hypervisor.qemu import QemuHypervisor
 from agent.paths import resolve_under_roots
 from agent.volumes.base import (
     HEAD,
@@ -119,12 +123,16 @@ class Qcow2Pool(VolumeDriver):
         allowed_roots: list[str],
         lookup: Callable[[str], Qcow2Pool] | None = None,
         fs: PoolFiles | None = None,
+        hypervisor: Hypervisor | None = None,
     ):
-        """root: the pool's directory, or with fs=NfsFiles the export's URL."""
+        """root: the pool's directory, or with fs=NfsFiles the export's URL;
+        hypervisor: who to ask about a running VM that holds a volume (by
+        default the QMP adapter, for local files)."""
         self.pool_uuid = check_uuid(pool_uuid, "pool_uuid")
         self.lookup = lookup or (lambda pool: self)  # other pools, for clones across pools
         self.fs = fs or LocalFiles()
         self.kind = "dir" if self.fs.local else "nfs"
+        self.hypervisor = hypervisor or (QemuHypervisor() if self.fs.local else None)
         self.root = os.path.realpath(root) if self.fs.local else root.rstrip("/")
         self.base = os.path.join(self.root, f"pool-{self.pool_uuid}")
         self.run_dir = run_dir
@@ -472,19 +480,23 @@ class Qcow2Pool(VolumeDriver):
                     f"snapshot_name: volume {meta.uuid} has a snapshot named {name!r}", field="snapshot_name"
                 )
             head = self.head_path(meta.uuid)
-            qemu_img.ensure_not_in_use(head)
-            capacity = qemu_img.info(head).virtual_size
-            tracking = self._freeze_tracking(head)
-            if meta.head_tracking != TRACKING_OK:
-                tracking = TRACKING_LOST
             self.fs.makedirs(self.snap_dir(meta.uuid))
             layer = self.snap_path(meta.uuid, snap)
-            self.fs.rename(head, layer)
-            try:
-                self._new_layer(head, capacity, layer, "qcow2")
-            except Exception:
-                self.fs.rename(layer, head)  # put the live state back as it was
-                raise
+            vm = self._running_vm(head)
+            if vm is None:
+                capacity = qemu_img.info(head).virtual_size
+                tracking = self._freeze_tracking(head)
+                self.fs.rename(head, layer)
+                try:
+                    self._new_layer(head, capacity, layer, "qcow2")
+                except Exception:
+                    self.fs.rename(layer, head)  # put the live state back as it was
+                    raise
+            else:
+                with vm:
+                    tracking = self._live_snapshot(vm, head, layer)
+            if meta.head_tracking != TRACKING_OK:
+                tracking = TRACKING_LOST
             s = SnapMeta(
                 uuid=snap,
                 name=name,
@@ -497,8 +509,67 @@ class Qcow2Pool(VolumeDriver):
             meta.head_parent = snap
             meta.head_tracking = TRACKING_OK
             self._save(meta)
-            log.info("snapshot created", extra={"volume": meta.uuid, "snapshot": snap, "tracking": tracking})
+            log.info(
+                "snapshot created",
+                extra={"volume": meta.uuid, "snapshot": snap, "tracking": tracking, "live": vm is not None},
+            )
             return self._snap_info(meta, s)
+
+    def _running_vm(self, path: str) -> RunningVm | None:
+        """None when no process holds the image; the running VM that holds
+        it; InUse, naming who holds it, when that is not a VM the agent can
+        drive (a qemu-nbd, a qemu without a QMP socket, or a remote file)."""
+        try:
+            qemu_img.ensure_not_in_use(path)
+            return None
+        except InUse as e:
+            if self.hypervisor is None:
+                raise
+            vm = self.hypervisor.holder(path)
+            if vm is not None:
+                return vm
+            held = ", ".join(f"pid {h.pid} ({h.program})" for h in holders(path)) or "a process on another host"
+            raise InUse(
+                f"{e.message}; it is held by {held}, and no running VM with a QMP socket holds it",
+                field=e.field,
+            ) from None
+
+    def _live_snapshot(self, vm: RunningVm, head: str, layer: str) -> str:
+        """The live state of a running VM becomes the snapshot's layer: a new
+        head backed by it is created next to it, qemu puts it on top of the
+        disk in one transaction that also stops the old layer's bitmap (qemu
+        stores it in the layer's file when it reopens it read-only), and
+        only then are the files renamed (qemu keeps its descriptors): the old
+        head to the layer's path, the new one to the head path, which stays."""
+        disk = vm.disk_of(head)
+        if disk is None:
+            raise InUse(f"volume head {head} is no longer held by VM {vm.name}")
+        tracking = TRACKING_OK if BITMAP in disk.bitmaps else TRACKING_LOST
+        capacity = qemu_img.info(head, force_share=True).virtual_size
+        tmp = os.path.join(os.path.dirname(head), f".{os.path.basename(head)}.new")
+        if self.fs.exists(tmp):
+            self.fs.unlink(tmp)
+        qemu_img.create(tmp, capacity, backing=layer, backing_format="qcow2", unsafe=True)
+        qemu_img.bitmap(tmp, "add", BITMAP)
+        try:
+            vm.add_layers([LiveLayer(disk, tmp, head, BITMAP if tracking == TRACKING_OK else "")])
+        except BaseException:  # the VM never wrote to the new head
+            self.fs.unlink(tmp)
+            raise
+        try:
+            self.fs.rename(head, layer)
+            self.fs.rename(tmp, head)
+        except OSError as e:  # the VM writes to tmp now: say where everything is
+            log.critical(
+                "live snapshot switched but its files were not renamed",
+                extra={"vm": vm.name, "head": head, "live_file": tmp, "layer": layer, "error": str(e)},
+            )
+            raise StorageIOError(
+                f"snapshot of {head}: VM {vm.name} now writes to {tmp}, but renaming the files failed: "
+                f"{e.strerror or e}; rename them by hand ({head} to {layer}, then {tmp} to {head})"
+            ) from None
+        log.info("live snapshot", extra={"vm": vm.name, "device": disk.device, "layer": layer})
+        return tracking
 
     def _snap_info(self, meta: VolMeta, s: SnapMeta) -> SnapshotInfo:
         children = [c.uuid for c in meta.children_of(s.uuid)]

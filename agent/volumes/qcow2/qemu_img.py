@@ -108,10 +108,12 @@ def create(
     backing: str | None = None,
     backing_format: str | None = None,
     preallocation: str = "off",
+    unsafe: bool = False,
 ) -> None:
+    """unsafe: do not open the backing file (a running VM holds it)."""
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size=65536,preallocation={preallocation}"]
     if backing:
-        argv += ["-b", backing, "-F", backing_format or "qcow2"]
+        argv += ["-b", backing, "-F", backing_format or "qcow2"] + (["-u"] if unsafe else [])
     argv.append(path)
     if size is not None:
         argv.append(str(size))

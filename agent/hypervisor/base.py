@@ -1,0 +1,75 @@
+"""The hypervisor interface the volume drivers use.
+
+A volume whose file a running qemu holds cannot be changed by qemu-img: the
+VM's qemu must do it. The drivers ask a Hypervisor which running VM holds a
+file and then ask that VM, through a RunningVm, for what they need while it
+runs. Adapters: qemu.py (QMP, for qemu processes no libvirt manages).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VmDisk:
+    """One disk of a running VM, as its hypervisor names it."""
+
+    device: str  # the guest device (qdev id), e.g. "vd0"
+    node: str  # the block node on top of the disk's chain (the live state)
+    file: str  # the file that top node was opened from
+    bitmaps: tuple[str, ...]  # persistent dirty bitmaps on the top node that qemu keeps consistent
+
+
+@dataclass(frozen=True)
+class LiveLayer:
+    """A new top layer for a running VM's disk: `overlay` is a qcow2 file the
+    caller created, backed by the disk's current top layer; `path` is the
+    name the caller gives the overlay after the switch (the volume's head),
+    by which disk_of finds the disk again; `bitmap` names the persistent
+    bitmap that stops recording on the old top (qemu stores it in that file)
+    and records on the overlay from now.
+
+    The caller renames files only after add_layers returned: qemu reopens
+    the old top read-only during the switch, and a file node qemu made
+    itself (a VM started with -drive) is reopened by its name."""
+
+    disk: VmDisk
+    overlay: str
+    path: str
+    bitmap: str = ""
+
+
+class RunningVm(ABC):
+    """A running VM, reached through its hypervisor for one operation."""
+
+    name: str
+    pid: int
+
+    @abstractmethod
+    def disk_of(self, path: str) -> VmDisk | None:
+        """The disk whose top layer is the file at path, if this VM has one."""
+
+    @abstractmethod
+    def add_layers(self, layers: list[LiveLayer]) -> None:
+        """Put each overlay on top of its disk, all disks at one point in time
+        (one transaction): the writes of the VM go to the overlays from then on."""
+
+    def close(self) -> None:
+        """Let go of the connection to the hypervisor."""
+
+    def __enter__(self) -> RunningVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Hypervisor(ABC):
+    """Finds the running VM that holds a file."""
+
+    @abstractmethod
+    def holder(self, path: str) -> RunningVm | None:
+        """The running VM that holds the file at path open, or None when no
+        VM this hypervisor drives does (another process may still hold it)."""

@@ -1,0 +1,97 @@
+"""Which processes hold a file open, and where a qemu's QMP socket is.
+
+A file is matched by device and inode, never by name: a live snapshot
+renames a VM's top layer while the VM keeps it open, so names change under
+a running qemu. The QMP socket comes from the process's command line
+(`-qmp unix:PATH,...`, or `-chardev socket,id=ID,path=PATH,...` with
+`-mon chardev=ID,mode=control`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+PROC = "/proc"
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    argv: tuple[str, ...]
+
+    @property
+    def program(self) -> str:
+        return os.path.basename(self.argv[0]) if self.argv else "?"
+
+
+def holders(path: str) -> list[Holder]:
+    """The processes that have the file at path open (those this agent may
+    look at: it runs as root on a hypervisor host)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    want = (st.st_dev, st.st_ino)
+    found = []
+    for entry in os.scandir(PROC):
+        if not entry.name.isdigit():
+            continue
+        fd_dir = f"{PROC}/{entry.name}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:  # gone, or not ours to see
+            continue
+        for fd in fds:
+            try:
+                s = os.stat(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if (s.st_dev, s.st_ino) == want:
+                found.append(Holder(int(entry.name), _argv(int(entry.name))))
+                break
+    return found
+
+
+def _argv(pid: int) -> tuple[str, ...]:
+    try:
+        with open(f"{PROC}/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return ()
+    return tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
+
+
+def _options(text: str) -> dict[str, str]:
+    """qemu's `key=value,key2=value2` (a bare first word is "backend")."""
+    out = {}
+    for i, part in enumerate(text.split(",")):
+        key, eq, value = part.partition("=")
+        if eq:
+            out[key] = value
+        elif i == 0:
+            out["backend"] = key
+        else:
+            out[key] = "on"
+    return out
+
+
+def qmp_socket(argv: tuple[str, ...]) -> str | None:
+    """The unix socket of the process's QMP monitor, from its command line."""
+    args = [a[1:] if a.startswith("--") else a for a in argv]
+    chardevs, monitors = {}, []
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag in ("-qmp", "-qmp-pretty") and value.startswith("unix:"):
+            return value[len("unix:") :].split(",", 1)[0]
+        if flag == "-chardev":
+            opts = _options(value)
+            if opts.get("backend") == "socket" and "path" in opts and "id" in opts:
+                chardevs[opts["id"]] = opts["path"]
+        elif flag == "-mon":
+            opts = _options(value)
+            if opts.get("mode") == "control" and "chardev" in opts:
+                monitors.append(opts["chardev"])
+    for chardev in monitors:
+        if chardev in chardevs:
+            return chardevs[chardev]
+    return None

@@ -1,0 +1,171 @@
+"""The QMP adapter: qemu processes that no libvirt manages (Proxmox-style
+hosts, and the tests).
+
+The VM holding a file is the process that has it open (matched by device and
+inode in /proc) and whose command line names a QMP socket; sockets matching
+the configured globs are asked too, for qemus started with their monitor
+elsewhere. Each operation opens its own QMP connection and closes it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import uuid as uuidlib
+
+from agent.errors import BlockferryError
+from agent.hypervisor.base import Hypervisor, LiveLayer, RunningVm, VmDisk
+from agent.hypervisor.holders import Holder, holders, qmp_socket
+from agent.hypervisor.qmp import TIMEOUT, Qmp
+
+log = logging.getLogger("agent.hypervisor")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _top_file(name: str) -> str:
+    """The file of a disk's top layer from the name qemu reports for it: a
+    path, or after a live snapshot a `json:{...}` description of the node
+    (its protocol child names the file)."""
+    if not name.startswith("json:"):
+        return name
+    try:
+        desc = json.loads(name[len("json:") :])
+    except ValueError:
+        return name
+    child = desc.get("file")
+    if isinstance(child, dict) and child.get("driver") == "file":
+        return str(child.get("filename", name))
+    return name
+
+
+def _node_prefix(path: str) -> str:
+    """The first part of the names of the nodes this agent adds for the file
+    at path: qemu never learns that the file is renamed, so the disk whose
+    top is such a node is found by the node's name."""
+    return "bf" + hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
+
+
+def _vm_name(argv: tuple[str, ...]) -> str:
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in ("-name", "--name"):
+            opts = dict(p.partition("=")[::2] for p in value.split(",") if "=" in p)
+            return opts.get("guest") or value.split(",", 1)[0]
+    return ""
+
+
+class QemuVm(RunningVm):
+    def __init__(self, qmp: Qmp, pid: int, name: str):
+        self.qmp, self.pid = qmp, pid
+        self.name = name or f"qemu pid {pid}"
+
+    def disks(self) -> list[VmDisk]:
+        nodes = {n["node-name"]: n for n in self.qmp.execute("query-named-block-nodes", flat=True)}
+        out = []
+        for b in self.qmp.execute("query-block"):
+            ins = b.get("inserted")
+            if not ins:
+                continue
+            node = ins.get("node-name", "")
+            bitmaps = tuple(
+                bm["name"]
+                for bm in nodes.get(node, {}).get("dirty-bitmaps", [])
+                if bm.get("persistent") and bm.get("recording") and not bm.get("inconsistent")
+            )
+            qdev = b.get("qdev", "")
+            device = b.get("device") or qdev.removeprefix("/machine/peripheral/").split("/", 1)[0]
+            out.append(VmDisk(device=device, node=node, file=_top_file(ins.get("file", "")), bitmaps=bitmaps))
+        return out
+
+    def disk_of(self, path: str) -> VmDisk | None:
+        prefix = _node_prefix(path)
+        disks = self.disks()
+        ours = next((d for d in disks if d.node.startswith(prefix)), None)
+        return ours or next((d for d in disks if _same_file(d.file, path)), None)
+
+    def add_layers(self, layers: list[LiveLayer]) -> None:
+        added: list[str] = []
+        try:
+            actions = []
+            for layer in layers:
+                # a file node of our own, never one qemu makes and reopens by name
+                node = f"{_node_prefix(layer.path)}-{uuidlib.uuid4().hex[:8]}"
+                self.qmp.execute("blockdev-add", driver="file", filename=layer.overlay, **{"node-name": f"{node}f"})
+                added.append(f"{node}f")
+                self.qmp.execute(
+                    "blockdev-add",
+                    driver="qcow2",
+                    backing=None,  # linked to the old top by blockdev-snapshot, not opened again
+                    file=f"{node}f",
+                    **{"node-name": node},
+                )
+                added.append(node)
+                if layer.bitmap:
+                    actions.append(
+                        {"type": "block-dirty-bitmap-disable", "data": {"node": layer.disk.node, "name": layer.bitmap}}
+                    )
+                actions.append({"type": "blockdev-snapshot", "data": {"node": layer.disk.node, "overlay": node}})
+            self.qmp.execute("transaction", actions=actions)
+        except BaseException:
+            for node in reversed(added):
+                try:
+                    self.qmp.execute("blockdev-del", **{"node-name": node})
+                except BlockferryError as e:
+                    log.error("could not remove a new layer's node", extra={"node": node, "error": e.message})
+            raise
+
+    def close(self) -> None:
+        self.qmp.close()
+
+
+class QemuHypervisor(Hypervisor):
+    def __init__(self, qmp_sockets: tuple[str, ...] = (), *, timeout: float = TIMEOUT):
+        self.qmp_sockets = qmp_sockets  # globs of QMP sockets to ask too
+        self.timeout = timeout
+
+    def holders(self, path: str) -> list[Holder]:
+        return holders(path)
+
+    def holder(self, path: str) -> QemuVm | None:
+        tried = set()
+        for h in holders(path):
+            sock = qmp_socket(h.argv)
+            if sock:
+                tried.add(sock)
+                vm = self._ask(sock, h.pid, _vm_name(h.argv), path)
+                if vm is not None:
+                    return vm
+        for pattern in self.qmp_sockets:
+            for sock in sorted(glob.glob(pattern)):
+                if sock not in tried:
+                    vm = self._ask(sock, 0, "", path)
+                    if vm is not None:
+                        return vm
+        return None
+
+    def _ask(self, sock: str, pid: int, name: str, path: str) -> QemuVm | None:
+        try:
+            qmp = Qmp(sock, timeout=self.timeout)
+        except BlockferryError as e:
+            log.info("a QMP socket did not answer", extra={"socket": sock, "error": e.message})
+            return None
+        vm = QemuVm(qmp, pid, name)
+        try:
+            if vm.disk_of(path) is not None:
+                return vm
+        except BaseException:
+            vm.close()
+            raise
+        vm.close()
+        return None

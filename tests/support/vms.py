@@ -1,0 +1,104 @@
+"""Running VMs for the live tests: real qemu-system processes without a
+guest OS (the block layer needs none), KVM where /dev/kvm works, else TCG.
+The guest's writes come from HMP `qemu-io` on each disk's own block
+backend, as a guest's writes would land."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+QEMU = "qemu-system-x86_64"
+
+
+class Vm:
+    def __init__(self, tmp: Path, disks: list[str], *, name: str = "vm", monitor: str = "qmp", drive: bool = False):
+        """monitor: how the QMP socket is given: "qmp" (-qmp unix:PATH),
+        "chardev" (-chardev socket + -mon) or "config" (-readconfig: not on
+        the command line at all); drive: open the disks with -drive
+        (Proxmox's way: qemu names the file nodes itself) instead of explicit
+        -blockdev nodes (libvirt's)."""
+        self.qmp_path = str(tmp / f"{name}-{os.getpid()}-{time.monotonic_ns()}.qmp")
+        argv = [QEMU, "-accel", "kvm", "-accel", "tcg", "-nodefaults", "-nographic", "-machine", "q35"]
+        argv += ["-m", "64", "-name", f"guest={name}"]
+        if monitor == "qmp":
+            argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        elif monitor == "chardev":
+            argv += ["-chardev", f"socket,id=mon0,path={self.qmp_path},server=on,wait=off"]
+            argv += ["-mon", "chardev=mon0,mode=control"]
+        else:  # a monitor the agent only finds through its configured globs
+            config = Path(self.qmp_path + ".cfg")
+            config.write_text(
+                f'[chardev "mon0"]\n  backend = "socket"\n  path = "{self.qmp_path}"\n'
+                '  server = "on"\n  wait = "off"\n\n[mon "m0"]\n  chardev = "mon0"\n  mode = "control"\n'
+            )
+            argv += ["-readconfig", str(config)]
+        for i, path in enumerate(disks):
+            if drive:
+                argv += ["-drive", f"file={path},format=qcow2,if=none,id=drive{i}"]
+                argv += ["-device", f"virtio-blk-pci,drive=drive{i},id=vd{i}"]
+                continue
+            argv += ["-blockdev", f"driver=file,filename={path},node-name=f{i}"]
+            argv += ["-blockdev", f"driver=qcow2,file=f{i},node-name=d{i}"]
+            argv += ["-device", f"virtio-blk-pci,drive=d{i},id=vd{i}"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.qmp_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"qemu did not start: {self.proc.stdout.read().decode()[-2000:]}")
+            time.sleep(0.01)
+        while True:  # the socket exists before qemu has opened its disks: wait for the monitor
+            try:
+                self.qmp("query-status")
+                break
+            except ConnectionRefusedError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def qmp(self, command: str, **arguments):
+        """One QMP command on a connection of its own (the agent connects
+        between the test's commands)."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(self.qmp_path)
+            f = s.makefile("rw")
+            f.readline()
+            for msg in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments}):
+                f.write(json.dumps(msg) + "\n")
+                f.flush()
+                while "event" in (reply := json.loads(f.readline())):
+                    pass
+            assert "error" not in reply, reply
+            return reply["return"]
+
+    def write(self, disk: int, pattern: int, offset: int, length: int) -> None:
+        """A guest write to disk `disk` (qemu-io on the device's backend)."""
+        cmd = f'qemu-io -d /machine/peripheral/vd{disk}/virtio-backend "write -P {pattern:#x} {offset} {length}"'
+        out = self.qmp("human-monitor-command", **{"command-line": cmd})
+        assert "error" not in out.lower(), out
+
+    def flush(self, disk: int) -> None:
+        """The guest's flush: qemu writes its cached metadata to the files."""
+        cmd = f'qemu-io -d /machine/peripheral/vd{disk}/virtio-backend "flush"'
+        self.qmp("human-monitor-command", **{"command-line": cmd})
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def quit(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.qmp("quit")
+            except OSError:  # timeouts too: kill below
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
