@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from agent.errors import InUse
+from agent.errors import InUse, TrackingLost
 from agent.hypervisor.holders import qmp_socket
 from agent.hypervisor.qemu import QemuHypervisor
 from agent.repo.repository import Repository
@@ -135,3 +135,32 @@ def test_holders_that_are_not_vms_the_agent_drives_are_named(env, short_tmp):
         nbd.terminate()
         nbd.wait(10)
     assert pool.list_snapshots(vol) == [] and os.path.exists(head)
+
+
+def test_qemu_killed_loses_tracking_and_the_next_backup_reads_everything(env):
+    pool, start, tmp = env
+    vol = pool.create_volume(nid(), "killed", 8 * MiB).uuid
+    head = pool.head_path(vol)
+    vm = start(head)
+    vm.write(0, 0x31, 0, 2 * MiB)
+    s1 = nid()
+    pool.create_snapshot(vol, s1, "s1")  # live
+    vm.write(0, 0x32, 4 * MiB, MiB)
+    vm.flush(0)  # the guest's data is safe; the bitmap is not
+    vm.kill()  # qemu never stores the head's bitmap: it stays marked in use
+    s2 = nid()
+    info = pool.create_snapshot(vol, s2, "s2")  # idle again: the offline path
+    assert info.tracking == "lost"
+    with pytest.raises(TrackingLost):
+        pool.changed_extents(vol, s2, s1)
+
+    from agent.repo.backup import backup
+
+    repo = Repository.init(LocalStore(str(tmp / "bp")), chunk_size=CS)
+    m1 = backup(pool, vol, s1, repo, name="full")
+    m2 = backup(pool, vol, s2, repo, parent=m1)
+    assert m2.fell_back and m2.stats.chunks_read == 3  # every allocated chunk read again, and said so
+    new_vol, written = restore_to_qcow2(pool, repo, m2, tmp)
+    assert written == m2.image_digest
+    expected = b"\x31" * (2 * MiB) + bytes(2 * MiB) + b"\x32" * MiB + bytes(3 * MiB)
+    assert raw_of(pool.head_path(new_vol), tmp) == raw_of(pool.snap_path(vol, s2), tmp) == expected
