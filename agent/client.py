@@ -193,6 +193,9 @@ class AgentClient:
     def create_snapshot(self, request: volumes_pb2.CreateSnapshotRequest) -> volumes_pb2.Snapshot:
         return self._call(self._volumes.CreateSnapshot, request, volumes_pb2.Snapshot)
 
+    def create_snapshot_set(self, request: volumes_pb2.CreateSnapshotSetRequest) -> volumes_pb2.SnapshotSet:
+        return self._call(self._volumes.CreateSnapshotSet, request, volumes_pb2.SnapshotSet)
+
     def delete_snapshot(self, request: volumes_pb2.SnapshotRef) -> volumes_pb2.DeleteSnapshotResponse:
         return self._call(self._volumes.DeleteSnapshot, request, volumes_pb2.DeleteSnapshotResponse)
 

@@ -9,18 +9,24 @@ import os
 import subprocess
 import time
 
+import grpc
 import pytest
 
-from agent.errors import InUse, TrackingLost
+from agent.api.v1 import volumes_pb2 as pb
+from agent.errors import InUse, InvalidArgument, TrackingLost
 from agent.hypervisor.holders import qmp_socket
 from agent.hypervisor.qemu import QemuHypervisor
 from agent.repo.repository import Repository
 from agent.stores.local import LocalStore
+from agent.volumes.base import SnapshotRequest
 from agent.volumes.qcow2 import Qcow2Pool, qemu_img
 from agent.volumes.qcow2.driver import BITMAP
 
+from support.agents import POOL2_UUID, POOL_UUID
 from support.backups import CS, nid, restore_to_qcow2
+from support.fake_qga import FakeGuestAgent
 from support.vms import Vm
+from support.volumes import rpc_error
 
 MiB = 1 << 20
 
@@ -164,3 +170,129 @@ def test_qemu_killed_loses_tracking_and_the_next_backup_reads_everything(env):
     assert written == m2.image_digest
     expected = b"\x31" * (2 * MiB) + bytes(2 * MiB) + b"\x32" * MiB + bytes(3 * MiB)
     assert raw_of(pool.head_path(new_vol), tmp) == raw_of(pool.snap_path(vol, s2), tmp) == expected
+
+
+def _set(pool, *vols, **kw):
+    reqs = [SnapshotRequest(pool.pool_uuid, v, nid(), f"set-{nid()[:8]}") for v in vols]
+    return pool.create_snapshot_set(reqs, **kw)
+
+
+@pytest.fixture
+def fake_qga(short_tmp):
+    agents = []
+
+    def make(mode: str) -> FakeGuestAgent:
+        agents.append(FakeGuestAgent(str(short_tmp / f"qga-{mode}-{len(agents)}.sock"), mode))
+        return agents[-1]
+
+    yield make
+    for a in agents:
+        a.close()
+
+
+def test_a_vms_disks_are_one_point_in_time_inside_a_guest_freeze(env, fake_qga):
+    pool, start, tmp = env
+    vols = [pool.create_volume(nid(), f"disk{i}", 8 * MiB).uuid for i in range(2)]
+    ga = fake_qga("ok")
+    vm = start(*(pool.head_path(v) for v in vols), qga=ga.path)
+    vm.write(0, 0x41, 0, MiB)
+    vm.write(1, 0x42, MiB, MiB)
+    before = time.monotonic()
+    snaps = _set(pool, *vols)
+    after = time.monotonic()
+    vm.write(0, 0x43, 0, 8 * MiB)  # after the set: in neither snapshot
+    vm.write(1, 0x44, 0, 8 * MiB)
+    assert snaps.consistency == "application" and snaps.vm == "vm" and snaps.reason == ""
+    assert [s.consistency for s in snaps.snapshots] == ["application"] * 2
+    assert 0 < snaps.switch_ms <= snaps.frozen_ms
+    calls = [c for c in ga.calls if c[0] != "guest-sync-delimited"]
+    assert [c for c, _ in calls] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    assert before < calls[0][1] < calls[1][1] < after
+    assert pool.list_snapshots(vols[0])[0].consistency == "application"  # kept in the volume's metadata
+
+    from agent.repo.backup import backup
+
+    repo = Repository.init(LocalStore(str(tmp / "bp")), chunk_size=CS)
+    expected = [b"\x41" * MiB + bytes(7 * MiB), bytes(MiB) + b"\x42" * MiB + bytes(6 * MiB)]
+    for vol, snap, want in zip(vols, snaps.snapshots, expected, strict=True):
+        m = backup(pool, vol, snap.uuid, repo, name="set")
+        new_vol, written = restore_to_qcow2(pool, repo, m, tmp)
+        assert written == m.image_digest
+        assert raw_of(pool.head_path(new_vol), tmp) == raw_of(pool.snap_path(vol, snap.uuid), tmp) == want
+
+
+@pytest.mark.parametrize("mode", ["absent", "fail", "hang"])
+def test_without_a_working_guest_agent_the_set_is_crash_consistent(env, fake_qga, mode):
+    pool, start, tmp = env
+    vol = pool.create_volume(nid(), "noagent", 8 * MiB).uuid
+    ga = None if mode == "absent" else fake_qga(mode)
+    vm = start(pool.head_path(vol), qga="server" if ga is None else ga.path)  # absent: a channel, no guest OS
+    vm.write(0, 0x51, 0, MiB)
+    began = time.monotonic()
+    snaps = _set(pool, vol, freeze_timeout=1.0)
+    took = time.monotonic() - began
+    vm.write(0, 0x52, 0, MiB)
+    assert snaps.consistency == "crash" and snaps.snapshots[0].consistency == "crash" and snaps.frozen_ms == 0
+    assert took < 5
+    assert raw_of(pool.snap_path(vol, snaps.snapshots[0].uuid), tmp)[:MiB] == b"\x51" * MiB
+    if mode == "absent":
+        assert "no answer within 1s" in snaps.reason
+    elif mode == "fail":
+        assert "Device or resource busy" in snaps.reason and ga.names()[-1] == "guest-fsfreeze-thaw"
+    else:  # the thaw is sent after a freeze that did not answer, for when the guest gets to it
+        assert "no answer" in snaps.reason and ga.names()[-2:] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+
+
+def test_no_guest_agent_channel_and_no_freeze_asked(env):
+    pool, start, tmp = env
+    vol = pool.create_volume(nid(), "plain", 8 * MiB).uuid
+    start(pool.head_path(vol))
+    assert _set(pool, vol).reason == "the VM has no guest agent channel"
+    assert _set(pool, vol, freeze=False).reason == "guest freeze not asked for"
+    idle = pool.create_volume(nid(), "idle", 8 * MiB).uuid
+    assert pool.create_snapshot(idle, nid(), "s").consistency == "offline"
+
+
+def test_a_set_of_two_vms_disks_is_refused_and_changes_nothing(env):
+    pool, start, tmp = env
+    a, b, idle = (pool.create_volume(nid(), n, 8 * MiB).uuid for n in ("a", "b", "idle"))
+    start(pool.head_path(a), name="vma")
+    start(pool.head_path(b), name="vmb")
+    with pytest.raises(InvalidArgument) as e:
+        _set(pool, idle, a, b)
+    assert e.value.field == "snapshots[2]" and "VM vmb" in e.value.message and "VM vma" in e.value.message
+    assert all(pool.list_snapshots(v) == [] for v in (a, b, idle))
+    mixed = _set(pool, idle, a)  # an idle volume with one VM's disk: one point in time too
+    assert [len(pool.list_snapshots(v)) for v in (idle, a, b)] == [1, 1, 0] and mixed.vm == "vma"
+
+
+def test_a_snapshot_set_through_the_agent_across_two_pools(make_agent, fake_qga, short_tmp):
+    a = make_agent().start()
+    ga = fake_qga("ok")
+    disks = [(POOL_UUID, nid()), (POOL2_UUID, nid())]
+    with a.client() as c:
+        heads = [
+            c.create_volume(pb.CreateVolumeRequest(pool_uuid=p, volume_uuid=v, name="d", capacity=8 * MiB)).access_path
+            for p, v in disks
+        ]
+        vm = Vm(short_tmp, heads, name="twopools", qga=ga.path)
+        try:
+            vm.write(0, 0x61, 0, MiB)
+            vm.write(1, 0x62, 0, MiB)
+            reqs = [
+                pb.CreateSnapshotRequest(pool_uuid=p, volume_uuid=v, snapshot_uuid=nid(), name="s") for p, v in disks
+            ]
+            got = c.create_snapshot_set(pb.CreateSnapshotSetRequest(snapshots=reqs))
+            vm.write(0, 0x63, 0, MiB)
+            assert got.consistency == "application" and got.vm == "twopools" and got.switch_ms > 0
+            assert [s.consistency for s in got.snapshots] == ["application"] * 2
+            listed = c.list_snapshots(pb.VolumeRef(pool_uuid=POOL2_UUID, volume_uuid=disks[1][1])).snapshots
+            assert [s.consistency for s in listed] == ["application"]
+            err = rpc_error(lambda: c.create_snapshot_set(pb.CreateSnapshotSetRequest(snapshots=reqs[:1])))
+            assert err.code() == grpc.StatusCode.ALREADY_EXISTS  # same snapshot uuid again: nothing changed
+            bad = pb.CreateSnapshotSetRequest(snapshots=reqs[:1], freeze_timeout=-1)
+            err = rpc_error(lambda: c.create_snapshot_set(bad))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "freeze_timeout" in err.details()
+        finally:
+            vm.quit()
+    assert a.stop() == 0

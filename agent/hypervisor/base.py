@@ -8,8 +8,20 @@ runs. Adapters: qemu.py (QMP, for qemu processes no libvirt manages).
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+
+
+def same_file(a: str, b: str) -> bool:
+    """Two names of one file (by name, then by device and inode)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 @dataclass(frozen=True)
@@ -46,10 +58,19 @@ class RunningVm(ABC):
 
     name: str
     pid: int
+    ident: str  # the same for every RunningVm of one VM (its monitor's address)
 
     @abstractmethod
+    def disks(self) -> list[VmDisk]:
+        """The VM's disks, as they are now."""
+
     def disk_of(self, path: str) -> VmDisk | None:
         """The disk whose top layer is the file at path, if this VM has one."""
+        return next((d for d in self.disks() if same_file(d.file, path)), None)
+
+    @abstractmethod
+    def guest_agent_socket(self) -> str | None:
+        """The host side of the VM's qemu-guest-agent channel, if it has one."""
 
     @abstractmethod
     def add_layers(self, layers: list[LiveLayer]) -> None:

@@ -4,7 +4,8 @@ A file is matched by device and inode, never by name: a live snapshot
 renames a VM's top layer while the VM keeps it open, so names change under
 a running qemu. The QMP socket comes from the process's command line
 (`-qmp unix:PATH,...`, or `-chardev socket,id=ID,path=PATH,...` with
-`-mon chardev=ID,mode=control`).
+`-mon chardev=ID,mode=control`), and the guest agent's channel from the
+`virtserialport` named org.qemu.guest_agent.0.
 """
 
 from __future__ import annotations
@@ -95,3 +96,21 @@ def qmp_socket(argv: tuple[str, ...]) -> str | None:
         if chardev in chardevs:
             return chardevs[chardev]
     return None
+
+
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+
+
+def qga_socket(argv: tuple[str, ...]) -> str | None:
+    """The unix socket of the VM's guest agent channel, from its command
+    line: a `-chardev socket` that a `virtserialport` named
+    org.qemu.guest_agent.0 uses."""
+    args = [a[1:] if a.startswith("--") else a for a in argv]
+    chardevs, ports = {}, []
+    for flag, value in zip(args, args[1:], strict=False):
+        opts = _options(value)
+        if flag == "-chardev" and opts.get("backend") == "socket" and "path" in opts and "id" in opts:
+            chardevs[opts["id"]] = opts["path"]
+        elif flag == "-device" and opts.get("backend") == "virtserialport" and opts.get("name") == GUEST_AGENT_PORT:
+            ports.append(opts.get("chardev", ""))
+    return next((chardevs[c] for c in ports if c in chardevs), None)

@@ -17,21 +17,11 @@ import os
 import uuid as uuidlib
 
 from agent.errors import BlockferryError
-from agent.hypervisor.base import Hypervisor, LiveLayer, RunningVm, VmDisk
-from agent.hypervisor.holders import Holder, holders, qmp_socket
+from agent.hypervisor.base import Hypervisor, LiveLayer, RunningVm, VmDisk, same_file
+from agent.hypervisor.holders import Holder, holders, qga_socket, qmp_socket
 from agent.hypervisor.qmp import TIMEOUT, Qmp
 
 log = logging.getLogger("agent.hypervisor")
-
-
-def _same_file(a: str, b: str) -> bool:
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        sa, sb = os.stat(a), os.stat(b)
-    except OSError:
-        return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _top_file(name: str) -> str:
@@ -66,9 +56,22 @@ def _vm_name(argv: tuple[str, ...]) -> str:
 
 
 class QemuVm(RunningVm):
-    def __init__(self, qmp: Qmp, pid: int, name: str):
-        self.qmp, self.pid = qmp, pid
-        self.name = name or f"qemu pid {pid}"
+    def __init__(self, qmp: Qmp, pid: int, argv: tuple[str, ...]):
+        self.qmp, self.pid, self.argv = qmp, pid, argv
+        self.name = _vm_name(argv) or (f"qemu pid {pid}" if pid else f"qemu at {qmp.path}")
+        self.ident = os.path.realpath(qmp.path)
+
+    def guest_agent_socket(self) -> str | None:
+        """From the command line; else a socket chardev labelled qga* (the
+        usual name) when the monitor was found through the globs."""
+        found = qga_socket(self.argv)
+        if found or self.argv:
+            return found
+        for dev in self.qmp.execute("query-chardev"):
+            filename = dev.get("filename", "")
+            if dev.get("label", "").startswith("qga") and filename.startswith("unix:"):
+                return str(filename[len("unix:") :].split(",", 1)[0])
+        return None
 
     def disks(self) -> list[VmDisk]:
         nodes = {n["node-name"]: n for n in self.qmp.execute("query-named-block-nodes", flat=True)}
@@ -92,7 +95,7 @@ class QemuVm(RunningVm):
         prefix = _node_prefix(path)
         disks = self.disks()
         ours = next((d for d in disks if d.node.startswith(prefix)), None)
-        return ours or next((d for d in disks if _same_file(d.file, path)), None)
+        return ours or next((d for d in disks if same_file(d.file, path)), None)
 
     def add_layers(self, layers: list[LiveLayer]) -> None:
         added: list[str] = []
@@ -101,14 +104,14 @@ class QemuVm(RunningVm):
             for layer in layers:
                 # a file node of our own, never one qemu makes and reopens by name
                 node = f"{_node_prefix(layer.path)}-{uuidlib.uuid4().hex[:8]}"
-                self.qmp.execute("blockdev-add", driver="file", filename=layer.overlay, **{"node-name": f"{node}f"})
+                self.qmp.execute("blockdev-add", {"node-name": f"{node}f"}, driver="file", filename=layer.overlay)
                 added.append(f"{node}f")
                 self.qmp.execute(
                     "blockdev-add",
+                    {"node-name": node},
                     driver="qcow2",
                     backing=None,  # linked to the old top by blockdev-snapshot, not opened again
                     file=f"{node}f",
-                    **{"node-name": node},
                 )
                 added.append(node)
                 if layer.bitmap:
@@ -120,7 +123,7 @@ class QemuVm(RunningVm):
         except BaseException:
             for node in reversed(added):
                 try:
-                    self.qmp.execute("blockdev-del", **{"node-name": node})
+                    self.qmp.execute("blockdev-del", {"node-name": node})
                 except BlockferryError as e:
                     log.error("could not remove a new layer's node", extra={"node": node, "error": e.message})
             raise
@@ -143,24 +146,24 @@ class QemuHypervisor(Hypervisor):
             sock = qmp_socket(h.argv)
             if sock:
                 tried.add(sock)
-                vm = self._ask(sock, h.pid, _vm_name(h.argv), path)
+                vm = self._ask(sock, h.pid, h.argv, path)
                 if vm is not None:
                     return vm
         for pattern in self.qmp_sockets:
             for sock in sorted(glob.glob(pattern)):
                 if sock not in tried:
-                    vm = self._ask(sock, 0, "", path)
+                    vm = self._ask(sock, 0, (), path)
                     if vm is not None:
                         return vm
         return None
 
-    def _ask(self, sock: str, pid: int, name: str, path: str) -> QemuVm | None:
+    def _ask(self, sock: str, pid: int, argv: tuple[str, ...], path: str) -> QemuVm | None:
         try:
             qmp = Qmp(sock, timeout=self.timeout)
         except BlockferryError as e:
             log.info("a QMP socket did not answer", extra={"socket": sock, "error": e.message})
             return None
-        vm = QemuVm(qmp, pid, name)
+        vm = QemuVm(qmp, pid, argv)
         try:
             if vm.disk_of(path) is not None:
                 return vm

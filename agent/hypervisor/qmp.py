@@ -51,9 +51,13 @@ class Qmp:
         msg: dict[str, Any] = json.loads(line)
         return msg
 
-    def execute(self, command: str, timeout: float | None = None, **arguments: Any) -> Any:
-        """Run a command and return its reply's "return" value. A refusal
-        raises HypervisorError with qemu's own description."""
+    def execute(
+        self, command: str, args: dict[str, Any] | None = None, *, timeout: float | None = None, **arguments: Any
+    ) -> Any:
+        """Run a command and return its reply's "return" value (arguments
+        whose names are not Python names, such as node-name, go in args). A
+        refusal raises HypervisorError with qemu's own description."""
+        arguments = {**(args or {}), **arguments}
         with self._lock:
             self._next_id += 1
             ident = f"bf-{self._next_id}"

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 
 from agent.api.v1 import volumes_pb2, volumes_pb2_grpc
+from agent.errors import InvalidArgument
 from agent.jobs.engine import JobEngine
 from agent.kinds.volumes import volume_resource
 from agent.pools import PoolRegistry
 from agent.services.common import Auth, exclusive, rpc
-from agent.volumes.base import SnapshotInfo, VolumeInfo, check_uuid
+from agent.volumes.base import SnapshotInfo, SnapshotRequest, VolumeInfo, check_uuid
 
 
 def volume_to_pb(v: VolumeInfo) -> volumes_pb2.Volume:
@@ -40,6 +42,7 @@ def snapshot_to_pb(s: SnapshotInfo) -> volumes_pb2.Snapshot:
         children=list(s.children),
         clones=list(s.clones),
         tracking=s.tracking,
+        consistency=s.consistency,
     )
 
 
@@ -139,6 +142,33 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
             return snapshot_to_pb(
                 pool.create_snapshot(request.volume_uuid, request.snapshot_uuid, request.name, request.description)
             )
+
+    @rpc
+    def CreateSnapshotSet(self, request, context):
+        if not request.snapshots:
+            raise InvalidArgument("snapshots: name at least one volume", field="snapshots")
+        if request.freeze_timeout < 0 or request.freeze_timeout > 600:
+            raise InvalidArgument("freeze_timeout: from 0 (the default, 10 s) to 600 seconds", field="freeze_timeout")
+        wanted = []
+        for i, r in enumerate(request.snapshots):
+            self.pools.get(r.pool_uuid, f"snapshots[{i}].pool_uuid")
+            check_uuid(r.volume_uuid, f"snapshots[{i}].volume_uuid")
+            wanted.append(SnapshotRequest(r.pool_uuid, r.volume_uuid, r.snapshot_uuid, r.name, r.description))
+        pool = self.pools.get(request.snapshots[0].pool_uuid)
+        with ExitStack() as stack:
+            for r in sorted(wanted, key=lambda r: (r.pool_uuid, r.volume_uuid)):
+                stack.enter_context(exclusive(self.engine.locks, volume_resource(r.pool_uuid, r.volume_uuid)))
+            got = pool.create_snapshot_set(
+                wanted, freeze=not request.no_freeze, freeze_timeout=request.freeze_timeout or 10.0
+            )
+        return volumes_pb2.SnapshotSet(
+            snapshots=[snapshot_to_pb(s) for s in got.snapshots],
+            consistency=got.consistency,
+            vm=got.vm,
+            reason=got.reason,
+            frozen_ms=got.frozen_ms,
+            switch_ms=got.switch_ms,
+        )
 
     @rpc
     def DeleteSnapshot(self, request, context):

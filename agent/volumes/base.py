@@ -7,7 +7,7 @@ import re
 import threading
 import uuid as uuidlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -67,6 +67,30 @@ class SnapshotInfo:
     children: tuple[str, ...]  # child snapshot uuids, and "head" where the live state grows from it
     clones: tuple[str, ...]  # volume uuids of linked clones based on it
     tracking: str = "ok"  # "lost" when changes across this snapshot cannot be known exactly
+    consistency: str = ""  # "application", "crash" or "offline" (no VM held it); "" before it was recorded
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """One snapshot of a set (CreateSnapshotSet): a volume of any pool."""
+
+    pool_uuid: str
+    volume_uuid: str
+    snapshot_uuid: str
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotSet:
+    """Snapshots of a VM's disks taken at one point in time."""
+
+    snapshots: tuple[SnapshotInfo, ...]
+    consistency: str  # of every snapshot in the set
+    vm: str  # the VM that held the volumes, "" when none did
+    reason: str  # why the set is crash-consistent
+    frozen_ms: float  # how long the guest's filesystems were frozen
+    switch_ms: float  # the guest-visible switch to the new layers (the QMP transaction)
 
 
 @dataclass(frozen=True)
@@ -171,6 +195,20 @@ class VolumeDriver(ABC):
     def create_snapshot(
         self, volume_uuid: str, snapshot_uuid: str, name: str, description: str = ""
     ) -> SnapshotInfo: ...
+
+    def create_snapshot_set(
+        self, requests: Sequence[SnapshotRequest], *, freeze: bool = True, freeze_timeout: float = 10.0
+    ) -> SnapshotSet:
+        """Snapshots of a running VM's disks at one point in time. Drivers
+        that cannot take one take a set of one volume."""
+        if len(requests) != 1 or requests[0].pool_uuid != self.pool_uuid:
+            raise InvalidArgument(
+                f"snapshots: pool {self.pool_uuid} ({self.kind}) takes one volume of its own per set",
+                field="snapshots",
+            )
+        r = requests[0]
+        info = self.create_snapshot(r.volume_uuid, r.snapshot_uuid, r.name, r.description)
+        return SnapshotSet((info,), info.consistency, "", "", 0.0, 0.0)
 
     @abstractmethod
     def delete_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> None: ...

@@ -16,12 +16,23 @@ QEMU = "qemu-system-x86_64"
 
 
 class Vm:
-    def __init__(self, tmp: Path, disks: list[str], *, name: str = "vm", monitor: str = "qmp", drive: bool = False):
+    def __init__(
+        self,
+        tmp: Path,
+        disks: list[str],
+        *,
+        name: str = "vm",
+        monitor: str = "qmp",
+        drive: bool = False,
+        qga: str = "",
+    ):
         """monitor: how the QMP socket is given: "qmp" (-qmp unix:PATH),
         "chardev" (-chardev socket + -mon) or "config" (-readconfig: not on
         the command line at all); drive: open the disks with -drive
         (Proxmox's way: qemu names the file nodes itself) instead of explicit
-        -blockdev nodes (libvirt's)."""
+        -blockdev nodes (libvirt's); qga: a guest agent channel, "server"
+        (qemu serves it and no agent answers: no guest OS) or the socket of a
+        FakeGuestAgent that qemu connects to."""
         self.qmp_path = str(tmp / f"{name}-{os.getpid()}-{time.monotonic_ns()}.qmp")
         argv = [QEMU, "-accel", "kvm", "-accel", "tcg", "-nodefaults", "-nographic", "-machine", "q35"]
         argv += ["-m", "64", "-name", f"guest={name}"]
@@ -37,6 +48,12 @@ class Vm:
                 '  server = "on"\n  wait = "off"\n\n[mon "m0"]\n  chardev = "mon0"\n  mode = "control"\n'
             )
             argv += ["-readconfig", str(config)]
+        if qga:
+            self.qga_path = str(tmp / f"{name}-{os.getpid()}-{time.monotonic_ns()}.qga") if qga == "server" else qga
+            server = ",server=on,wait=off" if qga == "server" else ""
+            argv += ["-chardev", f"socket,id=qga0,path={self.qga_path}{server}"]
+            argv += ["-device", "virtio-serial-pci,id=vser0"]
+            argv += ["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
         for i, path in enumerate(disks):
             if drive:
                 argv += ["-drive", f"file={path},format=qcow2,if=none,id=drive{i}"]

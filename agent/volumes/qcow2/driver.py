@@ -47,8 +47,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
 
 from agent import native
 from agent.errors import (
@@ -65,6 +65,7 @@ from agent.errors import (
 )
 from agent.extents import AllocExtent, Extent, merge_extents
 from agent.hypervisor.base import Hypervisor, LiveLayer, RunningVm
+from agent.hypervisor.freeze import OFFLINE, guest_frozen
 from agent.hypervisor.holders import holders
 from agent.hypervisor.qemu import QemuHypervisor
 from agent.paths import resolve_under_roots
@@ -75,6 +76,8 @@ from agent.volumes.base import (
     RestoreTarget,
     SnapshotInfo,
     SnapshotReader,
+    SnapshotRequest,
+    SnapshotSet,
     SnapshotTree,
     VolumeDriver,
     VolumeInfo,
@@ -467,53 +470,143 @@ class Qcow2Pool(VolumeDriver):
     # ---- snapshots ----
 
     def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str, description: str = "") -> SnapshotInfo:
-        snap = check_uuid(snapshot_uuid, "snapshot_uuid")
-        check_name(name, "snapshot_name")
-        if len(description) > 1024:
-            raise InvalidArgument("desc: at most 1024 characters", field="desc")
-        with self._locked(volume_uuid):
-            meta = self._meta(volume_uuid)
-            if meta.snapshot(snap):
-                raise AlreadyExists(f"snapshot_uuid: snapshot {snap} exists", field="snapshot_uuid")
-            if any(s.name == name for s in meta.snapshots):
-                raise AlreadyExists(
-                    f"snapshot_name: volume {meta.uuid} has a snapshot named {name!r}", field="snapshot_name"
-                )
-            head = self.head_path(meta.uuid)
-            self.fs.makedirs(self.snap_dir(meta.uuid))
-            layer = self.snap_path(meta.uuid, snap)
-            vm = self._running_vm(head)
+        request = SnapshotRequest(self.pool_uuid, volume_uuid, snapshot_uuid, name, description)
+        return self.create_snapshot_set([request]).snapshots[0]
+
+    def create_snapshot_set(
+        self, requests: Sequence[SnapshotRequest], *, freeze: bool = True, freeze_timeout: float = 10.0
+    ) -> SnapshotSet:
+        """Snapshots of volumes of this host's qcow2 pools at one point in
+        time. The disks a running VM holds switch to new layers in one QMP
+        transaction, inside a guest freeze when the VM's guest agent answers
+        (else crash-consistent, and the set says why); idle volumes of the
+        set are snapshotted just before, and put back if the switch fails.
+        Volumes of two different running VMs are refused: a set is one VM's."""
+        if not requests:
+            raise InvalidArgument("snapshots: name at least one volume", field="snapshots")
+        items = [self._set_item(i, r) for i, r in enumerate(requests)]
+        with ExitStack() as stack:
+            for it in sorted(items, key=lambda it: (it.pool.pool_uuid, it.meta_uuid)):
+                stack.enter_context(it.pool._locked(it.meta_uuid))
+            vm: RunningVm | None = None
+            for it in items:
+                it.prepare()
+                if vm is not None and vm.disk_of(it.head) is not None:
+                    it.vm = vm  # asked on the connection open already: a monitor serves one client
+                    continue
+                held = it.pool._running_vm(it.head)
+                if held is None:
+                    continue
+                stack.callback(held.close)
+                if vm is not None and held.ident != vm.ident:
+                    raise InvalidArgument(
+                        f"snapshots[{it.index}]: volume {it.meta_uuid} is a disk of VM {held.name}, the others "
+                        f"of VM {vm.name}: a set holds the disks of one VM",
+                        field=f"snapshots[{it.index}]",
+                    )
+                vm = vm or held
+                it.vm = held
             if vm is None:
-                capacity = qemu_img.info(head).virtual_size
-                tracking = self._freeze_tracking(head)
-                self.fs.rename(head, layer)
-                try:
-                    self._new_layer(head, capacity, layer, "qcow2")
-                except Exception:
-                    self.fs.rename(layer, head)  # put the live state back as it was
-                    raise
-            else:
-                with vm:
-                    tracking = self._live_snapshot(vm, head, layer)
-            if meta.head_tracking != TRACKING_OK:
-                tracking = TRACKING_LOST
+                for it in items:
+                    it.tracking = it.pool._offline_switch(it.head, it.layer)
+                return self._finish_set(items, "", OFFLINE, "", 0.0, 0.0)
+            live = [it for it in items if it.vm is not None]
+            idle = [it for it in items if it.vm is None]
+            layers = [it.pool._live_prepare(vm, it) for it in live]
+            done: list[_SetItem] = []
+            try:
+                for it in idle:
+                    it.tracking = it.pool._offline_switch(it.head, it.layer)
+                    done.append(it)
+                with guest_frozen(vm.guest_agent_socket(), vm.name, timeout=freeze_timeout, wanted=freeze) as fr:
+                    started = time.monotonic()
+                    vm.add_layers(layers)
+                    switch_ms = (time.monotonic() - started) * 1000
+            except BaseException:
+                for it in live:
+                    it.pool.fs.unlink(it.tmp)
+                for it in done:
+                    it.pool._offline_undo(it.head, it.layer)
+                raise
+            for it in live:
+                it.pool._live_rename(vm, it)
+            return self._finish_set(items, vm.name, fr.consistency, fr.reason, fr.frozen_ms, switch_ms)
+
+    def _set_item(self, index: int, r: SnapshotRequest) -> _SetItem:
+        pool = self.lookup(r.pool_uuid)
+        if not isinstance(pool, Qcow2Pool):
+            raise InvalidArgument(
+                f"snapshots[{index}].pool_uuid: pool {r.pool_uuid} is not a qcow2 pool of this host",
+                field=f"snapshots[{index}].pool_uuid",
+            )
+        snap = check_uuid(r.snapshot_uuid, "snapshot_uuid")
+        check_name(r.name, "snapshot_name")
+        if len(r.description) > 1024:
+            raise InvalidArgument("desc: at most 1024 characters", field="desc")
+        return _SetItem(index, pool, check_uuid(r.volume_uuid, "volume_uuid"), snap, r.name, r.description)
+
+    def _finish_set(
+        self, items: list[_SetItem], vm: str, consistency: str, reason: str, frozen_ms: float, switch_ms: float
+    ) -> SnapshotSet:
+        infos = []
+        for it in items:
+            pool, meta = it.pool, it.meta
+            assert meta is not None
+            tracking = it.tracking if meta.head_tracking == TRACKING_OK else TRACKING_LOST
             s = SnapMeta(
-                uuid=snap,
-                name=name,
-                description=description,
+                uuid=it.snap,
+                name=it.name,
+                description=it.description,
                 created_at=time.time(),
                 parent=meta.head_parent,
                 tracking=tracking,
+                consistency=consistency,
             )
             meta.snapshots.append(s)
-            meta.head_parent = snap
+            meta.head_parent = it.snap
             meta.head_tracking = TRACKING_OK
-            self._save(meta)
+            pool._save(meta)
             log.info(
                 "snapshot created",
-                extra={"volume": meta.uuid, "snapshot": snap, "tracking": tracking, "live": vm is not None},
+                extra={
+                    "volume": meta.uuid,
+                    "snapshot": it.snap,
+                    "tracking": tracking,
+                    "vm": vm,
+                    "consistency": consistency,
+                },
             )
-            return self._snap_info(meta, s)
+            infos.append(pool._snap_info(meta, s))
+        if vm:
+            log.info(
+                "snapshot set of a running VM",
+                extra={
+                    "vm": vm,
+                    "disks": len(items),
+                    "consistency": consistency,
+                    "reason": reason,
+                    "frozen_ms": round(frozen_ms, 1),
+                    "switch_ms": round(switch_ms, 1),
+                },
+            )
+        return SnapshotSet(tuple(infos), consistency, vm, reason, frozen_ms, switch_ms)
+
+    def _offline_switch(self, head: str, layer: str) -> str:
+        """An idle volume's snapshot: the head becomes the layer, a new head
+        grows from it. Returns the layer's tracking."""
+        capacity = qemu_img.info(head).virtual_size
+        tracking = self._freeze_tracking(head)
+        self.fs.rename(head, layer)
+        try:
+            self._new_layer(head, capacity, layer, "qcow2")
+        except Exception:
+            self.fs.rename(layer, head)  # put the live state back as it was
+            raise
+        return tracking
+
+    def _offline_undo(self, head: str, layer: str) -> None:
+        self.fs.unlink(head)
+        self.fs.rename(layer, head)
 
     def _running_vm(self, path: str) -> RunningVm | None:
         """None when no process holds the image; the running VM that holds
@@ -534,42 +627,43 @@ class Qcow2Pool(VolumeDriver):
                 field=e.field,
             ) from None
 
-    def _live_snapshot(self, vm: RunningVm, head: str, layer: str) -> str:
-        """The live state of a running VM becomes the snapshot's layer: a new
-        head backed by it is created next to it, qemu puts it on top of the
-        disk in one transaction that also stops the old layer's bitmap (qemu
-        stores it in the layer's file when it reopens it read-only), and
-        only then are the files renamed (qemu keeps its descriptors): the old
-        head to the layer's path, the new one to the head path, which stays."""
-        disk = vm.disk_of(head)
+    def _live_prepare(self, vm: RunningVm, it: _SetItem) -> LiveLayer:
+        """The new head of a running VM's disk, created next to the old one:
+        backed by the layer's path-to-be, with an empty bitmap."""
+        disk = vm.disk_of(it.head)
         if disk is None:
-            raise InUse(f"volume head {head} is no longer held by VM {vm.name}")
-        tracking = TRACKING_OK if BITMAP in disk.bitmaps else TRACKING_LOST
-        capacity = qemu_img.info(head, force_share=True).virtual_size
-        tmp = os.path.join(os.path.dirname(head), f".{os.path.basename(head)}.new")
-        if self.fs.exists(tmp):
-            self.fs.unlink(tmp)
-        qemu_img.create(tmp, capacity, backing=layer, backing_format="qcow2", unsafe=True)
-        qemu_img.bitmap(tmp, "add", BITMAP)
+            raise InUse(f"volume head {it.head} is no longer held by VM {vm.name}")
+        it.tracking = TRACKING_OK if BITMAP in disk.bitmaps else TRACKING_LOST
+        capacity = qemu_img.info(it.head, force_share=True).virtual_size
+        it.tmp = os.path.join(os.path.dirname(it.head), f".{os.path.basename(it.head)}.new")
+        if self.fs.exists(it.tmp):
+            self.fs.unlink(it.tmp)
+        qemu_img.create(it.tmp, capacity, backing=it.layer, backing_format="qcow2", unsafe=True)
         try:
-            vm.add_layers([LiveLayer(disk, tmp, head, BITMAP if tracking == TRACKING_OK else "")])
-        except BaseException:  # the VM never wrote to the new head
-            self.fs.unlink(tmp)
+            qemu_img.bitmap(it.tmp, "add", BITMAP)
+        except BaseException:
+            self.fs.unlink(it.tmp)
             raise
+        return LiveLayer(disk, it.tmp, it.head, BITMAP if it.tracking == TRACKING_OK else "")
+
+    def _live_rename(self, vm: RunningVm, it: _SetItem) -> None:
+        """After qemu switched to the new head: the old head takes the
+        layer's path and the new one the head's (qemu keeps its descriptors).
+        Only now: qemu reopened the old top read-only during the switch, and
+        a file node qemu made itself (a VM started with -drive) is reopened
+        by its name."""
         try:
-            self.fs.rename(head, layer)
-            self.fs.rename(tmp, head)
+            self.fs.rename(it.head, it.layer)
+            self.fs.rename(it.tmp, it.head)
         except OSError as e:  # the VM writes to tmp now: say where everything is
             log.critical(
                 "live snapshot switched but its files were not renamed",
-                extra={"vm": vm.name, "head": head, "live_file": tmp, "layer": layer, "error": str(e)},
+                extra={"vm": vm.name, "head": it.head, "live_file": it.tmp, "layer": it.layer, "error": str(e)},
             )
             raise StorageIOError(
-                f"snapshot of {head}: VM {vm.name} now writes to {tmp}, but renaming the files failed: "
-                f"{e.strerror or e}; rename them by hand ({head} to {layer}, then {tmp} to {head})"
+                f"snapshot of {it.head}: VM {vm.name} now writes to {it.tmp}, but renaming the files failed: "
+                f"{e.strerror or e}; rename them by hand ({it.head} to {it.layer}, then {it.tmp} to {it.head})"
             ) from None
-        log.info("live snapshot", extra={"vm": vm.name, "device": disk.device, "layer": layer})
-        return tracking
 
     def _snap_info(self, meta: VolMeta, s: SnapMeta) -> SnapshotInfo:
         children = [c.uuid for c in meta.children_of(s.uuid)]
@@ -586,6 +680,7 @@ class Qcow2Pool(VolumeDriver):
             children=tuple(children),
             clones=tuple(c.split("/")[1] for c in s.clones),
             tracking=s.tracking,
+            consistency=s.consistency,
         )
 
     def delete_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> None:
@@ -1004,3 +1099,28 @@ class Qcow2OverwriteTarget(_NbdTarget):
 
     def abort(self) -> None:
         self._close()
+
+
+class _SetItem:
+    """One volume of a snapshot set while the set is taken."""
+
+    def __init__(self, index: int, pool: Qcow2Pool, volume: str, snap: str, name: str, description: str):
+        self.index, self.pool, self.meta_uuid = index, pool, volume
+        self.snap, self.name, self.description = snap, name, description
+        self.meta: VolMeta | None = None
+        self.head = self.layer = self.tmp = ""
+        self.tracking = TRACKING_OK
+        self.vm: RunningVm | None = None
+
+    def prepare(self) -> None:
+        """Under the volume's lock: the checks, and where its files go."""
+        meta = self.meta = self.pool._meta(self.meta_uuid)
+        if meta.snapshot(self.snap):
+            raise AlreadyExists(f"snapshot_uuid: snapshot {self.snap} exists", field="snapshot_uuid")
+        if any(s.name == self.name for s in meta.snapshots):
+            raise AlreadyExists(
+                f"snapshot_name: volume {meta.uuid} has a snapshot named {self.name!r}", field="snapshot_name"
+            )
+        self.head = self.pool.head_path(meta.uuid)
+        self.pool.fs.makedirs(self.pool.snap_dir(meta.uuid))
+        self.layer = self.pool.snap_path(meta.uuid, self.snap)

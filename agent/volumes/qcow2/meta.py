@@ -26,6 +26,7 @@ class SnapMeta:
     created_at: float
     parent: str | None
     tracking: str = TRACKING_OK  # whether this layer's dirty bitmap is complete
+    consistency: str = ""  # application, crash or offline (hypervisor/freeze.py); "" from before it was kept
     clones: list[str] = field(default_factory=list)  # linked clone volume uuids
 
 
@@ -62,7 +63,8 @@ def load(fs, path: str) -> VolMeta:
         raise StorageIOError(f"volume metadata {path} is unreadable: {e}") from None
     if d.get("version", 0) > META_VERSION:
         raise StorageIOError(f"volume metadata {path} has version {d['version']}, newer than this agent")
-    snaps = [SnapMeta(**s) for s in d.pop("snapshots", [])]
+    known = {f.name for f in dataclasses.fields(SnapMeta)}  # fields a newer agent added are kept out
+    snaps = [SnapMeta(**{k: v for k, v in s.items() if k in known}) for s in d.pop("snapshots", [])]
     return VolMeta(snapshots=snaps, **d)
 
 
