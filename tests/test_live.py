@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from agent.api.v1 import volumes_pb2 as pb
-from agent.errors import InUse, InvalidArgument, TrackingLost
+from agent.errors import FailedPrecondition, InUse, InvalidArgument, TrackingLost
 from agent.hypervisor.holders import qmp_socket
 from agent.hypervisor.qemu import QemuHypervisor
 from agent.repo.repository import Repository
@@ -296,3 +296,64 @@ def test_a_snapshot_set_through_the_agent_across_two_pools(make_agent, fake_qga,
         finally:
             vm.quit()
     assert a.stop() == 0
+
+
+@pytest.mark.parametrize("drive", [False, True], ids=["blockdev", "drive"])
+def test_deleting_snapshots_of_a_running_vm_merges_them_in_qemu(env, drive):
+    pool, start, tmp = env
+    vol = pool.create_volume(nid(), "merge", 8 * MiB).uuid
+    head = pool.head_path(vol)
+    vm = start(head, drive=drive)
+    snaps = []
+    for i, pattern in enumerate((0x71, 0x72, 0x73)):
+        vm.write(0, pattern, i * MiB, MiB)
+        snaps.append(nid())
+        pool.create_snapshot(vol, snaps[-1], f"s{i}")  # head -> s2 -> s1 -> s0
+    vm.write(0, 0x74, 3 * MiB, MiB)
+    want = {s: raw_of(pool.snap_path(vol, s), tmp) for s in snaps}
+
+    pool.delete_snapshot(vol, snaps[1])  # in the middle: s2 (read-only in qemu) takes s1's data
+    assert [s.uuid for s in pool.list_snapshots(vol)] == [snaps[0], snaps[2]]
+    assert raw_of(pool.snap_path(vol, snaps[2]), tmp) == want[snaps[2]]
+    assert pool.snapshot_info(vol, snaps[2]).tracking == "lost"  # its bitmap could not take s1's
+    with pytest.raises(TrackingLost):
+        pool.changed_extents(vol, snaps[2], snaps[0])
+
+    pool.delete_snapshot(vol, snaps[0])  # the root: s2 keeps its tracking state, nothing is older
+    pool.delete_snapshot(vol, snaps[2])  # under the head: the head (read-write) takes it, bitmap merged
+    assert pool.list_snapshots(vol) == [] and not os.listdir(pool.snap_dir(vol))
+    vm.write(0, 0x75, 4 * MiB, MiB)  # the guest keeps writing, to the one file left
+    vm.flush(0)
+    expected = b"".join(bytes([p]) * MiB for p in (0x71, 0x72, 0x73, 0x74, 0x75)) + bytes(3 * MiB)
+    assert raw_of(head, tmp) == expected
+    assert vm.qmp("query-block")[0]["inserted"]["backing_file_depth"] == 0
+    nodes = [n["node-name"] for n in vm.qmp("query-named-block-nodes", flat=True)]
+    assert len(nodes) == 2  # the head's format and file nodes: no released layer stays open
+    s = nid()
+    pool.create_snapshot(vol, s, "after")  # and the next live snapshot still works
+    assert raw_of(pool.snap_path(vol, s), tmp) == expected
+
+
+def test_a_layer_qemu_would_reopen_by_a_stale_name_is_not_merged_into(env):
+    pool, start, tmp = env
+    vol = pool.create_volume(nid(), "stale", 8 * MiB).uuid
+    old = nid()
+    pool.create_snapshot(vol, old, "before-start")  # idle: head -> old
+    vm = start(pool.head_path(vol), drive=True)  # qemu names the head's file node itself
+    vm.write(0, 0x81, 0, MiB)
+    new = nid()
+    pool.create_snapshot(vol, new, "live")  # the VM's first head is now layer `new`, under its old name
+    with pytest.raises(FailedPrecondition) as e:
+        pool.delete_snapshot(vol, old)  # would stream into `new`: qemu reopens it read-write by name
+    assert "stop the VM" in e.value.message and e.value.field == "snapshot_uuid"
+    assert [s.uuid for s in pool.list_snapshots(vol)] == [old, new]
+    vm.write(0, 0x82, 0, MiB)
+    vm.flush(0)
+    assert raw_of(pool.snap_path(vol, new), tmp)[:MiB] == b"\x81" * MiB
+    assert raw_of(pool.head_path(vol), tmp)[:MiB] == b"\x82" * MiB
+    with pytest.raises(InUse) as e:
+        pool.rollback_snapshot(vol, new)
+    assert "stop it first" in e.value.message
+    vm.quit()
+    pool.delete_snapshot(vol, old)  # stopped: the offline path
+    assert [s.uuid for s in pool.list_snapshots(vol)] == [new]

@@ -53,6 +53,25 @@ class LiveLayer:
     bitmap: str = ""
 
 
+@dataclass(frozen=True)
+class ChainNode:
+    """One layer of a running disk's chain, as qemu holds it."""
+
+    node: str  # the format node
+    read_only: bool
+    file_node: str  # its protocol (file) node
+    file_name: str  # the name qemu opened that file by (stale once the file was renamed)
+    file_implicit: bool  # a file node qemu made itself: qemu reopens it by file_name
+    file_read_only: bool
+
+    def reopens_by_stale_name(self, path: str) -> bool:
+        """Whether making this layer writable would make qemu open its file
+        again by a name that no longer is that file (the layer lives at path)."""
+        if self.file_implicit or self.file_read_only:
+            return not same_file(self.file_name, path)
+        return False  # a read-write file node of its own keeps its descriptor
+
+
 class RunningVm(ABC):
     """A running VM, reached through its hypervisor for one operation."""
 
@@ -71,6 +90,22 @@ class RunningVm(ABC):
     @abstractmethod
     def guest_agent_socket(self) -> str | None:
         """The host side of the VM's qemu-guest-agent channel, if it has one."""
+
+    @abstractmethod
+    def chain(self, disk: VmDisk) -> list[ChainNode]:
+        """The disk's layers, top first."""
+
+    @abstractmethod
+    def merge_bitmap(self, target: ChainNode, source: ChainNode, name: str) -> None:
+        """Add the bits of source's bitmap `name` to target's (both recorded)."""
+
+    @abstractmethod
+    def stream(self, top: ChainNode, base: ChainNode | None, backing_file: str | None) -> None:
+        """Copy into top what it reads from the layers between it and base,
+        then make base its backing (`backing_file` written in top's header);
+        with no base, top keeps everything and has no backing. Returns when
+        qemu finished; the layers between are released (and removed from
+        qemu where the agent had added them)."""
 
     @abstractmethod
     def add_layers(self, layers: list[LiveLayer]) -> None:

@@ -15,13 +15,16 @@ import json
 import logging
 import os
 import uuid as uuidlib
+from typing import Any
 
-from agent.errors import BlockferryError
-from agent.hypervisor.base import Hypervisor, LiveLayer, RunningVm, VmDisk, same_file
+from agent.errors import BlockferryError, HypervisorError
+from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, same_file
 from agent.hypervisor.holders import Holder, holders, qga_socket, qmp_socket
 from agent.hypervisor.qmp import TIMEOUT, Qmp
 
 log = logging.getLogger("agent.hypervisor")
+
+STREAM_TIMEOUT = 24 * 3600.0  # a stream copies a whole layer: hours on a large one
 
 
 def _top_file(name: str) -> str:
@@ -96,6 +99,70 @@ class QemuVm(RunningVm):
         disks = self.disks()
         ours = next((d for d in disks if d.node.startswith(prefix)), None)
         return ours or next((d for d in disks if same_file(d.file, path)), None)
+
+    def chain(self, disk: VmDisk) -> list[ChainNode]:
+        graph = self.qmp.execute("x-debug-query-block-graph")
+        names = {n["id"]: n["name"] for n in graph["nodes"]}
+        children: dict[tuple[str, str], str] = {}
+        for e in graph["edges"]:
+            children[(names[e["parent"]], e["name"])] = names[e["child"]]
+        info = {n["node-name"]: n for n in self.qmp.execute("query-named-block-nodes", flat=True)}
+        out, node = [], disk.node
+        while node:
+            file_node = children.get((node, "file"), "")
+            f = info.get(file_node, {})
+            out.append(
+                ChainNode(
+                    node=node,
+                    read_only=bool(info.get(node, {}).get("ro")),
+                    file_node=file_node,
+                    file_name=f.get("file", ""),
+                    file_implicit=file_node.startswith("#"),
+                    file_read_only=bool(f.get("ro")),
+                )
+            )
+            node = children.get((node, "backing"), "")
+        return out
+
+    def merge_bitmap(self, target: ChainNode, source: ChainNode, name: str) -> None:
+        self.qmp.execute(
+            "block-dirty-bitmap-merge", node=target.node, target=name, bitmaps=[{"node": source.node, "name": name}]
+        )
+
+    def stream(self, top: ChainNode, base: ChainNode | None, backing_file: str | None) -> None:
+        below = self.chain_below(top, base)
+        job = f"bf-stream-{uuidlib.uuid4().hex[:8]}"
+        args: dict[str, Any] = {"job-id": job, "device": top.node}
+        if base is not None:
+            args["base-node"] = base.node
+            args["backing-file"] = backing_file
+        self.qmp.execute("block-stream", args)
+        ev = self.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=STREAM_TIMEOUT, device=job)
+        if ev["data"].get("error"):
+            raise HypervisorError(f"VM {self.name}: block-stream into {top.node} failed: {ev['data']['error']}")
+        for node in below:  # named nodes stay open until deleted (their files too); qemu's own go by themselves
+            for name in (node.node, node.file_node):
+                if name and not name.startswith("#"):
+                    try:
+                        self.qmp.execute("blockdev-del", {"node-name": name})
+                    except BlockferryError as e:
+                        log.warning("a released layer's node stays open", extra={"node": name, "error": e.message})
+
+    def chain_below(self, top: ChainNode, base: ChainNode | None) -> list[ChainNode]:
+        """The layers strictly between top and base (all below top without base)."""
+        out, seen = [], False
+        for n in self._chain_from(top.node):
+            if n.node == top.node:
+                seen = True
+                continue
+            if base is not None and n.node == base.node:
+                break
+            if seen:
+                out.append(n)
+        return out
+
+    def _chain_from(self, node: str) -> list[ChainNode]:
+        return self.chain(VmDisk(device="", node=node, file="", bitmaps=()))
 
     def add_layers(self, layers: list[LiveLayer]) -> None:
         added: list[str] = []

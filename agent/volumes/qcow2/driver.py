@@ -699,34 +699,132 @@ class Qcow2Pool(VolumeDriver):
             children = [(c, self.snap_path(meta.uuid, c.uuid)) for c in meta.children_of(s.uuid)]
             if meta.head_parent == s.uuid:
                 children.append((None, self.head_path(meta.uuid)))
-            for _, path in children:
-                qemu_img.ensure_not_in_use(path)
-            for child, path in children:
-                # Copy in what the child still needs from the layer going away.
-                qemu_img.rebase(path, new_backing, backing_format=new_fmt)
-                child_ok = (child.tracking if child else meta.head_tracking) == TRACKING_OK
-                if child_ok and s.tracking == TRACKING_OK:
-                    # changes since the new parent = the deleted layer's + the child's
-                    qemu_img.bitmap(path, "merge", BITMAP, source_file=layer, source=BITMAP)
-                elif child:
-                    child.tracking = TRACKING_LOST
-                else:
-                    meta.head_tracking = TRACKING_LOST
-                if child:
-                    child.parent = s.parent
+            with ExitStack() as stack:
+                vm = self._running_vm(self.head_path(meta.uuid))
+                if vm is not None:
+                    stack.enter_context(vm)
+                    live = self._live_child(vm, meta, s)
+                    if live is not None:  # the child in the VM's chain: qemu merges it
+                        self._live_delete(vm, meta, s, *live, new_backing)
+                        children = [(c, p) for c, p in children if p != live[1]]
+                self._offline_delete(meta, s, layer, children, new_backing, new_fmt)
             if meta.head_parent == s.uuid:
                 meta.head_parent = s.parent
             meta.snapshots.remove(s)
             self._save(meta)
             self.fs.unlink(layer)
-            log.info("snapshot deleted", extra={"volume": meta.uuid, "snapshot": s.uuid, "rebased": len(children)})
+            log.info(
+                "snapshot deleted",
+                extra={"volume": meta.uuid, "snapshot": s.uuid, "rebased": len(children), "live": vm is not None},
+            )
+
+    def _offline_delete(
+        self,
+        meta: VolMeta,
+        s: SnapMeta,
+        layer: str,
+        children: list[tuple[SnapMeta | None, str]],
+        new_backing: str | None,
+        new_fmt: str,
+    ) -> None:
+        """Rebase the children no process holds onto the deleted layer's parent."""
+        for _, path in children:
+            qemu_img.ensure_not_in_use(path)
+        for child, path in children:
+            # Copy in what the child still needs from the layer going away.
+            qemu_img.rebase(path, new_backing, backing_format=new_fmt)
+            child_ok = (child.tracking if child else meta.head_tracking) == TRACKING_OK
+            if child_ok and s.tracking == TRACKING_OK:
+                # changes since the new parent = the deleted layer's + the child's
+                qemu_img.bitmap(path, "merge", BITMAP, source_file=layer, source=BITMAP)
+            elif child:
+                child.tracking = TRACKING_LOST
+            else:
+                meta.head_tracking = TRACKING_LOST
+            if child:
+                child.parent = s.parent
+
+    def _live_child(self, vm: RunningVm, meta: VolMeta, s: SnapMeta) -> tuple[SnapMeta | None, str, list] | None:
+        """When the snapshot going away is in the running disk's chain: its
+        child there (None for the head), that child's path, and the chain."""
+        path: list[SnapMeta | None] = [None, *self._chain_snaps(meta)]  # the head, then its parents
+        if not any(p is s for p in path):
+            return None
+        disk = vm.disk_of(self.head_path(meta.uuid))
+        if disk is None:
+            raise InUse(f"volume head {self.head_path(meta.uuid)} is no longer held by VM {vm.name}")
+        chain = vm.chain(disk)
+        if len(chain) < len(path):
+            raise FailedPrecondition(
+                f"snapshot_uuid: VM {vm.name} runs volume {meta.uuid} on {len(chain)} layers, its snapshot tree "
+                f"has {len(path)}: stop the VM, then delete the snapshot",
+                field="snapshot_uuid",
+            )
+        child = path[path.index(s) - 1]
+        child_path = self.head_path(meta.uuid) if child is None else self.snap_path(meta.uuid, child.uuid)
+        return child, child_path, chain
+
+    def _live_delete(
+        self,
+        vm: RunningVm,
+        meta: VolMeta,
+        s: SnapMeta,
+        child: SnapMeta | None,
+        child_path: str,
+        chain: list,
+        new_backing: str | None,
+    ) -> None:
+        """The running VM's qemu copies the deleted layer's data into its
+        child (block-stream), writes the new backing name itself, and lets the
+        layer go. The child's bitmap gains the deleted layer's when qemu can
+        write it (the head); an intermediate layer is read-only in qemu, so
+        its tracking is kept only when nothing is older than it afterwards."""
+        depth = [None, *self._chain_snaps(meta)]
+        top, gone = chain[depth.index(child)], chain[depth.index(s)]
+        base = chain[depth.index(s) + 1] if depth.index(s) + 1 < len(chain) else None
+        if base is None and new_backing is not None:
+            raise FailedPrecondition(
+                f"snapshot_uuid: VM {vm.name} does not hold the base image {new_backing} of volume {meta.uuid}: "
+                "stop the VM, then delete the snapshot",
+                field="snapshot_uuid",
+            )
+        if top.read_only and top.reopens_by_stale_name(child_path):
+            raise FailedPrecondition(
+                f"snapshot_uuid: VM {vm.name} opened layer {child_path} under a name that is now another file "
+                f"({top.file_name}), and qemu would reopen it by that name to merge into it: stop the VM, then "
+                "delete the snapshot",
+                field="snapshot_uuid",
+            )
+        child_ok = (child.tracking if child else meta.head_tracking) == TRACKING_OK
+        if child is None and child_ok and s.tracking == TRACKING_OK:
+            vm.merge_bitmap(top, gone, BITMAP)  # before the stream: at worst more than changed, never less
+        elif s.parent is not None:
+            if child is None:
+                meta.head_tracking = TRACKING_LOST
+            else:
+                child.tracking = TRACKING_LOST
+        vm.stream(top, base, new_backing)
+        if child is not None:
+            child.parent = s.parent
+        log.info("live snapshot merged", extra={"vm": vm.name, "volume": meta.uuid, "snapshot": s.uuid})
+
+    def _chain_snaps(self, meta: VolMeta) -> list[SnapMeta]:
+        """The snapshots under the head, newest first."""
+        out, cur = [], meta.head_parent
+        while cur is not None:
+            out.append(self._snap(meta, cur))
+            cur = out[-1].parent
+        return out
 
     def rollback_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> VolumeInfo:
         with self._locked(volume_uuid):
             meta = self._meta(volume_uuid)
             s = self._snap(meta, snapshot_uuid)
             head = self.head_path(meta.uuid)
-            qemu_img.ensure_not_in_use(head)
+            try:
+                qemu_img.ensure_not_in_use(head)
+            except InUse as e:
+                raise InUse(f"{e.message}: a rollback replaces the disk under a running VM; stop it first") from None
             capacity = qemu_img.info(head).virtual_size
             self._new_layer(head, capacity, self.snap_path(meta.uuid, s.uuid), "qcow2")
             meta.head_parent = s.uuid
