@@ -357,3 +357,29 @@ def test_a_layer_qemu_would_reopen_by_a_stale_name_is_not_merged_into(env):
     vm.quit()
     pool.delete_snapshot(vol, old)  # stopped: the offline path
     assert [s.uuid for s in pool.list_snapshots(vol)] == [new]
+
+
+class _Ctx:
+    job_id = "live-clone"
+    bandwidth_limit = 0
+
+    def progress(self, done, total=None, phase=None):
+        pass
+
+    def checkpoint(self):
+        pass
+
+
+def test_linked_and_full_clones_of_a_live_snapshot(env):
+    pool, start, tmp = env
+    vol = pool.create_volume(nid(), "origin", 8 * MiB).uuid
+    vm = start(pool.head_path(vol))
+    vm.write(0, 0x91, 0, 2 * MiB)
+    snap = nid()
+    pool.create_snapshot(vol, snap, "s")
+    vm.write(0, 0x92, 0, 8 * MiB)  # the VM keeps writing while both clones are made
+    want = b"\x91" * (2 * MiB) + bytes(6 * MiB)
+    linked = pool.linked_clone(pool, vol, snap, nid(), "linked")
+    full, _ = pool.full_clone(pool, vol, snap, nid(), "full", _Ctx())
+    for clone in (linked, full):
+        assert raw_of(pool.head_path(clone.uuid), tmp) == want
