@@ -63,6 +63,7 @@ class QemuVm(RunningVm):
         self.qmp, self.pid, self.argv = qmp, pid, argv
         self.name = _vm_name(argv) or (f"qemu pid {pid}" if pid else f"qemu at {qmp.path}")
         self.ident = os.path.realpath(qmp.path)
+        self._disks: list[VmDisk] | None = None
 
     def guest_agent_socket(self) -> str | None:
         """From the command line; else a socket chardev labelled qga* (the
@@ -77,6 +78,13 @@ class QemuVm(RunningVm):
         return None
 
     def disks(self) -> list[VmDisk]:
+        """Asked once per connection (qemu reads every layer's header to
+        answer) and asked again after this VM changed its layers."""
+        if self._disks is None:
+            self._disks = self._query_disks()
+        return self._disks
+
+    def _query_disks(self) -> list[VmDisk]:
         nodes = {n["node-name"]: n for n in self.qmp.execute("query-named-block-nodes", flat=True)}
         out = []
         for b in self.qmp.execute("query-block"):
@@ -130,6 +138,7 @@ class QemuVm(RunningVm):
         )
 
     def stream(self, top: ChainNode, base: ChainNode | None, backing_file: str | None) -> None:
+        self._disks = None
         below = self.chain_below(top, base)
         job = f"bf-stream-{uuidlib.uuid4().hex[:8]}"
         args: dict[str, Any] = {"job-id": job, "device": top.node}
@@ -165,6 +174,7 @@ class QemuVm(RunningVm):
         return self.chain(VmDisk(device="", node=node, file="", bitmaps=()))
 
     def add_layers(self, layers: list[LiveLayer]) -> None:
+        self._disks = None
         added: list[str] = []
         try:
             actions = []

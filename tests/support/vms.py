@@ -62,11 +62,13 @@ class Vm:
             argv += ["-blockdev", f"driver=file,filename={path},node-name=f{i}"]
             argv += ["-blockdev", f"driver=qcow2,file=f{i},node-name=d{i}"]
             argv += ["-device", f"virtio-blk-pci,drive=d{i},id=vd{i}"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.log = Path(self.qmp_path + ".log")  # a file, not a pipe: qemu-io prints there, and a full pipe blocks qemu
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.qmp_path):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"qemu did not start: {self.proc.stdout.read().decode()[-2000:]}")
+                raise RuntimeError(f"qemu did not start: {self.log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.01)
         while True:  # the socket exists before qemu has opened its disks: wait for the monitor
             try:
