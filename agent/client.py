@@ -156,6 +156,9 @@ class AgentClient:
     def host_facts(self) -> host_pb2.HostFacts:
         return self._call(self._host.GetHostFacts, host_pb2.GetHostFactsRequest(), host_pb2.HostFacts)
 
+    def list_vms(self) -> host_pb2.ListVmsResponse:
+        return self._call(self._host.ListVms, host_pb2.ListVmsRequest(), host_pb2.ListVmsResponse)
+
     def list_fc_devices(
         self, request: host_pb2.ListFcDevicesRequest, *, timeout: float | None = None
     ) -> host_pb2.ListFcDevicesResponse:

@@ -110,6 +110,9 @@ class VmsSection:
         factory=True,
     )
     qmp_timeout: float = option(10.0, "Seconds a qemu may take to answer one QMP command.")
+    report_interval: float = option(
+        30.0, "Seconds between two scans of the running VMs reported to the controller (each VM's monitor is asked)."
+    )
 
 
 @dataclass

@@ -81,6 +81,8 @@ class ControllerLink:
         self._cache = None  # (pools, points) reports from the prober
         self._cache_lock = threading.Lock()
         self._probe_now = threading.Event()
+        self._vms: list = []  # host_pb2.Vm of the last scan
+        self._vms_at = -1e9  # monotonic time of that scan
         self._threads = [
             threading.Thread(target=self._run, name="controller-link", daemon=True),
             threading.Thread(target=self._probe_loop, name="controller-probe", daemon=True),
@@ -128,8 +130,21 @@ class ControllerLink:
                     self._cache = measured
             except Exception:
                 log.exception("health probe failed")
+            if time.monotonic() - self._vms_at >= self.cfg.vms.report_interval:
+                self._scan_vms()
             self._probe_now.wait(self.interval)
             self._probe_now.clear()
+
+    def _scan_vms(self) -> None:
+        from agent.vms import running_vms, vm_to_pb
+
+        try:
+            vms = [vm_to_pb(v) for v in running_vms(self.pools.hypervisor, self.pools)]
+        except Exception:
+            log.exception("scanning the running VMs failed")
+            return
+        with self._cache_lock:
+            self._vms, self._vms_at = vms, time.monotonic()
 
     def _measure(self):
         from agent.api.v1 import registry_pb2 as r
@@ -202,6 +217,7 @@ class ControllerLink:
                 pools=pools,
                 backup_points=points,
                 draining=self.engine.draining,
+                vms=self._vms,
             ),
             metadata=self._metadata,
             timeout=self._rpc_timeout,

@@ -88,6 +88,16 @@ class PoolRegistry:
     def all(self) -> list[VolumeDriver]:
         return list(self._pools.values())
 
+    def local_heads(self) -> dict[tuple[str, str], str]:
+        """(pool, volume) -> head file, for the pools whose files are local
+        (a running VM on this host opens them by path)."""
+        out = {}
+        for pool in self.all():
+            if isinstance(pool, Qcow2Pool) and pool.fs.local:
+                for vol in pool.volume_uuids():
+                    out[(pool.pool_uuid, vol)] = pool.head_path(vol)
+        return out
+
     # --- pools attached at run time ---
     def attach(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
         check_uuid(pool_uuid, "pool_uuid")

@@ -107,7 +107,9 @@ class Agent:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc.max_workers, thread_name_prefix="rpc"))
         auth = Auth(cfg.grpc.auth_token)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobService(engine, auth), server)
-        host_pb2_grpc.add_HostServiceServicer_to_server(HostService(engine, auth, self.binding_status, cfg), server)
+        host_pb2_grpc.add_HostServiceServicer_to_server(
+            HostService(engine, auth, self.binding_status, cfg, pools), server
+        )
         volumes_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeService(pools, engine, auth), server)
         backups_pb2_grpc.add_BackupServiceServicer_to_server(BackupService(points, engine, auth), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)

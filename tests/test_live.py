@@ -24,6 +24,7 @@ from agent.volumes.qcow2.driver import BITMAP
 
 from support.agents import POOL2_UUID, POOL_UUID
 from support.backups import CS, nid, restore_to_qcow2
+from support.controller import AGENT_TOKEN, Controller, check_error, check_ok
 from support.fake_qga import FakeGuestAgent
 from support.vms import Vm
 from support.volumes import rpc_error
@@ -288,6 +289,12 @@ def test_a_snapshot_set_through_the_agent_across_two_pools(make_agent, fake_qga,
             assert [s.consistency for s in got.snapshots] == ["application"] * 2
             listed = c.list_snapshots(pb.VolumeRef(pool_uuid=POOL2_UUID, volume_uuid=disks[1][1])).snapshots
             assert [s.consistency for s in listed] == ["application"]
+            (listed_vm,) = [v for v in c.list_vms().vms if v.name == "twopools"]
+            assert listed_vm.state == "running" and not listed_vm.guest_agent  # the fake is no guest
+            assert [(d.device, d.pool_uuid, d.volume_uuid) for d in listed_vm.disks] == [
+                ("vd0", POOL_UUID, disks[0][1]),
+                ("vd1", POOL2_UUID, disks[1][1]),
+            ]  # found after a live snapshot renamed their files
             err = rpc_error(lambda: c.create_snapshot_set(pb.CreateSnapshotSetRequest(snapshots=reqs[:1])))
             assert err.code() == grpc.StatusCode.ALREADY_EXISTS  # same snapshot uuid again: nothing changed
             bad = pb.CreateSnapshotSetRequest(snapshots=reqs[:1], freeze_timeout=-1)
@@ -383,3 +390,52 @@ def test_linked_and_full_clones_of_a_live_snapshot(env):
     full, _ = pool.full_clone(pool, vol, snap, nid(), "full", _Ctx())
     for clone in (linked, full):
         assert raw_of(pool.head_path(clone.uuid), tmp) == want
+
+
+def test_the_controller_lists_each_hosts_running_vms(short_tmp, make_agent):
+    c = Controller(short_tmp / "ctl")
+    vm = None
+    try:
+        host = nid()
+        a = make_agent(
+            f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+            f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n[vms]\nreport_interval = 1.0\n'
+        ).start()
+        vol = nid()
+        with a.client() as ac:
+            head = ac.create_volume(
+                pb.CreateVolumeRequest(pool_uuid=POOL_UUID, volume_uuid=vol, name="d", capacity=8 * MiB)
+            ).access_path
+        vm = Vm(short_tmp, [head], name="inventoried")
+        with a.client() as ac:  # a live snapshot renames the file qemu opened: the head is still found
+            ac.create_snapshot(
+                pb.CreateSnapshotRequest(pool_uuid=POOL_UUID, volume_uuid=vol, snapshot_uuid=nid(), name="s")
+            )
+        with c.client("op") as op:
+            deadline = time.monotonic() + 30
+            while not (vms := check_ok(op.get("/v1/vms"))["list"]):
+                assert time.monotonic() < deadline, "no VM reported"
+                time.sleep(0.3)
+            assert vms == [
+                {
+                    "UUID": vm.uuid,
+                    "Name": "inventoried",
+                    "State": "running",
+                    "GuestAgent": False,
+                    "Disks": [{"Device": "vd0", "File": head, "PoolUUID": POOL_UUID, "VolumeUUID": vol}],
+                    "HostUUID": host,
+                    "HostState": "online",
+                }
+            ]
+            assert check_ok(op.get(f"/v1/hosts/{host}/vms"))["list"] == vms
+            check_error(op.get(f"/v1/hosts/{nid()}/vms"), 404, "host_uuid")
+            vm.quit()
+            deadline = time.monotonic() + 30
+            while check_ok(op.get("/v1/vms"))["list"]:  # gone at the next scan
+                assert time.monotonic() < deadline, "a stopped VM stays listed"
+                time.sleep(0.3)
+        assert a.stop() == 0
+    finally:
+        if vm is not None:
+            vm.quit()
+        c.stop()

@@ -50,6 +50,7 @@ class Host(Base):
     facts_json: Mapped[str] = mapped_column(Text, default="{}")  # HostFacts as JSON
     pools_json: Mapped[str] = mapped_column(Text, default="[]")  # [PoolReport]
     backup_points_json: Mapped[str] = mapped_column(Text, default="[]")
+    vms_json: Mapped[str] = mapped_column(Text, default="[]")  # the running VMs its heartbeats report
     max_jobs: Mapped[int] = mapped_column(Integer, default=4)
     running_jobs: Mapped[int] = mapped_column(Integer, default=0)
     draining: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -32,6 +32,25 @@ def _reports(items) -> str:
     return json.dumps([MessageToDict(x, preserving_proto_field_name=True) for x in items])
 
 
+def _vms(vms) -> str:
+    """Every field, defaults too (MessageToDict leaves out an empty string or false)."""
+    return json.dumps(
+        [
+            {
+                "UUID": vm.uuid,
+                "Name": vm.name,
+                "State": vm.state,
+                "GuestAgent": vm.guest_agent,
+                "Disks": [
+                    {"Device": d.device, "File": d.file, "PoolUUID": d.pool_uuid, "VolumeUUID": d.volume_uuid}
+                    for d in vm.disks
+                ],
+            }
+            for vm in vms
+        ]
+    )
+
+
 class Registry(registry_pb2_grpc.AgentRegistryServicer):
     def __init__(self, cfg: ControllerConfig, db: Database):
         self.cfg = cfg
@@ -98,6 +117,7 @@ class Registry(registry_pb2_grpc.AgentRegistryServicer):
             h.draining = request.draining
             h.pools_json = _reports(request.pools)
             h.backup_points_json = _reports(request.backup_points)
+            h.vms_json = _vms(request.vms)
             # attached by us, deleted since: the agent drops its definition (and secret)
             attached = {p.backup_point_uuid for p in request.backup_points if p.attached}
             gone = sorted(attached - set(s.scalars(select(BackupPoint.uuid).where(BackupPoint.uuid.in_(attached)))))

@@ -72,6 +72,16 @@ class ChainNode:
         return False  # a read-write file node of its own keeps its descriptor
 
 
+@dataclass(frozen=True)
+class VmSummary:
+    """What a host reports about a running VM."""
+
+    uuid: str  # the VM's uuid (qemu -uuid, libvirt's), "" when it has none
+    name: str
+    state: str  # running, paused, ... as the hypervisor says
+    guest_agent: bool  # a guest agent channel the guest has opened (an agent runs inside)
+
+
 class RunningVm(ABC):
     """A running VM, reached through its hypervisor for one operation."""
 
@@ -86,6 +96,10 @@ class RunningVm(ABC):
     def disk_of(self, path: str) -> VmDisk | None:
         """The disk whose top layer is the file at path, if this VM has one."""
         return next((d for d in self.disks() if same_file(d.file, path)), None)
+
+    @abstractmethod
+    def summary(self) -> VmSummary:
+        """Its uuid, name, state and guest agent."""
 
     @abstractmethod
     def guest_agent_socket(self) -> str | None:
@@ -124,6 +138,11 @@ class RunningVm(ABC):
 
 class Hypervisor(ABC):
     """Finds the running VM that holds a file."""
+
+    @abstractmethod
+    def running_vms(self) -> list[RunningVm]:
+        """Every running VM this hypervisor drives on the host (the caller
+        closes each)."""
 
     @abstractmethod
     def holder(self, path: str) -> RunningVm | None:

@@ -54,6 +54,17 @@ def holders(path: str) -> list[Holder]:
     return found
 
 
+def qemu_processes() -> list[Holder]:
+    """The qemu processes whose command line names a QMP socket."""
+    found = []
+    for entry in os.scandir(PROC):
+        if entry.name.isdigit():
+            argv = _argv(int(entry.name))
+            if argv and os.path.basename(argv[0]).startswith("qemu") and qmp_socket(argv):
+                found.append(Holder(int(entry.name), argv))
+    return found
+
+
 def _argv(pid: int) -> tuple[str, ...]:
     try:
         with open(f"{PROC}/{pid}/cmdline", "rb") as f:

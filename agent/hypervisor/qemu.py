@@ -18,8 +18,8 @@ import uuid as uuidlib
 from typing import Any
 
 from agent.errors import BlockferryError, HypervisorError
-from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, same_file
-from agent.hypervisor.holders import Holder, holders, qga_socket, qmp_socket
+from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, VmSummary, same_file
+from agent.hypervisor.holders import Holder, holders, qemu_processes, qga_socket, qmp_socket
 from agent.hypervisor.qmp import TIMEOUT, Qmp
 
 log = logging.getLogger("agent.hypervisor")
@@ -64,6 +64,19 @@ class QemuVm(RunningVm):
         self.name = _vm_name(argv) or (f"qemu pid {pid}" if pid else f"qemu at {qmp.path}")
         self.ident = os.path.realpath(qmp.path)
         self._disks: list[VmDisk] | None = None
+
+    def summary(self) -> VmSummary:
+        uuid = str(self.qmp.execute("query-uuid").get("UUID", ""))
+        if uuid == "00000000-0000-0000-0000-000000000000":  # qemu's answer when started without -uuid
+            uuid = ""
+        state = str(self.qmp.execute("query-status").get("status", ""))
+        sock = self.guest_agent_socket()
+        ready = False
+        if sock:
+            for dev in self.qmp.execute("query-chardev"):
+                if sock in dev.get("filename", ""):
+                    ready = bool(dev.get("frontend-open"))  # the guest opened its end: an agent runs there
+        return VmSummary(uuid=uuid, name=self.name, state=state, guest_agent=ready)
 
     def guest_agent_socket(self) -> str | None:
         """From the command line; else a socket chardev labelled qga* (the
@@ -217,6 +230,31 @@ class QemuHypervisor(Hypervisor):
     def holders(self, path: str) -> list[Holder]:
         return holders(path)
 
+    def running_vms(self) -> list[RunningVm]:
+        out: list[RunningVm] = []
+        seen = set()
+        for h in qemu_processes():
+            sock = qmp_socket(h.argv) or ""
+            seen.add(os.path.realpath(sock))
+            vm = self._connect(sock, h.pid, h.argv)
+            if vm is not None:
+                out.append(vm)
+        for pattern in self.qmp_sockets:
+            for sock in sorted(glob.glob(pattern)):
+                if os.path.realpath(sock) not in seen:
+                    seen.add(os.path.realpath(sock))
+                    vm = self._connect(sock, 0, ())
+                    if vm is not None:
+                        out.append(vm)
+        return out
+
+    def _connect(self, sock: str, pid: int, argv: tuple[str, ...]) -> QemuVm | None:
+        try:
+            return QemuVm(Qmp(sock, timeout=self.timeout), pid, argv)
+        except BlockferryError as e:
+            log.info("a QMP socket did not answer", extra={"socket": sock, "error": e.message})
+            return None
+
     def holder(self, path: str) -> QemuVm | None:
         tried = set()
         for h in holders(path):
@@ -235,12 +273,9 @@ class QemuHypervisor(Hypervisor):
         return None
 
     def _ask(self, sock: str, pid: int, argv: tuple[str, ...], path: str) -> QemuVm | None:
-        try:
-            qmp = Qmp(sock, timeout=self.timeout)
-        except BlockferryError as e:
-            log.info("a QMP socket did not answer", extra={"socket": sock, "error": e.message})
+        vm = self._connect(sock, pid, argv)
+        if vm is None:
             return None
-        vm = QemuVm(qmp, pid, argv)
         try:
             if vm.disk_of(path) is not None:
                 return vm

@@ -7,12 +7,15 @@ from agent.api.v1 import host_pb2, host_pb2_grpc
 from agent.bindings import BindingStatus
 from agent.config import Config
 from agent.jobs.engine import JobEngine
+from agent.pools import PoolRegistry
 from agent.services.common import Auth, rpc
+from agent.vms import running_vms, vm_to_pb
 
 
 class HostService(host_pb2_grpc.HostServiceServicer):
-    def __init__(self, engine: JobEngine, auth: Auth, bindings: list[BindingStatus], cfg: Config):
+    def __init__(self, engine: JobEngine, auth: Auth, bindings: list[BindingStatus], cfg: Config, pools: PoolRegistry):
         self.engine = engine
+        self.pools = pools
         self.auth = auth
         self.bindings = bindings
         self.cfg = cfg
@@ -32,6 +35,10 @@ class HostService(host_pb2_grpc.HostServiceServicer):
             ],
             roots=self.roots,
         )
+
+    @rpc
+    def ListVms(self, request, context):
+        return host_pb2.ListVmsResponse(vms=[vm_to_pb(v) for v in running_vms(self.pools.hypervisor, self.pools)])
 
     @rpc
     def GetHostFacts(self, request, context):

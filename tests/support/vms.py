@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import time
+import uuid as uuidlib
 from pathlib import Path
 
 QEMU = "qemu-system-x86_64"
@@ -35,7 +36,8 @@ class Vm:
         FakeGuestAgent that qemu connects to."""
         self.qmp_path = str(tmp / f"{name}-{os.getpid()}-{time.monotonic_ns()}.qmp")
         argv = [QEMU, "-accel", "kvm", "-accel", "tcg", "-nodefaults", "-nographic", "-machine", "q35"]
-        argv += ["-m", "64", "-name", f"guest={name}"]
+        self.uuid = str(uuidlib.uuid4())
+        argv += ["-m", "64", "-name", f"guest={name}", "-uuid", self.uuid]
         if monitor == "qmp":
             argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         elif monitor == "chardev":

@@ -64,6 +64,7 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
         backuppoints.router,
         hosts.router,
         hosts.zones_router,
+        hosts.vms_router,
         pools.router,
         volumes.router,
         jobs.router,

@@ -1,6 +1,7 @@
 """GET /v1/hosts and /v1/hosts/{uuid}: the registered agent hosts (operators
 only), with their state (online/offline from the heartbeat age), facts,
 pools and backup points; DELETE /v1/hosts/{uuid} forgets an offline one.
+GET /v1/hosts/{uuid}/vms and /v1/vms: the running VMs the hosts report.
 GET /v1/zones: the clusters and zones the hosts and pools name."""
 
 from __future__ import annotations
@@ -86,6 +87,38 @@ def forget_host(host_uuid: str, request: Request, caller: Caller = Depends(authe
             )
         s.delete(h)
     return ok({"uuid": host_uuid})
+
+
+def vms_of(h: Host, dead_after: int) -> list[dict]:
+    state = host_state(h, dead_after)
+    return [{**vm, "HostUUID": h.uuid, "HostState": state} for vm in json.loads(h.vms_json)]
+
+
+@router.get("/{host_uuid}/vms")
+def list_host_vms(host_uuid: str, request: Request, caller: Caller = Depends(authenticated)):
+    """The running VMs the host's agent reported last, disks mapped to volumes."""
+    operator(caller)
+    host_uuid = v.uuid(host_uuid, "host_uuid")
+    with context(request).db.session() as s:
+        h = s.get(Host, host_uuid)
+    if h is None:
+        raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
+    vms = vms_of(h, context(request).cfg.host_dead_after)
+    return ok({"total_count": len(vms), "list": vms})
+
+
+vms_router = APIRouter(prefix="/v1/vms", tags=["hosts"])
+
+
+@vms_router.get("")
+def list_vms(request: Request, caller: Caller = Depends(authenticated)):
+    """The running VMs of every host (HostState says whether the report is fresh)."""
+    operator(caller)
+    dead = context(request).cfg.host_dead_after
+    with context(request).db.session() as s:
+        hosts = s.scalars(select(Host).order_by(Host.hostname, Host.uuid)).all()
+    vms = [vm for h in hosts for vm in vms_of(h, dead)]
+    return ok({"total_count": len(vms), "list": vms})
 
 
 zones_router = APIRouter(prefix="/v1/zones", tags=["hosts"])

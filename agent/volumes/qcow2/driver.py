@@ -441,15 +441,18 @@ class Qcow2Pool(VolumeDriver):
             tracking=self._head_tracking(meta, info),
         )
 
-    def list_volumes(self) -> list[VolumeInfo]:
+    def volume_uuids(self) -> list[str]:
+        """The volumes of the pool, by their metadata files (no image is opened)."""
         self._prepare()
+        return [f[:-5] for f in sorted(self.fs.listdir(os.path.join(self.base, "meta"))) if f.endswith(".json")]
+
+    def list_volumes(self) -> list[VolumeInfo]:
         out = []
-        for f in sorted(self.fs.listdir(os.path.join(self.base, "meta"))):
-            if f.endswith(".json"):
-                try:
-                    out.append(self.volume_info(f[:-5]))
-                except (NotFound, InvalidArgument):
-                    continue
+        for vol in self.volume_uuids():
+            try:
+                out.append(self.volume_info(vol))
+            except (NotFound, InvalidArgument):
+                continue
         return out
 
     def resize_volume(self, volume_uuid: str, capacity: int) -> VolumeInfo:
