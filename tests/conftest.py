@@ -206,7 +206,7 @@ def cluster(request, short_tmp, make_agent):
     sys_root, dev_root = build(short_tmp / "fc")
     a = make_agent(
         f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n'
+        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n[vms]\nreport_interval = 1.0\n'
     )
     a.config.write_text(
         a.config.read_text().replace(

@@ -5,9 +5,11 @@ volumes and a real backup point behind them (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import uuid
 from datetime import UTC
+from pathlib import Path
 
 import httpx
 
@@ -204,7 +206,7 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
             "vault.billing.size",
         )
         for change, field in (
-            ({"billing": {"object_type": "server", "protect_type": "backup", "size": 40}}, "vault.billing.object_type"),
+            ({"billing": {"object_type": "turbo", "protect_type": "backup", "size": 40}}, "vault.billing.object_type"),
             ({"backup_point_id": str(uuid.uuid4())}, "vault.backup_point_id"),
             ({"resources": [{"id": str(uuid.uuid4())}]}, "vault.resources[0].id"),
             ({"resources": [{"id": env["vols"][1]["UUID"], "type": "OS::Nova::Server"}]}, "vault.resources[0].type"),
@@ -619,3 +621,150 @@ def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server
         assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 200
     for log in (c.workdir / "controller.log", a.log):  # the password: sealed, never logged
         assert "vault-secret-pw" not in log.read_text()
+
+
+def seed003_example(title: str) -> dict:
+    """A request example of seed 003, by the line that introduces it."""
+    text = next((Path(__file__).resolve().parents[2] / "shared" / "seeds").glob("003_*.txt")).read_text()
+    section = text[text.index(title) :]
+    return json.loads(section.split("```")[1].split("\n", 2)[2])
+
+
+def test_a_server_vault_backs_up_a_running_vms_disks_as_one_set(cluster, short_tmp):  # noqa: F811
+    """Seed 003's server vault example, as written (ids, the policy and our
+    backup_point_id substituted): the VM's disks, less the excluded one, are
+    snapshotted at one instant inside a guest freeze while the guest writes,
+    backed up, and restore bit for bit to that instant."""
+    from agent.api.v1 import jobs_pb2
+
+    from support.controller import wait_task
+    from support.fake_qga import FakeGuestAgent
+    from support.vms import Vm
+
+    c, a, host = cluster
+    env = make_env(c, a, host)
+    t, pid = env["tenant"], env["pool"]
+    v3 = f"/v3/{t}"
+    with c.client("op") as op1:
+        extra = check_ok(
+            op1.post(
+                "/v1/volume/share/create",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/create"),
+                    pool_uuid=pid,
+                    cluster_uuid=env["cluster"],
+                    capacity=16 << 20,
+                    backing_file="",
+                    volume_name="scratch",
+                ),
+            )
+        )["volume"]
+    disks = [*env["vols"], extra]
+    ga = FakeGuestAgent(str(short_tmp / "qga.sock"))
+    vm = Vm(short_tmp, [next(iter(d["AccessPath"].values())) for d in disks], name="ECS-0001", qga=ga.path)
+
+    def digest(volume_uuid: str, snapshot_uuid: str = "") -> str:
+        with a.client() as ac:
+            job = ac.run(
+                f"sum-{uuid.uuid4()}",
+                checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid),
+            )
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+            return job.checksum_result.image_digest
+
+    try:
+        for i in range(3):
+            vm.write(i, 0x10 + i, i << 20, 1 << 20)
+        with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op:
+            wait_for(lambda: check_ok(op.get("/v1/vms"))["list"], what="the VM in the inventory")
+            pol = op.post(f"{v3}/policies", json=POLICY).json()["policy"]
+            body = seed003_example("Creating a 100-GB pay-per-use cloud server backup vault")
+            b = body["vault"]
+            b["backup_policy_id"], b["backup_point_id"] = pol["id"], env["bp"]
+            b["resources"][0]["id"] = vm.uuid
+            b["resources"][0]["extra_info"]["exclude_volumes"] = [extra["UUID"]]
+            r = op.post(f"{v3}/vaults", json=body)
+            assert r.status_code == 200, r.text
+            vault = r.json()["vault"]
+            assert vault["billing"]["object_type"] == "server"
+            assert vault["billing"]["spec_code"] == "vault.backup.server.normal"
+            (res,) = vault["resources"]
+            assert (res["id"], res["type"], res["name"]) == (vm.uuid, "OS::Nova::Server", "ECS-0001")
+            assert res["extra_info"] == {"exclude_volumes": [extra["UUID"]]}
+            listed = op.get(f"{v3}/vaults", params={"object_type": "server"}).json()
+            assert [x["id"] for x in listed["vaults"]] == [vault["id"]]
+            # refused: a volume vault's resource type, a server that runs nowhere, the server twice
+            bad = copy.deepcopy(body)
+            bad["vault"]["name"] = "other"
+            bad["vault"]["resources"][0]["type"] = "OS::Cinder::Volume"
+            cbr_error(op.post(f"{v3}/vaults", json=bad), 400, "BackupService.9001", "vault.resources[0].type")
+            bad["vault"]["resources"][0].update(type="OS::Nova::Server", id=str(uuid.uuid4()))
+            cbr_error(op.post(f"{v3}/vaults", json=bad), 404, "BackupService.9004", "vault.resources[0].id")
+            bad["vault"]["resources"][0]["id"] = vm.uuid
+            cbr_error(op.post(f"{v3}/vaults", json=bad), 409, "BackupService.6103", "vault.resources[0].id")
+
+            r = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vault["id"], "parameters": {}}})
+            assert r.status_code == 200, r.text
+            cp = r.json()["checkpoint"]
+            vm.write(0, 0x7F, 0, 16 << 20)  # the guest goes on writing: not in the backups
+            got = cp["vault"]["resources"]
+            assert sorted(x["id"] for x in got) == sorted(d["UUID"] for d in env["vols"])  # the excluded one is not
+            assert {x["extra_info"]["server_id"] for x in got} == {vm.uuid}
+            assert {x["extra_info"]["consistency"] for x in got} == {"application"}
+            assert [n for n in ga.names() if n != "guest-sync-delimited"] == [
+                "guest-fsfreeze-freeze",
+                "guest-fsfreeze-thaw",
+            ]  # one freeze for both disks
+            with c.client("op") as op1:
+                for x in got:
+                    assert wait_task(op1, x["task_id"])["status"] == "success"
+                    want = digest(x["id"], x["extra_info"]["snapshot_id"])
+                    rs = check_ok(
+                        op1.post(
+                            "/v1/volume/share/backup/restore",
+                            json=dict(
+                                seed_example("001", "/v1/volume/share/backup/restore"),
+                                backup_uuid=x["backup_id"],
+                                new_volume_name=f"r-{x['id'][:8]}",
+                                new_pool_uuid=pid,
+                                new_volume_tenant=t,
+                                cluster_uuid=env["cluster"],
+                            ),
+                        )
+                    )
+                    assert wait_task(op1, rs["task_id"])["status"] == "success"
+                    assert digest(rs["volume"]["UUID"]) == want
+            # the next run: incremental from the first set, whose snapshots qemu then merges away
+            wait_for(
+                lambda: op.get(f"{v3}/checkpoints/{cp['id']}").json()["checkpoint"]["status"] != "protecting",
+                what="the first checkpoint",
+            )
+            r = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vault["id"], "parameters": {}}})
+            cp2 = r.json()["checkpoint"]
+            with c.client("op") as op1:
+                for x in cp2["vault"]["resources"]:
+                    done = wait_task(op1, x["task_id"])
+                    assert done["status"] == "success" and done["result"]["mode"] == "incremental", done
+                done = wait_for(
+                    lambda: (lambda k: k if k["status"] != "protecting" else None)(
+                        op.get(f"{v3}/checkpoints/{cp2['id']}").json()["checkpoint"]
+                    ),
+                    what="the second checkpoint",
+                )
+                assert done["status"] == "available", done
+                for d in env["vols"]:
+                    snaps = check_ok(
+                        op1.post(
+                            "/v1/volume/share/snapshot/list",
+                            json={"tenant": t, "cluster_uuid": env["cluster"], "volume_uuid": d["UUID"]},
+                        )
+                    )
+                    names = [x["Name"] for x in (snaps.get("snapshots") or snaps.get("list") or [])]
+                    assert len([n for n in names if n.startswith("cbr-")]) == 1, names  # the old base went live
+            # removing the server removes its disks from the vault
+            r = op.post(f"{v3}/vaults/{vault['id']}/removeresources", json={"resource_ids": [vm.uuid]})
+            assert r.status_code == 200, r.text
+            assert op.get(f"{v3}/vaults/{vault['id']}").json()["vault"]["resources"] == []
+    finally:
+        vm.quit()
+        ga.close()

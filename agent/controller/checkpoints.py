@@ -33,14 +33,26 @@ from agent.api.v1 import jobs_pb2, volumes_pb2
 from agent.controller import retention
 from agent.controller.context import ControllerContext
 from agent.controller.dispatch import new_task, queue_backup_point_task
-from agent.controller.inventory import log_task, remove_backup, serving_hosts, usage
-from agent.controller.models import Backup, Checkpoint, Host, Policy, Pool, Task, Vault, VaultResource, Volume
+from agent.controller.inventory import log_task, remove_backup, running_vm, server_volumes, serving_hosts, usage
+from agent.controller.models import (
+    Backup,
+    Checkpoint,
+    Host,
+    Policy,
+    Pool,
+    Task,
+    Vault,
+    VaultResource,
+    VaultServer,
+    Volume,
+)
 from agent.controller.policy import OperationDefinition
 from agent.errors import BlockferryError, NotFound, cbr_code
 
 log = logging.getLogger("controller.checkpoints")
 FINAL = ("success", "failed", "skipped", "timeout")
 GB = 1 << 30
+SERVER_TYPE = "OS::Nova::Server"
 
 
 @dataclass
@@ -49,11 +61,12 @@ class Skip:
     name: str
     code: str
     reason: str
+    type: str = "OS::Cinder::Volume"
 
     def to_json(self) -> dict:
         return {
             "id": self.id,
-            "type": "OS::Cinder::Volume",
+            "type": self.type,
             "name": self.name,
             "code": self.code,
             "reason": self.reason,
@@ -68,6 +81,52 @@ def _definition(s, vault: Vault) -> OperationDefinition:
 def _hosts(s, pool_uuid: str, dead_after: int) -> list[Host]:
     pool = s.get(Pool, pool_uuid)
     return serving_hosts(s, pool, dead_after) if pool is not None else []
+
+
+def _running_servers(
+    s, vault: Vault, skipped: list[Skip], dead_after: int, only: list[str] | None
+) -> dict[str, tuple[Host, set[str]]]:
+    """The vault's servers that run on an online host, each with that host
+    and the volumes of its disks now (a disk attached since it joined the
+    vault joins too); the others are skipped with the reason."""
+    out = {}
+    for srv in s.scalars(select(VaultServer).where(VaultServer.vault_id == vault.id).order_by(VaultServer.added_at)):
+        members = set(s.scalars(select(VaultResource.volume_uuid).where(VaultResource.server_uuid == srv.server_uuid)))
+        if only is not None and not members & set(only):
+            continue
+        found = running_vm(s, srv.server_uuid, dead_after)
+        if found is None:
+            skipped.append(
+                Skip(
+                    srv.server_uuid,
+                    srv.name,
+                    cbr_code("TARGET_UNREACHABLE"),
+                    "the server runs on no online host (agents report their running VMs)",
+                    SERVER_TYPE,
+                )
+            )
+            continue
+        host, vm = found
+        try:
+            disks = server_volumes(s, vault.tenant, vm, json.loads(srv.exclude_json), "server")
+        except BlockferryError as e:
+            skipped.append(Skip(srv.server_uuid, srv.name, cbr_code(e.code), e.message, SERVER_TYPE))
+            continue
+        for vid in disks:
+            if vid not in members and s.get(VaultResource, vid) is None:
+                s.add(
+                    VaultResource(
+                        volume_uuid=vid,
+                        vault_id=vault.id,
+                        tenant=vault.tenant,
+                        runs=0,
+                        added_at=time.time(),
+                        server_uuid=srv.server_uuid,
+                    )
+                )
+        s.flush()
+        out[srv.server_uuid] = (host, set(disks))
+    return out
 
 
 def create(
@@ -93,6 +152,7 @@ def create(
             raise NotFound(f"vault_id: vault {vault_id} does not exist", field="vault_id")
         if s.scalar(select(Checkpoint.id).where(Checkpoint.vault_id == vault_id, Checkpoint.due_at == due_at)):
             return None
+        servers = _running_servers(s, vault, skipped, ctx.cfg.host_dead_after, only)
         rows = list(
             s.scalars(
                 select(VaultResource)
@@ -122,13 +182,24 @@ def create(
                     Skip(vol.uuid, label, cbr_code("BACKUP_IN_PROGRESS"), f"backup {busy} of the volume is in progress")
                 )
                 continue
+            if r.server_uuid:  # a disk of a server: snapshotted with its other disks on the VM's host
+                if r.server_uuid not in servers:
+                    continue  # the server is skipped, and says why
+                host, disks = servers[r.server_uuid]
+                if vol.uuid not in disks:
+                    skipped.append(
+                        Skip(vol.uuid, label, cbr_code("NOT_FOUND"), f"no longer a disk of server {r.server_uuid}")
+                    )
+                    continue
+                plan.append((vol, host, r.runs, r.base_snapshot, r.server_uuid))
+                continue
             hosts = _hosts(s, vol.pool_uuid, ctx.cfg.host_dead_after)
             if not hosts:
                 skipped.append(
                     Skip(vol.uuid, label, cbr_code("TARGET_UNREACHABLE"), f"no online host serves pool {vol.pool_uuid}")
                 )
                 continue
-            plan.append((vol, hosts[0], r.runs, r.base_snapshot))
+            plan.append((vol, hosts[0], r.runs, r.base_snapshot, ""))
         # "preparing" until its tasks are queued: finish_ready leaves it alone meanwhile
         s.add(
             Checkpoint(
@@ -149,29 +220,42 @@ def create(
             s.rollback()
             return None
         vault_name, prefix, bp = vault.name, vault.backup_name_prefix, vault.backup_point_uuid
-    made = []
-    for vol, host, runs, base in plan:
-        snap = str(uuidlib.uuid4())
-        stamp = datetime.fromtimestamp(due_at, UTC).strftime("%Y%m%d-%H%M%S")
-        try:
-            ctx.agents.client(host).create_snapshot(
-                volumes_pb2.CreateSnapshotRequest(
-                    pool_uuid=vol.pool_uuid,
-                    volume_uuid=vol.uuid,
-                    snapshot_uuid=snap,
-                    name=f"cbr-{stamp}-{cp_id[:8]}",
-                    description=f"blockferry checkpoint {cp_id} of vault {vault_name}",
-                )
+    made = []  # (volume, snapshot, runs, base, extra_info)
+    stamp = datetime.fromtimestamp(due_at, UTC).strftime("%Y%m%d-%H%M%S")
+    groups: dict[str, list] = {}  # a server's disks, or one volume alone
+    for item in plan:
+        groups.setdefault(item[4] or item[0].uuid, []).append(item)
+    for items in groups.values():
+        host, server = items[0][1], items[0][4]
+        reqs = [
+            volumes_pb2.CreateSnapshotRequest(
+                pool_uuid=vol.pool_uuid,
+                volume_uuid=vol.uuid,
+                snapshot_uuid=str(uuidlib.uuid4()),
+                name=f"cbr-{stamp}-{cp_id[:8]}",
+                description=f"blockferry checkpoint {cp_id} of vault {vault_name}",
             )
+            for vol, *_ in items
+        ]
+        try:
+            if server:  # a server's disks at one point in time (docs/live.md)
+                agent = ctx.agents.client(host)
+                got = agent.create_snapshot_set(volumes_pb2.CreateSnapshotSetRequest(snapshots=reqs))
+                consistency = got.consistency
+            else:  # one volume (frozen too when a running VM's guest agent answers)
+                consistency = ctx.agents.client(host).create_snapshot(reqs[0]).consistency
         except BlockferryError as e:
-            skipped.append(Skip(vol.uuid, vol.name, cbr_code(e.code), f"snapshot failed: {e.message}"))
+            for vol, *_ in items:
+                skipped.append(Skip(vol.uuid, vol.name, cbr_code(e.code), f"snapshot failed: {e.message}"))
             continue
-        made.append((vol, snap, runs, base))
+        extra = {"server_id": server, "consistency": consistency} if server else None
+        for (vol, _, runs, base, _), req in zip(items, reqs, strict=True):
+            made.append((vol, req.snapshot_uuid, runs, base, extra and {**extra, "snapshot_id": req.snapshot_uuid}))
     resources = []
     with ctx.db.session() as s:
         vault = s.get(Vault, vault_id)
         od = _definition(s, vault)
-        for vol, snap, runs, base in made:
+        for vol, snap, runs, base, extra in made:
             ours = select(Backup).where(
                 Backup.vault_id == vault_id, Backup.volume_uuid == vol.uuid, Backup.status == "BackupSucceeded"
             )
@@ -243,7 +327,7 @@ def create(
                     "snapshot_id": snap,
                     "full": full,
                     "resource_size": str(-(-vol.capacity // GB)),
-                    "extra_info": None,
+                    "extra_info": extra,
                 }
             )
         cp = s.get(Checkpoint, cp_id)

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from agent.api.v1 import backups_pb2
 from agent.controller.agents import backup_point_request
 from agent.controller.context import ControllerContext
-from agent.controller.models import Backup, BackupPoint, Host, Pool, Task
+from agent.controller.models import Backup, BackupPoint, Host, Pool, Task, Volume
 from agent.errors import BackupInProgress, NotFound, TargetUnreachable
 
 
@@ -29,6 +29,44 @@ def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host
     hosts = [s.get(Host, h) for h in json.loads(pool.avail_hosts_json)]
     hosts = [h for h in hosts if h is not None and host_state(h, dead_after) == "online"]
     return sorted(hosts, key=lambda h: h.uuid != prefer)
+
+
+def running_vm(s, vm_uuid: str, dead_after: int) -> tuple[Host, dict] | None:
+    """The online host whose agent reported the VM running last, and its
+    report (docs/live.md: UUID, Name, State, GuestAgent, Disks)."""
+    for h in s.scalars(select(Host).order_by(Host.last_seen.desc())):
+        if host_state(h, dead_after) != "online":
+            continue
+        for vm in json.loads(h.vms_json):
+            if vm.get("UUID") == vm_uuid:
+                return h, vm
+    return None
+
+
+def server_volumes(s, tenant: str, vm: dict, exclude: list[str], field: str) -> list[str]:
+    """The volumes of a reported VM's disks, less exclude. Disks that are
+    no volume of a pool (an ISO, a disk on other storage) cannot be backed
+    up and are left out; a volume of another tenant is refused."""
+    disks = vm.get("Disks", [])
+    known = {d.get("VolumeUUID") for d in disks if d.get("VolumeUUID")}
+    for j, x in enumerate(exclude):
+        if x not in known:
+            f = f"{field}.extra_info.exclude_volumes[{j}]"
+            raise NotFound(f"{f}: volume {x} is no disk of server {vm.get('Name', '')}", field=f)
+    out = []
+    for d in disks:
+        vid = d.get("VolumeUUID", "")
+        if not vid or vid in exclude:
+            continue
+        vol = s.get(Volume, vid)
+        if vol is None or vol.tenant != tenant:
+            raise NotFound(
+                f"{field}.id: disk {d.get('Device', '')} of server {vm.get('Name', '')} is volume {vid}, "
+                "which is no volume of this project",
+                field=f"{field}.id",
+            )
+        out.append(vid)
+    return out
 
 
 def usage(s, vault_id: str) -> tuple[int, int, int]:

@@ -237,6 +237,22 @@ class VaultResource(Base):
     runs: Mapped[int] = mapped_column(Integer, default=0)  # backups so far (full_backup_interval)
     base_snapshot: Mapped[str] = mapped_column(String(36), default="")  # ours, the next incremental's base
     added_at: Mapped[float] = mapped_column(Float)
+    server_uuid: Mapped[str] = mapped_column(String(36), default="", index=True)  # a disk of this VaultServer
+
+
+class VaultServer(Base):
+    """A VM protected by a vault (seed 003's OS::Nova::Server): each of its
+    disks that is a volume, less exclude_volumes, is a VaultResource with
+    this server_uuid, and a checkpoint snapshots them as one set."""
+
+    __tablename__ = "vault_servers"
+
+    server_uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    vault_id: Mapped[str] = mapped_column(String(36), index=True)
+    tenant: Mapped[str] = mapped_column(String(36), index=True)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    exclude_json: Mapped[str] = mapped_column(Text, default="[]")  # volume uuids not backed up
+    added_at: Mapped[float] = mapped_column(Float)
 
 
 class Checkpoint(Base):

@@ -78,7 +78,7 @@ class Vm:
                 break
             except ConnectionRefusedError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise
+                    raise RuntimeError(f"qemu did not start: {self.log.read_text(errors='replace')[-2000:]}") from None
                 time.sleep(0.01)
 
     def qmp(self, command: str, **arguments):

@@ -38,7 +38,7 @@ def to_seed(s, cp: Checkpoint) -> dict:
                 "type": r["type"],
                 "resource_size": r["resource_size"],
                 "protect_status": status,
-                "extra_info": None,
+                "extra_info": r.get("extra_info"),  # a server's disk: server_id, consistency, snapshot_id
                 "backup_id": r["backup_id"],
                 "task_id": r["task_id"],
                 "backup_mode": "full" if r.get("full") else "incremental",

@@ -5,15 +5,19 @@ dissociatepolicy, and seed 004's reconnect action.
 
 A vault is a named, sized share of a backup point (`backup_point_id`, our
 addition to the seed's body: the seed's vaults live in a cloud). Resources
-are volumes of the same tenant (type OS::Cinder::Volume); a volume belongs
-to one vault. Used capacity is what the vault's backups added to the
+are volumes of the same tenant (type OS::Cinder::Volume, object_type disk),
+or running VMs (OS::Nova::Server, object_type server) whose disks are
+volumes of the tenant, less extra_info.exclude_volumes; a volume or server
+belongs to one vault. Used capacity is what the vault's backups added to the
 repository (after deduplication and compression); logical is their size.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid as uuidlib
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,12 +31,13 @@ from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.hosts import host_state
 from agent.controller.api.policies import project
 from agent.controller.dispatch import backup_point_request
-from agent.controller.inventory import log_task, remove_backup, usage
-from agent.controller.models import Backup, BackupPoint, Host, Policy, Vault, VaultResource, Volume
+from agent.controller.inventory import log_task, remove_backup, running_vm, server_volumes, usage
+from agent.controller.models import Backup, BackupPoint, Host, Policy, Vault, VaultResource, VaultServer, Volume
 from agent.errors import AlreadyExists, NotFound, ResourceInVault, ResourceNotInVault, TargetUnreachable, VaultNotEmpty
 
 GB = 1 << 30
 RESOURCE_TYPE = "OS::Cinder::Volume"
+SERVER_TYPE = "OS::Nova::Server"
 MIN_SIZE, MAX_SIZE = 10, 10485760  # GB, as the seed's BillingCreate
 MAX_RESOURCES = 255
 DELETE_MODES = ("Permissive", "Enforcing")
@@ -57,9 +62,31 @@ def _state(s, vault: Vault) -> str:
 
 def to_seed(s, vault: Vault) -> dict:
     resources = []
+    for srv in s.scalars(select(VaultServer).where(VaultServer.vault_id == vault.id).order_by(VaultServer.added_at)):
+        count, stored, size = 0, 0, 0
+        for r in s.scalars(select(VaultResource).where(VaultResource.server_uuid == srv.server_uuid)):
+            vol = s.get(Volume, r.volume_uuid)
+            c, st = s.execute(
+                select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.stored_bytes), 0)).where(
+                    Backup.vault_id == vault.id, Backup.volume_uuid == r.volume_uuid, Backup.status == "BackupSucceeded"
+                )
+            ).one()
+            count, stored, size = count + int(c), stored + int(st), size + (-(-vol.capacity // GB) if vol else 0)
+        resources.append(
+            {
+                "id": srv.server_uuid,
+                "name": srv.name,
+                "type": SERVER_TYPE,
+                "size": size,
+                "backup_count": count,
+                "backup_size": stored,
+                "protect_status": "available",
+                "extra_info": {"exclude_volumes": json.loads(srv.exclude_json)},
+            }
+        )
     for r in s.scalars(
         select(VaultResource)
-        .where(VaultResource.vault_id == vault.id)
+        .where(VaultResource.vault_id == vault.id, VaultResource.server_uuid == "")
         .order_by(VaultResource.added_at, VaultResource.volume_uuid)
     ):
         vol = s.get(Volume, r.volume_uuid)
@@ -130,31 +157,66 @@ def load_vault(s, tenant: str, vault_id: str) -> Vault:
     return vault
 
 
-def _resources(s, tenant: str, items, field: str) -> list[str]:
-    """Volume ids of a resources list: each an existing volume of the tenant."""
+@dataclass(frozen=True)
+class _Server:
+    uuid: str
+    name: str
+    volumes: tuple[str, ...]
+    exclude: tuple[str, ...]
+
+
+def _resources(s, tenant: str, items, field: str, object_type: str, dead_after: int) -> tuple[list[str], list[_Server]]:
+    """A resources list: volumes of the tenant (a disk vault), or running
+    VMs whose disks are volumes of the tenant (a server vault)."""
+    rtype = SERVER_TYPE if object_type == "server" else RESOURCE_TYPE
     if not isinstance(items, list):
-        raise v.bad(field, 'must be a list of {"id": ..., "type": "OS::Cinder::Volume"}')
+        raise v.bad(field, f'must be a list of {{"id": ..., "type": "{rtype}"}}')
     if len(items) > MAX_RESOURCES:
         raise v.bad(field, f"{len(items)} resources; at most {MAX_RESOURCES}")
     out: list[str] = []
+    servers: list[_Server] = []
     for i, item in enumerate(items):
         f = f"{field}[{i}]"
         if not isinstance(item, dict):
             raise v.bad(f, "must be an object with id and type")
-        rtype = item.get("type", RESOURCE_TYPE)
-        if rtype != RESOURCE_TYPE:
-            raise v.bad(f"{f}.type", f"{rtype!r}: only {RESOURCE_TYPE} (a volume) is supported")
-        vid = v.uuid(str(item.get("id", "")), f"{f}.id")
-        vol = s.get(Volume, vid)
+        if item.get("type", rtype) != rtype:
+            raise v.bad(f"{f}.type", f"{item.get('type')!r}: a vault of object_type {object_type} holds {rtype}")
+        rid = v.uuid(str(item.get("id", "")), f"{f}.id")
+        if rid in out or any(x.uuid == rid for x in servers):
+            raise v.bad(f"{f}.id", f"resource {rid} is listed twice")
+        if rtype == SERVER_TYPE:
+            servers.append(_server(s, tenant, rid, item.get("extra_info"), f, dead_after))
+            continue
+        vol = s.get(Volume, rid)
         if vol is None or vol.tenant != tenant:
-            raise NotFound(f"{f}.id: volume {vid} does not exist", field=f"{f}.id")
-        if vid in out:
-            raise v.bad(f"{f}.id", f"volume {vid} is listed twice")
-        out.append(vid)
-    return out
+            raise NotFound(f"{f}.id: volume {rid} does not exist", field=f"{f}.id")
+        out.append(rid)
+    return out, servers
 
 
-def _attach(s, vault: Vault, volume_ids: list[str], field: str) -> None:
+def _server(s, tenant: str, sid: str, extra, f: str, dead_after: int) -> _Server:
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict):
+        raise v.bad(f"{f}.extra_info", 'must be an object such as {"exclude_volumes": [...]}')
+    raw = extra.get("exclude_volumes") or []
+    if not isinstance(raw, list):
+        raise v.bad(f"{f}.extra_info.exclude_volumes", "must be a list of volume ids")
+    exclude = [v.uuid(str(x), f"{f}.extra_info.exclude_volumes[{j}]") for j, x in enumerate(raw)]
+    found = running_vm(s, sid, dead_after)
+    if found is None:
+        raise NotFound(
+            f"{f}.id: server {sid} is not running on any online host (agents report their running VMs)",
+            field=f"{f}.id",
+        )
+    _, vm = found
+    vols = server_volumes(s, tenant, vm, exclude, f)
+    if not vols:
+        raise v.bad(f"{f}.extra_info.exclude_volumes", f"no disk of server {vm['Name']} would be backed up")
+    return _Server(sid, vm["Name"], tuple(vols), tuple(exclude))
+
+
+def _attach(s, vault: Vault, volume_ids: list[str], field: str, servers: list[_Server] = ()) -> None:
     for i, vid in enumerate(volume_ids):
         other = s.get(VaultResource, vid)
         if other is not None:
@@ -162,6 +224,37 @@ def _attach(s, vault: Vault, volume_ids: list[str], field: str) -> None:
                 f"{field}[{i}].id: volume {vid} is in vault {other.vault_id} already", field=f"{field}[{i}].id"
             )
         s.add(VaultResource(volume_uuid=vid, vault_id=vault.id, tenant=vault.tenant, runs=0, added_at=time.time()))
+    for i, srv in enumerate(servers):
+        f = f"{field}[{i}].id"
+        other_srv = s.get(VaultServer, srv.uuid)
+        if other_srv is not None:
+            raise ResourceInVault(f"{f}: server {srv.uuid} is in vault {other_srv.vault_id} already", field=f)
+        s.add(
+            VaultServer(
+                server_uuid=srv.uuid,
+                vault_id=vault.id,
+                tenant=vault.tenant,
+                name=srv.name,
+                exclude_json=json.dumps(list(srv.exclude)),
+                added_at=time.time(),
+            )
+        )
+        for vid in srv.volumes:
+            other = s.get(VaultResource, vid)
+            if other is not None:
+                raise ResourceInVault(
+                    f"{f}: volume {vid}, a disk of server {srv.name}, is in vault {other.vault_id} already", field=f
+                )
+            s.add(
+                VaultResource(  # the listed order: each its own time
+                    volume_uuid=vid,
+                    vault_id=vault.id,
+                    tenant=vault.tenant,
+                    runs=0,
+                    added_at=time.time(),
+                    server_uuid=srv.uuid,
+                )
+            )
 
 
 def _size(value, field: str) -> int:
@@ -217,8 +310,11 @@ def create(project_id: str, request: Request, body: Any = Body(None), caller: Ca
             'required: {"object_type": "disk", "protect_type": "backup", '
             '"consistent_level": "crash_consistent", "size": GB}',
         )
-    if billing.get("object_type") != "disk":
-        raise v.bad("vault.billing.object_type", f"{billing.get('object_type')!r}: only 'disk' (volumes)")
+    object_type = billing.get("object_type")
+    if object_type not in ("disk", "server"):
+        raise v.bad(
+            "vault.billing.object_type", f"{object_type!r}: 'disk' (volumes) or 'server' (running VMs, all disks)"
+        )
     if billing.get("protect_type") != "backup":
         raise v.bad("vault.billing.protect_type", f"{billing.get('protect_type')!r}: only 'backup'")
     if billing.get("consistent_level", "crash_consistent") != "crash_consistent":
@@ -232,7 +328,8 @@ def create(project_id: str, request: Request, body: Any = Body(None), caller: Ca
         bp = s.get(BackupPoint, bpid)
         if bp is None or not caller.sees(bp.tenant) or bp.tenant != tenant:
             raise NotFound(f"vault.backup_point_id: backup point {bpid} does not exist", field="vault.backup_point_id")
-        vols = _resources(s, tenant, b.get("resources"), "vault.resources")
+        dead = context(request).cfg.host_dead_after
+        vols, servers = _resources(s, tenant, b.get("resources"), "vault.resources", object_type, dead)
         vault = Vault(
             id=str(uuidlib.uuid4()),
             tenant=tenant,
@@ -240,7 +337,7 @@ def create(project_id: str, request: Request, body: Any = Body(None), caller: Ca
             description=description,
             backup_point_uuid=bpid,
             size_gb=size,
-            object_type="disk",
+            object_type=object_type,
             consistent_level="crash_consistent",
             policy_id=_policy(s, tenant, b.get("backup_policy_id"), "vault.backup_policy_id"),
             policy_since=now,
@@ -254,7 +351,7 @@ def create(project_id: str, request: Request, body: Any = Body(None), caller: Ca
             s.flush()
         except IntegrityError:
             raise AlreadyExists(f"vault.name: a vault named {name!r} exists", field="vault.name") from None
-        _attach(s, vault, vols, "vault.resources")
+        _attach(s, vault, vols, "vault.resources", servers)
         s.flush()
         return {"vault": to_seed(s, vault)}
 
@@ -279,8 +376,8 @@ def list_(
         for key, value in (("name", name), ("policy_id", policy_id), ("status", status)):
             if value:
                 cond.setdefault(key, value)
-        if object_type and object_type != "disk":
-            return {"vaults": [], "count": 0}
+        if object_type:
+            query = query.where(Vault.object_type == object_type)
         columns = {
             "uuid": Vault.id,
             "name": Vault.name,
@@ -366,6 +463,8 @@ def delete(
     with state.db.session() as s:
         for r_ in s.scalars(select(VaultResource).where(VaultResource.vault_id == vault_id)):
             s.delete(r_)
+        for srv in s.scalars(select(VaultServer).where(VaultServer.vault_id == vault_id)):
+            s.delete(srv)
         s.delete(s.get(Vault, vault_id))
         log_task(s, "vault_delete", tenant, vault_id, started, {"mode": mode, "backups_deleted": len(backups)})
     return {}
@@ -378,13 +477,16 @@ def add_resources(
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
         vault = load_vault(s, tenant, vault_id)
-        vols = _resources(s, tenant, body.get("resources") if isinstance(body, dict) else None, "resources")
+        items = body.get("resources") if isinstance(body, dict) else None
+        dead = context(request).cfg.host_dead_after
+        vols, servers = _resources(s, tenant, items, "resources", vault.object_type, dead)
         have = s.scalar(select(func.count()).select_from(VaultResource).where(VaultResource.vault_id == vault.id))
-        if have + len(vols) > MAX_RESOURCES:
-            raise v.bad("resources", f"the vault would hold {have + len(vols)} resources; at most {MAX_RESOURCES}")
-        _attach(s, vault, vols, "resources")
+        adding = len(vols) + sum(len(x.volumes) for x in servers)
+        if have + adding > MAX_RESOURCES:
+            raise v.bad("resources", f"the vault would hold {have + adding} resources; at most {MAX_RESOURCES}")
+        _attach(s, vault, vols, "resources", servers)
         vault.updated_at = time.time()
-    return {"add_resource_ids": vols}
+    return {"add_resource_ids": vols + [x.uuid for x in servers]}
 
 
 @router.post("/{vault_id}/removeresources")
@@ -400,6 +502,12 @@ def remove_resources(
         vault = load_vault(s, tenant, vault_id)
         for i, raw in enumerate(ids):
             vid = v.uuid(str(raw), f"resource_ids[{i}]")
+            srv = s.get(VaultServer, vid)
+            if srv is not None and srv.vault_id == vault.id:  # the server and its disks
+                for r_ in s.scalars(select(VaultResource).where(VaultResource.server_uuid == vid)):
+                    s.delete(r_)
+                s.delete(srv)
+                continue
             row = s.get(VaultResource, vid)
             if row is None or row.vault_id != vault.id:
                 raise ResourceNotInVault(
