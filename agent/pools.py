@@ -69,6 +69,7 @@ class PoolRegistry:
                 namespace=pc.namespace,
                 features=pc.features,
                 timeout=pc.timeout,
+                hypervisor=self.hypervisor,
             )
         raise InvalidArgument(f"type: pool type must be dir, nfs or rbd, not {pc.type!r}", field="type")
 

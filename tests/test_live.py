@@ -439,3 +439,54 @@ def test_the_controller_lists_each_hosts_running_vms(short_tmp, make_agent):
         if vm is not None:
             vm.quit()
         c.stop()
+
+
+def test_rbd_disks_of_a_running_vm_snapshot_as_one_set(short_tmp, ceph, fake_qga):
+    """Two RBD volumes a VM runs on with qemu's rbd driver (qemu holds their
+    exclusive locks): one set inside a guest freeze, the VM paused around the
+    two image snapshots, each snapshot the data of that instant."""
+    import rbd
+
+    from agent.volumes.rbd import RbdPool
+
+    rp = RbdPool(
+        nid(),
+        ceph_conf=str(ceph.conf),
+        client_name="admin",
+        keyring="",
+        rbd_pool="rbd",
+        namespace="",
+        features=["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
+        timeout=30,
+        hypervisor=QemuHypervisor(),
+    )
+    vols = [rp.create_volume(nid(), f"rbd{i}", 8 * MiB).uuid for i in range(2)]
+    ga = fake_qga("ok")
+    spec = {"driver": "rbd", "pool": "rbd", "conf": str(ceph.conf), "user": "admin"}
+    vm = Vm(short_tmp, [dict(spec, image=v) for v in vols], name="rbdvm", qga=ga.path)
+    try:
+        vm.write(0, 0xA1, 0, MiB)
+        vm.write(1, 0xA2, MiB, MiB)
+        got = _set(rp, *vols)
+        vm.write(0, 0xA3, 0, 8 * MiB)  # after the set
+        vm.write(1, 0xA4, 0, 8 * MiB)
+        assert got.vm == "rbdvm" and got.consistency == "application" and got.switch_ms > 0  # the pause
+        assert [s.consistency for s in rp.list_snapshots(vols[0])] == ["application"]
+        assert [c for c, _ in ga.calls if c != "guest-sync-delimited"] == [
+            "guest-fsfreeze-freeze",
+            "guest-fsfreeze-thaw",
+        ]
+        assert vm.qmp("query-status")["status"] == "running"  # resumed
+        want = [b"\xa1" * MiB + bytes(7 * MiB), bytes(MiB) + b"\xa2" * MiB + bytes(6 * MiB)]
+        with rp.ioctx() as io:
+            for vol, snap, data in zip(vols, got.snapshots, want, strict=True):
+                with rbd.Image(io, vol, snapshot=snap.uuid, read_only=True) as img:
+                    assert img.read(0, 8 * MiB) == data
+        one = rp.create_snapshot(vols[0], nid(), "alone")  # one image: frozen, not paused
+        assert one.consistency == "application"
+    finally:
+        vm.quit()
+    idle = rp.create_volume(nid(), "idle", 8 * MiB).uuid
+    assert rp.create_snapshot(idle, nid(), "s").consistency == "offline"
+    for v in (*vols, idle):
+        rp.delete_volume(v, force=True)

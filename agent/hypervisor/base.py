@@ -32,6 +32,7 @@ class VmDisk:
     node: str  # the block node on top of the disk's chain (the live state)
     file: str  # the file that top node was opened from
     bitmaps: tuple[str, ...]  # persistent dirty bitmaps on the top node that qemu keeps consistent
+    rbd: tuple[str, str, str] | None = None  # (RADOS pool, namespace, image) of a disk on Ceph RBD
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,18 @@ class RunningVm(ABC):
     def disk_of(self, path: str) -> VmDisk | None:
         """The disk whose top layer is the file at path, if this VM has one."""
         return next((d for d in self.disks() if same_file(d.file, path)), None)
+
+    @abstractmethod
+    def pause(self) -> None:
+        """Stop the guest's CPUs (its devices' I/O in flight completes)."""
+
+    @abstractmethod
+    def resume(self) -> None:
+        """Run the guest again after pause."""
+
+    def rbd_disk(self, pool: str, namespace: str, image: str) -> VmDisk | None:
+        """The disk on that RBD image, if this VM has one."""
+        return next((d for d in self.disks() if d.rbd == (pool, namespace, image)), None)
 
     @abstractmethod
     def summary(self) -> VmSummary:

@@ -43,6 +43,22 @@ def _top_file(name: str) -> str:
     return name
 
 
+def _rbd_of(name: str) -> tuple[str, str, str] | None:
+    """(pool, namespace, image) from the name qemu reports for a disk on
+    its rbd driver (`json:{"driver": "raw", "file": {"driver": "rbd", ...}}`)."""
+    if not name.startswith("json:"):
+        return None
+    try:
+        desc = json.loads(name[len("json:") :])
+    except ValueError:
+        return None
+    if isinstance(desc, dict) and desc.get("driver") != "rbd":
+        desc = desc.get("file")
+    if not isinstance(desc, dict) or desc.get("driver") != "rbd":
+        return None
+    return str(desc.get("pool", "")), str(desc.get("namespace", "")), str(desc.get("image", ""))
+
+
 def _node_prefix(path: str) -> str:
     """The first part of the names of the nodes this agent adds for the file
     at path: qemu never learns that the file is renamed, so the disk whose
@@ -64,6 +80,12 @@ class QemuVm(RunningVm):
         self.name = _vm_name(argv) or (f"qemu pid {pid}" if pid else f"qemu at {qmp.path}")
         self.ident = os.path.realpath(qmp.path)
         self._disks: list[VmDisk] | None = None
+
+    def pause(self) -> None:
+        self.qmp.execute("stop")
+
+    def resume(self) -> None:
+        self.qmp.execute("cont")
 
     def summary(self) -> VmSummary:
         uuid = str(self.qmp.execute("query-uuid").get("UUID", ""))
@@ -112,7 +134,8 @@ class QemuVm(RunningVm):
             )
             qdev = b.get("qdev", "")
             device = b.get("device") or qdev.removeprefix("/machine/peripheral/").split("/", 1)[0]
-            out.append(VmDisk(device=device, node=node, file=_top_file(ins.get("file", "")), bitmaps=bitmaps))
+            name = ins.get("file", "")
+            out.append(VmDisk(device=device, node=node, file=_top_file(name), bitmaps=bitmaps, rbd=_rbd_of(name)))
         return out
 
     def disk_of(self, path: str) -> VmDisk | None:

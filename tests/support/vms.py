@@ -20,7 +20,7 @@ class Vm:
     def __init__(
         self,
         tmp: Path,
-        disks: list[str],
+        disks: list,
         *,
         name: str = "vm",
         monitor: str = "qmp",
@@ -57,6 +57,10 @@ class Vm:
             argv += ["-device", "virtio-serial-pci,id=vser0"]
             argv += ["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
         for i, path in enumerate(disks):
+            if isinstance(path, dict):  # a protocol node of qemu's own, such as {"driver": "rbd", ...}
+                argv += ["-blockdev", json.dumps({"driver": "raw", "node-name": f"d{i}", "file": path})]
+                argv += ["-device", f"virtio-blk-pci,drive=d{i},id=vd{i}"]
+                continue
             if drive:
                 argv += ["-drive", f"file={path},format=qcow2,if=none,id=drive{i}"]
                 argv += ["-device", f"virtio-blk-pci,drive=drive{i},id=vd{i}"]

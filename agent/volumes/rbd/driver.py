@@ -26,14 +26,15 @@ import errno
 import json
 import logging
 import time
-from collections.abc import Iterable
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack, contextmanager
 
 import rados
 import rbd
 
 from agent.errors import (
     AlreadyExists,
+    BlockferryError,
     Cancelled,
     FailedPrecondition,
     HasDependents,
@@ -43,11 +44,15 @@ from agent.errors import (
     StorageIOError,
 )
 from agent.extents import AllocExtent, Extent, merge_extents
+from agent.hypervisor.base import Hypervisor, RunningVm
+from agent.hypervisor.freeze import CRASH, OFFLINE, guest_frozen
 from agent.volumes.base import (
     HEAD,
     ChangedExtents,
     PoolStatus,
     SnapshotInfo,
+    SnapshotRequest,
+    SnapshotSet,
     SnapshotTree,
     VolumeDriver,
     VolumeInfo,
@@ -87,8 +92,11 @@ class RbdPool(VolumeDriver):
         namespace: str,
         features: list[str],
         timeout: float,
+        hypervisor: Hypervisor | None = None,
     ):
+        """hypervisor: who to ask about a VM on this host running on an image."""
         self.pool_uuid = check_uuid(pool_uuid, "pool_uuid")
+        self.hypervisor = hypervisor
         self.rbd_pool = rbd_pool
         self.namespace = namespace
         self.features = 0
@@ -390,29 +398,126 @@ class RbdPool(VolumeDriver):
     # ---- snapshots ----
 
     def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str, description: str = "") -> SnapshotInfo:
-        vol = check_uuid(volume_uuid, "volume_uuid")
-        snap = check_uuid(snapshot_uuid, "snapshot_uuid")
-        check_name(name, "snapshot_name")
-        if len(description) > 1024:
-            raise InvalidArgument("desc: at most 1024 characters", field="desc")
-        with self._locked(vol), self.ioctx() as io, self.open_image(io, vol) as img:
-            meta = self._meta(img)
-            snaps = self._snaps_meta(meta)
-            if snap in snaps:
-                raise AlreadyExists(f"snapshot_uuid: snapshot {snap} exists", field="snapshot_uuid")
-            if any(s["name"] == name for s in snaps.values()):
-                raise AlreadyExists(f"snapshot_name: volume {vol} has a snapshot named {name!r}", field="snapshot_name")
-            parent = meta.get(KEY_HEAD_PARENT) or None
-            record = {"name": name, "description": description, "created_at": time.time(), "parent": parent}
-            img.metadata_set(KEY_SNAP + snap, json.dumps(record))  # before the snapshot: never an unknown snap
+        request = SnapshotRequest(self.pool_uuid, volume_uuid, snapshot_uuid, name, description)
+        return self.create_snapshot_set([request]).snapshots[0]
+
+    def create_snapshot_set(
+        self, requests: Sequence[SnapshotRequest], *, freeze: bool = True, freeze_timeout: float = 10.0
+    ) -> SnapshotSet:
+        """Snapshots of RBD volumes of this pool at one point in time. When a
+        VM on this host runs on them (qemu's rbd driver), the guest is frozen
+        through its guest agent when it answers, and for more than one image
+        the VM is paused around the snapshots (an image's snapshot is atomic,
+        a set of them is not): the pause is the set's switch_ms."""
+        if not requests:
+            raise InvalidArgument("snapshots: name at least one volume", field="snapshots")
+        wanted = []
+        for i, r in enumerate(requests):
+            if r.pool_uuid != self.pool_uuid:
+                raise InvalidArgument(
+                    f"snapshots[{i}].pool_uuid: a set of RBD volumes stays in one pool ({self.pool_uuid})",
+                    field=f"snapshots[{i}].pool_uuid",
+                )
+            check_name(r.name, "snapshot_name")
+            if len(r.description) > 1024:
+                raise InvalidArgument("desc: at most 1024 characters", field="desc")
+            wanted.append((check_uuid(r.volume_uuid, "volume_uuid"), check_uuid(r.snapshot_uuid, "snapshot_uuid"), r))
+        if len({w[0] for w in wanted}) != len(wanted):
+            raise InvalidArgument("snapshots: a volume is named twice", field="snapshots")
+        vm = self._running_vm([w[0] for w in wanted])
+        with ExitStack() as stack:
+            if vm is not None:
+                stack.enter_context(vm)
+            for vol in sorted(w[0] for w in wanted):
+                stack.enter_context(self._locked(vol))
+            io = stack.enter_context(self.ioctx())
+            imgs = []
+            for vol, snap, r in wanted:
+                img = stack.enter_context(self.open_image(io, vol))
+                snaps = self._snaps_meta(self._meta(img))
+                if snap in snaps:
+                    raise AlreadyExists(f"snapshot_uuid: snapshot {snap} exists", field="snapshot_uuid")
+                if any(x["name"] == r.name for x in snaps.values()):
+                    raise AlreadyExists(
+                        f"snapshot_name: volume {vol} has a snapshot named {r.name!r}", field="snapshot_name"
+                    )
+                imgs.append(img)
+            if vm is None:
+                owned = any(list(img.lock_get_owners()) for img in imgs)  # a writer elsewhere (another host)
+                consistency = CRASH if owned else OFFLINE
+                infos = [
+                    self._take(img, vol, snap, r, consistency) for img, (vol, snap, r) in zip(imgs, wanted, strict=True)
+                ]
+                return SnapshotSet(tuple(infos), consistency, "", "", 0.0, 0.0)
+            with guest_frozen(vm.guest_agent_socket(), vm.name, timeout=freeze_timeout, wanted=freeze) as fr:
+                paused = len(imgs) > 1
+                started = time.monotonic()
+                if paused:
+                    vm.pause()
+                try:
+                    infos = [
+                        self._take(img, vol, snap, r, fr.consistency)
+                        for img, (vol, snap, r) in zip(imgs, wanted, strict=True)
+                    ]
+                finally:
+                    if paused:
+                        vm.resume()
+                    pause_ms = (time.monotonic() - started) * 1000 if paused else 0.0
+            log.info(
+                "snapshot set of a running VM",
+                extra={
+                    "vm": vm.name,
+                    "disks": len(imgs),
+                    "consistency": fr.consistency,
+                    "pause_ms": round(pause_ms, 1),
+                },
+            )
+            return SnapshotSet(tuple(infos), fr.consistency, vm.name, fr.reason, fr.frozen_ms, pause_ms)
+
+    def _running_vm(self, vols: list[str]) -> RunningVm | None:
+        """The VM on this host that runs on these images; refused when they
+        are disks of two VMs."""
+        if self.hypervisor is None:
+            return None
+        found: RunningVm | None = None
+        for vm in self.hypervisor.running_vms():
             try:
-                img.create_snap(snap)
-            except Exception:
-                img.metadata_remove(KEY_SNAP + snap)
-                raise
-            img.metadata_set(KEY_HEAD_PARENT, snap)
-            log.info("snapshot created", extra={"volume": vol, "snapshot": snap})
-            return self._snap_info(img, vol, snap, self._snaps_meta(self._meta(img)))
+                mine = [v for v in vols if vm.rbd_disk(self.rbd_pool, self.namespace, v) is not None]
+            except BlockferryError:
+                mine = []
+            if not mine:
+                vm.close()
+                continue
+            if found is not None:
+                vm.close()
+                found.close()
+                raise InvalidArgument(
+                    f"snapshots: volume {mine[0]} is a disk of VM {vm.name}, others of VM {found.name}: "
+                    "a set holds the disks of one VM",
+                    field="snapshots",
+                )
+            found = vm
+        return found
+
+    def _take(self, img, vol: str, snap: str, r: SnapshotRequest, consistency: str) -> SnapshotInfo:
+        meta = self._meta(img)
+        parent = meta.get(KEY_HEAD_PARENT) or None
+        record = {
+            "name": r.name,
+            "description": r.description,
+            "created_at": time.time(),
+            "parent": parent,
+            "consistency": consistency,
+        }
+        img.metadata_set(KEY_SNAP + snap, json.dumps(record))  # before the snapshot: never an unknown snap
+        try:
+            img.create_snap(snap)
+        except Exception:
+            img.metadata_remove(KEY_SNAP + snap)
+            raise
+        img.metadata_set(KEY_HEAD_PARENT, snap)
+        log.info("snapshot created", extra={"volume": vol, "snapshot": snap, "consistency": consistency})
+        return self._snap_info(img, vol, snap, self._snaps_meta(self._meta(img)))
 
     def _snap_info(self, img, vol: str, snap: str, snaps: dict[str, dict]) -> SnapshotInfo:
         rec = snaps[snap]
@@ -437,6 +542,7 @@ class RbdPool(VolumeDriver):
             children=tuple(children),
             clones=tuple(clones),
             tracking=tracking,
+            consistency=rec.get("consistency", ""),
         )
 
     def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo:
