@@ -31,6 +31,8 @@ apt_packages=(
     # running VMs: qemu-system for live snapshots and backups through QMP
     # (the tests start VMs without a guest OS, under KVM or TCG)
     qemu-system-x86
+    # the real guest of the freeze test: its ext4 data disk, checked on the host
+    e2fsprogs
     # qemu's nfs:// driver for NFS volume pools (and its iscsi:// driver for
     # the targets bench peer)
     qemu-block-extra

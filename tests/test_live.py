@@ -490,3 +490,57 @@ def test_rbd_disks_of_a_running_vm_snapshot_as_one_set(short_tmp, ceph, fake_qga
     assert rp.create_snapshot(idle, nid(), "s").consistency == "offline"
     for v in (*vols, idle):
         rp.delete_volume(v, force=True)
+
+
+def _ext4_features(layer: str, tmp) -> tuple[set[str], int]:
+    """The ext4 features of a layer's filesystem, and e2fsck -fn's exit code."""
+    raw = tmp / f"{nid()}.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", layer, str(raw)], check=True)
+    out = subprocess.run(["dumpe2fs", "-h", str(raw)], capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("Filesystem features:"))
+    rc = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True).returncode
+    raw.unlink()
+    return set(line.split(":", 1)[1].split()), rc
+
+
+def test_a_real_guest_freezes_its_filesystem_for_the_snapshot(env):
+    """A real guest (Debian's kernel, busybox, qemu-guest-agent; TCG) writes
+    to ext4 on the volume without pause. Frozen, the snapshot's filesystem
+    is clean as after an unmount: ext4 cleared needs_recovery when it froze;
+    without the freeze, the snapshot is what a power cut leaves."""
+    from agent.hypervisor.qga import GuestAgent
+
+    from support import guest
+
+    pool, start, tmp = env
+    kernel, initrd = guest.build()
+    vol = pool.create_volume(nid(), "guestdata", 64 * MiB).uuid
+    head = pool.head_path(vol)
+    raw = tmp / "fs.raw"
+    subprocess.run(["truncate", "-s", str(64 * MiB), str(raw)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(raw)], check=True)
+    subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", str(raw), head], check=True)
+    vm = start(head, name="realguest", qga="server", boot=(kernel, initrd))
+    deadline = time.monotonic() + 120
+    while not vm.console.exists() or "GUEST-READY" not in vm.console.read_text(errors="replace"):
+        assert vm.proc.poll() is None and time.monotonic() < deadline, vm.console.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)
+    while True:
+        with QemuHypervisor().holder(head) as found:
+            if found.summary().guest_agent:  # qemu-ga opened its port in the guest
+                break
+        assert time.monotonic() < deadline, "the guest agent never opened its channel"
+        time.sleep(0.2)
+
+    frozen = _set(pool, vol, freeze_timeout=60)
+    assert frozen.consistency == "application" and frozen.reason == "" and frozen.frozen_ms > 0
+    crash = _set(pool, vol, freeze=False)
+    assert crash.consistency == "crash"
+    with GuestAgent(vm.qga_path, timeout=60) as ga:  # the guest's own view: thawed again
+        ga.sync()
+        assert ga.execute("guest-fsfreeze-status") == "thawed"
+    assert "GUEST-NO-DATA" not in vm.console.read_text(errors="replace")
+    features, rc = _ext4_features(pool.snap_path(vol, frozen.snapshots[0].uuid), tmp)
+    assert "has_journal" in features and "needs_recovery" not in features and rc == 0
+    features, _ = _ext4_features(pool.snap_path(vol, crash.snapshots[0].uuid), tmp)
+    assert "needs_recovery" in features  # mounted and written, never frozen

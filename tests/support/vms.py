@@ -26,6 +26,7 @@ class Vm:
         monitor: str = "qmp",
         drive: bool = False,
         qga: str = "",
+        boot: tuple[Path, Path] | None = None,
     ):
         """monitor: how the QMP socket is given: "qmp" (-qmp unix:PATH),
         "chardev" (-chardev socket + -mon) or "config" (-readconfig: not on
@@ -33,11 +34,18 @@ class Vm:
         (Proxmox's way: qemu names the file nodes itself) instead of explicit
         -blockdev nodes (libvirt's); qga: a guest agent channel, "server"
         (qemu serves it and no agent answers: no guest OS) or the socket of a
-        FakeGuestAgent that qemu connects to."""
+        FakeGuestAgent that qemu connects to; boot: (kernel, initramfs) of
+        a real guest (support/guest.py), its console in self.console."""
         self.qmp_path = str(tmp / f"{name}-{os.getpid()}-{time.monotonic_ns()}.qmp")
-        argv = [QEMU, "-accel", "kvm", "-accel", "tcg", "-nodefaults", "-nographic", "-machine", "q35"]
+        # a real guest's kernel hangs right after decompression under this machine's KVM: TCG for it
+        accel = ["-accel", "tcg"] if boot else ["-accel", "kvm", "-accel", "tcg"]
+        argv = [QEMU, *accel, "-nodefaults", "-nographic", "-machine", "q35"]
         self.uuid = str(uuidlib.uuid4())
-        argv += ["-m", "64", "-name", f"guest={name}", "-uuid", self.uuid]
+        argv += ["-m", "256" if boot else "64", "-name", f"guest={name}", "-uuid", self.uuid]
+        self.console = Path(self.qmp_path + ".console")
+        if boot:
+            argv += ["-kernel", str(boot[0]), "-initrd", str(boot[1]), "-append", "console=ttyS0 panic=-1"]
+            argv += ["-serial", f"file:{self.console}", "-no-reboot"]
         if monitor == "qmp":
             argv += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         elif monitor == "chardev":
