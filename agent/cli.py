@@ -124,6 +124,45 @@ def cmd_snapshot(client: AgentClient, args) -> int:
     return 0
 
 
+def cmd_snapshot_set(client: AgentClient, args) -> int:
+    """One instant for several volumes (a running VM's disks), frozen when
+    the VM's guest agent answers (docs/live.md)."""
+    reqs = []
+    for i, item in enumerate(args.volumes):
+        pool, sep, volume = item.partition(":")
+        if not sep:
+            print(f"blockferry: volumes[{i}]: {item!r} is not POOL:VOLUME", file=sys.stderr)
+            return 2
+        reqs.append(
+            v.CreateSnapshotRequest(
+                pool_uuid=pool,
+                volume_uuid=volume,
+                snapshot_uuid=str(uuid.uuid4()),
+                name=args.name,
+                description=args.desc,
+            )
+        )
+    msg = client.create_snapshot_set(
+        v.CreateSnapshotSetRequest(snapshots=reqs, no_freeze=args.no_freeze, freeze_timeout=args.freeze_timeout)
+    )
+    _print_msg(msg, args)
+    return 0
+
+
+def cmd_vms(client: AgentClient, args) -> int:
+    msg = client.list_vms()
+    if args.json:
+        _print_msg(msg, args)
+        return 0
+    for vm in msg.vms:
+        agent = "guest agent" if vm.guest_agent else "no guest agent"
+        print(f"{vm.name}  {vm.uuid or '-'}  {vm.state}  {agent}")
+        for d in vm.disks:
+            where = f"{d.pool_uuid}:{d.volume_uuid}" if d.volume_uuid else "(no volume of this agent)"
+            print(f"  {d.device}  {where}  {d.file}")
+    return 0
+
+
 def cmd_clone(client: AgentClient, args) -> int:
     job_id = args.job_id or f"clone-{uuid.uuid4()}"
     spec = jobs_pb2.CloneSpec(
@@ -341,6 +380,15 @@ def parser() -> argparse.ArgumentParser:
         if name in ("delete", "rollback"):
             x.add_argument("snapshot")
 
+    ss = sub.add_parser("snapshot-set", help="snapshot a running VM's disks at one instant (guest frozen if it can be)")
+    ss.add_argument("name")
+    ss.add_argument("volumes", nargs="+", metavar="POOL:VOLUME")
+    ss.add_argument("--desc", default="")
+    ss.add_argument("--no-freeze", action="store_true", help="do not ask the guest agent to freeze")
+    ss.add_argument("--freeze-timeout", type=float, default=0.0, help="seconds per guest agent command (default 10)")
+
+    sub.add_parser("vms", help="the running VMs of this host, disks mapped to volumes")
+
     cl = sub.add_parser("clone", help="clone a snapshot into a new volume (a job)")
     cl.add_argument("pool")
     cl.add_argument("volume")
@@ -400,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                 "info": cmd_info,
                 "volume": cmd_volume,
                 "snapshot": cmd_snapshot,
+                "snapshot-set": cmd_snapshot_set,
+                "vms": cmd_vms,
                 "clone": cmd_clone,
                 "flatten": cmd_flatten,
                 "facts": cmd_facts,

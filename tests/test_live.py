@@ -5,6 +5,7 @@ backups and change tracking work from it."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -24,6 +25,7 @@ from agent.volumes.qcow2.driver import BITMAP
 
 from support.agents import POOL2_UUID, POOL_UUID
 from support.backups import CS, nid, restore_to_qcow2
+from support.cli import cli
 from support.controller import AGENT_TOKEN, Controller, check_error, check_ok
 from support.fake_qga import FakeGuestAgent
 from support.vms import Vm
@@ -295,6 +297,12 @@ def test_a_snapshot_set_through_the_agent_across_two_pools(make_agent, fake_qga,
                 ("vd0", POOL_UUID, disks[0][1]),
                 ("vd1", POOL2_UUID, disks[1][1]),
             ]  # found after a live snapshot renamed their files
+            shown = cli(a, "vms").stdout  # the host CLI
+            assert "twopools" in shown and f"{POOL2_UUID}:{disks[1][1]}" in shown
+            vols = [f"{p}:{v}" for p, v in disks]
+            made = json.loads(cli(a, "--json", "snapshot-set", "by-cli", *vols, "--no-freeze").stdout)
+            assert made["consistency"] == "crash" and made["reason"] == "guest freeze not asked for"
+            assert [x["name"] for x in made["snapshots"]] == ["by-cli", "by-cli"]
             err = rpc_error(lambda: c.create_snapshot_set(pb.CreateSnapshotSetRequest(snapshots=reqs[:1])))
             assert err.code() == grpc.StatusCode.ALREADY_EXISTS  # same snapshot uuid again: nothing changed
             bad = pb.CreateSnapshotSetRequest(snapshots=reqs[:1], freeze_timeout=-1)

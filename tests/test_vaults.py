@@ -718,6 +718,8 @@ def test_a_server_vault_backs_up_a_running_vms_disks_as_one_set(cluster, short_t
             with c.client("op") as op1:
                 for x in got:
                     assert wait_task(op1, x["task_id"])["status"] == "success"
+                    made = op.get(f"{v3}/backups/{x['backup_id']}").json()["backup"]
+                    assert made["extend_info"]["consistency"] == "application"  # kept with the backup
                     want = digest(x["id"], x["extra_info"]["snapshot_id"])
                     rs = check_ok(
                         op1.post(

@@ -175,6 +175,7 @@ class Backup(Base):
     status: Mapped[str] = mapped_column(String(24))  # BackupStarted, BackupSucceeded, BackupFailed
     mode: Mapped[str] = mapped_column(String(16), default="")
     mode_reason: Mapped[str] = mapped_column(Text, default="")  # why every chunk was read, or tracking degraded
+    consistency: Mapped[str] = mapped_column(String(16), default="")  # of its snapshot: application, crash, offline
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     image_digest: Mapped[str] = mapped_column(String(80), default="")

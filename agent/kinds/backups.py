@@ -57,6 +57,7 @@ class BackupResult:
     stored_bytes: int
     changed_chunks: int
     mode_reason: str = ""  # why every chunk was read, or why tracking was degraded
+    consistency: str = ""  # the snapshot's (docs/live.md): application, crash or offline
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class BackupKind(JobKind):
             s.stored_bytes,
             s.changed_chunks,
             s.mode_reason,
+            pool.snapshot_info(spec.volume_uuid, spec.snapshot_uuid).consistency,
         )
 
 

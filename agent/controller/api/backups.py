@@ -69,6 +69,7 @@ def to_seed(s, b: Backup) -> dict:
             "image_digest": b.image_digest or None,
             "mode": b.mode or None,
             "mode_reason": b.mode_reason or None,
+            "consistency": b.consistency or None,  # application, crash or offline (docs/live.md)
         },
     }
 

@@ -118,6 +118,7 @@ def backup_to_seed(b: Backup, bp_name: str = "") -> dict:
         # beyond the seed: full, incremental or fallback, and why every chunk was read (or tracking degraded)
         "Mode": b.mode,
         "ModeReason": b.mode_reason,
+        "Consistency": b.consistency,  # of the snapshot: application, crash or offline (docs/live.md)
     }
 
 
