@@ -552,3 +552,23 @@ def test_a_real_guest_freezes_its_filesystem_for_the_snapshot(env):
     assert "has_journal" in features and "needs_recovery" not in features and rc == 0
     features, _ = _ext4_features(pool.snap_path(vol, crash.snapshots[0].uuid), tmp)
     assert "needs_recovery" in features  # mounted and written, never frozen
+
+
+def test_a_scan_skips_a_vm_whose_monitor_is_busy(env):
+    """qemu greets a monitor client only when the one before left: a scan of
+    the host's VMs waits a short while for a busy one and goes on."""
+    import socket
+
+    pool, start, tmp = env
+    busy = start(pool.head_path(pool.create_volume(nid(), "b", 8 * MiB).uuid), name="busy")
+    start(pool.head_path(pool.create_volume(nid(), "f", 8 * MiB).uuid), name="free")
+    with socket.socket(socket.AF_UNIX) as holder:
+        holder.connect(busy.qmp_path)  # another client holds the monitor
+        holder.recv(4096)
+        began = time.monotonic()
+        vms = QemuHypervisor().running_vms()
+        took = time.monotonic() - began
+        names = [vm.name for vm in vms]
+        for vm in vms:
+            vm.close()
+    assert "free" in names and "busy" not in names and took < 5

@@ -25,6 +25,7 @@ from agent.hypervisor.qmp import TIMEOUT, Qmp
 log = logging.getLogger("agent.hypervisor")
 
 STREAM_TIMEOUT = 24 * 3600.0  # a stream copies a whole layer: hours on a large one
+SCAN_GREETING = 2.0  # seconds a monitor busy with another client may take to greet a scan
 
 
 def _top_file(name: str) -> str:
@@ -259,21 +260,24 @@ class QemuHypervisor(Hypervisor):
         for h in qemu_processes():
             sock = qmp_socket(h.argv) or ""
             seen.add(os.path.realpath(sock))
-            vm = self._connect(sock, h.pid, h.argv)
+            vm = self._connect(sock, h.pid, h.argv, scan=True)
             if vm is not None:
                 out.append(vm)
         for pattern in self.qmp_sockets:
             for sock in sorted(glob.glob(pattern)):
                 if os.path.realpath(sock) not in seen:
                     seen.add(os.path.realpath(sock))
-                    vm = self._connect(sock, 0, ())
+                    vm = self._connect(sock, 0, (), scan=True)
                     if vm is not None:
                         out.append(vm)
         return out
 
-    def _connect(self, sock: str, pid: int, argv: tuple[str, ...]) -> QemuVm | None:
+    def _connect(self, sock: str, pid: int, argv: tuple[str, ...], *, scan: bool = False) -> QemuVm | None:
+        """scan: one VM of many asked in turn, whose monitor may be busy with
+        another client: it gets SCAN_GREETING seconds to greet, not the full timeout."""
         try:
-            return QemuVm(Qmp(sock, timeout=self.timeout), pid, argv)
+            greeting = min(SCAN_GREETING, self.timeout) if scan else None
+            return QemuVm(Qmp(sock, timeout=self.timeout, greeting_timeout=greeting), pid, argv)
         except BlockferryError as e:
             log.info("a QMP socket did not answer", extra={"socket": sock, "error": e.message})
             return None

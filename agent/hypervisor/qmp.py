@@ -21,14 +21,16 @@ TIMEOUT = 10.0
 
 
 class Qmp:
-    def __init__(self, path: str, *, timeout: float = TIMEOUT):
+    def __init__(self, path: str, *, timeout: float = TIMEOUT, greeting_timeout: float | None = None):
+        """greeting_timeout: how long to wait for qemu to greet (it greets a
+        client only when the one before has left); timeout: per command."""
         self.path = path
         self.timeout = timeout
         self._lock = threading.Lock()
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self._next_id = 0
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._sock.settimeout(timeout)
+        self._sock.settimeout(greeting_timeout or timeout)
         try:
             self._sock.connect(path)
             self._file = self._sock.makefile("rwb", buffering=0)
@@ -36,6 +38,7 @@ class Qmp:
             if "QMP" not in greeting:
                 raise HypervisorError(f"qmp {path}: not a QMP socket (no greeting)")
             self.version = greeting["QMP"].get("version", {}).get("qemu", {})
+            self._sock.settimeout(timeout)
             self.execute("qmp_capabilities")
         except OSError as e:
             self._sock.close()
