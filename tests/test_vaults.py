@@ -9,11 +9,10 @@ import json
 import os
 import uuid
 from datetime import UTC
-from pathlib import Path
 
 import httpx
 
-from support.controller import TENANT_B, TOKENS, check_ok, seed_example
+from support.controller import SEEDS, TENANT_B, TOKENS, check_ok, seed_example
 
 POLICY = {
     "policy": {
@@ -625,7 +624,7 @@ def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server
 
 def seed003_example(title: str) -> dict:
     """A request example of seed 003, by the line that introduces it."""
-    text = next((Path(__file__).resolve().parents[2] / "shared" / "seeds").glob("003_*.txt")).read_text()
+    text = next(SEEDS.glob("003_*.txt")).read_text()
     section = text[text.index(title) :]
     return json.loads(section.split("```")[1].split("\n", 2)[2])
 
