@@ -15,7 +15,7 @@ import pytest
 
 from agent.api.v1 import volumes_pb2 as pb
 from agent.errors import FailedPrecondition, InUse, InvalidArgument, TrackingLost
-from agent.hypervisor.holders import qmp_socket
+from agent.hypervisor.holders import pflash_files, qmp_socket
 from agent.hypervisor.qemu import QemuHypervisor
 from agent.repo.repository import Repository
 from agent.stores.local import LocalStore
@@ -64,6 +64,12 @@ def test_qmp_socket_from_the_command_line():
     ) == ("/run/b.qmp")
     assert qmp_socket(("qemu", "-chardev", "socket,id=m,path=/run/c", "-mon", "chardev=m,mode=readline")) is None
     assert qmp_socket(("qemu-nbd", "/img")) is None
+
+
+def test_nvram_files_from_the_command_line():
+    argv = ("qemu", "-drive", "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd")
+    argv += ("-drive", "if=pflash,unit=1,format=raw,file=/var/lib/vms/100/efivars.fd", "-drive", "file=/d,if=none")
+    assert pflash_files(argv) == ["/usr/share/OVMF/OVMF_CODE.fd", "/var/lib/vms/100/efivars.fd"]
 
 
 @pytest.mark.parametrize("drive", [False, True], ids=["blockdev", "drive"])
@@ -212,6 +218,9 @@ def test_a_vms_disks_are_one_point_in_time_inside_a_guest_freeze(env, fake_qga):
     assert [c for c, _ in calls] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
     assert before < calls[0][1] < calls[1][1] < after
     assert pool.list_snapshots(vols[0])[0].consistency == "application"  # kept in the volume's metadata
+    definition = json.loads(snaps.vm_definition)  # how to start the VM again, kept with every snapshot
+    assert definition["type"] == "qemu" and vm.uuid in definition["argv"] and definition["nvram"] == []
+    assert pool.list_snapshots(vols[1])[0].vm_definition == snaps.vm_definition
 
     from agent.repo.backup import backup
 
@@ -480,6 +489,7 @@ def test_rbd_disks_of_a_running_vm_snapshot_as_one_set(short_tmp, ceph, fake_qga
         vm.write(1, 0xA4, 0, 8 * MiB)
         assert got.vm == "rbdvm" and got.consistency == "application" and got.switch_ms > 0  # the pause
         assert [s.consistency for s in rp.list_snapshots(vols[0])] == ["application"]
+        assert vm.uuid in json.loads(rp.list_snapshots(vols[1])[0].vm_definition)["argv"]
         assert [c for c, _ in ga.calls if c != "guest-sync-delimited"] == [
             "guest-fsfreeze-freeze",
             "guest-fsfreeze-thaw",

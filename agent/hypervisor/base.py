@@ -111,6 +111,11 @@ class RunningVm(ABC):
         return next((d for d in self.disks() if d.rbd == (pool, namespace, image)), None)
 
     @abstractmethod
+    def definition(self) -> str:
+        """How to start the VM again, as JSON: {"type": "qemu", "argv": [...],
+        "nvram": [files]} for a qemu started by hand; "" when unknown."""
+
+    @abstractmethod
     def summary(self) -> VmSummary:
         """Its uuid, name, state and guest agent."""
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from agent.errors import BlockferryError
+from agent.hypervisor.base import RunningVm
 from agent.hypervisor.qga import GuestAgent
 
 log = logging.getLogger("agent.hypervisor")
@@ -77,3 +78,13 @@ def _thaw(ga: GuestAgent, vm_name: str) -> None:
             "guest thaw did not answer; the guest may stay frozen until its agent reads it",
             extra={"vm": vm_name, "error": e.message},
         )
+
+
+def vm_definition(vm: RunningVm) -> str:
+    """The VM's definition, or "" when it cannot be had (logged: a snapshot
+    does not fail for it)."""
+    try:
+        return str(vm.definition())
+    except BlockferryError as e:
+        log.warning("the VM's definition could not be read", extra={"vm": vm.name, "error": e.message})
+        return ""

@@ -112,6 +112,17 @@ def qmp_socket(argv: tuple[str, ...]) -> str | None:
 GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
 
 
+def pflash_files(argv: tuple[str, ...]) -> list[str]:
+    """The firmware variable stores (NVRAM) of a VM: `-drive if=pflash,file=...`."""
+    args = [a[1:] if a.startswith("--") else a for a in argv]
+    out = []
+    for flag, value in zip(args, args[1:], strict=False):
+        opts = _options(value)
+        if flag == "-drive" and opts.get("if") == "pflash" and "file" in opts:
+            out.append(opts["file"])
+    return out
+
+
 def qga_socket(argv: tuple[str, ...]) -> str | None:
     """The unix socket of the VM's guest agent channel, from its command
     line: a `-chardev socket` that a `virtserialport` named

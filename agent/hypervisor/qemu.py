@@ -19,7 +19,7 @@ from typing import Any
 
 from agent.errors import BlockferryError, HypervisorError
 from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, VmSummary, same_file
-from agent.hypervisor.holders import Holder, holders, qemu_processes, qga_socket, qmp_socket
+from agent.hypervisor.holders import Holder, holders, pflash_files, qemu_processes, qga_socket, qmp_socket
 from agent.hypervisor.qmp import TIMEOUT, Qmp
 
 log = logging.getLogger("agent.hypervisor")
@@ -81,6 +81,11 @@ class QemuVm(RunningVm):
         self.name = _vm_name(argv) or (f"qemu pid {pid}" if pid else f"qemu at {qmp.path}")
         self.ident = os.path.realpath(qmp.path)
         self._disks: list[VmDisk] | None = None
+
+    def definition(self) -> str:
+        if not self.argv:  # found through the globs: no process to read the command line of
+            return ""
+        return json.dumps({"type": "qemu", "argv": list(self.argv), "nvram": pflash_files(self.argv)})
 
     def pause(self) -> None:
         self.qmp.execute("stop")

@@ -43,6 +43,7 @@ def snapshot_to_pb(s: SnapshotInfo) -> volumes_pb2.Snapshot:
         clones=list(s.clones),
         tracking=s.tracking,
         consistency=s.consistency,
+        vm_definition=s.vm_definition,
     )
 
 
@@ -168,6 +169,7 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
             reason=got.reason,
             frozen_ms=got.frozen_ms,
             switch_ms=got.switch_ms,
+            vm_definition=got.vm_definition,
         )
 
     @rpc

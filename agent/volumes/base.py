@@ -68,6 +68,7 @@ class SnapshotInfo:
     clones: tuple[str, ...]  # volume uuids of linked clones based on it
     tracking: str = "ok"  # "lost" when changes across this snapshot cannot be known exactly
     consistency: str = ""  # "application", "crash" or "offline" (no VM held it); "" before it was recorded
+    vm_definition: str = ""  # the VM that held it (JSON, RunningVm.definition), "" when none did
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class SnapshotSet:
     reason: str  # why the set is crash-consistent
     frozen_ms: float  # how long the guest's filesystems were frozen
     switch_ms: float  # the guest-visible switch to the new layers (the QMP transaction)
+    vm_definition: str = ""  # how to start the VM again (RunningVm.definition), kept with each snapshot
 
 
 @dataclass(frozen=True)

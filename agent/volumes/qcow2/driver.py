@@ -65,7 +65,7 @@ from agent.errors import (
 )
 from agent.extents import AllocExtent, Extent, merge_extents
 from agent.hypervisor.base import Hypervisor, LiveLayer, RunningVm
-from agent.hypervisor.freeze import OFFLINE, guest_frozen
+from agent.hypervisor.freeze import OFFLINE, guest_frozen, vm_definition
 from agent.hypervisor.holders import holders
 from agent.hypervisor.qemu import QemuHypervisor
 from agent.paths import resolve_under_roots
@@ -533,7 +533,9 @@ class Qcow2Pool(VolumeDriver):
                 raise
             for it in live:
                 it.pool._live_rename(vm, it)
-            return self._finish_set(items, vm.name, fr.consistency, fr.reason, fr.frozen_ms, switch_ms)
+            return self._finish_set(
+                items, vm.name, fr.consistency, fr.reason, fr.frozen_ms, switch_ms, vm_definition(vm)
+            )
 
     def _set_item(self, index: int, r: SnapshotRequest) -> _SetItem:
         pool = self.lookup(r.pool_uuid)
@@ -549,7 +551,14 @@ class Qcow2Pool(VolumeDriver):
         return _SetItem(index, pool, check_uuid(r.volume_uuid, "volume_uuid"), snap, r.name, r.description)
 
     def _finish_set(
-        self, items: list[_SetItem], vm: str, consistency: str, reason: str, frozen_ms: float, switch_ms: float
+        self,
+        items: list[_SetItem],
+        vm: str,
+        consistency: str,
+        reason: str,
+        frozen_ms: float,
+        switch_ms: float,
+        definition: str = "",
     ) -> SnapshotSet:
         infos = []
         for it in items:
@@ -564,6 +573,7 @@ class Qcow2Pool(VolumeDriver):
                 parent=meta.head_parent,
                 tracking=tracking,
                 consistency=consistency,
+                vm_definition=definition,
             )
             meta.snapshots.append(s)
             meta.head_parent = it.snap
@@ -592,7 +602,7 @@ class Qcow2Pool(VolumeDriver):
                     "switch_ms": round(switch_ms, 1),
                 },
             )
-        return SnapshotSet(tuple(infos), consistency, vm, reason, frozen_ms, switch_ms)
+        return SnapshotSet(tuple(infos), consistency, vm, reason, frozen_ms, switch_ms, definition)
 
     def _offline_switch(self, head: str, layer: str) -> str:
         """An idle volume's snapshot: the head becomes the layer, a new head
@@ -684,6 +694,7 @@ class Qcow2Pool(VolumeDriver):
             clones=tuple(c.split("/")[1] for c in s.clones),
             tracking=s.tracking,
             consistency=s.consistency,
+            vm_definition=s.vm_definition,
         )
 
     def delete_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> None:

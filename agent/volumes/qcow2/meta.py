@@ -27,6 +27,7 @@ class SnapMeta:
     parent: str | None
     tracking: str = TRACKING_OK  # whether this layer's dirty bitmap is complete
     consistency: str = ""  # application, crash or offline (hypervisor/freeze.py); "" from before it was kept
+    vm_definition: str = ""  # the VM that held it, to start it again (RunningVm.definition)
     clones: list[str] = field(default_factory=list)  # linked clone volume uuids
 
 

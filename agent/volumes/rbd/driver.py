@@ -45,7 +45,7 @@ from agent.errors import (
 )
 from agent.extents import AllocExtent, Extent, merge_extents
 from agent.hypervisor.base import Hypervisor, RunningVm
-from agent.hypervisor.freeze import CRASH, OFFLINE, guest_frozen
+from agent.hypervisor.freeze import CRASH, OFFLINE, guest_frozen, vm_definition
 from agent.volumes.base import (
     HEAD,
     ChangedExtents,
@@ -446,9 +446,11 @@ class RbdPool(VolumeDriver):
                 owned = any(list(img.lock_get_owners()) for img in imgs)  # a writer elsewhere (another host)
                 consistency = CRASH if owned else OFFLINE
                 infos = [
-                    self._take(img, vol, snap, r, consistency) for img, (vol, snap, r) in zip(imgs, wanted, strict=True)
+                    self._take(img, vol, snap, r, consistency, "")
+                    for img, (vol, snap, r) in zip(imgs, wanted, strict=True)
                 ]
                 return SnapshotSet(tuple(infos), consistency, "", "", 0.0, 0.0)
+            definition = vm_definition(vm)
             with guest_frozen(vm.guest_agent_socket(), vm.name, timeout=freeze_timeout, wanted=freeze) as fr:
                 paused = len(imgs) > 1
                 started = time.monotonic()
@@ -456,7 +458,7 @@ class RbdPool(VolumeDriver):
                     vm.pause()
                 try:
                     infos = [
-                        self._take(img, vol, snap, r, fr.consistency)
+                        self._take(img, vol, snap, r, fr.consistency, definition)
                         for img, (vol, snap, r) in zip(imgs, wanted, strict=True)
                     ]
                 finally:
@@ -472,7 +474,7 @@ class RbdPool(VolumeDriver):
                     "pause_ms": round(pause_ms, 1),
                 },
             )
-            return SnapshotSet(tuple(infos), fr.consistency, vm.name, fr.reason, fr.frozen_ms, pause_ms)
+            return SnapshotSet(tuple(infos), fr.consistency, vm.name, fr.reason, fr.frozen_ms, pause_ms, definition)
 
     def _running_vm(self, vols: list[str]) -> RunningVm | None:
         """The VM on this host that runs on these images; refused when they
@@ -499,7 +501,7 @@ class RbdPool(VolumeDriver):
             found = vm
         return found
 
-    def _take(self, img, vol: str, snap: str, r: SnapshotRequest, consistency: str) -> SnapshotInfo:
+    def _take(self, img, vol: str, snap: str, r: SnapshotRequest, consistency: str, definition: str) -> SnapshotInfo:
         meta = self._meta(img)
         parent = meta.get(KEY_HEAD_PARENT) or None
         record = {
@@ -508,6 +510,7 @@ class RbdPool(VolumeDriver):
             "created_at": time.time(),
             "parent": parent,
             "consistency": consistency,
+            "vm_definition": definition,
         }
         img.metadata_set(KEY_SNAP + snap, json.dumps(record))  # before the snapshot: never an unknown snap
         try:
@@ -543,6 +546,7 @@ class RbdPool(VolumeDriver):
             clones=tuple(clones),
             tracking=tracking,
             consistency=rec.get("consistency", ""),
+            vm_definition=rec.get("vm_definition", ""),
         )
 
     def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo:
