@@ -274,6 +274,9 @@ def test_a_set_of_two_vms_disks_is_refused_and_changes_nothing(env):
         _set(pool, idle, a, b)
     assert e.value.field == "snapshots[2]" and "VM vmb" in e.value.message and "VM vma" in e.value.message
     assert all(pool.list_snapshots(v) == [] for v in (a, b, idle))
+    with pytest.raises(InvalidArgument) as e:
+        _set(pool, idle, idle)
+    assert e.value.field == "snapshots" and "twice" in e.value.message
     mixed = _set(pool, idle, a)  # an idle volume with one VM's disk: one point in time too
     assert [len(pool.list_snapshots(v)) for v in (idle, a, b)] == [1, 1, 0] and mixed.vm == "vma"
 

@@ -488,6 +488,8 @@ class Qcow2Pool(VolumeDriver):
         if not requests:
             raise InvalidArgument("snapshots: name at least one volume", field="snapshots")
         items = [self._set_item(i, r) for i, r in enumerate(requests)]
+        if len({(it.pool.pool_uuid, it.meta_uuid) for it in items}) != len(items):
+            raise InvalidArgument("snapshots: a volume is named twice", field="snapshots")
         with ExitStack() as stack:
             for it in sorted(items, key=lambda it: (it.pool.pool_uuid, it.meta_uuid)):
                 stack.enter_context(it.pool._locked(it.meta_uuid))
@@ -509,15 +511,21 @@ class Qcow2Pool(VolumeDriver):
                     )
                 vm = vm or held
                 it.vm = held
-            if vm is None:
-                for it in items:
-                    it.tracking = it.pool._offline_switch(it.head, it.layer)
-                return self._finish_set(items, "", OFFLINE, "", 0.0, 0.0)
             live = [it for it in items if it.vm is not None]
             idle = [it for it in items if it.vm is None]
-            layers = [it.pool._live_prepare(vm, it) for it in live]
             done: list[_SetItem] = []
+            if vm is None:
+                try:
+                    for it in idle:
+                        it.tracking = it.pool._offline_switch(it.head, it.layer)
+                        done.append(it)
+                except BaseException:  # all or none: put back the ones switched
+                    for it in done:
+                        it.pool._offline_undo(it.head, it.layer)
+                    raise
+                return self._finish_set(items, "", OFFLINE, "", 0.0, 0.0)
             try:
+                layers = [it.pool._live_prepare(vm, it) for it in live]
                 for it in idle:
                     it.tracking = it.pool._offline_switch(it.head, it.layer)
                     done.append(it)
@@ -527,7 +535,8 @@ class Qcow2Pool(VolumeDriver):
                     switch_ms = (time.monotonic() - started) * 1000
             except BaseException:
                 for it in live:
-                    it.pool.fs.unlink(it.tmp)
+                    if it.tmp and it.pool.fs.exists(it.tmp):
+                        it.pool.fs.unlink(it.tmp)
                 for it in done:
                     it.pool._offline_undo(it.head, it.layer)
                 raise
