@@ -43,16 +43,18 @@ def running_vms(hypervisor: Hypervisor, pools: PoolRegistry) -> list[VmReport]:
     for vm in hypervisor.running_vms():
         try:
             summary = vm.summary()
+            volume_of = {}  # disk node -> (pool, volume), head; each head asked once
+            for key, head in heads.items():
+                d = vm.disk_of(head) if os.path.exists(head) else None
+                if d is not None:
+                    volume_of[d.node] = (key, head)
             disks = []
             for d in vm.disks():
-                found = next(
-                    ((key, head) for key, head in heads.items() if os.path.exists(head) and vm.disk_of(head) == d),
-                    None,
-                )
-                if found is None:
+                if d.node not in volume_of:
                     disks.append(VmDiskReport(d.device, d.file, "", ""))
                 else:  # its head's name now: qemu keeps the name it opened, which a live snapshot changed
-                    disks.append(VmDiskReport(d.device, found[1], *found[0]))
+                    (pool, volume), head = volume_of[d.node]
+                    disks.append(VmDiskReport(d.device, head, pool, volume))
             out.append(VmReport(summary.uuid, summary.name, summary.state, summary.guest_agent, tuple(disks)))
         except BlockferryError as e:  # gone meanwhile, or its monitor is busy: reported next time
             log.info("a running VM could not be asked", extra={"vm": vm.name, "error": e.message})

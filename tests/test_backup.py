@@ -162,19 +162,8 @@ def test_interrupted_backup_is_never_listed(env):
 def test_rbd_backup_restores_into_qcow2(env, ceph):
     import rbd
 
-    from agent.volumes.rbd import RbdPool
-
     pool, repo, tmp = env
-    rp = RbdPool(
-        nid(),
-        ceph_conf=str(ceph.conf),
-        client_name="admin",
-        keyring="",
-        rbd_pool="rbd",
-        namespace="",
-        features=["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
-        timeout=30,
-    )
+    rp = ceph.rbd_pool()
     vol = rp.create_volume(nid(), "rbd-src", 16 * MiB).uuid
     try:
         with rp.ioctx() as io, rbd.Image(io, vol) as img:

@@ -467,19 +467,7 @@ def test_rbd_disks_of_a_running_vm_snapshot_as_one_set(short_tmp, ceph, fake_qga
     two image snapshots, each snapshot the data of that instant."""
     import rbd
 
-    from agent.volumes.rbd import RbdPool
-
-    rp = RbdPool(
-        nid(),
-        ceph_conf=str(ceph.conf),
-        client_name="admin",
-        keyring="",
-        rbd_pool="rbd",
-        namespace="",
-        features=["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
-        timeout=30,
-        hypervisor=QemuHypervisor(),
-    )
+    rp = ceph.rbd_pool(hypervisor=QemuHypervisor())
     vols = [rp.create_volume(nid(), f"rbd{i}", 8 * MiB).uuid for i in range(2)]
     ga = fake_qga("ok")
     spec = {"driver": "rbd", "pool": "rbd", "conf": str(ceph.conf), "user": "admin"}

@@ -91,6 +91,19 @@ def make_env(c, a, host) -> dict:
     return {"cluster": cluster_uuid, "tenant": tenant, "pool": pid, "vols": vols, "bp": bp}
 
 
+def volume_digest(a, pool: str, volume: str, snapshot: str = "") -> str:
+    """The image digest of a volume (or one of its snapshots), by the agent's checksum job."""
+    from agent.api.v1 import jobs_pb2
+
+    with a.client() as ac:
+        job = ac.run(
+            f"sum-{uuid.uuid4()}",
+            checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool, volume_uuid=volume, snapshot_uuid=snapshot),
+        )
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+        return job.checksum_result.image_digest
+
+
 def vault_body(env, name="vault_name", resources=None, **extra) -> dict:
     body = {
         "vault": {
@@ -272,7 +285,6 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
     import rados
     import rbd
 
-    from agent.api.v1 import jobs_pb2
     from agent.controller import config as ccfg
     from agent.controller.agents import AgentClients
     from agent.controller.db import Database
@@ -329,13 +341,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
     rbd_io = cluster_h.open_ioctx(rados_pool)
 
     def digest(volume_uuid: str) -> str:
-        with a.client() as ac:
-            job = ac.run(
-                f"sum-{uuid.uuid4()}",
-                checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool_of.get(volume_uuid, pid), volume_uuid=volume_uuid),
-            )
-            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-            return job.checksum_result.image_digest
+        return volume_digest(a, pool_of.get(volume_uuid, pid), volume_uuid)
 
     def rbd_write(offset: int, data: bytes) -> None:  # as a VM's librbd would
         with rbd.Image(rbd_io, vol_ids[2]) as img:
@@ -546,7 +552,6 @@ def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server
     """The same cycle on the real nfs-ganesha server (libnfs in the agent),
     with a password (encrypted repository): two checkpoints under a keep-1
     policy, the older pruned, the newer restored in place bit for bit."""
-    from agent.api.v1 import jobs_pb2
 
     from support.controller import wait_task
     from support.volumes import write
@@ -578,10 +583,7 @@ def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server
         )["uuid"]
 
     def digest() -> str:
-        with a.client() as ac:
-            job = ac.run(f"sum-{uuid.uuid4()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=vol["UUID"]))
-            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-            return job.checksum_result.image_digest
+        return volume_digest(a, pid, vol["UUID"])
 
     policy = copy.deepcopy(POLICY)
     policy["policy"]["name"] = "keep-one"
@@ -634,7 +636,6 @@ def test_a_server_vault_backs_up_a_running_vms_disks_as_one_set(cluster, short_t
     backup_point_id substituted): the VM's disks, less the excluded one, are
     snapshotted at one instant inside a guest freeze while the guest writes,
     backed up, and restore bit for bit to that instant."""
-    from agent.api.v1 import jobs_pb2
 
     from support.controller import wait_task
     from support.fake_qga import FakeGuestAgent
@@ -663,13 +664,7 @@ def test_a_server_vault_backs_up_a_running_vms_disks_as_one_set(cluster, short_t
     vm = Vm(short_tmp, [next(iter(d["AccessPath"].values())) for d in disks], name="ECS-0001", qga=ga.path)
 
     def digest(volume_uuid: str, snapshot_uuid: str = "") -> str:
-        with a.client() as ac:
-            job = ac.run(
-                f"sum-{uuid.uuid4()}",
-                checksum=jobs_pb2.ChecksumSpec(pool_uuid=pid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid),
-            )
-            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-            return job.checksum_result.image_digest
+        return volume_digest(a, pid, volume_uuid, snapshot_uuid)
 
     try:
         for i in range(3):

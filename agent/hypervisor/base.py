@@ -132,12 +132,11 @@ class RunningVm(ABC):
         """Add the bits of source's bitmap `name` to target's (both recorded)."""
 
     @abstractmethod
-    def stream(self, top: ChainNode, base: ChainNode | None, backing_file: str | None) -> None:
-        """Copy into top what it reads from the layers between it and base,
-        then make base its backing (`backing_file` written in top's header);
-        with no base, top keeps everything and has no backing. Returns when
-        qemu finished; the layers between are released (and removed from
-        qemu where the agent had added them)."""
+    def stream(self, top: ChainNode, gone: ChainNode, base: ChainNode | None, backing_file: str | None) -> None:
+        """Merge the layer `gone`, directly below top, into top: copy what top
+        reads from it, then make base (gone's backing; None: nothing) top's
+        backing, `backing_file` written in top's header. Returns when qemu
+        finished; gone is released and its named nodes removed from qemu."""
 
     @abstractmethod
     def add_layers(self, layers: list[LiveLayer]) -> None:

@@ -179,9 +179,8 @@ class QemuVm(RunningVm):
             "block-dirty-bitmap-merge", node=target.node, target=name, bitmaps=[{"node": source.node, "name": name}]
         )
 
-    def stream(self, top: ChainNode, base: ChainNode | None, backing_file: str | None) -> None:
+    def stream(self, top: ChainNode, gone: ChainNode, base: ChainNode | None, backing_file: str | None) -> None:
         self._disks = None
-        below = self.chain_below(top, base)
         job = f"bf-stream-{uuidlib.uuid4().hex[:8]}"
         args: dict[str, Any] = {"job-id": job, "device": top.node}
         if base is not None:
@@ -191,29 +190,12 @@ class QemuVm(RunningVm):
         ev = self.qmp.wait_event("BLOCK_JOB_COMPLETED", timeout=STREAM_TIMEOUT, device=job)
         if ev["data"].get("error"):
             raise HypervisorError(f"VM {self.name}: block-stream into {top.node} failed: {ev['data']['error']}")
-        for node in below:  # named nodes stay open until deleted (their files too); qemu's own go by themselves
-            for name in (node.node, node.file_node):
-                if name and not name.startswith("#"):
-                    try:
-                        self.qmp.execute("blockdev-del", {"node-name": name})
-                    except BlockferryError as e:
-                        log.warning("a released layer's node stays open", extra={"node": name, "error": e.message})
-
-    def chain_below(self, top: ChainNode, base: ChainNode | None) -> list[ChainNode]:
-        """The layers strictly between top and base (all below top without base)."""
-        out, seen = [], False
-        for n in self._chain_from(top.node):
-            if n.node == top.node:
-                seen = True
-                continue
-            if base is not None and n.node == base.node:
-                break
-            if seen:
-                out.append(n)
-        return out
-
-    def _chain_from(self, node: str) -> list[ChainNode]:
-        return self.chain(VmDisk(device="", node=node, file="", bitmaps=()))
+        for name in (gone.node, gone.file_node):  # named nodes stay open until deleted (their files too)
+            if name and not name.startswith("#"):  # qemu's own go by themselves
+                try:
+                    self.qmp.execute("blockdev-del", {"node-name": name})
+                except BlockferryError as e:
+                    log.warning("a released layer's node stays open", extra={"node": name, "error": e.message})
 
     def add_layers(self, layers: list[LiveLayer]) -> None:
         self._disks = None

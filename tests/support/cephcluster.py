@@ -226,6 +226,24 @@ mgr data = {r}/mgr-x
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def rbd_pool(self, **kw):
+        """An RbdPool of the agent on this cluster's default pool (all RBD features on)."""
+        import uuid
+
+        from agent.volumes.rbd import RbdPool
+
+        return RbdPool(
+            str(uuid.uuid4()),
+            ceph_conf=str(self.conf),
+            client_name="admin",
+            keyring="",
+            rbd_pool=self.pool,
+            namespace="",
+            features=["layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten"],
+            timeout=30,
+            **kw,
+        )
+
     def pool_section(self, pool_uuid: str, pool: str | None = None, timeout: float = 10.0) -> str:
         return (
             f'[pools.{pool_uuid}]\ntype = "rbd"\nceph_conf = "{self.conf}"\nclient_name = "admin"\n'

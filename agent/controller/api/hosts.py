@@ -56,14 +56,19 @@ def list_hosts(request: Request, caller: Caller = Depends(authenticated)):
     return ok({"total_count": len(hosts), "list": [to_json(h, dead) for h in hosts]})
 
 
+def load_host(s, host_uuid: str) -> Host:
+    h = s.get(Host, host_uuid)
+    if h is None:
+        raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
+    return h
+
+
 @router.get("/{host_uuid}")
 def get_host(host_uuid: str, request: Request, caller: Caller = Depends(authenticated)):
     operator(caller)
     host_uuid = v.uuid(host_uuid, "host_uuid")
     with context(request).db.session() as s:
-        h = s.get(Host, host_uuid)
-    if h is None:
-        raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
+        h = load_host(s, host_uuid)
     return ok(to_json(h, context(request).cfg.host_dead_after))
 
 
@@ -76,9 +81,7 @@ def forget_host(host_uuid: str, request: Request, caller: Caller = Depends(authe
     host_uuid = v.uuid(host_uuid, "host_uuid")
     dead = context(request).cfg.host_dead_after
     with context(request).db.session() as s:
-        h = s.get(Host, host_uuid)
-        if h is None:
-            raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
+        h = load_host(s, host_uuid)
         if host_state(h, dead) != "offline":
             raise FailedPrecondition(
                 f"host_uuid: host {host_uuid} ({h.hostname}) is {host_state(h, dead)}: "
@@ -100,9 +103,7 @@ def list_host_vms(host_uuid: str, request: Request, caller: Caller = Depends(aut
     operator(caller)
     host_uuid = v.uuid(host_uuid, "host_uuid")
     with context(request).db.session() as s:
-        h = s.get(Host, host_uuid)
-    if h is None:
-        raise NotFound(f"host_uuid: host {host_uuid} is not registered", field="host_uuid")
+        h = load_host(s, host_uuid)
     vms = vms_of(h, context(request).cfg.host_dead_after)
     return ok({"total_count": len(vms), "list": vms})
 

@@ -60,24 +60,31 @@ def _state(s, vault: Vault) -> str:
     return "Enabled" if p is not None and p.enabled else "Disabled"
 
 
+def _backed_up(s, vault_id: str, volumes: list[str]) -> tuple[int, int]:
+    """(count, stored bytes) of the vault's good backups of these volumes."""
+    count, stored = s.execute(
+        select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.stored_bytes), 0)).where(
+            Backup.vault_id == vault_id, Backup.volume_uuid.in_(volumes), Backup.status == "BackupSucceeded"
+        )
+    ).one()
+    return int(count), int(stored)
+
+
+def _gb(vol: Volume | None) -> int:
+    return -(-vol.capacity // GB) if vol else 0
+
+
 def to_seed(s, vault: Vault) -> dict:
     resources = []
     for srv in s.scalars(select(VaultServer).where(VaultServer.vault_id == vault.id).order_by(VaultServer.added_at)):
-        count, stored, size = 0, 0, 0
-        for r in s.scalars(select(VaultResource).where(VaultResource.server_uuid == srv.server_uuid)):
-            vol = s.get(Volume, r.volume_uuid)
-            c, st = s.execute(
-                select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.stored_bytes), 0)).where(
-                    Backup.vault_id == vault.id, Backup.volume_uuid == r.volume_uuid, Backup.status == "BackupSucceeded"
-                )
-            ).one()
-            count, stored, size = count + int(c), stored + int(st), size + (-(-vol.capacity // GB) if vol else 0)
+        disks = list(s.scalars(select(VaultResource.volume_uuid).where(VaultResource.server_uuid == srv.server_uuid)))
+        count, stored = _backed_up(s, vault.id, disks)
         resources.append(
             {
                 "id": srv.server_uuid,
                 "name": srv.name,
                 "type": SERVER_TYPE,
-                "size": size,
+                "size": sum(_gb(s.get(Volume, d)) for d in disks),
                 "backup_count": count,
                 "backup_size": stored,
                 "protect_status": "available",
@@ -90,19 +97,15 @@ def to_seed(s, vault: Vault) -> dict:
         .order_by(VaultResource.added_at, VaultResource.volume_uuid)
     ):
         vol = s.get(Volume, r.volume_uuid)
-        count, stored = s.execute(
-            select(func.count(Backup.uuid), func.coalesce(func.sum(Backup.stored_bytes), 0)).where(
-                Backup.vault_id == vault.id, Backup.volume_uuid == r.volume_uuid, Backup.status == "BackupSucceeded"
-            )
-        ).one()
+        count, stored = _backed_up(s, vault.id, [r.volume_uuid])
         resources.append(
             {
                 "id": r.volume_uuid,
                 "name": vol.name if vol else "",
                 "type": RESOURCE_TYPE,
-                "size": -(-vol.capacity // GB) if vol else 0,
-                "backup_count": int(count),
-                "backup_size": int(stored),
+                "size": _gb(vol),
+                "backup_count": count,
+                "backup_size": stored,
                 "protect_status": "available",
                 "extra_info": None,
             }

@@ -64,7 +64,7 @@ from agent.errors import (
     TrackingLost,
 )
 from agent.extents import AllocExtent, Extent, merge_extents
-from agent.hypervisor.base import Hypervisor, LiveLayer, RunningVm
+from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm
 from agent.hypervisor.freeze import OFFLINE, guest_frozen, vm_definition
 from agent.hypervisor.holders import holders
 from agent.hypervisor.qemu import QemuHypervisor
@@ -726,10 +726,10 @@ class Qcow2Pool(VolumeDriver):
                 vm = self._running_vm(self.head_path(meta.uuid))
                 if vm is not None:
                     stack.enter_context(vm)
-                    live = self._live_child(vm, meta, s)
+                    live = self._live_chain(vm, meta, s)
                     if live is not None:  # the child in the VM's chain: qemu merges it
-                        self._live_delete(vm, meta, s, *live, new_backing)
-                        children = [(c, p) for c, p in children if p != live[1]]
+                        merged = self._live_delete(vm, meta, s, *live, new_backing)
+                        children = [(c, p) for c, p in children if p != merged]
                 self._offline_delete(meta, s, layer, children, new_backing, new_fmt)
             if meta.head_parent == s.uuid:
                 meta.head_parent = s.parent
@@ -767,11 +767,15 @@ class Qcow2Pool(VolumeDriver):
             if child:
                 child.parent = s.parent
 
-    def _live_child(self, vm: RunningVm, meta: VolMeta, s: SnapMeta) -> tuple[SnapMeta | None, str, list] | None:
+    def _live_chain(
+        self, vm: RunningVm, meta: VolMeta, s: SnapMeta
+    ) -> tuple[SnapMeta | None, int, list[ChainNode]] | None:
         """When the snapshot going away is in the running disk's chain: its
-        child there (None for the head), that child's path, and the chain."""
+        child there (None: the head), its depth (0 is the head) and the chain
+        qemu holds, top first."""
         path: list[SnapMeta | None] = [None, *self._chain_snaps(meta)]  # the head, then its parents
-        if not any(p is s for p in path):
+        depth = next((i for i, p in enumerate(path) if p is s), None)
+        if depth is None:
             return None
         disk = vm.disk_of(self.head_path(meta.uuid))
         if disk is None:
@@ -783,9 +787,7 @@ class Qcow2Pool(VolumeDriver):
                 f"has {len(path)}: stop the VM, then delete the snapshot",
                 field="snapshot_uuid",
             )
-        child = path[path.index(s) - 1]
-        child_path = self.head_path(meta.uuid) if child is None else self.snap_path(meta.uuid, child.uuid)
-        return child, child_path, chain
+        return path[depth - 1], depth, chain
 
     def _live_delete(
         self,
@@ -793,18 +795,19 @@ class Qcow2Pool(VolumeDriver):
         meta: VolMeta,
         s: SnapMeta,
         child: SnapMeta | None,
-        child_path: str,
-        chain: list,
+        depth: int,
+        chain: list[ChainNode],
         new_backing: str | None,
-    ) -> None:
+    ) -> str:
         """The running VM's qemu copies the deleted layer's data into its
         child (block-stream), writes the new backing name itself, and lets the
         layer go. The child's bitmap gains the deleted layer's when qemu can
         write it (the head); an intermediate layer is read-only in qemu, so
-        its tracking is kept only when nothing is older than it afterwards."""
-        depth = [None, *self._chain_snaps(meta)]
-        top, gone = chain[depth.index(child)], chain[depth.index(s)]
-        base = chain[depth.index(s) + 1] if depth.index(s) + 1 < len(chain) else None
+        its tracking is kept only when nothing is older than it afterwards.
+        Returns the child's path."""
+        child_path = self.head_path(meta.uuid) if child is None else self.snap_path(meta.uuid, child.uuid)
+        top, gone = chain[depth - 1], chain[depth]
+        base = chain[depth + 1] if depth + 1 < len(chain) else None
         if base is None and new_backing is not None:
             raise FailedPrecondition(
                 f"snapshot_uuid: VM {vm.name} does not hold the base image {new_backing} of volume {meta.uuid}: "
@@ -826,10 +829,11 @@ class Qcow2Pool(VolumeDriver):
                 meta.head_tracking = TRACKING_LOST
             else:
                 child.tracking = TRACKING_LOST
-        vm.stream(top, base, new_backing)
+        vm.stream(top, gone, base, new_backing)
         if child is not None:
             child.parent = s.parent
         log.info("live snapshot merged", extra={"vm": vm.name, "volume": meta.uuid, "snapshot": s.uuid})
+        return child_path
 
     def _chain_snaps(self, meta: VolMeta) -> list[SnapMeta]:
         """The snapshots under the head, newest first."""
