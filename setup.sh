@@ -18,7 +18,7 @@ apt_packages=(
     # build: the C extension agent._native
     gcc libc6-dev pkg-config libssl-dev libxxhash-dev libzstd-dev
     # Python bindings that exist only in Debian (linked into the venv below)
-    python3-rados python3-rbd python3-libnbd
+    python3-rados python3-rbd python3-libnbd python3-libvirt
     # qcow2 volumes: qemu-img, qemu-nbd; nbdcopy; setpriv (util-linux)
     qemu-utils libnbd-bin util-linux
     # Ceph RBD: the test cluster (mon, osd, mgr) and the ceph/rbd CLIs
@@ -31,6 +31,8 @@ apt_packages=(
     # running VMs: qemu-system for live snapshots and backups through QMP
     # (the tests start VMs without a guest OS, under KVM or TCG)
     qemu-system-x86
+    # VMs a libvirtd manages (the tests run a session-mode libvirtd)
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     # the real guest of the freeze test: its ext4 data disk, checked on the host
     e2fsprogs
     # qemu's nfs:// driver for NFS volume pools (and its iscsi:// driver for
@@ -98,7 +100,8 @@ suffix=$("$vpy" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX
 site=$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 linkdir="$venv/debian-bindings"
 mkdir -p "$linkdir"
-for f in "rados$suffix" "rbd$suffix" nbd.py "libnbdmod$suffix"; do
+for f in "rados$suffix" "rbd$suffix" nbd.py "libnbdmod$suffix" \
+    libvirt.py "libvirtmod$suffix" libvirt_qemu.py "libvirtmod_qemu$suffix"; do
     src="/usr/lib/python3/dist-packages/$f"
     [ -e "$src" ] || { log "missing $src (Debian binding)"; exit 1; }
     ln -sfn "$src" "$linkdir/$f"

@@ -113,6 +113,15 @@ class VmsSection:
     report_interval: float = option(
         30.0, "Seconds between two scans of the running VMs reported to the controller (each VM's monitor is asked)."
     )
+    libvirt_uri: str = option(
+        "",
+        "libvirt connection for the VMs a libvirtd manages (such as qemu:///system); empty: libvirt is not asked.",
+    )
+    libvirt_work_dir: str = option(
+        "/var/tmp/blockferry",
+        "Where libvirt's pull backups put their NBD socket and scratch files (one private directory per job, "
+        "owned by the user qemu runs as).",
+    )
 
 
 @dataclass

@@ -11,7 +11,7 @@ import threading
 from agent.attached import AttachedDefinitions
 from agent.config import Config, PoolSection
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound, TargetUnreachable
-from agent.hypervisor.qemu import QemuHypervisor
+from agent.hypervisor.hosts import HostHypervisors
 from agent.paths import resolve_under_roots
 from agent.volumes.base import VolumeDriver, check_uuid
 from agent.volumes.qcow2 import Qcow2Pool
@@ -26,7 +26,9 @@ class PoolRegistry:
         self._pools: dict[str, VolumeDriver] = {}
         self._sections: dict[str, PoolSection] = {}
         self._attached: set[str] = set()
-        self.hypervisor = QemuHypervisor(tuple(cfg.vms.qmp_sockets), timeout=cfg.vms.qmp_timeout)
+        self.hypervisor = HostHypervisors(
+            tuple(cfg.vms.qmp_sockets), qmp_timeout=cfg.vms.qmp_timeout, libvirt_uri=cfg.vms.libvirt_uri
+        )
         self.attached = AttachedDefinitions(os.path.join(cfg.agent.state_dir, "pools.d"), PoolSection)
         for pool_uuid, pc in cfg.pools.items():
             self._add(pool_uuid, pc)

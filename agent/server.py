@@ -74,6 +74,7 @@ class Agent:
         from agent.jobs.engine import JobEngine
         from agent.kinds.backups import BackupKind, GcKind, RestoreKind, VerifyKind
         from agent.kinds.checksum import ChecksumKind
+        from agent.kinds.vm_backup import VmBackupKind
         from agent.kinds.volumes import CloneKind, FlattenKind
         from agent.pools import PoolRegistry
         from agent.services.backups import BackupService
@@ -93,6 +94,7 @@ class Agent:
             RestoreKind(pools, points),
             VerifyKind(points),
             GcKind(points),
+            VmBackupKind(pools, points, cfg.vms.libvirt_work_dir),
         ]
         engine = JobEngine(
             os.path.join(cfg.agent.state_dir, "jobs.sqlite3"),

@@ -375,7 +375,7 @@ def test_snapshots_are_read_from_their_layer_files_as_qemu_reads_them(env):
 
 
 def test_compressed_clusters_are_read_through_qemu_nbd(env):
-    from agent.volumes.qcow2.driver import NbdSnapshotReader
+    from agent.volumes.nbd import NbdSnapshotReader
 
     pool, repo, tmp = env
     raw = tmp / "src.raw"

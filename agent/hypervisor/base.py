@@ -3,14 +3,20 @@
 A volume whose file a running qemu holds cannot be changed by qemu-img: the
 VM's qemu must do it. The drivers ask a Hypervisor which running VM holds a
 file and then ask that VM, through a RunningVm, for what they need while it
-runs. Adapters: qemu.py (QMP, for qemu processes no libvirt manages).
+runs. Adapters: qemu.py (QMP, for qemu processes no libvirt manages) and
+libvirt.py (VMs a libvirtd manages); hosts.py asks both.
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.hypervisor.freeze import Freeze
 
 
 def same_file(a: str, b: str) -> bool:
@@ -122,6 +128,11 @@ class RunningVm(ABC):
     @abstractmethod
     def guest_agent_socket(self) -> str | None:
         """The host side of the VM's qemu-guest-agent channel, if it has one."""
+
+    @abstractmethod
+    def frozen(self, *, timeout: float, wanted: bool = True) -> AbstractContextManager[Freeze]:
+        """The guest's filesystems frozen for the block (thawed on every
+        exit); the Freeze says whether they were, and why not."""
 
     @abstractmethod
     def chain(self, disk: VmDisk) -> list[ChainNode]:

@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import uuid as uuidlib
+from contextlib import AbstractContextManager
 from typing import Any
 
 from agent.errors import BlockferryError, HypervisorError
 from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, VmSummary, same_file
+from agent.hypervisor.freeze import Freeze, guest_frozen
 from agent.hypervisor.holders import Holder, holders, pflash_files, qemu_processes, qga_socket, qmp_socket
 from agent.hypervisor.qmp import TIMEOUT, Qmp
 
@@ -105,6 +107,9 @@ class QemuVm(RunningVm):
                 if sock in dev.get("filename", ""):
                     ready = bool(dev.get("frontend-open"))  # the guest opened its end: an agent runs there
         return VmSummary(uuid=uuid, name=self.name, state=state, guest_agent=ready)
+
+    def frozen(self, *, timeout: float, wanted: bool = True) -> AbstractContextManager[Freeze]:
+        return guest_frozen(self.guest_agent_socket(), self.name, timeout=timeout, wanted=wanted)
 
     def guest_agent_socket(self) -> str | None:
         """From the command line; else a socket chardev labelled qga* (the

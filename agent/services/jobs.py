@@ -17,6 +17,7 @@ from agent.kinds.backups import (
     VerifySpec,
 )
 from agent.kinds.checksum import ChecksumResult, ChecksumSpec
+from agent.kinds.vm_backup import VmBackupResult, VmBackupSpec
 from agent.kinds.volumes import CloneResult, CloneSpec, FlattenResult, FlattenSpec
 from agent.services.common import Auth, rpc
 
@@ -38,6 +39,7 @@ SPECS = {
     RestoreSpec: ("restore", jobs_pb2.RestoreSpec),
     VerifySpec: ("verify", jobs_pb2.VerifySpec),
     GcSpec: ("gc", jobs_pb2.GcSpec),
+    VmBackupSpec: ("vm_backup", jobs_pb2.VmBackupSpec),
 }
 RESULTS = {
     ChecksumResult: ("checksum_result", jobs_pb2.ChecksumResult),
@@ -47,14 +49,19 @@ RESULTS = {
     RestoreResult: ("restore_result", jobs_pb2.RestoreResult),
     VerifyResult: ("verify_result", jobs_pb2.VerifyResult),
     GcResult: ("gc_result", jobs_pb2.GcResult),
+    VmBackupResult: ("vm_backup_result", jobs_pb2.VmBackupResult),
 }
 SPEC_BY_FIELD = {name: cls for cls, (name, _) in SPECS.items()}
 
 
-def _fields(obj) -> dict:
+def _to_pb(obj, msg):
+    """A spec or result dataclass (nested ones too) as its proto message."""
     import dataclasses
 
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, list | tuple) else v
+
+    return json_format.ParseDict({k: plain(v) for k, v in dataclasses.asdict(obj).items()}, msg())
 
 
 def _ts(msg, seconds: float | None) -> None:
@@ -84,12 +91,10 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
     _ts(out.started_at, job.started_at)
     _ts(out.ended_at, job.ended_at)
     name, msg = SPECS[type(job.spec)]
-    getattr(out, name).CopyFrom(msg(**_fields(job.spec)))
+    getattr(out, name).CopyFrom(_to_pb(job.spec, msg))
     if job.result is not None:
-        import dataclasses
-
         name, msg = RESULTS[type(job.result)]
-        getattr(out, name).CopyFrom(json_format.ParseDict(dataclasses.asdict(job.result), msg()))
+        getattr(out, name).CopyFrom(_to_pb(job.result, msg))
     return out
 
 

@@ -22,6 +22,7 @@ import nbd
 from agent import procs
 from agent.errors import StorageIOError
 from agent.extents import AllocExtent, Extent
+from agent.volumes.base import SnapshotReader
 
 log = logging.getLogger("agent.nbd")
 
@@ -143,8 +144,10 @@ BUFFERS = _BufferPool()
 
 
 class NbdClient:
-    def __init__(self, socket_path: str, contexts: Iterable[str] = ("base:allocation",)):
+    def __init__(self, socket_path: str, contexts: Iterable[str] = ("base:allocation",), export: str = ""):
         self.h = nbd.NBD()
+        if export:
+            self.h.set_export_name(export)
         self._held: bytearray | None = None  # the buffer on_data keeps (see hold())
         for c in contexts:
             self.h.add_meta_context(c)
@@ -295,6 +298,25 @@ class NbdClient:
 
     def flush(self) -> None:
         self.h.flush()
+
+
+class NbdSnapshotReader(SnapshotReader):
+    """A snapshot read through an NBD client (qemu-nbd, or a hypervisor's export)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def size(self) -> int:
+        return self.client.size
+
+    def extents(self) -> list[AllocExtent]:
+        return self.client.allocation()
+
+    def read(self, extents, on_data, request_size: int, checkpoint=None) -> None:
+        self.client.read_extents(extents, on_data, request_size=request_size, checkpoint=checkpoint)
+
+    def hold(self, view):
+        return self.client.hold(view)
 
 
 class AsyncWriter:

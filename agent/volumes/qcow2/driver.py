@@ -65,7 +65,7 @@ from agent.errors import (
 )
 from agent.extents import AllocExtent, Extent, merge_extents
 from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm
-from agent.hypervisor.freeze import OFFLINE, guest_frozen, vm_definition
+from agent.hypervisor.freeze import OFFLINE, vm_definition
 from agent.hypervisor.holders import holders
 from agent.hypervisor.qemu import QemuHypervisor
 from agent.paths import resolve_under_roots
@@ -75,7 +75,6 @@ from agent.volumes.base import (
     PoolStatus,
     RestoreTarget,
     SnapshotInfo,
-    SnapshotReader,
     SnapshotRequest,
     SnapshotSet,
     SnapshotTree,
@@ -87,7 +86,7 @@ from agent.volumes.base import (
     check_uuid,
 )
 from agent.volumes.nbd import REQUEST_SIZE as NBD_REQUEST
-from agent.volumes.nbd import AsyncWriter, QemuNbd
+from agent.volumes.nbd import AsyncWriter, NbdSnapshotReader, QemuNbd
 from agent.volumes.qcow2 import qemu_img
 from agent.volumes.qcow2.bitmap import dirty_extents
 from agent.volumes.qcow2.direct import DirectRestoreTarget, open_mapped
@@ -529,7 +528,7 @@ class Qcow2Pool(VolumeDriver):
                 for it in idle:
                     it.tracking = it.pool._offline_switch(it.head, it.layer)
                     done.append(it)
-                with guest_frozen(vm.guest_agent_socket(), vm.name, timeout=freeze_timeout, wanted=freeze) as fr:
+                with vm.frozen(timeout=freeze_timeout, wanted=freeze) as fr:
                     started = time.monotonic()
                     vm.add_layers(layers)
                     switch_ms = (time.monotonic() - started) * 1000
@@ -1118,23 +1117,6 @@ class Qcow2Pool(VolumeDriver):
         except BaseException:
             abort()
             raise
-
-
-class NbdSnapshotReader(SnapshotReader):
-    def __init__(self, client):
-        self.client = client
-
-    def size(self) -> int:
-        return self.client.size
-
-    def extents(self) -> list[AllocExtent]:
-        return self.client.allocation()
-
-    def read(self, extents, on_data, request_size: int, checkpoint=None) -> None:
-        self.client.read_extents(extents, on_data, request_size=request_size, checkpoint=checkpoint)
-
-    def hold(self, view):
-        return self.client.hold(view)
 
 
 class _NbdTarget(RestoreTarget):

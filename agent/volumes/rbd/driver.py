@@ -45,7 +45,7 @@ from agent.errors import (
 )
 from agent.extents import AllocExtent, Extent, merge_extents
 from agent.hypervisor.base import Hypervisor, RunningVm
-from agent.hypervisor.freeze import CRASH, OFFLINE, guest_frozen, vm_definition
+from agent.hypervisor.freeze import CRASH, OFFLINE, vm_definition
 from agent.volumes.base import (
     HEAD,
     ChangedExtents,
@@ -451,7 +451,7 @@ class RbdPool(VolumeDriver):
                 ]
                 return SnapshotSet(tuple(infos), consistency, "", "", 0.0, 0.0)
             definition = vm_definition(vm)
-            with guest_frozen(vm.guest_agent_socket(), vm.name, timeout=freeze_timeout, wanted=freeze) as fr:
+            with vm.frozen(timeout=freeze_timeout, wanted=freeze) as fr:
                 paused = len(imgs) > 1
                 started = time.monotonic()
                 if paused:
