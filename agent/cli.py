@@ -149,6 +149,40 @@ def cmd_snapshot_set(client: AgentClient, args) -> int:
     return 0
 
 
+def cmd_vm_backup(client: AgentClient, args) -> int:
+    """The disks of a running libvirt VM backed up at one instant, live,
+    through libvirt's pull backup (docs/live.md); one backup per disk."""
+    disks = []
+    for i, item in enumerate(args.volumes):
+        pool, sep, volume = item.partition(":")
+        if not sep:
+            print(f"blockferry: volumes[{i}]: {item!r} is not POOL:VOLUME", file=sys.stderr)
+            return 2
+        disks.append(jobs_pb2.VmBackupDisk(pool_uuid=pool, volume_uuid=volume, backup_uuid=str(uuid.uuid4())))
+    job_id = args.job_id or f"vm-backup-{uuid.uuid4()}"
+    spec = jobs_pb2.VmBackupSpec(
+        backup_point_uuid=args.backup_point,
+        disks=disks,
+        name=args.name,
+        full=args.full,
+        no_freeze=args.no_freeze,
+    )
+    client.submit(job_id, vm_backup=spec)
+    job = follow(client, job_id, args.json)
+    if args.json:
+        return exit_code(job)
+    if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+        print(job_line(job), file=sys.stderr)
+        return exit_code(job)
+    r = job.vm_backup_result
+    why = f" ({r.reason})" if r.reason else ""
+    print(f"{r.vm}: {r.consistency}{why}, checkpoint {r.checkpoint}")
+    for d, b in zip(disks, r.backups, strict=False):
+        reason = f"  ({b.mode_reason})" if b.mode_reason else ""
+        print(f"  {d.volume_uuid}  backup {b.backup_uuid}  {b.mode}  read {human(b.read_bytes)}{reason}")
+    return exit_code(job)
+
+
 def cmd_vms(client: AgentClient, args) -> int:
     msg = client.list_vms()
     if args.json:
@@ -389,6 +423,14 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("vms", help="the running VMs of this host, disks mapped to volumes")
 
+    vb = sub.add_parser("vm-backup", help="back up a running libvirt VM's disks live, at one instant (a job)")
+    vb.add_argument("backup_point")
+    vb.add_argument("volumes", nargs="+", metavar="POOL:VOLUME")
+    vb.add_argument("--name", default="")
+    vb.add_argument("--full", action="store_true", help="read every disk whole, even when a parent backup exists")
+    vb.add_argument("--no-freeze", action="store_true", help="do not ask the guest agent to freeze")
+    vb.add_argument("--job-id")
+
     cl = sub.add_parser("clone", help="clone a snapshot into a new volume (a job)")
     cl.add_argument("pool")
     cl.add_argument("volume")
@@ -450,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                 "snapshot": cmd_snapshot,
                 "snapshot-set": cmd_snapshot_set,
                 "vms": cmd_vms,
+                "vm-backup": cmd_vm_backup,
                 "clone": cmd_clone,
                 "flatten": cmd_flatten,
                 "facts": cmd_facts,

@@ -19,6 +19,7 @@ from agent.volumes.nbd import NbdClient
 
 from support.agents import BP_UUID, POOL_UUID, write_config
 from support.backups import OK, Bk, nid
+from support.cli import cli
 from support.libvirtd import SessionLibvirtd
 from support.volumes import rpc_error
 
@@ -133,6 +134,13 @@ def test_a_libvirt_vm_is_backed_up_live_as_one_set_then_incrementally(env):
         assert time.monotonic() < deadline, vms
         time.sleep(0.2)
     assert [d.volume_uuid for d in vms[vm.name].disks] == vols
+
+    # the host CLI: one line per disk, incremental from the second backup's checkpoint
+    guest.write(1, 0x33, 5 * MiB, MiB)
+    out = cli(agent, "vm-backup", BP_UUID, *(f"{POOL_UUID}:{v}" for v in vols)).stdout
+    assert out.startswith(f"{vm.name}: crash") and out.count("incremental") == 2, out
+    backup_of_disk1 = out.splitlines()[2].split()[2]
+    assert restored(bk, backup_of_disk1) == guest.now()[1]
 
 
 def test_the_pull_export_keeps_its_instant_while_the_guest_writes(env, tmp_path):
