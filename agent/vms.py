@@ -35,6 +35,7 @@ class VmReport:
     state: str
     guest_agent: bool
     disks: tuple[VmDiskReport, ...]
+    manager: str = "qemu"  # "libvirt" for a VM a libvirtd manages
 
 
 def running_vms(hypervisor: Hypervisor, pools: PoolRegistry) -> list[VmReport]:
@@ -55,7 +56,9 @@ def running_vms(hypervisor: Hypervisor, pools: PoolRegistry) -> list[VmReport]:
                 else:  # its head's name now: qemu keeps the name it opened, which a live snapshot changed
                     (pool, volume), head = volume_of[d.node]
                     disks.append(VmDiskReport(d.device, head, pool, volume))
-            out.append(VmReport(summary.uuid, summary.name, summary.state, summary.guest_agent, tuple(disks)))
+            out.append(
+                VmReport(summary.uuid, summary.name, summary.state, summary.guest_agent, tuple(disks), vm.manager)
+            )
         except BlockferryError as e:  # gone meanwhile, or its monitor is busy: reported next time
             log.info("a running VM could not be asked", extra={"vm": vm.name, "error": e.message})
         finally:
@@ -71,6 +74,7 @@ def vm_to_pb(v: VmReport):  # -> host_pb2.Vm; here, as both ListVms and the hear
         name=v.name,
         state=v.state,
         guest_agent=v.guest_agent,
+        manager=v.manager,
         disks=[
             host_pb2.VmDisk(device=d.device, file=d.file, pool_uuid=d.pool_uuid, volume_uuid=d.volume_uuid)
             for d in v.disks

@@ -109,6 +109,21 @@ def rbd_agent(make_agent, ceph):
 
 
 @pytest.fixture(scope="session")
+def libvirtd():
+    """A session-mode libvirtd run as an unprivileged user (its folders private)."""
+    import shutil
+    import tempfile
+
+    from support.libvirtd import SessionLibvirtd
+
+    base = Path(tempfile.mkdtemp(prefix="bf-lv-", dir="/tmp"))  # short: unix sockets
+    d = SessionLibvirtd(base / "libvirt").start()
+    yield d
+    d.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def nfs_server():
     """nfs-ganesha (NFSv3) with rpcbind."""
     from support.nfsserver import NfsServer

@@ -28,20 +28,8 @@ SIZE = 16 * MiB
 
 
 @pytest.fixture(scope="module")
-def libvirtd(tmp_path_factory):
-    import tempfile
-    from pathlib import Path
-
-    base = Path(tempfile.mkdtemp(prefix="bf-lv-", dir="/tmp"))  # short: unix sockets
-    d = SessionLibvirtd(base / "libvirt").start()
-    yield d
-    d.stop()
-    subprocess.run(["rm", "-rf", str(base)], check=False)
-
-
-@pytest.fixture(scope="module")
 def env(libvirtd):
-    work = libvirtd.base.parent / "agent"
+    work = libvirtd.base.parent / f"agent-{nid()[:8]}"
     work.mkdir()
     work.chmod(0o755)
     agent = write_config(
@@ -55,6 +43,7 @@ def env(libvirtd):
     ).start()
     c = agent.client()
     yield agent, Bk(agent, c), libvirtd
+    libvirtd.clear()
     c.close()
     agent.stop()
 

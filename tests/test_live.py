@@ -442,6 +442,7 @@ def test_the_controller_lists_each_hosts_running_vms(short_tmp, make_agent):
                     "Name": "inventoried",
                     "State": "running",
                     "GuestAgent": False,
+                    "Manager": "qemu",
                     "Disks": [{"Device": "vd0", "File": head, "PoolUUID": POOL_UUID, "VolumeUUID": vol}],
                     "HostUUID": host,
                     "HostState": "online",

@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC
 
 import httpx
+import pytest
 
 from support.controller import SEEDS, TENANT_B, TOKENS, check_ok, seed_example
 
@@ -764,3 +765,94 @@ def test_a_server_vault_backs_up_a_running_vms_disks_as_one_set(cluster, short_t
     finally:
         vm.quit()
         ga.close()
+
+
+@pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
+def test_a_server_vault_backs_up_a_libvirt_vm_live_as_one_set(cluster, libvirtd, short_tmp):  # noqa: F811
+    """Seed 003's server vault example for a VM a libvirtd manages: each
+    checkpoint is one vm_backup job (libvirt's pull backup, no snapshot),
+    the second incremental from libvirt's checkpoint; every backup restores
+    to what the guest had written at its instant."""
+    from pathlib import Path
+
+    from agent import native
+
+    from support.controller import wait_task
+
+    c, a, host = cluster
+    a.stop()  # the agent asks the test's libvirtd too
+    a.config.write_text(a.config.read_text() + f'libvirt_uri = "{libvirtd.uri}"\n')
+    a.start()
+    env = make_env(c, a, host)
+    t, pid = env["tenant"], env["pool"]
+    v3 = f"/v3/{t}"
+    vm = libvirtd.vm([Path(next(iter(d["AccessPath"].values()))) for d in env["vols"]])
+    data = [bytearray(16 << 20) for _ in env["vols"]]
+
+    def write(disk: int, pattern: int, offset: int, length: int) -> None:
+        vm.write(disk, pattern, offset, length)
+        data[disk][offset : offset + length] = bytes([pattern]) * length
+
+    def digest_of(b: bytes) -> str:
+        r = native.RefImageHash()
+        r.update(b)
+        return r.digest().hex()
+
+    try:
+        write(0, 0x41, 0, 2 << 20)
+        write(1, 0x42, 3 << 20, 1 << 20)
+        with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op:
+            vms = wait_for(
+                lambda: [x for x in check_ok(op.get("/v1/vms"))["list"] if x["Name"] == vm.name],
+                what="the VM in the inventory",
+            )
+            assert vms[0]["Manager"] == "libvirt"
+            assert [d["VolumeUUID"] for d in vms[0]["Disks"]] == [d["UUID"] for d in env["vols"]]
+            pol = op.post(f"{v3}/policies", json=POLICY).json()["policy"]
+            body = seed003_example("Creating a 100-GB pay-per-use cloud server backup vault")
+            b = body["vault"]
+            b["backup_policy_id"], b["backup_point_id"] = pol["id"], env["bp"]
+            b["resources"][0]["id"] = vm.dom.UUIDString()
+            b["resources"][0]["extra_info"]["exclude_volumes"] = []
+            r = op.post(f"{v3}/vaults", json=body)
+            assert r.status_code == 200, r.text
+            vault = r.json()["vault"]
+            modes = []
+            for run in range(2):
+                want = [digest_of(bytes(d)) for d in data]
+                r = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vault["id"], "parameters": {}}})
+                assert r.status_code == 200, r.text
+                cp = r.json()["checkpoint"]
+                got = cp["vault"]["resources"]
+                assert len({x["task_id"] for x in got}) == 1  # one job for the VM's disks
+                with c.client("op") as op1:
+                    done = wait_task(op1, got[0]["task_id"], 120)
+                    assert done["status"] == "success", done
+                    modes.append([x["mode"] for x in done["result"]["backups"]])
+                    write(0, 0x50 + run, 8 << 20, 1 << 20)  # after the instant: not in this run's backups
+                    for x in got:
+                        made = op.get(f"{v3}/backups/{x['backup_id']}").json()["backup"]
+                        assert made["extend_info"]["consistency"] == "crash"  # no guest agent in this VM
+                        rs = check_ok(
+                            op1.post(
+                                "/v1/volume/share/backup/restore",
+                                json=dict(
+                                    seed_example("001", "/v1/volume/share/backup/restore"),
+                                    backup_uuid=x["backup_id"],
+                                    new_volume_name=f"r{run}-{x['id'][:8]}",
+                                    new_pool_uuid=pid,
+                                    new_volume_tenant=t,
+                                    cluster_uuid=env["cluster"],
+                                ),
+                            )
+                        )
+                        assert wait_task(op1, rs["task_id"])["status"] == "success"
+                        disk = [d["UUID"] for d in env["vols"]].index(x["id"])
+                        assert volume_digest(a, pid, rs["volume"]["UUID"]) == want[disk]
+                wait_for(
+                    lambda: op.get(f"{v3}/checkpoints/{cp['id']}").json()["checkpoint"]["status"] == "available",
+                    what="the checkpoint",
+                )
+            assert modes == [["full", "full"], ["incremental", "incremental"]]
+    finally:
+        libvirtd.clear()

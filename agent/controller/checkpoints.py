@@ -85,10 +85,11 @@ def _hosts(s, pool_uuid: str, dead_after: int) -> list[Host]:
 
 def _running_servers(
     s, vault: Vault, skipped: list[Skip], dead_after: int, only: list[str] | None
-) -> dict[str, tuple[Host, set[str]]]:
-    """The vault's servers that run on an online host, each with that host
-    and the volumes of its disks now (a disk attached since it joined the
-    vault joins too); the others are skipped with the reason."""
+) -> dict[str, tuple[Host, set[str], str]]:
+    """The vault's servers that run on an online host, each with that host,
+    the volumes of its disks now (a disk attached since it joined the vault
+    joins too) and who runs it (libvirt or qemu); the others are skipped
+    with the reason."""
     out = {}
     for srv in s.scalars(select(VaultServer).where(VaultServer.vault_id == vault.id).order_by(VaultServer.added_at)):
         members = set(s.scalars(select(VaultResource.volume_uuid).where(VaultResource.server_uuid == srv.server_uuid)))
@@ -125,7 +126,7 @@ def _running_servers(
                     )
                 )
         s.flush()
-        out[srv.server_uuid] = (host, set(disks))
+        out[srv.server_uuid] = (host, set(disks), vm.get("Manager", "qemu"))
     return out
 
 
@@ -185,7 +186,7 @@ def create(
             if r.server_uuid:  # a disk of a server: snapshotted with its other disks on the VM's host
                 if r.server_uuid not in servers:
                     continue  # the server is skipped, and says why
-                host, disks = servers[r.server_uuid]
+                host, disks, _ = servers[r.server_uuid]
                 if vol.uuid not in disks:
                     skipped.append(
                         Skip(vol.uuid, label, cbr_code("NOT_FOUND"), f"no longer a disk of server {r.server_uuid}")
@@ -220,13 +221,17 @@ def create(
             s.rollback()
             return None
         vault_name, prefix, bp = vault.name, vault.backup_name_prefix, vault.backup_point_uuid
-    made = []  # (volume, snapshot, runs, base, extra_info)
+    made = []  # (volume, snapshot, runs, base, extra_info, server run by libvirt)
     stamp = datetime.fromtimestamp(due_at, UTC).strftime("%Y%m%d-%H%M%S")
     groups: dict[str, list] = {}  # a server's disks, or one volume alone
     for item in plan:
         groups.setdefault(item[4] or item[0].uuid, []).append(item)
     for items in groups.values():
         host, server = items[0][1], items[0][4]
+        if server and servers[server][2] == "libvirt":  # backed up live by one vm_backup job, no snapshot
+            for vol, _, runs, base, _ in items:
+                made.append((vol, "", runs, base, {"server_id": server, "snapshot_id": ""}, server))
+            continue
         reqs = [
             volumes_pb2.CreateSnapshotRequest(
                 pool_uuid=vol.pool_uuid,
@@ -250,12 +255,13 @@ def create(
             continue
         extra = {"server_id": server, "consistency": consistency} if server else None
         for (vol, _, runs, base, _), req in zip(items, reqs, strict=True):
-            made.append((vol, req.snapshot_uuid, runs, base, extra and {**extra, "snapshot_id": req.snapshot_uuid}))
+            made.append((vol, req.snapshot_uuid, runs, base, extra and {**extra, "snapshot_id": req.snapshot_uuid}, ""))
     resources = []
+    live: dict[str, list] = {}  # server run by libvirt -> its disks' (volume, backup, parent, full) for one job
     with ctx.db.session() as s:
         vault = s.get(Vault, vault_id)
         od = _definition(s, vault)
-        for vol, snap, runs, base, extra in made:
+        for vol, snap, runs, base, extra, live_server in made:
             ours = select(Backup).where(
                 Backup.vault_id == vault_id, Backup.volume_uuid == vol.uuid, Backup.status == "BackupSucceeded"
             )
@@ -266,6 +272,8 @@ def create(
             every = od.full_backup_interval
             full = parent is None or not incremental or (every >= 0 and runs % (every + 1) == 0 and runs > 0)
             bid, task_id = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+            if live_server:  # the server's one task, made below
+                task_id = live.setdefault(live_server, [str(uuidlib.uuid4())])[0]
             bname = (f"{prefix}_" if prefix else "") + (name or f"autobk_{cp_id[:8]}")
             ts = int(time.time())
             s.add(
@@ -290,30 +298,33 @@ def create(
                     mtime=ts,
                 )
             )
-            spec = jobs_pb2.BackupSpec(
-                backup_point_uuid=bp,
-                pool_uuid=vol.pool_uuid,
-                volume_uuid=vol.uuid,
-                snapshot_uuid=snap,
-                backup_uuid=bid,
-                name=bname[:128],
-                description=description,
-                tenant=vault.tenant,
-                parent_backup_uuid="" if full or parent is None else parent.uuid,
-                full=full,
-            )
-            new_task(
-                s,
-                task_id=task_id,
-                operation="backup",
-                tenant=vault.tenant,
-                resource_type="backup",
-                resource_uuid=bid,
-                job_kind="backup",
-                spec=spec,
-                pool_uuid=vol.pool_uuid,
-                backup_point_uuid=bp,
-            )
+            if live_server:
+                live[live_server].append((vol, bid, "" if full or parent is None else parent.uuid, full, bname))
+            else:
+                spec = jobs_pb2.BackupSpec(
+                    backup_point_uuid=bp,
+                    pool_uuid=vol.pool_uuid,
+                    volume_uuid=vol.uuid,
+                    snapshot_uuid=snap,
+                    backup_uuid=bid,
+                    name=bname[:128],
+                    description=description,
+                    tenant=vault.tenant,
+                    parent_backup_uuid="" if full or parent is None else parent.uuid,
+                    full=full,
+                )
+                new_task(
+                    s,
+                    task_id=task_id,
+                    operation="backup",
+                    tenant=vault.tenant,
+                    resource_type="backup",
+                    resource_uuid=bid,
+                    job_kind="backup",
+                    spec=spec,
+                    pool_uuid=vol.pool_uuid,
+                    backup_point_uuid=bp,
+                )
             row = s.get(VaultResource, vol.uuid)
             if row is not None:
                 row.runs += 1
@@ -329,6 +340,33 @@ def create(
                     "resource_size": str(-(-vol.capacity // GB)),
                     "extra_info": extra,
                 }
+            )
+        for server, (task_id, *disks) in live.items():
+            # one instant for all its disks, read live through libvirt's pull backup (docs/live.md)
+            vm_spec = jobs_pb2.VmBackupSpec(
+                backup_point_uuid=bp,
+                disks=[
+                    jobs_pb2.VmBackupDisk(
+                        pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, backup_uuid=bid, parent_backup_uuid=parent
+                    )
+                    for vol, bid, parent, _, _ in disks
+                ],
+                name=disks[0][4][:128],
+                description=description,
+                tenant=vault.tenant,
+                full=any(full for *_, full, _ in disks),
+            )
+            new_task(
+                s,
+                task_id=task_id,
+                operation="backup",
+                tenant=vault.tenant,
+                resource_type="server",
+                resource_uuid=server,
+                job_kind="vm_backup",
+                spec=vm_spec,
+                pool_uuid=disks[0][0].pool_uuid,
+                backup_point_uuid=bp,
             )
         cp = s.get(Checkpoint, cp_id)
         cp.resources_json = json.dumps(resources)

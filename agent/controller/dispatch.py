@@ -48,6 +48,7 @@ SPECS = {
     "restore": jobs_pb2.RestoreSpec,
     "gc": jobs_pb2.GcSpec,
     "verify": jobs_pb2.VerifySpec,
+    "vm_backup": jobs_pb2.VmBackupSpec,
 }
 FINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 
@@ -107,6 +108,11 @@ _VOLUME_MADE = (
 )
 _LIVE = select(Task).where(Task.status.in_(("waiting", "running"))).order_by(Task.created_at)
 _VOLUME_GONE = delete(Volume.__table__).where(_volume.uuid == bindparam("key"))
+
+
+def _runs_vm(host: Host, vm_uuid: str) -> bool:
+    """Whether the host's last heartbeat reported the VM running."""
+    return any(vm.get("UUID") == vm_uuid for vm in json.loads(host.vms_json or "[]"))
 
 
 def new_task(
@@ -306,6 +312,8 @@ class Dispatcher:
             serving = ids if serving is None else serving & ids
         if serving is None and t.backup_point_uuid:
             serving = reporting_hosts(hosts.values(), t.backup_point_uuid)
+        if t.job_kind == "vm_backup":  # only the host that runs the VM reaches it
+            serving = {hid for hid in serving or hosts if _runs_vm(hosts[hid], t.resource_uuid)}
         ok = [
             h
             for hid, h in hosts.items()
@@ -556,6 +564,26 @@ class Dispatcher:
                     bp.gc_wanted_at = 0.0
             elif bp is not None and bp.gc_wanted_at:  # busy or away: again gc_after_delete from now
                 bp.gc_wanted_at = max(bp.gc_wanted_at, time.time())
+        elif t.job_kind == "vm_backup":  # one backup per disk, in the spec's order
+            disks = json.loads(t.spec_json).get("disks", [])
+            results = result.get("backups", []) if status == "success" else []
+            for i, d in enumerate(disks):
+                if i >= len(results):
+                    db.execute(_BACKUP_FAILED, {"key": d["backup_uuid"], "at": now})
+                    continue
+                r = results[i]
+                made = {
+                    "key": d["backup_uuid"],
+                    "at": now,
+                    "new_mode": r.get("mode", ""),
+                    "new_mode_reason": r.get("mode_reason", ""),
+                    "new_consistency": r.get("consistency", ""),
+                    "new_size": int(r.get("size", 0)),
+                    "new_stored_bytes": int(r.get("stored_bytes", 0)),
+                    "new_image_digest": r.get("image_digest", ""),
+                }
+                if db.execute(_BACKUP_MADE, made).rowcount:
+                    db.execute(_POINT_REF, {"key": d["backup_uuid"]})
         elif t.resource_type == "backup" and t.job_kind == "backup":
             if status != "success":
                 db.execute(_BACKUP_FAILED, {"key": t.resource_uuid, "at": now})

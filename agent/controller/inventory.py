@@ -33,7 +33,7 @@ def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host
 
 def running_vm(s, vm_uuid: str, dead_after: int) -> tuple[Host, dict] | None:
     """The online host whose agent reported the VM running last, and its
-    report (docs/live.md: UUID, Name, State, GuestAgent, Disks)."""
+    report (docs/live.md: UUID, Name, State, GuestAgent, Manager, Disks)."""
     for h in s.scalars(select(Host).order_by(Host.last_seen.desc())):
         if host_state(h, dead_after) != "online":
             continue

@@ -83,7 +83,10 @@ class ControllerMetrics:
     def task_ended(self, operation: str, status: str, seconds: float, result: dict) -> None:
         self.duration.labels(operation).observe(max(seconds, 0.0))
         if status == "success":
-            moved = int(result.get("read_bytes") or result.get("written_bytes") or 0)
+            moved = int(result.get("read_bytes") or result.get("written_bytes") or 0) or sum(
+                int(b.get("read_bytes", 0))
+                for b in result.get("backups", [])  # a vm_backup: one per disk
+            )
             if moved:
                 self.bytes.labels(operation).inc(moved)
 

@@ -41,6 +41,7 @@ def _vms(vms) -> str:
                 "Name": vm.name,
                 "State": vm.state,
                 "GuestAgent": vm.guest_agent,
+                "Manager": vm.manager or "qemu",
                 "Disks": [
                     {"Device": d.device, "File": d.file, "PoolUUID": d.pool_uuid, "VolumeUUID": d.volume_uuid}
                     for d in vm.disks

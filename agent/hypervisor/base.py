@@ -95,6 +95,7 @@ class RunningVm(ABC):
     name: str
     pid: int
     ident: str  # the same for every RunningVm of one VM (its monitor's address)
+    manager: str = "qemu"  # who runs it: "qemu" (reached through QMP) or "libvirt"
 
     @abstractmethod
     def disks(self) -> list[VmDisk]:

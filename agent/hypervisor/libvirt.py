@@ -65,6 +65,8 @@ class PullExport:
 
 
 class LibvirtVm(RunningVm):
+    manager = "libvirt"
+
     def __init__(self, dom: Any, hypervisor: LibvirtHypervisor):
         self.dom, self.hv = dom, hypervisor
         self.name = dom.name()

@@ -99,16 +99,20 @@ class SessionLibvirtd:
         dom.create()
         return LibvirtGuest(self, dom, len(disks))
 
+    def clear(self) -> None:
+        """Destroy and undefine every domain (with its checkpoints' metadata)."""
+        import libvirt
+
+        for dom in self.conn.listAllDomains(0):
+            with contextlib.suppress(libvirt.libvirtError):
+                if dom.isActive():
+                    dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+
     def stop(self) -> None:
         if self.conn is not None:
-            import libvirt
-
-            for dom in self.conn.listAllDomains(0):
-                with contextlib.suppress(libvirt.libvirtError):
-                    if dom.isActive():
-                        dom.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            self.clear()
             with contextlib.suppress(Exception):
                 self.conn.close()
         for pidfile in (self.base / "run" / "libvirt").glob("*.pid"):  # libvirtd and the virtlogd it started
