@@ -6,6 +6,7 @@ instant."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -97,7 +98,11 @@ def test_a_libvirt_vm_is_backed_up_live_as_one_set_then_incrementally(env):
     expected1 = guest.now()
     assert [b.mode for b in first.backups] == ["full", "full"]
     assert first.consistency == "crash" and "guest agent" in first.reason  # no guest OS: no agent answers
-    assert first.vm == vm.name and first.checkpoint.startswith("bf-") and "<domain" in first.vm_definition
+    assert first.vm == vm.name and first.checkpoint.startswith("bf-")
+    definition = json.loads(first.vm_definition)
+    assert definition["type"] == "libvirt" and f"<name>{vm.name}</name>" in definition["xml"]
+    kept = {b.uuid: b for b in bk.list(volume_uuid=vols[0])}[first.backups[0].backup_uuid]
+    assert (kept.consistency, kept.vm_definition) == ("crash", first.vm_definition)  # in the repository
 
     guest.write(0, 0xBB, 8 * MiB, MiB)  # after the first backup: only in the second
     guest.write(1, 0x22, 0, 512)

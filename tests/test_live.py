@@ -15,7 +15,8 @@ import pytest
 
 from agent.api.v1 import volumes_pb2 as pb
 from agent.errors import FailedPrecondition, InUse, InvalidArgument, TrackingLost
-from agent.hypervisor.holders import pflash_files, qmp_socket
+from agent.hypervisor.base import STATE_FILE_LIMIT, state_files
+from agent.hypervisor.holders import nvram_stores, pflash_files, qmp_socket
 from agent.hypervisor.qemu import QemuHypervisor
 from agent.repo.repository import Repository
 from agent.stores.local import LocalStore
@@ -70,6 +71,19 @@ def test_nvram_files_from_the_command_line():
     argv = ("qemu", "-drive", "if=pflash,unit=0,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd")
     argv += ("-drive", "if=pflash,unit=1,format=raw,file=/var/lib/vms/100/efivars.fd", "-drive", "file=/d,if=none")
     assert pflash_files(argv) == ["/usr/share/OVMF/OVMF_CODE.fd", "/var/lib/vms/100/efivars.fd"]
+    assert nvram_stores(argv) == ["/var/lib/vms/100/efivars.fd"]  # the one the VM writes
+
+
+def test_a_vms_state_files_are_kept_by_content(tmp_path):
+    import base64
+
+    nvram = tmp_path / "efivars.fd"
+    nvram.write_bytes(os.urandom(128 << 10))
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(STATE_FILE_LIMIT + 1)
+    got = state_files([str(nvram), str(tmp_path / "gone"), str(big)])
+    assert list(got) == [str(nvram)] and base64.b64decode(got[str(nvram)]) == nvram.read_bytes()
 
 
 @pytest.mark.parametrize("drive", [False, True], ids=["blockdev", "drive"])
@@ -108,6 +122,8 @@ def test_live_snapshots_are_the_point_in_time_while_the_guest_writes(env, drive)
     repo = Repository.init(LocalStore(str(tmp / "bp")), chunk_size=CS)
     m1 = backup(pool, vol, s1, repo, name="full")
     m2 = backup(pool, vol, s2, repo, parent=m1)
+    assert m1.format_version == 2 and m1.vm.consistency == "crash"  # the VM is kept with the backup
+    assert json.loads(m1.vm.definition)["argv"][0] == "qemu-system-x86_64"
     assert m2.stats.chunks_read == 2 and not m2.fell_back  # the two changed chunks, from the stored bitmaps
     for m, snap in ((m1, s1), (m2, s2)):
         new_vol, written = restore_to_qcow2(pool, repo, m, tmp)

@@ -18,6 +18,7 @@ from agent.repo.format import (
     HEADER,
     ImageDigest,
     Manifest,
+    VmRecord,
     block_digests,
     block_record_size,
     decode_chunk,
@@ -190,7 +191,31 @@ def test_manifest_keys_are_pinned_and_newer_format_refused():
     )
     assert Manifest.from_bytes(m.to_bytes(), "b") == m
     assert m.data_bytes == 4 << 20
+    assert d["format_version"] == 1  # without a VM: readable by agents of format 1
     with pytest.raises(FailedPrecondition, match="upgrade the agent"):
-        Manifest.from_bytes(json.dumps(dict(d, format_version=2)).encode(), "b")
+        Manifest.from_bytes(json.dumps(dict(d, format_version=3)).encode(), "b")
     with pytest.raises(DataCorrupt, match="lists 1 chunks"):
         Manifest.from_bytes(json.dumps(dict(d, chunks=["ab"])).encode(), "b")
+
+
+def test_a_manifest_with_its_vm_is_format_2_and_pinned():
+    """A backup of a running VM's snapshot keeps the VM (manifest format 2):
+    its consistency and definition; the bytes are pinned."""
+    vm = VmRecord("application", json.dumps({"type": "qemu", "argv": ["qemu-system-x86_64"], "files": {}}))
+    m = Manifest(
+        backup_id="b",
+        volume_uuid="v",
+        snapshot_uuid="s",
+        size=5 << 20,
+        chunk_size=4 << 20,
+        chunks=["ab", ""],
+        image_digest="d",
+        created_at=1.0,
+        vm=vm,
+    )
+    raw = m.to_bytes()
+    d = json.loads(raw)
+    assert d["format_version"] == 2 and d["vm"] == {"consistency": "application", "definition": vm.definition}
+    assert hashlib.sha256(raw).hexdigest() == "c834bf35b6f9711184a32855294958d3435831d6ddd6decefb30a776bc19e2a6"
+    back = Manifest.from_bytes(raw, "b")
+    assert back == m and back.vm == vm

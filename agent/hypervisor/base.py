@@ -30,6 +30,26 @@ def same_file(a: str, b: str) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+STATE_FILE_LIMIT = 16 << 20  # a VM's firmware variables are KiBs; anything this large is no NVRAM
+
+
+def state_files(paths: list[str]) -> dict[str, str]:
+    """The contents (base64) of a VM's small state files, such as its UEFI
+    variable store, kept with its definition so a restored VM boots the
+    same way; a file that cannot be read or is too large is left out."""
+    import base64
+
+    out = {}
+    for p in paths:
+        try:
+            if os.path.getsize(p) <= STATE_FILE_LIMIT:
+                with open(p, "rb") as f:
+                    out[p] = base64.b64encode(f.read()).decode()
+        except OSError:
+            continue
+    return out
+
+
 @dataclass(frozen=True)
 class VmDisk:
     """One disk of a running VM, as its hypervisor names it."""
@@ -120,7 +140,10 @@ class RunningVm(ABC):
     @abstractmethod
     def definition(self) -> str:
         """How to start the VM again, as JSON: {"type": "qemu", "argv": [...],
-        "nvram": [files]} for a qemu started by hand; "" when unknown."""
+        "nvram": [files], "files": {path: base64}} for a qemu started by
+        hand, {"type": "libvirt", "xml": ..., "files": {...}} for a libvirt
+        domain ("files": the contents of its writable firmware variable
+        stores); "" when unknown."""
 
     @abstractmethod
     def summary(self) -> VmSummary:

@@ -123,6 +123,17 @@ def pflash_files(argv: tuple[str, ...]) -> list[str]:
     return out
 
 
+def nvram_stores(argv: tuple[str, ...]) -> list[str]:
+    """The pflash files the VM writes (its UEFI variables): not readonly=on."""
+    args = [a[1:] if a.startswith("--") else a for a in argv]
+    out = []
+    for flag, value in zip(args, args[1:], strict=False):
+        opts = _options(value)
+        if flag == "-drive" and opts.get("if") == "pflash" and "file" in opts and opts.get("readonly") != "on":
+            out.append(opts["file"])
+    return out
+
+
 def qga_socket(argv: tuple[str, ...]) -> str | None:
     """The unix socket of the VM's guest agent channel, from its command
     line: a `-chardev socket` that a `virtserialport` named

@@ -17,6 +17,7 @@ would break its metadata.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import BindingMissing, FailedPrecondition, HypervisorError
-from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, VmSummary, same_file
+from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, VmSummary, same_file, state_files
 from agent.hypervisor.freeze import APPLICATION, Freeze
 
 log = logging.getLogger("agent.hypervisor")
@@ -121,11 +122,13 @@ class LibvirtVm(RunningVm):
 
     def definition(self) -> str:
         """The domain XML (libvirt leaves secrets out of it), as libvirt
-        would define the VM again."""
+        would define the VM again, with its UEFI variable store's contents."""
         try:
-            return str(self.dom.XMLDesc(0))
+            xml = str(self.dom.XMLDesc(0))
         except self.hv.libvirt.libvirtError as e:
             raise _error(f"libvirt domain {self.name}", e) from None
+        nvram = [n.text for n in ET.fromstring(xml).findall("os/nvram") if n.text]
+        return json.dumps({"type": "libvirt", "xml": xml, "files": state_files(nvram)})
 
     def guest_agent_socket(self) -> str | None:
         return None  # libvirt holds the channel: the freeze goes through libvirt

@@ -19,9 +19,9 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from agent.errors import BlockferryError, HypervisorError
-from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, VmSummary, same_file
+from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, VmSummary, same_file, state_files
 from agent.hypervisor.freeze import Freeze, guest_frozen
-from agent.hypervisor.holders import Holder, holders, pflash_files, qemu_processes, qga_socket, qmp_socket
+from agent.hypervisor.holders import Holder, holders, nvram_stores, pflash_files, qemu_processes, qga_socket, qmp_socket
 from agent.hypervisor.qmp import TIMEOUT, Qmp
 
 log = logging.getLogger("agent.hypervisor")
@@ -87,7 +87,14 @@ class QemuVm(RunningVm):
     def definition(self) -> str:
         if not self.argv:  # found through the globs: no process to read the command line of
             return ""
-        return json.dumps({"type": "qemu", "argv": list(self.argv), "nvram": pflash_files(self.argv)})
+        return json.dumps(
+            {
+                "type": "qemu",
+                "argv": list(self.argv),
+                "nvram": pflash_files(self.argv),
+                "files": state_files(nvram_stores(self.argv)),
+            }
+        )
 
     def pause(self) -> None:
         self.qmp.execute("stop")

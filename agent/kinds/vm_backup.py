@@ -228,6 +228,7 @@ class VmBackupKind(JobKind):
                         bitmap=ex.bitmap,
                         since=ex.since[len(CHECKPOINT_PREFIX) :],
                         lost=lost.get(ex.device, ""),
+                        vm_definition=definition,
                         checkpoint=checkpoint_uuid,
                         vm=vm.name,
                         consistency=fr.consistency,

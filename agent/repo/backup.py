@@ -36,7 +36,16 @@ from dataclasses import asdict, dataclass
 from agent import __version__, native
 from agent.errors import FailedPrecondition, NotFound, TrackingLost
 from agent.extents import Extent
-from agent.repo.format import BLOCK_SIZE, ZERO, BackupStats, ImageDigest, Manifest, block_digests, zero_block_digests
+from agent.repo.format import (
+    BLOCK_SIZE,
+    ZERO,
+    BackupStats,
+    ImageDigest,
+    Manifest,
+    VmRecord,
+    block_digests,
+    zero_block_digests,
+)
 from agent.repo.gc import reclaim
 from agent.repo.pipeline import BufferPool, OrderedPipeline
 from agent.repo.repository import Repository
@@ -116,6 +125,14 @@ class _Changes:
     indexes: list[int] | None
     lost: str = ""
     degraded: str = ""
+
+
+def _vm_record(info) -> VmRecord | None:
+    """The VM the snapshot was taken of, kept with the backup (format 2);
+    None for a snapshot no running VM held."""
+    if info.consistency in ("application", "crash"):
+        return VmRecord(info.consistency, info.vm_definition)
+    return None
 
 
 def _reason(e) -> str:
@@ -318,6 +335,7 @@ def _backup(
             agent_version=__version__,
             mode=mode,
             stats=stats,
+            vm=_vm_record(info),
         )
         _commit_data(repo, blocks)
         repo.publish_manifest(m)

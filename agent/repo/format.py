@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from agent import native
 from agent.errors import DataCorrupt, FailedPrecondition
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the repository (its config)
+MANIFEST_VERSION = 2  # the newest manifest this agent reads: 2 adds "vm"; one without a VM is still written as 1
 DEFAULT_CHUNK_SIZE = 4 << 20
 BLOCK_SIZE = 64 << 10  # of the image digest (native imagehash.h)
 MAGIC = b"BFC1"
@@ -184,6 +185,25 @@ class BackupStats:
         return cls(**{k: v for k, v in value.items() if k in known})
 
 
+@dataclass(frozen=True)
+class VmRecord:
+    """The running VM a backup's snapshot was taken of (manifest format 2):
+    how consistent the snapshot is, and what it takes to start the VM
+    again on restored disks (RunningVm.definition: a qemu command line with
+    its firmware variable stores' contents, or libvirt's domain XML)."""
+
+    consistency: str  # "application" or "crash"
+    definition: str = ""  # JSON, "" when it could not be read
+
+    @classmethod
+    def of(cls, value: VmRecord | dict | None) -> VmRecord | None:
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"vm: an object was expected, not {type(value).__name__}")
+        return cls(str(value.get("consistency", "")), str(value.get("definition", "")))
+
+
 @dataclass
 class Manifest:
     backup_id: str
@@ -202,11 +222,15 @@ class Manifest:
     snapshot_name: str = ""
     agent_version: str = ""
     mode: str = "full"  # full, incremental, or fallback (tracking lost: every chunk re-read, digests compared)
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
     stats: BackupStats = field(default_factory=BackupStats)
+    vm: VmRecord | None = None  # format 2: the running VM it was taken of
 
-    def __post_init__(self) -> None:  # from JSON: the stats come as an object
+    def __post_init__(self) -> None:  # from JSON: the stats and the VM come as objects
         self.stats = BackupStats.of(self.stats)
+        self.vm = VmRecord.of(self.vm)
+        if self.vm is not None:
+            self.format_version = max(self.format_version, 2)
 
     @property
     def fell_back(self) -> bool:
@@ -226,7 +250,10 @@ class Manifest:
         )
 
     def to_bytes(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        d = dataclasses.asdict(self)
+        if self.vm is None:  # readable by agents of format 1
+            del d["vm"]
+        return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
@@ -236,10 +263,10 @@ class Manifest:
             raise DataCorrupt(f"backup {where}: manifest is not valid JSON (damaged or tampered)") from None
         if not isinstance(d, dict):
             raise DataCorrupt(f"backup {where}: manifest is malformed")
-        if d.get("format_version", 0) > FORMAT_VERSION:
+        if d.get("format_version", 0) > MANIFEST_VERSION:
             raise FailedPrecondition(
                 f"backup {where}: manifest format {d['format_version']} is newer than this "
-                f"agent's ({FORMAT_VERSION}); upgrade the agent",
+                f"agent's ({MANIFEST_VERSION}); upgrade the agent",
                 field="backup_uuid",
             )
         try:

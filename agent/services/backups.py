@@ -31,6 +31,8 @@ def backup_to_pb(bp_uuid: str, m: Manifest) -> backups_pb2.Backup:
         agent_version=m.agent_version,
         chunk_size=m.chunk_size,
         mode_reason=m.mode_reason,
+        consistency=m.vm.consistency if m.vm else "",
+        vm_definition=m.vm.definition if m.vm else "",
     )
 
 

@@ -36,12 +36,14 @@ class PullSource:
         vm: str,
         consistency: str,
         lost: str = "",
+        vm_definition: str = "",
     ):
         self.pool_uuid = pool_uuid
         self.volume_uuid = volume_uuid
         self.socket, self.export, self.bitmap, self.since = socket, export, bitmap, since
         self.checkpoint, self.vm, self.consistency = checkpoint, vm, consistency
         self.lost = lost  # why no changes can be counted, though the parent backup was asked for
+        self.vm_definition = vm_definition
         self.created_at = time.time()
 
     def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo:
@@ -56,6 +58,7 @@ class PullSource:
             children=(),
             clones=(),
             consistency=self.consistency,
+            vm_definition=self.vm_definition,
         )
 
     def changed_extents(self, volume_uuid: str, snapshot_uuid: str, since: str | None) -> ChangedExtents:
