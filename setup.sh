@@ -33,6 +33,8 @@ apt_packages=(
     qemu-system-x86
     # VMs a libvirtd manages (the tests run a session-mode libvirtd)
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+    # a VM's TPM state kept with its backups: the tests' VMs (and libvirt's) get a real swtpm
+    swtpm swtpm-tools
     # the real guest of the freeze test: its ext4 data disk, checked on the host
     e2fsprogs
     # qemu's nfs:// driver for NFS volume pools (and its iscsi:// driver for

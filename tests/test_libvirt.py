@@ -200,3 +200,21 @@ def test_the_layer_model_is_refused_for_a_libvirt_vm_with_the_way_out(env):
     disks = [jobs_pb2.VmBackupDisk(pool_uuid=POOL_UUID, volume_uuid=v, backup_uuid=nid()) for v in (vols[0], other[0])]
     e = rpc_error(bk.c.submit, f"vmb-{nid()}", vm_backup=jobs_pb2.VmBackupSpec(backup_point_uuid=BP_UUID, disks=disks))
     assert e.code().name == "FAILED_PRECONDITION" and "disks[1]" in e.details() and vm.name in e.details()
+
+
+def test_a_libvirt_vms_tpm_state_is_kept_with_its_backup(env):
+    """libvirt's swtpm keeps the VM's TPM under its uuid: the backup's
+    definition holds the state file's contents."""
+    import base64
+    from pathlib import Path
+
+    agent, bk, libvirtd = env
+    vol = bk.create(capacity=SIZE, name="tpm").uuid
+    vm = libvirtd.vm([Path(bk.head(vol))], tpm=True)
+    result = vm_backup(bk, [vol])
+    definition = json.loads(result.vm_definition)
+    (state,) = definition["tpm"]
+    assert vm.dom.UUIDString() in state and state.endswith(".permall")
+    assert base64.b64decode(definition["files"][state]) == open(state, "rb").read()
+    kept = {b.uuid: b for b in bk.list(volume_uuid=vol)}[result.backups[0].backup_uuid]
+    assert json.loads(kept.vm_definition)["files"][state] == definition["files"][state]

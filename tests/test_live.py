@@ -74,6 +74,31 @@ def test_nvram_files_from_the_command_line():
     assert nvram_stores(argv) == ["/var/lib/vms/100/efivars.fd"]  # the one the VM writes
 
 
+def test_a_vms_tpm_state_is_kept_with_its_snapshots_and_backups(env):
+    """A real swtpm behind the VM's TPM: its state files' contents go into
+    the snapshot's definition, and the backup's manifest keeps them."""
+    import base64
+
+    from agent.repo.backup import backup
+
+    pool, start, tmp = env
+    vol = pool.create_volume(nid(), "tpm", 8 * MiB).uuid
+    vm = start(pool.head_path(vol), tpm=True)
+    deadline = time.monotonic() + 10
+    while not list(vm.tpm_state.glob("tpm2-*")):  # swtpm writes its state once qemu set the TPM up
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    s1 = nid()
+    info = pool.create_snapshot(vol, s1, "s1")
+    definition = json.loads(info.vm_definition)
+    (state,) = [str(p) for p in vm.tpm_state.glob("tpm2-*")]
+    assert definition["tpm"] == [state]
+    assert base64.b64decode(definition["files"][state]) == open(state, "rb").read()
+    repo = Repository.init(LocalStore(str(tmp / "bp")), chunk_size=CS)
+    m = backup(pool, vol, s1, repo)
+    assert json.loads(repo.manifest(m.backup_id).vm.definition)["files"][state] == definition["files"][state]
+
+
 def test_a_vms_state_files_are_kept_by_content(tmp_path):
     import base64
 

@@ -134,6 +134,48 @@ def nvram_stores(argv: tuple[str, ...]) -> list[str]:
     return out
 
 
+def tpm_sockets(argv: tuple[str, ...]) -> list[str]:
+    """The swtpm control sockets a VM's TPM emulators talk to:
+    `-tpmdev emulator,chardev=C` with `-chardev socket,id=C,path=P`."""
+    args = [a[1:] if a.startswith("--") else a for a in argv]
+    chardevs, used = {}, []
+    for flag, value in zip(args, args[1:], strict=False):
+        opts = _options(value)
+        if flag == "-chardev" and opts.get("backend") == "socket" and "path" in opts and "id" in opts:
+            chardevs[opts["id"]] = opts["path"]
+        elif flag == "-tpmdev" and opts.get("backend") == "emulator" and "chardev" in opts:
+            used.append(opts["chardev"])
+    return [chardevs[c] for c in used if c in chardevs]
+
+
+def swtpm_state_files(*, ctrl_socket: str = "", names: str = "") -> list[str]:
+    """The state files of the swtpm processes serving a VM's TPM: those
+    whose control socket is ctrl_socket (`--ctrl type=unixio,path=...`), or
+    whose state directory's path contains `names` (libvirt puts the
+    domain's uuid there). Its lock file is no state."""
+    files = []
+    for entry in os.scandir(PROC):
+        if not entry.name.isdigit():
+            continue
+        argv = _argv(int(entry.name))
+        if not argv or os.path.basename(argv[0]) != "swtpm":
+            continue
+        ctrl = state = ""
+        for flag, value in zip(argv, argv[1:], strict=False):
+            opts = _options(value)
+            if flag == "--ctrl":
+                ctrl = opts.get("path", "")
+            elif flag == "--tpmstate":
+                state = opts.get("dir", "")
+        if not state or not os.path.isdir(state):
+            continue
+        if (ctrl_socket and ctrl and os.path.realpath(ctrl) == os.path.realpath(ctrl_socket)) or (
+            names and names in state
+        ):
+            files += sorted(os.path.join(state, f) for f in os.listdir(state) if not f.startswith("."))
+    return files
+
+
 def qga_socket(argv: tuple[str, ...]) -> str | None:
     """The unix socket of the VM's guest agent channel, from its command
     line: a `-chardev socket` that a `virtserialport` named

@@ -31,6 +31,7 @@ from typing import Any
 from agent.errors import BindingMissing, FailedPrecondition, HypervisorError
 from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, VmSummary, same_file, state_files
 from agent.hypervisor.freeze import APPLICATION, Freeze
+from agent.hypervisor.holders import swtpm_state_files
 
 log = logging.getLogger("agent.hypervisor")
 
@@ -127,8 +128,12 @@ class LibvirtVm(RunningVm):
             xml = str(self.dom.XMLDesc(0))
         except self.hv.libvirt.libvirtError as e:
             raise _error(f"libvirt domain {self.name}", e) from None
-        nvram = [n.text for n in ET.fromstring(xml).findall("os/nvram") if n.text]
-        return json.dumps({"type": "libvirt", "xml": xml, "files": state_files(nvram)})
+        root = ET.fromstring(xml)
+        nvram = [n.text for n in root.findall("os/nvram") if n.text]
+        tpm = []
+        if root.find("devices/tpm/backend[@type='emulator']") is not None:  # libvirt's swtpm keeps it under the uuid
+            tpm = swtpm_state_files(names=self.dom.UUIDString())
+        return json.dumps({"type": "libvirt", "xml": xml, "tpm": tpm, "files": state_files(nvram + tpm)})
 
     def guest_agent_socket(self) -> str | None:
         return None  # libvirt holds the channel: the freeze goes through libvirt

@@ -21,7 +21,17 @@ from typing import Any
 from agent.errors import BlockferryError, HypervisorError
 from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm, VmDisk, VmSummary, same_file, state_files
 from agent.hypervisor.freeze import Freeze, guest_frozen
-from agent.hypervisor.holders import Holder, holders, nvram_stores, pflash_files, qemu_processes, qga_socket, qmp_socket
+from agent.hypervisor.holders import (
+    Holder,
+    holders,
+    nvram_stores,
+    pflash_files,
+    qemu_processes,
+    qga_socket,
+    qmp_socket,
+    swtpm_state_files,
+    tpm_sockets,
+)
 from agent.hypervisor.qmp import TIMEOUT, Qmp
 
 log = logging.getLogger("agent.hypervisor")
@@ -87,12 +97,14 @@ class QemuVm(RunningVm):
     def definition(self) -> str:
         if not self.argv:  # found through the globs: no process to read the command line of
             return ""
+        tpm = [f for sock in tpm_sockets(self.argv) for f in swtpm_state_files(ctrl_socket=sock)]
         return json.dumps(
             {
                 "type": "qemu",
                 "argv": list(self.argv),
                 "nvram": pflash_files(self.argv),
-                "files": state_files(nvram_stores(self.argv)),
+                "tpm": tpm,
+                "files": state_files(nvram_stores(self.argv) + tpm),
             }
         )
 

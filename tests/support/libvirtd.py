@@ -79,8 +79,9 @@ class SessionLibvirtd:
                 raise TimeoutError("libvirtd did not open its socket")
             time.sleep(0.1)
 
-    def vm(self, disks: list[Path], *, name: str = "", rbd: list[tuple[str, str, str]] = ()) -> LibvirtGuest:
-        """A running domain with these qcow2 files as virtio disks vda, vdb, ..."""
+    def vm(self, disks: list[Path], *, name: str = "", tpm: bool = False) -> LibvirtGuest:
+        """A running domain with these qcow2 files as virtio disks vda, vdb,
+        ...; tpm: a TPM 2.0 that libvirt emulates with swtpm."""
         for d in disks:
             give_to(d)
         name = name or f"bf-{uuidlib.uuid4().hex[:8]}"
@@ -94,6 +95,7 @@ class SessionLibvirtd:
 <os><type arch='x86_64' machine='q35'>hvm</type></os>
 <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{"".join(devs)}
 <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+{"<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>" if tpm else ""}
 <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"""
         dom = self.conn.defineXML(xml)
         dom.create()

@@ -27,6 +27,7 @@ class Vm:
         drive: bool = False,
         qga: str = "",
         boot: tuple[Path, Path] | None = None,
+        tpm: bool = False,
     ):
         """monitor: how the QMP socket is given: "qmp" (-qmp unix:PATH),
         "chardev" (-chardev socket + -mon) or "config" (-readconfig: not on
@@ -35,7 +36,8 @@ class Vm:
         -blockdev nodes (libvirt's); qga: a guest agent channel, "server"
         (qemu serves it and no agent answers: no guest OS) or the socket of a
         FakeGuestAgent that qemu connects to; boot: (kernel, initramfs) of
-        a real guest (support/guest.py), its console in self.console."""
+        a real guest (support/guest.py), its console in self.console;
+        tpm: a TPM 2.0 emulated by a real swtpm (its state in self.tpm_state)."""
         self.qmp_path = str(tmp / f"{name}-{os.getpid()}-{time.monotonic_ns()}.qmp")
         # a real guest's kernel hangs right after decompression under this machine's KVM: TCG for it
         accel = ["-accel", "tcg"] if boot else ["-accel", "kvm", "-accel", "tcg"]
@@ -58,6 +60,22 @@ class Vm:
                 '  server = "on"\n  wait = "off"\n\n[mon "m0"]\n  chardev = "mon0"\n  mode = "control"\n'
             )
             argv += ["-readconfig", str(config)]
+        self.swtpm: subprocess.Popen | None = None
+        if tpm:
+            self.tpm_state = Path(self.qmp_path + ".tpm")
+            self.tpm_state.mkdir()
+            ctrl = self.qmp_path + ".swtpm"
+            self.swtpm = subprocess.Popen(
+                ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_state}"]
+                + ["--ctrl", f"type=unixio,path={ctrl}", "--terminate"],
+                stdin=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 10
+            while not os.path.exists(ctrl):
+                assert self.swtpm.poll() is None and time.monotonic() < deadline, "swtpm did not start"
+                time.sleep(0.01)
+            argv += ["-chardev", f"socket,id=chrtpm,path={ctrl}", "-tpmdev", "emulator,id=tpm0,chardev=chrtpm"]
+            argv += ["-device", "tpm-crb,tpmdev=tpm0"]
         if qga:
             self.qga_path = str(tmp / f"{name}-{os.getpid()}-{time.monotonic_ns()}.qga") if qga == "server" else qga
             server = ",server=on,wait=off" if qga == "server" else ""
@@ -124,6 +142,12 @@ class Vm:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+        self._stop_swtpm()
+
+    def _stop_swtpm(self) -> None:
+        if self.swtpm is not None and self.swtpm.poll() is None:
+            self.swtpm.terminate()
+            self.swtpm.wait(10)
 
     def quit(self) -> None:
         if self.proc.poll() is None:
@@ -135,3 +159,4 @@ class Vm:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.kill()
+        self._stop_swtpm()
