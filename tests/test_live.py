@@ -543,6 +543,63 @@ def test_rbd_disks_of_a_running_vm_snapshot_as_one_set(short_tmp, ceph, fake_qga
         rp.delete_volume(v, force=True)
 
 
+def test_a_vm_on_qcow2_and_two_rbd_pools_snapshots_as_one_set(rbd_agent, ceph, short_tmp, fake_qga):
+    """One instant across drivers: a VM with a qcow2 disk and disks in two
+    RBD pools; the agent freezes the guest once and pauses the VM around
+    every part."""
+    from agent import native
+
+    from support.agents import RBD2_POOL_UUID, RBD_POOL_UUID
+    from support.volumes import Vol
+
+    c = rbd_agent.client()
+    v = Vol(rbd_agent, c)
+    q = v.create(capacity=8 * MiB, name="q").uuid
+    r1 = v.create(capacity=8 * MiB, name="r1", pool_uuid=RBD_POOL_UUID).uuid
+    r2 = v.create(capacity=8 * MiB, name="r2", pool_uuid=RBD2_POOL_UUID).uuid
+    ga = fake_qga("ok")
+    spec = {"driver": "rbd", "conf": str(ceph.conf), "user": "admin"}
+    disks = [v.head(q), dict(spec, pool="rbd", image=r1), dict(spec, pool="rbd2", image=r2)]
+    vm = Vm(short_tmp, disks, name="mixed", qga=ga.path)
+    try:
+        for i in range(3):
+            vm.write(i, 0xB0 + i, i * MiB, MiB)
+        reqs = [
+            pb.CreateSnapshotRequest(pool_uuid=p, volume_uuid=vol, snapshot_uuid=nid(), name="mixed")
+            for p, vol in ((POOL_UUID, q), (RBD_POOL_UUID, r1), (RBD2_POOL_UUID, r2))
+        ]
+        got = c.create_snapshot_set(pb.CreateSnapshotSetRequest(snapshots=reqs))
+        for i in range(3):
+            vm.write(i, 0xC0 + i, 0, 8 * MiB)  # after the set
+        assert (got.vm, got.consistency) == ("mixed", "application") and got.switch_ms > 0
+        assert [s.uuid for s in got.snapshots] == [r.snapshot_uuid for r in reqs]
+        assert {s.consistency for s in got.snapshots} == {"application"}
+        assert [n for n, _ in ga.calls if n != "guest-sync-delimited"] == [
+            "guest-fsfreeze-freeze",
+            "guest-fsfreeze-thaw",
+        ]  # once for the three parts
+        assert vm.qmp("query-status")["status"] == "running"
+        for i, r in enumerate(reqs):
+            want = bytearray(8 * MiB)
+            want[i * MiB : (i + 1) * MiB] = bytes([0xB0 + i]) * MiB
+            ref = native.RefImageHash()
+            ref.update(bytes(want))
+            assert v.digest(r.volume_uuid, r.snapshot_uuid, pool=r.pool_uuid) == ref.digest().hex()
+        # all or none: a set naming a disk of no VM beside the VM's is refused, nothing taken
+        idle = v.create(capacity=8 * MiB, name="idle", pool_uuid=RBD_POOL_UUID).uuid
+        bad = [
+            pb.CreateSnapshotRequest(pool_uuid=POOL_UUID, volume_uuid=q, snapshot_uuid=nid(), name="bad"),
+            pb.CreateSnapshotRequest(pool_uuid=RBD_POOL_UUID, volume_uuid=idle, snapshot_uuid=nid(), name="bad"),
+        ]
+        e = rpc_error(c.create_snapshot_set, pb.CreateSnapshotSetRequest(snapshots=bad))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and idle in e.details()
+        assert [s.name for s in v.call("ListSnapshots", volume_uuid=q).snapshots] == ["mixed"]
+        assert vm.qmp("query-status")["status"] == "running"
+    finally:
+        vm.quit()
+        c.close()
+
+
 def _ext4_features(layer: str, tmp) -> tuple[set[str], int]:
     """The ext4 features of a layer's filesystem, and e2fsck -fn's exit code."""
     raw = tmp / f"{nid()}.raw"

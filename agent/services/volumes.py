@@ -3,6 +3,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
+from agent import snapsets
 from agent.api.v1 import volumes_pb2, volumes_pb2_grpc
 from agent.errors import InvalidArgument
 from agent.jobs.engine import JobEngine
@@ -155,12 +156,11 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
             self.pools.get(r.pool_uuid, f"snapshots[{i}].pool_uuid")
             check_uuid(r.volume_uuid, f"snapshots[{i}].volume_uuid")
             wanted.append(SnapshotRequest(r.pool_uuid, r.volume_uuid, r.snapshot_uuid, r.name, r.description))
-        pool = self.pools.get(request.snapshots[0].pool_uuid)
         with ExitStack() as stack:
             for r in sorted(wanted, key=lambda r: (r.pool_uuid, r.volume_uuid)):
                 stack.enter_context(exclusive(self.engine.locks, volume_resource(r.pool_uuid, r.volume_uuid)))
-            got = pool.create_snapshot_set(
-                wanted, freeze=not request.no_freeze, freeze_timeout=request.freeze_timeout or 10.0
+            got = snapsets.create_snapshot_set(
+                self.pools, wanted, freeze=not request.no_freeze, freeze_timeout=request.freeze_timeout or 10.0
             )
         return volumes_pb2.SnapshotSet(
             snapshots=[snapshot_to_pb(s) for s in got.snapshots],

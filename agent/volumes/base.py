@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from agent.errors import InvalidArgument, OutOfRange
 from agent.extents import Extent
+from agent.hypervisor.base import RunningVm
 
 HEAD = "head"  # the live state in a snapshot tree
 MAX_NAME = 255
@@ -80,6 +81,18 @@ class SnapshotRequest:
     snapshot_uuid: str
     name: str
     description: str = ""
+
+
+@dataclass(frozen=True)
+class SetInstant:
+    """A set's instant that a caller holds for several drivers (a VM whose
+    disks live in pools of two kinds): the VM is frozen (or not, said by
+    consistency) and paused by the caller; a driver given one takes its
+    snapshots on this VM's connection, without freezing or pausing."""
+
+    vm: RunningVm  # connected
+    consistency: str
+    definition: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,11 +212,17 @@ class VolumeDriver(ABC):
     ) -> SnapshotInfo: ...
 
     def create_snapshot_set(
-        self, requests: Sequence[SnapshotRequest], *, freeze: bool = True, freeze_timeout: float = 10.0
+        self,
+        requests: Sequence[SnapshotRequest],
+        *,
+        freeze: bool = True,
+        freeze_timeout: float = 10.0,
+        within: SetInstant | None = None,
     ) -> SnapshotSet:
-        """Snapshots of a running VM's disks at one point in time. Drivers
-        that cannot take one take a set of one volume."""
-        if len(requests) != 1 or requests[0].pool_uuid != self.pool_uuid:
+        """Snapshots of a running VM's disks at one point in time (within:
+        at the instant a caller holds). Drivers that cannot take one take a
+        set of one volume."""
+        if within is not None or len(requests) != 1 or requests[0].pool_uuid != self.pool_uuid:
             raise InvalidArgument(
                 f"snapshots: pool {self.pool_uuid} ({self.kind}) takes one volume of its own per set",
                 field="snapshots",

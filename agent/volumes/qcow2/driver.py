@@ -48,7 +48,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 from agent import native
 from agent.errors import (
@@ -65,7 +65,7 @@ from agent.errors import (
 )
 from agent.extents import AllocExtent, Extent, merge_extents
 from agent.hypervisor.base import ChainNode, Hypervisor, LiveLayer, RunningVm
-from agent.hypervisor.freeze import OFFLINE, vm_definition
+from agent.hypervisor.freeze import OFFLINE, Freeze, vm_definition
 from agent.hypervisor.holders import holders
 from agent.hypervisor.qemu import QemuHypervisor
 from agent.paths import resolve_under_roots
@@ -74,6 +74,7 @@ from agent.volumes.base import (
     ChangedExtents,
     PoolStatus,
     RestoreTarget,
+    SetInstant,
     SnapshotInfo,
     SnapshotRequest,
     SnapshotSet,
@@ -476,14 +477,21 @@ class Qcow2Pool(VolumeDriver):
         return self.create_snapshot_set([request]).snapshots[0]
 
     def create_snapshot_set(
-        self, requests: Sequence[SnapshotRequest], *, freeze: bool = True, freeze_timeout: float = 10.0
+        self,
+        requests: Sequence[SnapshotRequest],
+        *,
+        freeze: bool = True,
+        freeze_timeout: float = 10.0,
+        within: SetInstant | None = None,
     ) -> SnapshotSet:
         """Snapshots of volumes of this host's qcow2 pools at one point in
         time. The disks a running VM holds switch to new layers in one QMP
         transaction, inside a guest freeze when the VM's guest agent answers
         (else crash-consistent, and the set says why); idle volumes of the
         set are snapshotted just before, and put back if the switch fails.
-        Volumes of two different running VMs are refused: a set is one VM's."""
+        Volumes of two different running VMs are refused: a set is one VM's.
+        within: the VM is the caller's (frozen and paused by it), and every
+        volume a process holds must be one of its disks."""
         if not requests:
             raise InvalidArgument("snapshots: name at least one volume", field="snapshots")
         items = [self._set_item(i, r) for i, r in enumerate(requests)]
@@ -492,11 +500,14 @@ class Qcow2Pool(VolumeDriver):
         with ExitStack() as stack:
             for it in sorted(items, key=lambda it: (it.pool.pool_uuid, it.meta_uuid)):
                 stack.enter_context(it.pool._locked(it.meta_uuid))
-            vm: RunningVm | None = None
+            vm: RunningVm | None = within.vm if within is not None else None
             for it in items:
                 it.prepare()
                 if vm is not None and vm.disk_of(it.head) is not None:
                     it.vm = vm  # asked on the connection open already: a monitor serves one client
+                    continue
+                if within is not None:
+                    qemu_img.ensure_not_in_use(it.head)  # idle, or held by something that is not the VM
                     continue
                 held = it.pool._running_vm(it.head)
                 if held is None:
@@ -513,7 +524,7 @@ class Qcow2Pool(VolumeDriver):
             live = [it for it in items if it.vm is not None]
             idle = [it for it in items if it.vm is None]
             done: list[_SetItem] = []
-            if vm is None:
+            if vm is None or (within is not None and not live):
                 try:
                     for it in idle:
                         it.tracking = it.pool._offline_switch(it.head, it.layer)
@@ -528,7 +539,12 @@ class Qcow2Pool(VolumeDriver):
                 for it in idle:
                     it.tracking = it.pool._offline_switch(it.head, it.layer)
                     done.append(it)
-                with vm.frozen(timeout=freeze_timeout, wanted=freeze) as fr:
+                frozen = (
+                    vm.frozen(timeout=freeze_timeout, wanted=freeze)
+                    if within is None
+                    else nullcontext(Freeze(within.consistency))
+                )
+                with frozen as fr:
                     started = time.monotonic()
                     vm.add_layers(layers)
                     switch_ms = (time.monotonic() - started) * 1000
@@ -541,9 +557,8 @@ class Qcow2Pool(VolumeDriver):
                 raise
             for it in live:
                 it.pool._live_rename(vm, it)
-            return self._finish_set(
-                items, vm.name, fr.consistency, fr.reason, fr.frozen_ms, switch_ms, vm_definition(vm)
-            )
+            definition = within.definition if within is not None else vm_definition(vm)
+            return self._finish_set(items, vm.name, fr.consistency, fr.reason, fr.frozen_ms, switch_ms, definition)
 
     def _set_item(self, index: int, r: SnapshotRequest) -> _SetItem:
         pool = self.lookup(r.pool_uuid)

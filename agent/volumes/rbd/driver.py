@@ -50,6 +50,7 @@ from agent.volumes.base import (
     HEAD,
     ChangedExtents,
     PoolStatus,
+    SetInstant,
     SnapshotInfo,
     SnapshotRequest,
     SnapshotSet,
@@ -402,13 +403,19 @@ class RbdPool(VolumeDriver):
         return self.create_snapshot_set([request]).snapshots[0]
 
     def create_snapshot_set(
-        self, requests: Sequence[SnapshotRequest], *, freeze: bool = True, freeze_timeout: float = 10.0
+        self,
+        requests: Sequence[SnapshotRequest],
+        *,
+        freeze: bool = True,
+        freeze_timeout: float = 10.0,
+        within: SetInstant | None = None,
     ) -> SnapshotSet:
         """Snapshots of RBD volumes of this pool at one point in time. When a
         VM on this host runs on them (qemu's rbd driver), the guest is frozen
         through its guest agent when it answers, and for more than one image
         the VM is paused around the snapshots (an image's snapshot is atomic,
-        a set of them is not): the pause is the set's switch_ms."""
+        a set of them is not): the pause is the set's switch_ms. within: the
+        caller froze and paused the VM, whose disks these images must be."""
         if not requests:
             raise InvalidArgument("snapshots: name at least one volume", field="snapshots")
         wanted = []
@@ -424,9 +431,19 @@ class RbdPool(VolumeDriver):
             wanted.append((check_uuid(r.volume_uuid, "volume_uuid"), check_uuid(r.snapshot_uuid, "snapshot_uuid"), r))
         if len({w[0] for w in wanted}) != len(wanted):
             raise InvalidArgument("snapshots: a volume is named twice", field="snapshots")
-        vm = self._running_vm([w[0] for w in wanted])
+        if within is not None:
+            held = within.vm
+            for i, (vol, _, _) in enumerate(wanted):
+                if held.rbd_disk(self.rbd_pool, self.namespace, vol) is None:
+                    raise InvalidArgument(
+                        f"snapshots[{i}]: volume {vol} is no disk of VM {held.name}, whose other disks are in the set",
+                        field=f"snapshots[{i}]",
+                    )
+            vm: RunningVm | None = held
+        else:
+            vm = self._running_vm([w[0] for w in wanted])
         with ExitStack() as stack:
-            if vm is not None:
+            if vm is not None and within is None:
                 stack.enter_context(vm)
             for vol in sorted(w[0] for w in wanted):
                 stack.enter_context(self._locked(vol))
@@ -450,6 +467,12 @@ class RbdPool(VolumeDriver):
                     for img, (vol, snap, r) in zip(imgs, wanted, strict=True)
                 ]
                 return SnapshotSet(tuple(infos), consistency, "", "", 0.0, 0.0)
+            if within is not None:  # frozen and paused by the caller
+                infos = [
+                    self._take(img, vol, snap, r, within.consistency, within.definition)
+                    for img, (vol, snap, r) in zip(imgs, wanted, strict=True)
+                ]
+                return SnapshotSet(tuple(infos), within.consistency, vm.name, "", 0.0, 0.0, within.definition)
             definition = vm_definition(vm)
             with vm.frozen(timeout=freeze_timeout, wanted=freeze) as fr:
                 paused = len(imgs) > 1
