@@ -218,3 +218,52 @@ def test_a_libvirt_vms_tpm_state_is_kept_with_its_backup(env):
     assert base64.b64decode(definition["files"][state]) == open(state, "rb").read()
     kept = {b.uuid: b for b in bk.list(volume_uuid=vol)}[result.backups[0].backup_uuid]
     assert json.loads(kept.vm_definition)["files"][state] == definition["files"][state]
+
+
+def test_rbd_disks_of_a_libvirt_vm_snapshot_as_one_set(libvirtd, ceph, short_tmp):
+    """libvirt 9 checkpoints only qcow2 disks; a libvirt VM's RBD disks are
+    snapshotted by Ceph while it runs: one set, the VM paused through
+    libvirt around the images' snapshots."""
+    import stat
+
+    from agent import native
+
+    from support.agents import RBD_POOL_UUID
+
+    for p in (ceph.root, ceph.conf):  # the session's qemu (nobody) reads the cluster's ceph.conf
+        p.chmod(p.stat().st_mode | stat.S_IROTH | stat.S_IXOTH)
+    work = short_tmp / "rbd-agent"
+    work.mkdir()
+    agent = write_config(work, ceph.pool_section(RBD_POOL_UUID) + f'[vms]\nlibvirt_uri = "{libvirtd.uri}"\n').start()
+    c = agent.client()
+    bk = Bk(agent, c)
+    try:
+        vols = [bk.create(capacity=SIZE, name=f"r{i}", pool_uuid=RBD_POOL_UUID).uuid for i in range(2)]
+        vm = libvirtd.vm([], rbd=(ceph.conf, [f"rbd/{v}" for v in vols]))
+        guest = Guest(vm, 2)
+        guest.write(0, 0x61, 0, MiB)
+        guest.write(1, 0x62, 2 * MiB, MiB)
+        want = guest.now()
+        reqs = [
+            pb.CreateSnapshotRequest(pool_uuid=RBD_POOL_UUID, volume_uuid=v, snapshot_uuid=nid(), name="set")
+            for v in vols
+        ]
+        got = c.create_snapshot_set(pb.CreateSnapshotSetRequest(snapshots=reqs))
+        guest.write(0, 0x63, 0, 4 * MiB)  # after the set
+        assert (got.vm, got.consistency) == (vm.name, "crash") and got.switch_ms > 0  # paused through libvirt
+        assert vm.dom.state()[0] == 1  # running again
+        assert json.loads(got.vm_definition)["type"] == "libvirt"
+        for r, data in zip(reqs, want, strict=True):
+            ref = native.RefImageHash()
+            ref.update(data)
+            assert bk.digest(r.volume_uuid, r.snapshot_uuid, pool=RBD_POOL_UUID) == ref.digest().hex()
+        # a vm_backup of them is refused, saying what works
+        disks = [jobs_pb2.VmBackupDisk(pool_uuid=RBD_POOL_UUID, volume_uuid=vols[0], backup_uuid=nid())]
+        e = rpc_error(
+            bk.c.submit, f"vmb-{nid()}", vm_backup=jobs_pb2.VmBackupSpec(backup_point_uuid=BP_UUID, disks=disks)
+        )
+        assert e.code().name == "FAILED_PRECONDITION" and "snapshot set" in e.details()
+    finally:
+        libvirtd.clear()
+        c.close()
+        agent.stop()

@@ -222,13 +222,29 @@ def create(
             return None
         vault_name, prefix, bp = vault.name, vault.backup_name_prefix, vault.backup_point_uuid
     made = []  # (volume, snapshot, runs, base, extra_info, server run by libvirt)
+    with ctx.db.session() as s:
+        rbd_pools = set(s.scalars(select(Pool.uuid).where(Pool.kind == "rbd")))
     stamp = datetime.fromtimestamp(due_at, UTC).strftime("%Y%m%d-%H%M%S")
     groups: dict[str, list] = {}  # a server's disks, or one volume alone
     for item in plan:
         groups.setdefault(item[4] or item[0].uuid, []).append(item)
     for items in groups.values():
         host, server = items[0][1], items[0][4]
-        if server and servers[server][2] == "libvirt":  # backed up live by one vm_backup job, no snapshot
+        on_rbd = [vol.pool_uuid in rbd_pools for vol, *_ in items]
+        if server and servers[server][2] == "libvirt" and any(on_rbd):
+            if not all(on_rbd):  # libvirt checkpoints only qcow2 disks, and snapshots none of them
+                for vol, *_ in items:
+                    skipped.append(
+                        Skip(
+                            vol.uuid,
+                            vol.name,
+                            cbr_code("FAILED_PRECONDITION"),
+                            f"server {server} runs under libvirt on qcow2 and RBD disks at once: libvirt backs up "
+                            "only qcow2 disks live and snapshots none; keep its disks on one kind of pool",
+                        )
+                    )
+                continue
+        elif server and servers[server][2] == "libvirt":  # backed up live by one vm_backup job, no snapshot
             for vol, _, runs, base, _ in items:
                 made.append((vol, "", runs, base, {"server_id": server, "snapshot_id": ""}, server))
             continue

@@ -107,6 +107,15 @@ class LibvirtVm(RunningVm):
                     out.append(VmDisk(dev, dev, path, ()))
         return out
 
+    def disk_format(self, device: str) -> str:
+        """The format libvirt opens a disk with (qcow2, raw)."""
+        for d in self.xml().findall("devices/disk"):
+            t = d.find("target")
+            if t is not None and t.get("dev") == device:
+                drv = d.find("driver")
+                return drv.get("type", "raw") if drv is not None else "raw"
+        return ""
+
     def disk_of(self, path: str) -> VmDisk | None:
         return next((d for d in self.disks() if d.file and same_file(d.file, path)), None)
 

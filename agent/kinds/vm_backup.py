@@ -145,6 +145,13 @@ class VmBackupKind(JobKind):
                     f"which runs volume {first.volume_uuid}: one job backs up the disks of one VM",
                     field="disks",
                 )
+            if vm.disk_format(dev) != "qcow2":  # libvirt 9 refuses a checkpoint of any other format
+                raise FailedPrecondition(
+                    f"disks[{i}]: disk {dev} of libvirt domain {vm.name} is {vm.disk_format(dev)}, and libvirt "
+                    "checkpoints only qcow2 disks: take a snapshot set of it instead (CreateSnapshotSet; RBD "
+                    "images are snapshotted by Ceph while the VM runs)",
+                    field="disks",
+                )
             devices[d.volume_uuid] = dev
         return vm, devices
 

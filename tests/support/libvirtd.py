@@ -79,9 +79,12 @@ class SessionLibvirtd:
                 raise TimeoutError("libvirtd did not open its socket")
             time.sleep(0.1)
 
-    def vm(self, disks: list[Path], *, name: str = "", tpm: bool = False) -> LibvirtGuest:
+    def vm(
+        self, disks: list[Path], *, name: str = "", tpm: bool = False, rbd: tuple[Path, list[str]] | None = None
+    ) -> LibvirtGuest:
         """A running domain with these qcow2 files as virtio disks vda, vdb,
-        ...; tpm: a TPM 2.0 that libvirt emulates with swtpm."""
+        ...; tpm: a TPM 2.0 that libvirt emulates with swtpm; rbd: (ceph.conf,
+        ["pool/image", ...]) raw disks on Ceph after the files."""
         for d in disks:
             give_to(d)
         name = name or f"bf-{uuidlib.uuid4().hex[:8]}"
@@ -91,6 +94,14 @@ class SessionLibvirtd:
                 f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file={quoteattr(str(d))}/>"
                 f"<target dev='vd{chr(ord('a') + i)}' bus='virtio'/></disk>"
             )
+        conf, images = rbd or (None, [])
+        for j, image in enumerate(images):
+            dev = f"vd{chr(ord('a') + len(disks) + j)}"
+            devs.append(
+                f"<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+                f"<source protocol='rbd' name={quoteattr(image)}><config file={quoteattr(str(conf))}/></source>"
+                f"<target dev='{dev}' bus='virtio'/></disk>"
+            )
         xml = f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type arch='x86_64' machine='q35'>hvm</type></os>
 <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{"".join(devs)}
@@ -99,7 +110,7 @@ class SessionLibvirtd:
 <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"""
         dom = self.conn.defineXML(xml)
         dom.create()
-        return LibvirtGuest(self, dom, len(disks))
+        return LibvirtGuest(self, dom, len(disks) + len(images))
 
     def clear(self) -> None:
         """Destroy and undefine every domain (with its checkpoints' metadata)."""
