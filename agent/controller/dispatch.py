@@ -313,7 +313,7 @@ class Dispatcher:
         if serving is None and t.backup_point_uuid:
             serving = reporting_hosts(hosts.values(), t.backup_point_uuid)
         if t.job_kind == "vm_backup":  # only the host that runs the VM reaches it
-            serving = {hid for hid in serving or hosts if _runs_vm(hosts[hid], t.resource_uuid)}
+            serving = {hid for hid in serving or hosts if hid in hosts and _runs_vm(hosts[hid], t.resource_uuid)}
         ok = [
             h
             for hid, h in hosts.items()

@@ -32,7 +32,11 @@ class HostHypervisors(Hypervisor):
 
     def holder(self, path: str) -> RunningVm | None:
         if self.libvirt is not None:
-            vm = self.libvirt.holder(path)
+            try:
+                vm = self.libvirt.holder(path)
+            except BlockferryError as e:  # libvirtd down: a qemu without libvirt may still hold it
+                log.warning("libvirt could not be asked who holds a file", extra={"path": path, "error": e.message})
+                vm = None
             if vm is not None:
                 return vm
         return self.qemu.holder(path)

@@ -162,11 +162,7 @@ class LibvirtVm(RunningVm):
             return
         lv = self.hv.libvirt
         sent = False
-        try:
-            try:
-                self.dom.agentSetResponseTimeout(max(1, int(timeout)), 0)
-            except (lv.libvirtError, AttributeError):
-                pass  # libvirt's own default (5 s) applies
+        try:  # libvirt's own guest agent timeout applies (virsh guest-agent-timeout; 5 s by default)
             sent = True
             state.filesystems = int(self.dom.fsFreeze() or 0)
             state.consistency = APPLICATION

@@ -286,9 +286,10 @@ class VmBackupKind(JobKind):
         )
 
     def _begin(self, vm: LibvirtVm, stack: ExitStack, since: dict, lost: dict, checkpoint: str, bp: str, work: str):
-        """Begin the pull backup; when libvirt cannot use a checkpoint's
-        bitmap (qemu was killed and never stored it), begin again reading
-        every disk whole, and say why in `lost` (device -> reason)."""
+        """Begin the pull backup; when libvirt cannot begin it incremental
+        (qemu was killed and never stored a checkpoint's bitmap), begin it
+        reading every disk whole, and say why in `lost` (device -> reason).
+        The unusable checkpoints go with the older ones after a success."""
         try:
             return stack.enter_context(vm.pull_backup(since, checkpoint, _description(bp), work))
         except HypervisorError as e:
@@ -298,18 +299,11 @@ class VmBackupKind(JobKind):
                 "libvirt could not begin an incremental backup: reading every disk whole",
                 extra={"vm": vm.name, "error": e.message},
             )
-            for name in {s for s in since.values() if s}:
-                try:
-                    vm.delete_checkpoint(name)  # its bitmap is unusable: no later incremental may count from it
-                except HypervisorError as e2:
-                    log.warning(
-                        "an unusable checkpoint could not be deleted", extra={"vm": vm.name, "error": e2.message}
-                    )
+            exports = stack.enter_context(vm.pull_backup(dict.fromkeys(since, ""), checkpoint, _description(bp), work))
             for dev, name in since.items():
                 if name:
                     lost[dev] = f"libvirt could not count changes from checkpoint {name}: {e.message}"
-            full = dict.fromkeys(since, "")
-            return stack.enter_context(vm.pull_backup(full, checkpoint, _description(bp), work))
+            return exports
 
     def _work_dir(self, vm: LibvirtVm, spec: VmBackupSpec) -> str:
         """A private directory for the NBD socket and scratch files, owned
