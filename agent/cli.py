@@ -124,15 +124,26 @@ def cmd_snapshot(client: AgentClient, args) -> int:
     return 0
 
 
-def cmd_snapshot_set(client: AgentClient, args) -> int:
-    """One instant for several volumes (a running VM's disks), frozen when
-    the VM's guest agent answers (docs/live.md)."""
-    reqs = []
-    for i, item in enumerate(args.volumes):
+def _pool_volumes(items: list[str]) -> list[tuple[str, str]] | None:
+    """POOL:VOLUME arguments as pairs; None (said on stderr) when one is not."""
+    out = []
+    for i, item in enumerate(items):
         pool, sep, volume = item.partition(":")
         if not sep:
             print(f"blockferry: volumes[{i}]: {item!r} is not POOL:VOLUME", file=sys.stderr)
-            return 2
+            return None
+        out.append((pool, volume))
+    return out
+
+
+def cmd_snapshot_set(client: AgentClient, args) -> int:
+    """One instant for several volumes (a running VM's disks), frozen when
+    the VM's guest agent answers (docs/live.md)."""
+    pairs = _pool_volumes(args.volumes)
+    if pairs is None:
+        return 2
+    reqs = []
+    for pool, volume in pairs:
         reqs.append(
             v.CreateSnapshotRequest(
                 pool_uuid=pool,
@@ -152,13 +163,13 @@ def cmd_snapshot_set(client: AgentClient, args) -> int:
 def cmd_vm_backup(client: AgentClient, args) -> int:
     """The disks of a running libvirt VM backed up at one instant, live,
     through libvirt's pull backup (docs/live.md); one backup per disk."""
-    disks = []
-    for i, item in enumerate(args.volumes):
-        pool, sep, volume = item.partition(":")
-        if not sep:
-            print(f"blockferry: volumes[{i}]: {item!r} is not POOL:VOLUME", file=sys.stderr)
-            return 2
-        disks.append(jobs_pb2.VmBackupDisk(pool_uuid=pool, volume_uuid=volume, backup_uuid=str(uuid.uuid4())))
+    pairs = _pool_volumes(args.volumes)
+    if pairs is None:
+        return 2
+    disks = [
+        jobs_pb2.VmBackupDisk(pool_uuid=pool, volume_uuid=volume, backup_uuid=str(uuid.uuid4()))
+        for pool, volume in pairs
+    ]
     job_id = args.job_id or f"vm-backup-{uuid.uuid4()}"
     spec = jobs_pb2.VmBackupSpec(
         backup_point_uuid=args.backup_point,

@@ -110,6 +110,22 @@ _LIVE = select(Task).where(Task.status.in_(("waiting", "running"))).order_by(Tas
 _VOLUME_GONE = delete(Volume.__table__).where(_volume.uuid == bindparam("key"))
 
 
+def _backup_made(db, backup_uuid: str, result: dict, now: int) -> None:
+    """A backup job's result (BackupResult as a dict) on its backup's row."""
+    made = {
+        "key": backup_uuid,
+        "at": now,
+        "new_mode": result.get("mode", ""),
+        "new_mode_reason": result.get("mode_reason", ""),
+        "new_consistency": result.get("consistency", ""),
+        "new_size": int(result.get("size", 0)),
+        "new_stored_bytes": int(result.get("stored_bytes", 0)),
+        "new_image_digest": result.get("image_digest", ""),
+    }
+    if db.execute(_BACKUP_MADE, made).rowcount:
+        db.execute(_POINT_REF, {"key": backup_uuid})
+
+
 def _runs_vm(host: Host, vm_uuid: str) -> bool:
     """Whether the host's last heartbeat reported the VM running."""
     return any(vm.get("UUID") == vm_uuid for vm in json.loads(host.vms_json or "[]"))
@@ -570,33 +586,10 @@ class Dispatcher:
             for i, d in enumerate(disks):
                 if i >= len(results):
                     db.execute(_BACKUP_FAILED, {"key": d["backup_uuid"], "at": now})
-                    continue
-                r = results[i]
-                made = {
-                    "key": d["backup_uuid"],
-                    "at": now,
-                    "new_mode": r.get("mode", ""),
-                    "new_mode_reason": r.get("mode_reason", ""),
-                    "new_consistency": r.get("consistency", ""),
-                    "new_size": int(r.get("size", 0)),
-                    "new_stored_bytes": int(r.get("stored_bytes", 0)),
-                    "new_image_digest": r.get("image_digest", ""),
-                }
-                if db.execute(_BACKUP_MADE, made).rowcount:
-                    db.execute(_POINT_REF, {"key": d["backup_uuid"]})
+                else:
+                    _backup_made(db, d["backup_uuid"], results[i], now)
         elif t.resource_type == "backup" and t.job_kind == "backup":
             if status != "success":
                 db.execute(_BACKUP_FAILED, {"key": t.resource_uuid, "at": now})
                 return
-            made = {
-                "key": t.resource_uuid,
-                "at": now,
-                "new_mode": result.get("mode", ""),
-                "new_mode_reason": result.get("mode_reason", ""),
-                "new_consistency": result.get("consistency", ""),
-                "new_size": int(result.get("size", 0)),
-                "new_stored_bytes": int(result.get("stored_bytes", 0)),
-                "new_image_digest": result.get("image_digest", ""),
-            }
-            if db.execute(_BACKUP_MADE, made).rowcount:
-                db.execute(_POINT_REF, {"key": t.resource_uuid})
+            _backup_made(db, t.resource_uuid, result, now)

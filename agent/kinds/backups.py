@@ -60,6 +60,25 @@ class BackupResult:
     consistency: str = ""  # the snapshot's (docs/live.md): application, crash or offline
 
 
+def result_of(m, consistency: str) -> BackupResult:
+    """A published backup's manifest as the job's result."""
+    s = m.stats
+    return BackupResult(
+        m.backup_id,
+        m.mode,
+        m.parent or "",
+        m.size,
+        m.image_digest,
+        s.chunks_read,
+        s.read_bytes,
+        s.new_chunks,
+        s.stored_bytes,
+        s.changed_chunks,
+        s.mode_reason,
+        consistency,
+    )
+
+
 @dataclass(frozen=True)
 class RestoreSpec:
     backup_point_uuid: str
@@ -152,21 +171,7 @@ class BackupKind(JobKind):
             tenant=spec.tenant,
             ctx=ctx,
         )
-        s = m.stats
-        return BackupResult(
-            m.backup_id,
-            m.mode,
-            m.parent or "",
-            m.size,
-            m.image_digest,
-            s.chunks_read,
-            s.read_bytes,
-            s.new_chunks,
-            s.stored_bytes,
-            s.changed_chunks,
-            s.mode_reason,
-            pool.snapshot_info(spec.volume_uuid, spec.snapshot_uuid).consistency,
-        )
+        return result_of(m, pool.snapshot_info(spec.volume_uuid, spec.snapshot_uuid).consistency)
 
 
 class _CountingWriter:

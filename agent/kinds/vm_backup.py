@@ -30,7 +30,7 @@ from agent.hypervisor.holders import holders
 from agent.hypervisor.libvirt import CHECKPOINT_PREFIX, LibvirtVm
 from agent.jobs.kinds import Claim, JobKind
 from agent.jobs.locks import LockMode
-from agent.kinds.backups import BackupResult
+from agent.kinds.backups import BackupResult, result_of
 from agent.pools import PoolRegistry
 from agent.repo import backup as backup_mod
 from agent.repo.catalog import latest_for_volume
@@ -253,23 +253,7 @@ class VmBackupKind(JobKind):
                         tenant=spec.tenant,
                         ctx=ctx,
                     )
-                    s = m.stats
-                    results.append(
-                        BackupResult(
-                            m.backup_id,
-                            m.mode,
-                            m.parent or "",
-                            m.size,
-                            m.image_digest,
-                            s.chunks_read,
-                            s.read_bytes,
-                            s.new_chunks,
-                            s.stored_bytes,
-                            s.changed_chunks,
-                            s.mode_reason,
-                            fr.consistency,
-                        )
-                    )
+                    results.append(result_of(m, fr.consistency))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         pruned = self._prune(vm, spec.backup_point_uuid, checkpoint)
