@@ -57,6 +57,7 @@ _SESSION_GONE = {
     NtStatus.STATUS_NETWORK_NAME_DELETED,
     0xC000035C,
 }  # STATUS_NETWORK_SESSION_EXPIRED (not in smbprotocol's table)
+_STATUS_QUOTA_EXCEEDED = 0xC0000044  # not in smbprotocol's table either
 # smbprotocol logs packet details at DEBUG; they are not for the agent's log
 for _name in ("smbprotocol", "smbclient", "spnego"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -328,12 +329,13 @@ class SmbStore(ObjectStore):
                 f"access on share {self.share!r} ({_DENIED[status]})",
                 field="backup_point_uuid",
             )
+        if isinstance(e, DiskFull) or status in (NtStatus.STATUS_DISK_FULL, _STATUS_QUOTA_EXCEEDED):
+            # smbclient's SMBOSError carries no errno for a full share
+            return storage_error(self.label, what, OSError(errno.ENOSPC, "No space left on the share"))
         if isinstance(e, SMBOSError) and status not in _SESSION_GONE:
             if e.errno == errno.ENOENT:
                 return NotFound(f"backup point {self.label}: {what}: not found", field="name")
             return storage_error(self.label, what, OSError(e.errno or errno.EIO, e.strerror or str(e)))
-        if isinstance(e, DiskFull):
-            return storage_error(self.label, what, OSError(errno.ENOSPC, "No space left on the share"))
         if isinstance(e, SMBResponseException) and status not in _SESSION_GONE:
             return storage_error(self.label, what, OSError(errno.EIO, e.message))
         self._drop()
