@@ -348,14 +348,54 @@ def cbr_status(error: BaseException) -> tuple[int, str, str]:
     """(HTTP status, error_code, error_msg) for seed 003's /v3 error body."""
     if isinstance(error, BlockferryError):
         _, http, _, _, code = _TABLE.get(error.code, _TABLE[BlockferryError.code])
+        if not code.startswith("BackupService.9"):
+            http = 400  # the seed's table answers each of its own codes with 400
         return http, code, f"{error.code}: {error.message}"
     _, http, _, _, code = _TABLE[BlockferryError.code]
     return http, code, "INTERNAL: unexpected controller error (see its log)"
 
 
-def catalogue() -> list[tuple[str, str, int, int, str, str, str]]:
+# Seed 004 (ZStack's /zstack/v1 API): the error code its envelope carries,
+# from ZStack's own catalogues: SYS.xxxx (SysErrors), BS.xxxx
+# (BackupStorageErrors), ID.xxxx (IdentityErrors). Every code not named
+# here is SYS.1006, an operation that could not be done.
+_ZSTACK: dict[str, str] = {
+    InvalidArgument.code: "SYS.1007",
+    OutOfRange.code: "SYS.1007",
+    PathNotAllowed.code: "SYS.1007",
+    NotFound.code: "SYS.1003",
+    AlreadyExists.code: "SYS.1002",
+    HasDependents.code: "SYS.1004",
+    InUse.code: "SYS.1004",
+    VaultNotEmpty.code: "SYS.1004",
+    Draining.code: "SYS.1012",
+    Cancelled.code: "SYS.1017",
+    StorageIOError.code: "SYS.1016",
+    TargetUnreachable.code: "BS.1001",
+    AuthFailed.code: "BS.1001",
+    AccessDenied.code: "BS.1001",
+    NoSpace.code: "BS.1003",
+    Unauthenticated.code: "ID.1001",
+    PermissionDenied.code: "ID.1002",
+    BlockferryError.code: "SYS.1000",
+}
+
+
+def zstack_code(code: str) -> str:
+    return _ZSTACK.get(code, "SYS.1006")
+
+
+def zstack_status(error: BaseException) -> tuple[int, str, str]:
+    """(HTTP status, code, description) for seed 004's error envelope."""
+    if isinstance(error, BlockferryError):
+        _, http, _, _, _ = _TABLE.get(error.code, _TABLE[BlockferryError.code])
+        return http, zstack_code(error.code), f"{error.code}: {error.message}"
+    return 500, _ZSTACK[BlockferryError.code], "INTERNAL: unexpected controller error (see its log)"
+
+
+def catalogue() -> list[tuple[str, str, int, int, str, str, str, str]]:
     """(code, gRPC status, HTTP status, scode, message_cn, error_code,
-    meaning) for every error, for docs and tests."""
+    ZStack code, meaning) for every error, for docs and tests."""
     rows, seen = [], set()
     for cls in _all_subclasses(BlockferryError):
         if cls.code in seen:  # a subclass that refines a message, not a code
@@ -363,19 +403,19 @@ def catalogue() -> list[tuple[str, str, int, int, str, str, str]]:
         seen.add(cls.code)
         status, http, scode, cn, cbr = _TABLE[cls.code]
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        rows.append((cls.code, status.name, http, scode, cn, cbr, doc))
+        rows.append((cls.code, status.name, http, scode, cn, cbr, zstack_code(cls.code), doc))
     return sorted(rows)
 
 
 def markdown_table() -> str:
     """The catalogue as docs/errors.md shows it (a test keeps them equal)."""
     rows = [
-        "| code | gRPC status | HTTP | scode | message_cn | error_code (/v3) | meaning |",
-        "|---|---|---|---|---|---|---|",
+        "| code | gRPC status | HTTP | scode | message_cn | error_code (/v3) | code (/zstack) | meaning |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows += [
-        f"| `{code}` | {status} | {http} | {scode} | {cn} | {cbr} | {meaning} |"
-        for code, status, http, scode, cn, cbr, meaning in catalogue()
+        f"| `{code}` | {status} | {http} | {scode} | {cn} | {cbr} | {zs} | {meaning} |"
+        for code, status, http, scode, cn, cbr, zs, meaning in catalogue()
     ]
     return "\n".join(rows) + "\n"
 

@@ -183,13 +183,13 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
         # a volume belongs to one vault: the seed's BackupService.6103
         cbr_error(
             op.post(f"{v3}/vaults/{oid}/addresources", json={"resources": [{"id": env["vols"][0]["UUID"]}]}),
-            409,
+            400,
             "BackupService.6103",
             "resources[0].id",
         )
         cbr_error(
             op.post(f"{v3}/vaults/{oid}/removeresources", json={"resource_ids": [env["vols"][0]["UUID"]]}),
-            404,
+            400,
             "BackupService.6135",
             "resource_ids[0]",
         )
@@ -237,7 +237,7 @@ def test_policies_and_vaults_over_rest(cluster):  # noqa: F811
         cbr_error(
             op.delete(f"{v3}/vaults/{oid}", params={"deleteMode": "Later"}), 400, "BackupService.9001", "deleteMode"
         )
-        assert op.delete(f"{v3}/vaults/{oid}").status_code == 200
+        assert op.delete(f"{v3}/vaults/{oid}").status_code == 204
         cbr_error(op.get(f"{v3}/vaults/{oid}"), 404, "BackupService.9004", "vault_id")
         # seed 004's reconnect action: the backup point re-checked through the agent
         rc = op.put(f"{v3}/vaults/{vid}/actions", json={"reconnectBackupStorage": {}, "systemTags": []})
@@ -537,12 +537,12 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
             "restore.volume_id",
         )
         older = by_name[auto[0]][vol_ids[1]]
-        assert op.delete(f"{v3}/backups/{older}").status_code == 200
+        assert op.delete(f"{v3}/backups/{older}").status_code == 204
         cbr_error(op.get(f"{v3}/backups/{older}"), 404, "BackupService.9004", "backup_id")
         assert op.get(f"{v3}/backups", params={"vault_id": vid}).json()["count"] == 5
         # deletion: Permissive refuses while backups exist; Enforcing deletes them, then the vault
-        cbr_error(op.delete(f"{v3}/vaults/{vid}"), 409, "BackupService.7301", "vault_id")
-        assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 200
+        cbr_error(op.delete(f"{v3}/vaults/{vid}"), 400, "BackupService.7301", "vault_id")
+        assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 204
         assert check_ok(op1.get("/v1/volume/share/backup/list", params={"cluster_uuid": env["cluster"]}))["list"] == []
         cbr_error(op.get(f"{v3}/vaults/{vid}"), 404, "BackupService.9004", "vault_id")
     rbd_io.close()
@@ -620,7 +620,7 @@ def test_a_vault_on_an_encrypted_nfs_backup_point(cluster, short_tmp, nfs_server
         assert rr.status_code == 202, rr.text
         assert wait_task(op1, rr.headers["X-Task-Id"], 120)["status"] == "success"
         assert digest() == wants[1]
-        assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 200
+        assert op.delete(f"{v3}/vaults/{vid}", params={"deleteMode": "Enforcing"}).status_code == 204
     for log in (c.workdir / "controller.log", a.log):  # the password: sealed, never logged
         assert "vault-secret-pw" not in log.read_text()
 
@@ -696,7 +696,7 @@ def test_a_server_vault_backs_up_a_running_vms_disks_as_one_set(cluster, short_t
             bad["vault"]["resources"][0].update(type="OS::Nova::Server", id=str(uuid.uuid4()))
             cbr_error(op.post(f"{v3}/vaults", json=bad), 404, "BackupService.9004", "vault.resources[0].id")
             bad["vault"]["resources"][0]["id"] = vm.uuid
-            cbr_error(op.post(f"{v3}/vaults", json=bad), 409, "BackupService.6103", "vault.resources[0].id")
+            cbr_error(op.post(f"{v3}/vaults", json=bad), 400, "BackupService.6103", "vault.resources[0].id")
 
             r = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vault["id"], "parameters": {}}})
             assert r.status_code == 200, r.text

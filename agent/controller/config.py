@@ -55,6 +55,7 @@ class ControllerConfig:
     gc_interval: int = 86400  # seconds between two GCs of every backup point; 0: only after deletions
     gc_after_delete: int = 60  # seconds after a backup point's last deletion until its GC
     metrics_listen: str = ""  # loopback host:port of the Prometheus endpoint; empty: off
+    default_backup_point: str = ""  # uuid: where a vault created without backup_point_id keeps its backups
     tokens: list[Token] = field(default_factory=list)
 
     @property
@@ -159,6 +160,14 @@ def _validate(cfg: ControllerConfig, path: str) -> ControllerConfig:
         value = getattr(cfg, key)
         if value and not os.access(value, os.R_OK):
             raise ConfigError(f"{path}: [controller] {key}: cannot read {value}", field=f"controller.{key}")
+    if cfg.default_backup_point:
+        try:
+            cfg.default_backup_point = str(uuid.UUID(cfg.default_backup_point))
+        except ValueError:
+            raise ConfigError(
+                f"{path}: [controller] default_backup_point: must be a backup point uuid",
+                field="controller.default_backup_point",
+            ) from None
     host, _, port = cfg.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(

@@ -1,7 +1,8 @@
 """The controller's inventory questions and changes that more than one
 part asks for (the routers, the dispatcher, the scheduler, checkpoints
 and metrics): is a host online, which hosts serve a pool, what a vault
-holds, a task the controller did itself, and deleting a backup."""
+holds, a task the controller did itself, a backup point's live health,
+reconnecting one, and deleting a backup."""
 
 from __future__ import annotations
 
@@ -104,6 +105,41 @@ def log_task(
             **fields,
         )
     )
+
+
+def backup_point_reports(s, bp_uuid: str, dead_after: int) -> list[tuple[Host, dict]]:
+    """What online hosts' last heartbeats say of a backup point (its
+    BackupPointReport as JSON), host by host."""
+    out = []
+    for h in s.scalars(select(Host).order_by(Host.uuid)):
+        if host_state(h, dead_after) != "online":
+            continue
+        for rep in json.loads(h.backup_points_json or "[]"):
+            if rep.get("backup_point_uuid") == bp_uuid:
+                out.append((h, rep))
+    return out
+
+
+def reconnect_backup_point(ctx: ControllerContext, bp_uuid: str, field: str):
+    """Re-check a backup point through an online host (a new session,
+    attached there first) and keep its state: (host, BackupPointStatus)."""
+    with ctx.db.session() as s:
+        bp = s.get(BackupPoint, bp_uuid)
+        hosts = [
+            h for h in s.scalars(select(Host).order_by(Host.uuid)) if host_state(h, ctx.cfg.host_dead_after) == "online"
+        ]
+    if bp is None:
+        raise NotFound(f"{field}: backup point {bp_uuid} was deleted", field=field)
+    if not hosts:
+        raise TargetUnreachable(f"{field}: no online host to reach the backup point from", field=field)
+    client = ctx.agents.client(hosts[0])
+    client.attach_backup_point(backup_point_request(bp, ctx.secrets))
+    st = client.reconnect_backup_point(backups_pb2.BackupPointRef(backup_point_uuid=bp.uuid))
+    with ctx.db.session() as s:
+        row = s.get(BackupPoint, bp.uuid)
+        if row is not None:
+            row.state = st.status
+    return hosts[0], st
 
 
 def remove_backup(ctx: ControllerContext, bid: str, field: str = "backup_uuid") -> None:

@@ -21,6 +21,7 @@ from agent.controller.api import (
     pools,
     vaults,
     volumes,
+    zstack,
 )
 from agent.controller.config import ControllerConfig
 from agent.controller.context import ControllerContext
@@ -56,7 +57,7 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
         version=__version__,
         lifespan=lifespan,
         description="Shared storage pools, volumes, backup points and backups (seeds 000-002); "
-        "vaults, policies and checkpoints (seed 003).",
+        "vaults, policies and checkpoints (seed 003); backup storage (seed 004).",
     )
     app.state.ctx = ctx
     envelope.install(app)
@@ -72,6 +73,7 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
         vaults.router,
         checkpoints.router,
         backups.router,
+        zstack.router,
     ):
         app.include_router(r)
     return app

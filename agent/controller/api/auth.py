@@ -36,14 +36,16 @@ def authenticated(request: Request) -> Caller:
     dependency of every endpoint)."""
     header = request.headers.get("authorization", "")
     scheme, _, sent = header.partition(" ")
-    if scheme.lower() != "bearer":  # seed 003 sends its token as X-Auth-Token
-        scheme, sent = "bearer", request.headers.get("x-auth-token", "")
+    # seed 003 sends its token as X-Auth-Token, seed 004 as "OAuth <session>"
+    if scheme.lower() not in ("bearer", "oauth"):
+        sent = request.headers.get("x-auth-token", "")
     if sent:
         for t in context(request).cfg.tokens:
             if hmac.compare_digest(sent.encode(), t.token.encode()):
                 return Caller(t.tenant)
     raise Unauthenticated(
-        "authorization: send 'Authorization: Bearer <token>' (or X-Auth-Token: <token>) with a configured token",
+        "authorization: send 'Authorization: Bearer <token>' (or 'OAuth <token>', or X-Auth-Token: <token>) "
+        "with a configured token",
         field="authorization",
     )
 

@@ -13,7 +13,7 @@ import time
 import uuid as uuidlib
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
@@ -125,7 +125,7 @@ def get(project_id: str, backup_id: str, request: Request, caller: Caller = Depe
         return {"backup": to_seed(s, _load(s, tenant, backup_id))}
 
 
-@router.delete("/{backup_id}")
+@router.delete("/{backup_id}", status_code=204, response_class=Response)
 def delete(project_id: str, backup_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
@@ -135,7 +135,7 @@ def delete(project_id: str, backup_id: str, request: Request, caller: Caller = D
     remove_backup(context(request), backup_id, field="backup_id")
     with context(request).db.session() as s:
         log_task(s, "delete", tenant, vault_id or backup_id, started, {"deleted_backups": [backup_id]})
-    return {}
+    return Response(status_code=204)  # the seed answers 204, no body
 
 
 @router.post("/{backup_id}/restore")

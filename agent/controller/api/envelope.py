@@ -2,7 +2,9 @@
 data. Errors use the same envelope with a non-zero scode; the mapping from
 our errors comes from agent/errors.py (rest_status), and no stack trace is
 ever sent (`stack` stays null). Under /v3 (seed 003) an error is that seed's
-{"error_code", "error_msg"} (errors.cbr_status)."""
+{"error_code", "error_msg"} (errors.cbr_status); under /zstack (seed 004)
+ZStack's {"error": {"code", "description", "details", ...}}
+(errors.zstack_status)."""
 
 from __future__ import annotations
 
@@ -37,7 +39,24 @@ def range_list(key: str, items: list, cluster: str, namespace: str, total: int) 
     return ok({key: items, "each_range_list_state": [state], "TotalCount": total})
 
 
+def zstack_error(code: str, description: str, details: str = "") -> dict:
+    """Seed 004's error envelope (ZStack's ErrorCode)."""
+    return {
+        "error": {
+            "code": code,
+            "description": description,
+            "details": details or description,
+            "elaboration": None,
+            "opaque": None,
+            "cause": None,
+        }
+    }
+
+
 def _error_response(e: BaseException, request: Request | None = None) -> JSONResponse:
+    if request is not None and request.url.path.startswith("/zstack/"):
+        http, code, description = errors.zstack_status(e)
+        return JSONResponse(status_code=http, content=zstack_error(code, description))
     if request is not None and request.url.path.startswith("/v3/"):
         http, code, message = errors.cbr_status(e)
         return JSONResponse(status_code=http, content={"error_code": code, "error_msg": message})

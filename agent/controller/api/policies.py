@@ -13,7 +13,7 @@ import uuid as uuidlib
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request, Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -146,7 +146,7 @@ def update(
         return {"policy": to_seed(p, vaults_of(s, p.id))}
 
 
-@router.delete("/{policy_id}")
+@router.delete("/{policy_id}", status_code=204, response_class=Response)
 def delete(project_id: str, policy_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
@@ -159,4 +159,4 @@ def delete(project_id: str, policy_id: str, request: Request, caller: Caller = D
             )
         s.delete(p)
         s.commit()
-    return {}
+    return Response(status_code=204)  # the seed answers 204, no body

@@ -4,7 +4,9 @@ Enforcing, seed 004), addresources, removeresources, associatepolicy,
 dissociatepolicy, and seed 004's reconnect action.
 
 A vault is a named, sized share of a backup point (`backup_point_id`, our
-addition to the seed's body: the seed's vaults live in a cloud). Resources
+addition to the seed's body: the seed's vaults live in a cloud; a body
+without it, as the seed writes them, takes [controller]
+default_backup_point). Resources
 are volumes of the same tenant (type OS::Cinder::Volume, object_type disk),
 or running VMs (OS::Nova::Server, object_type server) whose disks are
 volumes of the tenant, less extra_info.exclude_volumes; a volume or server
@@ -21,21 +23,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from agent.api.v1 import backups_pb2
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
-from agent.controller.api.hosts import host_state
 from agent.controller.api.policies import project
-from agent.controller.dispatch import backup_point_request
-from agent.controller.inventory import log_task, remove_backup, running_vm, server_volumes, usage
-from agent.controller.models import Backup, BackupPoint, Host, Policy, Vault, VaultResource, VaultServer, Volume
-from agent.errors import AlreadyExists, NotFound, ResourceInVault, ResourceNotInVault, TargetUnreachable, VaultNotEmpty
+from agent.controller.inventory import (
+    log_task,
+    reconnect_backup_point,
+    remove_backup,
+    running_vm,
+    server_volumes,
+    usage,
+)
+from agent.controller.models import Backup, BackupPoint, Policy, Vault, VaultResource, VaultServer, Volume
+from agent.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceInVault, ResourceNotInVault, VaultNotEmpty
 
 GB = 1 << 30
+MB = 1 << 20
 RESOURCE_TYPE = "OS::Cinder::Volume"
 SERVER_TYPE = "OS::Nova::Server"
 MIN_SIZE, MAX_SIZE = 10, 10485760  # GB, as the seed's BillingCreate
@@ -111,7 +118,7 @@ def to_seed(s, vault: Vault) -> dict:
             }
         )
     n, logical, stored = usage(s, vault.id)
-    used_gb = round(stored / GB, 3)
+    used_mb = -(-stored // MB)  # the seed's used: whole MB, rounded up
     return {
         "id": vault.id,
         "name": vault.name,
@@ -119,8 +126,11 @@ def to_seed(s, vault: Vault) -> dict:
         "project_id": vault.tenant,
         "provider_id": PROVIDER_ID,
         "created_at": iso(vault.created_at),
+        "enterprise_project_id": "0",  # the seed's default enterprise project
+        "user_id": "",  # tokens name a project, not a user
         "auto_bind": False,
-        "bind_rules": None,
+        "bind_rules": {},
+        "auto_expand": False,
         "tags": [],
         "backup_point_id": vault.backup_point_uuid,
         "policy_id": vault.policy_id or None,
@@ -131,7 +141,8 @@ def to_seed(s, vault: Vault) -> dict:
             "status": vault.status,
             "size": vault.size_gb,
             "allocated": vault.size_gb,
-            "used": used_gb,
+            "used": used_mb,
+            "frozen_scene": None,
             "object_type": vault.object_type,
             "protect_type": "backup",
             "consistent_level": vault.consistent_level,
@@ -325,11 +336,24 @@ def create(project_id: str, request: Request, body: Any = Body(None), caller: Ca
     size = _size(billing.get("size"), "vault.billing.size")
     if "resources" not in b:
         raise v.bad("vault.resources", "required ([] for none)")
-    bpid = v.uuid(str(b.get("backup_point_id", "")), "vault.backup_point_id")
+    default = context(request).cfg.default_backup_point
+    if b.get("backup_point_id") in (None, "") and not default:
+        raise v.bad(
+            "vault.backup_point_id",
+            "required: no [controller] default_backup_point is configured to take its place",
+        )
+    bpid = v.uuid(str(b.get("backup_point_id") or default), "vault.backup_point_id")
     now = time.time()
     with context(request).db.session() as s:
         bp = s.get(BackupPoint, bpid)
-        if bp is None or not caller.sees(bp.tenant) or bp.tenant != tenant:
+        if bpid == default and bp is None:
+            raise FailedPrecondition(
+                f"vault.backup_point_id: the default backup point {bpid} ([controller] default_backup_point) "
+                "does not exist",
+                field="vault.backup_point_id",
+            )
+        # a project's own backup point, or the one the operator made the default
+        if bp is None or (bpid != default and (not caller.sees(bp.tenant) or bp.tenant != tenant)):
             raise NotFound(f"vault.backup_point_id: backup point {bpid} does not exist", field="vault.backup_point_id")
         dead = context(request).cfg.host_dead_after
         vols, servers = _resources(s, tenant, b.get("resources"), "vault.resources", object_type, dead)
@@ -433,7 +457,7 @@ def update(
         return {"vault": to_seed(s, vault)}
 
 
-@router.delete("/{vault_id}")
+@router.delete("/{vault_id}", status_code=204, response_class=Response)
 def delete(
     project_id: str,
     vault_id: str,
@@ -470,7 +494,7 @@ def delete(
             s.delete(srv)
         s.delete(s.get(Vault, vault_id))
         log_task(s, "vault_delete", tenant, vault_id, started, {"mode": mode, "backups_deleted": len(backups)})
-    return {}
+    return Response(status_code=204)  # the seed answers 204, no body
 
 
 @router.post("/{vault_id}/addresources")
@@ -566,27 +590,14 @@ def actions(
         raise v.bad("reconnectBackupStorage", 'the only action is {"reconnectBackupStorage": {}}')
     state = context(request)
     with state.db.session() as s:
-        vault = load_vault(s, tenant, vault_id)
-        bp = s.get(BackupPoint, vault.backup_point_uuid)
-        hosts = [
-            h
-            for h in s.scalars(select(Host).order_by(Host.uuid))
-            if host_state(h, state.cfg.host_dead_after) == "online"
-        ]
-    if bp is None:
-        raise NotFound(f"vault_id: the backup point of vault {vault.name} was deleted", field="vault_id")
-    if not hosts:
-        raise TargetUnreachable("vault_id: no online host to reach the backup point from", field="vault_id")
-    state.agents.client(hosts[0]).attach_backup_point(backup_point_request(bp, state.secrets))
-    st = state.agents.client(hosts[0]).reconnect_backup_point(backups_pb2.BackupPointRef(backup_point_uuid=bp.uuid))
+        bp_uuid = load_vault(s, tenant, vault_id).backup_point_uuid
+    host, st = reconnect_backup_point(state, bp_uuid, "vault_id")
     with state.db.session() as s:
-        row = s.get(BackupPoint, bp.uuid)
-        row.state = st.status
         out = to_seed(s, load_vault(s, tenant, vault_id))
     out["backup_storage"] = {
-        "uuid": bp.uuid,
+        "uuid": bp_uuid,
         "status": st.status,
-        "host_uuid": hosts[0].uuid,
+        "host_uuid": host.uuid,
         "totalCapacity": st.total_bytes,
         "availableCapacity": st.available_bytes,
         "latency_ms": round(st.latency_ms, 3),
