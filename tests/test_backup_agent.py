@@ -350,11 +350,16 @@ def test_cancelled_backup_and_restore_leave_nothing_that_looks_complete(make_age
     assert a.stop() == 0
 
 
-def _restore_in_place(bk: Bk, backup_uuid: str, vol: str, pool: str):
+def _restore_in_place(bk: Bk, backup_uuid: str, vol: str, pool: str, keep: bool = False):
     return bk.c.run(
         f"restore-in-place-{new_id()}",
         restore=jobs_pb2.RestoreSpec(
-            backup_point_uuid=bk.bp, backup_uuid=backup_uuid, pool_uuid=pool, volume_uuid=vol, in_place=True
+            backup_point_uuid=bk.bp,
+            backup_uuid=backup_uuid,
+            pool_uuid=pool,
+            volume_uuid=vol,
+            in_place=True,
+            keep_safety_snapshot=keep,
         ),
     )
 
@@ -407,10 +412,11 @@ def test_restore_in_place_overwrites_with_a_safety_snapshot(rbd_agent, ceph, kin
             before = bk.digest(dst, pool=pool)
             d0 = bk.call("CreateSnapshot", pool_uuid=pool, volume_uuid=dst, snapshot_uuid=new_id(), name="d0").uuid
             base = bk.backup(dst, d0, pool=pool)
-            job = _restore_in_place(bk, r.backup_uuid, dst, pool)
+            job = _restore_in_place(bk, r.backup_uuid, dst, pool, keep=True)
             assert job.state == OK, job.error
             res = job.restore_result
             assert res.volume_uuid == dst and res.image_digest == r.image_digest and res.safety_snapshot_uuid
+            assert not res.safety_snapshot_deleted
             assert raw(bk, dst) == hashlib.sha256(expected).hexdigest()
             assert bk.digest(dst, res.safety_snapshot_uuid, pool=pool) == before  # the way back
             # change tracking saw the overwrite: an incremental from before it restores to the new content
@@ -419,6 +425,17 @@ def test_restore_in_place_overwrites_with_a_safety_snapshot(rbd_agent, ceph, kin
             assert incr.mode == "incremental" and incr.image_digest == bk.digest(dst, d1, pool=pool)
             again = bk.restore(incr.backup_uuid, pool=pool)
             assert bk.digest(again.volume_uuid, pool=pool) == bk.digest(dst, d1, pool=pool)
+            # by default the safety snapshot goes once the restore has succeeded: they do not pile up
+            job = _restore_in_place(bk, incr.backup_uuid, dst, pool)
+            assert job.state == OK, job.error
+            assert job.restore_result.safety_snapshot_deleted and not job.restore_result.safety_snapshot_uuid
+            assert bk.digest(dst, pool=pool) == bk.digest(dst, d1, pool=pool)
+
+            def safety_snapshots() -> list[str]:
+                snaps = bk.call("ListSnapshots", pool_uuid=pool, volume_uuid=dst).snapshots
+                return [x.uuid for x in snaps if x.name.startswith("pre-restore-")]
+
+            assert safety_snapshots() == [res.safety_snapshot_uuid]  # only the one kept on purpose
             # a smaller volume is refused, naming the field
             small = bk.create(capacity=4 * MiB, name="small", pool_uuid=pool).uuid
             e = rpc_error(_restore_in_place, bk, r.backup_uuid, small, pool)  # refused at submission
@@ -434,8 +451,7 @@ def test_restore_in_place_overwrites_with_a_safety_snapshot(rbd_agent, ceph, kin
                 with QemuNbd(bk.head(dst), readonly=False, run_dir=str(bk.run_dir)):
                     job = _restore_in_place(bk, r.backup_uuid, dst, pool)
             assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "IN_USE", job
-            snaps = bk.call("ListSnapshots", pool_uuid=pool, volume_uuid=dst).snapshots
-            assert len([x for x in snaps if x.name.startswith("pre-restore-")]) == 1  # refused before its own
+            assert safety_snapshots() == [res.safety_snapshot_uuid]  # refused before its own
             # a failure half way (a damaged pack) rolls the volume back to what it was
             put(bk, dst, {3 * MiB: os.urandom(MiB)})
             target_before = raw(bk, dst)
@@ -451,6 +467,7 @@ def test_restore_in_place_overwrites_with_a_safety_snapshot(rbd_agent, ceph, kin
             job = _restore_in_place(bk, r.backup_uuid, dst, pool)
             assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "DATA_CORRUPT", job
             assert raw(bk, dst) == target_before
+            assert len(safety_snapshots()) == 2  # a failed restore keeps its way back
     finally:
         io.close()
         cluster.shutdown()

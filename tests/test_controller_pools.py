@@ -325,8 +325,16 @@ def test_seed_001_volumes_and_snapshots(cluster, short_tmp):
         )
         assert vol["NamespaceUUID"] == create["tenant"] and list(vol["AccessPath"]) == [host]
         head = vol["AccessPath"][host]
-        check_error(op.post("/v1/volume/share/create", json=create), 409, "volume_name")
         ref = {"tenant": create["tenant"], "cluster_uuid": create["cluster_uuid"], "volume_uuid": vol["UUID"]}
+        # names need not be unique (the seed identifies volumes by uuid, and its create and clone
+        # examples both name "test"); a delete whose name is not the volume's is refused
+        twin = check_ok(op.post("/v1/volume/share/create", json=create))["volume"]
+        assert twin["Name"] == "test" and twin["UUID"] != vol["UUID"]
+        dele = dict(seed_example("001", "/v1/volume/share/delete"), **dict(ref, volume_uuid=twin["UUID"]))
+        check_error(op.post("/v1/volume/share/delete", json=dict(dele, volume_name="restore")), 400, "volume_name")
+        assert check_ok(op.post("/v1/volume/share/get", json=dict(ref, volume_uuid=twin["UUID"])))["volume"]
+        check_ok(op.post("/v1/volume/share/delete", json=dele))  # the seed's body: volume_name "test"
+        assert os.path.exists(head)
         first = os.urandom(1 << 20)
         write(head, {0: first}, run)
         snap = dict(seed_example("001", "/v1/volume/share/snapshot/create"), **ref, snapshot_name="aaa")
@@ -449,6 +457,7 @@ def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
         )
         started = check_ok(op.post("/v1/volume/share/backup/add", json=add))
         assert started["backup"]["Status"] == "BackupStarted" and started["backup"]["BpUUID"] == bp
+        assert started["backup"]["Snapshot"] == "s1"  # the snapshot's name, as the seed shows it
         t = wait_task(op, started["task_id"])
         assert t["status"] == "success" and t["operation_type"] == "backup" and t["progress"] == 100.0, t
         assert t["result"]["mode"] == "full" and t["host_uuid"] == host
@@ -473,7 +482,10 @@ def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
                 .replace("filter_end_time=1615797008", f"filter_end_time={int(time.time()) + 60}")
             )
         )
-        assert [x["Status"] for x in listed["list"]] == ["BackupSucceeded", "BackupSucceeded"]
+        assert [(x["Status"], x["Snapshot"]) for x in listed["list"]] == [
+            ("BackupSucceeded", "s1"),
+            ("BackupSucceeded", "s2"),
+        ]
         # restore both into new volumes: bit for bit
         for bid, want in ((b1, want1), (second["backup"]["UUID"], want2)):
             rs = check_ok(
@@ -552,9 +564,9 @@ def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
         # bad input: another tenant's volume, unknown snapshot
         with c.client(TENANT_A) as t:
             check_error(t.post("/v1/volume/share/backup/add", json=add), 404, "volume_uuid")
-        bad = check_ok(op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=str(uuid.uuid4()))))
-        tb = wait_task(op, bad["task_id"])
-        assert tb["status"] == "failed" and tb["error_info"]["code"] == "NOT_FOUND", tb
+        # an unknown snapshot is refused at once, nothing queued
+        nosnap = op.post("/v1/volume/share/backup/add", json=dict(add, snapshot_uuid=str(uuid.uuid4())))
+        check_error(nosnap, 404, "snapshot_uuid")
 
 
 @pytest.mark.parametrize("kind", ["nfs", "samba"])

@@ -509,7 +509,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         assert rr.status_code == 202 and rr.headers["X-Task-Id"], rr.text
         tr = wait_task(op1, rr.headers["X-Task-Id"])
         assert tr["status"] == "success" and tr["operation_type"] == "restore", tr
-        assert tr["result"]["safety_snapshot_uuid"]
+        assert tr["result"]["safety_snapshot_deleted"] is True and "safety_snapshot_uuid" not in tr["result"]
         assert digest(vol_ids[0]) == wants[4][0]  # the volume is the backup again
         small = check_ok(
             op1.post(

@@ -305,7 +305,7 @@ def create(
                     volume_type=vol.vtype,
                     pool_uuid=vol.pool_uuid,
                     snapshot_uuid=snap,
-                    snapshot_name="",
+                    snapshot_name=f"cbr-{stamp}-{cp_id[:8]}" if snap else "",
                     status="BackupStarted",
                     task_id=task_id,
                     vault_id=vault_id,

@@ -3,7 +3,7 @@ Alembic migrations in agent/controller/migrations/."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Float, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -102,7 +102,8 @@ class Volume(Base):
     them, this row about ownership and placement."""
 
     __tablename__ = "volumes"
-    __table_args__ = (UniqueConstraint("tenant", "pool_uuid", "name", name="uq_volumes_tenant_pool_name"),)
+    # names need not be unique: the seed identifies volumes by uuid
+    __table_args__ = (Index("ix_volumes_pool_name", "pool_uuid", "name"),)
 
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(36), index=True)

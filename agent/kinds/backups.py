@@ -87,6 +87,7 @@ class RestoreSpec:
     volume_uuid: str  # the new volume's uuid (in_place: the volume to overwrite)
     name: str  # the new volume's name (seed: new_volume_name)
     in_place: bool = False  # overwrite volume_uuid, after a safety snapshot
+    keep_safety_snapshot: bool = False  # in_place: keep it after success too
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class RestoreResult:
     capacity: int
     image_digest: str
     written_bytes: int
-    safety_snapshot_uuid: str = ""
+    safety_snapshot_uuid: str = ""  # in_place: the volume as it was, when kept
+    safety_snapshot_deleted: bool = False  # in_place: deleted after the restore succeeded
 
 
 @dataclass(frozen=True)
@@ -243,7 +245,8 @@ class RestoreKind(JobKind):
 
     def _in_place(self, spec: RestoreSpec, repo, m, pool, ctx) -> RestoreResult:
         """Safety snapshot, then overwrite (data, zero chunks, and the tail
-        beyond the backup's size); on any failure, back to the snapshot."""
+        beyond the backup's size); on any failure, back to the snapshot,
+        which stays; after success it is deleted unless the spec keeps it."""
         vol = spec.volume_uuid
         capacity = pool.volume_info(vol).capacity
         if capacity < m.size:
@@ -280,7 +283,27 @@ class RestoreKind(JobKind):
                     "restore in place failed and the rollback too", extra={"volume": vol, "safety_snapshot": safety}
                 )
             raise
-        return RestoreResult(spec.pool_uuid, info.uuid, info.access_path, info.capacity, digest, write.written, safety)
+        deleted = False
+        if not spec.keep_safety_snapshot:
+            try:  # the restore is good: the way back is not needed, and they would pile up
+                pool.delete_snapshot(vol, safety)
+                deleted = True
+            except Exception:  # noqa: BLE001 - the restore stands; the snapshot stays, named in the result
+                log.warning(
+                    "restore in place succeeded; its safety snapshot could not be deleted",
+                    exc_info=True,
+                    extra={"volume": vol, "safety_snapshot": safety},
+                )
+        return RestoreResult(
+            spec.pool_uuid,
+            info.uuid,
+            info.access_path,
+            info.capacity,
+            digest,
+            write.written,
+            "" if deleted else safety,
+            deleted,
+        )
 
 
 class VerifyKind(JobKind):

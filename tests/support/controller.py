@@ -109,7 +109,8 @@ class Controller:
 def check_ok(r: httpx.Response) -> dict:
     body = r.json()
     assert r.status_code == 200 and body["scode"] == 0, body
-    assert set(body) >= {"scode", "desc", "message", "message_cn", "stack", "data"} and body["stack"] is None
+    assert set(body) == {"scode", "desc", "message", "message_cn", "messageCn", "stack", "data"}, body
+    assert body["stack"] is None and body["messageCn"] == "" and body["message_cn"] == "成功"
     return body["data"]
 
 
@@ -117,6 +118,7 @@ def check_error(r: httpx.Response, status: int, field: str | None = None) -> dic
     body = r.json()
     assert r.status_code == status, (r.status_code, body)
     assert body["scode"] != 0 and body["stack"] is None and body["message"] and body["message_cn"], body
+    assert body["messageCn"] == body["message_cn"], body
     if field:
         assert field in body["message"] and body["desc"] == field, body
     assert "Traceback" not in r.text

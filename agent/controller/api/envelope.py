@@ -1,5 +1,5 @@
-"""The seeds' response envelope: scode, desc, message, message_cn, stack,
-data. Errors use the same envelope with a non-zero scode; the mapping from
+"""The seeds' response envelope: scode, desc, message, message_cn (and
+seed 000's messageCn), stack, data. Errors use the same envelope with a non-zero scode; the mapping from
 our errors comes from agent/errors.py (rest_status), and no stack trace is
 ever sent (`stack` stays null). Under /v3 (seed 003) an error is that seed's
 {"error_code", "error_msg"} (errors.cbr_status); under /zstack (seed 004)
@@ -22,7 +22,16 @@ log = logging.getLogger("controller.api")
 
 
 def ok(data: Any) -> dict:
-    return {"scode": 0, "desc": "", "message": "success", "message_cn": "成功", "stack": None, "data": data}
+    # seed 000 shows both spellings: message_cn, and messageCn (empty on success)
+    return {
+        "scode": 0,
+        "desc": "",
+        "message": "success",
+        "message_cn": "成功",
+        "messageCn": "",
+        "stack": None,
+        "data": data,
+    }
 
 
 def range_list(key: str, items: list, cluster: str, namespace: str, total: int) -> dict:
@@ -69,6 +78,7 @@ def _error_response(e: BaseException, request: Request | None = None) -> JSONRes
             "desc": desc,
             "message": message,
             "message_cn": message_cn,
+            "messageCn": message_cn,
             "stack": None,
             "data": None,
         },

@@ -17,11 +17,11 @@ from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.api.pools import _visible
-from agent.controller.api.volumes import _Base, _wrap
+from agent.controller.api.volumes import _Base, _wrap, snapshots
 from agent.controller.dispatch import new_task
-from agent.controller.inventory import remove_backup
+from agent.controller.inventory import remove_backup, serving_hosts
 from agent.controller.models import Backup, BackupPoint, Pool, Task, Volume
-from agent.errors import AlreadyExists, InvalidArgument, NotFound, cbr_code
+from agent.errors import InvalidArgument, NotFound, cbr_code
 
 TASK_STATES = ("waiting", "running", "success", "failed", "skipped", "timeout")
 
@@ -142,8 +142,6 @@ def target_pool(s, pid: str, cluster: str, tenant: str, field: str) -> Pool:
 
 
 def new_volume(s, *, tenant, cluster, pool: Pool, name, capacity, vtype="block", parent="", parent_snap=""):
-    if s.scalar(select(Volume).where(Volume.tenant == tenant, Volume.pool_uuid == pool.uuid, Volume.name == name)):
-        raise AlreadyExists(f"name: a volume named {name!r} exists in pool {pool.uuid}", field="name")
     now = int(time.time())
     vol = Volume(
         uuid=str(uuidlib.uuid4()),
@@ -240,6 +238,24 @@ def clone_progress(
     return ok(_wrap(None, clone_progress=progress))
 
 
+def _snapshot_name(request: Request, vid: str, cluster: str, sid: str, caller: Caller) -> str:
+    """The snapshot's name (the seed shows it in Snapshot), from a host
+    serving the volume's pool; a snapshot the volume does not have is
+    refused now. With no host online the name stays empty and the task
+    waits for one."""
+    state = context(request)
+    with state.db.session() as s:
+        vol = owned_volume(s, vid, cluster, caller)
+        pool = s.get(Pool, vol.pool_uuid)
+        hosts = serving_hosts(s, pool, state.cfg.host_dead_after, vol.host_uuid) if pool else []
+    if not hosts:
+        return ""
+    for snap in snapshots(request, vol, hosts[0]):
+        if snap.uuid == sid:
+            return snap.name
+    raise NotFound(f"snapshot_uuid: volume {vid} has no snapshot {sid}", field="snapshot_uuid")
+
+
 @router.post("/v1/volume/share/backup/add")
 def backup_add(req: BackupAddRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
@@ -251,6 +267,7 @@ def backup_add(req: BackupAddRequest, request: Request, caller: Caller = Depends
         raise InvalidArgument("desc: longer than 1024 characters", field="desc")
     state = context(request)
     task_id = str(uuidlib.uuid4())
+    snapshot_name = _snapshot_name(request, vid, cluster, sid, caller)
     with state.db.session() as s:
         vol = owned_volume(s, vid, cluster, caller)
         bp = s.get(BackupPoint, bpid)
@@ -269,6 +286,7 @@ def backup_add(req: BackupAddRequest, request: Request, caller: Caller = Depends
             volume_type=vol.vtype,
             pool_uuid=vol.pool_uuid,
             snapshot_uuid=sid,
+            snapshot_name=snapshot_name,
             status="BackupStarted",
             task_id=task_id,
             ctime=now,
