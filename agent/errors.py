@@ -56,6 +56,12 @@ class NotFound(BlockferryError):
     code = "NOT_FOUND"
 
 
+class OperationLogNotFound(NotFound):
+    """No task (seed 003's operation log) of the project has that id."""
+
+    code = "OPERATION_LOG_NOT_FOUND"
+
+
 class AlreadyExists(BlockferryError):
     """An object with that name or id exists already."""
 
@@ -200,6 +206,24 @@ class ResourceNotInVault(BlockferryError):
     code = "RESOURCE_NOT_IN_VAULT"
 
 
+class ShareExists(BlockferryError):
+    """The backup is shared with that project already."""
+
+    code = "SHARE_EXISTS"
+
+
+class InvalidShareMember(BlockferryError):
+    """A backup cannot be shared with that project (the owner's own, or not a project id)."""
+
+    code = "INVALID_SHARE_MEMBER"
+
+
+class BackupNotAvailable(BlockferryError):
+    """The backup is not available (still being made, or it failed): it cannot be shared."""
+
+    code = "BACKUP_NOT_AVAILABLE"
+
+
 class VaultFull(BlockferryError):
     """The vault's used capacity has reached its size: no new backup until backups are deleted or it grows."""
 
@@ -269,6 +293,10 @@ _TABLE: dict[str, tuple[grpc.StatusCode, int, int, str, str]] = {
     BackupInProgress.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1030, "备份任务进行中", "BackupService.6125"),
     RestoreTooSmall.code: (grpc.StatusCode.FAILED_PRECONDITION, 400, 1031, "目标卷小于备份", "BackupService.2001"),
     HypervisorError.code: (grpc.StatusCode.UNAVAILABLE, 502, 1033, "虚拟机管理接口出错", "BackupService.9033"),
+    OperationLogNotFound.code: (grpc.StatusCode.NOT_FOUND, 404, 1034, "操作日志不存在", "BackupService.6500"),
+    ShareExists.code: (grpc.StatusCode.ALREADY_EXISTS, 409, 1035, "备份已共享给该成员", "BackupService.6714"),
+    InvalidShareMember.code: (grpc.StatusCode.INVALID_ARGUMENT, 400, 1036, "共享成员项目无效", "BackupService.6704"),
+    BackupNotAvailable.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1037, "备份不可用", "BackupService.6702"),
     BlockferryError.code: (grpc.StatusCode.INTERNAL, 500, 1999, "内部错误", "BackupService.9999"),
 }
 _GRPC_STATUS: dict[str, grpc.StatusCode] = {code: row[0] for code, row in _TABLE.items()}
@@ -344,12 +372,15 @@ def cbr_code(code: str) -> str:
     return _TABLE.get(code, _TABLE[BlockferryError.code])[4]
 
 
+_CBR_HTTP = {"BackupService.6500": 404}  # the seed's operation-log lookup says 404
+
+
 def cbr_status(error: BaseException) -> tuple[int, str, str]:
     """(HTTP status, error_code, error_msg) for seed 003's /v3 error body."""
     if isinstance(error, BlockferryError):
         _, http, _, _, code = _TABLE.get(error.code, _TABLE[BlockferryError.code])
         if not code.startswith("BackupService.9"):
-            http = 400  # the seed's table answers each of its own codes with 400
+            http = _CBR_HTTP.get(code, 400)  # the seed's table answers its own codes with 400
         return http, code, f"{error.code}: {error.message}"
     _, http, _, _, code = _TABLE[BlockferryError.code]
     return http, code, "INTERNAL: unexpected controller error (see its log)"
@@ -364,7 +395,10 @@ _ZSTACK: dict[str, str] = {
     OutOfRange.code: "SYS.1007",
     PathNotAllowed.code: "SYS.1007",
     NotFound.code: "SYS.1003",
+    OperationLogNotFound.code: "SYS.1003",
     AlreadyExists.code: "SYS.1002",
+    ShareExists.code: "SYS.1002",
+    InvalidShareMember.code: "SYS.1007",
     HasDependents.code: "SYS.1004",
     InUse.code: "SYS.1004",
     VaultNotEmpty.code: "SYS.1004",

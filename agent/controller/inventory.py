@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from agent.api.v1 import backups_pb2
 from agent.controller.agents import backup_point_request
 from agent.controller.context import ControllerContext
-from agent.controller.models import Backup, BackupPoint, Host, Pool, Task, Volume
+from agent.controller.models import Backup, BackupMember, BackupPoint, Host, Pool, Task, Volume
 from agent.errors import BackupInProgress, NotFound, TargetUnreachable
 
 
@@ -174,4 +174,6 @@ def remove_backup(ctx: ControllerContext, bid: str, field: str = "backup_uuid") 
                 bp_row.ref = max(0, bp_row.ref - 1)
                 # its space comes back at the backup point's GC, gc_after_delete after the last deletion
                 bp_row.gc_wanted_at = time.time()
+        for m in s.scalars(select(BackupMember).where(BackupMember.backup_id == bid)):
+            s.delete(m)  # its shares end with it
         s.delete(row)

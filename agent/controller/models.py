@@ -187,6 +187,25 @@ class Backup(Base):
     mtime: Mapped[int] = mapped_column(BigInteger)
 
 
+class BackupMember(Base):
+    """Seed 003's backup sharing: a backup shared with another project,
+    pending until that project accepts (into one of its vaults) or
+    rejects it. An accepted member may restore the backup into its own
+    volumes; the data stays in the owner's repository."""
+
+    __tablename__ = "backup_members"
+    __table_args__ = (UniqueConstraint("backup_id", "dest_project_id", name="uq_backup_members_backup_dest"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    backup_id: Mapped[str] = mapped_column(String(36), index=True)
+    tenant: Mapped[str] = mapped_column(String(36))  # the backup's owner
+    dest_project_id: Mapped[str] = mapped_column(String(36), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending, accepted, rejected
+    vault_id: Mapped[str] = mapped_column(String(36), default="")  # the receiver's vault, once accepted
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 class Policy(Base):
     """Seed 003: a backup policy (schedule patterns in UTC, retention)."""
 

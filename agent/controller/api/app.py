@@ -17,6 +17,8 @@ from agent.controller.api import (
     envelope,
     hosts,
     jobs,
+    members,
+    operation_logs,
     policies,
     pools,
     vaults,
@@ -73,6 +75,8 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
         vaults.router,
         checkpoints.router,
         backups.router,
+        members.router,
+        operation_logs.router,
         zstack.router,
     ):
         app.include_router(r)

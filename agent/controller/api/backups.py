@@ -1,6 +1,9 @@
 """Seed 003: /v3/{project_id}/backups: list, get, delete, and restore to a
 volume (the seed's disk restoration: `volume_id`, or `mappings`).
 
+A backup shared with another project (members.py) and accepted there is
+read and restored by that project too, into its own volumes.
+
 A restore overwrites the existing volume after the agent checks that no
 client has it open and takes a safety snapshot, which a failed restore rolls
 back to (agent RestoreSpec.in_place); it answers 202 at once, the task id in
@@ -20,6 +23,7 @@ from sqlalchemy import func, select
 from agent.api.v1 import jobs_pb2
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
+from agent.controller.api.members import shared_with
 from agent.controller.api.policies import project
 from agent.controller.api.vaults import PROVIDER_ID, iso
 from agent.controller.dispatch import new_task
@@ -74,8 +78,12 @@ def to_seed(s, b: Backup) -> dict:
     }
 
 
-def _load(s, tenant: str, backup_id: str) -> Backup:
+def _load(s, tenant: str, backup_id: str, *, shared: bool = False) -> Backup:
+    """The project's backup; with shared, also one another project shared
+    with it and it accepted (members.py)."""
     b = s.get(Backup, backup_id)
+    if b is not None and b.tenant != tenant and shared and shared_with(s, tenant, backup_id) is not None:
+        return b
     if b is None or b.tenant != tenant:
         raise NotFound(f"backup_id: backup {backup_id} does not exist", field="backup_id")
     return b
@@ -122,7 +130,7 @@ def list_(
 def get(project_id: str, backup_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
-        return {"backup": to_seed(s, _load(s, tenant, backup_id))}
+        return {"backup": to_seed(s, _load(s, tenant, backup_id, shared=True))}
 
 
 @router.delete("/{backup_id}", status_code=204, response_class=Response)
@@ -130,11 +138,13 @@ def delete(project_id: str, backup_id: str, request: Request, caller: Caller = D
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
         b = _load(s, tenant, backup_id)
-        vault_id = b.vault_id
+        vault_id, name = b.vault_id, b.name
     started = time.time()
     remove_backup(context(request), backup_id, field="backup_id")
     with context(request).db.session() as s:
-        log_task(s, "delete", tenant, vault_id or backup_id, started, {"deleted_backups": [backup_id]})
+        log_task(
+            s, "delete", tenant, vault_id or backup_id, started, {"deleted_backups": [backup_id], "backup_name": name}
+        )
     return Response(status_code=204)  # the seed answers 204, no body
 
 
@@ -163,7 +173,7 @@ def restore(
     state = context(request)
     task_id = str(uuidlib.uuid4())
     with state.db.session() as s:
-        b = _load(s, tenant, backup_id)
+        b = _load(s, tenant, backup_id, shared=True)  # an accepted share restores into the member's volumes
         if b.status != "BackupSucceeded":
             raise InvalidArgument(
                 f"backup_id: backup {backup_id} is {STATUS.get(b.status)}, not available", field="backup_id"

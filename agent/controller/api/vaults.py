@@ -1,7 +1,7 @@
 """Seed 003: /v3/{project_id}/vaults: create, get, list (with ZStack-style
 `q=field=value` conditions, seed 004), update, delete (Permissive or
 Enforcing, seed 004), addresources, removeresources, associatepolicy,
-dissociatepolicy, and seed 004's reconnect action.
+dissociatepolicy, migrateresources, and seed 004's reconnect action.
 
 A vault is a named, sized share of a backup point (`backup_point_id`, our
 addition to the seed's body: the seed's vaults live in a cloud; a body
@@ -39,7 +39,16 @@ from agent.controller.inventory import (
     usage,
 )
 from agent.controller.models import Backup, BackupPoint, Policy, Vault, VaultResource, VaultServer, Volume
-from agent.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceInVault, ResourceNotInVault, VaultNotEmpty
+from agent.errors import (
+    AlreadyExists,
+    BackupInProgress,
+    FailedPrecondition,
+    NotFound,
+    ResourceInVault,
+    ResourceNotInVault,
+    VaultFull,
+    VaultNotEmpty,
+)
 
 GB = 1 << 30
 MB = 1 << 20
@@ -546,6 +555,79 @@ def remove_resources(
             s, "remove_resource", tenant, vault.id, vault.updated_at, {"remove_resource_ids": [str(x) for x in ids]}
         )
     return {"remove_resource_ids": [str(x) for x in ids]}
+
+
+@router.post("/{vault_id}/migrateresources")
+def migrate_resources(
+    project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
+):
+    """Volumes (or servers, with their disks) move to another vault of the
+    project with their backups, which keep their chains: the next
+    checkpoint there is incremental from them. Both vaults must keep their
+    backups on one backup point (moving data between backup points is a
+    copy, not a migration), hold the same object type, and the destination
+    must have room for what the backups use."""
+    tenant = project(caller, project_id)
+    if not isinstance(body, dict):
+        raise v.bad("resource_ids", 'the body must be {"resource_ids": [...], "destination_vault_id": ...}')
+    ids = body.get("resource_ids")
+    if not isinstance(ids, list) or not ids or len(ids) > MAX_RESOURCES:
+        raise v.bad("resource_ids", f"must be a list of 1 to {MAX_RESOURCES} resource ids")
+    dest_id = v.uuid(str(body.get("destination_vault_id") or ""), "destination_vault_id")
+    with context(request).db.session() as s:
+        vault = load_vault(s, tenant, vault_id)
+        try:
+            dest = load_vault(s, tenant, dest_id)
+        except NotFound:
+            field = "destination_vault_id"
+            raise NotFound(f"{field}: vault {dest_id} does not exist", field=field) from None
+        if dest.id == vault.id:
+            raise v.bad("destination_vault_id", "is the vault the resources are in")
+        if dest.backup_point_uuid != vault.backup_point_uuid:
+            raise FailedPrecondition(
+                f"destination_vault_id: vault {dest.name} keeps its backups on another backup point; "
+                "a migration moves backups between vaults of one backup point",
+                field="destination_vault_id",
+            )
+        if dest.object_type != vault.object_type:
+            raise v.bad("destination_vault_id", f"holds {dest.object_type} resources, not {vault.object_type}")
+        volumes: list[str] = []
+        moved: list[str] = []
+        for i, raw in enumerate(ids):
+            rid = v.uuid(str(raw), f"resource_ids[{i}]")
+            srv = s.get(VaultServer, rid)
+            if srv is not None and srv.vault_id == vault.id:
+                disks = list(s.scalars(select(VaultResource).where(VaultResource.server_uuid == rid)))
+                srv.vault_id = dest.id
+                volumes += [r_.volume_uuid for r_ in disks]
+            else:
+                row = s.get(VaultResource, rid)
+                if row is None or row.vault_id != vault.id or row.server_uuid:
+                    raise ResourceNotInVault(
+                        f"resource_ids[{i}]: {rid} is not a resource of vault {vault.name}", field=f"resource_ids[{i}]"
+                    )
+                volumes.append(rid)
+            moved.append(rid)
+        backups = list(s.scalars(select(Backup).where(Backup.vault_id == vault.id, Backup.volume_uuid.in_(volumes))))
+        running = [b.uuid for b in backups if b.status == "BackupStarted"]
+        if running:
+            raise BackupInProgress(
+                f"resource_ids: backup {running[0]} of a resource is in progress; migrate when it ends",
+                field="resource_ids",
+            )
+        adding = sum(b.stored_bytes for b in backups if b.status == "BackupSucceeded")
+        _, _, used = usage(s, dest.id)
+        if used + adding > dest.size_gb * GB:
+            raise VaultFull(
+                f"destination_vault_id: vault {dest.name} would use {used + adding} of {dest.size_gb * GB} bytes",
+                field="destination_vault_id",
+            )
+        for vid in volumes:
+            s.get(VaultResource, vid).vault_id = dest.id
+        for b in backups:
+            b.vault_id = dest.id
+        vault.updated_at = dest.updated_at = time.time()
+    return {"migrated_resources": moved}
 
 
 @router.post("/{vault_id}/associatepolicy")
