@@ -43,6 +43,7 @@ def to_seed(s, b: Backup) -> dict:
         "name": b.name,
         "description": b.description or None,
         "project_id": b.tenant,
+        "enterprise_project_id": "0",  # the seed's default enterprise project
         "checkpoint_id": b.checkpoint_id or None,
         "vault_id": b.vault_id or None,
         "parent_id": None,
@@ -64,6 +65,7 @@ def to_seed(s, b: Backup) -> dict:
             "incremental": b.mode == "incremental",
             "snapshot_id": b.snapshot_uuid,
             "supported_restore_mode": "backup",
+            "contain_system_disk": False,  # a volume backup; no system disk is known
             "encrypted": None,
             "bootable": None,
             "support_llid": None,
