@@ -482,7 +482,7 @@ def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
                 .replace("filter_end_time=1615797008", f"filter_end_time={int(time.time()) + 60}")
             )
         )
-        assert [(x["Status"], x["Snapshot"]) for x in listed["list"]] == [
+        assert sorted((x["Status"], x["Snapshot"]) for x in listed["list"]) == [
             ("BackupSucceeded", "s1"),
             ("BackupSucceeded", "s2"),
         ]
