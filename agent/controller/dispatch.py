@@ -28,7 +28,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from google.protobuf.json_format import MessageToDict, ParseDict
-from sqlalchemy import Integer, Text, bindparam, delete, func, select, update
+from sqlalchemy import BigInteger, Text, bindparam, delete, func, select, update
 
 from agent.api.v1 import backups_pb2, jobs_pb2
 from agent.client import JobStream
@@ -102,7 +102,7 @@ _VOLUME_MADE = (
         state="ready",
         mtime=bindparam("at"),
         host_uuid=bindparam("host"),
-        capacity=func.coalesce(bindparam("new_capacity", type_=Integer), _volume.capacity),
+        capacity=func.coalesce(bindparam("new_capacity", type_=BigInteger), _volume.capacity),
         access_path=func.coalesce(bindparam("new_access_path", type_=Text), _volume.access_path),
     )
 )
