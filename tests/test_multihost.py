@@ -186,7 +186,8 @@ def rbd_leg(op, cluster_uuid, tenant, volume_uuid, snapshot_uuid, want, digest) 
         assert digest(rbd["UUID"], new) == want
         ceph.rbd("info", f"{ceph.pool}/{new}")  # a real image in the cluster
         ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": new}
-        check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"), **ref)))
+        dele = dict(seed_example("001", "/v1/volume/share/delete"), **ref, volume_name="on-ceph")  # its own name
+        check_ok(op.post("/v1/volume/share/delete", json=dele))
         assert new not in ceph.rbd("ls", ceph.pool)
         check_ok(
             op.post(
