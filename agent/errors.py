@@ -427,9 +427,39 @@ def zstack_status(error: BaseException) -> tuple[int, str, str]:
     return 500, _ZSTACK[BlockferryError.code], "INTERNAL: unexpected controller error (see its log)"
 
 
-def catalogue() -> list[tuple[str, str, int, int, str, str, str, str]]:
+# The CLIs' exit statuses, by class of error (docs/errors.md): 0 success,
+# 1 a job ran and failed, 2 usage or a bad value, 3 not found, 4 conflict
+# (exists, busy, in use, a precondition), 5 unavailable (the agent, the
+# controller or the storage cannot be reached, or no space), 6 not allowed
+# (authentication, permissions, a wrong password), 7 any other error.
+EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_UNAVAILABLE, EXIT_DENIED, EXIT_OTHER = 2, 3, 4, 5, 6, 7
+_EXIT_BY_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+    grpc.StatusCode.OUT_OF_RANGE: EXIT_USAGE,
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS: EXIT_CONFLICT,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_CONFLICT,
+    grpc.StatusCode.ABORTED: EXIT_CONFLICT,
+    grpc.StatusCode.CANCELLED: EXIT_CONFLICT,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+}
+
+
+def exit_status(error: BaseException) -> int:
+    """A CLI's exit status for an error (any exception: 7)."""
+    if isinstance(error, BlockferryError):
+        status = _TABLE.get(error.code, _TABLE[BlockferryError.code])[0]
+        return _EXIT_BY_STATUS.get(status, EXIT_OTHER)
+    return EXIT_OTHER
+
+
+def catalogue() -> list[tuple[str, str, int, int, str, str, str, int, str]]:
     """(code, gRPC status, HTTP status, scode, message_cn, error_code,
-    ZStack code, meaning) for every error, for docs and tests."""
+    ZStack code, CLI exit status, meaning) for every error, for docs and tests."""
     rows, seen = [], set()
     for cls in _all_subclasses(BlockferryError):
         if cls.code in seen:  # a subclass that refines a message, not a code
@@ -437,19 +467,21 @@ def catalogue() -> list[tuple[str, str, int, int, str, str, str, str]]:
         seen.add(cls.code)
         status, http, scode, cn, cbr = _TABLE[cls.code]
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        rows.append((cls.code, status.name, http, scode, cn, cbr, zstack_code(cls.code), doc))
+        rows.append(
+            (cls.code, status.name, http, scode, cn, cbr, zstack_code(cls.code), _EXIT_BY_STATUS.get(status, 7), doc)
+        )
     return sorted(rows)
 
 
 def markdown_table() -> str:
     """The catalogue as docs/errors.md shows it (a test keeps them equal)."""
     rows = [
-        "| code | gRPC status | HTTP | scode | message_cn | error_code (/v3) | code (/zstack) | meaning |",
-        "|---|---|---|---|---|---|---|---|",
+        "| code | gRPC status | HTTP | scode | message_cn | error_code (/v3) | code (/zstack) | exit | meaning |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows += [
-        f"| `{code}` | {status} | {http} | {scode} | {cn} | {cbr} | {zs} | {meaning} |"
-        for code, status, http, scode, cn, cbr, zs, meaning in catalogue()
+        f"| `{code}` | {status} | {http} | {scode} | {cn} | {cbr} | {zs} | {ex} | {meaning} |"
+        for code, status, http, scode, cn, cbr, zs, ex, meaning in catalogue()
     ]
     return "\n".join(rows) + "\n"
 

@@ -1,24 +1,39 @@
-"""blockferry: the command-line client of blockferry-agent."""
+"""The `blockferry` parser and main, and the commands of the host, jobs,
+volumes, snapshots, clones and VMs (the backup verbs: backups.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import uuid
 
 from google.protobuf import json_format
 
+from agent import __version__
 from agent.api.v1 import host_pb2, jobs_pb2
 from agent.api.v1 import volumes_pb2 as v
+from agent.cli import backups, refs
 from agent.client import AgentClient, Target, state_name
-from agent.errors import BlockferryError
+from agent.errors import BlockferryError, TargetUnreachable, exit_status
 from agent.progress import as_json, exit_code, follow, human, job_line
 
 
 def cmd_checksum(client: AgentClient, args) -> int:
+    """The image digest of a file or block device (an absolute path), or of
+    a volume or snapshot (POOL:VOLUME[@SNAPSHOT], by name or uuid): the
+    guest's content, equal to a backup's image digest."""
     job_id = args.job_id or f"checksum-{uuid.uuid4()}"
-    job = client.submit_checksum(job_id, args.path, args.offset, args.length)
+    if args.path.startswith("/"):
+        job = client.submit_checksum(job_id, args.path, args.offset, args.length)
+    else:
+        pool, vol_ref, snap_ref = refs.split_ref(args.path, "path")
+        vol = refs.volume(client, pool, vol_ref)
+        snap = refs.snapshot(client, pool, vol.uuid, snap_ref).uuid if snap_ref else ""
+        job = client.submit(
+            job_id, checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool, volume_uuid=vol.uuid, snapshot_uuid=snap)
+        )
     if not args.wait:
         print(as_json(job) if args.json else job.id)
         return 0
@@ -26,7 +41,7 @@ def cmd_checksum(client: AgentClient, args) -> int:
     if not args.json:
         if job.state == jobs_pb2.JOB_STATE_SUCCEEDED:
             r = job.checksum_result
-            print(f"{r.image_digest}  {job.checksum.path}")
+            print(f"{r.image_digest}  {job.checksum.path or args.path}")
             print(
                 f"format={r.format} length={r.length} data_bytes={r.data_bytes} hole_bytes={r.hole_bytes}",
                 file=sys.stderr,
@@ -63,7 +78,10 @@ def _print_msg(msg, args) -> None:
 
 
 def cmd_volume(client: AgentClient, args) -> int:
+    """Volumes by name or uuid."""
     ref = dict(pool_uuid=args.pool)
+    if getattr(args, "volume", None):
+        args.volume = refs.volume(client, args.pool, args.volume).uuid
     if args.volume_cmd == "create":
         msg = client.create_volume(
             v.CreateVolumeRequest(
@@ -103,6 +121,10 @@ def cmd_volume(client: AgentClient, args) -> int:
 
 
 def cmd_snapshot(client: AgentClient, args) -> int:
+    """Volumes and snapshots by name or uuid."""
+    args.volume = refs.volume(client, args.pool, args.volume).uuid
+    if getattr(args, "snapshot", None):
+        args.snapshot = refs.snapshot(client, args.pool, args.volume, args.snapshot).uuid
     ref = dict(pool_uuid=args.pool, volume_uuid=args.volume)
     if args.snapshot_cmd == "create":
         msg = client.create_snapshot(
@@ -353,6 +375,13 @@ def cmd_facts(client: AgentClient, args) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    try:
+        return refs.size(text)
+    except BlockferryError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockferry", description="blockferry agent client")
     p.add_argument("--socket", help="agent unix socket (default $BLOCKFERRY_SOCKET or /run/blockferry/agent.sock)")
@@ -361,10 +390,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", help="client key (mutual TLS)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--version", action="version", version=f"blockferry {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    backups.add_parsers(sub)
 
-    c = sub.add_parser("checksum", help="image digest of a file or block device (a job)")
-    c.add_argument("path")
+    c = sub.add_parser("checksum", help="image digest of a file, device, volume or snapshot (a job)")
+    c.add_argument("path", metavar="PATH|POOL:VOLUME[@SNAPSHOT]", help="an absolute path, or a volume by name or uuid")
     c.add_argument("--offset", type=int, default=0)
     c.add_argument("--length", type=int, default=0, help="bytes; 0 means to the end")
     c.add_argument("--job-id", help="idempotency key (default: a new UUID)")
@@ -395,7 +426,7 @@ def parser() -> argparse.ArgumentParser:
     vc = vsub.add_parser("create")
     vc.add_argument("pool")
     vc.add_argument("name")
-    vc.add_argument("capacity", type=int, help="bytes (0 with --backing-file: its size)")
+    vc.add_argument("capacity", type=_size, help="bytes or 64M, 1G, 1TiB (0 with --backing-file: its size)")
     vc.add_argument("--uuid")
     vc.add_argument("--backing-file")
     vsub.add_parser("list").add_argument("pool")
@@ -406,7 +437,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "delete":
             x.add_argument("--force", action="store_true", help="also its snapshots; flatten its clones")
         if name == "resize":
-            x.add_argument("capacity", type=int)
+            x.add_argument("capacity", type=_size, help="bytes or 64M, 1G, 1TiB")
         if name == "extents":
             x.add_argument("--snapshot")
             x.add_argument("--changed", action="store_true", help="changed extents (with --since)")
@@ -479,7 +510,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     if args.cmd == "demo":
         from agent.demo import run_demo
@@ -496,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with AgentClient(target) as client:
             return {
+                **backups.COMMANDS,
                 "checksum": cmd_checksum,
                 "jobs": cmd_jobs,
                 "info": cmd_info,
@@ -513,11 +545,30 @@ def main(argv: list[str] | None = None) -> int:
                 "gc": cmd_gc,
             }[args.cmd](client, args)
     except BlockferryError as e:
-        status = e.status.name if e.status else e.code
-        print(f"blockferry: {status}: {e.code}: {e.message}", file=sys.stderr)
-        return 2
+        print(f"blockferry: {e.code}: {e.message}", file=sys.stderr)
+        if isinstance(e, TargetUnreachable) and not args.address:
+            sock = args.socket or os.environ.get("BLOCKFERRY_SOCKET") or "/run/blockferry/agent.sock"
+            print(
+                f"blockferry: is blockferry-agent running (systemctl status blockferry-agent)? The socket is "
+                f"{sock} (--socket or $BLOCKFERRY_SOCKET to change it); members of group blockferry may use it.",
+                file=sys.stderr,
+            )
+        return exit_status(e)
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit statuses by class (docs/errors.md); a closed pipe (`| head`)
+    ends quietly."""
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
