@@ -1,0 +1,5 @@
+import sys
+
+from agent.ctl.app import main
+
+sys.exit(main())

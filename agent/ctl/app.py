@@ -1,0 +1,502 @@
+"""`blockferry-ctl`: the controller's CLI over its REST API. Hosts, zones,
+pools, backup points, volumes, snapshots, clones, backups and restores,
+tasks, vaults, policies and checkpoints; tables with human units by
+default, `--json` for machines; long operations followed with a progress
+bar. Exit statuses by class, as `blockferry` (docs/errors.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from agent import __version__
+from agent.cli import refs
+from agent.ctl.rest import Controller, load
+from agent.errors import BlockferryError, InvalidArgument, NotFound, exit_status
+
+SNAP_CAPACITY = 1 << 40  # seed 001's snap_capacity: a quota the agents do not enforce
+
+
+def _need(value: str, what: str) -> str:
+    if not value:
+        raise InvalidArgument(
+            f"{what}: not set; give --{what}, ${'BLOCKFERRY_' + what.upper()}, or {what} in the config file",
+            field=what,
+        )
+    return value
+
+
+def _out(args, rows: list[tuple], headers: tuple, raw: Any) -> None:
+    if args.json:
+        print(json.dumps(raw, indent=None, sort_keys=True))
+    else:
+        print(refs.table(headers, rows))
+
+
+class Ctx:
+    def __init__(self, ctl: Controller, args):
+        self.ctl, self.args = ctl, args
+        self.cluster = ctl.settings.cluster
+        self.tenant = ctl.settings.tenant
+
+    def ref(self) -> dict:
+        return {"cluster_uuid": _need(self.cluster, "cluster"), "tenant": _need(self.tenant, "tenant")}
+
+    def volume(self, name_or_uuid: str) -> dict:
+        """A volume of the tenant by uuid, or by a name only one has."""
+        if refs.is_uuid(name_or_uuid):
+            return self.ctl.call("POST", "/v1/volume/share/get", body={**self.ref(), "volume_uuid": name_or_uuid})[
+                "volume"
+            ]
+        found = [
+            x["volume"]
+            for x in self.ctl.call("POST", "/v1/volume/share/list", body={**self.ref(), "filter_name": name_or_uuid})[
+                "list"
+            ]
+            if x["volume"]["Name"] == name_or_uuid
+        ]
+        if not found:
+            raise NotFound(f"volume: no volume named {name_or_uuid!r}", field="volume")
+        if len(found) > 1:
+            raise InvalidArgument(
+                f"volume: {len(found)} volumes are named {name_or_uuid!r}; give the uuid "
+                f"({', '.join(x['UUID'] for x in found)})",
+                field="volume",
+            )
+        return found[0]
+
+    def snapshot(self, vol: dict, name_or_uuid: str) -> dict:
+        snaps = self.ctl.call("POST", "/v1/volume/share/snapshot/list", body={**self.ref(), "volume_uuid": vol["UUID"]})
+        for s in snaps["list"]:
+            if name_or_uuid in (s["UUID"], s["Name"]):
+                return s
+        raise NotFound(f"snapshot: volume {vol['Name']} has no snapshot {name_or_uuid!r}", field="snapshot")
+
+    def task(self, data: dict) -> int:
+        """Follow the task of a long operation (unless --no-wait)."""
+        tid = data["task_id"]
+        if not self.args.wait:
+            print(json.dumps(data) if self.args.json else tid)
+            return 0
+        t = self.ctl.follow(tid, quiet=self.args.json)
+        if self.args.json:
+            print(json.dumps(t, sort_keys=True))
+        elif t["status"] != "success":
+            err = t.get("error_info") or {}
+            print(f"blockferry-ctl: task {tid} {t['status']}: {err.get('code')}: {err.get('message')}", file=sys.stderr)
+        else:
+            print(f"task {tid} {t['status']}")
+        return 0 if t["status"] == "success" else 1
+
+
+def cmd_hosts(c: Ctx) -> int:
+    data = c.ctl.call("GET", "/v1/hosts")
+    rows = [
+        (
+            h["UUID"],
+            h["Hostname"],
+            h["State"],
+            h["Version"],
+            f"{h['RunningJobs']}/{h['MaxJobs']}",
+            refs.when(h["LastSeen"]),
+        )
+        for h in data["list"]
+    ]
+    _out(c.args, rows, ("host", "name", "state", "version", "jobs", "last seen"), data)
+    return 0
+
+
+def cmd_zones(c: Ctx) -> int:
+    data = c.ctl.call("GET", "/v1/zones")
+    rows = [
+        (z["ClusterUUID"], z["UUID"] or "-", z["Name"] or "-", len(z["Hosts"]), z["PoolCount"]) for z in data["list"]
+    ]
+    _out(c.args, rows, ("cluster", "zone", "name", "hosts", "pools"), data)
+    return 0
+
+
+def cmd_pools(c: Ctx) -> int:
+    data = c.ctl.call("POST", "/v1/pool/share/list", body={"cluster_uuid": _need(c.cluster, "cluster")})
+    rows = [
+        (
+            p["pool"]["UUID"],
+            p["pool"]["Name"],
+            p["pool"]["Type"],
+            p["pool"]["Status"],
+            refs.human(p["pool"].get("Capacity") or 0),
+            p["pool"]["Source"],
+        )
+        for p in data["infos"]
+    ]
+    _out(c.args, rows, ("pool", "name", "type", "status", "capacity", "source"), data)
+    return 0
+
+
+def cmd_backup_points(c: Ctx) -> int:
+    data = c.ctl.call(
+        "GET", "/v1/volume/internal/backuppoint/list", params={"cluster_uuid": _need(c.cluster, "cluster")}
+    )
+    rows = [
+        (
+            b["UUID"],
+            b["Name"],
+            b["BType"],
+            b["Bpstate"],
+            b["Ref"],
+            b["indentify"]["IP"] or "-",
+            b["indentify"]["RootDir"],
+        )
+        for b in data["list"]
+    ]
+    _out(c.args, rows, ("backup point", "name", "type", "state", "backups", "address", "location"), data)
+    return 0
+
+
+def _vol_row(v: dict) -> tuple:
+    return (v["UUID"], v["Name"], v["PoolName"] or v["PoolUUID"], refs.human(v["Capacity"]), refs.human(v["Used"]))
+
+
+def cmd_volumes(c: Ctx) -> int:
+    a = c.args
+    headers = ("volume", "name", "pool", "capacity", "used")
+    if a.vol_cmd == "list":
+        data = c.ctl.call("POST", "/v1/volume/share/list", body={**c.ref(), "filter_pool_uuid": a.pool or ""})
+        _out(a, [_vol_row(x["volume"]) for x in data["list"]], headers, data)
+        return 0
+    if a.vol_cmd == "create":
+        body = {
+            **c.ref(),
+            "pool_uuid": a.pool,
+            "volume_name": a.name,
+            "volume_type": "block",
+            "capacity": a.size,
+            "snap_capacity": SNAP_CAPACITY,
+        }
+        vol = c.ctl.call("POST", "/v1/volume/share/create", body=body)["volume"]
+        _out(a, [_vol_row(vol)], headers, vol)
+        return 0
+    vol = c.volume(a.volume)
+    if a.vol_cmd == "show":
+        _out(a, [_vol_row(vol)], headers, vol)
+        return 0
+    c.ctl.call(
+        "POST",
+        "/v1/volume/share/delete",
+        body={**c.ref(), "volume_uuid": vol["UUID"], "volume_name": vol["Name"], "force": a.force},
+    )
+    print(f"deleted {vol['Name']} ({vol['UUID']})")
+    return 0
+
+
+def cmd_snapshots(c: Ctx) -> int:
+    a = c.args
+    vol = c.volume(a.volume)
+    ref = {**c.ref(), "volume_uuid": vol["UUID"]}
+    if a.snap_cmd == "list":
+        data = c.ctl.call("POST", "/v1/volume/share/snapshot/list", body=ref)
+        rows = [
+            (s["UUID"], s["Name"], refs.when(s["Ctime"]), s["Parent"] or "-", refs.human(s["Size"]))
+            for s in data["list"]
+        ]
+        _out(a, rows, ("snapshot", "name", "created", "parent", "size"), data)
+        return 0
+    if a.snap_cmd == "create":
+        s = c.ctl.call("POST", "/v1/volume/share/snapshot/create", body={**ref, "snapshot_name": a.name, "desc": ""})
+        _out(a, [(s["snapshot"]["UUID"], s["snapshot"]["Name"])], ("snapshot", "name"), s)
+        return 0
+    snap = c.snapshot(vol, a.snapshot)
+    if a.snap_cmd == "rollback":
+        c.ctl.call("POST", "/v1/volume/share/snapshot/rollback", body={**ref, "snapshot_uuid": snap["UUID"]})
+        print(f"{vol['Name']} rolled back to {snap['Name']}")
+        return 0
+    body = {**ref, "snapshot_uuid": snap["UUID"], "snapshot_name": snap["Name"]}
+    c.ctl.call("POST", "/v1/volume/share/snapshot/delete", body=body)
+    print(f"deleted snapshot {snap['Name']} ({snap['UUID']})")
+    return 0
+
+
+def cmd_clone(c: Ctx) -> int:
+    a = c.args
+    vol = c.volume(a.volume)
+    snap = c.snapshot(vol, a.snapshot)
+    body = {
+        "cluster_uuid": _need(c.cluster, "cluster"),
+        "volume_uuid": vol["UUID"],
+        "volume_name": vol["Name"],
+        "clone_dst_vol_name": a.name,
+        "clone_dst_vol_tenant": _need(c.tenant, "tenant"),
+        "clone_dst_pool_uuid": a.pool or vol["PoolUUID"],
+        "is_link": a.linked,
+        "snapshot_uuid": snap["UUID"],
+    }
+    return c.task(c.ctl.call("POST", "/v1/volume/share/clone", body=body))
+
+
+def _backup_row(b: dict) -> tuple:
+    return (b["UUID"], b["Name"], refs.when(b["Ctime"]), b["Status"], b.get("Mode") or "-", b["Snapshot"], b["BpName"])
+
+
+def cmd_backups(c: Ctx) -> int:
+    a = c.args
+    if a.bk_cmd == "list":
+        vol = c.volume(a.volume)["UUID"] if a.volume else ""
+        params = {"cluster_uuid": _need(c.cluster, "cluster"), "tenant": c.tenant, "filter_volume_uuid": vol}
+        data = c.ctl.call("GET", "/v1/volume/share/backup/list", params=params)
+        headers = ("backup", "name", "created", "status", "mode", "snapshot", "backup point")
+        _out(a, [_backup_row(b) for b in data["list"]], headers, data)
+        return 0
+    if a.bk_cmd == "create":
+        vol = c.volume(a.volume)
+        snap = c.snapshot(vol, a.snapshot)
+        body = {
+            "cluster_uuid": _need(c.cluster, "cluster"),
+            "volume_uuid": vol["UUID"],
+            "snapshot_uuid": snap["UUID"],
+            "backup_point_uuid": a.backup_point,
+            "backup_name": a.name or snap["Name"],
+            "desc": "",
+            "full": a.full,
+        }
+        return c.task(c.ctl.call("POST", "/v1/volume/share/backup/add", body=body))
+    if a.bk_cmd == "restore":
+        body = {
+            "cluster_uuid": _need(c.cluster, "cluster"),
+            "backup_uuid": a.backup,
+            "new_volume_name": a.name,
+            "new_volume_tenant": _need(c.tenant, "tenant"),
+            "new_pool_uuid": a.pool,
+        }
+        return c.task(c.ctl.call("POST", "/v1/volume/share/backup/restore", body=body))
+    c.ctl.call("POST", "/v1/volume/share/backup/delete", body={**c.ref(), "backup_uuid": a.backup})
+    print(f"deleted backup {a.backup}")
+    return 0
+
+
+def _task_row(t: dict) -> tuple:
+    err = (t.get("error_info") or {}).get("code") or ""
+    res = t.get("resource") or {}
+    return (
+        t["id"],
+        t["operation_type"],
+        t["status"],
+        f"{t['progress']:.0f}%",
+        refs.when(t["created_at"]),
+        res.get("uuid", ""),
+        err,
+    )
+
+
+def cmd_tasks(c: Ctx) -> int:
+    a = c.args
+    headers = ("task", "operation", "status", "progress", "created", "resource", "error")
+    if a.task_cmd == "list":
+        data = c.ctl.call("GET", "/v1/tasks", params={"status": a.status or "", "operation_type": a.operation or ""})
+        _out(a, [_task_row(t) for t in data["tasks"]], headers, data)
+        return 0
+    if a.task_cmd == "watch":
+        t = c.ctl.follow(a.task_id, quiet=a.json)
+        _out(a, [_task_row(t)], headers, t)
+        return 0 if t["status"] == "success" else 1
+    t = c.ctl.call("GET", f"/v1/tasks/{a.task_id}")
+    _out(a, [_task_row(t)], headers, t)
+    return 0
+
+
+def cmd_vaults(c: Ctx) -> int:
+    a = c.args
+    project = _need(c.tenant, "tenant")
+    if a.vault_cmd == "list":
+        data = c.ctl.call("GET", f"/v3/{project}/vaults")
+        vaults = data["vaults"]
+    else:
+        data = c.ctl.call("GET", f"/v3/{project}/vaults/{a.vault}")
+        vaults = [data["vault"]]
+    rows = [
+        (
+            x["id"],
+            x["name"],
+            x["status"],
+            x["billing"]["object_type"],
+            f"{x['billing']['used']} MB of {x['billing']['size']} GB",
+            len(x["resources"]),
+            x["policy_id"] or "-",
+        )
+        for x in vaults
+    ]
+    _out(a, rows, ("vault", "name", "status", "type", "used", "resources", "policy"), data)
+    return 0
+
+
+def cmd_policies(c: Ctx) -> int:
+    data = c.ctl.call("GET", f"/v3/{_need(c.tenant, 'tenant')}/policies")
+    rows = [
+        (p["id"], p["name"], "on" if p["enabled"] else "off", "; ".join(p["trigger"]["properties"]["pattern"]))
+        for p in data["policies"]
+    ]
+    _out(c.args, rows, ("policy", "name", "enabled", "schedule"), data)
+    return 0
+
+
+def cmd_checkpoints(c: Ctx) -> int:
+    a = c.args
+    project = _need(c.tenant, "tenant")
+    if a.cp_cmd == "create":
+        data = c.ctl.call("POST", f"/v3/{project}/checkpoints", body={"checkpoint": {"vault_id": a.vault}})
+    else:
+        data = c.ctl.call("GET", f"/v3/{project}/checkpoints/{a.checkpoint}")
+    cp = data["checkpoint"]
+    rows = [
+        (
+            r["id"],
+            r.get("name") or "-",
+            r.get("protect_status") or "-",
+            r.get("backup_id") or "-",
+            r.get("task_id") or "-",
+        )
+        for r in cp["vault"]["resources"]
+    ]
+    if a.json:
+        print(json.dumps(data, sort_keys=True))
+    else:
+        print(f"checkpoint {cp['id']} {cp['status']}")
+        print(refs.table(("resource", "name", "status", "backup", "task"), rows))
+    return 0
+
+
+def _size(text: str) -> int:
+    try:
+        return refs.size(text)
+    except BlockferryError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blockferry-ctl",
+        description="the blockferry controller's CLI (token: $BLOCKFERRY_CTL_TOKEN or the config file)",
+    )
+    p.add_argument("--config", help="config file (default ~/.config/blockferry/ctl.toml, /etc/blockferry/ctl.toml)")
+    p.add_argument("--url", help="the controller (default $BLOCKFERRY_URL, the config file, http://127.0.0.1:8080)")
+    p.add_argument("--cluster", help="cluster uuid (default $BLOCKFERRY_CLUSTER or the config file)")
+    p.add_argument("--tenant", help="tenant (project) uuid (default $BLOCKFERRY_TENANT or the config file)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="print a long operation's task id and return")
+    p.add_argument("--version", action="version", version=f"blockferry-ctl {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, what in (
+        ("hosts", "agent hosts and their state"),
+        ("zones", "clusters and zones"),
+        ("pools", "shared pools"),
+        ("backup-points", "backup points"),
+        ("policies", "backup policies"),
+    ):
+        sub.add_parser(name, help=what)
+
+    vol = sub.add_parser("volumes", help="volumes: list, show, create, delete")
+    vs = vol.add_subparsers(dest="vol_cmd", required=True)
+    vs.add_parser("list").add_argument("--pool", help="of this pool (uuid)")
+    vc = vs.add_parser("create")
+    vc.add_argument("pool")
+    vc.add_argument("name")
+    vc.add_argument("size", type=_size, help="bytes or 64M, 1G, 1TiB")
+    vs.add_parser("show").add_argument("volume", help="name or uuid")
+    vd = vs.add_parser("delete")
+    vd.add_argument("volume", help="name or uuid")
+    vd.add_argument("--force", action="store_true", help="also its snapshots")
+
+    sn = sub.add_parser("snapshots", help="snapshots of a volume: list, create, delete, rollback")
+    ss = sn.add_subparsers(dest="snap_cmd", required=True)
+    ss.add_parser("list").add_argument("volume")
+    sc = ss.add_parser("create")
+    sc.add_argument("volume")
+    sc.add_argument("name")
+    for name in ("delete", "rollback"):
+        x = ss.add_parser(name)
+        x.add_argument("volume")
+        x.add_argument("snapshot", help="name or uuid")
+
+    cl = sub.add_parser("clone", help="clone a snapshot into a new volume (a task)")
+    cl.add_argument("volume")
+    cl.add_argument("snapshot")
+    cl.add_argument("name")
+    cl.add_argument("--pool", help="the new volume's pool (default: the source's)")
+    cl.add_argument("--linked", action="store_true")
+
+    bk = sub.add_parser("backups", help="backups: list, create, restore, delete")
+    bs = bk.add_subparsers(dest="bk_cmd", required=True)
+    bs.add_parser("list").add_argument("--volume")
+    bc = bs.add_parser("create")
+    bc.add_argument("volume")
+    bc.add_argument("snapshot")
+    bc.add_argument("backup_point")
+    bc.add_argument("--name", default="")
+    bc.add_argument("--full", action="store_true")
+    br = bs.add_parser("restore")
+    br.add_argument("backup")
+    br.add_argument("pool")
+    br.add_argument("name")
+    bs.add_parser("delete").add_argument("backup")
+
+    tk = sub.add_parser("tasks", help="tasks: list, show, watch")
+    ts = tk.add_subparsers(dest="task_cmd", required=True)
+    tl = ts.add_parser("list")
+    tl.add_argument("--status")
+    tl.add_argument("--operation")
+    for name in ("show", "watch"):
+        ts.add_parser(name).add_argument("task_id")
+
+    va = sub.add_parser("vaults", help="vaults: list, show")
+    vas = va.add_subparsers(dest="vault_cmd", required=True)
+    vas.add_parser("list")
+    vas.add_parser("show").add_argument("vault")
+
+    cp = sub.add_parser("checkpoints", help="back up a vault now, or show a checkpoint")
+    cps = cp.add_subparsers(dest="cp_cmd", required=True)
+    cps.add_parser("create").add_argument("vault")
+    cps.add_parser("show").add_argument("checkpoint")
+    return p
+
+
+COMMANDS = {
+    "hosts": cmd_hosts,
+    "zones": cmd_zones,
+    "pools": cmd_pools,
+    "backup-points": cmd_backup_points,
+    "volumes": cmd_volumes,
+    "snapshots": cmd_snapshots,
+    "clone": cmd_clone,
+    "backups": cmd_backups,
+    "tasks": cmd_tasks,
+    "vaults": cmd_vaults,
+    "policies": cmd_policies,
+    "checkpoints": cmd_checkpoints,
+}
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        ctl = Controller(load(args.config, args.url or "", args.cluster or "", args.tenant or ""))
+        try:
+            return COMMANDS[args.cmd](Ctx(ctl, args))
+        finally:
+            ctl.close()
+    except BlockferryError as e:
+        print(f"blockferry-ctl: {e.code}: {e.message}", file=sys.stderr)
+        return exit_status(e)
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE

@@ -1,0 +1,122 @@
+"""blockferry-ctl, the controller's CLI, run as an operator would against a
+real controller and agent: settings from the environment and a config
+file (the token never in argv), tables and --json, a volume, snapshot,
+backup and restore followed as tasks, the restored data equal to the
+snapshot's, and exit statuses by class."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_vaults import volume_digest
+
+from support.controller import TOKENS, check_ok, seed_example
+from support.volumes import write
+
+
+def ctl(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.ctl", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**{k: x for k, x in os.environ.items() if not k.startswith("BLOCKFERRY_")}, **env},
+    )
+    if check:
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+@pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
+def test_blockferry_ctl_round_trip(cluster, short_tmp):
+    c, a, host = cluster
+    cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
+    tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
+    with c.client("op") as op:
+        pool = check_ok(
+            op.post(
+                "/v1/pool/share/create",
+                json=dict(
+                    seed_example("002", "/v1/pool/share/create"),
+                    pool_type=4,
+                    source=str(a.roots[0] / "ctl"),
+                    avail_host=[host],
+                ),
+            )
+        )["pool"]["UUID"]
+        bp = check_ok(
+            op.post(
+                "/v1/volume/internal/backuppoint/add",
+                json=dict(
+                    seed_example("000", "/v1/volume/internal/backuppoint/add"),
+                    tenant=tenant,
+                    btype="local",
+                    cluster_uuid=cluster_uuid,
+                    root_dir=str(a.roots[0] / "backups"),
+                    sub_dir="ctl",
+                ),
+            )
+        )["uuid"]
+    # the settings: URL, cluster and tenant from a config file, the token from the environment
+    conf = short_tmp / "ctl.toml"
+    conf.write_text(f'url = "{c.url}"\ncluster = "{cluster_uuid}"\ntenant = "{tenant}"\n')
+    env = {"BLOCKFERRY_CTL_CONFIG": str(conf), "BLOCKFERRY_CTL_TOKEN": TOKENS["op"]}
+    hosts = ctl(env, "hosts").stdout
+    assert host in hosts and "online" in hosts
+    assert pool in ctl(env, "pools").stdout and bp in ctl(env, "backup-points").stdout
+    assert cluster_uuid in ctl(env, "zones").stdout
+    vol = json.loads(ctl(env, "--json", "volumes", "create", pool, "web", "16M").stdout)
+    assert vol["Capacity"] == 16 << 20 and vol["Name"] == "web"
+    shown = ctl(env, "volumes", "show", "web").stdout
+    assert "16.0 MiB" in shown and vol["UUID"] in shown
+    run = short_tmp / "run-ctl"
+    run.mkdir()
+    write(vol["AccessPath"][host], {0: os.urandom(2 << 20), 9 << 20: os.urandom(4096)}, run)
+    ctl(env, "snapshots", "create", "web", "s1")
+    snaps = ctl(env, "snapshots", "list", "web").stdout
+    assert "s1" in snaps
+    want = volume_digest(a, pool, vol["UUID"], [x for x in snaps.split() if len(x) == 36][0])
+    # a backup of s1, followed to its end (progress on stderr), then restored into a new volume
+    r = ctl(env, "backups", "create", "web", "s1", bp, "--name", "nightly")
+    assert "success" in r.stdout and "backup" in r.stderr, (r.stdout, r.stderr)
+    listed = ctl(env, "--json", "backups", "list", "--volume", "web").stdout
+    (b,) = json.loads(listed)["list"]
+    assert (b["Name"], b["Snapshot"], b["Status"]) == ("nightly", "s1", "BackupSucceeded")
+    table = ctl(env, "backups", "list").stdout
+    assert b["UUID"] in table and "nightly" in table
+    done = json.loads(ctl(env, "--json", "backups", "restore", b["UUID"], pool, "web-restored").stdout)
+    assert done["status"] == "success" and done["operation_type"] == "restore"
+    restored = json.loads(ctl(env, "--json", "volumes", "show", "web-restored").stdout)
+    assert volume_digest(a, pool, restored["UUID"]) == want
+    tasks = ctl(env, "tasks", "list", "--status", "success").stdout
+    assert done["id"] in tasks
+    assert "restore" in ctl(env, "tasks", "show", done["id"]).stdout
+    # --no-wait: the task id at once; watch follows it
+    tid = ctl(env, "--no-wait", "backups", "create", "web", "s1", bp, "--name", "again").stdout.strip()
+    assert "success" in ctl(env, "tasks", "watch", tid).stdout
+    ctl(env, "volumes", "delete", "web-restored")
+    # errors by class, the code printed once, never a traceback
+    r = ctl(env, "volumes", "show", "nothing-here", check=False)
+    assert r.returncode == 3 and r.stderr.count("NOT_FOUND") == 1, r.stderr
+    r = ctl(env, "volumes", "create", pool, "web", "lots", check=False)
+    assert r.returncode == 2 and "lots" in r.stderr
+    r = ctl({"BLOCKFERRY_CTL_CONFIG": str(conf)}, "hosts", check=False)  # no token anywhere
+    assert r.returncode == 6 and "BLOCKFERRY_CTL_TOKEN" in r.stderr, r.stderr
+    r = ctl({**env, "BLOCKFERRY_CTL_TOKEN": "wrong-token-0123456789"}, "hosts", check=False)
+    assert r.returncode == 6 and "UNAUTHENTICATED" in r.stderr, r.stderr
+    r = ctl({**env, "BLOCKFERRY_URL": "http://127.0.0.1:9"}, "hosts", check=False)
+    assert r.returncode == 5 and "is blockferry-controller running" in r.stderr, r.stderr
+    # a token in a file others can read is refused
+    leaky = short_tmp / "leaky.toml"
+    leaky.write_text(f'url = "{c.url}"\ntoken = "{TOKENS["op"]}"\n')
+    leaky.chmod(0o644)
+    r = ctl({"BLOCKFERRY_CTL_CONFIG": str(leaky)}, "hosts", check=False)
+    assert r.returncode == 4 and "0600" in r.stderr, r.stderr
+    leaky.chmod(0o600)
+    assert host in ctl({"BLOCKFERRY_CTL_CONFIG": str(leaky)}, "hosts").stdout
+    assert ctl(env, "--version").stdout.startswith("blockferry-ctl ")
