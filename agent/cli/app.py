@@ -505,13 +505,22 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--job-id")
 
+    co = sub.add_parser("completion", help="print the shell completion script (bash, zsh)")
+    co.add_argument("shell", choices=("bash", "zsh"))
+
     d = sub.add_parser("demo", help="run the main job on the embedded default (starts its own agent)")
     d.add_argument("--workdir", help="where the demo keeps its pool, state and socket")
     return p
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.cmd == "completion":
+        import shtab
+
+        print(shtab.complete(p, shell=args.shell))
+        return 0
     if args.cmd == "demo":
         from agent.demo import run_demo
 

@@ -458,6 +458,9 @@ def parser() -> argparse.ArgumentParser:
     cps = cp.add_subparsers(dest="cp_cmd", required=True)
     cps.add_parser("create").add_argument("vault")
     cps.add_parser("show").add_argument("checkpoint")
+    sub.add_parser("completion", help="print the shell completion script (bash, zsh)").add_argument(
+        "shell", choices=("bash", "zsh")
+    )
     return p
 
 
@@ -478,7 +481,13 @@ COMMANDS = {
 
 
 def _main(argv: list[str] | None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.cmd == "completion":
+        import shtab
+
+        print(shtab.complete(p, shell=args.shell))
+        return 0
     try:
         ctl = Controller(load(args.config, args.url or "", args.cluster or "", args.tenant or ""))
         try:
