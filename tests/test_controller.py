@@ -139,7 +139,27 @@ def test_tenants_and_tokens(controller):
     for headers in ({}, {"Authorization": "Bearer wrong-token-xxxxxxxxxxxx"}, {"Authorization": "Basic x"}):
         r = httpx.post(f"{controller.url}/v1/volume/internal/backuppoint/add", json=add, headers=headers)
         check_error(r, 401, "authorization")
-    assert httpx.get(f"{controller.url}/openapi.json").json()["info"]["title"] == "blockferry-controller"
+    doc = httpx.get(f"{controller.url}/openapi.json").json()
+    assert doc["info"]["title"] == "blockferry-controller"
+    # /docs has a working Authorize button; the errors shown are those sent (400, never 422)
+    assert doc["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "a [[tokens]] token of the controller's config",
+    }
+    ops = [(path, op) for path, x in doc["paths"].items() for op in x.values()]
+    assert all("422" not in op["responses"] for _, op in ops)
+    assert all("400" in op["responses"] for path, op in ops if path not in ("/healthz", "/readyz"))
+    assert {"/zstack/v1/backup-storage", "/v3/{project_id}/operation-logs", "/healthz", "/readyz"} <= set(doc["paths"])
+    # health without a token: the process answers; ready once the database, dispatcher and registry are
+    assert httpx.get(f"{controller.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{controller.url}/readyz")
+    assert ready.status_code == 200 and ready.json() == {
+        "status": "ok",
+        "database": "ok",
+        "dispatcher": "ok",
+        "registry": "ok",
+    }, ready.text
 
 
 def test_bad_input_is_refused_by_field(controller):

@@ -28,3 +28,4 @@ class ControllerContext:
     dispatcher: Dispatcher | None = None
     metrics: ControllerMetrics | None = None
     scheduler: Scheduler | None = None
+    registry_ready: bool = False  # the agents' gRPC registry listens (set by server.py)

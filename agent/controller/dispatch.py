@@ -232,6 +232,10 @@ class Dispatcher:
         self._version = 0  # bumped when a task's progress or state is written
         self._backlog = False  # the last round left a task waiting for a free slot
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def start(self) -> Dispatcher:
         self._thread.start()
         return self

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         db = Database(cfg.database_url)
         app = create_app(cfg, db, SecretBox.from_file(cfg.secret_key_file))
         registry = serve(cfg, db)  # agents register and heartbeat here
+        app.state.ctx.registry_ready = True
     except BlockferryError as e:
         print(f"blockferry-controller: {e.code}: {e.message}", file=sys.stderr)
         return 78  # EX_CONFIG

@@ -15,6 +15,7 @@ from agent.controller.api import (
     backups,
     checkpoints,
     envelope,
+    health,
     hosts,
     jobs,
     members,
@@ -64,6 +65,7 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     app.state.ctx = ctx
     envelope.install(app)
     for r in (
+        health.router,
         backuppoints.router,
         hosts.router,
         hosts.zones_router,
@@ -80,4 +82,33 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
         zstack.router,
     ):
         app.include_router(r)
+    _openapi_errors(app)
     return app
+
+
+def _openapi_errors(app: FastAPI) -> None:
+    """The OpenAPI shows the errors actually sent: a bad request is 400 with
+    the envelope of its API (never FastAPI's 422)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def schema() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path, ops in doc.get("paths", {}).items():
+            for op in ops.values():
+                responses = op.get("responses", {})
+                if responses.pop("422", None) is not None or path not in ("/healthz", "/readyz"):
+                    responses.setdefault(
+                        "400",
+                        {
+                            "description": "a bad request: the API's error envelope (seeds 000-002: scode, "
+                            "message, desc naming the field; /v3: error_code, error_msg; /zstack: error)"
+                        },
+                    )
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = schema  # type: ignore[method-assign]

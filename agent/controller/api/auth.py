@@ -7,7 +7,8 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from agent.controller.config import ALL_TENANTS
 from agent.controller.context import ControllerContext
@@ -31,7 +32,12 @@ class Caller:
             raise NotFound(f"{field}: tenant {tenant} does not exist", field=field)
 
 
-def authenticated(request: Request) -> Caller:
+# declares the bearer scheme in the OpenAPI (the Authorize button of /docs);
+# the token is read below, from whichever header the seed's clients send
+_BEARER = HTTPBearer(auto_error=False, description="a [[tokens]] token of the controller's config")
+
+
+def authenticated(request: Request, _shown: HTTPAuthorizationCredentials | None = Depends(_BEARER)) -> Caller:
     """The caller of a request, from its bearer token (a FastAPI
     dependency of every endpoint)."""
     header = request.headers.get("authorization", "")
