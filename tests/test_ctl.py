@@ -14,7 +14,7 @@ import sys
 import pytest
 from test_vaults import volume_digest
 
-from support.controller import TOKENS, check_ok, seed_example
+from support.controller import TOKENS, seed_example
 from support.volumes import write
 
 
@@ -37,35 +37,18 @@ def test_blockferry_ctl_round_trip(cluster, short_tmp):
     c, a, host = cluster
     cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
     tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
-    with c.client("op") as op:
-        pool = check_ok(
-            op.post(
-                "/v1/pool/share/create",
-                json=dict(
-                    seed_example("002", "/v1/pool/share/create"),
-                    pool_type=4,
-                    source=str(a.roots[0] / "ctl"),
-                    avail_host=[host],
-                ),
-            )
-        )["pool"]["UUID"]
-        bp = check_ok(
-            op.post(
-                "/v1/volume/internal/backuppoint/add",
-                json=dict(
-                    seed_example("000", "/v1/volume/internal/backuppoint/add"),
-                    tenant=tenant,
-                    btype="local",
-                    cluster_uuid=cluster_uuid,
-                    root_dir=str(a.roots[0] / "backups"),
-                    sub_dir="ctl",
-                ),
-            )
-        )["uuid"]
     # the settings: URL, cluster and tenant from a config file, the token from the environment
     conf = short_tmp / "ctl.toml"
     conf.write_text(f'url = "{c.url}"\ncluster = "{cluster_uuid}"\ntenant = "{tenant}"\n')
     env = {"BLOCKFERRY_CTL_CONFIG": str(conf), "BLOCKFERRY_CTL_TOKEN": TOKENS["op"]}
+    # the operator guide's first steps: a directory pool on the host, a local backup point
+    made = json.loads(ctl(env, "--json", "pools", "create", "first", str(a.roots[0] / "ctl"), "--host", host).stdout)
+    pool = made["UUID"]
+    bp = json.loads(
+        ctl(
+            env, "--json", "backup-points", "add", "nightly", "local", str(a.roots[0] / "backups"), "--sub-dir", "ctl"
+        ).stdout
+    )["uuid"]
     hosts = ctl(env, "hosts").stdout
     assert host in hosts and "online" in hosts
     assert pool in ctl(env, "pools").stdout and bp in ctl(env, "backup-points").stdout

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import uuid
 from typing import Any
 
 from agent import __version__
@@ -119,7 +120,47 @@ def cmd_zones(c: Ctx) -> int:
     return 0
 
 
+POOL_TYPES = {"nfs": 2, "dir": 4, "rbd": 6}
+
+
+def _zone(c: Ctx, hosts: list[str]) -> str:
+    """The seed wants a zone: the first host's, else the cluster's only
+    one, else the cluster's default zone (a fixed uuid)."""
+    for h in hosts[:1]:
+        zone = c.ctl.call("GET", f"/v1/hosts/{h}").get("ZoneUUID")
+        if zone:
+            return str(zone)
+    cluster = _need(c.cluster, "cluster")
+    known = {z["UUID"] for z in c.ctl.call("GET", "/v1/zones")["list"] if z["ClusterUUID"] == cluster and z["UUID"]}
+    if len(known) == 1:
+        return known.pop()
+    if known:
+        raise InvalidArgument(f"zone: cluster {cluster} has zones {', '.join(sorted(known))}: name one", field="zone")
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"blockferry/zone/default/{cluster}"))
+
+
 def cmd_pools(c: Ctx) -> int:
+    a = c.args
+    if getattr(a, "pool_cmd", "list") == "create":
+        body = {
+            "cluster_uuid": _need(c.cluster, "cluster"),
+            "zone_uuid": a.zone or _zone(c, a.host or []),
+            "pool_name": a.name,
+            "pool_type": POOL_TYPES[a.type],
+            # the seed requires an ip; directory and RBD pools do not use it
+            "ip": a.ip or ("" if a.type == "nfs" else "127.0.0.1"),
+            "port": "",
+            "source": a.source,
+            "username": "",
+            "password": "",
+            "limit_host": bool(a.host),
+            "avail_host": a.host or [],
+            "avail_tenant": [],
+            "attr": {},
+        }
+        pool = c.ctl.call("POST", "/v1/pool/share/create", body=body)["pool"]
+        _out(a, [(pool["UUID"], pool["Name"], pool["Type"], pool["Status"], pool["Source"])], POOL_HEADERS, pool)
+        return 0
     data = c.ctl.call("POST", "/v1/pool/share/list", body={"cluster_uuid": _need(c.cluster, "cluster")})
     rows = [
         (
@@ -136,7 +177,28 @@ def cmd_pools(c: Ctx) -> int:
     return 0
 
 
+POOL_HEADERS = ("pool", "name", "type", "status", "source")
+
+
 def cmd_backup_points(c: Ctx) -> int:
+    a = c.args
+    if getattr(a, "bp_cmd", "list") == "add":
+        body = {
+            "cluster_uuid": _need(c.cluster, "cluster"),
+            "tenant": _need(c.tenant, "tenant"),
+            "name": a.name,
+            "btype": a.type,
+            # the seed requires an ip; local, disk and FC backup points do not use it
+            "ip": a.ip or ("127.0.0.1" if a.type in ("local", "disk", "fc") else ""),
+            "root_dir": a.location,
+            "sub_dir": a.sub_dir or "",
+            # the repository's encryption password: from the environment, never argv
+            "pass_word": os.environ.get("BLOCKFERRY_BP_PASSWORD", ""),
+            "env": {},
+        }
+        made = c.ctl.call("POST", "/v1/volume/internal/backuppoint/add", body=body)
+        _out(a, [(made["uuid"], made["name"])], ("backup point", "name"), made)
+        return 0
     data = c.ctl.call(
         "GET", "/v1/volume/internal/backuppoint/list", params={"cluster_uuid": _need(c.cluster, "cluster")}
     )
@@ -390,11 +452,30 @@ def parser() -> argparse.ArgumentParser:
     for name, what in (
         ("hosts", "agent hosts and their state"),
         ("zones", "clusters and zones"),
-        ("pools", "shared pools"),
-        ("backup-points", "backup points"),
         ("policies", "backup policies"),
     ):
         sub.add_parser(name, help=what)
+
+    po = sub.add_parser("pools", help="shared pools: list, create")
+    pos = po.add_subparsers(dest="pool_cmd")
+    pos.add_parser("list")
+    pc = pos.add_parser("create", help="a directory (dir), NFS export (nfs) or RADOS pool (rbd) as a pool")
+    pc.add_argument("name")
+    pc.add_argument("source", help="dir: a directory of the hosts; nfs: the export path; rbd: the RADOS pool")
+    pc.add_argument("--type", choices=sorted(POOL_TYPES), default="dir")
+    pc.add_argument("--ip", help="nfs: the server")
+    pc.add_argument("--host", action="append", help="a host that serves it (repeat; default: every host)")
+    pc.add_argument("--zone", help="zone uuid")
+
+    bp = sub.add_parser("backup-points", help="backup points: list, add (password: $BLOCKFERRY_BP_PASSWORD)")
+    bps = bp.add_subparsers(dest="bp_cmd")
+    bps.add_parser("list")
+    ba = bps.add_parser("add")
+    ba.add_argument("name")
+    ba.add_argument("type", choices=("local", "nfs", "samba", "iscsi", "disk", "fc"))
+    ba.add_argument("location", help="local, disk, fc: a path; nfs: the export; samba: the share; iscsi: the IQN")
+    ba.add_argument("--ip", help="the server (nfs, samba, iscsi)")
+    ba.add_argument("--sub-dir", help="a directory below the location")
 
     vol = sub.add_parser("volumes", help="volumes: list, show, create, delete")
     vs = vol.add_subparsers(dest="vol_cmd", required=True)
