@@ -29,12 +29,13 @@ def cmd_backup(client: AgentClient, args) -> int:
     if snap_ref:
         snap = refs.snapshot(client, pool, vol.uuid, snap_ref)
     else:
+        sid = str(uuid.uuid4())
         snap = client.create_snapshot(
             v.CreateSnapshotRequest(
                 pool_uuid=pool,
                 volume_uuid=vol.uuid,
-                snapshot_uuid=str(uuid.uuid4()),
-                name=f"bf-backup-{time.strftime('%Y%m%d-%H%M%S')}",
+                snapshot_uuid=sid,
+                name=f"bf-backup-{time.strftime('%Y%m%d-%H%M%S')}-{sid[:8]}",  # unique: two may come in a second
                 description="made by `blockferry backup` for a backup of the volume as it was",
             )
         )
