@@ -4,6 +4,7 @@ otherwise, or JSON; shared by the blockferry CLI and the demo."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -59,16 +60,17 @@ class ProgressView:
         final = job.state in FINAL_STATES
         if self.tty:
             p = job.progress
-            width = 30
-            filled = int(width * p.percent / 100)
-            bar = "#" * filled + "." * (width - filled)
+            cols = max(20, shutil.get_terminal_size().columns - 1)  # never wrap: the bar fits the terminal
             rate = f"{human(p.rate_bytes_per_second)}/s" if p.rate_bytes_per_second > 0 else ""
             eta = f"ETA {p.eta_seconds:.0f}s" if p.eta_seconds >= 0 and not final else ""
-            line = (
-                f"\r[{bar}] {p.percent:5.1f}%  {human(p.bytes_done)}/{human(p.bytes_total)}  "
+            tail = (
+                f" {p.percent:5.1f}%  {human(p.bytes_done)}/{human(p.bytes_total)}  "
                 f"{rate}  {eta}  {p.phase or state_name(job.state)}"
             )
-            self.stream.write(line.ljust(100)[:120] + ("\n" if final else ""))
+            width = max(10, min(30, cols - len(tail) - 2))
+            filled = int(width * p.percent / 100)
+            line = f"[{'#' * filled}{'.' * (width - filled)}]{tail}"
+            self.stream.write("\r" + line[:cols].ljust(cols) + ("\n" if final else ""))
             self.stream.flush()
         elif final or time.monotonic() - self.last >= 1.0:
             self.last = time.monotonic()

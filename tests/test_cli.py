@@ -56,6 +56,40 @@ def test_errors_are_clear(agent):
     assert "nothing.sock" in gone.stderr and "Traceback" not in gone.stderr
 
 
+def on_a_terminal(agent, columns: int, *args: str) -> list[str]:
+    """What `blockferry ARGS` shows on a pseudo-terminal of that width, as
+    the frames a person sees (split at carriage returns and newlines)."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: x for k, x in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--socket", str(agent.socket), *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other end closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert p.wait(60) == 0, shown
+    return [x.rstrip() for x in re.split(r"[\r\n]+", shown.decode()) if x.strip()]
+
+
 def test_backup_restore_verify_from_the_shell(agent):
     """An operator's round trip with `blockferry` alone: a volume by name
     (size with a suffix), written; a backup of it as it is, a change, an
@@ -106,37 +140,12 @@ def test_backup_restore_verify_from_the_shell(agent):
     assert r.returncode == 3 and r.stderr.count("NOT_FOUND") == 1, r.stderr
     r = cli(agent, "backup", BP_UUID, f"{POOL_UUID}:no-such-disk", check=False)
     assert r.returncode == 3 and "no-such-disk" in r.stderr, r.stderr
-    # on a terminal of 80 columns no line wraps
-    import fcntl
-    import pty
-    import struct
-    import termios
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    env = {k: x for k, x in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    tty = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "--socket", str(agent.socket), "backups", "list", BP_UUID],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=env,
-    )
-    os.close(slave)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # EIO: the other end closed
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(master)
-    assert tty.wait(60) == 0
-    lines = shown.decode().splitlines()
+    # on a terminal of 80 columns no line wraps: tables are cut, the progress bar fits
+    lines = on_a_terminal(agent, 80, "backups", "list", BP_UUID)
     assert len(lines) == 3 and all(len(x) <= 80 for x in lines), lines
     assert lines[1].endswith("…")  # cut, not wrapped
+    frames = on_a_terminal(agent, 80, "backup", BP_UUID, f"{POOL_UUID}:web-disk", "--full")
+    assert any(x.startswith("[") and "%" in x for x in frames) and all(len(x) <= 80 for x in frames), frames
     # a reader that went away: no traceback
     p = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "--socket", str(agent.socket), "backups", "list", BP_UUID],
