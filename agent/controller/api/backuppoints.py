@@ -29,7 +29,7 @@ ENV_KEYS = {"port", "mount_port", "username", "secret", "smb_encrypt", "lun", "f
 MASK = "******"
 
 
-class AddRequest(BaseModel):
+class BackupPointAddRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # the seed sends "env": {}
     cluster_uuid: StrictStr
     tenant: StrictStr
@@ -42,7 +42,7 @@ class AddRequest(BaseModel):
     pass_word: StrictStr = ""
 
 
-class DeleteRequest(BaseModel):
+class BackupPointDeleteRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     cluster_uuid: StrictStr
     uuid: StrictStr
@@ -50,7 +50,7 @@ class DeleteRequest(BaseModel):
     backup_point_name: StrictStr = ""
 
 
-class UpdateRequest(BaseModel):
+class BackupPointUpdateRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # the seed sends "environment": {}
     cluster_uuid: StrictStr
     tenant_uuid: StrictStr
@@ -143,7 +143,7 @@ router = APIRouter(prefix="/v1/volume/internal/backuppoint", tags=["backup point
 
 
 @router.post("/add")
-def add(req: AddRequest, request: Request, caller: Caller = Depends(authenticated)):
+def add(req: BackupPointAddRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant, "tenant")
     caller.check_tenant(tenant)
@@ -194,7 +194,7 @@ def add(req: AddRequest, request: Request, caller: Caller = Depends(authenticate
 
 
 @router.post("/delete")
-def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
+def delete(req: BackupPointDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     v.uuid(req.cluster_uuid, "cluster_uuid")
     bid = v.uuid(req.uuid, "uuid")
     if req.tenant:
@@ -212,7 +212,7 @@ def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authen
 
 
 @router.post("/update")
-def update(req: UpdateRequest, request: Request, caller: Caller = Depends(authenticated)):
+def update(req: BackupPointUpdateRequest, request: Request, caller: Caller = Depends(authenticated)):
     v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant_uuid, "tenant_uuid")
     caller.check_tenant(tenant, "tenant_uuid")

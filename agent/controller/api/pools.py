@@ -44,7 +44,7 @@ SERVED = {2: "nfs", 4: "dir", 6: "rbd"}  # seed pool_type -> what the agents ser
 MASK = "******"
 
 
-class ListRequest(BaseModel):
+class PoolListRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     cluster_uuid: StrictStr
     tenant: StrictStr = ""
@@ -60,7 +60,7 @@ class GetRequest(BaseModel):
     pool_uuid: StrictStr
 
 
-class CreateRequest(BaseModel):
+class PoolCreateRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     cluster_uuid: StrictStr
     pool_name: StrictStr
@@ -77,7 +77,7 @@ class CreateRequest(BaseModel):
     attr: dict[StrictStr, StrictStr]
 
 
-class DeleteRequest(BaseModel):
+class PoolDeleteRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     cluster_uuid: StrictStr
     tenant: StrictStr
@@ -85,7 +85,7 @@ class DeleteRequest(BaseModel):
     pool_name: StrictStr
 
 
-class SetRequest(DeleteRequest):
+class SetRequest(PoolDeleteRequest):
     attr: dict[StrictStr, StrictStr]
 
 
@@ -193,7 +193,7 @@ def get_pool(s, pool_uuid: str, cluster: str, caller: Caller) -> Pool:
 
 
 @router.post("/list")
-def list_(req: ListRequest, request: Request, caller: Caller = Depends(authenticated)):
+def list_(req: PoolListRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     if req.tenant:
         caller.check_tenant(v.uuid(req.tenant, "tenant"))
@@ -231,7 +231,7 @@ def get(req: GetRequest, request: Request, caller: Caller = Depends(authenticate
 
 
 @router.post("/create")
-def create(req: CreateRequest, request: Request, caller: Caller = Depends(authenticated)):
+def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(authenticated)):
     _operator(caller)
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     zone = v.uuid(req.zone_uuid, "zone_uuid")
@@ -367,7 +367,7 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
 
 
 @router.post("/delete")
-def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
+def delete(req: PoolDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     _operator(caller)
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     v.uuid(req.tenant, "tenant")

@@ -33,7 +33,7 @@ class _Base(BaseModel):
     model_config = ConfigDict(extra="allow")  # the seeds send extra fields ("pool_name")
 
 
-class ListRequest(_Base):
+class VolumeListRequest(_Base):
     cluster_uuid: StrictStr
     tenant: StrictStr
     filter_pool_uuid: StrictStr = ""
@@ -42,7 +42,7 @@ class ListRequest(_Base):
     page_size: StrictInt = 0
 
 
-class CreateRequest(_Base):
+class VolumeCreateRequest(_Base):
     cluster_uuid: StrictStr
     tenant: StrictStr
     pool_uuid: StrictStr
@@ -63,7 +63,7 @@ class NamedVolumeRequest(VolumeRequest):
     volume_name: StrictStr
 
 
-class DeleteRequest(NamedVolumeRequest):
+class VolumeDeleteRequest(NamedVolumeRequest):
     force: StrictBool = False
 
 
@@ -168,7 +168,7 @@ def client(request: Request, host: Host) -> AgentClient:
 
 
 @router.post("/list")
-def list_(req: ListRequest, request: Request, caller: Caller = Depends(authenticated)):
+def list_(req: VolumeListRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant, "tenant")
     caller.check_tenant(tenant)
@@ -200,7 +200,7 @@ def list_(req: ListRequest, request: Request, caller: Caller = Depends(authentic
 
 
 @router.post("/create")
-def create(req: CreateRequest, request: Request, caller: Caller = Depends(authenticated)):
+def create(req: VolumeCreateRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant, "tenant")
     caller.check_tenant(tenant)
@@ -268,7 +268,7 @@ def create(req: CreateRequest, request: Request, caller: Caller = Depends(authen
 
 
 @router.post("/delete")
-def delete(req: DeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
+def delete(req: VolumeDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     check_name(vol, req.volume_name, "volume_name")
     client(request, hosts[0]).delete_volume(
