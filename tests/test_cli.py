@@ -202,10 +202,10 @@ def test_demo_runs_the_main_job(short_tmp):
 def test_man_pages_and_completions_are_generated_from_the_parsers():
     """man/*.1 and completions/* (installed by the wheel) are what the
     parsers say; `completion bash` prints the same script."""
-    from agent.cli import manpages
+    from agent import manpages
 
     for path, text in manpages.files().items():
-        assert path.read_text() == text, f"{path}: stale; run .venv/bin/python -m agent.cli.manpages"
+        assert path.read_text() == text, f"{path}: stale; run .venv/bin/python -m agent.manpages"
     for prog, mod in (("blockferry", "agent.cli"), ("blockferry-ctl", "agent.ctl")):
         out = subprocess.run(
             [sys.executable, "-m", mod, "completion", "bash"], capture_output=True, text=True, check=True

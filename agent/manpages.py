@@ -1,7 +1,7 @@
 """Manual pages and shell completions of `blockferry` and `blockferry-ctl`,
 generated from their parsers (argparse-manpage, shtab) into `man/` and
 `completions/`, which the wheel installs (share/man/man1,
-share/bash-completion/completions). `python -m agent.cli.manpages` writes
+share/bash-completion/completions). `python -m agent.manpages` writes
 them; tests/test_cli.py keeps them equal to the parsers."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shtab
 
 from agent import __version__
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
