@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import uuid
 
@@ -375,13 +374,6 @@ def cmd_facts(client: AgentClient, args) -> int:
     return 0
 
 
-def _size(text: str) -> int:
-    try:
-        return refs.size(text)
-    except BlockferryError as e:
-        raise argparse.ArgumentTypeError(e.message) from None
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockferry", description="blockferry agent client")
     p.add_argument("--socket", help="agent unix socket (default $BLOCKFERRY_SOCKET or /run/blockferry/agent.sock)")
@@ -426,7 +418,7 @@ def parser() -> argparse.ArgumentParser:
     vc = vsub.add_parser("create")
     vc.add_argument("pool")
     vc.add_argument("name")
-    vc.add_argument("capacity", type=_size, help="bytes or 64M, 1G, 1TiB (0 with --backing-file: its size)")
+    vc.add_argument("capacity", type=refs.size_arg, help="bytes or 64M, 1G, 1TiB (0 with --backing-file: its size)")
     vc.add_argument("--uuid")
     vc.add_argument("--backing-file")
     vsub.add_parser("list").add_argument("pool")
@@ -437,7 +429,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "delete":
             x.add_argument("--force", action="store_true", help="also its snapshots; flatten its clones")
         if name == "resize":
-            x.add_argument("capacity", type=_size, help="bytes or 64M, 1G, 1TiB")
+            x.add_argument("capacity", type=refs.size_arg, help="bytes or 64M, 1G, 1TiB")
         if name == "extents":
             x.add_argument("--snapshot")
             x.add_argument("--changed", action="store_true", help="changed extents (with --since)")
@@ -517,10 +509,7 @@ def _main(argv: list[str] | None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.cmd == "completion":
-        import shtab
-
-        print(shtab.complete(p, shell=args.shell))
-        return 0
+        return refs.completion(p, args.shell)
     if args.cmd == "demo":
         from agent.demo import run_demo
 
@@ -570,14 +559,7 @@ def _main(argv: list[str] | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Exit statuses by class (docs/errors.md); a closed pipe (`| head`)
     ends quietly."""
-    try:
-        rc = _main(argv)
-        sys.stdout.flush()
-        return rc
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
-        return 128 + signal.SIGPIPE
+    return refs.quiet_on_closed_pipe(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,23 @@
 """What people type for the CLI's objects: volumes and snapshots by name or
 uuid, POOL:VOLUME[@SNAPSHOT], sizes with suffixes; and what they read
-back: aligned tables that fit the terminal, human sizes, local times."""
+back: aligned tables that fit the terminal, human sizes, local times; and
+what both CLIs share: size arguments, completion, a closed pipe."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import shutil
+import signal
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agent.api.v1 import volumes_pb2 as v
 from agent.client import AgentClient
-from agent.errors import InvalidArgument, NotFound
+from agent.errors import BlockferryError, InvalidArgument, NotFound
 
 _UNITS = {"": 1, "b": 1}
 for _i, _p in enumerate("kmgtp", start=1):
@@ -34,6 +38,34 @@ def size(text: str) -> int:
     if n != int(n):
         raise InvalidArgument(f"size: {text!r} is not a whole number of bytes", field="size")
     return int(n)
+
+
+def size_arg(text: str) -> int:
+    """size() as an argparse type: a bad size is a usage error."""
+    try:
+        return size(text)
+    except BlockferryError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def completion(p: argparse.ArgumentParser, shell: str) -> int:
+    """Print the shell completion script of a CLI's parser."""
+    import shtab
+
+    print(shtab.complete(p, shell=shell))
+    return 0
+
+
+def quiet_on_closed_pipe(run: Callable[[], int]) -> int:
+    """run()'s exit status; when the reader of stdout went away (`| head`),
+    141 and no traceback (not even when Python flushes at exit)."""
+    try:
+        rc = run()
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def is_uuid(text: str) -> bool:

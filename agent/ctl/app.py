@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import uuid
 from typing import Any
@@ -429,13 +428,6 @@ def cmd_checkpoints(c: Ctx) -> int:
     return 0
 
 
-def _size(text: str) -> int:
-    try:
-        return refs.size(text)
-    except BlockferryError as e:
-        raise argparse.ArgumentTypeError(e.message) from None
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="blockferry-ctl",
@@ -483,7 +475,7 @@ def parser() -> argparse.ArgumentParser:
     vc = vs.add_parser("create")
     vc.add_argument("pool")
     vc.add_argument("name")
-    vc.add_argument("size", type=_size, help="bytes or 64M, 1G, 1TiB")
+    vc.add_argument("size", type=refs.size_arg, help="bytes or 64M, 1G, 1TiB")
     vs.add_parser("show").add_argument("volume", help="name or uuid")
     vd = vs.add_parser("delete")
     vd.add_argument("volume", help="name or uuid")
@@ -565,10 +557,7 @@ def _main(argv: list[str] | None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.cmd == "completion":
-        import shtab
-
-        print(shtab.complete(p, shell=args.shell))
-        return 0
+        return refs.completion(p, args.shell)
     try:
         ctl = Controller(load(args.config, args.url or "", args.cluster or "", args.tenant or ""))
         try:
@@ -583,10 +572,6 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        rc = _main(argv)
-        sys.stdout.flush()
-        return rc
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
+    """Exit statuses by class (docs/errors.md); a closed pipe (`| head`)
+    ends quietly."""
+    return refs.quiet_on_closed_pipe(lambda: _main(argv))
