@@ -22,6 +22,11 @@ def test_no_operation_fails_or_contradicts_its_schema():
                 str(Path(sys.executable).with_name("schemathesis")),
                 "run",
                 f"{c.url}/openapi.json",
+                # schemathesis's coverage phase can crash in the tool itself (CPython "AST
+                # constructor recursion depth mismatch" inside hypothesis), which fails the run
+                # whatever the controller answers: the fuzzing and stateful phases only
+                "--phases",
+                "fuzzing,stateful",
                 "--checks",
                 "not_a_server_error,response_schema_conformance",
                 "--max-examples",
