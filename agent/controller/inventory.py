@@ -19,8 +19,9 @@ from agent.controller.models import Backup, BackupMember, BackupPoint, Host, Poo
 from agent.errors import BackupInProgress, NotFound, TargetUnreachable
 
 
-def host_state(h: Host, dead_after: int) -> str:
-    if time.time() - h.last_seen > dead_after:
+def host_state(h: Host, dead_after: int, now: float | None = None) -> str:
+    """Online, draining or offline; `now` lets a caller judge many hosts at one instant."""
+    if (time.time() if now is None else now) - h.last_seen > dead_after:
         return "offline"
     return "draining" if h.draining else "online"
 

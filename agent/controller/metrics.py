@@ -54,7 +54,8 @@ class _Inventory:
                 tasks.add_metric([op, status], n)
             for h in s.scalars(select(Host)):
                 age.add_metric([h.uuid, h.hostname], max(0.0, now - h.last_seen))
-                up.add_metric([h.uuid, h.hostname], 1.0 if host_state(h, self.cfg.host_dead_after) != "offline" else 0)
+                offline = host_state(h, self.cfg.host_dead_after, now) == "offline"
+                up.add_metric([h.uuid, h.hostname], 0.0 if offline else 1.0)
             for bp in s.scalars(select(BackupPoint)):
                 for st in (*STATUSES, "unknown"):
                     bps.add_metric([bp.uuid, st], 1.0 if bp.state == st else 0.0)
