@@ -152,6 +152,18 @@ def test_tenants_and_tokens(controller):
     assert all("400" in op["responses"] for path, op in ops if path not in ("/healthz", "/readyz"))
     assert {"/zstack/v1/backup-storage", "/v3/{project_id}/operation-logs", "/healthz", "/readyz"} <= set(doc["paths"])
     assert not [x for x in doc["components"]["schemas"] if "__" in x]  # names without module paths
+    # every answer has a shape (204s have no body; a /v3 restore's 202 is null), every error its API's
+    # envelope, and every /v3 and /zstack body that a handler reads itself is documented
+    for path, method, op in [(p, m, op) for p, x in doc["paths"].items() for m, op in x.items()]:
+        code, ok_ = next((c, r) for c, r in op["responses"].items() if c.startswith("2"))
+        if code != "204":
+            schema = ok_["content"]["application/json"]["schema"]
+            assert "$ref" in schema or schema == {"type": "null"}, (method, path, schema)
+        if path not in ("/healthz", "/readyz"):
+            error = op["responses"]["default"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+            assert error == {"/v3": "CbrError", "/zs": "ZStackError"}.get(path[:3], "ErrorAnswer"), (path, error)
+        if method in ("post", "put") and path.startswith(("/v3/", "/zstack/")):
+            assert "$ref" in op["requestBody"]["content"]["application/json"]["schema"], (method, path)
     # health without a token: the process answers; ready once the database, dispatcher and registry are
     assert httpx.get(f"{controller.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{controller.url}/readyz")

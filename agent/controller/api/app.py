@@ -22,6 +22,7 @@ from agent.controller.api import (
     operation_logs,
     policies,
     pools,
+    shapes,
     vaults,
     volumes,
     zstack,
@@ -87,27 +88,15 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
 
 
 def _openapi_errors(app: FastAPI) -> None:
-    """The OpenAPI shows the errors actually sent: a bad request is 400 with
-    the envelope of its API (never FastAPI's 422)."""
+    """The OpenAPI shows the bodies read and the errors actually sent (a
+    bad request is 400 with the envelope of its API, never FastAPI's 422)."""
     from fastapi.openapi.utils import get_openapi
 
     def schema() -> dict:
         if app.openapi_schema:
             return app.openapi_schema
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for path, ops in doc.get("paths", {}).items():
-            for op in ops.values():
-                responses = op.get("responses", {})
-                if responses.pop("422", None) is not None or path not in ("/healthz", "/readyz"):
-                    responses.setdefault(
-                        "400",
-                        {
-                            "description": "a bad request: the API's error envelope (seeds 000-002: scode, "
-                            "message, desc naming the field; /v3: error_code, error_msg; /zstack: error)"
-                        },
-                    )
-        for name in ("HTTPValidationError", "ValidationError"):
-            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        shapes.document(doc)
         app.openapi_schema = doc
         return doc
 

@@ -17,6 +17,7 @@ from agent.api.v1 import jobs_pb2
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
+from agent.controller.api.shapes import answers, v1
 from agent.controller.dispatch import queue_backup_point_task, reporting_hosts
 from agent.controller.models import Backup, BackupPoint, Host
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound
@@ -142,7 +143,7 @@ def to_seed(bp: BackupPoint) -> dict:
 router = APIRouter(prefix="/v1/volume/internal/backuppoint", tags=["backup points (seed 000)"])
 
 
-@router.post("/add")
+@router.post("/add", **answers(v1.BackupPointAddedAnswer))
 def add(req: BackupPointAddRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant, "tenant")
@@ -193,7 +194,7 @@ def add(req: BackupPointAddRequest, request: Request, caller: Caller = Depends(a
     return ok({"uuid": bp.uuid, "name": bp.name})
 
 
-@router.post("/delete")
+@router.post("/delete", **answers(v1.EmptyAnswer))
 def delete(req: BackupPointDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     v.uuid(req.cluster_uuid, "cluster_uuid")
     bid = v.uuid(req.uuid, "uuid")
@@ -211,7 +212,7 @@ def delete(req: BackupPointDeleteRequest, request: Request, caller: Caller = Dep
     return ok({})
 
 
-@router.post("/update")
+@router.post("/update", **answers(v1.EmptyAnswer))
 def update(req: BackupPointUpdateRequest, request: Request, caller: Caller = Depends(authenticated)):
     v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant_uuid, "tenant_uuid")
@@ -257,7 +258,7 @@ def served(s, req, caller: Caller) -> BackupPoint:
     return bp
 
 
-@router.post("/verify")
+@router.post("/verify", **answers(v1.TaskStartedAnswer))
 def verify(req: VerifyRequest, request: Request, caller: Caller = Depends(authenticated)):
     """A task that verifies one backup (backup_uuid) or the whole
     repository: every pack, index and manifest; deep also recomputes
@@ -284,7 +285,7 @@ def verify(req: VerifyRequest, request: Request, caller: Caller = Depends(authen
     return ok({"task_id": task_id})
 
 
-@router.post("/gc")
+@router.post("/gc", **answers(v1.TaskStartedAnswer))
 def gc(req: GcRequest, request: Request, caller: Caller = Depends(authenticated)):
     """A task that reclaims the space of deleted and failed backups
     (waiting up to 10 minutes for running backups to let go)."""
@@ -302,7 +303,7 @@ def gc(req: GcRequest, request: Request, caller: Caller = Depends(authenticated)
     return ok({"task_id": task_id})
 
 
-@router.get("/list")
+@router.get("/list", **answers(v1.BackupPointListAnswer))
 def list_(
     request: Request,
     cluster_uuid: str = Query(...),

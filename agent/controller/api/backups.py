@@ -25,6 +25,7 @@ from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.members import shared_with
 from agent.controller.api.policies import project
+from agent.controller.api.shapes import answers, v3
 from agent.controller.api.vaults import PROVIDER_ID, iso
 from agent.controller.dispatch import new_task
 from agent.controller.inventory import log_task, remove_backup
@@ -94,7 +95,7 @@ def _load(s, tenant: str, backup_id: str, *, shared: bool = False) -> Backup:
 router = APIRouter(prefix="/v3/{project_id}/backups", tags=["backups (seed 003)"])
 
 
-@router.get("")
+@router.get("", **answers(v3.BackupList))
 def list_(
     project_id: str,
     request: Request,
@@ -128,7 +129,7 @@ def list_(
         return {"backups": [to_seed(s, b) for b in rows], "count": total, "offset": offset, "limit": limit}
 
 
-@router.get("/{backup_id}")
+@router.get("/{backup_id}", **answers(v3.BackupAnswer))
 def get(project_id: str, backup_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
@@ -150,7 +151,19 @@ def delete(project_id: str, backup_id: str, request: Request, caller: Caller = D
     return Response(status_code=204)  # the seed answers 204, no body
 
 
-@router.post("/{backup_id}/restore")
+@router.post(
+    "/{backup_id}/restore",
+    status_code=202,
+    response_model=None,
+    responses={
+        202: {
+            "description": "the restore is queued: its task id is in the X-Task-Id header (the body is null)",
+            "headers": {"X-Task-Id": {"description": "GET /v1/tasks/{task_id}", "schema": {"type": "string"}}},
+            "content": {"application/json": {"schema": {"type": "null"}}},
+        }
+    },
+    openapi_extra=answers(None, v3.RestoreRequest)["openapi_extra"],
+)
 def restore(
     project_id: str, backup_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):

@@ -15,6 +15,7 @@ from agent.controller import checkpoints
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.policies import project
+from agent.controller.api.shapes import answers, v3
 from agent.controller.api.vaults import iso, load_vault
 from agent.controller.models import Checkpoint, Policy, Task, Vault, VaultResource
 from agent.controller.policy import OperationDefinition
@@ -70,7 +71,7 @@ def to_seed(s, cp: Checkpoint) -> dict:
 router = APIRouter(prefix="/v3/{project_id}/checkpoints", tags=["checkpoints (seed 003)"])
 
 
-@router.post("")
+@router.post("", **answers(v3.CheckpointAnswer, v3.CheckpointCreate))
 def create(project_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     if not isinstance(body, dict) or not isinstance(body.get("checkpoint"), dict):
@@ -121,7 +122,7 @@ def create(project_id: str, request: Request, body: Any = Body(None), caller: Ca
         return {"checkpoint": out}
 
 
-@router.get("/{checkpoint_id}")
+@router.get("/{checkpoint_id}", **answers(v3.CheckpointAnswer))
 def get(project_id: str, checkpoint_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
@@ -131,7 +132,7 @@ def get(project_id: str, checkpoint_id: str, request: Request, caller: Caller = 
         return {"checkpoint": to_seed(s, cp)}
 
 
-@router.get("")
+@router.get("", **answers(v3.CheckpointList))
 def list_(project_id: str, request: Request, vault_id: str = "", caller: Caller = Depends(authenticated)):
     """Not in the seed (it lists backups instead): the checkpoints of a vault, newest first."""
     tenant = project(caller, project_id)

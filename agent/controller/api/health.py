@@ -9,16 +9,21 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from agent.controller.api.auth import context
+from agent.controller.api.shapes import answers, v1
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", **answers(v1.Health))
 def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=v1.Readiness,
+    responses={503: {"model": v1.Readiness, "description": 'not ready: the parts not "ok" say why'}},
+)
 def readyz(request: Request) -> JSONResponse:
     ctx = context(request)
     checks: dict[str, str] = {}

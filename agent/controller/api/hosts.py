@@ -14,6 +14,7 @@ from sqlalchemy import select
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
+from agent.controller.api.shapes import answers, v1
 from agent.controller.inventory import host_state
 from agent.controller.models import Host, Pool
 from agent.errors import FailedPrecondition, NotFound, PermissionDenied
@@ -47,7 +48,7 @@ def operator(caller: Caller) -> None:
         raise PermissionDenied("authorization: hosts are visible to operator tokens only", field="authorization")
 
 
-@router.get("")
+@router.get("", **answers(v1.HostListAnswer))
 def list_hosts(request: Request, caller: Caller = Depends(authenticated)):
     operator(caller)
     dead = context(request).cfg.host_dead_after
@@ -63,7 +64,7 @@ def load_host(s, host_uuid: str) -> Host:
     return h
 
 
-@router.get("/{host_uuid}")
+@router.get("/{host_uuid}", **answers(v1.HostAnswer))
 def get_host(host_uuid: str, request: Request, caller: Caller = Depends(authenticated)):
     operator(caller)
     host_uuid = v.uuid(host_uuid, "host_uuid")
@@ -72,7 +73,7 @@ def get_host(host_uuid: str, request: Request, caller: Caller = Depends(authenti
     return ok(to_json(h, context(request).cfg.host_dead_after))
 
 
-@router.delete("/{host_uuid}")
+@router.delete("/{host_uuid}", **answers(v1.HostForgottenAnswer))
 def forget_host(host_uuid: str, request: Request, caller: Caller = Depends(authenticated)):
     """Forget a lost host (operator guide: "Recover from a lost host").
     Only an offline one: its tasks have gone to other hosts by then. An
@@ -97,7 +98,7 @@ def vms_of(h: Host, dead_after: int) -> list[dict]:
     return [{**vm, "HostUUID": h.uuid, "HostState": state} for vm in json.loads(h.vms_json)]
 
 
-@router.get("/{host_uuid}/vms")
+@router.get("/{host_uuid}/vms", **answers(v1.VmListAnswer))
 def list_host_vms(host_uuid: str, request: Request, caller: Caller = Depends(authenticated)):
     """The running VMs the host's agent reported last, disks mapped to volumes."""
     operator(caller)
@@ -111,7 +112,7 @@ def list_host_vms(host_uuid: str, request: Request, caller: Caller = Depends(aut
 vms_router = APIRouter(prefix="/v1/vms", tags=["hosts"])
 
 
-@vms_router.get("")
+@vms_router.get("", **answers(v1.VmListAnswer))
 def list_vms(request: Request, caller: Caller = Depends(authenticated)):
     """The running VMs of every host (HostState says whether the report is fresh)."""
     operator(caller)
@@ -125,7 +126,7 @@ def list_vms(request: Request, caller: Caller = Depends(authenticated)):
 zones_router = APIRouter(prefix="/v1/zones", tags=["hosts"])
 
 
-@zones_router.get("")
+@zones_router.get("", **answers(v1.ZoneListAnswer))
 def list_zones(request: Request, caller: Caller = Depends(authenticated)):
     """Every (cluster, zone) a host belongs to or a pool was created in,
     with its hosts (online or not) and number of pools. Hosts without a

@@ -17,6 +17,7 @@ from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.api.pools import _visible
+from agent.controller.api.shapes import answers, v1
 from agent.controller.api.volumes import _Base, _wrap, snapshots
 from agent.controller.dispatch import new_task
 from agent.controller.inventory import remove_backup, serving_hosts
@@ -161,7 +162,7 @@ def new_volume(s, *, tenant, cluster, pool: Pool, name, capacity, vtype="block",
     return vol
 
 
-@router.post("/v1/volume/share/clone")
+@router.post("/v1/volume/share/clone", **answers(v1.CloneStartedAnswer))
 def clone(req: CloneRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     vid = v.uuid(req.volume_uuid, "volume_uuid")
@@ -212,7 +213,7 @@ def clone(req: CloneRequest, request: Request, caller: Caller = Depends(authenti
     return ok(dict(_wrap(out), task_id=task_id))
 
 
-@router.get("/v1/volume/share/clone/progress")
+@router.get("/v1/volume/share/clone/progress", **answers(v1.CloneProgressAnswer))
 def clone_progress(
     request: Request,
     cluster_uuid: str = Query(...),
@@ -256,7 +257,7 @@ def _snapshot_name(request: Request, vid: str, cluster: str, sid: str, caller: C
     raise NotFound(f"snapshot_uuid: volume {vid} has no snapshot {sid}", field="snapshot_uuid")
 
 
-@router.post("/v1/volume/share/backup/add")
+@router.post("/v1/volume/share/backup/add", **answers(v1.BackupStartedAnswer))
 def backup_add(req: BackupAddRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     vid = v.uuid(req.volume_uuid, "volume_uuid")
@@ -321,7 +322,7 @@ def backup_add(req: BackupAddRequest, request: Request, caller: Caller = Depends
     return ok({"backup": out, "task_id": task_id})
 
 
-@router.post("/v1/volume/share/backup/restore")
+@router.post("/v1/volume/share/backup/restore", **answers(v1.RestoreStartedAnswer))
 def backup_restore(req: RestoreRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     bid = v.uuid(req.backup_uuid, "backup_uuid")
@@ -361,7 +362,7 @@ def backup_restore(req: RestoreRequest, request: Request, caller: Caller = Depen
     return ok({"backup": None, "volume": created, "task_id": task_id})
 
 
-@router.post("/v1/volume/share/backup/delete")
+@router.post("/v1/volume/share/backup/delete", **answers(v1.EmptyAnswer))
 def backup_delete(req: BackupDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant, "tenant")
@@ -376,7 +377,7 @@ def backup_delete(req: BackupDeleteRequest, request: Request, caller: Caller = D
     return ok({})
 
 
-@router.get("/v1/volume/share/backup/list")
+@router.get("/v1/volume/share/backup/list", **answers(v1.BackupListAnswer))
 def backup_list(
     request: Request,
     cluster_uuid: str = Query(...),
@@ -427,7 +428,7 @@ def backup_list(
     )
 
 
-@router.get("/v1/tasks")
+@router.get("/v1/tasks", **answers(v1.TaskListAnswer))
 def tasks(
     request: Request,
     status: str = Query(""),
@@ -456,7 +457,7 @@ def tasks(
     return ok({"total_count": total, "tasks": [task_to_json(t) for t in rows]})
 
 
-@router.get("/v1/tasks/{task_id}")
+@router.get("/v1/tasks/{task_id}", **answers(v1.TaskAnswer))
 def task(task_id: str, request: Request, wait: float = Query(0.0), caller: Caller = Depends(authenticated)):
     """A task; with wait (seconds, at most 60) the answer comes when the
     task has ended or its progress moved, or when wait runs out: a caller

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.policies import project
+from agent.controller.api.shapes import answers, v3
 from agent.controller.api.vaults import iso
 from agent.controller.models import Backup, BackupMember, Vault
 from agent.errors import BackupNotAvailable, InvalidShareMember, NotFound, ShareExists
@@ -81,7 +82,7 @@ def shared_with(s, tenant: str, backup_id: str) -> BackupMember | None:
 router = APIRouter(prefix="/v3/{project_id}/backups/{backup_id}/members", tags=["backup sharing (seed 003)"])
 
 
-@router.post("")
+@router.post("", **answers(v3.Members, v3.MembersAdd))
 def add(
     project_id: str, backup_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):
@@ -129,7 +130,7 @@ def add(
         raise ShareExists("members: the backup was shared with one of them meanwhile", field="members") from None
 
 
-@router.get("")
+@router.get("", **answers(v3.MemberList))
 def list_(
     project_id: str,
     backup_id: str,
@@ -164,14 +165,14 @@ def list_(
         return {"members": [to_seed(m) for m in rows[offset : offset + limit]], "count": len(rows)}
 
 
-@router.get("/{member_id}")
+@router.get("/{member_id}", **answers(v3.MemberAnswer))
 def get(project_id: str, backup_id: str, member_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
         return {"member": to_seed(_member(s, tenant, backup_id, member_id))}
 
 
-@router.put("/{member_id}")
+@router.put("/{member_id}", **answers(v3.MemberAnswer, v3.MemberUpdate))
 def update(
     project_id: str,
     backup_id: str,

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.policies import project
+from agent.controller.api.shapes import answers, v3
 from agent.controller.api.vaults import PROVIDER_ID, RESOURCE_TYPE, SERVER_TYPE, iso
 from agent.controller.models import Backup, Checkpoint, Task, Vault, VaultServer, Volume
 from agent.errors import OperationLogNotFound, cbr_code
@@ -113,7 +114,7 @@ def _time(value: str, field: str) -> float:
         raise v.bad(field, f"{value!r}: a UTC time like 2018-02-01T12:00:00Z") from None
 
 
-@router.get("")
+@router.get("", **answers(v3.OperationLogList))
 def list_(
     project_id: str,
     request: Request,
@@ -169,7 +170,7 @@ def list_(
     return {"operation_logs": rows[offset : offset + limit], "count": len(rows), "limit": limit, "offset": offset}
 
 
-@router.get("/{operation_log_id}")
+@router.get("/{operation_log_id}", **answers(v3.OperationLogAnswer))
 def get(project_id: str, operation_log_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     tid = v.uuid(operation_log_id, "operation_log_id")

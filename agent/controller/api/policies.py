@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from agent.controller.api.auth import Caller, authenticated, context
+from agent.controller.api.shapes import answers, v3
 from agent.controller.models import Policy, Vault
 from agent.controller.policy import OperationDefinition, check_policy
 from agent.errors import AlreadyExists, HasDependents, InvalidArgument, NotFound
@@ -69,7 +70,7 @@ def vaults_of(s, policy_id: str) -> list[str]:
     return list(s.scalars(select(Vault.id).where(Vault.policy_id == policy_id).order_by(Vault.id)))
 
 
-@router.post("")
+@router.post("", **answers(v3.PolicyAnswer, v3.PolicyCreate))
 def create(project_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     fields = check_policy(body)
@@ -95,7 +96,7 @@ def create(project_id: str, request: Request, body: Any = Body(None), caller: Ca
         return {"policy": to_seed(p, [])}
 
 
-@router.get("")
+@router.get("", **answers(v3.PolicyList))
 def list_(
     project_id: str,
     request: Request,
@@ -114,7 +115,7 @@ def list_(
     return {"policies": out, "count": len(out)}
 
 
-@router.get("/{policy_id}")
+@router.get("/{policy_id}", **answers(v3.PolicyAnswer))
 def get(project_id: str, policy_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
@@ -122,7 +123,7 @@ def get(project_id: str, policy_id: str, request: Request, caller: Caller = Depe
         return {"policy": to_seed(p, vaults_of(s, p.id))}
 
 
-@router.put("/{policy_id}")
+@router.put("/{policy_id}", **answers(v3.PolicyAnswer, v3.PolicyUpdate))
 def update(
     project_id: str, policy_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):

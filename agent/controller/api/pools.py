@@ -26,6 +26,7 @@ from agent.api.v1 import host_pb2, volumes_pb2
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok, range_list
+from agent.controller.api.shapes import answers, v1
 from agent.controller.inventory import host_state
 from agent.controller.models import Host, Pool
 from agent.errors import (
@@ -192,7 +193,7 @@ def get_pool(s, pool_uuid: str, cluster: str, caller: Caller) -> Pool:
     return p
 
 
-@router.post("/list")
+@router.post("/list", **answers(v1.PoolListAnswer))
 def list_(req: PoolListRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     if req.tenant:
@@ -219,7 +220,7 @@ def list_(req: PoolListRequest, request: Request, caller: Caller = Depends(authe
     return range_list("infos", infos, cluster, req.tenant, total)
 
 
-@router.post("/get")
+@router.post("/get", **answers(v1.PoolEnvelope))
 def get(req: GetRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant, "tenant")
@@ -230,7 +231,7 @@ def get(req: GetRequest, request: Request, caller: Caller = Depends(authenticate
     return ok(_wrap(to_seed(p, caller), cluster, tenant))
 
 
-@router.post("/create")
+@router.post("/create", **answers(v1.PoolEnvelope))
 def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(authenticated)):
     _operator(caller)
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
@@ -366,7 +367,7 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
     return ok(_wrap(to_seed(p, caller), cluster))
 
 
-@router.post("/delete")
+@router.post("/delete", **answers(v1.PoolDeletedAnswer))
 def delete(req: PoolDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     _operator(caller)
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
@@ -392,7 +393,7 @@ def delete(req: PoolDeleteRequest, request: Request, caller: Caller = Depends(au
     return ok({"pool": {}})
 
 
-@router.post("/set")
+@router.post("/set", **answers(v1.PoolEnvelope))
 def set_(req: SetRequest, request: Request, caller: Caller = Depends(authenticated)):
     _operator(caller)
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
@@ -410,7 +411,7 @@ def set_(req: SetRequest, request: Request, caller: Caller = Depends(authenticat
     return ok(_wrap(to_seed(p, caller), cluster))
 
 
-@router.post("/status/check")
+@router.post("/status/check", **answers(v1.PoolEnvelope))
 def status_check(req: StatusRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant, "tenant")
@@ -442,7 +443,7 @@ def status_check(req: StatusRequest, request: Request, caller: Caller = Depends(
     return ok(_wrap(to_seed(p, caller), cluster, tenant))
 
 
-@router.get("/pool_type/support")
+@router.get("/pool_type/support", **answers(v1.PoolEnvelope))
 def pool_type_support(request: Request, cluster_uuid: str = Query(...), caller: Caller = Depends(authenticated)):
     cluster = v.uuid(cluster_uuid, "cluster_uuid")
     with context(request).db.session() as s:
@@ -454,7 +455,7 @@ def pool_type_support(request: Request, cluster_uuid: str = Query(...), caller: 
     return ok(dict(_wrap(None, cluster), PoolTypes=types))
 
 
-@router.post("/fc_device/list")
+@router.post("/fc_device/list", **answers(v1.FcDevicesAnswer))
 def fc_device_list(req: FcRequest, request: Request, caller: Caller = Depends(authenticated)):
     _operator(caller)
     v.uuid(req.cluster_uuid, "cluster_uuid")

@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.policies import project
+from agent.controller.api.shapes import answers, v3
 from agent.controller.inventory import (
     log_task,
     reconnect_backup_point,
@@ -317,7 +318,7 @@ def _conditions(q: list[str]) -> dict[str, str]:
 router = APIRouter(prefix="/v3/{project_id}/vaults", tags=["vaults (seed 003)"])
 
 
-@router.post("")
+@router.post("", **answers(v3.VaultAnswer, v3.VaultCreate))
 def create(project_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     if not isinstance(body, dict) or not isinstance(body.get("vault"), dict):
@@ -392,7 +393,7 @@ def create(project_id: str, request: Request, body: Any = Body(None), caller: Ca
         return {"vault": to_seed(s, vault)}
 
 
-@router.get("")
+@router.get("", **answers(v3.VaultList))
 def list_(
     project_id: str,
     request: Request,
@@ -429,14 +430,14 @@ def list_(
         return {"vaults": [to_seed(s, x) for x in page], "count": len(rows)}
 
 
-@router.get("/{vault_id}")
+@router.get("/{vault_id}", **answers(v3.VaultAnswer))
 def get(project_id: str, vault_id: str, request: Request, caller: Caller = Depends(authenticated)):
     tenant = project(caller, project_id)
     with context(request).db.session() as s:
         return {"vault": to_seed(s, load_vault(s, tenant, vault_id))}
 
 
-@router.put("/{vault_id}")
+@router.put("/{vault_id}", **answers(v3.VaultAnswer, v3.VaultUpdate))
 def update(
     project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):
@@ -506,7 +507,7 @@ def delete(
     return Response(status_code=204)  # the seed answers 204, no body
 
 
-@router.post("/{vault_id}/addresources")
+@router.post("/{vault_id}/addresources", **answers(v3.ResourcesAdded, v3.ResourcesAdd))
 def add_resources(
     project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):
@@ -525,7 +526,7 @@ def add_resources(
     return {"add_resource_ids": vols + [x.uuid for x in servers]}
 
 
-@router.post("/{vault_id}/removeresources")
+@router.post("/{vault_id}/removeresources", **answers(v3.ResourcesRemoved, v3.ResourcesRemove))
 def remove_resources(
     project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):
@@ -557,7 +558,7 @@ def remove_resources(
     return {"remove_resource_ids": [str(x) for x in ids]}
 
 
-@router.post("/{vault_id}/migrateresources")
+@router.post("/{vault_id}/migrateresources", **answers(v3.ResourcesMigrated, v3.ResourcesMigrate))
 def migrate_resources(
     project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):
@@ -630,7 +631,7 @@ def migrate_resources(
     return {"migrated_resources": moved}
 
 
-@router.post("/{vault_id}/associatepolicy")
+@router.post("/{vault_id}/associatepolicy", **answers(v3.PolicyAssociated, v3.PolicyRef))
 def associate(
     project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):
@@ -646,7 +647,7 @@ def associate(
     return {"associate_policy": {"vault_id": vault_id, "policy_id": pid}}
 
 
-@router.post("/{vault_id}/dissociatepolicy")
+@router.post("/{vault_id}/dissociatepolicy", **answers(v3.PolicyDissociated, v3.PolicyRef))
 def dissociate(
     project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):
@@ -660,7 +661,7 @@ def dissociate(
     return {"dissociate_policy": {"vault_id": vault_id, "policy_id": pid}}
 
 
-@router.put("/{vault_id}/actions")
+@router.put("/{vault_id}/actions", **answers(v3.VaultAnswer, v3.ReconnectAction))
 def actions(
     project_id: str, vault_id: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)
 ):

@@ -21,6 +21,7 @@ from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok, range_list
 from agent.controller.api.pools import _visible
+from agent.controller.api.shapes import answers, v1
 from agent.controller.inventory import serving_hosts
 from agent.controller.models import Host, Pool, Volume
 from agent.errors import AlreadyExists, InvalidArgument, NoSpace, NotFound, TargetUnreachable
@@ -167,7 +168,7 @@ def client(request: Request, host: Host) -> AgentClient:
     return context(request).agents.client(host)
 
 
-@router.post("/list")
+@router.post("/list", **answers(v1.VolumeListAnswer))
 def list_(req: VolumeListRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant, "tenant")
@@ -199,7 +200,7 @@ def list_(req: VolumeListRequest, request: Request, caller: Caller = Depends(aut
     return range_list("list", items, cluster, tenant, total)
 
 
-@router.post("/create")
+@router.post("/create", **answers(v1.VolumeEnvelope))
 def create(req: VolumeCreateRequest, request: Request, caller: Caller = Depends(authenticated)):
     cluster = v.uuid(req.cluster_uuid, "cluster_uuid")
     tenant = v.uuid(req.tenant, "tenant")
@@ -267,7 +268,7 @@ def create(req: VolumeCreateRequest, request: Request, caller: Caller = Depends(
     return ok(_wrap(volume_to_seed(vol, pool, [h.uuid for h in hosts])))
 
 
-@router.post("/delete")
+@router.post("/delete", **answers(v1.VolumeEnvelope))
 def delete(req: VolumeDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     check_name(vol, req.volume_name, "volume_name")
@@ -289,20 +290,20 @@ def refresh(request: Request, vol: Volume, host: Host) -> Volume:
         return row
 
 
-@router.post("/get")
+@router.post("/get", **answers(v1.VolumeEnvelope))
 def get(req: VolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     return ok(_wrap(volume_to_seed(refresh(request, vol, hosts[0]), pool, [h.uuid for h in hosts])))
 
 
-@router.post("/used/update")
+@router.post("/used/update", **answers(v1.VolumeEnvelope))
 def used_update(req: NamedVolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     refresh(request, vol, hosts[0])
     return ok(_wrap(None))
 
 
-@router.post("/snap_length/update")
+@router.post("/snap_length/update", **answers(v1.VolumeEnvelope))
 def snap_length_update(req: NamedVolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     refresh(request, vol, hosts[0])
@@ -333,7 +334,7 @@ def snap_to_seed(snap, names: dict[str, str]) -> dict:
     }
 
 
-@router.post("/snapshot/create")
+@router.post("/snapshot/create", **answers(v1.SnapshotEnvelope))
 def snapshot_create(req: SnapCreateRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     name = v.name(req.snapshot_name, "snapshot_name")
@@ -364,21 +365,21 @@ def snap_ref(request, req: SnapRefRequest, caller):
     return vol, hosts, volumes_pb2.SnapshotRef(pool_uuid=vol.pool_uuid, volume_uuid=vol.uuid, snapshot_uuid=sid)
 
 
-@router.post("/snapshot/delete")
+@router.post("/snapshot/delete", **answers(v1.SnapshotEnvelope))
 def snapshot_delete(req: SnapDeleteRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, hosts, ref = snap_ref(request, req, caller)
     client(request, hosts[0]).delete_snapshot(ref)
     return ok(_snap_wrap())
 
 
-@router.post("/snapshot/rollback")
+@router.post("/snapshot/rollback", **answers(v1.SnapshotEnvelope))
 def snapshot_rollback(req: SnapRefRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, hosts, ref = snap_ref(request, req, caller)
     client(request, hosts[0]).rollback_snapshot(ref)
     return ok(_snap_wrap())
 
 
-@router.post("/snapshot/tree/get")
+@router.post("/snapshot/tree/get", **answers(v1.SnapshotEnvelope))
 def snapshot_tree(req: VolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     t = client(request, hosts[0]).get_snapshot_tree(
@@ -393,7 +394,7 @@ def snapshot_tree(req: VolumeRequest, request: Request, caller: Caller = Depends
     return ok(_snap_wrap(tree=tree))
 
 
-@router.post("/snapshot/list")
+@router.post("/snapshot/list", **answers(v1.SnapshotListAnswer))
 def snapshot_list(req: VolumeRequest, request: Request, caller: Caller = Depends(authenticated)):
     vol, pool, hosts = load(request, req, caller)
     snaps = snapshots(request, vol, hosts[0])

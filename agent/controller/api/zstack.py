@@ -20,6 +20,8 @@ from sqlalchemy import func, select
 from agent.controller import validate as v
 from agent.controller import zquery
 from agent.controller.api.auth import Caller, authenticated, context
+from agent.controller.api.shapes import answers
+from agent.controller.api.shapes import zstack as zs
 from agent.controller.inventory import backup_point_reports, reconnect_backup_point, remove_backup
 from agent.controller.models import Backup, BackupPoint, Task, Vault
 from agent.errors import Busy, HasDependents, InvalidArgument, NotFound, from_code
@@ -124,7 +126,7 @@ def _query(
     return out
 
 
-@router.get("")
+@router.get("", **answers(zs.Inventories))
 def query(
     request: Request,
     q: list[str] = Query(default=[]),
@@ -140,7 +142,7 @@ def query(
     return _query(request, caller, q, limit, start, count, replyWithCount, sort)
 
 
-@router.get("/{uuid}")
+@router.get("/{uuid}", **answers(zs.Inventories))
 def get(
     uuid: str,
     request: Request,
@@ -161,7 +163,7 @@ def _load(s, caller: Caller, uuid: str) -> BackupPoint:
     return bp
 
 
-@router.put("/{uuid}/actions")
+@router.put("/{uuid}/actions", **answers(zs.InventoryAnswer, zs.ReconnectBody))
 def actions(uuid: str, request: Request, body: Any = Body(None), caller: Caller = Depends(authenticated)):
     """ReconnectBackupStorage: a new session from an online host; the
     answer is the inventory with the status found, or the reason it
@@ -188,7 +190,7 @@ def actions(uuid: str, request: Request, body: Any = Body(None), caller: Caller 
     return {"inventory": inv}
 
 
-@router.delete("/{uuid}")
+@router.delete("/{uuid}", **answers(zs.Deleted))
 def delete(
     uuid: str,
     request: Request,
