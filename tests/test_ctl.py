@@ -83,6 +83,60 @@ def test_blockferry_ctl_round_trip(cluster, short_tmp):
     tid = ctl(env, "--no-wait", "backups", "create", "web", "s1", bp, "--name", "again").stdout.strip()
     assert "success" in ctl(env, "tasks", "watch", tid).stdout
     ctl(env, "volumes", "delete", "web-restored")
+    # the demo's change and incremental backup, then verify (deep) and gc, backup point and pool by name
+    write(vol["AccessPath"][host], {4 << 20: os.urandom(65536)}, run)
+    ctl(env, "snapshots", "create", "web", "s2")
+    inc = json.loads(ctl(env, "--json", "backups", "create", "web", "s2", "nightly", "--name", "inc").stdout)
+    assert inc["result"]["mode"] == "incremental" and inc["result"]["parent_backup_uuid"], inc["result"]
+    assert "success" in ctl(env, "backup-points", "verify", "nightly", "--backup", inc["result"]["backup_uuid"]).stdout
+    deep = json.loads(ctl(env, "--json", "backup-points", "verify", "nightly", "--deep").stdout)
+    assert deep["status"] == "success" and deep["operation_type"] == "verify", deep
+    assert "success" in ctl(env, "backup-points", "gc", "nightly").stdout
+    done = json.loads(ctl(env, "--json", "backups", "restore", inc["result"]["backup_uuid"], "first", "web-s2").stdout)
+    want2 = volume_digest(
+        a, pool, vol["UUID"], json.loads(ctl(env, "--json", "snapshots", "list", "web").stdout)["list"][1]["UUID"]
+    )
+    assert volume_digest(a, pool, done["result"]["volume_uuid"]) == want2
+    # seed 003 from the shell: a policy, a vault of the volume that follows it, a checkpoint now
+    made = json.loads(
+        ctl(
+            env, "--json", "policies", "create", "daily", "--rrule", "FREQ=DAILY;BYHOUR=2;BYMINUTE=0", "--keep", "7"
+        ).stdout
+    )["policy"]
+    assert made["operation_definition"]["max_backups"] == 7
+    assert "FREQ=DAILY" in ctl(env, "policies").stdout and "7 newest" in ctl(env, "policies", "show", "daily").stdout
+    vault = json.loads(
+        ctl(
+            env,
+            "--json",
+            "vaults",
+            "create",
+            "web-vault",
+            "--size",
+            "10",
+            "--backup-point",
+            "nightly",
+            "--volume",
+            "web",
+            "--policy",
+            "daily",
+        ).stdout
+    )["vault"]
+    assert vault["policy_id"] == made["id"] and [r["id"] for r in vault["resources"]] == [vol["UUID"]]
+    cp = json.loads(ctl(env, "--json", "checkpoints", "create", "web-vault").stdout)["checkpoint"]
+    (res,) = cp["vault"]["resources"]
+    assert "success" in ctl(env, "tasks", "watch", res["task_id"]).stdout
+    shown = ctl(env, "vaults", "show", "web-vault").stdout
+    assert "web-vault" in shown and vol["UUID"] in shown
+    r = ctl(env, "policies", "delete", "daily", check=False)  # a vault still follows it
+    assert r.returncode != 0 and r.stderr.count("blockferry-ctl:") == 1, r.stderr
+    ctl(env, "vaults", "dissociate", "web-vault", "daily")
+    ctl(env, "policies", "delete", "daily")
+    r = ctl(env, "vaults", "delete", "web-vault", check=False)  # it holds a backup
+    assert r.returncode != 0 and "Enforcing" in r.stderr, r.stderr
+    ctl(env, "vaults", "delete", "web-vault", "--with-backups")
+    assert "web-vault" not in ctl(env, "vaults", "list").stdout
+    ctl(env, "volumes", "delete", "web-s2")
     # errors by class, the code printed once, never a traceback
     r = ctl(env, "volumes", "show", "nothing-here", check=False)
     assert r.returncode == 3 and r.stderr.count("NOT_FOUND") == 1, r.stderr

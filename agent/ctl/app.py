@@ -7,90 +7,18 @@ bar. Exit statuses by class, as `blockferry` (docs/errors.md)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import uuid
-from typing import Any
 
 from agent import __version__
 from agent.cli import refs
+from agent.ctl import protection
+from agent.ctl.context import Ctx, need, out
 from agent.ctl.rest import Controller, load
-from agent.errors import BlockferryError, InvalidArgument, NotFound, exit_status
+from agent.errors import BlockferryError, InvalidArgument, exit_status
 
 SNAP_CAPACITY = 1 << 40  # seed 001's snap_capacity: a quota the agents do not enforce
-
-
-def _need(value: str, what: str) -> str:
-    if not value:
-        raise InvalidArgument(
-            f"{what}: not set; give --{what}, ${'BLOCKFERRY_' + what.upper()}, or {what} in the config file",
-            field=what,
-        )
-    return value
-
-
-def _out(args, rows: list[tuple], headers: tuple, raw: Any) -> None:
-    if args.json:
-        print(json.dumps(raw, indent=None, sort_keys=True))
-    else:
-        print(refs.table(headers, rows))
-
-
-class Ctx:
-    def __init__(self, ctl: Controller, args):
-        self.ctl, self.args = ctl, args
-        self.cluster = ctl.settings.cluster
-        self.tenant = ctl.settings.tenant
-
-    def ref(self) -> dict:
-        return {"cluster_uuid": _need(self.cluster, "cluster"), "tenant": _need(self.tenant, "tenant")}
-
-    def volume(self, name_or_uuid: str) -> dict:
-        """A volume of the tenant by uuid, or by a name only one has."""
-        if refs.is_uuid(name_or_uuid):
-            return self.ctl.call("POST", "/v1/volume/share/get", body={**self.ref(), "volume_uuid": name_or_uuid})[
-                "volume"
-            ]
-        found = [
-            x["volume"]
-            for x in self.ctl.call("POST", "/v1/volume/share/list", body={**self.ref(), "filter_name": name_or_uuid})[
-                "list"
-            ]
-            if x["volume"]["Name"] == name_or_uuid
-        ]
-        if not found:
-            raise NotFound(f"volume: no volume named {name_or_uuid!r}", field="volume")
-        if len(found) > 1:
-            raise InvalidArgument(
-                f"volume: {len(found)} volumes are named {name_or_uuid!r}; give the uuid "
-                f"({', '.join(x['UUID'] for x in found)})",
-                field="volume",
-            )
-        return found[0]
-
-    def snapshot(self, vol: dict, name_or_uuid: str) -> dict:
-        snaps = self.ctl.call("POST", "/v1/volume/share/snapshot/list", body={**self.ref(), "volume_uuid": vol["UUID"]})
-        for s in snaps["list"]:
-            if name_or_uuid in (s["UUID"], s["Name"]):
-                return s
-        raise NotFound(f"snapshot: volume {vol['Name']} has no snapshot {name_or_uuid!r}", field="snapshot")
-
-    def task(self, data: dict) -> int:
-        """Follow the task of a long operation (unless --no-wait)."""
-        tid = data["task_id"]
-        if not self.args.wait:
-            print(json.dumps(data) if self.args.json else tid)
-            return 0
-        t = self.ctl.follow(tid, quiet=self.args.json)
-        if self.args.json:
-            print(json.dumps(t, sort_keys=True))
-        elif t["status"] != "success":
-            err = t.get("error_info") or {}
-            print(f"blockferry-ctl: task {tid} {t['status']}: {err.get('code')}: {err.get('message')}", file=sys.stderr)
-        else:
-            print(f"task {tid} {t['status']}")
-        return 0 if t["status"] == "success" else 1
 
 
 def cmd_hosts(c: Ctx) -> int:
@@ -106,7 +34,7 @@ def cmd_hosts(c: Ctx) -> int:
         )
         for h in data["list"]
     ]
-    _out(c.args, rows, ("host", "name", "state", "version", "jobs", "last seen"), data)
+    out(c.args, rows, ("host", "name", "state", "version", "jobs", "last seen"), data)
     return 0
 
 
@@ -115,7 +43,7 @@ def cmd_zones(c: Ctx) -> int:
     rows = [
         (z["ClusterUUID"], z["UUID"] or "-", z["Name"] or "-", len(z["Hosts"]), z["PoolCount"]) for z in data["list"]
     ]
-    _out(c.args, rows, ("cluster", "zone", "name", "hosts", "pools"), data)
+    out(c.args, rows, ("cluster", "zone", "name", "hosts", "pools"), data)
     return 0
 
 
@@ -129,7 +57,7 @@ def _zone(c: Ctx, hosts: list[str]) -> str:
         zone = c.ctl.call("GET", f"/v1/hosts/{h}").get("ZoneUUID")
         if zone:
             return str(zone)
-    cluster = _need(c.cluster, "cluster")
+    cluster = need(c.cluster, "cluster")
     known = {z["UUID"] for z in c.ctl.call("GET", "/v1/zones")["list"] if z["ClusterUUID"] == cluster and z["UUID"]}
     if len(known) == 1:
         return known.pop()
@@ -142,7 +70,7 @@ def cmd_pools(c: Ctx) -> int:
     a = c.args
     if getattr(a, "pool_cmd", "list") == "create":
         body = {
-            "cluster_uuid": _need(c.cluster, "cluster"),
+            "cluster_uuid": need(c.cluster, "cluster"),
             "zone_uuid": a.zone or _zone(c, a.host or []),
             "pool_name": a.name,
             "pool_type": POOL_TYPES[a.type],
@@ -158,9 +86,9 @@ def cmd_pools(c: Ctx) -> int:
             "attr": {},
         }
         pool = c.ctl.call("POST", "/v1/pool/share/create", body=body)["pool"]
-        _out(a, [(pool["UUID"], pool["Name"], pool["Type"], pool["Status"], pool["Source"])], POOL_HEADERS, pool)
+        out(a, [(pool["UUID"], pool["Name"], pool["Type"], pool["Status"], pool["Source"])], POOL_HEADERS, pool)
         return 0
-    data = c.ctl.call("POST", "/v1/pool/share/list", body={"cluster_uuid": _need(c.cluster, "cluster")})
+    data = c.ctl.call("POST", "/v1/pool/share/list", body={"cluster_uuid": need(c.cluster, "cluster")})
     rows = [
         (
             p["pool"]["UUID"],
@@ -172,7 +100,7 @@ def cmd_pools(c: Ctx) -> int:
         )
         for p in data["infos"]
     ]
-    _out(c.args, rows, ("pool", "name", "type", "status", "capacity", "source"), data)
+    out(c.args, rows, ("pool", "name", "type", "status", "capacity", "source"), data)
     return 0
 
 
@@ -181,10 +109,17 @@ POOL_HEADERS = ("pool", "name", "type", "status", "source")
 
 def cmd_backup_points(c: Ctx) -> int:
     a = c.args
-    if getattr(a, "bp_cmd", "list") == "add":
+    cmd = getattr(a, "bp_cmd", None) or "list"
+    if cmd in ("verify", "gc"):
+        bp = c.backup_point(a.backup_point)
+        body = {"cluster_uuid": need(c.cluster, "cluster"), "uuid": bp["UUID"]}
+        if cmd == "verify":
+            body.update(backup_uuid=a.backup or "", deep=a.deep)
+        return c.task(c.ctl.call("POST", f"/v1/volume/internal/backuppoint/{cmd}", body=body))
+    if cmd == "add":
         body = {
-            "cluster_uuid": _need(c.cluster, "cluster"),
-            "tenant": _need(c.tenant, "tenant"),
+            "cluster_uuid": need(c.cluster, "cluster"),
+            "tenant": need(c.tenant, "tenant"),
             "name": a.name,
             "btype": a.type,
             # the seed requires an ip; local, disk and FC backup points do not use it
@@ -196,10 +131,10 @@ def cmd_backup_points(c: Ctx) -> int:
             "env": {},
         }
         made = c.ctl.call("POST", "/v1/volume/internal/backuppoint/add", body=body)
-        _out(a, [(made["uuid"], made["name"])], ("backup point", "name"), made)
+        out(a, [(made["uuid"], made["name"])], ("backup point", "name"), made)
         return 0
     data = c.ctl.call(
-        "GET", "/v1/volume/internal/backuppoint/list", params={"cluster_uuid": _need(c.cluster, "cluster")}
+        "GET", "/v1/volume/internal/backuppoint/list", params={"cluster_uuid": need(c.cluster, "cluster")}
     )
     rows = [
         (
@@ -213,7 +148,7 @@ def cmd_backup_points(c: Ctx) -> int:
         )
         for b in data["list"]
     ]
-    _out(c.args, rows, ("backup point", "name", "type", "state", "backups", "address", "location"), data)
+    out(c.args, rows, ("backup point", "name", "type", "state", "backups", "address", "location"), data)
     return 0
 
 
@@ -225,24 +160,25 @@ def cmd_volumes(c: Ctx) -> int:
     a = c.args
     headers = ("volume", "name", "pool", "capacity", "used")
     if a.vol_cmd == "list":
-        data = c.ctl.call("POST", "/v1/volume/share/list", body={**c.ref(), "filter_pool_uuid": a.pool or ""})
-        _out(a, [_vol_row(x["volume"]) for x in data["list"]], headers, data)
+        pool = c.pool(a.pool)["UUID"] if a.pool else ""
+        data = c.ctl.call("POST", "/v1/volume/share/list", body={**c.ref(), "filter_pool_uuid": pool})
+        out(a, [_vol_row(x["volume"]) for x in data["list"]], headers, data)
         return 0
     if a.vol_cmd == "create":
         body = {
             **c.ref(),
-            "pool_uuid": a.pool,
+            "pool_uuid": c.pool(a.pool)["UUID"],
             "volume_name": a.name,
             "volume_type": "block",
             "capacity": a.size,
             "snap_capacity": SNAP_CAPACITY,
         }
         vol = c.ctl.call("POST", "/v1/volume/share/create", body=body)["volume"]
-        _out(a, [_vol_row(vol)], headers, vol)
+        out(a, [_vol_row(vol)], headers, vol)
         return 0
     vol = c.volume(a.volume)
     if a.vol_cmd == "show":
-        _out(a, [_vol_row(vol)], headers, vol)
+        out(a, [_vol_row(vol)], headers, vol)
         return 0
     c.ctl.call(
         "POST",
@@ -263,11 +199,11 @@ def cmd_snapshots(c: Ctx) -> int:
             (s["UUID"], s["Name"], refs.when(s["Ctime"]), s["Parent"] or "-", refs.human(s["Size"]))
             for s in data["list"]
         ]
-        _out(a, rows, ("snapshot", "name", "created", "parent", "size"), data)
+        out(a, rows, ("snapshot", "name", "created", "parent", "size"), data)
         return 0
     if a.snap_cmd == "create":
         s = c.ctl.call("POST", "/v1/volume/share/snapshot/create", body={**ref, "snapshot_name": a.name, "desc": ""})
-        _out(a, [(s["snapshot"]["UUID"], s["snapshot"]["Name"])], ("snapshot", "name"), s)
+        out(a, [(s["snapshot"]["UUID"], s["snapshot"]["Name"])], ("snapshot", "name"), s)
         return 0
     snap = c.snapshot(vol, a.snapshot)
     if a.snap_cmd == "rollback":
@@ -285,12 +221,12 @@ def cmd_clone(c: Ctx) -> int:
     vol = c.volume(a.volume)
     snap = c.snapshot(vol, a.snapshot)
     body = {
-        "cluster_uuid": _need(c.cluster, "cluster"),
+        "cluster_uuid": need(c.cluster, "cluster"),
         "volume_uuid": vol["UUID"],
         "volume_name": vol["Name"],
         "clone_dst_vol_name": a.name,
-        "clone_dst_vol_tenant": _need(c.tenant, "tenant"),
-        "clone_dst_pool_uuid": a.pool or vol["PoolUUID"],
+        "clone_dst_vol_tenant": need(c.tenant, "tenant"),
+        "clone_dst_pool_uuid": c.pool(a.pool)["UUID"] if a.pool else vol["PoolUUID"],
         "is_link": a.linked,
         "snapshot_uuid": snap["UUID"],
     }
@@ -305,19 +241,19 @@ def cmd_backups(c: Ctx) -> int:
     a = c.args
     if a.bk_cmd == "list":
         vol = c.volume(a.volume)["UUID"] if a.volume else ""
-        params = {"cluster_uuid": _need(c.cluster, "cluster"), "tenant": c.tenant, "filter_volume_uuid": vol}
+        params = {"cluster_uuid": need(c.cluster, "cluster"), "tenant": c.tenant, "filter_volume_uuid": vol}
         data = c.ctl.call("GET", "/v1/volume/share/backup/list", params=params)
         headers = ("backup", "name", "created", "status", "mode", "snapshot", "backup point")
-        _out(a, [_backup_row(b) for b in data["list"]], headers, data)
+        out(a, [_backup_row(b) for b in data["list"]], headers, data)
         return 0
     if a.bk_cmd == "create":
         vol = c.volume(a.volume)
         snap = c.snapshot(vol, a.snapshot)
         body = {
-            "cluster_uuid": _need(c.cluster, "cluster"),
+            "cluster_uuid": need(c.cluster, "cluster"),
             "volume_uuid": vol["UUID"],
             "snapshot_uuid": snap["UUID"],
-            "backup_point_uuid": a.backup_point,
+            "backup_point_uuid": c.backup_point(a.backup_point)["UUID"],
             "backup_name": a.name or snap["Name"],
             "desc": "",
             "full": a.full,
@@ -325,11 +261,11 @@ def cmd_backups(c: Ctx) -> int:
         return c.task(c.ctl.call("POST", "/v1/volume/share/backup/add", body=body))
     if a.bk_cmd == "restore":
         body = {
-            "cluster_uuid": _need(c.cluster, "cluster"),
+            "cluster_uuid": need(c.cluster, "cluster"),
             "backup_uuid": a.backup,
             "new_volume_name": a.name,
-            "new_volume_tenant": _need(c.tenant, "tenant"),
-            "new_pool_uuid": a.pool,
+            "new_volume_tenant": need(c.tenant, "tenant"),
+            "new_pool_uuid": c.pool(a.pool)["UUID"],
         }
         return c.task(c.ctl.call("POST", "/v1/volume/share/backup/restore", body=body))
     c.ctl.call("POST", "/v1/volume/share/backup/delete", body={**c.ref(), "backup_uuid": a.backup})
@@ -356,75 +292,14 @@ def cmd_tasks(c: Ctx) -> int:
     headers = ("task", "operation", "status", "progress", "created", "resource", "error")
     if a.task_cmd == "list":
         data = c.ctl.call("GET", "/v1/tasks", params={"status": a.status or "", "operation_type": a.operation or ""})
-        _out(a, [_task_row(t) for t in data["tasks"]], headers, data)
+        out(a, [_task_row(t) for t in data["tasks"]], headers, data)
         return 0
     if a.task_cmd == "watch":
         t = c.ctl.follow(a.task_id, quiet=a.json)
-        _out(a, [_task_row(t)], headers, t)
+        out(a, [_task_row(t)], headers, t)
         return 0 if t["status"] == "success" else 1
     t = c.ctl.call("GET", f"/v1/tasks/{a.task_id}")
-    _out(a, [_task_row(t)], headers, t)
-    return 0
-
-
-def cmd_vaults(c: Ctx) -> int:
-    a = c.args
-    project = _need(c.tenant, "tenant")
-    if a.vault_cmd == "list":
-        data = c.ctl.call("GET", f"/v3/{project}/vaults")
-        vaults = data["vaults"]
-    else:
-        data = c.ctl.call("GET", f"/v3/{project}/vaults/{a.vault}")
-        vaults = [data["vault"]]
-    rows = [
-        (
-            x["id"],
-            x["name"],
-            x["status"],
-            x["billing"]["object_type"],
-            f"{x['billing']['used']} MB of {x['billing']['size']} GB",
-            len(x["resources"]),
-            x["policy_id"] or "-",
-        )
-        for x in vaults
-    ]
-    _out(a, rows, ("vault", "name", "status", "type", "used", "resources", "policy"), data)
-    return 0
-
-
-def cmd_policies(c: Ctx) -> int:
-    data = c.ctl.call("GET", f"/v3/{_need(c.tenant, 'tenant')}/policies")
-    rows = [
-        (p["id"], p["name"], "on" if p["enabled"] else "off", "; ".join(p["trigger"]["properties"]["pattern"]))
-        for p in data["policies"]
-    ]
-    _out(c.args, rows, ("policy", "name", "enabled", "schedule"), data)
-    return 0
-
-
-def cmd_checkpoints(c: Ctx) -> int:
-    a = c.args
-    project = _need(c.tenant, "tenant")
-    if a.cp_cmd == "create":
-        data = c.ctl.call("POST", f"/v3/{project}/checkpoints", body={"checkpoint": {"vault_id": a.vault}})
-    else:
-        data = c.ctl.call("GET", f"/v3/{project}/checkpoints/{a.checkpoint}")
-    cp = data["checkpoint"]
-    rows = [
-        (
-            r["id"],
-            r.get("name") or "-",
-            r.get("protect_status") or "-",
-            r.get("backup_id") or "-",
-            r.get("task_id") or "-",
-        )
-        for r in cp["vault"]["resources"]
-    ]
-    if a.json:
-        print(json.dumps(data, sort_keys=True))
-    else:
-        print(f"checkpoint {cp['id']} {cp['status']}")
-        print(refs.table(("resource", "name", "status", "backup", "task"), rows))
+    out(a, [_task_row(t)], headers, t)
     return 0
 
 
@@ -444,7 +319,6 @@ def parser() -> argparse.ArgumentParser:
     for name, what in (
         ("hosts", "agent hosts and their state"),
         ("zones", "clusters and zones"),
-        ("policies", "backup policies"),
     ):
         sub.add_parser(name, help=what)
 
@@ -459,9 +333,16 @@ def parser() -> argparse.ArgumentParser:
     pc.add_argument("--host", action="append", help="a host that serves it (repeat; default: every host)")
     pc.add_argument("--zone", help="zone uuid")
 
-    bp = sub.add_parser("backup-points", help="backup points: list, add (password: $BLOCKFERRY_BP_PASSWORD)")
+    bp = sub.add_parser(
+        "backup-points", help="backup points: list, add, verify, gc (password: $BLOCKFERRY_BP_PASSWORD)"
+    )
     bps = bp.add_subparsers(dest="bp_cmd")
     bps.add_parser("list")
+    bv = bps.add_parser("verify", help="one backup, or every pack, index and manifest (a task)")
+    bv.add_argument("backup_point", help="name or uuid")
+    bv.add_argument("--backup", help="only this backup (uuid)")
+    bv.add_argument("--deep", action="store_true", help="also recompute the image digests")
+    bps.add_parser("gc", help="reclaim the space of deleted and failed backups (a task)").add_argument("backup_point")
     ba = bps.add_parser("add")
     ba.add_argument("name")
     ba.add_argument("type", choices=("local", "nfs", "samba", "iscsi", "disk", "fc"))
@@ -471,9 +352,9 @@ def parser() -> argparse.ArgumentParser:
 
     vol = sub.add_parser("volumes", help="volumes: list, show, create, delete")
     vs = vol.add_subparsers(dest="vol_cmd", required=True)
-    vs.add_parser("list").add_argument("--pool", help="of this pool (uuid)")
+    vs.add_parser("list").add_argument("--pool", help="of this pool (name or uuid)")
     vc = vs.add_parser("create")
-    vc.add_argument("pool")
+    vc.add_argument("pool", help="name or uuid")
     vc.add_argument("name")
     vc.add_argument("size", type=refs.size_arg, help="bytes or 64M, 1G, 1TiB")
     vs.add_parser("show").add_argument("volume", help="name or uuid")
@@ -505,12 +386,12 @@ def parser() -> argparse.ArgumentParser:
     bc = bs.add_parser("create")
     bc.add_argument("volume")
     bc.add_argument("snapshot")
-    bc.add_argument("backup_point")
+    bc.add_argument("backup_point", help="name or uuid")
     bc.add_argument("--name", default="")
     bc.add_argument("--full", action="store_true")
     br = bs.add_parser("restore")
     br.add_argument("backup")
-    br.add_argument("pool")
+    br.add_argument("pool", help="the new volume's pool (name or uuid)")
     br.add_argument("name")
     bs.add_parser("delete").add_argument("backup")
 
@@ -522,15 +403,7 @@ def parser() -> argparse.ArgumentParser:
     for name in ("show", "watch"):
         ts.add_parser(name).add_argument("task_id")
 
-    va = sub.add_parser("vaults", help="vaults: list, show")
-    vas = va.add_subparsers(dest="vault_cmd", required=True)
-    vas.add_parser("list")
-    vas.add_parser("show").add_argument("vault")
-
-    cp = sub.add_parser("checkpoints", help="back up a vault now, or show a checkpoint")
-    cps = cp.add_subparsers(dest="cp_cmd", required=True)
-    cps.add_parser("create").add_argument("vault")
-    cps.add_parser("show").add_argument("checkpoint")
+    protection.add_parsers(sub)
     sub.add_parser("completion", help="print the shell completion script (bash, zsh)").add_argument(
         "shell", choices=("bash", "zsh")
     )
@@ -547,9 +420,7 @@ COMMANDS = {
     "clone": cmd_clone,
     "backups": cmd_backups,
     "tasks": cmd_tasks,
-    "vaults": cmd_vaults,
-    "policies": cmd_policies,
-    "checkpoints": cmd_checkpoints,
+    **protection.COMMANDS,
 }
 
 
