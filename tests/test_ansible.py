@@ -140,6 +140,7 @@ class Deployment:
         self.vars = {
             "blockferry_install_wheel": str(wheel),
             "blockferry_install_prefix": f"{r}/opt",
+            "blockferry_install_link_prefix": f"{r}/usr/local",
             "blockferry_tls_dir": f"{r}/etc/tls",
             "blockferry_tls_lab_dir": f"{r}/pki",
             "blockferry_agent_config_dir": f"{r}/etc",
@@ -274,6 +275,15 @@ def test_playbook_deploys_both_services_and_they_work(deployment):
         text = (etc / f).read_text()
         assert all(s not in text for s in d.secrets), f
     assert d.bp_password in (etc / "agent.conf.d" / "50-secrets.toml").read_text()
+
+    # the CLIs, their man pages and completions, linked where operators look
+    local = d.root / "usr" / "local"
+    for cli in ("blockferry", "blockferry-ctl"):
+        assert (local / "bin" / cli).resolve() == d.root / "opt" / "venv" / "bin" / cli
+        v = subprocess.run([str(local / "bin" / cli), "--version"], capture_output=True, text=True)
+        assert v.returncode == 0 and v.stdout.startswith(cli + " "), v.stderr
+        assert (local / "share" / "man" / "man1" / f"{cli}.1").read_text().startswith(".TH")
+        assert "complete" in (local / "share" / "bash-completion" / "completions" / cli).read_text()
 
     # the installed units, with their drop-ins, verify
     for service in ("blockferry-agent", "blockferry-controller"):
