@@ -5,6 +5,7 @@ it for the life of the agent."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from agent.attached import AttachedDefinitions
 from agent.config import BackupPointSection, Config
-from agent.errors import AuthFailed, BlockferryError, FailedPrecondition, NotFound
+from agent.errors import AuthFailed, BlockferryError, FailedPrecondition, NotFound, TargetUnreachable
 from agent.repo.repository import Repository
 from agent.stores.base import ObjectStore
 from agent.stores.local import LocalStore
@@ -23,9 +24,13 @@ SLOW_MS = 1000.0  # a metadata round trip slower than this: degraded
 
 
 class BackupPoint:
-    def __init__(self, uuid: str, section: BackupPointSection):
+    def __init__(self, uuid: str, section: BackupPointSection, state_dir: str = ""):
         self.uuid = uuid
         self.section = section
+        # the id of the repository this backup point held, once it held one: a
+        # backup point whose repository vanished (a disk not mounted, another
+        # export) is refused, never silently given a new, empty repository
+        self._known = os.path.join(state_dir, "repositories", uuid) if state_dir else ""
         self._repo: Repository | None = None
         self._store: ObjectStore | None = None
         self._lock = threading.Lock()
@@ -33,14 +38,18 @@ class BackupPoint:
     @property
     def label(self) -> str:
         """How errors name this backup point: its uuid and where it is (never a secret)."""
+        return f"{self.uuid} ({self.location})"
+
+    @property
+    def location(self) -> str:
+        """Where it is: a path, or a URL without credentials."""
         s = self.section
-        where = {
+        return {
             "local": s.path,
             "nfs": f"nfs://{s.ip}{s.root_dir.rstrip('/')}/{s.sub_dir}".rstrip("/"),
             "samba": f"smb://{s.ip}/{s.root_dir.strip('/')}/{s.sub_dir}".rstrip("/"),
             "iscsi": f"iscsi://{s.ip}/{s.target}/{s.lun}",
         }.get(s.type, s.device)
-        return f"{self.uuid} ({where})"
 
     def store(self) -> ObjectStore:
         s = self.section
@@ -106,15 +115,62 @@ class BackupPoint:
             self._store = self.store()
         return self._store
 
+    def known_repository(self) -> str:
+        """The id of the repository this backup point held ("" if none yet)."""
+        try:
+            with open(self._known) as f:
+                return f.read().strip()
+        except (FileNotFoundError, ValueError):
+            return ""
+
+    def _remember(self, repo_id: str) -> None:
+        if self._known and self.known_repository() != repo_id:
+            os.makedirs(os.path.dirname(self._known), mode=0o700, exist_ok=True)
+            tmp = f"{self._known}.tmp"
+            with open(tmp, "w") as f:
+                f.write(repo_id + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._known)
+
+    def forget(self) -> None:
+        """No longer remember its repository (the backup point was detached)."""
+        if self._known:
+            try:
+                os.unlink(self._known)
+            except FileNotFoundError:
+                pass
+
+    def _vanished(self, known: str) -> TargetUnreachable:
+        return TargetUnreachable(
+            f"backup_point_uuid: {self.label} held repository {known}, which is not there: is its disk "
+            "mounted, its export or share the right one? blockferry never starts a new repository in its "
+            f"place; to start afresh on purpose, remove {self._known}",
+            field="backup_point_uuid",
+        )
+
+    def _replaced(self, found: str, known: str) -> TargetUnreachable:
+        return TargetUnreachable(
+            f"backup_point_uuid: {self.label} now holds repository {found}, not {known} it held: another "
+            f"disk or export? To use this one on purpose, remove {self._known}",
+            field="backup_point_uuid",
+        )
+
     def repository(self) -> Repository:
         """The repository, opened with the configured password (a wrong one
-        is refused); an empty directory gets a new one if `initialize`."""
+        is refused); an empty directory gets a new one if `initialize`,
+        unless this backup point held another one before."""
         with self._lock:
             if self._repo is None:
+                known = self.known_repository()
+                if known and self.section.type == "local" and not os.path.isdir(self.section.path):
+                    raise self._vanished(known)  # not even the directory: never recreate it
                 store = self._open_store()
                 try:
                     store.get("config")
                 except NotFound:
+                    if known:
+                        raise self._vanished(known) from None
                     if not self.section.initialize:
                         raise FailedPrecondition(
                             f"backup_point_uuid: {self.label} holds no repository and initialize is off",
@@ -126,31 +182,50 @@ class BackupPoint:
                             "blockferry repository; it is never touched",
                             field="backup_point_uuid",
                         ) from None
-                    self._repo = Repository.init(
+                    repo = Repository.init(
                         store,
                         chunk_size=self.section.chunk_size,
                         password=self.section.password,
                         compression=self.section.compression,
                     )
                 else:
-                    self._repo = Repository.open(store, password=self.section.password)
+                    repo = Repository.open(store, password=self.section.password)
+                    if known and repo.id != known:
+                        raise self._replaced(repo.id, known)
+                self._remember(repo.id)
+                self._repo = repo
             return self._repo
 
     def check(self) -> BackupPointHealth:
         """Health, capacity and latency, without creating a repository."""
         s = self.section
+        known = self.known_repository()
         t0 = time.monotonic()
         try:
+            if known and s.type == "local" and not os.path.isdir(s.path):
+                raise self._vanished(known)  # checked first: opening the store would recreate the directory
             with self._lock:
                 store = self._open_store()
             st = store.stats()
             present = "config" in store.list("")
             latency = (time.monotonic() - t0) * 1000
+            if known and not present:
+                raise self._vanished(known)
+            if known and present:
+                found = _repository_id(store)
+                if found != known:
+                    raise self._replaced(found or "?", known)
         except AuthFailed as e:
             return BackupPointHealth(self.uuid, s.type, self.label, "auth_failed", error_code=e.code, error=e.message)
         except BlockferryError as e:
             self.reset()  # the next call connects again
             return BackupPointHealth(self.uuid, s.type, self.label, "unreachable", error_code=e.code, error=e.message)
+        except OSError as e:  # a local directory or device gone (unmounted, removed)
+            self.reset()
+            why = f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+            return BackupPointHealth(
+                self.uuid, s.type, self.label, "unreachable", error_code="TARGET_UNREACHABLE", error=why
+            )
         status, why = "healthy", ""
         if st.total_bytes and st.available_bytes < LOW_SPACE * st.total_bytes:
             status, why = (
@@ -189,6 +264,15 @@ class BackupPoint:
         return self.check()
 
 
+def _repository_id(store: ObjectStore) -> str:
+    """The id in a repository's config ("" if it cannot be read)."""
+    try:
+        config = json.loads(store.get("config"))
+    except (ValueError, NotFound):
+        return ""
+    return str(config.get("id", "")) if isinstance(config, dict) else ""
+
+
 @dataclass(frozen=True)
 class BackupPointHealth:
     uuid: str
@@ -212,12 +296,13 @@ class BackupPoints:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._lock = threading.Lock()
-        self._points = {u: BackupPoint(u, s) for u, s in cfg.backup_points.items()}
+        state = cfg.agent.state_dir
+        self._points = {u: BackupPoint(u, s, state) for u, s in cfg.backup_points.items()}
         self._attached: set[str] = set()
         self.attached = AttachedDefinitions(os.path.join(cfg.agent.state_dir, "backup_points.d"), BackupPointSection)
         for u, section in self.attached.load().items():
             if u not in self._points:
-                self._points[u] = BackupPoint(u, section)
+                self._points[u] = BackupPoint(u, section, state)
                 self._attached.add(u)
 
     def get(self, uuid: str, field: str = "backup_point_uuid") -> BackupPoint:
@@ -257,7 +342,9 @@ class BackupPoints:
                     )
                 # the controller updated it (seed 000 update): the new definition replaces the old
                 # one; jobs already running keep the repository they opened
-            bp = BackupPoint(uuid, section)
+            bp = BackupPoint(uuid, section, self.cfg.agent.state_dir)
+            if current is not None:
+                bp.forget()  # a new definition on purpose (seed 000 update): where it points now is its repository
             bp.repository()  # reachable, credentials right, a repository (or an empty place for one)
             self.attached.save(uuid, section)
             self._points[uuid] = bp
@@ -292,3 +379,4 @@ class BackupPoints:
             del self._points[uuid]
             self._attached.discard(uuid)
         bp.reset()
+        bp.forget()

@@ -147,33 +147,51 @@ class ControllerLink:
             self._vms, self._vms_at = vms, time.monotonic()
 
     def _measure(self):
+        """Every pool's and backup point's health, each probed on its own:
+        whatever one probe raises makes that object unreachable with the
+        reason, and the others still report."""
         from agent.api.v1 import registry_pb2 as r
 
         pools = []
         for pool in self.pools.all():
-            st = pool.pool_status()
-            pools.append(
-                r.PoolReport(
+            try:
+                st = pool.pool_status()
+                report = r.PoolReport(
                     pool_uuid=st.pool_uuid,
                     type=st.kind,
                     status=st.status,
                     total_bytes=st.total_bytes,
                     available_bytes=st.available_bytes,
+                    reason=st.error if st.status != "healthy" else "",
                 )
-            )
+            except Exception as e:
+                report = r.PoolReport(pool_uuid=pool.pool_uuid, type=pool.kind, status="unreachable", reason=_why(e))
+                log.warning("pool probe failed", extra={"pool_uuid": pool.pool_uuid, "error": report.reason})
+            pools.append(report)
         points = []
         for bp in self.points.all():
-            h = bp.check()
-            points.append(
-                r.BackupPointReport(
+            try:
+                h = bp.check()
+                report = r.BackupPointReport(
                     backup_point_uuid=h.uuid,
                     type=h.type,
                     status=h.status,
                     total_bytes=h.total_bytes,
                     available_bytes=h.available_bytes,
-                    attached=self.points.is_attached(h.uuid),
+                    reason=h.error,
+                    error_code=h.error_code,
                 )
-            )
+            except Exception as e:
+                report = r.BackupPointReport(
+                    backup_point_uuid=bp.uuid,
+                    type=bp.section.type,
+                    status="unreachable",
+                    reason=_why(e),
+                    error_code=getattr(e, "code", "INTERNAL"),
+                )
+                log.warning("backup point probe failed", extra={"backup_point_uuid": bp.uuid, "error": report.reason})
+            report.attached = self.points.is_attached(report.backup_point_uuid)
+            points.append(report)
         return pools, points
 
     def _register(self, stub) -> None:
@@ -314,3 +332,10 @@ class ControllerLink:
             "cut off from the controller: running jobs cancelled (self-fencing)",
             extra={"seconds": round(lost, 1), "jobs": len(running)},
         )
+
+
+def _why(e: BaseException) -> str:
+    """A probe's failure in one line, without a traceback."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(getattr(e, "message", "") or e) or type(e).__name__

@@ -1,14 +1,19 @@
 """Prometheus metrics of the agent, served on a loopback address
-(`[metrics] listen`; off when empty). Names and labels:
+(`[metrics] listen`; off when empty), by Prometheus's naming conventions
+(units last, counters end in _total, no _created series; docs/metrics.md):
 
-- blockferry_jobs_total{kind, state}: jobs that ended (succeeded, failed, cancelled)
+- blockferry_build_info{component, version}; process_* and python_* of the process
+- blockferry_jobs_ended_total{kind, state}: jobs that ended (succeeded, failed, cancelled)
 - blockferry_jobs_running{kind}
 - blockferry_job_duration_seconds{kind}: histogram of ended jobs
-- blockferry_bytes_moved_total{kind}: bytes jobs read or wrote (their progress)
+- blockferry_job_moved_bytes_total{kind}: bytes jobs read or wrote (their progress)
 - blockferry_job_throughput_bytes_per_second{kind}: of the last job of that kind that ended
-- blockferry_backup_point_status{backup_point, type, status}: 1 for the current status
-  (healthy, degraded, unreachable, auth_failed), checked at most every HEALTH_EVERY seconds
-- blockferry_backup_point_latency_seconds{backup_point}, ..._available_bytes{backup_point}
+- blockferry_agent_backup_point_state{backup_point, location, type, state}: 1 for this host's
+  probe of it (healthy, degraded, unreachable, auth_failed), at most every HEALTH_EVERY seconds
+- blockferry_agent_backup_point_latency_seconds, ..._available_bytes{backup_point, location}
+
+The controller's blockferry_backup_point_state is the fleet's judgement
+from every host's heartbeats; these are one host's view.
 
 The endpoint has no authentication, so it binds only to loopback; a node
 exporter or a local Prometheus agent scrapes it.
@@ -17,17 +22,46 @@ exporter or a local Prometheus agent scrapes it.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 import time
+from types import SimpleNamespace
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import prometheus_client
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 
+from agent import __version__
 from agent.errors import ConfigError
+
+log = logging.getLogger("agent.metrics")
+
+# a counter's _created series reads like a count on dashboards; none of ours is needed
+prometheus_client.disable_created_metrics()
 
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, float("inf"))
 HEALTH_EVERY = 30.0
 STATUSES = ("healthy", "degraded", "unreachable", "auth_failed")
+
+
+def new_registry(component: str) -> CollectorRegistry:
+    """A registry with blockferry_build_info and the process's own metrics
+    (CPU, memory, open files, Python's GC), as both daemons serve them."""
+    r = CollectorRegistry()
+    for c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        r.register(c)
+    info = Gauge("blockferry_build_info", "1, labelled with the running version", ["component", "version"], registry=r)
+    info.labels(component, __version__).set(1)
+    return r
 
 
 def loopback(listen: str, field: str) -> tuple[str, int]:
@@ -58,28 +92,40 @@ class _BackupPoints:
         with self._lock:
             at, h = self._cache.get(bp.uuid, (0.0, None))
         if h is None or time.monotonic() - at > HEALTH_EVERY:
-            h = bp.check()
+            try:
+                h = bp.check()
+            except Exception as e:  # one bad probe must not fail the scrape
+                log.warning("backup point probe failed", extra={"backup_point_uuid": bp.uuid, "error": str(e)})
+                h = SimpleNamespace(
+                    uuid=bp.uuid,
+                    location=bp.label,
+                    type=bp.section.type,
+                    status="unreachable",
+                    latency_ms=0.0,
+                    available_bytes=0,
+                )
             with self._lock:
                 self._cache[bp.uuid] = (time.monotonic(), h)
         return h
 
     def collect(self):
-        status = GaugeMetricFamily(
-            "blockferry_backup_point_status",
-            "1 for the backup point's current status",
-            labels=["backup_point", "type", "status"],
+        labels = ["backup_point", "location"]
+        state = GaugeMetricFamily(
+            "blockferry_agent_backup_point_state",
+            "1 for this host's probe of the backup point",
+            labels=[*labels, "type", "state"],
         )
         latency = GaugeMetricFamily(
-            "blockferry_backup_point_latency_seconds", "One metadata round trip", labels=["backup_point"]
+            "blockferry_agent_backup_point_latency_seconds", "One metadata round trip", labels=labels
         )
-        avail = GaugeMetricFamily("blockferry_backup_point_available_bytes", "Free space", labels=["backup_point"])
+        avail = GaugeMetricFamily("blockferry_agent_backup_point_available_bytes", "Free space", labels=labels)
         for bp in self.points.all():
             h = self._health(bp)
             for s in STATUSES:
-                status.add_metric([h.uuid, h.type, s], 1.0 if h.status == s else 0.0)
-            latency.add_metric([h.uuid], h.latency_ms / 1000)
-            avail.add_metric([h.uuid], h.available_bytes)
-        yield status
+                state.add_metric([h.uuid, bp.location, h.type, s], 1.0 if h.status == s else 0.0)
+            latency.add_metric([h.uuid, bp.location], h.latency_ms / 1000)
+            avail.add_metric([h.uuid, bp.location], h.available_bytes)
+        yield state
         yield latency
         yield avail
 
@@ -88,16 +134,16 @@ class AgentMetrics:
     """Observes the job engine (started/ended) and backup point health."""
 
     def __init__(self, points=None):
-        self.registry = CollectorRegistry()
+        self.registry = new_registry("agent")
         r = self.registry
         self.jobs = Counter(
-            "blockferry_jobs_total", "Jobs that ended, by kind and final state", ["kind", "state"], registry=r
+            "blockferry_jobs_ended_total", "Jobs that ended, by kind and final state", ["kind", "state"], registry=r
         )
         self.running = Gauge("blockferry_jobs_running", "Jobs running now", ["kind"], registry=r)
         self.duration = Histogram(
             "blockferry_job_duration_seconds", "Duration of ended jobs", ["kind"], buckets=DURATION_BUCKETS, registry=r
         )
-        self.bytes = Counter("blockferry_bytes_moved_total", "Bytes jobs read or wrote", ["kind"], registry=r)
+        self.bytes = Counter("blockferry_job_moved_bytes_total", "Bytes jobs read or wrote", ["kind"], registry=r)
         self.throughput = Gauge(
             "blockferry_job_throughput_bytes_per_second",
             "Average throughput of the last ended job of a kind",

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from agent import __version__
 from agent.api.v1 import jobs_pb2
 
 from support.agents import BP_UUID
@@ -32,15 +33,19 @@ def test_agent_metrics(make_agent):
         job = c.run(f"sum-{new_id()}", checksum=jobs_pb2.ChecksumSpec(pool_uuid=vol.pool, volume_uuid=vid))
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED
     m = scrape(port)
-    assert value(m, "blockferry_jobs_total", kind="checksum", state="succeeded") == 2
-    assert value(m, "blockferry_jobs_total", kind="checksum", state="failed") == 0
+    assert value(m, "blockferry_jobs_ended_total", kind="checksum", state="succeeded") == 2
+    assert value(m, "blockferry_jobs_ended_total", kind="checksum", state="failed") == 0
     assert value(m, "blockferry_jobs_running", kind="checksum") == 0
     assert value(m, "blockferry_job_duration_seconds_count", kind="checksum") == 2
-    assert value(m, "blockferry_bytes_moved_total", kind="checksum") >= 4 * MiB
+    assert value(m, "blockferry_job_moved_bytes_total", kind="checksum") >= 4 * MiB
     assert value(m, "blockferry_job_throughput_bytes_per_second", kind="checksum") > 0
-    assert value(m, "blockferry_backup_point_status", backup_point=BP_UUID, type="local", status="healthy") == 1
-    assert value(m, "blockferry_backup_point_status", backup_point=BP_UUID, type="local", status="unreachable") == 0
-    assert value(m, "blockferry_backup_point_available_bytes", backup_point=BP_UUID) > 0
+    bp = {"backup_point": BP_UUID, "location": str(a.workdir / "bp")}
+    assert value(m, "blockferry_agent_backup_point_state", **bp, type="local", state="healthy") == 1
+    assert value(m, "blockferry_agent_backup_point_state", **bp, type="local", state="unreachable") == 0
+    assert value(m, "blockferry_agent_backup_point_available_bytes", **bp) > 0
+    assert value(m, "blockferry_build_info", component="agent", version=__version__) == 1
+    assert value(m, "process_resident_memory_bytes") > 0
+    assert not [name for name, _ in m if name.endswith("_created")]
     assert a.stop() == 0
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import uuid
 
 import grpc
+import pytest
 
 from agent.api.v1 import volumes_pb2 as v
+from agent.errors import TargetUnreachable
 
 from support.volumes import MiB, rpc_error
 
@@ -122,4 +124,57 @@ def test_attach_backup_points_local_and_nfs(make_agent, nfs_server):
     stored = a.workdir / "state" / "backup_points.d" / f"{local}.json"
     assert stored.stat().st_mode & 0o777 == 0o600
     assert "pw-attach-1" not in a.log_text()
+    assert a.stop() == 0
+
+
+def test_a_vanished_repository_is_never_replaced(make_agent):
+    """A local backup point whose disk is not mounted (an empty directory,
+    or none, where its repository was) is unreachable with the reason: no
+    job starts a new, empty repository in its place, not even after a
+    restart; another repository there is refused too; the real one back
+    is healthy."""
+    from agent.api.v1 import backups_pb2 as b
+    from agent.api.v1 import jobs_pb2
+
+    a = make_agent().start()
+    bp = str(uuid.uuid4())
+    where = a.roots[0] / "bp-disk"
+    ref = b.BackupPointRef(backup_point_uuid=bp)
+
+    def verify() -> jobs_pb2.Job:
+        spec = jobs_pb2.VerifySpec(backup_point_uuid=bp, repository=True)
+        return c.run(f"verify-{uuid.uuid4()}", verify=spec)
+
+    with a.client() as c:
+        c.attach_backup_point(b.AttachBackupPointRequest(backup_point_uuid=bp, type="local", path=str(where)))
+        assert c.check_backup_point(ref).status == "healthy" and verify().state == jobs_pb2.JOB_STATE_SUCCEEDED
+        aside = where.with_name("bp-disk-unmounted")
+        where.rename(aside)
+        st = c.check_backup_point(ref)
+        assert st.status == "unreachable" and "held repository" in st.error and "mounted" in st.error, st
+        assert not where.exists()  # the check does not recreate it
+        where.mkdir()  # the bare mount point
+        with pytest.raises(TargetUnreachable, match="held repository"):
+            verify()  # refused when submitted
+        assert list(where.iterdir()) == []  # no new repository
+    assert a.stop() == 0
+    a.start()  # the memory of its repository survives a restart
+    with a.client() as c:
+        assert c.check_backup_point(ref).status == "unreachable"
+        assert list(where.iterdir()) == []
+        # another repository in its place is refused as well
+        other = str(uuid.uuid4())
+        c.attach_backup_point(
+            b.AttachBackupPointRequest(backup_point_uuid=other, type="local", path=str(a.roots[0] / "other"))
+        )
+        where.rmdir()
+        (a.roots[0] / "other").rename(where)
+        st = c.check_backup_point(ref)
+        assert st.status == "unreachable" and "now holds repository" in st.error, st
+        with pytest.raises(TargetUnreachable, match="now holds repository"):
+            verify()
+        # the real one back: healthy, and usable
+        where.rename(a.roots[0] / "other")
+        aside.rename(where)
+        assert c.check_backup_point(ref).status == "healthy" and verify().state == jobs_pb2.JOB_STATE_SUCCEEDED
     assert a.stop() == 0

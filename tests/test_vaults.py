@@ -8,7 +8,7 @@ import copy
 import json
 import os
 import uuid
-from datetime import UTC
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -280,7 +280,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
     with its clock moved to the next run, on the controller's database),
     retention pruning, one base snapshot per volume, restores that equal the
     volumes as they were, vault deletion in both modes."""
-    from datetime import datetime, timedelta
+    from datetime import timedelta
     from types import SimpleNamespace
 
     import rados
@@ -491,8 +491,14 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         m = scrape(c.metrics_port)
         assert value(m, "blockferry_task_duration_seconds_count", operation_type="backup") == 15
         assert value(m, "blockferry_tasks", operation_type="backup", status="success") == 15
-        assert value(m, "blockferry_task_bytes_moved_total", operation_type="backup") > 0
-        assert value(m, "blockferry_vault_used_bytes", vault=vid) == got["capacity"]["usedCapacity"]
+        assert value(m, "blockferry_task_moved_bytes_total", operation_type="backup") > 0
+        assert value(m, "blockferry_vault_used_bytes", vault=vid, name=got["name"]) == got["capacity"]["usedCapacity"]
+        # the time of the last good backup, per vault and per volume (what stale-backup alerts read)
+        in_vault = op.get(f"{v3}/backups", params={"vault_id": vid}).json()["backups"]
+        newest_at = max(datetime.fromisoformat(b["created_at"]).replace(tzinfo=UTC).timestamp() for b in in_vault)
+        last = value(m, "blockferry_vault_last_backup_timestamp_seconds", vault=vid, name=got["name"], tenant=t)
+        assert abs(last - newest_at) < 1, (last, newest_at)
+        assert not [k for k in m if k[0].endswith("_created")]
         # seed 003's backups: list, get, restore in place into the volume itself, delete
         listed = op.get(f"{v3}/backups", params={"vault_id": vid}).json()
         assert listed["count"] == 6 and {b["status"] for b in listed["backups"]} == {"available"}

@@ -33,7 +33,7 @@ from sqlalchemy import BigInteger, Text, bindparam, delete, func, select, update
 from agent.api.v1 import backups_pb2, jobs_pb2
 from agent.client import JobStream
 from agent.controller.agents import backup_point_request
-from agent.controller.inventory import host_state
+from agent.controller.health import host_state
 from agent.controller.models import Backup, BackupPoint, Host, Pool, Task, Volume
 from agent.errors import BlockferryError, Busy, NotFound, TargetUnreachable
 

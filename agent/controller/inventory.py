@@ -15,15 +15,9 @@ from sqlalchemy import func, select
 from agent.api.v1 import backups_pb2
 from agent.controller.agents import backup_point_request
 from agent.controller.context import ControllerContext
+from agent.controller.health import host_state
 from agent.controller.models import Backup, BackupMember, BackupPoint, Host, Pool, Task, Volume
 from agent.errors import BackupInProgress, NotFound, TargetUnreachable
-
-
-def host_state(h: Host, dead_after: int, now: float | None = None) -> str:
-    """Online, draining or offline; `now` lets a caller judge many hosts at one instant."""
-    if (time.time() if now is None else now) - h.last_seen > dead_after:
-        return "offline"
-    return "draining" if h.draining else "online"
 
 
 def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host]:
@@ -106,19 +100,6 @@ def log_task(
             **fields,
         )
     )
-
-
-def backup_point_reports(s, bp_uuid: str, dead_after: int) -> list[tuple[Host, dict]]:
-    """What online hosts' last heartbeats say of a backup point (its
-    BackupPointReport as JSON), host by host."""
-    out = []
-    for h in s.scalars(select(Host).order_by(Host.uuid)):
-        if host_state(h, dead_after) != "online":
-            continue
-        for rep in json.loads(h.backup_points_json or "[]"):
-            if rep.get("backup_point_uuid") == bp_uuid:
-                out.append((h, rep))
-    return out
 
 
 def reconnect_backup_point(ctx: ControllerContext, bp_uuid: str, field: str):

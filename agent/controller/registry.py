@@ -28,8 +28,39 @@ log = logging.getLogger("controller.registry")
 MIN_AGENT_API_LEVEL = 1
 
 
-def _reports(items) -> str:
-    return json.dumps([MessageToDict(x, preserving_proto_field_name=True) for x in items])
+def _pool_reports(items) -> str:
+    """Every field of each report, defaults and all (health.py reads them)."""
+    return json.dumps(
+        [
+            {
+                "pool_uuid": x.pool_uuid,
+                "type": x.type,
+                "status": x.status,
+                "reason": x.reason,
+                "total_bytes": x.total_bytes,
+                "available_bytes": x.available_bytes,
+            }
+            for x in items
+        ]
+    )
+
+
+def _backup_point_reports(items) -> str:
+    return json.dumps(
+        [
+            {
+                "backup_point_uuid": x.backup_point_uuid,
+                "type": x.type,
+                "status": x.status,
+                "reason": x.reason,
+                "error_code": x.error_code,
+                "total_bytes": x.total_bytes,
+                "available_bytes": x.available_bytes,
+                "attached": x.attached,
+            }
+            for x in items
+        ]
+    )
 
 
 def _vms(vms) -> str:
@@ -92,8 +123,8 @@ class Registry(registry_pb2_grpc.AgentRegistryServicer):
             h.address = request.address
             h.version = request.facts.version
             h.facts_json = json.dumps(facts)
-            h.pools_json = _reports(request.pools)
-            h.backup_points_json = _reports(request.backup_points)
+            h.pools_json = _pool_reports(request.pools)
+            h.backup_points_json = _backup_point_reports(request.backup_points)
             h.max_jobs = request.max_concurrent_jobs or 4
             h.cluster_uuid, h.zone_uuid = request.cluster_uuid.lower(), request.zone_uuid.lower()
             h.zone_name = request.zone_name[:64]
@@ -116,8 +147,8 @@ class Registry(registry_pb2_grpc.AgentRegistryServicer):
             h.last_seen = time.time()
             h.running_jobs = request.running_jobs
             h.draining = request.draining
-            h.pools_json = _reports(request.pools)
-            h.backup_points_json = _reports(request.backup_points)
+            h.pools_json = _pool_reports(request.pools)
+            h.backup_points_json = _backup_point_reports(request.backup_points)
             h.vms_json = _vms(request.vms)
             # attached by us, deleted since: the agent drops its definition (and secret)
             attached = {p.backup_point_uuid for p in request.backup_points if p.attached}

@@ -33,7 +33,7 @@ from agent.api.v1 import jobs_pb2
 from agent.controller import checkpoints
 from agent.controller.context import ControllerContext
 from agent.controller.dispatch import queue_backup_point_task, reported_backup_points
-from agent.controller.inventory import host_state
+from agent.controller.health import host_state
 from agent.controller.models import BackupPoint, Checkpoint, Host, Policy, Vault
 from agent.controller.policy import schedule
 from agent.errors import BlockferryError

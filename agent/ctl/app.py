@@ -94,13 +94,14 @@ def cmd_pools(c: Ctx) -> int:
             p["pool"]["UUID"],
             p["pool"]["Name"],
             p["pool"]["Type"],
-            p["pool"]["Status"],
+            p["pool"]["Health"]["state"],
             refs.human(p["pool"].get("Capacity") or 0),
             p["pool"]["Source"],
+            p["pool"]["Health"]["reason"] or "-",
         )
         for p in data["infos"]
     ]
-    out(c.args, rows, ("pool", "name", "type", "status", "capacity", "source"), data)
+    out(c.args, rows, ("pool", "name", "type", "health", "capacity", "source", "why"), data)
     return 0
 
 
@@ -142,13 +143,15 @@ def cmd_backup_points(c: Ctx) -> int:
             b["Name"],
             b["BType"],
             b["Bpstate"],
-            b["Ref"],
+            refs.human(b["Health"]["available_bytes"]) if b["Health"]["total_bytes"] else "-",
             b["indentify"]["IP"] or "-",
             b["indentify"]["RootDir"],
+            b["Health"]["reason"] or "-",
         )
         for b in data["list"]
     ]
-    out(c.args, rows, ("backup point", "name", "type", "state", "backups", "address", "location"), data)
+    headers = ("backup point", "name", "type", "state", "free", "address", "location", "why")
+    out(c.args, rows, headers, data)
     return 0
 
 

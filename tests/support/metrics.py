@@ -15,5 +15,5 @@ def scrape(port: int) -> dict[tuple, float]:
     return out
 
 
-def value(samples: dict, name: str, **labels) -> float:
+def value(samples: dict, name: str, /, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)

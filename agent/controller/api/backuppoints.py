@@ -19,6 +19,7 @@ from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.api.shapes import answers, v1
 from agent.controller.dispatch import queue_backup_point_task, reporting_hosts
+from agent.controller.health import Fleet, Health
 from agent.controller.models import Backup, BackupPoint, Host
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound
 
@@ -116,7 +117,9 @@ def check_local(s, cluster: str, zone: str, root: str, sub: str, field: str) -> 
     v.under_roots(path, sorted(roots), field, f"any host of cluster {cluster}")
 
 
-def to_seed(bp: BackupPoint) -> dict:
+def to_seed(bp: BackupPoint, health: Health) -> dict:
+    """Bpstate is the backup point's health from the hosts' heartbeats
+    (health.py); Health says why, host by host."""
     return {
         "tenant": bp.tenant,
         "tenant_name": bp.tenant_name,
@@ -136,7 +139,8 @@ def to_seed(bp: BackupPoint) -> dict:
         },
         "Ctime": bp.ctime,
         "Mtime": bp.mtime,
-        "Bpstate": bp.state,
+        "Bpstate": health.state,
+        "Health": health.to_json(),
     }
 
 
@@ -330,4 +334,5 @@ def list_(
         if limit:
             q = q.limit(limit)
         rows = s.scalars(q).all()
-    return ok({"total_count": total, "list": [to_seed(bp) for bp in rows]})
+        fleet = Fleet(s, context(request).cfg.host_dead_after)
+    return ok({"total_count": total, "list": [to_seed(bp, fleet.backup_point(bp.uuid)) for bp in rows]})

@@ -15,7 +15,7 @@ from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.api.shapes import answers, v1
-from agent.controller.inventory import host_state
+from agent.controller.health import host_state
 from agent.controller.models import Host, Pool
 from agent.errors import FailedPrecondition, NotFound, PermissionDenied
 

@@ -27,7 +27,7 @@ from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok, range_list
 from agent.controller.api.shapes import answers, v1
-from agent.controller.inventory import host_state
+from agent.controller.health import Fleet, Health, host_state
 from agent.controller.models import Host, Pool
 from agent.errors import (
     AlreadyExists,
@@ -121,7 +121,9 @@ def _attr(attr: dict[str, str]) -> dict[str, str]:
     return dict(attr)
 
 
-def to_seed(p: Pool, caller: Caller) -> dict:
+def to_seed(p: Pool, caller: Caller, health: Health) -> dict:
+    """Status is the seed's: the last check (at create, or status/check);
+    Health is what the hosts' heartbeats say now (health.py)."""
     return {
         "UUID": p.uuid,
         "Name": p.name,
@@ -148,6 +150,7 @@ def to_seed(p: Pool, caller: Caller) -> dict:
         "Status": p.status,
         "AllocatedCapacity": 0,
         "LimitHost": p.limit_host,
+        "Health": health.to_json(),
     }
 
 
@@ -161,6 +164,11 @@ def _wrap(pool: dict | None, cluster: str, tenant: str = "") -> dict:
         "tenant_name": "",
         "PoolTypes": None,
     }
+
+
+def _health(request: Request, pool_uuid: str) -> Health:
+    with context(request).db.session() as s:
+        return Fleet(s, context(request).cfg.host_dead_after).pool(pool_uuid)
 
 
 def _visible(p: Pool, caller: Caller) -> bool:
@@ -204,13 +212,14 @@ def list_(req: PoolListRequest, request: Request, caller: Caller = Depends(authe
         q = q.where(Pool.name.contains(req.filter_name, autoescape=True))
     with context(request).db.session() as s:
         pools = [p for p in s.scalars(q.order_by(Pool.ctime, Pool.name)).all() if _visible(p, caller)]
+        fleet = Fleet(s, context(request).cfg.host_dead_after)
     total = len(pools)
     pools = pools[offset : offset + limit] if limit else pools[offset:]
     infos = [
         {
             "tenant": req.tenant,
             "tenant_name": "",
-            "pool": to_seed(p, caller),
+            "pool": to_seed(p, caller, fleet.pool(p.uuid)),
             "cluster_uuid": cluster,
             "cluster_name": "",
             "cluster_mode": "",
@@ -228,7 +237,7 @@ def get(req: GetRequest, request: Request, caller: Caller = Depends(authenticate
     pid = v.uuid(req.pool_uuid, "pool_uuid")
     with context(request).db.session() as s:
         p = get_pool(s, pid, cluster, caller)
-    return ok(_wrap(to_seed(p, caller), cluster, tenant))
+    return ok(_wrap(to_seed(p, caller, _health(request, p.uuid)), cluster, tenant))
 
 
 @router.post("/create", **answers(v1.PoolEnvelope))
@@ -364,7 +373,7 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
             s.add(p)
     except IntegrityError:
         raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
-    return ok(_wrap(to_seed(p, caller), cluster))
+    return ok(_wrap(to_seed(p, caller, _health(request, p.uuid)), cluster))
 
 
 @router.post("/delete", **answers(v1.PoolDeletedAnswer))
@@ -408,7 +417,7 @@ def set_(req: SetRequest, request: Request, caller: Caller = Depends(authenticat
             p.name, p.attr_json, p.mtime = name, json.dumps(merged), int(time.time())
     except IntegrityError:
         raise AlreadyExists(f"pool_name: a pool named {name!r} exists already", field="pool_name") from None
-    return ok(_wrap(to_seed(p, caller), cluster))
+    return ok(_wrap(to_seed(p, caller, _health(request, p.uuid)), cluster))
 
 
 @router.post("/status/check", **answers(v1.PoolEnvelope))
@@ -440,7 +449,7 @@ def status_check(req: StatusRequest, request: Request, caller: Caller = Depends(
         p.status = worst
         if capacity is not None:
             p.capacity, p.used = capacity, used
-    return ok(_wrap(to_seed(p, caller), cluster, tenant))
+    return ok(_wrap(to_seed(p, caller, _health(request, p.uuid)), cluster, tenant))
 
 
 @router.get("/pool_type/support", **answers(v1.PoolEnvelope))

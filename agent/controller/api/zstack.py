@@ -22,8 +22,9 @@ from agent.controller import zquery
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.shapes import answers
 from agent.controller.api.shapes import zstack as zs
-from agent.controller.inventory import backup_point_reports, reconnect_backup_point, remove_backup
-from agent.controller.models import Backup, BackupPoint, Task, Vault
+from agent.controller.health import Fleet
+from agent.controller.inventory import reconnect_backup_point, remove_backup
+from agent.controller.models import Backup, BackupPoint, Host, Task, Vault
 from agent.errors import Busy, HasDependents, InvalidArgument, NotFound, from_code
 
 DELETE_MODES = ("Permissive", "Enforcing")
@@ -61,15 +62,18 @@ def url_of(bp: BackupPoint) -> str:
     return f"{scheme}://{bp.ip}/{where.lstrip('/')}"
 
 
-def inventory(s, bp: BackupPoint, dead_after: int) -> dict:
-    """A BackupStorageInventory: status from what online hosts report now
-    (Connected when one reaches it), else from the last reconnect."""
-    reports = backup_point_reports(s, bp.uuid, dead_after)
-    good = [r for _, r in reports if r.get("status") in CONNECTED]
-    connected = bool(good) if reports else bp.state in CONNECTED
-    total = max((int(r.get("total_bytes", 0)) for r in good), default=0)
-    avail = max((int(r.get("available_bytes", 0)) for r in good), default=0)
-    zones = sorted({bp.zone_uuid} if bp.zone_uuid else {h.zone_uuid for h, _ in reports if h.zone_uuid})
+def inventory(s, bp: BackupPoint, fleet: Fleet) -> dict:
+    """A BackupStorageInventory: Connected while the hosts' heartbeats say
+    it is usable (healthy or degraded, health.py); when no host reports it,
+    what the last reconnect found."""
+    health = fleet.backup_point(bp.uuid)
+    connected = health.state in CONNECTED if health.reports else bp.state in CONNECTED
+    total, avail = (health.total_bytes, health.available_bytes) if connected else (0, 0)
+    zones = {bp.zone_uuid} if bp.zone_uuid else set()
+    for r in health.reports if not zones else ():
+        h = s.get(Host, r.host_uuid)
+        if h is not None and h.zone_uuid and r.online:
+            zones.add(h.zone_uuid)
     return {
         "uuid": bp.uuid,
         "name": bp.name,
@@ -82,7 +86,7 @@ def inventory(s, bp: BackupPoint, dead_after: int) -> dict:
         "status": "Connected" if connected else "Disconnected",
         "createDate": zdate(bp.ctime),
         "lastOpDate": zdate(bp.mtime),
-        "attachedZoneUuids": zones,
+        "attachedZoneUuids": sorted(zones),
     }
 
 
@@ -90,7 +94,8 @@ def _visible(s, caller: Caller, dead_after: int) -> list[dict]:
     q = select(BackupPoint).order_by(BackupPoint.ctime, BackupPoint.name, BackupPoint.uuid)
     if not caller.operator:
         q = q.where(BackupPoint.tenant == caller.tenant)
-    return [inventory(s, bp, dead_after) for bp in s.scalars(q)]
+    fleet = Fleet(s, dead_after)
+    return [inventory(s, bp, fleet) for bp in s.scalars(q)]
 
 
 router = APIRouter(prefix="/zstack/v1/backup-storage", tags=["backup storage (seed 004)"])
@@ -184,7 +189,7 @@ def actions(uuid: str, request: Request, body: Any = Body(None), caller: Caller 
             "uuid",
         )
     with state.db.session() as s:
-        inv = inventory(s, _load(s, caller, bid), state.cfg.host_dead_after)
+        inv = inventory(s, _load(s, caller, bid), Fleet(s, state.cfg.host_dead_after))
     inv["status"] = "Connected"
     inv["totalCapacity"], inv["availableCapacity"] = st.total_bytes, st.available_bytes
     return {"inventory": inv}

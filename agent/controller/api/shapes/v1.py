@@ -22,6 +22,26 @@ class Readiness(Shape):
     registry: str
 
 
+class HostHealth(Shape):
+    host_uuid: str
+    hostname: str
+    status: str  # what the host said; unknown once it is silent
+    reason: str
+    seen_at: float
+
+
+class HealthShape(Shape):
+    """What the hosts' heartbeats say now: state healthy, degraded,
+    unreachable, auth_failed or unknown, and why (docs/controller.md)."""
+
+    state: str
+    reason: str
+    total_bytes: int
+    available_bytes: int
+    seen_at: float | None
+    hosts: list[HostHealth]
+
+
 # seed 000: backup points
 
 
@@ -46,7 +66,8 @@ class BackupPointRecord(Shape):
     indentify: BackupPointIdentity  # the seed's spelling
     Ctime: int
     Mtime: int
-    Bpstate: str
+    Bpstate: str  # Health.state
+    Health: HealthShape
 
 
 class BackupPointAdded(Shape):
@@ -88,6 +109,7 @@ class PoolRecord(Shape):
     Status: str
     AllocatedCapacity: int
     LimitHost: bool
+    Health: HealthShape
 
 
 class PoolAnswer(Shape):
@@ -358,19 +380,26 @@ class TaskList(Shape):
 
 
 class HostPoolReport(Shape):
+    """The host's last probe of a pool."""
+
     pool_uuid: str = ""
     type: str = ""
     status: str = ""
-    total_bytes: str = "0"
-    available_bytes: str = "0"
+    reason: str = ""
+    total_bytes: int = 0
+    available_bytes: int = 0
 
 
 class HostBackupPointReport(Shape):
+    """The host's last probe of a backup point."""
+
     backup_point_uuid: str = ""
     type: str = ""
     status: str = ""
-    total_bytes: str = "0"
-    available_bytes: str = "0"
+    reason: str = ""
+    error_code: str = ""
+    total_bytes: int = 0
+    available_bytes: int = 0
     attached: bool = False
 
 
