@@ -44,6 +44,9 @@ apt_packages=(
     nfs-ganesha nfs-ganesha-vfs rpcbind samba smbclient tgt
     # the controller's optional PostgreSQL backend (the tests start a server)
     postgresql
+    # promtool: the tests check both daemons' metrics, the shipped alert
+    # rules and their unit tests (contrib/prometheus/)
+    prometheus
     # IANA time zones for policy retention (python's zoneinfo reads them)
     tzdata
     # the Ansible roles' test deploys to this machine with Debian's python3

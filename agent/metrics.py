@@ -51,6 +51,7 @@ prometheus_client.disable_created_metrics()
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, float("inf"))
 HEALTH_EVERY = 30.0
 STATUSES = ("healthy", "degraded", "unreachable", "auth_failed")
+ENDED = ("succeeded", "failed", "cancelled")  # a job's final states
 
 
 def new_registry(component: str) -> CollectorRegistry:
@@ -133,7 +134,7 @@ class _BackupPoints:
 class AgentMetrics:
     """Observes the job engine (started/ended) and backup point health."""
 
-    def __init__(self, points=None):
+    def __init__(self, points=None, kinds: list[str] | None = None):
         self.registry = new_registry("agent")
         r = self.registry
         self.jobs = Counter(
@@ -150,6 +151,11 @@ class AgentMetrics:
             ["kind"],
             registry=r,
         )
+        for kind in kinds or ():  # every series from the start: increase() sees a first failure
+            for state in ENDED:
+                self.jobs.labels(kind, state)
+            self.running.labels(kind)
+            self.bytes.labels(kind)
         if points is not None:
             r.register(_BackupPoints(points))
         self._server = None

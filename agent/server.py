@@ -152,7 +152,7 @@ class Agent:
         if cfg.metrics.listen:
             from agent.metrics import AgentMetrics
 
-            metrics = AgentMetrics(points)
+            metrics = AgentMetrics(points, kinds=sorted(engine.kinds))
             engine.observer = metrics
             port = metrics.serve(cfg.metrics.listen)
             log.info("metrics served", extra={"listen": f"{cfg.metrics.listen.rpartition(':')[0]}:{port}"})

@@ -15,7 +15,7 @@ from agent.api.v1 import jobs_pb2
 
 from support.agents import BP_UUID
 from support.controller import AGENT_TOKEN, Controller
-from support.metrics import scrape, value
+from support.metrics import promtool_lint, scrape, value
 from support.volumes import MiB, Vol, new_id
 
 
@@ -46,6 +46,7 @@ def test_agent_metrics(make_agent):
     assert value(m, "blockferry_build_info", component="agent", version=__version__) == 1
     assert value(m, "process_resident_memory_bytes") > 0
     assert not [name for name, _ in m if name.endswith("_created")]
+    assert promtool_lint(port) == ""  # the conventions, as Prometheus's own linter reads them
     assert a.stop() == 0
 
 

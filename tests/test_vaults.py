@@ -486,7 +486,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         assert got["capacity"]["backups"] == 6 and got["capacity"]["usedCapacity"] > 0
         assert {r["id"]: r["backup_count"] for r in got["resources"]} == {x: 2 for x in vol_ids}
         # the controller's metrics saw it all
-        from support.metrics import scrape, value
+        from support.metrics import promtool_lint, scrape, value
 
         m = scrape(c.metrics_port)
         assert value(m, "blockferry_task_duration_seconds_count", operation_type="backup") == 15
@@ -499,6 +499,7 @@ def test_checkpoints_retention_and_restores_bit_for_bit(cluster, short_tmp, ceph
         last = value(m, "blockferry_vault_last_backup_timestamp_seconds", vault=vid, name=got["name"], tenant=t)
         assert abs(last - newest_at) < 1, (last, newest_at)
         assert not [k for k in m if k[0].endswith("_created")]
+        assert promtool_lint(c.metrics_port) == ""  # tasks, histograms and vaults included
         # seed 003's backups: list, get, restore in place into the volume itself, delete
         listed = op.get(f"{v3}/backups", params={"vault_id": vid}).json()
         assert listed["count"] == 6 and {b["status"] for b in listed["backups"]} == {"available"}
