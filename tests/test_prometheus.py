@@ -70,9 +70,7 @@ def test_dashboards_query_real_series_in_valid_promql():
         unknown = {n for e in exprs for n in used(e)} - exported()
         assert not unknown, (path.name, unknown)
         # promtool parses each query as a recording rule
-        rules = {
-            "groups": [{"name": "q", "rules": [{"record": f"q:{i}", "expr": e} for i, e in enumerate(exprs)]}]
-        }
+        rules = {"groups": [{"name": "q", "rules": [{"record": f"q:{i}", "expr": e} for i, e in enumerate(exprs)]}]}
         with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
             yaml.safe_dump(rules, f)
             f.flush()
