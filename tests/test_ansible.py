@@ -116,6 +116,7 @@ class Deployment:
         self.operator_token = secrets.token_urlsafe(24)
         self.agent_token = secrets.token_urlsafe(24)
         self.bp_password = secrets.token_urlsafe(16)
+        self.webhook_secret = secrets.token_urlsafe(24)
         self.inventory = root / "inventory.yml"
         self.inventory.write_text(
             json.dumps(
@@ -165,6 +166,9 @@ class Deployment:
             "blockferry_controller_grpc_listen": f"127.0.0.1:{self.ports['registry']}",
             "blockferry_controller_metrics_listen": "",
             "blockferry_controller_api_tokens": [{"token": self.operator_token, "tenant": "*"}],
+            "blockferry_controller_webhooks": [
+                {"url": "http://127.0.0.1:9/hooks", "secret": self.webhook_secret, "events": ["task.failed"]}
+            ],
             "blockferry_controller_agent_token": self.agent_token,
             "blockferry_controller_heartbeat_interval": 1,
             "blockferry_controller_host_dead_after": 5,
@@ -175,7 +179,7 @@ class Deployment:
 
     @property
     def secrets(self) -> list[str]:
-        return [self.operator_token, self.agent_token, self.bp_password]
+        return [self.operator_token, self.agent_token, self.bp_password, self.webhook_secret]
 
     def playbook(self, *args: str, **overrides) -> subprocess.CompletedProcess:
         vars_file = self.root / "vars.json"
@@ -275,6 +279,7 @@ def test_playbook_deploys_both_services_and_they_work(deployment):
         text = (etc / f).read_text()
         assert all(s not in text for s in d.secrets), f
     assert d.bp_password in (etc / "agent.conf.d" / "50-secrets.toml").read_text()
+    assert d.webhook_secret in (etc / "controller.conf.d" / "50-secrets.toml").read_text()
 
     # the CLIs, their man pages and completions, linked where operators look
     local = d.root / "usr" / "local"

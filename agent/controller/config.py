@@ -8,6 +8,15 @@ secret_key_file = "/var/lib/blockferry-controller/controller.key"
 [[tokens]]               # bearer tokens; the file must then be 0600
 token = "..."
 tenant = "*"             # "*": every tenant (an operator); else one tenant uuid
+
+[[webhooks]]             # notifications (docs/notifications.md); a file with a secret must be 0600
+url = "https://hooks.example.net/blockferry"
+secret = "..."           # HMAC-SHA256 key of the X-Blockferry-Signature header
+events = ["task.failed", "host.down"]   # default: every event
+
+[email]                  # notifications by mail, through an SMTP server
+smtp_host = "mail.example.net"
+to = ["ops@example.net"]
 """
 
 from __future__ import annotations
@@ -29,6 +38,37 @@ ALL_TENANTS = "*"
 class Token:
     token: str
     tenant: str  # ALL_TENANTS or a tenant uuid
+
+
+# what the controller notifies of (docs/notifications.md)
+EVENTS = (
+    "task.failed",
+    "backup.stale",
+    "backup.fresh",
+    "backup_point.down",
+    "backup_point.up",
+    "host.down",
+    "host.up",
+)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    secret: str  # the HMAC-SHA256 key (never logged)
+    events: tuple[str, ...] = EVENTS
+
+
+@dataclass(frozen=True)
+class Email:
+    smtp_host: str = ""
+    smtp_port: int = 25
+    starttls: bool = False
+    username: str = ""
+    password: str = ""  # never logged
+    sender: str = "blockferry@localhost"
+    to: tuple[str, ...] = ()
+    events: tuple[str, ...] = EVENTS
 
 
 @dataclass
@@ -56,7 +96,12 @@ class ControllerConfig:
     gc_after_delete: int = 60  # seconds after a backup point's last deletion until its GC
     metrics_listen: str = ""  # loopback host:port of the Prometheus endpoint; empty: off
     default_backup_point: str = ""  # uuid: where a vault created without backup_point_id keeps its backups
+    notify_interval: int = 30  # seconds between looks for hosts, backup points and backups to notify of
+    notify_retry_base: int = 5  # seconds before a failed delivery's first retry (doubling, at most 600)
+    notify_max_attempts: int = 12  # deliveries given up after this many attempts
     tokens: list[Token] = field(default_factory=list)
+    webhooks: list[Webhook] = field(default_factory=list)
+    email: Email | None = None
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -95,11 +140,15 @@ def _merge(cfg: ControllerConfig, p: Path) -> None:
         raise ConfigError(f"{path}: no such config file", field=path) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}", field=path) from None
-    unknown = set(doc) - {"controller", "tokens"}
+    unknown = set(doc) - {"controller", "tokens", "webhooks", "email"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: controller, tokens)", field=path)
+        raise ConfigError(
+            f"{path}: unknown section(s) {sorted(unknown)} (known: controller, tokens, webhooks, email)", field=path
+        )
     section = doc.get("controller", {})
-    types = {f.name: f.type for f in dataclasses.fields(ControllerConfig) if f.name != "tokens"}
+    types = {
+        f.name: f.type for f in dataclasses.fields(ControllerConfig) if f.name not in ("tokens", "webhooks", "email")
+    }
     for key, value in section.items():
         if key not in types:
             raise ConfigError(
@@ -126,9 +175,71 @@ def _merge(cfg: ControllerConfig, p: Path) -> None:
                     f"{path}: [[tokens]] #{i + 1}: tenant must be '*' or a tenant uuid", field="tokens.tenant"
                 ) from None
         cfg.tokens.append(Token(token, tenant))
+    for i, w in enumerate(doc.get("webhooks", [])):
+        cfg.webhooks.append(_webhook(w, f"{path}: [[webhooks]] #{i + 1}"))
+    if "email" in doc:
+        cfg.email = _email(doc["email"], f"{path}: [email]")
     secret_keys = {"agent_token", "agent_auth_token"}
-    if (doc.get("tokens") or any(section.get(k) for k in secret_keys)) and os.stat(p).st_mode & 0o077:
-        raise ConfigError(f"{path}: holds bearer tokens, so the file must be mode 0600", field=path)
+    secrets = (
+        doc.get("tokens")
+        or any(section.get(k) for k in secret_keys)
+        or doc.get("webhooks")
+        or (doc.get("email") or {}).get("password")
+    )
+    if secrets and os.stat(p).st_mode & 0o077:
+        raise ConfigError(f"{path}: holds tokens or secrets, so the file must be mode 0600", field=path)
+
+
+def _events(value, where: str, field: str) -> tuple[str, ...]:
+    if value is None:
+        return EVENTS
+    if not isinstance(value, list) or not value or any(e not in EVENTS for e in value):
+        raise ConfigError(f"{where}: events: a non-empty list of {', '.join(EVENTS)}", field=field)
+    return tuple(value)
+
+
+def _webhook(w, where: str) -> Webhook:
+    if not isinstance(w, dict):
+        raise ConfigError(f"{where}: must be a table", field="webhooks")
+    unknown = set(w) - {"url", "secret", "events"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: url, secret, events)", field="webhooks")
+    url, secret = w.get("url"), w.get("secret")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: url: must be an http:// or https:// URL", field="webhooks.url")
+    if not isinstance(secret, str) or len(secret) < 16:
+        raise ConfigError(f"{where}: secret: at least 16 characters (the HMAC key)", field="webhooks.secret")
+    return Webhook(url, secret, _events(w.get("events"), where, "webhooks.events"))
+
+
+def _email(e, where: str) -> Email:
+    if not isinstance(e, dict):
+        raise ConfigError(f"{where}: must be a table", field="email")
+    kinds = {"smtp_host": str, "smtp_port": int, "starttls": bool, "username": str, "password": str, "sender": str}
+    unknown = set(e) - set(kinds) - {"to", "events"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}", field="email")
+    for key, kind in kinds.items():
+        if key in e and (not isinstance(e[key], kind) or (kind is int and isinstance(e[key], bool))):
+            raise ConfigError(f"{where}: {key}: must be {kind.__name__}", field=f"email.{key}")
+    to = e.get("to")
+    if (
+        not e.get("smtp_host")
+        or not isinstance(to, list)
+        or not to
+        or not all(isinstance(x, str) and "@" in x for x in to)
+    ):
+        raise ConfigError(f"{where}: smtp_host and to (a list of addresses) are required", field="email.to")
+    return Email(
+        smtp_host=e["smtp_host"],
+        smtp_port=e.get("smtp_port", 25),
+        starttls=e.get("starttls", False),
+        username=e.get("username", ""),
+        password=e.get("password", ""),
+        sender=e.get("sender", "blockferry@localhost"),
+        to=tuple(to),
+        events=_events(e.get("events"), where, "email.events"),
+    )
 
 
 def _validate(cfg: ControllerConfig, path: str) -> ControllerConfig:
@@ -140,6 +251,11 @@ def _validate(cfg: ControllerConfig, path: str) -> ControllerConfig:
         raise ConfigError(
             f"{path}: [controller] scheduler_interval must be >= 1 and schedule_grace >= 60 (seconds)",
             field="controller.schedule_grace",
+        )
+    if cfg.notify_interval < 1 or cfg.notify_retry_base < 1 or cfg.notify_max_attempts < 1:
+        raise ConfigError(
+            f"{path}: [controller] notify_interval, notify_retry_base and notify_max_attempts must be >= 1",
+            field="controller.notify_interval",
         )
     if cfg.gc_interval < 0 or cfg.gc_after_delete < 0:
         raise ConfigError(

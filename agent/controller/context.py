@@ -16,6 +16,7 @@ from agent.controller.secrets import SecretBox
 if TYPE_CHECKING:  # built above this module: only their types are needed here
     from agent.controller.dispatch import Dispatcher
     from agent.controller.metrics import ControllerMetrics
+    from agent.controller.notify import Notifier
     from agent.controller.scheduler import Scheduler
 
 
@@ -28,4 +29,5 @@ class ControllerContext:
     dispatcher: Dispatcher | None = None
     metrics: ControllerMetrics | None = None
     scheduler: Scheduler | None = None
+    notifier: Notifier | None = None
     registry_ready: bool = False  # the agents' gRPC registry listens (set by server.py)

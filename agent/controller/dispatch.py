@@ -221,6 +221,7 @@ class Dispatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.metrics = None  # agent.controller.metrics.ControllerMetrics, when served
+        self.notifier = None  # agent.controller.notify.Notifier: told of failed tasks
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         self._submitting: dict[str, str] = {}  # task id -> host, while its SubmitJob is on the way
         self._watching: dict[str, JobStream | None] = {}  # agent job id -> the WatchJob stream following it
@@ -552,6 +553,8 @@ class Dispatcher:
         self._notify()
         if self.metrics is not None:
             self.metrics.task_ended(t.operation_type, status, now - (t.started_at or now), result or {})
+        if self.notifier is not None:
+            self.notifier.task_ended(t, status, code, message)
         log.info("task ended", extra={"task": t.id, "status": status, "code": code})
         if self._backlog:
             self._wake.set()  # its slot on the host is free: place what waits for it now

@@ -293,3 +293,36 @@ class Checkpoint(Base):
     resources_json: Mapped[str] = mapped_column(Text, default="[]")  # [{id, backup_id, task_id}]
     skipped_json: Mapped[str] = mapped_column(Text, default="[]")  # [{id, code, reason}]
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class Notification(Base):
+    """One delivery of one event to one channel (a webhook or e-mail):
+    pending until delivered, retried with backoff, failed after the
+    configured attempts. The record is what GET /v1/notifications shows."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    event: Mapped[str] = mapped_column(String(32), index=True)
+    subject: Mapped[str] = mapped_column(String(256))
+    payload_json: Mapped[str] = mapped_column(Text)  # the JSON body sent (no secrets)
+    channel: Mapped[str] = mapped_column(String(64))  # webhook:<key> or email
+    target: Mapped[str] = mapped_column(String(256))  # how to show it: a URL's host, or the addresses
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    delivered_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class WatchState(Base):
+    """The last state the notifier saw of a watched object (host:<uuid>,
+    backup_point:<uuid>, backup:<volume uuid>), so each change is told
+    once, across restarts too."""
+
+    __tablename__ = "watch_states"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))  # up, down, fresh, stale
+    since: Mapped[float] = mapped_column(Float)

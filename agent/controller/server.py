@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config, args.conf_dir)
         logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        for chatty in ("httpx", "httpcore"):  # they log whole URLs; a webhook's may hold a token
+            logging.getLogger(chatty).setLevel(logging.WARNING)
         from agent.controller.api.app import create_app
         from agent.controller.db import Database, migrate
         from agent.controller.registry import serve

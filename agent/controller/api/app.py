@@ -19,6 +19,7 @@ from agent.controller.api import (
     hosts,
     jobs,
     members,
+    notifications,
     operation_logs,
     policies,
     pools,
@@ -32,6 +33,7 @@ from agent.controller.context import ControllerContext
 from agent.controller.db import Database
 from agent.controller.dispatch import Dispatcher
 from agent.controller.metrics import ControllerMetrics
+from agent.controller.notify import Notifier
 from agent.controller.scheduler import Scheduler
 from agent.controller.secrets import SecretBox
 
@@ -43,6 +45,8 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
     if cfg.metrics_listen:
         ctx.dispatcher.metrics = ctx.metrics
     ctx.scheduler = Scheduler(ctx, interval=cfg.scheduler_interval, grace=cfg.schedule_grace)
+    ctx.notifier = Notifier(cfg, db)
+    ctx.dispatcher.notifier = ctx.notifier
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -50,7 +54,9 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
             ctx.metrics.serve(cfg.metrics_listen)
         ctx.dispatcher.start()  # places and follows tasks while the API serves
         ctx.scheduler.start()  # makes the policies' checkpoints
+        ctx.notifier.start()  # webhooks and e-mail, when configured
         yield
+        ctx.notifier.stop()
         ctx.scheduler.stop()
         ctx.dispatcher.stop()
         ctx.metrics.stop()
@@ -80,6 +86,7 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
         backups.router,
         members.router,
         operation_logs.router,
+        notifications.router,
         zstack.router,
     ):
         app.include_router(r)

@@ -466,6 +466,31 @@ class ZoneList(Shape):
     list: list[ZoneRecord]
 
 
+# notifications
+
+
+class NotificationRecord(Shape):
+    """One delivery of an event to a webhook or e-mail."""
+
+    id: str
+    event: str
+    subject: str
+    channel: str  # webhook or email
+    target: str  # the webhook's scheme and host, or the addresses
+    status: str  # pending, delivered, failed
+    attempts: int
+    next_attempt_at: float | None
+    last_error: str
+    created_at: float
+    delivered_at: float | None
+    payload: dict[str, Any]  # the body sent (docs/notifications.md)
+
+
+class NotificationList(Shape):
+    total_count: int
+    list: list[NotificationRecord]
+
+
 # the envelopes the routes declare
 EmptyAnswer = enveloped("EmptyAnswer", Empty)
 TaskStartedAnswer = enveloped("TaskStartedAnswer", TaskStarted)
@@ -491,6 +516,7 @@ HostListAnswer = enveloped("HostListAnswer", HostList)
 HostForgottenAnswer = enveloped("HostForgottenAnswer", HostForgotten)
 VmListAnswer = enveloped("VmListAnswer", VmList)
 ZoneListAnswer = enveloped("ZoneListAnswer", ZoneList)
+NotificationListAnswer = enveloped("NotificationListAnswer", NotificationList)
 ErrorAnswer = enveloped(
     "ErrorAnswer",
     None,
