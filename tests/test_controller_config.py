@@ -70,3 +70,46 @@ def test_rest_tls_needs_both_files_readable(tmp_path):
     with pytest.raises(ConfigError) as e:
         load(str(main))
     assert e.value.field == "controller.tls_cert" and "cannot read" in e.value.message
+
+
+def test_webhooks_and_email_are_checked_by_field(tmp_path):
+    def bad(text: str, field: str) -> None:
+        main = write(tmp_path / "c.toml", text, 0o600)
+        with pytest.raises(ConfigError) as e:
+            load(str(main), str(tmp_path / "none"))
+        assert e.value.field == field and field.split(".")[-1] in e.value.message, e.value.message
+
+    bad('[[webhooks]]\nurl = "ftp://x"\nsecret = "s" \n', "webhooks.url")
+    bad('[[webhooks]]\nurl = "https://x"\nsecret = "short"\n', "webhooks.secret")
+    bad(f'[[webhooks]]\nurl = "https://x"\nsecret = "{TOKEN}"\nevents = ["task.done"]\n', "webhooks.events")
+    bad('[email]\nsmtp_host = "m"\nto = ["nobody"]\n', "email.to")
+    bad('[controller]\nlog_format = "xml"\n', "controller.log_format")
+    # a webhook's secret makes the file a secret too
+    main = write(tmp_path / "c.toml", f'[[webhooks]]\nurl = "https://x"\nsecret = "{TOKEN}"\n', 0o640)
+    with pytest.raises(ConfigError, match="0600"):
+        load(str(main), str(tmp_path / "none"))
+
+
+def test_controller_logs_json_lines_and_journal_priorities(tmp_path):
+    """Both log formats from a real controller process: JSON lines with the
+    records' fields, journald's <N> priorities; tokens masked in both."""
+    import json
+
+    from support.controller import TOKENS, Controller
+
+    for fmt in ("json", "journal"):
+        c = Controller(tmp_path / fmt, extra=f'log_format = "{fmt}"\n')
+        try:
+            c.client("op").get("/v1/hosts")
+            c.client("op").get("/v1/tasks/not-a-task")
+        finally:
+            c.stop()
+        lines = [x for x in c.log.read_text().splitlines() if x.strip()]
+        assert lines, fmt
+        if fmt == "json":
+            records = [json.loads(x) for x in lines]  # every line is one JSON object
+            assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+            assert any(r["logger"].startswith("uvicorn") for r in records)  # uvicorn's records too
+        else:
+            assert all(x[0] == "<" and x[2] == ">" and x[1] in "234567" for x in lines), lines[:5]
+        assert not any(tok in c.log.read_text() for tok in TOKENS.values())

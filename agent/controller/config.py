@@ -27,6 +27,7 @@ import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 
@@ -77,6 +78,7 @@ class ControllerConfig:
     database_url: str = "sqlite:////var/lib/blockferry-controller/controller.sqlite3"
     secret_key_file: str = "/var/lib/blockferry-controller/controller.key"
     log_level: str = "info"
+    log_format: str = "auto"  # auto (journal under systemd, else text), journal, text or json
     tls_cert: str = ""  # PEM certificate: serve REST over HTTPS (with tls_key)
     tls_key: str = ""
     grpc_listen: str = "127.0.0.1:9444"  # the agent registry (host:port or unix:/path)
@@ -107,6 +109,16 @@ class ControllerConfig:
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+
+def secrets_of(cfg: ControllerConfig) -> list[str]:
+    """Every secret the config holds: the log masks them wherever they appear."""
+    found = [cfg.agent_token, cfg.agent_auth_token, *(t.token for t in cfg.tokens)]
+    found += [w.secret for w in cfg.webhooks]
+    if cfg.email is not None:
+        found.append(cfg.email.password)
+    found.append(urlsplit(cfg.database_url).password or "")
+    return [s for s in found if s]
 
 
 def default_conf_dir(config_path: str) -> str:
@@ -251,6 +263,16 @@ def _validate(cfg: ControllerConfig, path: str) -> ControllerConfig:
         raise ConfigError(
             f"{path}: [controller] scheduler_interval must be >= 1 and schedule_grace >= 60 (seconds)",
             field="controller.schedule_grace",
+        )
+    if cfg.log_format not in ("auto", "journal", "text", "json"):
+        raise ConfigError(
+            f"{path}: [controller] log_format: auto, journal, text or json, not {cfg.log_format!r}",
+            field="controller.log_format",
+        )
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"{path}: [controller] log_level: debug, info, warning or error, not {cfg.log_level!r}",
+            field="controller.log_level",
         )
     if cfg.notify_interval < 1 or cfg.notify_retry_base < 1 or cfg.notify_max_attempts < 1:
         raise ConfigError(

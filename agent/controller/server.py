@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from agent import __version__, systemd
+from agent import __version__, logs, systemd
 from agent.controller import config
 from agent.errors import BlockferryError
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = config.load(args.config, args.conf_dir)
-        logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logs.setup(cfg.log_level, cfg.log_format, secrets=config.secrets_of(cfg))
         for chatty in ("httpx", "httpcore"):  # they log whole URLs; a webhook's may hold a token
             logging.getLogger(chatty).setLevel(logging.WARNING)
         from agent.controller.api.app import create_app
@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
     host, port = cfg.host_port
     tls = {"ssl_certfile": cfg.tls_cert, "ssl_keyfile": cfg.tls_key} if cfg.tls_cert else {}
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=cfg.log_level, access_log=False, **tls))
+    # log_config=None: uvicorn's records go through logs.setup's handler (journal priorities, JSON)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level=cfg.log_level, access_log=False, log_config=None, **tls)
+    )
     # SIGTERM/SIGINT: a graceful stop and exit status 0 (uvicorn would re-raise the signal)
     server.capture_signals = contextlib.nullcontext
 
