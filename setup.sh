@@ -47,6 +47,8 @@ apt_packages=(
     # promtool: the tests check both daemons' metrics, the shipped alert
     # rules and their unit tests (contrib/prometheus/)
     prometheus
+    # the controller's status page, opened by the tests in a real headless browser
+    chromium chromium-driver
     # IANA time zones for policy retention (python's zoneinfo reads them)
     tzdata
     # the Ansible roles' test deploys to this machine with Debian's python3

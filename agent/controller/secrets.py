@@ -6,6 +6,8 @@ database, a log or a response."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import os
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -20,6 +22,8 @@ class SecretBox:
         if len(key) != 32:
             raise ConfigError("controller secret key must be 32 bytes", field="secret_key_file")
         self._aead = AESGCM(key)
+        # a separate key for signatures (the status page's session cookies), derived from the same file
+        self._mac_key = hmac.new(key, b"blockferry signatures v1", hashlib.sha256).digest()
 
     @classmethod
     def from_file(cls, path: str) -> SecretBox:
@@ -41,6 +45,13 @@ class SecretBox:
             return ""
         nonce = os.urandom(12)
         return PREFIX + base64.b64encode(nonce + self._aead.encrypt(nonce, plaintext.encode(), b"bf-secret")).decode()
+
+    def sign(self, message: str) -> str:
+        """A hex HMAC-SHA256 of the message, with this controller's key."""
+        return hmac.new(self._mac_key, message.encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, message: str, signature: str) -> bool:
+        return hmac.compare_digest(self.sign(message), signature)
 
     def open(self, sealed: str) -> str:
         if not sealed:

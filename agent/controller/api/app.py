@@ -24,6 +24,7 @@ from agent.controller.api import (
     policies,
     pools,
     shapes,
+    status,
     vaults,
     volumes,
     zstack,
@@ -87,6 +88,7 @@ def create_app(cfg: ControllerConfig, db: Database, secrets: SecretBox) -> FastA
         members.router,
         operation_logs.router,
         notifications.router,
+        status.router,
         zstack.router,
     ):
         app.include_router(r)
