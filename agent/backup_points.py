@@ -343,7 +343,10 @@ class BackupPoints:
                 # the controller updated it (seed 000 update): the new definition replaces the old
                 # one; jobs already running keep the repository they opened
             bp = BackupPoint(uuid, section, self.cfg.agent.state_dir)
-            if current is not None:
+            moved = current is not None and dataclasses.replace(current.section, bandwidth_limit=0) != (
+                dataclasses.replace(section, bandwidth_limit=0)
+            )
+            if moved:
                 bp.forget()  # a new definition on purpose (seed 000 update): where it points now is its repository
             bp.repository()  # reachable, credentials right, a repository (or an empty place for one)
             self.attached.save(uuid, section)

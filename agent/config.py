@@ -73,7 +73,9 @@ class JobsSection:
     """The job engine."""
 
     max_concurrent: int = option(4, "Jobs running at once on this host; more wait their turn.")
-    bandwidth_limit: int = option(0, "Bytes per second shared by all jobs; 0 means unlimited.")
+    bandwidth_limit: int = option(
+        0, "Bytes per second shared by all jobs; 0 means unlimited. A reload (SIGHUP) changes it."
+    )
     on_busy: str = option("wait", "When a job's resource is locked by another job: wait, or refuse at submit.")
     drain_timeout: float = option(
         30.0, "Seconds SIGTERM waits for running jobs before interrupting them at a safe point."
@@ -248,6 +250,11 @@ class BackupPointSection:
         4 << 20, "Bytes per chunk of a new repository (a multiple of 64 KiB; 4 MiB matches RBD objects)."
     )
     compression: str = option("zstd", "zstd or none, for a new repository.")
+    bandwidth_limit: int = option(
+        0,
+        "Bytes per second shared by the jobs on this backup point (backups, restores, verify); 0 means "
+        "unlimited. The host's [jobs] bandwidth_limit still applies; a reload (SIGHUP) changes it.",
+    )
     initialize: bool = option(
         True,
         "Create a repository on first use when the directory is empty (a directory "
@@ -332,6 +339,8 @@ class Config:
                 raise bad(label, "port", "must be between 0 and 65535")
             if bp.timeout <= 0:
                 raise bad(label, "timeout", "must be positive")
+            if bp.bandwidth_limit < 0:
+                raise bad(label, "bandwidth_limit", "must not be negative")
             if bp.chunk_size < 64 << 10 or bp.chunk_size > 64 << 20 or bp.chunk_size % (64 << 10):
                 raise bad(label, "chunk_size", "must be a multiple of 64 KiB between 64 KiB and 64 MiB")
             if bp.compression not in ("zstd", "none"):
@@ -565,3 +574,30 @@ def secrets(cfg: Config) -> list[str]:
             if f.metadata["secret"] and getattr(section, f.name):
                 out.append(getattr(section, f.name))
     return out
+
+
+# what a reload (SIGHUP) applies to the running agent
+RELOADABLE = {"agent.log_level", "agent.log_format", "jobs.bandwidth_limit"}
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys whose change a reload does not apply (they need a restart):
+    everything but RELOADABLE and each backup point's bandwidth_limit."""
+    changed = []
+    for name, section in old.sections().items():
+        other = new.sections()[name]
+        for f in dataclasses.fields(section):
+            key = f"{name}.{f.name}"
+            if key not in RELOADABLE and getattr(section, f.name) != getattr(other, f.name):
+                changed.append(key)
+    for table in ("pools", "backup_points"):
+        before, after = getattr(old, table), getattr(new, table)
+        for uuid in sorted(set(before) ^ set(after)):
+            changed.append(f"{table}.{uuid}")
+        for uuid in sorted(set(before) & set(after)):
+            a, b = before[uuid], after[uuid]
+            if table == "backup_points":
+                a, b = dataclasses.replace(a, bandwidth_limit=0), dataclasses.replace(b, bandwidth_limit=0)
+            if a != b:
+                changed.append(f"{table}.{uuid}")
+    return changed

@@ -26,10 +26,18 @@ def _read(path: str) -> bytes:
 
 
 class Agent:
-    def __init__(self, cfg: config.Config, binding_status: list[bindings.BindingStatus]):
+    def __init__(
+        self,
+        cfg: config.Config,
+        binding_status: list[bindings.BindingStatus],
+        config_path: str = "",
+        conf_dir: str | None = None,
+    ):
         self.cfg = cfg
         self.binding_status = binding_status
+        self.config_path, self.conf_dir = config_path, conf_dir
         self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
         self.tcp_port: int | None = None
 
     def _bind_unix(self, server) -> None:
@@ -104,6 +112,8 @@ class Agent:
             on_busy=cfg.jobs.on_busy,
             keep_finished=cfg.jobs.keep_finished,
         )
+        for bp in points.all():
+            engine.limits.set(f"backup_point:{bp.uuid}", bp.section.bandwidth_limit)
         engine.start()
 
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.grpc.max_workers, thread_name_prefix="rpc"))
@@ -178,8 +188,11 @@ class Agent:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.stop_requested.set())
-        while not self.stop_requested.wait(1.0):
-            pass
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reload_requested.set())
+        while not self.stop_requested.wait(0.5):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload(engine, points)
 
         log.info(
             "draining: no new jobs; waiting for running jobs",
@@ -204,6 +217,33 @@ class Agent:
                 pass
         log.info("blockferry-agent stopped")
         return 0
+
+    def reload(self, engine, points) -> None:
+        """SIGHUP (systemctl reload): read the config again and apply what
+        applies at run time: the log level and format, the host's bandwidth
+        limit and each backup point's (running jobs follow at once). Other
+        changes are named in the log: they take effect at the next restart.
+        A config that does not load is refused and the running one kept."""
+        systemd.notify("RELOADING=1")
+        try:
+            new = config.load(self.config_path, self.conf_dir)
+        except ConfigError as e:
+            log.error("reload refused: the config does not load; the running one stays", extra={"error": e.message})
+            systemd.notify("READY=1")
+            return
+        logs.setup(new.agent.log_level, new.agent.log_format, config.secrets(new))
+        engine.limits.host.set_rate(new.jobs.bandwidth_limit)
+        for uuid, section in new.backup_points.items():
+            if uuid in self.cfg.backup_points:
+                engine.limits.set(f"backup_point:{uuid}", section.bandwidth_limit)
+        later = config.restart_needed(self.cfg, new)
+        if later:
+            log.warning("config changes that need a restart", extra={"keys": ",".join(later)})
+        log.info(
+            "config reloaded",
+            extra={"bandwidth_limit": new.jobs.bandwidth_limit, "backup_point_limits": engine.limits.rates() or "none"},
+        )
+        systemd.notify("READY=1")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.module}: ok ({s.package})")
         return 0
     try:
-        return Agent(cfg, status).run()
+        return Agent(cfg, status, args.config, args.conf_dir).run()
     except (OSError, RuntimeError) as e:
         log.error("agent failed to start", extra={"error": str(e)})
         return 1

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import grpc
@@ -401,3 +402,65 @@ def test_the_error_catalogue_in_the_docs_is_current():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
     assert doc.endswith(errors.markdown_table()), "regenerate docs/errors.md's table (see the page)"
+
+
+def _rates(c, job_id: str) -> tuple[jobs_pb2.Job, list[float]]:
+    """The job to its end, and the rates its progress reported meanwhile."""
+    rates = []
+    for job in c.watch(job_id):
+        if job.state == jobs_pb2.JOB_STATE_RUNNING and job.progress.rate_bytes_per_second:
+            rates.append(job.progress.rate_bytes_per_second)
+    return job, rates
+
+
+def test_bandwidth_limits_per_backup_point_and_job_and_reload(make_agent):
+    """A backup point's own limit, a job's own limit (a policy's), and a
+    SIGHUP that changes the host's limit and a backup point's while the
+    agent runs; other changes are named as needing a restart."""
+    from support.backups import Bk
+
+    bp2 = str(uuid.uuid4())
+    a = make_agent(f'[backup_points.{bp2}]\ntype = "local"\npath = "{{root}}/bp2"\nbandwidth_limit = {4 * MiB}\n')
+    a.config.write_text(a.config.read_text().replace("{root}", str(a.workdir)))
+    a.start()
+    with a.client() as c:
+        bk = Bk(a, c, bp=bp2)
+        vol = bk.create(capacity=16 * MiB, name="limited").uuid
+        bk.write(vol, {0: os.urandom(12 * MiB)})
+        snap = bk.snap(vol, "s").uuid
+        # the backup point's limit: 4 MiB/s
+        bid = str(uuid.uuid4())
+        spec = jobs_pb2.BackupSpec(backup_point_uuid=bp2, pool_uuid=bk.pool, volume_uuid=vol, snapshot_uuid=snap)
+        spec.backup_uuid, spec.full = bid, True
+        c.submit(f"b-{bid}", backup=spec)
+        job, rates = _rates(c, f"b-{bid}")
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and rates and max(rates) < 6 * MiB, rates
+        # a job's own limit (what a policy sets): 2 MiB/s, below the backup point's
+        bid = str(uuid.uuid4())
+        spec.backup_uuid, spec.bandwidth_limit = bid, 2 * MiB
+        c.submit(f"b-{bid}", backup=spec)
+        job, rates = _rates(c, f"b-{bid}")
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and max(rates) < 3 * MiB, rates
+        # reload: the host's limit becomes 2 MiB/s, the backup point's is lifted; max_concurrent needs a restart
+        text = a.config.read_text().replace(f"bandwidth_limit = {4 * MiB}", "bandwidth_limit = 0")
+        a.config.write_text(text + f"[jobs]\nbandwidth_limit = {2 * MiB}\nmax_concurrent = 3\n")
+        a.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "config reloaded" not in a.log_text():
+            assert time.monotonic() < deadline, a.log_text()[-2000:]
+            time.sleep(0.1)
+        assert "jobs.max_concurrent" in a.log_text() and "need a restart" in a.log_text()
+        img = a.roots[0] / "reload.raw"
+        sparse_image(img, 8 * MiB, {0: os.urandom(8 * MiB)})
+        c.submit_checksum("after-reload", str(img))
+        job, rates = _rates(c, "after-reload")
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and max(rates) < 3 * MiB, rates
+        # a config that does not load is refused; the running one stays
+        a.config.write_text(text + "[jobs]\nbandwidth_limit = -1\n")
+        a.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reload refused" not in a.log_text():
+            assert time.monotonic() < deadline, a.log_text()[-2000:]
+            time.sleep(0.1)
+        assert c.get("after-reload").state == jobs_pb2.JOB_STATE_SUCCEEDED  # it still answers
+    assert a.stop() == 0

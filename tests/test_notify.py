@@ -157,7 +157,7 @@ def test_webhooks_and_mail_tell_what_happens(short_tmp, make_agent):
         policy = {
             "name": "daily",
             "operation_type": "backup",
-            "operation_definition": {"max_backups": 5},
+            "operation_definition": {"max_backups": 5, "bandwidth_limit": 64 << 20},
             "trigger": {"properties": {"pattern": ["FREQ=DAILY;BYHOUR=2;BYMINUTE=0"]}},
         }
         pid = op.post(f"{v3}/policies", json={"policy": policy}).json()["policy"]["id"]
@@ -181,6 +181,14 @@ def test_webhooks_and_mail_tell_what_happens(short_tmp, make_agent):
         cp = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vid}}).json()["checkpoint"]
         assert wait_task(op, cp["vault"]["resources"][0]["task_id"])["status"] == "success"
         assert hook.wait_for("backup.fresh")["details"]["volume_uuid"] == vol
+        # the policy's bandwidth limit went with the job it made
+        engine = create_engine(c.db_url)
+        with engine.connect() as conn:
+            spec = conn.execute(
+                text("SELECT spec_json FROM tasks WHERE id = :t"), {"t": cp["vault"]["resources"][0]["task_id"]}
+            ).scalar_one()
+        engine.dispose()
+        assert json.loads(spec).get("bandwidth_limit") in (64 << 20, str(64 << 20)), spec
 
         # a pack is damaged on disk: the verify of the backup fails, task.failed tells it
         packs = [f for f in (where / "packs").rglob("*") if f.is_file() and f.suffix != ".idx"]

@@ -84,6 +84,7 @@ def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPo
         format_lun=bool(env.get("format_lun", False)),
         chunk_size=int(env.get("chunk_size", 0)),
         compression=str(env.get("compression", "")),
+        bandwidth_limit=int(env.get("bandwidth_limit", 0)),
     )
     sub = bp.sub_dir
     if bp.btype == "local":

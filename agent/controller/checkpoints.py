@@ -328,6 +328,7 @@ def create(
                     tenant=vault.tenant,
                     parent_backup_uuid="" if full or parent is None else parent.uuid,
                     full=full,
+                    bandwidth_limit=od.bandwidth_limit,
                 )
                 new_task(
                     s,
@@ -370,6 +371,7 @@ def create(
                 name=disks[0][4][:128],
                 description=description,
                 tenant=vault.tenant,
+                bandwidth_limit=od.bandwidth_limit,
                 full=any(full for *_, full, _ in disks),
             )
             new_task(

@@ -113,6 +113,7 @@ class OperationDefinition:
     year_backups: int = 0
     timezone: str = ""
     full_backup_interval: int = -1
+    bandwidth_limit: int = 0  # beyond the seed: bytes per second for each backup the policy makes; 0: none
 
     def rule(self) -> Rule:
         tz = parse_timezone(self.timezone, "operation_definition.timezone") if self.timezone else UTC
@@ -130,6 +131,8 @@ class OperationDefinition:
         d = asdict(self)
         if not self.timezone:
             d.pop("timezone")
+        if not self.bandwidth_limit:
+            d.pop("bandwidth_limit")
         return d
 
 
@@ -161,6 +164,7 @@ def check_operation_definition(d: Any) -> OperationDefinition:
         month_backups=_int(d, "month_backups", 0, 0, 100),
         year_backups=_int(d, "year_backups", 0, 0, 100),
         full_backup_interval=_int(d, "full_backup_interval", -1, -1, 100),
+        bandwidth_limit=_int(d, "bandwidth_limit", 0, 0, 1 << 40),
     )
     tz = d.get("timezone")
     if tz not in (None, ""):

@@ -127,6 +127,8 @@ def cmd_policies(c: Ctx) -> int:
             definition[key] = getattr(a, key)
         if a.timezone:
             definition["timezone"] = a.timezone
+        if a.bandwidth_limit:
+            definition["bandwidth_limit"] = a.bandwidth_limit
         body = {
             "policy": {
                 "name": a.name,
@@ -217,6 +219,9 @@ def add_parsers(sub) -> None:
     pc.add_argument("--timezone", help="for --daily .. --yearly: UTC+08:00 or an IANA name")
     pc.add_argument(
         "--full-every", type=int, default=-1, metavar="N", help="a full backup after N incrementals (-1: never)"
+    )
+    pc.add_argument(
+        "--bandwidth-limit", type=refs.size_arg, default=0, metavar="BYTES", help="per backup, per second (50M, 1G)"
     )
     pc.add_argument("--disabled", action="store_true", help="created switched off")
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from agent.errors import BlockferryError, Busy, Cancelled, Draining, Interrupted, InvalidArgument, JobConflict, NotFound
 from agent.jobs.journal import Journal
 from agent.jobs.kinds import Claim, JobKind
-from agent.jobs.limits import BandwidthLimiter
+from agent.jobs.limits import BandwidthLimiter, Limits
 from agent.jobs.locks import ResourceLocks
 from agent.jobs.model import TRANSITIONS, Job, JobError, JobState, Progress
 
@@ -36,6 +36,7 @@ class JobContext:
         self._interrupt = threading.Event()
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._last_save = 0.0
+        self._own: BandwidthLimiter | None = None  # the job's own limit (a policy's), made at first use
 
     @property
     def job_id(self) -> str:
@@ -46,6 +47,19 @@ class JobContext:
         """The host limit in bytes per second (0: none), for tools that take a
         rate of their own (qemu-img convert -r)."""
         return self._engine.limiter.rate
+
+    def _limiters(self) -> list[BandwidthLimiter]:
+        out = []
+        bp = getattr(self._job.spec, "backup_point_uuid", "")
+        named = self._engine.limits.get(f"backup_point:{bp}") if bp else None
+        if named is not None:
+            out.append(named)
+        own = int(getattr(self._job.spec, "bandwidth_limit", 0) or 0)
+        if own > 0:
+            if self._own is None or self._own.rate != own:
+                self._own = BandwidthLimiter(own)
+            out.append(self._own)
+        return out
 
     def checkpoint(self) -> None:
         """A safe point: stop here if the job was cancelled or the agent drains."""
@@ -58,9 +72,12 @@ class JobContext:
         self._engine._update_progress(self, bytes_done, bytes_total, phase)
 
     def throttle(self, nbytes: int) -> None:
-        """Account nbytes against the host bandwidth limit; sleeps as needed,
+        """Account nbytes against every limit that applies (the host's, the
+        job's backup point's, the job's own); sleeps off the longest,
         staying responsive to cancel."""
         delay = self._engine.limiter.delay_for(nbytes)
+        for limiter in self._limiters():
+            delay = max(delay, limiter.delay_for(nbytes))
         deadline = time.monotonic() + delay
         while True:
             self.checkpoint()
@@ -86,7 +103,8 @@ class JobEngine:
         self.max_concurrent = max_concurrent
         self.on_busy = on_busy
         self.keep_finished = keep_finished
-        self.limiter = BandwidthLimiter(bandwidth_limit)
+        self.limits = Limits(bandwidth_limit)
+        self.limiter = self.limits.host
         self.locks = ResourceLocks()
         self.journal = Journal(journal_path, self._types)
         self._cond = threading.Condition()

@@ -42,6 +42,7 @@ class BackupSpec:
     tenant: str = ""
     parent_backup_uuid: str = ""  # "": the volume's latest backup on this point, if any
     full: bool = False  # read everything even when a parent exists (full_backup_interval)
+    bandwidth_limit: int = 0  # bytes per second for this job alone (a policy's limit); 0: none
 
 
 @dataclass(frozen=True)

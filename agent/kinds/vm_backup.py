@@ -65,6 +65,7 @@ class VmBackupSpec:
     tenant: str = ""
     full: bool = False  # read every disk whole even when parents exist
     no_freeze: bool = False  # crash-consistent: do not ask the guest agent
+    bandwidth_limit: int = 0  # bytes per second for this job alone (a policy's limit); 0: none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disks", tuple(_disk(d) for d in self.disks))

@@ -107,6 +107,7 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
     @rpc
     def AttachBackupPoint(self, request, context):
         bp = self.points.attach(request.backup_point_uuid, _section_from(request))
+        self.engine.limits.set(f"backup_point:{bp.uuid}", bp.section.bandwidth_limit)
         return _health_pb(bp.check())
 
     @rpc
@@ -170,6 +171,7 @@ def _section_from(request):
         password=request.password,
         chunk_size=request.chunk_size or base.chunk_size,
         compression=request.compression or base.compression,
+        bandwidth_limit=max(0, request.bandwidth_limit),
         timeout=base.timeout,
         initialize=True,
     )

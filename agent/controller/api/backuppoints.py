@@ -27,7 +27,18 @@ BTYPES = ("nfs", "samba", "iscsi", "disk", "fc", "local")
 # what a backup point may need beyond seed 000's fields, passed in its "env"
 # object (sealed at rest, like pass_word): ports, SMB user/password, CHAP,
 # the iSCSI LUN, formatting a blank LUN, chunk size and compression
-ENV_KEYS = {"port", "mount_port", "username", "secret", "smb_encrypt", "lun", "format_lun", "chunk_size", "compression"}
+ENV_KEYS = {
+    "port",
+    "mount_port",
+    "username",
+    "secret",
+    "smb_encrypt",
+    "lun",
+    "format_lun",
+    "chunk_size",
+    "compression",
+    "bandwidth_limit",  # bytes per second shared by its jobs (their next attach applies a change)
+}
 MASK = "******"
 
 
@@ -117,6 +128,25 @@ def check_local(s, cluster: str, zone: str, root: str, sub: str, field: str) -> 
     v.under_roots(path, sorted(roots), field, f"any host of cluster {cluster}")
 
 
+def _env(env, field: str) -> dict:
+    """A backup point's env (seed 000 `env` at add, `environment` at update)."""
+    if not isinstance(env, dict) or any(
+        not isinstance(k, str) or not isinstance(x, (str, int, bool)) for k, x in env.items()
+    ):
+        raise InvalidArgument(f"{field}: must be an object of strings, numbers or booleans", field=field)
+    unknown = set(env) - ENV_KEYS
+    if unknown:
+        raise InvalidArgument(
+            f"{field}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(ENV_KEYS))})", field=field
+        )
+    limit = env.get("bandwidth_limit", 0)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 1 << 40:
+        raise InvalidArgument(
+            f"{field}.bandwidth_limit: bytes per second, 0 (none) or more", field=f"{field}.bandwidth_limit"
+        )
+    return env
+
+
 def to_seed(bp: BackupPoint, health: Health) -> dict:
     """Bpstate is the backup point's health from the hosts' heartbeats
     (health.py); Health says why, host by host."""
@@ -163,16 +193,7 @@ def add(req: BackupPointAddRequest, request: Request, caller: Caller = Depends(a
         with context(request).db.session() as s:
             check_local(s, cluster, zone, root, sub, "root_dir")
     now = int(time.time())
-    env = getattr(req, "env", None) or {}
-    if not isinstance(env, dict) or any(
-        not isinstance(k, str) or not isinstance(x, (str, int, bool)) for k, x in env.items()
-    ):
-        raise InvalidArgument("env: must be an object of strings, numbers or booleans", field="env")
-    unknown = set(env) - ENV_KEYS
-    if unknown:
-        raise InvalidArgument(
-            f"env: unknown keys {sorted(unknown)} (known: {', '.join(sorted(ENV_KEYS))})", field="env"
-        )
+    env = _env(getattr(req, "env", None) or {}, "env")
     secrets = context(request).secrets
     bp = BackupPoint(
         uuid=str(uuidlib.uuid4()),
@@ -240,6 +261,11 @@ def update(req: BackupPointUpdateRequest, request: Request, caller: Caller = Dep
                     field="backup_point_uuid",
                 )
             bp.name, bp.ip, bp.root_dir, bp.sub_dir, bp.mtime = name, ip, root, sub, int(time.time())
+            changes = _env(getattr(req, "environment", None) or {}, "environment")
+            if changes:  # merged over what it has: a new bandwidth limit, a new CHAP secret, ...
+                secrets = context(request).secrets
+                env = json.loads(secrets.open(bp.env_sealed)) if bp.env_sealed else {}
+                bp.env_sealed = secrets.seal(json.dumps({**env, **changes}))
     except IntegrityError:
         raise AlreadyExists(
             f"backup_point_name: tenant {tenant} has a backup point named {name!r} already", field="backup_point_name"

@@ -145,6 +145,7 @@ class OperationDefinitionShape(Shape):
     year_backups: int
     timezone: str | None = None
     full_backup_interval: int
+    bandwidth_limit: int | None = None  # beyond the seed: bytes per second for each backup (absent: none)
 
 
 class TriggerProperties(Shape):
@@ -436,6 +437,7 @@ class PolicyDefinitionBody(Body):
     year_backups: int = Field(0, ge=0, le=100)
     timezone: str | None = Field(None, description="UTC+08:00 or an IANA name; required with day/week/month/year")
     full_backup_interval: int = Field(-1, ge=-1, le=100)
+    bandwidth_limit: int = Field(0, ge=0, le=1 << 40, description="beyond the seed: bytes per second per backup")
 
 
 class TriggerPropertiesBody(Body):
