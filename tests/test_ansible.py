@@ -445,6 +445,115 @@ def variables_tables() -> str:
     return "\n".join(lines)
 
 
+def role_summary(role: str) -> str:
+    """The comment that opens a role's defaults/main.yml, without its name."""
+    lines = []
+    for line in (ANSIBLE / "roles" / role / "defaults" / "main.yml").read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return " ".join(lines).split(": ", 1)[1]
+
+
+def _spec_type(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    for kind, name in ((int, "int"), (float, "float"), (str, "str"), (list, "list"), (dict, "dict")):
+        if isinstance(value, kind):
+            return name
+    return "raw"
+
+
+def argument_specs(role: str) -> str:
+    """meta/argument_specs.yml: every variable of defaults/main.yml with its
+    type (from its default), default and description, so Ansible refuses a
+    wrong type before the role runs."""
+    import yaml
+
+    values = yaml.safe_load((ANSIBLE / "roles" / role / "defaults" / "main.yml").read_text())
+    options = {}
+    for name, _, text in role_variables(role):
+        kind = _spec_type(values[name])
+        opt = {"type": kind, "description": text or name}
+        if kind in ("list", "dict") or (kind == "str" and "{{" in values[name]):
+            opt["required"] = False  # templated or structured defaults stay in defaults/main.yml
+        else:
+            opt["default"] = values[name]
+        if kind == "list":
+            opt["elements"] = "raw"
+        options[name] = opt
+    doc = {
+        "argument_specs": {
+            "main": {
+                "short_description": role_summary(role).split(".")[0],
+                "description": [role_summary(role)],
+                "options": options,
+            }
+        }
+    }
+    class Indented(yaml.SafeDumper):  # lists indented under their key, as yamllint wants
+        def increase_indent(self, flow=False, indentless=False):
+            return super().increase_indent(flow, False)
+
+    head = "---\n# Generated from defaults/main.yml: .venv/bin/python tests/test_ansible.py --argument-specs\n"
+    return head + yaml.dump(doc, Dumper=Indented, sort_keys=False, width=120, allow_unicode=True)
+
+
+def role_readme(role: str) -> str:
+    rows = [
+        f"| `{n}` | `{d.replace('|', chr(92) + '|')}` | {x.replace('|', '/')} |" for n, d, x in role_variables(role)
+    ]
+    example = {
+        "blockferry_install": "blockferry_install_wheel: /path/to/dist/blockferry-0.1.0-cp311-cp311-linux_x86_64.whl",
+        "blockferry_tls": "blockferry_tls_mode: lab",
+        "blockferry_agent": 'blockferry_agent_controller_address: "ctl1.example.net:9444"',
+        "blockferry_controller": 'blockferry_controller_api_tokens: [{token: "{{ vault_token }}", tenant: "*"}]',
+    }[role]
+    return "\n".join(
+        [
+            f"# {role}",
+            "",
+            role_summary(role),
+            "",
+            "Part of blockferry's `ansible/` (the playbook is `site.yml`; the whole story is",
+            "`docs/deployment.md` and `docs/operator-guide.md`). Its variables are checked",
+            "against `meta/argument_specs.yml` before it runs. Tested by `tests/test_ansible.py`:",
+            "ansible-lint (production profile), a real deploy to localhost, a second run that",
+            "changes nothing, and `--check --diff`.",
+            "",
+            "## Example",
+            "",
+            "```yaml",
+            "- hosts: all",
+            "  roles:",
+            f"    - role: {role}",
+            "      vars:",
+            f"        {example}",
+            "```",
+            "",
+            "## Variables",
+            "",
+            "Generated from `defaults/main.yml` (`.venv/bin/python tests/test_ansible.py --readmes`).",
+            "",
+            "| variable | default | what |",
+            "|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+
+
+def test_roles_carry_argument_specs_and_a_readme():
+    for role in ROLES:
+        d = ANSIBLE / "roles" / role
+        assert (d / "meta" / "argument_specs.yml").read_text() == argument_specs(role), (
+            f"{role}: regenerate: .venv/bin/python tests/test_ansible.py --argument-specs"
+        )
+        assert (d / "README.md").read_text() == role_readme(role), (
+            f"{role}: regenerate: .venv/bin/python tests/test_ansible.py --readmes"
+        )
+
+
 def test_every_role_variable_is_in_the_docs_with_its_default():
     names = [n for role in ROLES for n, _, _ in role_variables(role)]
     assert len(names) == len(set(names)) and len(names) > 40
@@ -455,3 +564,9 @@ def test_every_role_variable_is_in_the_docs_with_its_default():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--tables"]:
     print(variables_tables())
+if __name__ == "__main__" and sys.argv[1:] == ["--argument-specs"]:
+    for r in ROLES:
+        (ANSIBLE / "roles" / r / "meta" / "argument_specs.yml").write_text(argument_specs(r))
+if __name__ == "__main__" and sys.argv[1:] == ["--readmes"]:
+    for r in ROLES:
+        (ANSIBLE / "roles" / r / "README.md").write_text(role_readme(r))
