@@ -491,6 +491,7 @@ def argument_specs(role: str) -> str:
             }
         }
     }
+
     class Indented(yaml.SafeDumper):  # lists indented under their key, as yamllint wants
         def increase_indent(self, flow=False, indentless=False):
             return super().increase_indent(flow, False)
