@@ -1,4 +1,4 @@
-"""Manual pages and shell completions of `blockferry` and `blockferry-ctl`,
+"""Manual pages and shell completions of `blockferry`, `blockferry-ctl` and `blockferry-restore`,
 generated from their parsers (argparse-manpage, shtab) into `man/` and
 `completions/`, which the wheel installs (share/man/man1,
 share/bash-completion/completions). `python -m agent.manpages` writes
@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 def parsers() -> dict[str, argparse.ArgumentParser]:
     from agent.cli.app import parser as cli_parser
     from agent.ctl.app import parser as ctl_parser
+    from agent.offline_restore import parser as restore_parser
 
-    return {"blockferry": cli_parser(), "blockferry-ctl": ctl_parser()}
+    return {"blockferry": cli_parser(), "blockferry-ctl": ctl_parser(), "blockferry-restore": restore_parser()}
 
 
 def manpage(p: argparse.ArgumentParser) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -81,6 +82,26 @@ def dist(tmp_path_factory) -> Path:
         timeout=900,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(dist, tmp_path_factory) -> Path:
+    """A fresh venv holding only the wheel (and its dependencies, binary only),
+    installed with no compiler at hand (CC=false): what a machine that has
+    only the wheel runs."""
+    venv = tmp_path_factory.mktemp("wheel") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    env = dict(os.environ, CC="false", CXX="false", PIP_NO_BUILD_ISOLATION="0")
+    env.pop("PYTHONPATH", None)
+    wheel = next(dist.glob("*.whl"))
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", "--only-binary=:all:", str(wheel)],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=900,
+    )
+    return venv
 
 
 @pytest.fixture(scope="session")

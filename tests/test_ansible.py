@@ -283,7 +283,7 @@ def test_playbook_deploys_both_services_and_they_work(deployment):
 
     # the CLIs, their man pages and completions, linked where operators look
     local = d.root / "usr" / "local"
-    for cli in ("blockferry", "blockferry-ctl"):
+    for cli in ("blockferry", "blockferry-ctl", "blockferry-restore"):
         assert (local / "bin" / cli).resolve() == d.root / "opt" / "venv" / "bin" / cli
         v = subprocess.run([str(local / "bin" / cli), "--version"], capture_output=True, text=True)
         assert v.returncode == 0 and v.stdout.startswith(cli + " "), v.stderr
