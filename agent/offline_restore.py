@@ -27,7 +27,7 @@ import stat
 import subprocess
 import sys
 import time
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from agent import __version__
 from agent.backup_points import BackupPoint
@@ -37,7 +37,7 @@ from agent.repo.format import Manifest
 from agent.repo.repository import Repository
 
 SOURCES = (
-    "dir:/PATH, nfs://HOST[:PORT]/EXPORT[//SUBDIR], smb://[USER@]HOST[:PORT]/SHARE[/SUBDIR], "
+    "dir:/PATH, nfs://HOST[:PORT]/EXPORT[//SUBDIR][?mount_port=N], smb://[USER@]HOST[:PORT]/SHARE[/SUBDIR], "
     "iscsi://HOST[:PORT]/TARGET-IQN/LUN, disk:/dev/..."
 )
 
@@ -63,9 +63,14 @@ def section_of(source: str, secret: str = "") -> BackupPointSection:
         raise InvalidArgument(f"source: {source!r} names no export, share or target", field="source")
     common = {"ip": u.hostname, "port": u.port or 0, "initialize": False}
     if u.scheme == "nfs":
-        # the export, then (after a double slash) the repository's directory below it: nfs://host/export//sub
+        # the export, then (after a double slash) the repository's directory below it: nfs://host/export//sub;
+        # ?mount_port=N when the server's MOUNT service is not registered with its portmapper
         export, _, sub = unquote(u.path).partition("//")
-        return BackupPointSection(type="nfs", root_dir=export, sub_dir=sub.strip("/"), **common)
+        query = parse_qs(u.query)
+        mount = (query.get("mount_port") or ["0"])[0]
+        if not mount.isdigit():
+            raise InvalidArgument(f"source: mount_port={mount!r} is not a port", field="source")
+        return BackupPointSection(type="nfs", root_dir=export, sub_dir=sub.strip("/"), mount_port=int(mount), **common)
     if u.scheme == "smb":
         return BackupPointSection(
             type="samba",

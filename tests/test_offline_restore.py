@@ -18,10 +18,14 @@ from support.volumes import MiB
 PASSWORD = "offline-" + uuid.uuid4().hex
 
 
-def restore(venv, *args: str, password: str | None = PASSWORD, check: bool = True) -> subprocess.CompletedProcess:
+def restore(
+    venv, *args: str, password: str | None = PASSWORD, secret: str = "", check: bool = True
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BLOCKFERRY_", "PYTHON"))}
     if password is not None:
         env["BLOCKFERRY_PASSWORD"] = password
+    if secret:  # the SMB password, never in argv
+        env["BLOCKFERRY_SECRET"] = secret
     r = subprocess.run(
         [str(venv / "bin" / "blockferry-restore"), *args],
         capture_output=True,
@@ -99,3 +103,39 @@ def test_restore_without_agent_or_controller(make_agent, wheel_venv, short_tmp):
     assert not broken.exists() and not list(short_tmp.glob("broken.raw*"))
     r = restore(wheel_venv, source, "verify", result.backup_uuid, check=False)
     assert r.returncode == 1 and "DAMAGED" in r.stdout
+
+
+def test_restore_from_nfs_and_smb_sources(make_agent, wheel_venv, short_tmp, nfs_server, smb_server):
+    """The same, from an encrypted repository on the real NFS server and one
+    on the real SMB server (the SMB password from the environment)."""
+    nfs_bp, smb_bp = str(uuid.uuid4()), str(uuid.uuid4())
+    sub = f"offline-{uuid.uuid4().hex[:8]}"
+    secret = f'password = "{PASSWORD}"\n'
+    a = make_agent(
+        nfs_server.section(nfs_bp, sub_dir=sub, extra=secret) + smb_server.section(smb_bp, sub_dir=sub, extra=secret)
+    )
+    a.config.chmod(0o600)
+    a.start()
+    data = {MiB: os.urandom(2 * MiB)}
+    size = 4 * MiB
+    with a.client() as c:
+        bk = Bk(a, c, bp=nfs_bp)
+        vol = bk.create(capacity=size, name="net").uuid
+        bk.write(vol, data)
+        snap = bk.snap(vol, "s").uuid
+        on_nfs = bk.backup(vol, snap)
+        on_smb = Bk(a, c, bp=smb_bp).backup(vol, snap)
+    assert a.stop() == 0
+    want = bytearray(size)
+    want[MiB : 3 * MiB] = data[MiB]
+    sources = {
+        f"nfs://127.0.0.1:{nfs_server.nfs_port}{nfs_server.export}//{sub}?mount_port={nfs_server.mount_port}": on_nfs,
+        f"smb://{smb_server.user}@{smb_server.ip}:{smb_server.port}/backups/{sub}": on_smb,
+    }
+    for source, result in sources.items():
+        listed = json.loads(restore(wheel_venv, source, "list", "--json", secret=smb_server.password).stdout)
+        assert [b["backup_id"] for b in listed] == [result.backup_uuid], source
+        out = short_tmp / f"{result.backup_uuid}.raw"
+        r = restore(wheel_venv, source, "write", result.backup_uuid, str(out), secret=smb_server.password)
+        assert out.read_bytes() == bytes(want), source
+        assert smb_server.password not in r.stdout + r.stderr
