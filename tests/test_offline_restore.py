@@ -139,3 +139,31 @@ def test_restore_from_nfs_and_smb_sources(make_agent, wheel_venv, short_tmp, nfs
         r = restore(wheel_venv, source, "write", result.backup_uuid, str(out), secret=smb_server.password)
         assert out.read_bytes() == bytes(want), source
         assert smb_server.password not in r.stdout + r.stderr
+
+
+def test_restore_from_an_iscsi_lun(make_agent, wheel_venv, short_tmp, tgt_server):
+    """The same from a CHAP-protected LUN on the real tgtd (the CHAP secret
+    from the environment)."""
+    lun = tgt_server.add_lun(256 * MiB, chap=True)
+    bp = str(uuid.uuid4())
+    a = make_agent(tgt_server.section(bp, lun, extra=f'password = "{PASSWORD}"\n'))
+    a.config.chmod(0o600)
+    a.start()
+    data = {0: os.urandom(MiB), 3 * MiB: os.urandom(MiB)}
+    with a.client() as c:
+        bk = Bk(a, c, bp=bp)
+        vol = bk.create(capacity=4 * MiB, name="lun").uuid
+        bk.write(vol, data)
+        result = bk.backup(vol, bk.snap(vol, "s").uuid)
+    assert a.stop() == 0
+    source = f"iscsi://{lun.user}@127.0.0.1:{tgt_server.port}/{lun.iqn}/1"
+    listed = json.loads(restore(wheel_venv, source, "list", "--json", secret=lun.secret).stdout)
+    assert [b["backup_id"] for b in listed] == [result.backup_uuid]
+    out = short_tmp / "lun.raw"
+    r = restore(wheel_venv, source, "write", result.backup_uuid, str(out), secret=lun.secret)
+    want = bytearray(4 * MiB)
+    for off, chunk in data.items():
+        want[off : off + len(chunk)] = chunk
+    assert out.read_bytes() == bytes(want) and lun.secret not in r.stdout + r.stderr
+    r = restore(wheel_venv, source, "list", secret="wrong-chap-secret-1234", check=False)
+    assert r.returncode != 0 and lun.secret not in r.stderr
