@@ -222,6 +222,19 @@ class AgentClient:
     def list_backup_points(self, request: backups_pb2.ListBackupPointsRequest) -> backups_pb2.ListBackupPointsResponse:
         return self._call(self._backups.ListBackupPoints, request, backups_pb2.ListBackupPointsResponse)
 
+    def export_backup(self, request: backups_pb2.ExportBackupRequest) -> backups_pb2.BackupExport:
+        return self._call(self._backups.ExportBackup, request, backups_pb2.BackupExport)
+
+    def unexport_backup(self, export_id: str) -> None:
+        self._call(
+            self._backups.UnexportBackup,
+            backups_pb2.UnexportBackupRequest(export_id=export_id),
+            backups_pb2.UnexportBackupResponse,
+        )
+
+    def list_exports(self) -> backups_pb2.ListExportsResponse:
+        return self._call(self._backups.ListExports, backups_pb2.ListExportsRequest(), backups_pb2.ListExportsResponse)
+
     def check_backup_point(self, request: backups_pb2.BackupPointRef) -> backups_pb2.BackupPointStatus:
         return self._call(self._backups.CheckBackupPoint, request, backups_pb2.BackupPointStatus)
 

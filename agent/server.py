@@ -123,7 +123,10 @@ class Agent:
             HostService(engine, auth, self.binding_status, cfg, pools), server
         )
         volumes_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeService(pools, engine, auth), server)
-        backups_pb2_grpc.add_BackupServiceServicer_to_server(BackupService(points, engine, auth), server)
+        from agent.exports import Exports
+
+        exports = Exports(points, cfg.agent.run_dir)
+        backups_pb2_grpc.add_BackupServiceServicer_to_server(BackupService(points, engine, auth, exports), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         services = [
@@ -205,6 +208,7 @@ class Agent:
         if link:
             link.stop()
         server.stop(grace=2.0).wait()
+        exports.stop_all()  # no export outlives the agent
         procs.Child.stop_all()  # no qemu-nbd outlives the agent
         if watchdog:
             watchdog.stop()

@@ -138,7 +138,30 @@ def _backup_rows(backups) -> list[tuple]:
     ]
 
 
+def _export_row(e) -> tuple:
+    return (e.export_id, e.backup_uuid, refs.human(e.size), refs.when(e.expires_at), e.uri)
+
+
+EXPORT_HEADERS = ("export", "backup", "size", "until", "uri")
+
+
 def cmd_backups(client: AgentClient, args) -> int:
+    if args.backups_cmd == "export":
+        e = client.export_backup(
+            backups_pb2.ExportBackupRequest(
+                backup_point_uuid=args.backup_point, backup_uuid=args.backup, lease_seconds=args.lease
+            )
+        )
+        print(as_json(e) if args.json else refs.table(EXPORT_HEADERS, [_export_row(e)]))
+        return 0
+    if args.backups_cmd == "unexport":
+        client.unexport_backup(args.export_id)
+        print(f"export {args.export_id} ended")
+        return 0
+    if args.backups_cmd == "exports":
+        found = client.list_exports()
+        print(as_json(found) if args.json else refs.table(EXPORT_HEADERS, [_export_row(e) for e in found.exports]))
+        return 0
     if args.backups_cmd == "show":
         b = client.get_backup(
             backups_pb2.GetBackupRequest(backup_point_uuid=args.backup_point, backup_uuid=args.backup)
@@ -248,7 +271,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--keep-safety-snapshot", action="store_true", help="with --in-place: keep it after success")
     r.add_argument("--job-id")
 
-    bs = sub.add_parser("backups", help="the backups of a backup point: list, show")
+    bs = sub.add_parser("backups", help="the backups of a backup point: list, show, export, unexport, exports")
     bsub = bs.add_subparsers(dest="backups_cmd", required=True)
     bl = bsub.add_parser("list")
     bl.add_argument("backup_point", metavar="BACKUP_POINT")
@@ -258,6 +281,12 @@ def add_parsers(sub) -> None:
     bsh = bsub.add_parser("show")
     bsh.add_argument("backup_point", metavar="BACKUP_POINT")
     bsh.add_argument("backup", metavar="BACKUP")
+    be = bsub.add_parser("export", help="serve a backup read-only over NBD (nbdinfo, nbdcopy, qemu read its URI)")
+    be.add_argument("backup_point", metavar="BACKUP_POINT")
+    be.add_argument("backup", metavar="BACKUP")
+    be.add_argument("--lease", type=int, default=3600, metavar="SECONDS", help="it ends after this (default 1 h)")
+    bsub.add_parser("unexport", help="end an export").add_argument("export_id", metavar="EXPORT")
+    bsub.add_parser("exports", help="the exports this agent serves")
 
     bp = sub.add_parser("backup-point", help="backup points: list, check, stats")
     bpsub = bp.add_subparsers(dest="bp_cmd", required=True)

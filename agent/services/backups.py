@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from agent.api.v1 import backups_pb2, backups_pb2_grpc
 from agent.backup_points import BackupPoints
+from agent.errors import FailedPrecondition
+from agent.exports import Exports
 from agent.jobs.engine import JobEngine
 from agent.kinds.backups import backup_point_resource
 from agent.repo.catalog import BackupFilter, list_backups
@@ -37,10 +39,30 @@ def backup_to_pb(bp_uuid: str, m: Manifest) -> backups_pb2.Backup:
 
 
 class BackupService(backups_pb2_grpc.BackupServiceServicer):
-    def __init__(self, points: BackupPoints, engine: JobEngine, auth: Auth):
+    def __init__(self, points: BackupPoints, engine: JobEngine, auth: Auth, exports: Exports | None = None):
         self.points = points
         self.engine = engine
         self.auth = auth
+        self.exports = exports
+
+    def _exports(self) -> Exports:
+        if self.exports is None:
+            raise FailedPrecondition("exports: this agent serves no exports")
+        return self.exports
+
+    @rpc
+    def ExportBackup(self, request, context):
+        e = self._exports().export(request.backup_point_uuid, request.backup_uuid, int(request.lease_seconds or 3600))
+        return _export_pb(e)
+
+    @rpc
+    def UnexportBackup(self, request, context):
+        self._exports().unexport(request.export_id)
+        return backups_pb2.UnexportBackupResponse()
+
+    @rpc
+    def ListExports(self, request, context):
+        return backups_pb2.ListExportsResponse(exports=[_export_pb(e) for e in self._exports().list()])
 
     @rpc
     def ListBackups(self, request, context):
@@ -146,6 +168,18 @@ def _health_pb(h) -> backups_pb2.BackupPointStatus:
         repository=h.repository,
         error_code=h.error_code,
         error=h.error,
+    )
+
+
+def _export_pb(e) -> backups_pb2.BackupExport:
+    return backups_pb2.BackupExport(
+        export_id=e.export_id,
+        backup_point_uuid=e.backup_point_uuid,
+        backup_uuid=e.backup_uuid,
+        uri=e.uri,
+        socket=e.socket,
+        size=e.size,
+        expires_at=e.expires_at,
     )
 
 

@@ -1,0 +1,108 @@
+"""Read-only NBD exports of backups, served by a real agent through
+Debian's nbdkit (python plugin) and read with nbdinfo and nbdcopy
+(libnbd): block status shows the backup's zero chunks as holes, the
+bytes equal the source snapshot's, two readers at once, a damaged chunk
+is a read error (never wrong data), and an export ends when unexported,
+when its lease ends, and when the agent stops."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from agent.api.v1 import backups_pb2 as b
+from agent.errors import NotFound
+
+from support.agents import BP_UUID
+from support.backups import Bk
+from support.volumes import MiB
+
+
+def blockferry(agent, *args: str) -> str:
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--socket", str(agent.socket), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, (args, r.stdout, r.stderr)
+    return r.stdout
+
+
+def nbd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=120, check=check)
+
+
+def test_backup_export_over_nbd(make_agent, short_tmp):
+    a = make_agent().start()
+    size = 8 * MiB
+    data = {0: os.urandom(MiB), 5 * MiB: os.urandom(2 * MiB)}  # 1 MiB chunks: 0, 5 and 6 hold data
+    want = bytearray(size)
+    for off, chunk in data.items():
+        want[off : off + len(chunk)] = chunk
+    with a.client() as c:
+        bk = Bk(a, c)
+        vol = bk.create(capacity=size, name="exported").uuid
+        bk.write(vol, data)
+        result = bk.backup(vol, bk.snap(vol, "s").uuid)
+        started = time.monotonic()
+        e = c.export_backup(b.ExportBackupRequest(backup_point_uuid=BP_UUID, backup_uuid=result.backup_uuid))
+        first_byte = time.monotonic() - started
+        assert e.size == size and e.uri.startswith("nbd+unix:///?socket=") and os.path.exists(e.socket)
+        print(f"export ready in {first_byte:.2f} s")
+        # block status: the zero chunks are holes that read as zeros
+        extents = json.loads(nbd("nbdinfo", "--map", "--json", e.uri).stdout)
+        data_ranges = [(x["offset"], x["length"]) for x in extents if not x["type"] & 2]
+        assert data_ranges == [(0, MiB), (5 * MiB, 2 * MiB)], extents
+        # the bytes, twice at once (two connections)
+        outs = [short_tmp / f"copy{i}.raw" for i in range(2)]
+        procs = [subprocess.Popen(["nbdcopy", e.uri, str(o)]) for o in outs]
+        assert [p.wait(120) for p in procs] == [0, 0]
+        for o in outs:
+            assert hashlib.sha256(o.read_bytes()).digest() == hashlib.sha256(want).digest()
+        assert [x.export_id for x in c.list_exports().exports] == [e.export_id]
+        # no secret file stays behind, and unexport ends it
+        assert not [f for f in (a.workdir / "run" / "exports").iterdir() if f.suffix == ".json"]
+        c.unexport_backup(e.export_id)
+        assert not os.path.exists(e.socket) and not c.list_exports().exports
+        with pytest.raises(NotFound):
+            c.unexport_backup(e.export_id)
+
+        # a damaged chunk: reads of it fail, other chunks still read
+        packs = [f for f in (a.workdir / "bp" / "packs").rglob("*") if f.is_file() and f.suffix != ".idx"]
+        for pack in packs:
+            raw = bytearray(pack.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            pack.write_bytes(raw)
+        e = c.export_backup(b.ExportBackupRequest(backup_point_uuid=BP_UUID, backup_uuid=result.backup_uuid))
+        r = nbd("nbdcopy", e.uri, str(short_tmp / "broken.raw"), check=False)
+        assert r.returncode != 0, "a damaged backup read without an error"
+        # the lease ends: the export with it
+        short = c.export_backup(
+            b.ExportBackupRequest(backup_point_uuid=BP_UUID, backup_uuid=result.backup_uuid, lease_seconds=1)
+        )
+        deadline = time.monotonic() + 15
+        while os.path.exists(short.socket):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert [x.export_id for x in c.list_exports().exports] == [e.export_id]
+        with pytest.raises(NotFound):
+            c.export_backup(b.ExportBackupRequest(backup_point_uuid=BP_UUID, backup_uuid=str(uuid.uuid4())))
+        # the same from the host CLI
+        out = blockferry(a, "--json", "backups", "export", BP_UUID, result.backup_uuid, "--lease", "600")
+        made = json.loads(out)
+        assert made["size"] == str(size) and made["uri"].startswith("nbd+unix://")
+        assert made["export_id"] in blockferry(a, "backups", "exports")
+        assert "ended" in blockferry(a, "backups", "unexport", made["export_id"])
+    # the agent stops: so do its exports
+    pid_socket = e.socket
+    assert a.stop() == 0
+    assert not os.path.exists(pid_socket)
+    assert not nbd("pgrep", "-f", f"nbdkit.*{os.path.basename(pid_socket)}", check=False).stdout.strip()
