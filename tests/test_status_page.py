@@ -116,10 +116,14 @@ def test_status_page_in_a_real_browser(short_tmp, make_agent, browser):
         # not signed in: the sign-in form; a tenant's token is not enough
         browser.get(f"{c.url}/status")
         assert browser.current_url.endswith("/status/login")
-        browser.find_element(By.ID, "token").send_keys(TOKENS[TENANT_A])
+        field = browser.find_element(By.ID, "token")
+        field.clear()
+        field.send_keys(TOKENS[TENANT_A])
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         assert "not an operator token" in browser.page_source
-        browser.find_element(By.ID, "token").send_keys(TOKENS["op"])
+        field = browser.find_element(By.ID, "token")
+        field.clear()  # the browser may have filled in the token it was given before
+        field.send_keys(TOKENS["op"])
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
         assert browser.current_url.endswith("/status") and browser.title == "blockferry status"
 
