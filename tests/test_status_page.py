@@ -17,6 +17,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
 
 from support.controller import AGENT_TOKEN, CLUSTER, TENANT_A, TOKENS, Controller, check_ok, wait_task
 from support.volumes import write
@@ -120,12 +122,14 @@ def test_status_page_in_a_real_browser(short_tmp, make_agent, browser):
         field.clear()
         field.send_keys(TOKENS[TENANT_A])
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        WebDriverWait(browser, 30).until(ec.url_contains("failed=1"))  # the click does not wait for the answer
         assert "not an operator token" in browser.page_source
         field = browser.find_element(By.ID, "token")
         field.clear()  # the browser may have filled in the token it was given before
         field.send_keys(TOKENS["op"])
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        assert browser.current_url.endswith("/status") and browser.title == "blockferry status"
+        WebDriverWait(browser, 30).until(ec.title_is("blockferry status"))
+        assert browser.current_url.endswith("/status")
 
         # the backup shows as running, its progress between 0 and 100
         deadline = time.monotonic() + 30
@@ -169,6 +173,7 @@ def test_status_page_in_a_real_browser(short_tmp, make_agent, browser):
         r = httpx.get(f"{c.url}/status", cookies={"bf_status": cookie["value"][:-2] + "00"}, follow_redirects=False)
         assert r.status_code == 303  # a forged cookie
         browser.find_element(By.CSS_SELECTOR, "form[action='/status/logout'] button").click()
+        WebDriverWait(browser, 30).until(ec.url_contains("/status/login"))
         browser.get(f"{c.url}/status")
         assert browser.current_url.endswith("/status/login")
     finally:
