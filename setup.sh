@@ -21,8 +21,11 @@ apt_packages=(
     python3-rados python3-rbd python3-libnbd python3-libvirt
     # qcow2 volumes: qemu-img, qemu-nbd; nbdcopy; setpriv (util-linux)
     qemu-utils libnbd-bin util-linux
-    # read-only NBD exports of backups: nbdkit with its python plugin
-    nbdkit nbdkit-plugin-python
+    # read-only NBD exports of backups: nbdkit with its python plugin;
+    # backups opened on the host (blockferry backups mount/files/extract):
+    # nbdfuse (libnbd-bin) with fuse3, blkid/partx/mount (util-linux), and
+    # the tests partition and format their disks with sfdisk and mkfs.xfs
+    nbdkit nbdkit-plugin-python fuse3 fdisk xfsprogs
     # Ceph RBD: the test cluster (mon, osd, mgr) and the ceph/rbd CLIs
     ceph-mon ceph-osd ceph-mgr ceph-common
     # systemd-analyze verify for the unit tests

@@ -11,7 +11,7 @@ import uuid
 
 from agent.api.v1 import backups_pb2, jobs_pb2
 from agent.api.v1 import volumes_pb2 as v
-from agent.cli import refs
+from agent.cli import files, refs
 from agent.client import AgentClient
 from agent.errors import InvalidArgument
 from agent.progress import as_json, exit_code, follow, job_line
@@ -146,6 +146,8 @@ EXPORT_HEADERS = ("export", "backup", "size", "until", "uri")
 
 
 def cmd_backups(client: AgentClient, args) -> int:
+    if args.backups_cmd in files.COMMANDS:
+        return files.COMMANDS[args.backups_cmd](client, args)
     if args.backups_cmd == "export":
         e = client.export_backup(
             backups_pb2.ExportBackupRequest(
@@ -271,7 +273,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--keep-safety-snapshot", action="store_true", help="with --in-place: keep it after success")
     r.add_argument("--job-id")
 
-    bs = sub.add_parser("backups", help="the backups of a backup point: list, show, export, unexport, exports")
+    bs = sub.add_parser("backups", help="the backups of a backup point: list, show, export, mount, files, extract")
     bsub = bs.add_subparsers(dest="backups_cmd", required=True)
     bl = bsub.add_parser("list")
     bl.add_argument("backup_point", metavar="BACKUP_POINT")
@@ -287,6 +289,7 @@ def add_parsers(sub) -> None:
     be.add_argument("--lease", type=int, default=3600, metavar="SECONDS", help="it ends after this (default 1 h)")
     bsub.add_parser("unexport", help="end an export").add_argument("export_id", metavar="EXPORT")
     bsub.add_parser("exports", help="the exports this agent serves")
+    files.add_parsers(bsub)
 
     bp = sub.add_parser("backup-point", help="backup points: list, check, stats")
     bpsub = bp.add_subparsers(dest="bp_cmd", required=True)
