@@ -79,6 +79,7 @@ class Agent:
             volumes_pb2_grpc,
         )
         from agent.backup_points import BackupPoints
+        from agent.exports import Exports
         from agent.jobs.engine import JobEngine
         from agent.kinds.backups import BackupKind, GcKind, RestoreKind, VerifyKind
         from agent.kinds.checksum import ChecksumKind
@@ -94,12 +95,13 @@ class Agent:
         cfg = self.cfg
         pools = PoolRegistry(cfg)
         points = BackupPoints(cfg)
+        exports = Exports(points, cfg.agent.run_dir)
         kinds = [
             ChecksumKind(pools.allowed_roots, pools),
             CloneKind(pools),
             FlattenKind(pools),
             BackupKind(pools, points),
-            RestoreKind(pools, points),
+            RestoreKind(pools, points, exports),
             VerifyKind(points),
             GcKind(points),
             VmBackupKind(pools, points, cfg.vms.libvirt_work_dir),
@@ -123,9 +125,6 @@ class Agent:
             HostService(engine, auth, self.binding_status, cfg, pools), server
         )
         volumes_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeService(pools, engine, auth), server)
-        from agent.exports import Exports
-
-        exports = Exports(points, cfg.agent.run_dir)
         backups_pb2_grpc.add_BackupServiceServicer_to_server(BackupService(points, engine, auth, exports), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

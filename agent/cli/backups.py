@@ -17,6 +17,7 @@ from agent.errors import InvalidArgument
 from agent.progress import as_json, exit_code, follow, job_line
 
 OK = jobs_pb2.JOB_STATE_SUCCEEDED
+FINAL = (OK, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
 
 
 def cmd_backup(client: AgentClient, args) -> int:
@@ -103,8 +104,12 @@ def cmd_restore(client: AgentClient, args) -> int:
             pool_uuid=args.pool,
             volume_uuid=str(uuid.uuid4()),
             name=args.name,
+            instant=args.instant,
+            wait_for_vm=args.wait_for_vm,
         )
     client.submit(job_id, restore=spec)
+    if args.instant and not args.json:
+        _say_when_ready(client, job_id)
     job = follow(client, job_id, args.json)
     if args.json:
         return exit_code(job)
@@ -120,7 +125,22 @@ def cmd_restore(client: AgentClient, args) -> int:
     )
     if r.safety_snapshot_uuid:
         print(f"safety snapshot kept: {r.safety_snapshot_uuid}")
+    if r.instant_copy:
+        print(f"copied {'by the VM (block-stream)' if r.instant_copy == 'live' else 'by qemu-img'}; export ended")
     return 0
+
+
+def _say_when_ready(client: AgentClient, job_id: str) -> None:
+    """An instant restore's volume is usable long before the job ends: say
+    where, as soon as it is."""
+    while True:
+        job = client.get(job_id)
+        if job.progress.phase.startswith("ready at ") or job.state in FINAL:
+            break
+        time.sleep(0.1)
+    if job.progress.phase.startswith("ready at "):
+        path = job.progress.phase.removeprefix("ready at ")
+        print(f"volume ready at {path}: start the VM on it now; its data is copied in meanwhile", file=sys.stderr)
 
 
 def _backup_rows(backups) -> list[tuple]:
@@ -271,6 +291,18 @@ def add_parsers(sub) -> None:
     r.add_argument("--name", help="the new volume's name")
     r.add_argument("--in-place", metavar="VOLUME", help="overwrite this existing volume (name or uuid)")
     r.add_argument("--keep-safety-snapshot", action="store_true", help="with --in-place: keep it after success")
+    r.add_argument(
+        "--instant",
+        action="store_true",
+        help="the volume is usable at once (an overlay on the backup's export) while its data is copied in",
+    )
+    r.add_argument(
+        "--wait-for-vm",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="with --instant: wait this long for a VM to start on it, whose qemu then copies (default 0)",
+    )
     r.add_argument("--job-id")
 
     bs = sub.add_parser("backups", help="the backups of a backup point: list, show, export, mount, files, extract")

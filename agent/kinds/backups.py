@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 from agent.backup_points import BackupPoints
 from agent.errors import AlreadyExists, DataCorrupt, InvalidArgument, RestoreTooSmall
+from agent.exports import Exports
 from agent.jobs.kinds import Claim, JobKind
 from agent.jobs.locks import LockMode
+from agent.kinds import instant
 from agent.kinds.volumes import volume_resource
 from agent.pools import PoolRegistry
 from agent.repo import backup as backup_mod
@@ -89,6 +91,8 @@ class RestoreSpec:
     name: str  # the new volume's name (seed: new_volume_name)
     in_place: bool = False  # overwrite volume_uuid, after a safety snapshot
     keep_safety_snapshot: bool = False  # in_place: keep it after success too
+    instant: bool = False  # the volume is an overlay on the backup's export, usable at once (agent/kinds/instant.py)
+    wait_for_vm: int = 0  # instant: seconds to wait for a VM to start on the volume before copying without one
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class RestoreResult:
     written_bytes: int
     safety_snapshot_uuid: str = ""  # in_place: the volume as it was, when kept
     safety_snapshot_deleted: bool = False  # in_place: deleted after the restore succeeded
+    instant_copy: str = ""  # instant: "live" (the VM's block-stream) or "offline" (qemu-img rebase)
 
 
 @dataclass(frozen=True)
@@ -205,13 +210,15 @@ class RestoreKind(JobKind):
     spec_type = RestoreSpec
     result_type = RestoreResult
 
-    def __init__(self, pools: PoolRegistry, points: BackupPoints):
-        self.pools, self.points = pools, points
+    def __init__(self, pools: PoolRegistry, points: BackupPoints, exports: Exports | None = None):
+        self.pools, self.points, self.exports = pools, points, exports
 
     def prepare(self, spec: RestoreSpec) -> Claim:
         _, m = _manifest(self.points, spec.backup_point_uuid, spec.backup_uuid)
         pool = self.pools.get(spec.pool_uuid)
         vol = check_uuid(spec.volume_uuid, "volume_uuid")
+        if spec.instant:
+            instant.check(spec, pool, self.exports)
         if spec.in_place:
             capacity = pool.volume_info(vol).capacity  # NOT_FOUND when it does not exist
             if capacity < m.size:
@@ -231,6 +238,13 @@ class RestoreKind(JobKind):
         pool = self.pools.get(spec.pool_uuid)
         if spec.in_place:
             return self._in_place(spec, repo, m, pool, ctx)
+        if spec.instant:
+            assert self.exports is not None  # prepare() checked
+            done = instant.restore(spec, m, pool, self.exports, ctx)
+            i = done.info
+            return RestoreResult(
+                spec.pool_uuid, i.uuid, i.access_path, i.capacity, done.digest, 0, instant_copy=done.how
+            )
         target = pool.open_restore_target(spec.volume_uuid, spec.name, m.size, ctx.job_id)
         write = _CountingWriter(target)
         try:

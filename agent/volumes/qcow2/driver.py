@@ -1000,6 +1000,56 @@ class Qcow2Pool(VolumeDriver):
             log.info("clone flattened", extra={"volume": meta.uuid})
             return self._info(meta)
 
+    def create_volume_over(self, volume_uuid: str, name: str, capacity: int, source_uri: str) -> VolumeInfo:
+        """A volume whose head is an overlay on a read-only NBD source (an
+        instant restore: the backup's export), usable at once; it stands on
+        its own after detach_source()."""
+        vol = check_uuid(volume_uuid, "volume_uuid")
+        check_name(name, "name")
+        check_capacity(capacity)
+        if not self.fs.local:
+            raise InvalidArgument(
+                f"pool_uuid: pool {self.pool_uuid} is on NFS; an instant restore's volume reads from an export "
+                "on this host, so it needs a pool on this host's disks",
+                field="pool_uuid",
+            )
+        with self._locked(vol):
+            if self.fs.exists(self.meta_path(vol)):
+                raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
+            meta = VolMeta(uuid=vol, name=name, created_at=time.time(), base_file=source_uri, base_format="raw")
+            self._new_layer(self.head_path(vol), capacity, source_uri, "raw")
+            self._save(meta)
+            log.info("volume created over a source", extra={"volume": vol, "source": source_uri})
+            return self._info(meta)
+
+    def detach_source(self, volume_uuid: str, *, on_percent=None, checkpoint=None) -> str:
+        """Copy into the head what it still reads from its source, then drop
+        the source: by the running VM's own block-stream when a VM runs on
+        the head ("live"), else by qemu-img rebase ("offline")."""
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            if not meta.base_file or meta.snapshots:
+                raise FailedPrecondition(
+                    f"volume_uuid: volume {meta.uuid} has no source to detach from", field="volume_uuid"
+                )
+            head = self.head_path(meta.uuid)
+            vm = self._running_vm(head)
+            if vm is None:
+                qemu_img.rebase(head, None, on_percent=on_percent, checkpoint=checkpoint)
+                how = "offline"
+            else:
+                with vm:
+                    disk = vm.disk_of(head)
+                    chain = vm.chain(disk) if disk is not None else []
+                    if len(chain) < 2:
+                        raise InUse(f"volume head {head} is held by VM {vm.name} without its source under it")
+                    vm.stream(chain[0], chain[1], None, None)
+                how = "live"
+            meta.base_file = meta.base_format = None
+            self._save(meta)
+            log.info("volume detached from its source", extra={"volume": meta.uuid, "how": how})
+            return how
+
     def new_volume_for_copy(
         self, volume_uuid: str, name: str, capacity: int, job_id: str = "copy", preallocation: str = "off"
     ) -> tuple[str, Callable, Callable]:
