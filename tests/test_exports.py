@@ -106,3 +106,53 @@ def test_backup_export_over_nbd(make_agent, short_tmp):
     assert a.stop() == 0
     assert not os.path.exists(pid_socket)
     assert not nbd("pgrep", "-f", f"nbdkit.*{os.path.basename(pid_socket)}", check=False).stdout.strip()
+
+
+def test_backup_export_over_rest(cluster, short_tmp):
+    """The controller's export task: the export's address on the host whose
+    agent reaches the backup point; read there with nbdcopy; ended by
+    unexport; bad input named."""
+    from test_vaults import make_env
+
+    from support.controller import check_error, check_ok, wait_task
+    from support.volumes import write
+
+    c, a, host = cluster
+    env = make_env(c, a, host)
+    vol = env["vols"][0]
+    run = short_tmp / "run-test"
+    run.mkdir()
+    want = bytearray(vol["Capacity"])
+    want[MiB : 3 * MiB] = os.urandom(2 * MiB)
+    write(vol["AccessPath"][host], {MiB: bytes(want[MiB : 3 * MiB])}, run)
+    ref = {"cluster_uuid": env["cluster"], "volume_uuid": vol["UUID"]}
+    with c.client("op") as op:
+        snap = check_ok(
+            op.post(
+                "/v1/volume/share/snapshot/create",
+                json={**ref, "tenant": env["tenant"], "desc": "", "snapshot_name": "s1"},
+            )
+        )["snapshot"]
+        started = check_ok(
+            op.post(
+                "/v1/volume/share/backup/add",
+                json={**ref, "backup_name": "b1", "backup_point_uuid": env["bp"], "snapshot_uuid": snap["UUID"]},
+            )
+        )
+        assert wait_task(op, started["task_id"], 120)["status"] == "success"
+        backup = started["backup"]["UUID"]
+        body = {"cluster_uuid": env["cluster"], "tenant": env["tenant"], "backup_uuid": backup}
+        check_error(op.post("/v1/volume/share/backup/export", json={**body, "lease_seconds": 0}), 400, "lease_seconds")
+        e = check_ok(op.post("/v1/volume/share/backup/export", json={**body, "lease_seconds": 600}))
+        x = e["export"]
+        assert (x["host_uuid"], x["size"]) == (host, vol["Capacity"]) and x["uri"].startswith("nbd+unix://")
+        task = check_ok(op.get(f"/v1/tasks/{e['task_id']}"))
+        assert (task["operation_type"], task["status"], task["result"]["uri"]) == ("export", "success", x["uri"])
+        out = short_tmp / "exported.raw"
+        nbd("nbdcopy", x["uri"], str(out))
+        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(want).digest()
+        unexport = {"cluster_uuid": env["cluster"], "tenant": env["tenant"], "task_id": e["task_id"]}
+        check_ok(op.post("/v1/volume/share/backup/unexport", json=unexport))
+        with a.client() as ac:
+            assert not ac.list_exports().exports
+        check_error(op.post("/v1/volume/share/backup/unexport", json=unexport), 404)

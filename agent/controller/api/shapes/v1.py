@@ -332,6 +332,21 @@ class RestoreStarted(Shape):
     task_id: str
 
 
+class ExportRecord(Shape):
+    host_uuid: str
+    hostname: str
+    export_id: str
+    uri: str  # nbd+unix:///?socket=... on that host
+    socket: str
+    size: int
+    expires_at: float
+
+
+class ExportStarted(Shape):
+    task_id: str
+    export: ExportRecord
+
+
 class BackupRecordList(Shape):
     backup: None
     total_count: int
@@ -508,6 +523,7 @@ SnapshotEnvelope = enveloped("SnapshotEnvelope", SnapshotAnswer)
 SnapshotListAnswer = enveloped("SnapshotListAnswer", SnapshotList)
 BackupStartedAnswer = enveloped("BackupStartedAnswer", BackupStarted)
 RestoreStartedAnswer = enveloped("RestoreStartedAnswer", RestoreStarted)
+ExportStartedAnswer = enveloped("ExportStartedAnswer", ExportStarted)
 BackupListAnswer = enveloped("BackupListAnswer", BackupRecordList)
 TaskAnswer = enveloped("TaskAnswer", TaskRecord)
 TaskListAnswer = enveloped("TaskListAnswer", TaskList)
