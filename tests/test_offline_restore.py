@@ -167,3 +167,35 @@ def test_restore_from_an_iscsi_lun(make_agent, wheel_venv, short_tmp, tgt_server
     assert out.read_bytes() == bytes(want) and lun.secret not in r.stdout + r.stderr
     r = restore(wheel_venv, source, "list", secret="wrong-chap-secret-1234", check=False)
     assert r.returncode != 0 and lun.secret not in r.stderr
+
+
+def test_restore_from_a_block_device(make_agent, wheel_venv, short_tmp, loop):
+    """The same from an encrypted repository on a local block device (a loop
+    device standing in for an FC LUN), given as disk:/dev/..."""
+    lo = loop(128 * MiB)
+    bp = str(uuid.uuid4())
+    a = make_agent(
+        f'[backup_points.{bp}]\ntype = "disk"\ndevice = "{lo.dev}"\nformat_lun = true\n'
+        f'chunk_size = 1048576\npassword = "{PASSWORD}"\n'
+    )
+    a.config.chmod(0o600)
+    a.start()
+    data = {MiB: os.urandom(MiB), 3 * MiB: os.urandom(4096)}
+    with a.client() as c:
+        bk = Bk(a, c, bp=bp)
+        vol = bk.create(capacity=4 * MiB, name="disk").uuid
+        bk.write(vol, data)
+        result = bk.backup(vol, bk.snap(vol, "s").uuid)
+    assert a.stop() == 0
+    source = f"disk:{lo.dev}"
+    listed = json.loads(restore(wheel_venv, source, "list", "--json").stdout)
+    assert [b["backup_id"] for b in listed] == [result.backup_uuid]
+    assert ": ok" in restore(wheel_venv, source, "verify", result.backup_uuid).stdout
+    out = short_tmp / "disk.raw"
+    restore(wheel_venv, source, "write", result.backup_uuid, str(out))
+    want = bytearray(4 * MiB)
+    for off, chunk in data.items():
+        want[off : off + len(chunk)] = chunk
+    assert out.read_bytes() == bytes(want)
+    r = restore(wheel_venv, source, "list", password="not-the-password", check=False)
+    assert r.returncode != 0 and "WRONG_PASSWORD" in r.stderr, r.stderr
