@@ -108,6 +108,30 @@ def test_backup_export_over_nbd(make_agent, short_tmp):
     assert not nbd("pgrep", "-f", f"nbdkit.*{os.path.basename(pid_socket)}", check=False).stdout.strip()
 
 
+def test_export_from_an_encrypted_nfs_backup_point(make_agent, short_tmp, nfs_server):
+    """The export reads any backup point type the agent does: here an
+    encrypted repository on the real NFS server (libnfs in the plugin)."""
+    bp = str(uuid.uuid4())
+    sub = f"export-{uuid.uuid4().hex[:8]}"
+    a = make_agent(nfs_server.section(bp, sub_dir=sub, extra=f'password = "{uuid.uuid4().hex}"\n'))
+    a.config.chmod(0o600)
+    a.start()
+    data = {MiB: os.urandom(2 * MiB)}
+    want = bytearray(4 * MiB)
+    want[MiB : 3 * MiB] = data[MiB]
+    with a.client() as c:
+        bk = Bk(a, c, bp=bp)
+        vol = bk.create(capacity=4 * MiB, name="nfs-export").uuid
+        bk.write(vol, data)
+        result = bk.backup(vol, bk.snap(vol, "s").uuid)
+        e = c.export_backup(b.ExportBackupRequest(backup_point_uuid=bp, backup_uuid=result.backup_uuid))
+        out = short_tmp / "nfs-export.raw"
+        nbd("nbdcopy", e.uri, str(out))
+        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(want).digest()
+        c.unexport_backup(e.export_id)
+    assert a.stop() == 0
+
+
 def test_backup_export_over_rest(cluster, short_tmp):
     """The controller's export task: the export's address on the host whose
     agent reaches the backup point; read there with nbdcopy; ended by
