@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from agent.attached import AttachedDefinitions
-from agent.config import BackupPointSection, Config
+from agent.config import BackupPointSection, Config, same_place
 from agent.errors import AuthFailed, BlockferryError, FailedPrecondition, NotFound, TargetUnreachable
 from agent.repo.repository import Repository
 from agent.stores.base import ObjectStore
@@ -343,10 +343,7 @@ class BackupPoints:
                 # the controller updated it (seed 000 update): the new definition replaces the old
                 # one; jobs already running keep the repository they opened
             bp = BackupPoint(uuid, section, self.cfg.agent.state_dir)
-            moved = current is not None and dataclasses.replace(current.section, bandwidth_limit=0) != (
-                dataclasses.replace(section, bandwidth_limit=0)
-            )
-            if moved:
+            if current is not None and not same_place(current.section, section):
                 bp.forget()  # a new definition on purpose (seed 000 update): where it points now is its repository
             bp.repository()  # reachable, credentials right, a repository (or an empty place for one)
             self.attached.save(uuid, section)

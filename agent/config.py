@@ -580,6 +580,14 @@ def secrets(cfg: Config) -> list[str]:
 RELOADABLE = {"agent.log_level", "agent.log_format", "jobs.bandwidth_limit"}
 
 
+def same_place(a: BackupPointSection, b: BackupPointSection) -> bool:
+    """Whether two definitions of a backup point reach the same repository
+    the same way: they differ at most in what changes at run time (the
+    bandwidth limit), which neither a reload nor a seed 000 update treats
+    as a new backup point."""
+    return dataclasses.replace(a, bandwidth_limit=0) == dataclasses.replace(b, bandwidth_limit=0)
+
+
 def restart_needed(old: Config, new: Config) -> list[str]:
     """The keys whose change a reload does not apply (they need a restart):
     everything but RELOADABLE and each backup point's bandwidth_limit."""
@@ -596,8 +604,6 @@ def restart_needed(old: Config, new: Config) -> list[str]:
             changed.append(f"{table}.{uuid}")
         for uuid in sorted(set(before) & set(after)):
             a, b = before[uuid], after[uuid]
-            if table == "backup_points":
-                a, b = dataclasses.replace(a, bandwidth_limit=0), dataclasses.replace(b, bandwidth_limit=0)
-            if a != b:
+            if not (same_place(a, b) if table == "backup_points" else a == b):
                 changed.append(f"{table}.{uuid}")
     return changed

@@ -63,22 +63,8 @@ class Ctx:
             return self.ctl.call("POST", "/v1/volume/share/get", body={**self.ref(), "volume_uuid": name_or_uuid})[
                 "volume"
             ]
-        found = [
-            x["volume"]
-            for x in self.ctl.call("POST", "/v1/volume/share/list", body={**self.ref(), "filter_name": name_or_uuid})[
-                "list"
-            ]
-            if x["volume"]["Name"] == name_or_uuid
-        ]
-        if not found:
-            raise NotFound(f"volume: no volume named {name_or_uuid!r}", field="volume")
-        if len(found) > 1:
-            raise InvalidArgument(
-                f"volume: {len(found)} volumes are named {name_or_uuid!r}; give the uuid "
-                f"({', '.join(x['UUID'] for x in found)})",
-                field="volume",
-            )
-        return found[0]
+        listed = self.ctl.call("POST", "/v1/volume/share/list", body={**self.ref(), "filter_name": name_or_uuid})
+        return pick("volume", (x["volume"] for x in listed["list"]), name_or_uuid, "UUID", "Name")
 
     def snapshot(self, vol: dict, name_or_uuid: str) -> dict:
         snaps = self.ctl.call("POST", "/v1/volume/share/snapshot/list", body={**self.ref(), "volume_uuid": vol["UUID"]})
