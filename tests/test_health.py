@@ -10,22 +10,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 
 from support.agents import BP_UUID, POOL_UUID
-from support.controller import AGENT_TOKEN, CLUSTER, TENANT_A, TOKENS, Controller, check_ok
+from support.controller import (
+    CLUSTER,
+    TOKENS,
+    Controller,
+    agent_section,
+    check_ok,
+    eventually,
+    hosts_online,
+    local_backup_point,
+    reconnect,
+)
 from support.metrics import scrape, value
-
-
-def _eventually(what, check, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if check(got):
-            return got
-        assert time.monotonic() < deadline, got
-        time.sleep(0.3)
 
 
 def test_heartbeats_carry_true_health(short_tmp, make_agent):
@@ -34,26 +33,12 @@ def test_heartbeats_carry_true_health(short_tmp, make_agent):
     port = free_port()
     c = Controller(short_tmp / "ctl", extra=f'metrics_listen = "127.0.0.1:{port}"\n')
     host = str(uuid.uuid4())
-    a = make_agent(
-        f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n'
-    ).start()
+    a = make_agent(agent_section(c, host)).start()
     op = c.client("op")
     try:
-        _eventually(lambda: check_ok(op.get("/v1/hosts"))["list"], lambda hs: [h["State"] for h in hs] == ["online"])
+        hosts_online(op)
         where = a.roots[0] / "nightly"
-        body = {
-            "cluster_uuid": CLUSTER,
-            "tenant": TENANT_A,
-            "name": "nightly",
-            "btype": "local",
-            "ip": "127.0.0.1",
-            "root_dir": str(where),
-            "sub_dir": "",
-            "pass_word": "",
-            "env": {},
-        }
-        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=body))["uuid"]
+        bp = local_backup_point(op, where, attach=False)
         labels = {"backup_point": bp, "name": "nightly", "type": "local"}
 
         def listed() -> dict:
@@ -64,12 +49,10 @@ def test_heartbeats_carry_true_health(short_tmp, make_agent):
         row = listed()
         assert row["Bpstate"] == "unknown" and "no host reports it" in row["Health"]["reason"], row
         # a reconnect attaches it to the host; from then on every heartbeat reports it
-        zs = {"Authorization": f"OAuth {TOKENS['op']}"}
-        r = op.put(f"/zstack/v1/backup-storage/{bp}/actions", json={"reconnectBackupStorage": {}}, headers=zs)
-        assert r.status_code == 200, r.text
-        row = _eventually(listed, lambda x: x["Bpstate"] == "healthy")
+        reconnect(op, bp)
+        row = eventually(listed, lambda x: x["Bpstate"] == "healthy")
         assert row["Health"]["total_bytes"] > 0 and row["Health"]["hosts"][0]["host_uuid"] == host, row
-        m = _eventually(
+        m = eventually(
             lambda: scrape(port), lambda m: value(m, "blockferry_backup_point_state", **labels, state="healthy")
         )
         assert value(m, "blockferry_backup_point_state", **labels, state="unknown") == 0
@@ -79,11 +62,11 @@ def test_heartbeats_carry_true_health(short_tmp, make_agent):
         # alone turns unreachable, with the reason, and nothing recreates the directory
         aside = where.with_name("nightly-unmounted")
         where.rename(aside)
-        row = _eventually(listed, lambda x: x["Bpstate"] == "unreachable")
+        row = eventually(listed, lambda x: x["Bpstate"] == "unreachable")
         reason = row["Health"]["reason"]
         assert "held repository" in reason and "mounted" in reason and os.uname().nodename in reason, row
         seen = row["Health"]["seen_at"]
-        h = _eventually(
+        h = eventually(
             lambda: check_ok(op.get(f"/v1/hosts/{host}")), lambda h: h["LastSeen"] > seen + 1
         )  # still heartbeating
         reports = {x["backup_point_uuid"]: x for x in h["BackupPoints"]}
@@ -91,7 +74,7 @@ def test_heartbeats_carry_true_health(short_tmp, make_agent):
         assert reports[bp]["error_code"] == "TARGET_UNREACHABLE" and "held repository" in reports[bp]["reason"]
         assert {x["pool_uuid"]: x["status"] for x in h["Pools"]}[POOL_UUID] == "healthy"
         assert not where.exists()  # never recreated: a new, empty repository would hide the real one
-        m = _eventually(
+        m = eventually(
             lambda: scrape(port),
             lambda m: value(m, "blockferry_backup_point_state", **labels, state="unreachable"),
         )
@@ -112,11 +95,11 @@ def test_heartbeats_carry_true_health(short_tmp, make_agent):
 
         # the disk comes back: healthy again
         aside.rename(where)
-        _eventually(listed, lambda x: x["Bpstate"] == "healthy")
+        eventually(listed, lambda x: x["Bpstate"] == "healthy")
 
         # the host goes silent: what it reported turns unknown, naming it
         assert a.stop() == 0
-        row = _eventually(listed, lambda x: x["Bpstate"] == "unknown", timeout=30)
+        row = eventually(listed, lambda x: x["Bpstate"] == "unknown", timeout=30)
         assert "silent" in row["Health"]["reason"] and os.uname().nodename in row["Health"]["reason"], row
         m = scrape(port)
         assert value(m, "blockferry_backup_point_state", **labels, state="unknown") == 1

@@ -5,7 +5,6 @@ health, tasks, heartbeat age per host; loopback only."""
 from __future__ import annotations
 
 import os
-import time
 import uuid
 
 import pytest
@@ -14,7 +13,7 @@ from agent import __version__
 from agent.api.v1 import jobs_pb2
 
 from support.agents import BP_UUID
-from support.controller import AGENT_TOKEN, Controller
+from support.controller import Controller, agent_section, eventually
 from support.metrics import promtool_lint, scrape, value
 from support.volumes import MiB, Vol, new_id
 
@@ -63,21 +62,14 @@ def test_controller_metrics(short_tmp, make_agent):
     port = free_port()
     c = Controller(short_tmp / "ctl", extra=f'metrics_listen = "127.0.0.1:{port}"\n')
     host = str(uuid.uuid4())
-    a = make_agent(
-        f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n'
-    ).start()
+    a = make_agent(agent_section(c, host)).start()
+    up = {"host": host, "hostname": os.uname().nodename}
     try:
-        deadline = time.monotonic() + 20
-        while value(m := scrape(port), "blockferry_host_up", host=host, hostname=os.uname().nodename) != 1:
-            assert time.monotonic() < deadline, m
-            time.sleep(0.3)
-        assert value(m, "blockferry_host_heartbeat_age_seconds", host=host, hostname=os.uname().nodename) < 5
+        m = eventually(lambda: scrape(port), lambda m: value(m, "blockferry_host_up", **up) == 1)
+        assert value(m, "blockferry_host_heartbeat_age_seconds", **up) < 5
         assert a.stop() == 0
-        deadline = time.monotonic() + 20  # host_dead_after = 4 in the tests' controller config
-        while value(m := scrape(port), "blockferry_host_up", host=host, hostname=os.uname().nodename) != 0:
-            assert time.monotonic() < deadline, m
-            time.sleep(0.5)
-        assert value(m, "blockferry_host_heartbeat_age_seconds", host=host, hostname=os.uname().nodename) >= 4
+        # host_dead_after = 4 in the tests' controller config
+        m = eventually(lambda: scrape(port), lambda m: value(m, "blockferry_host_up", **up) == 0, interval=0.5)
+        assert value(m, "blockferry_host_heartbeat_age_seconds", **up) >= 4
     finally:
         c.stop()

@@ -19,7 +19,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from aiosmtpd.controller import Controller as SmtpServer
 from sqlalchemy import create_engine, text
 
-from support.controller import AGENT_TOKEN, CLUSTER, TENANT_A, TOKENS, Controller, check_ok, wait_task
+from support.controller import (
+    CLUSTER,
+    TENANT_A,
+    Controller,
+    agent_section,
+    check_ok,
+    dir_pool,
+    hosts_online,
+    local_backup_point,
+    wait_task,
+)
 from support.volumes import write
 
 SECRET = "whsec-" + uuid.uuid4().hex  # the HMAC key
@@ -93,52 +103,16 @@ def test_webhooks_and_mail_tell_what_happens(short_tmp, make_agent):
     )
     c = Controller(short_tmp / "ctl", extra=extra)
     host = str(uuid.uuid4())
-    a = make_agent(
-        f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n'
-    ).start()
+    a = make_agent(agent_section(c, host)).start()
     op = c.client("op")
     try:
-        deadline = time.monotonic() + 20
-        while [h["State"] for h in check_ok(op.get("/v1/hosts"))["list"]] != ["online"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        hosts_online(op)
         # a backup point, attached to the host by a reconnect: healthy (nothing to tell)
         where = a.roots[0] / "nightly"
-        body = {
-            "cluster_uuid": CLUSTER,
-            "tenant": TENANT_A,
-            "name": "nightly",
-            "btype": "local",
-            "ip": "127.0.0.1",
-            "root_dir": str(where),
-            "sub_dir": "",
-            "pass_word": "",
-            "env": {},
-        }
-        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=body))["uuid"]
-        zs = {"Authorization": f"OAuth {TOKENS['op']}"}
-        r = op.put(f"/zstack/v1/backup-storage/{bp}/actions", json={"reconnectBackupStorage": {}}, headers=zs)
-        assert r.status_code == 200, r.text
+        bp = local_backup_point(op, where)
 
         # a volume in a vault with a daily policy: stale when nothing succeeded for two days
-        zone = str(uuid.uuid5(uuid.NAMESPACE_URL, f"blockferry/zone/default/{CLUSTER}"))
-        pool_body = {
-            "cluster_uuid": CLUSTER,
-            "zone_uuid": zone,
-            "pool_name": "p",
-            "pool_type": 4,
-            "ip": "127.0.0.1",
-            "port": "",
-            "source": str(a.roots[0] / "pool"),
-            "username": "",
-            "password": "",
-            "limit_host": True,
-            "avail_host": [host],
-            "avail_tenant": [],
-            "attr": {},
-        }
-        pool = check_ok(op.post("/v1/pool/share/create", json=pool_body))["pool"]["UUID"]
+        pool = dir_pool(op, a.roots[0] / "pool", host, "p")
         vol_body = {
             "cluster_uuid": CLUSTER,
             "tenant": TENANT_A,

@@ -20,7 +20,18 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-from support.controller import AGENT_TOKEN, CLUSTER, TENANT_A, TOKENS, Controller, check_ok, wait_task
+from support.controller import (
+    CLUSTER,
+    TENANT_A,
+    TOKENS,
+    Controller,
+    agent_section,
+    check_ok,
+    dir_pool,
+    hosts_online,
+    local_backup_point,
+    wait_task,
+)
 from support.volumes import write
 
 ARTIFACTS = Path(os.environ.get("BLOCKFERRY_TEST_ARTIFACTS", "/tmp/blockferry-test-artifacts"))
@@ -47,48 +58,13 @@ def browser():
 def test_status_page_in_a_real_browser(short_tmp, make_agent, browser):
     c = Controller(short_tmp / "ctl")
     host = str(uuid.uuid4())
-    a = make_agent(
-        f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
-        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n[jobs]\nbandwidth_limit = 2097152\n'
-    ).start()
+    a = make_agent(agent_section(c, host, "[jobs]\nbandwidth_limit = 2097152\n")).start()
     op = c.client("op")
     try:
-        deadline = time.monotonic() + 20
-        while [h["State"] for h in check_ok(op.get("/v1/hosts"))["list"]] != ["online"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        hosts_online(op)
         # a backup point (healthy once a reconnect attached it), a pool, a volume with 12 MiB written
-        bp_body = {
-            "cluster_uuid": CLUSTER,
-            "tenant": TENANT_A,
-            "name": "nightly",
-            "btype": "local",
-            "ip": "127.0.0.1",
-            "root_dir": str(a.roots[0] / "nightly"),
-            "sub_dir": "",
-            "pass_word": "",
-            "env": {},
-        }
-        bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=bp_body))["uuid"]
-        zs = {"Authorization": f"OAuth {TOKENS['op']}"}
-        assert op.put(f"/zstack/v1/backup-storage/{bp}/actions", json={"reconnectBackupStorage": {}}, headers=zs)
-        zone = str(uuid.uuid5(uuid.NAMESPACE_URL, f"blockferry/zone/default/{CLUSTER}"))
-        pool_body = {
-            "cluster_uuid": CLUSTER,
-            "zone_uuid": zone,
-            "pool_name": "fast-pool",
-            "pool_type": 4,
-            "ip": "127.0.0.1",
-            "port": "",
-            "source": str(a.roots[0] / "pool"),
-            "username": "",
-            "password": "",
-            "limit_host": True,
-            "avail_host": [host],
-            "avail_tenant": [],
-            "attr": {},
-        }
-        pool = check_ok(op.post("/v1/pool/share/create", json=pool_body))["pool"]["UUID"]
+        bp = local_backup_point(op, a.roots[0] / "nightly")
+        pool = dir_pool(op, a.roots[0] / "pool", host, "fast-pool")
         vol_body = {
             "cluster_uuid": CLUSTER,
             "tenant": TENANT_A,

@@ -133,3 +133,82 @@ def wait_task(op, task_id: str, timeout: float = 60.0) -> dict:
             return t
         assert time.monotonic() < deadline, t
         time.sleep(0.2)
+
+
+def eventually(what, check, timeout: float = 20.0, interval: float = 0.3):
+    """what() again and again until check(what()) holds; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if check(got):
+            return got
+        assert time.monotonic() < deadline, got
+        time.sleep(interval)
+
+
+def agent_section(c: Controller, host: str, extra: str = "") -> str:
+    """The agent config that registers it with controller c as host `host`."""
+    return (
+        f'[controller]\naddress = "127.0.0.1:{c.grpc_port}"\ntoken = "{AGENT_TOKEN}"\n'
+        f'host_uuid = "{host}"\nheartbeat_interval = 1.0\n{extra}'
+    )
+
+
+def hosts_online(op, n: int = 1) -> list[dict]:
+    """Wait until the controller sees n hosts, all online."""
+    return eventually(
+        lambda: check_ok(op.get("/v1/hosts"))["list"], lambda hs: [h["State"] for h in hs] == ["online"] * n
+    )
+
+
+def local_backup_point(op, root: Path, name: str = "nightly", attach: bool = True) -> str:
+    """A local backup point (seed 000 add), attached to the online host by
+    seed 004's reconnect action (unless not attach); its uuid."""
+    body = {
+        "cluster_uuid": CLUSTER,
+        "tenant": TENANT_A,
+        "name": name,
+        "btype": "local",
+        "ip": "127.0.0.1",
+        "root_dir": str(root),
+        "sub_dir": "",
+        "pass_word": "",
+        "env": {},
+    }
+    bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=body))["uuid"]
+    if attach:
+        reconnect(op, bp)
+    return bp
+
+
+def reconnect(op, bp: str) -> None:
+    """Seed 004's reconnectBackupStorage: the backup point re-checked (and
+    attached) through an online host."""
+    r = op.put(
+        f"/zstack/v1/backup-storage/{bp}/actions",
+        json={"reconnectBackupStorage": {}},
+        headers={"Authorization": f"OAuth {TOKENS['op']}"},
+    )
+    assert r.status_code == 200, r.text
+
+
+def dir_pool(op, source: Path, host: str, name: str = "p") -> str:
+    """A directory pool (seed 002 create, type 4) served by `host`; its uuid."""
+    import uuid
+
+    body = {
+        "cluster_uuid": CLUSTER,
+        "zone_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"blockferry/zone/default/{CLUSTER}")),
+        "pool_name": name,
+        "pool_type": 4,
+        "ip": "127.0.0.1",
+        "port": "",
+        "source": str(source),
+        "username": "",
+        "password": "",
+        "limit_host": True,
+        "avail_host": [host],
+        "avail_tenant": [],
+        "attr": {},
+    }
+    return check_ok(op.post("/v1/pool/share/create", json=body))["pool"]["UUID"]
