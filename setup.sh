@@ -26,8 +26,10 @@ apt_packages=(
     # nbdfuse (libnbd-bin) with fuse3, blkid/partx/mount (util-linux), and
     # the tests partition and format their disks with sfdisk and mkfs.xfs
     nbdkit nbdkit-plugin-python fuse3 fdisk xfsprogs
-    # Ceph RBD: the test cluster (mon, osd, mgr) and the ceph/rbd CLIs
-    ceph-mon ceph-osd ceph-mgr ceph-common
+    # Ceph RBD: the test cluster (mon, osd, mgr) and the ceph/rbd CLIs;
+    # its S3 gateway for S3 backup points, and s3cmd, which the tests read
+    # back with (another S3 client than ours)
+    ceph-mon ceph-osd ceph-mgr ceph-common radosgw s3cmd
     # systemd-analyze verify for the unit tests
     systemd
     # remote backup points in user space: libnfs (NFSv3) and libiscsi for the

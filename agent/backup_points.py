@@ -49,6 +49,7 @@ class BackupPoint:
             "nfs": f"nfs://{s.ip}{s.root_dir.rstrip('/')}/{s.sub_dir}".rstrip("/"),
             "samba": f"smb://{s.ip}/{s.root_dir.strip('/')}/{s.sub_dir}".rstrip("/"),
             "iscsi": f"iscsi://{s.ip}/{s.target}/{s.lun}",
+            "s3": f"{s.endpoint.rstrip('/')}/{s.bucket}/{s.sub_dir}".rstrip("/"),
         }.get(s.type, s.device)
 
     def store(self) -> ObjectStore:
@@ -77,6 +78,20 @@ class BackupPoint:
                 port=s.port,
                 encrypt=s.smb_encrypt,
                 timeout=s.timeout,
+                label=self.label,
+            )
+        if s.type == "s3":
+            from agent.stores.s3 import S3Store
+
+            return S3Store(
+                s.endpoint,
+                s.bucket,
+                s.sub_dir,
+                access_key=s.username,
+                secret_key=s.secret,
+                region=s.region,
+                timeout=s.timeout,
+                part_size=s.part_size,
                 label=self.label,
             )
         if s.type in ("disk", "fc"):

@@ -214,7 +214,7 @@ class BackupPointSection:
     type: str = option(
         "local",
         "local (a directory), nfs (NFSv3 via libnfs), samba (SMB3), iscsi (a LUN via "
-        "libiscsi), disk or fc (a local block device).",
+        "libiscsi), disk or fc (a local block device), s3 (a bucket of an S3 object store).",
     )
     path: str = option("", "local: the directory holding the repository.")
     ip: str = option("", "nfs, samba, iscsi: the server address (seed 000 `ip`).")
@@ -223,10 +223,20 @@ class BackupPointSection:
     )
     mount_port: int = option(0, "nfs: MOUNT port (0 asks the portmapper).")
     root_dir: str = option("", "nfs: the export path; samba: the share name (seed 000 `root_dir`).")
-    sub_dir: str = option("", "nfs, samba: the repository's directory below root_dir (seed 000 `sub_dir`; no '..').")
-    username: str = option("", "samba: the SMB user; iscsi: the CHAP user (empty: no CHAP).")
+    sub_dir: str = option(
+        "", "nfs, samba: the repository's directory below root_dir; s3: its prefix in the bucket (no '..')."
+    )
+    username: str = option("", "samba: the SMB user; iscsi: the CHAP user (empty: no CHAP); s3: the access key.")
     secret: str = option(
-        "", "samba: the SMB password; iscsi: the CHAP secret. A file that sets it must be mode 0600.", secret=True
+        "",
+        "samba: the SMB password; iscsi: the CHAP secret; s3: the secret key. A file that sets it must be mode 0600.",
+        secret=True,
+    )
+    endpoint: str = option("", "s3: the gateway's URL (http://host:port or https://...).")
+    bucket: str = option("", "s3: the bucket (it must exist).")
+    region: str = option("", "s3: the region the bucket is in (empty: us-east-1, what RGW and MinIO accept).")
+    part_size: int = option(
+        16 << 20, "s3: bytes per part of a multipart upload (at least 5 MiB); each writer holds at most one."
     )
     smb_encrypt: bool = option(False, "samba: require SMB3 encryption of the session (signing is always on).")
     target: str = option("", "iscsi: the target IQN.")
@@ -263,7 +273,7 @@ class BackupPointSection:
 
 
 POOL_TYPES = ("dir", "nfs", "rbd")
-BACKUP_POINT_TYPES = ("local", "nfs", "samba", "iscsi", "disk", "fc")
+BACKUP_POINT_TYPES = ("local", "nfs", "samba", "iscsi", "disk", "fc", "s3")
 TABLES = {"pools": "PoolSection", "backup_points": "BackupPointSection"}
 RBD_FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling")
 
@@ -331,6 +341,10 @@ class Config:
                 raise bad(label, "username", "samba needs username and secret (the SMB password)")
             if bp.type == "iscsi" and not bp.target:
                 raise bad(label, "target", "must be the target IQN")
+            if bp.type == "s3":
+                from agent.fields import check_s3
+
+                check_s3(bp, label)
             if bp.type in ("disk", "fc") and not os.path.isabs(bp.device):
                 raise bad(label, "device", "must be an absolute block device path")
             if bp.sub_dir and (bp.sub_dir.startswith("/") or ".." in bp.sub_dir.split("/")):

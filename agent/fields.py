@@ -40,3 +40,27 @@ def check_sub_dir(value: str, field: str = "sub_dir") -> str:
     if value.startswith("/") or any(p in ("", ".", "..") for p in value.split("/")):
         raise InvalidArgument(f"{field}: {value!r} must be a plain relative path (no '..')", field=field)
     return value
+
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+MIN_PART = 5 << 20
+
+
+def check_s3(bp, label: str) -> None:
+    """An S3 backup point's endpoint, bucket, credentials and part size."""
+    from urllib.parse import urlsplit
+
+    from agent.errors import ConfigError
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"[{label}] {key}: {why}", field=f"{label}.{key}")
+
+    u = urlsplit(bp.endpoint)
+    if u.scheme not in ("http", "https") or not u.hostname or u.path.strip("/") or u.query or u.username:
+        raise bad("endpoint", f"must be http(s)://host[:port] without path or credentials, not {bp.endpoint!r}")
+    if not _BUCKET.match(bp.bucket) or ".." in bp.bucket:
+        raise bad("bucket", f"{bp.bucket!r} is not an S3 bucket name (3-63 of a-z 0-9 . -)")
+    if not bp.username or not bp.secret:
+        raise bad("username", "s3 needs username (the access key) and secret (the secret key)")
+    if bp.part_size < MIN_PART:
+        raise bad("part_size", "must be at least 5 MiB (5242880)")

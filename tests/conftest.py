@@ -118,6 +118,16 @@ def ceph():
     cluster.destroy()
 
 
+@pytest.fixture(scope="session")
+def rgw(ceph):
+    """Ceph's S3 gateway on the session's cluster, with one S3 user."""
+    from support.rgw import Rgw
+
+    gw = Rgw(ceph).start()
+    yield gw
+    gw.stop()
+
+
 @pytest.fixture
 def rbd_agent(make_agent, ceph):
     extra = ceph.pool_section(RBD_POOL_UUID) + ceph.pool_section(RBD2_POOL_UUID, "rbd2")

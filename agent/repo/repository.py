@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from agent.errors import DataCorrupt, FailedPrecondition, NotFound, StorageIOError
+from agent.errors import AlreadyExists, DataCorrupt, FailedPrecondition, NotFound, StorageIOError
 from agent.repo import crypto
 from agent.repo.format import (
     BLOCK_SIZE,
@@ -122,7 +122,12 @@ class Repository:
         sealer: crypto.Sealer = crypto.Sealer()
         if password:
             config["encryption"], sealer = crypto.new_encryption(password, config["id"])
-        store.publish("config", json.dumps(config, sort_keys=True).encode())
+        try:  # of two agents creating it at once, one wins (atomically where the store can say so)
+            store.publish("config", json.dumps(config, sort_keys=True).encode(), create_only=True)
+        except AlreadyExists:
+            raise FailedPrecondition(
+                "backup point: another writer created a repository there just now", field="backup_point_uuid"
+            ) from None
         return cls(store, config, sealer)
 
     @classmethod

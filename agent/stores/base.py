@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from agent.errors import (
     AccessDenied,
+    AlreadyExists,
     BlockferryError,
     InvalidArgument,
     NoSpace,
@@ -124,8 +125,17 @@ class ObjectStore(ABC):
     def prefetch(self, name: str, offset: int, length: int) -> None:
         """A hint: this range will be read soon (stores may start reading it)."""
 
-    def publish(self, name: str, data: bytes, *, durable: bool = True) -> None:
-        """Write an object and make it visible atomically (durably, unless told)."""
+    def publish(self, name: str, data: bytes, *, durable: bool = True, create_only: bool = False) -> None:
+        """Write an object and make it visible atomically (durably, unless
+        told). create_only: AlreadyExists when the object exists (atomic on
+        stores that can say so, such as S3's conditional PUT; checked just
+        before on the others)."""
+        if create_only:
+            try:
+                self.size(name)
+                raise AlreadyExists(f"backup point: object {name} exists", field="name")
+            except NotFound:
+                pass
         with self.open_writer(name, durable=durable) as w:
             w.write(data)
             w.commit()

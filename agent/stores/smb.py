@@ -433,13 +433,13 @@ class SmbStore(ObjectStore):
         except NotFound:
             pass
 
-    def publish(self, name: str, data: bytes, *, durable: bool = True) -> None:
+    def publish(self, name: str, data: bytes, *, durable: bool = True, create_only: bool = False) -> None:
         """A whole object in hand: once more when the first try met a
         dropped connection (a new temporary file, renamed over the name)."""
         try:
-            super().publish(name, data, durable=durable)
+            super().publish(name, data, durable=durable, create_only=create_only)
         except TargetUnreachable:
-            super().publish(name, data, durable=durable)
+            super().publish(name, data, durable=durable, create_only=create_only)
 
     def sweep_partial(self, prefix: str) -> int:
         prefix = prefix.rstrip("/")

@@ -1,0 +1,299 @@
+"""An S3 backup point: objects under a prefix of a bucket, through boto3.
+
+A small object (a manifest, an index, a lock record) is one PUT, visible
+and durable when the gateway answers. A pack is a multipart upload: parts
+of `part_size` bytes are sent as they fill (one in flight per writer, so a
+writer holds at most one part in memory), and CompleteMultipartUpload makes
+the object appear whole; an aborted or crashed writer leaves only an
+incomplete upload, which sweep_partial() aborts. `publish(create_only=True)`
+is a conditional PUT (If-None-Match: *): of two writers racing to create a
+repository, the gateway lets exactly one win.
+
+Reads are ranged GETs copied into the caller's buffer. Every call goes
+through botocore's standard retry mode (5xx, throttling, timeouts and
+dropped connections, with backoff), and ends in one of the store errors
+(TargetUnreachable, AccessDenied, NotFound, ...) naming the backup point
+and the object, never the credentials.
+
+Ceph RGW 16.2 refuses the aws-chunked CRC32 trailers newer boto3 sends:
+checksums are computed and validated only when an operation requires
+them (../shared/notes/facts.md, "Ceph RGW").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from agent.errors import (
+    AccessDenied,
+    AlreadyExists,
+    BlockferryError,
+    NoSpace,
+    NotFound,
+    StorageIOError,
+    TargetUnreachable,
+)
+from agent.stores.base import Buffer, ObjectStore, ObjectWriter, StoreStats, check_object_name
+
+log = logging.getLogger("agent.stores")
+
+MIN_PART = 5 << 20  # S3's smallest part (but the last)
+UNBOUNDED = 1 << 60  # what stats() reports when the gateway sets no quota
+
+
+def _code(e: Exception) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class S3Store(ObjectStore):
+    concurrent_writers = True
+
+    def __init__(
+        self,
+        endpoint: str,
+        bucket: str,
+        prefix: str,
+        *,
+        access_key: str,
+        secret_key: str,
+        region: str = "",
+        timeout: float = 30.0,
+        part_size: int = 16 << 20,
+        label: str = "",
+    ):
+        self.endpoint, self.bucket = endpoint, bucket
+        self.prefix = prefix.strip("/")
+        self.label = label or f"{endpoint}/{bucket}/{self.prefix}"
+        self.part_size = max(part_size, MIN_PART)
+        self._creds = (access_key, secret_key)
+        self.region = region or "us-east-1"
+        self.timeout = timeout
+        self._local = threading.local()
+
+    # ---- the client ----
+
+    @property
+    def client(self) -> Any:
+        """One boto3 client per thread (a client is thread-safe, but its
+        connection pool is sized for one thread's calls here)."""
+        c = getattr(self._local, "client", None)
+        if c is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError:
+                raise StorageIOError("the S3 client (boto3) is not installed") from None
+            cfg = Config(
+                region_name=self.region,
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                retries={"mode": "standard", "max_attempts": 8},
+                connect_timeout=self.timeout,
+                read_timeout=self.timeout,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            c = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self.endpoint,
+                aws_access_key_id=self._creds[0],
+                aws_secret_access_key=self._creds[1],
+                config=cfg,
+            )
+            self._local.client = c
+        return c
+
+    def key(self, name: str) -> str:
+        check_object_name(name)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def error(self, what: str, e: Exception) -> BlockferryError:
+        """A boto3/botocore error as a store error: names the backup point and
+        what was being done, and keeps the gateway's reason."""
+        code = _code(e)
+        message = f"backup point {self.label}: {what}: {code or type(e).__name__}"
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return NotFound(message, field="name")
+        if code == "NoSuchBucket":
+            return TargetUnreachable(f"{message} (bucket {self.bucket})", field="backup_point_uuid")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+            return AccessDenied(message, field="backup_point_uuid")
+        if code in ("QuotaExceeded", "EntityTooLarge"):
+            return NoSpace(message, field="backup_point_uuid")
+        if code in ("PreconditionFailed", "412"):
+            return AlreadyExists(message, field="name")
+        if not code:  # no answer at all: connection refused, timeouts after the retries
+            return TargetUnreachable(f"{message}: {e}", field="backup_point_uuid")
+        return StorageIOError(message, field="backup_point_uuid")
+
+    # ---- writing ----
+
+    def open_writer(self, name: str, *, durable: bool = True) -> ObjectWriter:
+        return _S3Writer(self, name)
+
+    def publish(self, name: str, data: bytes, *, durable: bool = True, create_only: bool = False) -> None:
+        kw = {"IfNoneMatch": "*"} if create_only else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=bytes(data), **kw)
+        except Exception as e:  # noqa: BLE001 - botocore's errors, mapped in one place
+            raise self.error(f"cannot write {name}", e) from None
+
+    # ---- reading ----
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if length == 0:
+            return b""
+        kw = {}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            kw["Range"] = f"bytes={offset}-{end}"
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self.key(name), **kw)
+            return r["Body"].read()
+        except Exception as e:  # noqa: BLE001
+            if _code(e) == "InvalidRange":  # reading at or past the end
+                return b""
+            raise self.error(f"cannot read {name}", e) from None
+
+    def read_into(self, name: str, offset: int, buf: Buffer) -> int:
+        view = memoryview(buf).cast("B")
+        data = self.get(name, offset, len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def size(self, name: str) -> int:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self.key(name))["ContentLength"])
+        except Exception as e:  # noqa: BLE001
+            raise self.error(f"cannot find {name}", e) from None
+
+    def list(self, prefix: str) -> list[str]:
+        prefix = prefix.strip("/")
+        full = self.key(prefix) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
+        out = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/"
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    rest = obj["Key"][len(full) :]
+                    if rest:
+                        out.append(f"{prefix}/{rest}" if prefix else rest)
+        except Exception as e:  # noqa: BLE001
+            raise self.error(f"cannot list {prefix or '/'}", e) from None
+        return sorted(out)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
+        except Exception as e:  # noqa: BLE001
+            if _code(e) not in ("NoSuchKey", "404"):
+                raise self.error(f"cannot delete {name}", e) from None
+
+    def sweep_partial(self, prefix: str) -> int:
+        """Abort the incomplete multipart uploads under a prefix."""
+        full = self.key(prefix.strip("/")) + "/" if prefix.strip("/") else (f"{self.prefix}/" if self.prefix else "")
+        n = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    if "/" in up["Key"][len(full) :]:
+                        continue  # deeper: another prefix's
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
+        except Exception as e:  # noqa: BLE001
+            raise self.error(f"cannot clean incomplete uploads under {prefix or '/'}", e) from None
+        return n
+
+    def is_empty(self) -> bool:
+        full = f"{self.prefix}/" if self.prefix else ""
+        try:
+            r = self.client.list_objects_v2(Bucket=self.bucket, Prefix=full, MaxKeys=1)
+        except Exception as e:  # noqa: BLE001
+            raise self.error("cannot list the repository", e) from None
+        return not r.get("KeyCount", 0)
+
+    def stats(self) -> StoreStats:
+        """Object stores report no capacity through S3: the bucket is
+        reachable (HEAD) and its size unbounded. (A quota RGW enforces is
+        reported by radosgw-admin, not over S3.)"""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as e:  # noqa: BLE001
+            raise self.error("cannot reach the bucket", e) from None
+        return StoreStats(UNBOUNDED, 0, UNBOUNDED)
+
+    def close(self) -> None:
+        c = getattr(self._local, "client", None)
+        if c is not None:
+            c.close()
+            self._local.client = None
+
+
+class _S3Writer(ObjectWriter):
+    """Buffers up to one part; the first full part starts a multipart upload.
+    An object smaller than a part is one PUT at commit."""
+
+    def __init__(self, store: S3Store, name: str):
+        self.store, self.name, self.key = store, name, store.key(name)
+        self.buf = bytearray()
+        self.parts: list[dict] = []
+        self.upload_id = ""
+        self._size = 0
+        self._done = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: Buffer) -> None:
+        self.buf += data
+        self._size += len(memoryview(data).cast("B"))
+        while len(self.buf) >= self.store.part_size:
+            self._send(bytes(self.buf[: self.store.part_size]))
+            del self.buf[: self.store.part_size]
+
+    def _send(self, part: bytes) -> None:
+        c, s = self.store.client, self.store
+        try:
+            if not self.upload_id:
+                self.upload_id = c.create_multipart_upload(Bucket=s.bucket, Key=self.key)["UploadId"]
+            n = len(self.parts) + 1
+            r = c.upload_part(Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n, Body=part)
+            self.parts.append({"PartNumber": n, "ETag": r["ETag"]})
+        except Exception as e:  # noqa: BLE001
+            self.abort()
+            raise s.error(f"cannot write {self.name}", e) from None
+
+    def commit(self) -> None:
+        s = self.store
+        if not self.upload_id:
+            s.publish(self.name, bytes(self.buf))
+            self._done = True
+            return
+        if self.buf:
+            self._send(bytes(self.buf))
+            self.buf = bytearray()
+        try:
+            s.client.complete_multipart_upload(
+                Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts}
+            )
+        except Exception as e:  # noqa: BLE001
+            self.abort()
+            raise s.error(f"cannot complete {self.name}", e) from None
+        self._done = True
+
+    def abort(self) -> None:
+        self.buf = bytearray()
+        if self.upload_id and not self._done:
+            try:
+                self.store.client.abort_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id
+                )
+            except Exception:  # noqa: BLE001 - sweep_partial() finds it later
+                log.warning("an incomplete upload stays", extra={"object": self.name})
+        self._done = True

@@ -1,0 +1,109 @@
+"""Ceph's S3 gateway (radosgw) on the tests' single-node Ceph cluster, a
+user made with radosgw-admin, and s3cmd (Debian's, another S3 client than
+ours) to read back and to check what the gateway itself enforces. The
+recipe and its gotchas: ../shared/notes/facts.md, "Ceph RGW"."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from support.cephcluster import CephCluster, free_port
+
+
+class Rgw:
+    def __init__(self, cluster: CephCluster):
+        self.cluster = cluster
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.access_key = "BF" + uuid.uuid4().hex[:18].upper()
+        self.secret_key = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+        self.proc: subprocess.Popen | None = None
+        self.data = cluster.root / "rgw"
+        self.s3cfg = cluster.root / "s3cfg"
+
+    def start(self) -> Rgw:
+        c = self.cluster
+        # RGW makes 7 pools: 32 PGs each would pass one OSD's 250-PG limit
+        c.ceph("config", "set", "global", "osd_pool_default_pg_num", "8")
+        c.ceph("config", "set", "global", "osd_pool_default_pgp_num", "8")
+        self.data.mkdir(exist_ok=True)
+        conf = c.conf.read_text()
+        if "[client.rgw.s3]" not in conf:
+            c.conf.write_text(
+                conf + f"\n[client.rgw.s3]\nms mon client mode = crc\nrgw data = {self.data}\n"
+                f"rgw frontends = beast endpoint=127.0.0.1:{self.port}\n"
+            )
+        self._run()
+        self.admin(
+            "user", "create", "--uid", "blockferry", "--display-name", "blockferry",
+            "--access-key", self.access_key, "--secret", self.secret_key,
+        )  # fmt: skip
+        self.s3cfg.write_text(
+            f"[default]\naccess_key = {self.access_key}\nsecret_key = {self.secret_key}\n"
+            f"host_base = 127.0.0.1:{self.port}\nhost_bucket = 127.0.0.1:{self.port}\nuse_https = False\n"
+            "signature_v2 = False\n"
+        )
+        self.s3cfg.chmod(0o600)
+        return self
+
+    def _run(self) -> None:
+        c = self.cluster
+        self.proc = subprocess.Popen(
+            ["radosgw", "-f", "-c", str(c.conf), "-n", "client.rgw.s3"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(c.root / "log" / "rgw.out", "ab"),
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.endpoint, timeout=2):
+                    return
+            except OSError:
+                assert self.proc.poll() is None, "radosgw exited"
+                assert time.monotonic() < deadline, "radosgw did not answer"
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self._run()
+
+    def admin(self, *args: str) -> str:
+        return subprocess.run(
+            ["radosgw-admin", "-c", str(self.cluster.conf), *args], check=True, capture_output=True, text=True
+        ).stdout
+
+    def s3cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["s3cmd", "-c", str(self.s3cfg), *args], check=check, capture_output=True, text=True, timeout=120
+        )
+
+    def make_bucket(self, name: str | None = None) -> str:
+        name = name or f"bf-{uuid.uuid4().hex[:12]}"
+        self.s3cmd("mb", f"s3://{name}")
+        return name
+
+    def section(self, bp_uuid: str, bucket: str, prefix: str = "", extra: str = "") -> str:
+        """An agent's [backup_points.<uuid>] for a bucket of this gateway."""
+        return (
+            f'[backup_points.{bp_uuid}]\ntype = "s3"\nendpoint = "{self.endpoint}"\nbucket = "{bucket}"\n'
+            f'sub_dir = "{prefix}"\nusername = "{self.access_key}"\nsecret = "{self.secret_key}"\n'
+            f"chunk_size = 1048576\npart_size = 5242880\ntimeout = 10\n{extra}"
+        )
+
+    def get(self, bucket: str, key: str, out: Path) -> bytes:
+        self.s3cmd("get", "--force", f"s3://{bucket}/{key}", str(out))
+        return out.read_bytes()
