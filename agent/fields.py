@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from typing import Protocol
 
 from agent.errors import InvalidArgument
 
@@ -46,7 +47,17 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 MIN_PART = 5 << 20
 
 
-def check_s3(bp, label: str) -> None:
+class S3Fields(Protocol):
+    """What check_s3 reads of a backup point's settings."""
+
+    endpoint: str
+    bucket: str
+    username: str
+    secret: str
+    part_size: int
+
+
+def check_s3(bp: S3Fields, label: str) -> None:
     """An S3 backup point's endpoint, bucket, credentials and part size."""
     from urllib.parse import urlsplit
 

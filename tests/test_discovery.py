@@ -149,7 +149,7 @@ def test_discovery_and_host_facts_rpcs(remote_agent, tgt_server):
         assert facts.cpus >= 1 and facts.memory_total_bytes > 0
         lo = [n for n in facts.nics if n.name == "lo"]
         assert lo and any(x.address == "127.0.0.1" and x.prefixlen == 8 for x in lo[0].addresses)
-        assert set(facts.backup_point_types) == {"local", "nfs", "samba", "iscsi", "disk", "fc"}
+        assert set(facts.backup_point_types) == {"local", "nfs", "samba", "iscsi", "disk", "fc", "s3"}
         assert "dir" in facts.pool_types and list(facts.shared_pool_types)[:2] == ["nfs", "disk"]
         assert NFS_BP in facts.backup_point_uuids and facts.iscsi_initiator.startswith("iqn.")
         assert [x.host for x in facts.fc_hbas] == ["host5", "host6"]
