@@ -186,30 +186,43 @@ class BackupPoint:
                 except NotFound:
                     if known:
                         raise self._vanished(known) from None
-                    if not self.section.initialize:
-                        raise FailedPrecondition(
-                            f"backup_point_uuid: {self.label} holds no repository and initialize is off",
-                            field="backup_point_uuid",
-                        ) from None
-                    if not store.is_empty():
-                        raise FailedPrecondition(
-                            f"backup_point_uuid: {self.label} holds other data and no "
-                            "blockferry repository; it is never touched",
-                            field="backup_point_uuid",
-                        ) from None
-                    repo = Repository.init(
-                        store,
-                        chunk_size=self.section.chunk_size,
-                        password=self.section.password,
-                        compression=self.section.compression,
-                    )
+                    repo = self._create(store)
                 else:
+                    repo = None
+                if repo is None:
                     repo = Repository.open(store, password=self.section.password)
                     if known and repo.id != known:
                         raise self._replaced(repo.id, known)
                 self._remember(repo.id)
                 self._repo = repo
             return self._repo
+
+    def _create(self, store: ObjectStore) -> Repository | None:
+        """A new repository in an empty store, or None when another agent
+        created one there meanwhile (then it is opened like any other)."""
+        if not self.section.initialize:
+            raise FailedPrecondition(
+                f"backup_point_uuid: {self.label} holds no repository and initialize is off",
+                field="backup_point_uuid",
+            )
+        if not store.is_empty():
+            if _has_config(store):
+                return None  # another writer's, published since we looked
+            raise FailedPrecondition(
+                f"backup_point_uuid: {self.label} holds other data and no blockferry repository; it is never touched",
+                field="backup_point_uuid",
+            )
+        try:
+            return Repository.init(
+                store,
+                chunk_size=self.section.chunk_size,
+                password=self.section.password,
+                compression=self.section.compression,
+            )
+        except FailedPrecondition:
+            if _has_config(store):
+                return None  # lost the race to create it: use the winner's
+            raise
 
     def check(self) -> BackupPointHealth:
         """Health, capacity and latency, without creating a repository."""
@@ -395,3 +408,11 @@ class BackupPoints:
             self._attached.discard(uuid)
         bp.reset()
         bp.forget()
+
+
+def _has_config(store: ObjectStore) -> bool:
+    try:
+        store.get("config")
+    except NotFound:
+        return False
+    return True

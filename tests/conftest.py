@@ -123,7 +123,7 @@ def rgw(ceph):
     """Ceph's S3 gateway on the session's cluster, with one S3 user."""
     from support.rgw import Rgw
 
-    gw = Rgw(ceph).start()
+    gw = Rgw(ceph).setup()
     yield gw
     gw.stop()
 

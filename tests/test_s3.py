@@ -9,7 +9,10 @@ repository."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
+import time
 import uuid
 
 from agent.api.v1 import jobs_pb2
@@ -74,3 +77,91 @@ def test_backups_on_an_s3_bucket(make_agent, rgw, short_tmp):
         assert b"PLAINTEXT-MARKER" not in raw
     assert password not in a.log_text() and rgw.secret_key not in a.log_text()
     assert a.stop() == 0
+
+
+def test_agent_killed_mid_backup_then_gc_aborts_its_uploads(make_agent, rgw, short_tmp):
+    """kill -9 while a pack streams as a multipart upload: the upload stays
+    incomplete (nothing visible), gc aborts it, and the next backup restores
+    bit for bit."""
+    bucket = rgw.make_bucket()
+    bp = str(uuid.uuid4())
+    a = make_agent(rgw.section(bp, bucket, "kill", extra="bandwidth_limit = 4194304\n"))
+    a.config.chmod(0o600)
+    a.start()
+    data = {0: os.urandom(24 * MiB)}
+    with a.client() as c:
+        bk = Bk(a, c, bp=bp)
+        vol = bk.create(capacity=32 * MiB, name="kill").uuid
+        bk.write(vol, data)
+        snap = bk.snap(vol, "s").uuid
+        job_id = f"backup-{uuid.uuid4()}"
+        c.submit(
+            job_id,
+            backup=jobs_pb2.BackupSpec(
+                backup_point_uuid=bp,
+                pool_uuid=bk.pool,
+                volume_uuid=vol,
+                snapshot_uuid=snap,
+                backup_uuid=str(uuid.uuid4()),
+            ),
+        )
+        deadline = time.monotonic() + 60
+        while "kill/packs/" not in rgw.s3cmd("multipart", f"s3://{bucket}").stdout:
+            assert time.monotonic() < deadline, "no multipart upload started"
+            time.sleep(0.2)
+    a.stop(signal.SIGKILL)
+    assert not [k for k in rgw.s3cmd("ls", f"s3://{bucket}/kill/manifests/").stdout.split() if "manifests/" in k]
+    a.start()
+    with a.client() as c:
+        job = c.run(f"gc-{uuid.uuid4()}", gc=jobs_pb2.GcSpec(backup_point_uuid=bp))
+        assert job.state == OK and job.gc_result.partial_removed >= 1, job
+        assert "kill/packs/" not in rgw.s3cmd("multipart", f"s3://{bucket}").stdout
+        bk = Bk(a, c, bp=bp)
+        result = bk.backup(vol, snap)
+        restored = bk.restore(result.backup_uuid)
+        out = short_tmp / "killed.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", bk.head(restored.volume_uuid), str(out)], check=True)
+        assert out.read_bytes() == content(32 * MiB, data)
+    assert a.stop() == 0
+
+
+def test_two_agents_race_to_create_one_repository(make_agent, rgw, short_tmp):
+    """Two agents back up into the same new prefix at once: the gateway's
+    conditional PUT lets one create the repository, the other opens it;
+    both backups land in it and each restores the other's."""
+    bucket = rgw.make_bucket()
+    bp = str(uuid.uuid4())
+    agents = [make_agent(rgw.section(bp, bucket, "shared"), name=n) for n in ("a", "b")]
+    datas = [{0: os.urandom(3 * MiB)}, {MiB: os.urandom(2 * MiB)}]
+    snaps = []
+    for a, data in zip(agents, datas, strict=True):
+        a.config.chmod(0o600)
+        a.start()
+        with a.client() as c:
+            bk = Bk(a, c, bp=bp)
+            vol = bk.create(capacity=4 * MiB, name="race").uuid
+            bk.write(vol, data)
+            snaps.append((vol, bk.snap(vol, "s").uuid))
+    results: list = [None, None]
+
+    def run(i: int) -> None:
+        with agents[i].client() as c:
+            results[i] = Bk(agents[i], c, bp=bp).backup(*snaps[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(results), results
+    keys = rgw.s3cmd("ls", f"s3://{bucket}/shared/").stdout
+    assert keys.count("shared/config") == 1
+    for i, a in enumerate(agents):
+        other = results[1 - i]
+        with a.client() as c:
+            bk = Bk(a, c, bp=bp)
+            restored = bk.restore(other.backup_uuid)
+            out = short_tmp / f"race-{i}.raw"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", bk.head(restored.volume_uuid), str(out)], check=True)
+            assert out.read_bytes() == content(4 * MiB, datas[1 - i])
+        assert a.stop() == 0

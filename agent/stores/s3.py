@@ -61,6 +61,7 @@ class S3Store(ObjectStore):
         region: str = "",
         timeout: float = 30.0,
         part_size: int = 16 << 20,
+        max_attempts: int = 8,
         label: str = "",
     ):
         self.endpoint, self.bucket = endpoint, bucket
@@ -70,6 +71,7 @@ class S3Store(ObjectStore):
         self._creds = (access_key, secret_key)
         self.region = region or "us-east-1"
         self.timeout = timeout
+        self.max_attempts = max_attempts
         self._local = threading.local()
 
     # ---- the client ----
@@ -89,7 +91,7 @@ class S3Store(ObjectStore):
                 region_name=self.region,
                 signature_version="s3v4",
                 s3={"addressing_style": "path"},
-                retries={"mode": "standard", "max_attempts": 8},
+                retries={"mode": "standard", "max_attempts": self.max_attempts},
                 connect_timeout=self.timeout,
                 read_timeout=self.timeout,
                 request_checksum_calculation="when_required",

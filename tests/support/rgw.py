@@ -25,7 +25,8 @@ class Rgw:
         self.data = cluster.root / "rgw"
         self.s3cfg = cluster.root / "s3cfg"
 
-    def start(self) -> Rgw:
+    def setup(self) -> Rgw:
+        """Configure, start, and make the user and s3cmd's config."""
         c = self.cluster
         # RGW makes 7 pools: 32 PGs each would pass one OSD's 250-PG limit
         c.ceph("config", "set", "global", "osd_pool_default_pg_num", "8")
@@ -37,7 +38,7 @@ class Rgw:
                 conf + f"\n[client.rgw.s3]\nms mon client mode = crc\nrgw data = {self.data}\n"
                 f"rgw frontends = beast endpoint=127.0.0.1:{self.port}\n"
             )
-        self._run()
+        self.start()
         self.admin(
             "user", "create", "--uid", "blockferry", "--display-name", "blockferry",
             "--access-key", self.access_key, "--secret", self.secret_key,
@@ -50,7 +51,7 @@ class Rgw:
         self.s3cfg.chmod(0o600)
         return self
 
-    def _run(self) -> None:
+    def start(self) -> None:
         c = self.cluster
         self.proc = subprocess.Popen(
             ["radosgw", "-f", "-c", str(c.conf), "-n", "client.rgw.s3"],
@@ -79,7 +80,7 @@ class Rgw:
 
     def restart(self) -> None:
         self.stop()
-        self._run()
+        self.start()
 
     def admin(self, *args: str) -> str:
         return subprocess.run(

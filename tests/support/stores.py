@@ -100,6 +100,33 @@ class SmbTarget(Target):
         return out.read_bytes()
 
 
+class S3Target(Target):
+    """A prefix of a bucket on the session's Ceph RGW; read back with s3cmd."""
+
+    kind = "s3"
+
+    def __init__(self, gw, tmp):
+        self.gw, self.tmp = gw, tmp
+        self.bucket = gw.make_bucket()
+
+    def make(self, sub: str, *, timeout: float = 10.0, max_attempts: int = 8):
+        from agent.stores.s3 import S3Store
+
+        return S3Store(
+            self.gw.endpoint,
+            self.bucket,
+            sub,
+            access_key=self.gw.access_key,
+            secret_key=self.gw.secret_key,
+            timeout=timeout,
+            part_size=5 << 20,
+            max_attempts=max_attempts,
+        )
+
+    def read_back(self, sub: str, name: str) -> bytes:
+        return self.gw.get(self.bucket, f"{sub}/{name}", self.tmp / f"readback-{uuid.uuid4().hex}")
+
+
 class Loop:
     """A loop device over a sparse file: a LUN the tests may format."""
 
