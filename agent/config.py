@@ -248,7 +248,7 @@ class BackupPointSection:
         "partition table or file system would be) on first use; a LUN with other data is "
         "never touched.",
     )
-    timeout: float = option(30.0, "nfs, samba, iscsi: seconds any call may block before the job fails.")
+    timeout: float = option(30.0, "nfs, samba, iscsi, s3: seconds any call may block before the job fails.")
     password: str = option(
         "",
         "Turns on encryption (AES-256-GCM, scrypt-derived key) when the repository is "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import posixpath
 import re
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from agent.errors import InvalidArgument
 
@@ -47,6 +48,24 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 MIN_PART = 5 << 20
 
 
+def is_bucket(value: str) -> bool:
+    """An S3 bucket name as AWS and RGW accept it: 3-63 of a-z 0-9 . -"""
+    return bool(_BUCKET.match(value)) and ".." not in value
+
+
+def endpoint_host(value: str) -> str:
+    """The host of an S3 endpoint URL http(s)://host[:port] (no path, query
+    or credentials), or "" when it is not one."""
+    try:
+        u = urlsplit(value)
+        u.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return ""
+    if u.scheme not in ("http", "https") or not u.hostname or u.path.strip("/") or u.query or u.username:
+        return ""
+    return u.hostname
+
+
 class S3Fields(Protocol):
     """What check_s3 reads of a backup point's settings."""
 
@@ -59,17 +78,14 @@ class S3Fields(Protocol):
 
 def check_s3(bp: S3Fields, label: str) -> None:
     """An S3 backup point's endpoint, bucket, credentials and part size."""
-    from urllib.parse import urlsplit
-
     from agent.errors import ConfigError
 
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"[{label}] {key}: {why}", field=f"{label}.{key}")
 
-    u = urlsplit(bp.endpoint)
-    if u.scheme not in ("http", "https") or not u.hostname or u.path.strip("/") or u.query or u.username:
+    if not endpoint_host(bp.endpoint):
         raise bad("endpoint", f"must be http(s)://host[:port] without path or credentials, not {bp.endpoint!r}")
-    if not _BUCKET.match(bp.bucket) or ".." in bp.bucket:
+    if not is_bucket(bp.bucket):
         raise bad("bucket", f"{bp.bucket!r} is not an S3 bucket name (3-63 of a-z 0-9 . -)")
     if not bp.username or not bp.secret:
         raise bad("username", "s3 needs username (the access key) and secret (the secret key)")

@@ -569,9 +569,9 @@ def test_seed_001_clones_backups_restores_as_tasks(cluster, short_tmp):
         check_error(nosnap, 404, "snapshot_uuid")
 
 
-@pytest.mark.parametrize("kind", ["nfs", "samba"])
+@pytest.mark.parametrize("kind", ["nfs", "samba", "s3"])
 def test_seed_000_backup_points_on_real_servers(cluster, short_tmp, kind, request):
-    """A backup point on a real NFS or SMB server, added through the seed 000
+    """A backup point on a real NFS, SMB or S3 server, added through the seed 000
     API; a backup to it and a restore from it through seed 001; a rename; a
     move refused while it holds backups and allowed once empty (agents take
     the new definition); delete once its backups are gone."""
@@ -592,6 +592,21 @@ def test_seed_000_backup_points_on_real_servers(cluster, short_tmp, kind, reques
             root_dir=str(srv.export),
             sub_dir=f"ctl-{uuid.uuid4().hex[:6]}",
             env={"port": srv.nfs_port, "mount_port": srv.mount_port, "chunk_size": 1 << 20},
+        )
+    elif kind == "s3":
+        srv = request.getfixturevalue("rgw")
+        point = dict(
+            btype="s3",
+            ip="127.0.0.1",
+            root_dir=srv.make_bucket(),
+            sub_dir=f"ctl-{uuid.uuid4().hex[:6]}",
+            env={
+                "endpoint": srv.endpoint,
+                "username": srv.access_key,
+                "secret": srv.secret_key,
+                "part_size": 5 << 20,
+                "chunk_size": 1 << 20,
+            },
         )
     else:
         srv = request.getfixturevalue("smb_server")
@@ -636,6 +651,17 @@ def test_seed_000_backup_points_on_real_servers(cluster, short_tmp, kind, reques
             pass_word="bp-secret-pw",
             **point,
         )
+        if kind == "s3":  # bad input named, nothing added
+            env = point["env"]
+            for bad, field in (
+                (dict(root_dir="Not_A_Bucket"), "root_dir"),
+                (dict(env=dict(env, endpoint="http://10.9.9.9:8080")), "env.endpoint"),
+                (dict(env=dict(env, endpoint="ftp://127.0.0.1")), "env.endpoint"),
+                (dict(env={k: x for k, x in env.items() if k != "secret"}), "env.username"),
+                (dict(env=dict(env, part_size=1 << 20)), "env.part_size"),
+                (dict(btype="nfs", root_dir="/export", env={"part_size": 5 << 20}), "env.part_size"),
+            ):
+                check_error(op.post("/v1/volume/internal/backuppoint/add", json=dict(add, **bad)), 400, field)
         bp = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=add))["uuid"]
 
         def backup(name):
@@ -716,5 +742,5 @@ def test_seed_000_backup_points_on_real_servers(cluster, short_tmp, kind, reques
         check_ok(op.post("/v1/volume/internal/backuppoint/update", json=moved))  # empty now: it may move
         delete_backup(backup("after-move"))  # the agent took the new definition
         check_ok(op.post("/v1/volume/internal/backuppoint/delete", json={"cluster_uuid": cluster_uuid, "uuid": bp}))
-    for secret in ("bp-secret-pw", getattr(srv, "password", "bp-secret-pw")):
+    for secret in ("bp-secret-pw", getattr(srv, "password", getattr(srv, "secret_key", "bp-secret-pw"))):
         assert secret not in a.log_text() and secret not in c.log.read_text()

@@ -93,6 +93,15 @@ def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPo
         req.device = bp.root_dir
     elif bp.btype == "iscsi":
         req.ip, req.target = bp.ip, bp.root_dir
+    elif bp.btype == "s3":
+        req.endpoint = str(env.get("endpoint") or f"https://{_url_host(bp.ip)}")
+        req.bucket, req.sub_dir = bp.root_dir, sub
+        req.region, req.part_size = str(env.get("region", "")), int(env.get("part_size", 0))
+        req.port = 0
     else:
         req.ip, req.root_dir, req.sub_dir = bp.ip, bp.root_dir, sub
     return req
+
+
+def _url_host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip

@@ -12,7 +12,7 @@ class Base(DeclarativeBase):
 
 
 class BackupPoint(Base):
-    """Seed 000: where backups go (btype nfs, samba, iscsi, disk, fc, local)."""
+    """Seed 000: where backups go (btype nfs, samba, iscsi, disk, fc, local, s3)."""
 
     __tablename__ = "backup_points"
     __table_args__ = (UniqueConstraint("tenant", "name", name="uq_backup_points_tenant_name"),)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from agent import fields
 from agent.api.v1 import jobs_pb2
 from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
@@ -23,11 +24,15 @@ from agent.controller.health import Fleet, Health
 from agent.controller.models import Backup, BackupPoint, Host
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound
 
-BTYPES = ("nfs", "samba", "iscsi", "disk", "fc", "local")
+BTYPES = ("nfs", "samba", "iscsi", "disk", "fc", "local", "s3")
 # what a backup point may need beyond seed 000's fields, passed in its "env"
 # object (sealed at rest, like pass_word): ports, SMB user/password, CHAP,
-# the iSCSI LUN, formatting a blank LUN, chunk size and compression
-ENV_KEYS = {
+# the iSCSI LUN, formatting a blank LUN, chunk size and compression; for
+# s3 (ip: the gateway's host, root_dir: the bucket, sub_dir: the prefix)
+# the access key as username, the secret key as secret, and endpoint,
+# region and part_size
+S3_KEYS = {"endpoint", "region", "part_size"}
+ENV_KEYS = S3_KEYS | {
     "port",
     "mount_port",
     "username",
@@ -40,6 +45,7 @@ ENV_KEYS = {
     "bandwidth_limit",  # bytes per second shared by its jobs (their next attach applies a change)
 }
 MASK = "******"
+MIN_PART = fields.MIN_PART
 
 
 class BackupPointAddRequest(BaseModel):
@@ -90,7 +96,12 @@ class GcRequest(BaseModel):
 
 def _location(btype: str, root_dir: str, field: str) -> str:
     """nfs: the export path; samba: the share (optionally with a path below
-    it); iscsi: the target IQN; disk, fc, local: an absolute path."""
+    it); iscsi: the target IQN; s3: the bucket; disk, fc, local: an
+    absolute path."""
+    if btype == "s3":
+        if not fields.is_bucket(root_dir):
+            raise InvalidArgument(f"{field}: {root_dir!r} must be the bucket's name (3-63 of a-z 0-9 . -)", field=field)
+        return root_dir
     if btype == "samba":
         if not root_dir.strip("/"):
             raise InvalidArgument(f"{field}: must name the share", field=field)
@@ -128,7 +139,7 @@ def check_local(s, cluster: str, zone: str, root: str, sub: str, field: str) -> 
     v.under_roots(path, sorted(roots), field, f"any host of cluster {cluster}")
 
 
-def _env(env, field: str) -> dict:
+def _env(env, field: str, btype: str) -> dict:
     """A backup point's env (seed 000 `env` at add, `environment` at update)."""
     if not isinstance(env, dict) or any(
         not isinstance(k, str) or not isinstance(x, (str, int, bool)) for k, x in env.items()
@@ -144,7 +155,35 @@ def _env(env, field: str) -> dict:
         raise InvalidArgument(
             f"{field}.bandwidth_limit: bytes per second, 0 (none) or more", field=f"{field}.bandwidth_limit"
         )
+    if btype != "s3" and S3_KEYS & set(env):
+        key = sorted(S3_KEYS & set(env))[0]
+        raise InvalidArgument(f"{field}.{key}: only an s3 backup point has one", field=f"{field}.{key}")
+    for key in ("endpoint", "region"):
+        if not isinstance(env.get(key, ""), str):
+            raise InvalidArgument(f"{field}.{key}: must be a string", field=f"{field}.{key}")
+    part = env.get("part_size", MIN_PART)
+    if isinstance(part, bool) or not isinstance(part, int) or not MIN_PART <= part <= 5 << 30:
+        raise InvalidArgument(
+            f"{field}.part_size: bytes per multipart part, 5 MiB (5242880) to 5 GiB", field=f"{field}.part_size"
+        )
     return env
+
+
+def check_s3(env: dict, ip: str, field: str) -> None:
+    """An s3 backup point's endpoint is on its ip (the gateway's host), and
+    it has the keys to sign with."""
+    endpoint = env.get("endpoint", "")
+    if endpoint and fields.endpoint_host(endpoint) != ip:
+        raise InvalidArgument(
+            f"{field}.endpoint: {endpoint!r} must be http(s)://{ip}[:port] (the backup point's ip), "
+            "without path or credentials",
+            field=f"{field}.endpoint",
+        )
+    if not env.get("username") or not env.get("secret"):
+        raise InvalidArgument(
+            f"{field}.username: an s3 backup point needs username (the access key) and secret (the secret key)",
+            field=f"{field}.username",
+        )
 
 
 def to_seed(bp: BackupPoint, health: Health) -> dict:
@@ -193,7 +232,9 @@ def add(req: BackupPointAddRequest, request: Request, caller: Caller = Depends(a
         with context(request).db.session() as s:
             check_local(s, cluster, zone, root, sub, "root_dir")
     now = int(time.time())
-    env = _env(getattr(req, "env", None) or {}, "env")
+    env = _env(getattr(req, "env", None) or {}, "env", req.btype)
+    if req.btype == "s3":
+        check_s3(env, ip, "env")
     secrets = context(request).secrets
     bp = BackupPoint(
         uuid=str(uuidlib.uuid4()),
@@ -261,11 +302,13 @@ def update(req: BackupPointUpdateRequest, request: Request, caller: Caller = Dep
                     field="backup_point_uuid",
                 )
             bp.name, bp.ip, bp.root_dir, bp.sub_dir, bp.mtime = name, ip, root, sub, int(time.time())
-            changes = _env(getattr(req, "environment", None) or {}, "environment")
+            changes = _env(getattr(req, "environment", None) or {}, "environment", bp.btype)
+            secrets = context(request).secrets
+            env = {**(json.loads(secrets.open(bp.env_sealed)) if bp.env_sealed else {}), **changes}
+            if bp.btype == "s3":
+                check_s3(env, ip, "environment")  # same host; a new port or scheme is fine
             if changes:  # merged over what it has: a new bandwidth limit, a new CHAP secret, ...
-                secrets = context(request).secrets
-                env = json.loads(secrets.open(bp.env_sealed)) if bp.env_sealed else {}
-                bp.env_sealed = secrets.seal(json.dumps({**env, **changes}))
+                bp.env_sealed = secrets.seal(json.dumps(env))
     except IntegrityError:
         raise AlreadyExists(
             f"backup_point_name: tenant {tenant} has a backup point named {name!r} already", field="backup_point_name"

@@ -58,6 +58,8 @@ def url_of(bp: BackupPoint) -> str:
         return where
     if bp.btype == "iscsi":
         return f"iscsi://{bp.ip}/{bp.root_dir}"
+    if bp.btype == "s3":
+        return f"s3://{bp.ip}/{bp.root_dir}" + (f"/{bp.sub_dir}" if bp.sub_dir else "")
     scheme = "smb" if bp.btype == "samba" else bp.btype
     return f"{scheme}://{bp.ip}/{where.lstrip('/')}"
 
