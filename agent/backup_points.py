@@ -237,6 +237,7 @@ class BackupPoint:
             st = store.stats()
             present = "config" in store.list("")
             latency = (time.monotonic() - t0) * 1000
+            facts = store.facts(present)
             if known and not present:
                 raise self._vanished(known)
             if known and present:
@@ -262,6 +263,12 @@ class BackupPoint:
             )
         elif latency > SLOW_MS:
             status, why = "degraded", f"a metadata round trip took {latency:.0f} ms"
+        if not facts.writable:  # restores still work: degraded, not down
+            status = "degraded"
+            why = (
+                "the credentials may read but not write: backups are listed, but backups and "
+                "restores (which write a lock record) are refused"
+            )
         return BackupPointHealth(
             self.uuid,
             s.type,
@@ -274,6 +281,7 @@ class BackupPoint:
             present,
             "",
             why,
+            facts.object_lock,
         )
 
     def reset(self) -> None:
@@ -314,6 +322,7 @@ class BackupPointHealth:
     repository: bool = False
     error_code: str = ""
     error: str = ""
+    object_lock: str = ""  # object stores: off, on, or on with the bucket's default retention
 
 
 class BackupPoints:

@@ -167,6 +167,9 @@ class AgentClient:
     def discover_iscsi(self, request: host_pb2.DiscoverIscsiRequest) -> host_pb2.DiscoverIscsiResponse:
         return self._call(self._host.DiscoverIscsi, request, host_pb2.DiscoverIscsiResponse)
 
+    def discover_s3(self, request: host_pb2.DiscoverS3Request) -> host_pb2.DiscoverS3Response:
+        return self._call(self._host.DiscoverS3, request, host_pb2.DiscoverS3Response)
+
     # ---- pools and volumes ----
 
     def get_pool_status(self, request: volumes_pb2.PoolRef, *, timeout: float | None = None) -> volumes_pb2.PoolStatus:

@@ -60,7 +60,8 @@ class _Formatter(logging.Formatter):
         return self._mask(f"{ts} {record.levelname:<7} {record.name}: {line}")
 
 
-QUIET = ("pyroute2", "asyncio", "urllib3", "hpack", "grpc._cython")
+# (botocore at DEBUG prints every signed request and response body)
+QUIET = ("pyroute2", "asyncio", "urllib3", "hpack", "grpc._cython", "botocore", "boto3", "s3transfer")
 
 
 def setup(level: str = "info", fmt: str = "auto", secrets: list[str] | None = None) -> None:

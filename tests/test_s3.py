@@ -8,14 +8,19 @@ repository."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
 
-from agent.api.v1 import jobs_pb2
+import pytest
+
+from agent.api.v1 import host_pb2, jobs_pb2
+from agent.errors import AuthFailed, InvalidArgument
 
 from support.backups import Bk
 from support.volumes import MiB
@@ -165,3 +170,103 @@ def test_two_agents_race_to_create_one_repository(make_agent, rgw, short_tmp):
             subprocess.run(["qemu-img", "convert", "-O", "raw", bk.head(restored.volume_uuid), str(out)], check=True)
             assert out.read_bytes() == content(4 * MiB, datas[1 - i])
         assert a.stop() == 0
+
+
+def test_s3_health_reports_quota_object_lock_and_read_only_keys(make_agent, rgw, short_tmp):
+    """A bucket quota is the backup point's size (RGW's X-RGW-Quota-*
+    headers) and its bytes used what the gateway counts; object lock and
+    its default retention are reported; keys that may only read make it
+    degraded (backups are listed; backups and restores, which write a
+    lock record, are refused); a wrong secret is
+    auth_failed. The write probe writes nothing."""
+    from agent.api.v1 import backups_pb2
+
+    from support.cli import cli
+
+    quota = 64 * MiB
+    plain, locked = rgw.make_bucket(), rgw.make_bucket(lock=True)
+    rgw.set_quota(plain, quota)
+    rgw.boto().put_object_lock_configuration(
+        Bucket=locked,
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}},
+        },
+    )
+    reader = f"reader-{uuid.uuid4().hex[:6]}"
+    reader_keys = rgw.add_user(reader)
+    rgw.grant_read(plain, reader, short_tmp)
+    bp, ro, lk, bad = (str(uuid.uuid4()) for _ in range(4))
+    a = make_agent(
+        rgw.section(bp, plain, "h")
+        + rgw.section(ro, plain, "h", keys=reader_keys)
+        + rgw.section(lk, locked, "h")
+        + rgw.section(bad, plain, "h", keys=(rgw.access_key, "not-the-secret"))
+    )
+    a.config.chmod(0o600)
+    a.start()
+    data = {0: os.urandom(3 * MiB)}
+    with a.client() as c:
+
+        def check(u):
+            return c.check_backup_point(backups_pb2.BackupPointRef(backup_point_uuid=u))
+
+        bk = Bk(a, c, bp=bp)
+        vol = bk.create(capacity=4 * MiB, name="health").uuid
+        bk.write(vol, data)
+        snap = bk.snap(vol, "s").uuid
+        result = bk.backup(vol, snap)
+        keys = rgw.s3cmd("ls", "--recursive", f"s3://{plain}/h/").stdout
+        st = check(bp)
+        assert (st.status, st.total_bytes, st.object_lock, st.repository) == ("healthy", quota, "off", True), st
+        assert st.used_bytes >= 3 * MiB and st.available_bytes == quota - st.used_bytes, st
+        st = check(lk)
+        assert (st.status, st.object_lock) == ("healthy", "on, GOVERNANCE 1 days by default"), st
+        out = cli(a, "backup-point", "check", lk).stdout
+        assert "object lock on, GOVERNANCE 1 days by default" in out, out
+        st = check(ro)
+        assert st.status == "degraded" and "may read but not write" in st.error, st
+        assert st.object_lock.startswith("unknown"), st
+        assert rgw.s3cmd("ls", "--recursive", f"s3://{plain}/h/").stdout == keys  # the probe wrote nothing
+        listed = c.list_backups(backups_pb2.ListBackupsRequest(backup_point_uuid=ro)).backups
+        assert [x.uuid for x in listed] == [result.backup_uuid]
+        job = c.run(
+            f"backup-{uuid.uuid4()}",
+            backup=jobs_pb2.BackupSpec(
+                backup_point_uuid=ro,
+                pool_uuid=bk.pool,
+                volume_uuid=vol,
+                snapshot_uuid=snap,
+                backup_uuid=str(uuid.uuid4()),
+            ),
+        )
+        assert job.state == jobs_pb2.JOB_STATE_FAILED and job.error.code == "ACCESS_DENIED", job
+        st = check(bad)
+        assert st.status == "auth_failed" and st.error_code == "AUTH_FAILED", st
+        assert "not-the-secret" not in st.error
+        # discovery: the buckets these keys see, as a backup point on them would report
+        env = {**os.environ, "BLOCKFERRY_S3_SECRET": rgw.secret_key}
+        run = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "--socket", str(a.socket), "--json", "s3-discover", rgw.endpoint]
+            + ["--username", rgw.access_key],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        found = {b["name"]: b for b in json.loads(run.stdout)["buckets"]}
+        assert found[plain]["total_bytes"] == str(quota) and found[plain]["object_lock"] == "off", found[plain]
+        assert int(found[plain]["used_bytes"]) >= 3 * MiB
+        assert found[locked]["object_lock"] == "on, GOVERNANCE 1 days by default"
+        assert found[locked]["versioning"] == "Enabled"  # object lock turns it on
+        with pytest.raises(AuthFailed) as e:
+            c.discover_s3(host_pb2.DiscoverS3Request(endpoint=rgw.endpoint, username=rgw.access_key, secret="nope"))
+        assert (
+            f"S3 endpoint {rgw.endpoint}: cannot list the buckets" in e.value.message and "nope" not in e.value.message
+        )
+        with pytest.raises(InvalidArgument) as e:
+            c.discover_s3(host_pb2.DiscoverS3Request(endpoint="ftp://x", username="k", secret="s"))
+        assert e.value.field == "endpoint"
+    assert "not-the-secret" not in a.log_text() and reader_keys[1] not in a.log_text()
+    assert a.stop() == 0

@@ -358,6 +358,33 @@ def cmd_iscsi_discover(client: AgentClient, args) -> int:
     return 0
 
 
+def cmd_s3_discover(client: AgentClient, args) -> int:
+    """The buckets an S3 user's keys list, as the agent's host reaches the
+    gateway. The secret key comes from $BLOCKFERRY_S3_SECRET, never argv."""
+    secret = os.environ.get("BLOCKFERRY_S3_SECRET", "")
+    if not secret:
+        print("blockferry: s3-discover needs the secret key in $BLOCKFERRY_S3_SECRET", file=sys.stderr)
+        return 2
+    r = client.discover_s3(
+        host_pb2.DiscoverS3Request(endpoint=args.endpoint, username=args.username, secret=secret, region=args.region)
+    )
+    if args.json:
+        print(as_json(r))
+        return 0
+    rows = [
+        (
+            b.name,
+            b.error or f"object lock {b.object_lock}",
+            b.versioning or "-",
+            human(b.used_bytes),
+            human(b.total_bytes) if b.total_bytes else "no quota",
+        )
+        for b in r.buckets
+    ]
+    print(refs.table(("bucket", "state", "versioning", "used", "quota"), rows))
+    return 0
+
+
 def cmd_facts(client: AgentClient, args) -> int:
     f = client.host_facts()
     if args.json:
@@ -412,6 +439,12 @@ def parser() -> argparse.ArgumentParser:
     isd.add_argument("ip")
     isd.add_argument("--port", type=int, default=0, help="portal port (0: 3260)")
     isd.add_argument("--username", help="CHAP user")
+    s3d = sub.add_parser(
+        "s3-discover", help="buckets an S3 user sees, with object lock and quota (secret key: $BLOCKFERRY_S3_SECRET)"
+    )
+    s3d.add_argument("endpoint", help="http(s)://host[:port]")
+    s3d.add_argument("--username", required=True, help="the access key")
+    s3d.add_argument("--region", default="", help="default us-east-1")
 
     vol = sub.add_parser("volume", help="volumes of a pool")
     vsub = vol.add_subparsers(dest="volume_cmd", required=True)
@@ -539,6 +572,7 @@ def _main(argv: list[str] | None) -> int:
                 "facts": cmd_facts,
                 "fc-devices": cmd_fc_devices,
                 "iscsi-discover": cmd_iscsi_discover,
+                "s3-discover": cmd_s3_discover,
                 "verify": cmd_verify,
                 "gc": cmd_gc,
             }[args.cmd](client, args)

@@ -253,6 +253,7 @@ def cmd_backup_point(client: AgentClient, args) -> int:
                 f"{st.backup_point_uuid}: {st.status}{why}; {refs.human(st.available_bytes)} free of "
                 f"{refs.human(st.total_bytes)}, {st.latency_ms:.1f} ms; "
                 f"{'a repository' if st.repository else 'no repository yet'}"
+                + (f"; object lock {st.object_lock}" if st.object_lock else "")
             )
         return 0 if st.status in ("healthy", "degraded") else 5
     stats = client.get_repository_stats(backups_pb2.RepositoryStatsRequest(backup_point_uuid=args.backup_point))

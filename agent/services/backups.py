@@ -168,6 +168,7 @@ def _health_pb(h) -> backups_pb2.BackupPointStatus:
         repository=h.repository,
         error_code=h.error_code,
         error=h.error,
+        object_lock=h.object_lock,
     )
 
 

@@ -93,6 +93,25 @@ class HostService(host_pb2_grpc.HostServiceServicer):
             ]
         )
 
+    @rpc
+    def DiscoverS3(self, request, context):
+        from agent.stores.s3 import discover
+
+        buckets = discover(request.endpoint, request.username, request.secret, region=request.region)
+        return host_pb2.DiscoverS3Response(
+            buckets=[
+                host_pb2.DiscoveredBucket(
+                    name=b.name,
+                    object_lock=b.object_lock,
+                    versioning=b.versioning,
+                    used_bytes=b.used_bytes,
+                    total_bytes=b.total_bytes,
+                    error=b.error,
+                )
+                for b in buckets
+            ]
+        )
+
 
 def facts_to_pb(f) -> host_pb2.HostFacts:
     return host_pb2.HostFacts(

@@ -79,6 +79,14 @@ class StoreStats:
     available_bytes: int
 
 
+@dataclass(frozen=True)
+class StoreFacts:
+    """What a health check learns of a store beyond its capacity."""
+
+    writable: bool = True  # False: the credentials may read but not write
+    object_lock: str = ""  # object stores: "off", "on", or "on, GOVERNANCE 30 days by default"
+
+
 class ObjectWriter(ABC):
     """Appends to a new object; commit() makes it durable and visible."""
 
@@ -181,6 +189,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def stats(self) -> StoreStats: ...
+
+    def facts(self, repository: bool) -> StoreFacts:
+        """Write permission and object lock, where the store can tell
+        without writing anything (repository: a repository is there)."""
+        return StoreFacts()
 
     def close(self) -> None:
         """Drop connections or sessions (the store may connect again later)."""

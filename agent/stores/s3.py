@@ -24,23 +24,32 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import (
     AccessDenied,
     AlreadyExists,
+    AuthFailed,
     BlockferryError,
     NoSpace,
     NotFound,
     StorageIOError,
     TargetUnreachable,
 )
-from agent.stores.base import Buffer, ObjectStore, ObjectWriter, StoreStats, check_object_name
+from agent.stores.base import Buffer, ObjectStore, ObjectWriter, StoreFacts, StoreStats, check_object_name
 
 log = logging.getLogger("agent.stores")
 
 MIN_PART = 5 << 20  # S3's smallest part (but the last)
 UNBOUNDED = 1 << 60  # what stats() reports when the gateway sets no quota
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 def _code(e: Exception) -> str:
@@ -49,6 +58,7 @@ def _code(e: Exception) -> str:
 
 class S3Store(ObjectStore):
     concurrent_writers = True
+    noun = "backup point"  # what errors call it
 
     def __init__(
         self,
@@ -115,12 +125,14 @@ class S3Store(ObjectStore):
         """A boto3/botocore error as a store error: names the backup point and
         what was being done, and keeps the gateway's reason."""
         code = _code(e)
-        message = f"backup point {self.label}: {what}: {code or type(e).__name__}"
+        message = f"{self.noun} {self.label}: {what}: {code or type(e).__name__}"
         if code in ("NoSuchKey", "404", "NotFound"):
             return NotFound(message, field="name")
         if code == "NoSuchBucket":
             return TargetUnreachable(f"{message} (bucket {self.bucket})", field="backup_point_uuid")
-        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return AuthFailed(message, field="backup_point_uuid")
+        if code in ("AccessDenied", "403"):
             return AccessDenied(message, field="backup_point_uuid")
         if code in ("QuotaExceeded", "EntityTooLarge"):
             return NoSpace(message, field="backup_point_uuid")
@@ -220,14 +232,64 @@ class S3Store(ObjectStore):
         return not r.get("KeyCount", 0)
 
     def stats(self) -> StoreStats:
-        """Object stores report no capacity through S3: the bucket is
-        reachable (HEAD) and its size unbounded. (A quota RGW enforces is
-        reported by radosgw-admin, not over S3.)"""
+        """The bucket reached (HEAD), its bytes used and, where the gateway
+        reports a quota (RGW's X-RGW-Quota-* headers: the bucket's and the
+        user's size limits), the smaller one as its size. Without a quota
+        the size is unbounded."""
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            r = self.client.head_bucket(Bucket=self.bucket)
         except Exception as e:  # noqa: BLE001
+            if _code(e) == "403":  # HEAD has no body: ask again for the reason
+                self._why_refused(e)
             raise self.error("cannot reach the bucket", e) from None
-        return StoreStats(UNBOUNDED, 0, UNBOUNDED)
+        h = r.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        used = _int(h.get("x-rgw-bytes-used"))
+        quotas = [q for q in (_int(h.get("x-rgw-quota-bucket-size")), _int(h.get("x-rgw-quota-user-size"))) if q > 0]
+        if not quotas:
+            return StoreStats(UNBOUNDED, used, UNBOUNDED)
+        total = min(quotas)
+        return StoreStats(total, used, max(0, total - used))
+
+    def _why_refused(self, e: Exception) -> None:
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+        except Exception as again:  # noqa: BLE001
+            raise self.error("cannot reach the bucket", again) from None
+        raise self.error("cannot reach the bucket", e)
+
+    def facts(self, repository: bool) -> StoreFacts:
+        """Object lock from the bucket's configuration; write permission by
+        a conditional PUT of the repository's config, which exists, so the
+        gateway answers 412 when we may write and 403 when we may not, and
+        nothing is written either way."""
+        try:
+            rule = self.client.get_object_lock_configuration(Bucket=self.bucket)["ObjectLockConfiguration"]
+            lock = "on" if rule.get("ObjectLockEnabled") == "Enabled" else "off"
+            default = rule.get("Rule", {}).get("DefaultRetention", {})
+            if lock == "on" and default:
+                n, unit = (default["Days"], "days") if "Days" in default else (default.get("Years", 0), "years")
+                lock = f"on, {default.get('Mode', '?')} {n} {unit} by default"
+        except Exception as e:  # noqa: BLE001
+            code = _code(e)
+            if code in ("AccessDenied", "403"):
+                lock = "unknown (the keys may not read the bucket's object lock configuration)"
+            elif code in ("ObjectLockConfigurationNotFoundError", "NotImplemented"):
+                lock = "off"
+            else:
+                raise self.error("cannot read the bucket's object lock configuration", e) from None
+        writable = True
+        if repository:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=self.key("config"), Body=b"", IfNoneMatch="*")
+                # the config went away since we looked: take back what the probe made
+                self.client.delete_object(Bucket=self.bucket, Key=self.key("config"))
+            except Exception as e:  # noqa: BLE001
+                code = _code(e)
+                if code in ("AccessDenied", "403"):
+                    writable = False
+                elif code not in ("PreconditionFailed", "412"):
+                    raise self.error("cannot probe write permission", e) from None
+        return StoreFacts(writable=writable, object_lock=lock)
 
     def close(self) -> None:
         c = getattr(self._local, "client", None)
@@ -299,3 +361,71 @@ class _S3Writer(ObjectWriter):
             except Exception:  # noqa: BLE001 - sweep_partial() finds it later
                 log.warning("an incomplete upload stays", extra={"object": self.name})
         self._done = True
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A bucket as discovery sees it."""
+
+    name: str
+    object_lock: str = ""
+    versioning: str = ""
+    used_bytes: int = 0
+    total_bytes: int = 0  # its quota; 0: none reported
+    error: str = ""
+
+
+def discover(
+    endpoint: str, access_key: str, secret_key: str, *, region: str = "", timeout: float = 10.0
+) -> list[Bucket]:
+    """The buckets these keys list, each with its object lock, versioning,
+    bytes used and quota (what a backup point on it would report)."""
+    from agent.errors import InvalidArgument
+    from agent.fields import endpoint_host
+
+    if not endpoint_host(endpoint):
+        raise InvalidArgument(
+            f"endpoint: must be http(s)://host[:port] without path or credentials, not {endpoint!r}", field="endpoint"
+        )
+    if not access_key or not secret_key:
+        raise InvalidArgument("username: needs the access key, and the secret key as secret", field="username")
+
+    def store(bucket: str) -> S3Store:
+        s = S3Store(
+            endpoint,
+            bucket,
+            "",
+            access_key=access_key,
+            secret_key=secret_key,
+            region=region,
+            timeout=timeout,
+            max_attempts=2,
+            label=endpoint + (f" bucket {bucket}" if bucket else ""),
+        )
+        s.noun = "S3 endpoint"
+        return s
+
+    top = store("")
+    try:
+        names = [b["Name"] for b in top.client.list_buckets().get("Buckets", [])]
+    except Exception as e:  # noqa: BLE001
+        raise top.error("cannot list the buckets", e) from None
+    finally:
+        top.close()
+    out = []
+    for name in sorted(names):
+        s = store(name)
+        try:
+            st = s.stats()
+            lock = s.facts(repository=False).object_lock
+            try:
+                versioning = str(s.client.get_bucket_versioning(Bucket=name).get("Status", ""))
+            except Exception:  # noqa: BLE001 - not everyone may read it
+                versioning = "unknown"
+            total = 0 if st.total_bytes == UNBOUNDED else st.total_bytes
+            out.append(Bucket(name, lock, versioning, st.used_bytes, total))
+        except BlockferryError as e:
+            out.append(Bucket(name, error=e.message))
+        finally:
+            s.close()
+    return out

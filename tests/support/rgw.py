@@ -92,16 +92,75 @@ class Rgw:
             ["s3cmd", "-c", str(self.s3cfg), *args], check=check, capture_output=True, text=True, timeout=120
         )
 
-    def make_bucket(self, name: str | None = None) -> str:
+    def make_bucket(self, name: str | None = None, *, lock: bool = False) -> str:
+        """A new bucket; with object lock enabled if lock (s3cmd cannot:
+        the test's own boto3 client makes that one)."""
         name = name or f"bf-{uuid.uuid4().hex[:12]}"
-        self.s3cmd("mb", f"s3://{name}")
+        if lock:
+            self.boto().create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+        else:
+            self.s3cmd("mb", f"s3://{name}")
         return name
 
-    def section(self, bp_uuid: str, bucket: str, prefix: str = "", extra: str = "") -> str:
-        """An agent's [backup_points.<uuid>] for a bucket of this gateway."""
+    def boto(self, access_key: str = "", secret_key: str = ""):
+        """A boto3 client of its own, for what s3cmd cannot do."""
+        import boto3
+        import botocore.config
+
+        cfg = botocore.config.Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=access_key or self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            region_name="us-east-1",
+            config=cfg,
+        )
+
+    def add_user(self, uid: str) -> tuple[str, str]:
+        """Another S3 user, with no bucket of its own; its (access, secret) keys."""
+        access, secret = "BF" + uuid.uuid4().hex[:18].upper(), uuid.uuid4().hex
+        self.admin("user", "create", "--uid", uid, "--display-name", uid, "--access-key", access, "--secret", secret)
+        return access, secret
+
+    def grant_read(self, bucket: str, uid: str, tmp: Path) -> None:
+        """A bucket policy (set with s3cmd) that lets user uid list and read, not write."""
+        import json
+
+        policy = tmp / f"policy-{bucket}.json"
+        arn = f"arn:aws:s3:::{bucket}"
+        policy.write_text(
+            json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"AWS": [f"arn:aws:iam:::user/{uid}"]},
+                            "Action": ["s3:GetObject", "s3:ListBucket"],
+                            "Resource": [arn, f"{arn}/*"],
+                        }
+                    ],
+                }
+            )
+        )
+        self.s3cmd("setpolicy", str(policy), f"s3://{bucket}")
+
+    def set_quota(self, bucket: str, max_size: int) -> None:
+        self.admin("quota", "set", "--quota-scope=bucket", f"--bucket={bucket}", f"--max-size={max_size}")
+        self.admin("quota", "enable", "--quota-scope=bucket", f"--bucket={bucket}")
+
+    def section(self, bp_uuid: str, bucket: str, prefix: str = "", extra: str = "", keys: tuple = ()) -> str:
+        """An agent's [backup_points.<uuid>] for a bucket of this gateway
+        (with the fixture user's keys, or keys=(access, secret))."""
+        access, secret = keys or (self.access_key, self.secret_key)
         return (
             f'[backup_points.{bp_uuid}]\ntype = "s3"\nendpoint = "{self.endpoint}"\nbucket = "{bucket}"\n'
-            f'sub_dir = "{prefix}"\nusername = "{self.access_key}"\nsecret = "{self.secret_key}"\n'
+            f'sub_dir = "{prefix}"\nusername = "{access}"\nsecret = "{secret}"\n'
             f"chunk_size = 1048576\npart_size = 5242880\ntimeout = 10\n{extra}"
         )
 
