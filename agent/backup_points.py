@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from agent.attached import AttachedDefinitions
 from agent.config import BackupPointSection, Config, same_place
 from agent.errors import AuthFailed, BlockferryError, FailedPrecondition, NotFound, TargetUnreachable
+from agent.repo.holds import Lock
 from agent.repo.repository import Repository
 from agent.stores.base import ObjectStore
 from agent.stores.local import LocalStore
@@ -34,6 +35,13 @@ class BackupPoint:
         self._repo: Repository | None = None
         self._store: ObjectStore | None = None
         self._lock = threading.Lock()
+
+    def lock_for(self, until: float = 0) -> Lock | None:
+        """The lock a new backup gets: until the later of `until` (a job's,
+        from a policy's retention) and now + lock_days; None when neither."""
+        s = self.section
+        latest = max(until, time.time() + s.lock_days * 86400 if s.lock_days else 0)
+        return Lock(latest, s.lock_mode) if latest else None
 
     @property
     def label(self) -> str:
@@ -268,6 +276,12 @@ class BackupPoint:
             why = (
                 "the credentials may read but not write: backups are listed, but backups and "
                 "restores (which write a lock record) are refused"
+            )
+        if s.lock_mode != "agent" and not facts.object_lock.startswith(("on", "unknown")):
+            status = "degraded"
+            why = (
+                f"lock_mode {s.lock_mode} needs object lock on the bucket, which is {facts.object_lock}: "
+                "locked backups will fail"
             )
         return BackupPointHealth(
             self.uuid,

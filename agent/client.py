@@ -259,6 +259,9 @@ class AgentClient:
     def delete_backup(self, request: backups_pb2.DeleteBackupRequest) -> backups_pb2.DeleteBackupResponse:
         return self._call(self._backups.DeleteBackup, request, backups_pb2.DeleteBackupResponse)
 
+    def lock_backup(self, request: backups_pb2.LockBackupRequest) -> backups_pb2.Backup:
+        return self._call(self._backups.LockBackup, request, backups_pb2.Backup)
+
     def get_repository_stats(self, request: backups_pb2.RepositoryStatsRequest) -> backups_pb2.RepositoryStats:
         return self._call(self._backups.GetRepositoryStats, request, backups_pb2.RepositoryStats)
 

@@ -265,6 +265,16 @@ class BackupPointSection:
         "Bytes per second shared by the jobs on this backup point (backups, restores, verify); 0 means "
         "unlimited. The host's [jobs] bandwidth_limit still applies; a reload (SIGHUP) changes it.",
     )
+    lock_days: int = option(
+        0,
+        "Lock every new backup for at least this many days: no API deletes or prunes it before then, "
+        "and gc keeps the data it needs (docs/immutable.md). 0: only the locks jobs ask for.",
+    )
+    lock_mode: str = option(
+        "agent",
+        "agent (the agent and the controller enforce locks), or, on s3 with a bucket made with object "
+        "lock, governance or compliance: the gateway holds every object a locked backup needs too.",
+    )
     initialize: bool = option(
         True,
         "Create a repository on first use when the directory is empty (a directory "
@@ -355,6 +365,14 @@ class Config:
                 raise bad(label, "timeout", "must be positive")
             if bp.bandwidth_limit < 0:
                 raise bad(label, "bandwidth_limit", "must not be negative")
+            if not 0 <= bp.lock_days <= 36500:
+                raise bad(label, "lock_days", "must be between 0 and 36500")
+            if bp.lock_mode not in ("agent", "governance", "compliance"):
+                raise bad(label, "lock_mode", f"must be agent, governance or compliance, not {bp.lock_mode!r}")
+            if bp.lock_mode != "agent" and bp.type != "s3":
+                raise bad(
+                    label, "lock_mode", f"{bp.lock_mode} is S3 object lock: a {bp.type} backup point has agent only"
+                )
             if bp.chunk_size < 64 << 10 or bp.chunk_size > 64 << 20 or bp.chunk_size % (64 << 10):
                 raise bad(label, "chunk_size", "must be a multiple of 64 KiB between 64 KiB and 64 MiB")
             if bp.compression not in ("zstd", "none"):

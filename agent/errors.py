@@ -242,6 +242,12 @@ class RestoreTooSmall(BlockferryError):
     code = "RESTORE_TOO_SMALL"
 
 
+class BackupLocked(BlockferryError):
+    """The backup is locked (immutable) until a date: it cannot be deleted or pruned before then."""
+
+    code = "BACKUP_LOCKED"
+
+
 class HypervisorError(BlockferryError):
     """A running VM's hypervisor (its qemu's QMP, or libvirt) refused or failed an operation."""
 
@@ -292,6 +298,7 @@ _TABLE: dict[str, tuple[grpc.StatusCode, int, int, str, str]] = {
     VaultFull.code: (grpc.StatusCode.RESOURCE_EXHAUSTED, 409, 1029, "存储库容量已满", "BackupService.6114"),
     BackupInProgress.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1030, "备份任务进行中", "BackupService.6125"),
     RestoreTooSmall.code: (grpc.StatusCode.FAILED_PRECONDITION, 400, 1031, "目标卷小于备份", "BackupService.2001"),
+    BackupLocked.code: (grpc.StatusCode.FAILED_PRECONDITION, 409, 1038, "备份已锁定", "BackupService.9038"),
     HypervisorError.code: (grpc.StatusCode.UNAVAILABLE, 502, 1033, "虚拟机管理接口出错", "BackupService.9033"),
     OperationLogNotFound.code: (grpc.StatusCode.NOT_FOUND, 404, 1034, "操作日志不存在", "BackupService.6500"),
     ShareExists.code: (grpc.StatusCode.ALREADY_EXISTS, 409, 1035, "备份已共享给该成员", "BackupService.6714"),

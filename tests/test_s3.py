@@ -270,3 +270,73 @@ def test_s3_health_reports_quota_object_lock_and_read_only_keys(make_agent, rgw,
         assert e.value.field == "endpoint"
     assert "not-the-secret" not in a.log_text() and reader_keys[1] not in a.log_text()
     assert a.stop() == 0
+
+
+def test_s3_object_lock_holds_a_locked_backup_at_the_gateway(make_agent, rgw, short_tmp):
+    """lock_mode compliance on a bucket with object lock: every object a
+    locked backup needs carries the gateway's retention, so the gateway
+    itself refuses to delete their versions (an independent client tries);
+    the agent refuses first and says until when; a lock is extended on the
+    objects too; when it ends the backup is deleted and gc takes every
+    version. A bucket without object lock makes such a backup point
+    degraded."""
+    from botocore.exceptions import ClientError
+
+    from agent.api.v1 import backups_pb2
+    from agent.errors import BackupLocked
+
+    locked, plain = rgw.make_bucket(lock=True), rgw.make_bucket()
+    bp, nolock = str(uuid.uuid4()), str(uuid.uuid4())
+    mode = 'lock_mode = "compliance"\n'
+    a = make_agent(rgw.section(bp, locked, "h", extra=mode) + rgw.section(nolock, plain, "h", extra=mode))
+    a.config.chmod(0o600)
+    a.start()
+    s3 = rgw.boto()
+    data = {0: os.urandom(3 * MiB)}
+    with a.client() as c:
+        bk = Bk(a, c, bp=bp)
+        vol = bk.create(capacity=4 * MiB, name="held").uuid
+        bk.write(vol, data)
+        snap = bk.snap(vol, "s").uuid
+        until = time.time() + 15
+        r = bk.backup(vol, snap, lock_until=until)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=locked, Prefix="h/")["Contents"]]
+        needed = [k for k in keys if k.startswith(("h/packs/", "h/manifests/", "h/blocks/", "h/holds/"))]
+        assert f"h/manifests/{r.backup_uuid}" in needed and any(k.endswith(".idx") for k in needed), keys
+        for k in needed:
+            ret = s3.get_object_retention(Bucket=locked, Key=k)["Retention"]
+            assert ret["Mode"] == "COMPLIANCE" and ret["RetainUntilDate"].timestamp() >= int(until), (k, ret)
+        with pytest.raises(BackupLocked) as e:
+            bk.delete(r.backup_uuid)
+        assert "compliance lock" in e.value.message
+        # the gateway itself: no version of the manifest can be deleted
+        manifest = f"h/manifests/{r.backup_uuid}"
+        version = s3.list_object_versions(Bucket=locked, Prefix=manifest)["Versions"][0]["VersionId"]
+        with pytest.raises(ClientError) as refused:
+            s3.delete_object(Bucket=locked, Key=manifest, VersionId=version)
+        assert refused.value.response["Error"]["Code"] == "AccessDenied"
+        assert rgw.get(locked, manifest, short_tmp / "m") == s3.get_object(Bucket=locked, Key=manifest)["Body"].read()
+        # extended: on the objects too
+        until += 3
+        b = c.lock_backup(
+            backups_pb2.LockBackupRequest(backup_point_uuid=bp, backup_uuid=r.backup_uuid, until=int(until))
+        )
+        assert (int(b.locked_until), b.lock_mode) == (int(until), "compliance")
+        ret = s3.get_object_retention(Bucket=locked, Key=manifest)["Retention"]
+        assert ret["RetainUntilDate"].timestamp() >= int(until)
+        g = bk.gc()
+        assert g.packs_locked == 1 and g.packs_deleted == 0, g
+        restored = bk.restore(r.backup_uuid).volume_uuid
+        assert bk.digest(restored) == bk.digest(vol, snap) == r.image_digest
+        # a backup point asking for object lock on a bucket without it
+        st = c.check_backup_point(backups_pb2.BackupPointRef(backup_point_uuid=nolock))
+        assert st.status == "degraded" and "needs object lock" in st.error, st
+        # the date passes: deleted, and gc leaves no version behind
+        time.sleep(max(0.0, until - time.time()) + 1.5)
+        bk.delete(r.backup_uuid)
+        g = bk.gc()
+        assert g.packs_deleted == 1, g
+        left = s3.list_object_versions(Bucket=locked, Prefix="h/")
+        kept = [v["Key"] for v in left.get("Versions", []) + left.get("DeleteMarkers", [])]
+        assert not [k for k in kept if k.startswith(("h/packs/", "h/manifests/", "h/blocks/", "h/holds/"))], kept
+    assert a.stop() == 0

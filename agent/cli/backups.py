@@ -51,6 +51,7 @@ def cmd_backup(client: AgentClient, args) -> int:
         description=args.desc,
         full=args.full,
         parent_backup_uuid=args.parent or "",
+        lock_until=int(time.time() + args.lock_days * 86400) if args.lock_days else 0,
     )
     client.submit(job_id, backup=spec)
     job = follow(client, job_id, args.json)
@@ -202,10 +203,26 @@ def cmd_backups(client: AgentClient, args) -> int:
             ("size", f"{refs.human(b.size)} ({refs.human(b.data_bytes)} data)"),
             ("image digest", b.image_digest),
             ("consistency", b.consistency or "-"),
+            ("locked until", f"{refs.when(b.locked_until)} ({b.lock_mode})" if b.locked_until else "-"),
             ("description", b.description or "-"),
             ("format", f"{b.format_version} (agent {b.agent_version}, chunks of {refs.human(b.chunk_size)})"),
         ]
         print(refs.table(("field", "value"), rows))
+        return 0
+    if args.backups_cmd == "delete":
+        client.delete_backup(
+            backups_pb2.DeleteBackupRequest(backup_point_uuid=args.backup_point, backup_uuid=args.backup)
+        )
+        print(f"backup {args.backup} deleted (its space comes back at the next gc)")
+        return 0
+    if args.backups_cmd == "lock":
+        until = args.until if args.until else time.time() + args.days * 86400
+        b = client.lock_backup(
+            backups_pb2.LockBackupRequest(
+                backup_point_uuid=args.backup_point, backup_uuid=args.backup, until=int(until)
+            )
+        )
+        print(as_json(b) if args.json else f"backup {b.uuid} locked until {refs.when(b.locked_until)} ({b.lock_mode})")
         return 0
     req = backups_pb2.ListBackupsRequest(
         backup_point_uuid=args.backup_point,
@@ -283,6 +300,13 @@ def add_parsers(sub) -> None:
     b.add_argument("--desc", default="")
     b.add_argument("--full", action="store_true", help="read every chunk, even when a parent backup exists")
     b.add_argument("--parent", help="incremental from this backup (default: the volume's latest one here)")
+    b.add_argument(
+        "--lock-days",
+        type=float,
+        default=0,
+        metavar="DAYS",
+        help="lock the backup this long: nothing deletes it before (the backup point's lock_days may add)",
+    )
     b.add_argument("--job-id")
 
     r = sub.add_parser("restore", help="restore a backup into a new volume, or in place (a job)")
@@ -306,7 +330,9 @@ def add_parsers(sub) -> None:
     )
     r.add_argument("--job-id")
 
-    bs = sub.add_parser("backups", help="the backups of a backup point: list, show, export, mount, files, extract")
+    bs = sub.add_parser(
+        "backups", help="the backups of a backup point: list, show, delete, lock, export, mount, files, extract"
+    )
     bsub = bs.add_subparsers(dest="backups_cmd", required=True)
     bl = bsub.add_parser("list")
     bl.add_argument("backup_point", metavar="BACKUP_POINT")
@@ -320,6 +346,15 @@ def add_parsers(sub) -> None:
     be.add_argument("backup_point", metavar="BACKUP_POINT")
     be.add_argument("backup", metavar="BACKUP")
     be.add_argument("--lease", type=int, default=3600, metavar="SECONDS", help="it ends after this (default 1 h)")
+    bd = bsub.add_parser("delete", help="delete a backup (refused while it is locked)")
+    bd.add_argument("backup_point", metavar="BACKUP_POINT")
+    bd.add_argument("backup", metavar="BACKUP")
+    bk = bsub.add_parser("lock", help="lock a backup until a time, or extend its lock (never shortened)")
+    bk.add_argument("backup_point", metavar="BACKUP_POINT")
+    bk.add_argument("backup", metavar="BACKUP")
+    when = bk.add_mutually_exclusive_group(required=True)
+    when.add_argument("--days", type=float, help="from now")
+    when.add_argument("--until", type=float, help="unix seconds")
     bsub.add_parser("unexport", help="end an export").add_argument("export_id", metavar="EXPORT")
     bsub.add_parser("exports", help="the exports this agent serves")
     files.add_parsers(bsub)

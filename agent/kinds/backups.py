@@ -45,6 +45,7 @@ class BackupSpec:
     parent_backup_uuid: str = ""  # "": the volume's latest backup on this point, if any
     full: bool = False  # read everything even when a parent exists (full_backup_interval)
     bandwidth_limit: int = 0  # bytes per second for this job alone (a policy's limit); 0: none
+    lock_until: int = 0  # unix seconds: locked until then at least (a policy's retention); 0: lock_days only
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class BackupKind(JobKind):
             description=spec.description,
             tenant=spec.tenant,
             ctx=ctx,
+            lock=self.points.get(spec.backup_point_uuid).lock_for(spec.lock_until),
         )
         return result_of(m, pool.snapshot_info(spec.volume_uuid, spec.snapshot_uuid).consistency)
 

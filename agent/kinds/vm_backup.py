@@ -253,6 +253,7 @@ class VmBackupKind(JobKind):
                         description=spec.description,
                         tenant=spec.tenant,
                         ctx=ctx,
+                        lock=self.points.get(spec.backup_point_uuid).lock_for(),
                     )
                     results.append(result_of(m, fr.consistency))
         finally:

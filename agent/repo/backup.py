@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from agent import __version__, native
 from agent.errors import FailedPrecondition, NotFound, TrackingLost
 from agent.extents import Extent
+from agent.repo import holds
 from agent.repo.format import (
     BLOCK_SIZE,
     ZERO,
@@ -77,7 +78,10 @@ def backup(
     description: str = "",
     tenant: str = "",
     ctx=None,
+    lock: holds.Lock | None = None,
 ) -> Manifest:
+    """lock: the new backup is locked (agent/repo/holds.py) before its
+    manifest is published, so it is never listed unlocked."""
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
@@ -110,6 +114,7 @@ def backup(
                     tenant,
                     ctx,
                     written,
+                    lock,
                 )
     except BaseException:
         reclaim(repo, written, owner=backup_id)  # what it committed goes now, not at the next GC
@@ -198,6 +203,7 @@ def _backup(
     tenant,
     ctx,
     written: set[str],
+    lock: holds.Lock | None,
 ) -> Manifest:
     cs = repo.chunk_size
     size = reader.size()
@@ -338,7 +344,12 @@ def _backup(
             vm=_vm_record(info),
         )
         _commit_data(repo, blocks)
+        if lock is not None:
+            repo.flush()  # its packs are committed and indexed: their retention can be set
+            holds.prepare(repo, m, lock)
         repo.publish_manifest(m)
+        if lock is not None:
+            holds.seal(repo, m, lock)
     except BaseException:
         blocks.abort()
         repo.settle()  # the packs committing in the background end first: backup() reclaims them

@@ -11,7 +11,12 @@ operation refreshes its index after taking its lock. Under the lock GC:
 3. deletes packs with no referenced chunk (index first, then the pack);
 4. rewrites packs whose referenced part is below REPACK_BELOW of their size:
    the live records are copied as they are into a new pack, which is
-   committed with its index before the old index and pack are deleted.
+   committed with its index before the old index and pack are deleted;
+5. removes the ended locks of deleted backups, and on S3 the older
+   versions and delete markers whose retention ended.
+
+A pack that holds a chunk of a locked backup (agent/repo/holds.py) is
+never deleted or rewritten while the lock lasts.
 
 A crash at any step leaves either the old or the new copy of every live
 chunk listed in an index.
@@ -24,10 +29,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
 from agent.errors import BlockferryError, NotFound
+from agent.repo import holds
 from agent.repo.format import ZERO
 from agent.repo.repository import Repository
 
@@ -42,6 +49,8 @@ class GcResult:
     chunks_removed: int
     bytes_freed: int
     partial_removed: int
+    packs_locked: int = 0
+    versions_purged: int = 0
 
 
 def gc(repo: Repository, *, ctx=None, lock_timeout: float = 0.0) -> GcResult:
@@ -58,6 +67,8 @@ def _gc(repo: Repository, ctx) -> GcResult:
     ctx.progress(0, 0, "scanning")
     manifests = repo.manifests()
     live = {bytes.fromhex(c) for m in manifests for c in m.chunks if c != ZERO}
+    now = time.time()
+    pinned = holds.pinned_packs(repo, holds.all_locks(repo), manifests, now)
     repo.flush()  # records of a failed backup in this process: committed, then judged like any other
     partial = sum(store.sweep_partial(prefix) for prefix in ("packs", "blocks", "manifests"))
     ids = {m.backup_id for m in manifests}
@@ -69,11 +80,15 @@ def _gc(repo: Repository, ctx) -> GcResult:
         if not name.endswith(".idx") and f"{name}.idx" not in names:
             log.info("removing a pack without an index", extra={"pack": name})
             store.delete(name)
-    deleted = rewritten = removed = freed = 0
+    deleted = rewritten = removed = freed = locked = 0
     packs = sorted(n[:-4] for n in names if n.endswith(".idx"))
     ctx.progress(0, len(packs), "collecting")
     for k, pack in enumerate(packs):
         ctx.checkpoint()
+        if pack in pinned:
+            locked += 1
+            ctx.progress(k + 1)
+            continue
         entries = repo._read_index(pack)
         keep = {cid: loc for cid, loc in entries.items() if cid in live}
         size = store.size(pack)
@@ -100,8 +115,10 @@ def _gc(repo: Repository, ctx) -> GcResult:
             removed += len(entries) - len(keep)
             freed += size - kept
         ctx.progress(k + 1)
+    holds.sweep(repo, ids, now)
+    purged = sum(store.purge(prefix) for prefix in ("packs", "blocks", "manifests", holds.PREFIX))
     repo.refresh()
-    result = GcResult(deleted, rewritten, removed, freed, partial)
+    result = GcResult(deleted, rewritten, removed, freed, partial, locked, purged)
     log.info("garbage collected", extra=result.__dict__)
     return result
 

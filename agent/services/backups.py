@@ -1,18 +1,22 @@
 from __future__ import annotations
 
+import time
+
 from agent.api.v1 import backups_pb2, backups_pb2_grpc
 from agent.backup_points import BackupPoints
 from agent.errors import FailedPrecondition
 from agent.exports import Exports
 from agent.jobs.engine import JobEngine
 from agent.kinds.backups import backup_point_resource
+from agent.repo import holds
 from agent.repo.catalog import BackupFilter, list_backups
 from agent.repo.format import Manifest
 from agent.services.common import Auth, exclusive, rpc
 from agent.volumes.base import check_uuid
 
 
-def backup_to_pb(bp_uuid: str, m: Manifest) -> backups_pb2.Backup:
+def backup_to_pb(bp_uuid: str, m: Manifest, lock: holds.Lock | None = None) -> backups_pb2.Backup:
+    locked = lock is not None and lock.until > time.time()
     return backups_pb2.Backup(
         uuid=m.backup_id,
         backup_point_uuid=bp_uuid,
@@ -35,6 +39,8 @@ def backup_to_pb(bp_uuid: str, m: Manifest) -> backups_pb2.Backup:
         mode_reason=m.mode_reason,
         consistency=m.vm.consistency if m.vm else "",
         vm_definition=m.vm.definition if m.vm else "",
+        locked_until=lock.until if locked else 0,
+        lock_mode=lock.mode if locked else "",
     )
 
 
@@ -76,14 +82,18 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
             created_after=request.created_after,
             created_before=request.created_before,
         )
+        locks = holds.all_locks(repo)
         return backups_pb2.ListBackupsResponse(
-            backups=[backup_to_pb(request.backup_point_uuid, m) for m in list_backups(repo, flt)]
+            backups=[
+                backup_to_pb(request.backup_point_uuid, m, locks.get(m.backup_id)) for m in list_backups(repo, flt)
+            ]
         )
 
     @rpc
     def GetBackup(self, request, context):
         repo = self.points.get(request.backup_point_uuid).repository()
-        return backup_to_pb(request.backup_point_uuid, repo.manifest(check_uuid(request.backup_uuid, "backup_uuid")))
+        m = repo.manifest(check_uuid(request.backup_uuid, "backup_uuid"))
+        return backup_to_pb(request.backup_point_uuid, m, holds.lock_of(repo, m.backup_id))
 
     @rpc
     def DeleteBackup(self, request, context):
@@ -92,8 +102,17 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
         # not while a verify of this backup runs, nor while a gc job runs here
         with exclusive(self.engine.locks, f"{backup_point_resource(request.backup_point_uuid)}/{bid}"):
             with repo.shared("delete", timeout=0):
+                holds.check_delete(repo, bid)
                 repo.delete_backup(bid)
         return backups_pb2.DeleteBackupResponse()
+
+    @rpc
+    def LockBackup(self, request, context):
+        repo = self.points.get(request.backup_point_uuid).repository()
+        bid = check_uuid(request.backup_uuid, "backup_uuid")
+        with repo.shared("lock", timeout=0):  # not while a gc runs
+            lock = holds.extend(repo, bid, float(request.until))
+            return backup_to_pb(request.backup_point_uuid, repo.manifest(bid), lock)
 
     @rpc
     def GetRepositoryStats(self, request, context):

@@ -19,6 +19,7 @@ from agent.errors import (
     AccessDenied,
     AlreadyExists,
     BlockferryError,
+    FailedPrecondition,
     InvalidArgument,
     NoSpace,
     NotFound,
@@ -189,6 +190,21 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def stats(self) -> StoreStats: ...
+
+    def retain(self, name: str, until: float, mode: str) -> None:
+        """Keep an object from deletion until a date by the store's own
+        retention (S3 object lock: mode "governance" or "compliance");
+        never shortens one. Stores without retention refuse."""
+        raise FailedPrecondition(
+            f"lock_mode {mode}: this backup point type has no object lock (only s3 has); use lock_mode agent",
+            field="lock_mode",
+        )
+
+    def purge(self, prefix: str) -> int:
+        """Remove what a delete left behind under a prefix and still uses
+        space (an S3 bucket's older versions and delete markers whose
+        retention ended); returns how many. Most stores leave nothing."""
+        return 0
 
     def facts(self, repository: bool) -> StoreFacts:
         """Write permission and object lock, where the store can tell

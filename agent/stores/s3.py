@@ -23,8 +23,10 @@ them (../shared/notes/facts.md, "Ceph RGW").
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from agent.errors import (
@@ -32,6 +34,7 @@ from agent.errors import (
     AlreadyExists,
     AuthFailed,
     BlockferryError,
+    FailedPrecondition,
     NoSpace,
     NotFound,
     StorageIOError,
@@ -201,11 +204,106 @@ class S3Store(ObjectStore):
         return sorted(out)
 
     def delete(self, name: str) -> None:
+        """Gone for every reader at once; on a versioned bucket (object lock
+        turns versioning on) the versions are removed too, to give the
+        space back, except those a retention still holds: gc's purge()
+        takes them when it ends."""
+        key = self.key(name)
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
+            self.client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as e:  # noqa: BLE001
             if _code(e) not in ("NoSuchKey", "404"):
                 raise self.error(f"cannot delete {name}", e) from None
+        if self._versioned():
+            self._drop_versions(key, keep_latest=False)
+
+    def _versioned(self) -> bool:
+        v = getattr(self, "_versioning", None)
+        if v is None:
+            try:
+                v = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status", "") in ("Enabled", "Suspended")
+            except Exception as e:  # noqa: BLE001
+                raise self.error("cannot read the bucket's versioning", e) from None
+            self._versioning = v
+        return v
+
+    def _drop_versions(self, key: str, *, keep_latest: bool) -> int:
+        """Delete a key's versions (all, or all but a latest object
+        version), then its delete markers once no version is left under
+        them (removing a marker over a kept version would bring it back).
+        A version under retention is skipped."""
+        try:
+            r = self.client.list_object_versions(Bucket=self.bucket, Prefix=key)
+        except Exception as e:  # noqa: BLE001
+            raise self.error(f"cannot list the versions of {key}", e) from None
+        versions = [v for v in r.get("Versions", []) if v["Key"] == key]
+        markers = [m for m in r.get("DeleteMarkers", []) if m["Key"] == key]
+        n = left = 0
+        for v in versions:
+            if keep_latest and v.get("IsLatest"):
+                left += 1
+                continue
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key, VersionId=v["VersionId"])
+                n += 1
+            except Exception as e:  # noqa: BLE001
+                if _code(e) not in ("AccessDenied", "403"):  # held by a retention: later
+                    raise self.error(f"cannot delete a version of {key}", e) from None
+                left += 1
+        if not left:
+            for m in markers:
+                self.client.delete_object(Bucket=self.bucket, Key=key, VersionId=m["VersionId"])
+                n += 1
+        return n
+
+    def purge(self, prefix: str) -> int:
+        """The older versions and delete markers directly under a prefix
+        whose retention ended (what delete() could not remove yet)."""
+        if not self._versioned():
+            return 0
+        full = self.key(prefix.strip("/")) + "/"
+        keys = set()
+        try:
+            pages = self.client.get_paginator("list_object_versions").paginate(
+                Bucket=self.bucket, Prefix=full, Delimiter="/"
+            )
+            for page in pages:
+                keys.update(v["Key"] for v in page.get("Versions", []) if not v.get("IsLatest"))
+                keys.update(m["Key"] for m in page.get("DeleteMarkers", []))
+        except Exception as e:  # noqa: BLE001
+            raise self.error(f"cannot list the versions under {prefix}", e) from None
+        return sum(self._drop_versions(k, keep_latest=True) for k in sorted(keys))
+
+    def retain(self, name: str, until: float, mode: str) -> None:
+        """The gateway's retention on the object's current version until a
+        date (never shortened: a later one is kept)."""
+        key = self.key(name)
+        when = datetime.fromtimestamp(math.ceil(until), UTC)
+        try:
+            cur = self.client.get_object_retention(Bucket=self.bucket, Key=key).get("Retention", {})
+            if cur.get("RetainUntilDate") and cur["RetainUntilDate"] >= when:
+                return
+        except Exception as e:  # noqa: BLE001
+            code = _code(e)
+            if code == "InvalidRequest":
+                raise self._no_lock(mode) from None
+            if code not in ("NoSuchObjectLockConfiguration", "ObjectLockConfigurationNotFoundError"):
+                raise self.error(f"cannot read the retention of {name}", e) from None
+        try:
+            self.client.put_object_retention(
+                Bucket=self.bucket, Key=key, Retention={"Mode": mode.upper(), "RetainUntilDate": when}
+            )
+        except Exception as e:  # noqa: BLE001
+            if _code(e) == "InvalidRequest":
+                raise self._no_lock(mode) from None
+            raise self.error(f"cannot lock {name} until {when:%Y-%m-%dT%H:%M:%SZ} ({mode})", e) from None
+
+    def _no_lock(self, mode: str) -> BlockferryError:
+        return FailedPrecondition(
+            f"{self.noun} {self.label}: lock_mode {mode} needs object lock on bucket {self.bucket}, "
+            "which it has not (object lock can only be turned on when a bucket is created)",
+            field="lock_mode",
+        )
 
     def sweep_partial(self, prefix: str) -> int:
         """Abort the incomplete multipart uploads under a prefix."""

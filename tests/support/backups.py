@@ -45,7 +45,9 @@ class Bk(Vol):
         super().__init__(agent, client)
         self.bp = bp
 
-    def backup(self, vol, snap, *, pool=None, full=False, parent="", name="", description="", job_id=None):
+    def backup(
+        self, vol, snap, *, pool=None, full=False, parent="", name="", description="", job_id=None, lock_until=0
+    ):
         bid = new_id()
         job = self.c.run(
             job_id or f"backup-{bid}",
@@ -59,6 +61,7 @@ class Bk(Vol):
                 description=description,
                 parent_backup_uuid=parent,
                 full=full,
+                lock_until=int(lock_until),
             ),
         )
         assert job.state == OK, job.error
