@@ -366,6 +366,14 @@ class BackupPoints:
     def all(self) -> list[BackupPoint]:
         return list(self._points.values())
 
+    def relock(self, uuid: str, lock_days: int, lock_mode: str) -> None:
+        """How a backup point locks new backups, changed at run time (a
+        reload): the next backup follows it."""
+        with self._lock:
+            bp = self._points.get(uuid)
+            if bp is not None:
+                bp.section = dataclasses.replace(bp.section, lock_days=lock_days, lock_mode=lock_mode)
+
     def attach(self, uuid: str, section: BackupPointSection) -> BackupPoint:
         """Serve a backup point from now on (idempotent for the same
         definition; a new definition of an attached one replaces it). Its

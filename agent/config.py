@@ -615,14 +615,19 @@ RELOADABLE = {"agent.log_level", "agent.log_format", "jobs.bandwidth_limit"}
 def same_place(a: BackupPointSection, b: BackupPointSection) -> bool:
     """Whether two definitions of a backup point reach the same repository
     the same way: they differ at most in what changes at run time (the
-    bandwidth limit), which neither a reload nor a seed 000 update treats
-    as a new backup point."""
-    return dataclasses.replace(a, bandwidth_limit=0) == dataclasses.replace(b, bandwidth_limit=0)
+    bandwidth limit, how new backups are locked), which neither a reload
+    nor a seed 000 update treats as a new backup point."""
+
+    def place(s: BackupPointSection) -> BackupPointSection:
+        return dataclasses.replace(s, bandwidth_limit=0, lock_days=0, lock_mode="agent")
+
+    return place(a) == place(b)
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
     """The keys whose change a reload does not apply (they need a restart):
-    everything but RELOADABLE and each backup point's bandwidth_limit."""
+    everything but RELOADABLE and each backup point's bandwidth_limit,
+    lock_days and lock_mode."""
     changed = []
     for name, section in old.sections().items():
         other = new.sections()[name]

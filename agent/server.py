@@ -224,7 +224,8 @@ class Agent:
     def reload(self, engine, points) -> None:
         """SIGHUP (systemctl reload): read the config again and apply what
         applies at run time: the log level and format, the host's bandwidth
-        limit and each backup point's (running jobs follow at once). Other
+        limit and each backup point's (running jobs follow at once), and
+        how each backup point locks new backups. Other
         changes are named in the log: they take effect at the next restart.
         A config that does not load is refused and the running one kept."""
         systemd.notify("RELOADING=1")
@@ -239,6 +240,7 @@ class Agent:
         for uuid, section in new.backup_points.items():
             if uuid in self.cfg.backup_points:
                 engine.limits.set(f"backup_point:{uuid}", section.bandwidth_limit)
+                points.relock(uuid, section.lock_days, section.lock_mode)
         later = config.restart_needed(self.cfg, new)
         if later:
             log.warning("config changes that need a restart", extra={"keys": ",".join(later)})

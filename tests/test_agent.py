@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent import native
-from agent.api.v1 import jobs_pb2
+from agent.api.v1 import backups_pb2, jobs_pb2
 
 from support.agents import sparse_image
 from support.volumes import rpc_error
@@ -442,7 +442,8 @@ def test_bandwidth_limits_per_backup_point_and_job_and_reload(make_agent):
         job, rates = _rates(c, f"b-{bid}")
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and max(rates) < 3 * MiB, rates
         # reload: the host's limit becomes 2 MiB/s, the backup point's is lifted; max_concurrent needs a restart
-        text = a.config.read_text().replace(f"bandwidth_limit = {4 * MiB}", "bandwidth_limit = 0")
+        # ... and bp2 locks new backups for a day from now on
+        text = a.config.read_text().replace(f"bandwidth_limit = {4 * MiB}", "bandwidth_limit = 0\nlock_days = 1")
         a.config.write_text(text + f"[jobs]\nbandwidth_limit = {2 * MiB}\nmax_concurrent = 3\n")
         a.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
@@ -455,6 +456,12 @@ def test_bandwidth_limits_per_backup_point_and_job_and_reload(make_agent):
         c.submit_checksum("after-reload", str(img))
         job, rates = _rates(c, "after-reload")
         assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED and max(rates) < 3 * MiB, rates
+        assert "backup_points." not in a.log_text().split("need a restart")[-1].split("\n")[0]
+        spec.backup_uuid, spec.full, spec.bandwidth_limit = str(uuid.uuid4()), False, 0  # nothing changed: quick
+        job = c.run(f"b-{spec.backup_uuid}", backup=spec)
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+        got = c.get_backup(backups_pb2.GetBackupRequest(backup_point_uuid=bp2, backup_uuid=spec.backup_uuid))
+        assert abs(got.locked_until - time.time() - 86400) < 60, got
         # a config that does not load is refused; the running one stays
         a.config.write_text(text + "[jobs]\nbandwidth_limit = -1\n")
         a.proc.send_signal(signal.SIGHUP)

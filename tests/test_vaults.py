@@ -43,7 +43,7 @@ def cbr_error(r: httpx.Response, status: int, code: str, field: str = "") -> dic
     return body
 
 
-def make_env(c, a, host) -> dict:
+def make_env(c, a, host, bp_env: dict | None = None) -> dict:
     """A directory pool, two volumes and a local backup point of the seeds' tenant."""
     cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
     tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
@@ -85,7 +85,7 @@ def make_env(c, a, host) -> dict:
                     cluster_uuid=cluster_uuid,
                     root_dir=str(a.roots[0] / "backups"),
                     sub_dir="v1",
-                    env={"chunk_size": 1 << 20},
+                    env={"chunk_size": 1 << 20, **(bp_env or {})},
                 ),
             )
         )["uuid"]
@@ -863,3 +863,59 @@ def test_a_server_vault_backs_up_a_libvirt_vm_live_as_one_set(cluster, libvirtd,
             assert modes == [["full", "full"], ["incremental", "incremental"]]
     finally:
         libvirtd.clear()
+
+
+def test_a_locked_backup_point_keeps_backups_through_deletes_and_retention(cluster):  # noqa: F811
+    """A backup point with env lock_days (docs/immutable.md): every checkpoint's
+    backup is locked; retention that would prune one keeps it (kept_by_lock,
+    not a failure); the /v3 and seed 001 deletes are refused naming the date;
+    lock_mode compliance is refused for a local backup point, naming the key."""
+    from support.controller import wait_task
+
+    c, a, host = cluster
+    env = make_env(c, a, host, bp_env={"lock_days": 1})
+    t = env["tenant"]
+    v3 = f"/v3/{t}"
+    policy = copy.deepcopy(POLICY)
+    policy["policy"]["operation_definition"] = {"max_backups": 1}
+    with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op, c.client("op") as op1:
+        bad = dict(seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=t, btype="local")
+        bad.update(
+            cluster_uuid=env["cluster"], root_dir=str(a.roots[0] / "x"), sub_dir="", env={"lock_mode": "compliance"}
+        )
+        r = op1.post("/v1/volume/internal/backuppoint/add", json=bad)
+        assert r.status_code == 400 and "env.lock_mode" in r.json()["message"], r.text
+        pol = op.post(f"{v3}/policies", json=policy).json()["policy"]
+        vault = op.post(
+            f"{v3}/vaults", json=vault_body(env, resources=env["vols"][:1], backup_policy_id=pol["id"])
+        ).json()["vault"]
+        for _ in range(2):
+            r = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vault["id"], "parameters": {}}})
+            assert r.status_code == 200, r.text
+            cp = r.json()["checkpoint"]
+            for x in cp["vault"]["resources"]:
+                assert wait_task(op1, x["task_id"])["status"] == "success"
+            wait_for(lambda: op.get(f"{v3}/checkpoints/{cp['id']}").json()["checkpoint"]["status"] != "protecting")
+        # max_backups 1 would prune the first backup; its lock keeps it, and the run is no failure
+        backups = op.get(f"{v3}/backups", params={"vault_id": vault["id"]}).json()["backups"]
+        assert len(backups) == 2, backups
+        tasks = check_ok(op1.get("/v1/tasks", params={"operation_type": "delete"}))["tasks"]
+        pruning = [x for x in tasks if x["result"] and "OpExtendInfoDelete" in x["result"]]
+        assert [x["status"] for x in pruning] == ["success"], tasks
+        info = pruning[0]["result"]["OpExtendInfoDelete"]
+        assert (info["kept_by_lock"], info["deleted"], info["failed"]) == (1, 0, 0), info
+        oldest = min(backups, key=lambda b: b["created_at"])["id"]
+        r = op.delete(f"{v3}/backups/{oldest}")
+        body = cbr_error(r, 409, "BackupService.9038", "locked until")
+        assert "BACKUP_LOCKED" in body["error_msg"], body
+        with c.client("op") as op0:
+            r = op0.post(
+                "/v1/volume/share/backup/delete",
+                json=dict(
+                    seed_example("001", "/v1/volume/share/backup/delete"),
+                    cluster_uuid=env["cluster"],
+                    backup_uuid=oldest,
+                ),
+            )
+        assert r.status_code == 409 and "locked until" in r.json()["message"], r.text
+        assert len(op.get(f"{v3}/backups", params={"vault_id": vault["id"]}).json()["backups"]) == 2

@@ -68,9 +68,24 @@ class AgentClients:
             self._clients.clear()
 
 
+def backup_point_env(bp: BackupPoint, secrets) -> dict:
+    """A seed 000 backup point's env, unsealed (it holds its secrets)."""
+    return json.loads(secrets.open(bp.env_sealed)) if bp.env_sealed else {}
+
+
+def lock_until(bp: BackupPoint | None, secrets, retention_days: int, now: float) -> int:
+    """When a policy's backup on a backup point with lock_days should be
+    locked until: as long as the policy keeps it (its retention days),
+    the agent adding lock_days as a floor; 0 when the backup point locks
+    nothing or the policy keeps by count only (lock_days alone then)."""
+    if bp is None or retention_days <= 0 or not int(backup_point_env(bp, secrets).get("lock_days", 0)):
+        return 0
+    return int(now + retention_days * 86400)
+
+
 def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPointRequest:
     """The agent-side definition of a seed 000 backup point."""
-    env = json.loads(secrets.open(bp.env_sealed)) if bp.env_sealed else {}
+    env = backup_point_env(bp, secrets)
     req = backups_pb2.AttachBackupPointRequest(
         backup_point_uuid=bp.uuid,
         type=bp.btype,
@@ -85,6 +100,8 @@ def backup_point_request(bp: BackupPoint, secrets) -> backups_pb2.AttachBackupPo
         chunk_size=int(env.get("chunk_size", 0)),
         compression=str(env.get("compression", "")),
         bandwidth_limit=int(env.get("bandwidth_limit", 0)),
+        lock_days=int(env.get("lock_days", 0)),
+        lock_mode=str(env.get("lock_mode", "")),
     )
     sub = bp.sub_dir
     if bp.btype == "local":

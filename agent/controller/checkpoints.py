@@ -31,11 +31,13 @@ from sqlalchemy.exc import IntegrityError
 
 from agent.api.v1 import jobs_pb2, volumes_pb2
 from agent.controller import retention
+from agent.controller.agents import lock_until
 from agent.controller.context import ControllerContext
 from agent.controller.dispatch import new_task, queue_backup_point_task
 from agent.controller.inventory import log_task, remove_backup, running_vm, server_volumes, serving_hosts, usage
 from agent.controller.models import (
     Backup,
+    BackupPoint,
     Checkpoint,
     Host,
     Policy,
@@ -47,7 +49,7 @@ from agent.controller.models import (
     Volume,
 )
 from agent.controller.policy import OperationDefinition
-from agent.errors import BlockferryError, NotFound, cbr_code
+from agent.errors import BackupLocked, BlockferryError, NotFound, cbr_code
 
 log = logging.getLogger("controller.checkpoints")
 FINAL = ("success", "failed", "skipped", "timeout")
@@ -277,6 +279,7 @@ def create(
     with ctx.db.session() as s:
         vault = s.get(Vault, vault_id)
         od = _definition(s, vault)
+        locked_until = lock_until(s.get(BackupPoint, bp), ctx.secrets, od.retention_duration_days, time.time())
         for vol, snap, runs, base, extra, live_server in made:
             ours = select(Backup).where(
                 Backup.vault_id == vault_id, Backup.volume_uuid == vol.uuid, Backup.status == "BackupSucceeded"
@@ -329,6 +332,7 @@ def create(
                     parent_backup_uuid="" if full or parent is None else parent.uuid,
                     full=full,
                     bandwidth_limit=od.bandwidth_limit,
+                    lock_until=locked_until,
                 )
                 new_task(
                     s,
@@ -510,16 +514,24 @@ def _finish(
                 counts[k] = counts.get(k, 0) + n
         pool_of = {b.uuid: b.pool_uuid for b in backups}
         tenant, bp = (vault.tenant, vault.backup_point_uuid) if vault else ("", "")
-    errors = []
+    errors, locked = [], []
     for bid in deleted:
         try:
             remove_backup(ctx, bid)
+        except BackupLocked:
+            locked.append(bid)  # kept until its lock ends: a later run prunes it
         except BlockferryError as e:
             errors.append(f"{bid}: {e.code}: {e.message}")
+    deleted = [b for b in deleted if b not in locked]
+    kept += len(locked)
+    if locked:  # the retention rule let them go, their lock keeps them
+        counts["kept"] = counts.get("kept", 0) + len(locked)
+        counts["deleted"] = counts.get("deleted", 0) - len(locked)
+        counts["kept_by_lock"] = len(locked)
     with ctx.db.session() as s:
         cp = s.get(Checkpoint, cp_id)
         cp.status = "available" if all(x == "success" for x in statuses) else "error"
-        if deleted or errors:
+        if deleted or errors or locked:
             log_task(
                 s,
                 "delete",

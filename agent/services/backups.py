@@ -230,6 +230,8 @@ def _section_from(request):
         chunk_size=request.chunk_size or base.chunk_size,
         compression=request.compression or base.compression,
         bandwidth_limit=max(0, request.bandwidth_limit),
+        lock_days=request.lock_days,
+        lock_mode=request.lock_mode or base.lock_mode,
         timeout=base.timeout,
         initialize=True,
     )

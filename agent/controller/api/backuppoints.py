@@ -43,6 +43,8 @@ ENV_KEYS = S3_KEYS | {
     "chunk_size",
     "compression",
     "bandwidth_limit",  # bytes per second shared by its jobs (their next attach applies a change)
+    "lock_days",  # every backup locked at least this long; with a policy: as long as it keeps them
+    "lock_mode",  # agent, or (s3 with object lock) governance or compliance (docs/immutable.md)
 }
 MASK = "******"
 MIN_PART = fields.MIN_PART
@@ -154,6 +156,19 @@ def _env(env, field: str, btype: str) -> dict:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= 1 << 40:
         raise InvalidArgument(
             f"{field}.bandwidth_limit: bytes per second, 0 (none) or more", field=f"{field}.bandwidth_limit"
+        )
+    days = env.get("lock_days", 0)
+    if isinstance(days, bool) or not isinstance(days, int) or not 0 <= days <= 36500:
+        raise InvalidArgument(f"{field}.lock_days: whole days, 0 (none) to 36500", field=f"{field}.lock_days")
+    mode = env.get("lock_mode", "agent")
+    if mode not in ("agent", "governance", "compliance"):
+        raise InvalidArgument(
+            f"{field}.lock_mode: must be agent, governance or compliance, not {mode!r}", field=f"{field}.lock_mode"
+        )
+    if mode != "agent" and btype != "s3":
+        raise InvalidArgument(
+            f"{field}.lock_mode: {mode} is S3 object lock; a {btype} backup point has agent only",
+            field=f"{field}.lock_mode",
         )
     if btype != "s3" and S3_KEYS & set(env):
         key = sorted(S3_KEYS & set(env))[0]
