@@ -72,12 +72,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--gib", type=float, default=2.0)
     ap.add_argument("--dir", default="/var/tmp")
-    ap.add_argument("--only", default="", help="comma list of nfs,smb,iscsi,block")
+    ap.add_argument("--only", default="", help="comma list of nfs,smb,iscsi,block,s3")
     args = ap.parse_args()
     size = int(args.gib * 1024) * MiB
-    kinds = [k for k in ("nfs", "smb", "iscsi", "block") if not args.only or k in args.only.split(",")]
+    kinds = [k for k in ("nfs", "smb", "iscsi", "block", "s3") if not args.only or k in args.only.split(",")]
     work = tempfile.mkdtemp(prefix="bf-tbench-", dir=args.dir)
     servers = []
+    ceph = rgw = bucket = None
     try:
         from support.iscsiserver import TgtServer
         from support.nfsserver import NfsServer
@@ -97,6 +98,14 @@ def main() -> int:
         nfs = NfsServer(root=None).start() if "nfs" in kinds else None
         smb = SmbServer().start() if "smb" in kinds else None
         tgt = TgtServer().start() if "iscsi" in kinds else None
+        if "s3" in kinds:  # Ceph's own gateway on a one-OSD bluestore cluster, as in the tests
+            from support.cephcluster import CephCluster
+            from support.rgw import Rgw
+
+            # sparse; room for every run's three copies: RGW frees deleted objects only later (its gc)
+            ceph = CephCluster(objectstore="bluestore", store_bytes=3 * args.runs * size + (8 << 30)).start()
+            rgw = Rgw(ceph).setup()
+            bucket = rgw.make_bucket()
         servers = [s for s in (nfs, smb, tgt) if s]
         lun = tgt.add_lun(2 * size + 512 * MiB) if tgt else None
         loop = Loop(f"{work}/lun.img", 2 * size + 512 * MiB, direct_io=True) if "block" in kinds else None
@@ -183,6 +192,20 @@ def main() -> int:
                         raw,
                         f"iscsi://127.0.0.1:{tgt.port}/{lun.iqn}/1",
                     ]
+                elif kind == "s3":
+                    from agent.stores.s3 import S3Store
+
+                    store = S3Store(
+                        rgw.endpoint,
+                        bucket,
+                        sub,
+                        access_key=rgw.access_key,
+                        secret_key=rgw.secret_key,
+                        part_size=16 * MiB,
+                    )
+                    # the same part size as ours; RGW acks a part once Ceph has it on disk
+                    peer = ["s3cmd", "-c", str(rgw.s3cfg), "--multipart-chunk-size-mb=16", "--no-progress"]
+                    peer += ["put", raw, f"s3://{bucket}/{sub}-peer.raw"]
                 else:
                     from agent.stores.blockdev import LocalBlockDevice
                     from agent.stores.lun import LunStore
@@ -226,7 +249,7 @@ def main() -> int:
                 if r % 2:
                     order.reverse()
                 # the peer overwrites a LUN raw: there it always goes last
-                if r % 2 and kind in ("nfs", "smb"):
+                if r % 2 and kind in ("nfs", "smb", "s3"):
                     order.insert(0, ("peer", the_peer))
                 else:
                     order.append(("peer", the_peer))
@@ -242,6 +265,9 @@ def main() -> int:
                 elif kind == "smb":
                     shutil.rmtree(smb.root / "backups" / sub, ignore_errors=True)
                     os.unlink(smb.root / "backups" / f"{sub}-peer.raw")
+                elif kind == "s3":  # the OSD's space back for the next run
+                    rgw.s3cmd("del", "--recursive", "--force", f"s3://{bucket}/{sub}", check=False)
+                    rgw.s3cmd("del", f"s3://{bucket}/{sub}-peer.raw", check=False)
                 if os.environ.get("BENCH_VERBOSE"):
                     print(kind, r, {w: round(v[-1], 2) for w, v in results[kind].items()}, flush=True)
 
@@ -254,6 +280,7 @@ def main() -> int:
             "smb": "`smbclient put` + fsync on the server",
             "iscsi": "`qemu-img convert -t writeback` to the LUN",
             "block": "`dd oflag=direct conv=fsync bs=4M`",
+            "s3": "`s3cmd put` (16 MiB parts)",
         }
         for kind in kinds:
             o, p = statistics.median(results[kind]["ours"]), statistics.median(results[kind]["peer"])
@@ -271,6 +298,10 @@ def main() -> int:
     finally:
         for s in servers:
             s.destroy()
+        if rgw is not None:
+            rgw.stop()
+        if ceph is not None:
+            ceph.destroy()
         try:
             loop.detach()
         except Exception:
