@@ -83,6 +83,7 @@ class Agent:
         from agent.jobs.engine import JobEngine
         from agent.kinds.backups import BackupKind, GcKind, RestoreKind, VerifyKind
         from agent.kinds.checksum import ChecksumKind
+        from agent.kinds.copy import CopyKind
         from agent.kinds.vm_backup import VmBackupKind
         from agent.kinds.volumes import CloneKind, FlattenKind
         from agent.pools import PoolRegistry
@@ -104,6 +105,7 @@ class Agent:
             RestoreKind(pools, points, exports),
             VerifyKind(points),
             GcKind(points),
+            CopyKind(points),
             VmBackupKind(pools, points, cfg.vms.libvirt_work_dir),
         ]
         engine = JobEngine(

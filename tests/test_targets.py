@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from agent.errors import NoSpace, NotFound, TargetUnreachable, WrongPassword
+from agent.errors import BackupLocked, NoSpace, NotFound, TargetUnreachable, WrongPassword
+from agent.repo import holds
 from agent.repo.backup import backup
 from agent.repo.gc import gc
 from agent.repo.repository import Repository
@@ -85,10 +86,17 @@ def test_engine_suite(target, pool, short_tmp):
     assert bytes(repo.store.get("config", 3, 5)) == config[3:8]
     with pytest.raises(NotFound):
         repo.store.read_into("manifests/missing", 0, buf)
+    # a lock (immutable.md) on every type: the delete refused, the lock object read back by another client
+    lock = holds.extend(repo, m1.backup_id, time.time() + 3600)
+    with pytest.raises(BackupLocked):
+        holds.check_delete(repo, m1.backup_id)
+    name = f"holds/{m1.backup_id}.{int(lock.until)}"
+    assert repo.store.list("holds") == [name] and target.read_back(sub, name) == bytes(repo.store.get(name))
     # delete the middle backup, collect garbage: the others still restore bit for bit
     repo.delete_backup(m2.backup_id)
     result = gc(repo)
     assert result.packs_deleted == 1 and result.chunks_removed == 2 and result.bytes_freed > 0
+    assert result.packs_locked >= 1  # m1's, kept as they are
     with pytest.raises(WrongPassword):
         Repository.open(target.make(sub), password="not-it")
     fresh = Repository.open(target.make(sub), password="engine-suite-pw")

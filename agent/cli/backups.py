@@ -366,4 +366,36 @@ def add_parsers(sub) -> None:
         bpsub.add_parser(name).add_argument("backup_point", metavar="BACKUP_POINT")
 
 
-COMMANDS = {"backup": cmd_backup, "restore": cmd_restore, "backups": cmd_backups, "backup-point": cmd_backup_point}
+def cmd_copy(client: AgentClient, args) -> int:
+    """Backups to another backup point (an off-site copy): only what it lacks."""
+    job_id = args.job_id or f"copy-{uuid.uuid4()}"
+    spec = jobs_pb2.CopySpec(
+        source_backup_point_uuid=args.source,
+        target_backup_point_uuid=args.target,
+        backup_uuids=args.backups,
+        volume_uuid=args.volume or "",
+        verify=not args.no_verify,
+    )
+    client.submit(job_id, copy=spec)
+    job = follow(client, job_id, args.json)
+    if args.json:
+        return exit_code(job)
+    if job.state != OK:
+        print(job_line(job), file=sys.stderr)
+        return exit_code(job)
+    r = job.copy_result
+    print(
+        f"copied {len(r.copied)} backup(s), {len(r.present)} there already; "
+        f"{r.chunks_sent} chunks sent ({refs.human(r.bytes_sent)}), {r.chunks_present} there already; "
+        f"{r.verified} verified at {args.target}"
+    )
+    return 0
+
+
+COMMANDS = {
+    "backup": cmd_backup,
+    "restore": cmd_restore,
+    "backups": cmd_backups,
+    "backup-point": cmd_backup_point,
+    "copy": cmd_copy,
+}

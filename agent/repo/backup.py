@@ -170,7 +170,7 @@ def _ranges(indexes: list[int], cs: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def _commit_data(repo: Repository, blocks) -> None:
+def commit_data(repo: Repository, blocks) -> None:
     """Make the packs and the block records durable, both before the
     manifest: at once where the store takes concurrent writers (a local
     directory: two fsyncs in parallel save one disk round trip)."""
@@ -343,7 +343,7 @@ def _backup(
             stats=stats,
             vm=_vm_record(info),
         )
-        _commit_data(repo, blocks)
+        commit_data(repo, blocks)
         if lock is not None:
             repo.flush()  # its packs are committed and indexed: their retention can be set
             holds.prepare(repo, m, lock)

@@ -17,6 +17,7 @@ from agent.kinds.backups import (
     VerifySpec,
 )
 from agent.kinds.checksum import ChecksumResult, ChecksumSpec
+from agent.kinds.copy import CopyResult, CopySpec
 from agent.kinds.vm_backup import VmBackupResult, VmBackupSpec
 from agent.kinds.volumes import CloneResult, CloneSpec, FlattenResult, FlattenSpec
 from agent.services.common import Auth, rpc
@@ -40,6 +41,7 @@ SPECS = {
     VerifySpec: ("verify", jobs_pb2.VerifySpec),
     GcSpec: ("gc", jobs_pb2.GcSpec),
     VmBackupSpec: ("vm_backup", jobs_pb2.VmBackupSpec),
+    CopySpec: ("copy", jobs_pb2.CopySpec),
 }
 RESULTS = {
     ChecksumResult: ("checksum_result", jobs_pb2.ChecksumResult),
@@ -50,6 +52,7 @@ RESULTS = {
     VerifyResult: ("verify_result", jobs_pb2.VerifyResult),
     GcResult: ("gc_result", jobs_pb2.GcResult),
     VmBackupResult: ("vm_backup_result", jobs_pb2.VmBackupResult),
+    CopyResult: ("copy_result", jobs_pb2.CopyResult),
 }
 SPEC_BY_FIELD = {name: cls for cls, (name, _) in SPECS.items()}
 

@@ -1,0 +1,127 @@
+"""Copies between backup points (agent/repo/copy.py): a directory to an
+encrypted S3 bucket on radosgw, then S3 to NFS (nfs-ganesha); only what the
+target lacks travels, each copy is deep-verified there, an independent
+client sees the copies, and once the source backup point is gone the
+copies restore bit for bit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+
+import pytest
+
+from agent.api.v1 import jobs_pb2
+from agent.errors import FailedPrecondition
+
+from support.agents import BP_UUID
+from support.backups import OK, Bk
+from support.volumes import MiB
+
+
+def test_copies_from_a_directory_to_s3_to_nfs_restore_bit_for_bit(make_agent, rgw, nfs_server, short_tmp):
+    bucket = rgw.make_bucket()
+    s3bp, nfsbp, wide = (str(uuid.uuid4()) for _ in range(3))
+    sub = f"copy-{uuid.uuid4().hex[:8]}"
+    a = make_agent(
+        rgw.section(s3bp, bucket, "offsite", extra=f'password = "{uuid.uuid4().hex}"\n')
+        + f'[backup_points.{nfsbp}]\ntype = "nfs"\nip = "127.0.0.1"\nport = {nfs_server.nfs_port}\n'
+        f'mount_port = {nfs_server.mount_port}\nroot_dir = "{nfs_server.export}"\nsub_dir = "{sub}"\n'
+        "chunk_size = 1048576\n"
+        f'[backup_points.{wide}]\npath = "{short_tmp}/a/wide"\n'  # 4 MiB chunks: no copy there
+    )
+    a.config.chmod(0o600)
+    a.start()
+    with a.client() as c:
+        bk = Bk(a, c)
+
+        def copy(source, target, *backups, verify=True):
+            job = c.run(
+                f"copy-{uuid.uuid4()}",
+                copy=jobs_pb2.CopySpec(
+                    source_backup_point_uuid=source,
+                    target_backup_point_uuid=target,
+                    backup_uuids=list(backups),
+                    verify=verify,
+                ),
+            )
+            assert job.state == OK, job.error
+            return job.copy_result
+
+        vol = bk.create(capacity=8 * MiB, name="offsite").uuid
+        bk.write(vol, {0: os.urandom(3 * MiB), 6 * MiB: os.urandom(MiB)})
+        s1 = bk.snap(vol, "s1").uuid
+        r1 = bk.backup(vol, s1)
+        bk.write(vol, {MiB: os.urandom(MiB)})
+        s2 = bk.snap(vol, "s2").uuid
+        r2 = bk.backup(vol, s2)
+        want = {r1.backup_uuid: bk.digest(vol, s1), r2.backup_uuid: bk.digest(vol, s2)}
+        # every backup of the directory to S3: r2 shares three chunks with r1, they travel once
+        got = copy(BP_UUID, s3bp)
+        assert sorted(got.copied) == sorted(want) and got.verified == 2, got
+        assert (got.chunks_sent, got.chunks_present) == (5, 3), got
+        # again: nothing is missing, nothing travels
+        again = copy(BP_UUID, s3bp)
+        assert (list(again.copied), sorted(again.present), again.chunks_sent) == ([], sorted(want), 0), again
+        # an independent client sees the copies (sealed: no plain manifest)
+        listed = rgw.s3cmd("ls", f"s3://{bucket}/offsite/manifests/").stdout
+        assert all(b in listed for b in want), listed
+        # S3 to NFS, one backup by id
+        got = copy(s3bp, nfsbp, r2.backup_uuid)
+        assert list(got.copied) == [r2.backup_uuid] and got.chunks_sent == 4, got
+        assert (nfs_server.export / sub / "manifests" / r2.backup_uuid).is_file()
+        # different chunk sizes: refused before anything moves, naming the target
+        with pytest.raises(FailedPrecondition) as e:
+            c.submit("copy-wide", copy=jobs_pb2.CopySpec(source_backup_point_uuid=s3bp, target_backup_point_uuid=wide))
+        assert e.value.field == "target_backup_point_uuid" and "chunk size" in e.value.message
+        # the source backup point is gone: the copies restore bit for bit
+        shutil.rmtree(short_tmp / "a" / "bp")
+        for bp, bid in ((s3bp, r1.backup_uuid), (s3bp, r2.backup_uuid), (nfsbp, r2.backup_uuid)):
+            restored = Bk(a, c, bp=bp).restore(bid).volume_uuid
+            assert bk.digest(restored) == want[bid], (bp, bid)
+        listed = {x.uuid: x for x in Bk(a, c, bp=nfsbp).list()}
+        assert listed[r2.backup_uuid].image_digest == r2.image_digest and listed[r2.backup_uuid].snapshot_name == "s2"
+    assert a.stop() == 0
+
+
+def test_a_copy_cut_by_an_agent_stop_resumes_after_the_restart(make_agent, short_tmp):
+    """The agent stops in the middle of a copy (drain_timeout 0: interrupted
+    at a safe point); after the restart the same job resumes by itself,
+    sends only what had not arrived, and the copy restores bit for bit."""
+    far = str(uuid.uuid4())
+    a = make_agent(
+        f'[backup_points.{far}]\npath = "{short_tmp}/a/far"\nchunk_size = 1048576\n[jobs]\ndrain_timeout = 0\n'
+    )
+    a.start()
+    with a.client() as c:
+        bk = Bk(a, c)
+        vol = bk.create(capacity=16 * MiB, name="big").uuid
+        bk.write(vol, {0: os.urandom(16 * MiB)})
+        s1 = bk.snap(vol, "s1").uuid
+        r = bk.backup(vol, s1)
+        spec = jobs_pb2.CopySpec(source_backup_point_uuid=BP_UUID, target_backup_point_uuid=far, verify=True)
+        spec.bandwidth_limit = 4 * MiB  # about 4 s: time to stop it midway
+        c.submit("copy-cut", copy=spec)
+        deadline = time.monotonic() + 30
+        while c.get("copy-cut").progress.bytes_done < 5 * MiB:
+            assert time.monotonic() < deadline, c.get("copy-cut")
+            time.sleep(0.05)
+    assert a.stop() == 0
+    assert not (short_tmp / "a" / "far" / "manifests" / r.backup_uuid).exists()  # nothing half-listed
+    a.start()
+    with a.client() as c:
+        job = c.get("copy-cut")
+        deadline = time.monotonic() + 60
+        while job.state not in (OK, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)
+            job = c.get("copy-cut")
+        assert job.state == OK, job.error
+        got = job.copy_result
+        assert list(got.copied) == [r.backup_uuid] and got.verified == 1, got
+        assert got.chunks_present >= 4 and got.chunks_sent + got.chunks_present == 16, got  # what arrived stayed
+        restored = Bk(a, c, bp=far).restore(r.backup_uuid).volume_uuid
+        assert Bk(a, c).digest(restored) == r.image_digest
+    assert a.stop() == 0
