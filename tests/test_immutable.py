@@ -52,6 +52,8 @@ def test_a_locked_backup_outlives_deletes_and_gc_until_its_date(make_agent, shor
         until += 4
         lock.until = int(until)
         assert int(c.lock_backup(lock).locked_until) == int(until)
+        out = cli(a, "backups", "lock", bk.bp, r1.backup_uuid, "--until", str(int(until))).stdout  # the same: kept
+        assert f"backup {r1.backup_uuid} locked until" in out and "(agent)" in out, out
         # the lock on disk (repository-format.md): one object per date, never rewritten
         holds = sorted(p.name for p in (short_tmp / "a" / "bp" / "holds").iterdir())
         assert holds == sorted(f"{r1.backup_uuid}.{int(t)}" for t in (until - 4, until)), holds

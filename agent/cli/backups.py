@@ -330,6 +330,14 @@ def add_parsers(sub) -> None:
     )
     r.add_argument("--job-id")
 
+    cp = sub.add_parser("copy", help="copy backups to another backup point, only what it lacks (a job)")
+    cp.add_argument("source", metavar="SOURCE_BACKUP_POINT")
+    cp.add_argument("target", metavar="TARGET_BACKUP_POINT")
+    cp.add_argument("backups", metavar="BACKUP", nargs="*", help="these backups (default: every one, or --volume's)")
+    cp.add_argument("--volume", help="every backup of this volume (uuid)")
+    cp.add_argument("--no-verify", action="store_true", help="skip the deep verify of each copy at the target")
+    cp.add_argument("--job-id")
+
     bs = sub.add_parser(
         "backups", help="the backups of a backup point: list, show, delete, lock, export, mount, files, extract"
     )
