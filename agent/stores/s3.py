@@ -223,7 +223,12 @@ class S3Store(ObjectStore):
             try:
                 v = self.client.get_bucket_versioning(Bucket=self.bucket).get("Status", "") in ("Enabled", "Suspended")
             except Exception as e:  # noqa: BLE001
-                raise self.error("cannot read the bucket's versioning", e) from None
+                if _code(e) not in ("AccessDenied", "403"):
+                    raise self.error("cannot read the bucket's versioning", e) from None
+                # keys limited to object operations: deletes still hide objects; older
+                # versions, if any, stay until the bucket's lifecycle rules remove them
+                log.warning("the keys may not read the bucket's versioning", extra={"backup_point": self.label})
+                v = False
             self._versioning = v
         return v
 
