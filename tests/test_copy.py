@@ -126,3 +126,91 @@ def test_a_copy_cut_by_an_agent_stop_resumes_after_the_restart(make_agent, short
         restored = Bk(a, c, bp=far).restore(r.backup_uuid).volume_uuid
         assert Bk(a, c).digest(restored) == r.image_digest
     assert a.stop() == 0
+
+
+@pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
+def test_the_controller_copies_a_backup_that_then_restores_on_its_own(cluster, short_tmp):
+    """backuppoint/copy through the controller: the copy is a backup of its
+    own on the target (copy_of the source's), listed, restored bit for bit
+    after the original is deleted and its backup point's files are gone; a
+    second request finds nothing missing."""
+    from support.controller import check_error, check_ok, eventually, seed_example, wait_task
+    from support.volumes import write
+
+    c, a, host = cluster
+    run = short_tmp / "run-test"
+    run.mkdir()
+
+    def digest(pool_uuid: str, volume_uuid: str, snapshot_uuid: str = "") -> str:
+        job = ac.run(
+            f"sum-{uuid.uuid4()}",
+            checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid),
+        )
+        assert job.state == OK, job.error
+        return job.checksum_result.image_digest
+
+    def ex(endpoint: str, **subst) -> dict:
+        return {**seed_example("001", f"/v1/volume/share/{endpoint}\n"), **subst}
+
+    pool_body = dict(
+        seed_example("002", "/v1/pool/share/create"), pool_type=4, source=str(a.roots[0] / "p"), avail_host=[host]
+    )
+    cl = pool_body["cluster_uuid"]
+    with c.client("op") as op, a.client() as ac:
+        pid = check_ok(op.post("/v1/pool/share/create", json=pool_body))["pool"]["UUID"]
+        vol = check_ok(
+            op.post(
+                "/v1/volume/share/create",
+                json=ex("create", pool_uuid=pid, cluster_uuid=cl, backing_file="", capacity=8 << 20),
+            )
+        )["volume"]
+        ref = {"cluster_uuid": cl, "volume_uuid": vol["UUID"]}
+        write(vol["AccessPath"][host], {0: os.urandom(3 << 20)}, run)
+        snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=ex("snapshot/create", **ref)))["snapshot"]
+        want = digest(pid, vol["UUID"], snap["UUID"])
+        points = []
+        for sub in ("near", "far"):
+            body = dict(
+                seed_example("000", "/v1/volume/internal/backuppoint/add"),
+                tenant=vol["NamespaceUUID"],
+                btype="local",
+                cluster_uuid=cl,
+                root_dir=str(a.roots[0] / "backups"),
+                sub_dir=sub,
+                name=sub,
+                env={"chunk_size": 1 << 20},
+            )
+            points.append(check_ok(op.post("/v1/volume/internal/backuppoint/add", json=body))["uuid"])
+        near, far = points
+        added = check_ok(
+            op.post(
+                "/v1/volume/share/backup/add",
+                json=ex("backup/add", **ref, snapshot_uuid=snap["UUID"], backup_point_uuid=near),
+            )
+        )
+        assert wait_task(op, added["task_id"])["status"] == "success"
+        original = added["backup"]["UUID"]
+        body = {"cluster_uuid": cl, "uuid": near, "target_uuid": far}
+        # once a heartbeat reports the backup point (its backup attached it)
+        r = eventually(
+            lambda: op.post("/v1/volume/internal/backuppoint/copy", json=body), lambda r: r.status_code == 200
+        )
+        queued = check_ok(r)
+        assert queued["total_count"] == 1 and queued["list"][0]["backup_uuid"] == original, queued
+        copy_id = queued["list"][0]["copy_uuid"]
+        done = wait_task(op, queued["list"][0]["task_id"])
+        assert done["status"] == "success" and done["result"]["verified"] == "1", done
+        assert check_ok(op.post("/v1/volume/internal/backuppoint/copy", json=body))["total_count"] == 0
+        check_error(op.post("/v1/volume/internal/backuppoint/copy", json={**body, "target_uuid": near}), 400)
+        # the original goes, with every file of its backup point: the copy restores on its own
+        dele = ex("backup/delete", cluster_uuid=cl, backup_uuid=original)
+        check_ok(op.post("/v1/volume/share/backup/delete", json=dele))
+        shutil.rmtree(a.roots[0] / "backups" / "near")
+        restored = check_ok(
+            op.post(
+                "/v1/volume/share/backup/restore",
+                json=ex("backup/restore", backup_uuid=copy_id, new_pool_uuid=pid, cluster_uuid=cl),
+            )
+        )
+        assert wait_task(op, restored["task_id"])["status"] == "success"
+        assert digest(pid, restored["volume"]["UUID"]) == want

@@ -49,6 +49,7 @@ SPECS = {
     "gc": jobs_pb2.GcSpec,
     "verify": jobs_pb2.VerifySpec,
     "vm_backup": jobs_pb2.VmBackupSpec,
+    "copy": jobs_pb2.CopySpec,
 }
 FINAL = {jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED}
 
@@ -89,6 +90,11 @@ _BACKUP_MADE = (
         stored_bytes=bindparam("new_stored_bytes"),
         image_digest=bindparam("new_image_digest"),
     )
+)
+_COPY_MADE = (
+    update(Backup.__table__)
+    .where(_backup.uuid == bindparam("key"))
+    .values(status="BackupSucceeded", mtime=bindparam("at"))
 )
 _POINT_REF = (
     update(BackupPoint.__table__)
@@ -363,6 +369,8 @@ class Dispatcher:
             for host in candidates:
                 try:
                     attached = self._attach(t, host, point)
+                    if t.job_kind == "copy":  # the target backup point too
+                        attached = self._attach_target(t, host) or attached
                     job_id = f"{t.id}.{t.attempts}"
                     spec = ParseDict(json.loads(t.spec_json), SPECS[t.job_kind]())
                     try:
@@ -371,6 +379,8 @@ class Dispatcher:
                         if attached or e.field != "backup_point_uuid":
                             raise
                         self._attach(t, host, point, force=True)
+                        if t.job_kind == "copy":
+                            self._attach_target(t, host, force=True)
                         self.agents.client(host).submit(job_id, **{t.job_kind: spec})
                 except (TargetUnreachable, Busy) as e:
                     log.info("host cannot take the task now", extra={"task": t.id, "host": host.uuid, "why": e.message})
@@ -408,6 +418,22 @@ class Dispatcher:
             return False
         if bp is None:
             raise BlockferryError(f"backup point {t.backup_point_uuid} was deleted")
+        return self._send(host, bp, force)
+
+    def _attach_target(self, t: Task, host: Host, *, force: bool = False) -> bool:
+        """A copy task's target backup point, sent like its source."""
+        target = json.loads(t.spec_json).get("target_backup_point_uuid", "")
+        with self.db.session() as s:
+            bp = s.get(BackupPoint, target)
+            if bp is not None:
+                s.expunge(bp)
+        if bp is None:
+            raise NotFound(
+                f"target_backup_point_uuid: backup point {target} was deleted", field="target_backup_point_uuid"
+            )
+        return self._send(host, bp, force)
+
+    def _send(self, host: Host, bp: BackupPoint, force: bool) -> bool:
         # the fields the definition is made of, secrets still sealed: comparing
         # them needs no unsealing and no request built for an agent that has it
         sent = (bp.btype, bp.ip, bp.port, bp.root_dir, bp.sub_dir, bp.password_sealed, bp.env_sealed)
@@ -595,6 +621,11 @@ class Dispatcher:
                     db.execute(_BACKUP_FAILED, {"key": d["backup_uuid"], "at": now})
                 else:
                     _backup_made(db, d["backup_uuid"], results[i], now)
+        elif t.job_kind == "copy":  # the copy is a backup of its own on the target
+            if status != "success":
+                db.execute(_BACKUP_FAILED, {"key": t.resource_uuid, "at": now})
+            elif db.execute(_COPY_MADE, {"key": t.resource_uuid, "at": now}).rowcount:
+                db.execute(_POINT_REF, {"key": t.resource_uuid})
         elif t.resource_type == "backup" and t.job_kind == "backup":
             if status != "success":
                 db.execute(_BACKUP_FAILED, {"key": t.resource_uuid, "at": now})

@@ -183,6 +183,7 @@ class Backup(Base):
     task_id: Mapped[str] = mapped_column(String(36), default="")
     vault_id: Mapped[str] = mapped_column(String(36), default="", index=True)  # made by a vault's checkpoint
     checkpoint_id: Mapped[str] = mapped_column(String(36), default="")
+    copy_of: Mapped[str] = mapped_column(String(36), default="")  # a copy (copy job): the backup it copies
     ctime: Mapped[int] = mapped_column(BigInteger)
     mtime: Mapped[int] = mapped_column(BigInteger)
 

@@ -25,15 +25,20 @@ class CopySpec:
     volume_uuid: str = ""  # every backup of this volume (with no backup_uuids)
     verify: bool = True  # a deep verify of each copy at the destination
     bandwidth_limit: int = 0  # bytes per second for this job (a policy's limit); 0: none
+    target_backup_uuids: tuple[str, ...] = ()  # each backup_uuids' copy's own id (the controller's); empty: the same
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backup_uuids", tuple(self.backup_uuids))
+        object.__setattr__(self, "target_backup_uuids", tuple(self.target_backup_uuids))
+
+    def new_ids(self) -> dict[str, str]:
+        return dict(zip(self.backup_uuids, self.target_backup_uuids, strict=True))
 
 
 @dataclass(frozen=True)
 class CopyResult:
-    copied: tuple[str, ...]  # backup ids copied by this job
-    present: tuple[str, ...]  # at the destination already: skipped
+    copied: tuple[str, ...]  # source backup ids copied by this job
+    present: tuple[str, ...]  # source backup ids whose copy was at the destination already: skipped
     chunks_sent: int
     chunks_present: int  # held by the destination: not sent
     bytes_sent: int
@@ -70,6 +75,13 @@ class CopyKind(JobKind):
             )
         if spec.backup_uuids and spec.volume_uuid:
             raise InvalidArgument("volume_uuid: give backup_uuids or volume_uuid, not both", field="volume_uuid")
+        if spec.target_backup_uuids:
+            if len(spec.target_backup_uuids) != len(spec.backup_uuids):
+                raise InvalidArgument(
+                    "target_backup_uuids: one per backup_uuids, in the same order", field="target_backup_uuids"
+                )
+            for t in spec.target_backup_uuids:
+                check_uuid(t, "target_backup_uuids")
         src, _ = self._manifests(spec)  # each named backup exists
         copy_mod.check_compatible(src, self.points.get(spec.target_backup_point_uuid).repository())
         # the destination takes new backups meanwhile, but no gc
@@ -79,14 +91,15 @@ class CopyKind(JobKind):
         src, manifests = self._manifests(spec)
         target = self.points.get(spec.target_backup_point_uuid)
         dst = target.repository()
-        before = {m.backup_id for m in manifests if dst.has_backup(m.backup_id)}
-        stats = copy_mod.copy_backups(src, dst, manifests, ctx=ctx, lock=target.lock_for())
+        ids = spec.new_ids() if spec.target_backup_uuids else {}
+        before = {m.backup_id for m in manifests if dst.has_backup(ids.get(m.backup_id, m.backup_id))}
+        stats = copy_mod.copy_backups(src, dst, manifests, ctx=ctx, lock=target.lock_for(), new_ids=ids)
         copied = [m for m in manifests if m.backup_id not in before]
         verified = 0
         if spec.verify:
             ctx.progress(0, len(copied), "verifying")
             for k, m in enumerate(copied):
-                r = verify_mod.verify(dst, dst.manifest(m.backup_id), deep=True, ctx=ctx)
+                r = verify_mod.verify(dst, dst.manifest(ids.get(m.backup_id, m.backup_id)), deep=True, ctx=ctx)
                 if r.damage:
                     raise DataCorrupt(
                         f"backup point {target.uuid}: the copy of backup {m.backup_id}: {r.summary()}",

@@ -65,17 +65,21 @@ def copy_backups(
     *,
     ctx=None,
     lock: holds.Lock | None = None,
+    new_ids: dict[str, str] | None = None,
 ) -> CopyStats:
     """Copy these backups of src (oldest first, so shared chunks travel
-    once) that dst lacks. lock: the destination's lock for each copy."""
+    once) that dst lacks. lock: the destination's lock for each copy;
+    new_ids: the id a backup's copy gets (the controller's own row for
+    it), by default its own."""
     from agent.jobs.kinds import NullContext
 
     ctx = ctx or NullContext()
     check_compatible(src, dst)
     stats = CopyStats()
     todo = []
+    new_ids = new_ids or {}
     for m in sorted(manifests, key=lambda m: m.created_at):
-        if dst.has_backup(m.backup_id):
+        if dst.has_backup(new_ids.get(m.backup_id, m.backup_id)):
             stats.backups_present += 1
         else:
             todo.append(m)
@@ -83,7 +87,7 @@ def copy_backups(
     ctx.progress(0, total, "copying")
     done = 0
     for m in todo:
-        _copy_one(src, dst, m, ctx, stats, lock, done)
+        _copy_one(src, dst, m, new_ids.get(m.backup_id, m.backup_id), ctx, stats, lock, done)
         done += m.size
         ctx.progress(done)
         stats.backups_copied += 1
@@ -91,7 +95,14 @@ def copy_backups(
 
 
 def _copy_one(
-    src: Repository, dst: Repository, m: Manifest, ctx, stats: CopyStats, lock: holds.Lock | None, base: int
+    src: Repository,
+    dst: Repository,
+    m: Manifest,
+    new_id: str,
+    ctx,
+    stats: CopyStats,
+    lock: holds.Lock | None,
+    base: int,
 ) -> None:
     cs = m.chunk_size
     written: set[str] = set()
@@ -100,7 +111,7 @@ def _copy_one(
             src.refresh()
             dst.refresh()
             reader = src.block_reader(m.backup_id)
-            blocks = dst.block_writer(m.backup_id)
+            blocks = dst.block_writer(new_id)
             chunks: list[str] = [ZERO] * len(m.chunks)
 
             def length(i: int) -> int:
@@ -136,7 +147,7 @@ def _copy_one(
                             pipe.submit(i, digests)
                     pipe.drain()
                 ctx.checkpoint()
-                copied = dataclasses.replace(m, chunks=chunks)
+                copied = dataclasses.replace(m, backup_id=new_id, chunks=chunks)
                 commit_data(dst, blocks)
                 if lock is not None:
                     dst.flush()
@@ -155,6 +166,9 @@ def _copy_one(
     except Interrupted:
         raise  # its packs are the resumed job's head start (or the next gc's, if it never runs)
     except BaseException:
-        reclaim(dst, written, owner=m.backup_id)
+        reclaim(dst, written, owner=new_id)
         raise
-    log.info("backup copied", extra={"backup": m.backup_id, "sent": stats.chunks_sent, "present": stats.chunks_present})
+    log.info(
+        "backup copied",
+        extra={"backup": m.backup_id, "copy": new_id, "sent": stats.chunks_sent, "present": stats.chunks_present},
+    )

@@ -19,7 +19,7 @@ from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.api.shapes import answers, v1
-from agent.controller.dispatch import queue_backup_point_task, reporting_hosts
+from agent.controller.dispatch import new_task, queue_backup_point_task, reporting_hosts
 from agent.controller.health import Fleet, Health
 from agent.controller.models import Backup, BackupPoint, Host
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound
@@ -88,6 +88,14 @@ class VerifyRequest(BaseModel):
     uuid: StrictStr
     backup_uuid: StrictStr = ""  # empty: the whole repository
     deep: StrictBool = False
+
+
+class CopyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cluster_uuid: StrictStr
+    uuid: StrictStr  # the source backup point
+    target_uuid: StrictStr  # the backup point the copies go to
+    backup_uuid: StrictStr = ""  # empty: every backup of the source that the target has no copy of
 
 
 class GcRequest(BaseModel):
@@ -371,6 +379,69 @@ def verify(req: VerifyRequest, request: Request, caller: Caller = Depends(authen
         )
     state.dispatcher.wake()
     return ok({"task_id": task_id})
+
+
+@router.post("/copy", **answers(v1.CopiesQueuedAnswer))
+def copy(req: CopyRequest, request: Request, caller: Caller = Depends(authenticated)):
+    """Copy tasks, one per backup the target lacks: each copy becomes a
+    backup of its own on the target backup point (its own uuid, copy_of
+    the source's), restored, listed, locked and deleted like any other.
+    Only the chunks the target lacks travel (docs/backups.md)."""
+    state = context(request)
+    with state.db.session() as s:
+        bp = served(s, req, caller)
+        target_id = v.uuid(req.target_uuid, "target_uuid")
+        target = s.get(BackupPoint, target_id)
+        if target is None or not caller.sees(target.tenant) or target.cluster_uuid != bp.cluster_uuid:
+            raise NotFound(f"target_uuid: backup point {target_id} does not exist", field="target_uuid")
+        if target.uuid == bp.uuid:
+            raise InvalidArgument("target_uuid: must differ from uuid", field="target_uuid")
+        ours = select(Backup).where(Backup.backup_point_uuid == bp.uuid, Backup.status == "BackupSucceeded")
+        backup = v.uuid(req.backup_uuid, "backup_uuid", required=False)
+        if backup:
+            sources = list(s.scalars(ours.where(Backup.uuid == backup)))
+            if not sources:
+                raise NotFound(f"backup_uuid: no backup {backup} on backup point {bp.name!r}", field="backup_uuid")
+        else:
+            sources = list(s.scalars(ours.order_by(Backup.ctime)))
+        # what the target holds already: copies of these, or the backups these are copies of
+        there = s.scalars(
+            select(Backup).where(Backup.backup_point_uuid == target.uuid, Backup.status != "BackupFailed")
+        ).all()
+        held = {b.copy_of for b in there} | {b.uuid for b in there}
+        queued = []
+        now = int(time.time())
+        for src in sources:
+            if src.uuid in held or (src.copy_of and src.copy_of in held):
+                continue
+            copy_id, task_id = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+            row = Backup(**{c.name: getattr(src, c.name) for c in Backup.__table__.columns if c.name not in ("uuid",)})
+            row.uuid, row.backup_point_uuid, row.copy_of = copy_id, target.uuid, src.copy_of or src.uuid
+            row.status, row.task_id, row.ctime, row.mtime = "BackupStarted", task_id, now, now
+            row.vault_id = row.checkpoint_id = ""  # a vault's retention counts its own backups only
+            s.add(row)
+            spec = jobs_pb2.CopySpec(
+                source_backup_point_uuid=bp.uuid,
+                target_backup_point_uuid=target.uuid,
+                backup_uuids=[src.uuid],
+                target_backup_uuids=[copy_id],
+                verify=True,
+            )
+            new_task(
+                s,
+                task_id=task_id,
+                operation="copy",
+                tenant=src.tenant,
+                resource_type="backup",
+                resource_uuid=copy_id,
+                job_kind="copy",
+                spec=spec,
+                pool_uuid="",
+                backup_point_uuid=bp.uuid,
+            )
+            queued.append({"backup_uuid": src.uuid, "copy_uuid": copy_id, "task_id": task_id})
+    state.dispatcher.wake()
+    return ok({"total_count": len(queued), "list": queued})
 
 
 @router.post("/gc", **answers(v1.TaskStartedAnswer))

@@ -506,8 +506,22 @@ class NotificationList(Shape):
     list: list[NotificationRecord]
 
 
+class CopyQueued(Shape):
+    backup_uuid: str  # the source backup
+    copy_uuid: str  # its copy's backup uuid at the target (a backup like any other)
+    task_id: str  # follow it at GET /v1/tasks/{task_id}
+
+
+class CopiesQueued(Shape):
+    """Copy tasks queued, one per backup the target lacks."""
+
+    total_count: int
+    list: list[CopyQueued]
+
+
 # the envelopes the routes declare
 EmptyAnswer = enveloped("EmptyAnswer", Empty)
+CopiesQueuedAnswer = enveloped("CopiesQueuedAnswer", CopiesQueued)
 TaskStartedAnswer = enveloped("TaskStartedAnswer", TaskStarted)
 BackupPointAddedAnswer = enveloped("BackupPointAddedAnswer", BackupPointAdded)
 BackupPointListAnswer = enveloped("BackupPointListAnswer", BackupPointList)
