@@ -919,3 +919,84 @@ def test_a_locked_backup_point_keeps_backups_through_deletes_and_retention(clust
             )
         assert r.status_code == 409 and "locked until" in r.json()["message"], r.text
         assert len(op.get(f"{v3}/backups", params={"vault_id": vault["id"]}).json()["backups"]) == 2
+
+
+@pytest.mark.parametrize("cluster", ["sqlite"], indirect=True)
+def test_a_policy_copies_each_checkpoint_off_site_with_its_own_retention(cluster):
+    """A policy's copy rule (copy_backup_point_id, beyond the seed): each
+    checkpoint's backups are copied to a second backup point as backups of
+    their own, the vault keeps one backup (max_backups 1) and the copies
+    two (copy_max_backups 2), and the newest copy restores bit for bit."""
+    from support.controller import wait_task
+    from support.volumes import write
+
+    c, a, host = cluster
+    env = make_env(c, a, host)
+    t, vol = env["tenant"], env["vols"][0]
+    v3 = f"/v3/{t}"
+    with httpx.Client(base_url=c.url, headers={"X-Auth-Token": TOKENS["op"]}, timeout=60) as op, c.client("op") as op1:
+        body = dict(
+            seed_example("000", "/v1/volume/internal/backuppoint/add"),
+            tenant=t,
+            btype="local",
+            cluster_uuid=env["cluster"],
+            root_dir=str(a.roots[0] / "backups"),
+            sub_dir="far",
+            name="far",
+            env={"chunk_size": 1 << 20},
+        )
+        far = check_ok(op1.post("/v1/volume/internal/backuppoint/add", json=body))["uuid"]
+        policy = copy.deepcopy(POLICY)
+        policy["policy"]["operation_definition"] = {
+            "max_backups": 1,
+            "copy_backup_point_id": far,
+            "copy_max_backups": 2,
+        }
+        r = op.post(f"{v3}/policies", json=policy)
+        assert r.status_code == 200, r.text
+        assert r.json()["policy"]["operation_definition"]["copy_backup_point_id"] == far
+        bad = copy.deepcopy(policy)
+        bad["policy"]["operation_definition"]["copy_backup_point_id"] = "far"
+        cbr_error(op.post(f"{v3}/policies", json=bad), 400, "BackupService.9001", "copy_backup_point_id")
+        vault = op.post(
+            f"{v3}/vaults", json=vault_body(env, resources=[vol], backup_policy_id=r.json()["policy"]["id"])
+        ).json()["vault"]
+        wants = []
+        for k in range(3):
+            run = a.workdir / f"run-{k}"
+            run.mkdir()
+            write(vol["AccessPath"][host], {k << 20: os.urandom(1 << 20)}, run)
+            wants.append(volume_digest(a, env["pool"], vol["UUID"]))
+            r = op.post(f"{v3}/checkpoints", json={"checkpoint": {"vault_id": vault["id"], "parameters": {}}})
+            assert r.status_code == 200, r.text
+            cp = r.json()["checkpoint"]
+            for x in cp["vault"]["resources"]:
+                assert wait_task(op1, x["task_id"])["status"] == "success"
+            wait_for(lambda: op.get(f"{v3}/checkpoints/{cp['id']}").json()["checkpoint"]["status"] != "protecting")
+            copies = [x for x in check_ok(op1.get("/v1/tasks", params={"operation_type": "copy"}))["tasks"]]
+            assert len(copies) == k + 1, copies
+            for x in copies:
+                assert wait_task(op1, x["id"])["status"] == "success"
+        # the vault kept its newest backup; the far point its two newest copies (the oldest pruned at run 3)
+        listed = check_ok(op1.get("/v1/volume/share/backup/list", params={"cluster_uuid": env["cluster"]}))
+        rows = {b["UUID"]: b for b in listed["list"]}
+        ours = [b for b in rows.values() if b["BpUUID"] == env["bp"]]
+        kept_copies = [b for b in rows.values() if b["BpUUID"] == far]
+        assert len(ours) == 1 and len(kept_copies) == 2, listed
+        got = set()
+        for b in kept_copies:
+            restored = check_ok(
+                op1.post(
+                    "/v1/volume/share/backup/restore",
+                    json=dict(
+                        seed_example("001", "/v1/volume/share/backup/restore\n"),
+                        backup_uuid=b["UUID"],
+                        new_pool_uuid=env["pool"],
+                        cluster_uuid=env["cluster"],
+                        new_volume_name=f"r{b['UUID'][:8]}",
+                    ),
+                )
+            )
+            assert wait_task(op1, restored["task_id"])["status"] == "success"
+            got.add(volume_digest(a, env["pool"], restored["volume"]["UUID"]))
+        assert got == set(wants[1:]), (got, wants)

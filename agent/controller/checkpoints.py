@@ -33,7 +33,7 @@ from agent.api.v1 import jobs_pb2, volumes_pb2
 from agent.controller import retention
 from agent.controller.agents import lock_until
 from agent.controller.context import ControllerContext
-from agent.controller.dispatch import new_task, queue_backup_point_task
+from agent.controller.dispatch import held_at, new_task, queue_backup_point_task, queue_copy
 from agent.controller.inventory import log_task, remove_backup, running_vm, server_volumes, serving_hosts, usage
 from agent.controller.models import (
     Backup,
@@ -489,31 +489,124 @@ def _finish(
             drop = old if status == "success" else r["snapshot_id"]
         if vol is not None and drop:
             _delete_snapshot(ctx, vol, drop)
-    # retention, per volume, over the vault's finished backups
-    deleted, kept, counts = [], 0, {}
+    # retention, per volume, over the vault's finished backups; then the copies' own
     with ctx.db.session() as s:
         vault = s.get(Vault, vault_id)
         od = _definition(s, vault) if vault else OperationDefinition()
-        rule = od.rule()
         backups = list(s.scalars(select(Backup).where(Backup.vault_id == vault_id, Backup.status == "BackupSucceeded")))
-        by_volume: dict[str, list[Backup]] = {}
-        for b in backups:
-            by_volume.setdefault(b.volume_uuid, []).append(b)
         due = {c.id: c.due_at for c in s.scalars(select(Checkpoint).where(Checkpoint.vault_id == vault_id))}
-
-        def when(b: Backup) -> datetime:  # the checkpoint's time (sub-second), else the backup's
-            return datetime.fromtimestamp(due.get(b.checkpoint_id, b.ctime), UTC)
-
-        for items in by_volume.values():
-            d = retention.decide(
-                [retention.Backup(b.uuid, when(b)) for b in items], rule, datetime.fromtimestamp(now, UTC)
-            )
-            deleted += list(d.delete)
-            kept += len(d.keep)
-            for k, n in d.counts().items():
-                counts[k] = counts.get(k, 0) + n
-        pool_of = {b.uuid: b.pool_uuid for b in backups}
+        plan = _plan(backups, od.rule(), due, now)
         tenant, bp = (vault.tenant, vault.backup_point_uuid) if vault else ("", "")
+    # the policy's copy rule: this checkpoint's backups to the second backup point, then
+    # the copies' retention, counting the copies just queued (never deleting one in flight)
+    copy_to = od.copy_backup_point_id
+    with ctx.db.session() as s:
+        queued = _copy_new(s, od, vault_id, cp_id, bp)
+    with ctx.db.session() as s:
+        copies = []
+        if copy_to:
+            copies = list(
+                s.scalars(
+                    select(Backup).where(
+                        Backup.backup_point_uuid == copy_to,
+                        Backup.copy_of != "",
+                        Backup.checkpoint_id.in_(list(due)),
+                        Backup.status.in_(("BackupSucceeded", "BackupStarted")),
+                    )
+                )
+            )
+        in_flight = {b.uuid for b in copies if b.status == "BackupStarted"}
+        go, keep, counts = _plan(copies, od.copy_rule(), due, now)
+        copy_plan = ([b for b in go if b not in in_flight], keep, counts)
+    pruned = _prune(ctx, plan)
+    copies_pruned = _prune(ctx, copy_plan)
+    with ctx.db.session() as s:
+        cp = s.get(Checkpoint, cp_id)
+        cp.status = "available" if all(x == "success" for x in statuses) else "error"
+        for point, result in ((bp, pruned), (copy_to, copies_pruned)):
+            if result.logged:
+                result.log(s, tenant, vault_id, now, point, cp_id)
+            if result.deleted:  # at once: retention ran, nothing else deletes meanwhile
+                queue_backup_point_task(
+                    s,
+                    operation="gc",
+                    tenant=tenant,
+                    bp_uuid=point,
+                    spec=jobs_pb2.GcSpec(backup_point_uuid=point, wait_seconds=600),
+                )
+    deleted, errors = pruned.deleted, pruned.errors
+    log.info(
+        "checkpoint finished",
+        extra={"checkpoint": cp_id, "vault": vault_id, "deleted": len(deleted), "failed_deletes": len(errors)},
+    )
+    if (deleted or copies_pruned.deleted or queued) and ctx.dispatcher is not None:
+        ctx.dispatcher.wake()
+
+
+@dataclass
+class _Pruned:
+    """What a retention pass did to one backup point's backups."""
+
+    deleted: list[str]
+    kept: int
+    counts: dict[str, int]
+    errors: list[str]
+    locked: list[str]
+
+    @property
+    def logged(self) -> bool:
+        return bool(self.deleted or self.errors or self.locked)
+
+    def log(self, s, tenant: str, vault_id: str, now: float, point: str, cp_id: str) -> None:
+        """A delete task with seed 003's OpExtendInfoDelete counts."""
+        log_task(
+            s,
+            "delete",
+            tenant,
+            vault_id,
+            now,
+            {
+                "OpExtendInfoDelete": {
+                    "deleted": len(self.deleted) - len(self.errors),
+                    "kept": self.kept,
+                    "failed": len(self.errors),
+                    **self.counts,
+                },
+                "deleted_backups": self.deleted,
+            },
+            status="failed" if self.errors else "success",
+            pool_uuid="",
+            backup_point_uuid=point,
+            job_kind="retention",
+            spec_json=json.dumps({"checkpoint_id": cp_id}),
+            attempts=1,
+            error_code="RETENTION" if self.errors else "",
+            error_message="; ".join(self.errors),
+        )
+
+
+def _plan(backups: list[Backup], rule, due: dict[str, float], now: float) -> tuple[list[str], int, dict[str, int]]:
+    """Retention per volume: the backups to delete, how many are kept, the counts by rule."""
+    by_volume: dict[str, list[Backup]] = {}
+    for b in backups:
+        by_volume.setdefault(b.volume_uuid, []).append(b)
+
+    def when(b: Backup) -> datetime:  # the checkpoint's time (sub-second), else the backup's
+        return datetime.fromtimestamp(due.get(b.checkpoint_id, b.ctime), UTC)
+
+    deleted, kept, counts = [], 0, {}
+    for items in by_volume.values():
+        d = retention.decide([retention.Backup(b.uuid, when(b)) for b in items], rule, datetime.fromtimestamp(now, UTC))
+        deleted += list(d.delete)
+        kept += len(d.keep)
+        for k, n in d.counts().items():
+            counts[k] = counts.get(k, 0) + n
+    return deleted, kept, counts
+
+
+def _prune(ctx: ControllerContext, plan: tuple[list[str], int, dict[str, int]]) -> _Pruned:
+    """Delete what a retention plan lets go; a locked backup stays (kept_by_lock)."""
+    deleted, kept, counts = plan
     errors, locked = [], []
     for bid in deleted:
         try:
@@ -523,50 +616,24 @@ def _finish(
         except BlockferryError as e:
             errors.append(f"{bid}: {e.code}: {e.message}")
     deleted = [b for b in deleted if b not in locked]
-    kept += len(locked)
     if locked:  # the retention rule let them go, their lock keeps them
         counts["kept"] = counts.get("kept", 0) + len(locked)
         counts["deleted"] = counts.get("deleted", 0) - len(locked)
         counts["kept_by_lock"] = len(locked)
-    with ctx.db.session() as s:
-        cp = s.get(Checkpoint, cp_id)
-        cp.status = "available" if all(x == "success" for x in statuses) else "error"
-        if deleted or errors or locked:
-            log_task(
-                s,
-                "delete",
-                tenant,
-                vault_id,
-                now,
-                {
-                    "OpExtendInfoDelete": {
-                        "deleted": len(deleted) - len(errors),
-                        "kept": kept,
-                        "failed": len(errors),
-                        **counts,
-                    },
-                    "deleted_backups": deleted,
-                },
-                status="failed" if errors else "success",
-                pool_uuid="",
-                backup_point_uuid=bp,
-                job_kind="retention",
-                spec_json=json.dumps({"checkpoint_id": cp_id}),
-                attempts=1,
-                error_code="RETENTION" if errors else "",
-                error_message="; ".join(errors),
-            )
-        if deleted and pool_of:  # at once: retention ran, nothing else deletes meanwhile
-            queue_backup_point_task(
-                s,
-                operation="gc",
-                tenant=tenant,
-                bp_uuid=bp,
-                spec=jobs_pb2.GcSpec(backup_point_uuid=bp, wait_seconds=600),
-            )
-    log.info(
-        "checkpoint finished",
-        extra={"checkpoint": cp_id, "vault": vault_id, "deleted": len(deleted), "failed_deletes": len(errors)},
+    return _Pruned(deleted, kept + len(locked), counts, errors, locked)
+
+
+def _copy_new(s, od: OperationDefinition, vault_id: str, cp_id: str, bp: str) -> list[dict]:
+    """A policy's copy rule: this checkpoint's backups to its second backup
+    point (each a copy task; only what is not there yet)."""
+    target = od.copy_backup_point_id
+    if not target or target == bp:
+        return []
+    if s.get(BackupPoint, target) is None:
+        log.warning("copy rule: its backup point is gone", extra={"vault": vault_id, "backup_point": target})
+        return []
+    made = select(Backup).where(
+        Backup.checkpoint_id == cp_id, Backup.vault_id == vault_id, Backup.status == "BackupSucceeded"
     )
-    if deleted and ctx.dispatcher is not None:
-        ctx.dispatcher.wake()
+    held = held_at(s, target)
+    return [queue_copy(s, b, target, checkpoint_id=cp_id) for b in s.scalars(made) if b.uuid not in held]

@@ -217,6 +217,49 @@ def queue_backup_point_task(
     return task_id
 
 
+def queue_copy(s, src: Backup, target_uuid: str, *, checkpoint_id: str = "") -> dict:
+    """A copy task of a backup to another backup point, and the row of the
+    copy: a backup of its own there (its own uuid, copy_of the original),
+    outside any vault; checkpoint_id: the checkpoint whose policy copies
+    it (the copy's retention finds it by that)."""
+    import uuid as uuidlib
+
+    copy_id, task_id, now = str(uuidlib.uuid4()), str(uuidlib.uuid4()), int(time.time())
+    row = Backup(**{c.name: getattr(src, c.name) for c in Backup.__table__.columns if c.name != "uuid"})
+    row.uuid, row.backup_point_uuid, row.copy_of = copy_id, target_uuid, src.copy_of or src.uuid
+    row.status, row.task_id, row.ctime, row.mtime = "BackupStarted", task_id, now, now
+    row.vault_id, row.checkpoint_id = "", checkpoint_id
+    s.add(row)
+    spec = jobs_pb2.CopySpec(
+        source_backup_point_uuid=src.backup_point_uuid,
+        target_backup_point_uuid=target_uuid,
+        backup_uuids=[src.uuid],
+        target_backup_uuids=[copy_id],
+        verify=True,
+    )
+    new_task(
+        s,
+        task_id=task_id,
+        operation="copy",
+        tenant=src.tenant,
+        resource_type="backup",
+        resource_uuid=copy_id,
+        job_kind="copy",
+        spec=spec,
+        pool_uuid="",
+        backup_point_uuid=src.backup_point_uuid,
+    )
+    return {"backup_uuid": src.uuid, "copy_uuid": copy_id, "task_id": task_id}
+
+
+def held_at(s, target_uuid: str) -> set[str]:
+    """The backups a backup point holds or holds a copy of (original ids)."""
+    there = s.scalars(
+        select(Backup).where(Backup.backup_point_uuid == target_uuid, Backup.status != "BackupFailed")
+    ).all()
+    return {b.copy_of for b in there} | {b.uuid for b in there}
+
+
 class Dispatcher:
     def __init__(self, cfg, db, agents, secrets, *, interval: float = 0.2):
         self.cfg = cfg

@@ -23,6 +23,7 @@ MAX_PATTERNS = 24
 MAX_PER_DAY = 24
 MIN_GAP = timedelta(hours=1)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _KEYS = {"FREQ", "BYDAY", "BYHOUR", "BYMINUTE", "INTERVAL"}
 _DAYS = {"MO", "TU", "WE", "TH", "FR", "SA", "SU"}
 # A fixed Monday: the schedule's shape is checked over its first weeks.
@@ -114,6 +115,15 @@ class OperationDefinition:
     timezone: str = ""
     full_backup_interval: int = -1
     bandwidth_limit: int = 0  # beyond the seed: bytes per second for each backup the policy makes; 0: none
+    # beyond the seed: every backup copied to a second backup point (off-site), whose
+    # copies have their own retention (-1 and -1: kept for good)
+    copy_backup_point_id: str = ""
+    copy_max_backups: int = -1
+    copy_retention_duration_days: int = -1
+
+    def copy_rule(self) -> Rule:
+        """The copies' retention: by count and age only, in UTC."""
+        return Rule(self.copy_max_backups, self.copy_retention_duration_days, 0, 0, 0, 0, UTC)
 
     def rule(self) -> Rule:
         tz = parse_timezone(self.timezone, "operation_definition.timezone") if self.timezone else UTC
@@ -133,6 +143,9 @@ class OperationDefinition:
             d.pop("timezone")
         if not self.bandwidth_limit:
             d.pop("bandwidth_limit")
+        if not self.copy_backup_point_id:
+            for k in ("copy_backup_point_id", "copy_max_backups", "copy_retention_duration_days"):
+                d.pop(k)
         return d
 
 
@@ -165,7 +178,19 @@ def check_operation_definition(d: Any) -> OperationDefinition:
         year_backups=_int(d, "year_backups", 0, 0, 100),
         full_backup_interval=_int(d, "full_backup_interval", -1, -1, 100),
         bandwidth_limit=_int(d, "bandwidth_limit", 0, 0, 1 << 40),
+        copy_max_backups=_int(d, "copy_max_backups", -1, 1, 99999, allow_minus_one=True),
+        copy_retention_duration_days=_int(d, "copy_retention_duration_days", -1, 1, 99999, allow_minus_one=True),
     )
+    copy_to = d.get("copy_backup_point_id")
+    if copy_to not in (None, ""):
+        if not isinstance(copy_to, str) or not _UUID.match(copy_to.lower()):
+            raise bad("operation_definition.copy_backup_point_id", f"{copy_to!r} is not a backup point uuid")
+        od.copy_backup_point_id = copy_to.lower()
+    elif "copy_max_backups" in d or "copy_retention_duration_days" in d:
+        raise bad(
+            "operation_definition.copy_backup_point_id",
+            "required with copy_max_backups or copy_retention_duration_days",
+        )
     tz = d.get("timezone")
     if tz not in (None, ""):
         if not isinstance(tz, str):

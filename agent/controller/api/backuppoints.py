@@ -19,7 +19,7 @@ from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.api.shapes import answers, v1
-from agent.controller.dispatch import new_task, queue_backup_point_task, reporting_hosts
+from agent.controller.dispatch import held_at, queue_backup_point_task, queue_copy, reporting_hosts
 from agent.controller.health import Fleet, Health
 from agent.controller.models import Backup, BackupPoint, Host
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound
@@ -404,42 +404,12 @@ def copy(req: CopyRequest, request: Request, caller: Caller = Depends(authentica
                 raise NotFound(f"backup_uuid: no backup {backup} on backup point {bp.name!r}", field="backup_uuid")
         else:
             sources = list(s.scalars(ours.order_by(Backup.ctime)))
-        # what the target holds already: copies of these, or the backups these are copies of
-        there = s.scalars(
-            select(Backup).where(Backup.backup_point_uuid == target.uuid, Backup.status != "BackupFailed")
-        ).all()
-        held = {b.copy_of for b in there} | {b.uuid for b in there}
-        queued = []
-        now = int(time.time())
-        for src in sources:
-            if src.uuid in held or (src.copy_of and src.copy_of in held):
-                continue
-            copy_id, task_id = str(uuidlib.uuid4()), str(uuidlib.uuid4())
-            row = Backup(**{c.name: getattr(src, c.name) for c in Backup.__table__.columns if c.name not in ("uuid",)})
-            row.uuid, row.backup_point_uuid, row.copy_of = copy_id, target.uuid, src.copy_of or src.uuid
-            row.status, row.task_id, row.ctime, row.mtime = "BackupStarted", task_id, now, now
-            row.vault_id = row.checkpoint_id = ""  # a vault's retention counts its own backups only
-            s.add(row)
-            spec = jobs_pb2.CopySpec(
-                source_backup_point_uuid=bp.uuid,
-                target_backup_point_uuid=target.uuid,
-                backup_uuids=[src.uuid],
-                target_backup_uuids=[copy_id],
-                verify=True,
-            )
-            new_task(
-                s,
-                task_id=task_id,
-                operation="copy",
-                tenant=src.tenant,
-                resource_type="backup",
-                resource_uuid=copy_id,
-                job_kind="copy",
-                spec=spec,
-                pool_uuid="",
-                backup_point_uuid=bp.uuid,
-            )
-            queued.append({"backup_uuid": src.uuid, "copy_uuid": copy_id, "task_id": task_id})
+        held = held_at(s, target.uuid)
+        queued = [
+            queue_copy(s, src, target.uuid)
+            for src in sources
+            if src.uuid not in held and not (src.copy_of and src.copy_of in held)
+        ]
     state.dispatcher.wake()
     return ok({"total_count": len(queued), "list": queued})
 

@@ -146,6 +146,10 @@ class OperationDefinitionShape(Shape):
     timezone: str | None = None
     full_backup_interval: int
     bandwidth_limit: int | None = None  # beyond the seed: bytes per second for each backup (absent: none)
+    # beyond the seed: a copy of each backup to a second backup point, with its own retention (absent: none)
+    copy_backup_point_id: str | None = None
+    copy_max_backups: int | None = None
+    copy_retention_duration_days: int | None = None
 
 
 class TriggerProperties(Shape):
@@ -438,6 +442,9 @@ class PolicyDefinitionBody(Body):
     timezone: str | None = Field(None, description="UTC+08:00 or an IANA name; required with day/week/month/year")
     full_backup_interval: int = Field(-1, ge=-1, le=100)
     bandwidth_limit: int = Field(0, ge=0, le=1 << 40, description="beyond the seed: bytes per second per backup")
+    copy_backup_point_id: str = Field("", description="beyond the seed: copy every backup to this backup point")
+    copy_max_backups: int = Field(-1, description="the copies' retention: -1, or 1 to 99999")
+    copy_retention_duration_days: int = Field(-1, description="the copies' retention: -1, or 1 to 99999")
 
 
 class TriggerPropertiesBody(Body):
