@@ -33,7 +33,7 @@ def test_a_locked_backup_outlives_deletes_and_gc_until_its_date(make_agent, shor
         r0 = bk.backup(vol, s0)  # unlocked: four chunks in one pack
         bk.write(vol, {MiB: os.urandom(3 * MiB)})
         s1 = bk.snap(vol, "s1").uuid
-        until = time.time() + 12
+        until = time.time() + 20  # room for the steps below on a loaded CI machine
         r1 = bk.backup(vol, s1, lock_until=until)  # shares chunk 0 with r0's pack
         b = c.get_backup(backups_pb2.GetBackupRequest(backup_point_uuid=bk.bp, backup_uuid=r1.backup_uuid))
         assert (int(b.locked_until), b.lock_mode) == (int(until), "agent"), b

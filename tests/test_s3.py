@@ -298,7 +298,7 @@ def test_s3_object_lock_holds_a_locked_backup_at_the_gateway(make_agent, rgw, sh
         vol = bk.create(capacity=4 * MiB, name="held").uuid
         bk.write(vol, data)
         snap = bk.snap(vol, "s").uuid
-        until = time.time() + 15
+        until = time.time() + 25  # room for the steps below on a loaded CI machine
         r = bk.backup(vol, snap, lock_until=until)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=locked, Prefix="h/")["Contents"]]
         needed = [k for k in keys if k.startswith(("h/packs/", "h/manifests/", "h/blocks/", "h/holds/"))]
