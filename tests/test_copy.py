@@ -192,15 +192,21 @@ def test_the_controller_copies_a_backup_that_then_restores_on_its_own(cluster, s
         original = added["backup"]["UUID"]
         body = {"cluster_uuid": cl, "uuid": near, "target_uuid": far}
         # once a heartbeat reports the backup point (its backup attached it)
+        other = {**body, "volume_uuid": str(uuid.uuid4())}  # another volume's backups: none to copy
         r = eventually(
-            lambda: op.post("/v1/volume/internal/backuppoint/copy", json=body), lambda r: r.status_code == 200
+            lambda: op.post("/v1/volume/internal/backuppoint/copy", json=other), lambda r: r.status_code == 200
         )
-        queued = check_ok(r)
+        assert check_ok(r)["total_count"] == 0
+        in_vault = {**body, "vault_id": str(uuid.uuid4())}  # a vault's: none (this backup is in none)
+        assert check_ok(op.post("/v1/volume/internal/backuppoint/copy", json=in_vault))["total_count"] == 0
+        check_error(op.post("/v1/volume/internal/backuppoint/copy", json={**body, "volume_uuid": "x"}), 400)
+        queued = check_ok(op.post("/v1/volume/internal/backuppoint/copy", json={**body, "volume_uuid": vol["UUID"]}))
         assert queued["total_count"] == 1 and queued["list"][0]["backup_uuid"] == original, queued
         copy_id = queued["list"][0]["copy_uuid"]
         done = wait_task(op, queued["list"][0]["task_id"])
         assert done["status"] == "success" and done["result"]["verified"] == "1", done
         assert check_ok(op.post("/v1/volume/internal/backuppoint/copy", json=body))["total_count"] == 0
+
         check_error(op.post("/v1/volume/internal/backuppoint/copy", json={**body, "target_uuid": near}), 400)
         # the original goes, with every file of its backup point: the copy restores on its own
         dele = ex("backup/delete", cluster_uuid=cl, backup_uuid=original)

@@ -96,6 +96,8 @@ class CopyRequest(BaseModel):
     uuid: StrictStr  # the source backup point
     target_uuid: StrictStr  # the backup point the copies go to
     backup_uuid: StrictStr = ""  # empty: every backup of the source that the target has no copy of
+    volume_uuid: StrictStr = ""  # ... of this volume only
+    vault_id: StrictStr = ""  # ... of this vault (seed 003) only
 
 
 class GcRequest(BaseModel):
@@ -383,7 +385,8 @@ def verify(req: VerifyRequest, request: Request, caller: Caller = Depends(authen
 
 @router.post("/copy", **answers(v1.CopiesQueuedAnswer))
 def copy(req: CopyRequest, request: Request, caller: Caller = Depends(authenticated)):
-    """Copy tasks, one per backup the target lacks: each copy becomes a
+    """Copy tasks, one per backup the target lacks (one backup, or all of
+    the source's, of a volume or of a vault): each copy becomes a
     backup of its own on the target backup point (its own uuid, copy_of
     the source's), restored, listed, locked and deleted like any other.
     Only the chunks the target lacks travel (docs/backups.md)."""
@@ -403,6 +406,12 @@ def copy(req: CopyRequest, request: Request, caller: Caller = Depends(authentica
             if not sources:
                 raise NotFound(f"backup_uuid: no backup {backup} on backup point {bp.name!r}", field="backup_uuid")
         else:
+            volume = v.uuid(req.volume_uuid, "volume_uuid", required=False)
+            vault = v.uuid(req.vault_id, "vault_id", required=False)
+            if volume:
+                ours = ours.where(Backup.volume_uuid == volume)
+            if vault:
+                ours = ours.where(Backup.vault_id == vault)
             sources = list(s.scalars(ours.order_by(Backup.ctime)))
         held = held_at(s, target.uuid)
         queued = [
