@@ -105,7 +105,7 @@ class Agent:
             RestoreKind(pools, points, exports),
             VerifyKind(points),
             GcKind(points),
-            CopyKind(points),
+            CopyKind(points, cfg.grpc),
             VmBackupKind(pools, points, cfg.vms.libvirt_work_dir),
         ]
         engine = JobEngine(

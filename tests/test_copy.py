@@ -134,7 +134,7 @@ def test_the_controller_copies_a_backup_that_then_restores_on_its_own(cluster, s
     own on the target (copy_of the source's), listed, restored bit for bit
     after the original is deleted and its backup point's files are gone; a
     second request finds nothing missing."""
-    from support.controller import check_error, check_ok, eventually, seed_example, wait_task
+    from support.controller import check_error, check_ok, eventually, reconnect, seed_example, wait_task
     from support.volumes import write
 
     c, a, host = cluster
@@ -203,6 +203,12 @@ def test_the_controller_copies_a_backup_that_then_restores_on_its_own(cluster, s
         queued = check_ok(op.post("/v1/volume/internal/backuppoint/copy", json={**body, "volume_uuid": vol["UUID"]}))
         assert queued["total_count"] == 1 and queued["list"][0]["backup_uuid"] == original, queued
         copy_id = queued["list"][0]["copy_uuid"]
+        # far, a directory, is one host's and no host serves it yet: the task waits rather
+        # than make a new repository wherever the source is
+        time.sleep(3)  # three heartbeats
+        assert check_ok(op.get(f"/v1/tasks/{queued['list'][0]['task_id']}"))["status"] == "waiting"
+        assert not (a.roots[0] / "backups" / "far").exists()
+        reconnect(op, far)  # seed 004's reconnect attaches it on the host
         done = wait_task(op, queued["list"][0]["task_id"])
         assert done["status"] == "success" and done["result"]["verified"] == "1", done
         assert check_ok(op.post("/v1/volume/internal/backuppoint/copy", json=body))["total_count"] == 0
@@ -220,3 +226,64 @@ def test_the_controller_copies_a_backup_that_then_restores_on_its_own(cluster, s
         )
         assert wait_task(op, restored["task_id"])["status"] == "success"
         assert digest(pid, restored["volume"]["UUID"]) == want
+
+
+def test_a_copy_from_another_agents_backup_point_over_grpc(make_agent, pki, short_tmp):
+    """Two agents, each with its own directory backup point and nothing
+    shared: B copies A's backups over mutual TLS with the fleet's token,
+    only the chunks it lacks, and restores them bit for bit once A's
+    directory is gone. A wrong token is refused by A."""
+    from agent.errors import BlockferryError
+    from agent.peer import PeerSource
+
+    from support.tls import free_port
+
+    token = uuid.uuid4().hex
+
+    def tls(port: int) -> str:
+        return (
+            f'tcp_listen = "localhost:{port}"\ntls_cert = "{pki}/server.pem"\ntls_key = "{pki}/server.key"\n'
+            f'tls_client_ca = "{pki}/ca.pem"\nauth_token = "{token}"\n'
+        )
+
+    port_a, far = free_port(), str(uuid.uuid4())
+    a = make_agent(tls(port_a), name="a")
+    b = make_agent(
+        tls(free_port()) + f'[backup_points.{far}]\npath = "{short_tmp}/b/far"\nchunk_size = 1048576\n', name="b"
+    )
+    for x in (a, b):
+        x.config.chmod(0o600)
+        x.start()
+    with a.client() as ca, b.client() as cb:
+        src = Bk(a, ca)
+        vol = src.create(capacity=8 * MiB, name="there").uuid
+        src.write(vol, {0: os.urandom(3 * MiB), 6 * MiB: os.urandom(MiB)})
+        s1 = src.snap(vol, "s1").uuid
+        r1 = src.backup(vol, s1)
+        src.write(vol, {MiB: os.urandom(MiB)})
+        s2 = src.snap(vol, "s2").uuid
+        r2 = src.backup(vol, s2)
+        want = {r1.backup_uuid: src.digest(vol, s1), r2.backup_uuid: src.digest(vol, s2)}
+        out = cli(b, "copy", BP_UUID, far, "--from", f"localhost:{port_a}").stdout
+        assert "copied 2 backup(s), 0 there already; 5 chunks sent (5.0 MiB), 3 there already; 2 verified" in out, out
+        shutil.rmtree(short_tmp / "a" / "bp")  # A's backup point is gone
+        dst = Bk(b, cb, bp=far)
+        for bid, digest in want.items():
+            restored = dst.restore(bid).volume_uuid
+            assert dst.digest(restored) == digest
+    with pytest.raises(BlockferryError) as e:
+        PeerSource(
+            f"localhost:{port_a}",
+            BP_UUID,
+            tls_ca=f"{pki}/ca.pem",
+            tls_cert=f"{pki}/server.pem",
+            tls_key=f"{pki}/server.key",
+            token="not-the-token",
+        )
+    assert (
+        e.value.code == "UNAUTHENTICATED"
+        and e.value.message == f"agent localhost:{port_a}: missing or wrong bearer token"
+    )
+    for x in (a, b):
+        assert x.stop() == 0
+    assert token not in a.log_text() + b.log_text()

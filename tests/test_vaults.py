@@ -927,7 +927,7 @@ def test_a_policy_copies_each_checkpoint_off_site_with_its_own_retention(cluster
     checkpoint's backups are copied to a second backup point as backups of
     their own, the vault keeps one backup (max_backups 1) and the copies
     two (copy_max_backups 2), and the newest copy restores bit for bit."""
-    from support.controller import wait_task
+    from support.controller import reconnect, wait_task
     from support.volumes import write
 
     c, a, host = cluster
@@ -946,6 +946,7 @@ def test_a_policy_copies_each_checkpoint_off_site_with_its_own_retention(cluster
             env={"chunk_size": 1 << 20},
         )
         far = check_ok(op1.post("/v1/volume/internal/backuppoint/add", json=body))["uuid"]
+        reconnect(op1, far)  # a directory is one host's: copies go only where it is served
         policy = copy.deepcopy(POLICY)
         policy["policy"]["operation_definition"] = {
             "max_backups": 1,

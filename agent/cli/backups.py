@@ -336,6 +336,12 @@ def add_parsers(sub) -> None:
     cp.add_argument("backups", metavar="BACKUP", nargs="*", help="these backups (default: every one, or --volume's)")
     cp.add_argument("--volume", help="every backup of this volume (uuid)")
     cp.add_argument("--no-verify", action="store_true", help="skip the deep verify of each copy at the target")
+    cp.add_argument(
+        "--from",
+        dest="source_address",
+        metavar="HOST:PORT",
+        help="SOURCE_BACKUP_POINT is that agent's (its TLS listener; this agent's [grpc] TLS and token)",
+    )
     cp.add_argument("--job-id")
 
     bs = sub.add_parser(
@@ -383,6 +389,7 @@ def cmd_copy(client: AgentClient, args) -> int:
         backup_uuids=args.backups,
         volume_uuid=args.volume or "",
         verify=not args.no_verify,
+        source_address=args.source_address or "",
     )
     client.submit(job_id, copy=spec)
     job = follow(client, job_id, args.json)

@@ -181,6 +181,13 @@ def reported_backup_points(hosts) -> dict[str, set[str]]:
     return out
 
 
+HOST_BOUND = ("local", "disk", "fc")  # backup point types one host holds
+
+
+def _copy_target(t: Task) -> str:
+    return str(json.loads(t.spec_json).get("target_backup_point_uuid", ""))
+
+
 def reporting_hosts(hosts, bp_uuid: str) -> set[str]:
     """The hosts whose last heartbeat reported this backup point."""
     return reported_backup_points(hosts).get(bp_uuid, set())
@@ -343,7 +350,7 @@ class Dispatcher:
             load[host_uuid] += 1
         backlog = False
         for t in waiting:
-            backlog |= not self._place(t, hosts, load, serving, points.get(t.backup_point_uuid))
+            backlog |= not self._place(t, hosts, load, serving, points.get(t.backup_point_uuid), points)
         self._backlog = backlog
         now = time.monotonic()
         for t in running:
@@ -365,6 +372,7 @@ class Dispatcher:
         is attached on, and their backup points' rows."""
         pids = {p for t in waiting for p in (t.pool_uuid, t.target_pool_uuid) if p}
         bpids = {t.backup_point_uuid for t in waiting if t.backup_point_uuid}
+        bpids |= {_copy_target(t) for t in waiting if t.job_kind == "copy"}
         serving = (
             {p.uuid: set(json.loads(p.avail_hosts_json)) for p in s.scalars(select(Pool).where(Pool.uuid.in_(pids)))}
             if pids
@@ -374,7 +382,12 @@ class Dispatcher:
         return serving, points
 
     def _candidates(
-        self, t: Task, hosts: dict[str, Host], load: Counter, serving_pools: dict[str, set[str]]
+        self,
+        t: Task,
+        hosts: dict[str, Host],
+        load: Counter,
+        serving_pools: dict[str, set[str]],
+        points: dict[str, BackupPoint] | None = None,
     ) -> list[Host]:
         serving = None
         for pid in filter(None, (t.pool_uuid, t.target_pool_uuid)):
@@ -382,6 +395,12 @@ class Dispatcher:
             serving = ids if serving is None else serving & ids
         if serving is None and t.backup_point_uuid:
             serving = reporting_hosts(hosts.values(), t.backup_point_uuid)
+        if t.job_kind == "copy":
+            # a directory or a device is one host's: attached anywhere else it would be
+            # another repository, so a copy there runs only where the target is served
+            target = (points or {}).get(_copy_target(t))
+            if target is None or target.btype in HOST_BOUND:
+                serving = (serving or set()) & reporting_hosts(hosts.values(), _copy_target(t))
         if t.job_kind == "vm_backup":  # only the host that runs the VM reaches it
             serving = {hid for hid in serving or hosts if hid in hosts and _runs_vm(hosts[hid], t.resource_uuid)}
         ok = [
@@ -392,12 +411,18 @@ class Dispatcher:
         return sorted(ok, key=lambda h: (load[h.uuid] / max(1, h.max_jobs), h.uuid))
 
     def _place(
-        self, t: Task, hosts: dict[str, Host], load: Counter, serving: dict[str, set[str]], point: BackupPoint | None
+        self,
+        t: Task,
+        hosts: dict[str, Host],
+        load: Counter,
+        serving: dict[str, set[str]],
+        point: BackupPoint | None,
+        points: dict[str, BackupPoint] | None = None,
     ) -> bool:
         """Pick a host now; submit in the background (an RPC takes tens of
         milliseconds, and tasks queued behind it should not wait for it).
         Returns whether a host was found."""
-        candidates = self._candidates(t, hosts, load, serving)
+        candidates = self._candidates(t, hosts, load, serving, points)
         if not candidates:
             if time.time() - t.created_at > WAIT_LIMIT:
                 self._finish(t, "timeout", "NO_HOST", f"no eligible host could run it within {int(WAIT_LIMIT)} s")

@@ -6,10 +6,12 @@ import logging
 from dataclasses import dataclass
 
 from agent.backup_points import BackupPoints
+from agent.config import GrpcSection
 from agent.errors import DataCorrupt, InvalidArgument
 from agent.jobs.kinds import Claim, JobKind
 from agent.jobs.locks import LockMode
 from agent.kinds.backups import backup_point_resource
+from agent.peer import PeerSource
 from agent.repo import copy as copy_mod
 from agent.repo import verify as verify_mod
 from agent.volumes.base import check_uuid
@@ -26,6 +28,7 @@ class CopySpec:
     verify: bool = True  # a deep verify of each copy at the destination
     bandwidth_limit: int = 0  # bytes per second for this job (a policy's limit); 0: none
     target_backup_uuids: tuple[str, ...] = ()  # each backup_uuids' copy's own id (the controller's); empty: the same
+    source_address: str = ""  # host:port of the agent whose backup point is the source; "": this agent's
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backup_uuids", tuple(self.backup_uuids))
@@ -56,11 +59,24 @@ class CopyKind(JobKind):
     result_type = CopyResult
     resumable = True  # a run again skips what arrived: the backups copied, and the chunks sent
 
-    def __init__(self, points: BackupPoints):
+    def __init__(self, points: BackupPoints, grpc_section: GrpcSection | None = None):
         self.points = points
+        self.grpc = grpc_section or GrpcSection()
 
-    def _manifests(self, spec: CopySpec):
-        src = self.points.get(spec.source_backup_point_uuid).repository()
+    def _source(self, spec: CopySpec):
+        if not spec.source_address:
+            return self.points.get(spec.source_backup_point_uuid).repository()
+        g = self.grpc
+        return PeerSource(
+            spec.source_address,
+            check_uuid(spec.source_backup_point_uuid, "source_backup_point_uuid"),
+            tls_ca=g.tls_client_ca,
+            tls_cert=g.tls_cert,
+            tls_key=g.tls_key,
+            token=g.auth_token,
+        )
+
+    def _manifests(self, spec: CopySpec, src):
         if spec.backup_uuids:
             return src, [src.manifest(check_uuid(b, "backup_uuids")) for b in spec.backup_uuids]
         ms = src.manifests()
@@ -82,13 +98,26 @@ class CopyKind(JobKind):
                 )
             for t in spec.target_backup_uuids:
                 check_uuid(t, "target_backup_uuids")
-        src, _ = self._manifests(spec)  # each named backup exists
-        copy_mod.check_compatible(src, self.points.get(spec.target_backup_point_uuid).repository())
+        src = self._source(spec)
+        try:
+            self._manifests(spec, src)  # each named backup exists
+            copy_mod.check_compatible(src, self.points.get(spec.target_backup_point_uuid).repository())
+        finally:
+            if isinstance(src, PeerSource):
+                src.close()
         # the destination takes new backups meanwhile, but no gc
         return Claim(backup_point_resource(spec.target_backup_point_uuid), LockMode.SHARED)
 
     def run(self, spec: CopySpec, ctx) -> CopyResult:
-        src, manifests = self._manifests(spec)
+        src = self._source(spec)
+        try:
+            return self._run(spec, src, ctx)
+        finally:
+            if isinstance(src, PeerSource):
+                src.close()
+
+    def _run(self, spec: CopySpec, src, ctx) -> CopyResult:
+        src, manifests = self._manifests(spec, src)
         target = self.points.get(spec.target_backup_point_uuid)
         dst = target.repository()
         ids = spec.new_ids() if spec.target_backup_uuids else {}

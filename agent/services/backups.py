@@ -4,13 +4,13 @@ import time
 
 from agent.api.v1 import backups_pb2, backups_pb2_grpc
 from agent.backup_points import BackupPoints
-from agent.errors import FailedPrecondition
+from agent.errors import FailedPrecondition, InvalidArgument
 from agent.exports import Exports
 from agent.jobs.engine import JobEngine
 from agent.kinds.backups import backup_point_resource
 from agent.repo import holds
 from agent.repo.catalog import BackupFilter, list_backups
-from agent.repo.format import Manifest
+from agent.repo.format import BLOCK_SIZE, ZERO, Manifest
 from agent.services.common import Auth, exclusive, rpc
 from agent.volumes.base import check_uuid
 
@@ -42,6 +42,9 @@ def backup_to_pb(bp_uuid: str, m: Manifest, lock: holds.Lock | None = None) -> b
         locked_until=lock.until if locked else 0,
         lock_mode=lock.mode if locked else "",
     )
+
+
+INDEX_WINDOW = 256  # chunks' block digests per BackupIndexPart (4 MiB chunks: 512 KiB)
 
 
 class BackupService(backups_pb2_grpc.BackupServiceServicer):
@@ -113,6 +116,35 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
         with repo.shared("lock", timeout=0):  # not while a gc runs
             lock = holds.extend(repo, bid, float(request.until))
             return backup_to_pb(request.backup_point_uuid, repo.manifest(bid), lock)
+
+    @rpc
+    def ReadBackupIndex(self, request, context):
+        repo = self.points.get(request.backup_point_uuid).repository()
+        bid = check_uuid(request.backup_uuid, "backup_uuid")
+        with repo.shared("copy", timeout=0):  # not while a gc runs
+            repo.refresh()
+            m = repo.manifest(bid)
+            yield backups_pb2.BackupIndexPart(manifest=m.to_bytes())
+            reader, cs = repo.block_reader(bid), m.chunk_size
+            for start in range(0, len(m.chunks), INDEX_WINDOW):
+                digests = []
+                for i in range(start, min(start + INDEX_WINDOW, len(m.chunks))):
+                    length = min(cs, m.size - i * cs)
+                    digests.append(bytes(reader.get(i, (length + BLOCK_SIZE - 1) // BLOCK_SIZE)))
+                yield backups_pb2.BackupIndexPart(first_chunk=start, block_digests=digests)
+
+    @rpc
+    def ReadChunks(self, request, context):
+        repo = self.points.get(request.backup_point_uuid).repository()
+        bid = check_uuid(request.backup_uuid, "backup_uuid")
+        with repo.shared("copy", timeout=0):
+            repo.refresh()
+            m = repo.manifest(bid)
+            for i in request.indexes:
+                if not 0 <= i < len(m.chunks) or m.chunks[i] == ZERO:
+                    raise InvalidArgument(f"indexes: {i} is not a data chunk of backup {bid}", field="indexes")
+                data, _ = repo.get(bytes.fromhex(m.chunks[i]))  # checked against its digest
+                yield backups_pb2.ChunkData(index=i, data=bytes(data))
 
     @rpc
     def GetRepositoryStats(self, request, context):
