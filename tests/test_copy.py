@@ -287,3 +287,92 @@ def test_a_copy_from_another_agents_backup_point_over_grpc(make_agent, pki, shor
     for x in (a, b):
         assert x.stop() == 0
     assert token not in a.log_text() + b.log_text()
+
+
+def test_the_controller_copies_between_two_hosts_own_directories(make_agent, pki, short_tmp):
+    """Two hosts with their own directories, one controller over mutual
+    TLS: no host serves both backup points, so the copy runs on the
+    target's host, which reads the source from the other agent; the copy
+    restores there bit for bit into that host's pool."""
+    from support.controller import (
+        CLUSTER,
+        Controller,
+        agent_section,
+        check_ok,
+        dir_pool,
+        eventually,
+        hosts_online,
+        reconnect,
+        seed_example,
+        wait_task,
+    )
+    from support.tls import free_port
+    from support.volumes import Vol, write
+
+    token = uuid.uuid4().hex
+    c = Controller(
+        short_tmp / "ctl",
+        extra=f'agent_tls_ca = "{pki}/ca.pem"\nagent_tls_cert = "{pki}/client.pem"\n'
+        f'agent_tls_key = "{pki}/client.key"\nagent_auth_token = "{token}"\n',
+    )
+    # host uuids in this order: seed 004's reconnect, which picks the first, attaches B's directory on B
+    host_b, host_a = "00000000-0000-4000-8000-00000000000b", "ffffffff-ffff-4fff-bfff-fffffffffffa"
+    agents = {}
+    for name, host in (("a", host_a), ("b", host_b)):
+        port = free_port()
+        agents[name] = make_agent(
+            f'tcp_listen = "localhost:{port}"\ntls_cert = "{pki}/server.pem"\ntls_key = "{pki}/server.key"\n'
+            f'tls_client_ca = "{pki}/ca.pem"\nauth_token = "{token}"\n'
+            + agent_section(c, host, f'advertise = "localhost:{port}"\n'),
+            name=name,
+        )
+        agents[name].config.chmod(0o600)
+        agents[name].start()
+    a, b = agents["a"], agents["b"]
+    try:
+        with c.client("op") as op:
+            hosts_online(op, 2)
+            pool_a = dir_pool(op, a.roots[0] / "p", host_a, name="pa")
+            pool_b = dir_pool(op, b.roots[0] / "p", host_b, name="pb")
+            body = dict(seed_example("001", "/v1/volume/share/create\n"), pool_uuid=pool_a, cluster_uuid=CLUSTER)
+            body.update(backing_file="", capacity=8 << 20, volume_name="there")
+            vol = check_ok(op.post("/v1/volume/share/create", json=body))["volume"]
+            run = short_tmp / "run-test"
+            run.mkdir()
+            write(vol["AccessPath"][host_a], {0: os.urandom(3 << 20)}, run)
+            ref = {"cluster_uuid": CLUSTER, "volume_uuid": vol["UUID"]}
+            snap_body = {**seed_example("001", "/v1/volume/share/snapshot/create\n"), **ref}
+            snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=snap_body))["snapshot"]
+            with a.client() as ac:
+                want = Vol(a, ac, pool=pool_a).digest(vol["UUID"], snap["UUID"])
+            points = {}
+            for name, root in (("near", a.roots[0]), ("far", b.roots[0])):
+                bp_body = dict(seed_example("000", "/v1/volume/internal/backuppoint/add"), name=name, btype="local")
+                bp_body.update(tenant=vol["NamespaceUUID"], cluster_uuid=CLUSTER, root_dir=str(root / "backups"))
+                bp_body.update(sub_dir=name, env={"chunk_size": 1 << 20})
+                points[name] = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=bp_body))["uuid"]
+            near, far = points["near"], points["far"]
+            reconnect(op, far)  # through the first host by uuid: B, whose directory it is
+            backup_body = {**seed_example("001", "/v1/volume/share/backup/add\n"), **ref}
+            backup_body.update(snapshot_uuid=snap["UUID"], backup_point_uuid=near)
+            added = check_ok(op.post("/v1/volume/share/backup/add", json=backup_body))
+            assert wait_task(op, added["task_id"])["status"] == "success"
+            copy = {"cluster_uuid": CLUSTER, "uuid": near, "target_uuid": far}
+            r = eventually(
+                lambda: op.post("/v1/volume/internal/backuppoint/copy", json=copy), lambda r: r.status_code == 200
+            )
+            (queued,) = check_ok(r)["list"]
+            done = wait_task(op, queued["task_id"])
+            assert done["status"] == "success" and done["host_uuid"] == host_b, done
+            assert done["result"]["chunks_sent"] == "3", done
+            shutil.rmtree(a.roots[0] / "backups")  # A's copy is gone: B's stands alone
+            restore = {**seed_example("001", "/v1/volume/share/backup/restore\n"), "cluster_uuid": CLUSTER}
+            restore.update(backup_uuid=queued["copy_uuid"], new_pool_uuid=pool_b, new_volume_name="here")
+            restored = check_ok(op.post("/v1/volume/share/backup/restore", json=restore))
+            assert wait_task(op, restored["task_id"])["status"] == "success"
+            with b.client() as bc:
+                assert Vol(b, bc, pool=pool_b).digest(restored["volume"]["UUID"]) == want
+    finally:
+        for x in (a, b):
+            x.stop()
+        c.stop()

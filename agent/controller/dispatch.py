@@ -400,7 +400,10 @@ class Dispatcher:
             # another repository, so a copy there runs only where the target is served
             target = (points or {}).get(_copy_target(t))
             if target is None or target.btype in HOST_BOUND:
-                serving = (serving or set()) & reporting_hosts(hosts.values(), _copy_target(t))
+                there = reporting_hosts(hosts.values(), _copy_target(t))
+                both = (serving or set()) & there
+                # none serves both: a host serving the target reads from one serving the source
+                serving = both or (there if serving else set())
         if t.job_kind == "vm_backup":  # only the host that runs the VM reaches it
             serving = {hid for hid in serving or hosts if hid in hosts and _runs_vm(hosts[hid], t.resource_uuid)}
         ok = [
@@ -436,17 +439,22 @@ class Dispatcher:
         try:
             for host in candidates:
                 try:
-                    attached = self._attach(t, host, point)
+                    # a copy on a host that does not serve its source reads it from one that does
+                    peer = self._copy_source(t, host) if t.job_kind == "copy" else ""
+                    attached = False if peer else self._attach(t, host, point)
                     if t.job_kind == "copy":  # the target backup point too
                         attached = self._attach_target(t, host) or attached
                     job_id = f"{t.id}.{t.attempts}"
                     spec = ParseDict(json.loads(t.spec_json), SPECS[t.job_kind]())
+                    if peer:
+                        spec.source_address = peer
                     try:
                         self.agents.client(host).submit(job_id, **{t.job_kind: spec})
                     except NotFound as e:  # the agent lost a definition we sent it before: once more, with it
                         if attached or e.field != "backup_point_uuid":
                             raise
-                        self._attach(t, host, point, force=True)
+                        if not peer:
+                            self._attach(t, host, point, force=True)
                         if t.job_kind == "copy":
                             self._attach_target(t, host, force=True)
                         self.agents.client(host).submit(job_id, **{t.job_kind: spec})
@@ -487,6 +495,25 @@ class Dispatcher:
         if bp is None:
             raise BlockferryError(f"backup point {t.backup_point_uuid} was deleted")
         return self._send(host, bp, force)
+
+    def _copy_source(self, t: Task, host: Host) -> str:
+        """ "" when the host serves the copy's source backup point itself;
+        otherwise the TCP address of an online host that does."""
+        with self.db.session() as s:
+            hosts = s.scalars(select(Host).order_by(Host.uuid)).all()
+            for h in hosts:
+                s.expunge(h)
+        src = reporting_hosts(hosts, t.backup_point_uuid)
+        if host.uuid in src:
+            return ""
+        for h in hosts:
+            if h.uuid in src and self._online(h) and h.address and not h.address.startswith("unix:"):
+                return h.address
+        raise TargetUnreachable(
+            f"backup_point_uuid: no online host that serves backup point {t.backup_point_uuid} listens on TCP, "
+            "where another host's agent could read it",
+            field="backup_point_uuid",
+        )
 
     def _attach_target(self, t: Task, host: Host, *, force: bool = False) -> bool:
         """A copy task's target backup point, sent like its source."""
