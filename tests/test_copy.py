@@ -372,6 +372,12 @@ def test_the_controller_copies_between_two_hosts_own_directories(make_agent, pki
             assert wait_task(op, restored["task_id"])["status"] == "success"
             with b.client() as bc:
                 assert Vol(b, bc, pool=pool_b).digest(restored["volume"]["UUID"]) == want
+            # deleting the copy goes to B, whose directory holds it (not to A, its volume's host)
+            manifest = b.roots[0] / "backups" / "far" / "manifests" / queued["copy_uuid"]
+            assert manifest.is_file()
+            dele = {**seed_example("001", "/v1/volume/share/backup/delete\n"), "cluster_uuid": CLUSTER}
+            check_ok(op.post("/v1/volume/share/backup/delete", json={**dele, "backup_uuid": queued["copy_uuid"]}))
+            assert not manifest.exists()
     finally:
         for x in (a, b):
             x.stop()

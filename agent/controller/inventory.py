@@ -27,6 +27,16 @@ def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host
     return sorted(hosts, key=lambda h: h.uuid != prefer)
 
 
+def _reporting(s, bp_uuid: str, dead_after: int) -> list[Host]:
+    """Online hosts whose last heartbeat reported the backup point."""
+    return [
+        h
+        for h in s.scalars(select(Host).order_by(Host.uuid))
+        if host_state(h, dead_after) == "online"
+        and any(p.get("backup_point_uuid") == bp_uuid for p in json.loads(h.backup_points_json or "[]"))
+    ]
+
+
 def running_vm(s, vm_uuid: str, dead_after: int) -> tuple[Host, dict] | None:
     """The online host whose agent reported the VM running last, and its
     report (docs/live.md: UUID, Name, State, GuestAgent, Manager, Disks)."""
@@ -135,7 +145,13 @@ def remove_backup(ctx: ControllerContext, bid: str, field: str = "backup_uuid") 
             raise BackupInProgress(f"{field}: backup {bid} is still running", field=field)
         bp = s.get(BackupPoint, b.backup_point_uuid)
         pool = s.get(Pool, b.pool_uuid)
-        hosts = serving_hosts(s, pool, ctx.cfg.host_dead_after) if pool else []
+        # the hosts that serve its backup point first: a directory is one host's (a copy's
+        # may be another host's than its volume's pool), attached elsewhere it is another one
+        hosts = _reporting(s, b.backup_point_uuid, ctx.cfg.host_dead_after)
+        if not hosts and bp is not None and bp.btype not in ("local", "disk", "fc"):
+            hosts = serving_hosts(s, pool, ctx.cfg.host_dead_after) if pool else []
+        elif not hosts and pool is not None and b.copy_of == "":
+            hosts = serving_hosts(s, pool, ctx.cfg.host_dead_after)
     if b.status == "BackupSucceeded" and bp is not None:
         if not hosts:
             raise TargetUnreachable(f"{field}: no online host can reach its backup point", field=field)
