@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 import time
 
 from agent.api.v1 import backups_pb2, backups_pb2_grpc
@@ -45,6 +46,7 @@ def backup_to_pb(bp_uuid: str, m: Manifest, lock: holds.Lock | None = None) -> b
 
 
 INDEX_WINDOW = 256  # chunks' block digests per BackupIndexPart (4 MiB chunks: 512 KiB)
+CHUNK_LISTS = 16  # backups whose chunk lists ReadChunks keeps
 
 
 class BackupService(backups_pb2_grpc.BackupServiceServicer):
@@ -53,6 +55,8 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
         self.engine = engine
         self.auth = auth
         self.exports = exports
+        self._chunk_lock = threading.Lock()
+        self._chunk_lists: dict[tuple[str, str, str], list[str]] = {}  # oldest first
 
     def _exports(self) -> Exports:
         if self.exports is None:
@@ -135,16 +139,35 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
 
     @rpc
     def ReadChunks(self, request, context):
+        """No repository lock per call (on S3 that is two requests a chunk):
+        the copying agent holds the index stream, whose shared lock keeps
+        gc away; a chunk whose pack went anyway is a read error, never
+        wrong data."""
         repo = self.points.get(request.backup_point_uuid).repository()
         bid = check_uuid(request.backup_uuid, "backup_uuid")
-        with repo.shared("copy", timeout=0):
-            repo.refresh()
-            m = repo.manifest(bid)
-            for i in request.indexes:
-                if not 0 <= i < len(m.chunks) or m.chunks[i] == ZERO:
-                    raise InvalidArgument(f"indexes: {i} is not a data chunk of backup {bid}", field="indexes")
-                data, _ = repo.get(bytes.fromhex(m.chunks[i]))  # checked against its digest
-                yield backups_pb2.ChunkData(index=i, data=bytes(data))
+        chunks = self._chunks(request.backup_point_uuid, repo, bid)
+        for i in request.indexes:
+            if not 0 <= i < len(chunks) or chunks[i] == ZERO:
+                raise InvalidArgument(f"indexes: {i} is not a data chunk of backup {bid}", field="indexes")
+            cid = bytes.fromhex(chunks[i])
+            if repo.location(cid) is None:
+                repo.refresh()  # packs committed since this agent last looked
+            data, _ = repo.get(cid)  # checked against its digest
+            yield backups_pb2.ChunkData(index=i, data=bytes(data))
+
+    def _chunks(self, bp_uuid: str, repo, bid: str) -> list[str]:
+        """A backup's chunk list, kept for the next calls of a copy (one per
+        chunk): a manifest read for each would make a copy quadratic."""
+        key = (bp_uuid, repo.id, bid)
+        with self._chunk_lock:
+            chunks = self._chunk_lists.get(key)
+        if chunks is None:
+            chunks = repo.manifest(bid).chunks
+            with self._chunk_lock:
+                self._chunk_lists[key] = chunks
+                while len(self._chunk_lists) > CHUNK_LISTS:
+                    self._chunk_lists.pop(next(iter(self._chunk_lists)))
+        return chunks
 
     @rpc
     def GetRepositoryStats(self, request, context):
