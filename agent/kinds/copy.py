@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 from agent.backup_points import BackupPoints
 from agent.config import GrpcSection
-from agent.errors import DataCorrupt, InvalidArgument
+from agent.errors import BlockferryError, DataCorrupt, InvalidArgument
 from agent.jobs.kinds import Claim, JobKind
 from agent.jobs.locks import LockMode
 from agent.kinds.backups import backup_point_resource
@@ -128,10 +129,14 @@ class CopyKind(JobKind):
         if spec.verify:
             ctx.progress(0, len(copied), "verifying")
             for k, m in enumerate(copied):
-                r = verify_mod.verify(dst, dst.manifest(ids.get(m.backup_id, m.backup_id)), deep=True, ctx=ctx)
-                if r.damage:
+                copy_id = ids.get(m.backup_id, m.backup_id)
+                r = verify_mod.verify(dst, dst.manifest(copy_id), deep=True, ctx=ctx)
+                if r.damage:  # a damaged copy is not listed as one: unlisted, its data goes at the next gc
+                    with contextlib.suppress(BlockferryError):
+                        dst.delete_backup(copy_id)
                     raise DataCorrupt(
-                        f"backup point {target.uuid}: the copy of backup {m.backup_id}: {r.summary()}",
+                        f"backup point {target.uuid}: the copy of backup {m.backup_id}: {r.summary()}; "
+                        "the copy was removed",
                         field="target_backup_point_uuid",
                         result=r,
                     )

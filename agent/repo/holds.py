@@ -124,16 +124,16 @@ def seal(repo: Repository, m: Manifest, lock: Lock) -> None:
         repo.store.retain(f"manifests/{m.backup_id}", lock.until, lock.mode)
 
 
-def extend(repo: Repository, backup_id: str, until: float, *, now: float | None = None) -> Lock:
+def extend(repo: Repository, backup_id: str, until: float, *, mode: str = "agent", now: float | None = None) -> Lock:
     """Lock a published backup until a date, or extend its lock; a lock is
-    never shortened and keeps its mode. A backup without a lock gets an
-    agent lock."""
+    never shortened and keeps its mode. A backup without a lock gets one
+    of `mode` (its backup point's lock_mode)."""
     now = time.time() if now is None else now
     if until <= now:
         raise InvalidArgument(f"until: {iso(until)} is not in the future", field="until")
     m = repo.manifest(backup_id)
     current = lock_of(repo, backup_id)
-    mode = current.mode if current is not None else "agent"
+    mode = current.mode if current is not None else mode
     if current is not None and until < current.until:
         raise InvalidArgument(
             f"until: backup {backup_id} is locked until {iso(current.until)}; a lock can only be extended",

@@ -115,10 +115,11 @@ class BackupService(backups_pb2_grpc.BackupServiceServicer):
 
     @rpc
     def LockBackup(self, request, context):
-        repo = self.points.get(request.backup_point_uuid).repository()
+        bp = self.points.get(request.backup_point_uuid)
+        repo = bp.repository()
         bid = check_uuid(request.backup_uuid, "backup_uuid")
         with repo.shared("lock", timeout=0):  # not while a gc runs
-            lock = holds.extend(repo, bid, float(request.until))
+            lock = holds.extend(repo, bid, float(request.until), mode=bp.section.lock_mode)
             return backup_to_pb(request.backup_point_uuid, repo.manifest(bid), lock)
 
     @rpc
