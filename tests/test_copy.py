@@ -382,3 +382,31 @@ def test_the_controller_copies_between_two_hosts_own_directories(make_agent, pki
         for x in (a, b):
             x.stop()
         c.stop()
+
+
+def test_a_cancelled_copy_lists_nothing_at_the_target(make_agent, short_tmp):
+    """A copy cancelled midway ends CANCELLED; the target lists no copy,
+    and the packs it wrote go (reclaimed at once, like a failed backup's)."""
+    far = str(uuid.uuid4())
+    a = make_agent(f'[backup_points.{far}]\npath = "{short_tmp}/a/far"\nchunk_size = 1048576\n')
+    a.start()
+    with a.client() as c:
+        bk = Bk(a, c)
+        vol = bk.create(capacity=16 * MiB, name="big").uuid
+        bk.write(vol, {0: os.urandom(16 * MiB)})
+        r = bk.backup(vol, bk.snap(vol, "s1").uuid)
+        spec = jobs_pb2.CopySpec(source_backup_point_uuid=BP_UUID, target_backup_point_uuid=far, verify=True)
+        spec.bandwidth_limit = 4 * MiB
+        c.submit("copy-cancel", copy=spec)
+        deadline = time.monotonic() + 30
+        while c.get("copy-cancel").progress.bytes_done < 5 * MiB:
+            assert time.monotonic() < deadline, c.get("copy-cancel")
+            time.sleep(0.05)
+        c.cancel("copy-cancel")
+        while (job := c.get("copy-cancel")).state not in (OK, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED):
+            time.sleep(0.05)
+        assert job.state == jobs_pb2.JOB_STATE_CANCELLED, job
+        assert Bk(a, c, bp=far).list() == []
+        assert not (short_tmp / "a" / "far" / "manifests" / r.backup_uuid).exists()
+        assert Bk(a, c, bp=far).stats().packs == 0  # reclaimed
+    assert a.stop() == 0

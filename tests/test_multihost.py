@@ -90,7 +90,8 @@ def fleet(short_tmp):
         ctl = Controller(
             short_tmp / "ctl",
             grpc_listen=f"{BRIDGE_IP}:{gport}",
-            extra=f'agent_tls_ca = "{pki}/ca.pem"\nagent_auth_token = "{AGENT_AUTH}"\n',
+            extra=f'agent_tls_ca = "{pki}/ca.pem"\nagent_auth_token = "{AGENT_AUTH}"\n'
+            f'agent_tls_cert = "{pki}/agent.pem"\nagent_tls_key = "{pki}/agent.key"\n',  # mutual TLS
         )
         for n in NAMES:
             wd = short_tmp / f"agent-{n}"
@@ -98,13 +99,15 @@ def fleet(short_tmp):
             ip = net.ip(n)
             extra = (
                 f'tcp_listen = "{ip}:9443"\ntls_cert = "{pki}/agent.pem"\ntls_key = "{pki}/agent.key"\n'
-                f'auth_token = "{AGENT_AUTH}"\n'
+                f'tls_client_ca = "{pki}/ca.pem"\nauth_token = "{AGENT_AUTH}"\n'
                 f'[controller]\naddress = "{BRIDGE_IP}:{gport}"\ntoken = "{AGENT_TOKEN}"\n'
                 f'host_uuid = "{uuid.uuid5(uuid.NAMESPACE_DNS, n)}"\nadvertise = "{ip}:9443"\n'
                 f"heartbeat_interval = 1.0\nfence_after = 2.5\n"
                 f"[jobs]\nmax_concurrent = 1\nbandwidth_limit = 24000000\n"
             )
-            a = write_config(wd, extra, roots=[shared])
+            own = short_tmp / f"own-{n}"  # the host's own directories, besides the shared storage
+            own.mkdir()
+            a = write_config(wd, extra, roots=[shared, own])
             a.config.chmod(0o600)
             a.prefix = net.prefix(n)
             agents[n] = a.start()
@@ -412,3 +415,74 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
         assert time.monotonic() < deadline, agents[victim].log_text()[-3000:]
         time.sleep(0.2)
     net.cut(victim, up=True)
+
+
+def test_fleet_copies_a_backup_between_two_hosts_own_directories(fleet, short_tmp):
+    """Host a's directory backup point to host b's, agents in their own
+    network namespaces: no host serves both, so the copy runs on b, which
+    reads the backup from a's agent over mutual TLS; a's directory is then
+    removed and the copy restores on b bit for bit."""
+    import shutil
+
+    from support.controller import eventually, reconnect
+
+    net, ctl, agents, shared, smb = fleet
+    run = short_tmp / "run-test"
+    run.mkdir()
+    cluster_uuid = seed_example("002", "/v1/pool/share/create")["cluster_uuid"]
+    tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
+    host = {n: str(uuid.uuid5(uuid.NAMESPACE_DNS, n)) for n in NAMES}
+    own = {n: short_tmp / f"own-{n}" for n in NAMES}
+
+    def digest(name, pool_uuid, volume_uuid, snapshot_uuid=""):
+        with agents[name].client() as ac:
+            job = ac.run(
+                f"sum-{uuid.uuid4()}",
+                checksum=jobs_pb2.ChecksumSpec(
+                    pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid
+                ),
+            )
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+            return job.checksum_result.image_digest
+
+    def own_pool(op, name):
+        body = dict(seed_example("002", "/v1/pool/share/create"), pool_type=4, pool_name=f"own-{name}")
+        body.update(source=str(own[name] / "pool"), limit_host=True, avail_host=[host[name]])
+        return check_ok(op.post("/v1/pool/share/create", json=body))["pool"]["UUID"]
+
+    with ctl.client("op") as op:
+        pool_a, pool_b = own_pool(op, "a"), own_pool(op, "b")
+        body = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=pool_a, cluster_uuid=cluster_uuid)
+        body.update(capacity=16 << 20, backing_file="", volume_name="mine")
+        vol = check_ok(op.post("/v1/volume/share/create", json=body))["volume"]
+        write(vol["AccessPath"][host["a"]], {0: os.urandom(3 << 20)}, run)
+        ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
+        snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s")))["snapshot"]
+        want = digest("a", pool_a, vol["UUID"], snap["UUID"])
+        points = {}
+        for name in ("a", "b"):
+            bp = dict(seed_example("000", "/v1/volume/internal/backuppoint/add"), tenant=tenant, btype="local")
+            bp.update(cluster_uuid=cluster_uuid, name=f"own-{name}", root_dir=str(own[name] / "backups"), sub_dir="")
+            bp.update(env={"chunk_size": 1 << 20})
+            points[name] = check_ok(op.post("/v1/volume/internal/backuppoint/add", json=bp))["uuid"]
+        assert min(host.values()) == host["b"]
+        reconnect(op, points["b"])  # through the first host by uuid: b, whose directory it is
+        add = dict(seed_example("001", "/v1/volume/share/backup/add"), cluster_uuid=cluster_uuid)
+        add.update(volume_uuid=vol["UUID"], snapshot_uuid=snap["UUID"], backup_point_uuid=points["a"])
+        b1 = check_ok(op.post("/v1/volume/share/backup/add", json=add))
+        assert wait_task(op, b1["task_id"], 120)["status"] == "success"
+        copy = {"cluster_uuid": cluster_uuid, "uuid": points["a"], "target_uuid": points["b"]}
+        r = eventually(
+            lambda: op.post("/v1/volume/internal/backuppoint/copy", json=copy), lambda r: r.status_code == 200
+        )
+        (queued,) = check_ok(r)["list"]
+        done = wait_task(op, queued["task_id"], 120)
+        assert done["status"] == "success" and done["host_uuid"] == host["b"], done
+        assert done["result"]["chunks_sent"] == "3", done
+        shutil.rmtree(own["a"] / "backups")
+        restore = dict(seed_example("001", "/v1/volume/share/backup/restore"), cluster_uuid=cluster_uuid)
+        restore.update(backup_uuid=queued["copy_uuid"], new_pool_uuid=pool_b, new_volume_name="theirs")
+        restore.update(new_volume_tenant=tenant)
+        rs = check_ok(op.post("/v1/volume/share/backup/restore", json=restore))
+        assert wait_task(op, rs["task_id"], 120)["status"] == "success"
+        assert digest("b", pool_b, rs["volume"]["UUID"]) == want
