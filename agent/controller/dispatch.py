@@ -34,6 +34,7 @@ from agent.api.v1 import backups_pb2, jobs_pb2
 from agent.client import JobStream
 from agent.controller.agents import backup_point_request
 from agent.controller.health import host_state
+from agent.controller.inventory import reporting_hosts
 from agent.controller.models import Backup, BackupPoint, Host, Pool, Task, Volume
 from agent.errors import BlockferryError, Busy, NotFound, TargetUnreachable
 
@@ -172,25 +173,11 @@ def new_task(
     return t
 
 
-def reported_backup_points(hosts) -> dict[str, set[str]]:
-    """backup point uuid -> the hosts whose last heartbeat reported it."""
-    out: dict[str, set[str]] = {}
-    for h in hosts:
-        for p in json.loads(h.backup_points_json or "[]"):
-            out.setdefault(p.get("backup_point_uuid", ""), set()).add(h.uuid)
-    return out
-
-
 HOST_BOUND = ("local", "disk", "fc")  # backup point types one host holds
 
 
 def _copy_target(t: Task) -> str:
     return str(json.loads(t.spec_json).get("target_backup_point_uuid", ""))
-
-
-def reporting_hosts(hosts, bp_uuid: str) -> set[str]:
-    """The hosts whose last heartbeat reported this backup point."""
-    return reported_backup_points(hosts).get(bp_uuid, set())
 
 
 def queue_backup_point_task(

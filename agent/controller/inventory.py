@@ -27,14 +27,25 @@ def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host
     return sorted(hosts, key=lambda h: h.uuid != prefer)
 
 
+def reported_backup_points(hosts) -> dict[str, set[str]]:
+    """backup point uuid -> the hosts whose last heartbeat reported it."""
+    out: dict[str, set[str]] = {}
+    for h in hosts:
+        for p in json.loads(h.backup_points_json or "[]"):
+            out.setdefault(p.get("backup_point_uuid", ""), set()).add(h.uuid)
+    return out
+
+
+def reporting_hosts(hosts, bp_uuid: str) -> set[str]:
+    """The hosts whose last heartbeat reported this backup point."""
+    return reported_backup_points(hosts).get(bp_uuid, set())
+
+
 def _reporting(s, bp_uuid: str, dead_after: int) -> list[Host]:
     """Online hosts whose last heartbeat reported the backup point."""
-    return [
-        h
-        for h in s.scalars(select(Host).order_by(Host.uuid))
-        if host_state(h, dead_after) == "online"
-        and any(p.get("backup_point_uuid") == bp_uuid for p in json.loads(h.backup_points_json or "[]"))
-    ]
+    hosts = s.scalars(select(Host).order_by(Host.uuid)).all()
+    serving = reporting_hosts(hosts, bp_uuid)
+    return [h for h in hosts if h.uuid in serving and host_state(h, dead_after) == "online"]
 
 
 def running_vm(s, vm_uuid: str, dead_after: int) -> tuple[Host, dict] | None:

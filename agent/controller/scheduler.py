@@ -32,8 +32,9 @@ from sqlalchemy import func, select
 from agent.api.v1 import jobs_pb2
 from agent.controller import checkpoints
 from agent.controller.context import ControllerContext
-from agent.controller.dispatch import queue_backup_point_task, reported_backup_points
+from agent.controller.dispatch import queue_backup_point_task
 from agent.controller.health import host_state
+from agent.controller.inventory import reported_backup_points
 from agent.controller.models import BackupPoint, Checkpoint, Host, Policy, Vault
 from agent.controller.policy import schedule
 from agent.errors import BlockferryError

@@ -19,8 +19,9 @@ from agent.controller import validate as v
 from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.api.shapes import answers, v1
-from agent.controller.dispatch import held_at, queue_backup_point_task, queue_copy, reporting_hosts
+from agent.controller.dispatch import held_at, queue_backup_point_task, queue_copy
 from agent.controller.health import Fleet, Health
+from agent.controller.inventory import reporting_hosts
 from agent.controller.models import Backup, BackupPoint, Host
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound
 

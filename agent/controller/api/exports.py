@@ -22,8 +22,8 @@ from agent.controller.api.auth import Caller, authenticated, context
 from agent.controller.api.envelope import ok
 from agent.controller.api.shapes import answers, v1
 from agent.controller.api.volumes import _Base
-from agent.controller.dispatch import reporting_hosts
 from agent.controller.health import host_state
+from agent.controller.inventory import reporting_hosts
 from agent.controller.models import Backup, BackupPoint, Host, Task
 from agent.errors import InvalidArgument, NotFound, TargetUnreachable
 
