@@ -198,8 +198,8 @@ def pg_server():
 def loop(short_tmp):
     made = []
 
-    def make(size: int = 512 * MiB, name: str = "lun.img") -> Loop:
-        lo = Loop(short_tmp / name, size)
+    def make(size: int = 512 * MiB, name: str = "lun.img", sector_size: int = 0) -> Loop:
+        lo = Loop(short_tmp / name, size, sector_size=sector_size)
         made.append(lo)
         return lo
 

@@ -28,6 +28,7 @@ BLKSSZGET = 0x1268
 class BlockDevice(ABC):
     label: str
     size: int
+    sector_size: int = 512  # the device's logical sector size
     # how a LUN repository writes: pieces of io_size bytes, io_depth at once
     io_size: int = 4 << 20
     io_depth: int = 1
@@ -66,7 +67,7 @@ class LocalBlockDevice(BlockDevice):
     # measured faster than 1 or 2 on a loop device (bench/targets_bench.py)
     io_depth = 4
 
-    def __init__(self, path: str, *, label: str = ""):
+    def __init__(self, path: str, *, label: str = "", exclusive: bool = True):
         self.label = label or path
         self.fd = -1
         try:
@@ -76,14 +77,17 @@ class LocalBlockDevice(BlockDevice):
         if not stat.S_ISBLK(st.st_mode):
             raise InvalidArgument(f"device: {path} is not a block device", field="device")
         try:
-            # O_EXCL on a block device: refused while mounted or opened exclusively elsewhere
-            self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | os.O_EXCL)
+            # O_EXCL on a block device: refused while mounted or opened exclusively
+            # elsewhere; a shared pool's LUN is opened by every qemu on the host too
+            excl = os.O_EXCL if exclusive else 0
+            self.fd = os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | excl)
         except OSError as e:
+            how = "exclusively" if exclusive else "for reading and writing"
             raise FailedPrecondition(
-                f"device: cannot open {path} exclusively: {e.strerror} (mounted or in use?)", field="device"
+                f"device: cannot open {path} {how}: {e.strerror} (mounted or in use?)", field="device"
             ) from None
         self.size = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8))[0]
-        sector = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
+        sector = self.sector_size = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
         if BLOCK % sector:
             self.close()
             raise InvalidArgument(
@@ -118,6 +122,11 @@ class LocalBlockDevice(BlockDevice):
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
+
+    def refresh_size(self) -> int:
+        """The device's size asked again (a LUN that grew: `losetup -c`, a rescan)."""
+        self.size = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8))[0]
+        return self.size
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -130,14 +130,21 @@ class S3Target(Target):
 class Loop:
     """A loop device over a sparse file: a LUN the tests may format."""
 
-    def __init__(self, path, size: int, *, direct_io: bool = False):
+    def __init__(self, path, size: int, *, direct_io: bool = False, sector_size: int = 0):
         with open(path, "wb") as f:
             f.truncate(size)
         self.file = path
         # direct_io: the loop device writes through to its file like a disk
         # would, instead of into the file's page cache
         self.dev = subprocess.run(
-            ["losetup", "-f", "--show", *(["--direct-io=on"] if direct_io else []), str(path)],
+            [
+                "losetup",
+                "-f",
+                "--show",
+                *(["--direct-io=on"] if direct_io else []),
+                *(["--sector-size", str(sector_size)] if sector_size else []),
+                str(path),
+            ],
             check=True,
             capture_output=True,
             text=True,
