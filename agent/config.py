@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,8 @@ class PoolSection:
         "dir",
         "dir: qcow2 volumes in a directory (a local disk or a mounted NFS/SMB/cluster fs); "
         "nfs: qcow2 volumes on an NFSv3 export, reached in user space (libnfs and qemu's nfs "
-        "driver, no mount); rbd: RBD images in a Ceph pool.",
+        "driver, no mount); rbd: RBD images in a Ceph pool; lun: qcow2 layers in slices of one "
+        "LUN that several hosts share (a SAN disk or FC LUN; docs/shared-pools.md).",
     )
     path: str = option("", "dir: the pool root; volumes live in <path>/pool-<uuid>/volume/<volume uuid>.")
     ip: str = option("", "nfs: the NFS server's address (seed 002 `ip`); its ports come from the portmapper.")
@@ -204,6 +206,25 @@ class PoolSection:
         30.0,
         "rbd: seconds any librados/librbd call may block (connect, monitor and OSD ops); "
         "nfs: seconds any NFS call of the agent may block.",
+    )
+    device: str = option(
+        "",
+        "lun: the shared LUN: a /dev/disk/by-id name (wwn-0x..., seed 002's Source) or a device path; "
+        "every host of the pool must see the same LUN.",
+    )
+    format_lun: bool = option(
+        False,
+        "lun: format the LUN as a new pool when it is blank (its first and last MiB zero); a LUN "
+        "holding anything else is never touched.",
+    )
+    lease_timeout: float = option(
+        60.0,
+        "lun: seconds a lease lives without renewal: a host that stops renewing the metadata owner "
+        "lease stops writing after lease_timeout - lease_io_timeout; a successor waits "
+        "lease_timeout + lease_io_timeout.",
+    )
+    lease_io_timeout: float = option(
+        5.0, "lun: seconds one lease read or write may take; lease_timeout must exceed three times it."
     )
 
 
@@ -282,7 +303,7 @@ class BackupPointSection:
     )
 
 
-POOL_TYPES = ("dir", "nfs", "rbd")
+POOL_TYPES = ("dir", "nfs", "rbd", "lun")
 BACKUP_POINT_TYPES = ("local", "nfs", "samba", "iscsi", "disk", "fc", "s3")
 TABLES = {"pools": "PoolSection", "backup_points": "BackupPointSection"}
 RBD_FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten", "journaling")
@@ -315,6 +336,15 @@ class Config:
                 raise bad(f"pools.{uuid}", "type", f"must be one of {', '.join(POOL_TYPES)}, not {pool.type!r}")
             if pool.type == "dir" and not os.path.isabs(pool.path):
                 raise bad(f"pools.{uuid}", "path", "must be an absolute path")
+            if pool.type == "lun":
+                if not pool.device:
+                    raise bad(f"pools.{uuid}", "device", "a lun pool needs the LUN (a /dev/disk/by-id name or a path)")
+                if pool.lease_timeout <= 3 * pool.lease_io_timeout or pool.lease_io_timeout <= 0:
+                    raise bad(
+                        f"pools.{uuid}",
+                        "lease_timeout",
+                        f"{pool.lease_timeout}s must exceed 3 x lease_io_timeout ({pool.lease_io_timeout}s)",
+                    )
             if pool.type == "nfs":
                 from agent.fields import check_nfs_export, check_nfs_server
 
@@ -644,3 +674,20 @@ def restart_needed(old: Config, new: Config) -> list[str]:
             if not (same_place(a, b) if table == "backup_points" else a == b):
                 changed.append(f"{table}.{uuid}")
     return changed
+
+
+HOST_NAMESPACE = uuidlib.UUID("6f1d0c52-3b7e-4f0a-9d2b-7c4e8a1f5b90")
+
+
+def host_uuid(cfg: Config) -> str:
+    """This host's uuid: [controller] host_uuid, else derived from /etc/machine-id
+    (else the host name), the same on every start."""
+    if cfg.controller.host_uuid:
+        return cfg.controller.host_uuid
+    try:
+        with open("/etc/machine-id") as f:
+            return str(uuidlib.uuid5(HOST_NAMESPACE, f.read().strip()))
+    except OSError:
+        import socket
+
+        return str(uuidlib.uuid5(HOST_NAMESPACE, socket.gethostname()))

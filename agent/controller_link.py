@@ -19,26 +19,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 
 import grpc
 
-from agent.config import Config
+from agent.config import Config, host_uuid
 
 log = logging.getLogger("agent.controller_link")
-NAMESPACE = uuid.UUID("6f1d0c52-3b7e-4f0a-9d2b-7c4e8a1f5b90")
-
-
-def host_uuid(cfg: Config) -> str:
-    if cfg.controller.host_uuid:
-        return cfg.controller.host_uuid
-    try:
-        with open("/etc/machine-id") as f:
-            return str(uuid.uuid5(NAMESPACE, f.read().strip()))
-    except OSError:
-        import socket
-
-        return str(uuid.uuid5(NAMESPACE, socket.gethostname()))
 
 
 def advertised_address(cfg: Config, tcp_port: int | None) -> str:

@@ -9,7 +9,7 @@ import os
 import threading
 
 from agent.attached import AttachedDefinitions
-from agent.config import Config, PoolSection
+from agent.config import Config, PoolSection, host_uuid
 from agent.errors import AlreadyExists, FailedPrecondition, HasDependents, InvalidArgument, NotFound, TargetUnreachable
 from agent.hypervisor.hosts import HostHypervisors
 from agent.paths import resolve_under_roots
@@ -73,7 +73,32 @@ class PoolRegistry:
                 timeout=pc.timeout,
                 hypervisor=self.hypervisor,
             )
-        raise InvalidArgument(f"type: pool type must be dir, nfs or rbd, not {pc.type!r}", field="type")
+        if pc.type == "lun":
+            from agent.volumes.lun.driver import LunPool
+
+            return LunPool.open(
+                pool_uuid,
+                self.lun_path(pc.device),
+                host_uuid=host_uuid(self.cfg),
+                run_dir=self.cfg.agent.run_dir,
+                format_lun=pc.format_lun,
+                lease_timeout=pc.lease_timeout,
+                lease_io_timeout=pc.lease_io_timeout,
+            )
+        raise InvalidArgument(f"type: pool type must be dir, nfs, rbd or lun, not {pc.type!r}", field="type")
+
+    def lun_path(self, device: str) -> str:
+        """A shared LUN's device: a /dev/disk/by-id name (wwn-0x..., the
+        same on every host) under the configured dev root, or a path."""
+        if not device:
+            raise InvalidArgument("device: a lun pool needs the LUN (a /dev/disk/by-id name or a path)", field="device")
+        if "/" not in device:
+            if device in (".", "..") or not all(c.isalnum() or c in "-_.:" for c in device):
+                raise InvalidArgument(f"device: {device!r} is not a /dev/disk/by-id name", field="device")
+            device = os.path.join(self.cfg.agent.dev_root, "disk", "by-id", device)
+        if not os.path.isabs(device):
+            raise InvalidArgument(f"device: {device!r} must be a by-id name or an absolute path", field="device")
+        return device
 
     def _add(self, pool_uuid: str, pc: PoolSection) -> VolumeDriver:
         driver = self._make(pool_uuid, pc)
@@ -118,8 +143,14 @@ class PoolRegistry:
 
             check_nfs_server(pc.ip)
             pc = dataclasses.replace(pc, export=check_nfs_export(pc.export))
+        elif pc.type == "lun":
+            path = self.lun_path(pc.device)
+            if not os.path.exists(path):
+                raise NotFound(
+                    f"device: {path} does not exist on this host (the LUN is not visible here)", field="device"
+                )
         else:
-            raise InvalidArgument(f"type: pool type must be dir, nfs or rbd, not {pc.type!r}", field="type")
+            raise InvalidArgument(f"type: pool type must be dir, nfs, rbd or lun, not {pc.type!r}", field="type")
         with self._lock:
             if pool_uuid in self._pools:
                 if self._sections[pool_uuid] == pc:
@@ -132,6 +163,7 @@ class PoolRegistry:
             driver = self._make(pool_uuid, pc)
             status = driver.pool_status()
             if status.status == "unreachable":
+                _close(driver)
                 raise TargetUnreachable(
                     f"pool_uuid: pool {pool_uuid} does not answer: {status.error}", field="pool_uuid"
                 )
@@ -155,3 +187,15 @@ class PoolRegistry:
             del self._pools[pool_uuid]
             del self._sections[pool_uuid]
             self._attached.discard(pool_uuid)
+        _close(driver)
+
+    def close(self) -> None:
+        """At the agent's stop: pools that hold leases on shared storage let them go."""
+        for driver in self.all():
+            _close(driver)
+
+
+def _close(driver: VolumeDriver) -> None:
+    close = getattr(driver, "close", None)
+    if close is not None:
+        close()

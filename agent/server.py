@@ -211,6 +211,7 @@ class Agent:
         server.stop(grace=2.0).wait()
         exports.stop_all()  # no export outlives the agent
         procs.Child.stop_all()  # no qemu-nbd outlives the agent
+        pools.close()  # shared pools' leases released: other hosts need not wait them out
         if watchdog:
             watchdog.stop()
         if metrics:

@@ -1,0 +1,993 @@
+"""The shared block pool's volume driver: qcow2 layers in slices of one LUN.
+
+Every layer of a volume (its head, each snapshot) is a qcow2 image in a
+slice of its own; each volume's metadata (the snapshot tree, the same
+VolMeta as a directory pool's) is a small JSON document in a slice of kind
+META. Layers are named by the slice table:
+
+    layer id = the volume uuid for the head, the snapshot uuid for a snapshot
+    parent   = the layer id it is backed by ("" for none; a linked clone's
+               bottom layer names the origin's snapshot, in any volume)
+
+qemu opens a layer as qcow2 over the raw driver's offset/size over the LUN
+(host_device, locking off: many layers share one device), and always with
+its whole backing chain spelled out from the table, never from the backing
+strings in the headers (those are written too, for people and tools, and
+stay true: a layer that is another's backing never moves or grows).
+
+Snapshots, rollback, deletion and clones are the directory pool's
+operations (agent.volumes.qcow2.driver) with renames replaced by slice
+records: a snapshot allocates the new head under a temporary layer id, saves
+the metadata, then renames the old head's slice to the snapshot and the new
+one to the head; a crash at any point is finished or undone at the next
+change of the volume (_repair). Slices are thick for now: each layer gets
+what `qemu-img measure` says a fully allocated image of its size needs.
+
+Only the pool's metadata owner (agent.volumes.lun.leases) changes the table
+and the metadata; every host reads both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import struct
+import tempfile
+import time
+import uuid as uuidlib
+import zlib
+from collections.abc import Callable
+from contextlib import contextmanager
+
+from agent import procs
+from agent.errors import (
+    AlreadyExists,
+    DataCorrupt,
+    FailedPrecondition,
+    HasDependents,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    TrackingLost,
+)
+from agent.extents import AllocExtent, Extent, merge_extents
+from agent.volumes.base import (
+    HEAD,
+    ChangedExtents,
+    PoolStatus,
+    RestoreTarget,
+    SnapshotInfo,
+    SnapshotTree,
+    VolumeDriver,
+    VolumeInfo,
+    build_tree,
+    check_capacity,
+    check_name,
+    check_uuid,
+)
+from agent.volumes.lun import format as fmt
+from agent.volumes.lun.format import SliceRecord
+from agent.volumes.lun.membership import Membership
+from agent.volumes.lun.table import PoolLun, SliceTable, format_pool
+from agent.volumes.nbd import NbdSnapshotReader, QemuNbd
+from agent.volumes.qcow2 import qemu_img
+from agent.volumes.qcow2.bitmap import dirty_extents
+from agent.volumes.qcow2.driver import BITMAP, GRANULARITY, Qcow2OverwriteTarget, Qcow2RestoreTarget
+from agent.volumes.qcow2.meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta
+
+log = logging.getLogger("agent.lun")
+
+LEFTOVER_AGE = 600  # seconds before a slice no volume names counts as abandoned
+_META_HEAD = struct.Struct("<8sQII")  # magic, generation, length, crc32 of the JSON
+_META_MAGIC = b"BFVMETA1"
+
+
+class LayerFile:
+    """A layer's bytes read straight from its slice (the dirty-bitmap reader's ReadFile)."""
+
+    def __init__(self, dev, rec: SliceRecord):
+        self.dev, self.rec = dev, rec
+
+    def pread(self, n: int, offset: int) -> bytes:
+        n = max(0, min(n, self.rec.size - offset))
+        start = offset // fmt.BLOCK * fmt.BLOCK
+        end = fmt.align_up(offset + n, fmt.BLOCK)
+        data = bytes(self.dev.read(self.rec.offset + start, end - start)) if n else b""
+        return data[offset - start : offset - start + n]
+
+    def close(self) -> None:
+        pass
+
+
+class _Layers:
+    """open_ro(layer id) for qcow2.bitmap.dirty_extents."""
+
+    def __init__(self, pool: LunPool, recs: list[SliceRecord]):
+        self.pool, self.recs = pool, recs
+
+    def open_ro(self, layer: str) -> LayerFile:
+        return LayerFile(self.pool.table.lun.dev, self.pool._rec(self.recs, layer))
+
+
+class LunPool(VolumeDriver):
+    kind = "lun"
+    membership: Membership | None = None
+
+    @classmethod
+    def open(
+        cls,
+        pool_uuid: str,
+        path: str,
+        *,
+        host_uuid: str,
+        run_dir: str,
+        format_lun: bool = False,
+        lease_timeout: float = 60.0,
+        lease_io_timeout: float = 5.0,
+    ) -> LunPool:
+        """The pool on the block device at path (formatted first when blank
+        and format_lun), with this host's membership started."""
+        from agent.stores.blockdev import LocalBlockDevice
+
+        dev = LocalBlockDevice(path, label=path, exclusive=False)
+        try:
+            try:
+                lun = PoolLun(dev, pool_uuid)
+            except DataCorrupt:
+                if not format_lun:
+                    raise FailedPrecondition(
+                        f"device: {path} holds no blockferry pool; set format_lun to format it (only a blank "
+                        "LUN is formatted)",
+                        field="device",
+                    ) from None
+                format_pool(dev, pool_uuid)
+                lun = PoolLun(dev, pool_uuid)
+            if lease_timeout <= 3 * lease_io_timeout:
+                raise InvalidArgument(
+                    f"lease_timeout: {lease_timeout}s must exceed 3 x lease_io_timeout ({lease_io_timeout}s)",
+                    field="lease_timeout",
+                )
+            member = Membership(lun, host_uuid, timeout=lease_timeout, io_timeout=lease_io_timeout)
+        except BaseException:
+            dev.close()
+            raise
+        pool = cls(
+            pool_uuid,
+            SliceTable(lun, guard=member.guard),
+            {"driver": "host_device", "filename": path},
+            run_dir=run_dir,
+            owner=member.owner,
+            label=f"pool {pool_uuid} ({path})",
+        )
+        pool.membership = member.start()
+        return pool
+
+    def close(self) -> None:
+        """Leave the pool: both leases released (a successor need not wait)."""
+        if self.membership is not None:
+            self.membership.stop()
+            self.membership = None
+        self.table.lun.dev.close()
+
+    def __init__(
+        self,
+        pool_uuid: str,
+        table: SliceTable,
+        protocol: dict,
+        *,
+        run_dir: str,
+        owner: Callable[[], str] = lambda: "",
+        label: str = "",
+    ):
+        """table: the pool's slice table (its guard: this host's owner
+        lease); protocol: the qemu protocol node that reaches the LUN on this
+        host ({"driver": "host_device", "filename": ...} or an iscsi node);
+        owner(): who the metadata owner is, for errors on other hosts."""
+        self.pool_uuid = check_uuid(pool_uuid, "pool_uuid")
+        self.table = table
+        if protocol.get("driver") == "host_device":
+            # every layer shares the device, so no whole-device lock; O_DIRECT:
+            # other hosts write the same LUN, a page cache here would go stale
+            protocol = dict(protocol, locking="off", cache={"direct": True})
+        self.protocol = protocol
+        self.run_dir = run_dir
+        self.owner = owner
+        self.label = label or f"pool {pool_uuid}"
+
+    # ---- names ----
+
+    def _node(self, rec: SliceRecord) -> dict:
+        return {
+            "driver": "qcow2",
+            "file": {"driver": "raw", "offset": rec.offset, "size": rec.size, "file": self.protocol},
+        }
+
+    def _chain(self, recs: list[SliceRecord], rec: SliceRecord) -> dict:
+        node = self._node(rec)
+        node["backing"] = self._chain(recs, self._rec(recs, rec.parent)) if rec.parent else None
+        return node
+
+    def _name(self, recs: list[SliceRecord], layer: str) -> str:
+        """What qemu opens for a layer: the qcow2 with its chain from the table."""
+        return "json:" + json.dumps(self._chain(recs, self._rec(recs, layer)), separators=(",", ":"))
+
+    def _top(self, recs: list[SliceRecord], layer: str) -> str:
+        """A layer alone, no backing: what qemu-img info, bitmap and resize
+        take (they open images without their chain)."""
+        return self._backing_string(self._rec(recs, layer)) or ""
+
+    def _backing_string(self, rec: SliceRecord | None) -> str | None:
+        return "json:" + json.dumps(self._node(rec), separators=(",", ":")) if rec else None
+
+    def _rec(self, recs: list[SliceRecord], layer: str, kind: int = fmt.LAYER) -> SliceRecord:
+        for r in recs:
+            if r.used and r.kind == kind and r.layer == layer:
+                return r
+        raise NotFound(f"{self.label}: no slice holds layer {layer}")
+
+    def check_geometry(self, rec: SliceRecord) -> SliceRecord:
+        """The slot as the table has it now; FailedPrecondition when its
+        geometry changed since rec was read (it must be opened again)."""
+        now = self.table.records()[rec.slot]
+        if now.generation != rec.generation or (now.offset, now.size) != (rec.offset, rec.size):
+            raise FailedPrecondition(
+                f"{self.label}: layer {rec.layer} moved or grew (slice {rec.slot} generation "
+                f"{rec.generation} -> {now.generation}); open it again"
+            )
+        return now
+
+    # ---- metadata slices ----
+
+    def _meta_rec(self, recs: list[SliceRecord], vol: str) -> SliceRecord | None:
+        for r in recs:
+            if r.used and r.kind == fmt.META and r.volume == vol:
+                return r
+        return None
+
+    def _read_meta(self, rec: SliceRecord) -> tuple[VolMeta, int] | None:
+        half = rec.size // 2
+        best = None
+        for base in (rec.offset, rec.offset + half):
+            raw = bytes(self.table.lun.dev.read(base, fmt.BLOCK))
+            magic, gen, length, crc = _META_HEAD.unpack_from(raw)
+            if magic != _META_MAGIC or length > half - _META_HEAD.size:
+                continue
+            total = fmt.align_up(_META_HEAD.size + length, fmt.BLOCK)
+            if total > fmt.BLOCK:
+                raw = bytes(self.table.lun.dev.read(base, total))
+            body = raw[_META_HEAD.size : _META_HEAD.size + length]
+            if zlib.crc32(body) & 0xFFFFFFFF != crc:
+                continue
+            if best is None or gen > best[1]:
+                best = (body, gen)
+        if best is None:
+            return None
+        d = json.loads(best[0])
+        known = {f.name for f in dataclasses.fields(SnapMeta)}
+        snaps = [SnapMeta(**{k: v for k, v in s.items() if k in known}) for s in d.pop("snapshots", [])]
+        return VolMeta(snapshots=snaps, **d), best[1]
+
+    def _write_meta(self, rec: SliceRecord, meta: VolMeta, generation: int) -> None:
+        """Into the half the previous generation is not in: a torn write
+        leaves the previous one readable."""
+        self._must_own()
+        body = json.dumps(dataclasses.asdict(meta), sort_keys=True).encode()
+        half = rec.size // 2
+        if _META_HEAD.size + len(body) > half:
+            raise NoSpace(f"{self.label}: volume {meta.uuid}'s metadata outgrew its slice")
+        data = _META_HEAD.pack(_META_MAGIC, generation, len(body), zlib.crc32(body) & 0xFFFFFFFF) + body
+        data += b"\0" * (fmt.align_up(len(data), fmt.BLOCK) - len(data))
+        self.table.lun.dev.write(rec.offset + (generation % 2) * half, data)
+        self.table.lun.dev.flush()
+
+    def _meta(self, vol: str, recs: list[SliceRecord] | None = None) -> VolMeta:
+        vol = check_uuid(vol, "volume_uuid")
+        recs = recs if recs is not None else self.table.records()
+        rec = self._meta_rec(recs, vol)
+        got = self._read_meta(rec) if rec else None
+        if got is None:
+            raise NotFound(f"volume_uuid: no volume {vol} in pool {self.pool_uuid}", field="volume_uuid")
+        return got[0]
+
+    def _save(self, meta: VolMeta) -> None:
+        recs = self.table.records()
+        rec = self._meta_rec(recs, meta.uuid)
+        if rec is None:
+            rec = self.table.allocate(fmt.MIN_EXTENT, kind=fmt.META, volume=meta.uuid, layer=meta.uuid)
+            gen = 1
+        else:
+            got = self._read_meta(rec)
+            gen = got[1] + 1 if got else 1
+        self._write_meta(rec, meta, gen)
+
+    def _snap(self, meta: VolMeta, snap: str) -> SnapMeta:
+        snap = check_uuid(snap, "snapshot_uuid")
+        s = meta.snapshot(snap)
+        if s is None:
+            raise NotFound(f"snapshot_uuid: no snapshot {snap} on volume {meta.uuid}", field="snapshot_uuid")
+        return s
+
+    def _must_own(self) -> None:
+        """FailedPrecondition unless this host holds the pool's owner lease now."""
+        try:
+            if self.table.guard is None:
+                raise FailedPrecondition("no owner lease")
+            self.table.guard()
+        except FailedPrecondition as e:
+            owner = self.owner()
+            raise FailedPrecondition(
+                f"pool_uuid: this host is not the metadata owner of pool {self.pool_uuid}"
+                + (f" (host {owner} is)" if owner else "")
+                + f"; volumes are created and changed there ({e.message})",
+                field="pool_uuid",
+            ) from None
+
+    # ---- layers ----
+
+    def _slice_size(self, capacity: int) -> int:
+        """A thick layer: what qemu-img measure says a fully allocated image
+        needs, plus its dirty bitmap and one extent of headroom."""
+        out = procs.run(
+            [
+                "qemu-img",
+                "measure",
+                "--output=json",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=65536",
+                "--size",
+                str(capacity),
+            ],
+            timeout=60,
+            what="qemu-img measure",
+        ).stdout
+        full = json.loads(out)["fully-allocated"]
+        bitmap = capacity // (GRANULARITY * 8) + 65536
+        return full + bitmap + self.table.sb.extent_size
+
+    def _new_layer(self, rec: SliceRecord, capacity: int, backing: SliceRecord | None) -> None:
+        """Write an empty qcow2 (with its enabled dirty bitmap) into a slice:
+        made as a small local file, then copied in whole (zeros too, so
+        nothing a slice held before shows through its metadata)."""
+        os.makedirs(self.run_dir, mode=0o750, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.run_dir, prefix="lun-layer-") as tmp:
+            path = os.path.join(tmp, "layer.qcow2")
+            qemu_img.create(path, capacity, backing=self._backing_string(backing), unsafe=True)
+            qemu_img.bitmap(path, "add", BITMAP)
+            if os.path.getsize(path) > rec.size:
+                raise NoSpace(f"{self.label}: a layer of {capacity} bytes does not fit its slice of {rec.size}")
+            procs.run(
+                [
+                    "qemu-img",
+                    "convert",
+                    "-n",
+                    "-f",
+                    "raw",
+                    path,
+                    "--target-image-opts",
+                    self._raw_opts(rec, os.path.getsize(path)),
+                ],
+                timeout=600,
+                what="qemu-img convert (new layer)",
+            )
+
+    def _raw_opts(self, rec: SliceRecord, size: int) -> str:
+        return _opts(
+            {"driver": "raw", "offset": rec.offset, "size": fmt.align_up(size, fmt.BLOCK), "file": self.protocol}
+        )
+
+    def _freeze_tracking(self, name: str) -> str:
+        bm = qemu_img.info(name).bitmap(BITMAP)
+        if bm is None:
+            return TRACKING_LOST
+        if not bm.consistent:
+            qemu_img.bitmap(name, "remove", BITMAP)
+            return TRACKING_LOST
+        qemu_img.bitmap(name, "disable", BITMAP)
+        return TRACKING_OK
+
+    def _repair(self, meta: VolMeta) -> None:
+        """Finish or undo what a crash interrupted: slices of the volume
+        whose layer id is neither the head's nor a snapshot's."""
+        recs = self.table.records()
+        known = {meta.uuid} | {s.uuid for s in meta.snapshots}
+        mine = [r for r in recs if r.used and r.kind == fmt.LAYER and r.volume == meta.uuid]
+        for t in [r for r in mine if r.layer not in known]:
+            recs = self.table.records()
+            head = next((r for r in recs if r.used and r.kind == fmt.LAYER and r.layer == meta.uuid), None)
+            by_layer = {r.layer for r in recs if r.used and r.kind == fmt.LAYER}
+            p = t.parent
+            s = meta.snapshot(p) if p else None
+            if s is not None and p not in by_layer and head is not None:
+                # a snapshot whose metadata was saved: its layer is still named the head
+                self.table.update(head.slot, layer=p)
+                head = None
+                log.warning("finished an interrupted snapshot", extra={"volume": meta.uuid, "snapshot": p})
+            if (p or None) == meta.head_parent and (head is None or (head.parent or None) != meta.head_parent):
+                if head is not None:
+                    self.table.release(head.slot)
+                self.table.update(t.slot, layer=meta.uuid)
+                log.warning("finished an interrupted head switch", extra={"volume": meta.uuid})
+            else:  # an operation that never saved its metadata
+                self.table.release(t.slot)
+                log.warning("removed a slice an interrupted operation left", extra={"volume": meta.uuid})
+
+    # ---- volumes ----
+
+    def volume_uuids(self) -> list[str]:
+        return sorted({r.volume for r in self.table.records() if r.used and r.kind == fmt.META})
+
+    def volume_exists(self, volume_uuid: str) -> bool:
+        vol = check_uuid(volume_uuid, "volume_uuid")
+        recs = self.table.records()
+        rec = self._meta_rec(recs, vol)
+        return rec is not None and self._read_meta(rec) is not None
+
+    def create_volume(
+        self, volume_uuid: str, name: str, capacity: int | None, backing_file: str | None = None
+    ) -> VolumeInfo:
+        vol = check_uuid(volume_uuid, "volume_uuid")
+        check_name(name, "name")
+        if backing_file:
+            raise InvalidArgument(
+                f"backing_file: pool {self.pool_uuid} is a shared LUN; a host's file cannot be the base of its "
+                "volumes; import it with a full copy instead",
+                field="backing_file",
+            )
+        if capacity is None:
+            raise InvalidArgument("capacity: required", field="capacity")
+        check_capacity(capacity)
+        self._must_own()
+        with self._locked(vol):
+            if self.volume_exists(vol):
+                raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
+            meta = VolMeta(uuid=vol, name=name, created_at=time.time())
+            head = self.table.allocate(self._slice_size(capacity), kind=fmt.LAYER, volume=vol, layer=vol)
+            try:
+                self._new_layer(head, capacity, None)
+                self._save(meta)
+            except BaseException:
+                self.table.release(head.slot)
+                raise
+            log.info("volume created", extra={"pool": self.pool_uuid, "volume": vol, "slice": head.slot})
+            return self._info(meta)
+
+    def delete_volume(self, volume_uuid: str, force: bool = False) -> None:
+        self._must_own()
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            clones = [c for s in meta.snapshots for c in s.clones]
+            if clones and not force:
+                raise HasDependents(
+                    f"volume_uuid: volume {meta.uuid} has linked clones "
+                    f"{', '.join(c.split('/')[1] for c in clones)}; flatten or delete them first, "
+                    "or delete with force (which flattens them)",
+                    field="volume_uuid",
+                )
+            if meta.snapshots and not force:
+                names = ", ".join(f"{s.name} ({s.uuid})" for s in meta.snapshots)
+                raise HasDependents(
+                    f"volume_uuid: volume {meta.uuid} has snapshots {names}; delete them first, or delete with force",
+                    field="volume_uuid",
+                )
+        for clone in clones:
+            self.flatten(clone.split("/")[1])
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            if meta.parent_volume:
+                self._forget_clone(meta)
+            recs = self.table.records()
+            meta_rec = self._meta_rec(recs, meta.uuid)
+            if meta_rec is not None:
+                self.table.release(meta_rec.slot)  # the volume is gone from here on
+            for r in recs:
+                if r.used and r.kind == fmt.LAYER and r.volume == meta.uuid:
+                    self.table.release(r.slot)
+            log.info("volume deleted", extra={"pool": self.pool_uuid, "volume": meta.uuid})
+
+    def _forget_clone(self, meta: VolMeta) -> None:
+        with self._locked(meta.parent_volume):
+            try:
+                origin = self._meta(meta.parent_volume)
+            except NotFound:
+                return
+            snap = origin.snapshot(meta.parent_snapshot)
+            key = f"{self.pool_uuid}/{meta.uuid}"
+            if snap and key in snap.clones:
+                snap.clones.remove(key)
+                self._save(origin)
+
+    def volume_info(self, volume_uuid: str) -> VolumeInfo:
+        return self._info(self._meta(volume_uuid))
+
+    def _info(self, meta: VolMeta) -> VolumeInfo:
+        recs = self.table.records()
+        name = self._name(recs, meta.uuid)
+        info = qemu_img.info(self._top(recs, meta.uuid))
+        tracking = TRACKING_LOST
+        if meta.head_tracking == TRACKING_OK:
+            bm = info.bitmap(BITMAP)
+            tracking = TRACKING_OK if bm is not None and bm.consistent else TRACKING_LOST
+        snap_ids = {s.uuid for s in meta.snapshots}
+        return VolumeInfo(
+            uuid=meta.uuid,
+            name=meta.name,
+            pool_uuid=self.pool_uuid,
+            capacity=info.virtual_size,
+            used=qemu_img.allocated_data(name),
+            snapshot_bytes=sum(r.size for r in recs if r.used and r.kind == fmt.LAYER and r.layer in snap_ids),
+            access_path=name,
+            created_at=meta.created_at,
+            parent_volume=meta.parent_volume,
+            parent_snapshot=meta.parent_snapshot,
+            children=tuple(c.split("/")[1] for s in meta.snapshots for c in s.clones),
+            format="qcow2",
+            tracking=tracking,
+        )
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        out = []
+        for vol in self.volume_uuids():
+            try:
+                out.append(self.volume_info(vol))
+            except NotFound:
+                continue
+        return out
+
+    def resize_volume(self, volume_uuid: str, capacity: int) -> VolumeInfo:
+        check_capacity(capacity)
+        self._must_own()
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            self._repair(meta)
+            recs = self.table.records()
+            current = qemu_img.info(self._top(recs, meta.uuid)).virtual_size
+            if capacity < current:
+                raise InvalidArgument(
+                    f"capacity: shrinking from {current} to {capacity} bytes would lose data; only growing is "
+                    "supported",
+                    field="capacity",
+                )
+            if capacity > current:
+                head = self._rec(recs, meta.uuid)
+                try:
+                    self.table.grow(head.slot, self._slice_size(capacity))
+                except NoSpace:  # the next slice is in the way: move the head
+                    self._relocate(meta, head, self._slice_size(capacity))
+                qemu_img.resize(self._top(self.table.records(), meta.uuid), capacity)
+            return self._info(meta)
+
+    def _relocate(self, meta: VolMeta, head: SliceRecord, size: int) -> SliceRecord:
+        """Move an idle head to a new slice of size bytes: copied whole, then
+        the old slice released and the new one named the head (a crash in
+        between is finished or undone by _repair; no layer is backed by a
+        head, so no backing string names the old place)."""
+        tmp = self.table.allocate(
+            size, kind=fmt.LAYER, volume=meta.uuid, layer=str(uuidlib.uuid4()), parent=head.parent
+        )
+        try:
+            dev, step = self.table.lun.dev, 4 << 20
+            for pos in range(0, head.size, step):
+                n = min(step, head.size - pos)
+                dev.write(tmp.offset + pos, bytes(dev.read(head.offset + pos, n)))
+            dev.flush()
+            self.check_geometry(head)
+        except BaseException:
+            self.table.release(tmp.slot)
+            raise
+        self.table.release(head.slot)
+        moved = self.table.update(tmp.slot, layer=meta.uuid)
+        log.info("head moved to a larger slice", extra={"volume": meta.uuid, "from": head.offset, "to": moved.offset})
+        return moved
+
+    # ---- snapshots ----
+
+    def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str, description: str = "") -> SnapshotInfo:
+        snap = check_uuid(snapshot_uuid, "snapshot_uuid")
+        check_name(name, "snapshot_name")
+        self._must_own()
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            self._repair(meta)
+            if meta.snapshot(snap) or any(r.used and r.layer == snap for r in self.table.records()):
+                raise AlreadyExists(f"snapshot_uuid: snapshot {snap} exists", field="snapshot_uuid")
+            if any(s.name == name for s in meta.snapshots):
+                raise AlreadyExists(
+                    f"snapshot_name: volume {meta.uuid} has a snapshot named {name!r}", field="snapshot_name"
+                )
+            recs = self.table.records()
+            head = self._rec(recs, meta.uuid)
+            head_name = self._top(recs, meta.uuid)
+            capacity = qemu_img.info(head_name).virtual_size
+            tracking = TRACKING_OK if meta.head_tracking == TRACKING_OK else TRACKING_LOST
+            if self._freeze_tracking(head_name) != TRACKING_OK:
+                tracking = TRACKING_LOST
+            tmp = self.table.allocate(
+                head.size, kind=fmt.LAYER, volume=meta.uuid, layer=str(uuidlib.uuid4()), parent=snap
+            )
+            try:
+                self._new_layer(tmp, capacity, head)
+            except BaseException:
+                self.table.release(tmp.slot)
+                qemu_img.bitmap(head_name, "enable", BITMAP)
+                raise
+            s = SnapMeta(
+                uuid=snap,
+                name=name,
+                description=description,
+                created_at=time.time(),
+                parent=meta.head_parent,
+                tracking=tracking,
+                consistency="offline",
+            )
+            meta.snapshots.append(s)
+            meta.head_parent = snap
+            meta.head_tracking = TRACKING_OK
+            self._save(meta)  # from here on the snapshot exists; _repair finishes the renames
+            self.table.update(head.slot, layer=snap)
+            self.table.update(tmp.slot, layer=meta.uuid)
+            log.info("snapshot created", extra={"volume": meta.uuid, "snapshot": snap})
+            return self._snap_info(meta, s)
+
+    def _snap_info(self, meta: VolMeta, s: SnapMeta, recs: list[SliceRecord] | None = None) -> SnapshotInfo:
+        recs = recs if recs is not None else self.table.records()
+        children = [c.uuid for c in meta.children_of(s.uuid)]
+        if meta.head_parent == s.uuid:
+            children.append(HEAD)
+        size = next((r.size for r in recs if r.used and r.kind == fmt.LAYER and r.layer == s.uuid), 0)
+        return SnapshotInfo(
+            uuid=s.uuid,
+            name=s.name,
+            volume_uuid=meta.uuid,
+            description=s.description,
+            created_at=s.created_at,
+            size=size,
+            parent=s.parent,
+            children=tuple(children),
+            clones=tuple(c.split("/")[1] for c in s.clones),
+            tracking=s.tracking,
+            consistency=s.consistency,
+            vm_definition=s.vm_definition,
+        )
+
+    def _bottom_parent(self, meta: VolMeta) -> str:
+        """The layer a volume's bottom layer is backed by: the origin
+        snapshot of a linked clone, else none."""
+        return (meta.parent_snapshot or "") if meta.parent_volume else ""
+
+    def delete_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> None:
+        self._must_own()
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            self._repair(meta)
+            s = self._snap(meta, snapshot_uuid)
+            if s.clones:
+                raise HasDependents(
+                    f"snapshot_uuid: snapshot {s.name} ({s.uuid}) has linked clones "
+                    f"{', '.join(c.split('/')[1] for c in s.clones)}; flatten or delete them first",
+                    field="snapshot_uuid",
+                )
+            recs = self.table.records()
+            layer = self._rec(recs, s.uuid)
+            new_parent = s.parent or self._bottom_parent(meta)
+            new_backing = self._rec(recs, new_parent) if new_parent else None
+            children: list[tuple[SnapMeta | None, str]] = [(c, c.uuid) for c in meta.children_of(s.uuid)]
+            if meta.head_parent == s.uuid:
+                children.append((None, meta.uuid))
+            layer_name = "json:" + json.dumps(self._node(layer), separators=(",", ":"))
+            for child, child_layer in children:
+                recs = self.table.records()
+                name = self._top(recs, child_layer)
+                # copies in what the child still needs from the layer going away
+                qemu_img.rebase(self._name(recs, child_layer), self._backing_string(new_backing))
+                child_ok = (child.tracking if child else meta.head_tracking) == TRACKING_OK
+                if child_ok and s.tracking == TRACKING_OK:
+                    qemu_img.bitmap(name, "merge", BITMAP, source_file=layer_name, source=BITMAP)
+                elif child:
+                    child.tracking = TRACKING_LOST
+                else:
+                    meta.head_tracking = TRACKING_LOST
+                self.table.update(self._rec(self.table.records(), child_layer).slot, parent=new_parent)
+                if child:
+                    child.parent = s.parent
+            if meta.head_parent == s.uuid:
+                meta.head_parent = s.parent
+            meta.snapshots.remove(s)
+            self._save(meta)
+            self.table.release(layer.slot)
+            log.info("snapshot deleted", extra={"volume": meta.uuid, "snapshot": s.uuid, "rebased": len(children)})
+
+    def rollback_snapshot(self, volume_uuid: str, snapshot_uuid: str) -> VolumeInfo:
+        self._must_own()
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            self._repair(meta)
+            s = self._snap(meta, snapshot_uuid)
+            recs = self.table.records()
+            head = self._rec(recs, meta.uuid)
+            layer = self._rec(recs, s.uuid)
+            capacity = qemu_img.info(self._top(recs, s.uuid)).virtual_size
+            tmp = self.table.allocate(
+                self._slice_size(capacity), kind=fmt.LAYER, volume=meta.uuid, layer=str(uuidlib.uuid4()), parent=s.uuid
+            )
+            try:
+                self._new_layer(tmp, capacity, layer)
+            except BaseException:
+                self.table.release(tmp.slot)
+                raise
+            meta.head_parent = s.uuid
+            meta.head_tracking = TRACKING_OK
+            self._save(meta)
+            self.table.release(head.slot)
+            self.table.update(tmp.slot, layer=meta.uuid)
+            log.info("rolled back", extra={"volume": meta.uuid, "snapshot": s.uuid})
+            return self._info(meta)
+
+    def list_snapshots(self, volume_uuid: str) -> list[SnapshotInfo]:
+        meta = self._meta(volume_uuid)
+        recs = self.table.records()
+        return [self._snap_info(meta, s, recs) for s in sorted(meta.snapshots, key=lambda s: s.created_at)]
+
+    def snapshot_info(self, volume_uuid: str, snapshot_uuid: str) -> SnapshotInfo:
+        meta = self._meta(volume_uuid)
+        return self._snap_info(meta, self._snap(meta, snapshot_uuid))
+
+    def snapshot_tree(self, volume_uuid: str) -> SnapshotTree:
+        meta = self._meta(volume_uuid)
+        return build_tree([(s.uuid, s.name, s.parent, s.created_at) for s in meta.snapshots], meta.head_parent)
+
+    # ---- extents and reads ----
+
+    def _layer_name(self, volume_uuid: str, snapshot_uuid: str | None) -> str:
+        meta = self._meta(volume_uuid)
+        if snapshot_uuid:
+            self._snap(meta, snapshot_uuid)
+        return self._name(self.table.records(), snapshot_uuid or meta.uuid)
+
+    def data_extents(self, volume_uuid: str, snapshot_uuid: str | None) -> list[AllocExtent]:
+        with QemuNbd(self._layer_name(volume_uuid, snapshot_uuid), run_dir=self.run_dir) as srv:
+            with srv.connect() as c:
+                return c.allocation()
+
+    def _path_to(self, meta: VolMeta, snap: str, since: str) -> list[SnapMeta]:
+        path, cur = [], self._snap(meta, snap)
+        while True:
+            path.append(cur)
+            if cur.parent == since:
+                return path
+            if cur.parent is None:
+                raise FailedPrecondition(
+                    f"since_snapshot_uuid: snapshot {since} is not an ancestor of snapshot {snap}",
+                    field="since_snapshot_uuid",
+                )
+            cur = self._snap(meta, cur.parent)
+
+    def changed_extents(self, volume_uuid: str, snapshot_uuid: str, since_snapshot_uuid: str | None) -> ChangedExtents:
+        meta = self._meta(volume_uuid)
+        self._snap(meta, snapshot_uuid)
+        if since_snapshot_uuid is None:
+            data = [Extent(e.start, e.length) for e in self.data_extents(volume_uuid, snapshot_uuid) if not e.zero]
+            return ChangedExtents(data, exact=True, granularity=GRANULARITY)
+        since = self._snap(meta, since_snapshot_uuid).uuid
+        layers = self._path_to(meta, snapshot_uuid, since)
+        lost = [s for s in layers if s.tracking != TRACKING_OK]
+        if lost:
+            raise TrackingLost(
+                "snapshot_uuid: change tracking was lost for snapshot "
+                f"{', '.join(f'{s.name} ({s.uuid})' for s in lost)}",
+                field="snapshot_uuid",
+            )
+        files = _Layers(self, self.table.records())
+        dirty: list[Extent] = []
+        for s in layers:
+            dirty.extend(dirty_extents(s.uuid, BITMAP, f"snapshot {s.name} ({s.uuid})", fs=files))
+        return ChangedExtents(merge_extents(dirty), exact=True, granularity=GRANULARITY)
+
+    def image_digest(self, volume_uuid: str, snapshot_uuid: str | None, ctx=None):
+        from agent.volumes.digest import image_digest
+
+        return image_digest(self._layer_name(volume_uuid, snapshot_uuid or None), run_dir=self.run_dir, ctx=ctx)
+
+    @contextmanager
+    def open_reader(self, volume_uuid: str, snapshot_uuid: str, only=None):
+        meta = self._meta(volume_uuid)
+        self._snap(meta, snapshot_uuid)
+        recs = self.table.records()
+        rec = self._rec(recs, snapshot_uuid)
+        with QemuNbd(self._name(recs, snapshot_uuid), readonly=True, run_dir=self.run_dir) as srv:
+            self.check_geometry(rec)  # what qemu-nbd opened is still where the table says
+            with srv.connect() as c:
+                yield NbdSnapshotReader(c)
+
+    # ---- clones ----
+
+    def linked_clone(
+        self, source: VolumeDriver, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str
+    ) -> VolumeInfo:
+        vol = check_uuid(volume_uuid, "clone_volume_uuid")
+        check_name(name, "clone_dst_vol_name")
+        if source is not self:
+            raise FailedPrecondition(
+                "target_pool_uuid: a linked clone lives in the pool of its origin snapshot (its backing "
+                "layer is a slice of that LUN); make a full clone",
+                field="target_pool_uuid",
+            )
+        self._must_own()
+        with self._locked(source_volume):
+            origin = self._meta(source_volume)
+            s = self._snap(origin, snapshot_uuid)
+            recs = self.table.records()
+            layer = self._rec(recs, s.uuid)
+            capacity = qemu_img.info(self._top(recs, s.uuid)).virtual_size
+            with self._locked(vol):
+                if self.volume_exists(vol):
+                    raise AlreadyExists(
+                        f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="clone_volume_uuid"
+                    )
+                head = self.table.allocate(
+                    self._slice_size(capacity), kind=fmt.LAYER, volume=vol, layer=vol, parent=s.uuid
+                )
+                meta = VolMeta(
+                    uuid=vol,
+                    name=name,
+                    created_at=time.time(),
+                    parent_volume=origin.uuid,
+                    parent_pool=self.pool_uuid,
+                    parent_snapshot=s.uuid,
+                    parent_file=s.uuid,
+                )
+                try:
+                    self._new_layer(head, capacity, layer)
+                    self._save(meta)
+                except BaseException:
+                    self.table.release(head.slot)
+                    raise
+            s.clones.append(f"{self.pool_uuid}/{vol}")
+            self._save(origin)
+            log.info("linked clone created", extra={"volume": vol, "origin": origin.uuid, "snapshot": s.uuid})
+            return self._info(meta)
+
+    def flatten(self, volume_uuid: str, *, on_percent=None, checkpoint=None) -> VolumeInfo:
+        self._must_own()
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            if not meta.parent_volume:
+                raise FailedPrecondition(f"volume_uuid: volume {meta.uuid} is not a linked clone", field="volume_uuid")
+            roots = meta.children_of(None)
+            bottom = roots[0].uuid if roots else meta.uuid
+            recs = self.table.records()
+            qemu_img.rebase(self._name(recs, bottom), None, on_percent=on_percent, checkpoint=checkpoint)
+            self.table.update(self._rec(recs, bottom).slot, parent="")
+            self._forget_clone(meta)
+            meta.parent_volume = meta.parent_pool = meta.parent_snapshot = meta.parent_file = None
+            self._save(meta)
+            log.info("clone flattened", extra={"volume": meta.uuid})
+            return self._info(meta)
+
+    def new_volume_for_copy(
+        self, volume_uuid: str, name: str, capacity: int, job_id: str = "copy"
+    ) -> tuple[str, Callable[[], VolumeInfo], Callable[[], None]]:
+        """A hidden new head (a slice under a temporary layer id): returns
+        (its qemu name, commit(), abort()). Until commit the volume does not exist."""
+        vol = check_uuid(volume_uuid, "volume_uuid")
+        check_name(name, "name")
+        check_capacity(capacity)
+        self._must_own()
+        if self.volume_exists(vol):
+            raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
+        tmp = self.table.allocate(self._slice_size(capacity), kind=fmt.LAYER, volume=vol, layer=str(uuidlib.uuid4()))
+        try:
+            self._new_layer(tmp, capacity, None)
+        except BaseException:
+            self.table.release(tmp.slot)
+            raise
+        name_json = "json:" + json.dumps(dict(self._node(tmp), backing=None), separators=(",", ":"))
+
+        def commit() -> VolumeInfo:
+            with self._locked(vol):
+                if self.volume_exists(vol):
+                    raise AlreadyExists(
+                        f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid"
+                    )
+                self.table.lun.dev.flush()
+                meta = VolMeta(uuid=vol, name=name, created_at=time.time())
+                self.table.update(self.check_geometry(tmp).slot, layer=vol)
+                self._save(meta)
+                return self._info(meta)
+
+        def abort() -> None:
+            try:
+                self.table.release(tmp.slot)
+            except NotFound:
+                pass
+
+        return name_json, commit, abort
+
+    def full_clone(
+        self, source: VolumeDriver, source_volume: str, snapshot_uuid: str, volume_uuid: str, name: str, ctx
+    ) -> tuple[VolumeInfo, int]:
+        """qemu-img convert from the source snapshot's chain into a new head."""
+        if not isinstance(source, LunPool):
+            raise FailedPrecondition("pool_uuid: full clones between kinds go through copy_snapshot", field="pool_uuid")
+        src = source._layer_name(source_volume, snapshot_uuid)
+        capacity = qemu_img.info(source._top(source.table.records(), snapshot_uuid)).virtual_size
+        data = qemu_img.allocated_data(src)
+        dst, commit, abort = self.new_volume_for_copy(volume_uuid, name, capacity, job_id=ctx.job_id)
+        try:
+            ctx.progress(0, data, "copying")
+            procs.run_with_progress(
+                ["qemu-img", "convert", "-p", "-U", "-n", "--target-is-zero", "-W", "-m", "8", "-f", "qcow2"]
+                + (["-r", str(ctx.bandwidth_limit)] if ctx.bandwidth_limit else [])
+                + [src, "--target-image-opts", _opts(json.loads(dst[5:]))],
+                on_percent=lambda pct: ctx.progress(int(data * pct / 100)),
+                checkpoint=ctx.checkpoint,
+                timeout=7 * 24 * 3600,
+                what="qemu-img convert",
+            )
+            ctx.checkpoint()
+            ctx.progress(data, data, "committing")
+            return commit(), data
+        except BaseException:
+            abort()
+            raise
+
+    # ---- restores ----
+
+    def check_not_in_use(self, volume_uuid: str) -> None:
+        self._meta(volume_uuid)  # layers are opened with locking off: no lock can tell
+
+    def open_overwrite_target(self, volume_uuid: str) -> RestoreTarget:
+        self._must_own()
+        name = self._layer_name(volume_uuid, None)
+        return Qcow2OverwriteTarget(name, self.run_dir, lambda: self.volume_info(volume_uuid))
+
+    def open_restore_target(self, volume_uuid: str, name: str, capacity: int, job_id: str) -> RestoreTarget:
+        image, commit, abort = self.new_volume_for_copy(volume_uuid, name, capacity, job_id=job_id)
+        try:
+            return Qcow2RestoreTarget(image, commit, abort, self.run_dir)
+        except BaseException:
+            abort()
+            raise
+
+    # ---- the pool ----
+
+    def pool_status(self) -> PoolStatus:
+        try:
+            capacity, allocated = self.table.usage()
+        except (DataCorrupt, OSError) as e:
+            return PoolStatus(self.pool_uuid, self.kind, "unreachable", error=f"{self.label}: {e}")
+        return PoolStatus(self.pool_uuid, self.kind, "healthy", capacity, allocated, capacity - allocated)
+
+    def remove_leftovers(self) -> list[int]:
+        """Release layer slices of volumes that have no metadata (a create or
+        copy that never committed), once older than LEFTOVER_AGE."""
+        try:
+            self._must_own()
+        except FailedPrecondition:
+            return []
+        recs = self.table.records()
+        volumes = {r.volume for r in recs if r.used and r.kind == fmt.META}
+        gone = []
+        for r in recs:
+            if r.used and r.kind == fmt.LAYER and r.volume not in volumes and time.time() - r.updated > LEFTOVER_AGE:
+                self.table.release(r.slot)
+                gone.append(r.slot)
+        return gone
+
+
+def _opts(node: dict, prefix: str = "") -> str:
+    """A json node as the dotted options --image-opts takes."""
+    out = []
+    for k, v in node.items():
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            out.append(_opts(v, f"{prefix}{k}."))
+        elif isinstance(v, bool):
+            out.append(f"{prefix}{k}={'on' if v else 'off'}")
+        else:
+            out.append(f"{prefix}{k}={v}")
+    return ",".join(out)

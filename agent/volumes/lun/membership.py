@@ -1,0 +1,131 @@
+"""A host's membership of a shared pool: its host id lease, and the pool's
+metadata owner lease when this host wins it.
+
+Every host that serves the pool takes a host id and renews it; every host
+is a candidate for the owner lease, and the lease elects one: a background
+thread tries to take it (waiting out a holder that stopped renewing) and,
+once it holds it, the keeper renews it. If a renewal fails for longer than
+the lease allows, guard() refuses from then on, on_lost is told (the agent
+pauses the VMs that write to the pool), and the thread becomes a candidate
+again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from agent.errors import Busy, FailedPrecondition
+from agent.volumes.lun import format as fmt
+from agent.volumes.lun.leases import DeltaLease, LeaseKeeper, LeaseLost, host_lease, live_hosts
+from agent.volumes.lun.table import PoolLun
+
+log = logging.getLogger("agent.lun")
+
+
+class Membership:
+    def __init__(
+        self,
+        lun: PoolLun,
+        host_uuid: str,
+        *,
+        timeout: float,
+        io_timeout: float,
+        candidate: bool = True,
+        on_lost: Callable[[str], None] | None = None,
+    ):
+        self.lun = lun
+        self.host_uuid = host_uuid
+        self.timeout = timeout
+        self.io_timeout = io_timeout
+        self.candidate = candidate
+        self.on_lost = on_lost or (lambda why: None)
+        self.host: DeltaLease | None = None
+        self.owner_lease = DeltaLease(lun, fmt.OWNER_LEASE, host_uuid, timeout=timeout, io_timeout=io_timeout)
+        self.keeper = LeaseKeeper(self._lost)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.state = "joining"
+
+    @property
+    def what(self) -> str:
+        return f"pool {self.lun.sb.pool_uuid}"
+
+    def start(self) -> Membership:
+        self._thread = threading.Thread(target=self._run, name=f"lun-{self.lun.sb.pool_uuid[:8]}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.host is None:
+                    self.host = host_lease(self.lun, self.host_uuid, timeout=self.timeout, io_timeout=self.io_timeout)
+                    self.keeper.add(self.host)
+                    self.state = "member"
+                    log.info("%s: joined as host id %d", self.what, self.host.index)
+                if self.candidate and not self.owner_lease.valid():
+                    self.owner_lease.acquire(wait=True)
+                    self.keeper.add(self.owner_lease)
+                    self.state = "owner"
+                    log.info("%s: this host is the metadata owner", self.what)
+            except Busy as e:
+                log.debug("%s: %s", self.what, e)
+            except Exception as e:  # noqa: BLE001 - the LUN may be unreachable for a while; keep trying
+                log.warning("%s: lease work failed: %s", self.what, e)
+            self._stop.wait(self.io_timeout if self.host is None else self.timeout / 3)
+
+    def _lost(self, lease: DeltaLease, why: str) -> None:
+        if lease is self.host:
+            self.host = None
+        self.state = "member" if self.host is not None else "joining"
+        self.on_lost(f"{lease.what}: {why}")
+
+    def guard(self) -> int:
+        """For the slice table: the owner lease's generation, or refused."""
+        try:
+            return self.owner_lease.guard()
+        except LeaseLost:
+            raise FailedPrecondition(f"{self.what}: this host does not hold the metadata owner lease") from None
+
+    @property
+    def is_owner(self) -> bool:
+        return self.owner_lease.valid()
+
+    def owner(self) -> str:
+        """The host uuid the owner lease names ("" when free or unreadable)."""
+        rec = self.owner_lease.peek()
+        return rec.owner if rec is not None and not rec.free else ""
+
+    def live_hosts(self) -> list[str]:
+        return sorted(live_hosts(self.lun))
+
+    def wait_owner(self, timeout: float) -> bool:
+        """Wait until this host holds the owner lease (tests, a first start)."""
+        return self._stop.wait(0) or _wait(lambda: self.is_owner, timeout)
+
+    def stop(self) -> None:
+        """Release both leases (a clean stop: successors need not wait)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout + 2 * self.io_timeout + 5)
+        self.keeper.stop()
+        for lease in (self.owner_lease, self.host):
+            if lease is not None:
+                try:
+                    lease.release()
+                except OSError as e:
+                    log.warning("%s: could not release %s: %s", self.what, lease.what, e)
+
+
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
+    ev = threading.Event()
+    deadline = timeout
+    step = 0.05
+    while deadline > 0:
+        if pred():
+            return True
+        ev.wait(step)
+        deadline -= step
+    return pred()

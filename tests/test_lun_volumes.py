@@ -1,0 +1,187 @@
+"""Volumes on a shared LUN pool (qcow2 layers in slices), through real
+agents on one loop device: every operation a directory pool's volumes have,
+checked by digests and qemu-img compare; a second agent on the same LUN
+reads what the owner wrote, is refused changes while the owner lives, and
+takes over after the owner is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from agent.api.v1 import jobs_pb2
+from agent.api.v1 import volumes_pb2 as v
+from agent.errors import FailedPrecondition, HasDependents
+from agent.stores.blockdev import LocalBlockDevice
+from agent.volumes.lun.table import PoolLun, SliceTable
+
+from support.backups import OK, Bk, three_generations
+from support.volumes import MiB, new_id, ref_digest_of, rpc_error
+
+LUN_POOL = "5d3c2b1a-0f9e-4d8c-b7a6-958473625140"
+
+
+def lun_section(dev: str, host: str, *, fmt: bool = True) -> str:
+    return (
+        f'[controller]\nhost_uuid = "{host}"\n'
+        f'[pools.{LUN_POOL}]\ntype = "lun"\ndevice = "{dev}"\nformat_lun = {"true" if fmt else "false"}\n'
+        "lease_timeout = 2.0\nlease_io_timeout = 0.1\n"
+    )
+
+
+def owned(bk: Bk, timeout: float = 10.0) -> None:
+    """Wait until the agent holds the pool's owner lease (it creates a probe volume)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            vid = bk.create(capacity=MiB, name="probe").uuid
+            bk.call("DeleteVolume", volume_uuid=vid)
+            return
+        except FailedPrecondition:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def table_of(dev: str) -> SliceTable:
+    return SliceTable(PoolLun(LocalBlockDevice(dev, exclusive=False), LUN_POOL))
+
+
+@pytest.fixture
+def lun_agent(make_agent, loop):
+    lo = loop(256 * MiB)
+    a = make_agent(lun_section(lo.dev, str(uuid.uuid4()))).start()
+    with a.client() as c:
+        bk = Bk(a, c)
+        bk.pool = LUN_POOL
+        bk.lo = lo
+        owned(bk)
+        yield bk
+    assert a.stop() == 0, a.log_text()
+
+
+def test_volumes_snapshots_clones_on_a_lun(lun_agent):
+    n = lun_agent
+    st = n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool))
+    assert st.type == "lun" and st.status == "healthy" and st.total_bytes == 253 * MiB
+    vid = n.create(capacity=32 * MiB, name="on-lun").uuid
+    head = n.call("GetVolume", volume_uuid=vid).access_path
+    node = json.loads(head[len("json:") :])
+    assert node["file"]["file"]["filename"] == n.lo.dev and node["file"]["file"]["locking"] == "off"
+    first = {0: os.urandom(2 * MiB), 17 * MiB + 4096: os.urandom(70000)}
+    n.write(vid, first)
+    s1 = n.snap(vid, "s1")
+    d1 = n.digest(vid, s1.uuid)
+    assert [s.name for s in n.call("ListSnapshots", volume_uuid=vid).snapshots] == ["s1"]
+    n.write(vid, {8 * MiB: os.urandom(MiB)})
+    s2 = n.snap(vid, "s2")
+    d2 = n.digest(vid, s2.uuid)
+    assert d1 != d2
+    # change tracking: each layer's persistent bitmap, read straight from its slice
+    assert n.changed(vid, s2.uuid, s1.uuid) == [(8 * MiB, MiB)]
+    assert n.changed(vid, s1.uuid) == [(0, 2 * MiB), (17 * MiB, 128 << 10)]
+    # an independent read of each snapshot's chain, opened from the table
+    t = table_of(n.lo.dev)
+    recs = t.records()
+    by_layer = {r.layer: r for r in recs if r.used}
+    assert by_layer[s2.uuid].parent == s1.uuid and by_layer[vid].parent == s2.uuid
+    assert {r.volume for r in recs if r.used} == {vid}
+    assert ref_digest_of(n.call("GetVolume", volume_uuid=vid).access_path, n.agent.workdir) == d2
+
+    # linked clone of s1, then flattened: its data stays s1's
+    cid = new_id()
+    assert n.clone(vid, s1.uuid, cid, name="linked").state == OK
+    assert n.digest(cid) == d1
+    with pytest.raises(HasDependents):
+        n.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s1.uuid)
+    assert n.c.run(f"flat-{cid}", flatten=jobs_pb2.FlattenSpec(pool_uuid=n.pool, volume_uuid=cid)).state == OK
+    assert n.digest(cid) == d1
+    assert table_of(n.lo.dev).find(cid, cid).parent == ""
+    # a full clone of s2
+    fid = new_id()
+    assert n.clone(vid, s2.uuid, fid, name="full", linked=False).state == OK
+    assert n.digest(fid) == d2
+
+    # deleting the middle snapshot keeps s2 and the head as they were
+    n.write(vid, {4 * MiB: os.urandom(MiB)})
+    head_digest = n.digest(vid)
+    n.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s1.uuid)
+    assert n.digest(vid, s2.uuid) == d2 and n.digest(vid) == head_digest
+    assert table_of(n.lo.dev).find(vid, s2.uuid).parent == ""
+    # rollback to s2: the head reads as s2 again
+    n.call("RollbackSnapshot", volume_uuid=vid, snapshot_uuid=s2.uuid)
+    assert n.digest(vid) == d2
+    tree = n.call("GetSnapshotTree", volume_uuid=vid)
+    assert dict(tree.parents) == {"s2": "", "head": "s2"}
+    # resize grows the head's slice in place when it can
+    info = n.call("ResizeVolume", volume_uuid=fid, capacity=48 * MiB)
+    assert info.capacity == 48 * MiB and n.digest(fid) != d2  # longer: more zeros hashed
+    # delete: every slice of the volume is released, the table stays sound
+    n.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s2.uuid)
+    for vol in (vid, cid, fid):
+        n.call("DeleteVolume", volume_uuid=vol)
+    assert [r for r in table_of(n.lo.dev).records() if r.used] == []
+    assert n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool)).used_bytes == 0
+
+
+def test_backups_and_restores_on_a_lun(lun_agent):
+    n = lun_agent
+    _, gens = three_generations(n)
+    for _, r, digest in gens:
+        got = n.restore(r.backup_uuid)
+        assert got.image_digest == digest
+        assert n.digest(got.volume_uuid, pool=n.pool) == digest  # restored into the LUN pool
+    # and into a directory pool from the LUN's backup
+    last = gens[-1][1]
+    other = n.restore(last.backup_uuid, pool=n.agent.pool_uuid)
+    assert n.digest(other.volume_uuid, pool=n.agent.pool_uuid) == gens[-1][2]
+    assert n.verify(last.backup_uuid).state == OK
+
+
+def test_second_host_reads_and_takes_over(make_agent, loop):
+    lo = loop(128 * MiB)
+    a = make_agent(lun_section(lo.dev, str(uuid.uuid4())), name="a").start()
+    with a.client() as ca:
+        owner = Bk(a, ca)
+        owner.pool = LUN_POOL
+        owned(owner)
+        vid = owner.create(capacity=16 * MiB, name="shared").uuid
+        owner.write(vid, {MiB: os.urandom(3 * MiB)})
+        s1 = owner.snap(vid, "s1").uuid
+        d1 = owner.digest(vid, s1)
+    b = make_agent(lun_section(lo.dev, str(uuid.uuid4()), fmt=False), name="b").start()
+    try:
+        with b.client() as cb:
+            other = Bk(b, cb)
+            other.pool = LUN_POOL
+            # the other host sees the same volumes and reads the same data
+            assert [x.uuid for x in other.call("ListVolumes").volumes] == [vid]
+            assert other.digest(vid, s1) == d1
+            err = rpc_error(other.create, capacity=MiB, name="refused")
+            assert "not the metadata owner" in err.details()
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait()
+            owned(other, timeout=15)  # after the 2 s lease timeout
+            s2 = other.snap(vid, "s2").uuid
+            assert other.digest(vid, s2) == d1
+            recs = [r for r in table_of(lo.dev).records() if r.used]
+            assert {r.layer for r in recs if r.kind == 1} == {vid, s1, s2}
+    finally:
+        assert b.stop() == 0, b.log_text()
+
+
+def test_lun_pool_refuses_a_lun_with_other_data(make_agent, loop):
+    lo = loop(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", lo.dev], check=True)
+    a = make_agent(lun_section(lo.dev, str(uuid.uuid4()))).start(wait=False)
+    deadline = time.monotonic() + 20
+    while a.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert a.proc.returncode not in (None, 0)
+    assert "holds other data" in a.log_text()
