@@ -149,6 +149,7 @@ class ControllerLink:
                     total_bytes=st.total_bytes,
                     available_bytes=st.available_bytes,
                     reason=st.error if st.status != "healthy" else "",
+                    metadata_owner=st.owner,
                 )
             except Exception as e:
                 report = r.PoolReport(pool_uuid=pool.pool_uuid, type=pool.kind, status="unreachable", reason=_why(e))

@@ -17,10 +17,11 @@ from agent.stores.fc import FcHba, list_hbas
 
 # seed 002 pool_type/support: the shared pool types this host can hold
 # volumes on (nfs: an NFSv3 export in user space; disk: a directory, a local
-# disk or any mounted file system; rbd: a Ceph pool). iscsi, samba and fc are
-# backup point types here.
-SHARED_POOL_TYPES = ("nfs", "disk", "rbd")
-KIND_OF_SHARED = {"nfs": "nfs", "disk": "dir", "rbd": "rbd"}
+# disk or any mounted file system, or a shared LUN by WWN; fc: a shared FC LUN,
+# listed when the host has FC HBAs; rbd: a Ceph pool). samba is a backup
+# point type only (qemu has no SMB driver); iscsi pools are not served yet.
+SHARED_POOL_TYPES = ("nfs", "disk", "fc", "rbd")
+KIND_OF_SHARED = {"nfs": "nfs", "disk": "dir", "fc": "lun", "rbd": "rbd"}
 
 
 @dataclass
@@ -112,6 +113,7 @@ def host_facts(cfg: Config, bindings_ok: set[str], *, sys_root: str = "/sys") ->
         disks.append((path, total, total - st.f_bfree * st.f_frsize, st.f_bavail * st.f_frsize))
     mem = psutil.virtual_memory()
     pool_types = _supported_pool_types(bindings_ok)
+    hbas = list_hbas(sys_root)
     return HostFacts(
         hostname=socket.gethostname(),
         version=__version__,
@@ -124,10 +126,10 @@ def host_facts(cfg: Config, bindings_ok: set[str], *, sys_root: str = "/sys") ->
         disks=disks,
         pool_types=pool_types,
         backup_point_types=list(BACKUP_POINT_TYPES),
-        shared_pool_types=[t for t in SHARED_POOL_TYPES if KIND_OF_SHARED[t] in pool_types],
+        shared_pool_types=[t for t in SHARED_POOL_TYPES if KIND_OF_SHARED[t] in pool_types and (t != "fc" or hbas)],
         pool_uuids=sorted(cfg.pools),
         backup_point_uuids=sorted(cfg.backup_points),
         iscsi_initiator=initiator_name(),
-        fc_hbas=list_hbas(sys_root),
+        fc_hbas=hbas,
         roots=list(cfg.agent.roots),
     )

@@ -144,6 +144,11 @@ class PoolRegistry:
             check_nfs_server(pc.ip)
             pc = dataclasses.replace(pc, export=check_nfs_export(pc.export))
         elif pc.type == "lun":
+            if pc.lease_io_timeout <= 0 or pc.lease_timeout <= 3 * pc.lease_io_timeout:
+                raise InvalidArgument(
+                    f"lease_timeout: {pc.lease_timeout}s must exceed 3 x lease_io_timeout ({pc.lease_io_timeout}s)",
+                    field="lease_timeout",
+                )
             path = self.lun_path(pc.device)
             if not os.path.exists(path):
                 raise NotFound(

@@ -85,6 +85,7 @@ def test_seed_002_pools(cluster, ceph):
         assert check_ok(op.get("/v1/pool/share/pool_type/support?" + url.split("?", 1)[1]))["PoolTypes"] == [
             "nfs",
             "disk",
+            "fc",  # the host's sysfs shows FC HBAs
             "rbd",
         ]
         fc = check_ok(
@@ -222,6 +223,108 @@ def test_seed_002_nfs_pool_as_written(cluster, nfs_server, short_tmp):
                 ),
             )
         )
+
+
+def test_seed_002_lun_pools_by_wwn_and_fc(cluster, loop, short_tmp):
+    """Seed 002's list example is a type 4 pool whose Source is a WWN: a
+    shared LUN, found under the host's /dev/disk/by-id (the FC tree's dev
+    root here), formatted when blank and holding volumes in slices. A type 5
+    pool takes a device fc_device/list offers. Type 3 is refused with why."""
+    import re
+
+    from support.volumes import ref_digest_of, write
+
+    c, a, host = cluster
+    dev_root = Path(re.search(r'dev_root = "(.*)"', a.config.read_text()).group(1))
+    listed = seed_example("002", "/v1/pool/share/list", "answer")["data"]["infos"][0]["pool"]
+    wwn = listed["Source"]
+    assert listed["Type"] == 4 and wwn == "wwn-0x5000c500ad9285bb"
+    disk, fc_lun = loop(64 << 20, name="disk.img"), loop(64 << 20, name="fc.img")
+    (dev_root / "disk" / "by-id" / wwn).symlink_to(disk.dev)
+    fc_id = f"wwn-0x{WWID_B}"  # an FC device of the host's tree: its node becomes a real LUN
+    (dev_root / "disk" / "by-id" / fc_id).unlink()
+    (dev_root / "disk" / "by-id" / fc_id).symlink_to(fc_lun.dev)
+    create = seed_example("002", "/v1/pool/share/create")
+    attr = dict(create["attr"], leaseTimeout="2", leaseIoTimeout="0.1")  # short leases for the test
+    create = dict(create, avail_host=[host], attr=attr)
+    cluster_uuid = create["cluster_uuid"]
+    run = short_tmp / "run-lun"
+    run.mkdir()
+    with c.client("op") as op:
+        err = check_error(op.post("/v1/pool/share/create", json=dict(create, pool_type=3)), 400, "pool_type")
+        assert "SMB" in err["message"] and "backup point" in err["message"]
+        url = seed_example("002", "/v1/pool/share/pool_type/support", "url")
+        assert check_ok(op.get("/v1/pool/share/pool_type/support?" + url.split("?", 1)[1]))["PoolTypes"] == [
+            "nfs",
+            "disk",
+            "fc",
+            "rbd",
+        ]
+        bad = dict(create, pool_type=4, source="wwn-0x../../etc", pool_name="bad")
+        check_error(op.post("/v1/pool/share/create", json=bad), 400, "source")
+        bad = dict(create, pool_type=4, source=wwn, pool_name="bad", attr=dict(attr, leaseIoTimeout="1"))
+        check_error(op.post("/v1/pool/share/create", json=bad), 400, "attr.leaseTimeout")
+        check_error(
+            op.post("/v1/pool/share/create", json=dict(create, pool_type=4, source="wwn-0x1234", pool_name="gone")),
+            404,
+            "source",
+        )
+        pool = check_ok(op.post("/v1/pool/share/create", json=dict(create, pool_type=4, source=wwn, pool_name="san")))[
+            "pool"
+        ]
+        assert (pool["Type"], pool["Source"], pool["Status"], pool["AvailHosts"]) == (4, wwn, "healthy", [host])
+        assert pool["Capacity"] == 61 << 20 and pool["Used"] == 0 == pool["AllocatedCapacity"]
+        with open(disk.file, "rb") as f:
+            assert f.read(8) == b"BFSHPOOL"  # formatted: it was blank
+        fc = check_ok(op.post("/v1/pool/share/create", json=dict(create, pool_type=5, source=fc_id, pool_name="fc")))[
+            "pool"
+        ]
+        assert (fc["Type"], fc["Status"]) == (5, "healthy")
+        vc = dict(
+            seed_example("001", "/v1/volume/share/create"),
+            pool_uuid=pool["UUID"],
+            cluster_uuid=cluster_uuid,
+            capacity=16 << 20,
+        )
+        vc.pop("backing_file")
+        vol = check_ok(op.post("/v1/volume/share/create", json=vc))["volume"]
+        head = vol["AccessPath"][host]
+        assert head.startswith("json:") and str(dev_root / "disk" / "by-id" / wwn) in head
+        data = os.urandom(1 << 20)
+        write(head, {3 << 20: data}, run)
+        ref = {"tenant": vc["tenant"], "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
+        snap = check_ok(
+            op.post(
+                "/v1/volume/share/snapshot/create",
+                json=dict(seed_example("001", "/v1/volume/share/snapshot/create"), **ref, snapshot_name="aaa"),
+            )
+        )["snapshot"]
+        with a.client() as ac:
+            head_now = ac.get_volume(v.VolumeRef(pool_uuid=pool["UUID"], volume_uuid=vol["UUID"])).access_path
+            assert ref_digest_of(head_now, run) == ref_digest_of(head, run)  # the snapshot kept the data
+            st = ac.get_pool_status(v.PoolRef(pool_uuid=pool["UUID"]))
+            assert st.type == "lun" and st.metadata_owner == host and list(st.live_hosts) == [host]
+        pref = {"pool_uuid": pool["UUID"], "cluster_uuid": cluster_uuid}
+        check_ok(
+            op.post(
+                "/v1/pool/share/status/check", json=dict(seed_example("002", "/v1/pool/share/status/check"), **pref)
+            )
+        )
+        got = check_ok(op.post("/v1/pool/share/get", json=dict(seed_example("002", "/v1/pool/share/get"), **pref)))
+        assert got["pool"]["Used"] > 32 << 20 and got["pool"]["AllocatedCapacity"] == got["pool"]["Used"]
+        check_ok(
+            op.post(
+                "/v1/volume/share/snapshot/delete",
+                json=dict(seed_example("001", "/v1/volume/share/snapshot/delete"), **ref, snapshot_uuid=snap["UUID"]),
+            )
+        )
+        check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"), **ref)))
+        for p in (pool, fc):
+            body = dict(seed_example("002", "/v1/pool/share/delete"), pool_uuid=p["UUID"], cluster_uuid=cluster_uuid)
+            check_ok(op.post("/v1/pool/share/delete", json=body))
+        with a.client() as ac:
+            for p in (pool, fc):  # detached: the agent serves them no more
+                assert "NOT_FOUND" in rpc_error(ac.get_pool_status, v.PoolRef(pool_uuid=p["UUID"])).details()
 
 
 def test_zones_place_pools_on_the_hosts_of_their_zone(short_tmp, make_agent):

@@ -21,10 +21,22 @@ from agent.errors import BackupInProgress, NotFound, TargetUnreachable
 
 
 def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host]:
-    """Online hosts serving the pool, the preferred one first."""
+    """Online hosts serving the pool, the preferred one first; for a shared
+    LUN pool the metadata owner before all (only it changes volumes)."""
     hosts = [s.get(Host, h) for h in json.loads(pool.avail_hosts_json)]
     hosts = [h for h in hosts if h is not None and host_state(h, dead_after) == "online"]
-    return sorted(hosts, key=lambda h: h.uuid != prefer)
+    owner = metadata_owner(hosts, pool.uuid) if pool.kind == "lun" else ""
+    return sorted(hosts, key=lambda h: (h.uuid != owner, h.uuid != prefer))
+
+
+def metadata_owner(hosts, pool_uuid: str) -> str:
+    """The host that the hosts' last heartbeats name as a shared pool's
+    metadata owner ("" when none does)."""
+    for h in hosts:
+        for p in json.loads(h.pools_json or "[]"):
+            if p.get("pool_uuid") == pool_uuid and p.get("metadata_owner"):
+                return p["metadata_owner"]
+    return ""
 
 
 def reported_backup_points(hosts) -> dict[str, set[str]]:

@@ -39,6 +39,7 @@ def _pool_reports(items) -> str:
                 "reason": x.reason,
                 "total_bytes": x.total_bytes,
                 "available_bytes": x.available_bytes,
+                "metadata_owner": x.metadata_owner,
             }
             for x in items
         ]

@@ -59,6 +59,17 @@ def abs_path(value: str, field: str) -> str:
     return value
 
 
+def by_id_name(value: str, field: str) -> str:
+    """A /dev/disk/by-id name (wwn-0x5000c500ad9285bb, scsi-..., as seed 002's
+    Source and fc_device/list give it): one path component, no '..'."""
+    _control(value, field)
+    if not value or len(value) > 255 or value in (".", "..") or not all(c.isalnum() or c in "-_.:" for c in value):
+        raise InvalidArgument(
+            f"{field}: {value!r} is not a /dev/disk/by-id name (such as wwn-0x5000c500ad9285bb)", field=field
+        )
+    return value
+
+
 def under_roots(path: str, roots: list[str], field: str, where: str) -> str:
     """A local path (already abs_path-checked) that lies under one of the
     roots an agent reported; PathNotAllowed naming the field otherwise."""

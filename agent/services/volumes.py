@@ -78,6 +78,8 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
             available_bytes=st.available_bytes,
             error=error,
             latency_ms=latency,
+            metadata_owner=st.owner,
+            live_hosts=list(st.hosts),
         )
 
     @rpc
@@ -95,6 +97,12 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
             )
         elif request.type == "nfs":
             pc = PoolSection(type="nfs", ip=request.ip, export=request.export)
+        elif request.type == "lun":
+            pc = PoolSection(type="lun", device=request.device, format_lun=request.format_lun)
+            if request.lease_timeout:
+                pc.lease_timeout = request.lease_timeout
+            if request.lease_io_timeout:
+                pc.lease_io_timeout = request.lease_io_timeout
         self.pools.attach(request.pool_uuid, pc)
         return self.GetPoolStatus(volumes_pb2.PoolRef(pool_uuid=request.pool_uuid), context)
 

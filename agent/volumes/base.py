@@ -134,6 +134,8 @@ class PoolStatus:
     used_bytes: int = 0
     available_bytes: int = 0
     error: str = ""
+    owner: str = ""  # shared pools: the host holding the metadata owner lease
+    hosts: tuple[str, ...] = ()  # shared pools: the hosts whose lease is renewed
 
 
 @dataclass(frozen=True)

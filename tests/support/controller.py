@@ -32,13 +32,17 @@ TOKENS = {
 
 
 def seed_example(seed: str, endpoint: str, which: str = "Body") -> dict | str:
-    """The request example of an endpoint, straight from the seed file."""
+    """The request example of an endpoint (Body), its URL or its answer
+    (the normal answer's example), straight from the seed file."""
     text = next(SEEDS.glob(f"{seed}_*.txt")).read_text()
     section = text[text.index(endpoint) :]
     if which == "url":
         start = section.index("#### 请求示例")
         block = section[start:].split("```")[1]
         return block.strip()
+    if which == "answer":
+        start = section.index("#### 正常返回示例")
+        return json.loads(section[start:].split("```")[1])
     start = section.index("Body:")
     return json.loads(section[start:].split("```")[1])
 

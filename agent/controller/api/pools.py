@@ -5,10 +5,13 @@ A pool is served by agents: create attaches it on every eligible host
 and rolls back if any host refuses. Volume pools of pool_type 2 (nfs: qcow2
 volumes on an NFSv3 export, `ip` and `source` = the export path, reached by
 the agents in user space), 4 (disk: a directory on each host, a local disk
-or any mounted file system) and 6 (rbd: a RADOS pool; attr.ceph_conf names
-the cluster's ceph.conf on the hosts) are served; the other seed types (1
-iscsi, 3 samba, 5 fc) are refused with a clear message: they are backup
-point types here.
+or any mounted file system, when `source` is an absolute path), 4 and 5 with
+`source` a /dev/disk/by-id name (a shared LUN: a SAN disk by WWN, an FC
+device from fc_device/list; qcow2 layers in slices of it,
+docs/shared-pools.md; AvailHosts are the hosts that see it) and 6 (rbd: a
+RADOS pool; attr.ceph_conf names the cluster's ceph.conf on the hosts) are
+served. 3 (samba) is refused with the reason (qemu has no SMB driver), and
+1 (iscsi) as not served yet.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from agent.errors import (
 from agent.fields import check_nfs_export, check_nfs_server
 
 POOL_TYPES = {1: "iscsi", 2: "nfs", 3: "samba", 4: "disk", 5: "fc", 6: "rbd"}
-SERVED = {2: "nfs", 4: "dir", 6: "rbd"}  # seed pool_type -> what the agents serve
+SERVED = {2: "nfs", 4: "dir", 5: "lun", 6: "rbd"}  # seed pool_type -> what the agents serve (4 by WWN: lun)
 MASK = "******"
 
 
@@ -121,6 +124,26 @@ def _attr(attr: dict[str, str]) -> dict[str, str]:
     return dict(attr)
 
 
+def _lease_attr(attr: dict[str, str]) -> dict[str, float]:
+    """A shared LUN pool's lease timing from attr (seconds): leaseTimeout,
+    leaseIoTimeout; absent, the agents' defaults (60 and 5)."""
+    out = {}
+    for key, name in (("leaseTimeout", "lease_timeout"), ("leaseIoTimeout", "lease_io_timeout")):
+        if key in attr:
+            try:
+                out[name] = float(attr[key])
+            except ValueError:
+                out[name] = -1.0
+            if not 0 < out[name] <= 3600:
+                raise InvalidArgument(f"attr.{key}: {attr[key]!r} must be seconds in (0, 3600]", field=f"attr.{key}")
+    timeout, io = out.get("lease_timeout", 60.0), out.get("lease_io_timeout", 5.0)
+    if timeout <= 3 * io:
+        raise InvalidArgument(
+            f"attr.leaseTimeout: {timeout}s must exceed 3 x leaseIoTimeout ({io}s)", field="attr.leaseTimeout"
+        )
+    return out
+
+
 def to_seed(p: Pool, caller: Caller, health: Health) -> dict:
     """Status is the seed's: the last check (at create, or status/check);
     Health is what the hosts' heartbeats say now (health.py)."""
@@ -148,7 +171,7 @@ def to_seed(p: Pool, caller: Caller, health: Health) -> dict:
         "Attr": json.loads(p.attr_json),
         "ShareNsNames": None,
         "Status": p.status,
-        "AllocatedCapacity": 0,
+        "AllocatedCapacity": p.used if p.kind == "lun" else 0,  # a shared LUN: bytes its slice table allocated
         "LimitHost": p.limit_host,
         "Health": health.to_json(),
     }
@@ -252,11 +275,18 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
             f"({', '.join(f'{k} {n}' for k, n in POOL_TYPES.items())}), not {req.pool_type}",
             field="pool_type",
         )
-    if req.pool_type not in SERVED:
+    if req.pool_type == 3:
         raise InvalidArgument(
-            f"pool_type: {req.pool_type} ({POOL_TYPES[req.pool_type]}) cannot hold volumes "
-            "(it is a backup point type); use 2 (nfs), 4 (disk: a directory on the hosts) "
-            "or 6 (rbd)",
+            "pool_type: 3 (samba) holds backups only: qemu has no SMB block driver, and a qcow2 on an SMB "
+            "share would need the kernel's cifs client mounted on every host, which blockferry does not use; "
+            "add the share as a backup point (seed 000 backuppoint/add), and keep volumes on 1 (iscsi), "
+            "2 (nfs), 4 (disk), 5 (fc) or 6 (rbd)",
+            field="pool_type",
+        )
+    if req.pool_type == 1:
+        raise InvalidArgument(
+            "pool_type: 1 (iscsi) shared pools are not served yet (volumes on an iSCSI LUN through qemu's "
+            "iscsi driver); add the LUN as a backup point, or present it to the hosts as a disk (4 by WWN)",
             field="pool_type",
         )
     ip = v.host(req.ip, "ip")
@@ -266,7 +296,12 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
     hosts_wanted = [v.uuid(h, "avail_host") for h in req.avail_host]
     tenants = [v.uuid(t, "avail_tenant") for t in req.avail_tenant]
     kind = SERVED[req.pool_type]
-    if kind == "dir":
+    if req.pool_type == 5 or (req.pool_type == 4 and not req.source.startswith("/")):
+        # a shared LUN: seed 002's Source is its /dev/disk/by-id name (wwn-0x...), the same on every host
+        kind = "lun"
+        source = v.by_id_name(req.source, "source")
+        attach = dict(type="lun", device=source, format_lun=True, **_lease_attr(attr))
+    elif kind == "dir":
         source = v.abs_path(req.source, "source")
         attach = dict(type="dir", path=source)
     elif kind == "nfs":
@@ -330,12 +365,22 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
             f"avail_host: no online host of cluster {cluster}, zone {zone} can serve a {kind} pool", field="avail_host"
         )
     zone_name = next((h.zone_name for h in hosts if h.zone_uuid == zone and h.zone_name), "default")
-    attached, status = [], None
+    attached, status, unseen = [], None, []
     try:
         for h in hosts:
-            st = state.agents.client(h).attach_pool(volumes_pb2.AttachPoolRequest(pool_uuid=pool_uuid, **attach))
+            try:
+                st = state.agents.client(h).attach_pool(volumes_pb2.AttachPoolRequest(pool_uuid=pool_uuid, **attach))
+            except NotFound as e:
+                if kind != "lun":
+                    raise
+                if req.limit_host:  # a host the operator named does not see the LUN
+                    raise NotFound(f"source: host {h.hostname or h.uuid}: {e.message}", field="source") from None
+                unseen.append(f"{h.hostname or h.uuid}: {e.message}")  # this host does not see the LUN
+                continue
             attached.append(h)
             status = status or st
+        if not attached:
+            raise NotFound(f"source: no host sees LUN {source} ({'; '.join(unseen)})", field="source")
     except BlockferryError:
         for h in attached:  # all or nothing
             try:
@@ -357,13 +402,13 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
         username=req.username,
         password_sealed=state.secrets.seal(req.password),
         limit_host=req.limit_host,
-        avail_hosts_json=json.dumps([h.uuid for h in hosts]),
+        avail_hosts_json=json.dumps([h.uuid for h in attached]),
         avail_tenants_json=json.dumps(tenants),
         attr_json=json.dumps(attr),
         status=status.status,
         capacity=status.total_bytes,
         used=status.used_bytes,
-        machine_uuid=hosts[0].uuid,
+        machine_uuid=attached[0].uuid,
         ctime=now,
         mtime=0,
         zone_name=zone_name,
@@ -457,10 +502,11 @@ def pool_type_support(request: Request, cluster_uuid: str = Query(...), caller: 
     cluster = v.uuid(cluster_uuid, "cluster_uuid")
     with context(request).db.session() as s:
         hosts = online_hosts(s, context(request).cfg.host_dead_after)
-    kinds = set()
+    served = set()
     for h in hosts:
-        kinds.update(json.loads(h.facts_json).get("pool_types", []))
-    types = [POOL_TYPES[t] for t, kind in sorted(SERVED.items()) if kind in kinds]
+        if h.cluster_uuid in ("", cluster):
+            served.update(json.loads(h.facts_json).get("shared_pool_types", []))
+    types = [name for _, name in sorted(POOL_TYPES.items()) if name in served]  # seed order
     return ok(dict(_wrap(None, cluster), PoolTypes=types))
 
 

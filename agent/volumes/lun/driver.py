@@ -311,6 +311,10 @@ class LunPool(VolumeDriver):
 
     def _must_own(self) -> None:
         """FailedPrecondition unless this host holds the pool's owner lease now."""
+        m = self.membership
+        if m is not None and not m.is_owner and m.candidate and not self.owner():
+            # no host holds the lease yet (the pool was just attached): the election takes 2 x io_timeout
+            m.wait_owner(4 * m.io_timeout + 1)
         try:
             if self.table.guard is None:
                 raise FailedPrecondition("no owner lease")
@@ -959,7 +963,17 @@ class LunPool(VolumeDriver):
             capacity, allocated = self.table.usage()
         except (DataCorrupt, OSError) as e:
             return PoolStatus(self.pool_uuid, self.kind, "unreachable", error=f"{self.label}: {e}")
-        return PoolStatus(self.pool_uuid, self.kind, "healthy", capacity, allocated, capacity - allocated)
+        m = self.membership
+        return PoolStatus(
+            self.pool_uuid,
+            self.kind,
+            "healthy",
+            capacity,
+            allocated,
+            capacity - allocated,
+            owner=self.owner(),
+            hosts=tuple(m.live_hosts()) if m is not None else (),
+        )
 
     def remove_leftovers(self) -> list[int]:
         """Release layer slices of volumes that have no metadata (a create or

@@ -45,41 +45,56 @@ class Membership:
         self.owner_lease = DeltaLease(lun, fmt.OWNER_LEASE, host_uuid, timeout=timeout, io_timeout=io_timeout)
         self.keeper = LeaseKeeper(self._lost)
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.state = "joining"
+        self._threads: list[threading.Thread] = []
 
     @property
     def what(self) -> str:
         return f"pool {self.lun.sb.pool_uuid}"
 
     def start(self) -> Membership:
-        self._thread = threading.Thread(target=self._run, name=f"lun-{self.lun.sb.pool_uuid[:8]}", daemon=True)
-        self._thread.start()
+        # the two leases are taken side by side: each waits 2 x io_timeout to settle
+        name = f"lun-{self.lun.sb.pool_uuid[:8]}"
+        self._threads = [
+            threading.Thread(target=self._host_loop, name=f"{name}-host", daemon=True),
+            threading.Thread(target=self._owner_loop, name=f"{name}-owner", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
         return self
 
-    def _run(self) -> None:
+    def _host_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 if self.host is None:
                     self.host = host_lease(self.lun, self.host_uuid, timeout=self.timeout, io_timeout=self.io_timeout)
                     self.keeper.add(self.host)
-                    self.state = "member"
                     log.info("%s: joined as host id %d", self.what, self.host.index)
-                if self.candidate and not self.owner_lease.valid():
+            except Exception as e:  # noqa: BLE001 - the LUN may be unreachable for a while; keep trying
+                log.warning("%s: host lease: %s", self.what, e)
+            self._stop.wait(self.io_timeout if self.host is None else self.timeout / 3)
+
+    def _owner_loop(self) -> None:
+        while self.candidate and not self._stop.is_set():
+            try:
+                if not self.owner_lease.valid():
                     self.owner_lease.acquire(wait=True)
                     self.keeper.add(self.owner_lease)
-                    self.state = "owner"
                     log.info("%s: this host is the metadata owner", self.what)
             except Busy as e:
                 log.debug("%s: %s", self.what, e)
-            except Exception as e:  # noqa: BLE001 - the LUN may be unreachable for a while; keep trying
-                log.warning("%s: lease work failed: %s", self.what, e)
-            self._stop.wait(self.io_timeout if self.host is None else self.timeout / 3)
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s: owner lease: %s", self.what, e)
+            self._stop.wait(self.timeout / 3)
+
+    @property
+    def state(self) -> str:
+        if self.is_owner:
+            return "owner"
+        return "member" if self.host is not None else "joining"
 
     def _lost(self, lease: DeltaLease, why: str) -> None:
         if lease is self.host:
             self.host = None
-        self.state = "member" if self.host is not None else "joining"
         self.on_lost(f"{lease.what}: {why}")
 
     def guard(self) -> int:
@@ -102,14 +117,14 @@ class Membership:
         return sorted(live_hosts(self.lun))
 
     def wait_owner(self, timeout: float) -> bool:
-        """Wait until this host holds the owner lease (tests, a first start)."""
-        return self._stop.wait(0) or _wait(lambda: self.is_owner, timeout)
+        """Wait until this host holds the owner lease, at most timeout seconds."""
+        return _wait(lambda: self.is_owner, timeout)
 
     def stop(self) -> None:
         """Release both leases (a clean stop: successors need not wait)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout + 2 * self.io_timeout + 5)
+        for t in self._threads:
+            t.join(timeout=self.timeout + 2 * self.io_timeout + 5)
         self.keeper.stop()
         for lease in (self.owner_lease, self.host):
             if lease is not None:

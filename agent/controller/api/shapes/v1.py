@@ -403,6 +403,7 @@ class HostPoolReport(Shape):
     reason: str = ""
     total_bytes: int = 0
     available_bytes: int = 0
+    metadata_owner: str = ""  # a shared LUN pool: the host holding its metadata owner lease
 
 
 class HostBackupPointReport(Shape):
