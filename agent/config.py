@@ -186,7 +186,11 @@ class PoolSection:
         "LUN that several hosts share (a SAN disk or FC LUN; docs/shared-pools.md).",
     )
     path: str = option("", "dir: the pool root; volumes live in <path>/pool-<uuid>/volume/<volume uuid>.")
-    ip: str = option("", "nfs: the NFS server's address (seed 002 `ip`); its ports come from the portmapper.")
+    ip: str = option(
+        "",
+        "nfs: the NFS server's address (seed 002 `ip`); its ports come from the portmapper; lun: the iSCSI "
+        "portal's address (empty: a local device).",
+    )
     export: str = option(
         "",
         "nfs: the export path (seed 002 `source`); volumes live in "
@@ -226,6 +230,13 @@ class PoolSection:
     lease_io_timeout: float = option(
         5.0, "lun: seconds one lease read or write may take; lease_timeout must exceed three times it."
     )
+    target: str = option(
+        "", "lun on iSCSI: the target IQN (with ip; the LUN is reached through libiscsi and qemu's iscsi driver)."
+    )
+    lun: int = option(0, "lun on iSCSI: the LUN number.")
+    port: int = option(0, "lun on iSCSI: the portal's port (0: 3260).")
+    username: str = option("", "lun on iSCSI: the CHAP user (not served yet: leave empty).")
+    secret: str = option("", "lun on iSCSI: the CHAP secret (not served yet: leave empty).", secret=True)
 
 
 @dataclass
@@ -337,8 +348,12 @@ class Config:
             if pool.type == "dir" and not os.path.isabs(pool.path):
                 raise bad(f"pools.{uuid}", "path", "must be an absolute path")
             if pool.type == "lun":
-                if not pool.device:
-                    raise bad(f"pools.{uuid}", "device", "a lun pool needs the LUN (a /dev/disk/by-id name or a path)")
+                if not pool.device and not (pool.ip and pool.target):
+                    raise bad(
+                        f"pools.{uuid}",
+                        "device",
+                        "a lun pool needs the LUN: a /dev/disk/by-id name or a path, or ip and target (iSCSI)",
+                    )
                 if pool.lease_timeout <= 3 * pool.lease_io_timeout or pool.lease_io_timeout <= 0:
                     raise bad(
                         f"pools.{uuid}",

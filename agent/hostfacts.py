@@ -18,10 +18,11 @@ from agent.stores.fc import FcHba, list_hbas
 # seed 002 pool_type/support: the shared pool types this host can hold
 # volumes on (nfs: an NFSv3 export in user space; disk: a directory, a local
 # disk or any mounted file system, or a shared LUN by WWN; fc: a shared FC LUN,
-# listed when the host has FC HBAs; rbd: a Ceph pool). samba is a backup
-# point type only (qemu has no SMB driver); iscsi pools are not served yet.
-SHARED_POOL_TYPES = ("nfs", "disk", "fc", "rbd")
-KIND_OF_SHARED = {"nfs": "nfs", "disk": "dir", "fc": "lun", "rbd": "rbd"}
+# listed when the host has FC HBAs; iscsi: a shared iSCSI LUN, where qemu's
+# iscsi driver is installed; rbd: a Ceph pool). samba is a backup point type
+# only (qemu has no SMB driver).
+SHARED_POOL_TYPES = ("iscsi", "nfs", "disk", "fc", "rbd")
+KIND_OF_SHARED = {"iscsi": "lun", "nfs": "nfs", "disk": "dir", "fc": "lun", "rbd": "rbd"}
 
 
 @dataclass
@@ -80,6 +81,12 @@ def qemu_nfs_driver() -> bool:
     return bool(glob.glob("/usr/lib/*/qemu/block-nfs.so") or glob.glob("/usr/lib/qemu/block-nfs.so"))
 
 
+def qemu_iscsi_driver() -> bool:
+    """qemu's iscsi block driver (Debian: qemu-block-extra), which iSCSI pools
+    open their layers with."""
+    return bool(glob.glob("/usr/lib/*/qemu/block-iscsi.so") or glob.glob("/usr/lib/qemu/block-iscsi.so"))
+
+
 def _supported_pool_types(bindings_ok: set[str]) -> list[str]:
     def ok(t: str) -> bool:
         if t == "rbd":
@@ -126,7 +133,11 @@ def host_facts(cfg: Config, bindings_ok: set[str], *, sys_root: str = "/sys") ->
         disks=disks,
         pool_types=pool_types,
         backup_point_types=list(BACKUP_POINT_TYPES),
-        shared_pool_types=[t for t in SHARED_POOL_TYPES if KIND_OF_SHARED[t] in pool_types and (t != "fc" or hbas)],
+        shared_pool_types=[
+            t
+            for t in SHARED_POOL_TYPES
+            if KIND_OF_SHARED[t] in pool_types and (t != "fc" or hbas) and (t != "iscsi" or qemu_iscsi_driver())
+        ],
         pool_uuids=sorted(cfg.pools),
         backup_point_uuids=sorted(cfg.backup_points),
         iscsi_initiator=initiator_name(),

@@ -76,9 +76,11 @@ class PoolRegistry:
         if pc.type == "lun":
             from agent.volumes.lun.driver import LunPool
 
+            dev, protocol = self._lun_device(pc)
             return LunPool.open(
                 pool_uuid,
-                self.lun_path(pc.device),
+                dev,
+                protocol,
                 host_uuid=host_uuid(self.cfg),
                 run_dir=self.cfg.agent.run_dir,
                 format_lun=pc.format_lun,
@@ -86,6 +88,33 @@ class PoolRegistry:
                 lease_io_timeout=pc.lease_io_timeout,
             )
         raise InvalidArgument(f"type: pool type must be dir, nfs, rbd or lun, not {pc.type!r}", field="type")
+
+    def _lun_device(self, pc: PoolSection):
+        """A shared LUN opened for the pool's own I/O (its table and leases),
+        and the qemu protocol node that reaches it on this host."""
+        if pc.ip:  # an iSCSI LUN: libiscsi here, qemu's iscsi driver for the layers
+            from agent.stores.iscsi import IscsiBlockDevice, initiator_name, portal
+
+            if pc.username or pc.secret:
+                raise InvalidArgument(
+                    "username: CHAP on iSCSI pools is not served yet (qemu would need the secret in every "
+                    "qemu-img and qemu-nbd it runs); use an ACL by initiator name or address",
+                    field="username",
+                )
+            dev = IscsiBlockDevice(pc.ip, pc.target, pc.lun, port=pc.port, timeout=pc.timeout)
+            node = {
+                "driver": "iscsi",
+                "transport": "tcp",
+                "portal": portal(pc.ip, pc.port),
+                "target": pc.target,
+                "lun": pc.lun,
+                "initiator-name": initiator_name(),
+            }
+            return dev, node
+        from agent.stores.blockdev import LocalBlockDevice
+
+        path = self.lun_path(pc.device)
+        return LocalBlockDevice(path, label=path, exclusive=False), {"driver": "host_device", "filename": path}
 
     def lun_path(self, device: str) -> str:
         """A shared LUN's device: a /dev/disk/by-id name (wwn-0x..., the
@@ -149,11 +178,15 @@ class PoolRegistry:
                     f"lease_timeout: {pc.lease_timeout}s must exceed 3 x lease_io_timeout ({pc.lease_io_timeout}s)",
                     field="lease_timeout",
                 )
-            path = self.lun_path(pc.device)
-            if not os.path.exists(path):
-                raise NotFound(
-                    f"device: {path} does not exist on this host (the LUN is not visible here)", field="device"
-                )
+            if pc.ip:
+                if not pc.target:
+                    raise InvalidArgument("target: an iSCSI pool needs the target IQN", field="target")
+            else:
+                path = self.lun_path(pc.device)
+                if not os.path.exists(path):
+                    raise NotFound(
+                        f"device: {path} does not exist on this host (the LUN is not visible here)", field="device"
+                    )
         else:
             raise InvalidArgument(f"type: pool type must be dir, nfs, rbd or lun, not {pc.type!r}", field="type")
         with self._lock:

@@ -83,6 +83,7 @@ def test_seed_002_pools(cluster, ceph):
         assert check_ok(op.post("/v1/pool/share/status/check", json=st))["pool"]["Status"] == "healthy"
         url = seed_example("002", "/v1/pool/share/pool_type/support", "url")
         assert check_ok(op.get("/v1/pool/share/pool_type/support?" + url.split("?", 1)[1]))["PoolTypes"] == [
+            "iscsi",
             "nfs",
             "disk",
             "fc",  # the host's sysfs shows FC HBAs
@@ -225,11 +226,12 @@ def test_seed_002_nfs_pool_as_written(cluster, nfs_server, short_tmp):
         )
 
 
-def test_seed_002_lun_pools_by_wwn_and_fc(cluster, loop, short_tmp):
+def test_seed_002_lun_pools_by_wwn_and_fc(cluster, loop, short_tmp, iscsi_lun, tgt_server):
     """Seed 002's list example is a type 4 pool whose Source is a WWN: a
     shared LUN, found under the host's /dev/disk/by-id (the FC tree's dev
     root here), formatted when blank and holding volumes in slices. A type 5
-    pool takes a device fc_device/list offers. Type 3 is refused with why."""
+    pool takes a device fc_device/list offers, a type 1 pool a tgtd LUN
+    (portal, target IQN, attr.lun). Type 3 is refused with why."""
     import re
 
     from support.volumes import ref_digest_of, write
@@ -255,6 +257,7 @@ def test_seed_002_lun_pools_by_wwn_and_fc(cluster, loop, short_tmp):
         assert "SMB" in err["message"] and "backup point" in err["message"]
         url = seed_example("002", "/v1/pool/share/pool_type/support", "url")
         assert check_ok(op.get("/v1/pool/share/pool_type/support?" + url.split("?", 1)[1]))["PoolTypes"] == [
+            "iscsi",
             "nfs",
             "disk",
             "fc",
@@ -280,6 +283,23 @@ def test_seed_002_lun_pools_by_wwn_and_fc(cluster, loop, short_tmp):
             "pool"
         ]
         assert (fc["Type"], fc["Status"]) == (5, "healthy")
+        t = iscsi_lun(64 << 20)
+        ib = dict(create, pool_type=1, ip="127.0.0.1", port=str(tgt_server.port), source=t.lun.iqn, pool_name="is")
+        ib["attr"] = dict(attr, lun="1")
+        chap = dict(ib, username="chapuser", password="chap-secret-123")
+        check_error(op.post("/v1/pool/share/create", json=chap), 400, "username")
+        check_error(op.post("/v1/pool/share/create", json=dict(ib, source="not-an-iqn")), 400, "source")
+        iscsi = check_ok(op.post("/v1/pool/share/create", json=ib))["pool"]
+        assert (iscsi["Type"], iscsi["Status"], iscsi["Capacity"]) == (1, "healthy", 61 << 20)
+        ivc = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=iscsi["UUID"], cluster_uuid=cluster_uuid)
+        ivc.pop("backing_file")
+        ivol = check_ok(op.post("/v1/volume/share/create", json=dict(ivc, capacity=8 << 20)))["volume"]
+        assert '"driver":"iscsi"' in ivol["AccessPath"][host]
+        write(ivol["AccessPath"][host], {0: os.urandom(1 << 20)}, run)
+        iref = {"tenant": ivc["tenant"], "cluster_uuid": cluster_uuid, "volume_uuid": ivol["UUID"]}
+        check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"), **iref)))
+        with open(t.lun.file, "rb") as f:
+            assert f.read(8) == b"BFSHPOOL"
         vc = dict(
             seed_example("001", "/v1/volume/share/create"),
             pool_uuid=pool["UUID"],
@@ -319,11 +339,11 @@ def test_seed_002_lun_pools_by_wwn_and_fc(cluster, loop, short_tmp):
             )
         )
         check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"), **ref)))
-        for p in (pool, fc):
+        for p in (pool, fc, iscsi):
             body = dict(seed_example("002", "/v1/pool/share/delete"), pool_uuid=p["UUID"], cluster_uuid=cluster_uuid)
             check_ok(op.post("/v1/pool/share/delete", json=body))
         with a.client() as ac:
-            for p in (pool, fc):  # detached: the agent serves them no more
+            for p in (pool, fc, iscsi):  # detached: the agent serves them no more
                 assert "NOT_FOUND" in rpc_error(ac.get_pool_status, v.PoolRef(pool_uuid=p["UUID"])).details()
 
 

@@ -150,7 +150,7 @@ def test_discovery_and_host_facts_rpcs(remote_agent, tgt_server):
         lo = [n for n in facts.nics if n.name == "lo"]
         assert lo and any(x.address == "127.0.0.1" and x.prefixlen == 8 for x in lo[0].addresses)
         assert set(facts.backup_point_types) == {"local", "nfs", "samba", "iscsi", "disk", "fc", "s3"}
-        assert "dir" in facts.pool_types and list(facts.shared_pool_types)[:2] == ["nfs", "disk"]
+        assert "dir" in facts.pool_types and list(facts.shared_pool_types)[:3] == ["iscsi", "nfs", "disk"]
         assert NFS_BP in facts.backup_point_uuids and facts.iscsi_initiator.startswith("iqn.")
         assert [x.host for x in facts.fc_hbas] == ["host5", "host6"]
         assert facts.disks and all(d.total_bytes > 0 for d in facts.disks)

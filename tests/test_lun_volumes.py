@@ -176,6 +176,44 @@ def test_second_host_reads_and_takes_over(make_agent, loop):
         assert b.stop() == 0, b.log_text()
 
 
+def test_volumes_and_backups_on_an_iscsi_lun(make_agent, iscsi_lun, tgt_server):
+    """The same pool on a tgtd LUN: the table and leases through libiscsi,
+    the layers through qemu's iscsi driver (user space, no kernel session)."""
+    t = iscsi_lun(128 * MiB)
+    section = (
+        f'[controller]\nhost_uuid = "{uuid.uuid4()}"\n[pools.{LUN_POOL}]\ntype = "lun"\nip = "127.0.0.1"\n'
+        f'port = {tgt_server.port}\ntarget = "{t.lun.iqn}"\nlun = 1\nformat_lun = true\n'
+        "lease_timeout = 2.0\nlease_io_timeout = 0.1\n"
+    )
+    a = make_agent(section).start()
+    try:
+        with a.client() as c:
+            n = Bk(a, c)
+            n.pool = LUN_POOL
+            owned(n)
+            vol = n.create(capacity=16 * MiB, name="on-iscsi").uuid
+            head = n.call("GetVolume", volume_uuid=vol).access_path
+            assert json.loads(head[5:])["file"]["file"]["driver"] == "iscsi"
+            n.write(vol, {0: os.urandom(2 * MiB), 9 * MiB: os.urandom(4096)})
+            s1 = n.snap(vol, "s1").uuid
+            full = n.backup(vol, s1)
+            n.write(vol, {5 * MiB: os.urandom(MiB)})
+            s2 = n.snap(vol, "s2").uuid
+            assert n.changed(vol, s2, s1) == [(5 * MiB, MiB)]
+            inc = n.backup(vol, s2)
+            assert inc.mode == "incremental" and inc.image_digest == n.digest(vol, s2)
+            back = n.restore(inc.backup_uuid)
+            assert n.digest(back.volume_uuid) == inc.image_digest == back.image_digest
+            assert ref_digest_of(n.call("GetVolume", volume_uuid=back.volume_uuid).access_path, a.workdir) == (
+                inc.image_digest
+            )
+            assert full.image_digest == n.digest(vol, s1)
+            with open(t.lun.file, "rb") as f:
+                assert f.read(8) == b"BFSHPOOL"  # the target's own file holds the pool
+    finally:
+        assert a.stop() == 0, a.log_text()
+
+
 def test_lun_pool_refuses_a_lun_with_other_data(make_agent, loop):
     lo = loop(64 * MiB)
     subprocess.run(["mkfs.ext4", "-q", "-F", lo.dev], check=True)

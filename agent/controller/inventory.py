@@ -30,13 +30,16 @@ def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host
 
 
 def metadata_owner(hosts, pool_uuid: str) -> str:
-    """The host that the hosts' last heartbeats name as a shared pool's
-    metadata owner ("" when none does)."""
-    for h in hosts:
-        for p in json.loads(h.pools_json or "[]"):
-            if p.get("pool_uuid") == pool_uuid and p.get("metadata_owner"):
-                return p["metadata_owner"]
-    return ""
+    """The host that the freshest heartbeat names as a shared pool's
+    metadata owner ("" when none does): after a take-over the new owner's
+    word is newer than what a dead one said last."""
+    named = [
+        (h.last_seen or 0, p["metadata_owner"])
+        for h in hosts
+        for p in json.loads(h.pools_json or "[]")
+        if p.get("pool_uuid") == pool_uuid and p.get("metadata_owner")
+    ]
+    return max(named)[1] if named else ""
 
 
 def reported_backup_points(hosts) -> dict[str, set[str]]:

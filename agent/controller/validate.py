@@ -59,6 +59,19 @@ def abs_path(value: str, field: str) -> str:
     return value
 
 
+def iqn(value: str, field: str) -> str:
+    """An iSCSI target name: iqn.... or eui...., no separators or control characters."""
+    if (
+        not value.startswith("iqn.")
+        and not value.startswith("eui.")
+        or len(value) > 223
+        or any(c in value for c in "/\\ ")
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise InvalidArgument(f"{field}: {value!r} must be the target IQN (iqn.... or eui....)", field=field)
+    return value
+
+
 def by_id_name(value: str, field: str) -> str:
     """A /dev/disk/by-id name (wwn-0x5000c500ad9285bb, scsi-..., as seed 002's
     Source and fc_device/list give it): one path component, no '..'."""

@@ -98,7 +98,15 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
         elif request.type == "nfs":
             pc = PoolSection(type="nfs", ip=request.ip, export=request.export)
         elif request.type == "lun":
-            pc = PoolSection(type="lun", device=request.device, format_lun=request.format_lun)
+            pc = PoolSection(
+                type="lun",
+                device=request.device,
+                format_lun=request.format_lun,
+                ip=request.ip,
+                target=request.target,
+                lun=request.lun,
+                port=request.port,
+            )
             if request.lease_timeout:
                 pc.lease_timeout = request.lease_timeout
             if request.lease_io_timeout:

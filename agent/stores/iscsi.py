@@ -90,6 +90,7 @@ class IscsiBlockDevice(BlockDevice):
                 f"lun: {self.label} has {first.block_size}-byte blocks; 512 or 4096 are supported", field="lun"
             )
         self.size = first.size
+        self.sector_size = first.block_size
         self._local = _Buffers()
 
     def _connect(self):

@@ -121,15 +121,7 @@ def _location(btype: str, root_dir: str, field: str) -> str:
         v.rel_path(root_dir.strip("/"), field)
         return root_dir
     if btype == "iscsi":
-        if (
-            not root_dir.startswith("iqn.")
-            and not root_dir.startswith("eui.")
-            or len(root_dir) > 223
-            or any(c in root_dir for c in "/\\ ")
-            or any(ord(c) < 32 or ord(c) == 127 for c in root_dir)
-        ):
-            raise InvalidArgument(f"{field}: {root_dir!r} must be the target IQN (iqn.... or eui....)", field=field)
-        return root_dir
+        return v.iqn(root_dir, field)
     return v.abs_path(root_dir, field)
 
 

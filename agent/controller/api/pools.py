@@ -10,8 +10,9 @@ or any mounted file system, when `source` is an absolute path), 4 and 5 with
 device from fc_device/list; qcow2 layers in slices of it,
 docs/shared-pools.md; AvailHosts are the hosts that see it) and 6 (rbd: a
 RADOS pool; attr.ceph_conf names the cluster's ceph.conf on the hosts) are
-served. 3 (samba) is refused with the reason (qemu has no SMB driver), and
-1 (iscsi) as not served yet.
+served, and 1 (iscsi: `source` the target IQN, `attr.lun` the LUN, `ip` and
+`port` the portal; reached in user space). 3 (samba) is refused with the
+reason (qemu has no SMB driver).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from agent.errors import (
 from agent.fields import check_nfs_export, check_nfs_server
 
 POOL_TYPES = {1: "iscsi", 2: "nfs", 3: "samba", 4: "disk", 5: "fc", 6: "rbd"}
-SERVED = {2: "nfs", 4: "dir", 5: "lun", 6: "rbd"}  # seed pool_type -> what the agents serve (4 by WWN: lun)
+SERVED = {1: "lun", 2: "nfs", 4: "dir", 5: "lun", 6: "rbd"}  # seed pool_type -> what the agents serve (4 by WWN: lun)
 MASK = "******"
 
 
@@ -283,12 +284,6 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
             "2 (nfs), 4 (disk), 5 (fc) or 6 (rbd)",
             field="pool_type",
         )
-    if req.pool_type == 1:
-        raise InvalidArgument(
-            "pool_type: 1 (iscsi) shared pools are not served yet (volumes on an iSCSI LUN through qemu's "
-            "iscsi driver); add the LUN as a backup point, or present it to the hosts as a disk (4 by WWN)",
-            field="pool_type",
-        )
     ip = v.host(req.ip, "ip")
     if req.port and (not (req.port.isascii() and req.port.isdigit()) or not 0 < int(req.port) < 65536):
         raise InvalidArgument(f"port: {req.port!r} is not a port number", field="port")
@@ -296,7 +291,27 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
     hosts_wanted = [v.uuid(h, "avail_host") for h in req.avail_host]
     tenants = [v.uuid(t, "avail_tenant") for t in req.avail_tenant]
     kind = SERVED[req.pool_type]
-    if req.pool_type == 5 or (req.pool_type == 4 and not req.source.startswith("/")):
+    if req.pool_type == 1:  # an iSCSI LUN: source the target IQN, attr.lun the LUN, ip:port the portal
+        if req.username or req.password:
+            raise InvalidArgument(
+                "username: CHAP on iSCSI pools is not served yet (qemu would need the secret in every "
+                "qemu-img and qemu-nbd the agents run); allow the hosts by initiator name or address on the target",
+                field="username",
+            )
+        source = v.iqn(req.source, "source")
+        lun = attr.get("lun", "0")
+        if not (lun.isascii() and lun.isdigit()) or int(lun) > 16383:
+            raise InvalidArgument(f"attr.lun: {lun!r} is not a LUN number (0-16383)", field="attr.lun")
+        attach = dict(
+            type="lun",
+            ip=ip,
+            port=int(req.port or 0),
+            target=source,
+            lun=int(lun),
+            format_lun=True,
+            **_lease_attr(attr),
+        )
+    elif req.pool_type == 5 or (req.pool_type == 4 and not req.source.startswith("/")):
         # a shared LUN: seed 002's Source is its /dev/disk/by-id name (wwn-0x...), the same on every host
         kind = "lun"
         source = v.by_id_name(req.source, "source")

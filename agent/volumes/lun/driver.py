@@ -119,7 +119,8 @@ class LunPool(VolumeDriver):
     def open(
         cls,
         pool_uuid: str,
-        path: str,
+        dev,
+        protocol: dict,
         *,
         host_uuid: str,
         run_dir: str,
@@ -127,18 +128,17 @@ class LunPool(VolumeDriver):
         lease_timeout: float = 60.0,
         lease_io_timeout: float = 5.0,
     ) -> LunPool:
-        """The pool on the block device at path (formatted first when blank
-        and format_lun), with this host's membership started."""
-        from agent.stores.blockdev import LocalBlockDevice
-
-        dev = LocalBlockDevice(path, label=path, exclusive=False)
+        """The pool on an opened block device (agent.stores.blockdev: a
+        local device, or an iSCSI LUN through libiscsi) that qemu reaches
+        through protocol, formatted first when blank and format_lun, with
+        this host's membership started. The device is closed on failure."""
         try:
             try:
                 lun = PoolLun(dev, pool_uuid)
             except DataCorrupt:
                 if not format_lun:
                     raise FailedPrecondition(
-                        f"device: {path} holds no blockferry pool; set format_lun to format it (only a blank "
+                        f"device: {dev.label} holds no blockferry pool; set format_lun to format it (only a blank "
                         "LUN is formatted)",
                         field="device",
                     ) from None
@@ -156,10 +156,10 @@ class LunPool(VolumeDriver):
         pool = cls(
             pool_uuid,
             SliceTable(lun, guard=member.guard),
-            {"driver": "host_device", "filename": path},
+            protocol,
             run_dir=run_dir,
             owner=member.owner,
-            label=f"pool {pool_uuid} ({path})",
+            label=f"pool {pool_uuid} ({dev.label})",
         )
         pool.membership = member.start()
         return pool
@@ -312,8 +312,9 @@ class LunPool(VolumeDriver):
     def _must_own(self) -> None:
         """FailedPrecondition unless this host holds the pool's owner lease now."""
         m = self.membership
-        if m is not None and not m.is_owner and m.candidate and not self.owner():
-            # no host holds the lease yet (the pool was just attached): the election takes 2 x io_timeout
+        if m is not None and not m.is_owner and m.candidate and self.owner() in ("", m.host_uuid):
+            # no host holds the lease yet, or this one is taking it (the pool was just attached):
+            # the election takes 2 x io_timeout
             m.wait_owner(4 * m.io_timeout + 1)
         try:
             if self.table.guard is None:
