@@ -108,6 +108,11 @@ def fleet(short_tmp):
             own = short_tmp / f"own-{n}"  # the host's own directories, besides the shared storage
             own.mkdir()
             a = write_config(wd, extra, roots=[shared, own])
+            dev = short_tmp / "dev"  # /dev/disk/by-id as the hosts see it (the shared LUN's WWN)
+            (dev / "disk" / "by-id").mkdir(parents=True, exist_ok=True)
+            a.config.write_text(
+                a.config.read_text().replace('log_level = "debug"', f'log_level = "debug"\ndev_root = "{dev}"')
+            )
             a.config.chmod(0o600)
             a.prefix = net.prefix(n)
             agents[n] = a.start()
@@ -486,3 +491,111 @@ def test_fleet_copies_a_backup_between_two_hosts_own_directories(fleet, short_tm
         rs = check_ok(op.post("/v1/volume/share/backup/restore", json=restore))
         assert wait_task(op, rs["task_id"], 120)["status"] == "success"
         assert digest("b", pool_b, rs["volume"]["UUID"]) == want
+
+
+def test_fleet_shares_one_lun(fleet, short_tmp, loop):
+    """Seed 002's type 4 pool by WWN on one LUN that all three hosts see (a
+    loop device: host-wide, so every namespace has it): one metadata owner
+    elected by the on-LUN lease, volumes created through REST, the same data
+    read by every host, concurrent allocations that never overlap, and the
+    owner killed with SIGKILL: another host takes over and the pool keeps
+    serving."""
+    import signal
+    import threading
+
+    from agent.api.v1 import volumes_pb2 as v
+    from agent.stores.blockdev import LocalBlockDevice
+    from agent.volumes.lun.table import PoolLun, SliceTable
+
+    from support.controller import eventually
+
+    net, ctl, agents, shared, smb = fleet
+    run = short_tmp / "run-lun"
+    run.mkdir()
+    lo = loop(256 << 20)
+    wwn = "wwn-0x5000c500ad9285bb"
+    (short_tmp / "dev" / "disk" / "by-id" / wwn).symlink_to(lo.dev)
+    create = seed_example("002", "/v1/pool/share/create")
+    cluster_uuid = create["cluster_uuid"]
+    tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
+    host = {n: str(uuid.uuid5(uuid.NAMESPACE_DNS, n)) for n in NAMES}
+    name_of = {u: n for n, u in host.items()}
+
+    def digest(name, pool_uuid, volume_uuid, snapshot_uuid=""):
+        with agents[name].client() as ac:
+            job = ac.run(
+                f"sum-{uuid.uuid4()}",
+                checksum=jobs_pb2.ChecksumSpec(
+                    pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid
+                ),
+            )
+            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+            return job.checksum_result.image_digest
+
+    def owner_of(pool_uuid, among):
+        for n in among:
+            with agents[n].client() as ac:
+                o = ac.get_pool_status(v.PoolRef(pool_uuid=pool_uuid)).metadata_owner
+            if o:
+                return o
+        return ""
+
+    with ctl.client("op") as op:
+        body = dict(create, pool_type=4, source=wwn, pool_name="san", limit_host=False, avail_host=[])
+        body["attr"] = dict(create["attr"], leaseTimeout="2", leaseIoTimeout="0.1")
+        pool = check_ok(op.post("/v1/pool/share/create", json=body))["pool"]
+        assert sorted(pool["AvailHosts"]) == sorted(host.values()) and pool["Type"] == 4
+        pid = pool["UUID"]
+        owner = eventually(lambda: owner_of(pid, NAMES), bool, timeout=15)
+        assert all(owner_of(pid, [n]) == owner for n in NAMES)  # one owner, the same for all
+        with agents[name_of[owner]].client() as ac:
+            assert sorted(ac.get_pool_status(v.PoolRef(pool_uuid=pid)).live_hosts) == sorted(host.values())
+        # a volume through REST lands on the owner; every host reads the same data
+        vc = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=pid, cluster_uuid=cluster_uuid)
+        vc.update(capacity=16 << 20, backing_file="", volume_name="shared")
+        vol = eventually(
+            lambda: op.post("/v1/volume/share/create", json=vc), lambda r: r.status_code == 200, timeout=20
+        ).json()["data"]["volume"]
+        write(vol["AccessPath"][owner], {0: os.urandom(2 << 20), 11 << 20: os.urandom(70000)}, run)
+        ref = {"tenant": tenant, "cluster_uuid": cluster_uuid, "volume_uuid": vol["UUID"]}
+        snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s")))["snapshot"]
+        want = {digest(n, pid, vol["UUID"], snap["UUID"]) for n in NAMES}
+        assert len(want) == 1
+        # concurrent allocations on the owner: the table never overlaps
+        errors = []
+
+        def make(i):
+            try:
+                with agents[name_of[owner]].client() as ac:
+                    ac.create_volume(
+                        v.CreateVolumeRequest(
+                            pool_uuid=pid, volume_uuid=str(uuid.uuid4()), name=f"c{i}", capacity=(i + 1) << 20
+                        )
+                    )
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=make, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        used = SliceTable(PoolLun(LocalBlockDevice(lo.dev, exclusive=False), pid)).used()
+        assert len({r.volume for r in used}) == 7
+        for prev, nxt in zip(used, used[1:], strict=False):
+            assert prev.end <= nxt.offset
+        # the owner dies: another host takes the lease over and serves changes
+        dead = name_of[owner]
+        agents[dead].proc.send_signal(signal.SIGKILL)
+        agents[dead].proc.wait()
+        alive = [n for n in NAMES if n != dead]
+        new_owner = eventually(lambda: owner_of(pid, alive), lambda o: o and o != owner, timeout=20)
+        assert name_of[new_owner] in alive
+        vol2 = eventually(
+            lambda: op.post("/v1/volume/share/create", json=dict(vc, volume_name="after")),
+            lambda r: r.status_code == 200,
+            timeout=30,
+        ).json()["data"]["volume"]
+        assert set(vol2["AccessPath"]) >= {new_owner}
+        assert {digest(n, pid, vol["UUID"], snap["UUID"]) for n in alive} == want
