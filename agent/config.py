@@ -230,6 +230,13 @@ class PoolSection:
     lease_io_timeout: float = option(
         5.0, "lun: seconds one lease read or write may take; lease_timeout must exceed three times it."
     )
+    thin: bool = option(
+        False,
+        "lun: new heads start in a small slice that grows while VMs write (a write threshold per "
+        "running VM's disk, watched by the metadata owner; VMs' disks should use werror=enospc); "
+        "false: every layer gets its full size up front.",
+    )
+    thin_step: int = option(1 << 30, "lun, thin: bytes a thin slice starts with (above its metadata) and grows by.")
     target: str = option(
         "", "lun on iSCSI: the target IQN (with ip; the LUN is reached through libiscsi and qemu's iscsi driver)."
     )

@@ -86,6 +86,8 @@ class PoolRegistry:
                 format_lun=pc.format_lun,
                 lease_timeout=pc.lease_timeout,
                 lease_io_timeout=pc.lease_io_timeout,
+                thin=pc.thin,
+                thin_step=pc.thin_step,
             )
         raise InvalidArgument(f"type: pool type must be dir, nfs, rbd or lun, not {pc.type!r}", field="type")
 

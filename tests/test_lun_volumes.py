@@ -223,3 +223,62 @@ def test_lun_pool_refuses_a_lun_with_other_data(make_agent, loop):
         time.sleep(0.1)
     assert a.proc.returncode not in (None, 0)
     assert "holds other data" in a.log_text()
+
+
+def test_thin_slice_grows_under_a_running_vm(make_agent, loop, short_tmp):
+    """A thin head starts in a small slice; a running qemu-system writes into
+    it past the write threshold the agent set, and the agent grows the slice
+    in place and reopens qemu's raw node with the new size while the VM
+    runs. Another thin volume boxed in by a neighbour runs full instead: its
+    writes fail at the slice's end and the neighbour's data stays as it
+    was. Checked after the VM quits: qemu-img check, and the data read back."""
+    from support.vms import Vm
+
+    lo = loop(256 * MiB)
+    section = lun_section(lo.dev, str(uuid.uuid4())) + f"thin = true\nthin_step = {4 * MiB}\n"
+    a = make_agent(section).start()
+    vm = None
+    try:
+        with a.client() as c:
+            n = Bk(a, c)
+            n.pool = LUN_POOL
+            owned(n)
+            boxed = n.create(capacity=64 * MiB, name="boxed").uuid
+            neighbour = n.create(capacity=8 * MiB, name="neighbour").uuid
+            n.write(neighbour, {0: os.urandom(MiB)})
+            before = n.digest(neighbour)
+            grows = n.create(capacity=64 * MiB, name="grows").uuid
+            t = table_of(lo.dev)
+            start = {r.volume: r for r in t.used() if r.kind == 1}
+            assert start[grows].size < 8 * MiB and start[boxed].size == start[grows].size  # thin
+            paths = [n.call("GetVolume", volume_uuid=v_).access_path for v_ in (grows, boxed)]
+            vm = Vm(short_tmp, paths, name="thin", werror="enospc")
+            for i in range(12):  # 12 MiB into a slice that began under 6 MiB
+                vm.write(0, 0x40 + i, i * MiB, MiB)
+                deadline = time.monotonic() + 10
+                while table_of(lo.dev).find(grows, grows).size < (i + 1) * MiB + 2 * MiB:
+                    assert time.monotonic() < deadline, ("the slice did not grow", a.log_text()[-2000:])
+                    time.sleep(0.1)
+            for i in range(12):
+                vm.write(1, 0x60, i * MiB, MiB)  # the boxed one cannot grow in place: writes past its end fail
+            vm.flush(0)
+            vm.quit()
+            vm = None
+            end = {r.volume: r for r in table_of(lo.dev).used() if r.kind == 1}
+            assert end[grows].size >= 13 * MiB and end[boxed].size == start[boxed].size
+            head = n.call("GetVolume", volume_uuid=grows).access_path
+            check = json.loads(
+                subprocess.run(["qemu-img", "check", "--output=json", head], capture_output=True, text=True).stdout
+            )
+            assert check.get("corruptions", 0) == 0 and check.get("check-errors", 0) == 0, check
+            expect = b"".join(bytes([0x40 + i]) * MiB for i in range(12)) + bytes(52 * MiB)
+            from agent import native
+
+            ref = native.RefImageHash()
+            ref.update(expect)
+            assert n.digest(grows) == ref.digest().hex()
+            assert n.digest(neighbour) == before  # the full slice wrote nothing past its end
+    finally:
+        if vm is not None:
+            vm.kill()
+        assert a.stop() == 0, a.log_text()

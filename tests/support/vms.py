@@ -16,6 +16,16 @@ from pathlib import Path
 QEMU = "qemu-system-x86_64"
 
 
+def _blockdevs(spec: dict, name: str) -> list[dict]:
+    """A json: image spec as -blockdev nodes, children first; the top is `name`."""
+    out, node = [], dict(spec, **{"node-name": name})
+    for key in ("file", "backing"):
+        if isinstance(node.get(key), dict):
+            out += _blockdevs(node[key], f"{name}{key[0]}")
+            node[key] = f"{name}{key[0]}"
+    return out + [node]
+
+
 class Vm:
     def __init__(
         self,
@@ -28,6 +38,7 @@ class Vm:
         qga: str = "",
         boot: tuple[Path, Path] | None = None,
         tpm: bool = False,
+        werror: str = "",
     ):
         """monitor: how the QMP socket is given: "qmp" (-qmp unix:PATH),
         "chardev" (-chardev socket + -mon) or "config" (-readconfig: not on
@@ -37,7 +48,9 @@ class Vm:
         (qemu serves it and no agent answers: no guest OS) or the socket of a
         FakeGuestAgent that qemu connects to; boot: (kernel, initramfs) of
         a real guest (support/guest.py), its console in self.console;
-        tpm: a TPM 2.0 emulated by a real swtpm (its state in self.tpm_state)."""
+        tpm: a TPM 2.0 emulated by a real swtpm (its state in self.tpm_state);
+        werror: the disks' write error action (enospc: pause on a full slice).
+        A disk given as "json:{...}" becomes one -blockdev per node of it."""
         self.qmp_path = str(tmp / f"{name}-{os.getpid()}-{time.monotonic_ns()}.qmp")
         # a real guest's kernel hangs right after decompression under this machine's KVM: TCG for it
         accel = ["-accel", "tcg"] if boot else ["-accel", "kvm", "-accel", "tcg"]
@@ -83,6 +96,11 @@ class Vm:
             argv += ["-device", "virtio-serial-pci,id=vser0"]
             argv += ["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
         for i, path in enumerate(disks):
+            if isinstance(path, str) and path.startswith("json:"):  # a chain spelled out (a shared LUN's layers)
+                nodes = _blockdevs(json.loads(path[5:]), f"d{i}")
+                argv += [a for n in nodes for a in ("-blockdev", json.dumps(n))]
+                argv += ["-device", f"virtio-blk-pci,drive=d{i},id=vd{i}" + (f",werror={werror}" if werror else "")]
+                continue
             if isinstance(path, dict):  # a protocol node of qemu's own, such as {"driver": "rbd", ...}
                 argv += ["-blockdev", json.dumps({"driver": "raw", "node-name": f"d{i}", "file": path})]
                 argv += ["-device", f"virtio-blk-pci,drive=d{i},id=vd{i}"]

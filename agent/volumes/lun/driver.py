@@ -71,6 +71,7 @@ from agent.volumes.lun import format as fmt
 from agent.volumes.lun.format import SliceRecord
 from agent.volumes.lun.membership import Membership
 from agent.volumes.lun.table import PoolLun, SliceTable, format_pool
+from agent.volumes.lun.thin import ThinWatcher
 from agent.volumes.nbd import NbdSnapshotReader, QemuNbd
 from agent.volumes.qcow2 import qemu_img
 from agent.volumes.qcow2.bitmap import dirty_extents
@@ -127,6 +128,8 @@ class LunPool(VolumeDriver):
         format_lun: bool = False,
         lease_timeout: float = 60.0,
         lease_io_timeout: float = 5.0,
+        thin: bool = False,
+        thin_step: int = 1 << 30,
     ) -> LunPool:
         """The pool on an opened block device (agent.stores.blockdev: a
         local device, or an iSCSI LUN through libiscsi) that qemu reaches
@@ -160,12 +163,23 @@ class LunPool(VolumeDriver):
             run_dir=run_dir,
             owner=member.owner,
             label=f"pool {pool_uuid} ({dev.label})",
+            thin=thin,
+            thin_step=thin_step,
         )
+        member.on_lost = pool._lease_lost
         pool.membership = member.start()
+        if thin:
+            pool.watcher.start()
         return pool
+
+    def _lease_lost(self, why: str) -> None:
+        """A lease this host held could not be renewed: the VMs writing into
+        the pool here stop, so none writes a slice another owner may move."""
+        self.watcher.pause_all(why)
 
     def close(self) -> None:
         """Leave the pool: both leases released (a successor need not wait)."""
+        self.watcher.stop()
         if self.membership is not None:
             self.membership.stop()
             self.membership = None
@@ -180,6 +194,8 @@ class LunPool(VolumeDriver):
         run_dir: str,
         owner: Callable[[], str] = lambda: "",
         label: str = "",
+        thin: bool = False,
+        thin_step: int = 1 << 30,
     ):
         """table: the pool's slice table (its guard: this host's owner
         lease); protocol: the qemu protocol node that reaches the LUN on this
@@ -195,6 +211,35 @@ class LunPool(VolumeDriver):
         self.run_dir = run_dir
         self.owner = owner
         self.label = label or f"pool {pool_uuid}"
+        self.thin = thin
+        self.thin_step = fmt.align_up(max(thin_step, table.sb.extent_size), table.sb.extent_size)
+        self._full: dict[tuple[int, int], int] = {}
+        self.watcher = ThinWatcher(self)
+
+    def is_own_protocol(self, node: dict) -> bool:
+        """Whether a qemu protocol node (as qemu reports it) is this pool's LUN."""
+        mine = self.protocol
+        if node.get("driver") != mine.get("driver"):
+            return False
+        if mine.get("driver") == "host_device":
+            return os.path.realpath(str(node.get("filename", ""))) == os.path.realpath(mine["filename"])
+        return all(str(node.get(k)) == str(mine.get(k)) for k in ("portal", "target", "lun"))
+
+    def full_size(self, rec: SliceRecord) -> int:
+        """The thick size of a layer's slice (for its virtual size)."""
+        key = (rec.slot, rec.generation)
+        if key not in self._full:
+            capacity = qemu_img.info(self._backing_string(rec) or "").virtual_size
+            self._full[key] = fmt.align_up(self._slice_size(capacity), self.table.sb.extent_size)
+        return self._full[key]
+
+    def _head_size(self, capacity: int) -> int:
+        """A new head's slice: thick, or thin (what an empty image needs,
+        plus one grow step; never more than thick)."""
+        full = self._slice_size(capacity)
+        if not self.thin:
+            return full
+        return min(full, self._measure(capacity)[0] + capacity // (GRANULARITY * 8) + 65536 + self.thin_step)
 
     # ---- names ----
 
@@ -295,7 +340,7 @@ class LunPool(VolumeDriver):
         recs = self.table.records()
         rec = self._meta_rec(recs, meta.uuid)
         if rec is None:
-            rec = self.table.allocate(fmt.MIN_EXTENT, kind=fmt.META, volume=meta.uuid, layer=meta.uuid)
+            rec = self.table.allocate(fmt.MIN_EXTENT, kind=fmt.META, volume=meta.uuid, layer=meta.uuid, from_end=True)
             gen = 1
         else:
             got = self._read_meta(rec)
@@ -331,25 +376,17 @@ class LunPool(VolumeDriver):
 
     # ---- layers ----
 
+    def _measure(self, capacity: int) -> tuple[int, int]:
+        """qemu-img measure of a new qcow2 of capacity: (required when empty, fully allocated)."""
+        argv = ["qemu-img", "measure", "--output=json", "-O", "qcow2", "-o", "cluster_size=65536"]
+        out = procs.run(argv + ["--size", str(capacity)], timeout=60, what="qemu-img measure").stdout
+        d = json.loads(out)
+        return d["required"], d["fully-allocated"]
+
     def _slice_size(self, capacity: int) -> int:
         """A thick layer: what qemu-img measure says a fully allocated image
         needs, plus its dirty bitmap and one extent of headroom."""
-        out = procs.run(
-            [
-                "qemu-img",
-                "measure",
-                "--output=json",
-                "-O",
-                "qcow2",
-                "-o",
-                "cluster_size=65536",
-                "--size",
-                str(capacity),
-            ],
-            timeout=60,
-            what="qemu-img measure",
-        ).stdout
-        full = json.loads(out)["fully-allocated"]
+        full = self._measure(capacity)[1]
         bitmap = capacity // (GRANULARITY * 8) + 65536
         return full + bitmap + self.table.sb.extent_size
 
@@ -450,7 +487,7 @@ class LunPool(VolumeDriver):
             if self.volume_exists(vol):
                 raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
             meta = VolMeta(uuid=vol, name=name, created_at=time.time())
-            head = self.table.allocate(self._slice_size(capacity), kind=fmt.LAYER, volume=vol, layer=vol)
+            head = self.table.allocate(self._head_size(capacity), kind=fmt.LAYER, volume=vol, layer=vol)
             try:
                 self._new_layer(head, capacity, None)
                 self._save(meta)
@@ -611,7 +648,7 @@ class LunPool(VolumeDriver):
             if self._freeze_tracking(head_name) != TRACKING_OK:
                 tracking = TRACKING_LOST
             tmp = self.table.allocate(
-                head.size, kind=fmt.LAYER, volume=meta.uuid, layer=str(uuidlib.uuid4()), parent=snap
+                self._head_size(capacity), kind=fmt.LAYER, volume=meta.uuid, layer=str(uuidlib.uuid4()), parent=snap
             )
             try:
                 self._new_layer(tmp, capacity, head)
@@ -716,7 +753,7 @@ class LunPool(VolumeDriver):
             layer = self._rec(recs, s.uuid)
             capacity = qemu_img.info(self._top(recs, s.uuid)).virtual_size
             tmp = self.table.allocate(
-                self._slice_size(capacity), kind=fmt.LAYER, volume=meta.uuid, layer=str(uuidlib.uuid4()), parent=s.uuid
+                self._head_size(capacity), kind=fmt.LAYER, volume=meta.uuid, layer=str(uuidlib.uuid4()), parent=s.uuid
             )
             try:
                 self._new_layer(tmp, capacity, layer)
@@ -833,7 +870,7 @@ class LunPool(VolumeDriver):
                         f"clone_volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="clone_volume_uuid"
                     )
                 head = self.table.allocate(
-                    self._slice_size(capacity), kind=fmt.LAYER, volume=vol, layer=vol, parent=s.uuid
+                    self._head_size(capacity), kind=fmt.LAYER, volume=vol, layer=vol, parent=s.uuid
                 )
                 meta = VolMeta(
                     uuid=vol,
@@ -945,7 +982,18 @@ class LunPool(VolumeDriver):
         self._meta(volume_uuid)  # layers are opened with locking off: no lock can tell
 
     def open_overwrite_target(self, volume_uuid: str) -> RestoreTarget:
+        """The head grown to thick first: qemu-nbd writes it, with no watcher to grow it."""
         self._must_own()
+        with self._locked(volume_uuid):
+            meta = self._meta(volume_uuid)
+            self._repair(meta)
+            head = self._rec(self.table.records(), meta.uuid)
+            full = self.full_size(head)
+            if head.size < full:
+                try:
+                    self.table.grow(head.slot, full)
+                except NoSpace:
+                    self._relocate(meta, head, full)
         name = self._layer_name(volume_uuid, None)
         return Qcow2OverwriteTarget(name, self.run_dir, lambda: self.volume_info(volume_uuid))
 

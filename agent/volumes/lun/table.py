@@ -193,12 +193,16 @@ class SliceTable:
         return sb.data_end - sb.data_offset, sum(r.size for r in self.used())
 
     # --- changing (the metadata owner only) ---
-    def allocate(self, size: int, *, kind: int, volume: str, layer: str, parent: str = "") -> SliceRecord:
-        """A new slice of at least size bytes (whole extents), first fit."""
+    def allocate(
+        self, size: int, *, kind: int, volume: str, layer: str, parent: str = "", from_end: bool = False
+    ) -> SliceRecord:
+        """A new slice of at least size bytes (whole extents): first fit, or
+        last fit from the end of the LUN (small slices that never grow keep
+        out of the way of those that do)."""
         with self._lock:
             recs = self.records()
             size = self._extents(size)
-            offset = _first_fit(recs, self.sb, size)
+            offset = (_last_fit if from_end else _first_fit)(recs, self.sb, size)
             if offset is None:
                 cap, allocated = self.sb.data_end - self.sb.data_offset, sum(r.size for r in recs if r.used)
                 raise NoSpace(
@@ -308,6 +312,15 @@ def _first_fit(recs: list[SliceRecord], sb: Superblock, size: int) -> int | None
             return at
         at = max(at, r.end)
     return at if sb.data_end - at >= size else None
+
+
+def _last_fit(recs: list[SliceRecord], sb: Superblock, size: int) -> int | None:
+    end = sb.data_end
+    for r in sorted((r for r in recs if r.used), key=lambda r: r.offset, reverse=True):
+        if end - r.end >= size:
+            return end - size
+        end = min(end, r.offset)
+    return end - size if end - sb.data_offset >= size else None
 
 
 def check(recs: list[SliceRecord], sb: Superblock) -> None:

@@ -1,0 +1,193 @@
+"""Thin layers of a shared pool while VMs run: write thresholds, and slices
+grown under a running qemu.
+
+A thin head starts in a small slice. For every running qemu on this host
+whose block graph holds a raw node over one of the pool's head slices, the
+watcher (one pass per second, by the pool's metadata owner) sets a write
+threshold on that raw node, `headroom` bytes before the slice's end. When
+qemu reports it crossed (the node's write_threshold drops back to 0), or
+the node's highest write (query-blockstats) is already past it, the slice
+is grown in place in the table and the raw node reopened with the
+larger size (blockdev-reopen: about 1 ms); a VM that paused on ENOSPC in
+the meantime (its disk configured werror=enospc) is resumed. A slice that
+cannot grow in place is left for the operator (the write waits, paused,
+instead of failing): moving a running layer is not done yet.
+
+When the pool's owner lease is lost, pause_all() stops every VM on this
+host that writes into the pool: no host writes a slice whose geometry it
+may no longer know.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.errors import BlockferryError, NoSpace
+from agent.hypervisor.holders import qemu_processes, qmp_socket
+from agent.hypervisor.qmp import Qmp
+from agent.volumes.lun import format as fmt
+from agent.volumes.lun.format import SliceRecord
+
+log = logging.getLogger("agent.lun")
+
+
+@dataclass(frozen=True)
+class RawNode:
+    """A running qemu's raw node over a byte range of the pool's LUN."""
+
+    socket: str
+    node: str
+    child: str  # the protocol node under it
+    offset: int
+    size: int
+    threshold: int
+
+
+def _raw_nodes(q: Qmp, matches: Callable[[dict], bool]) -> list[tuple[str, str, int, int, int]]:
+    """(node, child, offset, size, threshold) of the raw nodes with an offset
+    whose protocol node matches."""
+    nodes = q.execute("query-named-block-nodes", {"flat": True})
+    graph = q.execute("x-debug-query-block-graph")
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    child_of = {names.get(e["parent"]): names.get(e["child"]) for e in graph["edges"] if e["name"] == "file"}
+    out = []
+    for n in nodes:
+        if n.get("drv") != "raw" or not str(n.get("file", "")).startswith("json:"):
+            continue
+        try:
+            spec = json.loads(n["file"][5:])
+        except ValueError:
+            continue
+        if "offset" not in spec or not isinstance(spec.get("file"), dict) or not matches(spec["file"]):
+            continue
+        child = child_of.get(n["node-name"])
+        if child:
+            out.append(
+                (n["node-name"], child, int(spec["offset"]), int(spec["size"]), int(n.get("write_threshold", 0)))
+            )
+    return out
+
+
+class ThinWatcher:
+    def __init__(self, pool, *, interval: float = 1.0, headroom: int = 0):
+        """pool: the LunPool; headroom: bytes before a slice's end where its
+        threshold sits (default: its grow step)."""
+        self.pool = pool
+        self.interval = interval
+        self.headroom = headroom or pool.thin_step
+        self._armed: dict[tuple[str, str], int] = {}  # (socket, node) -> threshold we set
+        self._boxed: set[tuple[int, int]] = set()  # (slot, generation) that could not grow in place
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.grown = 0  # slices grown under a running VM (for tests and metrics)
+
+    def start(self) -> ThinWatcher:
+        self._thread = threading.Thread(target=self._run, name="lun-thin", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if self.pool.membership is None or self.pool.membership.is_owner:
+                    self.tick()
+            except Exception as e:  # noqa: BLE001 - one bad VM or a LUN hiccup must not stop the watcher
+                log.warning("thin provisioning pass failed: %s", e)
+
+    def _vm_sockets(self) -> list[str]:
+        return [s for s in (qmp_socket(h.argv) for h in qemu_processes()) if s]
+
+    def tick(self) -> None:
+        """One pass over this host's VMs."""
+        for sock in self._vm_sockets():
+            try:
+                with Qmp(sock, timeout=5) as q:
+                    self._serve(q, sock)
+            except BlockferryError as e:
+                log.debug("thin: %s: %s", sock, e)
+
+    def _serve(self, q: Qmp, sock: str) -> None:
+        heads = {r.offset: r for r in self.pool.table.used() if r.kind == fmt.LAYER and r.layer == r.volume}
+        raw = _raw_nodes(q, self.pool.is_own_protocol)
+        if not raw:
+            return
+        # how far qemu has written into each node (written before a threshold was set, or while
+        # this agent was down, counts too)
+        stats = q.execute("query-blockstats", {"query-nodes": True})
+        highest = {s.get("node-name"): s.get("stats", {}).get("wr_highest_offset", 0) for s in stats}
+        grew = False
+        for node, child, offset, size, threshold in raw:
+            rec = heads.get(offset)
+            if rec is None:
+                continue  # a snapshot layer (read-only) or another pool's
+            key = (sock, node)
+            if rec.size > size:
+                self._reopen(q, node, child, rec)  # grown here before: let qemu see it
+                size = rec.size
+            armed = self._armed.get(key)
+            crossed = threshold == 0 and armed is not None
+            full = self.pool.full_size(rec)
+            if (crossed or highest.get(node, 0) > size - self.headroom) and size < full:
+                log.info(
+                    "write threshold crossed",
+                    extra={"volume": rec.volume, "node": node, "at": armed, "highest": highest.get(node, 0)},
+                )
+                before = rec.size
+                rec = self._grow(q, node, child, rec)
+                size = rec.size
+                grew = grew or size > before
+            if threshold == 0 or threshold != self._armed.get(key):
+                at = max(0, size - self.headroom)
+                if at > 0 and size < full:
+                    q.execute("block-set-write-threshold", {"node-name": node, "write-threshold": at})
+                    self._armed[key] = at
+        # a VM that paused on ENOSPC (werror=enospc) runs on once its slice grew; one whose slice
+        # cannot grow stays paused: its write waits instead of failing
+        if grew and q.execute("query-status").get("status") == "io-error":
+            q.execute("cont")
+            log.info("resumed a VM paused on a full slice", extra={"qmp": sock})
+
+    def _grow(self, q: Qmp, node: str, child: str, rec: SliceRecord) -> SliceRecord:
+        want = min(self.pool.full_size(rec), rec.size + self.pool.thin_step)
+        if want <= rec.size:
+            return rec
+        try:
+            rec = self.pool.table.grow(rec.slot, want)
+        except NoSpace as e:
+            if (rec.slot, rec.generation) not in self._boxed:  # said once per slice
+                self._boxed.add((rec.slot, rec.generation))
+                log.error("a running layer's slice cannot grow in place: %s", e, extra={"volume": rec.volume})
+            return rec
+        self._reopen(q, node, child, rec)
+        self.grown += 1
+        log.info("slice grown under a running VM", extra={"volume": rec.volume, "size": rec.size})
+        return rec
+
+    def _reopen(self, q: Qmp, node: str, child: str, rec: SliceRecord) -> None:
+        q.execute(
+            "blockdev-reopen",
+            {"options": [{"driver": "raw", "node-name": node, "file": child, "offset": rec.offset, "size": rec.size}]},
+        )
+
+    def pause_all(self, why: str) -> int:
+        """Stop every VM on this host that has a node over the pool's LUN."""
+        stopped = 0
+        for sock in self._vm_sockets():
+            try:
+                with Qmp(sock, timeout=5) as q:
+                    if _raw_nodes(q, self.pool.is_own_protocol):
+                        q.execute("stop")
+                        stopped += 1
+                        log.error("VM paused: %s", why, extra={"qmp": sock})
+            except BlockferryError as e:
+                log.warning("could not pause the VM at %s: %s", sock, e)
+        return stopped
