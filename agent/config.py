@@ -242,8 +242,13 @@ class PoolSection:
     )
     lun: int = option(0, "lun on iSCSI: the LUN number.")
     port: int = option(0, "lun on iSCSI: the portal's port (0: 3260).")
-    username: str = option("", "lun on iSCSI: the CHAP user (not served yet: leave empty).")
-    secret: str = option("", "lun on iSCSI: the CHAP secret (not served yet: leave empty).", secret=True)
+    username: str = option("", "lun on iSCSI: the CHAP user (empty: no CHAP).")
+    secret: str = option(
+        "",
+        "lun on iSCSI: the CHAP secret; qemu gets it as a secret object read from a 0600 file under run_dir, "
+        "never in argv.",
+        secret=True,
+    )
 
 
 @dataclass

@@ -76,34 +76,39 @@ class PoolRegistry:
         if pc.type == "lun":
             from agent.volumes.lun.driver import LunPool
 
-            dev, protocol = self._lun_device(pc)
-            return LunPool.open(
-                pool_uuid,
-                dev,
-                protocol,
-                host_uuid=host_uuid(self.cfg),
-                run_dir=self.cfg.agent.run_dir,
-                format_lun=pc.format_lun,
-                lease_timeout=pc.lease_timeout,
-                lease_io_timeout=pc.lease_io_timeout,
-                thin=pc.thin,
-                thin_step=pc.thin_step,
-            )
+            dev, protocol = self._lun_device(pool_uuid, pc)
+            try:
+                return LunPool.open(
+                    pool_uuid,
+                    dev,
+                    protocol,
+                    host_uuid=host_uuid(self.cfg),
+                    run_dir=self.cfg.agent.run_dir,
+                    format_lun=pc.format_lun,
+                    lease_timeout=pc.lease_timeout,
+                    lease_io_timeout=pc.lease_io_timeout,
+                    thin=pc.thin,
+                    thin_step=pc.thin_step,
+                )
+            except BaseException:
+                if "password-secret" in protocol:
+                    from agent.volumes.qemu_objects import remove
+
+                    remove(protocol["password-secret"])
+                raise
         raise InvalidArgument(f"type: pool type must be dir, nfs, rbd or lun, not {pc.type!r}", field="type")
 
-    def _lun_device(self, pc: PoolSection):
+    def _lun_device(self, pool_uuid: str, pc: PoolSection):
         """A shared LUN opened for the pool's own I/O (its table and leases),
         and the qemu protocol node that reaches it on this host."""
         if pc.ip:  # an iSCSI LUN: libiscsi here, qemu's iscsi driver for the layers
             from agent.stores.iscsi import IscsiBlockDevice, initiator_name, portal
 
-            if pc.username or pc.secret:
-                raise InvalidArgument(
-                    "username: CHAP on iSCSI pools is not served yet (qemu would need the secret in every "
-                    "qemu-img and qemu-nbd it runs); use an ACL by initiator name or address",
-                    field="username",
-                )
-            dev = IscsiBlockDevice(pc.ip, pc.target, pc.lun, port=pc.port, timeout=pc.timeout)
+            if bool(pc.username) != bool(pc.secret):
+                raise InvalidArgument("username: CHAP needs both username and secret", field="username")
+            dev = IscsiBlockDevice(
+                pc.ip, pc.target, pc.lun, port=pc.port, user=pc.username, secret=pc.secret, timeout=pc.timeout
+            )
             node = {
                 "driver": "iscsi",
                 "transport": "tcp",
@@ -112,6 +117,13 @@ class PoolRegistry:
                 "lun": pc.lun,
                 "initiator-name": initiator_name(),
             }
+            if pc.username:  # qemu reads the CHAP secret from a 0600 file, by object id
+                from agent.volumes.qemu_objects import add_secret
+
+                ident = add_secret(
+                    f"bfchap-{pool_uuid[:8]}", pc.secret, os.path.join(self.cfg.agent.run_dir, "secrets")
+                )
+                node.update({"user": pc.username, "password-secret": ident})
             return dev, node
         from agent.stores.blockdev import LocalBlockDevice
 

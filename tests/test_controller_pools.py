@@ -3,6 +3,7 @@ storage: a directory pool and an RBD pool on the Ceph fixture."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -283,19 +284,32 @@ def test_seed_002_lun_pools_by_wwn_and_fc(cluster, loop, short_tmp, iscsi_lun, t
             "pool"
         ]
         assert (fc["Type"], fc["Status"]) == (5, "healthy")
-        t = iscsi_lun(64 << 20)
+        t = iscsi_lun(64 << 20, chap=True)
         ib = dict(create, pool_type=1, ip="127.0.0.1", port=str(tgt_server.port), source=t.lun.iqn, pool_name="is")
         ib["attr"] = dict(attr, lun="1")
-        chap = dict(ib, username="chapuser", password="chap-secret-123")
-        check_error(op.post("/v1/pool/share/create", json=chap), 400, "username")
+        ib.update(username=t.lun.user, password=t.lun.secret)
+        check_error(op.post("/v1/pool/share/create", json=dict(ib, password="")), 400, "username")
         check_error(op.post("/v1/pool/share/create", json=dict(ib, source="not-an-iqn")), 400, "source")
+        wrong = dict(ib, password="not-the-secret")
+        assert op.post("/v1/pool/share/create", json=wrong).status_code >= 400  # the target refuses the login
         iscsi = check_ok(op.post("/v1/pool/share/create", json=ib))["pool"]
         assert (iscsi["Type"], iscsi["Status"], iscsi["Capacity"]) == (1, "healthy", 61 << 20)
         ivc = dict(seed_example("001", "/v1/volume/share/create"), pool_uuid=iscsi["UUID"], cluster_uuid=cluster_uuid)
         ivc.pop("backing_file")
         ivol = check_ok(op.post("/v1/volume/share/create", json=dict(ivc, capacity=8 << 20)))["volume"]
-        assert '"driver":"iscsi"' in ivol["AccessPath"][host]
-        write(ivol["AccessPath"][host], {0: os.urandom(1 << 20)}, run)
+        assert '"driver":"iscsi"' in ivol["AccessPath"][host] and t.lun.secret not in ivol["AccessPath"][host]
+        assert t.lun.secret not in a.log_text()
+        (secret_file,) = (a.workdir / "run" / "secrets").glob("bfchap-*.secret")  # the agent's copy for qemu
+        assert secret_file.stat().st_mode & 0o777 == 0o600 and secret_file.parent.stat().st_mode & 0o777 == 0o700
+        from agent.volumes import qemu_objects
+
+        # a qemu of this test reads the CHAP secret the way the agents' do: a secret object by the id the name uses
+        ident = json.loads(ivol["AccessPath"][host][5:])["file"]["file"]["password-secret"]
+        qemu_objects.add_secret(ident, t.lun.secret, str(run / "secrets"))
+        try:
+            write(ivol["AccessPath"][host], {0: os.urandom(1 << 20)}, run)
+        finally:
+            qemu_objects.remove(ident)
         iref = {"tenant": ivc["tenant"], "cluster_uuid": cluster_uuid, "volume_uuid": ivol["UUID"]}
         check_ok(op.post("/v1/volume/share/delete", json=dict(seed_example("001", "/v1/volume/share/delete"), **iref)))
         with open(t.lun.file, "rb") as f:
@@ -345,6 +359,7 @@ def test_seed_002_lun_pools_by_wwn_and_fc(cluster, loop, short_tmp, iscsi_lun, t
         with a.client() as ac:
             for p in (pool, fc, iscsi):  # detached: the agent serves them no more
                 assert "NOT_FOUND" in rpc_error(ac.get_pool_status, v.PoolRef(pool_uuid=p["UUID"])).details()
+        assert not secret_file.exists()  # the pool gone, so is its secret
 
 
 def test_zones_place_pools_on_the_hosts_of_their_zone(short_tmp, make_agent):

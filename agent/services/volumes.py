@@ -106,6 +106,8 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
                 target=request.target,
                 lun=request.lun,
                 port=request.port,
+                username=request.username,
+                secret=request.secret,
             )
             if request.lease_timeout:
                 pc.lease_timeout = request.lease_timeout

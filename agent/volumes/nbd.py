@@ -23,6 +23,7 @@ from agent import procs
 from agent.errors import StorageIOError
 from agent.extents import AllocExtent, Extent
 from agent.volumes.base import SnapshotReader
+from agent.volumes.qemu_objects import with_objects
 
 log = logging.getLogger("agent.nbd")
 
@@ -70,7 +71,7 @@ class QemuNbd:
             argv += ["--image-opts", self.image_opts]
         else:
             argv += ["--format", self.fmt, self.image]
-        self.child = procs.Child(argv, name="qemu-nbd")
+        self.child = procs.Child(with_objects(argv), name="qemu-nbd")
 
         def ready() -> bool:
             if not self.child.alive():

@@ -292,12 +292,8 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
     tenants = [v.uuid(t, "avail_tenant") for t in req.avail_tenant]
     kind = SERVED[req.pool_type]
     if req.pool_type == 1:  # an iSCSI LUN: source the target IQN, attr.lun the LUN, ip:port the portal
-        if req.username or req.password:
-            raise InvalidArgument(
-                "username: CHAP on iSCSI pools is not served yet (qemu would need the secret in every "
-                "qemu-img and qemu-nbd the agents run); allow the hosts by initiator name or address on the target",
-                field="username",
-            )
+        if bool(req.username) != bool(req.password):
+            raise InvalidArgument("username: CHAP needs both username and password", field="username")
         source = v.iqn(req.source, "source")
         lun = attr.get("lun", "0")
         if not (lun.isascii() and lun.isdigit()) or int(lun) > 16383:
@@ -308,6 +304,8 @@ def create(req: PoolCreateRequest, request: Request, caller: Caller = Depends(au
             port=int(req.port or 0),
             target=source,
             lun=int(lun),
+            username=req.username,
+            secret=req.password,  # CHAP; the agents keep it 0600 and hand it to qemu as a secret object
             format_lun=True,
             **_lease_attr(attr),
         )

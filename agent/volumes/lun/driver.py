@@ -77,6 +77,7 @@ from agent.volumes.qcow2 import qemu_img
 from agent.volumes.qcow2.bitmap import dirty_extents
 from agent.volumes.qcow2.driver import BITMAP, GRANULARITY, Qcow2OverwriteTarget, Qcow2RestoreTarget
 from agent.volumes.qcow2.meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta
+from agent.volumes.qemu_objects import with_objects
 
 log = logging.getLogger("agent.lun")
 
@@ -179,6 +180,10 @@ class LunPool(VolumeDriver):
 
     def close(self) -> None:
         """Leave the pool: both leases released (a successor need not wait)."""
+        if "password-secret" in self.protocol:
+            from agent.volumes.qemu_objects import remove
+
+            remove(self.protocol["password-secret"])
         self.watcher.stop()
         if self.membership is not None:
             self.membership.stop()
@@ -379,7 +384,7 @@ class LunPool(VolumeDriver):
     def _measure(self, capacity: int) -> tuple[int, int]:
         """qemu-img measure of a new qcow2 of capacity: (required when empty, fully allocated)."""
         argv = ["qemu-img", "measure", "--output=json", "-O", "qcow2", "-o", "cluster_size=65536"]
-        out = procs.run(argv + ["--size", str(capacity)], timeout=60, what="qemu-img measure").stdout
+        out = procs.run(with_objects(argv + ["--size", str(capacity)]), timeout=60, what="qemu-img measure").stdout
         d = json.loads(out)
         return d["required"], d["fully-allocated"]
 
@@ -402,16 +407,10 @@ class LunPool(VolumeDriver):
             if os.path.getsize(path) > rec.size:
                 raise NoSpace(f"{self.label}: a layer of {capacity} bytes does not fit its slice of {rec.size}")
             procs.run(
-                [
-                    "qemu-img",
-                    "convert",
-                    "-n",
-                    "-f",
-                    "raw",
-                    path,
-                    "--target-image-opts",
-                    self._raw_opts(rec, os.path.getsize(path)),
-                ],
+                with_objects(
+                    ["qemu-img", "convert", "-n", "-f", "raw", path, "--target-image-opts"]
+                    + [self._raw_opts(rec, os.path.getsize(path))]
+                ),
                 timeout=600,
                 what="qemu-img convert (new layer)",
             )
@@ -961,9 +960,11 @@ class LunPool(VolumeDriver):
         try:
             ctx.progress(0, data, "copying")
             procs.run_with_progress(
-                ["qemu-img", "convert", "-p", "-U", "-n", "--target-is-zero", "-W", "-m", "8", "-f", "qcow2"]
-                + (["-r", str(ctx.bandwidth_limit)] if ctx.bandwidth_limit else [])
-                + [src, "--target-image-opts", _opts(json.loads(dst[5:]))],
+                with_objects(
+                    ["qemu-img", "convert", "-p", "-U", "-n", "--target-is-zero", "-W", "-m", "8", "-f", "qcow2"]
+                    + (["-r", str(ctx.bandwidth_limit)] if ctx.bandwidth_limit else [])
+                    + [src, "--target-image-opts", _opts(json.loads(dst[5:]))]
+                ),
                 on_percent=lambda pct: ctx.progress(int(data * pct / 100)),
                 checkpoint=ctx.checkpoint,
                 timeout=7 * 24 * 3600,

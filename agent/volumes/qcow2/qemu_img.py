@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 
 from agent import procs
 from agent.errors import InUse
+from agent.volumes.qemu_objects import with_objects
 
 
 def _run(argv: list[str], *, timeout: float, what: str, check: bool = True):
     """procs.run, turning qemu's image-lock refusal into InUse."""
     try:
-        return procs.run(argv, timeout=timeout, what=what, check=check)
+        return procs.run(with_objects(argv), timeout=timeout, what=what, check=check)
     except procs.CommandFailed as e:
         if "lock" in e.stderr and "Failed to get" in e.stderr:
             raise InUse(
@@ -160,7 +161,7 @@ def rebase(
         _run(argv + ["-q", path], timeout=timeout, what="qemu-img rebase")
     else:
         procs.run_with_progress(
-            argv + ["-p", path],
+            with_objects(argv + ["-p", path]),
             on_percent=on_percent,
             checkpoint=checkpoint or (lambda: None),
             timeout=timeout,
@@ -236,5 +237,9 @@ def convert_into(
     if rate_limit:
         argv += ["-r", str(rate_limit)]
     procs.run_with_progress(
-        argv + [src, dst], on_percent=on_percent, checkpoint=checkpoint, timeout=timeout, what="qemu-img convert"
+        with_objects(argv + [src, dst]),
+        on_percent=on_percent,
+        checkpoint=checkpoint,
+        timeout=timeout,
+        what="qemu-img convert",
     )
