@@ -259,6 +259,9 @@ def test_thin_slice_grows_under_a_running_vm(make_agent, loop, short_tmp):
                 while table_of(lo.dev).find(grows, grows).size < (i + 1) * MiB + 2 * MiB:
                     assert time.monotonic() < deadline, ("the slice did not grow", a.log_text()[-2000:])
                     time.sleep(0.1)
+            # the VM holds the head: no offline snapshot, rollback or delete under it
+            assert "IN_USE" in rpc_error(n.snap, grows, "while-running").details()
+            assert "IN_USE" in rpc_error(n.call, "DeleteVolume", volume_uuid=grows).details()
             for i in range(12):
                 vm.write(1, 0x60, i * MiB, MiB)  # the boxed one cannot grow in place: writes past its end fail
             vm.flush(0)

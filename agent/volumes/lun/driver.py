@@ -47,6 +47,7 @@ from agent.errors import (
     DataCorrupt,
     FailedPrecondition,
     HasDependents,
+    InUse,
     InvalidArgument,
     NoSpace,
     NotFound,
@@ -521,6 +522,9 @@ class LunPool(VolumeDriver):
             if meta.parent_volume:
                 self._forget_clone(meta)
             recs = self.table.records()
+            head = next((r for r in recs if r.used and r.kind == fmt.LAYER and r.layer == meta.uuid), None)
+            if head is not None:
+                self._idle(meta.uuid, head, "a delete")
             meta_rec = self._meta_rec(recs, meta.uuid)
             if meta_rec is not None:
                 self.table.release(meta_rec.slot)  # the volume is gone from here on
@@ -594,6 +598,7 @@ class LunPool(VolumeDriver):
                 )
             if capacity > current:
                 head = self._rec(recs, meta.uuid)
+                self._idle(meta.uuid, head, "a resize")
                 try:
                     self.table.grow(head.slot, self._slice_size(capacity))
                 except NoSpace:  # the next slice is in the way: move the head
@@ -641,6 +646,7 @@ class LunPool(VolumeDriver):
                 )
             recs = self.table.records()
             head = self._rec(recs, meta.uuid)
+            self._idle(meta.uuid, head, "a snapshot")
             head_name = self._top(recs, meta.uuid)
             capacity = qemu_img.info(head_name).virtual_size
             tracking = TRACKING_OK if meta.head_tracking == TRACKING_OK else TRACKING_LOST
@@ -717,6 +723,7 @@ class LunPool(VolumeDriver):
             new_backing = self._rec(recs, new_parent) if new_parent else None
             children: list[tuple[SnapMeta | None, str]] = [(c, c.uuid) for c in meta.children_of(s.uuid)]
             if meta.head_parent == s.uuid:
+                self._idle(meta.uuid, self._rec(recs, meta.uuid), "deleting the snapshot under its head")
                 children.append((None, meta.uuid))
             layer_name = "json:" + json.dumps(self._node(layer), separators=(",", ":"))
             for child, child_layer in children:
@@ -749,6 +756,7 @@ class LunPool(VolumeDriver):
             s = self._snap(meta, snapshot_uuid)
             recs = self.table.records()
             head = self._rec(recs, meta.uuid)
+            self._idle(meta.uuid, head, "a rollback")
             layer = self._rec(recs, s.uuid)
             capacity = qemu_img.info(self._top(recs, s.uuid)).virtual_size
             tmp = self.table.allocate(
@@ -900,6 +908,8 @@ class LunPool(VolumeDriver):
             roots = meta.children_of(None)
             bottom = roots[0].uuid if roots else meta.uuid
             recs = self.table.records()
+            if bottom == meta.uuid:
+                self._idle(meta.uuid, self._rec(recs, bottom), "a flatten")
             qemu_img.rebase(self._name(recs, bottom), None, on_percent=on_percent, checkpoint=checkpoint)
             self.table.update(self._rec(recs, bottom).slot, parent="")
             self._forget_clone(meta)
@@ -980,7 +990,19 @@ class LunPool(VolumeDriver):
     # ---- restores ----
 
     def check_not_in_use(self, volume_uuid: str) -> None:
-        self._meta(volume_uuid)  # layers are opened with locking off: no lock can tell
+        meta = self._meta(volume_uuid)
+        self._idle(meta.uuid, self._rec(self.table.records(), meta.uuid), "this")
+
+    def _idle(self, vol: str, head: SliceRecord, what: str) -> None:
+        """IN_USE when a running VM on this host has the head open (layers
+        are opened with locking off, so the agent asks this host's qemus)."""
+        users = self.watcher.users(head.offset)
+        if users:
+            raise InUse(
+                f"volume_uuid: volume {vol} is open in a running VM on this host (QMP {users[0]}): stop it "
+                f"before {what} operation (snapshots of running VMs on shared LUN pools are not served yet)",
+                field="volume_uuid",
+            )
 
     def open_overwrite_target(self, volume_uuid: str) -> RestoreTarget:
         """The head grown to thick first: qemu-nbd writes it, with no watcher to grow it."""
@@ -989,6 +1011,7 @@ class LunPool(VolumeDriver):
             meta = self._meta(volume_uuid)
             self._repair(meta)
             head = self._rec(self.table.records(), meta.uuid)
+            self._idle(meta.uuid, head, "a restore in place")
             full = self.full_size(head)
             if head.size < full:
                 try:

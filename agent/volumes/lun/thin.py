@@ -178,6 +178,20 @@ class ThinWatcher:
             {"options": [{"driver": "raw", "node-name": node, "file": child, "offset": rec.offset, "size": rec.size}]},
         )
 
+    def users(self, offset: int) -> list[str]:
+        """The QMP sockets of this host's VMs with a node over the slice that
+        starts at offset (its layers are opened with locking off, so no lock
+        can tell)."""
+        out = []
+        for sock in self._vm_sockets():
+            try:
+                with Qmp(sock, timeout=5) as q:
+                    if any(o == offset for _, _, o, _, _ in _raw_nodes(q, self.pool.is_own_protocol)):
+                        out.append(sock)
+            except BlockferryError as e:
+                log.debug("could not ask the VM at %s: %s", sock, e)
+        return out
+
     def pause_all(self, why: str) -> int:
         """Stop every VM on this host that has a node over the pool's LUN."""
         stopped = 0
