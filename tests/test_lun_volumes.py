@@ -285,3 +285,49 @@ def test_thin_slice_grows_under_a_running_vm(make_agent, loop, short_tmp):
         if vm is not None:
             vm.kill()
         assert a.stop() == 0, a.log_text()
+
+
+def test_live_snapshots_and_backup_of_a_running_vm(lun_agent, short_tmp):
+    """A running qemu-system's disk on a shared LUN pool: each snapshot
+    switches the VM to a new layer in a new slice (blockdev-add + a
+    blockdev-snapshot transaction), the old head's bitmap stops recording;
+    every snapshot holds exactly what was written before it, the changes
+    between them are what was written between them, and a backup taken
+    while the VM runs restores bit for bit."""
+    from agent import native
+
+    from support.vms import Vm
+
+    n = lun_agent
+    vid = n.create(capacity=16 * MiB, name="running").uuid
+    vm = Vm(short_tmp, [n.call("GetVolume", volume_uuid=vid).access_path], name="live")
+    try:
+        vm.write(0, 0x11, 0, 2 * MiB)
+        vm.flush(0)
+        s1 = n.snap(vid, "s1")
+        assert s1.consistency == "crash"
+        vm.write(0, 0x22, 4 * MiB, MiB)
+        vm.flush(0)
+        s2 = n.snap(vid, "s2").uuid
+        vm.write(0, 0x33, 8 * MiB, MiB)
+        vm.flush(0)
+        backup = n.backup(vid, s2)  # while the VM runs
+        assert n.changed(vid, s2, s1.uuid) == [(4 * MiB, MiB)]
+    finally:
+        vm.quit()
+
+    def ref(*pieces):
+        img = bytearray(16 * MiB)
+        for pattern, off, length in pieces:
+            img[off : off + length] = bytes([pattern]) * length
+        h = native.RefImageHash()
+        h.update(bytes(img))
+        return h.digest().hex()
+
+    a, b, c = (0x11, 0, 2 * MiB), (0x22, 4 * MiB, MiB), (0x33, 8 * MiB, MiB)
+    assert n.digest(vid, s1.uuid) == ref(a)
+    assert n.digest(vid, s2) == ref(a, b) == backup.image_digest
+    assert n.digest(vid) == ref(a, b, c)
+    assert n.restore(backup.backup_uuid).image_digest == ref(a, b)
+    layers = {r.layer: r for r in table_of(n.lo.dev).used() if r.kind == 1}
+    assert layers[vid].parent == s2 and layers[s2].parent == s1.uuid

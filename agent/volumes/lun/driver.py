@@ -646,20 +646,32 @@ class LunPool(VolumeDriver):
                 )
             recs = self.table.records()
             head = self._rec(recs, meta.uuid)
-            self._idle(meta.uuid, head, "a snapshot")
+            users = self.watcher.users(head.offset)
+            if len(users) > 1:
+                raise InUse(
+                    f"volume_uuid: volume {meta.uuid} is open in {len(users)} VMs on this host", field="volume_uuid"
+                )
             head_name = self._top(recs, meta.uuid)
-            capacity = qemu_img.info(head_name).virtual_size
+            info = qemu_img.info(head_name)
+            capacity = info.virtual_size
             tracking = TRACKING_OK if meta.head_tracking == TRACKING_OK else TRACKING_LOST
-            if self._freeze_tracking(head_name) != TRACKING_OK:
+            if users:  # a running VM: its qemu switches to the new layer and stops the head's bitmap
+                bm = info.bitmap(BITMAP)
+                if bm is None:
+                    tracking = TRACKING_LOST
+            elif self._freeze_tracking(head_name) != TRACKING_OK:
                 tracking = TRACKING_LOST
             tmp = self.table.allocate(
                 self._head_size(capacity), kind=fmt.LAYER, volume=meta.uuid, layer=str(uuidlib.uuid4()), parent=snap
             )
             try:
                 self._new_layer(tmp, capacity, head)
+                if users:
+                    self.watcher.switch_to_overlay(users[0], head, tmp, BITMAP if info.bitmap(BITMAP) else "")
             except BaseException:
                 self.table.release(tmp.slot)
-                qemu_img.bitmap(head_name, "enable", BITMAP)
+                if not users:
+                    qemu_img.bitmap(head_name, "enable", BITMAP)
                 raise
             s = SnapMeta(
                 uuid=snap,
@@ -668,7 +680,7 @@ class LunPool(VolumeDriver):
                 created_at=time.time(),
                 parent=meta.head_parent,
                 tracking=tracking,
-                consistency="offline",
+                consistency="crash" if users else "offline",
             )
             meta.snapshots.append(s)
             meta.head_parent = snap

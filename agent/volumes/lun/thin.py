@@ -192,6 +192,59 @@ class ThinWatcher:
                 log.debug("could not ask the VM at %s: %s", sock, e)
         return out
 
+    def switch_to_overlay(self, sock: str, head: SliceRecord, new: SliceRecord, bitmap: str) -> None:
+        """A live snapshot's switch in the VM at sock: the new layer's slice
+        (a qcow2 the caller wrote, backed by the head) is opened as nodes of
+        the VM's own (one protocol node per slice), the head's bitmap stops
+        recording, and the new layer becomes the disk's top, in one
+        transaction; on failure the added nodes are removed again."""
+        tag = f"bf{new.slot}g{new.generation}"
+        with Qmp(sock, timeout=30) as q:
+            raw = [r for r in _raw_nodes(q, self.pool.is_own_protocol) if r[2] == head.offset]
+            if not raw:
+                raise BlockferryError(f"the VM at {sock} no longer has volume {head.volume} open")
+            graph = q.execute("x-debug-query-block-graph")
+            names = {n["id"]: n["name"] for n in graph["nodes"]}
+            top = next(
+                (
+                    names[e["parent"]]
+                    for e in graph["edges"]
+                    if e["name"] == "file" and names.get(e["child"]) == raw[0][0]
+                ),
+                None,
+            )
+            if top is None:
+                raise BlockferryError(f"the VM at {sock}: no qcow2 node over volume {head.volume}'s slice")
+            added: list[str] = []
+            try:
+                q.execute("blockdev-add", dict(self.pool.protocol, **{"node-name": f"{tag}p"}))
+                added.append(f"{tag}p")
+                q.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "raw",
+                        "node-name": f"{tag}r",
+                        "file": f"{tag}p",
+                        "offset": new.offset,
+                        "size": new.size,
+                    },
+                )
+                added.append(f"{tag}r")
+                q.execute(
+                    "blockdev-add", {"driver": "qcow2", "node-name": f"{tag}q", "file": f"{tag}r", "backing": None}
+                )
+                added.append(f"{tag}q")
+                actions = [{"type": "block-dirty-bitmap-disable", "data": {"node": top, "name": bitmap}}] if bitmap else []
+                actions.append({"type": "blockdev-snapshot", "data": {"node": top, "overlay": f"{tag}q"}})
+                q.execute("transaction", actions=actions)
+            except BaseException:
+                for node in reversed(added):
+                    try:
+                        q.execute("blockdev-del", {"node-name": node})
+                    except BlockferryError as e:
+                        log.error("could not remove a new layer's node %s: %s", node, e)
+                raise
+
     def pause_all(self, why: str) -> int:
         """Stop every VM on this host that has a node over the pool's LUN."""
         stopped = 0
