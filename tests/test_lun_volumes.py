@@ -331,3 +331,31 @@ def test_live_snapshots_and_backup_of_a_running_vm(lun_agent, short_tmp):
     assert n.restore(backup.backup_uuid).image_digest == ref(a, b)
     layers = {r.layer: r for r in table_of(n.lo.dev).used() if r.kind == 1}
     assert layers[vid].parent == s2 and layers[s2].parent == s1.uuid
+
+
+def test_4k_sector_lun_and_a_lun_that_grows(make_agent, loop):
+    """A LUN with 4 KiB logical sectors holds volumes like a 512-byte one; a
+    LUN resized on the storage (losetup -c) is taken in at the next status
+    query: the pool's capacity grows and the new space holds slices."""
+    lo = loop(64 * MiB, sector_size=4096)
+    a = make_agent(lun_section(lo.dev, str(uuid.uuid4()))).start()
+    try:
+        with a.client() as c:
+            n = Bk(a, c)
+            n.pool = LUN_POOL
+            owned(n)
+            vid = n.create(capacity=16 * MiB, name="4k").uuid
+            n.write(vid, {4096: os.urandom(MiB), 15 * MiB: b"end" * 1000})
+            s1 = n.snap(vid, "s1").uuid
+            d1 = n.digest(vid, s1)
+            assert ref_digest_of(n.call("GetVolume", volume_uuid=vid).access_path, a.workdir) == d1
+            assert n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool)).total_bytes == 61 * MiB
+            assert "NO_SPACE" in rpc_error(n.create, capacity=48 * MiB, name="too-big").details()
+            os.truncate(lo.file, 128 * MiB)
+            subprocess.run(["losetup", "-c", lo.dev], check=True)
+            assert n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool)).total_bytes == 125 * MiB
+            big = n.create(capacity=48 * MiB, name="fits-now").uuid
+            assert table_of(lo.dev).find(big, big).end > 64 * MiB
+            assert n.digest(vid, s1) == d1
+    finally:
+        assert a.stop() == 0, a.log_text()

@@ -71,7 +71,7 @@ from agent.volumes.base import (
 from agent.volumes.lun import format as fmt
 from agent.volumes.lun.format import SliceRecord
 from agent.volumes.lun.membership import Membership
-from agent.volumes.lun.table import PoolLun, SliceTable, format_pool
+from agent.volumes.lun.table import PoolLun, SliceTable, format_pool, read_superblock
 from agent.volumes.lun.thin import ThinWatcher
 from agent.volumes.nbd import NbdSnapshotReader, QemuNbd
 from agent.volumes.qcow2 import qemu_img
@@ -220,6 +220,7 @@ class LunPool(VolumeDriver):
         self.thin = thin
         self.thin_step = fmt.align_up(max(thin_step, table.sb.extent_size), table.sb.extent_size)
         self._full: dict[tuple[int, int], int] = {}
+        self._swept = 0.0  # when abandoned slices were last looked for
         self.watcher = ThinWatcher(self)
 
     def is_own_protocol(self, node: dict) -> bool:
@@ -1045,6 +1046,7 @@ class LunPool(VolumeDriver):
 
     def pool_status(self) -> PoolStatus:
         try:
+            self._housekeeping()
             capacity, allocated = self.table.usage()
         except (DataCorrupt, OSError) as e:
             return PoolStatus(self.pool_uuid, self.kind, "unreachable", error=f"{self.label}: {e}")
@@ -1059,6 +1061,25 @@ class LunPool(VolumeDriver):
             owner=self.owner(),
             hosts=tuple(m.live_hosts()) if m is not None else (),
         )
+
+    def _housekeeping(self) -> None:
+        """At each status query (the heartbeats): a LUN that grew on the
+        storage is taken in (the owner writes the superblocks, the others
+        read them again), and the owner releases abandoned slices."""
+        m = self.membership
+        lun = self.table.lun
+        if m is not None and m.is_owner:
+            size = lun.dev.refresh_size() if hasattr(lun.dev, "refresh_size") else lun.dev.size
+            if size > lun.sb.device_size:
+                sb = lun.grow(self.table.guard or m.guard)
+                log.info("the LUN grew: data area extended", extra={"pool": self.pool_uuid, "size": sb.device_size})
+            if time.monotonic() - self._swept > 60:
+                self._swept = time.monotonic()
+                self.remove_leftovers()
+        else:
+            sb = read_superblock(lun.dev, self.label)
+            if sb.device_size > lun.sb.device_size:
+                lun.sb = sb
 
     def remove_leftovers(self) -> list[int]:
         """Release layer slices of volumes that have no metadata (a create or

@@ -234,7 +234,9 @@ class ThinWatcher:
                     "blockdev-add", {"driver": "qcow2", "node-name": f"{tag}q", "file": f"{tag}r", "backing": None}
                 )
                 added.append(f"{tag}q")
-                actions = [{"type": "block-dirty-bitmap-disable", "data": {"node": top, "name": bitmap}}] if bitmap else []
+                actions = (
+                    [{"type": "block-dirty-bitmap-disable", "data": {"node": top, "name": bitmap}}] if bitmap else []
+                )
                 actions.append({"type": "blockdev-snapshot", "data": {"node": top, "overlay": f"{tag}q"}})
                 q.execute("transaction", actions=actions)
             except BaseException:
