@@ -225,13 +225,16 @@ def test_lun_pool_refuses_a_lun_with_other_data(make_agent, loop):
     assert "holds other data" in a.log_text()
 
 
-def test_thin_slice_grows_under_a_running_vm(make_agent, loop, short_tmp):
-    """A thin head starts in a small slice; a running qemu-system writes into
-    it past the write threshold the agent set, and the agent grows the slice
-    in place and reopens qemu's raw node with the new size while the VM
-    runs. Another thin volume boxed in by a neighbour runs full instead: its
-    writes fail at the slice's end and the neighbour's data stays as it
-    was. Checked after the VM quits: qemu-img check, and the data read back."""
+def test_thin_slices_grow_or_move_under_a_running_vm(make_agent, loop, short_tmp):
+    """Thin heads start in small slices; a running qemu-system writes into
+    them past the write threshold the agent set. One has free space after
+    it: its slice grows in place and qemu's raw node is reopened with the
+    new size. The other is boxed in by a neighbour: the running layer is
+    mirrored into a larger slice elsewhere (sync=top, its dirty bitmap
+    carried over) and the old slice released. Checked after the VM quits:
+    qemu-img check, the data read back, the neighbour untouched."""
+    from agent import native
+
     from support.vms import Vm
 
     lo = loop(256 * MiB)
@@ -248,43 +251,95 @@ def test_thin_slice_grows_under_a_running_vm(make_agent, loop, short_tmp):
             n.write(neighbour, {0: os.urandom(MiB)})
             before = n.digest(neighbour)
             grows = n.create(capacity=64 * MiB, name="grows").uuid
-            t = table_of(lo.dev)
-            start = {r.volume: r for r in t.used() if r.kind == 1}
+            start = {r.volume: r for r in table_of(lo.dev).used() if r.kind == 1}
             assert start[grows].size < 8 * MiB and start[boxed].size == start[grows].size  # thin
+            assert start[neighbour].offset == start[boxed].end  # boxed in
             paths = [n.call("GetVolume", volume_uuid=v_).access_path for v_ in (grows, boxed)]
             vm = Vm(short_tmp, paths, name="thin", werror="enospc")
-            for i in range(12):  # 12 MiB into a slice that began under 6 MiB
-                vm.write(0, 0x40 + i, i * MiB, MiB)
-                deadline = time.monotonic() + 10
-                while table_of(lo.dev).find(grows, grows).size < (i + 1) * MiB + 2 * MiB:
-                    assert time.monotonic() < deadline, ("the slice did not grow", a.log_text()[-2000:])
-                    time.sleep(0.1)
-            # the VM holds the head: no offline snapshot, rollback or delete under it
-            assert "IN_USE" in rpc_error(n.snap, grows, "while-running").details()
+            for disk, vol, pattern in ((0, grows, 0x40), (1, boxed, 0x60)):
+                for i in range(12):  # 12 MiB into slices that began under 6 MiB
+                    vm.write(disk, pattern + i, i * MiB, MiB)
+                    deadline = time.monotonic() + 10
+                    while head_size(lo.dev, vol) < (i + 1) * MiB + 2 * MiB:
+                        assert time.monotonic() < deadline, ("the slice did not grow", a.log_text()[-2000:])
+                        time.sleep(0.1)
+            # the VM holds the heads: no offline snapshot or delete under it
             assert "IN_USE" in rpc_error(n.call, "DeleteVolume", volume_uuid=grows).details()
-            for i in range(12):
-                vm.write(1, 0x60, i * MiB, MiB)  # the boxed one cannot grow in place: writes past its end fail
             vm.flush(0)
+            vm.flush(1)
             vm.quit()
             vm = None
             end = {r.volume: r for r in table_of(lo.dev).used() if r.kind == 1}
-            assert end[grows].size >= 13 * MiB and end[boxed].size == start[boxed].size
-            head = n.call("GetVolume", volume_uuid=grows).access_path
-            check = json.loads(
-                subprocess.run(["qemu-img", "check", "--output=json", head], capture_output=True, text=True).stdout
-            )
-            assert check.get("corruptions", 0) == 0 and check.get("check-errors", 0) == 0, check
-            expect = b"".join(bytes([0x40 + i]) * MiB for i in range(12)) + bytes(52 * MiB)
-            from agent import native
-
-            ref = native.RefImageHash()
-            ref.update(expect)
-            assert n.digest(grows) == ref.digest().hex()
-            assert n.digest(neighbour) == before  # the full slice wrote nothing past its end
+            assert end[grows].offset == start[grows].offset and end[grows].size >= 13 * MiB  # in place
+            assert end[boxed].offset != start[boxed].offset and end[boxed].size >= 13 * MiB  # moved
+            assert end[neighbour] == start[neighbour]
+            for vol, pattern in ((grows, 0x40), (boxed, 0x60)):
+                head = n.call("GetVolume", volume_uuid=vol).access_path
+                check = json.loads(
+                    subprocess.run(["qemu-img", "check", "--output=json", head], capture_output=True, text=True).stdout
+                )
+                assert check.get("corruptions", 0) == 0 and check.get("check-errors", 0) == 0, check
+                ref = native.RefImageHash()
+                ref.update(b"".join(bytes([pattern + i]) * MiB for i in range(12)) + bytes(52 * MiB))
+                assert n.digest(vol) == ref.digest().hex()
+            assert n.digest(neighbour) == before
+            # the moved layer kept its changes since the last snapshot: a snapshot now tracks them
+            s1 = n.snap(boxed, "after-move").uuid
+            assert n.changed(boxed, s1) == [(0, 12 * MiB)]
     finally:
         if vm is not None:
             vm.kill()
         assert a.stop() == 0, a.log_text()
+
+
+def test_a_full_thin_slice_never_touches_its_neighbour(make_agent, loop, short_tmp):
+    """No room to grow or move: the VM's writes past the slice's end fail
+    (ENOSPC from the raw driver) and the next slice reads as before."""
+    from support.vms import Vm
+
+    lo = loop(48 * MiB)
+    section = lun_section(lo.dev, str(uuid.uuid4())) + f"thin = true\nthin_step = {4 * MiB}\n"
+    a = make_agent(section).start()
+    vm = None
+    try:
+        with a.client() as c:
+            n = Bk(a, c)
+            n.pool = LUN_POOL
+            owned(n)
+            full = n.create(capacity=32 * MiB, name="full").uuid
+            free = n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool)).available_bytes
+            neighbour = n.create(capacity=free - 16 * MiB, name="neighbour").uuid  # thin, right after it
+            n.write(neighbour, {0: os.urandom(MiB)})
+            s = n.snap(neighbour, "s").uuid
+            before = n.digest(neighbour, s)
+            # a thick full clone takes the rest: no room to grow in place or to move
+            assert n.clone(neighbour, s, new_id(), name="filler", linked=False).state == OK
+            assert n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool)).available_bytes < 8 * MiB
+            start = {r.volume: r for r in table_of(lo.dev).used() if r.kind == 1 and r.layer == r.volume}
+            assert table_of(lo.dev).find(neighbour, s).offset == start[full].end  # the snapshot's slice follows
+            vm = Vm(short_tmp, [n.call("GetVolume", volume_uuid=full).access_path], name="full")
+            for i in range(10):
+                vm.write(0, 0x70, i * MiB, MiB)
+            time.sleep(2)  # a watcher pass or two: nothing to grow into
+            vm.quit()
+            vm = None
+            assert "No space left on device" in vm_log(short_tmp)
+            assert table_of(lo.dev).find(full, full) == start[full]
+            assert n.digest(neighbour, s) == before
+    finally:
+        if vm is not None:
+            vm.kill()
+        assert a.stop() == 0, a.log_text()
+
+
+def head_size(dev: str, vol: str) -> int:
+    """The head's slice size; 0 in the millisecond a move renames slices."""
+    heads = [r for r in table_of(dev).used() if r.kind == 1 and r.layer == vol]
+    return heads[0].size if heads else 0
+
+
+def vm_log(tmp) -> str:
+    return "".join(p.read_text(errors="replace") for p in tmp.glob("*.qmp.log"))
 
 
 def test_live_snapshots_and_backup_of_a_running_vm(lun_agent, short_tmp):

@@ -279,6 +279,17 @@ class LunPool(VolumeDriver):
                 return r
         raise NotFound(f"{self.label}: no slice holds layer {layer}")
 
+    def _records_with(self, layer: str, tries: int = 5) -> list[SliceRecord]:
+        """The table, once it names layer: a snapshot or a move renames two
+        slices one after the other (about a millisecond apart), and a reader
+        in between would find no head."""
+        for _ in range(tries - 1):
+            recs = self.table.records()
+            if any(r.used and r.kind == fmt.LAYER and r.layer == layer for r in recs):
+                return recs
+            time.sleep(0.02)
+        return self.table.records()
+
     def check_geometry(self, rec: SliceRecord) -> SliceRecord:
         """The slot as the table has it now; FailedPrecondition when its
         geometry changed since rec was read (it must be opened again)."""
@@ -550,7 +561,7 @@ class LunPool(VolumeDriver):
         return self._info(self._meta(volume_uuid))
 
     def _info(self, meta: VolMeta) -> VolumeInfo:
-        recs = self.table.records()
+        recs = self._records_with(meta.uuid)
         name = self._name(recs, meta.uuid)
         info = qemu_img.info(self._top(recs, meta.uuid))
         tracking = TRACKING_LOST
@@ -807,7 +818,7 @@ class LunPool(VolumeDriver):
         meta = self._meta(volume_uuid)
         if snapshot_uuid:
             self._snap(meta, snapshot_uuid)
-        return self._name(self.table.records(), snapshot_uuid or meta.uuid)
+        return self._name(self._records_with(snapshot_uuid or meta.uuid), snapshot_uuid or meta.uuid)
 
     def data_extents(self, volume_uuid: str, snapshot_uuid: str | None) -> list[AllocExtent]:
         with QemuNbd(self._layer_name(volume_uuid, snapshot_uuid), run_dir=self.run_dir) as srv:
@@ -857,7 +868,7 @@ class LunPool(VolumeDriver):
     def open_reader(self, volume_uuid: str, snapshot_uuid: str, only=None):
         meta = self._meta(volume_uuid)
         self._snap(meta, snapshot_uuid)
-        recs = self.table.records()
+        recs = self._records_with(snapshot_uuid)
         rec = self._rec(recs, snapshot_uuid)
         with QemuNbd(self._name(recs, snapshot_uuid), readonly=True, run_dir=self.run_dir) as srv:
             self.check_geometry(rec)  # what qemu-nbd opened is still where the table says

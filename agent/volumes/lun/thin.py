@@ -23,16 +23,40 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.errors import BlockferryError, NoSpace
+from agent.errors import BlockferryError, NoSpace, StorageIOError
 from agent.hypervisor.holders import qemu_processes, qmp_socket
 from agent.hypervisor.qmp import Qmp
 from agent.volumes.lun import format as fmt
 from agent.volumes.lun.format import SliceRecord
+from agent.volumes.qcow2 import qemu_img
+from agent.volumes.qcow2.driver import BITMAP
 
 log = logging.getLogger("agent.lun")
+
+
+def qemu_img_capacity(pool, rec: SliceRecord) -> int:
+    return qemu_img.info(pool._backing_string(rec) or "").virtual_size
+
+
+def _wait_job(q: Qmp, job: str, *, ready: bool, timeout: float = 120.0) -> None:
+    """Until the block job is ready (ready=True) or gone (it completed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = {j["device"]: j for j in q.execute("query-block-jobs")}
+        j = jobs.get(job)
+        if ready and j is not None and j.get("ready"):
+            return
+        if not ready and j is None:
+            return
+        if ready and j is None:
+            raise StorageIOError(f"block job {job} ended before it was ready")
+        time.sleep(0.02)
+    raise StorageIOError(f"block job {job}: not {'ready' if ready else 'done'} within {timeout:.0f}s")
 
 
 @dataclass(frozen=True)
@@ -157,20 +181,90 @@ class ThinWatcher:
             log.info("resumed a VM paused on a full slice", extra={"qmp": sock})
 
     def _grow(self, q: Qmp, node: str, child: str, rec: SliceRecord) -> SliceRecord:
-        want = min(self.pool.full_size(rec), rec.size + self.pool.thin_step)
-        if want <= rec.size:
+        """The head's slice one step larger: in place, else the running
+        layer moved to a larger slice by a mirror job (under the volume's
+        lock: no snapshot renames the slice meanwhile)."""
+        with self.pool._locked(rec.volume):
+            now = self.pool.table.records()[rec.slot]
+            if not now.used or now.layer != rec.volume or now.offset != rec.offset:
+                return now  # a snapshot or a move changed it: the next pass looks again
+            rec = now
+            want = min(self.pool.full_size(rec), rec.size + self.pool.thin_step)
+            if want <= rec.size:
+                return rec
+            try:
+                rec = self.pool.table.grow(rec.slot, want)
+            except NoSpace:
+                return self._move(q, node, rec, want)
+            self._reopen(q, node, child, rec)
+            self.grown += 1
+            log.info("slice grown under a running VM", extra={"volume": rec.volume, "size": rec.size})
             return rec
+
+    def _move(self, q: Qmp, node: str, rec: SliceRecord, size: int) -> SliceRecord:
+        """Mirror a running head into a new slice of size bytes (sync=top:
+        the layers under it stay), carry its dirty bitmap over, switch the
+        VM to it, then release the old slice. With no room anywhere, the
+        slice stays full (said once) and the VM's write waits paused."""
+        pool = self.pool
         try:
-            rec = self.pool.table.grow(rec.slot, want)
+            new = pool.table.allocate(
+                size, kind=fmt.LAYER, volume=rec.volume, layer=f"{uuid.uuid4()}", parent=rec.parent
+            )
         except NoSpace as e:
             if (rec.slot, rec.generation) not in self._boxed:  # said once per slice
                 self._boxed.add((rec.slot, rec.generation))
-                log.error("a running layer's slice cannot grow in place: %s", e, extra={"volume": rec.volume})
+                log.error("a running layer's slice is full and cannot move: %s", e, extra={"volume": rec.volume})
             return rec
-        self._reopen(q, node, child, rec)
+        tag = f"bf{new.slot}g{new.generation}"
+        try:
+            recs = pool.table.records()
+            parent = next((r for r in recs if r.used and r.kind == fmt.LAYER and r.layer == rec.parent), None)
+            capacity = qemu_img_capacity(pool, rec)
+            pool._new_layer(new, capacity, parent)
+            graph = q.execute("x-debug-query-block-graph")
+            names = {n["id"]: n["name"] for n in graph["nodes"]}
+            ids = {v: k for k, v in names.items()}
+            top = next(names[e["parent"]] for e in graph["edges"] if e["name"] == "file" and e["child"] == ids[node])
+            backing = next(
+                (names[e["child"]] for e in graph["edges"] if e["name"] == "backing" and e["parent"] == ids[top]), None
+            )
+            q.execute("blockdev-add", dict(pool.protocol, **{"node-name": f"{tag}p"}))
+            q.execute(
+                "blockdev-add",
+                {"driver": "raw", "node-name": f"{tag}r", "file": f"{tag}p", "offset": new.offset, "size": new.size},
+            )
+            q.execute(
+                "blockdev-add", {"driver": "qcow2", "node-name": f"{tag}q", "file": f"{tag}r", "backing": backing}
+            )
+            job = f"{tag}m"
+            q.execute("blockdev-mirror", {"job-id": job, "device": top, "target": f"{tag}q", "sync": "top"})
+            _wait_job(q, job, ready=True)
+            try:  # changes since the last snapshot, recorded on the old slice, go on with the layer
+                q.execute(
+                    "block-dirty-bitmap-merge",
+                    {"node": f"{tag}q", "target": BITMAP, "bitmaps": [{"node": top, "name": BITMAP}]},
+                )
+            except BlockferryError as e:
+                log.warning("the moved layer's dirty bitmap could not take the old one's: %s", e)
+            q.execute("job-complete", {"id": job})
+            _wait_job(q, job, ready=False)
+        except BaseException:
+            pool.table.release(new.slot)
+            raise
+        for old in (top, node):  # the old slice's nodes, if the VM named them
+            try:
+                q.execute("blockdev-del", {"node-name": old})
+            except BlockferryError:
+                pass
+        pool.table.release(rec.slot)
+        moved = pool.table.update(new.slot, layer=rec.volume)
         self.grown += 1
-        log.info("slice grown under a running VM", extra={"volume": rec.volume, "size": rec.size})
-        return rec
+        log.info(
+            "running layer moved to a larger slice",
+            extra={"volume": rec.volume, "from": rec.offset, "to": moved.offset, "size": moved.size},
+        )
+        return moved
 
     def _reopen(self, q: Qmp, node: str, child: str, rec: SliceRecord) -> None:
         q.execute(
@@ -202,7 +296,7 @@ class ThinWatcher:
         with Qmp(sock, timeout=30) as q:
             raw = [r for r in _raw_nodes(q, self.pool.is_own_protocol) if r[2] == head.offset]
             if not raw:
-                raise BlockferryError(f"the VM at {sock} no longer has volume {head.volume} open")
+                raise StorageIOError(f"the VM at {sock} no longer has volume {head.volume} open")
             graph = q.execute("x-debug-query-block-graph")
             names = {n["id"]: n["name"] for n in graph["nodes"]}
             top = next(
@@ -214,7 +308,7 @@ class ThinWatcher:
                 None,
             )
             if top is None:
-                raise BlockferryError(f"the VM at {sock}: no qcow2 node over volume {head.volume}'s slice")
+                raise StorageIOError(f"the VM at {sock}: no qcow2 node over volume {head.volume}'s slice")
             added: list[str] = []
             try:
                 q.execute("blockdev-add", dict(self.pool.protocol, **{"node-name": f"{tag}p"}))
