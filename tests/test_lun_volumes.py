@@ -414,3 +414,40 @@ def test_4k_sector_lun_and_a_lun_that_grows(make_agent, loop):
             assert n.digest(vid, s1) == d1
     finally:
         assert a.stop() == 0, a.log_text()
+
+
+def test_sweep_spares_copies_in_flight_and_abort_is_safe_twice(loop, short_tmp, monkeypatch):
+    """The owner's sweep of abandoned slices never takes a restore or copy
+    that is still being written (they run for hours), takes one whose
+    writer is gone, and an abort called twice releases nothing else."""
+    from agent.volumes.lun import driver as lun_driver
+
+    lo = loop(64 * MiB)
+    dev = LocalBlockDevice(lo.dev, exclusive=False)
+    pool = lun_driver.LunPool.open(
+        LUN_POOL,
+        dev,
+        {"driver": "host_device", "filename": lo.dev},
+        host_uuid=str(uuid.uuid4()),
+        run_dir=str(short_tmp / "run"),
+        format_lun=True,
+        lease_timeout=2.0,
+        lease_io_timeout=0.1,
+    )
+    try:
+        assert pool.membership.wait_owner(5)
+        monkeypatch.setattr(lun_driver, "LEFTOVER_AGE", -1)  # every slice counts as old
+        vol = str(uuid.uuid4())
+        _, commit, abort = pool.new_volume_for_copy(vol, "copying", 8 * MiB)
+        assert pool.remove_leftovers() == []  # in flight: kept
+        abort()
+        other = str(uuid.uuid4())
+        _, commit2, _ = pool.new_volume_for_copy(other, "next", 8 * MiB)  # may reuse the slot
+        abort()  # again: must not release the next copy's slice
+        assert len([r for r in pool.table.used() if r.volume == other]) == 1
+        assert commit2().uuid == other
+        stale = pool.table.allocate(MiB, kind=1, volume=str(uuid.uuid4()), layer=str(uuid.uuid4()))
+        assert pool.remove_leftovers() == [stale.slot]  # nobody writes it: swept
+        assert pool.volume_exists(other)
+    finally:
+        pool.close()

@@ -221,6 +221,7 @@ class LunPool(VolumeDriver):
         self.thin_step = fmt.align_up(max(thin_step, table.sb.extent_size), table.sb.extent_size)
         self._full: dict[tuple[int, int], int] = {}
         self._swept = 0.0  # when abandoned slices were last looked for
+        self._inflight: set[str] = set()  # layer ids (or volumes) being written by this host: never swept
         self.watcher = ThinWatcher(self)
 
     def is_own_protocol(self, node: dict) -> bool:
@@ -500,12 +501,15 @@ class LunPool(VolumeDriver):
                 raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
             meta = VolMeta(uuid=vol, name=name, created_at=time.time())
             head = self.table.allocate(self._head_size(capacity), kind=fmt.LAYER, volume=vol, layer=vol)
+            self._inflight.add(vol)
             try:
                 self._new_layer(head, capacity, None)
                 self._save(meta)
             except BaseException:
                 self.table.release(head.slot)
                 raise
+            finally:
+                self._inflight.discard(vol)
             log.info("volume created", extra={"pool": self.pool_uuid, "volume": vol, "slice": head.slot})
             return self._info(meta)
 
@@ -912,12 +916,15 @@ class LunPool(VolumeDriver):
                     parent_snapshot=s.uuid,
                     parent_file=s.uuid,
                 )
+                self._inflight.add(vol)
                 try:
                     self._new_layer(head, capacity, layer)
                     self._save(meta)
                 except BaseException:
                     self.table.release(head.slot)
                     raise
+                finally:
+                    self._inflight.discard(vol)
             s.clones.append(f"{self.pool_uuid}/{vol}")
             self._save(origin)
             log.info("linked clone created", extra={"volume": vol, "origin": origin.uuid, "snapshot": s.uuid})
@@ -954,10 +961,12 @@ class LunPool(VolumeDriver):
         if self.volume_exists(vol):
             raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
         tmp = self.table.allocate(self._slice_size(capacity), kind=fmt.LAYER, volume=vol, layer=str(uuidlib.uuid4()))
+        self._inflight.add(tmp.layer)  # a copy may run for hours: the sweep leaves it alone
         try:
             self._new_layer(tmp, capacity, None)
         except BaseException:
             self.table.release(tmp.slot)
+            self._inflight.discard(tmp.layer)
             raise
         name_json = "json:" + json.dumps(dict(self._node(tmp), backing=None), separators=(",", ":"))
 
@@ -971,13 +980,16 @@ class LunPool(VolumeDriver):
                 meta = VolMeta(uuid=vol, name=name, created_at=time.time())
                 self.table.update(self.check_geometry(tmp).slot, layer=vol)
                 self._save(meta)
+                self._inflight.discard(tmp.layer)
                 return self._info(meta)
 
         def abort() -> None:
-            try:
-                self.table.release(tmp.slot)
-            except NotFound:
-                pass
+            """Safe twice: the slot is released only while it still holds this copy."""
+            self._inflight.discard(tmp.layer)
+            now = self.table.records()[tmp.slot]
+            if now.used and now.volume == vol and now.layer in (tmp.layer, vol) and now.offset == tmp.offset:
+                if self._meta_rec(self.table.records(), vol) is None:  # never a committed volume's head
+                    self.table.release(tmp.slot)
 
         return name_json, commit, abort
 
@@ -1103,7 +1115,14 @@ class LunPool(VolumeDriver):
         volumes = {r.volume for r in recs if r.used and r.kind == fmt.META}
         gone = []
         for r in recs:
-            if r.used and r.kind == fmt.LAYER and r.volume not in volumes and time.time() - r.updated > LEFTOVER_AGE:
+            if (
+                r.used
+                and r.kind == fmt.LAYER
+                and r.volume not in volumes
+                and r.layer not in self._inflight
+                and r.volume not in self._inflight
+                and time.time() - r.updated > LEFTOVER_AGE
+            ):
                 self.table.release(r.slot)
                 gone.append(r.slot)
         return gone
