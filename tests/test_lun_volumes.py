@@ -451,3 +451,76 @@ def test_sweep_spares_copies_in_flight_and_abort_is_safe_twice(loop, short_tmp, 
         assert pool.volume_exists(other)
     finally:
         pool.close()
+
+
+def test_repair_after_a_crash_in_a_live_snapshot(loop, short_tmp):
+    """The agent dies in the middle of a live snapshot. Before the VM
+    switched to the new layer: the next change of the volume takes the
+    snapshot back and frees the new slice, the VM's head untouched. After
+    the switch: it finishes the renames. Either way the VM's data is whole
+    and no slice a VM has open is freed."""
+    from agent.volumes.lun import driver as lun_driver
+    from agent.volumes.qcow2.meta import SnapMeta
+
+    from support.vms import Vm
+
+    lo = loop(64 * MiB)
+    pool = lun_driver.LunPool.open(
+        LUN_POOL,
+        LocalBlockDevice(lo.dev, exclusive=False),
+        {"driver": "host_device", "filename": lo.dev},
+        host_uuid=str(uuid.uuid4()),
+        run_dir=str(short_tmp / "run"),
+        format_lun=True,
+        lease_timeout=2.0,
+        lease_io_timeout=0.1,
+    )
+    vm = None
+    try:
+        assert pool.membership.wait_owner(5)
+        vol = str(uuid.uuid4())
+        pool.create_volume(vol, "v", 8 * MiB)
+        vm = Vm(short_tmp, [pool.volume_info(vol).access_path], name="crash")
+        vm.write(0, 0x5A, 0, MiB)
+
+        def half_snapshot(switch: bool) -> str:
+            """create_snapshot's steps up to the crash point."""
+            snap = str(uuid.uuid4())
+            meta = pool._meta(vol)
+            head = pool._rec(pool.table.records(), vol)
+            tmp = pool.table.allocate(head.size, kind=1, volume=vol, layer=str(uuid.uuid4()), parent=snap)
+            pool._new_layer(tmp, 8 * MiB, head)
+            meta.snapshots.append(SnapMeta(snap, "s", "", time.time(), meta.head_parent))
+            meta.head_parent = snap
+            pool._save(meta)
+            if switch:
+                pool.watcher.switch_to_overlay(pool.watcher.users(head.offset)[0], head, tmp, "bf-dirty")
+            return snap
+
+        gone = half_snapshot(switch=False)
+        pool._repair(pool._meta(vol))
+        assert pool._meta(vol).snapshot(gone) is None and len(pool.table.used()) == 2  # head + metadata
+        kept = half_snapshot(switch=True)
+        vm.write(0, 0x6B, MiB, MiB)  # the VM now writes the new slice
+        pool._repair(pool._meta(vol))
+        layers = {r.layer: r for r in pool.table.used() if r.kind == 1}
+        assert set(layers) == {vol, kept} and layers[vol].parent == kept
+        assert pool.watcher.users(layers[vol].offset)  # the head the table names is the VM's top
+        vm.flush(0)
+        vm.quit()
+        vm = None
+        assert ref_digest_of(pool.volume_info(vol).access_path, short_tmp) == ref_digest_of_bytes(
+            bytes([0x5A]) * MiB + bytes([0x6B]) * MiB + bytes(6 * MiB)
+        )
+    finally:
+        if vm is not None:
+            vm.kill()
+        pool.close()
+
+
+def ref_digest_of_bytes(data: bytes) -> str:
+    from agent import native
+
+    h = native.RefImageHash()
+    h.update(data)
+    return h.digest().hex()

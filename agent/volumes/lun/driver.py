@@ -446,7 +446,11 @@ class LunPool(VolumeDriver):
 
     def _repair(self, meta: VolMeta) -> None:
         """Finish or undo what a crash interrupted: slices of the volume
-        whose layer id is neither the head's nor a snapshot's."""
+        whose layer id is neither the head's nor a snapshot's. What a
+        running VM on this host has open decides for live operations: a VM
+        that switched to the new slice (a live snapshot, a move) rolls the
+        operation forward, one that did not rolls it back, and a slice a VM
+        has open is never released."""
         recs = self.table.records()
         known = {meta.uuid} | {s.uuid for s in meta.snapshots}
         mine = [r for r in recs if r.used and r.kind == fmt.LAYER and r.volume == meta.uuid]
@@ -454,18 +458,42 @@ class LunPool(VolumeDriver):
             recs = self.table.records()
             head = next((r for r in recs if r.used and r.kind == fmt.LAYER and r.layer == meta.uuid), None)
             by_layer = {r.layer for r in recs if r.used and r.kind == fmt.LAYER}
+            t_open = bool(self.watcher.users(t.offset))
             p = t.parent
             s = meta.snapshot(p) if p else None
             if s is not None and p not in by_layer and head is not None:
-                # a snapshot whose metadata was saved: its layer is still named the head
+                # a snapshot whose metadata was saved; its layer is still named the head
+                if not t_open and self.watcher.users(head.offset):
+                    # a running VM never switched to the new layer: the snapshot is taken back
+                    meta.snapshots.remove(s)
+                    meta.head_parent = s.parent
+                    self._save(meta)
+                    self.table.release(t.slot)
+                    log.warning("took back a live snapshot the VM never switched to", extra={"snapshot": p})
+                    continue
                 self.table.update(head.slot, layer=p)
                 head = None
                 log.warning("finished an interrupted snapshot", extra={"volume": meta.uuid, "snapshot": p})
-            if (p or None) == meta.head_parent and (head is None or (head.parent or None) != meta.head_parent):
+            head_open = head is not None and bool(self.watcher.users(head.offset))
+            if (p or None) == meta.head_parent and head_open and t_open:
+                # a move whose mirror has not switched the VM yet: neither slice may go
+                log.error(
+                    "a running VM has both the head and a new slice open (a move in progress?): left as it is",
+                    extra={"volume": meta.uuid, "slot": t.slot},
+                )
+                continue
+            switched = head is None or (head.parent or None) != meta.head_parent or (t_open and not head_open)
+            if (p or None) == meta.head_parent and switched:
+                # a snapshot, rollback or move whose new head stands (a VM writes it, or the old is gone)
                 if head is not None:
                     self.table.release(head.slot)
                 self.table.update(t.slot, layer=meta.uuid)
                 log.warning("finished an interrupted head switch", extra={"volume": meta.uuid})
+            elif t_open:
+                log.error(
+                    "a slice no volume names is open in a running VM: left as it is",
+                    extra={"volume": meta.uuid, "slot": t.slot},
+                )
             else:  # an operation that never saved its metadata
                 self.table.release(t.slot)
                 log.warning("removed a slice an interrupted operation left", extra={"volume": meta.uuid})
@@ -682,8 +710,6 @@ class LunPool(VolumeDriver):
             )
             try:
                 self._new_layer(tmp, capacity, head)
-                if users:
-                    self.watcher.switch_to_overlay(users[0], head, tmp, BITMAP if info.bitmap(BITMAP) else "")
             except BaseException:
                 self.table.release(tmp.slot)
                 if not users:
@@ -698,10 +724,22 @@ class LunPool(VolumeDriver):
                 tracking=tracking,
                 consistency="crash" if users else "offline",
             )
+            before = (meta.head_parent, meta.head_tracking)
             meta.snapshots.append(s)
             meta.head_parent = snap
             meta.head_tracking = TRACKING_OK
-            self._save(meta)  # from here on the snapshot exists; _repair finishes the renames
+            # from here on the snapshot exists; _repair finishes the renames, or, for a running VM
+            # that never switched to the new layer, takes the snapshot back
+            self._save(meta)
+            if users:
+                try:
+                    self.watcher.switch_to_overlay(users[0], head, tmp, BITMAP if info.bitmap(BITMAP) else "")
+                except BaseException:
+                    meta.snapshots.remove(s)
+                    meta.head_parent, meta.head_tracking = before
+                    self._save(meta)
+                    self.table.release(tmp.slot)
+                    raise
             self.table.update(head.slot, layer=snap)
             self.table.update(tmp.slot, layer=meta.uuid)
             log.info("snapshot created", extra={"volume": meta.uuid, "snapshot": snap})
