@@ -165,6 +165,10 @@ def test_second_host_reads_and_takes_over(make_agent, loop):
             assert other.digest(vid, s1) == d1
             err = rpc_error(other.create, capacity=MiB, name="refused")
             assert "not the metadata owner" in err.details()
+            from support.cli import cli
+
+            shown = cli(b, "pool", "status", LUN_POOL).stdout  # the operator's view from host b
+            assert "(lun): healthy" in shown and "metadata owner: " in shown and "(none yet)" not in shown
             a.proc.send_signal(signal.SIGKILL)
             a.proc.wait()
             owned(other, timeout=15)  # after the 2 s lease timeout

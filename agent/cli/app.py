@@ -385,6 +385,22 @@ def cmd_s3_discover(client: AgentClient, args) -> int:
     return 0
 
 
+def cmd_pool(client: AgentClient, args) -> int:
+    st = client.get_pool_status(v.PoolRef(pool_uuid=args.pool))
+    if args.json:
+        print(as_json(st))
+        return 0
+    why = f": {st.error}" if st.error else ""
+    print(
+        f"{st.pool_uuid} ({st.type}): {st.status}{why}; {human(st.available_bytes)} free of "
+        f"{human(st.total_bytes)}, {human(st.used_bytes)} allocated, {st.latency_ms:.1f} ms"
+    )
+    if st.type == "lun":
+        print(f"  metadata owner: {st.metadata_owner or '(none yet)'}")
+        print(f"  live hosts: {', '.join(st.live_hosts) or '-'}")
+    return 0 if st.status in ("healthy", "degraded") else 5
+
+
 def cmd_facts(client: AgentClient, args) -> int:
     f = client.host_facts()
     if args.json:
@@ -445,6 +461,10 @@ def parser() -> argparse.ArgumentParser:
     s3d.add_argument("endpoint", help="http(s)://host[:port]")
     s3d.add_argument("--username", required=True, help="the access key")
     s3d.add_argument("--region", default="", help="default us-east-1")
+
+    pl = sub.add_parser("pool", help="a pool this agent serves: status (a shared LUN's metadata owner and hosts)")
+    plsub = pl.add_subparsers(dest="pool_cmd", required=True)
+    plsub.add_parser("status").add_argument("pool")
 
     vol = sub.add_parser("volume", help="volumes of a pool")
     vsub = vol.add_subparsers(dest="volume_cmd", required=True)
@@ -562,6 +582,7 @@ def _main(argv: list[str] | None) -> int:
                 "checksum": cmd_checksum,
                 "jobs": cmd_jobs,
                 "info": cmd_info,
+                "pool": cmd_pool,
                 "volume": cmd_volume,
                 "snapshot": cmd_snapshot,
                 "snapshot-set": cmd_snapshot_set,
