@@ -423,7 +423,8 @@ def test_4k_sector_lun_and_a_lun_that_grows(make_agent, loop):
 def test_sweep_spares_copies_in_flight_and_abort_is_safe_twice(loop, short_tmp, monkeypatch):
     """The owner's sweep of abandoned slices never takes a restore or copy
     that is still being written (they run for hours), takes one whose
-    writer is gone, and an abort called twice releases nothing else."""
+    writer is gone, and an abort called twice releases nothing else; a
+    layer's geometry read before its slice grew is refused."""
     from agent.volumes.lun import driver as lun_driver
 
     lo = loop(64 * MiB)
@@ -453,6 +454,12 @@ def test_sweep_spares_copies_in_flight_and_abort_is_safe_twice(loop, short_tmp, 
         stale = pool.table.allocate(MiB, kind=1, volume=str(uuid.uuid4()), layer=str(uuid.uuid4()))
         assert pool.remove_leftovers() == [stale.slot]  # nobody writes it: swept
         assert pool.volume_exists(other)
+        # the stale-geometry guard: a layer's place read before it grew is refused, not trusted
+        head = pool.table.find(other, other)
+        pool.table.grow(head.slot, head.size + MiB)
+        with pytest.raises(FailedPrecondition, match="moved or grew"):
+            pool.check_geometry(head)
+        assert pool.check_geometry(pool.table.find(other, other)).size == head.size + MiB
     finally:
         pool.close()
 
