@@ -535,3 +535,37 @@ def ref_digest_of_bytes(data: bytes) -> str:
     h = native.RefImageHash()
     h.update(data)
     return h.digest().hex()
+
+
+def test_a_reused_metadata_slice_never_shows_the_old_volume(loop, short_tmp):
+    """A volume's metadata slice, released and given to the next volume,
+    holds the next volume's tree only: the old document (valid checksum, a
+    higher generation) is wiped and would be refused anyway."""
+    from agent.volumes.lun import driver as lun_driver
+
+    lo = loop(64 * MiB)
+    pool = lun_driver.LunPool.open(
+        LUN_POOL,
+        LocalBlockDevice(lo.dev, exclusive=False),
+        {"driver": "host_device", "filename": lo.dev},
+        host_uuid=str(uuid.uuid4()),
+        run_dir=str(short_tmp / "run"),
+        format_lun=True,
+        lease_timeout=2.0,
+        lease_io_timeout=0.1,
+    )
+    try:
+        assert pool.membership.wait_owner(5)
+        old = str(uuid.uuid4())
+        pool.create_volume(old, "old", 4 * MiB)
+        for i in range(3):  # generations 2..4 of its metadata, both halves written
+            pool.create_snapshot(old, str(uuid.uuid4()), f"s{i}")
+        meta_slot = next(r for r in pool.table.used() if r.kind == 2 and r.volume == old)
+        pool.delete_volume(old, force=True)
+        new = str(uuid.uuid4())
+        pool.create_volume(new, "new", 4 * MiB)
+        again = next(r for r in pool.table.used() if r.kind == 2 and r.volume == new)
+        assert again.offset == meta_slot.offset  # the same range, reused
+        assert pool.list_snapshots(new) == [] and pool.volume_info(new).name == "new"
+    finally:
+        pool.close()

@@ -329,6 +329,8 @@ class LunPool(VolumeDriver):
         if best is None:
             return None
         d = json.loads(best[0])
+        if d.get("uuid") != rec.volume:
+            return None  # what an earlier user of this range left, not this volume's
         known = {f.name for f in dataclasses.fields(SnapMeta)}
         snaps = [SnapMeta(**{k: v for k, v in s.items() if k in known}) for s in d.pop("snapshots", [])]
         return VolMeta(snapshots=snaps, **d), best[1]
@@ -360,6 +362,8 @@ class LunPool(VolumeDriver):
         rec = self._meta_rec(recs, meta.uuid)
         if rec is None:
             rec = self.table.allocate(fmt.MIN_EXTENT, kind=fmt.META, volume=meta.uuid, layer=meta.uuid, from_end=True)
+            for base in (rec.offset, rec.offset + rec.size // 2):  # no older document of the range survives
+                self.table.lun.dev.write(base, bytes(fmt.BLOCK))
             gen = 1
         else:
             got = self._read_meta(rec)
