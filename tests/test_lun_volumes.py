@@ -569,3 +569,34 @@ def test_a_reused_metadata_slice_never_shows_the_old_volume(loop, short_tmp):
         assert pool.list_snapshots(new) == [] and pool.volume_info(new).name == "new"
     finally:
         pool.close()
+
+
+def test_thin_layers_make_room_before_a_merge(make_agent, loop):
+    """Deleting a snapshot merges its data into the layer above: a thin head
+    grows first (in place, or moved when boxed in), so the merge never runs
+    out of slice; a thin snapshot layer that cannot grow where it is
+    (others are backed by it there) is refused before anything changes."""
+    lo = loop(128 * MiB)
+    section = lun_section(lo.dev, str(uuid.uuid4())) + f"thin = true\nthin_step = {4 * MiB}\n"
+    a = make_agent(section).start()
+    try:
+        with a.client() as c:
+            n = Bk(a, c)
+            n.pool = LUN_POOL
+            owned(n)
+            vid = n.create(capacity=32 * MiB, name="thin").uuid
+            n.write(vid, {0: os.urandom(4 * MiB)})
+            s1 = n.snap(vid, "s1").uuid
+            n.write(vid, {8 * MiB: os.urandom(4 * MiB)})
+            s2 = n.snap(vid, "s2").uuid
+            n.write(vid, {16 * MiB: os.urandom(MiB)})
+            d2, head = n.digest(vid, s2), n.digest(vid)
+            err = rpc_error(n.call, "DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s1)
+            assert "NO_SPACE" in err.details() and s2 in err.details()  # s2 is boxed in by the head
+            assert n.digest(vid, s2) == d2 and n.digest(vid) == head  # nothing changed
+            n.call("DeleteSnapshot", volume_uuid=vid, snapshot_uuid=s2)  # the head grows (or moves) first
+            assert n.digest(vid) == head
+            grown = table_of(lo.dev).find(vid, vid)
+            assert grown.size > 8 * MiB and grown.parent == s1
+    finally:
+        assert a.stop() == 0, a.log_text()

@@ -654,6 +654,25 @@ class LunPool(VolumeDriver):
                 qemu_img.resize(self._top(self.table.records(), meta.uuid), capacity)
             return self._info(meta)
 
+    def _make_room(self, meta: VolMeta, rec: SliceRecord) -> SliceRecord:
+        """A layer's slice at its thick size before data is merged into it
+        (a snapshot delete, a flatten): grown in place, or for an idle head
+        moved; a snapshot layer that cannot grow in place (others are backed
+        by it at its place) is refused before anything changes."""
+        full = self.full_size(rec)
+        if rec.size >= full:
+            return rec
+        try:
+            return self.table.grow(rec.slot, full)
+        except NoSpace:
+            if rec.layer != meta.uuid:
+                raise NoSpace(
+                    f"snapshot_uuid: layer {rec.layer} of volume {meta.uuid} needs {full} bytes to take in the "
+                    f"data being merged and cannot grow where it is ({rec.size} bytes)",
+                    field="snapshot_uuid",
+                ) from None
+            return self._relocate(meta, rec, full)
+
     def _relocate(self, meta: VolMeta, head: SliceRecord, size: int) -> SliceRecord:
         """Move an idle head to a new slice of size bytes: copied whole, then
         the old slice released and the new one named the head (a crash in
@@ -796,6 +815,8 @@ class LunPool(VolumeDriver):
                 self._idle(meta.uuid, self._rec(recs, meta.uuid), "deleting the snapshot under its head")
                 children.append((None, meta.uuid))
             layer_name = "json:" + json.dumps(self._node(layer), separators=(",", ":"))
+            for _, child_layer in children:  # room first: a thin child takes in the layer's data
+                self._make_room(meta, self._rec(self.table.records(), child_layer))
             for child, child_layer in children:
                 recs = self.table.records()
                 name = self._top(recs, child_layer)
@@ -983,6 +1004,8 @@ class LunPool(VolumeDriver):
             recs = self.table.records()
             if bottom == meta.uuid:
                 self._idle(meta.uuid, self._rec(recs, bottom), "a flatten")
+            self._make_room(meta, self._rec(recs, bottom))
+            recs = self.table.records()
             qemu_img.rebase(self._name(recs, bottom), None, on_percent=on_percent, checkpoint=checkpoint)
             self.table.update(self._rec(recs, bottom).slot, parent="")
             self._forget_clone(meta)
