@@ -598,5 +598,10 @@ def test_thin_layers_make_room_before_a_merge(make_agent, loop):
             assert n.digest(vid) == head
             grown = table_of(lo.dev).find(vid, vid)
             assert grown.size > 8 * MiB and grown.parent == s1
+            # a resize of a thin volume keeps it thin: room for the larger metadata only
+            other = n.create(capacity=8 * MiB, name="small").uuid
+            before = table_of(lo.dev).find(other, other).size
+            assert n.call("ResizeVolume", volume_uuid=other, capacity=64 * MiB).capacity == 64 * MiB
+            assert table_of(lo.dev).find(other, other).size < before + 2 * MiB
     finally:
         assert a.stop() == 0, a.log_text()

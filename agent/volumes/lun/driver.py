@@ -647,10 +647,13 @@ class LunPool(VolumeDriver):
             if capacity > current:
                 head = self._rec(recs, meta.uuid)
                 self._idle(meta.uuid, head, "a resize")
-                try:
-                    self.table.grow(head.slot, self._slice_size(capacity))
-                except NoSpace:  # the next slice is in the way: move the head
-                    self._relocate(meta, head, self._slice_size(capacity))
+                # thick: the new full size; thin: room for the larger metadata, the data grows later
+                want = max(head.size, self._head_size(capacity)) if self.thin else self._slice_size(capacity)
+                if want > head.size:
+                    try:
+                        self.table.grow(head.slot, want)
+                    except NoSpace:  # the next slice is in the way: move the head
+                        self._relocate(meta, head, want)
                 qemu_img.resize(self._top(self.table.records(), meta.uuid), capacity)
             return self._info(meta)
 
