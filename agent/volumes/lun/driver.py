@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from agent import procs
 from agent.errors import (
     AlreadyExists,
+    BlockferryError,
     DataCorrupt,
     FailedPrecondition,
     HasDependents,
@@ -1137,7 +1138,10 @@ class LunPool(VolumeDriver):
 
     def pool_status(self) -> PoolStatus:
         try:
-            self._housekeeping()
+            try:
+                self._housekeeping()
+            except BlockferryError as e:  # a lease that just lapsed, a sweep that lost a race: next time
+                log.warning("shared pool housekeeping: %s", e.message, extra={"pool": self.pool_uuid})
             capacity, allocated = self.table.usage()
         except (DataCorrupt, OSError) as e:
             return PoolStatus(self.pool_uuid, self.kind, "unreachable", error=f"{self.label}: {e}")
