@@ -317,3 +317,23 @@ def test_host_ids(loop):
     assert set(live_hosts(lun)) == {HOST_B}
     again = host_lease(lun, HOST_A, timeout=2.0, io_timeout=0.1)
     assert again.index == 1 and again.held.generation == 2  # its old id, released: taken at once
+
+
+def test_a_leaving_host_stops_waiting_at_once(loop):
+    """A host that stops while it watches a live owner's lease (every
+    non-owner does) leaves at once, not after the lease timeout."""
+    from agent.volumes.lun.membership import Membership
+
+    lo = loop(32 * MiB)
+    format_pool(open_dev(lo), POOL, slots=64)
+    owner = Membership(PoolLun(open_dev(lo), POOL), HOST_A, timeout=30.0, io_timeout=0.5).start()
+    try:
+        assert owner.wait_owner(5)
+        other = Membership(PoolLun(open_dev(lo), POOL), HOST_B, timeout=30.0, io_timeout=0.5).start()
+        time.sleep(2)  # joined, and watching the owner's lease
+        assert other.state == "member" and other.owner() == HOST_A
+        t0 = time.monotonic()
+        other.stop()
+        assert time.monotonic() - t0 < 3  # not the 30 s the watch could take
+    finally:
+        owner.stop()

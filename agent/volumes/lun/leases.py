@@ -55,6 +55,7 @@ class DeltaLease:
         io_timeout: float = DEFAULT_IO_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        cancelled: Callable[[], bool] = lambda: False,
     ):
         if timeout <= 3 * io_timeout:
             raise ValueError(f"lease timeout {timeout}s must exceed 3 x io_timeout ({io_timeout}s)")
@@ -65,6 +66,7 @@ class DeltaLease:
         self.io_timeout = io_timeout
         self.clock = clock
         self.sleep = sleep
+        self.cancelled = cancelled  # true: a waiting acquire gives up (the agent stops)
         self.offset = fmt.lease_offset(index)
         self.held: LeaseRecord | None = None
         self.renewed_at = 0.0  # our clock when the last successful renewal started
@@ -100,6 +102,8 @@ class DeltaLease:
             if self.clock() - t_seen > self.io_timeout:
                 raise Busy(f"{self.what}: writing it took longer than {self.io_timeout}s; try again")
             self.sleep(2 * self.io_timeout)
+            if self.cancelled():
+                raise Busy(f"{self.what}: stopped before it settled (this host is leaving the pool)")
             back = self.peek()
             if back != rec:
                 raise Busy(f"{self.what}: host {_holder(back)} took it at the same time")
@@ -118,6 +122,8 @@ class DeltaLease:
                 log.warning("%s: holder %s did not renew for %.1fs; taking over", self.what, _holder(seen), now - since)
                 return seen, now
             self.sleep(min(step, deadline - now + 0.01))
+            if self.cancelled():
+                raise Busy(f"{self.what}: stopped waiting (this host is leaving the pool)")
             cur = self.peek()
             if cur is not None and cur.free:
                 return cur, self.clock()

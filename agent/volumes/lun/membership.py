@@ -42,10 +42,21 @@ class Membership:
         self.candidate = candidate
         self.on_lost = on_lost or (lambda why: None)
         self.host: DeltaLease | None = None
-        self.owner_lease = DeltaLease(lun, fmt.OWNER_LEASE, host_uuid, timeout=timeout, io_timeout=io_timeout)
-        self.keeper = LeaseKeeper(self._lost)
         self._stop = threading.Event()
+        self.owner_lease = DeltaLease(
+            lun,
+            fmt.OWNER_LEASE,
+            host_uuid,
+            timeout=timeout,
+            io_timeout=io_timeout,
+            sleep=self._pause,  # a stop ends the wait at once
+            cancelled=self._stop.is_set,
+        )
+        self.keeper = LeaseKeeper(self._lost)
         self._threads: list[threading.Thread] = []
+
+    def _pause(self, seconds: float) -> None:
+        self._stop.wait(seconds)
 
     @property
     def what(self) -> str:
