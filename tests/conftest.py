@@ -260,15 +260,17 @@ def cluster(request, short_tmp, make_agent):
         )
     )
     a.config.chmod(0o600)
-    a.start()
-    with c.client("op") as op:
-        deadline = time.monotonic() + 20
-        while not check_ok(op.get("/v1/hosts"))["total_count"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-    yield c, a, host
-    assert a.stop() == 0
-    c.stop()
+    try:
+        a.start()
+        with c.client("op") as op:
+            deadline = time.monotonic() + 20
+            while not check_ok(op.get("/v1/hosts"))["total_count"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        yield c, a, host
+        assert a.stop() == 0
+    finally:
+        c.stop()  # also when the setup failed: no controller outlives its test
 
 
 @pytest.fixture
