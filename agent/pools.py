@@ -89,6 +89,7 @@ class PoolRegistry:
                     lease_io_timeout=pc.lease_io_timeout,
                     thin=pc.thin,
                     thin_step=pc.thin_step,
+                    address=self.cfg.controller.advertise or self.cfg.grpc.tcp_listen,
                 )
             except BaseException:
                 if "password-secret" in protocol:

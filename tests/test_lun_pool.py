@@ -66,8 +66,16 @@ def test_golden_structures():
     assert sha(rec.pack()) == "6f48e5b2f20637d941f5c6fadb770e272604c17842d65e4f2c4fa2b67456d1f7"
     assert SliceRecord.unpack(rec.pack(), 7) == rec
     assert SliceRecord.unpack(rec.pack(), 8) is None  # a record in the wrong slot is not that slot's
-    lease = LeaseRecord(host_id=3, owner=HOST_A, generation=4, counter=9, timestamp_ms=1767225600000, timeout_ms=60000)
-    assert sha(lease.pack()) == "fd02a79ed9218da91b9df80e6bb59c0d2a1a026b1440a8f4293455c83dd9c0d7"
+    lease = LeaseRecord(
+        host_id=3,
+        owner=HOST_A,
+        generation=4,
+        counter=9,
+        timestamp_ms=1767225600000,
+        timeout_ms=60000,
+        address="169.254.77.2:9443",
+    )
+    assert sha(lease.pack()) == "a150bbe8d842a6fecf6c007a920d74309bed4e5ee3a5a26a479d3c8f3ac62085"
     assert LeaseRecord.unpack(lease.pack()) == lease
 
 

@@ -351,20 +351,25 @@ def test_live_snapshots_and_backup_of_a_running_vm(lun_agent, short_tmp):
     switches the VM to a new layer in a new slice (blockdev-add + a
     blockdev-snapshot transaction), the old head's bitmap stops recording;
     every snapshot holds exactly what was written before it, the changes
-    between them are what was written between them, and a backup taken
+    between them are what was written between them, the guest's filesystems
+    are frozen through its agent around each switch, and a backup taken
     while the VM runs restores bit for bit."""
     from agent import native
 
+    from support.fake_qga import FakeGuestAgent
     from support.vms import Vm
 
     n = lun_agent
     vid = n.create(capacity=16 * MiB, name="running").uuid
-    vm = Vm(short_tmp, [n.call("GetVolume", volume_uuid=vid).access_path], name="live")
+    ga = FakeGuestAgent(str(short_tmp / "qga.sock"))  # a guest agent that freezes two filesystems
+    vm = Vm(short_tmp, [n.call("GetVolume", volume_uuid=vid).access_path], name="live", qga=ga.path)
     try:
         vm.write(0, 0x11, 0, 2 * MiB)
         vm.flush(0)
         s1 = n.snap(vid, "s1")
-        assert s1.consistency == "crash"
+        assert s1.consistency == "application"  # frozen through the guest agent around the switch
+        assert n.call("ListSnapshots", volume_uuid=vid).snapshots[0].consistency == "application"
+        assert ga.names()[-2:] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
         vm.write(0, 0x22, 4 * MiB, MiB)
         vm.flush(0)
         s2 = n.snap(vid, "s2").uuid
@@ -374,6 +379,7 @@ def test_live_snapshots_and_backup_of_a_running_vm(lun_agent, short_tmp):
         assert n.changed(vid, s2, s1.uuid) == [(4 * MiB, MiB)]
     finally:
         vm.quit()
+        ga.close()
 
     def ref(*pieces):
         img = bytearray(16 * MiB)
@@ -505,7 +511,10 @@ def test_repair_after_a_crash_in_a_live_snapshot(loop, short_tmp):
             meta.head_parent = snap
             pool._save(meta)
             if switch:
-                pool.watcher.switch_to_overlay(pool.watcher.users(head.offset)[0], head, tmp, "bf-dirty")
+                from agent.hypervisor.qmp import Qmp
+
+                with Qmp(pool.watcher.users(head.offset)[0], timeout=10) as q:
+                    pool.watcher.switch_to_overlay(q, head, tmp, "bf-dirty")
             return snap
 
         gone = half_snapshot(switch=False)

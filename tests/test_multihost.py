@@ -497,9 +497,10 @@ def test_fleet_shares_one_lun(fleet, short_tmp, loop):
     """Seed 002's type 4 pool by WWN on one LUN that all three hosts see (a
     loop device: host-wide, so every namespace has it): one metadata owner
     elected by the on-LUN lease, volumes created through REST, the same data
-    read by every host, concurrent allocations that never overlap, and the
-    owner killed with SIGKILL: another host takes over and the pool keeps
-    serving."""
+    read by every host, a volume created and snapshotted by asking a host
+    that is not the owner (it passes the changes on), concurrent allocations
+    that never overlap, and the owner killed with SIGKILL: another host takes
+    over and the pool keeps serving."""
     import signal
     import threading
 
@@ -561,6 +562,18 @@ def test_fleet_shares_one_lun(fleet, short_tmp, loop):
         snap = check_ok(op.post("/v1/volume/share/snapshot/create", json=dict(ref, snapshot_name="s")))["snapshot"]
         want = {digest(n, pid, vol["UUID"], snap["UUID"]) for n in NAMES}
         assert len(want) == 1
+        # asked of a host that is not the owner: passed on to the owner's agent (mutual TLS, fleet token)
+        other = next(n for n in NAMES if host[n] != owner)
+        with agents[other].client() as ac:
+            made = ac.create_volume(
+                v.CreateVolumeRequest(pool_uuid=pid, volume_uuid=str(uuid.uuid4()), name="via-b", capacity=4 << 20)
+            )
+            snapped = ac.create_snapshot(
+                v.CreateSnapshotRequest(pool_uuid=pid, volume_uuid=made.uuid, snapshot_uuid=str(uuid.uuid4()), name="s")
+            )
+            assert snapped.volume_uuid == made.uuid
+            ac.delete_snapshot(v.SnapshotRef(pool_uuid=pid, volume_uuid=made.uuid, snapshot_uuid=snapped.uuid))
+            ac.delete_volume(v.DeleteVolumeRequest(pool_uuid=pid, volume_uuid=made.uuid))
         # concurrent allocations on the owner: the table never overlaps
         errors = []
 

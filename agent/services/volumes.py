@@ -10,6 +10,7 @@ from agent.jobs.engine import JobEngine
 from agent.kinds.volumes import volume_resource
 from agent.pools import PoolRegistry
 from agent.services.common import Auth, exclusive, rpc
+from agent.services.forward import OwnerForward
 from agent.volumes.base import SnapshotInfo, SnapshotRequest, VolumeInfo, check_uuid
 
 
@@ -49,10 +50,21 @@ def snapshot_to_pb(s: SnapshotInfo) -> volumes_pb2.Snapshot:
 
 
 class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
-    def __init__(self, pools: PoolRegistry, engine: JobEngine, auth: Auth):
+    def __init__(self, pools: PoolRegistry, engine: JobEngine, auth: Auth, forward: OwnerForward | None = None):
         self.pools = pools
         self.engine = engine
         self.auth = auth
+        self.forward = forward or OwnerForward(pools.cfg.grpc)
+
+    def _owners(self, pool, method: str, request, *, head: bool = True):
+        """A shared pool's change asked of a host that is not its owner:
+        the answer of the owner's agent (None: ours to make). head: the
+        change touches the volume's head, so this host's VMs are asked first."""
+        if not self.forward.wanted(pool):
+            return None
+        if head:
+            pool.check_not_in_use(request.volume_uuid)  # a VM here the owner cannot see
+        return self.forward.call(pool, method, request)
 
     def _exclusive(self, request):
         """Synchronous changes take the volume's lock, so they never race a job."""
@@ -125,6 +137,8 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     @rpc
     def CreateVolume(self, request, context):
         pool = self.pools.get(request.pool_uuid)
+        if (answer := self._owners(pool, "CreateVolume", request, head=False)) is not None:
+            return answer
         with self._exclusive(request):
             return volume_to_pb(
                 pool.create_volume(
@@ -135,6 +149,8 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     @rpc
     def DeleteVolume(self, request, context):
         pool = self.pools.get(request.pool_uuid)
+        if (answer := self._owners(pool, "DeleteVolume", request)) is not None:
+            return answer
         with self._exclusive(request):
             pool.delete_volume(request.volume_uuid, force=request.force)
         return volumes_pb2.DeleteVolumeResponse()
@@ -152,12 +168,16 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     @rpc
     def ResizeVolume(self, request, context):
         pool = self.pools.get(request.pool_uuid)
+        if (answer := self._owners(pool, "ResizeVolume", request)) is not None:
+            return answer
         with self._exclusive(request):
             return volume_to_pb(pool.resize_volume(request.volume_uuid, request.capacity))
 
     @rpc
     def CreateSnapshot(self, request, context):
         pool = self.pools.get(request.pool_uuid)
+        if (answer := self._owners(pool, "CreateSnapshot", request)) is not None:
+            return answer
         with self._exclusive(request):
             return snapshot_to_pb(
                 pool.create_snapshot(request.volume_uuid, request.snapshot_uuid, request.name, request.description)
@@ -193,6 +213,8 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     @rpc
     def DeleteSnapshot(self, request, context):
         pool = self.pools.get(request.pool_uuid)
+        if (answer := self._owners(pool, "DeleteSnapshot", request)) is not None:
+            return answer
         with self._exclusive(request):
             pool.delete_snapshot(request.volume_uuid, request.snapshot_uuid)
         return volumes_pb2.DeleteSnapshotResponse()
@@ -200,6 +222,8 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     @rpc
     def RollbackSnapshot(self, request, context):
         pool = self.pools.get(request.pool_uuid)
+        if (answer := self._owners(pool, "RollbackSnapshot", request)) is not None:
+            return answer
         with self._exclusive(request):
             return volume_to_pb(pool.rollback_snapshot(request.volume_uuid, request.snapshot_uuid))
 

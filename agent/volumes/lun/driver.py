@@ -55,6 +55,9 @@ from agent.errors import (
     TrackingLost,
 )
 from agent.extents import AllocExtent, Extent, merge_extents
+from agent.hypervisor.freeze import Freeze
+from agent.hypervisor.qemu import QemuVm
+from agent.hypervisor.qmp import Qmp
 from agent.volumes.base import (
     HEAD,
     ChangedExtents,
@@ -133,6 +136,7 @@ class LunPool(VolumeDriver):
         lease_io_timeout: float = 5.0,
         thin: bool = False,
         thin_step: int = 1 << 30,
+        address: str = "",
     ) -> LunPool:
         """The pool on an opened block device (agent.stores.blockdev: a
         local device, or an iSCSI LUN through libiscsi) that qemu reaches
@@ -155,7 +159,7 @@ class LunPool(VolumeDriver):
                     f"lease_timeout: {lease_timeout}s must exceed 3 x lease_io_timeout ({lease_io_timeout}s)",
                     field="lease_timeout",
                 )
-            member = Membership(lun, host_uuid, timeout=lease_timeout, io_timeout=lease_io_timeout)
+            member = Membership(lun, host_uuid, timeout=lease_timeout, io_timeout=lease_io_timeout, address=address)
         except BaseException:
             dev.close()
             raise
@@ -174,6 +178,14 @@ class LunPool(VolumeDriver):
         if thin:
             pool.watcher.start()
         return pool
+
+    @property
+    def is_owner(self) -> bool:
+        return self.membership is None or self.membership.is_owner
+
+    def owner_address(self) -> str:
+        """Where the metadata owner's agent answers, for changes asked here."""
+        return self.membership.owner_address() if self.membership is not None else ""
 
     def _lease_lost(self, why: str) -> None:
         """A lease this host held could not be renewed: the VMs writing into
@@ -223,6 +235,7 @@ class LunPool(VolumeDriver):
         self._full: dict[tuple[int, int], int] = {}
         self._swept = 0.0  # when abandoned slices were last looked for
         self._inflight: set[str] = set()  # layer ids (or volumes) being written by this host: never swept
+        self.freeze_timeout = 10.0  # seconds the guest agent gets to freeze a live snapshot's filesystems
         self.watcher = ThinWatcher(self)
 
     def is_own_protocol(self, node: dict) -> bool:
@@ -717,7 +730,7 @@ class LunPool(VolumeDriver):
                 )
             recs = self.table.records()
             head = self._rec(recs, meta.uuid)
-            users = self.watcher.users(head.offset)
+            users = self.watcher.user_vms(head.offset)
             if len(users) > 1:
                 raise InUse(
                     f"volume_uuid: volume {meta.uuid} is open in {len(users)} VMs on this host", field="volume_uuid"
@@ -760,17 +773,34 @@ class LunPool(VolumeDriver):
             self._save(meta)
             if users:
                 try:
-                    self.watcher.switch_to_overlay(users[0], head, tmp, BITMAP if info.bitmap(BITMAP) else "")
+                    freeze = self._switch_frozen(users[0], head, tmp, BITMAP if info.bitmap(BITMAP) else "")
                 except BaseException:
                     meta.snapshots.remove(s)
                     meta.head_parent, meta.head_tracking = before
                     self._save(meta)
                     self.table.release(tmp.slot)
                     raise
+                if freeze.consistency != s.consistency:  # the guest froze its filesystems for it
+                    s.consistency = freeze.consistency
+                    self._save(meta)
             self.table.update(head.slot, layer=snap)
             self.table.update(tmp.slot, layer=meta.uuid)
             log.info("snapshot created", extra={"volume": meta.uuid, "snapshot": snap})
             return self._snap_info(meta, s)
+
+    def _switch_frozen(self, user: tuple, head: SliceRecord, new: SliceRecord, bitmap: str) -> Freeze:
+        """The VM's switch to the new layer with its guest's filesystems
+        frozen through qemu-guest-agent when it answers (else crash-
+        consistent, saying why), on one QMP connection (a qemu takes one
+        monitor client at a time)."""
+        sock, holder = user
+        with Qmp(sock, timeout=30) as q:
+            vm = QemuVm(q, holder.pid, holder.argv)
+            with vm.frozen(timeout=self.freeze_timeout) as freeze:
+                self.watcher.switch_to_overlay(q, head, new, bitmap)
+        if freeze.reason:
+            log.info("live snapshot not frozen: %s", freeze.reason, extra={"volume": head.volume})
+        return freeze
 
     def _snap_info(self, meta: VolMeta, s: SnapMeta, recs: list[SliceRecord] | None = None) -> SnapshotInfo:
         recs = recs if recs is not None else self.table.records()

@@ -246,8 +246,9 @@ def resolve(slot: int, a: SliceRecord | None, b: SliceRecord | None) -> tuple[Sl
     return (a if a.generation >= b.generation else b), True
 
 
-# magic host_id flags owner generation counter timestamp_ms timeout_ms
-_LEASE = struct.Struct("<8sII16sQQQI")
+# magic host_id flags owner generation counter timestamp_ms timeout_ms address
+_LEASE = struct.Struct("<8sII16sQQQI64s")
+ADDRESS_MAX = 64
 LEASE_MAGIC = b"BFLEASE1"
 RELEASED = 1
 
@@ -265,6 +266,7 @@ class LeaseRecord:
     timestamp_ms: int = 0  # the holder's wall clock, for people only
     timeout_ms: int = 0
     flags: int = 0
+    address: str = ""  # where the holder's agent answers (host:port), for hosts that ask it
 
     @property
     def free(self) -> bool:
@@ -280,6 +282,7 @@ class LeaseRecord:
             self.counter,
             self.timestamp_ms,
             self.timeout_ms,
+            self.address.encode()[:ADDRESS_MAX],
         )
         body += _CRC.pack(_crc(body))
         return body + b"\0" * (BLOCK - len(body))
@@ -292,7 +295,7 @@ class LeaseRecord:
             return cls()
         if block[:8] != LEASE_MAGIC or _CRC.unpack_from(block, n)[0] != _crc(bytes(block[:n])):
             return None
-        (_, host_id, flags, owner, gen, counter, ts, timeout) = _LEASE.unpack_from(block)
+        (_, host_id, flags, owner, gen, counter, ts, timeout, address) = _LEASE.unpack_from(block)
         return cls(
             host_id=host_id,
             owner=_uuid_str(owner),
@@ -301,6 +304,7 @@ class LeaseRecord:
             timestamp_ms=ts,
             timeout_ms=timeout,
             flags=flags,
+            address=address.rstrip(b"\0").decode(errors="replace"),
         )
 
 

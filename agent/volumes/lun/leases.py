@@ -56,6 +56,7 @@ class DeltaLease:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         cancelled: Callable[[], bool] = lambda: False,
+        address: str = "",
     ):
         if timeout <= 3 * io_timeout:
             raise ValueError(f"lease timeout {timeout}s must exceed 3 x io_timeout ({io_timeout}s)")
@@ -67,6 +68,7 @@ class DeltaLease:
         self.clock = clock
         self.sleep = sleep
         self.cancelled = cancelled  # true: a waiting acquire gives up (the agent stops)
+        self.address = address  # written into the lease: where this host's agent answers
         self.offset = fmt.lease_offset(index)
         self.held: LeaseRecord | None = None
         self.renewed_at = 0.0  # our clock when the last successful renewal started
@@ -97,6 +99,7 @@ class DeltaLease:
                 counter=0,
                 timestamp_ms=int(time.time() * 1000),
                 timeout_ms=int(self.timeout * 1000),
+                address=self.address,
             )
             self.lun.write_block(self.offset, rec.pack())
             if self.clock() - t_seen > self.io_timeout:

@@ -34,6 +34,7 @@ class Membership:
         io_timeout: float,
         candidate: bool = True,
         on_lost: Callable[[str], None] | None = None,
+        address: str = "",
     ):
         self.lun = lun
         self.host_uuid = host_uuid
@@ -51,6 +52,7 @@ class Membership:
             io_timeout=io_timeout,
             sleep=self._pause,  # a stop ends the wait at once
             cancelled=self._stop.is_set,
+            address=address,
         )
         self.keeper = LeaseKeeper(self._lost)
         self._threads: list[threading.Thread] = []
@@ -123,6 +125,11 @@ class Membership:
         """The host uuid the owner lease names ("" when free or unreadable)."""
         rec = self.owner_lease.peek()
         return rec.owner if rec is not None and not rec.free else ""
+
+    def owner_address(self) -> str:
+        """Where the owner's agent answers ("" when it gave none, or no owner)."""
+        rec = self.owner_lease.peek()
+        return rec.address if rec is not None and not rec.free else ""
 
     def live_hosts(self) -> list[str]:
         return sorted(live_hosts(self.lun))

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.errors import BlockferryError, NoSpace, StorageIOError
-from agent.hypervisor.holders import qemu_processes, qmp_socket
+from agent.hypervisor.holders import Holder, qemu_processes, qmp_socket
 from agent.hypervisor.qmp import Qmp
 from agent.volumes.lun import format as fmt
 from agent.volumes.lun.format import SliceRecord
@@ -128,7 +128,11 @@ class ThinWatcher:
                 log.warning("thin provisioning pass failed: %s", e)
 
     def _vm_sockets(self) -> list[str]:
-        return [s for s in (qmp_socket(h.argv) for h in qemu_processes()) if s]
+        return [s for s, _ in self._vms()]
+
+    def _vms(self) -> list[tuple[str, Holder]]:
+        """This host's qemu processes with a QMP socket: (socket, process)."""
+        return [(s, h) for h in qemu_processes() if (s := qmp_socket(h.argv))]
 
     def tick(self) -> None:
         """One pass over this host's VMs."""
@@ -276,70 +280,65 @@ class ThinWatcher:
         """The QMP sockets of this host's VMs with a node over the slice that
         starts at offset (its layers are opened with locking off, so no lock
         can tell)."""
+        return [sock for sock, _ in self.user_vms(offset)]
+
+    def user_vms(self, offset: int) -> list[tuple[str, Holder]]:
         out = []
-        for sock in self._vm_sockets():
+        for sock, h in self._vms():
             try:
                 with Qmp(sock, timeout=5) as q:
                     if any(o == offset for _, _, o, _, _ in _raw_nodes(q, self.pool.is_own_protocol)):
-                        out.append(sock)
+                        out.append((sock, h))
             except BlockferryError as e:
                 log.debug("could not ask the VM at %s: %s", sock, e)
         return out
 
-    def switch_to_overlay(self, sock: str, head: SliceRecord, new: SliceRecord, bitmap: str) -> None:
-        """A live snapshot's switch in the VM at sock: the new layer's slice
+    def switch_to_overlay(self, q: Qmp, head: SliceRecord, new: SliceRecord, bitmap: str) -> None:
+        """A live snapshot's switch in the VM q reaches: the new layer's slice
         (a qcow2 the caller wrote, backed by the head) is opened as nodes of
         the VM's own (one protocol node per slice), the head's bitmap stops
         recording, and the new layer becomes the disk's top, in one
         transaction; on failure the added nodes are removed again."""
         tag = f"bf{new.slot}g{new.generation}"
-        with Qmp(sock, timeout=30) as q:
-            raw = [r for r in _raw_nodes(q, self.pool.is_own_protocol) if r[2] == head.offset]
-            if not raw:
-                raise StorageIOError(f"the VM at {sock} no longer has volume {head.volume} open")
-            graph = q.execute("x-debug-query-block-graph")
-            names = {n["id"]: n["name"] for n in graph["nodes"]}
-            top = next(
-                (
-                    names[e["parent"]]
-                    for e in graph["edges"]
-                    if e["name"] == "file" and names.get(e["child"]) == raw[0][0]
-                ),
-                None,
+        sock = q.path
+        raw = [r for r in _raw_nodes(q, self.pool.is_own_protocol) if r[2] == head.offset]
+        if not raw:
+            raise StorageIOError(f"the VM at {sock} no longer has volume {head.volume} open")
+        graph = q.execute("x-debug-query-block-graph")
+        names = {n["id"]: n["name"] for n in graph["nodes"]}
+        top = next(
+            (names[e["parent"]] for e in graph["edges"] if e["name"] == "file" and names.get(e["child"]) == raw[0][0]),
+            None,
+        )
+        if top is None:
+            raise StorageIOError(f"the VM at {sock}: no qcow2 node over volume {head.volume}'s slice")
+        added: list[str] = []
+        try:
+            q.execute("blockdev-add", dict(self.pool.protocol, **{"node-name": f"{tag}p"}))
+            added.append(f"{tag}p")
+            q.execute(
+                "blockdev-add",
+                {
+                    "driver": "raw",
+                    "node-name": f"{tag}r",
+                    "file": f"{tag}p",
+                    "offset": new.offset,
+                    "size": new.size,
+                },
             )
-            if top is None:
-                raise StorageIOError(f"the VM at {sock}: no qcow2 node over volume {head.volume}'s slice")
-            added: list[str] = []
-            try:
-                q.execute("blockdev-add", dict(self.pool.protocol, **{"node-name": f"{tag}p"}))
-                added.append(f"{tag}p")
-                q.execute(
-                    "blockdev-add",
-                    {
-                        "driver": "raw",
-                        "node-name": f"{tag}r",
-                        "file": f"{tag}p",
-                        "offset": new.offset,
-                        "size": new.size,
-                    },
-                )
-                added.append(f"{tag}r")
-                q.execute(
-                    "blockdev-add", {"driver": "qcow2", "node-name": f"{tag}q", "file": f"{tag}r", "backing": None}
-                )
-                added.append(f"{tag}q")
-                actions = (
-                    [{"type": "block-dirty-bitmap-disable", "data": {"node": top, "name": bitmap}}] if bitmap else []
-                )
-                actions.append({"type": "blockdev-snapshot", "data": {"node": top, "overlay": f"{tag}q"}})
-                q.execute("transaction", actions=actions)
-            except BaseException:
-                for node in reversed(added):
-                    try:
-                        q.execute("blockdev-del", {"node-name": node})
-                    except BlockferryError as e:
-                        log.error("could not remove a new layer's node %s: %s", node, e)
-                raise
+            added.append(f"{tag}r")
+            q.execute("blockdev-add", {"driver": "qcow2", "node-name": f"{tag}q", "file": f"{tag}r", "backing": None})
+            added.append(f"{tag}q")
+            actions = [{"type": "block-dirty-bitmap-disable", "data": {"node": top, "name": bitmap}}] if bitmap else []
+            actions.append({"type": "blockdev-snapshot", "data": {"node": top, "overlay": f"{tag}q"}})
+            q.execute("transaction", actions=actions)
+        except BaseException:
+            for node in reversed(added):
+                try:
+                    q.execute("blockdev-del", {"node-name": node})
+                except BlockferryError as e:
+                    log.error("could not remove a new layer's node %s: %s", node, e)
+            raise
 
     def pause_all(self, why: str) -> int:
         """Stop every VM on this host that has a node over the pool's LUN."""
