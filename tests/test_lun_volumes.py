@@ -514,7 +514,7 @@ def test_repair_after_a_crash_in_a_live_snapshot(loop, short_tmp):
                 from agent.hypervisor.qmp import Qmp
 
                 with Qmp(pool.watcher.users(head.offset)[0], timeout=10) as q:
-                    pool.watcher.switch_to_overlay(q, head, tmp, "bf-dirty")
+                    pool.watcher.switch_to_overlays(q, [(head, tmp, "bf-dirty")])
             return snap
 
         gone = half_snapshot(switch=False)
@@ -614,3 +614,40 @@ def test_thin_layers_make_room_before_a_merge(make_agent, loop):
             assert table_of(lo.dev).find(other, other).size < before + 2 * MiB
     finally:
         assert a.stop() == 0, a.log_text()
+
+
+def test_snapshot_set_of_a_vms_two_disks_at_one_instant(lun_agent, short_tmp):
+    """Both disks of a running VM on a shared pool: one CreateSnapshotSet
+    switches both to new layers in one QMP transaction, each snapshot holds
+    what its disk had, and the later writes stay out of both."""
+    from support.vms import Vm
+
+    n = lun_agent
+    a = n.create(capacity=8 * MiB, name="sys").uuid
+    b = n.create(capacity=8 * MiB, name="data").uuid
+    paths = [n.call("GetVolume", volume_uuid=x).access_path for x in (a, b)]
+    vm = Vm(short_tmp, paths, name="set")
+    try:
+        vm.write(0, 0x21, 0, MiB)
+        vm.write(1, 0x42, MiB, MiB)
+        vm.flush(0)
+        vm.flush(1)
+        req = v.CreateSnapshotSetRequest(
+            snapshots=[
+                v.CreateSnapshotRequest(pool_uuid=n.pool, volume_uuid=x, snapshot_uuid=new_id(), name="nightly")
+                for x in (a, b)
+            ]
+        )
+        got = n.c.create_snapshot_set(req)
+        assert got.consistency == "crash" and got.switch_ms > 0 and len(got.snapshots) == 2
+        vm.write(0, 0x77, 0, MiB)  # after the instant: in neither snapshot
+        vm.write(1, 0x77, MiB, MiB)
+        vm.flush(0)
+        vm.flush(1)
+    finally:
+        vm.quit()
+    want_a = ref_digest_of_bytes(bytes([0x21]) * MiB + bytes(7 * MiB))
+    want_b = ref_digest_of_bytes(bytes(MiB) + bytes([0x42]) * MiB + bytes(6 * MiB))
+    assert n.digest(a, got.snapshots[0].uuid) == want_a
+    assert n.digest(b, got.snapshots[1].uuid) == want_b
+    assert n.digest(a) != want_a and n.digest(b) != want_b

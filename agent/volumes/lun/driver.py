@@ -38,8 +38,8 @@ import tempfile
 import time
 import uuid as uuidlib
 import zlib
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
 
 from agent import procs
 from agent.errors import (
@@ -63,7 +63,10 @@ from agent.volumes.base import (
     ChangedExtents,
     PoolStatus,
     RestoreTarget,
+    SetInstant,
     SnapshotInfo,
+    SnapshotRequest,
+    SnapshotSet,
     SnapshotTree,
     VolumeDriver,
     VolumeInfo,
@@ -716,91 +719,146 @@ class LunPool(VolumeDriver):
     # ---- snapshots ----
 
     def create_snapshot(self, volume_uuid: str, snapshot_uuid: str, name: str, description: str = "") -> SnapshotInfo:
-        snap = check_uuid(snapshot_uuid, "snapshot_uuid")
-        check_name(name, "snapshot_name")
-        self._must_own()
-        with self._locked(volume_uuid):
-            meta = self._meta(volume_uuid)
-            self._repair(meta)
-            if meta.snapshot(snap) or any(r.used and r.layer == snap for r in self.table.records()):
-                raise AlreadyExists(f"snapshot_uuid: snapshot {snap} exists", field="snapshot_uuid")
-            if any(s.name == name for s in meta.snapshots):
-                raise AlreadyExists(
-                    f"snapshot_name: volume {meta.uuid} has a snapshot named {name!r}", field="snapshot_name"
-                )
-            recs = self.table.records()
-            head = self._rec(recs, meta.uuid)
-            users = self.watcher.user_vms(head.offset)
-            if len(users) > 1:
-                raise InUse(
-                    f"volume_uuid: volume {meta.uuid} is open in {len(users)} VMs on this host", field="volume_uuid"
-                )
-            head_name = self._top(recs, meta.uuid)
-            info = qemu_img.info(head_name)
-            capacity = info.virtual_size
-            tracking = TRACKING_OK if meta.head_tracking == TRACKING_OK else TRACKING_LOST
-            if users:  # a running VM: its qemu switches to the new layer and stops the head's bitmap
-                bm = info.bitmap(BITMAP)
-                if bm is None:
-                    tracking = TRACKING_LOST
-            elif self._freeze_tracking(head_name) != TRACKING_OK:
-                tracking = TRACKING_LOST
-            tmp = self.table.allocate(
-                self._head_size(capacity), kind=fmt.LAYER, volume=meta.uuid, layer=str(uuidlib.uuid4()), parent=snap
-            )
-            try:
-                self._new_layer(tmp, capacity, head)
-            except BaseException:
-                self.table.release(tmp.slot)
-                if not users:
-                    qemu_img.bitmap(head_name, "enable", BITMAP)
-                raise
-            s = SnapMeta(
-                uuid=snap,
-                name=name,
-                description=description,
-                created_at=time.time(),
-                parent=meta.head_parent,
-                tracking=tracking,
-                consistency="crash" if users else "offline",
-            )
-            before = (meta.head_parent, meta.head_tracking)
-            meta.snapshots.append(s)
-            meta.head_parent = snap
-            meta.head_tracking = TRACKING_OK
-            # from here on the snapshot exists; _repair finishes the renames, or, for a running VM
-            # that never switched to the new layer, takes the snapshot back
-            self._save(meta)
-            if users:
-                try:
-                    freeze = self._switch_frozen(users[0], head, tmp, BITMAP if info.bitmap(BITMAP) else "")
-                except BaseException:
-                    meta.snapshots.remove(s)
-                    meta.head_parent, meta.head_tracking = before
-                    self._save(meta)
-                    self.table.release(tmp.slot)
-                    raise
-                if freeze.consistency != s.consistency:  # the guest froze its filesystems for it
-                    s.consistency = freeze.consistency
-                    self._save(meta)
-            self.table.update(head.slot, layer=snap)
-            self.table.update(tmp.slot, layer=meta.uuid)
-            log.info("snapshot created", extra={"volume": meta.uuid, "snapshot": snap})
-            return self._snap_info(meta, s)
+        request = SnapshotRequest(self.pool_uuid, volume_uuid, snapshot_uuid, name, description)
+        return self.create_snapshot_set([request]).snapshots[0]
 
-    def _switch_frozen(self, user: tuple, head: SliceRecord, new: SliceRecord, bitmap: str) -> Freeze:
-        """The VM's switch to the new layer with its guest's filesystems
+    def create_snapshot_set(
+        self,
+        requests: Sequence[SnapshotRequest],
+        *,
+        freeze: bool = True,
+        freeze_timeout: float = 10.0,
+        within: SetInstant | None = None,
+    ) -> SnapshotSet:
+        """Snapshots of volumes of this pool at one instant. Idle heads are
+        snapshotted as they are; heads a running VM on this host holds
+        switch to their new layers in one QMP transaction, with the guest's
+        filesystems frozen through its agent around it when it answers."""
+        if within is not None or not requests or any(r.pool_uuid != self.pool_uuid for r in requests):
+            return super().create_snapshot_set(requests, freeze=freeze, freeze_timeout=freeze_timeout, within=within)
+        vols = [check_uuid(r.volume_uuid, "volume_uuid") for r in requests]
+        if len(set(vols)) != len(vols):
+            raise InvalidArgument("snapshots: a volume is named twice", field="snapshots")
+        for r in requests:
+            check_uuid(r.snapshot_uuid, "snapshot_uuid")
+            check_name(r.name, "snapshot_name")
+        self._must_own()
+        with ExitStack() as stack:
+            for vol in sorted(vols):
+                stack.enter_context(self._locked(vol))
+            items = [self._set_item(r) for r in requests]
+            vms = {it.user[0]: it.user for it in items if it.user}
+            if len(vms) > 1:
+                raise InUse("snapshots: the volumes are open in different VMs; take one set per VM", field="snapshots")
+            made: list[_Item] = []
+            frozen, switch_ms = Freeze(consistency="offline"), 0.0
+            try:
+                for it in items:
+                    made.append(it)
+                    self._prepare(it)
+                for it in items:
+                    self._commit_meta(it, "crash" if it.user else "offline")
+                if vms:
+                    live = [it for it in items if it.user]
+                    frozen, switch_ms = self._switch_frozen(next(iter(vms.values())), live, freeze, freeze_timeout)
+            except BaseException:
+                for it in made:
+                    self._undo(it)
+                raise
+            for it in items:
+                if it.user and frozen.consistency != it.snap.consistency:
+                    it.snap.consistency = frozen.consistency  # the guest froze its filesystems for it
+                    self._save(it.meta)
+                self.table.update(it.head.slot, layer=it.snap.uuid)
+                self.table.update(it.tmp.slot, layer=it.meta.uuid)
+                log.info("snapshot created", extra={"volume": it.meta.uuid, "snapshot": it.snap.uuid})
+            recs = self.table.records()
+            infos = tuple(self._snap_info(it.meta, it.snap, recs) for it in items)
+        consistency = frozen.consistency if vms else "offline"
+        return SnapshotSet(infos, consistency, "", frozen.reason, frozen.frozen_ms, switch_ms)
+
+    def _set_item(self, r: SnapshotRequest) -> _Item:
+        """One volume of a set: the checks, its head and the VM that holds it."""
+        meta = self._meta(r.volume_uuid)
+        self._repair(meta)
+        if meta.snapshot(r.snapshot_uuid) or any(x.used and x.layer == r.snapshot_uuid for x in self.table.records()):
+            raise AlreadyExists(f"snapshot_uuid: snapshot {r.snapshot_uuid} exists", field="snapshot_uuid")
+        if any(s.name == r.name for s in meta.snapshots):
+            raise AlreadyExists(
+                f"snapshot_name: volume {meta.uuid} has a snapshot named {r.name!r}", field="snapshot_name"
+            )
+        head = self._rec(self.table.records(), meta.uuid)
+        users = self.watcher.user_vms(head.offset)
+        if len(users) > 1:
+            raise InUse(
+                f"volume_uuid: volume {meta.uuid} is open in {len(users)} VMs on this host", field="volume_uuid"
+            )
+        return _Item(r, meta, head, users[0] if users else None)
+
+    def _prepare(self, it: _Item) -> None:
+        """The new head written into its slice; an idle head's bitmap stops."""
+        head_name = self._top(self.table.records(), it.meta.uuid)
+        info = qemu_img.info(head_name)
+        it.tracking = TRACKING_OK if it.meta.head_tracking == TRACKING_OK else TRACKING_LOST
+        if it.user:  # the VM's qemu stops the head's bitmap in the switch
+            it.bitmap = BITMAP if info.bitmap(BITMAP) else ""
+            if not it.bitmap:
+                it.tracking = TRACKING_LOST
+        else:
+            it.frozen_tracking = True
+            if self._freeze_tracking(head_name) != TRACKING_OK:
+                it.tracking = TRACKING_LOST
+        it.tmp = self.table.allocate(
+            self._head_size(info.virtual_size),
+            kind=fmt.LAYER,
+            volume=it.meta.uuid,
+            layer=str(uuidlib.uuid4()),
+            parent=it.req.snapshot_uuid,
+        )
+        self._new_layer(it.tmp, info.virtual_size, it.head)
+
+    def _commit_meta(self, it: _Item, consistency: str) -> None:
+        """From here on the snapshot exists; _repair finishes the renames, or,
+        for a running VM that never switched to the new layer, takes it back."""
+        it.snap = SnapMeta(
+            uuid=it.req.snapshot_uuid,
+            name=it.req.name,
+            description=it.req.description,
+            created_at=time.time(),
+            parent=it.meta.head_parent,
+            tracking=it.tracking,
+            consistency=consistency,
+        )
+        it.before = (it.meta.head_parent, it.meta.head_tracking)
+        it.meta.snapshots.append(it.snap)
+        it.meta.head_parent = it.snap.uuid
+        it.meta.head_tracking = TRACKING_OK
+        self._save(it.meta)
+
+    def _undo(self, it: _Item) -> None:
+        """A set that failed before its switch: every volume as it was."""
+        if it.snap is not None and it.snap in it.meta.snapshots:
+            it.meta.snapshots.remove(it.snap)
+            it.meta.head_parent, it.meta.head_tracking = it.before
+            self._save(it.meta)
+        if it.tmp is not None:
+            self.table.release(it.tmp.slot)
+        if it.frozen_tracking and it.tracking == TRACKING_OK:
+            qemu_img.bitmap(self._top(self.table.records(), it.meta.uuid), "enable", BITMAP)
+
+    def _switch_frozen(self, user: tuple, items: list[_Item], freeze: bool, timeout: float) -> tuple[Freeze, float]:
+        """The VM's switch to the new layers with its guest's filesystems
         frozen through qemu-guest-agent when it answers (else crash-
         consistent, saying why), on one QMP connection (a qemu takes one
-        monitor client at a time)."""
+        monitor client at a time). Returns the freeze and the switch's ms."""
         sock, holder = user
         with Qmp(sock, timeout=30) as q:
             vm = QemuVm(q, holder.pid, holder.argv)
-            with vm.frozen(timeout=self.freeze_timeout) as freeze:
-                self.watcher.switch_to_overlay(q, head, new, bitmap)
-        if freeze.reason:
-            log.info("live snapshot not frozen: %s", freeze.reason, extra={"volume": head.volume})
-        return freeze
+            with vm.frozen(timeout=timeout or self.freeze_timeout, wanted=freeze) as frozen:
+                switch_ms = self.watcher.switch_to_overlays(q, [(it.head, it.tmp, it.bitmap) for it in items])
+        if frozen.reason:
+            log.info("live snapshot not frozen: %s", frozen.reason, extra={"vm": vm.name})
+        return frozen, switch_ms
 
     def _snap_info(self, meta: VolMeta, s: SnapMeta, recs: list[SliceRecord] | None = None) -> SnapshotInfo:
         recs = recs if recs is not None else self.table.records()
@@ -1228,6 +1286,19 @@ class LunPool(VolumeDriver):
                 self.table.release(r.slot)
                 gone.append(r.slot)
         return gone
+
+
+class _Item:
+    """One volume of a snapshot set while the set is taken."""
+
+    def __init__(self, req: SnapshotRequest, meta: VolMeta, head: SliceRecord, user: tuple | None):
+        self.req, self.meta, self.head, self.user = req, meta, head, user
+        self.tmp: SliceRecord | None = None
+        self.snap: SnapMeta | None = None
+        self.bitmap = ""
+        self.tracking = TRACKING_OK
+        self.frozen_tracking = False  # an idle head's bitmap was disabled here
+        self.before: tuple = (None, TRACKING_OK)
 
 
 def _opts(node: dict, prefix: str = "") -> str:

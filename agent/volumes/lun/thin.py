@@ -293,45 +293,42 @@ class ThinWatcher:
                 log.debug("could not ask the VM at %s: %s", sock, e)
         return out
 
-    def switch_to_overlay(self, q: Qmp, head: SliceRecord, new: SliceRecord, bitmap: str) -> None:
-        """A live snapshot's switch in the VM q reaches: the new layer's slice
-        (a qcow2 the caller wrote, backed by the head) is opened as nodes of
-        the VM's own (one protocol node per slice), the head's bitmap stops
-        recording, and the new layer becomes the disk's top, in one
-        transaction; on failure the added nodes are removed again."""
-        tag = f"bf{new.slot}g{new.generation}"
-        sock = q.path
-        raw = [r for r in _raw_nodes(q, self.pool.is_own_protocol) if r[2] == head.offset]
-        if not raw:
-            raise StorageIOError(f"the VM at {sock} no longer has volume {head.volume} open")
+    def switch_to_overlays(self, q: Qmp, items: list[tuple[SliceRecord, SliceRecord, str]]) -> float:
+        """A live snapshot's switch in the VM q reaches, for every (head,
+        new layer, bitmap): the new layer's slice (a qcow2 the caller wrote,
+        backed by the head) is opened as nodes of the VM's own (one protocol
+        node per slice), then one transaction stops each head's bitmap and
+        makes each new layer its disk's top: the VM's disks switch at one
+        instant. On failure the added nodes are removed again. Returns the
+        transaction's milliseconds."""
+        raw = _raw_nodes(q, self.pool.is_own_protocol)
         graph = q.execute("x-debug-query-block-graph")
         names = {n["id"]: n["name"] for n in graph["nodes"]}
-        top = next(
-            (names[e["parent"]] for e in graph["edges"] if e["name"] == "file" and names.get(e["child"]) == raw[0][0]),
-            None,
-        )
-        if top is None:
-            raise StorageIOError(f"the VM at {sock}: no qcow2 node over volume {head.volume}'s slice")
+        parent_of = {names.get(e["child"]): names[e["parent"]] for e in graph["edges"] if e["name"] == "file"}
         added: list[str] = []
+        actions: list[dict] = []
         try:
-            q.execute("blockdev-add", dict(self.pool.protocol, **{"node-name": f"{tag}p"}))
-            added.append(f"{tag}p")
-            q.execute(
-                "blockdev-add",
-                {
-                    "driver": "raw",
-                    "node-name": f"{tag}r",
-                    "file": f"{tag}p",
-                    "offset": new.offset,
-                    "size": new.size,
-                },
-            )
-            added.append(f"{tag}r")
-            q.execute("blockdev-add", {"driver": "qcow2", "node-name": f"{tag}q", "file": f"{tag}r", "backing": None})
-            added.append(f"{tag}q")
-            actions = [{"type": "block-dirty-bitmap-disable", "data": {"node": top, "name": bitmap}}] if bitmap else []
-            actions.append({"type": "blockdev-snapshot", "data": {"node": top, "overlay": f"{tag}q"}})
+            for head, new, bitmap in items:
+                node = next((r[0] for r in raw if r[2] == head.offset), None)
+                top = parent_of.get(node) if node else None
+                if top is None:
+                    raise StorageIOError(f"the VM at {q.path} no longer has volume {head.volume} open")
+                tag = f"bf{new.slot}g{new.generation}"
+                q.execute("blockdev-add", dict(self.pool.protocol, **{"node-name": f"{tag}p"}))
+                added.append(f"{tag}p")
+                raw_node = {"driver": "raw", "node-name": f"{tag}r", "file": f"{tag}p"}
+                q.execute("blockdev-add", dict(raw_node, offset=new.offset, size=new.size))
+                added.append(f"{tag}r")
+                q.execute(
+                    "blockdev-add", {"driver": "qcow2", "node-name": f"{tag}q", "file": f"{tag}r", "backing": None}
+                )
+                added.append(f"{tag}q")
+                if bitmap:
+                    actions.append({"type": "block-dirty-bitmap-disable", "data": {"node": top, "name": bitmap}})
+                actions.append({"type": "blockdev-snapshot", "data": {"node": top, "overlay": f"{tag}q"}})
+            t0 = time.monotonic()
             q.execute("transaction", actions=actions)
+            return (time.monotonic() - t0) * 1000
         except BaseException:
             for node in reversed(added):
                 try:
