@@ -49,8 +49,12 @@ class OwnerForward:
         return volumes_pb2_grpc.VolumeServiceStub(ch)
 
     def wanted(self, pool) -> bool:
-        """Whether a change of this pool is the owner's to make, not ours."""
-        return getattr(pool, "kind", "") == "lun" and not pool.is_owner
+        """Whether a change of this pool is the owner's to make, not ours
+        (an election in progress is waited out first)."""
+        if getattr(pool, "kind", "") != "lun":
+            return False
+        pool.settle_owner()
+        return not pool.is_owner
 
     def call(self, pool, method: str, request):
         """request passed on to the owner's VolumeService.method."""

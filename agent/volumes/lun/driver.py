@@ -394,13 +394,17 @@ class LunPool(VolumeDriver):
             raise NotFound(f"snapshot_uuid: no snapshot {snap} on volume {meta.uuid}", field="snapshot_uuid")
         return s
 
-    def _must_own(self) -> None:
-        """FailedPrecondition unless this host holds the pool's owner lease now."""
+    def settle_owner(self) -> None:
+        """Wait out an election in progress: no host holds the owner lease
+        yet, or this one is taking it (the pool was just attached); it
+        takes 2 x io_timeout."""
         m = self.membership
         if m is not None and not m.is_owner and m.candidate and self.owner() in ("", m.host_uuid):
-            # no host holds the lease yet, or this one is taking it (the pool was just attached):
-            # the election takes 2 x io_timeout
             m.wait_owner(4 * m.io_timeout + 1)
+
+    def _must_own(self) -> None:
+        """FailedPrecondition unless this host holds the pool's owner lease now."""
+        self.settle_owner()
         try:
             if self.table.guard is None:
                 raise FailedPrecondition("no owner lease")
