@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Shared LUN pools: reading a snapshot the way a backup does (our reader:
-qemu-nbd over the chain spelled out from the slice table, several requests
-in flight) vs qemu's own reader (`qemu-img convert` of the same chain into
-its null driver), side by side in one run; medians of N runs.
+the clusters `qemu-img map` places in the chain's slices, read from the
+device with O_DIRECT, several requests in flight) vs qemu's own reader
+(`qemu-img convert` of the same chain into its null driver), side by side
+in one run; medians of N runs.
 
   .venv/bin/python bench/lun_bench.py [--runs 3] [--gib 1]
 
@@ -105,7 +106,7 @@ def main() -> int:
                 peer_s.append(time.perf_counter() - t0)
             o, q = statistics.median(ours_s), statistics.median(peer_s)
             print(f"snapshot read, {data / MiB:.0f} MiB of data in a {args.gib} GiB volume on a shared LUN pool")
-            print(f"  ours (qemu-nbd, table chain)  {o:7.3f} s  {data / MiB / o:7.0f} MiB/s")
+            print(f"  ours (mapped, O_DIRECT)       {o:7.3f} s  {data / MiB / o:7.0f} MiB/s")
             print(f"  qemu-img convert -> null-co   {q:7.3f} s  {data / MiB / q:7.0f} MiB/s")
             print(f"  ratio ours/peer throughput    {q / o:5.2f}x   (medians of {args.runs})")
         finally:

@@ -83,6 +83,7 @@ from agent.volumes.lun.thin import ThinWatcher
 from agent.volumes.nbd import NbdSnapshotReader, QemuNbd
 from agent.volumes.qcow2 import qemu_img
 from agent.volumes.qcow2.bitmap import dirty_extents
+from agent.volumes.qcow2.direct import open_mapped_ranges
 from agent.volumes.qcow2.driver import BITMAP, GRANULARITY, Qcow2OverwriteTarget, Qcow2RestoreTarget
 from agent.volumes.qcow2.meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta
 from agent.volumes.qemu_objects import with_objects
@@ -1029,14 +1030,46 @@ class LunPool(VolumeDriver):
 
     @contextmanager
     def open_reader(self, volume_uuid: str, snapshot_uuid: str, only=None):
+        """A snapshot read straight from its slices at the offsets qemu-img
+        map gives (one copy, as directory pools read their files), else
+        through qemu-nbd (an iSCSI LUN, compressed clusters). Snapshot layers
+        never change in place; the device is read with O_DIRECT, as another
+        host may have written them."""
         meta = self._meta(volume_uuid)
         self._snap(meta, snapshot_uuid)
         recs = self._records_with(snapshot_uuid)
         rec = self._rec(recs, snapshot_uuid)
+        mapped = self._open_mapped(recs, rec)
+        if mapped is not None:
+            with mapped:
+                self.check_geometry(rec)  # the map and the slices agree with the table now
+                yield mapped
+            return
         with QemuNbd(self._name(recs, snapshot_uuid), readonly=True, run_dir=self.run_dir) as srv:
             self.check_geometry(rec)  # what qemu-nbd opened is still where the table says
             with srv.connect() as c:
                 yield NbdSnapshotReader(c)
+
+    def _open_mapped(self, recs: list[SliceRecord], rec: SliceRecord):
+        if self.protocol.get("driver") != "host_device":
+            return None
+        chain = [rec]
+        while chain[-1].parent:
+            chain.append(self._rec(recs, chain[-1].parent))
+        size = qemu_img.info(self._top(recs, rec.layer)).virtual_size
+        if size % fmt.BLOCK:
+            return None  # a last piece shorter than a 4 KiB sector cannot be read with O_DIRECT
+        entries = qemu_img.map_image(self._name(recs, rec.layer))
+        # O_DIRECT: other hosts write the LUN, so no page cache here may answer for it
+        fd = os.open(self.protocol["filename"], os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        try:
+            reader = open_mapped_ranges(size, entries, fd, [r.offset for r in chain], direct=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        if reader is None:
+            os.close(fd)
+        return reader
 
     # ---- clones ----
 

@@ -26,6 +26,7 @@ opens the image until the restore commits it into the pool.
 from __future__ import annotations
 
 import bisect
+import mmap
 import os
 import threading
 from collections import deque
@@ -107,8 +108,28 @@ def open_mapped(path: str, only: tuple[int, list[tuple[int, int]]] | None = None
     return MappedSnapshotReader(size, entries, pieces, list(fds.values()))
 
 
+def open_mapped_ranges(
+    size: int, entries: list, fd: int, bases: list[int], *, direct: bool = False
+) -> MappedSnapshotReader | None:
+    """A reader of a chain whose layers all live in one file or device at
+    byte offsets bases[depth] (a shared LUN's slices), from `qemu-img map`
+    entries of the chain; None when some data cannot be read raw. direct:
+    fd is open with O_DIRECT (page-aligned buffers; clusters and slices are
+    sector-aligned). The reader owns fd from then on (closed with it)."""
+    if any(e.data and (e.offset is None or e.compressed or e.depth >= len(bases)) for e in entries):
+        return None
+    pieces = [
+        _Piece(e.start, e.length, fd, bases[e.depth] + e.offset) if e.data else _Piece(e.start, e.length, -1, 0)
+        for e in entries
+    ]
+    return MappedSnapshotReader(size, entries, pieces, [fd], aligned=direct)
+
+
 class MappedSnapshotReader(SnapshotReader):
-    def __init__(self, size: int, entries: list, pieces: list[_Piece], fds: list[int], *, partial: bool = False):
+    def __init__(
+        self, size: int, entries: list, pieces: list[_Piece], fds: list[int], *, partial: bool = False, aligned=False
+    ):
+        self._aligned = aligned  # buffers in page-aligned memory (O_DIRECT reads)
         self._size = size
         self._partial = partial  # maps only the ranges the caller asked for
         self._entries = entries
@@ -146,12 +167,12 @@ class MappedSnapshotReader(SnapshotReader):
 
     # ---- data ----
 
-    def _buffer(self, n: int) -> bytearray:
+    def _buffer(self, n: int):
         with self._lock:
             for i, b in enumerate(self._free):
                 if len(b) == n:
                     return self._free.pop(i)
-        return bytearray(n)
+        return mmap.mmap(-1, n) if self._aligned else bytearray(n)
 
     def _give_back(self, buf: bytearray) -> None:
         with self._lock:
