@@ -251,12 +251,15 @@ class LunPool(VolumeDriver):
             return os.path.realpath(str(node.get("filename", ""))) == os.path.realpath(mine["filename"])
         return all(str(node.get(k)) == str(mine.get(k)) for k in ("portal", "target", "lun"))
 
+    def capacity_of(self, rec: SliceRecord) -> int:
+        """The virtual size of the layer in a slice."""
+        return qemu_img.info(self._backing_string(rec) or "").virtual_size
+
     def full_size(self, rec: SliceRecord) -> int:
         """The thick size of a layer's slice (for its virtual size)."""
         key = (rec.slot, rec.generation)
         if key not in self._full:
-            capacity = qemu_img.info(self._backing_string(rec) or "").virtual_size
-            self._full[key] = fmt.align_up(self._slice_size(capacity), self.table.sb.extent_size)
+            self._full[key] = fmt.align_up(self._slice_size(self.capacity_of(rec)), self.table.sb.extent_size)
         return self._full[key]
 
     def _head_size(self, capacity: int) -> int:

@@ -1,5 +1,5 @@
-"""Thin layers of a shared pool while VMs run: write thresholds, and slices
-grown under a running qemu.
+"""Running VMs on a shared pool: write thresholds and slices grown or
+moved under a running qemu, a live snapshot's switch, and pausing.
 
 A thin head starts in a small slice. For every running qemu on this host
 whose block graph holds a raw node over one of the pool's head slices, the
@@ -7,15 +7,16 @@ watcher (one pass per second, by the pool's metadata owner) sets a write
 threshold on that raw node, `headroom` bytes before the slice's end. When
 qemu reports it crossed (the node's write_threshold drops back to 0), or
 the node's highest write (query-blockstats) is already past it, the slice
-is grown in place in the table and the raw node reopened with the
-larger size (blockdev-reopen: about 1 ms); a VM that paused on ENOSPC in
-the meantime (its disk configured werror=enospc) is resumed. A slice that
-cannot grow in place is left for the operator (the write waits, paused,
-instead of failing): moving a running layer is not done yet.
+is grown in place in the table and the raw node reopened with the larger
+size (blockdev-reopen: about 1 ms), or, when the next slice is in the way,
+the running layer is mirrored into a larger slice elsewhere; a VM that
+paused on ENOSPC in the meantime (its disk configured werror=enospc) is
+resumed. With no room anywhere the slice stays full and the write waits.
 
-When the pool's owner lease is lost, pause_all() stops every VM on this
-host that writes into the pool: no host writes a slice whose geometry it
-may no longer know.
+A live snapshot's switch (switch_to_overlays) opens the new layers in the
+VM and makes them its disks' tops in one transaction. When the pool's
+owner lease is lost, pause_all() stops every VM on this host that writes
+into the pool: no host writes a slice whose geometry it may no longer know.
 """
 
 from __future__ import annotations
@@ -26,21 +27,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from agent.errors import BlockferryError, NoSpace, StorageIOError
 from agent.hypervisor.holders import Holder, qemu_processes, qmp_socket
 from agent.hypervisor.qmp import Qmp
 from agent.volumes.lun import format as fmt
 from agent.volumes.lun.format import SliceRecord
-from agent.volumes.qcow2 import qemu_img
 from agent.volumes.qcow2.driver import BITMAP
 
 log = logging.getLogger("agent.lun")
-
-
-def qemu_img_capacity(pool, rec: SliceRecord) -> int:
-    return qemu_img.info(pool._backing_string(rec) or "").virtual_size
 
 
 def _wait_job(q: Qmp, job: str, *, ready: bool, timeout: float = 120.0) -> None:
@@ -57,18 +52,6 @@ def _wait_job(q: Qmp, job: str, *, ready: bool, timeout: float = 120.0) -> None:
             raise StorageIOError(f"block job {job} ended before it was ready")
         time.sleep(0.02)
     raise StorageIOError(f"block job {job}: not {'ready' if ready else 'done'} within {timeout:.0f}s")
-
-
-@dataclass(frozen=True)
-class RawNode:
-    """A running qemu's raw node over a byte range of the pool's LUN."""
-
-    socket: str
-    node: str
-    child: str  # the protocol node under it
-    offset: int
-    size: int
-    threshold: int
 
 
 def _raw_nodes(q: Qmp, matches: Callable[[dict], bool]) -> list[tuple[str, str, int, int, int]]:
@@ -171,8 +154,10 @@ class ThinWatcher:
                 )
                 before = rec.size
                 rec = self._grow(q, node, child, rec)
+                grew = grew or rec.size > before
+                if rec.offset != offset:
+                    continue  # moved: the VM has new nodes now, armed at the next pass
                 size = rec.size
-                grew = grew or size > before
             if threshold == 0 or threshold != self._armed.get(key):
                 at = max(0, size - self.headroom)
                 if at > 0 and size < full:
@@ -224,7 +209,7 @@ class ThinWatcher:
         try:
             recs = pool.table.records()
             parent = next((r for r in recs if r.used and r.kind == fmt.LAYER and r.layer == rec.parent), None)
-            capacity = qemu_img_capacity(pool, rec)
+            capacity = pool.capacity_of(rec)
             pool._new_layer(new, capacity, parent)
             graph = q.execute("x-debug-query-block-graph")
             names = {n["id"]: n["name"] for n in graph["nodes"]}
