@@ -238,6 +238,7 @@ class LunPool(VolumeDriver):
         self.thin_step = fmt.align_up(max(thin_step, table.sb.extent_size), table.sb.extent_size)
         self._full: dict[tuple[int, int], int] = {}
         self._swept = 0.0  # when abandoned slices were last looked for
+        self.leftover_age = LEFTOVER_AGE
         self._inflight: set[str] = set()  # layer ids (or volumes) being written by this host: never swept
         self.freeze_timeout = 10.0  # seconds the guest agent gets to freeze a live snapshot's filesystems
         self.watcher = ThinWatcher(self)
@@ -463,6 +464,20 @@ class LunPool(VolumeDriver):
             {"driver": "raw", "offset": rec.offset, "size": fmt.align_up(size, fmt.BLOCK), "file": self.protocol}
         )
 
+    def _make_volume(self, meta: VolMeta, head: SliceRecord, capacity: int, backing: SliceRecord | None) -> None:
+        """A new volume's head layer written into its slice, then its
+        metadata: from then on it exists. The slice is kept from the sweep
+        meanwhile, and released if either step fails."""
+        self._inflight.add(meta.uuid)
+        try:
+            self._new_layer(head, capacity, backing)
+            self._save(meta)
+        except BaseException:
+            self.table.release(head.slot)
+            raise
+        finally:
+            self._inflight.discard(meta.uuid)
+
     def _freeze_tracking(self, name: str) -> str:
         bm = qemu_img.info(name).bitmap(BITMAP)
         if bm is None:
@@ -558,15 +573,7 @@ class LunPool(VolumeDriver):
                 raise AlreadyExists(f"volume_uuid: volume {vol} exists in pool {self.pool_uuid}", field="volume_uuid")
             meta = VolMeta(uuid=vol, name=name, created_at=time.time())
             head = self.table.allocate(self._head_size(capacity), kind=fmt.LAYER, volume=vol, layer=vol)
-            self._inflight.add(vol)
-            try:
-                self._new_layer(head, capacity, None)
-                self._save(meta)
-            except BaseException:
-                self.table.release(head.slot)
-                raise
-            finally:
-                self._inflight.discard(vol)
+            self._make_volume(meta, head, capacity, None)
             log.info("volume created", extra={"pool": self.pool_uuid, "volume": vol, "slice": head.slot})
             return self._info(meta)
 
@@ -1111,15 +1118,7 @@ class LunPool(VolumeDriver):
                     parent_snapshot=s.uuid,
                     parent_file=s.uuid,
                 )
-                self._inflight.add(vol)
-                try:
-                    self._new_layer(head, capacity, layer)
-                    self._save(meta)
-                except BaseException:
-                    self.table.release(head.slot)
-                    raise
-                finally:
-                    self._inflight.discard(vol)
+                self._make_volume(meta, head, capacity, layer)
             s.clones.append(f"{self.pool_uuid}/{vol}")
             self._save(origin)
             log.info("linked clone created", extra={"volume": vol, "origin": origin.uuid, "snapshot": s.uuid})
@@ -1306,7 +1305,7 @@ class LunPool(VolumeDriver):
 
     def remove_leftovers(self) -> list[int]:
         """Release layer slices of volumes that have no metadata (a create or
-        copy that never committed), once older than LEFTOVER_AGE."""
+        copy that never committed), once older than leftover_age seconds."""
         try:
             self._must_own()
         except FailedPrecondition:
@@ -1321,7 +1320,7 @@ class LunPool(VolumeDriver):
                 and r.volume not in volumes
                 and r.layer not in self._inflight
                 and r.volume not in self._inflight
-                and time.time() - r.updated > LEFTOVER_AGE
+                and time.time() - r.updated > self.leftover_age
             ):
                 self.table.release(r.slot)
                 gone.append(r.slot)
