@@ -53,6 +53,23 @@ def table_of(dev: str) -> SliceTable:
     return SliceTable(PoolLun(LocalBlockDevice(dev, exclusive=False), LUN_POOL))
 
 
+def open_pool(lo, tmp):
+    """The pool driven in this process (no agent): formatted on lo, short
+    leases; the caller waits for the owner lease and closes it."""
+    from agent.volumes.lun.driver import LunPool
+
+    return LunPool.open(
+        LUN_POOL,
+        LocalBlockDevice(lo.dev, exclusive=False),
+        {"driver": "host_device", "filename": lo.dev},
+        host_uuid=str(uuid.uuid4()),
+        run_dir=str(tmp / "run"),
+        format_lun=True,
+        lease_timeout=2.0,
+        lease_io_timeout=0.1,
+    )
+
+
 @pytest.fixture
 def lun_agent(make_agent, loop):
     lo = loop(256 * MiB)
@@ -426,28 +443,16 @@ def test_4k_sector_lun_and_a_lun_that_grows(make_agent, loop):
         assert a.stop() == 0, a.log_text()
 
 
-def test_sweep_spares_copies_in_flight_and_abort_is_safe_twice(loop, short_tmp, monkeypatch):
+def test_sweep_spares_copies_in_flight_and_abort_is_safe_twice(loop, short_tmp):
     """The owner's sweep of abandoned slices never takes a restore or copy
     that is still being written (they run for hours), takes one whose
     writer is gone, and an abort called twice releases nothing else; a
     layer's geometry read before its slice grew is refused."""
-    from agent.volumes.lun import driver as lun_driver
-
     lo = loop(64 * MiB)
-    dev = LocalBlockDevice(lo.dev, exclusive=False)
-    pool = lun_driver.LunPool.open(
-        LUN_POOL,
-        dev,
-        {"driver": "host_device", "filename": lo.dev},
-        host_uuid=str(uuid.uuid4()),
-        run_dir=str(short_tmp / "run"),
-        format_lun=True,
-        lease_timeout=2.0,
-        lease_io_timeout=0.1,
-    )
+    pool = open_pool(lo, short_tmp)
     try:
         assert pool.membership.wait_owner(5)
-        monkeypatch.setattr(lun_driver, "LEFTOVER_AGE", -1)  # every slice counts as old
+        pool.leftover_age = -1  # every slice counts as old
         vol = str(uuid.uuid4())
         _, commit, abort = pool.new_volume_for_copy(vol, "copying", 8 * MiB)
         assert pool.remove_leftovers() == []  # in flight: kept
@@ -476,22 +481,12 @@ def test_repair_after_a_crash_in_a_live_snapshot(loop, short_tmp):
     snapshot back and frees the new slice, the VM's head untouched. After
     the switch: it finishes the renames. Either way the VM's data is whole
     and no slice a VM has open is freed."""
-    from agent.volumes.lun import driver as lun_driver
     from agent.volumes.qcow2.meta import SnapMeta
 
     from support.vms import Vm
 
     lo = loop(64 * MiB)
-    pool = lun_driver.LunPool.open(
-        LUN_POOL,
-        LocalBlockDevice(lo.dev, exclusive=False),
-        {"driver": "host_device", "filename": lo.dev},
-        host_uuid=str(uuid.uuid4()),
-        run_dir=str(short_tmp / "run"),
-        format_lun=True,
-        lease_timeout=2.0,
-        lease_io_timeout=0.1,
-    )
+    pool = open_pool(lo, short_tmp)
     vm = None
     try:
         assert pool.membership.wait_owner(5)
@@ -550,19 +545,8 @@ def test_a_reused_metadata_slice_never_shows_the_old_volume(loop, short_tmp):
     """A volume's metadata slice, released and given to the next volume,
     holds the next volume's tree only: the old document (valid checksum, a
     higher generation) is wiped and would be refused anyway."""
-    from agent.volumes.lun import driver as lun_driver
-
     lo = loop(64 * MiB)
-    pool = lun_driver.LunPool.open(
-        LUN_POOL,
-        LocalBlockDevice(lo.dev, exclusive=False),
-        {"driver": "host_device", "filename": lo.dev},
-        host_uuid=str(uuid.uuid4()),
-        run_dir=str(short_tmp / "run"),
-        format_lun=True,
-        lease_timeout=2.0,
-        lease_io_timeout=0.1,
-    )
+    pool = open_pool(lo, short_tmp)
     try:
         assert pool.membership.wait_owner(5)
         old = str(uuid.uuid4())

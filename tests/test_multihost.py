@@ -422,6 +422,17 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
     net.cut(victim, up=True)
 
 
+def agent_digest(agent, pool_uuid, volume_uuid, snapshot_uuid="") -> str:
+    """The image digest one host's agent computes of a volume or snapshot (a checksum job)."""
+    with agent.client() as ac:
+        job = ac.run(
+            f"sum-{uuid.uuid4()}",
+            checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid),
+        )
+        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
+        return job.checksum_result.image_digest
+
+
 def test_fleet_copies_a_backup_between_two_hosts_own_directories(fleet, short_tmp):
     """Host a's directory backup point to host b's, agents in their own
     network namespaces: no host serves both, so the copy runs on b, which
@@ -440,15 +451,7 @@ def test_fleet_copies_a_backup_between_two_hosts_own_directories(fleet, short_tm
     own = {n: short_tmp / f"own-{n}" for n in NAMES}
 
     def digest(name, pool_uuid, volume_uuid, snapshot_uuid=""):
-        with agents[name].client() as ac:
-            job = ac.run(
-                f"sum-{uuid.uuid4()}",
-                checksum=jobs_pb2.ChecksumSpec(
-                    pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid
-                ),
-            )
-            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-            return job.checksum_result.image_digest
+        return agent_digest(agents[name], pool_uuid, volume_uuid, snapshot_uuid)
 
     def own_pool(op, name):
         body = dict(seed_example("002", "/v1/pool/share/create"), pool_type=4, pool_name=f"own-{name}")
@@ -523,15 +526,7 @@ def test_fleet_shares_one_lun(fleet, short_tmp, loop):
     name_of = {u: n for n, u in host.items()}
 
     def digest(name, pool_uuid, volume_uuid, snapshot_uuid=""):
-        with agents[name].client() as ac:
-            job = ac.run(
-                f"sum-{uuid.uuid4()}",
-                checksum=jobs_pb2.ChecksumSpec(
-                    pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid
-                ),
-            )
-            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-            return job.checksum_result.image_digest
+        return agent_digest(agents[name], pool_uuid, volume_uuid, snapshot_uuid)
 
     def owner_of(pool_uuid, among):
         for n in among:
