@@ -68,20 +68,33 @@ def write_controller_config(
     return cfg
 
 
+class PortTaken(Exception):
+    """The controller could not bind a port picked free a moment before."""
+
+
 class Controller:
     def __init__(self, workdir: Path, db_url: str | None = None, *, grpc_listen: str = "", extra: str = ""):
         from support.cephcluster import free_port
 
-        self.port, self.grpc_port = free_port(), free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url or f"sqlite:///{workdir}/controller.sqlite3"
-        self.config = write_controller_config(workdir, self.port, db_url, self.grpc_port, grpc_listen, extra)
         self.log = workdir / "controller.log"
-        self.start()
+        # A port picked free can be taken by another process before the
+        # controller binds it: pick again (a caller's grpc_listen stays).
+        for attempt in range(3):
+            self.port, self.grpc_port = free_port(), free_port()
+            self.config = write_controller_config(workdir, self.port, db_url, self.grpc_port, grpc_listen, extra)
+            try:
+                self.start()
+                return
+            except PortTaken:
+                if attempt == 2:
+                    raise
 
     def start(self) -> None:
         """Start it (again: the same config, ports and database)."""
+        logged = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.controller.server", "-c", str(self.config)],
             stdout=open(self.log, "ab"),
@@ -90,7 +103,13 @@ class Controller:
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
+            if self.proc.poll() is not None:
+                with open(self.log, "rb") as f:
+                    f.seek(logged)
+                    said = f.read().decode(errors="replace")
+                if "address already in use" in said.lower():
+                    raise PortTaken(said)
+                raise AssertionError(self.log.read_text())
             try:
                 httpx.get(f"{self.url}/openapi.json", timeout=1)
                 return
