@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -75,6 +77,7 @@ class S3Store(ObjectStore):
         timeout: float = 30.0,
         part_size: int = 16 << 20,
         max_attempts: int = 8,
+        outage: float = 60.0,
         label: str = "",
     ):
         self.endpoint, self.bucket = endpoint, bucket
@@ -85,6 +88,7 @@ class S3Store(ObjectStore):
         self.region = region or "us-east-1"
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.outage = outage
         self._local = threading.local()
 
     # ---- the client ----
@@ -120,6 +124,28 @@ class S3Store(ObjectStore):
             self._local.client = c
         return c
 
+    def ride_outage(self, what: str, call: Callable[[], Any]) -> Any:
+        """call() again while the gateway does not answer at all (connection
+        refused or dropped, after botocore's own retries), for up to
+        `outage` seconds from the first such failure: a gateway restart
+        takes longer than botocore's backoff covers. An answer with an
+        error code is final at once."""
+        deadline, delay = 0.0, 1.0
+        while True:
+            try:
+                return call()
+            except Exception as e:  # noqa: BLE001 - botocore's errors
+                now = time.monotonic()
+                deadline = deadline or now + self.outage
+                if _code(e) or now >= deadline:
+                    raise
+                log.warning(
+                    "the gateway does not answer; trying again",
+                    extra={"backup_point": self.label, "object": what, "error": type(e).__name__},
+                )
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 10.0)
+
     def key(self, name: str) -> str:
         check_object_name(name)
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -153,7 +179,10 @@ class S3Store(ObjectStore):
     def publish(self, name: str, data: bytes, *, durable: bool = True, create_only: bool = False) -> None:
         kw = {"IfNoneMatch": "*"} if create_only else {}
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=bytes(data), **kw)
+            body = bytes(data)
+            self.ride_outage(
+                name, lambda: self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=body, **kw)
+            )
         except Exception as e:  # noqa: BLE001 - botocore's errors, mapped in one place
             raise self.error(f"cannot write {name}", e) from None
 
@@ -428,9 +457,13 @@ class _S3Writer(ObjectWriter):
         c, s = self.store.client, self.store
         try:
             if not self.upload_id:
-                self.upload_id = c.create_multipart_upload(Bucket=s.bucket, Key=self.key)["UploadId"]
+                up = s.ride_outage(self.name, lambda: c.create_multipart_upload(Bucket=s.bucket, Key=self.key))
+                self.upload_id = up["UploadId"]
             n = len(self.parts) + 1
-            r = c.upload_part(Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n, Body=part)
+            r = s.ride_outage(
+                self.name,
+                lambda: c.upload_part(Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=n, Body=part),
+            )
             self.parts.append({"PartNumber": n, "ETag": r["ETag"]})
         except Exception as e:  # noqa: BLE001
             self.abort()
@@ -446,8 +479,11 @@ class _S3Writer(ObjectWriter):
             self._send(bytes(self.buf))
             self.buf = bytearray()
         try:
-            s.client.complete_multipart_upload(
-                Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts}
+            s.ride_outage(
+                self.name,
+                lambda: s.client.complete_multipart_upload(
+                    Bucket=s.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts}
+                ),
             )
         except Exception as e:  # noqa: BLE001
             self.abort()
@@ -503,6 +539,7 @@ def discover(
             region=region,
             timeout=timeout,
             max_attempts=2,
+            outage=0.0,
             label=endpoint + (f" bucket {bucket}" if bucket else ""),
         )
         s.noun = "S3 endpoint"
