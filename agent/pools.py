@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from agent.attached import AttachedDefinitions
 from agent.config import Config, PoolSection, host_uuid
@@ -16,10 +17,15 @@ from agent.paths import resolve_under_roots
 from agent.volumes.base import VolumeDriver, check_uuid
 from agent.volumes.qcow2 import Qcow2Pool
 
+if TYPE_CHECKING:
+    from agent.volumes.lun.peers import Peers
+
 
 class PoolRegistry:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, peers: Peers | None = None):
+        """peers: how a shared LUN pool reaches the other hosts that share it."""
         self.cfg = cfg
+        self.peers = peers
         roots = list(cfg.agent.roots) + [p.path for p in cfg.pools.values() if p.path]
         self.allowed_roots = roots
         self._lock = threading.Lock()
@@ -90,6 +96,7 @@ class PoolRegistry:
                     thin=pc.thin,
                     thin_step=pc.thin_step,
                     address=self.cfg.controller.advertise or self.cfg.grpc.tcp_listen,
+                    peers=self.peers,
                 )
             except BaseException:
                 if "password-secret" in protocol:

@@ -75,6 +75,8 @@ class Agent:
             host_pb2_grpc,
             jobs_pb2,
             jobs_pb2_grpc,
+            sharedpool_pb2,
+            sharedpool_pb2_grpc,
             volumes_pb2,
             volumes_pb2_grpc,
         )
@@ -89,12 +91,17 @@ class Agent:
         from agent.pools import PoolRegistry
         from agent.services.backups import BackupService
         from agent.services.common import Auth
+        from agent.services.fleet import FleetChannels
+        from agent.services.forward import OwnerForward
         from agent.services.host import HostService
         from agent.services.jobs import JobService
+        from agent.services.pool_peers import PoolPeers
+        from agent.services.sharedpool import SharedPoolService
         from agent.services.volumes import VolumeService
 
         cfg = self.cfg
-        pools = PoolRegistry(cfg)
+        fleet = FleetChannels(cfg.grpc)
+        pools = PoolRegistry(cfg, peers=PoolPeers(fleet))
         points = BackupPoints(cfg)
         exports = Exports(points, cfg.agent.run_dir)
         kinds = [
@@ -126,7 +133,10 @@ class Agent:
         host_pb2_grpc.add_HostServiceServicer_to_server(
             HostService(engine, auth, self.binding_status, cfg, pools), server
         )
-        volumes_pb2_grpc.add_VolumeServiceServicer_to_server(VolumeService(pools, engine, auth), server)
+        volumes_pb2_grpc.add_VolumeServiceServicer_to_server(
+            VolumeService(pools, engine, auth, OwnerForward(fleet)), server
+        )
+        sharedpool_pb2_grpc.add_SharedPoolServiceServicer_to_server(SharedPoolService(pools, auth), server)
         backups_pb2_grpc.add_BackupServiceServicer_to_server(BackupService(points, engine, auth, exports), server)
         health_servicer = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -135,6 +145,7 @@ class Agent:
             host_pb2.DESCRIPTOR.services_by_name["HostService"].full_name,
             volumes_pb2.DESCRIPTOR.services_by_name["VolumeService"].full_name,
             backups_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name,
+            sharedpool_pb2.DESCRIPTOR.services_by_name["SharedPoolService"].full_name,
         ]
         reflection.enable_server_reflection(
             [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server

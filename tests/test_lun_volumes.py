@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 
@@ -17,7 +18,7 @@ import pytest
 
 from agent.api.v1 import jobs_pb2
 from agent.api.v1 import volumes_pb2 as v
-from agent.errors import FailedPrecondition, HasDependents
+from agent.errors import FailedPrecondition, HasDependents, TargetUnreachable
 from agent.stores.blockdev import LocalBlockDevice
 from agent.volumes.lun.table import PoolLun, SliceTable
 
@@ -38,12 +39,13 @@ def lun_section(dev: str, host: str, *, fmt: bool = True) -> str:
 def owned(bk: Bk, timeout: float = 10.0) -> None:
     """Wait until the agent holds the pool's owner lease (it creates a probe volume)."""
     deadline = time.monotonic() + timeout
+    vid = ""
     while True:
         try:
-            vid = bk.create(capacity=MiB, name="probe").uuid
+            vid = vid or bk.create(capacity=MiB, name="probe").uuid
             bk.call("DeleteVolume", volume_uuid=vid)
             return
-        except FailedPrecondition:
+        except (FailedPrecondition, TargetUnreachable):  # not the owner yet; a dead owner's host lease lapsing
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
@@ -189,7 +191,16 @@ def test_second_host_reads_and_takes_over(make_agent, loop):
             a.proc.send_signal(signal.SIGKILL)
             a.proc.wait()
             owned(other, timeout=15)  # after the 2 s lease timeout
-            s2 = other.snap(vid, "s2").uuid
+            # a's host lease still looks live (2 x its timeout by its last stamp), and a gave no
+            # address to ask whether its VMs hold the head: the snapshot waits until it lapses
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    s2 = other.snap(vid, "s2").uuid
+                    break
+                except TargetUnreachable as e:
+                    assert "cannot be asked" in e.message and time.monotonic() < deadline
+                    time.sleep(0.2)
             assert other.digest(vid, s2) == d1
             recs = [r for r in table_of(lo.dev).records() if r.used]
             assert {r.layer for r in recs if r.kind == 1} == {vid, s1, s2}
@@ -503,7 +514,7 @@ def test_repair_after_a_crash_in_a_live_snapshot(loop, short_tmp):
             if switch:
                 from agent.hypervisor.qmp import Qmp
 
-                with Qmp(pool.watcher.users(head.offset)[0], timeout=10) as q:
+                with Qmp(pool.watcher.slice_users([head.offset])[0][1], timeout=10) as q:
                     pool.watcher.switch_to_overlays(q, [(head, tmp, "bf-dirty")])
             return snap
 
@@ -515,7 +526,7 @@ def test_repair_after_a_crash_in_a_live_snapshot(loop, short_tmp):
         pool._repair(pool._meta(vol))
         layers = {r.layer: r for r in pool.table.used() if r.kind == 1}
         assert set(layers) == {vol, kept} and layers[vol].parent == kept
-        assert pool.watcher.users(layers[vol].offset)  # the head the table names is the VM's top
+        assert pool.watcher.slice_users([layers[vol].offset])  # the head the table names is the VM's top
         vm.flush(0)
         vm.quit()
         vm = None
@@ -688,3 +699,111 @@ def snapshot_name(dev: str, snap: str) -> str:
         return {"driver": "qcow2", "file": raw, "backing": node(layers[rec.parent]) if rec.parent else None}
 
     return "json:" + json.dumps(node(layers[snap]))
+
+
+def test_a_vm_on_another_host_is_seen_snapshotted_live_and_grown(make_agent, loop, short_tmp, pki):
+    """Two hosts on one LUN, the metadata owner in a PID namespace of its
+    own (it sees only its own processes, as on another machine), a running
+    qemu-system on the other host. The owner asks that host which VMs hold
+    a head: a delete of the VM's volume is refused IN_USE naming the VM and
+    its host; live snapshots (asked of the owner, and of the VM's host,
+    which passes them on) are switched by the VM's host in one QMP
+    transaction; a thin head grows in place through the owner while the
+    VM writes, and a boxed-in one moves (the owner's new slice, this host's
+    mirror). Every snapshot holds exactly what was written before it."""
+    from agent import native
+
+    from support.agents import REPO
+    from support.cephcluster import free_port
+    from support.vms import Vm
+
+    lo = loop(256 * MiB)
+    token = "fleet-token-for-the-lun-hosts"
+
+    def host(name: str, fmt: bool):
+        port = free_port()
+        tls = (
+            f'tcp_listen = "127.0.0.1:{port}"\ntls_cert = "{pki}/server.pem"\ntls_key = "{pki}/server.key"\n'
+            f'tls_client_ca = "{pki}/ca.pem"\nauth_token = "{token}"\n'
+        )
+        section = lun_section(lo.dev, str(uuid.uuid4()), fmt=fmt).replace(
+            "[controller]\n", f'[controller]\nadvertise = "localhost:{port}"\n'
+        )
+        a = make_agent(tls + section + f"thin = true\nthin_step = {4 * MiB}\n", name=name)
+        a.config.chmod(0o600)
+        return a
+
+    owner = host("owner", True)
+    owner.prefix = [sys.executable, str(REPO / "tests" / "support" / "pidns.py")]
+    owner.start()
+    other = host("vmhost", False).start()
+    vm = None
+    try:
+        with owner.client() as oc, other.client() as vc:
+            n, b = Bk(owner, oc), Bk(other, vc)
+            n.pool = b.pool = LUN_POOL
+            owned(n)
+            boxed = n.create(capacity=32 * MiB, name="boxed").uuid
+            neighbour = n.create(capacity=8 * MiB, name="neighbour").uuid
+            vid = n.create(capacity=32 * MiB, name="elsewhere").uuid
+            heads = {r.volume: r for r in table_of(lo.dev).used() if r.kind == 1}
+            start = heads[vid]
+            assert start.size < 8 * MiB and heads[neighbour].offset == heads[boxed].end  # thin; boxed in
+            paths = [n.call("GetVolume", volume_uuid=x).access_path for x in (vid, boxed)]
+            vm = Vm(short_tmp, paths, name="onb", werror="enospc")
+            vm.write(0, 0x11, 0, 2 * MiB)
+            vm.flush(0)
+            # the owner cannot see the VM itself: it asked the other host
+            refused = rpc_error(n.call, "DeleteVolume", volume_uuid=vid).details()
+            assert "IN_USE" in refused and "onb" in refused and "host " in refused, refused
+            s1 = n.snap(vid, "s1")
+            assert s1.consistency == "crash"  # switched by the VM's host (no guest agent)
+            # the VM writes its new top; past the first slice's end: grown in place by the owner
+            for i in range(8):
+                vm.write(0, 0x20 + i, 4 * MiB + i * MiB, MiB)
+                deadline = time.monotonic() + 20
+                while head_size(lo.dev, vid) < (i + 1) * MiB + 2 * MiB:
+                    assert time.monotonic() < deadline, ("the slice did not grow", other.log_text()[-3000:])
+                    time.sleep(0.1)
+            vm.flush(0)
+            s2 = b.snap(vid, "s2")  # asked of the VM's host: passed on to the owner, switched back here
+            assert s2.consistency == "crash"
+            vm.write(0, 0x33, 20 * MiB, MiB)
+            vm.flush(0)
+            # the boxed-in head: the owner gives a new slice, this host mirrors into it
+            for i in range(8):
+                vm.write(1, 0x60 + i, i * MiB, MiB)
+                deadline = time.monotonic() + 20
+                while head_size(lo.dev, boxed) < (i + 1) * MiB + 2 * MiB:
+                    assert time.monotonic() < deadline, ("the slice did not move", other.log_text()[-3000:])
+                    time.sleep(0.1)
+            vm.flush(1)
+            layers = {r.layer: r for r in table_of(lo.dev).used() if r.kind == 1}
+            assert layers[vid].parent == s2.uuid and layers[s2.uuid].parent == s1.uuid
+            assert layers[s1.uuid].offset == start.offset and layers[s2.uuid].size >= 10 * MiB
+            assert n.changed(vid, s2.uuid, s1.uuid) == [(4 * MiB, 8 * MiB)]
+            vm.quit()
+            vm = None
+
+            def ref(*pieces):
+                img = bytearray(32 * MiB)
+                for pattern, off, length in pieces:
+                    img[off : off + length] = bytes([pattern]) * length
+                h = native.RefImageHash()
+                h.update(bytes(img))
+                return h.digest().hex()
+
+            first = [(0x11, 0, 2 * MiB)]
+            grown = [(0x20 + i, 4 * MiB + i * MiB, MiB) for i in range(8)]
+            assert n.digest(vid, s1.uuid) == b.digest(vid, s1.uuid) == ref(*first)
+            assert n.digest(vid, s2.uuid) == ref(*first, *grown)
+            assert b.digest(vid) == ref(*first, *grown, (0x33, 20 * MiB, MiB))
+            end = {r.volume: r for r in table_of(lo.dev).used() if r.kind == 1 and r.layer == r.volume}
+            assert end[boxed].offset != heads[boxed].offset and end[neighbour] == heads[neighbour]  # moved
+            assert n.digest(boxed) == ref(*[(0x60 + i, i * MiB, MiB) for i in range(8)])
+            n.call("DeleteVolume", volume_uuid=vid, force=True)  # the VM is gone: nothing holds it now
+    finally:
+        if vm is not None:
+            vm.kill()
+        assert other.stop() == 0, other.log_text()
+        assert owner.stop() == 0, owner.log_text()

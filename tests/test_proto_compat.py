@@ -20,7 +20,7 @@ GOLDEN = Path(__file__).with_name("golden") / "proto-v1.json"
 
 
 def snapshot() -> dict:
-    from agent.api.v1 import backups_pb2, host_pb2, jobs_pb2, registry_pb2, volumes_pb2
+    from agent.api.v1 import backups_pb2, host_pb2, jobs_pb2, registry_pb2, sharedpool_pb2, volumes_pb2
 
     out: dict = {"messages": {}, "enums": {}, "services": {}}
 
@@ -39,7 +39,7 @@ def snapshot() -> dict:
         for e in d.enum_types:
             out["enums"][e.full_name] = {v.name: v.number for v in e.values}
 
-    for mod in (backups_pb2, host_pb2, jobs_pb2, registry_pb2, volumes_pb2):
+    for mod in (backups_pb2, host_pb2, jobs_pb2, registry_pb2, sharedpool_pb2, volumes_pb2):
         fd = mod.DESCRIPTOR
         for d in fd.message_types_by_name.values():
             message(d)

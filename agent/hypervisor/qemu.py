@@ -88,9 +88,14 @@ def _vm_name(argv: tuple[str, ...]) -> str:
 
 
 class QemuVm(RunningVm):
+    @staticmethod
+    def name_of(pid: int, argv: tuple[str, ...], qmp_path: str) -> str:
+        """What errors and logs call a qemu process: its -name, else its pid."""
+        return _vm_name(argv) or (f"qemu pid {pid}" if pid else f"qemu at {qmp_path}")
+
     def __init__(self, qmp: Qmp, pid: int, argv: tuple[str, ...]):
         self.qmp, self.pid, self.argv = qmp, pid, argv
-        self.name = _vm_name(argv) or (f"qemu pid {pid}" if pid else f"qemu at {qmp.path}")
+        self.name = self.name_of(pid, argv, qmp.path)
         self.ident = os.path.realpath(qmp.path)
         self._disks: list[VmDisk] | None = None
 

@@ -50,20 +50,18 @@ def snapshot_to_pb(s: SnapshotInfo) -> volumes_pb2.Snapshot:
 
 
 class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
-    def __init__(self, pools: PoolRegistry, engine: JobEngine, auth: Auth, forward: OwnerForward | None = None):
+    def __init__(self, pools: PoolRegistry, engine: JobEngine, auth: Auth, forward: OwnerForward):
         self.pools = pools
         self.engine = engine
         self.auth = auth
-        self.forward = forward or OwnerForward(pools.cfg.grpc)
+        self.forward = forward
 
-    def _owners(self, pool, method: str, request, *, head: bool = True):
+    def _owners(self, pool, method: str, request):
         """A shared pool's change asked of a host that is not its owner:
-        the answer of the owner's agent (None: ours to make). head: the
-        change touches the volume's head, so this host's VMs are asked first."""
+        the answer of the owner's agent (None: ours to make). The owner
+        asks every host, this one too, whether its VMs have the head open."""
         if not self.forward.wanted(pool):
             return None
-        if head:
-            pool.check_not_in_use(request.volume_uuid)  # a VM here the owner cannot see
         return self.forward.call(pool, method, request)
 
     def _exclusive(self, request):
@@ -137,7 +135,7 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
     @rpc
     def CreateVolume(self, request, context):
         pool = self.pools.get(request.pool_uuid)
-        if (answer := self._owners(pool, "CreateVolume", request, head=False)) is not None:
+        if (answer := self._owners(pool, "CreateVolume", request)) is not None:
             return answer
         with self._exclusive(request):
             return volume_to_pb(

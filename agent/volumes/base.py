@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from agent.errors import InvalidArgument, OutOfRange
+from agent.errors import Busy, InvalidArgument, OutOfRange
 from agent.extents import Extent
 from agent.hypervisor.base import RunningVm
 
@@ -182,14 +182,19 @@ class VolumeDriver(ABC):
     _locks_guard = threading.Lock()
 
     @contextmanager
-    def _locked(self, vol: str):
+    def _locked(self, vol: str, wait: float = -1):
         """Serialise changes of one volume's metadata inside this agent (the
-        job engine's resource locks keep jobs apart; this keeps RPC threads apart)."""
+        job engine's resource locks keep jobs apart; this keeps RPC threads
+        apart). wait: seconds at most (BUSY after), else as long as it takes."""
         with VolumeDriver._locks_guard:
             locks = self.__dict__.setdefault("_volume_locks", {})
             lock = locks.setdefault(vol, threading.RLock())
-        with lock:
+        if not lock.acquire(timeout=wait):
+            raise Busy(f"volume_uuid: volume {vol} is being changed; try again", field="volume_uuid")
+        try:
             yield
+        finally:
+            lock.release()
 
     @abstractmethod
     def create_volume(

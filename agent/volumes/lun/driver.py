@@ -45,6 +45,7 @@ from agent import procs
 from agent.errors import (
     AlreadyExists,
     BlockferryError,
+    Busy,
     DataCorrupt,
     FailedPrecondition,
     HasDependents,
@@ -52,6 +53,7 @@ from agent.errors import (
     InvalidArgument,
     NoSpace,
     NotFound,
+    TargetUnreachable,
     TrackingLost,
 )
 from agent.extents import AllocExtent, Extent, merge_extents
@@ -77,7 +79,9 @@ from agent.volumes.base import (
 )
 from agent.volumes.lun import format as fmt
 from agent.volumes.lun.format import SliceRecord
+from agent.volumes.lun.leases import live_hosts
 from agent.volumes.lun.membership import Membership
+from agent.volumes.lun.peers import Geometry, Peers, SliceUse
 from agent.volumes.lun.table import PoolLun, SliceTable, format_pool, read_superblock
 from agent.volumes.lun.thin import ThinWatcher
 from agent.volumes.nbd import NbdSnapshotReader, QemuNbd
@@ -91,6 +95,7 @@ from agent.volumes.qemu_objects import with_objects
 log = logging.getLogger("agent.lun")
 
 LEFTOVER_AGE = 600  # seconds before a slice no volume names counts as abandoned
+MOVE_TIMEOUT = 600  # seconds a running head's move may hold off the volume's snapshots
 _META_HEAD = struct.Struct("<8sQII")  # magic, generation, length, crc32 of the JSON
 _META_MAGIC = b"BFVMETA1"
 
@@ -141,6 +146,7 @@ class LunPool(VolumeDriver):
         thin: bool = False,
         thin_step: int = 1 << 30,
         address: str = "",
+        peers: Peers | None = None,
     ) -> LunPool:
         """The pool on an opened block device (agent.stores.blockdev: a
         local device, or an iSCSI LUN through libiscsi) that qemu reaches
@@ -178,6 +184,7 @@ class LunPool(VolumeDriver):
             thin_step=thin_step,
         )
         member.on_lost = pool._lease_lost
+        pool.peers = peers
         pool.membership = member.start()
         if thin:
             pool.watcher.start()
@@ -242,6 +249,8 @@ class LunPool(VolumeDriver):
         self._inflight: set[str] = set()  # layer ids (or volumes) being written by this host: never swept
         self.freeze_timeout = 10.0  # seconds the guest agent gets to freeze a live snapshot's filesystems
         self.watcher = ThinWatcher(self)
+        self.peers: Peers | None = None  # the other hosts of the pool (agent/services/pool_peers.py)
+        self._moving: dict[str, float] = {}  # volume -> when a running head's move began (owner)
 
     def is_own_protocol(self, node: dict) -> bool:
         """Whether a qemu protocol node (as qemu reports it) is this pool's LUN."""
@@ -423,6 +432,165 @@ class LunPool(VolumeDriver):
                 field="pool_uuid",
             ) from None
 
+    # ---- the other hosts: who has a slice open, switches and moves asked of the owner ----
+
+    @property
+    def host_uuid(self) -> str:
+        return self.membership.host_uuid if self.membership is not None else ""
+
+    def _other_hosts(self) -> dict[str, str]:
+        """Host uuid -> agent address, for the other hosts with a live host lease."""
+        if self.membership is None:
+            return {}
+        return {h: r.address for h, r in live_hosts(self.table.lun).items() if h != self.host_uuid}
+
+    def local_slice_users(self, offsets: list[int]) -> list[SliceUse]:
+        """This host's running VMs with a node over these slices."""
+        out = []
+        for offset, sock, holder in self.watcher.slice_users(offsets):
+            out.append(SliceUse(self.host_uuid, offset, QemuVm.name_of(holder.pid, holder.argv, sock), sock))
+        return out
+
+    def slice_users(self, offsets: list[int]) -> list[SliceUse]:
+        """Every running VM with a node over these slices: this host's, and
+        those of every other host with a live lease (asked through its
+        agent). A live host that cannot be asked makes it unknowable:
+        TARGET_UNREACHABLE, and the change waits."""
+        out = self.local_slice_users(offsets)
+        for host, address in sorted(self._other_hosts().items()):
+            if self.peers is None or not address:
+                raise TargetUnreachable(
+                    f"pool_uuid: host {host} holds a live lease on pool {self.pool_uuid} but cannot be asked "
+                    "whether its VMs have the volume open (its agent gave no address, or this agent has no "
+                    "[grpc] tls_cert to reach it)",
+                    field="pool_uuid",
+                )
+            try:
+                out += self.peers.slice_users(address, self.pool_uuid, offsets)
+            except BlockferryError as e:
+                raise TargetUnreachable(
+                    f"pool_uuid: host {host} holds a live lease on pool {self.pool_uuid} but did not say whether "
+                    f"its VMs have the volume open: {e.message}",
+                    field="pool_uuid",
+                ) from None
+        return out
+
+    def slice_as_seen(self, g: Geometry, what: str) -> SliceRecord:
+        """The slice another host named, refused when it changed since."""
+        rec = self.table.records()[g.slot] if 0 <= g.slot < self.table.lun.sb.table_slots else None
+        if rec is None or not rec.used or (rec.generation, rec.offset, rec.size) != (g.generation, g.offset, g.size):
+            raise FailedPrecondition(
+                f"{what}: slice {g.slot} changed since it was read (generation {g.generation}): stale geometry",
+                field=what,
+            )
+        return rec
+
+    def switch_here(
+        self, qmp: str, switches: list[tuple[Geometry, Geometry, str]], *, freeze: bool, timeout: float
+    ) -> tuple[Freeze, float]:
+        """A live snapshot's switch in a VM on this host, which the owner
+        prepared (the new layers are written and in the table)."""
+        holder = self.watcher.vm(qmp)
+        if holder is None:
+            raise NotFound(f"qmp: no running VM on this host answers at {qmp}", field="qmp")
+        items = [(self.slice_as_seen(h, "head"), self.slice_as_seen(o, "overlay"), b) for h, o, b in switches]
+        return self._switch_frozen((qmp, holder), items, freeze, timeout)
+
+    def _moves_began(self, vol: str) -> bool:
+        began = self._moving.get(vol)
+        return began is not None and time.monotonic() - began < MOVE_TIMEOUT
+
+    def grow_running(self, rec: SliceRecord, size: int) -> SliceRecord | None:
+        """A running head's slice grown in place to size (None: boxed in).
+        Asked of the owner when this host is not it; the record as the table
+        has it now is returned (a snapshot or move may have changed it)."""
+        if not self.is_owner:
+            if self._owner_peers().grow(self.owner_address(), self.pool_uuid, Geometry.of(rec), size) == "boxed":
+                return None
+            return self.table.records()[rec.slot]
+        return self.grow_as_owner(rec, size)
+
+    def grow_as_owner(self, rec: SliceRecord, size: int) -> SliceRecord | None:
+        """The owner's part of grow_running. A volume being changed (a
+        snapshot asking the VM's host to switch) is not waited for: the
+        record comes back as it is, and the next pass tries again."""
+        try:
+            with self._locked(rec.volume, wait=1.0):
+                self._must_own()
+                now = self.table.records()[rec.slot]
+                if not now.used or now.layer != rec.volume or now.offset != rec.offset or now.size >= size:
+                    return now
+                try:
+                    return self.table.grow(rec.slot, size)
+                except NoSpace:
+                    return None
+        except Busy:
+            return self.table.records()[rec.slot]
+
+    def begin_move(self, rec: SliceRecord, size: int) -> SliceRecord | None:
+        """A new slice of size holding an empty layer over the running
+        head's parent, for the VM's host to mirror the head into (None: no
+        room anywhere). Snapshots of the volume wait until end_move."""
+        if not self.is_owner:
+            g = self._owner_peers().begin_move(self.owner_address(), self.pool_uuid, Geometry.of(rec), size)
+            return None if g is None else self.slice_as_seen(g, "target")
+        return self.begin_move_as_owner(rec, size)
+
+    def begin_move_as_owner(self, rec: SliceRecord, size: int) -> SliceRecord | None:
+        with self._locked(rec.volume):
+            self._must_own()
+            self.slice_as_seen(Geometry.of(rec), "head")
+            try:
+                new = self.table.allocate(
+                    size, kind=fmt.LAYER, volume=rec.volume, layer=f"{uuidlib.uuid4()}", parent=rec.parent
+                )
+            except NoSpace:
+                return None
+            self._moving[rec.volume] = time.monotonic()
+            try:
+                recs = self.table.records()
+                parent = next((r for r in recs if r.used and r.kind == fmt.LAYER and r.layer == rec.parent), None)
+                self._new_layer(new, self.capacity_of(rec), parent)
+            except BaseException:
+                self._moving.pop(rec.volume, None)
+                self.table.release(new.slot)
+                raise
+            return self.table.records()[new.slot]
+
+    def end_move(self, rec: SliceRecord, new: SliceRecord, *, done: bool) -> SliceRecord:
+        """The VM writes the new slice now (done: the old one is released and
+        the new one becomes the head), or the move failed (the new one is
+        released). Returns the head's record."""
+        if not self.is_owner:
+            self._owner_peers().end_move(
+                self.owner_address(), self.pool_uuid, Geometry.of(rec), Geometry.of(new), done=done
+            )
+            return self.table.records()[new.slot if done else rec.slot]
+        return self.end_move_as_owner(rec, new, done=done)
+
+    def end_move_as_owner(self, rec: SliceRecord, new: SliceRecord, *, done: bool) -> SliceRecord:
+        with self._locked(rec.volume):
+            self._must_own()
+            try:
+                self.slice_as_seen(Geometry.of(rec), "head")
+                self.slice_as_seen(Geometry.of(new), "target")
+                if not done:
+                    self.table.release(new.slot)
+                    return self.table.records()[rec.slot]
+                self.table.release(rec.slot)
+                return self.table.update(new.slot, layer=rec.volume)
+            finally:
+                self._moving.pop(rec.volume, None)
+
+    def _owner_peers(self) -> Peers:
+        if self.peers is None or not self.owner_address():
+            raise FailedPrecondition(
+                f"pool_uuid: this host is not the metadata owner of pool {self.pool_uuid} and cannot ask the owner "
+                "(no address, or no [grpc] tls_cert here)",
+                field="pool_uuid",
+            )
+        return self.peers
+
     # ---- layers ----
 
     def _measure(self, capacity: int) -> tuple[int, int]:
@@ -491,7 +659,7 @@ class LunPool(VolumeDriver):
     def _repair(self, meta: VolMeta) -> None:
         """Finish or undo what a crash interrupted: slices of the volume
         whose layer id is neither the head's nor a snapshot's. What a
-        running VM on this host has open decides for live operations: a VM
+        running VM (on any host of the pool) has open decides for live operations: a VM
         that switched to the new slice (a live snapshot, a move) rolls the
         operation forward, one that did not rolls it back, and a slice a VM
         has open is never released."""
@@ -502,12 +670,12 @@ class LunPool(VolumeDriver):
             recs = self.table.records()
             head = next((r for r in recs if r.used and r.kind == fmt.LAYER and r.layer == meta.uuid), None)
             by_layer = {r.layer for r in recs if r.used and r.kind == fmt.LAYER}
-            t_open = bool(self.watcher.users(t.offset))
+            t_open = bool(self.slice_users([t.offset]))
             p = t.parent
             s = meta.snapshot(p) if p else None
             if s is not None and p not in by_layer and head is not None:
                 # a snapshot whose metadata was saved; its layer is still named the head
-                if not t_open and self.watcher.users(head.offset):
+                if not t_open and self.slice_users([head.offset]):
                     # a running VM never switched to the new layer: the snapshot is taken back
                     meta.snapshots.remove(s)
                     meta.head_parent = s.parent
@@ -518,7 +686,7 @@ class LunPool(VolumeDriver):
                 self.table.update(head.slot, layer=p)
                 head = None
                 log.warning("finished an interrupted snapshot", extra={"volume": meta.uuid, "snapshot": p})
-            head_open = head is not None and bool(self.watcher.users(head.offset))
+            head_open = head is not None and bool(self.slice_users([head.offset]))
             if (p or None) == meta.head_parent and head_open and t_open:
                 # a move whose mirror has not switched the VM yet: neither slice may go
                 log.error(
@@ -762,11 +930,12 @@ class LunPool(VolumeDriver):
             for vol in sorted(vols):
                 stack.enter_context(self._locked(vol))
             items = [self._set_item(r) for r in requests]
-            vms = {it.user[0]: it.user for it in items if it.user}
+            vms = {(it.user.host, it.user.qmp): it.user for it in items if it.user}
             if len(vms) > 1:
                 raise InUse("snapshots: the volumes are open in different VMs; take one set per VM", field="snapshots")
             made: list[_Item] = []
             frozen, switch_ms = Freeze(consistency="offline"), 0.0
+            remote = False  # a switch asked of another host: its outcome may be unknown on failure
             try:
                 for it in items:
                     made.append(it)
@@ -774,11 +943,28 @@ class LunPool(VolumeDriver):
                 for it in items:
                     self._commit_meta(it, "crash" if it.user else "offline")
                 if vms:
-                    live = [it for it in items if it.user]
-                    frozen, switch_ms = self._switch_frozen(next(iter(vms.values())), live, freeze, freeze_timeout)
+                    user = next(iter(vms.values()))
+                    live = [(it.head, it.tmp, it.bitmap) for it in items if it.user]
+                    if user.host == self.host_uuid or not user.host:
+                        holder = self.watcher.vm(user.qmp)
+                        if holder is None:
+                            raise InUse(f"volume_uuid: the VM at {user.qmp} went away", field="volume_uuid")
+                        frozen, switch_ms = self._switch_frozen((user.qmp, holder), live, freeze, freeze_timeout)
+                    else:
+                        remote = True
+                        frozen, switch_ms = self._switch_remote(user, live, freeze, freeze_timeout)
             except BaseException:
-                for it in made:
-                    self._undo(it)
+                if remote:  # the VM may have switched: what it has open decides (_repair)
+                    for it in made:
+                        try:
+                            self._repair(it.meta)
+                        except BlockferryError as e:
+                            log.error(
+                                "a failed live snapshot is left for repair: %s", e, extra={"volume": it.meta.uuid}
+                            )
+                else:
+                    for it in made:
+                        self._undo(it)
                 raise
             for it in items:
                 if it.user and frozen.consistency != it.snap.consistency:
@@ -803,10 +989,14 @@ class LunPool(VolumeDriver):
                 f"snapshot_name: volume {meta.uuid} has a snapshot named {r.name!r}", field="snapshot_name"
             )
         head = self._rec(self.table.records(), meta.uuid)
-        users = self.watcher.user_vms(head.offset)
+        self._not_moving(meta.uuid)
+        users = self.slice_users([head.offset])
         if len(users) > 1:
             raise InUse(
-                f"volume_uuid: volume {meta.uuid} is open in {len(users)} VMs on this host", field="volume_uuid"
+                f"volume_uuid: volume {meta.uuid} is open in {len(users)} VMs ("
+                + ", ".join(f"{u.vm} on host {u.host}" for u in users)
+                + ")",
+                field="volume_uuid",
             )
         return _Item(r, meta, head, users[0] if users else None)
 
@@ -861,7 +1051,26 @@ class LunPool(VolumeDriver):
         if it.frozen_tracking and it.tracking == TRACKING_OK:
             qemu_img.bitmap(self._top(self.table.records(), it.meta.uuid), "enable", BITMAP)
 
-    def _switch_frozen(self, user: tuple, items: list[_Item], freeze: bool, timeout: float) -> tuple[Freeze, float]:
+    def _switch_remote(
+        self, user: SliceUse, items: list[tuple[SliceRecord, SliceRecord, str]], freeze: bool, timeout: float
+    ) -> tuple[Freeze, float]:
+        """The switch done by the VM's host, which this owner asks."""
+        address = self._other_hosts().get(user.host, "")
+        if self.peers is None or not address:
+            raise TargetUnreachable(
+                f"volume_uuid: the VM {user.vm} runs on host {user.host}, which cannot be asked to switch it",
+                field="volume_uuid",
+            )
+        switches = [(Geometry.of(h), Geometry.of(n), b) for h, n, b in items]
+        frozen, ms = self.peers.switch(
+            address, self.pool_uuid, user.qmp, switches, freeze=freeze, timeout=timeout or self.freeze_timeout
+        )
+        log.info("live snapshot switched on another host", extra={"host": user.host, "vm": user.vm})
+        return frozen, ms
+
+    def _switch_frozen(
+        self, user: tuple, items: list[tuple[SliceRecord, SliceRecord, str]], freeze: bool, timeout: float
+    ) -> tuple[Freeze, float]:
         """The VM's switch to the new layers with its guest's filesystems
         frozen through qemu-guest-agent when it answers (else crash-
         consistent, saying why), on one QMP connection (a qemu takes one
@@ -870,7 +1079,7 @@ class LunPool(VolumeDriver):
         with Qmp(sock, timeout=30) as q:
             vm = QemuVm(q, holder.pid, holder.argv)
             with vm.frozen(timeout=timeout or self.freeze_timeout, wanted=freeze) as frozen:
-                switch_ms = self.watcher.switch_to_overlays(q, [(it.head, it.tmp, it.bitmap) for it in items])
+                switch_ms = self.watcher.switch_to_overlays(q, items)
         if frozen.reason:
             log.info("live snapshot not frozen: %s", frozen.reason, extra={"vm": vm.name})
         return frozen, switch_ms
@@ -1225,14 +1434,25 @@ class LunPool(VolumeDriver):
         meta = self._meta(volume_uuid)
         self._idle(meta.uuid, self._rec(self.table.records(), meta.uuid), "this")
 
+    def _not_moving(self, vol: str) -> None:
+        if self._moves_began(vol):
+            raise Busy(
+                f"volume_uuid: volume {vol}'s running head is being moved to a larger slice; try again when "
+                "the move ends",
+                field="volume_uuid",
+            )
+
     def _idle(self, vol: str, head: SliceRecord, what: str) -> None:
-        """IN_USE when a running VM on this host has the head open (layers
-        are opened with locking off, so the agent asks this host's qemus)."""
-        users = self.watcher.users(head.offset)
+        """IN_USE when a running VM on any host of the pool has the head open
+        (layers are opened with locking off, so the hosts ask their qemus)."""
+        self._not_moving(vol)
+        users = self.slice_users([head.offset])
         if users:
+            u = users[0]
+            where = "this host" if u.host == self.host_uuid else f"host {u.host}"
             raise InUse(
-                f"volume_uuid: volume {vol} is open in a running VM on this host (QMP {users[0]}): stop it "
-                f"before {what} operation (snapshots of running VMs on shared LUN pools are not served yet)",
+                f"volume_uuid: volume {vol} is open in the running VM {u.vm} on {where} (QMP {u.qmp}): stop it "
+                f"before {what} operation, or snapshot it live",
                 field="volume_uuid",
             )
 
@@ -1330,7 +1550,7 @@ class LunPool(VolumeDriver):
 class _Item:
     """One volume of a snapshot set while the set is taken."""
 
-    def __init__(self, req: SnapshotRequest, meta: VolMeta, head: SliceRecord, user: tuple | None):
+    def __init__(self, req: SnapshotRequest, meta: VolMeta, head: SliceRecord, user: SliceUse | None):
         self.req, self.meta, self.head, self.user = req, meta, head, user
         self.tmp: SliceRecord | None = None
         self.snap: SnapMeta | None = None

@@ -174,15 +174,21 @@ class DeltaLease:
 
 
 def host_lease(
-    lun: PoolLun, host_uuid: str, *, timeout: float = DEFAULT_TIMEOUT, io_timeout: float = DEFAULT_IO_TIMEOUT
+    lun: PoolLun,
+    host_uuid: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    io_timeout: float = DEFAULT_IO_TIMEOUT,
+    address: str = "",
 ) -> DeltaLease:
     """This host's id lease, acquired: the id it held before, else the first
-    free one."""
+    free one. address: where this host's agent answers (the owner asks it
+    which of its VMs use a slice)."""
     blocks = [(i, LeaseRecord.unpack(lun.read_block(fmt.lease_offset(i)))) for i in range(1, fmt.LEASE_BLOCKS)]
     mine = [i for i, r in blocks if r is not None and r.owner == host_uuid]
     free = [i for i, r in blocks if r is not None and r.free]
     for index in mine[:1] + free:
-        lease = DeltaLease(lun, index, host_uuid, timeout=timeout, io_timeout=io_timeout)
+        lease = DeltaLease(lun, index, host_uuid, timeout=timeout, io_timeout=io_timeout, address=address)
         try:
             # our own old id may still look alive after a restart: wait it out
             lease.acquire(wait=index in mine)

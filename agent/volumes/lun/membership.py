@@ -41,6 +41,7 @@ class Membership:
         self.timeout = timeout
         self.io_timeout = io_timeout
         self.candidate = candidate
+        self.address = address
         self.on_lost = on_lost or (lambda why: None)
         self.host: DeltaLease | None = None
         self._stop = threading.Event()
@@ -79,7 +80,9 @@ class Membership:
         while not self._stop.is_set():
             try:
                 if self.host is None:
-                    self.host = host_lease(self.lun, self.host_uuid, timeout=self.timeout, io_timeout=self.io_timeout)
+                    self.host = host_lease(
+                        self.lun, self.host_uuid, timeout=self.timeout, io_timeout=self.io_timeout, address=self.address
+                    )
                     self.keeper.add(self.host)
                     log.info("%s: joined as host id %d", self.what, self.host.index)
             except Exception as e:  # noqa: BLE001 - the LUN may be unreachable for a while; keep trying

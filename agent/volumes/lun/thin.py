@@ -3,11 +3,12 @@ moved under a running qemu, a live snapshot's switch, and pausing.
 
 A thin head starts in a small slice. For every running qemu on this host
 whose block graph holds a raw node over one of the pool's head slices, the
-watcher (one pass per second, by the pool's metadata owner) sets a write
+watcher (one pass per second, on every host of the pool) sets a write
 threshold on that raw node, `headroom` bytes before the slice's end. When
 qemu reports it crossed (the node's write_threshold drops back to 0), or
 the node's highest write (query-blockstats) is already past it, the slice
-is grown in place in the table and the raw node reopened with the larger
+is grown in place in the table (by the metadata owner, which other hosts
+ask over the network) and the raw node reopened with the larger
 size (blockdev-reopen: about 1 ms), or, when the next slice is in the way,
 the running layer is mirrored into a larger slice elsewhere; a VM that
 paused on ENOSPC in the meantime (its disk configured werror=enospc) is
@@ -25,10 +26,9 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
-from agent.errors import BlockferryError, NoSpace, StorageIOError
+from agent.errors import BlockferryError, StorageIOError
 from agent.hypervisor.holders import Holder, qemu_processes, qmp_socket
 from agent.hypervisor.qmp import Qmp
 from agent.volumes.lun import format as fmt
@@ -105,8 +105,7 @@ class ThinWatcher:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if self.pool.membership is None or self.pool.membership.is_owner:
-                    self.tick()
+                self.tick()
             except Exception as e:  # noqa: BLE001 - one bad VM or a LUN hiccup must not stop the watcher
                 log.warning("thin provisioning pass failed: %s", e)
 
@@ -171,24 +170,19 @@ class ThinWatcher:
 
     def _grow(self, q: Qmp, node: str, child: str, rec: SliceRecord) -> SliceRecord:
         """The head's slice one step larger: in place, else the running
-        layer moved to a larger slice by a mirror job (under the volume's
-        lock: no snapshot renames the slice meanwhile)."""
-        with self.pool._locked(rec.volume):
-            now = self.pool.table.records()[rec.slot]
-            if not now.used or now.layer != rec.volume or now.offset != rec.offset:
-                return now  # a snapshot or a move changed it: the next pass looks again
-            rec = now
-            want = min(self.pool.full_size(rec), rec.size + self.pool.thin_step)
-            if want <= rec.size:
-                return rec
-            try:
-                rec = self.pool.table.grow(rec.slot, want)
-            except NoSpace:
-                return self._move(q, node, rec, want)
-            self._reopen(q, node, child, rec)
-            self.grown += 1
-            log.info("slice grown under a running VM", extra={"volume": rec.volume, "size": rec.size})
+        layer moved to a larger slice by a mirror job. The table's part is
+        the metadata owner's (asked over the network from other hosts)."""
+        want = min(self.pool.full_size(rec), rec.size + self.pool.thin_step)
+        if want <= rec.size:
             return rec
+        now = self.pool.grow_running(rec, want)
+        if now is None:
+            return self._move(q, node, rec, want)
+        if now.used and now.layer == rec.volume and now.offset == rec.offset and now.size > rec.size:
+            self._reopen(q, node, child, now)
+            self.grown += 1
+            log.info("slice grown under a running VM", extra={"volume": now.volume, "size": now.size})
+        return now  # or as a snapshot or move left it: the next pass looks again
 
     def _move(self, q: Qmp, node: str, rec: SliceRecord, size: int) -> SliceRecord:
         """Mirror a running head into a new slice of size bytes (sync=top:
@@ -196,21 +190,14 @@ class ThinWatcher:
         VM to it, then release the old slice. With no room anywhere, the
         slice stays full (said once) and the VM's write waits paused."""
         pool = self.pool
-        try:
-            new = pool.table.allocate(
-                size, kind=fmt.LAYER, volume=rec.volume, layer=f"{uuid.uuid4()}", parent=rec.parent
-            )
-        except NoSpace as e:
+        new = pool.begin_move(rec, size)
+        if new is None:
             if (rec.slot, rec.generation) not in self._boxed:  # said once per slice
                 self._boxed.add((rec.slot, rec.generation))
-                log.error("a running layer's slice is full and cannot move: %s", e, extra={"volume": rec.volume})
+                log.error("a running layer's slice is full and cannot move", extra={"volume": rec.volume})
             return rec
         tag = f"bf{new.slot}g{new.generation}"
         try:
-            recs = pool.table.records()
-            parent = next((r for r in recs if r.used and r.kind == fmt.LAYER and r.layer == rec.parent), None)
-            capacity = pool.capacity_of(rec)
-            pool._new_layer(new, capacity, parent)
             graph = q.execute("x-debug-query-block-graph")
             names = {n["id"]: n["name"] for n in graph["nodes"]}
             ids = {v: k for k, v in names.items()}
@@ -239,15 +226,14 @@ class ThinWatcher:
             q.execute("job-complete", {"id": job})
             _wait_job(q, job, ready=False)
         except BaseException:
-            pool.table.release(new.slot)
+            pool.end_move(rec, new, done=False)
             raise
         for old in (top, node):  # the old slice's nodes, if the VM named them
             try:
                 q.execute("blockdev-del", {"node-name": old})
             except BlockferryError:
                 pass
-        pool.table.release(rec.slot)
-        moved = pool.table.update(new.slot, layer=rec.volume)
+        moved = pool.end_move(rec, new, done=True)
         self.grown += 1
         log.info(
             "running layer moved to a larger slice",
@@ -261,22 +247,25 @@ class ThinWatcher:
             {"options": [{"driver": "raw", "node-name": node, "file": child, "offset": rec.offset, "size": rec.size}]},
         )
 
-    def users(self, offset: int) -> list[str]:
-        """The QMP sockets of this host's VMs with a node over the slice that
-        starts at offset (its layers are opened with locking off, so no lock
-        can tell)."""
-        return [sock for sock, _ in self.user_vms(offset)]
-
-    def user_vms(self, offset: int) -> list[tuple[str, Holder]]:
+    def slice_users(self, offsets: list[int]) -> list[tuple[int, str, Holder]]:
+        """(offset, QMP socket, process) of this host's VMs with a node over
+        the slices that start at these offsets (layers are opened with
+        locking off, so no lock can tell)."""
+        wanted = set(offsets)
         out = []
         for sock, h in self._vms():
             try:
                 with Qmp(sock, timeout=5) as q:
-                    if any(o == offset for _, _, o, _, _ in _raw_nodes(q, self.pool.is_own_protocol)):
-                        out.append((sock, h))
+                    held = {o for _, _, o, _, _ in _raw_nodes(q, self.pool.is_own_protocol)}
             except BlockferryError as e:
                 log.debug("could not ask the VM at %s: %s", sock, e)
+                continue
+            out += [(o, sock, h) for o in sorted(held & wanted)]
         return out
+
+    def vm(self, sock: str) -> Holder | None:
+        """The qemu process on this host whose QMP socket this is."""
+        return next((h for s, h in self._vms() if s == sock), None)
 
     def switch_to_overlays(self, q: Qmp, items: list[tuple[SliceRecord, SliceRecord, str]]) -> float:
         """A live snapshot's switch in the VM q reaches, for every (head,
