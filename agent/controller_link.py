@@ -150,6 +150,7 @@ class ControllerLink:
                     available_bytes=st.available_bytes,
                     reason=st.error if st.status != "healthy" else "",
                     metadata_owner=st.owner,
+                    live_hosts=list(st.hosts),
                 )
             except Exception as e:
                 report = r.PoolReport(pool_uuid=pool.pool_uuid, type=pool.kind, status="unreachable", reason=_why(e))

@@ -607,3 +607,10 @@ def test_fleet_shares_one_lun(fleet, short_tmp, loop):
         ).json()["data"]["volume"]
         assert set(vol2["AccessPath"]) >= {new_owner}
         assert {digest(n, pid, vol["UUID"], snap["UUID"]) for n in alive} == want
+        # AvailHosts: the hosts that see the LUN and hold a live host lease; the dead host's lapses
+        get = dict(seed_example("002", "/v1/pool/share/get"), pool_uuid=pid, cluster_uuid=cluster_uuid)
+        eventually(
+            lambda: sorted(check_ok(op.post("/v1/pool/share/get", json=get))["pool"]["AvailHosts"]),
+            lambda hosts: hosts == sorted(host[n] for n in alive),
+            timeout=20,
+        )

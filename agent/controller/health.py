@@ -51,6 +51,7 @@ class HostReport:
     available_bytes: int
     seen_at: float
     online: bool
+    live_hosts: tuple[str, ...] = ()  # a shared LUN pool: the hosts with a live lease, as this host read them
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Health:
     available_bytes: int
     seen_at: float  # the newest online report's time (0: none)
     reports: tuple[HostReport, ...]
+    live_hosts: frozenset[str] | None = None  # a shared LUN pool: live leases, by the freshest report (None: unknown)
 
     def to_json(self) -> dict:
         return {
@@ -111,7 +113,9 @@ def judge(reports: list[HostReport], now: float) -> Health:
         state = "degraded"
     else:
         state = next((s for s in _WORST_FIRST if any(r.status == s for r in bad)), "unreachable")
-    return Health(state, why, total, available, seen, tuple(reports))
+    leases = [(r.seen_at, r.live_hosts) for r in online if r.live_hosts]
+    live = frozenset(max(leases)[1]) if leases else None
+    return Health(state, why, total, available, seen, tuple(reports), live)
 
 
 def _reports_of(hosts: list[Host], key: str, field: str, dead_after: int, now: float) -> dict[str, list[HostReport]]:
@@ -132,6 +136,7 @@ def _reports_of(hosts: list[Host], key: str, field: str, dead_after: int, now: f
                     available_bytes=int(rep.get("available_bytes") or 0),
                     seen_at=h.last_seen,
                     online=online,
+                    live_hosts=tuple(rep.get("live_hosts") or ()),
                 )
             )
     return out

@@ -40,6 +40,7 @@ def _pool_reports(items) -> str:
                 "total_bytes": x.total_bytes,
                 "available_bytes": x.available_bytes,
                 "metadata_owner": x.metadata_owner,
+                "live_hosts": list(x.live_hosts),
             }
             for x in items
         ]

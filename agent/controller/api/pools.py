@@ -164,7 +164,7 @@ def to_seed(p: Pool, caller: Caller, health: Health) -> dict:
         "Ctime": p.ctime,
         "Mtime": p.mtime,
         "VolumeTotalCount": 0,
-        "AvailHosts": json.loads(p.avail_hosts_json) or None,
+        "AvailHosts": _avail_hosts(p, health) or None,
         "Volumes": None,
         "Capacity": p.capacity,
         "ShareNsUUIDs": None,
@@ -188,6 +188,15 @@ def _wrap(pool: dict | None, cluster: str, tenant: str = "") -> dict:
         "tenant_name": "",
         "PoolTypes": None,
     }
+
+
+def _avail_hosts(p: Pool, health: Health) -> list[str]:
+    """The hosts that serve the pool; for a shared LUN, those of them that
+    hold a live host lease on it, as the freshest heartbeat read the leases."""
+    hosts = json.loads(p.avail_hosts_json)
+    if p.kind == "lun" and health.live_hosts is not None:
+        hosts = [h for h in hosts if h in health.live_hosts]
+    return hosts
 
 
 def _health(request: Request, pool_uuid: str) -> Health:

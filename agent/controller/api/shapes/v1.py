@@ -404,6 +404,7 @@ class HostPoolReport(Shape):
     total_bytes: int = 0
     available_bytes: int = 0
     metadata_owner: str = ""  # a shared LUN pool: the host holding its metadata owner lease
+    live_hosts: list[str] = []  # a shared LUN pool: the hosts holding a live host id lease
 
 
 class HostBackupPointReport(Shape):
