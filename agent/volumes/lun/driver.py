@@ -48,7 +48,6 @@ from agent.errors import (
     Busy,
     DataCorrupt,
     FailedPrecondition,
-    HasDependents,
     InUse,
     InvalidArgument,
     NoSpace,
@@ -88,7 +87,7 @@ from agent.volumes.nbd import NbdSnapshotReader, QemuNbd
 from agent.volumes.qcow2 import qemu_img
 from agent.volumes.qcow2.bitmap import dirty_extents
 from agent.volumes.qcow2.direct import open_mapped_ranges
-from agent.volumes.qcow2.driver import BITMAP, GRANULARITY, Qcow2OverwriteTarget, Qcow2RestoreTarget
+from agent.volumes.qcow2.driver import BITMAP, GRANULARITY, Qcow2OverwriteTarget, Qcow2RestoreTarget, freeze_tracking
 from agent.volumes.qcow2.meta import TRACKING_LOST, TRACKING_OK, SnapMeta, VolMeta
 from agent.volumes.qemu_objects import with_objects
 
@@ -402,11 +401,7 @@ class LunPool(VolumeDriver):
         self._write_meta(rec, meta, gen)
 
     def _snap(self, meta: VolMeta, snap: str) -> SnapMeta:
-        snap = check_uuid(snap, "snapshot_uuid")
-        s = meta.snapshot(snap)
-        if s is None:
-            raise NotFound(f"snapshot_uuid: no snapshot {snap} on volume {meta.uuid}", field="snapshot_uuid")
-        return s
+        return meta.snap(check_uuid(snap, "snapshot_uuid"))
 
     def settle_owner(self) -> None:
         """Wait out an election in progress: no host holds the owner lease
@@ -646,16 +641,6 @@ class LunPool(VolumeDriver):
         finally:
             self._inflight.discard(meta.uuid)
 
-    def _freeze_tracking(self, name: str) -> str:
-        bm = qemu_img.info(name).bitmap(BITMAP)
-        if bm is None:
-            return TRACKING_LOST
-        if not bm.consistent:
-            qemu_img.bitmap(name, "remove", BITMAP)
-            return TRACKING_LOST
-        qemu_img.bitmap(name, "disable", BITMAP)
-        return TRACKING_OK
-
     def _repair(self, meta: VolMeta) -> None:
         """Finish or undo what a crash interrupted: slices of the volume
         whose layer id is neither the head's nor a snapshot's. What a
@@ -749,20 +734,7 @@ class LunPool(VolumeDriver):
         self._must_own()
         with self._locked(volume_uuid):
             meta = self._meta(volume_uuid)
-            clones = [c for s in meta.snapshots for c in s.clones]
-            if clones and not force:
-                raise HasDependents(
-                    f"volume_uuid: volume {meta.uuid} has linked clones "
-                    f"{', '.join(c.split('/')[1] for c in clones)}; flatten or delete them first, "
-                    "or delete with force (which flattens them)",
-                    field="volume_uuid",
-                )
-            if meta.snapshots and not force:
-                names = ", ".join(f"{s.name} ({s.uuid})" for s in meta.snapshots)
-                raise HasDependents(
-                    f"volume_uuid: volume {meta.uuid} has snapshots {names}; delete them first, or delete with force",
-                    field="volume_uuid",
-                )
+            clones = meta.clones_blocking_delete(force)
         for clone in clones:
             self.flatten(clone.split("/")[1])
         with self._locked(volume_uuid):
@@ -1011,7 +983,7 @@ class LunPool(VolumeDriver):
                 it.tracking = TRACKING_LOST
         else:
             it.frozen_tracking = True
-            if self._freeze_tracking(head_name) != TRACKING_OK:
+            if freeze_tracking(head_name) != TRACKING_OK:
                 it.tracking = TRACKING_LOST
         it.tmp = self.table.allocate(
             self._head_size(info.virtual_size),
@@ -1116,12 +1088,7 @@ class LunPool(VolumeDriver):
             meta = self._meta(volume_uuid)
             self._repair(meta)
             s = self._snap(meta, snapshot_uuid)
-            if s.clones:
-                raise HasDependents(
-                    f"snapshot_uuid: snapshot {s.name} ({s.uuid}) has linked clones "
-                    f"{', '.join(c.split('/')[1] for c in s.clones)}; flatten or delete them first",
-                    field="snapshot_uuid",
-                )
+            s.check_no_clones()
             recs = self.table.records()
             layer = self._rec(recs, s.uuid)
             new_parent = s.parent or self._bottom_parent(meta)
@@ -1208,19 +1175,6 @@ class LunPool(VolumeDriver):
             with srv.connect() as c:
                 return c.allocation()
 
-    def _path_to(self, meta: VolMeta, snap: str, since: str) -> list[SnapMeta]:
-        path, cur = [], self._snap(meta, snap)
-        while True:
-            path.append(cur)
-            if cur.parent == since:
-                return path
-            if cur.parent is None:
-                raise FailedPrecondition(
-                    f"since_snapshot_uuid: snapshot {since} is not an ancestor of snapshot {snap}",
-                    field="since_snapshot_uuid",
-                )
-            cur = self._snap(meta, cur.parent)
-
     def changed_extents(self, volume_uuid: str, snapshot_uuid: str, since_snapshot_uuid: str | None) -> ChangedExtents:
         meta = self._meta(volume_uuid)
         self._snap(meta, snapshot_uuid)
@@ -1228,7 +1182,7 @@ class LunPool(VolumeDriver):
             data = [Extent(e.start, e.length) for e in self.data_extents(volume_uuid, snapshot_uuid) if not e.zero]
             return ChangedExtents(data, exact=True, granularity=GRANULARITY)
         since = self._snap(meta, since_snapshot_uuid).uuid
-        layers = self._path_to(meta, snapshot_uuid, since)
+        layers = meta.path_to(snapshot_uuid, since)
         lost = [s for s in layers if s.tracking != TRACKING_OK]
         if lost:
             raise TrackingLost(

@@ -55,7 +55,6 @@ from agent.errors import (
     AlreadyExists,
     BlockferryError,
     FailedPrecondition,
-    HasDependents,
     InUse,
     InvalidArgument,
     NotFound,
@@ -102,6 +101,24 @@ DIRECT_RESTORE_MAX = 1 << 40
 
 BITMAP = "bf-dirty"
 GRANULARITY = 65536
+
+
+def freeze_tracking(path: str) -> str:
+    """Disable a layer's bitmap as it becomes a snapshot; an inconsistent
+    or missing bitmap is removed and the layer is marked lost. path: a file,
+    or a json: image name (a shared pool's slice)."""
+    bm = qemu_img.info(path).bitmap(BITMAP)
+    if bm is None:
+        return TRACKING_LOST
+    if not bm.consistent:
+        log.warning(
+            "dirty bitmap inconsistent (qemu-nbd or qemu was killed?); change tracking lost for this layer",
+            extra={"path": path},
+        )
+        qemu_img.bitmap(path, "remove", BITMAP)
+        return TRACKING_LOST
+    qemu_img.bitmap(path, "disable", BITMAP)
+    return TRACKING_OK
 
 
 def _disk_usage(fs: PoolFiles, path: str) -> int:
@@ -265,11 +282,7 @@ class Qcow2Pool(VolumeDriver):
         save(self.fs, self.meta_path(meta.uuid), meta)
 
     def _snap(self, meta: VolMeta, snap: str) -> SnapMeta:
-        snap = check_uuid(snap, "snapshot_uuid")
-        s = meta.snapshot(snap)
-        if s is None:
-            raise NotFound(f"snapshot_uuid: no snapshot {snap} on volume {meta.uuid}", field="snapshot_uuid")
-        return s
+        return meta.snap(check_uuid(snap, "snapshot_uuid"))
 
     def layer_path(self, meta: VolMeta, snap: str | None) -> str:
         """The file whose chain shows a snapshot (or the live state for None)."""
@@ -295,22 +308,6 @@ class Qcow2Pool(VolumeDriver):
         qemu_img.create(tmp, capacity, backing=backing, backing_format=backing_format)
         qemu_img.bitmap(tmp, "add", BITMAP)
         self.fs.rename(tmp, path)
-
-    def _freeze_tracking(self, path: str) -> str:
-        """Disable a layer's bitmap as it becomes a snapshot; an inconsistent
-        or missing bitmap is removed and the layer is marked lost."""
-        bm = qemu_img.info(path).bitmap(BITMAP)
-        if bm is None:
-            return TRACKING_LOST
-        if not bm.consistent:
-            log.warning(
-                "dirty bitmap inconsistent (qemu-nbd or qemu was killed?); change tracking lost for this layer",
-                extra={"path": path},
-            )
-            qemu_img.bitmap(path, "remove", BITMAP)
-            return TRACKING_LOST
-        qemu_img.bitmap(path, "disable", BITMAP)
-        return TRACKING_OK
 
     def _head_tracking(self, meta: VolMeta, info: qemu_img.ImageInfo) -> str:
         """Whether the live state's changes are tracked, from the head's info."""
@@ -362,27 +359,10 @@ class Qcow2Pool(VolumeDriver):
             log.info("volume created", extra={"pool": self.pool_uuid, "volume": vol, "capacity": capacity})
             return self._info(meta)
 
-    def _dependents(self, meta: VolMeta) -> list[str]:
-        """Linked clones of the volume's snapshots, as "pool/volume"."""
-        return [c for s in meta.snapshots for c in s.clones]
-
     def delete_volume(self, volume_uuid: str, force: bool = False) -> None:
         with self._locked(volume_uuid):
             meta = self._meta(volume_uuid)
-            clones = self._dependents(meta)
-            if clones and not force:
-                raise HasDependents(
-                    f"volume_uuid: volume {meta.uuid} has linked clones "
-                    f"{', '.join(c.split('/')[1] for c in clones)}; "
-                    "flatten or delete them first, or delete with force (which flattens them)",
-                    field="volume_uuid",
-                )
-            if meta.snapshots and not force:
-                names = ", ".join(f"{s.name} ({s.uuid})" for s in meta.snapshots)
-                raise HasDependents(
-                    f"volume_uuid: volume {meta.uuid} has snapshots {names}; delete them first, or delete with force",
-                    field="volume_uuid",
-                )
+            clones = meta.clones_blocking_delete(force)
             qemu_img.ensure_not_in_use(self.head_path(meta.uuid))
         for clone in clones:  # force: keep the clones alive on their own
             pool, vol = clone.split("/")
@@ -436,7 +416,7 @@ class Qcow2Pool(VolumeDriver):
             created_at=meta.created_at,
             parent_volume=meta.parent_volume,
             parent_snapshot=meta.parent_snapshot,
-            children=tuple(c.split("/")[1] for c in self._dependents(meta)),
+            children=tuple(c.split("/")[1] for c in meta.linked_clones()),
             format="qcow2",
             tracking=self._head_tracking(meta, info),
         )
@@ -631,7 +611,7 @@ class Qcow2Pool(VolumeDriver):
         """An idle volume's snapshot: the head becomes the layer, a new head
         grows from it. Returns the layer's tracking."""
         capacity = qemu_img.info(head).virtual_size
-        tracking = self._freeze_tracking(head)
+        tracking = freeze_tracking(head)
         self.fs.rename(head, layer)
         try:
             self._new_layer(head, capacity, layer, "qcow2")
@@ -724,13 +704,7 @@ class Qcow2Pool(VolumeDriver):
         with self._locked(volume_uuid):
             meta = self._meta(volume_uuid)
             s = self._snap(meta, snapshot_uuid)
-            if s.clones:
-                raise HasDependents(
-                    f"snapshot_uuid: snapshot {s.name} ({s.uuid}) has linked clones "
-                    f"{', '.join(c.split('/')[1] for c in s.clones)}; flatten or delete them "
-                    "first",
-                    field="snapshot_uuid",
-                )
+            s.check_no_clones()
             layer = self.snap_path(meta.uuid, s.uuid)
             new_backing, new_fmt = self._backing_of(meta, s.parent)
             children = [(c, self.snap_path(meta.uuid, c.uuid)) for c in meta.children_of(s.uuid)]
@@ -896,20 +870,6 @@ class Qcow2Pool(VolumeDriver):
             with srv.connect() as c:
                 return c.allocation()
 
-    def _path_to(self, meta: VolMeta, snap: str, since: str | None) -> list[SnapMeta]:
-        """Snapshot layers on the tree path (since, snap], newest first."""
-        path, cur = [], self._snap(meta, snap)
-        while True:
-            path.append(cur)
-            if cur.parent == since:
-                return path
-            if cur.parent is None:
-                raise FailedPrecondition(
-                    f"since_snapshot_uuid: snapshot {since} is not an ancestor of snapshot {snap}",
-                    field="since_snapshot_uuid",
-                )
-            cur = meta.snapshot(cur.parent)
-
     def changed_extents(self, volume_uuid: str, snapshot_uuid: str, since_snapshot_uuid: str | None) -> ChangedExtents:
         meta = self._meta(volume_uuid)
         self._snap(meta, snapshot_uuid)
@@ -924,7 +884,7 @@ class Qcow2Pool(VolumeDriver):
             meta = self._meta(volume_uuid)
             self._snap(meta, snapshot_uuid)
             since = self._snap(meta, since_snapshot_uuid).uuid
-            layers = self._path_to(meta, snapshot_uuid, since)
+            layers = meta.path_to(snapshot_uuid, since)
             lost = [s for s in layers if s.tracking != TRACKING_OK]
             if lost:
                 raise TrackingLost(

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from agent.errors import StorageIOError
+from agent.errors import FailedPrecondition, HasDependents, NotFound, StorageIOError
 
 META_VERSION = 1
 TRACKING_OK = "ok"
@@ -29,6 +29,15 @@ class SnapMeta:
     consistency: str = ""  # application, crash or offline (hypervisor/freeze.py); "" from before it was kept
     vm_definition: str = ""  # the VM that held it, to start it again (RunningVm.definition)
     clones: list[str] = field(default_factory=list)  # linked clone volume uuids
+
+    def check_no_clones(self) -> None:
+        """HAS_DEPENDENTS while linked clones grow from this snapshot."""
+        if self.clones:
+            raise HasDependents(
+                f"snapshot_uuid: snapshot {self.name} ({self.uuid}) has linked clones "
+                f"{', '.join(c.split('/')[1] for c in self.clones)}; flatten or delete them first",
+                field="snapshot_uuid",
+            )
 
 
 @dataclass
@@ -52,6 +61,50 @@ class VolMeta:
 
     def children_of(self, uuid: str | None) -> list[SnapMeta]:
         return [s for s in self.snapshots if s.parent == uuid]
+
+    def snap(self, uuid: str) -> SnapMeta:
+        """The snapshot, or NOT_FOUND naming the volume."""
+        s = self.snapshot(uuid)
+        if s is None:
+            raise NotFound(f"snapshot_uuid: no snapshot {uuid} on volume {self.uuid}", field="snapshot_uuid")
+        return s
+
+    def path_to(self, snap: str, since: str | None) -> list[SnapMeta]:
+        """Snapshot layers on the tree path (since, snap], newest first."""
+        path, cur = [], self.snap(snap)
+        while True:
+            path.append(cur)
+            if cur.parent == since:
+                return path
+            if cur.parent is None:
+                raise FailedPrecondition(
+                    f"since_snapshot_uuid: snapshot {since} is not an ancestor of snapshot {snap}",
+                    field="since_snapshot_uuid",
+                )
+            cur = self.snap(cur.parent)
+
+    def linked_clones(self) -> list[str]:
+        """The linked clones of the volume's snapshots, as "pool/volume"."""
+        return [c for s in self.snapshots for c in s.clones]
+
+    def clones_blocking_delete(self, force: bool) -> list[str]:
+        """The linked clones a forced delete flattens; unforced,
+        HAS_DEPENDENTS while there are clones or snapshots."""
+        clones = self.linked_clones()
+        if clones and not force:
+            raise HasDependents(
+                f"volume_uuid: volume {self.uuid} has linked clones "
+                f"{', '.join(c.split('/')[1] for c in clones)}; flatten or delete them first, "
+                "or delete with force (which flattens them)",
+                field="volume_uuid",
+            )
+        if self.snapshots and not force:
+            names = ", ".join(f"{s.name} ({s.uuid})" for s in self.snapshots)
+            raise HasDependents(
+                f"volume_uuid: volume {self.uuid} has snapshots {names}; delete them first, or delete with force",
+                field="volume_uuid",
+            )
+        return clones
 
 
 def load(fs, path: str) -> VolMeta:
