@@ -36,6 +36,23 @@ def lun_section(dev: str, host: str, *, fmt: bool = True) -> str:
     )
 
 
+FLEET_TOKEN = "fleet-token-for-the-lun-hosts"
+
+
+def fleet_host(section: str, pki) -> str:
+    """A pool section made a fleet host's: a TCP listener with mutual TLS
+    and the fleet's token, advertised in its leases (the hosts of a pool
+    ask each other which VMs use a volume, and pass changes to the owner)."""
+    from support.cephcluster import free_port
+
+    port = free_port()
+    tls = (
+        f'tcp_listen = "127.0.0.1:{port}"\ntls_cert = "{pki}/server.pem"\ntls_key = "{pki}/server.key"\n'
+        f'tls_client_ca = "{pki}/ca.pem"\nauth_token = "{FLEET_TOKEN}"\n'
+    )
+    return tls + section.replace("[controller]\n", f'[controller]\nadvertise = "localhost:{port}"\n', 1)
+
+
 def owned(bk: Bk, timeout: float = 10.0) -> None:
     """Wait until the agent holds the pool's owner lease (it creates a probe volume)."""
     deadline = time.monotonic() + timeout
@@ -208,16 +225,25 @@ def test_second_host_reads_and_takes_over(make_agent, loop):
         assert b.stop() == 0, b.log_text()
 
 
-def test_volumes_and_backups_on_an_iscsi_lun(make_agent, iscsi_lun, tgt_server):
+def test_volumes_and_backups_on_an_iscsi_lun(make_agent, iscsi_lun, tgt_server, pki):
     """The same pool on a tgtd LUN: the table and leases through libiscsi,
-    the layers through qemu's iscsi driver (user space, no kernel session)."""
+    the layers through qemu's iscsi driver (user space, no kernel session).
+    A second host on the same LUN reads the same data, and its snapshot is
+    passed on to the owner."""
     t = iscsi_lun(128 * MiB)
-    section = (
-        f'[controller]\nhost_uuid = "{uuid.uuid4()}"\n[pools.{LUN_POOL}]\ntype = "lun"\nip = "127.0.0.1"\n'
-        f'port = {tgt_server.port}\ntarget = "{t.lun.iqn}"\nlun = 1\nformat_lun = true\n'
-        "lease_timeout = 2.0\nlease_io_timeout = 0.1\n"
-    )
-    a = make_agent(section).start()
+
+    def section(fmt: bool) -> str:
+        return fleet_host(
+            f'[controller]\nhost_uuid = "{uuid.uuid4()}"\n[pools.{LUN_POOL}]\ntype = "lun"\nip = "127.0.0.1"\n'
+            f'port = {tgt_server.port}\ntarget = "{t.lun.iqn}"\nlun = 1\nformat_lun = {str(fmt).lower()}\n'
+            "lease_timeout = 2.0\nlease_io_timeout = 0.1\n",
+            pki,
+        )
+
+    a = make_agent(section(True))
+    a.config.chmod(0o600)
+    a.start()
+    b = None
     try:
         with a.client() as c:
             n = Bk(a, c)
@@ -242,7 +268,18 @@ def test_volumes_and_backups_on_an_iscsi_lun(make_agent, iscsi_lun, tgt_server):
             assert full.image_digest == n.digest(vol, s1)
             with open(t.lun.file, "rb") as f:
                 assert f.read(8) == b"BFSHPOOL"  # the target's own file holds the pool
+            b = make_agent(section(False), name="b")
+            b.config.chmod(0o600)
+            b.start()
+            with b.client() as cb:
+                other = Bk(b, cb)
+                other.pool = LUN_POOL
+                assert other.digest(vol, s2) == inc.image_digest  # its own iSCSI sessions, the same bytes
+                s3 = other.snap(vol, "s3").uuid  # passed on to the owner
+                assert other.digest(vol, s3) == n.digest(vol, s3) == n.digest(vol)
     finally:
+        if b is not None:
+            assert b.stop() == 0, b.log_text()
         assert a.stop() == 0, a.log_text()
 
 
@@ -714,22 +751,13 @@ def test_a_vm_on_another_host_is_seen_snapshotted_live_and_grown(make_agent, loo
     from agent import native
 
     from support.agents import REPO
-    from support.cephcluster import free_port
     from support.vms import Vm
 
     lo = loop(256 * MiB)
-    token = "fleet-token-for-the-lun-hosts"
 
     def host(name: str, fmt: bool):
-        port = free_port()
-        tls = (
-            f'tcp_listen = "127.0.0.1:{port}"\ntls_cert = "{pki}/server.pem"\ntls_key = "{pki}/server.key"\n'
-            f'tls_client_ca = "{pki}/ca.pem"\nauth_token = "{token}"\n'
-        )
-        section = lun_section(lo.dev, str(uuid.uuid4()), fmt=fmt).replace(
-            "[controller]\n", f'[controller]\nadvertise = "localhost:{port}"\n'
-        )
-        a = make_agent(tls + section + f"thin = true\nthin_step = {4 * MiB}\n", name=name)
+        section = lun_section(lo.dev, str(uuid.uuid4()), fmt=fmt) + f"thin = true\nthin_step = {4 * MiB}\n"
+        a = make_agent(fleet_host(section, pki), name=name)
         a.config.chmod(0o600)
         return a
 
