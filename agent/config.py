@@ -48,6 +48,17 @@ class AgentSection:
         "/sys", "Where sysfs is, for FC HBA and device discovery (change only for tests or containers)."
     )
     dev_root: str = option("/dev", "Where /dev is, for /dev/disk/by-id (change only for tests or containers).")
+    fence_command: list[str] = option(
+        [],
+        "The fence command of the shared LUN pools (type lun) whose own fence_command is empty, "
+        "including pools the controller attaches: see the pool option.",
+        factory=True,
+    )
+    iscsi_initiator: str = option(
+        "",
+        "This host's iSCSI initiator name (iqn.YYYY-MM.domain:name), for its own sessions and its VMs' "
+        "on shared LUN pools; empty: iqn.2026-11.io.blockferry:<hostname>.",
+    )
 
 
 @dataclass
@@ -233,10 +244,19 @@ class PoolSection:
     thin: bool = option(
         False,
         "lun: new heads start in a small slice that grows while VMs write (a write threshold per "
-        "running VM's disk, watched by the metadata owner; VMs' disks should use werror=enospc); "
+        "running VM's disk, watched on each VM's host; VMs' disks should use werror=enospc); "
         "false: every layer gets its full size up front.",
     )
     thin_step: int = option(1 << 30, "lun, thin: bytes a thin slice starts with (above its metadata) and grows by.")
+    fence_command: list[str] = option(
+        [],
+        "lun: argv (no shell) the metadata owner runs to cut a host off the LUN when its host lease "
+        "lapses unreleased (its agent died; its VMs may still write): it gets BLOCKFERRY_POOL, "
+        "BLOCKFERRY_FENCE_HOST (the host uuid) and BLOCKFERRY_FENCE_ADDRESS in its environment and "
+        "exits 0 once the host's I/O cannot reach the LUN. Until then head changes wait. Empty: no "
+        "fencing (the lease timeout is the only guard).",
+        factory=True,
+    )
     target: str = option(
         "", "lun on iSCSI: the target IQN (with ip; the LUN is reached through libiscsi and qemu's iscsi driver)."
     )
@@ -357,6 +377,8 @@ class Config:
         for uuid, pool in self.pools.items():
             if pool.type not in POOL_TYPES:
                 raise bad(f"pools.{uuid}", "type", f"must be one of {', '.join(POOL_TYPES)}, not {pool.type!r}")
+            if pool.fence_command and pool.type != "lun":
+                raise bad(f"pools.{uuid}", "fence_command", "only shared LUN pools (type lun) fence hosts")
             if pool.type == "dir" and not os.path.isabs(pool.path):
                 raise bad(f"pools.{uuid}", "path", "must be an absolute path")
             if pool.type == "lun":
@@ -371,6 +393,12 @@ class Config:
                         f"pools.{uuid}",
                         "lease_timeout",
                         f"{pool.lease_timeout}s must exceed 3 x lease_io_timeout ({pool.lease_io_timeout}s)",
+                    )
+                if pool.fence_command and not os.path.isabs(pool.fence_command[0]):
+                    raise bad(
+                        f"pools.{uuid}",
+                        "fence_command",
+                        f"the command must be an absolute path (no shell runs it), not {pool.fence_command[0]!r}",
                     )
             if pool.type == "nfs":
                 from agent.fields import check_nfs_export, check_nfs_server
@@ -438,6 +466,10 @@ class Config:
             raise bad("agent", "run_dir", "must be an absolute path")
         if self.agent.log_level not in ("debug", "info", "warning", "error"):
             raise bad("agent", "log_level", f"must be debug, info, warning or error, not {self.agent.log_level!r}")
+        if self.agent.fence_command and not os.path.isabs(self.agent.fence_command[0]):
+            raise bad("agent", "fence_command", "the command must be an absolute path (no shell runs it)")
+        if self.agent.iscsi_initiator and not self.agent.iscsi_initiator.startswith(("iqn.", "eui.", "naa.")):
+            raise bad("agent", "iscsi_initiator", "must be an iSCSI name (iqn.YYYY-MM.domain:name, eui. or naa.)")
         if self.agent.log_format not in ("auto", "journal", "text", "json"):
             raise bad("agent", "log_format", f"must be auto, journal, text or json, not {self.agent.log_format!r}")
         if not os.path.isabs(self.agent.state_dir):

@@ -151,6 +151,7 @@ class ControllerLink:
                     reason=st.error if st.status != "healthy" else "",
                     metadata_owner=st.owner,
                     live_hosts=list(st.hosts),
+                    lapsed_hosts=list(st.lapsed),
                 )
             except Exception as e:
                 report = r.PoolReport(pool_uuid=pool.pool_uuid, type=pool.kind, status="unreachable", reason=_why(e))

@@ -97,6 +97,7 @@ class PoolRegistry:
                     thin_step=pc.thin_step,
                     address=self.cfg.controller.advertise or self.cfg.grpc.tcp_listen,
                     peers=self.peers,
+                    fence_command=pc.fence_command or self.cfg.agent.fence_command,
                 )
             except BaseException:
                 if "password-secret" in protocol:

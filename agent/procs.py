@@ -46,14 +46,23 @@ class CommandFailed(StorageIOError):
 
 
 def run(
-    argv: list[str], *, timeout: float, secrets: tuple[str, ...] = (), check: bool = True, what: str | None = None
+    argv: list[str],
+    *,
+    timeout: float,
+    secrets: tuple[str, ...] = (),
+    check: bool = True,
+    what: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run a command to completion. Raises CommandFailed on a non-zero exit
-    (when check) or a timeout, with the command's last stderr line."""
+    (when check) or a timeout, with the command's last stderr line. env:
+    variables added to the agent's environment."""
     shown = _mask(argv, secrets)
     log.debug("run", extra={"cmd": shown})
     try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        cp = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env} if env else None
+        )
     except subprocess.TimeoutExpired:
         raise CommandFailed(f"{what or argv[0]}: timed out after {timeout:.0f}s") from None
     except FileNotFoundError:

@@ -98,8 +98,10 @@ class Agent:
         from agent.services.pool_peers import PoolPeers
         from agent.services.sharedpool import SharedPoolService
         from agent.services.volumes import VolumeService
+        from agent.stores.iscsi import set_initiator_name
 
         cfg = self.cfg
+        set_initiator_name(cfg.agent.iscsi_initiator)  # this host's sessions and its VMs' on shared LUNs
         fleet = FleetChannels(cfg.grpc)
         pools = PoolRegistry(cfg, peers=PoolPeers(fleet))
         points = BackupPoints(cfg)

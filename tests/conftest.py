@@ -212,8 +212,8 @@ def loop(short_tmp):
 def iscsi_lun(tgt_server):
     made = []
 
-    def make(size: int = 512 * MiB, chap: bool = False) -> IscsiTarget:
-        t = IscsiTarget(tgt_server, tgt_server.add_lun(size, chap=chap))
+    def make(size: int = 512 * MiB, chap: bool = False, initiators: tuple[str, ...] = ()) -> IscsiTarget:
+        t = IscsiTarget(tgt_server, tgt_server.add_lun(size, chap=chap, initiators=initiators))
         made.append(t)
         return t
 

@@ -345,3 +345,78 @@ def test_a_leaving_host_stops_waiting_at_once(loop):
         assert time.monotonic() - t0 < 3  # not the 30 s the watch could take
     finally:
         owner.stop()
+
+
+def test_fence_command_and_initiator_name_are_checked(short_tmp):
+    """fence_command runs without a shell: an absolute argv[0] or a clear
+    error naming the field; only shared LUN pools fence; the initiator name
+    must be an iSCSI name."""
+    from agent.config import load
+    from agent.errors import ConfigError
+
+    from support.agents import write_config
+
+    pool = str(uuid.uuid4())
+    lun = f'[pools.{pool}]\ntype = "lun"\ndevice = "wwn-0x5000c500ad9285bb"\n'
+    for body, field in (
+        (lun + 'fence_command = ["fence-tgt", "--host"]\n', f"pools.{pool}.fence_command"),
+        (
+            f'[pools.{pool}]\ntype = "dir"\npath = "/srv/p"\nfence_command = ["/bin/true"]\n',
+            f"pools.{pool}.fence_command",
+        ),
+    ):
+        a = write_config(short_tmp / field.replace(".", "-"), body)
+        with pytest.raises(ConfigError) as e:
+            load(str(a.config))
+        assert e.value.field == field, e.value.message
+    a = write_config(short_tmp / "ok", lun + 'fence_command = ["/usr/local/sbin/fence-tgt", "--host"]\n')
+    assert load(str(a.config)).pools[pool].fence_command == ["/usr/local/sbin/fence-tgt", "--host"]
+    a = write_config(short_tmp / "init", "")
+    a.config.write_text(
+        a.config.read_text().replace('log_level = "debug"', 'log_level = "debug"\niscsi_initiator = "host-a"')
+    )
+    with pytest.raises(ConfigError) as e:
+        load(str(a.config))
+    assert e.value.field == "agent.iscsi_initiator"
+
+
+def test_the_owner_fences_a_lapsed_host_once(loop):
+    """The owner's watch of the host leases, by its own clock: a lease that
+    stops changing for timeout + io_timeout without being released has
+    lapsed and is fenced once per generation; a failed fence is named by
+    unfenced() and tried again; a host that renews, or released its lease,
+    is never fenced."""
+    from agent.volumes.lun.membership import Membership
+
+    lo = loop(64 * MiB)
+    format_pool(open_dev(lo), POOL, slots=64)
+    lun = PoolLun(open_dev(lo), POOL)
+    dead = host_lease(lun, HOST_A, timeout=2.0, io_timeout=0.1, address="10.0.0.1:9443")
+    alive = host_lease(lun, HOST_B, timeout=2.0, io_timeout=0.1)
+    gone = host_lease(lun, str(uuid.uuid4()), timeout=2.0, io_timeout=0.1)
+    gone.release()
+    calls, answers = [], [False]
+
+    def fence(host, address):
+        calls.append((host, address))
+        if not answers[0]:
+            raise RuntimeError("the fence device does not answer")
+
+    m = Membership(lun, str(uuid.uuid4()), timeout=2.0, io_timeout=0.1, fence=fence)
+    assert m.watch_hosts(now=100.0) == []  # first sight
+    alive.renew()
+    assert m.watch_hosts(now=101.5) == [] and not calls  # unchanged for 1.5 s only
+    alive.renew()
+    assert m.watch_hosts(now=102.2) == [HOST_A]  # 2.2 s > 2.0 + 0.1: lapsed; the fence failed
+    assert calls == [(HOST_A, "10.0.0.1:9443")]
+    answers[0] = True
+    alive.renew()
+    assert m.watch_hosts(now=102.9) == [] and len(calls) == 2  # fenced now
+    alive.renew()
+    assert m.watch_hosts(now=110.0) == [] and len(calls) == 2  # once per lease generation
+    before = dead.held.generation
+    dead.release()  # the host came back (let in again): its id under a new generation
+    back = host_lease(lun, HOST_A, timeout=2.0, io_timeout=0.1)
+    assert back.held.generation > before
+    assert m.watch_hosts(now=111.0) == [] and len(calls) == 2
+    assert {h for h, _ in calls} == {HOST_A}  # the renewing and the released host never

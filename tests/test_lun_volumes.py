@@ -53,6 +53,16 @@ def fleet_host(section: str, pki) -> str:
     return tls + section.replace("[controller]\n", f'[controller]\nadvertise = "localhost:{port}"\n', 1)
 
 
+def eventually_lapsed(bk: Bk, host: str, timeout: float = 15.0):
+    """The pool's status once it reports host's lease as lapsed (twice its timeout old)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = bk.c.get_pool_status(v.PoolRef(pool_uuid=bk.pool))
+        if host in st.lapsed_hosts or time.monotonic() > deadline:
+            return st
+        time.sleep(0.2)
+
+
 def owned(bk: Bk, timeout: float = 10.0) -> None:
     """Wait until the agent holds the pool's owner lease (it creates a probe volume)."""
     deadline = time.monotonic() + timeout
@@ -834,4 +844,91 @@ def test_a_vm_on_another_host_is_seen_snapshotted_live_and_grown(make_agent, loo
         if vm is not None:
             vm.kill()
         assert other.stop() == 0, other.log_text()
+        assert owner.stop() == 0, owner.log_text()
+
+
+def test_a_lapsed_host_is_fenced_at_the_target(make_agent, iscsi_lun, tgt_server, pki, short_tmp):
+    """Two hosts on a tgtd LUN that lets in only their initiator names, the
+    owner in a PID namespace of its own; a VM on host b writes its volume
+    through b's own iSCSI session. b's agent is SIGKILLed and its VM runs
+    on: once b's host lease lapses, the owner runs its fence command. While
+    the fence device does not answer, changes of the pool's heads wait
+    (TARGET_UNREACHABLE naming b); once it answers, the target refuses b
+    (its sessions closed, a new login refused) and the owner goes on."""
+    from support.agents import REPO
+    from support.vms import Vm
+
+    init = {n: f"iqn.2026-12.io.blockferry.test:host-{n}" for n in ("a", "b")}
+    hosts = {n: str(uuid.uuid4()) for n in init}
+    t = iscsi_lun(128 * MiB, initiators=tuple(init.values()))
+    hostmap = short_tmp / "hostmap.json"
+    hostmap.write_text(json.dumps({hosts[n]: init[n] for n in init}))
+    gate = short_tmp / "fence-answers"
+    fence = [sys.executable, str(REPO / "tests" / "support" / "tgt_fence.py")]
+    fence += [str(tgt_server.control), str(t.lun.tid), str(hostmap), str(gate)]
+    fence_log = short_tmp / "hostmap.json.log"
+
+    def host(n: str, fmt: bool):
+        section = (
+            f'[controller]\nhost_uuid = "{hosts[n]}"\n[pools.{LUN_POOL}]\ntype = "lun"\nip = "127.0.0.1"\n'
+            f'port = {tgt_server.port}\ntarget = "{t.lun.iqn}"\nlun = 1\nformat_lun = {str(fmt).lower()}\n'
+            f"lease_timeout = 2.0\nlease_io_timeout = 0.1\nfence_command = {json.dumps(fence)}\n"
+        )
+        a = make_agent(fleet_host(section, pki), name=n)
+        a.config.write_text(
+            a.config.read_text().replace('log_level = "debug"', f'log_level = "debug"\niscsi_initiator = "{init[n]}"')
+        )
+        a.config.chmod(0o600)
+        return a
+
+    owner = host("a", True)
+    owner.prefix = [sys.executable, str(REPO / "tests" / "support" / "pidns.py")]
+    owner.start()
+    b = host("b", False).start()
+    vm = None
+    try:
+        with owner.client() as oc, b.client() as bc:
+            n, other = Bk(owner, oc), Bk(b, bc)
+            n.pool = other.pool = LUN_POOL
+            owned(n)
+            vid = n.create(capacity=16 * MiB, name="on-b").uuid
+            path = other.call("GetVolume", volume_uuid=vid).access_path
+            assert json.loads(path[5:])["file"]["file"]["initiator-name"] == init["b"]  # b's own name
+            vm = Vm(short_tmp, [path], name="fenced")
+            vm.write(0, 0x11, 0, MiB)
+            vm.flush(0)
+            assert init["b"] in tgt_server.sessions_of(t.lun)  # b's agent and its VM
+            b.proc.send_signal(signal.SIGKILL)
+            b.proc.wait()
+            # b's lease lapses; the fence device does not answer yet: changes of heads wait
+            deadline = time.monotonic() + 20
+            while True:
+                err = rpc_error(n.call, "DeleteVolume", volume_uuid=vid)
+                if "not fenced yet" in err.details():
+                    break
+                assert "TARGET_UNREACHABLE" in err.details() and time.monotonic() < deadline, err.details()
+                time.sleep(0.2)
+            assert hosts["b"] in err.details() and f"refused {hosts['b']}" in fence_log.read_text()
+            st = n.c.get_pool_status(v.PoolRef(pool_uuid=n.pool))
+            assert st.status == "degraded" and "not fenced yet" in st.error  # what the heartbeats report
+            gate.touch()  # the fence device answers now
+            deadline = time.monotonic() + 20
+            while f"fenced {hosts['b']}" not in fence_log.read_text():
+                assert time.monotonic() < deadline, owner.log_text()[-3000:]
+                time.sleep(0.2)
+            assert init["b"] not in tgt_server.sessions_of(t.lun)  # its agent's and its VM's sessions closed
+            probe = subprocess.run(
+                ["iscsi-inq", "-i", init["b"], f"iscsi://127.0.0.1:{tgt_server.port}/{t.lun.iqn}/1"],
+                capture_output=True,
+                text=True,
+            )
+            assert "Login Failed" in probe.stdout + probe.stderr  # the target refuses b
+            assert init["a"] in tgt_server.sessions_of(t.lun)  # the owner's own sessions stay
+            s1 = n.snap(vid, "after-fence")  # the owner goes on at once: b cannot write, so it is not asked
+            lapsed = eventually_lapsed(n, hosts["b"])
+            assert lapsed.status == "healthy" and lapsed.lapsed_hosts == [hosts["b"]]  # fenced, reported
+            assert n.digest(vid, s1.uuid) == ref_digest_of_bytes(bytes([0x11]) * MiB + bytes(15 * MiB))
+    finally:
+        if vm is not None:
+            vm.kill()
         assert owner.stop() == 0, owner.log_text()

@@ -398,6 +398,8 @@ def cmd_pool(client: AgentClient, args) -> int:
     if st.type == "lun":
         print(f"  metadata owner: {st.metadata_owner or '(none yet)'}")
         print(f"  live hosts: {', '.join(st.live_hosts) or '-'}")
+        if st.lapsed_hosts:
+            print(f"  lapsed hosts (lease not renewed, not released): {', '.join(st.lapsed_hosts)}")
     return 0 if st.status in ("healthy", "degraded") else 5
 
 

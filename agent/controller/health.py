@@ -51,7 +51,7 @@ class HostReport:
     available_bytes: int
     seen_at: float
     online: bool
-    live_hosts: tuple[str, ...] = ()  # a shared LUN pool: the hosts with a live lease, as this host read them
+    lapsed_hosts: tuple[str, ...] | None = None  # a shared LUN pool: hosts whose lease lapsed, as this host read them
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Health:
     available_bytes: int
     seen_at: float  # the newest online report's time (0: none)
     reports: tuple[HostReport, ...]
-    live_hosts: frozenset[str] | None = None  # a shared LUN pool: live leases, by the freshest report (None: unknown)
+    lapsed_hosts: frozenset[str] = frozenset()  # a shared LUN pool: lapsed leases, by the freshest report
 
     def to_json(self) -> dict:
         return {
@@ -113,9 +113,9 @@ def judge(reports: list[HostReport], now: float) -> Health:
         state = "degraded"
     else:
         state = next((s for s in _WORST_FIRST if any(r.status == s for r in bad)), "unreachable")
-    leases = [(r.seen_at, r.live_hosts) for r in online if r.live_hosts]
-    live = frozenset(max(leases)[1]) if leases else None
-    return Health(state, why, total, available, seen, tuple(reports), live)
+    leases = [(r.seen_at, r.lapsed_hosts) for r in online if r.lapsed_hosts is not None]
+    lapsed = frozenset(max(leases)[1]) if leases else frozenset()
+    return Health(state, why, total, available, seen, tuple(reports), lapsed)
 
 
 def _reports_of(hosts: list[Host], key: str, field: str, dead_after: int, now: float) -> dict[str, list[HostReport]]:
@@ -136,7 +136,7 @@ def _reports_of(hosts: list[Host], key: str, field: str, dead_after: int, now: f
                     available_bytes=int(rep.get("available_bytes") or 0),
                     seen_at=h.last_seen,
                     online=online,
-                    live_hosts=tuple(rep.get("live_hosts") or ()),
+                    lapsed_hosts=tuple(rep["lapsed_hosts"]) if "lapsed_hosts" in rep else None,
                 )
             )
     return out

@@ -22,16 +22,15 @@ from agent.errors import BackupInProgress, NotFound, TargetUnreachable
 
 def serving_hosts(s, pool: Pool, dead_after: int, prefer: str = "") -> list[Host]:
     """Online hosts serving the pool, the preferred one first; for a shared
-    LUN pool only those holding a live host lease on it, the metadata owner
+    LUN pool without those whose host lease lapsed, the metadata owner
     before all (only it changes volumes)."""
     hosts = [s.get(Host, h) for h in json.loads(pool.avail_hosts_json)]
     hosts = [h for h in hosts if h is not None and host_state(h, dead_after) == "online"]
     owner = ""
     if pool.kind == "lun":
         owner = metadata_owner(hosts, pool.uuid)
-        live = live_lease_hosts(hosts, pool.uuid)
-        if live is not None:
-            hosts = [h for h in hosts if h.uuid in live]
+        lapsed = lapsed_lease_hosts(hosts, pool.uuid)
+        hosts = [h for h in hosts if h.uuid not in lapsed]
     return sorted(hosts, key=lambda h: (h.uuid != owner, h.uuid != prefer))
 
 
@@ -48,16 +47,16 @@ def metadata_owner(hosts, pool_uuid: str) -> str:
     return max(named)[1] if named else ""
 
 
-def live_lease_hosts(hosts, pool_uuid: str) -> set[str] | None:
-    """The hosts holding a live host lease on a shared LUN pool, as the
-    freshest heartbeat that lists them read the leases (None: none did)."""
+def lapsed_lease_hosts(hosts, pool_uuid: str) -> set[str]:
+    """The hosts whose host lease on a shared LUN pool lapsed (not renewed,
+    not released: their agent died), as the freshest heartbeat read them."""
     named = [
-        (h.last_seen or 0, p["live_hosts"])
+        (h.last_seen or 0, p["lapsed_hosts"])
         for h in hosts
         for p in json.loads(h.pools_json or "[]")
-        if p.get("pool_uuid") == pool_uuid and p.get("live_hosts")
+        if p.get("pool_uuid") == pool_uuid and "lapsed_hosts" in p
     ]
-    return set(max(named)[1]) if named else None
+    return set(max(named)[1]) if named else set()
 
 
 def reported_backup_points(hosts) -> dict[str, set[str]]:

@@ -41,6 +41,7 @@ def _pool_reports(items) -> str:
                 "available_bytes": x.available_bytes,
                 "metadata_owner": x.metadata_owner,
                 "live_hosts": list(x.live_hosts),
+                "lapsed_hosts": list(x.lapsed_hosts),
             }
             for x in items
         ]

@@ -90,6 +90,7 @@ class VolumeService(volumes_pb2_grpc.VolumeServiceServicer):
             latency_ms=latency,
             metadata_owner=st.owner,
             live_hosts=list(st.hosts),
+            lapsed_hosts=list(st.lapsed),
         )
 
     @rpc

@@ -20,7 +20,22 @@ from agent.stores.blockdev import BLOCK, BlockDevice
 DEFAULT_PORT = 3260
 
 
+_INITIATOR = [""]  # [agent] iscsi_initiator, set once at start
+
+
+def set_initiator_name(name: str) -> None:
+    """This host's initiator name from the configuration ("": the default)."""
+    if name and not name.startswith(("iqn.", "eui.", "naa.")):
+        raise InvalidArgument(
+            f"iscsi_initiator: {name!r} is not an iSCSI name (iqn.YYYY-MM.domain:name, eui. or naa.)",
+            field="iscsi_initiator",
+        )
+    _INITIATOR[0] = name
+
+
 def initiator_name() -> str:
+    if _INITIATOR[0]:
+        return _INITIATOR[0]
     host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname().lower()) or "host"
     return f"iqn.2026-11.io.blockferry:{host}"
 

@@ -129,13 +129,14 @@ class VolumeInfo:
 class PoolStatus:
     pool_uuid: str
     kind: str
-    status: str  # "healthy" or "unreachable"
+    status: str  # "healthy", "degraded" (it serves, with a reason in error) or "unreachable"
     total_bytes: int = 0
     used_bytes: int = 0
     available_bytes: int = 0
     error: str = ""
     owner: str = ""  # shared pools: the host holding the metadata owner lease
     hosts: tuple[str, ...] = ()  # shared pools: the hosts whose lease is renewed
+    lapsed: tuple[str, ...] = ()  # shared pools: hosts whose lease stopped being renewed, unreleased
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class Lun:
     file: Path
     user: str = ""
     secret: str = ""
+    initiators: tuple[str, ...] = ()  # the initiator names let in (none: any initiator from 127.0.0.1)
 
 
 class TgtServer:
@@ -83,18 +84,47 @@ class TgtServer:
             "--bstype",
             "rdwr",
         )
-        self._adm("--op", "bind", "--mode", "target", "--tid", str(lun.tid), "-I", "127.0.0.1")
+        if lun.initiators:
+            for name in lun.initiators:
+                self.allow(lun, name)
+        else:
+            self._adm("--op", "bind", "--mode", "target", "--tid", str(lun.tid), "-I", "127.0.0.1")
         if lun.user:
             # tgtadm takes the password as an argument: a test-only secret on a test-only target
             self._adm("--op", "new", "--mode", "account", "--user", lun.user, "--password", lun.secret)
             self._adm("--op", "bind", "--mode", "account", "--tid", str(lun.tid), "--user", lun.user)
 
-    def add_lun(self, size: int, *, chap: bool = False) -> Lun:
+    def allow(self, lun: Lun, initiator: str) -> None:
+        self._adm("--op", "bind", "--mode", "target", "--tid", str(lun.tid), "--initiator-name", initiator)
+
+    def sessions_of(self, lun: Lun) -> dict[str, list[tuple[int, int]]]:
+        """Initiator name -> (I_T nexus, connection) of its sessions to the LUN's target."""
+        out = subprocess.run(
+            ["tgtadm", "-C", str(self.control), "--lld", "iscsi", "--op", "show", "--mode", "target"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        found: dict[str, list[tuple[int, int]]] = {}
+        tid, nexus, who = None, None, ""
+        for line in out.splitlines():
+            key, _, value = line.strip().partition(": ")
+            if line.startswith("Target "):
+                tid = int(line.split()[1].rstrip(":"))
+            elif tid == lun.tid and key == "I_T nexus":
+                nexus = int(value)
+            elif tid == lun.tid and key == "Initiator":
+                who = value.split()[0]
+            elif tid == lun.tid and key == "Connection" and nexus is not None:
+                found.setdefault(who, []).append((nexus, int(value)))
+        return found
+
+    def add_lun(self, size: int, *, chap: bool = False, initiators: tuple[str, ...] = ()) -> Lun:
         tid = len(self.luns) + 1
         f = self.root / f"lun{tid}.img"
         with open(f, "wb") as fh:
             fh.truncate(size)
-        lun = Lun(tid, f"iqn.2026-11.io.blockferry.test:lun{tid}", f)
+        lun = Lun(tid, f"iqn.2026-11.io.blockferry.test:lun{tid}", f, initiators=initiators)
         if chap:
             lun.user, lun.secret = f"bfchap{tid}", secrets.token_urlsafe(12)
         self.luns.append(lun)

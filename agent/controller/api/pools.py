@@ -191,11 +191,12 @@ def _wrap(pool: dict | None, cluster: str, tenant: str = "") -> dict:
 
 
 def _avail_hosts(p: Pool, health: Health) -> list[str]:
-    """The hosts that serve the pool; for a shared LUN, those of them that
-    hold a live host lease on it, as the freshest heartbeat read the leases."""
+    """The hosts that serve the pool; for a shared LUN, without those whose
+    host lease lapsed (their agent died), as the freshest heartbeat read the
+    leases (a host still joining is not lapsed)."""
     hosts = json.loads(p.avail_hosts_json)
-    if p.kind == "lun" and health.live_hosts is not None:
-        hosts = [h for h in hosts if h in health.live_hosts]
+    if p.kind == "lun":
+        hosts = [h for h in hosts if h not in health.lapsed_hosts]
     return hosts
 
 

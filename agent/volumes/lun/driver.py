@@ -77,6 +77,7 @@ from agent.volumes.base import (
     check_uuid,
 )
 from agent.volumes.lun import format as fmt
+from agent.volumes.lun.fence import FenceCommand
 from agent.volumes.lun.format import SliceRecord
 from agent.volumes.lun.leases import live_hosts
 from agent.volumes.lun.membership import Membership
@@ -146,6 +147,7 @@ class LunPool(VolumeDriver):
         thin_step: int = 1 << 30,
         address: str = "",
         peers: Peers | None = None,
+        fence_command: Sequence[str] = (),
     ) -> LunPool:
         """The pool on an opened block device (agent.stores.blockdev: a
         local device, or an iSCSI LUN through libiscsi) that qemu reaches
@@ -168,7 +170,14 @@ class LunPool(VolumeDriver):
                     f"lease_timeout: {lease_timeout}s must exceed 3 x lease_io_timeout ({lease_io_timeout}s)",
                     field="lease_timeout",
                 )
-            member = Membership(lun, host_uuid, timeout=lease_timeout, io_timeout=lease_io_timeout, address=address)
+            member = Membership(
+                lun,
+                host_uuid,
+                timeout=lease_timeout,
+                io_timeout=lease_io_timeout,
+                address=address,
+                fence=FenceCommand(list(fence_command), pool_uuid) if fence_command else None,
+            )
         except BaseException:
             dev.close()
             raise
@@ -434,10 +443,16 @@ class LunPool(VolumeDriver):
         return self.membership.host_uuid if self.membership is not None else ""
 
     def _other_hosts(self) -> dict[str, str]:
-        """Host uuid -> agent address, for the other hosts with a live host lease."""
-        if self.membership is None:
+        """Host uuid -> agent address, for the other hosts with a live host
+        lease that this owner has not fenced (a fenced host cannot write)."""
+        m = self.membership
+        if m is None:
             return {}
-        return {h: r.address for h, r in live_hosts(self.table.lun).items() if h != self.host_uuid}
+        return {
+            h: r.address
+            for h, r in live_hosts(self.table.lun).items()
+            if h != self.host_uuid and not m.fenced(h, r.generation)
+        }
 
     def local_slice_users(self, offsets: list[int]) -> list[SliceUse]:
         """This host's running VMs with a node over these slices."""
@@ -451,6 +466,12 @@ class LunPool(VolumeDriver):
         those of every other host with a live lease (asked through its
         agent). A live host that cannot be asked makes it unknowable:
         TARGET_UNREACHABLE, and the change waits."""
+        if self.membership is not None and (lapsed := self.membership.unfenced()):
+            raise TargetUnreachable(
+                f"pool_uuid: host {', '.join(lapsed)} stopped renewing its lease on pool {self.pool_uuid} "
+                "and is not fenced yet (fence_command failed): its VMs may still write; the change waits",
+                field="pool_uuid",
+            )
         out = self.local_slice_users(offsets)
         for host, address in sorted(self._other_hosts().items()):
             if self.peers is None or not address:
@@ -1447,15 +1468,23 @@ class LunPool(VolumeDriver):
         except (DataCorrupt, OSError) as e:
             return PoolStatus(self.pool_uuid, self.kind, "unreachable", error=f"{self.label}: {e}")
         m = self.membership
+        unfenced = m.unfenced() if m is not None else []
         return PoolStatus(
             self.pool_uuid,
             self.kind,
-            "healthy",
+            "degraded" if unfenced else "healthy",
             capacity,
             allocated,
             capacity - allocated,
             owner=self.owner(),
             hosts=tuple(m.live_hosts()) if m is not None else (),
+            lapsed=tuple(m.lapsed_hosts()) if m is not None else (),
+            error=(
+                f"host {', '.join(unfenced)} stopped renewing its lease and is not fenced yet (fence_command "
+                "failed): changes of volumes wait"
+                if unfenced
+                else ""
+            ),
         )
 
     def _housekeeping(self) -> None:

@@ -204,11 +204,18 @@ def live_hosts(lun: PoolLun, *, slack: float = 2.0) -> dict[str, LeaseRecord]:
     people and for AvailHosts; taking over never trusts clocks)."""
     now_ms = time.time() * 1000
     out = {}
-    for i in range(1, fmt.LEASE_BLOCKS):
-        r = LeaseRecord.unpack(lun.read_block(fmt.lease_offset(i)))
-        if r is not None and not r.free and now_ms - r.timestamp_ms < slack * r.timeout_ms:
+    for r in lun.read_host_leases().values():
+        if not r.free and now_ms - r.timestamp_ms < slack * r.timeout_ms:
             out[r.owner] = r
     return out
+
+
+def lapsed_hosts(lun: PoolLun, *, slack: float = 2.0) -> list[str]:
+    """Hosts whose lease is neither released nor renewed within slack x its
+    timeout by its holder's last stamp (their agent died or lost the LUN;
+    a report, as live_hosts is; fencing trusts the owner's own clock)."""
+    live = live_hosts(lun, slack=slack)
+    return sorted({r.owner for r in lun.read_host_leases().values() if not r.free and r.owner not in live})
 
 
 class LeaseKeeper:

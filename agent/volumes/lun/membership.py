@@ -8,17 +8,25 @@ once it holds it, the keeper renews it. If a renewal fails for longer than
 the lease allows, guard() refuses from then on, on_lost is told (the agent
 pauses the VMs that write to the pool), and the thread becomes a candidate
 again.
+
+The owner also watches the other hosts' id leases with its own clock: one
+that stops changing for its timeout plus the I/O timeout without being
+released has lapsed (its agent died, or lost the LUN, while its VMs may
+still write). With a fence callback, the owner fences such a host once per
+lease generation; until that succeeds unfenced() names it, and the
+driver holds back changes that a VM there could race.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from agent.errors import Busy, FailedPrecondition
 from agent.volumes.lun import format as fmt
-from agent.volumes.lun.leases import DeltaLease, LeaseKeeper, LeaseLost, host_lease, live_hosts
+from agent.volumes.lun.leases import DeltaLease, LeaseKeeper, LeaseLost, host_lease, lapsed_hosts, live_hosts
 from agent.volumes.lun.table import PoolLun
 
 log = logging.getLogger("agent.lun")
@@ -35,13 +43,20 @@ class Membership:
         candidate: bool = True,
         on_lost: Callable[[str], None] | None = None,
         address: str = "",
+        fence: Callable[[str, str], None] | None = None,
     ):
+        """fence(host uuid, its agent's address): cut a lapsed host off the
+        LUN; returns once it is, raises when it could not."""
         self.lun = lun
         self.host_uuid = host_uuid
         self.timeout = timeout
         self.io_timeout = io_timeout
         self.candidate = candidate
         self.address = address
+        self.fence = fence
+        self._seen: dict[int, tuple[tuple[str, int, int], float]] = {}  # host id -> (lease state, since)
+        self._fenced: set[tuple[str, int]] = set()  # (host uuid, lease generation) fenced
+        self._unfenced: list[str] = []  # lapsed hosts not fenced yet (owner only)
         self.on_lost = on_lost or (lambda why: None)
         self.host: DeltaLease | None = None
         self._stop = threading.Event()
@@ -100,7 +115,56 @@ class Membership:
                 log.debug("%s: %s", self.what, e)
             except Exception as e:  # noqa: BLE001
                 log.warning("%s: owner lease: %s", self.what, e)
+            try:
+                if self.owner_lease.valid():
+                    self.watch_hosts()
+            except Exception as e:  # noqa: BLE001 - the next pass looks again
+                log.warning("%s: watching the host leases: %s", self.what, e)
             self._stop.wait(self.timeout / 3)
+
+    def watch_hosts(self, now: float | None = None) -> list[str]:
+        """The owner's pass over the host leases: returns the hosts that
+        lapsed and are not fenced (after fencing those it can)."""
+        now = time.monotonic() if now is None else now
+        lapsed = {}
+        leases = self.lun.read_host_leases()
+        for i in list(self._seen):
+            if i not in leases:
+                del self._seen[i]
+        for i, r in leases.items():
+            if r.free or r.owner == self.host_uuid:
+                self._seen.pop(i, None)
+                continue
+            state = (r.owner, r.generation, r.counter)
+            seen = self._seen.get(i)
+            if seen is None or seen[0] != state:
+                self._seen[i] = (state, now)
+            elif now - seen[1] > max(self.timeout, r.timeout_ms / 1000) + self.io_timeout:
+                if (r.owner, r.generation) not in self._fenced:
+                    lapsed[r.owner] = r
+        unfenced = []
+        for host, r in sorted(lapsed.items()):
+            if self.fence is None:
+                continue
+            try:
+                self.fence(host, r.address)
+            except Exception as e:  # noqa: BLE001 - named in unfenced(), tried again at the next pass
+                log.error("%s: could not fence host %s: %s", self.what, host, e)
+                unfenced.append(host)
+                continue
+            self._fenced.add((host, r.generation))
+            log.warning("%s: fenced host %s (its host lease lapsed)", self.what, host, extra={"host": host})
+        self._unfenced = unfenced
+        return unfenced
+
+    def fenced(self, host: str, generation: int) -> bool:
+        """Whether this owner fenced the host's lease of that generation."""
+        return (host, generation) in self._fenced
+
+    def unfenced(self) -> list[str]:
+        """Hosts whose lease lapsed and that could not be fenced yet (their
+        VMs may still write); empty without a fence callback."""
+        return list(self._unfenced) if self.owner_lease.valid() else []
 
     @property
     def state(self) -> str:
@@ -136,6 +200,9 @@ class Membership:
 
     def live_hosts(self) -> list[str]:
         return sorted(live_hosts(self.lun))
+
+    def lapsed_hosts(self) -> list[str]:
+        return lapsed_hosts(self.lun)
 
     def wait_owner(self, timeout: float) -> bool:
         """Wait until this host holds the owner lease, at most timeout seconds."""

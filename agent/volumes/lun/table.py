@@ -19,7 +19,7 @@ from collections.abc import Callable
 from agent.errors import DataCorrupt, FailedPrecondition, InvalidArgument, NoSpace, NotFound
 from agent.stores.blockdev import BlockDevice
 from agent.volumes.lun import format as fmt
-from agent.volumes.lun.format import BLOCK, RECORD, SliceRecord, Superblock
+from agent.volumes.lun.format import BLOCK, MAX_HOSTS, RECORD, LeaseRecord, SliceRecord, Superblock, lease_offset
 
 BLANK_CHECK = 1 << 20
 PER_BLOCK = BLOCK // RECORD
@@ -114,6 +114,17 @@ class PoolLun:
 
     def read_block(self, offset: int) -> bytes:
         return _read(self.dev, offset, BLOCK)
+
+    def read_host_leases(self) -> dict[int, LeaseRecord]:
+        """Host id -> its lease, for every host id block that holds one (the
+        lease area in one read)."""
+        area = _read(self.dev, lease_offset(1), MAX_HOSTS * BLOCK)
+        out = {}
+        for i in range(1, MAX_HOSTS + 1):
+            r = LeaseRecord.unpack(area[(i - 1) * BLOCK : i * BLOCK])
+            if r is not None:
+                out[i] = r
+        return out
 
     def write_block(self, offset: int, data: bytes) -> None:
         _write(self.dev, offset, data)

@@ -405,6 +405,7 @@ class HostPoolReport(Shape):
     available_bytes: int = 0
     metadata_owner: str = ""  # a shared LUN pool: the host holding its metadata owner lease
     live_hosts: list[str] = []  # a shared LUN pool: the hosts holding a live host id lease
+    lapsed_hosts: list[str] = []  # a shared LUN pool: hosts whose lease stopped being renewed (agent died)
 
 
 class HostBackupPointReport(Shape):
