@@ -46,9 +46,3 @@ class FleetChannels:
                 )
                 ch = self._channels[address] = grpc.secure_channel(address, creds)
         return ch
-
-    def close(self) -> None:
-        with self._lock:
-            for ch in self._channels.values():
-                ch.close()
-            self._channels.clear()

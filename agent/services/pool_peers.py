@@ -22,7 +22,7 @@ ASK_TIMEOUT = 15.0  # which VMs use a slice: a QMP query per VM there
 MOVE_TIMEOUT = 600.0  # a new slice's layer written by the owner
 
 
-def _ref(g: Geometry) -> sp.SliceRef:
+def slice_ref(g: Geometry) -> sp.SliceRef:
     return sp.SliceRef(slot=g.slot, generation=g.generation, offset=g.offset, size=g.size)
 
 
@@ -63,7 +63,7 @@ class PoolPeers:
         req = sp.SwitchToOverlaysRequest(
             pool_uuid=pool_uuid,
             qmp=qmp,
-            switches=[sp.OverlaySwitch(head=_ref(h), overlay=_ref(o), bitmap=b) for h, o, b in switches],
+            switches=[sp.OverlaySwitch(head=slice_ref(h), overlay=slice_ref(o), bitmap=b) for h, o, b in switches],
             freeze=freeze,
             freeze_timeout=timeout,
         )
@@ -71,15 +71,15 @@ class PoolPeers:
         return Freeze(consistency=r.consistency, reason=r.reason, frozen_ms=r.frozen_ms), r.switch_ms
 
     def grow(self, address: str, pool_uuid: str, head: Geometry, size: int) -> str:
-        req = sp.GrowSliceRequest(pool_uuid=pool_uuid, slice=_ref(head), size=size)
+        req = sp.GrowSliceRequest(pool_uuid=pool_uuid, slice=slice_ref(head), size=size)
         r = self._call(address, "GrowSlice", req, ASK_TIMEOUT)
         return "grown" if r.grown else "boxed" if r.boxed else "later"
 
     def begin_move(self, address: str, pool_uuid: str, head: Geometry, size: int) -> Geometry | None:
-        req = sp.MoveSliceRequest(pool_uuid=pool_uuid, slice=_ref(head), size=size)
+        req = sp.MoveSliceRequest(pool_uuid=pool_uuid, slice=slice_ref(head), size=size)
         r = self._call(address, "BeginMove", req, MOVE_TIMEOUT)
         return geometry(r.target) if r.HasField("target") else None
 
     def end_move(self, address: str, pool_uuid: str, head: Geometry, target: Geometry, *, done: bool) -> None:
-        req = sp.MoveSliceRequest(pool_uuid=pool_uuid, slice=_ref(head), target=_ref(target), done=done)
+        req = sp.MoveSliceRequest(pool_uuid=pool_uuid, slice=slice_ref(head), target=slice_ref(target), done=done)
         self._call(address, "EndMove", req, ASK_TIMEOUT)

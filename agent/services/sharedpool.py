@@ -11,11 +11,12 @@ from agent.api.v1 import sharedpool_pb2_grpc
 from agent.errors import FailedPrecondition
 from agent.pools import PoolRegistry
 from agent.services.common import Auth, rpc
-from agent.services.pool_peers import geometry
+from agent.services.pool_peers import geometry, slice_ref
+from agent.volumes.lun.peers import Geometry
 
 
 def _ref(rec) -> sp.SliceRef:
-    return sp.SliceRef(slot=rec.slot, generation=rec.generation, offset=rec.offset, size=rec.size)
+    return slice_ref(Geometry.of(rec))
 
 
 class SharedPoolService(sharedpool_pb2_grpc.SharedPoolServiceServicer):
