@@ -420,3 +420,25 @@ def test_the_owner_fences_a_lapsed_host_once(loop):
     assert back.held.generation > before
     assert m.watch_hosts(now=111.0) == [] and len(calls) == 2
     assert {h for h, _ in calls} == {HOST_A}  # the renewing and the released host never
+
+
+def test_a_host_lease_handed_over_waits_for_its_own_agent(loop):
+    """An agent that stops while VMs on its host use the pool hands its host
+    lease over instead of releasing it: no other host may take the id (it
+    stays held for them, and lapses in time), its own next agent takes it
+    back at once under a new generation."""
+    lo = loop(32 * MiB)
+    format_pool(open_dev(lo), POOL, slots=64)
+    lun = PoolLun(open_dev(lo), POOL)
+    a = host_lease(lun, HOST_A, timeout=2.0, io_timeout=0.1)
+    gen = a.held.generation
+    a.release(hand_over=True)
+    left = LeaseRecord.unpack(lun.read_block(fmt.lease_offset(a.index)))
+    assert left.flags == fmt.HANDED_OVER and not left.free and left.owner == HOST_A
+    other = DeltaLease(lun, a.index, HOST_B, timeout=2.0, io_timeout=0.1)
+    with pytest.raises(Busy):
+        other.acquire(wait=False)  # held, for everyone else
+    t0 = time.monotonic()
+    back = host_lease(lun, HOST_A, timeout=2.0, io_timeout=0.1)
+    assert back.index == a.index and back.held.generation == gen + 1 and back.held.flags == 0
+    assert time.monotonic() - t0 < 1.0  # not the 2.1 s a dead holder is watched for

@@ -757,7 +757,9 @@ def test_a_vm_on_another_host_is_seen_snapshotted_live_and_grown(make_agent, loo
     which passes them on) are switched by the VM's host in one QMP
     transaction; a thin head grows in place through the owner while the
     VM writes, and a boxed-in one moves (the owner's new slice, this host's
-    mirror). Every snapshot holds exactly what was written before it."""
+    mirror). The VM's host stopping its agent while the VM runs hands its
+    lease over: the owner's changes wait until that agent is back. Every
+    snapshot holds exactly what was written before it."""
     from agent import native
 
     from support.agents import REPO
@@ -820,6 +822,21 @@ def test_a_vm_on_another_host_is_seen_snapshotted_live_and_grown(make_agent, loo
             assert layers[vid].parent == s2.uuid and layers[s2.uuid].parent == s1.uuid
             assert layers[s1.uuid].offset == start.offset and layers[s2.uuid].size >= 10 * MiB
             assert n.changed(vid, s2.uuid, s1.uuid) == [(4 * MiB, 8 * MiB)]
+            # the VM's host stops its agent cleanly while the VM runs: its host lease is handed over,
+            # not released, so the owner's changes of heads wait; started again, it takes it back
+            assert other.stop() == 0, other.log_text()
+            refused = rpc_error(n.call, "ResizeVolume", volume_uuid=vid, capacity=64 * MiB).details()
+            assert "TARGET_UNREACHABLE" in refused and "stopped while VMs there" in refused, refused
+            other.start()
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    s3 = n.snap(vid, "s3")  # live again: switched by the agent that came back
+                    break
+                except TargetUnreachable:
+                    assert time.monotonic() < deadline, other.log_text()[-3000:]
+                    time.sleep(0.2)
+            assert s3.consistency == "crash"
             vm.quit()
             vm = None
 
@@ -835,7 +852,7 @@ def test_a_vm_on_another_host_is_seen_snapshotted_live_and_grown(make_agent, loo
             grown = [(0x20 + i, 4 * MiB + i * MiB, MiB) for i in range(8)]
             assert n.digest(vid, s1.uuid) == b.digest(vid, s1.uuid) == ref(*first)
             assert n.digest(vid, s2.uuid) == ref(*first, *grown)
-            assert b.digest(vid) == ref(*first, *grown, (0x33, 20 * MiB, MiB))
+            assert b.digest(vid) == b.digest(vid, s3.uuid) == ref(*first, *grown, (0x33, 20 * MiB, MiB))
             end = {r.volume: r for r in table_of(lo.dev).used() if r.kind == 1 and r.layer == r.volume}
             assert end[boxed].offset != heads[boxed].offset and end[neighbour] == heads[neighbour]  # moved
             assert n.digest(boxed) == ref(*[(0x60 + i, i * MiB, MiB) for i in range(8)])

@@ -219,7 +219,14 @@ class LunPool(VolumeDriver):
             remove(self.protocol["password-secret"])
         self.watcher.stop()
         if self.membership is not None:
-            self.membership.stop()
+            vms = self.watcher.pool_vms()
+            if vms:
+                log.warning(
+                    "leaving the pool while VMs here still use it: the host lease is handed over, not released; "
+                    "the other hosts' changes of heads wait until this agent is back",
+                    extra={"pool": self.pool_uuid, "vms": len(vms)},
+                )
+            self.membership.stop(vms_left=bool(vms))
             self.membership = None
         self.table.lun.dev.close()
 
@@ -470,6 +477,13 @@ class LunPool(VolumeDriver):
             raise TargetUnreachable(
                 f"pool_uuid: host {', '.join(lapsed)} stopped renewing its lease on pool {self.pool_uuid} "
                 "and is not fenced yet (fence_command failed): its VMs may still write; the change waits",
+                field="pool_uuid",
+            )
+        if self.membership is not None and (away := self.membership.handed_over()):
+            raise TargetUnreachable(
+                f"pool_uuid: the agent of host {', '.join(away)} stopped while VMs there used pool "
+                f"{self.pool_uuid}: they may write any head; the change waits until that agent is back "
+                "(or the host is fenced)",
                 field="pool_uuid",
             )
         out = self.local_slice_users(offsets)

@@ -251,6 +251,10 @@ _LEASE = struct.Struct("<8sII16sQQQI64s")
 ADDRESS_MAX = 64
 LEASE_MAGIC = b"BFLEASE1"
 RELEASED = 1
+# a host lease its agent left, unreleased, on a clean stop while VMs on its host still had the
+# pool's slices open: its own agent takes it back at once; for every other host it stays held
+# (and lapses, to be fenced, if the agent does not come back)
+HANDED_OVER = 2
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,8 @@ class DeltaLease:
         wait, else after watching it renewed)."""
         with self._lock:
             seen, t_seen = self.peek(), self.clock()
-            if seen is None or not seen.free:
+            ours = seen is not None and seen.owner == self.owner and bool(seen.flags & fmt.HANDED_OVER)
+            if (seen is None or not seen.free) and not ours:
                 if not wait:
                     raise Busy(f"{self.what} is held by host {_holder(seen)}")
                 seen, t_seen = self._watch(seen, t_seen)
@@ -163,13 +164,17 @@ class DeltaLease:
             raise LeaseLost(f"{self.what} is not valid on this host; the slice table is not written")
         return held.generation
 
-    def release(self) -> None:
+    def release(self, *, hand_over: bool = False) -> None:
+        """Free the lease for others; hand_over: keep it held for everyone
+        but this host's next agent (VMs here still use the pool), which
+        takes it back at once."""
         with self._lock:
             if self.held is None:
                 return
             cur = self.peek()
             if cur == self.held:
-                self.lun.write_block(self.offset, dataclasses.replace(cur, flags=cur.flags | fmt.RELEASED).pack())
+                flag = fmt.HANDED_OVER if hand_over else fmt.RELEASED
+                self.lun.write_block(self.offset, dataclasses.replace(cur, flags=cur.flags | flag).pack())
             self.held = None
 
 

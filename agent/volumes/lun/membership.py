@@ -208,8 +208,12 @@ class Membership:
         """Wait until this host holds the owner lease, at most timeout seconds."""
         return _wait(lambda: self.is_owner, timeout)
 
-    def stop(self) -> None:
-        """Release both leases (a clean stop: successors need not wait)."""
+    def stop(self, *, vms_left: bool = False) -> None:
+        """Release both leases (a clean stop: successors need not wait).
+        vms_left: VMs on this host still use the pool, so the host lease is
+        handed over instead: the other hosts keep treating this host as
+        present (changes of heads wait for its agent, or it lapses and is
+        fenced), and this host's next agent takes it back at once."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout=self.timeout + 2 * self.io_timeout + 5)
@@ -217,9 +221,21 @@ class Membership:
         for lease in (self.owner_lease, self.host):
             if lease is not None:
                 try:
-                    lease.release()
+                    lease.release(hand_over=vms_left and lease is self.host)
                 except OSError as e:
                     log.warning("%s: could not release %s: %s", self.what, lease.what, e)
+
+    def handed_over(self) -> list[str]:
+        """Other hosts whose agent stopped while their VMs used the pool (and
+        that this owner has not fenced since)."""
+        return sorted(
+            r.owner
+            for r in self.lun.read_host_leases().values()
+            if r.flags & fmt.HANDED_OVER
+            and not r.free
+            and r.owner != self.host_uuid
+            and not self.fenced(r.owner, r.generation)
+        )
 
 
 def _wait(pred: Callable[[], bool], timeout: float) -> bool:

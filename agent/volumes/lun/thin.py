@@ -311,6 +311,19 @@ class ThinWatcher:
                     log.error("could not remove a new layer's node %s: %s", node, e)
             raise
 
+    def pool_vms(self) -> list[str]:
+        """The QMP sockets of this host's VMs with a node over the pool's LUN."""
+        out = []
+        for sock in self._vm_sockets():
+            try:
+                with Qmp(sock, timeout=5) as q:
+                    if _raw_nodes(q, self.pool.is_own_protocol):
+                        out.append(sock)
+            except BlockferryError as e:
+                log.warning("could not ask the VM at %s: %s", sock, e)
+                out.append(sock)  # unknown: counted as using the pool
+        return out
+
     def pause_all(self, why: str) -> int:
         """Stop every VM on this host that has a node over the pool's LUN."""
         stopped = 0
