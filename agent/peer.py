@@ -34,6 +34,16 @@ def _read(path: str) -> bytes | None:
         return f.read()
 
 
+def agent_channel(address: str, *, tls_ca: str, tls_cert: str, tls_key: str, options=None) -> grpc.Channel:
+    """A TLS channel to another agent: tls_ca the CA that signed its
+    certificate, tls_cert/tls_key this agent's client certificate (PEM files;
+    "" for none)."""
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
+    )
+    return grpc.secure_channel(address, creds, options=options)
+
+
 class PeerSource:
     def __init__(
         self,
@@ -47,11 +57,8 @@ class PeerSource:
         timeout: float = 60.0,
     ):
         self.address, self.backup_point_uuid, self.timeout = address, backup_point_uuid, timeout
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert)
-        )
         options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
-        self.channel = grpc.secure_channel(address, creds, options=options)
+        self.channel = agent_channel(address, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, options=options)
         self.stub = backups_pb2_grpc.BackupServiceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else None
         self._lock = threading.Lock()

@@ -2,7 +2,7 @@
 client settings (tls_client_ca as the CA that signed the other agents'
 certificates, tls_cert/tls_key as this agent's client certificate) and
 the fleet's auth_token as the bearer token. One channel per address,
-kept for the agent's life."""
+kept for the agent's life; call() maps another agent's error to ours."""
 
 from __future__ import annotations
 
@@ -11,13 +11,8 @@ import threading
 import grpc
 
 from agent.config import GrpcSection
-
-
-def _read(path: str) -> bytes | None:
-    if not path:
-        return None
-    with open(path, "rb") as f:
-        return f.read()
+from agent.errors import from_grpc
+from agent.peer import agent_channel
 
 
 class FleetChannels:
@@ -31,18 +26,21 @@ class FleetChannels:
         """Whether this agent can reach others (it has a client certificate)."""
         return bool(self.cfg.tls_cert)
 
-    @property
-    def metadata(self) -> list[tuple[str, str]] | None:
-        return [("authorization", f"Bearer {self.cfg.auth_token}")] if self.cfg.auth_token else None
-
     def channel(self, address: str) -> grpc.Channel:
         with self._lock:
             ch = self._channels.get(address)
             if ch is None:
-                creds = grpc.ssl_channel_credentials(
-                    root_certificates=_read(self.cfg.tls_client_ca),
-                    private_key=_read(self.cfg.tls_key),
-                    certificate_chain=_read(self.cfg.tls_cert),
-                )
-                ch = self._channels[address] = grpc.secure_channel(address, creds)
+                c = self.cfg
+                ch = agent_channel(address, tls_ca=c.tls_client_ca, tls_cert=c.tls_cert, tls_key=c.tls_key)
+                self._channels[address] = ch
         return ch
+
+    def call(self, stub_class, address: str, method: str, request, *, timeout: float, where: str):
+        """stub_class(channel to address).method(request) with the fleet's
+        token; another agent's error comes back as ours, prefixed by where."""
+        stub = stub_class(self.channel(address))
+        metadata = [("authorization", f"Bearer {self.cfg.auth_token}")] if self.cfg.auth_token else None
+        try:
+            return getattr(stub, method)(request, metadata=metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_grpc(e.code(), e.details() or "", e.trailing_metadata(), where=where) from None

@@ -11,10 +11,8 @@ this one too, which of its VMs have the head open.
 
 from __future__ import annotations
 
-import grpc
-
 from agent.api.v1 import volumes_pb2_grpc
-from agent.errors import FailedPrecondition, from_grpc
+from agent.errors import FailedPrecondition
 from agent.services.fleet import FleetChannels
 
 TIMEOUT = 600.0  # a snapshot of a large volume, a delete that rebases
@@ -44,8 +42,6 @@ class OwnerForward:
                 + ("" if address else " (the owner gives no address to pass the change on to)"),
                 field="pool_uuid",
             )
-        stub = volumes_pb2_grpc.VolumeServiceStub(self.channels.channel(address))
-        try:
-            return getattr(stub, method)(request, metadata=self.channels.metadata, timeout=TIMEOUT)
-        except grpc.RpcError as e:
-            raise from_grpc(e.code(), e.details() or "", e.trailing_metadata(), where=f"owner {owner}") from None
+        return self.channels.call(
+            volumes_pb2_grpc.VolumeServiceStub, address, method, request, timeout=TIMEOUT, where=f"owner {owner}"
+        )

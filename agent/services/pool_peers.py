@@ -9,11 +9,9 @@ with is re-raised as ours, naming the host's address.
 
 from __future__ import annotations
 
-import grpc
-
 from agent.api.v1 import sharedpool_pb2 as sp
 from agent.api.v1 import sharedpool_pb2_grpc
-from agent.errors import FailedPrecondition, from_grpc
+from agent.errors import FailedPrecondition
 from agent.hypervisor.freeze import Freeze
 from agent.services.fleet import FleetChannels
 from agent.volumes.lun.peers import Geometry, SliceUse
@@ -40,11 +38,14 @@ class PoolPeers:
                 f"pool_uuid: this agent has no [grpc] tls_cert to reach the host at {address}, which shares the pool",
                 field="pool_uuid",
             )
-        stub = sharedpool_pb2_grpc.SharedPoolServiceStub(self.channels.channel(address))
-        try:
-            return getattr(stub, method)(request, metadata=self.channels.metadata, timeout=timeout)
-        except grpc.RpcError as e:
-            raise from_grpc(e.code(), e.details() or "", e.trailing_metadata(), where=f"host at {address}") from None
+        return self.channels.call(
+            sharedpool_pb2_grpc.SharedPoolServiceStub,
+            address,
+            method,
+            request,
+            timeout=timeout,
+            where=f"host at {address}",
+        )
 
     def slice_users(self, address: str, pool_uuid: str, offsets: list[int]) -> list[SliceUse]:
         r = self._call(address, "SliceUsers", sp.SliceUsersRequest(pool_uuid=pool_uuid, offsets=offsets), ASK_TIMEOUT)
