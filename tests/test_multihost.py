@@ -18,8 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from agent.api.v1 import jobs_pb2
+from test_vaults import volume_digest
 
 from support.agents import write_config
 from support.cephcluster import CephCluster, free_port
@@ -217,15 +216,8 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
     tenant = seed_example("001", "/v1/volume/share/create")["tenant"]
 
     def digest(pool_uuid, volume_uuid, snapshot_uuid=""):
-        with agents["a"].client() as ac:  # over its unix socket: the test's own view, not the controller's
-            job = ac.run(
-                f"sum-{uuid.uuid4()}",
-                checksum=jobs_pb2.ChecksumSpec(
-                    pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid
-                ),
-            )
-            assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-            return job.checksum_result.image_digest
+        # over a's unix socket: the test's own view, not the controller's
+        return volume_digest(agents["a"], pool_uuid, volume_uuid, snapshot_uuid)
 
     with ctl.client("op") as op:
         pool = check_ok(
@@ -422,17 +414,6 @@ def test_fleet_seed_flow_and_a_cut_link(fleet, short_tmp):
     net.cut(victim, up=True)
 
 
-def agent_digest(agent, pool_uuid, volume_uuid, snapshot_uuid="") -> str:
-    """The image digest one host's agent computes of a volume or snapshot (a checksum job)."""
-    with agent.client() as ac:
-        job = ac.run(
-            f"sum-{uuid.uuid4()}",
-            checksum=jobs_pb2.ChecksumSpec(pool_uuid=pool_uuid, volume_uuid=volume_uuid, snapshot_uuid=snapshot_uuid),
-        )
-        assert job.state == jobs_pb2.JOB_STATE_SUCCEEDED, job.error
-        return job.checksum_result.image_digest
-
-
 def test_fleet_copies_a_backup_between_two_hosts_own_directories(fleet, short_tmp):
     """Host a's directory backup point to host b's, agents in their own
     network namespaces: no host serves both, so the copy runs on b, which
@@ -451,7 +432,7 @@ def test_fleet_copies_a_backup_between_two_hosts_own_directories(fleet, short_tm
     own = {n: short_tmp / f"own-{n}" for n in NAMES}
 
     def digest(name, pool_uuid, volume_uuid, snapshot_uuid=""):
-        return agent_digest(agents[name], pool_uuid, volume_uuid, snapshot_uuid)
+        return volume_digest(agents[name], pool_uuid, volume_uuid, snapshot_uuid)
 
     def own_pool(op, name):
         body = dict(seed_example("002", "/v1/pool/share/create"), pool_type=4, pool_name=f"own-{name}")
@@ -526,7 +507,7 @@ def test_fleet_shares_one_lun(fleet, short_tmp, loop):
     name_of = {u: n for n, u in host.items()}
 
     def digest(name, pool_uuid, volume_uuid, snapshot_uuid=""):
-        return agent_digest(agents[name], pool_uuid, volume_uuid, snapshot_uuid)
+        return volume_digest(agents[name], pool_uuid, volume_uuid, snapshot_uuid)
 
     def owner_of(pool_uuid, among):
         for n in among:
