@@ -39,10 +39,14 @@ def lun_section(dev: str, host: str, *, fmt: bool = True) -> str:
 FLEET_TOKEN = "fleet-token-for-the-lun-hosts"
 
 
-def fleet_host(section: str, pki) -> str:
-    """A pool section made a fleet host's: a TCP listener with mutual TLS
-    and the fleet's token, advertised in its leases (the hosts of a pool
-    ask each other which VMs use a volume, and pass changes to the owner)."""
+def fleet_agent(make_agent, section: str, pki, name: str, *, initiator: str = "", own_pids: bool = False):
+    """A configured (not started) agent on a pool section, as a fleet host:
+    a TCP listener with mutual TLS and the fleet's token, advertised in its
+    leases (the hosts of a pool ask each other which VMs use a volume, and
+    pass changes to the owner); initiator: its iSCSI initiator name;
+    own_pids: run it in a PID namespace of its own, so it sees only its own
+    processes (VMs started by the test belong to another host)."""
+    from support.agents import REPO
     from support.cephcluster import free_port
 
     port = free_port()
@@ -50,7 +54,25 @@ def fleet_host(section: str, pki) -> str:
         f'tcp_listen = "127.0.0.1:{port}"\ntls_cert = "{pki}/server.pem"\ntls_key = "{pki}/server.key"\n'
         f'tls_client_ca = "{pki}/ca.pem"\nauth_token = "{FLEET_TOKEN}"\n'
     )
-    return tls + section.replace("[controller]\n", f'[controller]\nadvertise = "localhost:{port}"\n', 1)
+    section = section.replace("[controller]\n", f'[controller]\nadvertise = "localhost:{port}"\n', 1)
+    a = make_agent(tls + section, name=name)
+    if initiator:
+        a.config.write_text(
+            a.config.read_text().replace('log_level = "debug"', f'log_level = "debug"\niscsi_initiator = "{initiator}"')
+        )
+    a.config.chmod(0o600)
+    if own_pids:
+        a.prefix = [sys.executable, str(REPO / "tests" / "support" / "pidns.py")]
+    return a
+
+
+def iscsi_section(host: str, tgt_server, lun, *, fmt: bool, extra: str = "") -> str:
+    """The pool on a tgtd LUN (LUN 1 of lun's target), for host `host`."""
+    return (
+        f'[controller]\nhost_uuid = "{host}"\n[pools.{LUN_POOL}]\ntype = "lun"\nip = "127.0.0.1"\n'
+        f'port = {tgt_server.port}\ntarget = "{lun.iqn}"\nlun = 1\nformat_lun = {str(fmt).lower()}\n'
+        f"lease_timeout = 2.0\nlease_io_timeout = 0.1\n{extra}"
+    )
 
 
 def eventually_lapsed(bk: Bk, host: str, timeout: float = 15.0):
@@ -242,17 +264,10 @@ def test_volumes_and_backups_on_an_iscsi_lun(make_agent, iscsi_lun, tgt_server, 
     passed on to the owner."""
     t = iscsi_lun(128 * MiB)
 
-    def section(fmt: bool) -> str:
-        return fleet_host(
-            f'[controller]\nhost_uuid = "{uuid.uuid4()}"\n[pools.{LUN_POOL}]\ntype = "lun"\nip = "127.0.0.1"\n'
-            f'port = {tgt_server.port}\ntarget = "{t.lun.iqn}"\nlun = 1\nformat_lun = {str(fmt).lower()}\n'
-            "lease_timeout = 2.0\nlease_io_timeout = 0.1\n",
-            pki,
-        )
+    def host(name: str, fmt: bool):
+        return fleet_agent(make_agent, iscsi_section(str(uuid.uuid4()), tgt_server, t.lun, fmt=fmt), pki, name)
 
-    a = make_agent(section(True))
-    a.config.chmod(0o600)
-    a.start()
+    a = host("a", True).start()
     b = None
     try:
         with a.client() as c:
@@ -278,9 +293,7 @@ def test_volumes_and_backups_on_an_iscsi_lun(make_agent, iscsi_lun, tgt_server, 
             assert full.image_digest == n.digest(vol, s1)
             with open(t.lun.file, "rb") as f:
                 assert f.read(8) == b"BFSHPOOL"  # the target's own file holds the pool
-            b = make_agent(section(False), name="b")
-            b.config.chmod(0o600)
-            b.start()
+            b = host("b", False).start()
             with b.client() as cb:
                 other = Bk(b, cb)
                 other.pool = LUN_POOL
@@ -762,20 +775,15 @@ def test_a_vm_on_another_host_is_seen_snapshotted_live_and_grown(make_agent, loo
     snapshot holds exactly what was written before it."""
     from agent import native
 
-    from support.agents import REPO
     from support.vms import Vm
 
     lo = loop(256 * MiB)
 
     def host(name: str, fmt: bool):
         section = lun_section(lo.dev, str(uuid.uuid4()), fmt=fmt) + f"thin = true\nthin_step = {4 * MiB}\n"
-        a = make_agent(fleet_host(section, pki), name=name)
-        a.config.chmod(0o600)
-        return a
+        return fleet_agent(make_agent, section, pki, name, own_pids=fmt)
 
-    owner = host("owner", True)
-    owner.prefix = [sys.executable, str(REPO / "tests" / "support" / "pidns.py")]
-    owner.start()
+    owner = host("owner", True).start()
     other = host("vmhost", False).start()
     vm = None
     try:
@@ -886,21 +894,10 @@ def test_a_lapsed_host_is_fenced_at_the_target(make_agent, iscsi_lun, tgt_server
     fence_log = short_tmp / "hostmap.json.log"
 
     def host(n: str, fmt: bool):
-        section = (
-            f'[controller]\nhost_uuid = "{hosts[n]}"\n[pools.{LUN_POOL}]\ntype = "lun"\nip = "127.0.0.1"\n'
-            f'port = {tgt_server.port}\ntarget = "{t.lun.iqn}"\nlun = 1\nformat_lun = {str(fmt).lower()}\n'
-            f"lease_timeout = 2.0\nlease_io_timeout = 0.1\nfence_command = {json.dumps(fence)}\n"
-        )
-        a = make_agent(fleet_host(section, pki), name=n)
-        a.config.write_text(
-            a.config.read_text().replace('log_level = "debug"', f'log_level = "debug"\niscsi_initiator = "{init[n]}"')
-        )
-        a.config.chmod(0o600)
-        return a
+        section = iscsi_section(hosts[n], tgt_server, t.lun, fmt=fmt, extra=f"fence_command = {json.dumps(fence)}\n")
+        return fleet_agent(make_agent, section, pki, n, initiator=init[n], own_pids=fmt)
 
-    owner = host("a", True)
-    owner.prefix = [sys.executable, str(REPO / "tests" / "support" / "pidns.py")]
-    owner.start()
+    owner = host("a", True).start()
     b = host("b", False).start()
     vm = None
     try:
