@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from agent.volumes.qcow2 import Qcow2Pool
 
 from support.agents import RBD2_POOL_UUID, RBD_POOL_UUID, REPO, AgentProcess, write_config
 from support.backups import NfsBk, nfs_section, nid
-from support.controller import AGENT_TOKEN, Controller, check_ok
+from support.controller import AGENT_TOKEN, Controller, wait_registered
 from support.fctree import build
 from support.stores import IscsiTarget, Loop
 from support.tls import _cert, _name, _write
@@ -263,10 +262,7 @@ def cluster(request, short_tmp, make_agent):
     try:
         a.start()
         with c.client("op") as op:
-            deadline = time.monotonic() + 20
-            while not check_ok(op.get("/v1/hosts"))["total_count"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            wait_registered(op)
         yield c, a, host
         assert a.stop() == 0
     finally:

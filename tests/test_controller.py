@@ -24,6 +24,7 @@ from support.controller import (
     check_error,
     check_ok,
     seed_example,
+    wait_registered,
     write_controller_config,
 )
 
@@ -556,10 +557,7 @@ def test_agent_registry_over_mutual_tls(short_tmp, make_agent, pki):
             a.config.chmod(0o600)
             a.start()
         with c.client("op") as op:
-            deadline = time.monotonic() + 20
-            while not check_ok(op.get("/v1/hosts"))["total_count"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            wait_registered(op)
             time.sleep(2)
             assert [h["UUID"] for h in check_ok(op.get("/v1/hosts"))["list"]] == [good]
     finally:

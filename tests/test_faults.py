@@ -498,7 +498,7 @@ def _controller_with_agent(short_tmp, make_agent, extra: str = "", agent_extra: 
     """A controller (SQLite) with `extra` [controller] settings and one agent
     (with `agent_extra` config) registered with it; returns (controller,
     agent, host uuid)."""
-    from support.controller import AGENT_TOKEN, Controller, check_ok
+    from support.controller import AGENT_TOKEN, Controller, wait_registered
 
     c = Controller(short_tmp / "ctl", extra=extra)
     host = str(uuid.uuid4())
@@ -509,10 +509,7 @@ def _controller_with_agent(short_tmp, make_agent, extra: str = "", agent_extra: 
     a.config.chmod(0o600)
     a.start()
     with c.client("op") as op:
-        deadline = time.monotonic() + 20
-        while not check_ok(op.get("/v1/hosts"))["total_count"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_registered(op)
     return c, a, host
 
 

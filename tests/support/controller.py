@@ -169,6 +169,11 @@ def eventually(what, check, timeout: float = 20.0, interval: float = 0.3):
         time.sleep(interval)
 
 
+def wait_registered(op, n: int = 1, timeout: float = 20.0) -> None:
+    """Until the controller lists n hosts (registered, online or not)."""
+    eventually(lambda: check_ok(op.get("/v1/hosts"))["total_count"], lambda k: k >= n, timeout, 0.2)
+
+
 def agent_section(c: Controller, host: str, extra: str = "") -> str:
     """The agent config that registers it with controller c as host `host`."""
     return (
