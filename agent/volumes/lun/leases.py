@@ -219,8 +219,10 @@ def lapsed_hosts(lun: PoolLun, *, slack: float = 2.0) -> list[str]:
     """Hosts whose lease is neither released nor renewed within slack x its
     timeout by its holder's last stamp (their agent died or lost the LUN;
     a report, as live_hosts is; fencing trusts the owner's own clock)."""
-    live = live_hosts(lun, slack=slack)
-    return sorted({r.owner for r in lun.read_host_leases().values() if not r.free and r.owner not in live})
+    now_ms = time.time() * 1000
+    leases = [r for r in lun.read_host_leases().values() if not r.free]  # one read: a host joining
+    live = {r.owner for r in leases if now_ms - r.timestamp_ms < slack * r.timeout_ms}  # meanwhile is not lapsed
+    return sorted({r.owner for r in leases if r.owner not in live})
 
 
 class LeaseKeeper:
